@@ -1,0 +1,141 @@
+#include "embed/bert.h"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace mlxr {
+
+Pooling pooling_from_name(const std::string& name) {
+  if (name == "mean") return Pooling::Mean;
+  if (name == "cls") return Pooling::Cls;
+  if (name == "max") return Pooling::Max;
+  if (name == "mean_sqrt_len") return Pooling::MeanSqrtLen;
+  throw std::invalid_argument("unsupported pooling '" + name + "' (supported: mean, cls, max, mean_sqrt_len)");
+}
+
+namespace {
+
+BertLayer load_layer(const Weights& w, const BertConfig& c) {
+  const int h = c.hidden_size;
+  return BertLayer{
+      Linear::load(w.sub("attention.self.query"), h, h),
+      Linear::load(w.sub("attention.self.key"), h, h),
+      Linear::load(w.sub("attention.self.value"), h, h),
+      Linear::load(w.sub("attention.output.dense"), h, h),
+      LayerNorm::load(w.sub("attention.output.LayerNorm"), h, c.layer_norm_eps),
+      Linear::load(w.sub("intermediate.dense"), h, c.intermediate_size),
+      Linear::load(w.sub("output.dense"), c.intermediate_size, h),
+      LayerNorm::load(w.sub("output.LayerNorm"), h, c.layer_norm_eps),
+  };
+}
+
+void check_config(const BertConfig& c) {
+  if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0) {
+    throw std::invalid_argument("hidden_size " + std::to_string(c.hidden_size) +
+                                " is not a positive multiple of num_attention_heads " +
+                                std::to_string(c.num_attention_heads));
+  }
+  if (!is_known_activation(c.hidden_act)) {
+    throw std::invalid_argument("unsupported hidden_act '" + c.hidden_act + "'");
+  }
+}
+
+}  // namespace
+
+BertEncoder::BertEncoder(const BertConfig& config, const WeightMap& weights)
+    : config_(config),
+      word_embeddings_{mx::array(0)},
+      position_embeddings_{mx::array(0)},
+      token_type_embeddings_{mx::array(0)},
+      embeddings_norm_{mx::array(0), mx::array(0), 0} {
+  check_config(config_);
+  Weights root(weights);
+  if (!root.has("embeddings.word_embeddings.weight") && root.has("bert.embeddings.word_embeddings.weight")) {
+    root = root.sub("bert");
+  }
+  const int h = config_.hidden_size;
+  auto emb = root.sub("embeddings");
+  word_embeddings_ = Embedding::load(emb.sub("word_embeddings"), config_.vocab_size, h);
+  position_embeddings_ = Embedding::load(emb.sub("position_embeddings"), config_.max_position_embeddings, h);
+  token_type_embeddings_ = Embedding::load(emb.sub("token_type_embeddings"), config_.type_vocab_size, h);
+  embeddings_norm_ = LayerNorm::load(emb.sub("LayerNorm"), h, config_.layer_norm_eps);
+  for (int i = 0; i < config_.num_hidden_layers; ++i) {
+    layers_.push_back(load_layer(root.sub("encoder.layer." + std::to_string(i)), config_));
+  }
+}
+
+mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& keep) const {
+  const int batch = x.shape(0), length = x.shape(1);
+  const int heads = config_.num_attention_heads, head_dim = config_.hidden_size / heads;
+  auto split_heads = [&](const mx::array& t) {
+    return mx::transpose(mx::reshape(t, {batch, length, heads, head_dim}), {0, 2, 1, 3});
+  };
+  auto q = split_heads(layer.query(x));
+  auto k = split_heads(layer.key(x));
+  auto v = split_heads(layer.value(x));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  auto out = mx::fast::scaled_dot_product_attention(q, k, v, scale, "", keep);
+  out = mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {batch, length, config_.hidden_size});
+  return layer.attention_out(out);
+}
+
+mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& attention_mask,
+                               const std::optional<mx::array>& token_type_ids) const {
+  if (input_ids.ndim() != 2 || attention_mask.shape() != input_ids.shape()) {
+    throw std::invalid_argument("input_ids and attention_mask must both be [batch, length]; got " +
+                                shape_string(input_ids.shape()) + " and " + shape_string(attention_mask.shape()));
+  }
+  const int length = input_ids.shape(1);
+  if (length > config_.max_position_embeddings) {
+    throw std::invalid_argument("input of " + std::to_string(length) + " tokens is longer than the model's " +
+                                std::to_string(config_.max_position_embeddings) + " positions");
+  }
+  auto ids = mx::astype(input_ids, mx::int32);
+  auto types = token_type_ids ? mx::astype(*token_type_ids, mx::int32) : mx::zeros_like(ids);
+  auto positions = mx::arange(length, mx::int32);
+  auto x = mx::add(mx::add(word_embeddings_(ids), position_embeddings_(positions)), token_type_embeddings_(types));
+  x = embeddings_norm_(x);
+
+  // Keys that are padding get no attention: a boolean mask [B, 1, 1, T] broadcast over heads and queries.
+  auto keep = mx::expand_dims(mx::not_equal(attention_mask, mx::array(0, attention_mask.dtype())), {1, 2});
+  for (const auto& layer : layers_) {
+    x = layer.attention_norm(mx::add(attention(layer, x, keep), x));
+    auto hidden = activation(config_.hidden_act, layer.intermediate(x));
+    x = layer.output_norm(mx::add(layer.output(hidden), x));
+  }
+  return x;
+}
+
+mx::array BertEncoder::embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
+                             bool normalize) const {
+  auto pooled = pool(forward(input_ids, attention_mask), attention_mask, pooling);
+  return normalize ? l2_normalize(pooled) : pooled;
+}
+
+mx::array pool(const mx::array& hidden, const mx::array& attention_mask, Pooling pooling) {
+  auto h = mx::astype(hidden, mx::float32);
+  auto mask = mx::expand_dims(mx::astype(attention_mask, mx::float32), -1);  // [B, T, 1]
+  switch (pooling) {
+    case Pooling::Cls:
+      return mx::take(h, mx::array(0), 1);
+    case Pooling::Max: {
+      // Padding can never win the max (sentence-transformers sets it to -1e9).
+      auto masked = mx::where(mx::greater(mask, mx::array(0.0f)), h, mx::array(-1e9f));
+      return mx::max(masked, 1);
+    }
+    case Pooling::Mean:
+    case Pooling::MeanSqrtLen: {
+      auto summed = mx::sum(mx::multiply(h, mask), 1);
+      auto count = mx::maximum(mx::sum(mask, 1), mx::array(1e-9f));
+      return pooling == Pooling::Mean ? mx::divide(summed, count) : mx::divide(summed, mx::sqrt(count));
+    }
+  }
+  throw std::logic_error("unreachable pooling mode");
+}
+
+mx::array l2_normalize(const mx::array& x) {
+  auto norm = mx::sqrt(mx::sum(mx::square(x), -1, true));
+  return mx::divide(x, mx::maximum(norm, mx::array(1e-12f, x.dtype())));
+}
+
+}  // namespace mlxr

@@ -1,0 +1,67 @@
+// BERT encoder (BertModel as in transformers), used by sentence-transformers models such as
+// all-MiniLM-L6-v2: embeddings + LayerNorm, post-norm encoder layers with a padding mask,
+// and pooling of the last hidden state into one vector per input.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nn/layers.h"
+
+namespace mlxr {
+
+struct BertConfig {
+  int vocab_size = 30522;
+  int hidden_size = 768;
+  int num_hidden_layers = 12;
+  int num_attention_heads = 12;
+  int intermediate_size = 3072;
+  int max_position_embeddings = 512;
+  int type_vocab_size = 2;
+  float layer_norm_eps = 1e-12f;
+  std::string hidden_act = "gelu";
+};
+
+struct BertLayer {
+  Linear query, key, value, attention_out;
+  LayerNorm attention_norm;
+  Linear intermediate, output;
+  LayerNorm output_norm;
+};
+
+// How token states become one vector (sentence-transformers' Pooling module).
+enum class Pooling { Mean, Cls, Max, MeanSqrtLen };
+Pooling pooling_from_name(const std::string& name);
+
+class BertEncoder {
+ public:
+  // `weights` are BertModel's tensors; a leading "bert." (BertFor* checkpoints) is accepted.
+  BertEncoder(const BertConfig& config, const WeightMap& weights);
+
+  // Last hidden state [B, T, H] for token ids [B, T] and mask [B, T] (1 = token, 0 = padding).
+  mx::array forward(const mx::array& input_ids, const mx::array& attention_mask,
+                    const std::optional<mx::array>& token_type_ids = std::nullopt) const;
+
+  // One vector per input: [B, H], pooled over the unmasked tokens, optionally L2-normalised.
+  mx::array embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
+                  bool normalize) const;
+
+  const BertConfig& config() const { return config_; }
+  mx::Dtype dtype() const { return word_embeddings_.weight.dtype(); }
+
+ private:
+  mx::array attention(const BertLayer& layer, const mx::array& x, const mx::array& keep) const;
+
+  BertConfig config_;
+  Embedding word_embeddings_, position_embeddings_, token_type_embeddings_;
+  LayerNorm embeddings_norm_;
+  std::vector<BertLayer> layers_;
+};
+
+// Pooling of hidden states [B, T, H] with mask [B, T] -> [B, H] (float32).
+mx::array pool(const mx::array& hidden, const mx::array& attention_mask, Pooling pooling);
+
+// Row-wise L2 normalisation as torch.nn.functional.normalize (eps 1e-12).
+mx::array l2_normalize(const mx::array& x);
+
+}  // namespace mlxr
