@@ -4,4 +4,38 @@ The hot paths live in the C++ extension ``mlxrunner._core``; this package does a
 parsing, model resolution, weight loading, tokenization and the HTTP server.
 """
 
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _route_mlx_cpu_blas_to_openblas() -> str:
+    """Load csrc/blas/openblas_shim.c's library globally, before mlx.core loads libmlx.
+
+    Linux's mlx[cpu] wheel links the reference BLAS (~40x slower sgemm on x86). With the shim
+    loaded RTLD_GLOBAL first, libmlx's cblas_* imports bind to OpenBLAS instead. This only works
+    if mlxrunner is imported before mlx.core; otherwise MLX keeps its reference BLAS (still correct).
+    Set MLXRUNNER_REFERENCE_BLAS=1 to keep the reference BLAS on purpose.
+    """
+    if sys.platform != "linux" or os.environ.get("MLXRUNNER_REFERENCE_BLAS", "") not in ("", "0"):
+        return "reference"
+    # Next to _core (found without importing it: _core itself loads libmlx).
+    core = importlib.util.find_spec("mlxrunner._core")
+    shim = Path(core.origin).with_name("_openblas_shim.so") if core and core.origin else None
+    if "mlx.core" in sys.modules or shim is None or not shim.exists():
+        return "reference"
+    try:
+        ctypes.CDLL(str(shim), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    except OSError:
+        return "reference"
+    return "openblas"
+
+
+#: Which BLAS serves MLX's CPU matmuls in this process: "openblas" or "reference".
+cpu_blas = _route_mlx_cpu_blas_to_openblas()

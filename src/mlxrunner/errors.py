@@ -1,0 +1,5 @@
+"""Errors shared across the package."""
+
+
+class ModelError(Exception):
+    """A model cannot be found, read or loaded; the message says which and why."""

@@ -1,0 +1,182 @@
+"""The one thread that owns all MLX work.
+
+MLX streams and its caches are not meant to be driven from several threads at once, and a model
+runner does one job at a time anyway (Ollama's runner serialised requests with a mutex plus one
+MLX thread). So every piece of MLX work, model loading included, is a `Job` run by a single
+`Worker` thread, in order. aiohttp handlers only submit jobs and await their events.
+
+A job's function receives a `JobContext`: it calls `ctx.check_cancelled()` between steps (tokens,
+denoising steps, batches) and `ctx.emit(event)` to stream progress back to the asyncio side.
+Cancelling a queued job means it never starts; cancelling a running job stops it at its next
+check, where `Cancelled` unwinds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+from typing import Any, AsyncIterator, Callable
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised inside a job at its next check after it was cancelled."""
+
+
+class QueueFull(Exception):
+    """The worker already holds as many queued jobs as it may."""
+
+
+class WorkerStopped(Exception):
+    """The worker is shutting down and takes no more jobs."""
+
+
+_END = object()  # marks the end of a job's event stream
+
+
+class JobContext:
+    """What a running job sees: its cancel flag and a way to send events back."""
+
+    def __init__(self, job: Job):
+        self._job = job
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._job.cancel_event.is_set():
+            raise Cancelled(self._job.cancel_reason)
+
+    def emit(self, event: Any) -> None:
+        self._job.post(event)
+
+
+class Job:
+    """One unit of MLX work plus the stream of events it produces for one awaiting caller."""
+
+    def __init__(self, job_id: int, name: str, fn: Callable[[JobContext], Any], loop: asyncio.AbstractEventLoop):
+        self.id = job_id
+        self.name = name
+        self._fn = fn
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self.cancel_event = threading.Event()
+        self.cancel_reason = "cancelled"
+        self.started = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.cancel_event.is_set():
+            self.cancel_reason = reason
+            self.cancel_event.set()
+
+    def post(self, event: Any) -> None:
+        """Thread-safe: queue an event for the asyncio side."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+
+    def run(self) -> None:
+        self.started = True
+        try:
+            if self.cancel_event.is_set():
+                raise Cancelled(self.cancel_reason)
+            self.result = self._fn(JobContext(self))
+        except BaseException as exc:  # reported to the awaiting caller, never lost in the thread
+            self.error = exc
+        self.post(_END)
+
+    async def events(self) -> AsyncIterator[Any]:
+        """Yield the job's events as they come; afterwards `result` or `error` is set."""
+        while True:
+            event = await self._events.get()
+            if event is _END:
+                return
+            yield event
+
+    async def wait(self) -> Any:
+        """Wait for the end, dropping events; return the result or raise the job's error."""
+        async for _ in self.events():
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Worker:
+    """A single thread running submitted jobs in order, with a bounded queue."""
+
+    def __init__(self, max_queued: int = 16, name: str = "mlx-worker"):
+        self.max_queued = max_queued
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._running: Job | None = None
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, name: str, fn: Callable[[JobContext], Any], *, loop: asyncio.AbstractEventLoop | None = None,
+               bypass_limit: bool = False) -> Job:
+        """Queue `fn` to run on the worker thread. Raises QueueFull or WorkerStopped."""
+        job = Job(next(self._ids), name, fn, loop or asyncio.get_running_loop())
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped("the runner is shutting down")
+            if not bypass_limit and len(self._queue) >= self.max_queued:
+                raise QueueFull(f"the request queue is full ({self.max_queued} jobs waiting); try again later")
+            self._queue.append(job)
+            self._cond.notify()
+        log.debug("job %d (%s) queued, %d waiting", job.id, name, len(self._queue))
+        return job
+
+    def stop(self, reason: str = "the runner is shutting down") -> None:
+        """Take no more jobs; cancel the queued ones and the running one at its next check."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            running = self._running
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel(reason)
+        if running is not None:
+            running.cancel(reason)
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._queue:
+                self._running = self._queue.popleft()
+                return self._running
+            return None
+
+    def _loop(self) -> None:
+        while (job := self._next_job()) is not None:
+            job.run()
+            if isinstance(job.error, Cancelled):
+                log.info("job %d (%s) cancelled: %s", job.id, job.name, job.error)
+            elif job.error is not None:
+                log.debug("job %d (%s) failed: %r", job.id, job.name, job.error)
+            with self._cond:
+                self._running = None

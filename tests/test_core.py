@@ -1,0 +1,130 @@
+"""mlxrunner._core: mx.array in, mx.array out, and the building blocks against NumPy."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxrunner import _core
+
+
+def test_mx_array_crosses_the_boundary_both_ways():
+    # Catches a nanobind ABI mismatch with mlx.core: it would reject the mx.array argument.
+    x = mx.array([[-2.0, -0.5, 0.0, 0.5, 3.0]])
+    y = _core.gelu(x)
+    assert isinstance(y, mx.array)
+    assert y.shape == x.shape and y.dtype == mx.float32
+    expected = [v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in [-2.0, -0.5, 0.0, 0.5, 3.0]]
+    np.testing.assert_allclose(np.array(y)[0], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_core_links_the_same_mlx_as_python():
+    assert _core.mlx_version == mx.__version__
+
+
+def test_linear_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, w, b = rng.normal(size=(2, 3, 8)), rng.normal(size=(5, 8)), rng.normal(size=(5,))
+    out = _core.linear(mx.array(x, mx.float32), mx.array(w, mx.float32), mx.array(b, mx.float32))
+    np.testing.assert_allclose(np.array(out), x @ w.T + b, rtol=1e-5, atol=1e-5)
+    no_bias = _core.linear(mx.array(x, mx.float32), mx.array(w, mx.float32))
+    np.testing.assert_allclose(np.array(no_bias), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max", "mean_sqrt_len"])
+def test_pooling_ignores_padding(mode):
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int32)
+    out = np.array(_core.pool(mx.array(hidden), mx.array(mask), mode))
+    for row in range(2):
+        n = mask[row].sum()
+        tokens = hidden[row, :n]
+        expected = {"mean": tokens.mean(0), "cls": hidden[row, 0], "max": tokens.max(0),
+                    "mean_sqrt_len": tokens.sum(0) / math.sqrt(n)}[mode]
+        np.testing.assert_allclose(out[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_pooling_is_a_value_error():
+    with pytest.raises(ValueError, match="unsupported pooling 'median'"):
+        _core.pool(mx.zeros((1, 2, 3)), mx.ones((1, 2)), "median")
+
+
+def test_l2_normalize_matches_torch_semantics():
+    x = mx.array([[3.0, 4.0], [0.0, 0.0]])
+    out = np.array(_core.l2_normalize(x))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)  # zero rows stay zero (eps 1e-12)
+
+
+def _tiny_bert_weights(config, dtype=mx.float32):
+    h, i = config.hidden_size, config.intermediate_size
+    rng = np.random.default_rng(2)
+
+    def t(*shape):
+        return mx.array(rng.normal(scale=0.1, size=shape), dtype)
+
+    w = {"embeddings.word_embeddings.weight": t(config.vocab_size, h),
+         "embeddings.position_embeddings.weight": t(config.max_position_embeddings, h),
+         "embeddings.token_type_embeddings.weight": t(config.type_vocab_size, h),
+         "embeddings.LayerNorm.weight": t(h), "embeddings.LayerNorm.bias": t(h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"encoder.layer.{layer}."
+        for name, (o, n) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                             "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                             "intermediate.dense": (i, h), "output.dense": (h, i)}.items():
+            w[p + name + ".weight"], w[p + name + ".bias"] = t(o, n), t(o)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + norm + ".weight"], w[p + norm + ".bias"] = t(h), t(h)
+    return w
+
+
+def _tiny_config():
+    c = _core.BertConfig()
+    c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads = 50, 16, 2, 4
+    c.intermediate_size, c.max_position_embeddings = 32, 12
+    return c
+
+
+def test_bert_load_names_the_missing_tensor():
+    config = _tiny_config()
+    weights = _tiny_bert_weights(config)
+    del weights["encoder.layer.1.attention.self.key.bias"]
+    with pytest.raises(ValueError, match=r"missing weight encoder\.layer\.1\.attention\.self\.key\.bias"):
+        _core.BertEncoder(config, weights)
+
+
+def test_bert_load_names_a_tensor_with_the_wrong_shape():
+    config = _tiny_config()
+    weights = _tiny_bert_weights(config)
+    weights["encoder.layer.0.intermediate.dense.weight"] = mx.zeros((31, 16))
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight has shape \[31, 16\], "
+                                         r"expected \[32, 16\]"):
+        _core.BertEncoder(config, weights)
+
+
+def test_bert_padding_does_not_change_the_result():
+    config = _tiny_config()
+    encoder = _core.BertEncoder(config, _tiny_bert_weights(config))
+    ids = mx.array([[1, 5, 7, 2]], mx.int32)
+    alone = encoder.embed(ids, mx.ones((1, 4), mx.int32), "mean", True)
+    padded_ids = mx.array([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]], mx.int32)
+    padded_mask = mx.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], mx.int32)
+    batched = encoder.embed(padded_ids, padded_mask, "mean", True)
+    np.testing.assert_allclose(np.array(batched)[0], np.array(alone)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bert_rejects_inputs_longer_than_its_positions():
+    config = _tiny_config()
+    encoder = _core.BertEncoder(config, _tiny_bert_weights(config))
+    with pytest.raises(ValueError, match="longer than the model's 12 positions"):
+        encoder.forward(mx.zeros((1, 13), mx.int32), mx.ones((1, 13), mx.int32))
+
+
+def test_bert_keeps_bfloat16_weights():
+    config = _tiny_config()
+    encoder = _core.BertEncoder(config, _tiny_bert_weights(config, mx.bfloat16))
+    hidden = encoder.forward(mx.array([[1, 2, 3]]), mx.ones((1, 3), mx.int32))
+    assert hidden.dtype == mx.bfloat16
+    pooled = encoder.embed(mx.array([[1, 2, 3]]), mx.ones((1, 3), mx.int32), "mean", True)
+    assert pooled.dtype == mx.float32

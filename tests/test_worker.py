@@ -1,0 +1,122 @@
+"""worker.py: one thread, jobs in order, bounded queue, cancellation queued or running."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from mlxrunner.worker import Cancelled, QueueFull, Worker, WorkerStopped
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_jobs_run_in_order_on_one_thread():
+    async def main():
+        worker = Worker()
+        threads, order = set(), []
+
+        def job(i):
+            def fn(ctx):
+                threads.add(threading.get_ident())
+                order.append(i)
+                return i * 10
+            return fn
+
+        jobs = [worker.submit(f"j{i}", job(i)) for i in range(5)]
+        results = [await j.wait() for j in jobs]
+        worker.stop()
+        return results, order, threads
+
+    results, order, threads = run(main())
+    assert results == [0, 10, 20, 30, 40] and order == [0, 1, 2, 3, 4]
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_events_stream_back_and_errors_are_raised_to_the_caller():
+    async def main():
+        worker = Worker()
+
+        def fn(ctx):
+            for i in range(3):
+                ctx.emit({"step": i})
+            raise ValueError("bad step")
+
+        job = worker.submit("events", fn)
+        events = [e async for e in job.events()]
+        worker.stop()
+        return events, job
+
+    events, job = run(main())
+    assert events == [{"step": 0}, {"step": 1}, {"step": 2}]
+    assert isinstance(job.error, ValueError) and str(job.error) == "bad step"
+
+
+def test_cancel_running_job_stops_it_at_its_next_check():
+    async def main():
+        worker = Worker()
+        steps = []
+        started = threading.Event()
+
+        def fn(ctx):
+            for i in range(1000):
+                started.set()
+                ctx.check_cancelled()
+                steps.append(i)
+                time.sleep(0.005)
+            return "finished"
+
+        job = worker.submit("long", fn)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        await asyncio.sleep(0.05)
+        job.cancel("client disconnected")
+        with pytest.raises(Cancelled, match="client disconnected"):
+            await job.wait()
+        after = len(steps)
+        await asyncio.sleep(0.05)
+        worker.stop()
+        return after, len(steps)
+
+    after, later = run(main())
+    assert 0 < after < 1000 and later == after  # it stopped and stayed stopped
+
+
+def test_cancelled_queued_job_never_starts():
+    async def main():
+        worker = Worker()
+        gate = threading.Event()
+        ran = []
+        blocker = worker.submit("blocker", lambda ctx: gate.wait(5))
+        queued = worker.submit("queued", lambda ctx: ran.append("queued"))
+        queued.cancel("client disconnected")
+        gate.set()
+        await blocker.wait()
+        with pytest.raises(Cancelled):
+            await queued.wait()
+        worker.stop()
+        return ran
+
+    assert run(main()) == []
+
+
+def test_queue_is_bounded_and_stop_refuses_new_jobs():
+    async def main():
+        worker = Worker(max_queued=2)
+        gate = threading.Event()
+        worker.submit("running", lambda ctx: gate.wait(5))
+        await asyncio.sleep(0.05)  # let it start: the running job does not count as queued
+        waiting = [worker.submit(f"q{i}", lambda ctx: None) for i in range(2)]
+        with pytest.raises(QueueFull, match="queue is full"):
+            worker.submit("one too many", lambda ctx: None)
+        worker.stop()
+        gate.set()
+        for job in waiting:
+            with pytest.raises(Cancelled):
+                await job.wait()
+        with pytest.raises(WorkerStopped):
+            worker.submit("late", lambda ctx: None)
+        assert worker.join(2)
+
+    run(main())
