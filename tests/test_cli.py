@@ -19,8 +19,8 @@ def last_line(text: str) -> str:
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "the following arguments are required: --model, --port"),
-    (["--model", "all-minilm"], "the following arguments are required: --port"),
+    ([], "the following arguments are required: --model/-model, --port/-port"),
+    (["--model", "all-minilm"], "the following arguments are required: --port/-port"),
     (["--model", "all-minilm", "--port", "http"], "invalid int value"),
     (["--model", "all-minilm", "--port", "70000"], "is not a TCP port"),
     (["--model", "all-minilm", "--port", "0", "--bogus"], "unrecognized arguments: --bogus"),
