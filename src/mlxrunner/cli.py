@@ -117,7 +117,8 @@ async def serve(args: argparse.Namespace) -> int:
     limits = Limits(max_queue=args.queue_depth, max_body_bytes=args.max_body_mb << 20)
     worker = Worker(max_queued=limits.max_queue)
     app = Server(state, worker, limits).app()
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=3.0, access_log=log)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=3.0,
+                           access_log=logging.getLogger("mlxrunner.access"))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     try:

@@ -68,5 +68,5 @@ def setup(level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiohttp's access log is one line per request at INFO: keep it for debugging only.
-    logging.getLogger("aiohttp.access").setLevel(max(level, logging.DEBUG if level <= logging.DEBUG else logging.WARNING))
+    # The access log is one line per request at INFO: shown only when debugging.
+    logging.getLogger("mlxrunner.access").setLevel(logging.INFO if level <= logging.DEBUG else logging.WARNING)

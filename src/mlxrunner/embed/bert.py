@@ -26,8 +26,8 @@ POOLING_KEYS = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
 }
-# Token budget per batch (batch size x padded length): bounds the attention scores' memory.
-TOKENS_PER_BATCH = 16384
+# Token budget per batch (batch size x padded length): bounds memory, and how long a cancel waits.
+TOKENS_PER_BATCH = 2048
 MAX_BATCH = 64
 
 
