@@ -116,8 +116,9 @@ async def serve(args: argparse.Namespace) -> int:
     state = RunnerState(args.model)
     limits = Limits(max_queue=args.queue_depth, max_body_bytes=args.max_body_mb << 20)
     worker = Worker(max_queued=limits.max_queue)
-    app = Server(state, worker, limits).app()
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=3.0,
+    server = Server(state, worker, limits)
+    app = server.app()
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,
                            access_log=logging.getLogger("mlxrunner.access"))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
@@ -157,7 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.info("mlx runner ready: mode=%s model=%s", state.loaded.mode.value, args.model)
             await stop.wait()
     log.info("shutting down mlx runner")
-    state.shutting_down = True
+    server.begin_shutdown()  # in-flight requests get their answer now
     worker.stop()  # cancels queued jobs and the running one at its next step
     await runner.cleanup()  # stop accepting; let in-flight handlers write their last line
     if not worker.join(timeout=1.0):

@@ -56,10 +56,22 @@ class Server:
         self.state = state
         self.worker = worker
         self.limits = limits
+        self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and answer the in-flight ones now, without waiting for their jobs.
+
+        A job stops at its next step, which may be seconds away on a slow CPU; the parent allows
+        5 s from SIGINT to SIGKILL, so handlers answer at once and the job unwinds on its own.
+        """
+        self.state.shutting_down = True
+        if self._stopping is not None:
+            self._stopping.set()
 
     # --- app --------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        self._stopping = asyncio.Event()
         app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors_as_json])
         app.router.add_route("*", "/health", self.health)
         app.router.add_route("*", "/completion", self._post_only(self.completion))
@@ -125,11 +137,22 @@ class Server:
     async def _run(self, name: str, fn) -> Any:
         """Run `fn(ctx)` on the worker and return its result; cancel it if the client goes away."""
         job = self._submit(name, fn)
+        done = asyncio.ensure_future(job.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            return await job.wait()
+            await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             job.cancel("client disconnected")
+            done.cancel()
             raise
+        finally:
+            stopping.cancel()
+        if not done.done():
+            job.cancel("the runner is shutting down")
+            done.cancel()
+            raise RequestError("request cancelled: the runner is shutting down", status=503)
+        try:
+            return done.result()
         except Cancelled as exc:
             raise RequestError(f"request cancelled: {exc}", status=503) from None
 
