@@ -11,6 +11,9 @@
 #include <nanobind/stl/vector.h>
 
 #include "embed/bert.h"
+#include "sampling.h"
+#include "text/decoder.h"
+#include "text/generate.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
@@ -77,6 +80,99 @@ void bind_bert(nb::module_& m) {
                    [](const mlxr::BertEncoder& self) { return self.config().max_position_embeddings; });
 }
 
+void bind_sampling(nb::module_& m) {
+  nb::class_<mlxr::SamplerOptions>(m, "SamplerOptions",
+                                   "Sampling options; the order of operations is documented in csrc/sampling.h.")
+      .def(nb::init<>())
+      .def_rw("temperature", &mlxr::SamplerOptions::temperature)
+      .def_rw("top_k", &mlxr::SamplerOptions::top_k)
+      .def_rw("top_p", &mlxr::SamplerOptions::top_p)
+      .def_rw("min_p", &mlxr::SamplerOptions::min_p)
+      .def_rw("repeat_penalty", &mlxr::SamplerOptions::repeat_penalty)
+      .def_rw("repeat_last_n", &mlxr::SamplerOptions::repeat_last_n)
+      .def_rw("presence_penalty", &mlxr::SamplerOptions::presence_penalty)
+      .def_rw("frequency_penalty", &mlxr::SamplerOptions::frequency_penalty)
+      .def_rw("seed", &mlxr::SamplerOptions::seed);
+
+  nb::class_<mlxr::Sampler>(m, "Sampler", "Logits -> token with penalties, temperature, top-k/p, min-p, seed.")
+      .def(nb::init<const mlxr::SamplerOptions&, int>(), "options"_a, "vocab_size"_a)
+      .def("remember", &mlxr::Sampler::remember, "tokens"_a, "Add tokens to the penalty history.")
+      .def(
+          "sample",
+          [](mlxr::Sampler& self, const mx::array& logits) {
+            auto token = self.sample(logits);
+            return token.item<int>();
+          },
+          "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "Logits [V] -> token id.")
+      .def(
+          "probabilities",
+          [](const mlxr::Sampler& self, const mx::array& logits) {
+            auto p = self.probabilities(logits);
+            mx::eval(p);
+            return p;
+          },
+          "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "The distribution a draw uses: float32 [V].");
+  m.def("splitmix64", &mlxr::splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
+}
+
+void bind_decoder(nb::module_& m) {
+  nb::class_<mlxr::RopeConfig>(m, "RopeConfig")
+      .def(nb::init<>())
+      .def_rw("dims", &mlxr::RopeConfig::dims)
+      .def_rw("base", &mlxr::RopeConfig::base)
+      .def_rw("traditional", &mlxr::RopeConfig::traditional)
+      .def_rw("type", &mlxr::RopeConfig::type)
+      .def_rw("factor", &mlxr::RopeConfig::factor)
+      .def_rw("low_freq_factor", &mlxr::RopeConfig::low_freq_factor)
+      .def_rw("high_freq_factor", &mlxr::RopeConfig::high_freq_factor)
+      .def_rw("original_max_position", &mlxr::RopeConfig::original_max_position);
+
+  nb::class_<mlxr::DecoderConfig>(m, "DecoderConfig")
+      .def(nb::init<>())
+      .def_rw("architecture", &mlxr::DecoderConfig::architecture)
+      .def_rw("vocab_size", &mlxr::DecoderConfig::vocab_size)
+      .def_rw("hidden_size", &mlxr::DecoderConfig::hidden_size)
+      .def_rw("num_hidden_layers", &mlxr::DecoderConfig::num_hidden_layers)
+      .def_rw("num_attention_heads", &mlxr::DecoderConfig::num_attention_heads)
+      .def_rw("num_key_value_heads", &mlxr::DecoderConfig::num_key_value_heads)
+      .def_rw("head_dim", &mlxr::DecoderConfig::head_dim)
+      .def_rw("intermediate_size", &mlxr::DecoderConfig::intermediate_size)
+      .def_rw("rms_norm_eps", &mlxr::DecoderConfig::rms_norm_eps)
+      .def_rw("tie_word_embeddings", &mlxr::DecoderConfig::tie_word_embeddings)
+      .def_rw("attention_bias", &mlxr::DecoderConfig::attention_bias)
+      .def_rw("mlp_bias", &mlxr::DecoderConfig::mlp_bias)
+      .def_rw("rope", &mlxr::DecoderConfig::rope);
+
+  nb::class_<mlxr::Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3).")
+      .def(nb::init<const mlxr::DecoderConfig&, const mlxr::WeightMap&>(), "config"_a, "weights"_a)
+      .def(
+          "logits",
+          [](const mlxr::Decoder& self, const std::vector<int>& tokens, int chunk) {
+            return mlxr::prompt_logits(self, tokens, chunk);
+          },
+          "tokens"_a, "chunk"_a = 512, nb::call_guard<nb::gil_scoped_release>(),
+          "Float32 logits [T, V] for one prompt, prefilled in chunks.")
+      .def(
+          "hidden_states",
+          [](const mlxr::Decoder& self, const mx::array& tokens, std::optional<mx::array> mask,
+             const std::vector<int>& layers) {
+            auto out = self.hidden_states(tokens, mask, layers);
+            mx::eval(out);
+            return out;
+          },
+          "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
+      .def_prop_ro("vocab_size", [](const mlxr::Decoder& self) { return self.config().vocab_size; });
+
+  nb::class_<mlxr::Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
+      .def(nb::init<const mlxr::Decoder&, const std::vector<int>&, const mlxr::SamplerOptions&, int>(), "model"_a,
+           "prompt"_a, "options"_a, "prefill_chunk"_a = 512, nb::keep_alive<1, 2>())
+      .def("__iter__", [](nb::handle self) { return self; })
+      .def("__next__", &mlxr::Generator::next, nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("prompt_tokens", &mlxr::Generator::prompt_tokens)
+      .def_prop_ro("position", &mlxr::Generator::position);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -88,4 +184,6 @@ NB_MODULE(_core, m) {
   // C++ exceptions carry the message Python shows: invalid_argument -> ValueError.
   bind_building_blocks(m);
   bind_bert(m);
+  bind_sampling(m);
+  bind_decoder(m);
 }

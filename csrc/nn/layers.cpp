@@ -63,3 +63,15 @@ mx::array activation(const std::string& name, const mx::array& x) {
 }
 
 }  // namespace mlxr
+
+namespace mlxr {
+
+RMSNorm RMSNorm::load(const Weights& w, int dims, float eps) {
+  return RMSNorm{w.get("weight", {dims}), eps};
+}
+
+mx::array RMSNorm::operator()(const mx::array& x) const {
+  return mx::fast::rms_norm(x, weight, eps);
+}
+
+}  // namespace mlxr

@@ -43,3 +43,16 @@ mx::array activation(const std::string& name, const mx::array& x);
 bool is_known_activation(const std::string& name);
 
 }  // namespace mlxr
+
+namespace mlxr {
+
+// RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
+struct RMSNorm {
+  mx::array weight;
+  float eps;
+
+  static RMSNorm load(const Weights& w, int dims, float eps);
+  mx::array operator()(const mx::array& x) const;
+};
+
+}  // namespace mlxr

@@ -85,10 +85,14 @@ def build_model(source, detected: Detected, progress: Callable[[float], None]) -
         from mlxrunner.embed.bert import BertEmbedder
 
         return BertEmbedder(source, progress)
-    # Image and LLM networks plug in here as their issues land.
+    if detected.mode is Mode.LLM:
+        from mlxrunner.llm.model import LanguageModel
+
+        return LanguageModel(source, progress)
+    # Image networks plug in here as their issues land.
     raise ModelError(
         f"{detected.architecture} ({detected.mode.value}) models are recognised but not served by this version "
-        "of mlxrunner yet; supported now: BERT sentence-embedding models")
+        "of mlxrunner yet; supported now: BERT sentence-embedding models and Llama/Qwen3 LLMs")
 
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, skip_memory_check: bool = False,

@@ -168,10 +168,77 @@ class Server:
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        self._model_for(request)
-        protocol.parse_completion(body, self.limits)
-        # No generating model is wired in yet; _model_for answered 409 for the modes we serve.
-        raise RequestError("completion is not available for this model", status=409)
+        loaded = self._model_for(request)
+        req = protocol.parse_completion(body, self.limits)
+        model = loaded.model
+
+        def generate(ctx):
+            from mlxrunner.llm.model import PromptTooLong
+
+            try:
+                for item in model.stream(req.prompt, req.options, ctx.check_cancelled):
+                    if isinstance(item, str):
+                        ctx.emit({"content": item, "done": False})
+                    else:
+                        return item.final_line()
+            except PromptTooLong as exc:
+                raise RequestError(f'field "prompt": {exc}') from None
+
+        return await self._stream(request, "completion", generate)
+
+    async def _stream(self, request: web.Request, name: str, fn) -> web.StreamResponse:
+        """Run a job whose events become NDJSON lines; its result is the final line.
+
+        Headers go out with the first line, so a job that fails before producing anything (a
+        prompt too long, say) still gets a proper HTTP error status. After that, an error is a
+        final `{"error": ..., "done": true}` line.
+        """
+        job = self._submit(name, fn)
+        response: web.StreamResponse | None = None
+
+        async def send(obj: dict) -> None:
+            nonlocal response
+            if response is None:
+                response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                await response.prepare(request)
+            await response.write(protocol.ndjson_line(obj))
+
+        events = job.events().__aiter__()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.__anext__())
+                await asyncio.wait([next_event, stopping], return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    job.cancel("the runner is shutting down")
+                    await send(protocol.stream_error("the runner is shutting down"))
+                    return response
+                try:
+                    await send(next_event.result())
+                except StopAsyncIteration:
+                    break
+        except (asyncio.CancelledError, ConnectionResetError):
+            job.cancel("client disconnected")
+            raise
+        finally:
+            stopping.cancel()
+        if job.error is None:
+            await send(job.result)
+        elif response is None:
+            raise self._as_request_error(job.error)
+        else:
+            await send(protocol.stream_error(str(job.error) or type(job.error).__name__))
+        return response
+
+    @staticmethod
+    def _as_request_error(error: BaseException) -> RequestError:
+        if isinstance(error, RequestError):
+            return error
+        if isinstance(error, Cancelled):
+            return RequestError(f"request cancelled: {error}", status=503)
+        log.error("job failed: %r", error)
+        return RequestError(str(error) or type(error).__name__, status=500)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)

@@ -1,0 +1,60 @@
+// Logits -> token, in Ollama's order (shared/docs/specs/llm_runner.md §3.2):
+//   1. penalties on raw logits over the last `repeat_last_n` tokens (prompt + generated):
+//      repeat (x rp if negative, / rp otherwise) and presence (-p), once per distinct token;
+//      frequency (-f per occurrence);
+//   2. temperature <= 0 -> argmax;
+//   3. top_k (0 < k < V) keeps the k best, then softmax(z / T) in float32;
+//   4. top_p keeps a token while the mass strictly before it is < p (the best always stays);
+//   5. min_p drops probabilities < min_p * max;
+//   6. draw from what is left; seeded draws use key(SplitMix64(seed, n)) for the n-th draw, so
+//      the same seed and prompt give the same text, independent of anything else in the process.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "nn/weights.h"
+
+namespace mlxr {
+
+struct SamplerOptions {
+  float temperature = 0.8f;
+  int top_k = 0;             // 0 = off
+  float top_p = 1.0f;        // 1 = off
+  float min_p = 0.0f;        // 0 = off
+  float repeat_penalty = 1.0f;
+  int repeat_last_n = 64;    // 0 = no penalties
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::optional<uint64_t> seed;  // none = MLX's global generator
+};
+
+uint64_t splitmix64(uint64_t seed, uint64_t counter);
+
+class Sampler {
+ public:
+  Sampler(const SamplerOptions& options, int vocab_size);
+
+  // Remember tokens for the penalties (the prompt, then each sampled token). Lazy arrays are fine.
+  void remember(const mx::array& tokens);
+
+  // Logits [V] -> token id (a lazy int32 scalar); remembers it.
+  mx::array sample(const mx::array& logits);
+
+  // The distribution step 6 draws from, as float32 probabilities [V] (for tests and logprobs).
+  mx::array probabilities(const mx::array& logits) const;
+
+  bool greedy() const { return options_.temperature <= 0.0f; }
+  bool uses_penalties() const;
+
+ private:
+  mx::array penalized(const mx::array& logits) const;
+  mx::array draw(const mx::array& logprobs);
+
+  SamplerOptions options_;
+  int vocab_size_;
+  std::optional<mx::array> history_;  // int32 [<= repeat_last_n]
+  uint64_t draws_ = 0;
+};
+
+}  // namespace mlxr

@@ -1,0 +1,157 @@
+#include "text/decoder.h"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace mlxr {
+
+namespace {
+
+DecoderConfig checked(DecoderConfig c) {
+  if (c.head_dim == 0 && c.num_attention_heads > 0) {
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  if (c.num_key_value_heads == 0) {
+    c.num_key_value_heads = c.num_attention_heads;
+  }
+  if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_hidden_layers <= 0 || c.num_attention_heads <= 0 ||
+      c.intermediate_size <= 0 || c.head_dim <= 0) {
+    throw std::invalid_argument("config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
+                                "intermediate_size must be positive");
+  }
+  if (c.num_attention_heads % c.num_key_value_heads != 0) {
+    throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +
+                                " is not a multiple of num_key_value_heads " +
+                                std::to_string(c.num_key_value_heads));
+  }
+  if (c.architecture != "llama" && c.architecture != "qwen3") {
+    throw std::invalid_argument("unsupported decoder architecture '" + c.architecture + "'");
+  }
+  if (c.rope.dims == 0) {
+    c.rope.dims = c.head_dim;
+  }
+  return c;
+}
+
+DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
+  const int h = c.hidden_size, q_out = c.num_attention_heads * c.head_dim, kv_out = c.num_key_value_heads * c.head_dim;
+  auto attn = w.sub("self_attn");
+  auto mlp = w.sub("mlp");
+  DecoderLayer layer{
+      Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
+      Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+      Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias),
+      Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
+      std::nullopt,
+      std::nullopt,
+      RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
+      RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
+      Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
+      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias),
+      Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
+  };
+  if (c.architecture == "qwen3") {
+    layer.q_norm = RMSNorm::load(attn.sub("q_norm"), c.head_dim, c.rms_norm_eps);
+    layer.k_norm = RMSNorm::load(attn.sub("k_norm"), c.head_dim, c.rms_norm_eps);
+  }
+  return layer;
+}
+
+}  // namespace
+
+Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights)
+    : config_(checked(config)),
+      embed_tokens_{mx::array(0)},
+      norm_{mx::array(0), 0},
+      rope_(config_.rope) {
+  Weights root(weights);
+  auto model = root.sub("model");
+  embed_tokens_ = Embedding::load(model.sub("embed_tokens"), config_.vocab_size, config_.hidden_size);
+  for (int i = 0; i < config_.num_hidden_layers; ++i) {
+    layers_.push_back(load_layer(model.sub("layers." + std::to_string(i)), config_));
+  }
+  norm_ = RMSNorm::load(model.sub("norm"), config_.hidden_size, config_.rms_norm_eps);
+  // Some tied checkpoints still carry lm_head.weight; honour the config, as transformers does.
+  if (!config_.tie_word_embeddings) {
+    lm_head_ = Linear::load(root.sub("lm_head"), config_.hidden_size, config_.vocab_size, false);
+  }
+}
+
+mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+                             const std::optional<mx::array>& mask) const {
+  const int b = x.shape(0), t = x.shape(1), d = config_.head_dim;
+  auto heads = [&](const mx::array& y, int n) {
+    return mx::transpose(mx::reshape(y, {b, t, n, d}), {0, 2, 1, 3});  // [B, n, T, D]
+  };
+  auto q = heads(layer.q_proj(x), config_.num_attention_heads);
+  auto k = heads(layer.k_proj(x), config_.num_key_value_heads);
+  auto v = heads(layer.v_proj(x), config_.num_key_value_heads);
+  if (layer.q_norm) {
+    q = (*layer.q_norm)(q);
+    k = (*layer.k_norm)(k);
+  }
+  q = rope_(q, offset);
+  k = rope_(k, offset);
+  if (cache) {
+    std::tie(k, v) = cache->update_and_fetch(k, v);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // GQA: MLX's attention broadcasts the KV heads over their query groups itself.
+  auto out = mask ? mx::fast::scaled_dot_product_attention(q, k, v, scale, "", *mask)
+                  : mx::fast::scaled_dot_product_attention(q, k, v, scale, t > 1 ? "causal" : "");
+  out = mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {b, t, config_.num_attention_heads * d});
+  return layer.o_proj(out);
+}
+
+mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+                                 const std::optional<mx::array>& mask) const {
+  auto h = mx::add(x, attention(layer, layer.input_norm(x), cache, offset, mask));
+  auto y = layer.post_attention_norm(h);
+  auto gate = layer.gate_proj(y);
+  auto mlp = layer.down_proj(mx::multiply(mx::multiply(gate, mx::sigmoid(gate)), layer.up_proj(y)));
+  return mx::add(h, mlp);
+}
+
+mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache) const {
+  if (cache.size() != layers_.size()) {
+    throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
+                                std::to_string(layers_.size()));
+  }
+  const int offset = cache[0].offset();
+  auto x = embed_tokens_(tokens);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    x = layer_forward(layers_[i], x, &cache[i], offset, std::nullopt);
+  }
+  x = norm_(x);
+  return lm_head_ ? (*lm_head_)(x) : mx::matmul(x, mx::transpose(embed_tokens_.weight));
+}
+
+std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
+                                              const std::vector<int>& layers) const {
+  const int t = tokens.shape(1);
+  std::optional<mx::array> mask;
+  if (attention_mask) {
+    // causal AND key-is-a-token: [B, 1, T, T]
+    auto idx = mx::arange(t, mx::int32);
+    auto causal = mx::greater_equal(mx::expand_dims(idx, 1), mx::expand_dims(idx, 0));
+    auto keys = mx::expand_dims(mx::not_equal(*attention_mask, mx::array(0, attention_mask->dtype())), {1, 2});
+    mask = mx::logical_and(causal, keys);
+  }
+  const int last = *std::max_element(layers.begin(), layers.end());
+  if (last > static_cast<int>(layers_.size()) || *std::min_element(layers.begin(), layers.end()) < 0) {
+    throw std::invalid_argument("hidden state index out of range 0.." + std::to_string(layers_.size()));
+  }
+  std::vector<mx::array> all{embed_tokens_(tokens)};
+  for (int i = 0; i < last; ++i) {
+    all.push_back(layer_forward(layers_[i], all.back(), nullptr, 0, mask));
+  }
+  std::vector<mx::array> picked;
+  const int final_index = static_cast<int>(layers_.size());
+  for (int i : layers) {
+    // transformers' last hidden state is the final norm's output, the others are raw layer outputs.
+    picked.push_back(i == final_index ? norm_(all[i]) : all[i]);
+  }
+  return picked;
+}
+
+}  // namespace mlxr

@@ -1,0 +1,69 @@
+// Decoder-only transformers of the Llama family: Llama 2/3 (GQA, RoPE scaling, tied or untied
+// embeddings) and Qwen3 (the same plus RMSNorm on queries and keys per head). One network serves
+// text generation and, through hidden_states(), the image pipelines' Qwen3 text encoder.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nn/layers.h"
+#include "nn/rope.h"
+#include "text/kv_cache.h"
+
+namespace mlxr {
+
+struct DecoderConfig {
+  std::string architecture = "llama";  // llama | qwen3
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int num_hidden_layers = 0;
+  int num_attention_heads = 0;
+  int num_key_value_heads = 0;
+  int head_dim = 0;  // 0: hidden_size / num_attention_heads
+  int intermediate_size = 0;
+  float rms_norm_eps = 1e-6f;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  RopeConfig rope;
+};
+
+struct DecoderLayer {
+  Linear q_proj, k_proj, v_proj, o_proj;
+  std::optional<RMSNorm> q_norm, k_norm;  // Qwen3
+  RMSNorm input_norm, post_attention_norm;
+  Linear gate_proj, up_proj, down_proj;
+};
+
+class Decoder {
+ public:
+  Decoder(const DecoderConfig& config, const WeightMap& weights);
+
+  // Logits [B, T, V] for tokens [B, T] appended after what `cache` holds (one cache per layer).
+  mx::array forward(const mx::array& tokens, std::vector<KVCache>& cache) const;
+
+  // Hidden states as transformers' output_hidden_states: index 0 the embeddings, index i the
+  // output of the first i layers, and index num_hidden_layers the final norm's output; `layers`
+  // picks which. `attention_mask` [B, T] (1 = token)
+  // masks padding keys on top of causal attention. No cache.
+  std::vector<mx::array> hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
+                                       const std::vector<int>& layers) const;
+
+  std::vector<KVCache> make_cache() const { return std::vector<KVCache>(layers_.size()); }
+  const DecoderConfig& config() const { return config_; }
+
+ private:
+  mx::array attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+                      const std::optional<mx::array>& mask) const;
+  mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+                          const std::optional<mx::array>& mask) const;
+
+  DecoderConfig config_;
+  Embedding embed_tokens_;
+  std::vector<DecoderLayer> layers_;
+  RMSNorm norm_;
+  std::optional<Linear> lm_head_;  // absent when tied to embed_tokens
+  Rope rope_;
+};
+
+}  // namespace mlxr

@@ -1,0 +1,84 @@
+#include "text/generate.h"
+
+#include <stdexcept>
+
+namespace mlxr {
+
+namespace {
+
+mx::array as_batch(const std::vector<int>& tokens, size_t begin, size_t end) {
+  return mx::array(tokens.data() + begin, {1, static_cast<int>(end - begin)}, mx::int32);
+}
+
+void eval_cache(const std::vector<KVCache>& cache) {
+  std::vector<mx::array> state;
+  for (const auto& layer : cache) {
+    for (auto& a : layer.state()) state.push_back(a);
+  }
+  mx::eval(state);
+}
+
+}  // namespace
+
+Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
+                     int prefill_chunk)
+    : model_(model),
+      prompt_(prompt),
+      cache_(model.make_cache()),
+      sampler_(options, model.config().vocab_size),
+      prefill_chunk_(prefill_chunk) {
+  if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
+  if (prefill_chunk_ <= 0) throw std::invalid_argument("prefill_chunk must be positive");
+  for (int t : prompt_) {
+    if (t < 0 || t >= model.config().vocab_size) {
+      throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
+    }
+  }
+}
+
+mx::array Generator::step(const mx::array& token) {
+  auto logits = model_.forward(mx::reshape(token, {1, 1}), cache_);
+  return sampler_.sample(mx::reshape(logits, {-1}));
+}
+
+void Generator::prefill() {
+  sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
+  // All but the last prompt token fill the cache in chunks; evaluating each chunk bounds the
+  // graph and the memory, and clearing the cache returns the chunk's temporaries.
+  size_t done = 0;
+  while (prompt_.size() - done > 1) {
+    const size_t end = std::min(prompt_.size() - 1, done + static_cast<size_t>(prefill_chunk_));
+    model_.forward(as_batch(prompt_, done, end), cache_);
+    eval_cache(cache_);
+    mx::clear_cache();
+    done = end;
+  }
+  auto last = as_batch(prompt_, prompt_.size() - 1, prompt_.size());
+  auto logits = model_.forward(last, cache_);
+  pending_ = sampler_.sample(mx::reshape(logits, {-1}));
+  mx::async_eval({*pending_});
+}
+
+int Generator::next() {
+  if (!pending_) {
+    prefill();
+  }
+  auto current = *pending_;
+  pending_ = step(current);  // dispatch n+1 before reading n
+  mx::async_eval({*pending_});
+  return current.item<int>();
+}
+
+mx::array prompt_logits(const Decoder& model, const std::vector<int>& tokens, int chunk) {
+  auto cache = model.make_cache();
+  std::vector<mx::array> parts;
+  for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
+    const size_t end = std::min(tokens.size(), begin + static_cast<size_t>(chunk));
+    auto logits = mx::astype(mx::squeeze(model.forward(as_batch(tokens, begin, end), cache), 0), mx::float32);
+    mx::eval(logits);
+    parts.push_back(logits);
+  }
+  return mx::concatenate(parts, 0);
+}
+
+}  // namespace mlxr

@@ -1,0 +1,238 @@
+"""Text generation: Hugging Face config -> C++ decoder; prompt -> streamed text.
+
+Python does what is not hot: reading config.json, tokenizing, turning token ids into valid UTF-8
+text as they come (StreamingDetokenizer), holding back text that may start a stop string
+(StopMatcher), and timing. The network, the KV cache, the prefill/decode loop and sampling run
+in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mlxrunner import _core
+from mlxrunner.errors import ModelError
+from mlxrunner.llm.detokenizer import StreamingDetokenizer
+from mlxrunner.llm.stop import StopMatcher
+from mlxrunner.llm.tokenizer import TextTokenizer
+from mlxrunner.protocol import Options
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+
+# Ollama's defaults for options a request leaves out (api/types.go DefaultOptions).
+DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64,
+                presence_penalty=0.0, frequency_penalty=0.0)
+PREFILL_CHUNK = 512
+
+
+def decoder_config(config: dict) -> _core.DecoderConfig:
+    """transformers' LlamaConfig / Qwen3Config -> the C++ config, refusing what we do not run."""
+    names = config.get("architectures") or []
+    architecture = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if architecture is None:
+        raise ModelError(f"unsupported LLM architecture {names or config.get('model_type')!r}; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
+    out = _core.DecoderConfig()
+    out.architecture = architecture
+    try:
+        out.vocab_size = config["vocab_size"]
+        out.hidden_size = config["hidden_size"]
+        out.num_hidden_layers = config["num_hidden_layers"]
+        out.num_attention_heads = config["num_attention_heads"]
+        out.intermediate_size = config["intermediate_size"]
+    except KeyError as exc:
+        raise ModelError(f"config.json has no {exc.args[0]}") from None
+    out.num_key_value_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    out.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out.rms_norm_eps = float(config.get("rms_norm_eps", 1e-6))
+    out.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+    out.attention_bias = bool(config.get("attention_bias", False))
+    out.mlp_bias = bool(config.get("mlp_bias", False))
+    out.rope = rope_config(config, out.head_dim)
+    return out
+
+
+def rope_config(config: dict, head_dim: int) -> _core.RopeConfig:
+    rope = _core.RopeConfig()
+    rope.dims = head_dim
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope.base = float(config.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    rope.type = kind
+    if kind in ("linear", "llama3"):
+        rope.factor = float(scaling["factor"])
+    if kind == "llama3":
+        rope.low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+        rope.high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+        rope.original_max_position = int(scaling.get("original_max_position_embeddings", 8192))
+    elif kind != "default" and kind != "linear":
+        raise ModelError(f"config.json: rope scaling '{kind}' is not supported (default, linear, llama3)")
+    return rope
+
+
+def sampler_options(options: Options, prompt_seed: int | None = None) -> _core.SamplerOptions:
+    """Request options (None = Ollama's default) -> C++ sampler options."""
+    out = _core.SamplerOptions()
+    for name, default in DEFAULTS.items():
+        value = getattr(options, name)
+        setattr(out, name, default if value is None else value)
+    seed = options.seed if options.seed is not None else prompt_seed
+    # Ollama: a negative seed means unseeded.
+    out.seed = seed % (1 << 64) if seed is not None and seed >= 0 else None
+    return out
+
+
+@dataclass
+class Completion:
+    """What one generation did, for the final line of the stream."""
+
+    done_reason: str = "length"  # stop | length | cancel
+    stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0  # ns
+    eval_count: int = 0
+    eval_duration: int = 0  # ns
+    chunks: list[str] = field(default_factory=list)
+
+    def final_line(self) -> dict:
+        return {"done": True, "done_reason": self.done_reason, "stop_reason": self.stop_reason,
+                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
+                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class LanguageModel:
+    """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
+
+    def __init__(self, source, progress: Callable[[float], None] | None = None):
+        config = source.read_json("config.json")
+        self.config = config
+        self.core_config = decoder_config(config)
+        self.tokenizer = TextTokenizer.from_source(source)
+        self.context_length = int(config.get("max_position_embeddings") or 4096)
+        weights = source.tensors("")
+        if progress:
+            progress(0.5)
+        try:
+            self.decoder = _core.Decoder(self.core_config, weights)
+        except ValueError as exc:
+            raise ModelError(f"{source.location}: {exc}") from None
+        import mlx.core as mx
+
+        mx.eval(list(weights.values()))
+        self.dims = self.core_config.hidden_size
+
+    # --- text <-> ids ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def detokenize(self, ids: list[int]) -> str:
+        bad = [i for i in ids if i >= self.core_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.core_config.vocab_size})")
+        return self.tokenizer.decode(ids)
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Float32 logits [T, vocab] for a prompt (parity checks)."""
+        return np.array(self.decoder.logits(list(token_ids), PREFILL_CHUNK), copy=False)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_bos=True)
+        if not ids:
+            raise PromptTooLong("the prompt has no tokens")
+        if len(ids) >= self.context_length:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's context is {self.context_length}")
+        return ids
+
+    def stream(self, prompt: str | list[int], options: Options = Options(),
+               check_cancelled: Callable[[], None] | None = None) -> Iterator[str | Completion]:
+        """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion."""
+        ids = self.prompt_ids(prompt)
+        budget = self.context_length - len(ids)
+        if options.num_predict is not None and options.num_predict >= 0:
+            budget = min(budget, options.num_predict)
+        result = Completion(prompt_eval_count=len(ids))
+        detok = StreamingDetokenizer(self.tokenizer)
+        stops = StopMatcher(options.stop)
+        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK)
+        start = time.perf_counter_ns()
+        first_token_at = None
+        try:
+            for _ in range(budget):
+                if check_cancelled:
+                    check_cancelled()
+                token = next(generator)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter_ns()
+                    result.prompt_eval_duration = first_token_at - start
+                if token in self.tokenizer.eos_ids:
+                    result.done_reason, result.stop_reason = "stop", f"eos:{token}"
+                    break
+                result.eval_count += 1
+                emit, matched = stops.push(detok.add(token))
+                if emit:
+                    yield emit
+                if matched is not None:
+                    result.done_reason, result.stop_reason = "stop", f"stop:{matched}"
+                    break
+            else:
+                result.stop_reason = "num_predict" if budget < self.context_length - len(ids) else "context"
+            if result.done_reason != "stop" or result.stop_reason.startswith("eos:"):
+                emit, matched = stops.push(detok.flush())
+                tail = emit + ("" if matched is not None else stops.flush())
+                if tail:
+                    yield tail
+        finally:
+            if first_token_at is not None:
+                result.eval_duration = time.perf_counter_ns() - first_token_at
+        yield result
+
+    def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
+        """Public API: iterate text chunks. Options as in a /completion request's `options`."""
+        from mlxrunner.protocol import Limits, parse_options
+
+        parsed = parse_options(options, Limits())
+        for item in self.stream(prompt, parsed):
+            if isinstance(item, str):
+                yield item
+
+    # --- embeddings (decoder models as embedders, e.g. Qwen3-Embedding) -------------------------
+
+    def embed(self, texts: list[str], normalize: bool | None = None, truncate: bool = True,
+              check_cancelled: Callable[[], None] | None = None):
+        """Last-token pooling of the final layer's hidden state (Qwen3-Embedding's choice), L2-normalised
+        unless normalize is False."""
+        import mlx.core as mx
+
+        from mlxrunner.embed.bert import EmbeddingResult, InputTooLong
+
+        vectors, count, truncated = [], 0, []
+        for index, text in enumerate(texts):
+            if check_cancelled:
+                check_cancelled()
+            ids = self.tokenizer.encode(text, add_bos=True) or [self.tokenizer.eos_or_pad_id()]
+            if len(ids) > self.context_length:
+                if not truncate:
+                    raise InputTooLong(f"input {index} has {len(ids)} tokens, more than the model's maximum of "
+                                       f"{self.context_length} (send truncate: true to cut it)")
+                ids = ids[: self.context_length]
+                truncated.append(index)
+            count += len(ids)
+            layers = self.core_config.num_hidden_layers
+            (hidden,) = self.decoder.hidden_states(mx.array([ids], mx.int32), None, [layers])
+            last = hidden[0, -1].astype(mx.float32)
+            vectors.append(np.array(last))
+        out = np.stack(vectors)
+        if normalize is not False:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return EmbeddingResult(out, count, truncated)
