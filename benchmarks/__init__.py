@@ -1,0 +1,1 @@
+"""Benchmarks (a package so its conftest does not collide with tests/conftest.py as `conftest`)."""
