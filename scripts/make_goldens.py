@@ -318,6 +318,467 @@ def gen_minilm(out_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- #
+# llm-*: tiny random-weight causal LMs (Qwen3 / Llama) + a byte-level BPE
+# tokenizer trained offline, saved under tests/fixtures/llm/<name>/.
+# --------------------------------------------------------------------------- #
+
+LLM_FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "llm"
+
+# Training text for the tiny tokenizer. Multilingual on purpose: with a
+# ~500-entry vocabulary most CJK characters (3 UTF-8 bytes) and emoji (4 bytes)
+# stay split across several byte-level tokens, which exercises UTF-8-safe
+# streaming detokenization.
+LLM_TOKENIZER_CORPUS = """\
+The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.
+Once upon a time there was a little robot who wanted to learn how to write poems.
+It read every book in the library, and then it wrote the same line again and again.
+The weather today is sunny with a light breeze from the west; tomorrow it will rain.
+Machine learning models transform a sequence of tokens into a sequence of logits.
+A language model predicts the next token given all of the previous tokens in the text.
+In 2024 the team shipped 3 releases, fixed 128 bugs and wrote 4096 lines of tests.
+Please answer the question: what is the capital of France? The capital of France is Paris.
+Hello, world! How are you today? I am fine, thank you. And you?
+def add(a, b):
+    return a + b
+
+for i in range(10):
+    print(i, add(i, i * 2))
+
+if __name__ == "__main__":
+    main()
+{"name": "tiny", "layers": 2, "heads": 4, "ok": true}
+Le renard brun rapide saute par-dessus le chien paresseux. C'était une belle journée d'été.
+Crème brûlée, café au lait et pain au chocolat à Paris. Où est la bibliothèque ? Voilà !
+Les élèves étudient l'histoire, la géographie et les mathématiques à l'école.
+Der schnelle braune Fuchs springt über den faulen Hund. Grüße aus München!
+Die Straße ist schön und die Bäume sind grün. Wir fahren morgen früh nach Köln.
+Ärger, Öl und Übung: das Mädchen hört Musik und isst ein Brötchen.
+El niño comió una manzana en la mañana. ¿Dónde está la estación? ¡Qué bueno!
+机器学习很有趣。我们今天学习语言模型。你好，世界！今天天气很好。
+我喜欢吃饺子和面条。北京是中国的首都。这个模型很小，但是它可以生成文字。
+今日は良い天気です。東京で寿司を食べました。日本語の勉強は楽しいです。
+こんにちは、世界！ありがとうございます。私は学生です。
+안녕하세요, 만나서 반갑습니다. 오늘 날씨가 좋네요.
+Привет, как дела? Москва — столица России.
+Emoji time: 😀 😂 🎉 🚀 🔥 ❤️ 👍 🍕 🌍 ✨ — party 🎉🎉 and rockets 🚀🚀!
+I ❤️ pizza 🍕 and coffee ☕. The 🌍 is round. Good job 👍👍!
+Mixed: Hello 世界, Bonjour le monde, Hallo Welt, こんにちは 🌍 — naïve café, façade, Øresund.
+Numbers: 1, 2, 3, 42, 100, 3.14159, 2.71828, 1e-6, 65536, 1,000,000 and 0x1F600.
+"""
+
+
+def _llm_corpus_lines() -> list[str]:
+    # Repeat the corpus a few times (with the line order rotated) so that the
+    # BPE trainer sees every pair at least twice.
+    lines = [ln for ln in LLM_TOKENIZER_CORPUS.splitlines()]
+    out = []
+    for k in range(4):
+        out.extend(lines[k:] + lines[:k])
+    return out
+
+
+# Qwen2/Qwen3 pre-tokenizer regex (also close to Llama 3's, minus \p{N}{1,3}).
+LLM_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLM_BASE_VOCAB_SIZE = 500  # bytes (256) + merges; special tokens come on top
+
+# Special tokens of the two tokenizer families. They are appended after the
+# trained vocabulary (as in Qwen2/3 and Llama 3), in this order.
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA_SPECIALS = ["<s>", "</s>", "<|eot_id|>"]
+
+
+def _llm_train_base_tokenizer():
+    """Byte-level BPE trained on LLM_TOKENIZER_CORPUS; no special tokens yet."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLM_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=LLM_BASE_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_llm_corpus_lines(), trainer=trainer)
+    return tok
+
+
+def _llm_build_tokenizer(family: str):
+    """Return (tokenizers.Tokenizer, {special: id}) for 'qwen' or 'llama'."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, processors
+
+    base = _llm_train_base_tokenizer()
+    tok = Tokenizer.from_str(base.to_str())
+    specials = QWEN_SPECIALS if family == "qwen" else LLAMA_SPECIALS
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    ids = {s: tok.token_to_id(s) for s in specials}
+    assert sorted(ids.values()) == list(range(base.get_vocab_size(), base.get_vocab_size() + 3)), ids
+    if family == "qwen":
+        tok.normalizer = normalizers.NFC()  # as in the Qwen2/Qwen3 tokenizer.json
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        # Llama style: BOS added by the post-processor (Llama 3 tokenizer.json does this).
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", ids["<s>"])])
+    return tok, ids
+
+
+def _llm_tokenizer_config(family: str, ids: dict[str, int], max_len: int) -> dict:
+    added = {
+        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for s, i in sorted(ids.items(), key=lambda kv: kv[1])
+    }
+    cfg = {
+        "add_bos_token": family == "llama",
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    if family == "qwen":
+        cfg.update({"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                    "unk_token": None, "errors": "replace"})
+    else:
+        cfg.update({"bos_token": "<s>", "eos_token": "</s>", "pad_token": None, "unk_token": None})
+    return cfg
+
+
+# Per-model spec. 'seed' was picked (out of 60) so that no greedy continuation
+# contains an EOS id, each has many distinct tokens, and the smallest top1-top2
+# logit margin over all greedy steps is as large as could be found (bf16: the
+# fewest exact ties).
+LLM_MODELS: dict[str, dict] = {
+    "qwen3-tiny": {
+        "family": "qwen", "arch": "Qwen3ForCausalLM", "dtype": "float32", "seed": 52,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    "qwen3-tiny-bf16": {
+        "family": "qwen", "arch": "Qwen3ForCausalLM", "dtype": "bfloat16", "seed": 27,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    "llama-tiny": {
+        "family": "llama", "arch": "LlamaForCausalLM", "dtype": "float32", "seed": 50,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=128,
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False),
+    },
+    "llama3-tiny": {
+        "family": "llama", "arch": "LlamaForCausalLM", "dtype": "float32", "seed": 28,
+        "eos_list": True,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
+                       # rope_theta 1000 with head_dim 8 puts one frequency in each
+                       # llama3 band: wavelengths 6.3 (<16, kept), 35.3 (16..64,
+                       # smoothed), 199 and 1117 (>64, divided by factor).
+                       rope_theta=1000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64}),
+    },
+}
+
+LLM_PROMPTS_COMMON: list[tuple[str, str]] = [
+    ("short", "The quick brown fox jumps over the lazy dog."),
+    ("unicode", "Crème brûlée à Paris, Grüße aus München! 東京で寿司を食べた 🍣🎉 你好，世界 👍"),
+    ("code", "def add(a, b):\n    return a + b\n\n\tx  =  [1, 2,  3]  # spaces\n"),
+]
+LLM_PROMPTS_FAMILY: dict[str, tuple[str, str]] = {
+    "qwen": ("chat", "<|im_start|>user\nBonjour ! Wie geht's? 你好 👋<|im_end|>\n<|im_start|>assistant\n"),
+    "llama": ("specials", "Hello</s> world<|eot_id|> again, naïve café 😀"),
+}
+LLM_LONG_MIN_TOKENS = 640  # > a 512-token prefill chunk
+LLM_NEW_TOKENS = 40
+
+
+def _llm_long_prompt(encode_len: Callable[[str], int]) -> str:
+    """Multilingual text, grown sentence by sentence until it is at least
+    LLM_LONG_MIN_TOKENS tokens long."""
+    extra = [ln for ln in LLM_TOKENIZER_CORPUS.splitlines() if ln and not ln.startswith(" ")]
+    parts: list[str] = []
+    i = 0
+    while True:
+        parts.append(_long_paragraph(12 + (i % 5)))
+        parts.append(extra[(7 * i) % len(extra)])
+        text = "\n".join(parts)
+        if encode_len(text) >= LLM_LONG_MIN_TOKENS:
+            return text
+        i += 1
+
+
+def _llm_init_weights(model, seed: int) -> None:
+    """Large-ish random init so greedy decoding is not a one-token loop:
+    embeddings N(0,1), every other matrix N(0, 0.3^2), norms 1 + N(0, 0.05^2)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied lm_head is not listed
+            if "norm" in name:
+                p.copy_(1.0 + 0.05 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.3)
+
+
+def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int]) -> None:
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    family = spec["family"]
+    cfg_kwargs = dict(spec["config"])
+    rope = {"rope_type": "default", "rope_theta": cfg_kwargs.pop("rope_theta")}
+    if "rope_scaling" in cfg_kwargs:
+        rope.update(cfg_kwargs.pop("rope_scaling"))
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if family == "qwen":
+        bos, eos, pad = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
+        gen_eos: int | list[int] = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        cfg_cls = transformers.Qwen3Config
+    else:
+        bos, eos, pad = ids["<s>"], ids["</s>"], None
+        gen_eos = [ids["</s>"], ids["<|eot_id|>"]] if spec.get("eos_list") else ids["</s>"]
+        cfg_cls = transformers.LlamaConfig
+    config = cfg_cls(vocab_size=vocab, rope_parameters=rope, bos_token_id=bos,
+                     eos_token_id=eos, pad_token_id=pad, initializer_range=0.3,
+                     **cfg_kwargs)
+    config.architectures = [spec["arch"]]
+    torch.manual_seed(spec["seed"])
+    model = getattr(transformers, spec["arch"])(config)
+    _llm_init_weights(model, spec["seed"])
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=gen_eos,
+                                               pad_token_id=pad)
+    dtype = getattr(torch, spec["dtype"])
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"), pretty=True)
+    tcfg = _llm_tokenizer_config(family, ids, config.max_position_embeddings)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(tcfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _llm_greedy_reference(model, input_ids: list[int], n: int):
+    """Plain argmax decoding with a full forward pass per step (no KV cache,
+    no logits processors). Returns (new ids, top1-top2 logit margin per step)."""
+    import torch
+
+    seq = list(input_ids)
+    margins = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            top2 = torch.topk(logits, 2).values
+            margins.append(float(top2[0] - top2[1]))
+            seq.append(int(torch.argmax(logits)))
+    return seq[len(input_ids):], margins
+
+
+def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
+    import numpy as np
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = LLM_FIXTURES_DIR / name
+    family = spec["family"]
+    tok, ids = _llm_build_tokenizer(family)
+    _llm_make_model(name, spec, folder, tok, ids)
+
+    # Everything below reads back the saved folder.
+    dtype = getattr(torch, spec["dtype"])
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    raw_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                 attn_implementation="eager")
+    model.eval()
+    assert next(model.parameters()).dtype == dtype
+    config = json.loads((folder / "config.json").read_text())
+    gen_cfg = json.loads((folder / "generation_config.json").read_text())
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    eos_ids = gen_cfg["eos_token_id"]
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    bos_id = ids.get("<s>")
+    pad_id = ids.get("<|endoftext|>", ids.get("</s>"))
+
+    def encode(text: str) -> list[int]:
+        got = hf_tok(text)["input_ids"]
+        # The runner uses the `tokenizers` library directly: same ids required.
+        raw = raw_tok.encode(text, add_special_tokens=False).ids
+        want = ([bos_id] if tok_cfg["add_bos_token"] else []) + raw
+        assert got == want, (name, text[:40], got[:8], want[:8])
+        assert got == raw_tok.encode(text).ids
+        return got
+
+    prompts = list(LLM_PROMPTS_COMMON) + [LLM_PROMPTS_FAMILY[family]]
+    prompts.append(("long", _llm_long_prompt(lambda t: len(encode(t)))))
+
+    prompt_recs, greedy_recs, last_logit_recs = [], [], []
+    full_logits = None
+    gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=LLM_NEW_TOKENS,
+                            min_new_tokens=LLM_NEW_TOKENS, eos_token_id=eos_ids,
+                            pad_token_id=pad_id, bos_token_id=bos_id,
+                            output_logits=True, return_dict_in_generate=True)
+    for pid, text in prompts:
+        input_ids = encode(text)
+        assert hf_tok.decode(input_ids, skip_special_tokens=False) == (
+            ("<s>" if tok_cfg["add_bos_token"] else "") + text), pid
+        x = torch.tensor([input_ids])
+        with torch.no_grad():
+            logits = model(x).logits[0].float().numpy()  # [T, V]; bf16 values are exact in f32
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gcfg)
+        new_ids = out.sequences[0, len(input_ids):].tolist()
+        assert len(new_ids) == LLM_NEW_TOKENS
+        # Raw (unprocessed) logits of every step: the chosen id must be their argmax,
+        # i.e. min_new_tokens never had to suppress an EOS.
+        step_logits = torch.stack([lg[0].float() for lg in out.logits])  # [new, V]
+        assert step_logits.argmax(-1).tolist() == new_ids, f"{name}/{pid}: EOS suppressed"
+        assert not set(new_ids) & set(eos_ids), f"{name}/{pid}: EOS in greedy, change seed"
+        top2 = torch.topk(step_logits, 2, dim=-1).values
+        margins = (top2[:, 0] - top2[:, 1]).tolist()
+        margin = min(margins)
+        # Cross-check against a plain argmax loop without KV cache (full forward per
+        # step). Exact in float32; in bfloat16 near-ties can flip, so record where.
+        ref_ids, _ = _llm_greedy_reference(model, input_ids, LLM_NEW_TOKENS)
+        agree = next((k for k, (a, b) in enumerate(zip(new_ids, ref_ids)) if a != b),
+                     LLM_NEW_TOKENS)
+        if spec["dtype"] == "float32":
+            assert agree == LLM_NEW_TOKENS, f"{name}/{pid}: generate() != plain argmax loop"
+        n_distinct = len(set(new_ids))
+        print(f"{name}: prompt '{pid}': {len(input_ids)} tokens, greedy distinct "
+              f"{n_distinct}/{LLM_NEW_TOKENS}, min top1-top2 margin {margin:.4f}, "
+              f"no-cache loop agrees for {agree} steps")
+        assert n_distinct >= 6, f"{name}/{pid}: degenerate greedy continuation, change seed"
+        prompt_recs.append({"id": pid, "text": text, "n_tokens": len(input_ids),
+                            "input_ids": input_ids})
+        greedy_recs.append({"prompt_id": pid, "new_ids": new_ids, "n_distinct": n_distinct,
+                            "min_top2_margin": f32_list([margin])[0],
+                            "top2_margins": f32_list(margins),
+                            "nocache_agree_steps": agree,
+                            "text": hf_tok.decode(new_ids, skip_special_tokens=False)})
+        last_logit_recs.append({"prompt_id": pid, "argmax": int(np.argmax(logits[-1])),
+                                "std": f32_list([logits[-1].std()])[0],
+                                "values": f32_list(logits[-1])})
+        if full_logits is None:
+            full_logits = (pid, logits)
+
+    st_path = folder / "model.safetensors"
+    header = {
+        "model": f"tests/fixtures/llm/{name}",
+        "generator": f"scripts/make_goldens.py llm-{name}",
+        "description": (
+            "Tiny random-weight model built with transformers' own class and saved with "
+            "save_pretrained (safetensors). Reference outputs from transformers (PyTorch, "
+            "CPU, eager attention) on the saved folder, loaded in 'dtype'. 'prompts[].input_ids' "
+            "= AutoTokenizer(folder)(text)['input_ids'] (BOS included iff add_bos_token). "
+            "'logits' = one row per position of the first prompt (logits_prompt_id), "
+            "shape logits_shape; 'last_logits' = logits of the last prompt position for "
+            "every prompt. Logits are computed in 'dtype' and written as float32. "
+            "'greedy[].new_ids' = generate(do_sample=False, max_new_tokens=min_new_tokens="
+            f"{LLM_NEW_TOKENS}); it equals a plain argmax loop and never contains an EOS id, "
+            "so an implementation that stops on EOS produces the same ids. "
+            "'greedy[].top2_margins[k]' = top1 - top2 logit at generation step k (small or 0 "
+            "= near-tie: implementations may legitimately diverge from that step on), from "
+            "generate()'s raw step logits. 'greedy[].nocache_agree_steps' = number of leading "
+            "steps on which a plain argmax loop without KV cache (full forward per step) agrees "
+            "(always all steps in float32; bfloat16 near-ties can flip)."
+        ),
+        "metadata": {
+            "versions": lib_versions(),
+            "torch_num_threads": torch.get_num_threads(),
+            "device": "cpu",
+            "dtype": spec["dtype"],
+            "attn_implementation": "eager",
+            "seed": spec["seed"],
+            "architecture": spec["arch"],
+            "config_summary": {k: config.get(k) for k in (
+                "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
+                "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "dtype")
+                if k in config},
+            "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
+            "model_safetensors_bytes": st_path.stat().st_size,
+            "float_format": "shortest decimal that round-trips to the float32 value",
+        },
+        "vocab_size": int(config["vocab_size"]),
+        "special_tokens": {
+            "ids": ids,
+            "bos_id": bos_id,
+            "eos_ids": eos_ids,
+            "pad_id": pad_id,
+            "add_bos_token": tok_cfg["add_bos_token"],
+            "tokenizer_config_eos_token": tok_cfg["eos_token"],
+            "config_bos_token_id": config.get("bos_token_id"),
+            "config_eos_token_id": config.get("eos_token_id"),
+            "generation_config_eos_token_id": gen_cfg["eos_token_id"],
+        },
+        "new_tokens": LLM_NEW_TOKENS,
+        "logits_prompt_id": full_logits[0],
+        "logits_shape": list(full_logits[1].shape),
+    }
+    out = out_dir / f"llm_{name}.json"
+    write_json_lines(out, header, {
+        "prompts": prompt_recs,
+        "greedy": greedy_recs,
+        "last_logits": last_logit_recs,
+        "logits": [f32_list(row) for row in full_logits[1]],
+    })
+    size = out.stat().st_size
+    folder_size = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"{name}: wrote {out} ({size} bytes); fixture {folder} ({folder_size} bytes), "
+          f"vocab {config['vocab_size']}, transformers {transformers.__version__}")
+    assert size < 2_000_000, size
+    return out
+
+
+def _register_llm(name: str) -> None:
+    spec = LLM_MODELS[name]
+
+    def gen(out_dir: Path) -> Path:
+        return _llm_generate(name, spec, out_dir)
+
+    gen.__name__ = "gen_llm_" + name.replace("-", "_")
+    generator(f"llm-{name}", f"tiny random {spec['arch']} ({spec['dtype']}) -> "
+              f"tests/fixtures/llm/{name}/ + tests/goldens/llm_{name}.json")(gen)
+
+
+for _name in LLM_MODELS:
+    _register_llm(_name)
+
+
+# Alias: runs every llm-* generator. Not a generator itself, so 'all' does not
+# run each model twice.
+ALIASES: dict[str, list[str]] = {"llm-fixtures": [f"llm-{n}" for n in LLM_MODELS]}
+
+
+# --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 
@@ -332,8 +793,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list or not args.names:
         for name, (_, h) in GENERATORS.items():
             print(f"{name:10s} {h}")
+        for name, targets in ALIASES.items():
+            print(f"{name:10s} alias for: {' '.join(targets)}")
         return 0 if args.list else 2
     names = list(GENERATORS) if args.names == ["all"] else args.names
+    names = [g for n in names for g in ALIASES.get(n, [n])]
     unknown = [n for n in names if n not in GENERATORS]
     if unknown:
         p.error(f"unknown generator(s): {', '.join(unknown)}; known: {', '.join(GENERATORS)}")
