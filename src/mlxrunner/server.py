@@ -151,10 +151,9 @@ class Server:
             job.cancel("the runner is shutting down")
             done.cancel()
             raise RequestError("request cancelled: the runner is shutting down", status=503)
-        try:
-            return done.result()
-        except Cancelled as exc:
-            raise RequestError(f"request cancelled: {exc}", status=503) from None
+        if done.exception() is not None:
+            raise self._as_request_error(done.exception()) from None
+        return done.result()
 
     # --- routes -----------------------------------------------------------------------------------
 
