@@ -318,6 +318,9 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    llm = sys.modules.get("benchmarks.test_llm")  # the LLM table, when those benchmarks ran
+    if llm is not None:
+        llm.pytest_terminal_summary_llm(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return
