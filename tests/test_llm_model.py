@@ -74,3 +74,30 @@ def _options(**kw):
     from mlxrunner.protocol import Limits, parse_options
 
     return parse_options(kw, Limits())
+
+
+def test_hidden_states_number_layers_as_transformers(qwen3):
+    """The last hidden state is the final norm's output: times the tied embedding it gives the logits."""
+    import mlx.core as mx
+    from safetensors.numpy import load_file
+
+    ids = qwen3.tokenizer.encode("hidden states for the text encoder")
+    layers = qwen3.core_config.num_hidden_layers
+    states = qwen3.decoder.hidden_states(mx.array([ids], mx.int32), None, [0, 1, layers])
+    embed = load_file(str(QWEN3 / "model.safetensors"))["model.embed_tokens.weight"]
+    np.testing.assert_allclose(np.array(states[0])[0], embed[ids], rtol=1e-6)
+    logits = np.array(states[2])[0] @ embed.T
+    np.testing.assert_allclose(logits, qwen3.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_states_with_a_padding_mask_match_the_unpadded_run(qwen3):
+    import mlx.core as mx
+
+    short = qwen3.tokenizer.encode("short one")
+    long = qwen3.tokenizer.encode("a longer prompt than the other")
+    pad = qwen3.tokenizer.pad_id or 0
+    batch = mx.array([short + [pad] * (len(long) - len(short)), long], mx.int32)
+    mask = mx.array([[1] * len(short) + [0] * (len(long) - len(short)), [1] * len(long)], mx.int32)
+    (padded,) = qwen3.decoder.hidden_states(batch, mask, [2])
+    (alone,) = qwen3.decoder.hidden_states(mx.array([short], mx.int32), None, [2])
+    np.testing.assert_allclose(np.array(padded)[0, : len(short)], np.array(alone)[0], rtol=1e-4, atol=1e-5)

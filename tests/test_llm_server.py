@@ -146,3 +146,13 @@ def test_client_disconnect_mid_stream_cancels_generation(llm_runner):
     else:
         raise AssertionError(list(llm_runner.stderr_tail)[-5:])
     assert llm_runner.health()["status"] == "ok"
+
+
+def test_a_llama_folder_is_served_too():
+    llama = QWEN3.parent / "llama3-tiny"
+    with Runner.start(str(llama), timeout=120) as runner:
+        lines = list(runner.complete({"prompt": "Hello", "options": {"temperature": 0, "num_predict": 8}}))
+        assert lines[-1]["done"] is True and lines[-1]["prompt_eval_count"] >= 2  # BOS + text
+        tokens = runner.tokenize("Hello")
+        assert tokens and 500 not in tokens  # /tokenize adds no BOS
+        assert len(runner.embed(["Hello"])[0]) == 64
