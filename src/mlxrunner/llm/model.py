@@ -187,8 +187,11 @@ class LanguageModel:
                     break
             else:
                 result.stop_reason = "num_predict" if budget < self.context_length - len(ids) else "context"
-            if result.done_reason != "stop" or result.stop_reason.startswith("eos:"):
+            if not result.stop_reason.startswith("stop:"):
+                # Bytes the detokenizer still held can complete a stop string too.
                 emit, matched = stops.push(detok.flush())
+                if matched is not None:
+                    result.done_reason, result.stop_reason = "stop", f"stop:{matched}"
                 tail = emit + ("" if matched is not None else stops.flush())
                 if tail:
                     yield tail
