@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlxrunner  # noqa: F401, I001  (before mlx.core: routes MLX's CPU BLAS to OpenBLAS)
 import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,13 @@ QWEN3_06B = {
 
 
 def qwen3_06b(dtype: str = "bfloat16") -> Path:
+    """The folder of a Qwen3-0.6B-shaped model in `dtype` ("bfloat16" or "float32"), built on first use.
+
+    The same key gives the same normal draws for both dtypes (float32 is not a bf16 upcast).
+    config.json is written last, so a folder interrupted mid-build is rebuilt, not reused.
+    """
     folder = CACHE / f"qwen3-0.6b-shaped-{dtype}"
-    if (folder / "model.safetensors").exists():
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     c = QWEN3_06B
@@ -53,8 +59,16 @@ def qwen3_06b(dtype: str = "bfloat16") -> Path:
             p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
             p + "mlp.down_proj.weight": rand(h, i),
         })
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "config.json").write_text(json.dumps({**c, "torch_dtype": dtype}))
+    (folder / "config.json").unlink(missing_ok=True)
+    partial = folder / "model.partial.safetensors"
+    mx.save_safetensors(str(partial), weights)
+    partial.replace(folder / "model.safetensors")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY / name, folder / name)
+    (folder / "config.json").write_text(json.dumps({**c, "torch_dtype": dtype}))
     return folder
+
+
+if __name__ == "__main__":  # python -m benchmarks.llm_models: build both folders ahead of a run
+    for name in ("bfloat16", "float32"):
+        print(qwen3_06b(name))
