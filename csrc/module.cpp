@@ -10,6 +10,9 @@
 #include <nanobind/stl/unordered_map.h>
 #include <nanobind/stl/vector.h>
 
+#include "diffusion/flow_match.h"
+#include "diffusion/vae.h"
+#include "diffusion/zimage_dit.h"
 #include "embed/bert.h"
 #include "sampling.h"
 #include "text/decoder.h"
@@ -173,6 +176,116 @@ void bind_decoder(nb::module_& m) {
       .def_prop_ro("position", &mlxr::Generator::position);
 }
 
+
+// A Python progress callable (step, total) -> bool | None, called with the GIL held; anything but
+// an explicit False continues. An exception it raises propagates out of the loop.
+mlxr::StepCallback step_callback(nb::object progress) {
+  if (progress.is_none()) return {};
+  return [progress](int step, int total) {
+    nb::gil_scoped_acquire gil;
+    nb::object result = progress(step, total);
+    return !(result.is_valid() && nb::isinstance<nb::bool_>(result) && !nb::cast<bool>(result));
+  };
+}
+
+void bind_diffusion(nb::module_& m) {
+  nb::class_<mlxr::FlowMatchSchedule>(m, "FlowMatchSchedule", "The scheduler config of FlowMatchEulerDiscreteScheduler.")
+      .def(nb::init<>())
+      .def_rw("num_train_timesteps", &mlxr::FlowMatchSchedule::num_train_timesteps)
+      .def_rw("shift", &mlxr::FlowMatchSchedule::shift)
+      .def_rw("use_dynamic_shifting", &mlxr::FlowMatchSchedule::use_dynamic_shifting)
+      .def_rw("time_shift_type", &mlxr::FlowMatchSchedule::time_shift_type);
+  m.def("flow_match_sigmas", &mlxr::flow_match_sigmas, "base"_a, "schedule"_a, "mu"_a = nb::none(),
+        "The N + 1 float32 sigmas (last 0) the scheduler makes from a pipeline's N base sigmas.");
+  m.def("linspace", &mlxr::linspace, "start"_a, "stop"_a, "n"_a, "numpy.linspace in float64.");
+
+  nb::class_<mlxr::VaeConfig>(m, "VaeConfig", "AutoencoderKL's config (vae/config.json).")
+      .def(nb::init<>())
+      .def_rw("in_channels", &mlxr::VaeConfig::in_channels)
+      .def_rw("out_channels", &mlxr::VaeConfig::out_channels)
+      .def_rw("latent_channels", &mlxr::VaeConfig::latent_channels)
+      .def_rw("block_out_channels", &mlxr::VaeConfig::block_out_channels)
+      .def_rw("layers_per_block", &mlxr::VaeConfig::layers_per_block)
+      .def_rw("norm_num_groups", &mlxr::VaeConfig::norm_num_groups)
+      .def_rw("norm_eps", &mlxr::VaeConfig::norm_eps)
+      .def_rw("mid_block_add_attention", &mlxr::VaeConfig::mid_block_add_attention)
+      .def_rw("use_quant_conv", &mlxr::VaeConfig::use_quant_conv)
+      .def_rw("use_post_quant_conv", &mlxr::VaeConfig::use_post_quant_conv)
+      .def_rw("double_z", &mlxr::VaeConfig::double_z);
+
+  nb::class_<mlxr::VaeDecoder>(m, "VaeDecoder", "AutoencoderKL decoder (NHWC in and out).")
+      .def(nb::init<const mlxr::VaeConfig&, const mlxr::WeightMap&>(), "config"_a, "weights"_a)
+      .def(
+          "decode",
+          [](const mlxr::VaeDecoder& self, const mx::array& z, int tile) {
+            auto out = tile > 0 ? self.tiled(z, tile) : self(z);
+            mx::eval(out);
+            return out;
+          },
+          "z"_a, "tile"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+          "Latents [B, h, w, C] -> image [B, 8h, 8w, 3] in about [-1, 1]; tile > 0 decodes in overlapping "
+          "tiles of that many latents (diffusers' tiled_decode).")
+      .def_prop_ro("scale_factor", &mlxr::VaeDecoder::scale_factor);
+
+  nb::class_<mlxr::VaeEncoder>(m, "VaeEncoder", "AutoencoderKL encoder (NHWC in and out).")
+      .def(nb::init<const mlxr::VaeConfig&, const mlxr::WeightMap&>(), "config"_a, "weights"_a)
+      .def(
+          "encode",
+          [](const mlxr::VaeEncoder& self, const mx::array& x) {
+            auto out = self(x);
+            mx::eval(out);
+            return out;
+          },
+          "image"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Image [B, H, W, 3] in [-1, 1] -> the posterior mean [B, H/8, W/8, C].");
+
+  nb::class_<mlxr::ZImageConfig>(m, "ZImageConfig", "ZImageTransformer2DModel's config (transformer/config.json).")
+      .def(nb::init<>())
+      .def_rw("dim", &mlxr::ZImageConfig::dim)
+      .def_rw("n_heads", &mlxr::ZImageConfig::n_heads)
+      .def_rw("n_kv_heads", &mlxr::ZImageConfig::n_kv_heads)
+      .def_rw("n_layers", &mlxr::ZImageConfig::n_layers)
+      .def_rw("n_refiner_layers", &mlxr::ZImageConfig::n_refiner_layers)
+      .def_rw("in_channels", &mlxr::ZImageConfig::in_channels)
+      .def_rw("patch_size", &mlxr::ZImageConfig::patch_size)
+      .def_rw("f_patch_size", &mlxr::ZImageConfig::f_patch_size)
+      .def_rw("cap_feat_dim", &mlxr::ZImageConfig::cap_feat_dim)
+      .def_rw("norm_eps", &mlxr::ZImageConfig::norm_eps)
+      .def_rw("qk_norm", &mlxr::ZImageConfig::qk_norm)
+      .def_rw("rope_theta", &mlxr::ZImageConfig::rope_theta)
+      .def_rw("t_scale", &mlxr::ZImageConfig::t_scale)
+      .def_rw("axes_dims", &mlxr::ZImageConfig::axes_dims)
+      .def_rw("axes_lens", &mlxr::ZImageConfig::axes_lens);
+
+  nb::class_<mlxr::ZImageTransformer>(m, "ZImageTransformer", "Z-Image's S3-DiT (ZImageTransformer2DModel).")
+      .def(nb::init<const mlxr::ZImageConfig&, const mlxr::WeightMap&>(), "config"_a, "weights"_a)
+      .def(
+          "forward",
+          [](const mlxr::ZImageTransformer& self, const mx::array& latents, const mx::array& t,
+             const std::vector<mx::array>& captions) {
+            auto out = self.forward(latents, t, captions);
+            mx::eval(out);
+            return out;
+          },
+          "latents"_a, "t"_a, "captions"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "One evaluation: latents [B, C, H, W], t [B] (1 - sigma), one [L, cap_dim] caption per sample -> "
+          "the raw model output, float32 [B, C, H, W].")
+      .def_prop_ro("dtype", &mlxr::ZImageTransformer::dtype);
+
+  m.def(
+      "zimage_denoise",
+      [](const mlxr::ZImageTransformer& model, const mx::array& latents, const std::vector<float>& sigmas,
+         const mx::array& caption, std::optional<mx::array> negative, float guidance, nb::object progress) {
+        auto on_step = step_callback(progress);
+        nb::gil_scoped_release release;
+        return mlxr::zimage_denoise(model, latents, sigmas, caption, negative, guidance, on_step);
+      },
+      "model"_a, "latents"_a, "sigmas"_a, "caption"_a, "negative"_a = nb::none(), "guidance"_a = 0.0f,
+      "progress"_a = nb::none(),
+      "The Z-Image Euler loop: float32 latents [1, C, H, W] -> final latents, or None when progress(step, "
+      "total) returned False. CFG (pos + guidance * (pos - neg)) when a negative caption is given.");
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -186,4 +299,5 @@ NB_MODULE(_core, m) {
   bind_bert(m);
   bind_sampling(m);
   bind_decoder(m);
+  bind_diffusion(m);
 }

@@ -1,0 +1,47 @@
+// Flow matching: diffusers' FlowMatchEulerDiscreteScheduler (the parts our pipelines use) and the
+// denoising loop.
+//
+// The loop integrates dx/dsigma = v from sigma = sigmas[0] (pure noise, 1) to sigmas[N] = 0 with
+// Euler steps, in float32 whatever the network's dtype: x <- x + (sigma[i+1] - sigma[i]) * v.
+// `steps` in our API means N: the number of network evaluations (as diffusers counts
+// num_inference_steps); the schedule has N + 1 sigmas, the last one 0.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mlx/mlx.h"
+
+namespace mlxr {
+
+namespace mx = mlx::core;
+
+struct FlowMatchSchedule {
+  int num_train_timesteps = 1000;
+  float shift = 1.0f;                   // static shift (use_dynamic_shifting false)
+  bool use_dynamic_shifting = false;    // true: shift by exp(mu), mu from the image size
+  std::string time_shift_type = "exponential";  // exponential | linear (dynamic shifting only)
+};
+
+// The N + 1 sigmas of an N-step run, the last one 0, for the base sigmas `base` (the pipeline's
+// choice, e.g. linspace(1, 1/N, N)) as the scheduler's set_timesteps(sigmas=..., mu=...) computes them:
+// float32 throughout, static or dynamic shift as the config says (mu is ignored unless dynamic).
+std::vector<float> flow_match_sigmas(const std::vector<double>& base, const FlowMatchSchedule& schedule,
+                                     std::optional<double> mu = std::nullopt);
+
+// numpy.linspace(start, stop, n) in float64, as pipelines make their base sigmas.
+std::vector<double> linspace(double start, double stop, int n);
+
+// The network's velocity for latents x at step i (sigma = sigmas[i]); float32, shaped like x.
+using Velocity = std::function<mx::array(const mx::array& x, int step)>;
+// Called with (i, N) before step i and (N, N) when done; returning false cancels the run.
+using StepCallback = std::function<bool(int step, int total)>;
+
+// Runs the Euler loop; nullopt when cancelled. Each step is evaluated before the callback, so the
+// progress it reports is work done, and a cancel takes effect within one step.
+std::optional<mx::array> denoise(mx::array x, const std::vector<float>& sigmas, const Velocity& velocity,
+                                 const StepCallback& on_step);
+
+}  // namespace mlxr

@@ -1,0 +1,106 @@
+// AutoencoderKL (diffusers' Encoder / Decoder of the FLUX.1 VAE family, which Z-Image uses and
+// FLUX.2's VAE extends). NHWC inside; the public entry points take and return NHWC arrays.
+#pragma once
+
+#include <vector>
+
+#include "nn/conv.h"
+#include "nn/layers.h"
+
+namespace mlxr {
+
+struct VaeConfig {
+  int in_channels = 3;
+  int out_channels = 3;
+  int latent_channels = 16;
+  std::vector<int> block_out_channels{128, 256, 512, 512};
+  int layers_per_block = 2;
+  int norm_num_groups = 32;
+  float norm_eps = 1e-6f;  // diffusers' Encoder/Decoder hard-code 1e-6 (Ollama's port used 1e-5)
+  bool mid_block_add_attention = true;
+  bool use_quant_conv = false;
+  bool use_post_quant_conv = false;
+  bool double_z = true;  // the encoder outputs mean and log-variance
+};
+
+// ResnetBlock2D: GN -> SiLU -> conv -> GN -> SiLU -> conv, plus the (1x1-projected) input.
+struct ResnetBlock {
+  GroupNorm norm1, norm2;
+  Conv2d conv1, conv2;
+  std::optional<Conv2d> conv_shortcut;
+
+  static ResnetBlock load(const Weights& w, int in_channels, int out_channels, const VaeConfig& c);
+  mx::array operator()(const mx::array& x) const;
+};
+
+// The mid-block's single-head self-attention over all pixels.
+struct VaeAttention {
+  GroupNorm group_norm;
+  Linear to_q, to_k, to_v, to_out;
+
+  static VaeAttention load(const Weights& w, int channels, const VaeConfig& c);
+  mx::array operator()(const mx::array& x) const;
+};
+
+struct VaeMidBlock {
+  ResnetBlock resnet0, resnet1;
+  std::optional<VaeAttention> attention;
+
+  static VaeMidBlock load(const Weights& w, int channels, const VaeConfig& c);
+  mx::array operator()(const mx::array& x) const;
+};
+
+struct VaeUpBlock {
+  std::vector<ResnetBlock> resnets;
+  std::optional<Conv2d> upsampler;  // nearest x2, then 3x3 conv
+};
+
+struct VaeDownBlock {
+  std::vector<ResnetBlock> resnets;
+  std::optional<Conv2d> downsampler;  // pad right/bottom by 1, then 3x3 conv with stride 2
+};
+
+class VaeDecoder {
+ public:
+  // `weights` holds the VAE component's tensors (names as diffusers saves them: decoder.*, post_quant_conv.*).
+  VaeDecoder(const VaeConfig& config, const WeightMap& weights);
+
+  // Latents [B, h, w, latent_channels] (already unscaled) -> image [B, 8h, 8w, out_channels] in [-1, 1].
+  mx::array operator()(const mx::array& z) const;
+
+  // The same, decoded in overlapping tiles of `tile` latents blended linearly over `overlap`
+  // latents' worth of pixels, as diffusers' AutoencoderKL.tiled_decode does. Bounds memory at large sizes.
+  mx::array tiled(const mx::array& z, int tile, float overlap_factor = 0.25f) const;
+
+  const VaeConfig& config() const { return config_; }
+  int scale_factor() const { return 1 << (config_.block_out_channels.size() - 1); }
+
+ private:
+  VaeConfig config_;
+  std::optional<Conv2d> post_quant_conv_;
+  Conv2d conv_in_;
+  VaeMidBlock mid_;
+  std::vector<VaeUpBlock> up_blocks_;
+  GroupNorm norm_out_;
+  Conv2d conv_out_;
+};
+
+class VaeEncoder {
+ public:
+  VaeEncoder(const VaeConfig& config, const WeightMap& weights);
+
+  // Image [B, H, W, in_channels] in [-1, 1] -> the posterior's mean [B, H/8, W/8, latent_channels]
+  // (its mode: what a deterministic encode uses).
+  mx::array operator()(const mx::array& x) const;
+
+ private:
+  VaeConfig config_;
+  Conv2d conv_in_;
+  std::vector<VaeDownBlock> down_blocks_;
+  VaeMidBlock mid_;
+  GroupNorm norm_out_;
+  Conv2d conv_out_;
+  std::optional<Conv2d> quant_conv_;
+};
+
+}  // namespace mlxr

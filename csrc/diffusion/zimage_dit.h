@@ -1,0 +1,92 @@
+// Z-Image's S3-DiT (diffusers' ZImageTransformer2DModel) and its denoising loop.
+//
+// One single-stream transformer over [image tokens, caption tokens]: image tokens first pass
+// through `noise_refiner` blocks (modulated by the timestep), caption tokens through
+// `context_refiner` blocks (unmodulated), then both run through the main `layers` together.
+// Every block is "sandwich"-normed: RMSNorm before and after attention and the FFN. Positions are
+// 3-axis (frame, row, column) with RoPE on interleaved pairs. shared/docs/specs/zimage.md §2-§5.
+#pragma once
+
+#include <vector>
+
+#include "diffusion/flow_match.h"
+#include "nn/layers.h"
+
+namespace mlxr {
+
+struct ZImageConfig {
+  int dim = 3840;
+  int n_heads = 30;
+  int n_kv_heads = 30;
+  int n_layers = 30;
+  int n_refiner_layers = 2;
+  int in_channels = 16;
+  int patch_size = 2;
+  int f_patch_size = 1;
+  int cap_feat_dim = 2560;
+  float norm_eps = 1e-5f;
+  bool qk_norm = true;
+  double rope_theta = 256.0;
+  float t_scale = 1000.0f;
+  std::vector<int> axes_dims{32, 48, 48};
+  std::vector<int> axes_lens{1536, 512, 512};
+
+  int head_dim() const { return dim / n_heads; }
+  int adaln_dim() const { return std::min(dim, 256); }
+  int ffn_dim() const { return static_cast<int>(dim / 3.0 * 8.0); }
+};
+
+struct ZImageBlock {
+  Linear to_q, to_k, to_v, to_out;
+  std::optional<RMSNorm> norm_q, norm_k;
+  RMSNorm attention_norm1, attention_norm2, ffn_norm1, ffn_norm2;
+  Linear w1, w2, w3;
+  std::optional<Linear> adaln;  // absent in the (unmodulated) context refiner
+};
+
+// cos/sin of the RoPE angles per token: [B, T, 1, head_dim / 2], float32.
+struct RopeTable {
+  mx::array cos, sin;
+};
+
+class ZImageTransformer {
+ public:
+  ZImageTransformer(const ZImageConfig& config, const WeightMap& weights);
+
+  // One network evaluation. latents: [B, C, H, W] (diffusers' layout minus the frame axis; any
+  // float dtype), t: [B] float32 in the model's convention (1 - sigma), captions: one [L_i,
+  // cap_feat_dim] text embedding per sample (lengths may differ). Returns the model output,
+  // float32 [B, C, H, W] (diffusers' raw transformer output; the velocity is its negation).
+  mx::array forward(const mx::array& latents, const mx::array& t, const std::vector<mx::array>& captions) const;
+
+  const ZImageConfig& config() const { return config_; }
+  mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }
+
+ private:
+  mx::array timestep_embedding(const mx::array& t) const;
+  mx::array block_forward(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
+                          const std::optional<mx::array>& mask, const std::optional<mx::array>& adaln) const;
+  mx::array attention(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
+                      const std::optional<mx::array>& mask) const;
+  RopeTable rope_table(const std::vector<std::vector<std::array<int, 3>>>& positions) const;
+
+  ZImageConfig config_;
+  std::vector<std::vector<double>> inv_freq_;  // per axis, float64 as diffusers computes them
+  Linear x_embedder_;
+  mx::array x_pad_token_, cap_pad_token_;
+  Linear t_mlp0_, t_mlp2_;
+  RMSNorm cap_norm_;
+  Linear cap_linear_;
+  std::vector<ZImageBlock> noise_refiner_, context_refiner_, layers_;
+  Linear final_adaln_, final_linear_;
+};
+
+// The Z-Image sampling loop: Euler over `sigmas` from `latents` (float32 [1, C, H, W]), with true
+// classifier-free guidance when `negative` is given: pred = pos + guidance * (pos - neg) (diffusers'
+// convention: guidance 0 means off). Both halves run as one batch of 2.
+std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx::array& latents,
+                                        const std::vector<float>& sigmas, const mx::array& caption,
+                                        const std::optional<mx::array>& negative, float guidance,
+                                        const StepCallback& on_step);
+
+}  // namespace mlxr

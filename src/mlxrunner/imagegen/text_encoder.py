@@ -1,0 +1,75 @@
+"""The image pipelines' text encoder: Qwen3 (C++ `_core.Decoder`) plus its tokenizer.
+
+Both Z-Image and FLUX.2 Klein condition on Qwen3 hidden states of a chat-templated prompt; what
+differs is the template, the maximum length and which layers they take, so those are arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer
+
+from mlxrunner import _core
+from mlxrunner.errors import ModelError
+from mlxrunner.llm.model import decoder_config
+
+log = logging.getLogger(__name__)
+
+
+class Qwen3TextEncoder:
+    def __init__(self, source, component: str = "text_encoder", tokenizer_component: str = "tokenizer"):
+        self.source = source
+        self.component = component
+        config_path = f"{component}/config.json"
+        if not source.has_file(config_path):
+            raise ModelError(f"{source.location}: the pipeline has no {config_path}")
+        self.config = decoder_config(source.read_json(config_path))
+        tokenizer_path = f"{tokenizer_component}/tokenizer.json"
+        if not source.has_file(tokenizer_path):
+            raise ModelError(f"{source.location}: the pipeline has no {tokenizer_path}")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(source.file_path(tokenizer_path)))
+        except Exception as exc:  # tokenizers raises plain Exception for a malformed file
+            raise ModelError(f"{source.location}: cannot read {tokenizer_path}: {exc}") from None
+        self._decoder: _core.Decoder | None = None
+        self.load()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def load(self) -> None:
+        """Build the network from the (mmap'd) weights; a no-op when it is loaded."""
+        if self._decoder is not None:
+            return
+        weights = self.source.tensors(self.component)
+        try:
+            self._decoder = _core.Decoder(self.config, weights)
+        except ValueError as exc:
+            raise ModelError(f"{self.source.location}: {self.component}: {exc}") from None
+
+    def release(self) -> None:
+        """Drop the network's arrays (small-memory machines); the next encode loads it again."""
+        self._decoder = None
+        mx.clear_cache()
+
+    def tokenize(self, text: str, max_length: int) -> tuple[list[int], bool]:
+        """Token ids of already-templated text, cut to max_length (right truncation, as the
+        pipelines' tokenizer call does); and whether it was cut."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        return ids[:max_length], len(ids) > max_length
+
+    def hidden_states(self, ids: list[int], layers: list[int]) -> list[mx.array]:
+        """transformers' hidden_states[i] for each i in `layers` (0 = embeddings, i = after i layers),
+        each [T, hidden]. One unpadded prompt: with right padding and causal attention, the real
+        tokens' states do not depend on the pads, so none are added."""
+        self.load()
+        tokens = mx.array(np.asarray([ids], dtype=np.int32))
+        return [h[0] for h in self._decoder.hidden_states(tokens, None, layers)]

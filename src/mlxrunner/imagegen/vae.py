@@ -1,0 +1,82 @@
+"""VAE glue: vae/config.json -> the C++ AutoencoderKL, latents -> 8-bit RGB pixels."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from mlxrunner import _core
+from mlxrunner.errors import ModelError
+from mlxrunner.imagegen.images import to_uint8
+
+# Decode in tiles above this many latent pixels (128 x 128 latents = a 1024 x 1024 image):
+# past it, the full-size activations and the mid-block's attention over every pixel outgrow
+# small machines (2048² would need ~16 GB of attention scores alone).
+TILE_ABOVE_LATENT_PIXELS = 128 * 128
+TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
+
+
+def vae_config(config: dict, location: str) -> _core.VaeConfig:
+    out = _core.VaeConfig()
+    try:
+        out.in_channels = int(config.get("in_channels", 3))
+        out.out_channels = int(config.get("out_channels", 3))
+        out.latent_channels = int(config["latent_channels"])
+        out.block_out_channels = [int(c) for c in config["block_out_channels"]]
+        out.layers_per_block = int(config.get("layers_per_block", 2))
+        out.norm_num_groups = int(config.get("norm_num_groups", 32))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{location}: vae/config.json: missing or bad {exc}") from None
+    out.mid_block_add_attention = bool(config.get("mid_block_add_attention", True))
+    out.use_quant_conv = bool(config.get("use_quant_conv", True))
+    out.use_post_quant_conv = bool(config.get("use_post_quant_conv", True))
+    return out
+
+
+def renamed_attention_weights(weights: dict) -> dict:
+    """Old checkpoints name the mid-block attention query/key/value/proj_attn; diffusers renames
+    them to to_q/to_k/to_v/to_out.0 on load, and so do we."""
+    renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for name, value in weights.items():
+        for old, new in renames.items():
+            if "attentions." in name and old in name:
+                name = name.replace(old, new)
+                break
+        out[name] = value
+    return out
+
+
+class Vae:
+    """AutoencoderKL decoder with the latent scale/shift of its config."""
+
+    def __init__(self, source, component: str = "vae"):
+        config = source.read_json(f"{component}/config.json")
+        self.config = vae_config(config, source.location)
+        self.scaling_factor = float(config.get("scaling_factor", 1.0))
+        self.shift_factor = float(config.get("shift_factor") or 0.0)
+        weights = renamed_attention_weights(source.tensors(component))
+        try:
+            self.decoder = _core.VaeDecoder(self.config, weights)
+        except ValueError as exc:
+            raise ModelError(f"{source.location}: {component}: {exc}") from None
+        self.dtype = next((w.dtype for n, w in weights.items() if n.startswith("decoder.conv_in")), mx.float32)
+
+    def decode(self, latents: mx.array, tile: int | None = None) -> np.ndarray:
+        """Latents [1, C, h, w] (float32, as the denoiser leaves them) -> uint8 [8h, 8w, 3].
+
+        `tile`: None decides by size (TILE_ABOVE_LATENT_PIXELS), 0 never tiles, n > 0 tiles of n latents.
+        """
+        return to_uint8(self.decode_float(latents, tile))
+
+    def decode_float(self, latents: mx.array, tile: int | None = 0) -> np.ndarray:
+        """Float32 [H, W, 3] in [0, 1], diffusers' output_type="np". As diffusers: cast to the VAE
+        dtype first, z / scaling + shift in that dtype, map to [0, 1] and clamp in that dtype."""
+        dtype = self.dtype
+        z = latents.astype(dtype) / mx.array(self.scaling_factor, dtype) + mx.array(self.shift_factor, dtype)
+        z = z.transpose(0, 2, 3, 1)
+        if tile is None:
+            tile = TILE_LATENTS if z.shape[1] * z.shape[2] > TILE_ABOVE_LATENT_PIXELS else 0
+        image = self.decoder.decode(z, tile)
+        image = mx.clip(image * mx.array(0.5, image.dtype) + mx.array(0.5, image.dtype), 0, 1)
+        return np.asarray(image[0].astype(mx.float32))
