@@ -3,6 +3,8 @@
     mlxrunner --model NAME --port N [--host H]         serve (what a parent server launches)
     mlxrunner runner --imagegen-engine --model NAME --port N   Ollama's launch form, same thing
     mlxrunner embed --model NAME TEXT [TEXT ...]       print embeddings / similarities
+    mlxrunner generate --model NAME --prompt TEXT -o out.png [--width --height --steps --seed
+                       --negative-prompt --guidance --image PATH ...]   make an image
 
 Exit codes (Ollama's runner): 0 after SIGINT/SIGTERM, 1 on any load or serve error (last stderr
 line `Error: <reason>`), 2 on bad flags (usage on stderr).
@@ -43,7 +45,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxrunner", allow_abbrev=False,
                                      description="Serve one model over HTTP (Ollama runner protocol).",
-                                     epilog="Also: mlxrunner embed --help")
+                                     epilog="Also: mlxrunner embed --help, mlxrunner generate --help")
     _add_common(parser)
     parser.add_argument("--port", "-port", type=int, required=True, help="TCP port; 0 picks a free one")
     parser.add_argument("--host", "-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -62,6 +64,26 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-file", help="embed each line of this file ('-' = stdin)")
     parser.add_argument("--json", action="store_true", help="print {\"embeddings\": [[...]]} as JSON")
     parser.add_argument("--no-normalize", action="store_true", help="skip the model's L2 normalisation")
+    return parser
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxrunner generate", allow_abbrev=False,
+                                     description="Generate one image with an image model and write it as PNG.")
+    _add_common(parser)
+    parser.add_argument("--prompt", "-p", required=True, help="what to draw")
+    parser.add_argument("--output", "-o", default="image.png", help="PNG file to write (default image.png)")
+    parser.add_argument("--width", type=int, help="pixels (default 1024, or the first --image's width); "
+                        "rounded down to the model's multiple")
+    parser.add_argument("--height", type=int, help="pixels (default as --width)")
+    parser.add_argument("--steps", type=int, help="denoising steps = transformer evaluations (default: the model's)")
+    parser.add_argument("--seed", type=int, help="any 64-bit integer (default: random; printed)")
+    parser.add_argument("--negative-prompt", help="what to steer away from (models with true CFG)")
+    parser.add_argument("--guidance", type=float, help="CFG scale, diffusers' guidance_scale (models with true CFG)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="reference image for editing (repeatable; models that edit)")
+    parser.add_argument("--release-text-encoder", action="store_true",
+                        help="free the text encoder's memory once the prompt is encoded")
     return parser
 
 
@@ -91,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "embed":
         return embed_main(argv[1:])
+    if argv and argv[0] == "generate":
+        return generate_main(argv[1:])
     parser = serve_parser()
     args = parser.parse_args(_strip_engine_args(argv))
     if not 0 <= args.port <= 65535:
@@ -240,3 +264,61 @@ def _print_similarities(texts: list[str], vectors) -> None:
         sims = unit @ unit.T
         for i in range(len(texts)):
             print(f"[{i}] " + " ".join(f"{s:+.3f}" for s in sims[i]))
+
+
+# --- mlxrunner generate -------------------------------------------------------------------------
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = generate_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args, parser)
+
+    from mlxrunner import loader
+    from mlxrunner.detect import Mode
+    from mlxrunner.imagegen import images as image_io
+    from mlxrunner.progress import ProgressBar
+
+    limits = Limits()
+    try:
+        references = []
+        for i, path in enumerate(args.image):
+            try:
+                blob = open(path, "rb").read()
+            except OSError as exc:
+                return fail(f"--image {path}: {exc.strerror or exc}")
+            references.append(image_io.decode_image(blob, path, limits))
+        loader.apply_memory_limit_from_env()
+        if args.release_text_encoder:
+            os.environ[loader.ENV_RELEASE_TEXT_ENCODER] = "1"
+        with ProgressBar("loading", total=100) as bar:
+            loaded = loader.load(args.model, lambda p: bar.update(int(p * 100)), args.skip_memory_check,
+                                 args.models_dir)
+        if loaded.mode is not Mode.IMAGEGEN:
+            return fail(f"{args.model} is a {loaded.mode.value} model, not an image model")
+        bar = None
+
+        def progress(step: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = ProgressBar("denoising", total=total).__enter__()
+            bar.update(step)
+
+        try:
+            result = loaded.model.run(args.prompt, width=args.width, height=args.height, steps=args.steps,
+                                      seed=args.seed, negative_prompt=args.negative_prompt, guidance=args.guidance,
+                                      images=references or None, progress=progress)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+        with open(args.output, "wb") as out:
+            out.write(image_io.png_bytes(result.image, result.png_text(args.prompt)))
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    except Exception as exc:
+        log.debug("generate failed", exc_info=True)
+        return fail(str(exc))
+    note = f" (ignored: {', '.join(result.ignored)})" if result.ignored else ""
+    print(f"wrote {args.output}: {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, "
+          f"{result.timings['total']:.2f}s{note}")
+    return 0

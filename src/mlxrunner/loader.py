@@ -25,6 +25,9 @@ MIB = 1 << 20
 # Environment switches (flags of the same meaning take precedence in cli.py).
 ENV_SKIP_MEMORY_CHECK = "MLXRUNNER_SKIP_MEMORY_CHECK"
 ENV_MEMORY_LIMIT = "MLXRUNNER_MEMORY_LIMIT"
+# Image models: free the text encoder after each prompt encode (reloaded from the mmap'd weights
+# on the next request). Saves its memory (8 GB for Z-Image's Qwen3-4B in bf16) at some time per request.
+ENV_RELEASE_TEXT_ENCODER = "MLXRUNNER_RELEASE_TEXT_ENCODER"
 
 
 @dataclass
@@ -89,10 +92,10 @@ def build_model(source, detected: Detected, progress: Callable[[float], None]) -
         from mlxrunner.llm.model import LanguageModel
 
         return LanguageModel(source, progress)
-    # Image networks plug in here as their issues land.
-    raise ModelError(
-        f"{detected.architecture} ({detected.mode.value}) models are recognised but not served by this version "
-        "of mlxrunner yet; supported now: BERT sentence-embedding models and Llama/Qwen3 LLMs")
+    from mlxrunner.imagegen import build_pipeline
+
+    return build_pipeline(source, detected.architecture, progress,
+                          release_text_encoder=_env_flag(ENV_RELEASE_TEXT_ENCODER))
 
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, skip_memory_check: bool = False,

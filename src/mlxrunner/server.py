@@ -169,6 +169,8 @@ class Server:
         body = await self._body(request)
         loaded = self._model_for(request)
         req = protocol.parse_completion(body, self.limits)
+        if loaded.mode is Mode.IMAGEGEN:
+            return await self._stream(request, "completion", self._image_job(loaded.model, req, body))
         model = loaded.model
 
         def generate(ctx):
@@ -184,6 +186,36 @@ class Server:
                 raise RequestError(f'field "prompt": {exc}') from None
 
         return await self._stream(request, "completion", generate)
+
+    def _image_job(self, pipeline, req: protocol.CompletionRequest, body: dict):
+        """The worker job for an image request: progress lines {"step", "total"}, then the image."""
+        from mlxrunner.imagegen import images as image_io
+
+        def generate(ctx):
+            def progress(step: int, total: int) -> None:
+                ctx.check_cancelled()  # raises Cancelled through the C++ loop: the job stops here
+                ctx.emit({"step": step, "total": total, "done": False})
+
+            try:
+                result = pipeline.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
+                                      negative_prompt=req.negative_prompt, guidance=req.guidance,
+                                      images=image_io.decode_request_images(req.images, self.limits) or None,
+                                      progress=progress)
+            except image_io.BadImage as exc:
+                raise RequestError(str(exc)) from None
+            except ValueError as exc:  # a size, step count or latent shape the model cannot take
+                raise RequestError(str(exc)) from None
+            ignored = list(result.ignored) + (["options"] if body.get("options") else [])
+            line = {"image": image_io.png_base64(result.image, result.png_text(req.prompt)), "seed": result.seed,
+                    "width": result.width, "height": result.height, "steps": result.steps, "done": True,
+                    "timings": {f"{phase}_ms": round(seconds * 1000, 1) for phase, seconds in result.timings.items()}}
+            if ignored:
+                line["ignored"] = ignored
+            if result.prompt_truncated:
+                line["prompt_truncated"] = True
+            return line
+
+        return generate
 
     async def _stream(self, request: web.Request, name: str, fn) -> web.StreamResponse:
         """Run a job whose events become NDJSON lines; its result is the final line.

@@ -36,3 +36,48 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
 
 def png_base64(image: Image.Image, text: dict[str, str] | None = None) -> str:
     return base64.b64encode(png_bytes(image, text)).decode("ascii")
+
+
+# --- request images (reference images for editing) ---------------------------------------------
+
+MAX_ASPECT = 8.0
+
+
+class BadImage(ValueError):
+    """A request image that cannot be used; the message names which one and why."""
+
+
+def decode_request_images(blobs: list[bytes], limits) -> list[Image.Image]:
+    """Decode the request's `images` into RGB PIL images, or raise BadImage naming the culprit."""
+    return [decode_image(blob, f'images[{i}]', limits) for i, blob in enumerate(blobs)]
+
+
+def decode_image(blob: bytes, name: str, limits) -> Image.Image:
+    """Bytes (PNG, JPEG, WebP, ...) -> an RGB image with EXIF orientation applied and any alpha
+    composited on white. Refuses non-images, truncated files, decompression bombs (judged from the
+    header, before decoding), sides outside [min_image_side, max_image_side] and aspect ratios > 8."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(blob))
+    except UnidentifiedImageError:
+        raise BadImage(f'"{name}" is not an image PIL can read (expected PNG, JPEG or WebP)') from None
+    except Exception as exc:  # PIL raises many types for hostile headers
+        raise BadImage(f'"{name}" could not be opened: {exc}') from None
+    width, height = image.size
+    if max(width, height) > limits.max_image_side:
+        raise BadImage(f'"{name}" is {width}x{height}; the largest side allowed is {limits.max_image_side} px')
+    if min(width, height) < limits.min_image_side:
+        raise BadImage(f'"{name}" is {width}x{height}; each side must be at least {limits.min_image_side} px')
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise BadImage(f'"{name}" is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1')
+    try:
+        image.load()
+    except Exception as exc:  # truncated or corrupt data
+        raise BadImage(f'"{name}" is damaged or truncated: {exc}') from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")

@@ -26,7 +26,14 @@ class Qwen3TextEncoder:
         config_path = f"{component}/config.json"
         if not source.has_file(config_path):
             raise ModelError(f"{source.location}: the pipeline has no {config_path}")
-        self.config = decoder_config(source.read_json(config_path))
+        config = dict(source.read_json(config_path))
+        # Pipelines ship either Qwen3ForCausalLM or the bare Qwen3Model (Z-Image's real folder);
+        # both are the same network for hidden states.
+        if config.get("architectures") in (["Qwen3Model"], None) and config.get("model_type") == "qwen3":
+            config["architectures"] = ["Qwen3ForCausalLM"]
+        self.config = decoder_config(config)
+        # The LM head is never used for hidden states: tying makes the decoder skip loading it.
+        self.config.tie_word_embeddings = True
         tokenizer_path = f"{tokenizer_component}/tokenizer.json"
         if not source.has_file(tokenizer_path):
             raise ModelError(f"{source.location}: the pipeline has no {tokenizer_path}")
@@ -50,6 +57,8 @@ class Qwen3TextEncoder:
         if self._decoder is not None:
             return
         weights = self.source.tensors(self.component)
+        if "embed_tokens.weight" in weights:  # a bare Qwen3Model: names lack the "model." prefix
+            weights = {f"model.{name}": value for name, value in weights.items()}
         try:
             self._decoder = _core.Decoder(self.config, weights)
         except ValueError as exc:
