@@ -433,6 +433,30 @@ def run_vae_decode(pipe, store, meta) -> None:
                            "image_shape": [3, 64, 96], "image_stats": st}
 
 
+def run_vae_decode_tiled(pipe, store, meta) -> None:
+    """diffusers' tiled_decode with small tiles (8 latents, 25 % overlap -> 16 px blends) on a
+    latent of 2 x 3 tiles that does not divide evenly, for the runner's large-image path."""
+    name = "vae_decode_tiled"
+    tile = 8
+    z = np.random.default_rng(VAE_DECODE_SEED + 1).standard_normal((1, 16, 14, 20)).astype(np.float32)
+    vae = pipe.vae
+    vae.enable_tiling()
+    vae.tile_latent_min_size = tile
+    vae.tile_sample_min_size = tile * 8
+    try:
+        with torch.no_grad():
+            x = torch.from_numpy(z.copy()).to(vae.dtype)
+            x = (x / vae.config.scaling_factor) + vae.config.shift_factor
+            img = vae.decode(x, return_dict=False)[0]
+            img = (img * 0.5 + 0.5).clamp(0, 1)
+    finally:
+        vae.disable_tiling()
+    store[f"{name}/latents"] = z
+    store[f"{name}/image_float"] = t2np(img[0])
+    meta["cases"][name] = {"kind": "vae", "latent_seed": VAE_DECODE_SEED + 1, "latent_shape": list(z.shape),
+                           "tile_latents": tile, "overlap_factor": 0.25, "image_shape": list(img.shape[1:])}
+
+
 def sensitivity_report(pipe, store) -> dict:
     """Relative change of t2i_64x96's first transformer output when one ingredient is removed:
     each must visibly matter (else a port could get it wrong and still pass)."""
@@ -535,6 +559,7 @@ def main(fixture_dir: Path = DEFAULT_FIXTURE_DIR, goldens_dir: Path = DEFAULT_GO
             run_case(pipe, name, spec, store, meta)
     run_encode_long(pipe, store, meta)
     run_vae_decode(pipe, store, meta)
+    run_vae_decode_tiled(pipe, store, meta)
     meta["sensitivity"] = sensitivity_report(pipe, store)
 
     print("cases (bfloat16):")

@@ -783,6 +783,27 @@ ALIASES: dict[str, list[str]] = {"llm-fixtures": [f"llm-{n}" for n in LLM_MODELS
 # --------------------------------------------------------------------------- #
 
 
+
+# --------------------------------------------------------------------------- #
+# Image pipelines: their generators live in their own scripts (each also runs alone).
+# --------------------------------------------------------------------------- #
+
+
+def _run_script_main(script: str, *args: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script, Path(__file__).parent / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(*args)
+
+
+@generator("zimage", "tiny Z-Image fixture (tests/fixtures/zimage-tiny) + diffusers goldens (tests/goldens/zimage)")
+def gen_zimage(out_dir: Path) -> Path:
+    target = out_dir / "zimage"
+    _run_script_main("goldens_zimage", REPO_ROOT / "tests" / "fixtures" / "zimage-tiny", target)
+    return target / "reference.safetensors"
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="generator name(s), or 'all'")
