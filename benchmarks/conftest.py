@@ -321,6 +321,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     llm = sys.modules.get("benchmarks.test_llm")  # the LLM table, when those benchmarks ran
     if llm is not None:
         llm.pytest_terminal_summary_llm(terminalreporter.write_line)
+    zimage = sys.modules.get("benchmarks.test_zimage")  # the Z-Image table, when those benchmarks ran
+    if zimage is not None:
+        zimage.pytest_terminal_summary_zimage(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return
