@@ -75,7 +75,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", default="image.png", help="PNG file to write (default image.png)")
     parser.add_argument("--width", type=int, help="pixels (default 1024, or the first --image's width); "
                         "rounded down to the model's multiple")
-    parser.add_argument("--height", type=int, help="pixels (default as --width)")
+    parser.add_argument("--height", type=int, help="pixels (default 1024, or the first --image's height); rounded down likewise")
     parser.add_argument("--steps", type=int, help="denoising steps = transformer evaluations (default: the model's)")
     parser.add_argument("--seed", type=int, help="any 64-bit integer (default: random; printed)")
     parser.add_argument("--negative-prompt", help="what to steer away from (models with true CFG)")
@@ -319,6 +319,7 @@ def generate_main(argv: list[str]) -> int:
         log.debug("generate failed", exc_info=True)
         return fail(str(exc))
     note = f" (ignored: {', '.join(result.ignored)})" if result.ignored else ""
-    print(f"wrote {args.output}: {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, "
+    steps = f"{result.steps} step" + ("s" if result.steps != 1 else "")
+    print(f"wrote {args.output}: {result.width}x{result.height}, {steps}, seed {result.seed}, "
           f"{result.timings['total']:.2f}s{note}")
     return 0

@@ -205,7 +205,7 @@ class Server:
                 raise RequestError(str(exc)) from None
             except ValueError as exc:  # a size, step count or latent shape the model cannot take
                 raise RequestError(str(exc)) from None
-            ignored = list(result.ignored) + (["options"] if body.get("options") else [])
+            ignored = list(result.ignored) + (["options"] if body.get("options") is not None else [])
             line = {"image": image_io.png_base64(result.image, result.png_text(req.prompt)), "seed": result.seed,
                     "width": result.width, "height": result.height, "steps": result.steps, "done": True,
                     "timings": {f"{phase}_ms": round(seconds * 1000, 1) for phase, seconds in result.timings.items()}}
