@@ -11,6 +11,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "diffusion/flow_match.h"
+#include "diffusion/flux2_dit.h"
 #include "diffusion/vae.h"
 #include "diffusion/zimage_dit.h"
 #include "embed/bert.h"
@@ -286,6 +287,68 @@ void bind_diffusion(nb::module_& m) {
       "total) returned False. CFG (pos + guidance * (pos - neg)) when a negative caption is given.");
 }
 
+void bind_flux2(nb::module_& m) {
+  nb::class_<mlxr::Flux2Config>(m, "Flux2Config", "Flux2Transformer2DModel's config (transformer/config.json).")
+      .def(nb::init<>())
+      .def_rw("in_channels", &mlxr::Flux2Config::in_channels)
+      .def_rw("out_channels", &mlxr::Flux2Config::out_channels)
+      .def_rw("num_layers", &mlxr::Flux2Config::num_layers)
+      .def_rw("num_single_layers", &mlxr::Flux2Config::num_single_layers)
+      .def_rw("attention_head_dim", &mlxr::Flux2Config::attention_head_dim)
+      .def_rw("num_attention_heads", &mlxr::Flux2Config::num_attention_heads)
+      .def_rw("joint_attention_dim", &mlxr::Flux2Config::joint_attention_dim)
+      .def_rw("timestep_guidance_channels", &mlxr::Flux2Config::timestep_guidance_channels)
+      .def_rw("mlp_ratio", &mlxr::Flux2Config::mlp_ratio)
+      .def_rw("axes_dims_rope", &mlxr::Flux2Config::axes_dims_rope)
+      .def_rw("rope_theta", &mlxr::Flux2Config::rope_theta)
+      .def_rw("eps", &mlxr::Flux2Config::eps)
+      .def_rw("guidance_embeds", &mlxr::Flux2Config::guidance_embeds);
+
+  nb::class_<mlxr::Flux2Transformer>(m, "Flux2Transformer", "FLUX.2's MM-DiT (Flux2Transformer2DModel, Klein).")
+      .def(nb::init<const mlxr::Flux2Config&, const mlxr::WeightMap&>(), "config"_a, "weights"_a)
+      .def(
+          "forward",
+          [](const mlxr::Flux2Transformer& self, const mx::array& hidden, const mx::array& context,
+             const mx::array& timestep, const mx::array& img_ids, const mx::array& txt_ids) {
+            auto ids = mlxr::flux2_ids(txt_ids);
+            auto image = mlxr::flux2_ids(img_ids);
+            ids.insert(ids.end(), image.begin(), image.end());
+            auto out = self.forward(hidden, context, timestep, self.rope_table(ids));
+            mx::eval(out);
+            return out;
+          },
+          "hidden_states"_a, "encoder_hidden_states"_a, "timestep"_a, "img_ids"_a, "txt_ids"_a,
+          nb::call_guard<nb::gil_scoped_release>(),
+          "One evaluation as diffusers calls it: image tokens [B, L, C], text [B, T, J], timestep [B] (t / 1000), "
+          "ids [L, 4] and [T, 4] -> the raw output, float32 [B, L, C].")
+      .def_prop_ro("dtype", &mlxr::Flux2Transformer::dtype);
+
+  m.def("flux2_empirical_mu", &mlxr::flux2_empirical_mu, "image_seq_len"_a, "num_steps"_a,
+        "diffusers' compute_empirical_mu (FLUX.2's dynamic-shift mu; noise tokens only).");
+
+  m.def(
+      "flux2_denoise",
+      [](const mlxr::Flux2Transformer& model, const mx::array& latents, const mx::array& latent_ids,
+         const std::vector<float>& sigmas, const mx::array& prompt, std::optional<mx::array> negative, float guidance,
+         std::optional<mx::array> references, std::optional<mx::array> reference_ids, nb::object progress) {
+        auto on_step = step_callback(progress);
+        nb::gil_scoped_release release;
+        auto ids = mlxr::flux2_ids(latent_ids);
+        std::vector<mlxr::Flux2Id> ref_ids;
+        if (references) {
+          if (!reference_ids) throw std::invalid_argument("flux2_denoise: reference tokens need reference_ids");
+          ref_ids = mlxr::flux2_ids(*reference_ids);
+        }
+        return mlxr::flux2_denoise(model, latents, ids, sigmas, prompt, negative, guidance, references, ref_ids,
+                                   on_step);
+      },
+      "model"_a, "latents"_a, "latent_ids"_a, "sigmas"_a, "prompt"_a, "negative"_a = nb::none(),
+      "guidance"_a = 1.0f, "references"_a = nb::none(), "reference_ids"_a = nb::none(), "progress"_a = nb::none(),
+      "The FLUX.2 Klein Euler loop over packed latents [1, L, C] -> final packed latents (float32), or None when "
+      "progress(step, total) returned False. True CFG (v_neg + guidance * (v_pos - v_neg)) when a negative "
+      "embedding is given; reference-image tokens [1, Lr, C] with their ids condition every call.");
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -300,4 +363,5 @@ NB_MODULE(_core, m) {
   bind_sampling(m);
   bind_decoder(m);
   bind_diffusion(m);
+  bind_flux2(m);
 }

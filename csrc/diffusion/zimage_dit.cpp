@@ -92,11 +92,7 @@ ZImageTransformer::ZImageTransformer(const ZImageConfig& config, const WeightMap
       final_linear_(Linear::load(Weights(weights, "all_final_layer." + std::to_string(config.patch_size) + "-" +
                                                       std::to_string(config.f_patch_size) + ".linear"),
                                  config.dim, config.patch_size * config.patch_size * config.in_channels)) {
-  for (int d : config.axes_dims) {
-    std::vector<double> inv(d / 2);
-    for (int k = 0; k < d / 2; ++k) inv[k] = 1.0 / std::pow(config.rope_theta, (2.0 * k) / d);
-    inv_freq_.push_back(std::move(inv));
-  }
+  inv_freq_ = axis_inverse_frequencies(config.axes_dims, config.rope_theta);
 }
 
 mx::array ZImageTransformer::timestep_embedding(const mx::array& t) const {
@@ -138,20 +134,6 @@ RopeTable ZImageTransformer::rope_table(const std::vector<std::vector<std::array
                    mx::array(sin_values.data(), {b, t, 1, half}, mx::float32)};
 }
 
-namespace {
-
-// RoPE on interleaved pairs (x[2k], x[2k+1]) in float32; x: [B, T, H, D].
-mx::array apply_rope(const mx::array& x, const RopeTable& rope) {
-  const auto shape = x.shape();
-  auto pairs = mx::reshape(mx::astype(x, mx::float32), {shape[0], shape[1], shape[2], shape[3] / 2, 2});
-  auto parts = mx::split(pairs, 2, -1);
-  auto x0 = mx::squeeze(parts[0], -1), x1 = mx::squeeze(parts[1], -1);
-  auto out0 = mx::subtract(mx::multiply(x0, rope.cos), mx::multiply(x1, rope.sin));
-  auto out1 = mx::add(mx::multiply(x0, rope.sin), mx::multiply(x1, rope.cos));
-  return mx::astype(mx::reshape(mx::stack({out0, out1}, -1), shape), x.dtype());
-}
-
-}  // namespace
 
 mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
                                        const std::optional<mx::array>& mask) const {
@@ -161,8 +143,8 @@ mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array
   auto v = mx::reshape(block.to_v(x), {b, t, h, d});
   if (block.norm_q) q = (*block.norm_q)(q);
   if (block.norm_k) k = (*block.norm_k)(k);
-  q = mx::transpose(apply_rope(q, rope), {0, 2, 1, 3});
-  k = mx::transpose(apply_rope(k, rope), {0, 2, 1, 3});
+  q = mx::transpose(apply_rope_pairs(q, rope), {0, 2, 1, 3});
+  k = mx::transpose(apply_rope_pairs(k, rope), {0, 2, 1, 3});
   v = mx::transpose(v, {0, 2, 1, 3});
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   auto out = mask ? mx::fast::scaled_dot_product_attention(q, k, v, scale, "", *mask)

@@ -11,6 +11,7 @@
 
 #include "diffusion/flow_match.h"
 #include "nn/layers.h"
+#include "nn/rope.h"
 
 namespace mlxr {
 
@@ -42,11 +43,6 @@ struct ZImageBlock {
   RMSNorm attention_norm1, attention_norm2, ffn_norm1, ffn_norm2;
   Linear w1, w2, w3;
   std::optional<Linear> adaln;  // absent in the (unmodulated) context refiner
-};
-
-// cos/sin of the RoPE angles per token: [B, T, 1, head_dim / 2], float32.
-struct RopeTable {
-  mx::array cos, sin;
 };
 
 class ZImageTransformer {

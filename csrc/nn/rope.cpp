@@ -52,4 +52,24 @@ mx::array Rope::operator()(const mx::array& x, int offset) const {
   return mx::fast::rope(x, config_.dims, config_.traditional, config_.base, scale_, offset);
 }
 
+std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta) {
+  std::vector<std::vector<double>> out;
+  for (int d : axes_dims) {
+    std::vector<double> inv(d / 2);
+    for (int k = 0; k < d / 2; ++k) inv[k] = 1.0 / std::pow(theta, (2.0 * k) / d);
+    out.push_back(std::move(inv));
+  }
+  return out;
+}
+
+mx::array apply_rope_pairs(const mx::array& x, const RopeTable& rope) {
+  const auto shape = x.shape();
+  auto pairs = mx::reshape(mx::astype(x, mx::float32), {shape[0], shape[1], shape[2], shape[3] / 2, 2});
+  auto parts = mx::split(pairs, 2, -1);
+  auto x0 = mx::squeeze(parts[0], -1), x1 = mx::squeeze(parts[1], -1);
+  auto out0 = mx::subtract(mx::multiply(x0, rope.cos), mx::multiply(x1, rope.sin));
+  auto out1 = mx::add(mx::multiply(x0, rope.sin), mx::multiply(x1, rope.cos));
+  return mx::astype(mx::reshape(mx::stack({out0, out1}, -1), shape), x.dtype());
+}
+
 }  // namespace mlxr

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "nn/weights.h"
 
@@ -30,5 +31,22 @@ class Rope {
   float scale_ = 1.0f;
   std::optional<mx::array> periods_;  // llama3: per-pair wavelength divisors, computed in double
 };
+
+// Multi-axis RoPE of the diffusion transformers (Z-Image: 3 axes, FLUX.2: 4): every token has
+// one position per axis, and each axis owns a slice of the head dim. The angles come from a
+// host-built table because MLX's fast::rope takes a single offset, not per-token multi-axis ids.
+
+// cos/sin of the angle of every (token, pair): [B, T, 1, head_dim / 2], float32.
+struct RopeTable {
+  mx::array cos, sin;
+};
+
+// Per axis of dim d: the inverse frequencies 1 / theta^(2k / d), k < d / 2, in float64 as
+// diffusers computes them.
+std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta);
+
+// RoPE on interleaved pairs (x[2k], x[2k+1]) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32,
+// cast back to x's dtype. x: [B, T, H, D].
+mx::array apply_rope_pairs(const mx::array& x, const RopeTable& rope);
 
 }  // namespace mlxr

@@ -25,6 +25,10 @@ def build_pipeline(source, architecture: str, progress: Callable[[float], None] 
         from mlxrunner.imagegen.zimage import ZImagePipeline
 
         return ZImagePipeline(source, progress, release_text_encoder=release_text_encoder)
+    if architecture == "Flux2KleinPipeline":
+        from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(source, progress, release_text_encoder=release_text_encoder)
     raise ModelError(f"{architecture} is recognised but not served by this version of mlxrunner yet")
 
 

@@ -82,3 +82,21 @@ class Qwen3TextEncoder:
         self.load()
         tokens = mx.array(np.asarray([ids], dtype=np.int32))
         return [h[0] for h in self._decoder.hidden_states(tokens, None, layers)]
+
+    def padded_hidden_states(self, ids: list[int], length: int, pad_id: int, layers: list[int]) -> list[mx.array]:
+        """hidden_states[i] for each i in `layers`, each [length, hidden], of `ids` right-padded to
+        `length` with `pad_id`, the pads' states included (FLUX.2 feeds all of them on). As
+        transformers with an attention mask: causal attention where pad keys are masked, every
+        position (pads too) computed."""
+        if len(ids) > length:
+            raise ValueError(f"{len(ids)} tokens do not fit in {length}")
+        self.load()
+        padded = np.full((1, length), pad_id, dtype=np.int32)
+        padded[0, :len(ids)] = ids
+        mask = np.zeros((1, length), dtype=np.int32)
+        mask[0, :len(ids)] = 1
+        return [h[0] for h in self._decoder.hidden_states(mx.array(padded), mx.array(mask), layers)]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a (special) token, or None when the vocabulary lacks it."""
+        return self.tokenizer.token_to_id(token)

@@ -1,0 +1,317 @@
+#include "diffusion/flux2_dit.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "nn/conv.h"
+
+namespace mlxr {
+
+namespace {
+
+void check_config(const Flux2Config& c) {
+  int axes = 0;
+  for (int a : c.axes_dims_rope) {
+    if (a <= 0 || a % 2) throw std::invalid_argument("FLUX.2 config: axes_dims_rope must be positive even numbers");
+    axes += a;
+  }
+  if (c.attention_head_dim <= 0 || c.num_attention_heads <= 0 || c.in_channels <= 0 || c.joint_attention_dim <= 0) {
+    throw std::invalid_argument("FLUX.2 config: attention_head_dim, num_attention_heads, in_channels and "
+                                "joint_attention_dim must be positive");
+  }
+  if (c.axes_dims_rope.size() != 4 || axes != c.attention_head_dim) {
+    throw std::invalid_argument("FLUX.2 config: axes_dims_rope must be 4 values summing to attention_head_dim " +
+                                std::to_string(c.attention_head_dim));
+  }
+  if (c.guidance_embeds) {
+    throw std::invalid_argument("FLUX.2 config: guidance_embeds (FLUX.2-dev's guidance embedder) is not supported, "
+                                "only Klein models");
+  }
+}
+
+Flux2DoubleBlock load_double(const Weights& w, const Flux2Config& c) {
+  const int d = c.dim(), hd = c.attention_head_dim, m = c.mlp_hidden();
+  auto attn = w.sub("attn");
+  return Flux2DoubleBlock{Linear::load(attn.sub("to_q"), d, d, false),
+                          Linear::load(attn.sub("to_k"), d, d, false),
+                          Linear::load(attn.sub("to_v"), d, d, false),
+                          Linear::load(attn.sub("to_out.0"), d, d, false),
+                          Linear::load(attn.sub("add_q_proj"), d, d, false),
+                          Linear::load(attn.sub("add_k_proj"), d, d, false),
+                          Linear::load(attn.sub("add_v_proj"), d, d, false),
+                          Linear::load(attn.sub("to_add_out"), d, d, false),
+                          RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
+                          RMSNorm::load(attn.sub("norm_k"), hd, c.eps),
+                          RMSNorm::load(attn.sub("norm_added_q"), hd, c.eps),
+                          RMSNorm::load(attn.sub("norm_added_k"), hd, c.eps),
+                          Linear::load(w.sub("ff.linear_in"), d, 2 * m, false),
+                          Linear::load(w.sub("ff.linear_out"), m, d, false),
+                          Linear::load(w.sub("ff_context.linear_in"), d, 2 * m, false),
+                          Linear::load(w.sub("ff_context.linear_out"), m, d, false)};
+}
+
+Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
+  const int d = c.dim(), hd = c.attention_head_dim, m = c.mlp_hidden();
+  auto attn = w.sub("attn");
+  return Flux2SingleBlock{Linear::load(attn.sub("to_qkv_mlp_proj"), d, 3 * d + 2 * m, false),
+                          Linear::load(attn.sub("to_out"), d + m, d, false),
+                          RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
+                          RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
+}
+
+// LayerNorm without affine parameters (every norm of the blocks), then (1 + scale) * . + shift.
+mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& scale, float eps) {
+  auto n = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps);
+  return mx::add(mx::multiply(mx::add(mx::array(1.0f, scale.dtype()), scale), n), shift);
+}
+
+// SwiGLU with the gate in the first half.
+mx::array swiglu(const mx::array& u) {
+  auto halves = mx::split(u, 2, -1);
+  return mx::multiply(silu(halves[0]), halves[1]);
+}
+
+mx::array heads(const mx::array& x, int h, int d) {
+  return mx::reshape(x, {x.shape(0), x.shape(1), h, d});
+}
+
+}  // namespace
+
+std::vector<Flux2Id> flux2_text_ids(int length) {
+  std::vector<Flux2Id> ids(length);
+  for (int l = 0; l < length; ++l) ids[l] = {0, 0, 0, l};
+  return ids;
+}
+
+std::vector<Flux2Id> flux2_ids(const mx::array& ids) {
+  auto a = ids;
+  if (a.ndim() == 3 && a.shape(0) == 1) a = mx::squeeze(a, 0);
+  if (a.ndim() != 2 || a.shape(1) != 4) {
+    throw std::invalid_argument("FLUX.2: position ids must be [L, 4], got " + shape_string(ids.shape()));
+  }
+  a = mx::astype(a, mx::int32);
+  mx::eval(a);
+  const int32_t* data = a.data<int32_t>();
+  std::vector<Flux2Id> out(a.shape(0));
+  for (int i = 0; i < a.shape(0); ++i) out[i] = {data[4 * i], data[4 * i + 1], data[4 * i + 2], data[4 * i + 3]};
+  return out;
+}
+
+double flux2_empirical_mu(int image_seq_len, int num_steps) {
+  const double a1 = 8.73809524e-05, b1 = 1.89833333, a2 = 0.00016927, b2 = 0.45666666;
+  if (image_seq_len > 4300) return a2 * image_seq_len + b2;
+  const double m200 = a2 * image_seq_len + b2, m10 = a1 * image_seq_len + b1;
+  const double a = (m200 - m10) / 190.0, b = m200 - 200.0 * a;
+  return a * num_steps + b;
+}
+
+Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& weights)
+    : config_((check_config(config), config)),
+      t_linear_1_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_1"),
+                               config.timestep_guidance_channels, config.dim(), false)),
+      t_linear_2_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_2"), config.dim(),
+                               config.dim(), false)),
+      mod_img_(Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(),
+                            false)),
+      mod_txt_(Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(),
+                            false)),
+      mod_single_(Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(),
+                               false)),
+      x_embedder_(Linear::load(Weights(weights, "x_embedder"), config.in_channels, config.dim(), false)),
+      context_embedder_(
+          Linear::load(Weights(weights, "context_embedder"), config.joint_attention_dim, config.dim(), false)),
+      norm_out_(Linear::load(Weights(weights, "norm_out.linear"), config.dim(), 2 * config.dim(), false)),
+      proj_out_(Linear::load(Weights(weights, "proj_out"), config.dim(), config.output_channels(), false)) {
+  Weights root(weights);
+  for (int i = 0; i < config.num_layers; ++i) {
+    double_blocks_.push_back(load_double(root.sub("transformer_blocks." + std::to_string(i)), config));
+  }
+  for (int i = 0; i < config.num_single_layers; ++i) {
+    single_blocks_.push_back(load_single(root.sub("single_transformer_blocks." + std::to_string(i)), config));
+  }
+  inv_freq_ = axis_inverse_frequencies(config.axes_dims_rope, config.rope_theta);
+}
+
+Flux2Rope Flux2Transformer::rope_table(const std::vector<Flux2Id>& ids) const {
+  const int length = static_cast<int>(ids.size());
+  const int half = config_.attention_head_dim / 2;
+  std::vector<float> cos_values(static_cast<size_t>(length) * half), sin_values(cos_values.size());
+  size_t at = 0;
+  for (const auto& id : ids) {
+    for (int axis = 0; axis < 4; ++axis) {
+      // diffusers: float32 positions times float64 frequencies, cos/sin in float64, then float32.
+      const double pos = static_cast<double>(static_cast<float>(id[axis]));
+      for (double inv : inv_freq_[axis]) {
+        const double angle = pos * inv;
+        cos_values[at] = static_cast<float>(std::cos(angle));
+        sin_values[at] = static_cast<float>(std::sin(angle));
+        ++at;
+      }
+    }
+  }
+  return Flux2Rope{mx::array(cos_values.data(), {1, length, 1, half}, mx::float32),
+                   mx::array(sin_values.data(), {1, length, 1, half}, mx::float32)};
+}
+
+mx::array Flux2Transformer::time_embedding(const mx::array& timestep) const {
+  // The model scales the pipeline's t / 1000 back by 1000 in its own dtype (bf16 rounds here), then
+  // the [cos | sin] sinusoid in float32, then the MLP in the model dtype.
+  const auto dt = dtype();
+  auto tau = mx::astype(mx::multiply(mx::astype(timestep, dt), mx::array(1000.0f, dt)), mx::float32);
+  const int half = config_.timestep_guidance_channels / 2;
+  auto k = mx::arange(0, half, mx::float32);
+  auto freqs = mx::exp(mx::divide(mx::multiply(mx::array(static_cast<float>(-std::log(10000.0))), k),
+                                  mx::array(static_cast<float>(half))));
+  auto args = mx::multiply(mx::expand_dims(tau, 1), mx::expand_dims(freqs, 0));
+  auto emb = mx::astype(mx::concatenate({mx::cos(args), mx::sin(args)}, 1), dt);
+  return t_linear_2_(silu(t_linear_1_(emb)));
+}
+
+mx::array Flux2Transformer::attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                      const Flux2Rope& rope) const {
+  const int b = q.shape(0), l = q.shape(1), h = q.shape(2), d = q.shape(3);
+  auto qt = mx::transpose(apply_rope_pairs(q, rope), {0, 2, 1, 3});
+  auto kt = mx::transpose(apply_rope_pairs(k, rope), {0, 2, 1, 3});
+  auto vt = mx::transpose(v, {0, 2, 1, 3});
+  auto out = mx::fast::scaled_dot_product_attention(qt, kt, vt, 1.0f / std::sqrt(static_cast<float>(d)), "");
+  return mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {b, l, h * d});
+}
+
+std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2DoubleBlock& block, const mx::array& x,
+                                                               const mx::array& c,
+                                                               const std::vector<mx::array>& mod_img,
+                                                               const std::vector<mx::array>& mod_txt,
+                                                               const Flux2Rope& rope) const {
+  const int h = config_.num_attention_heads, hd = config_.attention_head_dim;
+  const float eps = config_.eps;
+  const int text_len = c.shape(1);
+  // (shift, scale, gate) for attention, then for the MLP; the same for the text stream.
+  auto nx = modulate(x, mod_img[0], mod_img[1], eps);
+  auto nc = modulate(c, mod_txt[0], mod_txt[1], eps);
+  auto q = block.norm_q(heads(block.to_q(nx), h, hd));
+  auto k = block.norm_k(heads(block.to_k(nx), h, hd));
+  auto v = heads(block.to_v(nx), h, hd);
+  auto cq = block.norm_added_q(heads(block.add_q(nc), h, hd));
+  auto ck = block.norm_added_k(heads(block.add_k(nc), h, hd));
+  auto cv = heads(block.add_v(nc), h, hd);
+  auto out = attention(mx::concatenate({cq, q}, 1), mx::concatenate({ck, k}, 1), mx::concatenate({cv, v}, 1), rope);
+  const int b = out.shape(0), total = out.shape(1), width = out.shape(2);
+  auto out_c = mx::slice(out, {0, 0, 0}, {b, text_len, width});
+  auto out_x = mx::slice(out, {0, text_len, 0}, {b, total, width});
+
+  auto x1 = mx::add(x, mx::multiply(mod_img[2], block.to_out(out_x)));
+  auto ff = block.ff_out(swiglu(block.ff_in(modulate(x1, mod_img[3], mod_img[4], eps))));
+  auto x2 = mx::add(x1, mx::multiply(mod_img[5], ff));
+
+  auto c1 = mx::add(c, mx::multiply(mod_txt[2], block.to_add_out(out_c)));
+  auto cff = block.ff_context_out(swiglu(block.ff_context_in(modulate(c1, mod_txt[3], mod_txt[4], eps))));
+  auto c2 = mx::add(c1, mx::multiply(mod_txt[5], cff));
+  return {x2, c2};
+}
+
+mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx::array& hs,
+                                         const std::vector<mx::array>& mod, const Flux2Rope& rope) const {
+  const int h = config_.num_attention_heads, hd = config_.attention_head_dim, d = config_.dim();
+  const int m = config_.mlp_hidden();
+  auto n = modulate(hs, mod[0], mod[1], config_.eps);
+  auto p = block.to_qkv_mlp(n);
+  // [q | k | v | gate | up]
+  auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d, 3 * d + m}, -1);
+  auto q = block.norm_q(heads(parts[0], h, hd));
+  auto k = block.norm_k(heads(parts[1], h, hd));
+  auto v = heads(parts[2], h, hd);
+  auto attn = attention(q, k, v, rope);
+  auto mlp = mx::multiply(silu(parts[3]), parts[4]);
+  auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
+  return mx::add(hs, mx::multiply(mod[2], out));
+}
+
+mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
+                                    const Flux2Rope& rope) const {
+  const auto& c = config_;
+  if (hidden.ndim() != 3 || hidden.shape(2) != c.in_channels) {
+    throw std::invalid_argument("FLUX.2: image tokens must be [B, L, " + std::to_string(c.in_channels) + "], got " +
+                                shape_string(hidden.shape()));
+  }
+  if (context.ndim() != 3 || context.shape(2) != c.joint_attention_dim || context.shape(0) != hidden.shape(0)) {
+    throw std::invalid_argument("FLUX.2: the text embedding must be [B, T, " + std::to_string(c.joint_attention_dim) +
+                                "], got " + shape_string(context.shape()));
+  }
+  const int b = hidden.shape(0), text_len = context.shape(1), image_len = hidden.shape(1);
+  if (rope.cos.shape(1) != text_len + image_len) {
+    throw std::invalid_argument("FLUX.2: " + std::to_string(rope.cos.shape(1)) + " position ids for " +
+                                std::to_string(text_len) + " text and " + std::to_string(image_len) + " image tokens");
+  }
+  if (timestep.size() != static_cast<size_t>(b)) throw std::invalid_argument("FLUX.2: need one timestep per sample");
+  const auto dt = dtype();
+  const int d = c.dim();
+
+  auto temb = time_embedding(mx::reshape(timestep, {b}));
+  auto act = silu(temb);
+  auto chunks = [&](const Linear& linear, int n) { return mx::split(mx::expand_dims(linear(act), 1), n, -1); };
+  auto mod_img = chunks(mod_img_, 6), mod_txt = chunks(mod_txt_, 6), mod_single = chunks(mod_single_, 3);
+
+  auto x = x_embedder_(mx::astype(hidden, dt));
+  auto ctx = context_embedder_(mx::astype(context, dt));
+  for (const auto& block : double_blocks_) std::tie(x, ctx) = double_block(block, x, ctx, mod_img, mod_txt, rope);
+
+  auto hs = mx::concatenate({ctx, x}, 1);
+  for (const auto& block : single_blocks_) hs = single_block(block, hs, mod_single, rope);
+
+  auto y = mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});
+  // AdaLayerNormContinuous: (scale, shift), scale first.
+  auto final_mod = mx::split(mx::expand_dims(norm_out_(act), 1), 2, -1);
+  y = mx::add(mx::multiply(mx::fast::layer_norm(y, std::nullopt, std::nullopt, c.eps),
+                           mx::add(mx::array(1.0f, dt), final_mod[0])),
+              final_mod[1]);
+  return mx::astype(proj_out_(y), mx::float32);
+}
+
+std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
+                                       const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
+                                       const mx::array& prompt, const std::optional<mx::array>& negative,
+                                       float guidance, const std::optional<mx::array>& references,
+                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step) {
+  if (latents.ndim() != 3 || latents.shape(0) != 1 || latents.shape(1) != static_cast<int>(latent_ids.size())) {
+    throw std::invalid_argument("FLUX.2: latents must be [1, L, C] with one id per token, got " +
+                                shape_string(latents.shape()) + " and " + std::to_string(latent_ids.size()) + " ids");
+  }
+  if (references && (references->ndim() != 3 || references->shape(1) != static_cast<int>(reference_ids.size()))) {
+    throw std::invalid_argument("FLUX.2: reference tokens must be [1, Lr, C] with one id per token");
+  }
+  const auto dt = model.dtype();
+  const int noise_len = latents.shape(1);
+  auto rope_for = [&](int text_len) {
+    auto ids = flux2_text_ids(text_len);
+    ids.insert(ids.end(), latent_ids.begin(), latent_ids.end());
+    ids.insert(ids.end(), reference_ids.begin(), reference_ids.end());
+    return model.rope_table(ids);
+  };
+  const auto rope = rope_for(prompt.shape(1));
+  const bool cfg = negative.has_value();
+  const auto negative_rope = cfg && negative->shape(1) != prompt.shape(1) ? rope_for(negative->shape(1)) : rope;
+  const auto prompt_in = mx::astype(prompt, dt);
+  const auto negative_in = cfg ? std::optional<mx::array>(mx::astype(*negative, dt)) : std::nullopt;
+  const auto refs_in = references ? std::optional<mx::array>(mx::astype(*references, dt)) : std::nullopt;
+
+  auto velocity = [&](const mx::array& x, int step) {
+    // diffusers: t = sigma * 1000 (float32) -> latents dtype -> / 1000; the model multiplies by 1000 again.
+    auto t = mx::divide(mx::astype(mx::array(sigmas[step] * 1000.0f), dt), mx::array(1000.0f, dt));
+    t = mx::reshape(t, {1});
+    auto input = mx::astype(x, dt);
+    if (refs_in) input = mx::concatenate({input, *refs_in}, 1);
+    auto keep = [&](const mx::array& out) {
+      return mx::slice(out, {0, 0, 0}, {out.shape(0), noise_len, out.shape(2)});
+    };
+    auto v = keep(model.forward(input, prompt_in, t, rope));
+    if (cfg) {
+      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope));
+      v = mx::add(v_neg, mx::multiply(mx::array(guidance), mx::subtract(v, v_neg)));
+    }
+    return v;
+  };
+  return denoise(latents, sigmas, velocity, on_step);
+}
+
+}  // namespace mlxr

@@ -1,0 +1,123 @@
+// FLUX.2's MM-DiT (diffusers' Flux2Transformer2DModel, as FLUX.2 Klein configures it) and the Klein
+// denoising loop.
+//
+// Text tokens (Qwen3 features) and image tokens (packed 2x2-patchified VAE latents: the noise, then
+// any reference images) run through `num_layers` double-stream blocks (separate weights per
+// stream, joint attention), then through `num_single_layers` single-stream "parallel" blocks over
+// [text | image]. Modulation is shared: three linears of the timestep embedding, computed once per
+// call, feed every block. Positions are 4-axis (T, H, W, L) ids with RoPE on interleaved pairs.
+// No guidance embedder (Klein's guidance_embeds is false). shared/docs/specs/flux2_klein.md §3-§4.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "diffusion/flow_match.h"
+#include "nn/layers.h"
+#include "nn/rope.h"
+
+namespace mlxr {
+
+struct Flux2Config {
+  int in_channels = 128;
+  int out_channels = 0;  // 0 (config null): in_channels
+  int num_layers = 5;
+  int num_single_layers = 20;
+  int attention_head_dim = 128;
+  int num_attention_heads = 24;
+  int joint_attention_dim = 7680;
+  int timestep_guidance_channels = 256;
+  float mlp_ratio = 3.0f;
+  std::vector<int> axes_dims_rope{32, 32, 32, 32};
+  double rope_theta = 2000.0;
+  float eps = 1e-6f;
+  bool guidance_embeds = false;
+
+  int dim() const { return attention_head_dim * num_attention_heads; }
+  int mlp_hidden() const { return static_cast<int>(dim() * mlp_ratio); }
+  int output_channels() const { return out_channels > 0 ? out_channels : in_channels; }
+};
+
+struct Flux2DoubleBlock {
+  Linear to_q, to_k, to_v, to_out, add_q, add_k, add_v, to_add_out;
+  RMSNorm norm_q, norm_k, norm_added_q, norm_added_k;
+  Linear ff_in, ff_out, ff_context_in, ff_context_out;
+};
+
+struct Flux2SingleBlock {
+  Linear to_qkv_mlp, to_out;
+  RMSNorm norm_q, norm_k;
+};
+
+// cos/sin of the RoPE angle of every (token, pair): [1, L, 1, head_dim / 2], float32.
+using Flux2Rope = RopeTable;
+
+// One token's position (T, H, W, L).
+using Flux2Id = std::array<int, 4>;
+
+// Text ids (0, 0, 0, l), l < length.
+std::vector<Flux2Id> flux2_text_ids(int length);
+// Ids [L, 4] (any integer dtype) from Python -> host values.
+std::vector<Flux2Id> flux2_ids(const mx::array& ids);
+
+class Flux2Transformer {
+ public:
+  Flux2Transformer(const Flux2Config& config, const WeightMap& weights);
+
+  // The RoPE table for a sequence of positions (text first, then image tokens, as the model orders
+  // them). Frequencies, angles and cos/sin in float64, rounded to float32 (diffusers' Flux2PosEmbed).
+  Flux2Rope rope_table(const std::vector<Flux2Id>& ids) const;
+
+  // One evaluation. hidden [B, L, in_channels] (noise tokens then reference tokens), context
+  // [B, T, joint_attention_dim], timestep [B] as the pipeline passes it (t / 1000, i.e. sigma; the
+  // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
+  // Returns the raw output for every image token, float32 [B, L, out_channels].
+  mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
+                    const Flux2Rope& rope) const;
+
+  const Flux2Config& config() const { return config_; }
+  mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }
+
+ private:
+  mx::array time_embedding(const mx::array& timestep) const;
+  // Returns (image, text) after the block.
+  std::pair<mx::array, mx::array> double_block(const Flux2DoubleBlock& block, const mx::array& x, const mx::array& c,
+                                               const std::vector<mx::array>& mod_img,
+                                               const std::vector<mx::array>& mod_txt, const Flux2Rope& rope) const;
+  mx::array single_block(const Flux2SingleBlock& block, const mx::array& h, const std::vector<mx::array>& mod,
+                         const Flux2Rope& rope) const;
+  mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const Flux2Rope& rope) const;
+
+  Flux2Config config_;
+  std::vector<std::vector<double>> inv_freq_;  // per axis, float64
+  Linear t_linear_1_, t_linear_2_;
+  Linear mod_img_, mod_txt_, mod_single_;
+  Linear x_embedder_, context_embedder_;
+  std::vector<Flux2DoubleBlock> double_blocks_;
+  std::vector<Flux2SingleBlock> single_blocks_;
+  Linear norm_out_, proj_out_;
+};
+
+// The Klein sampling loop over packed latents.
+//   latents     float32 [1, Li, C]: the packed initial noise;
+//   latent_ids  the noise tokens' ids (0, y, x, 0);
+//   prompt      [1, T, joint_dim] text embedding (text ids (0, 0, 0, l));
+//   negative    the unconditional text embedding: true CFG when given, as diffusers' base Klein
+//               runs it: two batch-1 calls per step, v = v_neg + guidance * (v_pos - v_neg);
+//   references  packed reference-image tokens [1, Lr, C] with their ids (10 (k + 1), y, x, 0):
+//               appended after the noise in every call, their outputs dropped.
+// The timestep is quantised as diffusers does: t = sigma * 1000 (float32) cast to the model dtype,
+// / 1000 there, x 1000 inside the model. Returns the final packed latents (float32), or nullopt when
+// cancelled.
+std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
+                                       const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
+                                       const mx::array& prompt, const std::optional<mx::array>& negative,
+                                       float guidance, const std::optional<mx::array>& references,
+                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step);
+
+// Diffusers' compute_empirical_mu: the dynamic-shift mu for `image_seq_len` noise tokens and N steps.
+double flux2_empirical_mu(int image_seq_len, int num_steps);
+
+}  // namespace mlxr

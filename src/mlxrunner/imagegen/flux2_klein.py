@@ -1,0 +1,354 @@
+"""FLUX.2 Klein (diffusers' Flux2KleinPipeline): text-to-image and multi-reference editing,
+numerically as diffusers 0.42.1 runs it.
+
+Python reads the configs, tokenizes, prepares reference images and moves latents between layouts
+(pack / patchify / BatchNorm); the networks and the loop are C++: the Qwen3 text encoder
+(`_core.Decoder.hidden_states`), the MM-DiT and the Euler loop (`_core.Flux2Transformer`,
+`_core.flux2_denoise`) and the VAE (`_core.VaeEncoder` / `_core.VaeDecoder`).
+Spec: shared/docs/specs/flux2_klein.md.
+
+What the request fields mean here:
+- width/height: rounded down to a multiple of 16 (8x VAE x 2x2 patches). Default: the first
+  reference image's size after its crop (each side on its own, as diffusers), else 1024.
+- steps: transformer evaluations per image (diffusers' num_inference_steps). Default 4 for the
+  distilled Klein models, 50 for the base models.
+- guidance: diffusers' guidance_scale. The base (undistilled) models run true classifier-free
+  guidance when it is > 1, as v = v_neg + guidance * (v_pos - v_neg) (two transformer calls per
+  step); default 4.0. Distilled models ignore it (and negative_prompt) and report them ignored.
+- negative_prompt: the CFG negative text, default "" (diffusers 0.42.1 only takes it as
+  negative_prompt_embeds; we encode the text the same way as the prompt).
+- images: reference images for editing. diffusers' preprocessing: refused below 64 px a side or
+  beyond 8:1; above 1024² pixels resized (LANCZOS) to about 1024²; centre-cropped to multiples of
+  16; each encoded on its own (posterior mode). Divergence: alpha is composited on white (as the
+  runner's request decoding does) where diffusers drops it with convert("RGB").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from mlxrunner import _core
+from mlxrunner.errors import ModelError
+from mlxrunner.imagegen.images import MAX_ASPECT, BadImage, to_pil, to_uint8
+from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
+                                         check_steps, initial_noise, resolve_seed, resolve_size)
+from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+from mlxrunner.imagegen.vae import Vae, renamed_attention_weights
+from mlxrunner.imagegen.zimage import schedule_config
+
+log = logging.getLogger(__name__)
+
+# Qwen3's chat template for one user message, add_generation_prompt=True, enable_thinking=False:
+# an empty think block closes the assistant's prefix.
+PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+MAX_SEQUENCE_LENGTH = 512
+TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated
+SIZE_MULTIPLE = 16
+DEFAULT_SIZE = 1024
+DISTILLED_DEFAULTS = dict(steps=4, guidance=1.0)
+BASE_DEFAULTS = dict(steps=50, guidance=4.0)  # diffusers' __call__ defaults
+REFERENCE_POSITION_SCALE = 10  # reference image k sits at T = 10 (k + 1)
+REFERENCE_MAX_AREA = 1024 * 1024
+REFERENCE_MIN_SIDE = 64
+
+
+def transformer_config(config: dict, location: str) -> _core.Flux2Config:
+    out = _core.Flux2Config()
+    try:
+        if int(config.get("patch_size", 1)) != 1:
+            raise ValueError("patch_size")
+        out.in_channels = int(config["in_channels"])
+        out.out_channels = int(config.get("out_channels") or 0)
+        out.num_layers = int(config["num_layers"])
+        out.num_single_layers = int(config["num_single_layers"])
+        out.attention_head_dim = int(config["attention_head_dim"])
+        out.num_attention_heads = int(config["num_attention_heads"])
+        out.joint_attention_dim = int(config["joint_attention_dim"])
+        out.timestep_guidance_channels = int(config.get("timestep_guidance_channels", 256))
+        out.mlp_ratio = float(config.get("mlp_ratio", 3.0))
+        out.axes_dims_rope = [int(a) for a in config.get("axes_dims_rope", [32, 32, 32, 32])]
+        out.rope_theta = float(config.get("rope_theta", 2000))
+        out.eps = float(config.get("eps", 1e-6))
+        out.guidance_embeds = bool(config.get("guidance_embeds", False))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{location}: transformer/config.json: missing or bad {exc}") from None
+    return out
+
+
+# --- latent layouts (diffusers' Flux2 pipeline helpers), on [1, C, H, W] MLX arrays -----------
+
+
+def patchify(z: mx.array) -> mx.array:
+    """[B, C, H, W] -> [B, 4C, H/2, W/2], channel c * 4 + dy * 2 + dx."""
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(z: mx.array) -> mx.array:
+    b, c, h, w = z.shape
+    z = z.reshape(b, c // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c // 4, h * 2, w * 2)
+
+
+def pack(z: mx.array) -> mx.array:
+    """[B, C, h, w] -> tokens [B, h * w, C], row-major."""
+    b, c, h, w = z.shape
+    return z.reshape(b, c, h * w).transpose(0, 2, 1)
+
+
+def unpack(tokens: mx.array, h: int, w: int) -> mx.array:
+    """pack's inverse (diffusers scatters by ids; for the ids we make that is this reshape)."""
+    b, n, c = tokens.shape
+    return tokens.transpose(0, 2, 1).reshape(b, c, h, w)
+
+
+def position_ids(h: int, w: int, t: int = 0) -> np.ndarray:
+    """(t, y, x, 0) for every token of an h x w grid, row-major: int32 [h * w, 4]."""
+    y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ids = np.zeros((h * w, 4), np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = t, y.ravel(), x.ravel()
+    return ids
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """RGB, with any alpha composited on white (what the runner does to request images)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
+    """A reference image -> the VAE encoder's input as diffusers prepares it: float32
+    [1, 3, h', w'] in [-1, 1], h' and w' the (LANCZOS-shrunk if above 1024² pixels) size floored to
+    multiples of 16, centre-cropped."""
+    if not isinstance(image, Image.Image):
+        raise BadImage(f'"{name}" must be a PIL image, got {type(image).__name__}')
+    width, height = image.size
+    if min(width, height) < REFERENCE_MIN_SIDE:
+        raise BadImage(f'"{name}" is {width}x{height}; each side must be at least {REFERENCE_MIN_SIDE} px')
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise BadImage(f'"{name}" is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1')
+    image = composite_on_white(image)
+    if width * height > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+    cropped_w, cropped_h = width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
+    left, top = (width - cropped_w) // 2, (height - cropped_h) // 2
+    image = image.crop((left, top, left + cropped_w, top + cropped_h))
+    pixels = np.asarray(image).astype(np.float32) / np.float32(255.0)
+    pixels = np.float32(2.0) * pixels - np.float32(1.0)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+
+
+class Flux2Vae(Vae):
+    """AutoencoderKLFlux2: the AutoencoderKL decoder and encoder plus the BatchNorm statistics that
+    (de)normalise the 2x2-patchified latents."""
+
+    def __init__(self, source, component: str = "vae"):
+        super().__init__(source, component)
+        config = source.read_json(f"{component}/config.json")
+        if list(config.get("patch_size", [2, 2])) != [2, 2]:
+            raise ModelError(f"{source.location}: {component}/config.json: only patch_size [2, 2] is supported")
+        eps = float(config.get("batch_norm_eps", 1e-4))
+        weights = renamed_attention_weights(source.tensors(component))
+        channels = 4 * self.config.latent_channels
+        stats = []
+        for name in ("bn.running_mean", "bn.running_var"):
+            value = weights.get(name)
+            if value is None or tuple(value.shape) != (channels,):
+                raise ModelError(f"{source.location}: {component}: {name} must be a [{channels}] tensor")
+            stats.append(value)
+        # As diffusers: sqrt(var + eps) in the weights' dtype, then the latents' dtype (float32 here).
+        self.bn_mean = stats[0].reshape(1, -1, 1, 1).astype(mx.float32)
+        self.bn_std = mx.sqrt(stats[1] + mx.array(eps, stats[1].dtype)).reshape(1, -1, 1, 1).astype(mx.float32)
+        try:
+            self.encoder = _core.VaeEncoder(self.config, weights)
+        except ValueError as exc:
+            raise ModelError(f"{source.location}: {component}: {exc}") from None
+
+    def denormalize(self, tokens: mx.array, h: int, w: int) -> mx.array:
+        """Packed model latents [1, h * w, 4C] -> the decoder's input [1, C, 2h, 2w] (float32)."""
+        return unpatchify(unpack(tokens.astype(mx.float32), h, w) * self.bn_std + self.bn_mean)
+
+    def encode_tokens(self, pixels) -> mx.array:
+        """Encoder input [1, 3, H, W] in [-1, 1] -> packed, BN-normalised tokens [1, HW/256, 4C] (float32)."""
+        x = mx.array(pixels).astype(self.dtype).transpose(0, 2, 3, 1)
+        mean = self.encoder.encode(x).astype(mx.float32).transpose(0, 3, 1, 2)
+        return pack((patchify(mean) - self.bn_mean) / self.bn_std)
+
+
+class Flux2KleinPipeline(ImagePipeline):
+    architecture = "Flux2KleinPipeline"
+
+    def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
+        progress = progress or (lambda p: None)
+        self.source = source
+        index = source.read_json("model_index.json")
+        # diffusers' pipeline argument; absent means False (the base models run CFG).
+        self.distilled = bool(index.get("is_distilled", False))
+        self.defaults = DISTILLED_DEFAULTS if self.distilled else BASE_DEFAULTS
+        self.release_text_encoder = release_text_encoder
+        for component in ("text_encoder", "transformer", "vae"):
+            if source.quantization(component):
+                raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
+                                 "supported yet (use the bf16/fp32 weights)")
+
+        self.text_encoder = Qwen3TextEncoder(source)
+        if self.text_encoder.num_layers < max(TEXT_LAYERS):
+            raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
+                             f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")
+        self.pad_id = self._pad_id()
+        progress(0.3)
+        config = transformer_config(source.read_json("transformer/config.json"), source.location)
+        if config.joint_attention_dim != len(TEXT_LAYERS) * self.text_encoder.hidden_size:
+            raise ModelError(f"{source.location}: transformer joint_attention_dim {config.joint_attention_dim} is not "
+                             f"{len(TEXT_LAYERS)} x the text encoder's hidden size {self.text_encoder.hidden_size}")
+        weights = source.tensors("transformer")
+        try:
+            self.transformer = _core.Flux2Transformer(config, weights)
+        except ValueError as exc:
+            raise ModelError(f"{source.location}: transformer: {exc}") from None
+        self.in_channels = config.in_channels
+        progress(0.8)
+        self.vae = Flux2Vae(source)
+        if 4 * self.vae.config.latent_channels != self.in_channels:
+            raise ModelError(f"{source.location}: transformer in_channels {self.in_channels} is not 4 x the VAE's "
+                             f"latent_channels {self.vae.config.latent_channels}")
+        if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
+            raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
+        self.schedule = schedule_config(source.read_json("scheduler/scheduler_config.json")
+                                        if source.has_file("scheduler/scheduler_config.json") else {})
+        mx.eval(list(weights.values()))  # read the weights now, not during the first request
+        progress(1.0)
+
+    def _pad_id(self) -> int:
+        pad = "<|endoftext|>"
+        if self.source.has_file("tokenizer/tokenizer_config.json"):
+            configured = self.source.read_json("tokenizer/tokenizer_config.json").get("pad_token")
+            if isinstance(configured, dict):
+                configured = configured.get("content")
+            pad = configured or pad
+        pad_id = self.text_encoder.token_id(pad)
+        if pad_id is None:
+            raise ModelError(f"{self.source.location}: the tokenizer has no pad token {pad!r}")
+        return pad_id
+
+    # --- pieces, public for parity checks ------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | None) -> tuple[list[int], bool]:
+        """The templated prompt's token ids (before padding to 512) and whether it was cut."""
+        return self.text_encoder.tokenize(PROMPT_TEMPLATE.format(prompt or ""), MAX_SEQUENCE_LENGTH)
+
+    def encode_prompt(self, prompt: str | None) -> np.ndarray:
+        """The prompt's embedding [512, 3 x hidden] as the transformer receives it (float32 copy)."""
+        embedding, _ = self._encode(prompt)
+        return np.asarray(embedding[0].astype(mx.float32))
+
+    def sigmas(self, steps: int, width: int, height: int) -> list[float]:
+        """The N + 1 sigmas of an N-step run (float32 values, last 0); mu from the noise tokens only."""
+        base = _core.linspace(1.0, 1.0 / steps, steps)
+        mu = _core.flux2_empirical_mu((height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE), steps)
+        return _core.flow_match_sigmas(base, self.schedule, mu)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The (patchified) noise layout, diffusers' `latents=` argument: [1, in_channels, H/16, W/16]."""
+        return (1, self.in_channels, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
+
+    def encode_images(self, images: Sequence) -> tuple[mx.array, np.ndarray]:
+        """Reference images -> packed tokens [1, Lr, C] and their ids (10 (k + 1), y, x, 0) [Lr, 4]."""
+        return self._reference_tokens([reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)])
+
+    def _reference_tokens(self, pixels: list[np.ndarray]) -> tuple[mx.array, np.ndarray]:
+        tokens, ids = [], []
+        for k, p in enumerate(pixels):  # each image encoded on its own
+            tokens.append(self.vae.encode_tokens(p))
+            ids.append(position_ids(p.shape[2] // SIZE_MULTIPLE, p.shape[3] // SIZE_MULTIPLE,
+                                    REFERENCE_POSITION_SCALE * (k + 1)))
+        return mx.concatenate(tokens, axis=1), np.concatenate(ids)
+
+    def decode_float(self, tokens: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
+        """Final packed latents -> (the VAE input [1, C, H/8, W/8], float32 [H, W, 3] in [0, 1])."""
+        z = self.vae.denormalize(tokens, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
+        return z, self.vae.decode_float(z, tile=None)
+
+    def _encode(self, prompt: str | None) -> tuple[mx.array, bool]:
+        ids, truncated = self.prompt_ids(prompt)
+        if truncated:
+            log.warning("prompt longer than %d tokens (with its template): the rest is cut off", MAX_SEQUENCE_LENGTH)
+        states = self.text_encoder.padded_hidden_states(ids, MAX_SEQUENCE_LENGTH, self.pad_id, TEXT_LAYERS)
+        return mx.concatenate(states, axis=-1)[None], truncated
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
+            seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
+            images: Sequence | None = None, latents=None, progress: Progress | None = None) -> GeneratedImage:
+        started = time.perf_counter()
+        ignored = []
+        images = list(images or [])
+        pixels = [reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)]
+        if pixels:  # diffusers: each missing side from the first reference (after its crop)
+            width = width or pixels[0].shape[3]
+            height = height or pixels[0].shape[2]
+        elif latents is not None and width is None and height is None:
+            shape = np.shape(latents)
+            if len(shape) == 4:
+                height, width = shape[2] * SIZE_MULTIPLE, shape[3] * SIZE_MULTIPLE
+        width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
+        steps = check_steps(steps, self.defaults["steps"])
+        if self.distilled:
+            ignored += [name for name, value in (("negative_prompt", negative_prompt), ("guidance", guidance))
+                        if value is not None]
+            guidance = self.defaults["guidance"]
+        else:
+            guidance = self.defaults["guidance"] if guidance is None else float(guidance)
+            if not math.isfinite(guidance):
+                raise ValueError(f'"guidance" must be a finite number, got {guidance!r}')
+            if guidance <= 1 and negative_prompt is not None:
+                ignored.append("negative_prompt")
+        cfg = not self.distilled and guidance > 1
+        seed = resolve_seed(seed)
+        shape = self.latent_shape(width, height)
+        noise = check_latents(latents, shape) if latents is not None else initial_noise(seed, shape)
+        grid_h, grid_w = shape[2], shape[3]
+
+        try:
+            caption, truncated = self._encode(prompt)
+            negative = self._encode(negative_prompt or "")[0] if cfg else None
+            mx.eval(caption, *([negative] if negative is not None else []))
+            if self.release_text_encoder:
+                self.text_encoder.release()
+            references, reference_ids = None, None
+            if pixels:
+                references, ids = self._reference_tokens(pixels)
+                reference_ids = mx.array(ids)
+                mx.eval(references)
+            encoded = time.perf_counter()
+
+            final = _core.flux2_denoise(self.transformer, pack(noise), mx.array(position_ids(grid_h, grid_w)),
+                                        self.sigmas(steps, width, height), caption, negative, guidance, references,
+                                        reference_ids, progress)
+            if final is None:
+                raise Cancelled("cancelled by the progress callback")
+            denoised = time.perf_counter()
+            mx.clear_cache()  # the denoiser's buffers are not needed by the VAE
+            z, image = self.decode_float(final, width, height)
+            pixels_out = to_uint8(image)
+        finally:
+            mx.clear_cache()
+        done = time.perf_counter()
+        return GeneratedImage(
+            image=to_pil(pixels_out), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
+            timings={"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
+                     "total": done - started},
+            ignored=ignored, prompt_truncated=truncated, latents=np.asarray(z))
