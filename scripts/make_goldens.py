@@ -804,6 +804,13 @@ def gen_zimage(out_dir: Path) -> Path:
     _run_script_main("goldens_zimage", REPO_ROOT / "tests" / "fixtures" / "zimage-tiny", target)
     return target / "reference.safetensors"
 
+
+@generator("flux2-klein", "tiny FLUX.2 Klein fixtures (distilled + base) + diffusers goldens (tests/goldens/flux2_klein)")
+def gen_flux2_klein(out_dir: Path) -> Path:
+    target = out_dir / "flux2_klein"
+    _run_script_main("goldens_flux2_klein", REPO_ROOT / "tests" / "fixtures", target)
+    return target / "reference.safetensors"
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="generator name(s), or 'all'")
