@@ -76,6 +76,10 @@ def decode_image(blob: bytes, name: str, limits) -> Image.Image:
     except Exception as exc:  # truncated or corrupt data
         raise BadImage(f'"{name}" is damaged or truncated: {exc}') from None
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale: convert("RGB") would clip every value above 255 to white; scale to 8 bits.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
