@@ -324,6 +324,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     zimage = sys.modules.get("benchmarks.test_zimage")  # the Z-Image table, when those benchmarks ran
     if zimage is not None:
         zimage.pytest_terminal_summary_zimage(terminalreporter.write_line)
+    flux2 = sys.modules.get("benchmarks.test_flux2")
+    if flux2 is not None:
+        flux2.pytest_terminal_summary_flux2(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return

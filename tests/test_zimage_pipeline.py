@@ -210,3 +210,24 @@ def test_missing_tokenizer_is_named(tmp_path):
 def test_not_an_image_model(tmp_path):
     with pytest.raises(ModelError, match="not an image model"):
         load_pipeline(str(Path(__file__).parent / "fixtures" / "llm" / "qwen3-tiny"))
+
+
+def test_ollama_style_fluxpipeline_label_on_a_z_image_folder_loads_as_z_image(tmp_path):
+    folder = tmp_path / "labelled-flux"
+    shutil.copytree(FIXTURE, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    relabelled = load_pipeline(str(folder))
+    assert relabelled.architecture == "ZImagePipeline"
+    assert np.array_equal(pixels(relabelled.generate("a fox", seed=1, **SMALL)),
+                          pixels(load_pipeline(str(FIXTURE)).generate("a fox", seed=1, **SMALL)))
+
+
+def test_a_real_flux1_pipeline_is_refused_by_name(tmp_path):
+    folder = tmp_path / "flux1"
+    shutil.copytree(FIXTURE, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(ModelError, match="FLUX.1"):
+        load_pipeline(str(folder))
