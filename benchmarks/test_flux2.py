@@ -38,7 +38,8 @@ REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "goldens" / "flux
 
 
 def _latents(width: int, height: int) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((1, 32, height // 8, width // 8)).astype(np.float32)
+    # Klein's initial latents are already 2x2-patchified: 4 x 32 channels at 1/16 of the size.
+    return np.random.default_rng(0).standard_normal((1, 128, height // 16, width // 16)).astype(np.float32)
 
 
 class Sides:
