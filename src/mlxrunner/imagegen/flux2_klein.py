@@ -36,12 +36,13 @@ from PIL import Image
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen.images import MAX_ASPECT, BadImage, to_pil, to_uint8
+from mlxrunner.imagegen.images import BadImage, check_dimensions, to_pil, to_rgb, to_uint8
 from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
-                                         check_steps, initial_noise, resolve_seed, resolve_size)
+                                         check_steps, ignored_by_distilled, initial_noise, phase_timings,
+                                         read_schedule, refuse_quantized, resolve_seed, resolve_size,
+                                         size_from_latents)
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
-from mlxrunner.imagegen.vae import Vae, renamed_attention_weights
-from mlxrunner.imagegen.zimage import schedule_config
+from mlxrunner.imagegen.vae import Vae
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,6 @@ def position_ids(h: int, w: int, t: int = 0) -> np.ndarray:
     return ids
 
 
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """RGB, with any alpha composited on white (what the runner does to request images)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
 def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
     """A reference image -> the VAE encoder's input as diffusers prepares it: float32
     [1, 3, h', w'] in [-1, 1], h' and w' the (LANCZOS-shrunk if above 1024² pixels) size floored to
@@ -133,11 +126,8 @@ def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise BadImage(f'"{name}" must be a PIL image, got {type(image).__name__}')
     width, height = image.size
-    if min(width, height) < REFERENCE_MIN_SIDE:
-        raise BadImage(f'"{name}" is {width}x{height}; each side must be at least {REFERENCE_MIN_SIDE} px')
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise BadImage(f'"{name}" is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1')
-    image = composite_on_white(image)
+    check_dimensions(name, width, height, REFERENCE_MIN_SIDE)
+    image = to_rgb(image)
     if width * height > REFERENCE_MAX_AREA:
         scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
         image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
@@ -156,11 +146,10 @@ class Flux2Vae(Vae):
 
     def __init__(self, source, component: str = "vae"):
         super().__init__(source, component)
-        config = source.read_json(f"{component}/config.json")
+        config, weights = self.config_json, self.weights
         if list(config.get("patch_size", [2, 2])) != [2, 2]:
             raise ModelError(f"{source.location}: {component}/config.json: only patch_size [2, 2] is supported")
         eps = float(config.get("batch_norm_eps", 1e-4))
-        weights = renamed_attention_weights(source.tensors(component))
         channels = 4 * self.config.latent_channels
         stats = []
         for name in ("bn.running_mean", "bn.running_var"):
@@ -198,10 +187,7 @@ class Flux2KleinPipeline(ImagePipeline):
         self.distilled = bool(index.get("is_distilled", False))
         self.defaults = DISTILLED_DEFAULTS if self.distilled else BASE_DEFAULTS
         self.release_text_encoder = release_text_encoder
-        for component in ("text_encoder", "transformer", "vae"):
-            if source.quantization(component):
-                raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
-                                 "supported yet (use the bf16/fp32 weights)")
+        refuse_quantized(source)
 
         self.text_encoder = Qwen3TextEncoder(source)
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
@@ -226,8 +212,7 @@ class Flux2KleinPipeline(ImagePipeline):
                              f"latent_channels {self.vae.config.latent_channels}")
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
-        self.schedule = schedule_config(source.read_json("scheduler/scheduler_config.json")
-                                        if source.has_file("scheduler/scheduler_config.json") else {})
+        self.schedule = read_schedule(source)
         mx.eval(list(weights.values()))  # read the weights now, not during the first request
         progress(1.0)
 
@@ -300,15 +285,12 @@ class Flux2KleinPipeline(ImagePipeline):
         if pixels:  # diffusers: each missing side from the first reference (after its crop)
             width = width or pixels[0].shape[3]
             height = height or pixels[0].shape[2]
-        elif latents is not None and width is None and height is None:
-            shape = np.shape(latents)
-            if len(shape) == 4:
-                height, width = shape[2] * SIZE_MULTIPLE, shape[3] * SIZE_MULTIPLE
+        else:
+            width, height = size_from_latents(latents, width, height, SIZE_MULTIPLE)
         width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
         steps = check_steps(steps, self.defaults["steps"])
         if self.distilled:
-            ignored += [name for name, value in (("negative_prompt", negative_prompt), ("guidance", guidance))
-                        if value is not None]
+            ignored += ignored_by_distilled(negative_prompt, guidance)
             guidance = self.defaults["guidance"]
         else:
             guidance = self.defaults["guidance"] if guidance is None else float(guidance)
@@ -349,6 +331,5 @@ class Flux2KleinPipeline(ImagePipeline):
         done = time.perf_counter()
         return GeneratedImage(
             image=to_pil(pixels_out), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-            timings={"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
-                     "total": done - started},
+            timings=phase_timings(started, encoded, denoised, done),
             ignored=ignored, prompt_truncated=truncated, latents=np.asarray(z))

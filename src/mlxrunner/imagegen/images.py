@@ -64,20 +64,28 @@ def decode_image(blob: bytes, name: str, limits) -> Image.Image:
         raise BadImage(f'"{name}" is not an image PIL can read (expected PNG, JPEG or WebP)') from None
     except Exception as exc:  # PIL raises many types for hostile headers
         raise BadImage(f'"{name}" could not be opened: {exc}') from None
-    width, height = image.size
-    if max(width, height) > limits.max_image_side:
-        raise BadImage(f'"{name}" is {width}x{height}; the largest side allowed is {limits.max_image_side} px')
-    if min(width, height) < limits.min_image_side:
-        raise BadImage(f'"{name}" is {width}x{height}; each side must be at least {limits.min_image_side} px')
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise BadImage(f'"{name}" is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1')
+    check_dimensions(name, *image.size, limits.min_image_side, limits.max_image_side)
     try:
         image.load()
     except Exception as exc:  # truncated or corrupt data
         raise BadImage(f'"{name}" is damaged or truncated: {exc}') from None
-    image = ImageOps.exif_transpose(image)
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def check_dimensions(name: str, width: int, height: int, min_side: int, max_side: int | None = None) -> None:
+    """Refuse sides outside [min_side, max_side] and aspect ratios beyond MAX_ASPECT:1."""
+    if max_side is not None and max(width, height) > max_side:
+        raise BadImage(f'"{name}" is {width}x{height}; the largest side allowed is {max_side} px')
+    if min(width, height) < min_side:
+        raise BadImage(f'"{name}" is {width}x{height}; each side must be at least {min_side} px')
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise BadImage(f'"{name}" is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit greyscale scaled down (convert("RGB") would clip every value above 255 to
+    white), any alpha composited on white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: convert("RGB") would clip every value above 255 to white; scale to 8 bits.
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

@@ -95,6 +95,49 @@ def check_steps(steps: int | None, default: int, maximum: int = 1000) -> int:
     return steps
 
 
+def refuse_quantized(source, components=("text_encoder", "transformer", "vae")) -> None:
+    """Our image networks take dense weights only; say so at load rather than fail on a shape."""
+    from mlxrunner.errors import ModelError
+
+    for component in components:
+        if source.quantization(component):
+            raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
+                             "supported yet (use the bf16/fp32 weights)")
+
+
+def read_schedule(source):
+    """scheduler/scheduler_config.json (absent: the scheduler's defaults) -> _core.FlowMatchSchedule."""
+    from mlxrunner import _core
+
+    path = "scheduler/scheduler_config.json"
+    config = source.read_json(path) if source.has_file(path) else {}
+    out = _core.FlowMatchSchedule()
+    out.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    out.shift = float(config.get("shift", 1.0))
+    out.use_dynamic_shifting = bool(config.get("use_dynamic_shifting", False))
+    out.time_shift_type = str(config.get("time_shift_type", "exponential"))
+    return out
+
+
+def size_from_latents(latents, width: int | None, height: int | None, scale: int) -> tuple[int | None, int | None]:
+    """With neither side given, injected latents [1, C, h, w] say the size: (w * scale, h * scale)."""
+    if latents is not None and width is None and height is None:
+        shape = np.shape(latents)
+        if len(shape) == 4:
+            return shape[3] * scale, shape[2] * scale
+    return width, height
+
+
+def ignored_by_distilled(negative_prompt: str | None, guidance: float | None) -> list[str]:
+    """The CFG fields a guidance-distilled model has no use for, as the request gave them."""
+    return [name for name, value in (("negative_prompt", negative_prompt), ("guidance", guidance)) if value is not None]
+
+
+def phase_timings(started: float, encoded: float, denoised: float, done: float) -> dict[str, float]:
+    return {"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
+            "total": done - started}
+
+
 class ImagePipeline:
     """Base class: subclasses implement run()."""
 

@@ -56,6 +56,9 @@ class Vae:
         self.scaling_factor = float(config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
         weights = renamed_attention_weights(source.tensors(component))
+        # Kept for subclasses that build more from the same files (FLUX.2's encoder and BatchNorm);
+        # the arrays are lazy, so an unused encoder's weights are never read.
+        self.config_json, self.weights = config, weights
         try:
             self.decoder = _core.VaeDecoder(self.config, weights)
         except ValueError as exc:

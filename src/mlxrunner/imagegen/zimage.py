@@ -29,7 +29,9 @@ from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import to_pil
 from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
-                                         check_steps, initial_noise, resolve_seed, resolve_size)
+                                         check_steps, ignored_by_distilled, initial_noise, phase_timings,
+                                         read_schedule, refuse_quantized, resolve_seed, resolve_size,
+                                         size_from_latents)
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
 from mlxrunner.imagegen.vae import Vae
 
@@ -68,15 +70,6 @@ def transformer_config(config: dict, location: str) -> _core.ZImageConfig:
     return out
 
 
-def schedule_config(config: dict) -> _core.FlowMatchSchedule:
-    out = _core.FlowMatchSchedule()
-    out.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
-    out.shift = float(config.get("shift", 1.0))
-    out.use_dynamic_shifting = bool(config.get("use_dynamic_shifting", False))
-    out.time_shift_type = str(config.get("time_shift_type", "exponential"))
-    return out
-
-
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """diffusers' calculate_shift: mu, linear in the number of image tokens."""
@@ -102,10 +95,7 @@ class ZImagePipeline(ImagePipeline):
         self.distilled = is_distilled(source, index)
         self.defaults = TURBO_DEFAULTS if self.distilled else BASE_DEFAULTS
         self.release_text_encoder = release_text_encoder
-        for component in ("text_encoder", "transformer", "vae"):
-            if source.quantization(component):
-                raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
-                                 "supported yet (use the bf16/fp32 weights)")
+        refuse_quantized(source)
 
         self.text_encoder = Qwen3TextEncoder(source)
         progress(0.3)
@@ -122,8 +112,7 @@ class ZImagePipeline(ImagePipeline):
         progress(0.8)
         self.vae = Vae(source)
         self.vae_scale = self.vae.decoder.scale_factor
-        self.schedule = schedule_config(source.read_json("scheduler/scheduler_config.json")
-                                        if source.has_file("scheduler/scheduler_config.json") else {})
+        self.schedule = read_schedule(source)
         mx.eval(list(weights.values()))  # read the weights now, not during the first request
         progress(1.0)
 
@@ -161,15 +150,11 @@ class ZImagePipeline(ImagePipeline):
             images: Sequence | None = None, latents=None, progress: Progress | None = None) -> GeneratedImage:
         started = time.perf_counter()
         ignored = ["images"] if images else []
-        if latents is not None and width is None and height is None:
-            shape = np.shape(latents)
-            if len(shape) == 4:
-                height, width = shape[2] * self.vae_scale, shape[3] * self.vae_scale
+        width, height = size_from_latents(latents, width, height, self.vae_scale)
         width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
         steps = check_steps(steps, self.defaults["steps"])
         if self.distilled:
-            ignored += [name for name, value in (("negative_prompt", negative_prompt), ("guidance", guidance))
-                        if value is not None]
+            ignored += ignored_by_distilled(negative_prompt, guidance)
             guidance = 0.0
         else:
             guidance = self.defaults["guidance"] if guidance is None else float(guidance)
@@ -199,6 +184,5 @@ class ZImagePipeline(ImagePipeline):
         done = time.perf_counter()
         return GeneratedImage(
             image=to_pil(pixels), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-            timings={"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
-                     "total": done - started},
+            timings=phase_timings(started, encoded, denoised, done),
             ignored=ignored, prompt_truncated=truncated, latents=np.asarray(final))
