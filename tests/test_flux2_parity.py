@@ -12,7 +12,6 @@ negative), the VAE decode and encode paths alone, and a bf16 run compared step b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +21,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from mlxrunner import _core
+from image_helpers import convert_folder_to_bf16, rel_error
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.flux2_klein import pack, position_ids, reference_pixels
 
@@ -34,12 +34,6 @@ FLOAT32_CASES = T2I_CASES + EDIT_CASES + CFG_CASES
 TEXT_TOL = 1e-5  # text encoder (spec §9)
 CALL_TOL = 1e-3  # one transformer call, teacher-forced (spec §9; we measure <= 1e-4)
 LATENTS_TOL = 1e-4  # end-to-end final latents
-
-
-def rel_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")
@@ -231,15 +225,6 @@ def test_vae_encode_path(pipes, golden):
 
 
 # --- bf16 -----------------------------------------------------------------------------------------
-
-
-def convert_folder_to_bf16(source: Path, target: Path) -> None:
-    """Copy a diffusers folder with every floating-point tensor stored as bf16."""
-    shutil.copytree(source, target)
-    for path in target.rglob("*.safetensors"):
-        arrays = mx.load(str(path))
-        mx.save_safetensors(str(path), {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
-                                        for k, v in arrays.items()})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ runs in well under a minute on two busy cores (each prompt's text encoding costs
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import re
@@ -25,6 +24,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import run_cli
+from image_helpers import generate_with, pixels, png_of, post, same
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.images import decode_image
 from mlxrunner.launcher import Runner
@@ -53,43 +53,8 @@ T2I = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1,
 # --- HTTP helpers (as tests/test_image_server.py) -------------------------------------------------
 
 
-def post(runner: Runner, body: dict, timeout: float = 120) -> tuple[int, str | None, bytes]:
-    conn = http.client.HTTPConnection(runner.host, runner.port, timeout=timeout)
-    try:
-        conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.getheader("Content-Type"), response.read()
-    finally:
-        conn.close()
-
-
 def generate(runner: Runner, base: dict = EDIT, **fields) -> tuple[list[dict], dict]:
-    """POST `base` with `fields` changed (None removes one); return (progress lines, final line)."""
-    body = {**base, **fields}
-    body = {k: v for k, v in body.items() if v is not None}
-    status, ctype, raw = post(runner, body)
-    assert status == 200, raw[:500]
-    assert ctype == "application/x-ndjson"
-    lines = [json.loads(line) for line in raw.split(b"\n")[:-1]]
-    assert lines and lines[-1]["done"] is True and "error" not in lines[-1], lines[-1:]
-    return lines[:-1], lines[-1]
-
-
-def png_of(final: dict) -> Image.Image:
-    data = base64.b64decode(final["image"], validate=True)
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    assert image.format == "PNG"
-    return image
-
-
-def pixels(final: dict) -> np.ndarray:
-    return np.asarray(png_of(final).convert("RGB"))
-
-
-def same(a: dict, b: dict) -> bool:
-    return np.array_equal(pixels(a), pixels(b))
+    return generate_with(runner, base, **fields)
 
 
 def file_pixels(path: Path) -> np.ndarray:

@@ -19,11 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import run_cli
+from image_helpers import generate_with, png_of, post, same
 from mlxrunner.launcher import Runner, RunnerError
 
 ZIMAGE = Path(__file__).parent / "fixtures" / "zimage-tiny"
@@ -42,51 +42,13 @@ def image_runner():
         yield runner
 
 
-def post(runner: Runner, body: dict | str | bytes, path: str = "/completion",
-         timeout: float = 120) -> tuple[int, str | None, bytes]:
-    conn = http.client.HTTPConnection(runner.host, runner.port, timeout=timeout)
-    try:
-        if isinstance(body, dict):
-            body = json.dumps(body)
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.getheader("Content-Type"), response.read()
-    finally:
-        conn.close()
-
-
 def error_of(runner: Runner, body, path: str = "/completion") -> tuple[int, str]:
     status, _, raw = post(runner, body, path)
     return status, json.loads(raw)["error"]
 
 
 def generate(runner: Runner, **fields) -> tuple[list[dict], dict]:
-    """POST BASE with `fields` changed (None removes one); return (progress lines, final line)."""
-    body = {**BASE, **fields}
-    body = {k: v for k, v in body.items() if v is not None}
-    status, ctype, raw = post(runner, body)
-    assert status == 200, raw
-    assert ctype == "application/x-ndjson"
-    lines = [json.loads(line) for line in raw.split(b"\n")[:-1]]
-    assert lines and lines[-1]["done"] is True and "error" not in lines[-1], lines[-1:]
-    return lines[:-1], lines[-1]
-
-
-def png_of(final: dict) -> Image.Image:
-    data = base64.b64decode(final["image"], validate=True)
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    assert image.format == "PNG"
-    return image
-
-
-def pixels(final: dict) -> np.ndarray:
-    return np.asarray(png_of(final).convert("RGB"))
-
-
-def same(a: dict, b: dict) -> bool:
-    return np.array_equal(pixels(a), pixels(b))
+    return generate_with(runner, BASE, **fields)
 
 
 def png_b64(width: int = 64, height: int = 64) -> str:

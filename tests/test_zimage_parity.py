@@ -18,18 +18,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from mlxrunner import _core
+from image_helpers import convert_folder_to_bf16, rel_error
 from mlxrunner.imagegen import load_pipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "zimage-tiny"
 GOLDENS = Path(__file__).parent / "goldens" / "zimage"
 FLOAT32_CASES = ["t2i_64x96", "t2i_80x48", "t2i_128x128", "cfg_64x64", "cfg_default_negative_64x64"]
 REL_TOL = 1e-4
-
-
-def rel_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +119,6 @@ def test_bfloat16_pipeline_within_bf16_tolerance(tmp_path, golden, meta):
     assert rel_error(result.latents, golden["bf16_64x96/final_latents"]) <= 3e-2
     diff = np.abs(np.asarray(result.image).astype(int) - golden["bf16_64x96/image_uint8"].astype(int))
     assert diff.max() <= 12 and diff.mean() <= 1.5
-
-
-def convert_folder_to_bf16(source: Path, target: Path) -> None:
-    """Copy a diffusers folder with every floating-point tensor stored as bf16 (what
-    save_pretrained(torch_dtype=bfloat16) writes)."""
-    import shutil
-
-    shutil.copytree(source, target)
-    for path in target.rglob("*.safetensors"):
-        arrays = mx.load(str(path))
-        mx.save_safetensors(str(path), {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
-                                        for k, v in arrays.items()})
 
 
 def test_denoise_loop_directly_from_core(pipe, golden, meta):

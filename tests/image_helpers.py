@@ -1,0 +1,74 @@
+"""Helpers the image-generation tests share: numeric comparison, bf16 fixture copies, and talking
+to a runner's image /completion stream."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+
+def rel_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (shapes must agree)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def convert_folder_to_bf16(source: Path, target: Path) -> None:
+    """Copy a diffusers folder with every floating-point tensor stored as bf16 (what
+    save_pretrained(torch_dtype=bfloat16) writes)."""
+    shutil.copytree(source, target)
+    for path in target.rglob("*.safetensors"):
+        arrays = mx.load(str(path))
+        mx.save_safetensors(str(path), {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
+                                        for k, v in arrays.items()})
+
+
+def post(runner, body: dict | str | bytes, path: str = "/completion",
+         timeout: float = 120) -> tuple[int, str | None, bytes]:
+    conn = http.client.HTTPConnection(runner.host, runner.port, timeout=timeout)
+    try:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+def generate_with(runner, base: dict, **fields) -> tuple[list[dict], dict]:
+    """POST `base` with `fields` changed (None removes one); return (progress lines, final line)."""
+    body = {**base, **fields}
+    body = {k: v for k, v in body.items() if v is not None}
+    status, ctype, raw = post(runner, body)
+    assert status == 200, raw[:500]
+    assert ctype == "application/x-ndjson"
+    lines = [json.loads(line) for line in raw.split(b"\n")[:-1]]
+    assert lines and lines[-1]["done"] is True and "error" not in lines[-1], lines[-1:]
+    return lines[:-1], lines[-1]
+
+
+def png_of(final: dict) -> Image.Image:
+    data = base64.b64decode(final["image"], validate=True)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.format == "PNG"
+    return image
+
+
+def pixels(final: dict) -> np.ndarray:
+    return np.asarray(png_of(final).convert("RGB"))
+
+
+def same(a: dict, b: dict) -> bool:
+    return np.array_equal(pixels(a), pixels(b))
