@@ -42,9 +42,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
+from golden_tokenizer import build_qwen_tokenizer  # noqa: E402  (scripts/, beside this file)
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
@@ -128,32 +127,7 @@ VAE_DECODE_SEED = 2001
 
 # ----------------------------------------------------------------------------- builders
 def build_tokenizer() -> Qwen2TokenizerFast:
-    """Byte-level BPE trained offline with the exact Qwen2 pre-tokenizer (regex split + ByteLevel)."""
-    base = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                                fuse_unk=False, byte_fallback=False))
-    base.normalizer = normalizers.NFC()
-    base.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=400, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    base.train_from_iterator(CORPUS, trainer)
-    model = json.loads(base.to_str())["model"]
-    vocab = dict(model["vocab"])
-    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in model["merges"]]
-    # Special / added tokens after the BPE vocab (Qwen3: 151643, 151644, 151645, 151667, 151668)
-    for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]:
-        vocab[t] = len(vocab)
-    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
-                             eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True),
-                    AddedToken("<|endoftext|>", special=True)], special_tokens=True)
-    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.model_max_length = 131072
-    tok.padding_side = "right"
-    return tok
+    return build_qwen_tokenizer(CORPUS, CHAT_TEMPLATE)
 
 
 def _randn(shape, gen, scale=1.0):
