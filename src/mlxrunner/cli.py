@@ -21,6 +21,7 @@ import signal
 import sys
 
 from mlxrunner import logs
+from mlxrunner.backend import BackendError
 from mlxrunner.protocol import Limits
 
 log = logging.getLogger("mlxrunner")
@@ -132,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from mlxrunner import loader
+    from mlxrunner import backend, loader
     from mlxrunner.server import RunnerState, Server
     from mlxrunner.worker import Worker
 
+    log_backend(backend.detect())
     loader.apply_memory_limit_from_env()
     state = RunnerState(args.model)
     limits = Limits(max_queue=args.queue_depth, max_body_bytes=args.max_body_mb << 20)
@@ -191,6 +193,13 @@ async def serve(args: argparse.Namespace) -> int:
     return fail(reason) if reason else exit_code
 
 
+def log_backend(found) -> None:
+    log.info("mlx %s", found.summary())
+    if found.package and "cuda" in found.package and found.name != "cuda":
+        log.warning("MLX's CUDA backend (%s) is installed but sees no GPU: computing on the %s", found.package,
+                    found.name)
+
+
 def _flush_and_exit(code: int) -> None:
     # A worker thread stuck inside one long MLX call must not hold the process past the 5 s the
     # parent allows before SIGKILL.
@@ -214,7 +223,10 @@ def embed_main(argv: list[str]) -> int:
         parser.error("nothing to embed: give TEXT arguments or --input-file")
     _setup_logging(args, parser)
 
-    from mlxrunner import loader
+    try:
+        from mlxrunner import loader
+    except BackendError as exc:
+        return fail(str(exc))
     from mlxrunner.detect import Mode
     from mlxrunner.progress import ProgressBar
 
@@ -274,7 +286,10 @@ def generate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args, parser)
 
-    from mlxrunner import loader
+    try:
+        from mlxrunner import loader
+    except BackendError as exc:
+        return fail(str(exc))
     from mlxrunner.detect import Mode
     from mlxrunner.imagegen import images as image_io
     from mlxrunner.progress import ProgressBar

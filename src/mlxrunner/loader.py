@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import mlx.core as mx
+from mlxrunner import backend
 
-from mlxrunner import store
-from mlxrunner.detect import Detected, Mode, detect
-from mlxrunner.errors import ModelError
+mx = backend.import_mlx()  # first: a clear BackendError, not a bare loader message, if MLX cannot start
+
+from mlxrunner import store  # noqa: E402  (imports mlx.core)
+from mlxrunner.detect import Detected, Mode, detect  # noqa: E402
+from mlxrunner.errors import ModelError  # noqa: E402
 
 log = logging.getLogger(__name__)
 

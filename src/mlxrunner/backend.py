@@ -1,0 +1,90 @@
+"""Which MLX backend this process computes on (CUDA, Metal or CPU), found once at start-up.
+
+On Linux MLX's backend is a separate package: `mlx-cpu` or `mlx-cuda-13` (mlxrunner's `.[cpu]` and
+`.[cuda]` extras). A CUDA backend whose runtime cannot load (no NVIDIA driver, no libcuda.so.1, the
+CUDA libraries pip installs beside it missing) fails at `import mlx.core` with a bare loader message
+such as "libnccl.so.2: cannot open shared object file"; `import_mlx` turns that into an error that
+says what is missing and what to install instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+# MLX's backend packages, by distribution name.
+CUDA_PACKAGES = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
+CPU_PACKAGES = ("mlx-cpu",)
+
+
+class BackendError(RuntimeError):
+    """MLX cannot start on this machine; the message says why and what to install."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "cuda", "metal" or "cpu"
+    device: str  # e.g. "NVIDIA H100 80GB HBM3", "Apple M3 Max", "AMD EPYC"
+    memory_bytes: int | None  # the device's memory where MLX reports it
+    mlx_version: str
+    package: str | None  # the backend distribution on Linux (mlx-cuda-13, mlx-cpu), None on macOS
+
+    def summary(self) -> str:
+        memory = f" memory={self.memory_bytes / 2**30:.1f}GiB" if self.memory_bytes else ""
+        package = f" package={self.package}" if self.package else ""
+        return f"backend={self.name} device={self.device!r}{memory} mlx={self.mlx_version}{package}"
+
+
+def installed_backend_packages() -> list[str]:
+    found = []
+    for name in CUDA_PACKAGES + CPU_PACKAGES:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def explain_import_failure(exc: BaseException, packages: list[str]) -> str:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    cuda = [p for p in packages if p in CUDA_PACKAGES]
+    if cuda:
+        also_cpu = " (mlx-cpu is installed too: the two clash, keep one)" if "mlx-cpu" in packages else ""
+        return (f"MLX's CUDA backend ({cuda[0]}) could not load the CUDA runtime: {reason}{also_cpu}. It needs an "
+                f"NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries pip installs with it (nvidia-*). "
+                f"Without an NVIDIA GPU, use the CPU backend: pip uninstall {cuda[0]} && pip install 'mlxrunner[cpu]'")
+    if sys.platform == "linux" and not packages:
+        return (f"MLX could not be imported: {reason}. On Linux MLX needs a backend package: "
+                f"pip install 'mlxrunner[cpu]' (or 'mlxrunner[cuda]' for NVIDIA GPUs)")
+    return f"MLX could not be imported: {reason}"
+
+
+def import_mlx() -> ModuleType:
+    """`mlx.core`, or a BackendError that says what is missing."""
+    try:
+        return importlib.import_module("mlx.core")
+    except (ImportError, OSError) as exc:
+        raise BackendError(explain_import_failure(exc, installed_backend_packages())) from exc
+
+
+def detect() -> Backend:
+    mx = import_mlx()
+    if mx.cuda.is_available():
+        name = "cuda"
+    elif mx.metal.is_available():
+        name = "metal"
+    else:
+        name = "cpu"
+    try:
+        info = mx.device_info()
+    except Exception:  # older MLX, or a device that cannot describe itself: the name is enough
+        info = {}
+    memory = info.get("memory_size") or info.get("total_memory")
+    packages = installed_backend_packages()
+    return Backend(name=name, device=str(info.get("device_name") or mx.default_device()),
+                   memory_bytes=int(memory) if memory else None, mlx_version=mx.__version__,
+                   package=packages[0] if packages else None)
