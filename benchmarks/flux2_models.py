@@ -43,8 +43,10 @@ KLEIN_4B = KleinShape("klein4b", double=5, single=20, heads=24, head_dim=128, ax
                       vae_channels=(128, 256, 512, 512), dtype="bfloat16")
 
 
-def build(shape: KleinShape, folder: Path) -> Path:
-    """Write the folder unless it is complete already. Needs torch + diffusers."""
+def build(shape: KleinShape, folder: Path, device: str = "cpu", text_encoder: Path | None = None) -> Path:
+    """Write the folder unless it is complete already. Needs torch + diffusers.
+
+    `device` and `text_encoder` as in zimage_models.build (torch's init device; a Qwen3 folder to link)."""
     marker = folder / ".complete"
     if marker.exists():
         return folder
@@ -63,13 +65,17 @@ def build(shape: KleinShape, folder: Path) -> Path:
     vocab = json.loads((FIXTURE / "text_encoder" / "config.json").read_text())["vocab_size"]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, shape.dtype))  # build in the target dtype
+    torch.set_default_device(device)
     try:
-        Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=vocab, hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_kv_heads,
-            head_dim=shape.text_head_dim, intermediate_size=shape.text_intermediate, rms_norm_eps=1e-6,
-            rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True)).save_pretrained(
-            folder / "text_encoder")
+        if text_encoder is not None:
+            (folder / "text_encoder").symlink_to(Path(text_encoder).resolve(), target_is_directory=True)
+        else:
+            Qwen3ForCausalLM(Qwen3Config(
+                vocab_size=vocab, hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers,
+                num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_kv_heads,
+                head_dim=shape.text_head_dim, intermediate_size=shape.text_intermediate, rms_norm_eps=1e-6,
+                rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True)).save_pretrained(
+                folder / "text_encoder")
         Flux2Transformer2DModel(
             patch_size=1, in_channels=128, num_layers=shape.double, num_single_layers=shape.single,
             attention_head_dim=shape.head_dim, num_attention_heads=shape.heads,
@@ -83,8 +89,10 @@ def build(shape: KleinShape, folder: Path) -> Path:
             patch_size=(2, 2)).save_pretrained(folder / "vae")
     finally:
         torch.set_default_dtype(previous)
-    te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    te_config.setdefault("rope_theta", 1e6)
-    (folder / "text_encoder" / "config.json").write_text(json.dumps(te_config, indent=2))
+        torch.set_default_device("cpu")
+    if text_encoder is None:
+        te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        te_config.setdefault("rope_theta", 1e6)
+        (folder / "text_encoder" / "config.json").write_text(json.dumps(te_config, indent=2))
     marker.write_text("ok")
     return folder

@@ -45,8 +45,12 @@ TURBO = ZImageShape("turbo", dim=3840, n_heads=30, n_layers=30, n_refiner_layers
                     dtype="bfloat16")
 
 
-def build(shape: ZImageShape, folder: Path) -> Path:
-    """Write the folder unless it exists (a marker file says it is complete). Needs torch + diffusers."""
+def build(shape: ZImageShape, folder: Path, device: str = "cpu", text_encoder: Path | None = None) -> Path:
+    """Write the folder unless it exists (a marker file says it is complete). Needs torch + diffusers.
+
+    `device`: where torch initialises the weights ("cuda" makes a full-size model in seconds).
+    `text_encoder`: an existing Qwen3 folder of the right width to link instead of building one
+    (the GPU benchmark shares its Qwen3-4B-shaped LLM folder with both image pipelines)."""
     marker = folder / ".complete"
     if marker.exists():
         return folder
@@ -68,14 +72,18 @@ def build(shape: ZImageShape, folder: Path) -> Path:
 
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: the full-size model would not fit twice
+    torch.set_default_device(device)
     try:
-        text = Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=vocab, hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_kv_heads,
-            head_dim=shape.text_head_dim, intermediate_size=shape.text_intermediate, rms_norm_eps=1e-6,
-            rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True)).to(dtype)
-        text.save_pretrained(folder / "text_encoder")
-        del text
+        if text_encoder is not None:
+            (folder / "text_encoder").symlink_to(Path(text_encoder).resolve(), target_is_directory=True)
+        else:
+            text = Qwen3ForCausalLM(Qwen3Config(
+                vocab_size=vocab, hidden_size=shape.text_hidden, num_hidden_layers=shape.text_layers,
+                num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_kv_heads,
+                head_dim=shape.text_head_dim, intermediate_size=shape.text_intermediate, rms_norm_eps=1e-6,
+                rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True)).to(dtype)
+            text.save_pretrained(folder / "text_encoder")
+            del text
         transformer = ZImageTransformer2DModel(
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=shape.dim, n_layers=shape.n_layers,
             n_refiner_layers=shape.n_refiner_layers, n_heads=shape.n_heads, n_kv_heads=shape.n_heads, norm_eps=1e-5,
@@ -96,6 +104,7 @@ def build(shape: ZImageShape, folder: Path) -> Path:
         del vae
     finally:
         torch.set_default_dtype(previous_dtype)
+        torch.set_default_device("cpu")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).save_pretrained(
         folder / "scheduler")
     marker.write_text("ok")

@@ -10,6 +10,7 @@
 #include <nanobind/stl/unordered_map.h>
 #include <nanobind/stl/vector.h>
 
+#include "nn/host.h"
 #include "diffusion/flow_match.h"
 #include "diffusion/flux2_dit.h"
 #include "diffusion/vae.h"
@@ -104,8 +105,7 @@ void bind_sampling(nb::module_& m) {
       .def(
           "sample",
           [](mlxr::Sampler& self, const mx::array& logits) {
-            auto token = self.sample(logits);
-            return token.item<int>();
+            return mlxr::host_item<int>(self.sample(logits));
           },
           "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "Logits [V] -> token id.")
       .def(

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "nn/conv.h"
+#include "nn/host.h"
 
 namespace mlxr {
 
@@ -90,8 +91,7 @@ std::vector<Flux2Id> flux2_ids(const mx::array& ids) {
   if (a.ndim() != 2 || a.shape(1) != 4) {
     throw std::invalid_argument("FLUX.2: position ids must be [L, 4], got " + shape_string(ids.shape()));
   }
-  a = mx::astype(a, mx::int32);
-  mx::eval(a);
+  a = to_host(mx::astype(a, mx::int32));
   const int32_t* data = a.data<int32_t>();
   std::vector<Flux2Id> out(a.shape(0));
   for (int i = 0; i < a.shape(0); ++i) out[i] = {data[4 * i], data[4 * i + 1], data[4 * i + 2], data[4 * i + 3]};

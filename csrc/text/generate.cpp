@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "nn/host.h"
+
 namespace mlxr {
 
 namespace {
@@ -66,7 +68,7 @@ int Generator::next() {
   auto current = *pending_;
   pending_ = step(current);  // dispatch n+1 before reading n
   mx::async_eval({*pending_});
-  return current.item<int>();
+  return host_item<int>(current);
 }
 
 mx::array prompt_logits(const Decoder& model, const std::vector<int>& tokens, int chunk) {

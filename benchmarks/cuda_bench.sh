@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The NVIDIA GPU benchmark in one go: build _core against the MLX CUDA install, build the full-size
+# random-weight models, check and time ours against mlx-lm, diffusers and mflux, write the table.
+#
+#   bash benchmarks/cuda_bench.sh OUT_DIR [PHASE ...]      PHASES: build models llm images report (default: all)
+#
+# Expects MLX's CUDA wheels installed in $SITE (default /root/site; ../shared/docs/DEVICE.md shows how on
+# the lent machine) and torch + diffusers importable (the peers). Env: MODELS (model folders, default
+# /root/bench-models, ~46 GB), WORK (per-side JSON and images, default /root/bench-work), PROJ (where
+# _core is built to, default /root/proj), ROUNDS (timed rounds per case, default 3).
+# What comes back: OUT/results.json (every number), OUT/table.md (the tables for benchmarks/README.md),
+# OUT/bench.log (this script's output).
+set -uo pipefail
+OUT=${1:?usage: cuda_bench.sh OUT_DIR [build|models|llm|images|report ...]}
+shift
+PHASES=${*:-build models llm images report}
+SITE=${SITE:-/root/site}
+PROJ=${PROJ:-/root/proj}
+MODELS=${MODELS:-/root/bench-models}
+WORK=${WORK:-/root/bench-work}
+ROUNDS=${ROUNDS:-3}
+mkdir -p "$OUT" "$MODELS" "$WORK"
+exec > >(tee -a "$OUT/bench.log") 2>&1
+export PYTHONPATH=$PROJ:$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+stamp() { echo "=== $(date +%T) $*"; }
+
+if has build; then
+  stamp "build _core against $(PYTHONPATH=$SITE python3 -c 'import mlx.core as m; print(m.__version__, m.default_device())')"
+  PYTHONPATH=$SITE python3 -m pip install -q --no-build-isolation --no-deps --upgrade --target "$PROJ" . || exit 1
+fi
+python3 -c "import mlxrunner, mlx.core as mx; from mlxrunner import backend; print(backend.detect().summary())"
+
+if has models; then
+  stamp "models into $MODELS"; df -h "$MODELS" | tail -1
+  python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" --out "$WORK/llm-build.json" --build-only
+  python3 -m benchmarks.gpu.image_models --models-dir "$MODELS"
+  du -sh "$MODELS"/* 2>/dev/null
+fi
+
+if has llm; then
+  stamp "LLM: ours vs mlx-lm"
+  python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" --out "$WORK/llm.json" --rounds "$ROUNDS"
+fi
+
+image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
+  local model=$1 folder=$2 steps=$3 label=$4; shift 4
+  for side in ours diffusers; do
+    stamp "image $label: $side"
+    timeout 400 python3 -m benchmarks.gpu.image_bench --side $side --model "$model" --folder "$folder" \
+      --steps "$steps" --size 1024 --rounds "$ROUNDS" --out "$WORK/image-$label-$side.json" \
+      --image-out "$WORK/image-$label-$side.png" "$@"
+  done
+  if python3 -c "import mflux" 2>/dev/null && [ -f benchmarks/gpu/mflux_side.py ]; then
+    stamp "image $label: mflux"
+    local mflux_model=$model; [ "$model" = zimage ] || mflux_model=klein
+    local ref=(); [ "${1:-}" = --edit ] && ref=(--reference "$WORK/reference-1024.png")
+    timeout 400 python3 -m benchmarks.gpu.mflux_side --model "$mflux_model" --folder "$folder" --width 1024 \
+      --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "$ROUNDS" \
+      --out "$WORK/image-$label-mflux.json" --image-out "$WORK/image-$label-mflux.png" "${ref[@]}"
+  fi
+}
+
+if has images; then
+  # The inputs every side shares, as files (the mflux side reads them from disk).
+  python3 -c "
+import numpy as np
+from benchmarks.gpu.image_bench import initial_latents, reference_image
+for m in ('zimage', 'klein'):
+    np.save('$WORK/latents-%s-1024.npy' % m, initial_latents(m, 1024))
+reference_image(1024).save('$WORK/reference-1024.png')"
+  image_case zimage "$MODELS/zimage-turbo" 9 zimage-turbo-t2i
+  image_case klein "$MODELS/klein-4b" 4 klein-4b-t2i
+  image_case klein "$MODELS/klein-4b" 4 klein-4b-edit --edit
+fi
+
+if has report; then
+  stamp "report"
+  python3 -m benchmarks.gpu.report --work "$WORK" --out "$OUT"
+fi
+stamp "done"

@@ -1,0 +1,108 @@
+"""Known traps of MLX on CUDA, checked where MLX computes on a GPU (and, where cheap enough, on the CPU too).
+
+- Convolutions with >= 65,536 output positions once failed on CUDA (grid dimensions over 65,535):
+  every VAE decode from 256 x 256 up. Checked on any device against a NumPy convolution, and on a
+  GPU through the whole VAE at 1024 and 2048 against the same C++ decoder run on the CPU stream.
+- Host reads of GPU arrays (token ids, position ids, images): every test that reads a result checks
+  them; csrc/nn/host.h routes the C++ reads through a CPU-stream copy.
+- Warm runners that hang or grow: two 1024 x 1024 generations in a row on a warm pipeline.
+- Out of memory: a GPU allocation failure fails that request with an error that says so; the
+  runner keeps serving.
+The GPU-only checks are skipped on a CPU (a full-VAE decode at 2048 takes minutes there).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from image_helpers import rel_error
+from mlxrunner.imagegen import load_pipeline
+from mlxrunner.launcher import Runner, RunnerError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "zimage-tiny"
+ON_GPU = mx.default_device() == mx.gpu
+ON_CUDA = ON_GPU and mx.cuda.is_available()
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="a GPU trap; on the CPU the convolution test covers the shapes")
+# float32 products on a CUDA GPU run at TF32-like precision (10-bit mantissa): ~1e-3 relative.
+FLOAT32_TOLERANCE = 5e-3 if ON_GPU else 1e-5
+
+
+def numpy_conv3x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Same-padded 3x3 convolution, NHWC input, MLX weight layout [out, kh, kw, in], in float64."""
+    size_h, size_w = x.shape[1], x.shape[2]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, i:i + size_h, j:j + size_w, :] @ w[:, i, j, :].T.astype(np.float64)
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_convolution_with_more_than_65536_output_positions(size):
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((1, size, size, 4)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
+    y = mx.conv2d(mx.array(x), mx.array(w), padding=1)
+    assert y.shape == (1, size, size, 8)
+    assert rel_error(np.asarray(y), numpy_conv3x3(x, w)) < FLOAT32_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(str(FIXTURE))
+
+
+@gpu_only
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_vae_decode_at_full_sizes_matches_the_cpu(pipe, size):
+    latents = mx.array(np.random.default_rng(size).standard_normal((1, 16, size // 8, size // 8)).astype(np.float32))
+    on_gpu = pipe.vae.decode_float(latents, tile=None)  # tiled above 1024 x 1024, as requests are
+    with mx.stream(mx.cpu):
+        on_cpu = pipe.vae.decode_float(latents, tile=None)
+    assert on_gpu.shape == (size, size, 3) and np.isfinite(on_gpu).all()
+    assert rel_error(on_gpu, on_cpu) < 2e-2  # TF32 products through ~30 convolutions and a GroupNorm chain
+
+
+@gpu_only
+def test_two_warm_1024_generations_neither_hang_nor_grow_memory(pipe):
+    request = dict(width=1024, height=1024, steps=2, seed=7)
+    pipe.run("a lighthouse", **request)  # warm: first-use allocations, kernels compiled
+    results, active, cached = [], [], []
+    for _ in range(2):
+        results.append(pipe.run("a lighthouse", **request))
+        active.append(mx.get_active_memory())
+        cached.append(mx.get_cache_memory())
+    assert active[1] == active[0], f"active memory grew between warm runs: {active}"
+    assert cached == [0, 0], f"the pipeline left its buffers cached: {cached}"
+    assert np.array_equal(np.asarray(results[0].image), np.asarray(results[1].image))
+
+
+def gpu_free_bytes() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return int(out.stdout.split()[0]) << 20
+
+
+@pytest.mark.skipif(not ON_CUDA or shutil.which("nvidia-smi") is None,
+                    reason="fills a CUDA GPU's memory from a second process (Metal shares it with the system)")
+def test_out_of_memory_fails_the_request_not_the_runner():
+    small = {"prompt": "a boat", "width": 256, "height": 256, "steps": 1, "seed": 1}
+    with Runner.start(str(FIXTURE), timeout=120) as runner:
+        assert list(runner.complete(small))[-1]["done"]
+        # Take all but ~256 MB of what is free now, so the runner's next big allocation fails.
+        hog = mx.zeros((gpu_free_bytes() - (256 << 20),), dtype=mx.uint8)
+        mx.eval(hog)
+        try:
+            with pytest.raises(RunnerError) as failure:
+                list(runner.complete({**small, "width": 2048, "height": 2048}))
+        finally:
+            del hog
+            mx.clear_cache()
+        assert "out of memory" in str(failure.value).lower(), str(failure.value)
+        assert runner.process.poll() is None, "the runner died"
+        final = list(runner.complete(small))[-1]
+        assert final["done"] and "image" in final and "error" not in final
