@@ -1,5 +1,6 @@
 """The MLX backend: detected and logged at start-up; a CUDA backend that cannot start is a clear error."""
 
+import os
 import re
 import sys
 
@@ -41,7 +42,7 @@ def shadow_mlx(root, message: str, packages: list[str]):
         info = root / f"{name.replace('-', '_')}-0.32.4.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.32.4\n")
-    return {"PYTHONPATH": str(root)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
 
 
 def test_cuda_backend_without_its_runtime_is_a_clear_error_for_every_entry_point(tmp_path):

@@ -7,7 +7,7 @@ on PyTorch (CPU, float32). This test needs no torch.
 import numpy as np
 import pytest
 
-from conftest import cosine
+from conftest import cosine, float32_tol
 
 MIN_COSINE = 0.99999
 
@@ -37,7 +37,8 @@ def test_each_sentence_alone_matches(minilm_embedder, minilm_goldens, normalize)
         c = cosine(vec, sentence[key])
         worst = min(worst, (c, sentence["id"]))
         # Not just the direction: the length too (normalised -> 1, raw -> the reference norm).
-        np.testing.assert_allclose(np.linalg.norm(vec), np.linalg.norm(sentence[key]), rtol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(vec), np.linalg.norm(sentence[key]),
+                                   rtol=float32_tol(1e-4, 1e-3))
     assert worst[0] >= MIN_COSINE, f"cosine {worst[0]:.7f} for {worst[1]}"
 
 

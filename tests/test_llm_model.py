@@ -11,6 +11,7 @@ import pytest
 
 from mlxrunner.errors import ModelError
 from mlxrunner.llm import load
+from conftest import float32_tol
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llm"
 QWEN3 = FIXTURES / "qwen3-tiny"
@@ -42,7 +43,7 @@ def test_prefill_in_chunks_gives_the_same_logits_as_one_pass(qwen3):
     ids = qwen3.tokenizer.encode("word " * 300)
     whole = np.array(qwen3.decoder.logits(ids, 4096))
     chunked = np.array(qwen3.decoder.logits(ids, 64))
-    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(chunked, whole, rtol=float32_tol(1e-4, 1e-2), atol=float32_tol(1e-4, 1e-1))
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -87,7 +88,8 @@ def test_hidden_states_number_layers_as_transformers(qwen3):
     embed = load_file(str(QWEN3 / "model.safetensors"))["model.embed_tokens.weight"]
     np.testing.assert_allclose(np.array(states[0])[0], embed[ids], rtol=1e-6)
     logits = np.array(states[2])[0] @ embed.T
-    np.testing.assert_allclose(logits, qwen3.logits(ids), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, qwen3.logits(ids), rtol=float32_tol(1e-4, 1e-2),
+                               atol=float32_tol(1e-4, 1e-1))
 
 
 def test_hidden_states_with_a_padding_mask_match_the_unpadded_run(qwen3):

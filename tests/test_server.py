@@ -49,8 +49,25 @@ def wait_for_stderr(runner: Runner, text: str, timeout: float = 60) -> str:
     raise AssertionError(f"{text!r} not in runner stderr: {list(runner.stderr_tail)[-5:]}")
 
 
-def start_long_request(runner: Runner, n: int = 48) -> tuple[http.client.HTTPConnection, None]:
-    """Send a slow embedding request and return its open connection (closing it = disconnect)."""
+LONG_JOB_SECONDS = 3.0
+_inputs_per_second: dict[int, float] = {}
+
+
+def long_request_size(runner: Runner) -> int:
+    """How many LONG_TEXT inputs keep this runner busy for ~LONG_JOB_SECONDS: measured once per runner
+    (a 2-core CPU embeds 48 in seconds, an H100 in milliseconds; a fixed count fit only one of them)."""
+    if runner.port not in _inputs_per_second:
+        start = time.monotonic()
+        status, _ = request(runner, "POST", "/embedding", {"input": [f"{i} {LONG_TEXT}" for i in range(48)]})
+        assert status == 200
+        _inputs_per_second[runner.port] = 48 / max(time.monotonic() - start, 1e-3)
+    return max(48, min(50_000, int(_inputs_per_second[runner.port] * LONG_JOB_SECONDS)))
+
+
+def start_long_request(runner: Runner, n: int | None = None) -> tuple[http.client.HTTPConnection, None]:
+    """Send a slow embedding request (n inputs, default: ~LONG_JOB_SECONDS of work) and return its open
+    connection (closing it = disconnect)."""
+    n = long_request_size(runner) if n is None else n
     conn = http.client.HTTPConnection(runner.host, runner.port, timeout=120)
     conn.request("POST", "/embedding", body=json.dumps({"input": [f"{i} {LONG_TEXT}" for i in range(n)]}),
                  headers={"Content-Type": "application/json"})
@@ -247,10 +264,11 @@ def test_full_queue_is_503_and_a_queued_job_is_cancelled_on_disconnect():
 def test_sigterm_with_a_job_running_exits_0_within_5_seconds():
     runner = Runner.start("all-minilm", timeout=120)
     result = {}
+    size = 4 * long_request_size(runner)
 
     def client():
         try:
-            conn, _ = start_long_request(runner, n=200)
+            conn, _ = start_long_request(runner, n=size)
             result["status"] = conn.getresponse().status
         except OSError as exc:
             result["error"] = exc

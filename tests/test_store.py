@@ -567,16 +567,17 @@ def test_diffusers_folder_imported_into_a_store_loads_the_same(tmp_path):
 
 def test_sharded_hf_folder(tmp_path):
     folder = tmp_path / "llm"
-    a, b = weight(4, 4), weight(2, 8, mx.float16)
+    a, b, c = weight(4, 4), weight(2, 8, mx.float16), weight(3, 3)
     write_safetensors_dir(folder, {
-        "model-00001-of-00002.safetensors": {"model.a": a},
+        "model-00001-of-00002.safetensors": {"model.a": a, "model.c": c},  # a shard of several tensors
         "model-00002-of-00002.safetensors": {"model.b": b},
         "stale-variant.safetensors": {"model.a": weight(4, 4)},  # not in the index: ignored
     }, {"config.json": {"architectures": ["Qwen3ForCausalLM"]},
         "model.safetensors.index.json": {"weight_map": {"model.a": "model-00001-of-00002.safetensors",
-                                                        "model.b": "model-00002-of-00002.safetensors"}}})
+                                                        "model.b": "model-00002-of-00002.safetensors",
+                                                        "model.c": "model-00001-of-00002.safetensors"}}})
     arrays = resolve(str(folder)).tensors()
-    assert set(arrays) == {"model.a", "model.b"}
+    assert set(arrays) == {"model.a", "model.b", "model.c"}
     assert arrays["model.b"].dtype == mx.float16 and mx.array_equal(arrays["model.a"], a).item()
 
 

@@ -20,11 +20,13 @@ from safetensors.numpy import load_file
 from mlxrunner import _core
 from image_helpers import convert_folder_to_bf16, rel_error
 from mlxrunner.imagegen import load_pipeline
+from conftest import float32_tol
 
 FIXTURE = Path(__file__).parent / "fixtures" / "zimage-tiny"
 GOLDENS = Path(__file__).parent / "goldens" / "zimage"
 FLOAT32_CASES = ["t2i_64x96", "t2i_80x48", "t2i_128x128", "cfg_64x64", "cfg_default_negative_64x64"]
-REL_TOL = 1e-4
+REL_TOL = float32_tol(1e-4, 1e-2)  # CUDA (TF32): up to 2.2e-3 measured on an H100
+PIXEL_TOL = float32_tol(1, 8)  # levels of 255
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_final_latents_and_image(pipe, golden, meta, name):
     pixels = np.asarray(result.image).astype(int)
     expected = golden[f"{name}/image_uint8"].astype(int)
     assert pixels.shape == expected.shape
-    assert np.abs(pixels - expected).max() <= 1
+    assert np.abs(pixels - expected).max() <= PIXEL_TOL
     assert (pixels != expected).mean() < 0.01  # off-by-one only where a value sits on a rounding edge
     image_float = pipe.vae.decode_float(mx.array(result.latents))
     np.testing.assert_allclose(image_float, golden[f"{name}/image_float"], atol=1e-4)
@@ -98,13 +100,15 @@ def test_final_latents_and_image(pipe, golden, meta, name):
 
 def test_vae_decoder_alone(pipe, golden):
     image = pipe.vae.decode_float(mx.array(golden["vae_decode/latents"]))
-    np.testing.assert_allclose(image, golden["vae_decode/image_float"].transpose(1, 2, 0), atol=2e-5)
+    np.testing.assert_allclose(image, golden["vae_decode/image_float"].transpose(1, 2, 0),
+                               atol=float32_tol(2e-5, 2e-2))
 
 
 def test_tiled_vae_decode_matches_diffusers_tiled_decode(pipe, golden, meta):
     latents = mx.array(golden["vae_decode_tiled/latents"])
     tiled = pipe.vae.decode_float(latents, tile=meta["vae_decode_tiled"]["tile_latents"])
-    np.testing.assert_allclose(tiled, golden["vae_decode_tiled/image_float"].transpose(1, 2, 0), atol=2e-5)
+    np.testing.assert_allclose(tiled, golden["vae_decode_tiled/image_float"].transpose(1, 2, 0),
+                               atol=float32_tol(2e-5, 2e-2))
     # And tiling is not a no-op: it differs from the untiled decode of the same latents.
     assert np.abs(tiled - pipe.vae.decode_float(latents, tile=0)).max() > 1e-3
 

@@ -45,3 +45,21 @@ def _route_mlx_cpu_blas_to_openblas() -> str:
 
 #: Which BLAS serves MLX's CPU matmuls in this process: "openblas" or "reference".
 cpu_blas = _route_mlx_cpu_blas_to_openblas()
+
+
+def _load_libmlx_before_core() -> None:
+    """Import mlx.core now (after the BLAS shim), so libmlx is loaded before anything loads _core.
+
+    _core finds libmlx through its rpath ($ORIGIN/../mlx/lib), which holds only when mlx and
+    mlxrunner share a site-packages. Installed apart (pip --target, PYTHONPATH layouts, as on the
+    GPU machine), `from mlxrunner import _core` failed with "libmlx.so: cannot open shared object
+    file" unless mlx.core had been imported first. A failure here is left for
+    mlxrunner.backend.import_mlx to explain when MLX is actually needed.
+    """
+    try:
+        import mlx.core  # noqa: F401
+    except Exception:
+        pass
+
+
+_load_libmlx_before_core()

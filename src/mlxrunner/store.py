@@ -379,7 +379,8 @@ class DirectorySource(ModelSource):
         for index in indexes:
             try:
                 weight_map = json.loads(index.read_bytes())["weight_map"]
-                names += [n for n in weight_map.values() if n not in names]
+                # Each shard once, in order of first mention (a shard holds many tensors).
+                names += [n for n in dict.fromkeys(weight_map.values()) if n not in names]
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ModelError(f"{index}: not a valid safetensors index (needs a weight_map): {e}") from e
         files = []
