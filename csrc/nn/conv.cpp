@@ -23,16 +23,29 @@ GroupNorm GroupNorm::load(const Weights& w, int channels, int groups, float eps)
   return GroupNorm{w.get("weight", {channels}), w.get("bias", {channels}), groups, eps};
 }
 
+// Per-group statistics from per-channel sums over the pixels: each reduction runs over the
+// pixel axis with one output per channel (contiguous, C-wide, split across the GPU), and only the
+// C -> groups step is small. Reducing [B, HW, groups, C/groups] over axes {1, 3} directly, as this
+// first did, leaves 32 outputs for millions of strided inputs: on MLX's CUDA backend that ran the
+// Klein VAE decode at 1024 x 1024 in 7.6 s (diffusers: 0.09 s). Two passes (mean, then squared
+// deviations) in float32, as PyTorch's GroupNorm is accurate to.
 mx::array GroupNorm::operator()(const mx::array& x) const {
   const int b = x.shape(0), h = x.shape(1), wd = x.shape(2), c = x.shape(3);
-  auto xf = mx::reshape(mx::astype(x, mx::float32), {b, h * wd, groups, c / groups});
-  auto mean = mx::mean(xf, std::vector<int>{1, 3}, /*keepdims=*/true);
+  const int per_group = c / groups;
+  const float count = static_cast<float>(h) * wd * per_group;
+  auto xf = mx::reshape(mx::astype(x, mx::float32), {b, h * wd, c});
+  // [B, C] per-channel sums -> [B, groups] -> back to one value per channel, [B, 1, C].
+  auto group_mean_per_channel = [&](const mx::array& per_channel_sum) {
+    auto g = mx::sum(mx::reshape(per_channel_sum, {b, groups, per_group}), -1, /*keepdims=*/true);
+    g = mx::divide(g, mx::array(count));
+    return mx::reshape(mx::broadcast_to(g, {b, groups, per_group}), {b, 1, c});
+  };
+  auto mean = group_mean_per_channel(mx::sum(xf, 1));
   auto centred = mx::subtract(xf, mean);
-  auto var = mx::mean(mx::square(centred), std::vector<int>{1, 3}, true);
-  auto normed = mx::multiply(centred, mx::rsqrt(mx::add(var, mx::array(eps))));
-  normed = mx::reshape(normed, {b, h, wd, c});
-  auto y = mx::add(mx::multiply(normed, mx::astype(weight, mx::float32)), mx::astype(bias, mx::float32));
-  return mx::astype(y, x.dtype());
+  auto var = group_mean_per_channel(mx::sum(mx::square(centred), 1));
+  auto scale = mx::multiply(mx::rsqrt(mx::add(var, mx::array(eps))), mx::astype(weight, mx::float32));
+  auto y = mx::add(mx::multiply(centred, scale), mx::astype(bias, mx::float32));
+  return mx::astype(mx::reshape(y, {b, h, wd, c}), x.dtype());
 }
 
 mx::array upsample_nearest_2x(const mx::array& x) {

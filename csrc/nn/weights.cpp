@@ -1,18 +1,17 @@
 #include "nn/weights.h"
 
-#include <sstream>
 #include <stdexcept>
 
 namespace mlxr {
 
+// Plain string concatenation, no iostreams: with MLX's CUDA wheel loaded, a std::ostringstream
+// built in this module crashed the process (segfault) on the lent H100, every time; to_string did not.
 std::string shape_string(const mx::Shape& shape) {
-  std::ostringstream out;
-  out << "[";
+  std::string out = "[";
   for (size_t i = 0; i < shape.size(); ++i) {
-    out << (i ? ", " : "") << shape[i];
+    out += (i ? ", " : "") + std::to_string(shape[i]);
   }
-  out << "]";
-  return out.str();
+  return out + "]";
 }
 
 std::string Weights::full_name(const std::string& name) const {
