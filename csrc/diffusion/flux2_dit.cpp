@@ -70,7 +70,7 @@ mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& 
 // SwiGLU with the gate in the first half.
 mx::array swiglu(const mx::array& u) {
   auto halves = mx::split(u, 2, -1);
-  return mx::multiply(silu(halves[0]), halves[1]);
+  return gated_silu(halves[0], halves[1]);
 }
 
 mx::array heads(const mx::array& x, int h, int d) {
@@ -222,7 +222,7 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
   auto k = block.norm_k(heads(parts[1], h, hd));
   auto v = heads(parts[2], h, hd);
   auto attn = attention(q, k, v, rope);
-  auto mlp = mx::multiply(silu(parts[3]), parts[4]);
+  auto mlp = gated_silu(parts[3], parts[4]);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
   return mx::add(hs, mx::multiply(mod[2], out));
 }

@@ -157,7 +157,7 @@ mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::a
                                            const std::optional<mx::array>& adaln) const {
   auto ffn = [&](const mx::array& y) {
     auto gate = block.w1(y);
-    return block.w2(mx::multiply(silu(gate), block.w3(y)));
+    return block.w2(gated_silu(gate, block.w3(y)));
   };
   if (!block.adaln) {
     auto h = mx::add(x, block.attention_norm2(attention(block, block.attention_norm1(x), rope, mask)));

@@ -54,8 +54,34 @@ mx::array upsample_nearest_2x(const mx::array& x) {
   return mx::reshape(y, {b, 2 * h, 2 * w, c});
 }
 
+namespace {
+
+std::vector<mx::array> silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(in[0], mx::sigmoid(in[0]))};
+}
+
+std::vector<mx::array> gated_silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(mx::multiply(in[0], mx::sigmoid(in[0])), in[1])};
+}
+
+// On a GPU, element-wise chains run as one fused kernel through mx::compile (mlx-lm compiles its
+// swiglu the same way): one launch instead of two or three, and no intermediate written out. On
+// the CPU the plain ops run instead: MLX's CPU compile would build C++ with the system compiler
+// at run time.
+bool fuse() {
+  return mx::default_device() == mx::Device::gpu;
+}
+
+}  // namespace
+
 mx::array silu(const mx::array& x) {
-  return mx::multiply(x, mx::sigmoid(x));
+  static auto fused = mx::compile(silu_impl, /*shapeless=*/true);
+  return fuse() ? fused({x})[0] : silu_impl({x})[0];
+}
+
+mx::array gated_silu(const mx::array& gate, const mx::array& up) {
+  static auto fused = mx::compile(gated_silu_impl, /*shapeless=*/true);
+  return fuse() ? fused({gate, up})[0] : gated_silu_impl({gate, up})[0];
 }
 
 }  // namespace mlxr

@@ -35,4 +35,7 @@ mx::array upsample_nearest_2x(const mx::array& x);
 
 mx::array silu(const mx::array& x);
 
+// silu(gate) * up, the gated MLP of the LLMs and DiTs.
+mx::array gated_silu(const mx::array& gate, const mx::array& up);
+
 }  // namespace mlxr

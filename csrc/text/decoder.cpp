@@ -3,6 +3,8 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "nn/conv.h"
+
 namespace mlxr {
 
 namespace {
@@ -107,8 +109,7 @@ mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, 
                                  const std::optional<mx::array>& mask) const {
   auto h = mx::add(x, attention(layer, layer.input_norm(x), cache, offset, mask));
   auto y = layer.post_attention_norm(h);
-  auto gate = layer.gate_proj(y);
-  auto mlp = layer.down_proj(mx::multiply(mx::multiply(gate, mx::sigmoid(gate)), layer.up_proj(y)));
+  auto mlp = layer.down_proj(gated_silu(layer.gate_proj(y), layer.up_proj(y)));
   return mx::add(h, mlp);
 }
 
