@@ -47,7 +47,7 @@ image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
   local model=$1 folder=$2 steps=$3 label=$4; shift 4
   for side in ours diffusers; do
     stamp "image $label: $side"
-    timeout 400 python3 -m benchmarks.gpu.image_bench --side $side --model "$model" --folder "$folder" \
+    timeout 240 python3 -m benchmarks.gpu.image_bench --side $side --model "$model" --folder "$folder" \
       --steps "$steps" --size 1024 --rounds "$ROUNDS" --out "$WORK/image-$label-$side.json" \
       --image-out "$WORK/image-$label-$side.png" "$@"
   done
@@ -55,7 +55,7 @@ image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
     stamp "image $label: mflux"
     local mflux_model=$model; [ "$model" = zimage ] || mflux_model=klein
     local ref=(); [ "${1:-}" = --edit ] && ref=(--reference "$WORK/reference-1024.png")
-    timeout 400 python3 -m benchmarks.gpu.mflux_side --model "$mflux_model" --folder "$folder" --width 1024 \
+    timeout ${MFLUX_TIMEOUT:-150} python3 -m benchmarks.gpu.mflux_side --model "$mflux_model" --folder "$folder" --width 1024 \
       --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "$ROUNDS" \
       --out "$WORK/image-$label-mflux.json" --image-out "$WORK/image-$label-mflux.png" "${ref[@]}"
   fi
