@@ -38,6 +38,9 @@ TEXT_TOL = float32_tol(1e-5, 1e-2)  # text encoder (spec §9)
 CALL_TOL = float32_tol(1e-3, 1e-2)  # one transformer call, teacher-forced (spec §9; we measure <= 1e-4)
 LATENTS_TOL = float32_tol(1e-4, 2e-2)  # end-to-end final latents
 PIXEL_TOL = float32_tol(1, 8)  # levels of 255
+# Share of pixels allowed off (by at most PIXEL_TOL): on the CPU only values on a rounding edge;
+# under TF32 up to 20 % of the pixels moved by a level or a few (H100).
+OFF_PIXELS = float32_tol(0.01, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def test_final_latents_and_image(pipes, golden, meta, name):
     expected = golden[f"{name}/image_uint8"].astype(int)
     assert pixels.shape == expected.shape
     assert np.abs(pixels - expected).max() <= PIXEL_TOL
-    assert (pixels != expected).mean() < 0.01  # off-by-one only where a value sits on a rounding edge
+    assert (pixels != expected).mean() < OFF_PIXELS  # off-by-one only where a value sits on a rounding edge
 
 
 def test_denoise_loop_directly_from_core(pipes, golden, meta):
@@ -209,7 +212,7 @@ def test_vae_decode_path(pipes, golden, meta):
     height, width = meta["vae_decode"]["output_hw"]
     z, image = pipe.decode_float(mx.array(golden["vae_decode/packed_latents"]), width, height)
     assert rel_error(z, golden["vae_decode/vae_input"]) <= 1e-6
-    np.testing.assert_allclose(image, golden["vae_decode/image_float"], atol=2e-5)
+    np.testing.assert_allclose(image, golden["vae_decode/image_float"], atol=float32_tol(2e-5, 2e-2))
     from mlxrunner.imagegen.images import to_uint8
 
     assert np.abs(to_uint8(image).astype(int) - golden["vae_decode/image_uint8"].astype(int)).max() <= PIXEL_TOL

@@ -2,8 +2,8 @@
 
 - Convolutions with >= 65,536 output positions once failed on CUDA (grid dimensions over 65,535):
   every VAE decode from 256 x 256 up. Checked on any device against a NumPy convolution, and on a
-  GPU through the whole VAE: at 1024 against the same C++ decoder on the CPU stream, at 2048 tiled
-  and in one pass.
+  GPU through the whole VAE: at 1024 against the same C++ decoder on the CPU stream, at 2048 in
+  tiles (an untiled 2048 pass crashes MLX's CUDA backend: refused by Vae).
 - Host reads of GPU arrays (token ids, position ids, images): every test that reads a result checks
   them; csrc/nn/host.h routes the C++ reads through a CPU-stream copy.
 - Warm runners that hang or grow: two 1024 x 1024 generations in a row on a warm pipeline.
@@ -70,16 +70,13 @@ def test_vae_decode_at_1024_matches_the_cpu(pipe):
 
 @gpu_only
 @pytest.mark.timeout(180)
-def test_vae_decode_at_2048_tiled_and_whole(pipe):
-    """2048 x 2048 both ways: in 1024-pixel tiles (what requests use) and as one 4-megapixel pass (the
-    largest convolutions). The CPU takes minutes here, so the two GPU results check each other: they
-    differ only where tiles are blended."""
+def test_vae_decode_at_2048_in_tiles(pipe):
+    """2048 x 2048 as requests decode it: in 1024-pixel tiles. (One untiled 2048 x 2048 pass killed the
+    process with SIGFPE inside MLX 0.32.4's CUDA backend on an H100; Vae refuses it, see vae.py.)"""
     latents = mx.array(np.random.default_rng(2).standard_normal((1, 16, 256, 256)).astype(np.float32))
-    tiled = pipe.vae.decode_float(latents, tile=None)
-    whole = pipe.vae.decode_float(latents, tile=0)
-    for image in (tiled, whole):
-        assert image.shape == (2048, 2048, 3) and np.isfinite(image).all() and image.std() > 1e-3
-    assert np.abs(tiled - whole).mean() < 2e-2
+    image = pipe.vae.decode_float(latents, tile=None)
+    assert image.shape == (2048, 2048, 3) and np.isfinite(image).all()
+    assert image.std() > 1e-2 and 0.05 < image.mean() < 0.95  # a picture, not a constant
 
 
 @gpu_only
@@ -88,13 +85,15 @@ def test_two_warm_1024_generations_neither_hang_nor_grow_memory(pipe):
     request = dict(width=1024, height=1024, steps=2, seed=7)
     pipe.run("a lighthouse", **request)  # warm: first-use allocations, kernels compiled
     results, active, cached = [], [], []
-    for _ in range(2):
+    for _ in range(4):
         results.append(pipe.run("a lighthouse", **request))
         active.append(mx.get_active_memory())
         cached.append(mx.get_cache_memory())
-    assert active[1] == active[0], f"active memory grew between warm runs: {active}"
-    assert cached == [0, 0], f"the pipeline left its buffers cached: {cached}"
-    assert np.array_equal(np.asarray(results[0].image), np.asarray(results[1].image))
+    # One-time growth is allowed (an H100 kept 1 MB more after the second run: a cached kernel
+    # plan); a leak would add at least the 12 MB of a 1024 x 1024 float32 image every run.
+    assert active[-1] - active[1] < 4 << 20, f"active memory grows run after run: {active}"
+    assert cached == [0] * 4, f"the pipeline left its buffers cached: {cached}"
+    assert all(np.array_equal(np.asarray(results[0].image), np.asarray(r.image)) for r in results)
 
 
 def gpu_free_bytes() -> int:
@@ -111,7 +110,7 @@ def test_out_of_memory_fails_the_request_not_the_runner():
     with Runner.start(str(FIXTURE), timeout=120) as runner:
         assert list(runner.complete(small))[-1]["done"]
         # Take all but ~256 MB of what is free now, so the runner's next big allocation fails.
-        hog = mx.zeros((gpu_free_bytes() - (256 << 20),), dtype=mx.uint8)
+        hog = mx.zeros(((gpu_free_bytes() >> 20) - 256, 1 << 20), dtype=mx.uint8)  # MiB rows: dims are int32
         mx.eval(hog)
         try:
             with pytest.raises(RunnerError) as failure:
@@ -123,3 +122,9 @@ def test_out_of_memory_fails_the_request_not_the_runner():
         assert runner.process.poll() is None, "the runner died"
         final = list(runner.complete(small))[-1]
         assert final["done"] and "image" in final and "error" not in final
+
+
+def test_untiled_decode_above_the_safe_size_is_refused_before_any_work(pipe):
+    latents = mx.zeros((1, 16, 256, 256))
+    with pytest.raises(ValueError, match="untiled VAE decode of 256 x 256 latents is refused"):
+        pipe.vae.decode_float(latents, tile=0)

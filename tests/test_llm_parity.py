@@ -88,8 +88,11 @@ def test_greedy_continuations_are_token_identical(case):
             # bf16 arithmetic (and a CUDA GPU's TF32 float32 products) differ from torch's; a near-tie can
             # flip a token and then the continuation diverges. Require agreement up to the first
             # low-margin position.
+            # On a CUDA GPU bf16 products accumulate in another order again: a wider margin (an H100
+            # flipped a token at a margin above 0.25 on the bf16 fixture).
             margins = entry["top2_margins"]
-            safe = next((i for i, m in enumerate(margins) if m < 0.25), len(margins))
+            low = 1.0 if ON_GPU else 0.25
+            safe = next((i for i, m in enumerate(margins) if m < low), len(margins))
             assert ours[:safe] == entry["new_ids"][:safe], entry["prompt_id"]
         else:
             assert ours == entry["new_ids"], entry["prompt_id"]

@@ -56,11 +56,15 @@ _inputs_per_second: dict[int, float] = {}
 def long_request_size(runner: Runner) -> int:
     """How many LONG_TEXT inputs keep this runner busy for ~LONG_JOB_SECONDS: measured once per runner
     (a 2-core CPU embeds 48 in seconds, an H100 in milliseconds; a fixed count fit only one of them)."""
-    if runner.port not in _inputs_per_second:
+    n = 48
+    while runner.port not in _inputs_per_second:  # grow the probe until it takes a measurable 0.5 s
         start = time.monotonic()
-        status, _ = request(runner, "POST", "/embedding", {"input": [f"{i} {LONG_TEXT}" for i in range(48)]})
+        status, _ = request(runner, "POST", "/embedding", {"input": [f"{i} {LONG_TEXT}" for i in range(n)]})
         assert status == 200
-        _inputs_per_second[runner.port] = 48 / max(time.monotonic() - start, 1e-3)
+        elapsed = time.monotonic() - start
+        if elapsed >= 0.5 or n >= 12_000:
+            _inputs_per_second[runner.port] = n / max(elapsed, 1e-3)
+        n *= 4
     return max(48, min(50_000, int(_inputs_per_second[runner.port] * LONG_JOB_SECONDS)))
 
 

@@ -27,6 +27,9 @@ GOLDENS = Path(__file__).parent / "goldens" / "zimage"
 FLOAT32_CASES = ["t2i_64x96", "t2i_80x48", "t2i_128x128", "cfg_64x64", "cfg_default_negative_64x64"]
 REL_TOL = float32_tol(1e-4, 1e-2)  # CUDA (TF32): up to 2.2e-3 measured on an H100
 PIXEL_TOL = float32_tol(1, 8)  # levels of 255
+# Share of pixels allowed off (by at most PIXEL_TOL): on the CPU only values on a rounding edge;
+# under TF32 up to 20 % of the pixels moved by a level or a few (H100).
+OFF_PIXELS = float32_tol(0.01, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,7 @@ def test_final_latents_and_image(pipe, golden, meta, name):
     expected = golden[f"{name}/image_uint8"].astype(int)
     assert pixels.shape == expected.shape
     assert np.abs(pixels - expected).max() <= PIXEL_TOL
-    assert (pixels != expected).mean() < 0.01  # off-by-one only where a value sits on a rounding edge
+    assert (pixels != expected).mean() < OFF_PIXELS  # off-by-one only where a value sits on a rounding edge
     image_float = pipe.vae.decode_float(mx.array(result.latents))
     np.testing.assert_allclose(image_float, golden[f"{name}/image_float"], atol=1e-4)
 

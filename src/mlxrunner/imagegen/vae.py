@@ -13,6 +13,10 @@ from mlxrunner.imagegen.images import to_uint8
 # past it, the full-size activations and the mid-block's attention over every pixel outgrow
 # small machines (2048² would need ~16 GB of attention scores alone).
 TILE_ABOVE_LATENT_PIXELS = 128 * 128
+# Largest untiled decode allowed: a 2048 x 2048 image (256 x 256 latents) in one pass killed the
+# process with SIGFPE inside MLX 0.32.4's CUDA backend (cause inside MLX not traced); 1024 x
+# 1024 and anything tiled work. Requests always tile above TILE_ABOVE_LATENT_PIXELS.
+UNTILED_LIMIT_LATENT_PIXELS = 2 * 128 * 128
 TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
 
 
@@ -80,6 +84,10 @@ class Vae:
         z = z.transpose(0, 2, 3, 1)
         if tile is None:
             tile = TILE_LATENTS if z.shape[1] * z.shape[2] > TILE_ABOVE_LATENT_PIXELS else 0
+        if tile == 0 and z.shape[1] * z.shape[2] > UNTILED_LIMIT_LATENT_PIXELS:
+            raise ValueError(f"an untiled VAE decode of {z.shape[1]} x {z.shape[2]} latents is refused: above "
+                             f"{UNTILED_LIMIT_LATENT_PIXELS} latent pixels MLX's CUDA convolutions fail (a 256 x 256 "
+                             f"pass killed the process on an H100); decode in tiles (tile=None or tile > 0)")
         image = self.decoder.decode(z, tile)
         image = mx.clip(image * mx.array(0.5, image.dtype) + mx.array(0.5, image.dtype), 0, 1)
         return np.asarray(image[0].astype(mx.float32))
