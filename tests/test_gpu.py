@@ -92,7 +92,8 @@ def test_two_warm_1024_generations_neither_hang_nor_grow_memory(pipe):
     # One-time growth is allowed (an H100 kept 1 MB more after the second run: a cached kernel
     # plan); a leak would add at least the 12 MB of a 1024 x 1024 float32 image every run.
     assert active[-1] - active[1] < 4 << 20, f"active memory grows run after run: {active}"
-    assert cached == [0] * 4, f"the pipeline left its buffers cached: {cached}"
+    # clear_cache leaves MLX CUDA's small-buffer pool (1 MB on an H100): constant, not growing.
+    assert max(cached) < 4 << 20 and cached[-1] == cached[0], f"the pipeline left its buffers cached: {cached}"
     assert all(np.array_equal(np.asarray(results[0].image), np.asarray(r.image)) for r in results)
 
 
@@ -110,7 +111,10 @@ def test_out_of_memory_fails_the_request_not_the_runner():
     with Runner.start(str(FIXTURE), timeout=120) as runner:
         assert list(runner.complete(small))[-1]["done"]
         # Take all but ~256 MB of what is free now, so the runner's next big allocation fails.
-        hog = mx.zeros(((gpu_free_bytes() >> 20) - 256, 1 << 20), dtype=mx.uint8)  # MiB rows: dims are int32
+        # In 1 GiB pieces: one 79 GB fill kernel overflows MLX's CUDA launch limits itself.
+        hog = [mx.zeros((1 << 30,), dtype=mx.uint8) for _ in range((gpu_free_bytes() - (512 << 20)) >> 30)]
+        mx.eval(hog)
+        hog += [mx.zeros((64 << 20,), dtype=mx.uint8) for _ in range((gpu_free_bytes() - (192 << 20)) >> 26)]
         mx.eval(hog)
         try:
             with pytest.raises(RunnerError) as failure:

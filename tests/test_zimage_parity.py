@@ -98,7 +98,7 @@ def test_final_latents_and_image(pipe, golden, meta, name):
     assert np.abs(pixels - expected).max() <= PIXEL_TOL
     assert (pixels != expected).mean() < OFF_PIXELS  # off-by-one only where a value sits on a rounding edge
     image_float = pipe.vae.decode_float(mx.array(result.latents))
-    np.testing.assert_allclose(image_float, golden[f"{name}/image_float"], atol=1e-4)
+    np.testing.assert_allclose(image_float, golden[f"{name}/image_float"], atol=float32_tol(1e-4, 1e-2))
 
 
 def test_vae_decoder_alone(pipe, golden):
