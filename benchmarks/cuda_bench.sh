@@ -53,9 +53,8 @@ image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
   done
   if python3 -c "import mflux" 2>/dev/null && [ -f benchmarks/gpu/mflux_side.py ]; then
     stamp "image $label: mflux"
-    local mflux_model=$model; [ "$model" = zimage ] || mflux_model=klein
     local ref=(); [ "${1:-}" = --edit ] && ref=(--reference "$WORK/reference-1024.png")
-    timeout ${MFLUX_TIMEOUT:-150} python3 -m benchmarks.gpu.mflux_side --model "$mflux_model" --folder "$folder" --width 1024 \
+    timeout ${MFLUX_TIMEOUT:-150} python3 -m benchmarks.gpu.mflux_side --model "$model" --folder "$folder" --width 1024 \
       --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "$ROUNDS" \
       --out "$WORK/image-$label-mflux.json" --image-out "$WORK/image-$label-mflux.png" "${ref[@]}"
   fi

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "flux2-klein-tiny"
 
 
@@ -41,6 +43,12 @@ SMALL = KleinShape("small", double=2, single=6, heads=8, head_dim=64, axes=(16, 
 KLEIN_4B = KleinShape("klein4b", double=5, single=20, heads=24, head_dim=128, axes=(32, 32, 32, 32), text_hidden=2560,
                       text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128, text_intermediate=9728,
                       vae_channels=(128, 256, 512, 512), dtype="bfloat16")
+
+
+def initial_latents(width: int, height: int) -> np.ndarray:
+    """The benchmarks' injected initial noise: Klein's latents are already 2x2-patchified, 4 x 32
+    channels at 1/16 of the size, [1, 128, H/16, W/16] (diffusers' `latents=` layout)."""
+    return np.random.default_rng(0).standard_normal((1, 128, height // 16, width // 16)).astype(np.float32)
 
 
 def build(shape: KleinShape, folder: Path, device: str = "cpu", text_encoder: Path | None = None) -> Path:

@@ -37,11 +37,6 @@ RESULTS: dict[tuple[str, str], dict] = {}
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "goldens" / "flux2_klein" / "ref_a.png"
 
 
-def _latents(width: int, height: int) -> np.ndarray:
-    # Klein's initial latents are already 2x2-patchified: 4 x 32 channels at 1/16 of the size.
-    return np.random.default_rng(0).standard_normal((1, 128, height // 16, width // 16)).astype(np.float32)
-
-
 class Sides:
     def __init__(self, folder: Path, dtype: str):
         torch.set_num_threads(2)
@@ -54,11 +49,11 @@ class Sides:
     def run_ours(self, width, height, steps, images):
         start = time.perf_counter()
         result = self.ours.run(PROMPT, width=width, height=height, steps=steps, images=images,
-                               latents=_latents(width, height))
+                               latents=flux2_models.initial_latents(width, height))
         return time.perf_counter() - start, np.asarray(result.image), result.timings["denoise"]
 
     def run_peer(self, width, height, steps, images):
-        latents = torch.from_numpy(_latents(width, height)).to(self.device)
+        latents = torch.from_numpy(flux2_models.initial_latents(width, height)).to(self.device)
         kwargs = dict(width=width, height=height, num_inference_steps=steps, latents=latents)
         if images:
             kwargs["image"] = images

@@ -53,10 +53,6 @@ def small_folder() -> Path:
     return zimage_models.build(zimage_models.SMALL, CACHE / "zimage-small")
 
 
-def _latents(width: int, height: int) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
-
-
 class Sides:
     """Both pipelines loaded once; each call makes one image and returns (seconds, pixels, denoise seconds)."""
 
@@ -72,11 +68,11 @@ class Sides:
     def run_ours(self, width: int, height: int, steps: int):
         start = time.perf_counter()
         result = self.ours.run(PROMPT, width=width, height=height, steps=steps, guidance=0.0,
-                               latents=_latents(width, height))
+                               latents=zimage_models.initial_latents(width, height))
         return time.perf_counter() - start, np.asarray(result.image), result.timings["denoise"]
 
     def run_peer(self, width: int, height: int, steps: int):
-        latents = torch.from_numpy(_latents(width, height)).to(self.device)
+        latents = torch.from_numpy(zimage_models.initial_latents(width, height)).to(self.device)
         with torch.inference_mode():
             start = time.perf_counter()
             image = self.peer(PROMPT, width=width, height=height, num_inference_steps=steps, guidance_scale=0.0,

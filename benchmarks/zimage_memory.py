@@ -13,9 +13,9 @@ import sys
 
 def main() -> None:
     side, folder, width, height, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-    import numpy as np
+    from benchmarks.zimage_models import initial_latents
 
-    latents = np.random.default_rng(0).standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
+    latents = initial_latents(width, height)
     if side == "ours":
         import mlxrunner  # noqa: F401  (before mlx.core: the BLAS shim)
         import mlx.core as mx

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "zimage-tiny"
 
 
@@ -43,6 +45,12 @@ TURBO = ZImageShape("turbo", dim=3840, n_heads=30, n_layers=30, n_refiner_layers
                     text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
                     text_intermediate=9728, vae_channels=(128, 256, 512, 512), vae_layers_per_block=2,
                     dtype="bfloat16")
+
+
+def initial_latents(width: int, height: int) -> np.ndarray:
+    """The benchmarks' injected initial noise, in diffusers' `latents=` layout [1, 16, H/8, W/8]:
+    every side of a comparison starts from it."""
+    return np.random.default_rng(0).standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
 
 
 def build(shape: ZImageShape, folder: Path, device: str = "cpu", text_encoder: Path | None = None) -> Path:

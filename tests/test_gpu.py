@@ -22,16 +22,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import ON_GPU, float32_tol
 from image_helpers import rel_error
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.launcher import Runner, RunnerError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "zimage-tiny"
-ON_GPU = mx.default_device() == mx.gpu
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="a GPU trap; on the CPU the convolution test covers the shapes")
-# float32 products on a CUDA GPU run at TF32-like precision (10-bit mantissa): ~1e-3 relative.
-FLOAT32_TOLERANCE = 5e-3 if ON_GPU else 1e-5
 
 
 def numpy_conv3x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -49,7 +47,7 @@ def test_convolution_with_more_than_65536_output_positions(size):
     w = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
     y = mx.conv2d(mx.array(x), mx.array(w), padding=1)
     assert y.shape == (1, size, size, 8)
-    assert rel_error(np.asarray(y), numpy_conv3x3(x, w)) < FLOAT32_TOLERANCE
+    assert rel_error(np.asarray(y), numpy_conv3x3(x, w)) < float32_tol(1e-5, 5e-3)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import flux2_models, zimage_models
+
 PROMPT = "a red fox in fresh snow at golden hour, 35mm photo, shallow depth of field"
 
 
 def initial_latents(model: str, size: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    if model == "zimage":
-        return rng.standard_normal((1, 16, size // 8, size // 8)).astype(np.float32)
-    return rng.standard_normal((1, 128, size // 16, size // 16)).astype(np.float32)  # Klein: 2x2-patchified
+    return (zimage_models if model == "zimage" else flux2_models).initial_latents(size, size)
 
 
 def reference_image(size: int):
