@@ -166,6 +166,9 @@ void bind_decoder(nb::module_& m) {
           },
           "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
+      .def("eval_weights", &mlxr::Decoder::eval_weights,
+           "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
+           "the fused projections then free the checkpoint's separate arrays as they go).")
       .def_prop_ro("vocab_size", [](const mlxr::Decoder& self) { return self.config().vocab_size; });
 
   nb::class_<mlxr::Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")

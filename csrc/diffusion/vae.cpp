@@ -17,9 +17,8 @@ ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channel
 }
 
 mx::array ResnetBlock::operator()(const mx::array& x) const {
-  auto h = conv1(silu(norm1(x)));
-  h = conv2(silu(norm2(h)));
-  return mx::add(conv_shortcut ? (*conv_shortcut)(x) : x, h);
+  auto h = conv1(norm1(x, /*then_silu=*/true));
+  return conv2(norm2(h, /*then_silu=*/true), conv_shortcut ? (*conv_shortcut)(x) : x);
 }
 
 VaeAttention VaeAttention::load(const Weights& w, int channels, const VaeConfig& c) {
@@ -99,7 +98,7 @@ mx::array VaeDecoder::operator()(const mx::array& z) const {
     for (const auto& resnet : block.resnets) x = resnet(x);
     if (block.upsampler) x = (*block.upsampler)(upsample_nearest_2x(x));
   }
-  return conv_out_(silu(norm_out_(x)));
+  return conv_out_(norm_out_(x, /*then_silu=*/true));
 }
 
 namespace {
@@ -203,7 +202,7 @@ mx::array VaeEncoder::operator()(const mx::array& image) const {
       x = (*block.downsampler)(x);
     }
   }
-  x = conv_out_(silu(norm_out_(mid_(x))));
+  x = conv_out_(norm_out_(mid_(x), /*then_silu=*/true));
   if (quant_conv_) x = (*quant_conv_)(x);
   // The posterior's mode is its mean: the first latent_channels channels.
   return mx::slice(x, {0, 0, 0, 0}, {x.shape(0), x.shape(1), x.shape(2), config_.latent_channels});

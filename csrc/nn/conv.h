@@ -16,10 +16,13 @@ struct Conv2d {
   static Conv2d load(const Weights& w, int in_channels, int out_channels, int kernel, int stride = 1,
                      int padding = -1 /* -1: kernel / 2, "same" for odd kernels */);
   mx::array operator()(const mx::array& x) const;  // x: [B, H, W, I]
+  // residual + conv(x), the bias and residual added in one fused pass on a GPU.
+  mx::array operator()(const mx::array& x, const mx::array& residual) const;
 };
 
 // GroupNorm as PyTorch computes it (statistics per sample and group over H, W and the group's
 // channels; biased variance), in float32 whatever the input dtype; output in the input dtype.
+// `then_silu` applies SiLU in the same pass (the VAE's norm -> SiLU pairs), fused on a GPU.
 struct GroupNorm {
   mx::array weight;
   mx::array bias;
@@ -27,7 +30,7 @@ struct GroupNorm {
   float eps;
 
   static GroupNorm load(const Weights& w, int channels, int groups, float eps);
-  mx::array operator()(const mx::array& x) const;  // x: [B, H, W, C]
+  mx::array operator()(const mx::array& x, bool then_silu = false) const;  // x: [B, H, W, C]
 };
 
 // Nearest-neighbour upsampling by 2 in H and W (torch's interpolate(scale_factor=2, "nearest")).

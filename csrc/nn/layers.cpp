@@ -13,6 +13,20 @@ Linear Linear::load(const Weights& w, int in_features, int out_features, bool wi
   return layer;
 }
 
+Linear Linear::concat(const std::vector<Linear>& parts) {
+  std::vector<mx::array> weights, biases;
+  for (const auto& part : parts) {
+    weights.push_back(part.weight);
+    if (part.bias) biases.push_back(*part.bias);
+  }
+  if (!biases.empty() && biases.size() != parts.size()) {
+    throw std::invalid_argument("Linear::concat: some parts have a bias and some do not");
+  }
+  Linear fused{mx::concatenate(weights, 0), std::nullopt};
+  if (!biases.empty()) fused.bias = mx::concatenate(biases, 0);
+  return fused;
+}
+
 mx::array Linear::operator()(const mx::array& x) const {
   // transpose is a view: matmul reads W with swapped strides, no copy of the weight.
   auto y = mx::matmul(x, mx::transpose(weight));

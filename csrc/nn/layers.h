@@ -11,7 +11,11 @@ struct Linear {
   std::optional<mx::array> bias;
 
   static Linear load(const Weights& w, int in_features, int out_features, bool with_bias = true);
+  // One layer computing `parts` side by side (outputs concatenated in order): one matmul instead
+  // of several over the same input. The concatenation stays lazy until evaluated.
+  static Linear concat(const std::vector<Linear>& parts);
   mx::array operator()(const mx::array& x) const;
+  int out_features() const { return weight.shape(0); }
 };
 
 // LayerNorm over the last axis with learned scale and shift.

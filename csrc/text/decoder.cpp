@@ -40,16 +40,16 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
   auto attn = w.sub("self_attn");
   auto mlp = w.sub("mlp");
   DecoderLayer layer{
-      Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
-      Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
-      Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias),
+      Linear::concat({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
+                      Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+                      Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
       Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
       std::nullopt,
       std::nullopt,
       RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
       RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
-      Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
-      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias),
+      Linear::concat({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
+                      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
       Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
   };
   if (c.architecture == "qwen3") {
@@ -82,12 +82,16 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights)
 mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask) const {
   const int b = x.shape(0), t = x.shape(1), d = config_.head_dim;
-  auto heads = [&](const mx::array& y, int n) {
-    return mx::transpose(mx::reshape(y, {b, t, n, d}), {0, 2, 1, 3});  // [B, n, T, D]
+  const int hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
+  // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
+  auto qkv = mx::reshape(layer.qkv_proj(x), {b, t, hq + 2 * hkv, d});
+  auto heads = [&](int first, int n) {
+    auto part = mx::slice(qkv, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d});
+    return mx::transpose(part, {0, 2, 1, 3});  // [B, n, T, D]
   };
-  auto q = heads(layer.q_proj(x), config_.num_attention_heads);
-  auto k = heads(layer.k_proj(x), config_.num_key_value_heads);
-  auto v = heads(layer.v_proj(x), config_.num_key_value_heads);
+  auto q = heads(0, hq);
+  auto k = heads(hq, hkv);
+  auto v = heads(hq + hkv, hkv);
   if (layer.q_norm) {
     q = (*layer.q_norm)(q);
     k = (*layer.k_norm)(k);
@@ -109,8 +113,33 @@ mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, 
                                  const std::optional<mx::array>& mask) const {
   auto h = mx::add(x, attention(layer, layer.input_norm(x), cache, offset, mask));
   auto y = layer.post_attention_norm(h);
-  auto mlp = layer.down_proj(gated_silu(layer.gate_proj(y), layer.up_proj(y)));
+  auto gate_up = layer.gate_up_proj(y);  // [B, T, 2 F]: gate | up
+  const int f = config_.intermediate_size, b = y.shape(0), t = y.shape(1);
+  auto gate = mx::slice(gate_up, mx::Shape{0, 0, 0}, mx::Shape{b, t, f});
+  auto up = mx::slice(gate_up, mx::Shape{0, 0, f}, mx::Shape{b, t, 2 * f});
+  auto mlp = layer.down_proj(gated_silu(gate, up));
   return mx::add(h, mlp);
+}
+
+void Decoder::eval_weights() const {
+  auto linear = [](std::vector<mx::array>& out, const Linear& l) {
+    out.push_back(l.weight);
+    if (l.bias) out.push_back(*l.bias);
+  };
+  for (const auto& layer : layers_) {
+    std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
+    for (const Linear* l : {&layer.qkv_proj, &layer.o_proj, &layer.gate_up_proj, &layer.down_proj}) {
+      linear(arrays, *l);
+    }
+    if (layer.q_norm) {
+      arrays.push_back(layer.q_norm->weight);
+      arrays.push_back(layer.k_norm->weight);
+    }
+    mx::eval(arrays);
+  }
+  std::vector<mx::array> rest{embed_tokens_.weight, norm_.weight};
+  if (lm_head_) linear(rest, *lm_head_);
+  mx::eval(rest);
 }
 
 mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache) const {

@@ -63,6 +63,8 @@ class Qwen3TextEncoder:
             self._decoder = _core.Decoder(self.config, weights)
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: {self.component}: {exc}") from None
+        del weights  # see LanguageModel: the fused projections then hold the only references
+        self._decoder.eval_weights()
 
     def release(self) -> None:
         """Drop the network's arrays (small-memory machines); the next encode loads it again."""

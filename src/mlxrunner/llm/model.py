@@ -124,9 +124,10 @@ class LanguageModel:
             self.decoder = _core.Decoder(self.core_config, weights)
         except ValueError as exc:
             raise ModelError(f"{source.location}: {exc}") from None
-        import mlx.core as mx
-
-        mx.eval(list(weights.values()))
+        # The decoder keeps what it uses (q/k/v and gate/up fused into one layer each); dropping the
+        # dict first lets eval_weights free each layer's separate checkpoint arrays once fused.
+        del weights
+        self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
 
     # --- text <-> ids ---------------------------------------------------------------------------
