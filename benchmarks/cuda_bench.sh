@@ -2,12 +2,18 @@
 # The NVIDIA GPU benchmark in one go: build _core against the MLX CUDA install, build the full-size
 # random-weight models, check and time ours against mlx-lm, diffusers and mflux, write the table.
 #
-#   bash benchmarks/cuda_bench.sh OUT_DIR [PHASE ...]      PHASES: build models llm images report (default: all)
+#   bash benchmarks/cuda_bench.sh OUT_DIR [PHASE ...]
+#
+# PHASES: build models llm images report (the default: all five, ~8-9 min on an H100 with mflux, inside
+# the device's 10-minute call) and profile (kernel profiles and an MLX CUDA-graph settings sweep,
+# benchmarks/gpu/profile.py, ~3 min; run it in a second call, after the models exist).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; ../shared/docs/DEVICE.md shows how on
-# the lent machine) and torch + diffusers importable (the peers). Env: MODELS (model folders, default
-# /root/bench-models, ~46 GB), WORK (per-side JSON and images, default /root/bench-work), PROJ (where
-# _core is built to, default /root/proj), ROUNDS (timed rounds per case, default 3).
+# the lent machine) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
+# default /dev/shm/bench-models where /dev/shm has 60 GB free: written to memory, the models phase is
+# not bound by the disk; else /root/bench-models), WORK (per-side JSON and images, default
+# /root/bench-work), PROJ (where _core is built to, default /root/proj), ROUNDS (timed rounds per case,
+# default 3), MFLUX_ROUNDS (default 1: mflux's VAE decode alone takes ~8 s an image), MFLUX_TIMEOUT (per mflux case, default 110 s).
 # What comes back: OUT/results.json (every number), OUT/table.md (the tables for benchmarks/README.md),
 # OUT/bench.log (this script's output).
 set -uo pipefail
@@ -16,14 +22,18 @@ shift
 PHASES=${*:-build models llm images report}
 SITE=${SITE:-/root/site}
 PROJ=${PROJ:-/root/proj}
-MODELS=${MODELS:-/root/bench-models}
+shm_free_gb() { df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9; }
+if [ -z "${MODELS:-}" ]; then
+  if [ "$(shm_free_gb || echo 0)" -ge 60 ] 2>/dev/null; then MODELS=/dev/shm/bench-models; else MODELS=/root/bench-models; fi
+fi
 WORK=${WORK:-/root/bench-work}
 ROUNDS=${ROUNDS:-3}
 mkdir -p "$OUT" "$MODELS" "$WORK"
 exec > >(tee -a "$OUT/bench.log") 2>&1
 export PYTHONPATH=$PROJ:$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 has() { [[ " $PHASES " == *" $1 "* ]]; }
-stamp() { echo "=== $(date +%T) $*"; }
+START=$SECONDS
+stamp() { echo "=== $(date +%T) (+$((SECONDS - START)) s) $*"; }
 
 if has build; then
   stamp "build _core against $(PYTHONPATH=$SITE python3 -c 'import mlx.core as m; print(m.__version__, m.default_device())')"
@@ -54,8 +64,8 @@ image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
   if python3 -c "import mflux" 2>/dev/null && [ -f benchmarks/gpu/mflux_side.py ]; then
     stamp "image $label: mflux"
     local ref=(); [ "${1:-}" = --edit ] && ref=(--reference "$WORK/reference-1024.png")
-    timeout ${MFLUX_TIMEOUT:-150} python3 -m benchmarks.gpu.mflux_side --model "$model" --folder "$folder" --width 1024 \
-      --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "$ROUNDS" \
+    timeout ${MFLUX_TIMEOUT:-110} python3 -m benchmarks.gpu.mflux_side --model "$model" --folder "$folder" --width 1024 \
+      --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "${MFLUX_ROUNDS:-1}" \
       --out "$WORK/image-$label-mflux.json" --image-out "$WORK/image-$label-mflux.png" "${ref[@]}"
   fi
 }
@@ -71,6 +81,12 @@ reference_image(1024).save('$WORK/reference-1024.png')"
   image_case zimage "$MODELS/zimage-turbo" 9 zimage-turbo-t2i
   image_case klein "$MODELS/klein-4b" 4 klein-4b-t2i
   image_case klein "$MODELS/klein-4b" 4 klein-4b-edit --edit
+fi
+
+if has profile; then
+  stamp "profile: kernels per decode token and VAE decode, MLX CUDA-graph settings"
+  budget=${PROFILE_BUDGET:-400}  # seconds; sections that would start later are skipped and recorded
+  timeout $((budget + 90)) python3 -m benchmarks.gpu.profile --models-dir "$MODELS" --out "$OUT" --budget-s "$budget"
 fi
 
 if has report; then

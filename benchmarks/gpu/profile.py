@@ -779,8 +779,9 @@ def _ncu_lines(label: str, ncu: dict | None, per: int) -> list[str]:
     s = ncu["summary"]
     start = (ncu.get("child") or {}).get("cudaProfilerStart")
     warn = f" (cudaProfilerStart returned {start})" if start else ""
-    return [f"- {label}: ncu fallback{warn} ({per} {'tokens' if per > 1 else 'decode'}): {s['kernels'] / per:.1f} kernels "
-            f"and {s['kernel_sum_ms'] / per:.3f} ms per {'token' if per > 1 else 'decode'}; categories ms: "
+    unit = "token" if per > 1 else "decode"
+    return [f"- {label}: ncu fallback{warn} ({per} {unit}{'s' if per > 1 else ''}): {s['kernels'] / per:.1f} kernels "
+            f"and {s['kernel_sum_ms'] / per:.3f} ms per {unit}; categories ms: "
             + ", ".join(f"{c} {ms / per:.3f}" for c, ms in s["categories_ms"].items() if ms)]
 
 

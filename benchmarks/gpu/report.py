@@ -57,7 +57,7 @@ def image_rows(work: Path) -> tuple[list[str], dict]:
             if r is None:
                 continue
             name = f"{label} ({title})" if side == "ours" else ""
-            if r.get("error"):
+            if r.get("error") and "total_s" not in r:
                 lines.append(f"| {name} | {side} | error: {r['error'][:120]} | | | | | | |")
                 continue
             ratio, similarity = "", ""
@@ -67,6 +67,8 @@ def image_rows(work: Path) -> tuple[list[str], dict]:
                 data[label]["image_vs_ours"][side] = cmp
                 if cmp and "max_abs" in cmp:
                     similarity = f"max {cmp['max_abs']}, mean {cmp['mean_abs']:.2f}, {cmp['psnr_db']:.1f} dB"
+            if r.get("from_warmup_only"):
+                side = f"{side} (warm-up only: its timed rounds hit the time limit)"
             peak = r.get("peak_gpu_bytes")
             lines.append(f"| {name} | {side} | {r['total_s']:.3f} | {r['encode_s']:.3f} | {r['denoise_s']:.3f} | "
                          f"{r['decode_s']:.3f} | {peak / GIB:.1f} | {ratio} | {similarity} |" if peak else
