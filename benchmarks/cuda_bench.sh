@@ -13,7 +13,7 @@
 # default /dev/shm/bench-models where /dev/shm has 60 GB free: written to memory, the models phase is
 # not bound by the disk; else /root/bench-models), WORK (per-side JSON and images, default
 # /root/bench-work), PROJ (where _core is built to, default /root/proj), ROUNDS (timed rounds per case,
-# default 3), MFLUX_ROUNDS (default 1: mflux's VAE decode alone takes ~8 s an image), MFLUX_TIMEOUT (per mflux case, default 110 s).
+# default 3), DEADLINE (default 560 s, see below), MFLUX_ROUNDS (default 1: mflux's VAE decode alone takes ~8 s an image), MFLUX_TIMEOUT (per mflux case, default 110 s).
 # What comes back: OUT/results.json (every number), OUT/table.md (the tables for benchmarks/README.md),
 # OUT/bench.log (this script's output).
 set -uo pipefail
@@ -34,6 +34,13 @@ export PYTHONPATH=$PROJ:$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORM
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 START=$SECONDS
 stamp() { echo "=== $(date +%T) (+$((SECONDS - START)) s) $*"; }
+# DEADLINE (seconds after start, default 560): the image cases shrink their time limits to what is
+# left, or are skipped and say so, so that the report phase still runs inside one 10-minute call.
+DEADLINE=${DEADLINE:-560}
+limit() {  # usage: limit WANTED_S RESERVE_S -> the seconds a case may take (0: skip it)
+  local left=$((DEADLINE - (SECONDS - START) - $2))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 
 if has build; then
   stamp "build _core against $(PYTHONPATH=$SITE python3 -c 'import mlx.core as m; print(m.__version__, m.default_device())')"
@@ -56,15 +63,19 @@ fi
 image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
   local model=$1 folder=$2 steps=$3 label=$4; shift 4
   for side in ours diffusers; do
-    stamp "image $label: $side"
-    timeout 240 python3 -m benchmarks.gpu.image_bench --side $side --model "$model" --folder "$folder" \
+    local t; t=$(limit 240 10)
+    if [ "$t" = 0 ]; then stamp "image $label: $side SKIPPED (deadline ${DEADLINE}s)"; continue; fi
+    stamp "image $label: $side (limit ${t}s)"
+    timeout "$t" python3 -m benchmarks.gpu.image_bench --side $side --model "$model" --folder "$folder" \
       --steps "$steps" --size 1024 --rounds "$ROUNDS" --out "$WORK/image-$label-$side.json" \
       --image-out "$WORK/image-$label-$side.png" "$@"
   done
   if python3 -c "import mflux" 2>/dev/null && [ -f benchmarks/gpu/mflux_side.py ]; then
-    stamp "image $label: mflux"
+    local t; t=$(limit "${MFLUX_TIMEOUT:-110}" 10)
+    if [ "$t" = 0 ]; then stamp "image $label: mflux SKIPPED (deadline ${DEADLINE}s)"; return; fi
+    stamp "image $label: mflux (limit ${t}s)"
     local ref=(); [ "${1:-}" = --edit ] && ref=(--reference "$WORK/reference-1024.png")
-    timeout ${MFLUX_TIMEOUT:-110} python3 -m benchmarks.gpu.mflux_side --model "$model" --folder "$folder" --width 1024 \
+    timeout "$t" python3 -m benchmarks.gpu.mflux_side --model "$model" --folder "$folder" --width 1024 \
       --height 1024 --steps "$steps" --latents "$WORK/latents-$model-1024.npy" --rounds "${MFLUX_ROUNDS:-1}" \
       --out "$WORK/image-$label-mflux.json" --image-out "$WORK/image-$label-mflux.png" "${ref[@]}"
   fi
