@@ -1,8 +1,9 @@
-"""GPU kernel profile of the rows below their speed goals: LLM decode, MLX's CUDA graph settings, the image VAE.
+"""GPU kernel profile of the rows below their speed goals: LLM decode, MLX's CUDA graph settings, the image
+VAE, the image denoiser and each image phase's peak memory.
 
-    python -m benchmarks.gpu.profile --models-dir DIR --out OUTDIR [--cases llm,sweep,vae] \\
+    python -m benchmarks.gpu.profile --models-dir DIR --out OUTDIR [--cases llm,vae,denoise,sweep] \\
         [--llm-models qwen3-0.6b,qwen3-4b,llama3-8b] [--tokens 32] [--sweep-models qwen3-0.6b,qwen3-4b] \\
-        [--vae-latent 128] [--budget-s 560]
+        [--vae-latent 128] [--denoise-steps 2] [--denoise-size 1024] [--budget-s 560]
 
 Kernels are captured with torch's profiler (Kineto over CUPTI): CUPTI's activity tracing records
 every kernel the process launches, MLX's included, also the kernel nodes of the CUDA graphs MLX's
@@ -22,7 +23,7 @@ Nsight Compute (`ncu --profile-from-start off --metrics gpu__time_duration.sum -
 the child calling cudaProfilerStart/Stop through ctypes around a short region (4 decode tokens, or
 one VAE decode); ncu serialises kernels, so it gives per-kernel times but no busy fraction.
 
-Cases (run in the order llm, vae, sweep; the sweep is the longest):
+Cases (run in the order llm, vae, denoise, sweep; the sweep is the longest):
 1. llm: per model (smallest first), ours (`_core.Generator`, as llm_bench.Ours) and mlx-lm
    (llm_bench.Peer) in this process: a 128-token prompt (llm_bench.prompt), a 40-token warm-up run;
    a fresh run, the first token (prefill) and 8 more, then 64 tokens timed without the profiler
@@ -36,7 +37,9 @@ Cases (run in the order llm, vae, sweep; the sweep is the longest):
    z / scaling_factor + shift_factor as its pipeline) in a child process so torch's CUDA allocations
    and MLX's never share one. Both sides end on host pixels in [0, 1]. One warm-up, one profiled
    decode, and the median of 3 unprofiled decodes.
-3. sweep: MLX reads MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph before it is
+3. denoise: the Z-Image denoiser's kernels per step and each image phase's peak memory, ours and
+   diffusers' (benchmarks/gpu/profile_image.py says how).
+4. sweep: MLX reads MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph before it is
    launched; 100 on an H100 by default) and MLX_MAX_MB_PER_BUFFER once at start-up, so each setting x
    model is a child process (no torch): both sides loaded, a 64-token warm-up each, then 2 rounds
    of a fresh 128-token-prompt run per side, decode tok/s over tokens 2..128, median of the rounds.
@@ -74,11 +77,13 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from benchmarks.gpu import profile_image  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LLMS = ["qwen3-0.6b", "qwen3-4b", "llama3-8b"]
 DEFAULT_SWEEP_MODELS = ["qwen3-0.6b", "qwen3-4b"]
 VAE_FOLDER = "zimage-turbo"
-CASES = ["llm", "vae", "sweep"]  # run order: the cheap, most wanted figures first
+CASES = ["llm", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
 SIDES = ["ours", "mlx-lm"]
 CHUNK = 2048  # prefill chunk, both sides (llm_bench's default)
 PROMPT_TOKENS = 128
@@ -635,6 +640,15 @@ def vae_child(args) -> int:
     return 0
 
 
+def denoise_child(args) -> int:
+    try:
+        result = profile_image.diffusers_side(args, KernelProfiler, median_ms)
+    except Exception:  # noqa: BLE001
+        result = {"error": error_text()}
+    Path(args.child_out).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 # --- case: sweep -------------------------------------------------------------------------------------
 
 
@@ -834,6 +848,9 @@ def markdown(report: dict) -> str:
             notes += _top_lines(side, p, 1)
             notes += _ncu_lines(side, r.get("ncu"), 1)
         lines += ["", "Top kernels (count and ms per decode):", "", *notes, ""]
+    if "denoise" in report:
+        lines += profile_image.markdown_lines(report["denoise"], categories=CATEGORY_NAMES, cats=_cats,
+                                              top_lines=_top_lines, f=_f, pct=_pct, last_line=last_line)
     if "sweep" in report:
         lines += ["## MLX CUDA graph settings vs decode tok/s (prompt 128, tokens 2..128, median of 2)", "",
                   "| setting | model | ours tok/s | mlx-lm tok/s | ours / mlx-lm |", "|---|---|---|---|---|"]
@@ -864,11 +881,14 @@ def parse_args(argv):
     parser.add_argument("--sweep-models", default=",".join(DEFAULT_SWEEP_MODELS))
     parser.add_argument("--tokens", type=int, default=32, help="profiled decode tokens per side")
     parser.add_argument("--vae-latent", type=int, default=128, help="latent height = width (128: a 1024² image)")
+    parser.add_argument("--denoise-steps", type=int, default=2, help="denoising steps profiled per side")
+    parser.add_argument("--denoise-size", type=int, default=1024, help="image side of the denoise case")
     parser.add_argument("--budget-s", type=float, default=560,
                         help="skip sections that would start past this many seconds (the device's limit is 600)")
     # internal modes (this script as its own child)
     parser.add_argument("--sweep-child", help=argparse.SUPPRESS)
     parser.add_argument("--vae-child", help=argparse.SUPPRESS)
+    parser.add_argument("--denoise-child", help=argparse.SUPPRESS)
     parser.add_argument("--ncu-child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -884,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_child(args)
     if args.vae_child:
         return vae_child(args)
+    if args.denoise_child:
+        return denoise_child(args)
     if args.ncu_child:
         return ncu_child(args)
 
@@ -903,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         report["errors"]["cases"] = f"unknown case(s) {unknown}; known: {', '.join(CASES)}"
     mx = None
-    if {"llm", "vae"} & set(args.cases):
+    if {"llm", "vae", "denoise"} & set(args.cases):
         try:
             import mlxrunner  # noqa: F401, I001  (first: MLX's CUDA libraries load before torch's)
             import mlx.core as mx
@@ -927,6 +949,10 @@ def main(argv: list[str] | None = None) -> int:
                     case_llm(mx, args, report, profiler, save, deadline)
                 elif case == "vae":
                     case_vae(mx, args, report, profiler, save, deadline)
+                elif case == "denoise":
+                    profile_image.case_denoise(mx, args, report, profiler, save, deadline, median_ms=median_ms,
+                                               free=free, run_json_child=run_json_child, log=log,
+                                               error_text=error_text)
                 else:
                     case_sweep(args, report, save, deadline)
             except Exception:  # noqa: BLE001  (one case's failure must not stop the others)

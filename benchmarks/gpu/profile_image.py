@@ -1,0 +1,207 @@
+"""The image rows' profile case for benchmarks/gpu/profile.py: the Z-Image denoiser's kernels per step
+and each phase's peak memory, ours and diffusers'.
+
+    python -m benchmarks.gpu.profile --models-dir DIR --out OUT --cases denoise [--denoise-steps 2] \
+        [--denoise-size 1024]
+
+Why: the image rows of benchmarks/README.md sit below their 1.25x goal against diffusers, with the
+denoise phase ~90 % of an image, and ours peaks ~9 GiB above diffusers on the GPU; the VAE case of
+profile.py covers only the decode. Both sides use DIR/zimage-turbo (Z-Image-Turbo-shaped), the
+benchmark's prompt, 1024 x 1024 (--denoise-size) and the same initial latents (image_bench.initial_latents).
+
+- Kernels: one call of `--denoise-steps` steps (default 2; a step costs the same whatever its sigma)
+  under torch's profiler, after one warm-up call; figures per step. Ours: `_core.zimage_denoise` on
+  prompt embeddings encoded once (the pipeline's own call, no classifier-free guidance, as Turbo
+  runs); diffusers: ZImagePipeline(prompt_embeds=..., output_type="latent"), bf16, in a child process
+  (torch's and MLX's CUDA allocations never share one). The unprofiled median of 3 calls is recorded.
+- Memory: on a freshly loaded pipeline, the allocator's peak above what is already held, per phase:
+  text encode, a 9-step denoise, VAE decode (ours: MLX's `get_peak_memory` after `reset_peak_memory`;
+  diffusers: `max_memory_allocated` after `reset_peak_memory_stats`), and what the loaded weights hold.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+FOLDER = "zimage-turbo"
+MEMORY_STEPS = 9  # as the benchmark's Z-Image row
+GIB = 2**30
+
+
+def _ours_pipeline(args):
+    import mlx.core as mx
+
+    from benchmarks.gpu.image_bench import PROMPT, initial_latents
+    from mlxrunner.imagegen import load_pipeline
+
+    pipe = load_pipeline(str(args.models_dir / FOLDER))
+    weights_gib = mx.get_active_memory() / GIB
+    caption, _ = pipe._encode(PROMPT)
+    mx.eval(caption)
+    noise = mx.array(initial_latents("zimage", args.denoise_size))
+    return pipe, caption, noise, weights_gib
+
+
+def _ours_denoise(pipe, caption, noise, steps: int):
+    size = 8 * noise.shape[-1]
+    import mlx.core as mx
+
+    from mlxrunner import _core
+
+    final = _core.zimage_denoise(pipe.transformer, noise, pipe.sigmas(steps, size, size), caption, None, 0.0, None)
+    mx.eval(final)
+    mx.synchronize()
+    return final
+
+
+def ours_phase_memory(mx, pipe, noise, weights_gib: float) -> dict:
+    """Peak GiB above what is held, per phase, on the MLX side."""
+    from benchmarks.gpu.image_bench import PROMPT
+
+    def peak_of(fn):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        held = mx.get_active_memory()
+        result = fn()
+        mx.synchronize()
+        return result, (mx.get_peak_memory() - held) / GIB
+
+    def encode():
+        caption = pipe._encode(PROMPT)[0]
+        mx.eval(caption)
+        return caption
+
+    caption, encode = peak_of(encode)
+    final, denoise = peak_of(lambda: _ours_denoise(pipe, caption, noise, MEMORY_STEPS))
+    _, decode = peak_of(lambda: pipe.vae.decode(final))
+    return {"weights_gib": weights_gib, "encode_gib": encode, "denoise_gib": denoise, "decode_gib": decode}
+
+
+def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, median_ms, free, run_json_child,
+                 log, error_text) -> None:
+    steps = args.denoise_steps
+    section = report.setdefault("denoise", {"settings": {
+        "model": f"{FOLDER} (Z-Image-Turbo-shaped DiT)", "size": args.denoise_size, "profiled_steps": steps,
+        "memory_steps": MEMORY_STEPS, "guidance": 0.0}})
+    log("[denoise] ours")
+    try:
+        pipe, caption, noise, weights_gib = _ours_pipeline(args)
+        _ours_denoise(pipe, caption, noise, steps)  # warm-up
+        ours = {"unprofiled_ms_per_step": median_ms(lambda: _ours_denoise(pipe, caption, noise, steps), 3) / steps}
+        ours["profile"] = profiler.run("denoise-ours", lambda: _ours_denoise(pipe, caption, noise, steps), per=steps)
+        ours["memory"] = ours_phase_memory(mx, pipe, noise, weights_gib)
+        section["ours"] = ours
+        log(f"[denoise] ours: {ours['unprofiled_ms_per_step']:.1f} ms/step unprofiled, "
+            f"{ours['profile']['kernels'] / steps:.0f} kernels/step; memory {ours['memory']}")
+        del pipe, caption, noise
+    except Exception:  # noqa: BLE001
+        section["ours"] = {"error": error_text()}
+        log(f"[denoise] ours ERROR\n{section['ours']['error']}")
+    free(mx)
+    save()
+    if time.perf_counter() > deadline:
+        section["diffusers"] = {"skipped": "time budget"}
+        return
+    log("[denoise] diffusers (child)")
+    section["diffusers"] = run_json_child(
+        ["--denoise-child", "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out),
+         "--denoise-steps", str(steps)], None, min(300, deadline - time.perf_counter()))
+    save()
+
+
+def diffusers_side(args, profiler_cls, median_ms) -> dict:
+    """The diffusers half, run in a child process (see the module docstring)."""
+    import tempfile
+
+    import diffusers
+    import torch
+
+    from benchmarks.gpu.image_bench import PROMPT, initial_latents
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # CPU: a smoke test
+    steps = args.denoise_steps
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    out: dict = {"device": device, "dtype": str(dtype), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    pipe = diffusers.ZImagePipeline.from_pretrained(str(args.models_dir / FOLDER), torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    sync()
+    weights = torch.cuda.memory_allocated() if cuda else None
+    latents = torch.from_numpy(initial_latents("zimage", args.denoise_size)).to(device)
+
+    def encode():
+        with torch.inference_mode():
+            embeds, _ = pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False)
+        sync()
+        return embeds
+
+    def denoise(embeds, n: int):
+        with torch.inference_mode():
+            size = args.denoise_size
+            final = pipe(prompt_embeds=embeds, height=size, width=size, num_inference_steps=n, guidance_scale=0.0,
+                         latents=latents, output_type="latent").images
+        sync()
+        return final
+
+    def decode(final):
+        # As ZImagePipeline's decode: cast to the VAE's dtype, z / scaling + shift.
+        with torch.inference_mode():
+            z = final.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+            image = pipe.vae.decode(z, return_dict=False)[0]
+        sync()
+        return image
+
+    embeds = encode()
+    denoise(embeds, steps)  # warm-up
+    out["unprofiled_ms_per_step"] = median_ms(lambda: denoise(embeds, steps), 3) / steps
+    with tempfile.TemporaryDirectory(prefix="denoise-prof-") as tmp:
+        out["profile"] = profiler_cls(Path(tmp)).run("denoise-diffusers", lambda: denoise(embeds, steps), per=steps,
+                                                     empty_note="torch profiler saw no CUDA kernels")
+    if cuda:
+        def peak_of(fn):
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+            result = fn()
+            return result, (torch.cuda.max_memory_allocated() - held) / GIB
+
+        embeds, encode_gib = peak_of(encode)
+        final, denoise_gib = peak_of(lambda: denoise(embeds, MEMORY_STEPS))
+        _, decode_gib = peak_of(lambda: decode(final))
+        out["memory"] = {"weights_gib": weights / GIB, "encode_gib": encode_gib, "denoise_gib": denoise_gib,
+                         "decode_gib": decode_gib}
+    return out
+
+
+def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, pct, last_line) -> list[str]:
+    s = section["settings"]
+    steps = s["profiled_steps"]
+    lines = [f"## Denoise, {s['size']}x{s['size']} ({s['model']}; {steps} profiled steps; per step)", "",
+             f"| side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | {' | '.join(categories)} |",
+             "|" + "---|" * (7 + len(categories))]
+    notes, memory = [], []
+    for side in ("ours", "diffusers"):
+        r = section.get(side, {})
+        p = r.get("profile")
+        if not p:
+            reason = r.get("skipped") or last_line(r.get("error", "not run"))
+            lines.append(f"| {side} | {reason} |" + " |" * (5 + len(categories)))
+            continue
+        busy = None if p["busy_ms"] is None else p["busy_ms"] / steps
+        lines.append(f"| {side} | {f(r.get('unprofiled_ms_per_step'), 1)} | {f(p['wall_ms'] / steps, 1)} | "
+                     f"{p['kernels'] / steps:.0f} | {f(p['kernel_sum_ms'] / steps, 1)} | {f(busy, 1)} | "
+                     f"{pct(p['busy_fraction'])} | {cats(p, steps)} |")
+        notes += top_lines(side, p, steps)
+        m = r.get("memory")
+        if m:
+            memory.append(f"| {side} | {f(m['weights_gib'])} | {f(m['encode_gib'])} | {f(m['denoise_gib'])} | "
+                          f"{f(m['decode_gib'])} |")
+    lines += ["", "Top kernels (count and ms per step):", "", *[n.replace("ms/token", "ms/step") for n in notes], ""]
+    if memory:
+        lines += [f"Peak memory per phase, GiB above what was already held ({s['memory_steps']}-step denoise):", "",
+                  "| side | weights held | text encode | denoise | VAE decode |", "|---|---|---|---|---|", *memory, ""]
+    return lines
