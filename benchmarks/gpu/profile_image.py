@@ -14,6 +14,11 @@ benchmark's prompt, 1024 x 1024 (--denoise-size) and the same initial latents (i
   prompt embeddings encoded once (the pipeline's own call, no classifier-free guidance, as Turbo
   runs); diffusers: ZImagePipeline(prompt_embeds=..., output_type="latent"), bf16, in a child process
   (torch's and MLX's CUDA allocations never share one). The unprofiled median of 3 calls is recorded.
+- Cache A/B: whole `pipe.run` images (9 steps), as shipped (the pipeline calls `mx.clear_cache()` before and
+  after the VAE decode, returning every cached buffer to the driver) and with `mx.clear_cache` made a no-op
+  in this process (MLX keeps its buffers, as torch's caching allocator does), alternating, 3 rounds each
+  after a warm-up of each; phase medians. It measures what the release costs the decode phase, which
+  runs ~50 ms longer in the pipeline than the VAE does alone (benchmarks/README.md).
 - Memory: on a freshly loaded pipeline, the allocator's peak above what is already held, per phase:
   text encode, a 9-step denoise, VAE decode (ours: MLX's `get_peak_memory` after `reset_peak_memory`;
   diffusers: `max_memory_allocated` after `reset_peak_memory_stats`), and what the loaded weights hold.
@@ -78,6 +83,39 @@ def ours_phase_memory(mx, pipe, noise, weights_gib: float) -> dict:
     return {"weights_gib": weights_gib, "encode_gib": encode, "denoise_gib": denoise, "decode_gib": decode}
 
 
+def cache_ab(mx, pipe, noise, rounds: int = 3) -> dict:
+    """Per-phase medians of whole images with and without the pipeline's clear_cache calls."""
+    import statistics
+
+    import numpy as np
+
+    from benchmarks.gpu.image_bench import PROMPT
+
+    size = 8 * noise.shape[-1]
+    latents = np.asarray(noise)
+    shipped_clear_cache = mx.clear_cache
+    timings: dict[str, list[dict]] = {"as_shipped": [], "cache_kept": []}
+
+    def one(variant: str) -> dict:
+        mx.clear_cache = shipped_clear_cache if variant == "as_shipped" else (lambda: None)
+        try:
+            mx.synchronize()
+            started = time.perf_counter()
+            result = pipe.run(PROMPT, width=size, height=size, steps=MEMORY_STEPS, guidance=0.0, latents=latents)
+            return {**result.timings, "total": time.perf_counter() - started}
+        finally:
+            mx.clear_cache = shipped_clear_cache
+
+    for variant in timings:
+        one(variant)  # warm-up
+    for r in range(rounds):
+        for variant in (list(timings) if r % 2 == 0 else list(timings)[::-1]):
+            timings[variant].append(one(variant))
+    shipped_clear_cache()
+    return {variant: {k: statistics.median(row[k] for row in rows) for k in rows[0]} | {"rounds": rows}
+            for variant, rows in timings.items()}
+
+
 def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, median_ms, free, run_json_child,
                  log, error_text) -> None:
     steps = args.denoise_steps
@@ -91,6 +129,7 @@ def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, med
         ours = {"unprofiled_ms_per_step": median_ms(lambda: _ours_denoise(pipe, caption, noise, steps), 3) / steps}
         ours["profile"] = profiler.run("denoise-ours", lambda: _ours_denoise(pipe, caption, noise, steps), per=steps)
         ours["memory"] = ours_phase_memory(mx, pipe, noise, weights_gib)
+        ours["clear_cache_ab"] = cache_ab(mx, pipe, noise)
         section["ours"] = ours
         log(f"[denoise] ours: {ours['unprofiled_ms_per_step']:.1f} ms/step unprofiled, "
             f"{ours['profile']['kernels'] / steps:.0f} kernels/step; memory {ours['memory']}")
@@ -201,6 +240,13 @@ def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, 
             memory.append(f"| {side} | {f(m['weights_gib'])} | {f(m['encode_gib'])} | {f(m['denoise_gib'])} | "
                           f"{f(m['decode_gib'])} |")
     lines += ["", "Top kernels (count and ms per step):", "", *[n.replace("ms/token", "ms/step") for n in notes], ""]
+    ab = section.get("ours", {}).get("clear_cache_ab")
+    if ab:
+        lines += ["Ours, whole images (s, medians): the pipeline as shipped vs MLX's buffer cache kept between phases:", "",
+                  "| variant | total | encode | denoise | decode |", "|---|---|---|---|---|"]
+        lines += [f"| {variant} | {f(t.get('total'), 3)} | {f(t.get('encode'), 3)} | {f(t.get('denoise'), 3)} | "
+                  f"{f(t.get('decode'), 3)} |" for variant, t in ab.items()]
+        lines.append("")
     if memory:
         lines += [f"Peak memory per phase, GiB above what was already held ({s['memory_steps']}-step denoise):", "",
                   "| side | weights held | text encode | denoise | VAE decode |", "|---|---|---|---|---|", *memory, ""]
