@@ -201,16 +201,19 @@ def diffusers_side(args, profiler_cls, median_ms) -> dict:
     with tempfile.TemporaryDirectory(prefix="denoise-prof-") as tmp:
         out["profile"] = profiler_cls(Path(tmp)).run("denoise-diffusers", lambda: denoise(embeds, steps), per=steps,
                                                      empty_note="torch profiler saw no CUDA kernels")
-    if cuda:
-        def peak_of(fn):
+    def peak_of(fn):  # the phases run on a CPU too (a smoke test), where torch has no allocator peak
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-            held = torch.cuda.memory_allocated()
-            result = fn()
-            return result, (torch.cuda.max_memory_allocated() - held) / GIB
+        held = torch.cuda.memory_allocated() if cuda else 0
+        result = fn()
+        return result, (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
 
-        embeds, encode_gib = peak_of(encode)
-        final, denoise_gib = peak_of(lambda: denoise(embeds, MEMORY_STEPS))
-        _, decode_gib = peak_of(lambda: decode(final))
+    embeds, encode_gib = peak_of(encode)
+    final, denoise_gib = peak_of(lambda: denoise(embeds, MEMORY_STEPS))
+    image, decode_gib = peak_of(lambda: decode(final))
+    if not torch.isfinite(image).all():
+        raise ValueError("the diffusers side decoded non-finite pixels")
+    if cuda:
         out["memory"] = {"weights_gib": weights / GIB, "encode_gib": encode_gib, "denoise_gib": denoise_gib,
                          "decode_gib": decode_gib}
     return out
