@@ -381,19 +381,32 @@ def ncu_child(args) -> int:
     return 0
 
 
+def warm_up(mx, side, ids) -> None:
+    """One throwaway run of WARMUP_TOKENS: first-use allocations and kernel builds stay out of the figures."""
+    gen = side.start(ids)
+    for _ in range(WARMUP_TOKENS):
+        next(gen)
+    side.finish(mx, gen)
+
+
+def steady_generator(mx, side, ids):
+    """A fresh run past its first token (prefill) and SKIP_TOKENS more, synced: the next tokens are steady state."""
+    from benchmarks.gpu.llm_bench import _sync_all
+
+    gen = side.start(ids)
+    for _ in range(1 + SKIP_TOKENS):
+        next(gen)
+    _sync_all(mx)
+    return gen
+
+
 def _llm_ncu_region(mx, side_name: str, folder: Path):
     from benchmarks.gpu.llm_bench import Ours, Peer, _sync_all, prompt
 
     side = (Ours if side_name == "ours" else Peer)(folder, CHUNK)
     ids = prompt(PROMPT_TOKENS)
-    warm = side.start(ids)
-    for _ in range(WARMUP_TOKENS):
-        next(warm)
-    side.finish(mx, warm)
-    gen = side.start(ids)
-    for _ in range(1 + SKIP_TOKENS):
-        next(gen)
-    _sync_all(mx)
+    warm_up(mx, side, ids)
+    gen = steady_generator(mx, side, ids)
 
     def region():
         for _ in range(NCU_TOKENS):
@@ -422,17 +435,10 @@ def llm_side(mx, side, profiler: KernelProfiler, model: str, tokens: int) -> dic
 
     ids = prompt(PROMPT_TOKENS)
     out: dict = {}
-    gen = side.start(ids)
-    for _ in range(WARMUP_TOKENS):
-        next(gen)
-    side.finish(mx, gen)
-    del gen
+    warm_up(mx, side, ids)
 
     # Unprofiled, so the profiler's own overhead on the wall time shows.
-    gen = side.start(ids)
-    for _ in range(1 + SKIP_TOKENS):
-        next(gen)
-    _sync_all(mx)
+    gen = steady_generator(mx, side, ids)
     started = time.perf_counter()
     for _ in range(UNPROFILED_TOKENS):
         next(gen)
@@ -441,10 +447,7 @@ def llm_side(mx, side, profiler: KernelProfiler, model: str, tokens: int) -> dic
     side.finish(mx, gen)
     del gen
 
-    gen = side.start(ids)
-    for _ in range(1 + SKIP_TOKENS):
-        next(gen)
-    _sync_all(mx)
+    gen = steady_generator(mx, side, ids)
 
     def region():
         for _ in range(tokens):
@@ -544,14 +547,20 @@ def case_vae(mx, args, report: dict, profiler: KernelProfiler, save, deadline: f
         log(f"[vae] ours ERROR\n{section['ours']['error']}")
     free(mx)
     save()
+    diffusers_child(section, "--vae-child", ["--vae-latent", str(args.vae_latent)], args, deadline, NCU_TIMEOUT_S)
+    save()
+
+
+def diffusers_child(section: dict, flag: str, extra: list[str], args, deadline: float, limit_s: float) -> None:
+    """section["diffusers"] from this script run as `flag diffusers` in a child process (torch's CUDA
+    allocations never share a process with MLX's), or a skip past the time budget."""
     if time.perf_counter() > deadline:
         section["diffusers"] = {"skipped": "time budget"}
         return
-    log("[vae] diffusers (child)")
+    log(f"[{flag.strip('-').removesuffix('-child')}] diffusers (child)")
     section["diffusers"] = run_json_child(
-        ["--vae-child", "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out),
-         "--vae-latent", str(args.vae_latent)], None, min(NCU_TIMEOUT_S, deadline - time.perf_counter()))
-    save()
+        [flag, "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out), *extra], None,
+        min(limit_s, deadline - time.perf_counter()))
 
 
 def median_ms(fn, n: int) -> float:
@@ -951,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
                     case_vae(mx, args, report, profiler, save, deadline)
                 elif case == "denoise":
                     profile_image.case_denoise(mx, args, report, profiler, save, deadline, median_ms=median_ms,
-                                               free=free, run_json_child=run_json_child, log=log,
+                                               free=free, diffusers_child=diffusers_child, log=log,
                                                error_text=error_text)
                 else:
                     case_sweep(args, report, save, deadline)

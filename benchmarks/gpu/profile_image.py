@@ -116,8 +116,10 @@ def cache_ab(mx, pipe, noise, rounds: int = 3) -> dict:
             for variant, rows in timings.items()}
 
 
-def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, median_ms, free, run_json_child,
+def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, median_ms, free, diffusers_child,
                  log, error_text) -> None:
+    """Ours in this process, then diffusers in a child; the helpers are profile.py's (passed in: this
+    module is imported by it)."""
     steps = args.denoise_steps
     section = report.setdefault("denoise", {"settings": {
         "model": f"{FOLDER} (Z-Image-Turbo-shaped DiT)", "size": args.denoise_size, "profiled_steps": steps,
@@ -139,13 +141,8 @@ def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, med
         log(f"[denoise] ours ERROR\n{section['ours']['error']}")
     free(mx)
     save()
-    if time.perf_counter() > deadline:
-        section["diffusers"] = {"skipped": "time budget"}
-        return
-    log("[denoise] diffusers (child)")
-    section["diffusers"] = run_json_child(
-        ["--denoise-child", "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out),
-         "--denoise-steps", str(steps)], None, min(300, deadline - time.perf_counter()))
+    extra = ["--denoise-steps", str(steps), "--denoise-size", str(args.denoise_size)]
+    diffusers_child(section, "--denoise-child", extra, args, deadline, 300)
     save()
 
 
@@ -223,7 +220,8 @@ def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, 
     s = section["settings"]
     steps = s["profiled_steps"]
     lines = [f"## Denoise, {s['size']}x{s['size']} ({s['model']}; {steps} profiled steps; per step)", "",
-             f"| side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | {' | '.join(categories)} |",
+             "| side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | "
+             + " | ".join(categories) + " |",
              "|" + "---|" * (7 + len(categories))]
     notes, memory = [], []
     for side in ("ours", "diffusers"):
@@ -245,7 +243,8 @@ def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, 
     lines += ["", "Top kernels (count and ms per step):", "", *[n.replace("ms/token", "ms/step") for n in notes], ""]
     ab = section.get("ours", {}).get("clear_cache_ab")
     if ab:
-        lines += ["Ours, whole images (s, medians): the pipeline as shipped vs MLX's buffer cache kept between phases:", "",
+        lines += ["Ours, whole images (s, medians): the pipeline as shipped vs MLX's buffer cache kept between "
+                  "phases:", "",
                   "| variant | total | encode | denoise | decode |", "|---|---|---|---|---|"]
         lines += [f"| {variant} | {f(t.get('total'), 3)} | {f(t.get('encode'), 3)} | {f(t.get('denoise'), 3)} | "
                   f"{f(t.get('decode'), 3)} |" for variant, t in ab.items()]
