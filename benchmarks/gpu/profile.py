@@ -78,13 +78,13 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks.gpu import profile_image  # noqa: E402
+from benchmarks.gpu.llm_bench import DEFAULT_MODELS as DEFAULT_LLMS  # noqa: E402  (no mlx, no torch imported)
+from benchmarks.gpu.llm_bench import SIDES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_LLMS = ["qwen3-0.6b", "qwen3-4b", "llama3-8b"]
 DEFAULT_SWEEP_MODELS = ["qwen3-0.6b", "qwen3-4b"]
 VAE_FOLDER = "zimage-turbo"
 CASES = ["llm", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
-SIDES = ["ours", "mlx-lm"]
 CHUNK = 2048  # prefill chunk, both sides (llm_bench's default)
 PROMPT_TOKENS = 128
 WARMUP_TOKENS = 40
@@ -786,6 +786,20 @@ def _cats(summary: dict, per: int = 1, digits: int = 1) -> str:
     return " | ".join(_f(cats.get(c, 0.0) / per, digits) for c in CATEGORY_NAMES)
 
 
+def _profile_row(cells: list[str], unprofiled_ms, p: dict, per: int, digits: int, sum_digits: int) -> str:
+    """A markdown row of one profiled region: its label cells, then its figures per token / decode / step."""
+    busy = None if p["busy_ms"] is None else p["busy_ms"] / per
+    return ("| " + " | ".join(cells) + f" | {_f(unprofiled_ms, digits)} | {_f(p['wall_ms'] / per, digits)} | "
+            f"{p['kernels'] / per:.0f} | {_f(p['kernel_sum_ms'] / per, sum_digits)} | {_f(busy, sum_digits)} | "
+            f"{_pct(p['busy_fraction'])} | {_cats(p, per, sum_digits)} |")
+
+
+def _missing_row(cells: list[str], r: dict) -> str:
+    """The row of a region that has no profile: why (skipped, or its error's last line)."""
+    reason = r.get("skipped") or last_line(r.get("error", "not run"))
+    return "| " + " | ".join(cells) + f" | {reason} |" + " |" * (5 + len(CATEGORY_NAMES))
+
+
 def _top_lines(label: str, summary: dict, per: int, n: int = 5) -> list[str]:
     unit = "ms/token" if per > 1 else "ms"
     items = [f"`{t['name'][:70]}` {t['count'] / per:.1f}x {t['total_ms'] / per:.3f} {unit} ({_pct(t['share'])})"
@@ -827,13 +841,9 @@ def markdown(report: dict) -> str:
                 r = entry.get(side, {})
                 p = r.get("profile")
                 if not p:
-                    reason = r.get("skipped") or last_line(r.get("error", "not run"))
-                    lines.append(f"| {model} | {side} | {reason} |" + " |" * (5 + len(CATEGORY_NAMES)))
+                    lines.append(_missing_row([model, side], r))
                     continue
-                lines.append(f"| {model} | {side} | {_f(r['unprofiled_ms_per_token'])} | {_f(p['wall_ms'] / tokens)} | "
-                             f"{p['kernels'] / tokens:.0f} | {_f(p['kernel_sum_ms'] / tokens, 3)} | "
-                             f"{_f(None if p['busy_ms'] is None else p['busy_ms'] / tokens, 3)} | "
-                             f"{_pct(p['busy_fraction'])} | {_cats(p, tokens, 3)} |")
+                lines.append(_profile_row([model, side], r["unprofiled_ms_per_token"], p, tokens, 2, 3))
                 notes += _top_lines(f"{model} {side}", p, tokens)
                 notes += _ncu_lines(f"{model} {side}", r.get("ncu"), NCU_TOKENS)
         lines += ["", "Top kernels (count and ms per token):", "", *notes, ""]
@@ -848,18 +858,15 @@ def markdown(report: dict) -> str:
             r = vae.get(side, {})
             p = r.get("profile")
             if not p:
-                reason = r.get("skipped") or last_line(r.get("error", "not run"))
-                lines.append(f"| {side} | {reason} |" + " |" * (5 + len(CATEGORY_NAMES)))
+                lines.append(_missing_row([side], r))
                 continue
-            lines.append(f"| {side} | {_f(r.get('unprofiled_ms'), 1)} | {_f(p['wall_ms'], 1)} | {p['kernels']} | "
-                         f"{_f(p['kernel_sum_ms'], 1)} | {_f(p['busy_ms'], 1)} | {_pct(p['busy_fraction'])} | "
-                         f"{_cats(p)} |")
+            lines.append(_profile_row([side], r.get("unprofiled_ms"), p, 1, 1, 1))
             notes += _top_lines(side, p, 1)
             notes += _ncu_lines(side, r.get("ncu"), 1)
         lines += ["", "Top kernels (count and ms per decode):", "", *notes, ""]
     if "denoise" in report:
-        lines += profile_image.markdown_lines(report["denoise"], categories=CATEGORY_NAMES, cats=_cats,
-                                              top_lines=_top_lines, f=_f, pct=_pct, last_line=last_line)
+        lines += profile_image.markdown_lines(report["denoise"], categories=CATEGORY_NAMES, row=_profile_row,
+                                              missing_row=_missing_row, top_lines=_top_lines, f=_f)
     if "sweep" in report:
         lines += ["## MLX CUDA graph settings vs decode tok/s (prompt 128, tokens 2..128, median of 2)", "",
                   "| setting | model | ours tok/s | mlx-lm tok/s | ours / mlx-lm |", "|---|---|---|---|---|"]

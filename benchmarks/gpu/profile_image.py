@@ -216,7 +216,8 @@ def diffusers_side(args, profiler_cls, median_ms) -> dict:
     return out
 
 
-def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, pct, last_line) -> list[str]:
+def markdown_lines(section: dict, *, categories: list[str], row, missing_row, top_lines, f) -> list[str]:
+    """This case's part of profile.md; the row and number formatters are profile.py's."""
     s = section["settings"]
     steps = s["profiled_steps"]
     lines = [f"## Denoise, {s['size']}x{s['size']} ({s['model']}; {steps} profiled steps; per step)", "",
@@ -228,13 +229,9 @@ def markdown_lines(section: dict, *, categories: list[str], cats, top_lines, f, 
         r = section.get(side, {})
         p = r.get("profile")
         if not p:
-            reason = r.get("skipped") or last_line(r.get("error", "not run"))
-            lines.append(f"| {side} | {reason} |" + " |" * (5 + len(categories)))
+            lines.append(missing_row([side], r))
             continue
-        busy = None if p["busy_ms"] is None else p["busy_ms"] / steps
-        lines.append(f"| {side} | {f(r.get('unprofiled_ms_per_step'), 1)} | {f(p['wall_ms'] / steps, 1)} | "
-                     f"{p['kernels'] / steps:.0f} | {f(p['kernel_sum_ms'] / steps, 1)} | {f(busy, 1)} | "
-                     f"{pct(p['busy_fraction'])} | {cats(p, steps)} |")
+        lines.append(row([side], r.get("unprofiled_ms_per_step"), p, steps, 1, 1))
         notes += top_lines(side, p, steps)
         m = r.get("memory")
         if m:
