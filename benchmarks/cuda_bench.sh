@@ -5,9 +5,9 @@
 #   bash benchmarks/cuda_bench.sh OUT_DIR [PHASE ...]
 #
 # PHASES: build models llm images report (the default: all five, 528 s on the H200 with mflux, inside
-# the device's 10-minute call) and profile (kernel profiles of LLM decode, the VAE and the image denoiser, per-phase
-# peak memory, an MLX CUDA-graph settings sweep:
-# benchmarks/gpu/profile.py, ~5 min; run it in a second call, after the models exist).
+# the device's 10-minute call) and profile (benchmarks/gpu/profile.py, ~5 min: kernel profiles of LLM decode,
+# the VAE and the image denoiser, per-phase peak memory, an MLX CUDA-graph settings sweep; run it in a second
+# call, after the models exist).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; ../shared/docs/DEVICE.md shows how on
 # the lent machine) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;

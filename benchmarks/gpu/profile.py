@@ -547,19 +547,19 @@ def case_vae(mx, args, report: dict, profiler: KernelProfiler, save, deadline: f
         log(f"[vae] ours ERROR\n{section['ours']['error']}")
     free(mx)
     save()
-    diffusers_child(section, "--vae-child", ["--vae-latent", str(args.vae_latent)], args, deadline, NCU_TIMEOUT_S)
+    diffusers_child(section, "vae", ["--vae-latent", str(args.vae_latent)], args, deadline, NCU_TIMEOUT_S)
     save()
 
 
-def diffusers_child(section: dict, flag: str, extra: list[str], args, deadline: float, limit_s: float) -> None:
-    """section["diffusers"] from this script run as `flag diffusers` in a child process (torch's CUDA
-    allocations never share a process with MLX's), or a skip past the time budget."""
+def diffusers_child(section: dict, case: str, extra: list[str], args, deadline: float, limit_s: float) -> None:
+    """section["diffusers"] from this script run as `--{case}-child diffusers` in a child process (torch's
+    CUDA allocations never share a process with MLX's), or a skip past the time budget."""
     if time.perf_counter() > deadline:
         section["diffusers"] = {"skipped": "time budget"}
         return
-    log(f"[{flag.strip('-').removesuffix('-child')}] diffusers (child)")
+    log(f"[{case}] diffusers (child)")
     section["diffusers"] = run_json_child(
-        [flag, "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out), *extra], None,
+        [f"--{case}-child", "diffusers", "--models-dir", str(args.models_dir), "--out", str(args.out), *extra], None,
         min(limit_s, deadline - time.perf_counter()))
 
 
@@ -800,8 +800,14 @@ def _missing_row(cells: list[str], r: dict) -> str:
     return "| " + " | ".join(cells) + f" | {reason} |" + " |" * (5 + len(CATEGORY_NAMES))
 
 
-def _top_lines(label: str, summary: dict, per: int, n: int = 5) -> list[str]:
-    unit = "ms/token" if per > 1 else "ms"
+def _profile_head(labels: list[str]) -> list[str]:
+    """The header and rule of a table of _profile_row / _missing_row rows with these label columns."""
+    columns = [*labels, "ms unprofiled", "ms profiled", "kernels", "kernel-sum ms", "busy ms", "busy", *CATEGORY_NAMES]
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _top_lines(label: str, summary: dict, per: int, n: int = 5, unit: str | None = None) -> list[str]:
+    unit = unit or ("ms/token" if per > 1 else "ms")
     items = [f"`{t['name'][:70]}` {t['count'] / per:.1f}x {t['total_ms'] / per:.3f} {unit} ({_pct(t['share'])})"
              for t in summary.get("top", [])[:n]]
     return [f"- {label}: " + ("; ".join(items) if items else summary.get("note", "no kernels"))]
@@ -828,13 +834,11 @@ def markdown(report: dict) -> str:
              "versions: " + ", ".join(f"{k} {v[k]}" for k in ("mlx", "mlx-cuda", "mlx-cuda-13", "mlx-lm", "torch",
                                                              "diffusers") if k in v)
              + f"; commit {str(v.get('repo_commit'))[:10]}; MLX device {report.get('mlx_device', '?')}", ""]
-    head_cats = " | ".join(CATEGORY_NAMES)
     if "llm" in report:
         llm = report["llm"]
         tokens = llm["settings"]["profiled_tokens"]
         lines += [f"## LLM decode (prompt {PROMPT_TOKENS}, {tokens} profiled tokens; per token)", "",
-                  f"| model | side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | "
-                  f"{head_cats} |", "|" + "---|" * (8 + len(CATEGORY_NAMES))]
+                  *_profile_head(["model", "side"])]
         notes = []
         for model, entry in llm["models"].items():
             for side in SIDES:
@@ -850,9 +854,7 @@ def markdown(report: dict) -> str:
     if "vae" in report:
         vae = report["vae"]
         s = vae["settings"]
-        lines += [f"## VAE decode, {s['image']}x{s['image']} ({s['model']})", "",
-                  f"| side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | {head_cats} |",
-                  "|" + "---|" * (7 + len(CATEGORY_NAMES))]
+        lines += [f"## VAE decode, {s['image']}x{s['image']} ({s['model']})", "", *_profile_head(["side"])]
         notes = []
         for side in ("ours", "diffusers"):
             r = vae.get(side, {})
@@ -865,7 +867,7 @@ def markdown(report: dict) -> str:
             notes += _ncu_lines(side, r.get("ncu"), 1)
         lines += ["", "Top kernels (count and ms per decode):", "", *notes, ""]
     if "denoise" in report:
-        lines += profile_image.markdown_lines(report["denoise"], categories=CATEGORY_NAMES, row=_profile_row,
+        lines += profile_image.markdown_lines(report["denoise"], head=_profile_head, row=_profile_row,
                                               missing_row=_missing_row, top_lines=_top_lines, f=_f)
     if "sweep" in report:
         lines += ["## MLX CUDA graph settings vs decode tok/s (prompt 128, tokens 2..128, median of 2)", "",

@@ -142,7 +142,7 @@ def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, med
     free(mx)
     save()
     extra = ["--denoise-steps", str(steps), "--denoise-size", str(args.denoise_size)]
-    diffusers_child(section, "--denoise-child", extra, args, deadline, 300)
+    diffusers_child(section, "denoise", extra, args, deadline, 300)
     save()
 
 
@@ -216,14 +216,12 @@ def diffusers_side(args, profiler_cls, median_ms) -> dict:
     return out
 
 
-def markdown_lines(section: dict, *, categories: list[str], row, missing_row, top_lines, f) -> list[str]:
+def markdown_lines(section: dict, *, head, row, missing_row, top_lines, f) -> list[str]:
     """This case's part of profile.md; the row and number formatters are profile.py's."""
     s = section["settings"]
     steps = s["profiled_steps"]
     lines = [f"## Denoise, {s['size']}x{s['size']} ({s['model']}; {steps} profiled steps; per step)", "",
-             "| side | ms unprofiled | ms profiled | kernels | kernel-sum ms | busy ms | busy | "
-             + " | ".join(categories) + " |",
-             "|" + "---|" * (7 + len(categories))]
+             *head(["side"])]
     notes, memory = [], []
     for side in ("ours", "diffusers"):
         r = section.get(side, {})
@@ -232,12 +230,12 @@ def markdown_lines(section: dict, *, categories: list[str], row, missing_row, to
             lines.append(missing_row([side], r))
             continue
         lines.append(row([side], r.get("unprofiled_ms_per_step"), p, steps, 1, 1))
-        notes += top_lines(side, p, steps)
+        notes += top_lines(side, p, steps, unit="ms/step")
         m = r.get("memory")
         if m:
             memory.append(f"| {side} | {f(m['weights_gib'])} | {f(m['encode_gib'])} | {f(m['denoise_gib'])} | "
                           f"{f(m['decode_gib'])} |")
-    lines += ["", "Top kernels (count and ms per step):", "", *[n.replace("ms/token", "ms/step") for n in notes], ""]
+    lines += ["", "Top kernels (count and ms per step):", "", *notes, ""]
     ab = section.get("ours", {}).get("clear_cache_ab")
     if ab:
         lines += ["Ours, whole images (s, medians): the pipeline as shipped vs MLX's buffer cache kept between "
