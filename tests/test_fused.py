@@ -1,6 +1,6 @@
 """The GPU's fused kernels, checked on any machine.
 
-On a GPU, `_core` runs its element-wise chains (SiLU, the gated MLPs, GroupNorm's normalise + SiLU,
+On a GPU, `_core` runs its element-wise chains (SiLU, the gated MLPs, the DiTs' RoPE, GroupNorm's normalise + SiLU,
 a ResnetBlock's bias + residual) as kernels fused by `mx::compile`; on the CPU it runs the same
 arithmetic as plain ops, so the rest of the suite never exercises the fused functions off a GPU.
 MLXRUNNER_FUSE_ON_CPU=1 makes `_core` compile them on the CPU too (MLX builds them with the system C++
@@ -19,7 +19,7 @@ from conftest import ON_GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every test here goes through at least one fused function: the DiTs' SiLU / gated MLPs, the VAE's
+# Every test here goes through at least one fused function: the DiTs' SiLU / gated MLPs / RoPE, the VAE's
 # GroupNorm (+ SiLU) and ResnetBlock outputs, in float32 and bfloat16; the LLM's gated MLP.
 FUSED_PATHS = [
     "tests/test_zimage_parity.py::test_final_latents_and_image",

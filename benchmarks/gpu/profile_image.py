@@ -14,11 +14,15 @@ benchmark's prompt, 1024 x 1024 (--denoise-size) and the same initial latents (i
   prompt embeddings encoded once (the pipeline's own call, no classifier-free guidance, as Turbo
   runs); diffusers: ZImagePipeline(prompt_embeds=..., output_type="latent"), bf16, in a child process
   (torch's and MLX's CUDA allocations never share one). The unprofiled median of 3 calls is recorded.
-- Cache A/B: whole `pipe.run` images (9 steps), as shipped (the pipeline calls `mx.clear_cache()` before and
-  after the VAE decode, returning every cached buffer to the driver) and with `mx.clear_cache` made a no-op
-  in this process (MLX keeps its buffers, as torch's caching allocator does), alternating, 3 rounds each
-  after a warm-up of each; phase medians. It measures what the release costs the decode phase, which
-  runs ~50 ms longer in the pipeline than the VAE does alone (benchmarks/README.md).
+- Queue-depth A/B: a 9-step `_core.zimage_denoise` at each MLXRUNNER_DENOISE_QUEUE_DEPTH in QUEUE_DEPTHS
+  (0: no bound, as the loop ran before the queue existed, evaluated a step at a time; the default is 2;
+  csrc/diffusion/flow_match.h says why), one warm-up and the median seconds of 3 runs, and the peak
+  memory above what is held of one more run. It measures what the bound costs in speed and saves in memory.
+- Cache A/B: whole `pipe.run` images (9 steps), as shipped (the pipeline calls `mx.clear_cache()` at the
+  end of a run, returning every cached buffer to the driver; until 2026-12-01 also between the denoiser
+  and the VAE) and with `mx.clear_cache` made a no-op in this process (MLX keeps its buffers, as torch's
+  caching allocator does), alternating, 3 rounds each after a warm-up of each; phase medians. It
+  measures what the release costs the next image.
 - Memory: on a freshly loaded pipeline, the allocator's peak above what is already held, per phase:
   text encode, a 9-step denoise, VAE decode (ours: MLX's `get_peak_memory` after `reset_peak_memory`;
   diffusers: `max_memory_allocated` after `reset_peak_memory_stats`), and what the loaded weights hold.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 FOLDER = "zimage-turbo"
 MEMORY_STEPS = 9  # as the benchmark's Z-Image row
+QUEUE_DEPTHS = (0, 1, 2, 4)
 GIB = 2**30
 
 
@@ -83,6 +88,38 @@ def ours_phase_memory(mx, pipe, noise, weights_gib: float) -> dict:
     return {"weights_gib": weights_gib, "encode_gib": encode, "denoise_gib": denoise, "decode_gib": decode}
 
 
+def queue_depth_ab(mx, pipe, caption, noise, rounds: int = 3) -> dict:
+    """Seconds and peak memory of a 9-step denoise per evaluation-queue depth (the loop reads the
+    variable each run)."""
+    import os
+    import statistics
+
+    def one() -> float:
+        started = time.perf_counter()
+        _ours_denoise(pipe, caption, noise, MEMORY_STEPS)
+        return time.perf_counter() - started
+
+    out = {}
+    saved = os.environ.get("MLXRUNNER_DENOISE_QUEUE_DEPTH")
+    try:
+        for depth in QUEUE_DEPTHS:
+            os.environ["MLXRUNNER_DENOISE_QUEUE_DEPTH"] = str(depth)
+            one()  # warm-up
+            seconds = statistics.median(one() for _ in range(rounds))
+            mx.synchronize()
+            mx.reset_peak_memory()
+            held = mx.get_active_memory()
+            one()
+            out[str(depth)] = {"seconds": seconds, "peak_gib": (mx.get_peak_memory() - held) / GIB}
+            mx.clear_cache()
+    finally:
+        if saved is None:
+            os.environ.pop("MLXRUNNER_DENOISE_QUEUE_DEPTH", None)
+        else:
+            os.environ["MLXRUNNER_DENOISE_QUEUE_DEPTH"] = saved
+    return out
+
+
 def cache_ab(mx, pipe, noise, rounds: int = 3) -> dict:
     """Per-phase medians of whole images with and without the pipeline's clear_cache calls."""
     import statistics
@@ -131,6 +168,7 @@ def case_denoise(mx, args, report: dict, profiler, save, deadline: float, *, med
         ours = {"unprofiled_ms_per_step": median_ms(lambda: _ours_denoise(pipe, caption, noise, steps), 3) / steps}
         ours["profile"] = profiler.run("denoise-ours", lambda: _ours_denoise(pipe, caption, noise, steps), per=steps)
         ours["memory"] = ours_phase_memory(mx, pipe, noise, weights_gib)
+        ours["queue_depth_ab"] = queue_depth_ab(mx, pipe, caption, noise)
         ours["clear_cache_ab"] = cache_ab(mx, pipe, noise)
         section["ours"] = ours
         log(f"[denoise] ours: {ours['unprofiled_ms_per_step']:.1f} ms/step unprofiled, "
@@ -236,10 +274,16 @@ def markdown_lines(section: dict, *, head, row, missing_row, top_lines, f) -> li
             memory.append(f"| {side} | {f(m['weights_gib'])} | {f(m['encode_gib'])} | {f(m['denoise_gib'])} | "
                           f"{f(m['decode_gib'])} |")
     lines += ["", "Top kernels (count and ms per step):", "", *notes, ""]
+    depths = section.get("ours", {}).get("queue_depth_ab")
+    if depths:
+        lines += [f"Ours, {s['memory_steps']}-step denoise per evaluation-queue depth (0: unbounded; s, median; "
+                  "peak GiB above what was held):", "", "| depth | seconds | peak GiB |", "|---|---|---|"]
+        lines += [f"| {depth} | {f(r['seconds'], 3)} | {f(r['peak_gib'])} |" for depth, r in depths.items()]
+        lines.append("")
     ab = section.get("ours", {}).get("clear_cache_ab")
     if ab:
         lines += ["Ours, whole images (s, medians): the pipeline as shipped vs MLX's buffer cache kept between "
-                  "phases:", "",
+                  "runs:", "",
                   "| variant | total | encode | denoise | decode |", "|---|---|---|---|---|"]
         lines += [f"| {variant} | {f(t.get('total'), 3)} | {f(t.get('encode'), 3)} | {f(t.get('denoise'), 3)} | "
                   f"{f(t.get('decode'), 3)} |" for variant, t in ab.items()]

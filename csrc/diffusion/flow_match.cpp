@@ -1,7 +1,9 @@
 #include "diffusion/flow_match.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace mlxr {
 
@@ -47,18 +49,48 @@ std::vector<float> flow_match_sigmas(const std::vector<double>& base, const Flow
   return sigmas;
 }
 
+EvalQueue::EvalQueue(int depth) : depth_(depth) {
+  if (depth < 0) throw std::invalid_argument("EvalQueue: depth must be >= 0");
+}
+
+int EvalQueue::default_depth() {
+  // Two blocks: one running, one ready behind it, so the device never waits for the host; a third
+  // bought no speed on an H200 and costs a block's activations (benchmarks/README.md).
+  constexpr int kDefault = 2;
+  const char* env = std::getenv("MLXRUNNER_DENOISE_QUEUE_DEPTH");
+  if (!env || !*env) return kDefault;
+  try {
+    const int depth = std::stoi(env);
+    if (depth >= 0) return depth;
+  } catch (const std::exception&) {
+  }
+  throw std::invalid_argument(std::string("MLXRUNNER_DENOISE_QUEUE_DEPTH must be an integer >= 0, got '") + env + "'");
+}
+
+void EvalQueue::push(const mx::array& x) {
+  mx::async_eval({x});
+  if (depth_ == 0) return;
+  queued_.push_back(x);
+  while (static_cast<int>(queued_.size()) > depth_) {
+    queued_.front().wait();  // already scheduled: wait() only blocks until the device has run it
+    queued_.pop_front();
+  }
+}
+
 std::optional<mx::array> denoise(mx::array x, const std::vector<float>& sigmas, const Velocity& velocity,
                                  const StepCallback& on_step) {
   const int total = static_cast<int>(sigmas.size()) - 1;
   if (total < 1) throw std::invalid_argument("denoise needs at least one step");
+  EvalQueue queue;
   x = mx::astype(x, mx::float32);
   for (int i = 0; i < total; ++i) {
     if (on_step && !on_step(i, total)) return std::nullopt;
-    auto v = mx::astype(velocity(x, i), mx::float32);
+    auto v = mx::astype(velocity(x, i, queue), mx::float32);
     const float dt = sigmas[i + 1] - sigmas[i];
     x = mx::add(x, mx::multiply(mx::array(dt), v));
-    mx::eval(x);
+    queue.push(x);
   }
+  mx::eval(x);
   if (on_step && !on_step(total, total)) return std::nullopt;
   return x;
 }

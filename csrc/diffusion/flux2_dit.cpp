@@ -150,8 +150,8 @@ Flux2Rope Flux2Transformer::rope_table(const std::vector<Flux2Id>& ids) const {
       }
     }
   }
-  return Flux2Rope{mx::array(cos_values.data(), {1, length, 1, half}, mx::float32),
-                   mx::array(sin_values.data(), {1, length, 1, half}, mx::float32)};
+  return make_rope_table(mx::array(cos_values.data(), {1, length, 1, half}, mx::float32),
+                         mx::array(sin_values.data(), {1, length, 1, half}, mx::float32));
 }
 
 mx::array Flux2Transformer::time_embedding(const mx::array& timestep) const {
@@ -228,7 +228,7 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
 }
 
 mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                                    const Flux2Rope& rope) const {
+                                    const Flux2Rope& rope, EvalQueue* queue) const {
   const auto& c = config_;
   if (hidden.ndim() != 3 || hidden.shape(2) != c.in_channels) {
     throw std::invalid_argument("FLUX.2: image tokens must be [B, L, " + std::to_string(c.in_channels) + "], got " +
@@ -254,10 +254,16 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
 
   auto x = x_embedder_(mx::astype(hidden, dt));
   auto ctx = context_embedder_(mx::astype(context, dt));
-  for (const auto& block : double_blocks_) std::tie(x, ctx) = double_block(block, x, ctx, mod_img, mod_txt, rope);
+  for (const auto& block : double_blocks_) {
+    std::tie(x, ctx) = double_block(block, x, ctx, mod_img, mod_txt, rope);
+    if (queue) queue->push(x);  // ctx is computed along with x: the same kernels' work
+  }
 
   auto hs = mx::concatenate({ctx, x}, 1);
-  for (const auto& block : single_blocks_) hs = single_block(block, hs, mod_single, rope);
+  for (const auto& block : single_blocks_) {
+    hs = single_block(block, hs, mod_single, rope);
+    if (queue) queue->push(hs);
+  }
 
   auto y = mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});
   // AdaLayerNormContinuous: (scale, shift), scale first.
@@ -295,7 +301,7 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
   const auto negative_in = cfg ? std::optional<mx::array>(mx::astype(*negative, dt)) : std::nullopt;
   const auto refs_in = references ? std::optional<mx::array>(mx::astype(*references, dt)) : std::nullopt;
 
-  auto velocity = [&](const mx::array& x, int step) {
+  auto velocity = [&](const mx::array& x, int step, EvalQueue& queue) {
     // diffusers: t = sigma * 1000 (float32) -> latents dtype -> / 1000; the model multiplies by 1000 again.
     auto t = mx::divide(mx::astype(mx::array(sigmas[step] * 1000.0f), dt), mx::array(1000.0f, dt));
     t = mx::reshape(t, {1});
@@ -304,9 +310,9 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
     auto keep = [&](const mx::array& out) {
       return mx::slice(out, {0, 0, 0}, {out.shape(0), noise_len, out.shape(2)});
     };
-    auto v = keep(model.forward(input, prompt_in, t, rope));
+    auto v = keep(model.forward(input, prompt_in, t, rope, &queue));
     if (cfg) {
-      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope));
+      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope, &queue));
       v = mx::add(v_neg, mx::multiply(mx::array(guidance), mx::subtract(v, v_neg)));
     }
     return v;

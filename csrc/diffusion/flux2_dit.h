@@ -73,9 +73,10 @@ class Flux2Transformer {
   // One evaluation. hidden [B, L, in_channels] (noise tokens then reference tokens), context
   // [B, T, joint_attention_dim], timestep [B] as the pipeline passes it (t / 1000, i.e. sigma; the
   // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
-  // Returns the raw output for every image token, float32 [B, L, out_channels].
+  // Returns the raw output for every image token, float32 [B, L, out_channels]. Pushes each block's
+  // output to `queue` if given (the denoising loop's; see EvalQueue).
   mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                    const Flux2Rope& rope) const;
+                    const Flux2Rope& rope, EvalQueue* queue = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }

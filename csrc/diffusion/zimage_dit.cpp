@@ -130,8 +130,8 @@ RopeTable ZImageTransformer::rope_table(const std::vector<std::vector<std::array
       }
     }
   }
-  return RopeTable{mx::array(cos_values.data(), {b, t, 1, half}, mx::float32),
-                   mx::array(sin_values.data(), {b, t, 1, half}, mx::float32)};
+  return make_rope_table(mx::array(cos_values.data(), {b, t, 1, half}, mx::float32),
+                         mx::array(sin_values.data(), {b, t, 1, half}, mx::float32));
 }
 
 
@@ -174,32 +174,21 @@ mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::a
   return mx::add(h, mx::multiply(gate_mlp, block.ffn_norm2(f)));
 }
 
-mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t,
-                                     const std::vector<mx::array>& captions) const {
-  const int b = latents.shape(0), c = latents.shape(1), height = latents.shape(2), width = latents.shape(3);
+ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std::vector<mx::array>& captions) const {
   const int p = config_.patch_size, dim = config_.dim;
-  if (latents.ndim() != 4 || c != config_.in_channels || height % p || width % p) {
+  if (latent_shape.size() != 4 || latent_shape[1] != config_.in_channels || latent_shape[2] % p ||
+      latent_shape[3] % p) {
     throw std::invalid_argument("Z-Image: latents must be [B, " + std::to_string(config_.in_channels) +
                                 ", H, W] with H and W multiples of " + std::to_string(p) + ", got " +
-                                shape_string(latents.shape()));
+                                shape_string(latent_shape));
   }
-  if (static_cast<int>(captions.size()) != b || t.size() != static_cast<size_t>(b)) {
-    throw std::invalid_argument("Z-Image: need one timestep and one caption per latent");
+  const int b = latent_shape[0];
+  if (static_cast<int>(captions.size()) != b) {
+    throw std::invalid_argument("Z-Image: need one caption per latent");
   }
+  const int ht = latent_shape[2] / p, wt = latent_shape[3] / p;
+  const int n = ht * wt, n_padded = round_up(n, kSeqMultiple);
   const auto dt = dtype();
-  const int ht = height / p, wt = width / p, n = ht * wt;
-  const int n_padded = round_up(n, kSeqMultiple);
-
-  // Timestep conditioning shared by every modulated block.
-  auto adaln = timestep_embedding(mx::astype(t, mx::float32));
-
-  // Image tokens: 2x2 patches, each a [ph][pw][c] vector (channel fastest), row-major over (h, w).
-  auto patches = mx::reshape(mx::astype(latents, dt), {b, c, ht, p, wt, p});
-  patches = mx::reshape(mx::transpose(patches, {0, 2, 4, 3, 5, 1}), {b, n, p * p * c});
-  auto image = x_embedder_(patches);
-  if (n_padded > n) {
-    image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, n_padded - n, dim})}, 1);
-  }
 
   // Caption tokens: each padded to a multiple of 32 with cap_pad_token; a batch of different
   // lengths is padded further (with zeros) to the longest, and those rows are masked as keys.
@@ -247,13 +236,49 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
                              {b, 1, 1, n_padded + cap_max});
   }
 
-  for (const auto& block : noise_refiner_) image = block_forward(block, image, image_rope, std::nullopt, adaln);
+  // The context refiner is unmodulated: its output is the same at every step, so it runs once here.
   for (const auto& block : context_refiner_) caption = block_forward(block, caption, caption_rope, caption_mask, std::nullopt);
+  auto joint_rope = make_rope_table(mx::concatenate({image_rope.cos, caption_rope.cos}, 1),
+                                    mx::concatenate({image_rope.sin, caption_rope.sin}, 1));
+  mx::eval({caption, image_rope.with_x0, image_rope.with_x1, joint_rope.with_x0, joint_rope.with_x1});
+  return ZImageInputs{latent_shape, ht, wt, n, n_padded, caption, image_rope, joint_rope, joint_mask};
+}
 
-  auto x = mx::concatenate({image, caption}, 1);
-  RopeTable joint_rope{mx::concatenate({image_rope.cos, caption_rope.cos}, 1),
-                       mx::concatenate({image_rope.sin, caption_rope.sin}, 1)};
-  for (const auto& block : layers_) x = block_forward(block, x, joint_rope, joint_mask, adaln);
+mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t,
+                                     const std::vector<mx::array>& captions) const {
+  return forward(latents, t, prepare(latents.shape(), captions));
+}
+
+mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t, const ZImageInputs& in,
+                                     EvalQueue* queue) const {
+  if (latents.shape() != in.latent_shape) {
+    throw std::invalid_argument("Z-Image: latents " + shape_string(latents.shape()) + " are not the " +
+                                shape_string(in.latent_shape) + " the inputs were prepared for");
+  }
+  const int b = latents.shape(0), c = latents.shape(1), height = latents.shape(2), width = latents.shape(3);
+  if (t.size() != static_cast<size_t>(b)) throw std::invalid_argument("Z-Image: need one timestep per latent");
+  const int p = config_.patch_size, dim = config_.dim;
+  const int ht = in.height_tokens, wt = in.width_tokens, n = in.image_tokens;
+  const auto dt = dtype();
+  auto pushed = [&](const mx::array& x) {
+    if (queue) queue->push(x);
+    return x;
+  };
+
+  // Timestep conditioning shared by every modulated block.
+  auto adaln = timestep_embedding(mx::astype(t, mx::float32));
+
+  // Image tokens: 2x2 patches, each a [ph][pw][c] vector (channel fastest), row-major over (h, w).
+  auto patches = mx::reshape(mx::astype(latents, dt), {b, c, ht, p, wt, p});
+  patches = mx::reshape(mx::transpose(patches, {0, 2, 4, 3, 5, 1}), {b, n, p * p * c});
+  auto image = x_embedder_(patches);
+  if (in.padded_image_tokens > n) {
+    image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, in.padded_image_tokens - n, dim})}, 1);
+  }
+
+  for (const auto& block : noise_refiner_) image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
+  auto x = mx::concatenate({image, in.caption}, 1);
+  for (const auto& block : layers_) x = pushed(block_forward(block, x, in.joint_rope, in.joint_mask, adaln));
 
   // Final layer on the image tokens (it is per token): LayerNorm without affine, scaled, projected.
   x = mx::slice(x, {0, 0, 0}, {b, n, dim});
@@ -273,13 +298,16 @@ std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx
   const bool cfg = negative.has_value();
   std::vector<mx::array> captions{caption};
   if (cfg) captions.push_back(*negative);
-  auto velocity = [&](const mx::array& x, int step) {
+  auto input_shape = latents.shape();
+  input_shape[0] = cfg ? 2 : 1;
+  const auto inputs = model.prepare(input_shape, captions);  // the same at every step
+  auto velocity = [&](const mx::array& x, int step, EvalQueue& queue) {
     // The model's time runs the other way: t = (1000 - sigma * 1000) / 1000, in float32 as the pipeline computes it.
     const float timestep = sigmas[step] * 1000.0f;
     const float t_model = (1000.0f - timestep) / 1000.0f;
     const int batch = cfg ? 2 : 1;
     auto input = cfg ? mx::concatenate({x, x}, 0) : x;
-    auto out = model.forward(input, mx::full({batch}, t_model, mx::float32), captions);
+    auto out = model.forward(input, mx::full({batch}, t_model, mx::float32), inputs, &queue);
     if (cfg) {
       auto halves = mx::split(out, 2, 0);
       out = mx::add(halves[0], mx::multiply(mx::array(guidance), mx::subtract(halves[0], halves[1])));

@@ -45,6 +45,18 @@ struct ZImageBlock {
   std::optional<Linear> adaln;  // absent in the (unmodulated) context refiner
 };
 
+// What the network's input is made of besides the latents and the timestep: the same at every
+// step of one run, so the denoising loop prepares it once (ZImageTransformer::prepare).
+struct ZImageInputs {
+  mx::Shape latent_shape;                     // [B, C, H, W]
+  int height_tokens, width_tokens;            // H / patch, W / patch
+  int image_tokens, padded_image_tokens;      // their product, and rounded up to a multiple of 32
+  mx::array caption;                          // caption tokens after the context refiner [B, Lc, dim]
+  RopeTable image_rope;                       // the noise refiner's
+  RopeTable joint_rope;                       // the main layers' ([image, caption] tokens)
+  std::optional<mx::array> joint_mask;        // keys of a ragged caption batch; none otherwise
+};
+
 class ZImageTransformer {
  public:
   ZImageTransformer(const ZImageConfig& config, const WeightMap& weights);
@@ -54,6 +66,13 @@ class ZImageTransformer {
   // cap_feat_dim] text embedding per sample (lengths may differ). Returns the model output,
   // float32 [B, C, H, W] (diffusers' raw transformer output; the velocity is its negation).
   mx::array forward(const mx::array& latents, const mx::array& t, const std::vector<mx::array>& captions) const;
+
+  // The parts of forward() that do not change between steps: caption tokens through the context
+  // refiner, RoPE tables, the key mask. Evaluated before it returns.
+  ZImageInputs prepare(const mx::Shape& latent_shape, const std::vector<mx::array>& captions) const;
+  // One network evaluation on prepared inputs; pushes each block's output to `queue` if given.
+  mx::array forward(const mx::array& latents, const mx::array& t, const ZImageInputs& inputs,
+                    EvalQueue* queue = nullptr) const;
 
   const ZImageConfig& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }

@@ -1,7 +1,6 @@
 #include "nn/conv.h"
 
-#include <cstdlib>
-#include <functional>
+#include "nn/fusion.h"
 
 namespace mlxr {
 
@@ -22,25 +21,6 @@ GroupNorm GroupNorm::load(const Weights& w, int channels, int groups, float eps)
 }
 
 namespace {
-
-// On a GPU, element-wise chains run as one fused kernel through mx::compile (mlx-lm compiles its
-// swiglu the same way): one launch instead of two or three, and no intermediate written out. On
-// the CPU the plain ops run instead: MLX's CPU compile would build C++ with the system compiler
-// at run time. MLXRUNNER_FUSE_ON_CPU=1 compiles on the CPU too, so that machines without a GPU
-// can check the fused functions' arithmetic (tests/test_fused.py).
-bool fuse() {
-  static const bool on_cpu_too = std::getenv("MLXRUNNER_FUSE_ON_CPU") != nullptr;
-  return on_cpu_too || mx::default_device() == mx::Device::gpu;
-}
-
-using Impl = std::vector<mx::array> (*)(const std::vector<mx::array>&);
-
-// The fused version of `impl` on a GPU, the plain ops elsewhere. `compiled` is the caller's
-// static mx::compile of the same function (compile caches its traces per input dtype and rank).
-mx::array run(const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& compiled, Impl impl,
-              const std::vector<mx::array>& inputs) {
-  return fuse() ? compiled(inputs)[0] : impl(inputs)[0];
-}
 
 std::vector<mx::array> silu_impl(const std::vector<mx::array>& in) {
   return {mx::multiply(in[0], mx::sigmoid(in[0]))};
@@ -82,7 +62,7 @@ mx::array Conv2d::operator()(const mx::array& x) const {
 mx::array Conv2d::operator()(const mx::array& x, const mx::array& residual) const {
   static auto fused = mx::compile(add_bias_residual_impl, /*shapeless=*/true);
   auto y = mx::conv2d(x, weight, {stride, stride}, {padding, padding});
-  return bias ? run(fused, add_bias_residual_impl, {y, *bias, residual}) : mx::add(residual, y);
+  return bias ? run_fused(fused, add_bias_residual_impl, {y, *bias, residual}) : mx::add(residual, y);
 }
 
 // Per-group statistics from per-channel sums over the pixels: each reduction runs over the
@@ -111,11 +91,11 @@ mx::array GroupNorm::operator()(const mx::array& x, bool then_silu) const {
     return mx::reshape(mx::broadcast_to(g, {b, groups, per_group}), {b, 1, c});
   };
   auto mean = group_mean_per_channel(mx::sum(mx::astype(pixels, mx::float32), 1));
-  auto var = group_mean_per_channel(mx::sum(run(centred_square, centred_square_impl, {pixels, mean}), 1));
+  auto var = group_mean_per_channel(mx::sum(run_fused(centred_square, centred_square_impl, {pixels, mean}), 1));
   auto scale = mx::multiply(mx::rsqrt(mx::add(var, mx::array(eps))), mx::astype(weight, mx::float32));
   auto shift = mx::astype(bias, mx::float32);
-  auto y = then_silu ? run(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
-                     : run(normalise, normalise_impl, {pixels, mean, scale, shift});
+  auto y = then_silu ? run_fused(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
+                     : run_fused(normalise, normalise_impl, {pixels, mean, scale, shift});
   return mx::reshape(y, {b, h, wd, c});
 }
 
@@ -128,12 +108,12 @@ mx::array upsample_nearest_2x(const mx::array& x) {
 
 mx::array silu(const mx::array& x) {
   static auto fused = mx::compile(silu_impl, /*shapeless=*/true);
-  return run(fused, silu_impl, {x});
+  return run_fused(fused, silu_impl, {x});
 }
 
 mx::array gated_silu(const mx::array& gate, const mx::array& up) {
   static auto fused = mx::compile(gated_silu_impl, /*shapeless=*/true);
-  return run(fused, gated_silu_impl, {gate, up});
+  return run_fused(fused, gated_silu_impl, {gate, up});
 }
 
 }  // namespace mlxr

@@ -36,17 +36,22 @@ class Rope {
 // one position per axis, and each axis owns a slice of the head dim. The angles come from a
 // host-built table because MLX's fast::rope takes a single offset, not per-token multi-axis ids.
 
-// cos/sin of the angle of every (token, pair): [B, T, 1, head_dim / 2], float32.
+// cos/sin of the angle of every (token, pair): [B, T, 1, head_dim / 2], float32; and the same as
+// the factors of each pair's two slots, [B, T, 1, head_dim / 2, 2]: (cos, sin) for x0 and (-sin,
+// cos) for x1, so that RoPE is out = x0 * with_x0 + x1 * with_x1, element-wise (see apply_rope_pairs).
 struct RopeTable {
-  mx::array cos, sin;
+  mx::array cos, sin, with_x0, with_x1;
 };
+
+// The table for these cos/sin values ([B, T, 1, head_dim / 2], float32).
+RopeTable make_rope_table(const mx::array& cos, const mx::array& sin);
 
 // Per axis of dim d: the inverse frequencies 1 / theta^(2k / d), k < d / 2, in float64 as
 // diffusers computes them.
 std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta);
 
 // RoPE on interleaved pairs (x[2k], x[2k+1]) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32,
-// cast back to x's dtype. x: [B, T, H, D].
+// cast back to x's dtype. x: [B, T, H, D]. One fused kernel on a GPU.
 mx::array apply_rope_pairs(const mx::array& x, const RopeTable& rope);
 
 }  // namespace mlxr

@@ -323,10 +323,12 @@ class Flux2KleinPipeline(ImagePipeline):
             if final is None:
                 raise Cancelled("cancelled by the progress callback")
             denoised = time.perf_counter()
-            mx.clear_cache()  # the denoiser's buffers are not needed by the VAE
             z, image = self.decode_float(final, width, height)
             pixels_out = to_uint8(image)
         finally:
+            # Between requests the runner holds its weights only. Not between the denoiser and the
+            # VAE: releasing there cost the 1024² decode 50 ms on an H200 (benchmarks/README.md), and
+            # the denoiser's evaluation queue keeps its own buffers small (csrc/diffusion/flow_match.h).
             mx.clear_cache()
         done = time.perf_counter()
         return GeneratedImage(
