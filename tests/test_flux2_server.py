@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import run_cli
+from conftest import ready_status, run_cli
 from image_helpers import generate_with, pixels, png_of, post, same
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.images import decode_image
@@ -116,7 +116,7 @@ def api():
 
 
 def test_health_says_imagegen(distilled):
-    assert distilled.health() == {"status": "ok", "mode": "imagegen", "model": str(DISTILLED)}
+    assert ready_status(distilled.health()) == {"status": "ok", "mode": "imagegen", "model": str(DISTILLED)}
 
 
 def test_one_reference_image_sets_the_size_and_the_stream_is_complete(edit_one):
@@ -264,7 +264,7 @@ def test_an_ollama_store_copy_makes_the_same_edit(tmp_path, edit_one):
     import_directory(tmp_path / "models", "x/flux2-klein-tiny:latest", DISTILLED)
     env = {"OLLAMA_MODELS": str(tmp_path / "models")}
     with Runner.start("x/flux2-klein-tiny:latest", env=env, timeout=120) as runner:
-        assert runner.health() == {"status": "ok", "mode": "imagegen", "model": "x/flux2-klein-tiny:latest"}
+        assert ready_status(runner.health()) == {"status": "ok", "mode": "imagegen", "model": "x/flux2-klein-tiny:latest"}
         progress, final = generate(runner)
     assert [p["step"] for p in progress] == [0, 1, 2]
     assert (final["seed"], final["steps"], final["width"], final["height"]) == (5, 2, 80, 112)

@@ -90,8 +90,11 @@ def test_two_warm_1024_generations_neither_hang_nor_grow_memory(pipe):
     # One-time growth is allowed (an H100 kept 1 MB more after the second run: a cached kernel
     # plan); a leak would add at least the 12 MB of a 1024 x 1024 float32 image every run.
     assert active[-1] - active[1] < 4 << 20, f"active memory grows run after run: {active}"
-    # clear_cache leaves MLX CUDA's small-buffer pool (1 MB on an H100): constant, not growing.
-    assert max(cached) < 4 << 20 and cached[-1] == cached[0], f"the pipeline left its buffers cached: {cached}"
+    # The pipeline keeps MLX's buffer cache between runs (the runner gives it back once idle): each run
+    # reuses the previous run's buffers, so the cache does not grow either.
+    assert max(cached) - min(cached) < 256 << 20, f"the buffer cache grows run after run: {cached}"
+    mx.clear_cache()
+    assert mx.get_cache_memory() < 4 << 20  # all of it can be given back (but MLX CUDA's small-buffer pool)
     assert all(np.array_equal(np.asarray(results[0].image), np.asarray(r.image)) for r in results)
 
 

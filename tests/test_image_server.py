@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import ready_status, run_cli
 from image_helpers import generate_with, png_of, post, same
 from mlxrunner.launcher import Runner, RunnerError
 
@@ -66,8 +66,19 @@ def baseline(image_runner) -> dict:
 # --- health and routes ------------------------------------------------------------------------------
 
 
+def test_health_reports_memory_and_the_cache_is_given_back_once_idle(image_runner):
+    generate(image_runner, seed=11)
+    right_after = image_runner.health()["memory"]  # the worker waits 1 s idle before releasing
+    deadline = time.monotonic() + 15
+    while (memory := image_runner.health()["memory"])["cache_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert right_after["cache_bytes"] > 0, right_after  # the run's buffers stay cached between requests...
+    assert memory["cache_bytes"] == 0, memory  # ...until the runner has been idle a moment
+    assert memory["active_bytes"] > 0 and memory["peak_bytes"] >= memory["active_bytes"], memory
+
+
 def test_health_says_imagegen(image_runner):
-    assert image_runner.health() == {"status": "ok", "mode": "imagegen", "model": str(ZIMAGE)}
+    assert ready_status(image_runner.health()) == {"status": "ok", "mode": "imagegen", "model": str(ZIMAGE)}
 
 
 @pytest.mark.parametrize("path, body", [
@@ -372,7 +383,7 @@ def test_an_ollama_store_copy_makes_the_same_image(tmp_path, baseline):
     import_directory(tmp_path / "models", "x/zimage-tiny:latest", ZIMAGE)
     env = {"OLLAMA_MODELS": str(tmp_path / "models")}
     with Runner.start("x/zimage-tiny:latest", env=env, timeout=120) as runner:
-        assert runner.health() == {"status": "ok", "mode": "imagegen", "model": "x/zimage-tiny:latest"}
+        assert ready_status(runner.health()) == {"status": "ok", "mode": "imagegen", "model": "x/zimage-tiny:latest"}
         _, final = generate(runner)
     assert (final["seed"], final["steps"], final["width"], final["height"]) == (7, 2, 64, 64)
     assert same(final, baseline)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ready_status
 from mlxrunner.launcher import Runner, RunnerError
 
 QWEN3 = Path(__file__).parent / "fixtures" / "llm" / "qwen3-tiny"
@@ -34,7 +35,7 @@ def stream_lines(runner: Runner, body: dict) -> tuple[int, str, list[bytes]]:
 
 
 def test_health_says_llm(llm_runner):
-    assert llm_runner.health() == {"status": "ok", "mode": "llm", "model": str(QWEN3)}
+    assert ready_status(llm_runner.health()) == {"status": "ok", "mode": "llm", "model": str(QWEN3)}
 
 
 def test_stream_is_ndjson_with_no_blank_lines_and_a_final_line(llm_runner):

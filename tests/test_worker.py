@@ -120,3 +120,41 @@ def test_queue_is_bounded_and_stop_refuses_new_jobs():
         assert worker.join(2)
 
     run(main())
+
+
+def test_the_idle_callback_runs_once_per_idle_spell_on_the_worker_thread():
+    async def main():
+        calls, job_threads = [], []
+        worker = Worker(on_idle=lambda: calls.append(threading.get_ident()), idle_after_s=0.3)
+        await asyncio.sleep(0.5)
+        before_any_job = list(calls)  # nothing ran yet: nothing to give back
+        for i in range(4):  # jobs 0.1 s apart: never idle for 0.3 s in between
+            await worker.submit(f"j{i}", lambda ctx: job_threads.append(threading.get_ident())).wait()
+            await asyncio.sleep(0.1)
+        during = list(calls)
+        await asyncio.sleep(1.0)  # one idle spell, three timeouts long
+        after = list(calls)
+        await worker.submit("again", lambda ctx: None).wait()
+        await asyncio.sleep(0.6)
+        worker.stop()
+        return before_any_job, during, after, list(calls), job_threads
+
+    before_any_job, during, after, final, job_threads = run(main())
+    assert before_any_job == [] and during == []
+    assert after == [job_threads[0]]  # once, on the worker's own thread (where MLX work runs)
+    assert len(final) == 2
+
+
+def test_a_failing_idle_callback_does_not_stop_the_worker():
+    def boom():
+        raise RuntimeError("release failed")
+
+    async def main():
+        worker = Worker(on_idle=boom, idle_after_s=0.05)
+        first = await worker.submit("a", lambda ctx: 1).wait()
+        await asyncio.sleep(0.3)
+        second = await worker.submit("b", lambda ctx: 2).wait()
+        worker.stop()
+        return first, second
+
+    assert run(main()) == (1, 2)

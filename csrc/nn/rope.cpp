@@ -1,10 +1,12 @@
 #include "nn/rope.h"
 
-#include "nn/fusion.h"
-
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <vector>
+
+#include "mlx/backend/cuda/cuda.h"
+#include "nn/fusion.h"
 
 namespace mlxr {
 
@@ -71,18 +73,50 @@ RopeTable make_rope_table(const mx::array& cos, const mx::array& sin) {
 namespace {
 
 // in: x0, x1 ([B, T, H, D/2, 1] views of x's even and odd elements), with_x0, with_x1. Every op is
-// element-wise (x0 and x1 broadcast over a pair's two slots), so mx::compile makes it one kernel that
-// reads x once and writes the result once: unfused, a 1024^2 Z-Image step spent 29 of its 130 ms on
-// RoPE's float32 copies, stack and multiplies (H200). x0 * cos + x1 * (-sin) is x0 * cos - x1 * sin
-// exactly, unfused; a GPU kernel may contract the pair into one fused multiply-add.
+// element-wise (x0 and x1 broadcast over a pair's two slots), so mx::compile makes it one kernel
+// (Metal; MLXRUNNER_FUSE_ON_CPU): unfused, a 1024^2 Z-Image step on an H200 spent 29 of its 130 ms on
+// RoPE's float32 copies, stack and multiplies. x0 * cos + x1 * (-sin) is x0 * cos - x1 * sin exactly.
 std::vector<mx::array> rope_pairs_impl(const std::vector<mx::array>& in) {
   auto x0 = mx::astype(in[0], mx::float32), x1 = mx::astype(in[1], mx::float32);
   return {mx::astype(mx::add(mx::multiply(x0, in[2]), mx::multiply(x1, in[3])), in[0].dtype())};
 }
 
+// On CUDA, one thread per pair. The compiled kernel above reads x through strided, broadcast 5-D
+// views, and MLX's generated kernel for those ran at ~0.5 TB/s (8.8 ms a Z-Image step, H200); this
+// reads and writes x contiguously. x: [B, T, H, D] row-contiguous; cos/sin: [1 or B, T, 1, D/2] float32.
+constexpr const char* kRopePairsCuda = R"(
+  const int batch = x_shape[0], tokens = x_shape[1], heads = x_shape[2], half = x_shape[3] / 2;
+  const long long pairs = static_cast<long long>(batch) * tokens * heads * half;
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= pairs) return;
+  const long long token = i / half / heads;  // b * tokens + t
+  const long long table_row = cos_table_shape[0] == 1 ? token % tokens : token;
+  const long long at = table_row * half + i % half;
+  const float c = cos_table[at], s = sin_table[at];
+  const float x0 = static_cast<float>(x[2 * i]), x1 = static_cast<float>(x[2 * i + 1]);
+  out[2 * i] = static_cast<DT>(x0 * c - x1 * s);
+  out[2 * i + 1] = static_cast<DT>(x0 * s + x1 * c);
+)";
+
+bool on_cuda() {
+  static const bool cuda = mx::cu::is_available();
+  return cuda && mx::default_device() == mx::Device::gpu;
+}
+
+mx::array rope_pairs_cuda(const mx::array& x, const RopeTable& rope) {
+  static auto kernel = mx::fast::cuda_kernel("mlxr_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
+                                             kRopePairsCuda, "", /*ensure_row_contiguous=*/true);
+  const auto& shape = x.shape();
+  const long long pairs = static_cast<long long>(x.size()) / 2;
+  if (pairs > std::numeric_limits<int>::max()) throw std::invalid_argument("RoPE: tensor too large");
+  return kernel({x, rope.cos, rope.sin}, {shape}, {x.dtype()}, {static_cast<int>(pairs), 1, 1}, {256, 1, 1},
+                {{"DT", x.dtype()}}, std::nullopt, false, {})[0];
+}
+
 }  // namespace
 
 mx::array apply_rope_pairs(const mx::array& x, const RopeTable& rope) {
+  if (on_cuda()) return rope_pairs_cuda(x, rope);
   static auto fused = mx::compile(rope_pairs_impl, /*shapeless=*/true);
   const auto shape = x.shape();
   const int b = shape[0], t = shape[1], h = shape[2], half = shape[3] / 2;

@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc) or type(exc).__name__)
 
 
+def release_cached_memory() -> None:
+    """Give MLX's buffer cache back to the system (the worker calls this once it has gone idle)."""
+    import mlx.core as mx
+
+    mx.clear_cache()
+
+
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -141,7 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
     loader.apply_memory_limit_from_env()
     state = RunnerState(args.model)
     limits = Limits(max_queue=args.queue_depth, max_body_bytes=args.max_body_mb << 20)
-    worker = Worker(max_queued=limits.max_queue)
+    worker = Worker(max_queued=limits.max_queue, on_idle=release_cached_memory)
     server = Server(state, worker, limits)
     app = server.app()
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,

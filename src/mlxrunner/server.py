@@ -47,6 +47,15 @@ class RunnerState:
     started: float = field(default_factory=time.monotonic)
 
 
+def memory_in_use() -> dict[str, int]:
+    """MLX's allocator, in bytes: arrays alive (weights, a job's activations), buffers kept for reuse
+    (given back once the runner is idle, see Worker), and the peak of arrays alive since start."""
+    import mlx.core as mx
+
+    return {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
+            "peak_bytes": mx.get_peak_memory()}
+
+
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -160,7 +169,8 @@ class Server:
     async def health(self, request: web.Request) -> web.Response:
         state = self.state
         if state.status == "ok" and state.loaded is not None:
-            return web.json_response({"status": "ok", "mode": state.loaded.mode.value, "model": state.model_name})
+            return web.json_response({"status": "ok", "mode": state.loaded.mode.value, "model": state.model_name,
+                                      "memory": memory_in_use()})
         if state.status == "error":
             return web.json_response({"status": "error", "error": state.error}, status=500)
         return web.json_response({"status": "loading", "progress": round(state.progress, 4)}, status=503)

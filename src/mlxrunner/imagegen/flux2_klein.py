@@ -304,32 +304,26 @@ class Flux2KleinPipeline(ImagePipeline):
         noise = check_latents(latents, shape) if latents is not None else initial_noise(seed, shape)
         grid_h, grid_w = shape[2], shape[3]
 
-        try:
-            caption, truncated = self._encode(prompt)
-            negative = self._encode(negative_prompt or "")[0] if cfg else None
-            mx.eval(caption, *([negative] if negative is not None else []))
-            if self.release_text_encoder:
-                self.text_encoder.release()
-            references, reference_ids = None, None
-            if pixels:
-                references, ids = self._reference_tokens(pixels)
-                reference_ids = mx.array(ids)
-                mx.eval(references)
-            encoded = time.perf_counter()
+        caption, truncated = self._encode(prompt)
+        negative = self._encode(negative_prompt or "")[0] if cfg else None
+        mx.eval(caption, *([negative] if negative is not None else []))
+        if self.release_text_encoder:
+            self.text_encoder.release()
+        references, reference_ids = None, None
+        if pixels:
+            references, ids = self._reference_tokens(pixels)
+            reference_ids = mx.array(ids)
+            mx.eval(references)
+        encoded = time.perf_counter()
 
-            final = _core.flux2_denoise(self.transformer, pack(noise), mx.array(position_ids(grid_h, grid_w)),
-                                        self.sigmas(steps, width, height), caption, negative, guidance, references,
-                                        reference_ids, progress)
-            if final is None:
-                raise Cancelled("cancelled by the progress callback")
-            denoised = time.perf_counter()
-            z, image = self.decode_float(final, width, height)
-            pixels_out = to_uint8(image)
-        finally:
-            # Between requests the runner holds its weights only. Not between the denoiser and the
-            # VAE: releasing there cost the 1024² decode 50 ms on an H200 (benchmarks/README.md), and
-            # the denoiser's evaluation queue keeps its own buffers small (csrc/diffusion/flow_match.h).
-            mx.clear_cache()
+        final = _core.flux2_denoise(self.transformer, pack(noise), mx.array(position_ids(grid_h, grid_w)),
+                                    self.sigmas(steps, width, height), caption, negative, guidance, references,
+                                    reference_ids, progress)
+        if final is None:
+            raise Cancelled("cancelled by the progress callback")
+        denoised = time.perf_counter()
+        z, image = self.decode_float(final, width, height)
+        pixels_out = to_uint8(image)
         done = time.perf_counter()
         return GeneratedImage(
             image=to_pil(pixels_out), seed=seed, width=width, height=height, steps=steps, guidance=guidance,

@@ -164,25 +164,19 @@ class ZImagePipeline(ImagePipeline):
         shape = self.latent_shape(width, height)
         noise = check_latents(latents, shape) if latents is not None else initial_noise(seed, shape)
 
-        try:
-            caption, truncated = self._encode(prompt)
-            negative = self._encode(negative_prompt or "")[0] if guidance > 0 else None
-            mx.eval(caption, *([negative] if negative is not None else []))
-            if self.release_text_encoder:
-                self.text_encoder.release()
-            encoded = time.perf_counter()
+        caption, truncated = self._encode(prompt)
+        negative = self._encode(negative_prompt or "")[0] if guidance > 0 else None
+        mx.eval(caption, *([negative] if negative is not None else []))
+        if self.release_text_encoder:
+            self.text_encoder.release()
+        encoded = time.perf_counter()
 
-            final = _core.zimage_denoise(self.transformer, noise, self.sigmas(steps, width, height), caption,
-                                         negative, guidance, progress)
-            if final is None:
-                raise Cancelled("cancelled by the progress callback")
-            denoised = time.perf_counter()
-            pixels = self.vae.decode(final)
-        finally:
-            # Between requests the runner holds its weights only. Not between the denoiser and the
-            # VAE: releasing there cost the 1024² decode 50 ms on an H200 (benchmarks/README.md), and
-            # the denoiser's evaluation queue keeps its own buffers small (csrc/diffusion/flow_match.h).
-            mx.clear_cache()
+        final = _core.zimage_denoise(self.transformer, noise, self.sigmas(steps, width, height), caption,
+                                     negative, guidance, progress)
+        if final is None:
+            raise Cancelled("cancelled by the progress callback")
+        denoised = time.perf_counter()
+        pixels = self.vae.decode(final)
         done = time.perf_counter()
         return GeneratedImage(
             image=to_pil(pixels), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
