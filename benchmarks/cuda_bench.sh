@@ -14,7 +14,7 @@
 # default /dev/shm/bench-models where /dev/shm has 60 GB free: written to memory, the models phase is
 # not bound by the disk; else /root/bench-models), WORK (per-side JSON and images, default
 # /root/bench-work), PROJ (where _core is built to, default /root/proj), ROUNDS (timed rounds per case,
-# default 3), DEADLINE (default 560 s, see below), MFLUX_ROUNDS (default 1: mflux's VAE decode alone takes ~8 s an image), MFLUX_TIMEOUT (per mflux case, default 110 s).
+# default 3), DEADLINE (default 560 s, see below), MFLUX_ROUNDS (default 1: mflux's VAE decode alone takes ~8 s an image), MFLUX_TIMEOUT (per mflux case, default 110 s; 0 leaves mflux out).
 # What comes back: OUT/results.json (every number), OUT/table.md (the tables for benchmarks/README.md),
 # OUT/bench.log (this script's output).
 set -uo pipefail
@@ -71,6 +71,7 @@ image_case() {  # MODEL FOLDER STEPS LABEL [--edit]
       --steps "$steps" --size 1024 --rounds "$ROUNDS" --out "$WORK/image-$label-$side.json" \
       --image-out "$WORK/image-$label-$side.png" "$@"
   done
+  if [ "${MFLUX_TIMEOUT:-110}" = 0 ]; then stamp "image $label: mflux skipped (MFLUX_TIMEOUT=0)"; return; fi
   if python3 -c "import mflux" 2>/dev/null && [ -f benchmarks/gpu/mflux_side.py ]; then
     local t; t=$(limit "${MFLUX_TIMEOUT:-110}" 10)
     if [ "$t" = 0 ]; then stamp "image $label: mflux SKIPPED (deadline ${DEADLINE}s)"; return; fi
