@@ -157,6 +157,15 @@ def test_denoise_is_bit_identical_at_every_evaluation_queue_depth(pipe, golden, 
     assert rel_error(finals[0], golden[f"{name}/final_latents"]) <= REL_TOL
 
 
+@pytest.mark.parametrize("shape", [(), (1, 16, 8), (1, 3, 8, 8), (1, 16, 7, 8)])
+@pytest.mark.parametrize("cfg", [False, True])
+def test_bad_latents_given_to_the_core_loop_are_a_value_error_naming_the_shape(pipe, golden, shape, cfg):
+    negative = mx.array(golden["cfg_64x64/negative_prompt_embeds"]) if cfg else None
+    with pytest.raises(ValueError, match=r"latents must be \[B, 16, H, W\].*got \["):
+        _core.zimage_denoise(pipe.transformer, mx.zeros(shape), pipe.sigmas(2, 64, 64),
+                             mx.array(golden["cfg_64x64/prompt_embeds"]), negative, 3.0 if cfg else 0.0, None)
+
+
 @pytest.mark.parametrize("value", ["-1", "two"])
 def test_a_bad_queue_depth_setting_is_named(pipe, golden, meta, value, monkeypatch):
     monkeypatch.setenv("MLXRUNNER_DENOISE_QUEUE_DEPTH", value)

@@ -298,8 +298,8 @@ std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx
   const bool cfg = negative.has_value();
   std::vector<mx::array> captions{caption};
   if (cfg) captions.push_back(*negative);
-  auto input_shape = latents.shape();
-  input_shape[0] = cfg ? 2 : 1;
+  auto input_shape = latents.shape();  // prepare() checks it
+  if (cfg && !input_shape.empty()) input_shape[0] *= 2;  // [x, x]: the prompt's half, the negative's
   const auto inputs = model.prepare(input_shape, captions);  // the same at every step
   auto velocity = [&](const mx::array& x, int step, EvalQueue& queue) {
     // The model's time runs the other way: t = (1000 - sigma * 1000) / 1000, in float32 as the pipeline computes it.
