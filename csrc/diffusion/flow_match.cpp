@@ -68,12 +68,12 @@ int EvalQueue::default_depth() {
   throw std::invalid_argument(std::string("MLXRUNNER_DENOISE_QUEUE_DEPTH must be an integer >= 0, got '") + env + "'");
 }
 
-void EvalQueue::push(const mx::array& x) {
-  mx::async_eval({x});
+void EvalQueue::push(const std::vector<mx::array>& outputs) {
+  mx::async_eval(outputs);
   if (depth_ == 0) return;
-  queued_.push_back(x);
+  queued_.push_back(outputs);
   while (static_cast<int>(queued_.size()) > depth_) {
-    queued_.front().wait();  // already scheduled: wait() only blocks until the device has run it
+    for (auto& output : queued_.front()) output.wait();  // scheduled already: wait() only waits for the device
     queued_.pop_front();
   }
 }
@@ -89,7 +89,7 @@ std::optional<mx::array> denoise(mx::array x, const std::vector<float>& sigmas, 
     auto v = mx::astype(velocity(x, i, queue), mx::float32);
     const float dt = sigmas[i + 1] - sigmas[i];
     x = mx::add(x, mx::multiply(mx::array(dt), v));
-    queue.push(x);
+    queue.push({x});
   }
   mx::eval(x);
   if (on_step && !on_step(total, total)) return std::nullopt;

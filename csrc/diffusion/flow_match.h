@@ -51,12 +51,13 @@ class EvalQueue {
   explicit EvalQueue(int depth = default_depth());
   static int default_depth();
 
-  // Starts evaluating x on the device, then waits until at most `depth` pushed arrays are unfinished.
-  void push(const mx::array& x);
+  // Starts evaluating `outputs` (one block's) on the device, then waits until at most `depth` pushed
+  // blocks are unfinished.
+  void push(const std::vector<mx::array>& outputs);
 
  private:
   int depth_;
-  std::deque<mx::array> queued_;
+  std::deque<std::vector<mx::array>> queued_;
 };
 
 // The network's velocity for latents x at step i (sigma = sigmas[i]); float32, shaped like x.

@@ -256,13 +256,13 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
   auto ctx = context_embedder_(mx::astype(context, dt));
   for (const auto& block : double_blocks_) {
     std::tie(x, ctx) = double_block(block, x, ctx, mod_img, mod_txt, rope);
-    if (queue) queue->push(x);  // ctx is computed along with x: the same kernels' work
+    if (queue) queue->push({x, ctx});
   }
 
   auto hs = mx::concatenate({ctx, x}, 1);
   for (const auto& block : single_blocks_) {
     hs = single_block(block, hs, mod_single, rope);
-    if (queue) queue->push(hs);
+    if (queue) queue->push({hs});
   }
 
   auto y = mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});

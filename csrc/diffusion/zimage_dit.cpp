@@ -261,7 +261,7 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
   const int ht = in.height_tokens, wt = in.width_tokens, n = in.image_tokens;
   const auto dt = dtype();
   auto pushed = [&](const mx::array& x) {
-    if (queue) queue->push(x);
+    if (queue) queue->push({x});
     return x;
   };
 
