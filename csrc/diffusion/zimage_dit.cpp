@@ -241,7 +241,7 @@ ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std
   auto joint_rope = make_rope_table(mx::concatenate({image_rope.cos, caption_rope.cos}, 1),
                                     mx::concatenate({image_rope.sin, caption_rope.sin}, 1));
   mx::eval({caption, image_rope.with_x0, image_rope.with_x1, joint_rope.with_x0, joint_rope.with_x1});
-  return ZImageInputs{latent_shape, ht, wt, n, n_padded, caption, image_rope, joint_rope, joint_mask};
+  return ZImageInputs{latent_shape, caption, image_rope, joint_rope, joint_mask};
 }
 
 mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t,
@@ -258,7 +258,7 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
   const int b = latents.shape(0), c = latents.shape(1), height = latents.shape(2), width = latents.shape(3);
   if (t.size() != static_cast<size_t>(b)) throw std::invalid_argument("Z-Image: need one timestep per latent");
   const int p = config_.patch_size, dim = config_.dim;
-  const int ht = in.height_tokens, wt = in.width_tokens, n = in.image_tokens;
+  const int ht = height / p, wt = width / p, n = ht * wt, n_padded = round_up(n, kSeqMultiple);
   const auto dt = dtype();
   auto pushed = [&](const mx::array& x) {
     if (queue) queue->push({x});
@@ -272,8 +272,8 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
   auto patches = mx::reshape(mx::astype(latents, dt), {b, c, ht, p, wt, p});
   patches = mx::reshape(mx::transpose(patches, {0, 2, 4, 3, 5, 1}), {b, n, p * p * c});
   auto image = x_embedder_(patches);
-  if (in.padded_image_tokens > n) {
-    image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, in.padded_image_tokens - n, dim})}, 1);
+  if (n_padded > n) {
+    image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, n_padded - n, dim})}, 1);
   }
 
   for (const auto& block : noise_refiner_) image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));

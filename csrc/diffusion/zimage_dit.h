@@ -48,9 +48,7 @@ struct ZImageBlock {
 // What the network's input is made of besides the latents and the timestep: the same at every
 // step of one run, so the denoising loop prepares it once (ZImageTransformer::prepare).
 struct ZImageInputs {
-  mx::Shape latent_shape;                     // [B, C, H, W]
-  int height_tokens, width_tokens;            // H / patch, W / patch
-  int image_tokens, padded_image_tokens;      // their product, and rounded up to a multiple of 32
+  mx::Shape latent_shape;                     // [B, C, H, W]: the latents they were prepared for
   mx::array caption;                          // caption tokens after the context refiner [B, Lc, dim]
   RopeTable image_rope;                       // the noise refiner's
   RopeTable joint_rope;                       // the main layers' ([image, caption] tokens)
