@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test suite on a GPU machine (MLX's CUDA backend), one pytest process per test file, 4 at a time:
 # a crash in one file (a segfault in a native library, say) costs that file's remaining tests, not the
-# run. test_gpu.py runs alone at the end. Writes OUT/tests-<file>.log and OUT/tests-summary.txt; exits non-zero if any file failed.
+# run. tests/gpu/test_cuda_traps.py runs alone at the end. Writes OUT/tests-<file>.log and OUT/tests-summary.txt; exits non-zero if any file failed.
 #   PYTHONPATH=/root/proj:/root/site bash scripts/gpu_tests.sh "$OUT" [-k EXPR ...]
-# TESTS="tests/test_a.py tests/test_b.py" runs those files only (default: every tests/test_*.py).
+# TESTS="tests/unit/test_a.py tests/api/test_b.py" runs those files only (default: every tests/*/test_*.py).
 set -uo pipefail
 out=${1:?usage: gpu_tests.sh OUT_DIR [pytest args]}
 shift
@@ -19,8 +19,8 @@ run_file() {
 }
 export -f run_file
 export out
-# test_gpu.py fills the GPU's memory on purpose (its out-of-memory check): it runs alone, last.
-ls ${TESTS:-tests/test_*.py} | grep -v '/test_gpu.py$' | xargs -P 4 -I{} bash -c 'run_file "$@"' _ {} "$@" | sort \
+# test_cuda_traps.py fills the GPU's memory on purpose (its out-of-memory check): it runs alone, last.
+ls ${TESTS:-tests/*/test_*.py} | grep -v '/test_cuda_traps.py$' | xargs -P 4 -I{} bash -c 'run_file "$@"' _ {} "$@" | sort \
   | tee "$out/tests-summary.txt"
-[[ " ${TESTS:-tests/test_gpu.py} " == *" tests/test_gpu.py "* ]] && run_file tests/test_gpu.py "$@" | tee -a "$out/tests-summary.txt"
+[[ " ${TESTS:-tests/gpu/test_cuda_traps.py} " == *" tests/gpu/test_cuda_traps.py "* ]] && run_file tests/gpu/test_cuda_traps.py "$@" | tee -a "$out/tests-summary.txt"
 ! grep -v " rc=0 " "$out/tests-summary.txt" >/dev/null

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 from benchmarks import flux2_models, zimage_models
-from benchmarks.gpu import llm_models
+from benchmarks.gpu import llm_shapes
 
 
 def build_all(models_dir: Path) -> dict[str, Path]:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    text_encoder = llm_models.qwen3_4b(models_dir / "qwen3-4b")
+    text_encoder = llm_shapes.qwen3_4b(models_dir / "qwen3-4b")
     folders = {}
     for name, build in (("zimage-turbo", lambda f: zimage_models.build(zimage_models.TURBO, f, device, text_encoder)),
                         ("klein-4b", lambda f: flux2_models.build(flux2_models.KLEIN_4B, f, device, text_encoder))):

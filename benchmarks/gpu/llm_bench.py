@@ -4,7 +4,7 @@
         [--only qwen3-0.6b,qwen3-4b,llama3-8b | tiny] [--prompt 1024] [--decode 256] [--rounds 3] \\
         [--chunk 2048] [--bandwidth-gib 2] [--build-only]
 
-1. Builds the missing random-weight bf16 folders (benchmarks/gpu/llm_models.py), each in its own
+1. Builds the missing random-weight bf16 folders (benchmarks.gpu.llm_shapes.py), each in its own
    subprocess, so torch and its CUDA context never live in the timed process.
 2. Measures the device's copy bandwidth with MLX: a bf16 array (2 GiB) negated 8 times in a chain
    per timing, (bytes read + written) / time, median of 10 after 3 warm-ups.
@@ -48,7 +48,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.gpu.llm_models import MARKER, SHAPES  # (no torch import at module level there)
+from benchmarks.gpu.llm_shapes import MARKER, SHAPES  # (no torch import at module level there)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ["qwen3-0.6b", "qwen3-4b", "llama3-8b"]
@@ -74,7 +74,7 @@ def build(name: str, folder: Path) -> dict:
         return {"built": False}
     log(f"[build] {name} -> {folder}")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.llm_models", name, str(folder)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.llm_shapes", name, str(folder)], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode != 0 or not (folder / MARKER).exists():

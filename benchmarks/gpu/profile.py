@@ -479,7 +479,7 @@ def case_llm(mx, args, report: dict, profiler: KernelProfiler, save, deadline: f
             side = None
             try:
                 if not (folder / "config.json").exists():
-                    raise FileNotFoundError(f"{folder}/config.json missing (build it with benchmarks.gpu.llm_models)")
+                    raise FileNotFoundError(f"{folder}/config.json missing (build it with benchmarks.gpu.llm_shapes)")
                 free(mx)
                 started = time.perf_counter()
                 side = cls(folder, CHUNK)
