@@ -9,8 +9,8 @@
 # the VAE and the image denoiser, per-phase peak memory, an MLX CUDA-graph settings sweep; run it in a second
 # call, after the models exist).
 #
-# Expects MLX's CUDA wheels installed in $SITE (default /root/site; ../shared/docs/DEVICE.md shows how on
-# the lent machine) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
+# Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
+# show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
 # default /dev/shm/bench-models where /dev/shm has 60 GB free: written to memory, the models phase is
 # not bound by the disk; else /root/bench-models), WORK (per-side JSON and images, default
 # /root/bench-work), PROJ (where _core is built to, default /root/proj), ROUNDS (timed rounds per case,
