@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlxrunner.errors import ModelError
-from mlxrunner.weights import (
+from mlxrunner.store.safetensors import (
     load_safetensors,
     read_safetensors_header,
     tensor_byte_counts,

@@ -57,7 +57,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxrunner.errors import ModelError
-from mlxrunner.weights import TensorInfo, header_metadata, load_safetensors, read_safetensors_header, tensor_infos
+from mlxrunner.store.safetensors import TensorInfo, header_metadata, load_safetensors, read_safetensors_header, tensor_infos
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
