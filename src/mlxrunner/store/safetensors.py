@@ -3,7 +3,7 @@
 A safetensors file is: 8 bytes little-endian header length N, N bytes of UTF-8 JSON, then the
 data region; each tensor's ``data_offsets`` are relative to the start of the data region.
 
-Two writers produce the files an Ollama store holds (spec §1.7), and both must load:
+Two writers produce the files an Ollama store holds (docs/formats.md), and both must load:
 
 * Go ``x/safetensors``: compact JSON, keys sorted, the header padded with ASCII spaces to a
   multiple of 8.
@@ -11,7 +11,7 @@ Two writers produce the files an Ollama store holds (spec §1.7), and both must 
   given; no padding, so the data region may start at an unaligned offset.
 
 Why ``mx.load`` and not numpy: MLX reads safetensors lazily straight into its own buffers
-(no numpy copy) and keeps the stored dtype (bf16 has no numpy dtype). ``tests/unit/test_weights.py``
+(no numpy copy) and keeps the stored dtype (bf16 has no numpy dtype). ``tests/unit/test_safetensors.py``
 checks that ``mx.load`` accepts the space-padded Go header, the ``null`` metadata and unaligned
 data, so no numpy fallback is needed. What ``mx.load`` does not do is explain a bad file, so
 :func:`read_safetensors_header` validates the header first and raises :class:`ModelError`

@@ -1,4 +1,4 @@
-"""Stop strings over streamed text (spec llm_runner.md §4.4, as Ollama's runner/common/stop.go).
+"""Stop strings over streamed text (docs/models/llm.md, as Ollama's runner/common/stop.go).
 
 Text arrives in pieces (already valid UTF-8, from the detokenizer), and a stop string may be split
 across pieces. The matcher therefore holds back the end of the text while it could still be the

@@ -1,5 +1,5 @@
 """A model's text tokenizer: `tokenizer.json` through Hugging Face `tokenizers`, plus the model's
-special-token rules (spec llm_runner.md §5).
+special-token rules (docs/models/llm.md).
 
 `tokenizers` does the encoding and decoding; this module adds what it leaves to its callers:
 
@@ -9,7 +9,7 @@ special-token rules (spec llm_runner.md §5).
 * The EOS set, as mlx-lm builds it: generation_config.json's `eos_token_id` (int or list, which
   overrides config.json's) plus tokenizer_config.json's `eos_token`.
 * `token_bytes(id)`: the raw bytes one token stands for. `decode([id])` cannot give them: it turns a
-  token holding part of a UTF-8 character into U+FFFD (§5.5), so streaming (detokenizer.py) is
+  token holding part of a UTF-8 character into U+FFFD, so streaming (detokenizer.py) is
   built on these bytes instead.
 
 How a token maps to bytes depends on the decoder named in tokenizer.json (see `DecoderKind`).
@@ -181,7 +181,7 @@ class TextTokenizer:
         self.add_bos_token = self._tokenizer_config.get("add_bos_token") is True
 
     @classmethod
-    def from_source(cls, source) -> "TextTokenizer":
+    def from_source(cls, source) -> TextTokenizer:
         """Load from a model source (mlxrunner.store.ModelSource): its tokenizer.json and configs."""
         if not source.has_file("tokenizer.json"):
             raise ModelError(f"{source.location}: no tokenizer.json; only models with a Hugging Face "
@@ -268,7 +268,7 @@ class TextTokenizer:
         return None if content is None else self._tokenizer.token_to_id(content)
 
     def _resolve_bos(self, generation_config: dict, config: dict) -> int | None:
-        # §5.2: generation_config.json, then config.json, then tokenizer_config.json's bos_token.
+        # generation_config.json, then config.json, then tokenizer_config.json's bos_token.
         for ids in (_config_ids(generation_config, "bos_token_id"), _config_ids(config, "bos_token_id")):
             if ids:
                 return ids[0]

@@ -1,4 +1,4 @@
-"""Text side of the LLM runner: TextTokenizer, StreamingDetokenizer, StopMatcher.
+"""mlxrunner.text: TextTokenizer, StreamingDetokenizer, StopMatcher.
 
 The tokenizers are tiny ones trained here with `tokenizers` (vocabulary ~300, so CJK characters and
 emoji are split over several tokens), in the two shapes real models use: GPT-2 byte-level BPE
@@ -17,10 +17,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from mlxrunner.errors import ModelError
-from mlxrunner.llm.detokenizer import StreamingDetokenizer
-from mlxrunner.llm.stop import StopMatcher
-from mlxrunner.llm.tokenizer import DecoderKind, TextTokenizer, describe_decoder
 from mlxrunner.store import DirectorySource
+from mlxrunner.text.detokenizer import StreamingDetokenizer
+from mlxrunner.text.stop import StopMatcher
+from mlxrunner.text.tokenizer import DecoderKind, TextTokenizer, describe_decoder
 
 CORPUS = [
     "Hello world, this is a small test of the tokenizer. The quick brown fox jumps over the lazy dog.",

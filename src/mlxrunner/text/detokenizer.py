@@ -1,4 +1,4 @@
-"""Token ids -> text as they are generated, one id at a time (spec llm_runner.md §4.2-4.3).
+"""Token ids -> text as they are generated, one id at a time (docs/models/llm.md).
 
 Decoding each token alone is wrong: a byte-level token may hold half of a CJK character or an
 emoji, and `decode([id])` turns that half into U+FFFD. Instead the raw bytes of each token
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import codecs
 
-from mlxrunner.llm.tokenizer import DecoderKind, TextTokenizer
+from mlxrunner.text.tokenizer import DecoderKind, TextTokenizer
 
 REPLACEMENT_CHARACTER = "\ufffd"
 

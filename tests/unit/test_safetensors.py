@@ -1,4 +1,4 @@
-"""weights.py: the safetensors header parser and mx.load on both writers' files (spec §1.7)."""
+"""mlxrunner.store.safetensors: the header parser and mx.load on both writers' files (docs/formats.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlxrunner.errors import ModelError
-from mlxrunner.weights import (
+from mlxrunner.store.safetensors import (
     load_safetensors,
     read_safetensors_header,
     tensor_byte_counts,
@@ -51,7 +51,7 @@ def test_go_writer_reproduces_the_spec_example_byte_for_byte():
 
 
 def test_go_writer_e0_header_for_a_large_bf16_tensor_is_80_bytes():
-    # Spec §1.7: the "88 bytes of overhead" of a [3840,3840] BF16 blob keyed "data".
+    # docs/formats.md: the "88 bytes of overhead" of a [3840,3840] BF16 blob keyed "data".
     header = {"data": {"dtype": "BF16", "shape": [3840, 3840], "data_offsets": [0, 29491200]}}
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) + (-len(text) % 8) == 80

@@ -1,0 +1,6 @@
+"""Text shared by the LLM and the image pipelines' text encoders.
+
+* :mod:`.tokenizer`: a model's ``tokenizer.json`` plus its special-token rules (BOS, EOS, raw token bytes);
+* :mod:`.detokenizer`: token ids -> text while they are generated, one id at a time;
+* :mod:`.stop`: stop strings over streamed text.
+"""
