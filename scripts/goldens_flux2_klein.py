@@ -15,8 +15,8 @@ and records reference outputs for parity tests that run WITHOUT torch:
 
 Usage (from the repository root; the side venv's bin/ shebangs are broken, call python directly):
 
-    /work/goldvenv/bin/python scripts/goldens_flux2_klein.py
-    /work/goldvenv/bin/python scripts/goldens_flux2_klein.py --fixtures-root tests/fixtures \
+    .goldens/bin/python scripts/goldens_flux2_klein.py
+    .goldens/bin/python scripts/goldens_flux2_klein.py --fixtures-root tests/fixtures \
         --goldens-dir tests/goldens/flux2_klein
 
 Needs torch (CPU), diffusers 0.42.1, transformers 5.x, tokenizers, safetensors, numpy, pillow. It never
@@ -25,7 +25,7 @@ seeded torch generators, the initial latents from numpy's default_rng (always in
 the VAE encoder uses the posterior mode; rerunning gives byte-identical safetensors (fixtures and goldens)
 and JSON. Key list and what each case checks: tests/goldens/flux2_klein/README.md.
 
-Adapted from docs/specs/reference/make_tiny_flux2_klein.py (spec: docs/specs/flux2_klein.md).
+The model it builds is described in docs/models/flux2_klein.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ diffusers' ZImagePipeline (0.42.1) for parity tests that run WITHOUT torch.
 
 Usage (from the repository root, with the side venv that has torch + diffusers):
 
-    /work/goldvenv/bin/python scripts/goldens_zimage.py \
+    .goldens/bin/python scripts/goldens_zimage.py \
         [--fixture-dir tests/fixtures/zimage-tiny] [--goldens-dir tests/goldens/zimage]
 
 Writes
@@ -18,8 +18,8 @@ Writes
 Deterministic: weights come from one seeded torch.Generator, initial latents from numpy's
 default_rng, torch runs single-threaded; re-running on the same machine gives byte-identical files.
 Nothing touches the network: the tokenizer is a byte-level BPE trained locally with `tokenizers`.
-The spec this mirrors is shared/docs/specs/zimage.md; the tokenizer/text-encoder builders are adapted
-from shared/docs/specs/reference/make_tiny_flux2_klein.py.
+The model this mirrors is described in docs/models/zimage.md; the tokenizer/text-encoder builders follow
+the same recipe as scripts/goldens_flux2_klein.py.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ written into a self-contained JSON file under tests/goldens/.
 
 Usage (from the repository root, with the side venv that has torch et al.):
 
-    /work/goldvenv/bin/python scripts/make_goldens.py minilm
-    /work/goldvenv/bin/python scripts/make_goldens.py --list
-    /work/goldvenv/bin/python scripts/make_goldens.py all
+    .goldens/bin/python scripts/make_goldens.py minilm
+    .goldens/bin/python scripts/make_goldens.py --list
+    .goldens/bin/python scripts/make_goldens.py all
 
 Adding a generator: write a function ``gen_<name>(out_dir: Path) -> Path`` and
 decorate it with ``@generator("<name>", "<one-line description>")``.

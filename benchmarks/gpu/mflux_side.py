@@ -3,7 +3,7 @@
     python -m benchmarks.gpu.mflux_side --model zimage|klein --folder DIR --width 1024 --height 1024 \
         --steps N --latents FILE.npy --rounds 3 --out FILE.json [--reference IMAGE.png] [--image-out OUT.png]
 
-mflux (https://github.com/filipstrand/mflux, 0.24.0) loads the same diffusers-format folder that the other
+mflux (filipstrand/mflux on GitHub, 0.24.0 from PyPI) loads the same diffusers-format folder that the other
 sides load: its `ZImageTurbo` / `Flux2Klein` (`Flux2KleinEdit` with --reference) take `model_path=DIR`, read
 transformer/, text_encoder/, vae/ (*.safetensors, diffusers / transformers key names, mapped by mflux's own
 weight mappings) and tokenizer/ (transformers AutoTokenizer / Qwen2TokenizerFast). mflux's architectures are
