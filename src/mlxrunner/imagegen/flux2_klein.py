@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from mlxrunner import _core
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.imagegen.images import BadImage, check_dimensions, to_pil, to_rgb, to_uint8
-from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
+from mlxrunner.imagegen.pipeline import (GeneratedImage, ImagePipeline, Progress, check_latents,
                                          check_steps, ignored_by_distilled, initial_noise, phase_timings,
                                          read_schedule, refuse_quantized, resolve_seed, resolve_size,
                                          size_from_latents)

@@ -22,10 +22,6 @@ Progress = Callable[[int, int], "bool | None"]
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
 
-class Cancelled(Exception):
-    """The progress callback asked to stop; no image was made."""
-
-
 @dataclass
 class GeneratedImage:
     image: Image.Image

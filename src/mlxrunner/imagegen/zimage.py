@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.imagegen.images import to_pil
-from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
+from mlxrunner.imagegen.pipeline import (GeneratedImage, ImagePipeline, Progress, check_latents,
                                          check_steps, ignored_by_distilled, initial_noise, phase_timings,
                                          read_schedule, refuse_quantized, resolve_seed, resolve_size,
                                          size_from_latents)
