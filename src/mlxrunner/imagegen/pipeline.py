@@ -181,11 +181,12 @@ class ImagePipeline(ABC):
 
     architecture = ""
     max_pixels = DEFAULT_MAX_PIXELS
-    prompt_template = "{}"  # the chat template the prompt is put in before tokenizing
     max_sequence_length = 512  # templated prompt tokens; the rest is cut off
-    distilled_defaults: dict = {}  # {"steps": ..., "guidance": ...} of the guidance-distilled models
-    base_defaults: dict = {}  # and of the undistilled (base) models
-    cfg_guidance_above = 0.0  # an undistilled model runs classifier-free guidance when guidance is above this
+    # What each model's class sets:
+    prompt_template: str  # the chat template the prompt is put in before tokenizing ("{}" for the prompt)
+    distilled_defaults: dict  # {"steps": ..., "guidance": ...} of the guidance-distilled models
+    base_defaults: dict  # and of the undistilled (base) models
+    cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
     def __init__(self, source, release_text_encoder: bool = False):
         """What loading any model starts with: distilled or not, the refusal of quantized weights,

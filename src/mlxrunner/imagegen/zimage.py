@@ -68,6 +68,7 @@ class ZImagePipeline(ImagePipeline):
     prompt_template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     distilled_defaults = {"steps": 9, "guidance": 0.0}  # Turbo
     base_defaults = {"steps": 50, "guidance": 5.0}  # diffusers' __call__ defaults
+    cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
         progress = progress or (lambda p: None)
