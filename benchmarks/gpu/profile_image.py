@@ -46,7 +46,7 @@ def _ours_pipeline(args):
 
     pipe = load_pipeline(str(args.models_dir / FOLDER))
     weights_gib = mx.get_active_memory() / GIB
-    caption, _ = pipe._encode(PROMPT)
+    caption, _ = pipe.embed_prompt(PROMPT)
     mx.eval(caption)
     noise = mx.array(initial_latents("zimage", args.denoise_size))
     return pipe, caption, noise, weights_gib
@@ -77,7 +77,7 @@ def ours_phase_memory(mx, pipe, noise, weights_gib: float) -> dict:
         return result, (mx.get_peak_memory() - held) / GIB
 
     def encode():
-        caption = pipe._encode(PROMPT)[0]
+        caption = pipe.embed_prompt(PROMPT)[0]
         mx.eval(caption)
         return caption
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mlxrunner.imagegen.pipeline import Cancelled, GeneratedImage, ImagePipeline
+from mlxrunner.errors import Cancelled
+from mlxrunner.imagegen.pipeline import GeneratedImage, ImagePipeline
 
 
 def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,

@@ -5,7 +5,8 @@ Python reads the configs, tokenizes, prepares reference images and moves latents
 (pack / patchify / BatchNorm); the networks and the loop are C++: the Qwen3 text encoder
 (`_core.Decoder.hidden_states`), the MM-DiT and the Euler loop (`_core.Flux2Transformer`,
 `_core.flux2_denoise`) and the VAE (`_core.VaeEncoder` / `_core.VaeDecoder`).
-Spec: shared/docs/specs/flux2_klein.md.
+The steps every image model shares are ImagePipeline.run's (imagegen/pipeline.py); this file
+holds what is FLUX.2 Klein's own. Spec: docs/models/flux2_klein.md.
 
 What the request fields mean here:
 - width/height: rounded down to a multiple of 16 (8x VAE x 2x2 patches). Default: the first
@@ -25,10 +26,8 @@ What the request fields mean here:
 
 from __future__ import annotations
 
-import logging
 import math
-import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -36,28 +35,14 @@ from PIL import Image
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen.images import BadImage, check_dimensions, to_pil, to_rgb, to_uint8
-from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
-                                         check_steps, ignored_by_distilled, initial_noise, phase_timings,
-                                         read_schedule, refuse_quantized, resolve_seed, resolve_size,
-                                         size_from_latents)
-from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+from mlxrunner.imagegen.images import BadImage, check_dimensions, to_rgb
+from mlxrunner.imagegen.pipeline import (MIN_REFERENCE_SIDE, SIZE_MULTIPLE, Conditioning, ImagePipeline,
+                                         ImageRequest, Progress, read_schedule)
 from mlxrunner.imagegen.vae import Vae
 
-log = logging.getLogger(__name__)
-
-# Qwen3's chat template for one user message, add_generation_prompt=True, enable_thinking=False:
-# an empty think block closes the assistant's prefix.
-PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-MAX_SEQUENCE_LENGTH = 512
 TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated
-SIZE_MULTIPLE = 16
-DEFAULT_SIZE = 1024
-DISTILLED_DEFAULTS = dict(steps=4, guidance=1.0)
-BASE_DEFAULTS = dict(steps=50, guidance=4.0)  # diffusers' __call__ defaults
 REFERENCE_POSITION_SCALE = 10  # reference image k sits at T = 10 (k + 1)
 REFERENCE_MAX_AREA = 1024 * 1024
-REFERENCE_MIN_SIDE = 64
 
 
 def transformer_config(config: dict, location: str) -> _core.Flux2Config:
@@ -126,7 +111,7 @@ def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise BadImage(f'"{name}" must be a PIL image, got {type(image).__name__}')
     width, height = image.size
-    check_dimensions(name, width, height, REFERENCE_MIN_SIDE)
+    check_dimensions(name, width, height, MIN_REFERENCE_SIDE)
     image = to_rgb(image)
     if width * height > REFERENCE_MAX_AREA:
         scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
@@ -178,18 +163,17 @@ class Flux2Vae(Vae):
 
 class Flux2KleinPipeline(ImagePipeline):
     architecture = "Flux2KleinPipeline"
+    # Qwen3's chat template for one user message, add_generation_prompt=True, enable_thinking=False:
+    # an empty think block closes the assistant's prefix.
+    prompt_template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    distilled_defaults = {"steps": 4, "guidance": 1.0}
+    base_defaults = {"steps": 50, "guidance": 4.0}  # diffusers' __call__ defaults
+    cfg_guidance_above = 1.0  # diffusers' do_classifier_free_guidance
+    latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
         progress = progress or (lambda p: None)
-        self.source = source
-        index = source.read_json("model_index.json")
-        # diffusers' pipeline argument; absent means False (the base models run CFG).
-        self.distilled = bool(index.get("is_distilled", False))
-        self.defaults = DISTILLED_DEFAULTS if self.distilled else BASE_DEFAULTS
-        self.release_text_encoder = release_text_encoder
-        refuse_quantized(source)
-
-        self.text_encoder = Qwen3TextEncoder(source)
+        super().__init__(source, release_text_encoder)
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
                              f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")
@@ -199,16 +183,12 @@ class Flux2KleinPipeline(ImagePipeline):
         if config.joint_attention_dim != len(TEXT_LAYERS) * self.text_encoder.hidden_size:
             raise ModelError(f"{source.location}: transformer joint_attention_dim {config.joint_attention_dim} is not "
                              f"{len(TEXT_LAYERS)} x the text encoder's hidden size {self.text_encoder.hidden_size}")
-        weights = source.tensors("transformer")
-        try:
-            self.transformer = _core.Flux2Transformer(config, weights)
-        except ValueError as exc:
-            raise ModelError(f"{source.location}: transformer: {exc}") from None
-        self.in_channels = config.in_channels
+        self.transformer, weights = self.load_transformer(_core.Flux2Transformer, config)
+        self.latent_channels = config.in_channels
         progress(0.8)
         self.vae = Flux2Vae(source)
-        if 4 * self.vae.config.latent_channels != self.in_channels:
-            raise ModelError(f"{source.location}: transformer in_channels {self.in_channels} is not 4 x the VAE's "
+        if 4 * self.vae.config.latent_channels != self.latent_channels:
+            raise ModelError(f"{source.location}: transformer in_channels {self.latent_channels} is not 4 x the VAE's "
                              f"latent_channels {self.vae.config.latent_channels}")
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
@@ -228,32 +208,40 @@ class Flux2KleinPipeline(ImagePipeline):
             raise ModelError(f"{self.source.location}: the tokenizer has no pad token {pad!r}")
         return pad_id
 
-    # --- pieces, public for parity checks ------------------------------------------------------
+    def is_distilled(self, index: dict) -> bool:
+        """diffusers' pipeline argument; absent means False (the base models run CFG)."""
+        return bool(index.get("is_distilled", False))
 
-    def prompt_ids(self, prompt: str | None) -> tuple[list[int], bool]:
-        """The templated prompt's token ids (before padding to 512) and whether it was cut."""
-        return self.text_encoder.tokenize(PROMPT_TEMPLATE.format(prompt or ""), MAX_SEQUENCE_LENGTH)
+    def embed_ids(self, ids: list[int]) -> mx.array:
+        """[512, 3 x hidden]: the ids right-padded to 512, hidden states TEXT_LAYERS concatenated."""
+        states = self.text_encoder.padded_hidden_states(ids, self.max_sequence_length, self.pad_id, TEXT_LAYERS)
+        return mx.concatenate(states, axis=-1)
 
-    def encode_prompt(self, prompt: str | None) -> np.ndarray:
-        """The prompt's embedding [512, 3 x hidden] as the transformer receives it (float32 copy)."""
-        embedding, _ = self._encode(prompt)
-        return np.asarray(embedding[0].astype(mx.float32))
+    def dynamic_shift_mu(self, image_tokens: int, steps: int) -> float:
+        """diffusers' compute_empirical_mu, from the noise tokens only (not the references')."""
+        return _core.flux2_empirical_mu(image_tokens, steps)
 
-    def sigmas(self, steps: int, width: int, height: int) -> list[float]:
-        """The N + 1 sigmas of an N-step run (float32 values, last 0); mu from the noise tokens only."""
-        base = _core.linspace(1.0, 1.0 / steps, steps)
-        mu = _core.flux2_empirical_mu((height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE), steps)
-        return _core.flow_match_sigmas(base, self.schedule, mu)
+    # --- reference images (editing) ------------------------------------------------------------
 
-    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """The (patchified) noise layout, diffusers' `latents=` argument: [1, in_channels, H/16, W/16]."""
-        return (1, self.in_channels, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
+    def requested_size(self, width: int | None, height: int | None, references: list,
+                       latents) -> tuple[int | None, int | None]:
+        if references:  # diffusers: each missing side from the first reference (after its crop)
+            return width or references[0].shape[3], height or references[0].shape[2]
+        return super().requested_size(width, height, references, latents)
 
-    def encode_images(self, images: Sequence) -> tuple[mx.array, np.ndarray]:
+    def prepare_references(self, images: list) -> list[np.ndarray]:
+        return [reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)]
+
+    def encode_references(self, references: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+        tokens, ids = self.reference_tokens(references)
+        mx.eval(tokens)
+        return tokens, mx.array(ids)
+
+    def encode_images(self, images: list) -> tuple[mx.array, np.ndarray]:
         """Reference images -> packed tokens [1, Lr, C] and their ids (10 (k + 1), y, x, 0) [Lr, 4]."""
-        return self._reference_tokens([reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)])
+        return self.reference_tokens(self.prepare_references(images))
 
-    def _reference_tokens(self, pixels: list[np.ndarray]) -> tuple[mx.array, np.ndarray]:
+    def reference_tokens(self, pixels: list[np.ndarray]) -> tuple[mx.array, np.ndarray]:
         tokens, ids = [], []
         for k, p in enumerate(pixels):  # each image encoded on its own
             tokens.append(self.vae.encode_tokens(p))
@@ -261,71 +249,21 @@ class Flux2KleinPipeline(ImagePipeline):
                                     REFERENCE_POSITION_SCALE * (k + 1)))
         return mx.concatenate(tokens, axis=1), np.concatenate(ids)
 
+    # --- the loop and the decoder ----------------------------------------------------------------
+
+    def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                progress: Progress | None) -> mx.array | None:
+        """Over the noise packed into tokens [1, h * w, C] with their (0, y, x, 0) ids; the prompt
+        embeddings get their batch dimension here."""
+        _, _, grid_h, grid_w = latents.shape
+        negative = conditioning.negative
+        references, reference_ids = conditioning.references or (None, None)
+        return _core.flux2_denoise(self.transformer, pack(latents), mx.array(position_ids(grid_h, grid_w)),
+                                   self.sigmas(request.steps, request.width, request.height),
+                                   conditioning.prompt[None], None if negative is None else negative[None],
+                                   request.guidance, references, reference_ids, progress)
+
     def decode_float(self, tokens: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
         """Final packed latents -> (the VAE input [1, C, H/8, W/8], float32 [H, W, 3] in [0, 1])."""
         z = self.vae.denormalize(tokens, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
         return z, self.vae.decode_float(z, tile=None)
-
-    def _encode(self, prompt: str | None) -> tuple[mx.array, bool]:
-        ids, truncated = self.prompt_ids(prompt)
-        if truncated:
-            log.warning("prompt longer than %d tokens (with its template): the rest is cut off", MAX_SEQUENCE_LENGTH)
-        states = self.text_encoder.padded_hidden_states(ids, MAX_SEQUENCE_LENGTH, self.pad_id, TEXT_LAYERS)
-        return mx.concatenate(states, axis=-1)[None], truncated
-
-    # --- generation ------------------------------------------------------------------------------
-
-    def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
-            seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-            images: Sequence | None = None, latents=None, progress: Progress | None = None) -> GeneratedImage:
-        started = time.perf_counter()
-        ignored = []
-        images = list(images or [])
-        pixels = [reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)]
-        if pixels:  # diffusers: each missing side from the first reference (after its crop)
-            width = width or pixels[0].shape[3]
-            height = height or pixels[0].shape[2]
-        else:
-            width, height = size_from_latents(latents, width, height, SIZE_MULTIPLE)
-        width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
-        steps = check_steps(steps, self.defaults["steps"])
-        if self.distilled:
-            ignored += ignored_by_distilled(negative_prompt, guidance)
-            guidance = self.defaults["guidance"]
-        else:
-            guidance = self.defaults["guidance"] if guidance is None else float(guidance)
-            if not math.isfinite(guidance):
-                raise ValueError(f'"guidance" must be a finite number, got {guidance!r}')
-            if guidance <= 1 and negative_prompt is not None:
-                ignored.append("negative_prompt")
-        cfg = not self.distilled and guidance > 1
-        seed = resolve_seed(seed)
-        shape = self.latent_shape(width, height)
-        noise = check_latents(latents, shape) if latents is not None else initial_noise(seed, shape)
-        grid_h, grid_w = shape[2], shape[3]
-
-        caption, truncated = self._encode(prompt)
-        negative = self._encode(negative_prompt or "")[0] if cfg else None
-        mx.eval(caption, *([negative] if negative is not None else []))
-        if self.release_text_encoder:
-            self.text_encoder.release()
-        references, reference_ids = None, None
-        if pixels:
-            references, ids = self._reference_tokens(pixels)
-            reference_ids = mx.array(ids)
-            mx.eval(references)
-        encoded = time.perf_counter()
-
-        final = _core.flux2_denoise(self.transformer, pack(noise), mx.array(position_ids(grid_h, grid_w)),
-                                    self.sigmas(steps, width, height), caption, negative, guidance, references,
-                                    reference_ids, progress)
-        if final is None:
-            raise Cancelled("cancelled by the progress callback")
-        denoised = time.perf_counter()
-        z, image = self.decode_float(final, width, height)
-        pixels_out = to_uint8(image)
-        done = time.perf_counter()
-        return GeneratedImage(
-            image=to_pil(pixels_out), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-            timings=phase_timings(started, encoded, denoised, done),
-            ignored=ignored, prompt_truncated=truncated, latents=np.asarray(z))

@@ -1,4 +1,5 @@
-"""What every image pipeline shares: request defaults and bounds, seeds and noise, the result type.
+"""What every image pipeline shares: request bounds and defaults, seeds and noise, the result type,
+and `ImagePipeline.run`, the one generation skeleton that each model fills in through a few hooks.
 
 A pipeline turns (prompt, size, steps, seed, ...) into an image. `generate()` is the public
 Python API (returns a PIL image); `run()` returns the image with what the runner reports about
@@ -7,23 +8,38 @@ it (seed used, timings, fields that had no effect).
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
+import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from mlxrunner import _core
+from mlxrunner.errors import Cancelled, ModelError
+from mlxrunner.imagegen.images import to_pil, to_uint8
+from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+
+log = logging.getLogger(__name__)
+
 # progress(step, total): called before each step i = 0..total-1 and once more with total when the
 # loop is done. Returning False cancels; an exception it raises propagates out of generate().
 Progress = Callable[[int, int], "bool | None"]
 
+# --- request bounds: the one place imagegen keeps them ------------------------------------------
+MAX_STEPS = 1000
 DEFAULT_MAX_PIXELS = 2048 * 2048
+MIN_REFERENCE_SIDE = 64  # a reference image's shortest side, in pixels
 
-
-class Cancelled(Exception):
-    """The progress callback asked to stop; no image was made."""
+# Both models' transformers see the image as tokens of 16 x 16 pixels (8x VAE x 2x2 patches):
+# sizes round down to multiples of it.
+SIZE_MULTIPLE = 16
+DEFAULT_SIZE = 1024  # each side, when the request gives none
 
 
 @dataclass
@@ -44,6 +60,29 @@ class GeneratedImage:
         return {"prompt": prompt, "seed": str(self.seed), "steps": str(self.steps),
                 "width": str(self.width), "height": str(self.height), "guidance": f"{self.guidance:g}",
                 "software": "mlxrunner"}
+
+
+@dataclass
+class ImageRequest:
+    """A request once its defaults are filled in and every field is checked: what one run makes."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    cfg: bool  # classifier-free guidance runs: the negative prompt is encoded too
+    seed: int
+    ignored: list[str]  # request fields that have no effect on this model
+    references: list  # reference images as the model prepared them (editing); empty for text-to-image
+
+
+@dataclass
+class Conditioning:
+    """What steers the denoiser."""
+
+    prompt: mx.array  # the prompt's embedding
+    negative: mx.array | None  # the negative prompt's, when CFG runs
+    references: Any = None  # the reference images, encoded in the model's own form
 
 
 def resolve_size(width: int | None, height: int | None, multiple: int, default: int,
@@ -87,7 +126,7 @@ def check_latents(latents, shape: tuple[int, ...]) -> mx.array:
     return mx.array(array)
 
 
-def check_steps(steps: int | None, default: int, maximum: int = 1000) -> int:
+def check_steps(steps: int | None, default: int, maximum: int = MAX_STEPS) -> int:
     if steps is None or steps == 0:
         return default
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= maximum:
@@ -97,8 +136,6 @@ def check_steps(steps: int | None, default: int, maximum: int = 1000) -> int:
 
 def refuse_quantized(source, components=("text_encoder", "transformer", "vae")) -> None:
     """Our image networks take dense weights only; say so at load rather than fail on a shape."""
-    from mlxrunner.errors import ModelError
-
     for component in components:
         if source.quantization(component):
             raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
@@ -128,28 +165,177 @@ def size_from_latents(latents, width: int | None, height: int | None, scale: int
     return width, height
 
 
-def ignored_by_distilled(negative_prompt: str | None, guidance: float | None) -> list[str]:
-    """The CFG fields a guidance-distilled model has no use for, as the request gave them."""
-    return [name for name, value in (("negative_prompt", negative_prompt), ("guidance", guidance)) if value is not None]
-
-
 def phase_timings(started: float, encoded: float, denoised: float, done: float) -> dict[str, float]:
     return {"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
             "total": done - started}
 
 
-class ImagePipeline:
-    """Base class: subclasses implement run()."""
+class ImagePipeline(ABC):
+    """The generation skeleton every image model shares (`run`); a subclass loads its networks in
+    __init__ (after calling this __init__) and implements the hooks at the end of this class.
+
+    What a subclass sets while loading: `transformer`, `vae`, `schedule` (read_schedule),
+    `latent_channels` and `latent_scale` (the initial noise is [1, latent_channels,
+    H / latent_scale, W / latent_scale]).
+    """
 
     architecture = ""
     max_pixels = DEFAULT_MAX_PIXELS
+    max_sequence_length = 512  # templated prompt tokens; the rest is cut off
+    # What each model's class sets:
+    prompt_template: str  # the chat template the prompt is put in before tokenizing ("{}" for the prompt)
+    distilled_defaults: dict  # {"steps": ..., "guidance": ...} of the guidance-distilled models
+    base_defaults: dict  # and of the undistilled (base) models
+    cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
+
+    def __init__(self, source, release_text_encoder: bool = False):
+        """What loading any model starts with: distilled or not, the refusal of quantized weights,
+        the Qwen3 text encoder."""
+        self.source = source
+        self.release_text_encoder = release_text_encoder
+        self.distilled = self.is_distilled(source.read_json("model_index.json"))
+        self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
+        refuse_quantized(source)
+        self.text_encoder = Qwen3TextEncoder(source)
+
+    def load_transformer(self, network: type, config) -> tuple[Any, dict]:
+        """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights."""
+        weights = self.source.tensors("transformer")
+        try:
+            return network(config, weights), weights
+        except ValueError as exc:
+            raise ModelError(f"{self.source.location}: transformer: {exc}") from None
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, **kwargs) -> Image.Image:
+        """The image for `prompt` (keyword arguments as run())."""
+        return self.run(prompt, **kwargs).image
 
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents=None,
             progress: Progress | None = None) -> GeneratedImage:
-        raise NotImplementedError
+        """The image for `prompt` and what the runner reports about it. Every model takes the same
+        steps: check the request, make the noise, encode the prompt(s) and any reference images,
+        denoise (C++), decode."""
+        started = time.perf_counter()
+        request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
+        noise = self.initial_latents(request, latents)
+        conditioning, truncated = self.condition(prompt, negative_prompt, request)
+        encoded = time.perf_counter()
+        final = self.denoise(noise, conditioning, request, progress)
+        if final is None:
+            raise Cancelled("cancelled by the progress callback")
+        denoised = time.perf_counter()
+        decoder_latents, image = self.decode_float(final, request.width, request.height)
+        pixels = to_uint8(image)
+        done = time.perf_counter()
+        return GeneratedImage(
+            image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
+            guidance=request.guidance, timings=phase_timings(started, encoded, denoised, done),
+            ignored=request.ignored, prompt_truncated=truncated, latents=np.asarray(decoder_latents))
 
-    def generate(self, prompt: str, **kwargs) -> Image.Image:
-        """The image for `prompt` (keyword arguments as run())."""
-        return self.run(prompt, **kwargs).image
+    def resolve_request(self, width: int | None, height: int | None, steps: int | None, seed: int | None,
+                        negative_prompt: str | None, guidance: float | None, images: Sequence[Image.Image] | None,
+                        latents) -> ImageRequest:
+        """The request's defaults filled in and every field checked, before any work is done."""
+        references = self.prepare_references(list(images or []))
+        ignored = ["images"] if images and not references else []
+        width, height = self.requested_size(width, height, references, latents)
+        width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
+        steps = check_steps(steps, self.defaults["steps"])
+        guidance, cfg, ignored_guidance = self.resolve_guidance(guidance, negative_prompt)
+        return ImageRequest(width=width, height=height, steps=steps, guidance=guidance, cfg=cfg,
+                            seed=resolve_seed(seed), ignored=ignored + ignored_guidance, references=references)
+
+    def requested_size(self, width: int | None, height: int | None, references: list,
+                       latents) -> tuple[int | None, int | None]:
+        """The size asked for, before defaults and rounding."""
+        return size_from_latents(latents, width, height, self.latent_scale)
+
+    def resolve_guidance(self, guidance: float | None, negative_prompt: str | None) -> tuple[float, bool, list[str]]:
+        """(the guidance used, whether classifier-free guidance runs, the fields that have no effect)."""
+        if self.distilled:  # guidance is baked into the weights: the CFG fields do nothing
+            given = (("negative_prompt", negative_prompt), ("guidance", guidance))
+            return self.defaults["guidance"], False, [name for name, value in given if value is not None]
+        guidance = self.defaults["guidance"] if guidance is None else float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f'"guidance" must be a finite number, got {guidance!r}')
+        cfg = guidance > self.cfg_guidance_above
+        return guidance, cfg, ["negative_prompt"] if negative_prompt is not None and not cfg else []
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The initial noise's shape, which a request's `latents` must have."""
+        return (1, self.latent_channels, height // self.latent_scale, width // self.latent_scale)
+
+    def initial_latents(self, request: ImageRequest, latents) -> mx.array:
+        """What the loop starts from: the request's `latents` when given (checked), else seeded noise."""
+        shape = self.latent_shape(request.width, request.height)
+        return check_latents(latents, shape) if latents is not None else initial_noise(request.seed, shape)
+
+    def prompt_ids(self, prompt: str | None) -> tuple[list[int], bool]:
+        """The templated prompt's token ids and whether it was cut to max_sequence_length."""
+        return self.text_encoder.tokenize(self.prompt_template.format(prompt or ""), self.max_sequence_length)
+
+    def embed_prompt(self, prompt: str | None) -> tuple[mx.array, bool]:
+        """The prompt's embedding (lazy, one prompt: no batch dimension) and whether the prompt was cut."""
+        ids, truncated = self.prompt_ids(prompt)
+        if truncated:
+            log.warning("prompt longer than %d tokens (with its template): the rest is cut off",
+                        self.max_sequence_length)
+        return self.embed_ids(ids), truncated
+
+    def encode_prompt(self, prompt: str | None) -> np.ndarray:
+        """The prompt's embedding (float32 copy), for parity checks."""
+        return np.asarray(self.embed_prompt(prompt)[0].astype(mx.float32))
+
+    def condition(self, prompt: str, negative_prompt: str | None, request: ImageRequest) -> tuple[Conditioning, bool]:
+        """Encode the prompt (and the negative, with CFG), then any reference images; and whether
+        the prompt was cut."""
+        positive, truncated = self.embed_prompt(prompt)
+        negative = self.embed_prompt(negative_prompt or "")[0] if request.cfg else None
+        mx.eval(positive, *([negative] if negative is not None else []))
+        if self.release_text_encoder:  # its memory is free before the VAE encodes the references
+            self.text_encoder.release()
+        references = self.encode_references(request.references) if request.references else None
+        return Conditioning(positive, negative, references), truncated
+
+    def sigmas(self, steps: int, width: int, height: int) -> list[float]:
+        """The N + 1 sigmas of an N-step run (float32 values, last 0)."""
+        base = _core.linspace(1.0, 1.0 / steps, steps)
+        mu = self.dynamic_shift_mu((height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE), steps)
+        return _core.flow_match_sigmas(base, self.schedule, mu)
+
+    # --- hooks: what each model defines ------------------------------------------------------------
+
+    @abstractmethod
+    def is_distilled(self, index: dict) -> bool:
+        """Whether the model is guidance-distilled, from model_index.json (and self.source)."""
+
+    @abstractmethod
+    def embed_ids(self, ids: list[int]) -> mx.array:
+        """The templated prompt's token ids -> its embedding (no batch dimension)."""
+
+    def prepare_references(self, images: list[Image.Image]) -> list:
+        """Reference images -> what encode_references takes, checked before any work is done. A
+        model that does not edit takes none, and run() reports `images` ignored."""
+        return []
+
+    def encode_references(self, references: list) -> Any:
+        """prepare_references' output -> what denoise() finds in Conditioning.references. Called
+        only when prepare_references returned some: a model that edits overrides both."""
+        raise NotImplementedError(f"{type(self).__name__} takes no reference images")
+
+    @abstractmethod
+    def dynamic_shift_mu(self, image_tokens: int, steps: int) -> float:
+        """The scheduler's mu for an image of `image_tokens` tokens (used when it shifts dynamically)."""
+
+    @abstractmethod
+    def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                progress: Progress | None) -> mx.array | None:
+        """The C++ Euler loop from `latents`: the final latents, or None when progress returned False."""
+
+    @abstractmethod
+    def decode_float(self, latents: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
+        """The loop's final latents -> (the VAE decoder's input, float32 [H, W, 3] in [0, 1])."""

@@ -3,7 +3,8 @@
 Python reads the configs, tokenizes and picks defaults; the networks and the loop are C++:
 Qwen3 text encoder (`_core.Decoder.hidden_states`), the S3-DiT and the Euler loop
 (`_core.ZImageTransformer`, `_core.zimage_denoise`) and the VAE (`_core.VaeDecoder`).
-Spec: shared/docs/specs/zimage.md.
+The steps every image model shares are ImagePipeline.run's (imagegen/pipeline.py); this file
+holds what is Z-Image's own. Spec: docs/models/zimage.md.
 
 What the request fields mean here:
 - width/height: default 1024; rounded down to a multiple of 16 (8x VAE x 2x2 patches).
@@ -14,37 +15,20 @@ What the request fields mean here:
   default 5.0. Turbo is guidance-distilled: guidance and negative_prompt have no effect and are
   reported as ignored.
 - negative_prompt: the CFG negative; default "" (as diffusers) when guidance is on.
+- images: Z-Image does not edit; reported as ignored.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen.images import to_pil
-from mlxrunner.imagegen.pipeline import (Cancelled, GeneratedImage, ImagePipeline, Progress, check_latents,
-                                         check_steps, ignored_by_distilled, initial_noise, phase_timings,
-                                         read_schedule, refuse_quantized, resolve_seed, resolve_size,
-                                         size_from_latents)
-from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+from mlxrunner.imagegen.pipeline import Conditioning, ImagePipeline, ImageRequest, Progress, read_schedule
 from mlxrunner.imagegen.vae import Vae
-
-log = logging.getLogger(__name__)
-
-# The chat template for one user message with add_generation_prompt=True, enable_thinking=True
-# (what the pipeline asks for): no system turn, no think block.
-PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-MAX_SEQUENCE_LENGTH = 512
-SIZE_MULTIPLE = 16
-DEFAULT_SIZE = 1024
-TURBO_DEFAULTS = dict(steps=9, guidance=0.0)
-BASE_DEFAULTS = dict(steps=50, guidance=5.0)  # diffusers' __call__ defaults
 
 
 def transformer_config(config: dict, location: str) -> _core.ZImageConfig:
@@ -77,108 +61,53 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
-def is_distilled(source, index: dict) -> bool:
-    """Turbo or base? model_index.json's is_distilled when present (as FLUX.2 Klein writes it),
-    else the model's name: the released folders and Ollama names say "turbo"."""
-    if isinstance(index.get("is_distilled"), bool):
-        return index["is_distilled"]
-    return "turbo" in f"{source.name} {source.location}".lower()
-
-
 class ZImagePipeline(ImagePipeline):
     architecture = "ZImagePipeline"
+    # The chat template for one user message with add_generation_prompt=True, enable_thinking=True
+    # (what the pipeline asks for): no system turn, no think block.
+    prompt_template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    distilled_defaults = {"steps": 9, "guidance": 0.0}  # Turbo
+    base_defaults = {"steps": 50, "guidance": 5.0}  # diffusers' __call__ defaults
+    cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
         progress = progress or (lambda p: None)
-        self.source = source
-        index = source.read_json("model_index.json")
-        self.distilled = is_distilled(source, index)
-        self.defaults = TURBO_DEFAULTS if self.distilled else BASE_DEFAULTS
-        self.release_text_encoder = release_text_encoder
-        refuse_quantized(source)
-
-        self.text_encoder = Qwen3TextEncoder(source)
+        super().__init__(source, release_text_encoder)
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
         if config.cap_feat_dim != self.text_encoder.hidden_size:
             raise ModelError(f"{source.location}: transformer cap_feat_dim {config.cap_feat_dim} does not match the "
                              f"text encoder's hidden size {self.text_encoder.hidden_size}")
-        weights = source.tensors("transformer")
-        try:
-            self.transformer = _core.ZImageTransformer(config, weights)
-        except ValueError as exc:
-            raise ModelError(f"{source.location}: transformer: {exc}") from None
-        self.latent_channels = config.in_channels
+        self.transformer, weights = self.load_transformer(_core.ZImageTransformer, config)
         progress(0.8)
         self.vae = Vae(source)
-        self.vae_scale = self.vae.decoder.scale_factor
+        # The noise is in the VAE's latent space: [1, in_channels, H / 8, W / 8].
+        self.latent_channels, self.latent_scale = config.in_channels, self.vae.decoder.scale_factor
         self.schedule = read_schedule(source)
         mx.eval(list(weights.values()))  # read the weights now, not during the first request
         progress(1.0)
 
-    # --- pieces, public for parity checks ------------------------------------------------------
+    def is_distilled(self, index: dict) -> bool:
+        """Turbo or base? model_index.json's is_distilled when present (as FLUX.2 Klein writes it),
+        else the model's name: the released folders and Ollama names say "turbo"."""
+        if isinstance(index.get("is_distilled"), bool):
+            return index["is_distilled"]
+        return "turbo" in f"{self.source.name} {self.source.location}".lower()
 
-    def prompt_ids(self, prompt: str) -> tuple[list[int], bool]:
-        return self.text_encoder.tokenize(PROMPT_TEMPLATE.format(prompt), MAX_SEQUENCE_LENGTH)
+    def embed_ids(self, ids: list[int]) -> mx.array:
+        """[L, hidden]: hidden_states[-2], the output of the second-to-last layer (before the last
+        layer and the final norm)."""
+        return self.text_encoder.hidden_states(ids, [self.text_encoder.num_layers - 1])[0]
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
-        """The prompt's embedding [L, hidden] as the transformer receives it (float32 copy)."""
-        embedding, _ = self._encode(prompt)
-        return np.asarray(embedding.astype(mx.float32))
+    def dynamic_shift_mu(self, image_tokens: int, steps: int) -> float:
+        return calculate_shift(image_tokens)
 
-    def sigmas(self, steps: int, width: int, height: int) -> list[float]:
-        """The N + 1 sigmas of an N-step run (float32 values, last 0)."""
-        base = _core.linspace(1.0, 1.0 / steps, steps)
-        mu = calculate_shift((height // 16) * (width // 16))  # only used if the scheduler shifts dynamically
-        return _core.flow_match_sigmas(base, self.schedule, mu)
+    def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                progress: Progress | None) -> mx.array | None:
+        sigmas = self.sigmas(request.steps, request.width, request.height)
+        return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
+                                    request.guidance, progress)
 
-    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
-        return (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-
-    def _encode(self, prompt: str) -> tuple[mx.array, bool]:
-        ids, truncated = self.prompt_ids(prompt)
-        if truncated:
-            log.warning("prompt longer than %d tokens (with its template): the rest is cut off", MAX_SEQUENCE_LENGTH)
-        # hidden_states[-2]: the output of the second-to-last layer, before the last layer and the final norm.
-        layer = self.text_encoder.num_layers - 1
-        return self.text_encoder.hidden_states(ids, [layer])[0], truncated
-
-    # --- generation ------------------------------------------------------------------------------
-
-    def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
-            seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-            images: Sequence | None = None, latents=None, progress: Progress | None = None) -> GeneratedImage:
-        started = time.perf_counter()
-        ignored = ["images"] if images else []
-        width, height = size_from_latents(latents, width, height, self.vae_scale)
-        width, height = resolve_size(width, height, SIZE_MULTIPLE, DEFAULT_SIZE, self.max_pixels)
-        steps = check_steps(steps, self.defaults["steps"])
-        if self.distilled:
-            ignored += ignored_by_distilled(negative_prompt, guidance)
-            guidance = 0.0
-        else:
-            guidance = self.defaults["guidance"] if guidance is None else float(guidance)
-            if guidance <= 0 and negative_prompt is not None:
-                ignored.append("negative_prompt")
-        seed = resolve_seed(seed)
-        shape = self.latent_shape(width, height)
-        noise = check_latents(latents, shape) if latents is not None else initial_noise(seed, shape)
-
-        caption, truncated = self._encode(prompt)
-        negative = self._encode(negative_prompt or "")[0] if guidance > 0 else None
-        mx.eval(caption, *([negative] if negative is not None else []))
-        if self.release_text_encoder:
-            self.text_encoder.release()
-        encoded = time.perf_counter()
-
-        final = _core.zimage_denoise(self.transformer, noise, self.sigmas(steps, width, height), caption,
-                                     negative, guidance, progress)
-        if final is None:
-            raise Cancelled("cancelled by the progress callback")
-        denoised = time.perf_counter()
-        pixels = self.vae.decode(final)
-        done = time.perf_counter()
-        return GeneratedImage(
-            image=to_pil(pixels), seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-            timings=phase_timings(started, encoded, denoised, done),
-            ignored=ignored, prompt_truncated=truncated, latents=np.asarray(final))
+    def decode_float(self, latents: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
+        """The loop's latents are the decoder's input as they are."""
+        return latents, self.vae.decode_float(latents, tile=None)
