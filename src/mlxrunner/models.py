@@ -107,5 +107,5 @@ class LoadedModel:
         # Callers pick the interface from the mode first (the server's route table); this is the check
         # that keeps a mistake there from calling a method the model does not have.
         if not isinstance(self.model, interface):
-            raise TypeError(f"{self.name} is a {self.mode.value} model, not {what} model")
+            raise TypeError(f"{self.name} is not {what} model (its mode: {self.mode.value})")
         return self.model
