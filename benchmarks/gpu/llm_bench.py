@@ -181,7 +181,7 @@ class Ours:
         from mlxrunner import _core
         from mlxrunner.llm import load
         from mlxrunner.llm.model import sampler_options
-        from mlxrunner.protocol import Options
+        from mlxrunner.http.protocol import Options
 
         self._core = _core
         self.chunk = chunk

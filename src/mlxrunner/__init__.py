@@ -23,7 +23,9 @@ def _route_mlx_cpu_blas_to_openblas() -> str:
     if mlxrunner is imported before mlx.core; otherwise MLX keeps its reference BLAS (still correct).
     Set MLXRUNNER_REFERENCE_BLAS=1 to keep the reference BLAS on purpose.
     """
-    if sys.platform != "linux" or os.environ.get("MLXRUNNER_REFERENCE_BLAS", "") not in ("", "0"):
+    from mlxrunner.settings import reference_blas_requested
+
+    if sys.platform != "linux" or reference_blas_requested():
         return "reference"
     # Next to _core (found without importing it: _core itself loads libmlx).
     core = importlib.util.find_spec("mlxrunner._core")

@@ -1,6 +1,6 @@
 """What kind of model is this? ModelSource -> Mode and model class.
 
-Rules (shared/docs/ARCHITECTURE.md, Ollama's `DetectModelType`):
+Rules (docs/ARCHITECTURE.md, Ollama's `DetectModelType`):
 - `model_index.json` present: a diffusers pipeline. Its `architecture` (Ollama's normalised
   index), else `_class_name`, must be one of IMAGE_PIPELINES -> image generation.
 - `config.json` present: a transformers model. An encoder architecture (BERT family) or a
@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mlxrunner.errors import ModelError
+
+if TYPE_CHECKING:
+    from mlxrunner.store import ModelSource
 
 IMAGE_PIPELINES = ("ZImagePipeline", "FluxPipeline", "Flux2KleinPipeline")
 
@@ -33,7 +37,7 @@ class Detected:
     architecture: str  # pipeline class or transformers architecture, as found in the model
 
 
-def detect(source) -> Detected:
+def detect(source: ModelSource) -> Detected:
     if source.has_file("model_index.json"):
         return _detect_pipeline(source)
     if source.has_file("config.json"):
@@ -43,7 +47,7 @@ def detect(source) -> Detected:
         "nor config.json (a transformers model)")
 
 
-def _detect_pipeline(source) -> Detected:
+def _detect_pipeline(source: ModelSource) -> Detected:
     index = source.read_json("model_index.json")
     architecture = index.get("architecture") or index.get("_class_name") or ""
     if architecture not in IMAGE_PIPELINES:
@@ -53,7 +57,7 @@ def _detect_pipeline(source) -> Detected:
     return Detected(Mode.IMAGEGEN, architecture)
 
 
-def _detect_transformers(source) -> Detected:
+def _detect_transformers(source: ModelSource) -> Detected:
     config = source.read_json("config.json")
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):

@@ -1,7 +1,6 @@
 """The parent's side: start a runner subprocess, wait until it is ready, talk to it, stop it.
 
-What Ollama's Go parent does for its image runner (shared/docs/specs/ollama_runner_reference.md
-§3), in Python:
+What Ollama's Go parent does for its image runner (docs/formats.md), in Python:
 
     with Runner.start("all-minilm") as runner:
         vectors = runner.embed(["hello", "world"])

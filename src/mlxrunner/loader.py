@@ -1,15 +1,14 @@
 """Name -> loaded model: resolve, detect, check memory, build the model for its mode.
 
-Runs on the MLX worker thread. `progress(fraction)` reports load progress for /health.
+Runs on the MLX worker thread. `progress(fraction)` reports load progress for /health. Every
+setting arrives as a parameter (settings.py reads the flags and environment).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from mlxrunner import backend
 
@@ -18,46 +17,10 @@ mx = backend.import_mlx()  # first: a clear BackendError, not a bare loader mess
 from mlxrunner import store  # noqa: E402  (imports mlx.core)
 from mlxrunner.detect import Detected, Mode, detect  # noqa: E402
 from mlxrunner.errors import ModelError  # noqa: E402
+from mlxrunner.models import Embedder, ImageModel, LoadedModel, TextModel  # noqa: E402
+from mlxrunner.settings import ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-GIB = 1 << 30
-MIB = 1 << 20
-
-# Environment switches (flags of the same meaning take precedence in cli.py).
-ENV_SKIP_MEMORY_CHECK = "MLXRUNNER_SKIP_MEMORY_CHECK"
-ENV_MEMORY_LIMIT = "MLXRUNNER_MEMORY_LIMIT"
-# Image models: free the text encoder after each prompt encode (reloaded from the mmap'd weights
-# on the next request). Saves its memory (8 GB for Z-Image's Qwen3-4B in bf16) at some time per request.
-ENV_RELEASE_TEXT_ENCODER = "MLXRUNNER_RELEASE_TEXT_ENCODER"
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    detected: Detected
-    model: Any  # the mode's model object (embed.bert.BertEmbedder, ...)
-    seconds: float
-
-    @property
-    def mode(self) -> Mode:
-        return self.detected.mode
-
-
-def parse_bytes(text: str) -> int:
-    """'16GB', '512 MiB', '1000' -> bytes (binary units: a GB here is 2**30, as Ollama prints them)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": MIB, "MB": MIB, "MIB": MIB,
-             "G": GIB, "GB": GIB, "GIB": GIB, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
-    cleaned = text.strip().upper().replace(" ", "")
-    number = cleaned.rstrip("KMGTIB")
-    unit = cleaned[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a byte size: {text!r} (e.g. 16GB, 512MiB, 1000)") from None
-    if unit not in units or value < 0:
-        raise ValueError(f"not a byte size: {text!r} (e.g. 16GB, 512MiB, 1000)")
-    return int(value * units[unit])
 
 
 def _human(n: int) -> str:
@@ -75,17 +38,9 @@ def check_memory(required: int, mode: Mode) -> None:
             f"(set {ENV_SKIP_MEMORY_CHECK}=1 or pass --skip-memory-check to try anyway)")
 
 
-def apply_memory_limit_from_env() -> None:
-    value = os.environ.get(ENV_MEMORY_LIMIT, "").strip().strip("\"'")
-    if value:
-        mx.set_memory_limit(parse_bytes(value))
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().strip("\"'").lower() in ("1", "t", "true", "yes", "on")
-
-
-def build_model(source, detected: Detected, progress: Callable[[float], None]) -> Any:
+def build_model(source: store.ModelSource, detected: Detected, progress: Callable[[float], None], *,
+                release_text_encoder: bool = False,
+                denoise_queue_depth: int | None = None) -> TextModel | Embedder | ImageModel:
     if detected.mode is Mode.EMBEDDING:
         from mlxrunner.embed.bert import BertEmbedder
 
@@ -96,22 +51,33 @@ def build_model(source, detected: Detected, progress: Callable[[float], None]) -
         return LanguageModel(source, progress)
     from mlxrunner.imagegen import build_pipeline
 
-    return build_pipeline(source, detected.architecture, progress,
-                          release_text_encoder=_env_flag(ENV_RELEASE_TEXT_ENCODER))
+    image_options: dict[str, bool | int] = {"release_text_encoder": release_text_encoder}
+    if denoise_queue_depth is not None:  # else the pipeline's own default
+        image_options["denoise_queue_depth"] = denoise_queue_depth
+    return build_pipeline(source, detected.architecture, progress, **image_options)
 
 
-def load(name: str, progress: Callable[[float], None] = lambda p: None, skip_memory_check: bool = False,
-         models_dir: str | None = None) -> LoadedModel:
+def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
+         skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
+         denoise_queue_depth: int | None = None) -> LoadedModel:
+    """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
+
+    memory_limit (bytes) becomes MLX's memory limit, which the memory check compares the weights
+    against; None leaves MLX's limit as it is.
+    """
     start = time.perf_counter()
+    if memory_limit is not None:
+        mx.set_memory_limit(memory_limit)
     source = store.resolve(name, models_dir)
     progress(0.05)
     detected = detect(source)
     log.info("detected model: mode=%s architecture=%s location=%s", detected.mode.value, detected.architecture,
              source.location)
-    if not (skip_memory_check or _env_flag(ENV_SKIP_MEMORY_CHECK)):
+    if not skip_memory_check:
         check_memory(source.total_tensor_bytes(), detected.mode)
     progress(0.1)
-    model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p))
+    model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
+                        release_text_encoder=release_text_encoder, denoise_queue_depth=denoise_queue_depth)
     progress(1.0)
     seconds = time.perf_counter() - start
     log.info("model loaded in %.2fs", seconds)

@@ -8,7 +8,6 @@ record is one line: newlines are escaped and long messages are cut.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -20,11 +19,6 @@ _SLOG_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "W
                logging.CRITICAL: "ERROR", TRACE: "TRACE"}
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-
-
-def ollama_var(name: str) -> str:
-    """An environment variable read as Ollama's envconfig.Var does: trimmed of spaces and quotes."""
-    return os.environ.get(name, "").strip().strip("\"'")
 
 
 def level_from_ollama_debug(value: str) -> int:

@@ -8,7 +8,7 @@ MLX thread). So every piece of MLX work, model loading included, is a `Job` run 
 A job's function receives a `JobContext`: it calls `ctx.check_cancelled()` between steps (tokens,
 denoising steps, batches) and `ctx.emit(event)` to stream progress back to the asyncio side.
 Cancelling a queued job means it never starts; cancelling a running job stops it at its next
-check, where `Cancelled` unwinds it.
+check, where `errors.Cancelled` unwinds it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import logging
 import threading
 from typing import Any, AsyncIterator, Callable
 
+from mlxrunner.errors import Cancelled
+
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """Raised inside a job at its next check after it was cancelled."""
 
 
 class QueueFull(Exception):

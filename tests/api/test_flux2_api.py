@@ -28,7 +28,7 @@ from image_helpers import generate_with, pixels, png_of, post, same
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.images import decode_image
 from mlxrunner.launcher import Runner
-from mlxrunner.protocol import Limits
+from mlxrunner.http.protocol import Limits
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DISTILLED = FIXTURES / "flux2-klein-tiny"

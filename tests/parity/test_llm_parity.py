@@ -15,7 +15,7 @@ import pytest
 from mlxrunner import _core
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
-from mlxrunner.protocol import Options
+from mlxrunner.http.protocol import Options
 from conftest import ON_GPU, float32_tol
 
 # float32: rel. error <= 1e-4 (the bar); a CUDA GPU's TF32 products: 1e-2.

@@ -25,6 +25,9 @@ def last_line(text: str) -> str:
     (["--model", "all-minilm", "--port", "70000"], "is not a TCP port"),
     (["--model", "all-minilm", "--port", "0", "--bogus"], "unrecognized arguments: --bogus"),
     (["--model", "all-minilm", "--port", "0", "--log-level", "loud"], "unknown log level 'loud'"),
+    (["--model", "all-minilm", "--port", "0", "--queue-depth", "-1"], "argument --queue-depth: must be >= 0"),
+    (["--model", "all-minilm", "--port", "0", "--denoise-queue-depth", "x"],
+     "argument --denoise-queue-depth: invalid int value: 'x'"),
 ])
 def test_bad_flags_print_usage_and_exit_2(args, message):
     result = run_cli(*args)
@@ -56,6 +59,13 @@ def test_memory_check_uses_ollamas_wording():
     assert result.returncode == 1
     assert last_line(result.stderr).startswith("Error: insufficient memory for this embedding model: need 86 MB, "
                                                "have 1 MB")
+
+
+def test_a_bad_environment_variable_exits_1_naming_it():
+    result = run_cli("--model", "all-minilm", "--port", "0", env={"MLXRUNNER_MEMORY_LIMIT": "lots"})
+    assert result.returncode == 1
+    assert last_line(result.stderr) == \
+        "Error: MLXRUNNER_MEMORY_LIMIT: not a byte size: 'lots' (e.g. 16GB, 512MiB, 1000)"
 
 
 def _start(*args, env=None):

@@ -1,12 +1,13 @@
-"""protocol.py: every field is validated, and the error names the field."""
+"""http/protocol.py: every field is validated, and the error names the field."""
 
 import base64
 import json
 
 import pytest
 
-from mlxrunner import protocol
-from mlxrunner.protocol import Limits, RequestError
+from mlxrunner.errors import RequestError
+from mlxrunner.http import protocol
+from mlxrunner.http.protocol import DetokenizeRequest, Limits, StreamError, TokenizeRequest
 
 LIMITS = Limits()
 
@@ -96,8 +97,8 @@ def test_embedding_errors_name_the_field(body, message):
 
 
 def test_tokenize_and_detokenize_fields():
-    assert protocol.parse_tokenize({"content": "x"}) == "x"
-    assert protocol.parse_detokenize({"tokens": [1, 2]}) == [1, 2]
+    assert protocol.parse_tokenize({"content": "x"}) == TokenizeRequest("x")
+    assert protocol.parse_detokenize({"tokens": [1, 2]}) == DetokenizeRequest([1, 2])
     with pytest.raises(RequestError, match='field "content" is required'):
         protocol.parse_tokenize({})
     with pytest.raises(RequestError, match='field "tokens\\[1\\]" must be a non-negative integer'):
@@ -110,5 +111,5 @@ def test_ndjson_lines_are_single_non_blank_lines():
     line = protocol.ndjson_line({"content": "a\nb", "done": False, "text": "é"})
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"content": "a\nb", "done": False, "text": "é"}
-    err = protocol.stream_error("boom")
+    err = StreamError("boom").to_json()
     assert err == {"error": "boom", "content": "error: boom", "done": True}

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from mlxrunner.worker import Cancelled, QueueFull, Worker, WorkerStopped
+from mlxrunner.errors import Cancelled
+from mlxrunner.worker import QueueFull, Worker, WorkerStopped
 
 
 def run(coro):

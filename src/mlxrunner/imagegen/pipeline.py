@@ -89,7 +89,10 @@ def resolve_size(width: int | None, height: int | None, multiple: int, default: 
                  max_pixels: int) -> tuple[int, int]:
     """Requested size -> the size made. Absent or 0 -> `default`; otherwise rounded DOWN to a
     multiple of `multiple` (never above what was asked), at least one multiple. Too many pixels
-    is an error rather than a silent shrink."""
+    is an error rather than a silent shrink: the client's (a RequestError), as a missing side's default
+    may be what makes the size too large."""
+    from mlxrunner.errors import RequestError
+
     def fit(value: int | None, name: str) -> int:
         if value is None or value == 0:
             return default
@@ -99,7 +102,7 @@ def resolve_size(width: int | None, height: int | None, multiple: int, default: 
 
     w, h = fit(width, "width"), fit(height, "height")
     if w * h > max_pixels:
-        raise ValueError(f'"width" x "height" = {w}x{h} is more than the limit of {max_pixels} pixels')
+        raise RequestError(f'"width" x "height" = {w}x{h} is more than the limit of {max_pixels} pixels', field="width")
     return w, h
 
 

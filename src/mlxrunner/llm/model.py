@@ -16,10 +16,10 @@ import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
+from mlxrunner.http.protocol import Options
 from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
-from mlxrunner.protocol import Options
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
@@ -203,7 +203,7 @@ class LanguageModel:
 
     def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Public API: iterate text chunks. Options as in a /completion request's `options`."""
-        from mlxrunner.protocol import Limits, parse_options
+        from mlxrunner.http.protocol import Limits, parse_options
 
         parsed = parse_options(options, Limits())
         for item in self.stream(prompt, parsed):

@@ -1,0 +1,32 @@
+"""Command line: the runner process, plus `mlxrunner embed` and `mlxrunner generate` for people.
+
+    mlxrunner --model NAME --port N [--host H]         serve (what a parent server launches)
+    mlxrunner runner --imagegen-engine --model NAME --port N   Ollama's launch form, same thing
+    mlxrunner embed --model NAME TEXT [TEXT ...]       print embeddings / similarities
+    mlxrunner generate --model NAME --prompt TEXT -o out.png [--width --height --steps --seed
+                       --negative-prompt --guidance --image PATH ...]   make an image
+
+One module per command (serve.py, embed.py, generate.py); the flags they share, settings, loading
+and the `Error:` line in common.py. Exit codes: 0 success (or SIGINT/SIGTERM while serving), 1 on
+a load or serve error (last stderr line `Error: <reason>`), 2 on bad flags (usage on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Each command's module is imported only when it runs: `mlxrunner embed` needs no aiohttp, say.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "embed":
+        from mlxrunner.cli import embed
+
+        return embed.main(argv[1:])
+    if argv and argv[0] == "generate":
+        from mlxrunner.cli import generate
+
+        return generate.main(argv[1:])
+    from mlxrunner.cli import serve
+
+    return serve.main(argv)

@@ -1,0 +1,80 @@
+"""What the commands share: their flags, Settings from flags and environment, loading, the `Error:` line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Callable
+
+from mlxrunner import logs
+from mlxrunner.settings import (
+    ENV_DENOISE_QUEUE_DEPTH,
+    ENV_RELEASE_TEXT_ENCODER,
+    ENV_SKIP_MEMORY_CHECK,
+    Settings,
+    SettingsError,
+    resolve,
+)
+
+if TYPE_CHECKING:
+    from mlxrunner.models import LoadedModel
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command: which model, where models are, logging, the memory check.
+
+    Every flag is read as text and parsed by settings.resolve (a switch is True or None), so that a
+    flag and its environment variable go through the same parser.
+    """
+    # Go's flag package accepts -model as well as --model; so do we.
+    parser.add_argument("--model", "-model", required=True, help="model directory, Ollama model name, or embedded "
+                        "model name (all-minilm)")
+    parser.add_argument("--models-dir", help="Ollama model store (default: $OLLAMA_MODELS or ~/.ollama/models)")
+    parser.add_argument("--log-level", "-log-level", help="trace, debug, info, warn, error "
+                        "(default from OLLAMA_DEBUG)")
+    parser.add_argument("--skip-memory-check", action="store_true", default=None,
+                        help="load even if the weights are larger than MLX's memory limit "
+                        f"(or {ENV_SKIP_MEMORY_CHECK}=1)")
+
+
+def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that tune image models (no effect on other models)."""
+    parser.add_argument("--release-text-encoder", action="store_true", default=None,
+                        help="free the text encoder's memory once the prompt is encoded "
+                        f"(or {ENV_RELEASE_TEXT_ENCODER}=1)")
+    parser.add_argument("--denoise-queue-depth", metavar="N",
+                        help="transformer blocks queued ahead on the device while denoising; more overlaps more and "
+                        f"holds more memory; 0 evaluates each block at once (default: the pipeline's, "
+                        f"or {ENV_DENOISE_QUEUE_DEPTH})")
+
+
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """Settings from the parsed command line and the environment, with logging set up at their level.
+
+    A bad flag exits 2 with the usage, as argparse does; a bad environment variable exits 1.
+    """
+    try:
+        settings = resolve(vars(args))
+    except SettingsError as exc:
+        if exc.from_flag:
+            parser.error(str(exc))
+        sys.exit(fail(str(exc)))
+    logs.setup(settings.log_level)
+    return settings
+
+
+def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedModel:
+    """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot)."""
+    from mlxrunner import loader
+
+    return loader.load(settings.model, progress, models_dir=settings.models_dir,
+                       skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
+                       release_text_encoder=settings.release_text_encoder,
+                       denoise_queue_depth=settings.denoise_queue_depth)
+
+
+def fail(message: str) -> int:
+    """The last stderr line Ollama's parent shows: `Error: <reason>`, one line. Returns exit code 1."""
+    sys.stderr.flush()
+    print(f"Error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return 1

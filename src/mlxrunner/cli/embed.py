@@ -1,0 +1,81 @@
+"""`mlxrunner embed --model NAME TEXT...`: embed texts and print the vectors' cosine similarities."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+
+from mlxrunner.cli.common import add_model_flags, fail, load_model, settings_from
+from mlxrunner.detect import Mode
+from mlxrunner.models import Embedder
+from mlxrunner.progress import ProgressBar
+
+log = logging.getLogger("mlxrunner")
+
+BATCH = 64  # texts per embed call: the progress bar moves between batches
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxrunner embed", allow_abbrev=False,
+                                     description="Embed texts and print the vectors' cosine similarities.")
+    add_model_flags(parser)
+    parser.add_argument("texts", nargs="*", help="texts to embed")
+    parser.add_argument("--input-file", help="embed each line of this file ('-' = stdin)")
+    parser.add_argument("--json", action="store_true", help="print {\"embeddings\": [[...]]} as JSON")
+    parser.add_argument("--no-normalize", action="store_true", help="skip the model's L2 normalisation")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = embed_parser()
+    args = parser.parse_args(argv)
+    texts = list(args.texts)
+    if args.input_file:
+        stream = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
+        with stream:
+            texts += [line.rstrip("\n") for line in stream]
+    if not texts:
+        parser.error("nothing to embed: give TEXT arguments or --input-file")
+    settings = settings_from(args, parser)
+
+    try:
+        with ProgressBar("loading", total=100) as bar:
+            loaded = load_model(settings, lambda p: bar.update(int(p * 100)))
+        if loaded.mode is not Mode.EMBEDDING:
+            return fail(f"{settings.model} is a {loaded.mode.value} model, not an embedding model")
+        vectors = embed_with_progress(loaded.embedder, texts, normalize=False if args.no_normalize else None)
+    except Exception as exc:
+        log.debug("embed failed", exc_info=True)
+        return fail(str(exc))
+    if args.json:
+        print(json.dumps({"embeddings": vectors.tolist()}))
+    else:
+        print_similarities(texts, vectors)
+    return 0
+
+
+def embed_with_progress(model: Embedder, texts: list[str], normalize: bool | None) -> np.ndarray:
+    parts = []
+    with ProgressBar("embedding", total=len(texts)) as bar:
+        for start in range(0, len(texts), BATCH):
+            parts.append(model.embed(texts[start:start + BATCH], normalize=normalize).vectors)
+            bar.update(min(len(texts), start + BATCH))
+    return np.concatenate(parts)
+
+
+def print_similarities(texts: list[str], vectors: np.ndarray) -> None:
+    norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    unit = vectors / norms
+    print(f"{len(texts)} embeddings of {vectors.shape[1]} dimensions")
+    for i, text in enumerate(texts):
+        head = ", ".join(f"{x:+.4f}" for x in vectors[i, :4])
+        print(f"[{i}] [{head}, ...]  {text[:60]!r}")
+    if len(texts) > 1:
+        print("cosine similarity:")
+        sims = unit @ unit.T
+        for i in range(len(texts)):
+            print(f"[{i}] " + " ".join(f"{s:+.3f}" for s in sims[i]))

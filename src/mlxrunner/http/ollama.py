@@ -1,0 +1,132 @@
+"""The runner protocol Ollama's parent speaks: /completion, /embedding, /tokenize, /detokenize.
+
+/completion streams NDJSON: text chunks then a final line (LLM), or progress lines then the image
+(image models). Errors are `{"error": "..."}`. The contract is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from aiohttp import web
+
+from mlxrunner.detect import Mode
+from mlxrunner.errors import RequestError
+from mlxrunner.http import protocol
+from mlxrunner.http.protocol import (
+    CompletionRequest,
+    DetokenizeResponse,
+    EmbeddingResponse,
+    EmbeddingsResponse,
+    ErrorResponse,
+    ImageDone,
+    ImageProgress,
+    Limits,
+    TextChunk,
+    TextDone,
+    TokenizeResponse,
+)
+from mlxrunner.models import ImageModel, TextModel
+from mlxrunner.worker import JobContext
+
+if TYPE_CHECKING:
+    from mlxrunner.http.server import Handler, HttpError, Server
+    from mlxrunner.llm.model import Completion
+
+
+def routes(server: Server) -> dict[str, Handler]:
+    handlers = OllamaRoutes(server)
+    return {"/completion": handlers.completion, "/embedding": handlers.embedding, "/tokenize": handlers.tokenize,
+            "/detokenize": handlers.detokenize}
+
+
+def error_json(error: HttpError) -> dict:
+    return ErrorResponse(error.message).to_json()
+
+
+class OllamaRoutes:
+    def __init__(self, server: Server):
+        self.server = server
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        body = await self.server.read_json(request)
+        loaded = self.server.model_for(request)
+        req = protocol.parse_completion(body, self.server.limits)
+        if loaded.mode is Mode.IMAGEGEN:
+            job = image_job(loaded.image_model, req, self.server.limits)
+        else:
+            job = text_job(loaded.text_model, req)
+        return await self.server.stream(request, "completion", job)
+
+    async def embedding(self, request: web.Request) -> web.Response:
+        body = await self.server.read_json(request)
+        model = self.server.model_for(request).embedder
+        req = protocol.parse_embedding(body, self.server.limits)
+        result = await self.server.embed(model, req)
+        if req.ollama_form:
+            return web.json_response(EmbeddingResponse(result.vectors[0].tolist()).to_json())
+        return web.json_response(EmbeddingsResponse(result.vectors.tolist(), result.token_count).to_json())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self.server.read_json(request)
+        model = self.server.model_for(request).embedder
+        req = protocol.parse_tokenize(body)
+        tokens = await self.server.run("tokenize", lambda ctx: model.tokenize(req.content))
+        return web.json_response(TokenizeResponse(tokens).to_json())
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self.server.read_json(request)
+        model = self.server.model_for(request).embedder
+        req = protocol.parse_detokenize(body)
+
+        def work(ctx: JobContext) -> str:
+            try:
+                return model.detokenize(req.tokens)
+            except ValueError as exc:  # detokenize's one ValueError: an id outside the vocabulary (tokenizer only)
+                raise RequestError(f'field "tokens": {exc}', field="tokens") from None
+
+        return web.json_response(DetokenizeResponse(await self.server.run("detokenize", work)).to_json())
+
+
+def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext], TextDone]:
+    """The worker job of an LLM completion: text chunks as they come, then the final line."""
+
+    def generate(ctx: JobContext) -> TextDone:
+        completion = None
+        for item in model.stream(req.prompt, req.options, ctx.check_cancelled):
+            if isinstance(item, str):
+                ctx.emit(TextChunk(item))
+            else:
+                completion = item
+        return text_done(completion)
+
+    return generate
+
+
+def text_done(completion: Completion) -> TextDone:
+    return TextDone(done_reason=completion.done_reason, stop_reason=completion.stop_reason,
+                    prompt_eval_count=completion.prompt_eval_count,
+                    prompt_eval_duration=completion.prompt_eval_duration, eval_count=completion.eval_count,
+                    eval_duration=completion.eval_duration)
+
+
+def image_job(model: ImageModel, req: CompletionRequest, limits: Limits) -> Callable[[JobContext], ImageDone]:
+    """The worker job of an image request: progress lines {"step", "total"}, then the image."""
+    from mlxrunner.imagegen import images as image_io
+
+    def generate(ctx: JobContext) -> ImageDone:
+        def progress(step: int, total: int) -> None:
+            ctx.check_cancelled()  # raises Cancelled through the C++ loop: the job stops here
+            ctx.emit(ImageProgress(step, total))
+
+        references = image_io.decode_request_images(req.images, limits)
+        result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
+                           negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
+                           progress=progress)
+        return ImageDone(image=image_io.png_base64(result.image, result.png_text(req.prompt)), seed=result.seed,
+                         width=result.width, height=result.height, steps=result.steps,
+                         timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
+                         ignored=list(result.ignored) + (["options"] if req.has_options else []),
+                         prompt_truncated=result.prompt_truncated)
+
+    return generate

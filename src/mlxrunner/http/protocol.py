@@ -1,0 +1,524 @@
+"""The wire types, their validation, and the bounds on a request, in one place.
+
+Everything a client can send is checked here before a job is queued, so a handler either has a
+well-typed request or a `RequestError` whose message names the field that was wrong. Unknown
+fields are ignored (Ollama's Go parent adds fields over time). Each route's answer is a dataclass
+whose `to_json()` is the object sent. The contract is docs/protocol.md.
+
+Only the standard library is imported: the models import `Options` and `Limits` from here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mlxrunner.errors import RequestError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Message(Protocol):
+    """A wire message: a route's answer, or one line of a stream."""
+
+    def to_json(self) -> dict:
+        """The JSON object sent."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for: the one place each bound is written."""
+
+    max_images: int = 4  # reference images per image request
+    max_image_side: int = 4096  # pixels, each side of a reference image
+    min_image_side: int = 64
+    max_output_pixels: int = 2048 * 2048  # width x height of a generated image
+    max_steps: int = 200  # denoising steps (transformer evaluations)
+    max_embedding_inputs: int = 2048
+    max_num_predict: int = 1 << 20
+
+
+# --- field readers: each names the field in its error -------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(body: dict, name: str, lo: int, hi: int, default: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    # JSON numbers like 512.0 are accepted as integers when they are whole.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise RequestError(f'field "{name}" must be an integer, got {_json_type(value)}', field=name)
+    if not lo <= value <= hi:
+        raise RequestError(f'field "{name}" must be between {lo} and {hi}, got {value}', field=name)
+    return value
+
+
+def _float_field(body: dict, name: str, lo: float, hi: float, default: float | None = None) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f'field "{name}" must be a number, got {_json_type(value)}', field=name)
+    value = float(value)
+    if not lo <= value <= hi:
+        raise RequestError(f'field "{name}" must be between {lo:g} and {hi:g}, got {value:g}', field=name)
+    return value
+
+
+def _str_field(body: dict, name: str, default: str | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestError(f'field "{name}" must be a string, got {_json_type(value)}', field=name)
+    return value
+
+
+def _bool_field(body: dict, name: str, default: bool | None = None) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f'field "{name}" must be true or false, got {_json_type(value)}', field=name)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a RequestError saying why not."""
+    if not raw.strip():
+        raise RequestError("request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise RequestError("request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+# --- POST /completion: requests -----------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """LLM sampling options (`options` in a /completion request). None = the model's default."""
+
+    num_predict: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+def parse_options(value: Any, limits: Limits) -> Options:
+    if value is None:
+        return Options()
+    if not isinstance(value, dict):
+        raise RequestError(f'field "options" must be an object, got {_json_type(value)}', field="options")
+
+    def named(name: str) -> dict:
+        # Errors name the field as the client wrote it: options.temperature.
+        return {f"options.{name}": value.get(name)}
+
+    def int_opt(name: str, lo: int, hi: int) -> int | None:
+        return _int_field(named(name), f"options.{name}", lo, hi)
+
+    def float_opt(name: str, lo: float, hi: float) -> float | None:
+        return _float_field(named(name), f"options.{name}", lo, hi)
+
+    stop = value.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError('field "options.stop" must be a list of strings', field="options.stop")
+    if any(s == "" for s in stop):
+        raise RequestError('field "options.stop" must not contain an empty string', field="options.stop")
+
+    return Options(
+        # Ollama's -1 (infinite) and -2 (fill context) mean "until the context is full" here.
+        num_predict=int_opt("num_predict", -2, limits.max_num_predict),
+        temperature=float_opt("temperature", 0.0, 100.0),
+        top_k=int_opt("top_k", 0, 1 << 30),
+        top_p=float_opt("top_p", 0.0, 1.0),
+        min_p=float_opt("min_p", 0.0, 1.0),
+        repeat_penalty=float_opt("repeat_penalty", 0.0, 100.0),
+        repeat_last_n=int_opt("repeat_last_n", -1, 1 << 30),
+        presence_penalty=float_opt("presence_penalty", -100.0, 100.0),
+        frequency_penalty=float_opt("frequency_penalty", -100.0, 100.0),
+        seed=int_opt("seed", INT64_MIN, INT64_MAX),
+        stop=list(stop),
+    )
+
+
+@dataclass
+class CompletionRequest:
+    prompt: str
+    width: int | None = None  # None = the model's default
+    height: int | None = None
+    steps: int | None = None
+    seed: int | None = None  # None = random; the seed used is echoed back
+    images: list[bytes] = field(default_factory=list)
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    options: Options = field(default_factory=Options)
+    has_options: bool = False  # the client sent "options" (an image model reports it ignored)
+
+
+def _decode_images(value: Any, limits: Limits) -> list[bytes]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError(f'field "images" must be an array of base64 strings, got {_json_type(value)}',
+                           field="images")
+    if len(value) > limits.max_images:
+        raise RequestError(f'field "images" has {len(value)} images; the maximum is {limits.max_images}',
+                           field="images")
+    decoded = []
+    for i, item in enumerate(value):
+        name = f"images[{i}]"
+        if not isinstance(item, str):
+            raise RequestError(f'field "{name}" must be a base64 string, got {_json_type(item)}', field=name)
+        if item.startswith("data:") and "," in item:  # accept data URLs as OpenAI clients send them
+            item = item.split(",", 1)[1]
+        try:
+            decoded.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(f'field "{name}" is not valid base64', field=name) from None
+    return decoded
+
+
+def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
+    prompt = _str_field(body, "prompt")
+    if prompt is None:
+        raise RequestError('field "prompt" is required', field="prompt")
+    max_side = limits.max_output_pixels  # a side alone can never exceed the pixel budget
+    width = _int_field(body, "width", 0, max_side) or None  # 0 means "default", as Ollama sends it
+    height = _int_field(body, "height", 0, max_side) or None
+    if width and height and width * height > limits.max_output_pixels:
+        raise RequestError(
+            f'fields "width" x "height" = {width}x{height} exceed the limit of {limits.max_output_pixels} pixels',
+            field="width")
+    return CompletionRequest(
+        prompt=prompt,
+        width=width,
+        height=height,
+        steps=_int_field(body, "steps", 0, limits.max_steps) or None,
+        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
+        images=_decode_images(body.get("images"), limits),
+        negative_prompt=_str_field(body, "negative_prompt"),
+        guidance=_float_field(body, "guidance", 0.0, 100.0),
+        options=parse_options(body.get("options"), limits),
+        has_options=body.get("options") is not None,
+    )
+
+
+# --- POST /completion: the stream's lines ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """An LLM stream line: the next piece of text (valid UTF-8, stop strings withheld)."""
+
+    content: str
+
+    def to_json(self) -> dict:
+        return {"content": self.content, "done": False}
+
+
+@dataclass(frozen=True)
+class TextDone:
+    """An LLM stream's final line: why it stopped, token counts and durations (ns)."""
+
+    done_reason: str  # stop | length
+    stop_reason: str  # eos:<id> | stop:<text> | num_predict | context
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+    def to_json(self) -> dict:
+        return {"done": True, "done_reason": self.done_reason, "stop_reason": self.stop_reason,
+                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
+                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+
+
+@dataclass(frozen=True)
+class ImageProgress:
+    """An image stream line: denoising step `step` of `total` is next (`total` when done)."""
+
+    step: int
+    total: int
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "total": self.total, "done": False}
+
+
+@dataclass(frozen=True)
+class ImageDone:
+    """An image stream's final line: the PNG and how it was made."""
+
+    image: str  # base64 PNG
+    seed: int
+    width: int
+    height: int
+    steps: int
+    timings_ms: dict[str, float]  # per phase: encode, denoise, decode, total
+    ignored: list[str] = field(default_factory=list)  # request fields with no effect on this model
+    prompt_truncated: bool = False
+
+    def to_json(self) -> dict:
+        line: dict[str, Any] = {"image": self.image, "seed": self.seed, "width": self.width, "height": self.height,
+                                "steps": self.steps, "done": True,
+                                "timings": {f"{phase}_ms": ms for phase, ms in self.timings_ms.items()}}
+        if self.ignored:
+            line["ignored"] = list(self.ignored)
+        if self.prompt_truncated:
+            line["prompt_truncated"] = True
+        return line
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """The final line for an error after streaming began.
+
+    `error` is the typed signal our clients read. `content` repeats it because Ollama's Go parent
+    shows `content` and ignores unknown fields.
+    """
+
+    message: str
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "content": f"error: {self.message}", "done": True}
+
+
+def ndjson_line(obj: dict) -> bytes:
+    """One NDJSON line. Never blank; compact; non-ASCII kept as UTF-8."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+# --- POST /embedding ------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingRequest:
+    inputs: list[str]
+    ollama_form: bool  # {"content": ...} -> {"embedding": [...]}; else {"input": ...} -> {"embeddings": [[...]]}
+    normalize: bool | None = None  # None = as the model folder says
+    truncate: bool = True
+
+
+def parse_embedding(body: dict, limits: Limits) -> EmbeddingRequest:
+    normalize = _bool_field(body, "normalize")
+    truncate = _bool_field(body, "truncate", True)
+    if "content" in body and "input" not in body:
+        return EmbeddingRequest([_str_field(body, "content") or ""], True, normalize, truncate)
+    value = body.get("input")
+    if value is None:
+        raise RequestError('field "input" (a string or a list of strings) or "content" (a string) is required',
+                           field="input")
+    if isinstance(value, str):
+        inputs = [value]
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise RequestError(f'field "input[{i}]" must be a string, got {_json_type(item)}', field=f"input[{i}]")
+        inputs = value
+    else:
+        raise RequestError(f'field "input" must be a string or a list of strings, got {_json_type(value)}',
+                           field="input")
+    if not inputs:
+        raise RequestError('field "input" must not be an empty list', field="input")
+    if len(inputs) > limits.max_embedding_inputs:
+        raise RequestError(f'field "input" has {len(inputs)} items; the maximum is {limits.max_embedding_inputs}',
+                           field="input")
+    return EmbeddingRequest(inputs, False, normalize, truncate)
+
+
+@dataclass(frozen=True)
+class EmbeddingResponse:
+    """The Ollama runner form's answer ({"content": ...}): one vector."""
+
+    embedding: list[float]
+
+    def to_json(self) -> dict:
+        return {"embedding": self.embedding}
+
+
+@dataclass(frozen=True)
+class EmbeddingsResponse:
+    """The batch form's answer ({"input": ...}): one vector per input, and the tokens fed to the model."""
+
+    embeddings: list[list[float]]
+    prompt_eval_count: int
+
+    def to_json(self) -> dict:
+        return {"embeddings": self.embeddings, "prompt_eval_count": self.prompt_eval_count}
+
+
+# --- POST /tokenize, /detokenize ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    content: str
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    content = _str_field(body, "content")
+    if content is None:
+        raise RequestError('field "content" is required', field="content")
+    return TokenizeRequest(content)
+
+
+@dataclass(frozen=True)
+class TokenizeResponse:
+    tokens: list[int]  # no special tokens added
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    tokens: list[int]
+
+
+def parse_detokenize(body: dict) -> DetokenizeRequest:
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise RequestError(f'field "tokens" must be an array of integers, got {_json_type(tokens)}', field="tokens")
+    for i, t in enumerate(tokens):
+        if not _is_int(t) or t < 0:
+            raise RequestError(f'field "tokens[{i}]" must be a non-negative integer', field=f"tokens[{i}]")
+    return DetokenizeRequest(tokens)
+
+
+@dataclass(frozen=True)
+class DetokenizeResponse:
+    content: str
+
+    def to_json(self) -> dict:
+        return {"content": self.content}
+
+
+# --- POST /v1/embeddings (OpenAI) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingRequest:
+    embedding: EmbeddingRequest  # the inputs, with the model's normalisation and truncation
+    encoding_format: str  # float | base64
+    dimensions: int | None  # None: all of the model's; else cut and re-normalised (Matryoshka-style)
+    model: str | None  # echoed back; the runner serves one model whatever this says
+
+
+def parse_openai_embedding(body: dict, limits: Limits, model_dims: int) -> OpenAIEmbeddingRequest:
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise RequestError('field "encoding_format" must be "float" or "base64"', field="encoding_format")
+    return OpenAIEmbeddingRequest(
+        embedding=parse_embedding({"input": body.get("input")}, limits),
+        encoding_format=encoding,
+        dimensions=_int_field(body, "dimensions", 1, model_dims),
+        model=_str_field(body, "model"),
+    )
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingResponse:
+    embeddings: list[list[float] | str]  # floats, or base64 of little-endian float32
+    model: str
+    prompt_tokens: int
+
+    def to_json(self) -> dict:
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(self.embeddings)]
+        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
+
+
+@dataclass(frozen=True)
+class OpenAIError:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    message: str
+    type: str  # invalid_request_error (the client's fault) | server_error
+    param: str | None = None  # the request field at fault
+    code: str | None = None
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- errors and /health ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """The runner protocol's error body; the message names the field that was wrong."""
+
+    message: str
+
+    def to_json(self) -> dict:
+        return {"error": self.message}
+
+
+@dataclass(frozen=True)
+class HealthLoading:
+    progress: float  # 0..1
+
+    def to_json(self) -> dict:
+        return {"status": "loading", "progress": round(self.progress, 4)}
+
+
+@dataclass(frozen=True)
+class HealthReady:
+    mode: str
+    model: str
+    memory: dict[str, int]  # MLX's allocator: active_bytes, cache_bytes, peak_bytes
+
+    def to_json(self) -> dict:
+        return {"status": "ok", "mode": self.mode, "model": self.model, "memory": self.memory}
+
+
+@dataclass(frozen=True)
+class HealthFailed:
+    error: str
+
+    def to_json(self) -> dict:
+        return {"status": "error", "error": self.error}
