@@ -2,14 +2,16 @@
 
 #include <cmath>
 
+#include "nn/activation.h"
+#include "nn/attention.h"
+
 namespace mlxr {
 
 ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channels, const VaeConfig& c) {
-  ResnetBlock block{GroupNorm::load(w.sub("norm1"), in_channels, c.norm_num_groups, c.norm_eps),
-                    GroupNorm::load(w.sub("norm2"), out_channels, c.norm_num_groups, c.norm_eps),
-                    Conv2d::load(w.sub("conv1"), in_channels, out_channels, 3),
-                    Conv2d::load(w.sub("conv2"), out_channels, out_channels, 3),
-                    std::nullopt};
+  ResnetBlock block{.norm1 = GroupNorm::load(w.sub("norm1"), in_channels, c.norm_num_groups, kVaeNormEps),
+                    .norm2 = GroupNorm::load(w.sub("norm2"), out_channels, c.norm_num_groups, kVaeNormEps),
+                    .conv1 = Conv2d::load(w.sub("conv1"), in_channels, out_channels, 3),
+                    .conv2 = Conv2d::load(w.sub("conv2"), out_channels, out_channels, 3)};
   if (in_channels != out_channels) {
     block.conv_shortcut = Conv2d::load(w.sub("conv_shortcut"), in_channels, out_channels, 1);
   }
@@ -22,23 +24,20 @@ mx::array ResnetBlock::operator()(const mx::array& x) const {
 }
 
 VaeAttention VaeAttention::load(const Weights& w, int channels, const VaeConfig& c) {
-  return VaeAttention{GroupNorm::load(w.sub("group_norm"), channels, c.norm_num_groups, c.norm_eps),
-                      Linear::load(w.sub("to_q"), channels, channels), Linear::load(w.sub("to_k"), channels, channels),
-                      Linear::load(w.sub("to_v"), channels, channels),
-                      Linear::load(w.sub("to_out.0"), channels, channels)};
+  return VaeAttention{.group_norm = GroupNorm::load(w.sub("group_norm"), channels, c.norm_num_groups, kVaeNormEps),
+                      .projections = AttentionProjections::load(w, channels, true)};
 }
 
 mx::array VaeAttention::operator()(const mx::array& x) const {
   const int b = x.shape(0), h = x.shape(1), w = x.shape(2), c = x.shape(3);
   auto tokens = mx::reshape(group_norm(x), {b, 1, h * w, c});  // one head of width C
-  auto out = mx::fast::scaled_dot_product_attention(to_q(tokens), to_k(tokens), to_v(tokens),
-                                                     1.0f / std::sqrt(static_cast<float>(c)), "");
-  return mx::add(x, mx::reshape(to_out(out), {b, h, w, c}));
+  auto out = attention(projections.to_q(tokens), projections.to_k(tokens), projections.to_v(tokens));
+  return mx::add(x, mx::reshape(projections.to_out(out), {b, h, w, c}));
 }
 
 VaeMidBlock VaeMidBlock::load(const Weights& w, int channels, const VaeConfig& c) {
-  VaeMidBlock mid{ResnetBlock::load(w.sub("resnets.0"), channels, channels, c),
-                  ResnetBlock::load(w.sub("resnets.1"), channels, channels, c), std::nullopt};
+  VaeMidBlock mid{.resnet0 = ResnetBlock::load(w.sub("resnets.0"), channels, channels, c),
+                  .resnet1 = ResnetBlock::load(w.sub("resnets.1"), channels, channels, c)};
   if (c.mid_block_add_attention) {
     mid.attention = VaeAttention::load(w.sub("attentions.0"), channels, c);
   }
@@ -67,7 +66,7 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
                             config.block_out_channels.back(), 3)),
       mid_(VaeMidBlock::load(Weights(weights, "decoder.mid_block"), config.block_out_channels.back(), config)),
       norm_out_(GroupNorm::load(Weights(weights, "decoder.conv_norm_out"), config.block_out_channels.front(),
-                                config.norm_num_groups, config.norm_eps)),
+                                config.norm_num_groups, kVaeNormEps)),
       conv_out_(Conv2d::load(Weights(weights, "decoder.conv_out"), config.block_out_channels.front(),
                              config.out_channels, 3)) {
   Weights root(weights);
@@ -167,9 +166,10 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
       conv_in_(Conv2d::load(Weights(weights, "encoder.conv_in"), config.in_channels, config.block_out_channels.front(), 3)),
       mid_(VaeMidBlock::load(Weights(weights, "encoder.mid_block"), config.block_out_channels.back(), config)),
       norm_out_(GroupNorm::load(Weights(weights, "encoder.conv_norm_out"), config.block_out_channels.back(),
-                                config.norm_num_groups, config.norm_eps)),
+                                config.norm_num_groups, kVaeNormEps)),
+      // The posterior's mean and log-variance (AutoencoderKL's encoder always has double_z).
       conv_out_(Conv2d::load(Weights(weights, "encoder.conv_out"), config.block_out_channels.back(),
-                             (config.double_z ? 2 : 1) * config.latent_channels, 3)) {
+                             2 * config.latent_channels, 3)) {
   Weights root(weights);
   const auto& channels = config.block_out_channels;
   int previous = channels.front();
@@ -187,7 +187,7 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     previous = channels[i];
   }
   if (config.use_quant_conv) {
-    const int moments = (config.double_z ? 2 : 1) * config.latent_channels;
+    const int moments = 2 * config.latent_channels;
     quant_conv_ = Conv2d::load(root.sub("quant_conv"), moments, moments, 1);
   }
 }

@@ -1,53 +1,11 @@
-#include "nn/layers.h"
+#include "nn/activation.h"
 
 #include <cmath>
 #include <stdexcept>
 
+#include "nn/fusion.h"
+
 namespace mlxr {
-
-Linear Linear::load(const Weights& w, int in_features, int out_features, bool with_bias) {
-  Linear layer{w.get("weight", {out_features, in_features}), std::nullopt};
-  if (with_bias) {
-    layer.bias = w.get("bias", {out_features});
-  }
-  return layer;
-}
-
-Linear Linear::concat(const std::vector<Linear>& parts) {
-  std::vector<mx::array> weights, biases;
-  for (const auto& part : parts) {
-    weights.push_back(part.weight);
-    if (part.bias) biases.push_back(*part.bias);
-  }
-  if (!biases.empty() && biases.size() != parts.size()) {
-    throw std::invalid_argument("Linear::concat: some parts have a bias and some do not");
-  }
-  Linear fused{mx::concatenate(weights, 0), std::nullopt};
-  if (!biases.empty()) fused.bias = mx::concatenate(biases, 0);
-  return fused;
-}
-
-mx::array Linear::operator()(const mx::array& x) const {
-  // transpose is a view: matmul reads W with swapped strides, no copy of the weight.
-  auto y = mx::matmul(x, mx::transpose(weight));
-  return bias ? mx::add(y, *bias) : y;
-}
-
-LayerNorm LayerNorm::load(const Weights& w, int dims, float eps) {
-  return LayerNorm{w.get("weight", {dims}), w.get("bias", {dims}), eps};
-}
-
-mx::array LayerNorm::operator()(const mx::array& x) const {
-  return mx::fast::layer_norm(x, weight, bias, eps);
-}
-
-Embedding Embedding::load(const Weights& w, int num_embeddings, int dims) {
-  return Embedding{w.get("weight", {num_embeddings, dims})};
-}
-
-mx::array Embedding::operator()(const mx::array& ids) const {
-  return mx::take(weight, ids, 0);
-}
 
 namespace {
 
@@ -70,6 +28,14 @@ mx::array erf_rational(const mx::array& v) {
   auto q = horner({-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
                    -1.42647390514189e-02});
   return mx::divide(mx::multiply(x, p), q);
+}
+
+std::vector<mx::array> silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(in[0], mx::sigmoid(in[0]))};
+}
+
+std::vector<mx::array> gated_silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(mx::multiply(in[0], mx::sigmoid(in[0])), in[1])};
 }
 
 }  // namespace
@@ -102,16 +68,14 @@ mx::array activation(const std::string& name, const mx::array& x) {
   throw std::invalid_argument("unsupported activation '" + name + "'");
 }
 
-}  // namespace mlxr
-
-namespace mlxr {
-
-RMSNorm RMSNorm::load(const Weights& w, int dims, float eps) {
-  return RMSNorm{w.get("weight", {dims}), eps};
+mx::array silu(const mx::array& x) {
+  static auto fused = mx::compile(silu_impl, /*shapeless=*/true);
+  return run_fused(fused, silu_impl, {x});
 }
 
-mx::array RMSNorm::operator()(const mx::array& x) const {
-  return mx::fast::rms_norm(x, weight, eps);
+mx::array gated_silu(const mx::array& gate, const mx::array& up) {
+  static auto fused = mx::compile(gated_silu_impl, /*shapeless=*/true);
+  return run_fused(fused, gated_silu_impl, {gate, up});
 }
 
 }  // namespace mlxr
