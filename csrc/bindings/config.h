@@ -227,10 +227,11 @@ nb::class_<Config> bind_config(nb::handle scope, const char* name, const char* d
     if constexpr (is_config_v<T>) {
       // The nested config itself (properties return references into their owner), so that
       // config.rope.rope_theta = ... changes this config.
-      cls.def_prop_rw(key, [member](Config& config) -> T& { return config.*member; }, set, setter_takes_none);
+      cls.def_prop_rw(
+          key, [member](Config& config) -> T& { return config.*member; }, set, setter_takes_none);
     } else {
-      cls.def_prop_rw(key, [member](const Config& config) { return to_python(config.*member); }, set,
-                      setter_takes_none);
+      cls.def_prop_rw(
+          key, [member](const Config& config) { return to_python(config.*member); }, set, setter_takes_none);
     }
   });
   cls.def_static(

@@ -47,11 +47,8 @@ void bind_vae(nb::module_& m) {
 
   bind_network<VaeEncoder>(m, "VaeEncoder", "AutoencoderKL encoder (NHWC in and out).")
       .def(
-          "encode",
-          [](const VaeEncoder& self, const mx::array& x) {
-            return evaluated(self(x));
-          },
-          "image"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "encode", [](const VaeEncoder& self, const mx::array& x) { return evaluated(self(x)); }, "image"_a,
+          nb::call_guard<nb::gil_scoped_release>(),
           "Image [B, H, W, 3] in [-1, 1] -> the posterior mean [B, H/8, W/8, C].");
 }
 
@@ -60,9 +57,7 @@ void bind_zimage(nb::module_& m) {
       .def(
           "forward",
           [](const ZImageTransformer& self, const mx::array& latents, const mx::array& t,
-             const std::vector<mx::array>& captions) {
-            return evaluated(self.forward(latents, t, captions));
-          },
+             const std::vector<mx::array>& captions) { return evaluated(self.forward(latents, t, captions)); },
           "latents"_a, "t"_a, "captions"_a, nb::call_guard<nb::gil_scoped_release>(),
           "One evaluation: latents [B, C, H, W], t [B] (1 - sigma), one [L, cap_dim] caption per sample -> "
           "the raw model output, float32 [B, C, H, W].")

@@ -12,20 +12,18 @@ namespace mlxr::bindings {
 void bind_embed(nb::module_& m) {
   bind_config<BertConfig>(m, "BertConfig", "transformers' BertConfig (config.json).");
 
-  bind_network<BertEncoder>(m, "BertEncoder", "BERT encoder (transformers' BertModel) with sentence-transformers pooling.")
+  bind_network<BertEncoder>(m, "BertEncoder",
+                            "BERT encoder (transformers' BertModel) with sentence-transformers pooling.")
       .def(
           "forward",
-          [](const BertEncoder& self, const mx::array& ids, const mx::array& mask, std::optional<mx::array> token_types) {
-            return evaluated(self.forward(ids, mask, token_types));
-          },
+          [](const BertEncoder& self, const mx::array& ids, const mx::array& mask,
+             std::optional<mx::array> token_types) { return evaluated(self.forward(ids, mask, token_types)); },
           "input_ids"_a, "attention_mask"_a, "token_type_ids"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
           "Last hidden state [B, T, H].")
       .def(
           "embed",
           [](const BertEncoder& self, const mx::array& ids, const mx::array& mask, const std::string& pooling,
-             bool normalize) {
-            return evaluated(self.embed(ids, mask, pooling_from_name(pooling), normalize));
-          },
+             bool normalize) { return evaluated(self.embed(ids, mask, pooling_from_name(pooling), normalize)); },
           "input_ids"_a, "attention_mask"_a, "pooling"_a = "mean", "normalize"_a = true,
           nb::call_guard<nb::gil_scoped_release>(), "One float32 vector per input row: [B, H].");
 

@@ -16,8 +16,8 @@ namespace mlxr::bindings {
 namespace {
 
 void bind_sampling(nb::module_& m) {
-  bind_config<SamplerOptions>(m, "SamplerOptions",
-                              "Sampling options, Ollama's defaults; the order of operations is in csrc/text/sampling.h.");
+  bind_config<SamplerOptions>(
+      m, "SamplerOptions", "Sampling options, Ollama's defaults; the order of operations is in csrc/text/sampling.h.");
 
   nb::class_<Sampler>(m, "Sampler", "Logits -> token with penalties, temperature, top-k/p, min-p, seed.")
       .def(nb::init<const SamplerOptions&, int>(), "options"_a, "vocab_size"_a)
@@ -27,9 +27,7 @@ void bind_sampling(nb::module_& m) {
           "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "Logits [V] -> token id.")
       .def(
           "probabilities",
-          [](const Sampler& self, const mx::array& logits) {
-            return evaluated(self.probabilities(logits));
-          },
+          [](const Sampler& self, const mx::array& logits) { return evaluated(self.probabilities(logits)); },
           "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "The distribution a draw uses: float32 [V].");
   m.def("splitmix64", &splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
 }
@@ -48,9 +46,8 @@ void bind_decoder(nb::module_& m) {
           "Float32 logits [T, V] for one prompt, prefilled in chunks.")
       .def(
           "hidden_states",
-          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask, const std::vector<int>& layers) {
-            return evaluated(self.hidden_states(tokens, mask, layers));
-          },
+          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask,
+             const std::vector<int>& layers) { return evaluated(self.hidden_states(tokens, mask, layers)); },
           "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
       .def("eval_weights", &Decoder::eval_weights,

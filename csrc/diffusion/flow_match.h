@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "nn/config_fields.h"
 #include "mlx/mlx.h"
+#include "nn/config_fields.h"
 #include "nn/eval_queue.h"
 
 namespace mlxr {

@@ -18,8 +18,9 @@ void check_config(const Flux2Config& c) {
     axes += a;
   }
   if (c.attention_head_dim <= 0 || c.num_attention_heads <= 0 || c.in_channels <= 0 || c.joint_attention_dim <= 0) {
-    throw std::invalid_argument("FLUX.2 config: attention_head_dim, num_attention_heads, in_channels and "
-                                "joint_attention_dim must be positive");
+    throw std::invalid_argument(
+        "FLUX.2 config: attention_head_dim, num_attention_heads, in_channels and "
+        "joint_attention_dim must be positive");
   }
   if (c.axes_dims_rope.size() != 4 || axes != c.attention_head_dim) {
     throw std::invalid_argument("FLUX.2 config: axes_dims_rope must be 4 values summing to attention_head_dim " +
@@ -27,8 +28,9 @@ void check_config(const Flux2Config& c) {
   }
   if (c.patch_size != 1) throw std::invalid_argument("FLUX.2 config: only patch_size 1 is supported");
   if (c.guidance_embeds) {
-    throw std::invalid_argument("FLUX.2 config: guidance_embeds (FLUX.2-dev's guidance embedder) is not supported, "
-                                "only Klein models");
+    throw std::invalid_argument(
+        "FLUX.2 config: guidance_embeds (FLUX.2-dev's guidance embedder) is not supported, "
+        "only Klein models");
   }
 }
 
@@ -87,12 +89,12 @@ Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& w
                                config.timestep_guidance_channels, config.dim(), false)),
       t_linear_2_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_2"), config.dim(),
                                config.dim(), false)),
-      mod_img_(Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(),
-                            false)),
-      mod_txt_(Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(),
-                            false)),
-      mod_single_(Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(),
-                               false)),
+      mod_img_(
+          Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(), false)),
+      mod_txt_(
+          Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(), false)),
+      mod_single_(
+          Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(), false)),
       x_embedder_(Linear::load(Weights(weights, "x_embedder"), config.in_channels, config.dim(), false)),
       context_embedder_(
           Linear::load(Weights(weights, "context_embedder"), config.joint_attention_dim, config.dim(), false)),
@@ -145,8 +147,8 @@ mx::array Flux2Transformer::time_embedding(const mx::array& timestep) const {
 
 mx::array Flux2Transformer::attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                       const Flux2Rope& rope) const {
-  auto out = mlxr::attention(heads_first(apply_rope_pairs(q, rope)), heads_first(apply_rope_pairs(k, rope)),
-                             heads_first(v));
+  auto out =
+      mlxr::attention(heads_first(apply_rope_pairs(q, rope)), heads_first(apply_rope_pairs(k, rope)), heads_first(v));
   return merge_heads(out);
 }
 

@@ -14,10 +14,10 @@
 #include <utility>
 #include <vector>
 
-#include "nn/config_fields.h"
 #include "diffusion/flow_match.h"
 #include "diffusion/flux2_latents.h"
 #include "nn/attention.h"
+#include "nn/config_fields.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
@@ -42,7 +42,9 @@ struct Flux2Config {
   float eps = 1e-6f;
   bool guidance_embeds = true;  // FLUX.2-dev's guidance embedder: not supported
 
-  MLXR_CONFIG_FIELDS(Flux2Config, patch_size, in_channels, out_channels, num_layers, num_single_layers, attention_head_dim, num_attention_heads, joint_attention_dim, timestep_guidance_channels, mlp_ratio, axes_dims_rope, rope_theta, eps, guidance_embeds)
+  MLXR_CONFIG_FIELDS(Flux2Config, patch_size, in_channels, out_channels, num_layers, num_single_layers,
+                     attention_head_dim, num_attention_heads, joint_attention_dim, timestep_guidance_channels,
+                     mlp_ratio, axes_dims_rope, rope_theta, eps, guidance_embeds)
 
   int dim() const { return attention_head_dim * num_attention_heads; }
   int mlp_hidden() const { return static_cast<int>(dim() * mlp_ratio); }
@@ -50,7 +52,7 @@ struct Flux2Config {
 };
 
 struct Flux2DoubleBlock {
-  AttentionProjections image;  // the image stream's
+  AttentionProjections image;              // the image stream's
   Linear add_q, add_k, add_v, to_add_out;  // the text stream's
   RMSNorm norm_q, norm_k, norm_added_q, norm_added_k;
   Linear ff_in, ff_out, ff_context_in, ff_context_out;
@@ -77,8 +79,8 @@ class Flux2Transformer {
   // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
   // Returns the raw output for every image token, float32 [B, L, out_channels]. Pushes each block's
   // output to `queue` if given (the denoising loop's; see EvalQueue).
-  mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                    const Flux2Rope& rope, EvalQueue* queue = nullptr) const;
+  mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep, const Flux2Rope& rope,
+                    EvalQueue* queue = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }

@@ -54,7 +54,8 @@ namespace {
 
 void check_config(const VaeConfig& c) {
   if (c.block_out_channels.empty() || c.layers_per_block < 1 || c.latent_channels < 1) {
-    throw std::invalid_argument("VAE config: block_out_channels, layers_per_block and latent_channels must be positive");
+    throw std::invalid_argument(
+        "VAE config: block_out_channels, layers_per_block and latent_channels must be positive");
   }
 }
 
@@ -79,8 +80,8 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
     auto w = root.sub("decoder.up_blocks." + std::to_string(i));
     VaeUpBlock block;
     for (int j = 0; j <= config.layers_per_block; ++j) {
-      block.resnets.push_back(
-          ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i], channels[i], config));
+      block.resnets.push_back(ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i],
+                                                channels[i], config));
     }
     if (i + 1 < channels.size()) {
       block.upsampler = Conv2d::load(w.sub("upsamplers.0.conv"), channels[i], channels[i], 3);
@@ -154,7 +155,8 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) 
       if (i > 0) t = blend(rows[i - 1][j], t, extent, 1);
       if (j > 0) t = blend(rows[i][j - 1], t, extent, 2);
       rows[i][j] = t;  // diffusers blends in place: later neighbours see the blended tile
-      kept.push_back(mx::slice(t, {0, 0, 0, 0}, {t.shape(0), std::min(keep, t.shape(1)), std::min(keep, t.shape(2)), t.shape(3)}));
+      kept.push_back(
+          mx::slice(t, {0, 0, 0, 0}, {t.shape(0), std::min(keep, t.shape(1)), std::min(keep, t.shape(2)), t.shape(3)}));
     }
     result_rows.push_back(mx::concatenate(kept, 2));
   }
@@ -163,7 +165,8 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) 
 
 VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     : config_((check_config(config), config)),
-      conv_in_(Conv2d::load(Weights(weights, "encoder.conv_in"), config.in_channels, config.block_out_channels.front(), 3)),
+      conv_in_(
+          Conv2d::load(Weights(weights, "encoder.conv_in"), config.in_channels, config.block_out_channels.front(), 3)),
       mid_(VaeMidBlock::load(Weights(weights, "encoder.mid_block"), config.block_out_channels.back(), config)),
       norm_out_(GroupNorm::load(Weights(weights, "encoder.conv_norm_out"), config.block_out_channels.back(),
                                 config.norm_num_groups, kVaeNormEps)),
@@ -177,8 +180,8 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     auto w = root.sub("encoder.down_blocks." + std::to_string(i));
     VaeDownBlock block;
     for (int j = 0; j < config.layers_per_block; ++j) {
-      block.resnets.push_back(
-          ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i], channels[i], config));
+      block.resnets.push_back(ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i],
+                                                channels[i], config));
     }
     if (i + 1 < channels.size()) {
       block.downsampler = Conv2d::load(w.sub("downsamplers.0.conv"), channels[i], channels[i], 3, 2, 0);

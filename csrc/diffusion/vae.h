@@ -25,7 +25,8 @@ struct VaeConfig {
   bool use_quant_conv = true;
   bool use_post_quant_conv = true;
 
-  MLXR_CONFIG_FIELDS(VaeConfig, in_channels, out_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups, mid_block_add_attention, use_quant_conv, use_post_quant_conv)
+  MLXR_CONFIG_FIELDS(VaeConfig, in_channels, out_channels, latent_channels, block_out_channels, layers_per_block,
+                     norm_num_groups, mid_block_add_attention, use_quant_conv, use_post_quant_conv)
 };
 
 // diffusers' Encoder/Decoder hard-code their GroupNorm eps (Ollama's port used 1e-5).

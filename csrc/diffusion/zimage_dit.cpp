@@ -37,8 +37,8 @@ ZImageBlock load_block(const Weights& w, const ZImageConfig& c, bool modulated) 
   return block;
 }
 
-std::vector<ZImageBlock> load_blocks(const Weights& root, const std::string& name, int count,
-                                     const ZImageConfig& c, bool modulated) {
+std::vector<ZImageBlock> load_blocks(const Weights& root, const std::string& name, int count, const ZImageConfig& c,
+                                     bool modulated) {
   std::vector<ZImageBlock> blocks;
   for (int i = 0; i < count; ++i) blocks.push_back(load_block(root.sub(name + "." + std::to_string(i)), c, modulated));
   return blocks;
@@ -55,7 +55,9 @@ void check_config(const ZImageConfig& c) {
     throw std::invalid_argument("Z-Image config: axes_dims must be 3 values summing to the head dim " +
                                 std::to_string(c.head_dim()));
   }
-  if (c.f_patch_size != 1) throw std::invalid_argument("Z-Image config: only all_f_patch_size [1] (images) is supported");
+  if (c.f_patch_size != 1) {
+    throw std::invalid_argument("Z-Image config: only all_f_patch_size [1] (images) is supported");
+  }
 }
 
 // Pads rows of `x` [B, T, D] with zeros up to `length` along axis 1.
@@ -129,7 +131,6 @@ RopeTable ZImageTransformer::rope_table(const std::vector<std::vector<std::array
                          mx::array(sin_values.data(), {b, t, 1, half}, mx::float32));
 }
 
-
 mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
                                        const std::optional<mx::array>& mask) const {
   const int h = config_.n_heads;
@@ -194,7 +195,9 @@ ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std
     }
     const int len = caption.shape(0), padded = round_up(len, kSeqMultiple);
     auto tokens = cap_linear_(cap_norm_(mx::astype(caption, dt)));
-    if (padded > len) tokens = mx::concatenate({tokens, mx::astype(mx::broadcast_to(cap_pad_token_, {padded - len, dim}), dt)}, 0);
+    if (padded > len) {
+      tokens = mx::concatenate({tokens, mx::astype(mx::broadcast_to(cap_pad_token_, {padded - len, dim}), dt)}, 0);
+    }
     caption_tokens.push_back(tokens);
     cap_lengths.push_back(padded);
     cap_max = std::max(cap_max, padded);
@@ -228,7 +231,9 @@ ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std
   }
 
   // The context refiner is unmodulated: its output is the same at every step, so it runs once here.
-  for (const auto& block : context_refiner_) caption = block_forward(block, caption, caption_rope, caption_mask, std::nullopt);
+  for (const auto& block : context_refiner_) {
+    caption = block_forward(block, caption, caption_rope, caption_mask, std::nullopt);
+  }
   auto joint_rope = make_rope_table(mx::concatenate({image_rope.cos, caption_rope.cos}, 1),
                                     mx::concatenate({image_rope.sin, caption_rope.sin}, 1));
   mx::eval({caption, image_rope.with_x0, image_rope.with_x1, joint_rope.with_x0, joint_rope.with_x1});
@@ -271,7 +276,9 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
     image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, n_padded - n, dim})}, 1);
   }
 
-  for (const auto& block : noise_refiner_) image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
+  for (const auto& block : noise_refiner_) {
+    image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
+  }
   auto x = mx::concatenate({image, in.caption}, 1);
   for (const auto& block : layers_) x = pushed(block_forward(block, x, in.joint_rope, in.joint_mask, adaln));
 
@@ -294,8 +301,8 @@ std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx
   const bool cfg = negative.has_value();
   std::vector<mx::array> captions{caption};
   if (cfg) captions.push_back(*negative);
-  auto input_shape = latents.shape();  // prepare() checks it
-  if (cfg && !input_shape.empty()) input_shape[0] *= 2;  // [x, x]: the prompt's half, the negative's
+  auto input_shape = latents.shape();                        // prepare() checks it
+  if (cfg && !input_shape.empty()) input_shape[0] *= 2;      // [x, x]: the prompt's half, the negative's
   const auto inputs = model.prepare(input_shape, captions);  // the same at every step
   auto velocity = [&](const mx::array& x, int step) {
     // The model's time runs the other way: t = (1000 - sigma * 1000) / 1000, in float32 as the pipeline computes it.

@@ -10,9 +10,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "nn/config_fields.h"
 #include "diffusion/flow_match.h"
 #include "nn/attention.h"
+#include "nn/config_fields.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
@@ -38,7 +38,8 @@ struct ZImageConfig {
   std::vector<int> axes_dims{32, 48, 48};
   std::vector<int> axes_lens{1024, 512, 512};
 
-  MLXR_CONFIG_FIELDS(ZImageConfig, dim, n_heads, n_kv_heads, n_layers, n_refiner_layers, in_channels, patch_size, f_patch_size, cap_feat_dim, norm_eps, qk_norm, rope_theta, t_scale, axes_dims, axes_lens)
+  MLXR_CONFIG_FIELDS(ZImageConfig, dim, n_heads, n_kv_heads, n_layers, n_refiner_layers, in_channels, patch_size,
+                     f_patch_size, cap_feat_dim, norm_eps, qk_norm, rope_theta, t_scale, axes_dims, axes_lens)
 
   int kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int head_dim() const { return dim / n_heads; }
@@ -57,11 +58,11 @@ struct ZImageBlock {
 // What the network's input is made of besides the latents and the timestep: the same at every
 // step of one run, so the denoising loop prepares it once (ZImageTransformer::prepare).
 struct ZImageInputs {
-  mx::Shape latent_shape;                     // [B, C, H, W]: the latents they were prepared for
-  mx::array caption;                          // caption tokens after the context refiner [B, Lc, dim]
-  RopeTable image_rope;                       // the noise refiner's
-  RopeTable joint_rope;                       // the main layers' ([image, caption] tokens)
-  std::optional<mx::array> joint_mask;        // keys of a ragged caption batch; none otherwise
+  mx::Shape latent_shape;               // [B, C, H, W]: the latents they were prepared for
+  mx::array caption;                    // caption tokens after the context refiner [B, Lc, dim]
+  RopeTable image_rope;                 // the noise refiner's
+  RopeTable joint_rope;                 // the main layers' ([image, caption] tokens)
+  std::optional<mx::array> joint_mask;  // keys of a ragged caption batch; none otherwise
 };
 
 class ZImageTransformer {

@@ -24,7 +24,8 @@ struct BertConfig {
   float layer_norm_eps = 1e-12f;
   std::string hidden_act = "gelu";
 
-  MLXR_CONFIG_FIELDS(BertConfig, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act)
+  MLXR_CONFIG_FIELDS(BertConfig, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+                     max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act)
 };
 
 struct BertLayer {
@@ -48,8 +49,7 @@ class BertEncoder {
                     const std::optional<mx::array>& token_type_ids = std::nullopt) const;
 
   // One vector per input: [B, H], pooled over the unmasked tokens, optionally L2-normalised.
-  mx::array embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
-                  bool normalize) const;
+  mx::array embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling, bool normalize) const;
 
   const BertConfig& config() const { return config_; }
   mx::Dtype dtype() const { return word_embeddings_.weight.dtype(); }

@@ -42,22 +42,23 @@ std::vector<mx::array> gated_silu_impl(const std::vector<mx::array>& in) {
 
 mx::array gelu(const mx::array& x) {
   auto xf = mx::astype(x, mx::float32);
-  auto y = mx::multiply(mx::multiply(xf, mx::array(0.5f)),
-                        mx::add(mx::array(1.0f), erf_rational(mx::multiply(xf, mx::array(static_cast<float>(M_SQRT1_2))))));
+  auto y =
+      mx::multiply(mx::multiply(xf, mx::array(0.5f)),
+                   mx::add(mx::array(1.0f), erf_rational(mx::multiply(xf, mx::array(static_cast<float>(M_SQRT1_2))))));
   return mx::astype(y, x.dtype());
 }
 
 mx::array gelu_tanh(const mx::array& x) {
   const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
   auto dt = x.dtype();
-  auto inner = mx::multiply(
-      mx::array(k, dt), mx::add(x, mx::multiply(mx::array(0.044715f, dt), mx::power(x, mx::array(3.0f, dt)))));
+  auto inner = mx::multiply(mx::array(k, dt),
+                            mx::add(x, mx::multiply(mx::array(0.044715f, dt), mx::power(x, mx::array(3.0f, dt)))));
   return mx::multiply(mx::multiply(mx::array(0.5f, dt), x), mx::add(mx::array(1.0f, dt), mx::tanh(inner)));
 }
 
 bool is_known_activation(const std::string& name) {
-  return name == "gelu" || name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "relu" ||
-         name == "silu" || name == "swish";
+  return name == "gelu" || name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "relu" || name == "silu" ||
+         name == "swish";
 }
 
 mx::array activation(const std::string& name, const mx::array& x) {

@@ -6,7 +6,9 @@ namespace mlxr {
 
 namespace {
 
-float inverse_sqrt_head_dim(const mx::array& q) { return 1.0f / std::sqrt(static_cast<float>(q.shape(-1))); }
+float inverse_sqrt_head_dim(const mx::array& q) {
+  return 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
+}
 
 }  // namespace
 
@@ -23,7 +25,9 @@ mx::array split_heads(const mx::array& x, int heads) {
   return mx::reshape(x, {x.shape(0), x.shape(1), heads, x.shape(2) / heads});
 }
 
-mx::array heads_first(const mx::array& x) { return mx::transpose(x, {0, 2, 1, 3}); }
+mx::array heads_first(const mx::array& x) {
+  return mx::transpose(x, {0, 2, 1, 3});
+}
 
 mx::array merge_heads(const mx::array& x) {
   return mx::reshape(mx::transpose(x, {0, 2, 1, 3}), {x.shape(0), x.shape(2), x.shape(1) * x.shape(3)});

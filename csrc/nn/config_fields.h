@@ -12,18 +12,17 @@
 // builds the Python class (properties, from_dict, to_dict, ==, repr) from that alone.
 #pragma once
 
-#define MLXR_CONFIG_FIELDS(Config, ...)                           \
-  template <class Visit>                                          \
-  static void fields(Visit&& field) {                             \
-    MLXR_FOR_EACH_NAME(MLXR_VISIT_FIELD, Config, __VA_ARGS__)     \
+#define MLXR_CONFIG_FIELDS(Config, ...)                       \
+  template <class Visit>                                      \
+  static void fields(Visit&& field) {                         \
+    MLXR_FOR_EACH_NAME(MLXR_VISIT_FIELD, Config, __VA_ARGS__) \
   }
 
 #define MLXR_VISIT_FIELD(Config, name) field(#name, &Config::name);
 
 // MLXR_FOR_EACH_NAME(macro, arg, a, b, ...) expands to macro(arg, a) macro(arg, b) ...: the usual
 // __VA_OPT__ recursion, rescanned 4^3 = 64 times (so up to 64 names).
-#define MLXR_FOR_EACH_NAME(macro, arg, ...) \
-  __VA_OPT__(MLXR_RESCAN(MLXR_FOR_EACH_NAME_STEP(macro, arg, __VA_ARGS__)))
+#define MLXR_FOR_EACH_NAME(macro, arg, ...) __VA_OPT__(MLXR_RESCAN(MLXR_FOR_EACH_NAME_STEP(macro, arg, __VA_ARGS__)))
 #define MLXR_FOR_EACH_NAME_STEP(macro, arg, name, ...) \
   macro(arg, name) __VA_OPT__(MLXR_FOR_EACH_NAME_AGAIN MLXR_EMPTY_PARENS(macro, arg, __VA_ARGS__))
 #define MLXR_EMPTY_PARENS ()

@@ -32,6 +32,8 @@ Embedding Embedding::load(const Weights& w, int num_embeddings, int dims) {
   return Embedding{w.get("weight", {num_embeddings, dims})};
 }
 
-mx::array Embedding::operator()(const mx::array& ids) const { return mx::take(weight, ids, 0); }
+mx::array Embedding::operator()(const mx::array& ids) const {
+  return mx::take(weight, ids, 0);
+}
 
 }  // namespace mlxr

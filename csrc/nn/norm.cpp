@@ -11,21 +11,25 @@ LayerNorm LayerNorm::load(const Weights& w, int dims, float eps) {
   return LayerNorm{.weight = w.get("weight", {dims}), .bias = w.get("bias", {dims}), .eps = eps};
 }
 
-mx::array LayerNorm::operator()(const mx::array& x) const { return mx::fast::layer_norm(x, weight, bias, eps); }
+mx::array LayerNorm::operator()(const mx::array& x) const {
+  return mx::fast::layer_norm(x, weight, bias, eps);
+}
 
 RMSNorm RMSNorm::load(const Weights& w, int dims, float eps) {
   return RMSNorm{.weight = w.get("weight", {dims}), .eps = eps};
 }
 
-mx::array RMSNorm::operator()(const mx::array& x) const { return mx::fast::rms_norm(x, weight, eps); }
+mx::array RMSNorm::operator()(const mx::array& x) const {
+  return mx::fast::rms_norm(x, weight, eps);
+}
 
 GroupNorm GroupNorm::load(const Weights& w, int channels, int groups, float eps) {
   if (groups <= 0 || channels % groups != 0) {
     throw std::invalid_argument(w.full_name("weight") + ": " + std::to_string(channels) +
                                 " channels do not split into " + std::to_string(groups) + " groups");
   }
-  return GroupNorm{.weight = w.get("weight", {channels}), .bias = w.get("bias", {channels}), .groups = groups,
-                   .eps = eps};
+  return GroupNorm{
+      .weight = w.get("weight", {channels}), .bias = w.get("bias", {channels}), .groups = groups, .eps = eps};
 }
 
 namespace {

@@ -26,8 +26,8 @@ mx::array llama3_periods(const RopeConfig& c) {
       scaled = period * c.factor;  // low frequencies: fully interpolated
     } else if (wavelen > high_wavelen) {
       // medium: blend between interpolated and original
-      const double smooth = (c.original_max_position_embeddings / wavelen - c.low_freq_factor) /
-                            (c.high_freq_factor - c.low_freq_factor);
+      const double smooth =
+          (c.original_max_position_embeddings / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor);
       scaled = period / ((1.0 - smooth) / c.factor + smooth);
     }
     periods.push_back(static_cast<float>(scaled));
@@ -68,10 +68,8 @@ std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>
 }
 
 RopeTable make_rope_table(const mx::array& cos, const mx::array& sin) {
-  return RopeTable{.cos = cos,
-                   .sin = sin,
-                   .with_x0 = mx::stack({cos, sin}, -1),
-                   .with_x1 = mx::stack({mx::negative(sin), cos}, -1)};
+  return RopeTable{
+      .cos = cos, .sin = sin, .with_x0 = mx::stack({cos, sin}, -1), .with_x1 = mx::stack({mx::negative(sin), cos}, -1)};
 }
 
 namespace {

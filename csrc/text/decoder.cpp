@@ -13,8 +13,9 @@ namespace {
 void check_config(const DecoderConfig& c) {
   if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_hidden_layers <= 0 || c.num_attention_heads <= 0 ||
       c.intermediate_size <= 0 || c.head_size() <= 0) {
-    throw std::invalid_argument("config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
-                                "intermediate_size must be positive");
+    throw std::invalid_argument(
+        "config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
+        "intermediate_size must be positive");
   }
   if (c.num_attention_heads % c.kv_heads() != 0) {
     throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +

@@ -32,7 +32,9 @@ struct DecoderConfig {
   bool mlp_bias = false;
   RopeConfig rope;
 
-  MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings, attention_bias, mlp_bias, rope)
+  MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+                     num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings,
+                     attention_bias, mlp_bias, rope)
 
   int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
   int head_size() const {

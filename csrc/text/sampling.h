@@ -22,16 +22,17 @@ namespace mlxr {
 // uses for an option a request leaves out.
 struct SamplerOptions {
   float temperature = 0.8f;
-  int top_k = 40;        // 0 = off
-  float top_p = 0.9f;    // 1 = off
-  float min_p = 0.0f;    // 0 = off
+  int top_k = 40;      // 0 = off
+  float top_p = 0.9f;  // 1 = off
+  float min_p = 0.0f;  // 0 = off
   float repeat_penalty = 1.1f;
   int repeat_last_n = 64;  // 0 = no penalties
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
   std::optional<uint64_t> seed;  // none = MLX's global generator
 
-  MLXR_CONFIG_FIELDS(SamplerOptions, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed)
+  MLXR_CONFIG_FIELDS(SamplerOptions, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                     frequency_penalty, seed)
 };
 
 uint64_t splitmix64(uint64_t seed, uint64_t counter);
