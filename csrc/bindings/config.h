@@ -76,9 +76,52 @@ inline double shortest_decimal(float value) {
 }
 
 template <class Config>
-Config config_from_dict(nb::handle values, const std::string& prefix = "");
+Config config_from_dict(const nb::dict& values, const std::string& prefix = "");
 template <class Config>
 nb::dict config_to_dict(const Config& config);
+
+// An integer field. JSON has one number type: 2.0 is the integer 2, 2.5 is not an integer.
+template <class T>
+T integer_from_python(nb::handle value, const std::string& key) {
+  nb::object number = nb::borrow(value);
+  if (PyFloat_Check(value.ptr())) {
+    const double d = PyFloat_AsDouble(value.ptr());
+    if (!std::isfinite(d) || d != std::floor(d)) bad_value(key, "an integer", value);
+    number = nb::steal(PyLong_FromDouble(d));
+  } else if (PyBool_Check(value.ptr()) || !PyLong_Check(value.ptr())) {
+    bad_value(key, "an integer", value);
+  }
+  if constexpr (std::is_signed_v<T>) {
+    int overflow = 0;
+    const long long n = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
+    if (overflow || n < std::numeric_limits<T>::min() || n > std::numeric_limits<T>::max()) {
+      out_of_range(key, value, sizeof(T) == 4 ? "a 32-bit integer" : "a 64-bit integer");
+    }
+    return static_cast<T>(n);
+  } else {
+    const unsigned long long n = PyLong_AsUnsignedLongLong(number.ptr());  // negative: an OverflowError
+    if ((n == static_cast<unsigned long long>(-1) && PyErr_Occurred()) || n > std::numeric_limits<T>::max()) {
+      PyErr_Clear();
+      out_of_range(key, value, sizeof(T) == 4 ? "an unsigned 32-bit integer" : "an unsigned 64-bit integer");
+    }
+    return static_cast<T>(n);
+  }
+}
+
+// A float or double field, from a Python int or float.
+template <class T>
+T number_from_python(nb::handle value, const std::string& key) {
+  if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyLong_Check(value.ptr()))) {
+    bad_value(key, "a number", value);
+  }
+  const double d = PyFloat_AsDouble(value.ptr());
+  if (d == -1.0 && PyErr_Occurred()) {  // an int too large for a double
+    PyErr_Clear();
+    out_of_range(key, value, "a double");
+  }
+  if (std::isfinite(d) && std::abs(d) > std::numeric_limits<T>::max()) out_of_range(key, value, "a float");
+  return static_cast<T>(d);
+}
 
 // Python value -> a C++ field of type T; `key` names it in errors.
 template <class T>
@@ -87,41 +130,9 @@ T from_python(nb::handle value, const std::string& key) {
     if (!PyBool_Check(value.ptr())) bad_value(key, "true or false", value);
     return value.ptr() == Py_True;
   } else if constexpr (std::is_integral_v<T>) {
-    // JSON has one number type: 2.0 is the integer 2, 2.5 is not an integer.
-    nb::object number = nb::borrow(value);
-    if (PyFloat_Check(value.ptr())) {
-      const double d = PyFloat_AsDouble(value.ptr());
-      if (!std::isfinite(d) || d != std::floor(d)) bad_value(key, "an integer", value);
-      number = nb::steal(PyLong_FromDouble(d));
-    } else if (PyBool_Check(value.ptr()) || !PyLong_Check(value.ptr())) {
-      bad_value(key, "an integer", value);
-    }
-    if constexpr (std::is_signed_v<T>) {
-      int overflow = 0;
-      const long long n = PyLong_AsLongLongAndOverflow(number.ptr(), &overflow);
-      if (overflow || n < std::numeric_limits<T>::min() || n > std::numeric_limits<T>::max()) {
-        out_of_range(key, value, sizeof(T) == 4 ? "a 32-bit integer" : "a 64-bit integer");
-      }
-      return static_cast<T>(n);
-    } else {
-      const unsigned long long n = PyLong_AsUnsignedLongLong(number.ptr());
-      if ((n == static_cast<unsigned long long>(-1) && PyErr_Occurred()) || n > std::numeric_limits<T>::max()) {
-        PyErr_Clear();
-        out_of_range(key, value, sizeof(T) == 4 ? "an unsigned 32-bit integer" : "an unsigned 64-bit integer");
-      }
-      return static_cast<T>(n);
-    }
+    return integer_from_python<T>(value, key);
   } else if constexpr (std::is_floating_point_v<T>) {
-    if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyLong_Check(value.ptr()))) {
-      bad_value(key, "a number", value);
-    }
-    const double d = PyFloat_AsDouble(value.ptr());
-    if (d == -1.0 && PyErr_Occurred()) {  // an int too large for a double
-      PyErr_Clear();
-      out_of_range(key, value, "a double");
-    }
-    if (std::isfinite(d) && std::abs(d) > std::numeric_limits<T>::max()) out_of_range(key, value, "a float");
-    return static_cast<T>(d);
+    return number_from_python<T>(value, key);
   } else if constexpr (std::is_same_v<T, std::string>) {
     if (!PyUnicode_Check(value.ptr())) bad_value(key, "a string", value);
     return nb::cast<std::string>(value);
@@ -139,7 +150,7 @@ T from_python(nb::handle value, const std::string& key) {
   } else if constexpr (is_config_v<T>) {
     if (nb::isinstance<T>(value)) return nb::cast<T>(value);
     if (!PyDict_Check(value.ptr())) bad_value(key, "a dict", value);
-    return config_from_dict<T>(value, key + ".");
+    return config_from_dict<T>(nb::borrow<nb::dict>(value), key + ".");
   } else {
     static_assert(std::is_void_v<T>, "a config field of a type config.h cannot convert");
   }
@@ -164,13 +175,11 @@ nb::object to_python(const T& value) {
 }
 
 template <class Config>
-Config config_from_dict(nb::handle values, const std::string& prefix) {
-  if (!PyDict_Check(values.ptr())) bad_value(prefix.empty() ? "from_dict" : prefix, "a dict", values);
-  nb::dict dict = nb::borrow<nb::dict>(values);
+Config config_from_dict(const nb::dict& values, const std::string& prefix) {
   Config config;
   Config::fields([&](const char* key, auto member) {
-    if (!dict.contains(key)) return;
-    nb::object value = dict[key];
+    if (!values.contains(key)) return;
+    nb::object value = values[key];
     if (value.is_none()) return;
     config.*member = from_python<field_t<Config, decltype(member)>>(value, prefix + key);
   });
@@ -235,7 +244,7 @@ nb::class_<Config> bind_config(nb::handle scope, const char* name, const char* d
     }
   });
   cls.def_static(
-      "from_dict", [](nb::handle values) { return config_from_dict<Config>(values); }, "values"_a,
+      "from_dict", [](const nb::dict& values) { return config_from_dict<Config>(values); }, "values"_a,
       "The config with the fields `values` names (e.g. a parsed config.json); defaults for the rest. "
       "Unknown keys are ignored and None counts as absent.");
   cls.def("to_dict", &config_to_dict<Config>, "Every field by its config.json key.");
