@@ -1,4 +1,4 @@
-// The areas of mlxr::_core, each bound by its own file.
+// The areas of mlxrunner._core, each bound by its own file.
 //
 // mx.array crosses the boundary because this module shares nanobind's type registry with
 // mlx.core (NB_DOMAIN mlx in CMakeLists.txt) and imports mlx.core before anything is bound.
