@@ -13,13 +13,13 @@
 typedef int blasint;
 enum { ROW_MAJOR = 101 };
 
-#define FORWARD_GEMM(name, T, scalar_t)                                                          \
-  void scipy_cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha, \
-                          const T* a, blasint lda, const T* b, blasint ldb, scalar_t beta, T* c, blasint ldc); \
-  __attribute__((visibility("default"))) void cblas_##name(                                     \
-      int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha, const T* a,   \
-      blasint lda, const T* b, blasint ldb, scalar_t beta, T* c, blasint ldc) {                  \
-    scipy_cblas_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);             \
+#define FORWARD_GEMM(name, T, scalar_t)                                                                                \
+  void scipy_cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha, const T* a,      \
+                          blasint lda, const T* b, blasint ldb, scalar_t beta, T* c, blasint ldc);                     \
+  __attribute__((visibility("default"))) void cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, \
+                                                           scalar_t alpha, const T* a, blasint lda, const T* b,        \
+                                                           blasint ldb, scalar_t beta, T* c, blasint ldc) {            \
+    scipy_cblas_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                   \
   }
 
 FORWARD_GEMM(sgemm, float, float)
@@ -28,4 +28,6 @@ FORWARD_GEMM(dgemm, double, double)
 FORWARD_GEMM(cgemm, void, const void*)
 
 /* A marker so mlxrunner can check that the shim, not the reference BLAS, serves libmlx. */
-__attribute__((visibility("default"))) int mlxrunner_openblas_shim(void) { return 1; }
+__attribute__((visibility("default"))) int mlxrunner_openblas_shim(void) {
+  return 1;
+}

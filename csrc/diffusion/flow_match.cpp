@@ -1,7 +1,6 @@
 #include "diffusion/flow_match.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -49,44 +48,14 @@ std::vector<float> flow_match_sigmas(const std::vector<double>& base, const Flow
   return sigmas;
 }
 
-EvalQueue::EvalQueue(int depth) : depth_(depth) {
-  if (depth < 0) throw std::invalid_argument("EvalQueue: depth must be >= 0");
-}
-
-int EvalQueue::default_depth() {
-  // Two blocks: one running, one ready behind it. On an H200 at 1024² depths 1, 2 and 4 ran a 9-step
-  // Z-Image denoise equally fast (0.967 / 0.969 / 0.964 s) and peaked 1.41 / 1.68 / 2.59 GiB above the
-  // weights (unbounded: 8.95); 2 leaves the host slack where blocks are shorter (smaller images).
-  constexpr int kDefault = 2;
-  const char* env = std::getenv("MLXRUNNER_DENOISE_QUEUE_DEPTH");
-  if (!env || !*env) return kDefault;
-  try {
-    const int depth = std::stoi(env);
-    if (depth >= 0) return depth;
-  } catch (const std::exception&) {
-  }
-  throw std::invalid_argument(std::string("MLXRUNNER_DENOISE_QUEUE_DEPTH must be an integer >= 0, got '") + env + "'");
-}
-
-void EvalQueue::push(const std::vector<mx::array>& outputs) {
-  mx::async_eval(outputs);
-  if (depth_ == 0) return;
-  queued_.push_back(outputs);
-  while (static_cast<int>(queued_.size()) > depth_) {
-    for (auto& output : queued_.front()) output.wait();  // scheduled already: wait() only waits for the device
-    queued_.pop_front();
-  }
-}
-
 std::optional<mx::array> denoise(mx::array x, const std::vector<float>& sigmas, const Velocity& velocity,
-                                 const StepCallback& on_step) {
+                                 const StepCallback& on_step, EvalQueue& queue) {
   const int total = static_cast<int>(sigmas.size()) - 1;
   if (total < 1) throw std::invalid_argument("denoise needs at least one step");
-  EvalQueue queue;
   x = mx::astype(x, mx::float32);
   for (int i = 0; i < total; ++i) {
     if (on_step && !on_step(i, total)) return std::nullopt;
-    auto v = mx::astype(velocity(x, i, queue), mx::float32);
+    auto v = mx::astype(velocity(x, i), mx::float32);
     const float dt = sigmas[i + 1] - sigmas[i];
     x = mx::add(x, mx::multiply(mx::array(dt), v));
     queue.push({x});

@@ -7,23 +7,27 @@
 // num_inference_steps); the schedule has N + 1 sigmas, the last one 0.
 #pragma once
 
-#include <deque>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "mlx/mlx.h"
+#include "nn/config_fields.h"
+#include "nn/eval_queue.h"
 
 namespace mlxr {
 
 namespace mx = mlx::core;
 
+// scheduler_config.json; defaults as FlowMatchEulerDiscreteScheduler.__init__'s (diffusers 0.42.1).
 struct FlowMatchSchedule {
   int num_train_timesteps = 1000;
-  float shift = 1.0f;                   // static shift (use_dynamic_shifting false)
-  bool use_dynamic_shifting = false;    // true: shift by exp(mu), mu from the image size
+  float shift = 1.0f;                           // static shift (use_dynamic_shifting false)
+  bool use_dynamic_shifting = false;            // true: shift by exp(mu), mu from the image size
   std::string time_shift_type = "exponential";  // exponential | linear (dynamic shifting only)
+
+  MLXR_CONFIG_FIELDS(FlowMatchSchedule, num_train_timesteps, shift, use_dynamic_shifting, time_shift_type)
 };
 
 // The N + 1 sigmas of an N-step run, the last one 0, for the base sigmas `base` (the pipeline's
@@ -35,41 +39,17 @@ std::vector<float> flow_match_sigmas(const std::vector<double>& base, const Flow
 // numpy.linspace(start, stop, n) in float64, as pipelines make their base sigmas.
 std::vector<double> linspace(double start, double stop, int n);
 
-// Runs a lazily built network on the device a block at a time, with a bounded amount of work queued.
-//
-// Why: MLX keeps every input of every queued kernel alive until the device has run it, and its
-// scheduler lets the host run up to 10 command batches ahead. Evaluated once per step, a 1024²
-// DiT step therefore held ~11.6 GiB of activations at its peak on an H200 (diffusers: 0.5 GiB),
-// and the device sat idle between steps while the host built the next step's graph (16 ms of a
-// 130 ms step; benchmarks/README.md). Pushing each block's output instead keeps at most `depth`
-// blocks queued: the host builds block j + 1 while the device runs block j, across step boundaries
-// too, and only those blocks' activations are alive.
-class EvalQueue {
- public:
-  // depth 0 means unbounded: only push()'s async_eval, no waiting (the old whole-step behaviour
-  // when pushed once a step). MLXRUNNER_DENOISE_QUEUE_DEPTH overrides the default (for A/B runs).
-  explicit EvalQueue(int depth = default_depth());
-  static int default_depth();
-
-  // Starts evaluating `outputs` (one block's) on the device, then waits until at most `depth` pushed
-  // blocks are unfinished.
-  void push(const std::vector<mx::array>& outputs);
-
- private:
-  int depth_;
-  std::deque<std::vector<mx::array>> queued_;
-};
-
-// The network's velocity for latents x at step i (sigma = sigmas[i]); float32, shaped like x.
-// The network pushes each block's output to `queue` (see EvalQueue).
-using Velocity = std::function<mx::array(const mx::array& x, int step, EvalQueue& queue)>;
+// The network's velocity for latents x at step i (sigma = sigmas[i]); float32, shaped like x. The
+// network pushes each block's output to the queue the loop runs with (see EvalQueue).
+using Velocity = std::function<mx::array(const mx::array& x, int step)>;
 // Called with (i, N) before step i and (N, N) when done; returning false cancels the run.
 using StepCallback = std::function<bool(int step, int total)>;
 
-// Runs the Euler loop; nullopt when cancelled. When the callback runs for step i, all of step i - 1
-// but the last few blocks queued on the device has run: the progress it reports is work done (to
-// within those blocks), and a cancel takes effect within one step.
+// Runs the Euler loop, the network's blocks and each step's latents pushed to `queue`; nullopt when
+// cancelled. When the callback runs for step i, all of step i - 1 but the last few blocks queued on
+// the device has run: the progress it reports is work done (to within those blocks), and a cancel
+// takes effect within one step.
 std::optional<mx::array> denoise(mx::array x, const std::vector<float>& sigmas, const Velocity& velocity,
-                                 const StepCallback& on_step);
+                                 const StepCallback& on_step, EvalQueue& queue);
 
 }  // namespace mlxr

@@ -4,8 +4,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "nn/conv.h"
-#include "nn/host.h"
+#include "nn/activation.h"
+#include "nn/attention.h"
 
 namespace mlxr {
 
@@ -18,47 +18,47 @@ void check_config(const Flux2Config& c) {
     axes += a;
   }
   if (c.attention_head_dim <= 0 || c.num_attention_heads <= 0 || c.in_channels <= 0 || c.joint_attention_dim <= 0) {
-    throw std::invalid_argument("FLUX.2 config: attention_head_dim, num_attention_heads, in_channels and "
-                                "joint_attention_dim must be positive");
+    throw std::invalid_argument(
+        "FLUX.2 config: attention_head_dim, num_attention_heads, in_channels and "
+        "joint_attention_dim must be positive");
   }
   if (c.axes_dims_rope.size() != 4 || axes != c.attention_head_dim) {
     throw std::invalid_argument("FLUX.2 config: axes_dims_rope must be 4 values summing to attention_head_dim " +
                                 std::to_string(c.attention_head_dim));
   }
+  if (c.patch_size != 1) throw std::invalid_argument("FLUX.2 config: only patch_size 1 is supported");
   if (c.guidance_embeds) {
-    throw std::invalid_argument("FLUX.2 config: guidance_embeds (FLUX.2-dev's guidance embedder) is not supported, "
-                                "only Klein models");
+    throw std::invalid_argument(
+        "FLUX.2 config: guidance_embeds (FLUX.2-dev's guidance embedder) is not supported, "
+        "only Klein models");
   }
 }
 
 Flux2DoubleBlock load_double(const Weights& w, const Flux2Config& c) {
   const int d = c.dim(), hd = c.attention_head_dim, m = c.mlp_hidden();
   auto attn = w.sub("attn");
-  return Flux2DoubleBlock{Linear::load(attn.sub("to_q"), d, d, false),
-                          Linear::load(attn.sub("to_k"), d, d, false),
-                          Linear::load(attn.sub("to_v"), d, d, false),
-                          Linear::load(attn.sub("to_out.0"), d, d, false),
-                          Linear::load(attn.sub("add_q_proj"), d, d, false),
-                          Linear::load(attn.sub("add_k_proj"), d, d, false),
-                          Linear::load(attn.sub("add_v_proj"), d, d, false),
-                          Linear::load(attn.sub("to_add_out"), d, d, false),
-                          RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
-                          RMSNorm::load(attn.sub("norm_k"), hd, c.eps),
-                          RMSNorm::load(attn.sub("norm_added_q"), hd, c.eps),
-                          RMSNorm::load(attn.sub("norm_added_k"), hd, c.eps),
-                          Linear::load(w.sub("ff.linear_in"), d, 2 * m, false),
-                          Linear::load(w.sub("ff.linear_out"), m, d, false),
-                          Linear::load(w.sub("ff_context.linear_in"), d, 2 * m, false),
-                          Linear::load(w.sub("ff_context.linear_out"), m, d, false)};
+  return Flux2DoubleBlock{.image = AttentionProjections::load(attn, d, false),
+                          .add_q = Linear::load(attn.sub("add_q_proj"), d, d, false),
+                          .add_k = Linear::load(attn.sub("add_k_proj"), d, d, false),
+                          .add_v = Linear::load(attn.sub("add_v_proj"), d, d, false),
+                          .to_add_out = Linear::load(attn.sub("to_add_out"), d, d, false),
+                          .norm_q = RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
+                          .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps),
+                          .norm_added_q = RMSNorm::load(attn.sub("norm_added_q"), hd, c.eps),
+                          .norm_added_k = RMSNorm::load(attn.sub("norm_added_k"), hd, c.eps),
+                          .ff_in = Linear::load(w.sub("ff.linear_in"), d, 2 * m, false),
+                          .ff_out = Linear::load(w.sub("ff.linear_out"), m, d, false),
+                          .ff_context_in = Linear::load(w.sub("ff_context.linear_in"), d, 2 * m, false),
+                          .ff_context_out = Linear::load(w.sub("ff_context.linear_out"), m, d, false)};
 }
 
 Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
   const int d = c.dim(), hd = c.attention_head_dim, m = c.mlp_hidden();
   auto attn = w.sub("attn");
-  return Flux2SingleBlock{Linear::load(attn.sub("to_qkv_mlp_proj"), d, 3 * d + 2 * m, false),
-                          Linear::load(attn.sub("to_out"), d + m, d, false),
-                          RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
-                          RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
+  return Flux2SingleBlock{.to_qkv_mlp = Linear::load(attn.sub("to_qkv_mlp_proj"), d, 3 * d + 2 * m, false),
+                          .to_out = Linear::load(attn.sub("to_out"), d + m, d, false),
+                          .norm_q = RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
+                          .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
 }
 
 // LayerNorm without affine parameters (every norm of the blocks), then (1 + scale) * . + shift.
@@ -73,30 +73,7 @@ mx::array swiglu(const mx::array& u) {
   return gated_silu(halves[0], halves[1]);
 }
 
-mx::array heads(const mx::array& x, int h, int d) {
-  return mx::reshape(x, {x.shape(0), x.shape(1), h, d});
-}
-
 }  // namespace
-
-std::vector<Flux2Id> flux2_text_ids(int length) {
-  std::vector<Flux2Id> ids(length);
-  for (int l = 0; l < length; ++l) ids[l] = {0, 0, 0, l};
-  return ids;
-}
-
-std::vector<Flux2Id> flux2_ids(const mx::array& ids) {
-  auto a = ids;
-  if (a.ndim() == 3 && a.shape(0) == 1) a = mx::squeeze(a, 0);
-  if (a.ndim() != 2 || a.shape(1) != 4) {
-    throw std::invalid_argument("FLUX.2: position ids must be [L, 4], got " + shape_string(ids.shape()));
-  }
-  a = to_host(mx::astype(a, mx::int32));
-  const int32_t* data = a.data<int32_t>();
-  std::vector<Flux2Id> out(a.shape(0));
-  for (int i = 0; i < a.shape(0); ++i) out[i] = {data[4 * i], data[4 * i + 1], data[4 * i + 2], data[4 * i + 3]};
-  return out;
-}
 
 double flux2_empirical_mu(int image_seq_len, int num_steps) {
   const double a1 = 8.73809524e-05, b1 = 1.89833333, a2 = 0.00016927, b2 = 0.45666666;
@@ -112,12 +89,12 @@ Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& w
                                config.timestep_guidance_channels, config.dim(), false)),
       t_linear_2_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_2"), config.dim(),
                                config.dim(), false)),
-      mod_img_(Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(),
-                            false)),
-      mod_txt_(Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(),
-                            false)),
-      mod_single_(Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(),
-                               false)),
+      mod_img_(
+          Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(), false)),
+      mod_txt_(
+          Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(), false)),
+      mod_single_(
+          Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(), false)),
       x_embedder_(Linear::load(Weights(weights, "x_embedder"), config.in_channels, config.dim(), false)),
       context_embedder_(
           Linear::load(Weights(weights, "context_embedder"), config.joint_attention_dim, config.dim(), false)),
@@ -170,12 +147,9 @@ mx::array Flux2Transformer::time_embedding(const mx::array& timestep) const {
 
 mx::array Flux2Transformer::attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                       const Flux2Rope& rope) const {
-  const int b = q.shape(0), l = q.shape(1), h = q.shape(2), d = q.shape(3);
-  auto qt = mx::transpose(apply_rope_pairs(q, rope), {0, 2, 1, 3});
-  auto kt = mx::transpose(apply_rope_pairs(k, rope), {0, 2, 1, 3});
-  auto vt = mx::transpose(v, {0, 2, 1, 3});
-  auto out = mx::fast::scaled_dot_product_attention(qt, kt, vt, 1.0f / std::sqrt(static_cast<float>(d)), "");
-  return mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {b, l, h * d});
+  auto out =
+      mlxr::attention(heads_first(apply_rope_pairs(q, rope)), heads_first(apply_rope_pairs(k, rope)), heads_first(v));
+  return merge_heads(out);
 }
 
 std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2DoubleBlock& block, const mx::array& x,
@@ -183,24 +157,24 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
                                                                const std::vector<mx::array>& mod_img,
                                                                const std::vector<mx::array>& mod_txt,
                                                                const Flux2Rope& rope) const {
-  const int h = config_.num_attention_heads, hd = config_.attention_head_dim;
+  const int h = config_.num_attention_heads;
   const float eps = config_.eps;
   const int text_len = c.shape(1);
   // (shift, scale, gate) for attention, then for the MLP; the same for the text stream.
   auto nx = modulate(x, mod_img[0], mod_img[1], eps);
   auto nc = modulate(c, mod_txt[0], mod_txt[1], eps);
-  auto q = block.norm_q(heads(block.to_q(nx), h, hd));
-  auto k = block.norm_k(heads(block.to_k(nx), h, hd));
-  auto v = heads(block.to_v(nx), h, hd);
-  auto cq = block.norm_added_q(heads(block.add_q(nc), h, hd));
-  auto ck = block.norm_added_k(heads(block.add_k(nc), h, hd));
-  auto cv = heads(block.add_v(nc), h, hd);
+  auto q = block.norm_q(split_heads(block.image.to_q(nx), h));
+  auto k = block.norm_k(split_heads(block.image.to_k(nx), h));
+  auto v = split_heads(block.image.to_v(nx), h);
+  auto cq = block.norm_added_q(split_heads(block.add_q(nc), h));
+  auto ck = block.norm_added_k(split_heads(block.add_k(nc), h));
+  auto cv = split_heads(block.add_v(nc), h);
   auto out = attention(mx::concatenate({cq, q}, 1), mx::concatenate({ck, k}, 1), mx::concatenate({cv, v}, 1), rope);
   const int b = out.shape(0), total = out.shape(1), width = out.shape(2);
   auto out_c = mx::slice(out, {0, 0, 0}, {b, text_len, width});
   auto out_x = mx::slice(out, {0, text_len, 0}, {b, total, width});
 
-  auto x1 = mx::add(x, mx::multiply(mod_img[2], block.to_out(out_x)));
+  auto x1 = mx::add(x, mx::multiply(mod_img[2], block.image.to_out(out_x)));
   auto ff = block.ff_out(swiglu(block.ff_in(modulate(x1, mod_img[3], mod_img[4], eps))));
   auto x2 = mx::add(x1, mx::multiply(mod_img[5], ff));
 
@@ -212,15 +186,15 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
 
 mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx::array& hs,
                                          const std::vector<mx::array>& mod, const Flux2Rope& rope) const {
-  const int h = config_.num_attention_heads, hd = config_.attention_head_dim, d = config_.dim();
+  const int h = config_.num_attention_heads, d = config_.dim();
   const int m = config_.mlp_hidden();
   auto n = modulate(hs, mod[0], mod[1], config_.eps);
   auto p = block.to_qkv_mlp(n);
   // [q | k | v | gate | up]
   auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d, 3 * d + m}, -1);
-  auto q = block.norm_q(heads(parts[0], h, hd));
-  auto k = block.norm_k(heads(parts[1], h, hd));
-  auto v = heads(parts[2], h, hd);
+  auto q = block.norm_q(split_heads(parts[0], h));
+  auto k = block.norm_k(split_heads(parts[1], h));
+  auto v = split_heads(parts[2], h);
   auto attn = attention(q, k, v, rope);
   auto mlp = gated_silu(parts[3], parts[4]);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
@@ -278,7 +252,9 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
                                        const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
                                        const mx::array& prompt, const std::optional<mx::array>& negative,
                                        float guidance, const std::optional<mx::array>& references,
-                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step) {
+                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step,
+                                       int queue_depth) {
+  EvalQueue queue(queue_depth);
   if (latents.ndim() != 3 || latents.shape(0) != 1 || latents.shape(1) != static_cast<int>(latent_ids.size())) {
     throw std::invalid_argument("FLUX.2: latents must be [1, L, C] with one id per token, got " +
                                 shape_string(latents.shape()) + " and " + std::to_string(latent_ids.size()) + " ids");
@@ -301,7 +277,7 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
   const auto negative_in = cfg ? std::optional<mx::array>(mx::astype(*negative, dt)) : std::nullopt;
   const auto refs_in = references ? std::optional<mx::array>(mx::astype(*references, dt)) : std::nullopt;
 
-  auto velocity = [&](const mx::array& x, int step, EvalQueue& queue) {
+  auto velocity = [&](const mx::array& x, int step) {
     // diffusers: t = sigma * 1000 (float32) -> latents dtype -> / 1000; the model multiplies by 1000 again.
     auto t = mx::divide(mx::astype(mx::array(sigmas[step] * 1000.0f), dt), mx::array(1000.0f, dt));
     t = mx::reshape(t, {1});
@@ -317,7 +293,7 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
     }
     return v;
   };
-  return denoise(latents, sigmas, velocity, on_step);
+  return denoise(latents, sigmas, velocity, on_step, queue);
 }
 
 }  // namespace mlxr

@@ -6,7 +6,7 @@
 // stream, joint attention), then through `num_single_layers` single-stream "parallel" blocks over
 // [text | image]. Modulation is shared: three linears of the timestep embedding, computed once per
 // call, feed every block. Positions are 4-axis (T, H, W, L) ids with RoPE on interleaved pairs.
-// No guidance embedder (Klein's guidance_embeds is false). shared/docs/specs/flux2_klein.md §3-§4.
+// No guidance embedder (Klein's guidance_embeds is false). docs/models/flux2_klein.md.
 #pragma once
 
 #include <array>
@@ -15,25 +15,36 @@
 #include <vector>
 
 #include "diffusion/flow_match.h"
-#include "nn/layers.h"
+#include "diffusion/flux2_latents.h"
+#include "nn/attention.h"
+#include "nn/config_fields.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 #include "nn/rope.h"
 
 namespace mlxr {
 
+// transformer/config.json (Flux2Transformer2DModel); defaults as its __init__'s (diffusers 0.42.1),
+// which describe FLUX.2-dev: Klein configs set every value, guidance_embeds false among them.
 struct Flux2Config {
+  int patch_size = 1;  // only 1 (the pipeline patchifies the latents itself)
   int in_channels = 128;
   int out_channels = 0;  // 0 (config null): in_channels
-  int num_layers = 5;
-  int num_single_layers = 20;
+  int num_layers = 8;
+  int num_single_layers = 48;
   int attention_head_dim = 128;
-  int num_attention_heads = 24;
-  int joint_attention_dim = 7680;
+  int num_attention_heads = 48;
+  int joint_attention_dim = 15360;
   int timestep_guidance_channels = 256;
   float mlp_ratio = 3.0f;
   std::vector<int> axes_dims_rope{32, 32, 32, 32};
   double rope_theta = 2000.0;
   float eps = 1e-6f;
-  bool guidance_embeds = false;
+  bool guidance_embeds = true;  // FLUX.2-dev's guidance embedder: not supported
+
+  MLXR_CONFIG_FIELDS(Flux2Config, patch_size, in_channels, out_channels, num_layers, num_single_layers,
+                     attention_head_dim, num_attention_heads, joint_attention_dim, timestep_guidance_channels,
+                     mlp_ratio, axes_dims_rope, rope_theta, eps, guidance_embeds)
 
   int dim() const { return attention_head_dim * num_attention_heads; }
   int mlp_hidden() const { return static_cast<int>(dim() * mlp_ratio); }
@@ -41,7 +52,8 @@ struct Flux2Config {
 };
 
 struct Flux2DoubleBlock {
-  Linear to_q, to_k, to_v, to_out, add_q, add_k, add_v, to_add_out;
+  AttentionProjections image;              // the image stream's
+  Linear add_q, add_k, add_v, to_add_out;  // the text stream's
   RMSNorm norm_q, norm_k, norm_added_q, norm_added_k;
   Linear ff_in, ff_out, ff_context_in, ff_context_out;
 };
@@ -53,14 +65,6 @@ struct Flux2SingleBlock {
 
 // cos/sin of the RoPE angle of every (token, pair): [1, L, 1, head_dim / 2], float32.
 using Flux2Rope = RopeTable;
-
-// One token's position (T, H, W, L).
-using Flux2Id = std::array<int, 4>;
-
-// Text ids (0, 0, 0, l), l < length.
-std::vector<Flux2Id> flux2_text_ids(int length);
-// Ids [L, 4] (any integer dtype) from Python -> host values.
-std::vector<Flux2Id> flux2_ids(const mx::array& ids);
 
 class Flux2Transformer {
  public:
@@ -75,8 +79,8 @@ class Flux2Transformer {
   // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
   // Returns the raw output for every image token, float32 [B, L, out_channels]. Pushes each block's
   // output to `queue` if given (the denoising loop's; see EvalQueue).
-  mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                    const Flux2Rope& rope, EvalQueue* queue = nullptr) const;
+  mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep, const Flux2Rope& rope,
+                    EvalQueue* queue = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }
@@ -110,13 +114,14 @@ class Flux2Transformer {
 //   references  packed reference-image tokens [1, Lr, C] with their ids (10 (k + 1), y, x, 0):
 //               appended after the noise in every call, their outputs dropped.
 // The timestep is quantised as diffusers does: t = sigma * 1000 (float32) cast to the model dtype,
-// / 1000 there, x 1000 inside the model. Returns the final packed latents (float32), or nullopt when
-// cancelled.
+// / 1000 there, x 1000 inside the model. At most `queue_depth` blocks are queued on the device
+// (EvalQueue; 0: unbounded). Returns the final packed latents (float32), or nullopt when cancelled.
 std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
                                        const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
                                        const mx::array& prompt, const std::optional<mx::array>& negative,
                                        float guidance, const std::optional<mx::array>& references,
-                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step);
+                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step,
+                                       int queue_depth);
 
 // Diffusers' compute_empirical_mu: the dynamic-shift mu for `image_seq_len` noise tokens and N steps.
 double flux2_empirical_mu(int image_seq_len, int num_steps);

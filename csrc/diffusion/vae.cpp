@@ -2,14 +2,16 @@
 
 #include <cmath>
 
+#include "nn/activation.h"
+#include "nn/attention.h"
+
 namespace mlxr {
 
 ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channels, const VaeConfig& c) {
-  ResnetBlock block{GroupNorm::load(w.sub("norm1"), in_channels, c.norm_num_groups, c.norm_eps),
-                    GroupNorm::load(w.sub("norm2"), out_channels, c.norm_num_groups, c.norm_eps),
-                    Conv2d::load(w.sub("conv1"), in_channels, out_channels, 3),
-                    Conv2d::load(w.sub("conv2"), out_channels, out_channels, 3),
-                    std::nullopt};
+  ResnetBlock block{.norm1 = GroupNorm::load(w.sub("norm1"), in_channels, c.norm_num_groups, kVaeNormEps),
+                    .norm2 = GroupNorm::load(w.sub("norm2"), out_channels, c.norm_num_groups, kVaeNormEps),
+                    .conv1 = Conv2d::load(w.sub("conv1"), in_channels, out_channels, 3),
+                    .conv2 = Conv2d::load(w.sub("conv2"), out_channels, out_channels, 3)};
   if (in_channels != out_channels) {
     block.conv_shortcut = Conv2d::load(w.sub("conv_shortcut"), in_channels, out_channels, 1);
   }
@@ -22,23 +24,20 @@ mx::array ResnetBlock::operator()(const mx::array& x) const {
 }
 
 VaeAttention VaeAttention::load(const Weights& w, int channels, const VaeConfig& c) {
-  return VaeAttention{GroupNorm::load(w.sub("group_norm"), channels, c.norm_num_groups, c.norm_eps),
-                      Linear::load(w.sub("to_q"), channels, channels), Linear::load(w.sub("to_k"), channels, channels),
-                      Linear::load(w.sub("to_v"), channels, channels),
-                      Linear::load(w.sub("to_out.0"), channels, channels)};
+  return VaeAttention{.group_norm = GroupNorm::load(w.sub("group_norm"), channels, c.norm_num_groups, kVaeNormEps),
+                      .projections = AttentionProjections::load(w, channels, true)};
 }
 
 mx::array VaeAttention::operator()(const mx::array& x) const {
   const int b = x.shape(0), h = x.shape(1), w = x.shape(2), c = x.shape(3);
   auto tokens = mx::reshape(group_norm(x), {b, 1, h * w, c});  // one head of width C
-  auto out = mx::fast::scaled_dot_product_attention(to_q(tokens), to_k(tokens), to_v(tokens),
-                                                     1.0f / std::sqrt(static_cast<float>(c)), "");
-  return mx::add(x, mx::reshape(to_out(out), {b, h, w, c}));
+  auto out = attention(projections.to_q(tokens), projections.to_k(tokens), projections.to_v(tokens));
+  return mx::add(x, mx::reshape(projections.to_out(out), {b, h, w, c}));
 }
 
 VaeMidBlock VaeMidBlock::load(const Weights& w, int channels, const VaeConfig& c) {
-  VaeMidBlock mid{ResnetBlock::load(w.sub("resnets.0"), channels, channels, c),
-                  ResnetBlock::load(w.sub("resnets.1"), channels, channels, c), std::nullopt};
+  VaeMidBlock mid{.resnet0 = ResnetBlock::load(w.sub("resnets.0"), channels, channels, c),
+                  .resnet1 = ResnetBlock::load(w.sub("resnets.1"), channels, channels, c)};
   if (c.mid_block_add_attention) {
     mid.attention = VaeAttention::load(w.sub("attentions.0"), channels, c);
   }
@@ -55,7 +54,8 @@ namespace {
 
 void check_config(const VaeConfig& c) {
   if (c.block_out_channels.empty() || c.layers_per_block < 1 || c.latent_channels < 1) {
-    throw std::invalid_argument("VAE config: block_out_channels, layers_per_block and latent_channels must be positive");
+    throw std::invalid_argument(
+        "VAE config: block_out_channels, layers_per_block and latent_channels must be positive");
   }
 }
 
@@ -67,7 +67,7 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
                             config.block_out_channels.back(), 3)),
       mid_(VaeMidBlock::load(Weights(weights, "decoder.mid_block"), config.block_out_channels.back(), config)),
       norm_out_(GroupNorm::load(Weights(weights, "decoder.conv_norm_out"), config.block_out_channels.front(),
-                                config.norm_num_groups, config.norm_eps)),
+                                config.norm_num_groups, kVaeNormEps)),
       conv_out_(Conv2d::load(Weights(weights, "decoder.conv_out"), config.block_out_channels.front(),
                              config.out_channels, 3)) {
   Weights root(weights);
@@ -80,8 +80,8 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
     auto w = root.sub("decoder.up_blocks." + std::to_string(i));
     VaeUpBlock block;
     for (int j = 0; j <= config.layers_per_block; ++j) {
-      block.resnets.push_back(
-          ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i], channels[i], config));
+      block.resnets.push_back(ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i],
+                                                channels[i], config));
     }
     if (i + 1 < channels.size()) {
       block.upsampler = Conv2d::load(w.sub("upsamplers.0.conv"), channels[i], channels[i], 3);
@@ -155,7 +155,8 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) 
       if (i > 0) t = blend(rows[i - 1][j], t, extent, 1);
       if (j > 0) t = blend(rows[i][j - 1], t, extent, 2);
       rows[i][j] = t;  // diffusers blends in place: later neighbours see the blended tile
-      kept.push_back(mx::slice(t, {0, 0, 0, 0}, {t.shape(0), std::min(keep, t.shape(1)), std::min(keep, t.shape(2)), t.shape(3)}));
+      kept.push_back(
+          mx::slice(t, {0, 0, 0, 0}, {t.shape(0), std::min(keep, t.shape(1)), std::min(keep, t.shape(2)), t.shape(3)}));
     }
     result_rows.push_back(mx::concatenate(kept, 2));
   }
@@ -164,12 +165,14 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) 
 
 VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     : config_((check_config(config), config)),
-      conv_in_(Conv2d::load(Weights(weights, "encoder.conv_in"), config.in_channels, config.block_out_channels.front(), 3)),
+      conv_in_(
+          Conv2d::load(Weights(weights, "encoder.conv_in"), config.in_channels, config.block_out_channels.front(), 3)),
       mid_(VaeMidBlock::load(Weights(weights, "encoder.mid_block"), config.block_out_channels.back(), config)),
       norm_out_(GroupNorm::load(Weights(weights, "encoder.conv_norm_out"), config.block_out_channels.back(),
-                                config.norm_num_groups, config.norm_eps)),
+                                config.norm_num_groups, kVaeNormEps)),
+      // The posterior's mean and log-variance (AutoencoderKL's encoder always has double_z).
       conv_out_(Conv2d::load(Weights(weights, "encoder.conv_out"), config.block_out_channels.back(),
-                             (config.double_z ? 2 : 1) * config.latent_channels, 3)) {
+                             2 * config.latent_channels, 3)) {
   Weights root(weights);
   const auto& channels = config.block_out_channels;
   int previous = channels.front();
@@ -177,8 +180,8 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     auto w = root.sub("encoder.down_blocks." + std::to_string(i));
     VaeDownBlock block;
     for (int j = 0; j < config.layers_per_block; ++j) {
-      block.resnets.push_back(
-          ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i], channels[i], config));
+      block.resnets.push_back(ResnetBlock::load(w.sub("resnets." + std::to_string(j)), j == 0 ? previous : channels[i],
+                                                channels[i], config));
     }
     if (i + 1 < channels.size()) {
       block.downsampler = Conv2d::load(w.sub("downsamplers.0.conv"), channels[i], channels[i], 3, 2, 0);
@@ -187,7 +190,7 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
     previous = channels[i];
   }
   if (config.use_quant_conv) {
-    const int moments = (config.double_z ? 2 : 1) * config.latent_channels;
+    const int moments = 2 * config.latent_channels;
     quant_conv_ = Conv2d::load(root.sub("quant_conv"), moments, moments, 1);
   }
 }

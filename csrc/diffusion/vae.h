@@ -4,24 +4,33 @@
 
 #include <vector>
 
+#include "nn/attention.h"
+#include "nn/config_fields.h"
 #include "nn/conv.h"
-#include "nn/layers.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 
 namespace mlxr {
 
+// vae/config.json (AutoencoderKL); defaults as its __init__'s (diffusers 0.42.1). AutoencoderKLFlux2's
+// configs share these keys (its BatchNorm and patch size are read in Python).
 struct VaeConfig {
   int in_channels = 3;
   int out_channels = 3;
-  int latent_channels = 16;
-  std::vector<int> block_out_channels{128, 256, 512, 512};
-  int layers_per_block = 2;
+  int latent_channels = 4;
+  std::vector<int> block_out_channels{64};
+  int layers_per_block = 1;
   int norm_num_groups = 32;
-  float norm_eps = 1e-6f;  // diffusers' Encoder/Decoder hard-code 1e-6 (Ollama's port used 1e-5)
   bool mid_block_add_attention = true;
-  bool use_quant_conv = false;
-  bool use_post_quant_conv = false;
-  bool double_z = true;  // the encoder outputs mean and log-variance
+  bool use_quant_conv = true;
+  bool use_post_quant_conv = true;
+
+  MLXR_CONFIG_FIELDS(VaeConfig, in_channels, out_channels, latent_channels, block_out_channels, layers_per_block,
+                     norm_num_groups, mid_block_add_attention, use_quant_conv, use_post_quant_conv)
 };
+
+// diffusers' Encoder/Decoder hard-code their GroupNorm eps (Ollama's port used 1e-5).
+constexpr float kVaeNormEps = 1e-6f;
 
 // ResnetBlock2D: GN -> SiLU -> conv -> GN -> SiLU -> conv, plus the (1x1-projected) input.
 struct ResnetBlock {
@@ -36,7 +45,7 @@ struct ResnetBlock {
 // The mid-block's single-head self-attention over all pixels.
 struct VaeAttention {
   GroupNorm group_norm;
-  Linear to_q, to_k, to_v, to_out;
+  AttentionProjections projections;
 
   static VaeAttention load(const Weights& w, int channels, const VaeConfig& c);
   mx::array operator()(const mx::array& x) const;
@@ -92,6 +101,8 @@ class VaeEncoder {
   // Image [B, H, W, in_channels] in [-1, 1] -> the posterior's mean [B, H/8, W/8, latent_channels]
   // (its mode: what a deterministic encode uses).
   mx::array operator()(const mx::array& x) const;
+
+  const VaeConfig& config() const { return config_; }
 
  private:
   VaeConfig config_;

@@ -4,7 +4,8 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "nn/conv.h"
+#include "nn/activation.h"
+#include "nn/attention.h"
 
 namespace mlxr {
 
@@ -19,20 +20,14 @@ int round_up(int n, int multiple) {
 ZImageBlock load_block(const Weights& w, const ZImageConfig& c, bool modulated) {
   const int d = c.dim, hd = c.head_dim(), ffn = c.ffn_dim();
   auto attn = w.sub("attention");
-  ZImageBlock block{Linear::load(attn.sub("to_q"), d, d, false),
-                    Linear::load(attn.sub("to_k"), d, d, false),
-                    Linear::load(attn.sub("to_v"), d, d, false),
-                    Linear::load(attn.sub("to_out.0"), d, d, false),
-                    std::nullopt,
-                    std::nullopt,
-                    RMSNorm::load(w.sub("attention_norm1"), d, c.norm_eps),
-                    RMSNorm::load(w.sub("attention_norm2"), d, c.norm_eps),
-                    RMSNorm::load(w.sub("ffn_norm1"), d, c.norm_eps),
-                    RMSNorm::load(w.sub("ffn_norm2"), d, c.norm_eps),
-                    Linear::load(w.sub("feed_forward.w1"), d, ffn, false),
-                    Linear::load(w.sub("feed_forward.w2"), ffn, d, false),
-                    Linear::load(w.sub("feed_forward.w3"), d, ffn, false),
-                    std::nullopt};
+  ZImageBlock block{.attention = AttentionProjections::load(attn, d, false),
+                    .attention_norm1 = RMSNorm::load(w.sub("attention_norm1"), d, c.norm_eps),
+                    .attention_norm2 = RMSNorm::load(w.sub("attention_norm2"), d, c.norm_eps),
+                    .ffn_norm1 = RMSNorm::load(w.sub("ffn_norm1"), d, c.norm_eps),
+                    .ffn_norm2 = RMSNorm::load(w.sub("ffn_norm2"), d, c.norm_eps),
+                    .w1 = Linear::load(w.sub("feed_forward.w1"), d, ffn, false),
+                    .w2 = Linear::load(w.sub("feed_forward.w2"), ffn, d, false),
+                    .w3 = Linear::load(w.sub("feed_forward.w3"), d, ffn, false)};
   if (c.qk_norm) {
     // diffusers hard-codes eps 1e-5 for the per-head q/k norms, whatever norm_eps says.
     block.norm_q = RMSNorm::load(attn.sub("norm_q"), hd, 1e-5f);
@@ -42,8 +37,8 @@ ZImageBlock load_block(const Weights& w, const ZImageConfig& c, bool modulated) 
   return block;
 }
 
-std::vector<ZImageBlock> load_blocks(const Weights& root, const std::string& name, int count,
-                                     const ZImageConfig& c, bool modulated) {
+std::vector<ZImageBlock> load_blocks(const Weights& root, const std::string& name, int count, const ZImageConfig& c,
+                                     bool modulated) {
   std::vector<ZImageBlock> blocks;
   for (int i = 0; i < count; ++i) blocks.push_back(load_block(root.sub(name + "." + std::to_string(i)), c, modulated));
   return blocks;
@@ -55,12 +50,14 @@ void check_config(const ZImageConfig& c) {
   if (c.dim <= 0 || c.n_heads <= 0 || c.dim % c.n_heads != 0) {
     throw std::invalid_argument("Z-Image config: dim must be a multiple of n_heads");
   }
-  if (c.n_kv_heads != c.n_heads) throw std::invalid_argument("Z-Image config: n_kv_heads != n_heads is not supported");
+  if (c.kv_heads() != c.n_heads) throw std::invalid_argument("Z-Image config: n_kv_heads != n_heads is not supported");
   if (c.axes_dims.size() != 3 || c.axes_lens.size() != 3 || axes != c.head_dim()) {
     throw std::invalid_argument("Z-Image config: axes_dims must be 3 values summing to the head dim " +
                                 std::to_string(c.head_dim()));
   }
-  if (c.f_patch_size != 1) throw std::invalid_argument("Z-Image config: only all_f_patch_size [1] (images) is supported");
+  if (c.f_patch_size != 1) {
+    throw std::invalid_argument("Z-Image config: only all_f_patch_size [1] (images) is supported");
+  }
 }
 
 // Pads rows of `x` [B, T, D] with zeros up to `length` along axis 1.
@@ -134,22 +131,18 @@ RopeTable ZImageTransformer::rope_table(const std::vector<std::vector<std::array
                          mx::array(sin_values.data(), {b, t, 1, half}, mx::float32));
 }
 
-
 mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
                                        const std::optional<mx::array>& mask) const {
-  const int b = x.shape(0), t = x.shape(1), h = config_.n_heads, d = config_.head_dim();
-  auto q = mx::reshape(block.to_q(x), {b, t, h, d});
-  auto k = mx::reshape(block.to_k(x), {b, t, h, d});
-  auto v = mx::reshape(block.to_v(x), {b, t, h, d});
+  const int h = config_.n_heads;
+  const auto& projections = block.attention;
+  auto q = split_heads(projections.to_q(x), h);
+  auto k = split_heads(projections.to_k(x), h);
+  auto v = split_heads(projections.to_v(x), h);
   if (block.norm_q) q = (*block.norm_q)(q);
   if (block.norm_k) k = (*block.norm_k)(k);
-  q = mx::transpose(apply_rope_pairs(q, rope), {0, 2, 1, 3});
-  k = mx::transpose(apply_rope_pairs(k, rope), {0, 2, 1, 3});
-  v = mx::transpose(v, {0, 2, 1, 3});
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  auto out = mask ? mx::fast::scaled_dot_product_attention(q, k, v, scale, "", *mask)
-                  : mx::fast::scaled_dot_product_attention(q, k, v, scale, "");
-  return block.to_out(mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {b, t, h * d}));
+  q = heads_first(apply_rope_pairs(q, rope));
+  k = heads_first(apply_rope_pairs(k, rope));
+  return projections.to_out(merge_heads(mlxr::attention(q, k, heads_first(v), mask)));
 }
 
 mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
@@ -202,7 +195,9 @@ ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std
     }
     const int len = caption.shape(0), padded = round_up(len, kSeqMultiple);
     auto tokens = cap_linear_(cap_norm_(mx::astype(caption, dt)));
-    if (padded > len) tokens = mx::concatenate({tokens, mx::astype(mx::broadcast_to(cap_pad_token_, {padded - len, dim}), dt)}, 0);
+    if (padded > len) {
+      tokens = mx::concatenate({tokens, mx::astype(mx::broadcast_to(cap_pad_token_, {padded - len, dim}), dt)}, 0);
+    }
     caption_tokens.push_back(tokens);
     cap_lengths.push_back(padded);
     cap_max = std::max(cap_max, padded);
@@ -230,18 +225,23 @@ ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std
     std::vector<uint8_t> valid(static_cast<size_t>(b) * cap_max);
     for (int i = 0; i < b; ++i)
       for (int j = 0; j < cap_max; ++j) valid[i * cap_max + j] = j < cap_lengths[i];
-    auto keys = mx::astype(mx::array(valid.data(), {b, cap_max}, mx::uint8), mx::bool_);
-    caption_mask = mx::reshape(keys, {b, 1, 1, cap_max});
-    joint_mask = mx::reshape(mx::concatenate({mx::ones({b, n_padded}, mx::bool_), keys}, 1),
-                             {b, 1, 1, n_padded + cap_max});
+    auto keys = mx::array(valid.data(), {b, cap_max}, mx::uint8);
+    caption_mask = padding_key_mask(keys);
+    joint_mask = padding_key_mask(mx::concatenate({mx::ones({b, n_padded}, mx::uint8), keys}, 1));
   }
 
   // The context refiner is unmodulated: its output is the same at every step, so it runs once here.
-  for (const auto& block : context_refiner_) caption = block_forward(block, caption, caption_rope, caption_mask, std::nullopt);
+  for (const auto& block : context_refiner_) {
+    caption = block_forward(block, caption, caption_rope, caption_mask, std::nullopt);
+  }
   auto joint_rope = make_rope_table(mx::concatenate({image_rope.cos, caption_rope.cos}, 1),
                                     mx::concatenate({image_rope.sin, caption_rope.sin}, 1));
   mx::eval({caption, image_rope.with_x0, image_rope.with_x1, joint_rope.with_x0, joint_rope.with_x1});
-  return ZImageInputs{latent_shape, caption, image_rope, joint_rope, joint_mask};
+  return ZImageInputs{.latent_shape = latent_shape,
+                      .caption = caption,
+                      .image_rope = image_rope,
+                      .joint_rope = joint_rope,
+                      .joint_mask = joint_mask};
 }
 
 mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t,
@@ -276,7 +276,9 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
     image = mx::concatenate({image, mx::broadcast_to(mx::astype(x_pad_token_, dt), {b, n_padded - n, dim})}, 1);
   }
 
-  for (const auto& block : noise_refiner_) image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
+  for (const auto& block : noise_refiner_) {
+    image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
+  }
   auto x = mx::concatenate({image, in.caption}, 1);
   for (const auto& block : layers_) x = pushed(block_forward(block, x, in.joint_rope, in.joint_mask, adaln));
 
@@ -294,14 +296,15 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
 std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx::array& latents,
                                         const std::vector<float>& sigmas, const mx::array& caption,
                                         const std::optional<mx::array>& negative, float guidance,
-                                        const StepCallback& on_step) {
+                                        const StepCallback& on_step, int queue_depth) {
+  EvalQueue queue(queue_depth);
   const bool cfg = negative.has_value();
   std::vector<mx::array> captions{caption};
   if (cfg) captions.push_back(*negative);
-  auto input_shape = latents.shape();  // prepare() checks it
-  if (cfg && !input_shape.empty()) input_shape[0] *= 2;  // [x, x]: the prompt's half, the negative's
+  auto input_shape = latents.shape();                        // prepare() checks it
+  if (cfg && !input_shape.empty()) input_shape[0] *= 2;      // [x, x]: the prompt's half, the negative's
   const auto inputs = model.prepare(input_shape, captions);  // the same at every step
-  auto velocity = [&](const mx::array& x, int step, EvalQueue& queue) {
+  auto velocity = [&](const mx::array& x, int step) {
     // The model's time runs the other way: t = (1000 - sigma * 1000) / 1000, in float32 as the pipeline computes it.
     const float timestep = sigmas[step] * 1000.0f;
     const float t_model = (1000.0f - timestep) / 1000.0f;
@@ -314,7 +317,7 @@ std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx
     }
     return mx::negative(out);
   };
-  return denoise(latents, sigmas, velocity, on_step);
+  return denoise(latents, sigmas, velocity, on_step, queue);
 }
 
 }  // namespace mlxr

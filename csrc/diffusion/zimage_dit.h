@@ -4,21 +4,27 @@
 // through `noise_refiner` blocks (modulated by the timestep), caption tokens through
 // `context_refiner` blocks (unmodulated), then both run through the main `layers` together.
 // Every block is "sandwich"-normed: RMSNorm before and after attention and the FFN. Positions are
-// 3-axis (frame, row, column) with RoPE on interleaved pairs. shared/docs/specs/zimage.md §2-§5.
+// 3-axis (frame, row, column) with RoPE on interleaved pairs. docs/models/zimage.md.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "diffusion/flow_match.h"
-#include "nn/layers.h"
+#include "nn/attention.h"
+#include "nn/config_fields.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 #include "nn/rope.h"
 
 namespace mlxr {
 
+// transformer/config.json (ZImageTransformer2DModel); defaults as its __init__'s (diffusers 0.42.1).
+// diffusers lists patch sizes per resolution (all_patch_size, all_f_patch_size); this runs one.
 struct ZImageConfig {
   int dim = 3840;
   int n_heads = 30;
-  int n_kv_heads = 30;
+  int n_kv_heads = 0;  // 0: n_heads (diffusers builds its attention from n_heads alone)
   int n_layers = 30;
   int n_refiner_layers = 2;
   int in_channels = 16;
@@ -30,15 +36,19 @@ struct ZImageConfig {
   double rope_theta = 256.0;
   float t_scale = 1000.0f;
   std::vector<int> axes_dims{32, 48, 48};
-  std::vector<int> axes_lens{1536, 512, 512};
+  std::vector<int> axes_lens{1024, 512, 512};
 
+  MLXR_CONFIG_FIELDS(ZImageConfig, dim, n_heads, n_kv_heads, n_layers, n_refiner_layers, in_channels, patch_size,
+                     f_patch_size, cap_feat_dim, norm_eps, qk_norm, rope_theta, t_scale, axes_dims, axes_lens)
+
+  int kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int head_dim() const { return dim / n_heads; }
   int adaln_dim() const { return std::min(dim, 256); }
   int ffn_dim() const { return static_cast<int>(dim / 3.0 * 8.0); }
 };
 
 struct ZImageBlock {
-  Linear to_q, to_k, to_v, to_out;
+  AttentionProjections attention;
   std::optional<RMSNorm> norm_q, norm_k;
   RMSNorm attention_norm1, attention_norm2, ffn_norm1, ffn_norm2;
   Linear w1, w2, w3;
@@ -48,11 +58,11 @@ struct ZImageBlock {
 // What the network's input is made of besides the latents and the timestep: the same at every
 // step of one run, so the denoising loop prepares it once (ZImageTransformer::prepare).
 struct ZImageInputs {
-  mx::Shape latent_shape;                     // [B, C, H, W]: the latents they were prepared for
-  mx::array caption;                          // caption tokens after the context refiner [B, Lc, dim]
-  RopeTable image_rope;                       // the noise refiner's
-  RopeTable joint_rope;                       // the main layers' ([image, caption] tokens)
-  std::optional<mx::array> joint_mask;        // keys of a ragged caption batch; none otherwise
+  mx::Shape latent_shape;               // [B, C, H, W]: the latents they were prepared for
+  mx::array caption;                    // caption tokens after the context refiner [B, Lc, dim]
+  RopeTable image_rope;                 // the noise refiner's
+  RopeTable joint_rope;                 // the main layers' ([image, caption] tokens)
+  std::optional<mx::array> joint_mask;  // keys of a ragged caption batch; none otherwise
 };
 
 class ZImageTransformer {
@@ -96,10 +106,11 @@ class ZImageTransformer {
 
 // The Z-Image sampling loop: Euler over `sigmas` from `latents` (float32 [1, C, H, W]), with true
 // classifier-free guidance when `negative` is given: pred = pos + guidance * (pos - neg) (diffusers'
-// convention: guidance 0 means off). Both halves run as one batch of 2.
+// convention: guidance 0 means off). Both halves run as one batch of 2. At most `queue_depth` blocks
+// are queued on the device (EvalQueue; 0: unbounded).
 std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx::array& latents,
                                         const std::vector<float>& sigmas, const mx::array& caption,
                                         const std::optional<mx::array>& negative, float guidance,
-                                        const StepCallback& on_step);
+                                        const StepCallback& on_step, int queue_depth);
 
 }  // namespace mlxr

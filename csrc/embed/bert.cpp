@@ -3,6 +3,9 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "nn/activation.h"
+#include "nn/attention.h"
+
 namespace mlxr {
 
 Pooling pooling_from_name(const std::string& name) {
@@ -18,14 +21,14 @@ namespace {
 BertLayer load_layer(const Weights& w, const BertConfig& c) {
   const int h = c.hidden_size;
   return BertLayer{
-      Linear::load(w.sub("attention.self.query"), h, h),
-      Linear::load(w.sub("attention.self.key"), h, h),
-      Linear::load(w.sub("attention.self.value"), h, h),
-      Linear::load(w.sub("attention.output.dense"), h, h),
-      LayerNorm::load(w.sub("attention.output.LayerNorm"), h, c.layer_norm_eps),
-      Linear::load(w.sub("intermediate.dense"), h, c.intermediate_size),
-      Linear::load(w.sub("output.dense"), c.intermediate_size, h),
-      LayerNorm::load(w.sub("output.LayerNorm"), h, c.layer_norm_eps),
+      .query = Linear::load(w.sub("attention.self.query"), h, h),
+      .key = Linear::load(w.sub("attention.self.key"), h, h),
+      .value = Linear::load(w.sub("attention.self.value"), h, h),
+      .attention_out = Linear::load(w.sub("attention.output.dense"), h, h),
+      .attention_norm = LayerNorm::load(w.sub("attention.output.LayerNorm"), h, c.layer_norm_eps),
+      .intermediate = Linear::load(w.sub("intermediate.dense"), h, c.intermediate_size),
+      .output = Linear::load(w.sub("output.dense"), c.intermediate_size, h),
+      .output_norm = LayerNorm::load(w.sub("output.LayerNorm"), h, c.layer_norm_eps),
   };
 }
 
@@ -64,19 +67,12 @@ BertEncoder::BertEncoder(const BertConfig& config, const WeightMap& weights)
   }
 }
 
-mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& keep) const {
-  const int batch = x.shape(0), length = x.shape(1);
-  const int heads = config_.num_attention_heads, head_dim = config_.hidden_size / heads;
-  auto split_heads = [&](const mx::array& t) {
-    return mx::transpose(mx::reshape(t, {batch, length, heads, head_dim}), {0, 2, 1, 3});
-  };
-  auto q = split_heads(layer.query(x));
-  auto k = split_heads(layer.key(x));
-  auto v = split_heads(layer.value(x));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  auto out = mx::fast::scaled_dot_product_attention(q, k, v, scale, "", keep);
-  out = mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {batch, length, config_.hidden_size});
-  return layer.attention_out(out);
+mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const {
+  const int heads = config_.num_attention_heads;
+  auto q = heads_first(split_heads(layer.query(x), heads));
+  auto k = heads_first(split_heads(layer.key(x), heads));
+  auto v = heads_first(split_heads(layer.value(x), heads));
+  return layer.attention_out(merge_heads(mlxr::attention(q, k, v, key_mask)));
 }
 
 mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& attention_mask,
@@ -96,10 +92,9 @@ mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& atte
   auto x = mx::add(mx::add(word_embeddings_(ids), position_embeddings_(positions)), token_type_embeddings_(types));
   x = embeddings_norm_(x);
 
-  // Keys that are padding get no attention: a boolean mask [B, 1, 1, T] broadcast over heads and queries.
-  auto keep = mx::expand_dims(mx::not_equal(attention_mask, mx::array(0, attention_mask.dtype())), {1, 2});
+  auto key_mask = padding_key_mask(attention_mask);
   for (const auto& layer : layers_) {
-    x = layer.attention_norm(mx::add(attention(layer, x, keep), x));
+    x = layer.attention_norm(mx::add(attention(layer, x, key_mask), x));
     auto hidden = activation(config_.hidden_act, layer.intermediate(x));
     x = layer.output_norm(mx::add(layer.output(hidden), x));
   }

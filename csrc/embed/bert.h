@@ -6,10 +6,13 @@
 #include <string>
 #include <vector>
 
-#include "nn/layers.h"
+#include "nn/config_fields.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 
 namespace mlxr {
 
+// config.json; defaults as transformers' BertConfig (5.x).
 struct BertConfig {
   int vocab_size = 30522;
   int hidden_size = 768;
@@ -20,6 +23,9 @@ struct BertConfig {
   int type_vocab_size = 2;
   float layer_norm_eps = 1e-12f;
   std::string hidden_act = "gelu";
+
+  MLXR_CONFIG_FIELDS(BertConfig, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+                     max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act)
 };
 
 struct BertLayer {
@@ -43,14 +49,13 @@ class BertEncoder {
                     const std::optional<mx::array>& token_type_ids = std::nullopt) const;
 
   // One vector per input: [B, H], pooled over the unmasked tokens, optionally L2-normalised.
-  mx::array embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
-                  bool normalize) const;
+  mx::array embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling, bool normalize) const;
 
   const BertConfig& config() const { return config_; }
   mx::Dtype dtype() const { return word_embeddings_.weight.dtype(); }
 
  private:
-  mx::array attention(const BertLayer& layer, const mx::array& x, const mx::array& keep) const;
+  mx::array attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const;
 
   BertConfig config_;
   Embedding word_embeddings_, position_embeddings_, token_type_embeddings_;

@@ -20,25 +20,7 @@ struct Conv2d {
   mx::array operator()(const mx::array& x, const mx::array& residual) const;
 };
 
-// GroupNorm as PyTorch computes it (statistics per sample and group over H, W and the group's
-// channels; biased variance), in float32 whatever the input dtype; output in the input dtype.
-// `then_silu` applies SiLU in the same pass (the VAE's norm -> SiLU pairs), fused on a GPU.
-struct GroupNorm {
-  mx::array weight;
-  mx::array bias;
-  int groups;
-  float eps;
-
-  static GroupNorm load(const Weights& w, int channels, int groups, float eps);
-  mx::array operator()(const mx::array& x, bool then_silu = false) const;  // x: [B, H, W, C]
-};
-
 // Nearest-neighbour upsampling by 2 in H and W (torch's interpolate(scale_factor=2, "nearest")).
 mx::array upsample_nearest_2x(const mx::array& x);
-
-mx::array silu(const mx::array& x);
-
-// silu(gate) * up, the gated MLP of the LLMs and DiTs.
-mx::array gated_silu(const mx::array& gate, const mx::array& up);
 
 }  // namespace mlxr

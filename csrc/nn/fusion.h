@@ -4,7 +4,7 @@
 // swiglu the same way): one launch instead of several, and no intermediate written out. On the
 // CPU the plain ops run instead: MLX's CPU compile would build C++ with the system compiler at run
 // time. MLXRUNNER_FUSE_ON_CPU=1 compiles on the CPU too, so that machines without a GPU can check
-// the fused functions' arithmetic (tests/test_fused.py).
+// the fused functions' arithmetic (tests/gpu/test_fused.py).
 #pragma once
 
 #include <functional>

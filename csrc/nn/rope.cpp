@@ -15,19 +15,19 @@ namespace {
 // Llama 3's frequency-dependent scaling (transformers' _compute_llama3_parameters), as the
 // "freqs" MLX's fast::rope takes: per pair, the inverse of the angular frequency.
 mx::array llama3_periods(const RopeConfig& c) {
-  const double low_wavelen = c.original_max_position / c.low_freq_factor;
-  const double high_wavelen = c.original_max_position / c.high_freq_factor;
+  const double low_wavelen = c.original_max_position_embeddings / c.low_freq_factor;
+  const double high_wavelen = c.original_max_position_embeddings / c.high_freq_factor;
   std::vector<float> periods;
   for (int i = 0; i < c.dims; i += 2) {
-    const double period = std::pow(static_cast<double>(c.base), static_cast<double>(i) / c.dims);
+    const double period = std::pow(static_cast<double>(c.rope_theta), static_cast<double>(i) / c.dims);
     const double wavelen = 2.0 * M_PI * period;
     double scaled = period;
     if (wavelen > low_wavelen) {
       scaled = period * c.factor;  // low frequencies: fully interpolated
     } else if (wavelen > high_wavelen) {
       // medium: blend between interpolated and original
-      const double smooth = (c.original_max_position / wavelen - c.low_freq_factor) /
-                            (c.high_freq_factor - c.low_freq_factor);
+      const double smooth =
+          (c.original_max_position_embeddings / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor);
       scaled = period / ((1.0 - smooth) / c.factor + smooth);
     }
     periods.push_back(static_cast<float>(scaled));
@@ -38,13 +38,14 @@ mx::array llama3_periods(const RopeConfig& c) {
 }  // namespace
 
 Rope::Rope(const RopeConfig& config) : config_(config) {
-  if (config.type == "default") {
-  } else if (config.type == "linear") {
+  if (config.dims <= 0) throw std::invalid_argument("RoPE: dims must be positive");
+  if (config.rope_type == "default") {
+  } else if (config.rope_type == "linear") {
     scale_ = 1.0f / config.factor;
-  } else if (config.type == "llama3") {
+  } else if (config.rope_type == "llama3") {
     periods_ = llama3_periods(config);
   } else {
-    throw std::invalid_argument("unsupported rope_scaling type '" + config.type +
+    throw std::invalid_argument("unsupported rope_scaling type '" + config.rope_type +
                                 "' (supported: default, linear, llama3)");
   }
 }
@@ -53,7 +54,7 @@ mx::array Rope::operator()(const mx::array& x, int offset) const {
   if (periods_) {
     return mx::fast::rope(x, config_.dims, config_.traditional, std::nullopt, 1.0f, offset, *periods_);
   }
-  return mx::fast::rope(x, config_.dims, config_.traditional, config_.base, scale_, offset);
+  return mx::fast::rope(x, config_.dims, config_.traditional, config_.rope_theta, scale_, offset);
 }
 
 std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta) {
@@ -67,7 +68,8 @@ std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>
 }
 
 RopeTable make_rope_table(const mx::array& cos, const mx::array& sin) {
-  return RopeTable{cos, sin, mx::stack({cos, sin}, -1), mx::stack({mx::negative(sin), cos}, -1)};
+  return RopeTable{
+      .cos = cos, .sin = sin, .with_x0 = mx::stack({cos, sin}, -1), .with_x1 = mx::stack({mx::negative(sin), cos}, -1)};
 }
 
 namespace {

@@ -5,23 +5,31 @@
 #include <string>
 #include <vector>
 
+#include "nn/config_fields.h"
 #include "nn/weights.h"
 
 namespace mlxr {
 
+// A decoder's RoPE: rope_theta and transformers' rope_parameters (rope_scaling in 4.x configs), whose
+// key names these fields take. Defaults: no scaling, as transformers without rope_parameters; the
+// llama3 values are Llama 3.1's (transformers requires them in a llama3 config).
 struct RopeConfig {
-  int dims = 0;              // rotated dimensions (the head dim for Llama/Qwen)
-  float base = 10000.0f;     // rope_theta
-  bool traditional = false;  // false: rotate halves (HF's rotate_half), true: interleaved pairs
-  std::string type = "default";  // default | linear | llama3
+  int dims = 0;                       // rotated dimensions; 0: the whole head (Llama/Qwen)
+  bool traditional = false;           // false: rotate halves (HF's rotate_half), true: interleaved pairs
+  float rope_theta = 10000.0f;        // the base
+  std::string rope_type = "default";  // default | linear | llama3
   float factor = 1.0f;
   float low_freq_factor = 1.0f;
   float high_freq_factor = 4.0f;
-  int original_max_position = 8192;
+  int original_max_position_embeddings = 8192;
+
+  MLXR_CONFIG_FIELDS(RopeConfig, dims, traditional, rope_theta, rope_type, factor, low_freq_factor, high_freq_factor,
+                     original_max_position_embeddings)
 };
 
 class Rope {
  public:
+  // `config.dims` must be set (not 0).
   explicit Rope(const RopeConfig& config);
   // x: [B, H, T, D]; positions start at `offset`.
   mx::array operator()(const mx::array& x, int offset) const;

@@ -32,9 +32,8 @@ std::optional<mx::array> Weights::maybe(const std::string& name, const mx::Shape
     return std::nullopt;
   }
   if (it->second.shape() != shape) {
-    throw std::invalid_argument(
-        "weight " + full_name(name) + " has shape " + shape_string(it->second.shape()) +
-        ", expected " + shape_string(shape));
+    throw std::invalid_argument("weight " + full_name(name) + " has shape " + shape_string(it->second.shape()) +
+                                ", expected " + shape_string(shape));
   }
   return it->second;
 }

@@ -19,8 +19,7 @@ using WeightMap = std::unordered_map<std::string, mx::array>;
 
 class Weights {
  public:
-  explicit Weights(const WeightMap& map, std::string prefix = "")
-      : map_(&map), prefix_(std::move(prefix)) {}
+  explicit Weights(const WeightMap& map, std::string prefix = "") : map_(&map), prefix_(std::move(prefix)) {}
 
   // A view whose names are relative to `prefix` (joined with a dot).
   Weights sub(const std::string& prefix) const;

@@ -3,58 +3,55 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "nn/conv.h"
+#include "nn/activation.h"
+#include "nn/attention.h"
 
 namespace mlxr {
 
 namespace {
 
-DecoderConfig checked(DecoderConfig c) {
-  if (c.head_dim == 0 && c.num_attention_heads > 0) {
-    c.head_dim = c.hidden_size / c.num_attention_heads;
-  }
-  if (c.num_key_value_heads == 0) {
-    c.num_key_value_heads = c.num_attention_heads;
-  }
+void check_config(const DecoderConfig& c) {
   if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_hidden_layers <= 0 || c.num_attention_heads <= 0 ||
-      c.intermediate_size <= 0 || c.head_dim <= 0) {
-    throw std::invalid_argument("config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
-                                "intermediate_size must be positive");
+      c.intermediate_size <= 0 || c.head_size() <= 0) {
+    throw std::invalid_argument(
+        "config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
+        "intermediate_size must be positive");
   }
-  if (c.num_attention_heads % c.num_key_value_heads != 0) {
+  if (c.num_attention_heads % c.kv_heads() != 0) {
     throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +
-                                " is not a multiple of num_key_value_heads " +
-                                std::to_string(c.num_key_value_heads));
+                                " is not a multiple of num_key_value_heads " + std::to_string(c.kv_heads()));
   }
   if (c.architecture != "llama" && c.architecture != "qwen3") {
     throw std::invalid_argument("unsupported decoder architecture '" + c.architecture + "'");
   }
-  if (c.rope.dims == 0) {
-    c.rope.dims = c.head_dim;
-  }
-  return c;
+}
+
+// The decoder's RoPE rotates whole heads unless the config says otherwise.
+RopeConfig rope_for(const DecoderConfig& c) {
+  RopeConfig rope = c.rope;
+  if (rope.dims == 0) rope.dims = c.head_size();
+  return rope;
 }
 
 DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
-  const int h = c.hidden_size, q_out = c.num_attention_heads * c.head_dim, kv_out = c.num_key_value_heads * c.head_dim;
+  const int h = c.hidden_size, d = c.head_size();
+  const int q_out = c.num_attention_heads * d, kv_out = c.kv_heads() * d;
   auto attn = w.sub("self_attn");
   auto mlp = w.sub("mlp");
   DecoderLayer layer{
-      Linear::concat({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
-                      Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
-                      Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
-      Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
-      std::nullopt,
-      std::nullopt,
-      RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
-      RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
-      Linear::concat({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
-                      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
-      Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
+      .qkv_proj = Linear::concat({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
+                                  Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+                                  Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
+      .o_proj = Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
+      .input_norm = RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
+      .post_attention_norm = RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
+      .gate_up_proj = Linear::concat({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
+                                      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
+      .down_proj = Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
   };
   if (c.architecture == "qwen3") {
-    layer.q_norm = RMSNorm::load(attn.sub("q_norm"), c.head_dim, c.rms_norm_eps);
-    layer.k_norm = RMSNorm::load(attn.sub("k_norm"), c.head_dim, c.rms_norm_eps);
+    layer.q_norm = RMSNorm::load(attn.sub("q_norm"), d, c.rms_norm_eps);
+    layer.k_norm = RMSNorm::load(attn.sub("k_norm"), d, c.rms_norm_eps);
   }
   return layer;
 }
@@ -62,10 +59,10 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
 }  // namespace
 
 Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights)
-    : config_(checked(config)),
+    : config_((check_config(config), config)),
       embed_tokens_{mx::array(0)},
       norm_{mx::array(0), 0},
-      rope_(config_.rope) {
+      rope_(rope_for(config_)) {
   Weights root(weights);
   auto model = root.sub("model");
   embed_tokens_ = Embedding::load(model.sub("embed_tokens"), config_.vocab_size, config_.hidden_size);
@@ -81,13 +78,12 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights)
 
 mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask) const {
-  const int b = x.shape(0), t = x.shape(1), d = config_.head_dim;
-  const int hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
+  const int b = x.shape(0), t = x.shape(1), d = config_.head_size();
+  const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
   auto qkv = mx::reshape(layer.qkv_proj(x), {b, t, hq + 2 * hkv, d});
   auto heads = [&](int first, int n) {
-    auto part = mx::slice(qkv, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d});
-    return mx::transpose(part, {0, 2, 1, 3});  // [B, n, T, D]
+    return heads_first(mx::slice(qkv, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d}));  // [B, n, T, D]
   };
   auto q = heads(0, hq);
   auto k = heads(hq, hkv);
@@ -101,12 +97,7 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  // GQA: MLX's attention broadcasts the KV heads over their query groups itself.
-  auto out = mask ? mx::fast::scaled_dot_product_attention(q, k, v, scale, "", *mask)
-                  : mx::fast::scaled_dot_product_attention(q, k, v, scale, t > 1 ? "causal" : "");
-  out = mx::reshape(mx::transpose(out, {0, 2, 1, 3}), {b, t, config_.num_attention_heads * d});
-  return layer.o_proj(out);
+  return layer.o_proj(merge_heads(mask ? mlxr::attention(q, k, v, mask) : causal_attention(q, k, v)));
 }
 
 mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
@@ -158,15 +149,8 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
 
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
                                               const std::vector<int>& layers) const {
-  const int t = tokens.shape(1);
   std::optional<mx::array> mask;
-  if (attention_mask) {
-    // causal AND key-is-a-token: [B, 1, T, T]
-    auto idx = mx::arange(t, mx::int32);
-    auto causal = mx::greater_equal(mx::expand_dims(idx, 1), mx::expand_dims(idx, 0));
-    auto keys = mx::expand_dims(mx::not_equal(*attention_mask, mx::array(0, attention_mask->dtype())), {1, 2});
-    mask = mx::logical_and(causal, keys);
-  }
+  if (attention_mask) mask = causal_padding_key_mask(*attention_mask);
   const int last = *std::max_element(layers.begin(), layers.end());
   if (last > static_cast<int>(layers_.size()) || *std::min_element(layers.begin(), layers.end()) < 0) {
     throw std::invalid_argument("hidden state index out of range 0.." + std::to_string(layers_.size()));

@@ -6,26 +6,41 @@
 #include <string>
 #include <vector>
 
-#include "nn/layers.h"
+#include "nn/config_fields.h"
+#include "nn/linear.h"
+#include "nn/norm.h"
 #include "nn/rope.h"
 #include "text/kv_cache.h"
 
 namespace mlxr {
 
+// config.json (LlamaConfig / Qwen3Config); defaults as transformers' LlamaConfig (5.x). `architecture`
+// comes from config.json's "architectures" and `rope` from its rope_theta and rope_parameters (Python
+// translates both).
 struct DecoderConfig {
   std::string architecture = "llama";  // llama | qwen3
-  int vocab_size = 0;
-  int hidden_size = 0;
-  int num_hidden_layers = 0;
-  int num_attention_heads = 0;
-  int num_key_value_heads = 0;
-  int head_dim = 0;  // 0: hidden_size / num_attention_heads
-  int intermediate_size = 0;
+  int vocab_size = 32000;
+  int hidden_size = 4096;
+  int num_hidden_layers = 32;
+  int num_attention_heads = 32;
+  int num_key_value_heads = 0;  // 0 (config null): num_attention_heads
+  int head_dim = 0;             // 0 (config null): hidden_size / num_attention_heads
+  int intermediate_size = 11008;
   float rms_norm_eps = 1e-6f;
   bool tie_word_embeddings = false;
   bool attention_bias = false;
   bool mlp_bias = false;
   RopeConfig rope;
+
+  MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+                     num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings,
+                     attention_bias, mlp_bias, rope)
+
+  int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
+  int head_size() const {
+    if (head_dim > 0) return head_dim;
+    return num_attention_heads > 0 ? hidden_size / num_attention_heads : 0;
+  }
 };
 
 // The checkpoint's q/k/v projections are stored as one fused [q | k | v] layer, and gate/up as one

@@ -7,8 +7,8 @@
 
 #include <vector>
 
-#include "sampling.h"
 #include "text/decoder.h"
+#include "text/sampling.h"
 
 namespace mlxr {
 

@@ -193,22 +193,22 @@ def test_cfg_loop_directly_from_core(pipes, golden, meta):
     assert rel_error(final, golden[f"{name}/latents_after_step2"]) <= LATENTS_TOL
 
 
-def test_edit_and_cfg_loops_are_bit_identical_at_every_evaluation_queue_depth(pipes, golden, meta, monkeypatch):
-    """The loop hands the device a block at a time, at most MLXRUNNER_DENOISE_QUEUE_DEPTH queued (0: no
-    bound); double blocks queue their image and text streams together. The graph is the same at every depth."""
+def test_edit_and_cfg_loops_are_bit_identical_at_every_evaluation_queue_depth(pipes, golden, meta):
+    """The loop hands the device a block at a time, at most queue_depth queued (0: no bound); double blocks
+    queue their image and text streams together. The graph is the same at every depth."""
     edit, cfg = "edit_two", "cfg_base"
     finals = {edit: [], cfg: []}
-    for depth in ("0", "1", "2", "5"):
-        monkeypatch.setenv("MLXRUNNER_DENOISE_QUEUE_DEPTH", depth)
+    for depth in (0, 1, 2, 5):
         finals[edit].append(np.asarray(_core.flux2_denoise(
             pipe_for(pipes, meta[edit]).transformer, mx.array(golden[f"{edit}/packed_init_latents"]),
             mx.array(golden[f"{edit}/latent_ids"][0]), golden[f"{edit}/sigmas"].tolist(),
             mx.array(golden[f"{edit}/prompt_embeds"]), None, 1.0, mx.array(golden[f"{edit}/image_latents"]),
-            mx.array(golden[f"{edit}/image_latent_ids"][0]))))
+            mx.array(golden[f"{edit}/image_latent_ids"][0]), queue_depth=depth)))
         finals[cfg].append(np.asarray(_core.flux2_denoise(
             pipe_for(pipes, meta[cfg]).transformer, mx.array(golden[f"{cfg}/packed_init_latents"]),
             mx.array(golden[f"{cfg}/latent_ids"][0]), golden[f"{cfg}/sigmas"].tolist(),
-            mx.array(golden[f"{cfg}/prompt_embeds"]), mx.array(golden[f"{cfg}/negative_prompt_embeds"]), 4.0)))
+            mx.array(golden[f"{cfg}/prompt_embeds"]), mx.array(golden[f"{cfg}/negative_prompt_embeds"]), 4.0,
+            queue_depth=depth)))
     for runs in finals.values():
         assert all(np.array_equal(runs[0], other) for other in runs[1:])
     assert rel_error(finals[edit][0], golden[f"{edit}/latents_after_step3"]) <= LATENTS_TOL

@@ -141,18 +141,17 @@ def test_denoise_loop_directly_from_core(pipe, golden, meta):
 
 
 @pytest.mark.parametrize("name", ["t2i_64x96", "cfg_64x64"])
-def test_denoise_is_bit_identical_at_every_evaluation_queue_depth(pipe, golden, meta, name, monkeypatch):
-    """The loop evaluates block by block with at most MLXRUNNER_DENOISE_QUEUE_DEPTH blocks queued (0: no
-    bound): the graph is the same, so the latents must be too, with and without guidance."""
+def test_denoise_is_bit_identical_at_every_evaluation_queue_depth(pipe, golden, meta, name):
+    """The loop evaluates block by block with at most queue_depth blocks queued (0: no bound): the graph is
+    the same, so the latents must be too, with and without guidance."""
     case = meta[name]
     negative = mx.array(golden[f"{name}/negative_prompt_embeds"]) if case["cfg"] else None
     finals = []
-    for depth in ("0", "1", "2", "5"):
-        monkeypatch.setenv("MLXRUNNER_DENOISE_QUEUE_DEPTH", depth)
+    for depth in (0, 1, 2, 5):
         finals.append(np.asarray(_core.zimage_denoise(
             pipe.transformer, mx.array(golden[f"{name}/init_latents"]),
             pipe.sigmas(case["steps"], case["width"], case["height"]), mx.array(golden[f"{name}/prompt_embeds"]),
-            negative, case["guidance_scale"], None)))
+            negative, case["guidance_scale"], None, queue_depth=depth)))
     assert all(np.array_equal(finals[0], other) for other in finals[1:])
     assert rel_error(finals[0], golden[f"{name}/final_latents"]) <= REL_TOL
 
@@ -166,14 +165,13 @@ def test_bad_latents_given_to_the_core_loop_are_a_value_error_naming_the_shape(p
                              mx.array(golden["cfg_64x64/prompt_embeds"]), negative, 3.0 if cfg else 0.0, None)
 
 
-@pytest.mark.parametrize("value", ["-1", "two"])
-def test_a_bad_queue_depth_setting_is_named(pipe, golden, meta, value, monkeypatch):
-    monkeypatch.setenv("MLXRUNNER_DENOISE_QUEUE_DEPTH", value)
+@pytest.mark.parametrize("depth", [-1, -2])
+def test_a_bad_queue_depth_is_named(pipe, golden, meta, depth):
     case = meta["t2i_64x96"]
-    with pytest.raises(ValueError, match=f"MLXRUNNER_DENOISE_QUEUE_DEPTH must be an integer >= 0, got '{value}'"):
+    with pytest.raises(ValueError, match=f"queue_depth must be >= 0 \\(0: unbounded\\), got {depth}"):
         _core.zimage_denoise(pipe.transformer, mx.array(golden["t2i_64x96/init_latents"]),
                              pipe.sigmas(case["steps"], case["width"], case["height"]),
-                             mx.array(golden["t2i_64x96/prompt_embeds"]), None, 0.0, None)
+                             mx.array(golden["t2i_64x96/prompt_embeds"]), None, 0.0, None, queue_depth=depth)
 
 
 def test_progress_returning_false_cancels(pipe, golden, meta):

@@ -130,3 +130,28 @@ def test_bert_keeps_bfloat16_weights():
     assert hidden.dtype == mx.bfloat16
     pooled = encoder.embed(mx.array([[1, 2, 3]]), mx.ones((1, 3), mx.int32), "mean", True)
     assert pooled.dtype == mx.float32
+
+
+def test_flux2_latent_layouts_invert_each_other():
+    z = mx.array(np.random.default_rng(3).normal(size=(1, 3, 6, 8)).astype(np.float32))
+    patches = _core.flux2_patchify(z)
+    assert patches.shape == (1, 12, 3, 4)
+    # channel c * 4 + dy * 2 + dx holds pixel (2y + dy, 2x + dx) of channel c
+    np.testing.assert_array_equal(np.array(patches)[0, 2 * 4 + 1 * 2 + 0], np.array(z)[0, 2, 1::2, 0::2])
+    np.testing.assert_array_equal(np.array(_core.flux2_unpatchify(patches)), np.array(z))
+    tokens = _core.flux2_pack(patches)
+    assert tokens.shape == (1, 12, 12)
+    np.testing.assert_array_equal(np.array(_core.flux2_unpack(tokens, 3, 4)), np.array(patches))
+    ids = np.array(_core.flux2_image_ids(3, 4, 10))
+    assert ids.dtype == np.int32 and ids.shape == (12, 4)
+    assert ids[5].tolist() == [10, 1, 1, 0]  # row-major: token 5 is (y 1, x 1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: _core.flux2_patchify(mx.zeros((1, 3, 5, 8))), r"patchify takes \[B, C, H, W\] .* got \[1, 3, 5, 8\]"),
+    (lambda: _core.flux2_unpatchify(mx.zeros((1, 6, 2, 2))), r"unpatchify .* C a multiple of 4"),
+    (lambda: _core.flux2_unpack(mx.zeros((1, 11, 4)), 3, 4), r"unpack takes tokens \[B, 3 \* 4, C\], got \[1, 11, 4\]"),
+])
+def test_flux2_latent_layouts_name_a_bad_shape(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,4 +1,4 @@
-"""C++ sampling (csrc/sampling.cpp) against a NumPy reference of the same math, and statistically."""
+"""C++ sampling (csrc/text/sampling.cpp) against a NumPy reference of the same math, and statistically."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def options(**kw) -> _core.SamplerOptions:
 
 def reference(z, history, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
               repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0):
-    """Ollama's order (llm_runner.md §3.2), written plainly in NumPy (float64)."""
+    """Ollama's order (docs/models/llm.md), written plainly in NumPy (float64)."""
     z = np.array(z, dtype=np.float64)
     window = list(history)[-repeat_last_n:] if repeat_last_n > 0 else list(history)
     if repeat_last_n != 0:

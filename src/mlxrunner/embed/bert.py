@@ -53,19 +53,13 @@ class EmbeddingResult:
 
 def read_bert_config(config: dict) -> _core.BertConfig:
     """transformers' BertConfig fields -> the C++ config."""
-    out = _core.BertConfig()
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act")
-    for name in fields:
-        if name in config:
-            try:
-                setattr(out, name, config[name])
-            except TypeError:
-                raise ModelError(f"config.json: {name} has the wrong type ({config[name]!r})") from None
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ModelError(f"config.json: position_embedding_type '{config['position_embedding_type']}' is not "
                          "supported (only 'absolute')")
-    return out
+    try:
+        return _core.BertConfig.from_dict(config)
+    except ValueError as exc:
+        raise ModelError(f"config.json: {exc}") from None
 
 
 def read_pipeline(source, bert: _core.BertConfig) -> Pipeline:

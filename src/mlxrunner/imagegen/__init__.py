@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Callable
 
 from mlxrunner.errors import Cancelled
-from mlxrunner.imagegen.pipeline import GeneratedImage, ImagePipeline
+from mlxrunner.imagegen.pipeline import DEFAULT_DENOISE_QUEUE_DEPTH, GeneratedImage, ImagePipeline
 
 
 def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,
-                   release_text_encoder: bool = False) -> ImagePipeline:
+                   release_text_encoder: bool = False,
+                   denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH) -> ImagePipeline:
     """The pipeline for a detected image model (detect.IMAGE_PIPELINES)."""
     from mlxrunner.errors import ModelError
 
@@ -25,11 +26,13 @@ def build_pipeline(source, architecture: str, progress: Callable[[float], None] 
                              "labelled FluxPipeline, as Ollama writes them)")
         from mlxrunner.imagegen.zimage import ZImagePipeline
 
-        return ZImagePipeline(source, progress, release_text_encoder=release_text_encoder)
+        return ZImagePipeline(source, progress, release_text_encoder=release_text_encoder,
+                              denoise_queue_depth=denoise_queue_depth)
     if architecture == "Flux2KleinPipeline":
         from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline
 
-        return Flux2KleinPipeline(source, progress, release_text_encoder=release_text_encoder)
+        return Flux2KleinPipeline(source, progress, release_text_encoder=release_text_encoder,
+                                  denoise_queue_depth=denoise_queue_depth)
     raise ModelError(f"{architecture} is recognised but not served by this version of mlxrunner yet")
 
 
@@ -41,7 +44,8 @@ def _is_zimage(source) -> bool:
 
 
 def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text_encoder: bool = False,
-                  progress: Callable[[float], None] | None = None) -> ImagePipeline:
+                  progress: Callable[[float], None] | None = None,
+                  denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH) -> ImagePipeline:
     """Load an image model by folder path, Ollama model name or embedded name."""
     from mlxrunner import store
     from mlxrunner.detect import Mode, detect
@@ -51,7 +55,7 @@ def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text
     detected = detect(source)
     if detected.mode is not Mode.IMAGEGEN:
         raise ModelError(f"{source.location} is a {detected.mode.value} model, not an image model")
-    return build_pipeline(source, detected.architecture, progress, release_text_encoder)
+    return build_pipeline(source, detected.architecture, progress, release_text_encoder, denoise_queue_depth)
 
 
 __all__ = ["load_pipeline", "build_pipeline", "ImagePipeline", "GeneratedImage", "Cancelled"]

@@ -36,8 +36,8 @@ from PIL import Image
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import BadImage, check_dimensions, to_rgb
-from mlxrunner.imagegen.pipeline import (MIN_REFERENCE_SIDE, SIZE_MULTIPLE, Conditioning, ImagePipeline,
-                                         ImageRequest, Progress, read_schedule)
+from mlxrunner.imagegen.pipeline import (DEFAULT_DENOISE_QUEUE_DEPTH, MIN_REFERENCE_SIDE, SIZE_MULTIPLE, Conditioning,
+                                         ImagePipeline, ImageRequest, Progress, read_schedule)
 from mlxrunner.imagegen.vae import Vae
 
 TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated
@@ -46,62 +46,37 @@ REFERENCE_MAX_AREA = 1024 * 1024
 
 
 def transformer_config(config: dict, location: str) -> _core.Flux2Config:
-    out = _core.Flux2Config()
     try:
-        if int(config.get("patch_size", 1)) != 1:
-            raise ValueError("patch_size")
-        out.in_channels = int(config["in_channels"])
-        out.out_channels = int(config.get("out_channels") or 0)
-        out.num_layers = int(config["num_layers"])
-        out.num_single_layers = int(config["num_single_layers"])
-        out.attention_head_dim = int(config["attention_head_dim"])
-        out.num_attention_heads = int(config["num_attention_heads"])
-        out.joint_attention_dim = int(config["joint_attention_dim"])
-        out.timestep_guidance_channels = int(config.get("timestep_guidance_channels", 256))
-        out.mlp_ratio = float(config.get("mlp_ratio", 3.0))
-        out.axes_dims_rope = [int(a) for a in config.get("axes_dims_rope", [32, 32, 32, 32])]
-        out.rope_theta = float(config.get("rope_theta", 2000))
-        out.eps = float(config.get("eps", 1e-6))
-        out.guidance_embeds = bool(config.get("guidance_embeds", False))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{location}: transformer/config.json: missing or bad {exc}") from None
-    return out
+        return _core.Flux2Config.from_dict(config)
+    except ValueError as exc:
+        raise ModelError(f"{location}: transformer/config.json: {exc}") from None
 
 
-# --- latent layouts (diffusers' Flux2 pipeline helpers), on [1, C, H, W] MLX arrays -----------
+# --- latent layouts and token positions (diffusers' Flux2 pipeline helpers, in C++) ------------
 
 
 def patchify(z: mx.array) -> mx.array:
     """[B, C, H, W] -> [B, 4C, H/2, W/2], channel c * 4 + dy * 2 + dx."""
-    b, c, h, w = z.shape
-    z = z.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 5, 2, 4)
-    return z.reshape(b, c * 4, h // 2, w // 2)
+    return _core.flux2_patchify(z)
 
 
 def unpatchify(z: mx.array) -> mx.array:
-    b, c, h, w = z.shape
-    z = z.reshape(b, c // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3)
-    return z.reshape(b, c // 4, h * 2, w * 2)
+    return _core.flux2_unpatchify(z)
 
 
 def pack(z: mx.array) -> mx.array:
     """[B, C, h, w] -> tokens [B, h * w, C], row-major."""
-    b, c, h, w = z.shape
-    return z.reshape(b, c, h * w).transpose(0, 2, 1)
+    return _core.flux2_pack(z)
 
 
 def unpack(tokens: mx.array, h: int, w: int) -> mx.array:
     """pack's inverse (diffusers scatters by ids; for the ids we make that is this reshape)."""
-    b, n, c = tokens.shape
-    return tokens.transpose(0, 2, 1).reshape(b, c, h, w)
+    return _core.flux2_unpack(tokens, h, w)
 
 
 def position_ids(h: int, w: int, t: int = 0) -> np.ndarray:
     """(t, y, x, 0) for every token of an h x w grid, row-major: int32 [h * w, 4]."""
-    y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    ids = np.zeros((h * w, 4), np.int32)
-    ids[:, 0], ids[:, 1], ids[:, 2] = t, y.ravel(), x.ravel()
-    return ids
+    return np.asarray(_core.flux2_image_ids(h, w, t))
 
 
 def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
@@ -171,9 +146,11 @@ class Flux2KleinPipeline(ImagePipeline):
     cfg_guidance_above = 1.0  # diffusers' do_classifier_free_guidance
     latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
-    def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
+    def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
+                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH):
         progress = progress or (lambda p: None)
         super().__init__(source, release_text_encoder)
+        self.denoise_queue_depth = denoise_queue_depth
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
                              f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")
@@ -261,7 +238,8 @@ class Flux2KleinPipeline(ImagePipeline):
         return _core.flux2_denoise(self.transformer, pack(latents), mx.array(position_ids(grid_h, grid_w)),
                                    self.sigmas(request.steps, request.width, request.height),
                                    conditioning.prompt[None], None if negative is None else negative[None],
-                                   request.guidance, references, reference_ids, progress)
+                                   request.guidance, references, reference_ids, progress,
+                                   self.denoise_queue_depth)
 
     def decode_float(self, tokens: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
         """Final packed latents -> (the VAE input [1, C, H/8, W/8], float32 [H, W, 3] in [0, 1])."""

@@ -35,6 +35,9 @@ Progress = Callable[[int, int], "bool | None"]
 MAX_STEPS = 1000
 DEFAULT_MAX_PIXELS = 2048 * 2048
 MIN_REFERENCE_SIDE = 64  # a reference image's shortest side, in pixels
+# How many transformer blocks the denoising loops queue on the device at most (0: no bound); the
+# reasoning for the default is at kDefaultEvalQueueDepth in csrc/nn/eval_queue.h.
+DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
 
 # Both models' transformers see the image as tokens of 16 x 16 pixels (8x VAE x 2x2 patches):
 # sizes round down to multiples of it.
@@ -147,16 +150,14 @@ def refuse_quantized(source, components=("text_encoder", "transformer", "vae")) 
 
 def read_schedule(source):
     """scheduler/scheduler_config.json (absent: the scheduler's defaults) -> _core.FlowMatchSchedule."""
-    from mlxrunner import _core
+    from mlxrunner.errors import ModelError
 
     path = "scheduler/scheduler_config.json"
     config = source.read_json(path) if source.has_file(path) else {}
-    out = _core.FlowMatchSchedule()
-    out.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
-    out.shift = float(config.get("shift", 1.0))
-    out.use_dynamic_shifting = bool(config.get("use_dynamic_shifting", False))
-    out.time_shift_type = str(config.get("time_shift_type", "exponential"))
-    return out
+    try:
+        return _core.FlowMatchSchedule.from_dict(config)
+    except ValueError as exc:
+        raise ModelError(f"{source.location}: {path}: {exc}") from None
 
 
 def size_from_latents(latents, width: int | None, height: int | None, scale: int) -> tuple[int | None, int | None]:

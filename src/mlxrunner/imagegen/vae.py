@@ -21,20 +21,10 @@ TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
 
 
 def vae_config(config: dict, location: str) -> _core.VaeConfig:
-    out = _core.VaeConfig()
     try:
-        out.in_channels = int(config.get("in_channels", 3))
-        out.out_channels = int(config.get("out_channels", 3))
-        out.latent_channels = int(config["latent_channels"])
-        out.block_out_channels = [int(c) for c in config["block_out_channels"]]
-        out.layers_per_block = int(config.get("layers_per_block", 2))
-        out.norm_num_groups = int(config.get("norm_num_groups", 32))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{location}: vae/config.json: missing or bad {exc}") from None
-    out.mid_block_add_attention = bool(config.get("mid_block_add_attention", True))
-    out.use_quant_conv = bool(config.get("use_quant_conv", True))
-    out.use_post_quant_conv = bool(config.get("use_post_quant_conv", True))
-    return out
+        return _core.VaeConfig.from_dict(config)
+    except ValueError as exc:
+        raise ModelError(f"{location}: vae/config.json: {exc}") from None
 
 
 def renamed_attention_weights(weights: dict) -> dict:

@@ -27,31 +27,25 @@ import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen.pipeline import Conditioning, ImagePipeline, ImageRequest, Progress, read_schedule
+from mlxrunner.imagegen.pipeline import (DEFAULT_DENOISE_QUEUE_DEPTH, Conditioning, ImagePipeline, ImageRequest, Progress,
+                                         read_schedule)
 from mlxrunner.imagegen.vae import Vae
 
 
 def transformer_config(config: dict, location: str) -> _core.ZImageConfig:
-    out = _core.ZImageConfig()
+    """transformer/config.json -> the C++ config. diffusers lists patch sizes per resolution; we run the first."""
+    translated = dict(config)
+    for listed, single in (("all_patch_size", "patch_size"), ("all_f_patch_size", "f_patch_size")):
+        sizes = config.get(listed)
+        if sizes is None:
+            continue
+        if not isinstance(sizes, list) or not sizes:
+            raise ModelError(f"{location}: transformer/config.json: {listed}: expected a non-empty list, got {sizes!r}")
+        translated[single] = sizes[0]
     try:
-        out.dim = int(config["dim"])
-        out.n_heads = int(config["n_heads"])
-        out.n_kv_heads = int(config.get("n_kv_heads", config["n_heads"]))
-        out.n_layers = int(config["n_layers"])
-        out.n_refiner_layers = int(config.get("n_refiner_layers", 2))
-        out.in_channels = int(config.get("in_channels", 16))
-        out.patch_size = int((config.get("all_patch_size") or [2])[0])
-        out.f_patch_size = int((config.get("all_f_patch_size") or [1])[0])
-        out.cap_feat_dim = int(config["cap_feat_dim"])
-        out.norm_eps = float(config.get("norm_eps", 1e-5))
-        out.qk_norm = bool(config.get("qk_norm", True))
-        out.rope_theta = float(config.get("rope_theta", 256.0))
-        out.t_scale = float(config.get("t_scale", 1000.0))
-        out.axes_dims = [int(a) for a in config.get("axes_dims", [32, 48, 48])]
-        out.axes_lens = [int(a) for a in config.get("axes_lens", [1024, 512, 512])]
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ModelError(f"{location}: transformer/config.json: missing or bad {exc}") from None
-    return out
+        return _core.ZImageConfig.from_dict(translated)
+    except ValueError as exc:
+        raise ModelError(f"{location}: transformer/config.json: {exc}") from None
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -70,9 +64,11 @@ class ZImagePipeline(ImagePipeline):
     base_defaults = {"steps": 50, "guidance": 5.0}  # diffusers' __call__ defaults
     cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
 
-    def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False):
+    def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
+                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH):
         progress = progress or (lambda p: None)
         super().__init__(source, release_text_encoder)
+        self.denoise_queue_depth = denoise_queue_depth
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
         if config.cap_feat_dim != self.text_encoder.hidden_size:
@@ -106,7 +102,7 @@ class ZImagePipeline(ImagePipeline):
                 progress: Progress | None) -> mx.array | None:
         sigmas = self.sigmas(request.steps, request.width, request.height)
         return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
-                                    request.guidance, progress)
+                                    request.guidance, progress, self.denoise_queue_depth)
 
     def decode_float(self, latents: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
         """The loop's latents are the decoder's input as they are."""

@@ -22,10 +22,7 @@ from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-
-# Ollama's defaults for options a request leaves out (api/types.go DefaultOptions).
-DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64,
-                presence_penalty=0.0, frequency_penalty=0.0)
+ROPE_TYPES = ("default", "linear", "llama3")
 PREFILL_CHUNK = 512
 
 
@@ -36,54 +33,37 @@ def decoder_config(config: dict) -> _core.DecoderConfig:
     if architecture is None:
         raise ModelError(f"unsupported LLM architecture {names or config.get('model_type')!r}; "
                          f"supported: {', '.join(ARCHITECTURES)}")
-    out = _core.DecoderConfig()
-    out.architecture = architecture
     try:
-        out.vocab_size = config["vocab_size"]
-        out.hidden_size = config["hidden_size"]
-        out.num_hidden_layers = config["num_hidden_layers"]
-        out.num_attention_heads = config["num_attention_heads"]
-        out.intermediate_size = config["intermediate_size"]
-    except KeyError as exc:
-        raise ModelError(f"config.json has no {exc.args[0]}") from None
-    out.num_key_value_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    out.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    out.rms_norm_eps = float(config.get("rms_norm_eps", 1e-6))
-    out.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-    out.attention_bias = bool(config.get("attention_bias", False))
-    out.mlp_bias = bool(config.get("mlp_bias", False))
-    out.rope = rope_config(config, out.head_dim)
-    return out
+        return _core.DecoderConfig.from_dict({**config, "architecture": architecture, "rope": rope_config(config)})
+    except ValueError as exc:
+        raise ModelError(f"config.json: {exc}") from None
 
 
-def rope_config(config: dict, head_dim: int) -> _core.RopeConfig:
-    rope = _core.RopeConfig()
-    rope.dims = head_dim
+def rope_config(config: dict) -> dict:
+    """rope_theta and rope_parameters (transformers 5) or rope_scaling (4.x; its scaling type may be called
+    "type") -> DecoderConfig's nested `rope`."""
     scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope.base = float(config.get("rope_theta", scaling.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    rope.type = kind
-    if kind in ("linear", "llama3"):
-        rope.factor = float(scaling["factor"])
-    if kind == "llama3":
-        rope.low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-        rope.high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-        rope.original_max_position = int(scaling.get("original_max_position_embeddings", 8192))
-    elif kind != "default" and kind != "linear":
-        raise ModelError(f"config.json: rope scaling '{kind}' is not supported (default, linear, llama3)")
+    if not isinstance(scaling, dict):
+        raise ModelError(f"config.json: rope scaling must be an object, got {scaling!r}")
+    rope = {**scaling, "rope_type": scaling.get("rope_type") or scaling.get("type")}
+    if config.get("rope_theta") is not None:  # 4.x keeps the base beside rope_scaling
+        rope["rope_theta"] = config["rope_theta"]
+    kind = rope["rope_type"] or "default"
+    if kind not in ROPE_TYPES:
+        raise ModelError(f"config.json: rope scaling '{kind}' is not supported ({', '.join(ROPE_TYPES)})")
+    if kind != "default" and scaling.get("factor") is None:
+        raise ModelError(f"config.json: rope scaling '{kind}' needs a factor")
     return rope
 
 
 def sampler_options(options: Options, prompt_seed: int | None = None) -> _core.SamplerOptions:
-    """Request options (None = Ollama's default) -> C++ sampler options."""
-    out = _core.SamplerOptions()
-    for name, default in DEFAULTS.items():
-        value = getattr(options, name)
-        setattr(out, name, default if value is None else value)
+    """Request options -> C++ sampler options. What the request leaves out (None) keeps the C++ default,
+    Ollama's."""
+    given = {name: getattr(options, name) for name in _core.SamplerOptions().to_dict()}
     seed = options.seed if options.seed is not None else prompt_seed
     # Ollama: a negative seed means unseeded.
-    out.seed = seed % (1 << 64) if seed is not None and seed >= 0 else None
-    return out
+    given["seed"] = seed % (1 << 64) if seed is not None and seed >= 0 else None
+    return _core.SamplerOptions.from_dict(given)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-#include "sampling.h"
+#include "text/sampling.h"
 
 #include <stdexcept>
 

@@ -1,4 +1,4 @@
-// Logits -> token, in Ollama's order (shared/docs/specs/llm_runner.md §3.2):
+// Logits -> token, in Ollama's order (docs/models/llm.md):
 //   1. penalties on raw logits over the last `repeat_last_n` tokens (prompt + generated):
 //      repeat (x rp if negative, / rp otherwise) and presence (-p), once per distinct token;
 //      frequency (-f per occurrence);
@@ -13,20 +13,26 @@
 #include <cstdint>
 #include <optional>
 
+#include "nn/config_fields.h"
 #include "nn/weights.h"
 
 namespace mlxr {
 
+// A request's sampling options; defaults as Ollama's (api/types.go DefaultOptions), what the runner
+// uses for an option a request leaves out.
 struct SamplerOptions {
   float temperature = 0.8f;
-  int top_k = 0;             // 0 = off
-  float top_p = 1.0f;        // 1 = off
-  float min_p = 0.0f;        // 0 = off
-  float repeat_penalty = 1.0f;
-  int repeat_last_n = 64;    // 0 = no penalties
+  int top_k = 40;      // 0 = off
+  float top_p = 0.9f;  // 1 = off
+  float min_p = 0.0f;  // 0 = off
+  float repeat_penalty = 1.1f;
+  int repeat_last_n = 64;  // 0 = no penalties
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
   std::optional<uint64_t> seed;  // none = MLX's global generator
+
+  MLXR_CONFIG_FIELDS(SamplerOptions, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                     frequency_penalty, seed)
 };
 
 uint64_t splitmix64(uint64_t seed, uint64_t counter);

@@ -1,0 +1,21 @@
+// Building blocks bound on their own, to check them against NumPy.
+#include <nanobind/stl/optional.h>
+
+#include "bindings/bindings.h"
+#include "nn/activation.h"
+#include "nn/linear.h"
+
+namespace mlxr::bindings {
+
+void bind_building_blocks(nb::module_& m) {
+  m.def(
+      "gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
+  m.def(
+      "linear",
+      [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias) {
+        return Linear{.weight = weight, .bias = bias}(x);
+      },
+      "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+}
+
+}  // namespace mlxr::bindings

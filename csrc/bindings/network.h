@@ -1,0 +1,30 @@
+// The binding every network shares: built from (config, weights), it shows the config it was built with.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unordered_map.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "nn/weights.h"
+
+namespace mlxr::bindings {
+
+namespace nb = nanobind;
+
+// Binds Network as `name` with its constructor Network(config, weights) and a read-only `config`: a
+// copy, so changing it changes nothing in the network. Returns the class for the network's own methods.
+template <class Network>
+nb::class_<Network> bind_network(nb::module_& m, const char* name, const char* doc) {
+  using namespace nb::literals;
+  using Config = std::decay_t<decltype(std::declval<const Network&>().config())>;
+  nb::class_<Network> cls(m, name, doc);
+  cls.def(nb::init<const Config&, const WeightMap&>(), "config"_a, "weights"_a);
+  cls.def_prop_ro(
+      "config", [](const Network& self) { return self.config(); }, "The config it was built with (a copy).");
+  return cls;
+}
+
+}  // namespace mlxr::bindings

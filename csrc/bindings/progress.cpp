@@ -1,0 +1,14 @@
+#include "bindings/progress.h"
+
+namespace mlxr::bindings {
+
+StepCallback step_callback(nb::object progress) {
+  if (progress.is_none()) return {};
+  return [progress](int step, int total) {
+    nb::gil_scoped_acquire gil;
+    nb::object result = progress(step, total);
+    return !(result.is_valid() && nb::isinstance<nb::bool_>(result) && !nb::cast<bool>(result));
+  };
+}
+
+}  // namespace mlxr::bindings

@@ -1,0 +1,73 @@
+// Text generation: the decoder, its generation loop and sampling.
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "bindings/bindings.h"
+#include "bindings/config.h"
+#include "bindings/network.h"
+#include "nn/host.h"
+#include "text/decoder.h"
+#include "text/generate.h"
+#include "text/sampling.h"
+
+namespace mlxr::bindings {
+
+namespace {
+
+void bind_sampling(nb::module_& m) {
+  bind_config<SamplerOptions>(
+      m, "SamplerOptions", "Sampling options, Ollama's defaults; the order of operations is in csrc/text/sampling.h.");
+
+  nb::class_<Sampler>(m, "Sampler", "Logits -> token with penalties, temperature, top-k/p, min-p, seed.")
+      .def(nb::init<const SamplerOptions&, int>(), "options"_a, "vocab_size"_a)
+      .def("remember", &Sampler::remember, "tokens"_a, "Add tokens to the penalty history.")
+      .def(
+          "sample", [](Sampler& self, const mx::array& logits) { return host_item<int>(self.sample(logits)); },
+          "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "Logits [V] -> token id.")
+      .def(
+          "probabilities",
+          [](const Sampler& self, const mx::array& logits) { return evaluated(self.probabilities(logits)); },
+          "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "The distribution a draw uses: float32 [V].");
+  m.def("splitmix64", &splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
+}
+
+void bind_decoder(nb::module_& m) {
+  bind_config<RopeConfig>(m, "RopeConfig", "A decoder's RoPE: rope_theta and transformers' rope_parameters.");
+  bind_config<DecoderConfig>(m, "DecoderConfig", "transformers' LlamaConfig / Qwen3Config (config.json).");
+
+  bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3).")
+      .def(
+          "logits",
+          [](const Decoder& self, const std::vector<int>& tokens, int chunk) {
+            return prompt_logits(self, tokens, chunk);
+          },
+          "tokens"_a, "chunk"_a = 512, nb::call_guard<nb::gil_scoped_release>(),
+          "Float32 logits [T, V] for one prompt, prefilled in chunks.")
+      .def(
+          "hidden_states",
+          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask,
+             const std::vector<int>& layers) { return evaluated(self.hidden_states(tokens, mask, layers)); },
+          "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
+      .def("eval_weights", &Decoder::eval_weights,
+           "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
+           "the fused projections then free the checkpoint's separate arrays as they go).");
+
+  nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
+      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int>(), "model"_a, "prompt"_a,
+           "options"_a, "prefill_chunk"_a = 512, nb::keep_alive<1, 2>())
+      .def("__iter__", [](nb::handle self) { return self; })
+      .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)
+      .def_prop_ro("position", &Generator::position);
+}
+
+}  // namespace
+
+void bind_text(nb::module_& m) {
+  bind_sampling(m);
+  bind_decoder(m);
+}
+
+}  // namespace mlxr::bindings

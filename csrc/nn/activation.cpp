@@ -1,0 +1,82 @@
+#include "nn/activation.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "nn/fusion.h"
+
+namespace mlxr {
+
+namespace {
+
+// erf(x) as Eigen's float approximation: a rational function of x on [-4, 4] (beyond it erf is
+// +-1 in float32), max error ~1e-7. Only multiplies, adds and one divide: on MLX's CPU backend
+// transcendental ops run per element without vectorisation (mx::erf ~70x slower than a multiply),
+// and erf made GELU the most expensive op of a BERT layer (benchmarks/README.md).
+mx::array erf_rational(const mx::array& v) {
+  auto c = [](double k) { return mx::array(static_cast<float>(k)); };
+  auto x = mx::clip(v, c(-4.0), c(4.0));
+  auto x2 = mx::square(x);
+  auto horner = [&](std::initializer_list<double> coefficients) {
+    auto it = coefficients.begin();
+    auto acc = c(*it);
+    for (++it; it != coefficients.end(); ++it) acc = mx::add(mx::multiply(acc, x2), c(*it));
+    return acc;
+  };
+  auto p = horner({-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+                   -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02});
+  auto q = horner({-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+                   -1.42647390514189e-02});
+  return mx::divide(mx::multiply(x, p), q);
+}
+
+std::vector<mx::array> silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(in[0], mx::sigmoid(in[0]))};
+}
+
+std::vector<mx::array> gated_silu_impl(const std::vector<mx::array>& in) {
+  return {mx::multiply(mx::multiply(in[0], mx::sigmoid(in[0])), in[1])};
+}
+
+}  // namespace
+
+mx::array gelu(const mx::array& x) {
+  auto xf = mx::astype(x, mx::float32);
+  auto y =
+      mx::multiply(mx::multiply(xf, mx::array(0.5f)),
+                   mx::add(mx::array(1.0f), erf_rational(mx::multiply(xf, mx::array(static_cast<float>(M_SQRT1_2))))));
+  return mx::astype(y, x.dtype());
+}
+
+mx::array gelu_tanh(const mx::array& x) {
+  const float k = std::sqrt(2.0f / static_cast<float>(M_PI));
+  auto dt = x.dtype();
+  auto inner = mx::multiply(mx::array(k, dt),
+                            mx::add(x, mx::multiply(mx::array(0.044715f, dt), mx::power(x, mx::array(3.0f, dt)))));
+  return mx::multiply(mx::multiply(mx::array(0.5f, dt), x), mx::add(mx::array(1.0f, dt), mx::tanh(inner)));
+}
+
+bool is_known_activation(const std::string& name) {
+  return name == "gelu" || name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "relu" || name == "silu" ||
+         name == "swish";
+}
+
+mx::array activation(const std::string& name, const mx::array& x) {
+  if (name == "gelu") return gelu(x);
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh") return gelu_tanh(x);
+  if (name == "relu") return mx::maximum(x, mx::array(0.0f, x.dtype()));
+  if (name == "silu" || name == "swish") return mx::multiply(x, mx::sigmoid(x));
+  throw std::invalid_argument("unsupported activation '" + name + "'");
+}
+
+mx::array silu(const mx::array& x) {
+  static auto fused = mx::compile(silu_impl, /*shapeless=*/true);
+  return run_fused(fused, silu_impl, {x});
+}
+
+mx::array gated_silu(const mx::array& gate, const mx::array& up) {
+  static auto fused = mx::compile(gated_silu_impl, /*shapeless=*/true);
+  return run_fused(fused, gated_silu_impl, {gate, up});
+}
+
+}  // namespace mlxr

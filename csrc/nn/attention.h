@@ -1,0 +1,48 @@
+// Multi-head scaled dot-product attention, shared by every network.
+//
+// Layouts: projections come out as [B, L, heads * D]; split_heads() views them as [B, L, heads, D]
+// (where per-head norms and RoPE apply), heads_first() as [B, heads, L, D] (what attention takes),
+// and merge_heads() turns attention's [B, heads, L, D] output back into [B, L, heads * D].
+#pragma once
+
+#include <optional>
+
+#include "nn/linear.h"
+#include "nn/weights.h"
+
+namespace mlxr {
+
+// The query, key, value and output projections of a diffusers Attention module, [dim, dim] each,
+// under the names it saves them with: to_q, to_k, to_v, to_out.0.
+struct AttentionProjections {
+  Linear to_q, to_k, to_v, to_out;
+
+  static AttentionProjections load(const Weights& w, int dim, bool with_bias);
+};
+
+// [B, L, heads * D] -> [B, L, heads, D].
+mx::array split_heads(const mx::array& x, int heads);
+
+// [B, L, heads, D] -> [B, heads, L, D] (a transposed view).
+mx::array heads_first(const mx::array& x);
+
+// [B, heads, L, D] -> [B, L, heads * D].
+mx::array merge_heads(const mx::array& x);
+
+// softmax(q k^T / sqrt(D)) v over q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq a multiple of Hkv: MLX
+// broadcasts the key/value heads over their query groups). `mask`, broadcast to [B, Hq, Lq, Lk], is
+// either boolean (true = the query attends to that key) or additive (added to the scores).
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                    const std::optional<mx::array>& mask = std::nullopt);
+
+// The same, each query attending to its own and earlier positions only. Queries are the last Lq
+// of the Lk positions (a prefill chunk after a cache): query i sees keys up to Lk - Lq + i.
+mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v);
+
+// Masks from a [B, T] attention mask (nonzero = a token, 0 = padding):
+// padding keys get no attention: boolean [B, 1, 1, T];
+mx::array padding_key_mask(const mx::array& attention_mask);
+// the same combined with causal attention: boolean [B, 1, T, T].
+mx::array causal_padding_key_mask(const mx::array& attention_mask);
+
+}  // namespace mlxr

@@ -1,0 +1,40 @@
+// Normalisation layers: LayerNorm and RMSNorm over the last axis, GroupNorm over NHWC images.
+#pragma once
+
+#include "nn/weights.h"
+
+namespace mlxr {
+
+// LayerNorm over the last axis with learned scale and shift.
+struct LayerNorm {
+  mx::array weight;
+  mx::array bias;
+  float eps;
+
+  static LayerNorm load(const Weights& w, int dims, float eps);
+  mx::array operator()(const mx::array& x) const;
+};
+
+// RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
+struct RMSNorm {
+  mx::array weight;
+  float eps;
+
+  static RMSNorm load(const Weights& w, int dims, float eps);
+  mx::array operator()(const mx::array& x) const;
+};
+
+// GroupNorm as PyTorch computes it (statistics per sample and group over H, W and the group's
+// channels; biased variance), in float32 whatever the input dtype; output in the input dtype.
+// `then_silu` applies SiLU in the same pass (the VAE's norm -> SiLU pairs), fused on a GPU.
+struct GroupNorm {
+  mx::array weight;
+  mx::array bias;
+  int groups;
+  float eps;
+
+  static GroupNorm load(const Weights& w, int channels, int groups, float eps);
+  mx::array operator()(const mx::array& x, bool then_silu = false) const;  // x: [B, H, W, C]
+};
+
+}  // namespace mlxr

@@ -1,0 +1,263 @@
+"""Network configs: one default per value, in C++ (`_core.XxxConfig`), read from config.json by `from_dict`.
+
+Checked here: the networks the loaders build use exactly what their config.json files say; a default-made
+config equals the reference library's __init__ defaults; and a bad value is an error that names its key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mlxrunner import _core
+from mlxrunner.errors import ModelError
+from mlxrunner.imagegen import load_pipeline
+from mlxrunner.imagegen.zimage import transformer_config
+from mlxrunner.llm import load as load_llm
+from mlxrunner.llm.model import decoder_config, sampler_options
+from mlxrunner.protocol import Options
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+IMAGE_MODELS = ["zimage-tiny", "flux2-klein-tiny", "flux2-klein-base-tiny"]
+LLMS = ["llama-tiny", "llama3-tiny", "qwen3-tiny", "qwen3-tiny-bf16"]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def assert_has_the_files_values(config, file: dict) -> None:
+    """Every key of `file` that names a field of `config` has the file's value (null: absent)."""
+    fields = config.to_dict()
+    named = {key: value for key, value in file.items() if key in fields and value is not None}
+    assert named, "the file names none of the config's fields"
+    for key, value in named.items():
+        if isinstance(value, dict):
+            assert_has_the_files_values(getattr(config, key), value)
+        else:
+            assert fields[key] == value, key
+
+
+# --- the built networks use their files' values ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=IMAGE_MODELS)
+def image_model(request):
+    folder = FIXTURES / request.param
+    return folder, load_pipeline(str(folder))
+
+
+def test_image_transformer_config_is_the_files(image_model):
+    folder, pipe = image_model
+    file = read(folder / "transformer" / "config.json")
+    config_type = _core.ZImageConfig if "cap_feat_dim" in file else _core.Flux2Config
+    built = pipe.transformer.config
+    assert isinstance(built, config_type)
+    assert built == config_type.from_dict(file)
+    assert_has_the_files_values(built, file)
+    if "all_patch_size" in file:  # Z-Image lists patch sizes per resolution; the loader runs the first
+        assert (built.patch_size, built.f_patch_size) == (file["all_patch_size"][0], file["all_f_patch_size"][0])
+
+
+def test_image_vae_config_is_the_files(image_model):
+    folder, pipe = image_model
+    file = read(folder / "vae" / "config.json")
+    networks = [pipe.vae.decoder] + ([pipe.vae.encoder] if hasattr(pipe.vae, "encoder") else [])
+    for network in networks:
+        assert network.config == _core.VaeConfig.from_dict(file)
+        assert_has_the_files_values(network.config, file)
+
+
+def test_image_schedule_is_the_files(image_model):
+    folder, pipe = image_model
+    file = read(folder / "scheduler" / "scheduler_config.json")
+    assert pipe.schedule == _core.FlowMatchSchedule.from_dict(file)
+    assert_has_the_files_values(pipe.schedule, file)
+
+
+@pytest.mark.parametrize("name", LLMS)
+def test_llm_decoder_config_is_the_files(name):
+    folder = FIXTURES / "llm" / name
+    file = read(folder / "config.json")
+    built = load_llm(str(folder)).decoder.config
+    # What the loader translates: the architecture from "architectures", RoPE from "rope_parameters".
+    architecture = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}[file["architectures"][0]]
+    translated = {**file, "architecture": architecture, "rope": file["rope_parameters"]}
+    assert built == _core.DecoderConfig.from_dict(translated)
+    assert_has_the_files_values(built, file)
+    assert_has_the_files_values(built.rope, file["rope_parameters"])
+    assert built.architecture == architecture
+
+
+def test_minilm_bert_config_is_the_files(minilm_dir):
+    from mlxrunner import store
+    from mlxrunner.embed.bert import BertEmbedder
+
+    file = read(minilm_dir / "config.json")
+    built = BertEmbedder(store.resolve(str(minilm_dir))).encoder.config
+    assert built == _core.BertConfig.from_dict(file)
+    assert_has_the_files_values(built, file)
+
+
+# --- the defaults are the reference libraries' --------------------------------------------------
+
+# Each reference's __init__ defaults for the fields the struct has, as the library writes them, and how
+# its names and values map onto the struct's: a list of patch sizes -> the first one; None where the
+# reference derives the value -> 0, the struct's "derived".
+REFERENCES = {
+    # n_kv_heads: 30 there, its default n_heads, and unused (its attention is built from n_heads alone):
+    # derived from n_heads here.
+    "diffusers 0.42.1 ZImageTransformer2DModel": (_core.ZImageConfig, dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+        n_heads=30, n_kv_heads=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+        t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])),
+    "diffusers 0.42.1 Flux2Transformer2DModel": (_core.Flux2Config, dict(
+        patch_size=1, in_channels=128, out_channels=None, num_layers=8, num_single_layers=48, attention_head_dim=128,
+        num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True)),
+    "diffusers 0.42.1 AutoencoderKL": (_core.VaeConfig, dict(
+        in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)),
+    "diffusers 0.42.1 FlowMatchEulerDiscreteScheduler": (_core.FlowMatchSchedule, dict(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential")),
+    # LlamaForCausalLM: architecture "llama"; rope_parameters None: the default RoPE with rope_theta 10000.
+    "transformers 5.x LlamaConfig": (_core.DecoderConfig, dict(
+        architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, head_dim=None,
+        rope=dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="default", factor=1.0,
+                  low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))),
+    "transformers 5.x BertConfig": (_core.BertConfig, dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)),
+    # api/types.go DefaultOptions; seed -1 there means unseeded.
+    "Ollama DefaultOptions": (_core.SamplerOptions, dict(
+        temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64,
+        presence_penalty=0.0, frequency_penalty=0.0, seed=None)),
+}
+# Not from the reference: the rope dict's dims (0: whole heads, as Llama and Qwen3 rotate) and traditional
+# (False: transformers' rotate_half); its llama3 values are Llama 3.1's, which transformers requires
+# in a llama3 config and we take when one leaves them out.
+
+
+DERIVED = {"n_kv_heads", "out_channels", "num_key_value_heads", "head_dim"}
+
+
+def as_struct_values(reference: dict) -> dict:
+    out = {}
+    for key, value in reference.items():
+        if key.startswith("all_"):
+            key, value = key.removeprefix("all_"), value[0]
+        if key in DERIVED and value is None:
+            value = 0
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@pytest.mark.parametrize("reference", REFERENCES)
+def test_defaults_are_the_reference_librarys(reference):
+    config_type, defaults = REFERENCES[reference]
+    assert config_type().to_dict() == as_struct_values(defaults)
+
+
+# --- from_dict, to_dict, equality ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_type, values, message", [
+    (_core.ZImageConfig, {"dim": "abc"}, "dim: expected an integer, got 'abc'"),
+    (_core.DecoderConfig, {"vocab_size": 2**40}, "vocab_size: 1099511627776 is out of range for a 32-bit integer"),
+    (_core.DecoderConfig, {"hidden_size": 64.5}, "hidden_size: expected an integer, got 64.5"),
+    (_core.DecoderConfig, {"tie_word_embeddings": 1}, "tie_word_embeddings: expected true or false, got 1"),
+    (_core.DecoderConfig, {"rope": {"factor": "x"}}, "rope.factor: expected a number, got 'x'"),
+    (_core.DecoderConfig, {"rope": 8.0}, "rope: expected a dict, got 8.0"),
+    (_core.BertConfig, {"hidden_act": 3}, "hidden_act: expected a string, got 3"),
+    (_core.BertConfig, {"layer_norm_eps": 1e300}, "layer_norm_eps: 1e+300 is out of range for a float"),
+    (_core.ZImageConfig, {"axes_dims": [32, "48", 48]}, "axes_dims[1]: expected an integer, got '48'"),
+    (_core.ZImageConfig, {"axes_lens": 1024}, "axes_lens: expected a list, got 1024"),
+    (_core.SamplerOptions, {"seed": -1}, "seed: -1 is out of range for an unsigned 64-bit integer"),
+])
+def test_a_bad_value_is_a_value_error_naming_its_key(config_type, values, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        config_type.from_dict(values)
+
+
+def test_assigning_a_bad_value_names_the_field():
+    config = _core.Flux2Config()
+    with pytest.raises(ValueError, match="^num_layers: expected an integer, got None$"):
+        config.num_layers = None
+    config.num_layers = 3
+    assert config.num_layers == 3
+
+
+def test_from_dict_ignores_unknown_keys_and_nulls():
+    config = _core.Flux2Config.from_dict({"_class_name": "Flux2Transformer2DModel", "out_channels": None, "eps": 1e-5,
+                                          "num_layers": 2.0})
+    assert config == _core.Flux2Config.from_dict({"eps": 1e-5, "num_layers": 2})
+    assert config.out_channels == 0 and config.num_layers == 2
+
+
+def test_to_dict_round_trips_and_keeps_the_files_numbers():
+    config = _core.DecoderConfig.from_dict({"rms_norm_eps": 1e-5, "rope": {"rope_theta": 500000.0,
+                                                                           "rope_type": "llama3", "factor": 8.0}})
+    assert config.to_dict()["rms_norm_eps"] == 1e-5  # the float32 field reads back as the number written
+    assert _core.DecoderConfig.from_dict(config.to_dict()) == config
+    assert config != _core.DecoderConfig() and config != "a string"
+    assert "rope=RopeConfig(" in repr(config) and "rope_type='llama3'" in repr(config)
+
+
+def test_a_nested_config_is_changed_in_place():
+    config = _core.DecoderConfig()
+    config.rope.rope_theta = 1e6
+    assert config.rope.rope_theta == 1e6
+    config.rope = {"rope_type": "linear", "factor": 2.0}
+    assert (config.rope.rope_type, config.rope.factor, config.rope.rope_theta) == ("linear", 2.0, 10000.0)
+
+
+def test_a_built_networks_config_is_a_copy():
+    model = load_llm(str(FIXTURES / "llm" / "qwen3-tiny"))
+    config = model.decoder.config
+    config.vocab_size = 7
+    assert model.decoder.config.vocab_size == 503
+
+
+# --- the Python translators ------------------------------------------------------------------------
+
+
+def test_sampler_options_sets_only_what_the_request_gave():
+    assert sampler_options(Options()) == _core.SamplerOptions()
+    given = sampler_options(Options(temperature=0.3, top_k=5), prompt_seed=9)
+    expected = _core.SamplerOptions()
+    expected.temperature, expected.top_k, expected.seed = 0.3, 5, 9
+    assert given == expected
+    assert sampler_options(Options(seed=-1), prompt_seed=9).seed is None  # Ollama: negative means unseeded
+
+
+def test_translators_name_the_file_and_key():
+    with pytest.raises(ModelError, match=r"^here: transformer/config.json: dim: expected an integer, got 'abc'$"):
+        transformer_config({"dim": "abc"}, "here")
+    with pytest.raises(ModelError, match=r"^config.json: rope.rope_theta: expected a number, got 'x'$"):
+        decoder_config({"architectures": ["LlamaForCausalLM"], "rope_theta": "x"})
+
+
+@pytest.mark.parametrize("rope, expected", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+     dict(rope_type="linear", factor=2.0, rope_theta=5e5)),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 2.0}},
+     dict(rope_type="llama3", factor=8.0, rope_theta=5e5, low_freq_factor=2.0, high_freq_factor=4.0)),
+    ({}, dict(rope_type="default", rope_theta=10000.0)),
+])
+def test_rope_from_rope_scaling_or_rope_parameters(rope, expected):
+    config = decoder_config({"architectures": ["LlamaForCausalLM"], **rope})
+    assert {key: config.rope.to_dict()[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope scaling 'yarn' is not supported"),
+    ({"rope_type": "linear"}, "rope scaling 'linear' needs a factor"),
+])
+def test_unsupported_rope_scaling_is_refused(scaling, message):
+    with pytest.raises(ModelError, match=message):
+        decoder_config({"architectures": ["LlamaForCausalLM"], "rope_parameters": scaling})
