@@ -14,9 +14,9 @@ benchmark's prompt, 1024 x 1024 (--denoise-size) and the same initial latents (i
   prompt embeddings encoded once (the pipeline's own call, no classifier-free guidance, as Turbo
   runs); diffusers: ZImagePipeline(prompt_embeds=..., output_type="latent"), bf16, in a child process
   (torch's and MLX's CUDA allocations never share one). The unprofiled median of 3 calls is recorded.
-- Queue-depth A/B: a 9-step `_core.zimage_denoise` at each MLXRUNNER_DENOISE_QUEUE_DEPTH in QUEUE_DEPTHS
+- Queue-depth A/B: a 9-step `_core.zimage_denoise` at each queue depth in QUEUE_DEPTHS (its queue_depth argument)
   (0: no bound, as the loop ran before the queue existed, evaluated a step at a time; the default is 2;
-  csrc/diffusion/flow_match.h says why), one warm-up and the median seconds of 3 runs, and the peak
+  csrc/nn/eval_queue.h says why), one warm-up and the median seconds of 3 runs, and the peak
   memory above what is held of one more run. It measures what the bound costs in speed and saves in memory.
 - Cache A/B: whole `pipe.run` images (9 steps) with MLX's buffer cache kept from the previous image (as a
   runner serves back-to-back requests) and released before each image (`mx.clear_cache()`, as the runner does
@@ -52,13 +52,15 @@ def _ours_pipeline(args):
     return pipe, caption, noise, weights_gib
 
 
-def _ours_denoise(pipe, caption, noise, steps: int):
+def _ours_denoise(pipe, caption, noise, steps: int, queue_depth: int | None = None):
     size = 8 * noise.shape[-1]
     import mlx.core as mx
 
     from mlxrunner import _core
 
-    final = _core.zimage_denoise(pipe.transformer, noise, pipe.sigmas(steps, size, size), caption, None, 0.0, None)
+    depth = _core.DEFAULT_DENOISE_QUEUE_DEPTH if queue_depth is None else queue_depth
+    final = _core.zimage_denoise(pipe.transformer, noise, pipe.sigmas(steps, size, size), caption, None, 0.0, None,
+                                 depth)
     mx.eval(final)
     mx.synchronize()
     return final
@@ -88,34 +90,24 @@ def ours_phase_memory(mx, pipe, noise, weights_gib: float) -> dict:
 
 
 def queue_depth_ab(mx, pipe, caption, noise, rounds: int = 3) -> dict:
-    """Seconds and peak memory of a 9-step denoise per evaluation-queue depth (the loop reads the
-    variable each run)."""
-    import os
+    """Seconds and peak memory of a 9-step denoise per evaluation-queue depth."""
     import statistics
 
-    def one() -> float:
+    def one(depth: int) -> float:
         started = time.perf_counter()
-        _ours_denoise(pipe, caption, noise, MEMORY_STEPS)
+        _ours_denoise(pipe, caption, noise, MEMORY_STEPS, queue_depth=depth)
         return time.perf_counter() - started
 
     out = {}
-    saved = os.environ.get("MLXRUNNER_DENOISE_QUEUE_DEPTH")
-    try:
-        for depth in QUEUE_DEPTHS:
-            os.environ["MLXRUNNER_DENOISE_QUEUE_DEPTH"] = str(depth)
-            one()  # warm-up
-            seconds = statistics.median(one() for _ in range(rounds))
-            mx.synchronize()
-            mx.reset_peak_memory()
-            held = mx.get_active_memory()
-            one()
-            out[str(depth)] = {"seconds": seconds, "peak_gib": (mx.get_peak_memory() - held) / GIB}
-            mx.clear_cache()
-    finally:
-        if saved is None:
-            os.environ.pop("MLXRUNNER_DENOISE_QUEUE_DEPTH", None)
-        else:
-            os.environ["MLXRUNNER_DENOISE_QUEUE_DEPTH"] = saved
+    for depth in QUEUE_DEPTHS:
+        one(depth)  # warm-up
+        seconds = statistics.median(one(depth) for _ in range(rounds))
+        mx.synchronize()
+        mx.reset_peak_memory()
+        held = mx.get_active_memory()
+        one(depth)
+        out[str(depth)] = {"seconds": seconds, "peak_gib": (mx.get_peak_memory() - held) / GIB}
+        mx.clear_cache()
     return out
 
 

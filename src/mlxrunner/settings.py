@@ -2,7 +2,7 @@
 
 | setting               | flag                            | environment variable             | default            |
 |-----------------------|---------------------------------|----------------------------------|--------------------|
-| model store           | --models-dir                    | OLLAMA_MODELS (read by store.py) | ~/.ollama/models   |
+| model store           | --models-dir                    | OLLAMA_MODELS                    | ~/.ollama/models   |
 | log level             | --log-level                     | OLLAMA_DEBUG (Ollama's meaning)  | info               |
 | skip the memory check | --skip-memory-check             | MLXRUNNER_SKIP_MEMORY_CHECK      | off                |
 | MLX memory limit      |                                 | MLXRUNNER_MEMORY_LIMIT (16GB...) | MLX's own          |
@@ -38,6 +38,7 @@ ENV_RELEASE_TEXT_ENCODER = "MLXRUNNER_RELEASE_TEXT_ENCODER"
 ENV_DENOISE_QUEUE_DEPTH = "MLXRUNNER_DENOISE_QUEUE_DEPTH"
 ENV_REFERENCE_BLAS = "MLXRUNNER_REFERENCE_BLAS"
 ENV_OLLAMA_DEBUG = "OLLAMA_DEBUG"
+ENV_OLLAMA_MODELS = "OLLAMA_MODELS"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_QUEUE_DEPTH = 16
@@ -149,6 +150,11 @@ def env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T
 def reference_blas_requested(env: Mapping[str, str] = os.environ) -> bool:
     """MLXRUNNER_REFERENCE_BLAS: keep MLX's reference CPU BLAS instead of routing it to OpenBLAS."""
     return env_value(env, ENV_REFERENCE_BLAS, parse_bool) or False
+
+
+def ollama_models_env(env: Mapping[str, str] = os.environ) -> str | None:
+    """OLLAMA_MODELS, trimmed of whitespace, then quotes (Go's ``envconfig.Var``); None when unset or empty."""
+    return env.get(ENV_OLLAMA_MODELS, "").strip().strip("\"'") or None
 
 
 def ollama_debug_level(env: Mapping[str, str] = os.environ) -> int:

@@ -1,6 +1,6 @@
 """Image mode over HTTP: real runner subprocesses serving the tiny diffusers-made Z-Image fixture.
 
-The wire contract is shared/docs/specs/runner_protocol.md: progress lines {"step", "total", "done": false}
+The wire contract is docs/protocol.md: progress lines {"step", "total", "done": false}
 for i = 0..N, then {"image": <base64 PNG>, "seed", "width", "height", "steps", "done": true, "timings",
 "ignored"?}. Every request field either changes the image or is named in "ignored". Sizes are kept tiny
 (64x64, 64x96) and steps at 1-3 so the file runs in seconds on two CPU cores.

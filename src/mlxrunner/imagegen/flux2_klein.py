@@ -1,10 +1,11 @@
 """FLUX.2 Klein (diffusers' Flux2KleinPipeline): text-to-image and multi-reference editing,
 numerically as diffusers 0.42.1 runs it.
 
-Python reads the configs, tokenizes, prepares reference images and moves latents between layouts
-(pack / patchify / BatchNorm); the networks and the loop are C++: the Qwen3 text encoder
+Python reads the configs, tokenizes, prepares reference images and applies the VAE's BatchNorm;
+the networks, the loop and the latent layouts are C++: the Qwen3 text encoder
 (`_core.Decoder.hidden_states`), the MM-DiT and the Euler loop (`_core.Flux2Transformer`,
-`_core.flux2_denoise`) and the VAE (`_core.VaeEncoder` / `_core.VaeDecoder`).
+`_core.flux2_denoise`), pack / patchify (`_core.flux2_pack`, ...) and the VAE (`_core.VaeEncoder` /
+`_core.VaeDecoder`).
 The steps every image model shares are ImagePipeline.run's (imagegen/pipeline.py); this file
 holds what is FLUX.2 Klein's own. Spec: docs/models/flux2_klein.md.
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from mlxrunner import _core
 from mlxrunner.errors import Cancelled, ModelError
+from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
 
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], "bool | None"]
 
 # --- request bounds: the one place imagegen keeps them ------------------------------------------
-MAX_STEPS = 1000
-DEFAULT_MAX_PIXELS = 2048 * 2048
-MIN_REFERENCE_SIDE = 64  # a reference image's shortest side, in pixels
+# (the HTTP protocol's Limits: the Python API and the server take the same requests)
+MAX_STEPS = Limits.max_steps
+DEFAULT_MAX_PIXELS = Limits.max_output_pixels
+MIN_REFERENCE_SIDE = Limits.min_image_side  # a reference image's shortest side, in pixels
 # How many transformer blocks the denoising loops queue on the device at most (0: no bound); the
 # reasoning for the default is at kDefaultEvalQueueDepth in csrc/nn/eval_queue.h.
 DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH

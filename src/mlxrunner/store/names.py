@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxrunner.errors import ModelError
+from mlxrunner import settings
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -85,7 +86,7 @@ def _check_part(name: str, kind: str, part: str) -> None:
 def ollama_models_dir() -> Path:
     """``$OLLAMA_MODELS`` (trimmed of whitespace, then quotes, like Go's ``envconfig.Var``),
     else ``~/.ollama/models``."""
-    value = os.environ.get("OLLAMA_MODELS", "").strip().strip("\"'")
+    value = settings.ollama_models_env()
     return Path(value) if value else Path.home() / ".ollama" / "models"
 
 
