@@ -23,7 +23,7 @@ def test_pipelines_pass_their_queue_depth_to_the_loop(name):
 
 def test_a_bad_flux2_queue_depth_is_named():
     pipe = load_pipeline(str(FIXTURES / "flux2-klein-tiny"))
-    latents = mx.zeros((1, 4, pipe.in_channels))
+    latents = mx.zeros((1, 4, pipe.transformer.config.in_channels))
     ids = mx.array(_core.flux2_image_ids(2, 2))
     prompt = mx.zeros((1, 3, pipe.transformer.config.joint_attention_dim))
     with pytest.raises(ValueError, match=r"queue_depth must be >= 0 \(0: unbounded\), got -3"):
