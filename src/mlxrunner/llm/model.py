@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
@@ -88,6 +89,14 @@ class PromptTooLong(ValueError):
     pass
 
 
+def _chat_template(source) -> ChatTemplate | None:
+    """The model's chat template, or None for a model that has none (a base model: plain prompts only)."""
+    try:
+        return ChatTemplate.from_folder(source)
+    except NoChatTemplate:
+        return None
+
+
 class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
@@ -96,6 +105,7 @@ class LanguageModel:
         self.config = config
         self.core_config = decoder_config(config)
         self.tokenizer = TextTokenizer.from_source(source)
+        self.chat_template = _chat_template(source)
         self.context_length = int(config.get("max_position_embeddings") or 4096)
         weights = source.tensors("")
         if progress:
@@ -136,8 +146,13 @@ class LanguageModel:
         return ids
 
     def stream(self, prompt: str | list[int], options: Options = Options(),
-               check_cancelled: Callable[[], None] | None = None) -> Iterator[str | Completion]:
-        """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion."""
+               check_cancelled: Callable[[], None] | None = None,
+               stop_token_ids: Collection[int] = ()) -> Iterator[str | Completion]:
+        """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion.
+
+        stop_token_ids: tokens that end the answer besides the tokenizer's EOS (a chat template's end of turn).
+        """
+        eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
         ids = self.prompt_ids(prompt)
         budget = self.context_length - len(ids)
         if options.num_predict is not None and options.num_predict >= 0:
@@ -156,7 +171,7 @@ class LanguageModel:
                 if first_token_at is None:
                     first_token_at = time.perf_counter_ns()
                     result.prompt_eval_duration = first_token_at - start
-                if token in self.tokenizer.eos_ids:
+                if token in eos_ids:
                     result.done_reason, result.stop_reason = "stop", f"eos:{token}"
                     break
                 result.eval_count += 1
