@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -152,7 +153,8 @@ def test_completions_greedy_equals_completion_greedy(client, runner):
     ({"temperature": 3}, "temperature"),
     ({"top_p": -1}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
 ])
@@ -163,6 +165,43 @@ def test_bad_chat_fields_are_400s_naming_the_field(client, fields, param):
     error = caught.value
     assert error.status_code == 400 and error.param == param and error.body["type"] == "invalid_request_error"
     assert set(error.body) == {"message", "type", "param", "code"}
+
+
+def test_chat_logprobs_are_the_models_and_greedy_takes_the_best(client, chat_model):
+    answer = client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=8, logprobs=True,
+                                            top_logprobs=3)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.top_logprobs[0].bytes == entry.bytes and entry.top_logprobs[0].logprob == entry.logprob
+
+    # The first token's against the model's logits for the rendered prompt, computed in this process.
+    from mlxrunner import store
+    from mlxrunner.llm.model import LanguageModel
+
+    model = LanguageModel(store.resolve(str(chat_model)))
+    logits = model.logits(model.tokenize(ChatTemplate.from_folder(chat_model).render(HELLO)))[-1].astype(np.float64)
+    expected = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    best = np.argsort(-expected)[:3]
+    assert [bytes(t.bytes) for t in entries[0].top_logprobs] == [model.tokenizer.token_bytes(int(i)) for i in best]
+    assert np.allclose([t.logprob for t in entries[0].top_logprobs], expected[best], atol=1e-4)
+
+    streamed = list(client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=8,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    streamed_entries = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed_entries] == [(e.token, round(e.logprob, 4))
+                                                                          for e in entries]
+
+
+def test_completions_logprobs_in_the_legacy_form(client):
+    answer = client.completions.create(model="m", prompt="Once upon a time", temperature=0, max_tokens=6, logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(len(top) <= 2 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs,
+                                                                             logprobs.token_logprobs))
+    assert logprobs.text_offset[0] == 0
 
 
 def test_text_parts_join_with_newlines(client, chat_model):

@@ -53,7 +53,8 @@ class ScriptedLLM:
     def embed(self, texts, normalize=None, truncate=True, check_cancelled=None):
         raise NotImplementedError
 
-    def stream(self, prompt, options=None, check_cancelled=None, stop_token_ids=()) -> Iterator[str | Completion]:
+    def stream(self, prompt, options=None, check_cancelled=None, stop_token_ids=(),
+               top_logprobs=None) -> Iterator[str | Completion]:
         pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
         yield from pieces
         yield Completion(done_reason="stop", stop_reason="eos:0", prompt_eval_count=len(prompt),
@@ -142,8 +143,8 @@ def test_without_tools_a_tool_call_block_stays_text(serve):
 def test_tool_results_go_back_to_the_template(serve):
     client, model = serve("It is sunny.")
     history = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
     ]
     answer = client.chat.completions.create(model="m", messages=history, tools=[WEATHER_TOOL])

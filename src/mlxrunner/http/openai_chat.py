@@ -24,13 +24,22 @@ from mlxrunner.http.openai_types import (
     TextCompletionRequest,
     Usage,
     UsageChunk,
+    chat_logprobs,
+    completion_logprobs,
     new_id,
     now,
     parse_chat,
     parse_text_completion,
 )
+from mlxrunner.llm.model import TokenLogprob
 from mlxrunner.text.chat_template import InvalidMessages, NoChatTemplate, TemplateError
-from mlxrunner.text.tool_calls import ContentDelta, OutputParser, ReasoningDelta, ToolCall, prompt_ends_in_reasoning
+from mlxrunner.text.tool_calls import (
+    ContentDelta,
+    OutputParser,
+    ReasoningDelta,
+    ToolCall,
+    prompt_ends_in_reasoning,
+)
 from mlxrunner.worker import JobContext
 
 if TYPE_CHECKING:
@@ -59,7 +68,6 @@ class ChatRoutes:
         loaded = loaded_model(self.server, request)
         model = loaded.text_model
         req = parse_chat(body, self.server.limits)
-        refuse_logprobs(req.logprobs)
         prompt = render_chat(model, loaded.name, req)
         chat = Chat(model, req, prompt, model_name=loaded.name)
         if req.stream.stream:
@@ -71,18 +79,11 @@ class ChatRoutes:
         body = await self.server.read_json(request)
         loaded = loaded_model(self.server, request)
         req = parse_text_completion(body, self.server.limits)
-        refuse_logprobs(req.logprobs)
         completion = PlainCompletion(loaded.text_model, req, model_name=loaded.name)
         if req.stream.stream:
             return await stream_events(self.server, request, "completion", completion.stream_job)
         answer = await self.server.run("completion", completion.whole_job)
         return web.json_response(answer.to_json())
-
-
-def refuse_logprobs(logprobs: int | None) -> None:
-    if logprobs is not None:
-        raise RequestError('field "logprobs": this runner does not report token log-probabilities yet',
-                           field="logprobs")
 
 
 def render_chat(model: TextModel, model_name: str, req: ChatRequest) -> str:
@@ -112,20 +113,26 @@ class Chat:
         self.created = now()
         self.model_name = model_name
 
-    def _generate(self, ctx: JobContext) -> Iterator[str | Completion]:
+    def _generate(self, ctx: JobContext) -> Iterator[str | TokenLogprob | Completion]:
         ids = self.model.tokenize(self.prompt)  # the template wrote every special token the model expects
         stop_ids = self.model.chat_template.eos_token_ids
-        return self.model.stream(ids, self.req.options, ctx.check_cancelled, stop_token_ids=stop_ids)
+        return self.model.stream(ids, self.req.options, ctx.check_cancelled, stop_token_ids=stop_ids,
+                                 top_logprobs=self.req.logprobs)
 
     def _parser(self) -> OutputParser:
         return OutputParser(tool_calls=self.req.tools is not None,
                             starts_in_reasoning=prompt_ends_in_reasoning(self.prompt))
 
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict | None:
+        return chat_logprobs(tokens) if self.req.logprobs is not None else None
+
     def whole_job(self, ctx: JobContext) -> ChatCompletion:
-        parser, events, completion = self._parser(), [], None
+        parser, events, tokens, completion = self._parser(), [], [], None
         for item in self._generate(ctx):
             if isinstance(item, str):
                 events += parser.feed(item)
+            elif isinstance(item, TokenLogprob):
+                tokens.append(item)
             else:
                 completion = item
         events += parser.finish()
@@ -138,37 +145,42 @@ class Chat:
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
         return ChatCompletion(self.id, self.model_name, message, finish_reason(completion, bool(calls)),
-                              usage_of(completion), created=self.created)
+                              usage_of(completion), self._logprobs(tokens), created=self.created)
 
     def stream_job(self, ctx: JobContext) -> list[Message]:
         parser, completion, calls = self._parser(), None, 0
-        ctx.emit(self._chunk({"role": "assistant", "content": ""}))
+        tokens: list[TokenLogprob] = []  # generated since the last chunk: they go with the next one
+        ctx.emit(self._chunk({"role": "assistant", "content": ""}, []))
 
         def send(events: list) -> None:
             nonlocal calls
             for event in events:
                 if isinstance(event, ToolCall):
-                    ctx.emit(self._chunk({"tool_calls": [{"index": calls, **event.to_openai()}]}))
+                    delta = {"tool_calls": [{"index": calls, **event.to_openai()}]}
                     calls += 1
                 elif isinstance(event, ReasoningDelta):
-                    ctx.emit(self._chunk({"reasoning_content": event.text}))
+                    delta = {"reasoning_content": event.text}
                 else:
-                    ctx.emit(self._chunk({"content": event.text}))
+                    delta = {"content": event.text}
+                ctx.emit(self._chunk(delta, tokens))
+                tokens.clear()
 
         for item in self._generate(ctx):
             if isinstance(item, str):
                 send(parser.feed(item))
+            elif isinstance(item, TokenLogprob):
+                tokens.append(item)
             else:
                 completion = item
         send(parser.finish())
-        last: list[Message] = [self._chunk({}, finish_reason(completion, calls > 0))]
+        last: list[Message] = [self._chunk({}, tokens, finish_reason(completion, calls > 0))]
         if self.req.stream.include_usage:
             last.append(UsageChunk(self.id, "chat.completion.chunk", self.model_name, self.created,
                                    usage_of(completion)))
         return last
 
-    def _chunk(self, delta: dict, finish: str | None = None) -> ChatChunk:
-        return ChatChunk(self.id, self.model_name, self.created, delta, finish)
+    def _chunk(self, delta: dict, tokens: list[TokenLogprob], finish: str | None = None) -> ChatChunk:
+        return ChatChunk(self.id, self.model_name, self.created, delta, finish, self._logprobs(tokens))
 
 
 class PlainCompletion:
@@ -181,24 +193,45 @@ class PlainCompletion:
         self.created = now()
         self.model_name = model_name
 
-    def _generate(self, ctx: JobContext, on_text: Callable[[str], None]) -> Completion:
-        completion = None
-        for item in self.model.stream(self.req.prompt, self.req.options, ctx.check_cancelled):
+    def _generate(self, ctx: JobContext, on_text: Callable[[str, list[TokenLogprob]], None]) -> Completion:
+        """Run the prompt; on_text(text, the tokens generated since the last text) for each piece."""
+        completion, tokens = None, []
+        for item in self.model.stream(self.req.prompt, self.req.options, ctx.check_cancelled,
+                                      top_logprobs=self.req.logprobs):
             if isinstance(item, str):
-                on_text(item)
+                on_text(item, tokens)
+                tokens = []
+            elif isinstance(item, TokenLogprob):
+                tokens.append(item)
             else:
                 completion = item
+        if tokens:
+            on_text("", tokens)
         return completion
+
+    def _logprobs(self, tokens: list[TokenLogprob], offset: int) -> dict | None:
+        return completion_logprobs(tokens, offset) if self.req.logprobs is not None else None
 
     def whole_job(self, ctx: JobContext) -> TextCompletion:
         pieces: list[str] = []
-        completion = self._generate(ctx, pieces.append)
+        tokens: list[TokenLogprob] = []
+
+        def collect(text: str, new_tokens: list[TokenLogprob]) -> None:
+            pieces.append(text)
+            tokens.extend(new_tokens)
+
+        completion = self._generate(ctx, collect)
         return TextCompletion(self.id, self.model_name, self.created, "".join(pieces), finish_reason(completion),
-                              usage_of(completion))
+                              usage_of(completion), self._logprobs(tokens, 0))
 
     def stream_job(self, ctx: JobContext) -> list[Message]:
-        def send(text: str) -> None:
-            ctx.emit(TextCompletion(self.id, self.model_name, self.created, text, None))
+        offset = 0
+
+        def send(text: str, tokens: list[TokenLogprob]) -> None:
+            nonlocal offset
+            ctx.emit(TextCompletion(self.id, self.model_name, self.created, text, None,
+                                    logprobs=self._logprobs(tokens, offset)))
+            offset += len(text)
 
         completion = self._generate(ctx, send)
         last: list[Message] = [TextCompletion(self.id, self.model_name, self.created, "", finish_reason(completion))]

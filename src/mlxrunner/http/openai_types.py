@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxrunner.errors import RequestError
 from mlxrunner.http.protocol import (
@@ -28,6 +28,9 @@ from mlxrunner.http.protocol import (
     _str_field,
     parse_embedding,
 )
+
+if TYPE_CHECKING:
+    from mlxrunner.llm.model import TokenLogprob
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_IMAGES_PER_REQUEST = 4
@@ -118,6 +121,30 @@ def parse_logprobs(body: dict) -> int | None:
     if top is not None and not wanted:
         raise RequestError('field "top_logprobs" needs "logprobs": true', field="top_logprobs")
     return (top or 0) if wanted else None
+
+
+def _token_json(token: bytes, logprob: float) -> dict:
+    # A token can be part of a UTF-8 character: `bytes` is exact, `token` the text it reads as.
+    return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs`: one entry per generated token."""
+    content = [{**_token_json(t.token, t.logprob), "top_logprobs": [_token_json(b, lp) for b, lp in t.top]}
+               for t in tokens]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
+    """A /v1/completions choice's `logprobs` (the legacy form); offset: where the first token's text starts."""
+    texts = [t.token.decode("utf-8", errors="replace") for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{b.decode("utf-8", errors="replace"): lp for b, lp in t.top} for t in tokens],
+            "text_offset": offsets}
 
 
 # --- POST /v1/chat/completions -----------------------------------------------------------------------

@@ -85,6 +85,16 @@ class Completion:
                 "eval_count": self.eval_count, "eval_duration": self.eval_duration}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """How likely the model found one generated token (natural log of its softmax over the raw logits, before
+    penalties and temperature), and its most likely alternatives, best first."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
 class PromptTooLong(ValueError):
     pass
 
@@ -147,10 +157,13 @@ class LanguageModel:
 
     def stream(self, prompt: str | list[int], options: Options = Options(),
                check_cancelled: Callable[[], None] | None = None,
-               stop_token_ids: Collection[int] = ()) -> Iterator[str | Completion]:
+               stop_token_ids: Collection[int] = (), top_logprobs: int | None = None,
+               ) -> Iterator[str | TokenLogprob | Completion]:
         """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion.
 
         stop_token_ids: tokens that end the answer besides the tokenizer's EOS (a chat template's end of turn).
+        top_logprobs: None, or k >= 0: each generated token's TokenLogprob (with k alternatives) is yielded
+        before the text it makes.
         """
         eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
         ids = self.prompt_ids(prompt)
@@ -160,7 +173,8 @@ class LanguageModel:
         result = Completion(prompt_eval_count=len(ids))
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopMatcher(options.stop)
-        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK)
+        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
+                                    -1 if top_logprobs is None else top_logprobs)
         start = time.perf_counter_ns()
         first_token_at = None
         try:
@@ -175,6 +189,8 @@ class LanguageModel:
                     result.done_reason, result.stop_reason = "stop", f"eos:{token}"
                     break
                 result.eval_count += 1
+                if top_logprobs is not None:
+                    yield self._token_logprob(token, generator.logprobs)
                 emit, matched = stops.push(detok.add(token))
                 if emit:
                     yield emit
@@ -195,6 +211,11 @@ class LanguageModel:
             if first_token_at is not None:
                 result.eval_duration = time.perf_counter_ns() - first_token_at
         yield result
+
+    def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        logprob, top = logprobs
+        as_bytes = self.tokenizer.token_bytes
+        return TokenLogprob(as_bytes(token), logprob, [(as_bytes(i), lp) for i, lp in top])
 
     def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Public API: iterate text chunks. Options as in a /completion request's `options`."""
