@@ -38,8 +38,9 @@ class ScriptedLLM:
     dims = 4
     context_length = 4096
 
-    def __init__(self, answer: str):
+    def __init__(self, answer: str, error: Exception | None = None):
         self.answer = answer
+        self.error = error  # raised after the answer's text, as a model that fails midway
         self.chat_template = ChatTemplate.from_folder(QWEN3_CHAT)
         self.prompts: list[str] = []
 
@@ -57,6 +58,8 @@ class ScriptedLLM:
                top_logprobs=None) -> Iterator[str | Completion]:
         pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
         yield from pieces
+        if self.error is not None:
+            raise self.error
         yield Completion(done_reason="stop", stop_reason="eos:0", prompt_eval_count=len(prompt),
                          eval_count=len(pieces))
 
@@ -96,8 +99,8 @@ class AppThread:
 def serve():
     started: list[AppThread] = []
 
-    def start(answer: str) -> tuple[openai.OpenAI, ScriptedLLM]:
-        model = ScriptedLLM(answer)
+    def start(answer: str, error: Exception | None = None) -> tuple[openai.OpenAI, ScriptedLLM]:
+        model = ScriptedLLM(answer, error)
         started.append(AppThread(model))
         return started[-1].client(), model
 
@@ -158,3 +161,22 @@ def test_enable_thinking_false_reaches_the_template(serve):
     client.chat.completions.create(model="m", messages=ASK, extra_body={"chat_template_kwargs": {
         "enable_thinking": False}})
     assert model.prompts[-1].endswith("<think>\n\n</think>\n\n")
+
+
+def test_an_error_midway_through_a_stream_is_an_error_event(serve):
+    client, _ = serve("Some text before it fails", ValueError("a shape check failed"))
+    stream = client.chat.completions.create(model="m", messages=ASK, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            pass
+    assert "a shape check failed" in caught.value.message
+
+
+def test_an_internal_error_is_a_500_the_client_does_not_retry(serve):
+    client, model = serve("", ValueError("a shape check failed"))
+    response = client.with_options(max_retries=2).chat.completions.with_raw_response
+    with pytest.raises(openai.InternalServerError) as caught:
+        response.create(model="m", messages=ASK)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.body["type"] == "server_error"
+    assert len(model.prompts) == 1  # asked once: no retries
