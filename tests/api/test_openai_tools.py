@@ -79,7 +79,8 @@ class AppThread:
     async def _start(self, model) -> int:
         loaded = LoadedModel("scripted", Detected(Mode.LLM, "Qwen3ForCausalLM"), model, 0.0)
         self.worker = Worker()
-        self.app_runner = web.AppRunner(Server(RunnerState("scripted", status="ok", loaded=loaded), self.worker).app())
+        self.state = RunnerState("scripted", status="ok", loaded=loaded)
+        self.app_runner = web.AppRunner(Server(self.state, self.worker).app())
         await self.app_runner.setup()
         site = web.TCPSite(self.app_runner, "127.0.0.1", 0)
         await site.start()
@@ -104,6 +105,7 @@ def serve():
         started.append(AppThread(model))
         return started[-1].client(), model
 
+    start.apps = started
     yield start
     for app in started:
         app.close()
@@ -180,3 +182,12 @@ def test_an_internal_error_is_a_500_the_client_does_not_retry(serve):
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert caught.value.body["type"] == "server_error"
     assert len(model.prompts) == 1  # asked once: no retries
+
+
+def test_while_loading_a_503_says_when_to_retry(serve):
+    client, _ = serve("")
+    serve.apps[-1].state.status = "loading"
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.with_raw_response.create(model="m", messages=ASK)
+    assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
+    assert "loading" in caught.value.message

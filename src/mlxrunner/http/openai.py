@@ -4,7 +4,7 @@ Chat and completions live in openai_chat.py, images in openai_images.py; the wir
 Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (error_json). A route that does
 not fit the loaded model is a 400 naming the route to use: the `openai` client retries 409 and 5xx, and
 asking again cannot help. For the same reason a 500 says `x-should-retry: false`: the runner's failures do not
-go away on their own. The contract is docs/protocol.md.
+go away on their own; a 503 (loading, queue full) says `Retry-After: 1`. The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ def error_json(error: HttpError) -> dict:
 
 
 def error_headers(error: HttpError) -> dict[str, str]:
-    return {"x-should-retry": "false"} if error.status == 500 else {}
+    if error.status == 500:
+        return {"x-should-retry": "false"}
+    if error.status == 503:  # loading, or the queue is full: the client's retries (two, by default) wait this long
+        return {"Retry-After": "1"}
+    return {}
 
 
 def loaded_model(server: Server, request: web.Request) -> LoadedModel:
