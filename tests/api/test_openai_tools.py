@@ -98,6 +98,7 @@ class AppThread:
 
 @pytest.fixture
 def serve():
+    """start(answer, error=None) -> (client, model); `started` holds the apps (their `state`), closed at the end."""
     started: list[AppThread] = []
 
     def start(answer: str, error: Exception | None = None) -> tuple[openai.OpenAI, ScriptedLLM]:
@@ -105,14 +106,18 @@ def serve():
         started.append(AppThread(model))
         return started[-1].client(), model
 
-    start.apps = started
-    yield start
+    yield start, started
     for app in started:
         app.close()
 
 
-def test_reasoning_and_a_tool_call_whole(serve):
-    client, model = serve(THINK_THEN_CALL)
+@pytest.fixture
+def serve_answer(serve):
+    return serve[0]
+
+
+def test_reasoning_and_a_tool_call_whole(serve_answer):
+    client, model = serve_answer(THINK_THEN_CALL)
     answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL])
     message = answer.choices[0].message
     assert answer.choices[0].finish_reason == "tool_calls"
@@ -124,8 +129,8 @@ def test_reasoning_and_a_tool_call_whole(serve):
     assert "get_weather" in model.prompts[-1]  # the tools reached the template
 
 
-def test_reasoning_and_a_tool_call_streamed(serve):
-    client, _ = serve(THINK_THEN_CALL)
+def test_reasoning_and_a_tool_call_streamed(serve_answer):
+    client, _ = serve_answer(THINK_THEN_CALL)
     chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL], stream=True))
     deltas = [c.choices[0].delta for c in chunks]
     reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
@@ -137,16 +142,16 @@ def test_reasoning_and_a_tool_call_streamed(serve):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_without_tools_a_tool_call_block_stays_text(serve):
-    client, _ = serve("Sure. <tool_call>\n{\"name\": \"x\"}\n</tool_call>")
+def test_without_tools_a_tool_call_block_stays_text(serve_answer):
+    client, _ = serve_answer("Sure. <tool_call>\n{\"name\": \"x\"}\n</tool_call>")
     answer = client.chat.completions.create(model="m", messages=ASK)
     assert answer.choices[0].message.tool_calls is None
     assert answer.choices[0].message.content == "Sure. <tool_call>\n{\"name\": \"x\"}\n</tool_call>"
     assert answer.choices[0].finish_reason == "stop"
 
 
-def test_tool_results_go_back_to_the_template(serve):
-    client, model = serve("It is sunny.")
+def test_tool_results_go_back_to_the_template(serve_answer):
+    client, model = serve_answer("It is sunny.")
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -158,15 +163,15 @@ def test_tool_results_go_back_to_the_template(serve):
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in model.prompts[-1]
 
 
-def test_enable_thinking_false_reaches_the_template(serve):
-    client, model = serve("Hi.")
+def test_enable_thinking_false_reaches_the_template(serve_answer):
+    client, model = serve_answer("Hi.")
     client.chat.completions.create(model="m", messages=ASK, extra_body={"chat_template_kwargs": {
         "enable_thinking": False}})
     assert model.prompts[-1].endswith("<think>\n\n</think>\n\n")
 
 
-def test_an_error_midway_through_a_stream_is_an_error_event(serve):
-    client, _ = serve("Some text before it fails", ValueError("a shape check failed"))
+def test_an_error_midway_through_a_stream_is_an_error_event(serve_answer):
+    client, _ = serve_answer("Some text before it fails", ValueError("a shape check failed"))
     stream = client.chat.completions.create(model="m", messages=ASK, stream=True)
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
@@ -174,8 +179,8 @@ def test_an_error_midway_through_a_stream_is_an_error_event(serve):
     assert "a shape check failed" in caught.value.message
 
 
-def test_an_internal_error_is_a_500_the_client_does_not_retry(serve):
-    client, model = serve("", ValueError("a shape check failed"))
+def test_an_internal_error_is_a_500_the_client_does_not_retry(serve_answer):
+    client, model = serve_answer("", ValueError("a shape check failed"))
     response = client.with_options(max_retries=2).chat.completions.with_raw_response
     with pytest.raises(openai.InternalServerError) as caught:
         response.create(model="m", messages=ASK)
@@ -185,8 +190,9 @@ def test_an_internal_error_is_a_500_the_client_does_not_retry(serve):
 
 
 def test_while_loading_a_503_says_when_to_retry(serve):
-    client, _ = serve("")
-    serve.apps[-1].state.status = "loading"
+    start, apps = serve
+    client, _ = start("")
+    apps[-1].state.status = "loading"
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.with_raw_response.create(model="m", messages=ASK)
     assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
