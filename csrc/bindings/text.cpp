@@ -55,12 +55,25 @@ void bind_decoder(nb::module_& m) {
            "the fused projections then free the checkpoint's separate arrays as they go).");
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
-      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int>(), "model"_a, "prompt"_a,
-           "options"_a, "prefill_chunk"_a = 512, nb::keep_alive<1, 2>())
+      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int>(), "model"_a, "prompt"_a,
+           "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, nb::keep_alive<1, 2>())
       .def("__iter__", [](nb::handle self) { return self; })
       .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)
-      .def_prop_ro("position", &Generator::position);
+      .def_prop_ro("position", &Generator::position)
+      .def_prop_ro(
+          "logprobs",
+          [](const Generator& self) -> std::optional<nb::tuple> {
+            const auto& lp = self.logprobs();
+            if (!lp) return std::nullopt;
+            nb::list top;
+            for (size_t i = 0; i < lp->top_ids.size(); ++i) {
+              top.append(nb::make_tuple(lp->top_ids[i], lp->top_logprobs[i]));
+            }
+            return nb::make_tuple(lp->logprob, top);
+          },
+          "(logprob, [(id, logprob), ...] best first) of the token the last __next__ returned; None unless "
+          "top_logprobs >= 0 was given.");
 }
 
 }  // namespace

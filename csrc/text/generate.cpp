@@ -1,5 +1,7 @@
 #include "text/generate.h"
 
+#include <algorithm>
+#include <numeric>
 #include <stdexcept>
 
 namespace mlxr {
@@ -21,12 +23,13 @@ void eval_cache(const std::vector<KVCache>& cache) {
 }  // namespace
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-                     int prefill_chunk)
+                     int prefill_chunk, int top_logprobs)
     : model_(model),
       prompt_(prompt),
       cache_(model.make_cache()),
       sampler_(options, model.config().vocab_size),
-      prefill_chunk_(prefill_chunk) {
+      prefill_chunk_(prefill_chunk),
+      top_logprobs_(top_logprobs) {
   if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
   if (prefill_chunk_ <= 0) throw std::invalid_argument("prefill_chunk must be positive");
   for (int t : prompt_) {
@@ -37,8 +40,42 @@ Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const
 }
 
 mx::array Generator::step(const mx::array& token) {
-  auto logits = model_.forward(mx::reshape(token, {1, 1}), cache_);
-  return sampler_.sample(mx::reshape(logits, {-1}));
+  return model_.forward(mx::reshape(token, {1, 1}), cache_);
+}
+
+void Generator::sample(const mx::array& logits) {
+  auto flat = mx::reshape(logits, {-1});
+  pending_ = sampler_.sample(flat);
+  if (top_logprobs_ < 0) {
+    mx::async_eval({*pending_});
+    return;
+  }
+  // All lazy, evaluated with the token: reading them back then waits for nothing more.
+  auto z = mx::astype(flat, mx::float32);
+  auto logprobs = mx::subtract(z, mx::logsumexp(z));
+  const int k = std::min(top_logprobs_, static_cast<int>(logprobs.size()));
+  // The k best in any order (a partition, not a sort of the vocabulary); sorted on the host.
+  auto ids = k > 0 ? mx::slice(mx::argpartition(mx::negative(logprobs), k - 1), {0}, {k}) : mx::array({}, mx::uint32);
+  pending_logprobs_ = PendingLogprobs{mx::take(logprobs, *pending_), ids, mx::take(logprobs, ids)};
+  mx::async_eval({*pending_, pending_logprobs_->chosen, pending_logprobs_->top_ids, pending_logprobs_->top_values});
+}
+
+TokenLogprobs Generator::read_logprobs(const PendingLogprobs& pending) {
+  TokenLogprobs out;
+  out.logprob = pending.chosen.item<float>();
+  const int k = static_cast<int>(pending.top_ids.size());
+  if (k == 0) return out;
+  mx::eval({pending.top_ids, pending.top_values});
+  const auto* ids = pending.top_ids.data<uint32_t>();
+  const auto* values = pending.top_values.data<float>();
+  std::vector<int> order(k);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return values[a] > values[b]; });
+  for (int i : order) {
+    out.top_ids.push_back(static_cast<int>(ids[i]));
+    out.top_logprobs.push_back(values[i]);
+  }
+  return out;
 }
 
 void Generator::prefill() {
@@ -54,9 +91,7 @@ void Generator::prefill() {
     done = end;
   }
   auto last = as_batch(prompt_, prompt_.size() - 1, prompt_.size());
-  auto logits = model_.forward(last, cache_);
-  pending_ = sampler_.sample(mx::reshape(logits, {-1}));
-  mx::async_eval({*pending_});
+  sample(model_.forward(last, cache_));
 }
 
 int Generator::next() {
@@ -64,13 +99,15 @@ int Generator::next() {
     prefill();
   }
   auto current = *pending_;
-  pending_ = step(current);  // dispatch n+1 before reading n
-  mx::async_eval({*pending_});
+  auto current_logprobs = pending_logprobs_;
+  sample(step(current));  // dispatch n+1 before reading n
   // A direct read, as mlx-lm's loop does: MLX 0.32's item() waits for the token and reads it
   // through Buffer::raw_ptr, which moves a CUDA buffer to host-visible memory itself. Routing it
   // through a CPU-stream copy (nn/host.h) cost 1.7 ms per token on an H100 at 4B/8B: the wait
   // then also covered the next token's dispatched work, and the loop lost its one-token overlap.
-  return current.item<int>();
+  const int token = current.item<int>();
+  if (current_logprobs) logprobs_ = read_logprobs(*current_logprobs);
+  return token;
 }
 
 mx::array prompt_logits(const Decoder& model, const std::vector<int>& tokens, int chunk) {

@@ -11,7 +11,7 @@ so this module stays light):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
 
 from mlxrunner.detect import Detected, Mode
 
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from mlxrunner.embed.bert import EmbeddingResult
     from mlxrunner.http.protocol import Options
     from mlxrunner.imagegen.pipeline import GeneratedImage, Progress
-    from mlxrunner.llm.model import Completion
+    from mlxrunner.llm.model import Completion, TokenLogprob
+    from mlxrunner.text.chat_template import ChatTemplate
 
 # Called between steps of a job (batches, tokens); raises errors.Cancelled once the job is cancelled.
 CheckCancelled = Callable[[], None]
@@ -50,11 +51,16 @@ class TextModel(Embedder, Protocol):
     """A decoder LLM. Its embeddings are its last token's final hidden state."""
 
     context_length: int
+    chat_template: ChatTemplate | None  # None: the model has none (chat requests are refused)
 
     def stream(self, prompt: str | list[int], options: Options = ...,
-               check_cancelled: CheckCancelled | None = None) -> Iterator[str | Completion]:
+               check_cancelled: CheckCancelled | None = None,
+               stop_token_ids: Collection[int] = (), top_logprobs: int | None = None,
+               ) -> Iterator[str | TokenLogprob | Completion]:
         """Text chunks (valid UTF-8, stop strings withheld), then one Completion. A prompt that does not
-        fit the context is llm.model.PromptTooLong."""
+        fit the context is llm.model.PromptTooLong; a list of ids is used as it is, a string is encoded with
+        the tokenizer's BOS. stop_token_ids end the answer as the tokenizer's EOS ids do. With top_logprobs
+        (k >= 0), each token's TokenLogprob comes before its text."""
 
     def generate(self, prompt: str | list[int], **options: object) -> Iterator[str]:
         """Text chunks only; options as a /completion request's `options`."""

@@ -83,7 +83,6 @@ def test_health_says_imagegen(image_runner):
 
 @pytest.mark.parametrize("path, body", [
     ("/embedding", {"content": "hello"}),
-    ("/v1/embeddings", {"input": "hello"}),
     ("/tokenize", {"content": "hello"}),
     ("/detokenize", {"tokens": [1, 2]}),
 ])
@@ -91,9 +90,16 @@ def test_routes_the_image_mode_does_not_serve_are_409_naming_the_mode(image_runn
     status, _, raw = post(image_runner, body, path)
     assert status == 409
     error = json.loads(raw)["error"]
-    if isinstance(error, dict):  # /v1/embeddings answers in OpenAI's error shape
-        error = error["message"]
     assert f"{path} is not served by this runner" in error and "imagegen" in error and "/completion" in error
+
+
+def test_openai_routes_the_image_mode_does_not_serve_are_400_naming_the_route_to_use(image_runner):
+    # 400, not 409: the openai client retries a 409, and asking again cannot help.
+    status, _, raw = post(image_runner, {"input": "hello"}, "/v1/embeddings")
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert "/v1/embeddings does not serve" in error["message"] and "imagegen" in error["message"]
+    assert "/v1/images/generations" in error["message"]
 
 
 # --- the stream ----------------------------------------------------------------------------------

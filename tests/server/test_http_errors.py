@@ -32,6 +32,7 @@ class FakeLLM:
 
     dims = 4
     context_length = 16
+    chat_template = None
 
     def __init__(self, error: Exception | None, chunks: int = 0):
         self.error = error

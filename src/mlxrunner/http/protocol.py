@@ -3,7 +3,8 @@
 Everything a client can send is checked here before a job is queued, so a handler either has a
 well-typed request or a `RequestError` whose message names the field that was wrong. Unknown
 fields are ignored (Ollama's Go parent adds fields over time). Each route's answer is a dataclass
-whose `to_json()` is the object sent. The contract is docs/protocol.md.
+whose `to_json()` is the object sent; OpenAI's wire has its own module, openai_types.py. The contract is
+docs/protocol.md.
 
 Only the standard library is imported: the models import `Options` and `Limits` from here.
 """
@@ -435,54 +436,6 @@ class DetokenizeResponse:
 
     def to_json(self) -> dict:
         return {"content": self.content}
-
-
-# --- POST /v1/embeddings (OpenAI) -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpenAIEmbeddingRequest:
-    embedding: EmbeddingRequest  # the inputs, with the model's normalisation and truncation
-    encoding_format: str  # float | base64
-    dimensions: int | None  # None: all of the model's; else cut and re-normalised (Matryoshka-style)
-    model: str | None  # echoed back; the runner serves one model whatever this says
-
-
-def parse_openai_embedding(body: dict, limits: Limits, model_dims: int) -> OpenAIEmbeddingRequest:
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise RequestError('field "encoding_format" must be "float" or "base64"', field="encoding_format")
-    return OpenAIEmbeddingRequest(
-        embedding=parse_embedding({"input": body.get("input")}, limits),
-        encoding_format=encoding,
-        dimensions=_int_field(body, "dimensions", 1, model_dims),
-        model=_str_field(body, "model"),
-    )
-
-
-@dataclass(frozen=True)
-class OpenAIEmbeddingResponse:
-    embeddings: list[list[float] | str]  # floats, or base64 of little-endian float32
-    model: str
-    prompt_tokens: int
-
-    def to_json(self) -> dict:
-        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(self.embeddings)]
-        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
-        return {"object": "list", "data": data, "model": self.model, "usage": usage}
-
-
-@dataclass(frozen=True)
-class OpenAIError:
-    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
-
-    message: str
-    type: str  # invalid_request_error (the client's fault) | server_error
-    param: str | None = None  # the request field at fault
-    code: str | None = None
-
-    def to_json(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # --- errors and /health ---------------------------------------------------------------------------

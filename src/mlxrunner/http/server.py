@@ -54,8 +54,9 @@ PROTOCOLS = (ollama, openai)
 # What each mode serves, so a request to a route the loaded model cannot answer is a clear 409.
 ROUTES_BY_MODE = {
     Mode.EMBEDDING: {"/embedding", "/v1/embeddings", "/tokenize", "/detokenize"},
-    Mode.LLM: {"/completion", "/embedding", "/v1/embeddings", "/tokenize", "/detokenize"},
-    Mode.IMAGEGEN: {"/completion"},
+    Mode.LLM: {"/completion", "/embedding", "/v1/embeddings", "/tokenize", "/detokenize", "/v1/chat/completions",
+               "/v1/completions"},
+    Mode.IMAGEGEN: {"/completion", "/v1/images/generations", "/v1/images/edits"},
 }
 
 
@@ -156,6 +157,8 @@ class Server:
             for path, handler in protocol.routes(self).items():
                 app.router.add_post(path, handler)  # other methods: 405, from aiohttp
                 self._error_json[path] = protocol.error_json
+        for path, handler in openai.get_routes(self).items():
+            app.router.add_get(path, handler)
         return app
 
     @web.middleware
@@ -180,14 +183,22 @@ class Server:
         return HttpError(exc.status, f"{exc.reason}: {request.method} {request.path}")
 
     def _error_response(self, request: web.Request, error: HttpError, allow: str | None = None) -> web.Response:
-        error_json = self._error_json.get(request.path, ollama.error_json)  # unknown paths: the runner's own form
-        headers = {"Allow": allow} if allow else None
+        # Unknown paths: OpenAI's form under /v1/ (GET /v1/models/{id} included), else the runner's own.
+        fallback = openai.error_json if request.path.startswith("/v1/") else ollama.error_json
+        error_json = self._error_json.get(request.path, fallback)
+        headers = {"Allow": allow} if allow else {}
+        if error_json is openai.error_json:
+            headers.update(openai.error_headers(error))
         return web.json_response(error_json(error), status=error.status, headers=headers)
 
     # --- what the routes share --------------------------------------------------------------------
 
     async def read_json(self, request: web.Request) -> dict:
         return parse_json_body(await request.read())
+
+    @staticmethod
+    def serves(mode: Mode, path: str) -> bool:
+        return path in ROUTES_BY_MODE[mode]
 
     def model_for(self, request: web.Request) -> LoadedModel:
         """The loaded model if it serves this route, else an error saying why not."""
@@ -199,14 +210,14 @@ class Server:
         if state.status == "error" or state.loaded is None:
             raise ModelError(f"the model failed to load: {state.error}")
         loaded = state.loaded
-        if request.path not in ROUTES_BY_MODE[loaded.mode]:
+        if not self.serves(loaded.mode, request.path):
             serves = ", ".join(sorted(ROUTES_BY_MODE[loaded.mode]))
             raise RequestError(
                 f"{request.path} is not served by this runner: it has loaded a {loaded.mode.value} model "
                 f"({loaded.name}), which serves {serves}", status=409)
         return loaded
 
-    def _submit(self, name: str, fn: Callable[[JobContext], T]) -> Job:
+    def submit(self, name: str, fn: Callable[[JobContext], T]) -> Job:
         try:
             return self.worker.submit(name, fn)
         except (QueueFull, WorkerStopped) as exc:
@@ -215,7 +226,7 @@ class Server:
     async def run(self, name: str, fn: Callable[[JobContext], T]) -> T:
         """Run `fn(ctx)` on the worker and return its result (or raise its error); cancel it if the client
         goes away."""
-        job = self._submit(name, fn)
+        job = self.submit(name, fn)
         done = asyncio.ensure_future(job.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -244,7 +255,7 @@ class Server:
         prompt too long, say) still gets a proper HTTP error status. After that, an error is a
         final `{"error": ..., "done": true}` line.
         """
-        job = self._submit(name, fn)
+        job = self.submit(name, fn)
         response: web.StreamResponse | None = None
 
         async def send(message: Message) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
@@ -84,8 +85,26 @@ class Completion:
                 "eval_count": self.eval_count, "eval_duration": self.eval_duration}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """How likely the model found one generated token (natural log of its softmax over the raw logits, before
+    penalties and temperature), and its most likely alternatives, best first."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
 class PromptTooLong(ValueError):
     pass
+
+
+def _chat_template(source) -> ChatTemplate | None:
+    """The model's chat template, or None for a model that has none (a base model: plain prompts only)."""
+    try:
+        return ChatTemplate.from_folder(source)
+    except NoChatTemplate:
+        return None
 
 
 class LanguageModel:
@@ -96,6 +115,7 @@ class LanguageModel:
         self.config = config
         self.core_config = decoder_config(config)
         self.tokenizer = TextTokenizer.from_source(source)
+        self.chat_template = _chat_template(source)
         self.context_length = int(config.get("max_position_embeddings") or 4096)
         weights = source.tensors("")
         if progress:
@@ -136,8 +156,16 @@ class LanguageModel:
         return ids
 
     def stream(self, prompt: str | list[int], options: Options = Options(),
-               check_cancelled: Callable[[], None] | None = None) -> Iterator[str | Completion]:
-        """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion."""
+               check_cancelled: Callable[[], None] | None = None,
+               stop_token_ids: Collection[int] = (), top_logprobs: int | None = None,
+               ) -> Iterator[str | TokenLogprob | Completion]:
+        """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion.
+
+        stop_token_ids: tokens that end the answer besides the tokenizer's EOS (a chat template's end of turn).
+        top_logprobs: None, or k >= 0: each generated token's TokenLogprob (with k alternatives) is yielded
+        before the text it makes.
+        """
+        eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
         ids = self.prompt_ids(prompt)
         budget = self.context_length - len(ids)
         if options.num_predict is not None and options.num_predict >= 0:
@@ -145,7 +173,8 @@ class LanguageModel:
         result = Completion(prompt_eval_count=len(ids))
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopMatcher(options.stop)
-        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK)
+        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
+                                    -1 if top_logprobs is None else top_logprobs)
         start = time.perf_counter_ns()
         first_token_at = None
         try:
@@ -156,10 +185,12 @@ class LanguageModel:
                 if first_token_at is None:
                     first_token_at = time.perf_counter_ns()
                     result.prompt_eval_duration = first_token_at - start
-                if token in self.tokenizer.eos_ids:
+                if token in eos_ids:
                     result.done_reason, result.stop_reason = "stop", f"eos:{token}"
                     break
                 result.eval_count += 1
+                if top_logprobs is not None:
+                    yield self._token_logprob(token, generator.logprobs)
                 emit, matched = stops.push(detok.add(token))
                 if emit:
                     yield emit
@@ -180,6 +211,11 @@ class LanguageModel:
             if first_token_at is not None:
                 result.eval_duration = time.perf_counter_ns() - first_token_at
         yield result
+
+    def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        logprob, top = logprobs
+        as_bytes = self.tokenizer.token_bytes
+        return TokenLogprob(as_bytes(token), logprob, [(as_bytes(i), lp) for i, lp in top])
 
     def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Public API: iterate text chunks. Options as in a /completion request's `options`."""

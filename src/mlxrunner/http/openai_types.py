@@ -1,0 +1,411 @@
+"""The OpenAI wire: requests parsed and checked, answers and stream chunks as OpenAI's clients read them.
+
+Everything here is plain data: the routes (openai.py, openai_chat.py, openai_images.py) run the jobs. As in
+protocol.py, a request is either well typed or a RequestError naming the field (OpenAI's `param`); unknown
+fields are ignored (the `openai` client merges `extra_body` keys into the top level). OpenAI routes use
+OpenAI's sampling defaults, not Ollama's: temperature 1, top_p 1, no top-k, no repeat penalty, so
+temperature 0 is plain greedy. The contract is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mlxrunner.errors import RequestError
+from mlxrunner.http.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    EmbeddingRequest,
+    Limits,
+    Options,
+    _bool_field,
+    _float_field,
+    _int_field,
+    _json_type,
+    _str_field,
+    parse_embedding,
+)
+
+if TYPE_CHECKING:
+    from mlxrunner.llm.model import TokenLogprob
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_IMAGES_PER_REQUEST = 4
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True)
+class OpenAIError:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    message: str
+    type: str  # invalid_request_error (the client's fault) | server_error
+    param: str | None = None  # the request field at fault
+    code: str | None = None
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- sampling fields, shared by chat and completions ---------------------------------------------------
+
+
+def parse_sampling(body: dict, limits: Limits) -> Options:
+    """OpenAI's sampling fields -> the runner's Options, with OpenAI's defaults for what is left out."""
+    n = _int_field(body, "n", 1, 128)
+    if n not in (None, 1):
+        raise RequestError(f'field "n" must be 1: this runner makes one choice per request, got {n}', field="n")
+    max_tokens = _int_field(body, "max_completion_tokens", 1, limits.max_num_predict)
+    if max_tokens is None:
+        max_tokens = _int_field(body, "max_tokens", 1, limits.max_num_predict)
+    return Options(
+        num_predict=max_tokens,
+        temperature=_float_field(body, "temperature", 0.0, 2.0, default=1.0),
+        top_p=_float_field(body, "top_p", 0.0, 1.0, default=1.0),
+        top_k=0,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        # OpenAI's penalties count every token generated so far; -1 makes the window the whole context.
+        repeat_last_n=-1,
+        presence_penalty=_float_field(body, "presence_penalty", -2.0, 2.0, default=0.0),
+        frequency_penalty=_float_field(body, "frequency_penalty", -2.0, 2.0, default=0.0),
+        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
+        stop=_stop_strings(body.get("stop")),
+    )
+
+
+def _stop_strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError('field "stop" must be a non-empty string or a list of them', field="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f'field "stop" has {len(stops)} strings; the maximum is {MAX_STOP_STRINGS}', field="stop")
+    return stops
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    stream: bool = False
+    include_usage: bool = False  # a last chunk with `usage` and `choices: []`
+
+
+def parse_stream(body: dict) -> StreamOptions:
+    stream = bool(_bool_field(body, "stream", False))
+    options = body.get("stream_options")
+    if options is None:
+        return StreamOptions(stream)
+    if not isinstance(options, dict):
+        raise RequestError(f'field "stream_options" must be an object, got {_json_type(options)}',
+                           field="stream_options")
+    include_usage = _bool_field({"stream_options.include_usage": options.get("include_usage")},
+                                "stream_options.include_usage", False)
+    return StreamOptions(stream, bool(include_usage))
+
+
+def parse_logprobs(body: dict) -> int | None:
+    """None: no logprobs; else how many alternatives (top_logprobs, 0-20) each token reports."""
+    wanted = _bool_field(body, "logprobs", False)
+    top = _int_field(body, "top_logprobs", 0, 20)
+    if top is not None and not wanted:
+        raise RequestError('field "top_logprobs" needs "logprobs": true', field="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _token_json(token: bytes, logprob: float) -> dict:
+    # A token can be part of a UTF-8 character: `bytes` is exact, `token` the text it reads as.
+    return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs`: one entry per generated token."""
+    content = [{**_token_json(t.token, t.logprob), "top_logprobs": [_token_json(b, lp) for b, lp in t.top]}
+               for t in tokens]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
+    """A /v1/completions choice's `logprobs` (the legacy form); offset: where the first token's text starts."""
+    texts = [t.token.decode("utf-8", errors="replace") for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{b.decode("utf-8", errors="replace"): lp for b, lp in t.top} for t in tokens],
+            "text_offset": offsets}
+
+
+# --- POST /v1/chat/completions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list  # OpenAI chat messages; the chat template checks them (InvalidMessages)
+    tools: list[dict] | None  # passed to the template; None when none were offered (or tool_choice "none")
+    options: Options
+    stream: StreamOptions
+    logprobs: int | None
+    template_kwargs: dict  # chat_template_kwargs (vLLM's extension), e.g. {"enable_thinking": false}
+    model: str | None
+
+
+def parse_chat(body: dict, limits: Limits) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError('field "messages" must be a non-empty array of messages', field="messages")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RequestError('field "tools" must be an array of tool objects', field="tools")
+    if body.get("tool_choice") == "none" or not tools:
+        tools = None
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
+    return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
+                       stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
+                       model=_str_field(body, "model"))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    """A whole chat answer (no stream)."""
+
+    id: str
+    model: str
+    message: dict  # role, content, and reasoning_content / tool_calls when there are some
+    finish_reason: str  # stop | length | tool_calls
+    usage: Usage
+    logprobs: dict | None = None
+    created: int = field(default_factory=now)
+
+    def to_json(self) -> dict:
+        choice = {"index": 0, "message": self.message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage.to_json()}
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed piece of a chat answer; `delta` empty and `finish_reason` set in the last of the choice's."""
+
+    id: str
+    model: str
+    created: int
+    delta: dict
+    finish_reason: str | None = None
+    logprobs: dict | None = None
+
+    def to_json(self) -> dict:
+        choice = {"index": 0, "delta": self.delta, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+
+@dataclass(frozen=True)
+class UsageChunk:
+    """stream_options.include_usage: the stream's last chunk, with no choices."""
+
+    id: str
+    object: str  # chat.completion.chunk | text_completion
+    model: str
+    created: int
+    usage: Usage
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [],
+                "usage": self.usage.to_json()}
+
+
+# --- POST /v1/completions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextCompletionRequest:
+    prompt: str
+    options: Options
+    stream: StreamOptions
+    logprobs: int | None
+    model: str | None
+
+
+def parse_text_completion(body: dict, limits: Limits) -> TextCompletionRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError('field "prompt" must be a string (or a list of one string)', field="prompt")
+    logprobs = _int_field(body, "logprobs", 0, 5)  # the legacy API: how many alternatives per token
+    return TextCompletionRequest(prompt=prompt, options=parse_sampling(body, limits), stream=parse_stream(body),
+                                 logprobs=logprobs, model=_str_field(body, "model"))
+
+
+@dataclass(frozen=True)
+class TextCompletion:
+    """A whole completion, or (stream) one piece of it; `usage` only on a whole one."""
+
+    id: str
+    model: str
+    created: int
+    text: str
+    finish_reason: str | None
+    usage: Usage | None = None
+    logprobs: dict | None = None
+
+    def to_json(self) -> dict:
+        choice = {"index": 0, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        answer = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                  "choices": [choice]}
+        if self.usage is not None:
+            answer["usage"] = self.usage.to_json()
+        return answer
+
+
+# --- GET /v1/models --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    id: str
+    created: int
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": "mlxrunner"}
+
+
+# --- POST /v1/embeddings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingRequest:
+    embedding: EmbeddingRequest  # the inputs, with the model's normalisation and truncation
+    encoding_format: str  # float | base64
+    dimensions: int | None  # None: all of the model's; else cut and re-normalised (Matryoshka-style)
+    model: str | None  # echoed back; the runner serves one model whatever this says
+
+
+def parse_openai_embedding(body: dict, limits: Limits, model_dims: int) -> OpenAIEmbeddingRequest:
+    encoding = body.get("encoding_format", "float")
+    if encoding is None:
+        encoding = "float"
+    if encoding not in ("float", "base64"):  # false, 0, "" and the like included: they are not a format
+        raise RequestError(f'field "encoding_format" must be "float" or "base64", got {encoding!r}',
+                           field="encoding_format")
+    return OpenAIEmbeddingRequest(
+        embedding=parse_embedding({"input": body.get("input")}, limits),
+        encoding_format=encoding,
+        dimensions=_int_field(body, "dimensions", 1, model_dims),
+        model=_str_field(body, "model"),
+    )
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingResponse:
+    embeddings: list[list[float] | str]  # floats, or base64 of little-endian float32
+    model: str
+    prompt_tokens: int
+
+    def to_json(self) -> dict:
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(self.embeddings)]
+        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
+
+
+# --- POST /v1/images/generations, /v1/images/edits ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    n: int
+    width: int | None  # None: the model's default (an edit: the first reference image's size)
+    height: int | None
+    seed: int | None  # image i uses seed + i; None: each image its own random seed
+    steps: int | None
+    negative_prompt: str | None
+    guidance: float | None
+    images: list[bytes] = field(default_factory=list)  # reference images (edits)
+
+
+# Form fields arrive as text (the openai client sends `n="2"`): these are converted before parse_image_request.
+_INT_FORM_FIELDS = ("n", "seed", "steps")
+_FLOAT_FORM_FIELDS = ("guidance_scale",)
+
+
+def form_fields_as_json(fields: dict[str, str]) -> dict:
+    """multipart/form-data text fields -> the values a JSON body would hold."""
+    body: dict[str, Any] = dict(fields)
+    for name, convert in [(n, int) for n in _INT_FORM_FIELDS] + [(n, float) for n in _FLOAT_FORM_FIELDS]:
+        if name in body:
+            try:
+                body[name] = convert(body[name])
+            except ValueError:
+                kind = "an integer" if convert is int else "a number"
+                raise RequestError(f'field "{name}" must be {kind}, got {body[name]!r}', field=name) from None
+    return body
+
+
+def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) -> ImageRequest:
+    prompt = _str_field(body, "prompt")
+    if not prompt:
+        raise RequestError('field "prompt" is required', field="prompt")
+    response_format = _str_field(body, "response_format", "b64_json")
+    if response_format != "b64_json":
+        raise RequestError(f'field "response_format" must be "b64_json", got {response_format!r}: this runner has '
+                           "no file server to give URLs from", field="response_format")
+    width, height = _parse_size(_str_field(body, "size"), limits)
+    return ImageRequest(
+        prompt=prompt,
+        n=_int_field(body, "n", 1, MAX_IMAGES_PER_REQUEST, default=1),
+        width=width,
+        height=height,
+        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
+        steps=_int_field(body, "steps", 1, limits.max_steps),
+        negative_prompt=_str_field(body, "negative_prompt"),
+        guidance=_float_field(body, "guidance_scale", 0.0, 100.0),
+        images=list(images),
+    )
+
+
+def _parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None]:
+    if size is None or size == "auto":
+        return None, None
+    try:
+        width, height = (int(side) for side in size.lower().split("x"))
+    except ValueError:
+        raise RequestError(f'field "size" must be "WIDTHxHEIGHT" (e.g. "1024x1024") or "auto", got {size!r}',
+                           field="size") from None
+    if width < 1 or height < 1 or width * height > limits.max_output_pixels:
+        raise RequestError(f'field "size" {size} must have positive sides and at most {limits.max_output_pixels} '
+                           "pixels", field="size")
+    return width, height
+
+
+@dataclass(frozen=True)
+class ImagesResponse:
+    images: list[str]  # base64 PNGs
+    created: int = field(default_factory=now)
+
+    def to_json(self) -> dict:
+        return {"created": self.created, "data": [{"b64_json": image} for image in self.images]}

@@ -1,0 +1,199 @@
+"""Tool calls and reasoning on /v1/chat/completions, from the real `openai` client over real HTTP.
+
+The tiny fixture models are random and never write `<think>` or `<tool_call>`, so here the runner's real app
+(Server, Worker, routes) serves a scripted LLM: Qwen3's real chat template, and an answer written in advance,
+handed out in small pieces so that tags are split across chunks as a model splits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+
+from mlxrunner.detect import Detected, Mode
+from mlxrunner.http.server import RunnerState, Server
+from mlxrunner.llm.model import Completion
+from mlxrunner.models import LoadedModel
+from mlxrunner.text.chat_template import ChatTemplate
+from mlxrunner.worker import Worker
+
+QWEN3_CHAT = Path(__file__).parents[1] / "fixtures" / "chat" / "qwen3"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+THINK_THEN_CALL = ('<think>\nThe user wants the weather.\n</think>\n\n<tool_call>\n'
+                   '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+
+
+class ScriptedLLM:
+    """A TextModel that answers every prompt with `answer`, three characters at a time; it records the prompt."""
+
+    dims = 4
+    context_length = 4096
+
+    def __init__(self, answer: str, error: Exception | None = None):
+        self.answer = answer
+        self.error = error  # raised after the answer's text, as a model that fails midway
+        self.chat_template = ChatTemplate.from_folder(QWEN3_CHAT)
+        self.prompts: list[str] = []
+
+    def tokenize(self, text: str) -> list[int]:
+        self.prompts.append(text)
+        return list(range(len(text.split())))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return ""
+
+    def embed(self, texts, normalize=None, truncate=True, check_cancelled=None):
+        raise NotImplementedError
+
+    def stream(self, prompt, options=None, check_cancelled=None, stop_token_ids=(),
+               top_logprobs=None) -> Iterator[str | Completion]:
+        pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
+        yield from pieces
+        if self.error is not None:
+            raise self.error
+        yield Completion(done_reason="stop", stop_reason="eos:0", prompt_eval_count=len(prompt),
+                         eval_count=len(pieces))
+
+    def generate(self, prompt, **options):
+        raise NotImplementedError
+
+
+class AppThread:
+    """The runner's app on 127.0.0.1 in a thread of its own, serving `model`."""
+
+    def __init__(self, model):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(model), self.loop).result(30)
+
+    async def _start(self, model) -> int:
+        loaded = LoadedModel("scripted", Detected(Mode.LLM, "Qwen3ForCausalLM"), model, 0.0)
+        self.worker = Worker()
+        self.state = RunnerState("scripted", status="ok", loaded=loaded)
+        self.app_runner = web.AppRunner(Server(self.state, self.worker).app())
+        await self.app_runner.setup()
+        site = web.TCPSite(self.app_runner, "127.0.0.1", 0)
+        await site.start()
+        return self.app_runner.addresses[0][1]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.app_runner.cleanup(), self.loop).result(30)
+        self.worker.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture
+def serve():
+    """start(answer, error=None) -> (client, model); `started` holds the apps (their `state`), closed at the end."""
+    started: list[AppThread] = []
+
+    def start(answer: str, error: Exception | None = None) -> tuple[openai.OpenAI, ScriptedLLM]:
+        model = ScriptedLLM(answer, error)
+        started.append(AppThread(model))
+        return started[-1].client(), model
+
+    yield start, started
+    for app in started:
+        app.close()
+
+
+@pytest.fixture
+def serve_answer(serve):
+    return serve[0]
+
+
+def test_reasoning_and_a_tool_call_whole(serve_answer):
+    client, model = serve_answer(THINK_THEN_CALL)
+    answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL])
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert message.content is None
+    assert message.model_extra["reasoning_content"] == "The user wants the weather."
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert "get_weather" in model.prompts[-1]  # the tools reached the template
+
+
+def test_reasoning_and_a_tool_call_streamed(serve_answer):
+    client, _ = serve_answer(THINK_THEN_CALL)
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL], stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert reasoning == "The user wants the weather."
+    assert "".join(d.content or "" for d in deltas) == ""
+    calls = [call for d in deltas for call in d.tool_calls or []]
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Paris"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_a_tool_call_block_stays_text(serve_answer):
+    client, _ = serve_answer("Sure. <tool_call>\n{\"name\": \"x\"}\n</tool_call>")
+    answer = client.chat.completions.create(model="m", messages=ASK)
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content == "Sure. <tool_call>\n{\"name\": \"x\"}\n</tool_call>"
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_tool_results_go_back_to_the_template(serve_answer):
+    client, model = serve_answer("It is sunny.")
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    answer = client.chat.completions.create(model="m", messages=history, tools=[WEATHER_TOOL])
+    assert answer.choices[0].message.content == "It is sunny."
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in model.prompts[-1]
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in model.prompts[-1]
+
+
+def test_enable_thinking_false_reaches_the_template(serve_answer):
+    client, model = serve_answer("Hi.")
+    client.chat.completions.create(model="m", messages=ASK, extra_body={"chat_template_kwargs": {
+        "enable_thinking": False}})
+    assert model.prompts[-1].endswith("<think>\n\n</think>\n\n")
+
+
+def test_an_error_midway_through_a_stream_is_an_error_event(serve_answer):
+    client, _ = serve_answer("Some text before it fails", ValueError("a shape check failed"))
+    stream = client.chat.completions.create(model="m", messages=ASK, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            pass
+    assert "a shape check failed" in caught.value.message
+
+
+def test_an_internal_error_is_a_500_the_client_does_not_retry(serve_answer):
+    client, model = serve_answer("", ValueError("a shape check failed"))
+    response = client.with_options(max_retries=2).chat.completions.with_raw_response
+    with pytest.raises(openai.InternalServerError) as caught:
+        response.create(model="m", messages=ASK)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.body["type"] == "server_error"
+    assert len(model.prompts) == 1  # asked once: no retries
+
+
+def test_while_loading_a_503_says_when_to_retry(serve):
+    start, apps = serve
+    client, _ = start("")
+    apps[-1].state.status = "loading"
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.with_raw_response.create(model="m", messages=ASK)
+    assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
+    assert "loading" in caught.value.message
