@@ -51,6 +51,9 @@ class TextModel(Embedder, Protocol):
 
     context_length: int
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as `stream` feeds it: BOS first iff the tokenizer adds one."""
+
     def stream(self, prompt: str | list[int], options: Options = ...,
                check_cancelled: CheckCancelled | None = None) -> Iterator[str | Completion]:
         """Text chunks (valid UTF-8, stop strings withheld), then one Completion. A prompt that does not

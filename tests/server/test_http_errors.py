@@ -40,6 +40,9 @@ class FakeLLM:
     def tokenize(self, text: str) -> list[int]:
         raise self.error
 
+    def encode_prompt(self, text: str) -> list[int]:
+        raise self.error
+
     def detokenize(self, ids: list[int]) -> str:
         raise self.error
 

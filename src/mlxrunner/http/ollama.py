@@ -40,8 +40,14 @@ def routes(server: Server) -> dict[str, Handler]:
             "/detokenize": handlers.detokenize}
 
 
-def error_json(error: HttpError) -> dict:
-    return ErrorResponse(error.message).to_json()
+def error_response(request: web.Request, error: HttpError) -> web.Response:
+    return web.json_response(ErrorResponse(error.message).to_json(), status=error.status)
+
+
+def plain_text_error(error: HttpError) -> web.Response:
+    """An error as Go's http.Error writes it, which Ollama's parents show as it is."""
+    return web.Response(text=f"{error.message}\n", status=error.status, charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 class OllamaRoutes:

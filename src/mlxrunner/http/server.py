@@ -24,7 +24,7 @@ from aiohttp import web
 
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.http import ollama, openai
+from mlxrunner.http import mlx_engine, ollama, openai
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
     HealthFailed,
@@ -47,9 +47,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ErrorResponder = Callable[[web.Request, "HttpError"], web.Response]
 
-# The wire protocols: each module's routes(server) gives its POST routes, error_json(error) its error body.
-PROTOCOLS = (ollama, openai)
+
+def json_errors(error_json: Callable[[HttpError], dict]) -> ErrorResponder:
+    """A protocol whose errors are a JSON body: `error_json(error)` with the error's status."""
+    return lambda request, error: web.json_response(error_json(error), status=error.status)
+
+
+# Our protocols: each module's routes(server) gives its POST routes, paired with how it answers errors.
+# Under --mlx-engine, mlx_engine.register(app, server) replaces them all (Ollama's LLM runner protocol).
+PROTOCOLS = ((ollama.routes, ollama.error_response), (openai.routes, json_errors(openai.error_json)))
 
 # What each mode serves, so a request to a route the loaded model cannot answer is a clear 409.
 ROUTES_BY_MODE = {
@@ -128,12 +136,16 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 
 class Server:
     def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, speaks_mlx_engine: bool = False):
         self.state = state
         self.worker = worker
         self.limits = limits
         self.max_body_bytes = max_body_bytes
-        self._error_json: dict[str, Callable[[HttpError], dict]] = {}  # route -> its protocol's error body
+        self.speaks_mlx_engine = speaks_mlx_engine  # Ollama's --mlx-engine protocol instead of ours
+        self.routes_by_mode = mlx_engine.ROUTES_BY_MODE if speaks_mlx_engine else ROUTES_BY_MODE
+        self._error_responses: dict[str, ErrorResponder] = {}  # route -> its protocol's error form
+        # Paths no route claims: the runner protocol's own form.
+        self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
         self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
 
     def begin_shutdown(self) -> None:
@@ -151,11 +163,14 @@ class Server:
     def app(self) -> web.Application:
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_responses])
+        if self.speaks_mlx_engine:
+            mlx_engine.register(app, self)
+            return app
         app.router.add_route("*", "/health", self.health)
-        for protocol in PROTOCOLS:
-            for path, handler in protocol.routes(self).items():
+        for routes, error_response in PROTOCOLS:
+            for path, handler in routes(self).items():
                 app.router.add_post(path, handler)  # other methods: 405, from aiohttp
-                self._error_json[path] = protocol.error_json
+                self._error_responses[path] = error_response
         return app
 
     @web.middleware
@@ -180,9 +195,10 @@ class Server:
         return HttpError(exc.status, f"{exc.reason}: {request.method} {request.path}")
 
     def _error_response(self, request: web.Request, error: HttpError, allow: str | None = None) -> web.Response:
-        error_json = self._error_json.get(request.path, ollama.error_json)  # unknown paths: the runner's own form
-        headers = {"Allow": allow} if allow else None
-        return web.json_response(error_json(error), status=error.status, headers=headers)
+        response = self._error_responses.get(request.path, self._default_error_response)(request, error)
+        if allow:
+            response.headers["Allow"] = allow
+        return response
 
     # --- what the routes share --------------------------------------------------------------------
 
@@ -199,8 +215,8 @@ class Server:
         if state.status == "error" or state.loaded is None:
             raise ModelError(f"the model failed to load: {state.error}")
         loaded = state.loaded
-        if request.path not in ROUTES_BY_MODE[loaded.mode]:
-            serves = ", ".join(sorted(ROUTES_BY_MODE[loaded.mode]))
+        if request.path not in self.routes_by_mode[loaded.mode]:
+            serves = ", ".join(sorted(self.routes_by_mode[loaded.mode]))
             raise RequestError(
                 f"{request.path} is not served by this runner: it has loaded a {loaded.mode.value} model "
                 f"({loaded.name}), which serves {serves}", status=409)
@@ -237,12 +253,15 @@ class Server:
         return await self.run("embedding", lambda ctx: model.embed(req.inputs, req.normalize, req.truncate,
                                                                    ctx.check_cancelled))
 
-    async def stream(self, request: web.Request, name: str, fn: Callable[[JobContext], Message]) -> web.StreamResponse:
-        """Run a job whose events (wire messages) become NDJSON lines; its result is the final line.
+    async def stream(self, request: web.Request, name: str, fn: Callable[[JobContext], Message], *,
+                     content_type: str = "application/x-ndjson",
+                     error_line: Callable[[HttpError], Message] = lambda error: StreamError(error.message),
+                     ) -> web.StreamResponse:
+        """Run a job whose events (wire messages) become JSON lines; its result is the final line.
 
         Headers go out with the first line, so a job that fails before producing anything (a
-        prompt too long, say) still gets a proper HTTP error status. After that, an error is a
-        final `{"error": ..., "done": true}` line.
+        prompt too long, say) still gets a proper HTTP error status. After that, an error is the
+        protocol's `error_line` (ours: a final `{"error": ..., "done": true}` line).
         """
         job = self._submit(name, fn)
         response: web.StreamResponse | None = None
@@ -250,7 +269,7 @@ class Server:
         async def send(message: Message) -> None:
             nonlocal response
             if response is None:
-                response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                response = web.StreamResponse(headers={"Content-Type": content_type})
                 await response.prepare(request)
             await response.write(ndjson_line(message.to_json()))
 
@@ -263,7 +282,7 @@ class Server:
                 if not next_event.done():
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
-                    await send(StreamError("the runner is shutting down"))
+                    await send(error_line(HttpError(503, "the runner is shutting down")))
                     return response
                 try:
                     await send(next_event.result())
@@ -279,9 +298,9 @@ class Server:
         elif response is None:
             raise job.error
         elif isinstance(job.error, Cancelled):  # the client knows what it asked for; the line says why it stopped
-            await send(StreamError(str(job.error) or "cancelled"))
+            await send(error_line(HttpError(503, str(job.error) or "cancelled")))
         else:
-            await send(StreamError(describe_error(job.error, request).message))
+            await send(error_line(describe_error(job.error, request)))
         return response
 
     # --- /health ----------------------------------------------------------------------------------
