@@ -105,6 +105,7 @@ async def serve(settings: Settings) -> int:
     reason = await load_and_serve(settings, state, worker, stop)
     log.info("shutting down mlx runner")
     server.begin_shutdown()  # in-flight requests get their answer now
+    await server.let_streams_finish()  # but an Ollama parent's running job may end within the grace
     worker.stop()  # cancels queued jobs and the running one at its next step
     await runner.cleanup()  # stop accepting; let in-flight handlers write their last line
     if not worker.join(timeout=WORKER_EXIT_SECONDS):

@@ -218,7 +218,8 @@ class MlxEngineRoutes:
         tokens = await asyncio.to_thread(model.encode_prompt, req.prompt)
         check_prompt_fits(tokens, model.context_length)
         return await self.server.stream(request, "completion", generation_job(model, tokens, req.options),
-                                        content_type="application/jsonl", error_line=error_line)
+                                        content_type="application/jsonl", error_line=error_line,
+                                        finish_on_shutdown=True)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """The raw body is the text (the parent sends text/plain); the answer a bare array of ids."""

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Of the 5 s Ollama's parent waits from SIGINT to SIGKILL: how long a running job may still finish for a
+# client that asked for that (Ollama's parents); the rest is for unwinding and exiting.
+SHUTDOWN_GRACE_SECONDS = 3.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ErrorResponder = Callable[[web.Request, "HttpError"], web.Response]
 
@@ -147,16 +150,28 @@ class Server:
         # Paths no route claims: the runner protocol's own form.
         self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
         self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
+        self._grace_ends = 0.0  # time.monotonic() when a running job stops being waited for, once stopping
+        self._finishing_streams: set[asyncio.Event] = set()  # each set once its job has sent its last event
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and answer the in-flight ones now, without waiting for their jobs.
 
         A job stops at its next step, which may be seconds away on a slow CPU; the parent allows
-        5 s from SIGINT to SIGKILL, so handlers answer at once and the job unwinds on its own.
+        5 s from SIGINT to SIGKILL, so handlers answer at once and the job unwinds on its own. The
+        exception is a stream that may finish (see `stream`): its running job has the grace to end.
         """
         self.state.shutting_down = True
+        self._grace_ends = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         if self._stopping is not None:
             self._stopping.set()
+
+    async def let_streams_finish(self) -> None:
+        """After begin_shutdown: wait, within the grace, for the streams that may finish their running job."""
+        waits = [asyncio.ensure_future(ended.wait()) for ended in self._finishing_streams]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=max(0.0, self._grace_ends - time.monotonic()))
+            for wait in pending:
+                wait.cancel()
 
     # --- app --------------------------------------------------------------------------------------
 
@@ -256,15 +271,22 @@ class Server:
     async def stream(self, request: web.Request, name: str, fn: Callable[[JobContext], Message], *,
                      content_type: str = "application/x-ndjson",
                      error_line: Callable[[HttpError], Message] = lambda error: StreamError(error.message),
-                     ) -> web.StreamResponse:
+                     finish_on_shutdown: bool = False) -> web.StreamResponse:
         """Run a job whose events (wire messages) become JSON lines; its result is the final line.
 
         Headers go out with the first line, so a job that fails before producing anything (a
         prompt too long, say) still gets a proper HTTP error status. After that, an error is the
         protocol's `error_line` (ours: a final `{"error": ..., "done": true}` line).
+
+        On shutdown the stream ends at once with an error line; with `finish_on_shutdown` (Ollama's
+        parents, which read a done line without a result as success) a running job may finish within
+        the grace, else the stream ends without a final line, and a job still queued is a 503.
         """
         job = self._submit(name, fn)
         response: web.StreamResponse | None = None
+        ended = asyncio.Event()
+        if finish_on_shutdown:
+            self._finishing_streams.add(ended)
 
         async def send(message: Message) -> None:
             nonlocal response
@@ -275,24 +297,32 @@ class Server:
 
         events = job.events().__aiter__()
         stopping = asyncio.ensure_future(self._stopping.wait())
+        next_event: asyncio.Future | None = None
         try:
             while True:
                 next_event = asyncio.ensure_future(events.__anext__())
-                await asyncio.wait([next_event, stopping], return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
+                if not await self._arrives(next_event, stopping, may_finish=finish_on_shutdown and job.started):
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
-                    await send(error_line(HttpError(503, "the runner is shutting down")))
-                    return response
+                    if not finish_on_shutdown:
+                        await send(error_line(HttpError(503, "the runner is shutting down")))
+                    elif response is None:
+                        raise RequestError("the runner is shutting down", status=503)
+                    return response  # finish_on_shutdown: cut, with no final line
                 try:
                     await send(next_event.result())
                 except StopAsyncIteration:
                     break
         except (asyncio.CancelledError, ConnectionResetError):
             job.cancel("client disconnected")
+            # The pending read would otherwise end in a StopAsyncIteration that nobody retrieves, which
+            # asyncio logs as an ERROR: the last stderr line Ollama's parent shows.
+            next_event.cancel()
             raise
         finally:
             stopping.cancel()
+            ended.set()
+            self._finishing_streams.discard(ended)
         if job.error is None:
             await send(job.result)
         elif response is None:
@@ -303,10 +333,22 @@ class Server:
             await send(error_line(describe_error(job.error, request)))
         return response
 
+    async def _arrives(self, event: asyncio.Future, stopping: asyncio.Future, may_finish: bool) -> bool:
+        """Whether the job's next event comes before shutdown cuts its stream: at once, or for a running
+        job that `may_finish`, by the end of the grace."""
+        await asyncio.wait([event, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if event.done() or not may_finish:
+            return event.done()
+        await asyncio.wait([event], timeout=max(0.0, self._grace_ends - time.monotonic()))
+        return event.done()
+
     # --- /health ----------------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
         state = self.state
+        if ollama.wants_server_status(request):
+            status = {"ok": 200, "loading": 503, "error": 500}[state.status]
+            return web.json_response(ollama.server_status(state.status, state.progress), status=status)
         if state.status == "ok" and state.loaded is not None:
             ready = HealthReady(state.loaded.mode.value, state.model_name, memory_in_use())
             return web.json_response(ready.to_json())
