@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,20 @@ def test_llmserver_reads_health_as_its_integer_status(go_clients):
     with Runner.start(str(QWEN3), timeout=120) as runner:
         got = run_go(go_clients, "llmserver-status", runner)
     assert got == {"status": 0, "progress": 1, "error": None}
+
+
+def test_the_image_parent_reports_a_job_cut_by_shutdown_as_an_error(go_clients):
+    long_job = {"prompt": "a long job", "width": 256, "height": 256, "steps": 200, "seed": 1}  # >= ~15 s here
+    runner = Runner.start(str(ZIMAGE), timeout=120)
+    try:
+        client = subprocess.Popen([str(go_clients), "image-completion", str(runner.port), json.dumps(long_job)],
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(4.0)  # denoising: the tiny model encodes its prompt in well under a second
+        runner.process.send_signal(signal.SIGTERM)
+        code = runner.process.wait(10)
+        got = json.loads(client.communicate(timeout=30)[0])
+    finally:
+        runner.close()
+    assert code == 0
+    assert got["error"] == "mlx runner closed response before completion"  # not an empty "success"
+    assert got["lines"] and not any(line["done"] for line in got["lines"])
