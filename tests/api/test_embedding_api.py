@@ -29,7 +29,8 @@ def request(runner: Runner, method: str, path: str, body: bytes | str | dict | N
     try:
         if isinstance(body, dict):
             body = json.dumps(body)
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", "Accept": "application/json"})
+        conn.request(method, path, body=body,
+                     headers={"Content-Type": "application/json", "Accept": "application/json"})
         response = conn.getresponse()
         raw = response.read()
         try:

@@ -301,7 +301,7 @@ class Server:
         try:
             while True:
                 next_event = asyncio.ensure_future(events.__anext__())
-                if not await self._arrives(next_event, stopping, may_finish=finish_on_shutdown and job.started):
+                if not await self._arrives(next_event, stopping, lambda: finish_on_shutdown and job.started):
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
                     if not finish_on_shutdown:
@@ -333,11 +333,12 @@ class Server:
             await send(error_line(describe_error(job.error, request)))
         return response
 
-    async def _arrives(self, event: asyncio.Future, stopping: asyncio.Future, may_finish: bool) -> bool:
-        """Whether the job's next event comes before shutdown cuts its stream: at once, or for a running
-        job that `may_finish`, by the end of the grace."""
+    async def _arrives(self, event: asyncio.Future, stopping: asyncio.Future, may_finish: Callable[[], bool]) -> bool:
+        """Whether the job's next event comes before shutdown cuts its stream: at once, or, if `may_finish()`
+        when shutdown begins (a running job whose client reads a cut stream as an error), by the end of the
+        grace."""
         await asyncio.wait([event, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if event.done() or not may_finish:
+        if event.done() or not may_finish():
             return event.done()
         await asyncio.wait([event], timeout=max(0.0, self._grace_ends - time.monotonic()))
         return event.done()
