@@ -38,7 +38,8 @@ def post(runner, body: dict | str | bytes, path: str = "/completion",
     try:
         if isinstance(body, dict):
             body = json.dumps(body)
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=body,
+                     headers={"Content-Type": "application/json", "Accept": "application/json"})
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type"), response.read()
     finally:

@@ -167,7 +167,9 @@ class Runner:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            # Accept: typed errors, and a typed last line when shutdown cuts a stream (docs/protocol.md).
+            conn.request(method, path, body=payload, headers={"Content-Type": "application/json",
+                                                              "Accept": "application/json"})
             response = conn.getresponse()
         except OSError as exc:
             conn.close()

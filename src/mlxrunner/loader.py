@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from mlxrunner import backend
 
@@ -59,11 +59,12 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
-         denoise_queue_depth: int | None = None) -> LoadedModel:
+         denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 
     memory_limit (bytes) becomes MLX's memory limit, which the memory check compares the weights
-    against; None leaves MLX's limit as it is.
+    against; None leaves MLX's limit as it is. `modes`, if given, are the only modes the caller can
+    serve: another is a ModelError before any weight is read.
     """
     start = time.perf_counter()
     if memory_limit is not None:
@@ -73,6 +74,10 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     detected = detect(source)
     log.info("detected model: mode=%s architecture=%s location=%s", detected.mode.value, detected.architecture,
              source.location)
+    if modes is not None and detected.mode not in modes:
+        allowed = " or ".join(m.value for m in modes)
+        raise ModelError(f"{name} is an {detected.mode.value} model ({detected.architecture}); this runner serves "
+                         f"only {allowed} models")
     if not skip_memory_check:
         check_memory(source.total_tensor_bytes(), detected.mode)
     progress(0.1)

@@ -53,6 +53,9 @@ class TextModel(Embedder, Protocol):
     context_length: int
     chat_template: ChatTemplate | None  # None: the model has none (chat requests are refused)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as `stream` feeds it: BOS first iff the tokenizer adds one."""
+
     def stream(self, prompt: str | list[int], options: Options = ...,
                check_cancelled: CheckCancelled | None = None,
                stop_token_ids: Collection[int] = (), top_logprobs: int | None = None,

@@ -11,6 +11,7 @@
 | listen address        | --host, --port                  |                                  | 127.0.0.1, -       |
 | request queue depth   | --queue-depth                   |                                  | 16                 |
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
+| Ollama's LLM wire     | --mlx-engine                    |                                  | off                |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
 | fused kernels on CPU  |                                 | MLXRUNNER_FUSE_ON_CPU (C++ reads)| off                |
 
@@ -76,6 +77,9 @@ class Settings:
     port: int = 0  # 0 picks a free port
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB
+    # Serve Ollama's current LLM runner protocol (/v1/status, /v1/completions, ...) instead of ours;
+    # its parent launches `ollama runner --mlx-engine`. Only an LLM can be served so.
+    mlx_engine: bool = False
 
 
 # --- value parsers: one per kind of value, shared by flags and environment variables --------------
@@ -204,4 +208,5 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         port=default(flag("port", parse_port), 0),
         queue_depth=default(flag("queue_depth", parse_depth), DEFAULT_QUEUE_DEPTH),
         max_body_bytes=default(flag("max_body_mb", parse_at_least(1)), DEFAULT_MAX_BODY_MB) * MIB,
+        mlx_engine=bool(flags.get("mlx_engine")),
     )

@@ -29,7 +29,8 @@ def request(runner: Runner, method: str, path: str, body: bytes | str | dict | N
     try:
         if isinstance(body, dict):
             body = json.dumps(body)
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body,
+                     headers={"Content-Type": "application/json", "Accept": "application/json"})
         response = conn.getresponse()
         raw = response.read()
         try:
@@ -160,8 +161,9 @@ def test_embeddings_over_http_match_sentence_transformers(minilm_runner, minilm_
 def test_ollama_form_returns_one_embedding(minilm_runner, minilm_goldens):
     sentence = minilm_goldens["sentences"][0]
     status, body = request(minilm_runner, "POST", "/embedding", {"content": sentence["text"]})
-    assert status == 200 and set(body) == {"embedding"}
+    assert status == 200 and set(body) == {"embedding", "prompt_eval_count"}
     assert cosine(body["embedding"], sentence["embedding"]) >= 0.99999
+    assert body["prompt_eval_count"] == len(minilm_runner.tokenize(sentence["text"])) + 2  # [CLS] ... [SEP]
 
 
 def test_normalize_false_gives_the_raw_mean_pooled_vector(minilm_runner, minilm_goldens):

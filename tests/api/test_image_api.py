@@ -271,7 +271,7 @@ def test_bad_input_is_400_naming_the_field_and_the_runner_keeps_serving(image_ru
 def test_get_on_completion_is_405(image_runner):
     conn = http.client.HTTPConnection(image_runner.host, image_runner.port, timeout=30)
     try:
-        conn.request("GET", "/completion")
+        conn.request("GET", "/completion", headers={"Accept": "application/json"})
         response = conn.getresponse()
         assert response.status == 405 and "use POST" in json.loads(response.read())["error"]
     finally:

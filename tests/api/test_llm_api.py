@@ -27,7 +27,8 @@ def llm_runner():
 def stream_lines(runner: Runner, body: dict) -> tuple[int, str, list[bytes]]:
     conn = http.client.HTTPConnection(runner.host, runner.port, timeout=120)
     try:
-        conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json",
+                                                                            "Accept": "application/json"})
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type"), response.read().split(b"\n")
     finally:

@@ -41,6 +41,9 @@ class FakeLLM:
     def tokenize(self, text: str) -> list[int]:
         raise self.error
 
+    def encode_prompt(self, text: str) -> list[int]:
+        raise self.error
+
     def detokenize(self, ids: list[int]) -> str:
         raise self.error
 
@@ -90,7 +93,7 @@ def post(model, mode: Mode, path: str, body: dict) -> tuple[int, str, dict | lis
     """(status, content type, the JSON body -- or the list of NDJSON lines of a stream)."""
 
     async def requests(client):
-        response = await client.post(path, json=body)
+        response = await client.post(path, json=body, headers={"Accept": "application/json"})
         text = await response.text()
         if response.content_type == "application/x-ndjson":
             return response.status, response.content_type, [json.loads(line) for line in text.splitlines()]
@@ -184,7 +187,7 @@ def test_detokenize_out_of_the_vocabulary_is_a_400():
 
 def test_wrong_method_is_405_in_each_protocols_shape():
     async def requests(client):
-        runner = await client.get("/embedding")
+        runner = await client.get("/embedding", headers={"Accept": "application/json"})
         openai = await client.get("/v1/embeddings")
         return (runner.status, runner.headers.get("Allow"), await runner.json(),
                 openai.status, await openai.json())

@@ -20,6 +20,11 @@ def test_nothing_set_gives_the_defaults():
         ("127.0.0.1", 0, 16, 64 << 20, logging.INFO)
     assert not got.skip_memory_check and not got.release_text_encoder
     assert got.memory_limit is None and got.denoise_queue_depth is None and got.models_dir is None
+    assert not got.mlx_engine
+
+
+def test_mlx_engine_is_a_switch():
+    assert resolve({**MODEL, "mlx_engine": True}, env={}).mlx_engine
 
 
 @pytest.mark.parametrize("env, field, value", [

@@ -66,11 +66,15 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedModel:
     """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot)."""
     from mlxrunner import loader
+    from mlxrunner.detect import Mode
 
+    # Ollama's --mlx-engine protocol has text generation only: an image or embedding model fails at once
+    # (its parent would otherwise wait for a /v1/status that never says ready).
+    modes = (Mode.LLM,) if settings.mlx_engine else None
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder,
-                       denoise_queue_depth=settings.denoise_queue_depth)
+                       denoise_queue_depth=settings.denoise_queue_depth, modes=modes)
 
 
 def fail(message: str) -> int:

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlxrunner")
 
-# Ollama's parent launches `<ollama> runner --imagegen-engine --model M --port P`; the engine
-# flags select its runner kind. We serve every mode, so they are accepted and ignored.
-ENGINE_FLAGS = ("--imagegen-engine", "--mlx-engine", "-imagegen-engine", "-mlx-engine")
+# Ollama's image parent launches `<ollama> runner --imagegen-engine --model M --port P`; our own
+# protocol serves every mode, so that flag is accepted and ignored. `--mlx-engine` (Ollama's LLM
+# parent) is a real flag: it switches the wire protocol (see http/mlx_engine.py).
+IGNORED_ENGINE_FLAGS = ("--imagegen-engine", "-imagegen-engine")
 ERROR_LINGER_SECONDS = 0.5  # keep /health answering 500 briefly so a poller sees the reason
 WORKER_EXIT_SECONDS = 1.0  # the parent allows 5 s from SIGINT to SIGKILL
 
@@ -43,6 +44,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
+    parser.add_argument("--mlx-engine", "-mlx-engine", action="store_true", default=None,
+                        help="speak Ollama's current LLM runner protocol (/v1/status, /v1/completions); "
+                        "LLMs only")
     add_image_model_flags(parser)
     return parser
 
@@ -50,7 +54,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def strip_engine_args(argv: list[str]) -> list[str]:
     if argv and argv[0] == "runner":
         argv = argv[1:]
-    return [a for a in argv if a not in ENGINE_FLAGS]
+    return [a for a in argv if a not in IGNORED_ENGINE_FLAGS]
 
 
 def main(argv: list[str]) -> int:
@@ -80,7 +84,7 @@ async def serve(settings: Settings) -> int:
     log_backend(backend.detect())
     state = RunnerState(settings.model)
     worker = Worker(max_queued=settings.queue_depth, on_idle=release_cached_memory)
-    server = Server(state, worker, max_body_bytes=settings.max_body_bytes)
+    server = Server(state, worker, max_body_bytes=settings.max_body_bytes, speaks_mlx_engine=settings.mlx_engine)
     runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=2.0,
                            access_log=logging.getLogger("mlxrunner.access"))
     await runner.setup()
@@ -101,6 +105,7 @@ async def serve(settings: Settings) -> int:
     reason = await load_and_serve(settings, state, worker, stop)
     log.info("shutting down mlx runner")
     server.begin_shutdown()  # in-flight requests get their answer now
+    await server.let_streams_finish()  # but an Ollama parent's running job may end within the grace
     worker.stop()  # cancels queued jobs and the running one at its next step
     await runner.cleanup()  # stop accepting; let in-flight handlers write their last line
     if not worker.join(timeout=WORKER_EXIT_SECONDS):

@@ -1,7 +1,9 @@
 """The runner protocol Ollama's parent speaks: /completion, /embedding, /tokenize, /detokenize.
 
 /completion streams NDJSON: text chunks then a final line (LLM), or progress lines then the image
-(image models). Errors are `{"error": "..."}`. The contract is docs/protocol.md.
+(image models). Errors are plain text, as Go's http.Error writes them and Ollama's parents show
+them; a client that sends `Accept: application/json` (our launcher) gets `{"error": "..."}` and,
+in a stream cut by shutdown, a typed error line. The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -40,8 +42,35 @@ def routes(server: Server) -> dict[str, Handler]:
             "/detokenize": handlers.detokenize}
 
 
-def error_json(error: HttpError) -> dict:
-    return ErrorResponse(error.message).to_json()
+def asks_for_json(request: web.Request) -> bool:
+    """Whether the client asked for typed errors (Ollama's Go parents send no Accept header)."""
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def error_response(request: web.Request, error: HttpError) -> web.Response:
+    if asks_for_json(request):
+        return web.json_response(ErrorResponse(error.message).to_json(), status=error.status)
+    return plain_text_error(error)
+
+
+# Ollama's llmServer reads /health as {"status": <its ServerStatus, an integer>, "progress"}, and is the one
+# caller that sends `Content-Type: application/json` on that GET; Ollama's image parent reads only the
+# HTTP status, and our launcher reads our form ({"status": "ok", ...}).
+SERVER_STATUS = {"ok": 0, "loading": 3, "error": 5}  # ServerStatusReady, ...LoadingModel, ...Error
+
+
+def wants_server_status(request: web.Request) -> bool:
+    return request.method == "GET" and request.content_type == "application/json"
+
+
+def server_status(status: str, progress: float) -> dict:
+    return {"status": SERVER_STATUS[status], "progress": round(progress, 4)}
+
+
+def plain_text_error(error: HttpError) -> web.Response:
+    """An error as Go's http.Error writes it, which Ollama's parents show as it is."""
+    return web.Response(text=f"{error.message}\n", status=error.status, charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 class OllamaRoutes:
@@ -56,7 +85,7 @@ class OllamaRoutes:
             job = image_job(loaded.image_model, req, self.server.limits)
         else:
             job = text_job(loaded.text_model, req)
-        return await self.server.stream(request, "completion", job)
+        return await self.server.stream(request, "completion", job, finish_on_shutdown=not asks_for_json(request))
 
     async def embedding(self, request: web.Request) -> web.Response:
         body = await self.server.read_json(request)
@@ -64,7 +93,7 @@ class OllamaRoutes:
         req = protocol.parse_embedding(body, self.server.limits)
         result = await self.server.embed(model, req)
         if req.ollama_form:
-            return web.json_response(EmbeddingResponse(result.vectors[0].tolist()).to_json())
+            return web.json_response(EmbeddingResponse(result.vectors[0].tolist(), result.token_count).to_json())
         return web.json_response(EmbeddingsResponse(result.vectors.tolist(), result.token_count).to_json())
 
     async def tokenize(self, request: web.Request) -> web.Response:

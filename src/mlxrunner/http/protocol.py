@@ -373,12 +373,13 @@ def parse_embedding(body: dict, limits: Limits) -> EmbeddingRequest:
 
 @dataclass(frozen=True)
 class EmbeddingResponse:
-    """The Ollama runner form's answer ({"content": ...}): one vector."""
+    """The Ollama runner form's answer ({"content": ...}): one vector, and the tokens fed to the model."""
 
     embedding: list[float]
+    prompt_eval_count: int
 
     def to_json(self) -> dict:
-        return {"embedding": self.embedding}
+        return {"embedding": self.embedding, "prompt_eval_count": self.prompt_eval_count}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.http import ollama, openai
+from mlxrunner.http import mlx_engine, ollama, openai
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
     HealthFailed,
@@ -46,10 +46,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Of the 5 s Ollama's parent waits from SIGINT to SIGKILL: how long a running job may still finish for a
+# client that asked for that (Ollama's parents); the rest is for unwinding and exiting.
+SHUTDOWN_GRACE_SECONDS = 3.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ErrorResponder = Callable[[web.Request, "HttpError"], web.Response]
 
-# The wire protocols: each module's routes(server) gives its POST routes, error_json(error) its error body.
-PROTOCOLS = (ollama, openai)
+
+# Our protocols: each module's routes(server) gives its POST routes, paired with how it answers errors.
+# Under --mlx-engine, mlx_engine.register(app, server) replaces them all (Ollama's LLM runner protocol).
+def openai_error_response(request: web.Request, error: HttpError) -> web.Response:
+    """OpenAI's error body, with the headers its clients read (retry or not, and when)."""
+    return web.json_response(openai.error_json(error), status=error.status, headers=openai.error_headers(error))
+
+
+PROTOCOLS = ((ollama.routes, ollama.error_response), (openai.routes, openai_error_response))
 
 # What each mode serves, so a request to a route the loaded model cannot answer is a clear 409.
 ROUTES_BY_MODE = {
@@ -129,34 +140,53 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 
 class Server:
     def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, speaks_mlx_engine: bool = False):
         self.state = state
         self.worker = worker
         self.limits = limits
         self.max_body_bytes = max_body_bytes
-        self._error_json: dict[str, Callable[[HttpError], dict]] = {}  # route -> its protocol's error body
+        self.speaks_mlx_engine = speaks_mlx_engine  # Ollama's --mlx-engine protocol instead of ours
+        self.routes_by_mode = mlx_engine.ROUTES_BY_MODE if speaks_mlx_engine else ROUTES_BY_MODE
+        self._error_responses: dict[str, ErrorResponder] = {}  # route -> its protocol's error form
+        # Paths no route claims: the runner protocol's own form.
+        self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
         self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
+        self._grace_ends = 0.0  # time.monotonic() when a running job stops being waited for, once stopping
+        self._finishing_streams: set[asyncio.Event] = set()  # each set once its job has sent its last event
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and answer the in-flight ones now, without waiting for their jobs.
 
         A job stops at its next step, which may be seconds away on a slow CPU; the parent allows
-        5 s from SIGINT to SIGKILL, so handlers answer at once and the job unwinds on its own.
+        5 s from SIGINT to SIGKILL, so handlers answer at once and the job unwinds on its own. The
+        exception is a stream that may finish (see `stream`): its running job has the grace to end.
         """
         self.state.shutting_down = True
+        self._grace_ends = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         if self._stopping is not None:
             self._stopping.set()
+
+    async def let_streams_finish(self) -> None:
+        """After begin_shutdown: wait, within the grace, for the streams that may finish their running job."""
+        waits = [asyncio.ensure_future(ended.wait()) for ended in self._finishing_streams]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=max(0.0, self._grace_ends - time.monotonic()))
+            for wait in pending:
+                wait.cancel()
 
     # --- app --------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_responses])
+        if self.speaks_mlx_engine:
+            mlx_engine.register(app, self)
+            return app
         app.router.add_route("*", "/health", self.health)
-        for protocol in PROTOCOLS:
-            for path, handler in protocol.routes(self).items():
+        for routes, error_response in PROTOCOLS:
+            for path, handler in routes(self).items():
                 app.router.add_post(path, handler)  # other methods: 405, from aiohttp
-                self._error_json[path] = protocol.error_json
+                self._error_responses[path] = error_response
         for path, handler in openai.get_routes(self).items():
             app.router.add_get(path, handler)
         return app
@@ -183,22 +213,22 @@ class Server:
         return HttpError(exc.status, f"{exc.reason}: {request.method} {request.path}")
 
     def _error_response(self, request: web.Request, error: HttpError, allow: str | None = None) -> web.Response:
-        # Unknown paths: OpenAI's form under /v1/ (GET /v1/models/{id} included), else the runner's own.
-        fallback = openai.error_json if request.path.startswith("/v1/") else ollama.error_json
-        error_json = self._error_json.get(request.path, fallback)
-        headers = {"Allow": allow} if allow else {}
-        if error_json is openai.error_json:
-            headers.update(openai.error_headers(error))
-        return web.json_response(error_json(error), status=error.status, headers=headers)
+        responder = self._error_responses.get(request.path)
+        if responder is None:  # unknown paths (GET /v1/models/{id} too): OpenAI's form under /v1/, else ours
+            v1 = request.path.startswith("/v1/") and not self.speaks_mlx_engine
+            responder = openai_error_response if v1 else self._default_error_response
+        response = responder(request, error)
+        if allow:
+            response.headers["Allow"] = allow
+        return response
 
     # --- what the routes share --------------------------------------------------------------------
 
     async def read_json(self, request: web.Request) -> dict:
         return parse_json_body(await request.read())
 
-    @staticmethod
-    def serves(mode: Mode, path: str) -> bool:
-        return path in ROUTES_BY_MODE[mode]
+    def serves(self, mode: Mode, path: str) -> bool:
+        return path in self.routes_by_mode[mode]
 
     def model_for(self, request: web.Request) -> LoadedModel:
         """The loaded model if it serves this route, else an error saying why not."""
@@ -211,7 +241,7 @@ class Server:
             raise ModelError(f"the model failed to load: {state.error}")
         loaded = state.loaded
         if not self.serves(loaded.mode, request.path):
-            serves = ", ".join(sorted(ROUTES_BY_MODE[loaded.mode]))
+            serves = ", ".join(sorted(self.routes_by_mode[loaded.mode]))
             raise RequestError(
                 f"{request.path} is not served by this runner: it has loaded a {loaded.mode.value} model "
                 f"({loaded.name}), which serves {serves}", status=409)
@@ -248,57 +278,88 @@ class Server:
         return await self.run("embedding", lambda ctx: model.embed(req.inputs, req.normalize, req.truncate,
                                                                    ctx.check_cancelled))
 
-    async def stream(self, request: web.Request, name: str, fn: Callable[[JobContext], Message]) -> web.StreamResponse:
-        """Run a job whose events (wire messages) become NDJSON lines; its result is the final line.
+    async def stream(self, request: web.Request, name: str, fn: Callable[[JobContext], Message], *,
+                     content_type: str = "application/x-ndjson",
+                     error_line: Callable[[HttpError], Message] = lambda error: StreamError(error.message),
+                     finish_on_shutdown: bool = False) -> web.StreamResponse:
+        """Run a job whose events (wire messages) become JSON lines; its result is the final line.
 
         Headers go out with the first line, so a job that fails before producing anything (a
-        prompt too long, say) still gets a proper HTTP error status. After that, an error is a
-        final `{"error": ..., "done": true}` line.
+        prompt too long, say) still gets a proper HTTP error status. After that, an error is the
+        protocol's `error_line` (ours: a final `{"error": ..., "done": true}` line).
+
+        On shutdown the stream ends at once with an error line; with `finish_on_shutdown` (Ollama's
+        parents, which read a done line without a result as success) a running job may finish within
+        the grace, else the stream ends without a final line, and a job still queued is a 503.
         """
         job = self.submit(name, fn)
         response: web.StreamResponse | None = None
+        ended = asyncio.Event()
+        if finish_on_shutdown:
+            self._finishing_streams.add(ended)
 
         async def send(message: Message) -> None:
             nonlocal response
             if response is None:
-                response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                response = web.StreamResponse(headers={"Content-Type": content_type})
                 await response.prepare(request)
             await response.write(ndjson_line(message.to_json()))
 
         events = job.events().__aiter__()
         stopping = asyncio.ensure_future(self._stopping.wait())
+        next_event: asyncio.Future | None = None
         try:
             while True:
                 next_event = asyncio.ensure_future(events.__anext__())
-                await asyncio.wait([next_event, stopping], return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
+                if not await self._arrives(next_event, stopping, lambda: finish_on_shutdown and job.started):
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
-                    await send(StreamError("the runner is shutting down"))
-                    return response
+                    if not finish_on_shutdown:
+                        await send(error_line(HttpError(503, "the runner is shutting down")))
+                    elif response is None:
+                        raise RequestError("the runner is shutting down", status=503)
+                    return response  # finish_on_shutdown: cut, with no final line
                 try:
                     await send(next_event.result())
                 except StopAsyncIteration:
                     break
         except (asyncio.CancelledError, ConnectionResetError):
             job.cancel("client disconnected")
+            # The pending read would otherwise end in a StopAsyncIteration that nobody retrieves, which
+            # asyncio logs as an ERROR: the last stderr line Ollama's parent shows.
+            next_event.cancel()
             raise
         finally:
             stopping.cancel()
+            ended.set()
+            self._finishing_streams.discard(ended)
         if job.error is None:
             await send(job.result)
         elif response is None:
             raise job.error
         elif isinstance(job.error, Cancelled):  # the client knows what it asked for; the line says why it stopped
-            await send(StreamError(str(job.error) or "cancelled"))
+            await send(error_line(HttpError(503, str(job.error) or "cancelled")))
         else:
-            await send(StreamError(describe_error(job.error, request).message))
+            await send(error_line(describe_error(job.error, request)))
         return response
+
+    async def _arrives(self, event: asyncio.Future, stopping: asyncio.Future, may_finish: Callable[[], bool]) -> bool:
+        """Whether the job's next event comes before shutdown cuts its stream: at once, or, if `may_finish()`
+        when shutdown begins (a running job whose client reads a cut stream as an error), by the end of the
+        grace."""
+        await asyncio.wait([event, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if event.done() or not may_finish():
+            return event.done()
+        await asyncio.wait([event], timeout=max(0.0, self._grace_ends - time.monotonic()))
+        return event.done()
 
     # --- /health ----------------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
         state = self.state
+        if ollama.wants_server_status(request):
+            status = {"ok": 200, "loading": 503, "error": 500}[state.status]
+            return web.json_response(ollama.server_status(state.status, state.progress), status=status)
         if state.status == "ok" and state.loaded is not None:
             ready = HealthReady(state.loaded.mode.value, state.model_name, memory_in_use())
             return web.json_response(ready.to_json())

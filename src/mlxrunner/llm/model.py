@@ -135,6 +135,10 @@ class LanguageModel:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_bos=False)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as generation feeds it: BOS first iff the tokenizer adds one."""
+        return self.tokenizer.encode(text, add_bos=True)
+
     def detokenize(self, ids: list[int]) -> str:
         bad = [i for i in ids if i >= self.core_config.vocab_size]
         if bad:
@@ -148,7 +152,7 @@ class LanguageModel:
     # --- generation -----------------------------------------------------------------------------
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_bos=True)
+        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt)
         if not ids:
             raise PromptTooLong("the prompt has no tokens")
         if len(ids) >= self.context_length:

@@ -1,0 +1,3 @@
+module mlxrunner/tests/ollamaclients
+
+go 1.19
