@@ -48,6 +48,9 @@ class ScriptedLLM:
         self.prompts.append(text)
         return list(range(len(text.split())))
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
     def detokenize(self, ids: list[int]) -> str:
         return ""
 
