@@ -115,6 +115,24 @@ def test_go_zero_values_seed_0_is_seeded_and_repeat_last_n_0_turns_penalties_off
     assert text(temperature=-1, top_p=1.5, top_k=-1, min_p=2, repeat_last_n=-5, repeat_penalty=-1) == text()
 
 
+def test_logprobs_come_with_the_chunks_their_tokens_make(engine):
+    lines = complete(engine, {"Prompt": "Once upon", "Options": {"num_predict": 12}, "Logprobs": True,
+                              "TopLogprobs": 3})
+    chunks, final = lines[:-1], lines[-1]
+    entries = [entry for chunk in chunks for entry in chunk["Logprobs"]]
+    assert all(chunk["Logprobs"] for chunk in chunks)  # every chunk's text came from at least one token
+    assert len(entries) == final["EvalCount"] and final["Logprobs"] is None
+    for entry in entries:
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert entry["logprob"] <= 0
+        # Go's zero temperature is greedy: the chosen token is the most likely one.
+        assert entry["logprob"] == pytest.approx(top[0]["logprob"]) and entry["token"] == top[0]["token"]
+    # Without Logprobs there are none, whatever TopLogprobs says.
+    assert all(line["Logprobs"] is None for line in complete(engine, {"Prompt": "Once upon", "TopLogprobs": 3,
+                                                                      "Options": {"num_predict": 4}}))
+
+
 def test_num_predict_is_capped_at_the_context_left(engine):
     _, _, raw = request(engine, "POST", "/v1/tokenize", b"a " * 2000, "text/plain")
     prompt_tokens = len(json.loads(raw))

@@ -34,6 +34,7 @@ from mlxrunner.http.protocol import (
     _str_field,
     parse_options,
 )
+from mlxrunner.llm.model import TokenLogprob
 
 if TYPE_CHECKING:
     from mlxrunner.http.server import HttpError, Server
@@ -47,6 +48,7 @@ ROUTES_BY_MODE = {Mode.LLM: {*COMPLETION_PATHS, "/v1/tokenize"}}
 # llm.DoneReason in Ollama's Go code.
 DONE_REASONS = {"stop": 0, "length": 1}
 INT32_MAX = 2**31 - 1
+MAX_TOP_LOGPROBS = 20
 
 # The request's top-level fields, as Go's decoder matches them (case-insensitively), plus the
 # snake_case spelling of TopLogprobs that OpenAI-minded clients send.
@@ -91,6 +93,7 @@ class EngineLine:
     eval_count: int = 0
     eval_duration: int = 0  # ns
     error: HttpError | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens that made `content`, when the request asked
 
     def to_json(self) -> dict:
         error = None
@@ -99,8 +102,16 @@ class EngineLine:
         return {"Content": self.content, "Done": self.done, "DoneReason": self.done_reason,
                 "PromptEvalCount": self.prompt_eval_count, "PromptEvalDuration": self.prompt_eval_duration,
                 "EvalCount": self.eval_count, "EvalDuration": self.eval_duration,
-                # Per-token log-probabilities are not computed by our generator yet: always null.
-                "Logprobs": None, "Error": error}
+                "Logprobs": None if self.logprobs is None else [go_logprob(t) for t in self.logprobs],
+                "Error": error}
+
+
+def go_logprob(token: TokenLogprob) -> dict:
+    """Ollama's Logprob: {"token", "logprob", "top_logprobs"} (the last left out when empty, as Go's omitempty)."""
+    out = {"token": token.token.decode("utf-8", "replace"), "logprob": token.logprob}
+    if token.top:
+        out["top_logprobs"] = [{"token": t.decode("utf-8", "replace"), "logprob": lp} for t, lp in token.top]
+    return out
 
 
 def final_line(completion: Completion) -> EngineLine:
@@ -217,7 +228,7 @@ class MlxEngineRoutes:
         # refused at once even while the worker is busy.
         tokens = await asyncio.to_thread(model.encode_prompt, req.prompt)
         check_prompt_fits(tokens, model.context_length)
-        return await self.server.stream(request, "completion", generation_job(model, tokens, req.options),
+        return await self.server.stream(request, "completion", generation_job(model, tokens, req.options, top_logprobs(req)),
                                         content_type="application/jsonl", error_line=error_line,
                                         finish_on_shutdown=True)
 
@@ -228,14 +239,25 @@ class MlxEngineRoutes:
         return go_json(await asyncio.to_thread(model.encode_prompt, text))
 
 
-def generation_job(model: TextModel, tokens: list[int], options: Options) -> Callable[[JobContext], EngineLine]:
+def top_logprobs(req: EngineRequest) -> int | None:
+    """None: no logprobs; k >= 0: each token's log-probability with its k best alternatives (Ollama: Logprobs
+    asks for them, TopLogprobs says how many alternatives; at most 20, as OpenAI's API)."""
+    return min(req.top_logprobs, MAX_TOP_LOGPROBS) if req.logprobs else None
+
+
+def generation_job(model: TextModel, tokens: list[int], options: Options,
+                   top_logprobs: int | None = None) -> Callable[[JobContext], EngineLine]:
     """The worker job: a line per text chunk (never an empty one), then the final line."""
 
     def generate(ctx: JobContext) -> EngineLine:
         completion = None
-        for item in model.stream(tokens, options, ctx.check_cancelled):
-            if isinstance(item, str):
-                ctx.emit(EngineLine(content=item))
+        pending: list[TokenLogprob] = []  # the tokens since the last chunk: they make its text
+        for item in model.stream(tokens, options, ctx.check_cancelled, top_logprobs=top_logprobs):
+            if isinstance(item, TokenLogprob):
+                pending.append(item)
+            elif isinstance(item, str):
+                ctx.emit(EngineLine(content=item, logprobs=pending if top_logprobs is not None else None))
+                pending = []
             else:
                 completion = item
         return final_line(completion)
