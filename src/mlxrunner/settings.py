@@ -11,6 +11,8 @@
 | listen address        | --host, --port                  |                                  | 127.0.0.1, -       |
 | request queue depth   | --queue-depth                   |                                  | 16                 |
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
+| body read timeout     | --read-timeout                  |                                  | 60 s               |
+| idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
 | fused kernels on CPU  |                                 | MLXRUNNER_FUSE_ON_CPU (C++ reads)| off                |
 
@@ -42,6 +44,8 @@ ENV_OLLAMA_DEBUG = "OLLAMA_DEBUG"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_MAX_BODY_MB = 64
+DEFAULT_READ_TIMEOUT_S = 60  # a request body that has not all arrived by then gets 408
+DEFAULT_KEEPALIVE_TIMEOUT_S = 60  # an idle connection, or one whose headers never end, is closed
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -75,6 +79,8 @@ class Settings:
     port: int = 0  # 0 picks a free port
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB
+    read_timeout_s: int = DEFAULT_READ_TIMEOUT_S
+    keepalive_timeout_s: int = DEFAULT_KEEPALIVE_TIMEOUT_S
 
 
 # --- value parsers: one per kind of value, shared by flags and environment variables --------------
@@ -198,4 +204,6 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         port=default(flag("port", parse_port), 0),
         queue_depth=default(flag("queue_depth", parse_depth), DEFAULT_QUEUE_DEPTH),
         max_body_bytes=default(flag("max_body_mb", parse_at_least(1)), DEFAULT_MAX_BODY_MB) * MIB,
+        read_timeout_s=default(flag("read_timeout", parse_at_least(1)), DEFAULT_READ_TIMEOUT_S),
+        keepalive_timeout_s=default(flag("keepalive_timeout", parse_at_least(1)), DEFAULT_KEEPALIVE_TIMEOUT_S),
     )

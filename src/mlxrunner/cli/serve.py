@@ -12,12 +12,26 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-from mlxrunner.cli.common import add_image_model_flags, add_model_flags, fail, load_model, settings_from
-from mlxrunner.settings import DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_QUEUE_DEPTH, Settings
+from mlxrunner.cli import signals
+from mlxrunner.cli.common import (
+    add_image_model_flags,
+    add_model_flags,
+    fail,
+    load_model,
+    settings_from,
+)
+from mlxrunner.cli.signals import ShutdownSignals
+from mlxrunner.settings import (
+    DEFAULT_HOST,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_QUEUE_DEPTH,
+    DEFAULT_READ_TIMEOUT_S,
+    Settings,
+)
 
 if TYPE_CHECKING:
     from mlxrunner.backend import Backend
@@ -43,6 +57,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
+    parser.add_argument("--read-timeout", metavar="SECONDS", help="seconds a request body may take to arrive "
+                        f"(default {DEFAULT_READ_TIMEOUT_S}); slower gets 408")
+    parser.add_argument("--keepalive-timeout", metavar="SECONDS", help="seconds before an idle connection, or one "
+                        f"whose headers never end, is closed (default {DEFAULT_KEEPALIVE_TIMEOUT_S})")
     add_image_model_flags(parser)
     return parser
 
@@ -53,11 +71,14 @@ def strip_engine_args(argv: list[str]) -> list[str]:
     return [a for a in argv if a not in ENGINE_FLAGS]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], shutdown_signals: ShutdownSignals | None = None) -> int:
+    shutdown_signals = shutdown_signals or signals.install()
     parser = serve_parser()
     settings = settings_from(parser.parse_args(strip_engine_args(argv)), parser)
+    if shutdown_signals.received:  # stopped before it began
+        return 0
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, shutdown_signals))
     except Exception as exc:  # bind failure and anything unexpected: exit 1 with the reason
         log.debug("serve failed", exc_info=True)
         return fail(str(exc) or type(exc).__name__)
@@ -70,7 +91,7 @@ def release_cached_memory() -> None:
     mx.clear_cache()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, shutdown_signals: ShutdownSignals) -> int:
     from aiohttp import web
 
     from mlxrunner import backend
@@ -80,8 +101,11 @@ async def serve(settings: Settings) -> int:
     log_backend(backend.detect())
     state = RunnerState(settings.model)
     worker = Worker(max_queued=settings.queue_depth, on_idle=release_cached_memory)
-    server = Server(state, worker, max_body_bytes=settings.max_body_bytes)
+    server = Server(state, worker, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
+    # aiohttp's keep-alive timer starts when a connection opens, so it also closes one whose first
+    # headers never end; after a response it closes one left idle.
     runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=settings.keepalive_timeout_s,
                            access_log=logging.getLogger("mlxrunner.access"))
     await runner.setup()
     try:
@@ -94,9 +118,7 @@ async def serve(settings: Settings) -> int:
     log.info("starting mlx runner: model=%s port=%d pid=%d", settings.model, port, os.getpid())
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown_signals.attach(stop)
 
     reason = await load_and_serve(settings, state, worker, stop)
     log.info("shutting down mlx runner")

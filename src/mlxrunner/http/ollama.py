@@ -71,7 +71,7 @@ class OllamaRoutes:
         body = await self.server.read_json(request)
         model = self.server.model_for(request).embedder
         req = protocol.parse_tokenize(body)
-        tokens = await self.server.run("tokenize", lambda ctx: model.tokenize(req.content))
+        tokens = await self.server.off_loop.run("tokenize", lambda: model.tokenize(req.content))
         return web.json_response(TokenizeResponse(tokens).to_json())
 
     async def detokenize(self, request: web.Request) -> web.Response:
@@ -79,13 +79,13 @@ class OllamaRoutes:
         model = self.server.model_for(request).embedder
         req = protocol.parse_detokenize(body)
 
-        def work(ctx: JobContext) -> str:
+        def work() -> str:
             try:
                 return model.detokenize(req.tokens)
             except ValueError as exc:  # detokenize's one ValueError: an id outside the vocabulary (tokenizer only)
                 raise RequestError(f'field "tokens": {exc}', field="tokens") from None
 
-        return web.json_response(DetokenizeResponse(await self.server.run("detokenize", work)).to_json())
+        return web.json_response(DetokenizeResponse(await self.server.off_loop.run("detokenize", work)).to_json())
 
 
 def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext], TextDone]:

@@ -25,6 +25,7 @@ from aiohttp import web
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http import ollama, openai
+from mlxrunner.http.off_loop import OffLoop
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
     HealthFailed,
@@ -37,7 +38,7 @@ from mlxrunner.http.protocol import (
     parse_json_body,
 )
 from mlxrunner.models import Embedder, LoadedModel
-from mlxrunner.settings import DEFAULT_MAX_BODY_MB, MIB
+from mlxrunner.settings import DEFAULT_MAX_BODY_MB, DEFAULT_READ_TIMEOUT_S, MIB
 from mlxrunner.worker import Job, JobContext, QueueFull, Worker, WorkerStopped
 
 if TYPE_CHECKING:
@@ -128,11 +129,13 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 
 class Server:
     def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
         self.state = state
         self.worker = worker
         self.limits = limits
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
+        self.off_loop = OffLoop()  # tokenizing: neither on the event loop nor on the MLX worker
         self._error_json: dict[str, Callable[[HttpError], dict]] = {}  # route -> its protocol's error body
         self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
 
@@ -187,7 +190,11 @@ class Server:
     # --- what the routes share --------------------------------------------------------------------
 
     async def read_json(self, request: web.Request) -> dict:
-        return parse_json_body(await request.read())
+        try:
+            raw = await asyncio.wait_for(request.read(), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"request body did not arrive within {self.read_timeout_s:g} s", status=408) from None
+        return parse_json_body(raw)
 
     def model_for(self, request: web.Request) -> LoadedModel:
         """The loaded model if it serves this route, else an error saying why not."""
@@ -263,6 +270,8 @@ class Server:
                 if not next_event.done():
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
+                    if response is None:  # nothing sent yet: a status the client can act on, not a 200
+                        raise RequestError("request cancelled: the runner is shutting down", status=503)
                     await send(StreamError("the runner is shutting down"))
                     return response
                 try:
