@@ -122,7 +122,7 @@ def image_job(model: ImageModel, req: CompletionRequest, limits: Limits) -> Call
         references = image_io.decode_request_images(req.images, limits)
         result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
                            negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
-                           progress=progress)
+                           progress=progress, check_cancelled=ctx.check_cancelled)
         return ImageDone(image=image_io.png_base64(result.image, result.png_text(req.prompt)), seed=result.seed,
                          width=result.width, height=result.height, steps=result.steps,
                          timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
