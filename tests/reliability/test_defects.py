@@ -193,3 +193,63 @@ def test_a_queued_completion_at_shutdown_gets_503():
     running.close()
     queued.close()
     runner.close()
+
+
+# --- 2. /health answers while the model loads, with a progress figure that never goes back ---------
+
+
+def test_health_answers_during_the_load_with_progress():
+    import http.client
+
+    from mlxrunner.launcher import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mlxrunner", "--model", str(ZIMAGE), "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                response = conn.getresponse()
+                body = json.loads(response.read())
+                conn.close()
+            except ConnectionRefusedError:
+                time.sleep(0.01)
+                continue
+            seen.append((response.status, body, time.monotonic() - start))
+            if response.status == 200:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    loading = [(body["progress"], seconds) for status, body, seconds in seen if status == 503]
+    assert seen[-1][0] == 200 and loading, seen
+    progress = [p for p, _ in loading]
+    assert progress == sorted(progress) and all(0 <= p < 1 for p in progress)
+    assert max(seconds for _, seconds in loading) < 1.0, loading
+
+
+# --- minor: reference images are PNG, JPEG or WebP; other formats are refused ------------------------
+
+
+@pytest.mark.parametrize("image_format, accepted", [("PNG", True), ("JPEG", True), ("WEBP", True), ("GIF", False),
+                                                    ("BMP", False), ("TIFF", False), ("ICO", False),
+                                                    ("PPM", False)])
+def test_reference_image_formats(image_format, accepted):
+    import io
+
+    from PIL import Image
+
+    from mlxrunner.http.protocol import Limits
+    from mlxrunner.imagegen.images import BadImage, decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format=image_format)
+    if accepted:
+        assert decode_image(buffer.getvalue(), "images[0]", Limits()).size == (64, 64)
+    else:
+        with pytest.raises(BadImage, match="PNG, JPEG or WebP"):
+            decode_image(buffer.getvalue(), "images[0]", Limits())
