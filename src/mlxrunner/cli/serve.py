@@ -15,14 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from mlxrunner.cli import signals
-from mlxrunner.cli.common import (
-    add_image_model_flags,
-    add_model_flags,
-    fail,
-    load_model,
-    settings_from,
-)
+from mlxrunner.cli.common import add_image_model_flags, add_model_flags, fail, load_model, settings_from
 from mlxrunner.cli.signals import ShutdownSignals
 from mlxrunner.settings import (
     DEFAULT_HOST,
@@ -71,8 +64,8 @@ def strip_engine_args(argv: list[str]) -> list[str]:
     return [a for a in argv if a not in ENGINE_FLAGS]
 
 
-def main(argv: list[str], shutdown_signals: ShutdownSignals | None = None) -> int:
-    shutdown_signals = shutdown_signals or signals.install()
+def main(argv: list[str], shutdown_signals: ShutdownSignals) -> int:
+    """`shutdown_signals`: the handlers cli.main installed before importing this module."""
     parser = serve_parser()
     settings = settings_from(parser.parse_args(strip_engine_args(argv)), parser)
     if shutdown_signals.received:  # stopped before it began
