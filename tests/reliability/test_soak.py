@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import QWEN3, ZIMAGE
-from test_parser_fuzz import bodies
+from test_parser_fuzz import bodies, json_values
 
 from mlxrunner.launcher import Runner
 
@@ -23,18 +23,30 @@ HANG_SECONDS = 60
 MODES = {"embedding": ("all-minilm", ["/embedding", "/v1/embeddings", "/tokenize", "/detokenize"]),
          "llm": (str(QWEN3), ["/completion", "/embedding", "/v1/embeddings", "/tokenize", "/detokenize"]),
          "image": (str(ZIMAGE), ["/completion"])}
+# A valid body for every route, so that half the soak is valid requests with one field fuzzed (fully
+# random bodies are almost never valid, and would leave the jobs themselves unexercised).
+VALID = {"prompt": "a cat", "content": "a cat", "input": ["a cat", "a dog"], "tokens": [1, 2, 3], "width": 32,
+         "height": 32, "steps": 1, "seed": 1, "options": {"num_predict": 4}}
+one_field_fuzzed = st.builds(lambda name, value: {**VALID, name: value},
+                             st.sampled_from(sorted(VALID) + ["guidance", "negative_prompt", "images", "normalize",
+                                                              "truncate", "encoding_format", "dimensions"]),
+                             json_values)
 FIGURES: dict[str, collections.Counter] = {}
 
 
 def bounded(body: dict) -> dict:
     """The same body with the work it may ask for kept small, so a soak of valid requests stays minutes."""
     body = dict(body)
-    for name, most in (("steps", 2), ("width", 64), ("height", 64)):
-        if isinstance(body.get(name), (int, float)) and not isinstance(body.get(name), bool) and body[name] > most:
+    for name, most in (("steps", 1), ("width", 32), ("height", 32)):
+        value = body.get(name)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is None or (is_number and (value > most or value == 0)):  # absent or 0: the model's default
             body[name] = most
     options = body.get("options")
     if isinstance(options, dict) and isinstance(options.get("num_predict"), int):
-        body["options"] = {**options, "num_predict": min(options["num_predict"], 8)}
+        # -1 and -2 mean "until the context is full": 8 tokens too.
+        predict = options["num_predict"]
+        body["options"] = {**options, "num_predict": 8 if predict < 0 else min(predict, 8)}
     elif isinstance(options, dict) or "options" not in body:
         body["options"] = {**(options or {}), "num_predict": 8}
     return body
@@ -66,7 +78,7 @@ def test_soak(mode):
 
         @settings(max_examples=REQUESTS_PER_MODE, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        @given(body=bodies, path=st.sampled_from(paths))
+        @given(body=bodies | one_field_fuzzed | st.just(VALID), path=st.sampled_from(paths))
         def fuzz(body, path):
             send(runner, path, bounded(body), figures)
 
