@@ -75,6 +75,8 @@ def main(argv: list[str], shutdown_signals: ShutdownSignals) -> int:
     except Exception as exc:  # bind failure and anything unexpected: exit 1 with the reason
         log.debug("serve failed", exc_info=True)
         return fail(str(exc) or type(exc).__name__)
+    finally:
+        shutdown_signals.ignore_from_now()
 
 
 def release_cached_memory() -> None:

@@ -31,6 +31,13 @@ class ShutdownSignals:
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
+    def ignore_from_now(self) -> None:
+        """Shutdown is done but for the exit: ignore further signals in the kernel. Python's
+        finalization puts the default handlers back, and a late second signal would then kill the
+        process instead of letting it exit 0."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def attach(self, stop: asyncio.Event) -> None:
         """Called on the running event loop: signals now set `stop` (at once if one already came)."""
         self._loop = asyncio.get_running_loop()
