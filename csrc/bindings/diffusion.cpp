@@ -37,12 +37,15 @@ void bind_vae(nb::module_& m) {
   bind_network<VaeDecoder>(m, "VaeDecoder", "AutoencoderKL decoder (NHWC in and out).")
       .def(
           "decode",
-          [](const VaeDecoder& self, const mx::array& z, int tile) {
-            return evaluated(tile > 0 ? self.tiled(z, tile) : self(z));
+          [](const VaeDecoder& self, const mx::array& z, int tile, nb::object check_cancelled) {
+            auto between_blocks = cancel_check(check_cancelled);
+            nb::gil_scoped_release release;
+            return evaluated(tile > 0 ? self.tiled(z, tile, 0.25f, between_blocks) : self(z, between_blocks));
           },
-          "z"_a, "tile"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+          "z"_a, "tile"_a = 0, "check_cancelled"_a = nb::none(),
           "Latents [B, h, w, C] -> image [B, 8h, 8w, 3] in about [-1, 1]; tile > 0 decodes in overlapping "
-          "tiles of that many latents (diffusers' tiled_decode).")
+          "tiles of that many latents (diffusers' tiled_decode). check_cancelled() is called between decoder "
+          "blocks and tiles; an exception it raises stops the decode and propagates.")
       .def_prop_ro("scale_factor", &VaeDecoder::scale_factor);
 
   bind_network<VaeEncoder>(m, "VaeEncoder", "AutoencoderKL encoder (NHWC in and out).")

@@ -11,4 +11,12 @@ StepCallback step_callback(nb::object progress) {
   };
 }
 
+std::function<void()> cancel_check(nb::object check) {
+  if (check.is_none()) return {};
+  return [check]() {
+    nb::gil_scoped_acquire gil;
+    check();
+  };
+}
+
 }  // namespace mlxr::bindings

@@ -50,7 +50,7 @@ void bind_decoder(nb::module_& m) {
              const std::vector<int>& layers) { return evaluated(self.hidden_states(tokens, mask, layers)); },
           "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
-      .def("eval_weights", &Decoder::eval_weights,
+      .def("eval_weights", &Decoder::eval_weights, nb::call_guard<nb::gil_scoped_release>(),
            "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
            "the fused projections then free the checkpoint's separate arrays as they go).");
 

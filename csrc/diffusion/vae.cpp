@@ -91,11 +91,20 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
   }
 }
 
-mx::array VaeDecoder::operator()(const mx::array& z) const {
+mx::array VaeDecoder::operator()(const mx::array& z, const BetweenBlocks& between_blocks) const {
+  auto checkpoint = [&](mx::array& x) {
+    if (!between_blocks) return;
+    mx::eval(x);
+    between_blocks();
+  };
   auto x = post_quant_conv_ ? (*post_quant_conv_)(z) : z;
   x = mid_(conv_in_(x));
+  checkpoint(x);
   for (const auto& block : up_blocks_) {
-    for (const auto& resnet : block.resnets) x = resnet(x);
+    for (const auto& resnet : block.resnets) {
+      x = resnet(x);
+      checkpoint(x);
+    }
     if (block.upsampler) x = (*block.upsampler)(upsample_nearest_2x(x));
   }
   return conv_out_(norm_out_(x, /*then_silu=*/true));
@@ -128,7 +137,8 @@ mx::array blend(const mx::array& a, const mx::array& b, int extent, int axis) {
 
 }  // namespace
 
-mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) const {
+mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor,
+                            const BetweenBlocks& between_blocks) const {
   const int scale = scale_factor();
   const int sample_tile = tile * scale;
   const int stride = static_cast<int>(tile * (1 - overlap_factor));
@@ -141,8 +151,9 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor) 
     std::vector<mx::array> row;
     for (int j = 0; j < w; j += stride) {
       auto piece = mx::slice(z, {0, i, j, 0}, {z.shape(0), std::min(h, i + tile), std::min(w, j + tile), z.shape(3)});
-      auto decoded = (*this)(piece);
+      auto decoded = (*this)(piece, between_blocks);
       mx::eval(decoded);  // one tile's activations at a time: that is the point of tiling
+      if (between_blocks) between_blocks();
       row.push_back(decoded);
     }
     rows.push_back(std::move(row));

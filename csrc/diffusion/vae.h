@@ -2,6 +2,8 @@
 // FLUX.2's VAE extends). NHWC inside; the public entry points take and return NHWC arrays.
 #pragma once
 
+#include <functional>
+
 #include <vector>
 
 #include "nn/attention.h"
@@ -74,12 +76,18 @@ class VaeDecoder {
   // `weights` holds the VAE component's tensors (names as diffusers saves them: decoder.*, post_quant_conv.*).
   VaeDecoder(const VaeConfig& config, const WeightMap& weights);
 
+  // Called between decoder blocks (and tiles); it throws to stop the decode (a client that left).
+  using BetweenBlocks = std::function<void()>;
+
   // Latents [B, h, w, latent_channels] (already unscaled) -> image [B, 8h, 8w, out_channels] in [-1, 1].
-  mx::array operator()(const mx::array& z) const;
+  // With `between_blocks`, each block is evaluated before it is called, so a stop lands within one
+  // block rather than after the whole decode (a 1024² decode takes tens of seconds on a CPU).
+  mx::array operator()(const mx::array& z, const BetweenBlocks& between_blocks = {}) const;
 
   // The same, decoded in overlapping tiles of `tile` latents blended linearly over `overlap`
   // latents' worth of pixels, as diffusers' AutoencoderKL.tiled_decode does. Bounds memory at large sizes.
-  mx::array tiled(const mx::array& z, int tile, float overlap_factor = 0.25f) const;
+  mx::array tiled(const mx::array& z, int tile, float overlap_factor = 0.25f,
+                  const BetweenBlocks& between_blocks = {}) const;
 
   const VaeConfig& config() const { return config_; }
   int scale_factor() const { return 1 << (config_.block_out_channels.size() - 1); }

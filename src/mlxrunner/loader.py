@@ -23,9 +23,31 @@ from mlxrunner.settings import ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+MAX_NAME_IN_MESSAGE = 120  # characters of a model name quoted in an error line
+
+
 def _human(n: int) -> str:
-    # Ollama floors to whole GiB; below 1 GiB that says "0 GB", which helps no one.
-    return f"{n // GIB} GB" if n >= GIB else f"{n // MIB} MB"
+    # Ollama floors to whole GiB; below 1 GiB that says "0 GB", which helps no one, and so would
+    # "0 MB" for a limit or a model under 1 MiB.
+    if n >= GIB:
+        return f"{n // GIB} GB"
+    if n >= MIB:
+        return f"{n // MIB} MB"
+    return f"{n} bytes"
+
+
+def _shortened(name: str) -> str:
+    if len(name) <= MAX_NAME_IN_MESSAGE:
+        return repr(name)
+    return f"{name[:MAX_NAME_IN_MESSAGE]!r}... ({len(name)} characters)"
+
+
+def resolve(name: str, models_dir: str | None) -> store.ModelSource:
+    """store.resolve, with an OS error (a name too long for a path, say) as one short ModelError line."""
+    try:
+        return store.resolve(name, models_dir)
+    except OSError as exc:
+        raise ModelError(f"cannot open model {_shortened(name)}: {exc.strerror or type(exc).__name__}") from None
 
 
 def check_memory(required: int, mode: Mode) -> None:
@@ -69,7 +91,7 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     start = time.perf_counter()
     if memory_limit is not None:
         mx.set_memory_limit(memory_limit)
-    source = store.resolve(name, models_dir)
+    source = resolve(name, models_dir)
     progress(0.05)
     detected = detect(source)
     log.info("detected model: mode=%s architecture=%s location=%s", detected.mode.value, detected.architecture,

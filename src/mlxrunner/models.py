@@ -78,9 +78,10 @@ class ImageModel(Protocol):
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents: object = None,
-            progress: Progress | None = None) -> GeneratedImage:
+            progress: Progress | None = None, check_cancelled: CheckCancelled | None = None) -> GeneratedImage:
         """The image and how it was made. None = the model's default; `progress(step, total)` is called
-        before each denoising step and may raise to stop the run."""
+        before each denoising step and may raise to stop the run; `check_cancelled()` likewise between
+        the VAE decoder's blocks."""
 
 
 M = TypeVar("M", TextModel, Embedder, ImageModel)

@@ -12,6 +12,8 @@
 | request queue depth   | --queue-depth                   |                                  | 16                 |
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
 | Ollama's LLM wire     | --mlx-engine                    |                                  | off                |
+| body read timeout     | --read-timeout                  |                                  | 60 s               |
+| idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
 | fused kernels on CPU  |                                 | MLXRUNNER_FUSE_ON_CPU (C++ reads)| off                |
 
@@ -44,6 +46,8 @@ ENV_OLLAMA_MODELS = "OLLAMA_MODELS"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_MAX_BODY_MB = 64
+DEFAULT_READ_TIMEOUT_S = 60  # a request body that has not all arrived by then gets 408
+DEFAULT_KEEPALIVE_TIMEOUT_S = 60  # an idle connection, or one whose headers never end, is closed
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -80,6 +84,8 @@ class Settings:
     # Serve Ollama's current LLM runner protocol (/v1/status, /v1/completions, ...) instead of ours;
     # its parent launches `ollama runner --mlx-engine`. Only an LLM can be served so.
     mlx_engine: bool = False
+    read_timeout_s: int = DEFAULT_READ_TIMEOUT_S
+    keepalive_timeout_s: int = DEFAULT_KEEPALIVE_TIMEOUT_S
 
 
 # --- value parsers: one per kind of value, shared by flags and environment variables --------------
@@ -209,4 +215,6 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         queue_depth=default(flag("queue_depth", parse_depth), DEFAULT_QUEUE_DEPTH),
         max_body_bytes=default(flag("max_body_mb", parse_at_least(1)), DEFAULT_MAX_BODY_MB) * MIB,
         mlx_engine=bool(flags.get("mlx_engine")),
+        read_timeout_s=default(flag("read_timeout", parse_at_least(1)), DEFAULT_READ_TIMEOUT_S),
+        keepalive_timeout_s=default(flag("keepalive_timeout", parse_at_least(1)), DEFAULT_KEEPALIVE_TIMEOUT_S),
     )

@@ -7,8 +7,9 @@ MLX thread). So every piece of MLX work, model loading included, is a `Job` run 
 
 A job's function receives a `JobContext`: it calls `ctx.check_cancelled()` between steps (tokens,
 denoising steps, batches) and `ctx.emit(event)` to stream progress back to the asyncio side.
-Cancelling a queued job means it never starts; cancelling a running job stops it at its next
-check, where `errors.Cancelled` unwinds it.
+Cancelling a queued job takes it out of the queue at once (its slot is free for the next request)
+and ends it with `errors.Cancelled`; cancelling a running job stops it at its next check, where
+`errors.Cancelled` unwinds it.
 """
 
 from __future__ import annotations
@@ -68,11 +69,18 @@ class Job:
         self.started = False
         self.result: Any = None
         self.error: BaseException | None = None
+        # Set by the worker that queues the job: takes it out of the queue, True if it was still there.
+        self.withdraw: Callable[[Job], bool] | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
-        if not self.cancel_event.is_set():
-            self.cancel_reason = reason
-            self.cancel_event.set()
+        if self.cancel_event.is_set():
+            return
+        self.cancel_reason = reason
+        self.cancel_event.set()
+        if self.withdraw is not None and self.withdraw(self):  # never started: it ends here, not in the worker
+            log.info("job %d (%s) cancelled: %s", self.id, self.name, reason)
+            self.error = Cancelled(reason)
+            self.post(_END)
 
     def post(self, event: Any) -> None:
         """Thread-safe: queue an event for the asyncio side."""
@@ -150,6 +158,7 @@ class Worker:
             if not bypass_limit and len(self._queue) >= self.max_queued:
                 raise QueueFull(f"the request queue is full ({self.max_queued} jobs waiting); try again later")
             self._queue.append(job)
+            job.withdraw = self._withdraw
             self._cond.notify()
         log.debug("job %d (%s) queued, %d waiting", job.id, name, len(self._queue))
         return job
@@ -165,6 +174,13 @@ class Worker:
             job.cancel(reason)
         if running is not None:
             running.cancel(reason)
+
+    def _withdraw(self, job: Job) -> bool:
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                return True
+            return False
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         from mlxrunner.cli import generate
 
         return generate.main(argv[1:])
+    from mlxrunner.cli import signals
+
+    shutdown_signals = signals.install()  # before the slow imports: an early SIGTERM is a clean exit too
     from mlxrunner.cli import serve
 
-    return serve.main(argv)
+    return serve.main(argv, shutdown_signals)

@@ -12,12 +12,19 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
 from mlxrunner.cli.common import add_image_model_flags, add_model_flags, fail, load_model, settings_from
-from mlxrunner.settings import DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_QUEUE_DEPTH, Settings
+from mlxrunner.cli.signals import ShutdownSignals
+from mlxrunner.settings import (
+    DEFAULT_HOST,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_QUEUE_DEPTH,
+    DEFAULT_READ_TIMEOUT_S,
+    Settings,
+)
 
 if TYPE_CHECKING:
     from mlxrunner.backend import Backend
@@ -47,6 +54,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlx-engine", "-mlx-engine", action="store_true", default=None,
                         help="speak Ollama's current LLM runner protocol (/v1/status, /v1/completions); "
                         "LLMs only")
+    parser.add_argument("--read-timeout", metavar="SECONDS", help="seconds a request body may take to arrive "
+                        f"(default {DEFAULT_READ_TIMEOUT_S}); slower gets 408")
+    parser.add_argument("--keepalive-timeout", metavar="SECONDS", help="seconds before an idle connection, or one "
+                        f"whose headers never end, is closed (default {DEFAULT_KEEPALIVE_TIMEOUT_S})")
     add_image_model_flags(parser)
     return parser
 
@@ -57,14 +68,19 @@ def strip_engine_args(argv: list[str]) -> list[str]:
     return [a for a in argv if a not in IGNORED_ENGINE_FLAGS]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], shutdown_signals: ShutdownSignals) -> int:
+    """`shutdown_signals`: the handlers cli.main installed before importing this module."""
     parser = serve_parser()
     settings = settings_from(parser.parse_args(strip_engine_args(argv)), parser)
+    if shutdown_signals.received:  # stopped before it began
+        return 0
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, shutdown_signals))
     except Exception as exc:  # bind failure and anything unexpected: exit 1 with the reason
         log.debug("serve failed", exc_info=True)
         return fail(str(exc) or type(exc).__name__)
+    finally:
+        shutdown_signals.ignore_from_now()
 
 
 def release_cached_memory() -> None:
@@ -74,7 +90,7 @@ def release_cached_memory() -> None:
     mx.clear_cache()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, shutdown_signals: ShutdownSignals) -> int:
     from aiohttp import web
 
     from mlxrunner import backend
@@ -84,8 +100,12 @@ async def serve(settings: Settings) -> int:
     log_backend(backend.detect())
     state = RunnerState(settings.model)
     worker = Worker(max_queued=settings.queue_depth, on_idle=release_cached_memory)
-    server = Server(state, worker, max_body_bytes=settings.max_body_bytes, speaks_mlx_engine=settings.mlx_engine)
+    server = Server(state, worker, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
+                    speaks_mlx_engine=settings.mlx_engine)
+    # aiohttp's keep-alive timer starts when a connection opens, so it also closes one whose first
+    # headers never end; after a response it closes one left idle.
     runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=settings.keepalive_timeout_s,
                            access_log=logging.getLogger("mlxrunner.access"))
     await runner.setup()
     try:
@@ -98,9 +118,7 @@ async def serve(settings: Settings) -> int:
     log.info("starting mlx runner: model=%s port=%d pid=%d", settings.model, port, os.getpid())
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown_signals.attach(stop)
 
     reason = await load_and_serve(settings, state, worker, stop)
     log.info("shutting down mlx runner")

@@ -67,9 +67,7 @@ def read_pipeline(source, bert: _core.BertConfig) -> Pipeline:
     if not source.has_file("modules.json"):
         # sentence-transformers wraps a plain transformers folder in Transformer + mean Pooling.
         return Pipeline("mean", False, _max_tokens(source, bert))
-    modules = source.read_json("modules.json")
-    if not isinstance(modules, list):
-        raise ModelError("modules.json must be a list of modules")
+    modules = source.read_json("modules.json", expect=list)
     kinds = [str(m.get("type", "")).removeprefix(ST_PREFIX) for m in modules]
     unsupported = [k for k in kinds if k not in SUPPORTED_MODULES]
     if unsupported:
@@ -137,7 +135,8 @@ class BertEmbedder:
     # --- text <-> ids ---------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode does not), so the event loop keeps answering.
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def detokenize(self, ids: list[int]) -> str:
         vocab = self.tokenizer.get_vocab_size()

@@ -100,7 +100,7 @@ class OllamaRoutes:
         body = await self.server.read_json(request)
         model = self.server.model_for(request).embedder
         req = protocol.parse_tokenize(body)
-        tokens = await self.server.run("tokenize", lambda ctx: model.tokenize(req.content))
+        tokens = await self.server.off_loop.run("tokenize", lambda: model.tokenize(req.content))
         return web.json_response(TokenizeResponse(tokens).to_json())
 
     async def detokenize(self, request: web.Request) -> web.Response:
@@ -108,13 +108,13 @@ class OllamaRoutes:
         model = self.server.model_for(request).embedder
         req = protocol.parse_detokenize(body)
 
-        def work(ctx: JobContext) -> str:
+        def work() -> str:
             try:
                 return model.detokenize(req.tokens)
             except ValueError as exc:  # detokenize's one ValueError: an id outside the vocabulary (tokenizer only)
                 raise RequestError(f'field "tokens": {exc}', field="tokens") from None
 
-        return web.json_response(DetokenizeResponse(await self.server.run("detokenize", work)).to_json())
+        return web.json_response(DetokenizeResponse(await self.server.off_loop.run("detokenize", work)).to_json())
 
 
 def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext], TextDone]:
@@ -151,7 +151,7 @@ def image_job(model: ImageModel, req: CompletionRequest, limits: Limits) -> Call
         references = image_io.decode_request_images(req.images, limits)
         result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
                            negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
-                           progress=progress)
+                           progress=progress, check_cancelled=ctx.check_cancelled)
         return ImageDone(image=image_io.png_base64(result.image, result.png_text(req.prompt)), seed=result.seed,
                          width=result.width, height=result.height, steps=result.steps,
                          timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},

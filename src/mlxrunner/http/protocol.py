@@ -81,6 +81,20 @@ def _str_field(body: dict, name: str, default: str | None = None) -> str | None:
         return default
     if not isinstance(value, str):
         raise RequestError(f'field "{name}" must be a string, got {_json_type(value)}', field=name)
+    return checked_text(value, name)
+
+
+def checked_text(value: str, name: str) -> str:
+    """`value` if it can be encoded as UTF-8, else a RequestError naming the field.
+
+    JSON's `\\ud800` escapes decode to lone surrogates, which Python strings hold but no tokenizer
+    accepts: refused here, for every text field of every route, rather than deep in a model.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f'field "{name}" holds a lone surrogate (U+{ord(value[exc.start]):04X}) at character '
+                           f"{exc.start}; text must be valid Unicode", field=name) from None
     return value
 
 
@@ -120,6 +134,10 @@ def parse_json_body(raw: bytes) -> dict:
     except json.JSONDecodeError as exc:
         raise RequestError(
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError("request body is not acceptable JSON: it nests arrays or objects too deeply") from None
+    except ValueError as exc:  # Python's limit on integer literals (4,300 digits), among others
+        raise RequestError(f"request body is not acceptable JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {_json_type(body)}")
     return body
@@ -170,6 +188,8 @@ def parse_options(value: Any, limits: Limits) -> Options:
         raise RequestError('field "options.stop" must be a list of strings', field="options.stop")
     if any(s == "" for s in stop):
         raise RequestError('field "options.stop" must not contain an empty string', field="options.stop")
+    for i, text in enumerate(stop):
+        checked_text(text, f"options.stop[{i}]")
 
     return Options(
         # Ollama's -1 (infinite) and -2 (fill context) mean "until the context is full" here.
@@ -354,11 +374,12 @@ def parse_embedding(body: dict, limits: Limits) -> EmbeddingRequest:
         raise RequestError('field "input" (a string or a list of strings) or "content" (a string) is required',
                            field="input")
     if isinstance(value, str):
-        inputs = [value]
+        inputs = [checked_text(value, "input")]
     elif isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise RequestError(f'field "input[{i}]" must be a string, got {_json_type(item)}', field=f"input[{i}]")
+            checked_text(item, f"input[{i}]")
         inputs = value
     else:
         raise RequestError(f'field "input" must be a string or a list of strings, got {_json_type(value)}',

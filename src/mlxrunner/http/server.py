@@ -25,6 +25,7 @@ from aiohttp import web
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http import mlx_engine, ollama, openai
+from mlxrunner.http.off_loop import OffLoop
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
     HealthFailed,
@@ -37,7 +38,7 @@ from mlxrunner.http.protocol import (
     parse_json_body,
 )
 from mlxrunner.models import Embedder, LoadedModel
-from mlxrunner.settings import DEFAULT_MAX_BODY_MB, MIB
+from mlxrunner.settings import DEFAULT_MAX_BODY_MB, DEFAULT_READ_TIMEOUT_S, MIB
 from mlxrunner.worker import Job, JobContext, QueueFull, Worker, WorkerStopped
 
 if TYPE_CHECKING:
@@ -140,7 +141,8 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 
 class Server:
     def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, speaks_mlx_engine: bool = False):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 speaks_mlx_engine: bool = False):
         self.state = state
         self.worker = worker
         self.limits = limits
@@ -150,6 +152,8 @@ class Server:
         self._error_responses: dict[str, ErrorResponder] = {}  # route -> its protocol's error form
         # Paths no route claims: the runner protocol's own form.
         self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
+        self.read_timeout_s = read_timeout_s
+        self.off_loop = OffLoop()  # tokenizing: neither on the event loop nor on the MLX worker
         self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
         self._grace_ends = 0.0  # time.monotonic() when a running job stops being waited for, once stopping
         self._finishing_streams: set[asyncio.Event] = set()  # each set once its job has sent its last event
@@ -225,7 +229,11 @@ class Server:
     # --- what the routes share --------------------------------------------------------------------
 
     async def read_json(self, request: web.Request) -> dict:
-        return parse_json_body(await request.read())
+        try:
+            raw = await asyncio.wait_for(request.read(), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"request body did not arrive within {self.read_timeout_s:g} s", status=408) from None
+        return parse_json_body(raw)
 
     def serves(self, mode: Mode, path: str) -> bool:
         return path in self.routes_by_mode[mode]
@@ -314,10 +322,10 @@ class Server:
                 if not await self._arrives(next_event, stopping, lambda: finish_on_shutdown and job.started):
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
+                    if response is None:  # nothing sent yet: a status the client can act on, not a 200
+                        raise RequestError("request cancelled: the runner is shutting down", status=503)
                     if not finish_on_shutdown:
                         await send(error_line(HttpError(503, "the runner is shutting down")))
-                    elif response is None:
-                        raise RequestError("the runner is shutting down", status=503)
                     return response  # finish_on_shutdown: cut, with no final line
                 try:
                     await send(next_event.result())

@@ -47,21 +47,27 @@ class BadImage(ValueError):
     """A request image that cannot be used; the message names which one and why."""
 
 
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
 def decode_request_images(blobs: list[bytes], limits) -> list[Image.Image]:
     """Decode the request's `images` into RGB PIL images, or raise BadImage naming the culprit."""
     return [decode_image(blob, f'images[{i}]', limits) for i, blob in enumerate(blobs)]
 
 
 def decode_image(blob: bytes, name: str, limits) -> Image.Image:
-    """Bytes (PNG, JPEG, WebP, ...) -> an RGB image with EXIF orientation applied and any alpha
-    composited on white. Refuses non-images, truncated files, decompression bombs (judged from the
-    header, before decoding), sides outside [min_image_side, max_image_side] and aspect ratios > 8."""
+    """Bytes (PNG, JPEG or WebP) -> an RGB image with EXIF orientation applied and any alpha
+    composited on white. Refuses other formats, non-images, truncated files, decompression bombs
+    (judged from the header, before decoding), sides outside [min_image_side, max_image_side] and
+    aspect ratios > 8."""
     from PIL import ImageOps, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(blob))
+        # Only the formats the README promises: each other PIL decoder (GIF, BMP, TIFF, ICO, PPM...)
+        # is more code that hostile bytes could reach.
+        image = Image.open(io.BytesIO(blob), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise BadImage(f'"{name}" is not an image PIL can read (expected PNG, JPEG or WebP)') from None
+        raise BadImage(f'"{name}" is not an image the runner reads (PNG, JPEG or WebP only)') from None
     except Exception as exc:  # PIL raises many types for hostile headers
         raise BadImage(f'"{name}" could not be opened: {exc}') from None
     check_dimensions(name, *image.size, limits.min_image_side, limits.max_image_side)

@@ -221,10 +221,11 @@ class ImagePipeline(ABC):
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents=None,
-            progress: Progress | None = None) -> GeneratedImage:
+            progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None) -> GeneratedImage:
         """The image for `prompt` and what the runner reports about it. Every model takes the same
         steps: check the request, make the noise, encode the prompt(s) and any reference images,
-        denoise (C++), decode."""
+        denoise (C++), decode. `check_cancelled()` may raise to stop the VAE decode between its blocks
+        (the denoising loop stops through `progress`)."""
         started = time.perf_counter()
         request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
         noise = self.initial_latents(request, latents)
@@ -234,7 +235,7 @@ class ImagePipeline(ABC):
         if final is None:
             raise Cancelled("cancelled by the progress callback")
         denoised = time.perf_counter()
-        decoder_latents, image = self.decode_float(final, request.width, request.height)
+        decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled)
         pixels = to_uint8(image)
         done = time.perf_counter()
         return GeneratedImage(
@@ -343,5 +344,7 @@ class ImagePipeline(ABC):
         """The C++ Euler loop from `latents`: the final latents, or None when progress returned False."""
 
     @abstractmethod
-    def decode_float(self, latents: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
-        """The loop's final latents -> (the VAE decoder's input, float32 [H, W, 3] in [0, 1])."""
+    def decode_float(self, latents: mx.array, width: int, height: int,
+                     check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
+        """The loop's final latents -> (the VAE decoder's input, float32 [H, W, 3] in [0, 1]).
+        check_cancelled() is called between the decoder's blocks and may raise to stop it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -66,9 +68,11 @@ class Vae:
         """
         return to_uint8(self.decode_float(latents, tile))
 
-    def decode_float(self, latents: mx.array, tile: int | None = 0) -> np.ndarray:
+    def decode_float(self, latents: mx.array, tile: int | None = 0,
+                     check_cancelled: Callable[[], None] | None = None) -> np.ndarray:
         """Float32 [H, W, 3] in [0, 1], diffusers' output_type="np". As diffusers: cast to the VAE
-        dtype first, z / scaling + shift in that dtype, map to [0, 1] and clamp in that dtype."""
+        dtype first, z / scaling + shift in that dtype, map to [0, 1] and clamp in that dtype.
+        check_cancelled() runs between decoder blocks and tiles; what it raises stops the decode."""
         dtype = self.dtype
         z = latents.astype(dtype) / mx.array(self.scaling_factor, dtype) + mx.array(self.shift_factor, dtype)
         z = z.transpose(0, 2, 3, 1)
@@ -78,6 +82,6 @@ class Vae:
             raise ValueError(f"an untiled VAE decode of {z.shape[1]} x {z.shape[2]} latents is refused: above "
                              f"{UNTILED_LIMIT_LATENT_PIXELS} latent pixels MLX's CUDA convolutions fail (a 256 x 256 "
                              f"pass killed the process on an H100); decode in tiles (tile=None or tile > 0)")
-        image = self.decoder.decode(z, tile)
+        image = self.decoder.decode(z, tile, check_cancelled)
         image = mx.clip(image * mx.array(0.5, image.dtype) + mx.array(0.5, image.dtype), 0, 1)
         return np.asarray(image[0].astype(mx.float32))

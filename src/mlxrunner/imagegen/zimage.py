@@ -104,6 +104,7 @@ class ZImagePipeline(ImagePipeline):
         return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
                                     request.guidance, progress, self.denoise_queue_depth)
 
-    def decode_float(self, latents: mx.array, width: int, height: int) -> tuple[mx.array, np.ndarray]:
+    def decode_float(self, latents: mx.array, width: int, height: int,
+                     check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
         """The loop's latents are the decoder's input as they are."""
-        return latents, self.vae.decode_float(latents, tile=None)
+        return latents, self.vae.decode_float(latents, tile=None, check_cancelled=check_cancelled)

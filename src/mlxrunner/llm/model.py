@@ -152,12 +152,23 @@ class LanguageModel:
     # --- generation -----------------------------------------------------------------------------
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids; PromptTooLong if it has none or does not fit the context. A text
+        whose byte length alone shows it cannot fit is refused before it is tokenized."""
+        if isinstance(prompt, str):
+            self._refuse_by_byte_length(prompt)
         ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt)
         if not ids:
             raise PromptTooLong("the prompt has no tokens")
         if len(ids) >= self.context_length:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's context is {self.context_length}")
         return ids
+
+    def _refuse_by_byte_length(self, prompt: str) -> None:
+        most_bytes = self.context_length * self.tokenizer.max_token_bytes
+        size = len(prompt.encode("utf-8", errors="surrogatepass"))
+        if size > most_bytes:
+            raise PromptTooLong(f"the prompt is {size} bytes; no more than {most_bytes} bytes can fit the "
+                                f"model's context of {self.context_length} tokens")
 
     def stream(self, prompt: str | list[int], options: Options = Options(),
                check_cancelled: Callable[[], None] | None = None,

@@ -73,15 +73,22 @@ class ModelSource:
     def file_path(self, relpath: str) -> Path:
         raise NotImplementedError
 
-    def read_json(self, relpath: str) -> Any:
-        """A JSON file of the model, parsed; ModelError naming the file if missing or invalid."""
+    def read_json(self, relpath: str, expect: type = dict) -> Any:
+        """A JSON file of the model, parsed; ModelError naming the file if missing, invalid or not an
+        `expect` (an object for every config file; sentence-transformers' modules.json is a list)."""
         path = self.file_path(relpath)
         try:
-            return json.loads(path.read_bytes())
+            value = json.loads(path.read_bytes())
         except OSError as e:
             raise ModelError(f"{self.location}: cannot read {relpath} ({path}): {e.strerror or e}") from e
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ModelError(f"{self.location}: {relpath} ({path}) is not valid JSON: {e}") from e
+        except ValueError as e:  # an integer literal over Python's 4,300 digits
+            raise ModelError(f"{self.location}: {relpath} ({path}) is not acceptable JSON: {e}") from e
+        if not isinstance(value, expect):
+            wanted = "an object" if expect is dict else "an array"
+            raise ModelError(f"{self.location}: {relpath} must hold {wanted}, not {type(value).__name__}")
+        return value
 
     # -- tensors ---------------------------------------------------------------------------
     def tensors(self, component: str = "") -> dict[str, mx.array]:

@@ -18,6 +18,7 @@ How a token maps to bytes depends on the decoder named in tokenizer.json (see `D
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from pathlib import Path
@@ -203,12 +204,22 @@ class TextTokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids for `text`. Special tokens written in the text (e.g. `<|im_start|>`) become their
         ids. With add_bos, the post-processor's tokens and, if configured, a BOS are added."""
-        ids = self._tokenizer.encode(text, add_special_tokens=add_bos).ids
+        # encode_batch lets go of the GIL while it works (encode does not): a long text tokenized on
+        # a thread then leaves the event loop free to answer /health.
+        ids = self._tokenizer.encode_batch([text], add_special_tokens=add_bos)[0].ids
         if not add_bos or self.bos_id is None:
             return ids
         if self.add_bos_token and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         return self._without_doubled_bos(ids, text)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text that one token stands for: the longest piece in
+        the vocabulary (a byte-level piece's characters are 1-2 UTF-8 bytes for 1 text byte; a
+        SentencePiece `▁` is 3 for a 1-byte space), so no text of N bytes has fewer than N / this tokens."""
+        pieces = self._tokenizer.get_vocab(with_added_tokens=True)
+        return max((len(piece.encode("utf-8")) for piece in pieces), default=1)
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens included, as the tokenizer's decoder writes it."""
