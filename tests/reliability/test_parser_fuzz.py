@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlxrunner.errors import RequestError
-from mlxrunner.http import protocol
+from mlxrunner.http import mlx_engine, openai_types, protocol
 from mlxrunner.http.protocol import Limits
 
 LIMITS = Limits()
@@ -22,7 +22,11 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
     max_leaves=20)
 FIELDS = ["prompt", "content", "input", "tokens", "options", "images", "width", "height", "steps", "seed",
-          "negative_prompt", "guidance", "normalize", "truncate", "encoding_format", "dimensions", "model"]
+          "negative_prompt", "guidance", "normalize", "truncate", "encoding_format", "dimensions", "model",
+          # OpenAI's and --mlx-engine's
+          "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "stream",
+          "stream_options", "logprobs", "top_logprobs", "tools", "size", "response_format", "guidance_scale",
+          "Prompt", "Options", "Logprobs", "TopLogprobs"]
 OPTION_FIELDS = ["num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty", "seed", "stop"]
 bodies = st.fixed_dictionaries({}, optional={name: json_values for name in FIELDS}).flatmap(
@@ -35,7 +39,11 @@ PARSERS = {
     "/embedding": lambda body: protocol.parse_embedding(body, LIMITS),
     "/tokenize": protocol.parse_tokenize,
     "/detokenize": protocol.parse_detokenize,
-    "/v1/embeddings": lambda body: protocol.parse_openai_embedding(body, LIMITS, 384),
+    "/v1/embeddings": lambda body: openai_types.parse_openai_embedding(body, LIMITS, 384),
+    "/v1/chat/completions": lambda body: openai_types.parse_chat(body, LIMITS),
+    "/v1/completions": lambda body: openai_types.parse_text_completion(body, LIMITS),
+    "/v1/images/generations": lambda body: openai_types.parse_image_request(body, LIMITS),
+    "--mlx-engine /completion": lambda body: mlx_engine.parse_request(body, LIMITS),
 }
 
 

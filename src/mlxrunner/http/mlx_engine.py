@@ -34,11 +34,10 @@ from mlxrunner.http.protocol import (
     _str_field,
     parse_options,
 )
-from mlxrunner.llm.model import TokenLogprob
 
 if TYPE_CHECKING:
     from mlxrunner.http.server import HttpError, Server
-    from mlxrunner.llm.model import Completion
+    from mlxrunner.llm.model import Completion, TokenLogprob
     from mlxrunner.models import TextModel
     from mlxrunner.worker import JobContext
 
@@ -248,6 +247,9 @@ def top_logprobs(req: EngineRequest) -> int | None:
 def generation_job(model: TextModel, tokens: list[int], options: Options,
                    top_logprobs: int | None = None) -> Callable[[JobContext], EngineLine]:
     """The worker job: a line per text chunk (never an empty one), then the final line."""
+
+    # Imported here, not at the top: the server module must not load MLX before cli/ checks the backend.
+    from mlxrunner.llm.model import TokenLogprob
 
     def generate(ctx: JobContext) -> EngineLine:
         completion = None

@@ -278,7 +278,7 @@ class Server:
         if not done.done():
             job.cancel("the runner is shutting down")
             done.cancel()
-            raise RequestError("request cancelled: the runner is shutting down", status=503)
+            raise RequestError("the runner is shutting down", status=503)
         return done.result()
 
     async def embed(self, model: Embedder, req: EmbeddingRequest) -> EmbeddingResult:
@@ -323,7 +323,7 @@ class Server:
                     next_event.cancel()
                     job.cancel("the runner is shutting down")
                     if response is None:  # nothing sent yet: a status the client can act on, not a 200
-                        raise RequestError("request cancelled: the runner is shutting down", status=503)
+                        raise RequestError("the runner is shutting down", status=503)
                     if not finish_on_shutdown:
                         await send(error_line(HttpError(503, "the runner is shutting down")))
                     return response  # finish_on_shutdown: cut, with no final line
