@@ -1,4 +1,4 @@
-"""``mlxrunner quantize SRC DST``: a float LLM -> an mlx-lm quantized folder (docs/formats.md).
+"""A float LLM -> an mlx-lm quantized folder (docs/formats.md); the command is ``mlxrunner quantize``.
 
 The output is what ``mlx_lm.convert --quantize`` writes, so mlx-lm loads it too: ``config.json`` with
 ``quantization`` (copied to ``quantization_config``), each quantized module as ``.weight`` (packed
@@ -18,11 +18,9 @@ Tensors are read lazily and written shard by shard, so memory holds one shard, n
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,42 +213,3 @@ def _make_empty_folder(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ModelError(f"{dst} exists and is not an empty folder; choose a new one")
     dst.mkdir(parents=True, exist_ok=True)
-
-
-def parser() -> argparse.ArgumentParser:
-    out = argparse.ArgumentParser(
-        prog="mlxrunner quantize",
-        description="Quantize a float LLM (a folder or an Ollama name) into an mlx-lm folder that both "
-                    "mlxrunner and mlx-lm load.")
-    out.add_argument("src", help="the float model: a folder or an Ollama model name")
-    out.add_argument("dst", type=Path, help="the folder to write (must not exist, or be empty)")
-    out.add_argument("--bits", type=int, choices=(4, 8), required=True)
-    out.add_argument("--group-size", type=int, help="affine: 32, 64 (default) or 128; fixed for the fp modes")
-    out.add_argument("--mode", choices=tuple(MLX_MODES), default="affine")
-    out.add_argument("--mixed", action="store_true",
-                     help="more bits for lm_head and some v_proj/down_proj layers (mlx-lm's mixed recipes)")
-    out.add_argument("--models-dir", help="Ollama models directory (default: $OLLAMA_MODELS or ~/.ollama/models)")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mlxrunner.cli import fail
-    from mlxrunner.progress import ProgressBar
-
-    args = parser().parse_args(argv)
-    try:
-        chosen = recipe(args.bits, args.group_size, args.mode, args.mixed)
-        source = float_llm(args.src, args.models_dir)
-        tensors = source.tensors("")
-        with ProgressBar("quantize", len(tensors)) as bar:
-            params = quantize_model(source, tensors, args.dst, chosen, bar.update)
-    except ModelError as exc:
-        return fail(str(exc))
-    bits = sorted({p.bits for p in params.values()})
-    print(f"wrote {args.dst}: {len(params)} weights quantized ({chosen.base.mode}, "
-          f"{'/'.join(map(str, bits))} bits, group size {chosen.base.group_size})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxrunner.quantize import main
+from mlxrunner.cli.quantize import main
 from mlxrunner.store import QuantParams, resolve
 from ollama_store import create_llm
 
@@ -81,7 +81,7 @@ def test_an_ollama_store_is_a_source_too(tmp_path):
     (["--bits", "8", "--mixed"], "at 8 bits there are none more"),
 ])
 def test_bad_choices_exit_1_with_the_reason(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "-m", "mlxrunner.quantize", str(FIXTURES / "llm" / "qwen3-tiny"),
+    done = subprocess.run([sys.executable, "-m", "mlxrunner", "quantize", str(FIXTURES / "llm" / "qwen3-tiny"),
                            str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("Error: ") and message in done.stderr
