@@ -6,7 +6,7 @@ folder; they run without mlx-lm, from the recorded goldens. Run from the reposit
 venv (``python3 -m venv .ref && .ref/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2``):
 
     .ref/bin/python scripts/goldens_quant.py fixtures   # tests/fixtures/llm-quant/<name>/
-    .ref/bin/python scripts/goldens_quant.py goldens    # tests/goldens/llm_quant.json
+    .ref/bin/python scripts/goldens_quant.py goldens    # tests/goldens/mlx_lm_quant.json
     .ref/bin/python scripts/goldens_quant.py check-folder DIR GOLDENS.json   # see check_folder()
 
 ``fixtures`` quantizes the float fixtures of tests/fixtures/llm/ with ``mlx_lm.convert``. Their
@@ -35,7 +35,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOAT_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "llm"
 QUANT_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "llm-quant"
-GOLDENS = REPO_ROOT / "tests" / "goldens" / "llm_quant.json"
+GOLDENS = REPO_ROOT / "tests" / "goldens" / "mlx_lm_quant.json"
 
 # recipe -> mlx_lm.convert's quantization arguments
 RECIPES: dict[str, dict] = {
