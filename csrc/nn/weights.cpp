@@ -65,8 +65,7 @@ Matrix Weights::matrix(const std::string& name, int rows, int cols) const {
   // Packed: `bits`-bit values, 32 / bits to a uint32 word (3, 5 and 6 bits straddle words).
   if ((static_cast<int64_t>(cols) * spec->bits) % 32 != 0 || cols % spec->group_size != 0) {
     throw std::invalid_argument("weight " + full + ": " + std::to_string(cols) + " columns do not pack at " +
-                                std::to_string(spec->bits) + " bits in groups of " +
-                                std::to_string(spec->group_size));
+                                std::to_string(spec->bits) + " bits in groups of " + std::to_string(spec->group_size));
   }
   auto packed = get(name, {rows, static_cast<int>(static_cast<int64_t>(cols) * spec->bits / 32)});
   if (packed.dtype() != mx::uint32) {

@@ -40,13 +40,13 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
   auto mlp = w.sub("mlp");
   DecoderLayer layer{
       .qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
-                                  Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
-                                  Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
+                                     Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+                                     Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
       .o_proj = Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
       .input_norm = RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
       .post_attention_norm = RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
       .gate_up_proj = FusedLinear::fuse({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
-                                      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
+                                         Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
       .down_proj = Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
   };
   if (c.architecture == "qwen3") {
@@ -115,8 +115,8 @@ mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, 
 void Decoder::eval_weights() const {
   for (const auto& layer : layers_) {
     std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
-    for (const auto& part : {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.gate_up_proj.arrays(),
-                             layer.down_proj.arrays()}) {
+    for (const auto& part :
+         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.gate_up_proj.arrays(), layer.down_proj.arrays()}) {
       arrays.insert(arrays.end(), part.begin(), part.end());
     }
     if (layer.q_norm) {
