@@ -7,7 +7,7 @@ venv (``python3 -m venv .ref && .ref/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==
 
     .ref/bin/python scripts/goldens_quant.py fixtures   # tests/fixtures/llm-quant/<name>/
     .ref/bin/python scripts/goldens_quant.py goldens    # tests/goldens/mlx_lm_quant.json
-    .ref/bin/python scripts/goldens_quant.py check-folder DIR GOLDENS.json   # see check_folder()
+    .ref/bin/python scripts/goldens_quant.py check-folder DIR EXPECTED.json  # see check_folder()
 
 ``fixtures`` quantizes the float fixtures of tests/fixtures/llm/ with ``mlx_lm.convert``. Their
 config.json gets the top-level ``rope_theta`` / ``rope_scaling`` beside transformers 5's
@@ -46,8 +46,9 @@ RECIPES: dict[str, dict] = {
     "nvfp4": dict(q_mode="nvfp4"),
     "mxfp8": dict(q_mode="mxfp8"),
 }
-# name -> (float source in tests/fixtures/llm/, recipe). qwen3-tiny: tied head, Qwen3's q/k norms. llama3-tiny: tied head, GQA, llama3 rope scaling (the
-# mlx-lm pitfall). llama-tiny: an untied lm_head, which the mixed recipe gives the high bits.
+# name -> (float source in tests/fixtures/llm/, recipe). qwen3-tiny: tied head, Qwen3's q/k norms.
+# llama3-tiny: tied head, GQA, llama3 rope scaling (the mlx-lm pitfall). llama-tiny: an untied lm_head,
+# which the mixed recipe gives the high bits.
 FIXTURES: dict[str, tuple[str, dict]] = {
     **{f"qwen3-tiny-{r}": ("qwen3-tiny", args) for r, args in RECIPES.items()},
     **{f"llama3-tiny-{r}": ("llama3-tiny", args) for r, args in RECIPES.items()},
