@@ -378,6 +378,25 @@ def import_directory(root: str | os.PathLike, name: str, source_dir: str | os.Pa
     return builder.write_manifest(name)
 
 
+def image_quantization_names(source_dir: str | os.PathLike, quant_type: str) -> set[str]:
+    """The layers ``ollama create --experimental -q TYPE`` quantized in a diffusers folder (docs/formats.md):
+    not the VAE; ``.weight`` tensors of at least 2 dimensions whose names hold no ``embed``, ``norm``, ``ln_``
+    or ``layernorm``; the last dimension a multiple of the group size. (Go checked int4 against 32 while
+    quantizing at 64, and failed on such tensors; this takes the group size it quantizes with.)"""
+    source_dir = Path(source_dir)
+    group_size = QUANT_SPECS[quant_type.lower()][0]
+    names = set()
+    for path in sorted(source_dir.glob("*/*.safetensors")):
+        component = path.parent.name
+        if component == "vae":
+            continue
+        for tensor, raw in tensors_of_file(path).items():
+            skipped = any(part in tensor for part in ("embed", "norm", "ln_", "layernorm"))
+            if not skipped and tensor.endswith(".weight") and len(raw.shape) >= 2 and raw.shape[-1] % group_size == 0:
+                names.add(f"{component}/{tensor}")
+    return names
+
+
 # Ollama's x/create policy for LLMs (docs/formats.md): which type each tensor gets.
 EIGHT_BIT = {"int4": "int8", "int8": "int8", "nvfp4": "mxfp8", "mxfp4": "mxfp8", "mxfp8": "mxfp8"}
 ALIGNMENT = {"nvfp4": 16, "int4": 64, "int8": 64}  # else 32

@@ -66,6 +66,11 @@ mx::array Linear::operator()(const mx::array& x) const {
   return bias ? mx::add(y, *bias) : y;
 }
 
+mx::Dtype Linear::dtype() const {
+  if (!quantized) return weight.dtype();
+  return quantized->spec.mode == "affine" ? quantized->scales.dtype() : mx::bfloat16;
+}
+
 std::vector<mx::array> Linear::arrays() const {
   auto out = with_companions(weight, quantized);
   if (bias) out.push_back(*bias);

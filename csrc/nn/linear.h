@@ -23,6 +23,9 @@ struct Linear {
   static bool can_concat(const Linear& a, const Linear& b);
   mx::array operator()(const mx::array& x) const;
   int out_features() const { return weight.shape(0); }
+  // The float dtype the weight has, or dequantizes to (the scales' for affine, bfloat16 for the
+  // microscaled modes, as mx::dequantize gives): the network's dtype where a layer decides it.
+  mx::Dtype dtype() const;
   // Every array it holds (to evaluate them).
   std::vector<mx::array> arrays() const;
 };
