@@ -378,6 +378,69 @@ def import_directory(root: str | os.PathLike, name: str, source_dir: str | os.Pa
     return builder.write_manifest(name)
 
 
+def image_quantization_names(source_dir: str | os.PathLike, quant_type: str) -> set[str]:
+    """The layers ``ollama create --experimental -q TYPE`` quantized in a diffusers folder (docs/formats.md):
+    not the VAE; ``.weight`` tensors of at least 2 dimensions whose names hold no ``embed``, ``norm``, ``ln_``
+    or ``layernorm``; the last dimension a multiple of the group size. (Go checked int4 against 32 while
+    quantizing at 64, and failed on such tensors; this takes the group size it quantizes with.)"""
+    source_dir = Path(source_dir)
+    group_size = QUANT_SPECS[quant_type.lower()][0]
+    names = set()
+    for path in sorted(source_dir.glob("*/*.safetensors")):
+        component = path.parent.name
+        if component == "vae":
+            continue
+        for tensor, raw in tensors_of_file(path).items():
+            skipped = any(part in tensor for part in ("embed", "norm", "ln_", "layernorm"))
+            if not skipped and tensor.endswith(".weight") and len(raw.shape) >= 2 and raw.shape[-1] % group_size == 0:
+                names.add(f"{component}/{tensor}")
+    return names
+
+
+# Ollama's x/create policy for LLMs (docs/formats.md): which type each tensor gets.
+EIGHT_BIT = {"int4": "int8", "int8": "int8", "nvfp4": "mxfp8", "mxfp4": "mxfp8", "mxfp8": "mxfp8"}
+ALIGNMENT = {"nvfp4": 16, "int4": 64, "int8": 64}  # else 32
+
+
+def llm_tensor_quantization(name: str, shape: tuple[int, ...], quant_type: str) -> str:
+    """GetTensorQuantization: "" keeps the tensor at source precision."""
+    def aligned(kind: str) -> bool:
+        return shape[-1] % ALIGNMENT.get(kind, 32) == 0
+
+    skipped = ("embed" in name or "norm" in name or "ln_" in name or "layernorm" in name
+               or not name.endswith(".weight") or len(shape) != 2 or int(np.prod(shape)) < 1024)
+    if skipped:
+        return ""
+    eight = EIGHT_BIT[quant_type]
+    if name.endswith("lm_head.weight"):
+        return eight if aligned(eight) else ""
+    if not aligned(quant_type):
+        return ""
+    sensitive = ".v_proj" in name or ".k_proj" in name or "down_proj" in name
+    if quant_type in ("int4", "nvfp4", "mxfp4") and sensitive and aligned(eight):
+        return eight
+    return quant_type
+
+
+def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike, quant_type: str = "") -> Path:
+    """An HF LLM folder imported the way Ollama's x/create does: one layer per tensor named by the
+    tensor, quantized per :func:`llm_tensor_quantization` into combined E4 blobs; every top-level
+    JSON file but the shard index as a JSON layer named by its file name."""
+    source_dir = Path(source_dir)
+    builder = StoreBuilder(root)
+    for path in sorted(source_dir.glob("*.safetensors")):
+        for tensor, raw in tensors_of_file(path).items():
+            kind = llm_tensor_quantization(tensor, raw.shape, quant_type) if quant_type else ""
+            if kind:
+                builder.add_quantized(tensor, raw, kind, layout="combined")
+            else:
+                builder.add_tensor(tensor, raw, key="full")
+    for path in sorted(source_dir.glob("*.json")):
+        if not path.name.endswith(".safetensors.index.json"):
+            builder.add_json(path.name, path.read_bytes())
+    return builder.write_manifest(name, config=config_v2(("completion",), file_type=quant_type))
+
+
 def write_safetensors_dir(folder: str | os.PathLike, files: dict[str, dict], configs: dict[str, dict] | None = None):
     """A model folder: ``files`` maps ``relpath.safetensors`` -> tensors (Go writer),
     ``configs`` maps ``relpath.json`` -> JSON content."""

@@ -1,4 +1,5 @@
-// The binding every network shares: built from (config, weights), it shows the config it was built with.
+// The binding every network shares: built from (config, weights[, quantization]), it shows the config it was
+// built with.
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -21,7 +22,13 @@ nb::class_<Network> bind_network(nb::module_& m, const char* name, const char* d
   using namespace nb::literals;
   using Config = std::decay_t<decltype(std::declval<const Network&>().config())>;
   nb::class_<Network> cls(m, name, doc);
-  cls.def(nb::init<const Config&, const WeightMap&>(), "config"_a, "weights"_a);
+  if constexpr (std::is_constructible_v<Network, const Config&, const WeightMap&, const QuantMap&>) {
+    // A network that runs packed weights: `quantization` names them (nn/weights.h).
+    cls.def(nb::init<const Config&, const WeightMap&, const QuantMap&>(), "config"_a, "weights"_a,
+            "quantization"_a = QuantMap{});
+  } else {
+    cls.def(nb::init<const Config&, const WeightMap&>(), "config"_a, "weights"_a);
+  }
   cls.def_prop_ro(
       "config", [](const Network& self) { return self.config(); }, "The config it was built with (a copy).");
   return cls;

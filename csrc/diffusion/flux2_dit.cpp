@@ -83,24 +83,25 @@ double flux2_empirical_mu(int image_seq_len, int num_steps) {
   return a * num_steps + b;
 }
 
-Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& weights)
+Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& weights, const QuantMap& quantization)
     : config_((check_config(config), config)),
-      t_linear_1_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_1"),
+      t_linear_1_(Linear::load(Weights(weights, quantization, "time_guidance_embed.timestep_embedder.linear_1"),
                                config.timestep_guidance_channels, config.dim(), false)),
-      t_linear_2_(Linear::load(Weights(weights, "time_guidance_embed.timestep_embedder.linear_2"), config.dim(),
-                               config.dim(), false)),
-      mod_img_(
-          Linear::load(Weights(weights, "double_stream_modulation_img.linear"), config.dim(), 6 * config.dim(), false)),
-      mod_txt_(
-          Linear::load(Weights(weights, "double_stream_modulation_txt.linear"), config.dim(), 6 * config.dim(), false)),
-      mod_single_(
-          Linear::load(Weights(weights, "single_stream_modulation.linear"), config.dim(), 3 * config.dim(), false)),
-      x_embedder_(Linear::load(Weights(weights, "x_embedder"), config.in_channels, config.dim(), false)),
-      context_embedder_(
-          Linear::load(Weights(weights, "context_embedder"), config.joint_attention_dim, config.dim(), false)),
-      norm_out_(Linear::load(Weights(weights, "norm_out.linear"), config.dim(), 2 * config.dim(), false)),
-      proj_out_(Linear::load(Weights(weights, "proj_out"), config.dim(), config.output_channels(), false)) {
-  Weights root(weights);
+      t_linear_2_(Linear::load(Weights(weights, quantization, "time_guidance_embed.timestep_embedder.linear_2"),
+                               config.dim(), config.dim(), false)),
+      mod_img_(Linear::load(Weights(weights, quantization, "double_stream_modulation_img.linear"), config.dim(),
+                            6 * config.dim(), false)),
+      mod_txt_(Linear::load(Weights(weights, quantization, "double_stream_modulation_txt.linear"), config.dim(),
+                            6 * config.dim(), false)),
+      mod_single_(Linear::load(Weights(weights, quantization, "single_stream_modulation.linear"), config.dim(),
+                               3 * config.dim(), false)),
+      x_embedder_(Linear::load(Weights(weights, quantization, "x_embedder"), config.in_channels, config.dim(), false)),
+      context_embedder_(Linear::load(Weights(weights, quantization, "context_embedder"), config.joint_attention_dim,
+                                     config.dim(), false)),
+      norm_out_(Linear::load(Weights(weights, quantization, "norm_out.linear"), config.dim(), 2 * config.dim(), false)),
+      proj_out_(
+          Linear::load(Weights(weights, quantization, "proj_out"), config.dim(), config.output_channels(), false)) {
+  Weights root(weights, quantization);
   for (int i = 0; i < config.num_layers; ++i) {
     double_blocks_.push_back(load_double(root.sub("transformer_blocks." + std::to_string(i)), config));
   }

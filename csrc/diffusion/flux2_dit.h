@@ -68,7 +68,8 @@ using Flux2Rope = RopeTable;
 
 class Flux2Transformer {
  public:
-  Flux2Transformer(const Flux2Config& config, const WeightMap& weights);
+  // `quantization` lists the packed weights of a quantized checkpoint (nn/weights.h); they stay packed.
+  Flux2Transformer(const Flux2Config& config, const WeightMap& weights, const QuantMap& quantization = {});
 
   // The RoPE table for a sequence of positions (text first, then image tokens, as the model orders
   // them). Frequencies, angles and cos/sin in float64, rounded to float32 (diffusers' Flux2PosEmbed).
@@ -83,7 +84,7 @@ class Flux2Transformer {
                     EvalQueue* queue = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
-  mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }
+  mx::Dtype dtype() const { return x_embedder_.dtype(); }
 
  private:
   mx::array time_embedding(const mx::array& timestep) const;

@@ -68,26 +68,30 @@ mx::array pad_rows(const mx::array& x, int length) {
 
 }  // namespace
 
-ZImageTransformer::ZImageTransformer(const ZImageConfig& config, const WeightMap& weights)
+ZImageTransformer::ZImageTransformer(const ZImageConfig& config, const WeightMap& weights, const QuantMap& quantization)
     : config_((check_config(config), config)),
-      x_embedder_(Linear::load(Weights(weights, "all_x_embedder." + std::to_string(config.patch_size) + "-" +
-                                                    std::to_string(config.f_patch_size)),
-                               config.patch_size * config.patch_size * config.f_patch_size * config.in_channels,
-                               config.dim)),
-      x_pad_token_(Weights(weights).get("x_pad_token", {1, config.dim})),
-      cap_pad_token_(Weights(weights).get("cap_pad_token", {1, config.dim})),
-      t_mlp0_(Linear::load(Weights(weights, "t_embedder.mlp.0"), 256, 1024)),
-      t_mlp2_(Linear::load(Weights(weights, "t_embedder.mlp.2"), 1024, config.adaln_dim())),
-      cap_norm_(RMSNorm::load(Weights(weights, "cap_embedder.0"), config.cap_feat_dim, config.norm_eps)),
-      cap_linear_(Linear::load(Weights(weights, "cap_embedder.1"), config.cap_feat_dim, config.dim)),
-      noise_refiner_(load_blocks(Weights(weights), "noise_refiner", config.n_refiner_layers, config, true)),
-      context_refiner_(load_blocks(Weights(weights), "context_refiner", config.n_refiner_layers, config, false)),
-      layers_(load_blocks(Weights(weights), "layers", config.n_layers, config, true)),
-      final_adaln_(Linear::load(Weights(weights, "all_final_layer." + std::to_string(config.patch_size) + "-" +
-                                                     std::to_string(config.f_patch_size) + ".adaLN_modulation.1"),
+      x_embedder_(Linear::load(
+          Weights(weights, quantization,
+                  "all_x_embedder." + std::to_string(config.patch_size) + "-" + std::to_string(config.f_patch_size)),
+          config.patch_size * config.patch_size * config.f_patch_size * config.in_channels, config.dim)),
+      x_pad_token_(Weights(weights, quantization).get("x_pad_token", {1, config.dim})),
+      cap_pad_token_(Weights(weights, quantization).get("cap_pad_token", {1, config.dim})),
+      t_mlp0_(Linear::load(Weights(weights, quantization, "t_embedder.mlp.0"), 256, 1024)),
+      t_mlp2_(Linear::load(Weights(weights, quantization, "t_embedder.mlp.2"), 1024, config.adaln_dim())),
+      cap_norm_(RMSNorm::load(Weights(weights, quantization, "cap_embedder.0"), config.cap_feat_dim, config.norm_eps)),
+      cap_linear_(Linear::load(Weights(weights, quantization, "cap_embedder.1"), config.cap_feat_dim, config.dim)),
+      noise_refiner_(
+          load_blocks(Weights(weights, quantization), "noise_refiner", config.n_refiner_layers, config, true)),
+      context_refiner_(
+          load_blocks(Weights(weights, quantization), "context_refiner", config.n_refiner_layers, config, false)),
+      layers_(load_blocks(Weights(weights, quantization), "layers", config.n_layers, config, true)),
+      final_adaln_(Linear::load(Weights(weights, quantization,
+                                        "all_final_layer." + std::to_string(config.patch_size) + "-" +
+                                            std::to_string(config.f_patch_size) + ".adaLN_modulation.1"),
                                 config.adaln_dim(), config.dim)),
-      final_linear_(Linear::load(Weights(weights, "all_final_layer." + std::to_string(config.patch_size) + "-" +
-                                                      std::to_string(config.f_patch_size) + ".linear"),
+      final_linear_(Linear::load(Weights(weights, quantization,
+                                         "all_final_layer." + std::to_string(config.patch_size) + "-" +
+                                             std::to_string(config.f_patch_size) + ".linear"),
                                  config.dim, config.patch_size * config.patch_size * config.in_channels)) {
   inv_freq_ = axis_inverse_frequencies(config.axes_dims, config.rope_theta);
 }
@@ -99,7 +103,7 @@ mx::array ZImageTransformer::timestep_embedding(const mx::array& t) const {
   auto freqs = mx::exp(mx::divide(mx::multiply(mx::array(static_cast<float>(-std::log(10000.0))), k),
                                   mx::array(static_cast<float>(half))));
   auto args = mx::multiply(mx::expand_dims(mx::multiply(t, mx::array(config_.t_scale)), 1), mx::expand_dims(freqs, 0));
-  auto emb = mx::astype(mx::concatenate({mx::cos(args), mx::sin(args)}, 1), t_mlp0_.weight.dtype());
+  auto emb = mx::astype(mx::concatenate({mx::cos(args), mx::sin(args)}, 1), t_mlp0_.dtype());
   return mx::astype(t_mlp2_(silu(t_mlp0_(emb))), dtype());
 }
 

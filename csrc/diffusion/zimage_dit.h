@@ -67,7 +67,8 @@ struct ZImageInputs {
 
 class ZImageTransformer {
  public:
-  ZImageTransformer(const ZImageConfig& config, const WeightMap& weights);
+  // `quantization` lists the packed weights of a quantized checkpoint (nn/weights.h); they stay packed.
+  ZImageTransformer(const ZImageConfig& config, const WeightMap& weights, const QuantMap& quantization = {});
 
   // One network evaluation. latents: [B, C, H, W] (diffusers' layout minus the frame axis; any
   // float dtype), t: [B] float32 in the model's convention (1 - sigma), captions: one [L_i,
@@ -83,7 +84,7 @@ class ZImageTransformer {
                     EvalQueue* queue = nullptr) const;
 
   const ZImageConfig& config() const { return config_; }
-  mx::Dtype dtype() const { return x_embedder_.weight.dtype(); }
+  mx::Dtype dtype() const { return x_embedder_.dtype(); }
 
  private:
   mx::array timestep_embedding(const mx::array& t) const;

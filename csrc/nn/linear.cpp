@@ -4,36 +4,128 @@
 
 namespace mlxr {
 
+namespace {
+
+// x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
+mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  return mx::quantized_matmul(x, packed, q.scales, q.biases, true, q.spec.group_size, q.spec.bits, q.spec.mode);
+}
+
+std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {
+  std::vector<mx::array> out{weight};
+  if (q) {
+    out.push_back(q->scales);
+    if (q->biases) out.push_back(*q->biases);
+  }
+  return out;
+}
+
+}  // namespace
+
 Linear Linear::load(const Weights& w, int in_features, int out_features, bool with_bias) {
-  return Linear{.weight = w.get("weight", {out_features, in_features}),
-                .bias = with_bias ? std::optional<mx::array>(w.get("bias", {out_features})) : std::nullopt};
+  auto matrix = w.matrix("weight", out_features, in_features);
+  return Linear{.weight = matrix.weight,
+                .bias = with_bias ? std::optional<mx::array>(w.get("bias", {out_features})) : std::nullopt,
+                .quantized = matrix.quantized};
+}
+
+bool Linear::can_concat(const Linear& a, const Linear& b) {
+  if (a.bias.has_value() != b.bias.has_value() || a.quantized.has_value() != b.quantized.has_value()) return false;
+  if (!a.quantized) return a.weight.dtype() == b.weight.dtype();
+  return a.quantized->spec == b.quantized->spec && a.quantized->scales.dtype() == b.quantized->scales.dtype();
 }
 
 Linear Linear::concat(const std::vector<Linear>& parts) {
-  std::vector<mx::array> weights, biases;
-  for (const auto& part : parts) {
-    weights.push_back(part.weight);
-    if (part.bias) biases.push_back(*part.bias);
+  for (size_t i = 1; i < parts.size(); ++i) {
+    if (!can_concat(parts[0], parts[i])) {
+      throw std::invalid_argument("Linear::concat: the parts differ in bias, dtype or quantization");
+    }
   }
-  if (!biases.empty() && biases.size() != parts.size()) {
-    throw std::invalid_argument("Linear::concat: some parts have a bias and some do not");
+  auto joined = [&](auto member) {
+    std::vector<mx::array> arrays;
+    for (const auto& part : parts) arrays.push_back(member(part));
+    return mx::concatenate(arrays, 0);
+  };
+  Linear out{.weight = joined([](const Linear& l) { return l.weight; })};
+  if (parts[0].bias) out.bias = joined([](const Linear& l) { return *l.bias; });
+  if (parts[0].quantized) {
+    // Packed rows are independent (groups run along a row), so stacking rows of weights, scales and
+    // biases quantizes the stacked matrix exactly as its parts were.
+    out.quantized = Quantized{.scales = joined([](const Linear& l) { return l.quantized->scales; }),
+                              .spec = parts[0].quantized->spec};
+    if (parts[0].quantized->biases) {
+      out.quantized->biases = joined([](const Linear& l) { return *l.quantized->biases; });
+    }
   }
-  return Linear{.weight = mx::concatenate(weights, 0),
-                .bias = biases.empty() ? std::nullopt : std::optional<mx::array>(mx::concatenate(biases, 0))};
+  return out;
 }
 
 mx::array Linear::operator()(const mx::array& x) const {
   // transpose is a view: matmul reads W with swapped strides, no copy of the weight.
-  auto y = mx::matmul(x, mx::transpose(weight));
+  auto y = quantized ? quantized_matmul(x, weight, *quantized) : mx::matmul(x, mx::transpose(weight));
   return bias ? mx::add(y, *bias) : y;
 }
 
+mx::Dtype Linear::dtype() const {
+  if (!quantized) return weight.dtype();
+  return quantized->spec.mode == "affine" ? quantized->scales.dtype() : mx::bfloat16;
+}
+
+std::vector<mx::array> Linear::arrays() const {
+  auto out = with_companions(weight, quantized);
+  if (bias) out.push_back(*bias);
+  return out;
+}
+
+FusedLinear FusedLinear::fuse(const std::vector<Linear>& parts) {
+  std::vector<std::vector<Linear>> runs;
+  for (const auto& part : parts) {
+    if (runs.empty() || !Linear::can_concat(runs.back().back(), part)) runs.emplace_back();
+    runs.back().push_back(part);
+  }
+  FusedLinear out;
+  for (const auto& run : runs) out.layers.push_back(run.size() == 1 ? run[0] : Linear::concat(run));
+  return out;
+}
+
+mx::array FusedLinear::operator()(const mx::array& x) const {
+  if (layers.size() == 1) return layers[0](x);
+  std::vector<mx::array> outputs;
+  for (const auto& layer : layers) outputs.push_back(layer(x));
+  return mx::concatenate(outputs, -1);
+}
+
+std::vector<mx::array> FusedLinear::arrays() const {
+  std::vector<mx::array> out;
+  for (const auto& layer : layers) {
+    auto arrays = layer.arrays();
+    out.insert(out.end(), arrays.begin(), arrays.end());
+  }
+  return out;
+}
+
 Embedding Embedding::load(const Weights& w, int num_embeddings, int dims) {
-  return Embedding{w.get("weight", {num_embeddings, dims})};
+  auto matrix = w.matrix("weight", num_embeddings, dims);
+  return Embedding{.weight = matrix.weight, .quantized = matrix.quantized};
 }
 
 mx::array Embedding::operator()(const mx::array& ids) const {
-  return mx::take(weight, ids, 0);
+  auto rows = mx::take(weight, ids, 0);
+  if (!quantized) return rows;
+  // Gather the packed rows first and dequantize only those (mlx.nn.QuantizedEmbedding does the same,
+  // and so gives the same dtype: the scales' for affine, bfloat16 for the microscaled modes).
+  const auto& q = *quantized;
+  std::optional<mx::array> biases;
+  if (q.biases) biases = mx::take(*q.biases, ids, 0);
+  return mx::dequantize(rows, mx::take(q.scales, ids, 0), biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+}
+
+mx::array Embedding::as_linear(const mx::array& x) const {
+  return quantized ? quantized_matmul(x, weight, *quantized) : mx::matmul(x, mx::transpose(weight));
+}
+
+std::vector<mx::array> Embedding::arrays() const {
+  return with_companions(weight, quantized);
 }
 
 }  // namespace mlxr

@@ -1,29 +1,56 @@
-// Weight-matrix layers: fully connected (Linear) and lookup tables (Embedding).
+// Weight-matrix layers: fully connected (Linear, FusedLinear) and lookup tables (Embedding).
+//
+// Each holds its weight as the checkpoint stored it: float, or packed by mx::quantize (`quantized`
+// set; nn/weights.h). Packed weights stay packed in memory: a Linear multiplies with
+// mx::quantized_matmul, an Embedding dequantizes only the rows it looks up.
 #pragma once
 
 #include "nn/weights.h"
 
 namespace mlxr {
 
-// y = x W^T + b, W stored as PyTorch does: [out_features, in_features].
+// y = x W^T + b, W stored as PyTorch does: [out_features, in_features] (packed: [out, in * bits / 32]).
 struct Linear {
   mx::array weight;
   std::optional<mx::array> bias;
+  std::optional<Quantized> quantized;
 
   static Linear load(const Weights& w, int in_features, int out_features, bool with_bias = true);
   // One layer computing `parts` side by side (outputs concatenated in order): one matmul instead
-  // of several over the same input. The concatenation stays lazy until evaluated.
+  // of several over the same input. The parts must be all float, or all packed alike
+  // (can_concat); the concatenation stays lazy until evaluated.
   static Linear concat(const std::vector<Linear>& parts);
+  static bool can_concat(const Linear& a, const Linear& b);
   mx::array operator()(const mx::array& x) const;
   int out_features() const { return weight.shape(0); }
+  // The float dtype the weight has, or dequantizes to (the scales' for affine, bfloat16 for the
+  // microscaled modes, as mx::dequantize gives): the network's dtype where a layer decides it.
+  mx::Dtype dtype() const;
+  // Every array it holds (to evaluate them).
+  std::vector<mx::array> arrays() const;
 };
 
-// Token / position lookup table: [num_embeddings, dims].
+// Linears over the same input whose outputs are used side by side (q | k | v, gate | up): runs of
+// parts that can be concatenated become one matmul. A float or uniformly quantized checkpoint gives
+// one; a mixed-precision one (v_proj at more bits, say) one per run. The output is the same numbers.
+struct FusedLinear {
+  std::vector<Linear> layers;
+
+  static FusedLinear fuse(const std::vector<Linear>& parts);
+  mx::array operator()(const mx::array& x) const;  // [..., sum of the parts' out_features]
+  std::vector<mx::array> arrays() const;
+};
+
+// Token / position lookup table: [num_embeddings, dims] (packed: [num_embeddings, dims * bits / 32]).
 struct Embedding {
   mx::array weight;
+  std::optional<Quantized> quantized;
 
   static Embedding load(const Weights& w, int num_embeddings, int dims);
   mx::array operator()(const mx::array& ids) const;
+  // x W^T: the table as a tied output projection (the LM head), packed or not.
+  mx::array as_linear(const mx::array& x) const;
+  std::vector<mx::array> arrays() const;
 };
 
 }  // namespace mlxr

@@ -19,7 +19,9 @@ std::string Weights::full_name(const std::string& name) const {
 }
 
 Weights Weights::sub(const std::string& prefix) const {
-  return Weights(*map_, full_name(prefix));
+  Weights out(*map_, full_name(prefix));
+  out.quantization_ = quantization_;
+  return out;
 }
 
 bool Weights::has(const std::string& name) const {
@@ -44,6 +46,44 @@ mx::array Weights::get(const std::string& name, const mx::Shape& shape) const {
     throw std::invalid_argument("missing weight " + full_name(name));
   }
   return *found;
+}
+
+Matrix Weights::matrix(const std::string& name, int rows, int cols) const {
+  const std::string full = full_name(name);
+  const QuantSpec* spec = nullptr;
+  if (quantization_) {
+    auto it = quantization_->find(full);
+    if (it != quantization_->end()) spec = &it->second;
+  }
+  if (!spec) {
+    auto it = map_->find(full);
+    if (it != map_->end() && it->second.dtype() == mx::uint32) {
+      throw std::invalid_argument("weight " + full + " is packed (uint32) but no quantization parameters came with it");
+    }
+    return Matrix{get(name, {rows, cols}), std::nullopt};
+  }
+  // Packed: `bits`-bit values, 32 / bits to a uint32 word (3, 5 and 6 bits straddle words).
+  if ((static_cast<int64_t>(cols) * spec->bits) % 32 != 0 || cols % spec->group_size != 0) {
+    throw std::invalid_argument("weight " + full + ": " + std::to_string(cols) + " columns do not pack at " +
+                                std::to_string(spec->bits) + " bits in groups of " + std::to_string(spec->group_size));
+  }
+  auto packed = get(name, {rows, static_cast<int>(static_cast<int64_t>(cols) * spec->bits / 32)});
+  if (packed.dtype() != mx::uint32) {
+    throw std::invalid_argument("weight " + full + " is listed as quantized but is not packed uint32");
+  }
+  return Matrix{packed, companions(name, *spec, rows, cols)};
+}
+
+Quantized Weights::companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const {
+  const mx::Shape groups{rows, cols / spec.group_size};
+  auto scales = get(name + "_scale", groups);
+  std::optional<mx::array> biases;
+  if (spec.mode == "affine") {
+    biases = get(name + "_qbias", groups);
+  } else if (has(name + "_qbias")) {
+    throw std::invalid_argument("weight " + full_name(name) + ": " + spec.mode + " quantization has no biases");
+  }
+  return Quantized{scales, biases, spec};
 }
 
 }  // namespace mlxr

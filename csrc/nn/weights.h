@@ -3,6 +3,12 @@
 // Networks take their tensors out of a Weights view once, at load, with the shape they expect.
 // A missing tensor or a wrong shape is an error that names the tensor, so a bad model folder
 // fails at load time with a message a user can act on, never with a broadcast error mid-request.
+//
+// Quantized checkpoints (docs/formats.md): a weight matrix `X` may be stored packed, as MLX's
+// mx::quantize left it: `X` uint32 [rows, cols * bits / 32] with `X_scale` [rows, cols / group_size]
+// and, for affine modes, `X_qbias` like the scales (the store's canonical names). Python says which
+// weights are packed, and how, in a QuantMap; Weights::matrix hands either form out, checked
+// against the shape the network expects.
 #pragma once
 
 #include <optional>
@@ -11,15 +17,43 @@
 #include <vector>
 
 #include "mlx/mlx.h"
+#include "nn/config_fields.h"
 
 namespace mlxr {
 
 namespace mx = mlx::core;
 using WeightMap = std::unordered_map<std::string, mx::array>;
 
+// How a packed weight was quantized: mx::quantize's group_size, bits and mode.
+struct QuantSpec {
+  int bits = 4;
+  int group_size = 64;
+  std::string mode = "affine";  // affine | mxfp4 | nvfp4 | mxfp8
+
+  MLXR_CONFIG_FIELDS(QuantSpec, bits, group_size, mode)
+  bool operator==(const QuantSpec&) const = default;
+};
+// Packed weight name (the full name, "model.layers.0.self_attn.q_proj.weight") -> how it was quantized.
+using QuantMap = std::unordered_map<std::string, QuantSpec>;
+
+// What a packed weight needs besides its uint32 values to be multiplied or dequantized.
+struct Quantized {
+  mx::array scales;
+  std::optional<mx::array> biases;  // affine modes only
+  QuantSpec spec;
+};
+
+// A weight matrix [rows, cols] as the checkpoint has it: float, or packed uint32 with `quantized` set.
+struct Matrix {
+  mx::array weight;
+  std::optional<Quantized> quantized;
+};
+
 class Weights {
  public:
   explicit Weights(const WeightMap& map, std::string prefix = "") : map_(&map), prefix_(std::move(prefix)) {}
+  Weights(const WeightMap& map, const QuantMap& quantization, std::string prefix = "")
+      : map_(&map), quantization_(&quantization), prefix_(std::move(prefix)) {}
 
   // A view whose names are relative to `prefix` (joined with a dot).
   Weights sub(const std::string& prefix) const;
@@ -30,11 +64,18 @@ class Weights {
   // The tensor `name` if present (checked against `shape`), else nullopt.
   std::optional<mx::array> maybe(const std::string& name, const mx::Shape& shape) const;
 
+  // The weight matrix `name` of logical shape [rows, cols]: float, or packed with its companions when
+  // the QuantMap lists it. Either must fit the shape; a packed weight the QuantMap does not list is an error.
+  Matrix matrix(const std::string& name, int rows, int cols) const;
+
   bool has(const std::string& name) const;
   std::string full_name(const std::string& name) const;
 
  private:
+  Quantized companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const;
+
   const WeightMap* map_;
+  const QuantMap* quantization_ = nullptr;
   std::string prefix_;
 };
 

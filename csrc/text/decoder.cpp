@@ -39,14 +39,14 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
   auto attn = w.sub("self_attn");
   auto mlp = w.sub("mlp");
   DecoderLayer layer{
-      .qkv_proj = Linear::concat({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
-                                  Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
-                                  Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
+      .qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
+                                     Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+                                     Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
       .o_proj = Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
       .input_norm = RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
       .post_attention_norm = RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
-      .gate_up_proj = Linear::concat({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
-                                      Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
+      .gate_up_proj = FusedLinear::fuse({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
+                                         Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
       .down_proj = Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
   };
   if (c.architecture == "qwen3") {
@@ -58,12 +58,12 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c) {
 
 }  // namespace
 
-Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights)
+Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const QuantMap& quantization)
     : config_((check_config(config), config)),
       embed_tokens_{mx::array(0)},
       norm_{mx::array(0), 0},
       rope_(rope_for(config_)) {
-  Weights root(weights);
+  Weights root(weights, quantization);
   auto model = root.sub("model");
   embed_tokens_ = Embedding::load(model.sub("embed_tokens"), config_.vocab_size, config_.hidden_size);
   for (int i = 0; i < config_.num_hidden_layers; ++i) {
@@ -113,14 +113,11 @@ mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, 
 }
 
 void Decoder::eval_weights() const {
-  auto linear = [](std::vector<mx::array>& out, const Linear& l) {
-    out.push_back(l.weight);
-    if (l.bias) out.push_back(*l.bias);
-  };
   for (const auto& layer : layers_) {
     std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
-    for (const Linear* l : {&layer.qkv_proj, &layer.o_proj, &layer.gate_up_proj, &layer.down_proj}) {
-      linear(arrays, *l);
+    for (const auto& part :
+         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.gate_up_proj.arrays(), layer.down_proj.arrays()}) {
+      arrays.insert(arrays.end(), part.begin(), part.end());
     }
     if (layer.q_norm) {
       arrays.push_back(layer.q_norm->weight);
@@ -128,8 +125,12 @@ void Decoder::eval_weights() const {
     }
     mx::eval(arrays);
   }
-  std::vector<mx::array> rest{embed_tokens_.weight, norm_.weight};
-  if (lm_head_) linear(rest, *lm_head_);
+  auto rest = embed_tokens_.arrays();
+  rest.push_back(norm_.weight);
+  if (lm_head_) {
+    auto head = lm_head_->arrays();
+    rest.insert(rest.end(), head.begin(), head.end());
+  }
   mx::eval(rest);
 }
 
@@ -144,7 +145,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
     x = layer_forward(layers_[i], x, &cache[i], offset, std::nullopt);
   }
   x = norm_(x);
-  return lm_head_ ? (*lm_head_)(x) : mx::matmul(x, mx::transpose(embed_tokens_.weight));
+  return lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
 }
 
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,

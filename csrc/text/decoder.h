@@ -46,16 +46,22 @@ struct DecoderConfig {
 // The checkpoint's q/k/v projections are stored as one fused [q | k | v] layer, and gate/up as one
 // [gate | up] layer: at batch 1 a decode token is bound by MLX's per-kernel cost, and this makes
 // it two matmuls fewer per layer than the checkpoint's seven. The outputs are the same numbers.
+// With a mixed-precision checkpoint (say v_proj at more bits than q_proj) a fused projection holds one
+// matmul per run of alike parts instead (FusedLinear).
 struct DecoderLayer {
-  Linear qkv_proj, o_proj;
+  FusedLinear qkv_proj;
+  Linear o_proj;
   std::optional<RMSNorm> q_norm, k_norm;  // Qwen3
   RMSNorm input_norm, post_attention_norm;
-  Linear gate_up_proj, down_proj;
+  FusedLinear gate_up_proj;
+  Linear down_proj;
 };
 
 class Decoder {
  public:
-  Decoder(const DecoderConfig& config, const WeightMap& weights);
+  // `quantization` lists the packed weights of a quantized checkpoint (any linear and the token
+  // embedding; nn/weights.h); they stay packed, and a tied LM head multiplies with the packed table.
+  Decoder(const DecoderConfig& config, const WeightMap& weights, const QuantMap& quantization = {});
 
   // Logits [B, T, V] for tokens [B, T] appended after what `cache` holds (one cache per layer).
   mx::array forward(const mx::array& tokens, std::vector<KVCache>& cache) const;

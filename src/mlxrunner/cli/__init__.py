@@ -5,8 +5,9 @@
     mlxrunner embed --model NAME TEXT [TEXT ...]       print embeddings / similarities
     mlxrunner generate --model NAME --prompt TEXT -o out.png [--width --height --steps --seed
                        --negative-prompt --guidance --image PATH ...]   make an image
+    mlxrunner quantize SRC DST --bits 4|8 [--group-size N] [--mode M] [--mixed]   float LLM -> mlx-lm folder
 
-One module per command (serve.py, embed.py, generate.py); the flags they share, settings, loading
+One module per command (serve.py, embed.py, generate.py, quantize.py); the flags they share, settings, loading
 and the `Error:` line in common.py. Exit codes: 0 success (or SIGINT/SIGTERM while serving), 1 on
 a load or serve error (last stderr line `Error: <reason>`), 2 on bad flags (usage on stderr).
 """
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlxrunner.cli import generate
 
         return generate.main(argv[1:])
+    if argv and argv[0] == "quantize":
+        from mlxrunner.cli import quantize
+
+        return quantize.main(argv[1:])
     from mlxrunner.cli import signals
 
     shutdown_signals = signals.install()  # before the slow imports: an early SIGTERM is a clean exit too

@@ -25,6 +25,7 @@ from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+from mlxrunner.llm.model import core_quantization
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,12 @@ def check_steps(steps: int | None, default: int, maximum: int = MAX_STEPS) -> in
     return steps
 
 
-def refuse_quantized(source, components=("text_encoder", "transformer", "vae")) -> None:
-    """Our image networks take dense weights only; say so at load rather than fail on a shape."""
-    for component in components:
-        if source.quantization(component):
-            raise ModelError(f"{source.location}: the {component} is quantized; quantized image models are not "
-                             "supported yet (use the bf16/fp32 weights)")
+def refuse_quantized_vae(source) -> None:
+    """The text encoder and the transformer run packed weights; the VAE takes dense ones only (Ollama never
+    quantizes it; mflux does): say so at load rather than fail on a shape."""
+    if source.quantization("vae"):
+        raise ModelError(f"{source.location}: the vae is quantized; a quantized VAE is not supported yet "
+                         "(use the bf16/fp32 VAE weights)")
 
 
 def read_schedule(source):
@@ -195,20 +196,22 @@ class ImagePipeline(ABC):
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
     def __init__(self, source, release_text_encoder: bool = False):
-        """What loading any model starts with: distilled or not, the refusal of quantized weights,
-        the Qwen3 text encoder."""
+        """What loading any model starts with: distilled or not, the refusal of a quantized VAE, the Qwen3
+        text encoder."""
         self.source = source
         self.release_text_encoder = release_text_encoder
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
-        refuse_quantized(source)
+        refuse_quantized_vae(source)
         self.text_encoder = Qwen3TextEncoder(source)
 
     def load_transformer(self, network: type, config) -> tuple[Any, dict]:
-        """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights."""
+        """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights; packed
+        weights stay packed."""
+        quantization = core_quantization(self.source.quantization("transformer"))
         weights = self.source.tensors("transformer")
         try:
-            return network(config, weights), weights
+            return network(config, weights, quantization), weights
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 

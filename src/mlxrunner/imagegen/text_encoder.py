@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.llm.model import decoder_config
+from mlxrunner.llm.model import core_quantization, decoder_config
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,12 @@ class Qwen3TextEncoder:
         if self._decoder is not None:
             return
         weights = self.source.tensors(self.component)
+        quantization = core_quantization(self.source.quantization(self.component))
         if "embed_tokens.weight" in weights:  # a bare Qwen3Model: names lack the "model." prefix
             weights = {f"model.{name}": value for name, value in weights.items()}
+            quantization = {f"model.{name}": spec for name, spec in quantization.items()}
         try:
-            self._decoder = _core.Decoder(self.config, weights)
+            self._decoder = _core.Decoder(self.config, weights, quantization)
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: {self.component}: {exc}") from None
         del weights  # see LanguageModel: the fused projections then hold the only references

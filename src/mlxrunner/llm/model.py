@@ -9,7 +9,7 @@ in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it com
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Iterator
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
@@ -55,6 +56,12 @@ def rope_config(config: dict) -> dict:
     if kind != "default" and scaling.get("factor") is None:
         raise ModelError(f"config.json: rope scaling '{kind}' needs a factor")
     return rope
+
+
+def core_quantization(params: dict[str, QuantParams]) -> dict[str, _core.QuantSpec]:
+    """The store's parameters of each packed weight (already checked against MLX) -> what _core's networks
+    take. Packed weights stay packed: the networks multiply them with MLX's quantized kernels."""
+    return {name: _core.QuantSpec.from_dict(asdict(p)) for name, p in params.items()}
 
 
 def sampler_options(options: Options, prompt_seed: int | None = None) -> _core.SamplerOptions:
@@ -117,11 +124,12 @@ class LanguageModel:
         self.tokenizer = TextTokenizer.from_source(source)
         self.chat_template = _chat_template(source)
         self.context_length = int(config.get("max_position_embeddings") or 4096)
+        quantization = core_quantization(source.quantization(""))
         weights = source.tensors("")
         if progress:
             progress(0.5)
         try:
-            self.decoder = _core.Decoder(self.core_config, weights)
+            self.decoder = _core.Decoder(self.core_config, weights, quantization)
         except ValueError as exc:
             raise ModelError(f"{source.location}: {exc}") from None
         # The decoder keeps what it uses (q/k/v and gate/up fused into one layer each); dropping the

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from mlxrunner.errors import ModelError
-from mlxrunner.store.quant import QuantHint, mlx_lm_config_hints
 from mlxrunner.store.source import ModelSource, TensorRef
 
 
@@ -93,13 +92,6 @@ class DirectorySource(ModelSource):
                     raise ModelError(f"tensor {key!r} is in both {raw[key].path} and {path}")
                 raw[key] = TensorRef(path, key, info, metadata)
         return _canonical_mlx_lm_names(raw)
-
-    def _config_quant_hints(self, component: str) -> list[QuantHint]:
-        config_name = f"{component}/config.json" if component else "config.json"
-        hints = []
-        if self.has_file(config_name):
-            hints += mlx_lm_config_hints(self.read_json(config_name), config_name)
-        return hints + self._model_index_quant_hint()
 
 
 def _canonical_mlx_lm_names(raw: dict[str, TensorRef]) -> dict[str, TensorRef]:

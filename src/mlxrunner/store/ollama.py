@@ -24,7 +24,6 @@ from pathlib import Path
 
 from mlxrunner.errors import ModelError
 from mlxrunner.store.names import blobs_dir
-from mlxrunner.store.quant import QuantHint
 from mlxrunner.store.safetensors import TensorInfo
 from mlxrunner.store.source import ModelSource, TensorRef
 
@@ -143,9 +142,6 @@ class OllamaSource(ModelSource):
             else:
                 plan.update(_packed_refs(prefix, path, infos, metadata))
         return plan
-
-    def _config_quant_hints(self, component: str) -> list[QuantHint]:
-        return self._model_index_quant_hint()
 
 
 def _find_key(name: str, component: str, infos: dict[str, TensorInfo]) -> str | None:

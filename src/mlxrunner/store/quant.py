@@ -13,8 +13,10 @@ this order (first one naming the bits wins):
 3. no hint: the shapes alone (Go's heuristic, without its MXFP8 bug).
 
 Mode and bits come from the type name; the group size from the hint, else from the shapes, and a
-hint whose group size disagrees with the shapes is an error. This module reads no files: callers
-pass parsed metadata and configs, and header entries (:class:`TensorInfo`).
+hint whose group size disagrees with the shapes is an error. The result is then checked against what
+MLX can run (:data:`MLX_MODES`) and against its companions' shapes and dtypes, so a bad checkpoint
+fails at load with an error naming the tensor, not deep inside a matmul. This module reads no files:
+callers pass parsed metadata and configs, and header entries (:class:`TensorInfo`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,26 @@ QUANT_TYPES: dict[str, tuple[int, str]] = {
     "MXFP8": (8, "mxfp8"),
     "MXFP4": (4, "mxfp4"),
 }
-QUANT_MODES = ("affine", "nvfp4", "mxfp8", "mxfp4")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What MLX 0.32.4's quantize/quantized_matmul accept for one mode (docs/formats.md)."""
+
+    bits: tuple[int, ...]
+    group_sizes: tuple[int, ...]
+    has_bias: bool  # affine stores a bias per group; the microscaled modes do not
+    scale_dtypes: tuple[str, ...]  # safetensors dtypes of the scales
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+MLX_MODES: dict[str, ModeSpec] = {
+    "affine": ModeSpec((1, 2, 3, 4, 5, 6, 8), (32, 64, 128), True, FLOAT_DTYPES),
+    "mxfp4": ModeSpec((4,), (32,), False, ("U8", "F8_E8M0")),
+    "nvfp4": ModeSpec((4,), (16,), False, ("U8", "F8_E4M3")),
+    "mxfp8": ModeSpec((8,), (32,), False, ("U8", "F8_E8M0")),
+}
+QUANT_MODES = tuple(MLX_MODES)
 # Names that mean "not quantized" (model_index.json carries the source dtype when unquantized).
 UNQUANTIZED_TYPES = {"", "BF16", "BFLOAT16", "F16", "FP16", "FLOAT16", "F32", "FP32", "FLOAT32"}
 
@@ -66,6 +87,7 @@ class QuantHint:
     mode: str | None = None
     group_size: int | None = None
     module: str | None = None  # mlx-lm per-module override: applies to "<module>.weight" only
+    quantized: bool = True  # False: mlx-lm's `"<module>": false`, the module was left float
 
     def applies_to(self, name: str) -> bool:
         return self.module is None or name == f"{self.module}.weight"
@@ -109,8 +131,11 @@ def mlx_lm_config_hints(config: object, config_name: str) -> list[QuantHint]:
         return []
     hints = []
     for module, override in params.items():
-        if isinstance(override, dict):
-            scoped = _hint_from_mlx_lm(override, f"{config_name} quantization[{module!r}]", module)
+        source = f"{config_name} quantization[{module!r}]"
+        if override is False:
+            hints.append(QuantHint(source, module=module, quantized=False))
+        elif isinstance(override, dict):
+            scoped = _hint_from_mlx_lm(override, source, module)
             if scoped:
                 hints.append(scoped)
     general = _hint_from_mlx_lm(params, f"{config_name} quantization")
@@ -134,9 +159,9 @@ def _hint_from_mlx_lm(params: object, source: str, module: str | None = None) ->
     """mlx-lm's config.json ``quantization`` object: {"group_size", "bits", "mode"?}."""
     if not isinstance(params, dict) or "bits" not in params:
         return None
-    mode = params.get("mode", "affine")
-    if mode not in QUANT_MODES:
-        raise ModelError(f"{source}: unknown quantization mode {mode!r} (known: {', '.join(QUANT_MODES)})")
+    mode = params.get("mode", "affine")  # checked per tensor (resolve_quant), so the error names one
+    if not isinstance(mode, str):
+        raise ModelError(f"{source}: mode {mode!r} is not a string")
     bits = params["bits"]
     if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0:
         raise ModelError(f"{source}: bits {bits!r} is not a positive integer")
@@ -158,19 +183,84 @@ def _parse_group_size(value: object, source: str) -> int | None:
 # -- hints + shapes -> QuantParams ----------------------------------------------------------------
 
 
-def resolve_quant(weight: TensorInfo, scale: TensorInfo, has_bias: bool,
+def resolve_quant(weight: TensorInfo, scale: TensorInfo, bias: TensorInfo | None,
                   hints: list[QuantHint], where: str) -> QuantParams:
-    """The first hint that names bits wins; its group size must agree with the shapes."""
+    """The first hint that names bits wins (else the shapes decide); the result must be something MLX
+    runs and must fit the companions. ``where`` names the tensor in errors."""
+    params = None
     for hint in hints:
-        if hint.bits is None:
-            continue
-        from_shapes = _group_size_from_shapes(weight, scale, hint.bits, where)
-        if hint.group_size is not None and hint.group_size != from_shapes:
-            raise ModelError(
-                f"{where}: {hint.source} says group size {hint.group_size}, but the shapes "
-                f"{weight.shape} / {scale.shape} give {from_shapes} at {hint.bits} bits")
-        return QuantParams(hint.bits, from_shapes, hint.mode or "affine")
-    return _infer_from_shapes(weight, scale, has_bias, where)
+        if not hint.quantized:
+            raise ModelError(f"{where}: {hint.source} is false (left unquantized), but the weight is packed "
+                             f"{weight.dtype} with scales")
+        if hint.bits is not None:
+            params = _params_from_hint(hint, weight, scale, where)
+            break
+    if params is None:
+        params = _infer_from_shapes(weight, scale, bias is not None, where)
+        check_params(params, where)
+        if _group_size_from_shapes(weight, scale, params.bits, where) != params.group_size:
+            raise ModelError(f"{where}: cannot tell the quantization from shapes {weight.shape} / {scale.shape}")
+    _check_companions(params, weight, scale, bias, where)
+    return params
+
+
+def check_params(params: QuantParams, where: str, source: str = "") -> None:
+    """ModelError unless MLX has the mode and it takes these bits and this group size."""
+    _check_mode_and_bits(params.mode, params.bits, where, source)
+    spec = MLX_MODES[params.mode]
+    if params.group_size not in spec.group_sizes:
+        raise ModelError(f"{where}: {params.mode} quantization takes group size {_either(spec.group_sizes)}, not "
+                         f"{params.group_size}{_said(source)}")
+
+
+def _check_mode_and_bits(mode: str, bits: int, where: str, source: str) -> None:
+    spec = MLX_MODES.get(mode)
+    if spec is None:
+        raise ModelError(f"{where}: quantization mode {mode!r}{_said(source)} is not one MLX has "
+                         f"({', '.join(MLX_MODES)})")
+    if bits not in spec.bits:
+        raise ModelError(f"{where}: {mode} quantization takes {_either(spec.bits)} bits, not {bits}{_said(source)}")
+
+
+def _said(source: str) -> str:
+    return f" ({source})" if source else ""
+
+
+def _either(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(values) == 1 else ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
+
+
+def _params_from_hint(hint: QuantHint, weight: TensorInfo, scale: TensorInfo, where: str) -> QuantParams:
+    mode = hint.mode or "affine"
+    _check_mode_and_bits(mode, hint.bits, where, hint.source)  # before the shapes: their message would confuse
+    from_shapes = _group_size_from_shapes(weight, scale, hint.bits, where)
+    if hint.group_size is not None and hint.group_size != from_shapes:
+        raise ModelError(
+            f"{where}: {hint.source} says group size {hint.group_size}, but the shapes "
+            f"{weight.shape} / {scale.shape} give {from_shapes} at {hint.bits} bits")
+    params = QuantParams(hint.bits, from_shapes, mode)
+    check_params(params, where, hint.source)
+    return params
+
+
+def _check_companions(params: QuantParams, weight: TensorInfo, scale: TensorInfo, bias: TensorInfo | None,
+                      where: str) -> None:
+    """Scales (and affine biases) cover every row of the weight, in the dtype the mode stores."""
+    spec = MLX_MODES[params.mode]
+    if len(weight.shape) < 2:
+        raise ModelError(f"{where}: a packed weight needs at least 2 dimensions, not shape {weight.shape}")
+    if tuple(scale.shape[:-1]) != tuple(weight.shape[:-1]):
+        raise ModelError(f"{where}: scales of shape {scale.shape} do not cover the packed weight's "
+                         f"{weight.shape} (truncated?)")
+    if scale.dtype not in spec.scale_dtypes:
+        raise ModelError(f"{where}: {params.mode} scales are {' or '.join(spec.scale_dtypes)}, not {scale.dtype}")
+    if spec.has_bias and bias is None:
+        raise ModelError(f"{where}: affine quantization needs biases beside the scales; there are none")
+    if not spec.has_bias and bias is not None:
+        raise ModelError(f"{where}: {params.mode} quantization has no biases, but the weight comes with some")
+    if bias is not None and (tuple(bias.shape) != tuple(scale.shape) or bias.dtype != scale.dtype):
+        raise ModelError(f"{where}: biases {bias.dtype} {bias.shape} do not match scales {scale.dtype} "
+                         f"{scale.shape} (truncated?)")
 
 
 def _infer_from_shapes(weight: TensorInfo, scale: TensorInfo, has_bias: bool, where: str) -> QuantParams:
@@ -197,9 +287,13 @@ def _infer_from_shapes(weight: TensorInfo, scale: TensorInfo, has_bias: bool, wh
 
 
 def _group_size_from_shapes(weight: TensorInfo, scale: TensorInfo, bits: int, where: str) -> int:
+    """columns = packed columns · 32 / bits; group size = columns / scale columns, exactly."""
     packed_cols, scale_cols = weight.shape[-1], scale.shape[-1]
     cols, rem = divmod(packed_cols * 32, bits)
-    if rem or scale_cols <= 0 or cols % scale_cols:
-        raise ModelError(
-            f"{where}: {bits}-bit packed shape {weight.shape} does not match scale shape {scale.shape}")
+    if rem:
+        raise ModelError(f"{where}: {packed_cols} packed uint32 columns do not hold a whole number of "
+                         f"{bits}-bit values")
+    if scale_cols <= 0 or cols % scale_cols:
+        raise ModelError(f"{where}: {cols} columns at {bits} bits do not split into {scale_cols} equal groups "
+                         f"(scales {scale.shape}): the group size does not divide the columns")
     return cols // scale_cols

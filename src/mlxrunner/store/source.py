@@ -27,7 +27,14 @@ from typing import Any
 import mlx.core as mx
 
 from mlxrunner.errors import ModelError
-from mlxrunner.store.quant import QuantHint, QuantParams, metadata_hints, model_index_hints, resolve_quant
+from mlxrunner.store.quant import (
+    QuantHint,
+    QuantParams,
+    metadata_hints,
+    mlx_lm_config_hints,
+    model_index_hints,
+    resolve_quant,
+)
 from mlxrunner.store.safetensors import (
     TensorInfo,
     header_metadata,
@@ -50,8 +57,8 @@ class TensorRef:
 class ModelSource:
     """A model's files and tensors, whatever they are stored in.
 
-    Subclasses provide ``_plan(component)`` (canonical name -> TensorRef, from headers only)
-    and ``_config_quant_hints(component)``; loading and quantization are shared.
+    Subclasses provide ``_plan(component)`` (canonical name -> TensorRef, from headers only);
+    loading and quantization are shared.
     """
 
     name: str  # what the user passed
@@ -107,14 +114,19 @@ class ModelSource:
         config_hints: list[QuantHint] | None = None
         out = {}
         for name, ref in plan.items():
+            if ref.info.dtype != "U32":
+                continue
+            where = f"{self.location}: tensor {name!r}"
             scale = plan.get(name + "_scale")
-            if scale is None or ref.info.dtype != "U32":
+            if scale is None:
+                if name.endswith(".weight"):  # a packed weight whose scales went missing
+                    raise ModelError(f"{where}: a packed {ref.info.dtype} weight without scales")
                 continue
             if config_hints is None:
                 config_hints = self._config_quant_hints(component)
-            where = f"{self.location}: tensor {name!r}"
             hints = metadata_hints(ref.metadata, ref.key, ref.path) + [h for h in config_hints if h.applies_to(name)]
-            out[name] = resolve_quant(ref.info, scale.info, name + "_qbias" in plan, hints, where)
+            bias = plan.get(name + "_qbias")
+            out[name] = resolve_quant(ref.info, scale.info, bias and bias.info, hints, where)
         return out
 
     def total_tensor_bytes(self) -> int:
@@ -125,7 +137,13 @@ class ModelSource:
         raise NotImplementedError
 
     def _config_quant_hints(self, component: str) -> list[QuantHint]:
-        return []
+        """What the configs say: the component's mlx-lm style config.json (also in an Ollama store that
+        imported an mlx-lm folder), then model_index.json's type name."""
+        config_name = f"{component}/config.json" if component else "config.json"
+        hints = []
+        if self.has_file(config_name):
+            hints += mlx_lm_config_hints(self.read_json(config_name), config_name)
+        return hints + self._model_index_quant_hint()
 
     def _cached_plan(self, component: str) -> dict[str, TensorRef]:
         if component not in self._plans:

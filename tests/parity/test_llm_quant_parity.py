@@ -1,0 +1,159 @@
+"""Quantized tiny LLMs through our C++ decoder against mlx-lm on the same folders.
+
+The folders are mlx-lm's own converter's output (tests/fixtures/llm-quant/) and the goldens what
+mlx-lm generates from them (tests/goldens/mlx_lm_quant.json; both from scripts/goldens_quant.py). No
+mlx-lm here. Also: Ollama LLM stores and our own `quantize` output against the float model holding
+the exactly dequantized weights, and weights that stay packed in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxrunner import _core
+from mlxrunner.llm import load
+from mlxrunner.llm.model import sampler_options
+from mlxrunner.http.protocol import Options
+from mlxrunner.cli.quantize import main as quantize_main
+from mlxrunner.store import resolve
+from conftest import ON_GPU, float32_tol
+from ollama_store import create_llm
+
+ROOT = Path(__file__).parents[1]
+GOLDENS = json.loads((ROOT / "goldens" / "mlx_lm_quant.json").read_text())
+FIXTURES = sorted(GOLDENS["fixtures"])
+GREEDY = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
+# Both sides run MLX's float32 kernels on the same packed weights: only summation order differs.
+FLOAT32_TOL = float32_tol(1e-4, 1e-2)
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def case(request):
+    golden = GOLDENS["fixtures"][request.param]
+    return golden, load(str(ROOT.parent / golden["model"]))
+
+
+def greedy_ids(model, ids: list[int], count: int) -> list[int]:
+    generator = _core.Generator(model.decoder, ids, GREEDY, 512)
+    return [next(generator) for _ in range(count)]
+
+
+def test_fixtures_cover_what_the_issue_asks():
+    recipes = {"q4-g64", "q8-g32", "mixed-3-6", "mxfp4", "nvfp4", "mxfp8"}
+    for model in ("qwen3-tiny", "llama3-tiny"):
+        assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
+    assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
+               len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
+
+
+def test_tokenizer_gives_mlx_lm_ids(case):
+    golden, model = case
+    for prompt in golden["prompts"]:
+        assert model.tokenizer.encode(prompt["text"], add_bos=True) == prompt["input_ids"], prompt["id"]
+    assert model.tokenizer.eos_ids == frozenset(golden["eos_ids"])
+
+
+def test_greedy_continuations_are_token_identical(case):
+    golden, model = case
+    for prompt in golden["prompts"]:
+        ours = greedy_ids(model, prompt["input_ids"], len(prompt["new_ids"]))
+        if ON_GPU:
+            # A CUDA GPU sums in another order (and runs float32 products as TF32): a near-tie can flip a
+            # token, and the continuation then diverges. Agreement up to the first low-margin step.
+            safe = next((i for i, m in enumerate(prompt["top2_margins"]) if m < 1.0), len(prompt["new_ids"]))
+            assert ours[:safe] == prompt["new_ids"][:safe], prompt["id"]
+        else:
+            assert ours == prompt["new_ids"], prompt["id"]
+
+
+def test_last_position_logits(case):
+    golden, model = case
+    entry = golden["last_logits"]
+    prompt = next(p for p in golden["prompts"] if p["id"] == entry["prompt_id"])
+    ours = model.logits(prompt["input_ids"])[-1]
+    ref = np.array(entry["values"], dtype=np.float32)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= FLOAT32_TOL
+
+
+# -- against the float model holding the exactly dequantized weights ---------------------------
+
+
+def dequantized_copy(folder: str | Path, out: Path, models_dir: str | None = None) -> Path:
+    """A float folder whose weights are ``folder``'s packed ones, dequantized exactly (float32)."""
+    source = resolve(str(folder), models_dir)
+    tensors, params = source.tensors(), source.quantization()
+    weights = {}
+    for name, value in tensors.items():
+        if name.endswith(("_scale", "_qbias")):
+            continue
+        p = params.get(name)
+        weights[name] = value if p is None else mx.dequantize(
+            value, tensors[name + "_scale"], tensors.get(name + "_qbias"), group_size=p.group_size, bits=p.bits,
+            mode=p.mode, dtype=mx.float32)
+    out.mkdir()
+    config = source.read_json("config.json")
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(source.file_path(name), out / name)
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out
+
+
+def assert_same_model(quantized, dequantized, prompt: str = "The quick brown fox jumps over the lazy dog.") -> None:
+    ids = quantized.tokenizer.encode(prompt, add_bos=True)
+    ours, ref = quantized.logits(ids), dequantized.logits(ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= FLOAT32_TOL
+    if not ON_GPU:
+        assert greedy_ids(quantized, ids, 16) == greedy_ids(dequantized, ids, 16)
+
+
+@pytest.mark.parametrize("quant_type", ["int4", "int8", "nvfp4", "mxfp4", "mxfp8"])
+def test_ollama_llm_store_runs_its_packed_weights(tmp_path, quant_type):
+    """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs."""
+    create_llm(tmp_path / "models", "library/llama-tiny:q", ROOT / "fixtures" / "llm" / "llama-tiny", quant_type)
+    models_dir = str(tmp_path / "models")
+    quantized = load("llama-tiny:q", models_dir=models_dir)
+    reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
+    assert_same_model(quantized, reference)
+
+
+@pytest.mark.parametrize("args", [["--bits", "4"], ["--bits", "8", "--mode", "mxfp8"],
+                                  ["--bits", "4", "--mode", "nvfp4", "--mixed"]])
+def test_quantize_output_runs(tmp_path, args):
+    assert quantize_main([str(ROOT / "fixtures" / "llm" / "qwen3-tiny"), str(tmp_path / "q"), *args]) == 0
+    assert_same_model(load(str(tmp_path / "q")), load(str(dequantized_copy(tmp_path / "q", tmp_path / "float"))))
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def resident_bytes_of(folder: Path) -> int:
+    """MLX's active memory that loading ``folder`` adds (weights read and fused)."""
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model = load(str(folder))
+    gc.collect()
+    held = mx.get_active_memory() - before
+    del model
+    return held
+
+
+@pytest.mark.parametrize("fixture", ["qwen3-tiny-q4-g64", "llama3-tiny-mxfp4", "llama-tiny-mixed-3-6"])
+def test_weights_stay_packed_in_memory(fixture):
+    folder = ROOT / "fixtures" / "llm-quant" / fixture
+    file_bytes = sum(v.nbytes for v in mx.load(str(folder / "model.safetensors")).values())
+    source = GOLDENS["fixtures"][fixture]["source"]
+    float_bytes = sum(v.nbytes for v in mx.load(str(ROOT.parent / source / "model.safetensors")).values())
+    held = resident_bytes_of(folder)
+    assert 0.9 * file_bytes <= held <= 1.25 * file_bytes, (held, file_bytes, float_bytes)
+    assert held < 0.5 * float_bytes
