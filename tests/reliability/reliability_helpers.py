@@ -23,7 +23,7 @@ def post(runner: Runner, path: str, body: bytes | dict, timeout: float = 60) -> 
     conn = http.client.HTTPConnection(runner.host, runner.port, timeout=timeout)
     try:
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
-        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json", "Accept": "application/json"})
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type") or "", response.read()
     finally:
@@ -52,6 +52,7 @@ def open_request(runner: Runner, path: str, body: dict) -> socket.socket:
     raw = json.dumps(body).encode()
     sock = socket.create_connection((runner.host, runner.port), timeout=60)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 "Accept: application/json\r\n"
                  f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
     return sock
 
