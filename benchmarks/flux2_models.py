@@ -59,7 +59,7 @@ def build(shape: KleinShape, folder: Path, device: str = "cpu", text_encoder: Pa
     if marker.exists():
         return folder
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)

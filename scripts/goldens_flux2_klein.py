@@ -47,15 +47,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
-from golden_tokenizer import build_qwen_tokenizer  # noqa: E402  (scripts/, beside this file)
-
-import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
@@ -63,6 +58,10 @@ from diffusers import (  # noqa: E402
     Flux2Transformer2DModel,
 )
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu  # noqa: E402
+from golden_tokenizer import build_qwen_tokenizer  # noqa: E402  (scripts/, beside this file)
+from PIL import Image  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 diffusers.utils.logging.disable_progress_bar()
 __import__("transformers").utils.logging.disable_progress_bar()

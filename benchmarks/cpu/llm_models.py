@@ -11,8 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-import mlxrunner  # noqa: F401, I001  (before mlx.core: routes MLX's CPU BLAS to OpenBLAS)
 import mlx.core as mx
+
+import mlxrunner  # noqa: F401, I001  (before mlx.core: routes MLX's CPU BLAS to OpenBLAS)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
@@ -53,7 +54,8 @@ def qwen3_06b(dtype: str = "bfloat16") -> Path:
         weights.update({
             p + "self_attn.q_proj.weight": rand(q * d, h), p + "self_attn.k_proj.weight": rand(kv * d, h),
             p + "self_attn.v_proj.weight": rand(kv * d, h), p + "self_attn.o_proj.weight": rand(h, q * d),
-            p + "self_attn.q_norm.weight": mx.ones((d,), mx_dtype), p + "self_attn.k_norm.weight": mx.ones((d,), mx_dtype),
+            p + "self_attn.q_norm.weight": mx.ones((d,), mx_dtype),
+            p + "self_attn.k_norm.weight": mx.ones((d,), mx_dtype),
             p + "input_layernorm.weight": mx.ones((h,), mx_dtype),
             p + "post_attention_layernorm.weight": mx.ones((h,), mx_dtype),
             p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),

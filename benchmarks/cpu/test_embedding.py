@@ -15,8 +15,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from .conftest import (BATCH32_SHORT_CASE, N_SENTENCES, PEER_BATCH_SIZE, REFERENCE_BLAS_CASE, RESULTS, Record,
-                      check_agreement, record)
+from .conftest import (
+    BATCH32_SHORT_CASE,
+    N_SENTENCES,
+    PEER_BATCH_SIZE,
+    REFERENCE_BLAS_CASE,
+    RESULTS,
+    Record,
+    check_agreement,
+    record,
+)
 
 ROUNDS = 5
 LONG_ROUNDS = 3

@@ -17,7 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,7 +113,8 @@ def pytest_terminal_summary_flux2(write) -> None:
     if not RESULTS:
         return
     write("")
-    write("=" * 20 + " FLUX.2 Klein: ours vs diffusers (same weights, same latents; ratio > 1: we are faster) " + "=" * 20)
+    title = " FLUX.2 Klein: ours vs diffusers (same weights, same latents; ratio > 1: we are faster) "
+    write("=" * 20 + title + "=" * 20)
     write(f"torch={torch.__version__} (threads {torch.get_num_threads()}), diffusers={diffusers.__version__}, "
           f"steps={STEPS}, pairs={PAIRS}")
     header = (f"{'case':<14}{'size':>10}{'ours s/img':>12}{'diff s/img':>12}{'ratio':>8}{'ours s/step':>13}"

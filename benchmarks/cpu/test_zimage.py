@@ -93,7 +93,8 @@ class Sides:
 
 
 def peak_memory(side: str, folder: Path, width: int, height: int, steps: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu.zimage_memory", side, str(folder), str(width), str(height),
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu.zimage_memory", side, str(folder), str(width),
+                          str(height),
                           str(steps)], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

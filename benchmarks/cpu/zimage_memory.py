@@ -17,9 +17,9 @@ def main() -> None:
 
     latents = initial_latents(width, height)
     if side == "ours":
-        import mlxrunner  # noqa: F401  (before mlx.core: the BLAS shim)
         import mlx.core as mx
 
+        import mlxrunner  # noqa: F401  (before mlx.core: the BLAS shim)
         from mlxrunner.imagegen import load_pipeline
 
         pipe = load_pipeline(folder)

@@ -46,9 +46,9 @@ def reference_image(size: int):
 
 
 def run_ours(args, references) -> dict:
-    import mlxrunner  # noqa: F401  (first: the CPU BLAS shim, harmless on a GPU)
     import mlx.core as mx
 
+    import mlxrunner  # noqa: F401  (first: the CPU BLAS shim, harmless on a GPU)
     from mlxrunner.imagegen import load_pipeline
 
     start = time.perf_counter()

@@ -179,9 +179,8 @@ class ModelPrecision:
 
 
 def run(args, record: dict) -> None:
-    import mlx.core as mx
-
     import mflux  # noqa: F401
+    import mlx.core as mx
 
     try:
         from importlib.metadata import version

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
-
 from conftest import ready_status, run_cli
 from image_helpers import generate_with, pixels, png_of, post, same
+from PIL import Image, ImageOps
+
+from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.images import decode_image
 from mlxrunner.launcher import Runner
-from mlxrunner.http.protocol import Limits
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DISTILLED = FIXTURES / "flux2-klein-tiny"
@@ -264,7 +264,8 @@ def test_an_ollama_store_copy_makes_the_same_edit(tmp_path, edit_one):
     import_directory(tmp_path / "models", "x/flux2-klein-tiny:latest", DISTILLED)
     env = {"OLLAMA_MODELS": str(tmp_path / "models")}
     with Runner.start("x/flux2-klein-tiny:latest", env=env, timeout=120) as runner:
-        assert ready_status(runner.health()) == {"status": "ok", "mode": "imagegen", "model": "x/flux2-klein-tiny:latest"}
+        expected = {"status": "ok", "mode": "imagegen", "model": "x/flux2-klein-tiny:latest"}
+        assert ready_status(runner.health()) == expected
         progress, final = generate(runner)
     assert [p["step"] for p in progress] == [0, 1, 2]
     assert (final["seed"], final["steps"], final["width"], final["height"]) == (5, 2, 80, 112)

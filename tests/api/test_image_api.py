@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import ready_status, run_cli
 from image_helpers import generate_with, png_of, post, same
+from PIL import Image
+
 from mlxrunner.launcher import Runner, RunnerError
 
 ZIMAGE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"

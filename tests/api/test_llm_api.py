@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ready_status
+
 from mlxrunner.launcher import Runner, RunnerError
 
 QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"

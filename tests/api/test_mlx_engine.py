@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from mlxrunner.launcher import Runner
 
 QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"

@@ -13,7 +13,6 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
-
 from conftest import cosine
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+from image_helpers import generate_with
 from PIL import Image
 
-from image_helpers import generate_with
 from mlxrunner.launcher import Runner
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

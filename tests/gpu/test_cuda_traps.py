@@ -21,9 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import ON_GPU, float32_tol
 from image_helpers import rel_error
+
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.launcher import Runner, RunnerError
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ON_GPU
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ on PyTorch (CPU, float32). This test needs no torch.
 
 import numpy as np
 import pytest
-
 from conftest import cosine, float32_tol
 
 MIN_COSINE = 0.99999

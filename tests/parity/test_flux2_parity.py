@@ -17,14 +17,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import float32_tol
+from image_helpers import convert_folder_to_bf16, rel_error
 from PIL import Image
 from safetensors.numpy import load_file
 
 from mlxrunner import _core
-from image_helpers import convert_folder_to_bf16, rel_error
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.flux2_klein import pack, position_ids, reference_pixels
-from conftest import float32_tol
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOLDENS = Path(__file__).parents[1] / "goldens" / "flux2_klein"

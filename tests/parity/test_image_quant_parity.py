@@ -13,11 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from ollama_store import image_quantization_names, import_directory
 
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.store import resolve
-from ollama_store import image_quantization_names, import_directory
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 # (fixture, era, type): E4 combined blobs with metadata; E1-E3 separate layers typed by model_index.json.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import float32_tol
 
 from mlxrunner.errors import ModelError
 from mlxrunner.llm import load
-from conftest import float32_tol
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "llm"
 QWEN3 = FIXTURES / "qwen3-tiny"

@@ -16,15 +16,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from mlxrunner import _core
-from mlxrunner.llm import load
-from mlxrunner.llm.model import sampler_options
-from mlxrunner.http.protocol import Options
-from mlxrunner.cli.quantize import main as quantize_main
-from mlxrunner.store import resolve
 from conftest import ON_GPU, float32_tol
 from ollama_store import create_llm
+
+from mlxrunner import _core
+from mlxrunner.cli.quantize import main as quantize_main
+from mlxrunner.http.protocol import Options
+from mlxrunner.llm import load
+from mlxrunner.llm.model import sampler_options
+from mlxrunner.store import resolve
 
 ROOT = Path(__file__).parents[1]
 GOLDENS = json.loads((ROOT / "goldens" / "mlx_lm_quant.json").read_text())

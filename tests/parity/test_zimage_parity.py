@@ -15,12 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import float32_tol
+from image_helpers import convert_folder_to_bf16, rel_error
 from safetensors.numpy import load_file
 
 from mlxrunner import _core
-from image_helpers import convert_folder_to_bf16, rel_error
 from mlxrunner.imagegen import load_pipeline
-from conftest import float32_tol
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"
 GOLDENS = Path(__file__).parents[1] / "goldens" / "zimage"

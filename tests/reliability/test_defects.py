@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from conftest import run_cli
 from reliability_helpers import (
     LONG_IMAGE,
     QWEN3,
@@ -29,7 +30,6 @@ from reliability_helpers import (
     wait_for_log,
 )
 
-from conftest import run_cli
 from mlxrunner.launcher import Runner
 
 

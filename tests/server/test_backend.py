@@ -5,8 +5,8 @@ import re
 import sys
 
 import mlx.core as mx
-
 from conftest import run_cli
+
 from mlxrunner import backend
 from mlxrunner.launcher import Runner
 

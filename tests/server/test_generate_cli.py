@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from mlxrunner.launcher import Runner
 
 ZIMAGE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"

@@ -9,8 +9,8 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import ready_status, run_cli
+
 from mlxrunner import logs
 
 

@@ -5,8 +5,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import float32_tol
+
 from mlxrunner import _core
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from ollama_store import create_llm
 
 from mlxrunner.cli.quantize import main
 from mlxrunner.store import QuantParams, resolve
-from ollama_store import create_llm
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 RECIPES = {"q4-g64": ["--bits", "4", "--group-size", "64"], "q8-g32": ["--bits", "8", "--group-size", "32"],

@@ -9,6 +9,7 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
+from ollama_store import RawTensor, go_safetensors, mlx_safetensors
 
 from mlxrunner.errors import ModelError
 from mlxrunner.store.safetensors import (
@@ -17,7 +18,6 @@ from mlxrunner.store.safetensors import (
     tensor_byte_counts,
     tensor_data_bytes,
 )
-from ollama_store import RawTensor, go_safetensors, mlx_safetensors
 
 TINY_EXAMPLE = (
     bytes.fromhex("4000000000000000")

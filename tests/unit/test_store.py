@@ -13,6 +13,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from ollama_store import (
+    GGUF_MEDIA_TYPE,
+    StoreBuilder,
+    build_store,
+    import_directory,
+    mlx_safetensors,
+    quantize,
+    write_safetensors_dir,
+)
 
 import mlxrunner.store.embedded as store_embedded
 import mlxrunner.store.source as store_source
@@ -27,15 +36,6 @@ from mlxrunner.store import (
     ollama_models_dir,
     parse_model_name,
     resolve,
-)
-from ollama_store import (
-    GGUF_MEDIA_TYPE,
-    StoreBuilder,
-    build_store,
-    import_directory,
-    mlx_safetensors,
-    quantize,
-    write_safetensors_dir,
 )
 
 RNG = np.random.default_rng(0)
@@ -428,7 +428,7 @@ def test_gguf_manifest_is_not_an_mlx_model(tmp_path):
 def test_tmp_blobs_and_colon_blob_names(mixed_store):
     root, _ = mixed_store
     source = resolve("x/mixed:latest", root)
-    colon_layer = next(l for l in source.layers if l.name == "transformer/colon")
+    colon_layer = next(layer for layer in source.layers if layer.name == "transformer/colon")
     assert source.blob_path(colon_layer).name.startswith("sha256:")
 
 

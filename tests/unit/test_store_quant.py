@@ -13,11 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from ollama_store import create_llm, llm_tensor_quantization
+from quant_helpers import BAD_CASES, Q_PROJ, edited_copy, set_override
 
 from mlxrunner.errors import ModelError
 from mlxrunner.store import QuantParams, resolve
-from ollama_store import create_llm, llm_tensor_quantization
-from quant_helpers import BAD_CASES, Q_PROJ, edited_copy, set_override
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 QUANT_FIXTURES = sorted(p for p in (FIXTURES / "llm-quant").iterdir() if p.is_dir())

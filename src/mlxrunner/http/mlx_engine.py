@@ -227,7 +227,8 @@ class MlxEngineRoutes:
         # refused at once even while the worker is busy.
         tokens = await asyncio.to_thread(model.encode_prompt, req.prompt)
         check_prompt_fits(tokens, model.context_length)
-        return await self.server.stream(request, "completion", generation_job(model, tokens, req.options, top_logprobs(req)),
+        job = generation_job(model, tokens, req.options, top_logprobs(req))
+        return await self.server.stream(request, "completion", job,
                                         content_type="application/jsonl", error_line=error_line,
                                         finish_on_shutdown=True)
 

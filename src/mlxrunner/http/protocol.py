@@ -146,7 +146,7 @@ def parse_json_body(raw: bytes) -> dict:
 # --- POST /completion: requests -----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """LLM sampling options (`options` in a /completion request). None = the model's default."""
 

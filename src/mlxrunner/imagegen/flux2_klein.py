@@ -37,8 +37,16 @@ from PIL import Image
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import BadImage, check_dimensions, to_rgb
-from mlxrunner.imagegen.pipeline import (DEFAULT_DENOISE_QUEUE_DEPTH, MIN_REFERENCE_SIDE, SIZE_MULTIPLE, Conditioning,
-                                         ImagePipeline, ImageRequest, Progress, read_schedule)
+from mlxrunner.imagegen.pipeline import (
+    DEFAULT_DENOISE_QUEUE_DEPTH,
+    MIN_REFERENCE_SIDE,
+    SIZE_MULTIPLE,
+    Conditioning,
+    ImagePipeline,
+    ImageRequest,
+    Progress,
+    read_schedule,
+)
 from mlxrunner.imagegen.vae import Vae
 
 TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated

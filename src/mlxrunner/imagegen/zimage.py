@@ -27,8 +27,14 @@ import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen.pipeline import (DEFAULT_DENOISE_QUEUE_DEPTH, Conditioning, ImagePipeline, ImageRequest, Progress,
-                                         read_schedule)
+from mlxrunner.imagegen.pipeline import (
+    DEFAULT_DENOISE_QUEUE_DEPTH,
+    Conditioning,
+    ImagePipeline,
+    ImageRequest,
+    Progress,
+    read_schedule,
+)
 from mlxrunner.imagegen.vae import Vae
 
 

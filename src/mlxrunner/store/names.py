@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxrunner.errors import ModelError
 from mlxrunner import settings
+from mlxrunner.errors import ModelError
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"

@@ -88,7 +88,8 @@ class OllamaSource(ModelSource):
 
     # -- files -----------------------------------------------------------------------------
     def _json_layer(self, relpath: str) -> Layer | None:
-        return next((l for l in self.layers if l.media_type == JSON_MEDIA_TYPE and l.name == relpath), None)
+        return next((layer for layer in self.layers if layer.media_type == JSON_MEDIA_TYPE and layer.name == relpath),
+                    None)
 
     def has_file(self, relpath: str) -> bool:
         return self._json_layer(relpath) is not None
