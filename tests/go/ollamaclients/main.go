@@ -1,7 +1,7 @@
 // Command ollamaclients runs the reading side of Ollama's Go parents against a runner, so that the
 // tests check our wire with Go's own decoder and Ollama's own loops, not a Python reading of them.
 //
-// The types and loops below are copied from Ollama (github.com/ollama/ollama at 4713800b0^):
+// The types and loops below are copied from Ollama (the ollama/ollama repository at 4713800b0^):
 // x/mlxrunner/client.go (Client.Completion, Ping, Tokenize and their structs), x/imagegen/server.go
 // (Server.Completion, Ping), llm/server.go at 9db4bdbad^ (llmServer.getServerStatus, ServerStatus),
 // api/types.go (StatusError) and llm's Logprob. Only what ties them to the rest of Ollama (the
