@@ -101,7 +101,7 @@ class Ours:
         """Greedy, detokenized, as a caller of `LanguageModel.stream` gets it."""
         options = Options(temperature=0.0, repeat_penalty=1.0, num_predict=n, seed=1)
         items = list(self.model.stream(ids, options))
-        assert items[-1].eval_count == n, items[-1].final_line()
+        assert items[-1].eval_count == n, items[-1]
         return "".join(x for x in items if isinstance(x, str))
 
 

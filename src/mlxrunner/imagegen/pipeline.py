@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mlxrunner import _core
-from mlxrunner.errors import Cancelled, ModelError
+from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
@@ -97,8 +97,6 @@ def resolve_size(width: int | None, height: int | None, multiple: int, default: 
     multiple of `multiple` (never above what was asked), at least one multiple. Too many pixels
     is an error rather than a silent shrink: the client's (a RequestError), as a missing side's default
     may be what makes the size too large."""
-    from mlxrunner.errors import RequestError
-
     def fit(value: int | None, name: str) -> int:
         if value is None or value == 0:
             return default
@@ -153,8 +151,6 @@ def refuse_quantized_vae(source) -> None:
 
 def read_schedule(source):
     """scheduler/scheduler_config.json (absent: the scheduler's defaults) -> _core.FlowMatchSchedule."""
-    from mlxrunner.errors import ModelError
-
     path = "scheduler/scheduler_config.json"
     config = source.read_json(path) if source.has_file(path) else {}
     try:

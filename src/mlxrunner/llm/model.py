@@ -9,7 +9,7 @@ in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it com
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Collection, Iterator
 
 import numpy as np
@@ -84,12 +84,6 @@ class Completion:
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
-    chunks: list[str] = field(default_factory=list)
-
-    def final_line(self) -> dict:
-        return {"done": True, "done_reason": self.done_reason, "stop_reason": self.stop_reason,
-                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
-                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
 
 
 @dataclass(frozen=True)
