@@ -15,6 +15,11 @@ import mlxrunner  # noqa: F401  first, so MLX binds its CPU BLAS to OpenBLAS (se
 
 GOLDENS = Path(__file__).parent / "goldens"
 
+# A text request that streams for seconds on tests/fixtures/llm/qwen3-tiny: its greedy continuation of
+# "hello world" reaches num_predict without an end-of-sequence token (most prompts hit one within a
+# few hundred tokens, a fraction of a second, which races any test that wants to leave mid-stream).
+ENDLESS_TEXT = {"prompt": "hello world", "options": {"num_predict": 4000, "temperature": 0}}
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ready_status
+from conftest import ENDLESS_TEXT, ready_status
 
 from mlxrunner.launcher import Runner, RunnerError
 
@@ -108,8 +108,7 @@ def test_sigterm_mid_stream_ends_the_stream_with_an_error_line_and_exits_0():
 
     def client():
         try:
-            for obj in runner.complete({"prompt": "go", "options": {"num_predict": 4000, "temperature": 1.0,
-                                                                    "seed": 1}}):
+            for obj in runner.complete(ENDLESS_TEXT):
                 lines.append(obj)
         except RunnerError as exc:
             errors.append(str(exc))
@@ -133,7 +132,7 @@ def test_sigterm_mid_stream_ends_the_stream_with_an_error_line_and_exits_0():
 
 def test_client_disconnect_mid_stream_cancels_generation(llm_runner):
     conn = http.client.HTTPConnection(llm_runner.host, llm_runner.port, timeout=60)
-    conn.request("POST", "/completion", body=json.dumps({"prompt": "go", "options": {"num_predict": 4000}}),
+    conn.request("POST", "/completion", body=json.dumps(ENDLESS_TEXT),
                  headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import ENDLESS_TEXT
 from reliability_helpers import (
     LONG_IMAGE,
     QWEN3,
@@ -107,8 +108,7 @@ def test_leaving_during_the_vae_decode_cancels_it(image_runner):
 
 def test_leaving_while_queued_and_while_streaming_text():
     with Runner.start(str(QWEN3), timeout=120) as runner:
-        streaming = open_request(runner, "/completion", {"prompt": "count", "options": {"num_predict": 3000,
-                                                                                         "temperature": 0}})
+        streaming = open_request(runner, "/completion", ENDLESS_TEXT)
         read_lines_until(streaming, lambda line: "content" in line)
         queued = open_request(runner, "/completion", {"prompt": "wait", "options": {"num_predict": 2}})
         time.sleep(0.3)
