@@ -6,9 +6,23 @@ namespace mlxr {
 
 namespace {
 
+// MLX 0.32.4's CUDA kernels for affine 2/3-bit weights in groups of 128 fail on float32 activations once
+// 33 or more rows are in flight (a kernel launch error); bfloat16 activations run at every size. Such layers
+// take their input in bfloat16 there (what real checkpoints compute in anyway) and give float32 back.
+bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
+  return x.dtype() == mx::float32 && spec.mode == "affine" && spec.group_size == 128 &&
+         (spec.bits == 2 || spec.bits == 3) && running_on_cuda();
+}
+
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  return mx::quantized_matmul(x, packed, q.scales, q.biases, true, q.spec.group_size, q.spec.bits, q.spec.mode);
+  const auto& spec = q.spec;
+  if (needs_bf16_activations(x, spec)) {
+    auto y = mx::quantized_matmul(mx::astype(x, mx::bfloat16), packed, q.scales, q.biases, true, spec.group_size,
+                                  spec.bits, spec.mode);
+    return mx::astype(y, mx::float32);
+  }
+  return mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode);
 }
 
 std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {

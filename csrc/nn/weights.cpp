@@ -1,5 +1,6 @@
 #include "nn/weights.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace mlxr {
@@ -71,7 +72,26 @@ Matrix Weights::matrix(const std::string& name, int rows, int cols) const {
   if (packed.dtype() != mx::uint32) {
     throw std::invalid_argument("weight " + full + " is listed as quantized but is not packed uint32");
   }
-  return Matrix{packed, companions(name, *spec, rows, cols)};
+  auto quantized = companions(name, *spec, rows, cols);
+  if (running_on_cuda()) return for_cuda(full, packed, quantized, cols);
+  return Matrix{packed, quantized};
+}
+
+// MLX 0.32.4's CUDA kernels refuse 1-bit weights, and multiply a packed weight only if its columns are a
+// multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). Real
+// checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing
+// mid-request (only that layer grows; the log of the load shows nothing else changes).
+Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols) {
+  if (q.spec.mode == "affine" && q.spec.bits == 1) {
+    throw std::invalid_argument("weight " + full + ": 1-bit quantization does not run on CUDA (MLX's kernels lack it)");
+  }
+  if (cols % std::max(64, q.spec.group_size) == 0) return Matrix{packed, q};
+  auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  return Matrix{unpacked, std::nullopt};
+}
+
+bool running_on_cuda() {
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
 }
 
 Quantized Weights::companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const {

@@ -73,6 +73,7 @@ class Weights {
 
  private:
   Quantized companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const;
+  static Matrix for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols);
 
   const WeightMap* map_;
   const QuantMap* quantization_ = nullptr;
@@ -80,5 +81,8 @@ class Weights {
 };
 
 std::string shape_string(const mx::Shape& shape);
+
+// True when MLX computes on an NVIDIA GPU (its CUDA kernels accept fewer quantized shapes than the CPU's).
+bool running_on_cuda();
 
 }  // namespace mlxr

@@ -8,10 +8,12 @@ in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it com
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Collection, Iterator
 
+import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core
@@ -26,6 +28,8 @@ from mlxrunner.text.tokenizer import TextTokenizer
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 ROPE_TYPES = ("default", "linear", "llama3")
 PREFILL_CHUNK = 512
+
+log = logging.getLogger(__name__)
 
 
 def decoder_config(config: dict) -> _core.DecoderConfig:
@@ -131,6 +135,27 @@ class LanguageModel:
         del weights
         self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
+        if mx.default_device() == mx.gpu:
+            self._warm_up_gpu_kernels()
+
+    def _warm_up_gpu_kernels(self) -> None:
+        """Run each kernel shape generation uses once, so the first request does not pay for loading them.
+
+        On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
+        seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
+        not seen. Which variant runs depends on the rows in flight: one token (decode), fewer than 8, a
+        prompt's remainder and a full prefill chunk, so each of those shapes is run here.
+        """
+        started = time.perf_counter()
+        greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
+        longest = min(PREFILL_CHUNK + 1, self.context_length - 2)
+        for length in sorted({min(n, longest) for n in (2, 8, 64, PREFILL_CHUNK + 1)}):
+            generator = _core.Generator(self.decoder, [0] * length, greedy, PREFILL_CHUNK, -1)
+            next(generator)
+            next(generator)
+            del generator
+        mx.synchronize()
+        log.info("warmed up the GPU kernels in %.2fs", time.perf_counter() - started)
 
     # --- text <-> ids ---------------------------------------------------------------------------
 
