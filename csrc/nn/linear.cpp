@@ -18,8 +18,12 @@ bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
   if (needs_bf16_activations(x, spec)) {
-    auto y = mx::quantized_matmul(mx::astype(x, mx::bfloat16), packed, q.scales, q.biases, true, spec.group_size,
-                                  spec.bits, spec.mode);
+    // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
+    auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };
+    std::optional<mx::array> biases;
+    if (q.biases) biases = bf16(*q.biases);
+    auto y = mx::quantized_matmul(bf16(x), packed, bf16(q.scales), biases, true, spec.group_size, spec.bits,
+                                  spec.mode);
     return mx::astype(y, mx::float32);
   }
   return mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode);
