@@ -5,6 +5,7 @@
   must match the float model holding the exactly dequantized weights (on the CPU: to float32 precision;
   on CUDA: to bfloat16 activation precision).
 - 1-bit weights: the CPU runs them; on CUDA loading refuses them, naming the tensor.
+- Packed weights taller than 16,384 rows (a tied vocabulary head) multiply one row in blocks on CUDA.
 """
 
 from __future__ import annotations
@@ -77,3 +78,42 @@ def test_one_bit_weights_run_on_the_cpu_and_are_refused_on_cuda(tmp_path):
     got = load(str(quant)).logits(PROMPT)
     want = load(str(dequantized)).logits(PROMPT)
     assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+
+
+def test_a_tall_packed_head_decodes_one_row_in_blocks(tmp_path):
+    """A 40,000-row tied head: on CUDA one row is multiplied in blocks of 16,384 rows (MLX's matrix-vector
+    kernel takes no taller weight); every device must give the dequantized model's logits."""
+    weights = mx.load(str(QWEN3 / "model.safetensors"))
+    mx.random.seed(3)
+    weights["model.embed_tokens.weight"] = 0.02 * mx.random.normal((40_000, 64))
+    config = {**json.loads((QWEN3 / "config.json").read_text()), "vocab_size": 40_000}
+    tall = tmp_path / "tall"
+    shutil.copytree(QWEN3, tall)
+    mx.save_safetensors(str(tall / "model.safetensors"), weights)
+    (tall / "config.json").write_text(json.dumps(config))
+    quant, dequantized = quantized_embedding(tall, tmp_path)
+    for prompt in ([11], PROMPT):  # one row (decode), then a prefill
+        got = load(str(quant)).logits(prompt)
+        want = load(str(dequantized)).logits(prompt)
+        assert got.shape == (len(prompt), 40_000)
+        tolerance = 2e-3 if ON_CUDA else 1e-4
+        assert float(np.abs(got - want).max()) <= tolerance * float(np.abs(want).max())
+
+
+def quantized_embedding(folder: Path, out: Path) -> tuple[Path, Path]:
+    """`folder` with its (tied) embedding packed at 4 bits, group 64, and the float copy it dequantizes to."""
+    weights = mx.load(str(folder / "model.safetensors"))
+    with mx.stream(mx.cpu):
+        packed, scales, biases = mx.quantize(weights["model.embed_tokens.weight"], group_size=64, bits=4)
+        exact = mx.dequantize(packed, scales, biases, group_size=64, bits=4)
+    config = json.loads((folder / "config.json").read_text())
+    quant, dequantized = out / "quant-head", out / "float-head"
+    for target, tensors, extra in (
+            (quant, {**weights, "model.embed_tokens.weight": packed, "model.embed_tokens.scales": scales,
+                     "model.embed_tokens.biases": biases},
+             {"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}}),
+            (dequantized, {**weights, "model.embed_tokens.weight": exact}, {})):
+        shutil.copytree(folder, target)
+        mx.save_safetensors(str(target / "model.safetensors"), tensors)
+        (target / "config.json").write_text(json.dumps({**config, **extra}))
+    return quant, dequantized
