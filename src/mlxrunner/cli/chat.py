@@ -109,31 +109,35 @@ def main(argv: list[str]) -> int:
 def repl(conversation: Conversation, writer: text.ReplyWriter, verbose: bool) -> int:
     """Read messages and answer them until /bye, Ctrl-D (end of input) or two Ctrl-C in a row."""
     use_readline()
-    interrupted = False
+    interrupted = False  # the last thing typed was a Ctrl-C
     print("Send a message (/? for help)", file=sys.stderr, flush=True)
     while True:
         try:
             message = read_message()
+            interrupted = False
+            if not handle(message, conversation, writer, verbose):
+                return 0
         except EOFError:
             print(flush=True)
             return 0
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # at the prompt (a reply has StopOnCtrlC), or just before or after one
             if interrupted:
                 print(flush=True)
                 return 0
             interrupted = True
             print("\nUse Ctrl + d or /bye to exit.", flush=True)
-            continue
-        interrupted = False
-        command = message.strip()
-        if not command:
-            continue
-        if command.startswith("/"):
-            if command in ("/bye", "/exit"):
-                return 0
-            run_command(command, conversation)
-            continue
+
+
+def handle(message: str, conversation: Conversation, writer: text.ReplyWriter, verbose: bool) -> bool:
+    """Run a command or answer a message; False for /bye."""
+    command = message.strip()
+    if command == "/bye":
+        return False
+    if command.startswith("/"):
+        run_command(command, conversation)
+    elif command:
         reply_to(conversation, message, writer, verbose)
+    return True
 
 
 def read_message() -> str:
