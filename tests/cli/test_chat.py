@@ -107,16 +107,20 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_folder, chat_model):
         terminal.close()
 
 
-def test_commands_and_a_message_of_several_lines_from_a_pipe(chat_folder, chat_model):
-    expected, _ = greedy_reply(chat_model, [{"role": "user", "content": "a\nb"}], TOKENS)
-    result = run_cli("chat", "--model", str(chat_folder), *GREEDY, "-n", str(TOKENS),
-                     stdin='/?\n/nope\n"""a\nb"""\n/bye\nnever answered\n')
+def test_system_prompt_commands_and_a_message_of_several_lines_from_a_pipe(chat_folder, chat_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    expected, completion = greedy_reply(chat_model, messages, TOKENS)
+    result = run_cli("chat", "--model", str(chat_folder), *GREEDY, "-n", str(TOKENS), "--system", "Be brief.",
+                     "--verbose", stdin='/?\n/nope\n"""a\nb"""\n/bye\nnever answered\n')
     assert result.returncode == 0, result.stderr
     help_text, unknown, reply, end = result.stdout.split(PROMPT.decode())[1:]
     assert "/clear" in help_text and "/bye" in help_text
     assert unknown == "Unknown command '/nope'. Type /? for help\n"
     assert reply == "... " + expected.content + "\n\n"  # the continuation prompt, then the reply
     assert end == ""
+    # --verbose: generate's stats line after the reply
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"prompt: {completion.prompt_eval_count} tokens, ")
 
 
 def test_a_stopped_reply_stays_in_the_conversation_as_far_as_it_got(chat_model):

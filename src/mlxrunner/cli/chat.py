@@ -16,7 +16,6 @@ second one in a row leaves. Line editing and history come from Python's readline
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from mlxrunner import backend
@@ -26,8 +25,6 @@ from mlxrunner.detect import Mode
 from mlxrunner.errors import ModelError
 from mlxrunner.http.protocol import Options
 from mlxrunner.models import TextModel
-
-log = logging.getLogger("mlxrunner")
 
 PROMPT, CONTINUATION = ">>> ", "... "
 MULTILINE = '"""'
