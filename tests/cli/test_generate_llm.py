@@ -73,6 +73,10 @@ def test_raw_sends_the_prompt_as_it_is(chat_folder, chat_model):
     result = generate(chat_folder, "--raw", "hello world")
     assert result.stdout == "".join(chunks) + "\n"
     assert stats(result.stderr) == (completion.prompt_eval_count, completion.eval_count)
+    refused = run_cli("generate", "--model", str(chat_folder), "--raw", "--system", "Be brief.", "--no-think", "x")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == ("Error: --system and --no-think need the chat template: "
+                                                       "leave out --raw")
 
 
 def test_a_model_without_a_chat_template_gets_the_raw_prompt(chat_model):

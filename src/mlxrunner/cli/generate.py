@@ -34,6 +34,7 @@ log = logging.getLogger("mlxrunner")
 DEFAULT_OUTPUT = "image.png"
 # The flags of one kind of model (argparse dests); given for the other kind, they are a usage error.
 IMAGE_FLAGS = ("output", "width", "height", "steps", "negative_prompt", "guidance", "image")
+TEMPLATE_FLAGS = ("system", "no_think")  # LLM flags that only mean something through the chat template
 LLM_FLAGS = ("raw", "system", *text.THINKING_FLAGS, *(f for f in text.SAMPLING_FLAGS if f != "seed"))
 
 
@@ -99,9 +100,10 @@ def generate_text(args: argparse.Namespace, parser: argparse.ArgumentParser, set
     try:
         model = load_with_bar(settings).text_model
         if args.raw or model.chat_template is None:
-            if args.system is not None:
-                return fail("--system needs the chat template: " + (
-                    "leave out --raw" if args.raw else f"{settings.model} has none"))
+            needing = [f"--{f.replace('_', '-')}" for f in TEMPLATE_FLAGS if getattr(args, f) is not None]
+            if needing:
+                return fail(f"{' and '.join(needing)} need{'s' if len(needing) == 1 else ''} the chat template: "
+                            + ("leave out --raw" if args.raw else f"{settings.model} has none"))
             target, reply_parser, stop_ids = prompt, None, ()
         else:
             messages = [{"role": "user", "content": prompt}]
