@@ -123,6 +123,18 @@ def test_system_prompt_commands_and_a_message_of_several_lines_from_a_pipe(chat_
         f"prompt: {completion.prompt_eval_count} tokens, ")
 
 
+def test_a_message_past_the_context_is_an_error_and_the_chat_goes_on_without_it(chat_folder, chat_model):
+    too_long = "hello " * chat_model.context_length
+    expected, _ = greedy_reply(chat_model, [{"role": "user", "content": SHORT_PROMPT}], TOKENS)
+    result = run_cli("chat", "--model", str(chat_folder), *GREEDY, "-n", str(TOKENS),
+                     stdin=f"{too_long}\n{SHORT_PROMPT}\n")
+    assert result.returncode == 0, result.stderr
+    refused, reply, end = result.stdout.split(PROMPT.decode())[1:]
+    assert refused == "" and reply == expected.content + "\n\n" and end == "\n"  # Ctrl-D's newline
+    assert "Error: the conversation no longer fits the model's context (the prompt has " in result.stderr
+    assert "/clear to start again" in result.stderr
+
+
 def test_a_stopped_reply_stays_in_the_conversation_as_far_as_it_got(chat_model):
     printed = []
 
