@@ -58,10 +58,12 @@ def ready_status(health: dict) -> dict:
     return {k: v for k, v in health.items() if k != "memory"}
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m mlxrunner ARGS` to completion."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60, stdin: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """`python -m mlxrunner ARGS` to completion, reading `stdin` (None: an empty stdin, never the test's own,
+    which the commands would read a prompt from when it is not a terminal)."""
     return subprocess.run([sys.executable, "-m", "mlxrunner", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout, input=stdin or "")
 
 
 def cosine(a, b) -> float:

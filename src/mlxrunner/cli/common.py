@@ -1,4 +1,5 @@
-"""What the commands share: their flags, Settings from flags and environment, loading, the `Error:` line."""
+"""What the commands share: their flags, the prompt argument, Settings from flags and environment, loading, the
+`Error:` line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from mlxrunner import logs
+from mlxrunner.progress import ProgressBar
 from mlxrunner.settings import (
     ENV_DENOISE_QUEUE_DEPTH,
     ENV_RELEASE_TEXT_ENCODER,
@@ -17,7 +19,9 @@ from mlxrunner.settings import (
 )
 
 if TYPE_CHECKING:
+    from mlxrunner.detect import Mode
     from mlxrunner.models import LoadedModel
+    from mlxrunner.store import ModelSource
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +52,29 @@ def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
                         f"or {ENV_DENOISE_QUEUE_DEPTH})")
 
 
+def add_prompt_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """The prompt, given the same way to every command: `PROMPT` or `-p/--prompt PROMPT` (see prompt_from)."""
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help=f"{what}; '-' (or no prompt, with stdin not "
+                        "a terminal) reads it from stdin")
+    parser.add_argument("--prompt", "-p", dest="prompt_flag", metavar="PROMPT", help="the same, as a flag")
+
+
+def prompt_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The prompt add_prompt_flags read: the argument, the flag, or stdin; usage error (exit 2) if none or both.
+
+    Text read from stdin loses its trailing newlines (what `echo` adds), so `echo TEXT | ...` prompts as
+    `... TEXT` does.
+    """
+    if args.prompt is not None and args.prompt_flag is not None:
+        parser.error("give the prompt once: as PROMPT or as --prompt, not both")
+    prompt = args.prompt if args.prompt is not None else args.prompt_flag
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read().rstrip("\n") or None
+    if prompt is None:
+        parser.error("no prompt: give PROMPT, --prompt PROMPT, or pipe it on stdin")
+    return prompt
+
+
 def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
     """Settings from the parsed command line and the environment, with logging set up at their level.
 
@@ -75,6 +102,22 @@ def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedM
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder,
                        denoise_queue_depth=settings.denoise_queue_depth, modes=modes)
+
+
+def find_model(settings: Settings) -> tuple[ModelSource, Mode]:
+    """The model the settings name and what kind it is, from its files alone (no weights read): a command
+    refuses the wrong kind before a long load. Imports MLX; a ModelError if there is no such model."""
+    from mlxrunner import loader
+    from mlxrunner.detect import detect
+
+    source = loader.resolve(settings.model, settings.models_dir)
+    return source, detect(source).mode
+
+
+def load_with_bar(settings: Settings) -> LoadedModel:
+    """load_model with a progress bar on stderr."""
+    with ProgressBar("loading", total=100) as bar:
+        return load_model(settings, lambda p: bar.update(int(p * 100)))
 
 
 def fail(message: str) -> int:
