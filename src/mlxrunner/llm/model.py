@@ -15,8 +15,10 @@ from typing import Callable, Collection, Iterator
 import numpy as np
 
 from mlxrunner import _core
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
@@ -80,7 +82,8 @@ class Completion:
 
     done_reason: str = "length"  # stop | length | cancel
     stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # the whole prompt, cached tokens included (as Ollama counts it)
+    prompt_cache_count: int = 0  # how many of those came from the prompt cache
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
@@ -111,7 +114,8 @@ def _chat_template(source) -> ChatTemplate | None:
 class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
-    def __init__(self, source, progress: Callable[[float], None] | None = None):
+    def __init__(self, source, progress: Callable[[float], None] | None = None,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
@@ -131,6 +135,7 @@ class LanguageModel:
         del weights
         self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
 
     # --- text <-> ids ---------------------------------------------------------------------------
 
@@ -187,18 +192,26 @@ class LanguageModel:
         budget = self.context_length - len(ids)
         if options.num_predict is not None and options.num_predict >= 0:
             budget = min(budget, options.num_predict)
-        result = Completion(prompt_eval_count=len(ids))
+        cached, reused = self.prompt_cache.fetch(ids)
+        result = Completion(prompt_eval_count=len(ids), prompt_cache_count=reused)
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopMatcher(options.stop)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
-                                    -1 if top_logprobs is None else top_logprobs)
+                                    -1 if top_logprobs is None else top_logprobs, cached)
+        generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
         start = time.perf_counter_ns()
         first_token_at = None
         try:
+            while True:
+                if check_cancelled:
+                    check_cancelled()
+                if generator.prefill_chunk() == 0:
+                    break
             for _ in range(budget):
                 if check_cancelled:
                     check_cancelled()
                 token = next(generator)
+                generated.append(token)
                 if first_token_at is None:
                     first_token_at = time.perf_counter_ns()
                     result.prompt_eval_duration = first_token_at - start
@@ -224,10 +237,21 @@ class LanguageModel:
                 tail = emit + ("" if matched is not None else stops.flush())
                 if tail:
                     yield tail
+        except (Cancelled, GeneratorExit):
+            # What was computed before the cancel stays reusable: the same request sent again resumes from it.
+            self._keep_caches(ids, generated, generator)
+            raise
         finally:
             if first_token_at is not None:
                 result.eval_duration = time.perf_counter_ns() - first_token_at
+        self._keep_caches(ids, generated, generator)
         yield result
+
+    def _keep_caches(self, prompt: list[int], generated: list[int], generator: _core.Generator) -> None:
+        """Hand the generator's caches to the prompt cache: they hold the prompt as far as the prefill got, then
+        every token generated (the next turn of a chat starts with them)."""
+        held = generator.position
+        self.prompt_cache.insert((prompt + generated)[:held], generator.take_cache())
 
     def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         logprob, top = logprobs
