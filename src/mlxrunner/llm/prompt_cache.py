@@ -72,6 +72,10 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def sequences(self) -> list[list[int]]:
+        """The token sequences held, least recently used first."""
+        return [entry.tokens.tolist() for entry in self._entries.values()]
+
     def fetch(self, prompt: Sequence[int]) -> tuple[LayerCaches | None, int]:
         """Caches holding the longest prefix of `prompt` found (never its last token), and that prefix's
         length; (None, 0) when nothing matches. The caches are the caller's own copy."""
