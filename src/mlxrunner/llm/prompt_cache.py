@@ -72,6 +72,11 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Drop every sequence."""
+        self._entries.clear()
+        self.nbytes = 0
+
     def sequences(self) -> list[list[int]]:
         """The token sequences held, least recently used first."""
         return [entry.tokens.tolist() for entry in self._entries.values()]
