@@ -3,7 +3,8 @@
 Python does what is not hot: reading config.json, tokenizing, turning token ids into valid UTF-8
 text as they come (StreamingDetokenizer), holding back text that may start a stop string
 (StopMatcher), and timing. The network, the KV cache, the prefill/decode loop and sampling run
-in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes.
+in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes. Each request starts
+from the prompt cache's closest earlier sequence (llm/prompt_cache.py) and hands its own caches back to it.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class LanguageModel:
         start = time.perf_counter_ns()
         first_token_at = None
         try:
-            while True:
+            while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
                 if check_cancelled:
                     check_cancelled()
                 if generator.prefill_chunk() == 0:
