@@ -120,15 +120,16 @@ def test_a_cancel_mid_decode_keeps_the_tokens_generated(warm, cold):
     assert_same_output(warm_run, run(cold, prompt, num_predict=20))
 
 
-def test_a_consumer_that_stops_reading_leaves_the_cache_consistent(warm, cold):
-    prompt = ids(120)
-    stream = warm.stream(prompt, Options(**GREEDY, num_predict=60), top_logprobs=0)
+def test_a_stream_its_consumer_drops_keeps_nothing_and_changes_nothing(warm, cold):
+    first = ids(120)
+    run(warm, first, num_predict=10)
+    (held,) = warm.prompt_cache.sequences()
+    stream = warm.stream(held + [3, 4], Options(**GREEDY, num_predict=60), top_logprobs=0)
     for _ in range(6):
         next(stream)
-    stream.close()
-    (held,) = warm.prompt_cache.sequences()
-    assert held[:120] == prompt and len(held) > 120
-    follow_up = held + [3, 4]
+    stream.close()  # the consumer went away between two tokens, with no cancel
+    assert warm.prompt_cache.sequences() == [held]
+    follow_up = held + [5, 6]
     warm_run = run(warm, follow_up, num_predict=12)
     assert warm_run[2].prompt_cache_count == len(held)
     assert_same_output(warm_run, run(cold, follow_up, num_predict=12))

@@ -238,8 +238,10 @@ class LanguageModel:
                 tail = emit + ("" if matched is not None else stops.flush())
                 if tail:
                     yield tail
-        except (Cancelled, GeneratorExit):
+        except Cancelled:
             # What was computed before the cancel stays reusable: the same request sent again resumes from it.
+            # (Not on GeneratorExit: a stream its consumer drops can be closed on another thread, by the
+            # garbage collector, and the prompt cache belongs to the MLX worker's thread.)
             self._keep_caches(ids, generated, generator)
             raise
         finally:
