@@ -54,11 +54,27 @@ void bind_decoder(nb::module_& m) {
            "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
            "the fused projections then free the checkpoint's separate arrays as they go).");
 
+  nb::class_<SequenceCache>(m, "SequenceCache",
+                            "One sequence's key/value caches, a layer each (what the prompt cache keeps).")
+      .def_prop_ro("length", &SequenceCache::length, "Positions held.")
+      .def_prop_ro("nbytes", &SequenceCache::nbytes, "Bytes its buffers hold.")
+      .def("trim", &SequenceCache::trim, "n"_a,
+           "Forget the last n positions in every layer; False (and unchanged) if a layer cannot.")
+      .def(
+          "copy", [](const SequenceCache& self) { return SequenceCache(self); },
+          "An independent copy (cheap: the arrays are shared until one side writes).");
+
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
-      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int>(), "model"_a, "prompt"_a,
-           "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, nb::keep_alive<1, 2>())
+      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
+                    std::optional<SequenceCache>>(),
+           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
+           "cache"_a = nb::none(), nb::keep_alive<1, 2>())
       .def("__iter__", [](nb::handle self) { return self; })
       .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
+      .def("prefill_chunk", &Generator::prefill_chunk, nb::call_guard<nb::gil_scoped_release>(),
+           "Prefill the next chunk; returns the prompt tokens still to prefill (0: only the last is left).")
+      .def("take_cache", &Generator::take_cache,
+           "The caches (prompt + every token returned), moved out; the generator is finished.")
       .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)
       .def_prop_ro("position", &Generator::position)
       .def_prop_ro(

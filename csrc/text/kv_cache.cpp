@@ -34,6 +34,14 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& keys,
           mx::slice(*values_, mx::Shape{0, 0, 0, 0}, mx::Shape{b, values.shape(1), end, values.shape(3)})};
 }
 
+bool KVCache::trim(int n) {
+  if (n < 0 || n > offset_) return false;
+  offset_ -= n;
+  return true;
+}
+
+size_t KVCache::nbytes() const { return keys_ ? keys_->nbytes() + values_->nbytes() : 0; }
+
 std::vector<mx::array> KVCache::state() const {
   std::vector<mx::array> out;
   if (keys_) {
@@ -41,6 +49,21 @@ std::vector<mx::array> KVCache::state() const {
     out.push_back(*values_);
   }
   return out;
+}
+
+bool SequenceCache::trim(int n) {
+  auto trimmed = layers;
+  for (auto& layer : trimmed) {
+    if (!layer.trim(n)) return false;
+  }
+  layers = std::move(trimmed);
+  return true;
+}
+
+size_t SequenceCache::nbytes() const {
+  size_t total = 0;
+  for (const auto& layer : layers) total += layer.nbytes();
+  return total;
 }
 
 }  // namespace mlxr

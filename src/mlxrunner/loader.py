@@ -18,7 +18,7 @@ from mlxrunner import store  # noqa: E402  (imports mlx.core)
 from mlxrunner.detect import Detected, Mode, detect  # noqa: E402
 from mlxrunner.errors import ModelError  # noqa: E402
 from mlxrunner.models import Embedder, ImageModel, LoadedModel, TextModel  # noqa: E402
-from mlxrunner.settings import ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
+from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES, ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def check_memory(required: int, mode: Mode) -> None:
 
 
 def build_model(source: store.ModelSource, detected: Detected, progress: Callable[[float], None], *,
-                release_text_encoder: bool = False,
-                denoise_queue_depth: int | None = None) -> TextModel | Embedder | ImageModel:
+                release_text_encoder: bool = False, denoise_queue_depth: int | None = None,
+                prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> TextModel | Embedder | ImageModel:
     if detected.mode is Mode.EMBEDDING:
         from mlxrunner.embed.bert import BertEmbedder
 
@@ -70,7 +70,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
     if detected.mode is Mode.LLM:
         from mlxrunner.llm.model import LanguageModel
 
-        return LanguageModel(source, progress)
+        return LanguageModel(source, progress, prompt_cache_bytes)
     from mlxrunner.imagegen import build_pipeline
 
     image_options: dict[str, bool | int] = {"release_text_encoder": release_text_encoder}
@@ -81,7 +81,8 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
-         denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None) -> LoadedModel:
+         denoise_queue_depth: int | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+         modes: Collection[Mode] | None = None) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 
     memory_limit (bytes) becomes MLX's memory limit, which the memory check compares the weights
@@ -104,7 +105,8 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
         check_memory(source.total_tensor_bytes(), detected.mode)
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
-                        release_text_encoder=release_text_encoder, denoise_queue_depth=denoise_queue_depth)
+                        release_text_encoder=release_text_encoder, denoise_queue_depth=denoise_queue_depth,
+                        prompt_cache_bytes=prompt_cache_bytes)
     progress(1.0)
     seconds = time.perf_counter() - start
     log.info("model loaded in %.2fs", seconds)

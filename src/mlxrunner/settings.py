@@ -11,6 +11,7 @@
 | listen address        | --host, --port                  |                                  | 127.0.0.1, -       |
 | request queue depth   | --queue-depth                   |                                  | 16                 |
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
+| prompt cache (LLMs)   | --prompt-cache-size (bytes)     |                                  | 8 GiB              |
 | Ollama's LLM wire     | --mlx-engine                    |                                  | off                |
 | body read timeout     | --read-timeout                  |                                  | 60 s               |
 | idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
@@ -51,6 +52,8 @@ DEFAULT_KEEPALIVE_TIMEOUT_S = 60  # an idle connection, or one whose headers nev
 
 MIB = 1 << 20
 GIB = 1 << 30
+# LLMs: earlier sequences' key/value caches kept for reuse; Ollama's MLX runner evicts past the same 8 GiB.
+DEFAULT_PROMPT_CACHE_BYTES = 8 * GIB
 
 T = TypeVar("T")
 
@@ -81,6 +84,7 @@ class Settings:
     port: int = 0  # 0 picks a free port
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES  # 0: no prompt cache
     # Serve Ollama's current LLM runner protocol (/v1/status, /v1/completions, ...) instead of ours;
     # its parent launches `ollama runner --mlx-engine`. Only an LLM can be served so.
     mlx_engine: bool = False
@@ -214,6 +218,7 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         port=default(flag("port", parse_port), 0),
         queue_depth=default(flag("queue_depth", parse_depth), DEFAULT_QUEUE_DEPTH),
         max_body_bytes=default(flag("max_body_mb", parse_at_least(1)), DEFAULT_MAX_BODY_MB) * MIB,
+        prompt_cache_bytes=default(flag("prompt_cache_size", parse_bytes), DEFAULT_PROMPT_CACHE_BYTES),
         mlx_engine=bool(flags.get("mlx_engine")),
         read_timeout_s=default(flag("read_timeout", parse_at_least(1)), DEFAULT_READ_TIMEOUT_S),
         keepalive_timeout_s=default(flag("keepalive_timeout", parse_at_least(1)), DEFAULT_KEEPALIVE_TIMEOUT_S),

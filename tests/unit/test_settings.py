@@ -65,10 +65,12 @@ def test_flags_win_over_their_environment_variables():
 
 def test_flags_of_the_server():
     flags = {**MODEL, "host": "0.0.0.0", "port": "11500", "queue_depth": "0", "max_body_mb": "2",
-             "models_dir": "/models", "log_level": "trace"}
+             "models_dir": "/models", "log_level": "trace", "prompt_cache_size": "512MiB"}
     got = resolve(flags, env={})
-    assert (got.host, got.port, got.queue_depth, got.max_body_bytes, got.models_dir, got.log_level) == \
-        ("0.0.0.0", 11500, 0, 2 << 20, "/models", 5)
+    assert (got.host, got.port, got.queue_depth, got.max_body_bytes, got.models_dir, got.log_level,
+            got.prompt_cache_bytes) == ("0.0.0.0", 11500, 0, 2 << 20, "/models", 5, 512 << 20)
+    assert resolve({**MODEL, "prompt_cache_size": "0"}, env={}).prompt_cache_bytes == 0
+    assert resolve(MODEL, env={}).prompt_cache_bytes == settings.DEFAULT_PROMPT_CACHE_BYTES == 8 << 30
 
 
 @pytest.mark.parametrize("env, message", [
@@ -97,6 +99,7 @@ def test_a_bad_reference_blas_value_is_named():
     ({"max_body_mb": "0"}, "argument --max-body-mb: must be >= 1"),
     ({"denoise_queue_depth": "-3"}, "argument --denoise-queue-depth: must be >= 0"),
     ({"log_level": "loud"}, "argument --log-level: unknown log level 'loud'"),
+    ({"prompt_cache_size": "-1GB"}, "argument --prompt-cache-size: not a byte size: '-1GB'"),
 ])
 def test_a_bad_flag_is_named(flags, message):
     with pytest.raises(SettingsError, match=message) as info:

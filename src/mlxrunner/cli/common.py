@@ -101,7 +101,8 @@ def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedM
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder,
-                       denoise_queue_depth=settings.denoise_queue_depth, modes=modes)
+                       denoise_queue_depth=settings.denoise_queue_depth,
+                       prompt_cache_bytes=settings.prompt_cache_bytes, modes=modes)
 
 
 def find_model(settings: Settings) -> tuple[ModelSource, Mode]:

@@ -51,6 +51,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
+    parser.add_argument("--prompt-cache-size", metavar="BYTES", help="LLMs: bytes of earlier prompts' key/value "
+                        "caches kept for reuse (16GB, 512MiB, ...; default 8GiB; 0 turns the cache off)")
     parser.add_argument("--mlx-engine", "-mlx-engine", action="store_true", default=None,
                         help="speak Ollama's current LLM runner protocol (/v1/status, /v1/completions); "
                         "LLMs only")

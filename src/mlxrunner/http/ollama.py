@@ -134,7 +134,7 @@ def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext],
 
 def text_done(completion: Completion) -> TextDone:
     return TextDone(done_reason=completion.done_reason, stop_reason=completion.stop_reason,
-                    prompt_eval_count=completion.prompt_eval_count,
+                    prompt_eval_count=completion.prompt_eval_count, prompt_cache_count=completion.prompt_cache_count,
                     prompt_eval_duration=completion.prompt_eval_duration, eval_count=completion.eval_count,
                     eval_duration=completion.eval_duration)
 

@@ -288,15 +288,17 @@ class TextDone:
 
     done_reason: str  # stop | length
     stop_reason: str  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int
+    prompt_eval_count: int  # the whole prompt
+    prompt_cache_count: int  # how many of prompt_eval_count came from the prompt cache
     prompt_eval_duration: int
     eval_count: int
     eval_duration: int
 
     def to_json(self) -> dict:
         return {"done": True, "done_reason": self.done_reason, "stop_reason": self.stop_reason,
-                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
-                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+                "prompt_eval_count": self.prompt_eval_count, "prompt_cache_count": self.prompt_cache_count,
+                "prompt_eval_duration": self.prompt_eval_duration, "eval_count": self.eval_count,
+                "eval_duration": self.eval_duration}
 
 
 @dataclass(frozen=True)

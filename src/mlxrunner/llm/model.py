@@ -3,7 +3,8 @@
 Python does what is not hot: reading config.json, tokenizing, turning token ids into valid UTF-8
 text as they come (StreamingDetokenizer), holding back text that may start a stop string
 (StopMatcher), and timing. The network, the KV cache, the prefill/decode loop and sampling run
-in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes.
+in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes. Each request starts
+from the prompt cache's closest earlier sequence (llm/prompt_cache.py) and hands its own caches back to it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
@@ -84,7 +87,8 @@ class Completion:
 
     done_reason: str = "length"  # stop | length | cancel
     stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # the whole prompt, cached tokens included (as Ollama counts it)
+    prompt_cache_count: int = 0  # how many of those came from the prompt cache
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
@@ -115,7 +119,8 @@ def _chat_template(source) -> ChatTemplate | None:
 class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
-    def __init__(self, source, progress: Callable[[float], None] | None = None):
+    def __init__(self, source, progress: Callable[[float], None] | None = None,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
@@ -135,6 +140,7 @@ class LanguageModel:
         del weights
         self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         if mx.default_device() == mx.gpu:
             self._warm_up_gpu_kernels()
 
@@ -212,18 +218,26 @@ class LanguageModel:
         budget = self.context_length - len(ids)
         if options.num_predict is not None and options.num_predict >= 0:
             budget = min(budget, options.num_predict)
-        result = Completion(prompt_eval_count=len(ids))
+        cached, reused = self.prompt_cache.fetch(ids)
+        result = Completion(prompt_eval_count=len(ids), prompt_cache_count=reused)
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopMatcher(options.stop)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
-                                    -1 if top_logprobs is None else top_logprobs)
+                                    -1 if top_logprobs is None else top_logprobs, cached)
+        generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
         start = time.perf_counter_ns()
         first_token_at = None
         try:
+            while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
+                if check_cancelled:
+                    check_cancelled()
+                if generator.prefill_chunk() == 0:
+                    break
             for _ in range(budget):
                 if check_cancelled:
                     check_cancelled()
                 token = next(generator)
+                generated.append(token)
                 if first_token_at is None:
                     first_token_at = time.perf_counter_ns()
                     result.prompt_eval_duration = first_token_at - start
@@ -249,10 +263,23 @@ class LanguageModel:
                 tail = emit + ("" if matched is not None else stops.flush())
                 if tail:
                     yield tail
+        except Cancelled:
+            # What was computed before the cancel stays reusable: the same request sent again resumes from it.
+            # (Not on GeneratorExit: a stream its consumer drops can be closed on another thread, by the
+            # garbage collector, and the prompt cache belongs to the MLX worker's thread.)
+            self._keep_caches(ids, generated, generator)
+            raise
         finally:
             if first_token_at is not None:
                 result.eval_duration = time.perf_counter_ns() - first_token_at
+        self._keep_caches(ids, generated, generator)
         yield result
+
+    def _keep_caches(self, prompt: list[int], generated: list[int], generator: _core.Generator) -> None:
+        """Hand the generator's caches to the prompt cache: they hold the prompt as far as the prefill got, then
+        every token generated (the next turn of a chat starts with them)."""
+        held = generator.position
+        self.prompt_cache.insert((prompt + generated)[:held], generator.take_cache())
 
     def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         logprob, top = logprobs
