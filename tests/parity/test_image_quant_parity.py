@@ -7,17 +7,16 @@ The stores are the tiny Z-Image and FLUX.2 Klein fixtures imported the way `olla
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from ollama_store import image_quantization_names, import_directory
+from quant_helpers import dequantized_image_folder
 
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen import load_pipeline
-from mlxrunner.store import resolve
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 # (fixture, era, type): E4 combined blobs with metadata; E1-E3 separate layers typed by model_index.json.
@@ -28,27 +27,6 @@ REQUEST = dict(width=64, height=64, steps=2, seed=7)
 QUANTIZED = ("text_encoder", "transformer")
 
 
-def dequantized_folder(store_root: Path, name: str, fixture: Path, out: Path) -> Path:
-    """``fixture`` with the text encoder's and transformer's weights replaced by the store's packed ones,
-    dequantized exactly (float32)."""
-    source = resolve(name, store_root)
-    shutil.copytree(fixture, out)
-    for component in QUANTIZED:
-        tensors, params = source.tensors(component), source.quantization(component)
-        weights = {}
-        for key, value in tensors.items():
-            if key.endswith(("_scale", "_qbias")):
-                continue
-            p = params.get(key)
-            weights[key] = value if p is None else mx.dequantize(
-                value, tensors[key + "_scale"], tensors.get(key + "_qbias"), group_size=p.group_size, bits=p.bits,
-                mode=p.mode, dtype=mx.float32)
-        for old in (out / component).glob("*.safetensors*"):
-            old.unlink()
-        mx.save_safetensors(str(out / component / "model.safetensors"), weights)
-    return out
-
-
 @pytest.mark.parametrize("fixture, era, quant_type", CASES, ids=[f"{f}-{e}-{q}" for f, e, q in CASES])
 def test_quantized_store_draws_the_dequantized_image(tmp_path, fixture, era, quant_type):
     folder = FIXTURES / fixture
@@ -57,7 +35,7 @@ def test_quantized_store_draws_the_dequantized_image(tmp_path, fixture, era, qua
     store = load_pipeline("x/tiny:q", models_dir=str(tmp_path / "models"))
     params = {c: store.source.quantization(c) for c in QUANTIZED}
     assert len(params["transformer"]) >= 4 and len(params["text_encoder"]) >= 4, params
-    reference = load_pipeline(str(dequantized_folder(tmp_path / "models", "x/tiny:q", folder, tmp_path / "float")))
+    reference = load_pipeline(str(dequantized_image_folder(store.source, folder, tmp_path / "float")))
     ours = np.asarray(store.generate("a red fox in the snow", **REQUEST)).astype(int)
     theirs = np.asarray(reference.generate("a red fox in the snow", **REQUEST)).astype(int)
     assert np.abs(ours - theirs).max() <= 1
