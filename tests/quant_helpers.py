@@ -103,7 +103,8 @@ BAD_CASES: dict[str, BadCase] = {
 def dequantized_image_folder(source: ModelSource, fixture: Path, out: Path,
                              components: tuple[str, ...] = ("text_encoder", "transformer")) -> Path:
     """``fixture`` (a float diffusers folder) with ``components`` replaced by ``source``'s tensors (canonical
-    names), every packed weight dequantized exactly (float32): the float model a quantized one must match."""
+    names), every packed weight dequantized exactly (in its scales' dtype when they are float, else float32):
+    the float model a quantized one must match."""
     shutil.copytree(fixture, out)
     for component in components:
         tensors, params = source.tensors(component), source.quantization(component)
@@ -111,10 +112,10 @@ def dequantized_image_folder(source: ModelSource, fixture: Path, out: Path,
         for key, value in tensors.items():
             if key.endswith(("_scale", "_qbias")):
                 continue
-            p = params.get(key)
+            p, scales = params.get(key), tensors.get(key + "_scale")
             weights[key] = value if p is None else mx.dequantize(
-                value, tensors[key + "_scale"], tensors.get(key + "_qbias"), group_size=p.group_size, bits=p.bits,
-                mode=p.mode, dtype=mx.float32)
+                value, scales, tensors.get(key + "_qbias"), group_size=p.group_size, bits=p.bits, mode=p.mode,
+                dtype=scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else mx.float32)
         for old in (out / component).glob("*.safetensors*"):
             old.unlink()
         mx.save_safetensors(str(out / component / "model.safetensors"), weights)
