@@ -41,8 +41,9 @@ def group_size_for(columns: int) -> int | None:
     return next((g for g in (64, 32) if columns % g == 0), None)
 
 
-def write_mflux_folder(fixture: str, out: Path, bits: int = 4, with_configs: bool = True,
+def write_mflux_folder(fixture: str, out: Path, bits: int | None = 4, with_configs: bool = True,
                        dtype: mx.Dtype = mx.bfloat16) -> Path:
+    """``bits`` None: saved unquantized (``mflux-save`` without ``-q``: quantization_level "None")."""
     names = mflux_names(fixture)
     source = FIXTURES / fixture
     metadata = {"quantization_level": str(bits), "mflux_version": names["mflux_version"]}
@@ -56,7 +57,7 @@ def write_mflux_folder(fixture: str, out: Path, bits: int = 4, with_configs: boo
             value = tensors[name].astype(dtype)
             if transform:
                 value = TRANSFORMS[transform](value)
-            saved |= quantized_module(mflux_name, value, bits)
+            saved |= quantized_module(mflux_name, value, bits) if bits else {mflux_name: value}
         (out / component).mkdir(parents=True)
         mx.save_safetensors(str(out / component / "0.safetensors"), saved, metadata=metadata)
         index = {"metadata": metadata, "weight_map": dict.fromkeys(saved, "0.safetensors")}

@@ -84,6 +84,8 @@ def quantize_image_model(source: DirectorySource, dst: Path, base: QuantParams, 
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ModelError(f"{dst} exists and is not an empty folder; choose a new one")
     _copy_other_files(source.root, dst)
+    if not (dst / "model_index.json").exists():  # an mflux folder: its source makes one up
+        (dst / "model_index.json").write_text(json.dumps(source.read_json("model_index.json"), indent=2))
     done = 0
 
     def advance() -> None:
@@ -133,7 +135,8 @@ def _mlx_lm_quantization(base: QuantParams, chosen: dict[str, QuantParams]) -> d
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
-    """Everything but the weights: model_index.json, configs, tokenizer and scheduler files."""
+    """Everything but the weights: model_index.json, configs, tokenizer and scheduler files (an mflux
+    folder's mflux_model.json too, harmless)."""
     for folder, _, files in os.walk(src):
         relative = Path(folder).relative_to(src)
         for filename in files:

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mflux_writer import write_mflux_folder
 from quant_helpers import dequantized_image_folder
 
 from mlxrunner.cli.quantize import main
@@ -106,3 +107,15 @@ def test_a_quantized_image_model_is_refused(tmp_path, capsys):
     folder = quantized(tmp_path, "flux2-klein-tiny", "nvfp4")
     assert main([str(folder), str(tmp_path / "again"), "--bits", "4"]) == 1
     assert "is quantized already" in capsys.readouterr().err
+
+
+def test_an_unquantized_mflux_folder_is_a_source_too(tmp_path):
+    """mflux-save without -q: mflux's names and layouts in, a diffusers folder out."""
+    mflux = write_mflux_folder("zimage-tiny", tmp_path / "mflux", None, dtype=mx.float32)
+    assert main([str(mflux), str(tmp_path / "q"), "--bits", "8", "--group-size", "32"]) == 0
+    ours = load_pipeline(str(tmp_path / "q"))
+    assert type(ours.source).__name__ == "DirectorySource" and ours.source.quantization("transformer")
+    float_twin = dequantized_image_folder(ours.source, FIXTURES / "zimage-tiny", tmp_path / "float")
+    a = np.asarray(ours.generate(PROMPT, **REQUEST, guidance=0.0)).astype(int)
+    b = np.asarray(load_pipeline(str(float_twin)).generate(PROMPT, **REQUEST, guidance=0.0)).astype(int)
+    assert np.abs(a - b).max() <= 1
