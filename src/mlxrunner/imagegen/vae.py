@@ -32,23 +32,21 @@ def vae_config(config: dict, location: str) -> _core.VaeConfig:
 def dense_weights(source, component: str) -> dict:
     """The component's tensors with any packed linear dequantized: mflux quantizes the VAE's attention
     linears, which our decoder takes dense. They are a few small matrices, so memory hardly changes;
-    they come back in their scales' float dtype (affine), else in the dtype of the VAE's other weights."""
+    they come back in their scales' float dtype (affine), else in the dtype of the VAE's other weights, and
+    are computed here, at load, not left as a graph for the first request."""
     tensors, packed = source.tensors(component), source.quantization(component)
     if not packed:
         return tensors
     float_dtype = next((v.dtype for n, v in tensors.items() if n not in packed and mx.issubdtype(v.dtype, mx.floating)),
                        mx.float32)
-    out = {}
-    for name, value in tensors.items():
-        if name.endswith(("_scale", "_qbias")) and name.rsplit("_", 1)[0] in packed:
-            continue
-        params = packed.get(name)
-        if params is not None:
-            scales = tensors[name + "_scale"]
-            dtype = scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else float_dtype
-            value = mx.dequantize(value, scales, tensors.get(name + "_qbias"), group_size=params.group_size,
+    out = {name: value for name, value in tensors.items()
+           if not (name.endswith(("_scale", "_qbias")) and name.rsplit("_", 1)[0] in packed)}
+    for name, params in packed.items():
+        scales = tensors[name + "_scale"]
+        dtype = scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else float_dtype
+        out[name] = mx.dequantize(tensors[name], scales, tensors.get(name + "_qbias"), group_size=params.group_size,
                                   bits=params.bits, mode=params.mode, dtype=dtype)
-        out[name] = value
+    mx.eval([out[name] for name in packed])
     return out
 
 
