@@ -87,6 +87,7 @@ Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const
   }
   if (cols % std::max(64, q.spec.group_size) == 0) return Matrix{packed, q};
   auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  if (q.global_scale) unpacked = mx::multiply(unpacked, mx::astype(*q.global_scale, unpacked.dtype()));
   return Matrix{unpacked, std::nullopt};
 }
 
@@ -103,7 +104,21 @@ Quantized Weights::companions(const std::string& name, const QuantSpec& spec, in
   } else if (has(name + "_qbias")) {
     throw std::invalid_argument("weight " + full_name(name) + ": " + spec.mode + " quantization has no biases");
   }
-  return Quantized{scales, biases, spec};
+  return Quantized{scales, biases, spec, global_scale(name, spec)};
+}
+
+std::optional<mx::array> Weights::global_scale(const std::string& name, const QuantSpec& spec) const {
+  auto it = map_->find(full_name(name + "_global_scale"));
+  if (it == map_->end()) return std::nullopt;
+  const auto& scale = it->second;
+  if (spec.mode != "nvfp4") {
+    throw std::invalid_argument("weight " + full_name(name) + ": a global scale belongs to nvfp4, not " + spec.mode);
+  }
+  if (scale.size() != 1 || scale.dtype() != mx::float32) {
+    throw std::invalid_argument("weight " + full_name(name) + ": the global scale must be one float32, not shape " +
+                                shape_string(scale.shape()));
+  }
+  return mx::reshape(scale, {});
 }
 
 }  // namespace mlxr

@@ -141,14 +141,6 @@ def check_steps(steps: int | None, default: int, maximum: int = MAX_STEPS) -> in
     return steps
 
 
-def refuse_quantized_vae(source) -> None:
-    """The text encoder and the transformer run packed weights; the VAE takes dense ones only (Ollama never
-    quantizes it; mflux does): say so at load rather than fail on a shape."""
-    if source.quantization("vae"):
-        raise ModelError(f"{source.location}: the vae is quantized; a quantized VAE is not supported yet "
-                         "(use the bf16/fp32 VAE weights)")
-
-
 def read_schedule(source):
     """scheduler/scheduler_config.json (absent: the scheduler's defaults) -> _core.FlowMatchSchedule."""
     path = "scheduler/scheduler_config.json"
@@ -192,13 +184,11 @@ class ImagePipeline(ABC):
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
     def __init__(self, source, release_text_encoder: bool = False):
-        """What loading any model starts with: distilled or not, the refusal of a quantized VAE, the Qwen3
-        text encoder."""
+        """What loading any model starts with: distilled or not, the Qwen3 text encoder."""
         self.source = source
         self.release_text_encoder = release_text_encoder
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
-        refuse_quantized_vae(source)
         self.text_encoder = Qwen3TextEncoder(source)
 
     def load_transformer(self, network: type, config) -> tuple[Any, dict]:

@@ -29,6 +29,27 @@ def vae_config(config: dict, location: str) -> _core.VaeConfig:
         raise ModelError(f"{location}: vae/config.json: {exc}") from None
 
 
+def dense_weights(source, component: str) -> dict:
+    """The component's tensors with any packed linear dequantized: mflux quantizes the VAE's attention
+    linears, which our decoder takes dense. They are a few small matrices, so memory hardly changes;
+    they come back in their scales' float dtype (affine), else in the dtype of the VAE's other weights, and
+    are computed here, at load, not left as a graph for the first request."""
+    tensors, packed = source.tensors(component), source.quantization(component)
+    if not packed:
+        return tensors
+    float_dtype = next((v.dtype for n, v in tensors.items() if n not in packed and mx.issubdtype(v.dtype, mx.floating)),
+                       mx.float32)
+    out = {name: value for name, value in tensors.items()
+           if not (name.endswith(("_scale", "_qbias")) and name.rsplit("_", 1)[0] in packed)}
+    for name, params in packed.items():
+        scales = tensors[name + "_scale"]
+        dtype = scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else float_dtype
+        out[name] = mx.dequantize(tensors[name], scales, tensors.get(name + "_qbias"), group_size=params.group_size,
+                                  bits=params.bits, mode=params.mode, dtype=dtype)
+    mx.eval([out[name] for name in packed])
+    return out
+
+
 def renamed_attention_weights(weights: dict) -> dict:
     """Old checkpoints name the mid-block attention query/key/value/proj_attn; diffusers renames
     them to to_q/to_k/to_v/to_out.0 on load, and so do we."""
@@ -51,7 +72,7 @@ class Vae:
         self.config = vae_config(config, source.location)
         self.scaling_factor = float(config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
-        weights = renamed_attention_weights(source.tensors(component))
+        weights = renamed_attention_weights(dense_weights(source, component))
         # Kept for subclasses that build more from the same files (FLUX.2's encoder and BatchNorm);
         # the arrays are lazy, so an unused encoder's weights are never read.
         self.config_json, self.weights = config, weights
