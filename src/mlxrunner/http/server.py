@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
@@ -341,8 +342,9 @@ class Server:
             stopping.cancel()
             ended.set()
             self._finishing_streams.discard(ended)
-        if job.error is None:
-            await send(job.result)
+        if job.error is None:  # a job may hand its final line's last step to another thread (an image's PNG)
+            result = job.result
+            await send(await asyncio.wrap_future(result) if isinstance(result, Future) else result)
         elif response is None:
             raise job.error
         elif isinstance(job.error, Cancelled):  # the client knows what it asked for; the line says why it stopped
