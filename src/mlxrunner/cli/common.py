@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Callable
 
 from mlxrunner import logs
 from mlxrunner.settings import (
+    CPU_DTYPES,
+    DEFAULT_CPU_DTYPE,
+    ENV_CPU_DTYPE,
     ENV_DENOISE_QUEUE_DEPTH,
     ENV_RELEASE_TEXT_ENCODER,
     ENV_SKIP_MEMORY_CHECK,
@@ -35,6 +38,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true", default=None,
                         help="load even if the weights are larger than MLX's memory limit "
                         f"(or {ENV_SKIP_MEMORY_CHECK}=1)")
+    parser.add_argument("--cpu-dtype", metavar="|".join(CPU_DTYPES),
+                        help="image and embedding models on the CPU: float32 upcasts bf16/f16 weights at load (MLX's "
+                        "CPU has no fast half-precision matmul), stored keeps them (half the memory) "
+                        f"(default {DEFAULT_CPU_DTYPE}, or {ENV_CPU_DTYPE})")
 
 
 def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,12 +72,13 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedModel:
     """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot)."""
-    from mlxrunner import loader
+    from mlxrunner import backend, loader
     from mlxrunner.detect import Mode
 
     # Ollama's --mlx-engine protocol has text generation only: an image or embedding model fails at once
     # (its parent would otherwise wait for a /v1/status that never says ready).
     modes = (Mode.LLM,) if settings.mlx_engine else None
+    backend.set_cpu_dtype(settings.cpu_dtype)
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder,

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
@@ -205,7 +205,7 @@ class ImagePipeline(ABC):
         """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights; packed
         weights stay packed."""
         quantization = core_quantization(self.source.quantization("transformer"))
-        weights = self.source.tensors("transformer")
+        weights = backend.compute_weights(self.source.tensors("transformer"))
         try:
             return network(config, weights, quantization), weights
         except ValueError as exc:

@@ -7,7 +7,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import to_uint8
 
@@ -51,7 +51,7 @@ class Vae:
         self.config = vae_config(config, source.location)
         self.scaling_factor = float(config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
-        weights = renamed_attention_weights(source.tensors(component))
+        weights = renamed_attention_weights(backend.compute_weights(source.tensors(component)))
         # Kept for subclasses that build more from the same files (FLUX.2's encoder and BatchNorm);
         # the arrays are lazy, so an unused encoder's weights are never read.
         self.config_json, self.weights = config, weights
