@@ -81,12 +81,14 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
-         denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None) -> LoadedModel:
+         denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None,
+         warm_up: bool = True) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 
     memory_limit (bytes) becomes MLX's memory limit, which the memory check compares the weights
     against; None leaves MLX's limit as it is. `modes`, if given, are the only modes the caller can
-    serve: another is a ModelError before any weight is read.
+    serve: another is a ModelError before any weight is read. `warm_up`: an image model makes a 1-step image
+    before load returns (ImageModel.warm_up), so that the first request is as fast as the rest.
     """
     start = time.perf_counter()
     if memory_limit is not None:
@@ -105,6 +107,9 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
                         release_text_encoder=release_text_encoder, denoise_queue_depth=denoise_queue_depth)
+    if warm_up and detected.mode is Mode.IMAGEGEN:  # before /health says ready
+        side, seconds = model.warm_up()
+        log.info("warm-up: a %dx%d image in 1 step took %.2fs", side, side, seconds)
     progress(1.0)
     seconds = time.perf_counter() - start
     log.info("model loaded in %.2fs", seconds)

@@ -70,8 +70,9 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return settings
 
 
-def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedModel:
-    """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot)."""
+def load_model(settings: Settings, progress: Callable[[float], None], warm_up: bool = True) -> LoadedModel:
+    """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot).
+    `warm_up`: an image model makes a 1-step image first (a server's first request is then not slower)."""
     from mlxrunner import backend, loader
     from mlxrunner.detect import Mode
 
@@ -82,7 +83,7 @@ def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedM
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder,
-                       denoise_queue_depth=settings.denoise_queue_depth, modes=modes)
+                       denoise_queue_depth=settings.denoise_queue_depth, modes=modes, warm_up=warm_up)
 
 
 def fail(message: str) -> int:

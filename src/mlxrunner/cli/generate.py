@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
                 return fail(f"--image {path}: {exc.strerror or exc}")
             references.append(image_io.decode_image(blob, path, Limits()))
         with ProgressBar("loading", total=100) as bar:
-            loaded = load_model(settings, lambda p: bar.update(int(p * 100)))
+            # One image: a warm-up would only add its own time.
+            loaded = load_model(settings, lambda p: bar.update(int(p * 100)), warm_up=False)
         if loaded.mode is not Mode.IMAGEGEN:
             return fail(f"{settings.model} is a {loaded.mode.value} model, not an image model")
         bar = None

@@ -46,6 +46,8 @@ DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
 # sizes round down to multiples of it.
 SIZE_MULTIPLE = 16
 DEFAULT_SIZE = 1024  # each side, when the request gives none
+# The warm-up image's side on the CPU, where nothing is compiled per shape: the smallest a model takes.
+WARM_UP_CPU_SIZE = 4 * SIZE_MULTIPLE
 
 
 @dataclass
@@ -212,6 +214,16 @@ class ImagePipeline(ABC):
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 
     # --- generation --------------------------------------------------------------------------------
+
+    def warm_up(self) -> tuple[int, float]:
+        """Make one 1-step image, at the size requests default to on a GPU, so that the first request does not
+        pay what MLX does the first time it meets a kernel or a shape: compiling kernels (JIT on CUDA and
+        Metal), cuDNN's plans for each convolution and attention shape, the allocator's first buffers. On the
+        CPU nothing is compiled per shape and a tiny image is enough. Returns (side, seconds)."""
+        side = WARM_UP_CPU_SIZE if mx.default_device() == mx.cpu else DEFAULT_SIZE
+        started = time.perf_counter()
+        self.run("warm-up", width=side, height=side, steps=1, seed=0)
+        return side, time.perf_counter() - started
 
     def generate(self, prompt: str, **kwargs) -> Image.Image:
         """The image for `prompt` (keyword arguments as run())."""
