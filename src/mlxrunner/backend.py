@@ -106,12 +106,45 @@ def set_cpu_dtype(dtype: str) -> None:
     _cpu_dtype = dtype
 
 
+def upcasts_on_this_device() -> bool:
+    """Whether compute_weights turns bf16/f16 into float32 here."""
+    mx = import_mlx()
+    return _cpu_dtype == "float32" and mx.default_device() == mx.cpu
+
+
+def computed_bytes(weights: dict) -> int:
+    """The memory `weights` take once compute_weights has converted them (read from shapes, nothing loaded)."""
+    mx = import_mlx()
+    factor = 2 if upcasts_on_this_device() else 1
+    return sum(w.nbytes * (factor if w.dtype in (mx.bfloat16, mx.float16) else 1) for w in weights.values())
+
+
 def compute_weights(weights: dict) -> dict:
     """A component's weights as this backend computes with them: on the CPU (unless set_cpu_dtype("stored"))
     bf16 and f16 tensors become float32, packed ones and their scales included; elsewhere as stored. Lazy:
     each tensor converts as it is read, so loading holds one tensor's extra copy at a time."""
     mx = import_mlx()
-    if _cpu_dtype == "stored" or mx.default_device() != mx.cpu:
+    if not upcasts_on_this_device():
         return weights
     half = (mx.bfloat16, mx.float16)
     return {name: value.astype(mx.float32) if value.dtype in half else value for name, value in weights.items()}
+
+
+# MLX's peak memory is reset at each image phase to measure that phase (imagegen/pipeline.py); the peak since
+# start, which /health reports, is kept here across those resets.
+_peak_before_reset = 0
+
+
+def reset_peak_memory() -> int:
+    """MLX's peak since the last reset (and resets it); peak_memory() still counts it."""
+    global _peak_before_reset
+    mx = import_mlx()
+    peak = mx.get_peak_memory()
+    _peak_before_reset = max(_peak_before_reset, peak)
+    mx.reset_peak_memory()
+    return peak
+
+
+def peak_memory() -> int:
+    """The most memory MLX's arrays held at once since the process started."""
+    return max(_peak_before_reset, import_mlx().get_peak_memory())

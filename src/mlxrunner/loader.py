@@ -50,6 +50,20 @@ def resolve(name: str, models_dir: str | None) -> store.ModelSource:
         raise ModelError(f"cannot open model {_shortened(name)}: {exc.strerror or type(exc).__name__}") from None
 
 
+def predicted_weight_bytes(source: store.ModelSource, detected: Detected, low_memory: bool) -> int:
+    """The memory the weights will hold at once, from the files' headers: as stored for an LLM; an image or
+    embedding model's as backend.compute_weights leaves them (bf16 doubled where the CPU upcasts it); under
+    low_memory an image model's text encoder or transformer, whichever is larger, plus the rest."""
+    if detected.mode is Mode.LLM:
+        return source.total_tensor_bytes()
+    if detected.mode is Mode.EMBEDDING:
+        return backend.computed_bytes(source.tensors(""))
+    sizes = {c: backend.computed_bytes(source.tensors(c)) for c in ("text_encoder", "transformer", "vae")}
+    if low_memory:
+        return max(sizes["text_encoder"], sizes["transformer"]) + sizes["vae"]
+    return sum(sizes.values())
+
+
 def check_memory(required: int, mode: Mode) -> None:
     """Refuse to load weights larger than MLX's memory limit (Ollama's runner check, its wording)."""
     available = mx.get_memory_limit()
@@ -61,7 +75,7 @@ def check_memory(required: int, mode: Mode) -> None:
 
 
 def build_model(source: store.ModelSource, detected: Detected, progress: Callable[[float], None], *,
-                release_text_encoder: bool = False,
+                release_text_encoder: bool = False, low_memory: bool = False,
                 denoise_queue_depth: int | None = None) -> TextModel | Embedder | ImageModel:
     if detected.mode is Mode.EMBEDDING:
         from mlxrunner.embed.bert import BertEmbedder
@@ -73,7 +87,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
         return LanguageModel(source, progress)
     from mlxrunner.imagegen import build_pipeline
 
-    image_options: dict[str, bool | int] = {"release_text_encoder": release_text_encoder}
+    image_options: dict[str, bool | int] = {"release_text_encoder": release_text_encoder, "low_memory": low_memory}
     if denoise_queue_depth is not None:  # else the pipeline's own default
         image_options["denoise_queue_depth"] = denoise_queue_depth
     return build_pipeline(source, detected.architecture, progress, **image_options)
@@ -81,7 +95,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
-         denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None,
+         low_memory: bool = False, denoise_queue_depth: int | None = None, modes: Collection[Mode] | None = None,
          warm_up: bool = True) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 
@@ -103,10 +117,11 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
         raise ModelError(f"{name} is an {detected.mode.value} model ({detected.architecture}); this runner serves "
                          f"only {allowed} models")
     if not skip_memory_check:
-        check_memory(source.total_tensor_bytes(), detected.mode)
+        check_memory(predicted_weight_bytes(source, detected, low_memory), detected.mode)
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
-                        release_text_encoder=release_text_encoder, denoise_queue_depth=denoise_queue_depth)
+                        release_text_encoder=release_text_encoder, low_memory=low_memory,
+                        denoise_queue_depth=denoise_queue_depth)
     if warm_up and detected.mode is Mode.IMAGEGEN:  # before /health says ready
         side, seconds = model.warm_up()
         log.info("warm-up: a %dx%d image in 1 step took %.2fs", side, side, seconds)

@@ -37,6 +37,8 @@ def test_mlx_engine_is_a_switch():
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "0"}, "denoise_queue_depth", 0),
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "4"}, "denoise_queue_depth", 4),
     ({"MLXRUNNER_CPU_DTYPE": "Stored"}, "cpu_dtype", "stored"),
+    ({"MLXRUNNER_LOW_MEMORY": "1"}, "low_memory", True),
+    ({}, "low_memory", False),
     ({}, "cpu_dtype", "float32"),
     ({"OLLAMA_DEBUG": "1"}, "log_level", logging.DEBUG),
     ({"OLLAMA_DEBUG": "junk"}, "log_level", logging.INFO),  # Ollama ignores what it cannot parse

@@ -12,6 +12,7 @@ from mlxrunner.settings import (
     DEFAULT_CPU_DTYPE,
     ENV_CPU_DTYPE,
     ENV_DENOISE_QUEUE_DEPTH,
+    ENV_LOW_MEMORY,
     ENV_RELEASE_TEXT_ENCODER,
     ENV_SKIP_MEMORY_CHECK,
     Settings,
@@ -49,6 +50,9 @@ def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--release-text-encoder", action="store_true", default=None,
                         help="free the text encoder's memory once the prompt is encoded "
                         f"(or {ENV_RELEASE_TEXT_ENCODER}=1)")
+    parser.add_argument("--low-memory", action="store_true", default=None,
+                        help="hold the text encoder and the transformer in turn, never both; each is read again from "
+                        f"its files on every request (or {ENV_LOW_MEMORY}=1)")
     parser.add_argument("--denoise-queue-depth", metavar="N",
                         help="transformer blocks queued ahead on the device while denoising; more overlaps more and "
                         f"holds more memory; 0 evaluates each block at once (default: the pipeline's, "
@@ -82,7 +86,7 @@ def load_model(settings: Settings, progress: Callable[[float], None], warm_up: b
     backend.set_cpu_dtype(settings.cpu_dtype)
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
-                       release_text_encoder=settings.release_text_encoder,
+                       release_text_encoder=settings.release_text_encoder, low_memory=settings.low_memory,
                        denoise_queue_depth=settings.denoise_queue_depth, modes=modes, warm_up=warm_up)
 
 

@@ -100,8 +100,10 @@ def memory_in_use() -> dict[str, int]:
     (given back once the runner is idle, see Worker), and the peak of arrays alive since start."""
     import mlx.core as mx
 
+    from mlxrunner import backend
+
     return {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
-            "peak_bytes": mx.get_peak_memory()}
+            "peak_bytes": backend.peak_memory()}
 
 
 def client_error(error: BaseException) -> RequestError | None:
