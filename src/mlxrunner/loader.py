@@ -64,6 +64,19 @@ def predicted_weight_bytes(source: store.ModelSource, detected: Detected, low_me
     return sum(sizes.values())
 
 
+def needs_low_memory(source: store.ModelSource, detected: Detected) -> bool:
+    """An image model that fits MLX's memory limit only with its text encoder and transformer held in turn: it
+    loads so (with a warning) rather than not at all."""
+    limit = mx.get_memory_limit()
+    if detected.mode is not Mode.IMAGEGEN or limit <= 0 or predicted_weight_bytes(source, detected, False) <= limit:
+        return False
+    if predicted_weight_bytes(source, detected, True) > limit:
+        return False  # no help: the memory check refuses it either way
+    log.warning("the text encoder and the transformer do not fit in memory together (limit %s): loading in "
+                "low-memory mode (--low-memory), which reads each again on every request", _human(limit))
+    return True
+
+
 def check_memory(required: int, mode: Mode) -> None:
     """Refuse to load weights larger than MLX's memory limit (Ollama's runner check, its wording)."""
     available = mx.get_memory_limit()
@@ -117,6 +130,7 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
         raise ModelError(f"{name} is an {detected.mode.value} model ({detected.architecture}); this runner serves "
                          f"only {allowed} models")
     if not skip_memory_check:
+        low_memory = low_memory or needs_low_memory(source, detected)
         check_memory(predicted_weight_bytes(source, detected, low_memory), detected.mode)
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
