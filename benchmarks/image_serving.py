@@ -101,12 +101,15 @@ def measure_memory(folder: Path, size: int, steps: int, low_memory: bool) -> dic
     from mlxrunner.store import resolve
 
     source = resolve(str(folder))
-    predicted = loader.predicted_weight_bytes(source, detect(source), low_memory)
+    detected = detect(source)
+    predicted = loader.predicted_weight_bytes(source, detected, low_memory)
+    predicted_peak = loader.predicted_peak_bytes(source, detected, low_memory, size)
     pipe = load_pipeline(str(folder), low_memory=low_memory)
     loaded = mx.get_active_memory()
     runs = [pipe.run(PROMPT, width=size, height=size, steps=steps, seed=1) for _ in range(2)]
     peaks = runs[1].peak_memory
-    return {"low_memory": low_memory, "predicted_weights_bytes": predicted, "active_after_load_bytes": loaded,
+    return {"low_memory": low_memory, "predicted_weights_bytes": predicted, "predicted_peak_bytes": predicted_peak,
+            "active_after_load_bytes": loaded,
             "peak_bytes": peaks, "max_peak_bytes": max(peaks.values()), "seconds": runs[1].timings["total"]}
 
 

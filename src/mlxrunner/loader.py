@@ -64,6 +64,24 @@ def predicted_weight_bytes(source: store.ModelSource, detected: Detected, low_me
     return sum(sizes.values())
 
 
+def predicted_peak_bytes(source: store.ModelSource, detected: Detected, low_memory: bool,
+                         side: int | None = None) -> int:
+    """What the model will hold at its peak: the weights (predicted_weight_bytes), and for an image model the
+    phase that needs most beyond them, the VAE decode of a side x side image (default: the default size; the
+    denoiser's activations are smaller on every backend measured; benchmarks/README.md)."""
+    weights = predicted_weight_bytes(source, detected, low_memory)
+    if detected.mode is not Mode.IMAGEGEN:
+        return weights
+    from mlxrunner.imagegen.pipeline import DEFAULT_SIZE
+    from mlxrunner.imagegen.vae import decode_working_bytes, vae_config
+
+    side = side or DEFAULT_SIZE
+    decode = decode_working_bytes(vae_config(source.read_json("vae/config.json"), source.location), side, side)
+    if low_memory:  # the decode runs with the text encoder and the transformer both freed
+        return max(weights, backend.computed_bytes(source.tensors("vae")) + decode)
+    return weights + decode
+
+
 def needs_low_memory(source: store.ModelSource, detected: Detected) -> bool:
     """An image model that fits MLX's memory limit only with its text encoder and transformer held in turn: it
     loads so (with a warning) rather than not at all."""
@@ -75,6 +93,16 @@ def needs_low_memory(source: store.ModelSource, detected: Detected) -> bool:
     log.warning("the text encoder and the transformer do not fit in memory together (limit %s): loading in "
                 "low-memory mode (--low-memory), which reads each again on every request", _human(limit))
     return True
+
+
+def warn_of_peak(peak: int, mode: Mode) -> None:
+    """Log the predicted peak; warn when it passes MLX's limit (the weights fit, so smaller images may work)."""
+    limit = mx.get_memory_limit()
+    if mode is Mode.IMAGEGEN and limit > 0 and peak > limit:
+        log.warning("predicted peak memory %.2f GiB (weights and a default-size image) is above the limit of "
+                    "%.2f GiB: large images may fail with out of memory", peak / GIB, limit / GIB)
+    else:
+        log.info("predicted peak memory %.2f GiB", peak / GIB)
 
 
 def check_memory(required: int, mode: Mode) -> None:
@@ -132,6 +160,7 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     if not skip_memory_check:
         low_memory = low_memory or needs_low_memory(source, detected)
         check_memory(predicted_weight_bytes(source, detected, low_memory), detected.mode)
+        warn_of_peak(predicted_peak_bytes(source, detected, low_memory), detected.mode)
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
                         release_text_encoder=release_text_encoder, low_memory=low_memory,

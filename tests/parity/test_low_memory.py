@@ -61,3 +61,17 @@ def test_the_memory_check_counts_one_of_text_encoder_and_transformer_under_low_m
             loader.load(str(FIXTURES / "zimage-tiny"), memory_limit=low - 1, warm_up=False)
     finally:
         mx.set_memory_limit(previous)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the decode's bytes per pixel were measured for the CPU here")
+@pytest.mark.parametrize("low_memory", [False, True], ids=["normal", "low-memory"])
+def test_the_predicted_peak_is_the_measured_one_within_a_fifth(low_memory):
+    source = resolve(str(FIXTURES / "zimage-tiny"))
+    predicted = loader.predicted_peak_bytes(source, detect(source), low_memory, side=128)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()  # what this test process held already
+    pipe = load_pipeline(str(FIXTURES / "zimage-tiny"), low_memory=low_memory)
+    runs = [pipe.run("a red fox", width=128, height=128, steps=2, seed=3) for _ in range(2)]
+    measured = max(runs[1].peak_memory.values()) - before
+    assert abs(measured - predicted) < 0.2 * predicted, (measured, predicted)
