@@ -95,10 +95,11 @@ def needs_low_memory(source: store.ModelSource, detected: Detected) -> bool:
     return True
 
 
-def warn_of_peak(peak: int, mode: Mode) -> None:
-    """Log the predicted peak; warn when it passes MLX's limit (the weights fit, so smaller images may work)."""
+def warn_of_peak(peak: int) -> None:
+    """Log an image model's predicted peak; warn when it passes MLX's limit (the weights fit: smaller images
+    may work)."""
     limit = mx.get_memory_limit()
-    if mode is Mode.IMAGEGEN and limit > 0 and peak > limit:
+    if limit > 0 and peak > limit:
         log.warning("predicted peak memory %.2f GiB (weights and a default-size image) is above the limit of "
                     "%.2f GiB: large images may fail with out of memory", peak / GIB, limit / GIB)
     else:
@@ -160,7 +161,8 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     if not skip_memory_check:
         low_memory = low_memory or needs_low_memory(source, detected)
         check_memory(predicted_weight_bytes(source, detected, low_memory), detected.mode)
-        warn_of_peak(predicted_peak_bytes(source, detected, low_memory), detected.mode)
+        if detected.mode is Mode.IMAGEGEN:
+            warn_of_peak(predicted_peak_bytes(source, detected, low_memory))
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
                         release_text_encoder=release_text_encoder, low_memory=low_memory,

@@ -13,7 +13,7 @@ import pytest
 from mlxrunner import loader
 from mlxrunner.detect import detect
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen import load_pipeline
+from mlxrunner.imagegen import Cancelled, load_pipeline
 from mlxrunner.store import resolve
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -75,3 +75,15 @@ def test_the_predicted_peak_is_the_measured_one_within_a_fifth(low_memory):
     runs = [pipe.run("a red fox", width=128, height=128, steps=2, seed=3) for _ in range(2)]
     measured = max(runs[1].peak_memory.values()) - before
     assert abs(measured - predicted) < 0.2 * predicted, (measured, predicted)
+
+
+def test_a_cancelled_low_memory_run_frees_the_transformer_too():
+    gc.collect()
+    mx.clear_cache()
+    pipe = load_pipeline(str(FIXTURES / "zimage-tiny"), low_memory=True)
+    expected = np.asarray(pipe.generate("a red fox", **REQUEST))
+    after_a_run = mx.get_active_memory()
+    with pytest.raises(Cancelled):
+        pipe.run("a red fox", progress=lambda step, total: step < 1, **REQUEST)  # stops before the second step
+    assert mx.get_active_memory() <= after_a_run  # neither network is left held
+    assert np.array_equal(np.asarray(pipe.generate("a red fox", **REQUEST)), expected)

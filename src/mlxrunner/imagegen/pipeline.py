@@ -265,12 +265,9 @@ class ImagePipeline(ABC):
         noise = self.initial_latents(request, latents)
         conditioning, truncated = self.condition(prompt, negative_prompt, request)
         encoded, peaks = time.perf_counter(), {"encode": backend.reset_peak_memory()}
-        final = self.denoise(noise, conditioning, request, progress)
+        final = self.denoise_in_turn(noise, conditioning, request, progress)
         if final is None:
             raise Cancelled("cancelled by the progress callback")
-        if self.low_memory:
-            mx.eval(final)
-            self.free_transformer()
         denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
         decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled)
         pixels = to_uint8(image)
@@ -283,6 +280,19 @@ class ImagePipeline(ABC):
             image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
             guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
             latents=np.asarray(decoder_latents), peak_memory=peaks)
+
+    def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                        progress: Progress | None) -> mx.array | None:
+        """denoise(); under low_memory the transformer is freed once the latents are computed, or the loop
+        stopped, so that the VAE, and the next request's text encoder, never share memory with it."""
+        try:
+            final = self.denoise(latents, conditioning, request, progress)
+            if final is not None and self.low_memory:
+                mx.eval(final)
+            return final
+        finally:
+            if self.low_memory:
+                self.free_transformer()
 
     def resolve_request(self, width: int | None, height: int | None, steps: int | None, seed: int | None,
                         negative_prompt: str | None, guidance: float | None, images: Sequence[Image.Image] | None,
