@@ -9,8 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from image_helpers import computing_as_stored
 
-from mlxrunner import backend
 from mlxrunner.imagegen import load_pipeline
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"
@@ -38,13 +38,6 @@ def folders(tmp_path_factory):
     return rewritten(root / "bf16", mx.bfloat16), rewritten(root / "f32-of-bf16", mx.float32, via=mx.bfloat16)
 
 
-@pytest.fixture
-def stored_dtype():
-    backend.set_cpu_dtype("stored")
-    yield
-    backend.set_cpu_dtype("float32")
-
-
 def test_bf16_weights_compute_in_float32_and_draw_what_their_float32_copy_draws(folders):
     bf16, f32_copy = folders
     pipe = load_pipeline(str(bf16))
@@ -54,8 +47,9 @@ def test_bf16_weights_compute_in_float32_and_draw_what_their_float32_copy_draws(
     assert np.array_equal(ours, np.asarray(load_pipeline(str(f32_copy)).generate("a red fox", **REQUEST)))
 
 
-def test_stored_keeps_bf16(folders, stored_dtype):
-    pipe = load_pipeline(str(folders[0]))
+def test_stored_keeps_bf16(folders):
+    with computing_as_stored():
+        pipe = load_pipeline(str(folders[0]))
     assert pipe.vae.dtype == mx.bfloat16
     image = np.asarray(pipe.generate("a red fox", **REQUEST))
     assert image.shape == (64, 64, 3) and image.std() > 0
