@@ -83,6 +83,9 @@ class ImageModel(Protocol):
         before each denoising step and may raise to stop the run; `check_cancelled()` likewise between
         the VAE decoder's blocks."""
 
+    def warm_up(self) -> tuple[int, float]:
+        """One small run at load, so the first request is not slower than the rest: (image side, seconds)."""
+
 
 M = TypeVar("M", TextModel, Embedder, ImageModel)
 

@@ -36,6 +36,10 @@ def test_mlx_engine_is_a_switch():
     ({"MLXRUNNER_RELEASE_TEXT_ENCODER": " Yes "}, "release_text_encoder", True),
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "0"}, "denoise_queue_depth", 0),
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "4"}, "denoise_queue_depth", 4),
+    ({"MLXRUNNER_CPU_DTYPE": "Stored"}, "cpu_dtype", "stored"),
+    ({"MLXRUNNER_LOW_MEMORY": "1"}, "low_memory", True),
+    ({}, "low_memory", False),
+    ({}, "cpu_dtype", "float32"),
     ({"OLLAMA_DEBUG": "1"}, "log_level", logging.DEBUG),
     ({"OLLAMA_DEBUG": "junk"}, "log_level", logging.INFO),  # Ollama ignores what it cannot parse
     ({"MLXRUNNER_MEMORY_LIMIT": ""}, "memory_limit", None),  # empty is unset
@@ -61,6 +65,14 @@ def test_flags_win_over_their_environment_variables():
         (3, logging.ERROR, True, True)
     # A switch not given leaves its variable in charge.
     assert resolve({**MODEL, "skip_memory_check": None}, env={"MLXRUNNER_SKIP_MEMORY_CHECK": "1"}).skip_memory_check
+
+
+def test_cpu_dtype_flag_wins_and_a_bad_value_names_the_flag():
+    assert resolve({**MODEL, "cpu_dtype": "float32"}, env={"MLXRUNNER_CPU_DTYPE": "stored"}).cpu_dtype == "float32"
+    with pytest.raises(settings.SettingsError, match="--cpu-dtype: expected float32 or stored"):
+        resolve({**MODEL, "cpu_dtype": "bf16"}, env={})
+    with pytest.raises(settings.SettingsError, match="MLXRUNNER_CPU_DTYPE: expected float32 or stored"):
+        resolve(MODEL, env={"MLXRUNNER_CPU_DTYPE": "half"})
 
 
 def test_flags_of_the_server():

@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING, Callable
 from mlxrunner import logs
 from mlxrunner.progress import ProgressBar
 from mlxrunner.settings import (
+    CPU_DTYPES,
+    DEFAULT_CPU_DTYPE,
+    ENV_CPU_DTYPE,
     ENV_DENOISE_QUEUE_DEPTH,
+    ENV_LOW_MEMORY,
     ENV_RELEASE_TEXT_ENCODER,
     ENV_SKIP_MEMORY_CHECK,
     Settings,
@@ -39,6 +43,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true", default=None,
                         help="load even if the weights are larger than MLX's memory limit "
                         f"(or {ENV_SKIP_MEMORY_CHECK}=1)")
+    parser.add_argument("--cpu-dtype", metavar="|".join(CPU_DTYPES),
+                        help="image and embedding models on the CPU: float32 upcasts bf16/f16 weights at load (MLX's "
+                        "CPU has no fast half-precision matmul), stored keeps them (half the memory) "
+                        f"(default {DEFAULT_CPU_DTYPE}, or {ENV_CPU_DTYPE})")
 
 
 def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +54,9 @@ def add_image_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--release-text-encoder", action="store_true", default=None,
                         help="free the text encoder's memory once the prompt is encoded "
                         f"(or {ENV_RELEASE_TEXT_ENCODER}=1)")
+    parser.add_argument("--low-memory", action="store_true", default=None,
+                        help="hold the text encoder and the transformer in turn, never both; each is read again from "
+                        f"its files on every request (or {ENV_LOW_MEMORY}=1)")
     parser.add_argument("--denoise-queue-depth", metavar="N",
                         help="transformer blocks queued ahead on the device while denoising; more overlaps more and "
                         f"holds more memory; 0 evaluates each block at once (default: the pipeline's, "
@@ -90,19 +101,21 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return settings
 
 
-def load_model(settings: Settings, progress: Callable[[float], None]) -> LoadedModel:
-    """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot)."""
-    from mlxrunner import loader
+def load_model(settings: Settings, progress: Callable[[float], None], warm_up: bool = True) -> LoadedModel:
+    """The model the settings name, loaded with their options. Imports MLX (a BackendError if it cannot).
+    `warm_up`: an image model makes a 1-step image first (a server's first request is then not slower)."""
+    from mlxrunner import backend, loader
     from mlxrunner.detect import Mode
 
     # Ollama's --mlx-engine protocol has text generation only: an image or embedding model fails at once
     # (its parent would otherwise wait for a /v1/status that never says ready).
     modes = (Mode.LLM,) if settings.mlx_engine else None
+    backend.set_cpu_dtype(settings.cpu_dtype)
     return loader.load(settings.model, progress, models_dir=settings.models_dir,
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
-                       release_text_encoder=settings.release_text_encoder,
+                       release_text_encoder=settings.release_text_encoder, low_memory=settings.low_memory,
                        denoise_queue_depth=settings.denoise_queue_depth,
-                       prompt_cache_bytes=settings.prompt_cache_bytes, modes=modes)
+                       prompt_cache_bytes=settings.prompt_cache_bytes, modes=modes, warm_up=warm_up)
 
 
 def find_model(settings: Settings) -> tuple[ModelSource, Mode]:
@@ -115,10 +128,10 @@ def find_model(settings: Settings) -> tuple[ModelSource, Mode]:
     return source, detect(source).mode
 
 
-def load_with_bar(settings: Settings) -> LoadedModel:
+def load_with_bar(settings: Settings, warm_up: bool = True) -> LoadedModel:
     """load_model with a progress bar on stderr."""
     with ProgressBar("loading", total=100) as bar:
-        return load_model(settings, lambda p: bar.update(int(p * 100)))
+        return load_model(settings, lambda p: bar.update(int(p * 100)), warm_up=warm_up)
 
 
 def fail(message: str) -> int:

@@ -138,7 +138,7 @@ def generate_image(args: argparse.Namespace, settings: Settings, prompt: str) ->
             except OSError as exc:
                 return fail(f"--image {path}: {exc.strerror or exc}")
             references.append(image_io.decode_image(blob, path, Limits()))
-        loaded = load_with_bar(settings)
+        loaded = load_with_bar(settings, warm_up=False)  # one image: a warm-up would only add its own time
         bar = None
 
         def progress(step: int, total: int) -> None:

@@ -316,7 +316,7 @@ class ImageProgress:
 class ImageDone:
     """An image stream's final line: the PNG and how it was made."""
 
-    image: str  # base64 PNG
+    image: bytes  # base64 PNG (ASCII)
     seed: int
     width: int
     height: int
@@ -351,8 +351,22 @@ class StreamError:
 
 
 def ndjson_line(obj: dict) -> bytes:
-    """One NDJSON line. Never blank; compact; non-ASCII kept as UTF-8."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One NDJSON line. Never blank; compact; non-ASCII kept as UTF-8. A bytes value is ASCII text that
+    needs no escaping (an image's base64) and goes into the line as a JSON string in one copy, first."""
+    rest = {key: value for key, value in obj.items() if not isinstance(value, bytes)}
+    text = json.dumps(rest, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(rest) == len(obj):
+        return text + b"\n"
+    parts = [b"{"]
+    for key, value in obj.items():
+        if isinstance(value, bytes):
+            parts += [json.dumps(key).encode(), b':"', value, b'",']
+    if rest:
+        parts.append(text[1:])
+    else:
+        parts[-1] = b'"}'
+    parts.append(b"\n")
+    return b"".join(parts)
 
 
 # --- POST /embedding ------------------------------------------------------------------------------

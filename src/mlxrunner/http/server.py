@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
@@ -99,8 +100,10 @@ def memory_in_use() -> dict[str, int]:
     (given back once the runner is idle, see Worker), and the peak of arrays alive since start."""
     import mlx.core as mx
 
+    from mlxrunner import backend
+
     return {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
-            "peak_bytes": mx.get_peak_memory()}
+            "peak_bytes": backend.peak_memory()}
 
 
 def client_error(error: BaseException) -> RequestError | None:
@@ -341,8 +344,9 @@ class Server:
             stopping.cancel()
             ended.set()
             self._finishing_streams.discard(ended)
-        if job.error is None:
-            await send(job.result)
+        if job.error is None:  # a job may hand its final line's last step to another thread (an image's PNG)
+            result = job.result
+            await send(await asyncio.wrap_future(result) if isinstance(result, Future) else result)
         elif response is None:
             raise job.error
         elif isinstance(job.error, Cancelled):  # the client knows what it asked for; the line says why it stopped

@@ -156,9 +156,9 @@ class Flux2KleinPipeline(ImagePipeline):
     latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
-                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH):
+                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False):
         progress = progress or (lambda p: None)
-        super().__init__(source, release_text_encoder)
+        super().__init__(source, release_text_encoder, low_memory)
         self.denoise_queue_depth = denoise_queue_depth
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
@@ -179,7 +179,7 @@ class Flux2KleinPipeline(ImagePipeline):
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
         self.schedule = read_schedule(source)
-        mx.eval(list(weights.values()))  # read the weights now, not during the first request
+        self.read_transformer(weights)
         progress(1.0)
 
     def _pad_id(self) -> int:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
@@ -46,6 +46,8 @@ DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
 # sizes round down to multiples of it.
 SIZE_MULTIPLE = 16
 DEFAULT_SIZE = 1024  # each side, when the request gives none
+# The warm-up image's side on the CPU, where nothing is compiled per shape: the smallest a model takes.
+WARM_UP_CPU_SIZE = 4 * SIZE_MULTIPLE
 
 
 @dataclass
@@ -60,6 +62,7 @@ class GeneratedImage:
     ignored: list[str] = field(default_factory=list)  # request fields that had no effect on this model
     prompt_truncated: bool = False
     latents: np.ndarray | None = None  # the final (denoised) latents, float32, diffusers' layout
+    peak_memory: dict[str, int] = field(default_factory=dict)  # bytes MLX's arrays held at most, per phase
 
     def png_text(self, prompt: str) -> dict[str, str]:
         """What the PNG's text chunks say about how the image was made."""
@@ -160,6 +163,10 @@ def size_from_latents(latents, width: int | None, height: int | None, scale: int
     return width, height
 
 
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
 def phase_timings(started: float, encoded: float, denoised: float, done: float) -> dict[str, float]:
     return {"encode": encoded - started, "denoise": denoised - encoded, "decode": done - denoised,
             "total": done - started}
@@ -183,10 +190,13 @@ class ImagePipeline(ABC):
     base_defaults: dict  # and of the undistilled (base) models
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
-    def __init__(self, source, release_text_encoder: bool = False):
-        """What loading any model starts with: distilled or not, the Qwen3 text encoder."""
+    def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False):
+        """What loading any model starts with: distilled or not, the Qwen3 text encoder. `low_memory` holds
+        the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes, frees it, reads the transformer, denoises and frees it
+        before the VAE decodes (both are read again from their files on the next request)."""
         self.source = source
-        self.release_text_encoder = release_text_encoder
+        self.low_memory = low_memory
+        self.release_text_encoder = release_text_encoder or low_memory
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
         self.text_encoder = Qwen3TextEncoder(source)
@@ -194,14 +204,38 @@ class ImagePipeline(ABC):
     def load_transformer(self, network: type, config) -> tuple[Any, dict]:
         """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights; packed
         weights stay packed."""
+        self._transformer_recipe = (network, config)
         quantization = core_quantization(self.source.quantization("transformer"))
-        weights = self.source.tensors("transformer")
+        weights = backend.compute_weights(self.source.tensors("transformer"))
         try:
             return network(config, weights, quantization), weights
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 
+    def read_transformer(self, weights: dict) -> None:
+        """Read the transformer's weights now rather than during the first request; under low_memory they
+        are read when the first denoise needs them, after the text encoder has been freed."""
+        if not self.low_memory:
+            mx.eval(list(weights.values()))
+
+    def free_transformer(self) -> None:
+        """Free the transformer's memory (low_memory, before the VAE decodes). It is built again at once over
+        unread (lazy) weights, which the next denoise reads from the files."""
+        self.transformer = None
+        mx.clear_cache()
+        self.transformer, _ = self.load_transformer(*self._transformer_recipe)
+
     # --- generation --------------------------------------------------------------------------------
+
+    def warm_up(self) -> tuple[int, float]:
+        """Make one 1-step image, at the size requests default to on a GPU, so that the first request does not
+        pay what MLX does the first time it meets a kernel or a shape: compiling kernels (JIT on CUDA and
+        Metal), cuDNN's plans for each convolution and attention shape, the allocator's first buffers. On the
+        CPU nothing is compiled per shape and a tiny image is enough. Returns (side, seconds)."""
+        side = WARM_UP_CPU_SIZE if mx.default_device() == mx.cpu else DEFAULT_SIZE
+        started = time.perf_counter()
+        self.run("warm-up", width=side, height=side, steps=1, seed=0)
+        return side, time.perf_counter() - started
 
     def generate(self, prompt: str, **kwargs) -> Image.Image:
         """The image for `prompt` (keyword arguments as run())."""
@@ -217,20 +251,38 @@ class ImagePipeline(ABC):
         (the denoising loop stops through `progress`)."""
         started = time.perf_counter()
         request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
+        backend.reset_peak_memory()
         noise = self.initial_latents(request, latents)
         conditioning, truncated = self.condition(prompt, negative_prompt, request)
-        encoded = time.perf_counter()
-        final = self.denoise(noise, conditioning, request, progress)
+        encoded, peaks = time.perf_counter(), {"encode": backend.reset_peak_memory()}
+        final = self.denoise_in_turn(noise, conditioning, request, progress)
         if final is None:
             raise Cancelled("cancelled by the progress callback")
-        denoised = time.perf_counter()
+        denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
         decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled)
         pixels = to_uint8(image)
-        done = time.perf_counter()
+        done, peaks["decode"] = time.perf_counter(), backend.reset_peak_memory()
+        timings = phase_timings(started, encoded, denoised, done)
+        log.info("image %dx%d, %d steps: %.2fs (encode %.2f, denoise %.2f, decode %.2f); peak memory GiB: "
+                 "encode %s, denoise %s, decode %s", request.width, request.height, request.steps, timings["total"],
+                 timings["encode"], timings["denoise"], timings["decode"], *map(gib, peaks.values()))
         return GeneratedImage(
             image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
-            guidance=request.guidance, timings=phase_timings(started, encoded, denoised, done),
-            ignored=request.ignored, prompt_truncated=truncated, latents=np.asarray(decoder_latents))
+            guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
+            latents=np.asarray(decoder_latents), peak_memory=peaks)
+
+    def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                        progress: Progress | None) -> mx.array | None:
+        """denoise(); under low_memory the transformer is freed once the latents are computed, or the loop
+        stopped, so that the VAE, and the next request's text encoder, never share memory with it."""
+        try:
+            final = self.denoise(latents, conditioning, request, progress)
+            if final is not None and self.low_memory:
+                mx.eval(final)
+            return final
+        finally:
+            if self.low_memory:
+                self.free_transformer()
 
     def resolve_request(self, width: int | None, height: int | None, steps: int | None, seed: int | None,
                         negative_prompt: str | None, guidance: float | None, images: Sequence[Image.Image] | None,

@@ -7,7 +7,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import to_uint8
 
@@ -20,6 +20,18 @@ TILE_ABOVE_LATENT_PIXELS = 128 * 128
 # 1024 and anything tiled work. Requests always tile above TILE_ABOVE_LATENT_PIXELS.
 UNTILED_LIMIT_LATENT_PIXELS = 2 * 128 * 128
 TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
+# What a decode holds beyond the weights, in bytes per output pixel per channel of the VAE's second block
+# (block_out_channels[1], the widest one that runs at full resolution), measured with mx.get_peak_memory:
+# on the CPU 118 (float32, and MLX's convolutions build an im2col copy; the tiny and the small bench VAE
+# alike, 128² and 256²), on an H200 16 (bf16, Z-Image's VAE at 1024²: 4.0 GiB; benchmarks/README.md).
+DECODE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 118, "gpu": 16}
+
+
+def decode_working_bytes(config: _core.VaeConfig, width: int, height: int) -> int:
+    """The memory an untiled decode of a width x height image needs beyond the weights."""
+    channels = config.block_out_channels
+    per = DECODE_BYTES_PER_PIXEL_CHANNEL["cpu" if mx.default_device() == mx.cpu else "gpu"]
+    return per * width * height * channels[min(1, len(channels) - 1)]
 
 
 def vae_config(config: dict, location: str) -> _core.VaeConfig:
@@ -72,7 +84,7 @@ class Vae:
         self.config = vae_config(config, source.location)
         self.scaling_factor = float(config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
-        weights = renamed_attention_weights(dense_weights(source, component))
+        weights = renamed_attention_weights(backend.compute_weights(dense_weights(source, component)))
         # Kept for subclasses that build more from the same files (FLUX.2's encoder and BatchNorm);
         # the arrays are lazy, so an unused encoder's weights are never read.
         self.config_json, self.weights = config, weights
