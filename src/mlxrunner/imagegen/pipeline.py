@@ -192,8 +192,9 @@ class ImagePipeline(ABC):
 
     def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False):
         """What loading any model starts with: distilled or not, the Qwen3 text encoder. `low_memory` holds
-        the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes, frees it, reads the transformer, denoises and frees it
-        before the VAE decodes (both are read again from their files on the next request)."""
+        the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes,
+        frees it, reads the transformer, denoises and frees it before the VAE decodes (both are read again from
+        their files on the next request)."""
         self.source = source
         self.low_memory = low_memory
         self.release_text_encoder = release_text_encoder or low_memory
