@@ -20,12 +20,33 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; styl
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
+# Each file's type said here, not guessed from the system's MIME tables: a browser runs a module script only
+# when it is served as JavaScript.
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def file_response(path: Path, **headers: str) -> web.FileResponse:
+    return web.FileResponse(path, headers={"Content-Type": f"{CONTENT_TYPES[path.suffix]}; charset=utf-8",
+                                           "Cache-Control": "no-cache", **headers})
+
+
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(UI_FOLDER / "index.html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                                                              "Cache-Control": "no-cache"})
+    return file_response(UI_FOLDER / "index.html", **{"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
+
+# The files the page may load, by name: a request names one of these or gets 404 (no path is ever joined
+# from what the client sent, so no "..", encoded or not, can reach outside the folder).
+PAGE_FILES = {path.name: path for path in UI_FOLDER.iterdir() if path.suffix in CONTENT_TYPES}
+
+
+async def page_file(request: web.Request) -> web.FileResponse:
+    path = PAGE_FILES.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return file_response(path)
 
 
 def register(app: web.Application) -> None:
     """`GET /` (the page) and `GET /ui/<file>` (its scripts and style)."""
     app.router.add_get("/", index)
-    app.router.add_static("/ui/", UI_FOLDER)
+    app.router.add_get("/ui/{name}", page_file)

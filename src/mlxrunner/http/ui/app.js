@@ -22,20 +22,23 @@ function formatBytes(bytes) {
 
 function showHealth(health) {
   const set = (id, text) => (document.getElementById(id).textContent = text);
-  set("status-model", health.model);
+  // A folder path shows as its folder's name (the whole path on hover); an Ollama name shows whole.
+  const isPath = /^[/.~]|^[A-Za-z]:\\/.test(health.model);
+  set("status-model", isPath ? health.model.replace(/[/\\]+$/, "").split(/[/\\]/).pop() : health.model);
+  document.getElementById("status-model").title = health.model;
   set("status-mode", health.mode);
   const backend = health.backend;
   set("status-backend", backend ? `${backend.name} (${backend.device})` : "?");
   const memory = health.memory;
   const device = backend && backend.memory_bytes ? ` of ${formatBytes(backend.memory_bytes)}` : "";
-  set("status-memory", `${formatBytes(memory.active_bytes)} in use${device}, peak ${formatBytes(memory.peak_bytes)}`);
+  set("status-memory", `${formatBytes(memory.active_bytes)}${device} in use, peak ${formatBytes(memory.peak_bytes)}`);
 }
 
 function openPanel(health) {
   const [id, start] = PANELS[health.mode];
   document.getElementById("loading").hidden = true;
   document.getElementById(id).hidden = false;
-  document.title = `${health.model} · mlxrunner`;
+  document.title = `${document.getElementById("status-model").textContent} · mlxrunner`;
   start(health);
 }
 

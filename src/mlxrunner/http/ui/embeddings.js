@@ -22,10 +22,11 @@ function colour(similarity) {
   return `hsl(${hue} 80% ${Math.round(97 - strength * 45)}%)`;
 }
 
+// A row is labelled with its sentence, a column with its number (the whole sentence on hover).
 function header(sentence, n, scope) {
   const cell = document.createElement("th");
   cell.scope = scope;
-  cell.textContent = `${n}. ${sentence.length > 32 ? `${sentence.slice(0, 31)}…` : sentence}`;
+  cell.textContent = scope === "row" ? `${n}. ${sentence}` : String(n);
   cell.title = sentence;
   return cell;
 }
