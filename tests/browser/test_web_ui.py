@@ -247,6 +247,20 @@ def test_stop_cancels_the_reply_on_the_runner(browser, chat_runner):
     assert script_errors(browser) == []
 
 
+@pytest.mark.parametrize("text, html", [
+    ("<img src=x onerror=alert(1)> & <script>", "<p>&lt;img src=x onerror=alert(1)&gt; &amp; &lt;script&gt;</p>"),
+    ("**bold** and *it* and `<b>`", "<p><strong>bold</strong> and <em>it</em> and <code>&lt;b&gt;</code></p>"),
+    ("# Title\n\n- a\n- b\n\n1. one", "<h3>Title</h3><ul><li>a</li><li>b</li></ul><ol><li>one</li></ol>"),
+    ("```python\nx = '<a>'\n```\nafter", "<pre><code>x = '&lt;a&gt;'</code></pre><p>after</p>"),
+    ("```\nstill streaming", "<pre><code>still streaming</code></pre>"),
+    ('[link](javascript:alert(1)) "q"', "<p>[link](javascript:alert(1)) &quot;q&quot;</p>"),
+])
+def test_replies_markdown_makes_no_markup_of_the_models_own(browser, chat_runner, text, html):
+    if not browser.current_url.startswith(f"http://{chat_runner.host}:{chat_runner.port}/"):
+        open_page(browser, chat_runner, "chat")
+    assert rendered(browser, text) == html
+
+
 def test_a_prompt_too_long_shows_the_runners_message(browser, chat_runner):
     open_page(browser, chat_runner, "chat")
     long_message = "word " * 2000  # more tokens than the model's context of 4096

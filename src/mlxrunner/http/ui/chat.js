@@ -140,7 +140,7 @@ export function startChat() {
     send(text);
   });
   input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { // not while an IME composes
       event.preventDefault();
       $("chat-form").requestSubmit();
     }
