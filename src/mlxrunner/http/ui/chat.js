@@ -62,16 +62,14 @@ function requestMessages() {
   return system ? [{ role: "system", content: system }, ...conversation] : [...conversation];
 }
 
-function showStats(usage, firstTokenMs, endMs, stopped) {
-  if (!usage) {
-    $("chat-stats").textContent = stopped ? "stopped" : "";
-    return;
-  }
+// The decode rate leaves out the first token, whose time is the prompt's processing.
+function finalStats(usage, firstTokenMs, endMs) {
   const seconds = (endMs - firstTokenMs) / 1000;
   const rate = usage.completion_tokens > 1 && seconds > 0 ? (usage.completion_tokens - 1) / seconds : 0;
-  $("chat-stats").textContent =
+  return (
     `${usage.completion_tokens} tokens, ${rate.toFixed(1)} tokens/s, ` +
-    `prompt ${usage.prompt_tokens} tokens, first token after ${Math.round(firstTokenMs)} ms`;
+    `prompt ${usage.prompt_tokens} tokens, first token after ${Math.round(firstTokenMs)} ms`
+  );
 }
 
 function setRunning(controller) {
@@ -112,11 +110,11 @@ async function send(text) {
         if (seconds > 0) $("chat-stats").textContent = `≈${(chunks / seconds).toFixed(1)} tokens/s`;
       }
     }
-    showStats(usage, firstToken ?? 0, performance.now() - started, false);
+    $("chat-stats").textContent = usage ? finalStats(usage, firstToken ?? 0, performance.now() - started) : "";
   } catch (error) {
     if (isAbort(error)) {
       reply.item.classList.add("stopped");
-      showStats(null, 0, 0, true);
+      $("chat-stats").textContent = "stopped";
     } else {
       reply.item.classList.add("failed");
       $("chat-stats").textContent = "";
