@@ -26,7 +26,9 @@ function addUserTurn(text) {
   addTurn("user").querySelector(".body").textContent = text;
 }
 
-// The assistant's turn: its reasoning (Qwen3's <think>, in a fold) and its answer, re-rendered as text arrives.
+// The assistant's turn: its reasoning (Qwen3's <think>, in a fold) and its answer, re-rendered as text arrives:
+// at most once a frame (`update`), since rendering the whole reply for each of thousands of tokens would keep
+// the browser busy; `render` draws it now (the last time, once the reply has ended).
 function addAssistantTurn() {
   const item = addTurn("assistant");
   const thinking = document.createElement("details");
@@ -34,15 +36,21 @@ function addAssistantTurn() {
   thinking.hidden = true;
   thinking.innerHTML = "<summary>thinking</summary><div></div>";
   item.querySelector(".body").before(thinking);
+  let frame = 0;
   return {
     item,
     content: "",
     reasoning: "",
-    show() {
+    render() {
+      cancelAnimationFrame(frame);
+      frame = 0;
       thinking.hidden = !this.reasoning;
       thinking.querySelector("div").textContent = this.reasoning;
       item.querySelector(".body").innerHTML = renderMarkdown(this.content);
       item.scrollIntoView({ block: "end" });
+    },
+    update() {
+      frame ||= requestAnimationFrame(() => this.render());
     },
   };
 }
@@ -105,7 +113,7 @@ async function send(text) {
         chunks += 1;
         reply.content += delta.content ?? "";
         reply.reasoning += delta.reasoning_content ?? "";
-        reply.show();
+        reply.update();
         const seconds = (performance.now() - started - firstToken) / 1000;
         if (seconds > 0) $("chat-stats").textContent = `≈${(chunks / seconds).toFixed(1)} tokens/s`;
       }
@@ -121,6 +129,7 @@ async function send(text) {
       showError(error.message);
     }
   } finally {
+    reply.render();
     // What was said stays in the conversation, a stopped answer too; a turn with no answer is taken back.
     if (reply.content || reply.reasoning) conversation.push({ role: "assistant", content: reply.content });
     else conversation.pop();
