@@ -15,6 +15,7 @@
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
 | prompt cache (LLMs)   | --prompt-cache-size (bytes)     |                                  | 8 GiB              |
 | Ollama's LLM wire     | --mlx-engine                    |                                  | off                |
+| the web page at /     | --no-ui                         |                                  | served             |
 | body read timeout     | --read-timeout                  |                                  | 60 s               |
 | idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
@@ -102,6 +103,7 @@ class Settings:
     mlx_engine: bool = False
     read_timeout_s: int = DEFAULT_READ_TIMEOUT_S
     keepalive_timeout_s: int = DEFAULT_KEEPALIVE_TIMEOUT_S
+    serve_ui: bool = True  # the web page at / (never under --mlx-engine, whose parent is a program)
 
 
 # --- value parsers: one per kind of value, shared by flags and environment variables --------------
@@ -243,4 +245,5 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         mlx_engine=bool(flags.get("mlx_engine")),
         read_timeout_s=default(flag("read_timeout", parse_at_least(1)), DEFAULT_READ_TIMEOUT_S),
         keepalive_timeout_s=default(flag("keepalive_timeout", parse_at_least(1)), DEFAULT_KEEPALIVE_TIMEOUT_S),
+        serve_ui=not flags.get("no_ui"),
     )

@@ -501,10 +501,14 @@ class HealthLoading:
 class HealthReady:
     mode: str
     model: str
+    architecture: str  # the pipeline class or transformers architecture: what the web page offers depends on it
     memory: dict[str, int]  # MLX's allocator: active_bytes, cache_bytes, peak_bytes
+    backend: dict | None = None  # where MLX computes: name, device, memory_bytes (None: not known, in tests)
 
     def to_json(self) -> dict:
-        return {"status": "ok", "mode": self.mode, "model": self.model, "memory": self.memory}
+        ready = {"status": "ok", "mode": self.mode, "model": self.model, "architecture": self.architecture,
+                 "memory": self.memory}
+        return ready if self.backend is None else {**ready, "backend": self.backend}
 
 
 @dataclass(frozen=True)
