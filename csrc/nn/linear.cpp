@@ -20,40 +20,8 @@ bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
          (spec.bits == 2 || spec.bits == 3) && running_on_cuda();
 }
 
-mx::array packed_matmul(const mx::array& x, const mx::array& packed, const Quantized& q);
-
-// MLX 0.32.4's CUDA dispatch gives a one-row product its matrix-vector kernel only when the weight has at
-// most 16,384 rows; a taller one (a fused gate|up of a 4B model, a vocabulary-sized LM head) goes to the
-// tiled matmul kernel, which computes a whole tile of rows for the one it needs. Decode multiplies one row:
-// such weights are multiplied in row blocks that fit the matrix-vector kernel (slices are views, no copy).
-constexpr int kCudaMatVecMaxRows = 16384;
-
-bool one_row_on_cuda(const mx::array& x, const mx::array& packed) {
-  return packed.shape(0) > kCudaMatVecMaxRows && x.size() == static_cast<size_t>(x.shape(-1)) &&
-         running_on_cuda();
-}
-
-mx::array matmul_in_row_blocks(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  const int rows = packed.shape(0);
-  std::vector<mx::array> outputs;
-  for (int start = 0; start < rows; start += kCudaMatVecMaxRows) {
-    const int stop = std::min(rows, start + kCudaMatVecMaxRows);
-    auto block = [&](const mx::array& a) { return mx::slice(a, {start, 0}, {stop, a.shape(1)}); };
-    Quantized part = q;  // the spec and any global scale
-    part.scales = block(q.scales);
-    if (q.biases) part.biases = block(*q.biases);
-    outputs.push_back(packed_matmul(x, block(packed), part));
-  }
-  return mx::concatenate(outputs, -1);
-}
-
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  if (one_row_on_cuda(x, packed)) return matmul_in_row_blocks(x, packed, q);
-  return packed_matmul(x, packed, q);
-}
-
-mx::array packed_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
   if (needs_bf16_activations(x, spec)) {
     // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.

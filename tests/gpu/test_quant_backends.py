@@ -5,7 +5,8 @@
   must match the float model holding the exactly dequantized weights (on the CPU: to float32 precision;
   on CUDA: to bfloat16 activation precision).
 - 1-bit weights: the CPU runs them; on CUDA loading refuses them, naming the tensor.
-- Packed weights taller than 16,384 rows (a tied vocabulary head) multiply one row in blocks on CUDA.
+- Packed weights taller than 16,384 rows (a tied vocabulary head): one row (decode) and a prefill give the
+  dequantized model's logits (a row-block split of such weights once gave wrong logits on CUDA).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def test_one_bit_weights_run_on_the_cpu_and_are_refused_on_cuda(tmp_path):
 
 
 def test_a_tall_packed_head_decodes_one_row_in_blocks(tmp_path):
-    """A 40,000-row tied head: on CUDA one row is multiplied in blocks of 16,384 rows (MLX's matrix-vector
-    kernel takes no taller weight); every device must give the dequantized model's logits."""
+    """A 40,000-row tied head, past the 16,384 rows of MLX's CUDA matrix-vector kernel: every device must give
+    the dequantized model's logits for one row (decode) and for a prefill."""
     weights = mx.load(str(QWEN3 / "model.safetensors"))
     mx.random.seed(3)
     weights["model.embed_tokens.weight"] = 0.02 * mx.random.normal((40_000, 64))
