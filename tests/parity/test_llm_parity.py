@@ -42,7 +42,20 @@ def is_bf16(goldens) -> bool:
 
 def test_fixtures_cover_what_the_issue_asks():
     names = {golden_id(p) for p in GOLDENS}
-    assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16"} <= names
+    assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16", "mistral-tiny", "gemma3-tiny",
+            "gemma3-vlm-tiny"} <= names
+
+
+def test_sliding_window_goldens_cross_the_window_many_times():
+    """Prompts and continuations far longer than the window: the rotating cache wraps, the long prompt's
+    second prefill chunk starts hundreds of positions past it."""
+    for name in ("mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny"):
+        goldens = json.loads((ROOT / "goldens" / f"llm_{name}.json").read_text())
+        window = goldens["metadata"]["config_summary"]["sliding_window"]
+        assert window == 8
+        assert all(p["n_tokens"] > 2 * window for p in goldens["prompts"])
+        assert max(p["n_tokens"] for p in goldens["prompts"]) > 512 + window
+        assert goldens["new_tokens"] > 4 * window
 
 
 def test_tokenizer_gives_transformers_ids(case):
