@@ -34,22 +34,22 @@ mx::array merge_heads(const mx::array& x) {
 }
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
-                    std::optional<float> scale) {
-  const float s = scale_or_default(scale, q);
-  return mask ? mx::fast::scaled_dot_product_attention(q, k, v, s, "", *mask)
-              : mx::fast::scaled_dot_product_attention(q, k, v, s, "");
+                    std::optional<float> scale, const std::optional<mx::array>& sinks) {
+  return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), "", mask, sinks);
 }
 
-mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale) {
+mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,
+                           const std::optional<mx::array>& sinks) {
   // A single query is the last position: it sees every key, and needs no mask.
-  return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), q.shape(2) > 1 ? "causal" : "");
+  return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), q.shape(2) > 1 ? "causal" : "",
+                                                std::nullopt, sinks);
 }
 
 mx::array windowed_causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, int window,
-                                    std::optional<float> scale) {
+                                    std::optional<float> scale, const std::optional<mx::array>& sinks) {
   const int queries = q.shape(2), keys = k.shape(2);
-  if (queries == 1 && keys <= window) return attention(q, k, v, std::nullopt, scale);
-  return attention(q, k, v, sliding_window_mask(queries, keys, window), scale);
+  if (queries == 1 && keys <= window) return attention(q, k, v, std::nullopt, scale, sinks);
+  return attention(q, k, v, sliding_window_mask(queries, keys, window), scale, sinks);
 }
 
 mx::array sliding_window_mask(int queries, int keys, int window) {

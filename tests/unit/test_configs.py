@@ -111,8 +111,11 @@ def test_minilm_bert_config_is_the_files(minilm_dir):
 # Each reference's __init__ defaults for the fields the struct has, as the library writes them, and how
 # its names and values map onto the struct's: a list of patch sizes -> the first one; None where the
 # reference derives the value -> 0, the struct's "derived".
+# YaRN's as transformers' _compute_yarn_parameters: beta_fast 32, beta_slow 1, truncate true; mscale,
+# mscale_all_dim and attention_factor None (attention_factor then derived) -> 0.
 DEFAULT_ROPE = dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="default", factor=1.0,
-                    low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+                    low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,
+                    beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True)
 # Not in LlamaConfig: sliding windows and Gemma's extras, off; the sliding layers' RoPE is rope's.
 NO_WINDOWS = dict(sliding_window=0, layer_types=[], sliding_window_pattern=0, sliding_rope=dict(DEFAULT_ROPE),
                   hidden_act="silu", query_pre_attn_scalar=0.0, final_logit_softcapping=0.0)
