@@ -495,6 +495,16 @@ LLM_MODELS: dict[str, dict] = {
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 64}),
     },
+    # YaRN (Qwen3's long-context recipe) with an original context of 64: the long prompt runs far past it.
+    # Seed 2: 52 (qwen3-tiny's) greedily emits an EOS here.
+    "qwen3-yarn-tiny": {
+        "family": "qwen", "arch": "Qwen3ForCausalLM", "dtype": "float32", "seed": 2,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    },
     # Sliding-window models: a window of 8 tokens, so every prompt but the shortest and every greedy
     # continuation cross it many times, and the long prompt's second prefill chunk starts far past it.
     "mistral-tiny": {
@@ -865,6 +875,76 @@ for _name in LLM_MODELS:
 # Alias: runs every llm-* generator. Not a generator itself, so 'all' does not
 # run each model twice.
 ALIASES: dict[str, list[str]] = {"llm-fixtures": [f"llm-{n}" for n in LLM_MODELS]}
+
+
+# --------------------------------------------------------------------------- #
+# gpt-oss-blocks: YaRN RoPE and attention sinks, by transformers' GPT-OSS functions
+# --------------------------------------------------------------------------- #
+
+# (name, rope_parameters): GPT-OSS's own YaRN (truncate false), the same truncated, and DeepSeek's
+# mscale / mscale_all_dim form; head_dim 64, positions from an offset past the original context.
+YARN_CASES = [
+    ("gpt-oss", {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}),
+    ("truncated", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                   "beta_slow": 1.0, "original_max_position_embeddings": 256}),
+    ("mscale", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0,
+                "mscale_all_dim": 0.707, "original_max_position_embeddings": 512}),
+]
+YARN_OFFSET = 5000
+# Attention with sinks: q [1, 4, Lq, 16], k/v [1, 2, 9, 16] (GQA), the queries the last Lq positions.
+SINK_CASES = [("prefill", 9, 0), ("chunk", 3, 0), ("prefill-window-4", 9, 4), ("chunk-window-4", 3, 4)]
+
+
+@generator("gpt-oss-blocks", "YaRN RoPE and attention sinks by transformers' GPT-OSS functions "
+                             "-> tests/goldens/gpt_oss_blocks.json")
+def gen_gpt_oss_blocks(out_dir: Path) -> Path:
+    import torch
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
+
+    torch.manual_seed(0)
+    yarn = []
+    for name, rope in YARN_CASES:
+        context = int(rope["factor"] * rope["original_max_position_embeddings"])  # as YaRN checkpoints say
+        config = GptOssConfig(head_dim=64, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                              max_position_embeddings=context, rope_parameters=dict(rope))
+        rotary = gpt_oss.GptOssRotaryEmbedding(config)
+        x = torch.randn(1, 2, 5, 64)
+        positions = torch.arange(YARN_OFFSET, YARN_OFFSET + 5)[None]
+        cos, sin = rotary(x, positions)
+        rotated, _ = gpt_oss.apply_rotary_pos_emb(x, x, cos, sin)
+        yarn.append({"name": name, "rope_parameters": rope, "head_dim": 64, "offset": YARN_OFFSET,
+                     "attention_factor": float(rotary.attention_scaling),
+                     "inv_freq": f32_list(rotary.inv_freq.numpy()),
+                     "x": f32_list(x.flatten().numpy()), "shape": list(x.shape),
+                     "rotated": f32_list(rotated.flatten().numpy())})
+    sinks = []
+    for name, queries, window in SINK_CASES:
+        q, k, v = torch.randn(1, 4, queries, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+        module = torch.nn.Module()
+        module.sinks = torch.randn(4)
+        module.num_key_value_groups = 2
+        query_pos = torch.arange(9 - queries, 9)[:, None]
+        distance = query_pos - torch.arange(9)[None, :]
+        visible = (distance >= 0) & ((distance < window) if window else True)
+        mask = torch.zeros(queries, 9).masked_fill(~visible, float("-inf"))[None, None]
+        out, _ = gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=0.25)
+        sinks.append({"name": name, "window": window, "scale": 0.25,
+                      "q": f32_list(q.flatten().numpy()), "q_shape": list(q.shape),
+                      "k": f32_list(k.flatten().numpy()), "v": f32_list(v.flatten().numpy()),
+                      "kv_shape": list(k.shape), "sinks": f32_list(module.sinks.numpy()),
+                      "out": f32_list(out.transpose(1, 2).flatten().numpy())})  # back to [B, H, Lq, D]
+    out = out_dir / "gpt_oss_blocks.json"
+    header = {"generator": "scripts/make_goldens.py gpt-oss-blocks",
+              "description": "transformers' GptOssRotaryEmbedding + apply_rotary_pos_emb (YaRN; positions "
+                             "offset..offset+4) and eager_attention_forward (attention sinks; float32, "
+                             "causal, optionally a sliding window) on random inputs; arrays flattened "
+                             "row-major, attention outputs as [B, H, Lq, D].",
+              "metadata": {"versions": lib_versions(), "device": "cpu"}}
+    write_json_lines(out, header, {"yarn": yarn, "sinks": sinks})
+    print(f"gpt-oss-blocks: wrote {out} ({out.stat().st_size} bytes)")
+    return out
 
 
 # --------------------------------------------------------------------------- #

@@ -44,7 +44,7 @@ def is_bf16(goldens) -> bool:
 def test_fixtures_cover_what_the_issue_asks():
     names = {golden_id(p) for p in GOLDENS}
     assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16", "mistral-tiny", "gemma3-tiny",
-            "gemma3-vlm-tiny"} <= names
+            "gemma3-vlm-tiny", "qwen3-yarn-tiny"} <= names
 
 
 def test_sliding_window_goldens_cross_the_window_many_times():

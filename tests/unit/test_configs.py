@@ -23,7 +23,7 @@ from mlxrunner.llm.model import sampler_options
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 IMAGE_MODELS = ["zimage-tiny", "flux2-klein-tiny", "flux2-klein-base-tiny"]
-LLMS = ["llama-tiny", "llama3-tiny", "qwen3-tiny", "qwen3-tiny-bf16"]
+LLMS = ["llama-tiny", "llama3-tiny", "qwen3-tiny", "qwen3-tiny-bf16", "qwen3-yarn-tiny"]
 
 
 def read(path: Path) -> dict:
@@ -274,6 +274,14 @@ def test_translators_name_the_file_and_key():
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 2.0}},
      dict(rope_type="llama3", factor=8.0, rope_theta=5e5, low_freq_factor=2.0, high_freq_factor=4.0)),
     ({}, dict(rope_type="default", rope_theta=10000.0)),
+    # YaRN's original context: the scaling's, else a top-level one, else the model's (transformers' order:
+    # a top-level one wins)
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+      "max_position_embeddings": 131072}, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768)),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 131072},
+     dict(rope_type="yarn", original_max_position_embeddings=131072)),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+      "original_max_position_embeddings": 4096}, dict(original_max_position_embeddings=4096)),
 ])
 def test_rope_from_rope_scaling_or_rope_parameters(rope, expected):
     config = decoder_config({"architectures": ["LlamaForCausalLM"], **rope})
@@ -281,7 +289,7 @@ def test_rope_from_rope_scaling_or_rope_parameters(rope, expected):
 
 
 @pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "yarn", "factor": 4.0}, "rope scaling 'yarn' is not supported"),
+    ({"rope_type": "longrope", "factor": 4.0}, "rope scaling 'longrope' is not supported"),
     ({"rope_type": "linear"}, "rope scaling 'linear' needs a factor"),
 ])
 def test_unsupported_rope_scaling_is_refused(scaling, message):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ def rope_configs(config: dict, architecture: Architecture) -> dict:
         return {"rope": rope_config(parameters.get("full_attention") or {}),
                 "sliding_rope": rope_config(parameters.get("sliding_attention") or {})}
     rope = rope_config(config.get("rope_scaling") or parameters or {}, config.get("rope_theta"))
+    if rope["rope_type"] == "yarn":
+        # transformers' YaRN: a top-level original context first (Phi-3 keeps it there), then the
+        # scaling's own, then the model's context
+        rope["original_max_position_embeddings"] = (config.get("original_max_position_embeddings")
+                                                    or rope.get("original_max_position_embeddings")
+                                                    or config.get("max_position_embeddings"))
     if architecture.core == "gemma3":
         return {"rope": rope, "sliding_rope": {"rope_theta": config.get("rope_local_base_freq")}}
     return {"rope": rope, "sliding_rope": rope}
