@@ -6,6 +6,7 @@
 #include "bindings/bindings.h"
 #include "bindings/config.h"
 #include "bindings/network.h"
+#include "nn/attention.h"
 #include "nn/host.h"
 #include "text/decoder.h"
 #include "text/generate.h"
@@ -32,11 +33,44 @@ void bind_sampling(nb::module_& m) {
   m.def("splitmix64", &splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
 }
 
+void bind_kv_cache(nb::module_& m) {
+  nb::class_<KVCache>(m, "KVCache",
+                      "One attention layer's key/value cache; window > 0: a rotating cache over the last window "
+                      "positions (csrc/text/kv_cache.h).")
+      .def(nb::init<int>(), "window"_a = 0)
+      .def(
+          "update_and_fetch",
+          [](KVCache& self, const mx::array& keys, const mx::array& values) {
+            auto [k, v] = self.update_and_fetch(keys, values);
+            return evaluated(std::vector<mx::array>{k, v});
+          },
+          "keys"_a, "values"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Append [B, H, T, D] keys/values; the [keys, values] attention then runs over.")
+      .def_prop_ro("offset", &KVCache::offset)
+      .def_prop_ro("window", &KVCache::window)
+      .def_prop_ro("held", &KVCache::held)
+      .def_prop_ro("nbytes", &KVCache::nbytes)
+      .def("can_trim_to", &KVCache::can_trim_to, "length"_a)
+      .def("trim_to", &KVCache::trim_to, "length"_a)
+      .def(
+          "copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");
+  m.def(
+      "sliding_window_mask",
+      [](int queries, int keys, int window) { return evaluated(sliding_window_mask(queries, keys, window)); },
+      "queries"_a, "keys"_a, "window"_a,
+      "Boolean [queries, keys]: which keys each query sees, the queries being the last of the keys' positions.");
+}
+
 void bind_decoder(nb::module_& m) {
   bind_config<RopeConfig>(m, "RopeConfig", "A decoder's RoPE: rope_theta and transformers' rope_parameters.");
-  bind_config<DecoderConfig>(m, "DecoderConfig", "transformers' LlamaConfig / Qwen3Config (config.json).");
+  bind_config<DecoderConfig>(
+      m, "DecoderConfig", "transformers' LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig (config.json).")
+      .def_static("defaults", &DecoderConfig::defaults, "architecture"_a,
+                  "The defaults of an architecture's transformers config class (llama | qwen3 | mistral | gemma3).")
+      .def("window", &DecoderConfig::window, "layer"_a,
+           "The layer's sliding window (a token sees itself and window - 1 before it); 0: full attention.");
 
-  bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3).")
+  bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3, Mistral, Gemma 3 text).")
       .def(
           "logits",
           [](const Decoder& self, const std::vector<int>& tokens, int chunk) {
@@ -96,6 +130,7 @@ void bind_decoder(nb::module_& m) {
 
 void bind_text(nb::module_& m) {
   bind_sampling(m);
+  bind_kv_cache(m);
   bind_decoder(m);
 }
 

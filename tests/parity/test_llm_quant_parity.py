@@ -50,6 +50,7 @@ def test_fixtures_cover_what_the_issue_asks():
     recipes = {"q4-g64", "q8-g32", "mixed-3-6", "mxfp4", "nvfp4", "mxfp8"}
     for model in ("qwen3-tiny", "llama3-tiny"):
         assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
+    assert {"gemma3-vlm-tiny-q4-g64", "gemma3-vlm-tiny-mxfp4"} <= set(FIXTURES)  # sliding windows, packed tied head
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
@@ -129,6 +130,19 @@ def test_ollama_llm_store_runs_its_packed_weights(tmp_path, quant_type):
     quantized = load("llama-tiny:q", models_dir=models_dir)
     reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
     assert_same_model(quantized, reference)
+
+
+@pytest.mark.parametrize("quant_type", ["int4", "mxfp8"])
+@pytest.mark.parametrize("name", ["mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny"])
+def test_ollama_store_of_a_sliding_window_model_runs_its_packed_weights(tmp_path, name, quant_type):
+    """Windows of 8 tokens; a prompt of 40 and a 16-token continuation cross them."""
+    create_llm(tmp_path / "models", f"library/{name}:q", ROOT / "fixtures" / "llm" / name, quant_type)
+    models_dir = str(tmp_path / "models")
+    quantized = load(f"{name}:q", models_dir=models_dir)
+    assert any(".q_proj." in n for n in resolve(f"{name}:q", models_dir).quantization())
+    reference = load(str(dequantized_copy(f"{name}:q", tmp_path / "float", models_dir)))
+    assert_same_model(quantized, reference, "Once upon a time there was a little robot who wanted to learn how to "
+                                            "write poems. It read every book in the library.")
 
 
 @pytest.mark.parametrize("args", [["--bits", "4"], ["--bits", "8", "--mode", "mxfp8"],

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
-from mlxrunner.llm.model import core_quantization, decoder_config
+from mlxrunner.llm.architectures import decoder_config
+from mlxrunner.llm.model import core_quantization
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import numpy as np
 from mlxrunner import _core
 from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
 from mlxrunner.llm.prompt_cache import PromptCache
 from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
@@ -28,41 +29,9 @@ from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-ROPE_TYPES = ("default", "linear", "llama3")
 PREFILL_CHUNK = 512
 
 log = logging.getLogger(__name__)
-
-
-def decoder_config(config: dict) -> _core.DecoderConfig:
-    """transformers' LlamaConfig / Qwen3Config -> the C++ config, refusing what we do not run."""
-    names = config.get("architectures") or []
-    architecture = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
-    if architecture is None:
-        raise ModelError(f"unsupported LLM architecture {names or config.get('model_type')!r}; "
-                         f"supported: {', '.join(ARCHITECTURES)}")
-    try:
-        return _core.DecoderConfig.from_dict({**config, "architecture": architecture, "rope": rope_config(config)})
-    except ValueError as exc:
-        raise ModelError(f"config.json: {exc}") from None
-
-
-def rope_config(config: dict) -> dict:
-    """rope_theta and rope_parameters (transformers 5) or rope_scaling (4.x; its scaling type may be called
-    "type") -> DecoderConfig's nested `rope`."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if not isinstance(scaling, dict):
-        raise ModelError(f"config.json: rope scaling must be an object, got {scaling!r}")
-    rope = {**scaling, "rope_type": scaling.get("rope_type") or scaling.get("type")}
-    if config.get("rope_theta") is not None:  # 4.x keeps the base beside rope_scaling
-        rope["rope_theta"] = config["rope_theta"]
-    kind = rope["rope_type"] or "default"
-    if kind not in ROPE_TYPES:
-        raise ModelError(f"config.json: rope scaling '{kind}' is not supported ({', '.join(ROPE_TYPES)})")
-    if kind != "default" and scaling.get("factor") is None:
-        raise ModelError(f"config.json: rope scaling '{kind}' needs a factor")
-    return rope
 
 
 def core_quantization(params: dict[str, QuantParams]) -> dict[str, _core.QuantSpec]:
@@ -126,9 +95,9 @@ class LanguageModel:
         self.core_config = decoder_config(config)
         self.tokenizer = TextTokenizer.from_source(source)
         self.chat_template = _chat_template(source)
-        self.context_length = int(config.get("max_position_embeddings") or 4096)
-        quantization = core_quantization(source.quantization(""))
-        weights = source.tensors("")
+        self.context_length = int(text_config(config).get("max_position_embeddings") or 4096)
+        quantization = core_quantization(text_weights(config, source.quantization("")))
+        weights = text_weights(config, source.tensors(""))
         if progress:
             progress(0.5)
         try:
