@@ -122,6 +122,7 @@ void KVCache::trim_to(int length) {
     throw std::invalid_argument("cannot trim a cache of " + std::to_string(offset_) + " positions (" +
                                 std::to_string(held_) + " held) to " + std::to_string(length));
   }
+  if (length == offset_) return;  // nothing to forget (a wrapped rotating cache keeps its slots as they are)
   offset_ = held_ = next_slot_ = length;
 }
 

@@ -133,3 +133,24 @@ def test_a_stream_its_consumer_drops_keeps_nothing_and_changes_nothing(warm, col
     warm_run = run(warm, follow_up, num_predict=12)
     assert warm_run[2].prompt_cache_count == len(held)
     assert_same_output(warm_run, run(cold, follow_up, num_predict=12))
+
+
+@pytest.mark.parametrize("fixture", ["mistral-tiny", "gemma3-tiny"])
+def test_sliding_window_models_reuse_only_what_their_rotating_caches_still_hold(fixture):
+    """Sliding-window layers (window 8) keep only their last positions: a cached sequence is reused by a prompt
+    that extends it whole (nothing to trim), and a prompt that diverges inside it is computed cold, since the
+    window of the shorter prefix has been overwritten. Either way the output is a cold run's."""
+    folder = Path(__file__).parents[1] / "fixtures" / "llm" / fixture
+    warm = LanguageModel(store.resolve(str(folder)))
+    cold = LanguageModel(store.resolve(str(folder)), prompt_cache_bytes=0)
+    first = ids(40)
+    run(warm, first, num_predict=6)
+    (held,) = warm.prompt_cache.sequences()
+    extended = held + ids(12, salt=3)
+    warm_run = run(warm, extended, num_predict=12)
+    assert warm_run[2].prompt_cache_count == len(held)
+    assert_same_output(warm_run, run(cold, extended, num_predict=12))
+    diverged = first[:20] + ids(15, salt=5)
+    warm_run = run(warm, diverged, num_predict=12)
+    assert warm_run[2].prompt_cache_count == 0
+    assert_same_output(warm_run, run(cold, diverged, num_predict=12))

@@ -89,3 +89,15 @@ def test_sliding_window_mask(queries, keys, window):
     query_positions = np.arange(keys - queries, keys)[:, None]
     distance = query_positions - np.arange(keys)[None, :]
     assert np.array_equal(got, (distance >= 0) & (distance < window))
+
+
+def test_trimming_nothing_leaves_a_wrapped_rotating_cache_as_it_was():
+    """The prompt cache trims a reused sequence by 0 when the new prompt extends it whole: a wrapped rotating
+    cache must then go on as if untouched (it once reset its slots, and the next chunk saw the wrong keys)."""
+    cache = _core.KVCache(8)
+    append(cache, 0, 40)
+    for position in range(40, 46):
+        append(cache, position, 1)
+    assert cache.can_trim_to(46) and not cache.can_trim_to(45)
+    cache.trim_to(46)
+    assert append(cache, 46, 12) == list(range(39, 58))
