@@ -37,6 +37,8 @@ class Limits:
     max_image_side: int = 4096  # pixels, each side of a reference image
     min_image_side: int = 64
     max_output_pixels: int = 2048 * 2048  # width x height of a generated image
+    # The step cache's threshold, a relative change of the first block's residual (diffusers' default: 0.05).
+    max_cache_threshold: float = 10.0
     max_steps: int = 200  # denoising steps (transformer evaluations)
     max_embedding_inputs: int = 2048
     max_num_predict: int = 1 << 20
