@@ -1,7 +1,7 @@
 """The step cache over HTTP: `"cache": {"threshold": x}` on /completion image requests (and on OpenAI's
 image routes as an extra field), its counts on the final line, and bad values refused with a 400 naming
 the field. A real runner serving the tiny Z-Image fixture; its first-block residual changes by about 1x
-from step to step (real models: a few per cent), so the thresholds that skip steps here are large.
+from step to step (diffusers' default threshold is 0.05), so the thresholds that skip steps here are large.
 """
 
 from __future__ import annotations
