@@ -28,6 +28,7 @@ MODELS = {"zimage": (zimage_models, "zimage-small"), "klein": (flux2_models, "kl
 RESULTS: list[step_cache.Row] = []
 
 
+@pytest.mark.timeout(1800)  # 250 denoising steps a model: past the suite's 300 s on a busy machine
 @pytest.mark.parametrize("model", list(MODELS))
 def test_step_cache_sweep(model):
     shapes, name = MODELS[model]
