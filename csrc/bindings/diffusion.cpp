@@ -43,7 +43,10 @@ void bind_step_cache(nb::module_& m) {
            "most this relative mean absolute difference since the last computed evaluation.")
       .def_prop_ro("threshold", &StepCache::threshold)
       .def_prop_ro("computed", &StepCache::computed)
-      .def_prop_ro("skipped", &StepCache::skipped);
+      .def_prop_ro("skipped", &StepCache::skipped)
+      .def("decisions", &StepCache::decisions, "branch"_a = 0,
+           "One bool per evaluation of `branch` (0: conditional, 1: CFG's unconditional), in order: True where the "
+           "evaluation ran in full.");
 }
 
 // The loop's controls from the bindings' keyword arguments.

@@ -21,6 +21,7 @@ bool StepCacheBranch::should_compute(const mx::array& head_residual) {
   } else {
     ++skipped_;
   }
+  decisions_.push_back(compute);
   return compute;
 }
 
@@ -51,6 +52,11 @@ int StepCache::computed() const {
   int n = 0;
   for (const auto& b : branches_) n += b.computed();
   return n;
+}
+
+std::vector<bool> StepCache::decisions(int index) const {
+  if (index < 0 || index >= static_cast<int>(branches_.size())) return {};
+  return branches_[index].decisions();
 }
 
 int StepCache::skipped() const {

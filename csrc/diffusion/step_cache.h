@@ -16,6 +16,7 @@
 
 #include <deque>
 #include <optional>
+#include <vector>
 
 #include "mlx/mlx.h"
 
@@ -38,12 +39,15 @@ class StepCacheBranch {
 
   int computed() const { return computed_; }
   int skipped() const { return skipped_; }
+  // One entry per evaluation so far, in order: whether it ran in full.
+  const std::vector<bool>& decisions() const { return decisions_; }
 
  private:
   float threshold_;
   std::optional<mx::array> head_residual_;  // float32, of the last computed evaluation
   std::optional<mx::array> tail_residual_;
   int computed_ = 0, skipped_ = 0;
+  std::vector<bool> decisions_;
 };
 
 // One denoising run's cache: a branch per separate network call of a step.
@@ -60,6 +64,8 @@ class StepCache {
   float threshold() const { return threshold_; }
   int computed() const;  // network evaluations run in full, all branches
   int skipped() const;   // network evaluations whose remaining blocks were skipped
+  // Branch `index`'s decisions (StepCacheBranch::decisions); empty for a branch that never ran.
+  std::vector<bool> decisions(int index) const;
 
  private:
   float threshold_;

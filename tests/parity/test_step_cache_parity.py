@@ -1,11 +1,10 @@
 """The first-block step cache against diffusers 0.42.1's FirstBlockCache (goldens from
 scripts/goldens_step_cache.py; no torch here), and what caching must leave alone.
 
-Z-Image (tiny, float32, CPU, initial latents injected), without and with CFG: the runner skips as many
-steps as diffusers did at the same threshold and ends on the same latents (a different skipped step
-would move them far more than the tolerance). diffusers has no working FirstBlockCache for FLUX.2, so
-Klein is checked for what must hold whatever the reference: the first step always runs, CFG's two calls
-are counted apart, and caching that skips nothing is bit-identical to no caching.
+Z-Image (tiny, float32, CPU, initial latents injected), without and with CFG: the runner skips exactly the
+steps diffusers skipped at the same threshold and ends on the same latents. diffusers has no working
+FirstBlockCache for FLUX.2, so Klein is checked for what must hold whatever the reference: the first step
+always runs, CFG's two calls are counted apart, and caching that skips nothing is bit-identical to no caching.
 """
 
 from __future__ import annotations
@@ -13,12 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import float32_tol
 from image_helpers import rel_error
 from safetensors.numpy import load_file
 
+from mlxrunner import _core
 from mlxrunner.imagegen import load_pipeline
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -61,6 +62,20 @@ def test_zimage_skips_the_steps_diffusers_skips_and_ends_on_its_latents(zimage, 
     uncached = run_zimage(zimage, case, golden[f"{name}/init_latents"], None)
     assert uncached.step_cache is None
     assert rel_error(uncached.latents, golden[f"{name}/final_latents"]) > 100 * REL_TOL
+
+
+@pytest.mark.parametrize("name", ["zimage_t2i", "zimage_cfg"])
+def test_zimage_skips_exactly_the_steps_diffusers_skips(zimage, golden, meta, name):
+    case = meta[name]
+    caption = zimage.embed_prompt(case["prompt"])[0]
+    negative = zimage.embed_prompt(case["negative_prompt"] or "")[0] if case["guidance"] > 0 else None
+    cache = _core.StepCache(case["threshold"])
+    _core.zimage_denoise(zimage.transformer, mx.array(golden[f"{name}/init_latents"]),
+                         zimage.sigmas(case["steps"], case["size"], case["size"]), caption, negative,
+                         case["guidance"], cache=cache)
+    decisions = cache.decisions(0)
+    assert [step for step, computed in enumerate(decisions) if computed] == case["computed_steps"]
+    assert len(decisions) == case["steps"] and cache.decisions(1) == []
 
 
 def test_zimage_cache_that_skips_nothing_is_bit_identical_to_no_cache(zimage, golden, meta):
