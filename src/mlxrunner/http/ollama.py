@@ -155,12 +155,15 @@ def image_job(model: ImageModel, req: CompletionRequest,
         references = image_io.decode_request_images(req.images, limits)
         result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
                            negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
-                           progress=progress, check_cancelled=ctx.check_cancelled)
+                           progress=progress, check_cancelled=ctx.check_cancelled, cache_threshold=req.cache_threshold)
+        cache = result.step_cache
         done = functools.partial(
             ImageDone, seed=result.seed, width=result.width, height=result.height, steps=result.steps,
             timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
             ignored=list(result.ignored) + (["options"] if req.has_options else []),
-            prompt_truncated=result.prompt_truncated)
+            prompt_truncated=result.prompt_truncated,
+            cache=cache and {"threshold": round(cache.threshold, 6), "computed": cache.computed,
+                             "skipped": cache.skipped})
         text = result.png_text(req.prompt)
         return image_io.on_png_thread(lambda: done(image=image_io.png_base64(result.image, text)))
 

@@ -37,6 +37,8 @@ class Limits:
     max_image_side: int = 4096  # pixels, each side of a reference image
     min_image_side: int = 64
     max_output_pixels: int = 2048 * 2048  # width x height of a generated image
+    # The step cache's threshold, a relative change of the first block's residual (diffusers' default: 0.05).
+    max_cache_threshold: float = 10.0
     max_steps: int = 200  # denoising steps (transformer evaluations)
     max_embedding_inputs: int = 2048
     max_num_predict: int = 1 << 20
@@ -219,6 +221,7 @@ class CompletionRequest:
     guidance: float | None = None
     options: Options = field(default_factory=Options)
     has_options: bool = False  # the client sent "options" (an image model reports it ignored)
+    cache_threshold: float | None = None  # the step cache's ("cache": {"threshold": x}); None: off
 
 
 def _decode_images(value: Any, limits: Limits) -> list[bytes]:
@@ -244,6 +247,24 @@ def _decode_images(value: Any, limits: Limits) -> list[bytes]:
     return decoded
 
 
+def parse_cache(value: Any, limits: Limits) -> float | None:
+    """The step cache's threshold from `"cache": {"threshold": x}` (image requests); None: no caching
+    (no "cache", or a threshold of 0)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f'field "cache" must be an object like {{"threshold": 0.05}}, got {_json_type(value)}',
+                           field="cache")
+    for key in value:
+        if key != "threshold":
+            raise RequestError(f'field "cache.{key}" is not known: "cache" takes "threshold"', field=f"cache.{key}")
+    threshold = _float_field({"cache.threshold": value.get("threshold")}, "cache.threshold", 0.0,
+                             limits.max_cache_threshold)
+    if threshold is None:
+        raise RequestError('field "cache.threshold" is required in "cache"', field="cache.threshold")
+    return threshold or None
+
+
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompt = _str_field(body, "prompt")
     if prompt is None:
@@ -266,6 +287,7 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         guidance=_float_field(body, "guidance", 0.0, 100.0),
         options=parse_options(body.get("options"), limits),
         has_options=body.get("options") is not None,
+        cache_threshold=parse_cache(body.get("cache"), limits),
     )
 
 
@@ -324,6 +346,8 @@ class ImageDone:
     timings_ms: dict[str, float]  # per phase: encode, denoise, decode, total
     ignored: list[str] = field(default_factory=list)  # request fields with no effect on this model
     prompt_truncated: bool = False
+    # With a step cache: {"threshold", "computed", "skipped"}, transformer evaluations run in full or skipped.
+    cache: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         line: dict[str, Any] = {"image": self.image, "seed": self.seed, "width": self.width, "height": self.height,
@@ -333,6 +357,8 @@ class ImageDone:
             line["ignored"] = list(self.ignored)
         if self.prompt_truncated:
             line["prompt_truncated"] = True
+        if self.cache is not None:
+            line["cache"] = dict(self.cache)
         return line
 
 

@@ -238,7 +238,8 @@ class Flux2KleinPipeline(ImagePipeline):
     # --- the loop and the decoder ----------------------------------------------------------------
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
         """Over the noise packed into tokens [1, h * w, C] with their (0, y, x, 0) ids; the prompt
         embeddings get their batch dimension here."""
         _, _, grid_h, grid_w = latents.shape
@@ -248,7 +249,7 @@ class Flux2KleinPipeline(ImagePipeline):
                                    self.sigmas(request.steps, request.width, request.height),
                                    conditioning.prompt[None], None if negative is None else negative[None],
                                    request.guidance, references, reference_ids, progress,
-                                   self.denoise_queue_depth)
+                                   self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, tokens: mx.array, width: int, height: int,
                      check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:

@@ -38,6 +38,7 @@ Progress = Callable[[int, int], "bool | None"]
 MAX_STEPS = Limits.max_steps
 DEFAULT_MAX_PIXELS = Limits.max_output_pixels
 MIN_REFERENCE_SIDE = Limits.min_image_side  # a reference image's shortest side, in pixels
+MAX_CACHE_THRESHOLD = Limits.max_cache_threshold
 # How many transformer blocks the denoising loops queue on the device at most (0: no bound); the
 # reasoning for the default is at kDefaultEvalQueueDepth in csrc/nn/eval_queue.h.
 DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
@@ -63,12 +64,33 @@ class GeneratedImage:
     prompt_truncated: bool = False
     latents: np.ndarray | None = None  # the final (denoised) latents, float32, diffusers' layout
     peak_memory: dict[str, int] = field(default_factory=dict)  # bytes MLX's arrays held at most, per phase
+    step_cache: StepCacheReport | None = None  # how the step cache did, when the request asked for one
 
     def png_text(self, prompt: str) -> dict[str, str]:
         """What the PNG's text chunks say about how the image was made."""
         return {"prompt": prompt, "seed": str(self.seed), "steps": str(self.steps),
                 "width": str(self.width), "height": str(self.height), "guidance": f"{self.guidance:g}",
                 "software": "mlxrunner"}
+
+
+@dataclass(frozen=True)
+class StepCacheReport:
+    """The first-block step cache of one run: its threshold and how many transformer evaluations ran in full
+    or skipped their remaining blocks (FLUX.2 with CFG counts both calls of a step; Z-Image batches them)."""
+
+    threshold: float
+    computed: int
+    skipped: int
+
+
+def step_cache(threshold: float | None) -> _core.StepCache | None:
+    """The cache a run uses: none for None or 0 (off, the default), else a StepCache of that threshold."""
+    if threshold is None or threshold == 0:
+        return None
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not number or not 0 < threshold <= MAX_CACHE_THRESHOLD:
+        raise ValueError(f'"cache.threshold" must be a number between 0 and {MAX_CACHE_THRESHOLD:g}, got {threshold!r}')
+    return _core.StepCache(float(threshold))
 
 
 @dataclass
@@ -245,18 +267,21 @@ class ImagePipeline(ABC):
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents=None,
-            progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None) -> GeneratedImage:
+            progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None,
+            cache_threshold: float | None = None) -> GeneratedImage:
         """The image for `prompt` and what the runner reports about it. Every model takes the same
         steps: check the request, make the noise, encode the prompt(s) and any reference images,
-        denoise (C++), decode. `check_cancelled()` may raise to stop the VAE decode between its blocks
-        (the denoising loop stops through `progress`)."""
+        denoise (C++), decode. `check_cancelled()` may raise to stop the denoising loop between transformer
+        blocks and the VAE decode between its blocks (`progress` may also stop the loop between steps).
+        `cache_threshold` > 0 turns on the first-block step cache (StepCache); None or 0: off."""
         started = time.perf_counter()
+        cache = step_cache(cache_threshold)
         request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
         backend.reset_peak_memory()
         noise = self.initial_latents(request, latents)
         conditioning, truncated = self.condition(prompt, negative_prompt, request)
         encoded, peaks = time.perf_counter(), {"encode": backend.reset_peak_memory()}
-        final = self.denoise_in_turn(noise, conditioning, request, progress)
+        final = self.denoise_in_turn(noise, conditioning, request, progress, check_cancelled, cache)
         if final is None:
             raise Cancelled("cancelled by the progress callback")
         denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
@@ -270,14 +295,16 @@ class ImagePipeline(ABC):
         return GeneratedImage(
             image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
             guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
-            latents=np.asarray(decoder_latents), peak_memory=peaks)
+            latents=np.asarray(decoder_latents), peak_memory=peaks,
+            step_cache=cache and StepCacheReport(cache.threshold, cache.computed, cache.skipped))
 
     def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                        progress: Progress | None) -> mx.array | None:
+                        progress: Progress | None, check_cancelled: Callable[[], None] | None,
+                        cache: _core.StepCache | None) -> mx.array | None:
         """denoise(); under low_memory the transformer is freed once the latents are computed, or the loop
         stopped, so that the VAE, and the next request's text encoder, never share memory with it."""
         try:
-            final = self.denoise(latents, conditioning, request, progress)
+            final = self.denoise(latents, conditioning, request, progress, check_cancelled, cache)
             if final is not None and self.low_memory:
                 mx.eval(final)
             return final
@@ -382,8 +409,10 @@ class ImagePipeline(ABC):
 
     @abstractmethod
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
-        """The C++ Euler loop from `latents`: the final latents, or None when progress returned False."""
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
+        """The C++ Euler loop from `latents`: the final latents, or None when progress returned False.
+        check_cancelled() runs between transformer blocks; `cache` is the run's step cache, if any."""
 
     @abstractmethod
     def decode_float(self, latents: mx.array, width: int, height: int,

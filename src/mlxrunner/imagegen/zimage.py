@@ -105,10 +105,11 @@ class ZImagePipeline(ImagePipeline):
         return calculate_shift(image_tokens)
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
         sigmas = self.sigmas(request.steps, request.width, request.height)
         return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
-                                    request.guidance, progress, self.denoise_queue_depth)
+                                    request.guidance, progress, self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, latents: mx.array, width: int, height: int,
                      check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
