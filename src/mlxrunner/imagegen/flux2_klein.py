@@ -179,7 +179,7 @@ class Flux2KleinPipeline(ImagePipeline):
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
         self.schedule = read_schedule(source)
-        self.read_transformer(weights)
+        self.read_transformer(weights, progress, 0.8, 1.0)
         progress(1.0)
 
     def _pad_id(self) -> int:

@@ -235,11 +235,25 @@ class ImagePipeline(ABC):
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 
-    def read_transformer(self, weights: dict) -> None:
+    def read_transformer(self, weights: dict, progress: Callable[[float], None], start: float, end: float
+                         ) -> None:
         """Read the transformer's weights now rather than during the first request; under low_memory they
-        are read when the first denoise needs them, after the text encoder has been freed."""
-        if not self.low_memory:
-            mx.eval(list(weights.values()))
+        are read when the first denoise needs them, after the text encoder has been freed. Reading a large
+        transformer takes seconds, so it goes in about twenty parts of equal bytes, each moving the load
+        progress (/health's) from `start` towards `end`."""
+        if self.low_memory:
+            return
+        arrays = list(weights.values())
+        total = sum(a.nbytes for a in arrays) or 1
+        part, part_bytes, done = [], 0, 0
+        for i, array in enumerate(arrays):
+            part.append(array)
+            part_bytes += array.nbytes
+            if part_bytes >= total / 20 or i == len(arrays) - 1:
+                mx.eval(part)  # releases the GIL: /health keeps answering
+                done += part_bytes
+                part, part_bytes = [], 0
+                progress(start + (end - start) * done / total)
 
     def free_transformer(self) -> None:
         """Free the transformer's memory (low_memory, before the VAE decodes). It is built again at once over

@@ -86,7 +86,7 @@ class ZImagePipeline(ImagePipeline):
         # The noise is in the VAE's latent space: [1, in_channels, H / 8, W / 8].
         self.latent_channels, self.latent_scale = config.in_channels, self.vae.decoder.scale_factor
         self.schedule = read_schedule(source)
-        self.read_transformer(weights)
+        self.read_transformer(weights, progress, 0.8, 1.0)
         progress(1.0)
 
     def is_distilled(self, index: dict) -> bool:
