@@ -1,6 +1,7 @@
 // Decoder-only transformers of the Llama family: Llama 2/3 (GQA, RoPE scaling, tied or untied
-// embeddings) and Qwen3 (the same plus RMSNorm on queries and keys per head). One network serves
-// text generation and, through hidden_states(), the image pipelines' Qwen3 text encoder.
+// embeddings), Qwen3 (the same plus RMSNorm on queries and keys per head), Qwen3-MoE (Qwen3 with
+// routed experts) and GLM-4.7-Flash (multi-head latent attention, routed and shared experts). One
+// network serves text generation and, through hidden_states(), the image pipelines' Qwen3 text encoder.
 #pragma once
 
 #include <string>
@@ -8,17 +9,19 @@
 
 #include "nn/config_fields.h"
 #include "nn/linear.h"
+#include "nn/mla.h"
+#include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
 #include "text/kv_cache.h"
 
 namespace mlxr {
 
-// config.json (LlamaConfig / Qwen3Config); defaults as transformers' LlamaConfig (5.x). `architecture`
-// comes from config.json's "architectures" and `rope` from its rope_theta and rope_parameters (Python
-// translates both).
+// config.json (LlamaConfig / Qwen3Config / Qwen3MoeConfig / Glm4MoeLiteConfig); defaults as transformers'
+// LlamaConfig (5.x). `architecture` comes from config.json's "architectures", `rope` from its rope_theta
+// and rope_parameters, `moe` and `mla` from its top-level keys (Python translates all four).
 struct DecoderConfig {
-  std::string architecture = "llama";  // llama | qwen3
+  std::string architecture = "llama";  // llama | qwen3 | qwen3_moe | glm4_moe_lite
   int vocab_size = 32000;
   int hidden_size = 4096;
   int num_hidden_layers = 32;
@@ -31,16 +34,29 @@ struct DecoderConfig {
   bool attention_bias = false;
   bool mlp_bias = false;
   RopeConfig rope;
+  // Mixture of experts: which layers route (the others run a dense MLP of intermediate_size).
+  // transformers 5 lists them (mlp_layer_types, "dense" | "sparse"); otherwise Qwen3-MoE's rule (layer i
+  // routes when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers) after DeepSeek's
+  // first_k_dense_replace dense layers.
+  MoeConfig moe;
+  std::vector<std::string> mlp_layer_types;
+  int decoder_sparse_step = 1;
+  std::vector<int> mlp_only_layers;
+  int first_k_dense_replace = 0;
+  MlaConfig mla;  // glm4_moe_lite's attention
 
   MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                      num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings,
-                     attention_bias, mlp_bias, rope)
+                     attention_bias, mlp_bias, rope, moe, mlp_layer_types, decoder_sparse_step, mlp_only_layers,
+                     first_k_dense_replace, mla)
 
   int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
   int head_size() const {
     if (head_dim > 0) return head_dim;
     return num_attention_heads > 0 ? hidden_size / num_attention_heads : 0;
   }
+  bool uses_mla() const { return architecture == "glm4_moe_lite"; }
+  bool is_sparse_layer(int layer) const;
 };
 
 // The checkpoint's q/k/v projections are stored as one fused [q | k | v] layer, and gate/up as one
@@ -49,12 +65,15 @@ struct DecoderConfig {
 // With a mixed-precision checkpoint (say v_proj at more bits than q_proj) a fused projection holds one
 // matmul per run of alike parts instead (FusedLinear).
 struct DecoderLayer {
+  // Attention: standard (qkv_proj), or multi-head latent attention (mla; qkv_proj empty). o_proj either way.
   FusedLinear qkv_proj;
+  std::optional<MultiLatentAttention> mla;
   Linear o_proj;
   std::optional<RMSNorm> q_norm, k_norm;  // Qwen3
   RMSNorm input_norm, post_attention_norm;
-  FusedLinear gate_up_proj;
-  Linear down_proj;
+  // Feed-forward: a dense MLP or a mixture of experts (exactly one is set).
+  std::optional<GatedMLP> mlp;
+  std::optional<MixtureOfExperts> moe;
 };
 
 class Decoder {

@@ -23,7 +23,10 @@ from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                 "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}
+# The expert count's spellings: the Hub's Qwen3-MoE configs, transformers 5's saves, DeepSeek / GLM.
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 ROPE_TYPES = ("default", "linear", "llama3")
 PREFILL_CHUNK = 512
 
@@ -36,7 +39,8 @@ def decoder_config(config: dict) -> _core.DecoderConfig:
         raise ModelError(f"unsupported LLM architecture {names or config.get('model_type')!r}; "
                          f"supported: {', '.join(ARCHITECTURES)}")
     try:
-        return _core.DecoderConfig.from_dict({**config, "architecture": architecture, "rope": rope_config(config)})
+        return _core.DecoderConfig.from_dict({**config, "architecture": architecture, "rope": rope_config(config),
+                                              "moe": moe_config(config), "mla": nested(_core.MlaConfig, config)})
     except ValueError as exc:
         raise ModelError(f"config.json: {exc}") from None
 
@@ -56,6 +60,20 @@ def rope_config(config: dict) -> dict:
     if kind != "default" and scaling.get("factor") is None:
         raise ModelError(f"config.json: rope scaling '{kind}' needs a factor")
     return rope
+
+
+def nested(config_class, config: dict) -> dict:
+    """The keys of config.json that a nested C++ config (MoeConfig, MlaConfig) has: they sit at the top level."""
+    return {key: config[key] for key in config_class().to_dict() if key in config}
+
+
+def moe_config(config: dict) -> dict:
+    """DecoderConfig's nested `moe`; the expert count under whichever name the config uses."""
+    moe = nested(_core.MoeConfig, config)
+    count = next((config[key] for key in NUM_EXPERTS_KEYS if config.get(key) is not None), None)
+    if count is not None:
+        moe["num_experts"] = count
+    return moe
 
 
 def core_quantization(params: dict[str, QuantParams]) -> dict[str, _core.QuantSpec]:
