@@ -495,6 +495,39 @@ LLM_MODELS: dict[str, dict] = {
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 64}),
     },
+    # Qwen3-MoE: 8 experts, top 2 renormalised (norm_topk_prob), layer 1 dense (mlp_only_layers).
+    "qwen3-moe-tiny": {
+        "family": "qwen", "arch": "Qwen3MoeForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    # The same architecture with the top 3 of 8 softmax scores used as they are.
+    "qwen3-moe-tiny-nonorm": {
+        "family": "qwen", "arch": "Qwen3MoeForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                       norm_topk_prob=False, tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    # GLM-4.7-Flash's shape in small: MLA (q and kv LoRA ranks, interleaved rope keys), layer 0 dense,
+    # then 8 routed experts in 2 groups (top 1 group, top 2 experts, e_score_correction_bias set) and a
+    # shared expert.
+    "glm4-moe-lite-tiny": {
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=128, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                       moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                       n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.8,
+                       norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"],
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=1e4),
+    },
 }
 
 LLM_PROMPTS_COMMON: list[tuple[str, str]] = [
@@ -539,6 +572,9 @@ def _llm_init_weights(model, seed: int) -> None:
                 p.normal_(0.0, 1.0)
             else:
                 p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():  # DeepSeek-style routers' bias: a buffer, zero at init
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
 
 
 def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int]) -> None:
@@ -555,11 +591,10 @@ def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int
     if family == "qwen":
         bos, eos, pad = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
         gen_eos: int | list[int] = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-        cfg_cls = transformers.Qwen3Config
     else:
         bos, eos, pad = ids["<s>"], ids["</s>"], None
         gen_eos = [ids["</s>"], ids["<|eot_id|>"]] if spec.get("eos_list") else ids["</s>"]
-        cfg_cls = transformers.LlamaConfig
+    cfg_cls = getattr(transformers, spec["arch"]).config_class
     config = cfg_cls(vocab_size=vocab, rope_parameters=rope, bos_token_id=bos,
                      eos_token_id=eos, pad_token_id=pad, initializer_range=0.3,
                      **cfg_kwargs)
@@ -721,7 +756,11 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
                 "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                 "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
-                "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "dtype")
+                "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "dtype",
+                "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers", "mlp_layer_types",
+                "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts", "q_lora_rank",
+                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
                 if k in config},
             "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "model_safetensors_bytes": st_path.stat().st_size,
