@@ -117,12 +117,14 @@ def assert_same_model(quantized, dequantized, prompt: str = "The quick brown fox
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "int8", "nvfp4", "mxfp4", "mxfp8"])
-def test_ollama_llm_store_runs_its_packed_weights(tmp_path, quant_type):
-    """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs."""
-    create_llm(tmp_path / "models", "library/llama-tiny:q", ROOT / "fixtures" / "llm" / "llama-tiny", quant_type)
+@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny"])
+def test_ollama_llm_store_runs_its_packed_weights(tmp_path, model, quant_type):
+    """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs; a MoE's
+    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served)."""
+    create_llm(tmp_path / "models", f"library/{model}:q", ROOT / "fixtures" / "llm" / model, quant_type)
     models_dir = str(tmp_path / "models")
-    quantized = load("llama-tiny:q", models_dir=models_dir)
-    reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
+    quantized = load(f"{model}:q", models_dir=models_dir)
+    reference = load(str(dequantized_copy(f"{model}:q", tmp_path / "float", models_dir)))
     assert_same_model(quantized, reference)
 
 
