@@ -99,7 +99,8 @@ def make_fixture(name: str, source: str, convert_args: dict) -> Path:
         src = Path(tmp) / source
         shutil.copytree(FLOAT_FIXTURES / source, src)
         config = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps(with_hub_expert_count(with_both_rope_forms(config)), indent=2) + "\n")
+        config = with_hub_expert_count(with_both_rope_forms(config))
+        (src / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         convert(str(src), str(out), quantize=True, **convert_args)

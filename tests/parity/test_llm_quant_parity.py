@@ -49,6 +49,7 @@ def test_fixtures_cover_what_the_issue_asks():
     recipes = {"q4-g64", "q8-g32", "mixed-3-6", "mxfp4", "nvfp4", "mxfp8"}
     for model in ("qwen3-tiny", "llama3-tiny"):
         assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
+    assert "qwen3-moe-tiny-q4-g64" in FIXTURES  # mlx-lm's stacked, packed experts
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
