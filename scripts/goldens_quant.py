@@ -57,6 +57,8 @@ FIXTURES: dict[str, tuple[str, dict]] = {
     "llama-tiny-mixed-3-6": ("llama-tiny", RECIPES["mixed-3-6"]),
     # Qwen3-MoE: mlx-lm stacks the experts into switch_mlp.{gate,up,down}_proj [E, out, in], packed.
     "qwen3-moe-tiny-q4-g64": ("qwen3-moe-tiny", RECIPES["q4-g64"]),
+    # GLM-4.7-Flash: mlx-lm splits kv_b_proj into per-head embed_q / unembed_out (MLA's absorbed form).
+    "glm4-moe-lite-tiny-q8-g32": ("glm4-moe-lite-tiny", RECIPES["q8-g32"]),
 }
 
 PROMPTS = {

@@ -36,8 +36,9 @@ void bind_decoder(nb::module_& m) {
   bind_config<RopeConfig>(m, "RopeConfig", "A decoder's RoPE: rope_theta and transformers' rope_parameters.");
   bind_config<MoeConfig>(m, "MoeConfig", "A decoder's routed experts (config.json's top-level MoE keys).");
   bind_config<MlaConfig>(m, "MlaConfig", "Multi-head latent attention (config.json's top-level MLA keys).");
-  bind_config<DecoderConfig>(m, "DecoderConfig",
-                             "transformers' LlamaConfig / Qwen3Config / Qwen3MoeConfig / Glm4MoeLiteConfig (config.json).");
+  bind_config<DecoderConfig>(
+      m, "DecoderConfig",
+      "transformers' LlamaConfig / Qwen3Config / Qwen3MoeConfig / Glm4MoeLiteConfig (config.json).");
 
   bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3, Qwen3-MoE, GLM-4.7-Flash).")
       .def(

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 
 #include "nn/attention.h"
 
@@ -22,12 +23,26 @@ mx::array last_axis_slice(const mx::array& x, int begin, int end) {
   return mx::slice(x, start, stop);
 }
 
-// kv_b_proj as a float matrix [H * (nope + v), rank]: the absorbed products need its per-head blocks,
-// which a packed weight cannot be multiplied by from the left. It is small (heads x 448 x 512 for GLM).
-mx::array float_weight(const Linear& layer) {
-  if (!layer.quantized) return layer.weight;
-  const auto& q = *layer.quantized;
-  return mx::dequantize(layer.weight, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+// The per-head key and value rows over the latent as float: the absorbed products multiply them from
+// either side, which a packed weight cannot do. They are small (20 heads x 448 x 512 for GLM).
+mx::array float_weight(const Matrix& m) {
+  if (!m.quantized) return m.weight;
+  const auto& q = *m.quantized;
+  return mx::dequantize(m.weight, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+}
+
+// k_up [H, nope, rank] and v_up [H, v, rank] from either spelling: transformers' kv_b_proj
+// [H * (nope + v), rank] (each head's key rows, then its value rows), or mlx-lm's embed_q [H, rank, nope]
+// and unembed_out [H, v, rank] (the same split, saved by mlx_lm.convert).
+std::pair<mx::array, mx::array> up_projections(const Weights& w, int heads, int rank, int nope, int v) {
+  if (w.has("embed_q.weight")) {
+    auto k_up = mx::swapaxes(float_weight(w.stacked_matrix("embed_q.weight", {heads}, rank, nope)), -1, -2);
+    return {k_up, float_weight(w.stacked_matrix("unembed_out.weight", {heads}, v, rank))};
+  }
+  auto kv_b = float_weight(w.matrix("kv_b_proj.weight", heads * (nope + v), rank));
+  auto per_head = mx::reshape(kv_b, {heads, nope + v, rank});
+  return {mx::slice(per_head, {0, 0, 0}, {heads, nope, rank}),
+          mx::slice(per_head, {0, nope, 0}, {heads, nope + v, rank})};
 }
 
 // Additive scores of the rope parts, with the mask applied: where a query may not attend, -inf.
@@ -58,13 +73,12 @@ MultiLatentAttention MultiLatentAttention::load(const Weights& w, int hidden_siz
                                                 bool bias) {
   const int rank = c.kv_lora_rank, nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, v = c.v_head_dim;
   const int q_out = heads * (nope + rope);
-  auto kv_b = float_weight(Linear::load(w.sub("kv_b_proj"), rank, heads * (nope + v), false));
-  auto per_head = mx::reshape(kv_b, {heads, nope + v, rank});
+  auto [k_up, v_up] = up_projections(w, heads, rank, nope, v);
   MultiLatentAttention mla{
       .kv_a_proj = Linear::load(w.sub("kv_a_proj_with_mqa"), hidden_size, rank + rope, bias),
       .kv_a_norm = RMSNorm::load(w.sub("kv_a_layernorm"), rank, kLatentNormEps),
-      .k_up = mx::slice(per_head, {0, 0, 0}, {heads, nope, rank}),
-      .v_up = mx::slice(per_head, {0, nope, 0}, {heads, nope + v, rank}),
+      .k_up = k_up,
+      .v_up = v_up,
       .heads = heads,
       .config = c,
       .scale = 1.0f / std::sqrt(static_cast<float>(nope + rope)),
@@ -88,7 +102,7 @@ mx::array MultiLatentAttention::operator()(const mx::array& x, KVCache* cache, i
   auto q_nope = last_axis_slice(q, 0, nope);
   auto q_rope = rope(last_axis_slice(q, nope, nope + rope_dim), offset);
 
-  auto compressed = kv_a_proj(x);  // [B, T, rank + rope]
+  auto compressed = kv_a_proj(x);                                                     // [B, T, rank + rope]
   auto latent = mx::expand_dims(kv_a_norm(last_axis_slice(compressed, 0, rank)), 1);  // [B, 1, T, rank]
   auto k_rope = rope(mx::expand_dims(last_axis_slice(compressed, rank, rank + rope_dim), 1), offset);
   if (cache) std::tie(latent, k_rope) = cache->update_and_fetch(latent, k_rope);

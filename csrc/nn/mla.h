@@ -38,13 +38,13 @@ struct MlaConfig {
 void check_mla_config(const MlaConfig& config);
 
 struct MultiLatentAttention {
-  std::optional<Linear> q_proj;                // without q_lora_rank
-  std::optional<Linear> q_a_proj, q_b_proj;    // with it
+  std::optional<Linear> q_proj;              // without q_lora_rank
+  std::optional<Linear> q_a_proj, q_b_proj;  // with it
   std::optional<RMSNorm> q_a_norm;
   Linear kv_a_proj;
   RMSNorm kv_a_norm;
-  mx::array k_up;  // [H, qk_nope_head_dim, kv_lora_rank]: kv_b_proj's key rows per head
-  mx::array v_up;  // [H, v_head_dim, kv_lora_rank]: its value rows
+  mx::array k_up;  // [H, qk_nope_head_dim, kv_lora_rank]: kv_b_proj's key rows per head (mlx-lm: embed_q)
+  mx::array v_up;  // [H, v_head_dim, kv_lora_rank]: its value rows (mlx-lm: unembed_out)
   int heads;
   MlaConfig config;
   float scale;

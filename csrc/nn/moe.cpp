@@ -13,10 +13,6 @@ namespace {
 // matrices are then read once for a contiguous run of rows (mlx-lm's threshold).
 constexpr int kSortFrom = 64;
 
-mx::Shape stack_shape(int experts) {
-  return {experts};
-}
-
 SwitchLinear from_matrix(Matrix m) {
   return SwitchLinear{.weight = m.weight, .quantized = m.quantized};
 }
@@ -128,9 +124,9 @@ SwitchGLU SwitchGLU::load(const Weights& w, int num_experts, int hidden_size, in
   if (w.has("switch_mlp.gate_proj.weight")) {
     auto stacked = w.sub("switch_mlp");
     return SwitchGLU{
-        .gate_proj = from_matrix(stacked.stacked_matrix("gate_proj.weight", stack_shape(e), f, h)),
-        .up_proj = from_matrix(stacked.stacked_matrix("up_proj.weight", stack_shape(e), f, h)),
-        .down_proj = from_matrix(stacked.stacked_matrix("down_proj.weight", stack_shape(e), h, f)),
+        .gate_proj = from_matrix(stacked.stacked_matrix("gate_proj.weight", {e}, f, h)),
+        .up_proj = from_matrix(stacked.stacked_matrix("up_proj.weight", {e}, f, h)),
+        .down_proj = from_matrix(stacked.stacked_matrix("down_proj.weight", {e}, h, f)),
     };
   }
   if (w.has("experts.gate_up_proj")) {
@@ -199,9 +195,9 @@ std::pair<mx::array, mx::array> Router::operator()(const mx::array& x) const {
     // cannot be chosen.
     const int n = choice.shape(0), g = config.n_group;
     auto grouped = mx::reshape(choice, {n, g, config.num_experts / g});
-    auto group_scores = mx::sum(mx::topk(grouped, 2, -1), -1);                                  // [N, G]
-    auto threshold = mx::min(mx::topk(group_scores, config.topk_group, -1), -1, true);         // [N, 1]
-    auto keep = mx::expand_dims(mx::greater_equal(group_scores, threshold), -1);               // [N, G, 1]
+    auto group_scores = mx::sum(mx::topk(grouped, 2, -1), -1);                          // [N, G]
+    auto threshold = mx::min(mx::topk(group_scores, config.topk_group, -1), -1, true);  // [N, 1]
+    auto keep = mx::expand_dims(mx::greater_equal(group_scores, threshold), -1);        // [N, G, 1]
     auto masked = mx::where(keep, grouped, mx::array(-std::numeric_limits<float>::infinity()));
     choice = mx::reshape(masked, {n, config.num_experts});
   }

@@ -80,7 +80,7 @@ struct SwitchGLU {
 
 // Which experts each token goes to, and with what weight.
 struct Router {
-  Linear gate;                                     // [E, H]: one logit per expert
+  Linear gate;                                       // [E, H]: one logit per expert
   std::optional<mx::array> e_score_correction_bias;  // [E], sigmoid routing
   MoeConfig config;
 

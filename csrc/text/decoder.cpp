@@ -153,9 +153,9 @@ mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, 
 void Decoder::eval_weights() const {
   for (const auto& layer : layers_) {
     std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
-    for (const auto& part : {layer.qkv_proj.arrays(), layer.o_proj.arrays(),
-                             layer.mla ? layer.mla->arrays() : std::vector<mx::array>{},
-                             layer.moe ? layer.moe->arrays() : layer.mlp->arrays()}) {
+    for (const auto& part :
+         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.mla ? layer.mla->arrays() : std::vector<mx::array>{},
+          layer.moe ? layer.moe->arrays() : layer.mlp->arrays()}) {
       arrays.insert(arrays.end(), part.begin(), part.end());
     }
     if (layer.q_norm) {

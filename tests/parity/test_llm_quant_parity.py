@@ -49,7 +49,8 @@ def test_fixtures_cover_what_the_issue_asks():
     recipes = {"q4-g64", "q8-g32", "mixed-3-6", "mxfp4", "nvfp4", "mxfp8"}
     for model in ("qwen3-tiny", "llama3-tiny"):
         assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
-    assert "qwen3-moe-tiny-q4-g64" in FIXTURES  # mlx-lm's stacked, packed experts
+    # mlx-lm's stacked, packed experts; GLM's kv_b_proj split into embed_q / unembed_out.
+    assert {"qwen3-moe-tiny-q4-g64", "glm4-moe-lite-tiny-q8-g32"} <= set(FIXTURES)
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
