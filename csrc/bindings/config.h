@@ -180,8 +180,10 @@ Config config_from_dict(const nb::dict& values, const std::string& prefix) {
   Config::fields([&](const char* key, auto member) {
     if (!values.contains(key)) return;
     nb::object value = values[key];
-    if (value.is_none()) return;
-    config.*member = from_python<field_t<Config, decltype(member)>>(value, prefix + key);
+    using Field = field_t<Config, decltype(member)>;
+    // null keeps the default, but says "none" to a field that can be none (MLA's q_lora_rank: one q_proj).
+    if (value.is_none() && !is_optional<Field>::value) return;
+    config.*member = from_python<Field>(value, prefix + key);
   });
   return config;
 }

@@ -92,6 +92,25 @@ def test_llm_decoder_config_is_the_files(name):
     assert built.architecture == architecture
 
 
+@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "glm4-moe-lite-tiny"])
+def test_moe_decoder_config_is_the_files(name):
+    """The MoE and MLA keys sit at the top level of config.json; the expert count has three names."""
+    file = read(FIXTURES / "llm" / name / "config.json")
+    built = load_llm(str(FIXTURES / "llm" / name)).decoder.config
+    assert_has_the_files_values(built.moe, file)
+    assert built.moe.num_experts == file.get("num_local_experts", file.get("n_routed_experts")) == 8
+    if name.startswith("glm"):
+        assert_has_the_files_values(built.mla, file)
+        assert built.mlp_layer_types == file["mlp_layer_types"]
+
+
+def test_null_q_lora_rank_means_one_q_proj():
+    """from_dict keeps a field's default for null, except where null is a value: an optional field's none."""
+    config = decoder_config({"architectures": ["Glm4MoeLiteForCausalLM"], "q_lora_rank": None, "n_routed_experts": 4})
+    assert config.mla.q_lora_rank is None and config.moe.num_experts == 4
+    assert decoder_config({"architectures": ["Glm4MoeLiteForCausalLM"]}).mla.q_lora_rank == 768
+
+
 def test_minilm_bert_config_is_the_files(minilm_dir):
     from mlxrunner import store
     from mlxrunner.embed.bert import BertEmbedder
@@ -129,7 +148,20 @@ REFERENCES = {
         num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, head_dim=None,
         rope=dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="default", factor=1.0,
-                  low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))),
+                  low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+        moe=dict(num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False, n_group=1,
+                 topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0),
+        mlp_layer_types=[], decoder_sparse_step=1, mlp_only_layers=[], first_k_dense_replace=0,
+        mla=dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192, v_head_dim=256,
+                 rope_interleave=True))),
+    # Qwen3-MoE's routing fields (the struct's other fields are DeepSeek's: one group, no scaling, no shared
+    # experts); num_experts is 128 there, 0 (no experts: a dense model) here.
+    "transformers 5.x Qwen3MoeConfig": (_core.MoeConfig, dict(
+        num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False, n_group=1,
+        topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0)),
+    "transformers 5.x Glm4MoeLiteConfig": (_core.MlaConfig, dict(
+        q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192, v_head_dim=256,
+        rope_interleave=True)),
     "transformers 5.x BertConfig": (_core.BertConfig, dict(
         vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)),
