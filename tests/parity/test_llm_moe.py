@@ -163,3 +163,12 @@ def test_glm_from_an_ollama_store(tmp_path, glm):
     packed = resolve("glm-tiny:int4", str(tmp_path)).quantization()
     assert packed["model.layers.1.mlp.experts.7.gate_proj.weight"].bits == 4
     assert packed["model.layers.2.mlp.shared_experts.up_proj.weight"].bits == 4
+
+
+def test_glm_streams_transformers_greedy_text(glm):
+    """The whole generation path (prompt text -> streamed text) on GLM, the seed runner's one LLM."""
+    goldens = json.loads((Path(__file__).parents[1] / "goldens" / "llm_glm4-moe-lite-tiny.json").read_text())
+    prompt = next(p for p in goldens["prompts"] if p["id"] == "chat")
+    greedy = next(g for g in goldens["greedy"] if g["prompt_id"] == "chat")
+    text = "".join(glm.generate(prompt["text"], temperature=0, repeat_penalty=1, num_predict=len(greedy["new_ids"])))
+    assert text == glm.tokenizer.decode(greedy["new_ids"])
