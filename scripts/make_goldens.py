@@ -528,6 +528,20 @@ LLM_MODELS: dict[str, dict] = {
                        tie_word_embeddings=False, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, rope_theta=1e4),
     },
+    # The other MLA and routing branches: queries from one q_proj (q_lora_rank null), RoPE on rotated
+    # halves (rope_interleave false), one expert group, raw sigmoid weights (no norm_topk_prob), two shared
+    # experts' width, tied embeddings.
+    "glm4-moe-lite-tiny-qproj": {
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 2,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=128, q_lora_rank=None, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
+                       moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                       n_group=1, topk_group=1, n_shared_experts=2, routed_scaling_factor=2.5,
+                       norm_topk_prob=False, mlp_layer_types=["sparse", "dense"],
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e4),
+    },
 }
 
 LLM_PROMPTS_COMMON: list[tuple[str, str]] = [
@@ -760,7 +774,7 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
                 "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
                 "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers", "mlp_layer_types",
                 "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts", "q_lora_rank",
-                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rope_interleave")
                 if k in config},
             "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "model_safetensors_bytes": st_path.stat().st_size,

@@ -43,8 +43,8 @@ def is_bf16(goldens) -> bool:
 def test_fixtures_cover_what_the_issue_asks():
     names = {golden_id(p) for p in GOLDENS}
     assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16"} <= names
-    # MoE: norm_topk_prob both ways; MLA with DeepSeek-V3 routing.
-    assert {"qwen3-moe-tiny", "qwen3-moe-tiny-nonorm", "glm4-moe-lite-tiny"} <= names
+    # MoE: norm_topk_prob both ways; MLA with DeepSeek-V3 routing, with and without q_lora_rank.
+    assert {"qwen3-moe-tiny", "qwen3-moe-tiny-nonorm", "glm4-moe-lite-tiny", "glm4-moe-lite-tiny-qproj"} <= names
 
 
 def test_tokenizer_gives_transformers_ids(case):
