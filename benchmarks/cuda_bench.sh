@@ -7,7 +7,9 @@
 # PHASES: build models llm images report (the default: all five, 528 s on the H200 with mflux, inside
 # the device's 10-minute call) and profile (benchmarks/gpu/profile.py, ~5 min: kernel profiles of LLM decode,
 # the VAE and the image denoiser, per-phase peak memory, an MLX CUDA-graph settings sweep; run it in a second
-# call, after the models exist).
+# call, after the models exist), and serving (benchmarks/image_serving.py on both image models: the first request
+# after start against the later ones, HTTP + PNG against the pipeline, peak memory per phase with and without
+# --low-memory; a few minutes, after the models exist).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
 # show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
@@ -100,6 +102,12 @@ if has profile; then
   stamp "profile: kernels per decode token and VAE decode, MLX CUDA-graph settings"
   budget=${PROFILE_BUDGET:-400}  # seconds; sections that would start later are skipped and recorded
   timeout $((budget + 90)) python3 -m benchmarks.gpu.profile --models-dir "$MODELS" --out "$OUT" --budget-s "$budget"
+fi
+
+if has serving; then
+  stamp "serving: first request after start, HTTP + PNG out, memory per phase and --low-memory (image_serving.py)"
+  python3 -m benchmarks.image_serving "$MODELS/zimage-turbo" --size 1024 --steps 9 --out "$OUT/serving-zimage.json"
+  python3 -m benchmarks.image_serving "$MODELS/klein-4b" --size 1024 --steps 4 --out "$OUT/serving-klein.json"
 fi
 
 if has report; then

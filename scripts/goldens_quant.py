@@ -49,7 +49,8 @@ RECIPES: dict[str, dict] = {
 }
 # name -> (float source in tests/fixtures/llm/, recipe). qwen3-tiny: tied head, Qwen3's q/k norms.
 # llama3-tiny: tied head, GQA, llama3 rope scaling (the mlx-lm pitfall). llama-tiny: an untied lm_head,
-# which the mixed recipe gives the high bits.
+# which the mixed recipe gives the high bits. gemma3-vlm-tiny: Gemma 3 in the Hub's layout (mlx-lm reads
+# only its sliding_window_pattern spelling), sliding windows of 8, a packed tied embedding.
 FIXTURES: dict[str, tuple[str, dict]] = {
     **{f"qwen3-tiny-{r}": ("qwen3-tiny", args) for r, args in RECIPES.items()},
     **{f"llama3-tiny-{r}": ("llama3-tiny", args) for r, args in RECIPES.items()},
@@ -59,6 +60,8 @@ FIXTURES: dict[str, tuple[str, dict]] = {
     "qwen3-moe-tiny-q4-g64": ("qwen3-moe-tiny", RECIPES["q4-g64"]),
     # GLM-4.7-Flash: mlx-lm splits kv_b_proj into per-head embed_q / unembed_out (MLA's absorbed form).
     "glm4-moe-lite-tiny-q8-g32": ("glm4-moe-lite-tiny", RECIPES["q8-g32"]),
+    "gemma3-vlm-tiny-q4-g64": ("gemma3-vlm-tiny", RECIPES["q4-g64"]),
+    "gemma3-vlm-tiny-mxfp4": ("gemma3-vlm-tiny", RECIPES["mxfp4"]),
 }
 
 PROMPTS = {
@@ -76,9 +79,12 @@ LOGITS_PROMPT = "short"
 
 
 def with_both_rope_forms(config: dict) -> dict:
-    """Add top-level rope_theta / rope_scaling from transformers 5's rope_parameters (same model)."""
+    """Add top-level rope_theta / rope_scaling from transformers 5's rope_parameters (same model); and for a
+    multimodal Gemma 3 the top-level vocab_size mlx-lm 0.32.2 reads (else 262208) instead of text_config's."""
     rope = dict(config.get("rope_parameters") or {})
     config = dict(config)
+    if "text_config" in config:
+        config["vocab_size"] = config["text_config"]["vocab_size"]
     if "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default":

@@ -318,7 +318,7 @@ def gen_minilm(out_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- #
-# llm-*: tiny random-weight causal LMs (Qwen3 / Llama) + a byte-level BPE
+# llm-*: tiny random-weight causal LMs (Qwen3 / Llama / Mistral / Gemma 3) + a byte-level BPE
 # tokenizer trained offline, saved under tests/fixtures/llm/<name>/.
 # --------------------------------------------------------------------------- #
 
@@ -495,6 +495,54 @@ LLM_MODELS: dict[str, dict] = {
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 64}),
     },
+    # YaRN (Qwen3's long-context recipe) with an original context of 64: the long prompt runs far past it.
+    # Seed 2: 52 (qwen3-tiny's) greedily emits an EOS here.
+    "qwen3-yarn-tiny": {
+        "family": "qwen", "arch": "Qwen3ForCausalLM", "dtype": "float32", "seed": 2,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    },
+    # Sliding-window models: a window of 8 tokens, so every prompt but the shortest and every greedy
+    # continuation cross it many times, and the long prompt's second prefill chunk starts far past it.
+    "mistral-tiny": {
+        "family": "llama", "arch": "MistralForCausalLM", "dtype": "float32", "seed": 0,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=8),
+    },
+    # Gemma 3 as transformers 5 saves it: layer_types and per-layer-type rope_parameters (the global
+    # layers' linear scaling as in Gemma 3 4B and up), query_pre_attn_scalar != head_dim, and a final
+    # logit soft-cap (Gemma 3 has none; Gemma 2's 30 exercises the code). Embeddings N(0, 0.125^2):
+    # Gemma scales them by sqrt(64) = 8 (with N(0, 1) every continuation repeats one token).
+    "gemma3-tiny": {
+        "family": "llama", "arch": "Gemma3ForCausalLM", "dtype": "float32", "seed": 1, "embed_std": 0.125,
+        "config": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       tie_word_embeddings=True, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       query_pre_attn_scalar=24, sliding_window=8, final_logit_softcapping=30.0,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                    "full_attention"],
+                       rope_parameters={
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                           "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}),
+    },
+    # The text part of Gemma3ForConditionalGeneration with a one-layer vision tower, rewritten after
+    # saving into the layout and config spelling of the Hub's Gemma 3 checkpoints (transformers 4.50:
+    # weights under language_model.model., text_config with sliding_window_pattern, rope_theta,
+    # rope_local_base_freq and rope_scaling); transformers 5 reads it back for the goldens.
+    "gemma3-vlm-tiny": {
+        "family": "llama", "arch": "Gemma3ForConditionalGeneration", "dtype": "float32", "seed": 1,
+        "embed_std": 0.125, "hub_layout": True,
+        "config": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=16, intermediate_size=128,
+                       max_position_embeddings=4096, rms_norm_eps=1e-6, query_pre_attn_scalar=16,
+                       sliding_window=8, sliding_window_pattern=3, rope_theta=1e6,
+                       rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    },
     # Qwen3-MoE: 8 experts, top 2 renormalised (norm_topk_prob), layer 1 dense (mlp_only_layers).
     "qwen3-moe-tiny": {
         "family": "qwen", "arch": "Qwen3MoeForCausalLM", "dtype": "float32", "seed": 1,
@@ -572,9 +620,9 @@ def _llm_long_prompt(encode_len: Callable[[str], int]) -> str:
         i += 1
 
 
-def _llm_init_weights(model, seed: int) -> None:
+def _llm_init_weights(model, seed: int, embed_std: float = 1.0) -> None:
     """Large-ish random init so greedy decoding is not a one-token loop:
-    embeddings N(0,1), every other matrix N(0, 0.3^2), norms 1 + N(0, 0.05^2)."""
+    embeddings N(0, embed_std^2), every other matrix N(0, 0.3^2), norms 1 + N(0, 0.05^2)."""
     import torch
 
     torch.manual_seed(seed)
@@ -583,7 +631,7 @@ def _llm_init_weights(model, seed: int) -> None:
             if "norm" in name:
                 p.copy_(1.0 + 0.05 * torch.randn_like(p))
             elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
+                p.normal_(0.0, embed_std)
             else:
                 p.normal_(0.0, 0.3)
         for name, b in model.named_buffers():  # DeepSeek-style routers' bias: a buffer, zero at init
@@ -598,9 +646,14 @@ def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int
 
     family = spec["family"]
     cfg_kwargs = dict(spec["config"])
-    rope = {"rope_type": "default", "rope_theta": cfg_kwargs.pop("rope_theta")}
-    if "rope_scaling" in cfg_kwargs:
-        rope.update(cfg_kwargs.pop("rope_scaling"))
+    if spec.get("hub_layout"):  # written in the Hub's spelling after saving (_llm_to_hub_layout)
+        for key in ("rope_theta", "rope_scaling", "rope_local_base_freq", "sliding_window_pattern"):
+            cfg_kwargs.pop(key)
+    if "rope_parameters" not in cfg_kwargs and not spec.get("hub_layout"):
+        rope = {"rope_type": "default", "rope_theta": cfg_kwargs.pop("rope_theta")}
+        if "rope_scaling" in cfg_kwargs:
+            rope.update(cfg_kwargs.pop("rope_scaling"))
+        cfg_kwargs["rope_parameters"] = rope
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if family == "qwen":
         bos, eos, pad = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
@@ -608,14 +661,20 @@ def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int
     else:
         bos, eos, pad = ids["<s>"], ids["</s>"], None
         gen_eos = [ids["</s>"], ids["<|eot_id|>"]] if spec.get("eos_list") else ids["</s>"]
-    cfg_cls = getattr(transformers, spec["arch"]).config_class
-    config = cfg_cls(vocab_size=vocab, rope_parameters=rope, bos_token_id=bos,
-                     eos_token_id=eos, pad_token_id=pad, initializer_range=0.3,
-                     **cfg_kwargs)
+    cfg_name = LLM_CONFIG_CLASSES.get(spec["arch"], spec["arch"].removesuffix("ForCausalLM") + "Config")
+    cfg_cls = getattr(transformers, cfg_name)
+    config = cfg_cls(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                     initializer_range=0.3, **cfg_kwargs)
+    if spec["arch"] == "Gemma3ForConditionalGeneration":
+        config = transformers.Gemma3Config(
+            text_config=config, vision_config=LLM_TINY_VISION_TOWER, mm_tokens_per_image=4,
+            # no image tokens in the tiny vocabulary: text-only prompts never hold one
+            boi_token_index=vocab, eoi_token_index=vocab + 1, image_token_index=vocab + 2,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, initializer_range=0.3)
     config.architectures = [spec["arch"]]
     torch.manual_seed(spec["seed"])
     model = getattr(transformers, spec["arch"])(config)
-    _llm_init_weights(model, spec["seed"])
+    _llm_init_weights(model, spec["seed"], spec.get("embed_std", 1.0))
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=gen_eos,
                                                pad_token_id=pad)
     dtype = getattr(torch, spec["dtype"])
@@ -626,10 +685,48 @@ def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int
             f.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
+    if spec.get("hub_layout"):
+        _llm_to_hub_layout(folder, spec["config"])
     tok.save(str(folder / "tokenizer.json"), pretty=True)
-    tcfg = _llm_tokenizer_config(family, ids, config.max_position_embeddings)
+    tcfg = _llm_tokenizer_config(family, ids, config.get_text_config().max_position_embeddings)
     (folder / "tokenizer_config.json").write_text(
         json.dumps(tcfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# Config classes whose name is not the architecture's minus "ForCausalLM".
+LLM_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3TextConfig"}
+# The smallest SigLIP tower Gemma3ForConditionalGeneration builds: 28 px images, 2 x 2 patches.
+LLM_TINY_VISION_TOWER = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+
+
+def _llm_to_hub_layout(folder: Path, spec_config: dict) -> None:
+    """Rewrite a saved Gemma3ForConditionalGeneration as the Hub's checkpoints are laid out (transformers
+    4.50): weights model.language_model.* -> language_model.model.*, model.vision_tower.* ->
+    vision_tower.*, model.multi_modal_projector.* -> multi_modal_projector.*; text_config with
+    sliding_window_pattern, rope_theta, rope_local_base_freq and rope_scaling instead of layer_types and
+    per-type rope_parameters."""
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    renamed = {}
+    for name, value in tensors.items():
+        for old, new in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                         ("model.multi_modal_projector.", "multi_modal_projector.")):
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        renamed[name] = value
+    save_file(renamed, str(path), metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    text = config["text_config"]
+    for key in ("layer_types", "rope_parameters", "_sliding_window_pattern"):
+        text.pop(key)
+    for key in ("sliding_window_pattern", "rope_theta", "rope_local_base_freq", "rope_scaling"):
+        text[key] = spec_config[key]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _llm_greedy_reference(model, input_ids: list[int], n: int):
@@ -653,7 +750,7 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
     import torch
     import transformers
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     folder = LLM_FIXTURES_DIR / name
     family = spec["family"]
@@ -664,11 +761,12 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
     dtype = getattr(torch, spec["dtype"])
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
     raw_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
-                                                 attn_implementation="eager")
+    model = getattr(transformers, spec["arch"]).from_pretrained(str(folder), dtype=dtype,
+                                                                attn_implementation="eager")
     model.eval()
     assert next(model.parameters()).dtype == dtype
     config = json.loads((folder / "config.json").read_text())
+    text_config = config.get("text_config", config)  # a multimodal model's text part
     gen_cfg = json.loads((folder / "generation_config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     eos_ids = gen_cfg["eos_token_id"]
@@ -766,21 +864,23 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
             "attn_implementation": "eager",
             "seed": spec["seed"],
             "architecture": spec["arch"],
-            "config_summary": {k: config.get(k) for k in (
+            "config_summary": {k: text_config.get(k) for k in (
                 "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                 "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
                 "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "dtype",
+                "sliding_window", "layer_types", "sliding_window_pattern", "rope_local_base_freq",
+                "query_pre_attn_scalar", "final_logit_softcapping",
                 "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
                 "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers", "mlp_layer_types",
                 "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts", "q_lora_rank",
                 "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rope_interleave")
-                if k in config},
+                if k in text_config},
             "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "model_safetensors_bytes": st_path.stat().st_size,
             "float_format": "shortest decimal that round-trips to the float32 value",
         },
-        "vocab_size": int(config["vocab_size"]),
+        "vocab_size": int(text_config["vocab_size"]),
         "special_tokens": {
             "ids": ids,
             "bos_id": bos_id,
@@ -806,7 +906,7 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
     size = out.stat().st_size
     folder_size = sum(f.stat().st_size for f in folder.iterdir())
     print(f"{name}: wrote {out} ({size} bytes); fixture {folder} ({folder_size} bytes), "
-          f"vocab {config['vocab_size']}, transformers {transformers.__version__}")
+          f"vocab {text_config['vocab_size']}, transformers {transformers.__version__}")
     assert size < 2_000_000, size
     return out
 
@@ -829,6 +929,76 @@ for _name in LLM_MODELS:
 # Alias: runs every llm-* generator. Not a generator itself, so 'all' does not
 # run each model twice.
 ALIASES: dict[str, list[str]] = {"llm-fixtures": [f"llm-{n}" for n in LLM_MODELS]}
+
+
+# --------------------------------------------------------------------------- #
+# gpt-oss-blocks: YaRN RoPE and attention sinks, by transformers' GPT-OSS functions
+# --------------------------------------------------------------------------- #
+
+# (name, rope_parameters): GPT-OSS's own YaRN (truncate false), the same truncated, and DeepSeek's
+# mscale / mscale_all_dim form; head_dim 64, positions from an offset past the original context.
+YARN_CASES = [
+    ("gpt-oss", {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}),
+    ("truncated", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                   "beta_slow": 1.0, "original_max_position_embeddings": 256}),
+    ("mscale", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0,
+                "mscale_all_dim": 0.707, "original_max_position_embeddings": 512}),
+]
+YARN_OFFSET = 5000
+# Attention with sinks: q [1, 4, Lq, 16], k/v [1, 2, 9, 16] (GQA), the queries the last Lq positions.
+SINK_CASES = [("prefill", 9, 0), ("chunk", 3, 0), ("prefill-window-4", 9, 4), ("chunk-window-4", 3, 4)]
+
+
+@generator("gpt-oss-blocks", "YaRN RoPE and attention sinks by transformers' GPT-OSS functions "
+                             "-> tests/goldens/gpt_oss_blocks.json")
+def gen_gpt_oss_blocks(out_dir: Path) -> Path:
+    import torch
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
+
+    torch.manual_seed(0)
+    yarn = []
+    for name, rope in YARN_CASES:
+        context = int(rope["factor"] * rope["original_max_position_embeddings"])  # as YaRN checkpoints say
+        config = GptOssConfig(head_dim=64, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                              max_position_embeddings=context, rope_parameters=dict(rope))
+        rotary = gpt_oss.GptOssRotaryEmbedding(config)
+        x = torch.randn(1, 2, 5, 64)
+        positions = torch.arange(YARN_OFFSET, YARN_OFFSET + 5)[None]
+        cos, sin = rotary(x, positions)
+        rotated, _ = gpt_oss.apply_rotary_pos_emb(x, x, cos, sin)
+        yarn.append({"name": name, "rope_parameters": rope, "head_dim": 64, "offset": YARN_OFFSET,
+                     "attention_factor": float(rotary.attention_scaling),
+                     "inv_freq": f32_list(rotary.inv_freq.numpy()),
+                     "x": f32_list(x.flatten().numpy()), "shape": list(x.shape),
+                     "rotated": f32_list(rotated.flatten().numpy())})
+    sinks = []
+    for name, queries, window in SINK_CASES:
+        q, k, v = torch.randn(1, 4, queries, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+        module = torch.nn.Module()
+        module.sinks = torch.randn(4)
+        module.num_key_value_groups = 2
+        query_pos = torch.arange(9 - queries, 9)[:, None]
+        distance = query_pos - torch.arange(9)[None, :]
+        visible = (distance >= 0) & ((distance < window) if window else True)
+        mask = torch.zeros(queries, 9).masked_fill(~visible, float("-inf"))[None, None]
+        out, _ = gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=0.25)
+        sinks.append({"name": name, "window": window, "scale": 0.25,
+                      "q": f32_list(q.flatten().numpy()), "q_shape": list(q.shape),
+                      "k": f32_list(k.flatten().numpy()), "v": f32_list(v.flatten().numpy()),
+                      "kv_shape": list(k.shape), "sinks": f32_list(module.sinks.numpy()),
+                      "out": f32_list(out.transpose(1, 2).flatten().numpy())})  # back to [B, H, Lq, D]
+    out = out_dir / "gpt_oss_blocks.json"
+    header = {"generator": "scripts/make_goldens.py gpt-oss-blocks",
+              "description": "transformers' GptOssRotaryEmbedding + apply_rotary_pos_emb (YaRN; positions "
+                             "offset..offset+4) and eager_attention_forward (attention sinks; float32, "
+                             "causal, optionally a sliding window) on random inputs; arrays flattened "
+                             "row-major, attention outputs as [B, H, Lq, D].",
+              "metadata": {"versions": lib_versions(), "device": "cpu"}}
+    write_json_lines(out, header, {"yarn": yarn, "sinks": sinks})
+    print(f"gpt-oss-blocks: wrote {out} ({out.stat().st_size} bytes)")
+    return out
 
 
 # --------------------------------------------------------------------------- #

@@ -51,17 +51,23 @@ def minilm_runner():
 
 
 def ready_status(health: dict) -> dict:
-    """A ready runner's /health without its "memory" figures (checked on their own), which vary."""
+    """A ready runner's /health without what varies by machine and model (checked on their own here): its
+    "memory" figures, its "backend" and the model's "architecture"."""
     memory = health.get("memory", {})
     assert set(memory) == {"active_bytes", "cache_bytes", "peak_bytes"}, health
     assert all(isinstance(v, int) and v >= 0 for v in memory.values()), health
-    return {k: v for k, v in health.items() if k != "memory"}
+    backend = health.get("backend", {})
+    assert set(backend) == {"name", "device", "memory_bytes"} and backend["name"] in ("cpu", "cuda", "metal"), health
+    assert isinstance(health.get("architecture"), str) and health["architecture"], health
+    return {k: v for k, v in health.items() if k not in ("memory", "backend", "architecture")}
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m mlxrunner ARGS` to completion."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60, stdin: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """`python -m mlxrunner ARGS` to completion, reading `stdin` (None: an empty stdin, never the test's own,
+    which the commands would read a prompt from when it is not a terminal)."""
     return subprocess.run([sys.executable, "-m", "mlxrunner", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout, input=stdin or "")
 
 
 def cosine(a, b) -> float:

@@ -8,11 +8,16 @@ import http.client
 import io
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
+
+from mlxrunner import backend
+from mlxrunner.settings import DEFAULT_CPU_DTYPE
 
 
 def rel_error(actual, expected) -> float:
@@ -30,6 +35,17 @@ def convert_folder_to_bf16(source: Path, target: Path) -> None:
         arrays = mx.load(str(path))
         mx.save_safetensors(str(path), {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
                                         for k, v in arrays.items()})
+
+
+@contextmanager
+def computing_as_stored() -> Iterator[None]:
+    """Load as with --cpu-dtype stored: the bf16 parity cases check bf16 arithmetic against diffusers' bf16 run,
+    and on the CPU the runner would otherwise compute them in float32."""
+    backend.set_cpu_dtype("stored")
+    try:
+        yield
+    finally:
+        backend.set_cpu_dtype(DEFAULT_CPU_DTYPE)
 
 
 def post(runner, body: dict | str | bytes, path: str = "/completion",

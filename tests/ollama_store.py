@@ -253,15 +253,19 @@ class StoreBuilder:
         blob_key = {"bare": name.split("/", 1)[-1], "data": "data", "full": name}.get(key, key)
         return self.add_layer(TENSOR_MEDIA_TYPE, go_safetensors({blob_key: value}), name, colon_name=colon_name)
 
-    def add_quantized(self, name: str, value, quant_type: str = "int8", *, layout: str = "combined") -> list[dict]:
-        """A quantized weight. ``combined`` = E4 blob ``name``/``.scale``/``.bias`` + metadata;
-        ``separate`` = E1–E3 layers ``name``, ``name_scale``, ``name_qbias`` keyed "data"."""
+    def add_quantized(self, name: str, value, quant_type: str = "int8", *, layout: str = "combined",
+                      global_scale: float | None = None) -> list[dict]:
+        """A quantized weight. ``combined`` = E4 blob ``name``/``.scale``/``.bias`` + metadata, and
+        ``.global_scale`` (an nvfp4 weight's per-tensor F32 factor, as Ollama's linear factory reads it) when
+        given; ``separate`` = E1–E3 layers ``name``, ``name_scale``, ``name_qbias`` keyed "data"."""
         wq, scales, biases = quantize(value, quant_type)
         if layout == "combined":
             group_size = QUANT_SPECS[quant_type.lower()][0]
             tensors = {name: wq, name + ".scale": scales}
             if biases is not None:
                 tensors[name + ".bias"] = biases
+            if global_scale is not None:
+                tensors[name + ".global_scale"] = mx.array(global_scale, dtype=mx.float32)
             metadata = {"quant_type": quant_type, "group_size": str(group_size)}
             return [self.add_layer(TENSOR_MEDIA_TYPE, mlx_safetensors(tensors, metadata), name)]
         if layout != "separate":
@@ -448,10 +452,12 @@ def add_packed_group(builder: StoreBuilder, group: str, tensors: dict, quant_typ
     builder.add_packed(group, packed, metadata=metadata or None, writer="mlx" if metadata else "go")
 
 
-def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike, quant_type: str = "") -> Path:
+def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike, quant_type: str = "",
+               global_scales: dict[str, float] | None = None) -> Path:
     """An HF LLM folder imported the way Ollama's x/create does: one layer per tensor named by the
-    tensor, quantized per :func:`llm_tensor_quantization` into combined E4 blobs, except MoE experts:
-    one packed layer per layer's experts and shared experts; every top-level JSON file but the shard
+    tensor, quantized per :func:`llm_tensor_quantization` into combined E4 blobs (``global_scales``: tensor
+    name -> an nvfp4 weight's global scale, stored beside it), except MoE experts: one packed layer per
+    layer's experts and shared experts; every top-level JSON file but the shard
     index as a JSON layer named by its file name."""
     source_dir = Path(source_dir)
     builder = StoreBuilder(root)
@@ -462,7 +468,8 @@ def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike
             if expert_group(tensor):
                 groups.setdefault(expert_group(tensor), {})[tensor] = raw
             elif kind:
-                builder.add_quantized(tensor, raw, kind, layout="combined")
+                builder.add_quantized(tensor, raw, kind, layout="combined",
+                                      global_scale=(global_scales or {}).get(tensor))
             else:
                 builder.add_tensor(tensor, raw, key="full")
     for group, tensors in groups.items():

@@ -1,7 +1,8 @@
-"""Broken copies of mlx-lm's quantized fixtures, each with the load error it must give.
+"""Broken copies of mlx-lm's quantized fixtures, each with the load error it must give, and the float twin
+of a quantized image model.
 
-Shared by the store's unit tests (the error from ``ModelSource.quantization``) and the runner's
-(``mlxrunner --model BAD`` exits 1 with that error as its ``Error:`` line).
+The broken copies are shared by the store's unit tests (the error from ``ModelSource.quantization``) and
+the runner's (``mlxrunner --model BAD`` exits 1 with that error as its ``Error:`` line).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlxrunner.store import ModelSource
 
 QUANT_FIXTURES = Path(__file__).parent / "fixtures" / "llm-quant"
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -95,3 +98,25 @@ BAD_CASES: dict[str, BadCase] = {
     "float-scales-mxfp8": BadCase("qwen3-tiny-mxfp8", ("mxfp8 scales are U8",),
                                   tensors=replace(scales=lambda w: w[f"{Q_PROJ}.scales"].astype(mx.float32))),
 }
+
+
+def dequantized_image_folder(source: ModelSource, fixture: Path, out: Path,
+                             components: tuple[str, ...] = ("text_encoder", "transformer")) -> Path:
+    """``fixture`` (a float diffusers folder) with ``components`` replaced by ``source``'s tensors (canonical
+    names), every packed weight dequantized exactly (in its scales' dtype when they are float, else float32):
+    the float model a quantized one must match."""
+    shutil.copytree(fixture, out)
+    for component in components:
+        tensors, params = source.tensors(component), source.quantization(component)
+        weights = {}
+        for key, value in tensors.items():
+            if key.endswith(("_scale", "_qbias")):
+                continue
+            p, scales = params.get(key), tensors.get(key + "_scale")
+            weights[key] = value if p is None else mx.dequantize(
+                value, scales, tensors.get(key + "_qbias"), group_size=p.group_size, bits=p.bits, mode=p.mode,
+                dtype=scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else mx.float32)
+        for old in (out / component).glob("*.safetensors*"):
+            old.unlink()
+        mx.save_safetensors(str(out / component / "model.safetensors"), weights)
+    return out

@@ -327,6 +327,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     flux2 = sys.modules.get("benchmarks.test_flux2")
     if flux2 is not None:
         flux2.pytest_terminal_summary_flux2(terminalreporter.write_line)
+    prompt_cache = sys.modules.get("benchmarks.cpu.test_prompt_cache") or sys.modules.get("test_prompt_cache")
+    if prompt_cache is not None:
+        prompt_cache.pytest_terminal_summary_prompt_cache(terminalreporter.write_line)
+    step_cache = sys.modules.get("benchmarks.cpu.test_step_cache")
+    if step_cache is not None:
+        step_cache.pytest_terminal_summary_step_cache(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return

@@ -40,6 +40,7 @@ import gc  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
@@ -83,6 +84,25 @@ def build(name: str, folder: Path) -> dict:
     return {"built": True, "seconds": round(seconds, 2)}
 
 
+def build_quantized(name: str, bits: int, source: Path, folder: Path) -> dict:
+    """mlx-lm's own converter (affine, group 64, what mlx-community publishes) on the bf16 folder: both
+    sides then load the very same packed files."""
+    if (folder / MARKER).exists():
+        return {"built": False}
+    log(f"[build] {name} -> {folder}")
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path",
+                           str(folder), "-q", "--q-bits", str(bits), "--q-group-size", "64"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"quantizing {name} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    (folder / MARKER).write_text("ok\n")
+    seconds = time.perf_counter() - started
+    log(f"[build] {name}: {seconds:.1f} s, {_folder_bytes(folder) / GB:.2f} GB on disk")
+    return {"built": True, "seconds": round(seconds, 2)}
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
@@ -109,9 +129,11 @@ def roofline(folder: Path, config: dict, prompt_tokens: int, decode_tokens: int,
     tensors = tensor_bytes(folder)
     total = sum(b for b, _ in tensors.values())
     params = sum(_numel(s) for _, s in tensors.values())
-    embed_bytes, embed_shape = tensors["model.embed_tokens.weight"]
+    # A quantized embedding is its packed weight plus scales (and biases): all rows of each count.
+    embedding = [name for name in tensors if name.startswith("model.embed_tokens.")]
+    embed_bytes = sum(tensors[name][0] for name in embedding)
     untied = "lm_head.weight" in tensors
-    row = embed_bytes // embed_shape[0]
+    row = embed_bytes // tensors["model.embed_tokens.weight"][1][0]
     # Tied: the embedding is read whole as the lm_head (its gather row is in the same bytes).
     # Untied: the lm_head is read whole, the embedding table only one row (the gather).
     weights_read = total - embed_bytes + row if untied else total
@@ -434,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk, both sides")
     parser.add_argument("--bandwidth-gib", type=float, default=None,
                         help="bandwidth array size (default 2 GiB; 0.25 on a CPU device)")
+    parser.add_argument("--quantize", default="",
+                        help="comma-separated bits (e.g. 4,8): also run NAME-qB, mlx-lm's affine group-64 "
+                             "conversion of each model (instead of the bf16 model, with --quantized-only)")
+    parser.add_argument("--quantized-only", action="store_true", help="skip the bf16 runs of --quantize models")
     parser.add_argument("--build-only", action="store_true", help="build the missing folders and exit")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -452,6 +478,21 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             report["builds"][name] = {"error": traceback.format_exc()}
             log(report["builds"][name]["error"])
+    quantized = []
+    for bits in [int(b) for b in args.quantize.split(",") if b.strip()]:
+        for name in names:
+            qname = f"{name}-q{bits}"
+            quantized.append(qname)
+            try:
+                if "error" in report["builds"][name]:
+                    raise RuntimeError("the bf16 build failed")
+                report["builds"][qname] = build_quantized(qname, bits, args.models_dir / name,
+                                                          args.models_dir / qname)
+            except Exception:  # noqa: BLE001
+                report["builds"][qname] = {"error": traceback.format_exc()}
+                log(report["builds"][qname]["error"])
+    names = (quantized if args.quantized_only else names + quantized)
+    report["settings"]["models"] = names
     if args.build_only:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return 0

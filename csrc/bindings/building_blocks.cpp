@@ -5,7 +5,9 @@
 #include "bindings/bindings.h"
 #include "bindings/config.h"
 #include "nn/activation.h"
+#include "nn/attention.h"
 #include "nn/linear.h"
+#include "nn/rope.h"
 
 namespace mlxr::bindings {
 
@@ -19,6 +21,26 @@ void bind_building_blocks(nb::module_& m) {
         return Linear{.weight = weight, .bias = bias}(x);
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+  m.def(
+      "rope",
+      [](const mx::array& x, const RopeConfig& config, int offset) {
+        RopeConfig c = config;
+        if (c.dims == 0) c.dims = x.shape(-1);
+        return evaluated(Rope(c)(x, offset));
+      },
+      "x"_a, "config"_a, "offset"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+      "A decoder's RoPE on x [B, H, T, D], positions from offset (dims 0: the whole head).");
+  m.def(
+      "attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,
+         std::optional<mx::array> sinks) {
+        return evaluated(window > 0 ? windowed_causal_attention(q, k, v, window, scale, sinks)
+                                    : causal_attention(q, k, v, scale, sinks));
+      },
+      "q"_a, "k"_a, "v"_a, "window"_a = 0, "scale"_a = nb::none(), "sinks"_a = nb::none(),
+      nb::call_guard<nb::gil_scoped_release>(),
+      "Causal attention over [B, H, L, D] (queries the last Lq of the Lk positions), within a sliding window "
+      "when window > 0, with attention sinks [Hq] when given.");
 }
 
 }  // namespace mlxr::bindings

@@ -7,6 +7,8 @@
 //   - from_dict(values): the fields whose keys `values` has, the rest left at the struct's defaults;
 //     unknown keys are ignored and None counts as absent (JSON null), so a config.json can be passed
 //     as it is; a nested config (DecoderConfig.rope) comes from a nested dict;
+//   - updated(values): the same over this config's values instead of the defaults (a nested dict
+//     updates the nested config);
 //   - to_dict(), __repr__ and == over the fields.
 // A value of the wrong type or out of range for the C++ field is a ValueError that names the key:
 // "dim: expected an integer, got 'abc'".
@@ -76,7 +78,11 @@ inline double shortest_decimal(float value) {
 }
 
 template <class Config>
-Config config_from_dict(const nb::dict& values, const std::string& prefix = "");
+Config config_updated(Config config, const nb::dict& values, const std::string& prefix = "");
+template <class Config>
+Config config_from_dict(const nb::dict& values, const std::string& prefix = "") {
+  return config_updated(Config{}, values, prefix);
+}
 template <class Config>
 nb::dict config_to_dict(const Config& config);
 
@@ -175,14 +181,19 @@ nb::object to_python(const T& value) {
 }
 
 template <class Config>
-Config config_from_dict(const nb::dict& values, const std::string& prefix) {
-  Config config;
+Config config_updated(Config config, const nb::dict& values, const std::string& prefix) {
   Config::fields([&](const char* key, auto member) {
     if (!values.contains(key)) return;
     nb::object value = values[key];
     using Field = field_t<Config, decltype(member)>;
     // null keeps the default, but says "none" to a field that can be none (MLA's q_lora_rank: one q_proj).
     if (value.is_none() && !is_optional<Field>::value) return;
+    if constexpr (is_config_v<Field>) {
+      if (PyDict_Check(value.ptr())) {
+        config.*member = config_updated(config.*member, nb::borrow<nb::dict>(value), prefix + key + ".");
+        return;
+      }
+    }
     config.*member = from_python<Field>(value, prefix + key);
   });
   return config;
@@ -249,6 +260,9 @@ nb::class_<Config> bind_config(nb::handle scope, const char* name, const char* d
       "from_dict", [](const nb::dict& values) { return config_from_dict<Config>(values); }, "values"_a,
       "The config with the fields `values` names (e.g. a parsed config.json); defaults for the rest. "
       "Unknown keys are ignored and None counts as absent.");
+  cls.def(
+      "updated", [](const Config& self, const nb::dict& values) { return config_updated(self, values); }, "values"_a,
+      "A copy with the fields `values` names replaced, as from_dict does over the defaults.");
   cls.def("to_dict", &config_to_dict<Config>, "Every field by its config.json key.");
   cls.def("__repr__", [name](const Config& config) { return config_repr(name, config); });
   cls.def(

@@ -33,6 +33,30 @@ void bind_schedule(nb::module_& m) {
   m.attr("DEFAULT_DENOISE_QUEUE_DEPTH") = kDefaultEvalQueueDepth;
 }
 
+void bind_step_cache(nb::module_& m) {
+  nb::class_<StepCache>(m, "StepCache",
+                        "The first-block step cache of one denoising run (diffusers' FirstBlockCache): pass it to a "
+                        "denoising loop, then read how many network evaluations ran in full and how many skipped "
+                        "their remaining blocks.")
+      .def(nb::init<float>(), "threshold"_a,
+           "threshold > 0: an evaluation skips its remaining blocks when the first block's residual changed by at "
+           "most this relative mean absolute difference since the last computed evaluation.")
+      .def_prop_ro("threshold", &StepCache::threshold)
+      .def_prop_ro("computed", &StepCache::computed)
+      .def_prop_ro("skipped", &StepCache::skipped)
+      .def("decisions", &StepCache::decisions, "branch"_a = 0,
+           "One bool per evaluation of `branch` (0: conditional, 1: CFG's unconditional), in order: True where the "
+           "evaluation ran in full.");
+}
+
+// The loop's controls from the bindings' keyword arguments.
+DenoiseControl denoise_control(nb::object progress, nb::object check_cancelled, int queue_depth, StepCache* cache) {
+  return DenoiseControl{.on_step = step_callback(progress),
+                        .between_blocks = cancel_check(check_cancelled),
+                        .queue_depth = queue_depth,
+                        .cache = cache};
+}
+
 void bind_vae(nb::module_& m) {
   bind_network<VaeDecoder>(m, "VaeDecoder", "AutoencoderKL decoder (NHWC in and out).")
       .def(
@@ -70,16 +94,18 @@ void bind_zimage(nb::module_& m) {
       "zimage_denoise",
       [](const ZImageTransformer& model, const mx::array& latents, const std::vector<float>& sigmas,
          const mx::array& caption, std::optional<mx::array> negative, float guidance, nb::object progress,
-         int queue_depth) {
-        auto on_step = step_callback(progress);
+         int queue_depth, nb::object check_cancelled, StepCache* cache) {
+        auto control = denoise_control(progress, check_cancelled, queue_depth, cache);
         nb::gil_scoped_release release;
-        return zimage_denoise(model, latents, sigmas, caption, negative, guidance, on_step, queue_depth);
+        return zimage_denoise(model, latents, sigmas, caption, negative, guidance, control);
       },
       "model"_a, "latents"_a, "sigmas"_a, "caption"_a, "negative"_a = nb::none(), "guidance"_a = 0.0f,
-      "progress"_a = nb::none(), "queue_depth"_a = kDefaultEvalQueueDepth,
+      "progress"_a = nb::none(), "queue_depth"_a = kDefaultEvalQueueDepth, "check_cancelled"_a = nb::none(),
+      "cache"_a = nb::none(),
       "The Z-Image Euler loop: float32 latents [1, C, H, W] -> final latents, or None when progress(step, "
       "total) returned False. CFG (pos + guidance * (pos - neg)) when a negative caption is given. At most "
-      "queue_depth transformer blocks are queued on the device (0: no bound).");
+      "queue_depth transformer blocks are queued on the device (0: no bound). check_cancelled() is called "
+      "between transformer blocks; an exception it raises stops the loop and propagates. cache: a StepCache.");
 }
 
 void bind_flux2(nb::module_& m) {
@@ -107,8 +133,8 @@ void bind_flux2(nb::module_& m) {
       [](const Flux2Transformer& model, const mx::array& latents, const mx::array& latent_ids,
          const std::vector<float>& sigmas, const mx::array& prompt, std::optional<mx::array> negative, float guidance,
          std::optional<mx::array> references, std::optional<mx::array> reference_ids, nb::object progress,
-         int queue_depth) {
-        auto on_step = step_callback(progress);
+         int queue_depth, nb::object check_cancelled, StepCache* cache) {
+        auto control = denoise_control(progress, check_cancelled, queue_depth, cache);
         nb::gil_scoped_release release;
         auto ids = flux2_ids(latent_ids);
         std::vector<Flux2Id> ref_ids;
@@ -116,16 +142,17 @@ void bind_flux2(nb::module_& m) {
           if (!reference_ids) throw std::invalid_argument("flux2_denoise: reference tokens need reference_ids");
           ref_ids = flux2_ids(*reference_ids);
         }
-        return flux2_denoise(model, latents, ids, sigmas, prompt, negative, guidance, references, ref_ids, on_step,
-                             queue_depth);
+        return flux2_denoise(model, latents, ids, sigmas, prompt, negative, guidance, references, ref_ids, control);
       },
       "model"_a, "latents"_a, "latent_ids"_a, "sigmas"_a, "prompt"_a, "negative"_a = nb::none(), "guidance"_a = 1.0f,
       "references"_a = nb::none(), "reference_ids"_a = nb::none(), "progress"_a = nb::none(),
-      "queue_depth"_a = kDefaultEvalQueueDepth,
+      "queue_depth"_a = kDefaultEvalQueueDepth, "check_cancelled"_a = nb::none(), "cache"_a = nb::none(),
       "The FLUX.2 Klein Euler loop over packed latents [1, L, C] -> final packed latents (float32), or None when "
       "progress(step, total) returned False. True CFG (v_neg + guidance * (v_pos - v_neg)) when a negative "
       "embedding is given; reference-image tokens [1, Lr, C] with their ids condition every call. At most "
-      "queue_depth transformer blocks are queued on the device (0: no bound).");
+      "queue_depth transformer blocks are queued on the device (0: no bound). check_cancelled() is called between "
+      "transformer blocks; an exception it raises stops the loop and propagates. cache: a StepCache (the "
+      "conditional and unconditional calls keep separate states).");
 }
 
 void bind_flux2_latents(nb::module_& m) {
@@ -144,6 +171,7 @@ void bind_flux2_latents(nb::module_& m) {
 void bind_diffusion(nb::module_& m) {
   bind_configs(m);
   bind_schedule(m);
+  bind_step_cache(m);
   bind_vae(m);
   bind_zimage(m);
   bind_flux2(m);

@@ -6,6 +6,7 @@
 #include "bindings/bindings.h"
 #include "bindings/config.h"
 #include "bindings/network.h"
+#include "nn/attention.h"
 #include "nn/host.h"
 #include "text/decoder.h"
 #include "text/generate.h"
@@ -32,15 +33,49 @@ void bind_sampling(nb::module_& m) {
   m.def("splitmix64", &splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
 }
 
+void bind_kv_cache(nb::module_& m) {
+  nb::class_<KVCache>(m, "KVCache",
+                      "One attention layer's key/value cache; window > 0: a rotating cache over the last window "
+                      "positions (csrc/text/kv_cache.h).")
+      .def(nb::init<int>(), "window"_a = 0)
+      .def(
+          "update_and_fetch",
+          [](KVCache& self, const mx::array& keys, const mx::array& values) {
+            auto [k, v] = self.update_and_fetch(keys, values);
+            return evaluated(std::vector<mx::array>{k, v});
+          },
+          "keys"_a, "values"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Append [B, H, T, D] keys/values; the [keys, values] attention then runs over.")
+      .def_prop_ro("offset", &KVCache::offset)
+      .def_prop_ro("window", &KVCache::window)
+      .def_prop_ro("held", &KVCache::held)
+      .def_prop_ro("nbytes", &KVCache::nbytes)
+      .def("can_trim_to", &KVCache::can_trim_to, "length"_a)
+      .def("trim_to", &KVCache::trim_to, "length"_a)
+      .def(
+          "copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");
+  m.def(
+      "sliding_window_mask",
+      [](int queries, int keys, int window) { return evaluated(sliding_window_mask(queries, keys, window)); },
+      "queries"_a, "keys"_a, "window"_a,
+      "Boolean [queries, keys]: which keys each query sees, the queries being the last of the keys' positions.");
+}
+
 void bind_decoder(nb::module_& m) {
   bind_config<RopeConfig>(m, "RopeConfig", "A decoder's RoPE: rope_theta and transformers' rope_parameters.");
   bind_config<MoeConfig>(m, "MoeConfig", "A decoder's routed experts (config.json's top-level MoE keys).");
   bind_config<MlaConfig>(m, "MlaConfig", "Multi-head latent attention (config.json's top-level MLA keys).");
-  bind_config<DecoderConfig>(
-      m, "DecoderConfig",
-      "transformers' LlamaConfig / Qwen3Config / Qwen3MoeConfig / Glm4MoeLiteConfig (config.json).");
+  bind_config<DecoderConfig>(m, "DecoderConfig",
+                             "transformers' LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig / "
+                             "Qwen3MoeConfig / Glm4MoeLiteConfig (config.json).")
+      .def_static("defaults", &DecoderConfig::defaults, "architecture"_a,
+                  "The defaults of an architecture's transformers config class "
+                  "(llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite).")
+      .def("window", &DecoderConfig::window, "layer"_a,
+           "The layer's sliding window (a token sees itself and window - 1 before it); 0: full attention.");
 
-  bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3, Qwen3-MoE, GLM-4.7-Flash).")
+  bind_network<Decoder>(m, "Decoder",
+                        "Llama-family decoder (Llama 2/3, Qwen3, Mistral, Gemma 3 text, Qwen3-MoE, GLM-4.7-Flash).")
       .def(
           "logits",
           [](const Decoder& self, const std::vector<int>& tokens, int chunk) {
@@ -58,11 +93,27 @@ void bind_decoder(nb::module_& m) {
            "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
            "the fused projections then free the checkpoint's separate arrays as they go).");
 
+  nb::class_<SequenceCache>(m, "SequenceCache",
+                            "One sequence's key/value caches, a layer each (what the prompt cache keeps).")
+      .def_prop_ro("length", &SequenceCache::length, "Positions held.")
+      .def_prop_ro("nbytes", &SequenceCache::nbytes, "Bytes its buffers hold.")
+      .def("trim", &SequenceCache::trim, "n"_a,
+           "Forget the last n positions in every layer; False (and unchanged) if a layer cannot.")
+      .def(
+          "copy", [](const SequenceCache& self) { return SequenceCache(self); },
+          "An independent copy (cheap: the arrays are shared until one side writes).");
+
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
-      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int>(), "model"_a, "prompt"_a,
-           "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, nb::keep_alive<1, 2>())
+      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
+                    std::optional<SequenceCache>>(),
+           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
+           "cache"_a = nb::none(), nb::keep_alive<1, 2>())
       .def("__iter__", [](nb::handle self) { return self; })
       .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
+      .def("prefill_chunk", &Generator::prefill_chunk, nb::call_guard<nb::gil_scoped_release>(),
+           "Prefill the next chunk; returns the prompt tokens still to prefill (0: only the last is left).")
+      .def("take_cache", &Generator::take_cache,
+           "The caches (prompt + every token returned), moved out; the generator is finished.")
       .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)
       .def_prop_ro("position", &Generator::position)
       .def_prop_ro(
@@ -84,6 +135,7 @@ void bind_decoder(nb::module_& m) {
 
 void bind_text(nb::module_& m) {
   bind_sampling(m);
+  bind_kv_cache(m);
   bind_decoder(m);
 }
 

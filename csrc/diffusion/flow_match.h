@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "mlx/mlx.h"
+#include "diffusion/step_cache.h"
 #include "nn/config_fields.h"
 #include "nn/eval_queue.h"
 
@@ -44,6 +45,14 @@ std::vector<double> linspace(double start, double stop, int n);
 using Velocity = std::function<mx::array(const mx::array& x, int step)>;
 // Called with (i, N) before step i and (N, N) when done; returning false cancels the run.
 using StepCallback = std::function<bool(int step, int total)>;
+
+// How a model's denoising loop runs, apart from what it computes.
+struct DenoiseControl {
+  StepCallback on_step;                      // progress, and a cancel between steps
+  EvalQueue::BetweenBlocks between_blocks;   // throws to cancel between transformer blocks (mid-step)
+  int queue_depth = kDefaultEvalQueueDepth;  // transformer blocks queued on the device at most (0: unbounded)
+  StepCache* cache = nullptr;                // the first-block cache; none: every block of every step runs
+};
 
 // Runs the Euler loop, the network's blocks and each step's latents pushed to `queue`; nullopt when
 // cancelled. When the callback runs for step i, all of step i - 1 but the last few blocks queued on

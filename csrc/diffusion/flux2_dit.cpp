@@ -203,7 +203,7 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
 }
 
 mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                                    const Flux2Rope& rope, EvalQueue* queue) const {
+                                    const Flux2Rope& rope, EvalQueue* queue, StepCacheBranch* cache) const {
   const auto& c = config_;
   if (hidden.ndim() != 3 || hidden.shape(2) != c.in_channels) {
     throw std::invalid_argument("FLUX.2: image tokens must be [B, L, " + std::to_string(c.in_channels) + "], got " +
@@ -220,7 +220,6 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
   }
   if (timestep.size() != static_cast<size_t>(b)) throw std::invalid_argument("FLUX.2: need one timestep per sample");
   const auto dt = dtype();
-  const int d = c.dim();
 
   auto temb = time_embedding(mx::reshape(timestep, {b}));
   auto act = silu(temb);
@@ -229,18 +228,22 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
 
   auto x = x_embedder_(mx::astype(hidden, dt));
   auto ctx = context_embedder_(mx::astype(context, dt));
-  for (const auto& block : double_blocks_) {
-    std::tie(x, ctx) = double_block(block, x, ctx, mod_img, mod_txt, rope);
-    if (queue) queue->push({x, ctx});
+  mx::array y = x;
+  if (cache && !double_blocks_.empty()) {
+    // The first double block is the cache's head; its residual is the image stream's (diffusers'
+    // hidden_states). The tail residual is taken on the image tokens only: the text ones are dropped.
+    auto [head, head_ctx] = double_block(double_blocks_[0], x, ctx, mod_img, mod_txt, rope);
+    if (queue) queue->push({head, head_ctx});
+    if (cache->should_compute(mx::subtract(head, x))) {
+      y = blocks_from(1, head, head_ctx, mod_img, mod_txt, mod_single, rope, queue);
+      cache->remember(head, y);
+    } else {
+      y = cache->reuse(head);
+    }
+  } else {
+    y = blocks_from(0, x, ctx, mod_img, mod_txt, mod_single, rope, queue);
   }
 
-  auto hs = mx::concatenate({ctx, x}, 1);
-  for (const auto& block : single_blocks_) {
-    hs = single_block(block, hs, mod_single, rope);
-    if (queue) queue->push({hs});
-  }
-
-  auto y = mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});
   // AdaLayerNormContinuous: (scale, shift), scale first.
   auto final_mod = mx::split(mx::expand_dims(norm_out_(act), 1), 2, -1);
   y = mx::add(mx::multiply(mx::fast::layer_norm(y, std::nullopt, std::nullopt, c.eps),
@@ -249,13 +252,31 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
   return mx::astype(proj_out_(y), mx::float32);
 }
 
+mx::array Flux2Transformer::blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
+                                        const std::vector<mx::array>& mod_txt,
+                                        const std::vector<mx::array>& mod_single, const Flux2Rope& rope,
+                                        EvalQueue* queue) const {
+  for (size_t i = first; i < double_blocks_.size(); ++i) {
+    std::tie(x, ctx) = double_block(double_blocks_[i], x, ctx, mod_img, mod_txt, rope);
+    if (queue) queue->push({x, ctx});
+  }
+  const int b = x.shape(0), text_len = ctx.shape(1), image_len = x.shape(1), d = x.shape(2);
+  auto hs = mx::concatenate({ctx, x}, 1);
+  for (const auto& block : single_blocks_) {
+    hs = single_block(block, hs, mod_single, rope);
+    if (queue) queue->push({hs});
+  }
+  return mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});
+}
+
 std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
                                        const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
                                        const mx::array& prompt, const std::optional<mx::array>& negative,
                                        float guidance, const std::optional<mx::array>& references,
-                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step,
-                                       int queue_depth) {
-  EvalQueue queue(queue_depth);
+                                       const std::vector<Flux2Id>& reference_ids, const DenoiseControl& control) {
+  EvalQueue queue(control.queue_depth, control.between_blocks);
+  if (control.cache) control.cache->reset();
+  auto branch = [&](int index) { return control.cache ? &control.cache->branch(index) : nullptr; };
   if (latents.ndim() != 3 || latents.shape(0) != 1 || latents.shape(1) != static_cast<int>(latent_ids.size())) {
     throw std::invalid_argument("FLUX.2: latents must be [1, L, C] with one id per token, got " +
                                 shape_string(latents.shape()) + " and " + std::to_string(latent_ids.size()) + " ids");
@@ -287,14 +308,14 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
     auto keep = [&](const mx::array& out) {
       return mx::slice(out, {0, 0, 0}, {out.shape(0), noise_len, out.shape(2)});
     };
-    auto v = keep(model.forward(input, prompt_in, t, rope, &queue));
+    auto v = keep(model.forward(input, prompt_in, t, rope, &queue, branch(0)));
     if (cfg) {
-      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope, &queue));
+      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope, &queue, branch(1)));
       v = mx::add(v_neg, mx::multiply(mx::array(guidance), mx::subtract(v, v_neg)));
     }
     return v;
   };
-  return denoise(latents, sigmas, velocity, on_step, queue);
+  return denoise(latents, sigmas, velocity, control.on_step, queue);
 }
 
 }  // namespace mlxr

@@ -79,9 +79,10 @@ class Flux2Transformer {
   // [B, T, joint_attention_dim], timestep [B] as the pipeline passes it (t / 1000, i.e. sigma; the
   // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
   // Returns the raw output for every image token, float32 [B, L, out_channels]. Pushes each block's
-  // output to `queue` if given (the denoising loop's; see EvalQueue).
+  // output to `queue` if given (the denoising loop's; see EvalQueue). With `cache`, the first double
+  // block decides on its image-stream residual whether the other blocks run (StepCache).
   mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep, const Flux2Rope& rope,
-                    EvalQueue* queue = nullptr) const;
+                    EvalQueue* queue = nullptr, StepCacheBranch* cache = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.dtype(); }
@@ -95,6 +96,10 @@ class Flux2Transformer {
   mx::array single_block(const Flux2SingleBlock& block, const mx::array& h, const std::vector<mx::array>& mod,
                          const Flux2Rope& rope) const;
   mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const Flux2Rope& rope) const;
+  // The blocks from double block `first` on -> the image tokens after the last single block.
+  mx::array blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
+                        const std::vector<mx::array>& mod_txt, const std::vector<mx::array>& mod_single,
+                        const Flux2Rope& rope, EvalQueue* queue) const;
 
   Flux2Config config_;
   std::vector<std::vector<double>> inv_freq_;  // per axis, float64
@@ -115,14 +120,14 @@ class Flux2Transformer {
 //   references  packed reference-image tokens [1, Lr, C] with their ids (10 (k + 1), y, x, 0):
 //               appended after the noise in every call, their outputs dropped.
 // The timestep is quantised as diffusers does: t = sigma * 1000 (float32) cast to the model dtype,
-// / 1000 there, x 1000 inside the model. At most `queue_depth` blocks are queued on the device
-// (EvalQueue; 0: unbounded). Returns the final packed latents (float32), or nullopt when cancelled.
+// / 1000 there, x 1000 inside the model. A step cache keeps the conditional (branch 0) and
+// unconditional (branch 1) calls apart, as diffusers' cache contexts "cond" and "uncond" do.
+// Returns the final packed latents (float32), or nullopt when cancelled.
 std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
                                        const std::vector<Flux2Id>& latent_ids, const std::vector<float>& sigmas,
                                        const mx::array& prompt, const std::optional<mx::array>& negative,
                                        float guidance, const std::optional<mx::array>& references,
-                                       const std::vector<Flux2Id>& reference_ids, const StepCallback& on_step,
-                                       int queue_depth);
+                                       const std::vector<Flux2Id>& reference_ids, const DenoiseControl& control);
 
 // Diffusers' compute_empirical_mu: the dynamic-shift mu for `image_seq_len` noise tokens and N steps.
 double flux2_empirical_mu(int image_seq_len, int num_steps);

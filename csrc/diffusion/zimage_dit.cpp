@@ -254,7 +254,7 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
 }
 
 mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& t, const ZImageInputs& in,
-                                     EvalQueue* queue) const {
+                                     EvalQueue* queue, StepCacheBranch* cache) const {
   if (latents.shape() != in.latent_shape) {
     throw std::invalid_argument("Z-Image: latents " + shape_string(latents.shape()) + " are not the " +
                                 shape_string(in.latent_shape) + " the inputs were prepared for");
@@ -283,8 +283,23 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
   for (const auto& block : noise_refiner_) {
     image = pushed(block_forward(block, image, in.image_rope, std::nullopt, adaln));
   }
+  auto layer = [&](const ZImageBlock& block, const mx::array& h) {
+    return pushed(block_forward(block, h, in.joint_rope, in.joint_mask, adaln));
+  };
   auto x = mx::concatenate({image, in.caption}, 1);
-  for (const auto& block : layers_) x = pushed(block_forward(block, x, in.joint_rope, in.joint_mask, adaln));
+  if (cache && !layers_.empty()) {
+    // The first main layer is the cache's head (diffusers' FirstBlockCache hooks `layers`, not the refiners).
+    auto head = layer(layers_[0], x);
+    if (cache->should_compute(mx::subtract(head, x))) {
+      x = head;
+      for (size_t i = 1; i < layers_.size(); ++i) x = layer(layers_[i], x);
+      cache->remember(head, x);
+    } else {
+      x = cache->reuse(head);
+    }
+  } else {
+    for (const auto& block : layers_) x = layer(block, x);
+  }
 
   // Final layer on the image tokens (it is per token): LayerNorm without affine, scaled, projected.
   x = mx::slice(x, {0, 0, 0}, {b, n, dim});
@@ -300,8 +315,10 @@ mx::array ZImageTransformer::forward(const mx::array& latents, const mx::array& 
 std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx::array& latents,
                                         const std::vector<float>& sigmas, const mx::array& caption,
                                         const std::optional<mx::array>& negative, float guidance,
-                                        const StepCallback& on_step, int queue_depth) {
-  EvalQueue queue(queue_depth);
+                                        const DenoiseControl& control) {
+  EvalQueue queue(control.queue_depth, control.between_blocks);
+  if (control.cache) control.cache->reset();
+  StepCacheBranch* cache = control.cache ? &control.cache->branch(0) : nullptr;
   const bool cfg = negative.has_value();
   std::vector<mx::array> captions{caption};
   if (cfg) captions.push_back(*negative);
@@ -314,14 +331,14 @@ std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx
     const float t_model = (1000.0f - timestep) / 1000.0f;
     const int batch = cfg ? 2 : 1;
     auto input = cfg ? mx::concatenate({x, x}, 0) : x;
-    auto out = model.forward(input, mx::full({batch}, t_model, mx::float32), inputs, &queue);
+    auto out = model.forward(input, mx::full({batch}, t_model, mx::float32), inputs, &queue, cache);
     if (cfg) {
       auto halves = mx::split(out, 2, 0);
       out = mx::add(halves[0], mx::multiply(mx::array(guidance), mx::subtract(halves[0], halves[1])));
     }
     return mx::negative(out);
   };
-  return denoise(latents, sigmas, velocity, on_step, queue);
+  return denoise(latents, sigmas, velocity, control.on_step, queue);
 }
 
 }  // namespace mlxr

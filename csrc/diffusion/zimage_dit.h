@@ -79,9 +79,10 @@ class ZImageTransformer {
   // The parts of forward() that do not change between steps: caption tokens through the context
   // refiner, RoPE tables, the key mask. Evaluated before it returns.
   ZImageInputs prepare(const mx::Shape& latent_shape, const std::vector<mx::array>& captions) const;
-  // One network evaluation on prepared inputs; pushes each block's output to `queue` if given.
+  // One network evaluation on prepared inputs; pushes each block's output to `queue` if given. With
+  // `cache`, the main layers' first block decides whether the others run (StepCache).
   mx::array forward(const mx::array& latents, const mx::array& t, const ZImageInputs& inputs,
-                    EvalQueue* queue = nullptr) const;
+                    EvalQueue* queue = nullptr, StepCacheBranch* cache = nullptr) const;
 
   const ZImageConfig& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.dtype(); }
@@ -107,11 +108,11 @@ class ZImageTransformer {
 
 // The Z-Image sampling loop: Euler over `sigmas` from `latents` (float32 [1, C, H, W]), with true
 // classifier-free guidance when `negative` is given: pred = pos + guidance * (pos - neg) (diffusers'
-// convention: guidance 0 means off). Both halves run as one batch of 2. At most `queue_depth` blocks
-// are queued on the device (EvalQueue; 0: unbounded).
+// convention: guidance 0 means off). Both halves run as one batch of 2, so a step cache decides for
+// both at once (one branch; diffusers' FirstBlockCache does the same with this batched call).
 std::optional<mx::array> zimage_denoise(const ZImageTransformer& model, const mx::array& latents,
                                         const std::vector<float>& sigmas, const mx::array& caption,
                                         const std::optional<mx::array>& negative, float guidance,
-                                        const StepCallback& on_step, int queue_depth);
+                                        const DenoiseControl& control);
 
 }  // namespace mlxr

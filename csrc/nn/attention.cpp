@@ -6,8 +6,8 @@ namespace mlxr {
 
 namespace {
 
-float inverse_sqrt_head_dim(const mx::array& q) {
-  return 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
+float scale_or_default(std::optional<float> scale, const mx::array& q) {
+  return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
 }
 
 }  // namespace
@@ -33,15 +33,31 @@ mx::array merge_heads(const mx::array& x) {
   return mx::reshape(mx::transpose(x, {0, 2, 1, 3}), {x.shape(0), x.shape(2), x.shape(1) * x.shape(3)});
 }
 
-mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask) {
-  const float scale = inverse_sqrt_head_dim(q);
-  return mask ? mx::fast::scaled_dot_product_attention(q, k, v, scale, "", *mask)
-              : mx::fast::scaled_dot_product_attention(q, k, v, scale, "");
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
+                    std::optional<float> scale, const std::optional<mx::array>& sinks) {
+  return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), "", mask, sinks);
 }
 
-mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v) {
+mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,
+                           const std::optional<mx::array>& sinks) {
   // A single query is the last position: it sees every key, and needs no mask.
-  return mx::fast::scaled_dot_product_attention(q, k, v, inverse_sqrt_head_dim(q), q.shape(2) > 1 ? "causal" : "");
+  return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), q.shape(2) > 1 ? "causal" : "",
+                                                std::nullopt, sinks);
+}
+
+mx::array windowed_causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, int window,
+                                    std::optional<float> scale, const std::optional<mx::array>& sinks) {
+  const int queries = q.shape(2), keys = k.shape(2);
+  if (queries == 1 && keys <= window) return attention(q, k, v, std::nullopt, scale, sinks);
+  return attention(q, k, v, sliding_window_mask(queries, keys, window), scale, sinks);
+}
+
+mx::array sliding_window_mask(int queries, int keys, int window) {
+  // Query i is position keys - queries + i; key j is position j.
+  auto query_pos = mx::expand_dims(mx::arange(keys - queries, keys, mx::int32), 1);
+  auto key_pos = mx::expand_dims(mx::arange(keys, mx::int32), 0);
+  auto distance = mx::subtract(query_pos, key_pos);
+  return mx::logical_and(mx::greater_equal(distance, mx::array(0)), mx::less(distance, mx::array(window)));
 }
 
 mx::array padding_key_mask(const mx::array& attention_mask) {

@@ -29,15 +29,33 @@ mx::array heads_first(const mx::array& x);
 // [B, heads, L, D] -> [B, L, heads * D].
 mx::array merge_heads(const mx::array& x);
 
-// softmax(q k^T / sqrt(D)) v over q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq a multiple of Hkv: MLX
+// softmax(q k^T * scale) v over q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq a multiple of Hkv: MLX
 // broadcasts the key/value heads over their query groups). `mask`, broadcast to [B, Hq, Lq, Lk], is
-// either boolean (true = the query attends to that key) or additive (added to the scores).
+// either boolean (true = the query attends to that key) or additive (added to the scores). The scale
+// is 1 / sqrt(D) unless given (Gemma's query_pre_attn_scalar). `sinks` [Hq] are attention sinks (GPT-OSS):
+// per head, one more logit in the softmax's denominator that attends to nothing, so a query may give
+// less than all of its attention to the keys.
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                    const std::optional<mx::array>& mask = std::nullopt);
+                    const std::optional<mx::array>& mask = std::nullopt, std::optional<float> scale = std::nullopt,
+                    const std::optional<mx::array>& sinks = std::nullopt);
 
 // The same, each query attending to its own and earlier positions only. Queries are the last Lq
 // of the Lk positions (a prefill chunk after a cache): query i sees keys up to Lk - Lq + i.
-mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v);
+mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           std::optional<float> scale = std::nullopt,
+                           const std::optional<mx::array>& sinks = std::nullopt);
+
+// Sliding-window attention: causal, and a query sees only the `window` positions ending at its own
+// (itself and window - 1 before it), as transformers' sliding_window. The keys are in temporal order
+// with the queries their last Lq, except that a lone query with at most `window` keys sees them all,
+// in any order (a rotating cache's decode step: text/kv_cache.h).
+mx::array windowed_causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, int window,
+                                    std::optional<float> scale = std::nullopt,
+                                    const std::optional<mx::array>& sinks = std::nullopt);
+
+// Boolean [Lq, Lk]: which keys each query sees under a causal sliding window, the queries being the
+// last Lq of Lk positions in order.
+mx::array sliding_window_mask(int queries, int keys, int window);
 
 // Masks from a [B, T] attention mask (nonzero = a token, 0 = padding):
 // padding keys get no attention: boolean [B, 1, 1, T];

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -25,16 +26,20 @@ constexpr int kDefaultEvalQueueDepth = 2;
 
 class EvalQueue {
  public:
+  // Called after each push; it throws to stop the network mid-step (a cancelled job).
+  using BetweenBlocks = std::function<void()>;
+
   // depth 0 means unbounded: only push()'s async_eval, no waiting (the whole-step behaviour when
   // pushed once a step). A negative depth is an error that names the queue_depth argument.
-  explicit EvalQueue(int depth);
+  explicit EvalQueue(int depth, BetweenBlocks between_blocks = {});
 
-  // Starts evaluating `outputs` (one block's) on the device, then waits until at most `depth` pushed
-  // blocks are unfinished.
+  // Starts evaluating `outputs` (one block's) on the device, waits until at most `depth` pushed
+  // blocks are unfinished, then calls between_blocks: a cancel lands within a block or so of work.
   void push(const std::vector<mx::array>& outputs);
 
  private:
   int depth_;
+  BetweenBlocks between_blocks_;
   std::deque<std::vector<mx::array>> queued_;
 };
 

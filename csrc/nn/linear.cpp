@@ -1,14 +1,38 @@
 #include "nn/linear.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace mlxr {
 
 namespace {
 
+// `y` times the weight's global scale, if it has one (in y's dtype, so the result keeps it).
+mx::array scaled(const mx::array& y, const Quantized& q) {
+  return q.global_scale ? mx::multiply(y, mx::astype(*q.global_scale, y.dtype())) : y;
+}
+
+// MLX 0.32.4's CUDA kernels for affine 2/3-bit weights in groups of 128 fail on float32 activations once
+// 33 or more rows are in flight (a kernel launch error); bfloat16 activations run at every size. Such layers
+// take their input in bfloat16 there (what real checkpoints compute in anyway) and give float32 back.
+bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
+  return x.dtype() == mx::float32 && spec.mode == "affine" && spec.group_size == 128 &&
+         (spec.bits == 2 || spec.bits == 3) && running_on_cuda();
+}
+
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  return mx::quantized_matmul(x, packed, q.scales, q.biases, true, q.spec.group_size, q.spec.bits, q.spec.mode);
+  const auto& spec = q.spec;
+  if (needs_bf16_activations(x, spec)) {
+    // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
+    auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };
+    std::optional<mx::array> biases;
+    if (q.biases) biases = bf16(*q.biases);
+    auto y = mx::quantized_matmul(bf16(x), packed, bf16(q.scales), biases, true, spec.group_size, spec.bits,
+                                  spec.mode);
+    return scaled(mx::astype(y, mx::float32), q);
+  }
+  return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
 
 std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {
@@ -16,6 +40,7 @@ std::vector<mx::array> with_companions(const mx::array& weight, const std::optio
   if (q) {
     out.push_back(q->scales);
     if (q->biases) out.push_back(*q->biases);
+    if (q->global_scale) out.push_back(*q->global_scale);
   }
   return out;
 }
@@ -32,6 +57,8 @@ Linear Linear::load(const Weights& w, int in_features, int out_features, bool wi
 bool Linear::can_concat(const Linear& a, const Linear& b) {
   if (a.bias.has_value() != b.bias.has_value() || a.quantized.has_value() != b.quantized.has_value()) return false;
   if (!a.quantized) return a.weight.dtype() == b.weight.dtype();
+  // Parts with their own global scales would need a scale per output column: they run apart.
+  if (a.quantized->global_scale || b.quantized->global_scale) return false;
   return a.quantized->spec == b.quantized->spec && a.quantized->scales.dtype() == b.quantized->scales.dtype();
 }
 
@@ -117,7 +144,13 @@ mx::array Embedding::operator()(const mx::array& ids) const {
   const auto& q = *quantized;
   std::optional<mx::array> biases;
   if (q.biases) biases = mx::take(*q.biases, ids, 0);
-  return mx::dequantize(rows, mx::take(q.scales, ids, 0), biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  // With a global scale the rows come back float32: a bfloat16 value times a float32 scale is seldom a
+  // bfloat16 value, and the table holds the products.
+  std::optional<mx::Dtype> dtype;
+  if (q.global_scale) dtype = mx::float32;
+  return scaled(mx::dequantize(rows, mx::take(q.scales, ids, 0), biases, q.spec.group_size, q.spec.bits, q.spec.mode,
+                               std::nullopt, dtype),
+                q);
 }
 
 mx::array Embedding::as_linear(const mx::array& x) const {

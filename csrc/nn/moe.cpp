@@ -78,12 +78,14 @@ void check_moe_config(const MoeConfig& c) {
   if (c.n_shared_experts < 0) fail("n_shared_experts must not be negative");
 }
 
-GatedMLP GatedMLP::load(const Weights& w, int hidden_size, int intermediate_size, bool with_bias) {
+GatedMLP GatedMLP::load(const Weights& w, int hidden_size, int intermediate_size, bool with_bias,
+                        const std::string& activation) {
   return GatedMLP{
       .gate_up_proj = FusedLinear::fuse({Linear::load(w.sub("gate_proj"), hidden_size, intermediate_size, with_bias),
                                          Linear::load(w.sub("up_proj"), hidden_size, intermediate_size, with_bias)}),
       .down_proj = Linear::load(w.sub("down_proj"), intermediate_size, hidden_size, with_bias),
       .intermediate_size = intermediate_size,
+      .activation = activation,
   };
 }
 
@@ -91,7 +93,7 @@ mx::array GatedMLP::operator()(const mx::array& x) const {
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
   auto gate = last_axis_slice(gate_up, 0, intermediate_size);
   auto up = last_axis_slice(gate_up, intermediate_size, 2 * intermediate_size);
-  return down_proj(gated_silu(gate, up));
+  return down_proj(activation == "silu" ? gated_silu(gate, up) : mx::multiply(mlxr::activation(activation, gate), up));
 }
 
 std::vector<mx::array> GatedMLP::arrays() const {

@@ -42,13 +42,16 @@ struct MoeConfig {
 // Throws std::invalid_argument naming the field when the routing cannot run.
 void check_moe_config(const MoeConfig& config);
 
-// down(silu(gate(x)) * up(x)); gate and up stored as one [gate | up] layer (one matmul fewer).
+// down(act(gate(x)) * up(x)), act SiLU unless the config names another (Gemma's GELU-tanh); gate and up
+// stored as one [gate | up] layer (one matmul fewer).
 struct GatedMLP {
   FusedLinear gate_up_proj;
   Linear down_proj;
   int intermediate_size;
+  std::string activation = "silu";  // a hidden_act name (nn/activation.h)
 
-  static GatedMLP load(const Weights& w, int hidden_size, int intermediate_size, bool with_bias = false);
+  static GatedMLP load(const Weights& w, int hidden_size, int intermediate_size, bool with_bias = false,
+                       const std::string& activation = "silu");
   mx::array operator()(const mx::array& x) const;
   std::vector<mx::array> arrays() const;
 };

@@ -19,6 +19,11 @@ RMSNorm RMSNorm::load(const Weights& w, int dims, float eps) {
   return RMSNorm{.weight = w.get("weight", {dims}), .eps = eps};
 }
 
+RMSNorm RMSNorm::load_one_plus(const Weights& w, int dims, float eps) {
+  auto weight = w.get("weight", {dims});
+  return RMSNorm{.weight = mx::add(weight, mx::array(1.0f, weight.dtype())), .eps = eps};
+}
+
 mx::array RMSNorm::operator()(const mx::array& x) const {
   return mx::fast::rms_norm(x, weight, eps);
 }

@@ -21,6 +21,9 @@ struct RMSNorm {
   float eps;
 
   static RMSNorm load(const Weights& w, int dims, float eps);
+  // Gemma's RMSNorm, which scales by (1 + weight) (its checkpoints store the offset from 1): the 1 is
+  // added once here, in the weight's dtype, as mlx-lm does.
+  static RMSNorm load_one_plus(const Weights& w, int dims, float eps);
   mx::array operator()(const mx::array& x) const;
 };
 

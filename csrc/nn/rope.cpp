@@ -1,5 +1,6 @@
 #include "nn/rope.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -35,6 +36,45 @@ mx::array llama3_periods(const RopeConfig& c) {
   return mx::array(periods.data(), {static_cast<int>(periods.size())}, mx::float32);
 }
 
+// YaRN (transformers' _compute_yarn_parameters): per pair, the inverse frequency blends the
+// interpolated (divided by factor) and the original one by a linear ramp over the dimensions whose
+// wavelength falls between beta_fast and beta_slow rotations of the original context; as periods.
+mx::array yarn_periods(const RopeConfig& c) {
+  const double base = c.rope_theta, dims = c.dims;
+  auto correction_dim = [&](double rotations) {
+    return dims * std::log(c.original_max_position_embeddings / (rotations * 2.0 * M_PI)) / (2.0 * std::log(base));
+  };
+  double low = correction_dim(c.beta_fast), high = correction_dim(c.beta_slow);
+  if (c.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, dims - 1);
+  if (low == high) high += 0.001;  // as transformers: no division by zero
+  std::vector<float> periods;
+  for (int i = 0; i < c.dims / 2; ++i) {
+    const double period = std::pow(base, 2.0 * i / dims);
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    const double extrapolation = 1.0 - ramp;  // the share of the original frequency
+    const double inverse = (1.0 / (c.factor * period)) * (1.0 - extrapolation) + (1.0 / period) * extrapolation;
+    periods.push_back(static_cast<float>(1.0 / inverse));
+  }
+  return mx::array(periods.data(), {static_cast<int>(periods.size())}, mx::float32);
+}
+
+double yarn_mscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+float yarn_attention_factor(const RopeConfig& c) {
+  if (c.attention_factor > 0.0f) return c.attention_factor;
+  if (c.mscale != 0.0f && c.mscale_all_dim != 0.0f) {
+    return static_cast<float>(yarn_mscale(c.factor, c.mscale) / yarn_mscale(c.factor, c.mscale_all_dim));
+  }
+  return static_cast<float>(yarn_mscale(c.factor, 1.0));
+}
+
 }  // namespace
 
 Rope::Rope(const RopeConfig& config) : config_(config) {
@@ -44,17 +84,30 @@ Rope::Rope(const RopeConfig& config) : config_(config) {
     scale_ = 1.0f / config.factor;
   } else if (config.rope_type == "llama3") {
     periods_ = llama3_periods(config);
+  } else if (config.rope_type == "yarn") {
+    periods_ = yarn_periods(config);
+    attention_factor_ = yarn_attention_factor(config);
   } else {
     throw std::invalid_argument("unsupported rope_scaling type '" + config.rope_type +
-                                "' (supported: default, linear, llama3)");
+                                "' (supported: default, linear, llama3, yarn)");
   }
 }
 
 mx::array Rope::operator()(const mx::array& x, int offset) const {
-  if (periods_) {
-    return mx::fast::rope(x, config_.dims, config_.traditional, std::nullopt, 1.0f, offset, *periods_);
-  }
-  return mx::fast::rope(x, config_.dims, config_.traditional, config_.rope_theta, scale_, offset);
+  if (!periods_) return mx::fast::rope(x, config_.dims, config_.traditional, config_.rope_theta, scale_, offset);
+  auto rotated = mx::fast::rope(x, config_.dims, config_.traditional, std::nullopt, 1.0f, offset, *periods_);
+  if (attention_factor_ == 1.0f) return rotated;
+  // Scaling cos and sin scales the rotated dimensions (RoPE is linear in them); the rest stay as they are.
+  const int d = x.shape(-1);
+  auto factor = mx::array(attention_factor_, x.dtype());
+  if (config_.dims == d) return mx::multiply(rotated, factor);
+  auto shape = x.shape();
+  auto stop = shape;
+  stop.back() = config_.dims;
+  auto start = mx::Shape(shape.size(), 0);
+  auto head = mx::multiply(mx::slice(rotated, start, stop), factor);
+  start.back() = config_.dims;
+  return mx::concatenate({head, mx::slice(rotated, start, shape)}, -1);
 }
 
 std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta) {

@@ -12,19 +12,31 @@ namespace mlxr {
 
 // A decoder's RoPE: rope_theta and transformers' rope_parameters (rope_scaling in 4.x configs), whose
 // key names these fields take. Defaults: no scaling, as transformers without rope_parameters; the
-// llama3 values are Llama 3.1's (transformers requires them in a llama3 config).
+// llama3 values are Llama 3.1's (transformers requires them in a llama3 config); the YaRN values are
+// transformers' (original_max_position_embeddings, which transformers takes from the model's
+// max_position_embeddings when the scaling leaves it out, must then be given).
 struct RopeConfig {
   int dims = 0;                       // rotated dimensions; 0: the whole head (Llama/Qwen)
   bool traditional = false;           // false: rotate halves (HF's rotate_half), true: interleaved pairs
   float rope_theta = 10000.0f;        // the base
-  std::string rope_type = "default";  // default | linear | llama3
+  std::string rope_type = "default";  // default | linear | llama3 | yarn
   float factor = 1.0f;
   float low_freq_factor = 1.0f;
   float high_freq_factor = 4.0f;
   int original_max_position_embeddings = 8192;
+  // YaRN (GPT-OSS, Qwen3 long context, DeepSeek): the band between beta_slow and beta_fast rotations
+  // over the original context blends interpolated and original frequencies; attention_factor scales
+  // cos/sin (0: derived from factor, mscale and mscale_all_dim as transformers does).
+  float beta_fast = 32.0f;
+  float beta_slow = 1.0f;
+  float mscale = 0.0f;
+  float mscale_all_dim = 0.0f;
+  float attention_factor = 0.0f;
+  bool truncate = true;  // round the blend band's ends outwards to whole dimensions
 
   MLXR_CONFIG_FIELDS(RopeConfig, dims, traditional, rope_theta, rope_type, factor, low_freq_factor, high_freq_factor,
-                     original_max_position_embeddings)
+                     original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
+                     truncate)
 };
 
 class Rope {
@@ -37,7 +49,8 @@ class Rope {
  private:
   RopeConfig config_;
   float scale_ = 1.0f;
-  std::optional<mx::array> periods_;  // llama3: per-pair wavelength divisors, computed in double
+  std::optional<mx::array> periods_;  // llama3, yarn: per-pair wavelength divisors, computed in double
+  float attention_factor_ = 1.0f;     // yarn: cos and sin scaled by this
 };
 
 // Multi-axis RoPE of the diffusion transformers (Z-Image: 3 axes, FLUX.2: 4): every token has

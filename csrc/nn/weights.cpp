@@ -1,5 +1,6 @@
 #include "nn/weights.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace mlxr {
@@ -81,7 +82,27 @@ Matrix Weights::stacked_matrix(const std::string& name, const mx::Shape& stack, 
   if (packed.dtype() != mx::uint32) {
     throw std::invalid_argument("weight " + full + " is listed as quantized but is not packed uint32");
   }
-  return Matrix{packed, companions(name, *spec, shape(cols / spec->group_size))};
+  auto quantized = companions(name, *spec, shape(cols / spec->group_size));
+  if (running_on_cuda()) return for_cuda(full, packed, quantized, cols);
+  return Matrix{packed, quantized};
+}
+
+// MLX 0.32.4's CUDA kernels refuse 1-bit weights, and multiply a packed weight only if its columns are a
+// multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). Real
+// checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing
+// mid-request (only that layer grows; the log of the load shows nothing else changes).
+Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols) {
+  if (q.spec.mode == "affine" && q.spec.bits == 1) {
+    throw std::invalid_argument("weight " + full + ": 1-bit quantization does not run on CUDA (MLX's kernels lack it)");
+  }
+  if (cols % std::max(64, q.spec.group_size) == 0) return Matrix{packed, q};
+  auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  if (q.global_scale) unpacked = mx::multiply(unpacked, mx::astype(*q.global_scale, unpacked.dtype()));
+  return Matrix{unpacked, std::nullopt};
+}
+
+bool running_on_cuda() {
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
 }
 
 Quantized Weights::companions(const std::string& name, const QuantSpec& spec, const mx::Shape& groups) const {
@@ -92,7 +113,21 @@ Quantized Weights::companions(const std::string& name, const QuantSpec& spec, co
   } else if (has(name + "_qbias")) {
     throw std::invalid_argument("weight " + full_name(name) + ": " + spec.mode + " quantization has no biases");
   }
-  return Quantized{scales, biases, spec};
+  return Quantized{scales, biases, spec, global_scale(name, spec)};
+}
+
+std::optional<mx::array> Weights::global_scale(const std::string& name, const QuantSpec& spec) const {
+  auto it = map_->find(full_name(name + "_global_scale"));
+  if (it == map_->end()) return std::nullopt;
+  const auto& scale = it->second;
+  if (spec.mode != "nvfp4") {
+    throw std::invalid_argument("weight " + full_name(name) + ": a global scale belongs to nvfp4, not " + spec.mode);
+  }
+  if (scale.size() != 1 || scale.dtype() != mx::float32) {
+    throw std::invalid_argument("weight " + full_name(name) + ": the global scale must be one float32, not shape " +
+                                shape_string(scale.shape()));
+  }
+  return mx::reshape(scale, {});
 }
 
 }  // namespace mlxr

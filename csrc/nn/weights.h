@@ -6,9 +6,10 @@
 //
 // Quantized checkpoints (docs/formats.md): a weight matrix `X` may be stored packed, as MLX's
 // mx::quantize left it: `X` uint32 [rows, cols * bits / 32] with `X_scale` [rows, cols / group_size]
-// and, for affine modes, `X_qbias` like the scales (the store's canonical names). Python says which
-// weights are packed, and how, in a QuantMap; Weights::matrix hands either form out, checked
-// against the shape the network expects.
+// and, for affine modes, `X_qbias` like the scales (the store's canonical names); an nvfp4 weight may
+// also have `X_global_scale`, a float32 scalar by which the dequantized weight is multiplied (ModelOpt's
+// `weight_scale_2`). Python says which weights are packed, and how, in a QuantMap; Weights::matrix hands
+// either form out, checked against the shape the network expects.
 #pragma once
 
 #include <optional>
@@ -41,6 +42,10 @@ struct Quantized {
   mx::array scales;
   std::optional<mx::array> biases;  // affine modes only
   QuantSpec spec;
+  // nvfp4 only: W = dequantize(...) * global_scale, a float32 scalar. MLX 0.32.4's quantized_matmul takes
+  // no global scale (and dequantize's means g / 2688, not ModelOpt's g), so the product is scaled
+  // after the matmul, as Ollama does: (x W_q^T) g = x (W_q g)^T.
+  std::optional<mx::array> global_scale;
 };
 
 // A weight matrix [rows, cols] as the checkpoint has it: float, or packed uint32 with `quantized` set.
@@ -75,6 +80,8 @@ class Weights {
 
  private:
   Quantized companions(const std::string& name, const QuantSpec& spec, const mx::Shape& groups) const;
+  std::optional<mx::array> global_scale(const std::string& name, const QuantSpec& spec) const;
+  static Matrix for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols);
 
   const WeightMap* map_;
   const QuantMap* quantization_ = nullptr;
@@ -82,5 +89,8 @@ class Weights {
 };
 
 std::string shape_string(const mx::Shape& shape);
+
+// True when MLX computes on an NVIDIA GPU (its CUDA kernels accept fewer quantized shapes than the CPU's).
+bool running_on_cuda();
 
 }  // namespace mlxr

@@ -4,11 +4,43 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "nn/activation.h"
 #include "nn/attention.h"
 
 namespace mlxr {
 
 namespace {
+
+// Whether layer i uses sliding-window attention (DecoderConfig's comment says how it is told).
+bool layer_slides(const DecoderConfig& c, int layer) {
+  if (!c.layer_types.empty()) {
+    return layer < static_cast<int>(c.layer_types.size()) && c.layer_types[layer] == "sliding_attention";
+  }
+  if (c.sliding_window_pattern > 0) return (layer + 1) % c.sliding_window_pattern != 0;
+  return c.sliding_window > 0;
+}
+
+void check_windows(const DecoderConfig& c) {
+  if (!c.layer_types.empty() && static_cast<int>(c.layer_types.size()) != c.num_hidden_layers) {
+    throw std::invalid_argument("config: layer_types names " + std::to_string(c.layer_types.size()) +
+                                " layers, the model has " + std::to_string(c.num_hidden_layers));
+  }
+  for (const auto& type : c.layer_types) {
+    if (type != "sliding_attention" && type != "full_attention") {
+      throw std::invalid_argument("config: unsupported layer type '" + type +
+                                  "' (supported: sliding_attention, full_attention)");
+    }
+  }
+  if (c.sliding_window < 0 || c.sliding_window_pattern < 0) {
+    throw std::invalid_argument("config: sliding_window and sliding_window_pattern must not be negative");
+  }
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    if (layer_slides(c, i) && c.sliding_window == 0) {
+      throw std::invalid_argument("config: layer " + std::to_string(i) +
+                                  " uses sliding-window attention but sliding_window is not set");
+    }
+  }
+}
 
 void check_config(const DecoderConfig& c) {
   if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_hidden_layers <= 0 || c.num_attention_heads <= 0 ||
@@ -21,7 +53,7 @@ void check_config(const DecoderConfig& c) {
     throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +
                                 " is not a multiple of num_key_value_heads " + std::to_string(c.kv_heads()));
   }
-  const std::vector<std::string> known{"llama", "qwen3", "qwen3_moe", "glm4_moe_lite"};
+  const std::vector<std::string> known{"llama", "qwen3", "mistral", "gemma3", "qwen3_moe", "glm4_moe_lite"};
   if (std::find(known.begin(), known.end(), c.architecture) == known.end()) {
     throw std::invalid_argument("unsupported decoder architecture '" + c.architecture + "'");
   }
@@ -37,18 +69,26 @@ void check_config(const DecoderConfig& c) {
   if (c.decoder_sparse_step <= 0) throw std::invalid_argument("config: decoder_sparse_step must be positive");
   check_moe_config(c.moe);
   if (c.uses_mla()) check_mla_config(c.mla);
+  check_windows(c);
+  if (!is_known_activation(c.hidden_act)) {
+    throw std::invalid_argument("config: unsupported hidden activation '" + c.hidden_act + "'");
+  }
 }
 
 // The decoder's RoPE rotates whole heads unless the config says otherwise; MLA rotates only the rope
 // part of its heads.
-RopeConfig rope_for(const DecoderConfig& c) {
-  RopeConfig rope = c.rope;
+RopeConfig with_dims(RopeConfig rope, const DecoderConfig& c) {
+  if (rope.dims == 0) rope.dims = c.head_size();
   if (c.uses_mla()) {
     rope.dims = c.mla.qk_rope_head_dim;
     rope.traditional = c.mla.rope_interleave;
   }
-  if (rope.dims == 0) rope.dims = c.head_size();
   return rope;
+}
+
+std::optional<float> attention_scale_for(const DecoderConfig& c) {
+  if (c.query_pre_attn_scalar <= 0.0f) return std::nullopt;
+  return static_cast<float>(std::pow(static_cast<double>(c.query_pre_attn_scalar), -0.5));
 }
 
 // The routing is the architecture's: DeepSeek-V3's sigmoid router for GLM, softmax otherwise.
@@ -65,12 +105,17 @@ int attention_width(const DecoderConfig& c) {
 
 DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
   const int h = c.hidden_size, d = c.head_size();
+  const bool gemma = c.architecture == "gemma3";
+  auto norm = [&](const Weights& n, int dims) {
+    return gemma ? RMSNorm::load_one_plus(n, dims, c.rms_norm_eps) : RMSNorm::load(n, dims, c.rms_norm_eps);
+  };
   const int q_out = c.num_attention_heads * d, kv_out = c.kv_heads() * d;
   auto attn = w.sub("self_attn");
   DecoderLayer layer{
       .o_proj = Linear::load(attn.sub("o_proj"), attention_width(c), h, c.attention_bias),
-      .input_norm = RMSNorm::load(w.sub("input_layernorm"), h, c.rms_norm_eps),
-      .post_attention_norm = RMSNorm::load(w.sub("post_attention_layernorm"), h, c.rms_norm_eps),
+      .input_norm = norm(w.sub("input_layernorm"), h),
+      .post_attention_norm = norm(w.sub("post_attention_layernorm"), h),
+      .window = c.window(index),
   };
   if (c.uses_mla()) {
     layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias);
@@ -82,16 +127,68 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
   if (c.is_sparse_layer(index)) {
     layer.moe = MixtureOfExperts::load(w.sub("mlp"), h, moe_for(c));
   } else {
-    layer.mlp = GatedMLP::load(w.sub("mlp"), h, c.intermediate_size, c.mlp_bias);
+    layer.mlp = GatedMLP::load(w.sub("mlp"), h, c.intermediate_size, c.mlp_bias, c.hidden_act);
   }
-  if (c.architecture == "qwen3" || c.architecture == "qwen3_moe") {
-    layer.q_norm = RMSNorm::load(attn.sub("q_norm"), d, c.rms_norm_eps);
-    layer.k_norm = RMSNorm::load(attn.sub("k_norm"), d, c.rms_norm_eps);
+  if (c.architecture == "qwen3" || c.architecture == "qwen3_moe" || gemma) {
+    layer.q_norm = norm(attn.sub("q_norm"), d);
+    layer.k_norm = norm(attn.sub("k_norm"), d);
+  }
+  if (gemma) {
+    layer.pre_feedforward_norm = norm(w.sub("pre_feedforward_layernorm"), h);
+    layer.post_feedforward_norm = norm(w.sub("post_feedforward_layernorm"), h);
   }
   return layer;
 }
 
 }  // namespace
+
+DecoderConfig DecoderConfig::defaults(const std::string& architecture) {
+  DecoderConfig c;
+  c.architecture = architecture;
+  if (architecture == "mistral") {  // MistralConfig / MinistralConfig
+    c.intermediate_size = 14336;
+    c.num_key_value_heads = 8;
+    c.sliding_window = 4096;
+  } else if (architecture == "gemma3") {  // Gemma3TextConfig
+    c.vocab_size = 262208;
+    c.hidden_size = 2304;
+    c.intermediate_size = 9216;
+    c.num_hidden_layers = 26;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 4;
+    c.head_dim = 256;
+    c.hidden_act = "gelu_pytorch_tanh";
+    c.tie_word_embeddings = true;
+    c.query_pre_attn_scalar = 256.0f;
+    c.sliding_window = 4096;
+    c.sliding_window_pattern = 6;
+    c.rope.rope_theta = 1000000.0f;
+    c.sliding_rope.rope_theta = 10000.0f;
+  } else if (architecture == "qwen3_moe") {  // Qwen3MoeConfig
+    c.vocab_size = 151936;
+    c.hidden_size = 2048;
+    c.intermediate_size = 6144;
+    c.num_hidden_layers = 24;
+    c.num_key_value_heads = 4;
+    c.moe.num_experts = 128;
+  } else if (architecture == "glm4_moe_lite") {  // Glm4MoeLiteConfig (its mlp_layer_types: the first dense)
+    c.vocab_size = 154880;
+    c.hidden_size = 2048;
+    c.intermediate_size = 10240;
+    c.num_hidden_layers = 47;
+    c.num_attention_heads = 20;
+    c.num_key_value_heads = 20;
+    c.rms_norm_eps = 1e-5f;
+    c.first_k_dense_replace = 1;
+    c.moe.num_experts = 64;
+    c.moe.num_experts_per_tok = 4;
+    c.moe.moe_intermediate_size = 1536;
+    c.moe.norm_topk_prob = true;
+    c.moe.routed_scaling_factor = 1.8f;
+    c.moe.n_shared_experts = 1;
+  }
+  return c;
+}
 
 bool DecoderConfig::is_sparse_layer(int layer) const {
   if (moe.num_experts <= 0) return false;
@@ -100,18 +197,26 @@ bool DecoderConfig::is_sparse_layer(int layer) const {
   return layer >= first_k_dense_replace && !dense_only && (layer + 1) % decoder_sparse_step == 0;
 }
 
+int DecoderConfig::window(int layer) const {
+  return layer_slides(*this, layer) ? sliding_window : 0;
+}
+
 Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const QuantMap& quantization)
     : config_((check_config(config), config)),
       embed_tokens_{mx::array(0)},
       norm_{mx::array(0), 0},
-      rope_(rope_for(config_)) {
+      rope_(with_dims(config_.rope, config_)),
+      sliding_rope_(with_dims(config_.sliding_rope, config_)),
+      attention_scale_(attention_scale_for(config_)) {
   Weights root(weights, quantization);
   auto model = root.sub("model");
   embed_tokens_ = Embedding::load(model.sub("embed_tokens"), config_.vocab_size, config_.hidden_size);
   for (int i = 0; i < config_.num_hidden_layers; ++i) {
     layers_.push_back(load_layer(model.sub("layers." + std::to_string(i)), config_, i));
   }
-  norm_ = RMSNorm::load(model.sub("norm"), config_.hidden_size, config_.rms_norm_eps);
+  norm_ = config_.architecture == "gemma3"
+              ? RMSNorm::load_one_plus(model.sub("norm"), config_.hidden_size, config_.rms_norm_eps)
+              : RMSNorm::load(model.sub("norm"), config_.hidden_size, config_.rms_norm_eps);
   // Some tied checkpoints still carry lm_head.weight; honour the config, as transformers does.
   if (!config_.tie_word_embeddings) {
     lm_head_ = Linear::load(root.sub("lm_head"), config_.hidden_size, config_.vocab_size, false);
@@ -135,19 +240,44 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
     q = (*layer.q_norm)(q);
     k = (*layer.k_norm)(k);
   }
-  q = rope_(q, offset);
-  k = rope_(k, offset);
+  const Rope& rope = layer.window > 0 ? sliding_rope_ : rope_;
+  q = rope(q, offset);
+  k = rope(k, offset);
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
-  return layer.o_proj(merge_heads(mask ? mlxr::attention(q, k, v, mask) : causal_attention(q, k, v)));
+  mx::array out = mask               ? mlxr::attention(q, k, v, mask, attention_scale_)
+                  : layer.window > 0 ? windowed_causal_attention(q, k, v, layer.window, attention_scale_)
+                                     : causal_attention(q, k, v, attention_scale_);
+  return layer.o_proj(merge_heads(out));
+}
+
+mx::array Decoder::mlp(const DecoderLayer& layer, const mx::array& x) const {
+  return layer.moe ? (*layer.moe)(x) : (*layer.mlp)(x);
+}
+
+mx::array Decoder::embed(const mx::array& tokens) const {
+  auto x = embed_tokens_(tokens);
+  if (config_.architecture != "gemma3") return x;
+  // Gemma scales the embeddings by sqrt(hidden_size), rounded to their dtype as transformers does.
+  return mx::multiply(x, mx::array(static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size))), x.dtype()));
 }
 
 mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                                  const std::optional<mx::array>& mask) const {
-  auto h = mx::add(x, attention(layer, layer.input_norm(x), cache, offset, mask));
-  auto y = layer.post_attention_norm(h);
-  return mx::add(h, layer.moe ? (*layer.moe)(y) : (*layer.mlp)(y));
+  auto attended = attention(layer, layer.input_norm(x), cache, offset, mask);
+  if (layer.pre_feedforward_norm) {  // Gemma: a norm before and after each block
+    auto h = mx::add(x, layer.post_attention_norm(attended));
+    return mx::add(h, (*layer.post_feedforward_norm)(mlp(layer, (*layer.pre_feedforward_norm)(h))));
+  }
+  auto h = mx::add(x, attended);
+  return mx::add(h, mlp(layer, layer.post_attention_norm(h)));
+}
+
+std::vector<KVCache> Decoder::make_cache() const {
+  std::vector<KVCache> cache;
+  for (const auto& layer : layers_) cache.emplace_back(layer.window);
+  return cache;
 }
 
 void Decoder::eval_weights() const {
@@ -158,9 +288,8 @@ void Decoder::eval_weights() const {
           layer.moe ? layer.moe->arrays() : layer.mlp->arrays()}) {
       arrays.insert(arrays.end(), part.begin(), part.end());
     }
-    if (layer.q_norm) {
-      arrays.push_back(layer.q_norm->weight);
-      arrays.push_back(layer.k_norm->weight);
+    for (const auto& norm : {layer.q_norm, layer.k_norm, layer.pre_feedforward_norm, layer.post_feedforward_norm}) {
+      if (norm) arrays.push_back(norm->weight);
     }
     mx::eval(arrays);
   }
@@ -179,25 +308,37 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
                                 std::to_string(layers_.size()));
   }
   const int offset = cache[0].offset();
-  auto x = embed_tokens_(tokens);
+  auto x = embed(tokens);
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, &cache[i], offset, std::nullopt);
   }
   x = norm_(x);
-  return lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
+  auto logits = lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
+  if (config_.final_logit_softcapping > 0.0f) {
+    auto cap = mx::array(config_.final_logit_softcapping, logits.dtype());
+    logits = mx::multiply(mx::tanh(mx::divide(logits, cap)), cap);
+  }
+  return logits;
 }
 
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
                                               const std::vector<int>& layers) const {
   std::optional<mx::array> mask;
   if (attention_mask) mask = causal_padding_key_mask(*attention_mask);
+  // Sliding-window layers see the window within the causal (and padding) mask.
+  const int t = tokens.shape(1);
+  auto window_mask = [&](int window) -> std::optional<mx::array> {
+    if (window == 0) return mask;
+    auto sliding = sliding_window_mask(t, t, window);
+    return mask ? mx::logical_and(*mask, sliding) : sliding;
+  };
   const int last = *std::max_element(layers.begin(), layers.end());
   if (last > static_cast<int>(layers_.size()) || *std::min_element(layers.begin(), layers.end()) < 0) {
     throw std::invalid_argument("hidden state index out of range 0.." + std::to_string(layers_.size()));
   }
-  std::vector<mx::array> all{embed_tokens_(tokens)};
+  std::vector<mx::array> all{embed(tokens)};
   for (int i = 0; i < last; ++i) {
-    all.push_back(layer_forward(layers_[i], all.back(), nullptr, 0, mask));
+    all.push_back(layer_forward(layers_[i], all.back(), nullptr, 0, window_mask(layers_[i].window)));
   }
   std::vector<mx::array> picked;
   const int final_index = static_cast<int>(layers_.size());

@@ -1,7 +1,10 @@
 // Decoder-only transformers of the Llama family: Llama 2/3 (GQA, RoPE scaling, tied or untied
-// embeddings), Qwen3 (the same plus RMSNorm on queries and keys per head), Qwen3-MoE (Qwen3 with
-// routed experts) and GLM-4.7-Flash (multi-head latent attention, routed and shared experts). One
-// network serves text generation and, through hidden_states(), the image pipelines' Qwen3 text encoder.
+// embeddings), Qwen3 (the same plus RMSNorm on queries and keys per head), Mistral / Ministral (Llama
+// with sliding-window attention on some or all layers), Gemma 3's text model (scaled embeddings,
+// (1 + w) RMSNorms, four per layer, q/k norms, GELU-tanh, its own attention scale, sliding and global
+// layers with their own RoPE), Qwen3-MoE (Qwen3 with routed experts) and GLM-4.7-Flash (multi-head
+// latent attention, routed and shared experts). One network serves text generation and, through
+// hidden_states(), the image pipelines' Qwen3 text encoder.
 #pragma once
 
 #include <string>
@@ -17,11 +20,13 @@
 
 namespace mlxr {
 
-// config.json (LlamaConfig / Qwen3Config / Qwen3MoeConfig / Glm4MoeLiteConfig); defaults as transformers'
-// LlamaConfig (5.x). `architecture` comes from config.json's "architectures", `rope` from its rope_theta
-// and rope_parameters, `moe` and `mla` from its top-level keys (Python translates all four).
+// config.json (LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig / Qwen3MoeConfig /
+// Glm4MoeLiteConfig); defaults as transformers' LlamaConfig (5.x), and for the others as their own config
+// classes: defaults(architecture). `architecture` comes from config.json's "architectures", `rope` and
+// `sliding_rope` from its rope_theta and rope_parameters, `moe` and `mla` from its top-level keys (Python
+// translates them: llm/architectures.py).
 struct DecoderConfig {
-  std::string architecture = "llama";  // llama | qwen3 | qwen3_moe | glm4_moe_lite
+  std::string architecture = "llama";  // llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite
   int vocab_size = 32000;
   int hidden_size = 4096;
   int num_hidden_layers = 32;
@@ -34,6 +39,17 @@ struct DecoderConfig {
   bool attention_bias = false;
   bool mlp_bias = false;
   RopeConfig rope;
+  // Sliding-window attention (Mistral, Ministral, Gemma 3). Which layers slide: those layer_types
+  // names "sliding_attention" when it is given; else (Gemma 3 as the Hub saves it) all but every
+  // sliding_window_pattern-th; else every layer when sliding_window is set (Mistral).
+  int sliding_window = 0;                // W: a token sees itself and the W - 1 before it; 0: no window
+  std::vector<std::string> layer_types;  // per layer: sliding_attention | full_attention
+  int sliding_window_pattern = 0;
+  RopeConfig sliding_rope;  // the sliding layers' RoPE: Gemma 3's local base; the others' is rope's
+  // Gemma 3 (and any decoder that sets them).
+  std::string hidden_act = "silu";       // the MLP gate's activation (Gemma's hidden_activation)
+  float query_pre_attn_scalar = 0.0f;    // attention scale query_pre_attn_scalar^-0.5; 0: head_dim^-0.5
+  float final_logit_softcapping = 0.0f;  // logits -> cap * tanh(logits / cap); 0: none
   // Mixture of experts: which layers route (the others run a dense MLP of intermediate_size).
   // transformers 5 lists them (mlp_layer_types, "dense" | "sparse"); otherwise Qwen3-MoE's rule (layer i
   // routes when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers) after DeepSeek's
@@ -47,8 +63,13 @@ struct DecoderConfig {
 
   MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                      num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings,
-                     attention_bias, mlp_bias, rope, moe, mlp_layer_types, decoder_sparse_step, mlp_only_layers,
-                     first_k_dense_replace, mla)
+                     attention_bias, mlp_bias, rope, sliding_window, layer_types, sliding_window_pattern, sliding_rope,
+                     hidden_act, query_pre_attn_scalar, final_logit_softcapping, moe, mlp_layer_types,
+                     decoder_sparse_step, mlp_only_layers, first_k_dense_replace, mla)
+
+  // The defaults of an architecture's transformers config class (a sparse config.json, as Gemma 3's
+  // text_config on the Hub, relies on them).
+  static DecoderConfig defaults(const std::string& architecture);
 
   int kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
   int head_size() const {
@@ -57,6 +78,8 @@ struct DecoderConfig {
   }
   bool uses_mla() const { return architecture == "glm4_moe_lite"; }
   bool is_sparse_layer(int layer) const;
+  // Layer i's sliding window; 0: it attends to every earlier position.
+  int window(int layer) const;
 };
 
 // The checkpoint's q/k/v projections are stored as one fused [q | k | v] layer, and gate/up as one
@@ -69,11 +92,14 @@ struct DecoderLayer {
   FusedLinear qkv_proj;
   std::optional<MultiLatentAttention> mla;
   Linear o_proj;
-  std::optional<RMSNorm> q_norm, k_norm;  // Qwen3
+  std::optional<RMSNorm> q_norm, k_norm;  // Qwen3, Gemma 3
   RMSNorm input_norm, post_attention_norm;
+  // Gemma 3: post_attention_norm normalises the attention's output, these the MLP's input and output.
+  std::optional<RMSNorm> pre_feedforward_norm, post_feedforward_norm;
   // Feed-forward: a dense MLP or a mixture of experts (exactly one is set).
   std::optional<GatedMLP> mlp;
   std::optional<MixtureOfExperts> moe;
+  int window = 0;  // sliding-window attention over this many positions; 0: full attention
 };
 
 class Decoder {
@@ -92,7 +118,8 @@ class Decoder {
   std::vector<mx::array> hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
                                        const std::vector<int>& layers) const;
 
-  std::vector<KVCache> make_cache() const { return std::vector<KVCache>(layers_.size()); }
+  // One cache per layer: a rotating one (text/kv_cache.h) on each sliding-window layer.
+  std::vector<KVCache> make_cache() const;
 
   // Reads every weight now, one layer at a time. The fused projections are lazy concatenations
   // of the checkpoint's arrays; once the caller has dropped its own references to those, this
@@ -106,6 +133,8 @@ class Decoder {
                       const std::optional<mx::array>& mask) const;
   mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                           const std::optional<mx::array>& mask) const;
+  mx::array mlp(const DecoderLayer& layer, const mx::array& x) const;
+  mx::array embed(const mx::array& tokens) const;
 
   DecoderConfig config_;
   Embedding embed_tokens_;
@@ -113,6 +142,8 @@ class Decoder {
   RMSNorm norm_;
   std::optional<Linear> lm_head_;  // absent when tied to embed_tokens
   Rope rope_;
+  Rope sliding_rope_;
+  std::optional<float> attention_scale_;  // unset: 1 / sqrt(head_dim)
 };
 
 }  // namespace mlxr

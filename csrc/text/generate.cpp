@@ -23,15 +23,23 @@ void eval_cache(const std::vector<KVCache>& cache) {
 }  // namespace
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-                     int prefill_chunk, int top_logprobs)
+                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start)
     : model_(model),
       prompt_(prompt),
-      cache_(model.make_cache()),
+      cache_(start ? std::move(start->layers) : model.make_cache()),
       sampler_(options, model.config().vocab_size),
       prefill_chunk_(prefill_chunk),
       top_logprobs_(top_logprobs) {
   if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
   if (prefill_chunk_ <= 0) throw std::invalid_argument("prefill_chunk must be positive");
+  if (static_cast<int>(cache_.size()) != model.config().num_hidden_layers) {
+    throw std::invalid_argument("the start cache has " + std::to_string(cache_.size()) + " layers, the model " +
+                                std::to_string(model.config().num_hidden_layers));
+  }
+  if (position() >= static_cast<int>(prompt_.size())) {
+    throw std::invalid_argument("the start cache holds " + std::to_string(position()) +
+                                " positions; it must hold fewer than the prompt's " + std::to_string(prompt_.size()));
+  }
   for (int t : prompt_) {
     if (t < 0 || t >= model.config().vocab_size) {
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
@@ -78,25 +86,27 @@ TokenLogprobs Generator::read_logprobs(const PendingLogprobs& pending) {
   return out;
 }
 
-void Generator::prefill() {
-  sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
+int Generator::prefill_chunk() {
   // All but the last prompt token fill the cache in chunks; evaluating each chunk bounds the
   // graph and the memory, and clearing the cache returns the chunk's temporaries.
-  size_t done = 0;
-  while (prompt_.size() - done > 1) {
-    const size_t end = std::min(prompt_.size() - 1, done + static_cast<size_t>(prefill_chunk_));
+  const int last = static_cast<int>(prompt_.size()) - 1;
+  const int done = position();
+  if (done < last) {
+    const int end = std::min(last, done + prefill_chunk_);
     model_.forward(as_batch(prompt_, done, end), cache_);
     eval_cache(cache_);
     mx::clear_cache();
-    done = end;
   }
-  auto last = as_batch(prompt_, prompt_.size() - 1, prompt_.size());
-  sample(model_.forward(last, cache_));
+  return last - position();
 }
 
 int Generator::next() {
+  if (cache_taken_) throw std::logic_error("the generator's cache was taken: it is finished");
   if (!pending_) {
-    prefill();
+    while (prefill_chunk() > 0) {
+    }
+    sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
+    sample(model_.forward(as_batch(prompt_, prompt_.size() - 1, prompt_.size()), cache_));
   }
   auto current = *pending_;
   auto current_logprobs = pending_logprobs_;
@@ -108,6 +118,14 @@ int Generator::next() {
   const int token = current.item<int>();
   if (current_logprobs) logprobs_ = read_logprobs(*current_logprobs);
   return token;
+}
+
+SequenceCache Generator::take_cache() {
+  if (cache_taken_) throw std::logic_error("the generator's cache was already taken");
+  cache_taken_ = true;
+  pending_.reset();
+  pending_logprobs_.reset();
+  return SequenceCache{std::move(cache_)};
 }
 
 mx::array prompt_logits(const Decoder& model, const std::vector<int>& tokens, int chunk) {

@@ -23,11 +23,22 @@ struct TokenLogprobs {
 class Generator {
  public:
   // top_logprobs: -1 = no log-probabilities; k >= 0 = each token's, and its k most likely alternatives.
+  // start: caches that already hold the prompt's first start->length() tokens (fewer than all of them: the
+  // last one must run to give logits), from the prompt cache; the prefill begins after them.
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-            int prefill_chunk = 512, int top_logprobs = -1);
+            int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt);
 
-  // The next generated token id (the first call also runs the prefill).
+  // Prefill the next chunk of the prompt; returns how many prompt tokens are still to prefill (0: only the
+  // last one is left, which the first next() runs). The caller may stop between chunks (cancel).
+  int prefill_chunk();
+
+  // The next generated token id (the first call also runs what is left of the prefill).
   int next();
+
+  // The caches, moved out: they hold the prompt and every token next() has returned (position() of them).
+  // The generator is finished after this. (Taken, not copied: while a copy is alive each write would copy
+  // the buffers.)
+  SequenceCache take_cache();
 
   // The log-probabilities of the token the last next() returned (when asked for at construction).
   const std::optional<TokenLogprobs>& logprobs() const { return logprobs_; }
@@ -36,7 +47,6 @@ class Generator {
   int position() const { return cache_.empty() ? 0 : cache_[0].offset(); }
 
  private:
-  void prefill();
   mx::array step(const mx::array& token);
   void sample(const mx::array& logits);  // sets pending_ (and pending_logprobs_)
 
@@ -56,6 +66,7 @@ class Generator {
   std::optional<mx::array> pending_;
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;
+  bool cache_taken_ = false;
 };
 
 // Logits [T, V] (float32) for one prompt, prefilled in chunks: for parity checks.

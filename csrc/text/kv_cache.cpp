@@ -1,37 +1,103 @@
 #include "text/kv_cache.h"
 
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
 namespace mlxr {
 
 namespace {
 
-// A buffer with room for `needed` positions, rounded up to whole steps, holding `old`'s first `keep`.
-mx::array grown(const std::optional<mx::array>& old, int keep, const mx::array& like, int needed) {
-  const int capacity = ((needed + KVCache::kStep - 1) / KVCache::kStep) * KVCache::kStep;
+// Positions [begin, end) of a [B, H, L, D] buffer.
+mx::array positions(const mx::array& buffer, int begin, int end) {
+  return mx::slice(buffer, mx::Shape{0, 0, begin, 0},
+                   mx::Shape{buffer.shape(0), buffer.shape(1), end, buffer.shape(3)});
+}
+
+// A buffer with room for `capacity` positions holding `old`'s first `keep`.
+mx::array grown(const std::optional<mx::array>& old, int keep, const mx::array& like, int capacity) {
   auto buffer = mx::zeros({like.shape(0), like.shape(1), capacity, like.shape(3)}, like.dtype());
   if (old && keep > 0) {
-    auto kept = mx::slice(*old, mx::Shape{0, 0, 0, 0}, mx::Shape{like.shape(0), like.shape(1), keep, like.shape(3)});
-    buffer = mx::slice_update(buffer, kept, mx::Shape{0, 0, 0, 0},
+    buffer = mx::slice_update(buffer, positions(*old, 0, keep), mx::Shape{0, 0, 0, 0},
                               mx::Shape{like.shape(0), like.shape(1), keep, like.shape(3)});
   }
   return buffer;
 }
 
+int whole_steps(int needed) {
+  return ((needed + KVCache::kStep - 1) / KVCache::kStep) * KVCache::kStep;
+}
+
+mx::array written(const mx::array& buffer, const mx::array& part, int at) {
+  return mx::slice_update(buffer, part, mx::Shape{0, 0, at, 0},
+                          mx::Shape{part.shape(0), part.shape(1), at + part.shape(2), part.shape(3)});
+}
+
+// The held positions oldest first: the buffer as it is unless decoding has rotated it.
+mx::array in_temporal_order(const mx::array& buffer, int held, int next_slot) {
+  if (next_slot == held) return positions(buffer, 0, held);
+  return mx::concatenate({positions(buffer, next_slot, held), positions(buffer, 0, next_slot)}, 2);
+}
+
 }  // namespace
 
 std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& keys, const mx::array& values) {
-  const int t = keys.shape(2);
-  const int end = offset_ + t;
+  if (window_ == 0) return append_full(keys, values);
+  return keys.shape(2) == 1 ? write_one_rotating(keys, values) : append_chunk_rotating(keys, values);
+}
+
+std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, const mx::array& values) {
+  const int end = offset_ + keys.shape(2);
   if (!keys_ || end > keys_->shape(2)) {
-    keys_ = grown(keys_, offset_, keys, end);
-    values_ = grown(values_, offset_, values, end);
+    keys_ = grown(keys_, offset_, keys, whole_steps(end));
+    values_ = grown(values_, offset_, values, whole_steps(end));
   }
-  const int b = keys.shape(0);
-  keys_ = mx::slice_update(*keys_, keys, mx::Shape{0, 0, offset_, 0}, mx::Shape{b, keys.shape(1), end, keys.shape(3)});
-  values_ = mx::slice_update(*values_, values, mx::Shape{0, 0, offset_, 0},
-                             mx::Shape{b, values.shape(1), end, values.shape(3)});
-  offset_ = end;
-  return {mx::slice(*keys_, mx::Shape{0, 0, 0, 0}, mx::Shape{b, keys.shape(1), end, keys.shape(3)}),
-          mx::slice(*values_, mx::Shape{0, 0, 0, 0}, mx::Shape{b, values.shape(1), end, values.shape(3)})};
+  keys_ = written(*keys_, keys, offset_);
+  values_ = written(*values_, values, offset_);
+  offset_ = held_ = end;
+  return {positions(*keys_, 0, end), positions(*values_, 0, end)};
+}
+
+// Several positions at once (a prefill chunk): the last W - 1 held positions, which the chunk's first
+// queries still see, then the chunk, in temporal order.
+std::pair<mx::array, mx::array> KVCache::append_chunk_rotating(const mx::array& keys, const mx::array& values) {
+  const int keep = std::min(held_, window_ - 1);
+  if (keys_ && keep > 0) {
+    auto old_keys = in_temporal_order(*keys_, held_, next_slot_);
+    auto old_values = in_temporal_order(*values_, held_, next_slot_);
+    keys_ = mx::concatenate({positions(old_keys, held_ - keep, held_), keys}, 2);
+    values_ = mx::concatenate({positions(old_values, held_ - keep, held_), values}, 2);
+  } else {
+    keys_ = keys;
+    values_ = values;
+  }
+  held_ = next_slot_ = keep + keys.shape(2);
+  offset_ += keys.shape(2);
+  return {*keys_, *values_};
+}
+
+// One position (decoding): written into a buffer of at most W slots, over the oldest once it is full.
+std::pair<mx::array, mx::array> KVCache::write_one_rotating(const mx::array& keys, const mx::array& values) {
+  const bool in_order = next_slot_ == held_;
+  if (!keys_) {
+    keys_ = grown(std::nullopt, 0, keys, std::min(kStep, window_));
+    values_ = grown(std::nullopt, 0, values, std::min(kStep, window_));
+  } else if (in_order && held_ > window_) {  // after a chunk: only the last W can still be seen
+    keys_ = positions(*keys_, held_ - window_, held_);
+    values_ = positions(*values_, held_ - window_, held_);
+    held_ = next_slot_ = window_;
+  } else if (in_order && held_ < window_ && held_ == keys_->shape(2)) {
+    keys_ = grown(keys_, held_, keys, std::min(whole_steps(held_ + 1), window_));
+    values_ = grown(values_, held_, values, std::min(whole_steps(held_ + 1), window_));
+  }
+  if (next_slot_ == window_) next_slot_ = 0;  // full: the oldest position's slot
+  keys_ = written(*keys_, keys, next_slot_);
+  values_ = written(*values_, values, next_slot_);
+  if (next_slot_ == held_) ++held_;
+  ++next_slot_;
+  ++offset_;
+  if (held_ < keys_->shape(2)) return {positions(*keys_, 0, held_), positions(*values_, 0, held_)};
+  return {*keys_, *values_};
 }
 
 std::vector<mx::array> KVCache::state() const {
@@ -41,6 +107,44 @@ std::vector<mx::array> KVCache::state() const {
     out.push_back(*values_);
   }
   return out;
+}
+
+size_t KVCache::nbytes() const {
+  return keys_ ? keys_->nbytes() + values_->nbytes() : 0;
+}
+
+bool KVCache::can_trim_to(int length) const {
+  return length == offset_ || (length >= 0 && length < offset_ && (window_ == 0 || held_ == offset_));
+}
+
+void KVCache::trim_to(int length) {
+  if (!can_trim_to(length)) {
+    throw std::invalid_argument("cannot trim a cache of " + std::to_string(offset_) + " positions (" +
+                                std::to_string(held_) + " held) to " + std::to_string(length));
+  }
+  if (length == offset_) return;  // nothing to forget (a wrapped rotating cache keeps its slots as they are)
+  offset_ = held_ = next_slot_ = length;
+}
+
+bool KVCache::trim(int n) {
+  if (n < 0 || !can_trim_to(offset_ - n)) return false;
+  trim_to(offset_ - n);
+  return true;
+}
+
+bool SequenceCache::trim(int n) {
+  auto trimmed = layers;
+  for (auto& layer : trimmed) {
+    if (!layer.trim(n)) return false;
+  }
+  layers = std::move(trimmed);
+  return true;
+}
+
+size_t SequenceCache::nbytes() const {
+  size_t total = 0;
+  for (const auto& layer : layers) total += layer.nbytes();
+  return total;
 }
 
 }  // namespace mlxr

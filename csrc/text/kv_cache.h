@@ -1,7 +1,23 @@
 // Key/value cache for one attention layer, grown in steps so decoding does not reallocate per token.
+//
+// A layer with sliding-window attention (window W: a token sees itself and the W - 1 positions before
+// it) gets a rotating cache: it keeps only the positions a later query can still see, so its memory
+// stays bounded however long the text grows (mlx-lm's RotatingKVCache, Ollama's sliding-window cache).
+// Decoding writes each new position over the oldest held one, so the held keys are then in rotated
+// order; a lone query sees all of them and attention does not depend on the keys' order. A chunk of
+// several positions is appended after the held ones in temporal order, so that a mask can tell which
+// keys each query of the chunk sees (nn/attention.h's windowed_causal_attention).
+//
+// What the prompt cache (llm/prompt_cache.py) needs of a layer's cache, and so what every kind of layer cache
+// implements: offset() (positions seen), trim(n) (forget the last n, or say it cannot), nbytes() (memory
+// held), and copies that are independent of each other. Copying a cache is a snapshot: its arrays are
+// immutable MLX arrays that updates replace, never modify (MLX writes in place only into a buffer nothing
+// else holds, so a copy kept by the prompt cache is never overwritten by a running request).
 #pragma once
 
+#include <cstddef>
 #include <utility>
+#include <vector>
 
 #include "nn/weights.h"
 
@@ -11,16 +27,58 @@ class KVCache {
  public:
   static constexpr int kStep = 256;
 
-  // Append keys/values [B, H_kv, T, D] at the current offset; return all cached [.., offset+T, ..].
+  // window 0: keep every position; W > 0: a rotating cache for attention over the last W positions.
+  explicit KVCache(int window = 0) : window_(window) {}
+
+  // Append keys/values [B, H_kv, T, D] for the next T positions; return the keys/values attention
+  // runs over: [.., offset+T, ..] for a full cache; for a rotating one, the held positions (at most
+  // W - 1) then the T new ones, in temporal order when T > 1.
   std::pair<mx::array, mx::array> update_and_fetch(const mx::array& keys, const mx::array& values);
 
+  // Positions seen so far (the next token's position).
   int offset() const { return offset_; }
+  int window() const { return window_; }
+  // Positions whose keys are held: offset() for a full cache; at most about W for a rotating one.
+  int held() const { return held_; }
   // Arrays to evaluate between prefill chunks (so the lazy graph does not grow).
   std::vector<mx::array> state() const;
+  // Bytes of the key and value buffers (allocated capacity, not just the held positions).
+  size_t nbytes() const;
+
+  // Whether trim_to(length) can cut the cache back to its first `length` positions. A full cache
+  // always can; a rotating cache only while it has evicted nothing (offset() == held()), or to its
+  // whole length: once a position has been overwritten, an earlier prefix's window is gone and that
+  // prefix must be recomputed.
+  bool can_trim_to(int length) const;
+  // Forget every position from `length` on (0 <= length <= offset(); can_trim_to(length) must hold).
+  void trim_to(int length);
+  // Forget the last n positions; false, and unchanged, if n is not in 0..offset() or the cache cannot
+  // (a rotating cache that has evicted a position).
+  bool trim(int n);
 
  private:
+  std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);
+  std::pair<mx::array, mx::array> append_chunk_rotating(const mx::array& keys, const mx::array& values);
+  std::pair<mx::array, mx::array> write_one_rotating(const mx::array& keys, const mx::array& values);
+
+  int window_;
   std::optional<mx::array> keys_, values_;
   int offset_ = 0;
+  int held_ = 0;
+  // Rotating cache: the buffer slot the next single position is written to (buffer order, not position).
+  int next_slot_ = 0;
+};
+
+// One sequence's caches, a layer each: what the prompt cache keeps, and what a Generator resumes from.
+// Copies are cheap (array handles) and independent.
+struct SequenceCache {
+  std::vector<KVCache> layers;
+
+  // Positions held (every layer holds as many).
+  int length() const { return layers.empty() ? 0 : layers[0].offset(); }
+  // Forget the last n positions in every layer, or in none (false) if one of them cannot.
+  bool trim(int n);
+  size_t nbytes() const;
 };
 
 }  // namespace mlxr

@@ -49,6 +49,21 @@ def _route_mlx_cpu_blas_to_openblas() -> str:
 cpu_blas = _route_mlx_cpu_blas_to_openblas()
 
 
+def _keep_compiled_gpu_kernels() -> None:
+    """Let the NVIDIA driver keep every GPU kernel it compiles on disk (before anything starts CUDA).
+
+    MLX's CUDA wheel carries kernels the driver compiles for the GPU at their first use: ~53 s for a
+    4-bit Qwen3-4B on a fresh H200, which the LLM pays at load (its warm-up) rather than in a request.
+    The driver keeps the results in ~/.nv/ComputeCache, so the next start warms up in under a second,
+    as long as they fit its size cap; a quantized image model with its text encoder needs more than
+    the cap some drivers default to. 4 GiB is the most the driver accepts. A value the user set wins.
+    """
+    os.environ.setdefault("CUDA_CACHE_MAXSIZE", str(4 << 30))
+
+
+_keep_compiled_gpu_kernels()
+
+
 def _load_libmlx_before_core() -> None:
     """Import mlx.core now (after the BLAS shim), so libmlx is loaded before anything loads _core.
 

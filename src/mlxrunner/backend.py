@@ -15,6 +15,14 @@ import sys
 from dataclasses import dataclass
 from types import ModuleType
 
+from mlxrunner.settings import CPU_DTYPES, DEFAULT_CPU_DTYPE
+
+# The dtype the CPU computes image and embedding models in (--cpu-dtype): "float32" upcasts bf16/f16
+# weights as they load, because MLX's CPU backend has no BLAS path for half-precision matrix products
+# (a 128 x 1024 x 3072 product: 250 ms in bf16, 7.5 ms in float32; benchmarks/README.md); "stored" keeps
+# the checkpoint's dtype (half the memory). Other backends always keep it.
+_cpu_dtype = DEFAULT_CPU_DTYPE
+
 # MLX's backend packages, by distribution name.
 CUDA_PACKAGES = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
 CPU_PACKAGES = ("mlx-cpu",)
@@ -88,3 +96,55 @@ def detect() -> Backend:
     return Backend(name=name, device=str(info.get("device_name") or mx.default_device()),
                    memory_bytes=int(memory) if memory else None, mlx_version=mx.__version__,
                    package=packages[0] if packages else None)
+
+
+def set_cpu_dtype(dtype: str) -> None:
+    """What compute_weights does on the CPU from now on (one of CPU_DTYPES); the runner sets it once."""
+    global _cpu_dtype
+    if dtype not in CPU_DTYPES:
+        raise ValueError(f"cpu dtype must be one of {', '.join(CPU_DTYPES)}, got {dtype!r}")
+    _cpu_dtype = dtype
+
+
+def upcasts_on_this_device() -> bool:
+    """Whether compute_weights turns bf16/f16 into float32 here."""
+    mx = import_mlx()
+    return _cpu_dtype == "float32" and mx.default_device() == mx.cpu
+
+
+def computed_bytes(weights: dict) -> int:
+    """The memory `weights` take once compute_weights has converted them (read from shapes, nothing loaded)."""
+    mx = import_mlx()
+    factor = 2 if upcasts_on_this_device() else 1
+    return sum(w.nbytes * (factor if w.dtype in (mx.bfloat16, mx.float16) else 1) for w in weights.values())
+
+
+def compute_weights(weights: dict) -> dict:
+    """A component's weights as this backend computes with them: on the CPU (unless set_cpu_dtype("stored"))
+    bf16 and f16 tensors become float32, packed ones and their scales included; elsewhere as stored. Lazy:
+    each tensor converts as it is read, so loading holds one tensor's extra copy at a time."""
+    mx = import_mlx()
+    if not upcasts_on_this_device():
+        return weights
+    half = (mx.bfloat16, mx.float16)
+    return {name: value.astype(mx.float32) if value.dtype in half else value for name, value in weights.items()}
+
+
+# MLX's peak memory is reset at each image phase to measure that phase (imagegen/pipeline.py); the peak since
+# start, which /health reports, is kept here across those resets.
+_peak_before_reset = 0
+
+
+def reset_peak_memory() -> int:
+    """MLX's peak since the last reset (and resets it); peak_memory() still counts it."""
+    global _peak_before_reset
+    mx = import_mlx()
+    peak = mx.get_peak_memory()
+    _peak_before_reset = max(_peak_before_reset, peak)
+    mx.reset_peak_memory()
+    return peak
+
+
+def peak_memory() -> int:
+    """The most memory MLX's arrays held at once since the process started."""
+    return max(_peak_before_reset, import_mlx().get_peak_memory())

@@ -78,10 +78,14 @@ class ImageModel(Protocol):
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents: object = None,
-            progress: Progress | None = None, check_cancelled: CheckCancelled | None = None) -> GeneratedImage:
+            progress: Progress | None = None, check_cancelled: CheckCancelled | None = None,
+            cache_threshold: float | None = None) -> GeneratedImage:
         """The image and how it was made. None = the model's default; `progress(step, total)` is called
         before each denoising step and may raise to stop the run; `check_cancelled()` likewise between
-        the VAE decoder's blocks."""
+        transformer blocks and the VAE decoder's blocks. `cache_threshold`: the step cache's, None = off."""
+
+    def warm_up(self) -> tuple[int, float]:
+        """One small run at load, so the first request is not slower than the rest: (image side, seconds)."""
 
 
 M = TypeVar("M", TextModel, Embedder, ImageModel)

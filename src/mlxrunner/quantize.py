@@ -175,7 +175,8 @@ def float_llm(src: str, models_dir: str | None = None) -> ModelSource:
 
     source = resolve(src, models_dir)
     if detect(source).mode is not Mode.LLM:
-        raise ModelError(f"{src}: quantize handles LLMs (Llama, Qwen3) only")
+        raise ModelError(f"{src}: quantize handles LLMs (Llama, Qwen3) and image models (Z-Image, "
+                         "FLUX.2 Klein) only")
     if source.quantization(""):
         raise ModelError(f"{src} is quantized already; quantize a float checkpoint")
     return source

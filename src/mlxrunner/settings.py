@@ -7,11 +7,15 @@
 | skip the memory check | --skip-memory-check             | MLXRUNNER_SKIP_MEMORY_CHECK      | off                |
 | MLX memory limit      |                                 | MLXRUNNER_MEMORY_LIMIT (16GB...) | MLX's own          |
 | free the text encoder | --release-text-encoder          | MLXRUNNER_RELEASE_TEXT_ENCODER   | off                |
+| text encoder and DiT in turn | --low-memory             | MLXRUNNER_LOW_MEMORY             | off                |
 | denoise queue depth   | --denoise-queue-depth           | MLXRUNNER_DENOISE_QUEUE_DEPTH    | the pipeline's (2) |
+| CPU compute dtype     | --cpu-dtype                     | MLXRUNNER_CPU_DTYPE              | float32            |
 | listen address        | --host, --port                  |                                  | 127.0.0.1, -       |
 | request queue depth   | --queue-depth                   |                                  | 16                 |
 | largest request body  | --max-body-mb                   |                                  | 64 MiB             |
+| prompt cache (LLMs)   | --prompt-cache-size (bytes)     |                                  | 8 GiB              |
 | Ollama's LLM wire     | --mlx-engine                    |                                  | off                |
+| the web page at /     | --no-ui                         |                                  | served             |
 | body read timeout     | --read-timeout                  |                                  | 60 s               |
 | idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
@@ -38,7 +42,15 @@ ENV_MEMORY_LIMIT = "MLXRUNNER_MEMORY_LIMIT"
 # Image models: free the text encoder after each prompt encode (reloaded from the mmap'd weights on
 # the next request). Saves its memory (8 GB for Z-Image's Qwen3-4B in bf16) at some time per request.
 ENV_RELEASE_TEXT_ENCODER = "MLXRUNNER_RELEASE_TEXT_ENCODER"
+# Image models: hold the text encoder and the transformer in turn, never both (each read again from its files
+# on every request): the peak is the larger of the two plus the VAE, instead of all three.
+ENV_LOW_MEMORY = "MLXRUNNER_LOW_MEMORY"
 ENV_DENOISE_QUEUE_DEPTH = "MLXRUNNER_DENOISE_QUEUE_DEPTH"
+# Image and embedding models on the CPU: "float32" (bf16/f16 weights upcast at load) or "stored" (why:
+# backend.compute_weights).
+ENV_CPU_DTYPE = "MLXRUNNER_CPU_DTYPE"
+CPU_DTYPES = ("float32", "stored")
+DEFAULT_CPU_DTYPE = "float32"
 ENV_REFERENCE_BLAS = "MLXRUNNER_REFERENCE_BLAS"
 ENV_OLLAMA_DEBUG = "OLLAMA_DEBUG"
 ENV_OLLAMA_MODELS = "OLLAMA_MODELS"
@@ -51,6 +63,8 @@ DEFAULT_KEEPALIVE_TIMEOUT_S = 60  # an idle connection, or one whose headers nev
 
 MIB = 1 << 20
 GIB = 1 << 30
+# LLMs: earlier sequences' key/value caches kept for reuse; Ollama's MLX runner evicts past the same 8 GiB.
+DEFAULT_PROMPT_CACHE_BYTES = 8 * GIB
 
 T = TypeVar("T")
 
@@ -76,16 +90,20 @@ class Settings:
     skip_memory_check: bool = False
     memory_limit: int | None = None  # bytes; None leaves MLX's limit as it is
     release_text_encoder: bool = False
+    low_memory: bool = False
     denoise_queue_depth: int | None = None  # None: the image pipeline's default
+    cpu_dtype: str = DEFAULT_CPU_DTYPE  # one of CPU_DTYPES
     host: str = DEFAULT_HOST
     port: int = 0  # 0 picks a free port
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES  # 0: no prompt cache
     # Serve Ollama's current LLM runner protocol (/v1/status, /v1/completions, ...) instead of ours;
     # its parent launches `ollama runner --mlx-engine`. Only an LLM can be served so.
     mlx_engine: bool = False
     read_timeout_s: int = DEFAULT_READ_TIMEOUT_S
     keepalive_timeout_s: int = DEFAULT_KEEPALIVE_TIMEOUT_S
+    serve_ui: bool = True  # the web page at / (never under --mlx-engine, whose parent is a program)
 
 
 # --- value parsers: one per kind of value, shared by flags and environment variables --------------
@@ -137,6 +155,13 @@ def parse_port(text: str) -> int:
     value = parse_int(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"{value} is not a TCP port (0-65535)")
+    return value
+
+
+def parse_cpu_dtype(text: str) -> str:
+    value = text.strip().lower()
+    if value not in CPU_DTYPES:
+        raise ValueError(f"expected {' or '.join(CPU_DTYPES)}, got {text!r}")
     return value
 
 
@@ -209,12 +234,16 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         skip_memory_check=switch_or_env("skip_memory_check", ENV_SKIP_MEMORY_CHECK),
         memory_limit=env_value(env, ENV_MEMORY_LIMIT, parse_bytes),
         release_text_encoder=switch_or_env("release_text_encoder", ENV_RELEASE_TEXT_ENCODER),
+        low_memory=switch_or_env("low_memory", ENV_LOW_MEMORY),
         denoise_queue_depth=flag_or_env("denoise_queue_depth", ENV_DENOISE_QUEUE_DEPTH, parse_depth),
+        cpu_dtype=default(flag_or_env("cpu_dtype", ENV_CPU_DTYPE, parse_cpu_dtype), DEFAULT_CPU_DTYPE),
         host=default(flags.get("host"), DEFAULT_HOST),
         port=default(flag("port", parse_port), 0),
         queue_depth=default(flag("queue_depth", parse_depth), DEFAULT_QUEUE_DEPTH),
         max_body_bytes=default(flag("max_body_mb", parse_at_least(1)), DEFAULT_MAX_BODY_MB) * MIB,
+        prompt_cache_bytes=default(flag("prompt_cache_size", parse_bytes), DEFAULT_PROMPT_CACHE_BYTES),
         mlx_engine=bool(flags.get("mlx_engine")),
         read_timeout_s=default(flag("read_timeout", parse_at_least(1)), DEFAULT_READ_TIMEOUT_S),
         keepalive_timeout_s=default(flag("keepalive_timeout", parse_at_least(1)), DEFAULT_KEEPALIVE_TIMEOUT_S),
+        serve_ui=not flags.get("no_ui"),
     )

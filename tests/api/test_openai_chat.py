@@ -234,3 +234,20 @@ def test_a_model_without_a_chat_template_refuses_chat_but_completes():
             client.chat.completions.create(model="m", messages=HELLO)
         assert "no chat template" in caught.value.message and caught.value.param == "messages"
         assert client.completions.create(model="m", prompt="Hi", max_tokens=2).choices[0].finish_reason
+
+
+CHAT_GOLDENS = json.loads((Path(__file__).parents[1] / "goldens" / "chat_generate.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(CHAT_GOLDENS["cases"]))
+def test_chat_greedy_equals_transformers_generate(client, case):
+    """The whole chat path (template, end-of-turn ids, decode loop, detokenizer) against transformers'
+    apply_chat_template + greedy generate on the same model (scripts/goldens_chat_generate.py)."""
+    golden = CHAT_GOLDENS["cases"][case]
+    reply = client.chat.completions.create(model="m", messages=golden["messages"], temperature=0,
+                                           max_tokens=CHAT_GOLDENS["max_new_tokens"])
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == len(golden["prompt_ids"])
+    assert reply.usage.completion_tokens == len(golden["ids"])
+    assert choice.message.content == golden["text"]
+    assert choice.finish_reason == golden["finish_reason"]

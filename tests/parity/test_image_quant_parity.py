@@ -1,5 +1,5 @@
-"""Quantized image models from Ollama stores (both blob eras) run packed, and draw what the float model
-holding the exactly dequantized weights draws (within one level of 255).
+"""Quantized image models from Ollama stores (both blob eras) run packed (a quantized VAE is dequantized at
+load), and draw what the float model holding the exactly dequantized weights draws (within one level of 255).
 
 The stores are the tiny Z-Image and FLUX.2 Klein fixtures imported the way `ollama create -q` did
 (tests/ollama_store.py): text encoder and transformer quantized, the VAE float.
@@ -7,17 +7,15 @@ The stores are the tiny Z-Image and FLUX.2 Klein fixtures imported the way `olla
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from ollama_store import image_quantization_names, import_directory
+from quant_helpers import dequantized_image_folder
 
-from mlxrunner.errors import ModelError
 from mlxrunner.imagegen import load_pipeline
-from mlxrunner.store import resolve
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 # (fixture, era, type): E4 combined blobs with metadata; E1-E3 separate layers typed by model_index.json.
@@ -28,27 +26,6 @@ REQUEST = dict(width=64, height=64, steps=2, seed=7)
 QUANTIZED = ("text_encoder", "transformer")
 
 
-def dequantized_folder(store_root: Path, name: str, fixture: Path, out: Path) -> Path:
-    """``fixture`` with the text encoder's and transformer's weights replaced by the store's packed ones,
-    dequantized exactly (float32)."""
-    source = resolve(name, store_root)
-    shutil.copytree(fixture, out)
-    for component in QUANTIZED:
-        tensors, params = source.tensors(component), source.quantization(component)
-        weights = {}
-        for key, value in tensors.items():
-            if key.endswith(("_scale", "_qbias")):
-                continue
-            p = params.get(key)
-            weights[key] = value if p is None else mx.dequantize(
-                value, tensors[key + "_scale"], tensors.get(key + "_qbias"), group_size=p.group_size, bits=p.bits,
-                mode=p.mode, dtype=mx.float32)
-        for old in (out / component).glob("*.safetensors*"):
-            old.unlink()
-        mx.save_safetensors(str(out / component / "model.safetensors"), weights)
-    return out
-
-
 @pytest.mark.parametrize("fixture, era, quant_type", CASES, ids=[f"{f}-{e}-{q}" for f, e, q in CASES])
 def test_quantized_store_draws_the_dequantized_image(tmp_path, fixture, era, quant_type):
     folder = FIXTURES / fixture
@@ -57,18 +34,24 @@ def test_quantized_store_draws_the_dequantized_image(tmp_path, fixture, era, qua
     store = load_pipeline("x/tiny:q", models_dir=str(tmp_path / "models"))
     params = {c: store.source.quantization(c) for c in QUANTIZED}
     assert len(params["transformer"]) >= 4 and len(params["text_encoder"]) >= 4, params
-    reference = load_pipeline(str(dequantized_folder(tmp_path / "models", "x/tiny:q", folder, tmp_path / "float")))
+    reference = load_pipeline(str(dequantized_image_folder(store.source, folder, tmp_path / "float")))
     ours = np.asarray(store.generate("a red fox in the snow", **REQUEST)).astype(int)
     theirs = np.asarray(reference.generate("a red fox in the snow", **REQUEST)).astype(int)
     assert np.abs(ours - theirs).max() <= 1
 
 
-def test_a_quantized_vae_is_refused_by_name(tmp_path):
-    """mflux quantizes the VAE's attention linears too; our VAE takes dense weights only."""
+def test_a_quantized_vae_is_dequantized_at_load(tmp_path):
+    """mflux quantizes the VAE's attention linears too; our VAE decoder takes dense weights, so they are
+    dequantized at load (a few small matrices) and the image is the dequantized float model's."""
     folder = FIXTURES / "zimage-tiny"
     vae = mx.load(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
     quantize = image_quantization_names(folder, "mxfp8") | {
         f"vae/{name}" for name, value in vae.items() if name.endswith(".weight") and value.ndim == 2}
     import_directory(tmp_path / "models", "x/tiny:q", folder, quantize=quantize, quant_type="mxfp8")
-    with pytest.raises(ModelError, match="the vae is quantized"):
-        load_pipeline("x/tiny:q", models_dir=str(tmp_path / "models"))
+    store = load_pipeline("x/tiny:q", models_dir=str(tmp_path / "models"))
+    assert len(store.source.quantization("vae")) == 8  # to_q, to_k, to_v, to_out.0 of encoder and decoder
+    reference = load_pipeline(str(dequantized_image_folder(store.source, folder, tmp_path / "float",
+                                                          ("text_encoder", "transformer", "vae"))))
+    ours = np.asarray(store.generate("a red fox in the snow", **REQUEST)).astype(int)
+    theirs = np.asarray(reference.generate("a red fox in the snow", **REQUEST)).astype(int)
+    assert np.abs(ours - theirs).max() <= 1

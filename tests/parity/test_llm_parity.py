@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ON_GPU, float32_tol
+from ollama_store import create_llm
 
 from mlxrunner import _core
 from mlxrunner.http.protocol import Options
@@ -42,9 +43,22 @@ def is_bf16(goldens) -> bool:
 
 def test_fixtures_cover_what_the_issue_asks():
     names = {golden_id(p) for p in GOLDENS}
-    assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16"} <= names
+    assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16", "mistral-tiny", "gemma3-tiny",
+            "gemma3-vlm-tiny", "qwen3-yarn-tiny"} <= names
     # MoE: norm_topk_prob both ways; MLA with DeepSeek-V3 routing, with and without q_lora_rank.
     assert {"qwen3-moe-tiny", "qwen3-moe-tiny-nonorm", "glm4-moe-lite-tiny", "glm4-moe-lite-tiny-qproj"} <= names
+
+
+def test_sliding_window_goldens_cross_the_window_many_times():
+    """Prompts and continuations far longer than the window: the rotating cache wraps, the long prompt's
+    second prefill chunk starts hundreds of positions past it."""
+    for name in ("mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny"):
+        goldens = json.loads((ROOT / "goldens" / f"llm_{name}.json").read_text())
+        window = goldens["metadata"]["config_summary"]["sliding_window"]
+        assert window == 8
+        assert all(p["n_tokens"] > 2 * window for p in goldens["prompts"])
+        assert max(p["n_tokens"] for p in goldens["prompts"]) > 512 + window
+        assert goldens["new_tokens"] > 4 * window
 
 
 def test_tokenizer_gives_transformers_ids(case):
@@ -95,6 +109,24 @@ def test_greedy_continuations_are_token_identical(case):
             margins = entry["top2_margins"]
             low = 1.0 if ON_GPU else 0.25
             safe = next((i for i, m in enumerate(margins) if m < low), len(margins))
+            assert ours[:safe] == entry["new_ids"][:safe], entry["prompt_id"]
+        else:
+            assert ours == entry["new_ids"], entry["prompt_id"]
+
+
+@pytest.mark.parametrize("name", ["gemma3-tiny", "gemma3-vlm-tiny"])
+def test_gemma3_as_an_ollama_store_matches_transformers(tmp_path, name):
+    """The folder imported as Ollama's x/create does (one layer per tensor, config.json a JSON layer)."""
+    goldens = json.loads((ROOT / "goldens" / f"llm_{name}.json").read_text())
+    create_llm(tmp_path, f"library/{name}:latest", ROOT / "fixtures" / "llm" / name)
+    model = load(f"{name}:latest", models_dir=str(tmp_path))
+    prompts = {p["id"]: p for p in goldens["prompts"]}
+    greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
+    for entry in goldens["greedy"]:
+        generator = _core.Generator(model.decoder, prompts[entry["prompt_id"]]["input_ids"], greedy, 512)
+        ours = [next(generator) for _ in range(len(entry["new_ids"]))]
+        if ON_GPU:  # TF32 products: agreement up to the first low-margin step
+            safe = next((i for i, m in enumerate(entry["top2_margins"]) if m < 1.0), len(entry["new_ids"]))
             assert ours[:safe] == entry["new_ids"][:safe], entry["prompt_id"]
         else:
             assert ours == entry["new_ids"], entry["prompt_id"]

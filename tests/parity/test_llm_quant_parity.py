@@ -21,6 +21,7 @@ from ollama_store import create_llm
 
 from mlxrunner import _core
 from mlxrunner.cli.quantize import main as quantize_main
+from mlxrunner.errors import ModelError
 from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
@@ -51,6 +52,7 @@ def test_fixtures_cover_what_the_issue_asks():
         assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
     # mlx-lm's stacked, packed experts; GLM's kv_b_proj split into embed_q / unembed_out.
     assert {"qwen3-moe-tiny-q4-g64", "glm4-moe-lite-tiny-q8-g32"} <= set(FIXTURES)
+    assert {"gemma3-vlm-tiny-q4-g64", "gemma3-vlm-tiny-mxfp4"} <= set(FIXTURES)  # sliding windows, packed tied head
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
@@ -88,7 +90,8 @@ def test_last_position_logits(case):
 
 
 def dequantized_copy(folder: str | Path, out: Path, models_dir: str | None = None) -> Path:
-    """A float folder whose weights are ``folder``'s packed ones, dequantized exactly (float32)."""
+    """A float folder whose weights are ``folder``'s packed ones, dequantized exactly (float32; times their
+    global scale when they have one)."""
     source = resolve(str(folder), models_dir)
     tensors, params = source.tensors(), source.quantization()
     weights = {}
@@ -96,9 +99,12 @@ def dequantized_copy(folder: str | Path, out: Path, models_dir: str | None = Non
         if name.endswith(("_scale", "_qbias")):
             continue
         p = params.get(name)
-        weights[name] = value if p is None else mx.dequantize(
-            value, tensors[name + "_scale"], tensors.get(name + "_qbias"), group_size=p.group_size, bits=p.bits,
-            mode=p.mode, dtype=mx.float32)
+        if p is not None:
+            value = mx.dequantize(value, tensors[name + "_scale"], tensors.get(name + "_qbias"),
+                                  group_size=p.group_size, bits=p.bits, mode=p.mode, dtype=mx.float32)
+            if name + "_global_scale" in tensors:
+                value = value * tensors[name + "_global_scale"].reshape(())
+        weights[name] = value
     out.mkdir()
     config = source.read_json("config.json")
     config.pop("quantization", None)
@@ -130,11 +136,85 @@ def test_ollama_llm_store_runs_its_packed_weights(tmp_path, model, quant_type):
     assert_same_model(quantized, reference)
 
 
+@pytest.mark.parametrize("quant_type", ["int4", "mxfp8"])
+@pytest.mark.parametrize("name", ["mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny"])
+def test_ollama_store_of_a_sliding_window_model_runs_its_packed_weights(tmp_path, name, quant_type):
+    """Windows of 8 tokens; a prompt of 40 and a 16-token continuation cross them."""
+    create_llm(tmp_path / "models", f"library/{name}:q", ROOT / "fixtures" / "llm" / name, quant_type)
+    models_dir = str(tmp_path / "models")
+    quantized = load(f"{name}:q", models_dir=models_dir)
+    assert any(".q_proj." in n for n in resolve(f"{name}:q", models_dir).quantization())
+    reference = load(str(dequantized_copy(f"{name}:q", tmp_path / "float", models_dir)))
+    assert_same_model(quantized, reference, "Once upon a time there was a little robot who wanted to learn how to "
+                                            "write poems. It read every book in the library.")
+
+
 @pytest.mark.parametrize("args", [["--bits", "4"], ["--bits", "8", "--mode", "mxfp8"],
                                   ["--bits", "4", "--mode", "nvfp4", "--mixed"]])
 def test_quantize_output_runs(tmp_path, args):
     assert quantize_main([str(ROOT / "fixtures" / "llm" / "qwen3-tiny"), str(tmp_path / "q"), *args]) == 0
     assert_same_model(load(str(tmp_path / "q")), load(str(dequantized_copy(tmp_path / "q", tmp_path / "float"))))
+
+
+# -- nvfp4 global scales ------------------------------------------------------------------------
+
+# A tied embedding (so the LM head too), a projection fused with others (q | k | v) and a lone one.
+GLOBAL_SCALES = {"model.embed_tokens.weight": 0.37, "model.layers.0.self_attn.q_proj.weight": 1.9,
+                 "model.layers.1.mlp.down_proj.weight": 0.011}
+
+
+def with_global_scales(out: Path, scales: dict[str, float], suffix: str = "_scale_2", dtype=mx.float32) -> Path:
+    """mlx-lm's nvfp4 qwen3-tiny with ModelOpt's per-tensor ``<weight>_scale_2`` beside some weights."""
+    shutil.copytree(ROOT / "fixtures" / "llm-quant" / "qwen3-tiny-nvfp4", out)
+    (out / "model.safetensors.index.json").unlink()
+    weights = mx.load(str(out / "model.safetensors"))
+    weights |= {name + suffix: mx.array(scale, dtype=dtype) for name, scale in scales.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out
+
+
+def test_nvfp4_global_scales_multiply_the_dequantized_weights(tmp_path):
+    folder = with_global_scales(tmp_path / "scaled", GLOBAL_SCALES)
+    assert {n for n in resolve(str(folder)).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in GLOBAL_SCALES}
+    scaled = load(str(folder))
+    assert_same_model(scaled, load(str(dequantized_copy(folder, tmp_path / "float"))))
+    ids = scaled.tokenizer.encode("The quick brown fox", add_bos=True)
+    unscaled = load(str(ROOT / "fixtures" / "llm-quant" / "qwen3-tiny-nvfp4"))
+    assert np.abs(scaled.logits(ids) - unscaled.logits(ids)).max() > 0.1  # the scales took effect
+
+
+def test_ollama_blob_global_scales(tmp_path):
+    """Ollama's name for it: ``<weight>.global_scale`` in the weight's combined blob."""
+    scales = {"model.layers.0.self_attn.q_proj.weight": 1.9, "model.layers.1.mlp.gate_proj.weight": 0.2}
+    create_llm(tmp_path / "models", "library/llama-tiny:q", ROOT / "fixtures" / "llm" / "llama-tiny", "nvfp4",
+               global_scales=scales)
+    models_dir = str(tmp_path / "models")
+    assert {n for n in resolve("llama-tiny:q", models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
+    assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(scales={"model.layers.0.self_attn.q_proj.weight": 2.0}, dtype=mx.float16), "must be one F32 value"),
+    (dict(scales={"model.layers.0.self_attn.q_proj.weight": 2.0}, suffix=".global_scale", dtype=mx.bfloat16),
+     "must be one F32 value"),
+])
+def test_a_bad_global_scale_names_the_tensor(tmp_path, edit, message):
+    folder = with_global_scales(tmp_path / "bad", **edit)
+    with pytest.raises(ModelError, match=f"tensor 'model.layers.0.self_attn.q_proj.weight': .*{message}"):
+        resolve(str(folder)).quantization()
+
+
+def test_a_global_scale_on_an_affine_weight_is_refused(tmp_path):
+    folder = tmp_path / "affine"
+    shutil.copytree(ROOT / "fixtures" / "llm-quant" / "qwen3-tiny-q4-g64", folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight_scale_2"] = mx.array(2.0)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    with pytest.raises(ModelError, match="q_proj.weight': a global scale belongs to nvfp4 weights, not affine"):
+        resolve(str(folder)).quantization()
 
 
 # -- memory --------------------------------------------------------------------------------------

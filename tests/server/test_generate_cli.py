@@ -21,7 +21,7 @@ ARGS = ("--width", "64", "--height", "96", "--steps", "2", "--seed", "3")
 
 
 def generate(out: Path, *extra: str, prompt: str = PROMPT):
-    result = run_cli("generate", "--model", str(ZIMAGE), "--prompt", prompt, "-o", str(out), *ARGS, *extra)
+    result = run_cli("generate", "--model", str(ZIMAGE), prompt, "-o", str(out), *ARGS, *extra)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -96,9 +96,9 @@ def test_a_random_seed_is_printed_and_reproduces_the_image(tmp_path):
     seed = int(result.stdout.split(", seed ")[1].split(",")[0])
     with Image.open(a) as image:
         assert image.text["seed"] == str(seed)
-    b = tmp_path / "b.png"
-    result = run_cli("generate", "--model", str(ZIMAGE), "-p", "x", "-o", str(b), "--width", "64", "--height", "64",
-                     "--steps", "1", "--seed", str(seed))
+    b = tmp_path / "b.png"  # the same prompt from stdin: `echo x | mlxrunner generate ...`
+    result = run_cli("generate", "--model", str(ZIMAGE), "-o", str(b), "--width", "64", "--height", "64",
+                     "--steps", "1", "--seed", str(seed), stdin="x\n")
     assert result.returncode == 0, result.stderr
     assert np.array_equal(pixels(a), pixels(b))
 
@@ -139,13 +139,24 @@ def test_image_that_does_not_exist_fails_naming_the_file(tmp_path):
     assert line.startswith("Error: --image ") and str(missing) in line
 
 
-@pytest.mark.parametrize("model, mode", [("all-minilm", "embedding"), (str(QWEN3), "llm")])
-def test_a_model_that_is_not_an_image_model_fails(tmp_path, model, mode):
+def test_an_embedding_model_fails_before_loading(tmp_path):
     out = tmp_path / "out.png"
-    result = run_cli("generate", "--model", model, "--prompt", "x", "-o", str(out))
+    result = run_cli("generate", "--model", "all-minilm", "--prompt", "x", "-o", str(out))
     assert result.returncode == 1
-    assert last_line(result.stderr) == f"Error: {model} is a {mode} model, not an image model"
+    assert last_line(result.stderr) == ("Error: all-minilm is an embedding model: generate takes image models and "
+                                        "LLMs (use mlxrunner embed)")
+    assert "loading" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model, flag, message", [
+    (str(ZIMAGE), ("--temperature", "0"), f"--temperature: for an LLM, and {ZIMAGE} is an image model"),
+    (str(QWEN3), ("-o", "x.png"), f"--output: for an image model, and {QWEN3} is an LLM"),
+])
+def test_a_flag_for_the_other_kind_of_model_is_a_usage_error(model, flag, message):
+    result = run_cli("generate", "--model", model, "x", *flag)
+    assert result.returncode == 2
+    assert last_line(result.stderr) == f"mlxrunner generate: error: {message}"
 
 
 def test_missing_prompt_is_a_usage_error(tmp_path):
@@ -153,3 +164,10 @@ def test_missing_prompt_is_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert "usage: mlxrunner generate" in result.stderr and "--prompt" in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_prompt_given_twice_is_a_usage_error(tmp_path):
+    result = run_cli("generate", "--model", str(ZIMAGE), "x", "--prompt", "y", "-o", str(tmp_path / "out.png"))
+    assert result.returncode == 2
+    assert last_line(result.stderr) == ("mlxrunner generate: error: give the prompt once: as PROMPT or as "
+                                        "--prompt, not both")

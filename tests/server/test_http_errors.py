@@ -72,6 +72,9 @@ class FakeImageModel:
     def run(self, prompt, **kwargs):
         raise self.error
 
+    def warm_up(self):
+        return 0, 0.0
+
 
 def serve(model, mode: Mode, requests):
     """Start the real app on 127.0.0.1 with `model` loaded, and run `requests(client)` against it."""

@@ -22,6 +22,15 @@ def test_release_text_encoder_reaches_the_image_pipeline():
     assert loader.load(str(ZIMAGE)).image_model.release_text_encoder is False
 
 
+def test_an_image_model_is_warmed_up_before_load_returns(caplog):
+    """/health says ready when load returns: the first request must find the kernels and buffers made."""
+    with caplog.at_level("INFO", logger="mlxrunner.loader"):
+        loader.load(str(ZIMAGE))
+    warm_ups = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up:")]
+    side = 64 if mx.default_device() == mx.cpu else 1024
+    assert len(warm_ups) == 1 and warm_ups[0].startswith(f"warm-up: a {side}x{side} image in 1 step took ")
+
+
 def test_memory_limit_is_what_the_memory_check_compares_against():
     previous = mx.get_memory_limit()
     try:

@@ -18,11 +18,12 @@ from mlxrunner.http.protocol import Options
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.zimage import transformer_config
 from mlxrunner.llm import load as load_llm
-from mlxrunner.llm.model import decoder_config, sampler_options
+from mlxrunner.llm.architectures import WINDOW_KEYS, decoder_config
+from mlxrunner.llm.model import sampler_options
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 IMAGE_MODELS = ["zimage-tiny", "flux2-klein-tiny", "flux2-klein-base-tiny"]
-LLMS = ["llama-tiny", "llama3-tiny", "qwen3-tiny", "qwen3-tiny-bf16"]
+LLMS = ["llama-tiny", "llama3-tiny", "qwen3-tiny", "qwen3-tiny-bf16", "qwen3-yarn-tiny"]
 
 
 def read(path: Path) -> dict:
@@ -81,11 +82,14 @@ def test_image_schedule_is_the_files(image_model):
 @pytest.mark.parametrize("name", LLMS)
 def test_llm_decoder_config_is_the_files(name):
     folder = FIXTURES / "llm" / name
-    file = read(folder / "config.json")
+    # Qwen3's layer_types (all full_attention) and sliding_window (null) do not apply to Llama and Qwen3.
+    file = {key: value for key, value in read(folder / "config.json").items() if key not in WINDOW_KEYS}
     built = load_llm(str(folder)).decoder.config
-    # What the loader translates: the architecture from "architectures", RoPE from "rope_parameters".
+    # What the loader translates: the architecture from "architectures", RoPE (of every layer: none slides)
+    # from "rope_parameters".
     architecture = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}[file["architectures"][0]]
-    translated = {**file, "architecture": architecture, "rope": file["rope_parameters"]}
+    translated = {**file, "architecture": architecture, "rope": file["rope_parameters"],
+                  "sliding_rope": file["rope_parameters"]}
     assert built == _core.DecoderConfig.from_dict(translated)
     assert_has_the_files_values(built, file)
     assert_has_the_files_values(built.rope, file["rope_parameters"])
@@ -126,6 +130,22 @@ def test_minilm_bert_config_is_the_files(minilm_dir):
 # Each reference's __init__ defaults for the fields the struct has, as the library writes them, and how
 # its names and values map onto the struct's: a list of patch sizes -> the first one; None where the
 # reference derives the value -> 0, the struct's "derived".
+# YaRN's as transformers' _compute_yarn_parameters: beta_fast 32, beta_slow 1, truncate true; mscale,
+# mscale_all_dim and attention_factor None (attention_factor then derived) -> 0.
+DEFAULT_ROPE = dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="default", factor=1.0,
+                    low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,
+                    beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, attention_factor=0.0, truncate=True)
+# Not in LlamaConfig: sliding windows and Gemma's extras, off; the sliding layers' RoPE is rope's.
+NO_WINDOWS = dict(sliding_window=0, layer_types=[], sliding_window_pattern=0, sliding_rope=dict(DEFAULT_ROPE),
+                  hidden_act="silu", query_pre_attn_scalar=0.0, final_logit_softcapping=0.0)
+# Not in LlamaConfig: routed experts (MoeConfig: Qwen3MoeConfig's routing fields, DeepSeek's one group, no
+# scaling, no shared experts; num_experts 0, a dense model) and MLA (Glm4MoeLiteConfig's), unused.
+QWEN3_MOE_ROUTING = dict(num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                         n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0)
+NO_EXPERTS = dict(moe=dict(QWEN3_MOE_ROUTING), mlp_layer_types=[], decoder_sparse_step=1, mlp_only_layers=[],
+                  first_k_dense_replace=0,
+                  mla=dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192,
+                           v_head_dim=256, rope_interleave=True))
 REFERENCES = {
     # n_kv_heads: 30 there, its default n_heads, and unused (its attention is built from n_heads alone):
     # derived from n_heads here.
@@ -147,21 +167,37 @@ REFERENCES = {
         architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, head_dim=None,
-        rope=dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="default", factor=1.0,
-                  low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-        moe=dict(num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False, n_group=1,
-                 topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0),
-        mlp_layer_types=[], decoder_sparse_step=1, mlp_only_layers=[], first_k_dense_replace=0,
-        mla=dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192, v_head_dim=256,
-                 rope_interleave=True))),
-    # Qwen3-MoE's routing fields (the struct's other fields are DeepSeek's: one group, no scaling, no shared
-    # experts); num_experts is 128 there, 0 (no experts: a dense model) here.
-    "transformers 5.x Qwen3MoeConfig": (_core.MoeConfig, dict(
-        num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False, n_group=1,
-        topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0)),
-    "transformers 5.x Glm4MoeLiteConfig": (_core.MlaConfig, dict(
-        q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192, v_head_dim=256,
-        rope_interleave=True)),
+        rope=dict(DEFAULT_ROPE), **NO_WINDOWS, **NO_EXPERTS)),
+    # MistralForCausalLM / MinistralForCausalLM: sliding_window 4096 on every layer (layer_types None).
+    "transformers 5.x MistralConfig": (lambda: _core.DecoderConfig.defaults("mistral"), dict(
+        architecture="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE),
+        **{**NO_WINDOWS, "sliding_window": 4096, "sliding_rope": dict(DEFAULT_ROPE)}, **NO_EXPERTS)),
+    # Gemma3ForCausalLM: default_theta {"global": 1e6, "local": 1e4}; layer_types None: every 6th layer
+    # full (its sliding_window_pattern default); hidden_act is its hidden_activation.
+    "transformers 5.x Gemma3TextConfig": (lambda: _core.DecoderConfig.defaults("gemma3"), dict(
+        architecture="gemma3", vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_act="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        query_pre_attn_scalar=256.0, sliding_window=4096, layer_types=[], sliding_window_pattern=6,
+        final_logit_softcapping=None, rope={**DEFAULT_ROPE, "rope_theta": 1e6},
+        sliding_rope={**DEFAULT_ROPE, "rope_theta": 1e4}, **NO_EXPERTS)),
+    # Qwen3MoeForCausalLM: num_local_experts (the struct's num_experts) 128; head_dim None (derived).
+    "transformers 5.x Qwen3MoeConfig": (lambda: _core.DecoderConfig.defaults("qwen3_moe"), dict(
+        architecture="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE), **NO_WINDOWS,
+        **{**NO_EXPERTS, "moe": {**QWEN3_MOE_ROUTING, "num_experts": 128}})),
+    # Glm4MoeLiteForCausalLM: n_routed_experts 64 with DeepSeek-V3's routing fields; its mlp_layer_types
+    # default (the first layer dense, the rest sparse) is first_k_dense_replace 1 here.
+    "transformers 5.x Glm4MoeLiteConfig": (lambda: _core.DecoderConfig.defaults("glm4_moe_lite"), dict(
+        architecture="glm4_moe_lite", vocab_size=154880, hidden_size=2048, intermediate_size=10240,
+        num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE),
+        **NO_WINDOWS, **{**NO_EXPERTS, "first_k_dense_replace": 1, "moe": dict(
+            num_experts=64, num_experts_per_tok=4, moe_intermediate_size=1536, norm_topk_prob=True, n_group=1,
+            topk_group=1, routed_scaling_factor=1.8, n_shared_experts=1)})),
     "transformers 5.x BertConfig": (_core.BertConfig, dict(
         vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)),
@@ -175,7 +211,7 @@ REFERENCES = {
 # in a llama3 config and we take when one leaves them out.
 
 
-DERIVED = {"n_kv_heads", "out_channels", "num_key_value_heads", "head_dim"}
+DERIVED = {"n_kv_heads", "out_channels", "num_key_value_heads", "head_dim", "final_logit_softcapping"}
 
 
 def as_struct_values(reference: dict) -> dict:
@@ -280,6 +316,14 @@ def test_translators_name_the_file_and_key():
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 2.0}},
      dict(rope_type="llama3", factor=8.0, rope_theta=5e5, low_freq_factor=2.0, high_freq_factor=4.0)),
     ({}, dict(rope_type="default", rope_theta=10000.0)),
+    # YaRN's original context: the scaling's, else a top-level one, else the model's (transformers' order:
+    # a top-level one wins)
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+      "max_position_embeddings": 131072}, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768)),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 131072},
+     dict(rope_type="yarn", original_max_position_embeddings=131072)),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+      "original_max_position_embeddings": 4096}, dict(original_max_position_embeddings=4096)),
 ])
 def test_rope_from_rope_scaling_or_rope_parameters(rope, expected):
     config = decoder_config({"architectures": ["LlamaForCausalLM"], **rope})
@@ -287,9 +331,86 @@ def test_rope_from_rope_scaling_or_rope_parameters(rope, expected):
 
 
 @pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "yarn", "factor": 4.0}, "rope scaling 'yarn' is not supported"),
+    ({"rope_type": "longrope", "factor": 4.0}, "rope scaling 'longrope' is not supported"),
     ({"rope_type": "linear"}, "rope scaling 'linear' needs a factor"),
 ])
 def test_unsupported_rope_scaling_is_refused(scaling, message):
     with pytest.raises(ModelError, match=message):
         decoder_config({"architectures": ["LlamaForCausalLM"], "rope_parameters": scaling})
+
+
+# --- sliding windows and Gemma 3: every spelling checkpoints use -------------------------------------
+
+
+def windows(config: _core.DecoderConfig) -> list[int]:
+    return [config.window(i) for i in range(config.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("name, expected_windows, rope, sliding_rope", [
+    ("mistral-tiny", [8, 8], dict(rope_type="default", rope_theta=1e4), dict(rope_type="default", rope_theta=1e4)),
+    # transformers 5: layer_types and rope_parameters per layer type
+    ("gemma3-tiny", [8, 0, 8, 0], dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+     dict(rope_type="default", rope_theta=1e4)),
+    # the Hub's spelling: sliding_window_pattern 3 (every third layer full), rope_theta + rope_scaling for
+    # the global layers, rope_local_base_freq for the sliding ones; under text_config
+    ("gemma3-vlm-tiny", [8, 8, 0], dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+     dict(rope_type="default", rope_theta=1e4)),
+])
+def test_sliding_window_fixtures_are_read_as_transformers_reads_them(name, expected_windows, rope, sliding_rope):
+    file = read(FIXTURES / "llm" / name / "config.json")
+    built = load_llm(str(FIXTURES / "llm" / name)).decoder.config
+    assert_has_the_files_values(built, file.get("text_config", file))
+    assert windows(built) == expected_windows
+    assert {key: built.rope.to_dict()[key] for key in rope} == rope
+    assert {key: built.sliding_rope.to_dict()[key] for key in sliding_rope} == sliding_rope
+    if name.startswith("gemma3"):
+        assert built.hidden_act == "gelu_pytorch_tanh"  # from hidden_activation
+
+
+def test_a_sparse_hub_gemma3_config_takes_gemma3s_defaults():
+    """gemma-3-4b-it's config.json names only what differs from Gemma3TextConfig's defaults."""
+    built = decoder_config({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}})
+    assert (built.architecture, built.head_dim, built.query_pre_attn_scalar, built.tie_word_embeddings) == (
+        "gemma3", 256, 256.0, True)
+    assert windows(built) == [0 if (i + 1) % 6 == 0 else 1024 for i in range(34)]
+    assert (built.rope.rope_type, built.rope.factor, built.rope.rope_theta) == ("linear", 8.0, 1e6)
+    assert (built.sliding_rope.rope_type, built.sliding_rope.rope_theta) == ("default", 1e4)
+
+
+@pytest.mark.parametrize("config, expected", [
+    # Qwen3 configs carry sliding_window with use_sliding_window false, and layer_types: not windows to us.
+    ({"architectures": ["Qwen3ForCausalLM"], "sliding_window": 4096, "use_sliding_window": False,
+      "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}, [0, 0]),
+    ({"architectures": ["MistralForCausalLM"], "num_hidden_layers": 2, "sliding_window": None}, [0, 0]),
+    ({"architectures": ["MistralForCausalLM"], "num_hidden_layers": 2}, [4096, 4096]),  # MistralConfig's default
+    ({"architectures": ["MinistralForCausalLM"], "num_hidden_layers": 3, "sliding_window": 32,
+      "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, [32, 0, 32]),
+])
+def test_which_layers_slide(config, expected):
+    assert windows(decoder_config(config)) == expected
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "text_config must be an object"),
+])
+def test_unsupported_gemma_variants_are_refused(config, message):
+    with pytest.raises(ModelError, match=message):
+        decoder_config(config)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_hidden_layers": 2, "layer_types": ["full_attention"]}, "layer_types names 1 layers, the model has 2"),
+    ({"num_hidden_layers": 1, "layer_types": ["chunked_attention"]}, "unsupported layer type 'chunked_attention'"),
+    ({"num_hidden_layers": 1, "sliding_window": 0, "layer_types": ["sliding_attention"]},
+     "layer 0 uses sliding-window attention but sliding_window is not set"),
+])
+def test_bad_window_configs_name_the_problem(config, message):
+    """The decoder checks its config before it reads a weight."""
+    values = {"vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 8, **config}
+    with pytest.raises(ValueError, match=message):
+        _core.Decoder(_core.DecoderConfig.defaults("mistral").updated(values), {})

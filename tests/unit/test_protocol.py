@@ -113,3 +113,14 @@ def test_ndjson_lines_are_single_non_blank_lines():
     assert json.loads(line) == {"content": "a\nb", "done": False, "text": "é"}
     err = StreamError("boom").to_json()
     assert err == {"error": "boom", "content": "error: boom", "done": True}
+
+
+def test_ndjson_line_puts_base64_bytes_in_as_a_string():
+    png = base64.b64encode(bytes(range(256)) * 3)
+    done = protocol.ImageDone(image=png, seed=7, width=64, height=48, steps=2, timings_ms={"total": 1.5})
+    line = protocol.ndjson_line(done.to_json())
+    assert line.startswith(b'{"image":"') and line.count(b"\n") == 1
+    parsed = json.loads(line)
+    assert base64.b64decode(parsed.pop("image")) == bytes(range(256)) * 3
+    assert parsed == {"seed": 7, "width": 64, "height": 48, "steps": 2, "done": True, "timings": {"total_ms": 1.5}}
+    assert json.loads(protocol.ndjson_line({"image": b"QUJD"})) == {"image": "QUJD"}

@@ -90,7 +90,7 @@ def test_bad_choices_exit_1_with_the_reason(tmp_path, args, message):
 
 @pytest.mark.parametrize("source, message", [
     (FIXTURES / "llm-quant" / "qwen3-tiny-q4-g64", "is quantized already"),
-    (FIXTURES / "zimage-tiny", "handles LLMs"),
+    ("all-minilm", "handles LLMs"),
 ])
 def test_sources_it_refuses(tmp_path, capsys, source, message):
     assert main([str(source), str(tmp_path / "out"), "--bits", "4"]) == 1

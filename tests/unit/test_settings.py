@@ -36,6 +36,10 @@ def test_mlx_engine_is_a_switch():
     ({"MLXRUNNER_RELEASE_TEXT_ENCODER": " Yes "}, "release_text_encoder", True),
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "0"}, "denoise_queue_depth", 0),
     ({"MLXRUNNER_DENOISE_QUEUE_DEPTH": "4"}, "denoise_queue_depth", 4),
+    ({"MLXRUNNER_CPU_DTYPE": "Stored"}, "cpu_dtype", "stored"),
+    ({"MLXRUNNER_LOW_MEMORY": "1"}, "low_memory", True),
+    ({}, "low_memory", False),
+    ({}, "cpu_dtype", "float32"),
     ({"OLLAMA_DEBUG": "1"}, "log_level", logging.DEBUG),
     ({"OLLAMA_DEBUG": "junk"}, "log_level", logging.INFO),  # Ollama ignores what it cannot parse
     ({"MLXRUNNER_MEMORY_LIMIT": ""}, "memory_limit", None),  # empty is unset
@@ -63,12 +67,22 @@ def test_flags_win_over_their_environment_variables():
     assert resolve({**MODEL, "skip_memory_check": None}, env={"MLXRUNNER_SKIP_MEMORY_CHECK": "1"}).skip_memory_check
 
 
+def test_cpu_dtype_flag_wins_and_a_bad_value_names_the_flag():
+    assert resolve({**MODEL, "cpu_dtype": "float32"}, env={"MLXRUNNER_CPU_DTYPE": "stored"}).cpu_dtype == "float32"
+    with pytest.raises(settings.SettingsError, match="--cpu-dtype: expected float32 or stored"):
+        resolve({**MODEL, "cpu_dtype": "bf16"}, env={})
+    with pytest.raises(settings.SettingsError, match="MLXRUNNER_CPU_DTYPE: expected float32 or stored"):
+        resolve(MODEL, env={"MLXRUNNER_CPU_DTYPE": "half"})
+
+
 def test_flags_of_the_server():
     flags = {**MODEL, "host": "0.0.0.0", "port": "11500", "queue_depth": "0", "max_body_mb": "2",
-             "models_dir": "/models", "log_level": "trace"}
+             "models_dir": "/models", "log_level": "trace", "prompt_cache_size": "512MiB"}
     got = resolve(flags, env={})
-    assert (got.host, got.port, got.queue_depth, got.max_body_bytes, got.models_dir, got.log_level) == \
-        ("0.0.0.0", 11500, 0, 2 << 20, "/models", 5)
+    assert (got.host, got.port, got.queue_depth, got.max_body_bytes, got.models_dir, got.log_level,
+            got.prompt_cache_bytes) == ("0.0.0.0", 11500, 0, 2 << 20, "/models", 5, 512 << 20)
+    assert resolve({**MODEL, "prompt_cache_size": "0"}, env={}).prompt_cache_bytes == 0
+    assert resolve(MODEL, env={}).prompt_cache_bytes == settings.DEFAULT_PROMPT_CACHE_BYTES == 8 << 30
 
 
 @pytest.mark.parametrize("env, message", [
@@ -97,6 +111,7 @@ def test_a_bad_reference_blas_value_is_named():
     ({"max_body_mb": "0"}, "argument --max-body-mb: must be >= 1"),
     ({"denoise_queue_depth": "-3"}, "argument --denoise-queue-depth: must be >= 0"),
     ({"log_level": "loud"}, "argument --log-level: unknown log level 'loud'"),
+    ({"prompt_cache_size": "-1GB"}, "argument --prompt-cache-size: not a byte size: '-1GB'"),
 ])
 def test_a_bad_flag_is_named(flags, message):
     with pytest.raises(SettingsError, match=message) as info:

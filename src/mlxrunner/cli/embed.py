@@ -1,4 +1,8 @@
-"""`mlxrunner embed --model NAME TEXT...`: embed texts and print the vectors' cosine similarities."""
+"""`mlxrunner embed --model NAME TEXT...`: embed texts and print the vectors' cosine similarities.
+
+The texts come as arguments, as repeated `-p/--prompt` (the prompt flag every command takes), from a file
+(--input-file, a text per line), or, when none of those is given and stdin is not a terminal, from stdin.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import sys
 
 import numpy as np
 
-from mlxrunner.cli.common import add_model_flags, fail, load_model, settings_from
+from mlxrunner.cli.common import add_model_flags, fail, load_with_bar, settings_from
 from mlxrunner.detect import Mode
 from mlxrunner.models import Embedder
 from mlxrunner.progress import ProgressBar
@@ -23,8 +27,11 @@ def embed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxrunner embed", allow_abbrev=False,
                                      description="Embed texts and print the vectors' cosine similarities.")
     add_model_flags(parser)
-    parser.add_argument("texts", nargs="*", help="texts to embed")
-    parser.add_argument("--input-file", help="embed each line of this file ('-' = stdin)")
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
+    parser.add_argument("--prompt", "-p", action="append", default=[], metavar="TEXT",
+                        help="a text to embed, after the TEXT arguments (repeatable)")
+    parser.add_argument("--input-file", help="embed each line of this file ('-' = stdin; without TEXT, --prompt "
+                        "or --input-file, stdin is read when it is not a terminal)")
     parser.add_argument("--json", action="store_true", help="print {\"embeddings\": [[...]]} as JSON")
     parser.add_argument("--no-normalize", action="store_true", help="skip the model's L2 normalisation")
     return parser
@@ -33,18 +40,18 @@ def embed_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = embed_parser()
     args = parser.parse_args(argv)
-    texts = list(args.texts)
-    if args.input_file:
-        stream = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
+    texts = [*args.texts, *args.prompt]
+    input_file = args.input_file or ("-" if not texts and not sys.stdin.isatty() else None)
+    if input_file:
+        stream = sys.stdin if input_file == "-" else open(input_file, encoding="utf-8")
         with stream:
             texts += [line.rstrip("\n") for line in stream]
     if not texts:
-        parser.error("nothing to embed: give TEXT arguments or --input-file")
+        parser.error("nothing to embed: give TEXT arguments, --prompt TEXT, --input-file, or pipe lines on stdin")
     settings = settings_from(args, parser)
 
     try:
-        with ProgressBar("loading", total=100) as bar:
-            loaded = load_model(settings, lambda p: bar.update(int(p * 100)))
+        loaded = load_with_bar(settings)
         if loaded.mode is not Mode.EMBEDDING:
             return fail(f"{settings.model} is a {loaded.mode.value} model, not an embedding model")
         vectors = embed_with_progress(loaded.embedder, texts, normalize=False if args.no_normalize else None)

@@ -51,6 +51,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
+    parser.add_argument("--prompt-cache-size", metavar="BYTES", help="LLMs: bytes of earlier prompts' key/value "
+                        "caches kept for reuse (16GB, 512MiB, ...; default 8GiB; 0 turns the cache off)")
     parser.add_argument("--mlx-engine", "-mlx-engine", action="store_true", default=None,
                         help="speak Ollama's current LLM runner protocol (/v1/status, /v1/completions); "
                         "LLMs only")
@@ -58,6 +60,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_READ_TIMEOUT_S}); slower gets 408")
     parser.add_argument("--keepalive-timeout", metavar="SECONDS", help="seconds before an idle connection, or one "
                         f"whose headers never end, is closed (default {DEFAULT_KEEPALIVE_TIMEOUT_S})")
+    parser.add_argument("--no-ui", action="store_true", default=None,
+                        help="do not serve the web page at / (it is never served under --mlx-engine)")
     add_image_model_flags(parser)
     return parser
 
@@ -97,11 +101,12 @@ async def serve(settings: Settings, shutdown_signals: ShutdownSignals) -> int:
     from mlxrunner.http.server import RunnerState, Server
     from mlxrunner.worker import Worker
 
-    log_backend(backend.detect())
-    state = RunnerState(settings.model)
+    found = backend.detect()
+    log_backend(found)
+    state = RunnerState(settings.model, backend=found)
     worker = Worker(max_queued=settings.queue_depth, on_idle=release_cached_memory)
     server = Server(state, worker, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
-                    speaks_mlx_engine=settings.mlx_engine)
+                    speaks_mlx_engine=settings.mlx_engine, serves_ui=settings.serve_ui)
     # aiohttp's keep-alive timer starts when a connection opens, so it also closes one whose first
     # headers never end; after a response it closes one left idle.
     runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=2.0,

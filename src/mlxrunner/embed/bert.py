@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
 
 ST_PREFIX = "sentence_transformers.models."
@@ -120,7 +120,7 @@ class BertEmbedder:
         self.pipeline = read_pipeline(source, bert)
         self.tokenizer = load_tokenizer(source)
         self.pad_id = int(config.get("pad_token_id", 0) or 0)
-        weights = source.tensors("")
+        weights = backend.compute_weights(source.tensors(""))
         if progress:
             progress(0.5)
         try:

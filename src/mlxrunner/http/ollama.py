@@ -8,6 +8,8 @@ in a stream cut by shutdown, a typed error line. The contract is docs/protocol.m
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
@@ -134,16 +136,18 @@ def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext],
 
 def text_done(completion: Completion) -> TextDone:
     return TextDone(done_reason=completion.done_reason, stop_reason=completion.stop_reason,
-                    prompt_eval_count=completion.prompt_eval_count,
+                    prompt_eval_count=completion.prompt_eval_count, prompt_cache_count=completion.prompt_cache_count,
                     prompt_eval_duration=completion.prompt_eval_duration, eval_count=completion.eval_count,
                     eval_duration=completion.eval_duration)
 
 
-def image_job(model: ImageModel, req: CompletionRequest, limits: Limits) -> Callable[[JobContext], ImageDone]:
-    """The worker job of an image request: progress lines {"step", "total"}, then the image."""
+def image_job(model: ImageModel, req: CompletionRequest,
+              limits: Limits) -> Callable[[JobContext], Future[ImageDone]]:
+    """The worker job of an image request: progress lines {"step", "total"}, then the image; its final line is
+    finished (PNG, base64) on the PNG thread, so the worker is free for the next job meanwhile."""
     from mlxrunner.imagegen import images as image_io
 
-    def generate(ctx: JobContext) -> ImageDone:
+    def generate(ctx: JobContext) -> Future[ImageDone]:
         def progress(step: int, total: int) -> None:
             ctx.check_cancelled()  # raises Cancelled through the C++ loop: the job stops here
             ctx.emit(ImageProgress(step, total))
@@ -151,11 +155,16 @@ def image_job(model: ImageModel, req: CompletionRequest, limits: Limits) -> Call
         references = image_io.decode_request_images(req.images, limits)
         result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
                            negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
-                           progress=progress, check_cancelled=ctx.check_cancelled)
-        return ImageDone(image=image_io.png_base64(result.image, result.png_text(req.prompt)), seed=result.seed,
-                         width=result.width, height=result.height, steps=result.steps,
-                         timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
-                         ignored=list(result.ignored) + (["options"] if req.has_options else []),
-                         prompt_truncated=result.prompt_truncated)
+                           progress=progress, check_cancelled=ctx.check_cancelled, cache_threshold=req.cache_threshold)
+        cache = result.step_cache
+        done = functools.partial(
+            ImageDone, seed=result.seed, width=result.width, height=result.height, steps=result.steps,
+            timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
+            ignored=list(result.ignored) + (["options"] if req.has_options else []),
+            prompt_truncated=result.prompt_truncated,
+            cache=cache and {"threshold": round(cache.threshold, 6), "computed": cache.computed,
+                             "skipped": cache.skipped})
+        text = result.png_text(req.prompt)
+        return image_io.on_png_thread(lambda: done(image=image_io.png_base64(result.image, text)))
 
     return generate

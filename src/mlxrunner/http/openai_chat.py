@@ -56,7 +56,7 @@ def finish_reason(completion: Completion, called_tools: bool = False) -> str:
 
 
 def usage_of(completion: Completion) -> Usage:
-    return Usage(completion.prompt_eval_count, completion.eval_count)
+    return Usage(completion.prompt_eval_count, completion.eval_count, completion.prompt_cache_count)
 
 
 class ChatRoutes:

@@ -9,6 +9,8 @@ seed + i when a seed is given, so each image of a request can be made again alon
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
@@ -41,8 +43,8 @@ class ImageRoutes:
         body = await self.server.read_json(request)
         loaded = loaded_model(self.server, request)
         req = parse_image_request(body, self.server.limits)
-        images = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
-        return web.json_response(ImagesResponse(images).to_json())
+        pngs = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
+        return web.json_response(ImagesResponse(await encoded(pngs)).to_json())
 
     async def edits(self, request: web.Request) -> web.Response:
         loaded = loaded_model(self.server, request)
@@ -50,8 +52,8 @@ class ImageRoutes:
             raise RequestError(f"{loaded.name} does not edit images: use /v1/images/generations", field="image")
         fields, images = await read_edit_form(request, self.server.limits)
         req = parse_image_request(form_fields_as_json(fields), self.server.limits, images)
-        images = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
-        return web.json_response(ImagesResponse(images).to_json())
+        pngs = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
+        return web.json_response(ImagesResponse(await encoded(pngs)).to_json())
 
 
 async def read_edit_form(request: web.Request, limits: Limits) -> tuple[dict[str, str], list[bytes]]:
@@ -77,11 +79,17 @@ async def read_edit_form(request: web.Request, limits: Limits) -> tuple[dict[str
     return fields, images
 
 
-def image_job(model: ImageModel, req: ImageRequest, limits: Limits) -> Callable[[JobContext], list[str]]:
-    """The worker job: req.n images as base64 PNGs."""
+async def encoded(pngs: list[Future[bytes]]) -> list[str]:
+    """The job's PNGs once their thread has encoded them, as base64 text."""
+    return [png.decode("ascii") for png in await asyncio.gather(*map(asyncio.wrap_future, pngs))]
+
+
+def image_job(model: ImageModel, req: ImageRequest, limits: Limits) -> Callable[[JobContext], list[Future[bytes]]]:
+    """The worker job: req.n images, each handed to the PNG thread as soon as it is made (image i is
+    encoded while image i + 1 denoises)."""
     from mlxrunner.imagegen import images as image_io
 
-    def generate(ctx: JobContext) -> list[str]:
+    def generate(ctx: JobContext) -> list[Future[bytes]]:
         def progress(step: int, total: int) -> None:
             ctx.check_cancelled()  # raises Cancelled through the C++ loop: the job stops here
 
@@ -91,8 +99,9 @@ def image_job(model: ImageModel, req: ImageRequest, limits: Limits) -> Callable[
             seed = None if req.seed is None else (req.seed + index) % (INT64_MAX + 1)
             result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=seed,
                                negative_prompt=req.negative_prompt, guidance=req.guidance, images=references,
-                               progress=progress)
-            pngs.append(image_io.png_base64(result.image, result.png_text(req.prompt)))
+                               progress=progress, check_cancelled=ctx.check_cancelled,
+                               cache_threshold=req.cache_threshold)
+            pngs.append(image_io.on_png_thread(image_io.png_base64, result.image, result.png_text(req.prompt)))
         return pngs
 
     return generate

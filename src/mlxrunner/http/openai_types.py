@@ -26,6 +26,7 @@ from mlxrunner.http.protocol import (
     _int_field,
     _json_type,
     _str_field,
+    parse_cache,
     parse_embedding,
 )
 
@@ -182,10 +183,12 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, how many came from the prompt cache
 
     def to_json(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,7 @@ class ImageRequest:
     negative_prompt: str | None
     guidance: float | None
     images: list[bytes] = field(default_factory=list)  # reference images (edits)
+    cache_threshold: float | None = None  # the step cache's (an extra field, "cache": {"threshold": x}); None: off
 
 
 # Form fields arrive as text (the openai client sends `n="2"`): these are converted before parse_image_request.
@@ -356,14 +360,23 @@ _FLOAT_FORM_FIELDS = ("guidance_scale",)
 def form_fields_as_json(fields: dict[str, str]) -> dict:
     """multipart/form-data text fields -> the values a JSON body would hold."""
     body: dict[str, Any] = dict(fields)
+    # An object field arrives flattened as the openai client writes it: "cache[threshold]" -> {"cache": {...}}.
+    for name in [n for n in body if n.startswith("cache[") and n.endswith("]")]:
+        body.setdefault("cache", {})[name[len("cache["):-1]] = body.pop(name)
+    if isinstance(body.get("cache"), dict) and "threshold" in body["cache"]:
+        body["cache"]["threshold"] = _form_number(body["cache"]["threshold"], "cache.threshold", float)
     for name, convert in [(n, int) for n in _INT_FORM_FIELDS] + [(n, float) for n in _FLOAT_FORM_FIELDS]:
         if name in body:
-            try:
-                body[name] = convert(body[name])
-            except ValueError:
-                kind = "an integer" if convert is int else "a number"
-                raise RequestError(f'field "{name}" must be {kind}, got {body[name]!r}', field=name) from None
+            body[name] = _form_number(body[name], name, convert)
     return body
+
+
+def _form_number(text: str, name: str, convert: type) -> int | float:
+    try:
+        return convert(text)
+    except ValueError:
+        kind = "an integer" if convert is int else "a number"
+        raise RequestError(f'field "{name}" must be {kind}, got {text!r}', field=name) from None
 
 
 def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) -> ImageRequest:
@@ -385,6 +398,7 @@ def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) ->
         negative_prompt=_str_field(body, "negative_prompt"),
         guidance=_float_field(body, "guidance_scale", 0.0, 100.0),
         images=list(images),
+        cache_threshold=parse_cache(body.get("cache"), limits),
     )
 
 

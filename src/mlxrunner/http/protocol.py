@@ -37,6 +37,8 @@ class Limits:
     max_image_side: int = 4096  # pixels, each side of a reference image
     min_image_side: int = 64
     max_output_pixels: int = 2048 * 2048  # width x height of a generated image
+    # The step cache's threshold, a relative change of the first block's residual (diffusers' default: 0.05).
+    max_cache_threshold: float = 10.0
     max_steps: int = 200  # denoising steps (transformer evaluations)
     max_embedding_inputs: int = 2048
     max_num_predict: int = 1 << 20
@@ -219,6 +221,7 @@ class CompletionRequest:
     guidance: float | None = None
     options: Options = field(default_factory=Options)
     has_options: bool = False  # the client sent "options" (an image model reports it ignored)
+    cache_threshold: float | None = None  # the step cache's ("cache": {"threshold": x}); None: off
 
 
 def _decode_images(value: Any, limits: Limits) -> list[bytes]:
@@ -244,6 +247,24 @@ def _decode_images(value: Any, limits: Limits) -> list[bytes]:
     return decoded
 
 
+def parse_cache(value: Any, limits: Limits) -> float | None:
+    """The step cache's threshold from `"cache": {"threshold": x}` (image requests); None: no caching
+    (no "cache", or a threshold of 0)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f'field "cache" must be an object like {{"threshold": 0.05}}, got {_json_type(value)}',
+                           field="cache")
+    for key in value:
+        if key != "threshold":
+            raise RequestError(f'field "cache.{key}" is not known: "cache" takes "threshold"', field=f"cache.{key}")
+    threshold = _float_field({"cache.threshold": value.get("threshold")}, "cache.threshold", 0.0,
+                             limits.max_cache_threshold)
+    if threshold is None:
+        raise RequestError('field "cache.threshold" is required in "cache"', field="cache.threshold")
+    return threshold or None
+
+
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompt = _str_field(body, "prompt")
     if prompt is None:
@@ -266,6 +287,7 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         guidance=_float_field(body, "guidance", 0.0, 100.0),
         options=parse_options(body.get("options"), limits),
         has_options=body.get("options") is not None,
+        cache_threshold=parse_cache(body.get("cache"), limits),
     )
 
 
@@ -288,15 +310,17 @@ class TextDone:
 
     done_reason: str  # stop | length
     stop_reason: str  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int
+    prompt_eval_count: int  # the whole prompt
+    prompt_cache_count: int  # how many of prompt_eval_count came from the prompt cache
     prompt_eval_duration: int
     eval_count: int
     eval_duration: int
 
     def to_json(self) -> dict:
         return {"done": True, "done_reason": self.done_reason, "stop_reason": self.stop_reason,
-                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
-                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+                "prompt_eval_count": self.prompt_eval_count, "prompt_cache_count": self.prompt_cache_count,
+                "prompt_eval_duration": self.prompt_eval_duration, "eval_count": self.eval_count,
+                "eval_duration": self.eval_duration}
 
 
 @dataclass(frozen=True)
@@ -314,7 +338,7 @@ class ImageProgress:
 class ImageDone:
     """An image stream's final line: the PNG and how it was made."""
 
-    image: str  # base64 PNG
+    image: bytes  # base64 PNG (ASCII)
     seed: int
     width: int
     height: int
@@ -322,6 +346,8 @@ class ImageDone:
     timings_ms: dict[str, float]  # per phase: encode, denoise, decode, total
     ignored: list[str] = field(default_factory=list)  # request fields with no effect on this model
     prompt_truncated: bool = False
+    # With a step cache: {"threshold", "computed", "skipped"}, transformer evaluations run in full or skipped.
+    cache: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         line: dict[str, Any] = {"image": self.image, "seed": self.seed, "width": self.width, "height": self.height,
@@ -331,6 +357,8 @@ class ImageDone:
             line["ignored"] = list(self.ignored)
         if self.prompt_truncated:
             line["prompt_truncated"] = True
+        if self.cache is not None:
+            line["cache"] = dict(self.cache)
         return line
 
 
@@ -349,8 +377,22 @@ class StreamError:
 
 
 def ndjson_line(obj: dict) -> bytes:
-    """One NDJSON line. Never blank; compact; non-ASCII kept as UTF-8."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One NDJSON line. Never blank; compact; non-ASCII kept as UTF-8. A bytes value is ASCII text that
+    needs no escaping (an image's base64) and goes into the line as a JSON string in one copy, first."""
+    rest = {key: value for key, value in obj.items() if not isinstance(value, bytes)}
+    text = json.dumps(rest, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(rest) == len(obj):
+        return text + b"\n"
+    parts = [b"{"]
+    for key, value in obj.items():
+        if isinstance(value, bytes):
+            parts += [json.dumps(key).encode(), b':"', value, b'",']
+    if rest:
+        parts.append(text[1:])
+    else:
+        parts[-1] = b'"}'
+    parts.append(b"\n")
+    return b"".join(parts)
 
 
 # --- POST /embedding ------------------------------------------------------------------------------
@@ -485,10 +527,14 @@ class HealthLoading:
 class HealthReady:
     mode: str
     model: str
+    architecture: str  # the pipeline class or transformers architecture: what the web page offers depends on it
     memory: dict[str, int]  # MLX's allocator: active_bytes, cache_bytes, peak_bytes
+    backend: dict | None = None  # where MLX computes: name, device, memory_bytes (None: not known, in tests)
 
     def to_json(self) -> dict:
-        return {"status": "ok", "mode": self.mode, "model": self.model, "memory": self.memory}
+        ready = {"status": "ok", "mode": self.mode, "model": self.model, "architecture": self.architecture,
+                 "memory": self.memory}
+        return ready if self.backend is None else {**ready, "backend": self.backend}
 
 
 @dataclass(frozen=True)

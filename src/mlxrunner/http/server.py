@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.http import mlx_engine, ollama, openai
+from mlxrunner.http import mlx_engine, ollama, openai, ui
 from mlxrunner.http.off_loop import OffLoop
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
@@ -42,6 +43,7 @@ from mlxrunner.settings import DEFAULT_MAX_BODY_MB, DEFAULT_READ_TIMEOUT_S, MIB
 from mlxrunner.worker import Job, JobContext, QueueFull, Worker, WorkerStopped
 
 if TYPE_CHECKING:
+    from mlxrunner.backend import Backend
     from mlxrunner.embed.bert import EmbeddingResult
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class RunnerState:
     loaded: LoadedModel | None = None
     shutting_down: bool = False
     started: float = field(default_factory=time.monotonic)
+    backend: Backend | None = None  # where MLX computes, for /health
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,16 @@ def memory_in_use() -> dict[str, int]:
     (given back once the runner is idle, see Worker), and the peak of arrays alive since start."""
     import mlx.core as mx
 
+    from mlxrunner import backend
+
     return {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
-            "peak_bytes": mx.get_peak_memory()}
+            "peak_bytes": backend.peak_memory()}
+
+
+def backend_json(backend: Backend | None) -> dict | None:
+    if backend is None:
+        return None
+    return {"name": backend.name, "device": backend.device, "memory_bytes": backend.memory_bytes}
 
 
 def client_error(error: BaseException) -> RequestError | None:
@@ -142,13 +153,14 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 class Server:
     def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
                  max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 speaks_mlx_engine: bool = False):
+                 speaks_mlx_engine: bool = False, serves_ui: bool = True):
         self.state = state
         self.worker = worker
         self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.speaks_mlx_engine = speaks_mlx_engine  # Ollama's --mlx-engine protocol instead of ours
         self.routes_by_mode = mlx_engine.ROUTES_BY_MODE if speaks_mlx_engine else ROUTES_BY_MODE
+        self.serves_ui = serves_ui and not speaks_mlx_engine  # the web page at /: for people, not Ollama's parent
         self._error_responses: dict[str, ErrorResponder] = {}  # route -> its protocol's error form
         # Paths no route claims: the runner protocol's own form.
         self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
@@ -193,6 +205,8 @@ class Server:
                 self._error_responses[path] = error_response
         for path, handler in openai.get_routes(self).items():
             app.router.add_get(path, handler)
+        if self.serves_ui:
+            ui.register(app)
         return app
 
     @web.middleware
@@ -341,8 +355,9 @@ class Server:
             stopping.cancel()
             ended.set()
             self._finishing_streams.discard(ended)
-        if job.error is None:
-            await send(job.result)
+        if job.error is None:  # a job may hand its final line's last step to another thread (an image's PNG)
+            result = job.result
+            await send(await asyncio.wrap_future(result) if isinstance(result, Future) else result)
         elif response is None:
             raise job.error
         elif isinstance(job.error, Cancelled):  # the client knows what it asked for; the line says why it stopped
@@ -369,7 +384,8 @@ class Server:
             status = {"ok": 200, "loading": 503, "error": 500}[state.status]
             return web.json_response(ollama.server_status(state.status, state.progress), status=status)
         if state.status == "ok" and state.loaded is not None:
-            ready = HealthReady(state.loaded.mode.value, state.model_name, memory_in_use())
+            ready = HealthReady(state.loaded.mode.value, state.model_name, state.loaded.detected.architecture,
+                                memory_in_use(), backend_json(state.backend))
             return web.json_response(ready.to_json())
         if state.status == "error":
             return web.json_response(HealthFailed(state.error or "").to_json(), status=500)

@@ -15,7 +15,7 @@ from mlxrunner.imagegen.pipeline import DEFAULT_DENOISE_QUEUE_DEPTH, GeneratedIm
 
 def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,
                    release_text_encoder: bool = False,
-                   denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH) -> ImagePipeline:
+                   denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False) -> ImagePipeline:
     """The pipeline for a detected image model (detect.IMAGE_PIPELINES)."""
     from mlxrunner.errors import ModelError
 
@@ -27,12 +27,12 @@ def build_pipeline(source, architecture: str, progress: Callable[[float], None] 
         from mlxrunner.imagegen.zimage import ZImagePipeline
 
         return ZImagePipeline(source, progress, release_text_encoder=release_text_encoder,
-                              denoise_queue_depth=denoise_queue_depth)
+                              denoise_queue_depth=denoise_queue_depth, low_memory=low_memory)
     if architecture == "Flux2KleinPipeline":
         from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline
 
         return Flux2KleinPipeline(source, progress, release_text_encoder=release_text_encoder,
-                                  denoise_queue_depth=denoise_queue_depth)
+                                  denoise_queue_depth=denoise_queue_depth, low_memory=low_memory)
     raise ModelError(f"{architecture} is recognised but not served by this version of mlxrunner yet")
 
 
@@ -45,7 +45,7 @@ def _is_zimage(source) -> bool:
 
 def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text_encoder: bool = False,
                   progress: Callable[[float], None] | None = None,
-                  denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH) -> ImagePipeline:
+                  denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False) -> ImagePipeline:
     """Load an image model by folder path, Ollama model name or embedded name."""
     from mlxrunner import store
     from mlxrunner.detect import Mode, detect
@@ -55,7 +55,8 @@ def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text
     detected = detect(source)
     if detected.mode is not Mode.IMAGEGEN:
         raise ModelError(f"{source.location} is a {detected.mode.value} model, not an image model")
-    return build_pipeline(source, detected.architecture, progress, release_text_encoder, denoise_queue_depth)
+    return build_pipeline(source, detected.architecture, progress, release_text_encoder, denoise_queue_depth,
+                          low_memory)
 
 
 __all__ = ["load_pipeline", "build_pipeline", "ImagePipeline", "GeneratedImage", "Cancelled"]

@@ -156,9 +156,9 @@ class Flux2KleinPipeline(ImagePipeline):
     latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
-                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH):
+                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False):
         progress = progress or (lambda p: None)
-        super().__init__(source, release_text_encoder)
+        super().__init__(source, release_text_encoder, low_memory)
         self.denoise_queue_depth = denoise_queue_depth
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
@@ -179,7 +179,7 @@ class Flux2KleinPipeline(ImagePipeline):
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
         self.schedule = read_schedule(source)
-        mx.eval(list(weights.values()))  # read the weights now, not during the first request
+        self.read_transformer(weights)
         progress(1.0)
 
     def _pad_id(self) -> int:
@@ -238,7 +238,8 @@ class Flux2KleinPipeline(ImagePipeline):
     # --- the loop and the decoder ----------------------------------------------------------------
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
         """Over the noise packed into tokens [1, h * w, C] with their (0, y, x, 0) ids; the prompt
         embeddings get their batch dimension here."""
         _, _, grid_h, grid_w = latents.shape
@@ -248,7 +249,7 @@ class Flux2KleinPipeline(ImagePipeline):
                                    self.sigmas(request.steps, request.width, request.height),
                                    conditioning.prompt[None], None if negative is None else negative[None],
                                    request.guidance, references, reference_ids, progress,
-                                   self.denoise_queue_depth)
+                                   self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, tokens: mx.array, width: int, height: int,
                      check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
@@ -38,6 +38,7 @@ Progress = Callable[[int, int], "bool | None"]
 MAX_STEPS = Limits.max_steps
 DEFAULT_MAX_PIXELS = Limits.max_output_pixels
 MIN_REFERENCE_SIDE = Limits.min_image_side  # a reference image's shortest side, in pixels
+MAX_CACHE_THRESHOLD = Limits.max_cache_threshold
 # How many transformer blocks the denoising loops queue on the device at most (0: no bound); the
 # reasoning for the default is at kDefaultEvalQueueDepth in csrc/nn/eval_queue.h.
 DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
@@ -46,6 +47,8 @@ DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
 # sizes round down to multiples of it.
 SIZE_MULTIPLE = 16
 DEFAULT_SIZE = 1024  # each side, when the request gives none
+# The warm-up image's side on the CPU, where nothing is compiled per shape: the smallest a model takes.
+WARM_UP_CPU_SIZE = 4 * SIZE_MULTIPLE
 
 
 @dataclass
@@ -60,12 +63,34 @@ class GeneratedImage:
     ignored: list[str] = field(default_factory=list)  # request fields that had no effect on this model
     prompt_truncated: bool = False
     latents: np.ndarray | None = None  # the final (denoised) latents, float32, diffusers' layout
+    peak_memory: dict[str, int] = field(default_factory=dict)  # bytes MLX's arrays held at most, per phase
+    step_cache: StepCacheReport | None = None  # how the step cache did, when the request asked for one
 
     def png_text(self, prompt: str) -> dict[str, str]:
         """What the PNG's text chunks say about how the image was made."""
         return {"prompt": prompt, "seed": str(self.seed), "steps": str(self.steps),
                 "width": str(self.width), "height": str(self.height), "guidance": f"{self.guidance:g}",
                 "software": "mlxrunner"}
+
+
+@dataclass(frozen=True)
+class StepCacheReport:
+    """The first-block step cache of one run: its threshold and how many transformer evaluations ran in full
+    or skipped their remaining blocks (FLUX.2 with CFG counts both calls of a step; Z-Image batches them)."""
+
+    threshold: float
+    computed: int
+    skipped: int
+
+
+def step_cache(threshold: float | None) -> _core.StepCache | None:
+    """The cache a run uses: none for None or 0 (off, the default), else a StepCache of that threshold."""
+    if threshold is None or threshold == 0:
+        return None
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not number or not 0 < threshold <= MAX_CACHE_THRESHOLD:
+        raise ValueError(f'"cache.threshold" must be a number between 0 and {MAX_CACHE_THRESHOLD:g}, got {threshold!r}')
+    return _core.StepCache(float(threshold))
 
 
 @dataclass
@@ -141,14 +166,6 @@ def check_steps(steps: int | None, default: int, maximum: int = MAX_STEPS) -> in
     return steps
 
 
-def refuse_quantized_vae(source) -> None:
-    """The text encoder and the transformer run packed weights; the VAE takes dense ones only (Ollama never
-    quantizes it; mflux does): say so at load rather than fail on a shape."""
-    if source.quantization("vae"):
-        raise ModelError(f"{source.location}: the vae is quantized; a quantized VAE is not supported yet "
-                         "(use the bf16/fp32 VAE weights)")
-
-
 def read_schedule(source):
     """scheduler/scheduler_config.json (absent: the scheduler's defaults) -> _core.FlowMatchSchedule."""
     path = "scheduler/scheduler_config.json"
@@ -166,6 +183,10 @@ def size_from_latents(latents, width: int | None, height: int | None, scale: int
         if len(shape) == 4:
             return shape[3] * scale, shape[2] * scale
     return width, height
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
 
 
 def phase_timings(started: float, encoded: float, denoised: float, done: float) -> dict[str, float]:
@@ -191,27 +212,53 @@ class ImagePipeline(ABC):
     base_defaults: dict  # and of the undistilled (base) models
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
-    def __init__(self, source, release_text_encoder: bool = False):
-        """What loading any model starts with: distilled or not, the refusal of a quantized VAE, the Qwen3
-        text encoder."""
+    def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False):
+        """What loading any model starts with: distilled or not, the Qwen3 text encoder. `low_memory` holds
+        the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes,
+        frees it, reads the transformer, denoises and frees it before the VAE decodes (both are read again from
+        their files on the next request)."""
         self.source = source
-        self.release_text_encoder = release_text_encoder
+        self.low_memory = low_memory
+        self.release_text_encoder = release_text_encoder or low_memory
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
-        refuse_quantized_vae(source)
         self.text_encoder = Qwen3TextEncoder(source)
 
     def load_transformer(self, network: type, config) -> tuple[Any, dict]:
         """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights; packed
         weights stay packed."""
+        self._transformer_recipe = (network, config)
         quantization = core_quantization(self.source.quantization("transformer"))
-        weights = self.source.tensors("transformer")
+        weights = backend.compute_weights(self.source.tensors("transformer"))
         try:
             return network(config, weights, quantization), weights
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 
+    def read_transformer(self, weights: dict) -> None:
+        """Read the transformer's weights now rather than during the first request; under low_memory they
+        are read when the first denoise needs them, after the text encoder has been freed."""
+        if not self.low_memory:
+            mx.eval(list(weights.values()))
+
+    def free_transformer(self) -> None:
+        """Free the transformer's memory (low_memory, before the VAE decodes). It is built again at once over
+        unread (lazy) weights, which the next denoise reads from the files."""
+        self.transformer = None
+        mx.clear_cache()
+        self.transformer, _ = self.load_transformer(*self._transformer_recipe)
+
     # --- generation --------------------------------------------------------------------------------
+
+    def warm_up(self) -> tuple[int, float]:
+        """Make one 1-step image, at the size requests default to on a GPU, so that the first request does not
+        pay what MLX does the first time it meets a kernel or a shape: compiling kernels (JIT on CUDA and
+        Metal), cuDNN's plans for each convolution and attention shape, the allocator's first buffers. On the
+        CPU nothing is compiled per shape and a tiny image is enough. Returns (side, seconds)."""
+        side = WARM_UP_CPU_SIZE if mx.default_device() == mx.cpu else DEFAULT_SIZE
+        started = time.perf_counter()
+        self.run("warm-up", width=side, height=side, steps=1, seed=0)
+        return side, time.perf_counter() - started
 
     def generate(self, prompt: str, **kwargs) -> Image.Image:
         """The image for `prompt` (keyword arguments as run())."""
@@ -220,27 +267,50 @@ class ImagePipeline(ABC):
     def run(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents=None,
-            progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None) -> GeneratedImage:
+            progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None,
+            cache_threshold: float | None = None) -> GeneratedImage:
         """The image for `prompt` and what the runner reports about it. Every model takes the same
         steps: check the request, make the noise, encode the prompt(s) and any reference images,
-        denoise (C++), decode. `check_cancelled()` may raise to stop the VAE decode between its blocks
-        (the denoising loop stops through `progress`)."""
+        denoise (C++), decode. `check_cancelled()` may raise to stop the denoising loop between transformer
+        blocks and the VAE decode between its blocks (`progress` may also stop the loop between steps).
+        `cache_threshold` > 0 turns on the first-block step cache (StepCache); None or 0: off."""
         started = time.perf_counter()
+        cache = step_cache(cache_threshold)
         request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
+        backend.reset_peak_memory()
         noise = self.initial_latents(request, latents)
         conditioning, truncated = self.condition(prompt, negative_prompt, request)
-        encoded = time.perf_counter()
-        final = self.denoise(noise, conditioning, request, progress)
+        encoded, peaks = time.perf_counter(), {"encode": backend.reset_peak_memory()}
+        final = self.denoise_in_turn(noise, conditioning, request, progress, check_cancelled, cache)
         if final is None:
             raise Cancelled("cancelled by the progress callback")
-        denoised = time.perf_counter()
+        denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
         decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled)
         pixels = to_uint8(image)
-        done = time.perf_counter()
+        done, peaks["decode"] = time.perf_counter(), backend.reset_peak_memory()
+        timings = phase_timings(started, encoded, denoised, done)
+        log.info("image %dx%d, %d steps: %.2fs (encode %.2f, denoise %.2f, decode %.2f); peak memory GiB: "
+                 "encode %s, denoise %s, decode %s", request.width, request.height, request.steps, timings["total"],
+                 timings["encode"], timings["denoise"], timings["decode"], *map(gib, peaks.values()))
         return GeneratedImage(
             image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
-            guidance=request.guidance, timings=phase_timings(started, encoded, denoised, done),
-            ignored=request.ignored, prompt_truncated=truncated, latents=np.asarray(decoder_latents))
+            guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
+            latents=np.asarray(decoder_latents), peak_memory=peaks,
+            step_cache=cache and StepCacheReport(cache.threshold, cache.computed, cache.skipped))
+
+    def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
+                        progress: Progress | None, check_cancelled: Callable[[], None] | None,
+                        cache: _core.StepCache | None) -> mx.array | None:
+        """denoise(); under low_memory the transformer is freed once the latents are computed, or the loop
+        stopped, so that the VAE, and the next request's text encoder, never share memory with it."""
+        try:
+            final = self.denoise(latents, conditioning, request, progress, check_cancelled, cache)
+            if final is not None and self.low_memory:
+                mx.eval(final)
+            return final
+        finally:
+            if self.low_memory:
+                self.free_transformer()
 
     def resolve_request(self, width: int | None, height: int | None, steps: int | None, seed: int | None,
                         negative_prompt: str | None, guidance: float | None, images: Sequence[Image.Image] | None,
@@ -339,8 +409,10 @@ class ImagePipeline(ABC):
 
     @abstractmethod
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
-        """The C++ Euler loop from `latents`: the final latents, or None when progress returned False."""
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
+        """The C++ Euler loop from `latents`: the final latents, or None when progress returned False.
+        check_cancelled() runs between transformer blocks; `cache` is the run's step cache, if any."""
 
     @abstractmethod
     def decode_float(self, latents: mx.array, width: int, height: int,

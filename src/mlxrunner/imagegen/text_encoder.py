@@ -12,9 +12,10 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
-from mlxrunner.llm.model import core_quantization, decoder_config
+from mlxrunner.llm.architectures import decoder_config
+from mlxrunner.llm.model import core_quantization
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Qwen3TextEncoder:
         """Build the network from the (mmap'd) weights; a no-op when it is loaded."""
         if self._decoder is not None:
             return
-        weights = self.source.tensors(self.component)
+        weights = backend.compute_weights(self.source.tensors(self.component))
         quantization = core_quantization(self.source.quantization(self.component))
         if "embed_tokens.weight" in weights:  # a bare Qwen3Model: names lack the "model." prefix
             weights = {f"model.{name}": value for name, value in weights.items()}

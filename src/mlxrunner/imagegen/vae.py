@@ -7,7 +7,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlxrunner import _core
+from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import to_uint8
 
@@ -20,6 +20,18 @@ TILE_ABOVE_LATENT_PIXELS = 128 * 128
 # 1024 and anything tiled work. Requests always tile above TILE_ABOVE_LATENT_PIXELS.
 UNTILED_LIMIT_LATENT_PIXELS = 2 * 128 * 128
 TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
+# What a decode holds beyond the weights, in bytes per output pixel per channel of the VAE's second block
+# (block_out_channels[1], the widest one that runs at full resolution), measured with mx.get_peak_memory:
+# on the CPU 118 (float32, and MLX's convolutions build an im2col copy; the tiny and the small bench VAE
+# alike, 128² and 256²), on an H200 16 (bf16, Z-Image's VAE at 1024²: 4.0 GiB; benchmarks/README.md).
+DECODE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 118, "gpu": 16}
+
+
+def decode_working_bytes(config: _core.VaeConfig, width: int, height: int) -> int:
+    """The memory an untiled decode of a width x height image needs beyond the weights."""
+    channels = config.block_out_channels
+    per = DECODE_BYTES_PER_PIXEL_CHANNEL["cpu" if mx.default_device() == mx.cpu else "gpu"]
+    return per * width * height * channels[min(1, len(channels) - 1)]
 
 
 def vae_config(config: dict, location: str) -> _core.VaeConfig:
@@ -27,6 +39,27 @@ def vae_config(config: dict, location: str) -> _core.VaeConfig:
         return _core.VaeConfig.from_dict(config)
     except ValueError as exc:
         raise ModelError(f"{location}: vae/config.json: {exc}") from None
+
+
+def dense_weights(source, component: str) -> dict:
+    """The component's tensors with any packed linear dequantized: mflux quantizes the VAE's attention
+    linears, which our decoder takes dense. They are a few small matrices, so memory hardly changes;
+    they come back in their scales' float dtype (affine), else in the dtype of the VAE's other weights, and
+    are computed here, at load, not left as a graph for the first request."""
+    tensors, packed = source.tensors(component), source.quantization(component)
+    if not packed:
+        return tensors
+    float_dtype = next((v.dtype for n, v in tensors.items() if n not in packed and mx.issubdtype(v.dtype, mx.floating)),
+                       mx.float32)
+    out = {name: value for name, value in tensors.items()
+           if not (name.endswith(("_scale", "_qbias")) and name.rsplit("_", 1)[0] in packed)}
+    for name, params in packed.items():
+        scales = tensors[name + "_scale"]
+        dtype = scales.dtype if mx.issubdtype(scales.dtype, mx.floating) else float_dtype
+        out[name] = mx.dequantize(tensors[name], scales, tensors.get(name + "_qbias"), group_size=params.group_size,
+                                  bits=params.bits, mode=params.mode, dtype=dtype)
+    mx.eval([out[name] for name in packed])
+    return out
 
 
 def renamed_attention_weights(weights: dict) -> dict:
@@ -51,7 +84,7 @@ class Vae:
         self.config = vae_config(config, source.location)
         self.scaling_factor = float(config.get("scaling_factor", 1.0))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
-        weights = renamed_attention_weights(source.tensors(component))
+        weights = renamed_attention_weights(backend.compute_weights(dense_weights(source, component)))
         # Kept for subclasses that build more from the same files (FLUX.2's encoder and BatchNorm);
         # the arrays are lazy, so an unused encoder's weights are never read.
         self.config_json, self.weights = config, weights

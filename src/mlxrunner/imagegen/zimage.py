@@ -71,9 +71,9 @@ class ZImagePipeline(ImagePipeline):
     cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
-                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH):
+                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False):
         progress = progress or (lambda p: None)
-        super().__init__(source, release_text_encoder)
+        super().__init__(source, release_text_encoder, low_memory)
         self.denoise_queue_depth = denoise_queue_depth
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
@@ -86,7 +86,7 @@ class ZImagePipeline(ImagePipeline):
         # The noise is in the VAE's latent space: [1, in_channels, H / 8, W / 8].
         self.latent_channels, self.latent_scale = config.in_channels, self.vae.decoder.scale_factor
         self.schedule = read_schedule(source)
-        mx.eval(list(weights.values()))  # read the weights now, not during the first request
+        self.read_transformer(weights)
         progress(1.0)
 
     def is_distilled(self, index: dict) -> bool:
@@ -105,10 +105,11 @@ class ZImagePipeline(ImagePipeline):
         return calculate_shift(image_tokens)
 
     def denoise(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
-                progress: Progress | None) -> mx.array | None:
+                progress: Progress | None, check_cancelled: Callable[[], None] | None = None,
+                cache: _core.StepCache | None = None) -> mx.array | None:
         sigmas = self.sigmas(request.steps, request.width, request.height)
         return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
-                                    request.guidance, progress, self.denoise_queue_depth)
+                                    request.guidance, progress, self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, latents: mx.array, width: int, height: int,
                      check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:

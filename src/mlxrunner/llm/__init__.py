@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def load(name: str, models_dir: str | None = None):
-    """Load a Llama/Qwen3 model from a folder, an Ollama name, ... (see mlxrunner.store.resolve)."""
+    """Load an LLM (llm/architectures.py lists which) from a folder, an Ollama name, ... (store.resolve)."""
     from mlxrunner import store
     from mlxrunner.detect import Mode, detect
     from mlxrunner.errors import ModelError

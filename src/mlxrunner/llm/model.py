@@ -3,77 +3,35 @@
 Python does what is not hot: reading config.json, tokenizing, turning token ids into valid UTF-8
 text as they come (StreamingDetokenizer), holding back text that may start a stop string
 (StopMatcher), and timing. The network, the KV cache, the prefill/decode loop and sampling run
-in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes.
+in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes. Each request starts
+from the prompt cache's closest earlier sequence (llm/prompt_cache.py) and hands its own caches back to it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Collection, Iterator
 
+import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
+from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                 "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}
-# The expert count's spellings: the Hub's Qwen3-MoE configs, transformers 5's saves, DeepSeek / GLM.
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-ROPE_TYPES = ("default", "linear", "llama3")
 PREFILL_CHUNK = 512
 
-
-def decoder_config(config: dict) -> _core.DecoderConfig:
-    """transformers' LlamaConfig / Qwen3Config -> the C++ config, refusing what we do not run."""
-    names = config.get("architectures") or []
-    architecture = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
-    if architecture is None:
-        raise ModelError(f"unsupported LLM architecture {names or config.get('model_type')!r}; "
-                         f"supported: {', '.join(ARCHITECTURES)}")
-    try:
-        return _core.DecoderConfig.from_dict({**config, "architecture": architecture, "rope": rope_config(config),
-                                              "moe": moe_config(config), "mla": nested(_core.MlaConfig, config)})
-    except ValueError as exc:
-        raise ModelError(f"config.json: {exc}") from None
-
-
-def rope_config(config: dict) -> dict:
-    """rope_theta and rope_parameters (transformers 5) or rope_scaling (4.x; its scaling type may be called
-    "type") -> DecoderConfig's nested `rope`."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if not isinstance(scaling, dict):
-        raise ModelError(f"config.json: rope scaling must be an object, got {scaling!r}")
-    rope = {**scaling, "rope_type": scaling.get("rope_type") or scaling.get("type")}
-    if config.get("rope_theta") is not None:  # 4.x keeps the base beside rope_scaling
-        rope["rope_theta"] = config["rope_theta"]
-    kind = rope["rope_type"] or "default"
-    if kind not in ROPE_TYPES:
-        raise ModelError(f"config.json: rope scaling '{kind}' is not supported ({', '.join(ROPE_TYPES)})")
-    if kind != "default" and scaling.get("factor") is None:
-        raise ModelError(f"config.json: rope scaling '{kind}' needs a factor")
-    return rope
-
-
-def nested(config_class, config: dict) -> dict:
-    """The keys of config.json that a nested C++ config (MoeConfig, MlaConfig) has: they sit at the top level."""
-    return {key: config[key] for key in config_class().to_dict() if key in config}
-
-
-def moe_config(config: dict) -> dict:
-    """DecoderConfig's nested `moe`; the expert count under whichever name the config uses."""
-    moe = nested(_core.MoeConfig, config)
-    count = next((config[key] for key in NUM_EXPERTS_KEYS if config.get(key) is not None), None)
-    if count is not None:
-        moe["num_experts"] = count
-    return moe
+log = logging.getLogger(__name__)
 
 
 def core_quantization(params: dict[str, QuantParams]) -> dict[str, _core.QuantSpec]:
@@ -98,7 +56,8 @@ class Completion:
 
     done_reason: str = "length"  # stop | length | cancel
     stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # the whole prompt, cached tokens included (as Ollama counts it)
+    prompt_cache_count: int = 0  # how many of those came from the prompt cache
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
@@ -129,15 +88,16 @@ def _chat_template(source) -> ChatTemplate | None:
 class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
-    def __init__(self, source, progress: Callable[[float], None] | None = None):
+    def __init__(self, source, progress: Callable[[float], None] | None = None,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
         self.tokenizer = TextTokenizer.from_source(source)
         self.chat_template = _chat_template(source)
-        self.context_length = int(config.get("max_position_embeddings") or 4096)
-        quantization = core_quantization(source.quantization(""))
-        weights = source.tensors("")
+        self.context_length = int(text_config(config).get("max_position_embeddings") or 4096)
+        quantization = core_quantization(text_weights(config, source.quantization("")))
+        weights = text_weights(config, source.tensors(""))
         if progress:
             progress(0.5)
         try:
@@ -149,6 +109,28 @@ class LanguageModel:
         del weights
         self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        if mx.default_device() == mx.gpu:
+            self._warm_up_gpu_kernels()
+
+    def _warm_up_gpu_kernels(self) -> None:
+        """Run each kernel shape generation uses once, so the first request does not pay for loading them.
+
+        On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
+        seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
+        not seen. Which variant runs depends on the rows in flight: one token (decode), fewer than 8, a
+        prompt's remainder and a full prefill chunk, so each of those shapes is run here.
+        """
+        started = time.perf_counter()
+        greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
+        longest = min(PREFILL_CHUNK + 1, self.context_length - 2)
+        for length in sorted({min(n, longest) for n in (2, 8, 64, PREFILL_CHUNK + 1)}):
+            generator = _core.Generator(self.decoder, [0] * length, greedy, PREFILL_CHUNK, -1)
+            next(generator)
+            next(generator)
+            del generator
+        mx.synchronize()
+        log.info("warmed up the GPU kernels in %.2fs", time.perf_counter() - started)
 
     # --- text <-> ids ---------------------------------------------------------------------------
 
@@ -205,18 +187,26 @@ class LanguageModel:
         budget = self.context_length - len(ids)
         if options.num_predict is not None and options.num_predict >= 0:
             budget = min(budget, options.num_predict)
-        result = Completion(prompt_eval_count=len(ids))
+        cached, reused = self.prompt_cache.fetch(ids)
+        result = Completion(prompt_eval_count=len(ids), prompt_cache_count=reused)
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopMatcher(options.stop)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
-                                    -1 if top_logprobs is None else top_logprobs)
+                                    -1 if top_logprobs is None else top_logprobs, cached)
+        generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
         start = time.perf_counter_ns()
         first_token_at = None
         try:
+            while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
+                if check_cancelled:
+                    check_cancelled()
+                if generator.prefill_chunk() == 0:
+                    break
             for _ in range(budget):
                 if check_cancelled:
                     check_cancelled()
                 token = next(generator)
+                generated.append(token)
                 if first_token_at is None:
                     first_token_at = time.perf_counter_ns()
                     result.prompt_eval_duration = first_token_at - start
@@ -242,10 +232,23 @@ class LanguageModel:
                 tail = emit + ("" if matched is not None else stops.flush())
                 if tail:
                     yield tail
+        except Cancelled:
+            # What was computed before the cancel stays reusable: the same request sent again resumes from it.
+            # (Not on GeneratorExit: a stream its consumer drops can be closed on another thread, by the
+            # garbage collector, and the prompt cache belongs to the MLX worker's thread.)
+            self._keep_caches(ids, generated, generator)
+            raise
         finally:
             if first_token_at is not None:
                 result.eval_duration = time.perf_counter_ns() - first_token_at
+        self._keep_caches(ids, generated, generator)
         yield result
+
+    def _keep_caches(self, prompt: list[int], generated: list[int], generator: _core.Generator) -> None:
+        """Hand the generator's caches to the prompt cache: they hold the prompt as far as the prefill got, then
+        every token generated (the next turn of a chat starts with them)."""
+        held = generator.position
+        self.prompt_cache.insert((prompt + generated)[:held], generator.take_cache())
 
     def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         logprob, top = logprobs

@@ -3,8 +3,8 @@
 Resolution order of :func:`resolve` (first match wins):
 
 1. **An existing directory** (absolute or relative to the working directory, ``~`` expanded)
-   -> :class:`DirectorySource`. An absolute path that is not a directory is an error, never a
-   store name.
+   -> :class:`DirectorySource`, or :class:`MfluxSource` for a folder mflux saved. An absolute path that
+   is not a directory is an error, never a store name.
 2. **An Ollama model name** looked up in the store (``models_dir``, else
    :func:`ollama_models_dir`): ``<root>/manifests/<host>/<namespace>/<model>/<tag>``
    -> :class:`OllamaSource`. A manifest without safetensors tensor layers (a GGUF model pulled
@@ -16,6 +16,7 @@ One job per module:
 * :mod:`.names`: Ollama model names, their validation and where their manifests live;
 * :mod:`.source`: :class:`ModelSource`, the files-and-tensors interface both sources share;
 * :mod:`.directory`: :class:`DirectorySource`, model folders;
+* :mod:`.mflux`: :class:`MfluxSource`, folders mflux saved (its names and layouts -> diffusers');
 * :mod:`.ollama`: :class:`OllamaSource`, manifests and blobs of every layout era;
 * :mod:`.embedded`: default models shipped as pip packages;
 * :mod:`.safetensors`: the safetensors header parser and loader;
@@ -30,6 +31,7 @@ from pathlib import Path
 from mlxrunner.errors import ModelError
 from mlxrunner.store.directory import DirectorySource
 from mlxrunner.store.embedded import embedded_source
+from mlxrunner.store.mflux import MfluxSource, is_mflux_folder
 from mlxrunner.store.names import (
     ModelName,
     blobs_dir,
@@ -45,6 +47,7 @@ from mlxrunner.store.source import ModelSource
 
 __all__ = [
     "DirectorySource",
+    "MfluxSource",
     "ModelName",
     "ModelSource",
     "OllamaSource",
@@ -67,7 +70,7 @@ def resolve(name: str, models_dir: str | os.PathLike | None = None, *, verify: b
         raise ModelError(f"invalid model name {name!r}: it is empty or contains NUL")
     as_path = Path(name).expanduser()
     if as_path.is_dir():
-        return DirectorySource(name, as_path)
+        return MfluxSource(name, as_path) if is_mflux_folder(as_path) else DirectorySource(name, as_path)
     if as_path.is_absolute():
         what = "is not a directory" if as_path.exists() else "does not exist"
         raise ModelError(f'model "{name}" not found: the path {what}')

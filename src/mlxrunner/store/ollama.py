@@ -164,13 +164,17 @@ def _single_tensor_refs(name: str, key: str, path: Path, infos: dict[str, Tensor
         refs[name + "_scale"] = TensorRef(path, key + ".scale", infos[key + ".scale"], metadata)
         if key + ".bias" in infos:
             refs[name + "_qbias"] = TensorRef(path, key + ".bias", infos[key + ".bias"], metadata)
+        if key + ".global_scale" in infos:  # nvfp4's per-tensor scale, Ollama's linear factory name
+            refs[name + "_global_scale"] = TensorRef(path, key + ".global_scale", infos[key + ".global_scale"],
+                                                     metadata)
     return refs
 
 
 def _packed_refs(prefix: str, path: Path, infos: dict[str, TensorInfo], metadata: dict) -> dict[str, TensorRef]:
     """A blob holding many tensors (packed experts): every tensor that is not a companion."""
     companions = {k + ".scale" for k in infos if k + ".scale" in infos}
-    companions |= {k + ".bias" for k in infos if k + ".scale" in companions and k + ".bias" in infos}
+    companions |= {k + suffix for k in infos for suffix in (".bias", ".global_scale")
+                   if k + ".scale" in companions and k + suffix in infos}
     refs = {}
     for key in infos:
         if key in companions:

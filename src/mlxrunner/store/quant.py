@@ -21,6 +21,7 @@ callers pass parsed metadata and configs, and header entries (:class:`TensorInfo
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -241,6 +242,14 @@ def _params_from_hint(hint: QuantHint, weight: TensorInfo, scale: TensorInfo, wh
     params = QuantParams(hint.bits, from_shapes, mode)
     check_params(params, where, hint.source)
     return params
+
+
+def check_global_scale(params: QuantParams, scale: TensorInfo, where: str) -> None:
+    """A global scale (``X.weight_global_scale``) is one float32, and only nvfp4 has one."""
+    if params.mode != "nvfp4":
+        raise ModelError(f"{where}: a global scale belongs to nvfp4 weights, not {params.mode}")
+    if scale.dtype != "F32" or math.prod(scale.shape) != 1:
+        raise ModelError(f"{where}: the global scale must be one F32 value, not {scale.dtype} {list(scale.shape)}")
 
 
 def _check_companions(params: QuantParams, weight: TensorInfo, scale: TensorInfo, bias: TensorInfo | None,

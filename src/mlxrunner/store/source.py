@@ -9,6 +9,10 @@ comes with ``X.weight_scale`` and, for affine modes, ``X.weight_qbias``. Sources
 * mlx-lm folders: ``X.weight``, ``X.scales``, ``X.biases`` -> ``X.weight``, ``X.weight_scale``,
   ``X.weight_qbias``.
 
+An nvfp4 weight may also carry a per-tensor float32 global scale (ModelOpt's ``X.weight_scale_2``; an
+Ollama blob's ``X.weight.global_scale``): canonically ``X.weight_global_scale``, meaning the weight is the
+dequantized values times it (the C++ Linear scales the matmul's output, as Ollama does).
+
 :meth:`ModelSource.quantization` gives the matching :class:`QuantParams` per quantized weight
 (how: :mod:`mlxrunner.store.quant`).
 
@@ -30,6 +34,7 @@ from mlxrunner.errors import ModelError
 from mlxrunner.store.quant import (
     QuantHint,
     QuantParams,
+    check_global_scale,
     metadata_hints,
     mlx_lm_config_hints,
     model_index_hints,
@@ -127,6 +132,9 @@ class ModelSource:
             hints = metadata_hints(ref.metadata, ref.key, ref.path) + [h for h in config_hints if h.applies_to(name)]
             bias = plan.get(name + "_qbias")
             out[name] = resolve_quant(ref.info, scale.info, bias and bias.info, hints, where)
+            global_scale = plan.get(name + "_global_scale")
+            if global_scale is not None:
+                check_global_scale(out[name], global_scale.info, where)
         return out
 
     def total_tensor_bytes(self) -> int:
@@ -147,7 +155,7 @@ class ModelSource:
 
     def _cached_plan(self, component: str) -> dict[str, TensorRef]:
         if component not in self._plans:
-            self._plans[component] = self._plan(component)
+            self._plans[component] = _canonical_global_scales(self._plan(component))
         return self._plans[component]
 
     def _header(self, path: Path) -> tuple[dict[str, TensorInfo], dict]:
@@ -160,3 +168,18 @@ class ModelSource:
         if not self.has_file("model_index.json"):
             return []
         return model_index_hints(self.read_json("model_index.json"))
+
+
+# How sources name an nvfp4 weight's global scale (ModelOpt; Ollama's E4 blobs) -> the canonical suffix.
+GLOBAL_SCALE_NAMES = (".weight_scale_2", ".weight.global_scale")
+
+
+def _canonical_global_scales(plan: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    out = {}
+    for name, ref in plan.items():
+        for suffix in GLOBAL_SCALE_NAMES:
+            if name.endswith(suffix) and name[: -len(suffix)] + ".weight" in plan:
+                name = name[: -len(suffix)] + ".weight_global_scale"
+                break
+        out[name] = ref
+    return out

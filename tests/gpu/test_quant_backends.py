@@ -1,0 +1,120 @@
+"""Quantized layers where MLX's CUDA kernels differ from its CPU ones (checked on whatever device runs the tests).
+
+- Affine 2/3-bit weights in groups of 128 fail on CUDA with float32 activations once 33+ rows are in
+  flight; such layers compute in bfloat16 there. A 64-token prompt through 2- and 3-bit g128 `down_proj`s
+  must match the float model holding the exactly dequantized weights (on the CPU: to float32 precision;
+  on CUDA: to bfloat16 activation precision).
+- 1-bit weights: the CPU runs them; on CUDA loading refuses them, naming the tensor.
+- Packed weights taller than 16,384 rows (a tied vocabulary head): one row (decode) and a prefill give the
+  dequantized model's logits (a row-block split of such weights once gave wrong logits on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ON_GPU
+
+from mlxrunner.errors import ModelError
+from mlxrunner.llm import load
+
+QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"
+ON_CUDA = ON_GPU and mx.cuda.is_available()
+PROMPT = [(7 * i + 3) % 500 for i in range(64)]  # 64 rows: past the 33 where the CUDA kernel failed
+
+
+def quantized_down_projs(out: Path, bits: int, group_size: int) -> tuple[Path, Path]:
+    """Two copies of the tiny Qwen3: `quant` with every down_proj packed (affine, `bits`, `group_size`; mlx-lm's
+    folder format), and `float` holding exactly the weights `quant` dequantizes to."""
+    weights = mx.load(str(QWEN3 / "model.safetensors"))
+    quant, dequantized = dict(weights), dict(weights)
+    overrides = {}
+    for name, value in weights.items():
+        if not name.endswith("mlp.down_proj.weight"):
+            continue
+        with mx.stream(mx.cpu):
+            packed, scales, biases = mx.quantize(value, group_size=group_size, bits=bits)
+            exact = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+        module = name.removesuffix(".weight")
+        quant.update({name: packed, f"{module}.scales": scales, f"{module}.biases": biases})
+        dequantized[name] = exact
+        overrides[module] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    config = json.loads((QWEN3 / "config.json").read_text())
+    folders = {}
+    for kind, tensors in (("quant", quant), ("float", dequantized)):
+        folder = out / kind
+        shutil.copytree(QWEN3, folder)
+        mx.save_safetensors(str(folder / "model.safetensors"), tensors)
+        if kind == "quant":  # the global entry quantizes only modules with scales; the overrides say how
+            data = {**config, "quantization": {"group_size": group_size, "bits": bits, "mode": "affine",
+                                               **overrides}}
+            (folder / "config.json").write_text(json.dumps(data))
+        folders[kind] = folder
+    return folders["quant"], folders["float"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_affine_low_bit_group_128_runs_a_long_prompt(tmp_path, bits):
+    quant, dequantized = quantized_down_projs(tmp_path, bits, 128)
+    got = load(str(quant)).logits(PROMPT)
+    want = load(str(dequantized)).logits(PROMPT)
+    assert got.shape == (len(PROMPT), 503) and np.isfinite(got).all()
+    scale = float(np.abs(want).max())
+    tolerance = 2e-2 if ON_CUDA else 1e-4  # bfloat16 activations on CUDA, float32 on the CPU
+    assert float(np.abs(got - want).max()) <= tolerance * scale
+
+
+def test_one_bit_weights_run_on_the_cpu_and_are_refused_on_cuda(tmp_path):
+    quant, dequantized = quantized_down_projs(tmp_path, 1, 64)
+    if ON_CUDA:
+        with pytest.raises(ModelError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: 1-bit quantization "
+                                             r"does not run on CUDA"):
+            load(str(quant))
+        return
+    got = load(str(quant)).logits(PROMPT)
+    want = load(str(dequantized)).logits(PROMPT)
+    assert float(np.abs(got - want).max()) <= 1e-4 * float(np.abs(want).max())
+
+
+def test_a_tall_packed_head_decodes_one_row_in_blocks(tmp_path):
+    """A 40,000-row tied head, past the 16,384 rows of MLX's CUDA matrix-vector kernel: every device must give
+    the dequantized model's logits for one row (decode) and for a prefill."""
+    weights = mx.load(str(QWEN3 / "model.safetensors"))
+    mx.random.seed(3)
+    weights["model.embed_tokens.weight"] = 0.02 * mx.random.normal((40_000, 64))
+    config = {**json.loads((QWEN3 / "config.json").read_text()), "vocab_size": 40_000}
+    tall = tmp_path / "tall"
+    shutil.copytree(QWEN3, tall)
+    mx.save_safetensors(str(tall / "model.safetensors"), weights)
+    (tall / "config.json").write_text(json.dumps(config))
+    quant, dequantized = quantized_embedding(tall, tmp_path)
+    for prompt in ([11], PROMPT):  # one row (decode), then a prefill
+        got = load(str(quant)).logits(prompt)
+        want = load(str(dequantized)).logits(prompt)
+        assert got.shape == (len(prompt), 40_000)
+        tolerance = 2e-3 if ON_CUDA else 1e-4
+        assert float(np.abs(got - want).max()) <= tolerance * float(np.abs(want).max())
+
+
+def quantized_embedding(folder: Path, out: Path) -> tuple[Path, Path]:
+    """`folder` with its (tied) embedding packed at 4 bits, group 64, and the float copy it dequantizes to."""
+    weights = mx.load(str(folder / "model.safetensors"))
+    with mx.stream(mx.cpu):
+        packed, scales, biases = mx.quantize(weights["model.embed_tokens.weight"], group_size=64, bits=4)
+        exact = mx.dequantize(packed, scales, biases, group_size=64, bits=4)
+    config = json.loads((folder / "config.json").read_text())
+    quant, dequantized = out / "quant-head", out / "float-head"
+    for target, tensors, extra in (
+            (quant, {**weights, "model.embed_tokens.weight": packed, "model.embed_tokens.scales": scales,
+                     "model.embed_tokens.biases": biases},
+             {"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}}),
+            (dequantized, {**weights, "model.embed_tokens.weight": exact}, {})):
+        shutil.copytree(folder, target)
+        mx.save_safetensors(str(target / "model.safetensors"), tensors)
+        (target / "config.json").write_text(json.dumps({**config, **extra}))
+    return quant, dequantized

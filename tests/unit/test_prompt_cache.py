@@ -1,0 +1,152 @@
+"""The prompt cache's bookkeeping (llm/prompt_cache.py) on real layer caches from the tiny Qwen3's generator:
+hits, partial hits, trimming, eviction by bytes, sequences that extend each other, copies kept independent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlxrunner import _core
+from mlxrunner.http.protocol import Options
+from mlxrunner.llm import load
+from mlxrunner.llm.model import sampler_options
+from mlxrunner.llm.prompt_cache import PromptCache
+
+QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"
+GREEDY = Options(temperature=0.0, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(str(QWEN3))
+
+
+def ids(n: int, salt: int = 0) -> list[int]:
+    return [(17 * i + 3 + salt) % 499 for i in range(n)]
+
+
+def run(model, prompt: list[int], n: int, caches=None) -> tuple[list[int], _core.SequenceCache]:
+    """n greedy tokens after `prompt`, and the caches then (prompt + the n tokens)."""
+    generator = _core.Generator(model.decoder, prompt, sampler_options(GREEDY), 512, -1, caches)
+    tokens = [next(generator) for _ in range(n)]
+    return tokens, generator.take_cache()
+
+
+def stored(model, prompt: list[int], n: int = 4) -> tuple[list[int], _core.SequenceCache]:
+    tokens, caches = run(model, prompt, n)
+    return prompt + tokens, caches
+
+
+def test_the_generators_caches_hold_the_prompt_and_every_token_returned(model):
+    tokens, caches = stored(model, ids(40), 5)
+    assert caches.length == len(tokens) == 45
+    assert caches.nbytes > 0
+
+
+def test_a_prompt_that_extends_a_stored_sequence_reuses_all_of_it(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    cache.insert(tokens, caches)
+    hit, reused = cache.fetch(tokens + [7, 8, 9])
+    assert reused == len(tokens) and hit.length == reused
+
+
+def test_a_partial_match_is_trimmed_to_the_shared_prefix(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    cache.insert(tokens, caches)
+    hit, reused = cache.fetch(tokens[:25] + [1, 2, 3])
+    assert reused == 25 and hit.length == 25
+    # The entry itself keeps all its positions: the hit was a copy.
+    again, reused_again = cache.fetch(tokens + [5])
+    assert reused_again == len(tokens) and again.length == len(tokens)
+
+
+def test_the_last_prompt_token_never_comes_from_the_cache(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(30))
+    cache.insert(tokens, caches)
+    hit, reused = cache.fetch(tokens)
+    assert reused == len(tokens) - 1 and hit.length == reused
+
+
+def test_no_shared_prefix_is_a_miss(model):
+    cache = PromptCache(1 << 30)
+    cache.insert(*stored(model, ids(30)))
+    assert cache.fetch([498] + ids(10)) == (None, 0)
+    assert PromptCache(1 << 30).fetch(ids(10)) == (None, 0)
+
+
+def test_the_longest_match_wins(model):
+    cache = PromptCache(1 << 30)
+    short, short_caches = stored(model, ids(10))
+    long, long_caches = stored(model, ids(30, salt=5))
+    cache.insert(short, short_caches)
+    cache.insert(long, long_caches)
+    assert cache.fetch(long[:20] + [1])[1] == 20
+    assert cache.fetch(short + [1])[1] == len(short)
+
+
+def test_a_sequence_that_extends_a_stored_one_replaces_it(model):
+    cache = PromptCache(1 << 30)
+    first, first_caches = stored(model, ids(30))
+    cache.insert(first, first_caches)
+    reply, longer_caches = run(model, first + [11, 12], 3, cache.fetch(first + [11, 12])[0])
+    cache.insert(first + [11, 12] + reply, longer_caches)
+    assert len(cache) == 1 and cache.nbytes == longer_caches.nbytes
+    # A prefix of what is stored adds nothing.
+    cache.insert(first[:10], cache.fetch(first[:11])[0])
+    assert len(cache) == 1
+
+
+def test_eviction_keeps_the_bytes_under_the_cap_dropping_the_least_recently_used(model):
+    sequences = [stored(model, ids(30, salt=s)) for s in (1, 2, 3)]
+    each = sequences[0][1].nbytes
+    assert all(c.nbytes == each for _, c in sequences)
+    cache = PromptCache(2 * each)
+    cache.insert(*sequences[0])
+    cache.insert(*sequences[1])
+    assert cache.fetch(sequences[0][0] + [1])[1] > 0  # 0 is now the most recently used
+    cache.insert(*sequences[2])
+    assert len(cache) == 2 and cache.nbytes == 2 * each <= cache.max_bytes
+    assert cache.fetch(sequences[1][0] + [1]) == (None, 0)
+    assert cache.fetch(sequences[0][0] + [1])[1] == 34 and cache.fetch(sequences[2][0] + [1])[1] == 34
+
+
+def test_a_sequence_larger_than_the_cap_is_not_kept(model):
+    tokens, caches = stored(model, ids(30))
+    cache = PromptCache(caches.nbytes - 1)
+    cache.insert(tokens, caches)
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_size_0_keeps_nothing(model):
+    cache = PromptCache(0)
+    cache.insert(*stored(model, ids(30)))
+    assert len(cache) == 0 and cache.fetch(ids(30)) == (None, 0)
+
+
+def test_caches_that_do_not_hold_the_tokens_given_are_refused(model):
+    tokens, caches = stored(model, ids(30))
+    with pytest.raises(ValueError, match="hold 34 positions, not the 33"):
+        PromptCache(1 << 30).insert(tokens[:-1], caches)
+
+
+def test_a_running_request_never_changes_a_stored_sequence(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    cache.insert(tokens, caches)
+    follow_up = tokens[:20] + ids(30, salt=9)
+    hit, _ = cache.fetch(follow_up)
+    written, _ = run(model, follow_up, 8, hit)  # writes positions 20.. of its copy
+    # The entry still holds the first sequence: the same request gives the same tokens again.
+    assert run(model, follow_up, 8, cache.fetch(follow_up)[0])[0] == written
+    cold = run(model, tokens + [4], 6)[0]
+    assert run(model, tokens + [4], 6, cache.fetch(tokens + [4])[0])[0] == cold
+
+
+def test_the_generator_refuses_a_start_cache_that_leaves_no_prompt_token_to_run(model):
+    tokens, caches = stored(model, ids(10))
+    with pytest.raises(ValueError, match="must hold fewer than the prompt's 14"):
+        _core.Generator(model.decoder, tokens, sampler_options(GREEDY), 512, -1, caches)
