@@ -28,7 +28,11 @@ mx::array last_axis_slice(const mx::array& x, int begin, int end) {
 mx::array float_weight(const Matrix& m) {
   if (!m.quantized) return m.weight;
   const auto& q = *m.quantized;
-  return mx::dequantize(m.weight, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  if (!q.global_scale) return mx::dequantize(m.weight, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
+  // nvfp4's tensor scale: float32 rows, as a scaled value is seldom a bfloat16 one (Embedding does the same).
+  auto w = mx::dequantize(m.weight, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode, std::nullopt,
+                          mx::float32);
+  return mx::multiply(w, *q.global_scale);
 }
 
 // k_up [H, nope, rank] and v_up [H, v, rank] from either spelling: transformers' kv_b_proj

@@ -196,6 +196,18 @@ def test_ollama_blob_global_scales(tmp_path):
     assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
 
 
+def test_glm_latent_rows_take_their_global_scale(tmp_path):
+    """MLA dequantizes kv_b_proj once at load (nn/mla): its nvfp4 global scale multiplies it there."""
+    scales = {"model.layers.0.self_attn.kv_b_proj.weight": 1.9, "model.layers.2.self_attn.kv_b_proj.weight": 0.3}
+    create_llm(tmp_path / "models", "library/glm:q", ROOT / "fixtures" / "llm" / "glm4-moe-lite-tiny", "nvfp4",
+               global_scales=scales)
+    models_dir = str(tmp_path / "models")
+    assert {n for n in resolve("glm:q", models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy("glm:q", tmp_path / "float", models_dir)))
+    assert_same_model(load("glm:q", models_dir=models_dir), reference)
+
+
 @pytest.mark.parametrize("edit, message", [
     (dict(scales={"model.layers.0.self_attn.q_proj.weight": 2.0}, dtype=mx.float16), "must be one F32 value"),
     (dict(scales={"model.layers.0.self_attn.q_proj.weight": 2.0}, suffix=".global_scale", dtype=mx.bfloat16),
