@@ -5,14 +5,15 @@ The tests compare our C++ decoder on these folders with what mlx-lm itself gener
 folder; they run without mlx-lm, from the recorded goldens. Run from the repository root in the side
 venv (``python3 -m venv .ref && .ref/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2``):
 
-    .ref/bin/python scripts/goldens_quant.py fixtures   # tests/fixtures/llm-quant/<name>/
+    .ref/bin/python scripts/goldens_quant.py fixtures [NAME ...]  # tests/fixtures/llm-quant/<name>/
     .ref/bin/python scripts/goldens_quant.py goldens    # tests/goldens/mlx_lm_quant.json
     .ref/bin/python scripts/goldens_quant.py check-folder DIR EXPECTED.json  # see check_folder()
 
 ``fixtures`` quantizes the float fixtures of tests/fixtures/llm/ with ``mlx_lm.convert``. Their
 config.json gets the top-level ``rope_theta`` / ``rope_scaling`` beside transformers 5's
 ``rope_parameters`` first: mlx-lm 0.32.2's Llama reads only the top-level keys and would otherwise run
-another model (theta 1e4, no llama3 scaling). ``goldens`` records, per fixture, mlx-lm's token ids of
+another model (theta 1e4, no llama3 scaling); a Qwen3-MoE config gets the Hub's ``num_experts`` too.
+``goldens`` records, per fixture, mlx-lm's token ids of
 each prompt, its greedy continuation (argmax, no penalties) with the top1-top2 logit margin of each
 step, and the last-position logits of one prompt. Deterministic: re-running gives the same bytes.
 """
@@ -55,6 +56,10 @@ FIXTURES: dict[str, tuple[str, dict]] = {
     **{f"llama3-tiny-{r}": ("llama3-tiny", args) for r, args in RECIPES.items()},
     "llama-tiny-q4-g64": ("llama-tiny", RECIPES["q4-g64"]),
     "llama-tiny-mixed-3-6": ("llama-tiny", RECIPES["mixed-3-6"]),
+    # Qwen3-MoE: mlx-lm stacks the experts into switch_mlp.{gate,up,down}_proj [E, out, in], packed.
+    "qwen3-moe-tiny-q4-g64": ("qwen3-moe-tiny", RECIPES["q4-g64"]),
+    # GLM-4.7-Flash: mlx-lm splits kv_b_proj into per-head embed_q / unembed_out (MLA's absorbed form).
+    "glm4-moe-lite-tiny-q8-g32": ("glm4-moe-lite-tiny", RECIPES["q8-g32"]),
     "gemma3-vlm-tiny-q4-g64": ("gemma3-vlm-tiny", RECIPES["q4-g64"]),
     "gemma3-vlm-tiny-mxfp4": ("gemma3-vlm-tiny", RECIPES["mxfp4"]),
 }
@@ -87,6 +92,13 @@ def with_both_rope_forms(config: dict) -> dict:
     return config
 
 
+def with_hub_expert_count(config: dict) -> dict:
+    """Add the Hub's num_experts beside transformers 5's num_local_experts: mlx-lm reads only the former."""
+    if "num_local_experts" in config and "num_experts" not in config:
+        return {**config, "num_experts": config["num_local_experts"]}
+    return config
+
+
 def make_fixture(name: str, source: str, convert_args: dict) -> Path:
     from mlx_lm import convert
 
@@ -95,7 +107,8 @@ def make_fixture(name: str, source: str, convert_args: dict) -> Path:
         src = Path(tmp) / source
         shutil.copytree(FLOAT_FIXTURES / source, src)
         config = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps(with_both_rope_forms(config), indent=2) + "\n")
+        config = with_hub_expert_count(with_both_rope_forms(config))
+        (src / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         convert(str(src), str(out), quantize=True, **convert_args)
@@ -193,15 +206,16 @@ def check_folder(folder: Path, expected: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fixtures", help="quantize the float fixtures with mlx_lm.convert")
+    fixtures = sub.add_parser("fixtures", help="quantize the float fixtures with mlx_lm.convert")
+    fixtures.add_argument("names", nargs="*", help="only these fixtures (default: all)")
     sub.add_parser("goldens", help="record mlx-lm's outputs on the quantized fixtures")
     check = sub.add_parser("check-folder", help="mlx-lm on a folder must generate the given ids")
     check.add_argument("folder", type=Path)
     check.add_argument("expected", type=Path)
     args = parser.parse_args(argv)
     if args.command == "fixtures":
-        for name, (source, convert_args) in FIXTURES.items():
-            print(make_fixture(name, source, convert_args), file=sys.stderr)
+        for name in args.names or FIXTURES:
+            print(make_fixture(name, *FIXTURES[name]), file=sys.stderr)
     elif args.command == "goldens":
         print(record_goldens(), file=sys.stderr)
     else:

@@ -543,6 +543,53 @@ LLM_MODELS: dict[str, dict] = {
                        sliding_window=8, sliding_window_pattern=3, rope_theta=1e6,
                        rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}),
     },
+    # Qwen3-MoE: 8 experts, top 2 renormalised (norm_topk_prob), layer 1 dense (mlp_only_layers).
+    "qwen3-moe-tiny": {
+        "family": "qwen", "arch": "Qwen3MoeForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    # The same architecture with the top 3 of 8 softmax scores used as they are.
+    "qwen3-moe-tiny-nonorm": {
+        "family": "qwen", "arch": "Qwen3MoeForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                       norm_topk_prob=False, tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e6),
+    },
+    # GLM-4.7-Flash's shape in small: MLA (q and kv LoRA ranks, interleaved rope keys), layer 0 dense,
+    # then 8 routed experts in 2 groups (top 1 group, top 2 experts, e_score_correction_bias set) and a
+    # shared expert.
+    "glm4-moe-lite-tiny": {
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 1,
+        "config": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=128, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                       moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                       n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.8,
+                       norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"],
+                       tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=1e4),
+    },
+    # The other MLA and routing branches: queries from one q_proj (q_lora_rank null), RoPE on rotated
+    # halves (rope_interleave false), one expert group, raw sigmoid weights (no norm_topk_prob), two shared
+    # experts' width, tied embeddings.
+    "glm4-moe-lite-tiny-qproj": {
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 2,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=128, q_lora_rank=None, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
+                       moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                       n_group=1, topk_group=1, n_shared_experts=2, routed_scaling_factor=2.5,
+                       norm_topk_prob=False, mlp_layer_types=["sparse", "dense"],
+                       tie_word_embeddings=True, max_position_embeddings=4096,
+                       rms_norm_eps=1e-6, rope_theta=1e4),
+    },
 }
 
 LLM_PROMPTS_COMMON: list[tuple[str, str]] = [
@@ -587,6 +634,9 @@ def _llm_init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 p.normal_(0.0, embed_std)
             else:
                 p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():  # DeepSeek-style routers' bias: a buffer, zero at init
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
 
 
 def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int]) -> None:
@@ -820,7 +870,11 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
                 "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
                 "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "dtype",
                 "sliding_window", "layer_types", "sliding_window_pattern", "rope_local_base_freq",
-                "query_pre_attn_scalar", "final_logit_softcapping")
+                "query_pre_attn_scalar", "final_logit_softcapping",
+                "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers", "mlp_layer_types",
+                "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts", "q_lora_rank",
+                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rope_interleave")
                 if k in text_config},
             "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "model_safetensors_bytes": st_path.stat().st_size,

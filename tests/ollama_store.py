@@ -412,6 +412,7 @@ def llm_tensor_quantization(name: str, shape: tuple[int, ...], quant_type: str) 
         return shape[-1] % ALIGNMENT.get(kind, 32) == 0
 
     skipped = ("embed" in name or "norm" in name or "ln_" in name or "layernorm" in name
+               or name.endswith(".mlp.gate.weight")  # a MoE router
                or not name.endswith(".weight") or len(shape) != 2 or int(np.prod(shape)) < 1024)
     if skipped:
         return ""
@@ -426,22 +427,53 @@ def llm_tensor_quantization(name: str, shape: tuple[int, ...], quant_type: str) 
     return quant_type
 
 
+def expert_group(name: str) -> str | None:
+    """The packed layer a MoE tensor goes into: ``model.layers.{L}.mlp.experts`` or ``…shared_experts``."""
+    for group in (".mlp.experts.", ".mlp.shared_experts."):
+        if group in name:
+            return name[:name.index(group) + len(group) - 1]
+    return None
+
+
+def add_packed_group(builder: StoreBuilder, group: str, tensors: dict, quant_type: str) -> None:
+    """One packed blob for a layer's experts: each tensor under its full name, a quantized one with its
+    ``.scale`` / ``.bias`` companions and per-tensor ``quant_type`` / ``group_size`` metadata."""
+    packed, metadata = {}, {}
+    for tensor, raw in tensors.items():
+        kind = llm_tensor_quantization(tensor, raw.shape, quant_type) if quant_type else ""
+        if not kind:
+            packed[tensor] = raw
+            continue
+        wq, scales, biases = quantize(raw, kind)
+        packed.update({tensor: wq, tensor + ".scale": scales})
+        if biases is not None:
+            packed[tensor + ".bias"] = biases
+        metadata.update({f"{tensor}.quant_type": kind, f"{tensor}.group_size": str(QUANT_SPECS[kind][0])})
+    builder.add_packed(group, packed, metadata=metadata or None, writer="mlx" if metadata else "go")
+
+
 def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike, quant_type: str = "",
                global_scales: dict[str, float] | None = None) -> Path:
     """An HF LLM folder imported the way Ollama's x/create does: one layer per tensor named by the
     tensor, quantized per :func:`llm_tensor_quantization` into combined E4 blobs (``global_scales``: tensor
-    name -> an nvfp4 weight's global scale, stored beside it); every top-level JSON file but the shard
+    name -> an nvfp4 weight's global scale, stored beside it), except MoE experts: one packed layer per
+    layer's experts and shared experts; every top-level JSON file but the shard
     index as a JSON layer named by its file name."""
     source_dir = Path(source_dir)
     builder = StoreBuilder(root)
+    groups: dict[str, dict] = {}
     for path in sorted(source_dir.glob("*.safetensors")):
         for tensor, raw in tensors_of_file(path).items():
             kind = llm_tensor_quantization(tensor, raw.shape, quant_type) if quant_type else ""
-            if kind:
+            if expert_group(tensor):
+                groups.setdefault(expert_group(tensor), {})[tensor] = raw
+            elif kind:
                 builder.add_quantized(tensor, raw, kind, layout="combined",
                                       global_scale=(global_scales or {}).get(tensor))
             else:
                 builder.add_tensor(tensor, raw, key="full")
+    for group, tensors in groups.items():
+        add_packed_group(builder, group, tensors, quant_type)
     for path in sorted(source_dir.glob("*.json")):
         if not path.name.endswith(".safetensors.index.json"):
             builder.add_json(path.name, path.read_bytes())

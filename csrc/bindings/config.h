@@ -185,15 +185,16 @@ Config config_updated(Config config, const nb::dict& values, const std::string& 
   Config::fields([&](const char* key, auto member) {
     if (!values.contains(key)) return;
     nb::object value = values[key];
-    if (value.is_none()) return;
-    using T = field_t<Config, decltype(member)>;
-    if constexpr (is_config_v<T>) {
+    using Field = field_t<Config, decltype(member)>;
+    // null keeps the default, but says "none" to a field that can be none (MLA's q_lora_rank: one q_proj).
+    if (value.is_none() && !is_optional<Field>::value) return;
+    if constexpr (is_config_v<Field>) {
       if (PyDict_Check(value.ptr())) {
         config.*member = config_updated(config.*member, nb::borrow<nb::dict>(value), prefix + key + ".");
         return;
       }
     }
-    config.*member = from_python<T>(value, prefix + key);
+    config.*member = from_python<Field>(value, prefix + key);
   });
   return config;
 }

@@ -63,14 +63,19 @@ void bind_kv_cache(nb::module_& m) {
 
 void bind_decoder(nb::module_& m) {
   bind_config<RopeConfig>(m, "RopeConfig", "A decoder's RoPE: rope_theta and transformers' rope_parameters.");
-  bind_config<DecoderConfig>(
-      m, "DecoderConfig", "transformers' LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig (config.json).")
+  bind_config<MoeConfig>(m, "MoeConfig", "A decoder's routed experts (config.json's top-level MoE keys).");
+  bind_config<MlaConfig>(m, "MlaConfig", "Multi-head latent attention (config.json's top-level MLA keys).");
+  bind_config<DecoderConfig>(m, "DecoderConfig",
+                             "transformers' LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig / "
+                             "Qwen3MoeConfig / Glm4MoeLiteConfig (config.json).")
       .def_static("defaults", &DecoderConfig::defaults, "architecture"_a,
-                  "The defaults of an architecture's transformers config class (llama | qwen3 | mistral | gemma3).")
+                  "The defaults of an architecture's transformers config class "
+                  "(llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite).")
       .def("window", &DecoderConfig::window, "layer"_a,
            "The layer's sliding window (a token sees itself and window - 1 before it); 0: full attention.");
 
-  bind_network<Decoder>(m, "Decoder", "Llama-family decoder (Llama 2/3, Qwen3, Mistral, Gemma 3 text).")
+  bind_network<Decoder>(m, "Decoder",
+                        "Llama-family decoder (Llama 2/3, Qwen3, Mistral, Gemma 3 text, Qwen3-MoE, GLM-4.7-Flash).")
       .def(
           "logits",
           [](const Decoder& self, const std::vector<int>& tokens, int chunk) {

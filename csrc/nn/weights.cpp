@@ -50,7 +50,17 @@ mx::array Weights::get(const std::string& name, const mx::Shape& shape) const {
 }
 
 Matrix Weights::matrix(const std::string& name, int rows, int cols) const {
+  return stacked_matrix(name, {}, rows, cols);
+}
+
+Matrix Weights::stacked_matrix(const std::string& name, const mx::Shape& stack, int rows, int cols) const {
   const std::string full = full_name(name);
+  auto shape = [&](int columns) {
+    mx::Shape out = stack;
+    out.push_back(rows);
+    out.push_back(columns);
+    return out;
+  };
   const QuantSpec* spec = nullptr;
   if (quantization_) {
     auto it = quantization_->find(full);
@@ -61,18 +71,18 @@ Matrix Weights::matrix(const std::string& name, int rows, int cols) const {
     if (it != map_->end() && it->second.dtype() == mx::uint32) {
       throw std::invalid_argument("weight " + full + " is packed (uint32) but no quantization parameters came with it");
     }
-    return Matrix{get(name, {rows, cols}), std::nullopt};
+    return Matrix{get(name, shape(cols)), std::nullopt};
   }
   // Packed: `bits`-bit values, 32 / bits to a uint32 word (3, 5 and 6 bits straddle words).
   if ((static_cast<int64_t>(cols) * spec->bits) % 32 != 0 || cols % spec->group_size != 0) {
     throw std::invalid_argument("weight " + full + ": " + std::to_string(cols) + " columns do not pack at " +
                                 std::to_string(spec->bits) + " bits in groups of " + std::to_string(spec->group_size));
   }
-  auto packed = get(name, {rows, static_cast<int>(static_cast<int64_t>(cols) * spec->bits / 32)});
+  auto packed = get(name, shape(static_cast<int>(static_cast<int64_t>(cols) * spec->bits / 32)));
   if (packed.dtype() != mx::uint32) {
     throw std::invalid_argument("weight " + full + " is listed as quantized but is not packed uint32");
   }
-  auto quantized = companions(name, *spec, rows, cols);
+  auto quantized = companions(name, *spec, shape(cols / spec->group_size));
   if (running_on_cuda()) return for_cuda(full, packed, quantized, cols);
   return Matrix{packed, quantized};
 }
@@ -95,8 +105,7 @@ bool running_on_cuda() {
   return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
 }
 
-Quantized Weights::companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const {
-  const mx::Shape groups{rows, cols / spec.group_size};
+Quantized Weights::companions(const std::string& name, const QuantSpec& spec, const mx::Shape& groups) const {
   auto scales = get(name + "_scale", groups);
   std::optional<mx::array> biases;
   if (spec.mode == "affine") {

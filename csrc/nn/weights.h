@@ -72,12 +72,14 @@ class Weights {
   // The weight matrix `name` of logical shape [rows, cols]: float, or packed with its companions when
   // the QuantMap lists it. Either must fit the shape; a packed weight the QuantMap does not list is an error.
   Matrix matrix(const std::string& name, int rows, int cols) const;
+  // The same for matrices stacked along leading axes `stack` (a mixture's experts: [E, rows, cols]).
+  Matrix stacked_matrix(const std::string& name, const mx::Shape& stack, int rows, int cols) const;
 
   bool has(const std::string& name) const;
   std::string full_name(const std::string& name) const;
 
  private:
-  Quantized companions(const std::string& name, const QuantSpec& spec, int rows, int cols) const;
+  Quantized companions(const std::string& name, const QuantSpec& spec, const mx::Shape& groups) const;
   std::optional<mx::array> global_scale(const std::string& name, const QuantSpec& spec) const;
   static Matrix for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols);
 

@@ -1,5 +1,6 @@
 #include "text/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -52,25 +53,54 @@ void check_config(const DecoderConfig& c) {
     throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +
                                 " is not a multiple of num_key_value_heads " + std::to_string(c.kv_heads()));
   }
-  if (c.architecture != "llama" && c.architecture != "qwen3" && c.architecture != "mistral" &&
-      c.architecture != "gemma3") {
+  const std::vector<std::string> known{"llama", "qwen3", "mistral", "gemma3", "qwen3_moe", "glm4_moe_lite"};
+  if (std::find(known.begin(), known.end(), c.architecture) == known.end()) {
     throw std::invalid_argument("unsupported decoder architecture '" + c.architecture + "'");
   }
+  if (!c.mlp_layer_types.empty() && static_cast<int>(c.mlp_layer_types.size()) != c.num_hidden_layers) {
+    throw std::invalid_argument("config: mlp_layer_types lists " + std::to_string(c.mlp_layer_types.size()) +
+                                " layers, num_hidden_layers is " + std::to_string(c.num_hidden_layers));
+  }
+  for (const auto& type : c.mlp_layer_types) {
+    if (type != "dense" && type != "sparse") {
+      throw std::invalid_argument("config: mlp_layer_types has '" + type + "' (dense, sparse)");
+    }
+  }
+  if (c.decoder_sparse_step <= 0) throw std::invalid_argument("config: decoder_sparse_step must be positive");
+  check_moe_config(c.moe);
+  if (c.uses_mla()) check_mla_config(c.mla);
   check_windows(c);
   if (!is_known_activation(c.hidden_act)) {
     throw std::invalid_argument("config: unsupported hidden activation '" + c.hidden_act + "'");
   }
 }
 
-// The decoder's RoPE rotates whole heads unless the config says otherwise.
+// The decoder's RoPE rotates whole heads unless the config says otherwise; MLA rotates only the rope
+// part of its heads.
 RopeConfig with_dims(RopeConfig rope, const DecoderConfig& c) {
   if (rope.dims == 0) rope.dims = c.head_size();
+  if (c.uses_mla()) {
+    rope.dims = c.mla.qk_rope_head_dim;
+    rope.traditional = c.mla.rope_interleave;
+  }
   return rope;
 }
 
 std::optional<float> attention_scale_for(const DecoderConfig& c) {
   if (c.query_pre_attn_scalar <= 0.0f) return std::nullopt;
   return static_cast<float>(std::pow(static_cast<double>(c.query_pre_attn_scalar), -0.5));
+}
+
+// The routing is the architecture's: DeepSeek-V3's sigmoid router for GLM, softmax otherwise.
+MoeConfig moe_for(const DecoderConfig& c) {
+  MoeConfig moe = c.moe;
+  moe.scoring_func = c.architecture == "glm4_moe_lite" ? "sigmoid" : "softmax";
+  return moe;
+}
+
+// The attention's output width (o_proj's input).
+int attention_width(const DecoderConfig& c) {
+  return c.num_attention_heads * (c.uses_mla() ? c.mla.v_head_dim : c.head_size());
 }
 
 DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
@@ -81,20 +111,25 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
   };
   const int q_out = c.num_attention_heads * d, kv_out = c.kv_heads() * d;
   auto attn = w.sub("self_attn");
-  auto mlp = w.sub("mlp");
   DecoderLayer layer{
-      .qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
-                                     Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
-                                     Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)}),
-      .o_proj = Linear::load(attn.sub("o_proj"), q_out, h, c.attention_bias),
+      .o_proj = Linear::load(attn.sub("o_proj"), attention_width(c), h, c.attention_bias),
       .input_norm = norm(w.sub("input_layernorm"), h),
       .post_attention_norm = norm(w.sub("post_attention_layernorm"), h),
-      .gate_up_proj = FusedLinear::fuse({Linear::load(mlp.sub("gate_proj"), h, c.intermediate_size, c.mlp_bias),
-                                         Linear::load(mlp.sub("up_proj"), h, c.intermediate_size, c.mlp_bias)}),
-      .down_proj = Linear::load(mlp.sub("down_proj"), c.intermediate_size, h, c.mlp_bias),
       .window = c.window(index),
   };
-  if (c.architecture == "qwen3" || gemma) {
+  if (c.uses_mla()) {
+    layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias);
+  } else {
+    layer.qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
+                                        Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
+                                        Linear::load(attn.sub("v_proj"), h, kv_out, c.attention_bias)});
+  }
+  if (c.is_sparse_layer(index)) {
+    layer.moe = MixtureOfExperts::load(w.sub("mlp"), h, moe_for(c));
+  } else {
+    layer.mlp = GatedMLP::load(w.sub("mlp"), h, c.intermediate_size, c.mlp_bias, c.hidden_act);
+  }
+  if (c.architecture == "qwen3" || c.architecture == "qwen3_moe" || gemma) {
     layer.q_norm = norm(attn.sub("q_norm"), d);
     layer.k_norm = norm(attn.sub("k_norm"), d);
   }
@@ -129,8 +164,37 @@ DecoderConfig DecoderConfig::defaults(const std::string& architecture) {
     c.sliding_window_pattern = 6;
     c.rope.rope_theta = 1000000.0f;
     c.sliding_rope.rope_theta = 10000.0f;
+  } else if (architecture == "qwen3_moe") {  // Qwen3MoeConfig
+    c.vocab_size = 151936;
+    c.hidden_size = 2048;
+    c.intermediate_size = 6144;
+    c.num_hidden_layers = 24;
+    c.num_key_value_heads = 4;
+    c.moe.num_experts = 128;
+  } else if (architecture == "glm4_moe_lite") {  // Glm4MoeLiteConfig (its mlp_layer_types: the first dense)
+    c.vocab_size = 154880;
+    c.hidden_size = 2048;
+    c.intermediate_size = 10240;
+    c.num_hidden_layers = 47;
+    c.num_attention_heads = 20;
+    c.num_key_value_heads = 20;
+    c.rms_norm_eps = 1e-5f;
+    c.first_k_dense_replace = 1;
+    c.moe.num_experts = 64;
+    c.moe.num_experts_per_tok = 4;
+    c.moe.moe_intermediate_size = 1536;
+    c.moe.norm_topk_prob = true;
+    c.moe.routed_scaling_factor = 1.8f;
+    c.moe.n_shared_experts = 1;
   }
   return c;
+}
+
+bool DecoderConfig::is_sparse_layer(int layer) const {
+  if (moe.num_experts <= 0) return false;
+  if (!mlp_layer_types.empty()) return mlp_layer_types[layer] == "sparse";
+  const bool dense_only = std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end();
+  return layer >= first_k_dense_replace && !dense_only && (layer + 1) % decoder_sparse_step == 0;
 }
 
 int DecoderConfig::window(int layer) const {
@@ -161,6 +225,7 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const Qu
 
 mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask) const {
+  if (layer.mla) return layer.o_proj((*layer.mla)(x, cache, offset, rope_, mask));
   const int b = x.shape(0), t = x.shape(1), d = config_.head_size();
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
@@ -188,13 +253,7 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
 }
 
 mx::array Decoder::mlp(const DecoderLayer& layer, const mx::array& x) const {
-  auto gate_up = layer.gate_up_proj(x);  // [B, T, 2 F]: gate | up
-  const int f = config_.intermediate_size, b = x.shape(0), t = x.shape(1);
-  auto gate = mx::slice(gate_up, mx::Shape{0, 0, 0}, mx::Shape{b, t, f});
-  auto up = mx::slice(gate_up, mx::Shape{0, 0, f}, mx::Shape{b, t, 2 * f});
-  auto gated =
-      config_.hidden_act == "silu" ? gated_silu(gate, up) : mx::multiply(activation(config_.hidden_act, gate), up);
-  return layer.down_proj(gated);
+  return layer.moe ? (*layer.moe)(x) : (*layer.mlp)(x);
 }
 
 mx::array Decoder::embed(const mx::array& tokens) const {
@@ -225,7 +284,8 @@ void Decoder::eval_weights() const {
   for (const auto& layer : layers_) {
     std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
     for (const auto& part :
-         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.gate_up_proj.arrays(), layer.down_proj.arrays()}) {
+         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.mla ? layer.mla->arrays() : std::vector<mx::array>{},
+          layer.moe ? layer.moe->arrays() : layer.mlp->arrays()}) {
       arrays.insert(arrays.end(), part.begin(), part.end());
     }
     for (const auto& norm : {layer.q_norm, layer.k_norm, layer.pre_feedforward_norm, layer.post_feedforward_norm}) {

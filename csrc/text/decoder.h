@@ -1,9 +1,10 @@
 // Decoder-only transformers of the Llama family: Llama 2/3 (GQA, RoPE scaling, tied or untied
 // embeddings), Qwen3 (the same plus RMSNorm on queries and keys per head), Mistral / Ministral (Llama
-// with sliding-window attention on some or all layers) and Gemma 3's text model (scaled embeddings,
+// with sliding-window attention on some or all layers), Gemma 3's text model (scaled embeddings,
 // (1 + w) RMSNorms, four per layer, q/k norms, GELU-tanh, its own attention scale, sliding and global
-// layers with their own RoPE). One network serves text generation and, through hidden_states(), the
-// image pipelines' Qwen3 text encoder.
+// layers with their own RoPE), Qwen3-MoE (Qwen3 with routed experts) and GLM-4.7-Flash (multi-head
+// latent attention, routed and shared experts). One network serves text generation and, through
+// hidden_states(), the image pipelines' Qwen3 text encoder.
 #pragma once
 
 #include <string>
@@ -11,18 +12,21 @@
 
 #include "nn/config_fields.h"
 #include "nn/linear.h"
+#include "nn/mla.h"
+#include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
 #include "text/kv_cache.h"
 
 namespace mlxr {
 
-// config.json (LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig); defaults as transformers'
-// LlamaConfig (5.x), and for Mistral and Gemma 3 as their own config classes: defaults(architecture).
-// `architecture` comes from config.json's "architectures", `rope` and `sliding_rope` from its
-// rope_theta and rope_parameters (Python translates them: llm/architectures.py).
+// config.json (LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig / Qwen3MoeConfig /
+// Glm4MoeLiteConfig); defaults as transformers' LlamaConfig (5.x), and for the others as their own config
+// classes: defaults(architecture). `architecture` comes from config.json's "architectures", `rope` and
+// `sliding_rope` from its rope_theta and rope_parameters, `moe` and `mla` from its top-level keys (Python
+// translates them: llm/architectures.py).
 struct DecoderConfig {
-  std::string architecture = "llama";  // llama | qwen3 | mistral | gemma3
+  std::string architecture = "llama";  // llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite
   int vocab_size = 32000;
   int hidden_size = 4096;
   int num_hidden_layers = 32;
@@ -46,11 +50,22 @@ struct DecoderConfig {
   std::string hidden_act = "silu";       // the MLP gate's activation (Gemma's hidden_activation)
   float query_pre_attn_scalar = 0.0f;    // attention scale query_pre_attn_scalar^-0.5; 0: head_dim^-0.5
   float final_logit_softcapping = 0.0f;  // logits -> cap * tanh(logits / cap); 0: none
+  // Mixture of experts: which layers route (the others run a dense MLP of intermediate_size).
+  // transformers 5 lists them (mlp_layer_types, "dense" | "sparse"); otherwise Qwen3-MoE's rule (layer i
+  // routes when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers) after DeepSeek's
+  // first_k_dense_replace dense layers.
+  MoeConfig moe;
+  std::vector<std::string> mlp_layer_types;
+  int decoder_sparse_step = 1;
+  std::vector<int> mlp_only_layers;
+  int first_k_dense_replace = 0;
+  MlaConfig mla;  // glm4_moe_lite's attention
 
   MLXR_CONFIG_FIELDS(DecoderConfig, architecture, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                      num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, tie_word_embeddings,
                      attention_bias, mlp_bias, rope, sliding_window, layer_types, sliding_window_pattern, sliding_rope,
-                     hidden_act, query_pre_attn_scalar, final_logit_softcapping)
+                     hidden_act, query_pre_attn_scalar, final_logit_softcapping, moe, mlp_layer_types,
+                     decoder_sparse_step, mlp_only_layers, first_k_dense_replace, mla)
 
   // The defaults of an architecture's transformers config class (a sparse config.json, as Gemma 3's
   // text_config on the Hub, relies on them).
@@ -61,6 +76,8 @@ struct DecoderConfig {
     if (head_dim > 0) return head_dim;
     return num_attention_heads > 0 ? hidden_size / num_attention_heads : 0;
   }
+  bool uses_mla() const { return architecture == "glm4_moe_lite"; }
+  bool is_sparse_layer(int layer) const;
   // Layer i's sliding window; 0: it attends to every earlier position.
   int window(int layer) const;
 };
@@ -71,14 +88,17 @@ struct DecoderConfig {
 // With a mixed-precision checkpoint (say v_proj at more bits than q_proj) a fused projection holds one
 // matmul per run of alike parts instead (FusedLinear).
 struct DecoderLayer {
+  // Attention: standard (qkv_proj), or multi-head latent attention (mla; qkv_proj empty). o_proj either way.
   FusedLinear qkv_proj;
+  std::optional<MultiLatentAttention> mla;
   Linear o_proj;
   std::optional<RMSNorm> q_norm, k_norm;  // Qwen3, Gemma 3
   RMSNorm input_norm, post_attention_norm;
   // Gemma 3: post_attention_norm normalises the attention's output, these the MLP's input and output.
   std::optional<RMSNorm> pre_feedforward_norm, post_feedforward_norm;
-  FusedLinear gate_up_proj;
-  Linear down_proj;
+  // Feed-forward: a dense MLP or a mixture of experts (exactly one is set).
+  std::optional<GatedMLP> mlp;
+  std::optional<MixtureOfExperts> moe;
   int window = 0;  // sliding-window attention over this many positions; 0: full attention
 };
 

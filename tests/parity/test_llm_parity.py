@@ -45,6 +45,8 @@ def test_fixtures_cover_what_the_issue_asks():
     names = {golden_id(p) for p in GOLDENS}
     assert {"qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-tiny-bf16", "mistral-tiny", "gemma3-tiny",
             "gemma3-vlm-tiny", "qwen3-yarn-tiny"} <= names
+    # MoE: norm_topk_prob both ways; MLA with DeepSeek-V3 routing, with and without q_lora_rank.
+    assert {"qwen3-moe-tiny", "qwen3-moe-tiny-nonorm", "glm4-moe-lite-tiny", "glm4-moe-lite-tiny-qproj"} <= names
 
 
 def test_sliding_window_goldens_cross_the_window_many_times():

@@ -50,6 +50,8 @@ def test_fixtures_cover_what_the_issue_asks():
     recipes = {"q4-g64", "q8-g32", "mixed-3-6", "mxfp4", "nvfp4", "mxfp8"}
     for model in ("qwen3-tiny", "llama3-tiny"):
         assert {f"{model}-{r}" for r in recipes} <= set(FIXTURES)
+    # mlx-lm's stacked, packed experts; GLM's kv_b_proj split into embed_q / unembed_out.
+    assert {"qwen3-moe-tiny-q4-g64", "glm4-moe-lite-tiny-q8-g32"} <= set(FIXTURES)
     assert {"gemma3-vlm-tiny-q4-g64", "gemma3-vlm-tiny-mxfp4"} <= set(FIXTURES)  # sliding windows, packed tied head
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
@@ -123,12 +125,14 @@ def assert_same_model(quantized, dequantized, prompt: str = "The quick brown fox
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "int8", "nvfp4", "mxfp4", "mxfp8"])
-def test_ollama_llm_store_runs_its_packed_weights(tmp_path, quant_type):
-    """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs."""
-    create_llm(tmp_path / "models", "library/llama-tiny:q", ROOT / "fixtures" / "llm" / "llama-tiny", quant_type)
+@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny"])
+def test_ollama_llm_store_runs_its_packed_weights(tmp_path, model, quant_type):
+    """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs; a MoE's
+    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served)."""
+    create_llm(tmp_path / "models", f"library/{model}:q", ROOT / "fixtures" / "llm" / model, quant_type)
     models_dir = str(tmp_path / "models")
-    quantized = load("llama-tiny:q", models_dir=models_dir)
-    reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
+    quantized = load(f"{model}:q", models_dir=models_dir)
+    reference = load(str(dequantized_copy(f"{model}:q", tmp_path / "float", models_dir)))
     assert_same_model(quantized, reference)
 
 
@@ -190,6 +194,18 @@ def test_ollama_blob_global_scales(tmp_path):
         {n + "_global_scale" for n in scales}
     reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
     assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
+
+
+def test_glm_latent_rows_take_their_global_scale(tmp_path):
+    """MLA dequantizes kv_b_proj once at load (nn/mla): its nvfp4 global scale multiplies it there."""
+    scales = {"model.layers.0.self_attn.kv_b_proj.weight": 1.9, "model.layers.2.self_attn.kv_b_proj.weight": 0.3}
+    create_llm(tmp_path / "models", "library/glm:q", ROOT / "fixtures" / "llm" / "glm4-moe-lite-tiny", "nvfp4",
+               global_scales=scales)
+    models_dir = str(tmp_path / "models")
+    assert {n for n in resolve("glm:q", models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy("glm:q", tmp_path / "float", models_dir)))
+    assert_same_model(load("glm:q", models_dir=models_dir), reference)
 
 
 @pytest.mark.parametrize("edit, message", [

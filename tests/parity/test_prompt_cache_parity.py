@@ -154,3 +154,24 @@ def test_sliding_window_models_reuse_only_what_their_rotating_caches_still_hold(
     warm_run = run(warm, diverged, num_predict=12)
     assert warm_run[2].prompt_cache_count == 0
     assert_same_output(warm_run, run(cold, diverged, num_predict=12))
+
+
+@pytest.mark.parametrize("fixture", ["qwen3-moe-tiny", "glm4-moe-lite-tiny"])
+def test_moe_and_latent_attention_models_reuse_and_trim_their_caches(fixture):
+    """Routed experts keep nothing between tokens, and GLM's latent cache (latents and rope keys in a KVCache)
+    trims and copies as any full cache does: a prompt that extends a cached sequence reuses all of it, one
+    that diverges inside it reuses the shared prefix. Either way the output is a cold run's."""
+    folder = Path(__file__).parents[1] / "fixtures" / "llm" / fixture
+    warm = LanguageModel(store.resolve(str(folder)))
+    cold = LanguageModel(store.resolve(str(folder)), prompt_cache_bytes=0)
+    first = ids(40)
+    run(warm, first, num_predict=6)
+    (held,) = warm.prompt_cache.sequences()
+    extended = held + ids(12, salt=3)
+    warm_run = run(warm, extended, num_predict=12)
+    assert warm_run[2].prompt_cache_count == len(held)
+    assert_same_output(warm_run, run(cold, extended, num_predict=12))
+    diverged = first[:20] + ids(15, salt=5)
+    warm_run = run(warm, diverged, num_predict=12)
+    assert warm_run[2].prompt_cache_count == 20
+    assert_same_output(warm_run, run(cold, diverged, num_predict=12))

@@ -96,6 +96,25 @@ def test_llm_decoder_config_is_the_files(name):
     assert built.architecture == architecture
 
 
+@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "glm4-moe-lite-tiny"])
+def test_moe_decoder_config_is_the_files(name):
+    """The MoE and MLA keys sit at the top level of config.json; the expert count has three names."""
+    file = read(FIXTURES / "llm" / name / "config.json")
+    built = load_llm(str(FIXTURES / "llm" / name)).decoder.config
+    assert_has_the_files_values(built.moe, file)
+    assert built.moe.num_experts == file.get("num_local_experts", file.get("n_routed_experts")) == 8
+    if name.startswith("glm"):
+        assert_has_the_files_values(built.mla, file)
+        assert built.mlp_layer_types == file["mlp_layer_types"]
+
+
+def test_null_q_lora_rank_means_one_q_proj():
+    """from_dict keeps a field's default for null, except where null is a value: an optional field's none."""
+    config = decoder_config({"architectures": ["Glm4MoeLiteForCausalLM"], "q_lora_rank": None, "n_routed_experts": 4})
+    assert config.mla.q_lora_rank is None and config.moe.num_experts == 4
+    assert decoder_config({"architectures": ["Glm4MoeLiteForCausalLM"]}).mla.q_lora_rank == 768
+
+
 def test_minilm_bert_config_is_the_files(minilm_dir):
     from mlxrunner import store
     from mlxrunner.embed.bert import BertEmbedder
@@ -119,6 +138,14 @@ DEFAULT_ROPE = dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="de
 # Not in LlamaConfig: sliding windows and Gemma's extras, off; the sliding layers' RoPE is rope's.
 NO_WINDOWS = dict(sliding_window=0, layer_types=[], sliding_window_pattern=0, sliding_rope=dict(DEFAULT_ROPE),
                   hidden_act="silu", query_pre_attn_scalar=0.0, final_logit_softcapping=0.0)
+# Not in LlamaConfig: routed experts (MoeConfig: Qwen3MoeConfig's routing fields, DeepSeek's one group, no
+# scaling, no shared experts; num_experts 0, a dense model) and MLA (Glm4MoeLiteConfig's), unused.
+QWEN3_MOE_ROUTING = dict(num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                         n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0)
+NO_EXPERTS = dict(moe=dict(QWEN3_MOE_ROUTING), mlp_layer_types=[], decoder_sparse_step=1, mlp_only_layers=[],
+                  first_k_dense_replace=0,
+                  mla=dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192,
+                           v_head_dim=256, rope_interleave=True))
 REFERENCES = {
     # n_kv_heads: 30 there, its default n_heads, and unused (its attention is built from n_heads alone):
     # derived from n_heads here.
@@ -140,13 +167,13 @@ REFERENCES = {
         architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, head_dim=None,
-        rope=dict(DEFAULT_ROPE), **NO_WINDOWS)),
+        rope=dict(DEFAULT_ROPE), **NO_WINDOWS, **NO_EXPERTS)),
     # MistralForCausalLM / MinistralForCausalLM: sliding_window 4096 on every layer (layer_types None).
     "transformers 5.x MistralConfig": (lambda: _core.DecoderConfig.defaults("mistral"), dict(
         architecture="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE),
-        **{**NO_WINDOWS, "sliding_window": 4096, "sliding_rope": dict(DEFAULT_ROPE)})),
+        **{**NO_WINDOWS, "sliding_window": 4096, "sliding_rope": dict(DEFAULT_ROPE)}, **NO_EXPERTS)),
     # Gemma3ForCausalLM: default_theta {"global": 1e6, "local": 1e4}; layer_types None: every 6th layer
     # full (its sliding_window_pattern default); hidden_act is its hidden_activation.
     "transformers 5.x Gemma3TextConfig": (lambda: _core.DecoderConfig.defaults("gemma3"), dict(
@@ -155,7 +182,22 @@ REFERENCES = {
         rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
         query_pre_attn_scalar=256.0, sliding_window=4096, layer_types=[], sliding_window_pattern=6,
         final_logit_softcapping=None, rope={**DEFAULT_ROPE, "rope_theta": 1e6},
-        sliding_rope={**DEFAULT_ROPE, "rope_theta": 1e4})),
+        sliding_rope={**DEFAULT_ROPE, "rope_theta": 1e4}, **NO_EXPERTS)),
+    # Qwen3MoeForCausalLM: num_local_experts (the struct's num_experts) 128; head_dim None (derived).
+    "transformers 5.x Qwen3MoeConfig": (lambda: _core.DecoderConfig.defaults("qwen3_moe"), dict(
+        architecture="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE), **NO_WINDOWS,
+        **{**NO_EXPERTS, "moe": {**QWEN3_MOE_ROUTING, "num_experts": 128}})),
+    # Glm4MoeLiteForCausalLM: n_routed_experts 64 with DeepSeek-V3's routing fields; its mlp_layer_types
+    # default (the first layer dense, the rest sparse) is first_k_dense_replace 1 here.
+    "transformers 5.x Glm4MoeLiteConfig": (lambda: _core.DecoderConfig.defaults("glm4_moe_lite"), dict(
+        architecture="glm4_moe_lite", vocab_size=154880, hidden_size=2048, intermediate_size=10240,
+        num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE),
+        **NO_WINDOWS, **{**NO_EXPERTS, "first_k_dense_replace": 1, "moe": dict(
+            num_experts=64, num_experts_per_tok=4, moe_intermediate_size=1536, norm_topk_prob=True, n_group=1,
+            topk_group=1, routed_scaling_factor=1.8, n_shared_experts=1)})),
     "transformers 5.x BertConfig": (_core.BertConfig, dict(
         vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)),

@@ -4,7 +4,8 @@ become what `_core.Decoder` takes.
 Checkpoints spell the same thing several ways: transformers 5 saves `rope_parameters` (for Gemma 3 one per
 layer type) and `layer_types`; configs on the Hub carry the older `rope_theta` + `rope_scaling`, Gemma 3's
 `sliding_window_pattern` and `rope_local_base_freq`; a Gemma 3 with a vision tower keeps its text model
-under `text_config` and its weights under `language_model.` prefixes. This file only renames those keys:
+under `text_config` and its weights under `language_model.` prefixes; MoE and MLA keys (Qwen3-MoE,
+GLM-4.7-Flash) sit at the top level, the expert count under three names. This file only renames those keys:
 every default is the C++ DecoderConfig's (`DecoderConfig.defaults(architecture)`, which follows each
 architecture's transformers config class), and the C++ decoder decides which layers slide.
 """
@@ -33,11 +34,15 @@ ARCHITECTURES = {
     "MinistralForCausalLM": Architecture("mistral", sliding_windows=True),
     "Gemma3ForCausalLM": Architecture("gemma3", sliding_windows=True),
     "Gemma3ForConditionalGeneration": Architecture("gemma3", sliding_windows=True, text_config=True),
+    "Qwen3MoeForCausalLM": Architecture("qwen3_moe"),
+    "Glm4MoeLiteForCausalLM": Architecture("glm4_moe_lite"),
 }
 
 # Keys that only mean sliding-window attention to architectures that have it: a Qwen3 config.json
 # carries sliding_window (with use_sliding_window false) and, from transformers 5, layer_types.
 WINDOW_KEYS = ("sliding_window", "layer_types", "sliding_window_pattern")
+# The expert count's spellings: the Hub's Qwen3-MoE configs, transformers 5's saves, DeepSeek / GLM.
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 # Where a multimodal checkpoint keeps its text model's weights (transformers 5, then 4.50 and mlx-lm),
 # and what the decoder calls them.
 TEXT_WEIGHT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -73,6 +78,8 @@ def decoder_config(config: dict) -> _core.DecoderConfig:
     refuse_unsupported(config)
     values = {**config, "architecture": architecture.core}
     values.update(rope_configs(config, architecture))
+    values["moe"] = moe_config(config)
+    values["mla"] = nested(_core.MlaConfig, config)
     if architecture.core == "gemma3" and config.get("hidden_activation") is not None:
         values["hidden_act"] = config["hidden_activation"]
     if not architecture.sliding_windows:
@@ -91,6 +98,20 @@ def refuse_unsupported(config: dict) -> None:
         raise ModelError("config.json: attn_logit_softcapping (attention score soft-capping) is not supported")
     if config.get("use_bidirectional_attention"):
         raise ModelError("config.json: use_bidirectional_attention (an embedding model's attention) is not supported")
+
+
+def nested(config_class: type, config: dict) -> dict:
+    """The keys of config.json that a nested C++ config (MoeConfig, MlaConfig) has: they sit at the top level."""
+    return {key: config[key] for key in config_class().to_dict() if key in config}
+
+
+def moe_config(config: dict) -> dict:
+    """DecoderConfig's nested `moe`; the expert count under whichever name the config uses."""
+    moe = nested(_core.MoeConfig, config)
+    count = next((config[key] for key in NUM_EXPERTS_KEYS if config.get(key) is not None), None)
+    if count is not None:
+        moe["num_experts"] = count
+    return moe
 
 
 def rope_configs(config: dict, architecture: Architecture) -> dict:

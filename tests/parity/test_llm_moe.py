@@ -1,0 +1,174 @@
+"""Mixture-of-experts and latent-attention decoders beyond the transformers goldens (test_llm_parity.py):
+every spelling checkpoints give the experts and the config, both attention paths of MLA, both expert paths
+(tokens sorted by expert or not), and config errors. Real folders rewritten with MLX, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import float32_tol
+
+from mlxrunner.errors import ModelError
+from mlxrunner.llm import load
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "llm"
+QWEN3_MOE = FIXTURES / "qwen3-moe-tiny"
+GLM = FIXTURES / "glm4-moe-lite-tiny"
+TOL = float32_tol(1e-4, 1e-2)
+PROMPT = "The quick brown fox jumps over the lazy dog, then naps under the old oak tree by the river."
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    return load(str(QWEN3_MOE))
+
+
+@pytest.fixture(scope="module")
+def glm():
+    return load(str(GLM))
+
+
+def rewritten(source: Path, out: Path, weights: Callable[[dict], dict] = lambda w: w,
+              config: Callable[[dict], dict] = lambda c: c) -> Path:
+    """A copy of `source` with its tensors and config.json passed through the given functions."""
+    shutil.copytree(source, out)
+    tensors = mx.load(str(out / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"), weights(dict(tensors)))
+    (out / "config.json").write_text(json.dumps(config(json.loads((out / "config.json").read_text()))))
+    return out
+
+
+def per_expert(tensors: dict, layer: int, proj: str, experts: int) -> list[mx.array]:
+    return [tensors.pop(f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight") for e in range(experts)]
+
+
+def moe_layers(tensors: dict) -> list[int]:
+    return sorted({int(k.split(".")[2]) for k in tensors if ".mlp.experts.0.gate_proj.weight" in k})
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_mlx_lm_stacked_experts_and_the_hub_expert_count(tmp_path, qwen3_moe):
+    """mlx-lm's switch_mlp.{gate,up,down}_proj [E, out, in]; the Hub's `num_experts` key."""
+    def stack(tensors):
+        for layer in moe_layers(tensors):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                tensors[f"model.layers.{layer}.mlp.switch_mlp.{proj}.weight"] = mx.stack(
+                    per_expert(tensors, layer, proj, 8))
+        return tensors
+
+    def hub_config(config):
+        config["num_experts"] = config.pop("num_local_experts")
+        return config
+
+    folder = rewritten(QWEN3_MOE, tmp_path / "m", stack, hub_config)
+    ids = qwen3_moe.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load(str(folder)).logits(ids), qwen3_moe.logits(ids))
+
+
+def test_transformers_fused_experts(tmp_path, qwen3_moe):
+    """transformers 5's in-memory layout: experts.gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    def fuse(tensors):
+        for layer in moe_layers(tensors):
+            gate, up = per_expert(tensors, layer, "gate_proj", 8), per_expert(tensors, layer, "up_proj", 8)
+            prefix = f"model.layers.{layer}.mlp.experts"
+            tensors[f"{prefix}.gate_up_proj"] = mx.stack([mx.concatenate([g, u]) for g, u in zip(gate, up)])
+            tensors[f"{prefix}.down_proj"] = mx.stack(per_expert(tensors, layer, "down_proj", 8))
+        return tensors
+
+    folder = rewritten(QWEN3_MOE, tmp_path / "m", fuse)
+    ids = qwen3_moe.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load(str(folder)).logits(ids), qwen3_moe.logits(ids))
+
+
+def test_mlp_only_layers_are_dense(tmp_path, qwen3_moe):
+    """Layer 1 of the fixture is listed in mlp_only_layers: a dense MLP, which the loader must read as such."""
+    assert json.loads((QWEN3_MOE / "config.json").read_text())["mlp_only_layers"] == [1]
+    folder = rewritten(QWEN3_MOE, tmp_path / "m", config=lambda c: {**c, "mlp_only_layers": []})
+    with pytest.raises(ModelError, match=r"missing weight model\.layers\.1\.mlp\.gate\.weight"):
+        load(str(folder))
+
+
+def test_sorted_and_unsorted_expert_paths_agree(qwen3_moe):
+    """Chunks of 64+ (token, expert) pairs run sorted by expert; small chunks (and decoding) unsorted."""
+    ids = qwen3_moe.tokenizer.encode(PROMPT * 3)
+    assert len(ids) * 2 >= 64
+    sorted_run = np.array(qwen3_moe.decoder.logits(ids, 512))
+    unsorted_run = np.array(qwen3_moe.decoder.logits(ids, 8))
+    assert relative_error(unsorted_run, sorted_run) <= TOL
+
+
+def test_absorbed_decoding_matches_expanded_prefill(glm):
+    """One token at a time attends in latent space (absorbed); a chunk expands keys and values per head."""
+    ids = glm.tokenizer.encode(PROMPT)
+    expanded = np.array(glm.decoder.logits(ids, 512))
+    absorbed = np.array(glm.decoder.logits(ids, 1))
+    assert relative_error(absorbed, expanded) <= TOL
+
+
+def test_glm_hub_config_spelling(tmp_path, glm):
+    """The Hub's GLM-4.7-Flash config says first_k_dense_replace where transformers 5 lists mlp_layer_types."""
+    def hub_config(config):
+        del config["mlp_layer_types"]
+        return {**config, "first_k_dense_replace": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+
+    folder = rewritten(GLM, tmp_path / "m", config=hub_config)
+    ids = glm.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load(str(folder)).logits(ids), glm.logits(ids))
+
+
+def test_glm_router_bias_is_required(tmp_path):
+    def drop_bias(tensors):
+        del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+        return tensors
+
+    with pytest.raises(ModelError, match=r"missing weight model\.layers\.1\.mlp\.gate\.e_score_correction_bias"):
+        load(str(rewritten(GLM, tmp_path / "m", drop_bias)))
+
+
+@pytest.mark.parametrize(("source", "change", "named"), [
+    (QWEN3_MOE, {"num_experts_per_tok": 9}, "num_experts_per_tok"),
+    (GLM, {"n_group": 3}, "n_group"),
+    (GLM, {"topk_group": 3}, "topk_group"),
+    (GLM, {"kv_lora_rank": 0}, "kv_lora_rank"),
+    (GLM, {"mlp_layer_types": ["dense", "sparse"]}, "mlp_layer_types"),
+])
+def test_bad_moe_config_is_named(tmp_path, source, change, named):
+    folder = rewritten(source, tmp_path / "m", config=lambda c: {**c, **change})
+    with pytest.raises(ModelError, match=named):
+        load(str(folder))
+
+
+def test_glm_from_an_ollama_store(tmp_path, glm):
+    """As x/create stores it: each layer's experts and shared experts in one packed blob. Quantized stores
+    are compared with their dequantized weights in test_llm_quant_parity.py; here the packing itself."""
+    from ollama_store import create_llm
+
+    from mlxrunner.store import resolve
+
+    create_llm(tmp_path, "library/glm-tiny:latest", GLM)
+    ids = glm.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load("glm-tiny", models_dir=str(tmp_path)).logits(ids), glm.logits(ids))
+
+    create_llm(tmp_path, "library/glm-tiny:int4", GLM, "int4")
+    packed = resolve("glm-tiny:int4", str(tmp_path)).quantization()
+    assert packed["model.layers.1.mlp.experts.7.gate_proj.weight"].bits == 4
+    assert packed["model.layers.2.mlp.shared_experts.up_proj.weight"].bits == 4
+
+
+def test_glm_streams_transformers_greedy_text(glm):
+    """The whole generation path (prompt text -> streamed text) on GLM, the seed runner's one LLM."""
+    goldens = json.loads((Path(__file__).parents[1] / "goldens" / "llm_glm4-moe-lite-tiny.json").read_text())
+    prompt = next(p for p in goldens["prompts"] if p["id"] == "chat")
+    greedy = next(g for g in goldens["greedy"] if g["prompt_id"] == "chat")
+    text = "".join(glm.generate(prompt["text"], temperature=0, repeat_penalty=1, num_predict=len(greedy["new_ids"])))
+    assert text == glm.tokenizer.decode(greedy["new_ids"])
