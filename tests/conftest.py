@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,18 @@ GOLDENS = Path(__file__).parent / "goldens"
 # A text request that streams for seconds on tests/fixtures/llm/qwen3-tiny: its greedy continuation of
 # "hello world" reaches num_predict without an end-of-sequence token (most prompts hit one within a
 # few hundred tokens, a fraction of a second, which races any test that wants to leave mid-stream).
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def chat_model_folder(folder: Path) -> Path:
+    """Fill `folder` with the tiny Qwen3 and Qwen3's chat template (tests/fixtures/chat/qwen3's
+    tokenizer_config.json, whose tokenizer is the fixture's own): the chat model of the chat tests."""
+    for file in (FIXTURES / "llm" / "qwen3-tiny").iterdir():
+        shutil.copy(file, folder / file.name)
+    shutil.copy(FIXTURES / "chat" / "qwen3" / "tokenizer_config.json", folder / "tokenizer_config.json")
+    return folder
+
+
 ENDLESS_TEXT = {"prompt": "hello world", "options": {"num_predict": 4000, "temperature": 0}}
 
 

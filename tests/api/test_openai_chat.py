@@ -9,7 +9,6 @@ streamed equals whole, usage, finish reasons, error shapes), not what it says.
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+from conftest import chat_model_folder
 
 from mlxrunner.launcher import Runner
 from mlxrunner.text.chat_template import ChatTemplate
@@ -31,11 +31,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen3-chat")
-    for file in QWEN3.iterdir():
-        shutil.copy(file, folder / file.name)
-    shutil.copy(FIXTURES / "chat" / "qwen3" / "tokenizer_config.json", folder / "tokenizer_config.json")
-    return folder
+    return chat_model_folder(tmp_path_factory.mktemp("qwen3-chat"))
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
 import time
 from pathlib import Path
 
 import openai
 import pytest
-from conftest import ENDLESS_TEXT
+from conftest import ENDLESS_TEXT, chat_model_folder
 
 from mlxrunner.launcher import Runner
 
@@ -24,11 +23,7 @@ GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen3-chat")
-    for file in QWEN3.iterdir():
-        shutil.copy(file, folder / file.name)
-    shutil.copy(FIXTURES / "chat" / "qwen3" / "tokenizer_config.json", folder / "tokenizer_config.json")
-    return folder
+    return chat_model_folder(tmp_path_factory.mktemp("qwen3-chat"))
 
 
 @pytest.fixture(scope="module")

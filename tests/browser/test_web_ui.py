@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cosine
+from conftest import chat_model_folder, cosine
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -56,10 +56,7 @@ WAIT_S = 60  # the slowest wait: an image on a busy 2-core machine
 @pytest.fixture(scope="module")
 def chat_runner(tmp_path_factory):
     """The tiny Qwen3 with Qwen3's chat template (as tests/api/test_openai_chat.py serves it)."""
-    folder = tmp_path_factory.mktemp("qwen3-chat")
-    for file in (FIXTURES / "llm" / "qwen3-tiny").iterdir():
-        shutil.copy(file, folder / file.name)
-    shutil.copy(FIXTURES / "chat" / "qwen3" / "tokenizer_config.json", folder / "tokenizer_config.json")
+    folder = chat_model_folder(tmp_path_factory.mktemp("qwen3-chat"))
     with Runner.start(str(folder), timeout=120) as runner:
         yield runner
 

@@ -7,7 +7,6 @@ import fcntl
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
 import termios
@@ -23,14 +22,6 @@ GREEDY = ("--temperature", "0", "--repeat-penalty", "1")  # greedy = no sampling
 # Prompts whose greedy replies (through Qwen3's template) end at an end-of-turn token within a hundred tokens,
 # and one that goes on for thousands.
 SHORT_PROMPT, ENDLESS_PROMPT = "a", "hello world"
-
-
-def chat_model_folder(folder: Path) -> Path:
-    """The tiny Qwen3 with Qwen3's chat template (the tokenizer_config.json of tests/fixtures/chat/qwen3)."""
-    for file in QWEN3.iterdir():
-        shutil.copy(file, folder / file.name)
-    shutil.copy(FIXTURES / "chat" / "qwen3" / "tokenizer_config.json", folder / "tokenizer_config.json")
-    return folder
 
 
 def greedy_reply(model, messages: list[dict], num_predict: int, **template_kwargs) -> tuple[ParsedOutput, object]:

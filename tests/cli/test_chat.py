@@ -17,11 +17,10 @@ from cli_helpers import (
     QWEN3,
     SHORT_PROMPT,
     Terminal,
-    chat_model_folder,
     greedy_reply,
     on_terminal,
 )
-from conftest import run_cli
+from conftest import chat_model_folder, run_cli
 
 from mlxrunner.cli.chat import Conversation
 from mlxrunner.cli.text import ReplyWriter, StopOnCtrlC

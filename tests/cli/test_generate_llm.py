@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from cli_helpers import GREEDY, QWEN3, SHORT_PROMPT, chat_model_folder, greedy_reply
-from conftest import run_cli
+from cli_helpers import GREEDY, QWEN3, SHORT_PROMPT, greedy_reply
+from conftest import chat_model_folder, run_cli
 
 from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
