@@ -12,6 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+from mlxrunner.early_signals import install_if_started_as_the_runner
+
+# First thing: a runner stopped in its first instant exits cleanly (early_signals.py says why).
+install_if_started_as_the_runner()
+
 __version__ = "0.1.0"
 
 

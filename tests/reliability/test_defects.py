@@ -134,10 +134,10 @@ def test_a_second_signal_during_shutdown_is_not_fatal(first, second):
     assert code == 0, list(runner.stderr_tail)[-5:]
 
 
-# The handlers go in as the command starts, once the interpreter and the package (which loads MLX,
-# ~0.15 s) are imported; before that no Python handler can exist. Later delays land in the imports of
-# the server, the port opening and the model load.
-@pytest.mark.parametrize("delay", [0.5, 1.0, 2.0])
+# Recording handlers go in as the package starts importing (early_signals.py), ~20 ms after the
+# interpreter starts; before that no Python handler can exist. 0.15 s lands in the package's import of
+# MLX; later delays in the imports of the server, the port opening and the model load.
+@pytest.mark.parametrize("delay", [0.15, 0.5, 1.0, 2.0])
 def test_a_sigterm_while_starting_is_a_clean_exit(delay):
     process = subprocess.Popen([sys.executable, "-m", "mlxrunner", "--model", "all-minilm", "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,6 +147,34 @@ def test_a_sigterm_while_starting_is_a_clean_exit(delay):
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
 
+
+
+# Which handler is in place when MLX starts loading, for each way the package is started.
+HANDLER_WHEN_MLX_LOADS = """
+import importlib.abc, signal, sys
+sys.orig_argv = sys.argv[1:]
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlx.core":
+            handler = signal.getsignal(signal.SIGTERM)
+            print(handler.__name__ if callable(handler) else signal.Handlers(handler).name)
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Spy())
+import mlxrunner
+"""
+
+
+@pytest.mark.parametrize("command_line, expected", [
+    (["python", "-m", "mlxrunner", "--model", "m", "--port", "0"], "_record"),
+    (["python", "/venv/bin/mlxrunner", "--model", "m"], "_record"),
+    (["python", "-m", "mlxrunner", "generate", "--model", "m", "hi"], "SIG_DFL"),
+    (["python", "-c", "import mlxrunner"], "SIG_DFL"),
+])
+def test_a_runner_records_signals_before_mlx_loads(command_line, expected):
+    result = subprocess.run([sys.executable, "-c", HANDLER_WHEN_MLX_LOADS, *command_line],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == expected, result.stderr
 
 # --- 9. load errors: one short line naming the file and field --------------------------------------
 

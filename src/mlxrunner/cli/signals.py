@@ -1,7 +1,8 @@
 """SIGINT/SIGTERM for the runner process: the first asks for a clean shutdown, any later one is logged.
 
-The handlers go in before anything slow is imported, so a signal in the first moments of start-up
-is a clean exit 0 too, not death by the default handler with nothing on stderr. They are plain
+The handlers go in before the server is imported and take over the signals that early_signals.py
+recorded while the package (and MLX) loaded, so a signal in the first moments of start-up is a clean
+exit 0 too, not death by the default handler with nothing on stderr. They are plain
 `signal.signal` handlers, not the event loop's: the loop's are removed (and the default handler
 restored) when `asyncio.run` closes it, which would leave a second signal during the last steps of
 shutdown to kill the process.
@@ -13,6 +14,8 @@ import asyncio
 import logging
 import signal
 from types import FrameType
+
+from mlxrunner import early_signals
 
 log = logging.getLogger("mlxrunner")
 
@@ -59,4 +62,6 @@ class ShutdownSignals:
 def install() -> ShutdownSignals:
     signals = ShutdownSignals()
     signals.install()
+    for signum in early_signals.take_received():
+        signals._on_signal(signum, None)
     return signals
