@@ -152,6 +152,7 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f".shard-{len(self.written)}.safetensors"
         mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
         self.written.append((path, list(self.pending)))

@@ -136,8 +136,9 @@ def _mlx_lm_quantization(base: QuantParams, chosen: dict[str, QuantParams]) -> d
 
 def _copy_other_files(src: Path, dst: Path) -> None:
     """Everything but the weights: model_index.json, configs, tokenizer and scheduler files (an mflux
-    folder's mflux_model.json too, harmless)."""
-    for folder, _, files in os.walk(src):
+    folder's mflux_model.json too, harmless). Linked folders are followed: benchmarks/ links one text encoder
+    into several model folders."""
+    for folder, _, files in os.walk(src, followlinks=True):
         relative = Path(folder).relative_to(src)
         for filename in files:
             if filename.endswith((".safetensors", ".safetensors.index.json")):

@@ -71,6 +71,19 @@ def test_text_encoder_bits_8_with_a_4_bit_transformer(tmp_path):
     assert {p.bits for p in source.quantization("transformer").values()} == {4}
 
 
+
+def test_a_component_linked_from_elsewhere_is_quantized_too(tmp_path):
+    """A folder whose text encoder is a symbolic link to an LLM folder (as benchmarks/ builds them, to share one
+    copy): its files are followed, not skipped."""
+    source = tmp_path / "linked"
+    source.mkdir()
+    for entry in (FIXTURES / "zimage-tiny").iterdir():
+        (source / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    assert main([str(source), str(tmp_path / "out"), "--bits", "4", "--group-size", "32"]) == 0
+    quantized_source = resolve(str(tmp_path / "out"))
+    assert quantized_source.quantization("text_encoder") and quantized_source.quantization("transformer")
+    assert (tmp_path / "out" / "text_encoder" / "config.json").is_file()
+
 def held_bytes(folder: Path) -> int:
     """MLX's active memory that loading the pipeline at ``folder`` adds."""
     gc.collect()
