@@ -7,7 +7,8 @@ Z-Image) and by a GPU run on the full-size folders (this module's command line, 
 - `serving`: a real runner subprocess. Time to ready (load + warm-up), then `rounds` requests on /completion:
   the client's wall time against the `total_ms` the runner reports for the pipeline itself (encode, denoise,
   decode); the difference is HTTP, PNG encode, base64 and JSON. The first request against the later ones.
-- `png_out`: one image through the old way (zlib level 6, base64 as str, json.dumps) and the new one (level 1,
+- `png_out`: one image through the old way (zlib level 6, base64 as str, json.dumps), Pillow at level 1, and the
+  new one (imagegen/png.py: level 1 on several cores,
   base64 bytes spliced into the line), timed on the same pixels.
 - `memory`: a fresh process per mode (normal, --low-memory): weights predicted by the memory check, arrays
   alive after load, and MLX's peak per phase of the second image.
@@ -69,11 +70,16 @@ def png_out(pixels: np.ndarray, rounds: int = 3) -> dict:
         return json.dumps({"image": text, "seed": 1, "done": True}, ensure_ascii=False,
                           separators=(",", ":")).encode() + b"\n"
 
+    def pillow_level_1() -> bytes:  # the way before imagegen/png.py: one thread, adaptive filters
+        out = io.BytesIO()
+        image.save(out, format="PNG", compress_level=1)
+        return ndjson_line({"image": base64.b64encode(out.getvalue()), "seed": 1, "done": True})
+
     def new() -> bytes:
         return ndjson_line({"image": png_base64(image), "seed": 1, "done": True})
 
     result = {}
-    for name, fn in (("old", old), ("new", new)):
+    for name, fn in (("old", old), ("pillow_level_1", pillow_level_1), ("new", new)):
         seconds = []
         for _ in range(rounds):
             begun = time.perf_counter()

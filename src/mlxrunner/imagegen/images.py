@@ -9,7 +9,8 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+
+from mlxrunner.imagegen.png import encode_png
 
 T = TypeVar("T")
 
@@ -28,24 +29,15 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
 
-# zlib's level for the PNGs the runner writes. On a 1024x1024 photo-like image level 1 took 0.58x the time
-# of Pillow's default 6 for 9% more bytes (benchmarks/README.md, "PNG out"): the encode is on every
-# image's critical path, the extra bytes cost next to nothing on a local connection.
-PNG_COMPRESS_LEVEL = 1
-
 # The server's PNGs are encoded here, not on the MLX worker, so the worker starts the next job at
-# once (Pillow's zlib releases the GIL). One thread: images leave in the order they were made.
+# once (zlib releases the GIL). One thread: images leave in the order they were made (png.py spreads
+# each image's compression over the cores).
 _png_encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png")
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    """The image as PNG, with `text` as tEXt/iTXt chunks (prompt, seed, steps, ...)."""
-    info = PngInfo()
-    for key, value in (text or {}).items():
-        info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
-    out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
-    return out.getvalue()
+    """The RGB image as PNG, with `text` as iTXt chunks (prompt, seed, steps, ...)."""
+    return encode_png(np.asarray(image.convert("RGB")), text)
 
 
 def png_base64(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
