@@ -6,6 +6,7 @@
 #include "bindings/config.h"
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/conv.h"
 #include "nn/linear.h"
 #include "nn/rope.h"
 
@@ -21,6 +22,8 @@ void bind_building_blocks(nb::module_& m) {
         return Linear{.weight = weight, .bias = bias}(x);
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+  m.def("conv2d_in_bands", &conv2d_in_bands, "x"_a, "weight"_a, "padding"_a, "band_rows"_a,
+        "A stride-1 conv2d (x NHWC, weight [O, kh, kw, I]) computed band by band of band_rows output rows.");
   m.def(
       "rope",
       [](const mx::array& x, const RopeConfig& config, int offset) {

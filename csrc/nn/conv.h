@@ -20,6 +20,12 @@ struct Conv2d {
   mx::array operator()(const mx::array& x, const mx::array& residual) const;
 };
 
+// A stride-1 convolution computed band by band of `band_rows` output rows (each band reads its rows plus
+// `padding` rows of halo; rows outside the image are the zero padding), then joined. The result is the
+// plain convolution's; what the convolution needs on the side (an im2col copy on the CPU, cuDNN's
+// workspace on CUDA, both proportional to the rows) shrinks to one band's. Evaluates as it goes.
+mx::array conv2d_in_bands(const mx::array& x, const mx::array& weight, int padding, int band_rows);
+
 // Nearest-neighbour upsampling by 2 in H and W (torch's interpolate(scale_factor=2, "nearest")).
 mx::array upsample_nearest_2x(const mx::array& x);
 

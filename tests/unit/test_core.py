@@ -155,3 +155,35 @@ def test_flux2_latent_layouts_invert_each_other():
 def test_flux2_latent_layouts_name_a_bad_shape(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("height, kernel, padding", [(17, 3, 1), (8, 1, 0), (33, 3, 1), (12, 3, 0)])
+@pytest.mark.parametrize("band_rows", [1, 2, 5, 40])
+def test_a_convolution_in_bands_is_the_plain_convolution(dtype, height, kernel, padding, band_rows):
+    """Big VAE convolutions run in bands of rows (nn/conv.cpp) to bound their side buffers: the same numbers, up to
+    the last bit of float32 (OpenBLAS's kernels for a few rows may round differently from those for many)."""
+    x = mx.random.normal((2, height, 9, 5), key=mx.random.key(1)).astype(dtype)
+    weight = mx.random.normal((4, kernel, kernel, 5), key=mx.random.key(2)).astype(dtype)
+    plain = mx.conv2d(x, weight, (1, 1), (padding, padding))
+    banded = _core.conv2d_in_bands(x, weight, padding, band_rows)
+    assert banded.shape == plain.shape and banded.dtype == plain.dtype
+    difference = mx.abs(banded.astype(mx.float32) - plain.astype(mx.float32)).max().item()
+    assert difference <= 1e-6 * mx.abs(plain.astype(mx.float32)).max().item()
+
+
+def test_a_convolution_in_bands_holds_one_bands_side_buffer():
+    x = mx.random.normal((1, 96, 96, 64), key=mx.random.key(3))
+    weight = mx.random.normal((64, 3, 3, 64), key=mx.random.key(4))
+    mx.eval(x, weight)
+
+    def peak_over_inputs(convolve) -> int:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(convolve())
+        return mx.get_peak_memory() - before
+
+    plain = peak_over_inputs(lambda: mx.conv2d(x, weight, (1, 1), (1, 1)))
+    banded = peak_over_inputs(lambda: _core.conv2d_in_bands(x, weight, 1, 12))
+    assert banded < 0.5 * plain, (banded, plain)
