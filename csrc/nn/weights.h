@@ -74,6 +74,11 @@ class Weights {
   Matrix matrix(const std::string& name, int rows, int cols) const;
   // The same for matrices stacked along leading axes `stack` (a mixture's experts: [E, rows, cols]).
   Matrix stacked_matrix(const std::string& name, const mx::Shape& stack, int rows, int cols) const;
+  // The same from the MXFP4 layout of transformers' Mxfp4 checkpoints (GPT-OSS): `name_blocks` uint8
+  // [..., rows, cols / 32, 16], two FP4 (E2M1) values a byte, the lower nibble first, and `name_scales` uint8
+  // [..., rows, cols / 32], an E8M0 exponent per 32 values. That is MLX's mxfp4 bit for bit, so the bytes
+  // are only viewed as MLX's uint32 words, never dequantized.
+  Matrix mxfp4_blocks(const std::string& name, const mx::Shape& stack, int rows, int cols) const;
 
   bool has(const std::string& name) const;
   std::string full_name(const std::string& name) const;

@@ -53,6 +53,8 @@ def test_fixtures_cover_what_the_issue_asks():
     # mlx-lm's stacked, packed experts; GLM's kv_b_proj split into embed_q / unembed_out.
     assert {"qwen3-moe-tiny-q4-g64", "glm4-moe-lite-tiny-q8-g32"} <= set(FIXTURES)
     assert {"gemma3-vlm-tiny-q4-g64", "gemma3-vlm-tiny-mxfp4"} <= set(FIXTURES)  # sliding windows, packed tied head
+    # mlx-lm's GPT-OSS: stacked biased experts, packed; the router at 8 bits (affine) beside mxfp4 experts.
+    assert {"gpt-oss-tiny-mxfp4", "gpt-oss-tiny-q4-g64"} <= set(FIXTURES)
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
