@@ -578,9 +578,10 @@ LLM_MODELS: dict[str, dict] = {
     },
     # The other MLA and routing branches: queries from one q_proj (q_lora_rank null), RoPE on rotated
     # halves (rope_interleave false), one expert group, raw sigmoid weights (no norm_topk_prob), two shared
-    # experts' width, tied embeddings.
+    # experts' width, tied embeddings; DeepSeek-style YaRN past an original context of 64, whose mscale and
+    # mscale_all_dim differ (cos/sin scaled by their ratio, the attention logits by mscale_all_dim's squared).
     "glm4-moe-lite-tiny-qproj": {
-        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 2,
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 4,
         "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, intermediate_size=128, q_lora_rank=None, kv_lora_rank=32,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
@@ -588,7 +589,9 @@ LLM_MODELS: dict[str, dict] = {
                        n_group=1, topk_group=1, n_shared_experts=2, routed_scaling_factor=2.5,
                        norm_topk_prob=False, mlp_layer_types=["sparse", "dense"],
                        tie_word_embeddings=True, max_position_embeddings=4096,
-                       rms_norm_eps=1e-6, rope_theta=1e4),
+                       rms_norm_eps=1e-6, rope_theta=1e4,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.707,
+                                     "original_max_position_embeddings": 64}),
     },
     # GPT-OSS: attention sinks and biases, a sliding (window 8) and a full layer, YaRN past an original
     # context of 64 (truncate false, as GPT-OSS), 8 biased experts of 32, top 2 by a biased router,

@@ -125,7 +125,7 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
       .window = c.window(index),
   };
   if (c.uses_mla()) {
-    layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias);
+    layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias, c.rope);
   } else {
     layer.qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
                                         Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
