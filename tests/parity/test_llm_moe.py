@@ -250,3 +250,13 @@ def test_gpt_oss_mxfp4_blocks_must_be_bytes(tmp_path):
 
     with pytest.raises(ModelError, match=r"model\.layers\.0\.mlp\.experts\.down_proj_scales must be uint8"):
         load(str(rewritten(GPT_OSS_MXFP4, tmp_path / "m", as_float)))
+
+
+def test_gpt_oss_from_an_ollama_store(tmp_path, gpt_oss):
+    """As x/create stores it: each layer's fused experts and their biases in one packed blob, everything else a
+    layer of its own. Quantized stores: test_llm_quant_parity.py."""
+    from ollama_store import create_llm
+
+    create_llm(tmp_path, "library/gpt-oss-tiny:latest", GPT_OSS)
+    ids = gpt_oss.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load("gpt-oss-tiny", models_dir=str(tmp_path)).logits(ids), gpt_oss.logits(ids))

@@ -127,10 +127,11 @@ def assert_same_model(quantized, dequantized, prompt: str = "The quick brown fox
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "int8", "nvfp4", "mxfp4", "mxfp8"])
-@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny"])
+@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny", "gpt-oss-tiny"])
 def test_ollama_llm_store_runs_its_packed_weights(tmp_path, model, quant_type):
     """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs; a MoE's
-    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served)."""
+    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served;
+    GPT-OSS's fused 3-D experts stay float, its attention projections are packed)."""
     create_llm(tmp_path / "models", f"library/{model}:q", ROOT / "fixtures" / "llm" / model, quant_type)
     models_dir = str(tmp_path / "models")
     quantized = load(f"{model}:q", models_dir=models_dir)
