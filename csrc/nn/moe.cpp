@@ -57,15 +57,17 @@ SwitchGLU gpt_oss_experts(const Weights& experts, int e, int h, int f) {
 }
 
 // experts.{i}.<proj>.weight, one [out, in] matrix per expert, stacked. Packed experts stack their
-// packed rows, scales and biases alike, so they must all be quantized the same way.
+// packed rows, scales and biases alike, so they must all be quantized the same way; nvfp4 experts with
+// global scales (Ollama's packed expert blobs) stack those into one per expert, [E].
 SwitchLinear stack_experts(const Weights& w, const std::string& proj, int experts, int in, int out) {
-  std::vector<mx::array> weights, scales, biases;
+  std::vector<mx::array> weights, scales, biases, global_scales;
   std::optional<QuantSpec> spec;
   for (int i = 0; i < experts; ++i) {
     const std::string name = "experts." + std::to_string(i) + "." + proj + ".weight";
     auto m = w.matrix(name, out, in);
     const std::optional<QuantSpec> this_spec = m.quantized ? std::optional(m.quantized->spec) : std::nullopt;
-    if (i > 0 && this_spec != spec) {
+    const bool scaled = m.quantized && m.quantized->global_scale;
+    if (i > 0 && (this_spec != spec || scaled != !global_scales.empty())) {
       throw std::invalid_argument("weight " + w.full_name(name) + " is quantized unlike expert 0's " + proj +
                                   "; a layer's experts must share one format");
     }
@@ -74,12 +76,14 @@ SwitchLinear stack_experts(const Weights& w, const std::string& proj, int expert
     if (m.quantized) {
       scales.push_back(m.quantized->scales);
       if (m.quantized->biases) biases.push_back(*m.quantized->biases);
+      if (scaled) global_scales.push_back(*m.quantized->global_scale);
     }
   }
   SwitchLinear out_linear{.weight = mx::stack(weights, 0)};
   if (spec) {
     out_linear.quantized = Quantized{.scales = mx::stack(scales, 0), .spec = *spec};
     if (!biases.empty()) out_linear.quantized->biases = mx::stack(biases, 0);
+    if (!global_scales.empty()) out_linear.quantized->global_scale = mx::stack(global_scales, 0);
   }
   return out_linear;
 }
@@ -150,6 +154,11 @@ mx::array SwitchLinear::operator()(const mx::array& x, const mx::array& indices,
                                            quantized->spec.group_size, quantized->spec.bits, quantized->spec.mode,
                                            std::nullopt, sorted)
                           : mx::gather_mm(x, mx::swapaxes(weight, -1, -2), std::nullopt, indices, sorted);
+  if (quantized && quantized->global_scale) {
+    // nvfp4: each row's product times its expert's global scale (nn/weights.h says why after the matmul).
+    auto per_row = mx::take(*quantized->global_scale, indices, 0);
+    y = mx::multiply(y, mx::astype(mx::expand_dims(per_row, {-1, -2}), y.dtype()));
+  }
   if (!bias) return y;
   // y [..., 1, out]: each row's expert bias [..., out], put in front of the row axis.
   return mx::add(y, mx::expand_dims(mx::take(*bias, indices, 0), -2));
@@ -160,6 +169,7 @@ std::vector<mx::array> SwitchLinear::arrays() const {
   if (quantized) {
     out.push_back(quantized->scales);
     if (quantized->biases) out.push_back(*quantized->biases);
+    if (quantized->global_scale) out.push_back(*quantized->global_scale);
   }
   if (bias) out.push_back(*bias);
   return out;

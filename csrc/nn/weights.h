@@ -42,9 +42,9 @@ struct Quantized {
   mx::array scales;
   std::optional<mx::array> biases;  // affine modes only
   QuantSpec spec;
-  // nvfp4 only: W = dequantize(...) * global_scale, a float32 scalar. MLX 0.32.4's quantized_matmul takes
-  // no global scale (and dequantize's means g / 2688, not ModelOpt's g), so the product is scaled
-  // after the matmul, as Ollama does: (x W_q^T) g = x (W_q g)^T.
+  // nvfp4 only: W = dequantize(...) * global_scale, a float32 scalar (stacked experts: one per expert,
+  // [E]). MLX 0.32.4's quantized_matmul takes no global scale (and dequantize's means g / 2688, not
+  // ModelOpt's g), so the product is scaled after the matmul, as Ollama does: (x W_q^T) g = x (W_q g)^T.
   std::optional<mx::array> global_scale;
 };
 

@@ -199,6 +199,22 @@ def test_ollama_blob_global_scales(tmp_path):
     assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
 
 
+def test_packed_experts_take_their_global_scales(tmp_path):
+    """nvfp4 experts in Ollama's packed blobs, each with its own global scale: stacked, one per expert, each
+    expert's products scaled by its own (tokens through different experts see different factors)."""
+    experts = [f"model.layers.0.mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
+    scales = {name: 0.25 + 0.3 * i for i, name in enumerate(experts)}
+    create_llm(tmp_path / "models", "library/qwen3-moe-tiny:q", ROOT / "fixtures" / "llm" / "qwen3-moe-tiny", "nvfp4",
+               global_scales=scales)
+    models_dir = str(tmp_path / "models")
+    assert {n for n in resolve("qwen3-moe-tiny:q", models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy("qwen3-moe-tiny:q", tmp_path / "float", models_dir)))
+    # 32+ prompt tokens, top 2: the prefill runs the experts sorted, decoding unsorted
+    quantized = load("qwen3-moe-tiny:q", models_dir=models_dir)
+    assert_same_model(quantized, reference, " ".join(["The quick brown fox"] * 12))
+
+
 def test_glm_latent_rows_take_their_global_scale(tmp_path):
     """MLA dequantizes kv_b_proj once at load (nn/mla): its nvfp4 global scale multiplies it there."""
     scales = {"model.layers.0.self_attn.kv_b_proj.weight": 1.9, "model.layers.2.self_attn.kv_b_proj.weight": 0.3}
