@@ -101,6 +101,36 @@ mx::array expert_rows(const mx::array& stacked, int first, int count) {
   return mx::slice(stacked, {0, first, 0}, {stacked.shape(0), first + count, stacked.shape(2)});
 }
 
+// The experts' three projections in whichever spelling the checkpoint uses (SwitchGLU::load lists them).
+SwitchGLU expert_projections(const Weights& w, int e, int h, int f) {
+  for (const std::string stacked_prefix : {"switch_mlp", "experts"}) {
+    if (!w.has(stacked_prefix + ".gate_proj.weight")) continue;
+    auto stacked = w.sub(stacked_prefix);
+    auto proj = [&](const std::string& name, int out, int in) {
+      return from_matrix(stacked.stacked_matrix(name + ".weight", {e}, out, in),
+                         stacked.maybe(name + ".bias", {e, out}));
+    };
+    return SwitchGLU{
+        .gate_proj = proj("gate_proj", f, h), .up_proj = proj("up_proj", f, h), .down_proj = proj("down_proj", h, f)};
+  }
+  // GPT-OSS's fused experts always carry biases; Qwen3-MoE's (transformers 5) never do.
+  if (w.has("experts.gate_up_proj_bias")) return gpt_oss_experts(w.sub("experts"), e, h, f);
+  if (w.has("experts.gate_up_proj")) {
+    // transformers 5 keeps experts fused: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F].
+    auto gate_up = w.get("experts.gate_up_proj", {e, 2 * f, h});
+    return SwitchGLU{
+        .gate_proj = SwitchLinear{.weight = expert_rows(gate_up, 0, f)},
+        .up_proj = SwitchLinear{.weight = expert_rows(gate_up, f, f)},
+        .down_proj = SwitchLinear{.weight = w.get("experts.down_proj", {e, h, f})},
+    };
+  }
+  return SwitchGLU{
+      .gate_proj = stack_experts(w, "gate_proj", e, h, f),
+      .up_proj = stack_experts(w, "up_proj", e, h, f),
+      .down_proj = stack_experts(w, "down_proj", e, f, h),
+  };
+}
+
 }  // namespace
 
 void check_moe_config(const MoeConfig& c) {
@@ -176,38 +206,9 @@ std::vector<mx::array> SwitchLinear::arrays() const {
 }
 
 SwitchGLU SwitchGLU::load(const Weights& w, int hidden_size, const MoeConfig& config) {
-  const int e = config.num_experts, h = hidden_size, f = config.moe_intermediate_size;
-  auto glu = [&]() -> SwitchGLU {
-    for (const std::string stacked_prefix : {"switch_mlp", "experts"}) {
-      if (!w.has(stacked_prefix + ".gate_proj.weight")) continue;
-      auto stacked = w.sub(stacked_prefix);
-      auto proj = [&](const std::string& name, int out, int in) {
-        return from_matrix(stacked.stacked_matrix(name + ".weight", {e}, out, in),
-                           stacked.maybe(name + ".bias", {e, out}));
-      };
-      return SwitchGLU{
-          .gate_proj = proj("gate_proj", f, h), .up_proj = proj("up_proj", f, h), .down_proj = proj("down_proj", h, f)};
-    }
-    // GPT-OSS's fused experts always carry biases; Qwen3-MoE's (transformers 5) never do.
-    if (w.has("experts.gate_up_proj_bias")) return gpt_oss_experts(w.sub("experts"), e, h, f);
-    if (w.has("experts.gate_up_proj")) {
-      // transformers 5 keeps experts fused: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F].
-      auto gate_up = w.get("experts.gate_up_proj", {e, 2 * f, h});
-      return SwitchGLU{
-          .gate_proj = SwitchLinear{.weight = expert_rows(gate_up, 0, f)},
-          .up_proj = SwitchLinear{.weight = expert_rows(gate_up, f, f)},
-          .down_proj = SwitchLinear{.weight = w.get("experts.down_proj", {e, h, f})},
-      };
-    }
-    return SwitchGLU{
-        .gate_proj = stack_experts(w, "gate_proj", e, h, f),
-        .up_proj = stack_experts(w, "up_proj", e, h, f),
-        .down_proj = stack_experts(w, "down_proj", e, f, h),
-    };
-  };
-  SwitchGLU out = glu();
-  out.config = config;
-  return out;
+  SwitchGLU glu = expert_projections(w, config.num_experts, hidden_size, config.moe_intermediate_size);
+  glu.config = config;
+  return glu;
 }
 
 mx::array SwitchGLU::activate(const mx::array& gate, const mx::array& up) const {
