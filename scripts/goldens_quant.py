@@ -13,6 +13,10 @@ venv (``python3 -m venv .ref && .ref/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==
 config.json gets the top-level ``rope_theta`` / ``rope_scaling`` beside transformers 5's
 ``rope_parameters`` first: mlx-lm 0.32.2's Llama reads only the top-level keys and would otherwise run
 another model (theta 1e4, no llama3 scaling); a Qwen3-MoE config gets the Hub's ``num_experts`` too.
+GPT-OSS's experts are first rewritten into mlx-lm's own layout (what its ``sanitize`` makes of OpenAI's
+checkpoints: mlx-lm 0.32.2 would misread transformers' transposed ``gate_up_proj``), and its config made to
+say what mlx-lm runs whatever it says: YaRN with ``truncate: true`` (transformers' GPT-OSS does not round
+the blend band) and the SwiGLU clamp at GPT-OSS's own 7 (mlx-lm does not read ``swiglu_limit``).
 ``goldens`` records, per fixture, mlx-lm's token ids of
 each prompt, its greedy continuation (argmax, no penalties) with the top1-top2 logit margin of each
 step, and the last-position logits of one prompt. Deterministic: re-running gives the same bytes.
@@ -62,6 +66,10 @@ FIXTURES: dict[str, tuple[str, dict]] = {
     "glm4-moe-lite-tiny-q8-g32": ("glm4-moe-lite-tiny", RECIPES["q8-g32"]),
     "gemma3-vlm-tiny-q4-g64": ("gemma3-vlm-tiny", RECIPES["q4-g64"]),
     "gemma3-vlm-tiny-mxfp4": ("gemma3-vlm-tiny", RECIPES["mxfp4"]),
+    # GPT-OSS in mlx-lm's layout: stacked biased experts experts.{gate,up,down}_proj, as mlx-lm quantizes
+    # it (its quant_predicate keeps the router at 8 bits, group 64, affine).
+    "gpt-oss-tiny-mxfp4": ("gpt-oss-tiny", RECIPES["mxfp4"]),
+    "gpt-oss-tiny-q4-g64": ("gpt-oss-tiny", RECIPES["q4-g64"]),
 }
 
 PROMPTS = {
@@ -99,6 +107,30 @@ def with_hub_expert_count(config: dict) -> dict:
     return config
 
 
+def as_mlx_lm_runs_gpt_oss(config: dict) -> dict:
+    """mlx-lm 0.32.2's GPT-OSS rounds YaRN's blend band outwards and clamps its SwiGLU at 7 (alpha 1.702)
+    whatever the config says: say so."""
+    config = {**config, "swiglu_limit": 7.0, "swiglu_alpha": 1.702}
+    for key in ("rope_scaling", "rope_parameters"):
+        if (config.get(key) or {}).get("rope_type") == "yarn":
+            config = {**config, key: {**config[key], "truncate": True}}
+    return config
+
+
+def to_mlx_lm_gpt_oss_experts(path: Path) -> None:
+    """transformers' GPT-OSS experts (gate_up_proj [E, H, 2I], gate and up interleaved; down_proj [E, I, H])
+    -> mlx-lm's: experts.{gate,up,down}_proj.{weight,bias}, weights [E, out, in]."""
+    tensors = mx.load(str(path))
+    for name in [k for k in tensors if k.endswith(".mlp.experts.gate_up_proj")]:
+        prefix = name.removesuffix("gate_up_proj")
+        gate_up, bias = tensors.pop(name).swapaxes(1, 2), tensors.pop(prefix + "gate_up_proj_bias")
+        tensors[prefix + "gate_proj.weight"], tensors[prefix + "up_proj.weight"] = gate_up[:, ::2], gate_up[:, 1::2]
+        tensors[prefix + "gate_proj.bias"], tensors[prefix + "up_proj.bias"] = bias[:, ::2], bias[:, 1::2]
+        tensors[prefix + "down_proj.weight"] = tensors.pop(prefix + "down_proj").swapaxes(1, 2)
+        tensors[prefix + "down_proj.bias"] = tensors.pop(prefix + "down_proj_bias")
+    mx.save_safetensors(str(path), {k: mx.contiguous(v) for k, v in tensors.items()}, metadata={"format": "mlx"})
+
+
 def make_fixture(name: str, source: str, convert_args: dict) -> Path:
     from mlx_lm import convert
 
@@ -108,6 +140,9 @@ def make_fixture(name: str, source: str, convert_args: dict) -> Path:
         shutil.copytree(FLOAT_FIXTURES / source, src)
         config = json.loads((src / "config.json").read_text())
         config = with_hub_expert_count(with_both_rope_forms(config))
+        if config["architectures"] == ["GptOssForCausalLM"]:
+            config = as_mlx_lm_runs_gpt_oss(config)
+            to_mlx_lm_gpt_oss_experts(src / "model.safetensors")
         (src / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

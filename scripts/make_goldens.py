@@ -578,9 +578,10 @@ LLM_MODELS: dict[str, dict] = {
     },
     # The other MLA and routing branches: queries from one q_proj (q_lora_rank null), RoPE on rotated
     # halves (rope_interleave false), one expert group, raw sigmoid weights (no norm_topk_prob), two shared
-    # experts' width, tied embeddings.
+    # experts' width, tied embeddings; DeepSeek-style YaRN past an original context of 64, whose mscale and
+    # mscale_all_dim differ (cos/sin scaled by their ratio, the attention logits by mscale_all_dim's squared).
     "glm4-moe-lite-tiny-qproj": {
-        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 2,
+        "family": "qwen", "arch": "Glm4MoeLiteForCausalLM", "dtype": "float32", "seed": 4,
         "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, intermediate_size=128, q_lora_rank=None, kv_lora_rank=32,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
@@ -588,8 +589,28 @@ LLM_MODELS: dict[str, dict] = {
                        n_group=1, topk_group=1, n_shared_experts=2, routed_scaling_factor=2.5,
                        norm_topk_prob=False, mlp_layer_types=["sparse", "dense"],
                        tie_word_embeddings=True, max_position_embeddings=4096,
-                       rms_norm_eps=1e-6, rope_theta=1e4),
+                       rms_norm_eps=1e-6, rope_theta=1e4,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.707,
+                                     "original_max_position_embeddings": 64}),
     },
+    # GPT-OSS: attention sinks and biases, a sliding (window 8) and a full layer, YaRN past an original
+    # context of 64 (truncate false, as GPT-OSS), 8 biased experts of 32, top 2 by a biased router,
+    # the clamped SwiGLU at a limit of 3 (7 would almost never clamp at this scale). transformers saves the
+    # experts fused: gate_up_proj [E, H, 2I] with gate and up interleaved, down_proj [E, I, H].
+    "gpt-oss-tiny": {
+        "family": "qwen", "arch": "GptOssForCausalLM", "dtype": "float32", "seed": 6,
+        "config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                       num_local_experts=8, num_experts_per_tok=2, sliding_window=8, swiglu_limit=3.0,
+                       layer_types=["sliding_attention", "full_attention"],
+                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                        "original_max_position_embeddings": 64}),
+    },
+    # The same model with its experts in MXFP4 as GPT-OSS checkpoints ship them (gate_up_proj_blocks /
+    # _scales etc., config.json's quantization_config); the goldens from transformers dequantizing them.
+    "gpt-oss-tiny-mxfp4": {"mxfp4_experts": True, "seed": 1},
 }
 
 LLM_PROMPTS_COMMON: list[tuple[str, str]] = [
@@ -687,6 +708,8 @@ def _llm_make_model(name: str, spec: dict, folder: Path, tok, ids: dict[str, int
     model.save_pretrained(str(folder), safe_serialization=True)
     if spec.get("hub_layout"):
         _llm_to_hub_layout(folder, spec["config"])
+    if spec.get("mxfp4_experts"):
+        _llm_to_mxfp4_experts(folder)
     tok.save(str(folder / "tokenizer.json"), pretty=True)
     tcfg = _llm_tokenizer_config(family, ids, config.get_text_config().max_position_embeddings)
     (folder / "tokenizer_config.json").write_text(
@@ -729,6 +752,62 @@ def _llm_to_hub_layout(folder: Path, spec_config: dict) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# FP4 (E2M1) values by their 4-bit code, as transformers' integrations/mxfp4.py lists them.
+MXFP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def _mxfp4_blocks(weight):
+    """float [..., rows, cols] -> (blocks uint8 [..., rows, cols / 32, 16], scales uint8 [..., rows, cols / 32])
+    as GPT-OSS's checkpoints store them (the OCP MX format): per 32 values one power-of-two scale, the
+    largest exponent that E2M1 (max 6 = 1.5 * 2^2) can hold, as a biased E8M0 byte; each value the nearest
+    E2M1 code, two to a byte, the first in the lower nibble."""
+    import numpy as np
+
+    groups = weight.reshape(*weight.shape[:-1], -1, 32).astype(np.float64)
+    amax = np.abs(groups).max(-1, keepdims=True)
+    exponent = np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2
+    scaled = groups / 2.0 ** exponent  # within [-8, 8): rounds to at most 6
+    codes = np.abs(scaled[..., None] - np.array(MXFP4_VALUES)).argmin(-1).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.astype(np.uint8), (exponent[..., 0] + 127).astype(np.uint8)
+
+
+def _llm_to_mxfp4_experts(folder: Path) -> None:
+    """Rewrite a saved GPT-OSS's experts into its checkpoints' MXFP4 layout: `<proj>_blocks` / `_scales`
+    [E, out, in / 32, ...] (transformers holds them [E, in, out]), the biases as they were, and the
+    quantization_config of openai/gpt-oss-20b."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        blocks, scales = _mxfp4_blocks(np.swapaxes(tensors.pop(name), 1, 2))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _llm_dequantized_experts(model) -> dict:
+    """What transformers dequantized each layer's MXFP4 experts to, in its own [E, in, out] layout: the
+    SHA-256 of the float32 bytes (FP4 times a power of two is exact in float32: equal means bit-equal)
+    and the first values."""
+    import hashlib
+
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            weight = getattr(layer.mlp.experts, proj).detach().float().contiguous().numpy()
+            out[f"model.layers.{i}.mlp.experts.{proj}"] = {
+                "shape": list(weight.shape), "sha256": hashlib.sha256(weight.tobytes()).hexdigest(),
+                "first": f32_list(weight.reshape(-1)[:8])}
+    return out
+
+
 def _llm_greedy_reference(model, input_ids: list[int], n: int):
     """Plain argmax decoding with a full forward pass per step (no KV cache,
     no logits processors). Returns (new ids, top1-top2 logit margin per step)."""
@@ -761,8 +840,10 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
     dtype = getattr(torch, spec["dtype"])
     hf_tok = AutoTokenizer.from_pretrained(str(folder))
     raw_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # MXFP4 experts: transformers dequantizes them (its CPU path) into the model's dtype.
+    quantized = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if spec.get("mxfp4_experts") else {}
     model = getattr(transformers, spec["arch"]).from_pretrained(str(folder), dtype=dtype,
-                                                                attn_implementation="eager")
+                                                                attn_implementation="eager", **quantized)
     model.eval()
     assert next(model.parameters()).dtype == dtype
     config = json.loads((folder / "config.json").read_text())
@@ -874,7 +955,8 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
                 "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
                 "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers", "mlp_layer_types",
                 "n_group", "topk_group", "routed_scaling_factor", "n_shared_experts", "q_lora_rank",
-                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rope_interleave")
+                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rope_interleave",
+                "swiglu_alpha", "swiglu_limit")
                 if k in text_config},
             "sha256": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "model_safetensors_bytes": st_path.stat().st_size,
@@ -892,6 +974,7 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
             "config_eos_token_id": config.get("eos_token_id"),
             "generation_config_eos_token_id": gen_cfg["eos_token_id"],
         },
+        **({"dequantized_experts": _llm_dequantized_experts(model)} if spec.get("mxfp4_experts") else {}),
         "new_tokens": LLM_NEW_TOKENS,
         "logits_prompt_id": full_logits[0],
         "logits_shape": list(full_logits[1].shape),
@@ -913,6 +996,8 @@ def _llm_generate(name: str, spec: dict, out_dir: Path) -> Path:
 
 def _register_llm(name: str) -> None:
     spec = LLM_MODELS[name]
+    if spec.get("mxfp4_experts"):  # the float model of the name without -mxfp4, its experts quantized
+        spec = {**LLM_MODELS[name.removesuffix("-mxfp4")], **spec}
 
     def gen(out_dir: Path) -> Path:
         return _llm_generate(name, spec, out_dir)

@@ -435,9 +435,11 @@ def expert_group(name: str) -> str | None:
     return None
 
 
-def add_packed_group(builder: StoreBuilder, group: str, tensors: dict, quant_type: str) -> None:
+def add_packed_group(builder: StoreBuilder, group: str, tensors: dict, quant_type: str,
+                     global_scales: dict[str, float]) -> None:
     """One packed blob for a layer's experts: each tensor under its full name, a quantized one with its
-    ``.scale`` / ``.bias`` companions and per-tensor ``quant_type`` / ``group_size`` metadata."""
+    ``.scale`` / ``.bias`` (and nvfp4's ``.global_scale``) companions and per-tensor ``quant_type`` /
+    ``group_size`` metadata."""
     packed, metadata = {}, {}
     for tensor, raw in tensors.items():
         kind = llm_tensor_quantization(tensor, raw.shape, quant_type) if quant_type else ""
@@ -448,6 +450,8 @@ def add_packed_group(builder: StoreBuilder, group: str, tensors: dict, quant_typ
         packed.update({tensor: wq, tensor + ".scale": scales})
         if biases is not None:
             packed[tensor + ".bias"] = biases
+        if tensor in global_scales:
+            packed[tensor + ".global_scale"] = mx.array(global_scales[tensor], dtype=mx.float32)
         metadata.update({f"{tensor}.quant_type": kind, f"{tensor}.group_size": str(QUANT_SPECS[kind][0])})
     builder.add_packed(group, packed, metadata=metadata or None, writer="mlx" if metadata else "go")
 
@@ -473,7 +477,7 @@ def create_llm(root: str | os.PathLike, name: str, source_dir: str | os.PathLike
             else:
                 builder.add_tensor(tensor, raw, key="full")
     for group, tensors in groups.items():
-        add_packed_group(builder, group, tensors, quant_type)
+        add_packed_group(builder, group, tensors, quant_type, global_scales or {})
     for path in sorted(source_dir.glob("*.json")):
         if not path.name.endswith(".safetensors.index.json"):
             builder.add_json(path.name, path.read_bytes())

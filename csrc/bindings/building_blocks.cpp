@@ -1,6 +1,7 @@
 // Building blocks bound on their own, to check them against NumPy; and QuantSpec, which every network
 // that runs packed weights takes (nn/weights.h).
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 
 #include "bindings/bindings.h"
 #include "bindings/config.h"
@@ -44,6 +45,20 @@ void bind_building_blocks(nb::module_& m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "Causal attention over [B, H, L, D] (queries the last Lq of the Lk positions), within a sliding window "
       "when window > 0, with attention sinks [Hq] when given.");
+  m.def(
+      "mxfp4_blocks",
+      [](const mx::array& blocks, const mx::array& scales) -> std::pair<mx::array, std::optional<mx::array>> {
+        const WeightMap map{{"w_blocks", blocks}, {"w_scales", scales}};
+        const auto& shape = blocks.shape();
+        if (shape.size() < 3) throw std::invalid_argument("blocks must be [..., rows, cols / 32, 16]");
+        const mx::Shape stack(shape.begin(), shape.end() - 3);
+        auto matrix = Weights(map).mxfp4_blocks("w", stack, shape[shape.size() - 3], shape[shape.size() - 2] * 32);
+        if (!matrix.quantized) return {evaluated(matrix.weight), std::nullopt};
+        return {evaluated(matrix.weight), evaluated(matrix.quantized->scales)};
+      },
+      "blocks"_a, "scales"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "A GPT-OSS checkpoint's MXFP4 *_blocks / *_scales as the loader keeps them: (MLX mxfp4 weight, scales); "
+      "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
 }
 
 }  // namespace mlxr::bindings

@@ -74,7 +74,7 @@ void check_mla_config(const MlaConfig& c) {
 }
 
 MultiLatentAttention MultiLatentAttention::load(const Weights& w, int hidden_size, int heads, const MlaConfig& c,
-                                                bool bias) {
+                                                bool bias, const RopeConfig& rope_config) {
   const int rank = c.kv_lora_rank, nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, v = c.v_head_dim;
   const int q_out = heads * (nope + rope);
   auto [k_up, v_up] = up_projections(w, heads, rank, nope, v);
@@ -85,7 +85,7 @@ MultiLatentAttention MultiLatentAttention::load(const Weights& w, int hidden_siz
       .v_up = v_up,
       .heads = heads,
       .config = c,
-      .scale = 1.0f / std::sqrt(static_cast<float>(nope + rope)),
+      .scale = yarn_softmax_scale(rope_config) / std::sqrt(static_cast<float>(nope + rope)),
   };
   if (c.q_lora_rank) {
     mla.q_a_proj = Linear::load(w.sub("q_a_proj"), hidden_size, *c.q_lora_rank, bias);

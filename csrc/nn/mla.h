@@ -47,10 +47,12 @@ struct MultiLatentAttention {
   mx::array v_up;  // [H, v_head_dim, kv_lora_rank]: its value rows (mlx-lm: unembed_out)
   int heads;
   MlaConfig config;
-  float scale;
+  float scale;  // the attention logits': (qk_nope_head_dim + qk_rope_head_dim)^-0.5, times YaRN's if any
 
-  // `w`: the layer's self_attn. `bias`: attention_bias (q_a_proj and kv_a_proj).
-  static MultiLatentAttention load(const Weights& w, int hidden_size, int heads, const MlaConfig& config, bool bias);
+  // `w`: the layer's self_attn. `bias`: attention_bias (q_a_proj and kv_a_proj). `rope`: the decoder's RoPE,
+  // whose DeepSeek-style YaRN scales the attention logits too (yarn_softmax_scale).
+  static MultiLatentAttention load(const Weights& w, int hidden_size, int heads, const MlaConfig& config, bool bias,
+                                   const RopeConfig& rope);
 
   // x [B, T, hidden] appended after what `cache` holds (none: attend within x) -> [B, T, H * v_head_dim],
   // before the output projection. `mask` (boolean, broadcast to [B, H, T, keys]) replaces the causal one.

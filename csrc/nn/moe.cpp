@@ -13,20 +13,61 @@ namespace {
 // matrices are then read once for a contiguous run of rows (mlx-lm's threshold).
 constexpr int kSortFrom = 64;
 
-SwitchLinear from_matrix(Matrix m) {
-  return SwitchLinear{.weight = m.weight, .quantized = m.quantized};
+SwitchLinear from_matrix(Matrix m, std::optional<mx::array> bias = std::nullopt) {
+  return SwitchLinear{.weight = m.weight, .quantized = m.quantized, .bias = bias};
+}
+
+// Every other row of stacked [E, rows, cols] matrices (packed ones with their scales), from `first`:
+// GPT-OSS interleaves its gate (even) and up (odd) outputs.
+mx::array every_other_row(const mx::array& stacked, int first) {
+  return mx::contiguous(mx::slice(stacked, {0, first, 0}, stacked.shape(), {1, 2, 1}));
+}
+
+Matrix every_other_row(const Matrix& m, int first) {
+  Matrix out{every_other_row(m.weight, first), m.quantized};
+  if (m.quantized) {
+    out.quantized->scales = every_other_row(m.quantized->scales, first);
+    if (m.quantized->biases) out.quantized->biases = every_other_row(*m.quantized->biases, first);
+  }
+  return out;
+}
+
+// Every other column of a bias [E, 2 I], from `first`.
+mx::array every_other_column(const mx::array& bias, int first) {
+  return mx::contiguous(mx::slice(bias, {0, first}, bias.shape(), {1, 2}));
+}
+
+// GPT-OSS's experts as transformers saves them (SwitchGLU::load lists the layouts): float [E, in, out]
+// (transposed here to [E, out, in]) or MXFP4 blocks [E, out, in], gate and up interleaved, with biases.
+SwitchGLU gpt_oss_experts(const Weights& experts, int e, int h, int f) {
+  const bool mxfp4 = experts.has("gate_up_proj_blocks");
+  auto matrix = [&](const std::string& name, int out, int in) {
+    if (mxfp4) return experts.mxfp4_blocks(name, {e}, out, in);
+    return Matrix{mx::swapaxes(experts.get(name, {e, in, out}), 1, 2), std::nullopt};
+  };
+  auto gate_up = matrix("gate_up_proj", 2 * f, h);
+  auto gate_up_bias = experts.get("gate_up_proj_bias", {e, 2 * f});
+  auto down = matrix("down_proj", h, f);
+  if (!mxfp4) down.weight = mx::contiguous(down.weight);
+  return SwitchGLU{
+      .gate_proj = from_matrix(every_other_row(gate_up, 0), every_other_column(gate_up_bias, 0)),
+      .up_proj = from_matrix(every_other_row(gate_up, 1), every_other_column(gate_up_bias, 1)),
+      .down_proj = from_matrix(down, experts.get("down_proj_bias", {e, h})),
+  };
 }
 
 // experts.{i}.<proj>.weight, one [out, in] matrix per expert, stacked. Packed experts stack their
-// packed rows, scales and biases alike, so they must all be quantized the same way.
+// packed rows, scales and biases alike, so they must all be quantized the same way; nvfp4 experts with
+// global scales (Ollama's packed expert blobs) stack those into one per expert, [E].
 SwitchLinear stack_experts(const Weights& w, const std::string& proj, int experts, int in, int out) {
-  std::vector<mx::array> weights, scales, biases;
+  std::vector<mx::array> weights, scales, biases, global_scales;
   std::optional<QuantSpec> spec;
   for (int i = 0; i < experts; ++i) {
     const std::string name = "experts." + std::to_string(i) + "." + proj + ".weight";
     auto m = w.matrix(name, out, in);
     const std::optional<QuantSpec> this_spec = m.quantized ? std::optional(m.quantized->spec) : std::nullopt;
-    if (i > 0 && this_spec != spec) {
+    const bool scaled = m.quantized && m.quantized->global_scale;
+    if (i > 0 && (this_spec != spec || scaled != !global_scales.empty())) {
       throw std::invalid_argument("weight " + w.full_name(name) + " is quantized unlike expert 0's " + proj +
                                   "; a layer's experts must share one format");
     }
@@ -35,12 +76,14 @@ SwitchLinear stack_experts(const Weights& w, const std::string& proj, int expert
     if (m.quantized) {
       scales.push_back(m.quantized->scales);
       if (m.quantized->biases) biases.push_back(*m.quantized->biases);
+      if (scaled) global_scales.push_back(*m.quantized->global_scale);
     }
   }
   SwitchLinear out_linear{.weight = mx::stack(weights, 0)};
   if (spec) {
     out_linear.quantized = Quantized{.scales = mx::stack(scales, 0), .spec = *spec};
     if (!biases.empty()) out_linear.quantized->biases = mx::stack(biases, 0);
+    if (!global_scales.empty()) out_linear.quantized->global_scale = mx::stack(global_scales, 0);
   }
   return out_linear;
 }
@@ -58,6 +101,36 @@ mx::array expert_rows(const mx::array& stacked, int first, int count) {
   return mx::slice(stacked, {0, first, 0}, {stacked.shape(0), first + count, stacked.shape(2)});
 }
 
+// The experts' three projections in whichever spelling the checkpoint uses (SwitchGLU::load lists them).
+SwitchGLU expert_projections(const Weights& w, int e, int h, int f) {
+  for (const std::string stacked_prefix : {"switch_mlp", "experts"}) {
+    if (!w.has(stacked_prefix + ".gate_proj.weight")) continue;
+    auto stacked = w.sub(stacked_prefix);
+    auto proj = [&](const std::string& name, int out, int in) {
+      return from_matrix(stacked.stacked_matrix(name + ".weight", {e}, out, in),
+                         stacked.maybe(name + ".bias", {e, out}));
+    };
+    return SwitchGLU{
+        .gate_proj = proj("gate_proj", f, h), .up_proj = proj("up_proj", f, h), .down_proj = proj("down_proj", h, f)};
+  }
+  // GPT-OSS's fused experts always carry biases; Qwen3-MoE's (transformers 5) never do.
+  if (w.has("experts.gate_up_proj_bias")) return gpt_oss_experts(w.sub("experts"), e, h, f);
+  if (w.has("experts.gate_up_proj")) {
+    // transformers 5 keeps experts fused: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F].
+    auto gate_up = w.get("experts.gate_up_proj", {e, 2 * f, h});
+    return SwitchGLU{
+        .gate_proj = SwitchLinear{.weight = expert_rows(gate_up, 0, f)},
+        .up_proj = SwitchLinear{.weight = expert_rows(gate_up, f, f)},
+        .down_proj = SwitchLinear{.weight = w.get("experts.down_proj", {e, h, f})},
+    };
+  }
+  return SwitchGLU{
+      .gate_proj = stack_experts(w, "gate_proj", e, h, f),
+      .up_proj = stack_experts(w, "up_proj", e, h, f),
+      .down_proj = stack_experts(w, "down_proj", e, f, h),
+  };
+}
+
 }  // namespace
 
 void check_moe_config(const MoeConfig& c) {
@@ -67,8 +140,11 @@ void check_moe_config(const MoeConfig& c) {
     fail("num_experts_per_tok must be between 1 and the number of experts (" + std::to_string(c.num_experts) + ")");
   }
   if (c.moe_intermediate_size <= 0) fail("moe_intermediate_size must be positive");
-  if (c.scoring_func != "softmax" && c.scoring_func != "sigmoid") {
-    fail("scoring_func '" + c.scoring_func + "' is not supported (softmax, sigmoid)");
+  if (c.scoring_func != "softmax" && c.scoring_func != "sigmoid" && c.scoring_func != "topk_softmax") {
+    fail("scoring_func '" + c.scoring_func + "' is not supported (softmax, sigmoid, topk_softmax)");
+  }
+  if (c.expert_activation != "silu" && c.expert_activation != "swiglu_oai") {
+    fail("expert_activation '" + c.expert_activation + "' is not supported (silu, swiglu_oai)");
   }
   if (c.n_group <= 0 || c.num_experts % c.n_group != 0) {
     fail("n_group " + std::to_string(c.n_group) + " does not divide the " + std::to_string(c.num_experts) + " experts");
@@ -104,12 +180,18 @@ std::vector<mx::array> GatedMLP::arrays() const {
 }
 
 mx::array SwitchLinear::operator()(const mx::array& x, const mx::array& indices, bool sorted) const {
-  if (quantized) {
-    const auto& q = *quantized;
-    return mx::gather_qmm(x, weight, q.scales, q.biases, std::nullopt, indices, true, q.spec.group_size, q.spec.bits,
-                          q.spec.mode, std::nullopt, sorted);
+  mx::array y = quantized ? mx::gather_qmm(x, weight, quantized->scales, quantized->biases, std::nullopt, indices, true,
+                                           quantized->spec.group_size, quantized->spec.bits, quantized->spec.mode,
+                                           std::nullopt, sorted)
+                          : mx::gather_mm(x, mx::swapaxes(weight, -1, -2), std::nullopt, indices, sorted);
+  if (quantized && quantized->global_scale) {
+    // nvfp4: each row's product times its expert's global scale (nn/weights.h says why after the matmul).
+    auto per_row = mx::take(*quantized->global_scale, indices, 0);
+    y = mx::multiply(y, mx::astype(mx::expand_dims(per_row, {-1, -2}), y.dtype()));
   }
-  return mx::gather_mm(x, mx::swapaxes(weight, -1, -2), std::nullopt, indices, sorted);
+  if (!bias) return y;
+  // y [..., 1, out]: each row's expert bias [..., out], put in front of the row axis.
+  return mx::add(y, mx::expand_dims(mx::take(*bias, indices, 0), -2));
 }
 
 std::vector<mx::array> SwitchLinear::arrays() const {
@@ -117,34 +199,26 @@ std::vector<mx::array> SwitchLinear::arrays() const {
   if (quantized) {
     out.push_back(quantized->scales);
     if (quantized->biases) out.push_back(*quantized->biases);
+    if (quantized->global_scale) out.push_back(*quantized->global_scale);
   }
+  if (bias) out.push_back(*bias);
   return out;
 }
 
-SwitchGLU SwitchGLU::load(const Weights& w, int num_experts, int hidden_size, int intermediate_size) {
-  const int e = num_experts, h = hidden_size, f = intermediate_size;
-  if (w.has("switch_mlp.gate_proj.weight")) {
-    auto stacked = w.sub("switch_mlp");
-    return SwitchGLU{
-        .gate_proj = from_matrix(stacked.stacked_matrix("gate_proj.weight", {e}, f, h)),
-        .up_proj = from_matrix(stacked.stacked_matrix("up_proj.weight", {e}, f, h)),
-        .down_proj = from_matrix(stacked.stacked_matrix("down_proj.weight", {e}, h, f)),
-    };
-  }
-  if (w.has("experts.gate_up_proj")) {
-    // transformers 5 keeps experts fused: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F].
-    auto gate_up = w.get("experts.gate_up_proj", {e, 2 * f, h});
-    return SwitchGLU{
-        .gate_proj = SwitchLinear{.weight = expert_rows(gate_up, 0, f)},
-        .up_proj = SwitchLinear{.weight = expert_rows(gate_up, f, f)},
-        .down_proj = SwitchLinear{.weight = w.get("experts.down_proj", {e, h, f})},
-    };
-  }
-  return SwitchGLU{
-      .gate_proj = stack_experts(w, "gate_proj", e, h, f),
-      .up_proj = stack_experts(w, "up_proj", e, h, f),
-      .down_proj = stack_experts(w, "down_proj", e, f, h),
-  };
+SwitchGLU SwitchGLU::load(const Weights& w, int hidden_size, const MoeConfig& config) {
+  SwitchGLU glu = expert_projections(w, config.num_experts, hidden_size, config.moe_intermediate_size);
+  glu.config = config;
+  return glu;
+}
+
+mx::array SwitchGLU::activate(const mx::array& gate, const mx::array& up) const {
+  if (config.expert_activation == "silu") return gated_silu(gate, up);
+  auto limit = mx::array(config.swiglu_limit, gate.dtype());
+  auto clamped_gate = mx::minimum(gate, limit);
+  auto clamped_up = mx::clip(up, mx::negative(limit), limit);
+  auto glu =
+      mx::multiply(clamped_gate, mx::sigmoid(mx::multiply(clamped_gate, mx::array(config.swiglu_alpha, gate.dtype()))));
+  return mx::multiply(mx::add(clamped_up, mx::array(1.0f, up.dtype())), glu);
 }
 
 mx::array SwitchGLU::operator()(const mx::array& x, const mx::array& indices) const {
@@ -152,7 +226,7 @@ mx::array SwitchGLU::operator()(const mx::array& x, const mx::array& indices) co
   if (indices.size() < kSortFrom) {
     // x [N, 1, 1, H] against indices [N, k]: gather_mm broadcasts each token over its k experts.
     auto rows = mx::reshape(x, {n, 1, 1, h});
-    auto hidden = gated_silu(gate_proj(rows, indices, false), up_proj(rows, indices, false));
+    auto hidden = activate(gate_proj(rows, indices, false), up_proj(rows, indices, false));
     return mx::squeeze(down_proj(hidden, indices, false), -2);  // [N, k, H]
   }
   // One row per (token, expert) pair, ordered by expert; the inverse order puts the results back.
@@ -161,7 +235,7 @@ mx::array SwitchGLU::operator()(const mx::array& x, const mx::array& indices) co
   auto inverse = mx::argsort(order);
   auto rows = mx::take(mx::reshape(x, {n, 1, h}), mx::floor_divide(order, mx::array(k, order.dtype())), 0);
   auto sorted = mx::take(flat, order, 0);
-  auto hidden = gated_silu(gate_proj(rows, sorted, true), up_proj(rows, sorted, true));
+  auto hidden = activate(gate_proj(rows, sorted, true), up_proj(rows, sorted, true));
   auto out = mx::take(down_proj(hidden, sorted, true), inverse, 0);  // [N k, 1, H]
   return mx::reshape(out, {n, k, h});
 }
@@ -180,6 +254,12 @@ std::pair<mx::array, mx::array> Router::operator()(const mx::array& x) const {
   auto kept = [&](const mx::array& choice) {  // indices of the k largest, in no order
     return last_axis_slice(mx::argpartition(mx::negative(choice), k - 1, -1), 0, k);
   };
+  if (config.scoring_func == "topk_softmax") {
+    // GPT-OSS: the k largest logits, softmaxed among themselves (in float32).
+    auto logits = mx::astype(gate(x), mx::float32);
+    auto indices = kept(logits);
+    return {indices, mx::softmax(mx::take_along_axis(logits, indices, -1), -1)};
+  }
   if (config.scoring_func == "softmax") {
     // Qwen3-MoE: logits in the network's dtype, softmax in float32.
     auto probs = mx::softmax(mx::astype(gate(x), mx::float32), -1);
@@ -211,12 +291,13 @@ std::pair<mx::array, mx::array> Router::operator()(const mx::array& x) const {
 
 MixtureOfExperts MixtureOfExperts::load(const Weights& w, int hidden_size, const MoeConfig& config) {
   const int e = config.num_experts;
-  auto gate = w.sub("gate");
+  const bool gpt_oss_router = config.scoring_func == "topk_softmax";
+  auto gate = w.sub(gpt_oss_router ? "router" : "gate");
   MixtureOfExperts moe{
-      .router = Router{.gate = Linear::load(gate, hidden_size, e, false),
+      .router = Router{.gate = Linear::load(gate, hidden_size, e, gpt_oss_router),
                        .e_score_correction_bias = gate.maybe("e_score_correction_bias", {e}),
                        .config = config},
-      .experts = SwitchGLU::load(w, e, hidden_size, config.moe_intermediate_size),
+      .experts = SwitchGLU::load(w, hidden_size, config),
   };
   if (config.scoring_func == "sigmoid") {
     if (!moe.router.e_score_correction_bias) {

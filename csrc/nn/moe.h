@@ -1,5 +1,5 @@
-// Mixture-of-experts feed-forward blocks (Qwen3-MoE, DeepSeek-V3 / GLM-4.7-Flash), and the dense gated
-// MLP they are made of.
+// Mixture-of-experts feed-forward blocks (Qwen3-MoE, DeepSeek-V3 / GLM-4.7-Flash, GPT-OSS), and the dense
+// gated MLP they are made of.
 //
 // A router scores every expert per token and keeps the top k; each token then runs through its k
 // experts' SwiGLU MLPs and the outputs are summed, weighted by the router's scores. The experts' weights
@@ -19,7 +19,7 @@
 namespace mlxr {
 
 // The routed experts of a MoE layer, as config.json names them. Defaults: transformers' Qwen3MoeConfig
-// (GLM / DeepSeek-V3 configs name every routing field they use).
+// (GLM / DeepSeek-V3 configs name every routing field they use), the SwiGLU clamp GptOssConfig's.
 struct MoeConfig {
   int num_experts = 0;  // 0: no MoE layers (a dense model)
   int num_experts_per_tok = 8;
@@ -32,11 +32,18 @@ struct MoeConfig {
   // Not a config.json key but the architecture's (the decoder sets it). softmax: top k of softmax(logits)
   // (Qwen3-MoE). sigmoid: DeepSeek-V3's routing, top k of sigmoid(logits) + e_score_correction_bias,
   // searched only in the topk_group best of n_group expert groups (a group scores the sum of its two best),
-  // weighted by the sigmoid scores (without the bias) times routed_scaling_factor.
+  // weighted by the sigmoid scores (without the bias) times routed_scaling_factor. topk_softmax (GPT-OSS):
+  // the k largest logits of a biased router, softmaxed among themselves.
   std::string scoring_func = "softmax";
+  // Not a config.json key either: the experts' activation. silu: SwiGLU, silu(gate) * up. swiglu_oai
+  // (GPT-OSS): gate clamped above and up on both sides at swiglu_limit, then
+  // (up + 1) * gate * sigmoid(swiglu_alpha * gate).
+  std::string expert_activation = "silu";
+  float swiglu_alpha = 1.702f;
+  float swiglu_limit = 7.0f;
 
   MLXR_CONFIG_FIELDS(MoeConfig, num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob, n_group,
-                     topk_group, routed_scaling_factor, n_shared_experts)
+                     topk_group, routed_scaling_factor, n_shared_experts, swiglu_alpha, swiglu_limit)
 };
 
 // Throws std::invalid_argument naming the field when the routing cannot run.
@@ -57,33 +64,44 @@ struct GatedMLP {
 };
 
 // E linear layers stacked [E, out, in] (packed: [E, out, in * bits / 32]); each row of x multiplied by
-// the experts its indices name.
+// the experts its indices name, plus their bias [E, out] if any (GPT-OSS).
 struct SwitchLinear {
   mx::array weight;
   std::optional<Quantized> quantized;
+  std::optional<mx::array> bias;
 
   // x [..., 1, in] and indices [...] -> [..., 1, out]. `sorted`: indices ascending (see SwitchGLU).
   mx::array operator()(const mx::array& x, const mx::array& indices, bool sorted) const;
   std::vector<mx::array> arrays() const;
 };
 
-// The routed experts' SwiGLU MLPs.
+// The routed experts' gated MLPs: down(act(gate(x), up(x))), act MoeConfig's expert_activation.
 struct SwitchGLU {
   SwitchLinear gate_proj, up_proj, down_proj;
+  MoeConfig config;  // the activation and its constants
 
   // Reads the spellings checkpoints use, under `w` (a layer's `mlp`):
   //   switch_mlp.{gate,up,down}_proj.weight [E, out, in]   mlx-lm (float or packed)
+  //   experts.{gate,up,down}_proj.{weight,bias}            mlx-lm's GPT-OSS, the same stacked with biases
   //   experts.{i}.{gate,up,down}_proj.weight [out, in]     transformers' save_pretrained, Ollama's packed blobs
   //   experts.gate_up_proj [E, 2 I, H], experts.down_proj [E, H, I]  transformers 5's fused experts
-  static SwitchGLU load(const Weights& w, int num_experts, int hidden_size, int intermediate_size);
+  //   experts.gate_up_proj [E, H, 2 I] (+ _bias [E, 2 I]), experts.down_proj [E, I, H] (+ _bias [E, H])
+  //     transformers' GPT-OSS: the inputs first, gate and up interleaved (even outputs gate, odd up)
+  //   experts.{gate_up,down}_proj_{blocks,scales} (+ the biases)  GPT-OSS's MXFP4 checkpoints: the same
+  //     experts as [E, out, in] MXFP4 (nn/weights.h), kept packed
+  // The experts' width is config.moe_intermediate_size (for GPT-OSS the decoder copies intermediate_size there).
+  static SwitchGLU load(const Weights& w, int hidden_size, const MoeConfig& config);
   // x [N, H], indices [N, k] -> [N, k, H]: each token through each of its k experts.
   mx::array operator()(const mx::array& x, const mx::array& indices) const;
   std::vector<mx::array> arrays() const;
+
+ private:
+  mx::array activate(const mx::array& gate, const mx::array& up) const;
 };
 
 // Which experts each token goes to, and with what weight.
 struct Router {
-  Linear gate;                                       // [E, H]: one logit per expert
+  Linear gate;                                       // [E, H] (+ bias [E], GPT-OSS): one logit per expert
   std::optional<mx::array> e_score_correction_bias;  // [E], sigmoid routing
   MoeConfig config;
 
@@ -97,7 +115,7 @@ struct MixtureOfExperts {
   SwitchGLU experts;
   std::optional<GatedMLP> shared_experts;
 
-  // `w`: the layer's `mlp` (router `gate`, experts, `shared_experts`).
+  // `w`: the layer's `mlp` (router `gate`, or GPT-OSS's biased `router`; experts, `shared_experts`).
   static MixtureOfExperts load(const Weights& w, int hidden_size, const MoeConfig& config);
   mx::array operator()(const mx::array& x) const;  // [B, T, H] -> [B, T, H]
   std::vector<mx::array> arrays() const;

@@ -77,6 +77,12 @@ float yarn_attention_factor(const RopeConfig& c) {
 
 }  // namespace
 
+float yarn_softmax_scale(const RopeConfig& c) {
+  if (c.rope_type == "default" || c.mscale_all_dim == 0.0f) return 1.0f;
+  const double mscale = yarn_mscale(c.factor, c.mscale_all_dim);
+  return static_cast<float>(mscale * mscale);
+}
+
 Rope::Rope(const RopeConfig& config) : config_(config) {
   if (config.dims <= 0) throw std::invalid_argument("RoPE: dims must be positive");
   if (config.rope_type == "default") {

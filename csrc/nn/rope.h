@@ -39,6 +39,10 @@ struct RopeConfig {
                      truncate)
 };
 
+// DeepSeek-style YaRN (a scaling that names mscale_all_dim: DeepSeek-V3, GLM-4.7-Flash) also scales the
+// attention logits, by (0.1 mscale_all_dim ln(factor) + 1)^2 (transformers' yarn_apply_mscale); 1 otherwise.
+float yarn_softmax_scale(const RopeConfig& config);
+
 class Rope {
  public:
   // `config.dims` must be set (not 0).

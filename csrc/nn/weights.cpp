@@ -87,6 +87,28 @@ Matrix Weights::stacked_matrix(const std::string& name, const mx::Shape& stack, 
   return Matrix{packed, quantized};
 }
 
+Matrix Weights::mxfp4_blocks(const std::string& name, const mx::Shape& stack, int rows, int cols) const {
+  const std::string full = full_name(name + "_blocks");
+  if (cols % 32 != 0)
+    throw std::invalid_argument("weight " + full + ": " + std::to_string(cols) + " columns are not MXFP4 blocks of 32");
+  mx::Shape groups = stack;
+  groups.insert(groups.end(), {rows, cols / 32});
+  mx::Shape blocks_shape = groups;
+  blocks_shape.push_back(16);
+  auto blocks = get(name + "_blocks", blocks_shape);
+  auto scales = get(name + "_scales", groups);
+  for (const auto& [suffix, array] : {std::pair{"_blocks", blocks}, std::pair{"_scales", scales}}) {
+    if (array.dtype() != mx::uint8)
+      throw std::invalid_argument("weight " + full_name(name + suffix) + " must be uint8");
+  }
+  mx::Shape bytes_shape = stack;
+  bytes_shape.insert(bytes_shape.end(), {rows, cols / 2});
+  auto packed = mx::view(mx::reshape(blocks, bytes_shape), mx::uint32);  // [..., rows, cols / 8]
+  Quantized quantized{.scales = scales, .spec = QuantSpec{.bits = 4, .group_size = 32, .mode = "mxfp4"}};
+  if (running_on_cuda()) return for_cuda(full, packed, quantized, cols);
+  return Matrix{packed, quantized};
+}
+
 // MLX 0.32.4's CUDA kernels refuse 1-bit weights, and multiply a packed weight only if its columns are a
 // multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). Real
 // checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing

@@ -42,9 +42,9 @@ struct Quantized {
   mx::array scales;
   std::optional<mx::array> biases;  // affine modes only
   QuantSpec spec;
-  // nvfp4 only: W = dequantize(...) * global_scale, a float32 scalar. MLX 0.32.4's quantized_matmul takes
-  // no global scale (and dequantize's means g / 2688, not ModelOpt's g), so the product is scaled
-  // after the matmul, as Ollama does: (x W_q^T) g = x (W_q g)^T.
+  // nvfp4 only: W = dequantize(...) * global_scale, a float32 scalar (stacked experts: one per expert,
+  // [E]). MLX 0.32.4's quantized_matmul takes no global scale (and dequantize's means g / 2688, not
+  // ModelOpt's g), so the product is scaled after the matmul, as Ollama does: (x W_q^T) g = x (W_q g)^T.
   std::optional<mx::array> global_scale;
 };
 
@@ -74,6 +74,11 @@ class Weights {
   Matrix matrix(const std::string& name, int rows, int cols) const;
   // The same for matrices stacked along leading axes `stack` (a mixture's experts: [E, rows, cols]).
   Matrix stacked_matrix(const std::string& name, const mx::Shape& stack, int rows, int cols) const;
+  // The same from the MXFP4 layout of transformers' Mxfp4 checkpoints (GPT-OSS): `name_blocks` uint8
+  // [..., rows, cols / 32, 16], two FP4 (E2M1) values a byte, the lower nibble first, and `name_scales` uint8
+  // [..., rows, cols / 32], an E8M0 exponent per 32 values. That is MLX's mxfp4 bit for bit, so the bytes
+  // are only viewed as MLX's uint32 words, never dequantized.
+  Matrix mxfp4_blocks(const std::string& name, const mx::Shape& stack, int rows, int cols) const;
 
   bool has(const std::string& name) const;
   std::string full_name(const std::string& name) const;

@@ -53,7 +53,7 @@ void check_config(const DecoderConfig& c) {
     throw std::invalid_argument("config: num_attention_heads " + std::to_string(c.num_attention_heads) +
                                 " is not a multiple of num_key_value_heads " + std::to_string(c.kv_heads()));
   }
-  const std::vector<std::string> known{"llama", "qwen3", "mistral", "gemma3", "qwen3_moe", "glm4_moe_lite"};
+  const std::vector<std::string> known{"llama", "qwen3", "mistral", "gemma3", "qwen3_moe", "glm4_moe_lite", "gpt_oss"};
   if (std::find(known.begin(), known.end(), c.architecture) == known.end()) {
     throw std::invalid_argument("unsupported decoder architecture '" + c.architecture + "'");
   }
@@ -91,10 +91,17 @@ std::optional<float> attention_scale_for(const DecoderConfig& c) {
   return static_cast<float>(std::pow(static_cast<double>(c.query_pre_attn_scalar), -0.5));
 }
 
-// The routing is the architecture's: DeepSeek-V3's sigmoid router for GLM, softmax otherwise.
+// The routing and the experts' activation are the architecture's: DeepSeek-V3's sigmoid router for GLM,
+// GPT-OSS's top-k softmax and clamped SwiGLU (its experts as wide as intermediate_size), softmax and
+// SwiGLU otherwise.
 MoeConfig moe_for(const DecoderConfig& c) {
   MoeConfig moe = c.moe;
   moe.scoring_func = c.architecture == "glm4_moe_lite" ? "sigmoid" : "softmax";
+  if (c.architecture == "gpt_oss") {
+    moe.scoring_func = "topk_softmax";
+    moe.expert_activation = "swiglu_oai";
+    moe.moe_intermediate_size = c.intermediate_size;
+  }
   return moe;
 }
 
@@ -118,7 +125,7 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
       .window = c.window(index),
   };
   if (c.uses_mla()) {
-    layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias);
+    layer.mla = MultiLatentAttention::load(attn, h, c.num_attention_heads, c.mla, c.attention_bias, c.rope);
   } else {
     layer.qkv_proj = FusedLinear::fuse({Linear::load(attn.sub("q_proj"), h, q_out, c.attention_bias),
                                         Linear::load(attn.sub("k_proj"), h, kv_out, c.attention_bias),
@@ -129,6 +136,7 @@ DecoderLayer load_layer(const Weights& w, const DecoderConfig& c, int index) {
   } else {
     layer.mlp = GatedMLP::load(w.sub("mlp"), h, c.intermediate_size, c.mlp_bias, c.hidden_act);
   }
+  if (c.architecture == "gpt_oss") layer.sinks = attn.get("sinks", {c.num_attention_heads});
   if (c.architecture == "qwen3" || c.architecture == "qwen3_moe" || gemma) {
     layer.q_norm = norm(attn.sub("q_norm"), d);
     layer.k_norm = norm(attn.sub("k_norm"), d);
@@ -186,6 +194,26 @@ DecoderConfig DecoderConfig::defaults(const std::string& architecture) {
     c.moe.norm_topk_prob = true;
     c.moe.routed_scaling_factor = 1.8f;
     c.moe.n_shared_experts = 1;
+  } else if (architecture == "gpt_oss") {  // GptOssConfig (its layer_types: sliding, full, sliding, ...)
+    c.vocab_size = 201088;
+    c.hidden_size = 2880;
+    c.intermediate_size = 2880;
+    c.num_hidden_layers = 36;
+    c.num_attention_heads = 64;
+    c.num_key_value_heads = 8;
+    c.head_dim = 64;
+    c.rms_norm_eps = 1e-5f;
+    c.attention_bias = true;
+    c.sliding_window = 128;
+    c.sliding_window_pattern = 2;
+    c.moe.num_experts = 128;
+    c.moe.num_experts_per_tok = 4;
+    c.rope.rope_theta = 150000.0f;
+    c.rope.rope_type = "yarn";
+    c.rope.factor = 32.0f;
+    c.rope.original_max_position_embeddings = 4096;
+    c.rope.truncate = false;
+    c.sliding_rope = c.rope;
   }
   return c;
 }
@@ -246,9 +274,9 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
-  mx::array out = mask               ? mlxr::attention(q, k, v, mask, attention_scale_)
-                  : layer.window > 0 ? windowed_causal_attention(q, k, v, layer.window, attention_scale_)
-                                     : causal_attention(q, k, v, attention_scale_);
+  mx::array out = mask               ? mlxr::attention(q, k, v, mask, attention_scale_, layer.sinks)
+                  : layer.window > 0 ? windowed_causal_attention(q, k, v, layer.window, attention_scale_, layer.sinks)
+                                     : causal_attention(q, k, v, attention_scale_, layer.sinks);
   return layer.o_proj(merge_heads(out));
 }
 
@@ -291,6 +319,7 @@ void Decoder::eval_weights() const {
     for (const auto& norm : {layer.q_norm, layer.k_norm, layer.pre_feedforward_norm, layer.post_feedforward_norm}) {
       if (norm) arrays.push_back(norm->weight);
     }
+    if (layer.sinks) arrays.push_back(*layer.sinks);
     mx::eval(arrays);
   }
   auto rest = embed_tokens_.arrays();

@@ -2,8 +2,9 @@
 // embeddings), Qwen3 (the same plus RMSNorm on queries and keys per head), Mistral / Ministral (Llama
 // with sliding-window attention on some or all layers), Gemma 3's text model (scaled embeddings,
 // (1 + w) RMSNorms, four per layer, q/k norms, GELU-tanh, its own attention scale, sliding and global
-// layers with their own RoPE), Qwen3-MoE (Qwen3 with routed experts) and GLM-4.7-Flash (multi-head
-// latent attention, routed and shared experts). One network serves text generation and, through
+// layers with their own RoPE), Qwen3-MoE (Qwen3 with routed experts), GLM-4.7-Flash (multi-head
+// latent attention, routed and shared experts) and GPT-OSS (attention sinks and biases, alternating
+// sliding and full layers, YaRN, biased clamped-SwiGLU experts). One network serves text generation and, through
 // hidden_states(), the image pipelines' Qwen3 text encoder.
 #pragma once
 
@@ -21,12 +22,12 @@
 namespace mlxr {
 
 // config.json (LlamaConfig / Qwen3Config / MistralConfig / Gemma3TextConfig / Qwen3MoeConfig /
-// Glm4MoeLiteConfig); defaults as transformers' LlamaConfig (5.x), and for the others as their own config
-// classes: defaults(architecture). `architecture` comes from config.json's "architectures", `rope` and
+// Glm4MoeLiteConfig / GptOssConfig); defaults as transformers' LlamaConfig (5.x), and for the others as their own
+// config classes: defaults(architecture). `architecture` comes from config.json's "architectures", `rope` and
 // `sliding_rope` from its rope_theta and rope_parameters, `moe` and `mla` from its top-level keys (Python
 // translates them: llm/architectures.py).
 struct DecoderConfig {
-  std::string architecture = "llama";  // llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite
+  std::string architecture = "llama";  // llama | qwen3 | mistral | gemma3 | qwen3_moe | glm4_moe_lite | gpt_oss
   int vocab_size = 32000;
   int hidden_size = 4096;
   int num_hidden_layers = 32;
@@ -93,6 +94,7 @@ struct DecoderLayer {
   std::optional<MultiLatentAttention> mla;
   Linear o_proj;
   std::optional<RMSNorm> q_norm, k_norm;  // Qwen3, Gemma 3
+  std::optional<mx::array> sinks;         // GPT-OSS: one attention-sink logit per query head
   RMSNorm input_norm, post_attention_norm;
   // Gemma 3: post_attention_norm normalises the attention's output, these the MLP's input and output.
   std::optional<RMSNorm> pre_feedforward_norm, post_feedforward_norm;

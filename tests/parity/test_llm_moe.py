@@ -5,6 +5,7 @@ every spelling checkpoints give the experts and the config, both attention paths
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +16,15 @@ import numpy as np
 import pytest
 from conftest import float32_tol
 
+from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.llm import load
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "llm"
 QWEN3_MOE = FIXTURES / "qwen3-moe-tiny"
 GLM = FIXTURES / "glm4-moe-lite-tiny"
+GPT_OSS = FIXTURES / "gpt-oss-tiny"
+GPT_OSS_MXFP4 = FIXTURES / "gpt-oss-tiny-mxfp4"
 TOL = float32_tol(1e-4, 1e-2)
 PROMPT = "The quick brown fox jumps over the lazy dog, then naps under the old oak tree by the river."
 
@@ -33,6 +37,11 @@ def qwen3_moe():
 @pytest.fixture(scope="module")
 def glm():
     return load(str(GLM))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    return load(str(GPT_OSS))
 
 
 def rewritten(source: Path, out: Path, weights: Callable[[dict], dict] = lambda w: w,
@@ -172,3 +181,82 @@ def test_glm_streams_transformers_greedy_text(glm):
     greedy = next(g for g in goldens["greedy"] if g["prompt_id"] == "chat")
     text = "".join(glm.generate(prompt["text"], temperature=0, repeat_penalty=1, num_predict=len(greedy["new_ids"])))
     assert text == glm.tokenizer.decode(greedy["new_ids"])
+
+
+def test_gpt_oss_in_mlx_lm_layout(tmp_path, gpt_oss):
+    """mlx-lm's GPT-OSS (its sanitize output): experts.{gate,up,down}_proj.{weight,bias} [E, out, in], from
+    transformers' gate_up_proj [E, H, 2I] (even columns gate, odd up) and down_proj [E, I, H]."""
+    def mlx_lm_layout(tensors):
+        for name in [k for k in tensors if k.endswith(".mlp.experts.gate_up_proj")]:
+            prefix = name.removesuffix("gate_up_proj")
+            gate_up, bias = tensors.pop(name).swapaxes(1, 2), tensors.pop(prefix + "gate_up_proj_bias")
+            tensors[prefix + "gate_proj.weight"], tensors[prefix + "up_proj.weight"] = gate_up[:, ::2], gate_up[:, 1::2]
+            tensors[prefix + "gate_proj.bias"], tensors[prefix + "up_proj.bias"] = bias[:, ::2], bias[:, 1::2]
+            tensors[prefix + "down_proj.weight"] = tensors.pop(prefix + "down_proj").swapaxes(1, 2)
+            tensors[prefix + "down_proj.bias"] = tensors.pop(prefix + "down_proj_bias")
+        return tensors
+
+    folder = rewritten(GPT_OSS, tmp_path / "m", mlx_lm_layout)
+    ids = gpt_oss.tokenizer.encode(PROMPT)
+    np.testing.assert_allclose(load(str(folder)).logits(ids), gpt_oss.logits(ids), rtol=0, atol=1e-5)
+
+
+def test_gpt_oss_swiglu_limit_is_read(tmp_path, gpt_oss):
+    """The fixture's limit of 3 clamps (its goldens hold only with it); GptOssConfig's default 7 gives others."""
+    assert json.loads((GPT_OSS / "config.json").read_text())["swiglu_limit"] == 3.0
+    folder = rewritten(GPT_OSS, tmp_path / "m", config=lambda c: {k: v for k, v in c.items() if k != "swiglu_limit"})
+    ids = gpt_oss.tokenizer.encode(PROMPT)
+    assert relative_error(load(str(folder)).logits(ids), gpt_oss.logits(ids)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.sinks", "model.layers.1.mlp.router.bias",
+                                  "model.layers.0.mlp.experts.down_proj_bias"])
+def test_gpt_oss_weights_are_required(tmp_path, name):
+    def drop(tensors):
+        del tensors[name]
+        return tensors
+
+    with pytest.raises(ModelError, match=rf"missing weight {name.replace('.', chr(92) + '.')}"):
+        load(str(rewritten(GPT_OSS, tmp_path / "m", drop)))
+
+
+def test_gpt_oss_mxfp4_experts_are_transformers_dequantized_weights():
+    """GPT-OSS's MXFP4 experts (*_blocks, *_scales) load as MLX mxfp4 weights, repacked, not dequantized;
+    MLX's dequantization of them is bit for bit what transformers dequantizes the checkpoint to (goldens:
+    the SHA-256 of its float32 [E, in, out] experts). The greedy and logit goldens of the whole model are
+    in test_llm_parity.py."""
+    goldens = json.loads((Path(__file__).parents[1] / "goldens" / "llm_gpt-oss-tiny-mxfp4.json").read_text())
+    tensors = mx.load(str(GPT_OSS_MXFP4 / "model.safetensors"))
+    assert len(goldens["dequantized_experts"]) == 4
+    for name, ref in goldens["dequantized_experts"].items():
+        weight, scales = _core.mxfp4_blocks(tensors[name + "_blocks"], tensors[name + "_scales"])
+        if scales is None:  # a CUDA kernel lacks the shape: the loader dequantized it
+            ours = weight
+        else:
+            assert weight.dtype == mx.uint32 and scales.dtype == mx.uint8
+            assert weight.shape[-1] * 8 == scales.shape[-1] * 32  # 4 bits, groups of 32: still packed
+            ours = mx.dequantize(weight, scales, group_size=32, bits=4, mode="mxfp4")
+        ours = np.ascontiguousarray(np.swapaxes(np.array(ours.astype(mx.float32)), 1, 2))
+        assert list(ours.shape) == ref["shape"], name
+        assert ours.reshape(-1)[:8].tolist() == ref["first"], name
+        assert hashlib.sha256(ours.tobytes()).hexdigest() == ref["sha256"], name
+
+
+def test_gpt_oss_mxfp4_blocks_must_be_bytes(tmp_path):
+    def as_float(tensors):
+        name = "model.layers.0.mlp.experts.down_proj_scales"
+        tensors[name] = tensors[name].astype(mx.float32)
+        return tensors
+
+    with pytest.raises(ModelError, match=r"model\.layers\.0\.mlp\.experts\.down_proj_scales must be uint8"):
+        load(str(rewritten(GPT_OSS_MXFP4, tmp_path / "m", as_float)))
+
+
+def test_gpt_oss_from_an_ollama_store(tmp_path, gpt_oss):
+    """As x/create stores it: each layer's fused experts and their biases in one packed blob, everything else a
+    layer of its own. Quantized stores: test_llm_quant_parity.py."""
+    from ollama_store import create_llm
+
+    create_llm(tmp_path, "library/gpt-oss-tiny:latest", GPT_OSS)
+    ids = gpt_oss.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(load("gpt-oss-tiny", models_dir=str(tmp_path)).logits(ids), gpt_oss.logits(ids))

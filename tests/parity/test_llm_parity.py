@@ -47,12 +47,14 @@ def test_fixtures_cover_what_the_issue_asks():
             "gemma3-vlm-tiny", "qwen3-yarn-tiny"} <= names
     # MoE: norm_topk_prob both ways; MLA with DeepSeek-V3 routing, with and without q_lora_rank.
     assert {"qwen3-moe-tiny", "qwen3-moe-tiny-nonorm", "glm4-moe-lite-tiny", "glm4-moe-lite-tiny-qproj"} <= names
+    # GPT-OSS: sinks, YaRN, sliding and full layers, biased clamped-SwiGLU experts; float and MXFP4 experts.
+    assert {"gpt-oss-tiny", "gpt-oss-tiny-mxfp4"} <= names
 
 
 def test_sliding_window_goldens_cross_the_window_many_times():
     """Prompts and continuations far longer than the window: the rotating cache wraps, the long prompt's
     second prefill chunk starts hundreds of positions past it."""
-    for name in ("mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny"):
+    for name in ("mistral-tiny", "gemma3-tiny", "gemma3-vlm-tiny", "gpt-oss-tiny"):
         goldens = json.loads((ROOT / "goldens" / f"llm_{name}.json").read_text())
         window = goldens["metadata"]["config_summary"]["sliding_window"]
         assert window == 8

@@ -53,6 +53,8 @@ def test_fixtures_cover_what_the_issue_asks():
     # mlx-lm's stacked, packed experts; GLM's kv_b_proj split into embed_q / unembed_out.
     assert {"qwen3-moe-tiny-q4-g64", "glm4-moe-lite-tiny-q8-g32"} <= set(FIXTURES)
     assert {"gemma3-vlm-tiny-q4-g64", "gemma3-vlm-tiny-mxfp4"} <= set(FIXTURES)  # sliding windows, packed tied head
+    # mlx-lm's GPT-OSS: stacked biased experts, packed; the router at 8 bits (affine) beside mxfp4 experts.
+    assert {"gpt-oss-tiny-mxfp4", "gpt-oss-tiny-q4-g64"} <= set(FIXTURES)
     assert any(GOLDENS["fixtures"][f]["prompts"][-1]["id"] == "long" and
                len(GOLDENS["fixtures"][f]["prompts"][-1]["input_ids"]) > 512 for f in FIXTURES)
 
@@ -125,10 +127,11 @@ def assert_same_model(quantized, dequantized, prompt: str = "The quick brown fox
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "int8", "nvfp4", "mxfp4", "mxfp8"])
-@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny"])
+@pytest.mark.parametrize("model", ["llama-tiny", "glm4-moe-lite-tiny", "gpt-oss-tiny"])
 def test_ollama_llm_store_runs_its_packed_weights(tmp_path, model, quant_type):
     """x/create's per-tensor mix (float embeddings, 8-bit lm_head and v/k/down) in combined blobs; a MoE's
-    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served)."""
+    experts in one packed blob per layer (GLM-4.7-Flash is the LLM Ollama's MLX runner first served;
+    GPT-OSS's fused 3-D experts stay float, its attention projections are packed)."""
     create_llm(tmp_path / "models", f"library/{model}:q", ROOT / "fixtures" / "llm" / model, quant_type)
     models_dir = str(tmp_path / "models")
     quantized = load(f"{model}:q", models_dir=models_dir)
@@ -194,6 +197,22 @@ def test_ollama_blob_global_scales(tmp_path):
         {n + "_global_scale" for n in scales}
     reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
     assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
+
+
+def test_packed_experts_take_their_global_scales(tmp_path):
+    """nvfp4 experts in Ollama's packed blobs, each with its own global scale: stacked, one per expert, each
+    expert's products scaled by its own (tokens through different experts see different factors)."""
+    experts = [f"model.layers.0.mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
+    scales = {name: 0.25 + 0.3 * i for i, name in enumerate(experts)}
+    create_llm(tmp_path / "models", "library/qwen3-moe-tiny:q", ROOT / "fixtures" / "llm" / "qwen3-moe-tiny", "nvfp4",
+               global_scales=scales)
+    models_dir = str(tmp_path / "models")
+    assert {n for n in resolve("qwen3-moe-tiny:q", models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy("qwen3-moe-tiny:q", tmp_path / "float", models_dir)))
+    # 32+ prompt tokens, top 2: the prefill runs the experts sorted, decoding unsorted
+    quantized = load("qwen3-moe-tiny:q", models_dir=models_dir)
+    assert_same_model(quantized, reference, " ".join(["The quick brown fox"] * 12))
 
 
 def test_glm_latent_rows_take_their_global_scale(tmp_path):

@@ -96,7 +96,7 @@ def test_llm_decoder_config_is_the_files(name):
     assert built.architecture == architecture
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "glm4-moe-lite-tiny"])
+@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "glm4-moe-lite-tiny", "gpt-oss-tiny"])
 def test_moe_decoder_config_is_the_files(name):
     """The MoE and MLA keys sit at the top level of config.json; the expert count has three names."""
     file = read(FIXTURES / "llm" / name / "config.json")
@@ -139,13 +139,17 @@ DEFAULT_ROPE = dict(dims=0, traditional=False, rope_theta=10000.0, rope_type="de
 NO_WINDOWS = dict(sliding_window=0, layer_types=[], sliding_window_pattern=0, sliding_rope=dict(DEFAULT_ROPE),
                   hidden_act="silu", query_pre_attn_scalar=0.0, final_logit_softcapping=0.0)
 # Not in LlamaConfig: routed experts (MoeConfig: Qwen3MoeConfig's routing fields, DeepSeek's one group, no
-# scaling, no shared experts; num_experts 0, a dense model) and MLA (Glm4MoeLiteConfig's), unused.
+# scaling, no shared experts, GptOssConfig's SwiGLU clamp; num_experts 0, a dense model) and MLA
+# (Glm4MoeLiteConfig's), unused.
 QWEN3_MOE_ROUTING = dict(num_experts=0, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
-                         n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0)
+                         n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=0, swiglu_alpha=1.702,
+                         swiglu_limit=7.0)
 NO_EXPERTS = dict(moe=dict(QWEN3_MOE_ROUTING), mlp_layer_types=[], decoder_sparse_step=1, mlp_only_layers=[],
                   first_k_dense_replace=0,
                   mla=dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192,
                            v_head_dim=256, rope_interleave=True))
+GPT_OSS_ROPE = {**DEFAULT_ROPE, "rope_type": "yarn", "factor": 32.0, "rope_theta": 150000.0,
+                "original_max_position_embeddings": 4096, "truncate": False}
 REFERENCES = {
     # n_kv_heads: 30 there, its default n_heads, and unused (its attention is built from n_heads alone):
     # derived from n_heads here.
@@ -197,7 +201,18 @@ REFERENCES = {
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, head_dim=None, rope=dict(DEFAULT_ROPE),
         **NO_WINDOWS, **{**NO_EXPERTS, "first_k_dense_replace": 1, "moe": dict(
             num_experts=64, num_experts_per_tok=4, moe_intermediate_size=1536, norm_topk_prob=True, n_group=1,
-            topk_group=1, routed_scaling_factor=1.8, n_shared_experts=1)})),
+            topk_group=1, routed_scaling_factor=1.8, n_shared_experts=1, swiglu_alpha=1.702, swiglu_limit=7.0)})),
+    # GptOssForCausalLM: num_local_experts 128; layer_types None: sliding and full alternating, the first
+    # sliding (sliding_window_pattern 2 here); rope_parameters None: its YaRN (factor 32 over 4096, theta
+    # 150000, truncate false) on every layer. Its experts are intermediate_size wide (moe_intermediate_size
+    # is not its key: the decoder uses intermediate_size).
+    "transformers 5.x GptOssConfig": (lambda: _core.DecoderConfig.defaults("gpt_oss"), dict(
+        architecture="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_bias=True, mlp_bias=False,
+        rope=GPT_OSS_ROPE,
+        **{**NO_WINDOWS, "sliding_window": 128, "sliding_window_pattern": 2, "sliding_rope": GPT_OSS_ROPE},
+        **{**NO_EXPERTS, "moe": {**QWEN3_MOE_ROUTING, "num_experts": 128, "num_experts_per_tok": 4}})),
     "transformers 5.x BertConfig": (_core.BertConfig, dict(
         vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)),

@@ -5,7 +5,8 @@ Checkpoints spell the same thing several ways: transformers 5 saves `rope_parame
 layer type) and `layer_types`; configs on the Hub carry the older `rope_theta` + `rope_scaling`, Gemma 3's
 `sliding_window_pattern` and `rope_local_base_freq`; a Gemma 3 with a vision tower keeps its text model
 under `text_config` and its weights under `language_model.` prefixes; MoE and MLA keys (Qwen3-MoE,
-GLM-4.7-Flash) sit at the top level, the expert count under three names. This file only renames those keys:
+GLM-4.7-Flash, GPT-OSS's swiglu_alpha / swiglu_limit) sit at the top level, the expert count under three
+names. This file only renames those keys:
 every default is the C++ DecoderConfig's (`DecoderConfig.defaults(architecture)`, which follows each
 architecture's transformers config class), and the C++ decoder decides which layers slide.
 """
@@ -36,6 +37,7 @@ ARCHITECTURES = {
     "Gemma3ForConditionalGeneration": Architecture("gemma3", sliding_windows=True, text_config=True),
     "Qwen3MoeForCausalLM": Architecture("qwen3_moe"),
     "Glm4MoeLiteForCausalLM": Architecture("glm4_moe_lite"),
+    "GptOssForCausalLM": Architecture("gpt_oss", sliding_windows=True),
 }
 
 # Keys that only mean sliding-window attention to architectures that have it: a Qwen3 config.json
