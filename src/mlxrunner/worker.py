@@ -276,4 +276,7 @@ class Worker:
                 self._running = list(threads)
             if not threads:
                 return
-            batch.step()
+            try:
+                batch.step()
+            except Exception:  # noqa: BLE001 - the batch answers its jobs' errors; this thread must go on
+                log.exception("a batch step failed")

@@ -122,8 +122,8 @@ class BatchScheduler:
             new, self._inbox = list(self._inbox), collections.deque()
         for request in new:
             ids = request.answer.ids
-            cached, request.answer.result.prompt_cache_count = self.model.prompt_cache.fetch(ids)
             try:
+                cached, request.answer.result.prompt_cache_count = self.model.prompt_cache.fetch(ids)
                 request.generator = _core.Generator(self.model.decoder, ids, request.options, self.prefill_chunk,
                                                     request.top_logprobs, cached)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
@@ -170,11 +170,14 @@ class BatchScheduler:
             return
         for row, token in tokens:
             request = self._rows[row]
-            logprobs = self._batch.logprobs(row) if request.top_logprobs >= 0 else None
-            for item in request.answer.push(token, logprobs):
-                request.items.put(item)
-            if request.answer.done:
-                self._finish(request)
+            try:
+                logprobs = self._batch.logprobs(row) if request.top_logprobs >= 0 else None
+                for item in request.answer.push(token, logprobs):
+                    request.items.put(item)
+                if request.answer.done:
+                    self._finish(request)
+            except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
+                self._leave(request, exc)  # (its caches, unless it already handed them over)
 
     def _finish(self, request: _Request) -> None:
         self._take_caches(request)
