@@ -24,7 +24,7 @@ from mlxrunner.http.protocol import Options
 from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
 from mlxrunner.llm.batch import BatchScheduler
 from mlxrunner.llm.prompt_cache import PromptCache
-from mlxrunner.settings import DEFAULT_MAX_BATCH_CPU, DEFAULT_MAX_BATCH_GPU, DEFAULT_PROMPT_CACHE_BYTES
+from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
@@ -164,7 +164,7 @@ class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
     def __init__(self, source, progress: Callable[[float], None] | None = None,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int | None = None):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int = DEFAULT_MAX_BATCH):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
@@ -189,10 +189,8 @@ class LanguageModel:
         if mx.default_device() == mx.gpu:
             self._warm_up_gpu_kernels()
 
-    def _batch_scheduler(self, max_batch: int | None) -> BatchScheduler | None:
+    def _batch_scheduler(self, max_batch: int) -> BatchScheduler | None:
         """Requests decode together (llm/batch.py) unless max_batch is 1 or the model cannot batch."""
-        if max_batch is None:
-            max_batch = DEFAULT_MAX_BATCH_GPU if mx.default_device() == mx.gpu else DEFAULT_MAX_BATCH_CPU
         if max_batch <= 1:
             return None
         if not self.decoder.can_batch:
