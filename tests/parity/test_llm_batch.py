@@ -139,9 +139,18 @@ def test_a_row_leaving_early_leaves_the_others_alone(case):
     assert [next(resumed) for _ in range(5)] == expected[short.tokens + 1:]
 
 
+def test_the_warm_up_leaves_nothing_behind(case):
+    """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels): batches of 2 and of max_batch rows."""
+    _, model = case
+    assert model.batch is not None and model.batch.max_jobs == 8
+    model.batch.warm_up()
+    assert len(model.batch) == 0 and len(model.prompt_cache) == 0
+
+
 @pytest.mark.parametrize("name", ["mistral-tiny", "gemma3-tiny", "glm4-moe-lite-tiny"])
 def test_sliding_window_and_latent_attention_do_not_batch(name):
     model = load(str(ROOT / "fixtures" / "llm" / name))
     assert not model.decoder.can_batch
     with pytest.raises(ValueError, match="sliding-window or latent attention"):
         _core.BatchGenerator(model.decoder)
+    assert model.batch is None  # its requests run one at a time

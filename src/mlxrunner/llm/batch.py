@@ -69,6 +69,10 @@ class BatchScheduler:
         self._rows: dict[int, _Request] = {}
         self._thread_role = threading.local()
 
+    def __len__(self) -> int:
+        """The sequences in the batch now."""
+        return len(self._batch)
+
     # --- the requests' threads --------------------------------------------------------------------
 
     def serve(self, job: Callable[[], None]) -> None:
@@ -103,6 +107,23 @@ class BatchScheduler:
             request.abandoned = True  # read on the worker's thread; a finished request is gone by now
 
     # --- the worker's thread ----------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Two decode steps of a batch of 2 rows and one of `max_jobs` rows (the kernels of a step depend on its
+        rows; a GPU loads each variant on first use). Nothing is kept."""
+        greedy = _core.SamplerOptions.from_dict({"temperature": 0.0, "repeat_penalty": 1.0})
+        for rows in sorted({2, self.max_jobs}):
+            ids = [self._batch.add([0, 0], greedy, -1, self._prefilled([0, 0], greedy)) for _ in range(rows)]
+            self._batch.step()
+            self._batch.step()
+            for row in ids:
+                self._batch.remove(row)
+
+    def _prefilled(self, prompt: list[int], options: _core.SamplerOptions) -> _core.SequenceCache:
+        generator = _core.Generator(self.model.decoder, prompt, options, self.prefill_chunk, -1)
+        while generator.prefill_chunk() > 0:
+            pass
+        return generator.take_cache()
 
     def step(self) -> None:
         """One step of the batch's MLX work, or a short wait when there is none."""

@@ -205,7 +205,8 @@ class LanguageModel:
         On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
         seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
         not seen. Which variant runs depends on the rows in flight: one token (decode), fewer than 8, a
-        prompt's remainder and a full prefill chunk, so each of those shapes is run here.
+        prompt's remainder and a full prefill chunk, so each of those shapes is run here; and a batched decode
+        step of 2 rows and of the most rows a batch holds.
         """
         started = time.perf_counter()
         greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
@@ -215,6 +216,8 @@ class LanguageModel:
             next(generator)
             next(generator)
             del generator
+        if self.batch is not None:
+            self.batch.warm_up()
         mx.synchronize()
         log.info("warmed up the GPU kernels in %.2fs", time.perf_counter() - started)
 
