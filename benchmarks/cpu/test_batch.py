@@ -2,7 +2,7 @@
 subprocess, against our own single stream (and, on the tiny model at 8 streams, the runner decoding one request at a
 time).
 
-    python -m pytest benchmarks/cpu/test_batch.py -q      # ~3 minutes on 2 cores (the 0.6B model built once)
+    python -m pytest benchmarks/cpu/test_batch.py -q      # ~5 minutes on 2 cores (the 0.6B model built once)
 
 Each case sends N greedy `/v1/completions` at once (benchmarks/batch_serving.py; different prompts) and times
 the round, from the first request to the last answer. Correctness while timing: stream i's text is the same at
@@ -32,7 +32,7 @@ class Case:
 
 
 # The 0.6B model is kept short: each request's ~30-token prompt is prefilled on its own before it joins.
-CASES = {"tiny": Case(lambda: TINY, 64, 5, 1), "qwen3-0.6b-f32": Case(lambda: qwen3_06b("float32"), 8, 1, 0)}
+CASES = {"tiny": Case(lambda: TINY, 64, 5, 1), "qwen3-0.6b-f32": Case(lambda: qwen3_06b("float32"), 8, 1, 1)}
 MODES = {"batched": None, "one at a time": 1}  # --max-batch
 
 _servers: dict[tuple[str, str], Server] = {}
