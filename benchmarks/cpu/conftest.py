@@ -333,6 +333,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     step_cache = sys.modules.get("benchmarks.cpu.test_step_cache")
     if step_cache is not None:
         step_cache.pytest_terminal_summary_step_cache(terminalreporter.write_line)
+    batch = sys.modules.get("benchmarks.cpu.test_batch")
+    if batch is not None:
+        batch.pytest_terminal_summary_batch(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return

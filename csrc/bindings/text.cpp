@@ -1,5 +1,6 @@
 // Text generation: the decoder, its generation loop and sampling.
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -8,6 +9,7 @@
 #include "bindings/network.h"
 #include "nn/attention.h"
 #include "nn/host.h"
+#include "text/batch.h"
 #include "text/decoder.h"
 #include "text/generate.h"
 #include "text/sampling.h"
@@ -15,6 +17,13 @@
 namespace mlxr::bindings {
 
 namespace {
+
+std::optional<nb::tuple> logprobs_tuple(const std::optional<TokenLogprobs>& lp) {
+  if (!lp) return std::nullopt;
+  nb::list top;
+  for (size_t i = 0; i < lp->top_ids.size(); ++i) top.append(nb::make_tuple(lp->top_ids[i], lp->top_logprobs[i]));
+  return nb::make_tuple(lp->logprob, top);
+}
 
 void bind_sampling(nb::module_& m) {
   bind_config<SamplerOptions>(
@@ -89,6 +98,8 @@ void bind_decoder(nb::module_& m) {
              const std::vector<int>& layers) { return evaluated(self.hidden_states(tokens, mask, layers)); },
           "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
+      .def_prop_ro("can_batch", &Decoder::can_batch,
+                   "Whether sequences decode together (BatchGenerator): no sliding-window or latent attention.")
       .def("eval_weights", &Decoder::eval_weights, nb::call_guard<nb::gil_scoped_release>(),
            "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
            "the fused projections then free the checkpoint's separate arrays as they go).");
@@ -106,8 +117,8 @@ void bind_decoder(nb::module_& m) {
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
       .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
                     std::optional<SequenceCache>>(),
-           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
-           "cache"_a = nb::none(), nb::keep_alive<1, 2>())
+           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
+           nb::keep_alive<1, 2>())
       .def("__iter__", [](nb::handle self) { return self; })
       .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
       .def("prefill_chunk", &Generator::prefill_chunk, nb::call_guard<nb::gil_scoped_release>(),
@@ -117,18 +128,27 @@ void bind_decoder(nb::module_& m) {
       .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)
       .def_prop_ro("position", &Generator::position)
       .def_prop_ro(
-          "logprobs",
-          [](const Generator& self) -> std::optional<nb::tuple> {
-            const auto& lp = self.logprobs();
-            if (!lp) return std::nullopt;
-            nb::list top;
-            for (size_t i = 0; i < lp->top_ids.size(); ++i) {
-              top.append(nb::make_tuple(lp->top_ids[i], lp->top_logprobs[i]));
-            }
-            return nb::make_tuple(lp->logprob, top);
-          },
+          "logprobs", [](const Generator& self) { return logprobs_tuple(self.logprobs()); },
           "(logprob, [(id, logprob), ...] best first) of the token the last __next__ returned; None unless "
           "top_logprobs >= 0 was given.");
+}
+
+void bind_batch(nb::module_& m) {
+  nb::class_<BatchGenerator>(m, "BatchGenerator",
+                             "Several sequences decoded together, one forward per step (csrc/text/batch.h).")
+      .def(nb::init<const Decoder&>(), "model"_a, nb::keep_alive<1, 2>())
+      .def("add", &BatchGenerator::add, "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a,
+           nb::call_guard<nb::gil_scoped_release>(),
+           "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill). Returns its id.")
+      .def("step", &BatchGenerator::step, nb::call_guard<nb::gil_scoped_release>(),
+           "One decode step of every row: [(row id, token)] for the rows whose token the last step computed.")
+      .def("remove", &BatchGenerator::remove, "id"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "The row leaves; returns its caches (its prompt and every token step() returned for it).")
+      .def("position", &BatchGenerator::position, "id"_a, "Positions the row's caches hold.")
+      .def(
+          "logprobs", [](const BatchGenerator& self, int id) { return logprobs_tuple(self.logprobs(id)); }, "id"_a,
+          "(logprob, [(id, logprob), ...]) of the token the last step returned for the row; None unless asked.")
+      .def("__len__", &BatchGenerator::size);
 }
 
 }  // namespace
@@ -137,6 +157,7 @@ void bind_text(nb::module_& m) {
   bind_sampling(m);
   bind_kv_cache(m);
   bind_decoder(m);
+  bind_batch(m);
 }
 
 }  // namespace mlxr::bindings

@@ -99,7 +99,8 @@ Rope::Rope(const RopeConfig& config) : config_(config) {
   }
 }
 
-mx::array Rope::operator()(const mx::array& x, int offset) const {
+template <typename Offset>
+mx::array Rope::rotate(const mx::array& x, const Offset& offset) const {
   if (!periods_) return mx::fast::rope(x, config_.dims, config_.traditional, config_.rope_theta, scale_, offset);
   auto rotated = mx::fast::rope(x, config_.dims, config_.traditional, std::nullopt, 1.0f, offset, *periods_);
   if (attention_factor_ == 1.0f) return rotated;
@@ -114,6 +115,14 @@ mx::array Rope::operator()(const mx::array& x, int offset) const {
   auto head = mx::multiply(mx::slice(rotated, start, stop), factor);
   start.back() = config_.dims;
   return mx::concatenate({head, mx::slice(rotated, start, shape)}, -1);
+}
+
+mx::array Rope::operator()(const mx::array& x, int offset) const {
+  return rotate(x, offset);
+}
+
+mx::array Rope::operator()(const mx::array& x, const mx::array& offsets) const {
+  return rotate(x, offsets);
 }
 
 std::vector<std::vector<double>> axis_inverse_frequencies(const std::vector<int>& axes_dims, double theta) {

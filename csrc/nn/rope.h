@@ -49,8 +49,14 @@ class Rope {
   explicit Rope(const RopeConfig& config);
   // x: [B, H, T, D]; positions start at `offset`.
   mx::array operator()(const mx::array& x, int offset) const;
+  // The same with a position per batch row: `offsets` int32 [B] (sequences of different lengths
+  // decoded together, text/batch.h).
+  mx::array operator()(const mx::array& x, const mx::array& offsets) const;
 
  private:
+  template <typename Offset>
+  mx::array rotate(const mx::array& x, const Offset& offset) const;
+
   RopeConfig config_;
   float scale_ = 1.0f;
   std::optional<mx::array> periods_;  // llama3, yarn: per-pair wavelength divisors, computed in double

@@ -251,9 +251,7 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const Qu
   }
 }
 
-mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
-                             const std::optional<mx::array>& mask) const {
-  if (layer.mla) return layer.o_proj((*layer.mla)(x, cache, offset, rope_, mask));
+std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, const mx::array& x) const {
   const int b = x.shape(0), t = x.shape(1), d = config_.head_size();
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
@@ -268,6 +266,13 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
     q = (*layer.q_norm)(q);
     k = (*layer.k_norm)(k);
   }
+  return {q, k, v};
+}
+
+mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+                             const std::optional<mx::array>& mask) const {
+  if (layer.mla) return layer.o_proj((*layer.mla)(x, cache, offset, rope_, mask));
+  auto [q, k, v] = project_qkv(layer, x);
   const Rope& rope = layer.window > 0 ? sliding_rope_ : rope_;
   q = rope(q, offset);
   k = rope(k, offset);
@@ -278,6 +283,15 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
                   : layer.window > 0 ? windowed_causal_attention(q, k, v, layer.window, attention_scale_, layer.sinks)
                                      : causal_attention(q, k, v, attention_scale_, layer.sinks);
   return layer.o_proj(merge_heads(out));
+}
+
+mx::array Decoder::batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
+                                   const mx::array& positions, const mx::array& mask) const {
+  auto [q, k, v] = project_qkv(layer, x);
+  q = rope_(q, positions);
+  k = rope_(k, positions);
+  std::tie(k, v) = cache.update_and_fetch(k, v, positions, mask.shape(-1));
+  return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
 }
 
 mx::array Decoder::mlp(const DecoderLayer& layer, const mx::array& x) const {
@@ -291,9 +305,8 @@ mx::array Decoder::embed(const mx::array& tokens) const {
   return mx::multiply(x, mx::array(static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size))), x.dtype()));
 }
 
-mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
-                                 const std::optional<mx::array>& mask) const {
-  auto attended = attention(layer, layer.input_norm(x), cache, offset, mask);
+mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, const Attend& attend) const {
+  auto attended = attend(layer.input_norm(x));
   if (layer.pre_feedforward_norm) {  // Gemma: a norm before and after each block
     auto h = mx::add(x, layer.post_attention_norm(attended));
     return mx::add(h, (*layer.post_feedforward_norm)(mlp(layer, (*layer.pre_feedforward_norm)(h))));
@@ -306,6 +319,10 @@ std::vector<KVCache> Decoder::make_cache() const {
   std::vector<KVCache> cache;
   for (const auto& layer : layers_) cache.emplace_back(layer.window);
   return cache;
+}
+
+bool Decoder::can_batch() const {
+  return std::all_of(layers_.begin(), layers_.end(), [](const DecoderLayer& l) { return !l.mla && l.window == 0; });
 }
 
 void Decoder::eval_weights() const {
@@ -339,15 +356,35 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
   const int offset = cache[0].offset();
   auto x = embed(tokens);
   for (size_t i = 0; i < layers_.size(); ++i) {
-    x = layer_forward(layers_[i], x, &cache[i], offset, std::nullopt);
+    x = layer_forward(layers_[i], x,
+                      [&](const mx::array& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
   }
-  x = norm_(x);
-  auto logits = lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
+  return logits(x);
+}
+
+mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, const mx::array& mask,
+                                 std::vector<BatchKVCache>& cache) const {
+  if (!can_batch()) throw std::logic_error("this model has sliding-window or latent attention: it cannot batch");
+  if (cache.size() != layers_.size()) {
+    throw std::invalid_argument("batch cache has " + std::to_string(cache.size()) + " layers, the model " +
+                                std::to_string(layers_.size()));
+  }
+  auto x = embed(tokens);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    x = layer_forward(layers_[i], x,
+                      [&](const mx::array& h) { return batch_attention(layers_[i], h, cache[i], positions, mask); });
+  }
+  return logits(x);
+}
+
+mx::array Decoder::logits(const mx::array& hidden) const {
+  auto x = norm_(hidden);
+  auto out = lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
   if (config_.final_logit_softcapping > 0.0f) {
-    auto cap = mx::array(config_.final_logit_softcapping, logits.dtype());
-    logits = mx::multiply(mx::tanh(mx::divide(logits, cap)), cap);
+    auto cap = mx::array(config_.final_logit_softcapping, out.dtype());
+    out = mx::multiply(mx::tanh(mx::divide(out, cap)), cap);
   }
-  return logits;
+  return out;
 }
 
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
@@ -367,7 +404,9 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   }
   std::vector<mx::array> all{embed(tokens)};
   for (int i = 0; i < last; ++i) {
-    all.push_back(layer_forward(layers_[i], all.back(), nullptr, 0, window_mask(layers_[i].window)));
+    auto mask_i = window_mask(layers_[i].window);
+    all.push_back(layer_forward(layers_[i], all.back(),
+                                [&](const mx::array& h) { return attention(layers_[i], h, nullptr, 0, mask_i); }));
   }
   std::vector<mx::array> picked;
   const int final_index = static_cast<int>(layers_.size());

@@ -8,7 +8,10 @@
 // hidden_states(), the image pipelines' Qwen3 text encoder.
 #pragma once
 
+#include <functional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "nn/config_fields.h"
@@ -123,6 +126,17 @@ class Decoder {
   // One cache per layer: a rotating one (text/kv_cache.h) on each sliding-window layer.
   std::vector<KVCache> make_cache() const;
 
+  // Whether forward_batch can run this model: every layer keeps a standard key/value cache (no sliding
+  // window, no latent attention). The others decode one sequence at a time.
+  bool can_batch() const;
+
+  // One decode step of B sequences of different lengths: logits [B, 1, V] for tokens [B, 1]. Row b's new
+  // token sits at position positions[b] (int32 [B], also its RoPE offset); each layer's BatchKVCache
+  // (text/kv_cache.h) writes its keys there and returns keys up to the longest row, which `mask` ([B, 1, 1,
+  // keys], true = a key of that row) cuts to the row's own.
+  mx::array forward_batch(const mx::array& tokens, const mx::array& positions, const mx::array& mask,
+                          std::vector<BatchKVCache>& cache) const;
+
   // Reads every weight now, one layer at a time. The fused projections are lazy concatenations
   // of the checkpoint's arrays; once the caller has dropped its own references to those, this
   // frees each layer's originals as soon as its fused copy exists, so loading never holds two
@@ -131,10 +145,16 @@ class Decoder {
   const DecoderConfig& config() const { return config_; }
 
  private:
+  // Attention's queries, keys and values [B, heads, T, D] (heads split, q/k norms applied, no RoPE yet).
+  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, const mx::array& x) const;
   mx::array attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask) const;
-  mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
-                          const std::optional<mx::array>& mask) const;
+  mx::array batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
+                            const mx::array& positions, const mx::array& mask) const;
+  // A layer around its attention: `attend` maps the normed input to the attention's output.
+  using Attend = std::function<mx::array(const mx::array&)>;
+  mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, const Attend& attend) const;
+  mx::array logits(const mx::array& x) const;
   mx::array mlp(const DecoderLayer& layer, const mx::array& x) const;
   mx::array embed(const mx::array& tokens) const;
 

@@ -58,24 +58,30 @@ void Generator::sample(const mx::array& logits) {
     mx::async_eval({*pending_});
     return;
   }
-  // All lazy, evaluated with the token: reading them back then waits for nothing more.
-  auto z = mx::astype(flat, mx::float32);
-  auto logprobs = mx::subtract(z, mx::logsumexp(z));
-  const int k = std::min(top_logprobs_, static_cast<int>(logprobs.size()));
-  // The k best in any order (a partition, not a sort of the vocabulary); sorted on the host.
-  auto ids = k > 0 ? mx::slice(mx::argpartition(mx::negative(logprobs), k - 1), {0}, {k}) : mx::array({}, mx::uint32);
-  pending_logprobs_ = PendingLogprobs{mx::take(logprobs, *pending_), ids, mx::take(logprobs, ids)};
-  mx::async_eval({*pending_, pending_logprobs_->chosen, pending_logprobs_->top_ids, pending_logprobs_->top_values});
+  pending_logprobs_ = PendingLogprobs::of(flat, *pending_, top_logprobs_);
+  auto arrays = pending_logprobs_->arrays();
+  arrays.push_back(*pending_);
+  mx::async_eval(arrays);
 }
 
-TokenLogprobs Generator::read_logprobs(const PendingLogprobs& pending) {
+PendingLogprobs PendingLogprobs::of(const mx::array& logits, const mx::array& token, int k) {
+  // All lazy, evaluated with the token: reading them back then waits for nothing more.
+  auto z = mx::astype(logits, mx::float32);
+  auto logprobs = mx::subtract(z, mx::logsumexp(z));
+  k = std::min(k, static_cast<int>(logprobs.size()));
+  // The k best in any order (a partition, not a sort of the vocabulary); sorted on the host.
+  auto ids = k > 0 ? mx::slice(mx::argpartition(mx::negative(logprobs), k - 1), {0}, {k}) : mx::array({}, mx::uint32);
+  return PendingLogprobs{mx::take(logprobs, token), ids, mx::take(logprobs, ids)};
+}
+
+TokenLogprobs PendingLogprobs::read() const {
   TokenLogprobs out;
-  out.logprob = pending.chosen.item<float>();
-  const int k = static_cast<int>(pending.top_ids.size());
+  out.logprob = chosen.item<float>();
+  const int k = static_cast<int>(top_ids.size());
   if (k == 0) return out;
-  mx::eval({pending.top_ids, pending.top_values});
-  const auto* ids = pending.top_ids.data<uint32_t>();
-  const auto* values = pending.top_values.data<float>();
+  mx::eval({top_ids, top_values});
+  const auto* ids = top_ids.data<uint32_t>();
+  const auto* values = top_values.data<float>();
   std::vector<int> order(k);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return values[a] > values[b]; });
@@ -116,7 +122,7 @@ int Generator::next() {
   // through a CPU-stream copy (nn/host.h) cost 1.7 ms per token on an H100 at 4B/8B: the wait
   // then also covered the next token's dispatched work, and the loop lost its one-token overlap.
   const int token = current.item<int>();
-  if (current_logprobs) logprobs_ = read_logprobs(*current_logprobs);
+  if (current_logprobs) logprobs_ = current_logprobs->read();
   return token;
 }
 

@@ -20,6 +20,18 @@ struct TokenLogprobs {
   std::vector<float> top_logprobs;
 };
 
+// A token's log-probabilities while still lazy: computed with the token, read on the host after it.
+struct PendingLogprobs {
+  mx::array chosen;      // float32 scalar: the sampled token's
+  mx::array top_ids;     // uint32 [k], in no order
+  mx::array top_values;  // float32 [k]
+
+  // From one row's raw logits [V], the token sampled from them and how many alternatives (k >= 0).
+  static PendingLogprobs of(const mx::array& logits, const mx::array& token, int k);
+  std::vector<mx::array> arrays() const { return {chosen, top_ids, top_values}; }
+  TokenLogprobs read() const;  // sorted best first
+};
+
 class Generator {
  public:
   // top_logprobs: -1 = no log-probabilities; k >= 0 = each token's, and its k most likely alternatives.
@@ -49,13 +61,6 @@ class Generator {
  private:
   mx::array step(const mx::array& token);
   void sample(const mx::array& logits);  // sets pending_ (and pending_logprobs_)
-
-  struct PendingLogprobs {
-    mx::array chosen;      // float32 scalar: the sampled token's
-    mx::array top_ids;     // uint32 [k], in no order
-    mx::array top_values;  // float32 [k]
-  };
-  static TokenLogprobs read_logprobs(const PendingLogprobs& pending);
 
   const Decoder& model_;
   std::vector<int> prompt_;

@@ -132,6 +132,107 @@ bool KVCache::trim(int n) {
   return true;
 }
 
+KVCache KVCache::holding(const mx::array& keys, const mx::array& values) {
+  KVCache cache;
+  const int length = keys.shape(2);
+  if (length == 0) return cache;
+  // Written into fresh buffers: a slice would keep the whole array it was cut from alive.
+  cache.keys_ = written(grown(std::nullopt, 0, keys, whole_steps(length)), keys, 0);
+  cache.values_ = written(grown(std::nullopt, 0, values, whole_steps(length)), values, 0);
+  cache.offset_ = cache.held_ = cache.next_slot_ = length;
+  return cache;
+}
+
+namespace {
+
+// `buffer` [B, H, L, D] with L made `capacity`: cut, or padded with zeros.
+mx::array with_capacity(const mx::array& buffer, int capacity) {
+  const int now = buffer.shape(2);
+  if (now == capacity) return buffer;
+  if (now > capacity) return positions(buffer, 0, capacity);
+  auto pad = mx::zeros({buffer.shape(0), buffer.shape(1), capacity - now, buffer.shape(3)}, buffer.dtype());
+  return mx::concatenate({buffer, pad}, 2);
+}
+
+}  // namespace
+
+void BatchKVCache::resize(int capacity) {
+  keys_ = with_capacity(*keys_, capacity);
+  values_ = with_capacity(*values_, capacity);
+}
+
+void BatchKVCache::add(const KVCache& row) {
+  auto state = row.state();
+  if (state.empty()) {  // an empty row: zeros, or nothing until the first write shows the shape
+    if (keys_) {
+      auto zero_row = mx::zeros({1, keys_->shape(1), keys_->shape(2), keys_->shape(3)}, keys_->dtype());
+      keys_ = mx::concatenate({*keys_, zero_row}, 0);
+      values_ = mx::concatenate({*values_, zero_row}, 0);
+    }
+    ++rows_;
+    return;
+  }
+  const int length = row.offset();
+  auto keys = positions(state[0], 0, length), values = positions(state[1], 0, length);
+  const int capacity = std::max(keys_ ? keys_->shape(2) : 0, whole_steps(length + 1));
+  if (keys_) {
+    resize(capacity);
+  } else if (rows_ > 0) {  // the rows so far were all empty
+    keys_ = mx::zeros({rows_, keys.shape(1), capacity, keys.shape(3)}, keys.dtype());
+    values_ = mx::zeros({rows_, values.shape(1), capacity, values.shape(3)}, values.dtype());
+  }
+  keys = with_capacity(keys, capacity);
+  values = with_capacity(values, capacity);
+  keys_ = keys_ ? mx::concatenate({*keys_, keys}, 0) : keys;
+  values_ = values_ ? mx::concatenate({*values_, values}, 0) : values;
+  ++rows_;
+}
+
+void BatchKVCache::keep(const std::vector<int>& rows, int longest) {
+  rows_ = static_cast<int>(rows.size());
+  if (rows_ == 0) {
+    keys_.reset();
+    values_.reset();
+    return;
+  }
+  if (!keys_) return;
+  auto index = mx::array(rows.data(), {rows_}, mx::int32);
+  keys_ = mx::take(*keys_, index, 0);
+  values_ = mx::take(*values_, index, 0);
+  if (whole_steps(longest + 1) < keys_->shape(2)) resize(whole_steps(longest + 1));
+}
+
+std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(const mx::array& keys, const mx::array& values,
+                                                               const mx::array& positions_, int visible) {
+  if (keys.shape(0) != rows_) {
+    throw std::invalid_argument("batch cache of " + std::to_string(rows_) + " rows got keys for " +
+                                std::to_string(keys.shape(0)));
+  }
+  if (!keys_) {
+    keys_ = mx::zeros({rows_, keys.shape(1), whole_steps(visible), keys.shape(3)}, keys.dtype());
+    values_ = mx::zeros({rows_, values.shape(1), whole_steps(visible), values.shape(3)}, values.dtype());
+  } else if (visible > keys_->shape(2)) {
+    resize(whole_steps(visible));
+  }
+  auto at = mx::broadcast_to(mx::reshape(positions_, {rows_, 1, 1, 1}), keys.shape());
+  keys_ = mx::put_along_axis(*keys_, at, keys, 2);
+  values_ = mx::put_along_axis(*values_, at, values, 2);
+  return {positions(*keys_, 0, visible), positions(*values_, 0, visible)};
+}
+
+KVCache BatchKVCache::row(int index, int length) const {
+  if (!keys_ || length == 0) return KVCache();
+  auto cut = [&](const mx::array& buffer) {
+    return mx::slice(buffer, mx::Shape{index, 0, 0, 0}, mx::Shape{index + 1, buffer.shape(1), length, buffer.shape(3)});
+  };
+  return KVCache::holding(cut(*keys_), cut(*values_));
+}
+
+std::vector<mx::array> BatchKVCache::state() const {
+  if (!keys_) return {};
+  return {*keys_, *values_};
+}
+
 bool SequenceCache::trim(int n) {
   auto trimmed = layers;
   for (auto& layer : trimmed) {

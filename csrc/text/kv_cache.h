@@ -56,6 +56,9 @@ class KVCache {
   // (a rotating cache that has evicted a position).
   bool trim(int n);
 
+  // A full cache holding these keys/values [1, H, L, D] as its L positions, in a buffer of its own.
+  static KVCache holding(const mx::array& keys, const mx::array& values);
+
  private:
   std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);
   std::pair<mx::array, mx::array> append_chunk_rotating(const mx::array& keys, const mx::array& values);
@@ -67,6 +70,34 @@ class KVCache {
   int held_ = 0;
   // Rotating cache: the buffer slot the next single position is written to (buffer order, not position).
   int next_slot_ = 0;
+};
+
+// One layer's caches of B sequences decoded together (text/batch.h), one batch row each. Each row keeps
+// its positions from slot 0 on, as its own cache would (right padding, where mlx-lm's batch cache pads on
+// the left): a row's keys sit in the same slots as when it decodes alone, and the slots past its length
+// are masked out, so its attention sums the same terms in the same order, plus exact zeros. Rows join at
+// the end and leave from anywhere; only full (window 0) caches batch.
+class BatchKVCache {
+ public:
+  // A sequence joins as the last row, with the positions `row` holds.
+  void add(const KVCache& row);
+  // Keep only these rows, in this order; `longest`: the most positions one of them holds (the buffers
+  // shrink to what that needs).
+  void keep(const std::vector<int>& rows, int longest);
+  // Write keys/values [B, H, 1, D] at each row's position (int32 [B]); return the first `visible` slots
+  // of every row, [B, H, visible, D] (visible: the longest row's length after the write).
+  std::pair<mx::array, mx::array> update_and_fetch(const mx::array& keys, const mx::array& values,
+                                                   const mx::array& positions, int visible);
+  // Row `index`'s first `length` positions as a lone cache.
+  KVCache row(int index, int length) const;
+  int rows() const { return rows_; }
+  std::vector<mx::array> state() const;
+
+ private:
+  void resize(int capacity);
+
+  std::optional<mx::array> keys_, values_;  // [B, H, capacity, D]; unset while every row is empty
+  int rows_ = 0;
 };
 
 // One sequence's caches, a layer each: what the prompt cache keeps, and what a Generator resumes from.

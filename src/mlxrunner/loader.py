@@ -18,7 +18,7 @@ from mlxrunner import store  # noqa: E402  (imports mlx.core)
 from mlxrunner.detect import Detected, Mode, detect  # noqa: E402
 from mlxrunner.errors import ModelError  # noqa: E402
 from mlxrunner.models import Embedder, ImageModel, LoadedModel, TextModel  # noqa: E402
-from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES, ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
+from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def check_memory(required: int, mode: Mode) -> None:
 def build_model(source: store.ModelSource, detected: Detected, progress: Callable[[float], None], *,
                 release_text_encoder: bool = False, low_memory: bool = False,
                 denoise_queue_depth: int | None = None,
-                prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> TextModel | Embedder | ImageModel:
+                prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                max_batch: int = DEFAULT_MAX_BATCH) -> TextModel | Embedder | ImageModel:
     if detected.mode is Mode.EMBEDDING:
         from mlxrunner.embed.bert import BertEmbedder
 
@@ -127,7 +128,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
     if detected.mode is Mode.LLM:
         from mlxrunner.llm.model import LanguageModel
 
-        return LanguageModel(source, progress, prompt_cache_bytes)
+        return LanguageModel(source, progress, prompt_cache_bytes, max_batch)
     from mlxrunner.imagegen import build_pipeline
 
     image_options: dict[str, bool | int] = {"release_text_encoder": release_text_encoder, "low_memory": low_memory}
@@ -139,8 +140,8 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
          low_memory: bool = False, denoise_queue_depth: int | None = None,
-         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, modes: Collection[Mode] | None = None,
-         warm_up: bool = True) -> LoadedModel:
+         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+         modes: Collection[Mode] | None = None, warm_up: bool = True) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 
     memory_limit (bytes) becomes MLX's memory limit, which the memory check compares the weights
@@ -168,7 +169,8 @@ def load(name: str, progress: Callable[[float], None] = lambda p: None, *, model
     progress(0.1)
     model = build_model(source, detected, lambda p: progress(0.1 + 0.85 * p),
                         release_text_encoder=release_text_encoder, low_memory=low_memory,
-                        denoise_queue_depth=denoise_queue_depth, prompt_cache_bytes=prompt_cache_bytes)
+                        denoise_queue_depth=denoise_queue_depth, prompt_cache_bytes=prompt_cache_bytes,
+                        max_batch=max_batch)
     if warm_up and detected.mode is Mode.IMAGEGEN:  # before /health says ready
         side, seconds = model.warm_up()
         log.info("warm-up: a %dx%d image in 1 step took %.2fs", side, side, seconds)

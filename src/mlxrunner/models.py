@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mlxrunner.imagegen.pipeline import GeneratedImage, Progress
     from mlxrunner.llm.model import Completion, TokenLogprob
     from mlxrunner.text.chat_template import ChatTemplate
+    from mlxrunner.worker import Batch
 
 # Called between steps of a job (batches, tokens); raises errors.Cancelled once the job is cancelled.
 CheckCancelled = Callable[[], None]
@@ -52,6 +53,7 @@ class TextModel(Embedder, Protocol):
 
     context_length: int
     chat_template: ChatTemplate | None  # None: the model has none (chat requests are refused)
+    batch: Batch | None  # requests that run side by side decode together here (llm/batch.py); None: one at a time
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt as `stream` feeds it: BOS first iff the tokenizer adds one."""

@@ -10,6 +10,11 @@ denoising steps, batches) and `ctx.emit(event)` to stream progress back to the a
 Cancelling a queued job takes it out of the queue at once (its slot is free for the next request)
 and ends it with `errors.Cancelled`; cancelling a running job stops it at its next check, where
 `errors.Cancelled` unwinds it.
+
+The one exception to "in order": jobs submitted with a `Batch` (an LLM's text generations, llm/batch.py) run
+side by side, up to `batch.max_jobs`, each on a thread of its own, while the worker's thread does the MLX work
+they all share (`batch.step()`). A job that arrives while a batch runs joins it at the next step; a job of
+another kind waits until the batch has drained, and no batch job overtakes it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import collections
 import itertools
 import logging
 import threading
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from mlxrunner.errors import Cancelled
 
@@ -35,6 +40,21 @@ class WorkerStopped(Exception):
 
 
 _END = object()  # marks the end of a job's event stream
+
+
+class Batch(Protocol):
+    """Work that several jobs share on the worker's thread (llm/batch.py's BatchScheduler)."""
+
+    max_jobs: int  # jobs running side by side at most
+
+    def serve(self, job: Callable[[], None]) -> None:
+        """Run a job on the calling thread (one of its own) as a member of the batch."""
+
+    def step(self) -> None:
+        """On the worker's thread: one step of the members' MLX work, or a short wait for some."""
+
+    def wake(self) -> None:
+        """Cut a waiting step() short (a job has been queued)."""
 
 
 class JobContext:
@@ -58,8 +78,10 @@ class JobContext:
 class Job:
     """One unit of MLX work plus the stream of events it produces for one awaiting caller."""
 
-    def __init__(self, job_id: int, name: str, fn: Callable[[JobContext], Any], loop: asyncio.AbstractEventLoop):
+    def __init__(self, job_id: int, name: str, fn: Callable[[JobContext], Any], loop: asyncio.AbstractEventLoop,
+                 batch: Batch | None = None):
         self.id = job_id
+        self.batch = batch
         self.name = name
         self._fn = fn
         self._loop = loop
@@ -134,14 +156,16 @@ class Worker:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     @property
-    def running(self) -> Job | None:
-        return self._running
+    def running(self) -> list[Job]:
+        """The jobs running now: one, or the members of a batch."""
+        with self._cond:
+            return list(self._running)
 
     @property
     def queued(self) -> int:
@@ -149,9 +173,10 @@ class Worker:
             return len(self._queue)
 
     def submit(self, name: str, fn: Callable[[JobContext], Any], *, loop: asyncio.AbstractEventLoop | None = None,
-               bypass_limit: bool = False) -> Job:
-        """Queue `fn` to run on the worker thread. Raises QueueFull or WorkerStopped."""
-        job = Job(next(self._ids), name, fn, loop or asyncio.get_running_loop())
+               bypass_limit: bool = False, batch: Batch | None = None) -> Job:
+        """Queue `fn` to run on the worker thread (or, with a batch, beside the batch's other jobs). Raises
+        QueueFull or WorkerStopped."""
+        job = Job(next(self._ids), name, fn, loop or asyncio.get_running_loop(), batch)
         with self._cond:
             if self._stopping:
                 raise WorkerStopped("the runner is shutting down")
@@ -160,6 +185,8 @@ class Worker:
             self._queue.append(job)
             job.withdraw = self._withdraw
             self._cond.notify()
+        if batch is not None:
+            batch.wake()
         log.debug("job %d (%s) queued, %d waiting", job.id, name, len(self._queue))
         return job
 
@@ -168,12 +195,12 @@ class Worker:
         with self._cond:
             self._stopping = True
             pending = list(self._queue)
-            running = self._running
+            running = list(self._running)
             self._cond.notify_all()
         for job in pending:
             job.cancel(reason)
-        if running is not None:
-            running.cancel(reason)
+        for job in running:
+            job.cancel(reason)
 
     def _withdraw(self, job: Job) -> bool:
         with self._cond:
@@ -195,9 +222,9 @@ class Worker:
                     self._worked_since_idle = False
                     self._go_idle()
             if self._queue:
-                self._running = self._queue.popleft()
+                self._running = [self._queue.popleft()]
                 self._worked_since_idle = True
-                return self._running
+                return self._running[0]
             return None
 
     def _go_idle(self) -> None:
@@ -212,10 +239,44 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self._next_job()) is not None:
-            job.run()
-            if isinstance(job.error, Cancelled):
-                log.info("job %d (%s) cancelled: %s", job.id, job.name, job.error)
-            elif job.error is not None:
-                log.debug("job %d (%s) failed: %r", job.id, job.name, job.error)
+            if job.batch is None:
+                self._run(job)
+            else:
+                self._run_batch(job)
             with self._cond:
-                self._running = None
+                self._running = []
+
+    def _run(self, job: Job) -> None:
+        job.run()
+        if isinstance(job.error, Cancelled):
+            log.info("job %d (%s) cancelled: %s", job.id, job.name, job.error)
+        elif job.error is not None:
+            log.debug("job %d (%s) failed: %r", job.id, job.name, job.error)
+
+    def _run_batch(self, first: Job) -> None:
+        """Run `first` and the batch jobs queued behind it side by side, each on a thread of its own, stepping
+        their batch here until every one has ended."""
+        batch = first.batch
+        threads: dict[Job, threading.Thread] = {}
+
+        def start(job: Job) -> None:
+            threads[job] = threading.Thread(target=batch.serve, args=(lambda: self._run(job),),
+                                            name=f"{self._thread.name}-job-{job.id}", daemon=True)
+            threads[job].start()
+
+        start(first)
+        while True:
+            with self._cond:
+                for job in [j for j, thread in threads.items() if not thread.is_alive()]:
+                    del threads[job]
+                while (self._queue and self._queue[0].batch is batch and len(threads) < batch.max_jobs
+                       and not self._stopping):
+                    job = self._queue.popleft()
+                    start(job)
+                self._running = list(threads)
+            if not threads:
+                return
+            try:
+                batch.step()
+            except Exception:  # noqa: BLE001 - the batch answers its jobs' errors; this thread must go on
+                log.exception("a batch step failed")

@@ -37,6 +37,7 @@ class ScriptedLLM:
 
     dims = 4
     context_length = 4096
+    batch = None  # its requests run one at a time
 
     def __init__(self, answer: str, error: Exception | None = None):
         self.answer = answer

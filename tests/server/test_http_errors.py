@@ -33,6 +33,7 @@ class FakeLLM:
     dims = 4
     context_length = 16
     chat_template = None
+    batch = None  # its requests run one at a time
 
     def __init__(self, error: Exception | None, chunks: int = 0):
         self.error = error

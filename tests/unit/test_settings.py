@@ -83,6 +83,8 @@ def test_flags_of_the_server():
             got.prompt_cache_bytes) == ("0.0.0.0", 11500, 0, 2 << 20, "/models", 5, 512 << 20)
     assert resolve({**MODEL, "prompt_cache_size": "0"}, env={}).prompt_cache_bytes == 0
     assert resolve(MODEL, env={}).prompt_cache_bytes == settings.DEFAULT_PROMPT_CACHE_BYTES == 8 << 30
+    assert resolve({**MODEL, "max_batch": "64"}, env={}).max_batch == 64
+    assert resolve(MODEL, env={}).max_batch == settings.DEFAULT_MAX_BATCH == 8
 
 
 @pytest.mark.parametrize("env, message", [
@@ -108,6 +110,7 @@ def test_a_bad_reference_blas_value_is_named():
     ({"port": "70000"}, "argument --port: 70000 is not a TCP port"),
     ({"port": "http"}, "argument --port: invalid int value: 'http'"),
     ({"queue_depth": "-1"}, "argument --queue-depth: must be >= 0"),
+    ({"max_batch": "0"}, "argument --max-batch: must be >= 1"),
     ({"max_body_mb": "0"}, "argument --max-body-mb: must be >= 1"),
     ({"denoise_queue_depth": "-3"}, "argument --denoise-queue-depth: must be >= 0"),
     ({"log_level": "loud"}, "argument --log-level: unknown log level 'loud'"),

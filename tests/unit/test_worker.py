@@ -159,3 +159,80 @@ def test_a_failing_idle_callback_does_not_stop_the_worker():
         return first, second
 
     assert run(main()) == (1, 2)
+
+
+class CountingBatch:
+    """A Batch whose members each wait for `steps` steps of the worker's thread (as a decode does for its tokens),
+    recording which jobs were live at each step and on which thread the steps ran."""
+
+    def __init__(self, max_jobs: int, steps: int):
+        self.max_jobs = max_jobs
+        self.steps = steps
+        self._cond = threading.Condition()
+        self._step = 0
+        self.live: list[set[str]] = []
+        self.members: set[str] = set()
+        self.step_threads: set[int] = set()
+
+    def serve(self, job):
+        job()
+
+    def wait_steps(self, name: str) -> None:
+        with self._cond:
+            self.members.add(name)
+            end = self._step + self.steps
+            while self._step < end:
+                self._cond.wait()
+            self.members.discard(name)
+
+    def step(self) -> None:
+        self.step_threads.add(threading.get_ident())
+        with self._cond:
+            self.live.append(set(self.members))
+            self._step += 1
+            self._cond.notify_all()
+        time.sleep(0.001)
+
+    def wake(self) -> None:
+        pass
+
+
+def test_batch_jobs_run_side_by_side_and_other_jobs_wait_for_the_batch():
+    async def main():
+        worker = Worker()
+        batch = CountingBatch(max_jobs=2, steps=20)
+        order = []
+
+        def member(name):
+            def fn(ctx):
+                order.append(("start", name))
+                batch.wait_steps(name)
+                order.append(("end", name))
+                return name
+            return fn
+
+        def alone(ctx):
+            order.append(("alone", threading.get_ident()))
+            return "alone"
+
+        jobs = [worker.submit("a", member("a"), batch=batch), worker.submit("b", member("b"), batch=batch),
+                worker.submit("c", member("c"), batch=batch), worker.submit("alone", alone),
+                worker.submit("d", member("d"), batch=batch)]
+        results = [await j.wait() for j in jobs]
+        worker.stop()
+        return results, order, batch
+
+    results, order, batch = run(main())
+    assert results == ["a", "b", "c", "alone", "d"]
+    assert max(len(live) for live in batch.live) == 2 and {"a", "b"} in batch.live
+    assert len(batch.step_threads) == 1  # every step on the worker's one thread
+    starts = [name for kind, name in order if kind == "start"]
+    assert starts == ["a", "b", "c", "d"]
+    # c joined once a or b had left; b joined while a was still decoding.
+    position = {entry: i for i, entry in enumerate(order)}
+    assert position[("start", "c")] > min(position[("end", "a")], position[("end", "b")])
+    assert position[("start", "b")] < position[("end", "a")]
+    # The other job ran after the batch of a, b, c drained, and d (queued after it) did not overtake it.
+    alone_at, alone_thread = next((i, ident) for i, (kind, ident) in enumerate(order) if kind == "alone")
+    assert {alone_thread} == batch.step_threads
+    assert alone_at > max(position[("end", n)] for n in "abc") and alone_at < position[("start", "d")]

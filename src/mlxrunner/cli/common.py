@@ -115,7 +115,8 @@ def load_model(settings: Settings, progress: Callable[[float], None], warm_up: b
                        skip_memory_check=settings.skip_memory_check, memory_limit=settings.memory_limit,
                        release_text_encoder=settings.release_text_encoder, low_memory=settings.low_memory,
                        denoise_queue_depth=settings.denoise_queue_depth,
-                       prompt_cache_bytes=settings.prompt_cache_bytes, modes=modes, warm_up=warm_up)
+                       prompt_cache_bytes=settings.prompt_cache_bytes, max_batch=settings.max_batch, modes=modes,
+                       warm_up=warm_up)
 
 
 def find_model(settings: Settings) -> tuple[ModelSource, Mode]:

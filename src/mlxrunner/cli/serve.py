@@ -20,6 +20,7 @@ from mlxrunner.cli.signals import ShutdownSignals
 from mlxrunner.settings import (
     DEFAULT_HOST,
     DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_MB,
     DEFAULT_QUEUE_DEPTH,
     DEFAULT_READ_TIMEOUT_S,
@@ -50,6 +51,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", "-host", help=f"address to listen on (default {DEFAULT_HOST})")
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
+    parser.add_argument("--max-batch", metavar="N", help="LLMs: requests decoded together (default "
+                        f"{DEFAULT_MAX_BATCH}; 1: one at a time)")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
     parser.add_argument("--prompt-cache-size", metavar="BYTES", help="LLMs: bytes of earlier prompts' key/value "
                         "caches kept for reuse (16GB, 512MiB, ...; default 8GiB; 0 turns the cache off)")

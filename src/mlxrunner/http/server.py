@@ -40,7 +40,7 @@ from mlxrunner.http.protocol import (
 )
 from mlxrunner.models import Embedder, LoadedModel
 from mlxrunner.settings import DEFAULT_MAX_BODY_MB, DEFAULT_READ_TIMEOUT_S, MIB
-from mlxrunner.worker import Job, JobContext, QueueFull, Worker, WorkerStopped
+from mlxrunner.worker import Batch, Job, JobContext, QueueFull, Worker, WorkerStopped
 
 if TYPE_CHECKING:
     from mlxrunner.backend import Backend
@@ -95,6 +95,10 @@ class HttpError:
     status: int
     message: str
     field: str | None = None  # the request field at fault, if one is
+
+
+# The jobs of the routes that generate text ("completion" is an image too when an image model is loaded).
+TEXT_GENERATION_JOBS = frozenset({"completion", "chat"})
 
 
 def memory_in_use() -> dict[str, int]:
@@ -271,9 +275,17 @@ class Server:
 
     def submit(self, name: str, fn: Callable[[JobContext], T]) -> Job:
         try:
-            return self.worker.submit(name, fn)
+            return self.worker.submit(name, fn, batch=self._batch_for(name))
         except (QueueFull, WorkerStopped) as exc:
             raise RequestError(str(exc), status=503) from None
+
+    def _batch_for(self, name: str) -> Batch | None:
+        """An LLM's text generations run side by side in its batch (llm/batch.py): their MLX work all goes
+        through TextModel.stream, which hands it to the batch."""
+        loaded = self.state.loaded
+        if loaded is None or loaded.mode is not Mode.LLM or name not in TEXT_GENERATION_JOBS:
+            return None
+        return loaded.text_model.batch
 
     async def run(self, name: str, fn: Callable[[JobContext], T]) -> T:
         """Run `fn(ctx)` on the worker and return its result (or raise its error); cancel it if the client

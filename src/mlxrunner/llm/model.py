@@ -5,6 +5,7 @@ text as they come (StreamingDetokenizer), holding back text that may start a sto
 (StopMatcher), and timing. The network, the KV cache, the prefill/decode loop and sampling run
 in C++ (`_core.Decoder`, `_core.Generator`), which releases the GIL while it computes. Each request starts
 from the prompt cache's closest earlier sequence (llm/prompt_cache.py) and hands its own caches back to it.
+Requests that the worker runs side by side decode together in one batch (llm/batch.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from mlxrunner import _core
 from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
 from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
+from mlxrunner.llm.batch import BatchScheduler
 from mlxrunner.llm.prompt_cache import PromptCache
-from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES
+from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
 from mlxrunner.text.detokenizer import StreamingDetokenizer
@@ -77,6 +79,79 @@ class PromptTooLong(ValueError):
     pass
 
 
+class Answer:
+    """The text side of one generation, a token at a time: EOS and end-of-turn tokens, the token budget, valid
+    UTF-8 as tokens come (StreamingDetokenizer), stop strings (StopMatcher), logprobs, the final statistics.
+    The lone decode loop (LanguageModel.stream) and the batch (llm/batch.py) both feed it."""
+
+    def __init__(self, model: LanguageModel, ids: list[int], options: Options, eos_ids: Collection[int],
+                 top_logprobs: int | None):
+        self._model = model
+        self.ids = ids
+        self.eos_ids = eos_ids
+        self.top_logprobs = top_logprobs
+        self.budget = model.context_length - len(ids)
+        if options.num_predict is not None and options.num_predict >= 0:
+            self.budget = min(self.budget, options.num_predict)
+        self.result = Completion(prompt_eval_count=len(ids))
+        self.generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
+        self.done = self.budget <= 0
+        self._detok = StreamingDetokenizer(model.tokenizer)
+        self._stops = StopMatcher(options.stop)
+        self._start = time.perf_counter_ns()
+        self._first_token_at: int | None = None
+        self._ended_at: int | None = None
+
+    def push(self, token: int, logprobs: tuple | None) -> list[str | TokenLogprob]:
+        """The items a newly generated token yields; sets `done` once the answer has ended."""
+        self.generated.append(token)
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter_ns()
+            self.result.prompt_eval_duration = self._first_token_at - self._start
+        items: list[str | TokenLogprob] = []
+        if token in self.eos_ids:
+            self._end("stop", f"eos:{token}")
+            return items
+        self.result.eval_count += 1
+        if self.top_logprobs is not None:
+            items.append(self._model.token_logprob(token, logprobs))
+        emit, matched = self._stops.push(self._detok.add(token))
+        if emit:
+            items.append(emit)
+        if matched is not None:
+            self._end("stop", f"stop:{matched}")
+        elif len(self.generated) == self.budget:
+            self._end("length", self._length_reason())
+        return items
+
+    def _length_reason(self) -> str:
+        """Why an answer that ran out of tokens stopped: its num_predict, or the model's context."""
+        return "num_predict" if self.budget < self._model.context_length - len(self.ids) else "context"
+
+    def _end(self, done_reason: str, stop_reason: str) -> None:
+        self.result.done_reason, self.result.stop_reason = done_reason, stop_reason
+        self.done = True
+        self._ended_at = time.perf_counter_ns()
+
+    def finish(self) -> list[str | Completion]:
+        """The text still held back, then the Completion."""
+        if not self.generated:  # a budget of 0: nothing generated
+            self.result.stop_reason = self._length_reason()
+        items: list[str | Completion] = []
+        if not self.result.stop_reason.startswith("stop:"):
+            # Bytes the detokenizer still held can complete a stop string too.
+            emit, matched = self._stops.push(self._detok.flush())
+            if matched is not None:
+                self.result.done_reason, self.result.stop_reason = "stop", f"stop:{matched}"
+            tail = emit + ("" if matched is not None else self._stops.flush())
+            if tail:
+                items.append(tail)
+        if self._first_token_at is not None:
+            self.result.eval_duration = (self._ended_at or time.perf_counter_ns()) - self._first_token_at
+        items.append(self.result)
+        return items
+
+
 def _chat_template(source) -> ChatTemplate | None:
     """The model's chat template, or None for a model that has none (a base model: plain prompts only)."""
     try:
@@ -89,7 +164,7 @@ class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
     def __init__(self, source, progress: Callable[[float], None] | None = None,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int = DEFAULT_MAX_BATCH):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
@@ -110,8 +185,19 @@ class LanguageModel:
         self.decoder.eval_weights()
         self.dims = self.core_config.hidden_size
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.batch = self._batch_scheduler(max_batch)
         if mx.default_device() == mx.gpu:
             self._warm_up_gpu_kernels()
+
+    def _batch_scheduler(self, max_batch: int) -> BatchScheduler | None:
+        """Requests decode together (llm/batch.py) unless max_batch is 1 or the model cannot batch."""
+        if max_batch <= 1:
+            return None
+        if not self.decoder.can_batch:
+            log.info("this model has sliding-window or latent attention layers, which do not batch: its requests "
+                     "run one at a time")
+            return None
+        return BatchScheduler(self, max_batch, PREFILL_CHUNK)
 
     def _warm_up_gpu_kernels(self) -> None:
         """Run each kernel shape generation uses once, so the first request does not pay for loading them.
@@ -119,7 +205,8 @@ class LanguageModel:
         On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
         seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
         not seen. Which variant runs depends on the rows in flight: one token (decode), fewer than 8, a
-        prompt's remainder and a full prefill chunk, so each of those shapes is run here.
+        prompt's remainder and a full prefill chunk, so each of those shapes is run here; and a batched decode
+        step of 2 rows and of the most rows a batch holds.
         """
         started = time.perf_counter()
         greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
@@ -129,6 +216,8 @@ class LanguageModel:
             next(generator)
             next(generator)
             del generator
+        if self.batch is not None:
+            self.batch.warm_up()
         mx.synchronize()
         log.info("warmed up the GPU kernels in %.2fs", time.perf_counter() - started)
 
@@ -183,74 +272,40 @@ class LanguageModel:
         before the text it makes.
         """
         eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
-        ids = self.prompt_ids(prompt)
-        budget = self.context_length - len(ids)
-        if options.num_predict is not None and options.num_predict >= 0:
-            budget = min(budget, options.num_predict)
-        cached, reused = self.prompt_cache.fetch(ids)
-        result = Completion(prompt_eval_count=len(ids), prompt_cache_count=reused)
-        detok = StreamingDetokenizer(self.tokenizer)
-        stops = StopMatcher(options.stop)
+        answer = Answer(self, self.prompt_ids(prompt), options, eos_ids, top_logprobs)
+        if self.batch is not None and self.batch.serves_this_thread():
+            yield from self.batch.stream(answer, sampler_options(options), check_cancelled)
+            return
+        ids = answer.ids
+        cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
                                     -1 if top_logprobs is None else top_logprobs, cached)
-        generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
-        start = time.perf_counter_ns()
-        first_token_at = None
         try:
             while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
                 if check_cancelled:
                     check_cancelled()
                 if generator.prefill_chunk() == 0:
                     break
-            for _ in range(budget):
+            while not answer.done:
                 if check_cancelled:
                     check_cancelled()
                 token = next(generator)
-                generated.append(token)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter_ns()
-                    result.prompt_eval_duration = first_token_at - start
-                if token in eos_ids:
-                    result.done_reason, result.stop_reason = "stop", f"eos:{token}"
-                    break
-                result.eval_count += 1
-                if top_logprobs is not None:
-                    yield self._token_logprob(token, generator.logprobs)
-                emit, matched = stops.push(detok.add(token))
-                if emit:
-                    yield emit
-                if matched is not None:
-                    result.done_reason, result.stop_reason = "stop", f"stop:{matched}"
-                    break
-            else:
-                result.stop_reason = "num_predict" if budget < self.context_length - len(ids) else "context"
-            if not result.stop_reason.startswith("stop:"):
-                # Bytes the detokenizer still held can complete a stop string too.
-                emit, matched = stops.push(detok.flush())
-                if matched is not None:
-                    result.done_reason, result.stop_reason = "stop", f"stop:{matched}"
-                tail = emit + ("" if matched is not None else stops.flush())
-                if tail:
-                    yield tail
+                yield from answer.push(token, generator.logprobs)
         except Cancelled:
             # What was computed before the cancel stays reusable: the same request sent again resumes from it.
             # (Not on GeneratorExit: a stream its consumer drops can be closed on another thread, by the
             # garbage collector, and the prompt cache belongs to the MLX worker's thread.)
-            self._keep_caches(ids, generated, generator)
+            self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
             raise
-        finally:
-            if first_token_at is not None:
-                result.eval_duration = time.perf_counter_ns() - first_token_at
-        self._keep_caches(ids, generated, generator)
-        yield result
+        self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
+        yield from answer.finish()
 
-    def _keep_caches(self, prompt: list[int], generated: list[int], generator: _core.Generator) -> None:
-        """Hand the generator's caches to the prompt cache: they hold the prompt as far as the prefill got, then
-        every token generated (the next turn of a chat starts with them)."""
-        held = generator.position
-        self.prompt_cache.insert((prompt + generated)[:held], generator.take_cache())
+    def keep_caches(self, tokens: list[int], held: int, caches: _core.SequenceCache) -> None:
+        """Hand a finished sequence's caches to the prompt cache: they hold its first `held` tokens (the prompt
+        as far as the prefill got, then every token generated: the next turn of a chat starts with them)."""
+        self.prompt_cache.insert(tokens[:held], caches)
 
-    def _token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+    def token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         logprob, top = logprobs
         as_bytes = self.tokenizer.token_bytes
         return TokenLogprob(as_bytes(token), logprob, [(as_bytes(i), lp) for i, lp in top])

@@ -1,0 +1,155 @@
+#include "text/batch.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace mlxr {
+
+BatchGenerator::BatchGenerator(const Decoder& model)
+    : model_(model), cache_(static_cast<size_t>(model.config().num_hidden_layers)) {
+  if (!model.can_batch()) {
+    throw std::invalid_argument("this model has sliding-window or latent attention layers, which do not batch");
+  }
+}
+
+int BatchGenerator::add(const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs,
+                        SequenceCache cache) {
+  if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
+  if (cache.layers.size() != cache_.size()) {
+    throw std::invalid_argument("the cache has " + std::to_string(cache.layers.size()) + " layers, the model " +
+                                std::to_string(cache_.size()));
+  }
+  if (cache.length() != static_cast<int>(prompt.size()) - 1) {
+    throw std::invalid_argument("the cache holds " + std::to_string(cache.length()) +
+                                " positions; a row joins with all of its prompt but the last token (" +
+                                std::to_string(prompt.size() - 1) + ")");
+  }
+  for (int t : prompt) {
+    if (t < 0 || t >= model_.config().vocab_size) {
+      throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
+    }
+  }
+  for (size_t i = 0; i < cache_.size(); ++i) cache_[i].add(cache.layers[i]);
+  Sampler sampler(options, model_.config().vocab_size);
+  sampler.remember(mx::array(prompt.data(), {static_cast<int>(prompt.size())}, mx::int32));
+  const bool plain = sampler.greedy() && !sampler.uses_penalties() && top_logprobs < 0;
+  rows_.push_back(Row{.id = next_id_,
+                      .length = cache.length(),
+                      .last_prompt_token = prompt.back(),
+                      .sampler = std::move(sampler),
+                      .plain_greedy = plain,
+                      .top_logprobs = top_logprobs});
+  return next_id_++;
+}
+
+mx::array BatchGenerator::sample(const mx::array& logits) {
+  const int b = logits.shape(0);
+  auto best = mx::astype(mx::argmax(logits, -1), mx::int32);
+  if (std::all_of(rows_.begin(), rows_.end(), [](const Row& r) { return r.plain_greedy; })) return best;
+  std::vector<mx::array> tokens;
+  for (int i = 0; i < b; ++i) {
+    Row& row = rows_[i];
+    if (row.plain_greedy) {
+      tokens.push_back(mx::slice(best, mx::Shape{i}, mx::Shape{i + 1}));
+      continue;
+    }
+    auto row_logits = mx::reshape(mx::slice(logits, mx::Shape{i, 0}, mx::Shape{i + 1, logits.shape(1)}), {-1});
+    auto token = row.sampler.sample(row_logits);
+    if (row.top_logprobs >= 0) row.pending_logprobs = PendingLogprobs::of(row_logits, token, row.top_logprobs);
+    tokens.push_back(mx::reshape(token, {1}));
+  }
+  return mx::concatenate(tokens, 0);
+}
+
+std::vector<std::pair<int, int>> BatchGenerator::step() {
+  if (rows_.empty()) return {};
+  const int b = size();
+  // The tokens this step feeds: each computed row's pending token, then the new rows' last prompt tokens.
+  std::vector<int> positions, prompt_tokens;
+  int computed = 0;
+  for (const Row& row : rows_) {
+    positions.push_back(row.length);
+    if (row.computed) {
+      ++computed;
+    } else {
+      prompt_tokens.push_back(row.last_prompt_token);
+    }
+  }
+  std::vector<mx::array> parts;
+  if (computed > 0) parts.push_back(*pending_);
+  if (!prompt_tokens.empty()) {
+    parts.push_back(mx::array(prompt_tokens.data(), {static_cast<int>(prompt_tokens.size())}, mx::int32));
+  }
+  auto fed = parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
+  // Row b's new token goes to position positions[b] and sees its keys 0..positions[b].
+  const int visible = *std::max_element(positions.begin(), positions.end()) + 1;
+  auto at = mx::array(positions.data(), {b}, mx::int32);
+  auto mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});
+  auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, mask, cache_);
+  // The logprobs of the tokens fed now (computed by the last step), read once this step is dispatched.
+  std::vector<std::optional<PendingLogprobs>> fed_logprobs;
+  for (Row& row : rows_) fed_logprobs.push_back(std::exchange(row.pending_logprobs, std::nullopt));
+  pending_ = sample(mx::reshape(logits, {b, logits.shape(2)}));
+  std::vector<mx::array> dispatch{*pending_};
+  for (const Row& row : rows_) {
+    if (row.pending_logprobs) {
+      for (auto& a : row.pending_logprobs->arrays()) dispatch.push_back(a);
+    }
+  }
+  mx::async_eval(dispatch);
+  mx::eval(fed);
+  const auto* ids = fed.data<int32_t>();
+  std::vector<std::pair<int, int>> out;
+  for (int i = 0; i < b; ++i) {
+    Row& row = rows_[i];
+    ++row.length;
+    if (row.computed) {
+      out.emplace_back(row.id, ids[i]);
+      if (fed_logprobs[i]) row.logprobs = fed_logprobs[i]->read();
+    }
+    row.computed = true;
+  }
+  return out;
+}
+
+SequenceCache BatchGenerator::remove(int id) {
+  const int index = index_of(id);
+  SequenceCache taken;
+  for (auto& layer : cache_) taken.layers.push_back(layer.row(index, rows_[index].length));
+  std::vector<mx::array> state;
+  for (const auto& layer : taken.layers) {
+    for (auto& a : layer.state()) state.push_back(a);
+  }
+  mx::eval(state);  // copied out now, so that the batch's buffers can go
+  std::vector<int> keep;
+  int computed = 0, longest = 0;
+  for (int i = 0; i < size(); ++i) {
+    if (i == index) continue;
+    keep.push_back(i);
+    computed += rows_[i].computed ? 1 : 0;
+    longest = std::max(longest, rows_[i].length);
+  }
+  for (auto& layer : cache_) layer.keep(keep, longest);
+  if (rows_[index].computed && computed > 0) {
+    // The computed rows are a prefix of the batch: their kept indices are the first `computed`.
+    pending_ = mx::take(*pending_, mx::array(keep.data(), {computed}, mx::int32), 0);
+  } else if (computed == 0) {
+    pending_.reset();
+  }
+  rows_.erase(rows_.begin() + index);
+  return taken;
+}
+
+int BatchGenerator::index_of(int id) const {
+  for (int i = 0; i < size(); ++i) {
+    if (rows_[i].id == id) return i;
+  }
+  throw std::invalid_argument("no row " + std::to_string(id) + " in the batch");
+}
+
+const BatchGenerator::Row& BatchGenerator::find(int id) const {
+  return rows_[index_of(id)];
+}
+
+}  // namespace mlxr

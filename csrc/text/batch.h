@@ -1,0 +1,67 @@
+// Continuous batching: several sequences decoded together, one forward pass per step (as mlx-lm's
+// BatchGenerator). A sequence joins after its own prefill (a Generator's, so the prompt cache and the
+// chunked, cancellable prefill are the lone path's), decodes in the batch, and leaves at any step
+// boundary with its caches. Each row samples with its own options (penalties, seed and draw count); the
+// rows that sample greedily without penalties share one argmax.
+//
+// Like Generator, each step() dispatches the next forward before it reads the tokens of the last one,
+// so the device computes step n+1 while the host streams step n. Only models whose every layer keeps a
+// standard key/value cache batch (Decoder::can_batch); the others run one sequence at a time.
+#pragma once
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "text/decoder.h"
+#include "text/generate.h"
+#include "text/sampling.h"
+
+namespace mlxr {
+
+class BatchGenerator {
+ public:
+  explicit BatchGenerator(const Decoder& model);
+
+  // A sequence joins as the last row: `cache` holds all of `prompt` but its last token (a Generator's
+  // prefill, taken). top_logprobs as Generator's. Returns the row's id. Its first token comes from the
+  // second step() after this: each step returns the tokens the step before it computed.
+  int add(const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs, SequenceCache cache);
+
+  // One decode step of every row. Returns (row id, token) for each row that had a token computed.
+  std::vector<std::pair<int, int>> step();
+
+  // Row `id` leaves: its caches, holding its prompt and every token step() returned for it.
+  SequenceCache remove(int id);
+
+  // The log-probabilities of the token the last step() returned for row `id` (when asked for at add()).
+  const std::optional<TokenLogprobs>& logprobs(int id) const { return find(id).logprobs; }
+  // Positions row `id`'s caches hold.
+  int position(int id) const { return find(id).length; }
+  int size() const { return static_cast<int>(rows_.size()); }
+
+ private:
+  struct Row {
+    int id;
+    int length;  // positions its caches hold; the next token goes there
+    int last_prompt_token;
+    Sampler sampler;
+    bool plain_greedy;  // argmax without penalties or logprobs: sampled with the others in one argmax
+    int top_logprobs;
+    bool computed = false;  // whether pending_ holds its next token (false until its first step)
+    std::optional<PendingLogprobs> pending_logprobs;
+    std::optional<TokenLogprobs> logprobs;
+  };
+
+  const Row& find(int id) const;
+  int index_of(int id) const;
+  mx::array sample(const mx::array& logits);  // [B, V] -> int32 [B]; sets rows' pending_logprobs
+
+  const Decoder& model_;
+  std::vector<BatchKVCache> cache_;   // a layer each
+  std::vector<Row> rows_;             // in batch order: the rows with computed tokens first
+  std::optional<mx::array> pending_;  // int32: the next token of each computed row, not yet read
+  int next_id_ = 0;
+};
+
+}  // namespace mlxr

@@ -1,0 +1,156 @@
+"""Batched decoding (_core.BatchGenerator) against each sequence decoded alone (_core.Generator) and against
+transformers' greedy goldens: rows join at different steps, leave at different steps, and sample with their
+own options; every row's tokens must be exactly its lone run's."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import ON_GPU
+
+from mlxrunner import _core
+from mlxrunner.http.protocol import Options
+from mlxrunner.llm import load
+from mlxrunner.llm.model import sampler_options
+
+ROOT = Path(__file__).parents[1]
+GREEDY = Options(temperature=0.0, repeat_penalty=1.0)
+BATCHED = ["qwen3-tiny", "llama-tiny", "llama3-tiny", "qwen3-yarn-tiny", "qwen3-moe-tiny", "qwen3-tiny-bf16"]
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    options: Options
+    tokens: int  # how many to generate
+    join_at: int = 0  # the batch step after which it joins
+    top_logprobs: int = -1
+    out: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    cache: object = None  # its caches once it left
+
+
+def prefilled(decoder, row: Row):
+    generator = _core.Generator(decoder, row.prompt, sampler_options(row.options), 512, row.top_logprobs)
+    while generator.prefill_chunk() > 0:
+        pass
+    return generator.take_cache()
+
+
+def run_batch(decoder, rows: list[Row]) -> None:
+    """Each row joins after its join_at-th step and leaves as soon as it has its tokens."""
+    batch = _core.BatchGenerator(decoder)
+    live: dict[int, Row] = {}
+    step = 0
+    while any(not r.out or len(r.out) < r.tokens for r in rows):
+        for row in rows:
+            if row.join_at == step and row.cache is None and not row.out:
+                live[batch.add(row.prompt, sampler_options(row.options), row.top_logprobs,
+                               prefilled(decoder, row))] = row
+        for row_id, token in batch.step():
+            live[row_id].out.append(token)
+            if live[row_id].top_logprobs >= 0:
+                live[row_id].logprobs.append(batch.logprobs(row_id))
+        for row_id, row in list(live.items()):
+            if len(row.out) == row.tokens:
+                assert batch.position(row_id) == len(row.prompt) + row.tokens
+                row.cache = batch.remove(row_id)
+                del live[row_id]
+        step += 1
+        assert step < 10_000
+    assert len(batch) == 0
+
+
+def lone(decoder, row: Row) -> tuple[list[int], list]:
+    generator = _core.Generator(decoder, row.prompt, sampler_options(row.options), 512, row.top_logprobs)
+    tokens, logprobs = [], []
+    for _ in range(row.tokens):
+        tokens.append(next(generator))
+        if row.top_logprobs >= 0:
+            logprobs.append(generator.logprobs)
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module", params=BATCHED)
+def case(request):
+    goldens = json.loads((ROOT / "goldens" / f"llm_{request.param}.json").read_text())
+    return goldens, load(str(ROOT.parent / goldens["model"]))
+
+
+def test_greedy_rows_match_their_lone_runs_and_transformers(case):
+    goldens, model = case
+    assert model.decoder.can_batch
+    prompts = {p["id"]: p["input_ids"] for p in goldens["prompts"]}
+    rows = [Row(prompts[e["prompt_id"]], GREEDY, len(e["new_ids"]), join_at=3 * i)
+            for i, e in enumerate(goldens["greedy"])]
+    run_batch(model.decoder, rows)
+    for row, entry in zip(rows, goldens["greedy"]):
+        assert row.out == lone(model.decoder, row)[0], entry["prompt_id"]
+        if goldens["metadata"]["dtype"] == "float32" and not ON_GPU:
+            # bf16 and GPU arithmetic differ from torch's: test_llm_parity bounds those by margins.
+            assert row.out == entry["new_ids"], entry["prompt_id"]
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def test_each_row_samples_with_its_own_options(case):
+    """Seeded sampling, penalties, top-k/p/min-p and logprobs per row, beside greedy rows."""
+    _, model = case
+    vocab = model.core_config.vocab_size
+    prompts = random_prompts(vocab, [1, 7, 33, 90, 12, 5])
+    options = [GREEDY, Options(temperature=0.9, seed=7, top_k=20), Options(temperature=0.0, repeat_penalty=1.3),
+               Options(temperature=1.2, top_p=0.8, min_p=0.05, seed=123, presence_penalty=0.5),
+               Options(temperature=0.7, seed=7, frequency_penalty=0.4), GREEDY]
+    rows = [Row(p, o, tokens=12 + 5 * i, join_at=i % 3, top_logprobs=3 if i in (1, 5) else -1)
+            for i, (p, o) in enumerate(zip(prompts, options))]
+    run_batch(model.decoder, rows)
+    for i, row in enumerate(rows):
+        tokens, logprobs = lone(model.decoder, row)
+        assert row.out == tokens, i
+        if row.top_logprobs >= 0:
+            assert [lp[1][0][0] for lp in row.logprobs] == [lp[1][0][0] for lp in logprobs]
+            for ours, theirs in zip(row.logprobs, logprobs):
+                assert ours[0] == pytest.approx(theirs[0], rel=1e-4, abs=1e-5)
+
+
+def test_a_row_leaving_early_leaves_the_others_alone(case):
+    """The short row leaves (as a cancelled or stopped request does) while the others keep decoding; the
+    caches it takes out hold its prompt and its tokens, and a lone generator resumed from them continues as
+    the lone run does."""
+    _, model = case
+    prompts = random_prompts(model.core_config.vocab_size, [20, 300, 3], seed=1)
+    rows = [Row(prompts[0], GREEDY, 40), Row(prompts[1], GREEDY, 4, join_at=2), Row(prompts[2], GREEDY, 25)]
+    run_batch(model.decoder, rows)
+    for row in rows:
+        assert row.out == lone(model.decoder, row)[0]
+    short = rows[1]
+    assert short.cache.length == len(short.prompt) + short.tokens
+    longer = Row(short.prompt, GREEDY, short.tokens + 6)
+    expected = lone(model.decoder, longer)[0]
+    resumed = _core.Generator(model.decoder, short.prompt + short.out + [expected[short.tokens]],
+                              sampler_options(GREEDY), 512, -1, short.cache)
+    assert [next(resumed) for _ in range(5)] == expected[short.tokens + 1:]
+
+
+def test_the_warm_up_leaves_nothing_behind(case):
+    """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels): batches of 2 and of max_batch rows."""
+    _, model = case
+    assert model.batch is not None and model.batch.max_jobs == 8
+    model.batch.warm_up()
+    assert len(model.batch) == 0 and len(model.prompt_cache) == 0
+
+
+@pytest.mark.parametrize("name", ["mistral-tiny", "gemma3-tiny", "glm4-moe-lite-tiny"])
+def test_sliding_window_and_latent_attention_do_not_batch(name):
+    model = load(str(ROOT / "fixtures" / "llm" / name))
+    assert not model.decoder.can_batch
+    with pytest.raises(ValueError, match="sliding-window or latent attention"):
+        _core.BatchGenerator(model.decoder)
+    assert model.batch is None  # its requests run one at a time
