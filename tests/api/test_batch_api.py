@@ -127,8 +127,10 @@ def test_the_queue_holds_what_the_batch_cannot_take():
     with Runner.start(str(QWEN3), timeout=120, extra_args=args) as runner:
         running = [Disconnecting(runner) for _ in range(2)]
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(r) for r in running]
-            assert all(r.started.wait(60) for r in running)
+            futures = []
+            for request in running:  # one after the other: two at once could find the one queue slot taken
+                futures.append(pool.submit(request))
+                assert request.started.wait(60)
             waiting = pool.submit(complete, runner, {"prompt": "queued", "options": {**GREEDY, "num_predict": 8}})
             wait_for_log(runner, "job 4 (completion) queued")  # job 1 loaded the model, 2 and 3 run
             conn = http.client.HTTPConnection(runner.host, runner.port, timeout=60)

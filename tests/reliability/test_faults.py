@@ -107,7 +107,8 @@ def test_leaving_during_the_vae_decode_cancels_it(image_runner):
 
 
 def test_leaving_while_queued_and_while_streaming_text():
-    with Runner.start(str(QWEN3), timeout=120) as runner:
+    # One request at a time: a second request waits in the queue (with batching it would join the first).
+    with Runner.start(str(QWEN3), timeout=120, extra_args=["--max-batch", "1"]) as runner:
         streaming = open_request(runner, "/completion", ENDLESS_TEXT)
         read_lines_until(streaming, lambda line: "content" in line)
         queued = open_request(runner, "/completion", {"prompt": "wait", "options": {"num_predict": 2}})
