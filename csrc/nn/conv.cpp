@@ -18,8 +18,10 @@ Conv2d Conv2d::load(const Weights& w, int in_channels, int out_channels, int ker
 namespace {
 
 // The most bytes a convolution may read as an im2col matrix (rows x columns x kernel area x channels) in one
-// piece: above it, it runs in bands. A VAE decode at 1024 x 1024 has 3x3 convolutions over 256 channels at
-// full resolution (an upsampler's): 4.8 GB of im2col in bf16, and its decode added ~10 GiB to the GPU's peak.
+// piece on the CPU: above it, it runs in bands. MLX's CPU convolution builds that matrix explicitly (a VAE
+// decode at 1024 x 1024 has 3x3 convolutions over 256 channels at full resolution: 4.8 GB of im2col in
+// bfloat16, twice that in float32). On CUDA, cuDNN's convolutions need no such buffer (measured on an H200: a
+// 1024 x 1024 x 256 convolution peaks at its output alone), and bands would only add the join's copy.
 constexpr int64_t kMaxConvPieceBytes = int64_t{512} << 20;
 
 int band_rows_for(const mx::array& x, const mx::array& weight) {
@@ -29,7 +31,8 @@ int band_rows_for(const mx::array& x, const mx::array& weight) {
 }
 
 mx::array convolve(const mx::array& x, const mx::array& weight, int stride, int padding) {
-  if (stride == 1 && band_rows_for(x, weight) < x.shape(1)) {
+  const bool explicit_im2col = mx::default_device() == mx::Device::cpu;
+  if (explicit_im2col && stride == 1 && band_rows_for(x, weight) < x.shape(1)) {
     return conv2d_in_bands(x, weight, padding, band_rows_for(x, weight));
   }
   return mx::conv2d(x, weight, {stride, stride}, {padding, padding});

@@ -18,7 +18,7 @@ from mlxrunner import store  # noqa: E402  (imports mlx.core)
 from mlxrunner.detect import Detected, Mode, detect  # noqa: E402
 from mlxrunner.errors import ModelError  # noqa: E402
 from mlxrunner.models import Embedder, ImageModel, LoadedModel, TextModel  # noqa: E402
-from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
+from mlxrunner.settings import DEFAULT_PROMPT_CACHE_BYTES, ENV_SKIP_MEMORY_CHECK, GIB, MIB  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
                 release_text_encoder: bool = False, low_memory: bool = False,
                 denoise_queue_depth: int | None = None,
                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                max_batch: int = DEFAULT_MAX_BATCH) -> TextModel | Embedder | ImageModel:
+                max_batch: int | None = None) -> TextModel | Embedder | ImageModel:
     if detected.mode is Mode.EMBEDDING:
         from mlxrunner.embed.bert import BertEmbedder
 
@@ -140,7 +140,7 @@ def build_model(source: store.ModelSource, detected: Detected, progress: Callabl
 def load(name: str, progress: Callable[[float], None] = lambda p: None, *, models_dir: str | None = None,
          skip_memory_check: bool = False, memory_limit: int | None = None, release_text_encoder: bool = False,
          low_memory: bool = False, denoise_queue_depth: int | None = None,
-         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int | None = None,
          modes: Collection[Mode] | None = None, warm_up: bool = True) -> LoadedModel:
     """Load `name` (a folder, an Ollama model name or an embedded name; see store.resolve).
 

@@ -116,8 +116,11 @@ def test_each_row_samples_with_its_own_options(case):
         assert row.out == tokens, i
         if row.top_logprobs >= 0:
             assert [lp[1][0][0] for lp in row.logprobs] == [lp[1][0][0] for lp in logprobs]
+            # A batch's rows go through matrix products where a lone row takes matrix-vector kernels: on the CPU
+            # the numbers agree to float32's last digits, on CUDA to ~0.3 % (measured on an H200).
+            tolerance = 1e-2 if ON_GPU else 1e-4
             for ours, theirs in zip(row.logprobs, logprobs):
-                assert ours[0] == pytest.approx(theirs[0], rel=1e-4, abs=1e-5)
+                assert ours[0] == pytest.approx(theirs[0], rel=tolerance, abs=1e-5)
 
 
 def test_a_row_leaving_early_leaves_the_others_alone(case):

@@ -84,7 +84,8 @@ def test_flags_of_the_server():
     assert resolve({**MODEL, "prompt_cache_size": "0"}, env={}).prompt_cache_bytes == 0
     assert resolve(MODEL, env={}).prompt_cache_bytes == settings.DEFAULT_PROMPT_CACHE_BYTES == 8 << 30
     assert resolve({**MODEL, "max_batch": "64"}, env={}).max_batch == 64
-    assert resolve(MODEL, env={}).max_batch == settings.DEFAULT_MAX_BATCH == 8
+    assert resolve(MODEL, env={}).max_batch is None  # the backend's: DEFAULT_MAX_BATCH
+    assert settings.DEFAULT_MAX_BATCH == {"cpu": 8, "gpu": 1}
 
 
 @pytest.mark.parametrize("env, message", [

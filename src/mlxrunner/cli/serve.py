@@ -52,7 +52,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-depth", help=f"requests that may wait while one runs (default {DEFAULT_QUEUE_DEPTH}); "
                         "more get 503")
     parser.add_argument("--max-batch", metavar="N", help="LLMs: requests decoded together (default "
-                        f"{DEFAULT_MAX_BATCH}; 1: one at a time)")
+                        f"{DEFAULT_MAX_BATCH['cpu']} on the CPU, {DEFAULT_MAX_BATCH['gpu']} on a GPU; "
+                        "1: one at a time)")
     parser.add_argument("--max-body-mb", help=f"largest request body in MiB (default {DEFAULT_MAX_BODY_MB})")
     parser.add_argument("--prompt-cache-size", metavar="BYTES", help="LLMs: bytes of earlier prompts' key/value "
                         "caches kept for reuse (16GB, 512MiB, ...; default 8GiB; 0 turns the cache off)")

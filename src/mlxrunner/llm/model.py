@@ -164,7 +164,7 @@ class LanguageModel:
     """A loaded decoder LLM. Use from one thread at a time (the runner's MLX worker)."""
 
     def __init__(self, source, progress: Callable[[float], None] | None = None,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int = DEFAULT_MAX_BATCH):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, max_batch: int | None = None):
         config = source.read_json("config.json")
         self.config = config
         self.core_config = decoder_config(config)
@@ -189,8 +189,11 @@ class LanguageModel:
         if mx.default_device() == mx.gpu:
             self._warm_up_gpu_kernels()
 
-    def _batch_scheduler(self, max_batch: int) -> BatchScheduler | None:
-        """Requests decode together (llm/batch.py) unless max_batch is 1 or the model cannot batch."""
+    def _batch_scheduler(self, max_batch: int | None) -> BatchScheduler | None:
+        """Requests decode together (llm/batch.py) unless max_batch is 1 or the model cannot batch (None: the
+        backend's default)."""
+        if max_batch is None:
+            max_batch = DEFAULT_MAX_BATCH["cpu" if mx.default_device() == mx.cpu else "gpu"]
         if max_batch <= 1:
             return None
         if not self.decoder.can_batch:
