@@ -47,7 +47,7 @@ from mlxrunner.imagegen.pipeline import (
     Progress,
     read_schedule,
 )
-from mlxrunner.imagegen.vae import Vae, auto_tile, request_tile
+from mlxrunner.imagegen.vae import Vae, auto_tile, decode_working_bytes, request_tile
 
 TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated
 REFERENCE_POSITION_SCALE = 10  # reference image k sits at T = 10 (k + 1)
@@ -244,6 +244,12 @@ class Flux2KleinPipeline(ImagePipeline):
             ids.append(position_ids(p.shape[2] // SIZE_MULTIPLE, p.shape[3] // SIZE_MULTIPLE,
                                     REFERENCE_POSITION_SCALE * (k + 1)))
         return mx.concatenate(tokens, axis=1), np.concatenate(ids)
+
+    def working_bytes(self, request: ImageRequest) -> int:
+        """As every model's, or the encode of a reference image larger than the output (the encoder's activations
+        are the decoder's at the same size: the same blocks, in the other order)."""
+        sides = [(pixels.shape[3], pixels.shape[2]) for pixels in request.references]
+        return max([super().working_bytes(request)] + [decode_working_bytes(self.vae.config, w, h) for w, h in sides])
 
     # --- the loop and the decoder ----------------------------------------------------------------
 

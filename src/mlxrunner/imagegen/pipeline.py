@@ -25,7 +25,7 @@ from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
-from mlxrunner.imagegen.vae import request_tile
+from mlxrunner.imagegen.vae import decode_working_bytes, request_tile
 from mlxrunner.llm.model import core_quantization
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,21 @@ class ImagePipeline(ABC):
         blocks and the VAE decode between its blocks (`progress` may also stop the loop between steps).
         `cache_threshold` > 0 turns on the first-block step cache (StepCache); None or 0: off. `vae_tile`: the
         VAE's tiles in pixels (decode, and the encode of reference images): None tiles images above 1024² only,
-        0 never tiles, n > 0 tiles of n pixels (a multiple of 64) with 25 % overlap, blended."""
+        0 never tiles, n > 0 tiles of n pixels (a multiple of 64) with 25 % overlap, blended. MLX's buffer cache
+        is held to the job's working_bytes() while it runs."""
         started = time.perf_counter()
         cache = step_cache(cache_threshold)
         request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents,
                                        vae_tile)
+        with backend.cache_limit(self.working_bytes(request)):
+            return self.run_request(request, prompt, negative_prompt, latents, progress, check_cancelled, cache,
+                                    started)
+
+    def run_request(self, request: ImageRequest, prompt: str, negative_prompt: str | None, latents,
+                    progress: Progress | None, check_cancelled: Callable[[], None] | None,
+                    cache: _core.StepCache | None, started: float) -> GeneratedImage:
+        """run() once the request is checked: noise, encode, denoise, decode, each phase timed and its peak
+        memory measured."""
         backend.reset_peak_memory()
         noise = self.initial_latents(request, latents)
         conditioning, truncated = self.condition(prompt, negative_prompt, request, check_cancelled)
@@ -318,6 +328,12 @@ class ImagePipeline(ABC):
             guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
             latents=np.asarray(decoder_latents), peak_memory=peaks,
             step_cache=cache and StepCacheReport(cache.threshold, cache.computed, cache.skipped))
+
+    def working_bytes(self, request: ImageRequest) -> int:
+        """What this job's activations may need, to which MLX's buffer cache is held while it runs (a smaller
+        job after a larger one does not keep the larger one's buffers): the untiled VAE decode at its size, the
+        largest phase (benchmarks/README.md), and an upper bound of the tiled decode's and of the denoiser's."""
+        return decode_working_bytes(self.vae.config, request.width, request.height)
 
     def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
                         progress: Progress | None, check_cancelled: Callable[[], None] | None,
