@@ -8,6 +8,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/conv.h"
+#include "nn/cpu_kernels.h"
 #include "nn/linear.h"
 #include "nn/rope.h"
 
@@ -17,6 +18,12 @@ void bind_building_blocks(nb::module_& m) {
   bind_config<QuantSpec>(m, "QuantSpec", "How a packed weight was quantized: mx.quantize's bits, group_size, mode.");
   m.def(
       "gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
+  m.def(
+      "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x * sigmoid(x).");
+  m.def(
+      "gated_silu", [](const mx::array& gate, const mx::array& up) { return evaluated(gated_silu(gate, up)); },
+      "gate"_a, "up"_a, nb::call_guard<nb::gil_scoped_release>(), "silu(gate) * up, the gated MLP's activation.");
   m.def(
       "linear",
       [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias) {
@@ -59,6 +66,19 @@ void bind_building_blocks(nb::module_& m) {
       "blocks"_a, "scales"_a, nb::call_guard<nb::gil_scoped_release>(),
       "A GPT-OSS checkpoint's MXFP4 *_blocks / *_scales as the loader keeps them: (MLX mxfp4 weight, scales); "
       "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
+  m.def(
+      "masked_attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask) {
+        return evaluated(attention(q, k, v, mask));
+      },
+      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+      "Attention over [B, H, L, D] with an optional mask as mx.fast.scaled_dot_product_attention takes it (bool: "
+      "True attends; float: added to the scores): the encoders' and DiTs' attention.");
+  m.def(
+      "softmax",
+      [](const mx::array& x) { return evaluated(on_cpu_kernels(x) ? softmax_last_axis(x) : mx::softmax(x, -1)); },
+      "x"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "Softmax over the last axis; float32 on the CPU on every core (nn/cpu_kernels.h).");
 }
 
 }  // namespace mlxr::bindings

@@ -74,9 +74,17 @@ void bind_vae(nb::module_& m) {
 
   bind_network<VaeEncoder>(m, "VaeEncoder", "AutoencoderKL encoder (NHWC in and out).")
       .def(
-          "encode", [](const VaeEncoder& self, const mx::array& x) { return evaluated(self(x)); }, "image"_a,
-          nb::call_guard<nb::gil_scoped_release>(),
-          "Image [B, H, W, 3] in [-1, 1] -> the posterior mean [B, H/8, W/8, C].");
+          "encode",
+          [](const VaeEncoder& self, const mx::array& x, int tile, nb::object check_cancelled) {
+            auto between_blocks = cancel_check(check_cancelled);
+            nb::gil_scoped_release release;
+            return evaluated(tile > 0 ? self.tiled(x, tile, 0.25f, between_blocks) : self(x, between_blocks));
+          },
+          "image"_a, "tile"_a = 0, "check_cancelled"_a = nb::none(),
+          "Image [B, H, W, 3] in [-1, 1] -> the posterior mean [B, H/8, W/8, C]; tile > 0 encodes in overlapping "
+          "tiles of that many pixels (diffusers' _tiled_encode). check_cancelled() is called between encoder "
+          "blocks and tiles; an exception it raises stops the encode and propagates.")
+      .def_prop_ro("scale_factor", &VaeEncoder::scale_factor);
 }
 
 void bind_zimage(nb::module_& m) {

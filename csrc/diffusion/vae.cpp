@@ -137,24 +137,22 @@ mx::array blend(const mx::array& a, const mx::array& b, int extent, int axis) {
 
 }  // namespace
 
-mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor,
-                            const BetweenBlocks& between_blocks) const {
-  const int scale = scale_factor();
-  const int sample_tile = tile * scale;
+mx::array tiled_pass(const mx::array& x, int tile, int out_tile, float overlap_factor,
+                     const std::function<mx::array(const mx::array&)>& network, const BetweenBlocks& between_blocks) {
   const int stride = static_cast<int>(tile * (1 - overlap_factor));
-  const int extent = static_cast<int>(sample_tile * overlap_factor);
-  const int keep = sample_tile - extent;
-  if (stride <= 0) throw std::invalid_argument("VAE tiling: tile too small for the overlap");
-  const int h = z.shape(1), w = z.shape(2);
+  const int extent = static_cast<int>(out_tile * overlap_factor);
+  const int keep = out_tile - extent;
+  if (stride <= 0 || keep <= 0) throw std::invalid_argument("VAE tiling: tile too small for the overlap");
+  const int h = x.shape(1), w = x.shape(2);
   std::vector<std::vector<mx::array>> rows;
   for (int i = 0; i < h; i += stride) {
     std::vector<mx::array> row;
     for (int j = 0; j < w; j += stride) {
-      auto piece = mx::slice(z, {0, i, j, 0}, {z.shape(0), std::min(h, i + tile), std::min(w, j + tile), z.shape(3)});
-      auto decoded = (*this)(piece, between_blocks);
-      mx::eval(decoded);  // one tile's activations at a time: that is the point of tiling
+      auto piece = mx::slice(x, {0, i, j, 0}, {x.shape(0), std::min(h, i + tile), std::min(w, j + tile), x.shape(3)});
+      auto out = network(piece);
+      mx::eval(out);  // one tile's activations at a time: that is the point of tiling
       if (between_blocks) between_blocks();
-      row.push_back(decoded);
+      row.push_back(out);
     }
     rows.push_back(std::move(row));
   }
@@ -172,6 +170,13 @@ mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor,
     result_rows.push_back(mx::concatenate(kept, 2));
   }
   return mx::concatenate(result_rows, 1);
+}
+
+mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor,
+                            const BetweenBlocks& between_blocks) const {
+  return tiled_pass(
+      z, tile, tile * scale_factor(), overlap_factor, [&](const mx::array& piece) { return (*this)(piece, between_blocks); },
+      between_blocks);
 }
 
 VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
@@ -206,20 +211,38 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
   }
 }
 
-mx::array VaeEncoder::operator()(const mx::array& image) const {
+mx::array VaeEncoder::operator()(const mx::array& image, const BetweenBlocks& between_blocks) const {
+  auto checkpoint = [&](mx::array& x) {
+    if (!between_blocks) return;
+    mx::eval(x);
+    between_blocks();
+  };
   auto x = conv_in_(image);
   for (const auto& block : down_blocks_) {
-    for (const auto& resnet : block.resnets) x = resnet(x);
+    for (const auto& resnet : block.resnets) {
+      x = resnet(x);
+      checkpoint(x);
+    }
     if (block.downsampler) {
       // diffusers' Downsample2D(padding=0) pads (0, 1, 0, 1): one zero row below, one column right.
       x = mx::pad(x, {{0, 0}, {0, 1}, {0, 1}, {0, 0}});
       x = (*block.downsampler)(x);
     }
   }
-  x = conv_out_(norm_out_(mid_(x), /*then_silu=*/true));
+  x = mid_(x);
+  checkpoint(x);
+  x = conv_out_(norm_out_(x, /*then_silu=*/true));
   if (quant_conv_) x = (*quant_conv_)(x);
   // The posterior's mode is its mean: the first latent_channels channels.
   return mx::slice(x, {0, 0, 0, 0}, {x.shape(0), x.shape(1), x.shape(2), config_.latent_channels});
+}
+
+mx::array VaeEncoder::tiled(const mx::array& image, int tile, float overlap_factor,
+                            const BetweenBlocks& between_blocks) const {
+  // Blending the mean alone is blending the moments diffusers blends: the blend is per channel.
+  return tiled_pass(
+      image, tile, tile / scale_factor(), overlap_factor,
+      [&](const mx::array& piece) { return (*this)(piece, between_blocks); }, between_blocks);
 }
 
 }  // namespace mlxr

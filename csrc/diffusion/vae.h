@@ -71,13 +71,21 @@ struct VaeDownBlock {
   std::optional<Conv2d> downsampler;  // pad right/bottom by 1, then 3x3 conv with stride 2
 };
 
+// Called between a VAE network's blocks (and tiles); it throws to stop the pass (a client that left).
+using BetweenBlocks = std::function<void()>;
+
+// diffusers' tiled_decode / _tiled_encode for either direction: `network` runs on overlapping tiles of `tile`
+// input pixels a side, starting every tile * (1 - overlap_factor) pixels, each giving `out_tile` output pixels
+// (x8 decoding, /8 encoding); each output tile fades in over overlap_factor * out_tile rows and columns from
+// its upper and left neighbours (blended in place, as diffusers does) and keeps the rest up to the next start.
+// One tile's activations at a time: that is what bounds memory at large sizes.
+mx::array tiled_pass(const mx::array& x, int tile, int out_tile, float overlap_factor,
+                     const std::function<mx::array(const mx::array&)>& network, const BetweenBlocks& between_blocks);
+
 class VaeDecoder {
  public:
   // `weights` holds the VAE component's tensors (names as diffusers saves them: decoder.*, post_quant_conv.*).
   VaeDecoder(const VaeConfig& config, const WeightMap& weights);
-
-  // Called between decoder blocks (and tiles); it throws to stop the decode (a client that left).
-  using BetweenBlocks = std::function<void()>;
 
   // Latents [B, h, w, latent_channels] (already unscaled) -> image [B, 8h, 8w, out_channels] in [-1, 1].
   // With `between_blocks`, each block is evaluated before it is called, so a stop lands within one
@@ -107,8 +115,16 @@ class VaeEncoder {
   VaeEncoder(const VaeConfig& config, const WeightMap& weights);
 
   // Image [B, H, W, in_channels] in [-1, 1] -> the posterior's mean [B, H/8, W/8, latent_channels]
-  // (its mode: what a deterministic encode uses).
-  mx::array operator()(const mx::array& x) const;
+  // (its mode: what a deterministic encode uses). With `between_blocks`, each block is evaluated before it
+  // is called, as the decoder's.
+  mx::array operator()(const mx::array& x, const BetweenBlocks& between_blocks = {}) const;
+
+  // The same, encoded in overlapping tiles of `tile` pixels (diffusers' AutoencoderKL._tiled_encode; `tile`
+  // a multiple of the downsampling factor).
+  mx::array tiled(const mx::array& x, int tile, float overlap_factor = 0.25f,
+                  const BetweenBlocks& between_blocks = {}) const;
+
+  int scale_factor() const { return 1 << (config_.block_out_channels.size() - 1); }
 
   const VaeConfig& config() const { return config_; }
 

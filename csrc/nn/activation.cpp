@@ -3,31 +3,26 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "nn/cpu_kernels.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
 
 namespace {
 
-// erf(x) as Eigen's float approximation: a rational function of x on [-4, 4] (beyond it erf is
-// +-1 in float32), max error ~1e-7. Only multiplies, adds and one divide: on MLX's CPU backend
+// erf by kErfNumerator / kErfDenominator. Only multiplies, adds and one divide: on MLX's CPU backend
 // transcendental ops run per element without vectorisation (mx::erf ~70x slower than a multiply),
 // and erf made GELU the most expensive op of a BERT layer (benchmarks/README.md).
 mx::array erf_rational(const mx::array& v) {
   auto c = [](double k) { return mx::array(static_cast<float>(k)); };
   auto x = mx::clip(v, c(-4.0), c(4.0));
   auto x2 = mx::square(x);
-  auto horner = [&](std::initializer_list<double> coefficients) {
-    auto it = coefficients.begin();
-    auto acc = c(*it);
-    for (++it; it != coefficients.end(); ++it) acc = mx::add(mx::multiply(acc, x2), c(*it));
+  auto horner = [&](const auto& coefficients) {
+    auto acc = c(coefficients.front());
+    for (size_t i = 1; i < coefficients.size(); ++i) acc = mx::add(mx::multiply(acc, x2), c(coefficients[i]));
     return acc;
   };
-  auto p = horner({-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-                   -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02});
-  auto q = horner({-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-                   -1.42647390514189e-02});
-  return mx::divide(mx::multiply(x, p), q);
+  return mx::divide(mx::multiply(x, horner(kErfNumerator)), horner(kErfDenominator));
 }
 
 std::vector<mx::array> silu_impl(const std::vector<mx::array>& in) {
@@ -41,6 +36,7 @@ std::vector<mx::array> gated_silu_impl(const std::vector<mx::array>& in) {
 }  // namespace
 
 mx::array gelu(const mx::array& x) {
+  if (on_cpu_kernels(x)) return gelu_erf_cpu(x);
   auto xf = mx::astype(x, mx::float32);
   auto y =
       mx::multiply(mx::multiply(xf, mx::array(0.5f)),
@@ -65,16 +61,20 @@ mx::array activation(const std::string& name, const mx::array& x) {
   if (name == "gelu") return gelu(x);
   if (name == "gelu_new" || name == "gelu_pytorch_tanh") return gelu_tanh(x);
   if (name == "relu") return mx::maximum(x, mx::array(0.0f, x.dtype()));
-  if (name == "silu" || name == "swish") return mx::multiply(x, mx::sigmoid(x));
+  if (name == "silu" || name == "swish") return on_cpu_kernels(x) ? silu_cpu(x) : mx::multiply(x, mx::sigmoid(x));
   throw std::invalid_argument("unsupported activation '" + name + "'");
 }
 
 mx::array silu(const mx::array& x) {
+  if (on_cpu_kernels(x) && !fuse_elementwise()) return silu_cpu(x);
   static auto fused = mx::compile(silu_impl, /*shapeless=*/true);
   return run_fused(fused, silu_impl, {x});
 }
 
 mx::array gated_silu(const mx::array& gate, const mx::array& up) {
+  if (on_cpu_kernels(gate) && up.dtype() == gate.dtype() && up.shape() == gate.shape() && !fuse_elementwise()) {
+    return gated_silu_cpu(gate, up);
+  }
   static auto fused = mx::compile(gated_silu_impl, /*shapeless=*/true);
   return run_fused(fused, gated_silu_impl, {gate, up});
 }

@@ -1,6 +1,9 @@
 #include "nn/attention.h"
 
 #include <cmath>
+#include <limits>
+
+#include "nn/cpu_kernels.h"
 
 namespace mlxr {
 
@@ -8,6 +11,47 @@ namespace {
 
 float scale_or_default(std::optional<float> scale, const mx::array& q) {
   return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
+}
+
+// What mx::fast::scaled_dot_product_attention runs on the CPU (the fallback in MLX 0.32's mlx/fast.cpp), op for op,
+// with its softmax on all cores (nn/cpu_kernels.h): the same bits, faster. `mask` as SDPA takes it; `causal`
+// builds MLX's causal mask instead.
+mx::array attention_on_cpu(const mx::array& q, const mx::array& k, const mx::array& v,
+                           const std::optional<mx::array>& mask, bool causal, float scale) {
+  const int kv_heads = k.shape(1), repeats = q.shape(1) / kv_heads;
+  auto queries = mx::multiply(mx::array(scale, q.dtype()), q);
+  auto keys = k, values = v;
+  if (repeats > 1) {  // grouped-query attention: each key/value head serves `repeats` query heads
+    queries = mx::unflatten(queries, 1, {kv_heads, repeats});
+    keys = mx::expand_dims(k, 2);
+    values = mx::expand_dims(v, 2);
+  }
+  auto scores = mx::matmul(queries, mx::swapaxes(keys, -1, -2));
+  std::optional<mx::array> allowed;
+  if (causal) {
+    const int key_length = keys.shape(-2), query_length = queries.shape(-2), offset = key_length - query_length;
+    allowed = mx::greater_equal(mx::expand_dims(mx::arange(offset, query_length + offset), 1),
+                                mx::expand_dims(mx::arange(0, key_length), 0));
+  } else if (mask) {
+    auto shape = q.shape();
+    shape.back() = k.shape(-2);
+    allowed = mx::broadcast_to(mask->dtype() == mx::bool_ ? *mask : mx::astype(*mask, q.dtype()), shape);
+  }
+  if (allowed) {
+    if (repeats > 1 && allowed->ndim() >= 3) {
+      allowed = allowed->shape(-3) == 1 ? mx::expand_dims(*allowed, -3) : mx::unflatten(*allowed, -3, {kv_heads, repeats});
+    }
+    scores = allowed->dtype() == mx::bool_
+                 ? mx::where(*allowed, scores, mx::array(std::numeric_limits<float>::lowest(), scores.dtype()))
+                 : mx::add(scores, *allowed);
+  }
+  auto out = mx::matmul(softmax_last_axis(scores), values);
+  return repeats > 1 ? mx::flatten(out, 1, 2) : out;
+}
+
+bool takes_cpu_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                         const std::optional<mx::array>& sinks) {
+  return !sinks && on_cpu_kernels(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
 }
 
 }  // namespace
@@ -35,12 +79,16 @@ mx::array merge_heads(const mx::array& x) {
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
                     std::optional<float> scale, const std::optional<mx::array>& sinks) {
+  if (takes_cpu_attention(q, k, v, sinks)) return attention_on_cpu(q, k, v, mask, false, scale_or_default(scale, q));
   return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), "", mask, sinks);
 }
 
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,
                            const std::optional<mx::array>& sinks) {
   // A single query is the last position: it sees every key, and needs no mask.
+  if (takes_cpu_attention(q, k, v, sinks)) {
+    return attention_on_cpu(q, k, v, std::nullopt, q.shape(2) > 1, scale_or_default(scale, q));
+  }
   return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), q.shape(2) > 1 ? "causal" : "",
                                                 std::nullopt, sinks);
 }

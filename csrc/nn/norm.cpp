@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nn/cpu_kernels.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
@@ -87,8 +88,13 @@ mx::array GroupNorm::operator()(const mx::array& x, bool then_silu) const {
   auto var = group_mean_per_channel(mx::sum(run_fused(centred_square, centred_square_impl, {pixels, mean}), 1));
   auto scale = mx::multiply(mx::rsqrt(mx::add(var, mx::array(eps))), mx::astype(weight, mx::float32));
   auto shift = mx::astype(bias, mx::float32);
-  auto y = then_silu ? run_fused(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
-                     : run_fused(normalise, normalise_impl, {pixels, mean, scale, shift});
+  mx::array y = pixels;
+  if (then_silu && on_cpu_kernels(x) && !fuse_elementwise()) {  // the same arithmetic, the SiLU on every core
+    y = silu_cpu(run_fused(normalise, normalise_impl, {pixels, mean, scale, shift}));
+  } else {
+    y = then_silu ? run_fused(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
+                  : run_fused(normalise, normalise_impl, {pixels, mean, scale, shift});
+  }
   return mx::reshape(y, {b, h, wd, c});
 }
 

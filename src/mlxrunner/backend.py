@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Iterator
 
 from mlxrunner.settings import CPU_DTYPES, DEFAULT_CPU_DTYPE
 
@@ -143,6 +145,22 @@ def reset_peak_memory() -> int:
     _peak_before_reset = max(_peak_before_reset, peak)
     mx.reset_peak_memory()
     return peak
+
+
+@contextmanager
+def cache_limit(limit: int) -> Iterator[None]:
+    """MLX's buffer cache held to at most `limit` bytes while the block runs (never raised: MLX keeps 32 MiB on
+    the CPU, the memory limit on a GPU), then given its previous limit back. Lowering the limit frees the cached
+    buffers above it, so what an earlier, larger job left cached is let go as this one starts, instead of
+    sitting beside its arrays."""
+    mx = import_mlx()
+    previous = mx.set_cache_limit(limit)
+    if previous < limit:
+        mx.set_cache_limit(previous)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
 
 
 def peak_memory() -> int:

@@ -81,10 +81,11 @@ class ImageModel(Protocol):
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents: object = None,
             progress: Progress | None = None, check_cancelled: CheckCancelled | None = None,
-            cache_threshold: float | None = None) -> GeneratedImage:
+            cache_threshold: float | None = None, vae_tile: int | None = None) -> GeneratedImage:
         """The image and how it was made. None = the model's default; `progress(step, total)` is called
         before each denoising step and may raise to stop the run; `check_cancelled()` likewise between
-        transformer blocks and the VAE decoder's blocks. `cache_threshold`: the step cache's, None = off."""
+        transformer blocks and the VAE decoder's blocks. `cache_threshold`: the step cache's, None = off; `vae_tile`:
+        the VAE's tile in pixels, None = by size, 0 = one pass."""
 
     def warm_up(self) -> tuple[int, float]:
         """One small run at load, so the first request is not slower than the rest: (image side, seconds)."""

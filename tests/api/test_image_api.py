@@ -33,7 +33,7 @@ BASE = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2
 # The cheapest good request: one step, no CFG, 32x32.
 GOOD = {"prompt": "still serving", "width": 32, "height": 32, "steps": 1, "guidance": 0, "seed": 1}
 # Long enough that finishing it would take many seconds (200 steps at 256x256, >= ~15 s here).
-LONG = {"prompt": "a long job", "width": 256, "height": 256, "steps": 200, "seed": 1}
+LONG = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_llmserver_reads_health_as_its_integer_status(go_clients):
 
 
 def test_the_image_parent_reports_a_job_cut_by_shutdown_as_an_error(go_clients):
-    long_job = {"prompt": "a long job", "width": 256, "height": 256, "steps": 200, "seed": 1}  # >= ~15 s here
+    long_job = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}  # >= ~15 s here
     runner = Runner.start(str(ZIMAGE), timeout=120)
     try:
         client = subprocess.Popen([str(go_clients), "image-completion", str(runner.port), json.dumps(long_job)],

@@ -155,7 +155,8 @@ def image_job(model: ImageModel, req: CompletionRequest,
         references = image_io.decode_request_images(req.images, limits)
         result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=req.seed,
                            negative_prompt=req.negative_prompt, guidance=req.guidance, images=references or None,
-                           progress=progress, check_cancelled=ctx.check_cancelled, cache_threshold=req.cache_threshold)
+                           progress=progress, check_cancelled=ctx.check_cancelled, cache_threshold=req.cache_threshold,
+                           vae_tile=req.vae_tile)
         cache = result.step_cache
         done = functools.partial(
             ImageDone, seed=result.seed, width=result.width, height=result.height, steps=result.steps,

@@ -100,7 +100,7 @@ def image_job(model: ImageModel, req: ImageRequest, limits: Limits) -> Callable[
             result = model.run(req.prompt, width=req.width, height=req.height, steps=req.steps, seed=seed,
                                negative_prompt=req.negative_prompt, guidance=req.guidance, images=references,
                                progress=progress, check_cancelled=ctx.check_cancelled,
-                               cache_threshold=req.cache_threshold)
+                               cache_threshold=req.cache_threshold, vae_tile=req.vae_tile)
             pngs.append(image_io.on_png_thread(image_io.png_base64, result.image, result.png_text(req.prompt)))
         return pngs
 

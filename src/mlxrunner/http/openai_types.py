@@ -28,6 +28,7 @@ from mlxrunner.http.protocol import (
     _str_field,
     parse_cache,
     parse_embedding,
+    parse_vae_tile,
 )
 
 if TYPE_CHECKING:
@@ -350,10 +351,11 @@ class ImageRequest:
     guidance: float | None
     images: list[bytes] = field(default_factory=list)  # reference images (edits)
     cache_threshold: float | None = None  # the step cache's (an extra field, "cache": {"threshold": x}); None: off
+    vae_tile: int | None = None  # the VAE's tile in pixels (an extra field, as on /completion); None: by size
 
 
 # Form fields arrive as text (the openai client sends `n="2"`): these are converted before parse_image_request.
-_INT_FORM_FIELDS = ("n", "seed", "steps")
+_INT_FORM_FIELDS = ("n", "seed", "steps", "vae_tile")
 _FLOAT_FORM_FIELDS = ("guidance_scale",)
 
 
@@ -399,6 +401,7 @@ def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) ->
         guidance=_float_field(body, "guidance_scale", 0.0, 100.0),
         images=list(images),
         cache_threshold=parse_cache(body.get("cache"), limits),
+        vae_tile=parse_vae_tile(body, limits),
     )
 
 

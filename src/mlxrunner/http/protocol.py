@@ -39,6 +39,9 @@ class Limits:
     max_output_pixels: int = 2048 * 2048  # width x height of a generated image
     # The step cache's threshold, a relative change of the first block's residual (diffusers' default: 0.05).
     max_cache_threshold: float = 10.0
+    # The VAE's tile ("vae_tile", pixels a side): a multiple of 8 latents, so that its 25 % overlap is whole latents.
+    vae_tile_multiple: int = 64
+    max_vae_tile: int = 2048
     max_steps: int = 200  # denoising steps (transformer evaluations)
     max_embedding_inputs: int = 2048
     max_num_predict: int = 1 << 20
@@ -222,6 +225,7 @@ class CompletionRequest:
     options: Options = field(default_factory=Options)
     has_options: bool = False  # the client sent "options" (an image model reports it ignored)
     cache_threshold: float | None = None  # the step cache's ("cache": {"threshold": x}); None: off
+    vae_tile: int | None = None  # the VAE's tile in pixels; None: tiles above 1024² only, 0: never
 
 
 def _decode_images(value: Any, limits: Limits) -> list[bytes]:
@@ -265,6 +269,15 @@ def parse_cache(value: Any, limits: Limits) -> float | None:
     return threshold or None
 
 
+def parse_vae_tile(body: dict, limits: Limits) -> int | None:
+    """`"vae_tile"`: the VAE's tile side in pixels (0: one pass, never tiled); None when absent (by size)."""
+    tile = _int_field(body, "vae_tile", 0, limits.max_vae_tile)
+    if tile is not None and tile % limits.vae_tile_multiple:
+        raise RequestError(f'field "vae_tile" must be 0 or a multiple of {limits.vae_tile_multiple}, got {tile}',
+                           field="vae_tile")
+    return tile
+
+
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompt = _str_field(body, "prompt")
     if prompt is None:
@@ -288,6 +301,7 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         options=parse_options(body.get("options"), limits),
         has_options=body.get("options") is not None,
         cache_threshold=parse_cache(body.get("cache"), limits),
+        vae_tile=parse_vae_tile(body, limits),
     )
 
 

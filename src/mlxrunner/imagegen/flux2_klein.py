@@ -47,7 +47,7 @@ from mlxrunner.imagegen.pipeline import (
     Progress,
     read_schedule,
 )
-from mlxrunner.imagegen.vae import Vae
+from mlxrunner.imagegen.vae import Vae, auto_tile, decode_working_bytes, request_tile
 
 TEXT_LAYERS = [9, 18, 27]  # diffusers' text_encoder_out_layers: hidden_states indices, concatenated
 REFERENCE_POSITION_SCALE = 10  # reference image k sits at T = 10 (k + 1)
@@ -138,10 +138,16 @@ class Flux2Vae(Vae):
         """Packed model latents [1, h * w, 4C] -> the decoder's input [1, C, 2h, 2w] (float32)."""
         return unpatchify(unpack(tokens.astype(mx.float32), h, w) * self.bn_std + self.bn_mean)
 
-    def encode_tokens(self, pixels) -> mx.array:
-        """Encoder input [1, 3, H, W] in [-1, 1] -> packed, BN-normalised tokens [1, HW/256, 4C] (float32)."""
+    def encode_tokens(self, pixels, tile: int | None = None,
+                      check_cancelled: Callable[[], None] | None = None) -> mx.array:
+        """Encoder input [1, 3, H, W] in [-1, 1] -> packed, BN-normalised tokens [1, HW/256, 4C] (float32).
+        `tile` (latents a side, as decode's): None decides by size (auto_tile), 0 is one pass, n > 0 encodes
+        tiles of 8n pixels. check_cancelled() runs between the encoder's blocks and tiles."""
         x = mx.array(pixels).astype(self.dtype).transpose(0, 2, 3, 1)
-        mean = self.encoder.encode(x).astype(mx.float32).transpose(0, 3, 1, 2)
+        scale = self.encoder.scale_factor
+        if tile is None:
+            tile = auto_tile(x.shape[1] // scale, x.shape[2] // scale)
+        mean = self.encoder.encode(x, tile * scale, check_cancelled).astype(mx.float32).transpose(0, 3, 1, 2)
         return pack((patchify(mean) - self.bn_mean) / self.bn_std)
 
 
@@ -218,8 +224,9 @@ class Flux2KleinPipeline(ImagePipeline):
     def prepare_references(self, images: list) -> list[np.ndarray]:
         return [reference_pixels(image, f"images[{k}]") for k, image in enumerate(images)]
 
-    def encode_references(self, references: list[np.ndarray]) -> tuple[mx.array, mx.array]:
-        tokens, ids = self.reference_tokens(references)
+    def encode_references(self, references: list[np.ndarray], vae_tile: int | None = None,
+                          check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, mx.array]:
+        tokens, ids = self.reference_tokens(references, vae_tile, check_cancelled)
         mx.eval(tokens)
         return tokens, mx.array(ids)
 
@@ -227,13 +234,22 @@ class Flux2KleinPipeline(ImagePipeline):
         """Reference images -> packed tokens [1, Lr, C] and their ids (10 (k + 1), y, x, 0) [Lr, 4]."""
         return self.reference_tokens(self.prepare_references(images))
 
-    def reference_tokens(self, pixels: list[np.ndarray]) -> tuple[mx.array, np.ndarray]:
+    def reference_tokens(self, pixels: list[np.ndarray], vae_tile: int | None = None,
+                         check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
+        """`vae_tile`: the request's (pixels; None: by size), which the encoder's tiles follow."""
         tokens, ids = [], []
         for k, p in enumerate(pixels):  # each image encoded on its own
-            tokens.append(self.vae.encode_tokens(p))
+            tile = request_tile(vae_tile, p.shape[3], p.shape[2])
+            tokens.append(self.vae.encode_tokens(p, tile, check_cancelled))
             ids.append(position_ids(p.shape[2] // SIZE_MULTIPLE, p.shape[3] // SIZE_MULTIPLE,
                                     REFERENCE_POSITION_SCALE * (k + 1)))
         return mx.concatenate(tokens, axis=1), np.concatenate(ids)
+
+    def working_bytes(self, request: ImageRequest) -> int:
+        """As every model's, or the encode of a reference image larger than the output (the encoder's activations
+        are the decoder's at the same size: the same blocks, in the other order)."""
+        sides = [(pixels.shape[3], pixels.shape[2]) for pixels in request.references]
+        return max([super().working_bytes(request)] + [decode_working_bytes(self.vae.config, w, h) for w, h in sides])
 
     # --- the loop and the decoder ----------------------------------------------------------------
 
@@ -252,7 +268,8 @@ class Flux2KleinPipeline(ImagePipeline):
                                    self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, tokens: mx.array, width: int, height: int,
-                     check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
+                     check_cancelled: Callable[[], None] | None = None, tile: int | None = None
+                     ) -> tuple[mx.array, np.ndarray]:
         """Final packed latents -> (the VAE input [1, C, H/8, W/8], float32 [H, W, 3] in [0, 1])."""
         z = self.vae.denormalize(tokens, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
-        return z, self.vae.decode_float(z, tile=None, check_cancelled=check_cancelled)
+        return z, self.vae.decode_float(z, tile=tile, check_cancelled=check_cancelled)

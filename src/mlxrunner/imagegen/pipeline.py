@@ -25,6 +25,7 @@ from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
+from mlxrunner.imagegen.vae import decode_working_bytes, request_tile
 from mlxrunner.llm.model import core_quantization
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class ImageRequest:
     seed: int
     ignored: list[str]  # request fields that have no effect on this model
     references: list  # reference images as the model prepared them (editing); empty for text-to-image
+    vae_tile: int | None = None  # the request's "vae_tile", pixels: None decides by size, 0 one pass
+    decode_tile: int = 0  # the VAE decode's tile in latents (0: one pass), from vae_tile and the size
 
 
 @dataclass
@@ -282,24 +285,38 @@ class ImagePipeline(ABC):
             seed: int | None = None, negative_prompt: str | None = None, guidance: float | None = None,
             images: Sequence[Image.Image] | None = None, latents=None,
             progress: Progress | None = None, check_cancelled: Callable[[], None] | None = None,
-            cache_threshold: float | None = None) -> GeneratedImage:
+            cache_threshold: float | None = None, vae_tile: int | None = None) -> GeneratedImage:
         """The image for `prompt` and what the runner reports about it. Every model takes the same
         steps: check the request, make the noise, encode the prompt(s) and any reference images,
         denoise (C++), decode. `check_cancelled()` may raise to stop the denoising loop between transformer
         blocks and the VAE decode between its blocks (`progress` may also stop the loop between steps).
-        `cache_threshold` > 0 turns on the first-block step cache (StepCache); None or 0: off."""
+        `cache_threshold` > 0 turns on the first-block step cache (StepCache); None or 0: off. `vae_tile`: the
+        VAE's tiles in pixels (decode, and the encode of reference images): None tiles images above 1024² only,
+        0 never tiles, n > 0 tiles of n pixels (a multiple of 64) with 25 % overlap, blended. MLX's buffer cache
+        is held to the job's working_bytes() while it runs."""
         started = time.perf_counter()
         cache = step_cache(cache_threshold)
-        request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents)
+        request = self.resolve_request(width, height, steps, seed, negative_prompt, guidance, images, latents,
+                                       vae_tile)
+        with backend.cache_limit(self.working_bytes(request)):
+            return self.run_request(request, prompt, negative_prompt, latents, progress, check_cancelled, cache,
+                                    started)
+
+    def run_request(self, request: ImageRequest, prompt: str, negative_prompt: str | None, latents,
+                    progress: Progress | None, check_cancelled: Callable[[], None] | None,
+                    cache: _core.StepCache | None, started: float) -> GeneratedImage:
+        """run() once the request is checked: noise, encode, denoise, decode, each phase timed and its peak
+        memory measured."""
         backend.reset_peak_memory()
         noise = self.initial_latents(request, latents)
-        conditioning, truncated = self.condition(prompt, negative_prompt, request)
+        conditioning, truncated = self.condition(prompt, negative_prompt, request, check_cancelled)
         encoded, peaks = time.perf_counter(), {"encode": backend.reset_peak_memory()}
         final = self.denoise_in_turn(noise, conditioning, request, progress, check_cancelled, cache)
         if final is None:
             raise Cancelled("cancelled by the progress callback")
         denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
-        decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled)
+        decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled,
+                                                   request.decode_tile)
         pixels = to_uint8(image)
         done, peaks["decode"] = time.perf_counter(), backend.reset_peak_memory()
         timings = phase_timings(started, encoded, denoised, done)
@@ -311,6 +328,12 @@ class ImagePipeline(ABC):
             guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
             latents=np.asarray(decoder_latents), peak_memory=peaks,
             step_cache=cache and StepCacheReport(cache.threshold, cache.computed, cache.skipped))
+
+    def working_bytes(self, request: ImageRequest) -> int:
+        """What this job's activations may need, to which MLX's buffer cache is held while it runs (a smaller
+        job after a larger one does not keep the larger one's buffers): the untiled VAE decode at its size, the
+        largest phase (benchmarks/README.md), and an upper bound of the tiled decode's and of the denoiser's."""
+        return decode_working_bytes(self.vae.config, request.width, request.height)
 
     def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
                         progress: Progress | None, check_cancelled: Callable[[], None] | None,
@@ -328,7 +351,7 @@ class ImagePipeline(ABC):
 
     def resolve_request(self, width: int | None, height: int | None, steps: int | None, seed: int | None,
                         negative_prompt: str | None, guidance: float | None, images: Sequence[Image.Image] | None,
-                        latents) -> ImageRequest:
+                        latents, vae_tile: int | None = None) -> ImageRequest:
         """The request's defaults filled in and every field checked, before any work is done."""
         references = self.prepare_references(list(images or []))
         ignored = ["images"] if images and not references else []
@@ -337,7 +360,8 @@ class ImagePipeline(ABC):
         steps = check_steps(steps, self.defaults["steps"])
         guidance, cfg, ignored_guidance = self.resolve_guidance(guidance, negative_prompt)
         return ImageRequest(width=width, height=height, steps=steps, guidance=guidance, cfg=cfg,
-                            seed=resolve_seed(seed), ignored=ignored + ignored_guidance, references=references)
+                            seed=resolve_seed(seed), ignored=ignored + ignored_guidance, references=references,
+                            vae_tile=vae_tile, decode_tile=request_tile(vae_tile, width, height))
 
     def requested_size(self, width: int | None, height: int | None, references: list,
                        latents) -> tuple[int | None, int | None]:
@@ -380,15 +404,17 @@ class ImagePipeline(ABC):
         """The prompt's embedding (float32 copy), for parity checks."""
         return np.asarray(self.embed_prompt(prompt)[0].astype(mx.float32))
 
-    def condition(self, prompt: str, negative_prompt: str | None, request: ImageRequest) -> tuple[Conditioning, bool]:
-        """Encode the prompt (and the negative, with CFG), then any reference images; and whether
-        the prompt was cut."""
+    def condition(self, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  check_cancelled: Callable[[], None] | None = None) -> tuple[Conditioning, bool]:
+        """Encode the prompt (and the negative, with CFG), then any reference images (check_cancelled() runs
+        between the VAE encoder's blocks and tiles); and whether the prompt was cut."""
         positive, truncated = self.embed_prompt(prompt)
         negative = self.embed_prompt(negative_prompt or "")[0] if request.cfg else None
         mx.eval(positive, *([negative] if negative is not None else []))
         if self.release_text_encoder:  # its memory is free before the VAE encodes the references
             self.text_encoder.release()
-        references = self.encode_references(request.references) if request.references else None
+        references = (self.encode_references(request.references, request.vae_tile, check_cancelled)
+                      if request.references else None)
         return Conditioning(positive, negative, references), truncated
 
     def sigmas(self, steps: int, width: int, height: int) -> list[float]:
@@ -412,9 +438,11 @@ class ImagePipeline(ABC):
         model that does not edit takes none, and run() reports `images` ignored."""
         return []
 
-    def encode_references(self, references: list) -> Any:
-        """prepare_references' output -> what denoise() finds in Conditioning.references. Called
-        only when prepare_references returned some: a model that edits overrides both."""
+    def encode_references(self, references: list, vae_tile: int | None = None,
+                          check_cancelled: Callable[[], None] | None = None) -> Any:
+        """prepare_references' output -> what denoise() finds in Conditioning.references, the VAE encoding in
+        tiles as the request's vae_tile says. Called only when prepare_references returned some: a model that
+        edits overrides both."""
         raise NotImplementedError(f"{type(self).__name__} takes no reference images")
 
     @abstractmethod
@@ -430,6 +458,8 @@ class ImagePipeline(ABC):
 
     @abstractmethod
     def decode_float(self, latents: mx.array, width: int, height: int,
-                     check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
+                     check_cancelled: Callable[[], None] | None = None, tile: int | None = None
+                     ) -> tuple[mx.array, np.ndarray]:
         """The loop's final latents -> (the VAE decoder's input, float32 [H, W, 3] in [0, 1]).
-        check_cancelled() is called between the decoder's blocks and may raise to stop it."""
+        check_cancelled() is called between the decoder's blocks and may raise to stop it; `tile` is the
+        decode's in latents (None: by size, 0: one pass)."""

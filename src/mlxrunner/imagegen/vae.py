@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core, backend
-from mlxrunner.errors import ModelError
+from mlxrunner.errors import ModelError, RequestError
+from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_uint8
 
 # Decode in tiles above this many latent pixels (128 x 128 latents = a 1024 x 1024 image):
@@ -32,6 +33,30 @@ def decode_working_bytes(config: _core.VaeConfig, width: int, height: int) -> in
     channels = config.block_out_channels
     per = DECODE_BYTES_PER_PIXEL_CHANNEL["cpu" if mx.default_device() == mx.cpu else "gpu"]
     return per * width * height * channels[min(1, len(channels) - 1)]
+
+
+def auto_tile(latent_height: int, latent_width: int) -> int:
+    """The tile (latents a side) a decode or encode of this many latents uses when the request does not say:
+    TILE_LATENTS above TILE_ABOVE_LATENT_PIXELS, else 0 (one pass)."""
+    return TILE_LATENTS if latent_height * latent_width > TILE_ABOVE_LATENT_PIXELS else 0
+
+
+def request_tile(vae_tile: int | None, width: int, height: int, scale: int = 8) -> int:
+    """A request's "vae_tile" (pixels: None = decide by size, 0 = one pass, n = tiles of n pixels) -> the
+    tile in latents for a width x height image, checked before any work is done."""
+    latent_height, latent_width = height // scale, width // scale
+    if vae_tile is None:
+        return auto_tile(latent_height, latent_width)
+    multiple = Limits.vae_tile_multiple
+    if not isinstance(vae_tile, int) or isinstance(vae_tile, bool) or not 0 <= vae_tile <= Limits.max_vae_tile \
+            or vae_tile % multiple:
+        raise RequestError(f'"vae_tile" must be 0 or a multiple of {multiple} up to {Limits.max_vae_tile} (pixels), '
+                           f"got {vae_tile!r}", field="vae_tile")
+    if vae_tile == 0 and latent_height * latent_width > UNTILED_LIMIT_LATENT_PIXELS:
+        raise RequestError(f'"vae_tile": 0 (one pass) is refused for {width}x{height}: above '
+                           f"{UNTILED_LIMIT_LATENT_PIXELS * scale * scale} pixels MLX's CUDA convolutions fail; "
+                           "leave vae_tile out or give a tile size", field="vae_tile")
+    return vae_tile // scale
 
 
 def vae_config(config: dict, location: str) -> _core.VaeConfig:
@@ -97,7 +122,7 @@ class Vae:
     def decode(self, latents: mx.array, tile: int | None = None) -> np.ndarray:
         """Latents [1, C, h, w] (float32, as the denoiser leaves them) -> uint8 [8h, 8w, 3].
 
-        `tile`: None decides by size (TILE_ABOVE_LATENT_PIXELS), 0 never tiles, n > 0 tiles of n latents.
+        `tile`: None decides by size (auto_tile), 0 never tiles, n > 0 tiles of n latents.
         """
         return to_uint8(self.decode_float(latents, tile))
 
@@ -110,7 +135,7 @@ class Vae:
         z = latents.astype(dtype) / mx.array(self.scaling_factor, dtype) + mx.array(self.shift_factor, dtype)
         z = z.transpose(0, 2, 3, 1)
         if tile is None:
-            tile = TILE_LATENTS if z.shape[1] * z.shape[2] > TILE_ABOVE_LATENT_PIXELS else 0
+            tile = auto_tile(z.shape[1], z.shape[2])
         if tile == 0 and z.shape[1] * z.shape[2] > UNTILED_LIMIT_LATENT_PIXELS:
             raise ValueError(f"an untiled VAE decode of {z.shape[1]} x {z.shape[2]} latents is refused: above "
                              f"{UNTILED_LIMIT_LATENT_PIXELS} latent pixels MLX's CUDA convolutions fail (a 256 x 256 "

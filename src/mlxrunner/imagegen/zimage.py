@@ -112,6 +112,7 @@ class ZImagePipeline(ImagePipeline):
                                     request.guidance, progress, self.denoise_queue_depth, check_cancelled, cache)
 
     def decode_float(self, latents: mx.array, width: int, height: int,
-                     check_cancelled: Callable[[], None] | None = None) -> tuple[mx.array, np.ndarray]:
+                     check_cancelled: Callable[[], None] | None = None, tile: int | None = None
+                     ) -> tuple[mx.array, np.ndarray]:
         """The loop's latents are the decoder's input as they are."""
-        return latents, self.vae.decode_float(latents, tile=None, check_cancelled=check_cancelled)
+        return latents, self.vae.decode_float(latents, tile=tile, check_cancelled=check_cancelled)

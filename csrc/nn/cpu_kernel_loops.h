@@ -1,0 +1,29 @@
+// The vectorisable inner loops of nn/cpu_kernels.cpp, compiled twice from nn/cpu_kernel_loops.inc: for the
+// x86-64 baseline (or any other CPU) and, on x86-64, for AVX2 + FMA (nn/cpu_kernels_avx2.cpp: 8 floats a step,
+// fma in hardware). cpu_kernels.cpp picks one at run time.
+#pragma once
+
+#include <cstddef>
+
+namespace mlxr::cpu_loops {
+
+struct Loops {
+  float (*row_max)(const float* in, int n);
+  void (*exp_shifted)(const float* in, float* out, int n, float shift);  // out = MLX's exp(in - shift)
+  void (*scale_row)(float* out, int n, float factor);
+  void (*gelu_range)(const float* in, float* out, std::size_t n);
+  void (*silu_range)(const float* in, const float* up, float* out, std::size_t n);  // up: nullptr or gated
+};
+
+namespace baseline {
+extern const Loops loops;
+}
+
+#if defined(__x86_64__) && !defined(_MSC_VER)
+#define MLXR_AVX2_LOOPS 1
+namespace avx2 {
+extern const Loops loops;
+}
+#endif
+
+}  // namespace mlxr::cpu_loops

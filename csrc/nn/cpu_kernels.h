@@ -1,0 +1,31 @@
+// Softmax, GELU and SiLU for MLX's CPU backend, on every core.
+//
+// MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
+// and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
+// 2-core machine softmax (inside attention) and GELU took half the time next to the matmuls, and SiLU is the
+// VAE's most frequent op (benchmarks/README.md). These primitives split their rows (softmax) or elements over
+// the cores and let the compiler vectorise the arithmetic, while doing exactly MLX's operations in MLX's order:
+// results are bit-identical to mx::softmax, to the op-by-op GELU graph and to x * mx::sigmoid(x)
+// (tests/unit/test_cpu_kernels.py).
+#pragma once
+
+#include "mlx/mlx.h"
+
+namespace mlxr {
+
+namespace mx = mlx::core;
+
+// Whether `x` takes these kernels: float32 on the CPU.
+bool on_cpu_kernels(const mx::array& x);
+
+// mx::softmax(x, -1) for on_cpu_kernels(x).
+mx::array softmax_last_axis(const mx::array& x);
+
+// gelu() (the erf form, with Eigen's rational erf) for on_cpu_kernels(x).
+mx::array gelu_erf_cpu(const mx::array& x);
+
+// x * sigmoid(x) for on_cpu_kernels(x); and that times `up` (the same shape and dtype) for gated_silu().
+mx::array silu_cpu(const mx::array& x);
+mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
+
+}  // namespace mlxr

@@ -1,0 +1,108 @@
+"""The CPU kernels (csrc/nn/cpu_kernels.*): softmax and GELU on every core, vectorised, and the attention built
+on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph, and
+mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special value."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxrunner import _core
+
+ERF_NUMERATOR = [-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+                 -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02]
+ERF_DENOMINATOR = [-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+                   -1.42647390514189e-02]
+
+
+def random(shape, scale=1.0, seed=0) -> mx.array:
+    return mx.array((np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32))
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7, 33), (10, 12, 200, 200), (2, 100_003), (4096, 8)])
+def test_softmax_is_mlx_softmax_bit_for_bit(shape):
+    x = random(shape, scale=6.0)
+    assert same_bits(_core.softmax(x), mx.softmax(x, axis=-1))
+
+
+def test_softmax_of_special_values_is_mlx_softmax():
+    row = [0.0, -np.inf, 3.0, -100.0, 100.0, 87.9, -87.9, 88.1, -88.1, -3.4e38, 1e-30]
+    x = mx.array(np.array([row, [np.inf, 0, 1] + row[3:], [np.nan] + row[1:], [-np.inf] * len(row)], np.float32))
+    ours, theirs = np.asarray(_core.softmax(x)), np.asarray(mx.softmax(x, axis=-1))
+    assert np.array_equal(ours, theirs, equal_nan=True)
+    assert np.isnan(ours[1:]).all() and np.isfinite(ours[0]).all()  # inf and NaN rows are NaN, as MLX's
+
+
+def test_softmax_of_a_strided_view_reads_it_as_laid_out():
+    x = random((6, 40, 50), scale=4.0)
+    view = x.transpose(0, 2, 1)[:, ::2]
+    assert same_bits(_core.softmax(view), mx.softmax(view, axis=-1))
+
+
+def erf_rational_graph(v: mx.array) -> mx.array:
+    """nn/activation.cpp's erf as MLX ops, one rounding each."""
+    x = mx.clip(v, -4.0, 4.0)
+    x2 = mx.square(x)
+
+    def horner(coefficients):
+        acc = mx.array(np.float32(coefficients[0]))
+        for c in coefficients[1:]:
+            acc = acc * x2 + mx.array(np.float32(c))
+        return acc
+
+    return (x * horner(ERF_NUMERATOR)) / horner(ERF_DENOMINATOR)
+
+
+@pytest.mark.parametrize("shape", [(7,), (2000, 1536), (3, 100_001)])
+def test_gelu_is_the_op_by_op_graph_bit_for_bit(shape):
+    h = random(shape, scale=3.0)
+    half, root_half = mx.array(np.float32(0.5)), mx.array(np.float32(math.sqrt(0.5)))
+    graph = (h * half) * (mx.array(np.float32(1.0)) + erf_rational_graph(h * root_half))
+    assert same_bits(_core.gelu(h), graph)
+
+
+def test_gelu_is_torch_gelu_within_float32():
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(np.asarray(_core.gelu(mx.array(x))) - exact).max() < 2e-6
+
+
+def sdpa(q, k, v, mask=None) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(12, 12), (16, 8), (4, 1)])
+def test_masked_attention_is_mlx_attention_bit_for_bit(heads, kv_heads):
+    q, k, v = random((3, heads, 50, 32), seed=1), random((3, kv_heads, 50, 32), seed=2), random((3, kv_heads, 50, 32),
+                                                                                                seed=3)
+    keys_kept = mx.array(np.random.default_rng(4).random((3, 1, 1, 50)) > 0.3)
+    additive = random((3, 1, 50, 50), seed=5)
+    for mask in (None, keys_kept, additive):
+        assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
+
+
+@pytest.mark.parametrize("queries", [1, 7, 40])
+def test_causal_attention_is_mlx_attention_bit_for_bit(queries):
+    q, k, v = random((2, 8, queries, 64), seed=6), random((2, 4, 40, 64), seed=7), random((2, 4, 40, 64), seed=8)
+    assert same_bits(_core.attention(q, k, v), sdpa(q, k, v, "causal" if queries > 1 else None))
+
+
+@pytest.mark.parametrize("shape", [(5,), (384, 512, 32), (3, 100_001)])
+def test_silu_is_x_times_mlx_sigmoid_bit_for_bit(shape):
+    x = random(shape, scale=10.0)
+    assert same_bits(_core.silu(x), x * mx.sigmoid(x))
+    up = random(shape, seed=9)
+    assert same_bits(_core.gated_silu(x, up), (x * mx.sigmoid(x)) * up)
+
+
+def test_silu_of_special_values_is_mlx_silu():
+    x = mx.array(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 88.5, -88.5, 1e-30, -1e-30, 3.4e38], np.float32))
+    assert np.array_equal(np.asarray(_core.silu(x)), np.asarray(x * mx.sigmoid(x)), equal_nan=True)
