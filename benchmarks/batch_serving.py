@@ -17,6 +17,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class Server:
     side: str
     process: subprocess.Popen
     port: int
+    log: Path  # the server's stderr: a file, so nothing blocks on a full pipe and a crash leaves its reason
 
     @classmethod
     def start(cls, side: str, folder: Path, max_streams: int, python: str = sys.executable,
@@ -60,9 +62,10 @@ class Server:
         else:
             cmd = [python, "-m", "mlx_lm", "server", "--model", str(folder), "--host", "127.0.0.1", "--port",
                    str(port), "--decode-concurrency", str(max_streams), "--log-level", "WARNING"]
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True)
-        server = cls(side, process, port)
+        log = Path(tempfile.mkstemp(prefix=f"batch-serving-{side}-", suffix=".log")[1])
+        with log.open("w") as stderr:
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        server = cls(side, process, port, log)
         server._wait_until_ready(timeout)
         return server
 
@@ -70,7 +73,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.side} server exited: {self.process.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{self.side} server exited: {self.log_tail()}")
             try:
                 self.complete("ready?", 1)  # mlx-lm loads its model on the first request
                 return
@@ -103,6 +106,9 @@ class Server:
             answers = list(pool.map(lambda t: self.complete(t, max_tokens), texts))
             seconds = time.perf_counter() - started
         return Round(len(texts), sum(n for _, n in answers), seconds, [text for text, _ in answers])
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -59,6 +59,9 @@ def bench_side(side: str, folder: Path, streams: list[int], tokens: int, peer_py
             timed = server.streams(texts, tokens)
             levels[n] = {"tok_s": timed.tok_s, "tokens": timed.tokens, "seconds": timed.seconds, "texts": timed.texts}
             log(f"  {side}: {n} streams: {timed.tokens} tokens in {timed.seconds:.2f} s = {timed.tok_s:.1f} tok/s")
+    except Exception:
+        log(f"  {side}: the server's log ends with:\n{server.log_tail()}")  # why it died, if it did
+        raise
     finally:
         server.stop()
     return levels
