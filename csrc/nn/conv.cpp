@@ -1,5 +1,6 @@
 #include "nn/conv.h"
 
+#include "nn/cpu_kernels.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
@@ -30,12 +31,27 @@ int band_rows_for(const mx::array& x, const mx::array& weight) {
   return static_cast<int>(std::max<int64_t>(1, kMaxConvPieceBytes / std::max<int64_t>(1, row_bytes)));
 }
 
+// On the CPU (float32, stride 1, a kernel wider than 1) a convolution is our multi-core im2col and one matrix
+// product, the product MLX's own CPU convolution makes (cblas_sgemm on the same matrices: the same numbers), in
+// bands when the im2col would be big.
 mx::array convolve(const mx::array& x, const mx::array& weight, int stride, int padding) {
-  const bool explicit_im2col = mx::default_device() == mx::Device::cpu;
-  if (explicit_im2col && stride == 1 && band_rows_for(x, weight) < x.shape(1)) {
+  if (stride == 1 && weight.shape(1) > 1 && on_cpu_kernels(x) && weight.dtype() == mx::float32) {
     return conv2d_in_bands(x, weight, padding, band_rows_for(x, weight));
   }
   return mx::conv2d(x, weight, {stride, stride}, {padding, padding});
+}
+
+// One band's rows, with `top` and `bottom` rows of zero padding and `padding` columns on each side.
+mx::array convolve_rows(const mx::array& rows, const mx::array& weight, int top, int bottom, int padding) {
+  if (!(on_cpu_kernels(rows) && weight.dtype() == mx::float32 && weight.shape(1) == weight.shape(2))) {
+    return mx::conv_general(rows, weight, /*stride=*/{1, 1}, /*padding_lo=*/{top, padding},
+                            /*padding_hi=*/{bottom, padding}, /*kernel_dilation=*/{1, 1}, /*input_dilation=*/{1, 1});
+  }
+  auto columns = im2col_cpu(rows, weight.shape(1), top, bottom, padding);  // [N, Ho, Wo, k * k * C]
+  const int out_channels = weight.shape(0), depth = columns.shape(3);
+  auto product = mx::matmul(mx::reshape(columns, {-1, depth}),
+                            mx::transpose(mx::reshape(weight, {out_channels, depth})));
+  return mx::reshape(product, {columns.shape(0), columns.shape(1), columns.shape(2), out_channels});
 }
 
 // residual + (y + bias): a ResnetBlock's output in one pass instead of two.
@@ -66,9 +82,8 @@ mx::array conv2d_in_bands(const mx::array& x, const mx::array& weight, int paddi
     const int wanted_lo = first - padding, wanted_hi = last - 1 - padding + weight.shape(1);
     const int lo = std::max(0, wanted_lo), hi = std::min(height, wanted_hi);
     auto rows = mx::slice(x, {0, lo, 0, 0}, {batch, hi, width, channels});
-    bands.push_back(mx::conv_general(rows, weight, /*stride=*/{1, 1}, /*padding_lo=*/{lo - wanted_lo, padding},
-                                     /*padding_hi=*/{wanted_hi - hi, padding}, /*kernel_dilation=*/{1, 1},
-                                     /*input_dilation=*/{1, 1}));
+    bands.push_back(convolve_rows(rows, weight, lo - wanted_lo, wanted_hi - hi, padding));
+    if (last == out_rows && first == 0) return bands.back();  // one band: the plain convolution
     // Evaluated one by one: queued together, every band's side buffer would be alive until the whole
     // command stream completes, and the peak would not move.
     mx::eval(bands.back());

@@ -153,6 +153,52 @@ class CpuSilu : public CpuKernel {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+class CpuIm2col : public CpuKernel {
+ public:
+  CpuIm2col(mx::Stream stream, int kernel, int pad_top, int pad_bottom, int pad_width)
+      : CpuKernel(stream), kernel_(kernel), pad_top_(pad_top), pad_bottom_(pad_bottom), pad_width_(pad_width) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([kernel = kernel_, pad_top = pad_top_, pad_width = pad_width_, src = in.data<float>(), dst = out.data<float>(), batch = in.shape(0), height = in.shape(1),
+                      width = in.shape(2), channels = in.shape(3), out_rows = out.shape(1), out_cols = out.shape(2)] {
+      const size_t row_floats = size_t(out_cols) * kernel * kernel * channels;
+      on_all_cores(size_t(batch) * out_rows, row_floats, [&](size_t begin, size_t end) {
+        for (size_t r = begin; r < end; ++r) {
+          const int n = int(r / out_rows), oy = int(r % out_rows);
+          float* to = dst + r * row_floats;
+          for (int ox = 0; ox < out_cols; ++ox) {
+            for (int i = 0; i < kernel; ++i) {
+              const int y = oy + i - pad_top;
+              for (int j = 0; j < kernel; ++j, to += channels) {
+                const int x = ox + j - pad_width;
+                if (y < 0 || y >= height || x < 0 || x >= width) {
+                  std::fill(to, to + channels, 0.0f);
+                } else {
+                  std::copy_n(src + ((size_t(n) * height + y) * width + x) * channels, channels, to);
+                }
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+
+  DEFINE_NAME(CpuIm2col)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuIm2col&>(other);
+    return kernel_ == o.kernel_ && pad_top_ == o.pad_top_ && pad_bottom_ == o.pad_bottom_ && pad_width_ == o.pad_width_;
+  }
+
+ private:
+  int kernel_, pad_top_, pad_bottom_, pad_width_;
+};
+
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
 template <typename Kernel>
 mx::array run_kernel(std::vector<mx::array> inputs) {
@@ -182,6 +228,15 @@ mx::array silu_cpu(const mx::array& x) {
 
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up) {
   return run_kernel<CpuSilu>({gate, up});
+}
+
+mx::array im2col_cpu(const mx::array& x, int kernel, int pad_top, int pad_bottom, int pad_width) {
+  const int out_rows = x.shape(1) + pad_top + pad_bottom - kernel + 1;
+  const int out_cols = x.shape(2) + 2 * pad_width - kernel + 1;
+  if (x.ndim() != 4 || out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("im2col: no output for this input");
+  auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array({x.shape(0), out_rows, out_cols, kernel * kernel * x.shape(3)}, mx::float32,
+                   std::make_shared<CpuIm2col>(stream, kernel, pad_top, pad_bottom, pad_width), {mx::contiguous(x)});
 }
 
 }  // namespace mlxr
