@@ -187,3 +187,13 @@ def test_a_convolution_in_bands_holds_one_bands_side_buffer():
     plain = peak_over_inputs(lambda: mx.conv2d(x, weight, (1, 1), (1, 1)))
     banded = peak_over_inputs(lambda: _core.conv2d_in_bands(x, weight, 1, 12))
     assert banded < 0.5 * plain, (banded, plain)
+
+
+@pytest.mark.parametrize("shape, kernel, padding", [((2, 17, 9, 5), 3, 1), ((1, 64, 48, 32), 3, 1), ((1, 20, 20, 8), 3, 0)])
+def test_a_cpu_convolution_in_one_piece_is_mlxs_own_bit_for_bit(shape, kernel, padding):
+    """In one band, the CPU convolution (our multi-core im2col, then the sgemm MLX's convolution makes) gives
+    exactly mx.conv2d's numbers: the image goldens depend on it."""
+    x = mx.random.normal(shape, key=mx.random.key(5))
+    weight = mx.random.normal((7, kernel, kernel, shape[3]), key=mx.random.key(6))
+    ours = _core.conv2d_in_bands(x, weight, padding, shape[1])
+    assert mx.array_equal(ours, mx.conv2d(x, weight, (1, 1), (padding, padding))).item()
