@@ -189,7 +189,8 @@ def test_a_convolution_in_bands_holds_one_bands_side_buffer():
     assert banded < 0.5 * plain, (banded, plain)
 
 
-@pytest.mark.parametrize("shape, kernel, padding", [((2, 17, 9, 5), 3, 1), ((1, 64, 48, 32), 3, 1), ((1, 20, 20, 8), 3, 0)])
+@pytest.mark.parametrize("shape, kernel, padding",
+                         [((2, 17, 9, 5), 3, 1), ((1, 64, 48, 32), 3, 1), ((1, 20, 20, 8), 3, 0)])
 def test_a_cpu_convolution_in_one_piece_is_mlxs_own_bit_for_bit(shape, kernel, padding):
     """In one band, the CPU convolution (our multi-core im2col, then the sgemm MLX's convolution makes) gives
     exactly mx.conv2d's numbers: the image goldens depend on it."""
