@@ -49,8 +49,8 @@ mx::array convolve_rows(const mx::array& rows, const mx::array& weight, int top,
   }
   auto columns = im2col_cpu(rows, weight.shape(1), top, bottom, padding);  // [N, Ho, Wo, k * k * C]
   const int out_channels = weight.shape(0), depth = columns.shape(3);
-  auto product = mx::matmul(mx::reshape(columns, {-1, depth}),
-                            mx::transpose(mx::reshape(weight, {out_channels, depth})));
+  auto product =
+      mx::matmul(mx::reshape(columns, {-1, depth}), mx::transpose(mx::reshape(weight, {out_channels, depth})));
   return mx::reshape(product, {columns.shape(0), columns.shape(1), columns.shape(2), out_channels});
 }
 

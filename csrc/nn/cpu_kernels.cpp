@@ -90,6 +90,16 @@ class CpuKernel : public mx::UnaryPrimitive {
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("mlxrunner's CPU kernels run on the CPU only");
   }
+
+ protected:
+  // Runs `work` on this primitive's CPU stream once the inputs are ready, `out` (already allocated) its output.
+  template <typename Work>
+  void dispatch(const std::vector<mx::array>& inputs, mx::array& out, Work&& work) {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& input : inputs) encoder.set_input_array(input);
+    encoder.set_output_array(out);
+    encoder.dispatch(std::forward<Work>(work));
+  }
 };
 
 class CpuSoftmax : public CpuKernel {
@@ -99,12 +109,10 @@ class CpuSoftmax : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     allocate_like(in, out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    encoder.dispatch([in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows = in.size() / in.shape(-1)] {
-      softmax_rows(in, out, rows, n);
-    });
+    dispatch(inputs, out,
+             [in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows = in.size() / in.shape(-1)] {
+               softmax_rows(in, out, rows, n);
+             });
   }
 
   DEFINE_NAME(CpuSoftmax)
@@ -118,10 +126,7 @@ class CpuGelu : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     allocate_like(in, out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    encoder.dispatch([in = in.data<float>(), out = out.data<float>(), n = in.size()] {
+    dispatch(inputs, out, [in = in.data<float>(), out = out.data<float>(), n = in.size()] {
       on_all_cores(n, 1, [&](size_t begin, size_t end) { loops().gelu_range(in + begin, out + begin, end - begin); });
     });
   }
@@ -138,11 +143,8 @@ class CpuSilu : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     allocate_like(in, out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    encoder.set_output_array(out);
     const float* up = inputs.size() > 1 ? inputs[1].data<float>() : nullptr;
-    encoder.dispatch([in = in.data<float>(), up, out = out.data<float>(), n = in.size()] {
+    dispatch(inputs, out, [in = in.data<float>(), up, out = out.data<float>(), n = in.size()] {
       on_all_cores(n, 1, [&](size_t begin, size_t end) {
         loops().silu_range(in + begin, up ? up + begin : nullptr, out + begin, end - begin);
       });
@@ -161,32 +163,31 @@ class CpuIm2col : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    encoder.dispatch([kernel = kernel_, pad_top = pad_top_, pad_width = pad_width_, src = in.data<float>(), dst = out.data<float>(), batch = in.shape(0), height = in.shape(1),
-                      width = in.shape(2), channels = in.shape(3), out_rows = out.shape(1), out_cols = out.shape(2)] {
-      const size_t row_floats = size_t(out_cols) * kernel * kernel * channels;
-      on_all_cores(size_t(batch) * out_rows, row_floats, [&](size_t begin, size_t end) {
-        for (size_t r = begin; r < end; ++r) {
-          const int n = int(r / out_rows), oy = int(r % out_rows);
-          float* to = dst + r * row_floats;
-          for (int ox = 0; ox < out_cols; ++ox) {
-            for (int i = 0; i < kernel; ++i) {
-              const int y = oy + i - pad_top;
-              for (int j = 0; j < kernel; ++j, to += channels) {
-                const int x = ox + j - pad_width;
-                if (y < 0 || y >= height || x < 0 || x >= width) {
-                  std::fill(to, to + channels, 0.0f);
-                } else {
-                  std::copy_n(src + ((size_t(n) * height + y) * width + x) * channels, channels, to);
-                }
-              }
-            }
-          }
-        }
-      });
-    });
+    dispatch(inputs, out,
+             [kernel = kernel_, pad_top = pad_top_, pad_width = pad_width_, src = in.data<float>(),
+              dst = out.data<float>(), batch = in.shape(0), height = in.shape(1), width = in.shape(2),
+              channels = in.shape(3), out_rows = out.shape(1), out_cols = out.shape(2)] {
+               const size_t row_floats = size_t(out_cols) * kernel * kernel * channels;
+               on_all_cores(size_t(batch) * out_rows, row_floats, [&](size_t begin, size_t end) {
+                 for (size_t r = begin; r < end; ++r) {
+                   const int n = int(r / out_rows), oy = int(r % out_rows);
+                   float* to = dst + r * row_floats;
+                   for (int ox = 0; ox < out_cols; ++ox) {
+                     for (int i = 0; i < kernel; ++i) {
+                       const int y = oy + i - pad_top;
+                       for (int j = 0; j < kernel; ++j, to += channels) {
+                         const int x = ox + j - pad_width;
+                         if (y < 0 || y >= height || x < 0 || x >= width) {
+                           std::fill(to, to + channels, 0.0f);
+                         } else {
+                           std::copy_n(src + ((size_t(n) * height + y) * width + x) * channels, channels, to);
+                         }
+                       }
+                     }
+                   }
+                 }
+               });
+             });
   }
 
   DEFINE_NAME(CpuIm2col)

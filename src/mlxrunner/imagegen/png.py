@@ -31,7 +31,8 @@ COMPRESS_LEVEL = 1
 # Rows per band at the least: fewer rows and the bands' separate windows start to cost size.
 MIN_BAND_ROWS = 64
 
-_deflaters = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png-deflate")
+DEFLATE_THREADS = min(8, os.cpu_count() or 1)
+_deflaters = ThreadPoolExecutor(max_workers=DEFLATE_THREADS, thread_name_prefix="png-deflate")
 
 
 def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -59,7 +60,7 @@ def _up_filtered_rows(pixels: np.ndarray) -> np.ndarray:
 
 def _zlib_stream(rows: np.ndarray) -> bytes:
     """The rows as one zlib stream, its deflate blocks made band by band on the thread pool."""
-    bands = max(1, min(_deflaters._max_workers, rows.shape[0] // MIN_BAND_ROWS))
+    bands = max(1, min(DEFLATE_THREADS, rows.shape[0] // MIN_BAND_ROWS))
     edges = np.linspace(0, rows.shape[0], bands + 1).astype(int)
     last = bands - 1
     parts = _deflaters.map(lambda i: _deflate_band(rows[edges[i]:edges[i + 1]], final=i == last), range(bands))
