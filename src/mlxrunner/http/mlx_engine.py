@@ -212,7 +212,7 @@ class MlxEngineRoutes:
                             "Memory": memory_bytes()})
         if state.status == "error":
             return web.Response(text=f"the model failed to load: {state.error}\n", status=500)
-        return web.Response(text=f"loading model ({state.progress:.0%})\n", status=503)
+        return web.Response(text=f"loading model ({state.reported_progress():.0%})\n", status=503)
 
     async def models(self, request: web.Request) -> web.Response:
         if request.method in ("GET", "POST"):

@@ -74,6 +74,9 @@ ROUTES_BY_MODE = {
 }
 
 
+MOST_PROGRESS_WHILE_LOADING = 0.99
+
+
 @dataclass
 class RunnerState:
     """What /health reports, and the loaded model once there is one."""
@@ -86,6 +89,11 @@ class RunnerState:
     shutting_down: bool = False
     started: float = field(default_factory=time.monotonic)
     backend: Backend | None = None  # where MLX computes, for /health
+
+    def reported_progress(self) -> float:
+        """The load's progress as /health says it. The load's last report (1.0) comes from the worker a moment
+        before the event loop marks the runner ready: until then the answer is "loading", below 1."""
+        return self.progress if self.status == "ok" else min(self.progress, MOST_PROGRESS_WHILE_LOADING)
 
 
 @dataclass(frozen=True)
@@ -262,7 +270,8 @@ class Server:
         if state.shutting_down:
             raise RequestError("the runner is shutting down", status=503)
         if state.status == "loading":
-            raise RequestError(f"the model is still loading ({state.progress:.0%}); poll /health", status=503)
+            raise RequestError(f"the model is still loading ({state.reported_progress():.0%}); poll /health",
+                               status=503)
         if state.status == "error" or state.loaded is None:
             raise ModelError(f"the model failed to load: {state.error}")
         loaded = state.loaded
@@ -394,11 +403,11 @@ class Server:
         state = self.state
         if ollama.wants_server_status(request):
             status = {"ok": 200, "loading": 503, "error": 500}[state.status]
-            return web.json_response(ollama.server_status(state.status, state.progress), status=status)
+            return web.json_response(ollama.server_status(state.status, state.reported_progress()), status=status)
         if state.status == "ok" and state.loaded is not None:
             ready = HealthReady(state.loaded.mode.value, state.model_name, state.loaded.detected.architecture,
                                 memory_in_use(), backend_json(state.backend))
             return web.json_response(ready.to_json())
         if state.status == "error":
             return web.json_response(HealthFailed(state.error or "").to_json(), status=500)
-        return web.json_response(HealthLoading(state.progress).to_json(), status=503)
+        return web.json_response(HealthLoading(state.reported_progress()).to_json(), status=503)
