@@ -30,6 +30,15 @@ void bind_building_blocks(nb::module_& m) {
         return Linear{.weight = weight, .bias = bias}(x);
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+  m.def(
+      "quantized_linear",
+      [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
+         const QuantSpec& spec) {
+        Linear layer{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
+        return evaluated(layer(x));
+      },
+      "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec).");
   m.def("conv2d_in_bands", &conv2d_in_bands, "x"_a, "weight"_a, "padding"_a, "band_rows"_a,
         "A stride-1 conv2d (x NHWC, weight [O, kh, kw, I]) computed band by band of band_rows output rows.");
   m.def(

@@ -8,6 +8,7 @@
 #include "bindings/config.h"
 #include "bindings/network.h"
 #include "nn/attention.h"
+#include "nn/cuda_matvec.h"
 #include "nn/host.h"
 #include "text/batch.h"
 #include "text/decoder.h"
@@ -149,6 +150,8 @@ void bind_batch(nb::module_& m) {
           "logprobs", [](const BatchGenerator& self, int id) { return logprobs_tuple(self.logprobs(id)); }, "id"_a,
           "(logprob, [(id, logprob), ...]) of the token the last step returned for the row; None unless asked.")
       .def("__len__", &BatchGenerator::size);
+  // A decode step of up to this many rows runs our CUDA matrix-vector kernels, one variant per row count.
+  m.attr("MATVEC_MAX_ROWS") = kMaxMatvecRows;
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "nn/linear.h"
 
+#include "nn/cuda_matvec.h"
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -32,8 +34,12 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
                                   spec.mode);
     return scaled(mx::astype(y, mx::float32), q);
   }
+  if (auto y = cuda_quantized_matvec(x, packed, q)) return *y;
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
+
+// x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy).
+mx::array float_matmul(const mx::array& x, const mx::array& weight) { return mx::matmul(x, mx::transpose(weight)); }
 
 std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {
   std::vector<mx::array> out{weight};
@@ -88,8 +94,7 @@ Linear Linear::concat(const std::vector<Linear>& parts) {
 }
 
 mx::array Linear::operator()(const mx::array& x) const {
-  // transpose is a view: matmul reads W with swapped strides, no copy of the weight.
-  auto y = quantized ? quantized_matmul(x, weight, *quantized) : mx::matmul(x, mx::transpose(weight));
+  auto y = quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
   return bias ? mx::add(y, *bias) : y;
 }
 
@@ -154,7 +159,7 @@ mx::array Embedding::operator()(const mx::array& ids) const {
 }
 
 mx::array Embedding::as_linear(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized) : mx::matmul(x, mx::transpose(weight));
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
 }
 
 std::vector<mx::array> Embedding::arrays() const {

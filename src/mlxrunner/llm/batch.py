@@ -110,10 +110,11 @@ class BatchScheduler:
     # --- the worker's thread ----------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Two decode steps of a batch of 2 rows and one of `max_jobs` rows (the kernels of a step depend on its
-        rows; a GPU loads each variant on first use). Nothing is kept."""
+        """Two decode steps of a batch of each row count up to _core.MATVEC_MAX_ROWS (our CUDA matrix-vector
+        kernels compile a variant per row count) and of `max_jobs` rows (the kernels of a step depend on its rows;
+        a GPU loads each variant on first use). Nothing is kept."""
         greedy = _core.SamplerOptions.from_dict({"temperature": 0.0, "repeat_penalty": 1.0})
-        for rows in sorted({2, self.max_jobs}):
+        for rows in sorted({*range(2, min(self.max_jobs, _core.MATVEC_MAX_ROWS) + 1), self.max_jobs}):
             ids = [self._batch.add([0, 0], greedy, -1, self._prefilled([0, 0], greedy)) for _ in range(rows)]
             self._batch.step()
             self._batch.step()
