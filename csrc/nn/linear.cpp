@@ -22,6 +22,17 @@ bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
          (spec.bits == 2 || spec.bits == 3) && running_on_cuda();
 }
 
+// MLX 0.32.4 sends a packed affine 4/8-bit weight whose rows are a single group (columns <= group size) to
+// its Hopper kernel, which multiplies such weights wrongly (an H200: off by the whole output, at one row of a
+// 40,000-row head and at 16+ rows of a 48-row layer; tests/gpu/test_quant_backends.py). Real checkpoints have
+// no such layers, tiny test models do: there they multiply the dequantized weight (a small one; it stays
+// packed in memory).
+bool single_group_rows_on_cuda(const mx::array& packed, const QuantSpec& spec) {
+  const int64_t cols = static_cast<int64_t>(packed.shape(-1)) * 32 / spec.bits;
+  return spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) && cols <= spec.group_size &&
+         running_on_cuda();
+}
+
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
@@ -35,6 +46,10 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
     return scaled(mx::astype(y, mx::float32), q);
   }
   if (auto y = cuda_quantized_matvec(x, packed, q)) return *y;
+  if (single_group_rows_on_cuda(packed, spec)) {
+    auto weight = mx::dequantize(packed, q.scales, q.biases, spec.group_size, spec.bits, spec.mode);
+    return mx::matmul(x, mx::transpose(mx::astype(weight, x.dtype())));
+  }
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
 

@@ -110,17 +110,14 @@ Matrix Weights::mxfp4_blocks(const std::string& name, const mx::Shape& stack, in
 }
 
 // MLX 0.32.4's CUDA kernels refuse 1-bit weights, and multiply a packed weight only if its columns are a
-// multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). And a
-// row of one group (columns <= group size) takes its Hopper kernel, which multiplies it wrongly (an H200: a
-// 64-column 8-bit layer in groups of 64 was off by its whole output; tests/gpu/test_quant_backends.py).
-// Real checkpoints' layers are neither; a layer that is gets unpacked to float here, at load, instead of
-// failing or computing wrong numbers mid-request (only that layer grows; the load's log shows nothing else
-// changes).
+// multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). Real
+// checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing
+// mid-request (only that layer grows; the log of the load shows nothing else changes).
 Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols) {
   if (q.spec.mode == "affine" && q.spec.bits == 1) {
     throw std::invalid_argument("weight " + full + ": 1-bit quantization does not run on CUDA (MLX's kernels lack it)");
   }
-  if (cols % std::max(64, q.spec.group_size) == 0 && cols > q.spec.group_size) return Matrix{packed, q};
+  if (cols % std::max(64, q.spec.group_size) == 0) return Matrix{packed, q};
   auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
   if (q.global_scale) unpacked = mx::multiply(unpacked, mx::astype(*q.global_scale, unpacked.dtype()));
   return Matrix{unpacked, std::nullopt};

@@ -69,6 +69,22 @@ def _keep_compiled_gpu_kernels() -> None:
 _keep_compiled_gpu_kernels()
 
 
+def _float32_means_float32_on_cuda() -> None:
+    """Float32 products on CUDA in float32, not TF32 (MLX's CUDA default; PyTorch's is float32 for matmuls).
+
+    With TF32 a float32 matrix product keeps 10 bits of each input's mantissa, but only where MLX takes cuBLAS
+    (two rows or more): a decode step of one row runs MLX's own float32 kernel. So a float32 model's batched
+    rows (llm/batch.py) parted from their lone runs after a near-tie, and float32 checkpoints did not compute
+    what the reference computes. The networks run in bfloat16 on a GPU unless the checkpoint is float32, so
+    this costs nothing elsewhere. MLX reads the variable once, at its first float32 product; a value the user
+    set wins (MLX_ENABLE_TF32=1 for the speed).
+    """
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+
+_float32_means_float32_on_cuda()
+
+
 def _load_libmlx_before_core() -> None:
     """Import mlx.core now (after the BLAS shim), so libmlx is loaded before anything loads _core.
 
