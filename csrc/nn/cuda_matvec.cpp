@@ -11,9 +11,11 @@ namespace mlxr {
 namespace {
 
 // Rows of out a block computes (for every row of x at once), and the warps that share them, each taking
-// every W-th stretch of 512 bytes of the rows. Chosen on an H200 (benchmarks/README.md, "4-bit decode").
-constexpr int kRowsPerBlock = 2;
-constexpr int kWarpsPerBlock = 4;
+// every W-th stretch of 512 bytes of the rows. Chosen on an H200 among (W, R) = (1, 4), (2, 2), (4, 1),
+// (4, 2), (4, 4), (8, 1), (8, 2) by the time of a 4-bit decode step's products for the Qwen3-4B and Llama-3-8B
+// shapes (benchmarks/README.md, "4-bit products"): one warp, four rows, whose x chunk serves all four.
+constexpr int kRowsPerBlock = 4;
+constexpr int kWarpsPerBlock = 1;
 
 constexpr const char* kQuantizedSource = R"(
   // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T).
@@ -134,10 +136,14 @@ bool on_cuda() {
   return cuda && mx::default_device() == mx::Device::gpu;
 }
 
-bool half_precision(mx::Dtype dtype) { return dtype == mx::bfloat16 || dtype == mx::float16; }
+bool half_precision(mx::Dtype dtype) {
+  return dtype == mx::bfloat16 || dtype == mx::float16;
+}
 
 // x's leading dimensions flattened: [rows, K].
-int rows_of(const mx::array& x) { return static_cast<int>(x.size() / x.shape(-1)); }
+int rows_of(const mx::array& x) {
+  return static_cast<int>(x.size() / x.shape(-1));
+}
 
 mx::Shape output_shape(const mx::array& x, int n) {
   auto shape = x.shape();
@@ -150,14 +156,10 @@ mx::array launch(const mx::fast::CustomKernelFunction& kernel, const std::vector
   const long long threads = static_cast<long long>((n + kRowsPerBlock - 1) / kRowsPerBlock) * 32 * kWarpsPerBlock;
   if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
   const auto dtype = inputs[0].dtype();
-  return kernel(inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerBlock, 1, 1},
-                {{"T", dtype},
-                 {"BITS", bits},
-                 {"GROUP", group_size},
-                 {"M", rows},
-                 {"R", kRowsPerBlock},
-                 {"W", kWarpsPerBlock}},
-                std::nullopt, false, {})[0];
+  return kernel(
+      inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerBlock, 1, 1},
+      {{"T", dtype}, {"BITS", bits}, {"GROUP", group_size}, {"M", rows}, {"R", kRowsPerBlock}, {"W", kWarpsPerBlock}},
+      std::nullopt, false, {})[0];
 }
 
 }  // namespace
@@ -172,9 +174,9 @@ std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::arr
   auto x2 = mx::reshape(x, {rows, k});
   const auto& spec = q.spec;
   const bool supported = spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) &&
-                         (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) &&
-                         q.biases && !q.global_scale && q.scales.dtype() == x.dtype() &&
-                         q.biases->dtype() == x.dtype() && packed.shape(1) * 32 / spec.bits == k;
+                         (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) && q.biases &&
+                         !q.global_scale && q.scales.dtype() == x.dtype() && q.biases->dtype() == x.dtype() &&
+                         packed.shape(1) * 32 / spec.bits == k;
   if (!supported) return std::nullopt;
   static auto kernel =
       mx::fast::cuda_kernel("mlxr_qmv", {"x", "w", "scales", "biases"}, {"out"}, kQuantizedSource, "", true);

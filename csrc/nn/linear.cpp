@@ -29,8 +29,7 @@ bool needs_bf16_activations(const mx::array& x, const QuantSpec& spec) {
 // packed in memory).
 bool single_group_rows_on_cuda(const mx::array& packed, const QuantSpec& spec) {
   const int64_t cols = static_cast<int64_t>(packed.shape(-1)) * 32 / spec.bits;
-  return spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) && cols <= spec.group_size &&
-         running_on_cuda();
+  return spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) && cols <= spec.group_size && running_on_cuda();
 }
 
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
@@ -41,8 +40,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
     auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };
     std::optional<mx::array> biases;
     if (q.biases) biases = bf16(*q.biases);
-    auto y = mx::quantized_matmul(bf16(x), packed, bf16(q.scales), biases, true, spec.group_size, spec.bits,
-                                  spec.mode);
+    auto y = mx::quantized_matmul(bf16(x), packed, bf16(q.scales), biases, true, spec.group_size, spec.bits, spec.mode);
     return scaled(mx::astype(y, mx::float32), q);
   }
   if (auto y = cuda_quantized_matvec(x, packed, q)) return *y;
@@ -54,7 +52,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
 }
 
 // x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy).
-mx::array float_matmul(const mx::array& x, const mx::array& weight) { return mx::matmul(x, mx::transpose(weight)); }
+mx::array float_matmul(const mx::array& x, const mx::array& weight) {
+  return mx::matmul(x, mx::transpose(weight));
+}
 
 std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {
   std::vector<mx::array> out{weight};

@@ -82,11 +82,17 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
     parts.push_back(mx::array(prompt_tokens.data(), {static_cast<int>(prompt_tokens.size())}, mx::int32));
   }
   auto fed = parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
-  // Row b's new token goes to position positions[b] and sees its keys 0..positions[b].
-  const int visible = *std::max_element(positions.begin(), positions.end()) + 1;
+  // Row b's new token goes to position positions[b] and sees its keys 0..positions[b]. Rows of one length
+  // (a lone row, say) see every key: no mask, and attention takes the kernel a lone run takes (on CUDA, MLX's
+  // masked attention is not its fused one-query kernel).
+  const auto [shortest, longest] = std::minmax_element(positions.begin(), positions.end());
+  const int visible = *longest + 1;
   auto at = mx::array(positions.data(), {b}, mx::int32);
-  auto mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});
-  auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, mask, cache_);
+  std::optional<mx::array> mask;
+  if (*shortest != *longest) {
+    mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});
+  }
+  auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, visible, mask, cache_);
   // The logprobs of the tokens fed now (computed by the last step), read once this step is dispatched.
   std::vector<std::optional<PendingLogprobs>> fed_logprobs;
   for (Row& row : rows_) fed_logprobs.push_back(std::exchange(row.pending_logprobs, std::nullopt));

@@ -286,11 +286,12 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
 }
 
 mx::array Decoder::batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
-                                   const mx::array& positions, const mx::array& mask) const {
+                                   const mx::array& positions, int visible,
+                                   const std::optional<mx::array>& mask) const {
   auto [q, k, v] = project_qkv(layer, x);
   q = rope_(q, positions);
   k = rope_(k, positions);
-  std::tie(k, v) = cache.update_and_fetch(k, v, positions, mask.shape(-1));
+  std::tie(k, v) = cache.update_and_fetch(k, v, positions, visible);
   return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
 }
 
@@ -362,8 +363,8 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
   return logits(x);
 }
 
-mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, const mx::array& mask,
-                                 std::vector<BatchKVCache>& cache) const {
+mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, int visible,
+                                 const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache) const {
   if (!can_batch()) throw std::logic_error("this model has sliding-window or latent attention: it cannot batch");
   if (cache.size() != layers_.size()) {
     throw std::invalid_argument("batch cache has " + std::to_string(cache.size()) + " layers, the model " +
@@ -371,8 +372,9 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
   }
   auto x = embed(tokens);
   for (size_t i = 0; i < layers_.size(); ++i) {
-    x = layer_forward(layers_[i], x,
-                      [&](const mx::array& h) { return batch_attention(layers_[i], h, cache[i], positions, mask); });
+    x = layer_forward(layers_[i], x, [&](const mx::array& h) {
+      return batch_attention(layers_[i], h, cache[i], positions, visible, mask);
+    });
   }
   return logits(x);
 }

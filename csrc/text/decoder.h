@@ -132,10 +132,11 @@ class Decoder {
 
   // One decode step of B sequences of different lengths: logits [B, 1, V] for tokens [B, 1]. Row b's new
   // token sits at position positions[b] (int32 [B], also its RoPE offset); each layer's BatchKVCache
-  // (text/kv_cache.h) writes its keys there and returns keys up to the longest row, which `mask` ([B, 1, 1,
-  // keys], true = a key of that row) cuts to the row's own.
-  mx::array forward_batch(const mx::array& tokens, const mx::array& positions, const mx::array& mask,
-                          std::vector<BatchKVCache>& cache) const;
+  // (text/kv_cache.h) writes its keys there and returns the first `visible` keys of every row (the longest
+  // row's), which `mask` ([B, 1, 1, visible], true = a key of that row) cuts to the row's own; no mask when
+  // every row sees all of them (rows of one length).
+  mx::array forward_batch(const mx::array& tokens, const mx::array& positions, int visible,
+                          const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache) const;
 
   // Reads every weight now, one layer at a time. The fused projections are lazy concatenations
   // of the checkpoint's arrays; once the caller has dropped its own references to those, this
@@ -150,7 +151,7 @@ class Decoder {
   mx::array attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask) const;
   mx::array batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
-                            const mx::array& positions, const mx::array& mask) const;
+                            const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
   // A layer around its attention: `attend` maps the normed input to the attention's output.
   using Attend = std::function<mx::array(const mx::array&)>;
   mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, const Attend& attend) const;
