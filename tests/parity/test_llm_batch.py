@@ -144,10 +144,11 @@ def test_a_row_leaving_early_leaves_the_others_alone(case):
 
 
 def test_the_warm_up_leaves_nothing_behind(case):
-    """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels): batches of 2 to 7 rows and of max_batch."""
+    """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels, any device can run it): prompts of 2 to 9
+    tokens, 64 and a chunk, then batches of 2 to 7 rows and of max_batch. It keeps nothing."""
     _, model = case
     assert model.batch is not None and model.batch.max_jobs == 8
-    model.batch.warm_up()
+    model._warm_up_gpu_kernels()
     assert len(model.batch) == 0 and len(model.prompt_cache) == 0
 
 

@@ -207,14 +207,16 @@ class LanguageModel:
 
         On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
         seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
-        not seen. Which variant runs depends on the rows in flight: one token (decode), fewer than 8, a
-        prompt's remainder and a full prefill chunk, so each of those shapes is run here; and a batched decode
-        step of 2 rows and of the most rows a batch holds.
+        not seen. Which variant runs depends on the rows in flight: one token (decode); each count from 1 to
+        _core.MATVEC_MAX_ROWS (our matrix-vector kernel compiles a variant per row count: a short prompt, or a
+        prompt cache hit's few remaining tokens); a prompt's remainder and a full prefill chunk. Each of those
+        shapes is run here (a prompt of n tokens prefills n - 1 rows); and the batched decode steps (BatchScheduler).
         """
         started = time.perf_counter()
         greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
         longest = min(PREFILL_CHUNK + 1, self.context_length - 2)
-        for length in sorted({min(n, longest) for n in (2, 8, 64, PREFILL_CHUNK + 1)}):
+        lengths = {*range(2, _core.MATVEC_MAX_ROWS + 3), 64, PREFILL_CHUNK + 1}
+        for length in sorted({min(n, longest) for n in lengths}):
             generator = _core.Generator(self.decoder, [0] * length, greedy, PREFILL_CHUNK, -1)
             next(generator)
             next(generator)
