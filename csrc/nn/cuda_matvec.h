@@ -1,11 +1,10 @@
 // Decode-sized products with packed weights on CUDA: x W^T for a few rows of x (a token per sequence).
 //
-// At one row MLX 0.32.4's CUDA backend sends a 4-bit weight taller or wider than 16,384 to its tiled
-// matrix-matrix kernel (an LM head, a fused gate|up projection), and its matrix-vector kernel loads 8
-// bytes a lane and sums in bfloat16; a decode step is nothing but such products, so their bandwidth is
-// the token rate. Ours reads 16 bytes a lane, splits each row between several warps and sums in float
-// (benchmarks/README.md has the figures against MLX's). Float weights keep MLX's products, which run at
-// the copy bandwidth there already.
+// A decode step is nothing but such products, so their bandwidth is the token rate. Below 8 rows MLX
+// 0.32.4 runs its matrix-vector kernel, which loads 8 bytes a lane, gives each row one warp and sums 4-bit
+// products in bfloat16: 0.4-1.0 TB/s on an H200. Ours loads 16 bytes a lane, gives a warp four rows (the
+// chunk of x it reads serves all four) and sums in float: up to 2.1 TB/s (benchmarks/README.md, "4-bit
+// products"). Float weights keep MLX's products, which run at the copy bandwidth there already.
 #pragma once
 
 #include <optional>
@@ -14,8 +13,8 @@
 
 namespace mlxr {
 
-// The most rows of x the kernel takes: from 8 rows on MLX's tiled kernel is faster (measured on an H200);
-// below, MLX's matrix-vector kernel runs, at a third of ours.
+// The most rows of x the kernel takes: from 8 rows on MLX runs its tiled kernel, faster than ours there
+// (measured on an H200); at 4-7 rows MLX's matrix-vector kernel runs at a third of ours.
 constexpr int kMaxMatvecRows = 7;
 
 // x W^T with W [N, K] packed affine 4/8-bit in groups of 32/64/128, its scales and biases in x's dtype
