@@ -317,25 +317,17 @@ def pytest_report_header(config):
     return [f"embedding benchmarks: {k}={v}" for k, v in _environment().items()] + _blas_warning()
 
 
+# The benchmark modules whose tables print after the run (each when its benchmarks ran): the module, and its
+# summary function. benchmarks/ and benchmarks/cpu/ are packages, so pytest imports them under these names.
+SUMMARIES = [("test_llm", "llm"), ("test_zimage", "zimage"), ("test_flux2", "flux2"),
+             ("test_prompt_cache", "prompt_cache"), ("test_step_cache", "step_cache"), ("test_batch", "batch")]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    llm = sys.modules.get("benchmarks.test_llm")  # the LLM table, when those benchmarks ran
-    if llm is not None:
-        llm.pytest_terminal_summary_llm(terminalreporter.write_line)
-    zimage = sys.modules.get("benchmarks.test_zimage")  # the Z-Image table, when those benchmarks ran
-    if zimage is not None:
-        zimage.pytest_terminal_summary_zimage(terminalreporter.write_line)
-    flux2 = sys.modules.get("benchmarks.test_flux2")
-    if flux2 is not None:
-        flux2.pytest_terminal_summary_flux2(terminalreporter.write_line)
-    prompt_cache = sys.modules.get("benchmarks.cpu.test_prompt_cache") or sys.modules.get("test_prompt_cache")
-    if prompt_cache is not None:
-        prompt_cache.pytest_terminal_summary_prompt_cache(terminalreporter.write_line)
-    step_cache = sys.modules.get("benchmarks.cpu.test_step_cache")
-    if step_cache is not None:
-        step_cache.pytest_terminal_summary_step_cache(terminalreporter.write_line)
-    batch = sys.modules.get("benchmarks.cpu.test_batch")
-    if batch is not None:
-        batch.pytest_terminal_summary_batch(terminalreporter.write_line)
+    for module_name, table in SUMMARIES:
+        module = sys.modules.get(f"benchmarks.cpu.{module_name}")
+        if module is not None:
+            getattr(module, f"pytest_terminal_summary_{table}")(terminalreporter.write_line)
     rows = RESULTS.rows
     if not rows:
         return
