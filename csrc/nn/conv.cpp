@@ -18,12 +18,15 @@ Conv2d Conv2d::load(const Weights& w, int in_channels, int out_channels, int ker
 
 namespace {
 
-// The most bytes a convolution may read as an im2col matrix (rows x columns x kernel area x channels) in one
-// piece on the CPU: above it, it runs in bands. MLX's CPU convolution builds that matrix explicitly (a VAE
-// decode at 1024 x 1024 has 3x3 convolutions over 256 channels at full resolution: 4.8 GB of im2col in
-// bfloat16, twice that in float32). On CUDA, cuDNN's convolutions need no such buffer (measured on an H200: a
-// 1024 x 1024 x 256 convolution peaks at its output alone), and bands would only add the join's copy.
-constexpr int64_t kMaxConvPieceBytes = int64_t{512} << 20;
+// The most bytes of im2col matrix (rows x columns x kernel area x channels) a CPU convolution builds at once: above
+// it, it runs in bands. A band this small is written and read back by the matrix product while still in the
+// CPU's caches, and its buffer comes back from malloc's free lists band after band (see mlxrunner/__init__.py:
+// buffers above 32 MiB are fresh mappings, whose first touch costs a page fault per 4 KiB). A 256 x 256 x 64
+// convolution took 107 ms in one piece, 44 ms in 4 MiB bands, its matrix product alone 41 ms. Bands also bound
+// the side buffer: a VAE decode at 1024 x 1024 has 3x3 convolutions over 256 channels at full resolution, 9.7 GB
+// of float32 im2col in one piece. (On CUDA, cuDNN's convolutions need no such buffer, and bands would only add
+// the join's copy.)
+constexpr int64_t kMaxConvPieceBytes = int64_t{4} << 20;
 
 int band_rows_for(const mx::array& x, const mx::array& weight) {
   const int64_t kernel_area = int64_t{weight.shape(1)} * weight.shape(2);
