@@ -7,7 +7,6 @@
 #include "bindings/config.h"
 #include "nn/activation.h"
 #include "nn/attention.h"
-#include "nn/conv.h"
 #include "nn/cpu_kernels.h"
 #include "nn/linear.h"
 #include "nn/rope.h"
@@ -30,8 +29,14 @@ void bind_building_blocks(nb::module_& m) {
         return Linear{.weight = weight, .bias = bias}(x);
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
-  m.def("conv2d_in_bands", &conv2d_in_bands, "x"_a, "weight"_a, "padding"_a, "band_rows"_a,
-        "A stride-1 conv2d (x NHWC, weight [O, kh, kw, I]) computed band by band of band_rows output rows.");
+  m.def(
+      "conv2d_cpu",
+      [](const mx::array& x, const mx::array& weight, int padding) {
+        if (!on_cpu_kernels(x)) throw std::invalid_argument("conv2d_cpu takes float32 on the CPU");
+        return evaluated(conv2d_cpu(x, weight, padding));
+      },
+      "x"_a, "weight"_a, "padding"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core (nn/cpu_kernels.h).");
   m.def(
       "rope",
       [](const mx::array& x, const RopeConfig& config, int offset) {

@@ -1,5 +1,7 @@
 #include "nn/cpu_kernels.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -155,49 +157,134 @@ class CpuSilu : public CpuKernel {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class CpuIm2col : public CpuKernel {
+// The BLAS that MLX's own matrix products call (OpenBLAS through mlxrunner's shim where it is loaded: a global
+// symbol wins over libmlx's reference BLAS, for this library as for libmlx).
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// While this lives, OpenBLAS (scipy-openblas32, loaded by mlxrunner's shim) computes each product on the calling
+// thread: the convolution below runs one product per core itself. MLX's CPU stream, which runs this, is the only
+// BLAS caller, so switching the global count is safe (the shim does the same for small products). With another
+// BLAS there is nothing to switch.
+class BlasOnCallingThread {
  public:
-  CpuIm2col(mx::Stream stream, int kernel, int pad_top, int pad_bottom, int pad_width)
-      : CpuKernel(stream), kernel_(kernel), pad_top_(pad_top), pad_bottom_(pad_bottom), pad_width_(pad_width) {}
+  BlasOnCallingThread() {
+    if (threads_api().set && (saved_ = threads_api().get()) > 1) threads_api().set(1);
+  }
+  ~BlasOnCallingThread() {
+    if (saved_ > 1) threads_api().set(saved_);
+  }
+  BlasOnCallingThread(const BlasOnCallingThread&) = delete;
+  BlasOnCallingThread& operator=(const BlasOnCallingThread&) = delete;
+
+ private:
+  struct ThreadsApi {
+    int (*get)() = nullptr;
+    void (*set)(int) = nullptr;
+  };
+  static const ThreadsApi& threads_api() {
+    static const ThreadsApi api = [] {
+      ThreadsApi found;
+      found.get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "scipy_openblas_get_num_threads"));
+      found.set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "scipy_openblas_set_num_threads"));
+      if (!found.get) found.set = nullptr;
+      return found;
+    }();
+    return api;
+  }
+  int saved_ = 0;
+};
+
+// About this many bytes of im2col matrix per product: the band is written, then read by the product while it is
+// still in the core's cache (a 256 x 256 x 32 -> 32 convolution: 15 ms as one 75 MB im2col and one product over
+// both cores, 7 ms in bands).
+constexpr size_t kBandBytes = size_t{1} << 20;
+// At least this many multiply-adds per band product: below about 10^6 OpenBLAS switches to kernels for small
+// matrices, whose sums round differently from the big ones' that MLX's one product uses.
+constexpr double kMinBandMacs = double(1 << 21);
+// Below this many multiply-adds the whole convolution is one product on the calling thread: MLX's own call.
+constexpr double kMinSplitMacs = double(1 << 22);
+
+struct ConvShape {
+  int batch, height, width, channels, kernel, padding, out_rows, out_cols, out_channels;
+  int depth() const { return kernel * kernel * channels; }  // one im2col row: the weight's [kh, kw, C] order
+  size_t pixels() const { return size_t(batch) * out_rows * out_cols; }
+};
+
+// Rows [first, first + count) of the convolution's im2col matrix (output pixels in [N, Ho, Wo] order) into `to`;
+// taps outside the input are the zero padding.
+void im2col_rows(const float* src, const ConvShape& s, size_t first, size_t count, float* to) {
+  for (size_t r = first; r < first + count; ++r) {
+    const int ox = int(r % s.out_cols), oy = int(r / s.out_cols % s.out_rows);
+    const size_t n = r / (size_t(s.out_cols) * s.out_rows);
+    for (int i = 0; i < s.kernel; ++i) {
+      const int y = oy + i - s.padding;
+      for (int j = 0; j < s.kernel; ++j, to += s.channels) {
+        const int x = ox + j - s.padding;
+        if (y < 0 || y >= s.height || x < 0 || x >= s.width) {
+          std::fill(to, to + s.channels, 0.0f);
+        } else {
+          std::copy_n(src + ((n * s.height + y) * s.width + x) * s.channels, s.channels, to);
+        }
+      }
+    }
+  }
+}
+
+// The convolution as MLX's CPU backend computes it (an im2col matrix times the weight, [pixels, k*k*C] x
+// [k*k*C, O], by cblas_sgemm), in bands of pixels: each core builds a band's im2col rows in a small buffer and
+// multiplies them into the output's rows. MLX pads and unfolds the whole input with one thread first, into a
+// side buffer 9x the input, then runs one product over all cores.
+void convolve_in_bands(const float* src, const float* weight, float* dst, const ConvShape& s) {
+  const size_t depth = s.depth(), pixels = s.pixels();
+  const double macs_per_row = double(depth) * s.out_channels;
+  size_t band = pixels;
+  if (double(pixels) * macs_per_row >= kMinSplitMacs) {
+    band = std::max<size_t>(kBandBytes / (depth * sizeof(float)), size_t(kMinBandMacs / macs_per_row) + 1);
+  }
+  const size_t bands = std::max<size_t>(1, pixels / band);  // the last band takes the remainder
+  BlasOnCallingThread one_thread_each;
+  on_all_cores(bands, bands > 1 ? kElementsPerThread : 0, [&](size_t begin, size_t end) {
+    std::vector<float> columns;
+    for (size_t b = begin; b < end; ++b) {
+      const size_t first = b * band, count = b + 1 == bands ? pixels - first : band;
+      columns.resize(count * depth);
+      im2col_rows(src, s, first, count, columns.data());
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, int(count), s.out_channels, int(depth), 1.0f, columns.data(), int(depth),
+                  weight, int(depth), 0.0f, dst + first * s.out_channels, s.out_channels);
+    }
+  });
+}
+
+class CpuConv2d : public CpuKernel {
+ public:
+  CpuConv2d(mx::Stream stream, int padding) : CpuKernel(stream), padding_(padding) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& in = inputs[0];
+    const auto &x = inputs[0], &weight = inputs[1];
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    dispatch(inputs, out,
-             [kernel = kernel_, pad_top = pad_top_, pad_width = pad_width_, src = in.data<float>(),
-              dst = out.data<float>(), batch = in.shape(0), height = in.shape(1), width = in.shape(2),
-              channels = in.shape(3), out_rows = out.shape(1), out_cols = out.shape(2)] {
-               const size_t row_floats = size_t(out_cols) * kernel * kernel * channels;
-               on_all_cores(size_t(batch) * out_rows, row_floats, [&](size_t begin, size_t end) {
-                 for (size_t r = begin; r < end; ++r) {
-                   const int n = int(r / out_rows), oy = int(r % out_rows);
-                   float* to = dst + r * row_floats;
-                   for (int ox = 0; ox < out_cols; ++ox) {
-                     for (int i = 0; i < kernel; ++i) {
-                       const int y = oy + i - pad_top;
-                       for (int j = 0; j < kernel; ++j, to += channels) {
-                         const int x = ox + j - pad_width;
-                         if (y < 0 || y >= height || x < 0 || x >= width) {
-                           std::fill(to, to + channels, 0.0f);
-                         } else {
-                           std::copy_n(src + ((size_t(n) * height + y) * width + x) * channels, channels, to);
-                         }
-                       }
-                     }
-                   }
-                 }
-               });
-             });
+    const ConvShape shape{.batch = x.shape(0),
+                          .height = x.shape(1),
+                          .width = x.shape(2),
+                          .channels = x.shape(3),
+                          .kernel = weight.shape(1),
+                          .padding = padding_,
+                          .out_rows = out.shape(1),
+                          .out_cols = out.shape(2),
+                          .out_channels = weight.shape(0)};
+    dispatch(inputs, out, [src = x.data<float>(), w = weight.data<float>(), dst = out.data<float>(), shape] {
+      convolve_in_bands(src, w, dst, shape);
+    });
   }
 
-  DEFINE_NAME(CpuIm2col)
+  DEFINE_NAME(CpuConv2d)
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const CpuIm2col&>(other);
-    return kernel_ == o.kernel_ && pad_top_ == o.pad_top_ && pad_bottom_ == o.pad_bottom_ && pad_width_ == o.pad_width_;
+    return padding_ == static_cast<const CpuConv2d&>(other).padding_;
   }
 
  private:
-  int kernel_, pad_top_, pad_bottom_, pad_width_;
+  int padding_;
 };
 
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
@@ -231,13 +318,16 @@ mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up) {
   return run_kernel<CpuSilu>({gate, up});
 }
 
-mx::array im2col_cpu(const mx::array& x, int kernel, int pad_top, int pad_bottom, int pad_width) {
-  const int out_rows = x.shape(1) + pad_top + pad_bottom - kernel + 1;
-  const int out_cols = x.shape(2) + 2 * pad_width - kernel + 1;
-  if (x.ndim() != 4 || out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("im2col: no output for this input");
-  auto stream = mx::default_stream(mx::Device::cpu);
-  return mx::array({x.shape(0), out_rows, out_cols, kernel * kernel * x.shape(3)}, mx::float32,
-                   std::make_shared<CpuIm2col>(stream, kernel, pad_top, pad_bottom, pad_width), {mx::contiguous(x)});
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding) {
+  const int kernel = weight.shape(1);
+  if (x.ndim() != 4 || weight.ndim() != 4 || weight.shape(2) != kernel || weight.shape(3) != x.shape(3)) {
+    throw std::invalid_argument("conv2d_cpu: x [N, H, W, C] and a square weight [O, k, k, C]");
+  }
+  const int out_rows = x.shape(1) + 2 * padding - kernel + 1, out_cols = x.shape(2) + 2 * padding - kernel + 1;
+  if (out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("conv2d_cpu: no output for this input");
+  return mx::array({x.shape(0), out_rows, out_cols, weight.shape(0)}, mx::float32,
+                   std::make_shared<CpuConv2d>(mx::default_stream(mx::Device::cpu), padding),
+                   {mx::contiguous(x), mx::contiguous(weight)});
 }
 
 }  // namespace mlxr

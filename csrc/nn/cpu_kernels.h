@@ -1,4 +1,4 @@
-// Softmax, GELU and SiLU for MLX's CPU backend, on every core.
+// Softmax, GELU, SiLU and convolutions for MLX's CPU backend, on every core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
@@ -28,10 +28,10 @@ mx::array gelu_erf_cpu(const mx::array& x);
 mx::array silu_cpu(const mx::array& x);
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
 
-// A stride-1 convolution's im2col matrix, built on every core (MLX's own CPU convolution pads and unfolds its
-// input with single-threaded strided copies, which took twice the time of the matrix product after them):
-// x [N, H, W, C] float32 -> [N, Ho, Wo, k * k * C], columns in the weight's [kh, kw, C] order, rows outside
-// the input (pad_top / pad_bottom rows, pad_width columns on each side) zero.
-mx::array im2col_cpu(const mx::array& x, int kernel, int pad_top, int pad_bottom, int pad_width);
+// A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
+// `padding` zeros on every side: MLX's CPU convolution's numbers (its im2col matrix times the weight by
+// cblas_sgemm; bit for bit when small, else to OpenBLAS's rounding of the same sums in bands of rows), computed in
+// small bands on every core instead of one side buffer 9x the input built by one thread.
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding);
 
 }  // namespace mlxr
