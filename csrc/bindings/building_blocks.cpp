@@ -9,6 +9,7 @@
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
 #include "nn/linear.h"
+#include "nn/norm.h"
 #include "nn/rope.h"
 
 namespace mlxr::bindings {
@@ -29,6 +30,13 @@ void bind_building_blocks(nb::module_& m) {
         return Linear{.weight = weight, .bias = bias}(x);
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+  m.def(
+      "group_norm",
+      [](const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps, bool then_silu) {
+        return evaluated(GroupNorm{.weight = weight, .bias = bias, .groups = groups, .eps = eps}(x, then_silu));
+      },
+      "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "then_silu"_a = false, nb::call_guard<nb::gil_scoped_release>(),
+      "GroupNorm of x [B, H, W, C] as PyTorch's, then SiLU when then_silu (nn/norm.h).");
   m.def(
       "conv2d_cpu",
       [](const mx::array& x, const mx::array& weight, int padding) {

@@ -157,6 +157,87 @@ class CpuSilu : public CpuKernel {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+// Pixels per part of a GroupNorm's statistics: a fixed split, so the sums (per part, then part by part) are the
+// same whatever the number of cores.
+constexpr size_t kStatisticsPartPixels = 4096;
+
+// Per-channel sums over the pixels of one image (see Loops::channel_sums), split in parts over the cores.
+std::vector<double> channel_sums(const float* image, size_t pixels, int channels, const float* centre) {
+  const size_t parts = (pixels + kStatisticsPartPixels - 1) / kStatisticsPartPixels;
+  std::vector<double> partial(parts * channels, 0.0);
+  on_all_cores(parts, kStatisticsPartPixels * channels, [&](size_t begin, size_t end) {
+    for (size_t part = begin; part < end; ++part) {
+      const size_t first = part * kStatisticsPartPixels, count = std::min(kStatisticsPartPixels, pixels - first);
+      loops().channel_sums(image + first * channels, count, channels, centre, partial.data() + part * channels);
+    }
+  });
+  std::vector<double> sums(channels, 0.0);
+  for (size_t part = 0; part < parts; ++part) {
+    for (int c = 0; c < channels; ++c) sums[c] += partial[part * channels + c];
+  }
+  return sums;
+}
+
+// Each channel's group's value: the channel sums added up over the group, divided by `count`, as float32.
+std::vector<float> per_group(const std::vector<double>& sums, int groups, double count) {
+  const int channels = int(sums.size()), per = channels / groups;
+  std::vector<float> values(channels);
+  for (int g = 0; g < groups; ++g) {
+    double total = 0.0;
+    for (int c = g * per; c < (g + 1) * per; ++c) total += sums[c];
+    std::fill_n(values.begin() + g * per, per, float(total / count));
+  }
+  return values;
+}
+
+// GroupNorm over one image [pixels, channels]: the group means and variances (biased) from double sums, then
+// one pass (x - mean) * (rsqrt(var + eps) * weight) + bias, and SiLU when `silu`.
+void group_norm_image(const float* in, float* out, size_t pixels, int channels, const float* weight, const float* bias,
+                      int groups, float eps, bool silu) {
+  const double count = double(pixels) * (channels / groups);
+  const auto mean = per_group(channel_sums(in, pixels, channels, nullptr), groups, count);
+  const auto var = per_group(channel_sums(in, pixels, channels, mean.data()), groups, count);
+  std::vector<float> scale(channels);
+  for (int c = 0; c < channels; ++c) scale[c] = (1.0f / std::sqrt(var[c] + eps)) * weight[c];
+  on_all_cores(pixels, channels, [&](size_t begin, size_t end) {
+    loops().normalise_rows(in + begin * channels, out + begin * channels, end - begin, channels, mean.data(),
+                           scale.data(), bias, silu);
+  });
+}
+
+class CpuGroupNorm : public CpuKernel {
+ public:
+  CpuGroupNorm(mx::Stream stream, int groups, float eps, bool silu)
+      : CpuKernel(stream), groups_(groups), eps_(eps), silu_(silu) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    allocate_like(in, out);
+    const int channels = in.shape(-1);
+    const size_t pixels = in.size() / in.shape(0) / channels;
+    dispatch(
+        inputs, out,
+        [in = in.data<float>(), weight = inputs[1].data<float>(), bias = inputs[2].data<float>(),
+         out = out.data<float>(), batch = in.shape(0), pixels, channels, groups = groups_, eps = eps_, silu = silu_] {
+          for (int b = 0; b < batch; ++b) {
+            const size_t offset = b * pixels * channels;
+            group_norm_image(in + offset, out + offset, pixels, channels, weight, bias, groups, eps, silu);
+          }
+        });
+  }
+
+  DEFINE_NAME(CpuGroupNorm)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuGroupNorm&>(other);
+    return groups_ == o.groups_ && eps_ == o.eps_ && silu_ == o.silu_;
+  }
+
+ private:
+  int groups_;
+  float eps_;
+  bool silu_;
+};
+
 // The BLAS that MLX's own matrix products call (OpenBLAS through mlxrunner's shim where it is loaded: a global
 // symbol wins over libmlx's reference BLAS, for this library as for libmlx).
 extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
@@ -316,6 +397,19 @@ mx::array silu_cpu(const mx::array& x) {
 
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up) {
   return run_kernel<CpuSilu>({gate, up});
+}
+
+mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                         bool then_silu) {
+  const int channels = x.shape(-1);
+  if (x.ndim() < 2 || groups <= 0 || channels % groups != 0 || weight.size() != size_t(channels) ||
+      bias.size() != size_t(channels)) {
+    throw std::invalid_argument("group_norm_cpu: x [N, ..., C], C a multiple of groups, weight and bias [C]");
+  }
+  auto as_float = [](const mx::array& a) { return mx::contiguous(mx::astype(a, mx::float32)); };
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuGroupNorm>(mx::default_stream(mx::Device::cpu), groups, eps, then_silu),
+                   {mx::contiguous(x), as_float(weight), as_float(bias)});
 }
 
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding) {

@@ -1,4 +1,4 @@
-// Softmax, GELU, SiLU and convolutions for MLX's CPU backend, on every core.
+// Softmax, GELU, SiLU, GroupNorm and convolutions for MLX's CPU backend, on every core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
@@ -27,6 +27,12 @@ mx::array gelu_erf_cpu(const mx::array& x);
 // x * sigmoid(x) for on_cpu_kernels(x); and that times `up` (the same shape and dtype) for gated_silu().
 mx::array silu_cpu(const mx::array& x);
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
+
+// GroupNorm (PyTorch's: per sample and group over every pixel and the group's channels, biased variance) of
+// x [N, ..., C] float32, then SiLU when `then_silu`: one pass over x per statistic, on every core, sums in double;
+// the normalisation and the SiLU are nn/norm.cpp's float32 arithmetic.
+mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                         bool then_silu);
 
 // A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
 // `padding` zeros on every side: MLX's CPU convolution's numbers (its im2col matrix times the weight by
