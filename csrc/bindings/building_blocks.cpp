@@ -31,6 +31,14 @@ void bind_building_blocks(nb::module_& m) {
       },
       "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
   m.def(
+      "layer_norm",
+      [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias, float eps) {
+        return evaluated(bias ? LayerNorm{.weight = weight, .bias = *bias, .eps = eps}(x)
+                              : RMSNorm{.weight = weight, .eps = eps}(x));
+      },
+      "x"_a, "weight"_a, "bias"_a = nb::none(), "eps"_a = 1e-5f, nb::call_guard<nb::gil_scoped_release>(),
+      "LayerNorm over the last axis (nn/norm.h); without bias, RMSNorm.");
+  m.def(
       "group_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps, bool then_silu) {
         return evaluated(GroupNorm{.weight = weight, .bias = bias, .groups = groups, .eps = eps}(x, then_silu));

@@ -63,11 +63,18 @@ const cpu_loops::Loops& loops() {
 
 // MLX's softmax kernel for float32 at SIMD width 1 (mlx/backend/cpu/softmax.cpp): the max, the exps and
 // their sum in index order (one accumulator: the order is what makes the sum bit-identical), then x 1/sum.
-void softmax_rows(const float* in, float* out, size_t rows, int n) {
+// With `allowed` ([rows / rows_per_mask_row, n] bools), the masked-out entries are first the lowest float, as
+// mx::where(allowed, x, lowest) makes them.
+void softmax_rows(const float* in, float* out, size_t rows, int n, const bool* allowed, size_t rows_per_mask_row) {
   on_all_cores(rows, n, [&](size_t begin, size_t end) {
     for (size_t r = begin; r < end; ++r) {
       const float* x = in + r * n;
       float* y = out + r * n;
+      if (allowed) {
+        const bool* keep = allowed + r / rows_per_mask_row * n;
+        for (int j = 0; j < n; ++j) y[j] = keep[j] ? x[j] : std::numeric_limits<float>::lowest();
+        x = y;
+      }
       loops().exp_shifted(x, y, n, loops().row_max(x, n));
       float sum = 0.0f;
       for (int j = 0; j < n; ++j) sum += y[j];
@@ -111,9 +118,12 @@ class CpuSoftmax : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     allocate_like(in, out);
+    const size_t rows = in.size() / in.shape(-1);
+    const bool* allowed = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
+    const size_t rows_per_mask_row = allowed ? rows / (inputs[1].size() / in.shape(-1)) : rows;
     dispatch(inputs, out,
-             [in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows = in.size() / in.shape(-1)] {
-               softmax_rows(in, out, rows, n);
+             [in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows, allowed, rows_per_mask_row] {
+               softmax_rows(in, out, rows, n, allowed, rows_per_mask_row);
              });
   }
 
@@ -236,6 +246,36 @@ class CpuGroupNorm : public CpuKernel {
   int groups_;
   float eps_;
   bool silu_;
+};
+
+// LayerNorm (with a bias) or RMSNorm (without) over the last axis, rows over the cores.
+class CpuRowNorm : public CpuKernel {
+ public:
+  CpuRowNorm(mx::Stream stream, float eps) : CpuKernel(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    allocate_like(in, out);
+    const int n = in.shape(-1);
+    const float* bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr;
+    dispatch(inputs, out,
+             [in = in.data<float>(), weight = inputs[1].data<float>(), bias, out = out.data<float>(), n,
+              rows = in.size() / n, eps = eps_] {
+               const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 for (size_t r = begin; r < end; ++r)
+                   loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuRowNorm)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const CpuRowNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
 };
 
 // The BLAS that MLX's own matrix products call (OpenBLAS through mlxrunner's shim where it is loaded: a global
@@ -387,6 +427,17 @@ mx::array softmax_last_axis(const mx::array& x) {
   return run_kernel<CpuSoftmax>({x});
 }
 
+mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed) {
+  const int keys = x.shape(-1), mask_rows = keys_allowed.size() / keys;
+  if (x.ndim() < 2 || keys_allowed.dtype() != mx::bool_ || keys_allowed.shape(-1) != keys ||
+      (mask_rows != 1 && mask_rows != x.shape(0))) {
+    throw std::invalid_argument("masked softmax: keys_allowed must be bool [1 or x's first size, x's last size]");
+  }
+  auto shape = x.shape();
+  return mx::array(std::move(shape), mx::float32, std::make_shared<CpuSoftmax>(mx::default_stream(mx::Device::cpu)),
+                   {mx::contiguous(x), mx::contiguous(keys_allowed)});
+}
+
 mx::array gelu_erf_cpu(const mx::array& x) {
   return run_kernel<CpuGelu>({x});
 }
@@ -410,6 +461,14 @@ mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::
   return mx::array(x.shape(), mx::float32,
                    std::make_shared<CpuGroupNorm>(mx::default_stream(mx::Device::cpu), groups, eps, then_silu),
                    {mx::contiguous(x), as_float(weight), as_float(bias)});
+}
+
+mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps) {
+  std::vector<mx::array> inputs{x, weight};
+  if (bias) inputs.push_back(*bias);
+  for (auto& input : inputs) input = mx::contiguous(input);
+  return mx::array(x.shape(), mx::float32, std::make_shared<CpuRowNorm>(mx::default_stream(mx::Device::cpu), eps),
+                   std::move(inputs));
 }
 
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding) {

@@ -1,4 +1,4 @@
-// Softmax, GELU, SiLU, GroupNorm and convolutions for MLX's CPU backend, on every core.
+// Softmax, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm and convolutions for MLX's CPU backend, on every core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
@@ -20,6 +20,9 @@ bool on_cpu_kernels(const mx::array& x);
 
 // mx::softmax(x, -1) for on_cpu_kernels(x).
 mx::array softmax_last_axis(const mx::array& x);
+// The same of mx::where(allowed, x, lowest float) in one pass, where `keys_allowed` [1 or x.shape(0), keys] says
+// which of the last axis' entries each batch element keeps (a padding mask over the keys).
+mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed);
 
 // gelu() (the erf form, with Eigen's rational erf) for on_cpu_kernels(x).
 mx::array gelu_erf_cpu(const mx::array& x);
@@ -33,6 +36,10 @@ mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
 // the normalisation and the SiLU are nn/norm.cpp's float32 arithmetic.
 mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
                          bool then_silu);
+
+// mx::fast::layer_norm(x, weight, bias, eps) over the last axis for on_cpu_kernels(x) with float32 weight and bias
+// of x's last size, bit for bit; without `bias`, mx::fast::rms_norm(x, weight, eps).
+mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps);
 
 // A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
 // `padding` zeros on every side: MLX's CPU convolution's numbers (its im2col matrix times the weight by

@@ -12,7 +12,18 @@ LayerNorm LayerNorm::load(const Weights& w, int dims, float eps) {
   return LayerNorm{.weight = w.get("weight", {dims}), .bias = w.get("bias", {dims}), .eps = eps};
 }
 
+namespace {
+
+// Whether a LayerNorm or RMSNorm of x takes the CPU kernel (nn/cpu_kernels.h): MLX's CPU runs its graph op by op.
+bool norm_on_cpu_kernels(const mx::array& x, const mx::array& weight, const mx::array* bias) {
+  return on_cpu_kernels(x) && x.ndim() >= 1 && weight.dtype() == mx::float32 && weight.ndim() == 1 &&
+         weight.shape(0) == x.shape(-1) && (!bias || bias->dtype() == mx::float32 && bias->shape() == weight.shape());
+}
+
+}  // namespace
+
 mx::array LayerNorm::operator()(const mx::array& x) const {
+  if (norm_on_cpu_kernels(x, weight, &bias)) return layer_norm_cpu(x, weight, bias, eps);
   return mx::fast::layer_norm(x, weight, bias, eps);
 }
 
@@ -26,6 +37,7 @@ RMSNorm RMSNorm::load_one_plus(const Weights& w, int dims, float eps) {
 }
 
 mx::array RMSNorm::operator()(const mx::array& x) const {
+  if (norm_on_cpu_kernels(x, weight, nullptr)) return layer_norm_cpu(x, weight, std::nullopt, eps);
   return mx::fast::rms_norm(x, weight, eps);
 }
 

@@ -159,3 +159,22 @@ def test_group_norm_of_a_constant_image_is_its_bias():
     bias = random((8,), seed=15)
     assert np.array_equal(np.asarray(_core.group_norm(x, random((8,), seed=16), bias, 4, 1e-6)),
                           np.broadcast_to(np.asarray(bias), (1, 9, 9, 8)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (32, 200, 384), (2, 5, 1001)])
+def test_layer_norm_and_rms_norm_are_mlxs_bit_for_bit(shape):
+    """LayerNorm and RMSNorm on every core: exactly mx.fast's numbers on the CPU (its op-by-op graph)."""
+    x = random(shape, scale=3.0) + 1.0
+    weight, bias = random(shape[-1:], seed=17), random(shape[-1:], seed=18)
+    assert same_bits(_core.layer_norm(x, weight, bias, 1e-12), mx.fast.layer_norm(x, weight, bias, 1e-12))
+    assert same_bits(_core.layer_norm(x, weight, None, 1e-6), mx.fast.rms_norm(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("batch, mask_rows", [(3, 3), (3, 1), (1, 1)])
+def test_attention_under_a_key_padding_mask_is_mlxs_bit_for_bit(batch, mask_rows):
+    """An encoder's padding mask [B or 1, 1, 1, K] goes into the softmax's own pass instead of an mx.where."""
+    q, k, v = (random((batch, 4, 37, 16), seed=seed) for seed in (19, 20, 21))
+    keys_kept = np.random.default_rng(22).random((mask_rows, 1, 1, 37)) > 0.4
+    keys_kept[..., 0] = True
+    mask = mx.array(keys_kept)
+    assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
