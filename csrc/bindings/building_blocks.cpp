@@ -47,12 +47,16 @@ void bind_building_blocks(nb::module_& m) {
       "GroupNorm of x [B, H, W, C] as PyTorch's, then SiLU when then_silu (nn/norm.h).");
   m.def(
       "conv2d_cpu",
-      [](const mx::array& x, const mx::array& weight, int padding) {
+      [](const mx::array& x, const mx::array& weight, int padding, std::optional<mx::array> bias,
+         std::optional<mx::array> residual, bool upsample_2x) {
         if (!on_cpu_kernels(x)) throw std::invalid_argument("conv2d_cpu takes float32 on the CPU");
-        return evaluated(conv2d_cpu(x, weight, padding));
+        return evaluated(
+            conv2d_cpu(x, weight, padding, {.bias = bias, .residual = residual, .upsample_2x = upsample_2x}));
       },
-      "x"_a, "weight"_a, "padding"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core (nn/cpu_kernels.h).");
+      "x"_a, "weight"_a, "padding"_a, "bias"_a = nb::none(), "residual"_a = nb::none(), "upsample_2x"_a = false,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core, then + bias, then residual + "
+      "that; upsample_2x reads x upsampled 2x (nearest) first (nn/cpu_kernels.h).");
   m.def(
       "rope",
       [](const mx::array& x, const RopeConfig& config, int offset) {

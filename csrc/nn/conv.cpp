@@ -18,13 +18,15 @@ Conv2d Conv2d::load(const Weights& w, int in_channels, int out_channels, int ker
 
 namespace {
 
-// On the CPU (float32, stride 1, a kernel wider than 1) a convolution is our own, on every core in small bands
-// (nn/cpu_kernels.h): MLX's builds a side buffer 9x its input with one thread first.
-mx::array convolve(const mx::array& x, const mx::array& weight, int stride, int padding) {
-  if (stride == 1 && weight.shape(1) > 1 && on_cpu_kernels(x) && weight.dtype() == mx::float32) {
-    return conv2d_cpu(x, weight, padding);
-  }
-  return mx::conv2d(x, weight, {stride, stride}, {padding, padding});
+// On the CPU (float32, stride 1, a kernel wider than 1) a convolution is our own primitive (nn/cpu_kernels.h), with
+// its bias, residual and upsampling in the same pass: MLX's builds a side buffer 9x its input with one thread first.
+bool on_cpu_conv(const Conv2d& conv, const mx::array& x) {
+  return conv.stride == 1 && conv.weight.shape(1) > 1 && on_cpu_kernels(x) && conv.weight.dtype() == mx::float32 &&
+         (!conv.bias || conv.bias->dtype() == mx::float32);
+}
+
+mx::array convolve(const Conv2d& conv, const mx::array& x) {
+  return mx::conv2d(x, conv.weight, {conv.stride, conv.stride}, {conv.padding, conv.padding});
 }
 
 // residual + (y + bias): a ResnetBlock's output in one pass instead of two.
@@ -35,14 +37,23 @@ std::vector<mx::array> add_bias_residual_impl(const std::vector<mx::array>& in) 
 }  // namespace
 
 mx::array Conv2d::operator()(const mx::array& x) const {
-  auto y = convolve(x, weight, stride, padding);
+  if (on_cpu_conv(*this, x)) return conv2d_cpu(x, weight, padding, {.bias = bias});
+  auto y = convolve(*this, x);
   return bias ? mx::add(y, *bias) : y;
 }
 
 mx::array Conv2d::operator()(const mx::array& x, const mx::array& residual) const {
+  if (on_cpu_conv(*this, x) && residual.dtype() == mx::float32) {
+    return conv2d_cpu(x, weight, padding, {.bias = bias, .residual = residual});
+  }
   static auto fused = mx::compile(add_bias_residual_impl, /*shapeless=*/true);
-  auto y = convolve(x, weight, stride, padding);
+  auto y = convolve(*this, x);
   return bias ? run_fused(fused, add_bias_residual_impl, {y, *bias, residual}) : mx::add(residual, y);
+}
+
+mx::array Conv2d::upsampled_2x(const mx::array& x) const {
+  if (on_cpu_conv(*this, x)) return conv2d_cpu(x, weight, padding, {.bias = bias, .upsample_2x = true});
+  return (*this)(upsample_nearest_2x(x));
 }
 
 mx::array upsample_nearest_2x(const mx::array& x) {

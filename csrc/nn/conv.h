@@ -18,6 +18,8 @@ struct Conv2d {
   mx::array operator()(const mx::array& x) const;  // x: [B, H, W, I]
   // residual + conv(x), the bias and residual added in one fused pass on a GPU.
   mx::array operator()(const mx::array& x, const mx::array& residual) const;
+  // conv(upsample_nearest_2x(x)); on the CPU without making the upsampled copy.
+  mx::array upsampled_2x(const mx::array& x) const;
 };
 
 // Nearest-neighbour upsampling by 2 in H and W (torch's interpolate(scale_factor=2, "nearest")).

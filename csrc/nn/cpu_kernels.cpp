@@ -329,6 +329,7 @@ constexpr double kMinSplitMacs = double(1 << 22);
 
 struct ConvShape {
   int batch, height, width, channels, kernel, padding, out_rows, out_cols, out_channels;
+  int upsample_shift;  // 1: the input is read as if upsampled 2x (nearest) first; 0: as it is
   int depth() const { return kernel * kernel * channels; }  // one im2col row: the weight's [kh, kw, C] order
   size_t pixels() const { return size_t(batch) * out_rows * out_cols; }
 };
@@ -339,14 +340,16 @@ void im2col_rows(const float* src, const ConvShape& s, size_t first, size_t coun
   for (size_t r = first; r < first + count; ++r) {
     const int ox = int(r % s.out_cols), oy = int(r / s.out_cols % s.out_rows);
     const size_t n = r / (size_t(s.out_cols) * s.out_rows);
+    const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
     for (int i = 0; i < s.kernel; ++i) {
       const int y = oy + i - s.padding;
       for (int j = 0; j < s.kernel; ++j, to += s.channels) {
         const int x = ox + j - s.padding;
-        if (y < 0 || y >= s.height || x < 0 || x >= s.width) {
+        if (y < 0 || y >= height || x < 0 || x >= width) {
           std::fill(to, to + s.channels, 0.0f);
         } else {
-          std::copy_n(src + ((n * s.height + y) * s.width + x) * s.channels, s.channels, to);
+          const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
+          std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
         }
       }
     }
@@ -356,8 +359,22 @@ void im2col_rows(const float* src, const ConvShape& s, size_t first, size_t coun
 // The convolution as MLX's CPU backend computes it (an im2col matrix times the weight, [pixels, k*k*C] x
 // [k*k*C, O], by cblas_sgemm), in bands of pixels: each core builds a band's im2col rows in a small buffer and
 // multiplies them into the output's rows. MLX pads and unfolds the whole input with one thread first, into a
-// side buffer 9x the input, then runs one product over all cores.
-void convolve_in_bands(const float* src, const float* weight, float* dst, const ConvShape& s) {
+// side buffer 9x the input, then runs one product over all cores. `bias` and `residual` (or nullptr) are added to
+// each band while it is in the cache: residual + (product + bias), MLX's two adds.
+void add_bias_residual(float* out, size_t rows, int channels, const float* bias, const float* residual) {
+  for (size_t r = 0; r < rows; ++r, out += channels) {
+    if (bias) {
+      for (int c = 0; c < channels; ++c) out[c] = out[c] + bias[c];
+    }
+    if (residual) {
+      for (int c = 0; c < channels; ++c) out[c] = residual[c] + out[c];
+      residual += channels;
+    }
+  }
+}
+
+void convolve_in_bands(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
+                       const ConvShape& s) {
   const size_t depth = s.depth(), pixels = s.pixels();
   const double macs_per_row = double(depth) * s.out_channels;
   size_t band = pixels;
@@ -374,13 +391,22 @@ void convolve_in_bands(const float* src, const float* weight, float* dst, const 
       im2col_rows(src, s, first, count, columns.data());
       cblas_sgemm(kRowMajor, kNoTrans, kTrans, int(count), s.out_channels, int(depth), 1.0f, columns.data(), int(depth),
                   weight, int(depth), 0.0f, dst + first * s.out_channels, s.out_channels);
+      if (bias || residual) {
+        add_bias_residual(dst + first * s.out_channels, count, s.out_channels, bias,
+                          residual ? residual + first * s.out_channels : nullptr);
+      }
     }
   });
 }
 
 class CpuConv2d : public CpuKernel {
  public:
-  CpuConv2d(mx::Stream stream, int padding) : CpuKernel(stream), padding_(padding) {}
+  CpuConv2d(mx::Stream stream, int padding, bool has_bias, bool has_residual, bool upsample_2x)
+      : CpuKernel(stream),
+        padding_(padding),
+        has_bias_(has_bias),
+        has_residual_(has_residual),
+        upsample_2x_(upsample_2x) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto &x = inputs[0], &weight = inputs[1];
@@ -393,19 +419,26 @@ class CpuConv2d : public CpuKernel {
                           .padding = padding_,
                           .out_rows = out.shape(1),
                           .out_cols = out.shape(2),
-                          .out_channels = weight.shape(0)};
-    dispatch(inputs, out, [src = x.data<float>(), w = weight.data<float>(), dst = out.data<float>(), shape] {
-      convolve_in_bands(src, w, dst, shape);
-    });
+                          .out_channels = weight.shape(0),
+                          .upsample_shift = upsample_2x_ ? 1 : 0};
+    const float* bias = has_bias_ ? inputs[2].data<float>() : nullptr;
+    const float* residual = has_residual_ ? inputs.back().data<float>() : nullptr;
+    dispatch(inputs, out,
+             [src = x.data<float>(), w = weight.data<float>(), bias, residual, dst = out.data<float>(), shape] {
+               convolve_in_bands(src, w, bias, residual, dst, shape);
+             });
   }
 
   DEFINE_NAME(CpuConv2d)
   bool is_equivalent(const mx::Primitive& other) const override {
-    return padding_ == static_cast<const CpuConv2d&>(other).padding_;
+    const auto& o = static_cast<const CpuConv2d&>(other);
+    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_residual_ == o.has_residual_ &&
+           upsample_2x_ == o.upsample_2x_;
   }
 
  private:
   int padding_;
+  bool has_bias_, has_residual_, upsample_2x_;
 };
 
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
@@ -471,16 +504,29 @@ mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std:
                    std::move(inputs));
 }
 
-mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding) {
-  const int kernel = weight.shape(1);
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras) {
+  const int kernel = weight.shape(1), upsample = extras.upsample_2x ? 2 : 1;
   if (x.ndim() != 4 || weight.ndim() != 4 || weight.shape(2) != kernel || weight.shape(3) != x.shape(3)) {
     throw std::invalid_argument("conv2d_cpu: x [N, H, W, C] and a square weight [O, k, k, C]");
   }
-  const int out_rows = x.shape(1) + 2 * padding - kernel + 1, out_cols = x.shape(2) + 2 * padding - kernel + 1;
+  const int out_rows = upsample * x.shape(1) + 2 * padding - kernel + 1;
+  const int out_cols = upsample * x.shape(2) + 2 * padding - kernel + 1;
   if (out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("conv2d_cpu: no output for this input");
-  return mx::array({x.shape(0), out_rows, out_cols, weight.shape(0)}, mx::float32,
-                   std::make_shared<CpuConv2d>(mx::default_stream(mx::Device::cpu), padding),
-                   {mx::contiguous(x), mx::contiguous(weight)});
+  mx::Shape shape{x.shape(0), out_rows, out_cols, weight.shape(0)};
+  std::vector<mx::array> inputs{mx::contiguous(x), mx::contiguous(weight)};
+  if (extras.bias) {
+    if (extras.bias->size() != size_t(weight.shape(0))) throw std::invalid_argument("conv2d_cpu: bias must be [O]");
+    inputs.push_back(mx::contiguous(mx::astype(*extras.bias, mx::float32)));
+  }
+  if (extras.residual) {
+    if (extras.residual->shape() != shape)
+      throw std::invalid_argument("conv2d_cpu: residual must be the output's shape");
+    inputs.push_back(mx::contiguous(mx::astype(*extras.residual, mx::float32)));
+  }
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<CpuConv2d>(mx::default_stream(mx::Device::cpu), padding, extras.bias.has_value(),
+                                               extras.residual.has_value(), extras.upsample_2x),
+                   std::move(inputs));
 }
 
 }  // namespace mlxr

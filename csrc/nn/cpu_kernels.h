@@ -9,6 +9,8 @@
 // (tests/unit/test_cpu_kernels.py).
 #pragma once
 
+#include <optional>
+
 #include "mlx/mlx.h"
 
 namespace mlxr {
@@ -41,10 +43,17 @@ mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::
 // of x's last size, bit for bit; without `bias`, mx::fast::rms_norm(x, weight, eps).
 mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps);
 
+// What a CPU convolution does besides the product, in the same pass over each band of its output.
+struct CpuConvExtras {
+  std::optional<mx::array> bias;      // [O], added to the product
+  std::optional<mx::array> residual;  // the output's shape: residual + (product + bias), MLX's two adds' bits
+  bool upsample_2x = false;           // read x as if upsampled 2x (nearest) first: no 4x copy of it
+};
+
 // A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
-// `padding` zeros on every side: MLX's CPU convolution's numbers (its im2col matrix times the weight by
-// cblas_sgemm; bit for bit when small, else to OpenBLAS's rounding of the same sums in bands of rows), computed in
-// small bands on every core instead of one side buffer 9x the input built by one thread.
-mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding);
+// `padding` zeros on every side: MLX's CPU convolution's numbers bit for bit (its im2col matrix times the weight by
+// cblas_sgemm; the bands keep the product's sums), computed in small bands on every core instead of one side buffer
+// 9x the input built by one thread.
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
 }  // namespace mlxr

@@ -193,3 +193,21 @@ def test_the_cpu_convolution_names_a_bad_shape():
         _core.conv2d_cpu(mx.zeros((1, 8, 8, 4)), mx.zeros((2, 3, 3, 5)), 1)
     with pytest.raises(ValueError, match="no output for this input"):
         _core.conv2d_cpu(mx.zeros((1, 2, 2, 4)), mx.zeros((2, 5, 5, 4)), 0)
+
+
+@pytest.mark.parametrize("shape, out_channels", [((1, 40, 36, 16), 16), ((2, 17, 9, 5), 7), ((1, 128, 128, 32), 32)])
+def test_the_cpu_convolutions_bias_residual_and_upsampling_are_mlxs_ops_bit_for_bit(shape, out_channels):
+    """The VAE's convolution epilogues in the product's pass: + bias, residual + that (a ResnetBlock's output), and
+    the upsampler's conv over a nearest-2x input read without the 4x copy: exactly MLX's ops' numbers."""
+    x = mx.random.normal(shape, key=mx.random.key(7))
+    weight = mx.random.normal((out_channels, 3, 3, shape[3]), key=mx.random.key(8))
+    bias = mx.random.normal((out_channels,), key=mx.random.key(9))
+    plain = mx.conv2d(x, weight, (1, 1), (1, 1))
+    residual = mx.random.normal(plain.shape, key=mx.random.key(10))
+    assert mx.array_equal(_core.conv2d_cpu(x, weight, 1, bias=bias), plain + bias).item()
+    ours = _core.conv2d_cpu(x, weight, 1, bias=bias, residual=residual)
+    assert mx.array_equal(ours, residual + (plain + bias)).item()
+    b, h, w, c = shape
+    upsampled = mx.broadcast_to(x.reshape(b, h, 1, w, 1, c), (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    assert mx.array_equal(_core.conv2d_cpu(x, weight, 1, bias=bias, upsample_2x=True),
+                          mx.conv2d(upsampled, weight, (1, 1), (1, 1)) + bias).item()
