@@ -318,13 +318,13 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    llm = sys.modules.get("benchmarks.test_llm")  # the LLM table, when those benchmarks ran
+    llm = sys.modules.get("benchmarks.cpu.test_llm")  # the LLM table, when those benchmarks ran
     if llm is not None:
         llm.pytest_terminal_summary_llm(terminalreporter.write_line)
-    zimage = sys.modules.get("benchmarks.test_zimage")  # the Z-Image table, when those benchmarks ran
+    zimage = sys.modules.get("benchmarks.cpu.test_zimage")  # the Z-Image table, when those benchmarks ran
     if zimage is not None:
         zimage.pytest_terminal_summary_zimage(terminalreporter.write_line)
-    flux2 = sys.modules.get("benchmarks.test_flux2")
+    flux2 = sys.modules.get("benchmarks.cpu.test_flux2")
     if flux2 is not None:
         flux2.pytest_terminal_summary_flux2(terminalreporter.write_line)
     prompt_cache = sys.modules.get("benchmarks.cpu.test_prompt_cache") or sys.modules.get("test_prompt_cache")
