@@ -1,6 +1,7 @@
-"""The CPU kernels (csrc/nn/cpu_kernels.*): softmax and GELU on every core, vectorised, and the attention built
-on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph, and
-mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special value."""
+"""The CPU kernels (csrc/nn/cpu_kernels.*): softmax, GELU, SiLU, LayerNorm and RMSNorm on every core, vectorised,
+and the attention built on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph,
+mx.fast's norms and mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special
+value. GroupNorm sums in double, so it is held to float64 GroupNorm instead. (The convolutions: test_core.py.)"""
 
 from __future__ import annotations
 
