@@ -7,9 +7,9 @@
 #include "bindings/config.h"
 #include "nn/activation.h"
 #include "nn/attention.h"
-#include "nn/conv.h"
 #include "nn/cpu_kernels.h"
 #include "nn/linear.h"
+#include "nn/norm.h"
 #include "nn/rope.h"
 
 namespace mlxr::bindings {
@@ -39,8 +39,33 @@ void bind_building_blocks(nb::module_& m) {
       },
       "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec).");
-  m.def("conv2d_in_bands", &conv2d_in_bands, "x"_a, "weight"_a, "padding"_a, "band_rows"_a,
-        "A stride-1 conv2d (x NHWC, weight [O, kh, kw, I]) computed band by band of band_rows output rows.");
+  m.def(
+      "layer_norm",
+      [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias, float eps) {
+        return evaluated(bias ? LayerNorm{.weight = weight, .bias = *bias, .eps = eps}(x)
+                              : RMSNorm{.weight = weight, .eps = eps}(x));
+      },
+      "x"_a, "weight"_a, "bias"_a = nb::none(), "eps"_a = 1e-5f, nb::call_guard<nb::gil_scoped_release>(),
+      "LayerNorm over the last axis (nn/norm.h); without bias, RMSNorm.");
+  m.def(
+      "group_norm",
+      [](const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps, bool then_silu) {
+        return evaluated(GroupNorm{.weight = weight, .bias = bias, .groups = groups, .eps = eps}(x, then_silu));
+      },
+      "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "then_silu"_a = false, nb::call_guard<nb::gil_scoped_release>(),
+      "GroupNorm of x [B, H, W, C] as PyTorch's, then SiLU when then_silu (nn/norm.h).");
+  m.def(
+      "conv2d_cpu",
+      [](const mx::array& x, const mx::array& weight, int padding, std::optional<mx::array> bias,
+         std::optional<mx::array> residual, bool upsample_2x) {
+        if (!on_cpu_kernels(x)) throw std::invalid_argument("conv2d_cpu takes float32 on the CPU");
+        return evaluated(
+            conv2d_cpu(x, weight, padding, {.bias = bias, .residual = residual, .upsample_2x = upsample_2x}));
+      },
+      "x"_a, "weight"_a, "padding"_a, "bias"_a = nb::none(), "residual"_a = nb::none(), "upsample_2x"_a = false,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core, then + bias, then residual + "
+      "that; upsample_2x reads x upsampled 2x (nearest) first (nn/cpu_kernels.h).");
   m.def(
       "rope",
       [](const mx::array& x, const RopeConfig& config, int offset) {

@@ -105,7 +105,7 @@ mx::array VaeDecoder::operator()(const mx::array& z, const BetweenBlocks& betwee
       x = resnet(x);
       checkpoint(x);
     }
-    if (block.upsampler) x = (*block.upsampler)(upsample_nearest_2x(x));
+    if (block.upsampler) x = block.upsampler->upsampled_2x(x);
   }
   return conv_out_(norm_out_(x, /*then_silu=*/true));
 }

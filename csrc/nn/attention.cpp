@@ -13,6 +13,14 @@ float scale_or_default(std::optional<float> scale, const mx::array& q) {
   return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
 }
 
+// A bool mask that only picks keys per batch element ([B or 1, 1, 1, K], an encoder's padding mask) as
+// [B or 1, K]: the masked softmax applies it in its own pass; anything else returns nothing.
+std::optional<mx::array> key_padding_rows(const mx::array& mask, int batch, int keys) {
+  if (mask.ndim() != 4 || mask.shape(1) != 1 || mask.shape(2) != 1 || mask.shape(3) != keys) return std::nullopt;
+  if (mask.shape(0) != 1 && mask.shape(0) != batch) return std::nullopt;
+  return mx::reshape(mask, {mask.shape(0), keys});
+}
+
 // What mx::fast::scaled_dot_product_attention runs on the CPU (the fallback in MLX 0.32's mlx/fast.cpp), op for op,
 // with its softmax on all cores (nn/cpu_kernels.h): the same bits, faster. `mask` as SDPA takes it; `causal`
 // builds MLX's causal mask instead.
@@ -27,6 +35,12 @@ mx::array attention_on_cpu(const mx::array& q, const mx::array& k, const mx::arr
     values = mx::expand_dims(v, 2);
   }
   auto scores = mx::matmul(queries, mx::swapaxes(keys, -1, -2));
+  if (!causal && mask && mask->dtype() == mx::bool_) {
+    if (auto keys_allowed = key_padding_rows(*mask, q.shape(0), k.shape(-2))) {
+      auto out = mx::matmul(masked_softmax_last_axis(scores, *keys_allowed), values);
+      return repeats > 1 ? mx::flatten(out, 1, 2) : out;
+    }
+  }
   std::optional<mx::array> allowed;
   if (causal) {
     const int key_length = keys.shape(-2), query_length = queries.shape(-2), offset = key_length - query_length;

@@ -18,13 +18,9 @@ struct Conv2d {
   mx::array operator()(const mx::array& x) const;  // x: [B, H, W, I]
   // residual + conv(x), the bias and residual added in one fused pass on a GPU.
   mx::array operator()(const mx::array& x, const mx::array& residual) const;
+  // conv(upsample_nearest_2x(x)); on the CPU without making the upsampled copy.
+  mx::array upsampled_2x(const mx::array& x) const;
 };
-
-// A stride-1 convolution computed band by band of `band_rows` output rows (each band reads its rows plus
-// `padding` rows of halo; rows outside the image are the zero padding), then joined. The result is the
-// plain convolution's; what the convolution needs on the side (MLX's im2col copy on the CPU, proportional to
-// the rows) shrinks to one band's. Evaluates as it goes. Conv2d uses it on the CPU for big inputs.
-mx::array conv2d_in_bands(const mx::array& x, const mx::array& weight, int padding, int band_rows);
 
 // Nearest-neighbour upsampling by 2 in H and W (torch's interpolate(scale_factor=2, "nearest")).
 mx::array upsample_nearest_2x(const mx::array& x);

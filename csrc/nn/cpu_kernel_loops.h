@@ -13,6 +13,12 @@ struct Loops {
   void (*scale_row)(float* out, int n, float factor);
   void (*gelu_range)(const float* in, float* out, std::size_t n);
   void (*silu_range)(const float* in, const float* up, float* out, std::size_t n);  // up: nullptr or gated
+  void (*channel_sums)(const float* in, std::size_t pixels, int channels, const float* centre, double* sums);
+  void (*normalise_rows)(const float* in, float* out, std::size_t pixels, int channels, const float* mean,
+                         const float* scale, const float* shift, bool silu);
+  // bias: nullptr for RMSNorm
+  void (*norm_row)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
+                   float inverse_n);
 };
 
 namespace baseline {

@@ -1,5 +1,7 @@
 #include "nn/cpu_kernels.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -61,11 +63,18 @@ const cpu_loops::Loops& loops() {
 
 // MLX's softmax kernel for float32 at SIMD width 1 (mlx/backend/cpu/softmax.cpp): the max, the exps and
 // their sum in index order (one accumulator: the order is what makes the sum bit-identical), then x 1/sum.
-void softmax_rows(const float* in, float* out, size_t rows, int n) {
+// With `allowed` ([rows / rows_per_mask_row, n] bools), the masked-out entries are first the lowest float, as
+// mx::where(allowed, x, lowest) makes them.
+void softmax_rows(const float* in, float* out, size_t rows, int n, const bool* allowed, size_t rows_per_mask_row) {
   on_all_cores(rows, n, [&](size_t begin, size_t end) {
     for (size_t r = begin; r < end; ++r) {
       const float* x = in + r * n;
       float* y = out + r * n;
+      if (allowed) {
+        const bool* keep = allowed + r / rows_per_mask_row * n;
+        for (int j = 0; j < n; ++j) y[j] = keep[j] ? x[j] : std::numeric_limits<float>::lowest();
+        x = y;
+      }
       loops().exp_shifted(x, y, n, loops().row_max(x, n));
       float sum = 0.0f;
       for (int j = 0; j < n; ++j) sum += y[j];
@@ -109,9 +118,12 @@ class CpuSoftmax : public CpuKernel {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     allocate_like(in, out);
+    const size_t rows = in.size() / in.shape(-1);
+    const bool* allowed = inputs.size() > 1 ? inputs[1].data<bool>() : nullptr;
+    const size_t rows_per_mask_row = allowed ? rows / (inputs[1].size() / in.shape(-1)) : rows;
     dispatch(inputs, out,
-             [in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows = in.size() / in.shape(-1)] {
-               softmax_rows(in, out, rows, n);
+             [in = in.data<float>(), out = out.data<float>(), n = in.shape(-1), rows, allowed, rows_per_mask_row] {
+               softmax_rows(in, out, rows, n, allowed, rows_per_mask_row);
              });
   }
 
@@ -155,49 +167,278 @@ class CpuSilu : public CpuKernel {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class CpuIm2col : public CpuKernel {
+// Pixels per part of a GroupNorm's statistics: a fixed split, so the sums (per part, then part by part) are the
+// same whatever the number of cores.
+constexpr size_t kStatisticsPartPixels = 4096;
+
+// Per-channel sums over the pixels of one image (see Loops::channel_sums), split in parts over the cores.
+std::vector<double> channel_sums(const float* image, size_t pixels, int channels, const float* centre) {
+  const size_t parts = (pixels + kStatisticsPartPixels - 1) / kStatisticsPartPixels;
+  std::vector<double> partial(parts * channels, 0.0);
+  on_all_cores(parts, kStatisticsPartPixels * channels, [&](size_t begin, size_t end) {
+    for (size_t part = begin; part < end; ++part) {
+      const size_t first = part * kStatisticsPartPixels, count = std::min(kStatisticsPartPixels, pixels - first);
+      loops().channel_sums(image + first * channels, count, channels, centre, partial.data() + part * channels);
+    }
+  });
+  std::vector<double> sums(channels, 0.0);
+  for (size_t part = 0; part < parts; ++part) {
+    for (int c = 0; c < channels; ++c) sums[c] += partial[part * channels + c];
+  }
+  return sums;
+}
+
+// Each channel's group's value: the channel sums added up over the group, divided by `count`, as float32.
+std::vector<float> per_group(const std::vector<double>& sums, int groups, double count) {
+  const int channels = int(sums.size()), per = channels / groups;
+  std::vector<float> values(channels);
+  for (int g = 0; g < groups; ++g) {
+    double total = 0.0;
+    for (int c = g * per; c < (g + 1) * per; ++c) total += sums[c];
+    std::fill_n(values.begin() + g * per, per, float(total / count));
+  }
+  return values;
+}
+
+// GroupNorm over one image [pixels, channels]: the group means and variances (biased) from double sums, then
+// one pass (x - mean) * (rsqrt(var + eps) * weight) + bias, and SiLU when `silu`.
+void group_norm_image(const float* in, float* out, size_t pixels, int channels, const float* weight, const float* bias,
+                      int groups, float eps, bool silu) {
+  const double count = double(pixels) * (channels / groups);
+  const auto mean = per_group(channel_sums(in, pixels, channels, nullptr), groups, count);
+  const auto var = per_group(channel_sums(in, pixels, channels, mean.data()), groups, count);
+  std::vector<float> scale(channels);
+  for (int c = 0; c < channels; ++c) scale[c] = (1.0f / std::sqrt(var[c] + eps)) * weight[c];
+  on_all_cores(pixels, channels, [&](size_t begin, size_t end) {
+    loops().normalise_rows(in + begin * channels, out + begin * channels, end - begin, channels, mean.data(),
+                           scale.data(), bias, silu);
+  });
+}
+
+class CpuGroupNorm : public CpuKernel {
  public:
-  CpuIm2col(mx::Stream stream, int kernel, int pad_top, int pad_bottom, int pad_width)
-      : CpuKernel(stream), kernel_(kernel), pad_top_(pad_top), pad_bottom_(pad_bottom), pad_width_(pad_width) {}
+  CpuGroupNorm(mx::Stream stream, int groups, float eps, bool silu)
+      : CpuKernel(stream), groups_(groups), eps_(eps), silu_(silu) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    allocate_like(in, out);
+    const int channels = in.shape(-1);
+    const size_t pixels = in.size() / in.shape(0) / channels;
+    dispatch(
+        inputs, out,
+        [in = in.data<float>(), weight = inputs[1].data<float>(), bias = inputs[2].data<float>(),
+         out = out.data<float>(), batch = in.shape(0), pixels, channels, groups = groups_, eps = eps_, silu = silu_] {
+          for (int b = 0; b < batch; ++b) {
+            const size_t offset = b * pixels * channels;
+            group_norm_image(in + offset, out + offset, pixels, channels, weight, bias, groups, eps, silu);
+          }
+        });
+  }
+
+  DEFINE_NAME(CpuGroupNorm)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuGroupNorm&>(other);
+    return groups_ == o.groups_ && eps_ == o.eps_ && silu_ == o.silu_;
+  }
+
+ private:
+  int groups_;
+  float eps_;
+  bool silu_;
+};
+
+// LayerNorm (with a bias) or RMSNorm (without) over the last axis, rows over the cores.
+class CpuRowNorm : public CpuKernel {
+ public:
+  CpuRowNorm(mx::Stream stream, float eps) : CpuKernel(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& in = inputs[0];
+    allocate_like(in, out);
+    const int n = in.shape(-1);
+    const float* bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr;
     dispatch(inputs, out,
-             [kernel = kernel_, pad_top = pad_top_, pad_width = pad_width_, src = in.data<float>(),
-              dst = out.data<float>(), batch = in.shape(0), height = in.shape(1), width = in.shape(2),
-              channels = in.shape(3), out_rows = out.shape(1), out_cols = out.shape(2)] {
-               const size_t row_floats = size_t(out_cols) * kernel * kernel * channels;
-               on_all_cores(size_t(batch) * out_rows, row_floats, [&](size_t begin, size_t end) {
-                 for (size_t r = begin; r < end; ++r) {
-                   const int n = int(r / out_rows), oy = int(r % out_rows);
-                   float* to = dst + r * row_floats;
-                   for (int ox = 0; ox < out_cols; ++ox) {
-                     for (int i = 0; i < kernel; ++i) {
-                       const int y = oy + i - pad_top;
-                       for (int j = 0; j < kernel; ++j, to += channels) {
-                         const int x = ox + j - pad_width;
-                         if (y < 0 || y >= height || x < 0 || x >= width) {
-                           std::fill(to, to + channels, 0.0f);
-                         } else {
-                           std::copy_n(src + ((size_t(n) * height + y) * width + x) * channels, channels, to);
-                         }
-                       }
-                     }
-                   }
-                 }
+             [in = in.data<float>(), weight = inputs[1].data<float>(), bias, out = out.data<float>(), n,
+              rows = in.size() / n, eps = eps_] {
+               const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 for (size_t r = begin; r < end; ++r)
+                   loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
                });
              });
   }
 
-  DEFINE_NAME(CpuIm2col)
+  DEFINE_NAME(CpuRowNorm)
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const CpuIm2col&>(other);
-    return kernel_ == o.kernel_ && pad_top_ == o.pad_top_ && pad_bottom_ == o.pad_bottom_ && pad_width_ == o.pad_width_;
+    return eps_ == static_cast<const CpuRowNorm&>(other).eps_;
   }
 
  private:
-  int kernel_, pad_top_, pad_bottom_, pad_width_;
+  float eps_;
+};
+
+// The BLAS that MLX's own matrix products call (OpenBLAS through mlxrunner's shim where it is loaded: a global
+// symbol wins over libmlx's reference BLAS, for this library as for libmlx).
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// While this lives, OpenBLAS (scipy-openblas32, loaded by mlxrunner's shim) computes each product on the calling
+// thread: the convolution below runs one product per core itself. MLX's CPU stream, which runs this, is the only
+// BLAS caller, so switching the global count is safe (the shim does the same for small products). With another
+// BLAS there is nothing to switch.
+class BlasOnCallingThread {
+ public:
+  BlasOnCallingThread() {
+    if (threads_api().set && (saved_ = threads_api().get()) > 1) threads_api().set(1);
+  }
+  ~BlasOnCallingThread() {
+    if (saved_ > 1) threads_api().set(saved_);
+  }
+  BlasOnCallingThread(const BlasOnCallingThread&) = delete;
+  BlasOnCallingThread& operator=(const BlasOnCallingThread&) = delete;
+
+ private:
+  struct ThreadsApi {
+    int (*get)() = nullptr;
+    void (*set)(int) = nullptr;
+  };
+  static const ThreadsApi& threads_api() {
+    static const ThreadsApi api = [] {
+      ThreadsApi found;
+      found.get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "scipy_openblas_get_num_threads"));
+      found.set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "scipy_openblas_set_num_threads"));
+      if (!found.get) found.set = nullptr;
+      return found;
+    }();
+    return api;
+  }
+  int saved_ = 0;
+};
+
+// About this many bytes of im2col matrix per product: the band is written, then read by the product while it is
+// still in the core's cache (a 256 x 256 x 32 -> 32 convolution: 15 ms as one 75 MB im2col and one product over
+// both cores, 7 ms in bands).
+constexpr size_t kBandBytes = size_t{1} << 20;
+// At least this many multiply-adds per band product: below about 10^6 OpenBLAS switches to kernels for small
+// matrices, whose sums round differently from the big ones' that MLX's one product uses.
+constexpr double kMinBandMacs = double(1 << 21);
+// Below this many multiply-adds the whole convolution is one product on the calling thread: MLX's own call.
+constexpr double kMinSplitMacs = double(1 << 22);
+
+struct ConvShape {
+  int batch, height, width, channels, kernel, padding, out_rows, out_cols, out_channels;
+  int upsample_shift;  // 1: the input is read as if upsampled 2x (nearest) first; 0: as it is
+  int depth() const { return kernel * kernel * channels; }  // one im2col row: the weight's [kh, kw, C] order
+  size_t pixels() const { return size_t(batch) * out_rows * out_cols; }
+};
+
+// Rows [first, first + count) of the convolution's im2col matrix (output pixels in [N, Ho, Wo] order) into `to`;
+// taps outside the input are the zero padding.
+void im2col_rows(const float* src, const ConvShape& s, size_t first, size_t count, float* to) {
+  for (size_t r = first; r < first + count; ++r) {
+    const int ox = int(r % s.out_cols), oy = int(r / s.out_cols % s.out_rows);
+    const size_t n = r / (size_t(s.out_cols) * s.out_rows);
+    const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
+    for (int i = 0; i < s.kernel; ++i) {
+      const int y = oy + i - s.padding;
+      for (int j = 0; j < s.kernel; ++j, to += s.channels) {
+        const int x = ox + j - s.padding;
+        if (y < 0 || y >= height || x < 0 || x >= width) {
+          std::fill(to, to + s.channels, 0.0f);
+        } else {
+          const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
+          std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
+        }
+      }
+    }
+  }
+}
+
+// The convolution as MLX's CPU backend computes it (an im2col matrix times the weight, [pixels, k*k*C] x
+// [k*k*C, O], by cblas_sgemm), in bands of pixels: each core builds a band's im2col rows in a small buffer and
+// multiplies them into the output's rows. MLX pads and unfolds the whole input with one thread first, into a
+// side buffer 9x the input, then runs one product over all cores. `bias` and `residual` (or nullptr) are added to
+// each band while it is in the cache: residual + (product + bias), MLX's two adds.
+void add_bias_residual(float* out, size_t rows, int channels, const float* bias, const float* residual) {
+  for (size_t r = 0; r < rows; ++r, out += channels) {
+    if (bias) {
+      for (int c = 0; c < channels; ++c) out[c] = out[c] + bias[c];
+    }
+    if (residual) {
+      for (int c = 0; c < channels; ++c) out[c] = residual[c] + out[c];
+      residual += channels;
+    }
+  }
+}
+
+void convolve_in_bands(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
+                       const ConvShape& s) {
+  const size_t depth = s.depth(), pixels = s.pixels();
+  const double macs_per_row = double(depth) * s.out_channels;
+  size_t band = pixels;
+  if (double(pixels) * macs_per_row >= kMinSplitMacs) {
+    band = std::max<size_t>(kBandBytes / (depth * sizeof(float)), size_t(kMinBandMacs / macs_per_row) + 1);
+  }
+  const size_t bands = std::max<size_t>(1, pixels / band);  // the last band takes the remainder
+  BlasOnCallingThread one_thread_each;
+  on_all_cores(bands, bands > 1 ? kElementsPerThread : 0, [&](size_t begin, size_t end) {
+    std::vector<float> columns;
+    for (size_t b = begin; b < end; ++b) {
+      const size_t first = b * band, count = b + 1 == bands ? pixels - first : band;
+      columns.resize(count * depth);
+      im2col_rows(src, s, first, count, columns.data());
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, int(count), s.out_channels, int(depth), 1.0f, columns.data(), int(depth),
+                  weight, int(depth), 0.0f, dst + first * s.out_channels, s.out_channels);
+      if (bias || residual) {
+        add_bias_residual(dst + first * s.out_channels, count, s.out_channels, bias,
+                          residual ? residual + first * s.out_channels : nullptr);
+      }
+    }
+  });
+}
+
+class CpuConv2d : public CpuKernel {
+ public:
+  CpuConv2d(mx::Stream stream, int padding, bool has_bias, bool has_residual, bool upsample_2x)
+      : CpuKernel(stream),
+        padding_(padding),
+        has_bias_(has_bias),
+        has_residual_(has_residual),
+        upsample_2x_(upsample_2x) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto &x = inputs[0], &weight = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const ConvShape shape{.batch = x.shape(0),
+                          .height = x.shape(1),
+                          .width = x.shape(2),
+                          .channels = x.shape(3),
+                          .kernel = weight.shape(1),
+                          .padding = padding_,
+                          .out_rows = out.shape(1),
+                          .out_cols = out.shape(2),
+                          .out_channels = weight.shape(0),
+                          .upsample_shift = upsample_2x_ ? 1 : 0};
+    const float* bias = has_bias_ ? inputs[2].data<float>() : nullptr;
+    const float* residual = has_residual_ ? inputs.back().data<float>() : nullptr;
+    dispatch(inputs, out,
+             [src = x.data<float>(), w = weight.data<float>(), bias, residual, dst = out.data<float>(), shape] {
+               convolve_in_bands(src, w, bias, residual, dst, shape);
+             });
+  }
+
+  DEFINE_NAME(CpuConv2d)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuConv2d&>(other);
+    return padding_ == o.padding_ && has_bias_ == o.has_bias_ && has_residual_ == o.has_residual_ &&
+           upsample_2x_ == o.upsample_2x_;
+  }
+
+ private:
+  int padding_;
+  bool has_bias_, has_residual_, upsample_2x_;
 };
 
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
@@ -219,6 +460,17 @@ mx::array softmax_last_axis(const mx::array& x) {
   return run_kernel<CpuSoftmax>({x});
 }
 
+mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed) {
+  const int keys = x.shape(-1), mask_rows = keys_allowed.size() / keys;
+  if (x.ndim() < 2 || keys_allowed.dtype() != mx::bool_ || keys_allowed.shape(-1) != keys ||
+      (mask_rows != 1 && mask_rows != x.shape(0))) {
+    throw std::invalid_argument("masked softmax: keys_allowed must be bool [1 or x's first size, x's last size]");
+  }
+  auto shape = x.shape();
+  return mx::array(std::move(shape), mx::float32, std::make_shared<CpuSoftmax>(mx::default_stream(mx::Device::cpu)),
+                   {mx::contiguous(x), mx::contiguous(keys_allowed)});
+}
+
 mx::array gelu_erf_cpu(const mx::array& x) {
   return run_kernel<CpuGelu>({x});
 }
@@ -231,13 +483,50 @@ mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up) {
   return run_kernel<CpuSilu>({gate, up});
 }
 
-mx::array im2col_cpu(const mx::array& x, int kernel, int pad_top, int pad_bottom, int pad_width) {
-  const int out_rows = x.shape(1) + pad_top + pad_bottom - kernel + 1;
-  const int out_cols = x.shape(2) + 2 * pad_width - kernel + 1;
-  if (x.ndim() != 4 || out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("im2col: no output for this input");
-  auto stream = mx::default_stream(mx::Device::cpu);
-  return mx::array({x.shape(0), out_rows, out_cols, kernel * kernel * x.shape(3)}, mx::float32,
-                   std::make_shared<CpuIm2col>(stream, kernel, pad_top, pad_bottom, pad_width), {mx::contiguous(x)});
+mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                         bool then_silu) {
+  const int channels = x.shape(-1);
+  if (x.ndim() < 2 || groups <= 0 || channels % groups != 0 || weight.size() != size_t(channels) ||
+      bias.size() != size_t(channels)) {
+    throw std::invalid_argument("group_norm_cpu: x [N, ..., C], C a multiple of groups, weight and bias [C]");
+  }
+  auto as_float = [](const mx::array& a) { return mx::contiguous(mx::astype(a, mx::float32)); };
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuGroupNorm>(mx::default_stream(mx::Device::cpu), groups, eps, then_silu),
+                   {mx::contiguous(x), as_float(weight), as_float(bias)});
+}
+
+mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps) {
+  std::vector<mx::array> inputs{x, weight};
+  if (bias) inputs.push_back(*bias);
+  for (auto& input : inputs) input = mx::contiguous(input);
+  return mx::array(x.shape(), mx::float32, std::make_shared<CpuRowNorm>(mx::default_stream(mx::Device::cpu), eps),
+                   std::move(inputs));
+}
+
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras) {
+  const int kernel = weight.shape(1), upsample = extras.upsample_2x ? 2 : 1;
+  if (x.ndim() != 4 || weight.ndim() != 4 || weight.shape(2) != kernel || weight.shape(3) != x.shape(3)) {
+    throw std::invalid_argument("conv2d_cpu: x [N, H, W, C] and a square weight [O, k, k, C]");
+  }
+  const int out_rows = upsample * x.shape(1) + 2 * padding - kernel + 1;
+  const int out_cols = upsample * x.shape(2) + 2 * padding - kernel + 1;
+  if (out_rows <= 0 || out_cols <= 0) throw std::invalid_argument("conv2d_cpu: no output for this input");
+  mx::Shape shape{x.shape(0), out_rows, out_cols, weight.shape(0)};
+  std::vector<mx::array> inputs{mx::contiguous(x), mx::contiguous(weight)};
+  if (extras.bias) {
+    if (extras.bias->size() != size_t(weight.shape(0))) throw std::invalid_argument("conv2d_cpu: bias must be [O]");
+    inputs.push_back(mx::contiguous(mx::astype(*extras.bias, mx::float32)));
+  }
+  if (extras.residual) {
+    if (extras.residual->shape() != shape)
+      throw std::invalid_argument("conv2d_cpu: residual must be the output's shape");
+    inputs.push_back(mx::contiguous(mx::astype(*extras.residual, mx::float32)));
+  }
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<CpuConv2d>(mx::default_stream(mx::Device::cpu), padding, extras.bias.has_value(),
+                                               extras.residual.has_value(), extras.upsample_2x),
+                   std::move(inputs));
 }
 
 }  // namespace mlxr

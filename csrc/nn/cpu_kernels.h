@@ -1,4 +1,4 @@
-// Softmax, GELU and SiLU for MLX's CPU backend, on every core.
+// Softmax, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm and convolutions for MLX's CPU backend, on every core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
@@ -8,6 +8,8 @@
 // results are bit-identical to mx::softmax, to the op-by-op GELU graph and to x * mx::sigmoid(x)
 // (tests/unit/test_cpu_kernels.py).
 #pragma once
+
+#include <optional>
 
 #include "mlx/mlx.h"
 
@@ -20,6 +22,9 @@ bool on_cpu_kernels(const mx::array& x);
 
 // mx::softmax(x, -1) for on_cpu_kernels(x).
 mx::array softmax_last_axis(const mx::array& x);
+// The same of mx::where(allowed, x, lowest float) in one pass, where `keys_allowed` [1 or x.shape(0), keys] says
+// which of the last axis' entries each batch element keeps (a padding mask over the keys).
+mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed);
 
 // gelu() (the erf form, with Eigen's rational erf) for on_cpu_kernels(x).
 mx::array gelu_erf_cpu(const mx::array& x);
@@ -28,10 +33,27 @@ mx::array gelu_erf_cpu(const mx::array& x);
 mx::array silu_cpu(const mx::array& x);
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
 
-// A stride-1 convolution's im2col matrix, built on every core (MLX's own CPU convolution pads and unfolds its
-// input with single-threaded strided copies, which took twice the time of the matrix product after them):
-// x [N, H, W, C] float32 -> [N, Ho, Wo, k * k * C], columns in the weight's [kh, kw, C] order, rows outside
-// the input (pad_top / pad_bottom rows, pad_width columns on each side) zero.
-mx::array im2col_cpu(const mx::array& x, int kernel, int pad_top, int pad_bottom, int pad_width);
+// GroupNorm (PyTorch's: per sample and group over every pixel and the group's channels, biased variance) of
+// x [N, ..., C] float32, then SiLU when `then_silu`: one pass over x per statistic, on every core, sums in double;
+// the normalisation and the SiLU are nn/norm.cpp's float32 arithmetic.
+mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,
+                         bool then_silu);
+
+// mx::fast::layer_norm(x, weight, bias, eps) over the last axis for on_cpu_kernels(x) with float32 weight and bias
+// of x's last size, bit for bit; without `bias`, mx::fast::rms_norm(x, weight, eps).
+mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias, float eps);
+
+// What a CPU convolution does besides the product, in the same pass over each band of its output.
+struct CpuConvExtras {
+  std::optional<mx::array> bias;      // [O], added to the product
+  std::optional<mx::array> residual;  // the output's shape: residual + (product + bias), MLX's two adds' bits
+  bool upsample_2x = false;           // read x as if upsampled 2x (nearest) first: no 4x copy of it
+};
+
+// A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
+// `padding` zeros on every side: MLX's CPU convolution's numbers bit for bit (its im2col matrix times the weight by
+// cblas_sgemm; the bands keep the product's sums), computed in small bands on every core instead of one side buffer
+// 9x the input built by one thread.
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
 }  // namespace mlxr

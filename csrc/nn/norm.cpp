@@ -12,7 +12,18 @@ LayerNorm LayerNorm::load(const Weights& w, int dims, float eps) {
   return LayerNorm{.weight = w.get("weight", {dims}), .bias = w.get("bias", {dims}), .eps = eps};
 }
 
+namespace {
+
+// Whether a LayerNorm or RMSNorm of x takes the CPU kernel (nn/cpu_kernels.h): MLX's CPU runs its graph op by op.
+bool norm_on_cpu_kernels(const mx::array& x, const mx::array& weight, const mx::array* bias) {
+  return on_cpu_kernels(x) && x.ndim() >= 1 && weight.dtype() == mx::float32 && weight.ndim() == 1 &&
+         weight.shape(0) == x.shape(-1) && (!bias || bias->dtype() == mx::float32 && bias->shape() == weight.shape());
+}
+
+}  // namespace
+
 mx::array LayerNorm::operator()(const mx::array& x) const {
+  if (norm_on_cpu_kernels(x, weight, &bias)) return layer_norm_cpu(x, weight, bias, eps);
   return mx::fast::layer_norm(x, weight, bias, eps);
 }
 
@@ -26,6 +37,7 @@ RMSNorm RMSNorm::load_one_plus(const Weights& w, int dims, float eps) {
 }
 
 mx::array RMSNorm::operator()(const mx::array& x) const {
+  if (norm_on_cpu_kernels(x, weight, nullptr)) return layer_norm_cpu(x, weight, std::nullopt, eps);
   return mx::fast::rms_norm(x, weight, eps);
 }
 
@@ -68,12 +80,13 @@ std::vector<mx::array> normalise_silu_impl(const std::vector<mx::array>& in) {
 // MLX's CUDA reductions accumulate in the input dtype, and a bfloat16 sum over a million pixels
 // would lose the mean. The statistics are tiny; the full-size work is one float32 copy, two
 // sums, one fused (x - mean)^2 and one fused normalise (+ SiLU) pass writing the input dtype,
-// instead of the ten separate float32 passes of the unfused graph (GPU; the CPU runs the same
-// arithmetic unfused).
+// instead of the ten separate float32 passes of the unfused graph (GPU). On the CPU, float32, it is one
+// primitive on every core (nn/cpu_kernels.h): MLX's CPU reductions and element-wise ops run on one thread.
 mx::array GroupNorm::operator()(const mx::array& x, bool then_silu) const {
   static auto centred_square = mx::compile(centred_square_impl, /*shapeless=*/true);
   static auto normalise = mx::compile(normalise_impl, /*shapeless=*/true);
   static auto normalise_silu = mx::compile(normalise_silu_impl, /*shapeless=*/true);
+  if (on_cpu_kernels(x) && !fuse_elementwise()) return group_norm_cpu(x, weight, bias, groups, eps, then_silu);
   const int b = x.shape(0), h = x.shape(1), wd = x.shape(2), c = x.shape(3);
   const int per_group = c / groups;
   const float count = static_cast<float>(h) * wd * per_group;
@@ -88,13 +101,8 @@ mx::array GroupNorm::operator()(const mx::array& x, bool then_silu) const {
   auto var = group_mean_per_channel(mx::sum(run_fused(centred_square, centred_square_impl, {pixels, mean}), 1));
   auto scale = mx::multiply(mx::rsqrt(mx::add(var, mx::array(eps))), mx::astype(weight, mx::float32));
   auto shift = mx::astype(bias, mx::float32);
-  mx::array y = pixels;
-  if (then_silu && on_cpu_kernels(x) && !fuse_elementwise()) {  // the same arithmetic, the SiLU on every core
-    y = silu_cpu(run_fused(normalise, normalise_impl, {pixels, mean, scale, shift}));
-  } else {
-    y = then_silu ? run_fused(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
-                  : run_fused(normalise, normalise_impl, {pixels, mean, scale, shift});
-  }
+  auto y = then_silu ? run_fused(normalise_silu, normalise_silu_impl, {pixels, mean, scale, shift})
+                     : run_fused(normalise, normalise_impl, {pixels, mean, scale, shift});
   return mx::reshape(y, {b, h, wd, c});
 }
 

@@ -29,7 +29,7 @@ struct RMSNorm {
 
 // GroupNorm as PyTorch computes it (statistics per sample and group over H, W and the group's
 // channels; biased variance), in float32 whatever the input dtype; output in the input dtype.
-// `then_silu` applies SiLU in the same pass (the VAE's norm -> SiLU pairs), fused on a GPU.
+// `then_silu` applies SiLU in the same pass (the VAE's norm -> SiLU pairs): fused on a GPU, one CPU primitive.
 struct GroupNorm {
   mx::array weight;
   mx::array bias;

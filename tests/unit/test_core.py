@@ -157,22 +157,21 @@ def test_flux2_latent_layouts_name_a_bad_shape(call, message):
         call()
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("height, kernel, padding", [(17, 3, 1), (8, 1, 0), (33, 3, 1), (12, 3, 0)])
-@pytest.mark.parametrize("band_rows", [1, 2, 5, 40])
-def test_a_convolution_in_bands_is_the_plain_convolution(dtype, height, kernel, padding, band_rows):
-    """Big VAE convolutions run in bands of rows (nn/conv.cpp) to bound their side buffers: the same numbers, up to
-    the last bit of float32 (OpenBLAS's kernels for a few rows may round differently from those for many)."""
-    x = mx.random.normal((2, height, 9, 5), key=mx.random.key(1)).astype(dtype)
-    weight = mx.random.normal((4, kernel, kernel, 5), key=mx.random.key(2)).astype(dtype)
-    plain = mx.conv2d(x, weight, (1, 1), (padding, padding))
-    banded = _core.conv2d_in_bands(x, weight, padding, band_rows)
-    assert banded.shape == plain.shape and banded.dtype == plain.dtype
-    difference = mx.abs(banded.astype(mx.float32) - plain.astype(mx.float32)).max().item()
-    assert difference <= 1e-6 * mx.abs(plain.astype(mx.float32)).max().item()
+@pytest.mark.parametrize("shape, out_channels, kernel, padding", [
+    ((2, 17, 9, 5), 7, 3, 1), ((1, 20, 20, 8), 7, 3, 0), ((1, 8, 8, 4), 3, 1, 0),  # one product, one thread
+    ((1, 64, 48, 32), 7, 3, 1), ((1, 96, 96, 64), 64, 3, 1), ((3, 33, 31, 19), 13, 3, 1),  # bands on every core
+    ((1, 256, 256, 32), 3, 3, 1),  # the VAE's last convolution: 3 output channels, the most bands
+])
+def test_the_cpu_convolution_is_mlxs_own_bit_for_bit(shape, out_channels, kernel, padding):
+    """The CPU convolution (im2col and the sgemm MLX's own convolution makes, in bands of rows on every core) gives
+    exactly mx.conv2d's numbers, in one product or in bands: the image goldens depend on it."""
+    x = mx.random.normal(shape, key=mx.random.key(5))
+    weight = mx.random.normal((out_channels, kernel, kernel, shape[3]), key=mx.random.key(6))
+    ours = _core.conv2d_cpu(x, weight, padding)
+    assert mx.array_equal(ours, mx.conv2d(x, weight, (1, 1), (padding, padding))).item()
 
 
-def test_a_convolution_in_bands_holds_one_bands_side_buffer():
+def test_the_cpu_convolution_holds_no_side_buffer_of_the_inputs_size():
     x = mx.random.normal((1, 96, 96, 64), key=mx.random.key(3))
     weight = mx.random.normal((64, 3, 3, 64), key=mx.random.key(4))
     mx.eval(x, weight)
@@ -185,16 +184,30 @@ def test_a_convolution_in_bands_holds_one_bands_side_buffer():
         return mx.get_peak_memory() - before
 
     plain = peak_over_inputs(lambda: mx.conv2d(x, weight, (1, 1), (1, 1)))
-    banded = peak_over_inputs(lambda: _core.conv2d_in_bands(x, weight, 1, 12))
-    assert banded < 0.5 * plain, (banded, plain)
+    ours = peak_over_inputs(lambda: _core.conv2d_cpu(x, weight, 1))
+    assert ours <= x.nbytes + 4096 < 0.2 * plain, (ours, plain)  # the output (x's size here) and nothing else
 
 
-@pytest.mark.parametrize("shape, kernel, padding",
-                         [((2, 17, 9, 5), 3, 1), ((1, 64, 48, 32), 3, 1), ((1, 20, 20, 8), 3, 0)])
-def test_a_cpu_convolution_in_one_piece_is_mlxs_own_bit_for_bit(shape, kernel, padding):
-    """In one band, the CPU convolution (our multi-core im2col, then the sgemm MLX's convolution makes) gives
-    exactly mx.conv2d's numbers: the image goldens depend on it."""
-    x = mx.random.normal(shape, key=mx.random.key(5))
-    weight = mx.random.normal((7, kernel, kernel, shape[3]), key=mx.random.key(6))
-    ours = _core.conv2d_in_bands(x, weight, padding, shape[1])
-    assert mx.array_equal(ours, mx.conv2d(x, weight, (1, 1), (padding, padding))).item()
+def test_the_cpu_convolution_names_a_bad_shape():
+    with pytest.raises(ValueError, match=r"square weight \[O, k, k, C\]"):
+        _core.conv2d_cpu(mx.zeros((1, 8, 8, 4)), mx.zeros((2, 3, 3, 5)), 1)
+    with pytest.raises(ValueError, match="no output for this input"):
+        _core.conv2d_cpu(mx.zeros((1, 2, 2, 4)), mx.zeros((2, 5, 5, 4)), 0)
+
+
+@pytest.mark.parametrize("shape, out_channels", [((1, 40, 36, 16), 16), ((2, 17, 9, 5), 7), ((1, 128, 128, 32), 32)])
+def test_the_cpu_convolutions_bias_residual_and_upsampling_are_mlxs_ops_bit_for_bit(shape, out_channels):
+    """The VAE's convolution epilogues in the product's pass: + bias, residual + that (a ResnetBlock's output), and
+    the upsampler's conv over a nearest-2x input read without the 4x copy: exactly MLX's ops' numbers."""
+    x = mx.random.normal(shape, key=mx.random.key(7))
+    weight = mx.random.normal((out_channels, 3, 3, shape[3]), key=mx.random.key(8))
+    bias = mx.random.normal((out_channels,), key=mx.random.key(9))
+    plain = mx.conv2d(x, weight, (1, 1), (1, 1))
+    residual = mx.random.normal(plain.shape, key=mx.random.key(10))
+    assert mx.array_equal(_core.conv2d_cpu(x, weight, 1, bias=bias), plain + bias).item()
+    ours = _core.conv2d_cpu(x, weight, 1, bias=bias, residual=residual)
+    assert mx.array_equal(ours, residual + (plain + bias)).item()
+    b, h, w, c = shape
+    upsampled = mx.broadcast_to(x.reshape(b, h, 1, w, 1, c), (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    assert mx.array_equal(_core.conv2d_cpu(x, weight, 1, bias=bias, upsample_2x=True),
+                          mx.conv2d(upsampled, weight, (1, 1), (1, 1)) + bias).item()

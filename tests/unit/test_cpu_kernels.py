@@ -1,6 +1,7 @@
-"""The CPU kernels (csrc/nn/cpu_kernels.*): softmax and GELU on every core, vectorised, and the attention built
-on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph, and
-mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special value."""
+"""The CPU kernels (csrc/nn/cpu_kernels.*): softmax, GELU, SiLU, LayerNorm and RMSNorm on every core, vectorised,
+and the attention built on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph,
+mx.fast's norms and mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special
+value. GroupNorm sums in double, so it is held to float64 GroupNorm instead. (The convolutions: test_core.py.)"""
 
 from __future__ import annotations
 
@@ -106,3 +107,75 @@ def test_silu_is_x_times_mlx_sigmoid_bit_for_bit(shape):
 def test_silu_of_special_values_is_mlx_silu():
     x = mx.array(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 88.5, -88.5, 1e-30, -1e-30, 3.4e38], np.float32))
     assert np.array_equal(np.asarray(_core.silu(x)), np.asarray(x * mx.sigmoid(x)), equal_nan=True)
+
+
+def group_norm_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """PyTorch's GroupNorm in float64: statistics per sample and group over the pixels and the group's channels."""
+    b, h, w, c = x.shape
+    grouped = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    normal = ((grouped - mean) / np.sqrt(var + eps)).reshape(b, h, w, c)
+    return normal * weight + bias
+
+
+def group_norm_mlx_ops(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float) -> mx.array:
+    """nn/norm.cpp's graph for the GPU, as MLX ops: per-channel float32 sums, then group statistics."""
+    b, h, w, c = x.shape
+    pixels = x.reshape(b, h * w, c)
+
+    def group_mean(per_channel):
+        g = mx.sum(per_channel.reshape(b, groups, c // groups), -1, keepdims=True) / (h * w * (c // groups))
+        return mx.broadcast_to(g, (b, groups, c // groups)).reshape(b, 1, c)
+
+    mean = group_mean(mx.sum(pixels, 1))
+    var = group_mean(mx.sum(mx.square(pixels - mean), 1))
+    return (((pixels - mean) * (mx.rsqrt(var + eps) * weight)) + bias).reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 1, 1, 4), 2), ((2, 7, 5, 6), 3), ((1, 64, 64, 128), 32),
+                                           ((3, 33, 17, 64), 32), ((1, 256, 256, 32), 32)])
+def test_group_norm_is_pytorchs_within_float32(shape, groups):
+    """The CPU GroupNorm (statistics in double over every core; a fixed split, so the same on any core count) is
+    the float64 GroupNorm to float32's precision, and closer to it than MLX's float32 op graph."""
+    x = random(shape, scale=3.0) + 1.5  # off-centre: a sum of squares about 0 would lose the variance
+    weight, bias = random(shape[-1:], seed=11), random(shape[-1:], seed=12)
+    exact = group_norm_float64(np.asarray(x), np.asarray(weight), np.asarray(bias), groups, 1e-6)
+    ours = np.asarray(_core.group_norm(x, weight, bias, groups, 1e-6))
+    ops = np.asarray(group_norm_mlx_ops(x, weight, bias, groups, 1e-6))
+    scale = np.abs(exact).max()
+    assert np.abs(ours - exact).max() <= 4e-6 * scale
+    assert np.abs(ours - exact).max() <= np.abs(ops - exact).max() + 1e-6 * scale
+
+
+def test_group_norm_then_silu_is_silu_of_the_group_norm_bit_for_bit():
+    x = random((2, 40, 24, 64), scale=2.0)
+    weight, bias = random((64,), seed=13), random((64,), seed=14)
+    normal = _core.group_norm(x, weight, bias, 32, 1e-6)
+    assert same_bits(_core.group_norm(x, weight, bias, 32, 1e-6, then_silu=True), normal * mx.sigmoid(normal))
+
+
+def test_group_norm_of_a_constant_image_is_its_bias():
+    x = mx.full((1, 9, 9, 8), 3.25)
+    bias = random((8,), seed=15)
+    assert np.array_equal(np.asarray(_core.group_norm(x, random((8,), seed=16), bias, 4, 1e-6)),
+                          np.broadcast_to(np.asarray(bias), (1, 9, 9, 8)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (32, 200, 384), (2, 5, 1001)])
+def test_layer_norm_and_rms_norm_are_mlxs_bit_for_bit(shape):
+    """LayerNorm and RMSNorm on every core: exactly mx.fast's numbers on the CPU (its op-by-op graph)."""
+    x = random(shape, scale=3.0) + 1.0
+    weight, bias = random(shape[-1:], seed=17), random(shape[-1:], seed=18)
+    assert same_bits(_core.layer_norm(x, weight, bias, 1e-12), mx.fast.layer_norm(x, weight, bias, 1e-12))
+    assert same_bits(_core.layer_norm(x, weight, None, 1e-6), mx.fast.rms_norm(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("batch, mask_rows", [(3, 3), (3, 1), (1, 1)])
+def test_attention_under_a_key_padding_mask_is_mlxs_bit_for_bit(batch, mask_rows):
+    """An encoder's padding mask [B or 1, 1, 1, K] goes into the softmax's own pass instead of an mx.where."""
+    q, k, v = (random((batch, 4, 37, 16), seed=seed) for seed in (19, 20, 21))
+    keys_kept = np.random.default_rng(22).random((mask_rows, 1, 1, 37)) > 0.4
+    keys_kept[..., 0] = True
+    mask = mx.array(keys_kept)
+    assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
