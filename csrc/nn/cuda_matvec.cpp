@@ -3,7 +3,6 @@
 #include <limits>
 #include <stdexcept>
 
-#include "mlx/backend/cuda/cuda.h"
 #include "mlx/fast.h"
 
 namespace mlxr {
@@ -131,11 +130,6 @@ constexpr const char* kQuantizedSource = R"(
   }
 )";
 
-bool on_cuda() {
-  static const bool cuda = mx::cu::is_available();
-  return cuda && mx::default_device() == mx::Device::gpu;
-}
-
 bool half_precision(mx::Dtype dtype) {
   return dtype == mx::bfloat16 || dtype == mx::float16;
 }
@@ -166,7 +160,7 @@ mx::array launch(const mx::fast::CustomKernelFunction& kernel, const std::vector
 
 std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
   // The kernel indexes the weight as one dense block (a strided one would be copied on every call).
-  if (!on_cuda() || packed.ndim() != 2 || !packed.flags().row_contiguous || !half_precision(x.dtype())) {
+  if (!running_on_cuda() || packed.ndim() != 2 || !packed.flags().row_contiguous || !half_precision(x.dtype())) {
     return std::nullopt;
   }
   const int k = x.shape(-1), rows = rows_of(x), n = packed.shape(0);

@@ -6,7 +6,6 @@
 #include <stdexcept>
 #include <vector>
 
-#include "mlx/backend/cuda/cuda.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
@@ -168,11 +167,6 @@ constexpr const char* kRopePairsCuda = R"(
   out[2 * i + 1] = static_cast<DT>(x0 * s + x1 * c);
 )";
 
-bool on_cuda() {
-  static const bool cuda = mx::cu::is_available();
-  return cuda && mx::default_device() == mx::Device::gpu;
-}
-
 mx::array rope_pairs_cuda(const mx::array& x, const RopeTable& rope) {
   static auto kernel = mx::fast::cuda_kernel("mlxr_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
                                              kRopePairsCuda, "", /*ensure_row_contiguous=*/true);
@@ -186,7 +180,7 @@ mx::array rope_pairs_cuda(const mx::array& x, const RopeTable& rope) {
 }  // namespace
 
 mx::array apply_rope_pairs(const mx::array& x, const RopeTable& rope) {
-  if (on_cuda()) return rope_pairs_cuda(x, rope);
+  if (running_on_cuda()) return rope_pairs_cuda(x, rope);
   static auto fused = mx::compile(rope_pairs_impl, /*shapeless=*/true);
   const auto shape = x.shape();
   const int b = shape[0], t = shape[1], h = shape[2], half = shape[3] / 2;

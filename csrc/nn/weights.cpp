@@ -124,7 +124,8 @@ Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const
 }
 
 bool running_on_cuda() {
-  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
+  static const bool cuda = mx::cu::is_available();  // asked once: the hot paths (RoPE, decode products) ask per call
+  return cuda && mx::default_device() == mx::Device::gpu;
 }
 
 Quantized Weights::companions(const std::string& name, const QuantSpec& spec, const mx::Shape& groups) const {
