@@ -64,7 +64,8 @@ void bind_vae(nb::module_& m) {
           [](const VaeDecoder& self, const mx::array& z, int tile, nb::object check_cancelled) {
             auto between_blocks = cancel_check(check_cancelled);
             nb::gil_scoped_release release;
-            return evaluated(tile > 0 ? self.tiled(z, tile, 0.25f, between_blocks) : self(z, between_blocks));
+            return evaluated(tile > 0 ? self.tiled(z, tile, kTileOverlapFactor, between_blocks)
+                                      : self(z, between_blocks));
           },
           "z"_a, "tile"_a = 0, "check_cancelled"_a = nb::none(),
           "Latents [B, h, w, C] -> image [B, 8h, 8w, 3] in about [-1, 1]; tile > 0 decodes in overlapping "
@@ -78,7 +79,8 @@ void bind_vae(nb::module_& m) {
           [](const VaeEncoder& self, const mx::array& x, int tile, nb::object check_cancelled) {
             auto between_blocks = cancel_check(check_cancelled);
             nb::gil_scoped_release release;
-            return evaluated(tile > 0 ? self.tiled(x, tile, 0.25f, between_blocks) : self(x, between_blocks));
+            return evaluated(tile > 0 ? self.tiled(x, tile, kTileOverlapFactor, between_blocks)
+                                      : self(x, between_blocks));
           },
           "image"_a, "tile"_a = 0, "check_cancelled"_a = nb::none(),
           "Image [B, H, W, 3] in [-1, 1] -> the posterior mean [B, H/8, W/8, C]; tile > 0 encodes in overlapping "

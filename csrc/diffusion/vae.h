@@ -79,6 +79,9 @@ using BetweenBlocks = std::function<void()>;
 // (x8 decoding, /8 encoding); each output tile fades in over overlap_factor * out_tile rows and columns from
 // its upper and left neighbours (blended in place, as diffusers does) and keeps the rest up to the next start.
 // One tile's activations at a time: that is what bounds memory at large sizes.
+// diffusers' AutoencoderKL tile_overlap_factor: neighbouring tiles share a quarter of a tile.
+constexpr float kTileOverlapFactor = 0.25f;
+
 mx::array tiled_pass(const mx::array& x, int tile, int out_tile, float overlap_factor,
                      const std::function<mx::array(const mx::array&)>& network, const BetweenBlocks& between_blocks);
 
@@ -94,7 +97,7 @@ class VaeDecoder {
 
   // The same, decoded in overlapping tiles of `tile` latents blended linearly over `overlap`
   // latents' worth of pixels, as diffusers' AutoencoderKL.tiled_decode does. Bounds memory at large sizes.
-  mx::array tiled(const mx::array& z, int tile, float overlap_factor = 0.25f,
+  mx::array tiled(const mx::array& z, int tile, float overlap_factor = kTileOverlapFactor,
                   const BetweenBlocks& between_blocks = {}) const;
 
   const VaeConfig& config() const { return config_; }
@@ -121,7 +124,7 @@ class VaeEncoder {
 
   // The same, encoded in overlapping tiles of `tile` pixels (diffusers' AutoencoderKL._tiled_encode; `tile`
   // a multiple of the downsampling factor).
-  mx::array tiled(const mx::array& x, int tile, float overlap_factor = 0.25f,
+  mx::array tiled(const mx::array& x, int tile, float overlap_factor = kTileOverlapFactor,
                   const BetweenBlocks& between_blocks = {}) const;
 
   int scale_factor() const { return 1 << (config_.block_out_channels.size() - 1); }
