@@ -1,5 +1,5 @@
-"""Helpers the image-generation tests share: numeric comparison, bf16 fixture copies, and talking
-to a runner's image /completion stream."""
+"""Helpers the image-generation tests share: numeric comparison, bf16 fixture copies, talking to a
+runner's image /completion stream, and where a tiled VAE pass lets a cancel land."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from PIL import Image
 
 from mlxrunner import backend
+from mlxrunner.errors import Cancelled
 from mlxrunner.settings import DEFAULT_CPU_DTYPE
 
 
@@ -89,3 +91,31 @@ def pixels(final: dict) -> np.ndarray:
 
 def same(a: dict, b: dict) -> bool:
     return np.array_equal(pixels(a), pixels(b))
+
+
+def check_cancel_lands_between_tiles(run: Callable[[int, Callable[[], None]], object], tile: int, tiles: int) -> int:
+    """A VAE pass, run(tile, check_cancelled) (tile 0: in one piece), checks for a cancel between its blocks, and
+    tiled between each tile's blocks and once between tiles; a cancel raised in the second tile stops it there.
+    Returns how many checks the untiled pass made."""
+    calls = {"untiled": 0, "tiled": 0}
+
+    def counter(name):
+        def check():
+            calls[name] += 1
+        return check
+
+    run(0, counter("untiled"))
+    run(tile, counter("tiled"))
+    assert calls["tiled"] == tiles * (calls["untiled"] + 1)  # each tile's blocks, then once between tiles
+
+    seen = []
+
+    def cancel_in_the_second_tile():
+        seen.append(1)
+        if len(seen) == calls["untiled"] + 2:
+            raise Cancelled("client disconnected")
+
+    with pytest.raises(Cancelled):
+        run(tile, cancel_in_the_second_tile)
+    assert len(seen) == calls["untiled"] + 2
+    return calls["untiled"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from image_helpers import check_cancel_lands_between_tiles
 from PIL import Image
 
 from mlxrunner.errors import Cancelled, RequestError
@@ -99,29 +100,10 @@ def test_no_seam_step(pipe, image, tiled, untiled, axis):
 
 
 def test_a_cancel_lands_between_tiles(pipe, image):
-    calls = {"untiled": 0, "tiled": 0}
-
-    def counter(name):
-        def check():
-            calls[name] += 1
-        return check
-
-    pipe.vae.encoder.encode(image, 0, counter("untiled"))
-    pipe.vae.encoder.encode(image, TILE_PX, counter("tiled"))
     tiles = len(range(0, LATENTS, STRIDE)) ** 2
-    assert calls["untiled"] >= 2
-    assert calls["tiled"] == tiles * (calls["untiled"] + 1)  # each tile's blocks, then once between tiles
-
-    seen = []
-
-    def cancel_in_the_second_tile():
-        seen.append(1)
-        if len(seen) == calls["untiled"] + 2:
-            raise Cancelled("client disconnected")
-
-    with pytest.raises(Cancelled):
-        pipe.vae.encoder.encode(image, TILE_PX, cancel_in_the_second_tile)
-    assert len(seen) == calls["untiled"] + 2
+    untiled_checks = check_cancel_lands_between_tiles(
+        lambda tile, check: pipe.vae.encoder.encode(image, tile, check), TILE_PX, tiles)
+    assert untiled_checks >= 2
 
 
 def reference_of(image: mx.array) -> Image.Image:

@@ -16,8 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from image_helpers import check_cancel_lands_between_tiles
 
-from mlxrunner.errors import Cancelled
 from mlxrunner.imagegen import load_pipeline
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"
@@ -108,25 +108,6 @@ def test_tiles_lower_the_peak_memory(vae, latents):
 
 
 def test_a_cancel_lands_between_tiles(vae, latents):
-    calls = {"untiled": 0, "tiled": 0}
-
-    def counter(name):
-        def check():
-            calls[name] += 1
-        return check
-
-    vae.decode_float(latents, tile=0, check_cancelled=counter("untiled"))
-    vae.decode_float(latents, tile=TILE, check_cancelled=counter("tiled"))
     tiles = (LATENTS // (STRIDE_PX // 8)) ** 2
-    assert calls["tiled"] == tiles * (calls["untiled"] + 1)  # each tile's blocks, then once between tiles
-
-    seen = []
-
-    def cancel_in_the_second_tile():
-        seen.append(1)
-        if len(seen) == calls["untiled"] + 2:
-            raise Cancelled("client disconnected")
-
-    with pytest.raises(Cancelled):
-        vae.decode_float(latents, tile=TILE, check_cancelled=cancel_in_the_second_tile)
-    assert len(seen) == calls["untiled"] + 2
+    check_cancel_lands_between_tiles(
+        lambda tile, check: vae.decode_float(latents, tile=tile, check_cancelled=check), TILE, tiles)
