@@ -187,16 +187,22 @@ def test_nvfp4_global_scales_multiply_the_dequantized_weights(tmp_path):
     assert np.abs(scaled.logits(ids) - unscaled.logits(ids)).max() > 0.1  # the scales took effect
 
 
+def nvfp4_store_with_global_scales(tmp_path: Path, fixture: str, scales: dict[str, float]):
+    """The LLM fixture as an Ollama nvfp4 store whose listed weights carry these global scales (blob entries
+    ``<weight>.global_scale``, read as ``<weight>_global_scale``): the loaded store and its dequantized float copy."""
+    name, models_dir = f"{fixture}:q", str(tmp_path / "models")
+    create_llm(tmp_path / "models", f"library/{name}", ROOT / "fixtures" / "llm" / fixture, "nvfp4",
+               global_scales=scales)
+    assert {n for n in resolve(name, models_dir).tensors() if n.endswith("_global_scale")} == \
+        {n + "_global_scale" for n in scales}
+    reference = load(str(dequantized_copy(name, tmp_path / "float", models_dir)))
+    return load(name, models_dir=models_dir), reference
+
+
 def test_ollama_blob_global_scales(tmp_path):
     """Ollama's name for it: ``<weight>.global_scale`` in the weight's combined blob."""
     scales = {"model.layers.0.self_attn.q_proj.weight": 1.9, "model.layers.1.mlp.gate_proj.weight": 0.2}
-    create_llm(tmp_path / "models", "library/llama-tiny:q", ROOT / "fixtures" / "llm" / "llama-tiny", "nvfp4",
-               global_scales=scales)
-    models_dir = str(tmp_path / "models")
-    assert {n for n in resolve("llama-tiny:q", models_dir).tensors() if n.endswith("_global_scale")} == \
-        {n + "_global_scale" for n in scales}
-    reference = load(str(dequantized_copy("llama-tiny:q", tmp_path / "float", models_dir)))
-    assert_same_model(load("llama-tiny:q", models_dir=models_dir), reference)
+    assert_same_model(*nvfp4_store_with_global_scales(tmp_path, "llama-tiny", scales))
 
 
 def test_packed_experts_take_their_global_scales(tmp_path):
@@ -204,27 +210,15 @@ def test_packed_experts_take_their_global_scales(tmp_path):
     expert's products scaled by its own (tokens through different experts see different factors)."""
     experts = [f"model.layers.0.mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
     scales = {name: 0.25 + 0.3 * i for i, name in enumerate(experts)}
-    create_llm(tmp_path / "models", "library/qwen3-moe-tiny:q", ROOT / "fixtures" / "llm" / "qwen3-moe-tiny", "nvfp4",
-               global_scales=scales)
-    models_dir = str(tmp_path / "models")
-    assert {n for n in resolve("qwen3-moe-tiny:q", models_dir).tensors() if n.endswith("_global_scale")} == \
-        {n + "_global_scale" for n in scales}
-    reference = load(str(dequantized_copy("qwen3-moe-tiny:q", tmp_path / "float", models_dir)))
+    quantized, reference = nvfp4_store_with_global_scales(tmp_path, "qwen3-moe-tiny", scales)
     # 32+ prompt tokens, top 2: the prefill runs the experts sorted, decoding unsorted
-    quantized = load("qwen3-moe-tiny:q", models_dir=models_dir)
     assert_same_model(quantized, reference, " ".join(["The quick brown fox"] * 12))
 
 
 def test_glm_latent_rows_take_their_global_scale(tmp_path):
     """MLA dequantizes kv_b_proj once at load (nn/mla): its nvfp4 global scale multiplies it there."""
     scales = {"model.layers.0.self_attn.kv_b_proj.weight": 1.9, "model.layers.2.self_attn.kv_b_proj.weight": 0.3}
-    create_llm(tmp_path / "models", "library/glm:q", ROOT / "fixtures" / "llm" / "glm4-moe-lite-tiny", "nvfp4",
-               global_scales=scales)
-    models_dir = str(tmp_path / "models")
-    assert {n for n in resolve("glm:q", models_dir).tensors() if n.endswith("_global_scale")} == \
-        {n + "_global_scale" for n in scales}
-    reference = load(str(dequantized_copy("glm:q", tmp_path / "float", models_dir)))
-    assert_same_model(load("glm:q", models_dir=models_dir), reference)
+    assert_same_model(*nvfp4_store_with_global_scales(tmp_path, "glm4-moe-lite-tiny", scales))
 
 
 @pytest.mark.parametrize("edit, message", [
