@@ -326,7 +326,7 @@ class ImagePipeline(ABC):
         return GeneratedImage(
             image=to_pil(pixels), seed=request.seed, width=request.width, height=request.height, steps=request.steps,
             guidance=request.guidance, timings=timings, ignored=request.ignored, prompt_truncated=truncated,
-            latents=np.asarray(decoder_latents), peak_memory=peaks,
+            latents=np.array(decoder_latents), peak_memory=peaks,  # a copy: a view would keep MLX's buffer alive
             step_cache=cache and StepCacheReport(cache.threshold, cache.computed, cache.skipped))
 
     def working_bytes(self, request: ImageRequest) -> int:
