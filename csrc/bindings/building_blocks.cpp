@@ -8,6 +8,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
@@ -75,6 +76,32 @@ void bind_building_blocks(nb::module_& m) {
       },
       "x"_a, "config"_a, "offset"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
       "A decoder's RoPE on x [B, H, T, D], positions from offset (dims 0: the whole head).");
+  m.def(
+      "add_rms_norm",
+      [](const mx::array& x, const mx::array& delta, const mx::array& weight, float eps) {
+        auto [sum, normed] = RMSNorm{.weight = weight, .eps = eps}.add_then_norm(x, delta);
+        return std::pair{evaluated(sum), evaluated(normed)};
+      },
+      "x"_a, "delta"_a, "weight"_a, "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
+      "(x + delta, RMSNorm of it): a decoder's residual add and the norm after it (one kernel on CUDA).");
+  m.def(
+      "cuda_qk_norm_rope",
+      [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
+        RopeConfig c = config;
+        if (c.dims == 0) c.dims = qkv.shape(-1);
+        Rope rope(c);
+        if (!rope.fused() || q_weight.has_value() != k_weight.has_value()) return std::nullopt;
+        std::optional<QkNorms> norms;
+        if (q_weight) norms = QkNorms{*q_weight, *k_weight, eps};
+        auto out = cuda_qk_norm_rope(qkv, q_heads, kv_heads, norms, *rope.fused(), offsets);
+        return out ? std::optional{evaluated(*out)} : std::nullopt;
+      },
+      "qkv"_a, "q_heads"_a, "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(), "k_weight"_a = nb::none(),
+      "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
+      "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
+      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> [B, T, q_heads + kv_heads, D]; None off "
+      "CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
   m.def(
       "attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_norm_rope.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
@@ -39,6 +40,12 @@ RMSNorm RMSNorm::load_one_plus(const Weights& w, int dims, float eps) {
 mx::array RMSNorm::operator()(const mx::array& x) const {
   if (norm_on_cpu_kernels(x, weight, nullptr)) return layer_norm_cpu(x, weight, std::nullopt, eps);
   return mx::fast::rms_norm(x, weight, eps);
+}
+
+std::pair<mx::array, mx::array> RMSNorm::add_then_norm(const mx::array& x, const mx::array& delta) const {
+  if (auto fused = cuda_add_rms_norm(x, delta, weight, eps)) return *fused;
+  auto sum = mx::add(x, delta);
+  return {sum, (*this)(sum)};
 }
 
 GroupNorm GroupNorm::load(const Weights& w, int channels, int groups, float eps) {

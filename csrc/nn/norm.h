@@ -1,6 +1,8 @@
 // Normalisation layers: LayerNorm and RMSNorm over the last axis, GroupNorm over NHWC images.
 #pragma once
 
+#include <utility>
+
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -25,6 +27,8 @@ struct RMSNorm {
   // added once here, in the weight's dtype, as mlx-lm does.
   static RMSNorm load_one_plus(const Weights& w, int dims, float eps);
   mx::array operator()(const mx::array& x) const;
+  // (x + delta, the norm of that): a residual add and the norm after it, one kernel on CUDA.
+  std::pair<mx::array, mx::array> add_then_norm(const mx::array& x, const mx::array& delta) const;
 };
 
 // GroupNorm as PyTorch computes it (statistics per sample and group over H, W and the group's

@@ -14,7 +14,7 @@ namespace {
 
 // Llama 3's frequency-dependent scaling (transformers' _compute_llama3_parameters), as the
 // "freqs" MLX's fast::rope takes: per pair, the inverse of the angular frequency.
-mx::array llama3_periods(const RopeConfig& c) {
+std::vector<float> llama3_periods(const RopeConfig& c) {
   const double low_wavelen = c.original_max_position_embeddings / c.low_freq_factor;
   const double high_wavelen = c.original_max_position_embeddings / c.high_freq_factor;
   std::vector<float> periods;
@@ -32,13 +32,13 @@ mx::array llama3_periods(const RopeConfig& c) {
     }
     periods.push_back(static_cast<float>(scaled));
   }
-  return mx::array(periods.data(), {static_cast<int>(periods.size())}, mx::float32);
+  return periods;
 }
 
 // YaRN (transformers' _compute_yarn_parameters): per pair, the inverse frequency blends the
 // interpolated (divided by factor) and the original one by a linear ramp over the dimensions whose
 // wavelength falls between beta_fast and beta_slow rotations of the original context; as periods.
-mx::array yarn_periods(const RopeConfig& c) {
+std::vector<float> yarn_periods(const RopeConfig& c) {
   const double base = c.rope_theta, dims = c.dims;
   auto correction_dim = [&](double rotations) {
     return dims * std::log(c.original_max_position_embeddings / (rotations * 2.0 * M_PI)) / (2.0 * std::log(base));
@@ -59,7 +59,21 @@ mx::array yarn_periods(const RopeConfig& c) {
     const double inverse = (1.0 / (c.factor * period)) * (1.0 - extrapolation) + (1.0 / period) * extrapolation;
     periods.push_back(static_cast<float>(1.0 / inverse));
   }
-  return mx::array(periods.data(), {static_cast<int>(periods.size())}, mx::float32);
+  return periods;
+}
+
+// Per rotated pair, the angle one position turns it by: scale / theta^(2i / dims), or scale / period where a
+// scaling gives the periods; in double, rounded once.
+mx::array inverse_frequencies(const RopeConfig& c, float scale, const std::vector<float>& periods) {
+  std::vector<float> inverse(c.dims / 2);
+  if (!periods.empty()) {
+    for (int i = 0; i < c.dims / 2; ++i) inverse[i] = static_cast<float>(scale / static_cast<double>(periods[i]));
+  } else {
+    for (int i = 0; i < c.dims / 2; ++i) {
+      inverse[i] = static_cast<float>(scale / std::pow(static_cast<double>(c.rope_theta), 2.0 * i / c.dims));
+    }
+  }
+  return mx::array(inverse.data(), {c.dims / 2}, mx::float32);
 }
 
 double yarn_mscale(double scale, double mscale) {
@@ -84,17 +98,23 @@ float yarn_softmax_scale(const RopeConfig& c) {
 
 Rope::Rope(const RopeConfig& config) : config_(config) {
   if (config.dims <= 0) throw std::invalid_argument("RoPE: dims must be positive");
+  std::vector<float> periods;  // llama3, yarn
   if (config.rope_type == "default") {
   } else if (config.rope_type == "linear") {
     scale_ = 1.0f / config.factor;
   } else if (config.rope_type == "llama3") {
-    periods_ = llama3_periods(config);
+    periods = llama3_periods(config);
   } else if (config.rope_type == "yarn") {
-    periods_ = yarn_periods(config);
+    periods = yarn_periods(config);
     attention_factor_ = yarn_attention_factor(config);
   } else {
     throw std::invalid_argument("unsupported rope_scaling type '" + config.rope_type +
                                 "' (supported: default, linear, llama3, yarn)");
+  }
+  if (!periods.empty()) periods_ = mx::array(periods.data(), {static_cast<int>(periods.size())}, mx::float32);
+  if (attention_factor_ == 1.0f && config.dims % 2 == 0) {
+    fused_ = FusedRope{.inverse_frequencies = inverse_frequencies(config, scale_, periods),
+                       .traditional = config.traditional};
   }
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "nn/config_fields.h"
+#include "nn/cuda_norm_rope.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -52,6 +53,9 @@ class Rope {
   // The same with a position per batch row: `offsets` int32 [B] (sequences of different lengths
   // decoded together, text/batch.h).
   mx::array operator()(const mx::array& x, const mx::array& offsets) const;
+  // The rotation as the fused q/k kernel takes it (nn/cuda_norm_rope.h); nullopt when that kernel cannot do it
+  // (a YaRN attention factor scales the rotated dimensions).
+  const std::optional<FusedRope>& fused() const { return fused_; }
 
  private:
   template <typename Offset>
@@ -61,6 +65,7 @@ class Rope {
   float scale_ = 1.0f;
   std::optional<mx::array> periods_;  // llama3, yarn: per-pair wavelength divisors, computed in double
   float attention_factor_ = 1.0f;     // yarn: cos and sin scaled by this
+  std::optional<FusedRope> fused_;
 };
 
 // Multi-axis RoPE of the diffusion transformers (Z-Image: 3 axes, FLUX.2: 4): every token has

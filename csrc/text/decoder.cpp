@@ -6,6 +6,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cuda_norm_rope.h"
 
 namespace mlxr {
 
@@ -251,31 +252,59 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const Qu
   }
 }
 
-std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, const mx::array& x) const {
+namespace {
+
+// Heads [first, first + n) of x [B, T, heads, D], as [B, n, T, D].
+mx::array head_range(const mx::array& x, int first, int n) {
+  const int b = x.shape(0), t = x.shape(1), d = x.shape(3);
+  return heads_first(mx::slice(x, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d}));
+}
+
+// The fused kernel's positions: one offset for every row, or one per row.
+mx::array offsets_array(int offset) {
+  return mx::array({offset});
+}
+const mx::array& offsets_array(const mx::array& offsets) {
+  return offsets;
+}
+
+// (x + delta and its norm) when the residual is still a sum to make, else (x, its norm).
+std::pair<mx::array, mx::array> sum_and_norm(const RMSNorm& norm, const mx::array& base,
+                                             const std::optional<mx::array>& delta) {
+  if (delta) return norm.add_then_norm(base, *delta);
+  return {base, norm(base)};
+}
+
+}  // namespace
+
+template <typename Offset>
+std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, const mx::array& x,
+                                                                 const Rope& rope, const Offset& offset) const {
   const int b = x.shape(0), t = x.shape(1), d = config_.head_size();
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
   auto qkv = mx::reshape(layer.qkv_proj(x), {b, t, hq + 2 * hkv, d});
-  auto heads = [&](int first, int n) {
-    return heads_first(mx::slice(qkv, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d}));  // [B, n, T, D]
-  };
-  auto q = heads(0, hq);
-  auto k = heads(hq, hkv);
-  auto v = heads(hq + hkv, hkv);
+  auto v = head_range(qkv, hq + hkv, hkv);
+  if (rope.fused() && running_on_cuda()) {
+    std::optional<QkNorms> norms;
+    if (layer.q_norm) norms = QkNorms{layer.q_norm->weight, layer.k_norm->weight, layer.q_norm->eps};
+    if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, norms, *rope.fused(), offsets_array(offset))) {
+      return {head_range(*qk, 0, hq), head_range(*qk, hq, hkv), v};
+    }
+  }
+  auto q = head_range(qkv, 0, hq);
+  auto k = head_range(qkv, hq, hkv);
   if (layer.q_norm) {
     q = (*layer.q_norm)(q);
     k = (*layer.k_norm)(k);
   }
-  return {q, k, v};
+  return {rope(q, offset), rope(k, offset), v};
 }
 
 mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask) const {
   if (layer.mla) return layer.o_proj((*layer.mla)(x, cache, offset, rope_, mask));
-  auto [q, k, v] = project_qkv(layer, x);
-  const Rope& rope = layer.window > 0 ? sliding_rope_ : rope_;
-  q = rope(q, offset);
-  k = rope(k, offset);
+  auto [q, k, v] = project_qkv(layer, x, layer.window > 0 ? sliding_rope_ : rope_, offset);
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
@@ -288,9 +317,7 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
 mx::array Decoder::batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
                                    const mx::array& positions, int visible,
                                    const std::optional<mx::array>& mask) const {
-  auto [q, k, v] = project_qkv(layer, x);
-  q = rope_(q, positions);
-  k = rope_(k, positions);
+  auto [q, k, v] = project_qkv(layer, x, rope_, positions);
   std::tie(k, v) = cache.update_and_fetch(k, v, positions, visible);
   return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
 }
@@ -306,14 +333,15 @@ mx::array Decoder::embed(const mx::array& tokens) const {
   return mx::multiply(x, mx::array(static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size))), x.dtype()));
 }
 
-mx::array Decoder::layer_forward(const DecoderLayer& layer, const mx::array& x, const Attend& attend) const {
-  auto attended = attend(layer.input_norm(x));
+Decoder::Residual Decoder::layer_forward(const DecoderLayer& layer, const Residual& in, const Attend& attend) const {
+  auto [x, normed] = sum_and_norm(layer.input_norm, in.base, in.delta);
+  auto attended = attend(normed);
   if (layer.pre_feedforward_norm) {  // Gemma: a norm before and after each block
-    auto h = mx::add(x, layer.post_attention_norm(attended));
-    return mx::add(h, (*layer.post_feedforward_norm)(mlp(layer, (*layer.pre_feedforward_norm)(h))));
+    auto [h, h_normed] = layer.pre_feedforward_norm->add_then_norm(x, layer.post_attention_norm(attended));
+    return {h, (*layer.post_feedforward_norm)(mlp(layer, h_normed))};
   }
-  auto h = mx::add(x, attended);
-  return mx::add(h, mlp(layer, layer.post_attention_norm(h)));
+  auto [h, h_normed] = layer.post_attention_norm.add_then_norm(x, attended);
+  return {h, mlp(layer, h_normed)};
 }
 
 std::vector<KVCache> Decoder::make_cache() const {
@@ -355,7 +383,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
                                 std::to_string(layers_.size()));
   }
   const int offset = cache[0].offset();
-  auto x = embed(tokens);
+  Residual x{embed(tokens)};
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x,
                       [&](const mx::array& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
@@ -370,7 +398,7 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
     throw std::invalid_argument("batch cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
   }
-  auto x = embed(tokens);
+  Residual x{embed(tokens)};
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](const mx::array& h) {
       return batch_attention(layers_[i], h, cache[i], positions, visible, mask);
@@ -379,8 +407,8 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
   return logits(x);
 }
 
-mx::array Decoder::logits(const mx::array& hidden) const {
-  auto x = norm_(hidden);
+mx::array Decoder::logits(const Residual& hidden) const {
+  auto x = sum_and_norm(norm_, hidden.base, hidden.delta).second;
   auto out = lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
   if (config_.final_logit_softcapping > 0.0f) {
     auto cap = mx::array(config_.final_logit_softcapping, out.dtype());
@@ -407,8 +435,9 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   std::vector<mx::array> all{embed(tokens)};
   for (int i = 0; i < last; ++i) {
     auto mask_i = window_mask(layers_[i].window);
-    all.push_back(layer_forward(layers_[i], all.back(),
-                                [&](const mx::array& h) { return attention(layers_[i], h, nullptr, 0, mask_i); }));
+    all.push_back(layer_forward(layers_[i], Residual{all.back()}, [&](const mx::array& h) {
+                    return attention(layers_[i], h, nullptr, 0, mask_i);
+                  }).sum());
   }
   std::vector<mx::array> picked;
   const int final_index = static_cast<int>(layers_.size());

@@ -146,16 +146,26 @@ class Decoder {
   const DecoderConfig& config() const { return config_; }
 
  private:
-  // Attention's queries, keys and values [B, heads, T, D] (heads split, q/k norms applied, no RoPE yet).
-  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, const mx::array& x) const;
+  // Attention's queries, keys and values [B, heads, T, D]: heads split, q/k norms and RoPE (at `offset`, an int
+  // or a position per row) applied; on CUDA the norms and RoPE are one kernel (nn/cuda_norm_rope.h).
+  template <typename Offset>
+  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, const mx::array& x,
+                                                          const Rope& rope, const Offset& offset) const;
   mx::array attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask) const;
   mx::array batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
                             const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
+  // A layer's output as base + delta, the sum left to the next RMSNorm: on CUDA the residual add and the norm
+  // after it are one kernel (RMSNorm::add_then_norm). No delta: base is the sum.
+  struct Residual {
+    mx::array base;
+    std::optional<mx::array> delta;
+    mx::array sum() const { return delta ? mx::add(base, *delta) : base; }
+  };
   // A layer around its attention: `attend` maps the normed input to the attention's output.
   using Attend = std::function<mx::array(const mx::array&)>;
-  mx::array layer_forward(const DecoderLayer& layer, const mx::array& x, const Attend& attend) const;
-  mx::array logits(const mx::array& x) const;
+  Residual layer_forward(const DecoderLayer& layer, const Residual& x, const Attend& attend) const;
+  mx::array logits(const Residual& x) const;
   mx::array mlp(const DecoderLayer& layer, const mx::array& x) const;
   mx::array embed(const mx::array& tokens) const;
 

@@ -1,0 +1,142 @@
+#include "nn/cuda_norm_rope.h"
+
+#include <bit>
+#include <limits>
+#include <stdexcept>
+
+#include "mlx/fast.h"
+
+namespace mlxr {
+
+namespace {
+
+// The block-wide sum of a float every thread holds, given to every thread (blockDim.x a multiple of 32, at most
+// 1,024; every thread of the block calls it, once per kernel).
+constexpr const char* kBlockSum = R"(
+__device__ inline float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_sums[w];
+  return total;
+}
+)";
+
+// One block per row. MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean + eps),
+// rounded to T, by the weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are ints).
+constexpr const char* kAddRmsNorm = R"(
+  const float eps = __int_as_float(EPS_BITS);
+  const int n = weight_shape[0];
+  const size_t first = static_cast<size_t>(blockIdx.x) * n;
+  float squares = 0.f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const T h = static_cast<T>(static_cast<float>(x[first + j]) + static_cast<float>(delta[first + j]));
+    added[first + j] = h;
+    const float hf = static_cast<float>(h);
+    squares += hf * hf;
+  }
+  const float normalizer = rsqrtf(block_sum(squares) / n + eps);
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const float scaled = static_cast<float>(added[first + j]) * normalizer;
+    normed[first + j] = static_cast<T>(static_cast<float>(weight[j]) * static_cast<float>(static_cast<T>(scaled)));
+  }
+)";
+
+// One block per (token, head) of q and k, a thread per rotated pair. Heads below Q_HEADS are queries.
+constexpr const char* kQkRope = R"(
+  const int half = D / 2;
+  const int i = threadIdx.x;
+  const int out_heads = Q_HEADS + KV_HEADS;
+  const int head = blockIdx.x % out_heads;
+  const long long token = blockIdx.x / out_heads;  // b * T + t
+  const int tokens = qkv_shape[1];
+  const T* src = qkv + (token * (Q_HEADS + 2 * KV_HEADS) + head) * D;
+  T* dst = out + (token * out_heads + head) * D;
+  const int at1 = TRADITIONAL ? 2 * i : i;  // the pair's two elements
+  const int at2 = TRADITIONAL ? 2 * i + 1 : i + half;
+  float x1 = static_cast<float>(src[at1]);
+  float x2 = static_cast<float>(src[at2]);
+#if NORM
+  const float eps = __int_as_float(EPS_BITS);
+  const float normalizer = rsqrtf(block_sum(x1 * x1 + x2 * x2) / D + eps);
+  const T* w = head < Q_HEADS ? q_weight : k_weight;
+  x1 = static_cast<float>(w[at1]) * static_cast<float>(static_cast<T>(x1 * normalizer));
+  x2 = static_cast<float>(w[at2]) * static_cast<float>(static_cast<T>(x2 * normalizer));
+  x1 = static_cast<float>(static_cast<T>(x1));  // the norm's output, in T, is what RoPE reads
+  x2 = static_cast<float>(static_cast<T>(x2));
+#endif
+  const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(token / tokens);
+  const float theta = static_cast<float>(offsets[row] + static_cast<int>(token % tokens)) * inverse_frequencies[i];
+  const float c = cos(theta), s = sin(theta);
+  dst[at1] = static_cast<T>(x1 * c - x2 * s);
+  dst[at2] = static_cast<T>(x1 * s + x2 * c);
+)";
+
+bool float_dtype(mx::Dtype dtype) {
+  return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
+}
+
+int eps_bits(float eps) {
+  return std::bit_cast<int>(eps);
+}
+
+int checked_threads(long long threads) {
+  if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("fused kernel: tensor too large");
+  return static_cast<int>(threads);
+}
+
+}  // namespace
+
+std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array& x, const mx::array& delta,
+                                                                 const mx::array& weight, float eps) {
+  if (!running_on_cuda() || x.ndim() < 1 || !float_dtype(x.dtype()) || delta.dtype() != x.dtype() ||
+      weight.dtype() != x.dtype() || delta.shape() != x.shape() || weight.ndim() != 1 ||
+      weight.shape(0) != x.shape(-1)) {
+    return std::nullopt;
+  }
+  static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
+                                             kAddRmsNorm, kBlockSum, /*ensure_row_contiguous=*/true);
+  constexpr int kThreads = 256;
+  const long long rows = static_cast<long long>(x.size()) / x.shape(-1);
+  auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()},
+                    {checked_threads(rows * kThreads), 1, 1}, {kThreads, 1, 1},
+                    {{"T", x.dtype()}, {"EPS_BITS", eps_bits(eps)}}, std::nullopt, false, {});
+  return std::pair{out[0], out[1]};
+}
+
+std::optional<mx::array> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
+                                           const std::optional<QkNorms>& norms, const FusedRope& rope,
+                                           const mx::array& offsets) {
+  if (!running_on_cuda() || qkv.ndim() != 4 || !float_dtype(qkv.dtype())) return std::nullopt;
+  const int d = qkv.shape(3);
+  // A thread per pair, whole warps: heads of 64 to 2,048 dimensions in steps of 64 (Llama, Qwen3, Gemma: 64-256).
+  if (d % 64 != 0 || d > 2048 || qkv.shape(2) != q_heads + 2 * kv_heads || rope.inverse_frequencies.size() != d / 2) {
+    return std::nullopt;
+  }
+  if (norms && (norms->q_weight.dtype() != qkv.dtype() || norms->k_weight.dtype() != qkv.dtype() ||
+                norms->q_weight.size() != d || norms->k_weight.size() != d)) {
+    return std::nullopt;
+  }
+  static auto with_norms =
+      mx::fast::cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
+                            {"out"}, kQkRope, std::string(kBlockSum) + "#define NORM 1\n", true);
+  static auto without_norms = mx::fast::cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"out"},
+                                                    kQkRope, std::string(kBlockSum) + "#define NORM 0\n", true);
+  const int b = qkv.shape(0), t = qkv.shape(1), heads = q_heads + kv_heads;
+  const mx::Shape out_shape{b, t, heads, d};
+  const int threads = checked_threads(static_cast<long long>(b) * t * heads * (d / 2));
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
+      {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
+  auto position_offsets = mx::astype(offsets, mx::int32);
+  if (norms) {
+    args.emplace_back("EPS_BITS", eps_bits(norms->eps));
+    return with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, {out_shape},
+                      {qkv.dtype()}, {threads, 1, 1}, {d / 2, 1, 1}, args, std::nullopt, false, {})[0];
+  }
+  return without_norms({qkv, rope.inverse_frequencies, position_offsets}, {out_shape}, {qkv.dtype()}, {threads, 1, 1},
+                       {d / 2, 1, 1}, args, std::nullopt, false, {})[0];
+}
+
+}  // namespace mlxr
