@@ -83,7 +83,19 @@ class Server:
         raise RuntimeError(f"{self.side} server not ready after {timeout:.0f} s")
 
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int]:
-        """One greedy completion: its text and how many tokens it generated."""
+        """One greedy completion: its text and how many tokens it generated. A connection reset before any answer
+        is retried: mlx-lm's server (Python's http.server) listens with a queue of 5 connections, so many streams
+        opened at once are refused until it accepts; the wait counts in the round's time, as a client's would."""
+        for attempt in range(50):
+            try:
+                return self._complete_once(prompt, max_tokens)
+            except ConnectionResetError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    def _complete_once(self, prompt: str, max_tokens: int) -> tuple[str, int]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         try:
             body = {"model": "default_model" if self.side == "mlx-lm" else "m", "prompt": prompt,

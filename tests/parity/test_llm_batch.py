@@ -78,7 +78,7 @@ def lone(decoder, row: Row) -> tuple[list[int], list]:
 @pytest.fixture(scope="module", params=BATCHED)
 def case(request):
     goldens = json.loads((ROOT / "goldens" / f"llm_{request.param}.json").read_text())
-    # max_batch as a CPU's default (a GPU's is 1: batching is opt-in there, docs/settings.md).
+    # max_batch as a CPU's default (a GPU's is 16, docs/settings.md): the tests batch up to 8 rows either way.
     return goldens, LanguageModel(store.resolve(str(ROOT.parent / goldens["model"])), max_batch=8)
 
 

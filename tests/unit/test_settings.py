@@ -85,7 +85,7 @@ def test_flags_of_the_server():
     assert resolve(MODEL, env={}).prompt_cache_bytes == settings.DEFAULT_PROMPT_CACHE_BYTES == 8 << 30
     assert resolve({**MODEL, "max_batch": "64"}, env={}).max_batch == 64
     assert resolve(MODEL, env={}).max_batch is None  # the backend's: DEFAULT_MAX_BATCH
-    assert settings.DEFAULT_MAX_BATCH == {"cpu": 8, "gpu": 1}
+    assert settings.DEFAULT_MAX_BATCH == {"cpu": 8, "gpu": 16}
 
 
 @pytest.mark.parametrize("env, message", [
