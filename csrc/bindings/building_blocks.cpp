@@ -87,7 +87,8 @@ void bind_building_blocks(nb::module_& m) {
   m.def(
       "cuda_qk_norm_rope",
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
-         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
+         float eps) -> std::optional<std::pair<mx::array, mx::array>> {
         RopeConfig c = config;
         if (c.dims == 0) c.dims = qkv.shape(-1);
         Rope rope(c);
@@ -95,12 +96,14 @@ void bind_building_blocks(nb::module_& m) {
         std::optional<QkNorms> norms;
         if (q_weight) norms = QkNorms{*q_weight, *k_weight, eps};
         auto out = cuda_qk_norm_rope(qkv, q_heads, kv_heads, norms, *rope.fused(), offsets);
-        return out ? std::optional{evaluated(*out)} : std::nullopt;
+        if (!out) return std::nullopt;
+        return std::pair{evaluated(out->first), evaluated(out->second)};
       },
       "qkv"_a, "q_heads"_a, "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(), "k_weight"_a = nb::none(),
       "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
-      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> [B, T, q_heads + kv_heads, D]; None off "
+      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
+      "T, D]); None off "
       "CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
   m.def(
       "attention",

@@ -53,7 +53,8 @@ mx::array attention_on_cpu(const mx::array& q, const mx::array& k, const mx::arr
   }
   if (allowed) {
     if (repeats > 1 && allowed->ndim() >= 3) {
-      allowed = allowed->shape(-3) == 1 ? mx::expand_dims(*allowed, -3) : mx::unflatten(*allowed, -3, {kv_heads, repeats});
+      allowed =
+          allowed->shape(-3) == 1 ? mx::expand_dims(*allowed, -3) : mx::unflatten(*allowed, -3, {kv_heads, repeats});
     }
     scores = allowed->dtype() == mx::bool_
                  ? mx::where(*allowed, scores, mx::array(std::numeric_limits<float>::lowest(), scores.dtype()))
@@ -88,6 +89,8 @@ mx::array heads_first(const mx::array& x) {
 }
 
 mx::array merge_heads(const mx::array& x) {
+  // One position (a decode step): [B, H, 1, D] is already in [B, 1, H, D]'s order, a reshape needs no copy.
+  if (x.shape(2) == 1) return mx::reshape(x, {x.shape(0), 1, x.shape(1) * x.shape(3)});
   return mx::reshape(mx::transpose(x, {0, 2, 1, 3}), {x.shape(0), x.shape(2), x.shape(1) * x.shape(3)});
 }
 

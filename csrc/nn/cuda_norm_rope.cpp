@@ -44,16 +44,18 @@ constexpr const char* kAddRmsNorm = R"(
   }
 )";
 
-// One block per (token, head) of q and k, a thread per rotated pair. Heads below Q_HEADS are queries.
+// One block per (token, head) of q and k, a thread per rotated pair. Heads below Q_HEADS are queries. Written
+// heads first ([B, heads, T, D], as attention and the cache take them: no copy to reorder them).
 constexpr const char* kQkRope = R"(
   const int half = D / 2;
   const int i = threadIdx.x;
-  const int out_heads = Q_HEADS + KV_HEADS;
-  const int head = blockIdx.x % out_heads;
-  const long long token = blockIdx.x / out_heads;  // b * T + t
+  const int head = blockIdx.x % (Q_HEADS + KV_HEADS);
+  const long long token = blockIdx.x / (Q_HEADS + KV_HEADS);  // b * T + t
   const int tokens = qkv_shape[1];
+  const long long b_index = token / tokens, t_index = token % tokens;
   const T* src = qkv + (token * (Q_HEADS + 2 * KV_HEADS) + head) * D;
-  T* dst = out + (token * out_heads + head) * D;
+  T* dst = head < Q_HEADS ? q_out + ((b_index * Q_HEADS + head) * tokens + t_index) * D
+                          : k_out + ((b_index * KV_HEADS + head - Q_HEADS) * tokens + t_index) * D;
   const int at1 = TRADITIONAL ? 2 * i : i;  // the pair's two elements
   const int at2 = TRADITIONAL ? 2 * i + 1 : i + half;
   float x1 = static_cast<float>(src[at1]);
@@ -67,8 +69,8 @@ constexpr const char* kQkRope = R"(
   x1 = static_cast<float>(static_cast<T>(x1));  // the norm's output, in T, is what RoPE reads
   x2 = static_cast<float>(static_cast<T>(x2));
 #endif
-  const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(token / tokens);
-  const float theta = static_cast<float>(offsets[row] + static_cast<int>(token % tokens)) * inverse_frequencies[i];
+  const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
+  const float theta = static_cast<float>(offsets[row] + static_cast<int>(t_index)) * inverse_frequencies[i];
   const float c = cos(theta), s = sin(theta);
   dst[at1] = static_cast<T>(x1 * c - x2 * s);
   dst[at2] = static_cast<T>(x1 * s + x2 * c);
@@ -106,9 +108,9 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   return std::pair{out[0], out[1]};
 }
 
-std::optional<mx::array> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
-                                           const std::optional<QkNorms>& norms, const FusedRope& rope,
-                                           const mx::array& offsets) {
+std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
+                                                                 const std::optional<QkNorms>& norms,
+                                                                 const FusedRope& rope, const mx::array& offsets) {
   if (!running_on_cuda() || qkv.ndim() != 4 || !float_dtype(qkv.dtype())) return std::nullopt;
   const int d = qkv.shape(3);
   // A thread per pair, whole warps: heads of 64 to 2,048 dimensions in steps of 64 (Llama, Qwen3, Gemma: 64-256).
@@ -121,22 +123,29 @@ std::optional<mx::array> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, in
   }
   static auto with_norms =
       mx::fast::cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-                            {"out"}, kQkRope, std::string(kBlockSum) + "#define NORM 1\n", true);
-  static auto without_norms = mx::fast::cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"out"},
-                                                    kQkRope, std::string(kBlockSum) + "#define NORM 0\n", true);
-  const int b = qkv.shape(0), t = qkv.shape(1), heads = q_heads + kv_heads;
-  const mx::Shape out_shape{b, t, heads, d};
-  const int threads = checked_threads(static_cast<long long>(b) * t * heads * (d / 2));
+                            {"q_out", "k_out"}, kQkRope, std::string(kBlockSum) + "#define NORM 1\n", true);
+  static auto without_norms =
+      mx::fast::cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"}, kQkRope,
+                            std::string(kBlockSum) + "#define NORM 0\n", true);
+  const int b = qkv.shape(0), t = qkv.shape(1);
+  const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
+  const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};
+  const std::tuple<int, int, int> grid{checked_threads(static_cast<long long>(b) * t * (q_heads + kv_heads) * (d / 2)),
+                                       1, 1};
+  const std::tuple<int, int, int> block{d / 2, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
   auto position_offsets = mx::astype(offsets, mx::int32);
+  std::vector<mx::array> out;
   if (norms) {
     args.emplace_back("EPS_BITS", eps_bits(norms->eps));
-    return with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, {out_shape},
-                      {qkv.dtype()}, {threads, 1, 1}, {d / 2, 1, 1}, args, std::nullopt, false, {})[0];
+    out = with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, shapes,
+                     dtypes, grid, block, args, std::nullopt, false, {});
+  } else {
+    out = without_norms({qkv, rope.inverse_frequencies, position_offsets}, shapes, dtypes, grid, block, args,
+                        std::nullopt, false, {});
   }
-  return without_norms({qkv, rope.inverse_frequencies, position_offsets}, {out_shape}, {qkv.dtype()}, {threads, 1, 1},
-                       {d / 2, 1, 1}, args, std::nullopt, false, {})[0];
+  return std::pair{out[0], out[1]};
 }
 
 }  // namespace mlxr

@@ -33,13 +33,13 @@ struct FusedRope {
 
 // Per-head RMSNorms on the query and key heads (absent together, or both given with eps), then RoPE at position
 // offsets[b] + t, for qkv [B, T, q_heads + 2 kv_heads, D] (the fused projection's output, heads split): returns
-// q|k [B, T, q_heads + kv_heads, D]. offsets: int32 [B] or [1].
+// (q [B, q_heads, T, D], k [B, kv_heads, T, D]), heads first as attention takes them. offsets: int32 [B] or [1].
 struct QkNorms {
   mx::array q_weight, k_weight;
   float eps;
 };
-std::optional<mx::array> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
-                                           const std::optional<QkNorms>& norms, const FusedRope& rope,
-                                           const mx::array& offsets);
+std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
+                                                                 const std::optional<QkNorms>& norms,
+                                                                 const FusedRope& rope, const mx::array& offsets);
 
 }  // namespace mlxr

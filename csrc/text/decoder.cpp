@@ -289,7 +289,7 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
     std::optional<QkNorms> norms;
     if (layer.q_norm) norms = QkNorms{layer.q_norm->weight, layer.k_norm->weight, layer.q_norm->eps};
     if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, norms, *rope.fused(), offsets_array(offset))) {
-      return {head_range(*qk, 0, hq), head_range(*qk, hq, hkv), v};
+      return {qk->first, qk->second, v};
     }
   }
   auto q = head_range(qkv, 0, hq);

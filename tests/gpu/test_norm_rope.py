@@ -3,9 +3,9 @@
 - The residual add + RMSNorm (`_core.add_rms_norm`): on CUDA one kernel of ours, elsewhere MLX's add and rms_norm;
   both must give MLX's x + delta exactly and its rms_norm of that to the dtype's rounding.
 - The queries' and keys' per-head RMSNorms + RoPE (`_core.cuda_qk_norm_rope`), read from the fused q|k|v
-  projection: on CUDA it must match mx.fast.rms_norm and mx.fast.rope head by head, for Qwen3's norms and
-  Llama's bare heads, half-split and interleaved pairs, Llama 3's frequency scaling, head sizes 64-256, one
-  offset or one per row; off CUDA it declines (None), and so does CUDA where the kernel does not apply.
+  projection, written heads first: on CUDA it must match mx.fast.rms_norm and mx.fast.rope head by head, for
+  Qwen3's norms and Llama's bare heads, half-split and interleaved pairs, Llama 3's frequency scaling, head sizes
+  64-256, one offset or one per row; off CUDA it declines (None), and so does CUDA where the kernel does not apply.
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ def test_qk_norm_rope_matches_mlx(dtype, q_heads, kv_heads, d, with_norms, tradi
         assert got is None
         return
     freqs = llama3_periods(d, theta) if rope_type == "llama3" else None
-    expected = composed(qkv, q_heads, kv_heads, offsets, theta, traditional, norms, freqs)
-    assert got.shape == (batch, tokens, q_heads + kv_heads, d)
-    assert got.dtype == dtype
+    expected = composed(qkv, q_heads, kv_heads, offsets, theta, traditional, norms, freqs).transpose(0, 2, 1, 3)
+    q, k = got
+    assert q.shape == (batch, q_heads, tokens, d) and k.shape == (batch, kv_heads, tokens, d)
+    assert q.dtype == k.dtype == dtype
+    got = mx.concatenate([q, k], axis=1)
     # Our angles come from frequencies computed in double (MLX's from exp2 in float): at positions near 1,000
     # the angles may differ by ~1e-4 radians, about a float32 output's 1e-4 and under a bfloat16 step.
     assert relative_error(got, expected) <= (3e-4 if dtype == mx.float32 else 2e-2)
