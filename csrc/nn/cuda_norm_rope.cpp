@@ -24,23 +24,35 @@ __device__ inline float block_sum(float v) {
 }
 )";
 
-// One block per row. MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean + eps),
-// rounded to T, by the weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are ints).
+// One block per row; thread t holds elements t, t + blockDim.x, ... (PER_THREAD of them) in registers. All loads
+// come first: a loop that stored each sum before loading the next pair was latency-bound (the compiler may not move
+// a load above a store that could alias it): 14 us for a 4,096-wide row on an H200, MLX's norm alone ~3 us.
+// MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean + eps), rounded to T, by the
+// weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are ints).
 constexpr const char* kAddRmsNorm = R"(
   const float eps = __int_as_float(EPS_BITS);
   const int n = weight_shape[0];
   const size_t first = static_cast<size_t>(blockIdx.x) * n;
-  float squares = 0.f;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const T h = static_cast<T>(static_cast<float>(x[first + j]) + static_cast<float>(delta[first + j]));
-    added[first + j] = h;
-    const float hf = static_cast<float>(h);
-    squares += hf * hf;
+  float h[PER_THREAD];
+  float w[PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    h[k] = j < n ? static_cast<float>(static_cast<T>(static_cast<float>(x[first + j]) + static_cast<float>(delta[first + j])))
+                 : 0.f;
+    w[k] = j < n ? static_cast<float>(weight[j]) : 0.f;
   }
+  float squares = 0.f;
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) squares += h[k] * h[k];
   const float normalizer = rsqrtf(block_sum(squares) / n + eps);
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const float scaled = static_cast<float>(added[first + j]) * normalizer;
-    normed[first + j] = static_cast<T>(static_cast<float>(weight[j]) * static_cast<float>(static_cast<T>(scaled)));
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < n) {
+      added[first + j] = static_cast<T>(h[k]);
+      normed[first + j] = static_cast<T>(w[k] * static_cast<float>(static_cast<T>(h[k] * normalizer)));
+    }
   }
 )";
 
@@ -76,6 +88,8 @@ constexpr const char* kQkRope = R"(
   dst[at2] = static_cast<T>(x1 * s + x2 * c);
 )";
 
+constexpr int kMaxPerThread = 32;
+
 bool float_dtype(mx::Dtype dtype) {
   return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
 }
@@ -100,11 +114,17 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   }
   static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
                                              kAddRmsNorm, kBlockSum, /*ensure_row_contiguous=*/true);
-  constexpr int kThreads = 256;
-  const long long rows = static_cast<long long>(x.size()) / x.shape(-1);
-  auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()},
-                    {checked_threads(rows * kThreads), 1, 1}, {kThreads, 1, 1},
-                    {{"T", x.dtype()}, {"EPS_BITS", eps_bits(eps)}}, std::nullopt, false, {});
+  // Rows up to 8,192 wide (hidden sizes of up to 8B-class models) take 256 threads, wider ones 1,024; at most 32
+  // elements a thread (registers), so rows up to 32,768.
+  const int n = x.shape(-1);
+  const int threads = n <= 256 * kMaxPerThread ? 256 : 1024;
+  const int per_thread = (n + threads - 1) / threads;
+  if (per_thread > kMaxPerThread) return std::nullopt;
+  const long long rows = static_cast<long long>(x.size()) / n;
+  auto out =
+      kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()},
+             {checked_threads(rows * threads), 1, 1}, {threads, 1, 1},
+             {{"T", x.dtype()}, {"EPS_BITS", eps_bits(eps)}, {"PER_THREAD", per_thread}}, std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
 

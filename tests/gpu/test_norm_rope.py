@@ -29,7 +29,7 @@ def relative_error(a: mx.array, b: mx.array) -> float:
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("shape", [(1, 1, 2560), (3, 7, 4096), (2, 5, 100)])
+@pytest.mark.parametrize("shape", [(1, 1, 2560), (3, 7, 4096), (2, 5, 100), (1, 2, 12288)])
 def test_add_rms_norm_is_mlx_add_then_rms_norm(dtype, shape):
     key = mx.random.key(sum(shape))
     x, delta = (mx.random.normal(shape, key=k).astype(dtype) for k in mx.random.split(key, 2))
