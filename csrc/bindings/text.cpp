@@ -117,11 +117,19 @@ void bind_decoder(nb::module_& m) {
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
       .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
-                    std::optional<SequenceCache>>(),
+                    std::optional<SequenceCache>, int>(),
            "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
-           nb::keep_alive<1, 2>())
+           "max_tokens"_a = -1, nb::keep_alive<1, 2>(),
+           "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
+           "then hold every returned token but the last.")
       .def("__iter__", [](nb::handle self) { return self; })
-      .def("__next__", &Generator::next, nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "__next__",
+          [](Generator& self) {
+            if (self.exhausted()) throw nb::stop_iteration();
+            return self.next();
+          },
+          nb::call_guard<nb::gil_scoped_release>())
       .def("prefill_chunk", &Generator::prefill_chunk, nb::call_guard<nb::gil_scoped_release>(),
            "Prefill the next chunk; returns the prompt tokens still to prefill (0: only the last is left).")
       .def("take_cache", &Generator::take_cache,

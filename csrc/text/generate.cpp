@@ -23,13 +23,14 @@ void eval_cache(const std::vector<KVCache>& cache) {
 }  // namespace
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start)
+                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start, int max_tokens)
     : model_(model),
       prompt_(prompt),
       cache_(start ? std::move(start->layers) : model.make_cache()),
       sampler_(options, model.config().vocab_size),
       prefill_chunk_(prefill_chunk),
-      top_logprobs_(top_logprobs) {
+      top_logprobs_(top_logprobs),
+      max_tokens_(max_tokens) {
   if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
   if (prefill_chunk_ <= 0) throw std::invalid_argument("prefill_chunk must be positive");
   if (static_cast<int>(cache_.size()) != model.config().num_hidden_layers) {
@@ -93,22 +94,26 @@ TokenLogprobs PendingLogprobs::read() const {
 }
 
 int Generator::prefill_chunk() {
-  // All but the last prompt token fill the cache in chunks; evaluating each chunk bounds the
-  // graph and the memory, and clearing the cache returns the chunk's temporaries.
+  // All but the last prompt token fill the cache in chunks; evaluating each chunk bounds the graph and the
+  // memory. The chunk's temporaries stay in MLX's buffer cache, where the next chunk and the decode steps take
+  // them again (the runner gives the cache back once it is idle, cli/serve.py). Clearing it here, as mlx-lm
+  // does, makes every later buffer of the request a fresh allocation, which costs on CUDA (the image pipeline
+  // measured it, benchmarks/README.md "The cache"); with it, a 64-token prompt took ~31 ms on an H200 where a
+  // decode step is ~6 ms (not yet re-measured without).
   const int last = static_cast<int>(prompt_.size()) - 1;
   const int done = position();
   if (done < last) {
     const int end = std::min(last, done + prefill_chunk_);
     model_.forward(as_batch(prompt_, done, end), cache_);
     eval_cache(cache_);
-    mx::clear_cache();
   }
   return last - position();
 }
 
 int Generator::next() {
   if (cache_taken_) throw std::logic_error("the generator's cache was taken: it is finished");
-  if (!pending_) {
+  if (exhausted()) throw std::logic_error("the generator has returned its max_tokens tokens");
+  if (returned_ == 0) {
     while (prefill_chunk() > 0) {
     }
     sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
@@ -116,7 +121,10 @@ int Generator::next() {
   }
   auto current = *pending_;
   auto current_logprobs = pending_logprobs_;
-  sample(step(current));  // dispatch n+1 before reading n
+  ++returned_;
+  if (max_tokens_ < 0 || returned_ < max_tokens_) {
+    sample(step(current));  // dispatch n+1 before reading n
+  }
   // A direct read, as mlx-lm's loop does: MLX 0.32's item() waits for the token and reads it
   // through Buffer::raw_ptr, which moves a CUDA buffer to host-visible memory itself. Routing it
   // through a CPU-stream copy (nn/host.h) cost 1.7 ms per token on an H100 at 4B/8B: the wait

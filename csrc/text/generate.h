@@ -37,15 +37,20 @@ class Generator {
   // top_logprobs: -1 = no log-probabilities; k >= 0 = each token's, and its k most likely alternatives.
   // start: caches that already hold the prompt's first start->length() tokens (fewer than all of them: the
   // last one must run to give logits), from the prompt cache; the prefill begins after them.
+  // max_tokens: the answer's budget (-1: none). next() dispatches no step past the budget's last token (a
+  // forward pass whose token nobody reads), so the caches then hold every returned token but the last.
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-            int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt);
+            int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt,
+            int max_tokens = -1);
 
   // Prefill the next chunk of the prompt; returns how many prompt tokens are still to prefill (0: only the
   // last one is left, which the first next() runs). The caller may stop between chunks (cancel).
   int prefill_chunk();
 
-  // The next generated token id (the first call also runs what is left of the prefill).
+  // The next generated token id (the first call also runs what is left of the prefill); not once exhausted().
   int next();
+  // Whether next() has returned max_tokens tokens.
+  bool exhausted() const { return max_tokens_ >= 0 && returned_ >= max_tokens_; }
 
   // The caches, moved out: they hold the prompt and every token next() has returned (position() of them).
   // The generator is finished after this. (Taken, not copied: while a copy is alive each write would copy
@@ -68,6 +73,8 @@ class Generator {
   Sampler sampler_;
   int prefill_chunk_;
   int top_logprobs_;
+  int max_tokens_;
+  int returned_ = 0;  // tokens next() has returned
   std::optional<mx::array> pending_;
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;

@@ -116,6 +116,22 @@ def test_greedy_continuations_are_token_identical(case):
             assert ours == entry["new_ids"], entry["prompt_id"]
 
 
+def test_a_budget_ends_the_generator_without_a_step_past_it(case):
+    """max_tokens: the same tokens as an unbounded run, then StopIteration; the caches hold all but the last token
+    (its forward pass, whose token nobody would read, is never dispatched)."""
+    goldens, model = case
+    ids = goldens["prompts"][0]["input_ids"]
+    greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
+    unbounded = _core.Generator(model.decoder, ids, greedy, 512)
+    expected = [next(unbounded) for _ in range(4)]
+    assert unbounded.position == len(ids) + 4
+    bounded = _core.Generator(model.decoder, ids, greedy, 512, max_tokens=4)
+    assert list(bounded) == expected
+    assert bounded.position == len(ids) + 3
+    with pytest.raises(StopIteration):
+        next(bounded)
+
+
 @pytest.mark.parametrize("name", ["gemma3-tiny", "gemma3-vlm-tiny"])
 def test_gemma3_as_an_ollama_store_matches_transformers(tmp_path, name):
     """The folder imported as Ollama's x/create does (one layer per tensor, config.json a JSON layer)."""

@@ -94,7 +94,8 @@ class Answer:
         if options.num_predict is not None and options.num_predict >= 0:
             self.budget = min(self.budget, options.num_predict)
         self.result = Completion(prompt_eval_count=len(ids))
-        self.generated: list[int] = []  # every token the generator returned: its caches hold ids + generated
+        self.generated: list[int] = []  # every token the generator returned (its caches: ids + generated, or but
+        # the last one when the budget ended the answer: Generator.position says how many)
         self.done = self.budget <= 0
         self._detok = StreamingDetokenizer(model.tokenizer)
         self._stops = StopMatcher(options.stop)
@@ -284,7 +285,7 @@ class LanguageModel:
         ids = answer.ids
         cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
-                                    -1 if top_logprobs is None else top_logprobs, cached)
+                                    -1 if top_logprobs is None else top_logprobs, cached, answer.budget)
         try:
             while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
                 if check_cancelled:
