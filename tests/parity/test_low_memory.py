@@ -22,13 +22,19 @@ REQUEST = dict(width=64, height=64, steps=2, seed=3)
 
 
 def load_and_run(folder: Path, low_memory: bool) -> tuple[int, list]:
-    """(arrays alive after loading, two runs' results), with nothing else of this module alive."""
+    """(arrays alive after loading, two runs' results), with nothing else of this module alive. MLX's buffer
+    cache is off meanwhile, so that a phase's peak counts the arrays it needed (a cached buffer may be handed out
+    for a smaller request and is counted whole)."""
     gc.collect()
     mx.clear_cache()
-    before = mx.get_active_memory()
-    pipe = load_pipeline(str(folder), low_memory=low_memory)
-    loaded = mx.get_active_memory() - before
-    return loaded, [pipe.run("a red fox", **REQUEST) for _ in range(2)]
+    previous_limit = mx.set_cache_limit(0)
+    try:
+        before = mx.get_active_memory()
+        pipe = load_pipeline(str(folder), low_memory=low_memory)
+        loaded = mx.get_active_memory() - before
+        return loaded, [pipe.run("a red fox", **REQUEST) for _ in range(2)]
+    finally:
+        mx.set_cache_limit(previous_limit)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -39,8 +45,12 @@ def test_low_memory_draws_the_same_image_with_less_memory_in_every_phase(model):
     for n, lo in zip(normal, low):  # the second run reads both networks again from their files
         assert np.array_equal(np.asarray(n.image), np.asarray(lo.image))
         assert set(lo.peak_memory) == {"encode", "denoise", "decode"}
-        for phase, peak in lo.peak_memory.items():
-            assert 0 < peak < n.peak_memory[phase], (phase, lo.peak_memory, n.peak_memory)
+    # Each phase's lower peak of the two runs: one run's denoise phase may hold ~2 MB more (an extra transient that
+    # lands in one run or the other depending on what the process did before, in either mode; as much as the tiny
+    # text encoder this mode saves), so a single run's peaks cannot order the modes.
+    for phase in ("encode", "denoise", "decode"):
+        low_peak, normal_peak = (min(run.peak_memory[phase] for run in runs) for runs in (low, normal))
+        assert 0 < low_peak < normal_peak, (phase, [r.peak_memory for r in low], [r.peak_memory for r in normal])
 
 
 def test_the_memory_check_counts_one_of_text_encoder_and_transformer_under_low_memory_and_chooses_it():
