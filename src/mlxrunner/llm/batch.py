@@ -7,8 +7,9 @@ thread, which calls `step()` while such jobs live. A step:
 
 1. takes new requests in: the prompt cache's closest sequence, and a `_core.Generator` to prefill the rest;
 2. cancels what was cancelled (the client left): the row leaves, its caches go to the prompt cache;
-3. prefills one chunk of the oldest request still prefilling, so that the others keep decoding meanwhile;
-   a request whose prefill is done joins the batch (`_core.BatchGenerator.add`);
+3. prefills up to one chunk's worth of prompt tokens (`prefill_chunk`), oldest request first, so that the
+   others keep decoding meanwhile: a long prompt takes a chunk a step, a burst of short ones all fit in one
+   step; a request whose prefill is done joins the batch (`_core.BatchGenerator.add`);
 4. decodes one token of every row in one forward; each token goes through the request's own `Answer` (EOS,
    budget, stop strings, UTF-8, logprobs), and a finished row leaves with its caches.
 
@@ -131,8 +132,7 @@ class BatchScheduler:
         """One step of the batch's MLX work, or a short wait when there is none."""
         self._take_new_requests()
         self._drop_cancelled()
-        if self._prefilling:
-            self._prefill(self._prefilling[0])
+        self._prefill_some()
         if self._rows:
             self._decode()
         elif not self._prefilling:
@@ -164,22 +164,36 @@ class BatchScheduler:
             except Cancelled as exc:
                 self._leave(request, exc)
 
-    def _prefill(self, request: _Request) -> None:
+    def _prefill_some(self) -> None:
+        """Prefill prompt tokens up to one chunk's worth (a request's chunk may pass what is left), oldest request
+        first. One request a step made a burst of N short prompts join over N steps: of 64 streams arriving
+        together, the last joined 63 steps after the first (a third of a 128-token run's steps)."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            request = self._prefilling[0]
+            before = request.generator.position
+            budget -= max(1, self._prefill(request) - before)
+
+    def _prefill(self, request: _Request) -> int:
+        """The request's next chunk; returns the positions its caches then hold."""
         try:
-            if request.generator.prefill_chunk() > 0:
-                return
+            remaining = request.generator.prefill_chunk()
+            position = request.generator.position
+            if remaining > 0:
+                return position
         except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
             self._prefilling.remove(request)
             request.items.put(exc)
-            return
+            return 0
         self._prefilling.popleft()
         if request.answer.done:  # nothing to generate (num_predict 0)
             self._finish(request)
-            return
+            return position
         cache = request.generator.take_cache()
         request.generator = None
         request.row = self._batch.add(request.answer.ids, request.options, request.top_logprobs, cache)
         self._rows[request.row] = request
+        return position
 
     def _decode(self) -> None:
         try:
