@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from conftest import ON_GPU
 from mlxrunner import _core, store
 from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
-from mlxrunner.llm.model import LanguageModel, sampler_options
+from mlxrunner.llm.model import LanguageModel, TokenLogprob, sampler_options
 
 ROOT = Path(__file__).parents[1]
 GREEDY = Options(temperature=0.0, repeat_penalty=1.0)
@@ -150,6 +152,38 @@ def test_the_warm_up_leaves_nothing_behind(case):
     assert model.batch is not None and model.batch.max_jobs == 8
     model._warm_up_gpu_kernels()
     assert len(model.batch) == 0 and len(model.prompt_cache) == 0
+
+
+def test_a_burst_of_short_prompts_joins_in_one_step(case):
+    """Requests that arrive together (the scheduler's stream(), on threads of their own as the worker runs them):
+    one step prefills all of them (fewer prompt tokens than a chunk) and they decode together; each gets its lone
+    run's tokens."""
+    _, model = case
+    prompts = random_prompts(model.core_config.vocab_size, [20, 9, 31, 14, 25], seed=5)
+    options = Options(temperature=0.0, repeat_penalty=1.0, num_predict=6)
+    answers: dict[int, list] = {}
+
+    def ask(i: int) -> None:
+        model.batch.serve(lambda: answers.__setitem__(i, list(model.stream(prompts[i], options, top_logprobs=0))))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while model.batch.waiting() < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert model.batch.waiting() == len(prompts)
+    model.batch.step()
+    assert len(model.batch) == len(prompts)  # all joined in the first step (one a step, they would join over five)
+    while any(thread.is_alive() for thread in threads):
+        model.batch.step()
+    for i, prompt in enumerate(prompts):
+        tokens = [item.token for item in answers[i] if isinstance(item, TokenLogprob)]
+        expected = lone(model.decoder, Row(prompt, GREEDY, 6))[0]
+        if any(t in model.tokenizer.eos_ids for t in expected):  # the answer ends at an EOS, which it does not show
+            expected = expected[: next(j for j, t in enumerate(expected) if t in model.tokenizer.eos_ids)]
+        assert tokens == [model.tokenizer.token_bytes(t) for t in expected], i
+    model.prompt_cache.clear()
 
 
 @pytest.mark.parametrize("name", ["mistral-tiny", "gemma3-tiny", "glm4-moe-lite-tiny"])

@@ -75,6 +75,11 @@ class BatchScheduler:
         """The sequences in the batch now."""
         return len(self._batch)
 
+    def waiting(self) -> int:
+        """Requests sent that no step has taken in yet."""
+        with self._wakeup:
+            return len(self._inbox)
+
     # --- the requests' threads --------------------------------------------------------------------
 
     def serve(self, job: Callable[[], None]) -> None:
