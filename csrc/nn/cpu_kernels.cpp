@@ -75,12 +75,40 @@ void softmax_row(const float* x, float* y, int n, const bool* keep) {
   loops().scale_row(y, n, 1 / sum);
 }
 
+// softmax_row over `count` consecutive rows (`n` apart) of x into y; keep_of(r) is row r's `keep` (or nullptr). Rows
+// go kRowGroup at a time through the max and the sum, whose one-accumulator chains are most of a row's time.
+template <typename KeepOf>
+void softmax_consecutive_rows(const float* x, float* y, size_t count, int n, const KeepOf& keep_of) {
+  constexpr size_t group = cpu_loops::kRowGroup;
+  size_t first = 0;
+  for (; first + group <= count; first += group) {
+    const float* in = x + first * n;
+    bool masked = false;
+    for (size_t r = first; r < first + group; ++r) masked = masked || keep_of(r);
+    if (masked) {  // every row of the group into y, the entries not kept the lowest float
+      for (size_t r = first; r < first + group; ++r) {
+        const bool* keep = keep_of(r);
+        for (int j = 0; j < n; ++j) {
+          y[r * n + j] = !keep || keep[j] ? x[r * n + j] : std::numeric_limits<float>::lowest();
+        }
+      }
+      in = y + first * n;
+    }
+    float maxes[group], sums[group];
+    loops().group_max(in, n, n, maxes);
+    for (size_t r = 0; r < group; ++r) loops().exp_shifted(in + r * n, y + (first + r) * n, n, maxes[r]);
+    loops().group_sum(y + first * n, n, n, sums);
+    for (size_t r = 0; r < group; ++r) loops().scale_row(y + (first + r) * n, n, 1 / sums[r]);
+  }
+  for (size_t r = first; r < count; ++r) softmax_row(x + r * n, y + r * n, n, keep_of(r));
+}
+
 // softmax_row over `rows` rows on every core; `allowed` ([rows / rows_per_mask_row, n] bools) or nullptr.
 void softmax_rows(const float* in, float* out, size_t rows, int n, const bool* allowed, size_t rows_per_mask_row) {
   on_all_cores(rows, n, [&](size_t begin, size_t end) {
-    for (size_t r = begin; r < end; ++r) {
-      softmax_row(in + r * n, out + r * n, n, allowed ? allowed + r / rows_per_mask_row * n : nullptr);
-    }
+    softmax_consecutive_rows(in + begin * n, out + begin * n, end - begin, n, [&](size_t r) -> const bool* {
+      return allowed ? allowed + (begin + r) / rows_per_mask_row * n : nullptr;
+    });
   });
 }
 
@@ -449,9 +477,7 @@ void attend_one_head(const float* q, const float* k, const float* v, const bool*
   const auto keys_t = as_matmul_passes(k, s.depth, s.keys, s.k_strides[3], s.k_strides[2], scratch.k_copy);
   cblas_sgemm(kRowMajor, kNoTrans, keys_t.transposed ? kTrans : kNoTrans, queries, s.keys, s.depth, 1.0f, scaled,
               s.depth, keys_t.data, keys_t.ld, 0.0f, scores, s.keys);
-  for (int i = 0; i < queries; ++i) {
-    softmax_row(scores + size_t(i) * s.keys, scores + size_t(i) * s.keys, s.keys, keep);
-  }
+  softmax_consecutive_rows(scores, scores, queries, s.keys, [keep](size_t) { return keep; });
   const auto values = as_matmul_passes(v, s.keys, s.value_depth, s.v_strides[2], s.v_strides[3], scratch.v_copy);
   cblas_sgemm(kRowMajor, kNoTrans, values.transposed ? kTrans : kNoTrans, queries, s.value_depth, s.keys, 1.0f,
               scores, s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));

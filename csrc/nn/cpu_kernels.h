@@ -30,8 +30,9 @@ mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_all
 // softmax(scale q k^T) v for q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] float32 on the CPU (Hq a multiple of Hkv),
 // the keys that `keys_allowed` [1 or B, Lk] (bools) does not keep masked out: MLX's CPU attention (mlx/fast.cpp's
 // fallback with the products mx::matmul makes) computed head by head, each head on one core with one BLAS thread.
-// Bit for bit the same where OpenBLAS blocks Lk alike on one thread and on several (Lk <= its K block, or Lk/2 a
-// multiple of 16; on one thread always). Returns the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] array.
+// Bit for bit MLX's with OpenBLAS on one thread; with OpenBLAS on several, wherever its threaded driver blocks the
+// key axis as its one-thread driver does (every length tested up to 333 and the multiples of 32, not 500).
+// Returns the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] array.
 mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                         const std::optional<mx::array>& keys_allowed);
 
