@@ -24,6 +24,8 @@ struct Loops {
   // bias: nullptr for RMSNorm
   void (*norm_row)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
                    float inverse_n);
+  void (*norm_group)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
+                     float inverse_n);  // norm_row over kRowGroup rows
 };
 
 namespace baseline {

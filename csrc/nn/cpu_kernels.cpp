@@ -292,8 +292,10 @@ class CpuRowNorm : public CpuKernel {
               rows = in.size() / n, eps = eps_] {
                const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
-                 for (size_t r = begin; r < end; ++r)
-                   loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+                 size_t r = begin;
+                 for (; r + cpu_loops::kRowGroup <= end; r += cpu_loops::kRowGroup)
+                   loops().norm_group(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+                 for (; r < end; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
                });
              });
   }
