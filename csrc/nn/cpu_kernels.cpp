@@ -1,12 +1,16 @@
 #include "nn/cpu_kernels.h"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -27,19 +31,77 @@ namespace {
 // Below this many elements a kernel stays on the calling thread: starting threads would cost more.
 constexpr size_t kElementsPerThread = 1 << 15;
 
-// Runs work(begin, end) over [0, n) in contiguous parts, one per core (the last on the calling thread).
+// Threads that live as long as the process, one per core but the caller's, to run on_all_cores's parts: starting
+// and joining a thread for each part cost tens of microseconds, and an image's kernels ran ~1000 such parts.
+class CoreWorkers {
+ public:
+  static CoreWorkers& get() {
+    static CoreWorkers* const workers = new CoreWorkers(std::max(1u, std::thread::hardware_concurrency()) - 1);
+    return *workers;  // never destroyed: its threads wait until the process exits
+  }
+
+  // part(0) on the calling thread and part(1) .. part(parts - 1) on the workers; returns when all are done. One
+  // caller at a time: another caller meanwhile, or one in a forked child (which has no workers), or one with more
+  // parts than workers, runs all of its parts itself.
+  void run(size_t parts, const std::function<void(size_t)>& part) {
+    std::unique_lock<std::mutex> in_use(in_use_, std::try_to_lock);
+    if (!in_use || getpid() != owner_ || parts - 1 > threads_.size()) {
+      for (size_t p = 0; p < parts; ++p) part(p);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &part;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    part(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+  }
+
+ private:
+  explicit CoreWorkers(size_t count) : owner_(getpid()) {
+    for (size_t i = 0; i < count; ++i) threads_.emplace_back([this, i] { serve(i + 1); });
+  }
+
+  void serve(size_t index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= parts_) continue;
+      const auto* job = job_;
+      lock.unlock();
+      (*job)(index);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  const pid_t owner_;
+  std::mutex in_use_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(size_t)>* job_ = nullptr;
+  size_t parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  std::vector<std::thread> threads_;
+};
+
+// Runs work(begin, end) over [0, n) in contiguous parts, one per core (the first on the calling thread).
 template <typename Work>
 void on_all_cores(size_t n, size_t elements_per_item, const Work& work) {
   const size_t cores = std::max(1u, std::thread::hardware_concurrency());
   const size_t threads = std::clamp<size_t>(n * elements_per_item / kElementsPerThread, 1, std::min(cores, n));
-  std::vector<std::thread> helpers;
   const size_t part = (n + threads - 1) / threads;
-  for (size_t t = 1; t < threads; ++t) {
+  if (threads == 1) return work(0, n);
+  CoreWorkers::get().run(threads, [&](size_t t) {
     const size_t begin = t * part, end = std::min(n, begin + part);
-    if (begin < end) helpers.emplace_back([&work, begin, end] { work(begin, end); });
-  }
-  work(0, std::min(n, part));
-  for (auto& helper : helpers) helper.join();
+    if (begin < end) work(begin, end);
+  });
 }
 
 }  // namespace
