@@ -526,10 +526,10 @@ struct AttentionScratch {
 
 // softmax(scale q k^T) v for one query head, as MLX's CPU attention computes it (mlx/fast.cpp's fallback, its
 // products by cblas_sgemm as mx::matmul calls it): q times the scale first, the scores q k^T, the softmax of each
-// row (masked keys the lowest float), then the scores times v into out's rows (`out_row_stride` apart). `queries`
-// of the head's rows from q's row on: a band of them computes exactly those rows of the whole head.
+// row (masked keys the lowest float), then the scores times v into out's rows (`out_row_stride` apart).
 void attend_one_head(const float* q, const float* k, const float* v, const bool* keep, float* out,
-                     int64_t out_row_stride, int queries, const AttentionShape& s, AttentionScratch& scratch) {
+                     int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
+  const int queries = s.queries;
   scratch.scaled_q.resize(size_t(queries) * s.depth);
   scratch.scores.resize(size_t(queries) * s.keys);
   float *scaled = scratch.scaled_q.data(), *scores = scratch.scores.data();
@@ -543,40 +543,30 @@ void attend_one_head(const float* q, const float* k, const float* v, const bool*
               s.depth, keys_t.data, keys_t.ld, 0.0f, scores, s.keys);
   softmax_consecutive_rows(scores, scores, queries, s.keys, [keep](size_t) { return keep; });
   const auto values = as_matmul_passes(v, s.keys, s.value_depth, s.v_strides[2], s.v_strides[3], scratch.v_copy);
-  cblas_sgemm(kRowMajor, kNoTrans, values.transposed ? kTrans : kNoTrans, queries, s.value_depth, s.keys, 1.0f,
-              scores, s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));
+  cblas_sgemm(kRowMajor, kNoTrans, values.transposed ? kTrans : kNoTrans, queries, s.value_depth, s.keys, 1.0f, scores,
+              s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));
 }
 
 // Every (batch, query head) on its own core's thread, one BLAS thread each: the scores stay in that core's cache
 // and no product wakes OpenBLAS's threads (MLX runs two products per head, each split over all cores, with copies
-// of k and v and a pass of q * scale in between). With fewer heads than cores (a VAE's one head) each head's
-// queries are split in bands, each band's products big enough for OpenBLAS's kernels for large matrices, as the
-// whole head's are. `out` is [B, Lq, H, Dv]: the heads side by side, as the projection after attention reads them.
+// of k and v and a pass of q * scale in between). `out` is [B, Lq, H, Dv]: the heads side by side, as the
+// projection after attention reads them.
 void attend_heads(const float* q, const float* k, const float* v, const bool* keys_allowed, float* out,
                   const AttentionShape& s) {
   const int repeats = s.heads / s.kv_heads;
-  const size_t heads = size_t(s.batch) * s.heads, cores = std::max(1u, std::thread::hardware_concurrency());
-  const double score_macs = double(s.queries) * s.keys * s.depth;
-  size_t bands = 1;
-  if (heads < cores && score_macs >= kMinSplitMacs) {
-    bands = std::clamp<size_t>((cores + heads - 1) / heads, 1, size_t(score_macs / kMinBandMacs));
-    bands = std::min<size_t>(bands, std::max(1, s.queries / 16));
-  }
-  const size_t work_per_band = size_t(score_macs / bands) * 2;
   BlasOnCallingThread one_thread_each;
-  on_all_cores(heads * bands, work_per_band, [&](size_t begin, size_t end) {
-    AttentionScratch scratch;
-    for (size_t item = begin; item < end; ++item) {
-      const size_t head = item / bands, band = item % bands;
-      const int b = int(head / s.heads), h = int(head % s.heads), kv = h / repeats;
-      const int first = int(s.queries * band / bands), count = int(s.queries * (band + 1) / bands) - first;
-      const bool* keep = keys_allowed ? keys_allowed + (s.mask_per_batch ? size_t(b) * s.keys : 0) : nullptr;
-      attend_one_head(q + b * s.q_strides[0] + h * s.q_strides[1] + first * s.q_strides[2],
-                      k + b * s.k_strides[0] + kv * s.k_strides[1], v + b * s.v_strides[0] + kv * s.v_strides[1],
-                      keep, out + ((size_t(b) * s.queries + first) * s.heads + h) * s.value_depth,
-                      int64_t(s.heads) * s.value_depth, count, s, scratch);
-    }
-  });
+  on_all_cores(
+      size_t(s.batch) * s.heads, size_t(s.queries) * s.keys * (s.depth + s.value_depth), [&](size_t begin, size_t end) {
+        AttentionScratch scratch;
+        for (size_t head = begin; head < end; ++head) {
+          const int b = int(head / s.heads), h = int(head % s.heads), kv = h / repeats;
+          const bool* keep = keys_allowed ? keys_allowed + (s.mask_per_batch ? size_t(b) * s.keys : 0) : nullptr;
+          attend_one_head(q + b * s.q_strides[0] + h * s.q_strides[1], k + b * s.k_strides[0] + kv * s.k_strides[1],
+                          v + b * s.v_strides[0] + kv * s.v_strides[1], keep,
+                          out + size_t(b) * s.queries * s.heads * s.value_depth + size_t(h) * s.value_depth,
+                          int64_t(s.heads) * s.value_depth, s, scratch);
+        }
+      });
 }
 
 class CpuAttention : public CpuKernel {

@@ -209,12 +209,12 @@ def heads_first_view(batch, length, heads, depth, seed) -> mx.array:
     (1, 8, 8, 32, 64, "view"),  # its caption refiner: products for OpenBLAS's small-matrix kernels
     (1, 8, 8, 800, 64, "view"),  # at 512x384: the key axis in two blocks
     (2, 6, 2, 96, 64, "contiguous"),  # grouped heads
-    (1, 1, 1, 1024, 128, "contiguous"),  # a VAE's one head: queries in bands
-    (1, 1, 1, 333, 64, "view"),  # one head in two bands of odd sizes
+    (2, 1, 1, 1024, 128, "contiguous"),  # a VAE's one head, two images
+    (1, 2, 2, 333, 64, "view"),  # an odd length
 ])
 def test_attention_head_by_head_is_mlxs_bit_for_bit(batch, heads, kv_heads, length, depth, layout):
-    """The DiTs' and VAEs' attention (no mask or a key padding mask) runs each head, or band of a head's queries, on
-    one core: exactly mx.fast.scaled_dot_product_attention's numbers, heads-first views read in place."""
+    """The DiTs' and VAEs' attention (no mask or a key padding mask) runs each head on one core: exactly
+    mx.fast.scaled_dot_product_attention's numbers, heads-first views read in place."""
     if layout == "view":
         q, k, v = (heads_first_view(batch, length, h, depth, seed) for h, seed in ((heads, 30), (kv_heads, 31),
                                                                                     (kv_heads, 32)))
@@ -227,7 +227,7 @@ def test_attention_head_by_head_is_mlxs_bit_for_bit(batch, heads, kv_heads, leng
         assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
 
 
-@pytest.mark.parametrize("heads, length", [(2, 500), (1, 333), (4, 257)])
+@pytest.mark.parametrize("heads, length", [(2, 500), (2, 333), (4, 257)])
 def test_attention_at_any_key_length_is_mlxs_on_one_blas_thread_bit_for_bit(heads, length):
     """Key lengths that OpenBLAS's threaded driver splits into other blocks than its one-thread driver (here 500 and
     333, above its K block and not a multiple of 32): the same numbers as MLX's own path on one BLAS thread."""
