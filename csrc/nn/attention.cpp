@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <thread>
 
 #include "nn/cpu_kernels.h"
 
@@ -96,7 +97,18 @@ mx::array merge_heads(const mx::array& x) {
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
                     std::optional<float> scale, const std::optional<mx::array>& sinks) {
-  if (takes_cpu_attention(q, k, v, sinks)) return attention_on_cpu(q, k, v, mask, false, scale_or_default(scale, q));
+  if (takes_cpu_attention(q, k, v, sinks)) {
+    // Unmasked or under a key padding mask, each head is one task on one core (nn/cpu_kernels.h). With fewer heads
+    // than cores (a VAE's one head) MLX's products, each on every core, are faster; one query or one key would make
+    // OpenBLAS's products matrix-vector ones, whose sums depend on the operands' layout: MLX's path.
+    std::optional<mx::array> keys_allowed;
+    if (mask && mask->dtype() == mx::bool_) keys_allowed = key_padding_rows(*mask, q.shape(0), k.shape(-2));
+    const unsigned heads = unsigned(q.shape(0)) * unsigned(q.shape(1));
+    if ((!mask || keys_allowed) && heads >= std::thread::hardware_concurrency() && q.shape(2) > 1 && k.shape(2) > 1) {
+      return attention_cpu(q, k, v, scale_or_default(scale, q), keys_allowed);
+    }
+    return attention_on_cpu(q, k, v, mask, false, scale_or_default(scale, q));
+  }
   return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), "", mask, sinks);
 }
 

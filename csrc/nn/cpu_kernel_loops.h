@@ -7,8 +7,13 @@
 
 namespace mlxr::cpu_loops {
 
+// Rows that group_max and group_sum take at a time.
+constexpr std::size_t kRowGroup = 8;
+
 struct Loops {
   float (*row_max)(const float* in, int n);
+  void (*group_max)(const float* in, int n, std::size_t stride, float* maxes);  // kRowGroup rows
+  void (*group_sum)(const float* in, int n, std::size_t stride, float* sums);   // kRowGroup rows, in index order
   void (*exp_shifted)(const float* in, float* out, int n, float shift);  // out = MLX's exp(in - shift)
   void (*scale_row)(float* out, int n, float factor);
   void (*gelu_range)(const float* in, float* out, std::size_t n);
@@ -19,6 +24,8 @@ struct Loops {
   // bias: nullptr for RMSNorm
   void (*norm_row)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
                    float inverse_n);
+  void (*norm_group)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
+                     float inverse_n);  // norm_row over kRowGroup rows
 };
 
 namespace baseline {

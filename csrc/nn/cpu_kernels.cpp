@@ -1,12 +1,16 @@
 #include "nn/cpu_kernels.h"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -27,19 +31,77 @@ namespace {
 // Below this many elements a kernel stays on the calling thread: starting threads would cost more.
 constexpr size_t kElementsPerThread = 1 << 15;
 
-// Runs work(begin, end) over [0, n) in contiguous parts, one per core (the last on the calling thread).
+// Threads that live as long as the process, one per core but the caller's, to run on_all_cores's parts: starting
+// and joining a thread for each part cost tens of microseconds, and an image's kernels ran ~1000 such parts.
+class CoreWorkers {
+ public:
+  static CoreWorkers& get() {
+    static CoreWorkers* const workers = new CoreWorkers(std::max(1u, std::thread::hardware_concurrency()) - 1);
+    return *workers;  // never destroyed: its threads wait until the process exits
+  }
+
+  // part(0) on the calling thread and part(1) .. part(parts - 1) on the workers; returns when all are done. One
+  // caller at a time: another caller meanwhile, or one in a forked child (which has no workers), or one with more
+  // parts than workers, runs all of its parts itself.
+  void run(size_t parts, const std::function<void(size_t)>& part) {
+    std::unique_lock<std::mutex> in_use(in_use_, std::try_to_lock);
+    if (!in_use || getpid() != owner_ || parts - 1 > threads_.size()) {
+      for (size_t p = 0; p < parts; ++p) part(p);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &part;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    part(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+  }
+
+ private:
+  explicit CoreWorkers(size_t count) : owner_(getpid()) {
+    for (size_t i = 0; i < count; ++i) threads_.emplace_back([this, i] { serve(i + 1); });
+  }
+
+  void serve(size_t index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= parts_) continue;
+      const auto* job = job_;
+      lock.unlock();
+      (*job)(index);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  const pid_t owner_;
+  std::mutex in_use_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(size_t)>* job_ = nullptr;
+  size_t parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  std::vector<std::thread> threads_;
+};
+
+// Runs work(begin, end) over [0, n) in contiguous parts, one per core (the first on the calling thread).
 template <typename Work>
 void on_all_cores(size_t n, size_t elements_per_item, const Work& work) {
   const size_t cores = std::max(1u, std::thread::hardware_concurrency());
   const size_t threads = std::clamp<size_t>(n * elements_per_item / kElementsPerThread, 1, std::min(cores, n));
-  std::vector<std::thread> helpers;
   const size_t part = (n + threads - 1) / threads;
-  for (size_t t = 1; t < threads; ++t) {
+  if (threads == 1) return work(0, n);
+  CoreWorkers::get().run(threads, [&](size_t t) {
     const size_t begin = t * part, end = std::min(n, begin + part);
-    if (begin < end) helpers.emplace_back([&work, begin, end] { work(begin, end); });
-  }
-  work(0, std::min(n, part));
-  for (auto& helper : helpers) helper.join();
+    if (begin < end) work(begin, end);
+  });
 }
 
 }  // namespace
@@ -61,25 +123,54 @@ const cpu_loops::Loops& loops() {
   return chosen;
 }
 
-// MLX's softmax kernel for float32 at SIMD width 1 (mlx/backend/cpu/softmax.cpp): the max, the exps and
-// their sum in index order (one accumulator: the order is what makes the sum bit-identical), then x 1/sum.
-// With `allowed` ([rows / rows_per_mask_row, n] bools), the masked-out entries are first the lowest float, as
-// mx::where(allowed, x, lowest) makes them.
+// MLX's softmax kernel for float32 at SIMD width 1 (mlx/backend/cpu/softmax.cpp) over one row: the max, the exps and
+// their sum in index order (one accumulator: the order is what makes the sum bit-identical), then x 1/sum. With
+// `keep`, the entries it does not keep are first the lowest float, as mx::where(allowed, x, lowest) makes them.
+void softmax_row(const float* x, float* y, int n, const bool* keep) {
+  if (keep) {
+    for (int j = 0; j < n; ++j) y[j] = keep[j] ? x[j] : std::numeric_limits<float>::lowest();
+    x = y;
+  }
+  loops().exp_shifted(x, y, n, loops().row_max(x, n));
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) sum += y[j];
+  loops().scale_row(y, n, 1 / sum);
+}
+
+// softmax_row over `count` consecutive rows (`n` apart) of x into y; keep_of(r) is row r's `keep` (or nullptr). Rows
+// go kRowGroup at a time through the max and the sum, whose one-accumulator chains are most of a row's time.
+template <typename KeepOf>
+void softmax_consecutive_rows(const float* x, float* y, size_t count, int n, const KeepOf& keep_of) {
+  constexpr size_t group = cpu_loops::kRowGroup;
+  size_t first = 0;
+  for (; first + group <= count; first += group) {
+    const float* in = x + first * n;
+    bool masked = false;
+    for (size_t r = first; r < first + group; ++r) masked = masked || keep_of(r);
+    if (masked) {  // every row of the group into y, the entries not kept the lowest float
+      for (size_t r = first; r < first + group; ++r) {
+        const bool* keep = keep_of(r);
+        for (int j = 0; j < n; ++j) {
+          y[r * n + j] = !keep || keep[j] ? x[r * n + j] : std::numeric_limits<float>::lowest();
+        }
+      }
+      in = y + first * n;
+    }
+    float maxes[group], sums[group];
+    loops().group_max(in, n, n, maxes);
+    for (size_t r = 0; r < group; ++r) loops().exp_shifted(in + r * n, y + (first + r) * n, n, maxes[r]);
+    loops().group_sum(y + first * n, n, n, sums);
+    for (size_t r = 0; r < group; ++r) loops().scale_row(y + (first + r) * n, n, 1 / sums[r]);
+  }
+  for (size_t r = first; r < count; ++r) softmax_row(x + r * n, y + r * n, n, keep_of(r));
+}
+
+// softmax_row over `rows` rows on every core; `allowed` ([rows / rows_per_mask_row, n] bools) or nullptr.
 void softmax_rows(const float* in, float* out, size_t rows, int n, const bool* allowed, size_t rows_per_mask_row) {
   on_all_cores(rows, n, [&](size_t begin, size_t end) {
-    for (size_t r = begin; r < end; ++r) {
-      const float* x = in + r * n;
-      float* y = out + r * n;
-      if (allowed) {
-        const bool* keep = allowed + r / rows_per_mask_row * n;
-        for (int j = 0; j < n; ++j) y[j] = keep[j] ? x[j] : std::numeric_limits<float>::lowest();
-        x = y;
-      }
-      loops().exp_shifted(x, y, n, loops().row_max(x, n));
-      float sum = 0.0f;
-      for (int j = 0; j < n; ++j) sum += y[j];
-      loops().scale_row(y, n, 1 / sum);
-    }
+    softmax_consecutive_rows(in + begin * n, out + begin * n, end - begin, n, [&](size_t r) -> const bool* {
+      return allowed ? allowed + (begin + r) / rows_per_mask_row * n : nullptr;
+    });
   });
 }
 
@@ -263,8 +354,10 @@ class CpuRowNorm : public CpuKernel {
               rows = in.size() / n, eps = eps_] {
                const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
-                 for (size_t r = begin; r < end; ++r)
-                   loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+                 size_t r = begin;
+                 for (; r + cpu_loops::kRowGroup <= end; r += cpu_loops::kRowGroup)
+                   loops().norm_group(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+                 for (; r < end; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
                });
              });
   }
@@ -399,6 +492,118 @@ void convolve_in_bands(const float* src, const float* weight, const float* bias,
   });
 }
 
+// One attention's sizes, and the element strides of q, k and v [B, H, L, D] in any layout (the heads-first view of
+// [B, L, H, D], say).
+struct AttentionShape {
+  int batch, heads, kv_heads, queries, keys, depth, value_depth;
+  float scale;
+  int64_t q_strides[4], k_strides[4], v_strides[4];
+  bool mask_per_batch;  // keys_allowed has a row per batch element (else one row)
+};
+
+// A head's matrix as mx::matmul hands it to cblas_sgemm (mlx/backend/cpu/matmul.cpp): itself where its rows (or,
+// transposed, its columns) are contiguous and packed, else a contiguous copy in `copy`. The same layout matters:
+// OpenBLAS's kernels for small products sum a transposed operand differently.
+struct BlasOperand {
+  const float* data;
+  int ld;
+  bool transposed;
+};
+BlasOperand as_matmul_passes(const float* m, int rows, int cols, int64_t row_stride, int64_t col_stride,
+                             std::vector<float>& copy) {
+  if (col_stride == 1 && row_stride == cols) return {m, cols, false};
+  if (row_stride == 1 && col_stride == rows) return {m, rows, true};
+  copy.resize(size_t(rows) * cols);
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) copy[size_t(i) * cols + j] = m[i * row_stride + j * col_stride];
+  }
+  return {copy.data(), cols, false};
+}
+
+struct AttentionScratch {
+  std::vector<float> scaled_q, scores, k_copy, v_copy;
+};
+
+// softmax(scale q k^T) v for one query head, as MLX's CPU attention computes it (mlx/fast.cpp's fallback, its
+// products by cblas_sgemm as mx::matmul calls it): q times the scale first, the scores q k^T, the softmax of each
+// row (masked keys the lowest float), then the scores times v into out's rows (`out_row_stride` apart).
+void attend_one_head(const float* q, const float* k, const float* v, const bool* keep, float* out,
+                     int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
+  const int queries = s.queries;
+  scratch.scaled_q.resize(size_t(queries) * s.depth);
+  scratch.scores.resize(size_t(queries) * s.keys);
+  float *scaled = scratch.scaled_q.data(), *scores = scratch.scores.data();
+  for (int i = 0; i < queries; ++i) {
+    for (int d = 0; d < s.depth; ++d) {
+      scaled[size_t(i) * s.depth + d] = s.scale * q[i * s.q_strides[2] + d * s.q_strides[3]];
+    }
+  }
+  const auto keys_t = as_matmul_passes(k, s.depth, s.keys, s.k_strides[3], s.k_strides[2], scratch.k_copy);
+  cblas_sgemm(kRowMajor, kNoTrans, keys_t.transposed ? kTrans : kNoTrans, queries, s.keys, s.depth, 1.0f, scaled,
+              s.depth, keys_t.data, keys_t.ld, 0.0f, scores, s.keys);
+  softmax_consecutive_rows(scores, scores, queries, s.keys, [keep](size_t) { return keep; });
+  const auto values = as_matmul_passes(v, s.keys, s.value_depth, s.v_strides[2], s.v_strides[3], scratch.v_copy);
+  cblas_sgemm(kRowMajor, kNoTrans, values.transposed ? kTrans : kNoTrans, queries, s.value_depth, s.keys, 1.0f, scores,
+              s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));
+}
+
+// Every (batch, query head) on its own core's thread, one BLAS thread each: the scores stay in that core's cache
+// and no product wakes OpenBLAS's threads (MLX runs two products per head, each split over all cores, with copies
+// of k and v and a pass of q * scale in between). `out` is [B, Lq, H, Dv]: the heads side by side, as the
+// projection after attention reads them.
+void attend_heads(const float* q, const float* k, const float* v, const bool* keys_allowed, float* out,
+                  const AttentionShape& s) {
+  const int repeats = s.heads / s.kv_heads;
+  BlasOnCallingThread one_thread_each;
+  on_all_cores(
+      size_t(s.batch) * s.heads, size_t(s.queries) * s.keys * (s.depth + s.value_depth), [&](size_t begin, size_t end) {
+        AttentionScratch scratch;
+        for (size_t head = begin; head < end; ++head) {
+          const int b = int(head / s.heads), h = int(head % s.heads), kv = h / repeats;
+          const bool* keep = keys_allowed ? keys_allowed + (s.mask_per_batch ? size_t(b) * s.keys : 0) : nullptr;
+          attend_one_head(q + b * s.q_strides[0] + h * s.q_strides[1], k + b * s.k_strides[0] + kv * s.k_strides[1],
+                          v + b * s.v_strides[0] + kv * s.v_strides[1], keep,
+                          out + size_t(b) * s.queries * s.heads * s.value_depth + size_t(h) * s.value_depth,
+                          int64_t(s.heads) * s.value_depth, s, scratch);
+        }
+      });
+}
+
+class CpuAttention : public CpuKernel {
+ public:
+  CpuAttention(mx::Stream stream, float scale) : CpuKernel(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    auto strides = [](const mx::array& a, int64_t* to) { std::copy_n(a.strides().begin(), 4, to); };
+    AttentionShape shape{.batch = q.shape(0),
+                         .heads = q.shape(1),
+                         .kv_heads = k.shape(1),
+                         .queries = q.shape(2),
+                         .keys = k.shape(2),
+                         .depth = q.shape(3),
+                         .value_depth = v.shape(3),
+                         .scale = scale_,
+                         .mask_per_batch = inputs.size() > 3 && inputs[3].shape(0) > 1};
+    strides(q, shape.q_strides);
+    strides(k, shape.k_strides);
+    strides(v, shape.v_strides);
+    const bool* keys_allowed = inputs.size() > 3 ? inputs[3].data<bool>() : nullptr;
+    dispatch(inputs, out,
+             [q = q.data<float>(), k = k.data<float>(), v = v.data<float>(), keys_allowed, dst = out.data<float>(),
+              shape] { attend_heads(q, k, v, keys_allowed, dst, shape); });
+  }
+
+  DEFINE_NAME(CpuAttention)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const CpuAttention&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
 class CpuConv2d : public CpuKernel {
  public:
   CpuConv2d(mx::Stream stream, int padding, bool has_bias, bool has_residual, bool upsample_2x)
@@ -469,6 +674,28 @@ mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_all
   auto shape = x.shape();
   return mx::array(std::move(shape), mx::float32, std::make_shared<CpuSoftmax>(mx::default_stream(mx::Device::cpu)),
                    {mx::contiguous(x), mx::contiguous(keys_allowed)});
+}
+
+mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                        const std::optional<mx::array>& keys_allowed) {
+  const bool shapes_fit = q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && k.shape(0) == q.shape(0) &&
+                          v.shape(0) == q.shape(0) && k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 &&
+                          v.shape(1) == k.shape(1) && k.shape(3) == q.shape(3) && v.shape(2) == k.shape(2) &&
+                          k.shape(2) > 0;
+  const bool mask_fits = !keys_allowed || (keys_allowed->ndim() == 2 && keys_allowed->dtype() == mx::bool_ &&
+                                           keys_allowed->shape(1) == k.shape(2) &&
+                                           (keys_allowed->shape(0) == 1 || keys_allowed->shape(0) == q.shape(0)));
+  if (!shapes_fit || !mask_fits) {
+    throw std::invalid_argument(
+        "attention_cpu: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq a multiple of Hkv), keys_allowed bool [1 or B, "
+        "Lk]");
+  }
+  std::vector<mx::array> inputs{q, k, v};
+  if (keys_allowed) inputs.push_back(mx::contiguous(*keys_allowed));
+  // The output is [B, Lq, H, Dv], handed back as its [B, H, Lq, Dv] view.
+  auto out = mx::array({q.shape(0), q.shape(2), q.shape(1), v.shape(3)}, mx::float32,
+                       std::make_shared<CpuAttention>(mx::default_stream(mx::Device::cpu), scale), std::move(inputs));
+  return mx::transpose(out, {0, 2, 1, 3});
 }
 
 mx::array gelu_erf_cpu(const mx::array& x) {

@@ -1,4 +1,5 @@
-// Softmax, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm and convolutions for MLX's CPU backend, on every core.
+// Softmax, attention, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm and convolutions for MLX's CPU backend, on every
+// core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
@@ -25,6 +26,15 @@ mx::array softmax_last_axis(const mx::array& x);
 // The same of mx::where(allowed, x, lowest float) in one pass, where `keys_allowed` [1 or x.shape(0), keys] says
 // which of the last axis' entries each batch element keeps (a padding mask over the keys).
 mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed);
+
+// softmax(scale q k^T) v for q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] float32 on the CPU (Hq a multiple of Hkv),
+// the keys that `keys_allowed` [1 or B, Lk] (bools) does not keep masked out: MLX's CPU attention (mlx/fast.cpp's
+// fallback with the products mx::matmul makes) computed head by head, each head on one core with one BLAS thread.
+// Bit for bit MLX's with OpenBLAS on one thread; with OpenBLAS on several, wherever its threaded driver blocks the
+// key axis as its one-thread driver does (every length tested up to 333 and the multiples of 32, not 500).
+// Returns the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] array.
+mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                        const std::optional<mx::array>& keys_allowed);
 
 // gelu() (the erf form, with Eigen's rational erf) for on_cpu_kernels(x).
 mx::array gelu_erf_cpu(const mx::array& x);

@@ -1,11 +1,16 @@
 """The CPU kernels (csrc/nn/cpu_kernels.*): softmax, GELU, SiLU, LayerNorm and RMSNorm on every core, vectorised,
 and the attention built on that softmax must give exactly MLX's bits: mx.softmax, the op-by-op GELU graph,
 mx.fast's norms and mx.fast.scaled_dot_product_attention (MLX's own CPU path), whatever the shape, mask or special
-value. GroupNorm sums in double, so it is held to float64 GroupNorm instead. (The convolutions: test_core.py.)"""
+value. GroupNorm sums in double, so it is held to float64 GroupNorm instead. Attention runs head by head, each on one
+core with one BLAS thread: its bits are those of MLX's own path with OpenBLAS on one thread, and of MLX's default
+(every thread) wherever OpenBLAS blocks the key axis alike both ways. (The convolutions: test_core.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -179,3 +184,56 @@ def test_attention_under_a_key_padding_mask_is_mlxs_bit_for_bit(batch, mask_rows
     keys_kept[..., 0] = True
     mask = mx.array(keys_kept)
     assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
+
+
+@contextlib.contextmanager
+def openblas_on_one_thread():
+    """MLX's own products on one OpenBLAS thread, as each head of ours computes them."""
+    scipy_openblas32 = pytest.importorskip("scipy_openblas32", reason="the BLAS that mlxrunner routes MLX to")
+    library = ctypes.CDLL(str(next(Path(scipy_openblas32.get_lib_dir()).glob("libscipy_openblas*.so"))))
+    threads = library.scipy_openblas_get_num_threads()
+    library.scipy_openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        library.scipy_openblas_set_num_threads(threads)
+
+
+def heads_first_view(batch, length, heads, depth, seed) -> mx.array:
+    """[B, H, L, D] as a DiT hands it over: the transposed view of its projection's [B, L, H, D] output."""
+    return random((batch, length, heads, depth), seed=seed).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, length, depth, layout", [
+    (1, 8, 8, 288, 64, "view"),  # the small Z-Image's joint stream at 256^2
+    (1, 8, 8, 32, 64, "view"),  # its caption refiner: products for OpenBLAS's small-matrix kernels
+    (1, 8, 8, 800, 64, "view"),  # at 512x384: the key axis in two blocks
+    (2, 6, 2, 96, 64, "contiguous"),  # grouped heads
+    (2, 1, 1, 1024, 128, "contiguous"),  # a VAE's one head, two images
+    (1, 2, 2, 333, 64, "view"),  # an odd length
+])
+def test_attention_head_by_head_is_mlxs_bit_for_bit(batch, heads, kv_heads, length, depth, layout):
+    """The DiTs' and VAEs' attention (no mask or a key padding mask) runs each head on one core: exactly
+    mx.fast.scaled_dot_product_attention's numbers, heads-first views read in place."""
+    if layout == "view":
+        q, k, v = (heads_first_view(batch, length, h, depth, seed) for h, seed in ((heads, 30), (kv_heads, 31),
+                                                                                    (kv_heads, 32)))
+    else:
+        q = random((batch, heads, length, depth), seed=30)
+        k, v = (random((batch, kv_heads, length, depth), seed=seed) for seed in (31, 32))
+    keys_kept = np.random.default_rng(33).random((batch, 1, 1, length)) > 0.3
+    keys_kept[..., 0] = True
+    for mask in (None, mx.array(keys_kept)):
+        assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
+
+
+@pytest.mark.parametrize("heads, length", [(2, 500), (2, 333), (4, 257)])
+def test_attention_at_any_key_length_is_mlxs_on_one_blas_thread_bit_for_bit(heads, length):
+    """Key lengths that OpenBLAS's threaded driver splits into other blocks than its one-thread driver (here 500 and
+    333, above its K block and not a multiple of 32): the same numbers as MLX's own path on one BLAS thread."""
+    q, k, v = (heads_first_view(1, length, heads, 64, seed) for seed in (34, 35, 36))
+    ours = _core.masked_attention(q, k, v)
+    with openblas_on_one_thread():
+        mlx_on_one_thread = sdpa(q, k, v)
+        mx.eval(mlx_on_one_thread)
+    assert same_bits(ours, mlx_on_one_thread)
