@@ -14,7 +14,7 @@ struct Loops {
   float (*row_max)(const float* in, int n);
   void (*group_max)(const float* in, int n, std::size_t stride, float* maxes);  // kRowGroup rows
   void (*group_sum)(const float* in, int n, std::size_t stride, float* sums);   // kRowGroup rows, in index order
-  void (*exp_shifted)(const float* in, float* out, int n, float shift);  // out = MLX's exp(in - shift)
+  void (*exp_shifted)(const float* in, float* out, int n, float shift);         // out = MLX's exp(in - shift)
   void (*scale_row)(float* out, int n, float factor);
   void (*gelu_range)(const float* in, float* out, std::size_t n);
   void (*silu_range)(const float* in, const float* up, float* out, std::size_t n);  // up: nullptr or gated
