@@ -103,8 +103,7 @@ void bind_building_blocks(nb::module_& m) {
       "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
-      "T, D]); None off "
-      "CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
+      "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
   m.def(
       "attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,

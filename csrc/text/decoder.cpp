@@ -268,13 +268,6 @@ const mx::array& offsets_array(const mx::array& offsets) {
   return offsets;
 }
 
-// (x + delta and its norm) when the residual is still a sum to make, else (x, its norm).
-std::pair<mx::array, mx::array> sum_and_norm(const RMSNorm& norm, const mx::array& base,
-                                             const std::optional<mx::array>& delta) {
-  if (delta) return norm.add_then_norm(base, *delta);
-  return {base, norm(base)};
-}
-
 }  // namespace
 
 template <typename Offset>
@@ -334,7 +327,7 @@ mx::array Decoder::embed(const mx::array& tokens) const {
 }
 
 Decoder::Residual Decoder::layer_forward(const DecoderLayer& layer, const Residual& in, const Attend& attend) const {
-  auto [x, normed] = sum_and_norm(layer.input_norm, in.base, in.delta);
+  auto [x, normed] = in.sum_and_norm(layer.input_norm);
   auto attended = attend(normed);
   if (layer.pre_feedforward_norm) {  // Gemma: a norm before and after each block
     auto [h, h_normed] = layer.pre_feedforward_norm->add_then_norm(x, layer.post_attention_norm(attended));
@@ -408,7 +401,7 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
 }
 
 mx::array Decoder::logits(const Residual& hidden) const {
-  auto x = sum_and_norm(norm_, hidden.base, hidden.delta).second;
+  auto x = hidden.sum_and_norm(norm_).second;
   auto out = lm_head_ ? (*lm_head_)(x) : embed_tokens_.as_linear(x);
   if (config_.final_logit_softcapping > 0.0f) {
     auto cap = mx::array(config_.final_logit_softcapping, out.dtype());

@@ -161,6 +161,11 @@ class Decoder {
     mx::array base;
     std::optional<mx::array> delta;
     mx::array sum() const { return delta ? mx::add(base, *delta) : base; }
+    // (the sum, norm of it): one kernel on CUDA when there is a sum to make.
+    std::pair<mx::array, mx::array> sum_and_norm(const RMSNorm& norm) const {
+      if (delta) return norm.add_then_norm(base, *delta);
+      return {base, norm(base)};
+    }
   };
   // A layer around its attention: `attend` maps the normed input to the attention's output.
   using Attend = std::function<mx::array(const mx::array&)>;
