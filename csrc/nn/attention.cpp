@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <limits>
-#include <thread>
 
 #include "nn/cpu_kernels.h"
 
@@ -103,8 +102,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
     // OpenBLAS's products matrix-vector ones, whose sums depend on the operands' layout: MLX's path.
     std::optional<mx::array> keys_allowed;
     if (mask && mask->dtype() == mx::bool_) keys_allowed = key_padding_rows(*mask, q.shape(0), k.shape(-2));
-    const unsigned heads = unsigned(q.shape(0)) * unsigned(q.shape(1));
-    if ((!mask || keys_allowed) && heads >= std::thread::hardware_concurrency() && q.shape(2) > 1 && k.shape(2) > 1) {
+    const size_t heads = size_t(q.shape(0)) * size_t(q.shape(1));
+    if ((!mask || keys_allowed) && heads >= cpu_cores() && q.shape(2) > 1 && k.shape(2) > 1) {
       return attention_cpu(q, k, v, scale_or_default(scale, q), keys_allowed);
     }
     return attention_on_cpu(q, k, v, mask, false, scale_or_default(scale, q));

@@ -26,6 +26,11 @@
 
 namespace mlxr {
 
+size_t cpu_cores() {
+  static const size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return cores;
+}
+
 namespace {
 
 // Below this many elements a kernel stays on the calling thread: starting threads would cost more.
@@ -36,7 +41,7 @@ constexpr size_t kElementsPerThread = 1 << 15;
 class CoreWorkers {
  public:
   static CoreWorkers& get() {
-    static CoreWorkers* const workers = new CoreWorkers(std::max(1u, std::thread::hardware_concurrency()) - 1);
+    static CoreWorkers* const workers = new CoreWorkers(cpu_cores() - 1);
     return *workers;  // never destroyed: its threads wait until the process exits
   }
 
@@ -94,8 +99,7 @@ class CoreWorkers {
 // Runs work(begin, end) over [0, n) in contiguous parts, one per core (the first on the calling thread).
 template <typename Work>
 void on_all_cores(size_t n, size_t elements_per_item, const Work& work) {
-  const size_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const size_t threads = std::clamp<size_t>(n * elements_per_item / kElementsPerThread, 1, std::min(cores, n));
+  const size_t threads = std::clamp<size_t>(n * elements_per_item / kElementsPerThread, 1, std::min(cpu_cores(), n));
   const size_t part = (n + threads - 1) / threads;
   if (threads == 1) return work(0, n);
   CoreWorkers::get().run(threads, [&](size_t t) {

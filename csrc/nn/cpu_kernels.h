@@ -21,6 +21,9 @@ namespace mx = mlx::core;
 // Whether `x` takes these kernels: float32 on the CPU.
 bool on_cpu_kernels(const mx::array& x);
 
+// The cores these kernels split their work over (at least 1).
+size_t cpu_cores();
+
 // mx::softmax(x, -1) for on_cpu_kernels(x).
 mx::array softmax_last_axis(const mx::array& x);
 // The same of mx::where(allowed, x, lowest float) in one pass, where `keys_allowed` [1 or x.shape(0), keys] says
