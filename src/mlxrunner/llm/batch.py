@@ -175,17 +175,16 @@ class BatchScheduler:
         together, the last joined 63 steps after the first (a third of a 128-token run's steps)."""
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
-            request = self._prefilling[0]
-            before = request.generator.position
-            budget -= max(1, self._prefill(request) - before)
+            budget -= max(1, self._prefill(self._prefilling[0]))
 
     def _prefill(self, request: _Request) -> int:
-        """The request's next chunk; returns the positions its caches then hold."""
+        """The request's next chunk; returns how many prompt tokens it prefilled."""
         try:
+            before = request.generator.position
             remaining = request.generator.prefill_chunk()
-            position = request.generator.position
+            prefilled = request.generator.position - before
             if remaining > 0:
-                return position
+                return prefilled
         except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
             self._prefilling.remove(request)
             request.items.put(exc)
@@ -193,12 +192,12 @@ class BatchScheduler:
         self._prefilling.popleft()
         if request.answer.done:  # nothing to generate (num_predict 0)
             self._finish(request)
-            return position
+            return prefilled
         cache = request.generator.take_cache()
         request.generator = None
         request.row = self._batch.add(request.answer.ids, request.options, request.top_logprobs, cache)
         self._rows[request.row] = request
-        return position
+        return prefilled
 
     def _decode(self) -> None:
         try:
