@@ -220,13 +220,24 @@ def reply_length(browser: WebDriver) -> int:
     return browser.execute_script("return document.querySelector('li.assistant:last-child .body').textContent.length")
 
 
+def log_overflows(browser: WebDriver) -> bool:
+    return browser.execute_script("const log = document.getElementById('chat-log');"
+                                  "return log.scrollHeight > log.clientHeight + 100")
+
+
 def test_the_reply_streams_and_stop_cancels_it_on_the_runner(browser, chat_runner):
     open_page(browser, chat_runner, "chat")
     chat_settings(browser, "0", "4000")  # 4000 tokens: seconds of streaming
     send_message(browser, "Hello there")
     wait(browser, lambda: reply_length(browser) > 0)
     first_seen = reply_length(browser)
-    wait(browser, lambda: reply_length(browser) > first_seen)  # the text grows as tokens arrive
+    stop_at = by_id(browser, "chat-stop").rect
+    wait(browser, lambda: log_overflows(browser))  # the text grows as tokens arrive, past the log's height
+    # The log scrolls in its own box and follows the reply; the Stop button stays under the pointer.
+    assert reply_length(browser) > first_seen
+    assert by_id(browser, "chat-stop").rect == stop_at
+    assert browser.execute_script("const log = document.getElementById('chat-log');"
+                                  "return log.scrollHeight - log.scrollTop - log.clientHeight") < 24
     by_id(browser, "chat-stop").click()
     wait(browser, lambda: by_id(browser, "chat-stats").text == "stopped")
     assert wait_for_log(chat_runner, "chat"), list(chat_runner.stderr_tail)[-5:]

@@ -18,12 +18,18 @@ function addTurn(role) {
   const body = document.createElement("div");
   body.className = "body";
   item.append(who, body);
-  $("chat-log").append(item);
+  const log = $("chat-log");
+  log.append(item);
+  log.scrollTop = log.scrollHeight; // a new turn is always shown
   return item;
 }
 
 function addUserTurn(text) {
   addTurn("user").querySelector(".body").textContent = text;
+}
+
+function isAtBottom(element) {
+  return element.scrollHeight - element.scrollTop - element.clientHeight < 24; // px: within a line of the end
 }
 
 // The assistant's turn: its reasoning (Qwen3's <think>, in a fold) and its answer, re-rendered as text arrives:
@@ -44,10 +50,12 @@ function addAssistantTurn() {
     render() {
       cancelAnimationFrame(frame);
       frame = 0;
+      const log = $("chat-log");
+      const following = isAtBottom(log); // a reader who scrolled up to read is not pulled back down
       thinking.hidden = !this.reasoning;
       thinking.querySelector("div").textContent = this.reasoning;
       item.querySelector(".body").innerHTML = renderMarkdown(this.content);
-      item.scrollIntoView({ block: "end" });
+      if (following) log.scrollTop = log.scrollHeight;
     },
     update() {
       frame ||= requestAnimationFrame(() => this.render());
