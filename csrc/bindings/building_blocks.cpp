@@ -131,12 +131,14 @@ void bind_building_blocks(nb::module_& m) {
       "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
   m.def(
       "masked_attention",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask) {
-        return evaluated(attention(q, k, v, mask));
+      [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask, size_t max_scores) {
+        return evaluated(max_scores > 0 ? attention_in_query_bands(q, k, v, max_scores, mask)
+                                        : attention(q, k, v, mask));
       },
-      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "max_scores"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
       "Attention over [B, H, L, D] with an optional mask as mx.fast.scaled_dot_product_attention takes it (bool: "
-      "True attends; float: added to the scores): the encoders' and DiTs' attention.");
+      "True attends; float: added to the scores): the encoders' and DiTs' attention. max_scores > 0: in bands of "
+      "queries with about that many scores at a time (the VAE's attention).");
   m.def(
       "softmax",
       [](const mx::array& x) { return evaluated(on_cpu_kernels(x) ? softmax_last_axis(x) : mx::softmax(x, -1)); },

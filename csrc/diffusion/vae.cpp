@@ -7,6 +7,20 @@
 
 namespace mlxr {
 
+namespace {
+
+// MLX queues operations ahead of the device and holds each queued operation's inputs until it has run (up to ten
+// batches of operations ahead), so a decoder built as one graph holds many full-size activations at once. Evaluated
+// at each block's end and inside each ResNet block, the decoder holds about one block's working set: 10 bytes per
+// output pixel per channel of its second block on the CPU (float32), at every size; as one graph 26-33 (and a
+// 1024^2 decode of the tiny test VAE 1,133 MiB instead of 323; benchmarks/README.md). A wait for the queue to
+// drain, ~30 times a decode, costs nothing measurable beside its convolutions.
+void settle(const mx::array& x) {
+  mx::eval(x);
+}
+
+}  // namespace
+
 ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channels, const VaeConfig& c) {
   ResnetBlock block{.norm1 = GroupNorm::load(w.sub("norm1"), in_channels, c.norm_num_groups, kVaeNormEps),
                     .norm2 = GroupNorm::load(w.sub("norm2"), out_channels, c.norm_num_groups, kVaeNormEps),
@@ -20,6 +34,7 @@ ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channel
 
 mx::array ResnetBlock::operator()(const mx::array& x) const {
   auto h = conv1(norm1(x, /*then_silu=*/true));
+  settle(h);  // the first norm's temporaries go before the second's are queued
   return conv2(norm2(h, /*then_silu=*/true), conv_shortcut ? (*conv_shortcut)(x) : x);
 }
 
@@ -31,7 +46,8 @@ VaeAttention VaeAttention::load(const Weights& w, int channels, const VaeConfig&
 mx::array VaeAttention::operator()(const mx::array& x) const {
   const int b = x.shape(0), h = x.shape(1), w = x.shape(2), c = x.shape(3);
   auto tokens = mx::reshape(group_norm(x), {b, 1, h * w, c});  // one head of width C
-  auto out = attention(projections.to_q(tokens), projections.to_k(tokens), projections.to_v(tokens));
+  auto out = attention_in_query_bands(projections.to_q(tokens), projections.to_k(tokens), projections.to_v(tokens),
+                                      kVaeMaxAttentionScores);
   return mx::add(x, mx::reshape(projections.to_out(out), {b, h, w, c}));
 }
 
@@ -93,9 +109,8 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
 
 mx::array VaeDecoder::operator()(const mx::array& z, const BetweenBlocks& between_blocks) const {
   auto checkpoint = [&](mx::array& x) {
-    if (!between_blocks) return;
-    mx::eval(x);
-    between_blocks();
+    settle(x);
+    if (between_blocks) between_blocks();
   };
   auto x = post_quant_conv_ ? (*post_quant_conv_)(z) : z;
   x = mid_(conv_in_(x));
@@ -105,7 +120,10 @@ mx::array VaeDecoder::operator()(const mx::array& z, const BetweenBlocks& betwee
       x = resnet(x);
       checkpoint(x);
     }
-    if (block.upsampler) x = block.upsampler->upsampled_2x(x);
+    if (block.upsampler) {
+      x = block.upsampler->upsampled_2x(x);
+      settle(x);
+    }
   }
   return conv_out_(norm_out_(x, /*then_silu=*/true));
 }
@@ -175,8 +193,8 @@ mx::array tiled_pass(const mx::array& x, int tile, int out_tile, float overlap_f
 mx::array VaeDecoder::tiled(const mx::array& z, int tile, float overlap_factor,
                             const BetweenBlocks& between_blocks) const {
   return tiled_pass(
-      z, tile, tile * scale_factor(), overlap_factor, [&](const mx::array& piece) { return (*this)(piece, between_blocks); },
-      between_blocks);
+      z, tile, tile * scale_factor(), overlap_factor,
+      [&](const mx::array& piece) { return (*this)(piece, between_blocks); }, between_blocks);
 }
 
 VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
@@ -213,9 +231,8 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
 
 mx::array VaeEncoder::operator()(const mx::array& image, const BetweenBlocks& between_blocks) const {
   auto checkpoint = [&](mx::array& x) {
-    if (!between_blocks) return;
-    mx::eval(x);
-    between_blocks();
+    settle(x);
+    if (between_blocks) between_blocks();
   };
   auto x = conv_in_(image);
   for (const auto& block : down_blocks_) {

@@ -44,7 +44,10 @@ struct ResnetBlock {
   mx::array operator()(const mx::array& x) const;
 };
 
-// The mid-block's single-head self-attention over all pixels.
+// The mid-block's single-head self-attention over all pixels, in bands of queries with at most this many scores
+// (64 MiB of float32) at a time: a 1024^2 image's 16,384 pixels in 16 bands instead of a 1 GiB score matrix (nn/
+// attention.h). Sixteen small products cost nothing beside the decoder's convolutions.
+constexpr size_t kVaeMaxAttentionScores = size_t{1} << 24;
 struct VaeAttention {
   GroupNorm group_norm;
   AttentionProjections projections;

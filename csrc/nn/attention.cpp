@@ -1,7 +1,9 @@
 #include "nn/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "nn/cpu_kernels.h"
 
@@ -109,6 +111,33 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
     return attention_on_cpu(q, k, v, mask, false, scale_or_default(scale, q));
   }
   return mx::fast::scaled_dot_product_attention(q, k, v, scale_or_default(scale, q), "", mask, sinks);
+}
+
+mx::array attention_in_query_bands(const mx::array& q, const mx::array& k, const mx::array& v, size_t max_scores,
+                                   const std::optional<mx::array>& mask) {
+  const int queries = q.shape(2), keys = k.shape(2);
+  const size_t heads = size_t(q.shape(0)) * size_t(q.shape(1));
+  const int band = int(std::clamp<size_t>(max_scores / (heads * size_t(keys)), 1, size_t(queries)));
+  if (band == queries) return attention(q, k, v, mask);
+  const bool mask_per_query = mask && mask->ndim() >= 2 && mask->shape(-2) == queries;
+  std::vector<mx::array> outputs;
+  for (int first = 0; first < queries; first += band) {
+    const int last = std::min(queries, first + band);
+    auto rows = [&](const mx::array& x, int axis) {
+      auto start = mx::Shape(x.ndim(), 0);
+      auto stop = x.shape();
+      start[axis] = first;
+      stop[axis] = last;
+      return mx::slice(x, start, stop);
+    };
+    std::optional<mx::array> band_mask = mask;
+    if (mask_per_query) band_mask = rows(*mask, mask->ndim() - 2);
+    outputs.push_back(attention(rows(q, 2), k, v, band_mask));
+    // Run now: MLX allocates an operation's output when it queues it and lets go of its inputs once it has run,
+    // up to ten batches of queued operations ahead, so bands queued together would all hold their scores at once.
+    mx::eval(outputs.back());
+  }
+  return mx::concatenate(outputs, 2);
 }
 
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,

@@ -39,6 +39,14 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v,
                     const std::optional<mx::array>& mask = std::nullopt, std::optional<float> scale = std::nullopt,
                     const std::optional<mx::array>& sinks = std::nullopt);
 
+// attention() over bands of queries, so that at most about `max_scores` scores (queries x keys, per head) exist at
+// once. Where MLX has no fused kernel (the CPU; heads wider than 128 on CUDA, such as a VAE's one head of 512
+// channels) attention holds the whole [Lq, Lk] score matrix and its softmax: at a VAE's 16,384 pixels (a 1024^2
+// image) 2 x 1 GiB in float32. A mask with a row per query is cut with the queries. Each band is evaluated before
+// the next is built (so not for use under mx::compile).
+mx::array attention_in_query_bands(const mx::array& q, const mx::array& k, const mx::array& v, size_t max_scores,
+                                   const std::optional<mx::array>& mask = std::nullopt);
+
 // The same, each query attending to its own and earlier positions only. Queries are the last Lq
 // of the Lk positions (a prefill chunk after a cache): query i sees keys up to Lk - Lq + i.
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,

@@ -95,6 +95,18 @@ def test_masked_attention_is_mlx_attention_bit_for_bit(heads, kv_heads):
         assert same_bits(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
 
 
+@pytest.mark.parametrize("heads, queries, max_scores", [(1, 300, 300 * 64), (1, 300, 299), (4, 97, 4 * 97 * 10)])
+def test_attention_in_query_bands_is_the_whole_attention(heads, queries, max_scores):
+    # The VAE's attention (one head over every pixel) runs in bands of queries: each band's rows are the same
+    # rows of the whole attention's, under a key mask or a mask with a row per query alike.
+    q, k, v = (random((1, heads, queries, 48), seed=seed) for seed in (10, 11, 12))
+    keys_kept = mx.array(np.random.default_rng(13).random((1, 1, 1, queries)) > 0.3)
+    per_query = random((1, heads, queries, queries), seed=14)
+    for mask in (None, keys_kept, per_query):
+        np.testing.assert_allclose(_core.masked_attention(q, k, v, mask, max_scores=max_scores), sdpa(q, k, v, mask),
+                                   rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("queries", [1, 7, 40])
 def test_causal_attention_is_mlx_attention_bit_for_bit(queries):
     q, k, v = random((2, 8, queries, 64), seed=6), random((2, 4, 40, 64), seed=7), random((2, 4, 40, 64), seed=8)

@@ -23,10 +23,10 @@ UNTILED_LIMIT_LATENT_PIXELS = 2 * 128 * 128
 TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
 # What a decode holds beyond the weights, in bytes per output pixel per channel of the VAE's second block
 # (block_out_channels[1], the widest one that runs at full resolution), measured with mx.get_peak_memory:
-# on the CPU 44 (float32; 36-43 for the tiny and the small bench VAE at 128²-512²: the convolutions hold no
-# side buffer in MLX's memory, nn/cpu_kernels.h), on an H200 16 (bf16, Z-Image's VAE at 1024²: 4.0 GiB;
-# benchmarks/README.md).
-DECODE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 44, "gpu": 16}
+# on the CPU 11 (float32; 10.0-10.5 for the tiny VAEs at 128²-1024² and the small bench VAE at 128²-512², since
+# the decoder runs block by block with its attention in bands, diffusion/vae.cpp; 36-43 before), on an H200 16
+# (bf16, Z-Image's VAE at 1024²: 4.0 GiB, measured before that change: an upper bound; benchmarks/README.md).
+DECODE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 11, "gpu": 16}
 
 
 def decode_working_bytes(config: _core.VaeConfig, width: int, height: int) -> int:
