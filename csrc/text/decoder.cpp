@@ -307,6 +307,20 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
   return layer.o_proj(merge_heads(out));
 }
 
+mx::array Decoder::right_padded_attention(const DecoderLayer& layer, const mx::array& x, int real) const {
+  auto [q, k, v] = project_qkv(layer, x, rope_, 0);
+  auto first = [](const mx::array& a, int begin, int end) {
+    return mx::slice(a, {0, 0, begin, 0}, {a.shape(0), a.shape(1), end, a.shape(3)});
+  };
+  const int length = q.shape(2);
+  auto keys = first(k, 0, real), values = first(v, 0, real);
+  std::vector<mx::array> parts{causal_attention(first(q, 0, real), keys, values, attention_scale_, layer.sinks)};
+  if (real < length) {
+    parts.push_back(mlxr::attention(first(q, real, length), keys, values, std::nullopt, attention_scale_, layer.sinks));
+  }
+  return layer.o_proj(merge_heads(mx::concatenate(parts, 2)));
+}
+
 mx::array Decoder::batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
                                    const mx::array& positions, int visible,
                                    const std::optional<mx::array>& mask) const {
@@ -410,10 +424,33 @@ mx::array Decoder::logits(const Residual& hidden) const {
   return out;
 }
 
+namespace {
+
+// How many tokens a one-row attention mask keeps when they all come before its padding (right padding, at least
+// one token); none otherwise.
+std::optional<int> right_padded_length(const mx::array& attention_mask) {
+  if (attention_mask.ndim() != 2 || attention_mask.shape(0) != 1) return std::nullopt;
+  auto kept = mx::astype(mx::not_equal(attention_mask, mx::array(0, attention_mask.dtype())), mx::int32);
+  auto count = mx::sum(kept);
+  // Right padding: the kept positions are exactly the first `count`.
+  auto leading = mx::sum(mx::cumprod(kept, 1));
+  mx::eval(count, leading);
+  const int real = count.item<int>();
+  if (real == 0 || leading.item<int>() != real) return std::nullopt;
+  return real;
+}
+
+}  // namespace
+
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
                                               const std::vector<int>& layers) const {
   std::optional<mx::array> mask;
   if (attention_mask) mask = causal_padding_key_mask(*attention_mask);
+  // On the CPU a right-padded prompt's attention is computed in its two unmasked parts (right_padded_attention).
+  // Not on a GPU: its fused kernels take the whole masked square in one shape, where the parts' shapes would change
+  // with every prompt's length (and CUDA builds a cuDNN graph for each new shape).
+  std::optional<int> real;
+  if (attention_mask && mx::default_device() == mx::Device::cpu) real = right_padded_length(*attention_mask);
   // Sliding-window layers see the window within the causal (and padding) mask.
   const int t = tokens.shape(1);
   auto window_mask = [&](int window) -> std::optional<mx::array> {
@@ -428,8 +465,10 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   std::vector<mx::array> all{embed(tokens)};
   for (int i = 0; i < last; ++i) {
     auto mask_i = window_mask(layers_[i].window);
+    const bool split = real && layers_[i].window == 0 && !layers_[i].mla;
     all.push_back(layer_forward(layers_[i], Residual{all.back()}, [&](const mx::array& h) {
-                    return attention(layers_[i], h, nullptr, 0, mask_i);
+                    return split ? right_padded_attention(layers_[i], h, *real)
+                                 : attention(layers_[i], h, nullptr, 0, mask_i);
                   }).sum());
   }
   std::vector<mx::array> picked;

@@ -155,6 +155,11 @@ class Decoder {
                       const std::optional<mx::array>& mask) const;
   mx::array batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
                             const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
+  // attention() of one prompt right-padded after its first `real` tokens, under transformers' padding mask (causal,
+  // pad keys unseen), as the two parts that mask leaves: the real tokens attending to each other causally, the pads
+  // attending to every real token. A text encoder's 24 tokens padded to 512 then make 24 x 24 and 488 x 24 scores
+  // where the masked attention made 512 x 512 and a select over them.
+  mx::array right_padded_attention(const DecoderLayer& layer, const mx::array& x, int real) const;
   // A layer's output as base + delta, the sum left to the next RMSNorm: on CUDA the residual add and the norm
   // after it are one kernel (RMSNorm::add_then_norm). No delta: base is the sum.
   struct Residual {

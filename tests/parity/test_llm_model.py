@@ -103,3 +103,22 @@ def test_hidden_states_with_a_padding_mask_match_the_unpadded_run(qwen3):
     (padded,) = qwen3.decoder.hidden_states(batch, mask, [2])
     (alone,) = qwen3.decoder.hidden_states(mx.array([short], mx.int32), None, [2])
     np.testing.assert_allclose(np.array(padded)[0, : len(short)], np.array(alone)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_right_padded_prompt_alone_is_its_row_of_a_padded_batch_pads_included(qwen3):
+    # One right-padded row (FLUX.2's text encoder: a prompt padded to 512, every state fed on) takes the CPU's split
+    # attention (real tokens causal, pads over the real tokens); in a batch the same row takes the masked square.
+    import mlx.core as mx
+
+    short = qwen3.tokenizer.encode("short one")
+    long = qwen3.tokenizer.encode("a longer prompt than the other one, with a few more words in it")
+    pad = qwen3.tokenizer.pad_id or 0
+    padded_short = short + [pad] * (len(long) - len(short))
+    short_mask = [1] * len(short) + [0] * (len(long) - len(short))
+    layers = [1, qwen3.core_config.num_hidden_layers]
+    alone = qwen3.decoder.hidden_states(mx.array([padded_short], mx.int32), mx.array([short_mask], mx.int32), layers)
+    batch = mx.array([padded_short, long], mx.int32)
+    in_batch = qwen3.decoder.hidden_states(batch, mx.array([short_mask, [1] * len(long)], mx.int32), layers)
+    assert len(long) > 2 * len(short)
+    for one, of_batch in zip(alone, in_batch):
+        np.testing.assert_allclose(np.array(one)[0], np.array(of_batch)[0], rtol=1e-4, atol=1e-5)
