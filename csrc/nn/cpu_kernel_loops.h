@@ -9,6 +9,10 @@ namespace mlxr::cpu_loops {
 
 // Rows that group_max and group_sum take at a time.
 constexpr std::size_t kRowGroup = 8;
+// A convolution block: this many output pixels of one row x this many output channels, its sums in 12 AVX2
+// registers (6 x 2 x 8 floats).
+constexpr int kConvPixels = 6;
+constexpr int kConvOutputs = 16;
 
 struct Loops {
   float (*row_max)(const float* in, int n);
@@ -26,6 +30,12 @@ struct Loops {
                    float inverse_n);
   void (*norm_group)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
                      float inverse_n);  // norm_row over kRowGroup rows
+  // kConvPixels x kConvOutputs outputs of a stride-1 convolution: rows[ky] is the zero-padded input row of tap row
+  // ky at the block's first pixel ([pixels, channels]), panel the weights of the block's outputs [kernel, kernel,
+  // channels, kConvOutputs], out the block's first output (pixels out_stride apart). Only with AVX2 + FMA: nullptr
+  // in the baseline loops, whose CPUs keep the im2col-and-sgemm convolution.
+  void (*conv_block)(const float* const* rows, int kernel, int channels, const float* panel, float* out,
+                     int out_stride);
 };
 
 namespace baseline {

@@ -496,6 +496,80 @@ void convolve_in_bands(const float* src, const float* weight, const float* bias,
   });
 }
 
+// The convolution without an im2col matrix (AVX2 + FMA, output channels a multiple of kConvOutputs): for each output
+// row the `kernel` input rows it reads, zero-padded (and upsampled) into a small buffer, then blocks of kConvPixels
+// pixels x kConvOutputs channels by cpu_loops' conv_block, the weights packed once per call into panels of
+// kConvOutputs channels. Rows split over the cores. On two Zen 4 cores 73-102 GMAC/s where the im2col bands and
+// OpenBLAS made 44-89, most gained on narrow and upsampled layers (benchmarks/README.md). Each output's
+// multiply-adds run in tap order, as sgemm's do within one block of the depth: the same bits up to a few hundred deep
+// products, MLX's within float32 rounding beyond.
+bool takes_direct_convolution(const ConvShape& s) {
+  return loops().conv_block != nullptr && s.out_channels % cpu_loops::kConvOutputs == 0;
+}
+
+// The weight [O, k, k, C] as panels [O / kConvOutputs][k][k][C][kConvOutputs].
+std::vector<float> convolution_panels(const float* weight, const ConvShape& s) {
+  constexpr int width = cpu_loops::kConvOutputs;
+  const size_t taps = size_t(s.kernel) * s.kernel, depth = taps * s.channels;
+  std::vector<float> panels(depth * s.out_channels);
+  for (int o = 0; o < s.out_channels; ++o) {
+    for (size_t k = 0; k < depth; ++k) panels[((o / width) * depth + k) * width + o % width] = weight[o * depth + k];
+  }
+  return panels;
+}
+
+// Input row `y` (in the upsampled image's coordinates) of image n, zero-padded to `columns` pixels from column
+// -padding on.
+void padded_row(const float* src, const ConvShape& s, size_t n, int y, int columns, float* to) {
+  const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
+  for (int col = 0; col < columns; ++col, to += s.channels) {
+    const int x = col - s.padding;
+    if (y < 0 || y >= height || x < 0 || x >= width) {
+      std::fill(to, to + s.channels, 0.0f);
+    } else {
+      const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
+      std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
+    }
+  }
+}
+
+void convolve_direct(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
+                     const ConvShape& s) {
+  constexpr int block = cpu_loops::kConvPixels, width = cpu_loops::kConvOutputs;
+  const auto panels = convolution_panels(weight, s);
+  const size_t panel_size = size_t(s.kernel) * s.kernel * s.channels * width;
+  const int blocks = (s.out_cols + block - 1) / block, row_pixels = blocks * block;
+  const int padded_columns = row_pixels + s.kernel - 1;
+  const size_t row_macs = size_t(s.out_cols) * s.depth() * s.out_channels;
+  on_all_cores(size_t(s.batch) * s.out_rows, row_macs / 64 + 1, [&](size_t begin, size_t end) {
+    std::vector<float> inputs(size_t(s.kernel) * padded_columns * s.channels), row(size_t(row_pixels) * s.out_channels);
+    std::vector<const float*> tap_rows(s.kernel);
+    for (size_t r = begin; r < end; ++r) {
+      const size_t n = r / s.out_rows;
+      const int oy = int(r % s.out_rows);
+      for (int ky = 0; ky < s.kernel; ++ky) {
+        padded_row(src, s, n, oy + ky - s.padding, padded_columns,
+                   inputs.data() + size_t(ky) * padded_columns * s.channels);
+      }
+      for (int o = 0; o < s.out_channels; o += width) {
+        const float* panel = panels.data() + (o / width) * panel_size;
+        for (int b = 0; b < blocks; ++b) {
+          for (int ky = 0; ky < s.kernel; ++ky) {
+            tap_rows[ky] = inputs.data() + (size_t(ky) * padded_columns + size_t(b) * block) * s.channels;
+          }
+          loops().conv_block(tap_rows.data(), s.kernel, s.channels, panel,
+                             row.data() + size_t(b) * block * s.out_channels + o, s.out_channels);
+        }
+      }
+      const size_t outputs = size_t(s.out_cols) * s.out_channels;
+      float* out = dst + r * outputs;
+      std::copy_n(row.data(), outputs, out);
+      if (bias || residual)
+        add_bias_residual(out, s.out_cols, s.out_channels, bias, residual ? residual + r * outputs : nullptr);
+    }
+  });
+}
+
 // One attention's sizes, and the element strides of q, k and v [B, H, L, D] in any layout (the heads-first view of
 // [B, L, H, D], say).
 struct AttentionShape {
@@ -634,7 +708,11 @@ class CpuConv2d : public CpuKernel {
     const float* residual = has_residual_ ? inputs.back().data<float>() : nullptr;
     dispatch(inputs, out,
              [src = x.data<float>(), w = weight.data<float>(), bias, residual, dst = out.data<float>(), shape] {
-               convolve_in_bands(src, w, bias, residual, dst, shape);
+               if (takes_direct_convolution(shape)) {
+                 convolve_direct(src, w, bias, residual, dst, shape);
+               } else {
+                 convolve_in_bands(src, w, bias, residual, dst, shape);
+               }
              });
   }
 

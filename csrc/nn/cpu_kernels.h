@@ -64,9 +64,10 @@ struct CpuConvExtras {
 };
 
 // A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
-// `padding` zeros on every side: MLX's CPU convolution's numbers bit for bit (its im2col matrix times the weight by
-// cblas_sgemm; the bands keep the product's sums), computed in small bands on every core instead of one side buffer
-// 9x the input built by one thread.
+// `padding` zeros on every side, on every core. O a multiple of 16 on an AVX2 + FMA CPU: a direct convolution (no
+// im2col matrix; MLX's numbers within float32 rounding). Otherwise MLX's CPU convolution's numbers bit for bit (its
+// im2col matrix times the weight by cblas_sgemm; the bands keep the product's sums), in small bands instead of one
+// side buffer 9x the input built by one thread.
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
 }  // namespace mlxr

@@ -3,6 +3,8 @@
 #include "nn/cpu_kernel_loops.h"
 
 #ifdef MLXR_AVX2_LOOPS
+#include <immintrin.h>
+
 #include <array>
 #include <bit>
 #include <cmath>
