@@ -540,6 +540,8 @@ void convolve_direct(const float* src, const float* weight, const float* bias, c
   const size_t panel_size = size_t(s.kernel) * s.kernel * s.channels * width;
   const int blocks = (s.out_cols + block - 1) / block, row_pixels = blocks * block;
   const int padded_columns = row_pixels + s.kernel - 1;
+  // on_all_cores splits from kElementsPerThread elements on: counting 64 multiply-adds as one element, from about
+  // two million multiply-adds (a 32 x 32 x 16 -> 16 convolution) on.
   const size_t row_macs = size_t(s.out_cols) * s.depth() * s.out_channels;
   on_all_cores(size_t(s.batch) * s.out_rows, row_macs / 64 + 1, [&](size_t begin, size_t end) {
     std::vector<float> inputs(size_t(s.kernel) * padded_columns * s.channels), row(size_t(row_pixels) * s.out_channels);
