@@ -26,6 +26,14 @@ void bind_building_blocks(nb::module_& m) {
       "gated_silu", [](const mx::array& gate, const mx::array& up) { return evaluated(gated_silu(gate, up)); },
       "gate"_a, "up"_a, nb::call_guard<nb::gil_scoped_release>(), "silu(gate) * up, the gated MLP's activation.");
   m.def(
+      "gated_silu_columns",
+      [](const mx::array& fused, int gate_at, int up_at, int width) {
+        return evaluated(gated_silu_columns(fused, gate_at, up_at, width));
+      },
+      "fused"_a, "gate_at"_a, "up_at"_a, "width"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "silu(gate) * up of the columns [gate_at, gate_at + width) and [up_at, up_at + width) of fused [..., W] (a "
+      "fused projection's output), read in place on the CPU.");
+  m.def(
       "linear",
       [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias) {
         return Linear{.weight = weight, .bias = bias}(x);

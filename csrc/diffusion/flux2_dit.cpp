@@ -69,8 +69,8 @@ mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& 
 
 // SwiGLU with the gate in the first half.
 mx::array swiglu(const mx::array& u) {
-  auto halves = mx::split(u, 2, -1);
-  return gated_silu(halves[0], halves[1]);
+  const int half = u.shape(-1) / 2;
+  return gated_silu_columns(u, 0, half, half);
 }
 
 }  // namespace
@@ -191,13 +191,13 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
   const int m = config_.mlp_hidden();
   auto n = modulate(hs, mod[0], mod[1], config_.eps);
   auto p = block.to_qkv_mlp(n);
-  // [q | k | v | gate | up]
-  auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d, 3 * d + m}, -1);
+  // [q | k | v | gate | up]: the MLP's two ranges read in place below
+  auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d}, -1);
   auto q = block.norm_q(split_heads(parts[0], h));
   auto k = block.norm_k(split_heads(parts[1], h));
   auto v = split_heads(parts[2], h);
   auto attn = attention(q, k, v, rope);
-  auto mlp = gated_silu(parts[3], parts[4]);
+  auto mlp = gated_silu_columns(p, 3 * d, 3 * d + m, m);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
   return mx::add(hs, mx::multiply(mod[2], out));
 }
@@ -253,9 +253,8 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
 }
 
 mx::array Flux2Transformer::blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
-                                        const std::vector<mx::array>& mod_txt,
-                                        const std::vector<mx::array>& mod_single, const Flux2Rope& rope,
-                                        EvalQueue* queue) const {
+                                        const std::vector<mx::array>& mod_txt, const std::vector<mx::array>& mod_single,
+                                        const Flux2Rope& rope, EvalQueue* queue) const {
   for (size_t i = first; i < double_blocks_.size(); ++i) {
     std::tie(x, ctx) = double_block(double_blocks_[i], x, ctx, mod_img, mod_txt, rope);
     if (queue) queue->push({x, ctx});

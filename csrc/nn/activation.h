@@ -26,4 +26,8 @@ mx::array silu(const mx::array& x);
 // silu(gate) * up, the gated MLP of the LLMs and DiTs.
 mx::array gated_silu(const mx::array& gate, const mx::array& up);
 
+// gated_silu of the columns [gate_at, gate_at + width) and [up_at, up_at + width) of `fused` [..., W], the output of
+// a fused projection; on the CPU read in place (slices would each be copied before the kernel).
+mx::array gated_silu_columns(const mx::array& fused, int gate_at, int up_at, int width);
+
 }  // namespace mlxr

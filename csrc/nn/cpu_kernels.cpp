@@ -99,6 +99,7 @@ class CoreWorkers {
 // Runs work(begin, end) over [0, n) in contiguous parts, one per core (the first on the calling thread).
 template <typename Work>
 void on_all_cores(size_t n, size_t elements_per_item, const Work& work) {
+  if (n == 0) return;  // (nothing to split: below, the core count would be clamped to [1, 0])
   const size_t threads = std::clamp<size_t>(n * elements_per_item / kElementsPerThread, 1, std::min(cpu_cores(), n));
   const size_t part = (n + threads - 1) / threads;
   if (threads == 1) return work(0, n);
@@ -260,6 +261,37 @@ class CpuSilu : public CpuKernel {
 
   DEFINE_NAME(CpuSilu)
   bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+// silu(gate) * up over two column ranges of a row-contiguous [rows, W] matrix, each row's ranges read in place.
+class CpuSiluColumns : public CpuKernel {
+ public:
+  CpuSiluColumns(mx::Stream stream, int gate_at, int up_at) : CpuKernel(stream), gate_at_(gate_at), up_at_(up_at) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& fused = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int width = out.shape(-1), row = fused.shape(-1);
+    const size_t rows = width > 0 ? out.size() / width : 0;
+    dispatch(inputs, out,
+             [in = fused.data<float>(), out = out.data<float>(), gate_at = gate_at_, up_at = up_at_, width, row, rows] {
+               on_all_cores(rows, width, [&](size_t begin, size_t end) {
+                 for (size_t r = begin; r < end; ++r) {
+                   const float* from = in + r * row;
+                   loops().silu_range(from + gate_at, from + up_at, out + r * width, width);
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuSiluColumns)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuSiluColumns&>(other);
+    return gate_at_ == o.gate_at_ && up_at_ == o.up_at_;
+  }
+
+ private:
+  int gate_at_, up_at_;
 };
 
 // Pixels per part of a GroupNorm's statistics: a fixed split, so the sums (per part, then part by part) are the
@@ -792,6 +824,18 @@ mx::array silu_cpu(const mx::array& x) {
 
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up) {
   return run_kernel<CpuSilu>({gate, up});
+}
+
+mx::array gated_silu_columns_cpu(const mx::array& fused, int gate_at, int up_at, int width) {
+  const int row = fused.ndim() > 0 ? fused.shape(-1) : 0;
+  if (fused.ndim() == 0 || width < 0 || gate_at < 0 || up_at < 0 || gate_at + width > row || up_at + width > row) {
+    throw std::invalid_argument("gated_silu_columns_cpu: both column ranges must lie within fused's last axis");
+  }
+  auto shape = fused.shape();
+  shape.back() = width;
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<CpuSiluColumns>(mx::default_stream(mx::Device::cpu), gate_at, up_at),
+                   {mx::contiguous(fused)});
 }
 
 mx::array group_norm_cpu(const mx::array& x, const mx::array& weight, const mx::array& bias, int groups, float eps,

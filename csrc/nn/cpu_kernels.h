@@ -45,6 +45,9 @@ mx::array gelu_erf_cpu(const mx::array& x);
 // x * sigmoid(x) for on_cpu_kernels(x); and that times `up` (the same shape and dtype) for gated_silu().
 mx::array silu_cpu(const mx::array& x);
 mx::array gated_silu_cpu(const mx::array& gate, const mx::array& up);
+// gated_silu_cpu of two column ranges of `fused` [..., W] float32 (a fused projection's output), [gate_at,
+// gate_at + width) and [up_at, up_at + width), read in place: the same numbers without copying both out first.
+mx::array gated_silu_columns_cpu(const mx::array& fused, int gate_at, int up_at, int width);
 
 // GroupNorm (PyTorch's: per sample and group over every pixel and the group's channels, biased variance) of
 // x [N, ..., C] float32, then SiLU when `then_silu`: one pass over x per statistic, on every core, sums in double;

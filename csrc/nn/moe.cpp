@@ -167,9 +167,10 @@ GatedMLP GatedMLP::load(const Weights& w, int hidden_size, int intermediate_size
 
 mx::array GatedMLP::operator()(const mx::array& x) const {
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
+  if (activation == "silu") return down_proj(gated_silu_columns(gate_up, 0, intermediate_size, intermediate_size));
   auto gate = last_axis_slice(gate_up, 0, intermediate_size);
   auto up = last_axis_slice(gate_up, intermediate_size, 2 * intermediate_size);
-  return down_proj(activation == "silu" ? gated_silu(gate, up) : mx::multiply(mlxr::activation(activation, gate), up));
+  return down_proj(mx::multiply(mlxr::activation(activation, gate), up));
 }
 
 std::vector<mx::array> GatedMLP::arrays() const {

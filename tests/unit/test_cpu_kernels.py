@@ -113,6 +113,20 @@ def test_causal_attention_is_mlx_attention_bit_for_bit(queries):
     assert same_bits(_core.attention(q, k, v), sdpa(q, k, v, "causal" if queries > 1 else None))
 
 
+@pytest.mark.parametrize("shape, gate_at, up_at, width", [
+    ((7, 40), 0, 20, 20),  # an LLM's gate | up
+    ((2, 300, 2560), 1536, 1536 + 512, 512),  # FLUX.2's single block: [q | k | v | gate | up]
+    ((3, 1, 64), 40, 8, 24),  # up before gate, one row per batch element
+    ((4, 10), 3, 5, 0),
+])
+def test_gated_silu_of_a_fused_projections_columns_is_that_of_its_slices_bit_for_bit(shape, gate_at, up_at, width):
+    fused = random(shape, scale=5.0, seed=11)
+    gate, up = fused[..., gate_at:gate_at + width], fused[..., up_at:up_at + width]
+    assert same_bits(_core.gated_silu_columns(fused, gate_at, up_at, width), (gate * mx.sigmoid(gate)) * up)
+    with pytest.raises(ValueError, match="column ranges"):
+        _core.gated_silu_columns(fused, shape[-1] - width + 1, 0, width or 1)
+
+
 @pytest.mark.parametrize("shape", [(5,), (384, 512, 32), (3, 100_001)])
 def test_silu_is_x_times_mlx_sigmoid_bit_for_bit(shape):
     x = random(shape, scale=10.0)
