@@ -5,6 +5,7 @@
 
 #include "nn/cpu_kernels.h"
 #include "nn/fusion.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -81,14 +82,7 @@ mx::array gated_silu(const mx::array& gate, const mx::array& up) {
 
 mx::array gated_silu_columns(const mx::array& fused, int gate_at, int up_at, int width) {
   if (on_cpu_kernels(fused) && !fuse_elementwise()) return gated_silu_columns_cpu(fused, gate_at, up_at, width);
-  auto columns = [&](int at) {
-    auto start = mx::Shape(fused.ndim(), 0);
-    auto stop = fused.shape();
-    start.back() = at;
-    stop.back() = at + width;
-    return mx::slice(fused, start, stop);
-  };
-  return gated_silu(columns(gate_at), columns(up_at));
+  return gated_silu(axis_slice(fused, -1, gate_at, gate_at + width), axis_slice(fused, -1, up_at, up_at + width));
 }
 
 }  // namespace mlxr

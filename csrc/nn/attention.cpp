@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "nn/cpu_kernels.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -123,16 +124,9 @@ mx::array attention_in_query_bands(const mx::array& q, const mx::array& k, const
   std::vector<mx::array> outputs;
   for (int first = 0; first < queries; first += band) {
     const int last = std::min(queries, first + band);
-    auto rows = [&](const mx::array& x, int axis) {
-      auto start = mx::Shape(x.ndim(), 0);
-      auto stop = x.shape();
-      start[axis] = first;
-      stop[axis] = last;
-      return mx::slice(x, start, stop);
-    };
     std::optional<mx::array> band_mask = mask;
-    if (mask_per_query) band_mask = rows(*mask, mask->ndim() - 2);
-    outputs.push_back(attention(rows(q, 2), k, v, band_mask));
+    if (mask_per_query) band_mask = axis_slice(*mask, -2, first, last);
+    outputs.push_back(attention(axis_slice(q, 2, first, last), k, v, band_mask));
     // Run now: MLX allocates an operation's output when it queues it and lets go of its inputs once it has run,
     // up to ten batches of queued operations ahead, so bands queued together would all hold their scores at once.
     mx::eval(outputs.back());

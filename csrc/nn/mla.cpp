@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "nn/attention.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -14,14 +15,6 @@ namespace {
 // The low-rank norms use RMSNorm's default eps, not rms_norm_eps: DeepSeek's code and transformers
 // build them without one.
 constexpr float kLatentNormEps = 1e-6f;
-
-// x[..., begin:end].
-mx::array last_axis_slice(const mx::array& x, int begin, int end) {
-  mx::Shape start(x.ndim(), 0), stop = x.shape();
-  start.back() = begin;
-  stop.back() = end;
-  return mx::slice(x, start, stop);
-}
 
 // The per-head key and value rows over the latent as float: the absorbed products multiply them from
 // either side, which a packed weight cannot do. They are small (20 heads x 448 x 512 for GLM).
@@ -103,12 +96,12 @@ mx::array MultiLatentAttention::operator()(const mx::array& x, KVCache* cache, i
   const int rank = config.kv_lora_rank, nope = config.qk_nope_head_dim, rope_dim = config.qk_rope_head_dim;
   auto q = q_proj ? (*q_proj)(x) : (*q_b_proj)((*q_a_norm)((*q_a_proj)(x)));
   q = heads_first(mx::reshape(q, {b, t, heads, nope + rope_dim}));  // [B, H, T, nope + rope]
-  auto q_nope = last_axis_slice(q, 0, nope);
-  auto q_rope = rope(last_axis_slice(q, nope, nope + rope_dim), offset);
+  auto q_nope = axis_slice(q, -1, 0, nope);
+  auto q_rope = rope(axis_slice(q, -1, nope, nope + rope_dim), offset);
 
-  auto compressed = kv_a_proj(x);                                                     // [B, T, rank + rope]
-  auto latent = mx::expand_dims(kv_a_norm(last_axis_slice(compressed, 0, rank)), 1);  // [B, 1, T, rank]
-  auto k_rope = rope(mx::expand_dims(last_axis_slice(compressed, rank, rank + rope_dim), 1), offset);
+  auto compressed = kv_a_proj(x);                                                    // [B, T, rank + rope]
+  auto latent = mx::expand_dims(kv_a_norm(axis_slice(compressed, -1, 0, rank)), 1);  // [B, 1, T, rank]
+  auto k_rope = rope(mx::expand_dims(axis_slice(compressed, -1, rank, rank + rope_dim), 1), offset);
   if (cache) std::tie(latent, k_rope) = cache->update_and_fetch(latent, k_rope);
   const int keys = latent.shape(2);
 

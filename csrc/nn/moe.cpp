@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "nn/activation.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -88,14 +89,6 @@ SwitchLinear stack_experts(const Weights& w, const std::string& proj, int expert
   return out_linear;
 }
 
-// x[..., begin:end].
-mx::array last_axis_slice(const mx::array& x, int begin, int end) {
-  mx::Shape start(x.ndim(), 0), stop = x.shape();
-  start.back() = begin;
-  stop.back() = end;
-  return mx::slice(x, start, stop);
-}
-
 // Rows [first, first + count) of each expert's [E, rows, cols] matrix.
 mx::array expert_rows(const mx::array& stacked, int first, int count) {
   return mx::slice(stacked, {0, first, 0}, {stacked.shape(0), first + count, stacked.shape(2)});
@@ -168,8 +161,8 @@ GatedMLP GatedMLP::load(const Weights& w, int hidden_size, int intermediate_size
 mx::array GatedMLP::operator()(const mx::array& x) const {
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
   if (activation == "silu") return down_proj(gated_silu_columns(gate_up, 0, intermediate_size, intermediate_size));
-  auto gate = last_axis_slice(gate_up, 0, intermediate_size);
-  auto up = last_axis_slice(gate_up, intermediate_size, 2 * intermediate_size);
+  auto gate = axis_slice(gate_up, -1, 0, intermediate_size);
+  auto up = axis_slice(gate_up, -1, intermediate_size, 2 * intermediate_size);
   return down_proj(mx::multiply(mlxr::activation(activation, gate), up));
 }
 
@@ -253,7 +246,7 @@ std::vector<mx::array> SwitchGLU::arrays() const {
 std::pair<mx::array, mx::array> Router::operator()(const mx::array& x) const {
   const int k = config.num_experts_per_tok;
   auto kept = [&](const mx::array& choice) {  // indices of the k largest, in no order
-    return last_axis_slice(mx::argpartition(mx::negative(choice), k - 1, -1), 0, k);
+    return axis_slice(mx::argpartition(mx::negative(choice), k - 1, -1), -1, 0, k);
   };
   if (config.scoring_func == "topk_softmax") {
     // GPT-OSS: the k largest logits, softmaxed among themselves (in float32).

@@ -7,6 +7,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cuda_norm_rope.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -256,8 +257,7 @@ namespace {
 
 // Heads [first, first + n) of x [B, T, heads, D], as [B, n, T, D].
 mx::array head_range(const mx::array& x, int first, int n) {
-  const int b = x.shape(0), t = x.shape(1), d = x.shape(3);
-  return heads_first(mx::slice(x, mx::Shape{0, 0, first, 0}, mx::Shape{b, t, first + n, d}));
+  return heads_first(axis_slice(x, 2, first, first + n));
 }
 
 // The fused kernel's positions: one offset for every row, or one per row.
@@ -309,14 +309,13 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
 
 mx::array Decoder::right_padded_attention(const DecoderLayer& layer, const mx::array& x, int real) const {
   auto [q, k, v] = project_qkv(layer, x, rope_, 0);
-  auto first = [](const mx::array& a, int begin, int end) {
-    return mx::slice(a, {0, 0, begin, 0}, {a.shape(0), a.shape(1), end, a.shape(3)});
-  };
   const int length = q.shape(2);
-  auto keys = first(k, 0, real), values = first(v, 0, real);
-  std::vector<mx::array> parts{causal_attention(first(q, 0, real), keys, values, attention_scale_, layer.sinks)};
+  auto keys = axis_slice(k, 2, 0, real), values = axis_slice(v, 2, 0, real);
+  std::vector<mx::array> parts{
+      causal_attention(axis_slice(q, 2, 0, real), keys, values, attention_scale_, layer.sinks)};
   if (real < length) {
-    parts.push_back(mlxr::attention(first(q, real, length), keys, values, std::nullopt, attention_scale_, layer.sinks));
+    parts.push_back(
+        mlxr::attention(axis_slice(q, 2, real, length), keys, values, std::nullopt, attention_scale_, layer.sinks));
   }
   return layer.o_proj(merge_heads(mx::concatenate(parts, 2)));
 }

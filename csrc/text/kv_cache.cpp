@@ -4,14 +4,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "nn/slicing.h"
+
 namespace mlxr {
 
 namespace {
 
 // Positions [begin, end) of a [B, H, L, D] buffer.
 mx::array positions(const mx::array& buffer, int begin, int end) {
-  return mx::slice(buffer, mx::Shape{0, 0, begin, 0},
-                   mx::Shape{buffer.shape(0), buffer.shape(1), end, buffer.shape(3)});
+  return axis_slice(buffer, 2, begin, end);
 }
 
 // A buffer with room for `capacity` positions holding `old`'s first `keep`.
