@@ -463,24 +463,26 @@ struct ConvShape {
   size_t pixels() const { return size_t(batch) * out_rows * out_cols; }
 };
 
-// Rows [first, first + count) of the convolution's im2col matrix (output pixels in [N, Ho, Wo] order) into `to`;
-// taps outside the input are the zero padding.
+// Pixel (y, x) of image n as the convolution reads it (in the upsampled image's coordinates when it upsamples) into
+// `to`'s C floats: zeros outside the input, the padding.
+void read_pixel(const float* src, const ConvShape& s, size_t n, int y, int x, float* to) {
+  const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
+  if (y < 0 || y >= height || x < 0 || x >= width) {
+    std::fill(to, to + s.channels, 0.0f);
+  } else {
+    const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
+    std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
+  }
+}
+
+// Rows [first, first + count) of the convolution's im2col matrix (output pixels in [N, Ho, Wo] order) into `to`.
 void im2col_rows(const float* src, const ConvShape& s, size_t first, size_t count, float* to) {
   for (size_t r = first; r < first + count; ++r) {
     const int ox = int(r % s.out_cols), oy = int(r / s.out_cols % s.out_rows);
     const size_t n = r / (size_t(s.out_cols) * s.out_rows);
-    const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
     for (int i = 0; i < s.kernel; ++i) {
-      const int y = oy + i - s.padding;
-      for (int j = 0; j < s.kernel; ++j, to += s.channels) {
-        const int x = ox + j - s.padding;
-        if (y < 0 || y >= height || x < 0 || x >= width) {
-          std::fill(to, to + s.channels, 0.0f);
-        } else {
-          const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
-          std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
-        }
-      }
+      for (int j = 0; j < s.kernel; ++j, to += s.channels)
+        read_pixel(src, s, n, oy + i - s.padding, ox + j - s.padding, to);
     }
   }
 }
@@ -550,19 +552,9 @@ std::vector<float> convolution_panels(const float* weight, const ConvShape& s) {
   return panels;
 }
 
-// Input row `y` (in the upsampled image's coordinates) of image n, zero-padded to `columns` pixels from column
-// -padding on.
+// Input row `y` of image n as read_pixel reads it, `columns` pixels from column -padding on.
 void padded_row(const float* src, const ConvShape& s, size_t n, int y, int columns, float* to) {
-  const int height = s.height << s.upsample_shift, width = s.width << s.upsample_shift;
-  for (int col = 0; col < columns; ++col, to += s.channels) {
-    const int x = col - s.padding;
-    if (y < 0 || y >= height || x < 0 || x >= width) {
-      std::fill(to, to + s.channels, 0.0f);
-    } else {
-      const int sy = y >> s.upsample_shift, sx = x >> s.upsample_shift;
-      std::copy_n(src + ((n * s.height + sy) * s.width + sx) * s.channels, s.channels, to);
-    }
-  }
+  for (int col = 0; col < columns; ++col, to += s.channels) read_pixel(src, s, n, y, col - s.padding, to);
 }
 
 void convolve_direct(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
