@@ -19,6 +19,12 @@ void settle(const mx::array& x) {
   mx::eval(x);
 }
 
+// The end of a block: settled, then between_blocks (a cancellation check) if there is one.
+void end_block(const mx::array& x, const BetweenBlocks& between_blocks) {
+  settle(x);
+  if (between_blocks) between_blocks();
+}
+
 }  // namespace
 
 ResnetBlock ResnetBlock::load(const Weights& w, int in_channels, int out_channels, const VaeConfig& c) {
@@ -108,17 +114,13 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, const WeightMap& weights)
 }
 
 mx::array VaeDecoder::operator()(const mx::array& z, const BetweenBlocks& between_blocks) const {
-  auto checkpoint = [&](mx::array& x) {
-    settle(x);
-    if (between_blocks) between_blocks();
-  };
   auto x = post_quant_conv_ ? (*post_quant_conv_)(z) : z;
   x = mid_(conv_in_(x));
-  checkpoint(x);
+  end_block(x, between_blocks);
   for (const auto& block : up_blocks_) {
     for (const auto& resnet : block.resnets) {
       x = resnet(x);
-      checkpoint(x);
+      end_block(x, between_blocks);
     }
     if (block.upsampler) {
       x = block.upsampler->upsampled_2x(x);
@@ -230,15 +232,11 @@ VaeEncoder::VaeEncoder(const VaeConfig& config, const WeightMap& weights)
 }
 
 mx::array VaeEncoder::operator()(const mx::array& image, const BetweenBlocks& between_blocks) const {
-  auto checkpoint = [&](mx::array& x) {
-    settle(x);
-    if (between_blocks) between_blocks();
-  };
   auto x = conv_in_(image);
   for (const auto& block : down_blocks_) {
     for (const auto& resnet : block.resnets) {
       x = resnet(x);
-      checkpoint(x);
+      end_block(x, between_blocks);
     }
     if (block.downsampler) {
       // diffusers' Downsample2D(padding=0) pads (0, 1, 0, 1): one zero row below, one column right.
@@ -247,7 +245,7 @@ mx::array VaeEncoder::operator()(const mx::array& image, const BetweenBlocks& be
     }
   }
   x = mid_(x);
-  checkpoint(x);
+  end_block(x, between_blocks);
   x = conv_out_(norm_out_(x, /*then_silu=*/true));
   if (quant_conv_) x = (*quant_conv_)(x);
   // The posterior's mode is its mean: the first latent_channels channels.
