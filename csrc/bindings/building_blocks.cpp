@@ -8,6 +8,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_dit_fusion.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
@@ -112,6 +113,70 @@ void bind_building_blocks(nb::module_& m) {
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
       "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
+  m.def(
+      "cuda_head_norm_rope_pairs",
+      [](const mx::array& x, const mx::array& cos, const mx::array& sin, std::optional<mx::array> weight,
+         float eps) -> std::optional<mx::array> {
+        std::optional<RMSNorm> norm;
+        if (weight) norm = RMSNorm{.weight = *weight, .eps = eps};
+        auto out = cuda_head_norm_rope_pairs(x, norm, cos, sin);
+        if (!out) return std::nullopt;
+        return evaluated(*out);
+      },
+      "x"_a, "cos"_a, "sin"_a, "weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
+      "A diffusion transformer's fused q/k kernel on CUDA: per-head RMSNorm (when a weight is given), then RoPE of "
+      "adjacent pairs by the angles' cos and sin [1 or B, T, 1, D / 2] of x [B, T, H, D] -> [B, T, H, D]; None off "
+      "CUDA or where the kernel does not apply (nn/cuda_dit_fusion.h).");
+  m.def(
+      "cuda_scaled_rms_norm",
+      [](const mx::array& x, const mx::array& weight, float eps, const mx::array& scale) -> std::optional<mx::array> {
+        auto out = cuda_scaled_rms_norm(x, RMSNorm{.weight = weight, .eps = eps}, scale);
+        if (!out) return std::nullopt;
+        return evaluated(*out);
+      },
+      "x"_a, "weight"_a, "eps"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "rms_norm(x) * scale for x [B, T, N], scale [B, 1, N], one CUDA kernel; None off CUDA or where it does not "
+      "apply (nn/cuda_dit_fusion.h).");
+  m.def(
+      "cuda_gated_residual",
+      [](const mx::array& x, const mx::array& a, const mx::array& a_weight, float eps, const mx::array& gate,
+         std::optional<mx::array> next_weight, float next_eps,
+         std::optional<mx::array> next_scale) -> std::optional<std::pair<mx::array, std::optional<mx::array>>> {
+        if (next_weight.has_value() != next_scale.has_value()) {
+          throw std::invalid_argument("next_weight and next_scale come together");
+        }
+        const RMSNorm a_norm{.weight = a_weight, .eps = eps};
+        std::optional<RMSNorm> next_norm;
+        std::optional<NextNorm> next;
+        if (next_weight) {
+          next_norm = RMSNorm{.weight = *next_weight, .eps = next_eps};
+          next.emplace(NextNorm{*next_norm, *next_scale});
+        }
+        auto out = cuda_gated_residual(x, a, a_norm, gate, next);
+        if (!out) return std::nullopt;
+        std::optional<mx::array> second;
+        if (out->second) second = evaluated(*out->second);
+        return std::pair{evaluated(out->first), second};
+      },
+      "x"_a, "a"_a, "a_weight"_a, "eps"_a, "gate"_a, "next_weight"_a = nb::none(), "next_eps"_a = 1e-6f,
+      "next_scale"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+      "(x + gate * rms_norm(a), and with next_weight rms_norm of that * next_scale) for x, a [B, T, N], gate and "
+      "next_scale [B, 1, N], one CUDA kernel; None off CUDA or where it does not apply (nn/cuda_dit_fusion.h).");
+  m.def(
+      "cuda_modulated_layer_norm",
+      [](const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale, float eps,
+         std::optional<mx::array> y, std::optional<mx::array> gate) -> std::optional<std::pair<mx::array, mx::array>> {
+        if (y.has_value() != gate.has_value()) throw std::invalid_argument("y and gate come together");
+        std::optional<GatedTerm> residual;
+        if (y) residual.emplace(GatedTerm{*y, *gate});
+        auto out = cuda_gated_residual_modulated_layer_norm(x, residual, shift, one_plus_scale, eps);
+        if (!out) return std::nullopt;
+        return std::pair{evaluated(out->first), evaluated(out->second)};
+      },
+      "x"_a, "shift"_a, "one_plus_scale"_a, "eps"_a = 1e-6f, "y"_a = nb::none(), "gate"_a = nb::none(),
+      nb::call_guard<nb::gil_scoped_release>(),
+      "FLUX.2's modulation on CUDA: h = x (+ gate * y when given), then (h, layer_norm(h) * one_plus_scale + shift) "
+      "for x, y [B, T, N], the vectors [B, 1, N]; None off CUDA or where it does not apply (nn/cuda_dit_fusion.h).");
   m.def(
       "attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,

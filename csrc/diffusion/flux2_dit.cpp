@@ -6,6 +6,8 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cuda_dit_fusion.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -61,16 +63,57 @@ Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
                           .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
 }
 
-// LayerNorm without affine parameters (every norm of the blocks), then (1 + scale) * . + shift.
+// LayerNorm without affine parameters (every norm of the blocks), then (1 + scale) * . + shift. One kernel on CUDA.
 mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& scale, float eps) {
+  auto one_plus_scale = mx::add(mx::array(1.0f, scale.dtype()), scale);
+  if (auto fused = cuda_modulated_layer_norm(x, shift, one_plus_scale, eps)) return *fused;
   auto n = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps);
-  return mx::add(mx::multiply(mx::add(mx::array(1.0f, scale.dtype()), scale), n), shift);
+  return mx::add(mx::multiply(one_plus_scale, n), shift);
+}
+
+// h = x + gate * y (a block's residual), and modulate(h, shift, scale): one kernel on CUDA.
+std::pair<mx::array, mx::array> residual_then_modulate(const mx::array& x, const mx::array& y, const mx::array& gate,
+                                                       const mx::array& shift, const mx::array& scale, float eps) {
+  auto one_plus_scale = mx::add(mx::array(1.0f, scale.dtype()), scale);
+  if (auto fused = cuda_gated_residual_modulated_layer_norm(x, GatedTerm{y, gate}, shift, one_plus_scale, eps)) {
+    return *fused;
+  }
+  auto h = mx::add(x, mx::multiply(gate, y));
+  return {h, modulate(h, shift, scale, eps)};
 }
 
 // SwiGLU with the gate in the first half.
 mx::array swiglu(const mx::array& u) {
   const int half = u.shape(-1) / 2;
   return gated_silu_columns(u, 0, half, half);
+}
+
+// Queries or keys [B, T, H, D]: per-head RMSNorm, then RoPE by the table rows [first, first + T), heads first.
+// One kernel on CUDA.
+std::optional<mx::array> fused_rotated_heads(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope,
+                                             int first) {
+  const int last = first + x.shape(1);
+  auto fused =
+      cuda_head_norm_rope_pairs(x, norm, axis_slice(rope.cos, 1, first, last), axis_slice(rope.sin, 1, first, last));
+  if (!fused) return std::nullopt;
+  return *fused;
+}
+
+// The text's queries (or keys) then the image's, each normed by its own stream's norm, rotated over the joint
+// sequence: [B, Lt + Li, H, D].
+mx::array joint_rotated(const mx::array& text, const RMSNorm& text_norm, const mx::array& image,
+                        const RMSNorm& image_norm, const Flux2Rope& rope) {
+  const int text_len = text.shape(1);
+  auto fused_text = fused_rotated_heads(text, text_norm, rope, 0);
+  auto fused_image = fused_text ? fused_rotated_heads(image, image_norm, rope, text_len) : std::nullopt;
+  if (fused_image) return mx::concatenate({*fused_text, *fused_image}, 1);
+  return apply_rope_pairs(mx::concatenate({text_norm(text), image_norm(image)}, 1), rope);
+}
+
+// A stream's own queries or keys, normed and rotated over the whole table: [B, T, H, D].
+mx::array rotated(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope) {
+  if (auto fused = fused_rotated_heads(x, norm, rope, 0)) return *fused;
+  return apply_rope_pairs(norm(x), rope);
 }
 
 }  // namespace
@@ -146,11 +189,8 @@ mx::array Flux2Transformer::time_embedding(const mx::array& timestep) const {
   return t_linear_2_(silu(t_linear_1_(emb)));
 }
 
-mx::array Flux2Transformer::attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                                      const Flux2Rope& rope) const {
-  auto out =
-      mlxr::attention(heads_first(apply_rope_pairs(q, rope)), heads_first(apply_rope_pairs(k, rope)), heads_first(v));
-  return merge_heads(out);
+mx::array Flux2Transformer::attention(const mx::array& q, const mx::array& k, const mx::array& v) const {
+  return merge_heads(mlxr::attention(heads_first(q), heads_first(k), heads_first(v)));
 }
 
 std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2DoubleBlock& block, const mx::array& x,
@@ -164,24 +204,22 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
   // (shift, scale, gate) for attention, then for the MLP; the same for the text stream.
   auto nx = modulate(x, mod_img[0], mod_img[1], eps);
   auto nc = modulate(c, mod_txt[0], mod_txt[1], eps);
-  auto q = block.norm_q(split_heads(block.image.to_q(nx), h));
-  auto k = block.norm_k(split_heads(block.image.to_k(nx), h));
-  auto v = split_heads(block.image.to_v(nx), h);
-  auto cq = block.norm_added_q(split_heads(block.add_q(nc), h));
-  auto ck = block.norm_added_k(split_heads(block.add_k(nc), h));
-  auto cv = split_heads(block.add_v(nc), h);
-  auto out = attention(mx::concatenate({cq, q}, 1), mx::concatenate({ck, k}, 1), mx::concatenate({cv, v}, 1), rope);
+  auto q = joint_rotated(split_heads(block.add_q(nc), h), block.norm_added_q, split_heads(block.image.to_q(nx), h),
+                         block.norm_q, rope);
+  auto k = joint_rotated(split_heads(block.add_k(nc), h), block.norm_added_k, split_heads(block.image.to_k(nx), h),
+                         block.norm_k, rope);
+  auto v = mx::concatenate({split_heads(block.add_v(nc), h), split_heads(block.image.to_v(nx), h)}, 1);
+  auto out = attention(q, k, v);
   const int b = out.shape(0), total = out.shape(1), width = out.shape(2);
   auto out_c = mx::slice(out, {0, 0, 0}, {b, text_len, width});
   auto out_x = mx::slice(out, {0, text_len, 0}, {b, total, width});
 
-  auto x1 = mx::add(x, mx::multiply(mod_img[2], block.image.to_out(out_x)));
-  auto ff = block.ff_out(swiglu(block.ff_in(modulate(x1, mod_img[3], mod_img[4], eps))));
-  auto x2 = mx::add(x1, mx::multiply(mod_img[5], ff));
+  auto [x1, x1_modulated] =
+      residual_then_modulate(x, block.image.to_out(out_x), mod_img[2], mod_img[3], mod_img[4], eps);
+  auto x2 = mx::add(x1, mx::multiply(mod_img[5], block.ff_out(swiglu(block.ff_in(x1_modulated)))));
 
-  auto c1 = mx::add(c, mx::multiply(mod_txt[2], block.to_add_out(out_c)));
-  auto cff = block.ff_context_out(swiglu(block.ff_context_in(modulate(c1, mod_txt[3], mod_txt[4], eps))));
-  auto c2 = mx::add(c1, mx::multiply(mod_txt[5], cff));
+  auto [c1, c1_modulated] = residual_then_modulate(c, block.to_add_out(out_c), mod_txt[2], mod_txt[3], mod_txt[4], eps);
+  auto c2 = mx::add(c1, mx::multiply(mod_txt[5], block.ff_context_out(swiglu(block.ff_context_in(c1_modulated)))));
   return {x2, c2};
 }
 
@@ -193,10 +231,9 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
   auto p = block.to_qkv_mlp(n);
   // [q | k | v | gate | up]: the MLP's two ranges read in place below
   auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d}, -1);
-  auto q = block.norm_q(split_heads(parts[0], h));
-  auto k = block.norm_k(split_heads(parts[1], h));
-  auto v = split_heads(parts[2], h);
-  auto attn = attention(q, k, v, rope);
+  auto q = rotated(split_heads(parts[0], h), block.norm_q, rope);
+  auto k = rotated(split_heads(parts[1], h), block.norm_k, rope);
+  auto attn = attention(q, k, split_heads(parts[2], h));
   auto mlp = gated_silu_columns(p, 3 * d, 3 * d + m, m);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
   return mx::add(hs, mx::multiply(mod[2], out));

@@ -95,7 +95,8 @@ class Flux2Transformer {
                                                const std::vector<mx::array>& mod_txt, const Flux2Rope& rope) const;
   mx::array single_block(const Flux2SingleBlock& block, const mx::array& h, const std::vector<mx::array>& mod,
                          const Flux2Rope& rope) const;
-  mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const Flux2Rope& rope) const;
+  // Joint attention over q, k (normed and rotated) and v, each [B, T, H, D] -> [B, T, H * D].
+  mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v) const;
   // The blocks from double block `first` on -> the image tokens after the last single block.
   mx::array blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
                         const std::vector<mx::array>& mod_txt, const std::vector<mx::array>& mod_single,

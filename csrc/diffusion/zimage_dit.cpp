@@ -6,6 +6,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cuda_dit_fusion.h"
 
 namespace mlxr {
 
@@ -64,6 +65,29 @@ void check_config(const ZImageConfig& c) {
 mx::array pad_rows(const mx::array& x, int length) {
   if (x.shape(1) == length) return x;
   return mx::pad(x, {{0, 0}, {0, length - x.shape(1)}, {0, 0}});
+}
+
+// Per-head RMSNorm (when the block has one), then RoPE: [B, T, H, D] -> heads first. One kernel on CUDA.
+mx::array rotated_heads(const mx::array& x, const std::optional<RMSNorm>& norm, const RopeTable& rope) {
+  if (auto fused = cuda_head_norm_rope_pairs(x, norm, rope.cos, rope.sin)) return heads_first(*fused);
+  return heads_first(apply_rope_pairs(norm ? (*norm)(x) : x, rope));
+}
+
+// norm(x) * scale: a modulated block's input. One kernel on CUDA.
+mx::array scaled_norm(const RMSNorm& norm, const mx::array& x, const mx::array& scale) {
+  if (auto fused = cuda_scaled_rms_norm(x, norm, scale)) return *fused;
+  return mx::multiply(norm(x), scale);
+}
+
+// x + gate * a_norm(a), the sandwich-normed residual, and with `next` also next.norm of that sum times next.scale
+// (the FFN's modulated input). One kernel on CUDA.
+std::pair<mx::array, std::optional<mx::array>> gated_residual(const mx::array& x, const mx::array& a,
+                                                              const RMSNorm& a_norm, const mx::array& gate,
+                                                              const std::optional<NextNorm>& next) {
+  if (auto fused = cuda_gated_residual(x, a, a_norm, gate, next)) return *fused;
+  auto h = mx::add(x, mx::multiply(gate, a_norm(a)));
+  if (!next) return {h, std::nullopt};
+  return {h, mx::multiply(next->norm(h), next->scale)};
 }
 
 }  // namespace
@@ -139,14 +163,10 @@ mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array
                                        const std::optional<mx::array>& mask) const {
   const int h = config_.n_heads;
   const auto& projections = block.attention;
-  auto q = split_heads(projections.to_q(x), h);
-  auto k = split_heads(projections.to_k(x), h);
-  auto v = split_heads(projections.to_v(x), h);
-  if (block.norm_q) q = (*block.norm_q)(q);
-  if (block.norm_k) k = (*block.norm_k)(k);
-  q = heads_first(apply_rope_pairs(q, rope));
-  k = heads_first(apply_rope_pairs(k, rope));
-  return projections.to_out(merge_heads(mlxr::attention(q, k, heads_first(v), mask)));
+  auto q = rotated_heads(split_heads(projections.to_q(x), h), block.norm_q, rope);
+  auto k = rotated_heads(split_heads(projections.to_k(x), h), block.norm_k, rope);
+  auto v = heads_first(split_heads(projections.to_v(x), h));
+  return projections.to_out(merge_heads(mlxr::attention(q, k, v, mask)));
 }
 
 mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
@@ -165,10 +185,9 @@ mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::a
   auto one = mx::array(1.0f, mod[0].dtype());
   auto scale_msa = mx::add(one, mod[0]), gate_msa = mx::tanh(mod[1]);
   auto scale_mlp = mx::add(one, mod[2]), gate_mlp = mx::tanh(mod[3]);
-  auto attn = attention(block, mx::multiply(block.attention_norm1(x), scale_msa), rope, mask);
-  auto h = mx::add(x, mx::multiply(gate_msa, block.attention_norm2(attn)));
-  auto f = ffn(mx::multiply(block.ffn_norm1(h), scale_mlp));
-  return mx::add(h, mx::multiply(gate_mlp, block.ffn_norm2(f)));
+  auto attn = attention(block, scaled_norm(block.attention_norm1, x, scale_msa), rope, mask);
+  auto [h, ffn_input] = gated_residual(x, attn, block.attention_norm2, gate_msa, NextNorm{block.ffn_norm1, scale_mlp});
+  return gated_residual(h, ffn(*ffn_input), block.ffn_norm2, gate_mlp, std::nullopt).first;
 }
 
 ZImageInputs ZImageTransformer::prepare(const mx::Shape& latent_shape, const std::vector<mx::array>& captions) const {

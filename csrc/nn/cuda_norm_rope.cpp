@@ -5,24 +5,11 @@
 #include <stdexcept>
 
 #include "mlx/fast.h"
+#include "nn/cuda_block_sum.h"
 
 namespace mlxr {
 
 namespace {
-
-// The block-wide sum of a float every thread holds, given to every thread (blockDim.x a multiple of 32, at most
-// 1,024; every thread of the block calls it, once per kernel).
-constexpr const char* kBlockSum = R"(
-__device__ inline float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_sums[w];
-  return total;
-}
-)";
 
 // One block per row; thread t holds elements t, t + blockDim.x, ... (PER_THREAD of them) in registers. All loads
 // come first: a loop that stored each sum before loading the next pair was latency-bound (the compiler may not move
@@ -113,7 +100,7 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
     return std::nullopt;
   }
   static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
-                                             kAddRmsNorm, kBlockSum, /*ensure_row_contiguous=*/true);
+                                             kAddRmsNorm, kCudaBlockSum, /*ensure_row_contiguous=*/true);
   // Rows up to 8,192 wide (hidden sizes of up to 8B-class models) take 256 threads, wider ones 1,024; at most 32
   // elements a thread (registers), so rows up to 32,768.
   const int n = x.shape(-1);
@@ -143,10 +130,10 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   }
   static auto with_norms =
       mx::fast::cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-                            {"q_out", "k_out"}, kQkRope, std::string(kBlockSum) + "#define NORM 1\n", true);
+                            {"q_out", "k_out"}, kQkRope, std::string(kCudaBlockSum) + "#define NORM 1\n", true);
   static auto without_norms =
       mx::fast::cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"}, kQkRope,
-                            std::string(kBlockSum) + "#define NORM 0\n", true);
+                            std::string(kCudaBlockSum) + "#define NORM 0\n", true);
   const int b = qkv.shape(0), t = qkv.shape(1);
   const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
   const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};
