@@ -99,7 +99,7 @@ def memory(folder: Path, size: int, steps: int, low_memory: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(folder: Path, size: int, steps: int, low_memory: bool) -> dict:
+def measure_memory(folder: Path, size: int, steps: int, low_memory: bool, queue_depth: int | None = None) -> dict:
     from mlxrunner import loader  # first, before mlx.core: the BLAS shim  # noqa: I001
     import mlx.core as mx
     from mlxrunner.detect import detect
@@ -110,11 +110,13 @@ def measure_memory(folder: Path, size: int, steps: int, low_memory: bool) -> dic
     detected = detect(source)
     predicted = loader.predicted_weight_bytes(source, detected, low_memory)
     predicted_peak = loader.predicted_peak_bytes(source, detected, low_memory, size)
-    pipe = load_pipeline(str(folder), low_memory=low_memory)
+    depth = {} if queue_depth is None else {"denoise_queue_depth": queue_depth}
+    pipe = load_pipeline(str(folder), low_memory=low_memory, **depth)
     loaded = mx.get_active_memory()
     runs = [pipe.run(PROMPT, width=size, height=size, steps=steps, seed=1) for _ in range(2)]
     peaks = runs[1].peak_memory
-    return {"low_memory": low_memory, "predicted_weights_bytes": predicted, "predicted_peak_bytes": predicted_peak,
+    return {"low_memory": low_memory, "queue_depth": queue_depth, "predicted_weights_bytes": predicted,
+            "predicted_peak_bytes": predicted_peak,
             "active_after_load_bytes": loaded,
             "peak_bytes": peaks, "max_peak_bytes": max(peaks.values()), "seconds": runs[1].timings["total"]}
 
@@ -127,10 +129,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--low-memory", action="store_true")
-    parser.add_argument("--measure-memory", action="store_true", help="(internal) one mode, in this process")
+    parser.add_argument("--measure-memory", action="store_true", help="one mode's peaks per phase, in this process")
+    parser.add_argument("--queue-depth", type=int, help="with --measure-memory: the denoiser's queue depth")
     args = parser.parse_args()
     if args.measure_memory:
-        print(json.dumps(measure_memory(args.folder, args.size, args.steps, args.low_memory)))
+        print(json.dumps(measure_memory(args.folder, args.size, args.steps, args.low_memory, args.queue_depth)))
         return
     result = {"serving": serving(args.folder, args.size, args.steps, args.rounds),
               "memory": [memory(args.folder, args.size, args.steps, low) for low in (False, True)]}
