@@ -73,10 +73,11 @@ def predicted_peak_bytes(source: store.ModelSource, detected: Detected, low_memo
     if detected.mode is not Mode.IMAGEGEN:
         return weights
     from mlxrunner.imagegen.pipeline import DEFAULT_SIZE
-    from mlxrunner.imagegen.vae import decode_working_bytes, vae_config
+    from mlxrunner.imagegen.vae import decode_dtype, decode_working_bytes, vae_config
 
     side = side or DEFAULT_SIZE
-    decode = decode_working_bytes(vae_config(source.read_json("vae/config.json"), source.location), side, side)
+    config = vae_config(source.read_json("vae/config.json"), source.location)
+    decode = decode_working_bytes(config, side, side, decode_dtype(source.tensors("vae")))
     if low_memory:  # the decode runs with the text encoder and the transformer both freed
         return max(weights, backend.computed_bytes(source.tensors("vae")) + decode)
     return weights + decode

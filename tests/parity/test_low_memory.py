@@ -99,3 +99,15 @@ def test_a_cancelled_low_memory_run_frees_the_transformer_too():
         pipe.run("a red fox", progress=lambda step, total: step < 1, **REQUEST)  # stops before the second step
     assert mx.get_active_memory() <= after_a_run  # neither network is left held
     assert np.array_equal(np.asarray(pipe.generate("a red fox", **REQUEST)), expected)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_low_memory_queues_one_transformer_block_unless_asked(model):
+    """One block queued on the device under --low-memory (the denoise's peak is most of that mode's peak); the
+    normal mode keeps the default, and an explicit depth wins in either."""
+    from mlxrunner.imagegen.pipeline import DEFAULT_DENOISE_QUEUE_DEPTH, LOW_MEMORY_DENOISE_QUEUE_DEPTH
+
+    folder = str(FIXTURES / model)
+    assert load_pipeline(folder, low_memory=True).denoise_queue_depth == LOW_MEMORY_DENOISE_QUEUE_DEPTH == 1
+    assert load_pipeline(folder).denoise_queue_depth == DEFAULT_DENOISE_QUEUE_DEPTH
+    assert load_pipeline(folder, low_memory=True, denoise_queue_depth=3).denoise_queue_depth == 3

@@ -117,7 +117,7 @@ def test_a_1024_decode_in_one_pass_holds_the_working_set_the_memory_check_predic
     before = mx.get_active_memory()
     vae.decode_float(latents, tile=0)
     held = mx.get_peak_memory() - before
-    predicted = decode_working_bytes(vae.config, 1024, 1024)
+    predicted = decode_working_bytes(vae.config, 1024, 1024, vae.dtype)
     assert 0.8 * predicted < held <= predicted, (held, predicted)
 
 

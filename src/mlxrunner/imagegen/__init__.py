@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Callable
 
 from mlxrunner.errors import Cancelled
-from mlxrunner.imagegen.pipeline import DEFAULT_DENOISE_QUEUE_DEPTH, GeneratedImage, ImagePipeline
+from mlxrunner.imagegen.pipeline import GeneratedImage, ImagePipeline
 
 
 def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,
                    release_text_encoder: bool = False,
-                   denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False) -> ImagePipeline:
+                   denoise_queue_depth: int | None = None, low_memory: bool = False) -> ImagePipeline:
     """The pipeline for a detected image model (detect.IMAGE_PIPELINES)."""
     from mlxrunner.errors import ModelError
 
@@ -45,7 +45,7 @@ def _is_zimage(source) -> bool:
 
 def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text_encoder: bool = False,
                   progress: Callable[[float], None] | None = None,
-                  denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False) -> ImagePipeline:
+                  denoise_queue_depth: int | None = None, low_memory: bool = False) -> ImagePipeline:
     """Load an image model by folder path, Ollama model name or embedded name."""
     from mlxrunner import store
     from mlxrunner.detect import Mode, detect

@@ -38,13 +38,13 @@ from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.images import BadImage, check_dimensions, to_rgb
 from mlxrunner.imagegen.pipeline import (
-    DEFAULT_DENOISE_QUEUE_DEPTH,
     MIN_REFERENCE_SIDE,
     SIZE_MULTIPLE,
     Conditioning,
     ImagePipeline,
     ImageRequest,
     Progress,
+    denoise_queue_depth_for,
     read_schedule,
 )
 from mlxrunner.imagegen.vae import Vae, auto_tile, decode_working_bytes, request_tile
@@ -162,10 +162,10 @@ class Flux2KleinPipeline(ImagePipeline):
     latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
-                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False):
+                 denoise_queue_depth: int | None = None, low_memory: bool = False):
         progress = progress or (lambda p: None)
         super().__init__(source, release_text_encoder, low_memory)
-        self.denoise_queue_depth = denoise_queue_depth
+        self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
                              f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")
@@ -249,7 +249,8 @@ class Flux2KleinPipeline(ImagePipeline):
         """As every model's, or the encode of a reference image larger than the output (the encoder's activations
         are the decoder's at the same size: the same blocks, in the other order)."""
         sides = [(pixels.shape[3], pixels.shape[2]) for pixels in request.references]
-        return max([super().working_bytes(request)] + [decode_working_bytes(self.vae.config, w, h) for w, h in sides])
+        encodes = [decode_working_bytes(self.vae.config, w, h, self.vae.dtype) for w, h in sides]
+        return max([super().working_bytes(request)] + encodes)
 
     # --- the loop and the decoder ----------------------------------------------------------------
 

@@ -43,6 +43,16 @@ MAX_CACHE_THRESHOLD = Limits.max_cache_threshold
 # How many transformer blocks the denoising loops queue on the device at most (0: no bound); the
 # reasoning for the default is at kDefaultEvalQueueDepth in csrc/nn/eval_queue.h.
 DEFAULT_DENOISE_QUEUE_DEPTH = _core.DEFAULT_DENOISE_QUEUE_DEPTH
+# Under --low-memory one block: on an H200 Z-Image-Turbo's 1024² denoise peaked 12.77 GiB at depth 1 against 13.43 at
+# 2 (the transformer's 11.5 GiB of weights alone resident), 2 % slower a low-memory image (benchmarks/README.md).
+LOW_MEMORY_DENOISE_QUEUE_DEPTH = 1
+
+
+def denoise_queue_depth_for(requested: int | None, low_memory: bool) -> int:
+    """The queue depth asked for, else the mode's default."""
+    if requested is not None:
+        return requested
+    return LOW_MEMORY_DENOISE_QUEUE_DEPTH if low_memory else DEFAULT_DENOISE_QUEUE_DEPTH
 
 # Both models' transformers see the image as tokens of 16 x 16 pixels (8x VAE x 2x2 patches):
 # sizes round down to multiples of it.
@@ -333,7 +343,7 @@ class ImagePipeline(ABC):
         """What this job's activations may need, to which MLX's buffer cache is held while it runs (a smaller
         job after a larger one does not keep the larger one's buffers): the untiled VAE decode at its size, the
         largest phase (benchmarks/README.md), and an upper bound of the tiled decode's and of the denoiser's."""
-        return decode_working_bytes(self.vae.config, request.width, request.height)
+        return decode_working_bytes(self.vae.config, request.width, request.height, self.vae.dtype)
 
     def denoise_in_turn(self, latents: mx.array, conditioning: Conditioning, request: ImageRequest,
                         progress: Progress | None, check_cancelled: Callable[[], None] | None,

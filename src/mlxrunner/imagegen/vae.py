@@ -21,19 +21,29 @@ TILE_ABOVE_LATENT_PIXELS = 128 * 128
 # 1024 and anything tiled work. Requests always tile above TILE_ABOVE_LATENT_PIXELS.
 UNTILED_LIMIT_LATENT_PIXELS = 2 * 128 * 128
 TILE_LATENTS = 128  # diffusers' tile for a sample_size 1024 VAE; 25 % overlap
-# What a decode holds beyond the weights, in bytes per output pixel per channel of the VAE's second block
-# (block_out_channels[1], the widest one that runs at full resolution), measured with mx.get_peak_memory:
-# on the CPU 11 (float32; 10.0-10.5 for the tiny VAEs at 128²-1024² and the small bench VAE at 128²-512², since
-# the decoder runs block by block with its attention in bands, diffusion/vae.cpp; 36-43 before), on an H200 16
-# (bf16, Z-Image's VAE at 1024²: 4.0 GiB, measured before that change: an upper bound; benchmarks/README.md).
-DECODE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 11, "gpu": 16}
+# What a decode holds beyond the weights, in elements (of the decode's dtype) per output pixel per channel of the
+# VAE's second block (block_out_channels[1], the widest one that runs at full resolution), measured with
+# mx.get_peak_memory. The decoder runs block by block with its attention in bands (diffusion/vae.cpp). On the CPU
+# (float32) 10.0-10.5 bytes, 2.5-2.6 elements, for the tiny VAEs at 128²-1024² and the small bench VAE at 128²-512²
+# (36-43 bytes as one graph). On an H200, where each evaluation point waits only for the one before it, 6.5
+# elements for Z-Image's VAE in bf16 at 1024² (3.25 GiB) and 7.0 for the tiny test VAE in float32 (897 MiB);
+# benchmarks/README.md.
+DECODE_ELEMENTS_PER_PIXEL_CHANNEL = {"cpu": 3, "gpu": 8}
 
 
-def decode_working_bytes(config: _core.VaeConfig, width: int, height: int) -> int:
-    """The memory an untiled decode of a width x height image needs beyond the weights."""
+def decode_working_bytes(config: _core.VaeConfig, width: int, height: int, dtype: mx.Dtype = mx.float32) -> int:
+    """The memory an untiled decode of a width x height image in `dtype` needs beyond the weights (float32, the
+    default, bounds every dtype the VAE runs in)."""
     channels = config.block_out_channels
-    per = DECODE_BYTES_PER_PIXEL_CHANNEL["cpu" if mx.default_device() == mx.cpu else "gpu"]
+    per = DECODE_ELEMENTS_PER_PIXEL_CHANNEL["cpu" if mx.default_device() == mx.cpu else "gpu"] * dtype.size
     return per * width * height * channels[min(1, len(channels) - 1)]
+
+
+def decode_dtype(weights: dict) -> mx.Dtype:
+    """The dtype a VAE decodes in: its first convolution's, as the backend computes with it (read from the
+    header, nothing loaded)."""
+    dtype = next((w.dtype for n, w in weights.items() if n.startswith("decoder.conv_in")), mx.float32)
+    return mx.float32 if backend.upcasts_on_this_device() and dtype in (mx.bfloat16, mx.float16) else dtype
 
 
 def auto_tile(latent_height: int, latent_width: int) -> int:
@@ -118,7 +128,7 @@ class Vae:
             self.decoder = _core.VaeDecoder(self.config, weights)
         except ValueError as exc:
             raise ModelError(f"{source.location}: {component}: {exc}") from None
-        self.dtype = next((w.dtype for n, w in weights.items() if n.startswith("decoder.conv_in")), mx.float32)
+        self.dtype = decode_dtype(weights)
 
     def decode(self, latents: mx.array, tile: int | None = None) -> np.ndarray:
         """Latents [1, C, h, w] (float32, as the denoiser leaves them) -> uint8 [8h, 8w, 3].

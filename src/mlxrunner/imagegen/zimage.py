@@ -28,11 +28,11 @@ import numpy as np
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen.pipeline import (
-    DEFAULT_DENOISE_QUEUE_DEPTH,
     Conditioning,
     ImagePipeline,
     ImageRequest,
     Progress,
+    denoise_queue_depth_for,
     read_schedule,
 )
 from mlxrunner.imagegen.vae import Vae
@@ -71,10 +71,10 @@ class ZImagePipeline(ImagePipeline):
     cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
-                 denoise_queue_depth: int = DEFAULT_DENOISE_QUEUE_DEPTH, low_memory: bool = False):
+                 denoise_queue_depth: int | None = None, low_memory: bool = False):
         progress = progress or (lambda p: None)
         super().__init__(source, release_text_encoder, low_memory)
-        self.denoise_queue_depth = denoise_queue_depth
+        self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
         if config.cap_feat_dim != self.text_encoder.hidden_size:
