@@ -1,13 +1,11 @@
 #include "nn/cuda_dit_fusion.h"
 
-#include <bit>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 
 #include "mlx/fast.h"
-#include "nn/cuda_block_sum.h"
+#include "nn/cuda_kernel_common.h"
 
 namespace mlxr {
 
@@ -40,74 +38,32 @@ constexpr const char* kHeadNormRopePairs = R"(
   dst[2 * i + 1] = static_cast<T>(x0 * s + x1 * c);
 )";
 
-// One block per row of N; thread k holds elements k, k + blockDim.x, ... (PER_THREAD of them), every load first.
-// Each step rounds to T where MLX's operation would: the norm, the product with the scale or gate, the sum.
+// Row kernels (kCudaRowHelpers). Each step rounds to T where MLX's operation would: the norm, the product with the
+// scale or gate, the sum. Per-sample vectors [B, 1, N] are row `sample` of N.
 constexpr const char* kScaledRmsNorm = R"(
-  const float eps = __int_as_float(EPS_BITS);
   const int n = weight_shape[0];
   const long long row = blockIdx.x;
-  const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
   float v[PER_THREAD];
-  float squares = 0.f;
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    v[k] = j < n ? static_cast<float>(x[first + j]) : 0.f;
-    squares += v[k] * v[k];
-  }
-  const float normalizer = rsqrtf(block_sum(squares) / n + eps);
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < n) {
-      const T normed = weight[j] * static_cast<T>(v[k] * normalizer);
-      out[first + j] = normed * scale[sample * n + j];
-    }
-  }
+  const float normalizer = rsqrtf(block_sum(load_row(x + first, n, v)) / n + __int_as_float(EPS_BITS));
+  store_scaled_norm(out + first, v, n, normalizer, weight, scale + (row / x_shape[1]) * n);
 )";
 
 constexpr const char* kGatedResidual = R"(
-  const float eps = __int_as_float(EPS_BITS);
   const int n = a_weight_shape[0];
   const long long row = blockIdx.x;
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
-  float av[PER_THREAD];
+  float av[PER_THREAD], normed[PER_THREAD], hv[PER_THREAD];
+  const float a_normalizer = rsqrtf(block_sum(load_row(a + first, n, av)) / n + __int_as_float(EPS_BITS));
+  norm_row(normed, av, n, a_normalizer, a_weight);
+  store_residual(h + first, hv, x + first, gate + sample * n, 1, normed, n);
   float squares = 0.f;
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    av[k] = j < n ? static_cast<float>(a[first + j]) : 0.f;
-    squares += av[k] * av[k];
-  }
-  const float a_normalizer = rsqrtf(block_sum(squares) / n + eps);
-  float hv[PER_THREAD];
-  squares = 0.f;
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < n) {
-      const T normed = a_weight[j] * static_cast<T>(av[k] * a_normalizer);
-      const T gated = gate[sample * n + j] * normed;
-      const T sum = x[first + j] + gated;
-      h[first + j] = sum;
-      hv[k] = static_cast<float>(sum);
-    } else {
-      hv[k] = 0.f;
-    }
-    squares += hv[k] * hv[k];
-  }
+  for (int k = 0; k < PER_THREAD; ++k) squares += hv[k] * hv[k];
 #if NEXT
   const float h_normalizer = rsqrtf(block_sum(squares) / n + __int_as_float(NEXT_EPS_BITS));
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < n) {
-      const T normed = next_weight[j] * static_cast<T>(hv[k] * h_normalizer);
-      next[first + j] = normed * next_scale[sample * n + j];
-    }
-  }
+  store_scaled_norm(next + first, hv, n, h_normalizer, next_weight, next_scale + sample * n);
 #endif
 )";
 
@@ -123,23 +79,16 @@ constexpr const char* kModulatedLayerNorm = R"(
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
   float v[PER_THREAD];
+#if RESIDUAL
+  float yv[PER_THREAD];
+  load_row(y + first, n, yv);
+  store_residual(h + first, v, x + first, gate + sample * gate_strides[0], gate_strides[2], yv, n);
+#else
+  load_row(x + first, n, v);
+#endif
   float sum = 0.f;
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    v[k] = 0.f;
-    if (j < n) {
-#if RESIDUAL
-      const T gated = gate[sample * gate_strides[0] + j * gate_strides[2]] * y[first + j];
-      const T total = x[first + j] + gated;
-      h[first + j] = total;
-      v[k] = static_cast<float>(total);
-#else
-      v[k] = static_cast<float>(x[first + j]);
-#endif
-    }
-    sum += v[k];
-  }
+  for (int k = 0; k < PER_THREAD; ++k) sum += v[k];
   const float mean = block_sum(sum) / n;
   float squares = 0.f;
 #pragma unroll
@@ -160,8 +109,6 @@ constexpr const char* kModulatedLayerNorm = R"(
   }
 )";
 
-constexpr int kMaxPerThread = 32;
-
 // MLXRUNNER_DIT_FUSION=0 turns these kernels off (MLX's operations run instead): a switch for measuring what they
 // gain, in the same process setup, and a way around them should a driver's compiler reject one.
 bool fusion_on_cuda() {
@@ -172,29 +119,10 @@ bool fusion_on_cuda() {
   return !switched_off && running_on_cuda();
 }
 
-bool float_dtype(mx::Dtype dtype) {
-  return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
-}
-
-int eps_bits(float eps) {
-  return std::bit_cast<int>(eps);
-}
-
-int checked_threads(long long threads) {
-  if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("fused kernel: tensor too large");
-  return static_cast<int>(threads);
-}
-
-// Threads a row of n takes (at most 32 elements each, in registers), or 0 where rows are too wide.
-int row_threads(int n) {
-  const int threads = n <= 256 * kMaxPerThread ? 256 : 1024;
-  return (n + threads - 1) / threads <= kMaxPerThread ? threads : 0;
-}
-
 // x [B, T, N] of a float dtype, weights [N] and per-sample [B, 1, N] vectors of the same dtype.
 bool rows_with_vectors(const mx::array& x, const std::vector<const mx::array*>& weights,
                        const std::vector<const mx::array*>& per_sample) {
-  if (x.ndim() != 3 || !float_dtype(x.dtype())) return false;
+  if (x.ndim() != 3 || !cuda_float_dtype(x.dtype())) return false;
   const int n = x.shape(2);
   if (n == 0 || x.size() == 0) return false;
   for (const auto* w : weights) {
@@ -210,7 +138,7 @@ bool rows_with_vectors(const mx::array& x, const std::vector<const mx::array*>& 
 
 std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std::optional<RMSNorm>& norm,
                                                    const mx::array& cos, const mx::array& sin) {
-  if (!fusion_on_cuda() || x.ndim() != 4 || !float_dtype(x.dtype()) || x.strides(3) != 1) return std::nullopt;
+  if (!fusion_on_cuda() || x.ndim() != 4 || !cuda_float_dtype(x.dtype()) || x.strides(3) != 1) return std::nullopt;
   const int b = x.shape(0), t = x.shape(1), heads = x.shape(2), d = x.shape(3);
   // A thread per pair, whole warps: heads of 64 to 2,048 dimensions in steps of 64 (Z-Image and FLUX.2: 128).
   if (d % 64 != 0 || d > 2048) return std::nullopt;
@@ -229,11 +157,11 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
   static auto without_norm =
       mx::fast::cuda_kernel("mlxr_head_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"}, kHeadNormRopePairs,
                             std::string(kCudaBlockSum) + "#define NORM 0\n", false);
-  const std::tuple<int, int, int> grid{checked_threads(static_cast<long long>(b) * t * heads * (d / 2)), 1, 1};
+  const std::tuple<int, int, int> grid{cuda_checked_threads(static_cast<long long>(b) * t * heads * (d / 2)), 1, 1};
   const std::tuple<int, int, int> block{d / 2, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", x.dtype()}, {"D", d}};
   if (norm) {
-    args.emplace_back("EPS_BITS", eps_bits(norm->eps));
+    args.emplace_back("EPS_BITS", cuda_eps_bits(norm->eps));
     return with_norm({x, norm->weight, cos, sin}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt, false,
                      {})[0];
   }
@@ -242,14 +170,15 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
 
 std::optional<mx::array> cuda_scaled_rms_norm(const mx::array& x, const RMSNorm& norm, const mx::array& scale) {
   if (!fusion_on_cuda() || !rows_with_vectors(x, {&norm.weight}, {&scale})) return std::nullopt;
-  const int threads = row_threads(x.shape(2));
+  const int threads = cuda_row_threads(x.shape(2));
   if (threads == 0) return std::nullopt;
   static auto kernel = mx::fast::cuda_kernel("mlxr_scaled_rms_norm", {"x", "weight", "scale"}, {"out"}, kScaledRmsNorm,
-                                             kCudaBlockSum, /*ensure_row_contiguous=*/true);
+                                             std::string(kCudaBlockSum) + kCudaRowHelpers,
+                                             /*ensure_row_contiguous=*/true);
   const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
   const int per_thread = (x.shape(2) + threads - 1) / threads;
-  return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, {checked_threads(rows * threads), 1, 1},
-                {threads, 1, 1}, {{"T", x.dtype()}, {"EPS_BITS", eps_bits(norm.eps)}, {"PER_THREAD", per_thread}},
+  return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, {cuda_checked_threads(rows * threads), 1, 1},
+                {threads, 1, 1}, {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(norm.eps)}, {"PER_THREAD", per_thread}},
                 std::nullopt, false, {})[0];
 }
 
@@ -265,24 +194,25 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> cuda_gated_residua
     per_sample.push_back(&next->scale);
   }
   if (!rows_with_vectors(x, weights, per_sample)) return std::nullopt;
-  const int threads = row_threads(x.shape(2));
+  const int threads = cuda_row_threads(x.shape(2));
   if (threads == 0) return std::nullopt;
-  static auto alone = mx::fast::cuda_kernel("mlxr_gated_residual", {"x", "a", "a_weight", "gate"}, {"h"},
-                                            kGatedResidual, std::string(kCudaBlockSum) + "#define NEXT 0\n", true);
-  static auto with_next =
-      mx::fast::cuda_kernel("mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"},
-                            {"h", "next"}, kGatedResidual, std::string(kCudaBlockSum) + "#define NEXT 1\n", true);
+  static auto alone =
+      mx::fast::cuda_kernel("mlxr_gated_residual", {"x", "a", "a_weight", "gate"}, {"h"}, kGatedResidual,
+                            std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 0\n", true);
+  static auto with_next = mx::fast::cuda_kernel(
+      "mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"}, {"h", "next"},
+      kGatedResidual, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 1\n", true);
   const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
   const int per_thread = (x.shape(2) + threads - 1) / threads;
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", eps_bits(a_norm.eps)}, {"PER_THREAD", per_thread}};
-  const std::tuple<int, int, int> grid{checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(a_norm.eps)}, {"PER_THREAD", per_thread}};
+  const std::tuple<int, int, int> grid{cuda_checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
   if (!next) {
     return std::pair{
         alone({x, a, a_norm.weight, gate}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt, false, {})[0],
         std::optional<mx::array>{}};
   }
-  args.emplace_back("NEXT_EPS_BITS", eps_bits(next->norm.eps));
+  args.emplace_back("NEXT_EPS_BITS", cuda_eps_bits(next->norm.eps));
   auto out = with_next({x, a, a_norm.weight, gate, next->norm.weight, next->scale}, {x.shape(), x.shape()},
                        {x.dtype(), x.dtype()}, grid, block, args, std::nullopt, false, {});
   return std::pair{out[0], std::optional<mx::array>{out[1]}};
@@ -307,19 +237,19 @@ std::optional<std::pair<mx::array, mx::array>> cuda_gated_residual_modulated_lay
   for (const auto* v : per_sample) {
     if (v->strides(2) != 1 && v->shape(2) > 1) return std::nullopt;
   }
-  const int threads = row_threads(x.shape(2));
+  const int threads = cuda_row_threads(x.shape(2));
   if (threads == 0) return std::nullopt;
   static auto alone =
       mx::fast::cuda_kernel("mlxr_modulated_layer_norm", {"x", "one_plus_scale", "shift"}, {"out"}, kModulatedLayerNorm,
-                            std::string(kCudaBlockSum) + "#define RESIDUAL 0\n", false);
+                            std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 0\n", false);
   static auto after_residual = mx::fast::cuda_kernel(
       "mlxr_gated_residual_modulated_layer_norm", {"x", "y", "gate", "one_plus_scale", "shift"}, {"h", "out"},
-      kModulatedLayerNorm, std::string(kCudaBlockSum) + "#define RESIDUAL 1\n", false);
+      kModulatedLayerNorm, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 1\n", false);
   const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
   const int per_thread = (x.shape(2) + threads - 1) / threads;
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", eps_bits(eps)}, {"PER_THREAD", per_thread}};
-  const std::tuple<int, int, int> grid{checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", per_thread}};
+  const std::tuple<int, int, int> grid{cuda_checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
   // The rows are read as contiguous (a no-op for the blocks' outputs, which are).
   auto rows_of = [](const mx::array& a) { return mx::contiguous(a); };
   if (!residual) {

@@ -1,11 +1,7 @@
 #include "nn/cuda_norm_rope.h"
 
-#include <bit>
-#include <limits>
-#include <stdexcept>
-
 #include "mlx/fast.h"
-#include "nn/cuda_block_sum.h"
+#include "nn/cuda_kernel_common.h"
 
 namespace mlxr {
 
@@ -75,50 +71,33 @@ constexpr const char* kQkRope = R"(
   dst[at2] = static_cast<T>(x1 * s + x2 * c);
 )";
 
-constexpr int kMaxPerThread = 32;
-
-bool float_dtype(mx::Dtype dtype) {
-  return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
-}
-
-int eps_bits(float eps) {
-  return std::bit_cast<int>(eps);
-}
-
-int checked_threads(long long threads) {
-  if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("fused kernel: tensor too large");
-  return static_cast<int>(threads);
-}
-
 }  // namespace
 
 std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array& x, const mx::array& delta,
                                                                  const mx::array& weight, float eps) {
-  if (!running_on_cuda() || x.ndim() < 1 || !float_dtype(x.dtype()) || delta.dtype() != x.dtype() ||
+  if (!running_on_cuda() || x.ndim() < 1 || !cuda_float_dtype(x.dtype()) || delta.dtype() != x.dtype() ||
       weight.dtype() != x.dtype() || delta.shape() != x.shape() || weight.ndim() != 1 ||
       weight.shape(0) != x.shape(-1)) {
     return std::nullopt;
   }
   static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
                                              kAddRmsNorm, kCudaBlockSum, /*ensure_row_contiguous=*/true);
-  // Rows up to 8,192 wide (hidden sizes of up to 8B-class models) take 256 threads, wider ones 1,024; at most 32
-  // elements a thread (registers), so rows up to 32,768.
   const int n = x.shape(-1);
-  const int threads = n <= 256 * kMaxPerThread ? 256 : 1024;
+  const int threads = cuda_row_threads(n);
+  if (threads == 0) return std::nullopt;
   const int per_thread = (n + threads - 1) / threads;
-  if (per_thread > kMaxPerThread) return std::nullopt;
   const long long rows = static_cast<long long>(x.size()) / n;
   auto out =
       kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()},
-             {checked_threads(rows * threads), 1, 1}, {threads, 1, 1},
-             {{"T", x.dtype()}, {"EPS_BITS", eps_bits(eps)}, {"PER_THREAD", per_thread}}, std::nullopt, false, {});
+             {cuda_checked_threads(rows * threads), 1, 1}, {threads, 1, 1},
+             {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", per_thread}}, std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
 
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
                                                                  const std::optional<QkNorms>& norms,
                                                                  const FusedRope& rope, const mx::array& offsets) {
-  if (!running_on_cuda() || qkv.ndim() != 4 || !float_dtype(qkv.dtype())) return std::nullopt;
+  if (!running_on_cuda() || qkv.ndim() != 4 || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
   const int d = qkv.shape(3);
   // A thread per pair, whole warps: heads of 64 to 2,048 dimensions in steps of 64 (Llama, Qwen3, Gemma: 64-256).
   if (d % 64 != 0 || d > 2048 || qkv.shape(2) != q_heads + 2 * kv_heads || rope.inverse_frequencies.size() != d / 2) {
@@ -137,15 +116,15 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   const int b = qkv.shape(0), t = qkv.shape(1);
   const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
   const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};
-  const std::tuple<int, int, int> grid{checked_threads(static_cast<long long>(b) * t * (q_heads + kv_heads) * (d / 2)),
-                                       1, 1};
+  const std::tuple<int, int, int> grid{
+      cuda_checked_threads(static_cast<long long>(b) * t * (q_heads + kv_heads) * (d / 2)), 1, 1};
   const std::tuple<int, int, int> block{d / 2, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
   auto position_offsets = mx::astype(offsets, mx::int32);
   std::vector<mx::array> out;
   if (norms) {
-    args.emplace_back("EPS_BITS", eps_bits(norms->eps));
+    args.emplace_back("EPS_BITS", cuda_eps_bits(norms->eps));
     out = with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, shapes,
                      dtypes, grid, block, args, std::nullopt, false, {});
   } else {
