@@ -18,6 +18,9 @@ namespace mlxr::bindings {
 
 void bind_building_blocks(nb::module_& m) {
   bind_config<QuantSpec>(m, "QuantSpec", "How a packed weight was quantized: mx.quantize's bits, group_size, mode.");
+  m.def("cuda_runs_packed", &cuda_runs_packed, "columns"_a, "group_size"_a,
+        "Whether MLX's CUDA kernels multiply a packed weight of these columns and group size; on CUDA one that they "
+        "do not is unpacked at load (nn/weights.h).");
   m.def(
       "gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
   m.def(

@@ -110,17 +110,21 @@ Matrix Weights::mxfp4_blocks(const std::string& name, const mx::Shape& stack, in
 }
 
 // MLX 0.32.4's CUDA kernels refuse 1-bit weights, and multiply a packed weight only if its columns are a
-// multiple of max(64, group size) (else "no implementation for problem shape" at the first prompt). Real
-// checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing
+// multiple of max(64, group size) (cuda_runs_packed; else "no implementation for problem shape" at the first prompt).
+// Real checkpoints' layers always are; a layer that is not is unpacked to float here, at load, instead of failing
 // mid-request (only that layer grows; the log of the load shows nothing else changes).
 Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const Quantized& q, int cols) {
   if (q.spec.mode == "affine" && q.spec.bits == 1) {
     throw std::invalid_argument("weight " + full + ": 1-bit quantization does not run on CUDA (MLX's kernels lack it)");
   }
-  if (cols % std::max(64, q.spec.group_size) == 0) return Matrix{packed, q};
+  if (cuda_runs_packed(cols, q.spec.group_size)) return Matrix{packed, q};
   auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
   if (q.global_scale) unpacked = mx::multiply(unpacked, mx::astype(*q.global_scale, unpacked.dtype()));
   return Matrix{unpacked, std::nullopt};
+}
+
+bool cuda_runs_packed(int columns, int group_size) {
+  return columns % std::max(64, group_size) == 0;
 }
 
 bool running_on_cuda() {

@@ -98,4 +98,8 @@ std::string shape_string(const mx::Shape& shape);
 // True when MLX computes on an NVIDIA GPU (its CUDA kernels accept fewer quantized shapes than the CPU's).
 bool running_on_cuda();
 
+// Whether MLX 0.32.4's CUDA kernels multiply a packed weight of `columns` in groups of `group_size`: only if the
+// columns are a multiple of max(64, group size). A weight that is not is unpacked at load (Weights::for_cuda).
+bool cuda_runs_packed(int columns, int group_size);
+
 }  // namespace mlxr

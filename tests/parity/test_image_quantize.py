@@ -16,6 +16,7 @@ import pytest
 from mflux_writer import write_mflux_folder
 from quant_helpers import dequantized_image_folder
 
+from mlxrunner import _core
 from mlxrunner.cli.quantize import main
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.store import QuantParams, resolve
@@ -100,12 +101,34 @@ def weight_bytes(folder: Path) -> int:
     return sum(v.nbytes for path in folder.glob("*/*.safetensors") for v in mx.load(str(path)).values())
 
 
+def unpacked_on_cuda_bytes(folder: Path) -> int:
+    """What the weights MLX's CUDA kernels cannot multiply packed (_core.cuda_runs_packed) add in memory on CUDA,
+    where they are unpacked at load: their dequantized size (bf16 for the float modes, the scales' dtype for
+    affine, as mx.dequantize) less their packed weight, scales and biases. 0 elsewhere."""
+    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+        return 0
+    source, extra = resolve(str(folder)), 0
+    for component in ("transformer", "text_encoder"):
+        tensors = source.tensors(component)
+        for name, params in source.quantization(component).items():
+            packed = tensors[name]
+            columns = packed.shape[-1] * 32 // params.bits
+            if _core.cuda_runs_packed(columns, params.group_size):
+                continue
+            stored = [packed, tensors[name + "_scale"]] + [tensors[name + s] for s in ("_qbias", "_global_scale")
+                                                              if name + s in tensors]
+            dtype = stored[1].dtype if params.mode == "affine" else mx.bfloat16
+            extra += packed.size // packed.shape[-1] * columns * dtype.size - sum(t.nbytes for t in stored)
+    return extra
+
+
 @pytest.mark.parametrize("fixture, recipe", [("zimage-tiny", "int4-g32"), ("flux2-klein-tiny", "nvfp4")])
 def test_weights_stay_packed_in_memory(tmp_path, fixture, recipe):
     """What the pipeline holds beyond its weights (rope tables, the VAE's float32 copies) does not depend on
-    quantization, so the memory quantization saves must be the file bytes it saves."""
+    quantization, so the memory quantization saves must be the file bytes it saves (on CUDA less what the layers it
+    cannot run packed grow by: the tiny models' widths, 32 to 96 columns, are all of them there)."""
     folder, float_folder = quantized(tmp_path, fixture, recipe), FIXTURES / fixture
-    saved_in_files = weight_bytes(float_folder) - weight_bytes(folder)
+    saved_in_files = weight_bytes(float_folder) - weight_bytes(folder) - unpacked_on_cuda_bytes(folder)
     saved_in_memory = held_bytes(float_folder) - held_bytes(folder)
     assert saved_in_files > 0.3 * weight_bytes(float_folder)
     assert abs(saved_in_memory - saved_in_files) <= 0.1 * saved_in_files, (saved_in_memory, saved_in_files)
