@@ -88,15 +88,12 @@ mx::array swiglu(const mx::array& u) {
   return gated_silu_columns(u, 0, half, half);
 }
 
-// Queries or keys [B, T, H, D]: per-head RMSNorm, then RoPE by the table rows [first, first + T), heads first.
-// One kernel on CUDA.
+// Queries or keys [B, T, H, D]: per-head RMSNorm, then RoPE by the table rows [first, first + T). One kernel on
+// CUDA; nothing elsewhere (the callers then run MLX's operations over the whole joint sequence).
 std::optional<mx::array> fused_rotated_heads(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope,
                                              int first) {
   const int last = first + x.shape(1);
-  auto fused =
-      cuda_head_norm_rope_pairs(x, norm, axis_slice(rope.cos, 1, first, last), axis_slice(rope.sin, 1, first, last));
-  if (!fused) return std::nullopt;
-  return *fused;
+  return cuda_head_norm_rope_pairs(x, norm, axis_slice(rope.cos, 1, first, last), axis_slice(rope.sin, 1, first, last));
 }
 
 // The text's queries (or keys) then the image's, each normed by its own stream's norm, rotated over the joint
