@@ -39,7 +39,7 @@ struct SettlingScope {
   bool outer = !in_settling_scope;
   SettlingScope() { in_settling_scope = true; }
   ~SettlingScope() {
-    if (!outer) return;  // a tile's decode inside a tiled one: the outer scope ends it
+    if (!outer) return;  // nested in another decode or encode on this thread: the outermost scope ends it
     in_settling_scope = false;
     still_running.reset();
   }
