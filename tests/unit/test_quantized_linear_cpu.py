@@ -1,0 +1,43 @@
+"""A packed Linear on the CPU: MLX's quantized_matmul for a few rows, the dequantized weight's product from
+nn/linear.cpp's kCpuDequantizedRows on (MLX's CPU kernel runs a row at a time on one thread: 30x slower at 256
+rows). Both must give x @ dequantize(W).T, in every mode MLX has."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxrunner import _core
+
+DEQUANTIZED_FROM_ROWS = 4  # kCpuDequantizedRows
+MODES = [("affine", 4, 64), ("affine", 8, 32), ("affine", 3, 64), ("mxfp4", 4, 32), ("nvfp4", 4, 16),
+         ("mxfp8", 8, 32)]
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    with mx.stream(mx.cpu):
+        previous = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        yield
+        mx.set_default_device(previous)
+
+
+@pytest.mark.parametrize(("mode", "bits", "group"), MODES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 64, 300])
+def test_a_packed_linear_is_x_times_the_dequantized_weight(mode, bits, group, rows):
+    key = mx.random.key(rows * 31 + bits)
+    weight = mx.random.normal((96, 128), key=key)
+    packed, scales, *biases = mx.quantize(weight, group_size=group, bits=bits, mode=mode)
+    bias = biases[0] if biases else None
+    exact = mx.dequantize(packed, scales, bias, group_size=group, bits=bits, mode=mode).astype(mx.float32)
+    x = mx.random.normal((rows, 128), key=mx.random.split(key)[0])
+    spec = _core.QuantSpec.from_dict({"bits": bits, "group_size": group, "mode": mode})
+    got = _core.quantized_linear(x, packed, scales, bias, spec)
+    assert got.shape == (rows, 96) and got.dtype == mx.float32
+    if rows >= DEQUANTIZED_FROM_ROWS:  # the dequantized weight's product: the same operations as the reference
+        assert mx.array_equal(got, x @ exact.T)
+    else:  # MLX's kernel: its own order of the float sums
+        np.testing.assert_allclose(np.array(got), np.array(x @ exact.T), rtol=1e-5, atol=1e-4)
+        assert mx.array_equal(got, mx.quantized_matmul(x, packed, scales, bias, True, group, bits, mode))
