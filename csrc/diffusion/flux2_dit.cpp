@@ -63,23 +63,31 @@ Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
                           .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
 }
 
-// LayerNorm without affine parameters (every norm of the blocks), then (1 + scale) * . + shift. One kernel on CUDA.
-mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& scale, float eps) {
-  auto one_plus_scale = mx::add(mx::array(1.0f, scale.dtype()), scale);
+// LayerNorm without affine parameters (every norm of the blocks), then one_plus_scale * . + shift. One kernel on CUDA.
+mx::array modulate_by(const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale, float eps) {
   if (auto fused = cuda_modulated_layer_norm(x, shift, one_plus_scale, eps)) return *fused;
   auto n = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps);
   return mx::add(mx::multiply(one_plus_scale, n), shift);
 }
 
+mx::array one_plus(const mx::array& scale) {
+  return mx::add(mx::array(1.0f, scale.dtype()), scale);
+}
+
+// (1 + scale) * layer_norm(x) + shift.
+mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& scale, float eps) {
+  return modulate_by(x, shift, one_plus(scale), eps);
+}
+
 // h = x + gate * y (a block's residual), and modulate(h, shift, scale): one kernel on CUDA.
 std::pair<mx::array, mx::array> residual_then_modulate(const mx::array& x, const mx::array& y, const mx::array& gate,
                                                        const mx::array& shift, const mx::array& scale, float eps) {
-  auto one_plus_scale = mx::add(mx::array(1.0f, scale.dtype()), scale);
+  auto one_plus_scale = one_plus(scale);
   if (auto fused = cuda_gated_residual_modulated_layer_norm(x, GatedTerm{y, gate}, shift, one_plus_scale, eps)) {
     return *fused;
   }
   auto h = mx::add(x, mx::multiply(gate, y));
-  return {h, modulate(h, shift, scale, eps)};
+  return {h, modulate_by(h, shift, one_plus_scale, eps)};
 }
 
 // SwiGLU with the gate in the first half.

@@ -134,6 +134,11 @@ bool rows_with_vectors(const mx::array& x, const std::vector<const mx::array*>& 
   return true;
 }
 
+// The launch of a row kernel over x [B, T, N].
+std::optional<CudaRowLaunch> row_launch(const mx::array& x) {
+  return cuda_row_launch(static_cast<long long>(x.shape(0)) * x.shape(1), x.shape(2));
+}
+
 }  // namespace
 
 std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std::optional<RMSNorm>& norm,
@@ -170,15 +175,13 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
 
 std::optional<mx::array> cuda_scaled_rms_norm(const mx::array& x, const RMSNorm& norm, const mx::array& scale) {
   if (!fusion_on_cuda() || !rows_with_vectors(x, {&norm.weight}, {&scale})) return std::nullopt;
-  const int threads = cuda_row_threads(x.shape(2));
-  if (threads == 0) return std::nullopt;
+  const auto launch = row_launch(x);
+  if (!launch) return std::nullopt;
   static auto kernel = mx::fast::cuda_kernel("mlxr_scaled_rms_norm", {"x", "weight", "scale"}, {"out"}, kScaledRmsNorm,
                                              std::string(kCudaBlockSum) + kCudaRowHelpers,
                                              /*ensure_row_contiguous=*/true);
-  const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
-  const int per_thread = (x.shape(2) + threads - 1) / threads;
-  return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, {cuda_checked_threads(rows * threads), 1, 1},
-                {threads, 1, 1}, {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(norm.eps)}, {"PER_THREAD", per_thread}},
+  return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, launch->grid, launch->block,
+                {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(norm.eps)}, {"PER_THREAD", launch->per_thread}},
                 std::nullopt, false, {})[0];
 }
 
@@ -194,27 +197,24 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> cuda_gated_residua
     per_sample.push_back(&next->scale);
   }
   if (!rows_with_vectors(x, weights, per_sample)) return std::nullopt;
-  const int threads = cuda_row_threads(x.shape(2));
-  if (threads == 0) return std::nullopt;
+  const auto launch = row_launch(x);
+  if (!launch) return std::nullopt;
   static auto alone =
       mx::fast::cuda_kernel("mlxr_gated_residual", {"x", "a", "a_weight", "gate"}, {"h"}, kGatedResidual,
                             std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 0\n", true);
   static auto with_next = mx::fast::cuda_kernel(
       "mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"}, {"h", "next"},
       kGatedResidual, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 1\n", true);
-  const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
-  const int per_thread = (x.shape(2) + threads - 1) / threads;
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(a_norm.eps)}, {"PER_THREAD", per_thread}};
-  const std::tuple<int, int, int> grid{cuda_checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(a_norm.eps)}, {"PER_THREAD", launch->per_thread}};
   if (!next) {
-    return std::pair{
-        alone({x, a, a_norm.weight, gate}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt, false, {})[0],
-        std::optional<mx::array>{}};
+    return std::pair{alone({x, a, a_norm.weight, gate}, {x.shape()}, {x.dtype()}, launch->grid, launch->block, args,
+                           std::nullopt, false, {})[0],
+                     std::optional<mx::array>{}};
   }
   args.emplace_back("NEXT_EPS_BITS", cuda_eps_bits(next->norm.eps));
   auto out = with_next({x, a, a_norm.weight, gate, next->norm.weight, next->scale}, {x.shape(), x.shape()},
-                       {x.dtype(), x.dtype()}, grid, block, args, std::nullopt, false, {});
+                       {x.dtype(), x.dtype()}, launch->grid, launch->block, args, std::nullopt, false, {});
   return std::pair{out[0], std::optional<mx::array>{out[1]}};
 }
 
@@ -237,28 +237,26 @@ std::optional<std::pair<mx::array, mx::array>> cuda_gated_residual_modulated_lay
   for (const auto* v : per_sample) {
     if (v->strides(2) != 1 && v->shape(2) > 1) return std::nullopt;
   }
-  const int threads = cuda_row_threads(x.shape(2));
-  if (threads == 0) return std::nullopt;
+  const auto launch = row_launch(x);
+  if (!launch) return std::nullopt;
   static auto alone =
       mx::fast::cuda_kernel("mlxr_modulated_layer_norm", {"x", "one_plus_scale", "shift"}, {"out"}, kModulatedLayerNorm,
                             std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 0\n", false);
   static auto after_residual = mx::fast::cuda_kernel(
       "mlxr_gated_residual_modulated_layer_norm", {"x", "y", "gate", "one_plus_scale", "shift"}, {"h", "out"},
       kModulatedLayerNorm, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 1\n", false);
-  const long long rows = static_cast<long long>(x.shape(0)) * x.shape(1);
-  const int per_thread = (x.shape(2) + threads - 1) / threads;
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", per_thread}};
-  const std::tuple<int, int, int> grid{cuda_checked_threads(rows * threads), 1, 1}, block{threads, 1, 1};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", launch->per_thread}};
   // The rows are read as contiguous (a no-op for the blocks' outputs, which are).
   auto rows_of = [](const mx::array& a) { return mx::contiguous(a); };
   if (!residual) {
-    auto out = alone({rows_of(x), one_plus_scale, shift}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt,
-                     false, {})[0];
+    auto out = alone({rows_of(x), one_plus_scale, shift}, {x.shape()}, {x.dtype()}, launch->grid, launch->block, args,
+                     std::nullopt, false, {})[0];
     return std::pair{x, out};
   }
-  auto out = after_residual({rows_of(x), rows_of(residual->y), residual->gate, one_plus_scale, shift},
-                            {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, grid, block, args, std::nullopt, false, {});
+  auto out =
+      after_residual({rows_of(x), rows_of(residual->y), residual->gate, one_plus_scale, shift}, {x.shape(), x.shape()},
+                     {x.dtype(), x.dtype()}, launch->grid, launch->block, args, std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
 

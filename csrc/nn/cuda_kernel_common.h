@@ -4,7 +4,9 @@
 
 #include <bit>
 #include <limits>
+#include <optional>
 #include <stdexcept>
+#include <tuple>
 
 #include "nn/weights.h"
 
@@ -102,11 +104,20 @@ inline int cuda_checked_threads(long long threads) {
   return static_cast<int>(threads);
 }
 
-// Threads per block for rows of n: 256 up to 8,192 wide (hidden sizes of up to 8B-class models), 1,024 beyond;
-// 0 where a row would need more than kCudaMaxPerThread elements a thread (over 32,768).
-inline int cuda_row_threads(int n) {
+// A row kernel's launch: one block per row, 256 threads for rows up to 8,192 wide (hidden sizes of up to 8B-class
+// models), 1,024 beyond, each thread holding per_thread elements (the kernels' PER_THREAD); nullopt where a row would
+// need more than kCudaMaxPerThread elements a thread (over 32,768).
+struct CudaRowLaunch {
+  int per_thread;
+  std::tuple<int, int, int> grid, block;
+};
+
+inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n) {
   const int threads = n <= 256 * kCudaMaxPerThread ? 256 : 1024;
-  return (n + threads - 1) / threads <= kCudaMaxPerThread ? threads : 0;
+  const int per_thread = (n + threads - 1) / threads;
+  if (per_thread > kCudaMaxPerThread) return std::nullopt;
+  return CudaRowLaunch{
+      .per_thread = per_thread, .grid = {cuda_checked_threads(rows * threads), 1, 1}, .block = {threads, 1, 1}};
 }
 
 }  // namespace mlxr

@@ -83,14 +83,11 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
                                              kAddRmsNorm, kCudaBlockSum, /*ensure_row_contiguous=*/true);
   const int n = x.shape(-1);
-  const int threads = cuda_row_threads(n);
-  if (threads == 0) return std::nullopt;
-  const int per_thread = (n + threads - 1) / threads;
-  const long long rows = static_cast<long long>(x.size()) / n;
-  auto out =
-      kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()},
-             {cuda_checked_threads(rows * threads), 1, 1}, {threads, 1, 1},
-             {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", per_thread}}, std::nullopt, false, {});
+  const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
+  if (!launch) return std::nullopt;
+  auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,
+                    {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", launch->per_thread}},
+                    std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
 

@@ -44,13 +44,17 @@ bool dequantized_on_cpu(const mx::array& x) {
   return on_cpu_kernels(x) && static_cast<int64_t>(x.size()) / x.shape(-1) >= kCpuDequantizedRows;
 }
 
+// x times the dequantized W^T, in x's dtype (the weight stays packed in memory; this copy is transient).
+mx::array dequantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  const auto& spec = q.spec;
+  auto weight = mx::dequantize(packed, q.scales, q.biases, spec.group_size, spec.bits, spec.mode);
+  return scaled(mx::matmul(x, mx::transpose(mx::astype(weight, x.dtype()))), q);
+}
+
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
-  if (dequantized_on_cpu(x)) {
-    auto weight = mx::dequantize(packed, q.scales, q.biases, spec.group_size, spec.bits, spec.mode);
-    return scaled(mx::matmul(x, mx::transpose(mx::astype(weight, x.dtype()))), q);
-  }
+  if (dequantized_on_cpu(x)) return dequantized_matmul(x, packed, q);
   if (needs_bf16_activations(x, spec)) {
     // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
     auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };
@@ -60,10 +64,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
     return scaled(mx::astype(y, mx::float32), q);
   }
   if (auto y = cuda_quantized_matvec(x, packed, q)) return *y;
-  if (single_group_rows_on_cuda(packed, spec)) {
-    auto weight = mx::dequantize(packed, q.scales, q.biases, spec.group_size, spec.bits, spec.mode);
-    return mx::matmul(x, mx::transpose(mx::astype(weight, x.dtype())));
-  }
+  if (single_group_rows_on_cuda(packed, spec)) return dequantized_matmul(x, packed, q);
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
 
