@@ -44,7 +44,6 @@ from mlxrunner.imagegen.pipeline import (
     ImagePipeline,
     ImageRequest,
     Progress,
-    denoise_queue_depth_for,
     read_schedule,
 )
 from mlxrunner.imagegen.vae import Vae, auto_tile, decode_working_bytes, request_tile
@@ -164,8 +163,7 @@ class Flux2KleinPipeline(ImagePipeline):
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
                  denoise_queue_depth: int | None = None, low_memory: bool = False):
         progress = progress or (lambda p: None)
-        super().__init__(source, release_text_encoder, low_memory)
-        self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
+        super().__init__(source, release_text_encoder, low_memory, denoise_queue_depth)
         if self.text_encoder.num_layers < max(TEXT_LAYERS):
             raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
                              f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")

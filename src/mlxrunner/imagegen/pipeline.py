@@ -54,6 +54,7 @@ def denoise_queue_depth_for(requested: int | None, low_memory: bool) -> int:
         return requested
     return LOW_MEMORY_DENOISE_QUEUE_DEPTH if low_memory else DEFAULT_DENOISE_QUEUE_DEPTH
 
+
 # Both models' transformers see the image as tokens of 16 x 16 pixels (8x VAE x 2x2 patches):
 # sizes round down to multiples of it.
 SIZE_MULTIPLE = 16
@@ -225,13 +226,15 @@ class ImagePipeline(ABC):
     base_defaults: dict  # and of the undistilled (base) models
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
 
-    def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False):
+    def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False,
+                 denoise_queue_depth: int | None = None):
         """What loading any model starts with: distilled or not, the Qwen3 text encoder. `low_memory` holds
         the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes,
         frees it, reads the transformer, denoises and frees it before the VAE decodes (both are read again from
-        their files on the next request)."""
+        their files on the next request). `denoise_queue_depth`: None takes the mode's default."""
         self.source = source
         self.low_memory = low_memory
+        self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
         self.release_text_encoder = release_text_encoder or low_memory
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults

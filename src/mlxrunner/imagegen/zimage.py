@@ -32,7 +32,6 @@ from mlxrunner.imagegen.pipeline import (
     ImagePipeline,
     ImageRequest,
     Progress,
-    denoise_queue_depth_for,
     read_schedule,
 )
 from mlxrunner.imagegen.vae import Vae
@@ -73,8 +72,7 @@ class ZImagePipeline(ImagePipeline):
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
                  denoise_queue_depth: int | None = None, low_memory: bool = False):
         progress = progress or (lambda p: None)
-        super().__init__(source, release_text_encoder, low_memory)
-        self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
+        super().__init__(source, release_text_encoder, low_memory, denoise_queue_depth)
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
         if config.cap_feat_dim != self.text_encoder.hidden_size:
