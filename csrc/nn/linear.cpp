@@ -40,8 +40,17 @@ bool single_group_rows_on_cuda(const mx::array& packed, const QuantSpec& spec) {
 // the dequantized weight (a transient float copy of one layer's weight at a time).
 constexpr int64_t kCpuDequantizedRows = 4;
 
-bool dequantized_on_cpu(const mx::array& x) {
-  return on_cpu_kernels(x) && static_cast<int64_t>(x.size()) / x.shape(-1) >= kCpuDequantizedRows;
+// MLX 0.32.4's CUDA quantized_matmul for many rows is a tiled kernel far from cuBLAS's products: a quantized
+// Z-Image (4,128-row products) made its images 3x slower than the float model's on an H200 (2.83 s at 8 bits, 3.28 s
+// at 4 bits, 0.955 s in bf16). From this many rows on, CUDA also multiplies the dequantized weight (a transient
+// float copy of one layer's weight; reading it back costs less than the product saves). The crossover was measured
+// with benchmarks/gpu/qmm_bench.py (benchmarks/README.md, "Quantized products of many rows").
+constexpr int64_t kCudaDequantizedRows = 32;
+
+bool dequantized_product(const mx::array& x) {
+  const int64_t rows = static_cast<int64_t>(x.size()) / x.shape(-1);
+  if (on_cpu_kernels(x)) return rows >= kCpuDequantizedRows;
+  return running_on_cuda() && rows >= kCudaDequantizedRows;
 }
 
 // x times the dequantized W^T, in x's dtype (the weight stays packed in memory; this copy is transient).
@@ -54,7 +63,7 @@ mx::array dequantized_matmul(const mx::array& x, const mx::array& packed, const 
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
-  if (dequantized_on_cpu(x)) return dequantized_matmul(x, packed, q);
+  if (dequantized_product(x)) return dequantized_matmul(x, packed, q);
   if (needs_bf16_activations(x, spec)) {
     // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
     auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };

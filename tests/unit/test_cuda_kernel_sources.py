@@ -36,6 +36,7 @@ static Dim3 threadIdx, blockIdx, blockDim;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 inline float block_sum(float v) { return v; }
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 extern "C" void run_block(unsigned block) { blockIdx.x = block; threadIdx.x = 0; blockDim.x = 1; }
 """
 
@@ -69,7 +70,7 @@ def as_function(name: str, body: str, defines: str, inputs: list[str], outputs: 
     params += [f"float* {n}" for n in outputs]
     bits = struct.unpack("<i", struct.pack("<f", EPS))[0]
     constants = {"PER_THREAD": WIDTH, "EPS_BITS": bits, "NEXT_EPS_BITS": bits, "D": 128, "Q_HEADS": 4,
-                 "KV_HEADS": 2, "TRADITIONAL": 0}
+                 "KV_HEADS": 2, "TRADITIONAL": 0, "PAIRS": 2}
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
     undefine = "".join(f"#undef {line.split()[1]}\n" for line in defines.splitlines())
     signature = f'extern "C" void {name}({", ".join(params)})'
