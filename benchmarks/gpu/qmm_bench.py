@@ -26,13 +26,21 @@ ROWS = [8, 16, 32, 64, 128, 256, 1024, 4096]
 REPEATS = 10
 
 
-def best_ms(make) -> float:
+def quantized_product(x, weight, bits):
+    return mx.quantized_matmul(x, *weight, True, 64, bits)
+
+
+def dequantized_product(x, weight, bits):
+    return x @ mx.dequantize(*weight, 64, bits).T
+
+
+def best_ms(product, *args) -> float:
     """Best of 3 rounds of REPEATS products evaluated together, per product."""
-    mx.eval(make())  # first use: kernels compiled here
+    mx.eval(product(*args))  # first use: kernels compiled here
     times = []
     for _ in range(3):
         started = time.perf_counter()
-        mx.eval([make() for _ in range(REPEATS)])
+        mx.eval([product(*args) for _ in range(REPEATS)])
         mx.synchronize()
         times.append((time.perf_counter() - started) / REPEATS * 1e3)
     return min(times)
@@ -46,13 +54,13 @@ def main() -> None:
     for bits in (4, 8):
         for name, n, k in WEIGHTS:
             w = mx.random.normal((n, k), dtype=mx.bfloat16) * 0.02
-            packed, scales, biases = mx.quantize(w, group_size=64, bits=bits)
-            mx.eval(packed, scales, biases)
+            weight = mx.quantize(w, group_size=64, bits=bits)
+            mx.eval(weight)
             for rows in ROWS:
                 x = mx.random.normal((rows, k), dtype=mx.bfloat16)
                 mx.eval(x)
-                qmm = best_ms(lambda: mx.quantized_matmul(x, packed, scales, biases, True, 64, bits))
-                deq = best_ms(lambda: x @ mx.dequantize(packed, scales, biases, 64, bits).T)
+                qmm = best_ms(quantized_product, x, weight, bits)
+                deq = best_ms(dequantized_product, x, weight, bits)
                 results.append({"bits": bits, "weight": name, "rows": rows, "qmm_ms": qmm, "dequantized_ms": deq})
                 print(f"{bits}-bit {name:28s} rows {rows:5d}: qmm {qmm:8.3f} ms  dequantized {deq:8.3f} ms  "
                       f"qmm/dequantized {qmm / deq:5.2f}", flush=True)
