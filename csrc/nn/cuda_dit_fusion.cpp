@@ -107,8 +107,8 @@ constexpr const char* kModulatedLayerNorm = R"(
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
   T scale_v[PER_THREAD], shift_v[PER_THREAD];
-  load_vector(scale_v, one_plus_scale + sample * one_plus_scale_strides[0], one_plus_scale_strides[2], n);
-  load_vector(shift_v, shift + sample * shift_strides[0], shift_strides[2], n);
+  load_row_vector(scale_v, one_plus_scale + sample * one_plus_scale_strides[0], one_plus_scale_strides[2], n);
+  load_row_vector(shift_v, shift + sample * shift_strides[0], shift_strides[2], n);
   float v[PER_THREAD];
 #if RESIDUAL
   float yv[PER_THREAD];
@@ -134,7 +134,7 @@ constexpr const char* kModulatedLayerNorm = R"(
     const T scaled = scale_v[k] * static_cast<T>((v[k] - mean) * normalizer);
     result[k] = scaled + shift_v[k];
   }
-  store_row(out + first, result, n);
+  store_held_row(out + first, result, n);
 )";
 
 // MLXRUNNER_DIT_FUSION=0 turns these kernels off (MLX's operations run instead): a switch for measuring what they

@@ -83,7 +83,7 @@ __device__ inline float load_row(const In* row, int n, float (&v)[PER_THREAD]) {
 
 // This thread's elements of a vector of n (a weight, or a per-sample vector read every `step` elements), in T.
 template <int PER_THREAD, typename T>
-__device__ inline void load_vector(T (&out)[PER_THREAD], const T* vector, long long step, int n) {
+__device__ inline void load_row_vector(T (&out)[PER_THREAD], const T* vector, long long step, int n) {
 #pragma unroll
   for (int k = 0; k < PER_THREAD; k += 4) {
     const int j = held_index(k);
@@ -104,7 +104,7 @@ template <int PER_THREAD, typename T>
 __device__ inline void norm_row(float (&out)[PER_THREAD], const float (&v)[PER_THREAD], int n, float normalizer,
                                 const T* weight) {
   T w[PER_THREAD];
-  load_vector(w, weight, 1, n);
+  load_row_vector(w, weight, 1, n);
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
     out[k] = held_index(k) < n ? static_cast<float>(w[k] * static_cast<T>(v[k] * normalizer)) : 0.f;
@@ -113,7 +113,7 @@ __device__ inline void norm_row(float (&out)[PER_THREAD], const float (&v)[PER_T
 
 // Stores this thread's held values (floats holding T values) to a row of n.
 template <int PER_THREAD, typename T>
-__device__ inline void store_row(T* row, const T (&v)[PER_THREAD], int n) {
+__device__ inline void store_held_row(T* row, const T (&v)[PER_THREAD], int n) {
 #pragma unroll
   for (int k = 0; k < PER_THREAD; k += 4) {
     const int j = held_index(k);
@@ -132,10 +132,10 @@ __device__ inline void store_scaled_norm(T* out, const float (&v)[PER_THREAD], i
   float normed[PER_THREAD];
   norm_row(normed, v, n, normalizer, weight);
   T scaled[PER_THREAD];
-  load_vector(scaled, scale, 1, n);
+  load_row_vector(scaled, scale, 1, n);
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) scaled[k] = static_cast<T>(normed[k]) * scaled[k];
-  store_row(out, scaled, n);
+  store_held_row(out, scaled, n);
 }
 
 // A residual, h = x + gate * term (the product and the sum in T, as MLX's multiply and add round them), for this
@@ -147,13 +147,13 @@ __device__ inline void store_residual(T* h, float (&v)[PER_THREAD], const T* x, 
   T sum[PER_THREAD], g[PER_THREAD];
   float xv[PER_THREAD];
   load_row(x, n, xv);
-  load_vector(g, gate, gate_step, n);
+  load_row_vector(g, gate, gate_step, n);
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
     sum[k] = static_cast<T>(xv[k]) + g[k] * static_cast<T>(term[k]);
     v[k] = held_index(k) < n ? static_cast<float>(sum[k]) : 0.f;
   }
-  store_row(h, sum, n);
+  store_held_row(h, sum, n);
 }
 )";
 

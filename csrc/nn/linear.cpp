@@ -45,7 +45,7 @@ constexpr int64_t kCpuDequantizedRows = 4;
 // at 4 bits, 0.955 s in bf16). From this many rows on, CUDA also multiplies the dequantized weight (a transient
 // float copy of one layer's weight; reading it back costs less than the product saves). The crossover was measured
 // with benchmarks/gpu/qmm_bench.py (benchmarks/README.md, "Quantized products of many rows").
-constexpr int64_t kCudaDequantizedRows = 32;
+constexpr int64_t kCudaDequantizedRows = 512;
 
 bool dequantized_product(const mx::array& x) {
   const int64_t rows = static_cast<int64_t>(x.size()) / x.shape(-1);

@@ -120,6 +120,10 @@ Matrix Weights::for_cuda(const std::string& full, const mx::array& packed, const
   if (cuda_runs_packed(cols, q.spec.group_size)) return Matrix{packed, q};
   auto unpacked = mx::dequantize(packed, q.scales, q.biases, q.spec.group_size, q.spec.bits, q.spec.mode);
   if (q.global_scale) unpacked = mx::multiply(unpacked, mx::astype(*q.global_scale, unpacked.dtype()));
+  // Now, not at the first request: a network whose loader reads only the checkpoint's arrays (the DiTs) would
+  // otherwise hold the packed arrays until then and grow by the float copy mid-request (seen on an H200: a tiny
+  // Z-Image's held bytes after load were its packed ones).
+  mx::eval(unpacked);
   return Matrix{unpacked, std::nullopt};
 }
 
