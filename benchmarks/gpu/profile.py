@@ -37,6 +37,10 @@ Cases (run in the order llm, vae, denoise, sweep; the sweep is the longest):
    z / scaling_factor + shift_factor as its pipeline) in a child process so torch's CUDA allocations
    and MLX's never share one. Both sides end on host pixels in [0, 1]. One warm-up, one profiled
    decode, and the median of 3 unprofiled decodes.
+2b. pcache: the prompt cache's second request on the Qwen3-4B shape (bf16), ours only: a 3,000-token prompt,
+   then it + 64 tokens, one greedy token each (benchmarks/prompt_cache_sides.py's `Ours`), beside the same 64
+   tokens as a fresh prompt, a 1-token prompt and the whole 3,064 tokens again (all cached); medians of 5 after a
+   warm-up of each; then the second request profiled: whether its time is kernels or the host between them.
 3. denoise: the Z-Image denoiser's kernels per step and each image phase's peak memory, ours and
    diffusers' (benchmarks/gpu/profile_image.py says how).
 4. sweep: MLX reads MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph before it is
@@ -84,7 +88,7 @@ from benchmarks.gpu.llm_bench import SIDES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP_MODELS = ["qwen3-0.6b", "qwen3-4b"]
 VAE_FOLDER = "zimage-turbo"
-CASES = ["llm", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
+CASES = ["llm", "pcache", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
 CHUNK = 2048  # prefill chunk, both sides (llm_bench's default)
 PROMPT_TOKENS = 128
 WARMUP_TOKENS = 40
@@ -506,6 +510,48 @@ def case_llm(mx, args, report: dict, profiler: KernelProfiler, save, deadline: f
             save()
 
 
+# --- case: pcache ------------------------------------------------------------------------------------
+
+PCACHE_MODEL = "qwen3-4b"
+PCACHE_PROMPT, PCACHE_FOLLOW_UP, PCACHE_ROUNDS = 3000, 64, 5
+
+
+def case_pcache(mx, args, report: dict, profiler: KernelProfiler, save, deadline: float) -> None:
+    from benchmarks.prompt_cache_sides import Ours, prompt
+
+    section = report.setdefault("pcache", {"settings": {"model": PCACHE_MODEL, "prompt": PCACHE_PROMPT,
+                                                        "follow_up": PCACHE_FOLLOW_UP, "rounds": PCACHE_ROUNDS}})
+    first = prompt(PCACHE_PROMPT)
+    second = first + prompt(PCACHE_FOLLOW_UP, salt=7)
+    ours = Ours(args.models_dir / PCACHE_MODEL)
+
+    def after_first():  # the cache holds the first prompt; the second request is then timed
+        ours.clear()
+        ours.request(first)
+
+    def nothing():
+        ours.clear()
+
+    requests = {"second (prompt cached)": (after_first, second), "the follow-up alone, fresh": (nothing, second[-64:]),
+                "1 token, fresh": (nothing, prompt(1, salt=3)), "all 3,064 again (cached)": (None, second)}
+    medians = {}
+    for name, (setup, ids) in requests.items():
+        times = []
+        for _ in range(1 + PCACHE_ROUNDS):  # the first is a warm-up
+            if setup:
+                setup()
+            else:
+                after_first()
+                ours.request(second)
+            times.append(ours.request(ids)[0])
+        medians[name] = 1000 * statistics.median(times[1:])
+    section["unprofiled_ms"] = medians
+    log("[pcache] " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians.items()))
+    after_first()
+    section["profile"] = profiler.run("pcache-second", lambda: ours.request(second), per=1)
+    save()
+
+
 # --- case: vae ---------------------------------------------------------------------------------------
 
 
@@ -851,6 +897,14 @@ def markdown(report: dict) -> str:
                 notes += _top_lines(f"{model} {side}", p, tokens)
                 notes += _ncu_lines(f"{model} {side}", r.get("ncu"), NCU_TOKENS)
         lines += ["", "Top kernels (count and ms per token):", "", *notes, ""]
+    if "pcache" in report and "profile" in report["pcache"]:
+        pc = report["pcache"]
+        lines += [f"## Prompt cache, {pc['settings']['model']}: the second request ({pc['settings']['prompt']}-token "
+                  f"prompt cached, + {pc['settings']['follow_up']})", "",
+                  "Unprofiled medians: " + ", ".join(f"{k} {_f(v, 1)} ms" for k, v in pc["unprofiled_ms"].items()),
+                  "", *_profile_head(["request"]),
+                  _profile_row(["second"], pc["unprofiled_ms"]["second (prompt cached)"], pc["profile"], 1, 1, 2),
+                  "", *_top_lines("second request", pc["profile"], 1), ""]
     if "vae" in report:
         vae = report["vae"]
         s = vae["settings"]
@@ -943,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         report["errors"]["cases"] = f"unknown case(s) {unknown}; known: {', '.join(CASES)}"
     mx = None
-    if {"llm", "vae", "denoise"} & set(args.cases):
+    if {"llm", "pcache", "vae", "denoise"} & set(args.cases):
         try:
             import mlxrunner  # noqa: F401, I001  (first: MLX's CUDA libraries load before torch's)
             import mlx.core as mx
@@ -965,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if case == "llm":
                     case_llm(mx, args, report, profiler, save, deadline)
+                elif case == "pcache":
+                    case_pcache(mx, args, report, profiler, save, deadline)
                 elif case == "vae":
                     case_vae(mx, args, report, profiler, save, deadline)
                 elif case == "denoise":

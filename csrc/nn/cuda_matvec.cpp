@@ -15,6 +15,9 @@ namespace {
 // shapes (benchmarks/README.md, "4-bit products"): one warp, four rows, whose x chunk serves all four.
 constexpr int kRowsPerBlock = 4;
 constexpr int kWarpsPerBlock = 1;
+// Chunks of each row a lane loads before it multiplies (benchmarks/gpu/matvec_bench.py times 1, 2 and 4; 1 is the
+// kernel the "4-bit products" figures were measured with).
+constexpr int kChunksPerPass = 1;
 
 constexpr const char* kQuantizedSource = R"(
   // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T).
@@ -42,68 +45,79 @@ constexpr const char* kQuantizedSource = R"(
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
-  for (int c = warp * 32 + lane; c < chunks_per_row; c += 32 * W) {
-    const int group = c * kPerChunk / GROUP;
-    unsigned words[R][4];
-    float scale[R], bias[R];
+  // Each pass takes U chunks of each of the R rows, every weight load issued before any arithmetic (U = 1: a chunk's
+  // arithmetic waits out its loads' memory latency).
+  for (int c0 = warp * 32 + lane; c0 < chunks_per_row; c0 += 32 * W * U) {
+    unsigned words[U][R][4];
+    float scale[U][R], bias[U][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = min(first_row + r, n_rows - 1);  // past the last row: repeats it, not written
-      const size_t at = static_cast<size_t>(row) * words_per_row + 4 * c;
-      if (w_aligned) {
-        const uint4 v = *reinterpret_cast<const uint4*>(w + at);
-        words[r][0] = v.x;
-        words[r][1] = v.y;
-        words[r][2] = v.z;
-        words[r][3] = v.w;
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) words[r][i] = w[at + i];
-      }
-      scale[r] = static_cast<float>(scales[static_cast<size_t>(row) * groups_per_row + group]);
-      bias[r] = static_cast<float>(biases[static_cast<size_t>(row) * groups_per_row + group]);
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      // The chunk's inputs as float, each divided by the place value its weight is read at (a weight masked
-      // in place inside its 16-bit half is q * 2^(BITS * j)): powers of two, so exact.
-      const T* xm = x + static_cast<size_t>(m) * k + static_cast<size_t>(c) * kPerChunk;
-      float xs[kPerChunk];
-      if (x_aligned) {
-#pragma unroll
-        for (int v = 0; v < kPerChunk / 8; ++v) {
-          const uint4 packed = *reinterpret_cast<const uint4*>(xm + 8 * v);
-          const T* eight = reinterpret_cast<const T*>(&packed);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) xs[8 * v + i] = static_cast<float>(eight[i]);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kPerChunk; ++i) xs[i] = static_cast<float>(xm[i]);
-      }
-      float x_sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kPerChunk; ++i) {
-        x_sum += xs[i];
-        xs[i] *= __int_as_float((127 - BITS * (i % kPerHalf)) << 23);  // 2^-(BITS * j)
-      }
+    for (int u = 0; u < U; ++u) {
+      const int c = min(c0 + u * 32 * W, chunks_per_row - 1);  // past the row's end: repeats its last chunk, not summed
+      const int group = c * kPerChunk / GROUP;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        // sum of x q over the chunk; the affine weight is scale * q + bias.
-        float dot = 0.f;
+        const int row = min(first_row + r, n_rows - 1);  // past the last row: repeats it, not written
+        const size_t at = static_cast<size_t>(row) * words_per_row + 4 * c;
+        if (w_aligned) {
+          const uint4 v = *reinterpret_cast<const uint4*>(w + at);
+          words[u][r][0] = v.x;
+          words[u][r][1] = v.y;
+          words[u][r][2] = v.z;
+          words[u][r][3] = v.w;
+        } else {
 #pragma unroll
-        for (int wi = 0; wi < 4; ++wi) {
-          const unsigned halves[2] = {words[r][wi] & 0xFFFFu, words[r][wi] >> 16};
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int j = 0; j < kPerHalf; ++j) {
-              // 2^23 + q * 2^(BITS * j) as a float's bits (the value, < 2^16, fills the mantissa), minus 2^23.
-              const float q = __int_as_float((halves[h] & (kMask << (BITS * j))) | 0x4B000000u) - 8388608.f;
-              dot = fmaf(xs[wi * kPerWord + h * kPerHalf + j], q, dot);
-            }
+          for (int i = 0; i < 4; ++i) words[u][r][i] = w[at + i];
         }
-        acc[m][r] += scale[r] * dot + bias[r] * x_sum;
+        scale[u][r] = static_cast<float>(scales[static_cast<size_t>(row) * groups_per_row + group]);
+        bias[u][r] = static_cast<float>(biases[static_cast<size_t>(row) * groups_per_row + group]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32 * W;
+      if (c >= chunks_per_row) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        // The chunk's inputs as float, each divided by the place value its weight is read at (a weight masked
+        // in place inside its 16-bit half is q * 2^(BITS * j)): powers of two, so exact.
+        const T* xm = x + static_cast<size_t>(m) * k + static_cast<size_t>(c) * kPerChunk;
+        float xs[kPerChunk];
+        if (x_aligned) {
+#pragma unroll
+          for (int v = 0; v < kPerChunk / 8; ++v) {
+            const uint4 packed = *reinterpret_cast<const uint4*>(xm + 8 * v);
+            const T* eight = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xs[8 * v + i] = static_cast<float>(eight[i]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kPerChunk; ++i) xs[i] = static_cast<float>(xm[i]);
+        }
+        float x_sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kPerChunk; ++i) {
+          x_sum += xs[i];
+          xs[i] *= __int_as_float((127 - BITS * (i % kPerHalf)) << 23);  // 2^-(BITS * j)
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // sum of x q over the chunk; the affine weight is scale * q + bias.
+          float dot = 0.f;
+#pragma unroll
+          for (int wi = 0; wi < 4; ++wi) {
+            const unsigned halves[2] = {words[u][r][wi] & 0xFFFFu, words[u][r][wi] >> 16};
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int j = 0; j < kPerHalf; ++j) {
+                // 2^23 + q * 2^(BITS * j) as a float's bits (the value, < 2^16, fills the mantissa), minus 2^23.
+                const float q = __int_as_float((halves[h] & (kMask << (BITS * j))) | 0x4B000000u) - 8388608.f;
+                dot = fmaf(xs[wi * kPerWord + h * kPerHalf + j], q, dot);
+              }
+          }
+          acc[m][r] += scale[u][r] * dot + bias[u][r] * x_sum;
+        }
       }
     }
   }
@@ -150,10 +164,15 @@ mx::array launch(const mx::fast::CustomKernelFunction& kernel, const std::vector
   const long long threads = static_cast<long long>((n + kRowsPerBlock - 1) / kRowsPerBlock) * 32 * kWarpsPerBlock;
   if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
   const auto dtype = inputs[0].dtype();
-  return kernel(
-      inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerBlock, 1, 1},
-      {{"T", dtype}, {"BITS", bits}, {"GROUP", group_size}, {"M", rows}, {"R", kRowsPerBlock}, {"W", kWarpsPerBlock}},
-      std::nullopt, false, {})[0];
+  return kernel(inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerBlock, 1, 1},
+                {{"T", dtype},
+                 {"BITS", bits},
+                 {"GROUP", group_size},
+                 {"M", rows},
+                 {"R", kRowsPerBlock},
+                 {"W", kWarpsPerBlock},
+                 {"U", kChunksPerPass}},
+                std::nullopt, false, {})[0];
 }
 
 }  // namespace
