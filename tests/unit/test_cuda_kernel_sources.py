@@ -195,6 +195,6 @@ def test_the_decode_product_kernel_source_compiles(tmp_path, bits, chunks_per_pa
     code = (MATVEC_PRELUDE + 'extern "C" void matvec(const float* x, const unsigned* w, const int* w_shape, '
             "const float* scales, const float* biases, float* out) {\n  using T = float;\n" + lines + source + "\n}\n")
     (tmp_path / "matvec.cpp").write_text(code)
-    built = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(tmp_path / "matvec.cpp")],
-                           capture_output=True, text=True)
+    command = [compiler, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(tmp_path / "matvec.cpp")]
+    built = subprocess.run(command, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
