@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace mlxr::cpu_loops {
 
@@ -36,6 +37,12 @@ struct Loops {
   // in the baseline loops, whose CPUs keep the im2col-and-sgemm convolution.
   void (*conv_block)(const float* const* rows, int kernel, int channels, const float* panel, float* out,
                      int out_stride);
+  // One output of a packed affine product (4- or 8-bit): sum over the row's `groups` groups of `group_size` (a
+  // multiple of 8) of scale * (q . x) + bias * x_sums[g]; w is the output's row of packed words.
+  float (*affine_dot_4bit)(const std::uint32_t* w, const float* scales, const float* biases, const float* x,
+                           const float* x_sums, int groups, int group_size);
+  float (*affine_dot_8bit)(const std::uint32_t* w, const float* scales, const float* biases, const float* x,
+                           const float* x_sums, int groups, int group_size);
 };
 
 namespace baseline {

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -754,6 +755,51 @@ class CpuConv2d : public CpuKernel {
   bool has_bias_, has_residual_, upsample_2x_;
 };
 
+// x [rows, K] float32 times a packed affine weight [N, K * bits / 32] (4 or 8 bits) with float32 scales and biases
+// [N, K / group_size] -> [rows, N]: the outputs split over the cores, each a row of weights read once per input row.
+class CpuAffineMatvec : public CpuKernel {
+ public:
+  CpuAffineMatvec(mx::Stream stream, int bits, int group_size)
+      : CpuKernel(stream), bits_(bits), group_size_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int k = x.shape(-1), n = w.shape(0), rows = static_cast<int>(x.size() / k);
+    dispatch(inputs, out,
+             [x = x.data<float>(), w = w.data<uint32_t>(), scales = scales.data<float>(), biases = biases.data<float>(),
+              y = out.data<float>(), k, n, rows, bits = bits_, group = group_size_] {
+               const int groups = k / group, words = k * bits / 32;
+               const auto dot = bits == 4 ? loops().affine_dot_4bit : loops().affine_dot_8bit;
+               std::vector<float> x_sums(static_cast<size_t>(rows) * groups);
+               for (size_t g = 0; g < x_sums.size(); ++g) {
+                 float sum = 0.0f;
+                 for (int i = 0; i < group; ++i) sum += x[g * group + i];
+                 x_sums[g] = sum;
+               }
+               // Each output's weights once (from the cache after the first row), for every row.
+               on_all_cores(n, static_cast<size_t>(k) * rows, [&](size_t begin, size_t end) {
+                 for (size_t o = begin; o < end; ++o) {
+                   for (int r = 0; r < rows; ++r) {
+                     y[static_cast<size_t>(r) * n + o] =
+                         dot(w + o * words, scales + o * groups, biases + o * groups, x + static_cast<size_t>(r) * k,
+                             x_sums.data() + static_cast<size_t>(r) * groups, groups, group);
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuAffineMatvec)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuAffineMatvec&>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+
+ private:
+  int bits_, group_size_;
+};
+
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
 template <typename Kernel>
 mx::array run_kernel(std::vector<mx::array> inputs) {
@@ -874,6 +920,24 @@ mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, c
                    std::make_shared<CpuConv2d>(mx::default_stream(mx::Device::cpu), padding, extras.bias.has_value(),
                                                extras.residual.has_value(), extras.upsample_2x),
                    std::move(inputs));
+}
+
+std::optional<mx::array> affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
+                                           const mx::array& biases, int bits, int group_size) {
+  if (!on_cpu_kernels(x) || (bits != 4 && bits != 8) || group_size % 8 != 0 || scales.dtype() != mx::float32 ||
+      biases.dtype() != mx::float32 || packed.dtype() != mx::uint32 || packed.ndim() != 2 || x.ndim() < 1) {
+    return std::nullopt;
+  }
+  const int k = x.shape(-1), n = packed.shape(0), groups = k / group_size;
+  if (k % group_size != 0 || packed.shape(1) != k * bits / 32 || scales.shape() != mx::Shape{n, groups} ||
+      biases.shape() != mx::Shape{n, groups}) {
+    return std::nullopt;
+  }
+  auto shape = x.shape();
+  shape.back() = n;
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<CpuAffineMatvec>(mx::default_stream(mx::Device::cpu), bits, group_size),
+                   {mx::contiguous(x), mx::contiguous(packed), mx::contiguous(scales), mx::contiguous(biases)});
 }
 
 }  // namespace mlxr

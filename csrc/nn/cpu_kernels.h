@@ -73,4 +73,12 @@ struct CpuConvExtras {
 // side buffer 9x the input built by one thread.
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
+// x [..., K] float32 times the transpose of a packed affine weight [N, K * bits / 32] of 4 or 8 bits with float32
+// scales and biases [N, K / group_size] (group_size a multiple of 8), for the few rows of a decode step: MLX 0.32's
+// CPU quantized_matmul sums each output's K terms one at a time on one thread (a 0.6B model's 4-bit decode ran ~2
+// tokens a second on 2 cores). Here every core takes a share of the outputs and each output's sum runs eight lanes
+// at a time: MLX's numbers within float32 rounding (the terms summed in another order). nullopt for anything else.
+std::optional<mx::array> affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
+                                           const mx::array& biases, int bits, int group_size);
+
 }  // namespace mlxr

@@ -39,6 +39,13 @@ bool single_group_rows_on_cuda(const mx::array& packed, const QuantSpec& spec) {
 // 256-row products made its images 35x slower than the float model's. From this many rows on, the CPU multiplies
 // the dequantized weight (a transient float copy of one layer's weight at a time).
 constexpr int64_t kCpuDequantizedRows = 4;
+// Below this many rows, affine 4/8-bit weights take our CPU kernel instead (affine_matvec_cpu, every core: ~0.2 ms a
+// row for that weight, so it beats the dequantized product up to ~50 rows; MLX's kernel below 4 rows took 3.8 ms).
+constexpr int64_t kCpuAffineKernelRows = 32;
+
+int64_t rows_of(const mx::array& x) {
+  return static_cast<int64_t>(x.size()) / x.shape(-1);
+}
 
 // MLX 0.32.4's CUDA quantized_matmul for many rows is a tiled kernel far from cuBLAS's products: a quantized
 // Z-Image (4,128-row products) made its images 3x slower than the float model's on an H200 (2.83 s at 8 bits, 3.28 s
@@ -48,9 +55,8 @@ constexpr int64_t kCpuDequantizedRows = 4;
 constexpr int64_t kCudaDequantizedRows = 512;
 
 bool dequantized_product(const mx::array& x) {
-  const int64_t rows = static_cast<int64_t>(x.size()) / x.shape(-1);
-  if (on_cpu_kernels(x)) return rows >= kCpuDequantizedRows;
-  return running_on_cuda() && rows >= kCudaDequantizedRows;
+  if (on_cpu_kernels(x)) return rows_of(x) >= kCpuDequantizedRows;
+  return running_on_cuda() && rows_of(x) >= kCudaDequantizedRows;
 }
 
 // x times the dequantized W^T, in x's dtype (the weight stays packed in memory; this copy is transient).
@@ -63,6 +69,9 @@ mx::array dequantized_matmul(const mx::array& x, const mx::array& packed, const 
 // x W^T for a packed W (transpose=true: W is stored [out, in] like a float weight).
 mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
+  if (spec.mode == "affine" && q.biases && rows_of(x) < kCpuAffineKernelRows) {  // on the CPU, on every core
+    if (auto y = affine_matvec_cpu(x, packed, q.scales, *q.biases, spec.bits, spec.group_size)) return *y;
+  }
   if (dequantized_product(x)) return dequantized_matmul(x, packed, q);
   if (needs_bf16_activations(x, spec)) {
     // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
