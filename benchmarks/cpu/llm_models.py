@@ -1,4 +1,5 @@
-"""Benchmark LLMs: the tiny test fixture, and a Qwen3-0.6B-shaped model with random weights.
+"""Benchmark LLMs: the tiny test fixture, and a Qwen3-0.6B-shaped model with random weights (and its 4- and 8-bit
+quantizations by mlx-lm's own converter, what users download).
 
 The 0.6B-shaped folder is written once into ~/.cache/mlxrunner-bench/ (about 1.2 GB in bf16,
 2.4 GB in float32): config.json with Qwen3-0.6B's architecture, random normal weights (std 0.02)
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -68,6 +71,19 @@ def qwen3_06b(dtype: str = "bfloat16") -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY / name, folder / name)
     (folder / "config.json").write_text(json.dumps({**c, "torch_dtype": dtype}))
+    return folder
+
+
+def quantized_06b(bits: int) -> Path:
+    """The bf16 Qwen3-0.6B-shaped folder quantized by mlx-lm's converter (`mlx_lm.convert -q`: affine, group 64,
+    the tied embedding packed too), built on first use; needs mlx-lm (the bench venv)."""
+    folder = CACHE / f"qwen3-0.6b-shaped-q{bits}"
+    if (folder / "config.json").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # mlx-lm refuses a folder that exists
+    convert = ("import mlxrunner, sys; from mlx_lm import convert; "
+               "convert(sys.argv[1], mlx_path=sys.argv[2], quantize=True, q_bits=int(sys.argv[3]), q_group_size=64)")
+    subprocess.run([sys.executable, "-c", convert, str(qwen3_06b("bfloat16")), str(folder), str(bits)], check=True)
     return folder
 
 

@@ -11,6 +11,7 @@
 #include "nn/cuda_dit_fusion.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
+#include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
 
@@ -52,6 +53,17 @@ void bind_building_blocks(nb::module_& m) {
       },
       "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec).");
+  m.def(
+      "quantized_switch_linear",
+      [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
+         const mx::array& indices, const QuantSpec& spec, bool sorted) {
+        SwitchLinear layer{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
+        return evaluated(layer(x, indices, sorted));
+      },
+      "x"_a, "packed"_a, "scales"_a, "biases"_a, "indices"_a, "spec"_a, "sorted"_a = false,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "A MoE's expert product: x [..., 1, K] times the packed expert weights [E, N, ..] that `indices` pick (as "
+      "mx.gather_qmm: on the CPU, affine 4/8-bit weights take nn/cpu_kernels).");
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias, float eps) {

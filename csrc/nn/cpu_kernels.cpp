@@ -757,6 +757,40 @@ class CpuConv2d : public CpuKernel {
 
 // x [rows, K] float32 times a packed affine weight [N, K * bits / 32] (4 or 8 bits) with float32 scales and biases
 // [N, K / group_size] -> [rows, N]: the outputs split over the cores, each a row of weights read once per input row.
+// Each input row's sums over its groups of `group` elements ([rows, groups]): the bias terms' factor.
+std::vector<float> group_sums(const float* x, size_t rows, int k, int group) {
+  std::vector<float> sums(rows * (k / group));
+  for (size_t g = 0; g < sums.size(); ++g) {
+    float sum = 0.0f;
+    for (int i = 0; i < group; ++i) sum += x[g * group + i];
+    sums[g] = sum;
+  }
+  return sums;
+}
+
+// Products of rows of x [X, K] float32 with rows of packed affine weights [.., N, K * bits / 32] (4 or 8 bits) with
+// float32 scales and biases [.., N, K / group_size]: out [P, N], product p being x's row x_of(p) times the weight
+// matrix weight_of(p). The outputs split over the cores; each core takes its outputs for every product in turn, so
+// consecutive products of one matrix read its rows from the cache.
+template <typename XOf, typename WeightOf>
+void affine_products(const float* x, int k, int x_rows, const uint32_t* w, const float* scales, const float* biases,
+                     int n, int bits, int group, size_t products, const XOf& x_of, const WeightOf& weight_of,
+                     float* y) {
+  const int groups = k / group, words = k * bits / 32;
+  const auto dot = bits == 4 ? loops().affine_dot_4bit : loops().affine_dot_8bit;
+  const auto x_sums = group_sums(x, x_rows, k, group);
+  on_all_cores(n, static_cast<size_t>(k) * products, [&](size_t begin, size_t end) {
+    for (size_t o = begin; o < end; ++o) {
+      for (size_t p = 0; p < products; ++p) {
+        const size_t row = static_cast<size_t>(weight_of(p)) * n + o, xr = x_of(p);
+        y[p * n + o] = dot(w + row * words, scales + row * groups, biases + row * groups, x + xr * k,
+                           x_sums.data() + xr * groups, groups, group);
+      }
+    }
+  });
+}
+
+// x [rows, K] times one packed affine weight [N, ..] -> [rows, N] (affine_matvec_cpu).
 class CpuAffineMatvec : public CpuKernel {
  public:
   CpuAffineMatvec(mx::Stream stream, int bits, int group_size)
@@ -769,30 +803,53 @@ class CpuAffineMatvec : public CpuKernel {
     dispatch(inputs, out,
              [x = x.data<float>(), w = w.data<uint32_t>(), scales = scales.data<float>(), biases = biases.data<float>(),
               y = out.data<float>(), k, n, rows, bits = bits_, group = group_size_] {
-               const int groups = k / group, words = k * bits / 32;
-               const auto dot = bits == 4 ? loops().affine_dot_4bit : loops().affine_dot_8bit;
-               std::vector<float> x_sums(static_cast<size_t>(rows) * groups);
-               for (size_t g = 0; g < x_sums.size(); ++g) {
-                 float sum = 0.0f;
-                 for (int i = 0; i < group; ++i) sum += x[g * group + i];
-                 x_sums[g] = sum;
-               }
-               // Each output's weights once (from the cache after the first row), for every row.
-               on_all_cores(n, static_cast<size_t>(k) * rows, [&](size_t begin, size_t end) {
-                 for (size_t o = begin; o < end; ++o) {
-                   for (int r = 0; r < rows; ++r) {
-                     y[static_cast<size_t>(r) * n + o] =
-                         dot(w + o * words, scales + o * groups, biases + o * groups, x + static_cast<size_t>(r) * k,
-                             x_sums.data() + static_cast<size_t>(r) * groups, groups, group);
-                   }
-                 }
-               });
+               const auto row = [](size_t p) { return p; };
+               const auto only = [](size_t) { return size_t{0}; };
+               affine_products(x, k, rows, w, scales, biases, n, bits, group, rows, row, only, y);
              });
   }
 
   DEFINE_NAME(CpuAffineMatvec)
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const CpuAffineMatvec&>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+
+ private:
+  int bits_, group_size_;
+};
+
+// gather_qmm's products of one row each: inputs x [X, K], stacked weights [E, N, ..], their scales and biases,
+// x_of [P] and expert_of [P] (int32) -> [P, N], product p being x row x_of[p] times expert expert_of[p]'s weight.
+class CpuGatherAffineMatvec : public CpuKernel {
+ public:
+  CpuGatherAffineMatvec(mx::Stream stream, int bits, int group_size)
+      : CpuKernel(stream), bits_(bits), group_size_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
+    const auto &x_of = inputs[4], &expert_of = inputs[5];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int k = x.shape(-1), experts = w.shape(0), n = w.shape(1), rows = x.shape(0);
+    const size_t products = x_of.size();
+    dispatch(inputs, out,
+             [x = x.data<float>(), w = w.data<uint32_t>(), scales = scales.data<float>(), biases = biases.data<float>(),
+              x_of = x_of.data<int32_t>(), expert_of = expert_of.data<int32_t>(), y = out.data<float>(), k, n, rows,
+              experts, products, bits = bits_, group = group_size_] {
+               // Indices come from the router's top k over the experts the loader checked; clamped all the same, so
+               // that no index can read past the weights (an exception here, on MLX's stream thread, would end the
+               // process).
+               const auto clamped = [](const int32_t* index, int count) {
+                 return [index, count](size_t p) { return static_cast<size_t>(std::clamp(index[p], 0, count - 1)); };
+               };
+               affine_products(x, k, rows, w, scales, biases, n, bits, group, products, clamped(x_of, rows),
+                               clamped(expert_of, experts), y);
+             });
+  }
+
+  DEFINE_NAME(CpuGatherAffineMatvec)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuGatherAffineMatvec&>(other);
     return bits_ == o.bits_ && group_size_ == o.group_size_;
   }
 
@@ -922,22 +979,57 @@ mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, c
                    std::move(inputs));
 }
 
+namespace {
+
+// Whether packed affine weights [.., N, K * bits / 32] with scales and biases [.., N, K / group_size] take our
+// kernels against x [..., K] on the CPU.
+bool affine_kernel_fits(const mx::array& x, const mx::array& packed, const mx::array& scales, const mx::array& biases,
+                        int bits, int group_size) {
+  if (!on_cpu_kernels(x) || (bits != 4 && bits != 8) || group_size % 8 != 0 || scales.dtype() != mx::float32 ||
+      biases.dtype() != mx::float32 || packed.dtype() != mx::uint32 || packed.ndim() < 2 || x.ndim() < 1) {
+    return false;
+  }
+  const int k = x.shape(-1);
+  auto groups_shape = packed.shape();
+  groups_shape.back() = k / group_size;
+  return k % group_size == 0 && packed.shape(-1) == k * bits / 32 && scales.shape() == groups_shape &&
+         biases.shape() == groups_shape;
+}
+
+}  // namespace
+
 std::optional<mx::array> affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
                                            const mx::array& biases, int bits, int group_size) {
-  if (!on_cpu_kernels(x) || (bits != 4 && bits != 8) || group_size % 8 != 0 || scales.dtype() != mx::float32 ||
-      biases.dtype() != mx::float32 || packed.dtype() != mx::uint32 || packed.ndim() != 2 || x.ndim() < 1) {
-    return std::nullopt;
-  }
-  const int k = x.shape(-1), n = packed.shape(0), groups = k / group_size;
-  if (k % group_size != 0 || packed.shape(1) != k * bits / 32 || scales.shape() != mx::Shape{n, groups} ||
-      biases.shape() != mx::Shape{n, groups}) {
-    return std::nullopt;
-  }
+  if (packed.ndim() != 2 || !affine_kernel_fits(x, packed, scales, biases, bits, group_size)) return std::nullopt;
   auto shape = x.shape();
-  shape.back() = n;
+  shape.back() = packed.shape(0);
   return mx::array(std::move(shape), mx::float32,
                    std::make_shared<CpuAffineMatvec>(mx::default_stream(mx::Device::cpu), bits, group_size),
                    {mx::contiguous(x), mx::contiguous(packed), mx::contiguous(scales), mx::contiguous(biases)});
+}
+
+std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
+                                                  const mx::array& biases, const mx::array& indices, int bits,
+                                                  int group_size) {
+  if (packed.ndim() != 3 || x.ndim() < 2 || x.shape(-2) != 1 ||
+      !affine_kernel_fits(x, packed, scales, biases, bits, group_size)) {
+    return std::nullopt;
+  }
+  const int k = x.shape(-1), n = packed.shape(1);
+  const mx::Shape x_batch(x.shape().begin(), x.shape().end() - 2);
+  const auto batch = mx::broadcast_shapes(x_batch, indices.shape());
+  const int x_rows = static_cast<int>(x.size() / k);
+  // Each product's x row and expert, as gather_qmm broadcasts x's leading axes against the indices.
+  auto x_of = mx::flatten(mx::broadcast_to(mx::reshape(mx::arange(x_rows, mx::int32), x_batch), batch));
+  auto expert_of = mx::flatten(mx::broadcast_to(mx::astype(indices, mx::int32), batch));
+  const int products = static_cast<int>(x_of.size());
+  auto out = mx::array({products, n}, mx::float32,
+                       std::make_shared<CpuGatherAffineMatvec>(mx::default_stream(mx::Device::cpu), bits, group_size),
+                       {mx::contiguous(mx::reshape(x, {x_rows, k})), mx::contiguous(packed), mx::contiguous(scales),
+                        mx::contiguous(biases), mx::contiguous(x_of), mx::contiguous(expert_of)});
+  auto shape = batch;
+  shape.insert(shape.end(), {1, n});
+  return mx::reshape(out, shape);
 }
 
 }  // namespace mlxr

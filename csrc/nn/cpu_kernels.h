@@ -81,4 +81,11 @@ mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, c
 std::optional<mx::array> affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
                                            const mx::array& biases, int bits, int group_size);
 
+// mx::gather_qmm(x, packed, scales, biases, indices, transpose) for such weights stacked per expert [E, N, ..], x
+// [..., 1, K] (one row a product, as a MoE's experts take them): MLX's CPU kernel is the same one-term-at-a-time
+// loop. [broadcast of x's leading axes and indices, 1, N]; nullopt for anything else.
+std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::array& packed, const mx::array& scales,
+                                                  const mx::array& biases, const mx::array& indices, int bits,
+                                                  int group_size);
+
 }  // namespace mlxr

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "nn/activation.h"
+#include "nn/cpu_kernels.h"
 #include "nn/slicing.h"
 
 namespace mlxr {
@@ -173,11 +174,21 @@ std::vector<mx::array> GatedMLP::arrays() const {
   return out;
 }
 
+mx::array SwitchLinear::product(const mx::array& x, const mx::array& indices, bool sorted) const {
+  if (!quantized) return mx::gather_mm(x, mx::swapaxes(weight, -1, -2), std::nullopt, indices, sorted);
+  const auto& spec = quantized->spec;
+  if (spec.mode == "affine" && quantized->biases) {  // on the CPU, on every core (MLX's kernel: one term at a time)
+    if (auto y = gather_affine_matvec_cpu(x, weight, quantized->scales, *quantized->biases, indices, spec.bits,
+                                          spec.group_size)) {
+      return *y;
+    }
+  }
+  return mx::gather_qmm(x, weight, quantized->scales, quantized->biases, std::nullopt, indices, true, spec.group_size,
+                        spec.bits, spec.mode, std::nullopt, sorted);
+}
+
 mx::array SwitchLinear::operator()(const mx::array& x, const mx::array& indices, bool sorted) const {
-  mx::array y = quantized ? mx::gather_qmm(x, weight, quantized->scales, quantized->biases, std::nullopt, indices, true,
-                                           quantized->spec.group_size, quantized->spec.bits, quantized->spec.mode,
-                                           std::nullopt, sorted)
-                          : mx::gather_mm(x, mx::swapaxes(weight, -1, -2), std::nullopt, indices, sorted);
+  mx::array y = product(x, indices, sorted);
   if (quantized && quantized->global_scale) {
     // nvfp4: each row's product times its expert's global scale (nn/weights.h says why after the matmul).
     auto per_row = mx::take(*quantized->global_scale, indices, 0);

@@ -73,6 +73,9 @@ struct SwitchLinear {
   // x [..., 1, in] and indices [...] -> [..., 1, out]. `sorted`: indices ascending (see SwitchGLU).
   mx::array operator()(const mx::array& x, const mx::array& indices, bool sorted) const;
   std::vector<mx::array> arrays() const;
+
+ private:
+  mx::array product(const mx::array& x, const mx::array& indices, bool sorted) const;  // before the bias
 };
 
 // The routed experts' gated MLPs: down(act(gate(x), up(x))), act MoeConfig's expert_activation.

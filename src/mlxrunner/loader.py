@@ -51,10 +51,13 @@ def resolve(name: str, models_dir: str | None) -> store.ModelSource:
 
 
 def predicted_weight_bytes(source: store.ModelSource, detected: Detected, low_memory: bool) -> int:
-    """The memory the weights will hold at once, from the files' headers: as stored for an LLM; an image or
-    embedding model's as backend.compute_weights leaves them (bf16 doubled where the CPU upcasts it); under
-    low_memory an image model's text encoder or transformer, whichever is larger, plus the rest."""
+    """The memory the weights will hold at once, from the files' headers: as stored for a float LLM; a quantized
+    LLM's, an image or embedding model's as backend.compute_weights leaves them (bf16 doubled where the CPU upcasts
+    it: llm/model.py says why a float LLM is not); under low_memory an image model's text encoder or transformer,
+    whichever is larger, plus the rest."""
     if detected.mode is Mode.LLM:
+        if source.quantization(""):
+            return backend.computed_bytes(source.tensors(""))
         return source.total_tensor_bytes()
     if detected.mode is Mode.EMBEDDING:
         return backend.computed_bytes(source.tensors(""))

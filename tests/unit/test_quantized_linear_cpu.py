@@ -62,3 +62,33 @@ def test_our_cpu_kernel_on_a_wide_layer_over_both_cores(bits, group):
     want = np.array(x).astype(np.float64) @ exact.T
     assert got.shape == (3, 1, 1000)
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "bits", "group"), [("affine", 4, 64), ("affine", 8, 32), ("mxfp4", 4, 32)])
+@pytest.mark.parametrize("layout", ["tokens x experts", "one row a pair", "sorted"])
+def test_a_moe_expert_product_is_gather_qmm(mode, bits, group, layout):
+    """The routed experts' product (nn/moe.cpp's SwitchLinear) in the three shapes SwitchGLU gives it: each token's
+    row against its k experts, one row per (token, expert) (the down projection), and rows sorted by expert. Affine
+    4/8-bit weights take our kernel on the CPU (its own order of the float sums), other modes MLX's gather_qmm."""
+    experts, n, k_in, tokens, top = 6, 40, 128, 5, 2
+    key = mx.random.key(bits + group)
+    stacked = mx.random.normal((experts, n, k_in), key=key)
+    packed, scales, *biases = mx.quantize(stacked, group_size=group, bits=bits, mode=mode)
+    bias = biases[0] if biases else None
+    indices = mx.random.randint(0, experts, (tokens, top), key=mx.random.split(key)[0]).astype(mx.uint32)
+    sorted_ = layout == "sorted"
+    shapes = {"tokens x experts": (tokens, 1, 1, k_in), "one row a pair": (tokens, top, 1, k_in),
+              "sorted": (tokens * top, 1, k_in)}
+    x = mx.random.normal(shapes[layout], key=mx.random.split(key)[1])
+    if sorted_:
+        indices = mx.sort(mx.flatten(indices))
+    spec = _core.QuantSpec.from_dict({"bits": bits, "group_size": group, "mode": mode})
+    got = _core.quantized_switch_linear(x, packed, scales, bias, indices, spec, sorted_)
+    want = mx.gather_qmm(x, packed, scales, bias, rhs_indices=indices, transpose=True, group_size=group, bits=bits,
+                         mode=mode, sorted_indices=sorted_)
+    assert got.shape == want.shape and got.dtype == mx.float32
+    exact = mx.dequantize(packed, scales, bias, group_size=group, bits=bits, mode=mode)
+    reference = mx.gather_mm(x, mx.swapaxes(exact, -1, -2), rhs_indices=indices, sorted_indices=sorted_)
+    np.testing.assert_allclose(np.array(got), np.array(reference), rtol=1e-5, atol=1e-4)
+    if mode != "affine":
+        assert mx.array_equal(got, want)

@@ -44,8 +44,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="load even if the weights are larger than MLX's memory limit "
                         f"(or {ENV_SKIP_MEMORY_CHECK}=1)")
     parser.add_argument("--cpu-dtype", metavar="|".join(CPU_DTYPES),
-                        help="image and embedding models on the CPU: float32 upcasts bf16/f16 weights at load (MLX's "
-                        "CPU has no fast half-precision matmul), stored keeps them (half the memory) "
+                        help="image, embedding and quantized LLM models on the CPU: float32 upcasts bf16/f16 weights "
+                        "(a quantized model's scales) at load (MLX's CPU has no fast half-precision matmul), stored "
+                        "keeps them (less memory) "
                         f"(default {DEFAULT_CPU_DTYPE}, or {ENV_CPU_DTYPE})")
 
 
