@@ -790,11 +790,25 @@ void affine_products(const float* x, int k, int x_rows, const uint32_t* w, const
   });
 }
 
-// x [rows, K] times one packed affine weight [N, ..] -> [rows, N] (affine_matvec_cpu).
-class CpuAffineMatvec : public CpuKernel {
+// What the two packed affine kernels below hold: the weights' bits and group size.
+class CpuAffineKernel : public CpuKernel {
  public:
-  CpuAffineMatvec(mx::Stream stream, int bits, int group_size)
+  CpuAffineKernel(mx::Stream stream, int bits, int group_size)
       : CpuKernel(stream), bits_(bits), group_size_(group_size) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuAffineKernel&>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+
+ protected:
+  int bits_, group_size_;
+};
+
+// x [rows, K] times one packed affine weight [N, ..] -> [rows, N] (affine_matvec_cpu).
+class CpuAffineMatvec : public CpuAffineKernel {
+ public:
+  using CpuAffineKernel::CpuAffineKernel;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
@@ -810,21 +824,13 @@ class CpuAffineMatvec : public CpuKernel {
   }
 
   DEFINE_NAME(CpuAffineMatvec)
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const CpuAffineMatvec&>(other);
-    return bits_ == o.bits_ && group_size_ == o.group_size_;
-  }
-
- private:
-  int bits_, group_size_;
 };
 
 // gather_qmm's products of one row each: inputs x [X, K], stacked weights [E, N, ..], their scales and biases,
 // x_of [P] and expert_of [P] (int32) -> [P, N], product p being x row x_of[p] times expert expert_of[p]'s weight.
-class CpuGatherAffineMatvec : public CpuKernel {
+class CpuGatherAffineMatvec : public CpuAffineKernel {
  public:
-  CpuGatherAffineMatvec(mx::Stream stream, int bits, int group_size)
-      : CpuKernel(stream), bits_(bits), group_size_(group_size) {}
+  using CpuAffineKernel::CpuAffineKernel;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
@@ -848,13 +854,6 @@ class CpuGatherAffineMatvec : public CpuKernel {
   }
 
   DEFINE_NAME(CpuGatherAffineMatvec)
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const CpuGatherAffineMatvec&>(other);
-    return bits_ == o.bits_ && group_size_ == o.group_size_;
-  }
-
- private:
-  int bits_, group_size_;
 };
 
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
