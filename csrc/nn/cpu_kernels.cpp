@@ -768,10 +768,14 @@ std::vector<float> group_sums(const float* x, size_t rows, int k, int group) {
   return sums;
 }
 
+// Products a core takes at once over its outputs: their rows of x stay in its cache while it sweeps its share of the
+// weights (a MoE prompt's thousands of sorted products would otherwise stream every row of x once per output).
+constexpr size_t kProductsAtOnce = 8;
+
 // Products of rows of x [X, K] float32 with rows of packed affine weights [.., N, K * bits / 32] (4 or 8 bits) with
 // float32 scales and biases [.., N, K / group_size]: out [P, N], product p being x's row x_of(p) times the weight
-// matrix weight_of(p). The outputs split over the cores; each core takes its outputs for every product in turn, so
-// consecutive products of one matrix read its rows from the cache.
+// matrix weight_of(p). The outputs split over the cores; each core takes its outputs for kProductsAtOnce products in
+// turn, so consecutive products of one matrix read its rows from the cache.
 template <typename XOf, typename WeightOf>
 void affine_products(const float* x, int k, int x_rows, const uint32_t* w, const float* scales, const float* biases,
                      int n, int bits, int group, size_t products, const XOf& x_of, const WeightOf& weight_of,
@@ -780,11 +784,14 @@ void affine_products(const float* x, int k, int x_rows, const uint32_t* w, const
   const auto dot = bits == 4 ? loops().affine_dot_4bit : loops().affine_dot_8bit;
   const auto x_sums = group_sums(x, x_rows, k, group);
   on_all_cores(n, static_cast<size_t>(k) * products, [&](size_t begin, size_t end) {
-    for (size_t o = begin; o < end; ++o) {
-      for (size_t p = 0; p < products; ++p) {
-        const size_t row = static_cast<size_t>(weight_of(p)) * n + o, xr = x_of(p);
-        y[p * n + o] = dot(w + row * words, scales + row * groups, biases + row * groups, x + xr * k,
-                           x_sums.data() + xr * groups, groups, group);
+    for (size_t first = 0; first < products; first += kProductsAtOnce) {
+      const size_t last = std::min(products, first + kProductsAtOnce);
+      for (size_t o = begin; o < end; ++o) {
+        for (size_t p = first; p < last; ++p) {
+          const size_t row = static_cast<size_t>(weight_of(p)) * n + o, xr = x_of(p);
+          y[p * n + o] = dot(w + row * words, scales + row * groups, biases + row * groups, x + xr * k,
+                             x_sums.data() + xr * groups, groups, group);
+        }
       }
     }
   });
