@@ -755,8 +755,6 @@ class CpuConv2d : public CpuKernel {
   bool has_bias_, has_residual_, upsample_2x_;
 };
 
-// x [rows, K] float32 times a packed affine weight [N, K * bits / 32] (4 or 8 bits) with float32 scales and biases
-// [N, K / group_size] -> [rows, N]: the outputs split over the cores, each a row of weights read once per input row.
 // Each input row's sums over its groups of `group` elements ([rows, groups]): the bias terms' factor.
 std::vector<float> group_sums(const float* x, size_t rows, int k, int group) {
   std::vector<float> sums(rows * (k / group));

@@ -1,5 +1,5 @@
-// Softmax, attention, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm and convolutions for MLX's CPU backend, on every
-// core.
+// Softmax, attention, GELU, SiLU, LayerNorm, RMSNorm, GroupNorm, convolutions and packed affine 4/8-bit products for
+// MLX's CPU backend, on every core.
 //
 // MLX 0.32's x86 CPU backend computes these one element at a time on one thread: its SIMD width there is 1,
 // and its exp (in softmax and sigmoid) calls libm's software fma six times per element. In a BERT layer on a
