@@ -1,0 +1,238 @@
+"""The tensor-core decode product (csrc/nn/cuda_matvec.cpp, kTensorCoreSource), run on this machine's CPU.
+
+What can go wrong in that kernel is bookkeeping: which lane holds which weight, which column of x meets it in an
+mma's k-slots, which output a lane's sums land on. Here its source is compiled as host C++: every lane of a block
+is a thread, and the mma.sync instruction is emulated from PTX's fragment layout for m16n8k16 (each lane hands in
+its registers, the warp's 16 x 16 and 16 x 8 tiles are rebuilt from them, each lane takes back its sums), so the
+kernel's own lane bookkeeping is checked against numpy. Bfloat16 is emulated bit for bit (round to nearest even).
+What this cannot check, tests/gpu/test_quant_backends.py does on CUDA: NVRTC's view of the source, speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_matvec.cpp"
+
+PRELUDE = r"""
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+using std::min;
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+thread_local Dim3 threadIdx;
+static Dim3 blockIdx;
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+static std::unique_ptr<std::barrier<>> block_barrier;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t both = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) out |= static_cast<unsigned>((both >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return out;
+}
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {  // round to nearest even
+    uint32_t u; std::memcpy(&u, &f, 4);
+    bits = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  explicit operator float() const {
+    uint32_t u = static_cast<uint32_t>(bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
+  }
+};
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 v) { return {v, v}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__nv_bfloat16(float(a.x) - float(b.x)), __nv_bfloat16(float(a.y) - float(b.y))};
+}
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  // bfloat16 products are exact in float; the sum then rounds once to float, once to bfloat16 (CUDA: once).
+  return {__nv_bfloat16(std::fma(float(a.x), float(b.x), float(c.x))),
+          __nv_bfloat16(std::fma(float(a.y), float(b.y), float(c.y)))};
+}
+struct __half {
+  _Float16 v;
+  __half() = default;
+  __half(float f) : v(static_cast<_Float16>(f)) {}
+  explicit operator float() const { return static_cast<float>(v); }
+};
+struct __half2 { __half x, y; };
+inline __half2 __half2half2(__half v) { return {v, v}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  return {__half(float(a.x) - float(b.x)), __half(float(a.y) - float(b.y))};
+}
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return {__half(std::fma(float(a.x), float(b.x), float(c.x))), __half(std::fma(float(a.y), float(b.y), float(c.y)))};
+}
+
+// mma.sync.m16n8k16.row.col, f32 sums, emulated for the 32 threads of a warp from PTX's fragment layout.
+struct WarpTiles { unsigned a[32][4], b[32][2]; std::unique_ptr<std::barrier<>> meet; };
+static WarpTiles warps_tiles[8];
+template <typename Half>
+float half_value(unsigned pair, int high) {
+  Half h; const uint16_t bits = static_cast<uint16_t>(high ? pair >> 16 : pair & 0xFFFF);
+  std::memcpy(&h, &bits, 2); return float(h);
+}
+template <typename Half>
+void emulated_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  const int lane = threadIdx.x & 31;
+  WarpTiles& tiles = warps_tiles[threadIdx.x >> 5];
+  for (int i = 0; i < 4; ++i) tiles.a[lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) tiles.b[lane][i] = b[i];
+  tiles.meet->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < 4; ++i) {  // a_i: rows g (i even) / g + 8 (i odd), columns 2t, 2t + 1 (+ 8 for i >= 2)
+      const int row = g + 8 * (i & 1), col = 2 * t + 8 * (i >> 1);
+      A[row][col] = half_value<Half>(tiles.a[l][i], 0);
+      A[row][col + 1] = half_value<Half>(tiles.a[l][i], 1);
+    }
+    for (int i = 0; i < 2; ++i) {  // b_i: rows 2t, 2t + 1 (+ 8 for i = 1), column g
+      B[2 * t + 8 * i][g] = half_value<Half>(tiles.b[l][i], 0);
+      B[2 * t + 8 * i + 1][g] = half_value<Half>(tiles.b[l][i], 1);
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {  // d_i: row g (+ 8 for i >= 2), column 2t (+ 1 for odd i)
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    double sum = 0;
+    for (int kk = 0; kk < 16; ++kk) sum += static_cast<double>(A[row][kk]) * B[kk][col];
+    d[i] += static_cast<float>(sum);
+  }
+  tiles.meet->arrive_and_wait();
+}
+"""
+
+HOST_MMA = r"""
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
+  emulated_mma<__nv_bfloat16>(d, a, b);
+}
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
+  emulated_mma<__half>(d, a, b);
+}
+"""
+
+
+def kernel_parts() -> tuple[str, str]:
+    text = SOURCE.read_text()
+    sources = dict(re.findall(r'constexpr const char\* (\w+) = R"\((.*?)\)";', text, re.S))
+    helpers = sources["kTensorCoreHelpers"]
+    # The two asm mma functions give way to the emulation.
+    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n(?=__device__ __forceinline__ void mma|\n)",
+                             "", helpers, flags=re.S)
+    assert count == 2, "the helpers' two mma functions were not found"
+    helpers = helpers.replace("namespace mlxr_tc {", "namespace mlxr_tc {\n" + HOST_MMA, 1)
+    return helpers, sources["kTensorCoreSource"]
+
+
+def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int) -> ctypes.CDLL:
+    helpers, body = kernel_parts()
+    constants = {"BITS": bits, "GROUP": group, "M": rows, "XT": (rows + 7) // 8, "W": warps, "U": passes}
+    lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
+    code = (PRELUDE + helpers + f"\nusing T = {dtype};\n" +
+            "static void kernel(const T* x, const uint32_t* w, const int* w_shape, const T* scales, const T* biases,"
+            " T* out) {\n" + lines + body + "\n}\n" + f"""
+extern "C" void run(const T* x, const uint32_t* w, const int* w_shape, const T* scales, const T* biases, T* out) {{
+  const int tiles = (w_shape[0] + 15) / 16;
+  for (int wi = 0; wi < {warps}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
+  block_barrier = std::make_unique<std::barrier<>>(32 * {warps});
+  for (int tile = 0; tile < tiles; ++tile) {{
+    blockIdx.x = tile;
+    std::vector<std::thread> lanes;
+    for (int i = 0; i < 32 * {warps}; ++i)
+      lanes.emplace_back([=] {{ threadIdx.x = i; kernel(x, w, w_shape, scales, biases, out); }});
+    for (auto& lane : lanes) lane.join();
+  }}
+}}
+""")
+    (tmp_path / "tc.cpp").write_text(code)
+    compiler = shutil.which("c++") or shutil.which("g++")
+    lib = tmp_path / "tc.so"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+                            str(tmp_path / "tc.cpp"), "-o", str(lib)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def half_bits(a: np.ndarray, dtype: str) -> np.ndarray:
+    return to_bf16_bits(a) if dtype == "__nv_bfloat16" else a.astype(np.float16).view(np.uint16)
+
+
+def half_values(bits: np.ndarray, dtype: str) -> np.ndarray:
+    return from_bf16_bits(bits) if dtype == "__nv_bfloat16" else bits.view(np.float16).astype(np.float32)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's affine layout: weight i of a row in bits [bits * (i % per_word), ...) of word i / per_word."""
+    per_word = 32 // bits
+    q = q.astype(np.uint32).reshape(q.shape[0], -1, per_word)
+    return np.bitwise_or.reduce(q << (bits * np.arange(per_word, dtype=np.uint32)), axis=2).astype(np.uint32)
+
+
+CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass
+    ("__nv_bfloat16", 4, 64, 1, 32, 256, 1, 2),
+    ("__nv_bfloat16", 4, 32, 3, 40, 96, 2, 1),     # a partial tile, a partial segment, two warps
+    ("__nv_bfloat16", 4, 128, 8, 16, 512, 4, 2),
+    ("__nv_bfloat16", 4, 64, 13, 24, 192, 1, 1),   # two 8-row tiles of x
+    ("__nv_bfloat16", 8, 64, 1, 32, 256, 2, 2),
+    ("__nv_bfloat16", 8, 32, 5, 20, 160, 1, 4),
+    ("__half", 4, 64, 2, 16, 128, 1, 1),
+    ("__half", 8, 128, 7, 16, 384, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype, bits, group, rows, n, k, warps, passes", CASES)
+def test_the_tensor_core_product_lanes_meet_the_right_weights(tmp_path, dtype, bits, group, rows, n, k, warps,
+                                                              passes):
+    lib = build(tmp_path, dtype, bits, group, rows, warps, passes)
+    rng = np.random.default_rng(bits * 1000 + rows * 10 + n)
+    q = rng.integers(0, 2**bits, size=(n, k))
+    scales = half_bits(rng.uniform(0.01, 0.05, size=(n, k // group)), dtype)
+    biases = half_bits(rng.uniform(-0.4, 0.0, size=(n, k // group)), dtype)
+    x = half_bits(rng.standard_normal((rows, k)), dtype)
+    packed = pack(q, bits)
+    out = np.zeros((rows, n), dtype=np.uint16)
+    shape = np.array(packed.shape, dtype=np.int32)
+    ptr = ctypes.c_void_p
+    lib.run(*[ptr(a.ctypes.data) for a in (x, packed, shape, scales, biases, out)])
+
+    # The kernel rounds each scaled weight to x's dtype (as MLX's dequantize does) and sums in float.
+    weights = (q.reshape(n, -1, group) * half_values(scales, dtype)[..., None].astype(np.float64)
+               + half_values(biases, dtype)[..., None]).reshape(n, k)
+    weights = half_values(half_bits(weights.astype(np.float32), dtype), dtype).astype(np.float64)
+    want = half_values(x, dtype).astype(np.float64) @ weights.T
+    got = half_values(out, dtype)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    # And not by luck: each output's error is within the final rounding to x's dtype.
+    assert np.abs(got - want).max() <= 2 ** -7 * np.abs(want).max() + 1e-6
