@@ -1,14 +1,13 @@
-"""Decode-sized 4/8-bit products on CUDA: MLX's quantized_matmul against our two kernels (csrc/nn/cuda_matvec.cpp).
+"""Decode-sized 4/8-bit products on CUDA: MLX's quantized_matmul against our kernel (csrc/nn/cuda_matvec.cpp).
 
     python -m benchmarks.gpu.matvec_bench --out FILE.json
 
 For each weight of a Qwen3-4B- and a Llama-3-8B-shaped decode step (q|k|v, o, gate|up, down fused as our
 decoder holds them, and the vocabulary head; affine 4-bit, group 64, bfloat16 scales and activations): 20
-products of one row with that weight in one evaluation, best of 3 rounds, for MLX, for the SIMT kernel at the
-(warps W, rows per block R, chunks per pass U) it ships with, and for the tensor-core kernel at several (warps per
-16-row tile W, segments per pass U), plus "tc-runner", the W the runner picks for the shape; gate|up also at 4, 7,
-8 and 16 rows, and at 8 bits. The kernels' sources are read from csrc/nn/cuda_matvec.cpp, so this times what the
-runner runs.
+products of one row with that weight in one evaluation, best of 3 rounds, for MLX and for our tensor-core kernel
+("ours": the (warps per 16-row tile W, segments per pass U) the runner launches, then at every W in 1, 2, 4, 8 and
+U in 1, 2, 4); gate|up also at 4, 7, 8 and 16 rows, and at 8 bits. The kernel's source is read from
+csrc/nn/cuda_matvec.cpp, so this times what the runner runs.
 
 Prints, per weight: microseconds and GB/s (packed bytes: weights + scales + biases, over the time) and the
 error (max |Δ| / max |x W^T| against the float product of the dequantized weight). Then the time of one
@@ -44,32 +43,6 @@ def constant(name: str) -> int:
     return int(re.search(rf"constexpr int {name} = (\d+);", SOURCE.read_text()).group(1))
 
 
-def simt_kernel():
-    kernel = mx.fast.cuda_kernel("mlxr_qmv_bench", ["x", "w", "scales", "biases"], ["out"],
-                                 sources()["kQuantizedSource"])
-    warps, rows_per_block, chunks = constant("kWarpsPerBlock"), constant("kRowsPerBlock"), constant("kChunksPerPass")
-
-    def run(x, packed, scales, biases, bits):
-        rows, n = x.shape[0], packed.shape[0]
-        blocks = (n + rows_per_block - 1) // rows_per_block
-        return kernel(inputs=[x, packed, scales, biases],
-                      template=[("T", x.dtype), ("BITS", bits), ("GROUP", GROUP), ("M", rows), ("R", rows_per_block),
-                                ("W", warps), ("U", chunks)],
-                      grid=(blocks * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1), output_shapes=[(rows, n)],
-                      output_dtypes=[x.dtype])[0]
-    return run
-
-
-def runner_warps(n: int, k: int, bits: int) -> int:
-    """nn/cuda_matvec.cpp's tensor_core_warps, from its constants."""
-    tiles, segments = (n + 15) // 16, (k * bits // 32 // 4 + 3) // 4
-    warps = 1
-    while (warps < constant("kTensorCoreMaxWarps") and tiles * warps < constant("kTensorCoreTargetWarps")
-           and segments >= 4 * warps * constant("kTensorCoreSegmentsPerPass")):
-        warps *= 2
-    return warps
-
-
 def tensor_core_kernel():
     found = sources()
     kernel = mx.fast.cuda_kernel("mlxr_qmv_tc_bench", ["x", "w", "scales", "biases"], ["out"],
@@ -85,16 +58,13 @@ def tensor_core_kernel():
     return run
 
 
-def our_variants(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
-    """name -> fn(x, packed, scales, biases): the SIMT kernel (up to 7 rows, as the runner) and the tensor-core ones."""
-    simt, tc = simt_kernel(), tensor_core_kernel()
-    out = {}
-    if rows <= 7:
-        out["simt"] = lambda x, p, s, b: simt(x, p, s, b, bits)
-    passes, warps_for_shape = constant("kTensorCoreSegmentsPerPass"), runner_warps(n, k, bits)
-    out["tc-runner"] = lambda x, p, s, b: tc(x, p, s, b, bits, warps_for_shape, passes)
+def our_variants(bits: int, variants=TC_VARIANTS) -> dict:
+    """name -> fn(x, packed, scales, biases): the kernel as the runner launches it, and at other (W, U)."""
+    tc = tensor_core_kernel()
+    shipped = (constant("kWarpsPerTile"), constant("kSegmentsPerPass"))
+    out = {"ours": lambda x, p, s, b: tc(x, p, s, b, bits, *shipped)}
     for warps, u in variants:
-        out[f"tc-W{warps}U{u}"] = lambda x, p, s, b, w=warps, u=u: tc(x, p, s, b, bits, w, u)
+        out[f"W{warps}U{u}"] = lambda x, p, s, b, w=warps, u=u: tc(x, p, s, b, bits, w, u)
     return out
 
 
@@ -128,7 +98,7 @@ def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
 
     out = {"mlx": figures(lambda x: mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=GROUP,
                                                         bits=bits))}
-    for name, fn in our_variants(n, k, bits, rows, variants).items():
+    for name, fn in our_variants(bits, variants).items():
         out[name] = figures(lambda x, fn=fn: fn(x, packed, scales, biases))
     return out
 
@@ -138,11 +108,47 @@ def show(model: str, n: int, k: int, bits: int, rows: int, figures: dict) -> Non
         f"{side} {f['us']:.1f} us {f['gb_s']:.0f} GB/s ({f['error']:.0e})" for side, f in figures.items()), flush=True)
 
 
+def dispatch_costs(links: int = 400) -> dict:
+    """Microseconds an operation of a chain of `links` dependent one-row products with a small (2,560²) weight
+    costs, one evaluation, best of 3: where the GPU time is ~1 µs, the rest is what MLX spends per operation on
+    the host (building, encoding, launching), per kind of operation."""
+    n = 2560
+    weight = (mx.random.normal((n, n)) * 0.02).astype(mx.bfloat16)
+    packed, scales, biases = mx.quantize(weight, group_size=GROUP, bits=4)
+    x = mx.random.normal((1, n)).astype(mx.bfloat16)
+    mx.eval(weight, packed, scales, biases, x)
+    ours = our_variants(4, [])["ours"]
+    kinds = {"mlx quantized_matmul": lambda v: mx.quantized_matmul(v, packed, scales, biases, transpose=True,
+                                                                   group_size=GROUP, bits=4),
+             "ours (custom kernel)": lambda v: ours(v, packed, scales, biases),
+             "bf16 matmul": lambda v: v @ weight.T,
+             "add": lambda v: v + x}
+    out = {}
+    for name, step in kinds.items():
+        best = float("inf")
+        for _ in range(4):  # the first is a warm-up
+            started = time.perf_counter()
+            v = x
+            for _ in range(links):
+                v = step(v) * 0.5
+            mx.eval(v)
+            mx.synchronize()
+            best = min(best, time.perf_counter() - started)
+        out[name] = best / links * 1e6
+    print("per operation of a chain (us, a product + a scale each): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dispatch-only", action="store_true", help="only the per-operation costs")
     args = parser.parse_args(argv)
-    report: dict = {"products": [], "step_us": {}}
+    report: dict = {"dispatch_us": dispatch_costs(), "products": [], "step_us": {}}
+    if args.dispatch_only:
+        args.out.write_text(json.dumps(report, indent=1))
+        return 0
     for model, shapes in SHAPES.items():
         step: dict[str, float] = {}
         for n, k, count in shapes:

@@ -166,35 +166,3 @@ def test_modulated_layer_norm_alone_and_after_a_gated_residual(kernels, rows):
                                                                        rows["shift"]], rows["count"])
     np.testing.assert_array_equal(h, x + rows["gate"] * y)
     np.testing.assert_allclose(out, rows["scale"] * layer_norm(h) + rows["shift"], rtol=1e-5, atol=1e-5)
-
-
-MATVEC_PRELUDE = r"""
-#include <algorithm>
-#include <cstddef>
-#include <cstring>
-using std::min;
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-static Dim3 threadIdx, blockIdx, blockDim;
-struct uint4 { unsigned x, y, z, w; };
-#define __shared__ static
-inline void __syncthreads() {}
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
-inline float fmaf(float a, float b, float c) { return a * b + c; }
-"""
-
-
-@pytest.mark.parametrize("bits, chunks_per_pass", [(4, 1), (4, 4), (8, 2)])
-def test_the_decode_product_kernel_source_compiles(tmp_path, bits, chunks_per_pass):
-    """csrc/nn/cuda_matvec.cpp's kernel (its lanes meet through warp shuffles and shared memory, which one host
-    thread cannot stand in for: tests/gpu/test_quant_backends.py runs it) compiles at each pass length."""
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    source = re.findall(r'R"\((.*?)\)";', (CSRC / "cuda_matvec.cpp").read_text(), re.S)[0]
-    constants = {"BITS": bits, "GROUP": 64, "M": 2, "R": 4, "W": 1, "U": chunks_per_pass}
-    lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
-    code = (MATVEC_PRELUDE + 'extern "C" void matvec(const float* x, const unsigned* w, const int* w_shape, '
-            "const float* scales, const float* biases, float* out) {\n  using T = float;\n" + lines + source + "\n}\n")
-    (tmp_path / "matvec.cpp").write_text(code)
-    command = [compiler, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(tmp_path / "matvec.cpp")]
-    built = subprocess.run(command, capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-3000:]

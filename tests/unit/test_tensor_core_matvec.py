@@ -171,7 +171,8 @@ extern "C" void run(const T* x, const uint32_t* w, const int* w_shape, const T* 
     compiler = shutil.which("c++") or shutil.which("g++")
     lib = tmp_path / "tc.so"
     built = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
-                            str(tmp_path / "tc.cpp"), "-o", str(lib)], capture_output=True, text=True)
+                            "-fno-strict-aliasing", str(tmp_path / "tc.cpp"), "-o", str(lib)],
+                           capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     return ctypes.CDLL(str(lib))
 
