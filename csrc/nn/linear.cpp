@@ -54,11 +54,6 @@ int64_t rows_of(const mx::array& x) {
 // with benchmarks/gpu/qmm_bench.py (benchmarks/README.md, "Quantized products of many rows").
 constexpr int64_t kCudaDequantizedRows = 512;
 
-bool dequantized_product(const mx::array& x) {
-  if (on_cpu_kernels(x)) return rows_of(x) >= kCpuDequantizedRows;
-  return running_on_cuda() && rows_of(x) >= kCudaDequantizedRows;
-}
-
 // x times the dequantized W^T, in x's dtype (the weight stays packed in memory; this copy is transient).
 mx::array dequantized_matmul(const mx::array& x, const mx::array& packed, const Quantized& q) {
   const auto& spec = q.spec;
@@ -72,7 +67,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
   if (spec.mode == "affine" && q.biases && rows_of(x) < kCpuAffineKernelRows) {  // on the CPU, on every core
     if (auto y = affine_matvec_cpu(x, packed, q.scales, *q.biases, spec.bits, spec.group_size)) return *y;
   }
-  if (dequantized_product(x)) return dequantized_matmul(x, packed, q);
+  if (multiplies_dequantized(x)) return dequantized_matmul(x, packed, q);
   if (needs_bf16_activations(x, spec)) {
     // MLX promotes to the scales' dtype, so they (small: one per group) go to bfloat16 with the input.
     auto bf16 = [](const mx::array& a) { return mx::astype(a, mx::bfloat16); };
@@ -102,6 +97,11 @@ std::vector<mx::array> with_companions(const mx::array& weight, const std::optio
 }
 
 }  // namespace
+
+bool multiplies_dequantized(const mx::array& x) {
+  if (on_cpu_kernels(x)) return rows_of(x) >= kCpuDequantizedRows;
+  return running_on_cuda() && rows_of(x) >= kCudaDequantizedRows;
+}
 
 Linear Linear::load(const Weights& w, int in_features, int out_features, bool with_bias) {
   auto matrix = w.matrix("weight", out_features, in_features);

@@ -30,6 +30,10 @@ struct Linear {
   std::vector<mx::array> arrays() const;
 };
 
+// Whether a packed weight's product with x multiplies a transient dequantized copy of the weight (many rows: a
+// prompt's prefill, an image's tokens) rather than the packed weight itself.
+bool multiplies_dequantized(const mx::array& x);
+
 // Linears over the same input whose outputs are used side by side (q | k | v, gate | up): runs of
 // parts that can be concatenated become one matmul. A float or uniformly quantized checkpoint gives
 // one; a mixed-precision one (v_proj at more bits, say) one per run. The output is the same numbers.

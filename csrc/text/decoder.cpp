@@ -237,7 +237,8 @@ Decoder::Decoder(const DecoderConfig& config, const WeightMap& weights, const Qu
       norm_{mx::array(0), 0},
       rope_(with_dims(config_.rope, config_)),
       sliding_rope_(with_dims(config_.sliding_rope, config_)),
-      attention_scale_(attention_scale_for(config_)) {
+      attention_scale_(attention_scale_for(config_)),
+      packed_(!quantization.empty()) {
   Weights root(weights, quantization);
   auto model = root.sub("model");
   embed_tokens_ = Embedding::load(model.sub("embed_tokens"), config_.vocab_size, config_.hidden_size);
@@ -383,6 +384,39 @@ void Decoder::eval_weights() const {
   mx::eval(rest);
 }
 
+namespace {
+
+// A packed model's many-row products multiply dequantized copies of its weights (nn/linear.cpp). In one lazy graph,
+// every layer's copy can be alive at once where the host queues work far ahead of the device: on an H200 a 4-bit
+// Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights, near the bf16 model's size (mlx-lm's:
+// 3.7 GB). A paced forward queues each layer's output and then waits for the one before, so at most two layers'
+// copies are in flight; the device still has the next layer queued while the host waits.
+class LayerPacer {
+ public:
+  explicit LayerPacer(bool active) : active_(active) {}
+  void queued(std::vector<mx::array> outputs) {
+    if (!active_) return;
+    mx::async_eval(outputs);
+    if (previous_) mx::eval(*previous_);
+    previous_ = std::move(outputs);
+  }
+
+ private:
+  bool active_;
+  std::optional<std::vector<mx::array>> previous_;
+};
+
+std::vector<mx::array> arrays_of(const std::optional<mx::array>& delta, const mx::array& base) {
+  if (delta) return {base, *delta};
+  return {base};
+}
+
+}  // namespace
+
+bool Decoder::paced(const mx::array& embedded) const {
+  return packed_ && multiplies_dequantized(embedded);
+}
+
 mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache) const {
   if (cache.size() != layers_.size()) {
     throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
@@ -390,9 +424,11 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
   }
   const int offset = cache[0].offset();
   Residual x{embed(tokens)};
+  LayerPacer pacer(paced(x.base));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x,
                       [&](const mx::array& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
+    pacer.queued(arrays_of(x.delta, x.base));
   }
   return logits(x);
 }
@@ -462,6 +498,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
     throw std::invalid_argument("hidden state index out of range 0.." + std::to_string(layers_.size()));
   }
   std::vector<mx::array> all{embed(tokens)};
+  LayerPacer pacer(paced(all.back()));
   for (int i = 0; i < last; ++i) {
     auto mask_i = window_mask(layers_[i].window);
     const bool split = real && layers_[i].window == 0 && !layers_[i].mla;
@@ -469,6 +506,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
                     return split ? right_padded_attention(layers_[i], h, *real)
                                  : attention(layers_[i], h, nullptr, 0, mask_i);
                   }).sum());
+    pacer.queued({all.back()});
   }
   std::vector<mx::array> picked;
   const int final_index = static_cast<int>(layers_.size());

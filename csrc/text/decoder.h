@@ -176,6 +176,9 @@ class Decoder {
   using Attend = std::function<mx::array(const mx::array&)>;
   Residual layer_forward(const DecoderLayer& layer, const Residual& x, const Attend& attend) const;
   mx::array logits(const Residual& x) const;
+  // Whether a forward over `embedded` evaluates layer by layer (LayerPacer in decoder.cpp): a packed model's many-row
+  // products multiply dequantized copies of its weights.
+  bool paced(const mx::array& embedded) const;
   mx::array mlp(const DecoderLayer& layer, const mx::array& x) const;
   mx::array embed(const mx::array& tokens) const;
 
@@ -187,6 +190,7 @@ class Decoder {
   Rope rope_;
   Rope sliding_rope_;
   std::optional<float> attention_scale_;  // unset: 1 / sqrt(head_dim)
+  bool packed_ = false;                   // a quantized checkpoint's weights
 };
 
 }  // namespace mlxr
