@@ -1,6 +1,6 @@
 """`mlxrunner generate` against `mlx_lm.generate`, as the commands a person types, in the same run.
 
-    HF_HUB_OFFLINE=1 .bench/bin/python -m benchmarks.cpu.cli_llm [--pairs N] [--big] [--quantized]
+    HF_HUB_OFFLINE=1 .bench/bin/python -m benchmarks.cpu.cli_llm [--pairs N] [--big] [--bf16] [--quantized]
 
 Both commands get the same model folder, the same raw prompt (no chat template: the benchmark models have
 none), greedy decoding with no penalty, the same number of tokens. Each pair runs both commands, the one that
@@ -11,7 +11,9 @@ peer runs as `python -c "import mlxrunner; mlx_lm.generate.main()"` so that its 
 space: compared without it), so a fast but wrong command fails.
 
 Models: the tiny fixture (1000 tokens from a prompt whose greedy reply has no end of sequence); with --big the
-Qwen3-0.6B-shaped float32 model of llm_models.py (32 tokens); with --quantized that shape's 4- and 8-bit folders
+Qwen3-0.6B-shaped float32 model of llm_models.py (32 tokens); with --bf16 the same shape in bfloat16, as
+checkpoints are published (32 tokens; texts compared, not asserted: the two sides' bf16 products round differently);
+with --quantized that shape's 4- and 8-bit folders
 made by mlx-lm's converter (64 tokens; what the two print is compared, not asserted equal: on random weights the
 two products' different summation orders may pick different tokens at near-ties).
 """
@@ -98,11 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--big", action="store_true", help="also the Qwen3-0.6B-shaped float32 model (2.4 GB)")
+    parser.add_argument("--bf16", action="store_true", help="also that shape in bfloat16 (1.2 GB)")
     parser.add_argument("--quantized", action="store_true", help="also that shape at 4 and 8 bits (mlx-lm's)")
     args = parser.parse_args()
     compare("tiny (qwen3-tiny, float32)", str(TINY), 1000, args.pairs)
     if args.big:
         compare("Qwen3-0.6B-shaped, float32", str(qwen3_06b("float32")), 32, max(1, args.pairs // 2))
+    if args.bf16:
+        compare("Qwen3-0.6B-shaped, bfloat16", str(qwen3_06b("bfloat16")), 32, max(1, args.pairs // 2),
+                same_text=False)
     if args.quantized:
         for bits in (4, 8):
             compare(f"Qwen3-0.6B-shaped, {bits}-bit (mlx-lm's converter)", str(quantized_06b(bits)), 64, args.pairs,

@@ -861,6 +861,35 @@ class CpuGatherAffineMatvec : public CpuAffineKernel {
   DEFINE_NAME(CpuGatherAffineMatvec)
 };
 
+// x [rows, K] float32 times a bfloat16 weight [N, K] -> [rows, N] float32 (bf16_matvec_cpu): the outputs split over
+// the cores, each taking its outputs for kProductsAtOnce rows of x at a time, as affine_products does.
+class CpuBf16Matvec : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto &x = inputs[0], &w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int k = x.shape(-1), n = w.shape(0);
+    const size_t rows = x.size() / k;
+    dispatch(inputs, out,
+             [x = x.data<float>(), w = reinterpret_cast<const uint16_t*>(w.data<mx::bfloat16_t>()),
+              y = out.data<float>(), k, n, rows] {
+               const auto dot = loops().bf16_dot;
+               on_all_cores(n, static_cast<size_t>(k) * rows, [&](size_t begin, size_t end) {
+                 for (size_t first = 0; first < rows; first += kProductsAtOnce) {
+                   const size_t last = std::min(rows, first + kProductsAtOnce);
+                   for (size_t o = begin; o < end; ++o) {
+                     for (size_t r = first; r < last; ++r) y[r * n + o] = dot(w + o * k, x + r * k, k);
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuBf16Matvec)
+};
+
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
 template <typename Kernel>
 mx::array run_kernel(std::vector<mx::array> inputs) {
@@ -1034,6 +1063,20 @@ std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::
   auto shape = batch;
   shape.insert(shape.end(), {1, n});
   return mx::reshape(out, shape);
+}
+
+std::optional<mx::array> bf16_matvec_cpu(const mx::array& x, const mx::array& weight) {
+  if (mx::default_device() != mx::Device::cpu || weight.dtype() != mx::bfloat16 || weight.ndim() != 2 || x.ndim() < 1 ||
+      x.shape(-1) != weight.shape(1) || x.shape(-1) % 8 != 0 ||
+      (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16)) {
+    return std::nullopt;
+  }
+  auto shape = x.shape();
+  shape.back() = weight.shape(0);
+  auto y =
+      mx::array(std::move(shape), mx::float32, std::make_shared<CpuBf16Matvec>(mx::default_stream(mx::Device::cpu)),
+                {mx::contiguous(mx::astype(x, mx::float32)), mx::contiguous(weight)});
+  return mx::astype(y, x.dtype());
 }
 
 }  // namespace mlxr

@@ -1,0 +1,62 @@
+"""A bfloat16 Linear on the CPU (nn/linear.cpp's float_matmul), where MLX 0.32 has no BLAS path for bfloat16: below
+kCpuHalfKernelRows rows our multi-core kernel (nn/cpu_kernels.h, bf16_matvec_cpu) widens the weights and sums in
+float, from there on a float32 copy of the weight goes through BLAS. Each must give x @ W.T of the bf16 values, in x's
+dtype; the tied LM head (the embedding as a linear) takes the same path."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxrunner import _core
+
+KERNEL_BELOW_ROWS = 32  # kCpuHalfKernelRows
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    with mx.stream(mx.cpu):
+        previous = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        yield
+        mx.set_default_device(previous)
+
+
+def exact_product(x: mx.array, weight: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32), dtype=np.float64) @ np.array(weight.astype(mx.float32), dtype=np.float64).T
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9, KERNEL_BELOW_ROWS - 1, KERNEL_BELOW_ROWS, 70])
+@pytest.mark.parametrize("k", [24, 64, 200])  # 24 and 200: a last step of 8 after the steps of 16
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16])
+def test_bf16_weight_products(rows, k, x_dtype):
+    mx.random.seed(rows * 1000 + k)
+    weight = mx.random.normal((45, k)).astype(mx.bfloat16)
+    x = mx.random.normal((2, rows, k)).astype(x_dtype)
+    got = _core.linear(x, weight)
+    assert got.dtype == x_dtype and got.shape == (2, rows, 45)
+    want = exact_product(x.reshape(-1, k), weight).reshape(2, rows, 45)
+    got = np.array(got.astype(mx.float32))
+    scale = np.abs(want).max()
+    if x_dtype == mx.float32:  # float sums of exact products: only the order of the terms differs
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    else:  # the float result rounded once to bfloat16 (8 significant bits)
+        assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-5 * scale)
+
+
+def test_a_bias_is_added_after_the_product():
+    weight = mx.random.normal((16, 32)).astype(mx.bfloat16)
+    bias = mx.random.normal((16,)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 32))
+    got = np.array(_core.linear(x, weight, bias))
+    want = exact_product(x, weight) + np.array(bias.astype(mx.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_an_odd_width_keeps_mlx_product():
+    """K not a multiple of 8: MLX's own (bfloat16) product, the same values within its rounding."""
+    weight = mx.random.normal((10, 13)).astype(mx.bfloat16)
+    x = mx.random.normal((3, 13)).astype(mx.bfloat16)
+    got = np.array(_core.linear(x, weight).astype(mx.float32))
+    np.testing.assert_allclose(got, exact_product(x, weight), rtol=2e-2, atol=2e-2)
