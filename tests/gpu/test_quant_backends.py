@@ -7,9 +7,11 @@
 - 1-bit weights: the CPU runs them; on CUDA loading refuses them, naming the tensor.
 - Packed weights taller than 16,384 rows (a tied vocabulary head): one row (decode) and a prefill give the
   dequantized model's logits (a row-block split of such weights once gave wrong logits on CUDA).
-- A Linear's product with packed weights for 1 to 8 rows (on CUDA, up to 7 rows take our matrix-vector kernel,
+- A Linear's product with packed weights for 1 to 8 rows (on CUDA our tensor-core kernel takes them,
   nn/cuda_matvec): x @ dequantize(W).T for 4 and 8 bits, groups of 32/64/128, tall and wide weights, and an
   input that starts off a 16-byte boundary; and rows of a single group (which MLX's Hopper kernel gets wrong).
+- A packed model's prefill (from 512 rows its layers multiply transient dequantized copies) holds a few layers'
+  copies at its peak, not the model's: the decoder waits for each layer before queuing the one after next.
 """
 
 from __future__ import annotations
@@ -148,3 +150,55 @@ def test_a_packed_linear_of_a_few_rows_is_the_dequantized_product(rows, cols, bi
         want = np.array(x.astype(mx.float32) @ exact.T)
         assert got.shape == (batch, rows)
         assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()  # bfloat16's ~3 significant digits
+
+
+def random_qwen3(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
+    """A bf16 Qwen3 of random weights with the tiny fixture's tokenizer and vocabulary, written with MLX."""
+    shutil.copytree(QWEN3, folder)
+    config = json.loads((QWEN3 / "config.json").read_text())
+    heads, kv_heads, head_dim = hidden // 128, hidden // 256, 128
+    config.update(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, head_dim=head_dim,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, dtype="bfloat16",
+                  layer_types=["full_attention"] * layers)
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+              "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+              "mlp.down_proj": (hidden, intermediate)}
+    weights = {"model.embed_tokens.weight": 0.02 * mx.random.normal((config["vocab_size"], hidden)),
+               "model.norm.weight": mx.ones((hidden,))}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            weights[f"{prefix}{name}.weight"] = mx.ones((hidden,))
+        for name in ("self_attn.q_norm", "self_attn.k_norm"):
+            weights[f"{prefix}{name}.weight"] = mx.ones((head_dim,))
+        for name, shape in shapes.items():
+            weights[f"{prefix}{name}.weight"] = 0.02 * mx.random.normal(shape)
+    mx.save_safetensors(str(folder / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()})
+    return folder
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the many-row dequantized product and the host running ahead are CUDA's")
+def test_a_packed_prefill_holds_a_few_layers_copies(tmp_path):
+    """Unpaced, a 4-bit Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights on an H200 (most
+    layers' dequantized copies alive at once); paced, 1.4 GB. Here 32 layers of 30 MB dequantized each."""
+    from mlxrunner.cli.quantize import main as quantize_main
+    from mlxrunner.http.protocol import Options
+    from mlxrunner.llm.model import sampler_options
+
+    layers, hidden, intermediate = 32, 1024, 4096
+    source = random_qwen3(tmp_path / "bf16", layers, hidden, intermediate)
+    assert quantize_main([str(source), str(tmp_path / "q4"), "--bits", "4"]) == 0
+    model = load(str(tmp_path / "q4"))
+    mx.synchronize()
+    resident = mx.get_active_memory()
+    mx.reset_peak_memory()
+    ids = [(17 * i + 3) % 499 for i in range(1025)]
+    generator = _core.Generator(model.decoder, ids, sampler_options(Options(temperature=0.0)), 2048)
+    next(generator)
+    mx.synchronize()
+    peak = mx.get_peak_memory() - resident
+    layer_copy = 2 * (3 * hidden * hidden + 3 * hidden * intermediate)  # bf16: q, o, k + v (halves), gate, up, down
+    assert peak < 0.5 * layers * layer_copy, (peak, layer_copy)
+
