@@ -51,7 +51,7 @@ def tensor_core_kernel():
     def run(x, packed, scales, biases, bits, warps, passes):
         rows, n = x.shape[0], packed.shape[0]
         return kernel(inputs=[x, packed, scales, biases],
-                      template=[("T", x.dtype), ("BITS", bits), ("GROUP", GROUP), ("M", rows), ("XT", (rows + 7) // 8),
+                      template=[("T", x.dtype), ("BITS", bits), ("GROUP", GROUP), ("XT", (rows + 7) // 8),
                                 ("W", warps), ("U", passes)],
                       grid=((n + 15) // 16 * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1),
                       output_shapes=[(rows, n)], output_dtypes=[x.dtype])[0]

@@ -71,7 +71,8 @@ __device__ __forceinline__ unsigned byte_pair(unsigned word, int lo, float scale
 
 constexpr const char* kTensorCoreSource = R"(
   // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T).
-  // A block of W warps computes a tile of 16 rows of out for all M (<= 8 * XT) rows of x. Lane (g, t) = (lane / 4,
+  // A block of W warps computes a tile of 16 rows of out for all M (<= 8 * XT) rows of x (M read from x's shape:
+  // one compiled variant serves 1 to 8 rows). Lane (g, t) = (lane / 4,
   // lane % 4) loads 16 bytes of weight rows g and g + 8 of the tile per step, its chunk t of the rows' 64-byte
   // segment; the warps take every W-th segment, U at a time (all loads first), and meet in shared memory.
   // An mma's 16 k-slots are any 16 columns, the same for weights and x: lane t's slots are columns of its own
@@ -82,6 +83,7 @@ constexpr const char* kTensorCoreSource = R"(
   constexpr int kPerChunk = 4 * kPerWord;     // weights in a lane's 16 bytes: 32 (4-bit) or 16 (8-bit)
   constexpr int kMmas = kPerChunk / 4;        // mmas a step: a lane gives 4 slots of each
   constexpr int kXWords = kPerChunk / 2;      // x's chunk as pairs
+  const int M = x_shape[0];
   const int n_rows = w_shape[0];
   const int words_per_row = w_shape[1];
   const int k = words_per_row * kPerWord;
@@ -246,7 +248,6 @@ mx::array launch(const std::vector<mx::array>& inputs, int n, int rows, int bits
                 {{"T", dtype},
                  {"BITS", bits},
                  {"GROUP", group_size},
-                 {"M", rows},
                  {"XT", (rows + 7) / 8},
                  {"W", kWarpsPerTile},
                  {"U", kSegmentsPerPass}},

@@ -149,12 +149,13 @@ def kernel_parts() -> tuple[str, str]:
 
 def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int) -> ctypes.CDLL:
     helpers, body = kernel_parts()
-    constants = {"BITS": bits, "GROUP": group, "M": rows, "XT": (rows + 7) // 8, "W": warps, "U": passes}
+    constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes}
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
     code = (PRELUDE + helpers + f"\nusing T = {dtype};\n" +
-            "static void kernel(const T* x, const uint32_t* w, const int* w_shape, const T* scales, const T* biases,"
-            " T* out) {\n" + lines + body + "\n}\n" + f"""
-extern "C" void run(const T* x, const uint32_t* w, const int* w_shape, const T* scales, const T* biases, T* out) {{
+            "static void kernel(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,"
+            " const T* biases, T* out) {\n" + lines + body + "\n}\n" + f"""
+extern "C" void run(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,
+                    const T* biases, T* out) {{
   const int tiles = (w_shape[0] + 15) / 16;
   for (int wi = 0; wi < {warps}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
   block_barrier = std::make_unique<std::barrier<>>(32 * {warps});
@@ -162,7 +163,7 @@ extern "C" void run(const T* x, const uint32_t* w, const int* w_shape, const T* 
     blockIdx.x = tile;
     std::vector<std::thread> lanes;
     for (int i = 0; i < 32 * {warps}; ++i)
-      lanes.emplace_back([=] {{ threadIdx.x = i; kernel(x, w, w_shape, scales, biases, out); }});
+      lanes.emplace_back([=] {{ threadIdx.x = i; kernel(x, x_shape, w, w_shape, scales, biases, out); }});
     for (auto& lane : lanes) lane.join();
   }}
 }}
@@ -224,9 +225,9 @@ def test_the_tensor_core_product_lanes_meet_the_right_weights(tmp_path, dtype, b
     x = half_bits(rng.standard_normal((rows, k)), dtype)
     packed = pack(q, bits)
     out = np.zeros((rows, n), dtype=np.uint16)
-    shape = np.array(packed.shape, dtype=np.int32)
+    x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
     ptr = ctypes.c_void_p
-    lib.run(*[ptr(a.ctypes.data) for a in (x, packed, shape, scales, biases, out)])
+    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, packed, w_shape, scales, biases, out)])
 
     # The kernel rounds each scaled weight to x's dtype (as MLX's dequantize does) and sums in float.
     weights = (q.reshape(n, -1, group) * half_values(scales, dtype)[..., None].astype(np.float64)

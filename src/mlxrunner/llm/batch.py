@@ -116,8 +116,8 @@ class BatchScheduler:
     # --- the worker's thread ----------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Two decode steps of a batch of each row count up to _core.MATVEC_MAX_ROWS (our CUDA matrix-vector
-        kernels compile a variant per row count) and of `max_jobs` rows (the kernels of a step depend on its rows;
+        """Two decode steps of a batch of each row count up to _core.MATVEC_MAX_ROWS (the products of those rows
+        take our CUDA decode kernel, the others MLX's) and of `max_jobs` rows (the kernels of a step depend on its rows;
         a GPU loads each variant on first use). Nothing is kept."""
         greedy = _core.SamplerOptions.from_dict({"temperature": 0.0, "repeat_penalty": 1.0})
         for rows in sorted({*range(2, min(self.max_jobs, _core.MATVEC_MAX_ROWS) + 1), self.max_jobs}):

@@ -215,8 +215,9 @@ class LanguageModel:
         On CUDA the first call of each quantized-matmul and attention kernel variant costs seconds (tens of
         seconds for a quantized model on a fresh machine): the driver loads and compiles the kernels it has
         not seen. Which variant runs depends on the rows in flight: one token (decode); each count from 1 to
-        _core.MATVEC_MAX_ROWS (our matrix-vector kernel compiles a variant per row count: a short prompt, or a
-        prompt cache hit's few remaining tokens); a prompt's remainder and a full prefill chunk. Each of those
+        _core.MATVEC_MAX_ROWS (a short prompt, or a prompt cache hit's few remaining tokens: our decode kernel takes
+        them, in one variant up to 8 rows, beside MLX's kernels of those shapes); a prompt's remainder and a full
+        prefill chunk. Each of those
         shapes is run here (a prompt of n tokens prefills n - 1 rows); and the batched decode steps (BatchScheduler).
         """
         started = time.perf_counter()
