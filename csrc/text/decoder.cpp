@@ -406,11 +406,6 @@ class LayerPacer {
   std::optional<std::vector<mx::array>> previous_;
 };
 
-std::vector<mx::array> arrays_of(const std::optional<mx::array>& delta, const mx::array& base) {
-  if (delta) return {base, *delta};
-  return {base};
-}
-
 }  // namespace
 
 bool Decoder::paced(const mx::array& embedded) const {
@@ -428,7 +423,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x,
                       [&](const mx::array& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
-    pacer.queued(arrays_of(x.delta, x.base));
+    pacer.queued(x.arrays());
   }
   return logits(x);
 }

@@ -166,6 +166,7 @@ class Decoder {
     mx::array base;
     std::optional<mx::array> delta;
     mx::array sum() const { return delta ? mx::add(base, *delta) : base; }
+    std::vector<mx::array> arrays() const { return delta ? std::vector{base, *delta} : std::vector{base}; }
     // (the sum, norm of it): one kernel on CUDA when there is a sum to make.
     std::pair<mx::array, mx::array> sum_and_norm(const RMSNorm& norm) const {
       if (delta) return norm.add_then_norm(base, *delta);
