@@ -105,3 +105,16 @@ ON_GPU = _on_gpu()
 def float32_tol(cpu: float, gpu: float) -> float:
     """`cpu` where MLX computes float32 exactly (CPU, Metal), `gpu` on a CUDA GPU's TF32 arithmetic."""
     return gpu if ON_GPU else cpu
+
+
+@pytest.fixture
+def on_cpu():
+    """MLX's default device and stream the CPU for the test (CPU kernels' tests, on a GPU machine too)."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        previous = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        yield
+        mx.set_default_device(previous)
+

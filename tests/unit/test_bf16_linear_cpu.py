@@ -14,13 +14,7 @@ from mlxrunner import _core
 KERNEL_BELOW_ROWS = 32  # kCpuHalfKernelRows
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    with mx.stream(mx.cpu):
-        previous = mx.default_device()
-        mx.set_default_device(mx.cpu)
-        yield
-        mx.set_default_device(previous)
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 def exact_product(x: mx.array, weight: mx.array) -> np.ndarray:

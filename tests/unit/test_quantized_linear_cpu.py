@@ -17,13 +17,7 @@ MODES = [("affine", 4, 64), ("affine", 8, 32), ("affine", 3, 64), ("mxfp4", 4, 3
          ("mxfp8", 8, 32)]
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    with mx.stream(mx.cpu):
-        previous = mx.default_device()
-        mx.set_default_device(mx.cpu)
-        yield
-        mx.set_default_device(previous)
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 @pytest.mark.parametrize(("mode", "bits", "group"), MODES)

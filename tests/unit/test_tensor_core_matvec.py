@@ -59,32 +59,27 @@ struct __nv_bfloat16 {
     uint32_t u = static_cast<uint32_t>(bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
   }
 };
-struct __nv_bfloat162 { __nv_bfloat16 x, y; };
-inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 v) { return {v, v}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
-inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  return {__nv_bfloat16(float(a.x) - float(b.x)), __nv_bfloat16(float(a.y) - float(b.y))};
-}
-inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
-  // bfloat16 products are exact in float; the sum then rounds once to float, once to bfloat16 (CUDA: once).
-  return {__nv_bfloat16(std::fma(float(a.x), float(b.x), float(c.x))),
-          __nv_bfloat16(std::fma(float(a.y), float(b.y), float(c.y)))};
-}
 struct __half {
   _Float16 v;
   __half() = default;
   __half(float f) : v(static_cast<_Float16>(f)) {}
   explicit operator float() const { return static_cast<float>(v); }
 };
-struct __half2 { __half x, y; };
+// A pair of either half type, and the paired operations the kernel uses (computed in float, rounded once to H).
+template <typename H> struct HalfPair { H x, y; };
+using __nv_bfloat162 = HalfPair<__nv_bfloat16>;
+using __half2 = HalfPair<__half>;
+template <typename H> HalfPair<H> __hsub2(HalfPair<H> a, HalfPair<H> b) {
+  return {H(float(a.x) - float(b.x)), H(float(a.y) - float(b.y))};
+}
+template <typename H> HalfPair<H> __hfma2(HalfPair<H> a, HalfPair<H> b, HalfPair<H> c) {
+  // half-precision products are exact in float; the sum then rounds once to float, once to H (CUDA: once).
+  return {H(std::fma(float(a.x), float(b.x), float(c.x))), H(std::fma(float(a.y), float(b.y), float(c.y)))};
+}
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 v) { return {v, v}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
 inline __half2 __half2half2(__half v) { return {v, v}; }
 inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
-inline __half2 __hsub2(__half2 a, __half2 b) {
-  return {__half(float(a.x) - float(b.x)), __half(float(a.y) - float(b.y))};
-}
-inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
-  return {__half(std::fma(float(a.x), float(b.x), float(c.x))), __half(std::fma(float(a.y), float(b.y), float(c.y)))};
-}
 
 // mma.sync.m16n8k16.row.col, f32 sums, emulated for the 32 threads of a warp from PTX's fragment layout.
 struct WarpTiles { unsigned a[32][4], b[32][2]; std::unique_ptr<std::barrier<>> meet; };
