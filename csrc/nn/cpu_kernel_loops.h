@@ -43,8 +43,11 @@ struct Loops {
                            const float* x_sums, int groups, int group_size);
   float (*affine_dot_8bit)(const std::uint32_t* w, const float* scales, const float* biases, const float* x,
                            const float* x_sums, int groups, int group_size);
-  // One output of a product with a bfloat16 weight row (its bits): sum of w[i] x[i] over k, a multiple of 8.
-  float (*bf16_dot)(const std::uint16_t* w, const float* x, int k);
+  // A bfloat16 / float16 weight row (its bits) widened to float; k a multiple of 8.
+  void (*bf16_widen)(const std::uint16_t* w, float* out, int k);
+  void (*f16_widen)(const std::uint16_t* w, float* out, int k);
+  // sum of a[i] b[i] over k, a multiple of 8.
+  float (*dot)(const float* a, const float* b, int k);
 };
 
 namespace baseline {

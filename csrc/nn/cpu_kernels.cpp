@@ -122,7 +122,9 @@ namespace {
 const cpu_loops::Loops& loops() {
   static const cpu_loops::Loops& chosen = []() -> const cpu_loops::Loops& {
 #ifdef MLXR_AVX2_LOOPS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return cpu_loops::avx2::loops;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      return cpu_loops::avx2::loops;
+    }
 #endif
     return cpu_loops::baseline::loops;
   }();
@@ -861,33 +863,40 @@ class CpuGatherAffineMatvec : public CpuAffineKernel {
   DEFINE_NAME(CpuGatherAffineMatvec)
 };
 
-// x [rows, K] float32 times a bfloat16 weight [N, K] -> [rows, N] float32 (bf16_matvec_cpu): the outputs split over
-// the cores, each taking its outputs for kProductsAtOnce rows of x at a time, as affine_products does.
-class CpuBf16Matvec : public CpuKernel {
+// x [rows, K] float32 times a bfloat16 or float16 weight [N, K] -> [rows, N] float32 (half_matvec_cpu): the outputs
+// split over the cores; each core widens a weight row once into a float row of its own, then takes its dot product
+// with every row of x (fewer than 32: they stay in the core's cache).
+class CpuHalfMatvec : public CpuKernel {
  public:
-  using CpuKernel::CpuKernel;
+  CpuHalfMatvec(mx::Stream stream, mx::Dtype weight_dtype) : CpuKernel(stream), weight_dtype_(weight_dtype) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return weight_dtype_ == static_cast<const CpuHalfMatvec&>(other).weight_dtype_;
+  }
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto &x = inputs[0], &w = inputs[1];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     const int k = x.shape(-1), n = w.shape(0);
     const size_t rows = x.size() / k;
+    const auto widen = weight_dtype_ == mx::bfloat16 ? loops().bf16_widen : loops().f16_widen;
     dispatch(inputs, out,
-             [x = x.data<float>(), w = reinterpret_cast<const uint16_t*>(w.data<mx::bfloat16_t>()),
-              y = out.data<float>(), k, n, rows] {
-               const auto dot = loops().bf16_dot;
+             [x = x.data<float>(), w = static_cast<const uint16_t*>(w.data<void>()), y = out.data<float>(), k, n, rows,
+              widen] {
                on_all_cores(n, static_cast<size_t>(k) * rows, [&](size_t begin, size_t end) {
-                 for (size_t first = 0; first < rows; first += kProductsAtOnce) {
-                   const size_t last = std::min(rows, first + kProductsAtOnce);
-                   for (size_t o = begin; o < end; ++o) {
-                     for (size_t r = first; r < last; ++r) y[r * n + o] = dot(w + o * k, x + r * k, k);
-                   }
+                 std::vector<float> row(k);
+                 for (size_t o = begin; o < end; ++o) {
+                   widen(w + o * k, row.data(), k);
+                   for (size_t r = 0; r < rows; ++r) y[r * n + o] = loops().dot(row.data(), x + r * k, k);
                  }
                });
              });
   }
 
-  DEFINE_NAME(CpuBf16Matvec)
+  DEFINE_NAME(CpuHalfMatvec)
+
+ private:
+  mx::Dtype weight_dtype_;
 };
 
 // The inputs as row-contiguous float32 arrays of one shape, the primitive's output of that shape.
@@ -1065,17 +1074,17 @@ std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::
   return mx::reshape(out, shape);
 }
 
-std::optional<mx::array> bf16_matvec_cpu(const mx::array& x, const mx::array& weight) {
-  if (mx::default_device() != mx::Device::cpu || weight.dtype() != mx::bfloat16 || weight.ndim() != 2 || x.ndim() < 1 ||
-      x.shape(-1) != weight.shape(1) || x.shape(-1) % 8 != 0 ||
-      (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16)) {
+std::optional<mx::array> half_matvec_cpu(const mx::array& x, const mx::array& weight) {
+  const bool half = weight.dtype() == mx::bfloat16 || weight.dtype() == mx::float16;
+  if (mx::default_device() != mx::Device::cpu || !half || weight.ndim() != 2 || x.ndim() < 1 ||
+      x.shape(-1) != weight.shape(1) || x.shape(-1) % 8 != 0 || !mx::issubdtype(x.dtype(), mx::floating)) {
     return std::nullopt;
   }
   auto shape = x.shape();
   shape.back() = weight.shape(0);
-  auto y =
-      mx::array(std::move(shape), mx::float32, std::make_shared<CpuBf16Matvec>(mx::default_stream(mx::Device::cpu)),
-                {mx::contiguous(mx::astype(x, mx::float32)), mx::contiguous(weight)});
+  auto y = mx::array(std::move(shape), mx::float32,
+                     std::make_shared<CpuHalfMatvec>(mx::default_stream(mx::Device::cpu), weight.dtype()),
+                     {mx::contiguous(mx::astype(x, mx::float32)), mx::contiguous(weight)});
   return mx::astype(y, x.dtype());
 }
 

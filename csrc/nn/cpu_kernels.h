@@ -88,10 +88,10 @@ std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::
                                                   const mx::array& biases, const mx::array& indices, int bits,
                                                   int group_size);
 
-// x [..., K] (float32 or bfloat16) times the transpose of a bfloat16 weight [N, K] on the CPU, for the few rows of a
-// decode step: MLX 0.32's CPU has no BLAS path for bfloat16 and ran a bf16 LLM's decode at a third of its bandwidth.
-// Every core takes a share of the outputs, widening eight weights at a time and summing in float; the result in x's
-// dtype. nullopt for anything else (K not a multiple of 8, another device or dtype).
-std::optional<mx::array> bf16_matvec_cpu(const mx::array& x, const mx::array& weight);
+// x [..., K] (any float dtype) times the transpose of a bfloat16 or float16 weight [N, K] on the CPU, for the few rows
+// of a decode step: MLX 0.32's CPU has no BLAS path for half-precision products and ran a bf16 LLM's decode at a
+// third of its bandwidth. Every core takes a share of the outputs, widening eight weights at a time and summing in
+// float; the result in x's dtype. nullopt for anything else (K not a multiple of 8, another device or dtype).
+std::optional<mx::array> half_matvec_cpu(const mx::array& x, const mx::array& weight);
 
 }  // namespace mlxr

@@ -1,5 +1,6 @@
-// nn/cpu_kernel_loops.inc for AVX2 + FMA: CMakeLists.txt compiles this file with -mavx2 -mfma on x86-64, and
-// nn/cpu_kernels.cpp calls these loops only where the CPU has both.
+// nn/cpu_kernel_loops.inc for AVX2 + FMA (+ F16C, float16 widening): CMakeLists.txt compiles this file with -mavx2
+// -mfma -mf16c on x86-64, and nn/cpu_kernels.cpp calls these loops only where the CPU has all three (every AVX2 CPU
+// has F16C).
 #include "nn/cpu_kernel_loops.h"
 
 #ifdef MLXR_AVX2_LOOPS

@@ -42,7 +42,7 @@ constexpr int64_t kCpuDequantizedRows = 4;
 // Below this many rows, affine 4/8-bit weights take our CPU kernel instead (affine_matvec_cpu, every core: ~0.2 ms a
 // row for that weight, so it beats the dequantized product up to ~50 rows; MLX's kernel below 4 rows took 3.8 ms).
 constexpr int64_t kCpuAffineKernelRows = 32;
-// Below this many rows a bfloat16 weight takes our CPU kernel (bf16_matvec_cpu); from here on a float32 copy's BLAS
+// Below this many rows a half-precision weight takes our CPU kernel (half_matvec_cpu); from here on a float32 copy's BLAS
 // product, whose copy costs about what 32 rows' worth of the kernel's multiply-adds do.
 constexpr int64_t kCpuHalfKernelRows = 32;
 
@@ -84,13 +84,14 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
 
-// x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A bfloat16 W on
-// the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7 tokens
-// a second): a few rows take our kernel (bf16_matvec_cpu), more multiply a transient float32 copy through BLAS.
+// x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A half-precision
+// W on the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7
+// tokens a second): a few rows take our kernel (half_matvec_cpu), more multiply a transient float32 copy through BLAS.
 mx::array float_matmul(const mx::array& x, const mx::array& weight) {
-  if (weight.dtype() == mx::bfloat16 && mx::default_device() == mx::Device::cpu) {
+  const bool half = weight.dtype() == mx::bfloat16 || weight.dtype() == mx::float16;
+  if (half && mx::default_device() == mx::Device::cpu) {
     if (rows_of(x) < kCpuHalfKernelRows) {
-      if (auto y = bf16_matvec_cpu(x, weight)) return *y;
+      if (auto y = half_matvec_cpu(x, weight)) return *y;
     }
     auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(mx::astype(weight, mx::float32)));
     return mx::astype(product, x.dtype());

@@ -1,7 +1,7 @@
-"""A bfloat16 Linear on the CPU (nn/linear.cpp's float_matmul), where MLX 0.32 has no BLAS path for bfloat16: below
-kCpuHalfKernelRows rows our multi-core kernel (nn/cpu_kernels.h, bf16_matvec_cpu) widens the weights and sums in
-float, from there on a float32 copy of the weight goes through BLAS. Each must give x @ W.T of the bf16 values, in x's
-dtype; the tied LM head (the embedding as a linear) takes the same path."""
+"""A bfloat16 or float16 Linear on the CPU (nn/linear.cpp's float_matmul), where MLX 0.32 has no BLAS path for half
+precision: below kCpuHalfKernelRows rows our multi-core kernel (nn/cpu_kernels.h, half_matvec_cpu) widens the weights
+and sums in float, from there on a float32 copy of the weight goes through BLAS. Each must give x @ W.T of the
+weights' values, in x's dtype; the tied LM head (the embedding as a linear) takes the same path."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ def exact_product(x: mx.array, weight: mx.array) -> np.ndarray:
 
 @pytest.mark.parametrize("rows", [1, 3, 9, KERNEL_BELOW_ROWS - 1, KERNEL_BELOW_ROWS, 70])
 @pytest.mark.parametrize("k", [24, 64, 200])  # 24 and 200: a last step of 8 after the steps of 16
-@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16])
-def test_bf16_weight_products(rows, k, x_dtype):
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("weight_dtype", [mx.bfloat16, mx.float16])
+def test_half_weight_products(rows, k, x_dtype, weight_dtype):
     mx.random.seed(rows * 1000 + k)
-    weight = mx.random.normal((45, k)).astype(mx.bfloat16)
+    weight = mx.random.normal((45, k)).astype(weight_dtype)
     x = mx.random.normal((2, rows, k)).astype(x_dtype)
     got = _core.linear(x, weight)
     assert got.dtype == x_dtype and got.shape == (2, rows, 45)
@@ -35,8 +36,9 @@ def test_bf16_weight_products(rows, k, x_dtype):
     scale = np.abs(want).max()
     if x_dtype == mx.float32:  # float sums of exact products: only the order of the terms differs
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
-    else:  # the float result rounded once to bfloat16 (8 significant bits)
-        assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-5 * scale)
+    else:  # the float result rounded once to x's dtype (8 significant bits in bfloat16, 11 in float16)
+        ulp = 2.0 ** -8 if x_dtype == mx.bfloat16 else 2.0 ** -11
+        assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-5 * scale)
 
 
 def test_a_bias_is_added_after_the_product():
