@@ -22,6 +22,10 @@
 #include "nn/cpu_kernel_loops.h"
 #include "nn/erf_coefficients.h"
 
+#ifdef __F16C__  // a build for a CPU with F16C (-march=native): the baseline loops use its conversion too
+#include <immintrin.h>
+#endif
+
 // Built with -ffp-contract=off (CMakeLists.txt): a * b + c stays two roundings, as in MLX's separate ops;
 // only the explicit fmas of MLX's exp fuse.
 
