@@ -72,6 +72,21 @@ bool takes_cpu_attention(const mx::array& q, const mx::array& k, const mx::array
   return !sinks && on_cpu_kernels(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
 }
 
+// A half-precision attention of many queries on the CPU (a prompt): MLX's CPU has no BLAS path for its products, so it
+// runs in float32 on our kernels and rounds its output back, as torch's CPU attention computes bf16 (a bf16 model's
+// 512-token prefill: 3.6 -> ~1 s). One query (a decode step) keeps MLX's path: widening the whole cache every step
+// would cost more than its matrix-vector products.
+bool float32_on_cpu(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& sinks) {
+  const bool half = q.dtype() == mx::bfloat16 || q.dtype() == mx::float16;
+  return half && !sinks && q.shape(2) > 1 && k.dtype() == q.dtype() && v.dtype() == q.dtype() &&
+         mx::default_device() == mx::Device::cpu;
+}
+
+mx::array float32(const mx::array& a) {
+  const auto widened = widen_half_cpu(a);  // on every core
+  return widened ? *widened : mx::astype(a, mx::float32);
+}
+
 }  // namespace
 
 AttentionProjections AttentionProjections::load(const Weights& w, int dim, bool with_bias) {
@@ -99,6 +114,9 @@ mx::array merge_heads(const mx::array& x) {
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
                     std::optional<float> scale, const std::optional<mx::array>& sinks) {
+  if (float32_on_cpu(q, k, v, sinks)) {
+    return mx::astype(attention(float32(q), float32(k), float32(v), mask, scale, sinks), q.dtype());
+  }
   if (takes_cpu_attention(q, k, v, sinks)) {
     // Unmasked or under a key padding mask, each head is one task on one core (nn/cpu_kernels.h). With fewer heads
     // than cores (a VAE's one head) MLX's products, each on every core, are faster; one query or one key would make
@@ -136,6 +154,9 @@ mx::array attention_in_query_bands(const mx::array& q, const mx::array& k, const
 
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,
                            const std::optional<mx::array>& sinks) {
+  if (float32_on_cpu(q, k, v, sinks)) {
+    return mx::astype(causal_attention(float32(q), float32(k), float32(v), scale, sinks), q.dtype());
+  }
   // A single query is the last position: it sees every key, and needs no mask.
   if (takes_cpu_attention(q, k, v, sinks)) {
     return attention_on_cpu(q, k, v, std::nullopt, q.shape(2) > 1, scale_or_default(scale, q));

@@ -42,8 +42,8 @@ constexpr int64_t kCpuDequantizedRows = 4;
 // Below this many rows, affine 4/8-bit weights take our CPU kernel instead (affine_matvec_cpu, every core: ~0.2 ms a
 // row for that weight, so it beats the dequantized product up to ~50 rows; MLX's kernel below 4 rows took 3.8 ms).
 constexpr int64_t kCpuAffineKernelRows = 32;
-// Below this many rows a half-precision weight takes our CPU kernel (half_matvec_cpu); from here on a float32 copy's BLAS
-// product, whose copy costs about what 32 rows' worth of the kernel's multiply-adds do.
+// Below this many rows a half-precision weight takes our CPU kernel (half_matvec_cpu); from here on a float32 copy's
+// BLAS product, whose copy costs about what 32 rows' worth of the kernel's multiply-adds do.
 constexpr int64_t kCpuHalfKernelRows = 32;
 
 int64_t rows_of(const mx::array& x) {
@@ -93,7 +93,9 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight) {
     if (rows_of(x) < kCpuHalfKernelRows) {
       if (auto y = half_matvec_cpu(x, weight)) return *y;
     }
-    auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(mx::astype(weight, mx::float32)));
+    const auto widened = widen_half_cpu(weight);
+    const auto weight32 = widened ? *widened : mx::astype(weight, mx::float32);
+    auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(weight32));
     return mx::astype(product, x.dtype());
   }
   return mx::matmul(x, mx::transpose(weight));
