@@ -15,7 +15,8 @@ namespace {
 // them with one paired FMA, and an mma.sync m16n8k16 does the 256 products of a 16-row tile's step for up to 8
 // rows of x at once. The scaled weights are rounded to x's dtype once (as MLX's own dequantize does); the sums are
 // float. Measured against the SIMT kernel and MLX with benchmarks/gpu/matvec_bench.py (benchmarks/README.md,
-// "4-bit products"): a decode step's products 6-14 % faster than the SIMT kernel's at one row, 2-3x at 4-7 rows.
+// "Decode products on the tensor cores"): a decode step's products 6-7 % faster than the SIMT kernel's at one row (the
+// large ones 8-45 %, the small ones bound by MLX's cost per operation), 2-3x at 4-7 rows.
 constexpr const char* kTensorCoreHelpers = R"(
 namespace mlxr_tc {
 template <typename T> struct Pair;
@@ -72,9 +73,9 @@ __device__ __forceinline__ unsigned byte_pair(unsigned word, int lo, float scale
 constexpr const char* kTensorCoreSource = R"(
   // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T).
   // A block of W warps computes a tile of 16 rows of out for all M (<= 8 * XT) rows of x (M read from x's shape:
-  // one compiled variant serves 1 to 8 rows). Lane (g, t) = (lane / 4,
-  // lane % 4) loads 16 bytes of weight rows g and g + 8 of the tile per step, its chunk t of the rows' 64-byte
-  // segment; the warps take every W-th segment, U at a time (all loads first), and meet in shared memory.
+  // one compiled variant serves 1 to 8 rows). Lane (g, t) = (lane / 4, lane % 4) loads 16 bytes of weight rows g and
+  // g + 8 of the tile per step, its chunk t of the rows' 64-byte segment; the warps take every W-th segment, U at a
+  // time (all loads first), and meet in shared memory.
   // An mma's 16 k-slots are any 16 columns, the same for weights and x: lane t's slots are columns of its own
   // chunk, so it unpacks its words in the order they are stored and reads x at the matching columns.
   using namespace mlxr_tc;
