@@ -72,14 +72,13 @@ bool takes_cpu_attention(const mx::array& q, const mx::array& k, const mx::array
   return !sinks && on_cpu_kernels(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
 }
 
-// A half-precision attention of many queries on the CPU (a prompt): MLX's CPU has no BLAS path for its products, so it
-// runs in float32 on our kernels and rounds its output back, as torch's CPU attention computes bf16 (a bf16 model's
-// 512-token prefill: 3.6 -> ~1 s). One query (a decode step) keeps MLX's path: widening the whole cache every step
-// would cost more than its matrix-vector products.
+// A half-precision attention on the CPU: MLX's CPU has no BLAS path for its products, so it runs in float32 on our
+// kernels (q, k and v widened on every core) and rounds its output back. A bf16 model's 512-token prefill: 3.6 ->
+// 1.3 s; its decode at a 2,048-token context 12.6 -> 14.5 tokens a second (the cache widened every step still costs
+// less than MLX's half-precision matrix-vector products over it).
 bool float32_on_cpu(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& sinks) {
   const bool half = q.dtype() == mx::bfloat16 || q.dtype() == mx::float16;
-  return half && !sinks && q.shape(2) > 1 && k.dtype() == q.dtype() && v.dtype() == q.dtype() &&
-         mx::default_device() == mx::Device::cpu;
+  return half && !sinks && k.dtype() == q.dtype() && v.dtype() == q.dtype() && mx::default_device() == mx::Device::cpu;
 }
 
 mx::array float32(const mx::array& a) {
