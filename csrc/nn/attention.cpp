@@ -77,13 +77,8 @@ bool takes_cpu_attention(const mx::array& q, const mx::array& k, const mx::array
 // 1.3 s; its decode at a 2,048-token context 12.6 -> 14.5 tokens a second (the cache widened every step still costs
 // less than MLX's half-precision matrix-vector products over it).
 bool float32_on_cpu(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& sinks) {
-  const bool half = q.dtype() == mx::bfloat16 || q.dtype() == mx::float16;
-  return half && !sinks && k.dtype() == q.dtype() && v.dtype() == q.dtype() && mx::default_device() == mx::Device::cpu;
-}
-
-mx::array float32(const mx::array& a) {
-  const auto widened = widen_half_cpu(a);  // on every core
-  return widened ? *widened : mx::astype(a, mx::float32);
+  return half_precision(q.dtype()) && !sinks && k.dtype() == q.dtype() && v.dtype() == q.dtype() &&
+         mx::default_device() == mx::Device::cpu;
 }
 
 }  // namespace
@@ -114,7 +109,8 @@ mx::array merge_heads(const mx::array& x) {
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
                     std::optional<float> scale, const std::optional<mx::array>& sinks) {
   if (float32_on_cpu(q, k, v, sinks)) {
-    return mx::astype(attention(float32(q), float32(k), float32(v), mask, scale, sinks), q.dtype());
+    return mx::astype(
+        attention(widened_to_float32(q), widened_to_float32(k), widened_to_float32(v), mask, scale, sinks), q.dtype());
   }
   if (takes_cpu_attention(q, k, v, sinks)) {
     // Unmasked or under a key padding mask, each head is one task on one core (nn/cpu_kernels.h). With fewer heads
@@ -154,7 +150,8 @@ mx::array attention_in_query_bands(const mx::array& q, const mx::array& k, const
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v, std::optional<float> scale,
                            const std::optional<mx::array>& sinks) {
   if (float32_on_cpu(q, k, v, sinks)) {
-    return mx::astype(causal_attention(float32(q), float32(k), float32(v), scale, sinks), q.dtype());
+    return mx::astype(
+        causal_attention(widened_to_float32(q), widened_to_float32(k), widened_to_float32(v), scale, sinks), q.dtype());
   }
   // A single query is the last position: it sees every key, and needs no mask.
   if (takes_cpu_attention(q, k, v, sinks)) {

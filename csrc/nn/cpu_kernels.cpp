@@ -21,6 +21,7 @@
 #include "mlx/primitives.h"
 #include "nn/cpu_kernel_loops.h"
 #include "nn/erf_coefficients.h"
+#include "nn/weights.h"
 
 #ifdef __F16C__  // a build for a CPU with F16C (-march=native): the baseline loops use its conversion too
 #include <immintrin.h>
@@ -867,60 +868,65 @@ class CpuGatherAffineMatvec : public CpuAffineKernel {
   DEFINE_NAME(CpuGatherAffineMatvec)
 };
 
+// What the two half-precision kernels below hold: the dtype they widen to float (bfloat16 or float16).
+class CpuHalfKernel : public CpuKernel {
+ public:
+  CpuHalfKernel(mx::Stream stream, mx::Dtype dtype) : CpuKernel(stream), dtype_(dtype) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dtype_ == static_cast<const CpuHalfKernel&>(other).dtype_;
+  }
+
+ protected:
+  decltype(cpu_loops::Loops::bf16_widen) widener() const {
+    return dtype_ == mx::bfloat16 ? loops().bf16_widen : loops().f16_widen;
+  }
+
+ private:
+  mx::Dtype dtype_;
+};
+
 // x [rows, K] float32 times a bfloat16 or float16 weight [N, K] -> [rows, N] float32 (half_matvec_cpu): the outputs
 // split over the cores; each core widens a weight row once into a float row of its own, then takes its dot product
 // with every row of x (fewer than 32: they stay in the core's cache).
-class CpuHalfMatvec : public CpuKernel {
+class CpuHalfMatvec : public CpuHalfKernel {
  public:
-  CpuHalfMatvec(mx::Stream stream, mx::Dtype weight_dtype) : CpuKernel(stream), weight_dtype_(weight_dtype) {}
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return weight_dtype_ == static_cast<const CpuHalfMatvec&>(other).weight_dtype_;
-  }
+  using CpuHalfKernel::CpuHalfKernel;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto &x = inputs[0], &w = inputs[1];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     const int k = x.shape(-1), n = w.shape(0);
     const size_t rows = x.size() / k;
-    const auto widen = widener();
     dispatch(inputs, out,
              [x = x.data<float>(), w = static_cast<const uint16_t*>(w.data<void>()), y = out.data<float>(), k, n, rows,
-              widen] {
+              widen = widener(), dot = loops().dot] {
                on_all_cores(n, static_cast<size_t>(k) * rows, [&](size_t begin, size_t end) {
                  std::vector<float> row(k);
                  for (size_t o = begin; o < end; ++o) {
                    widen(w + o * k, row.data(), k);
-                   for (size_t r = 0; r < rows; ++r) y[r * n + o] = loops().dot(row.data(), x + r * k, k);
+                   for (size_t r = 0; r < rows; ++r) y[r * n + o] = dot(row.data(), x + r * k, k);
                  }
                });
              });
   }
 
   DEFINE_NAME(CpuHalfMatvec)
-
- protected:
-  decltype(cpu_loops::Loops::bf16_widen) widener() const {
-    return weight_dtype_ == mx::bfloat16 ? loops().bf16_widen : loops().f16_widen;
-  }
-
- private:
-  mx::Dtype weight_dtype_;
 };
 
 // A bfloat16 or float16 array widened to float32 on every core (mx::astype runs on one: 20 ms for a 12,288 x 1,024
 // weight here, as long as its product with 31 rows through our kernel).
-class CpuWidenHalf : public CpuHalfMatvec {
+class CpuWidenHalf : public CpuHalfKernel {
  public:
-  using CpuHalfMatvec::CpuHalfMatvec;
+  using CpuHalfKernel::CpuHalfKernel;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& in = inputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     const size_t n = in.size() / kWidenChunk;  // whole chunks; the size is a multiple of 8, the rest comes after
-    const auto widen = widener();
     dispatch(inputs, out,
-             [in = static_cast<const uint16_t*>(in.data<void>()), y = out.data<float>(), n, size = in.size(), widen] {
+             [in = static_cast<const uint16_t*>(in.data<void>()), y = out.data<float>(), n, size = in.size(),
+              widen = widener()] {
                on_all_cores(n, kWidenChunk, [&](size_t begin, size_t end) {
                  for (size_t c = begin; c < end; ++c) widen(in + c * kWidenChunk, y + c * kWidenChunk, kWidenChunk);
                });
@@ -1111,9 +1117,9 @@ std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::
 }
 
 std::optional<mx::array> half_matvec_cpu(const mx::array& x, const mx::array& weight) {
-  const bool half = weight.dtype() == mx::bfloat16 || weight.dtype() == mx::float16;
-  if (mx::default_device() != mx::Device::cpu || !half || weight.ndim() != 2 || x.ndim() < 1 ||
-      x.shape(-1) != weight.shape(1) || x.shape(-1) % 8 != 0 || !mx::issubdtype(x.dtype(), mx::floating)) {
+  if (mx::default_device() != mx::Device::cpu || !half_precision(weight.dtype()) || weight.ndim() != 2 ||
+      x.ndim() < 1 || x.shape(-1) != weight.shape(1) || x.shape(-1) % 8 != 0 ||
+      !mx::issubdtype(x.dtype(), mx::floating)) {
     return std::nullopt;
   }
   auto shape = x.shape();
@@ -1124,9 +1130,10 @@ std::optional<mx::array> half_matvec_cpu(const mx::array& x, const mx::array& we
   return mx::astype(y, x.dtype());
 }
 
-std::optional<mx::array> widen_half_cpu(const mx::array& a) {
-  const bool half = a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
-  if (mx::default_device() != mx::Device::cpu || !half || a.size() % 8 != 0 || a.size() == 0) return std::nullopt;
+mx::array widened_to_float32(const mx::array& a) {
+  if (mx::default_device() != mx::Device::cpu || !half_precision(a.dtype()) || a.size() % 8 != 0 || a.size() == 0) {
+    return mx::astype(a, mx::float32);
+  }
   return mx::array(a.shape(), mx::float32,
                    std::make_shared<CpuWidenHalf>(mx::default_stream(mx::Device::cpu), a.dtype()), {mx::contiguous(a)});
 }

@@ -94,8 +94,8 @@ std::optional<mx::array> gather_affine_matvec_cpu(const mx::array& x, const mx::
 // float; the result in x's dtype. nullopt for anything else (K not a multiple of 8, another device or dtype).
 std::optional<mx::array> half_matvec_cpu(const mx::array& x, const mx::array& weight);
 
-// A bfloat16 or float16 array as float32, converted on every core (mx::astype converts on one). nullopt for anything
-// else (another dtype or device, a size not a multiple of 8).
-std::optional<mx::array> widen_half_cpu(const mx::array& a);
+// A bfloat16 or float16 array as float32: on the CPU converted on every core (mx::astype converts on one), elsewhere
+// (or for a size not a multiple of 8) by mx::astype.
+mx::array widened_to_float32(const mx::array& a);
 
 }  // namespace mlxr

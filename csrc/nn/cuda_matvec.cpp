@@ -217,10 +217,6 @@ constexpr const char* kTensorCoreSource = R"(
   }
 )";
 
-bool half_precision(mx::Dtype dtype) {
-  return dtype == mx::bfloat16 || dtype == mx::float16;
-}
-
 // x's leading dimensions flattened: [rows, K].
 int rows_of(const mx::array& x) {
   return static_cast<int>(x.size() / x.shape(-1));

@@ -88,14 +88,11 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
 // W on the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7
 // tokens a second): a few rows take our kernel (half_matvec_cpu), more multiply a transient float32 copy through BLAS.
 mx::array float_matmul(const mx::array& x, const mx::array& weight) {
-  const bool half = weight.dtype() == mx::bfloat16 || weight.dtype() == mx::float16;
-  if (half && mx::default_device() == mx::Device::cpu) {
+  if (half_precision(weight.dtype()) && mx::default_device() == mx::Device::cpu) {
     if (rows_of(x) < kCpuHalfKernelRows) {
       if (auto y = half_matvec_cpu(x, weight)) return *y;
     }
-    const auto widened = widen_half_cpu(weight);
-    const auto weight32 = widened ? *widened : mx::astype(weight, mx::float32);
-    auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(weight32));
+    auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(widened_to_float32(weight)));
     return mx::astype(product, x.dtype());
   }
   return mx::matmul(x, mx::transpose(weight));

@@ -95,6 +95,11 @@ class Weights {
 
 std::string shape_string(const mx::Shape& shape);
 
+// bfloat16 or float16: the dtypes MLX's CPU has no BLAS path for, and our CUDA decode kernel takes.
+inline bool half_precision(mx::Dtype dtype) {
+  return dtype == mx::bfloat16 || dtype == mx::float16;
+}
+
 // True when MLX computes on an NVIDIA GPU (its CUDA kernels accept fewer quantized shapes than the CPU's).
 bool running_on_cuda();
 
