@@ -22,8 +22,7 @@ void bind_building_blocks(nb::module_& m) {
   m.def("cuda_runs_packed", &cuda_runs_packed, "columns"_a, "group_size"_a,
         "Whether MLX's CUDA kernels multiply a packed weight of these columns and group size; on CUDA one that they "
         "do not is unpacked at load (nn/weights.h).");
-  m.def(
-      "gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
+  m.def("gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
   m.def(
       "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x * sigmoid(x).");
@@ -53,6 +52,19 @@ void bind_building_blocks(nb::module_& m) {
       },
       "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec).");
+  m.def(
+      "quantized_gated_silu",
+      [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
+         const QuantSpec& spec) {
+        Linear gate_up{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
+        GatedMLP mlp{.gate_up_proj = FusedLinear{.layers = {gate_up}},
+                     .down_proj = Linear{.weight = mx::array(0.0f)},  // not used: only the activation is computed
+                     .intermediate_size = packed.shape(0) / 2};
+        return evaluated(mlp.activated(x));
+      },
+      "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "silu(x G^T) * (x U^T) for W = [G; U] packed by mx.quantize (a gated MLP's activation: on CUDA, a few rows "
+      "take nn/cuda_matvec's gated kernel).");
   m.def(
       "quantized_switch_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,

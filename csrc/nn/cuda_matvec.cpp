@@ -18,6 +18,9 @@ namespace {
 // "Decode products on the tensor cores"): a decode step's products 6-7 % faster than the SIMT kernel's at one row (the
 // large ones 8-45 %, the small ones bound by MLX's cost per operation), 2-3x at 4-7 rows.
 constexpr const char* kTensorCoreHelpers = R"(
+#include "mlx/backend/cuda/device/binary_ops.cuh"
+#include "mlx/backend/cuda/device/unary_ops.cuh"
+
 namespace mlxr_tc {
 template <typename T> struct Pair;
 template <> struct Pair<__nv_bfloat16> {
@@ -67,6 +70,14 @@ __device__ __forceinline__ unsigned byte_pair(unsigned word, int lo, float scale
   const float q_hi = __int_as_float(__byte_perm(word, 0x4B000000u, 0x7540 | (lo + 1))) - 8388608.f;
   return bits_as<unsigned>(Pair<T>::from_floats(fmaf(q_lo, scale, bias), fmaf(q_hi, scale, bias)));
 }
+
+// silu(gate) * up with MLX's own element-wise functors in T: what the separate gated SiLU (an mx::compile of
+// multiply(multiply(g, sigmoid(g)), up)) computes from the rounded product, so the fused kernel's output is the same.
+template <typename T>
+__device__ __forceinline__ T silu_times(T gate, T up) {
+  using mlx::core::cu::Multiply;
+  return Multiply{}(Multiply{}(gate, mlx::core::cu::Sigmoid{}(gate)), up);
+}
 }  // namespace mlxr_tc
 )";
 
@@ -78,6 +89,9 @@ constexpr const char* kTensorCoreSource = R"(
   // time (all loads first), and meet in shared memory.
   // An mma's 16 k-slots are any 16 columns, the same for weights and x: lane t's slots are columns of its own
   // chunk, so it unpacks its words in the order they are stored and reads x at the matching columns.
+  // GATED: w's rows are a gate [N / 2, K] then its up projection, and out [M, N / 2] = silu(x gate^T) * (x up^T).
+  // A tile is then 8 gate rows (lane row g) and the same 8 up rows (g + 8), so a lane's sums hold both factors of an
+  // output; the block writes the 8 outputs (one launch and one write where the gated SiLU took a second kernel).
   using namespace mlxr_tc;
   using P = typename Pair<T>::type;
   constexpr int kPerWord = 32 / BITS;
@@ -94,8 +108,10 @@ constexpr const char* kTensorCoreSource = R"(
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = static_cast<int>(blockIdx.x) * 16;
-  const int rows[2] = {min(tile + g, n_rows - 1), min(tile + g + 8, n_rows - 1)};  // past the last: repeats, not written
+  const int n_out = GATED ? n_rows / 2 : n_rows;
+  const int tile = static_cast<int>(blockIdx.x) * (GATED ? 8 : 16);
+  // Past the last row: repeats, not written.
+  const int rows[2] = {min(tile + g, n_out - 1), GATED ? n_out + min(tile + g, n_out - 1) : min(tile + g + 8, n_rows - 1)};
   const bool w_aligned = (reinterpret_cast<unsigned long long>(w) & 15ull) == 0;
   const bool x_aligned = (reinterpret_cast<unsigned long long>(x) & 15ull) == 0;
 
@@ -206,13 +222,21 @@ constexpr const char* kTensorCoreSource = R"(
     partial[warp][8 * n + 2 * t + 1][g + 8] = d[n][3];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * M; i += 32 * W) {
-    const int m = i / 16, r = i % 16;
-    if (tile + r < n_rows) {
+  constexpr int kOutputs = GATED ? 8 : 16;  // outputs a tile writes per row of x
+  for (int i = threadIdx.x; i < kOutputs * M; i += 32 * W) {
+    const int m = i / kOutputs, r = i % kOutputs;
+    if (tile + r < n_out) {
       float sum = 0.f;
 #pragma unroll
       for (int v = 0; v < W; ++v) sum += partial[v][m][r];
-      out[static_cast<size_t>(m) * n_rows + tile + r] = static_cast<T>(sum);
+      T value = static_cast<T>(sum);
+      if constexpr (GATED) {
+        float up = 0.f;
+#pragma unroll
+        for (int v = 0; v < W; ++v) up += partial[v][m][r + 8];
+        value = silu_times(value, static_cast<T>(up));
+      }
+      out[static_cast<size_t>(m) * n_out + tile + r] = value;
     }
   }
 )";
@@ -235,10 +259,12 @@ mx::Shape output_shape(const mx::array& x, int n) {
 constexpr int kWarpsPerTile = 4;
 constexpr int kSegmentsPerPass = 1;
 
-mx::array launch(const std::vector<mx::array>& inputs, int n, int rows, int bits, int group_size) {
+mx::array launch(const std::vector<mx::array>& inputs, int n, int rows, int bits, int group_size, bool gated) {
   static auto kernel = mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
                                              kTensorCoreHelpers, true);
-  const long long threads = static_cast<long long>((n + 15) / 16) * 32 * kWarpsPerTile;
+  const int outputs_per_block = gated ? 8 : 16;
+  const long long threads =
+      static_cast<long long>((n + outputs_per_block - 1) / outputs_per_block) * 32 * kWarpsPerTile;
   if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
   const auto dtype = inputs[0].dtype();
   return kernel(inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerTile, 1, 1},
@@ -247,28 +273,41 @@ mx::array launch(const std::vector<mx::array>& inputs, int n, int rows, int bits
                  {"GROUP", group_size},
                  {"XT", (rows + 7) / 8},
                  {"W", kWarpsPerTile},
-                 {"U", kSegmentsPerPass}},
+                 {"U", kSegmentsPerPass},
+                 {"GATED", gated}},
                 std::nullopt, false, {})[0];
 }
 
-}  // namespace
-
-std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
+// The kernel's product of x [..., K] with the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated; nullopt
+// where it does not apply (cuda_matvec.h).
+std::optional<mx::array> tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q,
+                                             bool gated) {
   // The kernel indexes the weight as one dense block (a strided one would be copied on every call).
   if (!running_on_cuda() || packed.ndim() != 2 || !packed.flags().row_contiguous || !half_precision(x.dtype())) {
     return std::nullopt;
   }
   const int k = x.shape(-1), rows = rows_of(x), n = packed.shape(0);
-  if (rows < 1 || rows > kMaxMatvecRows) return std::nullopt;
-  auto x2 = mx::reshape(x, {rows, k});
+  if (rows < 1 || rows > kMaxMatvecRows || (gated && n % 2 != 0)) return std::nullopt;
   const auto& spec = q.spec;
   const bool supported = spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) &&
                          (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) && q.biases &&
                          !q.global_scale && q.scales.dtype() == x.dtype() && q.biases->dtype() == x.dtype() &&
                          packed.shape(1) * 32 / spec.bits == k;
   if (!supported) return std::nullopt;
-  return mx::reshape(launch({x2, packed, q.scales, *q.biases}, n, rows, spec.bits, spec.group_size),
-                     output_shape(x, n));
+  const int outputs = gated ? n / 2 : n;
+  return mx::reshape(launch({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, outputs, rows, spec.bits,
+                            spec.group_size, gated),
+                     output_shape(x, outputs));
+}
+
+}  // namespace
+
+std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  return tensor_core_product(x, packed, q, /*gated=*/false);
+}
+
+std::optional<mx::array> cuda_quantized_swiglu_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  return tensor_core_product(x, packed, q, /*gated=*/true);
 }
 
 }  // namespace mlxr

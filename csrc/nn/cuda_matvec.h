@@ -23,4 +23,9 @@ constexpr int kMaxMatvecRows = 8;
 // not one of those: the caller uses MLX's own product.
 std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q);
 
+// silu(x G^T) * (x U^T) for a packed gate and up projection stacked as W = [G; U] ([2 I, K], gate rows first, as
+// GatedMLP's fused gate_up_proj holds them): [..., I], the same numbers as the product followed by the gated SiLU, in
+// one kernel. Same cases as cuda_quantized_matvec; nullopt otherwise.
+std::optional<mx::array> cuda_quantized_swiglu_matvec(const mx::array& x, const mx::array& packed, const Quantized& q);
+
 }  // namespace mlxr

@@ -60,7 +60,12 @@ struct GatedMLP {
   static GatedMLP load(const Weights& w, int hidden_size, int intermediate_size, bool with_bias = false,
                        const std::string& activation = "silu");
   mx::array operator()(const mx::array& x) const;
+  // activation(gate) * up, the input of down_proj.
+  mx::array activated(const mx::array& x) const;
   std::vector<mx::array> arrays() const;
+
+ private:
+  std::optional<mx::array> fused_swiglu(const mx::array& x) const;
 };
 
 // E linear layers stacked [E, out, in] (packed: [E, out, in * bits / 32]); each row of x multiplied by

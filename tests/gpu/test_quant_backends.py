@@ -152,6 +152,27 @@ def test_a_packed_linear_of_a_few_rows_is_the_dequantized_product(rows, cols, bi
         assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()  # bfloat16's ~3 significant digits
 
 
+@pytest.mark.parametrize(("intermediate", "cols", "bits", "group_size"), [
+    (9728, 2560, 4, 64), (1000, 640, 4, 128), (44, 256, 8, 32), (3, 512, 4, 64)])
+@pytest.mark.parametrize("batch", [1, 5, 8, 9])
+def test_a_packed_gate_and_up_give_the_gated_silu_of_their_product(intermediate, cols, bits, group_size, batch):
+    """The gated MLP's activation from its stacked [gate; up] weight: on CUDA up to 8 rows run it in the product's
+    kernel, which must give the numbers of the product followed by the separate gated SiLU, bit for bit."""
+    dtype = mx.bfloat16 if ON_CUDA else mx.float32
+    mx.random.seed(intermediate + cols + batch)
+    packed, scales, biases = mx.quantize(0.05 * mx.random.normal((2 * intermediate, cols)), group_size=group_size,
+                                         bits=bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    spec = _core.QuantSpec.from_dict({"bits": bits, "group_size": group_size, "mode": "affine"})
+    x = mx.random.normal((batch, cols)).astype(dtype)
+    got = _core.quantized_gated_silu(x, packed, scales, biases, spec)
+    product = _core.quantized_linear(x, packed, scales, biases, spec)
+    want = _core.gated_silu(product[:, :intermediate], product[:, intermediate:])
+    assert got.shape == (batch, intermediate) and got.dtype == dtype
+    assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    assert float(mx.abs(want.astype(mx.float32)).max()) > 0.01  # a real signal
+
+
 def random_qwen3(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
     """A bf16 Qwen3 of random weights with the tiny fixture's tokenizer and vocabulary, written with MLX."""
     shutil.copytree(QWEN3, folder)

@@ -80,6 +80,15 @@ inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 v) { return {v, v}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
 inline __half2 __half2half2(__half v) { return {v, v}; }
 inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
+// MLX's element-wise functors on a half type: computed in float, rounded to the type (as MLX's are).
+namespace mlx::core::cu {
+struct Sigmoid {
+  template <typename H> H operator()(H x) { return H(1.0f / (1.0f + std::exp(-float(x)))); }
+};
+struct Multiply {
+  template <typename H> H operator()(H a, H b) { return H(float(a) * float(b)); }
+};
+}  // namespace mlx::core::cu
 
 // mma.sync.m16n8k16.row.col, f32 sums, emulated for the 32 threads of a warp from PTX's fragment layout.
 struct WarpTiles { unsigned a[32][4], b[32][2]; std::unique_ptr<std::barrier<>> meet; };
@@ -139,19 +148,23 @@ def kernel_parts() -> tuple[str, str]:
                              "", helpers, flags=re.S)
     assert count == 2, "the helpers' two mma functions were not found"
     helpers = helpers.replace("namespace mlxr_tc {", "namespace mlxr_tc {\n" + HOST_MMA, 1)
+    # MLX's device headers give way to the prelude's functors.
+    helpers, count = re.subn(r'#include "mlx/backend/cuda/device/\w+\.cuh"\n', "", helpers)
+    assert count == 2, "the helpers' two MLX includes were not found"
     return helpers, sources["kTensorCoreSource"]
 
 
-def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int) -> ctypes.CDLL:
+def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int,
+          gated: bool = False) -> ctypes.CDLL:
     helpers, body = kernel_parts()
-    constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes}
+    constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated)}
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
     code = (PRELUDE + helpers + f"\nusing T = {dtype};\n" +
             "static void kernel(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,"
             " const T* biases, T* out) {\n" + lines + body + "\n}\n" + f"""
 extern "C" void run(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,
                     const T* biases, T* out) {{
-  const int tiles = (w_shape[0] + 15) / 16;
+  const int tiles = {"(w_shape[0] / 2 + 7) / 8" if gated else "(w_shape[0] + 15) / 16"};
   for (int wi = 0; wi < {warps}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
   block_barrier = std::make_unique<std::barrier<>>(32 * {warps});
   for (int tile = 0; tile < tiles; ++tile) {{
@@ -163,6 +176,7 @@ extern "C" void run(const T* x, const int* x_shape, const uint32_t* w, const int
   }}
 }}
 """)
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "tc.cpp").write_text(code)
     compiler = shutil.which("c++") or shutil.which("g++")
     lib = tmp_path / "tc.so"
@@ -209,27 +223,65 @@ CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass
 ]
 
 
+def random_case(dtype: str, bits: int, group: int, rows: int, n: int, k: int) -> dict:
+    rng = np.random.default_rng(bits * 1000 + rows * 10 + n)
+    return {"q": rng.integers(0, 2**bits, size=(n, k)),
+            "scales": half_bits(rng.uniform(0.01, 0.05, size=(n, k // group)), dtype),
+            "biases": half_bits(rng.uniform(-0.4, 0.0, size=(n, k // group)), dtype),
+            "x": half_bits(rng.standard_normal((rows, k)), dtype)}
+
+
+def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
+    """The kernel's output bits [rows, outputs]."""
+    x, packed = case["x"], pack(case["q"], bits)
+    out = np.zeros((x.shape[0], outputs), dtype=np.uint16)
+    x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
+    ptr = ctypes.c_void_p
+    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, packed, w_shape, case["scales"], case["biases"], out)])
+    return out
+
+
 @pytest.mark.parametrize("dtype, bits, group, rows, n, k, warps, passes", CASES)
 def test_the_tensor_core_product_lanes_meet_the_right_weights(tmp_path, dtype, bits, group, rows, n, k, warps,
                                                               passes):
     lib = build(tmp_path, dtype, bits, group, rows, warps, passes)
-    rng = np.random.default_rng(bits * 1000 + rows * 10 + n)
-    q = rng.integers(0, 2**bits, size=(n, k))
-    scales = half_bits(rng.uniform(0.01, 0.05, size=(n, k // group)), dtype)
-    biases = half_bits(rng.uniform(-0.4, 0.0, size=(n, k // group)), dtype)
-    x = half_bits(rng.standard_normal((rows, k)), dtype)
-    packed = pack(q, bits)
-    out = np.zeros((rows, n), dtype=np.uint16)
-    x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
-    ptr = ctypes.c_void_p
-    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, packed, w_shape, scales, biases, out)])
+    case = random_case(dtype, bits, group, rows, n, k)
+    got = half_values(run(lib, case, bits, n), dtype)
 
     # The kernel rounds each scaled weight to x's dtype (as MLX's dequantize does) and sums in float.
+    q, scales, biases = case["q"], case["scales"], case["biases"]
     weights = (q.reshape(n, -1, group) * half_values(scales, dtype)[..., None].astype(np.float64)
                + half_values(biases, dtype)[..., None]).reshape(n, k)
     weights = half_values(half_bits(weights.astype(np.float32), dtype), dtype).astype(np.float64)
-    want = half_values(x, dtype).astype(np.float64) @ weights.T
-    got = half_values(out, dtype)
+    want = half_values(case["x"], dtype).astype(np.float64) @ weights.T
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
     # And not by luck: each output's error is within the final rounding to x's dtype.
     assert np.abs(got - want).max() <= 2 ** -7 * np.abs(want).max() + 1e-6
+
+
+GATED_CASES = [  # dtype, bits, group, rows of x, n (gate + up rows), k, warps, segments a pass
+    ("__nv_bfloat16", 4, 64, 1, 64, 256, 4, 1),
+    ("__nv_bfloat16", 4, 32, 3, 44, 96, 2, 1),     # 22 outputs: a partial tile of 8
+    ("__nv_bfloat16", 8, 64, 9, 32, 192, 1, 2),    # two 8-row tiles of x
+    ("__half", 4, 128, 5, 48, 256, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype, bits, group, rows, n, k, warps, passes", GATED_CASES)
+def test_the_gated_product_is_the_product_then_the_gated_silu(tmp_path, dtype, bits, group, rows, n, k, warps,
+                                                               passes):
+    """GATED: the same sums as the plain product of the stacked [gate; up] weight, each output silu(gate) * up."""
+    case = random_case(dtype, bits, group, rows, n, k)
+    plain = half_values(run(build(tmp_path / "plain", dtype, bits, group, rows, warps, passes), case, bits, n), dtype)
+    got = half_values(run(build(tmp_path / "gated", dtype, bits, group, rows, warps, passes, gated=True), case,
+                          bits, n // 2), dtype)
+
+    def rounded(a):  # to the kernel's half type, as each of MLX's functors rounds its result
+        return half_values(half_bits(np.asarray(a, dtype=np.float32), dtype), dtype)
+
+    gate, up = plain[:, : n // 2], plain[:, n // 2:]
+    with np.errstate(over="ignore"):  # a large negative gate: exp overflows to inf, the sigmoid to 0, as in float
+        want = rounded(rounded(gate * rounded(1 / (1 + np.exp(-gate)))) * up)
+    # One unit in the last place of the type at most (the sigmoid's float exp on two sides).
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
+    assert np.abs(want).max() > 0.1  # a real signal, not zeros on both sides
