@@ -2,6 +2,7 @@
 // that runs packed weights takes (nn/weights.h).
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 
 #include "bindings/bindings.h"
 #include "bindings/config.h"
@@ -65,6 +66,28 @@ void bind_building_blocks(nb::module_& m) {
       "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
       "silu(x G^T) * (x U^T) for W = [G; U] packed by mx.quantize (a gated MLP's activation: on CUDA, a few rows "
       "take nn/cuda_matvec's gated kernel).");
+  m.def(
+      "quantized_normed_product",
+      [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,
+         const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases, const QuantSpec& spec,
+         bool gated) {
+        Linear layer{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
+        GatedMLP mlp{.gate_up_proj = FusedLinear{.layers = {layer}},
+                     .down_proj = Linear{.weight = mx::array(0.0f)},  // not used: only the activation is computed
+                     .intermediate_size = packed.shape(0) / 2};
+        const NormInput input{x, delta, norm_weight, eps};
+        auto fused = gated ? mlp.normed_activated(input) : mlp.gate_up_proj.normed_product(input);
+        if (fused) return std::tuple{evaluated(fused->first), evaluated(fused->second), true};
+        const RMSNorm norm{.weight = norm_weight, .eps = eps};
+        auto [sum, normed] = delta ? norm.add_then_norm(x, *delta) : std::pair{x, norm(x)};
+        auto out = gated ? mlp.activated(normed) : layer(normed);
+        return std::tuple{evaluated(sum), evaluated(out), false};
+      },
+      "x"_a, "delta"_a, "norm_weight"_a, "eps"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, "gated"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "(x + delta, the product of RMSNorm(x + delta) with W packed by mx.quantize; gated: silu(gate) * up of W = "
+      "[G; U]), and whether one kernel made both (a decoder layer's projection in a decode step on CUDA, "
+      "nn/cuda_matvec); no delta: x and the product of RMSNorm(x).");
   m.def(
       "quantized_switch_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "mlx/fast.h"
+#include "nn/cuda_kernel_common.h"
 
 namespace mlxr {
 
@@ -71,6 +72,17 @@ __device__ __forceinline__ unsigned byte_pair(unsigned word, int lo, float scale
   return bits_as<unsigned>(Pair<T>::from_floats(fmaf(q_lo, scale, bias), fmaf(q_hi, scale, bias)));
 }
 
+// Element `at` (column `col`) of the normed input: MLX's rms_norm of h = x (+ delta, rounded to T), i.e. the weight
+// times (h * normalizer rounded to T), rounded to T; as bits.
+template <typename T, bool ADD>
+__device__ __forceinline__ unsigned short normed_element(const T* x, const T* delta, const T* weight, size_t at, int col,
+                                                         float normalizer) {
+  const float h = ADD ? static_cast<float>(static_cast<T>(static_cast<float>(x[at]) + static_cast<float>(delta[at])))
+                      : static_cast<float>(x[at]);
+  return bits_as<unsigned short>(
+      static_cast<T>(static_cast<float>(weight[col]) * static_cast<float>(static_cast<T>(h * normalizer))));
+}
+
 // silu(gate) * up with MLX's own element-wise functors in T: what the separate gated SiLU (an mx::compile of
 // multiply(multiply(g, sigmoid(g)), up)) computes from the rounded product, so the fused kernel's output is the same.
 template <typename T>
@@ -121,6 +133,33 @@ constexpr const char* kTensorCoreSource = R"(
 #pragma unroll
     for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
 
+#if MLXR_NORMED
+  // The product's input is RMSNorm(x + delta) (ADD; RMSNorm(x) otherwise), made here instead of by a kernel of its
+  // own: every block sums the squares of each row of x (the same way, so all agree), block 0 also writes `added`
+  // = x + delta (the residual stream the layer goes on with), and the x-loads below normalise as they read.
+  __shared__ float normalizer[8 * XT];
+  __shared__ float warp_squares[W];
+  for (int m = 0; m < M; ++m) {
+    float squares = 0.f;
+    for (int j = threadIdx.x; j < k; j += 32 * W) {
+      const size_t at = static_cast<size_t>(m) * k + j;
+      const T h = ADD ? static_cast<T>(static_cast<float>(x[at]) + static_cast<float>(delta[at])) : x[at];
+      if (ADD && blockIdx.x == 0) added[at] = h;
+      squares += static_cast<float>(h) * static_cast<float>(h);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+    if (lane == 0) warp_squares[warp] = squares;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+      for (int v = 0; v < W; ++v) total += warp_squares[v];
+      normalizer[m] = rsqrtf(total / k + __int_as_float(EPS_BITS));
+    }
+    __syncthreads();
+  }
+#endif
+
   for (int s0 = warp; s0 < segments; s0 += W * U) {
     unsigned words[U][2][4];
     T scale[U][2], bias[U][2];
@@ -151,6 +190,21 @@ constexpr const char* kTensorCoreSource = R"(
 #pragma unroll
         for (int v = 0; v < kXWords / 4; ++v) {
           uint4 q = make_uint4(0u, 0u, 0u, 0u);
+#if MLXR_NORMED
+          if (m < M && in_row) {
+            const int col = cc * kPerChunk + 8 * v;
+            unsigned pairs[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const size_t at = static_cast<size_t>(m) * k + col + 2 * i;
+              pairs[i] = normed_element<T, ADD>(x, delta, norm_weight, at, col + 2 * i, normalizer[m]) |
+                         (static_cast<unsigned>(
+                              normed_element<T, ADD>(x, delta, norm_weight, at + 1, col + 2 * i + 1, normalizer[m]))
+                          << 16);
+            }
+            q = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+          }
+#else
           if (m < M && in_row) {
             if (x_aligned) {
               q = *reinterpret_cast<const uint4*>(xm + 8 * v);
@@ -164,6 +218,7 @@ constexpr const char* kTensorCoreSource = R"(
               q = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
             }
           }
+#endif
           xw[u][n][4 * v] = q.x, xw[u][n][4 * v + 1] = q.y, xw[u][n][4 * v + 2] = q.z, xw[u][n][4 * v + 3] = q.w;
         }
       }
@@ -259,55 +314,83 @@ mx::Shape output_shape(const mx::array& x, int n) {
 constexpr int kWarpsPerTile = 4;
 constexpr int kSegmentsPerPass = 1;
 
-mx::array launch(const std::vector<mx::array>& inputs, int n, int rows, int bits, int group_size, bool gated) {
-  static auto kernel = mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
-                                             kTensorCoreHelpers, true);
-  const int outputs_per_block = gated ? 8 : 16;
-  const long long threads =
-      static_cast<long long>((n + outputs_per_block - 1) / outputs_per_block) * 32 * kWarpsPerTile;
-  if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
-  const auto dtype = inputs[0].dtype();
-  return kernel(inputs, {{rows, n}}, {dtype}, {static_cast<int>(threads), 1, 1}, {32 * kWarpsPerTile, 1, 1},
-                {{"T", dtype},
-                 {"BITS", bits},
-                 {"GROUP", group_size},
-                 {"XT", (rows + 7) / 8},
-                 {"W", kWarpsPerTile},
-                 {"U", kSegmentsPerPass},
-                 {"GATED", gated}},
-                std::nullopt, false, {})[0];
+// The kernel's template arguments for x's dtype, the weight's packing and the row count.
+std::vector<std::pair<std::string, mx::fast::TemplateArg>> template_args(mx::Dtype dtype, int rows,
+                                                                         const QuantSpec& spec, bool gated) {
+  return {{"T", dtype},           {"BITS", spec.bits},  {"GROUP", spec.group_size},
+          {"XT", (rows + 7) / 8}, {"W", kWarpsPerTile}, {"U", kSegmentsPerPass},
+          {"GATED", gated}};
 }
 
-// The kernel's product of x [..., K] with the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated; nullopt
-// where it does not apply (cuda_matvec.h).
-std::optional<mx::array> tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q,
-                                             bool gated) {
-  // The kernel indexes the weight as one dense block (a strided one would be copied on every call).
+std::tuple<int, int, int> grid_for(int outputs, bool gated) {
+  const int outputs_per_block = gated ? 8 : 16;
+  const long long threads =
+      static_cast<long long>((outputs + outputs_per_block - 1) / outputs_per_block) * 32 * kWarpsPerTile;
+  if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
+  return {static_cast<int>(threads), 1, 1};
+}
+
+// Whether the kernel takes this product: affine 4/8-bit in groups of 32/64/128, x half precision with at most
+// kMaxMatvecRows rows, the weight one dense block (a strided one would be copied on every call).
+bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
   if (!running_on_cuda() || packed.ndim() != 2 || !packed.flags().row_contiguous || !half_precision(x.dtype())) {
-    return std::nullopt;
+    return false;
   }
-  const int k = x.shape(-1), rows = rows_of(x), n = packed.shape(0);
-  if (rows < 1 || rows > kMaxMatvecRows || (gated && n % 2 != 0)) return std::nullopt;
+  const int rows = rows_of(x);
+  if (rows < 1 || rows > kMaxMatvecRows || (gated && packed.shape(0) % 2 != 0)) return false;
   const auto& spec = q.spec;
-  const bool supported = spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) &&
-                         (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) && q.biases &&
-                         !q.global_scale && q.scales.dtype() == x.dtype() && q.biases->dtype() == x.dtype() &&
-                         packed.shape(1) * 32 / spec.bits == k;
-  if (!supported) return std::nullopt;
-  const int outputs = gated ? n / 2 : n;
-  return mx::reshape(launch({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, outputs, rows, spec.bits,
-                            spec.group_size, gated),
-                     output_shape(x, outputs));
+  return spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) &&
+         (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) && q.biases && !q.global_scale &&
+         q.scales.dtype() == x.dtype() && q.biases->dtype() == x.dtype() &&
+         packed.shape(1) * 32 / spec.bits == x.shape(-1);
+}
+
+// The product of x [..., K] and the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated.
+mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
+  static auto kernel = mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
+                                             std::string("#define MLXR_NORMED 0\n") + kTensorCoreHelpers, true);
+  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},
+                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, template_args(x.dtype(), rows, q.spec, gated),
+                    std::nullopt, false, {})[0];
+  return mx::reshape(out, output_shape(x, outputs));
 }
 
 }  // namespace
 
 std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  if (!kernel_takes(x, packed, q, /*gated=*/false)) return std::nullopt;
   return tensor_core_product(x, packed, q, /*gated=*/false);
 }
 
 std::optional<mx::array> cuda_quantized_swiglu_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
+  if (!kernel_takes(x, packed, q, /*gated=*/true)) return std::nullopt;
   return tensor_core_product(x, packed, q, /*gated=*/true);
+}
+
+std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(const NormInput& input,
+                                                                            const mx::array& packed, const Quantized& q,
+                                                                            bool gated) {
+  const auto& x = input.x;
+  if (!kernel_takes(x, packed, q, gated) || input.weight.dtype() != x.dtype() || input.weight.ndim() != 1 ||
+      input.weight.shape(0) != x.shape(-1) || (input.delta && input.delta->shape() != x.shape()) ||
+      (input.delta && input.delta->dtype() != x.dtype())) {
+    return std::nullopt;
+  }
+  static auto kernel = mx::fast::cuda_kernel(
+      "mlxr_qmv_tc_normed", {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"}, kTensorCoreSource,
+      std::string("#define MLXR_NORMED 1\n") + kTensorCoreHelpers, true);
+  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const bool add = input.delta.has_value();
+  auto x2 = mx::reshape(x, {rows, k});
+  auto args = template_args(x.dtype(), rows, q.spec, gated);
+  args.emplace_back("ADD", add);
+  args.emplace_back("EPS_BITS", cuda_eps_bits(input.eps));
+  // Without a delta the kernel reads x alone: x stands in for it, and the unwritten `added` is not used.
+  auto out = kernel({x2, add ? mx::reshape(*input.delta, {rows, k}) : x2, input.weight, packed, q.scales, *q.biases},
+                    {{rows, outputs}, add ? mx::Shape{rows, k} : mx::Shape{1}}, {x.dtype(), x.dtype()},
+                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, args, std::nullopt, false, {});
+  return std::pair{add ? mx::reshape(out[1], x.shape()) : x, mx::reshape(out[0], output_shape(x, outputs))};
 }
 
 }  // namespace mlxr

@@ -28,4 +28,19 @@ std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::arr
 // one kernel. Same cases as cuda_quantized_matvec; nullopt otherwise.
 std::optional<mx::array> cuda_quantized_swiglu_matvec(const mx::array& x, const mx::array& packed, const Quantized& q);
 
+// What a transformer layer's projection reads: RMSNorm(x + delta) with `weight` and `eps` (RMSNorm(x) without a delta).
+struct NormInput {
+  mx::array x;
+  std::optional<mx::array> delta;
+  mx::array weight;
+  float eps;
+};
+
+// The product of the normed input with W (gated: the swiglu product above), the sum and the norm made in the
+// product's kernel: (x + delta, or x itself without a delta; the product). Two kernels fewer a decoder layer than
+// the add-and-norm kernel before each product. The same cases as cuda_quantized_matvec, the norm's weight in x's dtype.
+std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(const NormInput& input,
+                                                                            const mx::array& packed, const Quantized& q,
+                                                                            bool gated);
+
 }  // namespace mlxr

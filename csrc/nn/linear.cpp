@@ -189,6 +189,11 @@ mx::array FusedLinear::operator()(const mx::array& x) const {
   return mx::concatenate(outputs, -1);
 }
 
+std::optional<std::pair<mx::array, mx::array>> FusedLinear::normed_product(const NormInput& input) const {
+  if (layers.size() != 1 || !layers[0].quantized || layers[0].bias) return std::nullopt;
+  return cuda_quantized_normed_matvec(input, layers[0].weight, *layers[0].quantized, /*gated=*/false);
+}
+
 std::vector<mx::array> FusedLinear::arrays() const {
   std::vector<mx::array> out;
   for (const auto& layer : layers) {

@@ -5,6 +5,7 @@
 // mx::quantized_matmul, an Embedding dequantizes only the rows it looks up.
 #pragma once
 
+#include "nn/cuda_matvec.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -42,6 +43,9 @@ struct FusedLinear {
 
   static FusedLinear fuse(const std::vector<Linear>& parts);
   mx::array operator()(const mx::array& x) const;  // [..., sum of the parts' out_features]
+  // (x + delta, the product of its RMSNorm) in one kernel where nn/cuda_matvec takes it (a packed decode step on
+  // CUDA); nullopt otherwise.
+  std::optional<std::pair<mx::array, mx::array>> normed_product(const NormInput& input) const;
   std::vector<mx::array> arrays() const;
 };
 

@@ -165,7 +165,9 @@ mx::array GatedMLP::operator()(const mx::array& x) const {
 }
 
 mx::array GatedMLP::activated(const mx::array& x) const {
-  if (auto fused = fused_swiglu(x)) return *fused;
+  if (const auto* gate_up = packed_silu_gate_up()) {
+    if (auto fused = cuda_quantized_swiglu_matvec(x, gate_up->weight, *gate_up->quantized)) return *fused;
+  }
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
   if (activation == "silu") return gated_silu_columns(gate_up, 0, intermediate_size, intermediate_size);
   auto gate = axis_slice(gate_up, -1, 0, intermediate_size);
@@ -173,13 +175,18 @@ mx::array GatedMLP::activated(const mx::array& x) const {
   return mx::multiply(mlxr::activation(activation, gate), up);
 }
 
-// A decode step's silu(gate) * up in the packed product's own kernel on CUDA: one operation a layer fewer, where a
-// decode step is bound by MLX's cost per operation. The same numbers as the product and the gated SiLU.
-std::optional<mx::array> GatedMLP::fused_swiglu(const mx::array& x) const {
-  if (activation != "silu" || gate_up_proj.layers.size() != 1) return std::nullopt;
+std::optional<std::pair<mx::array, mx::array>> GatedMLP::normed_activated(const NormInput& input) const {
+  const auto* gate_up = packed_silu_gate_up();
+  if (!gate_up) return std::nullopt;
+  return cuda_quantized_normed_matvec(input, gate_up->weight, *gate_up->quantized, /*gated=*/true);
+}
+
+// A decode step's silu(gate) * up can come from the packed product's own kernel on CUDA (nn/cuda_matvec.h): one
+// operation a layer fewer, where a decode step is bound by MLX's cost per operation; the same numbers.
+const Linear* GatedMLP::packed_silu_gate_up() const {
+  if (activation != "silu" || gate_up_proj.layers.size() != 1) return nullptr;
   const auto& gate_up = gate_up_proj.layers[0];
-  if (!gate_up.quantized || gate_up.bias) return std::nullopt;
-  return cuda_quantized_swiglu_matvec(x, gate_up.weight, *gate_up.quantized);
+  return gate_up.quantized && !gate_up.bias ? &gate_up : nullptr;
 }
 
 std::vector<mx::array> GatedMLP::arrays() const {

@@ -62,10 +62,14 @@ struct GatedMLP {
   mx::array operator()(const mx::array& x) const;
   // activation(gate) * up, the input of down_proj.
   mx::array activated(const mx::array& x) const;
+  // (x + delta, activated() of its RMSNorm) in one kernel where nn/cuda_matvec takes it (SiLU, a packed decode step
+  // on CUDA); nullopt otherwise.
+  std::optional<std::pair<mx::array, mx::array>> normed_activated(const NormInput& input) const;
   std::vector<mx::array> arrays() const;
 
  private:
-  std::optional<mx::array> fused_swiglu(const mx::array& x) const;
+  // The packed gate|up weight the gated kernels take, if it is one.
+  const Linear* packed_silu_gate_up() const;
 };
 
 // E linear layers stacked [E, out, in] (packed: [E, out, in * bits / 32]); each row of x multiplied by

@@ -271,13 +271,50 @@ const mx::array& offsets_array(const mx::array& offsets) {
 
 }  // namespace
 
+const mx::array& Decoder::LayerInput::normed() {
+  if (!normed_) made_here();
+  return *normed_;
+}
+
+const mx::array& Decoder::LayerInput::sum() {
+  if (!sum_) made_here();
+  return *sum_;
+}
+
+void Decoder::LayerInput::made_here() {
+  auto [sum, normed] = in_.sum_and_norm(norm_);
+  sum_ = sum;
+  normed_ = normed;
+}
+
+mx::array Decoder::LayerInput::project(const FusedLinear& projection) {
+  if (!normed_) {
+    if (auto fused = projection.normed_product(norm_input())) {
+      sum_ = fused->first;
+      return fused->second;
+    }
+  }
+  return projection(normed());
+}
+
+mx::array Decoder::LayerInput::activate(const GatedMLP& mlp) {
+  if (!normed_) {
+    if (auto fused = mlp.normed_activated(norm_input())) {
+      sum_ = fused->first;
+      return fused->second;
+    }
+  }
+  return mlp.activated(normed());
+}
+
 template <typename Offset>
-std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, const mx::array& x,
+std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, LayerInput& input,
                                                                  const Rope& rope, const Offset& offset) const {
-  const int b = x.shape(0), t = x.shape(1), d = config_.head_size();
+  auto projected = input.project(layer.qkv_proj);
+  const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
-  auto qkv = mx::reshape(layer.qkv_proj(x), {b, t, hq + 2 * hkv, d});
+  auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});
   auto v = head_range(qkv, hq + hkv, hkv);
   if (rope.fused() && running_on_cuda()) {
     std::optional<QkNorms> norms;
@@ -295,10 +332,10 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   return {rope(q, offset), rope(k, offset), v};
 }
 
-mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask) const {
-  if (layer.mla) return layer.o_proj((*layer.mla)(x, cache, offset, rope_, mask));
-  auto [q, k, v] = project_qkv(layer, x, layer.window > 0 ? sliding_rope_ : rope_, offset);
+  if (layer.mla) return layer.o_proj((*layer.mla)(input.normed(), cache, offset, rope_, mask));
+  auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset);
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
@@ -308,8 +345,8 @@ mx::array Decoder::attention(const DecoderLayer& layer, const mx::array& x, KVCa
   return layer.o_proj(merge_heads(out));
 }
 
-mx::array Decoder::right_padded_attention(const DecoderLayer& layer, const mx::array& x, int real) const {
-  auto [q, k, v] = project_qkv(layer, x, rope_, 0);
+mx::array Decoder::right_padded_attention(const DecoderLayer& layer, LayerInput& input, int real) const {
+  auto [q, k, v] = project_qkv(layer, input, rope_, 0);
   const int length = q.shape(2);
   auto keys = axis_slice(k, 2, 0, real), values = axis_slice(v, 2, 0, real);
   std::vector<mx::array> parts{
@@ -321,16 +358,17 @@ mx::array Decoder::right_padded_attention(const DecoderLayer& layer, const mx::a
   return layer.o_proj(merge_heads(mx::concatenate(parts, 2)));
 }
 
-mx::array Decoder::batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
+mx::array Decoder::batch_attention(const DecoderLayer& layer, LayerInput& input, BatchKVCache& cache,
                                    const mx::array& positions, int visible,
                                    const std::optional<mx::array>& mask) const {
-  auto [q, k, v] = project_qkv(layer, x, rope_, positions);
+  auto [q, k, v] = project_qkv(layer, input, rope_, positions);
   std::tie(k, v) = cache.update_and_fetch(k, v, positions, visible);
   return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
 }
 
-mx::array Decoder::mlp(const DecoderLayer& layer, const mx::array& x) const {
-  return layer.moe ? (*layer.moe)(x) : (*layer.mlp)(x);
+mx::array Decoder::mlp(const DecoderLayer& layer, LayerInput& input) const {
+  if (layer.moe) return (*layer.moe)(input.normed());
+  return layer.mlp->down_proj(input.activate(*layer.mlp));
 }
 
 mx::array Decoder::embed(const mx::array& tokens) const {
@@ -341,14 +379,16 @@ mx::array Decoder::embed(const mx::array& tokens) const {
 }
 
 Decoder::Residual Decoder::layer_forward(const DecoderLayer& layer, const Residual& in, const Attend& attend) const {
-  auto [x, normed] = in.sum_and_norm(layer.input_norm);
-  auto attended = attend(normed);
+  LayerInput input(in, layer.input_norm);
+  auto attended = attend(input);
   if (layer.pre_feedforward_norm) {  // Gemma: a norm before and after each block
-    auto [h, h_normed] = layer.pre_feedforward_norm->add_then_norm(x, layer.post_attention_norm(attended));
-    return {h, (*layer.post_feedforward_norm)(mlp(layer, h_normed))};
+    LayerInput ff(Residual{input.sum(), layer.post_attention_norm(attended)}, *layer.pre_feedforward_norm);
+    auto out = (*layer.post_feedforward_norm)(mlp(layer, ff));
+    return {ff.sum(), out};
   }
-  auto [h, h_normed] = layer.post_attention_norm.add_then_norm(x, attended);
-  return {h, mlp(layer, h_normed)};
+  LayerInput ff(Residual{input.sum(), attended}, layer.post_attention_norm);
+  auto out = mlp(layer, ff);  // first: its kernel may make the sum too
+  return {ff.sum(), out};
 }
 
 std::vector<KVCache> Decoder::make_cache() const {
@@ -422,7 +462,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
   LayerPacer pacer(paced(x.base));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x,
-                      [&](const mx::array& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
+                      [&](LayerInput& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
     pacer.queued(x.arrays());
   }
   return logits(x);
@@ -437,7 +477,7 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
   }
   Residual x{embed(tokens)};
   for (size_t i = 0; i < layers_.size(); ++i) {
-    x = layer_forward(layers_[i], x, [&](const mx::array& h) {
+    x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return batch_attention(layers_[i], h, cache[i], positions, visible, mask);
     });
   }
@@ -497,7 +537,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   for (int i = 0; i < last; ++i) {
     auto mask_i = window_mask(layers_[i].window);
     const bool split = real && layers_[i].window == 0 && !layers_[i].mla;
-    all.push_back(layer_forward(layers_[i], Residual{all.back()}, [&](const mx::array& h) {
+    all.push_back(layer_forward(layers_[i], Residual{all.back()}, [&](LayerInput& h) {
                     return split ? right_padded_attention(layers_[i], h, *real)
                                  : attention(layers_[i], h, nullptr, 0, mask_i);
                   }).sum());

@@ -146,20 +146,22 @@ class Decoder {
   const DecoderConfig& config() const { return config_; }
 
  private:
-  // Attention's queries, keys and values [B, heads, T, D]: heads split, q/k norms and RoPE (at `offset`, an int
-  // or a position per row) applied; on CUDA the norms and RoPE are one kernel (nn/cuda_norm_rope.h).
+  class LayerInput;
+  // Attention's queries, keys and values [B, heads, T, D] from the layer's input: projected, heads split, q/k norms
+  // and RoPE (at `offset`, an int or a position per row) applied; on CUDA the norms and RoPE are one kernel
+  // (nn/cuda_norm_rope.h).
   template <typename Offset>
-  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, const mx::array& x,
+  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, LayerInput& input,
                                                           const Rope& rope, const Offset& offset) const;
-  mx::array attention(const DecoderLayer& layer, const mx::array& x, KVCache* cache, int offset,
+  mx::array attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask) const;
-  mx::array batch_attention(const DecoderLayer& layer, const mx::array& x, BatchKVCache& cache,
+  mx::array batch_attention(const DecoderLayer& layer, LayerInput& input, BatchKVCache& cache,
                             const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
   // attention() of one prompt right-padded after its first `real` tokens, under transformers' padding mask (causal,
   // pad keys unseen), as the two parts that mask leaves: the real tokens attending to each other causally, the pads
   // attending to every real token. A text encoder's 24 tokens padded to 512 then make 24 x 24 and 488 x 24 scores
   // where the masked attention made 512 x 512 and a select over them.
-  mx::array right_padded_attention(const DecoderLayer& layer, const mx::array& x, int real) const;
+  mx::array right_padded_attention(const DecoderLayer& layer, LayerInput& input, int real) const;
   // A layer's output as base + delta, the sum left to the next RMSNorm: on CUDA the residual add and the norm
   // after it are one kernel (RMSNorm::add_then_norm). No delta: base is the sum.
   struct Residual {
@@ -173,14 +175,34 @@ class Decoder {
       return {base, norm(base)};
     }
   };
-  // A layer around its attention: `attend` maps the normed input to the attention's output.
-  using Attend = std::function<mx::array(const mx::array&)>;
+  // What a block of a layer reads: RMSNorm(base + delta), made when first asked for. A packed decode step's
+  // projection makes the sum and the norm in its own kernel (FusedLinear::normed_product,
+  // GatedMLP::normed_activated): on CUDA two operations a layer fewer, where a decode step is bound by MLX's cost
+  // per operation. sum() is the residual stream the layer goes on with.
+  class LayerInput {
+   public:
+    LayerInput(Residual in, const RMSNorm& norm) : in_(std::move(in)), norm_(norm) {}
+    const mx::array& normed();
+    mx::array project(const FusedLinear& projection);
+    mx::array activate(const GatedMLP& mlp);
+    const mx::array& sum();
+
+   private:
+    NormInput norm_input() const { return {in_.base, in_.delta, norm_.weight, norm_.eps}; }
+    void made_here();  // the sum and the norm as operations of their own
+
+    Residual in_;
+    const RMSNorm& norm_;
+    std::optional<mx::array> sum_, normed_;
+  };
+  // A layer around its attention: `attend` maps the layer's input to the attention's output.
+  using Attend = std::function<mx::array(LayerInput&)>;
   Residual layer_forward(const DecoderLayer& layer, const Residual& x, const Attend& attend) const;
   mx::array logits(const Residual& x) const;
   // Whether a forward over `embedded` evaluates layer by layer (LayerPacer in decoder.cpp): a packed model's many-row
   // products multiply dequantized copies of its weights.
   bool paced(const mx::array& embedded) const;
-  mx::array mlp(const DecoderLayer& layer, const mx::array& x) const;
+  mx::array mlp(const DecoderLayer& layer, LayerInput& input) const;
   mx::array embed(const mx::array& tokens) const;
 
   DecoderConfig config_;

@@ -173,6 +173,39 @@ def test_a_packed_gate_and_up_give_the_gated_silu_of_their_product(intermediate,
     assert float(mx.abs(want.astype(mx.float32)).max()) > 0.01  # a real signal
 
 
+@pytest.mark.parametrize(("rows", "cols", "bits", "group_size", "gated"), [
+    (2560 + 2 * 1024, 2560, 4, 64, False), (2 * 9728, 2560, 4, 64, True), (6144, 4096, 8, 32, False),
+    (88, 256, 4, 128, True)])
+@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_a_packed_projection_of_a_normed_sum_is_the_add_norm_then_the_product(rows, cols, bits, group_size, gated,
+                                                                             batch, with_delta):
+    """A decoder layer's projection of RMSNorm(x + delta): on CUDA one kernel makes the sum, the norm and the product
+    (for up to 8 rows); it must give the sum exactly and the product of the separately made norm, but for the odd
+    element whose norm rounds the other way (its sum of squares adds up in another order)."""
+    dtype = mx.bfloat16 if ON_CUDA else mx.float32
+    mx.random.seed(rows + cols + batch)
+    packed, scales, biases = mx.quantize(0.05 * mx.random.normal((rows, cols)), group_size=group_size, bits=bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    spec = _core.QuantSpec.from_dict({"bits": bits, "group_size": group_size, "mode": "affine"})
+    x = mx.random.normal((batch, cols)).astype(dtype)
+    delta = mx.random.normal((batch, cols)).astype(dtype) if with_delta else None
+    weight = mx.random.uniform(0.5, 1.5, (cols,)).astype(dtype)
+    total, got, fused = _core.quantized_normed_product(x, delta, weight, 1e-6, packed, scales, biases, spec, gated)
+    assert fused == ON_CUDA
+    want_total = x + delta if with_delta else x
+    normed = mx.fast.rms_norm(want_total, weight, 1e-6)
+    if gated:
+        want = _core.quantized_gated_silu(normed, packed, scales, biases, spec)
+    else:
+        want = _core.quantized_linear(normed, packed, scales, biases, spec)
+    assert np.array_equal(np.array(total.astype(mx.float32)), np.array(want_total.astype(mx.float32)))
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert got.shape == want.shape == (batch, rows // 2 if gated else rows)
+    assert np.mean(got == want) >= 0.95
+    assert np.abs(got - want).max() <= 2 ** -6 * np.abs(want).max()
+
+
 def random_qwen3(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
     """A bf16 Qwen3 of random weights with the tiny fixture's tokenizer and vocabulary, written with MLX."""
     shutil.copytree(QWEN3, folder)

@@ -127,6 +127,17 @@ void emulated_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2])
   }
   tiles.meet->arrive_and_wait();
 }
+// A warp's butterfly exchange: each lane leaves its value, takes its partner's.
+static float shuffle_slots[8][32];
+inline float __shfl_xor_sync(unsigned, float value, int mask) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  shuffle_slots[warp][lane] = value;
+  warps_tiles[warp].meet->arrive_and_wait();
+  const float partner = shuffle_slots[warp][lane ^ mask];
+  warps_tiles[warp].meet->arrive_and_wait();
+  return partner;
+}
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 """
 
 HOST_MMA = r"""
@@ -155,15 +166,17 @@ def kernel_parts() -> tuple[str, str]:
 
 
 def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int,
-          gated: bool = False) -> ctypes.CDLL:
+          gated: bool = False, normed: bool = False, add: bool = False, eps: float = 1e-6) -> ctypes.CDLL:
+    """The kernel as a library: run(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added)."""
     helpers, body = kernel_parts()
-    constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated)}
+    constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated),
+                 "ADD": int(add), "EPS_BITS": int(np.array(eps, dtype=np.float32).view(np.int32))}
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
-    code = (PRELUDE + helpers + f"\nusing T = {dtype};\n" +
-            "static void kernel(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,"
-            " const T* biases, T* out) {\n" + lines + body + "\n}\n" + f"""
-extern "C" void run(const T* x, const int* x_shape, const uint32_t* w, const int* w_shape, const T* scales,
-                    const T* biases, T* out) {{
+    params = ("const T* x, const int* x_shape, const T* delta, const T* norm_weight, const uint32_t* w, "
+              "const int* w_shape, const T* scales, const T* biases, T* out, T* added")
+    code = (PRELUDE + f"#define MLXR_NORMED {int(normed)}\n" + helpers + f"\nusing T = {dtype};\n" +
+            f"static void kernel({params}) {{\n" + lines + body + "\n}\n" + f"""
+extern "C" void run({params}) {{
   const int tiles = {"(w_shape[0] / 2 + 7) / 8" if gated else "(w_shape[0] + 15) / 16"};
   for (int wi = 0; wi < {warps}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
   block_barrier = std::make_unique<std::barrier<>>(32 * {warps});
@@ -171,7 +184,10 @@ extern "C" void run(const T* x, const int* x_shape, const uint32_t* w, const int
     blockIdx.x = tile;
     std::vector<std::thread> lanes;
     for (int i = 0; i < 32 * {warps}; ++i)
-      lanes.emplace_back([=] {{ threadIdx.x = i; kernel(x, x_shape, w, w_shape, scales, biases, out); }});
+      lanes.emplace_back([=] {{
+        threadIdx.x = i;
+        kernel(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added);
+      }});
     for (auto& lane : lanes) lane.join();
   }}
 }}
@@ -232,12 +248,15 @@ def random_case(dtype: str, bits: int, group: int, rows: int, n: int, k: int) ->
 
 
 def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
-    """The kernel's output bits [rows, outputs]."""
+    """The kernel's output bits [rows, outputs] (and, where the case has a delta, case["added"] filled)."""
     x, packed = case["x"], pack(case["q"], bits)
     out = np.zeros((x.shape[0], outputs), dtype=np.uint16)
+    delta, norm_weight = case.get("delta", x), case.get("norm_weight", x)
+    case["added"] = np.zeros_like(x)
     x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
     ptr = ctypes.c_void_p
-    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, packed, w_shape, case["scales"], case["biases"], out)])
+    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, delta, norm_weight, packed, w_shape, case["scales"],
+                                           case["biases"], out, case["added"])])
     return out
 
 
@@ -285,3 +304,46 @@ def test_the_gated_product_is_the_product_then_the_gated_silu(tmp_path, dtype, b
     # One unit in the last place of the type at most (the sigmoid's float exp on two sides).
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
     assert np.abs(want).max() > 0.1  # a real signal, not zeros on both sides
+
+
+NORMED_CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass, with a delta, gated
+    ("__nv_bfloat16", 4, 64, 1, 32, 256, 4, 1, True, False),
+    ("__nv_bfloat16", 4, 64, 1, 32, 256, 4, 1, False, False),   # the first layer: no delta
+    ("__nv_bfloat16", 4, 32, 3, 44, 96, 2, 1, True, True),      # gated, a partial tile
+    ("__nv_bfloat16", 8, 64, 9, 24, 192, 1, 2, True, False),    # two 8-row tiles of x
+    ("__half", 4, 128, 5, 48, 256, 2, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype, bits, group, rows, n, k, warps, passes, add, gated", NORMED_CASES)
+def test_the_normed_product_is_the_add_and_norm_then_the_product(tmp_path, dtype, bits, group, rows, n, k, warps,
+                                                                 passes, add, gated):
+    """MLXR_NORMED: the plain kernel's output for x' = RMSNorm(x + delta) made as MLX's rms_norm makes it (h rounded
+    to the type, h * normalizer rounded, times the weight rounded), and x + delta written to `added`."""
+    eps = 1e-6
+    case = random_case(dtype, bits, group, rows, n, k)
+    rng = np.random.default_rng(rows + n)
+    case["delta"] = half_bits(rng.standard_normal((rows, k)), dtype) if add else case["x"]
+    case["norm_weight"] = half_bits(rng.uniform(0.5, 1.5, size=k), dtype)
+    outputs = n // 2 if gated else n
+    got = run(build(tmp_path / "normed", dtype, bits, group, rows, warps, passes, gated=gated, normed=True, add=add,
+                    eps=eps), case, bits, outputs)
+
+    def rounded(a):
+        return half_values(half_bits(np.asarray(a, dtype=np.float32), dtype), dtype)
+
+    h = half_values(case["x"], dtype) + (half_values(case["delta"], dtype) if add else 0)
+    h = rounded(h) if add else h
+    normalizer = 1 / np.sqrt((h.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + eps)
+    normed = rounded(half_values(case["norm_weight"], dtype) * rounded(h * normalizer))
+    plain_case = {**case, "x": half_bits(normed, dtype)}
+    want = run(build(tmp_path / "plain", dtype, bits, group, rows, warps, passes, gated=gated), plain_case, bits,
+               outputs)
+    got_values, want_values = half_values(got, dtype), half_values(want, dtype)
+    assert np.abs(want_values).max() > 0.01
+    # The normalizer's float sum runs in another order than numpy's, so a normed element could round the other way
+    # (a ~2^-16 chance each); the outputs are otherwise the same bits.
+    assert np.mean(got == want) >= 0.95
+    np.testing.assert_allclose(got_values, want_values, rtol=2 ** -6, atol=2 ** -6 * np.abs(want_values).max())
+    if add:
+        np.testing.assert_array_equal(case["added"], half_bits(h, dtype))
