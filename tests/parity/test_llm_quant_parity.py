@@ -257,10 +257,22 @@ def resident_bytes_of(folder: Path) -> int:
     return held
 
 
+def allocated_bytes(nbytes: int) -> int:
+    """What MLX's allocator reserves for an array of nbytes: on CUDA (MLX 0.32.4's allocator) a buffer under 16 KiB
+    is rounded up to a power of two, a larger one to whole 16 KiB pages; the CPU's takes the bytes as they are. A tiny
+    model's many small tensors (a 3-bit fixture's most of all) weigh ~27 % more on CUDA than in the file."""
+    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+        return nbytes
+    if nbytes <= 8:
+        return 8
+    page = 16384
+    return 1 << (nbytes - 1).bit_length() if nbytes < page else page * -(-nbytes // page)
+
+
 @pytest.mark.parametrize("fixture", ["qwen3-tiny-q4-g64", "llama3-tiny-mxfp4", "llama-tiny-mixed-3-6"])
 def test_weights_stay_packed_in_memory(fixture):
     folder = ROOT / "fixtures" / "llm-quant" / fixture
-    file_bytes = sum(v.nbytes for v in mx.load(str(folder / "model.safetensors")).values())
+    file_bytes = sum(allocated_bytes(v.nbytes) for v in mx.load(str(folder / "model.safetensors")).values())
     source = GOLDENS["fixtures"][fixture]["source"]
     float_bytes = sum(v.nbytes for v in mx.load(str(ROOT.parent / source / "model.safetensors")).values())
     held = resident_bytes_of(folder)
