@@ -62,8 +62,7 @@ void bind_kv_cache(nb::module_& m) {
       .def_prop_ro("nbytes", &KVCache::nbytes)
       .def("can_trim_to", &KVCache::can_trim_to, "length"_a)
       .def("trim_to", &KVCache::trim_to, "length"_a)
-      .def(
-          "copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");
+      .def("copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");
   m.def(
       "sliding_window_mask",
       [](int queries, int keys, int window) { return evaluated(sliding_window_mask(queries, keys, window)); },
@@ -132,6 +131,8 @@ void bind_decoder(nb::module_& m) {
           nb::call_guard<nb::gil_scoped_release>())
       .def("prefill_chunk", &Generator::prefill_chunk, nb::call_guard<nb::gil_scoped_release>(),
            "Prefill the next chunk; returns the prompt tokens still to prefill (0: only the last is left).")
+      .def_prop_ro("prompt_left", &Generator::prompt_left,
+                   "Prompt tokens not yet in the caches; the first next() runs the last chunk's worth of them.")
       .def("take_cache", &Generator::take_cache,
            "The caches (prompt + every token returned), moved out; the generator is finished.")
       .def_prop_ro("prompt_tokens", &Generator::prompt_tokens)

@@ -452,7 +452,7 @@ bool Decoder::paced(const mx::array& embedded) const {
   return packed_ && multiplies_dequantized(embedded);
 }
 
-mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache) const {
+mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache, bool last_only) const {
   if (cache.size() != layers_.size()) {
     throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
@@ -464,6 +464,11 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache)
     x = layer_forward(layers_[i], x,
                       [&](LayerInput& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
     pacer.queued(x.arrays());
+  }
+  if (last_only) {
+    const int t = tokens.shape(1);
+    auto last = [t](const mx::array& a) { return axis_slice(a, 1, t - 1, t); };
+    x = Residual{last(x.base), x.delta ? std::optional{last(*x.delta)} : std::nullopt};
   }
   return logits(x);
 }

@@ -113,8 +113,9 @@ class Decoder {
   // embedding; nn/weights.h); they stay packed, and a tied LM head multiplies with the packed table.
   Decoder(const DecoderConfig& config, const WeightMap& weights, const QuantMap& quantization = {});
 
-  // Logits [B, T, V] for tokens [B, T] appended after what `cache` holds (one cache per layer).
-  mx::array forward(const mx::array& tokens, std::vector<KVCache>& cache) const;
+  // Logits [B, T, V] for tokens [B, T] appended after what `cache` holds (one cache per layer); last_only: those of
+  // the last position, [B, 1, V] (a prompt's last chunk: only its last token's logits are sampled).
+  mx::array forward(const mx::array& tokens, std::vector<KVCache>& cache, bool last_only = false) const;
 
   // Hidden states as transformers' output_hidden_states: index 0 the embeddings, index i the
   // output of the first i layers, and index num_hidden_layers the final norm's output; `layers`

@@ -46,8 +46,12 @@ class Generator {
   // Prefill the next chunk of the prompt; returns how many prompt tokens are still to prefill (0: only the
   // last one is left, which the first next() runs). The caller may stop between chunks (cancel).
   int prefill_chunk();
+  // Prompt tokens not yet in the caches (the last one included).
+  int prompt_left() const { return static_cast<int>(prompt_.size()) - position(); }
 
-  // The next generated token id (the first call also runs what is left of the prefill); not once exhausted().
+  // The next generated token id; not once exhausted(). The first call runs what is left of the prompt: whole
+  // chunks first, then the rest (at most a chunk, the last token included) as one forward whose last row gives
+  // the first token. A caller that wants to stop between chunks prefills while prompt_left() > the chunk.
   int next();
   // Whether next() has returned max_tokens tokens.
   bool exhausted() const { return max_tokens_ >= 0 && returned_ >= max_tokens_; }

@@ -218,7 +218,8 @@ class LanguageModel:
         _core.MATVEC_MAX_ROWS (a short prompt, or a prompt cache hit's few remaining tokens: our decode kernel takes
         them, in one variant up to 8 rows, beside MLX's kernels of those shapes); a prompt's remainder and a full
         prefill chunk. Each of those
-        shapes is run here (a prompt of n tokens prefills n - 1 rows); and the batched decode steps (BatchScheduler).
+        shapes is run here (a prompt of n tokens, up to a chunk, runs as one forward of n rows); and the batched
+        decode steps (BatchScheduler).
         """
         started = time.perf_counter()
         greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
@@ -294,11 +295,12 @@ class LanguageModel:
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
                                     -1 if top_logprobs is None else top_logprobs, cached, answer.budget)
         try:
-            while True:  # the prefill, a chunk per call, so that a cancel lands between chunks
+            # The prefill, a chunk per call so that a cancel lands between chunks, up to the last chunk: the first
+            # next() runs that with the last token in one forward.
+            while generator.prompt_left > PREFILL_CHUNK:
                 if check_cancelled:
                     check_cancelled()
-                if generator.prefill_chunk() == 0:
-                    break
+                generator.prefill_chunk()
             while not answer.done:
                 if check_cancelled:
                     check_cancelled()
