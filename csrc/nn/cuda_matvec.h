@@ -6,6 +6,10 @@
 // instruction and multiplies 16-row tiles on the tensor cores, for up to 8 rows of x at the cost of one: up to
 // 2.4 TB/s (benchmarks/README.md, "4-bit products"). Float weights keep MLX's products, which run at the copy
 // bandwidth there already.
+//
+// A decode step is also bound by MLX's cost per operation on the host (~10-20 us each, several hundred a token), so
+// two variants of the same kernel take on the work around a layer's products: the gated MLP's silu(gate) * up, and
+// the residual add and RMSNorm before q|k|v and gate|up (11 operations a Qwen3/Llama layer -> 8).
 #pragma once
 
 #include <optional>
