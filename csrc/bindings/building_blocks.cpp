@@ -18,6 +18,20 @@
 
 namespace mlxr::bindings {
 
+namespace {
+
+// A gated MLP whose fused gate|up weight W = [G; U] is packed by mx.quantize, to compute its activation alone (its
+// down_proj is not used).
+GatedMLP packed_gate_up(const mx::array& packed, const mx::array& scales, const std::optional<mx::array>& biases,
+                        const QuantSpec& spec) {
+  Linear gate_up{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
+  return GatedMLP{.gate_up_proj = FusedLinear{.layers = {gate_up}},
+                  .down_proj = Linear{.weight = mx::array(0.0f)},
+                  .intermediate_size = packed.shape(0) / 2};
+}
+
+}  // namespace
+
 void bind_building_blocks(nb::module_& m) {
   bind_config<QuantSpec>(m, "QuantSpec", "How a packed weight was quantized: mx.quantize's bits, group_size, mode.");
   m.def("cuda_runs_packed", &cuda_runs_packed, "columns"_a, "group_size"_a,
@@ -56,13 +70,7 @@ void bind_building_blocks(nb::module_& m) {
   m.def(
       "quantized_gated_silu",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
-         const QuantSpec& spec) {
-        Linear gate_up{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
-        GatedMLP mlp{.gate_up_proj = FusedLinear{.layers = {gate_up}},
-                     .down_proj = Linear{.weight = mx::array(0.0f)},  // not used: only the activation is computed
-                     .intermediate_size = packed.shape(0) / 2};
-        return evaluated(mlp.activated(x));
-      },
+         const QuantSpec& spec) { return evaluated(packed_gate_up(packed, scales, biases, spec).activated(x)); },
       "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
       "silu(x G^T) * (x U^T) for W = [G; U] packed by mx.quantize (a gated MLP's activation: on CUDA, a few rows "
       "take nn/cuda_matvec's gated kernel).");
@@ -71,16 +79,13 @@ void bind_building_blocks(nb::module_& m) {
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,
          const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases, const QuantSpec& spec,
          bool gated) {
-        Linear layer{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
-        GatedMLP mlp{.gate_up_proj = FusedLinear{.layers = {layer}},
-                     .down_proj = Linear{.weight = mx::array(0.0f)},  // not used: only the activation is computed
-                     .intermediate_size = packed.shape(0) / 2};
+        const auto mlp = packed_gate_up(packed, scales, biases, spec);
         const NormInput input{x, delta, norm_weight, eps};
         auto fused = gated ? mlp.normed_activated(input) : mlp.gate_up_proj.normed_product(input);
         if (fused) return std::tuple{evaluated(fused->first), evaluated(fused->second), true};
         const RMSNorm norm{.weight = norm_weight, .eps = eps};
         auto [sum, normed] = delta ? norm.add_then_norm(x, *delta) : std::pair{x, norm(x)};
-        auto out = gated ? mlp.activated(normed) : layer(normed);
+        auto out = gated ? mlp.activated(normed) : mlp.gate_up_proj(normed);
         return std::tuple{evaluated(sum), evaluated(out), false};
       },
       "x"_a, "delta"_a, "norm_weight"_a, "eps"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, "gated"_a,

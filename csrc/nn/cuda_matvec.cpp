@@ -372,9 +372,9 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
                                                                             const mx::array& packed, const Quantized& q,
                                                                             bool gated) {
   const auto& x = input.x;
-  if (!kernel_takes(x, packed, q, gated) || input.weight.dtype() != x.dtype() || input.weight.ndim() != 1 ||
-      input.weight.shape(0) != x.shape(-1) || (input.delta && input.delta->shape() != x.shape()) ||
-      (input.delta && input.delta->dtype() != x.dtype())) {
+  const bool delta_fits = !input.delta || (input.delta->shape() == x.shape() && input.delta->dtype() == x.dtype());
+  if (!kernel_takes(x, packed, q, gated) || !delta_fits || input.weight.dtype() != x.dtype() ||
+      input.weight.ndim() != 1 || input.weight.shape(0) != x.shape(-1)) {
     return std::nullopt;
   }
   static auto kernel = mx::fast::cuda_kernel(

@@ -217,9 +217,8 @@ class LanguageModel:
         not seen. Which variant runs depends on the rows in flight: one token (decode); each count from 1 to
         _core.MATVEC_MAX_ROWS (a short prompt, or a prompt cache hit's few remaining tokens: our decode kernel takes
         them, in one variant up to 8 rows, beside MLX's kernels of those shapes); a prompt's remainder and a full
-        prefill chunk. Each of those
-        shapes is run here (a prompt of n tokens, up to a chunk, runs as one forward of n rows); and the batched
-        decode steps (BatchScheduler).
+        prefill chunk. Each of those shapes is run here (a prompt of n tokens, up to a chunk, runs as one forward of
+        n rows); and the batched decode steps (BatchScheduler).
         """
         started = time.perf_counter()
         greedy = sampler_options(Options(temperature=0.0, repeat_penalty=1.0))
