@@ -150,6 +150,9 @@ void bind_batch(nb::module_& m) {
       .def("add", &BatchGenerator::add, "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a,
            nb::call_guard<nb::gil_scoped_release>(),
            "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill). Returns its id.")
+      .def("join", &BatchGenerator::join, "generator"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "A sequence joins after its Generator (max_tokens=1) returned its first token, computed as a lone run "
+           "computes it; the generator is finished. Returns its id; its second token comes from the second step.")
       .def("step", &BatchGenerator::step, nb::call_guard<nb::gil_scoped_release>(),
            "One decode step of every row: [(row id, token)] for the rows whose token the last step computed.")
       .def("remove", &BatchGenerator::remove, "id"_a, nb::call_guard<nb::gil_scoped_release>(),

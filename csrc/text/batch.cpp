@@ -30,13 +30,26 @@ int BatchGenerator::add(const std::vector<int>& prompt, const SamplerOptions& op
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
-  for (size_t i = 0; i < cache_.size(); ++i) cache_[i].add(cache.layers[i]);
   Sampler sampler(options, model_.config().vocab_size);
   sampler.remember(mx::array(prompt.data(), {static_cast<int>(prompt.size())}, mx::int32));
+  return push_row(std::move(cache), prompt.back(), std::move(sampler), top_logprobs);
+}
+
+int BatchGenerator::join(Generator& generator) {
+  const int top_logprobs = generator.top_logprobs();
+  auto started = generator.hand_off();
+  if (started.cache.layers.size() != cache_.size()) {
+    throw std::invalid_argument("the generator's model is not the batch's");
+  }
+  return push_row(std::move(started.cache), started.next_input, std::move(started.sampler), top_logprobs);
+}
+
+int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs) {
+  for (size_t i = 0; i < cache_.size(); ++i) cache_[i].add(cache.layers[i]);
   const bool plain = sampler.greedy() && !sampler.uses_penalties() && top_logprobs < 0;
   rows_.push_back(Row{.id = next_id_,
                       .length = cache.length(),
-                      .last_prompt_token = prompt.back(),
+                      .next_input = next_input,
                       .sampler = std::move(sampler),
                       .plain_greedy = plain,
                       .top_logprobs = top_logprobs});
@@ -65,7 +78,7 @@ mx::array BatchGenerator::sample(const mx::array& logits) {
 std::vector<std::pair<int, int>> BatchGenerator::step() {
   if (rows_.empty()) return {};
   const int b = size();
-  // The tokens this step feeds: each computed row's pending token, then the new rows' last prompt tokens.
+  // The tokens this step feeds: each computed row's pending token, then the new rows' first inputs.
   std::vector<int> positions, prompt_tokens;
   int computed = 0;
   for (const Row& row : rows_) {
@@ -73,7 +86,7 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
     if (row.computed) {
       ++computed;
     } else {
-      prompt_tokens.push_back(row.last_prompt_token);
+      prompt_tokens.push_back(row.next_input);
     }
   }
   std::vector<mx::array> parts;

@@ -27,6 +27,12 @@ class BatchGenerator {
   // prefill, taken). top_logprobs as Generator's. Returns the row's id. Its first token comes from the
   // second step() after this: each step returns the tokens the step before it computed.
   int add(const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs, SequenceCache cache);
+  // A sequence joins as the last row after its own Generator (made with max_tokens 1) has returned its first token:
+  // the generator's prefill computed that token exactly as a lone run does (on a GPU a batched step's products round
+  // differently from a many-row forward's, so a row joining with its last prompt token, as add() has it, could pick
+  // another first token than its lone run). Its sampler goes on in the batch; the token is the row's first input.
+  // Returns the row's id; its second token comes from the second step() after this.
+  int join(Generator& generator);
 
   // One decode step of every row. Returns (row id, token) for each row that had a token computed.
   std::vector<std::pair<int, int>> step();
@@ -43,8 +49,8 @@ class BatchGenerator {
  private:
   struct Row {
     int id;
-    int length;  // positions its caches hold; the next token goes there
-    int last_prompt_token;
+    int length;      // positions its caches hold; the next token goes there
+    int next_input;  // the token its first step feeds
     Sampler sampler;
     bool plain_greedy;  // argmax without penalties or logprobs: sampled with the others in one argmax
     int top_logprobs;
@@ -53,6 +59,7 @@ class BatchGenerator {
     std::optional<TokenLogprobs> logprobs;
   };
 
+  int push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs);
   const Row& find(int id) const;
   int index_of(int id) const;
   mx::array sample(const mx::array& logits);  // [B, V] -> int32 [B]; sets rows' pending_logprobs

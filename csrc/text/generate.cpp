@@ -131,9 +131,17 @@ int Generator::next() {
   // through Buffer::raw_ptr, which moves a CUDA buffer to host-visible memory itself. Routing it
   // through a CPU-stream copy (nn/host.h) cost 1.7 ms per token on an H100 at 4B/8B: the wait
   // then also covered the next token's dispatched work, and the loop lost its one-token overlap.
-  const int token = current.item<int>();
+  last_token_ = current.item<int>();
   if (current_logprobs) logprobs_ = current_logprobs->read();
-  return token;
+  return last_token_;
+}
+
+Generator::Started Generator::hand_off() {
+  if (returned_ == 0 || !exhausted()) {
+    throw std::logic_error("a generator is handed off after next() has returned its max_tokens tokens");
+  }
+  auto cache = take_cache();
+  return Started{std::move(cache), std::move(sampler_), last_token_};
 }
 
 SequenceCache Generator::take_cache() {

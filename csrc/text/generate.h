@@ -61,6 +61,18 @@ class Generator {
   // the buffers.)
   SequenceCache take_cache();
 
+  // What a batch (BatchGenerator::join) takes over from a generator whose next() has returned its last token with
+  // nothing dispatched after it (exhausted()): the caches (the prompt and every returned token but the last), the
+  // sampler (its penalty history and draws), and the last token, the sequence's next input. The generator is
+  // finished after this.
+  struct Started {
+    SequenceCache cache;
+    Sampler sampler;
+    int next_input;
+  };
+  Started hand_off();
+  int top_logprobs() const { return top_logprobs_; }
+
   // The log-probabilities of the token the last next() returned (when asked for at construction).
   const std::optional<TokenLogprobs>& logprobs() const { return logprobs_; }
 
@@ -78,7 +90,8 @@ class Generator {
   int prefill_chunk_;
   int top_logprobs_;
   int max_tokens_;
-  int returned_ = 0;  // tokens next() has returned
+  int returned_ = 0;     // tokens next() has returned
+  int last_token_ = -1;  // the last of them
   std::optional<mx::array> pending_;
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;

@@ -36,11 +36,13 @@ class Row:
     cache: object = None  # its caches once it left
 
 
-def prefilled(decoder, row: Row):
-    generator = _core.Generator(decoder, row.prompt, sampler_options(row.options), 512, row.top_logprobs)
-    while generator.prefill_chunk() > 0:
-        pass
-    return generator.take_cache()
+def started(decoder, row: Row):
+    """The row's generator after its first token (kept in row.out), as the scheduler hands it to the batch."""
+    generator = _core.Generator(decoder, row.prompt, sampler_options(row.options), 512, row.top_logprobs, None, 1)
+    row.out.append(next(generator))
+    if row.top_logprobs >= 0:
+        row.logprobs.append(generator.logprobs)
+    return generator
 
 
 def run_batch(decoder, rows: list[Row]) -> None:
@@ -51,8 +53,7 @@ def run_batch(decoder, rows: list[Row]) -> None:
     while any(not r.out or len(r.out) < r.tokens for r in rows):
         for row in rows:
             if row.join_at == step and row.cache is None and not row.out:
-                live[batch.add(row.prompt, sampler_options(row.options), row.top_logprobs,
-                               prefilled(decoder, row))] = row
+                live[batch.join(started(decoder, row))] = row
         for row_id, token in batch.step():
             live[row_id].out.append(token)
             if live[row_id].top_logprobs >= 0:
@@ -105,7 +106,7 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
 
 def test_each_row_samples_with_its_own_options(case):
     """Seeded sampling, penalties, top-k/p/min-p and logprobs per row, beside greedy rows."""
-    _, model = case
+    goldens, model = case
     vocab = model.core_config.vocab_size
     prompts = random_prompts(vocab, [1, 7, 33, 90, 12, 5])
     options = [GREEDY, Options(temperature=0.9, seed=7, top_k=20), Options(temperature=0.0, repeat_penalty=1.3),
@@ -120,10 +121,13 @@ def test_each_row_samples_with_its_own_options(case):
         if row.top_logprobs >= 0:
             assert [lp[1][0][0] for lp in row.logprobs] == [lp[1][0][0] for lp in logprobs]
             # A batch's rows go through matrix products where a lone row takes matrix-vector kernels: on the CPU
-            # the numbers agree to float32's last digits, on CUDA to ~0.3 % (measured on an H200).
+            # the numbers agree to float32's last digits, on CUDA to ~0.3 % (measured on an H200). A bfloat16
+            # model's logits are rounded to 2^-8 of their size, so there a log-probability moves by a few hundredths
+            # (up to 0.015 on the H200: which rows share a step decides which kernel a row's products take).
             tolerance = 1e-2 if ON_GPU else 1e-4
+            spread = 0.05 if ON_GPU and goldens["metadata"]["dtype"] == "bfloat16" else 1e-5
             for ours, theirs in zip(row.logprobs, logprobs):
-                assert ours[0] == pytest.approx(theirs[0], rel=tolerance, abs=1e-5)
+                assert ours[0] == pytest.approx(theirs[0], rel=tolerance, abs=spread)
 
 
 def test_a_row_leaving_early_leaves_the_others_alone(case):

@@ -152,8 +152,9 @@ class BatchScheduler:
             ids = request.answer.ids
             try:
                 cached, request.answer.result.prompt_cache_count = self.model.prompt_cache.fetch(ids)
+                # max_tokens 1: the generator gives the first token and dispatches nothing after it (_prefill).
                 request.generator = _core.Generator(self.model.decoder, ids, request.options, self.prefill_chunk,
-                                                    request.top_logprobs, cached)
+                                                    request.top_logprobs, cached, 1)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
                 request.items.put(exc)
                 continue
@@ -178,24 +179,39 @@ class BatchScheduler:
             budget -= max(1, self._prefill(self._prefilling[0]))
 
     def _prefill(self, request: _Request) -> int:
-        """The request's next chunk; returns how many prompt tokens it prefilled."""
+        """The request's next chunk; returns how many prompt tokens it prefilled. The last chunk also gives the first
+        token, as a lone run computes it (Generator.__next__: the rest of the prompt in one forward); the row then
+        joins the batch with that token as its first input (BatchGenerator.join)."""
+        generator, token = request.generator, None
+        before = generator.position
         try:
-            before = request.generator.position
-            remaining = request.generator.prefill_chunk()
-            prefilled = request.generator.position - before
-            if remaining > 0:
-                return prefilled
+            if request.answer.done:  # nothing to generate (num_predict 0): the prompt only fills the cache
+                last = generator.prefill_chunk() == 0
+            elif generator.prompt_left > self.prefill_chunk:
+                generator.prefill_chunk()
+                last = False
+            else:
+                token, last = next(generator), True
         except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
             self._prefilling.remove(request)
             request.items.put(exc)
             return 0
-        self._prefilling.popleft()
-        if request.answer.done:  # nothing to generate (num_predict 0)
-            self._finish(request)
+        prefilled = generator.position - before
+        if not last:
             return prefilled
-        cache = request.generator.take_cache()
+        self._prefilling.popleft()
+        try:
+            if token is not None:
+                for item in request.answer.push(token, generator.logprobs):
+                    request.items.put(item)
+            if request.answer.done:
+                self._finish(request)
+                return prefilled
+            request.row = self._batch.join(generator)
+        except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
+            self._leave(request, exc)
+            return prefilled
         request.generator = None
-        request.row = self._batch.add(request.answer.ids, request.options, request.top_logprobs, cache)
         self._rows[request.row] = request
         return prefilled
 
