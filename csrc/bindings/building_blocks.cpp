@@ -169,6 +169,32 @@ void bind_building_blocks(nb::module_& m) {
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
       "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
   m.def(
+      "cuda_quantized_normed_qkv_heads",
+      [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,
+         const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases, const QuantSpec& spec,
+         int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
+         float qk_eps) -> std::optional<std::tuple<mx::array, mx::array, mx::array, mx::array>> {
+        RopeConfig c = config;
+        if (c.dims == 0) c.dims = packed.shape(0) / (q_heads + 2 * kv_heads);
+        Rope rope(c);
+        if (!rope.fused() || q_weight.has_value() != k_weight.has_value()) return std::nullopt;
+        std::optional<QkNorms> norms;
+        if (q_weight) norms = QkNorms{*q_weight, *k_weight, qk_eps};
+        const Quantized q{.scales = scales, .biases = biases, .spec = spec};
+        auto out = cuda_quantized_normed_qkv_heads(NormInput{x, delta, norm_weight, eps}, packed, q,
+                                                   HeadSplit{q_heads, kv_heads, norms, *rope.fused(), offsets});
+        if (!out) return std::nullopt;
+        return std::tuple{evaluated(out->sum), evaluated(out->q), evaluated(out->k), evaluated(out->v)};
+      },
+      "x"_a, "delta"_a, "norm_weight"_a, "eps"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, "q_heads"_a,
+      "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "qk_eps"_a = 1e-6f,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "A decode step's q|k|v in one CUDA kernel: RMSNorm(x + delta) (x alone without a delta) times the packed "
+      "projection, then the query and key heads' RMSNorms (when weights are given) and RoPE at offsets[b] + t -> (the "
+      "sum, q [B, q_heads, T, D], k and v [B, kv_heads, T, D]); x [B, T, K]. None off CUDA or where the kernel does "
+      "not apply (nn/cuda_matvec.h).");
+  m.def(
       "cuda_head_norm_rope_pairs",
       [](const mx::array& x, const mx::array& cos, const mx::array& sin, std::optional<mx::array> weight,
          float eps) -> std::optional<mx::array> {

@@ -1,5 +1,7 @@
 #include "nn/cuda_matvec.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 
@@ -90,6 +92,62 @@ __device__ __forceinline__ T silu_times(T gate, T up) {
   using mlx::core::cu::Multiply;
   return Multiply{}(Multiply{}(gate, mlx::core::cu::Sigmoid{}(gate)), up);
 }
+
+// Row m of x's outputs of one head (values: its HEAD_DIM outputs) written where attention reads them: a query or key
+// head gets the per-head RMSNorm (QK_NORM) and RoPE at position first_position + t as nn/cuda_norm_rope.cpp's kernel
+// gives them (the norm's sum over the warp, here), a value head is copied; all heads first, [B, heads, TOKENS, D].
+// One warp; lane holds pairs lane, lane + 32, ...
+template <typename T, int HEAD_DIM, int Q_HEADS, int KV_HEADS, int TOKENS, bool TRADITIONAL, bool QK_NORM>
+__device__ __forceinline__ void heads_out(const float* values, int m, int head, int lane, const T* q_weight,
+                                          const T* k_weight, float eps, const float* inverse_frequencies,
+                                          int first_position, T* q_out, T* k_out, T* v_out) {
+  const size_t b = m / TOKENS, t = m % TOKENS;
+  if (head >= Q_HEADS + KV_HEADS) {
+    T* dst = v_out + ((b * KV_HEADS + head - Q_HEADS - KV_HEADS) * TOKENS + t) * HEAD_DIM;
+    for (int j = lane; j < HEAD_DIM; j += 32) dst[j] = static_cast<T>(values[j]);
+    return;
+  }
+  constexpr int kHalf = HEAD_DIM / 2, kPairs = (kHalf + 31) / 32;
+  float x1[kPairs], x2[kPairs];
+  float squares = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int i = lane + 32 * p;
+    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + kHalf;
+    x1[p] = i < kHalf ? values[at1] : 0.f;
+    x2[p] = i < kHalf ? values[at2] : 0.f;
+    squares += x1[p] * x1[p] + x2[p] * x2[p];
+  }
+  if (QK_NORM) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+    const float normalizer = rsqrtf(squares / HEAD_DIM + eps);
+    const T* w = head < Q_HEADS ? q_weight : k_weight;
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) {
+      const int i = lane + 32 * p;
+      if (i >= kHalf) continue;
+      const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + kHalf;
+      // MLX's rms_norm: the weight times (x * normalizer rounded to T), rounded to T: what RoPE reads.
+      const float n1 = static_cast<float>(static_cast<T>(x1[p] * normalizer));
+      const float n2 = static_cast<float>(static_cast<T>(x2[p] * normalizer));
+      x1[p] = static_cast<float>(static_cast<T>(static_cast<float>(w[at1]) * n1));
+      x2[p] = static_cast<float>(static_cast<T>(static_cast<float>(w[at2]) * n2));
+    }
+  }
+  T* dst = head < Q_HEADS ? q_out + ((b * Q_HEADS + head) * TOKENS + t) * HEAD_DIM
+                          : k_out + ((b * KV_HEADS + head - Q_HEADS) * TOKENS + t) * HEAD_DIM;
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int i = lane + 32 * p;
+    if (i >= kHalf) continue;
+    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + kHalf;
+    const float theta = static_cast<float>(first_position + static_cast<int>(t)) * inverse_frequencies[i];
+    const float c = cos(theta), s = sin(theta);
+    dst[at1] = static_cast<T>(x1[p] * c - x2[p] * s);
+    dst[at2] = static_cast<T>(x1[p] * s + x2[p] * c);
+  }
+}
 }  // namespace mlxr_tc
 )";
 
@@ -104,6 +162,10 @@ constexpr const char* kTensorCoreSource = R"(
   // GATED: w's rows are a gate [N / 2, K] then its up projection, and out [M, N / 2] = silu(x gate^T) * (x up^T).
   // A tile is then 8 gate rows (lane row g) and the same 8 up rows (g + 8), so a lane's sums hold both factors of an
   // output; the block writes the 8 outputs (one launch and one write where the gated SiLU took a second kernel).
+  // MLXR_HEADS (with MLXR_NORMED): w is a decoder layer's q|k|v projection and a block is one head's HEAD_DIM rows,
+  // HEAD_DIM / 16 tiles of W warps each; the head's outputs meet in shared memory and one warp a row of x gives them
+  // the q/k RMSNorm (QK_NORM) and RoPE, and writes q, k and v heads first, as the cache and attention take them
+  // (the separate q/k kernel of nn/cuda_norm_rope.cpp, the same arithmetic: one operation a layer fewer).
   using namespace mlxr_tc;
   using P = typename Pair<T>::type;
   constexpr int kPerWord = 32 / BITS;
@@ -121,7 +183,16 @@ constexpr const char* kTensorCoreSource = R"(
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n_out = GATED ? n_rows / 2 : n_rows;
-  const int tile = static_cast<int>(blockIdx.x) * (GATED ? 8 : 16);
+#if MLXR_HEADS
+  constexpr int kTiles = HEAD_DIM / 16;  // tiles a block
+  const int first_row = static_cast<int>(blockIdx.x) * HEAD_DIM;
+  const int tile_slot = warp / W, tile_warp = warp % W;
+#else
+  constexpr int kTiles = 1;
+  const int first_row = static_cast<int>(blockIdx.x) * (GATED ? 8 : 16);
+  const int tile_slot = 0, tile_warp = warp;
+#endif
+  const int tile = first_row + 16 * tile_slot;
   // Past the last row: repeats, not written.
   const int rows[2] = {min(tile + g, n_out - 1), GATED ? n_out + min(tile + g, n_out - 1) : min(tile + g + 8, n_rows - 1)};
   const bool w_aligned = (reinterpret_cast<unsigned long long>(w) & 15ull) == 0;
@@ -138,10 +209,10 @@ constexpr const char* kTensorCoreSource = R"(
   // own: every block sums the squares of each row of x (the same way, so all agree), block 0 also writes `added`
   // = x + delta (the residual stream the layer goes on with), and the x-loads below normalise as they read.
   __shared__ float normalizer[8 * XT];
-  __shared__ float warp_squares[W];
+  __shared__ float warp_squares[W * kTiles];
   for (int m = 0; m < M; ++m) {
     float squares = 0.f;
-    for (int j = threadIdx.x; j < k; j += 32 * W) {
+    for (int j = threadIdx.x; j < k; j += 32 * W * kTiles) {
       const size_t at = static_cast<size_t>(m) * k + j;
       const T h = ADD ? static_cast<T>(static_cast<float>(x[at]) + static_cast<float>(delta[at])) : x[at];
       if (ADD && blockIdx.x == 0) added[at] = h;
@@ -153,14 +224,14 @@ constexpr const char* kTensorCoreSource = R"(
     __syncthreads();
     if (threadIdx.x == 0) {
       float total = 0.f;
-      for (int v = 0; v < W; ++v) total += warp_squares[v];
+      for (int v = 0; v < W * kTiles; ++v) total += warp_squares[v];
       normalizer[m] = rsqrtf(total / k + __int_as_float(EPS_BITS));
     }
     __syncthreads();
   }
 #endif
 
-  for (int s0 = warp; s0 < segments; s0 += W * U) {
+  for (int s0 = tile_warp; s0 < segments; s0 += W * U) {
     unsigned words[U][2][4];
     T scale[U][2], bias[U][2];
     unsigned xw[U][XT][kXWords];
@@ -268,32 +339,48 @@ constexpr const char* kTensorCoreSource = R"(
   }
 
   // d[n] holds out[m][row] for rows tile + g (d[n][0..1]) and tile + g + 8 (d[n][2..3]), m = 8 n + 2 t (+ 1).
-  __shared__ float partial[W][8 * XT][16];
+  __shared__ float partial[kTiles][W][8 * XT][16];
 #pragma unroll
   for (int n = 0; n < XT; ++n) {
-    partial[warp][8 * n + 2 * t][g] = d[n][0];
-    partial[warp][8 * n + 2 * t + 1][g] = d[n][1];
-    partial[warp][8 * n + 2 * t][g + 8] = d[n][2];
-    partial[warp][8 * n + 2 * t + 1][g + 8] = d[n][3];
+    partial[tile_slot][tile_warp][8 * n + 2 * t][g] = d[n][0];
+    partial[tile_slot][tile_warp][8 * n + 2 * t + 1][g] = d[n][1];
+    partial[tile_slot][tile_warp][8 * n + 2 * t][g + 8] = d[n][2];
+    partial[tile_slot][tile_warp][8 * n + 2 * t + 1][g + 8] = d[n][3];
   }
   __syncthreads();
+#if MLXR_HEADS
+  __shared__ float head[8 * XT][HEAD_DIM];  // the head's outputs, rounded to T as the product's output would be
+#endif
   constexpr int kOutputs = GATED ? 8 : 16;  // outputs a tile writes per row of x
-  for (int i = threadIdx.x; i < kOutputs * M; i += 32 * W) {
-    const int m = i / kOutputs, r = i % kOutputs;
-    if (tile + r < n_out) {
+  for (int i = threadIdx.x; i < kTiles * kOutputs * M; i += 32 * W * kTiles) {
+    const int slot = i / (kOutputs * M), m = (i / kOutputs) % M, r = i % kOutputs;
+    const int row = first_row + 16 * slot + r;
+    if (row < n_out) {
       float sum = 0.f;
 #pragma unroll
-      for (int v = 0; v < W; ++v) sum += partial[v][m][r];
+      for (int v = 0; v < W; ++v) sum += partial[slot][v][m][r];
       T value = static_cast<T>(sum);
       if constexpr (GATED) {
         float up = 0.f;
 #pragma unroll
-        for (int v = 0; v < W; ++v) up += partial[v][m][r + 8];
+        for (int v = 0; v < W; ++v) up += partial[slot][v][m][r + 8];
         value = silu_times(value, static_cast<T>(up));
       }
-      out[static_cast<size_t>(m) * n_out + tile + r] = value;
+#if MLXR_HEADS
+      head[m][16 * slot + r] = static_cast<float>(value);
+#else
+      out[static_cast<size_t>(m) * n_out + row] = value;
+#endif
     }
   }
+#if MLXR_HEADS
+  __syncthreads();
+  for (int m = warp; m < M; m += W * kTiles) {  // a warp a row of x
+    heads_out<T, HEAD_DIM, Q_HEADS, KV_HEADS, TOKENS, TRADITIONAL, QK_NORM>(
+        head[m], m, blockIdx.x, lane, q_weight, k_weight, __int_as_float(QK_EPS_BITS), inverse_frequencies,
+        offsets[offsets_shape[0] == 1 ? 0 : m / TOKENS], q_out, k_out, v_out);
+  }
+#endif
 )";
 
 // x's leading dimensions flattened: [rows, K].
@@ -314,12 +401,42 @@ mx::Shape output_shape(const mx::array& x, int n) {
 constexpr int kWarpsPerTile = 4;
 constexpr int kSegmentsPerPass = 1;
 
+// A head's block has HEAD_DIM / 16 tiles of warps; at most 1,024 threads. Fewer warps a tile than the plain kernel's,
+// each with more segments in flight, so that a 128-wide head is 512 threads: NVRTC does not know the block size, and
+// at 1,024 a thread may have only 64 registers.
+constexpr int kHeadWarpsPerTile = 2;
+constexpr int kHeadSegmentsPerPass = 2;
+constexpr int kMaxHeadDim = 128;
+
+using TemplateArgs = std::vector<std::pair<std::string, mx::fast::TemplateArg>>;
+
 // The kernel's template arguments for x's dtype, the weight's packing and the row count.
-std::vector<std::pair<std::string, mx::fast::TemplateArg>> template_args(mx::Dtype dtype, int rows,
-                                                                         const QuantSpec& spec, bool gated) {
-  return {{"T", dtype},           {"BITS", spec.bits},  {"GROUP", spec.group_size},
-          {"XT", (rows + 7) / 8}, {"W", kWarpsPerTile}, {"U", kSegmentsPerPass},
+TemplateArgs template_args(mx::Dtype dtype, int rows, const QuantSpec& spec, bool gated, int warps = kWarpsPerTile,
+                           int segments_per_pass = kSegmentsPerPass) {
+  return {{"T", dtype},           {"BITS", spec.bits}, {"GROUP", spec.group_size},
+          {"XT", (rows + 7) / 8}, {"W", warps},        {"U", segments_per_pass},
           {"GATED", gated}};
+}
+
+// The normed variants' extra arguments: the residual add, the norm's eps.
+void add_norm_args(TemplateArgs& args, const NormInput& input) {
+  args.emplace_back("ADD", input.delta.has_value());
+  args.emplace_back("EPS_BITS", cuda_eps_bits(input.eps));
+}
+
+// The inputs x, delta and norm_weight of the normed variants, x flattened to [rows, K]. Without a delta the kernel
+// reads x alone: x stands in for it.
+std::vector<mx::array> norm_inputs(const NormInput& input, int rows) {
+  auto x = mx::reshape(input.x, {rows, static_cast<int>(input.x.shape(-1))});
+  return {x, input.delta ? mx::reshape(*input.delta, x.shape()) : x, input.weight};
+}
+
+// Whether the normed variants take this input: a delta like x, the norm's weight [K] in x's dtype.
+bool norm_fits(const NormInput& input) {
+  const auto& x = input.x;
+  const bool delta_fits = !input.delta || (input.delta->shape() == x.shape() && input.delta->dtype() == x.dtype());
+  return delta_fits && input.weight.dtype() == x.dtype() && input.weight.ndim() == 1 &&
+         input.weight.shape(0) == x.shape(-1);
 }
 
 std::tuple<int, int, int> grid_for(int outputs, bool gated) {
@@ -347,8 +464,9 @@ bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& 
 
 // The product of x [..., K] and the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated.
 mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
-  static auto kernel = mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
-                                             std::string("#define MLXR_NORMED 0\n") + kTensorCoreHelpers, true);
+  static auto kernel =
+      mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
+                            std::string("#define MLXR_NORMED 0\n#define MLXR_HEADS 0\n") + kTensorCoreHelpers, true);
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
   auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},
                     grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, template_args(x.dtype(), rows, q.spec, gated),
@@ -372,25 +490,75 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
                                                                             const mx::array& packed, const Quantized& q,
                                                                             bool gated) {
   const auto& x = input.x;
-  const bool delta_fits = !input.delta || (input.delta->shape() == x.shape() && input.delta->dtype() == x.dtype());
-  if (!kernel_takes(x, packed, q, gated) || !delta_fits || input.weight.dtype() != x.dtype() ||
-      input.weight.ndim() != 1 || input.weight.shape(0) != x.shape(-1)) {
+  if (!kernel_takes(x, packed, q, gated) || !norm_fits(input)) return std::nullopt;
+  static auto kernel = mx::fast::cuda_kernel(
+      "mlxr_qmv_tc_normed", {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"}, kTensorCoreSource,
+      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 0\n") + kTensorCoreHelpers, true);
+  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const bool add = input.delta.has_value();
+  auto args = template_args(x.dtype(), rows, q.spec, gated);
+  add_norm_args(args, input);
+  auto inputs = norm_inputs(input, rows);
+  inputs.insert(inputs.end(), {packed, q.scales, *q.biases});
+  // Without a delta the unwritten `added` is not used.
+  auto out = kernel(inputs, {{rows, outputs}, add ? mx::Shape{rows, k} : mx::Shape{1}}, {x.dtype(), x.dtype()},
+                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, args, std::nullopt, false, {});
+  return std::pair{add ? mx::reshape(out[1], x.shape()) : x, mx::reshape(out[0], output_shape(x, outputs))};
+}
+
+// MLXRUNNER_QKV_HEADS=0 turns the heads variant off (the normed product and the q/k kernel run instead): a switch for
+// measuring what it gains.
+bool heads_kernel_on() {
+  static const bool switched_off = [] {
+    const char* value = std::getenv("MLXRUNNER_QKV_HEADS");
+    return value != nullptr && std::strcmp(value, "0") == 0;
+  }();
+  return !switched_off;
+}
+
+std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, const mx::array& packed,
+                                                        const Quantized& q, const HeadSplit& split) {
+  const auto& x = input.x;
+  if (!heads_kernel_on() || x.ndim() != 3 || !kernel_takes(x, packed, q, /*gated=*/false) || !norm_fits(input))
+    return std::nullopt;
+  const int heads = split.q_heads + 2 * split.kv_heads, d = packed.shape(0) / std::max(heads, 1);
+  const auto& norms = split.norms;
+  const bool norms_fit = !norms || (norms->q_weight.dtype() == x.dtype() && norms->k_weight.dtype() == x.dtype() &&
+                                    norms->q_weight.size() == d && norms->k_weight.size() == d);
+  if (heads < 1 || d * heads != packed.shape(0) || d % 16 != 0 || d > kMaxHeadDim || !norms_fit ||
+      split.rope.inverse_frequencies.size() != d / 2 || split.rope.inverse_frequencies.dtype() != mx::float32) {
     return std::nullopt;
   }
   static auto kernel = mx::fast::cuda_kernel(
-      "mlxr_qmv_tc_normed", {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"}, kTensorCoreSource,
-      std::string("#define MLXR_NORMED 1\n") + kTensorCoreHelpers, true);
-  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+      "mlxr_qmv_tc_heads",
+      {"x", "delta", "norm_weight", "w", "scales", "biases", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
+      {"q_out", "k_out", "v_out", "added"}, kTensorCoreSource,
+      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 1\n") + kTensorCoreHelpers, true);
+  const int b = x.shape(0), t = x.shape(1), k = x.shape(2), rows = b * t;
   const bool add = input.delta.has_value();
-  auto x2 = mx::reshape(x, {rows, k});
-  auto args = template_args(x.dtype(), rows, q.spec, gated);
-  args.emplace_back("ADD", add);
-  args.emplace_back("EPS_BITS", cuda_eps_bits(input.eps));
-  // Without a delta the kernel reads x alone: x stands in for it, and the unwritten `added` is not used.
-  auto out = kernel({x2, add ? mx::reshape(*input.delta, {rows, k}) : x2, input.weight, packed, q.scales, *q.biases},
-                    {{rows, outputs}, add ? mx::Shape{rows, k} : mx::Shape{1}}, {x.dtype(), x.dtype()},
-                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, args, std::nullopt, false, {});
-  return std::pair{add ? mx::reshape(out[1], x.shape()) : x, mx::reshape(out[0], output_shape(x, outputs))};
+  auto args = template_args(x.dtype(), rows, q.spec, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);
+  add_norm_args(args, input);
+  args.insert(args.end(), {{"HEAD_DIM", d},
+                           {"Q_HEADS", split.q_heads},
+                           {"KV_HEADS", split.kv_heads},
+                           {"TOKENS", t},
+                           {"TRADITIONAL", split.rope.traditional},
+                           {"QK_NORM", norms.has_value()},
+                           {"QK_EPS_BITS", cuda_eps_bits(norms ? norms->eps : 0.f)}});
+  auto inputs = norm_inputs(input, rows);
+  // Without q/k norms the kernel does not read their weights: x stands in for them.
+  inputs.insert(inputs.end(),
+                {packed, q.scales, *q.biases, norms ? norms->q_weight : inputs[0], norms ? norms->k_weight : inputs[0],
+                 split.rope.inverse_frequencies, mx::astype(split.offsets, mx::int32)});
+  const int threads = 32 * kHeadWarpsPerTile * (d / 16);
+  auto out = kernel(inputs,
+                    {{b, split.q_heads, t, d},
+                     {b, split.kv_heads, t, d},
+                     {b, split.kv_heads, t, d},
+                     add ? mx::Shape{rows, k} : mx::Shape{1}},
+                    {x.dtype(), x.dtype(), x.dtype(), x.dtype()}, {heads * threads, 1, 1}, {threads, 1, 1}, args,
+                    std::nullopt, false, {});
+  return QkvHeads{.sum = add ? mx::reshape(out[3], x.shape()) : x, .q = out[0], .k = out[1], .v = out[2]};
 }
 
 }  // namespace mlxr

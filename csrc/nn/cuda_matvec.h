@@ -14,6 +14,7 @@
 
 #include <optional>
 
+#include "nn/cuda_norm_rope.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -46,5 +47,25 @@ struct NormInput {
 std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(const NormInput& input,
                                                                             const mx::array& packed, const Quantized& q,
                                                                             bool gated);
+
+// How a decoder layer's q|k|v projection splits into heads, and what is done to its queries and keys before attention.
+struct HeadSplit {
+  int q_heads, kv_heads;
+  std::optional<QkNorms> norms;  // per-head RMSNorms (Qwen3, Gemma 3)
+  FusedRope rope;
+  mx::array offsets;  // int [B] or [1]: each sequence's first position
+};
+
+// A layer's residual sum and attention's inputs, heads first: q [B, q_heads, T, D], k and v [B, kv_heads, T, D].
+struct QkvHeads {
+  mx::array sum, q, k, v;
+};
+
+// The normed product above with a q|k|v projection W [(q_heads + 2 kv_heads) D, K], its heads then given their q/k
+// norms and RoPE as cuda_qk_norm_rope gives them: the add-and-norm, the product and the q/k kernel in one (a decode
+// step's three operations before attention). x [B, T, K] with B T <= kMaxMatvecRows; heads of up to 128 dimensions
+// (a multiple of 16); the cases of cuda_quantized_normed_matvec otherwise.
+std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, const mx::array& packed,
+                                                        const Quantized& q, const HeadSplit& split);
 
 }  // namespace mlxr

@@ -194,6 +194,11 @@ std::optional<std::pair<mx::array, mx::array>> FusedLinear::normed_product(const
   return cuda_quantized_normed_matvec(input, layers[0].weight, *layers[0].quantized, /*gated=*/false);
 }
 
+std::optional<QkvHeads> FusedLinear::normed_heads(const NormInput& input, const HeadSplit& split) const {
+  if (layers.size() != 1 || !layers[0].quantized || layers[0].bias) return std::nullopt;
+  return cuda_quantized_normed_qkv_heads(input, layers[0].weight, *layers[0].quantized, split);
+}
+
 std::vector<mx::array> FusedLinear::arrays() const {
   std::vector<mx::array> out;
   for (const auto& layer : layers) {

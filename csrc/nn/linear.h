@@ -46,6 +46,8 @@ struct FusedLinear {
   // (x + delta, the product of its RMSNorm) in one kernel where nn/cuda_matvec takes it (a packed decode step on
   // CUDA); nullopt otherwise.
   std::optional<std::pair<mx::array, mx::array>> normed_product(const NormInput& input) const;
+  // The same for a q|k|v projection, its heads also given their q/k norms and RoPE (cuda_quantized_normed_qkv_heads).
+  std::optional<QkvHeads> normed_heads(const NormInput& input, const HeadSplit& split) const;
   std::vector<mx::array> arrays() const;
 };
 

@@ -297,6 +297,13 @@ mx::array Decoder::LayerInput::project(const FusedLinear& projection) {
   return projection(normed());
 }
 
+std::optional<QkvHeads> Decoder::LayerInput::project_heads(const FusedLinear& projection, const HeadSplit& split) {
+  if (normed_) return std::nullopt;
+  auto fused = projection.normed_heads(norm_input(), split);
+  if (fused) sum_ = fused->sum;
+  return fused;
+}
+
 mx::array Decoder::LayerInput::activate(const GatedMLP& mlp) {
   if (!normed_) {
     if (auto fused = mlp.normed_activated(norm_input())) {
@@ -310,16 +317,21 @@ mx::array Decoder::LayerInput::activate(const GatedMLP& mlp) {
 template <typename Offset>
 std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, LayerInput& input,
                                                                  const Rope& rope, const Offset& offset) const {
-  auto projected = input.project(layer.qkv_proj);
-  const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
-  // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
-  auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});
-  auto v = head_range(qkv, hq + hkv, hkv);
+  std::optional<HeadSplit> split;  // for the CUDA kernels that make the heads
   if (rope.fused() && running_on_cuda()) {
     std::optional<QkNorms> norms;
     if (layer.q_norm) norms = QkNorms{layer.q_norm->weight, layer.k_norm->weight, layer.q_norm->eps};
-    if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, norms, *rope.fused(), offsets_array(offset))) {
+    split = HeadSplit{hq, hkv, norms, *rope.fused(), offsets_array(offset)};
+    if (auto heads = input.project_heads(layer.qkv_proj, *split)) return {heads->q, heads->k, heads->v};
+  }
+  auto projected = input.project(layer.qkv_proj);
+  const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
+  // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
+  auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});
+  auto v = head_range(qkv, hq + hkv, hkv);
+  if (split) {
+    if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, split->norms, split->rope, split->offsets)) {
       return {qk->first, qk->second, v};
     }
   }

@@ -185,6 +185,9 @@ class Decoder {
     LayerInput(Residual in, const RMSNorm& norm) : in_(std::move(in)), norm_(norm) {}
     const mx::array& normed();
     mx::array project(const FusedLinear& projection);
+    // A q|k|v projection's heads ready for attention, made with the norm in one kernel (FusedLinear::normed_heads)
+    // while the norm is not yet made; nullopt otherwise.
+    std::optional<QkvHeads> project_heads(const FusedLinear& projection, const HeadSplit& split);
     mx::array activate(const GatedMLP& mlp);
     const mx::array& sum();
 

@@ -206,6 +206,50 @@ def test_a_packed_projection_of_a_normed_sum_is_the_add_norm_then_the_product(ro
     assert np.abs(got - want).max() <= 2 ** -6 * np.abs(want).max()
 
 
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "with_norms", "bits", "group_size"), [
+    (32, 8, 128, True, 4, 64),    # Qwen3-4B's attention
+    (32, 8, 128, False, 4, 64),   # Llama-3-8B's
+    (4, 2, 64, True, 8, 32)])
+@pytest.mark.parametrize(("batch", "tokens", "offsets"), [(1, 1, [517]), (3, 1, [3, 900, 41]), (1, 5, [12])])
+def test_a_packed_qkv_kernel_gives_the_heads_of_the_normed_product_and_the_qk_kernel(q_heads, kv_heads, head_dim,
+                                                                                   with_norms, bits, group_size,
+                                                                                   batch, tokens, offsets):
+    """A decode step's q|k|v on CUDA: one kernel makes the layer's add-and-norm, the packed product and the q/k norms
+    and RoPE; it must give the sum exactly, v as the product, and q and k as the q/k kernel makes them from that
+    product, but for the odd element a norm rounds the other way (its sums add up in another order)."""
+    cols, heads = 512, q_heads + 2 * kv_heads
+    mx.random.seed(heads + batch + tokens)
+    packed, scales, biases = mx.quantize(0.05 * mx.random.normal((heads * head_dim, cols)), group_size=group_size,
+                                         bits=bits)
+    scales, biases = scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
+    spec = _core.QuantSpec.from_dict({"bits": bits, "group_size": group_size, "mode": "affine"})
+    x = mx.random.normal((batch, tokens, cols)).astype(mx.bfloat16)
+    delta = mx.random.normal((batch, tokens, cols)).astype(mx.bfloat16)
+    weight = mx.random.uniform(0.5, 1.5, (cols,)).astype(mx.bfloat16)
+    norms = (None, None)
+    if with_norms:
+        norms = tuple(mx.random.uniform(0.5, 1.5, (head_dim,)).astype(mx.bfloat16) for _ in range(2))
+    config = _core.RopeConfig.from_dict({"rope_theta": 1_000_000.0})
+    offsets = mx.array(offsets, dtype=mx.int32)
+    got = _core.cuda_quantized_normed_qkv_heads(x, delta, weight, 1e-6, packed, scales, biases, spec, q_heads,
+                                                kv_heads, config, offsets, *norms)
+    if not ON_CUDA:
+        assert got is None
+        return
+    total, product, _ = _core.quantized_normed_product(x, delta, weight, 1e-6, packed, scales, biases, spec, False)
+    want_q, want_k = _core.cuda_qk_norm_rope(product.reshape(batch, tokens, heads, head_dim), q_heads, kv_heads,
+                                             config, offsets, *norms)
+    want_v = product.reshape(batch, tokens, heads, head_dim)[:, :, q_heads + kv_heads:].transpose(0, 2, 1, 3)
+    got_total, q, k, v = (np.array(a.astype(mx.float32)) for a in got)
+    assert np.array_equal(got_total, np.array(total.astype(mx.float32)))
+    assert np.array_equal(v, np.array(want_v.astype(mx.float32)))
+    for name, got_part, want in (("q", q, want_q), ("k", k, want_k)):
+        want = np.array(want.astype(mx.float32))
+        assert got_part.shape == want.shape, name
+        assert np.mean(got_part == want) >= 0.95, name
+        assert np.abs(got_part - want).max() <= 2 ** -6 * np.abs(want).max(), name
+
 def random_qwen3(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
     """A bf16 Qwen3 of random weights with the tiny fixture's tokenizer and vocabulary, written with MLX."""
     shutil.copytree(QWEN3, folder)

@@ -92,7 +92,7 @@ struct Multiply {
 
 // mma.sync.m16n8k16.row.col, f32 sums, emulated for the 32 threads of a warp from PTX's fragment layout.
 struct WarpTiles { unsigned a[32][4], b[32][2]; std::unique_ptr<std::barrier<>> meet; };
-static WarpTiles warps_tiles[8];
+static WarpTiles warps_tiles[32];
 template <typename Half>
 float half_value(unsigned pair, int high) {
   Half h; const uint16_t bits = static_cast<uint16_t>(high ? pair >> 16 : pair & 0xFFFF);
@@ -128,7 +128,7 @@ void emulated_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2])
   tiles.meet->arrive_and_wait();
 }
 // A warp's butterfly exchange: each lane leaves its value, takes its partner's.
-static float shuffle_slots[8][32];
+static float shuffle_slots[32][32];
 inline float __shfl_xor_sync(unsigned, float value, int mask) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   shuffle_slots[warp][lane] = value;
@@ -138,6 +138,8 @@ inline float __shfl_xor_sync(unsigned, float value, int mask) {
   return partner;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+using std::cos;
+using std::sin;
 """
 
 HOST_MMA = r"""
@@ -166,27 +168,44 @@ def kernel_parts() -> tuple[str, str]:
 
 
 def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int,
-          gated: bool = False, normed: bool = False, add: bool = False, eps: float = 1e-6) -> ctypes.CDLL:
-    """The kernel as a library: run(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added)."""
+          gated: bool = False, normed: bool = False, add: bool = False, eps: float = 1e-6,
+          heads: dict | None = None) -> ctypes.CDLL:
+    """The kernel as a library: run(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight,
+    k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out) (the last eight for `heads`, the
+    MLXR_HEADS variant: a dict of head_dim, q_heads, kv_heads, tokens, traditional, qk_norm, qk_eps)."""
     helpers, body = kernel_parts()
     constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated),
                  "ADD": int(add), "EPS_BITS": int(np.array(eps, dtype=np.float32).view(np.int32))}
+    if heads:
+        constants.update({"HEAD_DIM": heads["head_dim"], "Q_HEADS": heads["q_heads"], "KV_HEADS": heads["kv_heads"],
+                          "TOKENS": heads["tokens"], "TRADITIONAL": int(heads["traditional"]),
+                          "QK_NORM": int(heads["qk_norm"]),
+                          "QK_EPS_BITS": int(np.array(heads["qk_eps"], dtype=np.float32).view(np.int32))})
+        blocks = f"{heads['q_heads'] + 2 * heads['kv_heads']}"
+        warps_a_block = warps * heads["head_dim"] // 16
+    else:
+        blocks = "(w_shape[0] / 2 + 7) / 8" if gated else "(w_shape[0] + 15) / 16"
+        warps_a_block = warps
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
     params = ("const T* x, const int* x_shape, const T* delta, const T* norm_weight, const uint32_t* w, "
-              "const int* w_shape, const T* scales, const T* biases, T* out, T* added")
-    code = (PRELUDE + f"#define MLXR_NORMED {int(normed)}\n" + helpers + f"\nusing T = {dtype};\n" +
-            f"static void kernel({params}) {{\n" + lines + body + "\n}\n" + f"""
+              "const int* w_shape, const T* scales, const T* biases, T* out, T* added, const T* q_weight, "
+              "const T* k_weight, const float* inverse_frequencies, const int* offsets, const int* offsets_shape, "
+              "T* q_out, T* k_out, T* v_out")
+    args = ("x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight, k_weight, "
+            "inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out")
+    code = (PRELUDE + f"#define MLXR_NORMED {int(normed or bool(heads))}\n#define MLXR_HEADS {int(bool(heads))}\n" +
+            helpers + f"\nusing T = {dtype};\n" + f"static void kernel({params}) {{\n" + lines + body + "\n}\n" + f"""
 extern "C" void run({params}) {{
-  const int tiles = {"(w_shape[0] / 2 + 7) / 8" if gated else "(w_shape[0] + 15) / 16"};
-  for (int wi = 0; wi < {warps}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
-  block_barrier = std::make_unique<std::barrier<>>(32 * {warps});
-  for (int tile = 0; tile < tiles; ++tile) {{
-    blockIdx.x = tile;
+  const int blocks = {blocks};
+  for (int wi = 0; wi < {warps_a_block}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
+  block_barrier = std::make_unique<std::barrier<>>(32 * {warps_a_block});
+  for (int block = 0; block < blocks; ++block) {{
+    blockIdx.x = block;
     std::vector<std::thread> lanes;
-    for (int i = 0; i < 32 * {warps}; ++i)
+    for (int i = 0; i < 32 * {warps_a_block}; ++i)
       lanes.emplace_back([=] {{
         threadIdx.x = i;
-        kernel(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added);
+        kernel({args});
       }});
     for (auto& lane : lanes) lane.join();
   }}
@@ -248,15 +267,24 @@ def random_case(dtype: str, bits: int, group: int, rows: int, n: int, k: int) ->
 
 
 def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
-    """The kernel's output bits [rows, outputs] (and, where the case has a delta, case["added"] filled)."""
+    """The kernel's output bits [rows, outputs] (and, where the case has a delta, case["added"] filled; where it has
+    heads, case["q_out"], case["k_out"], case["v_out"])."""
     x, packed = case["x"], pack(case["q"], bits)
     out = np.zeros((x.shape[0], outputs), dtype=np.uint16)
     delta, norm_weight = case.get("delta", x), case.get("norm_weight", x)
     case["added"] = np.zeros_like(x)
     x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
+    q_weight, k_weight = case.get("q_weight", x), case.get("k_weight", x)
+    inverse_frequencies = case.get("inverse_frequencies", np.zeros(1, np.float32))
+    offsets = case.get("offsets", np.zeros(1, np.int32))
+    offsets_shape = np.array(offsets.shape, dtype=np.int32)
+    for name in ("q_out", "k_out", "v_out"):
+        case[name] = np.zeros(case.get(name + "_shape", (1,)), dtype=np.uint16)
     ptr = ctypes.c_void_p
     lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, delta, norm_weight, packed, w_shape, case["scales"],
-                                           case["biases"], out, case["added"])])
+                                           case["biases"], out, case["added"], q_weight, k_weight,
+                                           inverse_frequencies, offsets, offsets_shape, case["q_out"],
+                                           case["k_out"], case["v_out"])])
     return out
 
 
@@ -346,4 +374,77 @@ def test_the_normed_product_is_the_add_and_norm_then_the_product(tmp_path, dtype
     assert np.mean(got == want) >= 0.95
     np.testing.assert_allclose(got_values, want_values, rtol=2 ** -6, atol=2 ** -6 * np.abs(want_values).max())
     if add:
+        np.testing.assert_array_equal(case["added"], half_bits(h, dtype))
+
+
+HEADS_CASES = [  # dtype, bits, group, sequences, tokens, q heads, kv heads, head dim, k, warps, passes, delta,
+    # q/k norms, traditional RoPE
+    ("__nv_bfloat16", 4, 64, 1, 1, 4, 2, 32, 128, 2, 2, True, True, False),   # a Qwen3-like decode step
+    ("__nv_bfloat16", 4, 32, 3, 1, 2, 1, 64, 96, 1, 1, True, False, False),   # 3 sequences at their own positions
+    ("__nv_bfloat16", 8, 64, 1, 5, 2, 2, 16, 192, 2, 1, False, True, True),   # 5 tokens of one sequence
+    ("__half", 4, 128, 2, 2, 2, 1, 32, 256, 2, 1, True, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype, bits, group, b, t, hq, hkv, d, k, warps, passes, add, qk_norm, traditional",
+                         HEADS_CASES)
+def test_the_heads_variant_is_the_normed_product_then_the_qk_norms_and_rope(tmp_path, dtype, bits, group, b, t, hq,
+                                                                           hkv, d, k, warps, passes, add, qk_norm,
+                                                                           traditional):
+    """MLXR_HEADS: the normed q|k|v product's heads, q and k given their per-head RMSNorm and RoPE as
+    nn/cuda_norm_rope.cpp's kernel gives them (norm output rounded, float angles), written heads first."""
+    eps, heads = 1e-6, hq + 2 * hkv
+    rows, n = b * t, heads * d
+    case = random_case(dtype, bits, group, rows, n, k)
+    rng = np.random.default_rng(b * 100 + t * 10 + d)
+    case["delta"] = half_bits(rng.standard_normal((rows, k)), dtype) if add else case["x"]
+    case["norm_weight"] = half_bits(rng.uniform(0.5, 1.5, size=k), dtype)
+    case["q_weight"] = half_bits(rng.uniform(0.5, 1.5, size=d), dtype)
+    case["k_weight"] = half_bits(rng.uniform(0.5, 1.5, size=d), dtype)
+    case["inverse_frequencies"] = (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    case["offsets"] = np.array([7] if b == 1 else [3 + 11 * i for i in range(b)], dtype=np.int32)
+    case["q_out_shape"], case["k_out_shape"], case["v_out_shape"] = (b, hq, t, d), (b, hkv, t, d), (b, hkv, t, d)
+    split = {"head_dim": d, "q_heads": hq, "kv_heads": hkv, "tokens": t, "traditional": traditional,
+             "qk_norm": qk_norm, "qk_eps": eps}
+    run(build(tmp_path / "heads", dtype, bits, group, rows, warps, passes, add=add, eps=eps, heads=split), case, bits,
+        n)
+    # The product of the normed input, as the normed variant makes it.
+    product_case = {key: case[key] for key in ("q", "scales", "biases", "x", "delta", "norm_weight")}
+    product = half_values(run(build(tmp_path / "normed", dtype, bits, group, rows, warps, passes, normed=True,
+                                    add=add, eps=eps), product_case, bits, n), dtype)
+    product = product.reshape(b, t, heads, d).transpose(0, 2, 1, 3)  # [B, heads, T, D]
+
+    def rounded(a):
+        return half_values(half_bits(np.asarray(a, dtype=np.float32), dtype), dtype)
+
+    def rotated(x, weight):
+        if qk_norm:
+            normalizer = (1 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(np.float32)
+            x = rounded(half_values(weight, dtype) * rounded(x * normalizer))
+        half = d // 2
+        x1, x2 = (x[..., 0::2], x[..., 1::2]) if traditional else (x[..., :half], x[..., half:])
+        positions = (case["offsets"] if b > 1 else np.repeat(case["offsets"], b))[:, None] + np.arange(t)
+        theta = positions.astype(np.float32)[:, None, :, None] * case["inverse_frequencies"]
+        c, s = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+        out = np.empty_like(x)
+        first, second = rounded(x1 * c - x2 * s), rounded(x1 * s + x2 * c)
+        if traditional:
+            out[..., 0::2], out[..., 1::2] = first, second
+        else:
+            out[..., :half], out[..., half:] = first, second
+        return out
+
+    want = {"q_out": rotated(product[:, :hq], case["q_weight"]),
+            "k_out": rotated(product[:, hq:hq + hkv], case["k_weight"]),
+            "v_out": product[:, hq + hkv:]}
+    np.testing.assert_array_equal(case["v_out"], half_bits(want["v_out"], dtype))  # values as the product made them
+    for name in ("q_out", "k_out"):
+        got = half_values(case[name], dtype)
+        assert np.abs(want[name]).max() > 0.01
+        # The norm's float sum runs in another order than numpy's, and the angles' cos / sin may differ in the last
+        # place, so an element could round the other way; the outputs are otherwise the same bits.
+        assert np.mean(case[name] == half_bits(want[name], dtype)) >= 0.95, name
+        np.testing.assert_allclose(got, want[name], rtol=2 ** -6, atol=2 ** -6 * np.abs(want[name]).max())
+    if add:
+        h = rounded(half_values(case["x"], dtype) + half_values(case["delta"], dtype))
         np.testing.assert_array_equal(case["added"], half_bits(h, dtype))
