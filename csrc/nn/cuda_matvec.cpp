@@ -93,6 +93,13 @@ __device__ __forceinline__ T silu_times(T gate, T up) {
   return Multiply{}(Multiply{}(gate, mlx::core::cu::Sigmoid{}(gate)), up);
 }
 
+}  // namespace mlxr_tc
+)";
+
+// The heads variant's epilogue, in its header only: every call of a `cuda_kernel` hashes the kernel's whole source
+// (MLX names the compiled module by it), so the other variants do not carry it.
+constexpr const char* kHeadsHelpers = R"(
+namespace mlxr_tc {
 // Row m of x's outputs of one head (values: its HEAD_DIM outputs) written where attention reads them: a query or key
 // head gets the per-head RMSNorm (QK_NORM) and RoPE at position first_position + t as nn/cuda_norm_rope.cpp's kernel
 // gives them (the norm's sum over the warp, here), a value head is copied; all heads first, [B, heads, TOKENS, D].
@@ -533,7 +540,7 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
       "mlxr_qmv_tc_heads",
       {"x", "delta", "norm_weight", "w", "scales", "biases", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
       {"q_out", "k_out", "v_out", "added"}, kTensorCoreSource,
-      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 1\n") + kTensorCoreHelpers, true);
+      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 1\n") + kTensorCoreHelpers + kHeadsHelpers, true);
   const int b = x.shape(0), t = x.shape(1), k = x.shape(2), rows = b * t;
   const bool add = input.delta.has_value();
   auto args = template_args(x.dtype(), rows, q.spec, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);

@@ -164,7 +164,7 @@ def kernel_parts() -> tuple[str, str]:
     # MLX's device headers give way to the prelude's functors.
     helpers, count = re.subn(r'#include "mlx/backend/cuda/device/\w+\.cuh"\n', "", helpers)
     assert count == 2, "the helpers' two MLX includes were not found"
-    return helpers, sources["kTensorCoreSource"]
+    return helpers + sources["kHeadsHelpers"], sources["kTensorCoreSource"]
 
 
 def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: int, passes: int,
