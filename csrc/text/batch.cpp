@@ -36,11 +36,9 @@ int BatchGenerator::add(const std::vector<int>& prompt, const SamplerOptions& op
 }
 
 int BatchGenerator::join(Generator& generator) {
+  if (&generator.model() != &model_) throw std::invalid_argument("the generator's model is not the batch's");
   const int top_logprobs = generator.top_logprobs();
   auto started = generator.hand_off();
-  if (started.cache.layers.size() != cache_.size()) {
-    throw std::invalid_argument("the generator's model is not the batch's");
-  }
   return push_row(std::move(started.cache), started.next_input, std::move(started.sampler), top_logprobs);
 }
 

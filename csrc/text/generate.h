@@ -72,6 +72,7 @@ class Generator {
   };
   Started hand_off();
   int top_logprobs() const { return top_logprobs_; }
+  const Decoder& model() const { return model_; }
 
   // The log-probabilities of the token the last next() returned (when asked for at construction).
   const std::optional<TokenLogprobs>& logprobs() const { return logprobs_; }

@@ -149,6 +149,29 @@ def test_a_row_leaving_early_leaves_the_others_alone(case):
     assert [next(resumed) for _ in range(5)] == expected[short.tokens + 1:]
 
 
+def test_a_generator_joins_once_after_its_first_token(case):
+    """BatchGenerator.join takes a generator that has returned its first token and dispatched nothing after it, once;
+    the row then continues as the lone run does."""
+    _, model = case
+    batch = _core.BatchGenerator(model.decoder)
+    prompt = random_prompts(model.core_config.vocab_size, [11], seed=3)[0]
+    generator = _core.Generator(model.decoder, prompt, sampler_options(GREEDY), 512, -1, None, 1)
+    with pytest.raises(RuntimeError, match="handed off after next"):
+        batch.join(generator)  # no token yet
+    unbounded = _core.Generator(model.decoder, prompt, sampler_options(GREEDY))
+    next(unbounded)
+    with pytest.raises(RuntimeError, match="handed off after next"):
+        batch.join(unbounded)  # it has dispatched its second token's step
+    first = next(generator)
+    row = batch.join(generator)
+    with pytest.raises(RuntimeError, match="already taken"):
+        batch.join(generator)
+    out = [first]
+    while len(out) < 6:
+        out += [token for _, token in batch.step()]
+    assert out == lone(model.decoder, Row(prompt, GREEDY, 6))[0]
+    assert batch.position(row) == len(prompt) + 6
+
 def test_the_warm_up_leaves_nothing_behind(case):
     """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels, any device can run it): prompts of 2 to 9
     tokens, 64 and a chunk, then batches of 2 to 7 rows and of max_batch. It keeps nothing."""
