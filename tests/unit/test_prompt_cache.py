@@ -3,8 +3,10 @@ hits, partial hits, trimming, eviction by bytes, sequences that extend each othe
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mlxrunner import _core
@@ -107,7 +109,7 @@ def test_eviction_keeps_the_bytes_under_the_cap_dropping_the_least_recently_used
     cache = PromptCache(2 * each)
     cache.insert(*sequences[0])
     cache.insert(*sequences[1])
-    assert cache.fetch(sequences[0][0] + [1])[1] > 0  # 0 is now the most recently used
+    assert cache.fetch(sequences[0][0][:20] + [1])[1] == 20  # 0 is now the most recently used (and kept)
     cache.insert(*sequences[2])
     assert len(cache) == 2 and cache.nbytes == 2 * each <= cache.max_bytes
     assert cache.fetch(sequences[1][0] + [1]) == (None, 0)
@@ -150,3 +152,61 @@ def test_the_generator_refuses_a_start_cache_that_leaves_no_prompt_token_to_run(
     tokens, caches = stored(model, ids(10))
     with pytest.raises(ValueError, match="must hold fewer than the prompt's 14"):
         _core.Generator(model.decoder, tokens, sampler_options(GREEDY), 512, -1, caches)
+
+
+def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model):
+    """A chat's next turn takes the stored sequence itself (it leaves the cache; the turn's own sequence replaces it
+    when done), so its follow-up writes into the stored buffers: no layer's buffer is copied. A sequence shared only
+    in part stays stored, and the request's copy pays a copy of each buffer at its first write. (1,000 positions:
+    buffers that dwarf a 3-token forward's activations.)"""
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(1000))
+    nbytes = caches.nbytes
+    cache.insert(tokens, caches)
+    del caches
+
+    def follow_up_peak(prompt: list[int]) -> int:
+        hit, reused = cache.fetch(prompt)
+        assert reused > 0
+        generator = _core.Generator(model.decoder, prompt, sampler_options(GREEDY), 512, -1, hit)
+        del hit  # as LanguageModel.stream does: the generator the caches' only holder
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        next(generator)
+        mx.synchronize()
+        return mx.get_peak_memory() - before
+
+    handed_over = follow_up_peak(tokens + [7, 8, 9])
+    assert len(cache) == 0
+    cache.insert(*stored(model, ids(1000)))
+    copied = follow_up_peak(ids(750) + [7, 8, 9])  # shares 750 of the stored sequence's positions
+    assert len(cache) == 1
+    assert copied >= nbytes  # every layer's buffers copied at the first write
+    assert handed_over < nbytes / 4
+
+
+def test_a_chat_turn_through_stream_writes_the_stored_buffers_in_place(model):
+    """The same through LanguageModel.stream: the turn's generator must be the caches' only holder."""
+    model.prompt_cache.clear()
+    list(model.stream(ids(1000), Options(temperature=0.0, repeat_penalty=1.0, num_predict=4)))
+    (stored_tokens,) = model.prompt_cache.sequences()
+    nbytes = model.prompt_cache.nbytes
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = list(model.stream(stored_tokens + [7, 8], Options(temperature=0.0, repeat_penalty=1.0, num_predict=1)))
+    mx.synchronize()
+    assert out[-1].prompt_cache_count == len(stored_tokens)
+    assert mx.get_peak_memory() - before < nbytes / 4
+    model.prompt_cache.clear()
+
+
+def test_a_sequence_given_back_from_another_thread_goes_in_at_the_owners_next_call(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    giver = threading.Thread(target=cache.give_back, args=(tokens, caches))
+    giver.start()
+    giver.join()
+    hit, reused = cache.fetch(tokens + [1])
+    assert reused == len(tokens) and hit.length == reused

@@ -293,6 +293,9 @@ class LanguageModel:
         cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
                                     -1 if top_logprobs is None else top_logprobs, cached, answer.budget)
+        # The generator holds the caches now. Another holder would make MLX copy each buffer at its first write,
+        # where a sequence handed over by the prompt cache is written in place.
+        del cached
         try:
             # The prefill, a chunk per call so that a cancel lands between chunks, up to the last chunk: the first
             # next() runs that with the last token in one forward.
@@ -307,9 +310,14 @@ class LanguageModel:
                 yield from answer.push(token, generator.logprobs)
         except Cancelled:
             # What was computed before the cancel stays reusable: the same request sent again resumes from it.
-            # (Not on GeneratorExit: a stream its consumer drops can be closed on another thread, by the
-            # garbage collector, and the prompt cache belongs to the MLX worker's thread.)
             self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
+            raise
+        except GeneratorExit:
+            # The consumer dropped the stream: perhaps on another thread (the garbage collector's), where the prompt
+            # cache may not be touched, so the sequence goes back through its queue. It may hold the sequence this
+            # request took from the cache: dropped with the stream, a conversation would lose it.
+            held = generator.position
+            self.prompt_cache.give_back((ids + answer.generated)[:held], generator.take_cache())
             raise
         self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
         yield from answer.finish()
