@@ -30,6 +30,21 @@ GatedMLP packed_gate_up(const mx::array& packed, const mx::array& scales, const 
                   .intermediate_size = packed.shape(0) / 2};
 }
 
+// The decoder's q/k treatment from a binding's arguments: RoPE for heads of `dims` (config.dims when given), and the
+// per-head norms when both weights are given; nullopt where the fused CUDA kernels cannot take it (a rotation they do
+// not do, one norm weight without the other).
+std::optional<std::pair<FusedRope, std::optional<QkNorms>>> qk_treatment(RopeConfig config, int dims,
+                                                                         const std::optional<mx::array>& q_weight,
+                                                                         const std::optional<mx::array>& k_weight,
+                                                                         float eps) {
+  if (config.dims == 0) config.dims = dims;
+  Rope rope(config);
+  if (!rope.fused() || q_weight.has_value() != k_weight.has_value()) return std::nullopt;
+  std::optional<QkNorms> norms;
+  if (q_weight) norms = QkNorms{*q_weight, *k_weight, eps};
+  return std::pair{*rope.fused(), norms};
+}
+
 }  // namespace
 
 void bind_building_blocks(nb::module_& m) {
@@ -153,13 +168,9 @@ void bind_building_blocks(nb::module_& m) {
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
          std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
          float eps) -> std::optional<std::pair<mx::array, mx::array>> {
-        RopeConfig c = config;
-        if (c.dims == 0) c.dims = qkv.shape(-1);
-        Rope rope(c);
-        if (!rope.fused() || q_weight.has_value() != k_weight.has_value()) return std::nullopt;
-        std::optional<QkNorms> norms;
-        if (q_weight) norms = QkNorms{*q_weight, *k_weight, eps};
-        auto out = cuda_qk_norm_rope(qkv, q_heads, kv_heads, norms, *rope.fused(), offsets);
+        auto treatment = qk_treatment(config, qkv.shape(-1), q_weight, k_weight, eps);
+        if (!treatment) return std::nullopt;
+        auto out = cuda_qk_norm_rope(qkv, q_heads, kv_heads, treatment->second, treatment->first, offsets);
         if (!out) return std::nullopt;
         return std::pair{evaluated(out->first), evaluated(out->second)};
       },
@@ -175,15 +186,12 @@ void bind_building_blocks(nb::module_& m) {
          int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
          std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
          float qk_eps) -> std::optional<std::tuple<mx::array, mx::array, mx::array, mx::array>> {
-        RopeConfig c = config;
-        if (c.dims == 0) c.dims = packed.shape(0) / (q_heads + 2 * kv_heads);
-        Rope rope(c);
-        if (!rope.fused() || q_weight.has_value() != k_weight.has_value()) return std::nullopt;
-        std::optional<QkNorms> norms;
-        if (q_weight) norms = QkNorms{*q_weight, *k_weight, qk_eps};
+        auto treatment = qk_treatment(config, packed.shape(0) / (q_heads + 2 * kv_heads), q_weight, k_weight, qk_eps);
+        if (!treatment) return std::nullopt;
         const Quantized q{.scales = scales, .biases = biases, .spec = spec};
-        auto out = cuda_quantized_normed_qkv_heads(NormInput{x, delta, norm_weight, eps}, packed, q,
-                                                   HeadSplit{q_heads, kv_heads, norms, *rope.fused(), offsets});
+        auto out =
+            cuda_quantized_normed_qkv_heads(NormInput{x, delta, norm_weight, eps}, packed, q,
+                                            HeadSplit{q_heads, kv_heads, treatment->second, treatment->first, offsets});
         if (!out) return std::nullopt;
         return std::tuple{evaluated(out->sum), evaluated(out->q), evaluated(out->k), evaluated(out->v)};
       },

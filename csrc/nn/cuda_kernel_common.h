@@ -3,6 +3,8 @@
 #pragma once
 
 #include <bit>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -161,6 +163,13 @@ inline constexpr int kCudaMaxPerThread = 32;  // elements a thread of a row kern
 
 inline bool cuda_float_dtype(mx::Dtype dtype) {
   return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
+}
+
+// Whether the environment variable `name` is "0": the switches that turn a fused kernel off, to measure what it
+// gains (MLXRUNNER_DIT_FUSION, MLXRUNNER_QKV_HEADS). Callers read it once, into a static.
+inline bool switched_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "0") == 0;
 }
 
 // A float as the int of its bits (template arguments are ints).

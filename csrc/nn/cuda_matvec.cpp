@@ -1,7 +1,5 @@
 #include "nn/cuda_matvec.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 
@@ -516,11 +514,8 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
 // MLXRUNNER_QKV_HEADS=0 turns the heads variant off (the normed product and the q/k kernel run instead): a switch for
 // measuring what it gains.
 bool heads_kernel_on() {
-  static const bool switched_off = [] {
-    const char* value = std::getenv("MLXRUNNER_QKV_HEADS");
-    return value != nullptr && std::strcmp(value, "0") == 0;
-  }();
-  return !switched_off;
+  static const bool off = switched_off("MLXRUNNER_QKV_HEADS");
+  return !off;
 }
 
 std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, const mx::array& packed,

@@ -189,14 +189,20 @@ mx::array FusedLinear::operator()(const mx::array& x) const {
   return mx::concatenate(outputs, -1);
 }
 
+const Linear* FusedLinear::packed_alone() const {
+  return layers.size() == 1 && layers[0].quantized && !layers[0].bias ? &layers[0] : nullptr;
+}
+
 std::optional<std::pair<mx::array, mx::array>> FusedLinear::normed_product(const NormInput& input) const {
-  if (layers.size() != 1 || !layers[0].quantized || layers[0].bias) return std::nullopt;
-  return cuda_quantized_normed_matvec(input, layers[0].weight, *layers[0].quantized, /*gated=*/false);
+  const auto* packed = packed_alone();
+  if (!packed) return std::nullopt;
+  return cuda_quantized_normed_matvec(input, packed->weight, *packed->quantized, /*gated=*/false);
 }
 
 std::optional<QkvHeads> FusedLinear::normed_heads(const NormInput& input, const HeadSplit& split) const {
-  if (layers.size() != 1 || !layers[0].quantized || layers[0].bias) return std::nullopt;
-  return cuda_quantized_normed_qkv_heads(input, layers[0].weight, *layers[0].quantized, split);
+  const auto* packed = packed_alone();
+  if (!packed) return std::nullopt;
+  return cuda_quantized_normed_qkv_heads(input, packed->weight, *packed->quantized, split);
 }
 
 std::vector<mx::array> FusedLinear::arrays() const {

@@ -48,6 +48,8 @@ struct FusedLinear {
   std::optional<std::pair<mx::array, mx::array>> normed_product(const NormInput& input) const;
   // The same for a q|k|v projection, its heads also given their q/k norms and RoPE (cuda_quantized_normed_qkv_heads).
   std::optional<QkvHeads> normed_heads(const NormInput& input, const HeadSplit& split) const;
+  // The one packed, bias-free weight these fused kernels take, if the projection is that; nullptr otherwise.
+  const Linear* packed_alone() const;
   std::vector<mx::array> arrays() const;
 };
 

@@ -184,9 +184,7 @@ std::optional<std::pair<mx::array, mx::array>> GatedMLP::normed_activated(const 
 // A decode step's silu(gate) * up can come from the packed product's own kernel on CUDA (nn/cuda_matvec.h): one
 // operation a layer fewer, where a decode step is bound by MLX's cost per operation; the same numbers.
 const Linear* GatedMLP::packed_silu_gate_up() const {
-  if (activation != "silu" || gate_up_proj.layers.size() != 1) return nullptr;
-  const auto& gate_up = gate_up_proj.layers[0];
-  return gate_up.quantized && !gate_up.bias ? &gate_up : nullptr;
+  return activation == "silu" ? gate_up_proj.packed_alone() : nullptr;
 }
 
 std::vector<mx::array> GatedMLP::arrays() const {
