@@ -5,8 +5,8 @@
 For each weight of a Qwen3-4B- and a Llama-3-8B-shaped decode step (q|k|v, o, gate|up, down fused as our
 decoder holds them, and the vocabulary head; affine 4-bit, group 64, bfloat16 scales and activations): 20
 products of one row with that weight in one evaluation, best of 3 rounds, for MLX and for our tensor-core kernel
-("ours": the (warps per 16-row tile W, segments per pass U) the runner launches, then at every W in 1, 2, 4, 8 and
-U in 1, 2, 4); gate|up also at 4, 7, 8 and 16 rows, and at 8 bits. The kernel's source is read from
+("ours": the (warps per 16-row tile W, segments per pass U) the runner launches for that weight, then at every W
+in 2, 4, 8, 16 and U in 1, 2); gate|up also at 4, 7, 8 and 16 rows, and at 8 bits. The kernel's source is read from
 csrc/nn/cuda_matvec.cpp, so this times what the runner runs.
 
 Prints, per weight: microseconds and GB/s (packed bytes: weights + scales + biases, over the time) and the
@@ -32,7 +32,7 @@ SHAPES = {"qwen3-4b": [(6144, 2560, 36), (2560, 4096, 36), (19456, 2560, 36), (2
           "llama3-8b": [(6144, 4096, 32), (4096, 4096, 32), (28672, 4096, 32), (4096, 14336, 32), (128256, 4096, 1)]}
 GATE_UP = {19456, 28672}
 GROUP = 64
-TC_VARIANTS = [(w, u) for w in (1, 2, 4, 8) for u in (1, 2, 4)]
+TC_VARIANTS = [(w, u) for w in (2, 4, 8, 16) for u in (1, 2)]
 
 
 def sources() -> dict[str, str]:
@@ -61,11 +61,21 @@ def tensor_core_kernel():
 def our_variants(bits: int, variants=TC_VARIANTS) -> dict:
     """name -> fn(x, packed, scales, biases): the kernel as the runner launches it, and at other (W, U)."""
     tc = tensor_core_kernel()
-    shipped = (constant("kWarpsPerTile"), constant("kSegmentsPerPass"))
-    out = {"ours": lambda x, p, s, b: tc(x, p, s, b, bits, *shipped)}
+    passes = constant("kSegmentsPerPass")
+    out = {"ours": lambda x, p, s, b: tc(x, p, s, b, bits, shipped_warps(p), passes)}
     for warps, u in variants:
         out[f"W{warps}U{u}"] = lambda x, p, s, b, w=warps, u=u: tc(x, p, s, b, bits, w, u)
     return out
+
+
+def shipped_warps(packed: mx.array) -> int:
+    """The warps a tile the runner launches for this (ungated) weight: cuda_matvec.cpp's warps_for."""
+    tiles, segments = (packed.shape[0] + 15) // 16, (packed.shape[1] * 4 + 63) // 64
+    warps = constant("kWarpsPerTile")
+    while (warps < constant("kMaxWarpsPerTile") and tiles * warps < constant("kTargetWarps")
+           and segments >= 4 * warps * constant("kSegmentsPerPass")):
+        warps *= 2
+    return warps
 
 
 def best_seconds(fn, inputs: list[mx.array], rounds: int = 3) -> float:

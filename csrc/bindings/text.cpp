@@ -164,6 +164,7 @@ void bind_batch(nb::module_& m) {
       .def("__len__", &BatchGenerator::size);
   // A decode step of up to this many rows runs our CUDA matrix-vector kernels, one variant per row count.
   m.attr("MATVEC_MAX_ROWS") = kMaxMatvecRows;
+  m.attr("MATVEC_MAX_STAGED_ELEMENTS") = kMaxStagedElements;
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "nn/cuda_matvec.h"
 
+#include <array>
 #include <limits>
 #include <stdexcept>
 
@@ -72,15 +73,35 @@ __device__ __forceinline__ unsigned byte_pair(unsigned word, int lo, float scale
   return bits_as<unsigned>(Pair<T>::from_floats(fmaf(q_lo, scale, bias), fmaf(q_hi, scale, bias)));
 }
 
-// Element `at` (column `col`) of the normed input: MLX's rms_norm of h = x (+ delta, rounded to T), i.e. the weight
-// times (h * normalizer rounded to T), rounded to T; as bits.
-template <typename T, bool ADD>
-__device__ __forceinline__ unsigned short normed_element(const T* x, const T* delta, const T* weight, size_t at, int col,
-                                                         float normalizer) {
-  const float h = ADD ? static_cast<float>(static_cast<T>(static_cast<float>(x[at]) + static_cast<float>(delta[at])))
-                      : static_cast<float>(x[at]);
-  return bits_as<unsigned short>(
-      static_cast<T>(static_cast<float>(weight[col]) * static_cast<float>(static_cast<T>(h * normalizer))));
+// Eight consecutive elements of a half-precision array as one 16-byte vector (one load where p is aligned).
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* p) {
+  if ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0) return *reinterpret_cast<const uint4*>(p);
+  unsigned pairs[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    pairs[i] = bits_as<unsigned short>(p[2 * i]) | (static_cast<unsigned>(bits_as<unsigned short>(p[2 * i + 1])) << 16);
+  return make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+}
+
+// A 16-byte vector's eight elements as floats, and eight floats rounded to T as one vector.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+  const unsigned words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = static_cast<float>(bits_as<T>(static_cast<unsigned short>(words[i] & 0xFFFFu)));
+    out[2 * i + 1] = static_cast<float>(bits_as<T>(static_cast<unsigned short>(words[i] >> 16)));
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
+  unsigned words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    words[i] = bits_as<unsigned short>(static_cast<T>(in[2 * i])) |
+               (static_cast<unsigned>(bits_as<unsigned short>(static_cast<T>(in[2 * i + 1]))) << 16);
+  return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 // silu(gate) * up with MLX's own element-wise functors in T: what the separate gated SiLU (an mx::compile of
@@ -201,7 +222,6 @@ constexpr const char* kTensorCoreSource = R"(
   // Past the last row: repeats, not written.
   const int rows[2] = {min(tile + g, n_out - 1), GATED ? n_out + min(tile + g, n_out - 1) : min(tile + g + 8, n_rows - 1)};
   const bool w_aligned = (reinterpret_cast<unsigned long long>(w) & 15ull) == 0;
-  const bool x_aligned = (reinterpret_cast<unsigned long long>(x) & 15ull) == 0;
 
   float d[XT][4];
 #pragma unroll
@@ -211,17 +231,49 @@ constexpr const char* kTensorCoreSource = R"(
 
 #if MLXR_NORMED
   // The product's input is RMSNorm(x + delta) (ADD; RMSNorm(x) otherwise), made here instead of by a kernel of its
-  // own: every block sums the squares of each row of x (the same way, so all agree), block 0 also writes `added`
-  // = x + delta (the residual stream the layer goes on with), and the x-loads below normalise as they read.
+  // own, once a block, in shared memory (the host keeps M * K within MLXR_STAGE, K a multiple of 8): every thread
+  // stages h = x + delta rounded to T 16 bytes at a time and sums the squares of its part of each row (every block
+  // the same way, so all agree); block 0 also writes h to `added` (the residual stream the layer goes on with); then
+  // every thread scales its part to the norm's output, which the x-loads below read. A thread issues kBatch loads
+  // before it stores anything: a loop that stored each before the next load waited out every load's latency in turn,
+  // and a few lanes of a warp normalising x as they read it left the rest idle.
+  constexpr int kThreads = 32 * W * kTiles;
+  constexpr int kBatch = 4;
+  __shared__ __align__(16) T staged[MLXR_STAGE];
   __shared__ float normalizer[8 * XT];
   __shared__ float warp_squares[W * kTiles];
+  const int vectors = k / 8;  // 16-byte vectors a row
   for (int m = 0; m < M; ++m) {
+    const size_t row = static_cast<size_t>(m) * k;
     float squares = 0.f;
-    for (int j = threadIdx.x; j < k; j += 32 * W * kTiles) {
-      const size_t at = static_cast<size_t>(m) * k + j;
-      const T h = ADD ? static_cast<T>(static_cast<float>(x[at]) + static_cast<float>(delta[at])) : x[at];
-      if (ADD && blockIdx.x == 0) added[at] = h;
-      squares += static_cast<float>(h) * static_cast<float>(h);
+    for (int first = threadIdx.x; first < vectors; first += kBatch * kThreads) {
+      uint4 xv[kBatch], dv[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int v = first + b * kThreads;
+        if (v < vectors) {
+          xv[b] = load8(x + row + 8 * v);
+          if (ADD) dv[b] = load8(delta + row + 8 * v);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int v = first + b * kThreads;
+        if (v >= vectors) break;
+        float h[8];
+        unpack8<T>(xv[b], h);
+        if (ADD) {
+          float e[8];
+          unpack8<T>(dv[b], e);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) h[i] = static_cast<float>(static_cast<T>(h[i] + e[i]));
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) squares += h[i] * h[i];
+        const uint4 hv = ADD ? pack8<T>(h) : xv[b];
+        *reinterpret_cast<uint4*>(staged + row + 8 * v) = hv;
+        if (ADD && blockIdx.x == 0) *reinterpret_cast<uint4*>(added + row + 8 * v) = hv;
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
@@ -234,6 +286,18 @@ constexpr const char* kTensorCoreSource = R"(
     }
     __syncthreads();
   }
+  // MLX's rms_norm: the weight times (h * normalizer rounded to T), rounded to T.
+  for (int v = threadIdx.x; v < M * vectors; v += kThreads) {
+    const int m = v / vectors, col = 8 * (v % vectors);
+    uint4* at = reinterpret_cast<uint4*>(staged + static_cast<size_t>(m) * k + col);
+    float h[8], weight[8];
+    unpack8<T>(*at, h);
+    unpack8<T>(load8(norm_weight + col), weight);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = weight[i] * static_cast<float>(static_cast<T>(h[i] * normalizer[m]));
+    *at = pack8<T>(h);
+  }
+  __syncthreads();
 #endif
 
   for (int s0 = tile_warp; s0 < segments; s0 += W * U) {
@@ -262,38 +326,13 @@ constexpr const char* kTensorCoreSource = R"(
 #pragma unroll
       for (int n = 0; n < XT; ++n) {
         const int m = g + 8 * n;
-        const T* xm = x + static_cast<size_t>(m) * k + static_cast<size_t>(cc) * kPerChunk;
 #pragma unroll
         for (int v = 0; v < kXWords / 4; ++v) {
           uint4 q = make_uint4(0u, 0u, 0u, 0u);
 #if MLXR_NORMED
-          if (m < M && in_row) {
-            const int col = cc * kPerChunk + 8 * v;
-            unsigned pairs[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const size_t at = static_cast<size_t>(m) * k + col + 2 * i;
-              pairs[i] = normed_element<T, ADD>(x, delta, norm_weight, at, col + 2 * i, normalizer[m]) |
-                         (static_cast<unsigned>(
-                              normed_element<T, ADD>(x, delta, norm_weight, at + 1, col + 2 * i + 1, normalizer[m]))
-                          << 16);
-            }
-            q = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-          }
+          if (m < M && in_row) q = *reinterpret_cast<const uint4*>(staged + static_cast<size_t>(m) * k + cc * kPerChunk + 8 * v);
 #else
-          if (m < M && in_row) {
-            if (x_aligned) {
-              q = *reinterpret_cast<const uint4*>(xm + 8 * v);
-            } else {
-              unsigned short e[8];
-#pragma unroll
-              for (int i = 0; i < 8; ++i) e[i] = bits_as<unsigned short>(xm[8 * v + i]);
-              unsigned pairs[4];
-#pragma unroll
-              for (int i = 0; i < 4; ++i) pairs[i] = e[2 * i] | (static_cast<unsigned>(e[2 * i + 1]) << 16);
-              q = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-            }
-          }
+          if (m < M && in_row) q = load8(x + static_cast<size_t>(m) * k + static_cast<size_t>(cc) * kPerChunk + 8 * v);
 #endif
           xw[u][n][4 * v] = q.x, xw[u][n][4 * v + 1] = q.y, xw[u][n][4 * v + 2] = q.z, xw[u][n][4 * v + 3] = q.w;
         }
@@ -399,12 +438,19 @@ mx::Shape output_shape(const mx::array& x, int n) {
   return shape;
 }
 
-// A block is one 16-row tile and kWarpsPerTile warps that split its rows' 64-byte segments, each issuing the loads
-// of kSegmentsPerPass segments before any arithmetic. Chosen on an H200 among W = 1, 2, 4, 8 and U = 1, 2, 4 by a
-// Qwen3-4B- and a Llama-3-8B-shaped decode step's products, and at 4-8 rows (benchmarks/gpu/matvec_bench.py): 8
-// warps won the step by 1 %, 4 the heads and the 8-row products.
+// A block is one 16-row tile and W warps that split its rows' 64-byte segments, each issuing the loads of
+// kSegmentsPerPass segments before any arithmetic. W starts at kWarpsPerTile and doubles (up to kMaxWarpsPerTile)
+// while the product has fewer than kTargetWarps warps and every warp keeps two segments: a product of few rows (a
+// 2,560-row o or down projection is 160 tiles) had ~5 warps an SM with 4 warps a tile, far too few loads in flight
+// to stream the weight (the H200 profile: 0.6 TB/s for those, 90 % of a 4-bit decode step in these kernels).
 constexpr int kWarpsPerTile = 4;
+constexpr int kMaxWarpsPerTile = 16;
+constexpr int kTargetWarps = 4096;  // ~32 an SM on a 132-SM GPU
 constexpr int kSegmentsPerPass = 1;
+
+// The normed variants' stages (elements of x's normed rows in shared memory, rows times K): a launch takes the
+// smaller one that holds x, since a larger stage leaves fewer blocks an SM.
+constexpr std::array<int, 2> kStageSizes = {8192, kMaxStagedElements};
 
 // A head's block has HEAD_DIM / 16 tiles of warps; at most 1,024 threads. Fewer warps a tile than the plain kernel's,
 // each with more segments in flight, so that a 128-wide head is 512 threads: NVRTC does not know the block size, and
@@ -444,12 +490,56 @@ bool norm_fits(const NormInput& input) {
          input.weight.shape(0) == x.shape(-1);
 }
 
-std::tuple<int, int, int> grid_for(int outputs, bool gated) {
+// 16-row tiles (8 outputs when gated) of a product with this many outputs.
+int tiles_for(int outputs, bool gated) {
   const int outputs_per_block = gated ? 8 : 16;
-  const long long threads =
-      static_cast<long long>((outputs + outputs_per_block - 1) / outputs_per_block) * 32 * kWarpsPerTile;
+  return (outputs + outputs_per_block - 1) / outputs_per_block;
+}
+
+// Warps a tile for a product of `tiles` tiles whose rows hold `segments` 64-byte segments (see kWarpsPerTile).
+int warps_for(int tiles, int segments) {
+  int warps = kWarpsPerTile;
+  while (warps < kMaxWarpsPerTile && static_cast<long long>(tiles) * warps < kTargetWarps &&
+         segments >= 4 * warps * kSegmentsPerPass) {
+    warps *= 2;
+  }
+  return warps;
+}
+
+// 64-byte segments in a row of the packed weight.
+int segments_of(const mx::array& packed) {
+  return static_cast<int>((packed.shape(1) * 4 + 63) / 64);
+}
+
+std::tuple<int, int, int> grid_for(int tiles, int warps) {
+  const long long threads = static_cast<long long>(tiles) * 32 * warps;
   if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
   return {static_cast<int>(threads), 1, 1};
+}
+
+// Which of kStageSizes holds x's rows (K in 16-byte vectors), if one does.
+std::optional<int> stage_for(const mx::array& x) {
+  const long long k = x.shape(-1), elements = static_cast<long long>(rows_of(x)) * k;
+  for (int i = 0; i < static_cast<int>(kStageSizes.size()); ++i) {
+    if (k % 8 == 0 && elements <= kStageSizes[i]) return i;
+  }
+  return std::nullopt;
+}
+
+// A normed variant's kernel for each stage size (each compiles on its first launch).
+using KernelFunction = decltype(mx::fast::cuda_kernel("", {}, {}, "", "", true, 0));
+std::array<KernelFunction, kStageSizes.size()> normed_kernels(const char* name, bool heads,
+                                                              const std::vector<std::string>& inputs,
+                                                              const std::vector<std::string>& outputs) {
+  std::array<KernelFunction, kStageSizes.size()> kernels;
+  for (size_t i = 0; i < kStageSizes.size(); ++i) {
+    const std::string header = std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS ") + (heads ? "1" : "0") +
+                               "\n#define MLXR_STAGE " + std::to_string(kStageSizes[i]) + "\n" + kTensorCoreHelpers +
+                               (heads ? kHeadsHelpers : "");
+    kernels[i] = mx::fast::cuda_kernel(std::string(name) + "_s" + std::to_string(i), inputs, outputs, kTensorCoreSource,
+                                       header, true);
+  }
+  return kernels;
 }
 
 // Whether the kernel takes this product: affine 4/8-bit in groups of 32/64/128, x half precision with at most
@@ -473,8 +563,9 @@ mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const
       mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
                             std::string("#define MLXR_NORMED 0\n#define MLXR_HEADS 0\n") + kTensorCoreHelpers, true);
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const int tiles = tiles_for(outputs, gated), warps = warps_for(tiles, segments_of(packed));
   auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},
-                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, template_args(x.dtype(), rows, q.spec, gated),
+                    grid_for(tiles, warps), {32 * warps, 1, 1}, template_args(x.dtype(), rows, q.spec, gated, warps),
                     std::nullopt, false, {})[0];
   return mx::reshape(out, output_shape(x, outputs));
 }
@@ -495,19 +586,21 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
                                                                             const mx::array& packed, const Quantized& q,
                                                                             bool gated) {
   const auto& x = input.x;
-  if (!kernel_takes(x, packed, q, gated) || !norm_fits(input)) return std::nullopt;
-  static auto kernel = mx::fast::cuda_kernel(
-      "mlxr_qmv_tc_normed", {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"}, kTensorCoreSource,
-      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 0\n") + kTensorCoreHelpers, true);
+  const auto stage = stage_for(x);
+  if (!kernel_takes(x, packed, q, gated) || !norm_fits(input) || !stage) return std::nullopt;
+  static const auto kernels = normed_kernels("mlxr_qmv_tc_normed", /*heads=*/false,
+                                             {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"});
+  const auto& kernel = kernels[*stage];
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const int tiles = tiles_for(outputs, gated), warps = warps_for(tiles, segments_of(packed));
   const bool add = input.delta.has_value();
-  auto args = template_args(x.dtype(), rows, q.spec, gated);
+  auto args = template_args(x.dtype(), rows, q.spec, gated, warps);
   add_norm_args(args, input);
   auto inputs = norm_inputs(input, rows);
   inputs.insert(inputs.end(), {packed, q.scales, *q.biases});
   // Without a delta the unwritten `added` is not used.
   auto out = kernel(inputs, {{rows, outputs}, add ? mx::Shape{rows, k} : mx::Shape{1}}, {x.dtype(), x.dtype()},
-                    grid_for(outputs, gated), {32 * kWarpsPerTile, 1, 1}, args, std::nullopt, false, {});
+                    grid_for(tiles, warps), {32 * warps, 1, 1}, args, std::nullopt, false, {});
   return std::pair{add ? mx::reshape(out[1], x.shape()) : x, mx::reshape(out[0], output_shape(x, outputs))};
 }
 
@@ -521,7 +614,9 @@ bool heads_kernel_on() {
 std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, const mx::array& packed,
                                                         const Quantized& q, const HeadSplit& split) {
   const auto& x = input.x;
-  if (!heads_kernel_on() || x.ndim() != 3 || !kernel_takes(x, packed, q, /*gated=*/false) || !norm_fits(input))
+  const auto stage = stage_for(x);
+  if (!heads_kernel_on() || x.ndim() != 3 || !kernel_takes(x, packed, q, /*gated=*/false) || !norm_fits(input) ||
+      !stage)
     return std::nullopt;
   const int heads = split.q_heads + 2 * split.kv_heads, d = packed.shape(0) / std::max(heads, 1);
   const auto& norms = split.norms;
@@ -531,11 +626,11 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
       split.rope.inverse_frequencies.size() != d / 2 || split.rope.inverse_frequencies.dtype() != mx::float32) {
     return std::nullopt;
   }
-  static auto kernel = mx::fast::cuda_kernel(
-      "mlxr_qmv_tc_heads",
+  static const auto kernels = normed_kernels(
+      "mlxr_qmv_tc_heads", /*heads=*/true,
       {"x", "delta", "norm_weight", "w", "scales", "biases", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-      {"q_out", "k_out", "v_out", "added"}, kTensorCoreSource,
-      std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS 1\n") + kTensorCoreHelpers + kHeadsHelpers, true);
+      {"q_out", "k_out", "v_out", "added"});
+  const auto& kernel = kernels[*stage];
   const int b = x.shape(0), t = x.shape(1), k = x.shape(2), rows = b * t;
   const bool add = input.delta.has_value();
   auto args = template_args(x.dtype(), rows, q.spec, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);

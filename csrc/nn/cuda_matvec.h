@@ -23,6 +23,10 @@ namespace mlxr {
 // H200, at 16 rows (two mmas a step) it did not.
 constexpr int kMaxMatvecRows = 8;
 
+// The normed variants (a projection of RMSNorm(x + delta)) stage x's normed rows in shared memory: they take x when
+// its rows times K are within this (32 KB of bfloat16) and K is a multiple of 8; nullopt otherwise.
+constexpr int kMaxStagedElements = 16384;
+
 // x W^T with W [N, K] packed affine 4/8-bit in groups of 32/64/128, its scales and biases in x's dtype
 // (bfloat16/float16); x [..., K] with at most kMaxMatvecRows rows. nullopt when not on CUDA or the case is
 // not one of those: the caller uses MLX's own product.

@@ -39,6 +39,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 static std::unique_ptr<std::barrier<>> block_barrier;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
@@ -193,7 +194,10 @@ def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: i
               "T* q_out, T* k_out, T* v_out")
     args = ("x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight, k_weight, "
             "inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out")
+    header = SOURCE.with_suffix(".h").read_text()  # the larger of the kernel's stage sizes
+    stage = int(re.search(r"constexpr int kMaxStagedElements = (\d+);", header).group(1))
     code = (PRELUDE + f"#define MLXR_NORMED {int(normed or bool(heads))}\n#define MLXR_HEADS {int(bool(heads))}\n" +
+            f"#define MLXR_STAGE {stage}\n" +
             helpers + f"\nusing T = {dtype};\n" + f"static void kernel({params}) {{\n" + lines + body + "\n}\n" + f"""
 extern "C" void run({params}) {{
   const int blocks = {blocks};
@@ -255,6 +259,7 @@ CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass
     ("__nv_bfloat16", 8, 32, 5, 20, 160, 1, 4),
     ("__half", 4, 64, 2, 16, 128, 1, 1),
     ("__half", 8, 128, 7, 16, 384, 2, 1),
+    ("__nv_bfloat16", 4, 64, 1, 32, 2048, 16, 1),  # a few-tile product's 16 warps a tile, a segment each
 ]
 
 
@@ -340,6 +345,7 @@ NORMED_CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass,
     ("__nv_bfloat16", 4, 32, 3, 44, 96, 2, 1, True, True),      # gated, a partial tile
     ("__nv_bfloat16", 8, 64, 9, 24, 192, 1, 2, True, False),    # two 8-row tiles of x
     ("__half", 4, 128, 5, 48, 256, 2, 1, True, False),
+    ("__nv_bfloat16", 4, 64, 2, 32, 1024, 8, 1, True, True),    # 8 warps stage and scale the rows together
 ]
 
 
