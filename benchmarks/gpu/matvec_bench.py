@@ -44,7 +44,11 @@ def constant(name: str) -> int:
 
 
 def tensor_core_kernel():
-    found = sources()
+    """The plain product's kernel as the runner builds it (compacted, its variant's branches resolved)."""
+    from mlxrunner import _core
+
+    found = {name: _core.compact_kernel_source(text, {"MLXR_NORMED": False, "MLXR_HEADS": False})
+             for name, text in sources().items()}
     kernel = mx.fast.cuda_kernel("mlxr_qmv_tc_bench", ["x", "w", "scales", "biases"], ["out"],
                                  found["kTensorCoreSource"], header=found["kTensorCoreHelpers"])
 
@@ -52,7 +56,7 @@ def tensor_core_kernel():
         rows, n = x.shape[0], packed.shape[0]
         return kernel(inputs=[x, packed, scales, biases],
                       template=[("T", x.dtype), ("BITS", bits), ("GROUP", GROUP), ("XT", (rows + 7) // 8),
-                                ("W", warps), ("U", passes)],
+                                ("W", warps), ("U", passes), ("GATED", False)],
                       grid=((n + 15) // 16 * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1),
                       output_shapes=[(rows, n)], output_dtypes=[x.dtype])[0]
     return run

@@ -1,7 +1,9 @@
 // Building blocks bound on their own, to check them against NumPy; and QuantSpec, which every network
 // that runs packed weights takes (nn/weights.h).
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
 #include "bindings/bindings.h"
@@ -10,6 +12,7 @@
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
 #include "nn/cuda_dit_fusion.h"
+#include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
 #include "nn/moe.h"
@@ -52,6 +55,14 @@ void bind_building_blocks(nb::module_& m) {
   m.def("cuda_runs_packed", &cuda_runs_packed, "columns"_a, "group_size"_a,
         "Whether MLX's CUDA kernels multiply a packed weight of these columns and group size; on CUDA one that they "
         "do not is unpacked at load (nn/weights.h).");
+  m.def(
+      "compact_kernel_source",
+      [](const std::string& source, const std::map<std::string, bool>& switches) {
+        return compact_kernel_source(source, switches);
+      },
+      "source"_a, "switches"_a = std::map<std::string, bool>{},
+      "A CUDA kernel's source as our kernels hand it to MLX: comments, indentation and blank lines gone, the "
+      "`#if NAME` branches of the given switches resolved.");
   m.def("gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
   m.def(
       "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),

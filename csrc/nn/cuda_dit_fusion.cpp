@@ -179,10 +179,10 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
   if (norm && (norm->weight.dtype() != x.dtype() || norm->weight.ndim() != 1 || norm->weight.shape(0) != d)) {
     return std::nullopt;
   }
-  static auto with_norm = mx::fast::cuda_kernel("mlxr_head_norm_rope_pairs", {"x", "weight", "cos_table", "sin_table"},
-                                                {"out"}, kHeadNormRopePairs, "#define NORM 1\n", false);
-  static auto without_norm = mx::fast::cuda_kernel("mlxr_head_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
-                                                   kHeadNormRopePairs, "#define NORM 0\n", false);
+  static auto with_norm = cuda_kernel("mlxr_head_norm_rope_pairs", {"x", "weight", "cos_table", "sin_table"}, {"out"},
+                                      kHeadNormRopePairs, "#define NORM 1\n", false);
+  static auto without_norm = cuda_kernel("mlxr_head_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
+                                         kHeadNormRopePairs, "#define NORM 0\n", false);
   // A warp a row, eight rows a block.
   constexpr int kThreadsPerBlock = 256;
   const long long rows = static_cast<long long>(b) * t * heads;
@@ -202,9 +202,9 @@ std::optional<mx::array> cuda_scaled_rms_norm(const mx::array& x, const RMSNorm&
   if (!fusion_on_cuda() || !rows_with_vectors(x, {&norm.weight}, {&scale})) return std::nullopt;
   const auto launch = row_launch(x);
   if (!launch) return std::nullopt;
-  static auto kernel = mx::fast::cuda_kernel("mlxr_scaled_rms_norm", {"x", "weight", "scale"}, {"out"}, kScaledRmsNorm,
-                                             std::string(kCudaBlockSum) + kCudaRowHelpers,
-                                             /*ensure_row_contiguous=*/true);
+  static auto kernel = cuda_kernel("mlxr_scaled_rms_norm", {"x", "weight", "scale"}, {"out"}, kScaledRmsNorm,
+                                   std::string(kCudaBlockSum) + kCudaRowHelpers,
+                                   /*ensure_row_contiguous=*/true);
   return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, launch->grid, launch->block,
                 {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(norm.eps)}, {"PER_THREAD", launch->per_thread}},
                 std::nullopt, false, {})[0];
@@ -224,10 +224,9 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> cuda_gated_residua
   if (!rows_with_vectors(x, weights, per_sample)) return std::nullopt;
   const auto launch = row_launch(x);
   if (!launch) return std::nullopt;
-  static auto alone =
-      mx::fast::cuda_kernel("mlxr_gated_residual", {"x", "a", "a_weight", "gate"}, {"h"}, kGatedResidual,
-                            std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 0\n", true);
-  static auto with_next = mx::fast::cuda_kernel(
+  static auto alone = cuda_kernel("mlxr_gated_residual", {"x", "a", "a_weight", "gate"}, {"h"}, kGatedResidual,
+                                  std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 0\n", true);
+  static auto with_next = cuda_kernel(
       "mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"}, {"h", "next"},
       kGatedResidual, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 1\n", true);
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
@@ -265,9 +264,9 @@ std::optional<std::pair<mx::array, mx::array>> cuda_gated_residual_modulated_lay
   const auto launch = row_launch(x);
   if (!launch) return std::nullopt;
   static auto alone =
-      mx::fast::cuda_kernel("mlxr_modulated_layer_norm", {"x", "one_plus_scale", "shift"}, {"out"}, kModulatedLayerNorm,
-                            std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 0\n", false);
-  static auto after_residual = mx::fast::cuda_kernel(
+      cuda_kernel("mlxr_modulated_layer_norm", {"x", "one_plus_scale", "shift"}, {"out"}, kModulatedLayerNorm,
+                  std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 0\n", false);
+  static auto after_residual = cuda_kernel(
       "mlxr_gated_residual_modulated_layer_norm", {"x", "y", "gate", "one_plus_scale", "shift"}, {"h", "out"},
       kModulatedLayerNorm, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 1\n", false);
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{

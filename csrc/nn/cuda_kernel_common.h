@@ -6,10 +6,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <optional>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 #include <tuple>
 
+#include "mlx/fast.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -199,6 +203,22 @@ inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n, bool 
   if (per_thread > kCudaMaxPerThread) return std::nullopt;
   return CudaRowLaunch{
       .per_thread = per_thread, .grid = {cuda_checked_threads(rows * threads), 1, 1}, .block = {threads, 1, 1}};
+}
+
+// A kernel's source (or header) as MLX is handed it: without comments, indentation or blank lines, and with every
+// `#if NAME` ... [`#else` ...] `#endif` whose NAME is in `switches` resolved to the branch it selects (other
+// preprocessor lines are kept). MLX 0.32 rebuilds a custom kernel's whole source at every call and hashes it to name
+// the compiled module: ~4 us of host time per 10 KB on the H200 machine, where a 4-bit decode step launches ~140 of
+// our kernels; the commented source of the decode product, all its variants included, was 16 KB.
+std::string compact_kernel_source(std::string_view source, const std::map<std::string, bool>& switches = {});
+
+// mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both).
+inline mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
+                                                  const std::vector<std::string>& outputs, std::string_view source,
+                                                  std::string_view header = "", bool ensure_row_contiguous = true,
+                                                  const std::map<std::string, bool>& switches = {}) {
+  return mx::fast::cuda_kernel(name, inputs, outputs, compact_kernel_source(source, switches),
+                               compact_kernel_source(header, switches), ensure_row_contiguous);
 }
 
 }  // namespace mlxr

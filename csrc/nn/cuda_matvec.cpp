@@ -526,18 +526,24 @@ std::optional<int> stage_for(const mx::array& x) {
   return std::nullopt;
 }
 
+// The decode product's kernel: its variant's #if branches resolved (`switches`), the helpers it needs as its header.
+mx::fast::CustomKernelFunction product_kernel(const std::string& name, const std::vector<std::string>& inputs,
+                                              const std::vector<std::string>& outputs, bool normed, bool heads,
+                                              int stage = 0) {
+  const std::string header =
+      "#define MLXR_STAGE " + std::to_string(stage) + "\n" + kTensorCoreHelpers + (heads ? kHeadsHelpers : "");
+  return cuda_kernel(name, inputs, outputs, kTensorCoreSource, header, true,
+                     {{"MLXR_NORMED", normed}, {"MLXR_HEADS", heads}});
+}
+
 // A normed variant's kernel for each stage size (each compiles on its first launch).
-using KernelFunction = decltype(mx::fast::cuda_kernel("", {}, {}, "", "", true, 0));
-std::array<KernelFunction, kStageSizes.size()> normed_kernels(const char* name, bool heads,
-                                                              const std::vector<std::string>& inputs,
-                                                              const std::vector<std::string>& outputs) {
-  std::array<KernelFunction, kStageSizes.size()> kernels;
+std::array<mx::fast::CustomKernelFunction, kStageSizes.size()> normed_kernels(const char* name, bool heads,
+                                                                              const std::vector<std::string>& inputs,
+                                                                              const std::vector<std::string>& outputs) {
+  std::array<mx::fast::CustomKernelFunction, kStageSizes.size()> kernels;
   for (size_t i = 0; i < kStageSizes.size(); ++i) {
-    const std::string header = std::string("#define MLXR_NORMED 1\n#define MLXR_HEADS ") + (heads ? "1" : "0") +
-                               "\n#define MLXR_STAGE " + std::to_string(kStageSizes[i]) + "\n" + kTensorCoreHelpers +
-                               (heads ? kHeadsHelpers : "");
-    kernels[i] = mx::fast::cuda_kernel(std::string(name) + "_s" + std::to_string(i), inputs, outputs, kTensorCoreSource,
-                                       header, true);
+    kernels[i] = product_kernel(std::string(name) + "_s" + std::to_string(i), inputs, outputs, /*normed=*/true, heads,
+                                kStageSizes[i]);
   }
   return kernels;
 }
@@ -559,9 +565,8 @@ bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& 
 
 // The product of x [..., K] and the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated.
 mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
-  static auto kernel =
-      mx::fast::cuda_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, kTensorCoreSource,
-                            std::string("#define MLXR_NORMED 0\n#define MLXR_HEADS 0\n") + kTensorCoreHelpers, true);
+  static const auto kernel =
+      product_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, /*normed=*/false, /*heads=*/false);
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
   const int tiles = tiles_for(outputs, gated), warps = warps_for(tiles, segments_of(packed));
   auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},

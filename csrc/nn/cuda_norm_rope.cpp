@@ -80,8 +80,8 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
       weight.shape(0) != x.shape(-1)) {
     return std::nullopt;
   }
-  static auto kernel = mx::fast::cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"},
-                                             kAddRmsNorm, kCudaBlockSum, /*ensure_row_contiguous=*/true);
+  static auto kernel = cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"}, kAddRmsNorm,
+                                   kCudaBlockSum, /*ensure_row_contiguous=*/true);
   const int n = x.shape(-1);
   const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
   if (!launch) return std::nullopt;
@@ -105,11 +105,10 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
     return std::nullopt;
   }
   static auto with_norms =
-      mx::fast::cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-                            {"q_out", "k_out"}, kQkRope, std::string(kCudaBlockSum) + "#define NORM 1\n", true);
-  static auto without_norms =
-      mx::fast::cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"}, kQkRope,
-                            std::string(kCudaBlockSum) + "#define NORM 0\n", true);
+      cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
+                  {"q_out", "k_out"}, kQkRope, std::string(kCudaBlockSum) + "#define NORM 1\n", true);
+  static auto without_norms = cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"},
+                                          kQkRope, std::string(kCudaBlockSum) + "#define NORM 0\n", true);
   const int b = qkv.shape(0), t = qkv.shape(1);
   const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
   const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "nn/cuda_kernel_common.h"
 #include "nn/fusion.h"
 
 namespace mlxr {
@@ -188,8 +189,8 @@ constexpr const char* kRopePairsCuda = R"(
 )";
 
 mx::array rope_pairs_cuda(const mx::array& x, const RopeTable& rope) {
-  static auto kernel = mx::fast::cuda_kernel("mlxr_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
-                                             kRopePairsCuda, "", /*ensure_row_contiguous=*/true);
+  static auto kernel = cuda_kernel("mlxr_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"}, kRopePairsCuda, "",
+                                   /*ensure_row_contiguous=*/true);
   const auto& shape = x.shape();
   const long long pairs = static_cast<long long>(x.size()) / 2;
   if (pairs > std::numeric_limits<int>::max()) throw std::invalid_argument("RoPE: tensor too large");

@@ -166,3 +166,50 @@ def test_modulated_layer_norm_alone_and_after_a_gated_residual(kernels, rows):
                                                                        rows["shift"]], rows["count"])
     np.testing.assert_array_equal(h, x + rows["gate"] * y)
     np.testing.assert_allclose(out, rows["scale"] * layer_norm(h) + rows["shift"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_source_is_compacted_and_its_switches_resolved():
+    """What our kernels hand MLX (which hashes the whole source at every launch): comments, indentation and blank
+    lines gone, `#if SWITCH` branches resolved, other preprocessor lines and string literals untouched."""
+    from mlxrunner import _core
+
+    source = '''
+  // a comment line
+  #include "a//b.cuh"
+  const int a = 1;  // trailing comment
+#if FAST
+  int fast = 1;
+  #if NORM
+  int norm = 1;
+  #endif
+#else
+  int slow = 1;
+#endif
+#if OTHER
+  int other = 1;
+#else
+  int not_other = 1;
+#endif
+
+  int after = 2;
+'''
+    fast = _core.compact_kernel_source(source, {"FAST": True})
+    assert fast == ('#include "a//b.cuh"\nconst int a = 1;\nint fast = 1;\n#if NORM\nint norm = 1;\n#endif\n'
+                    '#if OTHER\nint other = 1;\n#else\nint not_other = 1;\n#endif\nint after = 2;\n')
+    slow = _core.compact_kernel_source(source, {"FAST": False, "OTHER": True})
+    assert slow == '#include "a//b.cuh"\nconst int a = 1;\nint slow = 1;\nint other = 1;\nint after = 2;\n'
+    with pytest.raises(ValueError, match="without its #endif"):
+        _core.compact_kernel_source("#if FAST\nint a;\n", {"FAST": True})
+
+
+def test_the_decode_products_sources_shrink_to_what_each_variant_runs():
+    from mlxrunner import _core
+
+    text = (CSRC / "cuda_matvec.cpp").read_text()
+    body = dict(re.findall(r'constexpr const char\* (\w+) = R"\((.*?)\)";', text, re.S))["kTensorCoreSource"]
+    plain = _core.compact_kernel_source(body, {"MLXR_NORMED": False, "MLXR_HEADS": False})
+    heads = _core.compact_kernel_source(body, {"MLXR_NORMED": True, "MLXR_HEADS": True})
+    assert "MLXR_" not in plain and "staged" not in plain and "heads_out" not in plain
+    assert "staged" in heads and "heads_out" in heads and "MLXR_STAGE" in heads
+    assert "//" not in plain + heads
+    assert len(plain) < 0.5 * len(body)

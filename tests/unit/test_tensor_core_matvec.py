@@ -153,13 +153,19 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 """
 
 
-def kernel_parts() -> tuple[str, str]:
+def kernel_parts(normed: bool = False, heads: bool = False) -> tuple[str, str]:
+    """The helpers and the kernel's body as the runner hands them to MLX: compacted, the variant's branches
+    resolved (csrc/nn/cuda_kernel_common.h)."""
+    from mlxrunner import _core
+
     text = SOURCE.read_text()
-    sources = dict(re.findall(r'constexpr const char\* (\w+) = R"\((.*?)\)";', text, re.S))
+    switches = {"MLXR_NORMED": normed, "MLXR_HEADS": heads}
+    sources = {name: _core.compact_kernel_source(source, switches)
+               for name, source in re.findall(r'constexpr const char\* (\w+) = R"\((.*?)\)";', text, re.S)}
     helpers = sources["kTensorCoreHelpers"]
     # The two asm mma functions give way to the emulation.
-    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n(?=__device__ __forceinline__ void mma|\n)",
-                             "", helpers, flags=re.S)
+    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n"
+                             r"(?=__device__ __forceinline__ void mma|template)", "", helpers, flags=re.S)
     assert count == 2, "the helpers' two mma functions were not found"
     helpers = helpers.replace("namespace mlxr_tc {", "namespace mlxr_tc {\n" + HOST_MMA, 1)
     # MLX's device headers give way to the prelude's functors.
@@ -174,7 +180,7 @@ def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: i
     """The kernel as a library: run(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight,
     k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out) (the last eight for `heads`, the
     MLXR_HEADS variant: a dict of head_dim, q_heads, kv_heads, tokens, traditional, qk_norm, qk_eps)."""
-    helpers, body = kernel_parts()
+    helpers, body = kernel_parts(normed=normed or bool(heads), heads=bool(heads))
     constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated),
                  "ADD": int(add), "EPS_BITS": int(np.array(eps, dtype=np.float32).view(np.int32))}
     if heads:
