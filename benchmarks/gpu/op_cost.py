@@ -1,0 +1,74 @@
+"""What one MLX operation costs the host on this device: chains of N dependent operations on a small array,
+building the graph and evaluating it timed apart, per operation.
+
+    python -m benchmarks.gpu.op_cost
+
+Element-wise operations, MLX's fused RMSNorm, a custom CUDA kernel whose source carries 0 / 5 / 20 / 40 KB more
+(comments: they change nothing but the source's length, which MLX 0.32 rebuilds and hashes at every launch), a
+64-row bfloat16 product (cuBLAS, which MLX plans anew at every call) and a 64-row 4-bit product. The arrays are
+small, so the GPU's own time is ~1-2 us an operation and the rest is the host's. Prints one line per kind.
+"""
+
+# ruff: noqa: I001
+from __future__ import annotations
+
+import time
+
+import mlxrunner  # noqa: F401  (before mlx.core, as the other benchmarks do)
+import mlx.core as mx  # noqa: E402
+
+CHAIN = 2000
+
+
+def measure(name: str, step, start: mx.array, chain: int = CHAIN) -> None:
+    for _ in range(2):  # warm-up: compiles, allocations
+        y = start
+        for _ in range(200):
+            y = step(y)
+        mx.eval(y)
+    mx.synchronize()
+    build = run = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        y = start
+        for _ in range(chain):
+            y = step(y)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        mx.synchronize()
+        t2 = time.perf_counter()
+        build, run = build + t1 - t0, run + t2 - t1
+    print(f"{name:42s} build {build / 3 / chain * 1e6:6.2f} us/op   eval {run / 3 / chain * 1e6:6.2f} us/op",
+          flush=True)
+
+
+def padded_kernel(pad: int):
+    source = "  const int i = threadIdx.x; if (i < x_shape[0]) out[i] = x[i] + static_cast<T>(1.0f);\n"
+    source += ("// " + "x" * 97 + "\n") * (pad // 100)
+    kernel = mx.fast.cuda_kernel(name=f"op_cost_{pad}", input_names=["x"], output_names=["out"], source=source)
+    return lambda y: kernel(inputs=[y], template=[("T", mx.bfloat16)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
+                            output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
+
+
+def main() -> int:
+    x = mx.zeros((256,), mx.bfloat16)
+    weight = mx.ones((256,), mx.bfloat16)
+    mx.eval(x, weight)
+    measure("add", lambda y: y + 1, x)
+    measure("multiply", lambda y: y * y, x)
+    measure("fast.rms_norm", lambda y: mx.fast.rms_norm(y, weight, 1e-6), x)
+    if mx.cuda.is_available():
+        for pad in (0, 5000, 20000, 40000):
+            measure(f"cuda_kernel, source +{pad} bytes", padded_kernel(pad), x)
+    w = (mx.random.normal((2560, 2560)) * 0.02).astype(mx.bfloat16)
+    x64 = mx.random.normal((64, 2560)).astype(mx.bfloat16)
+    packed = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(w, x64, *packed)
+    measure("64 x 2560 @ 2560 x 2560 bf16 (cuBLAS)", lambda y: (y @ w.T) * 0.5, x64, chain=400)
+    measure("64 rows, 4-bit quantized_matmul", lambda y: mx.quantized_matmul(
+        y, *packed, transpose=True, group_size=64, bits=4) * 0.5, x64, chain=400)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
