@@ -1,6 +1,6 @@
 #include "nn/cuda_kernel_common.h"
 
-#include <sstream>
+#include <stdexcept>
 #include <vector>
 
 namespace mlxr {
@@ -60,6 +60,8 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
       const bool outer = kept();
       open.push_back({value.value_or(true), value.has_value()});
       if (value || !outer) continue;
+    } else if (line.starts_with("#elif") && !open.empty() && open.back().resolved) {
+      throw std::invalid_argument("compact_kernel_source: #elif after a switch's #if");
     } else if (!open.empty() && (line == "#else" || line.starts_with("#endif"))) {
       const Open closing = open.back();
       if (line == "#else") {

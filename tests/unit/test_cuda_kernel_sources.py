@@ -200,6 +200,8 @@ def test_a_kernel_source_is_compacted_and_its_switches_resolved():
     assert slow == '#include "a//b.cuh"\nconst int a = 1;\nint slow = 1;\nint other = 1;\nint after = 2;\n'
     with pytest.raises(ValueError, match="without its #endif"):
         _core.compact_kernel_source("#if FAST\nint a;\n", {"FAST": True})
+    with pytest.raises(ValueError, match="#elif"):
+        _core.compact_kernel_source("#if FAST\nint a;\n#elif OTHER\nint b;\n#endif\n", {"FAST": True})
 
 
 def test_the_decode_products_sources_shrink_to_what_each_variant_runs():
