@@ -165,8 +165,9 @@ __device__ inline void store_residual(T* h, float (&v)[PER_THREAD], const T* x, 
 
 inline constexpr int kCudaMaxPerThread = 32;  // elements a thread of a row kernel holds in registers
 
+// The dtypes our row kernels take: float32 and the half-precision types.
 inline bool cuda_float_dtype(mx::Dtype dtype) {
-  return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
+  return dtype == mx::float32 || half_precision(dtype);
 }
 
 // Whether the environment variable `name` is "0": the switches that turn a fused kernel off, to measure what it
