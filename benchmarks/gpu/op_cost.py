@@ -4,7 +4,8 @@ building the graph and evaluating it timed apart, per operation.
     python -m benchmarks.gpu.op_cost
 
 Element-wise operations, MLX's fused RMSNorm, a custom CUDA kernel whose source carries 0 / 5 / 20 / 40 KB more
-(comments: they change nothing but the source's length, which MLX 0.32 rebuilds and hashes at every launch), a
+(comments: they change nothing but the source's length, which MLX 0.32 rebuilds and hashes at every launch), the
+20 KB one with its body in a file the source #includes by absolute path (does NVRTC take it; what is left), a
 64-row bfloat16 product (cuBLAS, which MLX plans anew at every call) and a 64-row 4-bit product. The arrays are
 small, so the GPU's own time is ~1-2 us an operation and the rest is the host's. Prints one line per kind.
 """
@@ -50,6 +51,23 @@ def padded_kernel(pad: int):
                             output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
 
 
+def included_kernel(pad: int):
+    """The padded kernel's body in a file the source #includes by its absolute path: whether NVRTC (through MLX)
+    takes such an include, and what a launch costs when the hashed source is one line."""
+    import tempfile
+    from pathlib import Path
+
+    body = Path(tempfile.mkdtemp(prefix="op_cost_")) / "body.cuh"
+    body.write_text("const int i = threadIdx.x; if (i < x_shape[0]) out[i] = x[i] + static_cast<T>(1.0f);\n"
+                    + ("// " + "x" * 97 + "\n") * (pad // 100))
+    # x_shape named in the source itself: MLX passes an input's shape only where the source mentions it.
+    source = f"(void)x_shape;\n#include \"{body}\"\n"
+    kernel = mx.fast.cuda_kernel(name=f"op_cost_included_{pad}", input_names=["x"], output_names=["out"],
+                                 source=source)
+    return lambda y: kernel(inputs=[y], template=[("T", mx.bfloat16)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
+                            output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
+
+
 def main() -> int:
     x = mx.zeros((256,), mx.bfloat16)
     weight = mx.ones((256,), mx.bfloat16)
@@ -62,6 +80,10 @@ def main() -> int:
         return 0
     for pad in (0, 5000, 20000, 40000):
         measure(f"cuda_kernel, source +{pad} bytes", padded_kernel(pad), x)
+    try:
+        measure("cuda_kernel, 20 KB body #included", included_kernel(20000), x)
+    except Exception as error:  # noqa: BLE001  (the question is whether it compiles at all)
+        print(f"cuda_kernel, body #included by absolute path: failed ({str(error)[:300]})", flush=True)
     w = (mx.random.normal((2560, 2560)) * 0.02).astype(mx.bfloat16)
     x64 = mx.random.normal((64, 2560)).astype(mx.bfloat16)
     packed = mx.quantize(w, group_size=64, bits=4)
