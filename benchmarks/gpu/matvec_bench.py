@@ -73,13 +73,10 @@ def our_variants(bits: int, variants=TC_VARIANTS) -> dict:
 
 
 def shipped_warps(packed: mx.array) -> int:
-    """The warps a tile the runner launches for this (ungated) weight: cuda_matvec.cpp's warps_for."""
-    tiles, segments = (packed.shape[0] + 15) // 16, (packed.shape[1] * 4 + 63) // 64
-    warps = constant("kWarpsPerTile")
-    while (warps < constant("kMaxWarpsPerTile") and tiles * warps < constant("kTargetWarps")
-           and segments >= 4 * warps * constant("kSegmentsPerPass")):
-        warps *= 2
-    return warps
+    """The warps a tile the runner launches for this (ungated) weight."""
+    from mlxrunner import _core
+
+    return _core.matvec_warps_per_tile(packed.shape[0], packed.shape[1])
 
 
 def best_seconds(fn, inputs: list[mx.array], rounds: int = 3) -> float:

@@ -165,6 +165,9 @@ void bind_batch(nb::module_& m) {
   // A decode step of up to this many rows runs our CUDA matrix-vector kernels, one variant per row count.
   m.attr("MATVEC_MAX_ROWS") = kMaxMatvecRows;
   m.attr("MATVEC_MAX_STAGED_ELEMENTS") = kMaxStagedElements;
+  m.def(
+      "matvec_warps_per_tile", &matvec_warps_per_tile, "rows"_a, "words"_a, "gated"_a = false,
+      "The warps a 16-row tile of the CUDA decode product gets for a packed weight [rows, words] (nn/cuda_matvec.h).");
 }
 
 }  // namespace

@@ -496,21 +496,6 @@ int tiles_for(int outputs, bool gated) {
   return (outputs + outputs_per_block - 1) / outputs_per_block;
 }
 
-// Warps a tile for a product of `tiles` tiles whose rows hold `segments` 64-byte segments (see kWarpsPerTile).
-int warps_for(int tiles, int segments) {
-  int warps = kWarpsPerTile;
-  while (warps < kMaxWarpsPerTile && static_cast<long long>(tiles) * warps < kTargetWarps &&
-         segments >= 4 * warps * kSegmentsPerPass) {
-    warps *= 2;
-  }
-  return warps;
-}
-
-// 64-byte segments in a row of the packed weight.
-int segments_of(const mx::array& packed) {
-  return static_cast<int>((packed.shape(1) * 4 + 63) / 64);
-}
-
 std::tuple<int, int, int> grid_for(int tiles, int warps) {
   const long long threads = static_cast<long long>(tiles) * 32 * warps;
   if (threads > std::numeric_limits<int>::max()) throw std::invalid_argument("matvec: too many output rows");
@@ -520,8 +505,9 @@ std::tuple<int, int, int> grid_for(int tiles, int warps) {
 // Which of kStageSizes holds x's rows (K in 16-byte vectors), if one does.
 std::optional<int> stage_for(const mx::array& x) {
   const long long k = x.shape(-1), elements = static_cast<long long>(rows_of(x)) * k;
+  if (k % 8 != 0) return std::nullopt;
   for (int i = 0; i < static_cast<int>(kStageSizes.size()); ++i) {
-    if (k % 8 == 0 && elements <= kStageSizes[i]) return i;
+    if (elements <= kStageSizes[i]) return i;
   }
   return std::nullopt;
 }
@@ -568,7 +554,7 @@ mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const
   static const auto kernel =
       product_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, /*normed=*/false, /*heads=*/false);
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
-  const int tiles = tiles_for(outputs, gated), warps = warps_for(tiles, segments_of(packed));
+  const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
   auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},
                     grid_for(tiles, warps), {32 * warps, 1, 1}, template_args(x.dtype(), rows, q.spec, gated, warps),
                     std::nullopt, false, {})[0];
@@ -576,6 +562,16 @@ mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const
 }
 
 }  // namespace
+
+int matvec_warps_per_tile(int rows, int words, bool gated) {
+  const int tiles = tiles_for(gated ? rows / 2 : rows, gated), segments = (words * 4 + 63) / 64;
+  int warps = kWarpsPerTile;
+  while (warps < kMaxWarpsPerTile && static_cast<long long>(tiles) * warps < kTargetWarps &&
+         segments >= 4 * warps * kSegmentsPerPass) {
+    warps *= 2;
+  }
+  return warps;
+}
 
 std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
   if (!kernel_takes(x, packed, q, /*gated=*/false)) return std::nullopt;
@@ -597,7 +593,7 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
                                              {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"});
   const auto& kernel = kernels[*stage];
   const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
-  const int tiles = tiles_for(outputs, gated), warps = warps_for(tiles, segments_of(packed));
+  const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
   const bool add = input.delta.has_value();
   auto args = template_args(x.dtype(), rows, q.spec, gated, warps);
   add_norm_args(args, input);

@@ -27,6 +27,11 @@ constexpr int kMaxMatvecRows = 8;
 // its rows times K are within this (32 KB of bfloat16) and K is a multiple of 8; nullopt otherwise.
 constexpr int kMaxStagedElements = 16384;
 
+// The warps a 16-row tile of the kernel gets for a packed weight of `rows` rows (gate and up rows when gated) and
+// `words` uint32 words a row: more for a product of few tiles, so that enough loads are in flight (its launch;
+// also read by benchmarks/gpu/matvec_bench.py).
+int matvec_warps_per_tile(int rows, int words, bool gated);
+
 // x W^T with W [N, K] packed affine 4/8-bit in groups of 32/64/128, its scales and biases in x's dtype
 // (bfloat16/float16); x [..., K] with at most kMaxMatvecRows rows. nullopt when not on CUDA or the case is
 // not one of those: the caller uses MLX's own product.

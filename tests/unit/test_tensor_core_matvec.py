@@ -460,3 +460,17 @@ def test_the_heads_variant_is_the_normed_product_then_the_qk_norms_and_rope(tmp_
     if add:
         h = rounded(half_values(case["x"], dtype) + half_values(case["delta"], dtype))
         np.testing.assert_array_equal(case["added"], half_bits(h, dtype))
+
+
+def test_a_product_of_few_tiles_gets_more_warps_a_tile():
+    """The launch's warps a tile (nn/cuda_matvec.cpp): 4 for a tall weight, doubled up to 16 while the product has
+    few warps in all and each warp keeps two 64-byte segments of a row."""
+    from mlxrunner import _core
+
+    words = {2560: 320, 4096: 512, 9728: 1216}  # uint32 words a row of a 4-bit weight of these columns
+    assert _core.matvec_warps_per_tile(19456, words[2560], gated=True) == 4   # Qwen3-4B's gate|up: 1,216 tiles
+    assert _core.matvec_warps_per_tile(151936, words[2560]) == 4              # a vocabulary head
+    assert _core.matvec_warps_per_tile(2560, words[4096]) == 16               # Qwen3-4B's o: 160 tiles, 32 segments
+    assert _core.matvec_warps_per_tile(2560, words[9728]) == 16               # its down projection
+    assert _core.matvec_warps_per_tile(2560, 64) == 4                         # 4 segments a row: no warp would keep 2
+    assert _core.matvec_warps_per_tile(2560, 256) == 8                        # 16 segments: 8 warps keep 2 each
