@@ -24,7 +24,8 @@ import mlx.core as mx
 
 from mlxrunner import store
 from mlxrunner.http.protocol import Options
-from mlxrunner.llm.model import PREFILL_CHUNK, Completion, LanguageModel, TokenLogprob
+from mlxrunner.llm.answer import Completion, TokenLogprob
+from mlxrunner.llm.model import PREFILL_CHUNK, LanguageModel
 
 SIDES = ["ours", "mlx-lm"]
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from mlxrunner.embed.bert import EmbeddingResult
     from mlxrunner.http.protocol import Options
     from mlxrunner.imagegen.pipeline import GeneratedImage, Progress
-    from mlxrunner.llm.model import Completion, TokenLogprob
+    from mlxrunner.llm.answer import Completion, TokenLogprob
     from mlxrunner.text.chat_template import ChatTemplate
     from mlxrunner.worker import Batch
 

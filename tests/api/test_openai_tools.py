@@ -1,7 +1,7 @@
 """Tool calls and reasoning on /v1/chat/completions, from the real `openai` client over real HTTP.
 
 The tiny fixture models are random and never write `<think>` or `<tool_call>`, so here the runner's real app
-(Server, Worker, routes) serves a scripted LLM: Qwen3's real chat template, and an answer written in advance,
+(RunnerApp, Worker, routes) serves a scripted LLM: Qwen3's real chat template, and an answer written in advance,
 handed out in small pieces so that tags are split across chunks as a model splits them.
 """
 
@@ -18,8 +18,9 @@ import pytest
 from aiohttp import web
 
 from mlxrunner.detect import Detected, Mode
-from mlxrunner.http.server import RunnerState, Server
-from mlxrunner.llm.model import Completion
+from mlxrunner.http.app import RunnerApp
+from mlxrunner.http.server import RunnerState
+from mlxrunner.llm.answer import Completion
 from mlxrunner.models import LoadedModel
 from mlxrunner.text.chat_template import ChatTemplate
 from mlxrunner.worker import Worker
@@ -84,7 +85,7 @@ class AppThread:
         loaded = LoadedModel("scripted", Detected(Mode.LLM, "Qwen3ForCausalLM"), model, 0.0)
         self.worker = Worker()
         self.state = RunnerState("scripted", status="ok", loaded=loaded)
-        self.app_runner = web.AppRunner(Server(self.state, self.worker).app())
+        self.app_runner = web.AppRunner(RunnerApp(self.state, self.worker).app())
         await self.app_runner.setup()
         site = web.TCPSite(self.app_runner, "127.0.0.1", 0)
         await site.start()

@@ -18,9 +18,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from mlxrunner.detect import Detected, Mode
 from mlxrunner.embed.bert import EmbeddingResult, InputTooLong
 from mlxrunner.errors import Cancelled, RequestError
-from mlxrunner.http.server import RunnerState, Server
+from mlxrunner.http.app import RunnerApp
+from mlxrunner.http.server import RunnerState
 from mlxrunner.imagegen.images import BadImage
-from mlxrunner.llm.model import Completion, PromptTooLong
+from mlxrunner.llm.answer import Completion
+from mlxrunner.llm.model import PromptTooLong
 from mlxrunner.models import LoadedModel
 from mlxrunner.worker import Worker
 
@@ -84,7 +86,7 @@ def serve(model, mode: Mode, requests):
         state = RunnerState("fake", status="ok", loaded=LoadedModel("fake", Detected(mode, "Fake"), model, 0.0))
         worker = Worker()
         try:
-            async with TestServer(Server(state, worker).app(), host="127.0.0.1") as server:
+            async with TestServer(RunnerApp(state, worker).app(), host="127.0.0.1") as server:
                 async with TestClient(server) as client:
                     return await requests(client)
         finally:

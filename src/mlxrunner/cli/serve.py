@@ -102,15 +102,16 @@ async def serve(settings: Settings, shutdown_signals: ShutdownSignals) -> int:
     from aiohttp import web
 
     from mlxrunner import backend
-    from mlxrunner.http.server import RunnerState, Server
+    from mlxrunner.http.app import RunnerApp
+    from mlxrunner.http.server import RunnerState
     from mlxrunner.worker import Worker
 
     found = backend.detect()
     log_backend(found)
     state = RunnerState(settings.model, backend=found)
     worker = Worker(max_queued=settings.queue_depth, on_idle=release_cached_memory)
-    server = Server(state, worker, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
-                    speaks_mlx_engine=settings.mlx_engine, serves_ui=settings.serve_ui)
+    server = RunnerApp(state, worker, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
+                       speaks_mlx_engine=settings.mlx_engine, serves_ui=settings.serve_ui)
     # aiohttp's keep-alive timer starts when a connection opens, so it also closes one whose first
     # headers never end; after a response it closes one left idle.
     runner = web.AppRunner(server.app(), handler_cancellation=True, shutdown_timeout=2.0,

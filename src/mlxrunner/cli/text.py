@@ -22,7 +22,7 @@ from mlxrunner.settings import GIB
 from mlxrunner.text.tool_calls import ContentDelta, Event, OutputParser, ReasoningDelta, prompt_ends_in_reasoning
 
 if TYPE_CHECKING:
-    from mlxrunner.llm.model import Completion
+    from mlxrunner.llm.answer import Completion
     from mlxrunner.models import TextModel
 
 # flag (its argparse dest) -> the /completion option it sets; each default is the option's own.

@@ -37,7 +37,7 @@ from mlxrunner.http.protocol import (
 
 if TYPE_CHECKING:
     from mlxrunner.http.server import HttpError, Server
-    from mlxrunner.llm.model import Completion, TokenLogprob
+    from mlxrunner.llm.answer import Completion, TokenLogprob
     from mlxrunner.models import TextModel
     from mlxrunner.worker import JobContext
 
@@ -250,7 +250,7 @@ def generation_job(model: TextModel, tokens: list[int], options: Options,
     """The worker job: a line per text chunk (never an empty one), then the final line."""
 
     # Imported here, not at the top: the server module must not load MLX before cli/ checks the backend.
-    from mlxrunner.llm.model import TokenLogprob
+    from mlxrunner.llm.answer import TokenLogprob
 
     def generate(ctx: JobContext) -> EngineLine:
         completion = None

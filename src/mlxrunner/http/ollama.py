@@ -35,7 +35,7 @@ from mlxrunner.worker import JobContext
 
 if TYPE_CHECKING:
     from mlxrunner.http.server import Handler, HttpError, Server
-    from mlxrunner.llm.model import Completion
+    from mlxrunner.llm.answer import Completion
 
 
 def routes(server: Server) -> dict[str, Handler]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from aiohttp import web
 
 from mlxrunner.errors import RequestError
-from mlxrunner.http.openai import loaded_model, stream_events
+from mlxrunner.http.openai_replies import loaded_model, stream_events
 from mlxrunner.http.openai_types import (
     ChatChunk,
     ChatCompletion,
@@ -31,7 +31,7 @@ from mlxrunner.http.openai_types import (
     parse_chat,
     parse_text_completion,
 )
-from mlxrunner.llm.model import TokenLogprob
+from mlxrunner.llm.answer import TokenLogprob
 from mlxrunner.text.chat_template import InvalidMessages, NoChatTemplate, TemplateError
 from mlxrunner.text.tool_calls import (
     ContentDelta,
@@ -45,7 +45,7 @@ from mlxrunner.worker import JobContext
 if TYPE_CHECKING:
     from mlxrunner.http.protocol import Message
     from mlxrunner.http.server import Server
-    from mlxrunner.llm.model import Completion
+    from mlxrunner.llm.answer import Completion
     from mlxrunner.models import TextModel
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from aiohttp import web
 
 from mlxrunner.errors import RequestError
-from mlxrunner.http.openai import loaded_model
+from mlxrunner.http.openai_replies import loaded_model
 from mlxrunner.http.openai_types import (
     ImageRequest,
     ImagesResponse,

@@ -32,7 +32,7 @@ from mlxrunner.http.protocol import (
 )
 
 if TYPE_CHECKING:
-    from mlxrunner.llm.model import TokenLogprob
+    from mlxrunner.llm.answer import TokenLogprob
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_IMAGES_PER_REQUEST = 4

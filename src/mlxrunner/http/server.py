@@ -1,11 +1,13 @@
-"""The HTTP server (aiohttp): the app, /health, errors -> responses, and running a route's job.
+"""What every route shares: running a job on the worker, streaming its events, the loaded model a request
+may use, and whose fault an error is.
 
 Handlers never touch MLX: they validate the request (protocol.py), submit a job to the worker
 thread (worker.py) and await it. Each wire protocol's routes live in its own module (ollama.py,
-openai.py) and are registered here; which routes each mode serves is declared here only
-(ROUTES_BY_MODE). The port opens before the model has loaded, so /health can report load
-progress; /health never waits for a job. A client that goes away cancels its job, queued or
-running (aiohttp cancels the handler; the handler cancels the job).
+openai.py, mlx_engine.py) and take the `Server` they run on; app.py puts them together into the
+aiohttp application (`RunnerApp`, a Server with its routes, /health and error forms). The port opens
+before the model has loaded, so /health can report load progress; /health never waits for a job. A
+client that goes away cancels its job, queued or running (aiohttp cancels the handler; the handler
+cancels the job).
 
 Whose fault an error is decides its status, in one place (`describe_error`): a RequestError, or a
 model's typed input error, is the client's (4xx, or 503 for "try again later"); Cancelled is 503;
@@ -19,19 +21,15 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Collection, Mapping, TypeVar
 
 from aiohttp import web
 
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.http import mlx_engine, ollama, openai, ui
 from mlxrunner.http.off_loop import OffLoop
 from mlxrunner.http.protocol import (
     EmbeddingRequest,
-    HealthFailed,
-    HealthLoading,
-    HealthReady,
     Limits,
     Message,
     StreamError,
@@ -53,25 +51,6 @@ T = TypeVar("T")
 # client that asked for that (Ollama's parents); the rest is for unwinding and exiting.
 SHUTDOWN_GRACE_SECONDS = 3.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ErrorResponder = Callable[[web.Request, "HttpError"], web.Response]
-
-
-# Our protocols: each module's routes(server) gives its POST routes, paired with how it answers errors.
-# Under --mlx-engine, mlx_engine.register(app, server) replaces them all (Ollama's LLM runner protocol).
-def openai_error_response(request: web.Request, error: HttpError) -> web.Response:
-    """OpenAI's error body, with the headers its clients read (retry or not, and when)."""
-    return web.json_response(openai.error_json(error), status=error.status, headers=openai.error_headers(error))
-
-
-PROTOCOLS = ((ollama.routes, ollama.error_response), (openai.routes, openai_error_response))
-
-# What each mode serves, so a request to a route the loaded model cannot answer is a clear 409.
-ROUTES_BY_MODE = {
-    Mode.EMBEDDING: {"/embedding", "/v1/embeddings", "/tokenize", "/detokenize"},
-    Mode.LLM: {"/completion", "/embedding", "/v1/embeddings", "/tokenize", "/detokenize", "/v1/chat/completions",
-               "/v1/completions"},
-    Mode.IMAGEGEN: {"/completion", "/v1/images/generations", "/v1/images/edits"},
-}
 
 
 MOST_PROGRESS_WHILE_LOADING = 0.99
@@ -107,23 +86,6 @@ class HttpError:
 
 # The jobs of the routes that generate text ("completion" is an image too when an image model is loaded).
 TEXT_GENERATION_JOBS = frozenset({"completion", "chat"})
-
-
-def memory_in_use() -> dict[str, int]:
-    """MLX's allocator, in bytes: arrays alive (weights, a job's activations), buffers kept for reuse
-    (given back once the runner is idle, see Worker), and the peak of arrays alive since start."""
-    import mlx.core as mx
-
-    from mlxrunner import backend
-
-    return {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
-            "peak_bytes": backend.peak_memory()}
-
-
-def backend_json(backend: Backend | None) -> dict | None:
-    if backend is None:
-        return None
-    return {"name": backend.name, "device": backend.device, "memory_bytes": backend.memory_bytes}
 
 
 def client_error(error: BaseException) -> RequestError | None:
@@ -163,22 +125,20 @@ def describe_error(error: BaseException, request: web.Request) -> HttpError:
 
 
 class Server:
-    def __init__(self, state: RunnerState, worker: Worker, limits: Limits = Limits(),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 speaks_mlx_engine: bool = False, serves_ui: bool = True):
+    """The services the routes share. `routes_by_mode`: the paths each kind of model serves (app.py's tables),
+    so that a request to a route the loaded model cannot answer is a clear 409."""
+
+    def __init__(self, state: RunnerState, worker: Worker, routes_by_mode: Mapping[Mode, Collection[str]],
+                 limits: Limits = Limits(), max_body_bytes: int = DEFAULT_MAX_BODY_MB * MIB,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
         self.state = state
         self.worker = worker
+        self.routes_by_mode = routes_by_mode
         self.limits = limits
         self.max_body_bytes = max_body_bytes
-        self.speaks_mlx_engine = speaks_mlx_engine  # Ollama's --mlx-engine protocol instead of ours
-        self.routes_by_mode = mlx_engine.ROUTES_BY_MODE if speaks_mlx_engine else ROUTES_BY_MODE
-        self.serves_ui = serves_ui and not speaks_mlx_engine  # the web page at /: for people, not Ollama's parent
-        self._error_responses: dict[str, ErrorResponder] = {}  # route -> its protocol's error form
-        # Paths no route claims: the runner protocol's own form.
-        self._default_error_response = mlx_engine.error_response if speaks_mlx_engine else ollama.error_response
         self.read_timeout_s = read_timeout_s
         self.off_loop = OffLoop()  # tokenizing: neither on the event loop nor on the MLX worker
-        self._stopping: asyncio.Event | None = None  # made on the event loop, in app()
+        self._stopping = asyncio.Event()  # set by begin_shutdown (an Event binds to the loop that first waits on it)
         self._grace_ends = 0.0  # time.monotonic() when a running job stops being waited for, once stopping
         self._finishing_streams: set[asyncio.Event] = set()  # each set once its job has sent its last event
 
@@ -191,8 +151,7 @@ class Server:
         """
         self.state.shutting_down = True
         self._grace_ends = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        if self._stopping is not None:
-            self._stopping.set()
+        self._stopping.set()
 
     async def let_streams_finish(self) -> None:
         """After begin_shutdown: wait, within the grace, for the streams that may finish their running job."""
@@ -201,56 +160,6 @@ class Server:
             _, pending = await asyncio.wait(waits, timeout=max(0.0, self._grace_ends - time.monotonic()))
             for wait in pending:
                 wait.cancel()
-
-    # --- app --------------------------------------------------------------------------------------
-
-    def app(self) -> web.Application:
-        self._stopping = asyncio.Event()
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_responses])
-        if self.speaks_mlx_engine:
-            mlx_engine.register(app, self)
-            return app
-        app.router.add_route("*", "/health", self.health)
-        for routes, error_response in PROTOCOLS:
-            for path, handler in routes(self).items():
-                app.router.add_post(path, handler)  # other methods: 405, from aiohttp
-                self._error_responses[path] = error_response
-        for path, handler in openai.get_routes(self).items():
-            app.router.add_get(path, handler)
-        if self.serves_ui:
-            ui.register(app)
-        return app
-
-    @web.middleware
-    async def _errors_as_responses(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return self._error_response(request, self._describe_http_exception(request, exc), exc.headers.get("Allow"))
-        except ConnectionResetError:  # the client has gone: there is no one to answer
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error is answered; describe_error logs the internal ones
-            return self._error_response(request, describe_error(exc, request))
-
-    def _describe_http_exception(self, request: web.Request, exc: web.HTTPException) -> HttpError:
-        if isinstance(exc, web.HTTPRequestEntityTooLarge):
-            return HttpError(413, f"request body is larger than the limit of {self.max_body_bytes} bytes")
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            allowed = " or ".join(sorted(exc.allowed_methods))
-            return HttpError(405, f"method {request.method} not allowed on {request.path}; use {allowed}")
-        return HttpError(exc.status, f"{exc.reason}: {request.method} {request.path}")
-
-    def _error_response(self, request: web.Request, error: HttpError, allow: str | None = None) -> web.Response:
-        responder = self._error_responses.get(request.path)
-        if responder is None:  # unknown paths (GET /v1/models/{id} too): OpenAI's form under /v1/, else ours
-            v1 = request.path.startswith("/v1/") and not self.speaks_mlx_engine
-            responder = openai_error_response if v1 else self._default_error_response
-        response = responder(request, error)
-        if allow:
-            response.headers["Allow"] = allow
-        return response
 
     # --- what the routes share --------------------------------------------------------------------
 
@@ -396,18 +305,3 @@ class Server:
             return event.done()
         await asyncio.wait([event], timeout=max(0.0, self._grace_ends - time.monotonic()))
         return event.done()
-
-    # --- /health ----------------------------------------------------------------------------------
-
-    async def health(self, request: web.Request) -> web.Response:
-        state = self.state
-        if ollama.wants_server_status(request):
-            status = {"ok": 200, "loading": 503, "error": 500}[state.status]
-            return web.json_response(ollama.server_status(state.status, state.reported_progress()), status=status)
-        if state.status == "ok" and state.loaded is not None:
-            ready = HealthReady(state.loaded.mode.value, state.model_name, state.loaded.detected.architecture,
-                                memory_in_use(), backend_json(state.backend))
-            return web.json_response(ready.to_json())
-        if state.status == "error":
-            return web.json_response(HealthFailed(state.error or "").to_json(), status=500)
-        return web.json_response(HealthLoading(state.reported_progress()).to_json(), status=503)

@@ -32,7 +32,8 @@ from mlxrunner import _core
 from mlxrunner.errors import Cancelled
 
 if TYPE_CHECKING:
-    from mlxrunner.llm.model import Answer, Completion, LanguageModel, TokenLogprob
+    from mlxrunner.llm.answer import Answer, Completion, TokenLogprob
+    from mlxrunner.llm.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ class _Request:
 class BatchScheduler:
     """The requests of one LanguageModel decoding together (the worker's `Batch`)."""
 
-    def __init__(self, model: LanguageModel, max_jobs: int, prefill_chunk: int):
-        self.model = model
+    def __init__(self, decoder: _core.Decoder, prompt_cache: PromptCache, max_jobs: int, prefill_chunk: int):
+        self.decoder = decoder
+        self.prompt_cache = prompt_cache  # where each request starts from, and where its caches go when it leaves
         self.max_jobs = max_jobs
         self.prefill_chunk = prefill_chunk
-        self._batch = _core.BatchGenerator(model.decoder)
+        self._batch = _core.BatchGenerator(decoder)
         self._inbox: collections.deque[_Request] = collections.deque()
         self._wakeup = threading.Condition()
         self._prefilling: collections.deque[_Request] = collections.deque()
@@ -128,7 +130,7 @@ class BatchScheduler:
                 self._batch.remove(row)
 
     def _prefilled(self, prompt: list[int], options: _core.SamplerOptions) -> _core.SequenceCache:
-        generator = _core.Generator(self.model.decoder, prompt, options, self.prefill_chunk, -1)
+        generator = _core.Generator(self.decoder, prompt, options, self.prefill_chunk, -1)
         while generator.prefill_chunk() > 0:
             pass
         return generator.take_cache()
@@ -151,9 +153,9 @@ class BatchScheduler:
         for request in new:
             ids = request.answer.ids
             try:
-                cached, request.answer.result.prompt_cache_count = self.model.prompt_cache.fetch(ids)
+                cached, request.answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
                 # max_tokens 1: the generator gives the first token and dispatches nothing after it (_prefill).
-                request.generator = _core.Generator(self.model.decoder, ids, request.options, self.prefill_chunk,
+                request.generator = _core.Generator(self.decoder, ids, request.options, self.prefill_chunk,
                                                     request.top_logprobs, cached, 1)
                 del cached  # the generator's alone (LanguageModel.stream says why)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
@@ -224,7 +226,7 @@ class BatchScheduler:
             for request in self._rows.values():
                 request.items.put(exc)
             self._rows.clear()
-            self._batch = _core.BatchGenerator(self.model.decoder)
+            self._batch = _core.BatchGenerator(self.decoder)
             return
         for row, token in tokens:
             request = self._rows[row]
@@ -253,11 +255,11 @@ class BatchScheduler:
         tokens = request.answer.ids + request.answer.generated
         if request.row is not None:
             held = self._batch.position(request.row)
-            self.model.keep_caches(tokens, held, self._batch.remove(request.row))
+            self.prompt_cache.keep(tokens, held, self._batch.remove(request.row))
             del self._rows[request.row]
             request.row = None
         elif request.generator is not None:
             if request in self._prefilling:
                 self._prefilling.remove(request)
-            self.model.keep_caches(tokens, request.generator.position, request.generator.take_cache())
+            self.prompt_cache.keep(tokens, request.generator.position, request.generator.take_cache())
             request.generator = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Collection, Iterator
 
 import mlx.core as mx
@@ -21,14 +21,13 @@ import numpy as np
 from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError
 from mlxrunner.http.protocol import Options
+from mlxrunner.llm.answer import Answer, Completion, TokenLogprob
 from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
 from mlxrunner.llm.batch import BatchScheduler
 from mlxrunner.llm.prompt_cache import PromptCache
 from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
-from mlxrunner.text.detokenizer import StreamingDetokenizer
-from mlxrunner.text.stop import StopMatcher
 from mlxrunner.text.tokenizer import TextTokenizer
 
 PREFILL_CHUNK = 512
@@ -52,105 +51,8 @@ def sampler_options(options: Options, prompt_seed: int | None = None) -> _core.S
     return _core.SamplerOptions.from_dict(given)
 
 
-@dataclass
-class Completion:
-    """What one generation did, for the final line of the stream."""
-
-    done_reason: str = "length"  # stop | length | cancel
-    stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
-    prompt_eval_count: int = 0  # the whole prompt, cached tokens included (as Ollama counts it)
-    prompt_cache_count: int = 0  # how many of those came from the prompt cache
-    prompt_eval_duration: int = 0  # ns
-    eval_count: int = 0
-    eval_duration: int = 0  # ns
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """How likely the model found one generated token (natural log of its softmax over the raw logits, before
-    penalties and temperature), and its most likely alternatives, best first."""
-
-    token: bytes
-    logprob: float
-    top: list[tuple[bytes, float]]
-
-
 class PromptTooLong(ValueError):
     pass
-
-
-class Answer:
-    """The text side of one generation, a token at a time: EOS and end-of-turn tokens, the token budget, valid
-    UTF-8 as tokens come (StreamingDetokenizer), stop strings (StopMatcher), logprobs, the final statistics.
-    The lone decode loop (LanguageModel.stream) and the batch (llm/batch.py) both feed it."""
-
-    def __init__(self, model: LanguageModel, ids: list[int], options: Options, eos_ids: Collection[int],
-                 top_logprobs: int | None):
-        self._model = model
-        self.ids = ids
-        self.eos_ids = eos_ids
-        self.top_logprobs = top_logprobs
-        self.budget = model.context_length - len(ids)
-        if options.num_predict is not None and options.num_predict >= 0:
-            self.budget = min(self.budget, options.num_predict)
-        self.result = Completion(prompt_eval_count=len(ids))
-        self.generated: list[int] = []  # every token the generator returned (its caches: ids + generated, or but
-        # the last one when the budget ended the answer: Generator.position says how many)
-        self.done = self.budget <= 0
-        self._detok = StreamingDetokenizer(model.tokenizer)
-        self._stops = StopMatcher(options.stop)
-        self._start = time.perf_counter_ns()
-        self._first_token_at: int | None = None
-        self._ended_at: int | None = None
-
-    def push(self, token: int, logprobs: tuple | None) -> list[str | TokenLogprob]:
-        """The items a newly generated token yields; sets `done` once the answer has ended."""
-        self.generated.append(token)
-        if self._first_token_at is None:
-            self._first_token_at = time.perf_counter_ns()
-            self.result.prompt_eval_duration = self._first_token_at - self._start
-        items: list[str | TokenLogprob] = []
-        if token in self.eos_ids:
-            self._end("stop", f"eos:{token}")
-            return items
-        self.result.eval_count += 1
-        if self.top_logprobs is not None:
-            items.append(self._model.token_logprob(token, logprobs))
-        emit, matched = self._stops.push(self._detok.add(token))
-        if emit:
-            items.append(emit)
-        if matched is not None:
-            self._end("stop", f"stop:{matched}")
-        elif len(self.generated) == self.budget:
-            self._end("length", self._length_reason())
-        return items
-
-    def _length_reason(self) -> str:
-        """Why an answer that ran out of tokens stopped: its num_predict, or the model's context."""
-        return "num_predict" if self.budget < self._model.context_length - len(self.ids) else "context"
-
-    def _end(self, done_reason: str, stop_reason: str) -> None:
-        self.result.done_reason, self.result.stop_reason = done_reason, stop_reason
-        self.done = True
-        self._ended_at = time.perf_counter_ns()
-
-    def finish(self) -> list[str | Completion]:
-        """The text still held back, then the Completion."""
-        if not self.generated:  # a budget of 0: nothing generated
-            self.result.stop_reason = self._length_reason()
-        items: list[str | Completion] = []
-        if not self.result.stop_reason.startswith("stop:"):
-            # Bytes the detokenizer still held can complete a stop string too.
-            emit, matched = self._stops.push(self._detok.flush())
-            if matched is not None:
-                self.result.done_reason, self.result.stop_reason = "stop", f"stop:{matched}"
-            tail = emit + ("" if matched is not None else self._stops.flush())
-            if tail:
-                items.append(tail)
-        if self._first_token_at is not None:
-            self.result.eval_duration = (self._ended_at or time.perf_counter_ns()) - self._first_token_at
-        items.append(self.result)
-        return items
 
 
 def _chat_template(source) -> ChatTemplate | None:
@@ -207,7 +109,7 @@ class LanguageModel:
             log.info("this model has sliding-window or latent attention layers, which do not batch: its requests "
                      "run one at a time")
             return None
-        return BatchScheduler(self, max_batch, PREFILL_CHUNK)
+        return BatchScheduler(self.decoder, self.prompt_cache, max_batch, PREFILL_CHUNK)
 
     def _warm_up_gpu_kernels(self) -> None:
         """Run each kernel shape generation uses once, so the first request does not pay for loading them.
@@ -285,7 +187,7 @@ class LanguageModel:
         before the text it makes.
         """
         eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
-        answer = Answer(self, self.prompt_ids(prompt), options, eos_ids, top_logprobs)
+        answer = Answer(self.tokenizer, self.context_length, self.prompt_ids(prompt), options, eos_ids, top_logprobs)
         if self.batch is not None and self.batch.serves_this_thread():
             yield from self.batch.stream(answer, sampler_options(options), check_cancelled)
             return
@@ -310,7 +212,7 @@ class LanguageModel:
                 yield from answer.push(token, generator.logprobs)
         except Cancelled:
             # What was computed before the cancel stays reusable: the same request sent again resumes from it.
-            self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
+            self.prompt_cache.keep(ids + answer.generated, generator.position, generator.take_cache())
             raise
         except GeneratorExit:
             # The consumer dropped the stream: perhaps on another thread (the garbage collector's), where the prompt
@@ -319,18 +221,8 @@ class LanguageModel:
             held = generator.position
             self.prompt_cache.give_back((ids + answer.generated)[:held], generator.take_cache())
             raise
-        self.keep_caches(ids + answer.generated, generator.position, generator.take_cache())
+        self.prompt_cache.keep(ids + answer.generated, generator.position, generator.take_cache())
         yield from answer.finish()
-
-    def keep_caches(self, tokens: list[int], held: int, caches: _core.SequenceCache) -> None:
-        """Hand a finished sequence's caches to the prompt cache: they hold its first `held` tokens (the prompt
-        as far as the prefill got, then every token generated: the next turn of a chat starts with them)."""
-        self.prompt_cache.insert(tokens[:held], caches)
-
-    def token_logprob(self, token: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
-        logprob, top = logprobs
-        as_bytes = self.tokenizer.token_bytes
-        return TokenLogprob(as_bytes(token), logprob, [(as_bytes(i), lp) for i, lp in top])
 
     def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Public API: iterate text chunks. Options as in a /completion request's `options`."""

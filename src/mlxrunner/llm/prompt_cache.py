@@ -123,6 +123,11 @@ class PromptCache:
                 return caches, reused
         return None, 0
 
+    def keep(self, tokens: Sequence[int], held: int, caches: LayerCaches) -> None:
+        """Keep a finished sequence's caches, which hold its first `held` tokens (the prompt as far as the prefill
+        got, then every token generated: the next turn of a chat starts with them)."""
+        self.insert(tokens[:held], caches)
+
     def insert(self, tokens: Sequence[int], caches: LayerCaches) -> None:
         """Keep `caches`, which hold exactly `tokens`, then evict down to the cap."""
         if caches.length != len(tokens):
