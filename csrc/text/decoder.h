@@ -16,7 +16,7 @@
 
 #include "nn/config_fields.h"
 #include "nn/linear.h"
-#include "nn/mla.h"
+#include "text/mla.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/rope.h"

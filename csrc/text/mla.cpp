@@ -1,4 +1,4 @@
-#include "nn/mla.h"
+#include "text/mla.h"
 
 #include <cmath>
 #include <limits>
