@@ -23,9 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxrunner import store
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm.answer import Completion, TokenLogprob
 from mlxrunner.llm.model import PREFILL_CHUNK, LanguageModel
+from mlxrunner.request import Options
 
 SIDES = ["ours", "mlx-lm"]
 

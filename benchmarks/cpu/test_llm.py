@@ -45,9 +45,9 @@ import pytest
 import mlxrunner
 from benchmarks.cpu.llm_models import TINY, qwen3_06b
 from mlxrunner import _core
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.model import PREFILL_CHUNK, sampler_options
+from mlxrunner.request import Options
 
 mlx_lm = pytest.importorskip("mlx_lm", reason="the peer, mlx-lm, is not installed")
 from mlx_lm.sample_utils import make_sampler  # noqa: E402

@@ -201,9 +201,9 @@ class Ours:
 
     def __init__(self, folder: Path, chunk: int):
         from mlxrunner import _core
-        from mlxrunner.http.protocol import Options
         from mlxrunner.llm import load
         from mlxrunner.llm.model import sampler_options
+        from mlxrunner.request import Options
 
         self._core = _core
         self.chunk = chunk

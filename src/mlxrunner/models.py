@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from mlxrunner.embed.bert import EmbeddingResult
-    from mlxrunner.http.protocol import Options
     from mlxrunner.imagegen.pipeline import GeneratedImage, Progress
     from mlxrunner.llm.answer import Completion, TokenLogprob
+    from mlxrunner.request import Options
     from mlxrunner.text.chat_template import ChatTemplate
     from mlxrunner.worker import Batch
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import cosine, ready_status
 
-from mlxrunner.http.protocol import Limits
 from mlxrunner.launcher import Runner, RunnerError
+from mlxrunner.request import Limits
 
 # A few hundred tokens each: a request of many of these keeps the worker busy for seconds.
 LONG_TEXT = " ".join(f"word{i} and some more text to embed" for i in range(60))

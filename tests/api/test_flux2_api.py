@@ -25,10 +25,10 @@ from conftest import ready_status, run_cli
 from image_helpers import generate_with, pixels, png_of, post, same
 from PIL import Image, ImageOps
 
-from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.images import decode_image
 from mlxrunner.launcher import Runner
+from mlxrunner.request import Limits
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DISTILLED = FIXTURES / "flux2-klein-tiny"

@@ -13,7 +13,7 @@ import termios
 import time
 from pathlib import Path
 
-from mlxrunner.http.protocol import Options
+from mlxrunner.request import Options
 from mlxrunner.text.tool_calls import ParsedOutput, parse_output, prompt_ends_in_reasoning
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -24,8 +24,8 @@ from conftest import chat_model_folder, run_cli
 
 from mlxrunner.cli.chat import Conversation
 from mlxrunner.cli.text import ReplyWriter, StopOnCtrlC
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
+from mlxrunner.request import Options
 
 PROMPT = b">>> "
 TOKENS = 16

@@ -12,8 +12,8 @@ import pytest
 from cli_helpers import GREEDY, QWEN3, SHORT_PROMPT, greedy_reply
 from conftest import chat_model_folder, run_cli
 
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
+from mlxrunner.request import Options
 
 STATS = re.compile(r"^prompt: (\d+) tokens, [\d.]+ tokens/s \| generation: (\d+) tokens, [\d.]+ tokens/s \| "
                    r"peak memory: \d+\.\d{3} GB$")

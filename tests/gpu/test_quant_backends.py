@@ -282,8 +282,8 @@ def test_a_packed_prefill_holds_a_few_layers_copies(tmp_path):
     """Unpaced, a 4-bit Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights on an H200 (most
     layers' dequantized copies alive at once); paced, 1.4 GB. Here 32 layers of 30 MB dequantized each."""
     from mlxrunner.cli.quantize import main as quantize_main
-    from mlxrunner.http.protocol import Options
     from mlxrunner.llm.model import sampler_options
+    from mlxrunner.request import Options
 
     layers, hidden, intermediate = 32, 1024, 4096
     source = random_qwen3(tmp_path / "bf16", layers, hidden, intermediate)

@@ -15,10 +15,10 @@ import pytest
 from conftest import ON_GPU
 
 from mlxrunner import _core, store
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.answer import TokenLogprob
 from mlxrunner.llm.model import LanguageModel, sampler_options
+from mlxrunner.request import Options
 
 ROOT = Path(__file__).parents[1]
 GREEDY = Options(temperature=0.0, repeat_penalty=1.0)

@@ -72,7 +72,7 @@ def test_out_of_vocabulary_prompt_ids_are_refused(qwen3):
 
 
 def _options(**kw):
-    from mlxrunner.http.protocol import Limits, parse_options
+    from mlxrunner.request import Limits, parse_options
 
     return parse_options(kw, Limits())
 

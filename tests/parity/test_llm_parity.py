@@ -15,9 +15,9 @@ from conftest import ON_GPU, float32_tol
 from ollama_store import create_llm
 
 from mlxrunner import _core
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
+from mlxrunner.request import Options
 
 # float32: rel. error <= 1e-4 (the bar); a CUDA GPU's TF32 products: 1e-2.
 FLOAT32_TOL = float32_tol(1e-4, 1e-2)

@@ -22,9 +22,9 @@ from ollama_store import create_llm
 from mlxrunner import _core
 from mlxrunner.cli.quantize import main as quantize_main
 from mlxrunner.errors import ModelError
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
+from mlxrunner.request import Options
 from mlxrunner.store import resolve
 
 ROOT = Path(__file__).parents[1]

@@ -13,9 +13,9 @@ from conftest import float32_tol
 
 from mlxrunner import store
 from mlxrunner.errors import Cancelled
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm.answer import Completion, TokenLogprob
 from mlxrunner.llm.model import PREFILL_CHUNK, LanguageModel
+from mlxrunner.request import Options
 
 QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"
 GREEDY = dict(temperature=0.0, repeat_penalty=1.0)

@@ -271,8 +271,8 @@ def test_reference_image_formats(image_format, accepted):
 
     from PIL import Image
 
-    from mlxrunner.http.protocol import Limits
     from mlxrunner.imagegen.images import BadImage, decode_image
+    from mlxrunner.request import Limits
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format=image_format)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mlxrunner.errors import RequestError
 from mlxrunner.http import mlx_engine, openai_types, protocol
-from mlxrunner.http.protocol import Limits
+from mlxrunner.request import Limits
 
 LIMITS = Limits()
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +70,7 @@ def test_any_bytes_are_a_json_object_or_a_request_error(raw):
         assert exc.status == 400
 
 
-# The text field each route reads (the embedding routes' `input` does not go through _str_field).
+# The text field each route reads (the embedding routes' `input` does not go through str_field).
 TEXT_FIELDS = {"/completion": "prompt", "/embedding": "input", "/tokenize": "content", "/v1/embeddings": "input"}
 
 

@@ -10,7 +10,7 @@ import select
 import pytest
 
 from mlxrunner.cli.text import DIM, PLAIN, ReplyWriter, add_sampling_flags, options_from
-from mlxrunner.http.protocol import Options
+from mlxrunner.request import Options
 from mlxrunner.text.tool_calls import OutputParser
 
 THINKING_REPLY = "<think>\nThe user greets me.\n</think>\n\nHello!"

@@ -14,12 +14,12 @@ import pytest
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
-from mlxrunner.http.protocol import Options
 from mlxrunner.imagegen import load_pipeline
 from mlxrunner.imagegen.zimage import transformer_config
 from mlxrunner.llm import load as load_llm
 from mlxrunner.llm.architectures import WINDOW_KEYS, decoder_config
 from mlxrunner.llm.model import sampler_options
+from mlxrunner.request import Options
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 IMAGE_MODELS = ["zimage-tiny", "flux2-klein-tiny", "flux2-klein-base-tiny"]

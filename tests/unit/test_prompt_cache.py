@@ -10,10 +10,10 @@ import mlx.core as mx
 import pytest
 
 from mlxrunner import _core
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
 from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.request import Options
 
 QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"
 GREEDY = Options(temperature=0.0, repeat_penalty=1.0)

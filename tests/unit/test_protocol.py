@@ -7,7 +7,8 @@ import pytest
 
 from mlxrunner.errors import RequestError
 from mlxrunner.http import protocol
-from mlxrunner.http.protocol import DetokenizeRequest, Limits, StreamError, TokenizeRequest
+from mlxrunner.http.protocol import DetokenizeRequest, StreamError, TokenizeRequest
+from mlxrunner.request import Limits
 
 LIMITS = Limits()
 

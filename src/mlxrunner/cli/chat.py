@@ -23,8 +23,8 @@ from mlxrunner.cli import text
 from mlxrunner.cli.common import add_model_flags, fail, find_model, load_with_bar, settings_from
 from mlxrunner.detect import Mode
 from mlxrunner.errors import ModelError
-from mlxrunner.http.protocol import Options
 from mlxrunner.models import TextModel
+from mlxrunner.request import Options
 
 PROMPT, CONTINUATION = ">>> ", "... "
 MULTILINE = '"""'

@@ -25,8 +25,8 @@ from mlxrunner.cli.common import (
 )
 from mlxrunner.detect import Mode
 from mlxrunner.errors import ModelError
-from mlxrunner.http.protocol import Limits
 from mlxrunner.progress import ProgressBar
+from mlxrunner.request import Limits
 from mlxrunner.settings import Settings
 
 log = logging.getLogger("mlxrunner")

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Collection, TextIO
 
 from mlxrunner.errors import Cancelled, RequestError
-from mlxrunner.http.protocol import Limits, Options, parse_options
+from mlxrunner.request import Limits, Options, parse_options
 from mlxrunner.settings import GIB
 from mlxrunner.text.tool_calls import ContentDelta, Event, OutputParser, ReasoningDelta, prompt_ends_in_reasoning
 

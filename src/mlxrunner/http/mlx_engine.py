@@ -25,15 +25,7 @@ from aiohttp import web
 from mlxrunner.detect import Mode
 from mlxrunner.errors import RequestError
 from mlxrunner.http.ollama import plain_text_error
-from mlxrunner.http.protocol import (
-    Limits,
-    Options,
-    _bool_field,
-    _int_field,
-    _json_type,
-    _str_field,
-    parse_options,
-)
+from mlxrunner.request import Limits, Options, bool_field, int_field, json_type, parse_options, str_field
 
 if TYPE_CHECKING:
     from mlxrunner.http.server import HttpError, Server
@@ -138,10 +130,10 @@ def parse_request(body: dict, limits: Limits) -> EngineRequest:
     given = {REQUEST_FIELDS[key.lower()]: value for key, value in body.items() if key.lower() in REQUEST_FIELDS}
     named = {"Prompt": given.get("prompt"), "Logprobs": given.get("logprobs"), "TopLogprobs": given.get("top_logprobs")}
     return EngineRequest(
-        prompt=_str_field(named, "Prompt", ""),  # Go's zero value; refused as "empty prompt" once tokenized
+        prompt=str_field(named, "Prompt", ""),  # Go's zero value; refused as "empty prompt" once tokenized
         options=parse_go_options(given.get("options"), limits),
-        logprobs=_bool_field(named, "Logprobs", False),
-        top_logprobs=_int_field(named, "TopLogprobs", 0, INT32_MAX, 0),
+        logprobs=bool_field(named, "Logprobs", False),
+        top_logprobs=int_field(named, "TopLogprobs", 0, INT32_MAX, 0),
     )
 
 
@@ -156,7 +148,7 @@ def parse_go_options(value: Any, limits: Limits) -> Options:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise RequestError(f'field "Options" must be an object, got {_json_type(value)}', field="Options")
+        raise RequestError(f'field "Options" must be an object, got {json_type(value)}', field="Options")
     raw = {key.lower(): item for key, item in value.items()}  # Go's tags match case-insensitively too
     options = parse_options(with_go_meanings(raw), limits)
     return replace(options, **{name: zero for name, zero in GO_ZERO_OPTIONS.items()

@@ -25,12 +25,12 @@ from mlxrunner.http.protocol import (
     ErrorResponse,
     ImageDone,
     ImageProgress,
-    Limits,
     TextChunk,
     TextDone,
     TokenizeResponse,
 )
 from mlxrunner.models import ImageModel, TextModel
+from mlxrunner.request import Limits
 from mlxrunner.worker import JobContext
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from mlxrunner.http.openai_types import (
     form_fields_as_json,
     parse_image_request,
 )
-from mlxrunner.http.protocol import INT64_MAX, Limits
+from mlxrunner.request import INT64_MAX, Limits
 from mlxrunner.worker import JobContext
 
 if TYPE_CHECKING:

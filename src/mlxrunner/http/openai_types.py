@@ -15,20 +15,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mlxrunner.errors import RequestError
-from mlxrunner.http.protocol import (
+from mlxrunner.http.protocol import EmbeddingRequest, parse_cache, parse_embedding, parse_vae_tile
+from mlxrunner.request import (
     INT64_MAX,
     INT64_MIN,
-    EmbeddingRequest,
     Limits,
     Options,
-    _bool_field,
-    _float_field,
-    _int_field,
-    _json_type,
-    _str_field,
-    parse_cache,
-    parse_embedding,
-    parse_vae_tile,
+    bool_field,
+    float_field,
+    int_field,
+    json_type,
+    str_field,
 )
 
 if TYPE_CHECKING:
@@ -64,24 +61,24 @@ class OpenAIError:
 
 def parse_sampling(body: dict, limits: Limits) -> Options:
     """OpenAI's sampling fields -> the runner's Options, with OpenAI's defaults for what is left out."""
-    n = _int_field(body, "n", 1, 128)
+    n = int_field(body, "n", 1, 128)
     if n not in (None, 1):
         raise RequestError(f'field "n" must be 1: this runner makes one choice per request, got {n}', field="n")
-    max_tokens = _int_field(body, "max_completion_tokens", 1, limits.max_num_predict)
+    max_tokens = int_field(body, "max_completion_tokens", 1, limits.max_num_predict)
     if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens", 1, limits.max_num_predict)
+        max_tokens = int_field(body, "max_tokens", 1, limits.max_num_predict)
     return Options(
         num_predict=max_tokens,
-        temperature=_float_field(body, "temperature", 0.0, 2.0, default=1.0),
-        top_p=_float_field(body, "top_p", 0.0, 1.0, default=1.0),
+        temperature=float_field(body, "temperature", 0.0, 2.0, default=1.0),
+        top_p=float_field(body, "top_p", 0.0, 1.0, default=1.0),
         top_k=0,
         min_p=0.0,
         repeat_penalty=1.0,
         # OpenAI's penalties count every token generated so far; -1 makes the window the whole context.
         repeat_last_n=-1,
-        presence_penalty=_float_field(body, "presence_penalty", -2.0, 2.0, default=0.0),
-        frequency_penalty=_float_field(body, "frequency_penalty", -2.0, 2.0, default=0.0),
-        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
+        presence_penalty=float_field(body, "presence_penalty", -2.0, 2.0, default=0.0),
+        frequency_penalty=float_field(body, "frequency_penalty", -2.0, 2.0, default=0.0),
+        seed=int_field(body, "seed", INT64_MIN, INT64_MAX),
         stop=_stop_strings(body.get("stop")),
     )
 
@@ -104,22 +101,22 @@ class StreamOptions:
 
 
 def parse_stream(body: dict) -> StreamOptions:
-    stream = bool(_bool_field(body, "stream", False))
+    stream = bool(bool_field(body, "stream", False))
     options = body.get("stream_options")
     if options is None:
         return StreamOptions(stream)
     if not isinstance(options, dict):
-        raise RequestError(f'field "stream_options" must be an object, got {_json_type(options)}',
+        raise RequestError(f'field "stream_options" must be an object, got {json_type(options)}',
                            field="stream_options")
-    include_usage = _bool_field({"stream_options.include_usage": options.get("include_usage")},
+    include_usage = bool_field({"stream_options.include_usage": options.get("include_usage")},
                                 "stream_options.include_usage", False)
     return StreamOptions(stream, bool(include_usage))
 
 
 def parse_logprobs(body: dict) -> int | None:
     """None: no logprobs; else how many alternatives (top_logprobs, 0-20) each token reports."""
-    wanted = _bool_field(body, "logprobs", False)
-    top = _int_field(body, "top_logprobs", 0, 20)
+    wanted = bool_field(body, "logprobs", False)
+    top = int_field(body, "top_logprobs", 0, 20)
     if top is not None and not wanted:
         raise RequestError('field "top_logprobs" needs "logprobs": true', field="top_logprobs")
     return (top or 0) if wanted else None
@@ -177,7 +174,7 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
     return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
                        stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
-                       model=_str_field(body, "model"))
+                       model=str_field(body, "model"))
 
 
 @dataclass(frozen=True)
@@ -260,9 +257,9 @@ def parse_text_completion(body: dict, limits: Limits) -> TextCompletionRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError('field "prompt" must be a string (or a list of one string)', field="prompt")
-    logprobs = _int_field(body, "logprobs", 0, 5)  # the legacy API: how many alternatives per token
+    logprobs = int_field(body, "logprobs", 0, 5)  # the legacy API: how many alternatives per token
     return TextCompletionRequest(prompt=prompt, options=parse_sampling(body, limits), stream=parse_stream(body),
-                                 logprobs=logprobs, model=_str_field(body, "model"))
+                                 logprobs=logprobs, model=str_field(body, "model"))
 
 
 @dataclass(frozen=True)
@@ -319,8 +316,8 @@ def parse_openai_embedding(body: dict, limits: Limits, model_dims: int) -> OpenA
     return OpenAIEmbeddingRequest(
         embedding=parse_embedding({"input": body.get("input")}, limits),
         encoding_format=encoding,
-        dimensions=_int_field(body, "dimensions", 1, model_dims),
-        model=_str_field(body, "model"),
+        dimensions=int_field(body, "dimensions", 1, model_dims),
+        model=str_field(body, "model"),
     )
 
 
@@ -382,23 +379,23 @@ def _form_number(text: str, name: str, convert: type) -> int | float:
 
 
 def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) -> ImageRequest:
-    prompt = _str_field(body, "prompt")
+    prompt = str_field(body, "prompt")
     if not prompt:
         raise RequestError('field "prompt" is required', field="prompt")
-    response_format = _str_field(body, "response_format", "b64_json")
+    response_format = str_field(body, "response_format", "b64_json")
     if response_format != "b64_json":
         raise RequestError(f'field "response_format" must be "b64_json", got {response_format!r}: this runner has '
                            "no file server to give URLs from", field="response_format")
-    width, height = _parse_size(_str_field(body, "size"), limits)
+    width, height = _parse_size(str_field(body, "size"), limits)
     return ImageRequest(
         prompt=prompt,
-        n=_int_field(body, "n", 1, MAX_IMAGES_PER_REQUEST, default=1),
+        n=int_field(body, "n", 1, MAX_IMAGES_PER_REQUEST, default=1),
         width=width,
         height=height,
-        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
-        steps=_int_field(body, "steps", 1, limits.max_steps),
-        negative_prompt=_str_field(body, "negative_prompt"),
-        guidance=_float_field(body, "guidance_scale", 0.0, 100.0),
+        seed=int_field(body, "seed", INT64_MIN, INT64_MAX),
+        steps=int_field(body, "steps", 1, limits.max_steps),
+        negative_prompt=str_field(body, "negative_prompt"),
+        guidance=float_field(body, "guidance_scale", 0.0, 100.0),
         images=list(images),
         cache_threshold=parse_cache(body.get("cache"), limits),
         vae_tile=parse_vae_tile(body, limits),

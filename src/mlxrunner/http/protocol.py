@@ -1,12 +1,11 @@
-"""The wire types, their validation, and the bounds on a request, in one place.
+"""The wire types of our runner protocol and their validation.
 
 Everything a client can send is checked here before a job is queued, so a handler either has a
 well-typed request or a `RequestError` whose message names the field that was wrong. Unknown
 fields are ignored (Ollama's Go parent adds fields over time). Each route's answer is a dataclass
-whose `to_json()` is the object sent; OpenAI's wire has its own module, openai_types.py. The contract is
-docs/protocol.md.
-
-Only the standard library is imported: the models import `Options` and `Limits` from here.
+whose `to_json()` is the object sent; OpenAI's wire has its own module, openai_types.py. The bounds on a
+request, the sampling options and the field readers are request.py's (the models and the command line use
+them too). The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -18,8 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mlxrunner.errors import RequestError
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from mlxrunner.request import (
+    INT64_MAX,
+    INT64_MIN,
+    Limits,
+    Options,
+    bool_field,
+    checked_text,
+    float_field,
+    int_field,
+    is_int,
+    json_type,
+    parse_options,
+    str_field,
+)
 
 
 class Message(Protocol):
@@ -27,105 +38,6 @@ class Message(Protocol):
 
     def to_json(self) -> dict:
         """The JSON object sent."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask for: the one place each bound is written."""
-
-    max_images: int = 4  # reference images per image request
-    max_image_side: int = 4096  # pixels, each side of a reference image
-    min_image_side: int = 64
-    max_output_pixels: int = 2048 * 2048  # width x height of a generated image
-    # The step cache's threshold, a relative change of the first block's residual (diffusers' default: 0.05).
-    max_cache_threshold: float = 10.0
-    # The VAE's tile ("vae_tile", pixels a side): a multiple of 8 latents, so that its 25 % overlap is whole latents.
-    vae_tile_multiple: int = 64
-    max_vae_tile: int = 2048
-    max_steps: int = 200  # denoising steps (transformer evaluations)
-    max_embedding_inputs: int = 2048
-    max_num_predict: int = 1 << 20
-
-
-# --- field readers: each names the field in its error -------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int_field(body: dict, name: str, lo: int, hi: int, default: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    # JSON numbers like 512.0 are accepted as integers when they are whole.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not _is_int(value):
-        raise RequestError(f'field "{name}" must be an integer, got {_json_type(value)}', field=name)
-    if not lo <= value <= hi:
-        raise RequestError(f'field "{name}" must be between {lo} and {hi}, got {value}', field=name)
-    return value
-
-
-def _float_field(body: dict, name: str, lo: float, hi: float, default: float | None = None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f'field "{name}" must be a number, got {_json_type(value)}', field=name)
-    value = float(value)
-    if not lo <= value <= hi:
-        raise RequestError(f'field "{name}" must be between {lo:g} and {hi:g}, got {value:g}', field=name)
-    return value
-
-
-def _str_field(body: dict, name: str, default: str | None = None) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise RequestError(f'field "{name}" must be a string, got {_json_type(value)}', field=name)
-    return checked_text(value, name)
-
-
-def checked_text(value: str, name: str) -> str:
-    """`value` if it can be encoded as UTF-8, else a RequestError naming the field.
-
-    JSON's `\\ud800` escapes decode to lone surrogates, which Python strings hold but no tokenizer
-    accepts: refused here, for every text field of every route, rather than deep in a model.
-    """
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RequestError(f'field "{name}" holds a lone surrogate (U+{ord(value[exc.start]):04X}) at character '
-                           f"{exc.start}; text must be valid Unicode", field=name) from None
-    return value
-
-
-def _bool_field(body: dict, name: str, default: bool | None = None) -> bool | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(f'field "{name}" must be true or false, got {_json_type(value)}', field=name)
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -144,72 +56,11 @@ def parse_json_body(raw: bytes) -> dict:
     except ValueError as exc:  # Python's limit on integer literals (4,300 digits), among others
         raise RequestError(f"request body is not acceptable JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {_json_type(body)}")
+        raise RequestError(f"request body must be a JSON object, got {json_type(body)}")
     return body
 
 
 # --- POST /completion: requests -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Options:
-    """LLM sampling options (`options` in a /completion request). None = the model's default."""
-
-    num_predict: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-
-def parse_options(value: Any, limits: Limits) -> Options:
-    if value is None:
-        return Options()
-    if not isinstance(value, dict):
-        raise RequestError(f'field "options" must be an object, got {_json_type(value)}', field="options")
-
-    def named(name: str) -> dict:
-        # Errors name the field as the client wrote it: options.temperature.
-        return {f"options.{name}": value.get(name)}
-
-    def int_opt(name: str, lo: int, hi: int) -> int | None:
-        return _int_field(named(name), f"options.{name}", lo, hi)
-
-    def float_opt(name: str, lo: float, hi: float) -> float | None:
-        return _float_field(named(name), f"options.{name}", lo, hi)
-
-    stop = value.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise RequestError('field "options.stop" must be a list of strings', field="options.stop")
-    if any(s == "" for s in stop):
-        raise RequestError('field "options.stop" must not contain an empty string', field="options.stop")
-    for i, text in enumerate(stop):
-        checked_text(text, f"options.stop[{i}]")
-
-    return Options(
-        # Ollama's -1 (infinite) and -2 (fill context) mean "until the context is full" here.
-        num_predict=int_opt("num_predict", -2, limits.max_num_predict),
-        temperature=float_opt("temperature", 0.0, 100.0),
-        top_k=int_opt("top_k", 0, 1 << 30),
-        top_p=float_opt("top_p", 0.0, 1.0),
-        min_p=float_opt("min_p", 0.0, 1.0),
-        repeat_penalty=float_opt("repeat_penalty", 0.0, 100.0),
-        repeat_last_n=int_opt("repeat_last_n", -1, 1 << 30),
-        presence_penalty=float_opt("presence_penalty", -100.0, 100.0),
-        frequency_penalty=float_opt("frequency_penalty", -100.0, 100.0),
-        seed=int_opt("seed", INT64_MIN, INT64_MAX),
-        stop=list(stop),
-    )
 
 
 @dataclass
@@ -232,7 +83,7 @@ def _decode_images(value: Any, limits: Limits) -> list[bytes]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise RequestError(f'field "images" must be an array of base64 strings, got {_json_type(value)}',
+        raise RequestError(f'field "images" must be an array of base64 strings, got {json_type(value)}',
                            field="images")
     if len(value) > limits.max_images:
         raise RequestError(f'field "images" has {len(value)} images; the maximum is {limits.max_images}',
@@ -241,7 +92,7 @@ def _decode_images(value: Any, limits: Limits) -> list[bytes]:
     for i, item in enumerate(value):
         name = f"images[{i}]"
         if not isinstance(item, str):
-            raise RequestError(f'field "{name}" must be a base64 string, got {_json_type(item)}', field=name)
+            raise RequestError(f'field "{name}" must be a base64 string, got {json_type(item)}', field=name)
         if item.startswith("data:") and "," in item:  # accept data URLs as OpenAI clients send them
             item = item.split(",", 1)[1]
         try:
@@ -257,12 +108,12 @@ def parse_cache(value: Any, limits: Limits) -> float | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise RequestError(f'field "cache" must be an object like {{"threshold": 0.05}}, got {_json_type(value)}',
+        raise RequestError(f'field "cache" must be an object like {{"threshold": 0.05}}, got {json_type(value)}',
                            field="cache")
     for key in value:
         if key != "threshold":
             raise RequestError(f'field "cache.{key}" is not known: "cache" takes "threshold"', field=f"cache.{key}")
-    threshold = _float_field({"cache.threshold": value.get("threshold")}, "cache.threshold", 0.0,
+    threshold = float_field({"cache.threshold": value.get("threshold")}, "cache.threshold", 0.0,
                              limits.max_cache_threshold)
     if threshold is None:
         raise RequestError('field "cache.threshold" is required in "cache"', field="cache.threshold")
@@ -271,7 +122,7 @@ def parse_cache(value: Any, limits: Limits) -> float | None:
 
 def parse_vae_tile(body: dict, limits: Limits) -> int | None:
     """`"vae_tile"`: the VAE's tile side in pixels (0: one pass, never tiled); None when absent (by size)."""
-    tile = _int_field(body, "vae_tile", 0, limits.max_vae_tile)
+    tile = int_field(body, "vae_tile", 0, limits.max_vae_tile)
     if tile is not None and tile % limits.vae_tile_multiple:
         raise RequestError(f'field "vae_tile" must be 0 or a multiple of {limits.vae_tile_multiple}, got {tile}',
                            field="vae_tile")
@@ -279,12 +130,12 @@ def parse_vae_tile(body: dict, limits: Limits) -> int | None:
 
 
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
-    prompt = _str_field(body, "prompt")
+    prompt = str_field(body, "prompt")
     if prompt is None:
         raise RequestError('field "prompt" is required', field="prompt")
     max_side = limits.max_output_pixels  # a side alone can never exceed the pixel budget
-    width = _int_field(body, "width", 0, max_side) or None  # 0 means "default", as Ollama sends it
-    height = _int_field(body, "height", 0, max_side) or None
+    width = int_field(body, "width", 0, max_side) or None  # 0 means "default", as Ollama sends it
+    height = int_field(body, "height", 0, max_side) or None
     if width and height and width * height > limits.max_output_pixels:
         raise RequestError(
             f'fields "width" x "height" = {width}x{height} exceed the limit of {limits.max_output_pixels} pixels',
@@ -293,11 +144,11 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         prompt=prompt,
         width=width,
         height=height,
-        steps=_int_field(body, "steps", 0, limits.max_steps) or None,
-        seed=_int_field(body, "seed", INT64_MIN, INT64_MAX),
+        steps=int_field(body, "steps", 0, limits.max_steps) or None,
+        seed=int_field(body, "seed", INT64_MIN, INT64_MAX),
         images=_decode_images(body.get("images"), limits),
-        negative_prompt=_str_field(body, "negative_prompt"),
-        guidance=_float_field(body, "guidance", 0.0, 100.0),
+        negative_prompt=str_field(body, "negative_prompt"),
+        guidance=float_field(body, "guidance", 0.0, 100.0),
         options=parse_options(body.get("options"), limits),
         has_options=body.get("options") is not None,
         cache_threshold=parse_cache(body.get("cache"), limits),
@@ -421,10 +272,10 @@ class EmbeddingRequest:
 
 
 def parse_embedding(body: dict, limits: Limits) -> EmbeddingRequest:
-    normalize = _bool_field(body, "normalize")
-    truncate = _bool_field(body, "truncate", True)
+    normalize = bool_field(body, "normalize")
+    truncate = bool_field(body, "truncate", True)
     if "content" in body and "input" not in body:
-        return EmbeddingRequest([_str_field(body, "content") or ""], True, normalize, truncate)
+        return EmbeddingRequest([str_field(body, "content") or ""], True, normalize, truncate)
     value = body.get("input")
     if value is None:
         raise RequestError('field "input" (a string or a list of strings) or "content" (a string) is required',
@@ -434,11 +285,11 @@ def parse_embedding(body: dict, limits: Limits) -> EmbeddingRequest:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise RequestError(f'field "input[{i}]" must be a string, got {_json_type(item)}', field=f"input[{i}]")
+                raise RequestError(f'field "input[{i}]" must be a string, got {json_type(item)}', field=f"input[{i}]")
             checked_text(item, f"input[{i}]")
         inputs = value
     else:
-        raise RequestError(f'field "input" must be a string or a list of strings, got {_json_type(value)}',
+        raise RequestError(f'field "input" must be a string or a list of strings, got {json_type(value)}',
                            field="input")
     if not inputs:
         raise RequestError('field "input" must not be an empty list', field="input")
@@ -479,7 +330,7 @@ class TokenizeRequest:
 
 
 def parse_tokenize(body: dict) -> TokenizeRequest:
-    content = _str_field(body, "content")
+    content = str_field(body, "content")
     if content is None:
         raise RequestError('field "content" is required', field="content")
     return TokenizeRequest(content)
@@ -501,9 +352,9 @@ class DetokenizeRequest:
 def parse_detokenize(body: dict) -> DetokenizeRequest:
     tokens = body.get("tokens")
     if not isinstance(tokens, list):
-        raise RequestError(f'field "tokens" must be an array of integers, got {_json_type(tokens)}', field="tokens")
+        raise RequestError(f'field "tokens" must be an array of integers, got {json_type(tokens)}', field="tokens")
     for i, t in enumerate(tokens):
-        if not _is_int(t) or t < 0:
+        if not is_int(t) or t < 0:
             raise RequestError(f'field "tokens[{i}]" must be a non-negative integer', field=f"tokens[{i}]")
     return DetokenizeRequest(tokens)
 

@@ -28,15 +28,9 @@ from aiohttp import web
 from mlxrunner.detect import Mode
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.http.off_loop import OffLoop
-from mlxrunner.http.protocol import (
-    EmbeddingRequest,
-    Limits,
-    Message,
-    StreamError,
-    ndjson_line,
-    parse_json_body,
-)
+from mlxrunner.http.protocol import EmbeddingRequest, Message, StreamError, ndjson_line, parse_json_body
 from mlxrunner.models import Embedder, LoadedModel
+from mlxrunner.request import Limits
 from mlxrunner.settings import DEFAULT_MAX_BODY_MB, DEFAULT_READ_TIMEOUT_S, MIB
 from mlxrunner.worker import Batch, Job, JobContext, QueueFull, Worker, WorkerStopped
 

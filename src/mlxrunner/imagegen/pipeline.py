@@ -22,11 +22,11 @@ from PIL import Image
 
 from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_pil, to_uint8
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
 from mlxrunner.imagegen.vae import decode_working_bytes, request_tile
 from mlxrunner.llm.model import core_quantization
+from mlxrunner.request import Limits
 
 log = logging.getLogger(__name__)
 

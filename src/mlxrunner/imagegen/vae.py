@@ -9,8 +9,8 @@ import numpy as np
 
 from mlxrunner import _core, backend
 from mlxrunner.errors import ModelError, RequestError
-from mlxrunner.http.protocol import Limits
 from mlxrunner.imagegen.images import to_uint8
+from mlxrunner.request import Limits
 
 # Decode in tiles above this many latent pixels (128 x 128 latents = a 1024 x 1024 image):
 # past it, the full-size activations and the mid-block's attention over every pixel outgrow

@@ -15,7 +15,7 @@ from mlxrunner.text.detokenizer import StreamingDetokenizer
 from mlxrunner.text.stop import StopMatcher
 
 if TYPE_CHECKING:
-    from mlxrunner.http.protocol import Options
+    from mlxrunner.request import Options
     from mlxrunner.text.tokenizer import TextTokenizer
 
 

@@ -20,11 +20,11 @@ import numpy as np
 
 from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError
-from mlxrunner.http.protocol import Options
 from mlxrunner.llm.answer import Answer, Completion, TokenLogprob
 from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
 from mlxrunner.llm.batch import BatchScheduler
 from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.request import Options
 from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
@@ -226,7 +226,7 @@ class LanguageModel:
 
     def generate(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Public API: iterate text chunks. Options as in a /completion request's `options`."""
-        from mlxrunner.http.protocol import Limits, parse_options
+        from mlxrunner.request import Limits, parse_options
 
         parsed = parse_options(options, Limits())
         for item in self.stream(prompt, parsed):
