@@ -6,8 +6,11 @@ building the graph and evaluating it timed apart, per operation.
 Element-wise operations, MLX's fused RMSNorm, a custom CUDA kernel whose source carries 0 / 5 / 20 / 40 KB more
 (comments: they change nothing but the source's length, which MLX 0.32 rebuilds and hashes at every launch), the
 20 KB one with its body in a file the source #includes by absolute path (does NVRTC take it; what is left), a
-64-row bfloat16 product (cuBLAS, which MLX plans anew at every call) and a 64-row 4-bit product. The arrays are
-small, so the GPU's own time is ~1-2 us an operation and the rest is the host's. Prints one line per kind.
+64-row bfloat16 product (cuBLAS, which MLX plans anew at every call: a heuristic query and a stream capture) beside
+the same product as `gather_mm` with one weight (each row a batch of one, all of them sorted on that weight: MLX
+runs them as one CUTLASS grouped GEMM, without cuBLAS), at a small and at the 4B's gate|up shape, and a 64-row 4-bit
+product. The small arrays make the GPU's own time ~1-2 us an operation, so the rest is the host's. Prints one line
+per kind.
 """
 
 # ruff: noqa: I001
@@ -68,6 +71,32 @@ def included_kernel(pad: int):
                             output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
 
 
+def grouped_product(w: mx.array):
+    """x [M, K] @ w.T as gather_mm with one weight: each row a batch of one, every row on weight 0, sorted."""
+    stacked = mx.transpose(w)[None]  # [1, K, N], read transposed in place
+    def product(x: mx.array) -> mx.array:
+        indices = mx.zeros((x.shape[0],), mx.uint32)
+        out = mx.gather_mm(x[:, None, :], stacked, rhs_indices=indices, sorted_indices=True)
+        return out.reshape(x.shape[0], w.shape[0])
+    return product
+
+
+def products(rows: int, dtype: mx.Dtype = mx.bfloat16, timed: bool = True) -> None:
+    """The many-row product both ways: same numbers (printed), then the cost of each."""
+    for n in (2560, 19456):
+        w = (mx.random.normal((n, 2560)) * 0.02).astype(dtype)
+        x = mx.random.normal((rows, 2560)).astype(dtype)
+        grouped = grouped_product(w)
+        mx.eval(w, x)
+        difference = mx.abs((x @ w.T).astype(mx.float32) - grouped(x).astype(mx.float32)).max().item()
+        print(f"{rows} x 2560 @ 2560 x {n}: matmul and gather_mm differ by at most {difference:g}", flush=True)
+        if not timed:
+            continue
+        # Each step feeds the product's first 2,560 columns back, scaled, so the chain stays [rows, 2560].
+        measure(f"{rows} x 2560 @ 2560 x {n} matmul", lambda y, w=w: (y @ w.T)[:, :2560] * 0.5, x, chain=400)
+        measure(f"{rows} x 2560 @ 2560 x {n} gather_mm", lambda y, g=grouped: g(y)[:, :2560] * 0.5, x, chain=400)
+
+
 def main() -> int:
     x = mx.zeros((256,), mx.bfloat16)
     weight = mx.ones((256,), mx.bfloat16)
@@ -76,6 +105,7 @@ def main() -> int:
     measure("multiply", lambda y: y * y, x)
     measure("fast.rms_norm", lambda y: mx.fast.rms_norm(y, weight, 1e-6), x)
     if not mx.cuda.is_available():
+        products(8, mx.float32, timed=False)  # the CPU (gather_mm: float32 only) checks that the two ways agree
         print("(no CUDA: the custom kernels and the 64-row products are the GPU's rows)")
         return 0
     for pad in (0, 5000, 20000, 40000):
@@ -84,11 +114,11 @@ def main() -> int:
         measure("cuda_kernel, 20 KB body #included", included_kernel(20000), x)
     except Exception as error:  # noqa: BLE001  (the question is whether it compiles at all)
         print(f"cuda_kernel, body #included by absolute path: failed ({str(error)[:300]})", flush=True)
+    products(64)
     w = (mx.random.normal((2560, 2560)) * 0.02).astype(mx.bfloat16)
     x64 = mx.random.normal((64, 2560)).astype(mx.bfloat16)
     packed = mx.quantize(w, group_size=64, bits=4)
     mx.eval(w, x64, *packed)
-    measure("64 x 2560 @ 2560 x 2560 bf16 (cuBLAS)", lambda y: (y @ w.T) * 0.5, x64, chain=400)
     measure("64 rows, 4-bit quantized_matmul", lambda y: mx.quantized_matmul(
         y, *packed, transpose=True, group_size=64, bits=4) * 0.5, x64, chain=400)
     return 0
