@@ -55,18 +55,15 @@ def padded_kernel(pad: int):
 
 
 def included_kernel(pad: int):
-    """The padded kernel's body in a file the source #includes by its absolute path: whether NVRTC (through MLX)
-    takes such an include, and what a launch costs when the hashed source is one line."""
-    import tempfile
-    from pathlib import Path
+    """The padded kernel's body handed over as MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 hands ours (`#include`d from a file
+    by its absolute path): whether MLX's NVRTC takes such an include, and what a launch costs when the hashed source
+    is one line."""
+    from mlxrunner import _core
 
-    body = Path(tempfile.mkdtemp(prefix="op_cost_")) / "body.cuh"
-    body.write_text("const int i = threadIdx.x; if (i < x_shape[0]) out[i] = x[i] + static_cast<T>(1.0f);\n"
-                    + ("// " + "x" * 97 + "\n") * (pad // 100))
-    # x_shape named in the source itself: MLX passes an input's shape only where the source mentions it.
-    source = f"(void)x_shape;\n#include \"{body}\"\n"
+    body = ("const int i = threadIdx.x; if (i < x_shape[0]) out[i] = x[i] + static_cast<T>(1.0f);\n"
+            + ("// " + "x" * 97 + "\n") * (pad // 100))
     kernel = mx.fast.cuda_kernel(name=f"op_cost_included_{pad}", input_names=["x"], output_names=["out"],
-                                 source=source)
+                                 source=_core.kernel_source_included(body, ["x"]))
     return lambda y: kernel(inputs=[y], template=[("T", mx.bfloat16)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
                             output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
 

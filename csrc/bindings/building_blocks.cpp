@@ -5,6 +5,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include "bindings/bindings.h"
 #include "bindings/config.h"
@@ -63,6 +64,9 @@ void bind_building_blocks(nb::module_& m) {
       "source"_a, "switches"_a = std::map<std::string, bool>{},
       "A CUDA kernel's source as our kernels hand it to MLX: comments, indentation and blank lines gone, the "
       "`#if NAME` branches of the given switches resolved.");
+  m.def("kernel_source_included", &kernel_source_included, "source"_a, "inputs"_a = std::vector<std::string>{},
+        "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
+        "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");
   m.def("gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
   m.def(
       "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),

@@ -1,5 +1,11 @@
 #include "nn/cuda_kernel_common.h"
 
+#include <stdlib.h>  // mkdtemp
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <stdexcept>
 #include <vector>
 
@@ -78,6 +84,62 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
   }
   if (!open.empty()) throw std::invalid_argument("compact_kernel_source: an #if without its #endif");
   return out;
+}
+
+namespace {
+
+bool kernel_sources_by_path() {
+  static const bool on = [] {
+    const char* value = std::getenv("MLXRUNNER_KERNEL_SOURCES_BY_PATH");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return on;
+}
+
+// A directory of this process's own, made once: no other user can change the files NVRTC reads from it.
+const std::filesystem::path& kernel_source_dir() {
+  static const std::filesystem::path dir = [] {
+    std::string pattern = (std::filesystem::temp_directory_path() / "mlxrunner-kernels-XXXXXX").string();
+    if (mkdtemp(pattern.data()) == nullptr) {
+      throw std::runtime_error("cannot make a directory for the CUDA kernels' sources under " +
+                               std::filesystem::temp_directory_path().string());
+    }
+    return std::filesystem::path(pattern);
+  }();
+  return dir;
+}
+
+}  // namespace
+
+std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs) {
+  std::string mentions;
+  for (const auto& input : inputs) {
+    for (const char* suffix : {"_shape", "_strides", "_ndim"}) {
+      if (source.find(input + suffix) != std::string::npos) mentions += "(void)" + input + suffix + ";";
+    }
+  }
+  char hash[17];
+  std::snprintf(hash, sizeof(hash), "%016zx", std::hash<std::string>{}(source));
+  const auto path = kernel_source_dir() / (std::string(hash) + ".cuh");
+  if (!std::filesystem::exists(path)) {
+    std::ofstream file(path, std::ios::binary);
+    file << source;
+    if (!file) throw std::runtime_error("cannot write a CUDA kernel's source to " + path.string());
+  }
+  return mentions + (mentions.empty() ? "" : "\n") + "#include \"" + path.string() + "\"\n";
+}
+
+mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
+                                           const std::vector<std::string>& outputs, std::string_view source,
+                                           std::string_view header, bool ensure_row_contiguous,
+                                           const std::map<std::string, bool>& switches) {
+  auto body = compact_kernel_source(source, switches);
+  auto head = compact_kernel_source(header, switches);
+  if (kernel_sources_by_path()) {
+    body = kernel_source_included(body, inputs);
+    if (!head.empty()) head = kernel_source_included(head);
+  }
+  return mx::fast::cuda_kernel(name, inputs, outputs, body, head, ensure_row_contiguous);
 }
 
 }  // namespace mlxr

@@ -213,13 +213,19 @@ inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n, bool 
 // our kernels; the commented source of the decode product, all its variants included, was 16 KB.
 std::string compact_kernel_source(std::string_view source, const std::map<std::string, bool>& switches = {});
 
-// mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both).
-inline mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
-                                                  const std::vector<std::string>& outputs, std::string_view source,
-                                                  std::string_view header = "", bool ensure_row_contiguous = true,
-                                                  const std::map<std::string, bool>& switches = {}) {
-  return mx::fast::cuda_kernel(name, inputs, outputs, compact_kernel_source(source, switches),
-                               compact_kernel_source(header, switches), ensure_row_contiguous);
-}
+// What MLX is handed in place of a kernel source that is written to a file of its own: the one line that #includes
+// it by its absolute path, after a mention of each of `inputs`' shape, strides and ndim that the source uses (MLX
+// passes those only where the source it is given names them). The file, named by the source's hash, goes to a
+// directory this process made for itself (mode 0700). MLX then rebuilds and hashes a few hundred bytes at each call
+// instead of the whole source; whether MLX's NVRTC takes the include, and what it saves, is for
+// benchmarks/gpu/op_cost.py to measure, so this is behind MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (off unless set).
+std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
+
+// mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both), and
+// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included).
+mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
+                                           const std::vector<std::string>& outputs, std::string_view source,
+                                           std::string_view header = "", bool ensure_row_contiguous = true,
+                                           const std::map<std::string, bool>& switches = {});
 
 }  // namespace mlxr

@@ -215,3 +215,28 @@ def test_the_decode_products_sources_shrink_to_what_each_variant_runs():
     assert "staged" in heads and "heads_out" in heads and "MLXR_STAGE" in heads
     assert "//" not in plain + heads
     assert len(plain) < 0.5 * len(body)
+
+
+def test_a_kernel_source_handed_over_by_its_path():
+    """MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 hands MLX one #include line in place of a kernel's source: the line must
+    name a file, private to this process, that holds the source as it was (the host's preprocessor, given the line,
+    gives the source back), and mention each input's shape / strides / ndim that the source uses, which MLX looks for
+    in what it is given to decide what to pass."""
+    from mlxrunner import _core
+
+    source = "const int n = x_shape[0];\nfor (int i = 0; i < n; ++i) out[i] = x[i] * w[i * w_strides[0]];\n"
+    handed = _core.kernel_source_included(source, ["x", "w", "bias"])
+    mentions, include = handed.rstrip("\n").split("\n")
+    assert mentions == "(void)x_shape;(void)w_strides;"
+    path = Path(re.fullmatch(r'#include "(/.+\.cuh)"', include).group(1))
+    assert path.read_text() == source
+    assert path.parent.stat().st_mode & 0o777 == 0o700  # nobody else can change what the compiler reads
+    assert _core.kernel_source_included(source, ["x", "w"]) == handed  # the same source: the same file
+    other = _core.kernel_source_included(source + "out[0] = 0;\n")
+    assert other.startswith("#include") and other != include + "\n"
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.fail("no host C++ compiler to preprocess with")
+    expanded = subprocess.run([compiler, "-E", "-P", "-x", "c++", "-"], input=include + "\n", capture_output=True,
+                              text=True, check=True).stdout
+    assert expanded.split() == source.split()
