@@ -216,7 +216,7 @@ def test_packed_experts_take_their_global_scales(tmp_path):
 
 
 def test_glm_latent_rows_take_their_global_scale(tmp_path):
-    """MLA dequantizes kv_b_proj once at load (nn/mla): its nvfp4 global scale multiplies it there."""
+    """MLA dequantizes kv_b_proj once at load (text/mla): its nvfp4 global scale multiplies it there."""
     scales = {"model.layers.0.self_attn.kv_b_proj.weight": 1.9, "model.layers.2.self_attn.kv_b_proj.weight": 0.3}
     assert_same_model(*nvfp4_store_with_global_scales(tmp_path, "glm4-moe-lite-tiny", scales))
 
