@@ -49,39 +49,26 @@ std::optional<std::pair<FusedRope, std::optional<QkNorms>>> qk_treatment(RopeCon
   return std::pair{*rope.fused(), norms};
 }
 
-}  // namespace
-
-void bind_building_blocks(nb::module_& m) {
+// Products: float and packed weights (nn/linear, nn/moe), and how packed weights are read.
+void bind_products(nb::module_& m) {
   bind_config<QuantSpec>(m, "QuantSpec", "How a packed weight was quantized: mx.quantize's bits, group_size, mode.");
   m.def("cuda_runs_packed", &cuda_runs_packed, "columns"_a, "group_size"_a,
         "Whether MLX's CUDA kernels multiply a packed weight of these columns and group size; on CUDA one that they "
         "do not is unpacked at load (nn/weights.h).");
   m.def(
-      "compact_kernel_source",
-      [](const std::string& source, const std::map<std::string, bool>& switches) {
-        return compact_kernel_source(source, switches);
+      "mxfp4_blocks",
+      [](const mx::array& blocks, const mx::array& scales) -> std::pair<mx::array, std::optional<mx::array>> {
+        const WeightMap map{{"w_blocks", blocks}, {"w_scales", scales}};
+        const auto& shape = blocks.shape();
+        if (shape.size() < 3) throw std::invalid_argument("blocks must be [..., rows, cols / 32, 16]");
+        const mx::Shape stack(shape.begin(), shape.end() - 3);
+        auto matrix = Weights(map).mxfp4_blocks("w", stack, shape[shape.size() - 3], shape[shape.size() - 2] * 32);
+        if (!matrix.quantized) return {evaluated(matrix.weight), std::nullopt};
+        return {evaluated(matrix.weight), evaluated(matrix.quantized->scales)};
       },
-      "source"_a, "switches"_a = std::map<std::string, bool>{},
-      "A CUDA kernel's source as our kernels hand it to MLX: comments, indentation and blank lines gone, the "
-      "`#if NAME` branches of the given switches resolved.");
-  m.def("kernel_source_included", &kernel_source_included, "source"_a, "inputs"_a = std::vector<std::string>{},
-        "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
-        "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");
-  m.def("gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
-  m.def(
-      "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "x * sigmoid(x).");
-  m.def(
-      "gated_silu", [](const mx::array& gate, const mx::array& up) { return evaluated(gated_silu(gate, up)); },
-      "gate"_a, "up"_a, nb::call_guard<nb::gil_scoped_release>(), "silu(gate) * up, the gated MLP's activation.");
-  m.def(
-      "gated_silu_columns",
-      [](const mx::array& fused, int gate_at, int up_at, int width) {
-        return evaluated(gated_silu_columns(fused, gate_at, up_at, width));
-      },
-      "fused"_a, "gate_at"_a, "up_at"_a, "width"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "silu(gate) * up of the columns [gate_at, gate_at + width) and [up_at, up_at + width) of fused [..., W] (a "
-      "fused projection's output), read in place on the CPU.");
+      "blocks"_a, "scales"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "A GPT-OSS checkpoint's MXFP4 *_blocks / *_scales as the loader keeps them: (MLX mxfp4 weight, scales); "
+      "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
   m.def(
       "linear",
       [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias) {
@@ -134,6 +121,34 @@ void bind_building_blocks(nb::module_& m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "A MoE's expert product: x [..., 1, K] times the packed expert weights [E, N, ..] that `indices` pick (as "
       "mx.gather_qmm: on the CPU, affine 4/8-bit weights take nn/cpu_kernels).");
+}
+
+// Activations and the softmax (nn/activation, nn/cpu_kernels).
+void bind_activations(nb::module_& m) {
+  m.def("gelu", [](const mx::array& x) { return gelu(x); }, "x"_a, "Exact (erf) GELU, as torch.nn.functional.gelu.");
+  m.def(
+      "silu", [](const mx::array& x) { return evaluated(silu(x)); }, "x"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x * sigmoid(x).");
+  m.def(
+      "gated_silu", [](const mx::array& gate, const mx::array& up) { return evaluated(gated_silu(gate, up)); },
+      "gate"_a, "up"_a, nb::call_guard<nb::gil_scoped_release>(), "silu(gate) * up, the gated MLP's activation.");
+  m.def(
+      "gated_silu_columns",
+      [](const mx::array& fused, int gate_at, int up_at, int width) {
+        return evaluated(gated_silu_columns(fused, gate_at, up_at, width));
+      },
+      "fused"_a, "gate_at"_a, "up_at"_a, "width"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "silu(gate) * up of the columns [gate_at, gate_at + width) and [up_at, up_at + width) of fused [..., W] (a "
+      "fused projection's output), read in place on the CPU.");
+  m.def(
+      "softmax",
+      [](const mx::array& x) { return evaluated(on_cpu_kernels(x) ? softmax_last_axis(x) : mx::softmax(x, -1)); },
+      "x"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "Softmax over the last axis; float32 on the CPU on every core (nn/cpu_kernels.h).");
+}
+
+// Norms, RoPE and the CPU's convolution (nn/norm, nn/rope, nn/cpu_kernels).
+void bind_norms_rope_and_convolutions(nb::module_& m) {
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias, float eps) {
@@ -150,6 +165,23 @@ void bind_building_blocks(nb::module_& m) {
       "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "then_silu"_a = false, nb::call_guard<nb::gil_scoped_release>(),
       "GroupNorm of x [B, H, W, C] as PyTorch's, then SiLU when then_silu (nn/norm.h).");
   m.def(
+      "add_rms_norm",
+      [](const mx::array& x, const mx::array& delta, const mx::array& weight, float eps) {
+        auto [sum, normed] = RMSNorm{.weight = weight, .eps = eps}.add_then_norm(x, delta);
+        return std::pair{evaluated(sum), evaluated(normed)};
+      },
+      "x"_a, "delta"_a, "weight"_a, "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
+      "(x + delta, RMSNorm of it): a decoder's residual add and the norm after it (one kernel on CUDA).");
+  m.def(
+      "rope",
+      [](const mx::array& x, const RopeConfig& config, int offset) {
+        RopeConfig c = config;
+        if (c.dims == 0) c.dims = x.shape(-1);
+        return evaluated(Rope(c)(x, offset));
+      },
+      "x"_a, "config"_a, "offset"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+      "A decoder's RoPE on x [B, H, T, D], positions from offset (dims 0: the whole head).");
+  m.def(
       "conv2d_cpu",
       [](const mx::array& x, const mx::array& weight, int padding, std::optional<mx::array> bias,
          std::optional<mx::array> residual, bool upsample_2x) {
@@ -161,23 +193,46 @@ void bind_building_blocks(nb::module_& m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core, then + bias, then residual + "
       "that; upsample_2x reads x upsampled 2x (nearest) first (nn/cpu_kernels.h).");
+}
+
+// Attention (nn/attention).
+void bind_attention(nb::module_& m) {
   m.def(
-      "rope",
-      [](const mx::array& x, const RopeConfig& config, int offset) {
-        RopeConfig c = config;
-        if (c.dims == 0) c.dims = x.shape(-1);
-        return evaluated(Rope(c)(x, offset));
+      "attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,
+         std::optional<mx::array> sinks) {
+        return evaluated(window > 0 ? windowed_causal_attention(q, k, v, window, scale, sinks)
+                                    : causal_attention(q, k, v, scale, sinks));
       },
-      "x"_a, "config"_a, "offset"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
-      "A decoder's RoPE on x [B, H, T, D], positions from offset (dims 0: the whole head).");
+      "q"_a, "k"_a, "v"_a, "window"_a = 0, "scale"_a = nb::none(), "sinks"_a = nb::none(),
+      nb::call_guard<nb::gil_scoped_release>(),
+      "Causal attention over [B, H, L, D] (queries the last Lq of the Lk positions), within a sliding window "
+      "when window > 0, with attention sinks [Hq] when given.");
   m.def(
-      "add_rms_norm",
-      [](const mx::array& x, const mx::array& delta, const mx::array& weight, float eps) {
-        auto [sum, normed] = RMSNorm{.weight = weight, .eps = eps}.add_then_norm(x, delta);
-        return std::pair{evaluated(sum), evaluated(normed)};
+      "masked_attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask, size_t max_scores) {
+        return evaluated(max_scores > 0 ? attention_in_query_bands(q, k, v, max_scores, mask)
+                                        : attention(q, k, v, mask));
       },
-      "x"_a, "delta"_a, "weight"_a, "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
-      "(x + delta, RMSNorm of it): a decoder's residual add and the norm after it (one kernel on CUDA).");
+      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "max_scores"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
+      "Attention over [B, H, L, D] with an optional mask as mx.fast.scaled_dot_product_attention takes it (bool: "
+      "True attends; float: added to the scores): the encoders' and DiTs' attention. max_scores > 0: in bands of "
+      "queries with about that many scores at a time (the VAE's attention).");
+}
+
+// Our CUDA kernels called on their own, and their sources as MLX is handed them (nn/cuda_*).
+void bind_cuda_kernels(nb::module_& m) {
+  m.def(
+      "compact_kernel_source",
+      [](const std::string& source, const std::map<std::string, bool>& switches) {
+        return compact_kernel_source(source, switches);
+      },
+      "source"_a, "switches"_a = std::map<std::string, bool>{},
+      "A CUDA kernel's source as our kernels hand it to MLX: comments, indentation and blank lines gone, the "
+      "`#if NAME` branches of the given switches resolved.");
+  m.def("kernel_source_included", &kernel_source_included, "source"_a, "inputs"_a = std::vector<std::string>{},
+        "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
+        "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");
   m.def(
       "cuda_qk_norm_rope",
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
@@ -281,46 +336,16 @@ void bind_building_blocks(nb::module_& m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "FLUX.2's modulation on CUDA: h = x (+ gate * y when given), then (h, layer_norm(h) * one_plus_scale + shift) "
       "for x, y [B, T, N], the vectors [B, 1, N]; None off CUDA or where it does not apply (nn/cuda_dit_fusion.h).");
-  m.def(
-      "attention",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,
-         std::optional<mx::array> sinks) {
-        return evaluated(window > 0 ? windowed_causal_attention(q, k, v, window, scale, sinks)
-                                    : causal_attention(q, k, v, scale, sinks));
-      },
-      "q"_a, "k"_a, "v"_a, "window"_a = 0, "scale"_a = nb::none(), "sinks"_a = nb::none(),
-      nb::call_guard<nb::gil_scoped_release>(),
-      "Causal attention over [B, H, L, D] (queries the last Lq of the Lk positions), within a sliding window "
-      "when window > 0, with attention sinks [Hq] when given.");
-  m.def(
-      "mxfp4_blocks",
-      [](const mx::array& blocks, const mx::array& scales) -> std::pair<mx::array, std::optional<mx::array>> {
-        const WeightMap map{{"w_blocks", blocks}, {"w_scales", scales}};
-        const auto& shape = blocks.shape();
-        if (shape.size() < 3) throw std::invalid_argument("blocks must be [..., rows, cols / 32, 16]");
-        const mx::Shape stack(shape.begin(), shape.end() - 3);
-        auto matrix = Weights(map).mxfp4_blocks("w", stack, shape[shape.size() - 3], shape[shape.size() - 2] * 32);
-        if (!matrix.quantized) return {evaluated(matrix.weight), std::nullopt};
-        return {evaluated(matrix.weight), evaluated(matrix.quantized->scales)};
-      },
-      "blocks"_a, "scales"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "A GPT-OSS checkpoint's MXFP4 *_blocks / *_scales as the loader keeps them: (MLX mxfp4 weight, scales); "
-      "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
-  m.def(
-      "masked_attention",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask, size_t max_scores) {
-        return evaluated(max_scores > 0 ? attention_in_query_bands(q, k, v, max_scores, mask)
-                                        : attention(q, k, v, mask));
-      },
-      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "max_scores"_a = 0, nb::call_guard<nb::gil_scoped_release>(),
-      "Attention over [B, H, L, D] with an optional mask as mx.fast.scaled_dot_product_attention takes it (bool: "
-      "True attends; float: added to the scores): the encoders' and DiTs' attention. max_scores > 0: in bands of "
-      "queries with about that many scores at a time (the VAE's attention).");
-  m.def(
-      "softmax",
-      [](const mx::array& x) { return evaluated(on_cpu_kernels(x) ? softmax_last_axis(x) : mx::softmax(x, -1)); },
-      "x"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "Softmax over the last axis; float32 on the CPU on every core (nn/cpu_kernels.h).");
+}
+
+}  // namespace
+
+void bind_building_blocks(nb::module_& m) {
+  bind_products(m);
+  bind_activations(m);
+  bind_norms_rope_and_convolutions(m);
+  bind_attention(m);
+  bind_cuda_kernels(m);
 }
 
 }  // namespace mlxr::bindings
