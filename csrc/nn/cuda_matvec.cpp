@@ -198,7 +198,8 @@ constexpr const char* kTensorCoreSource = R"(
   constexpr int kPerChunk = 4 * kPerWord;     // weights in a lane's 16 bytes: 32 (4-bit) or 16 (8-bit)
   constexpr int kMmas = kPerChunk / 4;        // mmas a step: a lane gives 4 slots of each
   constexpr int kXWords = kPerChunk / 2;      // x's chunk as pairs
-  const int M = x_shape[0];
+  int M = 1;  // x's rows: its leading dimensions (handed over as they are: a reshape would be one more operation)
+  for (int i = 0; i + 1 < x_ndim; ++i) M *= x_shape[i];
   const int n_rows = w_shape[0];
   const int words_per_row = w_shape[1];
   const int k = words_per_row * kPerWord;
@@ -475,11 +476,10 @@ void add_norm_args(TemplateArgs& args, const NormInput& input) {
   args.emplace_back("EPS_BITS", cuda_eps_bits(input.eps));
 }
 
-// The inputs x, delta and norm_weight of the normed variants, x flattened to [rows, K]. Without a delta the kernel
-// reads x alone: x stands in for it.
-std::vector<mx::array> norm_inputs(const NormInput& input, int rows) {
-  auto x = mx::reshape(input.x, {rows, static_cast<int>(input.x.shape(-1))});
-  return {x, input.delta ? mx::reshape(*input.delta, x.shape()) : x, input.weight};
+// The inputs x, delta and norm_weight of the normed variants, in their own shapes (the kernel reads rows of K, and
+// every reshape is one more operation for MLX's host). Without a delta the kernel reads x alone: x stands in for it.
+std::vector<mx::array> norm_inputs(const NormInput& input) {
+  return {input.x, input.delta.value_or(input.x), input.weight};
 }
 
 // Whether the normed variants take this input: a delta like x, the norm's weight [K] in x's dtype.
@@ -553,12 +553,10 @@ bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& 
 mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
   static const auto kernel =
       product_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, /*normed=*/false, /*heads=*/false);
-  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const int rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
   const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
-  auto out = kernel({mx::reshape(x, {rows, k}), packed, q.scales, *q.biases}, {{rows, outputs}}, {x.dtype()},
-                    grid_for(tiles, warps), {32 * warps, 1, 1}, template_args(x.dtype(), rows, q.spec, gated, warps),
-                    std::nullopt, false, {})[0];
-  return mx::reshape(out, output_shape(x, outputs));
+  return kernel({x, packed, q.scales, *q.biases}, {output_shape(x, outputs)}, {x.dtype()}, grid_for(tiles, warps),
+                {32 * warps, 1, 1}, template_args(x.dtype(), rows, q.spec, gated, warps), std::nullopt, false, {})[0];
 }
 
 }  // namespace
@@ -592,17 +590,17 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
   static const auto kernels = normed_kernels("mlxr_qmv_tc_normed", /*heads=*/false,
                                              {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"});
   const auto& kernel = kernels[*stage];
-  const int k = x.shape(-1), rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
+  const int rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
   const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
   const bool add = input.delta.has_value();
   auto args = template_args(x.dtype(), rows, q.spec, gated, warps);
   add_norm_args(args, input);
-  auto inputs = norm_inputs(input, rows);
+  auto inputs = norm_inputs(input);
   inputs.insert(inputs.end(), {packed, q.scales, *q.biases});
   // Without a delta the unwritten `added` is not used.
-  auto out = kernel(inputs, {{rows, outputs}, add ? mx::Shape{rows, k} : mx::Shape{1}}, {x.dtype(), x.dtype()},
+  auto out = kernel(inputs, {output_shape(x, outputs), add ? x.shape() : mx::Shape{1}}, {x.dtype(), x.dtype()},
                     grid_for(tiles, warps), {32 * warps, 1, 1}, args, std::nullopt, false, {});
-  return std::pair{add ? mx::reshape(out[1], x.shape()) : x, mx::reshape(out[0], output_shape(x, outputs))};
+  return std::pair{add ? out[1] : x, out[0]};
 }
 
 // MLXRUNNER_QKV_HEADS=0 turns the heads variant off (the normed product and the q/k kernel run instead): a switch for
@@ -632,7 +630,7 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
       {"x", "delta", "norm_weight", "w", "scales", "biases", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
       {"q_out", "k_out", "v_out", "added"});
   const auto& kernel = kernels[*stage];
-  const int b = x.shape(0), t = x.shape(1), k = x.shape(2), rows = b * t;
+  const int b = x.shape(0), t = x.shape(1), rows = b * t;
   const bool add = input.delta.has_value();
   auto args = template_args(x.dtype(), rows, q.spec, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);
   add_norm_args(args, input);
@@ -643,20 +641,18 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
                            {"TRADITIONAL", split.rope.traditional},
                            {"QK_NORM", norms.has_value()},
                            {"QK_EPS_BITS", cuda_eps_bits(norms ? norms->eps : 0.f)}});
-  auto inputs = norm_inputs(input, rows);
+  auto inputs = norm_inputs(input);
   // Without q/k norms the kernel does not read their weights: x stands in for them.
   inputs.insert(inputs.end(),
                 {packed, q.scales, *q.biases, norms ? norms->q_weight : inputs[0], norms ? norms->k_weight : inputs[0],
                  split.rope.inverse_frequencies, mx::astype(split.offsets, mx::int32)});
   const int threads = 32 * kHeadWarpsPerTile * (d / 16);
-  auto out = kernel(inputs,
-                    {{b, split.q_heads, t, d},
-                     {b, split.kv_heads, t, d},
-                     {b, split.kv_heads, t, d},
-                     add ? mx::Shape{rows, k} : mx::Shape{1}},
-                    {x.dtype(), x.dtype(), x.dtype(), x.dtype()}, {heads * threads, 1, 1}, {threads, 1, 1}, args,
-                    std::nullopt, false, {});
-  return QkvHeads{.sum = add ? mx::reshape(out[3], x.shape()) : x, .q = out[0], .k = out[1], .v = out[2]};
+  auto out = kernel(
+      inputs,
+      {{b, split.q_heads, t, d}, {b, split.kv_heads, t, d}, {b, split.kv_heads, t, d}, add ? x.shape() : mx::Shape{1}},
+      {x.dtype(), x.dtype(), x.dtype(), x.dtype()}, {heads * threads, 1, 1}, {threads, 1, 1}, args, std::nullopt, false,
+      {});
+  return QkvHeads{.sum = add ? out[3] : x, .q = out[0], .k = out[1], .v = out[2]};
 }
 
 }  // namespace mlxr

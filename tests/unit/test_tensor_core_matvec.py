@@ -194,11 +194,11 @@ def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: i
         blocks = "(w_shape[0] / 2 + 7) / 8" if gated else "(w_shape[0] + 15) / 16"
         warps_a_block = warps
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
-    params = ("const T* x, const int* x_shape, const T* delta, const T* norm_weight, const uint32_t* w, "
+    params = ("const T* x, const int* x_shape, int x_ndim, const T* delta, const T* norm_weight, const uint32_t* w, "
               "const int* w_shape, const T* scales, const T* biases, T* out, T* added, const T* q_weight, "
               "const T* k_weight, const float* inverse_frequencies, const int* offsets, const int* offsets_shape, "
               "T* q_out, T* k_out, T* v_out")
-    args = ("x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight, k_weight, "
+    args = ("x, x_shape, x_ndim, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight, k_weight, "
             "inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out")
     header = SOURCE.with_suffix(".h").read_text()  # the larger of the kernel's stage sizes
     stage = int(re.search(r"constexpr int kMaxStagedElements = (\d+);", header).group(1))
@@ -284,7 +284,10 @@ def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
     out = np.zeros((x.shape[0], outputs), dtype=np.uint16)
     delta, norm_weight = case.get("delta", x), case.get("norm_weight", x)
     case["added"] = np.zeros_like(x)
-    x_shape, w_shape = np.array(x.shape, dtype=np.int32), np.array(packed.shape, dtype=np.int32)
+    # x as the launch hands it over, in its own leading dimensions (a [1, rows, K] sequence unless the case says)
+    x_shape = np.array(case.get("x_view", (1, *x.shape)), dtype=np.int32)
+    assert np.prod(x_shape) == x.size
+    w_shape = np.array(packed.shape, dtype=np.int32)
     q_weight, k_weight = case.get("q_weight", x), case.get("k_weight", x)
     inverse_frequencies = case.get("inverse_frequencies", np.zeros(1, np.float32))
     offsets = case.get("offsets", np.zeros(1, np.int32))
@@ -292,10 +295,11 @@ def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
     for name in ("q_out", "k_out", "v_out"):
         case[name] = np.zeros(case.get(name + "_shape", (1,)), dtype=np.uint16)
     ptr = ctypes.c_void_p
-    lib.run(*[ptr(a.ctypes.data) for a in (x, x_shape, delta, norm_weight, packed, w_shape, case["scales"],
-                                           case["biases"], out, case["added"], q_weight, k_weight,
-                                           inverse_frequencies, offsets, offsets_shape, case["q_out"],
-                                           case["k_out"], case["v_out"])])
+    before = [ptr(a.ctypes.data) for a in (x, x_shape)]
+    after = [ptr(a.ctypes.data) for a in (delta, norm_weight, packed, w_shape, case["scales"], case["biases"], out,
+                                          case["added"], q_weight, k_weight, inverse_frequencies, offsets,
+                                          offsets_shape, case["q_out"], case["k_out"], case["v_out"])]
+    lib.run(*before, ctypes.c_int(len(x_shape)), *after)
     return out
 
 
@@ -416,6 +420,7 @@ def test_the_heads_variant_is_the_normed_product_then_the_qk_norms_and_rope(tmp_
     case["inverse_frequencies"] = (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32)
     case["offsets"] = np.array([7] if b == 1 else [3 + 11 * i for i in range(b)], dtype=np.int32)
     case["q_out_shape"], case["k_out_shape"], case["v_out_shape"] = (b, hq, t, d), (b, hkv, t, d), (b, hkv, t, d)
+    case["x_view"] = (b, t, k)  # as the decoder hands x over: [sequences, tokens, K]
     split = {"head_dim": d, "q_heads": hq, "kv_heads": hkv, "tokens": t, "traditional": traditional,
              "qk_norm": qk_norm, "qk_eps": eps}
     run(build(tmp_path / "heads", dtype, bits, group, rows, warps, passes, add=add, eps=eps, heads=split), case, bits,
