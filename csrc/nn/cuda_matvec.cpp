@@ -121,15 +121,16 @@ constexpr const char* kHeadsHelpers = R"(
 namespace mlxr_tc {
 // Row m of x's outputs of one head (values: its HEAD_DIM outputs) written where attention reads them: a query or key
 // head gets the per-head RMSNorm (QK_NORM) and RoPE at position first_position + t as nn/cuda_norm_rope.cpp's kernel
-// gives them (the norm's sum over the warp, here), a value head is copied; all heads first, [B, heads, TOKENS, D].
-// One warp; lane holds pairs lane, lane + 32, ...
-template <typename T, int HEAD_DIM, int Q_HEADS, int KV_HEADS, int TOKENS, bool TRADITIONAL, bool QK_NORM>
-__device__ __forceinline__ void heads_out(const float* values, int m, int head, int lane, const T* q_weight,
+// gives them (the norm's sum over the warp, here), a value head is copied; all heads first, [B, heads, tokens, D]
+// (x's tokens a sequence: a run-time value, so that one compiled variant serves every prompt length). One warp;
+// lane holds pairs lane, lane + 32, ...
+template <typename T, int HEAD_DIM, int Q_HEADS, int KV_HEADS, bool TRADITIONAL, bool QK_NORM>
+__device__ __forceinline__ void heads_out(const float* values, int m, int tokens, int head, int lane, const T* q_weight,
                                           const T* k_weight, float eps, const float* inverse_frequencies,
                                           int first_position, T* q_out, T* k_out, T* v_out) {
-  const size_t b = m / TOKENS, t = m % TOKENS;
+  const size_t b = m / tokens, t = m % tokens;
   if (head >= Q_HEADS + KV_HEADS) {
-    T* dst = v_out + ((b * KV_HEADS + head - Q_HEADS - KV_HEADS) * TOKENS + t) * HEAD_DIM;
+    T* dst = v_out + ((b * KV_HEADS + head - Q_HEADS - KV_HEADS) * tokens + t) * HEAD_DIM;
     for (int j = lane; j < HEAD_DIM; j += 32) dst[j] = static_cast<T>(values[j]);
     return;
   }
@@ -161,8 +162,8 @@ __device__ __forceinline__ void heads_out(const float* values, int m, int head, 
       x2[p] = static_cast<float>(static_cast<T>(static_cast<float>(w[at2]) * n2));
     }
   }
-  T* dst = head < Q_HEADS ? q_out + ((b * Q_HEADS + head) * TOKENS + t) * HEAD_DIM
-                          : k_out + ((b * KV_HEADS + head - Q_HEADS) * TOKENS + t) * HEAD_DIM;
+  T* dst = head < Q_HEADS ? q_out + ((b * Q_HEADS + head) * tokens + t) * HEAD_DIM
+                          : k_out + ((b * KV_HEADS + head - Q_HEADS) * tokens + t) * HEAD_DIM;
 #pragma unroll
   for (int p = 0; p < kPairs; ++p) {
     const int i = lane + 32 * p;
@@ -420,10 +421,11 @@ constexpr const char* kTensorCoreSource = R"(
   }
 #if MLXR_HEADS
   __syncthreads();
+  const int tokens = x_shape[x_ndim - 2];  // x is [sequences, tokens, K]
   for (int m = warp; m < M; m += W * kTiles) {  // a warp a row of x
-    heads_out<T, HEAD_DIM, Q_HEADS, KV_HEADS, TOKENS, TRADITIONAL, QK_NORM>(
-        head[m], m, blockIdx.x, lane, q_weight, k_weight, __int_as_float(QK_EPS_BITS), inverse_frequencies,
-        offsets[offsets_shape[0] == 1 ? 0 : m / TOKENS], q_out, k_out, v_out);
+    heads_out<T, HEAD_DIM, Q_HEADS, KV_HEADS, TRADITIONAL, QK_NORM>(
+        head[m], m, tokens, blockIdx.x, lane, q_weight, k_weight, __int_as_float(QK_EPS_BITS), inverse_frequencies,
+        offsets[offsets_shape[0] == 1 ? 0 : m / tokens], q_out, k_out, v_out);
   }
 #endif
 )";
@@ -637,7 +639,6 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
   args.insert(args.end(), {{"HEAD_DIM", d},
                            {"Q_HEADS", split.q_heads},
                            {"KV_HEADS", split.kv_heads},
-                           {"TOKENS", t},
                            {"TRADITIONAL", split.rope.traditional},
                            {"QK_NORM", norms.has_value()},
                            {"QK_EPS_BITS", cuda_eps_bits(norms ? norms->eps : 0.f)}});

@@ -179,13 +179,14 @@ def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: i
           heads: dict | None = None) -> ctypes.CDLL:
     """The kernel as a library: run(x, x_shape, delta, norm_weight, w, w_shape, scales, biases, out, added, q_weight,
     k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out) (the last eight for `heads`, the
-    MLXR_HEADS variant: a dict of head_dim, q_heads, kv_heads, tokens, traditional, qk_norm, qk_eps)."""
+    MLXR_HEADS variant: a dict of head_dim, q_heads, kv_heads, traditional, qk_norm, qk_eps; the tokens a sequence
+    come from x's shape, as on the GPU)."""
     helpers, body = kernel_parts(normed=normed or bool(heads), heads=bool(heads))
     constants = {"BITS": bits, "GROUP": group, "XT": (rows + 7) // 8, "W": warps, "U": passes, "GATED": int(gated),
                  "ADD": int(add), "EPS_BITS": int(np.array(eps, dtype=np.float32).view(np.int32))}
     if heads:
         constants.update({"HEAD_DIM": heads["head_dim"], "Q_HEADS": heads["q_heads"], "KV_HEADS": heads["kv_heads"],
-                          "TOKENS": heads["tokens"], "TRADITIONAL": int(heads["traditional"]),
+                          "TRADITIONAL": int(heads["traditional"]),
                           "QK_NORM": int(heads["qk_norm"]),
                           "QK_EPS_BITS": int(np.array(heads["qk_eps"], dtype=np.float32).view(np.int32))})
         blocks = f"{heads['q_heads'] + 2 * heads['kv_heads']}"
@@ -421,7 +422,7 @@ def test_the_heads_variant_is_the_normed_product_then_the_qk_norms_and_rope(tmp_
     case["offsets"] = np.array([7] if b == 1 else [3 + 11 * i for i in range(b)], dtype=np.int32)
     case["q_out_shape"], case["k_out_shape"], case["v_out_shape"] = (b, hq, t, d), (b, hkv, t, d), (b, hkv, t, d)
     case["x_view"] = (b, t, k)  # as the decoder hands x over: [sequences, tokens, K]
-    split = {"head_dim": d, "q_heads": hq, "kv_heads": hkv, "tokens": t, "traditional": traditional,
+    split = {"head_dim": d, "q_heads": hq, "kv_heads": hkv, "traditional": traditional,
              "qk_norm": qk_norm, "qk_eps": eps}
     run(build(tmp_path / "heads", dtype, bits, group, rows, warps, passes, add=add, eps=eps, heads=split), case, bits,
         n)
