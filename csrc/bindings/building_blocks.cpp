@@ -259,9 +259,8 @@ void bind_cuda_kernels(nb::module_& m) {
         auto treatment = qk_treatment(config, packed.shape(0) / (q_heads + 2 * kv_heads), q_weight, k_weight, qk_eps);
         if (!treatment) return std::nullopt;
         const Quantized q{.scales = scales, .biases = biases, .spec = spec};
-        auto out =
-            cuda_quantized_normed_qkv_heads(NormInput{x, delta, norm_weight, eps}, packed, q,
-                                            HeadSplit{q_heads, kv_heads, treatment->second, treatment->first, offsets});
+        auto out = cuda_normed_qkv_heads(NormInput{x, delta, norm_weight, eps}, packed, &q,
+                                         HeadSplit{q_heads, kv_heads, treatment->second, treatment->first, offsets});
         if (!out) return std::nullopt;
         return std::tuple{evaluated(out->sum), evaluated(out->q), evaluated(out->k), evaluated(out->v)};
       },

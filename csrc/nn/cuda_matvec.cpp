@@ -179,7 +179,8 @@ __device__ __forceinline__ void heads_out(const float* values, int m, int tokens
 )";
 
 constexpr const char* kTensorCoreSource = R"(
-  // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T).
+  // x [M, K] (T), w [N, K * BITS / 32] uint32, scales and biases [N, K / GROUP] (T) -> out [M, N] (T); BITS 16: w is
+  // [N, K] in T itself (a half-precision weight: no scales, biases or unpacking; its pairs go to the mma as they are).
   // A block of W warps computes a tile of 16 rows of out for all M (<= 8 * XT) rows of x (M read from x's shape:
   // one compiled variant serves 1 to 8 rows). Lane (g, t) = (lane / 4, lane % 4) loads 16 bytes of weight rows g and
   // g + 8 of the tile per step, its chunk t of the rows' 64-byte segment; the warps take every W-th segment, U at a
@@ -196,13 +197,14 @@ constexpr const char* kTensorCoreSource = R"(
   using namespace mlxr_tc;
   using P = typename Pair<T>::type;
   constexpr int kPerWord = 32 / BITS;
-  constexpr int kPerChunk = 4 * kPerWord;     // weights in a lane's 16 bytes: 32 (4-bit) or 16 (8-bit)
+  constexpr int kPerChunk = 4 * kPerWord;     // weights in a lane's 16 bytes: 32 (4-bit), 16 (8-bit), 8 (16-bit)
   constexpr int kMmas = kPerChunk / 4;        // mmas a step: a lane gives 4 slots of each
   constexpr int kXWords = kPerChunk / 2;      // x's chunk as pairs
   int M = 1;  // x's rows: its leading dimensions (handed over as they are: a reshape would be one more operation)
   for (int i = 0; i + 1 < x_ndim; ++i) M *= x_shape[i];
   const int n_rows = w_shape[0];
-  const int words_per_row = w_shape[1];
+  const int words_per_row = BITS == 16 ? w_shape[1] / 2 : w_shape[1];
+  const unsigned* w_words = reinterpret_cast<const unsigned*>(w);
   const int k = words_per_row * kPerWord;
   const int chunks_per_row = words_per_row / 4;
   const int segments = (chunks_per_row + 3) / 4;
@@ -316,14 +318,16 @@ constexpr const char* kTensorCoreSource = R"(
       for (int h = 0; h < 2; ++h) {
         const size_t at = static_cast<size_t>(rows[h]) * words_per_row + 4 * cc;
         if (w_aligned) {
-          const uint4 v = *reinterpret_cast<const uint4*>(w + at);
+          const uint4 v = *reinterpret_cast<const uint4*>(w_words + at);
           words[u][h][0] = v.x, words[u][h][1] = v.y, words[u][h][2] = v.z, words[u][h][3] = v.w;
         } else {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) words[u][h][i] = w[at + i];
+          for (int i = 0; i < 4; ++i) words[u][h][i] = w_words[at + i];
         }
-        scale[u][h] = scales[static_cast<size_t>(rows[h]) * groups_per_row + group];
-        bias[u][h] = biases[static_cast<size_t>(rows[h]) * groups_per_row + group];
+        if constexpr (BITS != 16) {
+          scale[u][h] = scales[static_cast<size_t>(rows[h]) * groups_per_row + group];
+          bias[u][h] = biases[static_cast<size_t>(rows[h]) * groups_per_row + group];
+        }
       }
 #pragma unroll
       for (int n = 0; n < XT; ++n) {
@@ -363,6 +367,18 @@ constexpr const char* kTensorCoreSource = R"(
             const unsigned* xs = xw[u][n] + 4 * word;
             b[n][0] = __byte_perm(xs[j & 1], xs[(j & 1) + 2], 0x5410u);
             b[n][1] = __byte_perm(xs[j & 1], xs[(j & 1) + 2], 0x7632u);
+          }
+        } else if constexpr (BITS == 16) {
+          // mma j takes pairs 2j (slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of weight and x alike.
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            a[h] = words[u][h][2 * j];
+            a[h + 2] = words[u][h][2 * j + 1];
+          }
+#pragma unroll
+          for (int n = 0; n < XT; ++n) {
+            b[n][0] = xw[u][n][2 * j];
+            b[n][1] = xw[u][n][2 * j + 1];
           }
         } else {
           // mma j takes word j: bytes 0, 1 at slots 2t, 2t + 1 and bytes 2, 3 at 2t + 8, 2t + 9: x's own pairs.
@@ -464,12 +480,37 @@ constexpr int kMaxHeadDim = 128;
 
 using TemplateArgs = std::vector<std::pair<std::string, mx::fast::TemplateArg>>;
 
-// The kernel's template arguments for x's dtype, the weight's packing and the row count.
-TemplateArgs template_args(mx::Dtype dtype, int rows, const QuantSpec& spec, bool gated, int warps = kWarpsPerTile,
+// MLXRUNNER_HALF_MATVEC=1 sends half-precision weights' decode products through the kernel too (BITS 16), with its
+// fused norms, RoPE and gated SiLU: a measuring switch, off unless set, since MLX's own products of such weights
+// already stream at the copy bandwidth and only a GPU can tell whether the fusions win.
+bool half_kernels_on() {
+  static const bool on = [] {
+    const char* value = std::getenv("MLXRUNNER_HALF_MATVEC");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return on;
+}
+
+// The uint32 words of one of the weight's rows: packed (q: its packing), or pairs of a half-precision weight.
+int words_a_row(const mx::array& w, const Quantized* q) {
+  return q ? w.shape(1) : w.shape(1) / 2;
+}
+
+// The kernel's template arguments for x's dtype, the weight's packing (BITS 16: half precision) and the row count.
+TemplateArgs template_args(mx::Dtype dtype, int rows, const Quantized* q, bool gated, int warps = kWarpsPerTile,
                            int segments_per_pass = kSegmentsPerPass) {
-  return {{"T", dtype},           {"BITS", spec.bits}, {"GROUP", spec.group_size},
-          {"XT", (rows + 7) / 8}, {"W", warps},        {"U", segments_per_pass},
+  return {{"T", dtype},
+          {"BITS", q ? q->spec.bits : 16},
+          {"GROUP", q ? q->spec.group_size : 64},
+          {"XT", (rows + 7) / 8},
+          {"W", warps},
+          {"U", segments_per_pass},
           {"GATED", gated}};
+}
+
+// The weight's inputs: w, its scales and biases (a half-precision weight has none: x stands in, unread).
+std::vector<mx::array> weight_inputs(const mx::array& x, const mx::array& w, const Quantized* q) {
+  return {w, q ? q->scales : x, q ? *q->biases : x};
 }
 
 // The normed variants' extra arguments: the residual add, the norm's eps.
@@ -536,14 +577,19 @@ std::array<mx::fast::CustomKernelFunction, kStageSizes.size()> normed_kernels(co
   return kernels;
 }
 
-// Whether the kernel takes this product: affine 4/8-bit in groups of 32/64/128, x half precision with at most
-// kMaxMatvecRows rows, the weight one dense block (a strided one would be copied on every call).
-bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
+// Whether the kernel takes this product: x half precision with at most kMaxMatvecRows rows, the weight one dense block
+// (a strided one would be copied on every call), packed affine 4/8-bit in groups of 32/64/128 or (under the switch)
+// half precision in x's dtype with K a multiple of 8.
+bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized* quantized, bool gated) {
   if (!running_on_cuda() || packed.ndim() != 2 || !packed.flags().row_contiguous || !half_precision(x.dtype())) {
     return false;
   }
   const int rows = rows_of(x);
   if (rows < 1 || rows > kMaxMatvecRows || (gated && packed.shape(0) % 2 != 0)) return false;
+  if (!quantized) {
+    return half_kernels_on() && packed.dtype() == x.dtype() && packed.shape(1) == x.shape(-1) && x.shape(-1) % 8 == 0;
+  }
+  const auto& q = *quantized;
   const auto& spec = q.spec;
   return spec.mode == "affine" && (spec.bits == 4 || spec.bits == 8) &&
          (spec.group_size == 32 || spec.group_size == 64 || spec.group_size == 128) && q.biases && !q.global_scale &&
@@ -551,14 +597,16 @@ bool kernel_takes(const mx::array& x, const mx::array& packed, const Quantized& 
          packed.shape(1) * 32 / spec.bits == x.shape(-1);
 }
 
-// The product of x [..., K] and the packed weight [N, K * bits / 32]: N outputs, N / 2 when gated.
-mx::array tensor_core_product(const mx::array& x, const mx::array& packed, const Quantized& q, bool gated) {
+// The product of x [..., K] and the weight (packed [N, K * bits / 32], or [N, K]): N outputs, N / 2 when gated.
+mx::array tensor_core_product(const mx::array& x, const mx::array& w, const Quantized* q, bool gated) {
   static const auto kernel =
       product_kernel("mlxr_qmv_tc", {"x", "w", "scales", "biases"}, {"out"}, /*normed=*/false, /*heads=*/false);
-  const int rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
-  const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
-  return kernel({x, packed, q.scales, *q.biases}, {output_shape(x, outputs)}, {x.dtype()}, grid_for(tiles, warps),
-                {32 * warps, 1, 1}, template_args(x.dtype(), rows, q.spec, gated, warps), std::nullopt, false, {})[0];
+  const int rows = rows_of(x), outputs = gated ? w.shape(0) / 2 : w.shape(0);
+  const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(w.shape(0), words_a_row(w, q), gated);
+  auto inputs = weight_inputs(x, w, q);
+  inputs.insert(inputs.begin(), x);
+  return kernel(inputs, {output_shape(x, outputs)}, {x.dtype()}, grid_for(tiles, warps), {32 * warps, 1, 1},
+                template_args(x.dtype(), rows, q, gated, warps), std::nullopt, false, {})[0];
 }
 
 }  // namespace
@@ -573,19 +621,18 @@ int matvec_warps_per_tile(int rows, int words, bool gated) {
   return warps;
 }
 
-std::optional<mx::array> cuda_quantized_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  if (!kernel_takes(x, packed, q, /*gated=*/false)) return std::nullopt;
-  return tensor_core_product(x, packed, q, /*gated=*/false);
+std::optional<mx::array> cuda_matvec(const mx::array& x, const mx::array& w, const Quantized* q) {
+  if (!kernel_takes(x, w, q, /*gated=*/false)) return std::nullopt;
+  return tensor_core_product(x, w, q, /*gated=*/false);
 }
 
-std::optional<mx::array> cuda_quantized_swiglu_matvec(const mx::array& x, const mx::array& packed, const Quantized& q) {
-  if (!kernel_takes(x, packed, q, /*gated=*/true)) return std::nullopt;
-  return tensor_core_product(x, packed, q, /*gated=*/true);
+std::optional<mx::array> cuda_swiglu_matvec(const mx::array& x, const mx::array& w, const Quantized* q) {
+  if (!kernel_takes(x, w, q, /*gated=*/true)) return std::nullopt;
+  return tensor_core_product(x, w, q, /*gated=*/true);
 }
 
-std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(const NormInput& input,
-                                                                            const mx::array& packed, const Quantized& q,
-                                                                            bool gated) {
+std::optional<std::pair<mx::array, mx::array>> cuda_normed_matvec(const NormInput& input, const mx::array& packed,
+                                                                  const Quantized* q, bool gated) {
   const auto& x = input.x;
   const auto stage = stage_for(x);
   if (!kernel_takes(x, packed, q, gated) || !norm_fits(input) || !stage) return std::nullopt;
@@ -593,12 +640,13 @@ std::optional<std::pair<mx::array, mx::array>> cuda_quantized_normed_matvec(cons
                                              {"x", "delta", "norm_weight", "w", "scales", "biases"}, {"out", "added"});
   const auto& kernel = kernels[*stage];
   const int rows = rows_of(x), outputs = gated ? packed.shape(0) / 2 : packed.shape(0);
-  const int tiles = tiles_for(outputs, gated), warps = matvec_warps_per_tile(packed.shape(0), packed.shape(1), gated);
+  const int tiles = tiles_for(outputs, gated),
+            warps = matvec_warps_per_tile(packed.shape(0), words_a_row(packed, q), gated);
   const bool add = input.delta.has_value();
-  auto args = template_args(x.dtype(), rows, q.spec, gated, warps);
+  auto args = template_args(x.dtype(), rows, q, gated, warps);
   add_norm_args(args, input);
   auto inputs = norm_inputs(input);
-  inputs.insert(inputs.end(), {packed, q.scales, *q.biases});
+  for (auto& weight_input : weight_inputs(x, packed, q)) inputs.push_back(weight_input);
   // Without a delta the unwritten `added` is not used.
   auto out = kernel(inputs, {output_shape(x, outputs), add ? x.shape() : mx::Shape{1}}, {x.dtype(), x.dtype()},
                     grid_for(tiles, warps), {32 * warps, 1, 1}, args, std::nullopt, false, {});
@@ -612,8 +660,8 @@ bool heads_kernel_on() {
   return !off;
 }
 
-std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, const mx::array& packed,
-                                                        const Quantized& q, const HeadSplit& split) {
+std::optional<QkvHeads> cuda_normed_qkv_heads(const NormInput& input, const mx::array& packed, const Quantized* q,
+                                              const HeadSplit& split) {
   const auto& x = input.x;
   const auto stage = stage_for(x);
   if (!heads_kernel_on() || x.ndim() != 3 || !kernel_takes(x, packed, q, /*gated=*/false) || !norm_fits(input) ||
@@ -634,7 +682,7 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
   const auto& kernel = kernels[*stage];
   const int b = x.shape(0), t = x.shape(1), rows = b * t;
   const bool add = input.delta.has_value();
-  auto args = template_args(x.dtype(), rows, q.spec, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);
+  auto args = template_args(x.dtype(), rows, q, /*gated=*/false, kHeadWarpsPerTile, kHeadSegmentsPerPass);
   add_norm_args(args, input);
   args.insert(args.end(), {{"HEAD_DIM", d},
                            {"Q_HEADS", split.q_heads},
@@ -644,9 +692,9 @@ std::optional<QkvHeads> cuda_quantized_normed_qkv_heads(const NormInput& input, 
                            {"QK_EPS_BITS", cuda_eps_bits(norms ? norms->eps : 0.f)}});
   auto inputs = norm_inputs(input);
   // Without q/k norms the kernel does not read their weights: x stands in for them.
-  inputs.insert(inputs.end(),
-                {packed, q.scales, *q.biases, norms ? norms->q_weight : inputs[0], norms ? norms->k_weight : inputs[0],
-                 split.rope.inverse_frequencies, mx::astype(split.offsets, mx::int32)});
+  for (auto& weight_input : weight_inputs(x, packed, q)) inputs.push_back(weight_input);
+  inputs.insert(inputs.end(), {norms ? norms->q_weight : inputs[0], norms ? norms->k_weight : inputs[0],
+                               split.rope.inverse_frequencies, mx::astype(split.offsets, mx::int32)});
   const int threads = 32 * kHeadWarpsPerTile * (d / 16);
   auto out = kernel(
       inputs,

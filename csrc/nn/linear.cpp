@@ -80,7 +80,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
     auto y = mx::quantized_matmul(bf16(x), packed, bf16(q.scales), biases, true, spec.group_size, spec.bits, spec.mode);
     return scaled(mx::astype(y, mx::float32), q);
   }
-  if (auto y = cuda_quantized_matvec(x, packed, q)) return *y;
+  if (auto y = cuda_matvec(x, packed, &q)) return *y;
   if (single_group_rows_on_cuda(packed, spec)) return dequantized_matmul(x, packed, q);
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
@@ -125,6 +125,7 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight) {
     auto product = mx::matmul(mx::astype(x, mx::float32), mx::transpose(widened_to_float32(weight)));
     return mx::astype(product, x.dtype());
   }
+  if (auto y = cuda_matvec(x, weight, nullptr)) return *y;  // a decode step, under MLXRUNNER_HALF_MATVEC=1
   if (takes_grouped_product(x, weight)) return grouped_product(x, weight);
   return mx::matmul(x, mx::transpose(weight));
 }
@@ -220,20 +221,20 @@ mx::array FusedLinear::operator()(const mx::array& x) const {
   return mx::concatenate(outputs, -1);
 }
 
-const Linear* FusedLinear::packed_alone() const {
-  return layers.size() == 1 && layers[0].quantized && !layers[0].bias ? &layers[0] : nullptr;
+const Linear* FusedLinear::alone() const {
+  return layers.size() == 1 && !layers[0].bias ? &layers[0] : nullptr;
 }
 
 std::optional<std::pair<mx::array, mx::array>> FusedLinear::normed_product(const NormInput& input) const {
-  const auto* packed = packed_alone();
-  if (!packed) return std::nullopt;
-  return cuda_quantized_normed_matvec(input, packed->weight, *packed->quantized, /*gated=*/false);
+  const auto* layer = alone();
+  if (!layer) return std::nullopt;
+  return cuda_normed_matvec(input, layer->weight, layer->packing(), /*gated=*/false);
 }
 
 std::optional<QkvHeads> FusedLinear::normed_heads(const NormInput& input, const HeadSplit& split) const {
-  const auto* packed = packed_alone();
-  if (!packed) return std::nullopt;
-  return cuda_quantized_normed_qkv_heads(input, packed->weight, *packed->quantized, split);
+  const auto* layer = alone();
+  if (!layer) return std::nullopt;
+  return cuda_normed_qkv_heads(input, layer->weight, layer->packing(), split);
 }
 
 std::vector<mx::array> FusedLinear::arrays() const {

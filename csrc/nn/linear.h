@@ -24,6 +24,8 @@ struct Linear {
   static bool can_concat(const Linear& a, const Linear& b);
   mx::array operator()(const mx::array& x) const;
   int out_features() const { return weight.shape(0); }
+  // The packing, or nullptr for a float weight (what nn/cuda_matvec's kernels take).
+  const Quantized* packing() const { return quantized ? &*quantized : nullptr; }
   // The float dtype the weight has, or dequantizes to (the scales' for affine, bfloat16 for the
   // microscaled modes, as mx::dequantize gives): the network's dtype where a layer decides it.
   mx::Dtype dtype() const;
@@ -44,12 +46,12 @@ struct FusedLinear {
   static FusedLinear fuse(const std::vector<Linear>& parts);
   mx::array operator()(const mx::array& x) const;  // [..., sum of the parts' out_features]
   // (x + delta, the product of its RMSNorm) in one kernel where nn/cuda_matvec takes it (a packed decode step on
-  // CUDA); nullopt otherwise.
+  // CUDA, or a half-precision one under MLXRUNNER_HALF_MATVEC=1); nullopt otherwise.
   std::optional<std::pair<mx::array, mx::array>> normed_product(const NormInput& input) const;
-  // The same for a q|k|v projection, its heads also given their q/k norms and RoPE (cuda_quantized_normed_qkv_heads).
+  // The same for a q|k|v projection, its heads also given their q/k norms and RoPE (cuda_normed_qkv_heads).
   std::optional<QkvHeads> normed_heads(const NormInput& input, const HeadSplit& split) const;
-  // The one packed, bias-free weight these fused kernels take, if the projection is that; nullptr otherwise.
-  const Linear* packed_alone() const;
+  // The one bias-free layer these fused kernels may take, if the projection is that; nullptr otherwise.
+  const Linear* alone() const;
   std::vector<mx::array> arrays() const;
 };
 

@@ -165,8 +165,8 @@ mx::array GatedMLP::operator()(const mx::array& x) const {
 }
 
 mx::array GatedMLP::activated(const mx::array& x) const {
-  if (const auto* gate_up = packed_silu_gate_up()) {
-    if (auto fused = cuda_quantized_swiglu_matvec(x, gate_up->weight, *gate_up->quantized)) return *fused;
+  if (const auto* gate_up = silu_gate_up_alone()) {
+    if (auto fused = cuda_swiglu_matvec(x, gate_up->weight, gate_up->packing())) return *fused;
   }
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
   if (activation == "silu") return gated_silu_columns(gate_up, 0, intermediate_size, intermediate_size);
@@ -176,15 +176,15 @@ mx::array GatedMLP::activated(const mx::array& x) const {
 }
 
 std::optional<std::pair<mx::array, mx::array>> GatedMLP::normed_activated(const NormInput& input) const {
-  const auto* gate_up = packed_silu_gate_up();
+  const auto* gate_up = silu_gate_up_alone();
   if (!gate_up) return std::nullopt;
-  return cuda_quantized_normed_matvec(input, gate_up->weight, *gate_up->quantized, /*gated=*/true);
+  return cuda_normed_matvec(input, gate_up->weight, gate_up->packing(), /*gated=*/true);
 }
 
-// A decode step's silu(gate) * up can come from the packed product's own kernel on CUDA (nn/cuda_matvec.h): one
-// operation a layer fewer, where a decode step is bound by MLX's cost per operation; the same numbers.
-const Linear* GatedMLP::packed_silu_gate_up() const {
-  return activation == "silu" ? gate_up_proj.packed_alone() : nullptr;
+// A decode step's silu(gate) * up can come from the product's own kernel on CUDA (nn/cuda_matvec.h): one operation a
+// layer fewer, where a decode step is bound by MLX's cost per operation; the same numbers.
+const Linear* GatedMLP::silu_gate_up_alone() const {
+  return activation == "silu" ? gate_up_proj.alone() : nullptr;
 }
 
 std::vector<mx::array> GatedMLP::arrays() const {

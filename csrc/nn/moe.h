@@ -68,8 +68,8 @@ struct GatedMLP {
   std::vector<mx::array> arrays() const;
 
  private:
-  // The packed gate|up weight the gated kernels take, if it is one.
-  const Linear* packed_silu_gate_up() const;
+  // The one bias-free gate|up layer of a SiLU MLP, which the gated kernels may take; nullptr otherwise.
+  const Linear* silu_gate_up_alone() const;
 };
 
 // E linear layers stacked [E, out, in] (packed: [E, out, in * bits / 32]); each row of x multiplied by

@@ -267,11 +267,20 @@ CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass
     ("__half", 4, 64, 2, 16, 128, 1, 1),
     ("__half", 8, 128, 7, 16, 384, 2, 1),
     ("__nv_bfloat16", 4, 64, 1, 32, 2048, 16, 1),  # a few-tile product's 16 warps a tile, a segment each
+    ("__nv_bfloat16", 16, 64, 1, 32, 256, 2, 2),   # half-precision weights (bits 16: no packing)
+    ("__half", 16, 64, 5, 40, 96, 1, 1),
+    ("__nv_bfloat16", 16, 64, 13, 24, 192, 1, 1),
 ]
 
 
 def random_case(dtype: str, bits: int, group: int, rows: int, n: int, k: int) -> dict:
+    """Packed weights (q, scales, biases), or for bits 16 a half-precision weight w16 (scales and biases then stand
+    in, unread), and x."""
     rng = np.random.default_rng(bits * 1000 + rows * 10 + n)
+    if bits == 16:
+        return {"w16": half_bits(rng.standard_normal((n, k)) * 0.05, dtype),
+                "scales": np.zeros((n, 1), np.uint16), "biases": np.zeros((n, 1), np.uint16),
+                "x": half_bits(rng.standard_normal((rows, k)), dtype)}
     return {"q": rng.integers(0, 2**bits, size=(n, k)),
             "scales": half_bits(rng.uniform(0.01, 0.05, size=(n, k // group)), dtype),
             "biases": half_bits(rng.uniform(-0.4, 0.0, size=(n, k // group)), dtype),
@@ -281,7 +290,8 @@ def random_case(dtype: str, bits: int, group: int, rows: int, n: int, k: int) ->
 def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
     """The kernel's output bits [rows, outputs] (and, where the case has a delta, case["added"] filled; where it has
     heads, case["q_out"], case["k_out"], case["v_out"])."""
-    x, packed = case["x"], pack(case["q"], bits)
+    x = case["x"]
+    packed = case["w16"] if bits == 16 else pack(case["q"], bits)  # the weight as the kernel reads it
     out = np.zeros((x.shape[0], outputs), dtype=np.uint16)
     delta, norm_weight = case.get("delta", x), case.get("norm_weight", x)
     case["added"] = np.zeros_like(x)
@@ -304,6 +314,18 @@ def run(lib: ctypes.CDLL, case: dict, bits: int, outputs: int) -> np.ndarray:
     return out
 
 
+def weight_values(case: dict, dtype: str, bits: int, group: int) -> np.ndarray:
+    """W as the kernel multiplies it: each scaled weight rounded to x's dtype (as MLX's dequantize does), or the
+    half-precision weight itself."""
+    if bits == 16:
+        return half_values(case["w16"], dtype).astype(np.float64)
+    q, scales, biases = case["q"], case["scales"], case["biases"]
+    n, k = q.shape
+    weights = (q.reshape(n, -1, group) * half_values(scales, dtype)[..., None].astype(np.float64)
+               + half_values(biases, dtype)[..., None]).reshape(n, k)
+    return half_values(half_bits(weights.astype(np.float32), dtype), dtype).astype(np.float64)
+
+
 @pytest.mark.parametrize("dtype, bits, group, rows, n, k, warps, passes", CASES)
 def test_the_tensor_core_product_lanes_meet_the_right_weights(tmp_path, dtype, bits, group, rows, n, k, warps,
                                                               passes):
@@ -313,11 +335,7 @@ def test_the_tensor_core_product_lanes_meet_the_right_weights(tmp_path, dtype, b
         case["x_view"] = (rows, k)  # x handed over flat, as a caller with [rows, K] does; the others [1, rows, K]
     got = half_values(run(lib, case, bits, n), dtype)
 
-    # The kernel rounds each scaled weight to x's dtype (as MLX's dequantize does) and sums in float.
-    q, scales, biases = case["q"], case["scales"], case["biases"]
-    weights = (q.reshape(n, -1, group) * half_values(scales, dtype)[..., None].astype(np.float64)
-               + half_values(biases, dtype)[..., None]).reshape(n, k)
-    weights = half_values(half_bits(weights.astype(np.float32), dtype), dtype).astype(np.float64)
+    weights = weight_values(case, dtype, bits, group)
     want = half_values(case["x"], dtype).astype(np.float64) @ weights.T
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
     # And not by luck: each output's error is within the final rounding to x's dtype.
@@ -329,6 +347,7 @@ GATED_CASES = [  # dtype, bits, group, rows of x, n (gate + up rows), k, warps, 
     ("__nv_bfloat16", 4, 32, 3, 44, 96, 2, 1),     # 22 outputs: a partial tile of 8
     ("__nv_bfloat16", 8, 64, 9, 32, 192, 1, 2),    # two 8-row tiles of x
     ("__half", 4, 128, 5, 48, 256, 2, 1),
+    ("__nv_bfloat16", 16, 64, 3, 44, 96, 2, 1),
 ]
 
 
@@ -359,6 +378,7 @@ NORMED_CASES = [  # dtype, bits, group, rows of x, n, k, warps, segments a pass,
     ("__nv_bfloat16", 8, 64, 9, 24, 192, 1, 2, True, False),    # two 8-row tiles of x
     ("__half", 4, 128, 5, 48, 256, 2, 1, True, False),
     ("__nv_bfloat16", 4, 64, 2, 32, 1024, 8, 1, True, True),    # 8 warps stage and scale the rows together
+    ("__nv_bfloat16", 16, 64, 2, 32, 256, 4, 1, True, True),    # half-precision weights
 ]
 
 
@@ -402,6 +422,8 @@ HEADS_CASES = [  # dtype, bits, group, sequences, tokens, q heads, kv heads, hea
     ("__nv_bfloat16", 4, 32, 3, 1, 2, 1, 64, 96, 1, 1, True, False, False),   # 3 sequences at their own positions
     ("__nv_bfloat16", 8, 64, 1, 5, 2, 2, 16, 192, 2, 1, False, True, True),   # 5 tokens of one sequence
     ("__half", 4, 128, 2, 2, 2, 1, 32, 256, 2, 1, True, True, False),
+    ("__nv_bfloat16", 16, 64, 1, 1, 4, 2, 32, 128, 2, 2, True, True, False),   # half-precision weights
+    ("__half", 16, 64, 2, 2, 2, 1, 32, 256, 2, 1, True, True, False),
 ]
 
 
@@ -429,7 +451,8 @@ def test_the_heads_variant_is_the_normed_product_then_the_qk_norms_and_rope(tmp_
     run(build(tmp_path / "heads", dtype, bits, group, rows, warps, passes, add=add, eps=eps, heads=split), case, bits,
         n)
     # The product of the normed input, as the normed variant makes it.
-    product_case = {key: case[key] for key in ("q", "scales", "biases", "x", "delta", "norm_weight")}
+    product_case = {key: case[key] for key in ("q", "w16", "scales", "biases", "x", "delta", "norm_weight")
+                    if key in case}
     product = half_values(run(build(tmp_path / "normed", dtype, bits, group, rows, warps, passes, normed=True,
                                     add=add, eps=eps), product_case, bits, n), dtype)
     product = product.reshape(b, t, heads, d).transpose(0, 2, 1, 3)  # [B, heads, T, D]

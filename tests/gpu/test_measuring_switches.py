@@ -1,0 +1,97 @@
+"""The measuring switches of the C++ core, each switched on in a subprocess on CUDA (elsewhere they change nothing):
+
+- MLXRUNNER_GROUPED_PRODUCT_ROWS=N: half-precision products of 2 to N rows as gather_mm on one weight (a CUTLASS
+  grouped GEMM) instead of cuBLAS (nn/linear.cpp);
+- MLXRUNNER_HALF_MATVEC=1: half-precision weights' decode products (1 to 8 rows) through our tensor-core kernel, with
+  its fused norms, RoPE and gated SiLU (nn/cuda_matvec.h);
+- MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: our kernels' sources handed to MLX as one #include line
+  (nn/cuda_kernel_common.h).
+
+Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
+and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
+decode kernels' row counts and beyond) as it does without the switch, to bfloat16 precision: the products may sum in
+another order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ON_GPU
+
+ON_CUDA = ON_GPU and mx.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[2]
+QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+SWITCHES = [("MLXRUNNER_GROUPED_PRODUCT_ROWS", "64"), ("MLXRUNNER_HALF_MATVEC", "1"),
+            ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1")]
+
+PRODUCTS = r"""
+import json
+import mlxrunner
+import mlx.core as mx
+from mlxrunner import _core
+
+mx.random.seed(0)
+worst = 0.0
+w = (mx.random.normal((384, 256)) * 0.05).astype(mx.bfloat16)
+for shape in [(1, 1), (1, 2), (1, 7), (1, 8), (1, 33), (1, 64), (3, 5), (2, 32)]:
+    x = mx.random.normal((*shape, 256)).astype(mx.bfloat16)
+    got = _core.linear(x, w, None).astype(mx.float32)
+    want = (x.astype(mx.float32) @ w.astype(mx.float32).T)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    worst = max(worst, (mx.abs(got - want).max() / mx.abs(want).max()).item())
+print(json.dumps({"worst": worst}))
+"""
+
+MODEL = r"""
+import json, sys
+import mlxrunner
+from mlxrunner.llm import load
+
+model = load(sys.argv[1])
+print(json.dumps({"logits": [model.logits(list(range(3, 3 + n))).tolist() for n in (2, 5, 9, 40)]}))
+"""
+
+
+def run(script: str, *args: str, switch: tuple[str, str] | None) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in dict(SWITCHES)}
+    if switch is not None:
+        env[switch[0]] = switch[1]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bf16_qwen3(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("switches") / "qwen3-tiny-bf16"  # float32 products would take cuBLAS anyway
+    shutil.copytree(QWEN3, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
+@pytest.mark.parametrize("switch", SWITCHES, ids=[name for name, _ in SWITCHES])
+def test_products_under_the_switch_are_the_products(switch):
+    assert run(PRODUCTS, switch=switch)["worst"] < 1e-2  # bfloat16 outputs, float32 sums on both sides
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
+@pytest.mark.parametrize("switch", SWITCHES, ids=[name for name, _ in SWITCHES])
+def test_a_models_logits_do_not_change_under_the_switch(switch, bf16_qwen3):
+    switched, plain = run(MODEL, str(bf16_qwen3), switch=switch), run(MODEL, str(bf16_qwen3), switch=None)
+    for got, want in zip(switched["logits"], plain["logits"]):
+        got, want = np.array(got), np.array(want)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 0.1 + 1e-2 * np.abs(want).max()  # conftest's bf16 logits tolerance on CUDA
