@@ -89,10 +89,7 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 namespace {
 
 bool kernel_sources_by_path() {
-  static const bool on = [] {
-    const char* value = std::getenv("MLXRUNNER_KERNEL_SOURCES_BY_PATH");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
+  static const bool on = switched_on("MLXRUNNER_KERNEL_SOURCES_BY_PATH");
   return on;
 }
 

@@ -484,10 +484,7 @@ using TemplateArgs = std::vector<std::pair<std::string, mx::fast::TemplateArg>>;
 // fused norms, RoPE and gated SiLU: a measuring switch, off unless set, since MLX's own products of such weights
 // already stream at the copy bandwidth and only a GPU can tell whether the fusions win.
 bool half_kernels_on() {
-  static const bool on = [] {
-    const char* value = std::getenv("MLXRUNNER_HALF_MATVEC");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
+  static const bool on = switched_on("MLXRUNNER_HALF_MATVEC");
   return on;
 }
 
