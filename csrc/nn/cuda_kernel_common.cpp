@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 namespace mlxr {
@@ -93,15 +94,20 @@ bool kernel_sources_by_path() {
   return on;
 }
 
-// A directory of this process's own, made once: no other user can change the files NVRTC reads from it.
+// A directory of this process's own, made once: no other user can change the files NVRTC reads from it. MLX compiles
+// a kernel within the process that launches it, so the directory goes when the process exits.
 const std::filesystem::path& kernel_source_dir() {
   static const std::filesystem::path dir = [] {
-    std::string pattern = (std::filesystem::temp_directory_path() / "mlxrunner-kernels-XXXXXX").string();
-    if (mkdtemp(pattern.data()) == nullptr) {
+    static std::string made = (std::filesystem::temp_directory_path() / "mlxrunner-kernels-XXXXXX").string();
+    if (mkdtemp(made.data()) == nullptr) {
       throw std::runtime_error("cannot make a directory for the CUDA kernels' sources under " +
                                std::filesystem::temp_directory_path().string());
     }
-    return std::filesystem::path(pattern);
+    std::atexit([] {
+      std::error_code ignored;
+      std::filesystem::remove_all(made, ignored);
+    });
+    return std::filesystem::path(made);
   }();
   return dir;
 }
@@ -119,9 +125,15 @@ std::string kernel_source_included(const std::string& source, const std::vector<
   std::snprintf(hash, sizeof(hash), "%016zx", std::hash<std::string>{}(source));
   const auto path = kernel_source_dir() / (std::string(hash) + ".cuh");
   if (!std::filesystem::exists(path)) {
-    std::ofstream file(path, std::ios::binary);
-    file << source;
-    if (!file) throw std::runtime_error("cannot write a CUDA kernel's source to " + path.string());
+    // Written whole under another name, then renamed: a compile on another thread never reads half a file.
+    auto partial = path;
+    partial += "." + std::to_string(std::hash<std::thread::id>{}(std::this_thread::get_id())) + ".part";
+    {
+      std::ofstream file(partial, std::ios::binary);
+      file << source;
+      if (!file) throw std::runtime_error("cannot write a CUDA kernel's source to " + partial.string());
+    }
+    std::filesystem::rename(partial, path);
   }
   return mentions + (mentions.empty() ? "" : "\n") + "#include \"" + path.string() + "\"\n";
 }

@@ -223,8 +223,8 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 // What MLX is handed in place of a kernel source that is written to a file of its own: the one line that #includes
 // it by its absolute path, after a mention of each of `inputs`' shape, strides and ndim that the source uses (MLX
 // passes those only where the source it is given names them). The file, named by the source's hash, goes to a
-// directory this process made for itself (mode 0700). MLX then rebuilds and hashes a few hundred bytes at each call
-// instead of the whole source; whether MLX's NVRTC takes the include, and what it saves, is for
+// directory this process made for itself (mode 0700, removed at exit). MLX then rebuilds and hashes a few hundred bytes
+// at each call instead of the whole source; whether MLX's NVRTC takes the include, and what it saves, is for
 // benchmarks/gpu/op_cost.py to measure, so this is behind MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (off unless set).
 std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
 
