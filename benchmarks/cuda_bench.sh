@@ -9,7 +9,10 @@
 # the VAE and the image denoiser, per-phase peak memory, an MLX CUDA-graph settings sweep; run it in a second
 # call, after the models exist), and serving (benchmarks/image_serving.py on both image models: the first request
 # after start against the later ones, HTTP + PNG against the pipeline, peak memory per phase with and without
-# --low-memory; a few minutes, after the models exist).
+# --low-memory; a few minutes, after the models exist), and switches (the C++ core's measuring switches, each on
+# against off in the same call: op_cost.py's rows, then the Qwen3-4B shape's bf16 decode with and without
+# MLXRUNNER_HALF_MATVEC, its 4-bit decode with and without MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
+# follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64; docs/settings.md says what each does).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
 # show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
@@ -20,7 +23,7 @@
 # What comes back: OUT/results.json (every number), OUT/table.md (the tables for benchmarks/README.md),
 # OUT/bench.log (this script's output).
 set -uo pipefail
-OUT=${1:?usage: cuda_bench.sh OUT_DIR [build|models|llm|images|report ...]}
+OUT=${1:?usage: cuda_bench.sh OUT_DIR [build|models|llm|images|profile|serving|switches|report ...]}
 shift
 PHASES=${*:-build models llm images report}
 SITE=${SITE:-/root/site}
@@ -108,6 +111,25 @@ if has serving; then
   stamp "serving: first request after start, HTTP + PNG out, memory per phase and --low-memory (image_serving.py)"
   python3 -m benchmarks.image_serving "$MODELS/zimage-turbo" --size 1024 --steps 9 --out "$OUT/serving-zimage.json"
   python3 -m benchmarks.image_serving "$MODELS/klein-4b" --size 1024 --steps 4 --out "$OUT/serving-klein.json"
+fi
+
+if has switches; then
+  stamp "switches: op_cost"
+  timeout 150 python3 -m benchmarks.gpu.op_cost | tee "$OUT/op_cost.txt"
+  switch_case() {  # NAME VALUE LABEL COMMAND...: the command with the switch off, then on
+    local name=$1 value=$2 label=$3; shift 3
+    for setting in off on; do
+      stamp "switches: $label, $name $setting"
+      if [ $setting = on ]; then env "$name=$value" "$@" --out "$WORK/switch-$label-on.json"
+      else env -u "$name" "$@" --out "$WORK/switch-$label-off.json"; fi
+    done
+  }
+  switch_case MLXRUNNER_HALF_MATVEC 1 bf16-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
+    --only qwen3-4b --decode 64 --rounds 2
+  switch_case MLXRUNNER_KERNEL_SOURCES_BY_PATH 1 q4-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
+    --only qwen3-4b --quantize 4 --quantized-only --decode 64 --rounds 2
+  switch_case MLXRUNNER_GROUPED_PRODUCT_ROWS 64 prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
+    --models-dir "$MODELS" --only qwen3-4b --rounds 3
 fi
 
 if has report; then
