@@ -1,7 +1,8 @@
-"""GPU kernel profile of the rows below their speed goals: LLM decode, MLX's CUDA graph settings, the image
-VAE, the image denoiser and each image phase's peak memory.
+"""GPU kernel profile of the rows below their speed goals: LLM decode, the prompt cache's follow-up, concurrent
+requests' batched decode, MLX's CUDA graph settings, the image VAE, the image denoiser and each image phase's peak
+memory.
 
-    python -m benchmarks.gpu.profile --models-dir DIR --out OUTDIR [--cases llm,vae,denoise,sweep] \\
+    python -m benchmarks.gpu.profile --models-dir DIR --out OUTDIR [--cases llm,pcache,batch,vae,denoise,sweep] \\
         [--llm-models qwen3-0.6b,qwen3-4b,llama3-8b] [--tokens 32] [--sweep-models qwen3-0.6b,qwen3-4b] \\
         [--vae-latent 128] [--denoise-steps 2] [--denoise-size 1024] [--budget-s 560]
 
@@ -88,7 +89,7 @@ from benchmarks.gpu.llm_bench import SIDES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP_MODELS = ["qwen3-0.6b", "qwen3-4b"]
 VAE_FOLDER = "zimage-turbo"
-CASES = ["llm", "pcache", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
+CASES = ["llm", "pcache", "batch", "vae", "denoise", "sweep"]  # run order: the cheap, most wanted figures first
 CHUNK = 2048  # prefill chunk, both sides (llm_bench's default)
 PROMPT_TOKENS = 128
 WARMUP_TOKENS = 40
@@ -550,6 +551,52 @@ def case_pcache(mx, args, report: dict, profiler: KernelProfiler, save, deadline
     save()
 
 
+# --- case: batch -------------------------------------------------------------------------------------
+
+BATCH_MODEL, BATCH_ROWS, BATCH_STEPS = "llama3-8b", 16, 8
+
+
+def batch_of_rows(model_folder: Path, rows: int):
+    """A BatchGenerator holding `rows` sequences of different lengths (24, 25, ... tokens: the rows need the
+    attention mask, as concurrent requests do), each prefilled alone as the scheduler prefills them."""
+    from mlxrunner import _core
+    from mlxrunner.llm.model import PREFILL_CHUNK, LanguageModel
+    from mlxrunner.store import resolve
+
+    model = LanguageModel(resolve(str(model_folder)), max_batch=1)  # no scheduler of its own: this one is driven here
+    greedy = _core.SamplerOptions.from_dict({"temperature": 0.0, "repeat_penalty": 1.0})
+    batch = _core.BatchGenerator(model.decoder)
+    for row in range(rows):
+        prompt = [(7 * i + 13 * row) % 1000 + 3 for i in range(24 + row)]
+        generator = _core.Generator(model.decoder, prompt, greedy, PREFILL_CHUNK, -1)
+        while generator.prefill_chunk() > 0:
+            pass
+        batch.add(prompt, greedy, -1, generator.take_cache())
+    return model, batch
+
+
+def case_batch(mx, args, report: dict, profiler: KernelProfiler, save, deadline: float) -> None:
+    """Concurrent requests' decode (issue 19's streams): one step of BATCH_ROWS sequences, per step."""
+    section = report.setdefault("batch", {"settings": {"model": BATCH_MODEL, "rows": BATCH_ROWS,
+                                                       "steps": BATCH_STEPS}})
+    model, batch = batch_of_rows(args.models_dir / BATCH_MODEL, BATCH_ROWS)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            batch.step()
+        mx.synchronize()
+
+    steps(4)  # each kernel variant of this batch size compiles and loads on its first step
+    started = time.perf_counter()
+    steps(BATCH_STEPS)
+    section["unprofiled_ms_per_step"] = 1000 * (time.perf_counter() - started) / BATCH_STEPS
+    log(f"[batch] {BATCH_ROWS} rows: {section['unprofiled_ms_per_step']:.2f} ms a step unprofiled")
+    section["profile"] = profiler.run("batch", lambda: steps(BATCH_STEPS), per=BATCH_STEPS)
+    del batch, model
+    free(mx)
+    save()
+
+
 # --- case: vae ---------------------------------------------------------------------------------------
 
 
@@ -903,6 +950,13 @@ def markdown(report: dict) -> str:
                   "", *_profile_head(["request"]),
                   _profile_row(["second"], pc["unprofiled_ms"]["second (prompt cached)"], pc["profile"], 1, 1, 2),
                   "", *_top_lines("second request", pc["profile"], 1), ""]
+    if "batch" in report and "profile" in report["batch"]:
+        bt = report["batch"]
+        s = bt["settings"]
+        lines += [f"## Batched decode, {s['model']}: {s['rows']} sequences of different lengths, per step", "",
+                  *_profile_head(["rows"]),
+                  _profile_row([str(s["rows"])], bt["unprofiled_ms_per_step"], bt["profile"], s["steps"], 1, 2),
+                  "", *_top_lines("batch step", bt["profile"], s["steps"], unit="ms/step"), ""]
     if "vae" in report:
         vae = report["vae"]
         s = vae["settings"]
@@ -995,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         report["errors"]["cases"] = f"unknown case(s) {unknown}; known: {', '.join(CASES)}"
     mx = None
-    if {"llm", "pcache", "vae", "denoise"} & set(args.cases):
+    if {"llm", "pcache", "batch", "vae", "denoise"} & set(args.cases):
         try:
             import mlxrunner  # noqa: F401, I001  (first: MLX's CUDA libraries load before torch's)
             import mlx.core as mx
@@ -1019,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
                     case_llm(mx, args, report, profiler, save, deadline)
                 elif case == "pcache":
                     case_pcache(mx, args, report, profiler, save, deadline)
+                elif case == "batch":
+                    case_batch(mx, args, report, profiler, save, deadline)
                 elif case == "vae":
                     case_vae(mx, args, report, profiler, save, deadline)
                 elif case == "denoise":
