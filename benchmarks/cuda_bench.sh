@@ -12,7 +12,8 @@
 # --low-memory; a few minutes, after the models exist), and switches (the C++ core's measuring switches, each on
 # against off in the same call: op_cost.py's rows, then the Qwen3-4B shape's bf16 decode with and without
 # MLXRUNNER_HALF_MATVEC, its 4-bit decode with and without MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
-# follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64; docs/settings.md says what each does).
+# follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
+# MLXRUNNER_BATCH_ATTENTION; docs/settings.md says what each does).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
 # show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
@@ -130,6 +131,8 @@ if has switches; then
     --only qwen3-4b --quantize 4 --quantized-only --decode 64 --rounds 2
   switch_case MLXRUNNER_GROUPED_PRODUCT_ROWS 64 prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
     --models-dir "$MODELS" --only qwen3-4b --rounds 3
+  switch_case MLXRUNNER_BATCH_ATTENTION 1 streams python3 -m benchmarks.gpu.batch_bench --models-dir "$MODELS" \
+    --only qwen3-4b --streams 1,16 --tokens 64
 fi
 
 if has report; then

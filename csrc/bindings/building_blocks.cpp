@@ -12,6 +12,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_batch_attention.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
@@ -197,6 +198,18 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
 
 // Attention (nn/attention).
 void bind_attention(nb::module_& m) {
+  m.def(
+      "cuda_batch_decode_attention",
+      [](const mx::array& q, const mx::array& keys, const mx::array& values, const mx::array& positions,
+         float scale) -> std::optional<mx::array> {
+        auto out = cuda_batch_decode_attention(q, keys, values, positions, scale);
+        if (!out) return std::nullopt;
+        return evaluated(*out);
+      },
+      "q"_a, "keys"_a, "values"_a, "positions"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "A batch decode step's attention on CUDA: q [B, Hq, 1, D] against a batch cache's buffers [B, Hkv, capacity, "
+      "D], row b seeing slots 0..positions[b] -> [B, 1, Hq D]; None off CUDA or where the kernel does not apply "
+      "(nn/cuda_batch_attention.h).");
   m.def(
       "attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v, int window, std::optional<float> scale,

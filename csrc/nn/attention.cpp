@@ -10,11 +10,11 @@
 
 namespace mlxr {
 
-namespace {
-
 float scale_or_default(std::optional<float> scale, const mx::array& q) {
   return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
 }
+
+namespace {
 
 // A bool mask that only picks keys per batch element ([B or 1, 1, 1, K], an encoder's padding mask) as
 // [B or 1, K]: the masked softmax applies it in its own pass; anything else returns nothing.

@@ -6,6 +6,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cuda_batch_attention.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
 
@@ -375,6 +376,12 @@ mx::array Decoder::batch_attention(const DecoderLayer& layer, LayerInput& input,
                                    const std::optional<mx::array>& mask) const {
   auto [q, k, v] = project_qkv(layer, input, rope_, positions);
   std::tie(k, v) = cache.update_and_fetch(k, v, positions, visible);
+  if (mask && batch_attention_switched_on()) {  // rows of different lengths: MLX's fused attention takes no mask
+    if (auto out = cuda_batch_decode_attention(q, cache.keys(), cache.values(), positions,
+                                               scale_or_default(attention_scale_, q))) {
+      return layer.o_proj(*out);
+    }
+  }
   return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
 }
 

@@ -90,6 +90,10 @@ class BatchKVCache {
                                                    const mx::array& positions, int visible);
   // Row `index`'s first `length` positions as a lone cache.
   KVCache row(int index, int length) const;
+  // The whole buffers [B, H, capacity, D], as the last update_and_fetch left them (for a kernel that reads each
+  // row's own positions, nn/cuda_batch_attention.h).
+  const mx::array& keys() const { return *keys_; }
+  const mx::array& values() const { return *values_; }
   int rows() const { return rows_; }
   std::vector<mx::array> state() const;
 
