@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 PRELUDE = r"""
 #include <algorithm>
 #include <barrier>
@@ -143,3 +145,13 @@ def compile_library(tmp_path: Path, code: str) -> ctypes.CDLL:
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     return ctypes.CDLL(str(lib))
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 values -> their bfloat16 bits, rounded to nearest even (as the emulated type rounds)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, compile_library
+from cuda_emulator import PRELUDE, compile_library, from_bf16_bits, to_bf16_bits
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_matvec.cpp"
 
@@ -101,14 +101,6 @@ extern "C" void run({params}) {{
 """)
     return compile_library(tmp_path, code)
 
-
-def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
 
 
 def half_bits(a: np.ndarray, dtype: str) -> np.ndarray:
