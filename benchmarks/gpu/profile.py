@@ -560,6 +560,7 @@ def batch_of_rows(model_folder: Path, rows: int):
     """A BatchGenerator holding `rows` sequences of different lengths (24, 25, ... tokens: the rows need the
     attention mask, as concurrent requests do), each prefilled alone as the scheduler prefills them."""
     from mlxrunner import _core
+    from mlxrunner.llm.batch import prefilled
     from mlxrunner.llm.model import PREFILL_CHUNK, LanguageModel
     from mlxrunner.store import resolve
 
@@ -568,10 +569,7 @@ def batch_of_rows(model_folder: Path, rows: int):
     batch = _core.BatchGenerator(model.decoder)
     for row in range(rows):
         prompt = [(7 * i + 13 * row) % 1000 + 3 for i in range(24 + row)]
-        generator = _core.Generator(model.decoder, prompt, greedy, PREFILL_CHUNK, -1)
-        while generator.prefill_chunk() > 0:
-            pass
-        batch.add(prompt, greedy, -1, generator.take_cache())
+        batch.add(prompt, greedy, -1, prefilled(model.decoder, prompt, greedy, PREFILL_CHUNK))
     return model, batch
 
 

@@ -86,11 +86,14 @@ std::optional<mx::array> cuda_batch_decode_attention(const mx::array& q, const m
   if (!fits) return std::nullopt;
   static const auto kernel =
       cuda_kernel("mlxr_batch_decode_attention", {"q", "keys", "values", "positions"}, {"out"}, kBatchAttentionSource);
-  auto out = kernel(
-      {q, keys, values, positions}, {{rows, 1, q_heads * d}}, {q.dtype()},
-      {cuda_checked_threads(static_cast<long long>(rows) * q_heads * kThreads), 1, 1}, {kThreads, 1, 1},
-      {{"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_eps_bits(scale)}},
-      std::nullopt, false, {});
+  auto out = kernel({q, keys, values, positions}, {{rows, 1, q_heads * d}}, {q.dtype()},
+                    {cuda_checked_threads(static_cast<long long>(rows) * q_heads * kThreads), 1, 1}, {kThreads, 1, 1},
+                    {{"T", q.dtype()},
+                     {"D", d},
+                     {"Q_HEADS", q_heads},
+                     {"KV_HEADS", kv_heads},
+                     {"SCALE_BITS", cuda_float_bits(scale)}},
+                    std::nullopt, false, {});
   return out[0];
 }
 

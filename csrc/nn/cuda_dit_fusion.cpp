@@ -191,7 +191,7 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
   const std::tuple<int, int, int> block{kThreadsPerBlock, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", x.dtype()}, {"D", d}, {"PAIRS", d / 64}};
   if (norm) {
-    args.emplace_back("EPS_BITS", cuda_eps_bits(norm->eps));
+    args.emplace_back("EPS_BITS", cuda_float_bits(norm->eps));
     return with_norm({x, norm->weight, cos, sin}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt, false,
                      {})[0];
   }
@@ -206,7 +206,7 @@ std::optional<mx::array> cuda_scaled_rms_norm(const mx::array& x, const RMSNorm&
                                    std::string(kCudaBlockSum) + kCudaRowHelpers,
                                    /*ensure_row_contiguous=*/true);
   return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, launch->grid, launch->block,
-                {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(norm.eps)}, {"PER_THREAD", launch->per_thread}},
+                {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(norm.eps)}, {"PER_THREAD", launch->per_thread}},
                 std::nullopt, false, {})[0];
 }
 
@@ -230,13 +230,13 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> cuda_gated_residua
       "mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"}, {"h", "next"},
       kGatedResidual, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 1\n", true);
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(a_norm.eps)}, {"PER_THREAD", launch->per_thread}};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(a_norm.eps)}, {"PER_THREAD", launch->per_thread}};
   if (!next) {
     return std::pair{alone({x, a, a_norm.weight, gate}, {x.shape()}, {x.dtype()}, launch->grid, launch->block, args,
                            std::nullopt, false, {})[0],
                      std::optional<mx::array>{}};
   }
-  args.emplace_back("NEXT_EPS_BITS", cuda_eps_bits(next->norm.eps));
+  args.emplace_back("NEXT_EPS_BITS", cuda_float_bits(next->norm.eps));
   auto out = with_next({x, a, a_norm.weight, gate, next->norm.weight, next->scale}, {x.shape(), x.shape()},
                        {x.dtype(), x.dtype()}, launch->grid, launch->block, args, std::nullopt, false, {});
   return std::pair{out[0], std::optional<mx::array>{out[1]}};
@@ -270,7 +270,7 @@ std::optional<std::pair<mx::array, mx::array>> cuda_gated_residual_modulated_lay
       "mlxr_gated_residual_modulated_layer_norm", {"x", "y", "gate", "one_plus_scale", "shift"}, {"h", "out"},
       kModulatedLayerNorm, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 1\n", false);
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", launch->per_thread}};
+      {"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}};
   // The rows are read as contiguous (a no-op for the blocks' outputs, which are).
   auto rows_of = [](const mx::array& a) { return mx::contiguous(a); };
   if (!residual) {

@@ -178,15 +178,15 @@ inline bool switched_off(const char* name) {
 }
 
 // Whether it is "1": the measuring switches that turn a way not yet proven on a GPU on (MLXRUNNER_HALF_MATVEC,
-// MLXRUNNER_KERNEL_SOURCES_BY_PATH). Read once, into a static, too.
+// MLXRUNNER_BATCH_ATTENTION, MLXRUNNER_KERNEL_SOURCES_BY_PATH). Read once, into a static, too.
 inline bool switched_on(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
 // A float as the int of its bits (template arguments are ints).
-inline int cuda_eps_bits(float eps) {
-  return std::bit_cast<int>(eps);
+inline int cuda_float_bits(float value) {
+  return std::bit_cast<int>(value);
 }
 
 inline int cuda_checked_threads(long long threads) {

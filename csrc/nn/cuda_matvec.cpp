@@ -513,7 +513,7 @@ std::vector<mx::array> weight_inputs(const mx::array& x, const mx::array& w, con
 // The normed variants' extra arguments: the residual add, the norm's eps.
 void add_norm_args(TemplateArgs& args, const NormInput& input) {
   args.emplace_back("ADD", input.delta.has_value());
-  args.emplace_back("EPS_BITS", cuda_eps_bits(input.eps));
+  args.emplace_back("EPS_BITS", cuda_float_bits(input.eps));
 }
 
 // The inputs x, delta and norm_weight of the normed variants, in their own shapes (the kernel reads rows of K, and
@@ -686,7 +686,7 @@ std::optional<QkvHeads> cuda_normed_qkv_heads(const NormInput& input, const mx::
                            {"KV_HEADS", split.kv_heads},
                            {"TRADITIONAL", split.rope.traditional},
                            {"QK_NORM", norms.has_value()},
-                           {"QK_EPS_BITS", cuda_eps_bits(norms ? norms->eps : 0.f)}});
+                           {"QK_EPS_BITS", cuda_float_bits(norms ? norms->eps : 0.f)}});
   auto inputs = norm_inputs(input);
   // Without q/k norms the kernel does not read their weights: x stands in for them.
   for (auto& weight_input : weight_inputs(x, packed, q)) inputs.push_back(weight_input);

@@ -86,7 +86,7 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
   if (!launch) return std::nullopt;
   auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,
-                    {{"T", x.dtype()}, {"EPS_BITS", cuda_eps_bits(eps)}, {"PER_THREAD", launch->per_thread}},
+                    {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}},
                     std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
@@ -120,7 +120,7 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   auto position_offsets = mx::astype(offsets, mx::int32);
   std::vector<mx::array> out;
   if (norms) {
-    args.emplace_back("EPS_BITS", cuda_eps_bits(norms->eps));
+    args.emplace_back("EPS_BITS", cuda_float_bits(norms->eps));
     out = with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, shapes,
                      dtypes, grid, block, args, std::nullopt, false, {});
   } else {

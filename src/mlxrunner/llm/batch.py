@@ -58,6 +58,16 @@ class _Request:
         return -1 if self.answer.top_logprobs is None else self.answer.top_logprobs
 
 
+def prefilled(decoder: _core.Decoder, prompt: list[int], options: _core.SamplerOptions,
+              prefill_chunk: int) -> _core.SequenceCache:
+    """The caches of a prompt prefilled alone, a chunk at a time, ready to join a batch with its last token
+    (`_core.BatchGenerator.add`)."""
+    generator = _core.Generator(decoder, prompt, options, prefill_chunk, -1)
+    while generator.prefill_chunk() > 0:
+        pass
+    return generator.take_cache()
+
+
 class BatchScheduler:
     """The requests of one LanguageModel decoding together (the worker's `Batch`)."""
 
@@ -123,17 +133,12 @@ class BatchScheduler:
         a GPU loads each variant on first use). Nothing is kept."""
         greedy = _core.SamplerOptions.from_dict({"temperature": 0.0, "repeat_penalty": 1.0})
         for rows in sorted({*range(2, min(self.max_jobs, _core.MATVEC_MAX_ROWS) + 1), self.max_jobs}):
-            ids = [self._batch.add([0, 0], greedy, -1, self._prefilled([0, 0], greedy)) for _ in range(rows)]
+            ids = [self._batch.add([0, 0], greedy, -1, prefilled(self.decoder, [0, 0], greedy, self.prefill_chunk))
+                   for _ in range(rows)]
             self._batch.step()
             self._batch.step()
             for row in ids:
                 self._batch.remove(row)
-
-    def _prefilled(self, prompt: list[int], options: _core.SamplerOptions) -> _core.SequenceCache:
-        generator = _core.Generator(self.decoder, prompt, options, self.prefill_chunk, -1)
-        while generator.prefill_chunk() > 0:
-            pass
-        return generator.take_cache()
 
     def step(self) -> None:
         """One step of the batch's MLX work, or a short wait when there is none."""
