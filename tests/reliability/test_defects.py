@@ -149,6 +149,62 @@ def test_a_sigterm_while_starting_is_a_clean_exit(delay):
 
 
 
+
+def _threads_other_than_main(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+
+
+def _signal_thread(pid: int, tid: int, signum: int) -> None:
+    """tgkill(2): hand the signal to one thread of the process, as the kernel may do with a kill(2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # SYS_tgkill on x86-64
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+# The kernel gives a process's signal to any thread that does not block it. Python runs the handler
+# on the main thread at its next bytecode, and an idle runner's main thread sleeps in the event loop's
+# poll: the signal must wake it (signal.set_wakeup_fd), or the runner never stops.
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="tgkill by syscall number is the x86-64 Linux one")
+def test_a_sigterm_delivered_to_another_thread_stops_an_idle_runner():
+    runner = Runner.start("all-minilm", timeout=120)
+    try:
+        time.sleep(1.5)  # the worker has gone idle too: nothing is due to wake the loop
+        _signal_thread(runner.process.pid, _threads_other_than_main(runner.process.pid)[0], signal.SIGTERM)
+        code = runner.process.wait(10)
+    finally:
+        runner.close()
+    assert code == 0, list(runner.stderr_tail)[-5:]
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_runner_keeps_serving():
+    with Runner.start("all-minilm", timeout=120) as runner:
+        runner.process.send_signal(signal.SIGUSR1)
+        wait_for_log(runner, "most recent call first")
+        assert post(runner, "/embedding", {"input": "still here"})[0] == 200
+
+
+# A shutdown that wedges (here: a handler that never returns control) is ended by the watchdog the first
+# signal arms, with the stacks on stderr, instead of hanging until the parent's SIGKILL.
+WEDGED_SHUTDOWN = """
+import os, signal, time
+from mlxrunner.cli import signals
+signals.SHUTDOWN_DEADLINE_S = 1.0
+signals.install()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(60)
+"""
+
+
+def test_a_wedged_shutdown_is_ended_with_the_stacks_on_stderr():
+    result = subprocess.run([sys.executable, "-c", WEDGED_SHUTDOWN], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "Timeout (0:00:01)!" in result.stderr
+    assert "time.sleep(60)" in result.stderr or "<module>" in result.stderr
+
+
 # Which handler is in place when MLX starts loading, for each way the package is started.
 HANDLER_WHEN_MLX_LOADS = """
 import importlib.abc, signal, sys

@@ -129,8 +129,10 @@ async def serve(settings: Settings, shutdown_signals: ShutdownSignals) -> int:
 
     stop = asyncio.Event()
     shutdown_signals.attach(stop)
-
-    reason = await load_and_serve(settings, state, worker, stop)
+    try:
+        reason = await load_and_serve(settings, state, worker, stop)
+    finally:
+        shutdown_signals.detach()
     log.info("shutting down mlx runner")
     server.begin_shutdown()  # in-flight requests get their answer now
     await server.let_streams_finish()  # but an Ollama parent's running job may end within the grace
