@@ -90,6 +90,13 @@ def test_bad_options_are_400_naming_the_field(llm_runner):
     assert status == 400 and 'field "options.top_p"' in json.loads(b"".join(raw))["error"]
 
 
+def test_a_grammar_is_refused_not_ignored(llm_runner):
+    status, _, raw = stream_lines(llm_runner, {"prompt": "x", "grammar": "root ::= \"{\" \"}\""})
+    assert status == 400 and 'field "grammar"' in json.loads(b"".join(raw))["error"]
+    status, _, _ = stream_lines(llm_runner, {"prompt": "x", "grammar": "", "options": {"num_predict": 1}})
+    assert status == 200
+
+
 def test_tokenize_detokenize_round_trip(llm_runner):
     tokens = llm_runner.tokenize("Hello world")
     assert tokens and all(isinstance(t, int) for t in tokens)

@@ -153,6 +153,10 @@ def test_completions_greedy_equals_completion_greedy(client, runner):
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+     "response_format"),
+    ({"response_format": "json"}, "response_format"),
 ])
 def test_bad_chat_fields_are_400s_naming_the_field(client, fields, param):
     request = {"model": "m", "messages": HELLO, **fields}
@@ -161,6 +165,13 @@ def test_bad_chat_fields_are_400s_naming_the_field(client, fields, param):
     error = caught.value
     assert error.status_code == 400 and error.param == param and error.body["type"] == "invalid_request_error"
     assert set(error.body) == {"message", "type", "param", "code"}
+
+
+def test_a_plain_text_response_format_is_the_default_answer(client):
+    plain = client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=6)
+    text = client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=6,
+                                          response_format={"type": "text"})
+    assert text.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_chat_logprobs_are_the_models_and_greedy_takes_the_best(client, chat_model):

@@ -149,6 +149,22 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
 # --- POST /v1/chat/completions -----------------------------------------------------------------------
 
 
+def _check_response_format(value: Any) -> None:
+    """Plain text is all this runner writes: a request for JSON output is refused rather than answered with
+    text that was never held to it (the client would only find out when it parses the answer)."""
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str):
+        got = "an object without one" if isinstance(value, dict) else json_type(value)
+        raise RequestError(f'field "response_format" must be an object with a "type" string, got {got}',
+                           field="response_format")
+    if kind != "text":
+        raise RequestError(f'field "response_format" asks for {kind!r}: this runner does not constrain its output '
+                           'to JSON; only {"type": "text"} is served (ask for JSON in the messages instead)',
+                           field="response_format")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     messages: list  # OpenAI chat messages; the chat template checks them (InvalidMessages)
@@ -172,6 +188,7 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
+    _check_response_format(body.get("response_format"))
     return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
                        stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
                        model=str_field(body, "model"))

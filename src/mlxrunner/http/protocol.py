@@ -133,6 +133,9 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompt = str_field(body, "prompt")
     if prompt is None:
         raise RequestError('field "prompt" is required', field="prompt")
+    if str_field(body, "grammar"):  # Ollama's llama runner took the parent's `format` as a GBNF grammar
+        raise RequestError('field "grammar": this runner does not constrain its output to a grammar (JSON mode)',
+                           field="grammar")
     max_side = limits.max_output_pixels  # a side alone can never exceed the pixel budget
     width = int_field(body, "width", 0, max_side) or None  # 0 means "default", as Ollama sends it
     height = int_field(body, "height", 0, max_side) or None
