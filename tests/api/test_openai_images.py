@@ -74,11 +74,45 @@ def test_n_images_use_consecutive_seeds(zimage_runner):
     assert not np.array_equal(pixels_of(answer.data[0].b64_json), pixels_of(answer.data[1].b64_json))
 
 
+def decoded(b64: str, expected_format: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert image.format == expected_format
+    return np.asarray(image.convert("RGB"))
+
+
+def test_output_format_jpeg_and_webp_hold_the_png_image(zimage_runner):
+    client = client_for(zimage_runner)
+    request = {"prompt": "a red fox", "size": "64x48", "extra_body": {"seed": 3, "steps": 2}}
+    png = client.images.generate(**request)
+    assert png.output_format == "png"
+    reference = pixels_of(png.data[0].b64_json)
+    webp = client.images.generate(**request, output_format="webp")
+    assert webp.output_format == "webp"
+    assert np.array_equal(decoded(webp.data[0].b64_json, "WEBP"), reference)  # at 100, lossless
+    best = client.images.generate(**request, output_format="jpeg")
+    rough = client.images.generate(**request, output_format="jpeg", output_compression=20)
+    best_error = np.abs(decoded(best.data[0].b64_json, "JPEG").astype(int) - reference).mean()
+    rough_error = np.abs(decoded(rough.data[0].b64_json, "JPEG").astype(int) - reference).mean()
+    assert best_error < 3 and rough_error > best_error
+    assert len(rough.data[0].b64_json) < len(best.data[0].b64_json)
+
+
+def test_an_edit_takes_output_format_as_a_form_field(flux2_runner):
+    answer = client_for(flux2_runner).images.edit(image=png_file(64, 64, (200, 30, 30)), prompt="blue",
+                                                  output_format="jpeg", output_compression=50,
+                                                  extra_body={"seed": 1, "steps": 1})
+    assert decoded(answer.data[0].b64_json, "JPEG").shape == (64, 64, 3)
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"response_format": "url"}, "response_format"),
     ({"n": 5}, "n"),
     ({"size": "big"}, "size"),
     ({"size": "9000x9000"}, "size"),
+    ({"output_format": "gif"}, "output_format"),
+    ({"output_format": "jpeg", "output_compression": 101}, "output_compression"),
+    ({"output_compression": 50}, "output_compression"),
+    ({"background": "transparent"}, "background"),
 ])
 def test_bad_image_fields_are_400s_naming_the_field(zimage_runner, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -2,9 +2,10 @@
 
 Generations take JSON; edits take multipart/form-data as the `openai` client sends it: the reference images
 as file parts named `image` (one) or `image[]` (several), every other field as a text part (`n="2"`), which is
-converted to the type the JSON route takes. Images come back as base64 PNGs (`b64_json`); there is no file
-server, so `response_format: "url"` is refused. n images are n runs, one job: image i is made with
-seed + i when a seed is given, so each image of a request can be made again alone.
+converted to the type the JSON route takes. Images come back in base64 (`b64_json`), as PNG unless
+`output_format` asks for JPEG or WebP; there is no file server, so `response_format: "url"` is refused. n images
+are n runs, one job: image i is made with seed + i when a seed is given, so each image of a request can be made
+again alone.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class ImageRoutes:
         loaded = loaded_model(self.server, request)
         req = parse_image_request(body, self.server.limits)
         pngs = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
-        return web.json_response(ImagesResponse(await encoded(pngs)).to_json())
+        return web.json_response(ImagesResponse(await encoded(pngs), req.output_format).to_json())
 
     async def edits(self, request: web.Request) -> web.Response:
         loaded = loaded_model(self.server, request)
@@ -53,7 +54,7 @@ class ImageRoutes:
         fields, images = await read_edit_form(request, self.server.limits)
         req = parse_image_request(form_fields_as_json(fields), self.server.limits, images)
         pngs = await self.server.run("images", image_job(loaded.image_model, req, self.server.limits))
-        return web.json_response(ImagesResponse(await encoded(pngs)).to_json())
+        return web.json_response(ImagesResponse(await encoded(pngs), req.output_format).to_json())
 
 
 async def read_edit_form(request: web.Request, limits: Limits) -> tuple[dict[str, str], list[bytes]]:
@@ -101,7 +102,8 @@ def image_job(model: ImageModel, req: ImageRequest, limits: Limits) -> Callable[
                                negative_prompt=req.negative_prompt, guidance=req.guidance, images=references,
                                progress=progress, check_cancelled=ctx.check_cancelled,
                                cache_threshold=req.cache_threshold, vae_tile=req.vae_tile)
-            pngs.append(image_io.on_png_thread(image_io.png_base64, result.image, result.png_text(req.prompt)))
+            pngs.append(image_io.on_png_thread(image_io.encoded_base64, result.image, req.output_format,
+                                               req.output_quality, result.png_text(req.prompt)))
         return pngs
 
     return generate

@@ -366,10 +366,14 @@ class ImageRequest:
     images: list[bytes] = field(default_factory=list)  # reference images (edits)
     cache_threshold: float | None = None  # the step cache's (an extra field, "cache": {"threshold": x}); None: off
     vae_tile: int | None = None  # the VAE's tile in pixels (an extra field, as on /completion); None: by size
+    output_format: str = "png"  # png, jpeg or webp
+    output_quality: int = 100  # output_compression: the lossy formats' quality, 0-100
 
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")  # gpt-image-1's output_format values
 
 # Form fields arrive as text (the openai client sends `n="2"`): these are converted before parse_image_request.
-_INT_FORM_FIELDS = ("n", "seed", "steps", "vae_tile")
+_INT_FORM_FIELDS = ("n", "seed", "steps", "vae_tile", "output_compression")
 _FLOAT_FORM_FIELDS = ("guidance_scale",)
 
 
@@ -404,6 +408,7 @@ def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) ->
         raise RequestError(f'field "response_format" must be "b64_json", got {response_format!r}: this runner has '
                            "no file server to give URLs from", field="response_format")
     width, height = _parse_size(str_field(body, "size"), limits)
+    output_format, output_quality = _parse_output_format(body)
     return ImageRequest(
         prompt=prompt,
         n=int_field(body, "n", 1, MAX_IMAGES_PER_REQUEST, default=1),
@@ -416,7 +421,28 @@ def parse_image_request(body: dict, limits: Limits, images: list[bytes] = ()) ->
         images=list(images),
         cache_threshold=parse_cache(body.get("cache"), limits),
         vae_tile=parse_vae_tile(body, limits),
+        output_format=output_format,
+        output_quality=output_quality,
     )
+
+
+def _parse_output_format(body: dict) -> tuple[str, int]:
+    """gpt-image-1's `output_format` (png, jpeg, webp), `output_compression` (0-100, the lossy formats'
+    quality here, as other OpenAI-compatible servers read it) and `background` (the images have no alpha:
+    "transparent" is refused)."""
+    output_format = str_field(body, "output_format", "png")
+    if output_format not in OUTPUT_FORMATS:
+        raise RequestError(f'field "output_format" must be one of {", ".join(OUTPUT_FORMATS)}, got {output_format!r}',
+                           field="output_format")
+    quality = int_field(body, "output_compression", 0, 100, default=100)
+    if body.get("output_compression") is not None and output_format == "png":
+        raise RequestError('field "output_compression" applies to "jpeg" and "webp" output only',
+                           field="output_compression")
+    background = str_field(body, "background", "auto")
+    if background not in ("auto", "opaque"):
+        raise RequestError(f'field "background" must be "auto" or "opaque", got {background!r}: the images have no '
+                           "alpha channel", field="background")
+    return output_format, quality
 
 
 def _parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None]:
@@ -435,8 +461,10 @@ def _parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | Non
 
 @dataclass(frozen=True)
 class ImagesResponse:
-    images: list[str]  # base64 PNGs
+    images: list[str]  # base64, in output_format
+    output_format: str = "png"
     created: int = field(default_factory=now)
 
     def to_json(self) -> dict:
-        return {"created": self.created, "data": [{"b64_json": image} for image in self.images]}
+        return {"created": self.created, "data": [{"b64_json": image} for image in self.images],
+                "output_format": self.output_format}

@@ -46,6 +46,26 @@ def png_base64(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     return base64.b64encode(png_bytes(image, text))
 
 
+# OpenAI's `output_format` values -> Pillow's encoders. PNG keeps its own faster writer and its metadata.
+PILLOW_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encoded_base64(image: Image.Image, output_format: str = "png", quality: int = 100,
+                   text: dict[str, str] | None = None) -> bytes:
+    """The image in `output_format` (png, jpeg, webp) as base64 ASCII bytes; `quality` (0-100) sets the
+    lossy formats' quality, 100 the best (at 100 WebP is lossless)."""
+    if output_format == "png":
+        return png_base64(image, text)
+    buffer = io.BytesIO()
+    options: dict[str, Any] = {"quality": quality}
+    if output_format == "webp" and quality == 100:
+        options = {"lossless": True}
+    elif output_format == "jpeg" and quality >= 90:
+        options["subsampling"] = 0  # full-resolution colour: at high quality, 4:2:0 would be most of the error
+    image.convert("RGB").save(buffer, PILLOW_FORMATS[output_format], **options)
+    return base64.b64encode(buffer.getvalue())
+
+
 def on_png_thread(encode: Callable[..., T], *args: Any) -> Future[T]:
     """encode(*args) on the PNG thread; the server awaits the future outside the MLX worker."""
     return _png_encoder.submit(encode, *args)
