@@ -14,6 +14,7 @@
 #include "text/decoder.h"
 #include "text/generate.h"
 #include "text/sampling.h"
+#include "text/token_constraint.h"
 
 namespace mlxr::bindings {
 
@@ -41,6 +42,38 @@ void bind_sampling(nb::module_& m) {
           [](const Sampler& self, const mx::array& logits) { return evaluated(self.probabilities(logits)); },
           "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "The distribution a draw uses: float32 [V].");
   m.def("splitmix64", &splitmix64, "seed"_a, "counter"_a, "The per-draw key derivation of seeded sampling.");
+}
+
+void bind_json(nb::module_& m) {
+  nb::class_<JsonGrammar>(m, "JsonGrammar", "JSON text, one object, recognised a byte at a time (text/json_grammar.h).")
+      .def(nb::init<>())
+      .def(
+          "feed", [](JsonGrammar& self, nb::bytes b) { return self.feed(std::string_view(b.c_str(), b.size())); },
+          "data"_a, "Take the bytes if JSON allows them next (True), else change nothing (False).")
+      .def(
+          "accepts",
+          [](const JsonGrammar& self, nb::bytes b) { return self.accepts(std::string_view(b.c_str(), b.size())); },
+          "data"_a, "Whether the bytes may come next; changes nothing.")
+      .def_prop_ro("complete", &JsonGrammar::complete, "Whether the text is one whole JSON object.");
+
+  nb::class_<TokenVocabulary>(m, "TokenVocabulary", "A tokenizer's tokens as bytes, for output held to JSON.")
+      .def(
+          "__init__",
+          [](TokenVocabulary* self, nb::bytes data, const std::vector<int>& lengths) {
+            new (self) TokenVocabulary(std::string(data.c_str(), data.size()), lengths);
+          },
+          "data"_a, "lengths"_a,
+          "Every token's bytes one after another; lengths[i]: token i's, or -1 for one never allowed (special).")
+      .def("__len__", &TokenVocabulary::size);
+
+  nb::class_<JsonConstraint>(m, "JsonConstraint", "Which tokens may continue a JSON object (text/token_constraint.h).")
+      .def(nb::init<const TokenVocabulary&, int>(), "vocabulary"_a, "vocab_size"_a, nb::keep_alive<1, 2>())
+      .def("allows", &JsonConstraint::allows, "token"_a)
+      .def("accept", &JsonConstraint::accept, "token"_a)
+      .def(
+          "mask", [](const JsonConstraint& self) { return evaluated(self.mask()); },
+          nb::call_guard<nb::gil_scoped_release>(), "Float32 [vocab_size]: 0 where allowed, -inf elsewhere.")
+      .def_prop_ro("complete", &JsonConstraint::complete);
 }
 
 void bind_kv_cache(nb::module_& m) {
@@ -116,11 +149,13 @@ void bind_decoder(nb::module_& m) {
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
       .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
-                    std::optional<SequenceCache>, int>(),
+                    std::optional<SequenceCache>, int, const TokenVocabulary*>(),
            "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
-           "max_tokens"_a = -1, nb::keep_alive<1, 2>(),
+           "max_tokens"_a = -1, "json"_a.none() = nb::none(), nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(),
            "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
-           "then hold every returned token but the last.")
+           "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
+           "object (json_complete says when it is whole).")
+      .def_prop_ro("json_complete", &Generator::json_complete)
       .def("__iter__", [](nb::handle self) { return self; })
       .def(
           "__next__",
@@ -174,6 +209,7 @@ void bind_batch(nb::module_& m) {
 
 void bind_text(nb::module_& m) {
   bind_sampling(m);
+  bind_json(m);
   bind_kv_cache(m);
   bind_decoder(m);
   bind_batch(m);

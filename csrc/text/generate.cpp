@@ -23,7 +23,8 @@ void eval_cache(const std::vector<KVCache>& cache) {
 }  // namespace
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start, int max_tokens)
+                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start, int max_tokens,
+                     const TokenVocabulary* json)
     : model_(model),
       prompt_(prompt),
       cache_(start ? std::move(start->layers) : model.make_cache()),
@@ -46,6 +47,7 @@ Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
+  if (json) json_.emplace(*json, model.config().vocab_size);
 }
 
 mx::array Generator::step(const mx::array& token) {
@@ -110,17 +112,20 @@ int Generator::prefill_chunk() {
   return last - position();
 }
 
+mx::array Generator::first_logits() {
+  while (prompt_left() > prefill_chunk_) prefill_chunk();
+  sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
+  // The rest of the prompt and its last token in one forward: a separate one-row forward for the last token cost a
+  // whole pass of the model's operations (on a GPU ~5 ms of host time at 4B), a third of a cached prompt's
+  // follow-up.
+  return model_.forward(as_batch(prompt_, position(), prompt_.size()), cache_, /*last_only=*/true);
+}
+
 int Generator::next() {
   if (cache_taken_) throw std::logic_error("the generator's cache was taken: it is finished");
   if (exhausted()) throw std::logic_error("the generator has returned its max_tokens tokens");
-  if (returned_ == 0) {
-    while (prompt_left() > prefill_chunk_) prefill_chunk();
-    sampler_.remember(mx::array(prompt_.data(), {static_cast<int>(prompt_.size())}, mx::int32));
-    // The rest of the prompt and its last token in one forward: a separate one-row forward for the last token cost a
-    // whole pass of the model's operations (on a GPU ~5 ms of host time at 4B), a third of a cached prompt's
-    // follow-up.
-    sample(model_.forward(as_batch(prompt_, position(), prompt_.size()), cache_, /*last_only=*/true));
-  }
+  if (json_) return next_json();
+  if (returned_ == 0) sample(first_logits());
   auto current = *pending_;
   auto current_logprobs = pending_logprobs_;
   ++returned_;
@@ -134,6 +139,24 @@ int Generator::next() {
   last_token_ = current.item<int>();
   if (current_logprobs) logprobs_ = current_logprobs->read();
   return last_token_;
+}
+
+int Generator::next_json() {
+  if (json_->complete()) throw std::logic_error("the generator has written its whole JSON object");
+  auto logits = mx::reshape(returned_ == 0 ? first_logits() : step(mx::array(last_token_)), {-1});
+  auto token = sampler_.choose(logits);
+  int id = token.item<int>();
+  if (!json_->allows(id)) {
+    token = sampler_.choose(logits, json_->mask());
+    id = token.item<int>();
+    if (!json_->allows(id)) throw std::runtime_error("no token of the vocabulary can continue the JSON here");
+  }
+  sampler_.remember(token);
+  json_->accept(id);
+  if (top_logprobs_ >= 0) logprobs_ = PendingLogprobs::of(logits, token, top_logprobs_).read();
+  ++returned_;
+  last_token_ = id;
+  return id;
 }
 
 Generator::Started Generator::hand_off() {

@@ -9,6 +9,7 @@
 
 #include "text/decoder.h"
 #include "text/sampling.h"
+#include "text/token_constraint.h"
 
 namespace mlxr {
 
@@ -39,9 +40,11 @@ class Generator {
   // last one must run to give logits), from the prompt cache; the prefill begins after them.
   // max_tokens: the answer's budget (-1: none). next() dispatches no step past the budget's last token (a
   // forward pass whose token nobody reads), so the caches then hold every returned token but the last.
+  // json: hold the answer to one JSON object, over this vocabulary (kept alive by the caller). Such a generator
+  // does not decode ahead: the token it returns decides which tokens may come next.
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
             int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt,
-            int max_tokens = -1);
+            int max_tokens = -1, const TokenVocabulary* json = nullptr);
 
   // Prefill the next chunk of the prompt; returns how many prompt tokens are still to prefill (0: only the
   // last one is left, which the first next() runs). The caller may stop between chunks (cancel).
@@ -55,6 +58,8 @@ class Generator {
   int next();
   // Whether next() has returned max_tokens tokens.
   bool exhausted() const { return max_tokens_ >= 0 && returned_ >= max_tokens_; }
+  // Whether a generator held to JSON has written its whole object (the answer ends there).
+  bool json_complete() const { return json_ && json_->complete(); }
 
   // The caches, moved out: they hold the prompt and every token next() has returned (position() of them).
   // The generator is finished after this. (Taken, not copied: while a copy is alive each write would copy
@@ -82,7 +87,9 @@ class Generator {
 
  private:
   mx::array step(const mx::array& token);
+  mx::array first_logits();              // the rest of the prompt, its last row's logits
   void sample(const mx::array& logits);  // sets pending_ (and pending_logprobs_)
+  int next_json();                       // next() for a generator held to JSON
 
   const Decoder& model_;
   std::vector<int> prompt_;
@@ -96,6 +103,7 @@ class Generator {
   std::optional<mx::array> pending_;
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;
+  std::optional<JsonConstraint> json_;
   bool cache_taken_ = false;
 };
 

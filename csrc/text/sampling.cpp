@@ -54,7 +54,11 @@ mx::array Sampler::penalized(const mx::array& logits) const {
 }
 
 mx::array Sampler::probabilities(const mx::array& logits) const {
-  auto z = mx::astype(penalized(logits), mx::float32);
+  return distribution(penalized(logits));
+}
+
+mx::array Sampler::distribution(const mx::array& penalized_logits) const {
+  auto z = mx::astype(penalized_logits, mx::float32);
   if (greedy()) {
     auto best = mx::argmax(z, 0);
     return mx::astype(mx::equal(mx::arange(vocab_size_, mx::int32), mx::astype(best, mx::int32)), mx::float32);
@@ -93,14 +97,20 @@ mx::array Sampler::draw(const mx::array& probs) {
 }
 
 mx::array Sampler::sample(const mx::array& logits) {
+  auto token = choose(logits);
+  remember(token);
+  return token;
+}
+
+mx::array Sampler::choose(const mx::array& logits, const std::optional<mx::array>& bias) {
   if (logits.ndim() != 1 || logits.shape(0) != vocab_size_) {
     throw std::invalid_argument("sampler expects logits [" + std::to_string(vocab_size_) + "], got " +
                                 shape_string(logits.shape()));
   }
-  mx::array token = greedy() ? mx::argmax(penalized(logits), 0) : draw(probabilities(logits));
-  token = mx::astype(token, mx::int32);
-  remember(token);
-  return token;
+  auto z = penalized(logits);
+  if (bias) z = mx::add(mx::astype(z, mx::float32), *bias);
+  mx::array token = greedy() ? mx::argmax(z, 0) : draw(distribution(z));
+  return mx::astype(token, mx::int32);
 }
 
 }  // namespace mlxr

@@ -46,6 +46,9 @@ class Sampler {
 
   // Logits [V] -> token id (a lazy int32 scalar); remembers it.
   mx::array sample(const mx::array& logits);
+  // The same draw without remembering it; `bias` [V] (0 or -inf: a constraint's mask) is added to the penalised
+  // logits first. The caller remembers the token it keeps.
+  mx::array choose(const mx::array& logits, const std::optional<mx::array>& bias = std::nullopt);
 
   // The distribution step 6 draws from, as float32 probabilities [V] (for tests and logprobs).
   mx::array probabilities(const mx::array& logits) const;
@@ -55,6 +58,7 @@ class Sampler {
 
  private:
   mx::array penalized(const mx::array& logits) const;
+  mx::array distribution(const mx::array& penalized_logits) const;  // steps 3-5
   mx::array draw(const mx::array& logprobs);
 
   SamplerOptions options_;
