@@ -57,7 +57,7 @@ bool JsonGrammar::step(uint8_t byte) {
 
 // Between tokens: whitespace, punctuation, the start of a value.
 bool JsonGrammar::feed_structural(uint8_t byte) {
-  if (is_blank(byte)) return whitespace_++ < kMaxWhitespace;
+  if (is_blank(byte)) return depth_ > 0 && whitespace_++ < kMaxWhitespace;  // the text starts with its '{'
   whitespace_ = 0;
   switch (mode_) {
     case Mode::kValue:

@@ -3,8 +3,8 @@
 // The state is a small trivially copyable value (the open containers are bits of a fixed-size stack), so
 // checking whether a token's bytes may come next is a copy and a loop over its bytes: TokenConstraint
 // (text/token_constraint.h) does that for a whole vocabulary. Strings must be valid UTF-8 (no overlong forms, no
-// surrogates), as a parser reading the answer back requires. Runs of whitespace are capped: a model held to JSON
-// can otherwise fall into writing blanks for ever (llama.cpp's JSON grammar caps them too).
+// surrogates), as a parser reading the answer back requires. The text starts with its '{' and ends with its '}',
+// and runs of whitespace are capped: a model held to JSON can otherwise fall into writing blanks for ever.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +15,7 @@ namespace mlxr {
 class JsonGrammar {
  public:
   static constexpr int kMaxDepth = 128;      // open objects and arrays at once
-  static constexpr int kMaxWhitespace = 32;  // blanks in a row between tokens (a newline and 15 levels of indent)
+  static constexpr int kMaxWhitespace = 20;  // blanks in a row (a newline and 19 of indent; llama.cpp's cap too)
 
   // The whole text is one object, as OpenAI's JSON mode and Ollama's `format: "json"` ask.
   JsonGrammar() = default;

@@ -29,6 +29,7 @@ from mlxrunner.http.protocol import (
     TextDone,
     TokenizeResponse,
 )
+from mlxrunner.http.server import JSON_COMPLETION_JOB
 from mlxrunner.models import ImageModel, TextModel
 from mlxrunner.request import Limits
 from mlxrunner.worker import JobContext
@@ -87,7 +88,8 @@ class OllamaRoutes:
             job = image_job(loaded.image_model, req, self.server.limits)
         else:
             job = text_job(loaded.text_model, req)
-        return await self.server.stream(request, "completion", job, finish_on_shutdown=not asks_for_json(request))
+        name = JSON_COMPLETION_JOB if req.json_output and loaded.mode is Mode.LLM else "completion"
+        return await self.server.stream(request, name, job, finish_on_shutdown=not asks_for_json(request))
 
     async def embedding(self, request: web.Request) -> web.Response:
         body = await self.server.read_json(request)
@@ -124,7 +126,7 @@ def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext],
 
     def generate(ctx: JobContext) -> TextDone:
         completion = None
-        for item in model.stream(req.prompt, req.options, ctx.check_cancelled):
+        for item in model.stream(req.prompt, req.options, ctx.check_cancelled, json_output=req.json_output):
             if isinstance(item, str):
                 ctx.emit(TextChunk(item))
             else:
@@ -161,7 +163,8 @@ def image_job(model: ImageModel, req: CompletionRequest,
         done = functools.partial(
             ImageDone, seed=result.seed, width=result.width, height=result.height, steps=result.steps,
             timings_ms={phase: round(seconds * 1000, 1) for phase, seconds in result.timings.items()},
-            ignored=list(result.ignored) + (["options"] if req.has_options else []),
+            ignored=list(result.ignored) + (["options"] if req.has_options else []) + (["format"] if req.json_output
+                                                                                        else []),
             prompt_truncated=result.prompt_truncated,
             cache=cache and {"threshold": round(cache.threshold, 6), "computed": cache.computed,
                              "skipped": cache.skipped})

@@ -31,6 +31,7 @@ from mlxrunner.http.openai_types import (
     parse_chat,
     parse_text_completion,
 )
+from mlxrunner.http.server import JSON_COMPLETION_JOB
 from mlxrunner.llm.answer import TokenLogprob
 from mlxrunner.text.chat_template import InvalidMessages, NoChatTemplate, TemplateError
 from mlxrunner.text.tool_calls import (
@@ -70,9 +71,10 @@ class ChatRoutes:
         req = parse_chat(body, self.server.limits)
         prompt = render_chat(model, loaded.name, req)
         chat = Chat(model, req, prompt, model_name=loaded.name)
+        job_name = JSON_COMPLETION_JOB if req.json_output else "chat"
         if req.stream.stream:
-            return await stream_events(self.server, request, "chat", chat.stream_job)
-        answer = await self.server.run("chat", chat.whole_job)
+            return await stream_events(self.server, request, job_name, chat.stream_job)
+        answer = await self.server.run(job_name, chat.whole_job)
         return web.json_response(answer.to_json())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -117,7 +119,7 @@ class Chat:
         ids = self.model.tokenize(self.prompt)  # the template wrote every special token the model expects
         stop_ids = self.model.chat_template.eos_token_ids
         return self.model.stream(ids, self.req.options, ctx.check_cancelled, stop_token_ids=stop_ids,
-                                 top_logprobs=self.req.logprobs)
+                                 top_logprobs=self.req.logprobs, json_output=self.req.json_output)
 
     def _parser(self) -> OutputParser:
         return OutputParser(tool_calls=self.req.tools is not None,

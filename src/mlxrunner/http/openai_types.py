@@ -149,20 +149,24 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
 # --- POST /v1/chat/completions -----------------------------------------------------------------------
 
 
-def _check_response_format(value: Any) -> None:
-    """Plain text is all this runner writes: a request for JSON output is refused rather than answered with
-    text that was never held to it (the client would only find out when it parses the answer)."""
+def parse_response_format(value: Any) -> bool:
+    """Whether `response_format` holds the answer to one JSON object (`json_object`, OpenAI's JSON mode); `text`
+    (or none) leaves it free. A `json_schema` is refused rather than answered with text never held to it."""
     if value is None:
-        return
+        return False
     kind = value.get("type") if isinstance(value, dict) else None
     if not isinstance(kind, str):
         got = "an object without one" if isinstance(value, dict) else json_type(value)
         raise RequestError(f'field "response_format" must be an object with a "type" string, got {got}',
                            field="response_format")
-    if kind != "text":
-        raise RequestError(f'field "response_format" asks for {kind!r}: this runner does not constrain its output '
-                           'to JSON; only {"type": "text"} is served (ask for JSON in the messages instead)',
-                           field="response_format")
+    if kind in ("text", "json_object"):
+        return kind == "json_object"
+    if kind == "json_schema":
+        raise RequestError('field "response_format": a JSON schema is not enforced by this runner; '
+                           '{"type": "json_object"} holds the answer to one JSON object (describe the fields you '
+                           "want in the messages)", field="response_format")
+    raise RequestError(f'field "response_format" type must be "text" or "json_object", got {kind!r}',
+                       field="response_format")
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,7 @@ class ChatRequest:
     logprobs: int | None
     template_kwargs: dict  # chat_template_kwargs (vLLM's extension), e.g. {"enable_thinking": false}
     model: str | None
+    json_output: bool = False  # response_format json_object: the answer is one JSON object
 
 
 def parse_chat(body: dict, limits: Limits) -> ChatRequest:
@@ -188,10 +193,9 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
-    _check_response_format(body.get("response_format"))
     return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
                        stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
-                       model=str_field(body, "model"))
+                       model=str_field(body, "model"), json_output=parse_response_format(body.get("response_format")))
 
 
 @dataclass(frozen=True)

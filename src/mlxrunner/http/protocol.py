@@ -77,6 +77,7 @@ class CompletionRequest:
     has_options: bool = False  # the client sent "options" (an image model reports it ignored)
     cache_threshold: float | None = None  # the step cache's ("cache": {"threshold": x}); None: off
     vae_tile: int | None = None  # the VAE's tile in pixels; None: tiles above 1024² only, 0: never
+    json_output: bool = False  # LLMs: `format: "json"`, the answer is one JSON object
 
 
 def _decode_images(value: Any, limits: Limits) -> list[bytes]:
@@ -134,8 +135,8 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     if prompt is None:
         raise RequestError('field "prompt" is required', field="prompt")
     if str_field(body, "grammar"):  # Ollama's llama runner took the parent's `format` as a GBNF grammar
-        raise RequestError('field "grammar": this runner does not constrain its output to a grammar (JSON mode)',
-                           field="grammar")
+        raise RequestError('field "grammar": this runner takes no grammar; `"format": "json"` holds the answer to '
+                           "one JSON object", field="grammar")
     max_side = limits.max_output_pixels  # a side alone can never exceed the pixel budget
     width = int_field(body, "width", 0, max_side) or None  # 0 means "default", as Ollama sends it
     height = int_field(body, "height", 0, max_side) or None
@@ -156,7 +157,20 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         has_options=body.get("options") is not None,
         cache_threshold=parse_cache(body.get("cache"), limits),
         vae_tile=parse_vae_tile(body, limits),
+        json_output=parse_format(body.get("format")),
     )
+
+
+def parse_format(value: Any) -> bool:
+    """Ollama's `format`: "json" holds the answer to one JSON object; absent or "" leaves it free."""
+    if value is None or value == "":
+        return False
+    if value == "json":
+        return True
+    if isinstance(value, dict):
+        raise RequestError('field "format": a JSON schema is not enforced by this runner; "json" holds the answer '
+                           "to one JSON object (describe the fields you want in the prompt)", field="format")
+    raise RequestError(f'field "format" must be "json", got {value!r}', field="format")
 
 
 # --- POST /completion: the stream's lines ---------------------------------------------------------

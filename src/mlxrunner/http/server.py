@@ -80,6 +80,9 @@ class HttpError:
 
 # The jobs of the routes that generate text ("completion" is an image too when an image model is loaded).
 TEXT_GENERATION_JOBS = frozenset({"completion", "chat"})
+# An answer held to JSON decides each next token on the host before the next step (csrc/text/generate.h), so it
+# runs alone, in a job of its own between the batch's runs, not as a row of the batch.
+JSON_COMPLETION_JOB = "completion held to JSON"
 
 
 def client_error(error: BaseException) -> RequestError | None:

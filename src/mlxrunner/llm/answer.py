@@ -24,7 +24,7 @@ class Completion:
     """What one generation did, for the final line of the stream."""
 
     done_reason: str = "length"  # stop | length | cancel
-    stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | num_predict | context
+    stop_reason: str = "num_predict"  # eos:<id> | stop:<text> | json | num_predict | context
     prompt_eval_count: int = 0  # the whole prompt, cached tokens included (as Ollama counts it)
     prompt_cache_count: int = 0  # how many of those came from the prompt cache
     prompt_eval_duration: int = 0  # ns
@@ -67,8 +67,9 @@ class Answer:
         self._first_token_at: int | None = None
         self._ended_at: int | None = None
 
-    def push(self, token: int, logprobs: tuple | None) -> list[str | TokenLogprob]:
-        """The items a newly generated token yields; sets `done` once the answer has ended."""
+    def push(self, token: int, logprobs: tuple | None, json_complete: bool = False) -> list[str | TokenLogprob]:
+        """The items a newly generated token yields; sets `done` once the answer has ended. json_complete: the
+        answer is held to JSON and this token closed its object."""
         self.generated.append(token)
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter_ns()
@@ -85,6 +86,8 @@ class Answer:
             items.append(emit)
         if matched is not None:
             self._end("stop", f"stop:{matched}")
+        elif json_complete:
+            self._end("stop", "json")
         elif len(self.generated) == self.budget:
             self._end("length", self._length_reason())
         return items

@@ -236,6 +236,16 @@ class TextTokenizer:
             cached = self._bytes_cache[token_id] = self._compute_token_bytes(token_id)
         return cached
 
+    def token_table(self) -> tuple[bytes, list[int]]:
+        """Every token's bytes one after another and each one's length, for _core.TokenVocabulary (output held
+        to JSON); -1 for a special token (end of turn, tool-call markers...), which JSON text never contains."""
+        pieces, lengths = [], []
+        for token_id in range(self.vocab_size):
+            piece = b"" if self.is_special(token_id) else self.token_bytes(token_id)
+            pieces.append(piece)
+            lengths.append(len(piece) if piece else -1)
+        return b"".join(pieces), lengths
+
     def is_special(self, token_id: int) -> bool:
         token = self._added_tokens.get(token_id)
         return token is not None and token.special

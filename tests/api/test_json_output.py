@@ -1,0 +1,162 @@
+"""Answers held to one JSON object: OpenAI's `response_format: {"type": "json_object"}` and `/completion`'s
+`"format": "json"`, on the tiny Qwen3 with Qwen3's chat template, in-process and through a real runner.
+
+The recogniser itself is tested against json.loads (tests/unit/test_json_grammar.py). Here: greedy decoding held to
+JSON takes, at every step, the best token the recogniser allows (checked against the model's own logits, masked);
+sampled answers are always JSON as far as they go, and whole objects when they stop on their own; the protocols
+route the requests (outside the batch) and refuse what they cannot hold an answer to (a JSON schema).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import openai
+import pytest
+from conftest import chat_model_folder
+
+from mlxrunner import _core
+from mlxrunner.launcher import Runner
+from mlxrunner.request import Options
+
+PROMPT = "Describe a cat as JSON:"
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return chat_model_folder(tmp_path_factory.mktemp("qwen3-chat-json"))
+
+
+@pytest.fixture(scope="module")
+def model(chat_model):
+    from mlxrunner import llm
+
+    return llm.load(str(chat_model))
+
+
+@pytest.fixture(scope="module")
+def runner(chat_model):
+    with Runner.start(str(chat_model), timeout=120, extra_args=["--max-batch", "4"]) as runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
+def client(runner) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{runner.host}:{runner.port}/v1", api_key="unused", max_retries=0)
+
+
+def run(model, prompt: str, **options) -> tuple[str, object]:
+    text, final = "", None
+    for item in model.stream(prompt, Options(**options), json_output=True):
+        if isinstance(item, str):
+            text += item
+        elif hasattr(item, "stop_reason"):
+            final = item
+    return text, final
+
+
+def is_json_so_far(text: str) -> bool:
+    return _core.JsonGrammar().feed(text.encode())
+
+
+def test_greedy_takes_the_best_allowed_token_at_every_step(model):
+    ids = model.encode_prompt(PROMPT)
+    vocab_size = model.core_config.vocab_size
+    constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size)
+    expected: list[int] = []
+    for _ in range(24):
+        logits = model.logits(ids + expected)[-1]
+        token = int(np.argmax(logits + np.asarray(constraint.mask())))
+        constraint.accept(token)
+        expected.append(token)
+        if constraint.complete:
+            break
+    text, final = run(model, PROMPT, temperature=0, repeat_penalty=1.0, num_predict=24)
+    assert text == model.detokenize(expected)
+    assert final.stop_reason == ("json" if constraint.complete else "num_predict")
+    assert is_json_so_far(text) and text.startswith("{")
+
+
+def test_sampled_answers_are_json_as_far_as_they_go_and_whole_when_they_stop(model):
+    finished = 0
+    for seed in range(12):
+        text, final = run(model, PROMPT, temperature=1.0, seed=seed, num_predict=24)
+        assert is_json_so_far(text), text
+        if final.stop_reason == "json":
+            finished += 1
+            assert isinstance(json.loads(text), dict)
+            assert final.done_reason == "stop"
+        else:
+            assert final.stop_reason == "num_predict" and final.eval_count == 24
+    assert finished > 0  # the tiny model closes some of its objects within 24 tokens
+
+
+def test_the_same_request_without_json_is_free_text(model):
+    text = "".join(i for i in model.stream(PROMPT, Options(temperature=0, num_predict=24)) if isinstance(i, str))
+    assert not is_json_so_far(text)  # so the tests above test something
+
+
+def test_openai_json_object_answers_hold_json(client):
+    answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+                                            max_tokens=40, response_format={"type": "json_object"})
+    content = answer.choices[0].message.content
+    assert is_json_so_far(content) and content.startswith("{")
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+                                            max_tokens=40, response_format={"type": "json_object"}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+
+
+def test_openai_json_schema_is_a_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=4,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "cat", "schema": {"type": "object"}}})
+    assert caught.value.param == "response_format" and "json_object" in caught.value.message
+
+
+def native(runner: Runner, body: dict) -> tuple[str, dict]:
+    lines = list(runner.complete(body))
+    return "".join(line.get("content", "") for line in lines[:-1]), lines[-1]
+
+
+def test_native_format_json_and_its_prompt_cache(runner):
+    body = {"prompt": PROMPT, "format": "json", "options": {"temperature": 0, "repeat_penalty": 1.0,
+                                                             "num_predict": 30}}
+    first_text, first = native(runner, body)
+    assert is_json_so_far(first_text) and first["stop_reason"] in ("json", "num_predict")
+    again_text, again = native(runner, body)
+    assert again_text == first_text and again["prompt_cache_count"] > 0
+
+
+@pytest.mark.parametrize("value", [{"type": "object"}, "xml", 1])
+def test_native_format_other_than_json_is_a_400_naming_it(runner, value):
+    with pytest.raises(Exception) as caught:
+        native(runner, {"prompt": PROMPT, "format": value})
+    assert '"format"' in str(caught.value)
+
+
+def test_json_requests_run_beside_a_batch_without_changing_its_answers(runner):
+    def plain(i: int) -> dict:
+        return {"prompt": f"{PROMPT} {i}", "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 20}}
+
+    def held(i: int) -> dict:
+        return {**plain(i), "format": "json"}
+
+    bodies = [plain(0), held(1), plain(2), held(3), plain(4)]
+    alone = [native(runner, body)[0] for body in bodies]
+    together: list[str | None] = [None] * len(bodies)
+
+    def send(index: int) -> None:
+        together[index] = native(runner, bodies[index])[0]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert all(is_json_so_far(alone[i]) for i in (1, 3))
