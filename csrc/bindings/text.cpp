@@ -45,8 +45,31 @@ void bind_sampling(nb::module_& m) {
 }
 
 void bind_json(nb::module_& m) {
-  nb::class_<JsonGrammar>(m, "JsonGrammar", "JSON text, one object, recognised a byte at a time (text/json_grammar.h).")
+  nb::class_<SchemaNode>(m, "SchemaNode", "The values one place of a document may hold (text/json_grammar.h).")
       .def(nb::init<>())
+      .def_rw("kinds", &SchemaNode::kinds)
+      .def_rw("literal_kinds", &SchemaNode::literal_kinds)
+      .def_rw("literals", &SchemaNode::literals)
+      .def_rw("keys", &SchemaNode::keys)
+      .def_rw("key_nodes", &SchemaNode::key_nodes)
+      .def_rw("required", &SchemaNode::required)
+      .def_rw("additional", &SchemaNode::additional)
+      .def_rw("items", &SchemaNode::items);
+  nb::class_<JsonSchema>(m, "JsonSchema", "A compiled JSON schema (text/json_schema.py compiles one).")
+      .def(
+          "__init__",
+          [](JsonSchema* self, std::vector<SchemaNode> nodes, int root) {
+            new (self) JsonSchema{std::move(nodes), root};
+            self->check();
+          },
+          "nodes"_a, "root"_a)
+      .def_prop_ro("root", [](const JsonSchema& self) { return self.root; })
+      .def("__len__", [](const JsonSchema& self) { return self.nodes.size(); });
+
+  nb::class_<JsonGrammar>(m, "JsonGrammar",
+                          "JSON text, one object (any, or what a schema allows), recognised a byte at a time.")
+      .def(nb::init<>())
+      .def(nb::init<const JsonSchema&>(), "schema"_a, nb::keep_alive<1, 2>())
       .def(
           "feed", [](JsonGrammar& self, nb::bytes b) { return self.feed(std::string_view(b.c_str(), b.size())); },
           "data"_a, "Take the bytes if JSON allows them next (True), else change nothing (False).")
@@ -68,6 +91,8 @@ void bind_json(nb::module_& m) {
 
   nb::class_<JsonConstraint>(m, "JsonConstraint", "Which tokens may continue a JSON object (text/token_constraint.h).")
       .def(nb::init<const TokenVocabulary&, int>(), "vocabulary"_a, "vocab_size"_a, nb::keep_alive<1, 2>())
+      .def(nb::init<const TokenVocabulary&, int, const JsonSchema&>(), "vocabulary"_a, "vocab_size"_a, "schema"_a,
+           nb::keep_alive<1, 2>(), nb::keep_alive<1, 4>())
       .def("allows", &JsonConstraint::allows, "token"_a)
       .def("accept", &JsonConstraint::accept, "token"_a)
       .def(
@@ -149,12 +174,13 @@ void bind_decoder(nb::module_& m) {
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
       .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
-                    std::optional<SequenceCache>, int, const TokenVocabulary*>(),
+                    std::optional<SequenceCache>, int, const TokenVocabulary*, const JsonSchema*>(),
            "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
-           "max_tokens"_a = -1, "json"_a.none() = nb::none(), nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(),
+           "max_tokens"_a = -1, "json"_a.none() = nb::none(), "json_schema"_a.none() = nb::none(),
+           nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(), nb::keep_alive<1, 10>(),
            "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
            "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
-           "object (json_complete says when it is whole).")
+           "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow.")
       .def_prop_ro("json_complete", &Generator::json_complete)
       .def("__iter__", [](nb::handle self) { return self; })
       .def(

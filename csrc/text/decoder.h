@@ -16,11 +16,11 @@
 
 #include "nn/config_fields.h"
 #include "nn/linear.h"
-#include "text/mla.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/rope.h"
 #include "text/kv_cache.h"
+#include "text/mla.h"
 
 namespace mlxr {
 

@@ -24,8 +24,8 @@ std::string_view TokenVocabulary::bytes(int token) const {
   return std::string_view(bytes_).substr(starts_[token], static_cast<size_t>(lengths_[token]));
 }
 
-JsonConstraint::JsonConstraint(const TokenVocabulary& vocabulary, int vocab_size)
-    : vocabulary_(vocabulary), vocab_size_(vocab_size) {}
+JsonConstraint::JsonConstraint(const TokenVocabulary& vocabulary, int vocab_size, const JsonSchema& schema)
+    : vocabulary_(vocabulary), vocab_size_(vocab_size), grammar_(schema) {}
 
 bool JsonConstraint::allows(int token) const {
   const auto bytes = vocabulary_.bytes(token);

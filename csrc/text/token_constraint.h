@@ -35,14 +35,16 @@ class TokenVocabulary {
 class JsonConstraint {
  public:
   // vocab_size: the logits' width, which may exceed the tokenizer's (padded embedding rows are never allowed).
-  JsonConstraint(const TokenVocabulary& vocabulary, int vocab_size);
+  // schema: what the object must hold (kept alive by the caller); by default any object.
+  JsonConstraint(const TokenVocabulary& vocabulary, int vocab_size,
+                 const JsonSchema& schema = JsonSchema::any_object());
 
   bool allows(int token) const;
   // Takes an allowed token (std::invalid_argument otherwise).
   void accept(int token);
   // Float32 [vocab_size]: 0 where a token is allowed, -inf elsewhere.
   mx::array mask() const;
-  // Whether the text so far is a whole JSON object: the answer ends there.
+  // Whether the text so far is a whole object: the answer ends there.
   bool complete() const { return grammar_.complete(); }
 
  private:

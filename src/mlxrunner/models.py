@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mlxrunner.llm.answer import Completion, TokenLogprob
     from mlxrunner.request import Options
     from mlxrunner.text.chat_template import ChatTemplate
+    from mlxrunner.text.json_schema import CompiledSchema
     from mlxrunner.worker import Batch
 
 # Called between steps of a job (batches, tokens); raises errors.Cancelled once the job is cancelled.
@@ -61,12 +62,13 @@ class TextModel(Embedder, Protocol):
     def stream(self, prompt: str | list[int], options: Options = ...,
                check_cancelled: CheckCancelled | None = None,
                stop_token_ids: Collection[int] = (), top_logprobs: int | None = None, json_output: bool = False,
-               ) -> Iterator[str | TokenLogprob | Completion]:
+               json_schema: CompiledSchema | None = None) -> Iterator[str | TokenLogprob | Completion]:
         """Text chunks (valid UTF-8, stop strings withheld), then one Completion. A prompt that does not
         fit the context is llm.model.PromptTooLong; a list of ids is used as it is, a string is encoded with
         the tokenizer's BOS. stop_token_ids end the answer as the tokenizer's EOS ids do. With top_logprobs
         (k >= 0), each token's TokenLogprob comes before its text. json_output: the answer is one JSON object
-        and ends with it; run it in a job outside the batch."""
+        and ends with it; json_schema: one the schema allows (text/json_schema.py); run either in a job outside the
+        batch."""
 
     def generate(self, prompt: str | list[int], **options: object) -> Iterator[str]:
         """Text chunks only; options as a /completion request's `options`."""

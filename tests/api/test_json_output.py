@@ -1,27 +1,40 @@
-"""Answers held to one JSON object: OpenAI's `response_format: {"type": "json_object"}` and `/completion`'s
-`"format": "json"`, on the tiny Qwen3 with Qwen3's chat template, in-process and through a real runner.
+"""Answers held to one JSON object: OpenAI's `response_format` (`json_object`, `json_schema`) and `/completion`'s
+`format` ("json", a schema), on the tiny Qwen3 with Qwen3's chat template, in-process and through a real runner.
 
 The recogniser itself is tested against json.loads (tests/unit/test_json_grammar.py). Here: greedy decoding held to
 JSON takes, at every step, the best token the recogniser allows (checked against the model's own logits, masked);
 sampled answers are always JSON as far as they go, and whole objects when they stop on their own; the protocols
-route the requests (outside the batch) and refuse what they cannot hold an answer to (a JSON schema).
+route the requests (outside the batch) and refuse the schemas they cannot hold an answer to, naming where.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from typing import Literal
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
 from conftest import chat_model_folder
+from pydantic import BaseModel, ConfigDict
 
 from mlxrunner import _core
 from mlxrunner.launcher import Runner
+from mlxrunner.llm.model import core_schema
 from mlxrunner.request import Options
+from mlxrunner.text.json_schema import compile_schema
 
 PROMPT = "Describe a cat as JSON:"
+
+
+class Cat(BaseModel):
+    """A schema whose documents are short whatever the model prefers: two keys, each value one of a few."""
+
+    model_config = ConfigDict(extra="forbid")
+    mood: Literal["calm", "angry"]
+    indoor: bool
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +60,9 @@ def client(runner) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://{runner.host}:{runner.port}/v1", api_key="unused", max_retries=0)
 
 
-def run(model, prompt: str, **options) -> tuple[str, object]:
+def run(model, prompt: str, json_schema=None, **options) -> tuple[str, object]:
     text, final = "", None
-    for item in model.stream(prompt, Options(**options), json_output=True):
+    for item in model.stream(prompt, Options(**options), json_output=True, json_schema=json_schema):
         if isinstance(item, str):
             text += item
         elif hasattr(item, "stop_reason"):
@@ -61,10 +74,16 @@ def is_json_so_far(text: str) -> bool:
     return _core.JsonGrammar().feed(text.encode())
 
 
-def test_greedy_takes_the_best_allowed_token_at_every_step(model):
+@pytest.mark.parametrize("schema", [None, Cat.model_json_schema()], ids=["any object", "a schema"])
+def test_greedy_takes_the_best_allowed_token_at_every_step(model, schema):
     ids = model.encode_prompt(PROMPT)
     vocab_size = model.core_config.vocab_size
-    constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size)
+    compiled = compile_schema(schema) if schema else None
+    if compiled:
+        core = core_schema(compiled)
+        constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size, core)
+    else:
+        constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size)
     expected: list[int] = []
     for _ in range(24):
         logits = model.logits(ids + expected)[-1]
@@ -73,7 +92,7 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(model):
         expected.append(token)
         if constraint.complete:
             break
-    text, final = run(model, PROMPT, temperature=0, repeat_penalty=1.0, num_predict=24)
+    text, final = run(model, PROMPT, temperature=0, repeat_penalty=1.0, num_predict=24, json_schema=compiled)
     assert text == model.detokenize(expected)
     assert final.stop_reason == ("json" if constraint.complete else "num_predict")
     assert is_json_so_far(text) and text.startswith("{")
@@ -110,12 +129,35 @@ def test_openai_json_object_answers_hold_json(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
 
 
-def test_openai_json_schema_is_a_400_naming_the_field(client):
+def test_openai_parse_with_a_pydantic_model(client):
+    # The openai client's structured outputs: it sends response_format json_schema (strict) from the model class
+    # and parses the answer into it. Held to Cat, even the random-weight model writes a Cat.
+    answer = client.beta.chat.completions.parse(model="m", messages=[{"role": "user", "content": PROMPT}],
+                                                temperature=0, max_tokens=400, response_format=Cat)
+    assert answer.choices[0].finish_reason == "stop"
+    cat = answer.choices[0].message.parsed
+    assert isinstance(cat, Cat) and cat.mood in ("calm", "angry")
+
+
+def test_sampled_answers_held_to_a_schema_follow_it(model):
+    schema = Cat.model_json_schema()
+    for seed in range(4):
+        text, final = run(model, PROMPT, json_schema=compile_schema(schema), temperature=1.0, seed=seed,
+                          num_predict=400)
+        assert final.stop_reason == "json", text
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}}}, "properties.name.maxLength"),
+    ({"type": "array"}, "root must be an object"),
+])
+def test_openai_schemas_that_cannot_be_held_to_are_400s_naming_the_field(client, schema, where):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=4,
                                        response_format={"type": "json_schema",
-                                                        "json_schema": {"name": "cat", "schema": {"type": "object"}}})
-    assert caught.value.param == "response_format" and "json_object" in caught.value.message
+                                                        "json_schema": {"name": "x", "schema": schema}})
+    assert caught.value.param == "response_format" and where in caught.value.message
 
 
 def native(runner: Runner, body: dict) -> tuple[str, dict]:
@@ -132,7 +174,14 @@ def test_native_format_json_and_its_prompt_cache(runner):
     assert again_text == first_text and again["prompt_cache_count"] > 0
 
 
-@pytest.mark.parametrize("value", [{"type": "object"}, "xml", 1])
+def test_native_format_schema(runner):
+    schema = Cat.model_json_schema()
+    text, final = native(runner, {"prompt": PROMPT, "format": schema, "options": {"num_predict": 400, "seed": 3}})
+    assert final["stop_reason"] == "json"
+    jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("value", [{"type": "object", "properties": {"a": {"pattern": "x"}}}, "xml", 1])
 def test_native_format_other_than_json_is_a_400_naming_it(runner, value):
     with pytest.raises(Exception) as caught:
         native(runner, {"prompt": PROMPT, "format": value})

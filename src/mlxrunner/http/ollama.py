@@ -126,7 +126,8 @@ def text_job(model: TextModel, req: CompletionRequest) -> Callable[[JobContext],
 
     def generate(ctx: JobContext) -> TextDone:
         completion = None
-        for item in model.stream(req.prompt, req.options, ctx.check_cancelled, json_output=req.json_output):
+        for item in model.stream(req.prompt, req.options, ctx.check_cancelled, json_output=req.json_output,
+                                 json_schema=req.json_schema):
             if isinstance(item, str):
                 ctx.emit(TextChunk(item))
             else:

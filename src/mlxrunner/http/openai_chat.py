@@ -119,7 +119,8 @@ class Chat:
         ids = self.model.tokenize(self.prompt)  # the template wrote every special token the model expects
         stop_ids = self.model.chat_template.eos_token_ids
         return self.model.stream(ids, self.req.options, ctx.check_cancelled, stop_token_ids=stop_ids,
-                                 top_logprobs=self.req.logprobs, json_output=self.req.json_output)
+                                 top_logprobs=self.req.logprobs, json_output=self.req.json_output,
+                                 json_schema=self.req.json_schema)
 
     def _parser(self) -> OutputParser:
         return OutputParser(tool_calls=self.req.tools is not None,

@@ -27,6 +27,7 @@ from mlxrunner.request import (
     json_type,
     str_field,
 )
+from mlxrunner.text.json_schema import CompiledSchema, SchemaError, compile_schema
 
 if TYPE_CHECKING:
     from mlxrunner.llm.answer import TokenLogprob
@@ -149,24 +150,29 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
 # --- POST /v1/chat/completions -----------------------------------------------------------------------
 
 
-def parse_response_format(value: Any) -> bool:
-    """Whether `response_format` holds the answer to one JSON object (`json_object`, OpenAI's JSON mode); `text`
-    (or none) leaves it free. A `json_schema` is refused rather than answered with text never held to it."""
+def parse_response_format(value: Any) -> tuple[bool, CompiledSchema | None]:
+    """(whether the answer is held to one JSON object, the schema it follows): `json_object` (OpenAI's JSON mode)
+    holds it to any object, `json_schema` to one the schema allows; `text` (or none) leaves it free."""
     if value is None:
-        return False
+        return False, None
     kind = value.get("type") if isinstance(value, dict) else None
     if not isinstance(kind, str):
         got = "an object without one" if isinstance(value, dict) else json_type(value)
         raise RequestError(f'field "response_format" must be an object with a "type" string, got {got}',
                            field="response_format")
     if kind in ("text", "json_object"):
-        return kind == "json_object"
-    if kind == "json_schema":
-        raise RequestError('field "response_format": a JSON schema is not enforced by this runner; '
-                           '{"type": "json_object"} holds the answer to one JSON object (describe the fields you '
-                           "want in the messages)", field="response_format")
-    raise RequestError(f'field "response_format" type must be "text" or "json_object", got {kind!r}',
-                       field="response_format")
+        return kind == "json_object", None
+    if kind != "json_schema":
+        raise RequestError(f'field "response_format" type must be "text", "json_object" or "json_schema", got '
+                           f"{kind!r}", field="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise RequestError('field "response_format": "json_schema" needs {"name": ..., "schema": {...}}',
+                           field="response_format")
+    try:
+        return True, compile_schema(spec["schema"])
+    except SchemaError as exc:
+        raise RequestError(f'field "response_format": {exc}', field="response_format") from None
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,8 @@ class ChatRequest:
     logprobs: int | None
     template_kwargs: dict  # chat_template_kwargs (vLLM's extension), e.g. {"enable_thinking": false}
     model: str | None
-    json_output: bool = False  # response_format json_object: the answer is one JSON object
+    json_output: bool = False  # response_format json_object or json_schema: the answer is one JSON object
+    json_schema: CompiledSchema | None = None  # response_format json_schema: the schema it follows
 
 
 def parse_chat(body: dict, limits: Limits) -> ChatRequest:
@@ -193,9 +200,10 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
+    json_output, json_schema = parse_response_format(body.get("response_format"))
     return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
                        stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
-                       model=str_field(body, "model"), json_output=parse_response_format(body.get("response_format")))
+                       model=str_field(body, "model"), json_output=json_output, json_schema=json_schema)
 
 
 @dataclass(frozen=True)

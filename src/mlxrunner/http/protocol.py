@@ -31,6 +31,7 @@ from mlxrunner.request import (
     parse_options,
     str_field,
 )
+from mlxrunner.text.json_schema import CompiledSchema, SchemaError, compile_schema
 
 
 class Message(Protocol):
@@ -77,7 +78,8 @@ class CompletionRequest:
     has_options: bool = False  # the client sent "options" (an image model reports it ignored)
     cache_threshold: float | None = None  # the step cache's ("cache": {"threshold": x}); None: off
     vae_tile: int | None = None  # the VAE's tile in pixels; None: tiles above 1024² only, 0: never
-    json_output: bool = False  # LLMs: `format: "json"`, the answer is one JSON object
+    json_output: bool = False  # LLMs: `format`, the answer is one JSON object
+    json_schema: CompiledSchema | None = None  # LLMs: `format` as a JSON schema, which the object follows
 
 
 def _decode_images(value: Any, limits: Limits) -> list[bytes]:
@@ -157,20 +159,23 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
         has_options=body.get("options") is not None,
         cache_threshold=parse_cache(body.get("cache"), limits),
         vae_tile=parse_vae_tile(body, limits),
-        json_output=parse_format(body.get("format")),
+        json_output=body.get("format") not in (None, ""),
+        json_schema=parse_format(body.get("format")),
     )
 
 
-def parse_format(value: Any) -> bool:
-    """Ollama's `format`: "json" holds the answer to one JSON object; absent or "" leaves it free."""
-    if value is None or value == "":
-        return False
-    if value == "json":
-        return True
-    if isinstance(value, dict):
-        raise RequestError('field "format": a JSON schema is not enforced by this runner; "json" holds the answer '
-                           "to one JSON object (describe the fields you want in the prompt)", field="format")
-    raise RequestError(f'field "format" must be "json", got {value!r}', field="format")
+def parse_format(value: Any) -> CompiledSchema | None:
+    """Ollama's `format`: "json" holds the answer to one JSON object, a JSON schema to an object it allows (the
+    compiled schema is returned); absent or "" leaves the answer free."""
+    if value is None or value in ("", "json"):
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f'field "format" must be "json" or a JSON schema, got {json.dumps(value)[:40]}',
+                           field="format")
+    try:
+        return compile_schema(value)
+    except SchemaError as exc:
+        raise RequestError(f'field "format": {exc}', field="format") from None
 
 
 # --- POST /completion: the stream's lines ---------------------------------------------------------

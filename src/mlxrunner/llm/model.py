@@ -29,6 +29,7 @@ from mlxrunner.request import Options
 from mlxrunner.settings import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES
 from mlxrunner.store import QuantParams
 from mlxrunner.text.chat_template import ChatTemplate, NoChatTemplate
+from mlxrunner.text.json_schema import CompiledSchema
 from mlxrunner.text.tokenizer import TextTokenizer
 
 PREFILL_CHUNK = 512
@@ -50,6 +51,17 @@ def sampler_options(options: Options, prompt_seed: int | None = None) -> _core.S
     # Ollama: a negative seed means unseeded.
     given["seed"] = seed % (1 << 64) if seed is not None and seed >= 0 else None
     return _core.SamplerOptions.from_dict(given)
+
+
+def core_schema(schema: CompiledSchema) -> _core.JsonSchema:
+    """text/json_schema.py's nodes as the C++ recogniser's (which checks them again)."""
+    nodes = []
+    for node in schema.nodes:
+        core = _core.SchemaNode()
+        for name in ("kinds", "literal_kinds", "literals", "keys", "key_nodes", "required", "additional", "items"):
+            setattr(core, name, getattr(node, name))
+        nodes.append(core)
+    return _core.JsonSchema(nodes, schema.root)
 
 
 class PromptTooLong(ValueError):
@@ -180,15 +192,17 @@ class LanguageModel:
     def stream(self, prompt: str | list[int], options: Options = Options(),
                check_cancelled: Callable[[], None] | None = None,
                stop_token_ids: Collection[int] = (), top_logprobs: int | None = None, json_output: bool = False,
-               ) -> Iterator[str | TokenLogprob | Completion]:
+               json_schema: CompiledSchema | None = None) -> Iterator[str | TokenLogprob | Completion]:
         """Yield text chunks (valid UTF-8, stop strings withheld), then one Completion.
 
         stop_token_ids: tokens that end the answer besides the tokenizer's EOS (a chat template's end of turn).
         top_logprobs: None, or k >= 0: each generated token's TokenLogprob (with k alternatives) is yielded
         before the text it makes.
-        json_output: the answer is one JSON object, and ends with it (stop reason "json"). Such a request runs
-        alone, never in a batch (the server gives it a job of its own: http/server.py).
+        json_output: the answer is one JSON object, and ends with it (stop reason "json"); json_schema (from
+        text/json_schema.py): one that schema allows. Such a request runs alone, never in a batch (the server gives
+        it a job of its own: http/server.py).
         """
+        json_output = json_output or json_schema is not None
         eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
         answer = Answer(self.tokenizer, self.context_length, self.prompt_ids(prompt), options, eos_ids, top_logprobs)
         if self.batch is not None and self.batch.serves_this_thread() and not json_output:
@@ -198,7 +212,8 @@ class LanguageModel:
         cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
                                     -1 if top_logprobs is None else top_logprobs, cached, answer.budget,
-                                    self.json_vocabulary if json_output else None)
+                                    self.json_vocabulary if json_output else None,
+                                    core_schema(json_schema) if json_schema is not None else None)
         # The generator holds the caches now. Another holder would make MLX copy each buffer at its first write,
         # where a sequence handed over by the prompt cache is written in place.
         del cached
