@@ -60,7 +60,7 @@ class ScriptedLLM:
         raise NotImplementedError
 
     def stream(self, prompt, options=None, check_cancelled=None, stop_token_ids=(),
-               top_logprobs=None) -> Iterator[str | Completion]:
+               top_logprobs=None, json_output=False, json_schema=None) -> Iterator[str | Completion]:
         pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
         yield from pieces
         if self.error is not None:

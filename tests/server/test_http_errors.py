@@ -55,7 +55,7 @@ class FakeLLM:
             raise self.error
         return EmbeddingResult(np.ones((len(texts), self.dims), np.float32), len(texts), [])
 
-    def stream(self, prompt, options=None, check_cancelled=None):
+    def stream(self, prompt, options=None, check_cancelled=None, json_output=False, json_schema=None):
         for i in range(self.chunks):
             yield f"chunk{i} "
         if self.error is not None:
