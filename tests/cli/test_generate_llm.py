@@ -6,12 +6,14 @@ raw prompt), which is the parity-checked decoder; the model is random, so the te
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from cli_helpers import GREEDY, QWEN3, SHORT_PROMPT, greedy_reply
 from conftest import chat_model_folder, run_cli
 
+from mlxrunner import _core
 from mlxrunner.llm import load
 from mlxrunner.request import Options
 
@@ -97,3 +99,26 @@ def test_a_bad_sampling_flag_is_a_usage_error(flag, message):
     result = run_cli("generate", "--model", str(QWEN3), "x", *flag)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"mlxrunner generate: error: {message}"
+
+
+def test_format_json_holds_the_answer_to_an_object(chat_folder, chat_model, tmp_path):
+    result = generate(chat_folder, "--format", "json", SHORT_PROMPT)
+    answer = result.stdout.rstrip("\n")
+    assert answer.startswith("{") and _core.JsonGrammar().feed(answer.encode())
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok"],
+              "properties": {"ok": {"type": "boolean"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = run_cli("generate", "--model", str(chat_folder), *GREEDY, "-n", "200", "--format",
+                     str(tmp_path / "schema.json"), SHORT_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout)["ok"], bool)
+
+
+@pytest.mark.parametrize("schema, message", [(None, "No such file"), ("{", "is not JSON"),
+                                             ('{"type": "array"}', "root must be an object")])
+def test_a_format_that_cannot_be_used_is_a_usage_error(chat_folder, tmp_path, schema, message):
+    path = tmp_path / "schema.json"
+    if schema is not None:
+        path.write_text(schema)
+    result = run_cli("generate", "--model", str(chat_folder), "--format", str(path), SHORT_PROMPT)
+    assert result.returncode == 2 and "--format" in result.stderr and message in result.stderr

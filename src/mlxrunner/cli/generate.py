@@ -61,6 +61,8 @@ def generate_parser() -> argparse.ArgumentParser:
                      help="send the prompt as it is, without the model's chat template (a model without one "
                      "always gets the raw prompt)")
     llm.add_argument("--system", metavar="TEXT", help="system prompt (through the chat template)")
+    llm.add_argument("--format", metavar="json|SCHEMA.json",
+                     help="hold the answer to one JSON object: any (json), or one the JSON schema in this file allows")
     text.add_thinking_flags(parser)
     text.add_sampling_flags(parser)
     parser.add_argument("--seed", type=int, help="the same seed and prompt give the same image or text; images: "
@@ -97,6 +99,7 @@ def generate_text(args: argparse.Namespace, parser: argparse.ArgumentParser, set
     from mlxrunner.text.chat_template import InvalidMessages, TemplateError
 
     options = text.options_from(args, parser)
+    json_schema = text.json_schema_from(args.format, parser)
     try:
         model = load_with_bar(settings).text_model
         if args.raw or model.chat_template is None:
@@ -112,7 +115,8 @@ def generate_text(args: argparse.Namespace, parser: argparse.ArgumentParser, set
             target, reply_parser = text.templated_prompt(model, messages, text.template_kwargs(args))
             stop_ids = model.chat_template.eos_token_ids
         writer = text.ReplyWriter(sys.stdout, show_thinking=not args.hide_thinking)
-        reply = text.stream_reply(model, target, options, writer, parser=reply_parser, stop_token_ids=stop_ids)
+        reply = text.stream_reply(model, target, options, writer, parser=reply_parser, stop_token_ids=stop_ids,
+                                  json_output=args.format is not None, json_schema=json_schema)
     except KeyboardInterrupt:
         print(flush=True)
         return fail("interrupted")

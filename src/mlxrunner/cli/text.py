@@ -10,15 +10,18 @@ printed as generated.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Collection, TextIO
 
 from mlxrunner.errors import Cancelled, RequestError
 from mlxrunner.request import Limits, Options, parse_options
 from mlxrunner.settings import GIB
+from mlxrunner.text.json_schema import CompiledSchema, SchemaError, compile_schema
 from mlxrunner.text.tool_calls import ContentDelta, Event, OutputParser, ReasoningDelta, prompt_ends_in_reasoning
 
 if TYPE_CHECKING:
@@ -62,6 +65,21 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
     except RequestError as exc:
         flag = next(f for f, option in SAMPLING_FLAGS.items() if exc.field == f"options.{option}")
         parser.error(f"argument --{flag.replace('_', '-')}: {exc}")
+
+
+def json_schema_from(value: str | None, parser: argparse.ArgumentParser) -> CompiledSchema | None:
+    """--format: None for "json" (any object) or no flag, else the compiled schema of the file it names (usage
+    error, exit 2, when the file is missing, is not JSON, or holds a schema the answer cannot be held to)."""
+    if value is None or value == "json":
+        return None
+    try:
+        return compile_schema(json.loads(Path(value).read_text()))
+    except OSError as exc:
+        parser.error(f"argument --format: {value}: {exc.strerror or exc}")
+    except json.JSONDecodeError as exc:
+        parser.error(f"argument --format: {value} is not JSON: {exc}")
+    except SchemaError as exc:
+        parser.error(f"argument --format: {exc}")
 
 
 def template_kwargs(args: argparse.Namespace) -> dict:
@@ -148,9 +166,11 @@ class StopOnCtrlC:
 
 def stream_reply(model: TextModel, prompt: str | list[int], options: Options, writer: ReplyWriter, *,
                  parser: OutputParser | None = None, stop_token_ids: Collection[int] = (),
-                 stop: StopOnCtrlC | None = None) -> Reply:
+                 stop: StopOnCtrlC | None = None, json_output: bool = False,
+                 json_schema: CompiledSchema | None = None) -> Reply:
     """Generate and print one reply. `parser` splits out reasoning (None: the text is all content). A reply
-    stopped by `stop` keeps what was generated so far, with no Completion."""
+    stopped by `stop` keeps what was generated so far, with no Completion. json_output / json_schema: held to one
+    JSON object (LanguageModel.stream)."""
     reply = Reply()
 
     def take(events: list[Event]) -> None:
@@ -163,7 +183,7 @@ def stream_reply(model: TextModel, prompt: str | list[int], options: Options, wr
 
     try:
         for item in model.stream(prompt, options, stop.check_cancelled if stop else None,
-                                 stop_token_ids=stop_token_ids):
+                                 stop_token_ids=stop_token_ids, json_output=json_output, json_schema=json_schema):
             if isinstance(item, str):
                 take(parser.feed(item) if parser else [ContentDelta(item)])
             else:
