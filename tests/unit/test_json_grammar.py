@@ -15,6 +15,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from json_mutations import EDITS, edited
 
 from mlxrunner import _core
 
@@ -80,26 +81,10 @@ def test_every_document_json_writes_is_accepted_byte_by_byte_and_complete_only_a
     assert not grammar.accepts(b" ") and not grammar.accepts(b"{")  # nothing follows the object
 
 
-MUTATION_BYTES = st.sampled_from(list(b'{}[]:,"\\ -+.0123456789eEtrufalsn\x01\x7f') + [0xC3, 0xA9, 0xE0, 0x80, 0xED,
-                                                                                        0xA0, 0xF4, 0x90, 0xFF])
-
-
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OBJECTS, LAYOUTS, st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["insert", "replace", "delete"]),
-                                            MUTATION_BYTES), min_size=1, max_size=3))
-def test_a_mutated_document_is_accepted_exactly_when_json_reads_it_as_an_object(document, layout, mutations):
-    text = bytearray(json.dumps(document, **{**layout, "ensure_ascii": False}).encode())
-    for position, kind, byte in mutations:
-        if not text and kind != "insert":
-            continue
-        position %= len(text) + (kind == "insert")
-        if kind == "insert":
-            text.insert(position, byte)
-        elif kind == "replace" and position < len(text):
-            text[position] = byte
-        elif position < len(text):
-            del text[position]
-    text = bytes(text)
+@given(OBJECTS, LAYOUTS, EDITS)
+def test_a_mutated_document_is_accepted_exactly_when_json_reads_it_as_an_object(document, layout, edits):
+    text = edited(json.dumps(document, **{**layout, "ensure_ascii": False}).encode(), edits)
     assume(within_caps(text))
     grammar = fed_whole(text)
     # The answer is its object: blanks before or after it are not taken, where json.loads reads them.
