@@ -252,9 +252,8 @@ bool JsonGrammar::feed_literal(uint8_t byte) {
 }
 
 bool JsonGrammar::start_key() {
-  const SchemaNode& n = node(top().node);
-  key_candidates_ = first_bits(n.keys.size()) & ~top().seen;
-  if (key_candidates_ == 0 && n.additional < 0) return false;
+  if (!may_add_key()) return false;
+  key_candidates_ = first_bits(node(top().node).keys.size());  // a key written before too: it is refused at its end
   mode_ = Mode::kString;
   in_key_ = true;
   key_length_ = 0;
@@ -279,7 +278,7 @@ bool JsonGrammar::feed_key_byte(uint8_t byte) {
   }
   key_candidates_ = next;
   ++key_length_;
-  return next != 0 || n.additional >= 0;
+  return (next & ~top().seen) != 0 || n.additional >= 0;
 }
 
 bool JsonGrammar::end_key() {
@@ -291,6 +290,7 @@ bool JsonGrammar::end_key() {
     }
   }
   if (value_key_ < 0 && n.additional < 0) return false;
+  if (value_key_ >= 0 && (top().seen & bit(value_key_))) return false;  // a key once only
   if (value_key_ >= 0) top().seen |= bit(value_key_);
   value_node_ = value_key_ >= 0 ? n.key_nodes[value_key_] : n.additional;
   in_key_ = false;

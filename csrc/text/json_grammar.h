@@ -132,7 +132,7 @@ class JsonGrammar {
   uint8_t utf8_left_ = 0;    // continuation bytes still to come
   uint8_t utf8_low_ = 0x80;  // the next continuation byte's range (narrower after E0, ED, F0, F4)
   uint8_t utf8_high_ = 0xBF;
-  uint64_t key_candidates_ = 0;  // the declared keys the key's text so far can still be
+  uint64_t key_candidates_ = 0;  // the declared keys the key's text so far can still be (written ones too)
   int key_length_ = 0;           // bytes of the key's text so far
   int value_key_ = -1;           // the key whose value comes next (-1: another key's)
   Number number_ = Number::kInt;

@@ -59,6 +59,8 @@ SCHEMAS = {
                            "properties": {"xs": {"type": "array"}, "ys": {"type": "array", "items": {
                                "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "array",
                                                                                    "items": {"type": "boolean"}}]}}}},
+    "named and other keys": {"type": "object", "properties": {"a": {"type": "integer"}},
+                             "additionalProperties": {"type": "string"}},
     "escaped keys": {"type": "object", "additionalProperties": False, "required": ['a"b', "c\\d"],
                      "properties": {'a"b': {"type": "string"}, "c\\d": {"type": "integer"}, "e/f": {}}},
 }
@@ -175,6 +177,13 @@ def test_what_the_recogniser_takes_whole_the_validator_accepts(name):
 def test_a_pet(text, accepted):
     _, grammar = grammar_for(Pet.model_json_schema())
     assert (grammar.feed(text) and grammar.complete) == accepted
+
+
+def test_a_named_key_written_again_is_not_taken_as_another_key():
+    _, grammar = grammar_for(SCHEMAS["named and other keys"])
+    assert grammar.feed(b'{"a": 1, "ab": "x", "b": "y"')
+    assert not grammar.accepts(b', "a"')  # its value would replace the integer with a string
+    assert grammar.accepts(b', "a') and grammar.accepts(b', "c": "z"}')
 
 
 def test_a_finished_object_takes_no_comma():
