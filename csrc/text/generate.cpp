@@ -142,22 +142,52 @@ int Generator::next() {
   return last_token_;
 }
 
+// A step held to JSON. The token to return was drawn, without the mask, when the previous step was dispatched
+// (pending_, from pending_logits_). While its check waits for the device, the step after it is dispatched on the
+// guess that the check passes, as a capable model's draws nearly always do: the loop then keeps the plain loop's
+// one-step overlap. A refused draw takes that step back (the caches forget its position, the sampler its token)
+// and draws again from the masked logits.
 int Generator::next_json() {
   if (json_->complete()) throw std::logic_error("the generator has written its whole JSON object");
-  auto logits = mx::reshape(returned_ == 0 ? first_logits() : step(mx::array(last_token_)), {-1});
-  auto token = sampler_.choose(logits);
+  if (returned_ == 0) draw_json(mx::reshape(first_logits(), {-1}));
+  const auto logits = *pending_logits_;
+  auto token = *pending_;
+  const bool more = max_tokens_ < 0 || returned_ + 1 < max_tokens_;
+  const int before = position();
+  auto history = sampler_.history();
+  sampler_.remember(token);
+  bool ahead = more && speculates_json();
+  if (ahead) draw_json(mx::reshape(step(token), {-1}));
   int id = token.item<int>();
   if (!json_->allows(id)) {
+    if (ahead) {
+      for (auto& layer : cache_) layer.trim_to(before);
+      ahead = false;
+    }
+    sampler_.restore_history(std::move(history));
     token = sampler_.choose(logits, json_->mask());
     id = token.item<int>();
     if (!json_->allows(id)) throw std::runtime_error("no token of the vocabulary can continue the JSON here");
+    sampler_.remember(token);
   }
-  sampler_.remember(token);
   json_->accept(id);
   if (top_logprobs_ >= 0) logprobs_ = PendingLogprobs::of(logits, token, top_logprobs_).read();
   ++returned_;
   last_token_ = id;
+  if (!ahead && more && !json_->complete()) draw_json(mx::reshape(step(token), {-1}));
   return id;
+}
+
+void Generator::draw_json(const mx::array& logits) {
+  pending_logits_ = logits;
+  pending_ = sampler_.choose(logits);
+  mx::async_eval({*pending_});
+}
+
+// Guessing ahead needs caches that can forget their last position: full ones (a rotating cache that has evicted
+// a position cannot), so a model with sliding-window layers checks each token before the next step.
+bool Generator::speculates_json() const {
+  return std::all_of(cache_.begin(), cache_.end(), [](const KVCache& layer) { return layer.window() == 0; });
 }
 
 Generator::Started Generator::hand_off() {
@@ -173,6 +203,7 @@ SequenceCache Generator::take_cache() {
   cache_taken_ = true;
   pending_.reset();
   pending_logprobs_.reset();
+  pending_logits_.reset();
   return SequenceCache{std::move(cache_)};
 }
 

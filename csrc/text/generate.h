@@ -41,8 +41,8 @@ class Generator {
   // max_tokens: the answer's budget (-1: none). next() dispatches no step past the budget's last token (a
   // forward pass whose token nobody reads), so the caches then hold every returned token but the last.
   // json: hold the answer to one JSON object, over this vocabulary; json_schema: to what that schema allows (both
-  // kept alive by the caller). Such a generator does not decode ahead: the token it returns decides which tokens
-  // may come next.
+  // kept alive by the caller). Such a generator decodes ahead on the guess that each draw is allowed, and takes
+  // the step back when it is not (next_json).
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
             int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt,
             int max_tokens = -1, const TokenVocabulary* json = nullptr, const JsonSchema* json_schema = nullptr);
@@ -88,9 +88,11 @@ class Generator {
 
  private:
   mx::array step(const mx::array& token);
-  mx::array first_logits();              // the rest of the prompt, its last row's logits
-  void sample(const mx::array& logits);  // sets pending_ (and pending_logprobs_)
-  int next_json();                       // next() for a generator held to JSON
+  mx::array first_logits();                 // the rest of the prompt, its last row's logits
+  void sample(const mx::array& logits);     // sets pending_ (and pending_logprobs_)
+  int next_json();                          // next() for a generator held to JSON
+  void draw_json(const mx::array& logits);  // sets pending_ (drawn without the mask) and pending_logits_
+  bool speculates_json() const;
 
   const Decoder& model_;
   std::vector<int> prompt_;
@@ -102,6 +104,7 @@ class Generator {
   int returned_ = 0;     // tokens next() has returned
   int last_token_ = -1;  // the last of them
   std::optional<mx::array> pending_;
+  std::optional<mx::array> pending_logits_;          // held to JSON: the logits pending_ was drawn from
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;
   std::optional<JsonConstraint> json_;

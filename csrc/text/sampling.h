@@ -50,6 +50,10 @@ class Sampler {
   // logits first. The caller remembers the token it keeps.
   mx::array choose(const mx::array& logits, const std::optional<mx::array>& bias = std::nullopt);
 
+  // The penalty history, and putting it back: a generator that remembered a token it then takes back.
+  std::optional<mx::array> history() const { return history_; }
+  void restore_history(std::optional<mx::array> history) { history_ = std::move(history); }
+
   // The distribution step 6 draws from, as float32 probabilities [V] (for tests and logprobs).
   mx::array probabilities(const mx::array& logits) const;
 

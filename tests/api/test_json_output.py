@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Literal
 
 import jsonschema
@@ -27,6 +28,7 @@ from mlxrunner.request import Options
 from mlxrunner.text.json_schema import compile_schema
 
 PROMPT = "Describe a cat as JSON:"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "llm"
 
 
 class Cat(BaseModel):
@@ -74,42 +76,65 @@ def is_json_so_far(text: str) -> bool:
     return _core.JsonGrammar().feed(text.encode())
 
 
-@pytest.mark.parametrize("schema", [None, Cat.model_json_schema()], ids=["any object", "a schema"])
-def test_greedy_takes_the_best_allowed_token_at_every_step(model, schema):
-    ids = model.encode_prompt(PROMPT)
+def masked_argmax(model, ids: list[int], tokens: int, compiled, repeat_penalty: float = 1.0,
+                  window: int = 64) -> tuple[list[int], bool]:
+    """The reference: at each step the model's own logits for the whole text so far (no cache), with Ollama's
+    repeat penalty over the last `window` tokens, masked by the recogniser, and their best; (the tokens, whether
+    the object closed)."""
     vocab_size = model.core_config.vocab_size
-    compiled = compile_schema(schema) if schema else None
     if compiled:
-        core = core_schema(compiled)
-        constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size, core)
+        constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size, core_schema(compiled))
     else:
         constraint = _core.JsonConstraint(model.json_vocabulary, vocab_size)
     expected: list[int] = []
-    for _ in range(24):
-        logits = model.logits(ids + expected)[-1]
+    for _ in range(tokens):
+        logits = model.logits(ids + expected)[-1].astype(np.float32)
+        for seen in set((ids + expected)[-window:]) if repeat_penalty != 1.0 else ():
+            logits[seen] = logits[seen] * repeat_penalty if logits[seen] < 0 else logits[seen] / repeat_penalty
         token = int(np.argmax(logits + np.asarray(constraint.mask())))
         constraint.accept(token)
         expected.append(token)
         if constraint.complete:
             break
-    text, final = run(model, PROMPT, temperature=0, repeat_penalty=1.0, num_predict=24, json_schema=compiled)
+    return expected, constraint.complete
+
+
+@pytest.mark.parametrize("schema, repeat_penalty", [(None, 1.0), (Cat.model_json_schema(), 1.0), (None, 1.5)],
+                         ids=["any object", "a schema", "with the repeat penalty"])
+def test_greedy_takes_the_best_allowed_token_at_every_step(model, schema, repeat_penalty):
+    # Full caches: each step is dispatched before the token before it is checked, and taken back (the caches'
+    # position, the penalty's history) when refused.
+    compiled = compile_schema(schema) if schema else None
+    expected, closed = masked_argmax(model, model.encode_prompt(PROMPT), 24, compiled, repeat_penalty)
+    text, final = run(model, PROMPT, json_schema=compiled, temperature=0, repeat_penalty=repeat_penalty,
+                      num_predict=24)
     assert text == model.detokenize(expected)
-    assert final.stop_reason == ("json" if constraint.complete else "num_predict")
+    assert final.stop_reason == ("json" if closed else "num_predict")
     assert is_json_so_far(text) and text.startswith("{")
+
+
+def test_greedy_on_a_model_with_sliding_window_layers():
+    # Rotating caches cannot forget a position: each token is checked before the next step.
+    from mlxrunner import llm
+
+    model = llm.load(str(FIXTURES / "gemma3-tiny"))
+    expected, closed = masked_argmax(model, model.encode_prompt(PROMPT), 24, None)
+    text, final = run(model, PROMPT, temperature=0, repeat_penalty=1.0, num_predict=24)
+    assert text == model.detokenize(expected) and is_json_so_far(text)
 
 
 def test_sampled_answers_are_json_as_far_as_they_go_and_whole_when_they_stop(model):
     finished = 0
-    for seed in range(12):
-        text, final = run(model, PROMPT, temperature=1.0, seed=seed, num_predict=24)
+    for seed in range(24):
+        text, final = run(model, PROMPT, temperature=1.0, seed=seed, num_predict=48)
         assert is_json_so_far(text), text
         if final.stop_reason == "json":
             finished += 1
             assert isinstance(json.loads(text), dict)
             assert final.done_reason == "stop"
         else:
-            assert final.stop_reason == "num_predict" and final.eval_count == 24
-    assert finished > 0  # the tiny model closes some of its objects within 24 tokens
+            assert final.stop_reason == "num_predict" and final.eval_count == 48
+    assert finished > 0  # the tiny model closes some of its objects within 48 tokens
 
 
 def test_the_same_request_without_json_is_free_text(model):
