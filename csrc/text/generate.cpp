@@ -146,7 +146,8 @@ int Generator::next() {
 // (pending_, from pending_logits_). While its check waits for the device, the step after it is dispatched on the
 // guess that the check passes, as a capable model's draws nearly always do: the loop then keeps the plain loop's
 // one-step overlap. A refused draw takes that step back (the caches forget its position, the sampler its token)
-// and draws again from the masked logits.
+// and draws again from the masked logits. A guess costs a whole step when it fails, so the generator guesses only
+// while few recent draws were refused (a moving share, kJsonGuessBelow).
 int Generator::next_json() {
   if (json_->complete()) throw std::logic_error("the generator has written its whole JSON object");
   if (returned_ == 0) draw_json(mx::reshape(first_logits(), {-1}));
@@ -156,10 +157,12 @@ int Generator::next_json() {
   const int before = position();
   auto history = sampler_.history();
   sampler_.remember(token);
-  bool ahead = more && speculates_json();
+  bool ahead = more && speculates_json() && json_refusals_ < kJsonGuessBelow;
   if (ahead) draw_json(mx::reshape(step(token), {-1}));
   int id = token.item<int>();
-  if (!json_->allows(id)) {
+  const bool refused = !json_->allows(id);
+  json_refusals_ = 0.75f * json_refusals_ + 0.25f * (refused ? 1.0f : 0.0f);
+  if (refused) {
     if (ahead) {
       for (auto& layer : cache_) layer.trim_to(before);
       ahead = false;

@@ -104,7 +104,11 @@ class Generator {
   int returned_ = 0;     // tokens next() has returned
   int last_token_ = -1;  // the last of them
   std::optional<mx::array> pending_;
-  std::optional<mx::array> pending_logits_;          // held to JSON: the logits pending_ was drawn from
+  std::optional<mx::array> pending_logits_;  // held to JSON: the logits pending_ was drawn from
+  // Held to JSON: the share of recent draws refused (each new draw weighs a quarter); below kJsonGuessBelow the
+  // next step is dispatched before the draw is checked.
+  float json_refusals_ = 0.0f;
+  static constexpr float kJsonGuessBelow = 0.25f;
   std::optional<PendingLogprobs> pending_logprobs_;  // for pending_
   std::optional<TokenLogprobs> logprobs_;
   std::optional<JsonConstraint> json_;
