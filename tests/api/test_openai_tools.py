@@ -121,6 +121,18 @@ def serve_answer(serve):
     return serve[0]
 
 
+def test_an_answer_held_to_json_is_all_content_whatever_its_strings_hold(serve_answer):
+    held = '{"note": "<think>not reasoning</think>", "call": "<tool_call>{}</tool_call>"}'
+    client, _ = serve_answer(held)
+    answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL],
+                                            response_format={"type": "json_object"})
+    message = answer.choices[0].message
+    assert message.content == held and not message.tool_calls and "reasoning_content" not in message.model_extra
+    chunks = client.chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"},
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == held
+
+
 def test_reasoning_and_a_tool_call_whole(serve_answer):
     client, model = serve_answer(THINK_THEN_CALL)
     answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL])

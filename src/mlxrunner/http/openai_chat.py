@@ -37,6 +37,7 @@ from mlxrunner.text.chat_template import InvalidMessages, NoChatTemplate, Templa
 from mlxrunner.text.tool_calls import (
     ContentDelta,
     OutputParser,
+    PlainOutput,
     ReasoningDelta,
     ToolCall,
     prompt_ends_in_reasoning,
@@ -122,7 +123,9 @@ class Chat:
                                  top_logprobs=self.req.logprobs, json_output=self.req.json_output,
                                  json_schema=self.req.json_schema)
 
-    def _parser(self) -> OutputParser:
+    def _parser(self) -> OutputParser | PlainOutput:
+        if self.req.json_output:  # the answer is the JSON: a tag in its strings is text
+            return PlainOutput()
         return OutputParser(tool_calls=self.req.tools is not None,
                             starts_in_reasoning=prompt_ends_in_reasoning(self.prompt))
 

@@ -174,6 +174,17 @@ class OutputParser:
             events.append(ReasoningDelta(text) if self._mode is _Mode.REASONING else ContentDelta(text))
 
 
+class PlainOutput:
+    """OutputParser's interface for an answer that is all content: one held to JSON, whose strings may hold
+    `<think>` or `<tool_call>` as text."""
+
+    def feed(self, text: str) -> list[Event]:
+        return [ContentDelta(text)] if text else []
+
+    def finish(self) -> list[Event]:
+        return []
+
+
 def _first_tag(text: str, tags: tuple[str, ...]) -> tuple[int, str] | None:
     """(position, tag) of the earliest tag in text, if any."""
     found = [(text.find(tag), tag) for tag in tags if tag in text]
