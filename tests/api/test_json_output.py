@@ -234,3 +234,19 @@ def test_json_requests_run_beside_a_batch_without_changing_its_answers(runner):
         thread.join(120)
     assert together == alone
     assert all(is_json_so_far(alone[i]) for i in (1, 3))
+
+
+UNIT_TOOL = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["unit"],
+    "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "set_unit"}}])
+def test_the_model_writes_the_forced_call_its_schema_allows(client, tool_choice):
+    answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Use celsius."}],
+                                            tools=[UNIT_TOOL], tool_choice=tool_choice, temperature=0,
+                                            max_tokens=300)
+    assert answer.choices[0].finish_reason == "tool_calls"
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "set_unit"
+    jsonschema.validate(json.loads(call.function.arguments), UNIT_TOOL["function"]["parameters"])

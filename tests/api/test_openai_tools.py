@@ -133,6 +133,49 @@ def test_an_answer_held_to_json_is_all_content_whatever_its_strings_hold(serve_a
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == held
 
 
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_tool_call(serve_answer, tool_choice):
+    # The prompt ends with the block's opening, so the answer is the call's JSON (held to the tool's schema by
+    # the real model; scripted here).
+    client, model = serve_answer(CALL_JSON)
+    answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL], tool_choice=tool_choice)
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n<tool_call>\n")
+    assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.content is None
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL],
+                                                 tool_choice=tool_choice, stream=True))
+    streamed = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert [tc.function.name for tc in streamed] == ["get_weather"] and chunks[-1].choices[0].finish_reason == \
+        "tool_calls"
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"tool_choice": "required"}, "offers no tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "'get_time', which is not one of the tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "always"}, '"required"'),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "send one"),
+])
+def test_a_tool_choice_that_cannot_be_followed_is_a_400(serve_answer, fields, words):
+    client, _ = serve_answer(CALL_JSON)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=ASK, **fields)
+    assert caught.value.param == "tool_choice" and words in caught.value.message
+
+
+def test_a_forced_call_needs_a_template_that_writes_tool_call_blocks(serve):
+    start, started = serve
+    client, model = start(CALL_JSON)
+    model.chat_template = ChatTemplate.from_folder(QWEN3_CHAT.parent / "llama3.1")  # JSON calls, no <tool_call>
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL], tool_choice="required")
+    assert caught.value.param == "tool_choice" and "<tool_call>" in caught.value.message
+
+
 def test_reasoning_and_a_tool_call_whole(serve_answer):
     client, model = serve_answer(THINK_THEN_CALL)
     answer = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER_TOOL])

@@ -40,6 +40,7 @@ from mlxrunner.text.tool_calls import (
     PlainOutput,
     ReasoningDelta,
     ToolCall,
+    forced_call_parser,
     prompt_ends_in_reasoning,
 )
 from mlxrunner.worker import JobContext
@@ -71,6 +72,8 @@ class ChatRoutes:
         model = loaded.text_model
         req = parse_chat(body, self.server.limits)
         prompt = render_chat(model, loaded.name, req)
+        if req.forced_tools is not None:
+            prompt += forced_call_opening(model, loaded.name)
         chat = Chat(model, req, prompt, model_name=loaded.name)
         job_name = JSON_COMPLETION_JOB if req.json_output else "chat"
         if req.stream.stream:
@@ -87,6 +90,15 @@ class ChatRoutes:
             return await stream_events(self.server, request, "completion", completion.stream_job)
         answer = await self.server.run("completion", completion.whole_job)
         return web.json_response(answer.to_json())
+
+
+def forced_call_opening(model: TextModel, model_name: str) -> str:
+    """What the prompt ends with when the answer must be a tool call: the opening of a Hermes block, as the model
+    would write it (the answer is then the call's JSON, held to the tools' schema)."""
+    if not model.chat_template.writes_tool_call_blocks:
+        raise RequestError(f'field "tool_choice": {model_name}\'s chat template does not write <tool_call> blocks, '
+                           "the form a forced call is written in; use \"auto\"", field="tool_choice")
+    return "<tool_call>\n"
 
 
 def render_chat(model: TextModel, model_name: str, req: ChatRequest) -> str:
@@ -124,6 +136,8 @@ class Chat:
                                  json_schema=self.req.json_schema)
 
     def _parser(self) -> OutputParser | PlainOutput:
+        if self.req.forced_tools is not None:  # the prompt ends with <tool_call>: the answer is the call's JSON
+            return forced_call_parser()
         if self.req.json_output:  # the answer is the JSON: a tag in its strings is text
             return PlainOutput()
         return OutputParser(tool_calls=self.req.tools is not None,

@@ -186,6 +186,9 @@ class ChatRequest:
     model: str | None
     json_output: bool = False  # response_format json_object or json_schema: the answer is one JSON object
     json_schema: CompiledSchema | None = None  # response_format json_schema: the schema it follows
+    # tool_choice "required" or a named function: the answer is one call of these tools (its JSON follows
+    # json_schema: {"name", "arguments"})
+    forced_tools: list[dict] | None = None
 
 
 def parse_chat(body: dict, limits: Limits) -> ChatRequest:
@@ -195,15 +198,70 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise RequestError('field "tools" must be an array of tool objects', field="tools")
+    forced_tools = parse_tool_choice(body.get("tool_choice"), tools)
     if body.get("tool_choice") == "none" or not tools:
         tools = None
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
     json_output, json_schema = parse_response_format(body.get("response_format"))
+    if forced_tools is not None:
+        if json_output:
+            raise RequestError('fields "tool_choice" and "response_format" both say what the answer is: the first '
+                               "asks for a tool call, the second for JSON content; send one", field="tool_choice")
+        json_output, json_schema = True, call_schema(forced_tools)
     return ChatRequest(messages=messages, tools=tools, options=parse_sampling(body, limits),
                        stream=parse_stream(body), logprobs=parse_logprobs(body), template_kwargs=template_kwargs,
-                       model=str_field(body, "model"), json_output=json_output, json_schema=json_schema)
+                       model=str_field(body, "model"), json_output=json_output, json_schema=json_schema,
+                       forced_tools=forced_tools)
+
+
+def parse_tool_choice(value: Any, tools: list[dict] | None) -> list[dict] | None:
+    """The tools one of which the answer must call: all of them for "required", the one named for
+    {"type": "function", "function": {"name": ...}}; None for "auto", "none" or no tool_choice."""
+    if value is None or value in ("auto", "none"):
+        return None
+    if not tools:
+        raise RequestError('field "tool_choice" asks for a tool call, but the request offers no tools',
+                           field="tool_choice")
+    if value == "required":
+        return tools
+    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    if not isinstance(name, str) or value.get("type") != "function":
+        raise RequestError('field "tool_choice" must be "auto", "none", "required" or {"type": "function", '
+                           '"function": {"name": ...}}', field="tool_choice")
+    named = [tool for tool in tools if _tool_name(tool) == name]
+    if not named:
+        raise RequestError(f'field "tool_choice" names {name!r}, which is not one of the tools', field="tool_choice")
+    return named
+
+
+def _tool_name(tool: dict) -> str | None:
+    function = tool.get("function")
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def call_schema(tools: list[dict]) -> CompiledSchema:
+    """What a forced call's JSON may be: {"name": one of the tools', "arguments": ...}. With one tool its arguments
+    follow its parameters schema; with several (or one whose schema cannot be held to) any object: the schema
+    cannot tell several objects apart by their name (text/json_schema.py)."""
+    names = [name for name in map(_tool_name, tools) if isinstance(name, str)]
+    if not names:
+        raise RequestError('field "tools": no tool has a function name to call', field="tools")
+    arguments: Any = {"type": "object"}
+    if len(tools) == 1:
+        parameters = tools[0]["function"].get("parameters") or {"type": "object"}
+        try:
+            compile_schema(parameters)
+            arguments = parameters
+        except SchemaError:
+            pass
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+              "properties": {"name": {"enum": names}, "arguments": arguments}}
+    try:
+        return compile_schema(schema)
+    except SchemaError as exc:
+        raise RequestError(f'field "tools": {exc}', field="tools") from None
 
 
 @dataclass(frozen=True)

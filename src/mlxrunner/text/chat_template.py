@@ -93,6 +93,13 @@ class ChatTemplate:
         self.special_tokens = special_tokens
         self.eos_token_ids = eos_token_ids
         self._templates = {name: _compile(source, name, location) for name, source in templates.items()}
+        self._sources = dict(templates)
+
+    @property
+    def writes_tool_call_blocks(self) -> bool:
+        """Whether the template shows the model Hermes `<tool_call>` blocks (Qwen, Hermes...): the form a forced
+        tool call (tool_choice "required") is written in."""
+        return any("<tool_call>" in source for source in self._sources.values())
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike | ModelFiles) -> ChatTemplate:

@@ -174,6 +174,14 @@ class OutputParser:
             events.append(ReasoningDelta(text) if self._mode is _Mode.REASONING else ContentDelta(text))
 
 
+def forced_call_parser() -> OutputParser:
+    """The parser of an answer whose prompt ended with `<tool_call>` (a forced call, tool_choice "required"): the
+    answer is the call's JSON, which finish() makes a ToolCall of (or content, if it was cut off)."""
+    parser = OutputParser(tool_calls=True)
+    parser.feed(CALL_OPEN)
+    return parser
+
+
 class PlainOutput:
     """OutputParser's interface for an answer that is all content: one held to JSON, whose strings may hold
     `<think>` or `<tool_call>` as text."""
