@@ -158,6 +158,8 @@ def test_a_forced_tool_call(serve_answer, tool_choice):
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
      "'get_time', which is not one of the tools"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "always"}, '"required"'),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": "get_weather"}}, '"required"'),
+    ({"tools": [WEATHER_TOOL], "tool_choice": ["required"]}, '"required"'),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "send one"),
 ])
 def test_a_tool_choice_that_cannot_be_followed_is_a_400(serve_answer, fields, words):

@@ -203,8 +203,8 @@ def test_a_finished_object_takes_no_comma():
     ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "schema.properties.a.$ref"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names nothing"),
     ({"type": "object", "properties": {"a": {"enum": [{"x": 1}]}}}, "schema.properties.a.enum"),
-    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "'b' is not one of its properties"),
-    ({"type": "object", "properties": {"a": {"type": "str"}}}, "unknown type 'str'"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, '"b" is not one of its properties'),
+    ({"type": "object", "properties": {"a": {"type": "str"}}}, 'unknown type "str"'),
     ({"type": "object", "properties": {f"k{i}": {} for i in range(65)}}, "at most 64"),
 ])
 def test_a_schema_that_cannot_be_held_to_is_refused_naming_where(schema, where):
@@ -218,3 +218,22 @@ def test_the_recogniser_checks_the_nodes_it_is_given():
     node.items = 7  # no such node
     with pytest.raises(ValueError, match="names is missing"):
         _core.JsonSchema([_core.SchemaNode(), node], 1)
+
+
+SCHEMA_WORDS = st.sampled_from(["type", "properties", "required", "additionalProperties", "items", "enum", "const",
+                                "anyOf", "oneOf", "allOf", "$ref", "$defs", "object", "array", "string", "integer",
+                                "number", "boolean", "null", "#", "#/$defs/a", "a", "pattern", "title"])
+SCHEMA_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | SCHEMA_WORDS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(SCHEMA_WORDS, inner, max_size=5), max_leaves=25)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(SCHEMA_LIKE)
+def test_any_json_as_a_schema_compiles_or_is_refused_with_a_schema_error(value):
+    try:
+        compiled = compile_schema(value)
+    except SchemaError:
+        return
+    grammar = _core.JsonGrammar(core_schema(compiled))  # the C++ side's own checks pass too
+    assert grammar.feed(b"{") or not grammar.complete

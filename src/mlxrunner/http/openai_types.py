@@ -226,7 +226,8 @@ def parse_tool_choice(value: Any, tools: list[dict] | None) -> list[dict] | None
                            field="tool_choice")
     if value == "required":
         return tools
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or value.get("type") != "function":
         raise RequestError('field "tool_choice" must be "auto", "none", "required" or {"type": "function", '
                            '"function": {"name": ...}}', field="tool_choice")

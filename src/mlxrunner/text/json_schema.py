@@ -94,6 +94,7 @@ class _Compiler:
         if isinstance(schema, dict) and "$ref" in schema:
             self._check_ref_alone(schema, path)
             ref = schema["$ref"]
+            self._resolve(ref, path)  # a SchemaError for a reference that names nothing here
             if ref not in self.refs:
                 self.refs[ref] = self._reserve(path)
                 self.nodes[self.refs[ref]] = self.compile(self._resolve(ref, path), f"{path}.$ref")
@@ -152,9 +153,11 @@ class _Compiler:
         names = kind if isinstance(kind, list) else [kind]
         kinds = 0
         for name in names:
-            if name not in TYPE_KINDS:
-                raise SchemaError(f"{path}.type: unknown type {name!r}")
+            if not isinstance(name, str) or name not in TYPE_KINDS:
+                raise SchemaError(f"{path}.type: unknown type {json.dumps(name)[:40]}")
             kinds |= TYPE_KINDS[name]
+        if not kinds:
+            raise SchemaError(f"{path}.type: an empty list allows nothing")
         return kinds
 
     def _literals(self, node: Node, schema: dict, path: str) -> None:
@@ -186,8 +189,8 @@ class _Compiler:
         if not isinstance(required, list):
             raise SchemaError(f"{path}.required must be an array of property names")
         for name in required:
-            if name not in properties:
-                raise SchemaError(f"{path}.required: {name!r} is not one of its properties")
+            if not isinstance(name, str) or name not in properties:
+                raise SchemaError(f"{path}.required: {json.dumps(name)[:40]} is not one of its properties")
             node.required |= 1 << list(properties).index(name)
         # Without additionalProperties: only the named keys when it names some, else any (an object of any keys).
         additional = schema.get("additionalProperties", not properties)
