@@ -54,7 +54,11 @@ void bind_json(nb::module_& m) {
       .def_rw("key_nodes", &SchemaNode::key_nodes)
       .def_rw("required", &SchemaNode::required)
       .def_rw("additional", &SchemaNode::additional)
-      .def_rw("items", &SchemaNode::items);
+      .def_rw("items", &SchemaNode::items)
+      .def_rw("min_length", &SchemaNode::min_length)
+      .def_rw("max_length", &SchemaNode::max_length)
+      .def_rw("min_items", &SchemaNode::min_items)
+      .def_rw("max_items", &SchemaNode::max_items);
   nb::class_<JsonSchema>(m, "JsonSchema", "A compiled JSON schema (text/json_schema.py compiles one).")
       .def(
           "__init__",

@@ -65,6 +65,10 @@ void JsonSchema::check() const {
     const std::string where = "schema node " + std::to_string(i) + ": ";
     if (node.kinds == 0 || (node.kinds & ~SchemaNode::kAny)) throw std::invalid_argument(where + "bad kinds");
     if (node.literal_kinds & ~node.kinds) throw std::invalid_argument(where + "enum kinds outside its kinds");
+    if (node.min_length < 0 || (node.max_length >= 0 && node.max_length < node.min_length) || node.min_items < 0 ||
+        (node.max_items >= 0 && node.max_items < node.min_items)) {
+      throw std::invalid_argument(where + "a minimum above its maximum");
+    }
     if (node.keys.size() != node.key_nodes.size()) throw std::invalid_argument(where + "keys without nodes");
     if (node.keys.size() > SchemaNode::kMaxKeys) {
       throw std::invalid_argument(where + "more than " + std::to_string(SchemaNode::kMaxKeys) + " properties");
@@ -147,9 +151,9 @@ bool JsonGrammar::feed_structural(uint8_t byte) {
   whitespace_ = 0;
   switch (mode_) {
     case Mode::kValue:
-      return start_value(byte);
+      return start_item_or_value(byte);
     case Mode::kValueOrClose:
-      return byte == ']' ? close(/*array=*/true) : start_value(byte);
+      return byte == ']' ? close(/*array=*/true) : start_item_or_value(byte);
     case Mode::kKeyOrClose:
       if (byte == '}') return close(/*array=*/false);
       return byte == '"' && start_key();
@@ -162,9 +166,10 @@ bool JsonGrammar::feed_structural(uint8_t byte) {
     case Mode::kCommaOrClose:
       if (byte == ',') {
         if (top().array) {
+          const int max_items = node(top().node).max_items;
           mode_ = Mode::kValue;
           value_node_ = node(top().node).items;
-          return true;
+          return max_items < 0 || static_cast<int>(top().seen) < max_items;
         }
         mode_ = Mode::kKey;
         return may_add_key();
@@ -175,6 +180,16 @@ bool JsonGrammar::feed_structural(uint8_t byte) {
     default:
       return false;
   }
+}
+
+// A value, counted when it is an array's item (kValue after a key is an object's value).
+bool JsonGrammar::start_item_or_value(uint8_t byte) {
+  if (stack_.depth > 0 && top().array) {
+    const int max_items = node(top().node).max_items;
+    if (max_items >= 0 && static_cast<int>(top().seen) >= max_items) return false;
+    ++top().seen;
+  }
+  return start_value(byte);
 }
 
 bool JsonGrammar::start_value(uint8_t byte) {
@@ -194,6 +209,8 @@ bool JsonGrammar::start_value(uint8_t byte) {
     case '"':
       mode_ = Mode::kString;
       in_key_ = false;
+      string_node_ = value_node_;
+      string_chars_ = 0;
       return true;
     case 't':
     case 'f':
@@ -300,15 +317,34 @@ bool JsonGrammar::end_key() {
 
 bool JsonGrammar::feed_string(uint8_t byte) {
   bool closes = false;
+  if (!feed_string_byte(byte, &closes)) return false;
+  if (closes) {
+    if (in_key_) return end_key();
+    if (string_chars_ < node(string_node_).min_length) return false;  // too short yet
+    value_ended();
+    return true;
+  }
+  return !in_key_ || feed_key_byte(byte);
+}
+
+// One byte of a string's text by JSON's rules (escapes, UTF-8); `closes`: it was the closing quote. A value's
+// characters are counted as they begin (a \u escape of a high surrogate and the low one after it are one).
+bool JsonGrammar::feed_string_byte(uint8_t byte, bool* closes) {
   if (utf8_left_ > 0) {
     if (byte < utf8_low_ || byte > utf8_high_) return false;
     utf8_low_ = 0x80;
     utf8_high_ = 0xBF;
     --utf8_left_;
-  } else if (hex_left_ > 0) {
+    return true;
+  }
+  if (hex_left_ > 0) {
     if (!is_hex(byte)) return false;
-    --hex_left_;
-  } else if (escape_) {
+    const int digit = is_digit(byte) ? byte - '0' : (byte | 0x20) - 'a' + 10;
+    hex_value_ = static_cast<uint16_t>(hex_value_ * 16 + digit);
+    if (--hex_left_ == 0 && !in_key_ && hex_value_ >= 0xD800 && hex_value_ <= 0xDBFF) --string_chars_;
+    return true;
+  }
+  if (escape_) {
     escape_ = false;
     switch (byte) {
       case '"':
@@ -319,20 +355,21 @@ bool JsonGrammar::feed_string(uint8_t byte) {
       case 'n':
       case 'r':
       case 't':
-        break;
+        return true;
       case 'u':
         hex_left_ = 4;
-        break;
+        hex_value_ = 0;
+        return true;
       default:
         return false;
     }
-  } else if (byte == '"') {
-    closes = true;
-  } else if (byte == '\\') {
-    escape_ = true;
-  } else if (byte < 0x20) {
-    return false;  // control characters must be escaped
-  } else if (byte >= 0x80) {
+  }
+  if (byte == '"') {
+    *closes = true;
+    return true;
+  }
+  if (byte < 0x20) return false;  // control characters must be escaped
+  if (byte >= 0x80) {
     // A UTF-8 sequence's first byte, and the range its second byte must be in (no overlong forms, no surrogates,
     // nothing above U+10FFFF).
     if (byte >= 0xC2 && byte <= 0xDF) {
@@ -349,12 +386,15 @@ bool JsonGrammar::feed_string(uint8_t byte) {
       return false;
     }
   }
-  if (closes) {
-    if (in_key_) return end_key();
-    value_ended();
-    return true;
-  }
-  return !in_key_ || feed_key_byte(byte);
+  if (byte == '\\') escape_ = true;
+  return in_key_ || count_character();
+}
+
+bool JsonGrammar::count_character() {
+  const int max_length = node(string_node_).max_length;
+  if (max_length >= 0 && string_chars_ >= max_length) return false;
+  ++string_chars_;
+  return true;
 }
 
 bool JsonGrammar::feed_number(uint8_t byte) {
@@ -425,6 +465,8 @@ bool JsonGrammar::close(bool array) {
   if (!array) {
     const uint64_t required = node(top().node).required;
     if ((top().seen & required) != required) return false;  // a required key is still missing
+  } else if (static_cast<int>(top().seen) < node(top().node).min_items) {
+    return false;  // too few items yet
   }
   --stack_.depth;
   value_ended();

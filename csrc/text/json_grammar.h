@@ -40,6 +40,10 @@ struct SchemaNode {
   uint64_t required = 0;              // bit i: keys[i] must be present
   int additional = -1;                // the node of any other key's value; -1: no other keys
   int items = 0;                      // the node of an array's items
+  int min_length = 0;                 // a string's characters (code points), at least
+  int max_length = -1;                // and at most (-1: any number)
+  int min_items = 0;                  // an array's items, at least
+  int max_items = -1;                 // and at most (-1: any number)
 };
 
 // A compiled schema: its nodes and the root's. Node 0 is any value by convention (kAny, additional 0, items 0).
@@ -88,7 +92,7 @@ class JsonGrammar {
   struct Frame {
     int node;
     bool array;
-    uint64_t seen;  // an object's keys written so far
+    uint64_t seen;  // an object's keys written so far; an array's items begun so far
   };
   // The open containers. A copy takes only those (a token's check copies the state: most of it is unused).
   struct Stack {
@@ -113,6 +117,9 @@ class JsonGrammar {
   bool end_number(uint8_t byte);
   bool feed_literal(uint8_t byte);
   bool start_value(uint8_t byte);
+  bool start_item_or_value(uint8_t byte);
+  bool count_character();
+  bool feed_string_byte(uint8_t byte, bool* closes);
   bool start_literal(uint8_t byte, const std::vector<std::string>& texts);
   bool start_key();
   bool may_add_key() const;
@@ -129,6 +136,9 @@ class JsonGrammar {
   bool in_key_ = false;      // the string is an object's key
   bool escape_ = false;      // after a backslash
   uint8_t hex_left_ = 0;     // hex digits of a \u escape still to come
+  uint16_t hex_value_ = 0;   // the escape's code unit so far
+  int string_node_ = 0;      // the node of the string value being written
+  int string_chars_ = 0;     // its characters so far
   uint8_t utf8_left_ = 0;    // continuation bytes still to come
   uint8_t utf8_low_ = 0x80;  // the next continuation byte's range (narrower after E0, ED, F0, F4)
   uint8_t utf8_high_ = 0xBF;

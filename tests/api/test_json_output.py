@@ -174,7 +174,7 @@ def test_sampled_answers_held_to_a_schema_follow_it(model):
 
 
 @pytest.mark.parametrize("schema, where", [
-    ({"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}}}, "properties.name.maxLength"),
+    ({"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]+$"}}}, "properties.name.pattern"),
     ({"type": "array"}, "root must be an object"),
 ])
 def test_openai_schemas_that_cannot_be_held_to_are_400s_naming_the_field(client, schema, where):

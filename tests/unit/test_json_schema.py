@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from json_mutations import EDITS, edited
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mlxrunner import _core
 from mlxrunner.llm.model import core_schema
@@ -42,6 +42,14 @@ class Person(BaseModel):
     verified: bool = False
 
 
+class Review(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(min_length=2, max_length=4)
+    stars: int = Field(ge=1, le=5)
+    tags: list[str] = Field(min_length=1, max_length=3)
+    score: int = Field(gt=-3, lt=3)
+
+
 class Tree(BaseModel):
     model_config = ConfigDict(extra="forbid")
     label: str
@@ -51,6 +59,7 @@ class Tree(BaseModel):
 SCHEMAS = {
     "person (pydantic, $defs, Optional, dict, enum)": Person.model_json_schema(),
     "tree (recursive $ref)": Tree.model_json_schema(),
+    "review (lengths, items, small integer ranges)": Review.model_json_schema(),
     "any object": {"type": "object"},
     "enums and consts": {"type": "object", "additionalProperties": False, "required": ["a", "b", "c"],
                          "properties": {"a": {"enum": [1, 2.5, -3, "x", True, None]}, "b": {"const": "fixed"},
@@ -95,8 +104,15 @@ def documents(schema, root: dict, depth: int = 0) -> st.SearchStrategy:
         return _objects(schema, root, depth)
     if kind == "array":
         items = schema.get("items", True)
-        return st.lists(documents(items, root, depth + 1), max_size=0 if depth > 3 else 3)
-    simple = {"string": st.text(max_size=8), "integer": st.integers(-10**12, 10**12), "boolean": st.booleans(),
+        low, high = schema.get("minItems", 0), schema.get("maxItems", 3)
+        return st.lists(documents(items, root, depth + 1), min_size=low, max_size=low if depth > 3 else high)
+    if kind == "string":
+        return st.text(min_size=schema.get("minLength", 0), max_size=schema.get("maxLength", 8))
+    if kind == "integer" and schema.keys() & {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}:
+        low = max(schema.get("minimum", -10**9), schema.get("exclusiveMinimum", -10**9 - 1) + 1)
+        high = min(schema.get("maximum", 10**9), schema.get("exclusiveMaximum", 10**9 + 1) - 1)
+        return st.integers(low, high)
+    simple = {"integer": st.integers(-10**12, 10**12), "boolean": st.booleans(),
               "null": st.none(), "number": st.integers(-1000, 1000) | st.floats(allow_nan=False,
                                                                                  allow_infinity=False)}
     return simple[kind] if kind in simple else JSON_VALUES
@@ -186,6 +202,17 @@ def test_a_named_key_written_again_is_not_taken_as_another_key():
     assert grammar.accepts(b', "a') and grammar.accepts(b', "c": "z"}')
 
 
+def test_lengths_and_counts_are_counted_in_characters_and_items():
+    _, grammar = grammar_for(Review.model_json_schema())
+    assert grammar.feed('{"code": "é\\u00e9'.encode())  # two characters: one in UTF-8, one escaped
+    assert grammar.accepts(b'xy"') and not grammar.accepts(b'xyz')  # a fourth fits, a fifth would not
+    assert grammar.feed(b'\\ud83d\\ude00\\ud83d\\ude00') and not grammar.accepts(b"x")  # a pair is one
+    assert grammar.feed(b'"')
+    assert grammar.feed(b', "stars": 5, "tags": [') and not grammar.accepts(b"]")  # at least one tag
+    assert grammar.feed(b'"a", "b", "c"') and not grammar.accepts(b",")  # at most three
+    assert not grammar.accepts(b'], "score": 3') and grammar.accepts(b'], "score": -2}')
+
+
 def test_a_finished_object_takes_no_comma():
     _, grammar = grammar_for(Pet.model_json_schema())
     assert grammar.feed(b'{"name": "Rex", "kind": "cat", "age": 3')
@@ -195,7 +222,11 @@ def test_a_finished_object_takes_no_comma():
 
 @pytest.mark.parametrize("schema, where", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "schema.properties.a.pattern"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "schema.properties.a.minimum"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "properties.a: an integer range"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 64}}}, "at most 64 values"),
+    ({"type": "object", "properties": {"a": {"type": "number", "maximum": 1}}}, "on integers only"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "is above"),
+    ({"type": "object", "properties": {"a": {"type": "array", "maxItems": -1}}}, "schema.properties.a.maxItems"),
     ({"type": "array"}, "root must be an object"),
     ({"anyOf": [{"type": "object"}, {"type": "null"}]}, "root must be an object"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},

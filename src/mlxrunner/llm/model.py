@@ -58,7 +58,8 @@ def core_schema(schema: CompiledSchema) -> _core.JsonSchema:
     nodes = []
     for node in schema.nodes:
         core = _core.SchemaNode()
-        for name in ("kinds", "literal_kinds", "literals", "keys", "key_nodes", "required", "additional", "items"):
+        for name in ("kinds", "literal_kinds", "literals", "keys", "key_nodes", "required", "additional", "items",
+                     "min_length", "max_length", "min_items", "max_items"):
             setattr(core, name, getattr(node, name))
         nodes.append(core)
     return _core.JsonSchema(nodes, schema.root)

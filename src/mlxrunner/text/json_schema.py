@@ -1,12 +1,13 @@
 """A JSON schema -> the nodes the C++ recogniser follows (csrc/text/json_grammar.h), for answers held to it.
 
 Enforced: `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`, `enum` and `const`
-(of strings, numbers, booleans, null), `anyOf` / `oneOf` whose branches are of different kinds (an object or
-null, a string or a number...), `allOf` of one schema, and `$ref` to `#`, `#/$defs/...` or `#/definitions/...`
-(recursive ones too): what Pydantic's `model_json_schema()` and OpenAI's strict structured outputs write.
-Annotations are ignored (`title`, `description`, `default`, `format`, ...). A keyword that limits values further
-(`pattern`, `minLength`, `minimum`, `maxItems`, ...) is refused with the path to it: the answer could not be
-promised to follow the schema.
+(of strings, numbers, booleans, null), `minLength` / `maxLength`, `minItems` / `maxItems`, an integer's
+`minimum` / `maximum` (and the exclusive forms) when they bound at most 64 values, `anyOf` / `oneOf` whose
+branches are of different kinds (an object or null, a string or a number...), `allOf` of one schema, and `$ref`
+to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too): what Pydantic's `model_json_schema()` and
+OpenAI's strict structured outputs write. Annotations are ignored (`title`, `description`, `default`, `format`,
+...). A keyword that limits values further (`pattern`, `multipleOf`, a number's range, `uniqueItems`, ...) is
+refused with the path to it: the answer could not be promised to follow the schema.
 
 Three choices where JSON Schema leaves room:
 - without `additionalProperties`, an object that names properties holds only those (JSON Schema would allow any
@@ -19,6 +20,7 @@ Three choices where JSON Schema leaves room:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +35,11 @@ FIRST_BYTE_CLASSES = (OBJECT, ARRAY, STRING, NUMBER | INTEGER, BOOLEAN, NULL)
 MAX_KEYS = 64
 MAX_LITERALS = 64
 MAX_NODES = 4096
+RANGE_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                          "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "$defs",
                          "definitions", "discriminator", "nullable", "strict"})
-REFUSED = frozenset({"pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
-                     "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "uniqueItems", "minProperties",
+REFUSED = frozenset({"pattern", "multipleOf", "uniqueItems", "minProperties",
                      "maxProperties", "not", "if", "then", "else", "patternProperties", "propertyNames",
                      "dependentRequired", "dependentSchemas", "dependencies", "prefixItems", "contains",
                      "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems", "additionalItems",
@@ -60,6 +62,10 @@ class Node:
     required: int = 0  # bit i: keys[i]
     additional: int = -1  # the node of other keys' values; -1: no other keys
     items: int = 0  # the node of an array's items
+    min_length: int = 0  # a string's characters
+    max_length: int = -1  # -1: any number
+    min_items: int = 0  # an array's items
+    max_items: int = -1
 
 
 def any_value() -> Node:
@@ -133,14 +139,59 @@ class _Compiler:
 
     def _plain(self, schema: dict, path: str) -> Node:
         node = Node(kinds=self._kinds(schema, path), additional=-1, items=0)
+        if schema.keys() & RANGE_KEYWORDS:
+            allowed = self._integer_range(schema, path)
+            enum = schema.get("enum")
+            if isinstance(enum, list):
+                allowed = [v for v in enum if isinstance(v, int) and not isinstance(v, bool) and v in allowed]
+            schema = {**schema, "enum": allowed}
         if "enum" in schema or "const" in schema:
             self._literals(node, schema, path)
+        node.min_length, node.max_length = self._bounds(schema, "minLength", "maxLength", path)
+        node.min_items, node.max_items = self._bounds(schema, "minItems", "maxItems", path)
         if node.kinds & OBJECT:
             self._object(node, schema, path)
         if node.kinds & ARRAY and "items" in schema:
             items = schema["items"]
             node.items = 0 if items is True else self.place(items, f"{path}.items")
         return node
+
+    @staticmethod
+    def _bounds(schema: dict, low: str, high: str, path: str) -> tuple[int, int]:
+        """(minimum, maximum or -1) of a count (a string's length, an array's items)."""
+        bounds = []
+        for name, absent in ((low, 0), (high, -1)):
+            value = schema.get(name, absent)
+            if name in schema and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise SchemaError(f"{path}.{name} must be a count (an integer >= 0), got {json.dumps(value)[:40]}")
+            bounds.append(value)
+        if bounds[1] >= 0 and bounds[1] < bounds[0]:
+            raise SchemaError(f"{path}: {low} {bounds[0]} is above {high} {bounds[1]}")
+        return bounds[0], bounds[1]
+
+    @staticmethod
+    def _integer_range(schema: dict, path: str) -> list[int]:
+        """The integers of a small range (minimum/maximum and their exclusive forms), held to as an enum: the
+        recogniser follows a value's text, not its size."""
+        if schema.get("type") != "integer":
+            raise SchemaError(f"{path}: a range (minimum, maximum) is supported on integers only, as a small set")
+        bounds = {}
+        for name in RANGE_KEYWORDS & schema.keys():
+            value = schema[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SchemaError(f"{path}.{name} must be a number")
+            bounds[name] = value
+        lows = ([math.ceil(bounds["minimum"])] if "minimum" in bounds else []) + (
+            [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else [])
+        highs = ([math.floor(bounds["maximum"])] if "maximum" in bounds else []) + (
+            [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else [])
+        low, high = max(lows, default=None), min(highs, default=None)
+        if low is None or high is None or high - low + 1 > MAX_LITERALS:
+            raise SchemaError(f"{path}: an integer range is held to as a set of at most {MAX_LITERALS} values: give "
+                              "both ends, at most that far apart")
+        if high < low:
+            raise SchemaError(f"{path}: the range holds no integer")
+        return list(range(low, high + 1))
 
     def _kinds(self, schema: dict, path: str) -> int:
         kind = schema.get("type")
