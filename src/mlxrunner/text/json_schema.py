@@ -119,7 +119,8 @@ class _Compiler:
         refused = sorted(REFUSED & schema.keys())
         if refused:
             raise SchemaError(f"{path}.{refused[0]}: this runner cannot hold an answer to {refused[0]!r} (supported: "
-                              "type, properties, required, additionalProperties, items, enum, const, anyOf, $ref)")
+                              "type, properties, required, additionalProperties, items, enum, const, minLength, "
+                              "maxLength, minItems, maxItems, an integer range of at most 64 values, anyOf, $ref)")
         if "$ref" in schema:
             self._check_ref_alone(schema, path)
             return self.compile(self._resolve(schema["$ref"], path), f"{path}.$ref", depth + 1)
