@@ -178,13 +178,15 @@ void bind_decoder(nb::module_& m) {
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
       .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
-                    std::optional<SequenceCache>, int, const TokenVocabulary*, const JsonSchema*>(),
+                    std::optional<SequenceCache>, int, const TokenVocabulary*, const JsonSchema*,
+                    std::optional<mx::array>>(),
            "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
            "max_tokens"_a = -1, "json"_a.none() = nb::none(), "json_schema"_a.none() = nb::none(),
-           nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(), nb::keep_alive<1, 10>(),
+           "logit_bias"_a = nb::none(), nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(), nb::keep_alive<1, 10>(),
            "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
            "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
-           "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow.")
+           "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow. logit_bias: "
+           "float32 [V] added to every draw's logits.")
       .def_prop_ro("json_complete", &Generator::json_complete)
       .def("__iter__", [](nb::handle self) { return self; })
       .def(

@@ -44,7 +44,7 @@ int BatchGenerator::join(Generator& generator) {
 
 int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs) {
   for (size_t i = 0; i < cache_.size(); ++i) cache_[i].add(cache.layers[i]);
-  const bool plain = sampler.greedy() && !sampler.uses_penalties() && top_logprobs < 0;
+  const bool plain = sampler.greedy() && !sampler.uses_penalties() && !sampler.biased() && top_logprobs < 0;
   rows_.push_back(Row{.id = next_id_,
                       .length = cache.length(),
                       .next_input = next_input,

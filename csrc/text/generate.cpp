@@ -24,7 +24,7 @@ void eval_cache(const std::vector<KVCache>& cache) {
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
                      int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start, int max_tokens,
-                     const TokenVocabulary* json, const JsonSchema* json_schema)
+                     const TokenVocabulary* json, const JsonSchema* json_schema, std::optional<mx::array> logit_bias)
     : model_(model),
       prompt_(prompt),
       cache_(start ? std::move(start->layers) : model.make_cache()),
@@ -47,6 +47,7 @@ Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
+  if (logit_bias) sampler_.set_bias(*logit_bias);
   if (json_schema && !json) throw std::invalid_argument("a JSON schema needs the vocabulary (json)");
   if (json) json_.emplace(*json, model.config().vocab_size, json_schema ? *json_schema : JsonSchema::any_object());
 }

@@ -40,12 +40,14 @@ class Generator {
   // last one must run to give logits), from the prompt cache; the prefill begins after them.
   // max_tokens: the answer's budget (-1: none). next() dispatches no step past the budget's last token (a
   // forward pass whose token nobody reads), so the caches then hold every returned token but the last.
+  // logit_bias: [V] added to every draw's logits (OpenAI's logit_bias).
   // json: hold the answer to one JSON object, over this vocabulary; json_schema: to what that schema allows (both
   // kept alive by the caller). Such a generator decodes ahead on the guess that each draw is allowed, and takes
   // the step back when it is not (next_json).
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
             int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt,
-            int max_tokens = -1, const TokenVocabulary* json = nullptr, const JsonSchema* json_schema = nullptr);
+            int max_tokens = -1, const TokenVocabulary* json = nullptr, const JsonSchema* json_schema = nullptr,
+            std::optional<mx::array> logit_bias = std::nullopt);
 
   // Prefill the next chunk of the prompt; returns how many prompt tokens are still to prefill (0: only the
   // last one is left, which the first next() runs). The caller may stop between chunks (cancel).

@@ -96,6 +96,14 @@ mx::array Sampler::draw(const mx::array& probs) {
   return mx::random::categorical(logp, 0);
 }
 
+void Sampler::set_bias(const mx::array& bias) {
+  if (bias.ndim() != 1 || bias.shape(0) != vocab_size_) {
+    throw std::invalid_argument("a logit bias is [" + std::to_string(vocab_size_) + "], got " +
+                                shape_string(bias.shape()));
+  }
+  bias_ = mx::astype(bias, mx::float32);
+}
+
 mx::array Sampler::sample(const mx::array& logits) {
   auto token = choose(logits);
   remember(token);
@@ -108,6 +116,7 @@ mx::array Sampler::choose(const mx::array& logits, const std::optional<mx::array
                                 shape_string(logits.shape()));
   }
   auto z = penalized(logits);
+  if (bias_) z = mx::add(mx::astype(z, mx::float32), *bias_);
   if (bias) z = mx::add(mx::astype(z, mx::float32), *bias);
   mx::array token = greedy() ? mx::argmax(z, 0) : draw(distribution(z));
   return mx::astype(token, mx::int32);

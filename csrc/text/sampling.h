@@ -50,6 +50,10 @@ class Sampler {
   // logits first. The caller remembers the token it keeps.
   mx::array choose(const mx::array& logits, const std::optional<mx::array>& bias = std::nullopt);
 
+  // A bias [V] (float32) added to the penalised logits of every draw: OpenAI's logit_bias. None by default.
+  void set_bias(const mx::array& bias);
+  bool biased() const { return bias_.has_value(); }
+
   // The penalty history, and putting it back: a generator that remembered a token it then takes back.
   std::optional<mx::array> history() const { return history_; }
   void restore_history(std::optional<mx::array> history) { history_ = std::move(history); }
@@ -68,6 +72,7 @@ class Sampler {
   SamplerOptions options_;
   int vocab_size_;
   std::optional<mx::array> history_;  // int32 [<= repeat_last_n]
+  std::optional<mx::array> bias_;     // float32 [V]
   uint64_t draws_ = 0;
 };
 

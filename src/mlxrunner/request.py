@@ -129,6 +129,7 @@ class Options:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit (-100..100)
 
 
 def parse_options(value: Any, limits: Limits) -> Options:

@@ -19,6 +19,7 @@ import pytest
 from conftest import chat_model_folder
 
 from mlxrunner.launcher import Runner
+from mlxrunner.request import Options
 from mlxrunner.text.chat_template import ChatTemplate
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -171,6 +172,34 @@ def test_a_plain_text_response_format_is_the_default_answer(client):
     text = client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=6,
                                           response_format={"type": "text"})
     assert text.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_logit_bias_bans_and_forces_tokens(client, chat_model):
+    from mlxrunner.llm import load
+
+    model = load(str(chat_model))
+    prompt = "Once upon a time"
+    ranked = np.argsort(-model.logits(model.encode_prompt(prompt))[-1])
+    def first_token(**bias) -> bytes:
+        answer = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=1, logprobs=0, **bias)
+        return answer.choices[0].logprobs.tokens[0].encode()
+    best, second = (model.tokenizer.token_bytes(int(t)).decode("utf-8", "replace").encode() for t in ranked[:2])
+    assert first_token() == best
+    assert first_token(logit_bias={str(ranked[0]): -100}) == second
+    forced = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=4,
+                                       logit_bias={str(ranked[7]): 100})
+    assert forced.choices[0].text == model.detokenize([int(ranked[7])] * 4)  # through the runner's batch
+    alone = model.stream(model.encode_prompt(prompt), Options(temperature=0, repeat_penalty=1.0, num_predict=4,
+                                                              logit_bias={int(ranked[7]): 100.0}))
+    assert "".join(item for item in alone if isinstance(item, str)) == forced.choices[0].text  # the lone loop
+
+
+@pytest.mark.parametrize("bias, words", [([1], "must be an object"), ({"x": 1}, "'x' is not a token id"),
+                                         ({"3": 101}, "from -100 to 100"), ({"99999999": 1}, "outside the vocabulary")])
+def test_a_bad_logit_bias_is_a_400_naming_it(client, bias, words):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=HELLO, max_tokens=2, logit_bias=bias)
+    assert caught.value.param == "logit_bias" and words in caught.value.message
 
 
 def test_chat_logprobs_are_the_models_and_greedy_takes_the_best(client, chat_model):

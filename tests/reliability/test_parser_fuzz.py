@@ -26,7 +26,7 @@ FIELDS = ["prompt", "content", "input", "tokens", "options", "images", "width", 
           # OpenAI's and --mlx-engine's
           "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "stream",
           "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "size", "response_format",
-          "guidance_scale", "output_format", "output_compression", "background", "format", "grammar",
+          "guidance_scale", "output_format", "output_compression", "background", "format", "grammar", "logit_bias",
           "Prompt", "Options", "Logprobs", "TopLogprobs"]
 OPTION_FIELDS = ["num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty", "seed", "stop"]

@@ -81,7 +81,32 @@ def parse_sampling(body: dict, limits: Limits) -> Options:
         frequency_penalty=float_field(body, "frequency_penalty", -2.0, 2.0, default=0.0),
         seed=int_field(body, "seed", INT64_MIN, INT64_MAX),
         stop=_stop_strings(body.get("stop")),
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
+
+
+MAX_LOGIT_BIASES = 300  # OpenAI's limit
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """{"token id": bias in -100..100} -> {id: bias}; the ids are checked against the model's vocabulary later."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f'field "logit_bias" must be an object of token ids and biases, got {json_type(value)}',
+                           field="logit_bias")
+    if len(value) > MAX_LOGIT_BIASES:
+        raise RequestError(f'field "logit_bias" has {len(value)} tokens; the maximum is {MAX_LOGIT_BIASES}',
+                           field="logit_bias")
+    biases = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise RequestError(f'field "logit_bias": {key!r} is not a token id', field="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RequestError(f'field "logit_bias": the bias of token {key} must be a number from -100 to 100',
+                               field="logit_bias")
+        biases[int(key)] = float(bias)
+    return biases
 
 
 def _stop_strings(value: Any) -> list[str]:

@@ -32,6 +32,8 @@ from mlxrunner import _core
 from mlxrunner.errors import Cancelled
 
 if TYPE_CHECKING:
+    import mlx.core as mx
+
     from mlxrunner.llm.answer import Answer, Completion, TokenLogprob
     from mlxrunner.llm.prompt_cache import PromptCache
 
@@ -48,6 +50,7 @@ class _Request:
     answer: Answer
     options: _core.SamplerOptions
     check_cancelled: Callable[[], None] | None
+    logit_bias: mx.array | None = None  # float32 [V], or none
     items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # to the request's thread
     generator: _core.Generator | None = None
     row: int | None = None
@@ -110,10 +113,10 @@ class BatchScheduler:
         with self._wakeup:
             self._wakeup.notify_all()
 
-    def stream(self, answer: Answer, options: _core.SamplerOptions,
-               check_cancelled: Callable[[], None] | None) -> Iterator[str | TokenLogprob | Completion]:
+    def stream(self, answer: Answer, options: _core.SamplerOptions, check_cancelled: Callable[[], None] | None,
+               logit_bias: mx.array | None = None) -> Iterator[str | TokenLogprob | Completion]:
         """What LanguageModel.stream yields, computed on the worker's thread in the batch."""
-        request = _Request(answer, options, check_cancelled)
+        request = _Request(answer, options, check_cancelled, logit_bias)
         with self._wakeup:
             self._inbox.append(request)
             self._wakeup.notify_all()
@@ -161,7 +164,7 @@ class BatchScheduler:
                 cached, request.answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
                 # max_tokens 1: the generator gives the first token and dispatches nothing after it (_prefill).
                 request.generator = _core.Generator(self.decoder, ids, request.options, self.prefill_chunk,
-                                                    request.top_logprobs, cached, 1)
+                                                    request.top_logprobs, cached, 1, logit_bias=request.logit_bias)
                 del cached  # the generator's alone (LanguageModel.stream says why)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
                 request.items.put(exc)

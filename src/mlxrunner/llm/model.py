@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxrunner import _core, backend
-from mlxrunner.errors import Cancelled, ModelError
+from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.llm.answer import Answer, Completion, TokenLogprob
 from mlxrunner.llm.architectures import decoder_config, text_config, text_weights
 from mlxrunner.llm.batch import BatchScheduler
@@ -206,15 +206,16 @@ class LanguageModel:
         json_output = json_output or json_schema is not None
         eos_ids = self.tokenizer.eos_ids | frozenset(stop_token_ids)
         answer = Answer(self.tokenizer, self.context_length, self.prompt_ids(prompt), options, eos_ids, top_logprobs)
+        logit_bias = self._logit_bias(options.logit_bias)
         if self.batch is not None and self.batch.serves_this_thread() and not json_output:
-            yield from self.batch.stream(answer, sampler_options(options), check_cancelled)
+            yield from self.batch.stream(answer, sampler_options(options), check_cancelled, logit_bias)
             return
         ids = answer.ids
         cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
         generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
                                     -1 if top_logprobs is None else top_logprobs, cached, answer.budget,
                                     self.json_vocabulary if json_output else None,
-                                    core_schema(json_schema) if json_schema is not None else None)
+                                    core_schema(json_schema) if json_schema is not None else None, logit_bias)
         # The generator holds the caches now. Another holder would make MLX copy each buffer at its first write,
         # where a sequence handed over by the prompt cache is written in place.
         del cached
@@ -243,6 +244,20 @@ class LanguageModel:
             raise
         self.prompt_cache.keep(ids + answer.generated, generator.position, generator.take_cache())
         yield from answer.finish()
+
+    def _logit_bias(self, biases: dict[int, float] | None) -> mx.array | None:
+        """OpenAI's logit_bias as the [V] array every draw adds; a RequestError naming it for an id the model does not
+        have."""
+        if not biases:
+            return None
+        vocab_size = self.core_config.vocab_size
+        dense = np.zeros(vocab_size, np.float32)
+        for token, bias in biases.items():
+            if not 0 <= token < vocab_size:
+                raise RequestError(f'field "logit_bias": token id {token} is outside the vocabulary ({vocab_size} '
+                                   "tokens)", field="logit_bias")
+            dense[token] = bias
+        return mx.array(dense)
 
     @functools.cached_property
     def json_vocabulary(self) -> _core.TokenVocabulary:
