@@ -131,7 +131,8 @@ if has switches; then
     --only qwen3-4b --quantize 4 --quantized-only --decode 64 --rounds 2
   switch_case MLXRUNNER_GROUPED_PRODUCT_ROWS 64 prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
     --models-dir "$MODELS" --only qwen3-4b --rounds 3
-  switch_case MLXRUNNER_BATCH_ATTENTION 1 streams python3 -m benchmarks.gpu.batch_bench --models-dir "$MODELS" \
+  # The batch attention kernel is on by default since session 14: here "on" sets the switch to 0 (the kernel off).
+  switch_case MLXRUNNER_BATCH_ATTENTION 0 streams python3 -m benchmarks.gpu.batch_bench --models-dir "$MODELS" \
     --only qwen3-4b --streams 1,16 --tokens 64
 fi
 

@@ -5,7 +5,7 @@
 // one-query kernel takes none at all), so such a step ran MLX's unfused attention: a product for the scores, the
 // mask, a softmax and a product with the values (that one through cuBLAS), on every layer. This kernel reads each
 // row's keys up to its position straight from the cache's buffers and writes the heads merged, [B, 1, q_heads D], as
-// the output projection reads them: one operation a layer. The decoder takes it under MLXRUNNER_BATCH_ATTENTION=1
+// the output projection reads them: one operation a layer. The decoder takes it unless MLXRUNNER_BATCH_ATTENTION=0
 // (batch_attention_switched_on), a measuring switch, until a GPU has timed it against MLX's.
 #pragma once
 
@@ -22,7 +22,7 @@ namespace mlxr {
 std::optional<mx::array> cuda_batch_decode_attention(const mx::array& q, const mx::array& keys, const mx::array& values,
                                                      const mx::array& positions, float scale);
 
-// MLXRUNNER_BATCH_ATTENTION=1: whether the decoder's batch steps use the kernel above.
+// Whether the decoder's batch steps use the kernel above: yes unless MLXRUNNER_BATCH_ATTENTION=0.
 bool batch_attention_switched_on();
 
 }  // namespace mlxr

@@ -171,14 +171,14 @@ inline bool cuda_float_dtype(mx::Dtype dtype) {
 }
 
 // Whether the environment variable `name` is "0": the switches that turn a fused kernel off, to measure what it
-// gains (MLXRUNNER_DIT_FUSION, MLXRUNNER_QKV_HEADS). Callers read it once, into a static.
+// gains (MLXRUNNER_DIT_FUSION, MLXRUNNER_QKV_HEADS, MLXRUNNER_BATCH_ATTENTION). Callers read it once, into a static.
 inline bool switched_off(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "0") == 0;
 }
 
 // Whether it is "1": the measuring switches that turn a way not yet proven on a GPU on (MLXRUNNER_HALF_MATVEC,
-// MLXRUNNER_BATCH_ATTENTION, MLXRUNNER_KERNEL_SOURCES_BY_PATH). Read once, into a static, too.
+// MLXRUNNER_KERNEL_SOURCES_BY_PATH: both measured slower on the H200 in session 14). Read once, into a static, too.
 inline bool switched_on(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "1") == 0;
