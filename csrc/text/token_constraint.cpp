@@ -33,7 +33,8 @@ bool JsonConstraint::allows(int token) const {
 }
 
 void JsonConstraint::accept(int token) {
-  if (!allows(token) || !grammar_.feed(vocabulary_.bytes(token))) {
+  const auto bytes = vocabulary_.bytes(token);
+  if (bytes.empty() || !grammar_.feed(bytes)) {  // feed takes the bytes whole or not at all: no check first
     throw std::invalid_argument("token " + std::to_string(token) + " cannot continue the JSON here");
   }
 }
