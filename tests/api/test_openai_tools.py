@@ -153,6 +153,19 @@ def test_a_forced_tool_call(serve_answer, tool_choice):
         "tool_calls"
 
 
+def test_a_forced_call_follows_a_tool_schema_with_definitions(serve_answer):
+    # Pydantic writes a nested model as "#/$defs/..." references, relative to the parameters' root.
+    place = {"type": "function", "function": {"name": "go", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["to"],
+        "properties": {"to": {"$ref": "#/$defs/Place"}},
+        "$defs": {"Place": {"type": "object", "additionalProperties": False, "required": ["city"],
+                            "properties": {"city": {"type": "string"}}}}}}}
+    client, _ = serve_answer('{"name": "go", "arguments": {"to": {"city": "Paris"}}}')
+    answer = client.chat.completions.create(model="m", messages=ASK, tools=[place], tool_choice="required")
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "go" and json.loads(call.function.arguments) == {"to": {"city": "Paris"}}
+
+
 @pytest.mark.parametrize("fields, words", [
     ({"tool_choice": "required"}, "offers no tools"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},

@@ -269,23 +269,26 @@ def _tool_name(tool: dict) -> str | None:
 
 def call_schema(tools: list[dict]) -> CompiledSchema:
     """What a forced call's JSON may be: {"name": one of the tools', "arguments": ...}. With one tool its arguments
-    follow its parameters schema; with several (or one whose schema cannot be held to) any object: the schema
-    cannot tell several objects apart by their name (text/json_schema.py)."""
+    follow its parameters schema (its $defs lifted to the call's root, where its "#/$defs/..." references then
+    point); with several (or one whose schema cannot be held to) any object: the schema cannot tell several objects
+    apart by their name (text/json_schema.py)."""
     names = [name for name in map(_tool_name, tools) if isinstance(name, str)]
     if not names:
         raise RequestError('field "tools": no tool has a function name to call', field="tools")
-    arguments: Any = {"type": "object"}
-    if len(tools) == 1:
-        parameters = tools[0]["function"].get("parameters") or {"type": "object"}
+
+    def call(arguments: Any, definitions: dict) -> dict:
+        return {**definitions, "type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                "properties": {"name": {"enum": names}, "arguments": arguments}}
+
+    parameters = tools[0]["function"].get("parameters") if len(tools) == 1 else None
+    if isinstance(parameters, dict) and parameters.get("type", "object") == "object":
+        definitions = {key: parameters[key] for key in ("$defs", "definitions") if key in parameters}
         try:
-            compile_schema(parameters)
-            arguments = parameters
+            return compile_schema(call(parameters, definitions))
         except SchemaError:
             pass
-    schema = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"enum": names}, "arguments": arguments}}
     try:
-        return compile_schema(schema)
+        return compile_schema(call({"type": "object"}, {}))
     except SchemaError as exc:
         raise RequestError(f'field "tools": {exc}', field="tools") from None
 
