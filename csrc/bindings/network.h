@@ -31,6 +31,12 @@ nb::class_<Network> bind_network(nb::module_& m, const char* name, const char* d
   }
   cls.def_prop_ro(
       "config", [](const Network& self) { return self.config(); }, "The config it was built with (a copy).");
+  if constexpr (requires(const Network& n) { n.arrays(); }) {
+    cls.def(
+        "weight_arrays", [](const Network& self) { return self.arrays(); },
+        "Every weight array it holds, lazy until evaluated: evaluating them reads the checkpoint and builds its "
+        "fused projections.");
+  }
   return cls;
 }
 

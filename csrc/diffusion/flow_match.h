@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "mlx/mlx.h"
 #include "diffusion/step_cache.h"
+#include "mlx/mlx.h"
 #include "nn/config_fields.h"
 #include "nn/eval_queue.h"
 

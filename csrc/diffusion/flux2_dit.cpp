@@ -8,6 +8,7 @@
 #include "nn/attention.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/slicing.h"
+#include "nn/weight_list.h"
 
 namespace mlxr {
 
@@ -39,10 +40,12 @@ void check_config(const Flux2Config& c) {
 Flux2DoubleBlock load_double(const Weights& w, const Flux2Config& c) {
   const int d = c.dim(), hd = c.attention_head_dim, m = c.mlp_hidden();
   auto attn = w.sub("attn");
-  return Flux2DoubleBlock{.image = AttentionProjections::load(attn, d, false),
-                          .add_q = Linear::load(attn.sub("add_q_proj"), d, d, false),
-                          .add_k = Linear::load(attn.sub("add_k_proj"), d, d, false),
-                          .add_v = Linear::load(attn.sub("add_v_proj"), d, d, false),
+  auto image = AttentionProjections::load(attn, d, false);
+  return Flux2DoubleBlock{.to_qkv = FusedLinear::fuse({image.to_q, image.to_k, image.to_v}),
+                          .to_out = image.to_out,
+                          .add_qkv = FusedLinear::fuse({Linear::load(attn.sub("add_q_proj"), d, d, false),
+                                                        Linear::load(attn.sub("add_k_proj"), d, d, false),
+                                                        Linear::load(attn.sub("add_v_proj"), d, d, false)}),
                           .to_add_out = Linear::load(attn.sub("to_add_out"), d, d, false),
                           .norm_q = RMSNorm::load(attn.sub("norm_q"), hd, c.eps),
                           .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps),
@@ -159,6 +162,22 @@ Flux2Transformer::Flux2Transformer(const Flux2Config& config, const WeightMap& w
   inv_freq_ = axis_inverse_frequencies(config.axes_dims_rope, config.rope_theta);
 }
 
+std::vector<mx::array> Flux2Transformer::arrays() const {
+  WeightList out;
+  for (const auto* layer : {&t_linear_1_, &t_linear_2_, &mod_img_, &mod_txt_, &mod_single_, &x_embedder_,
+                            &context_embedder_, &norm_out_, &proj_out_}) {
+    out.add(*layer);
+  }
+  for (const auto& block : double_blocks_) {
+    out.add(block.to_qkv).add(block.to_out).add(block.add_qkv).add(block.to_add_out);
+    out.add(block.ff_in).add(block.ff_out).add(block.ff_context_in).add(block.ff_context_out);
+    for (const auto* norm : {&block.norm_q, &block.norm_k, &block.norm_added_q, &block.norm_added_k}) out.add(*norm);
+  }
+  for (const auto& block : single_blocks_)
+    out.add(block.to_qkv_mlp).add(block.to_out).add(block.norm_q).add(block.norm_k);
+  return out.arrays;
+}
+
 Flux2Rope Flux2Transformer::rope_table(const std::vector<Flux2Id>& ids) const {
   const int length = static_cast<int>(ids.size());
   const int half = config_.attention_head_dim / 2;
@@ -209,18 +228,19 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
   // (shift, scale, gate) for attention, then for the MLP; the same for the text stream.
   auto nx = modulate(x, mod_img[0], mod_img[1], eps);
   auto nc = modulate(c, mod_txt[0], mod_txt[1], eps);
-  auto q = joint_rotated(split_heads(block.add_q(nc), h), block.norm_added_q, split_heads(block.image.to_q(nx), h),
-                         block.norm_q, rope);
-  auto k = joint_rotated(split_heads(block.add_k(nc), h), block.norm_added_k, split_heads(block.image.to_k(nx), h),
-                         block.norm_k, rope);
-  auto v = mx::concatenate({split_heads(block.add_v(nc), h), split_heads(block.image.to_v(nx), h)}, 1);
+  const int d = config_.dim();
+  // [q | k | v] columns of each stream, read in place (the fused norm + RoPE kernel takes the row stride).
+  auto text = mx::split(block.add_qkv(nc), mx::Shape{d, 2 * d}, -1);
+  auto image = mx::split(block.to_qkv(nx), mx::Shape{d, 2 * d}, -1);
+  auto q = joint_rotated(split_heads(text[0], h), block.norm_added_q, split_heads(image[0], h), block.norm_q, rope);
+  auto k = joint_rotated(split_heads(text[1], h), block.norm_added_k, split_heads(image[1], h), block.norm_k, rope);
+  auto v = mx::concatenate({split_heads(text[2], h), split_heads(image[2], h)}, 1);
   auto out = attention(q, k, v);
   const int b = out.shape(0), total = out.shape(1), width = out.shape(2);
   auto out_c = mx::slice(out, {0, 0, 0}, {b, text_len, width});
   auto out_x = mx::slice(out, {0, text_len, 0}, {b, total, width});
 
-  auto [x1, x1_modulated] =
-      residual_then_modulate(x, block.image.to_out(out_x), mod_img[2], mod_img[3], mod_img[4], eps);
+  auto [x1, x1_modulated] = residual_then_modulate(x, block.to_out(out_x), mod_img[2], mod_img[3], mod_img[4], eps);
   auto x2 = mx::add(x1, mx::multiply(mod_img[5], block.ff_out(swiglu(block.ff_in(x1_modulated)))));
 
   auto [c1, c1_modulated] = residual_then_modulate(c, block.to_add_out(out_c), mod_txt[2], mod_txt[3], mod_txt[4], eps);

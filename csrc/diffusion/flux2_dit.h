@@ -52,8 +52,11 @@ struct Flux2Config {
 };
 
 struct Flux2DoubleBlock {
-  AttentionProjections image;              // the image stream's
-  Linear add_q, add_k, add_v, to_add_out;  // the text stream's
+  // Each stream's q | k | v as one product over its input (nn/linear.h, FusedLinear): the same numbers.
+  FusedLinear to_qkv;  // the image stream's
+  Linear to_out;
+  FusedLinear add_qkv;  // the text stream's
+  Linear to_add_out;
   RMSNorm norm_q, norm_k, norm_added_q, norm_added_k;
   Linear ff_in, ff_out, ff_context_in, ff_context_out;
 };
@@ -85,6 +88,8 @@ class Flux2Transformer {
                     EvalQueue* queue = nullptr, StepCacheBranch* cache = nullptr) const;
 
   const Flux2Config& config() const { return config_; }
+  // Every weight it holds: evaluating them reads the checkpoint and builds the fused projections (load time).
+  std::vector<mx::array> arrays() const;
   mx::Dtype dtype() const { return x_embedder_.dtype(); }
 
  private:

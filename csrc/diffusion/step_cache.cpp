@@ -11,8 +11,8 @@ bool StepCacheBranch::should_compute(const mx::array& head_residual) {
   bool compute = !head_residual_ || !tail_residual_;
   if (!compute) {
     // diffusers: (r - r_last).abs().mean() / r_last.abs().mean() > threshold (float32 here in every dtype).
-    auto change = mx::divide(mx::mean(mx::abs(mx::subtract(residual, *head_residual_))),
-                             mx::mean(mx::abs(*head_residual_)));
+    auto change =
+        mx::divide(mx::mean(mx::abs(mx::subtract(residual, *head_residual_))), mx::mean(mx::abs(*head_residual_)));
     compute = change.item<float>() > threshold_;
   }
   if (compute) {

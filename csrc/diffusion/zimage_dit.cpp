@@ -7,6 +7,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cuda_dit_fusion.h"
+#include "nn/weight_list.h"
 
 namespace mlxr {
 
@@ -21,14 +22,16 @@ int round_up(int n, int multiple) {
 ZImageBlock load_block(const Weights& w, const ZImageConfig& c, bool modulated) {
   const int d = c.dim, hd = c.head_dim(), ffn = c.ffn_dim();
   auto attn = w.sub("attention");
-  ZImageBlock block{.attention = AttentionProjections::load(attn, d, false),
+  auto projections = AttentionProjections::load(attn, d, false);
+  ZImageBlock block{.to_qkv = FusedLinear::fuse({projections.to_q, projections.to_k, projections.to_v}),
+                    .to_out = projections.to_out,
                     .attention_norm1 = RMSNorm::load(w.sub("attention_norm1"), d, c.norm_eps),
                     .attention_norm2 = RMSNorm::load(w.sub("attention_norm2"), d, c.norm_eps),
                     .ffn_norm1 = RMSNorm::load(w.sub("ffn_norm1"), d, c.norm_eps),
                     .ffn_norm2 = RMSNorm::load(w.sub("ffn_norm2"), d, c.norm_eps),
-                    .w1 = Linear::load(w.sub("feed_forward.w1"), d, ffn, false),
-                    .w2 = Linear::load(w.sub("feed_forward.w2"), ffn, d, false),
-                    .w3 = Linear::load(w.sub("feed_forward.w3"), d, ffn, false)};
+                    .w1_w3 = FusedLinear::fuse({Linear::load(w.sub("feed_forward.w1"), d, ffn, false),
+                                                Linear::load(w.sub("feed_forward.w3"), d, ffn, false)}),
+                    .w2 = Linear::load(w.sub("feed_forward.w2"), ffn, d, false)};
   if (c.qk_norm) {
     // diffusers hard-codes eps 1e-5 for the per-head q/k norms, whatever norm_eps says.
     block.norm_q = RMSNorm::load(attn.sub("norm_q"), hd, 1e-5f);
@@ -120,6 +123,25 @@ ZImageTransformer::ZImageTransformer(const ZImageConfig& config, const WeightMap
   inv_freq_ = axis_inverse_frequencies(config.axes_dims, config.rope_theta);
 }
 
+std::vector<mx::array> ZImageTransformer::arrays() const {
+  WeightList out;
+  for (const auto* layer : {&x_embedder_, &t_mlp0_, &t_mlp2_, &cap_linear_, &final_adaln_, &final_linear_}) {
+    out.add(*layer);
+  }
+  out.add(x_pad_token_).add(cap_pad_token_).add(cap_norm_);
+  for (const auto* blocks : {&noise_refiner_, &context_refiner_, &layers_}) {
+    for (const auto& block : *blocks) {
+      out.add(block.to_qkv).add(block.to_out).add(block.w1_w3).add(block.w2);
+      for (const auto* norm : {&block.attention_norm1, &block.attention_norm2, &block.ffn_norm1, &block.ffn_norm2}) {
+        out.add(*norm);
+      }
+      if (block.norm_q) out.add(*block.norm_q).add(*block.norm_k);
+      if (block.adaln) out.add(*block.adaln);
+    }
+  }
+  return out.arrays;
+}
+
 mx::array ZImageTransformer::timestep_embedding(const mx::array& t) const {
   // Sinusoid in float32 ([cos, sin], 128 frequencies), then the MLP in the model dtype.
   constexpr int half = 128;
@@ -161,20 +183,21 @@ RopeTable ZImageTransformer::rope_table(const std::vector<std::vector<std::array
 
 mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
                                        const std::optional<mx::array>& mask) const {
-  const int h = config_.n_heads;
-  const auto& projections = block.attention;
-  auto q = rotated_heads(split_heads(projections.to_q(x), h), block.norm_q, rope);
-  auto k = rotated_heads(split_heads(projections.to_k(x), h), block.norm_k, rope);
-  auto v = heads_first(split_heads(projections.to_v(x), h));
-  return projections.to_out(merge_heads(mlxr::attention(q, k, v, mask)));
+  const int h = config_.n_heads, dim = config_.dim;
+  // [q | k | v] columns, each read in place (the fused CUDA norm + RoPE kernel takes the row stride).
+  auto qkv = mx::split(block.to_qkv(x), mx::Shape{dim, 2 * dim}, -1);
+  auto q = rotated_heads(split_heads(qkv[0], h), block.norm_q, rope);
+  auto k = rotated_heads(split_heads(qkv[1], h), block.norm_k, rope);
+  auto v = heads_first(split_heads(qkv[2], h));
+  return block.to_out(merge_heads(mlxr::attention(q, k, v, mask)));
 }
 
 mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::array& x, const RopeTable& rope,
                                            const std::optional<mx::array>& mask,
                                            const std::optional<mx::array>& adaln) const {
   auto ffn = [&](const mx::array& y) {
-    auto gate = block.w1(y);
-    return block.w2(gated_silu(gate, block.w3(y)));
+    const int width = config_.ffn_dim();
+    return block.w2(gated_silu_columns(block.w1_w3(y), 0, width, width));  // [w1 y | w3 y]
   };
   if (!block.adaln) {
     auto h = mx::add(x, block.attention_norm2(attention(block, block.attention_norm1(x), rope, mask)));

@@ -48,10 +48,14 @@ struct ZImageConfig {
 };
 
 struct ZImageBlock {
-  AttentionProjections attention;
+  // to_q | to_k | to_v as one product over the same input, and the FFN's w1 | w3 (gate | up) likewise: one wider
+  // matmul instead of three (two), the same numbers (nn/linear.h, FusedLinear).
+  FusedLinear to_qkv;
+  Linear to_out;
   std::optional<RMSNorm> norm_q, norm_k;
   RMSNorm attention_norm1, attention_norm2, ffn_norm1, ffn_norm2;
-  Linear w1, w2, w3;
+  FusedLinear w1_w3;
+  Linear w2;
   std::optional<Linear> adaln;  // absent in the (unmodulated) context refiner
 };
 
@@ -86,6 +90,8 @@ class ZImageTransformer {
 
   const ZImageConfig& config() const { return config_; }
   mx::Dtype dtype() const { return x_embedder_.dtype(); }
+  // Every weight it holds: evaluating them reads the checkpoint and builds the fused projections (load time).
+  std::vector<mx::array> arrays() const;
 
  private:
   mx::array timestep_embedding(const mx::array& t) const;

@@ -173,7 +173,7 @@ class Flux2KleinPipeline(ImagePipeline):
         if config.joint_attention_dim != len(TEXT_LAYERS) * self.text_encoder.hidden_size:
             raise ModelError(f"{source.location}: transformer joint_attention_dim {config.joint_attention_dim} is not "
                              f"{len(TEXT_LAYERS)} x the text encoder's hidden size {self.text_encoder.hidden_size}")
-        self.transformer, weights = self.load_transformer(_core.Flux2Transformer, config)
+        self.transformer = self.load_transformer(_core.Flux2Transformer, config)
         self.latent_channels = config.in_channels
         progress(0.8)
         self.vae = Flux2Vae(source)
@@ -183,7 +183,7 @@ class Flux2KleinPipeline(ImagePipeline):
         if self.vae.decoder.scale_factor * 2 != SIZE_MULTIPLE:
             raise ModelError(f"{source.location}: the VAE must downsample 8x (4 block_out_channels)")
         self.schedule = read_schedule(source)
-        self.read_transformer(weights, progress, 0.8, 1.0)
+        self.read_transformer(progress, 0.8, 1.0)
         progress(1.0)
 
     def _pad_id(self) -> int:

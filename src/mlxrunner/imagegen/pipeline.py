@@ -240,26 +240,26 @@ class ImagePipeline(ABC):
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
         self.text_encoder = Qwen3TextEncoder(source)
 
-    def load_transformer(self, network: type, config) -> tuple[Any, dict]:
-        """The `network` (a _core transformer class) built from transformer/, and its (lazy) weights; packed
-        weights stay packed."""
+    def load_transformer(self, network: type, config) -> Any:
+        """The `network` (a _core transformer class) built over transformer/'s weights, still unread (lazy);
+        packed weights stay packed. The checkpoint's dict is not kept: the network holds what it uses (its
+        q/k/v and gate/up projections fused), so once evaluated, the separate checkpoint arrays are freed."""
         self._transformer_recipe = (network, config)
         quantization = core_quantization(self.source.quantization("transformer"))
         weights = backend.compute_weights(self.source.tensors("transformer"))
         try:
-            return network(config, weights, quantization), weights
+            return network(config, weights, quantization)
         except ValueError as exc:
             raise ModelError(f"{self.source.location}: transformer: {exc}") from None
 
-    def read_transformer(self, weights: dict, progress: Callable[[float], None], start: float, end: float
-                         ) -> None:
+    def read_transformer(self, progress: Callable[[float], None], start: float, end: float) -> None:
         """Read the transformer's weights now rather than during the first request; under low_memory they
         are read when the first denoise needs them, after the text encoder has been freed. Reading a large
         transformer takes seconds, so it goes in about twenty parts of equal bytes, each moving the load
         progress (/health's) from `start` towards `end`."""
         if self.low_memory:
             return
-        arrays = list(weights.values())
+        arrays = self.transformer.weight_arrays()
         total = sum(a.nbytes for a in arrays) or 1
         part, part_bytes, done = [], 0, 0
         for i, array in enumerate(arrays):
@@ -276,7 +276,7 @@ class ImagePipeline(ABC):
         unread (lazy) weights, which the next denoise reads from the files."""
         self.transformer = None
         mx.clear_cache()
-        self.transformer, _ = self.load_transformer(*self._transformer_recipe)
+        self.transformer = self.load_transformer(*self._transformer_recipe)
 
     # --- generation --------------------------------------------------------------------------------
 

@@ -78,13 +78,13 @@ class ZImagePipeline(ImagePipeline):
         if config.cap_feat_dim != self.text_encoder.hidden_size:
             raise ModelError(f"{source.location}: transformer cap_feat_dim {config.cap_feat_dim} does not match the "
                              f"text encoder's hidden size {self.text_encoder.hidden_size}")
-        self.transformer, weights = self.load_transformer(_core.ZImageTransformer, config)
+        self.transformer = self.load_transformer(_core.ZImageTransformer, config)
         progress(0.8)
         self.vae = Vae(source)
         # The noise is in the VAE's latent space: [1, in_channels, H / 8, W / 8].
         self.latent_channels, self.latent_scale = config.in_channels, self.vae.decoder.scale_factor
         self.schedule = read_schedule(source)
-        self.read_transformer(weights, progress, 0.8, 1.0)
+        self.read_transformer(progress, 0.8, 1.0)
         progress(1.0)
 
     def is_distilled(self, index: dict) -> bool:
