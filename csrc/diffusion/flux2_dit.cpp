@@ -230,8 +230,8 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
   auto nc = modulate(c, mod_txt[0], mod_txt[1], eps);
   const int d = config_.dim();
   // [q | k | v] columns of each stream, read in place (the fused norm + RoPE kernel takes the row stride).
-  auto text = mx::split(block.add_qkv(nc), mx::Shape{d, 2 * d}, -1);
-  auto image = mx::split(block.to_qkv(nx), mx::Shape{d, 2 * d}, -1);
+  auto text = block.add_qkv.part_outputs(nc, {d, d, d});
+  auto image = block.to_qkv.part_outputs(nx, {d, d, d});
   auto q = joint_rotated(split_heads(text[0], h), block.norm_added_q, split_heads(image[0], h), block.norm_q, rope);
   auto k = joint_rotated(split_heads(text[1], h), block.norm_added_k, split_heads(image[1], h), block.norm_k, rope);
   auto v = mx::concatenate({split_heads(text[2], h), split_heads(image[2], h)}, 1);

@@ -185,7 +185,7 @@ mx::array ZImageTransformer::attention(const ZImageBlock& block, const mx::array
                                        const std::optional<mx::array>& mask) const {
   const int h = config_.n_heads, dim = config_.dim;
   // [q | k | v] columns, each read in place (the fused CUDA norm + RoPE kernel takes the row stride).
-  auto qkv = mx::split(block.to_qkv(x), mx::Shape{dim, 2 * dim}, -1);
+  auto qkv = block.to_qkv.part_outputs(x, {dim, dim, dim});
   auto q = rotated_heads(split_heads(qkv[0], h), block.norm_q, rope);
   auto k = rotated_heads(split_heads(qkv[1], h), block.norm_k, rope);
   auto v = heads_first(split_heads(qkv[2], h));
@@ -197,7 +197,11 @@ mx::array ZImageTransformer::block_forward(const ZImageBlock& block, const mx::a
                                            const std::optional<mx::array>& adaln) const {
   auto ffn = [&](const mx::array& y) {
     const int width = config_.ffn_dim();
-    return block.w2(gated_silu_columns(block.w1_w3(y), 0, width, width));  // [w1 y | w3 y]
+    if (block.w1_w3.layers.size() == 1) {
+      return block.w2(gated_silu_columns(block.w1_w3.layers[0](y), 0, width, width));  // [w1 y | w3 y]
+    }
+    auto parts = block.w1_w3.part_outputs(y, {width, width});
+    return block.w2(gated_silu(parts[0], parts[1]));
   };
   if (!block.adaln) {
     auto h = mx::add(x, block.attention_norm2(attention(block, block.attention_norm1(x), rope, mask)));

@@ -214,6 +214,29 @@ FusedLinear FusedLinear::fuse(const std::vector<Linear>& parts) {
   return out;
 }
 
+std::vector<mx::array> FusedLinear::part_outputs(const mx::array& x, const std::vector<int>& widths) const {
+  std::vector<mx::array> out;
+  size_t part = 0;
+  for (const auto& layer : layers) {
+    auto y = layer(x);
+    // The parts this layer computes, side by side.
+    mx::Shape cuts;
+    int covered = 0;
+    while (part < widths.size() && covered + widths[part] <= layer.out_features()) {
+      covered += widths[part++];
+      if (covered < layer.out_features()) cuts.push_back(covered);
+    }
+    if (covered != layer.out_features()) throw std::invalid_argument("FusedLinear: widths do not match its layers");
+    if (cuts.empty()) {
+      out.push_back(y);
+    } else {
+      for (auto& piece : mx::split(y, cuts, -1)) out.push_back(piece);
+    }
+  }
+  if (part != widths.size()) throw std::invalid_argument("FusedLinear: widths do not match its layers");
+  return out;
+}
+
 mx::array FusedLinear::operator()(const mx::array& x) const {
   if (layers.size() == 1) return layers[0](x);
   std::vector<mx::array> outputs;

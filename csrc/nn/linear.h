@@ -45,6 +45,9 @@ struct FusedLinear {
 
   static FusedLinear fuse(const std::vector<Linear>& parts);
   mx::array operator()(const mx::array& x) const;  // [..., sum of the parts' out_features]
+  // The parts' outputs, one array each (`widths`: the parts' out_features, in order): column ranges of the one
+  // product where they were fused, read in place; no concatenation where they run apart.
+  std::vector<mx::array> part_outputs(const mx::array& x, const std::vector<int>& widths) const;
   // (x + delta, the product of its RMSNorm) in one kernel where nn/cuda_matvec takes it (a packed decode step on
   // CUDA, or a half-precision one under MLXRUNNER_HALF_MATVEC=1); nullopt otherwise.
   std::optional<std::pair<mx::array, mx::array>> normed_product(const NormInput& input) const;
