@@ -9,92 +9,70 @@ namespace mlxr {
 
 namespace {
 
-// A warp per ROWS consecutive (token, head) rows of D, lane l holding each row's rotated pairs l, l + 32, ... (PAIRS =
-// D / 64 of them): each pair one load and one store of 2 T, a warp's loads 32 consecutive pairs, the norm's sum over
-// the warp's shuffles only. All ROWS rows are loaded before any is reduced: a warp of one row had 256 bytes of a
-// 1024^2 Z-Image's queries in flight, and the kernel ran at 1.4 TB/s on an H200 (44 us); a block of D / 2 threads
-// per row, summing through shared memory and two barriers, at 0.39 TB/s. out is x's shape, row-contiguous.
+// A warp per (token, head) row of D, lane l holding the rotated pairs l, l + 32, ... (PAIRS = D / 64 of them): each
+// pair one load and one store of 2 T, a warp's loads 32 consecutive pairs, the norm's sum over the warp's shuffles
+// only. (A block of D / 2 threads per row, summing through shared memory and two barriers, ran at 0.39 TB/s on an
+// H200: 162 us for a 1024^2 Z-Image's queries, 10.7 ms of its 102 ms step.) out is x's shape, row-contiguous.
 // MLX's rms_norm rounds x * rsqrt(mean + eps) to T and multiplies it by the weight in T; RoPE (nn/rope.cpp's
 // kernel) reads that T and rounds each rotated value to T.
 constexpr const char* kHeadNormRopePairs = R"(
   struct alignas(2 * sizeof(T)) Pair { T first, second; };
   const int lane = threadIdx.x & 31;
   const int tokens = x_shape[1], heads = x_shape[2];
-  const long long rows = static_cast<long long>(x_shape[0]) * tokens * heads;
-  const long long first_row = ((static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * ROWS;
-  if (first_row >= rows) return;  // whole warps: uniform per warp
-  float x0[ROWS][PAIRS], x1[ROWS][PAIRS];
-  float squares[ROWS];
+  const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;  // (b T + t) H + h
+  if (row >= static_cast<long long>(x_shape[0]) * tokens * heads) return;  // whole warps: uniform per warp
+  const int h = static_cast<int>(row % heads);
+  const long long token = row / heads;
+  const long long b = token / tokens, t = token % tokens;
+  const T* src = x + b * x_strides[0] + t * x_strides[1] + h * x_strides[2];
+  const bool aligned = (reinterpret_cast<unsigned long long>(src) % sizeof(Pair)) == 0;
+  float x0[PAIRS], x1[PAIRS];
+  float squares = 0.f;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const long long row = first_row + r;  // (b T + t) H + h
-    squares[r] = 0.f;
-    const long long h = row % heads, token = row / heads;
-    const long long b = token / tokens, t = token % tokens;
-    const T* src = x + b * x_strides[0] + t * x_strides[1] + h * x_strides[2];
-    const bool aligned = (reinterpret_cast<unsigned long long>(src) % sizeof(Pair)) == 0;
-#pragma unroll
-    for (int p = 0; p < PAIRS; ++p) {
-      const int i = lane + 32 * p;
-      x0[r][p] = 0.f;
-      x1[r][p] = 0.f;
-      if (row >= rows) continue;
-      if (aligned) {
-        const Pair pair = reinterpret_cast<const Pair*>(src)[i];
-        x0[r][p] = static_cast<float>(pair.first);
-        x1[r][p] = static_cast<float>(pair.second);
-      } else {
-        x0[r][p] = static_cast<float>(src[2 * i]);
-        x1[r][p] = static_cast<float>(src[2 * i + 1]);
-      }
-      squares[r] += x0[r][p] * x0[r][p] + x1[r][p] * x1[r][p];
+  for (int p = 0; p < PAIRS; ++p) {
+    const int i = lane + 32 * p;
+    if (aligned) {
+      const Pair pair = reinterpret_cast<const Pair*>(src)[i];
+      x0[p] = static_cast<float>(pair.first);
+      x1[p] = static_cast<float>(pair.second);
+    } else {
+      x0[p] = static_cast<float>(src[2 * i]);
+      x1[p] = static_cast<float>(src[2 * i + 1]);
     }
+    squares += x0[p] * x0[p] + x1[p] * x1[p];
   }
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const long long row = first_row + r;
 #if NORM
-    float total = squares[r];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
-    const float normalizer = rsqrtf(total / D + __int_as_float(EPS_BITS));
+  for (int offset = 16; offset > 0; offset >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  const float normalizer = rsqrtf(squares / D + __int_as_float(EPS_BITS));
 #pragma unroll
-    for (int p = 0; p < PAIRS; ++p) {
-      const int i = lane + 32 * p;
-      x0[r][p] = static_cast<float>(weight[2 * i] * static_cast<T>(x0[r][p] * normalizer));
-      x1[r][p] = static_cast<float>(weight[2 * i + 1] * static_cast<T>(x1[r][p] * normalizer));
-    }
+  for (int p = 0; p < PAIRS; ++p) {
+    const int i = lane + 32 * p;
+    x0[p] = static_cast<float>(weight[2 * i] * static_cast<T>(x0[p] * normalizer));
+    x1[p] = static_cast<float>(weight[2 * i + 1] * static_cast<T>(x1[p] * normalizer));
+  }
 #endif
-    if (row >= rows) continue;
-    const long long token = row / heads;
-    const long long b = token / tokens, t = token % tokens;
-    const long long table_b = cos_table_shape[0] == 1 ? 0 : b;
-    const float* cos_row = cos_table + table_b * cos_table_strides[0] + t * cos_table_strides[1];
-    const float* sin_row = sin_table + table_b * sin_table_strides[0] + t * sin_table_strides[1];
-    Pair* dst = reinterpret_cast<Pair*>(out + row * D);
+  const long long table_b = cos_table_shape[0] == 1 ? 0 : b;
+  const float* cos_row = cos_table + table_b * cos_table_strides[0] + t * cos_table_strides[1];
+  const float* sin_row = sin_table + table_b * sin_table_strides[0] + t * sin_table_strides[1];
+  Pair* dst = reinterpret_cast<Pair*>(out + row * D);
 #pragma unroll
-    for (int p = 0; p < PAIRS; ++p) {
-      const int i = lane + 32 * p;
-      const float c = cos_row[i * cos_table_strides[3]], s = sin_row[i * sin_table_strides[3]];
-      dst[i] = Pair{static_cast<T>(x0[r][p] * c - x1[r][p] * s), static_cast<T>(x0[r][p] * s + x1[r][p] * c)};
-    }
+  for (int p = 0; p < PAIRS; ++p) {
+    const int i = lane + 32 * p;
+    const float c = cos_row[i * cos_table_strides[3]], s = sin_row[i * sin_table_strides[3]];
+    dst[i] = Pair{static_cast<T>(x0[p] * c - x1[p] * s), static_cast<T>(x0[p] * s + x1[p] * c)};
   }
 )";
 
 // Row kernels (kCudaRowHelpers). Each step rounds to T where MLX's operation would: the norm, the product with the
-// scale or gate, the sum. Per-sample vectors [B, 1, N] are row `sample` of N. Every row is loaded (and the small
-// vectors with it) before the first reduction: one trip to memory per kernel, not one per phase.
+// scale or gate, the sum. Per-sample vectors [B, 1, N] are row `sample` of N.
 constexpr const char* kScaledRmsNorm = R"(
   const int n = weight_shape[0];
   const long long row = blockIdx.x;
   const size_t first = static_cast<size_t>(row) * n;
   float v[PER_THREAD];
-  T w[PER_THREAD], scale_v[PER_THREAD];
-  const float squares = load_row<VEC>(x + first, n, v);
-  load_row_vector<VEC>(w, weight, 1, n);
-  load_row_vector<VEC>(scale_v, scale + (row / x_shape[1]) * n, 1, n);
-  const float normalizer = rsqrtf(block_sum(squares) / n + __int_as_float(EPS_BITS));
-  store_scaled_norm<VEC>(out + first, v, n, normalizer, w, scale_v);
+  const float normalizer = rsqrtf(block_sum(load_row(x + first, n, v)) / n + __int_as_float(EPS_BITS));
+  store_scaled_norm(out + first, v, n, normalizer, weight, scale + (row / x_shape[1]) * n);
 )";
 
 constexpr const char* kGatedResidual = R"(
@@ -102,23 +80,16 @@ constexpr const char* kGatedResidual = R"(
   const long long row = blockIdx.x;
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
-  float av[PER_THREAD], xv[PER_THREAD];
-  T a_w[PER_THREAD], g[PER_THREAD];
-  load_row<VEC>(x + first, n, xv);
-  const float a_squares = load_row<VEC>(a + first, n, av);
-  load_row_vector<VEC>(a_w, a_weight, 1, n);
-  load_row_vector<VEC>(g, gate + sample * n, 1, n);
+  float av[PER_THREAD], normed[PER_THREAD], hv[PER_THREAD];
+  const float a_normalizer = rsqrtf(block_sum(load_row(a + first, n, av)) / n + __int_as_float(EPS_BITS));
+  norm_row(normed, av, n, a_normalizer, a_weight);
+  store_residual(h + first, hv, x + first, gate + sample * n, 1, normed, n);
+  float squares = 0.f;
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) squares += hv[k] * hv[k];
 #if NEXT
-  T next_w[PER_THREAD], next_s[PER_THREAD];
-  load_row_vector<VEC>(next_w, next_weight, 1, n);
-  load_row_vector<VEC>(next_s, next_scale + sample * n, 1, n);
-#endif
-  const float a_normalizer = rsqrtf(block_sum(a_squares) / n + __int_as_float(EPS_BITS));
-  norm_row<VEC>(av, av, n, a_normalizer, a_w);
-  const float h_squares = store_residual<VEC>(h + first, av, xv, g, av, n);
-#if NEXT
-  const float h_normalizer = rsqrtf(block_sum(h_squares) / n + __int_as_float(NEXT_EPS_BITS));
-  store_scaled_norm<VEC>(next + first, av, n, h_normalizer, next_w, next_s);
+  const float h_normalizer = rsqrtf(block_sum(squares) / n + __int_as_float(NEXT_EPS_BITS));
+  store_scaled_norm(next + first, hv, n, h_normalizer, next_weight, next_scale + sample * n);
 #endif
 )";
 
@@ -133,19 +104,16 @@ constexpr const char* kModulatedLayerNorm = R"(
   const long long row = blockIdx.x;
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
+  T scale_v[PER_THREAD], shift_v[PER_THREAD];
+  load_row_vector(scale_v, one_plus_scale + sample * one_plus_scale_strides[0], one_plus_scale_strides[2], n);
+  load_row_vector(shift_v, shift + sample * shift_strides[0], shift_strides[2], n);
   float v[PER_THREAD];
-  load_row<VEC>(x + first, n, v);
 #if RESIDUAL
   float yv[PER_THREAD];
-  T g[PER_THREAD];
-  load_row<VEC>(y + first, n, yv);
-  load_row_vector<VEC>(g, gate + sample * gate_strides[0], gate_strides[2], n);
-#endif
-  T scale_v[PER_THREAD], shift_v[PER_THREAD];
-  load_row_vector<VEC>(scale_v, one_plus_scale + sample * one_plus_scale_strides[0], one_plus_scale_strides[2], n);
-  load_row_vector<VEC>(shift_v, shift + sample * shift_strides[0], shift_strides[2], n);
-#if RESIDUAL
-  store_residual<VEC>(h + first, v, v, g, yv, n);
+  load_row(y + first, n, yv);
+  store_residual(h + first, v, x + first, gate + sample * gate_strides[0], gate_strides[2], yv, n);
+#else
+  load_row(x + first, n, v);
 #endif
   float sum = 0.f;
 #pragma unroll
@@ -154,7 +122,7 @@ constexpr const char* kModulatedLayerNorm = R"(
   float squares = 0.f;
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
-    const float centred = held_index<VEC>(k) < n ? v[k] - mean : 0.f;
+    const float centred = held_index(k) < n ? v[k] - mean : 0.f;
     squares += centred * centred;
   }
   const float normalizer = rsqrtf(block_sum(squares) / n + eps);
@@ -164,7 +132,7 @@ constexpr const char* kModulatedLayerNorm = R"(
     const T scaled = scale_v[k] * static_cast<T>((v[k] - mean) * normalizer);
     result[k] = scaled + shift_v[k];
   }
-  store_held_row<VEC>(out + first, result, n);
+  store_held_row(out + first, result, n);
 )";
 
 // MLXRUNNER_DIT_FUSION=0 turns these kernels off (MLX's operations run instead): a switch for measuring what they
@@ -191,8 +159,7 @@ bool rows_with_vectors(const mx::array& x, const std::vector<const mx::array*>& 
 
 // The launch of a row kernel over x [B, T, N].
 std::optional<CudaRowLaunch> row_launch(const mx::array& x) {
-  const int n = x.shape(2);
-  return cuda_row_launch(static_cast<long long>(x.shape(0)) * x.shape(1), n, cuda_row_vector(x.dtype(), n));
+  return cuda_row_launch(static_cast<long long>(x.shape(0)) * x.shape(1), x.shape(2), /*in_quads=*/true);
 }
 
 }  // namespace
@@ -216,15 +183,13 @@ std::optional<mx::array> cuda_head_norm_rope_pairs(const mx::array& x, const std
                                       kHeadNormRopePairs, "#define NORM 1\n", false);
   static auto without_norm = cuda_kernel("mlxr_head_rope_pairs", {"x", "cos_table", "sin_table"}, {"out"},
                                          kHeadNormRopePairs, "#define NORM 0\n", false);
-  // A warp per kRowsPerWarp rows, eight warps a block.
-  constexpr int kThreadsPerBlock = 256, kRowsPerWarp = 4;
+  // A warp a row, eight rows a block.
+  constexpr int kThreadsPerBlock = 256;
   const long long rows = static_cast<long long>(b) * t * heads;
-  const long long warps = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
-  const long long threads = (warps * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock * kThreadsPerBlock;
+  const long long threads = (rows * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock * kThreadsPerBlock;
   const std::tuple<int, int, int> grid{cuda_checked_threads(threads), 1, 1};
   const std::tuple<int, int, int> block{kThreadsPerBlock, 1, 1};
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", x.dtype()}, {"D", d}, {"PAIRS", d / 64}, {"ROWS", kRowsPerWarp}};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", x.dtype()}, {"D", d}, {"PAIRS", d / 64}};
   if (norm) {
     args.emplace_back("EPS_BITS", cuda_float_bits(norm->eps));
     return with_norm({x, norm->weight, cos, sin}, {x.shape()}, {x.dtype()}, grid, block, args, std::nullopt, false,
@@ -241,10 +206,7 @@ std::optional<mx::array> cuda_scaled_rms_norm(const mx::array& x, const RMSNorm&
                                    std::string(kCudaBlockSum) + kCudaRowHelpers,
                                    /*ensure_row_contiguous=*/true);
   return kernel({x, norm.weight, scale}, {x.shape()}, {x.dtype()}, launch->grid, launch->block,
-                {{"T", x.dtype()},
-                 {"EPS_BITS", cuda_float_bits(norm.eps)},
-                 {"PER_THREAD", launch->per_thread},
-                 {"VEC", launch->vector}},
+                {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(norm.eps)}, {"PER_THREAD", launch->per_thread}},
                 std::nullopt, false, {})[0];
 }
 
@@ -267,10 +229,8 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> cuda_gated_residua
   static auto with_next = cuda_kernel(
       "mlxr_gated_residual_norm", {"x", "a", "a_weight", "gate", "next_weight", "next_scale"}, {"h", "next"},
       kGatedResidual, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define NEXT 1\n", true);
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", x.dtype()},
-                                                                  {"EPS_BITS", cuda_float_bits(a_norm.eps)},
-                                                                  {"PER_THREAD", launch->per_thread},
-                                                                  {"VEC", launch->vector}};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
+      {"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(a_norm.eps)}, {"PER_THREAD", launch->per_thread}};
   if (!next) {
     return std::pair{alone({x, a, a_norm.weight, gate}, {x.shape()}, {x.dtype()}, launch->grid, launch->block, args,
                            std::nullopt, false, {})[0],
@@ -309,10 +269,8 @@ std::optional<std::pair<mx::array, mx::array>> cuda_gated_residual_modulated_lay
   static auto after_residual = cuda_kernel(
       "mlxr_gated_residual_modulated_layer_norm", {"x", "y", "gate", "one_plus_scale", "shift"}, {"h", "out"},
       kModulatedLayerNorm, std::string(kCudaBlockSum) + kCudaRowHelpers + "#define RESIDUAL 1\n", false);
-  const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", x.dtype()},
-                                                                        {"EPS_BITS", cuda_float_bits(eps)},
-                                                                        {"PER_THREAD", launch->per_thread},
-                                                                        {"VEC", launch->vector}};
+  const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
+      {"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}};
   // The rows are read as contiguous (a no-op for the blocks' outputs, which are).
   auto rows_of = [](const mx::array& a) { return mx::contiguous(a); };
   if (!residual) {

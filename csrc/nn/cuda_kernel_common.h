@@ -34,57 +34,52 @@ __device__ inline float block_sum(float v) {
 }
 )";
 
-// Row kernels: one block per row of n (a multiple of VEC), thread t holding the row's elements in vectors of VEC
-// consecutive ones (one 16-byte load: 8 half-precision or 4 float32 elements): its vector q is elements
-// VEC (t + q blockDim.x) .. + VEC - 1, its held slot k element held_index<VEC>(k); PER_THREAD slots in registers.
-// Every row a kernel reads is loaded before its first reduction, and every load comes before any store (a store may
-// alias a later load, so the compiler cannot move loads above it): the bytes in flight are what bounds these
-// kernels. Measured on an H200 at a 1024^2 Z-Image's 4,128 x 3,840 bf16 rows: element by element 0.9-1.4 TB/s;
-// 8-byte quads, the residual's x loaded after the norm's reduction, 1.0-1.6 TB/s (the gated residual + next norm
-// 122 us for its 127 MB).
+// Row kernels: one block per row of n (a multiple of 4), thread t holding the row's elements in quads of 4
+// consecutive ones (one 8-byte load of bfloat16): its quad q is elements 4 (t + q blockDim.x) .. + 3, its held slot k
+// element held_index(k); PER_THREAD slots in registers. Every load comes before any store (a store may alias a
+// later load, so the compiler cannot move loads above it: a kernel that stored as it went was latency-bound, 14 us
+// for a 4,096-wide row on an H200), and quads rather than single elements: the Z-Image step's row kernels read and
+// wrote 0.9-1.4 TB/s element by element.
 inline constexpr const char* kCudaRowHelpers = R"(
-template <int VEC>
 __device__ inline int held_index(int k) {
-  return VEC * (threadIdx.x + (k / VEC) * blockDim.x) + (k % VEC);
+  return 4 * (threadIdx.x + (k >> 2) * blockDim.x) + (k & 3);
 }
 
-template <typename T, int VEC>
-struct alignas(VEC * sizeof(T)) Vec {
-  T e[VEC];
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T e[4];
 };
 
-// Elements j .. j + VEC - 1 of p (j a multiple of VEC); element by element where p is not aligned to a vector.
-template <int VEC, typename T>
-__device__ inline Vec<T, VEC> load_vec(const T* p, int j) {
-  if (reinterpret_cast<unsigned long long>(p) % sizeof(Vec<T, VEC>) == 0) {
-    return reinterpret_cast<const Vec<T, VEC>*>(p + j)[0];
-  }
-  Vec<T, VEC> q;
+// Elements j .. j + 3 of p (j a multiple of 4); element by element where p is not aligned to a quad.
+template <typename T>
+__device__ inline Quad<T> load_quad(const T* p, int j) {
+  if (reinterpret_cast<unsigned long long>(p) % sizeof(Quad<T>) == 0) return reinterpret_cast<const Quad<T>*>(p + j)[0];
+  Quad<T> q;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) q.e[e] = p[j + e];
+  for (int e = 0; e < 4; ++e) q.e[e] = p[j + e];
   return q;
 }
 
-template <int VEC, typename T>
-__device__ inline void store_vec(T* p, int j, const Vec<T, VEC>& q) {
-  if (reinterpret_cast<unsigned long long>(p) % sizeof(Vec<T, VEC>) == 0) {
-    reinterpret_cast<Vec<T, VEC>*>(p + j)[0] = q;
+template <typename T>
+__device__ inline void store_quad(T* p, int j, const Quad<T>& q) {
+  if (reinterpret_cast<unsigned long long>(p) % sizeof(Quad<T>) == 0) {
+    reinterpret_cast<Quad<T>*>(p + j)[0] = q;
     return;
   }
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) p[j + e] = q.e[e];
+  for (int e = 0; e < 4; ++e) p[j + e] = q.e[e];
 }
 
 // Loads this thread's elements of a row of n into v (0 past its end); returns their sum of squares.
-template <int VEC, int PER_THREAD, typename In>
+template <int PER_THREAD, typename In>
 __device__ inline float load_row(const In* row, int n, float (&v)[PER_THREAD]) {
   float squares = 0.f;
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; k += VEC) {
-    const int j = held_index<VEC>(k);
-    const Vec<In, VEC> q = j < n ? load_vec<VEC>(row, j) : Vec<In, VEC>{};
+  for (int k = 0; k < PER_THREAD; k += 4) {
+    const int j = held_index(k);
+    const Quad<In> q = j < n ? load_quad(row, j) : Quad<In>{};
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
+    for (int e = 0; e < 4; ++e) {
       v[k + e] = j < n ? static_cast<float>(q.e[e]) : 0.f;
       squares += v[k + e] * v[k + e];
     }
@@ -93,75 +88,78 @@ __device__ inline float load_row(const In* row, int n, float (&v)[PER_THREAD]) {
 }
 
 // This thread's elements of a vector of n (a weight, or a per-sample vector read every `step` elements), in T.
-template <int VEC, int PER_THREAD, typename T>
+template <int PER_THREAD, typename T>
 __device__ inline void load_row_vector(T (&out)[PER_THREAD], const T* vector, long long step, int n) {
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; k += VEC) {
-    const int j = held_index<VEC>(k);
+  for (int k = 0; k < PER_THREAD; k += 4) {
+    const int j = held_index(k);
     if (j >= n) continue;
     if (step == 1) {
-      const Vec<T, VEC> q = load_vec<VEC>(vector, j);
+      const Quad<T> q = load_quad(vector, j);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[k + e] = q.e[e];
+      for (int e = 0; e < 4; ++e) out[k + e] = q.e[e];
     } else {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[k + e] = vector[(j + e) * step];
+      for (int e = 0; e < 4; ++e) out[k + e] = vector[(j + e) * step];
     }
   }
 }
 
 // MLX's rms_norm of a held row: weight * (the row times the normalizer, rounded to T), in T; held as floats (exact).
-template <int VEC, int PER_THREAD, typename T>
+template <int PER_THREAD, typename T>
 __device__ inline void norm_row(float (&out)[PER_THREAD], const float (&v)[PER_THREAD], int n, float normalizer,
-                                const T (&w)[PER_THREAD]) {
+                                const T* weight) {
+  T w[PER_THREAD];
+  load_row_vector(w, weight, 1, n);
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
-    out[k] = held_index<VEC>(k) < n ? static_cast<float>(w[k] * static_cast<T>(v[k] * normalizer)) : 0.f;
+    out[k] = held_index(k) < n ? static_cast<float>(w[k] * static_cast<T>(v[k] * normalizer)) : 0.f;
   }
 }
 
-// Stores this thread's held values to a row of n.
-template <int VEC, int PER_THREAD, typename T>
+// Stores this thread's held values (floats holding T values) to a row of n.
+template <int PER_THREAD, typename T>
 __device__ inline void store_held_row(T* row, const T (&v)[PER_THREAD], int n) {
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; k += VEC) {
-    const int j = held_index<VEC>(k);
+  for (int k = 0; k < PER_THREAD; k += 4) {
+    const int j = held_index(k);
     if (j >= n) continue;
-    Vec<T, VEC> q;
+    Quad<T> q;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) q.e[e] = v[k + e];
-    store_vec<VEC>(row, j, q);
+    for (int e = 0; e < 4; ++e) q.e[e] = v[k + e];
+    store_quad(row, j, q);
   }
 }
 
-// The norm times a scale (weight and scale loaded by the caller), in T, stored.
-template <int VEC, int PER_THREAD, typename T>
+// The norm times a scale, in T, stored.
+template <int PER_THREAD, typename T>
 __device__ inline void store_scaled_norm(T* out, const float (&v)[PER_THREAD], int n, float normalizer,
-                                         const T (&weight)[PER_THREAD], const T (&scale)[PER_THREAD]) {
+                                         const T* weight, const T* scale) {
   float normed[PER_THREAD];
-  norm_row<VEC>(normed, v, n, normalizer, weight);
+  norm_row(normed, v, n, normalizer, weight);
   T scaled[PER_THREAD];
+  load_row_vector(scaled, scale, 1, n);
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) scaled[k] = static_cast<T>(normed[k]) * scale[k];
-  store_held_row<VEC>(out, scaled, n);
+  for (int k = 0; k < PER_THREAD; ++k) scaled[k] = static_cast<T>(normed[k]) * scaled[k];
+  store_held_row(out, scaled, n);
 }
 
 // A residual, h = x + gate * term (the product and the sum in T, as MLX's multiply and add round them), for this
-// thread's elements, x and the gate already loaded: stored, and held in v (0 past the row's end). term holds T values
-// as floats. Returns the sum of squares of h.
-template <int VEC, int PER_THREAD, typename T>
-__device__ inline float store_residual(T* h, float (&v)[PER_THREAD], const float (&x)[PER_THREAD],
-                                       const T (&gate)[PER_THREAD], const float (&term)[PER_THREAD], int n) {
-  T sum[PER_THREAD];
-  float squares = 0.f;
+// thread's elements: stored, and held in v (0 past the row's end). term holds T values as floats; the gate is read
+// every gate_step elements (a range of a wider modulation output).
+template <int PER_THREAD, typename T>
+__device__ inline void store_residual(T* h, float (&v)[PER_THREAD], const T* x, const T* gate, long long gate_step,
+                                      const float (&term)[PER_THREAD], int n) {
+  T sum[PER_THREAD], g[PER_THREAD];
+  float xv[PER_THREAD];
+  load_row(x, n, xv);
+  load_row_vector(g, gate, gate_step, n);
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
-    sum[k] = static_cast<T>(x[k]) + gate[k] * static_cast<T>(term[k]);
-    v[k] = held_index<VEC>(k) < n ? static_cast<float>(sum[k]) : 0.f;
-    squares += v[k] * v[k];
+    sum[k] = static_cast<T>(xv[k]) + g[k] * static_cast<T>(term[k]);
+    v[k] = held_index(k) < n ? static_cast<float>(sum[k]) : 0.f;
   }
-  store_held_row<VEC>(h, sum, n);
-  return squares;
+  store_held_row(h, sum, n);
 }
 )";
 
@@ -197,31 +195,22 @@ inline int cuda_checked_threads(long long threads) {
 }
 
 // A row kernel's launch: one block per row, 256 threads for rows up to 8,192 wide (hidden sizes of up to 8B-class
-// models), 1,024 beyond, each thread holding per_thread elements (the kernels' PER_THREAD) in whole vectors of
-// `vector` elements (the kCudaRowHelpers kernels' VEC, which need n a multiple of it); nullopt where a row would
-// need more than kCudaMaxPerThread elements a thread (over 32,768).
+// models), 1,024 beyond, each thread holding per_thread elements (the kernels' PER_THREAD; whole quads for the
+// kCudaRowHelpers kernels, `in_quads`, which need n a multiple of 4); nullopt where a row would need more than
+// kCudaMaxPerThread elements a thread (over 32,768).
 struct CudaRowLaunch {
   int per_thread;
-  int vector;
   std::tuple<int, int, int> grid, block;
 };
 
-inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n, int vector = 1) {
-  if (vector < 1 || n % vector != 0) return std::nullopt;
+inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n, bool in_quads = false) {
+  if (in_quads && n % 4 != 0) return std::nullopt;
   const int threads = n <= 256 * kCudaMaxPerThread ? 256 : 1024;
-  const int per_thread = (n + threads * vector - 1) / (threads * vector) * vector;
+  const int quantum = in_quads ? 4 : 1;  // a thread holds whole quads
+  const int per_thread = (n + threads * quantum - 1) / (threads * quantum) * quantum;
   if (per_thread > kCudaMaxPerThread) return std::nullopt;
-  return CudaRowLaunch{.per_thread = per_thread,
-                       .vector = vector,
-                       .grid = {cuda_checked_threads(rows * threads), 1, 1},
-                       .block = {threads, 1, 1}};
-}
-
-// The widest vector a row kernel can load its rows of n elements of `dtype` in: 16 bytes (8 half-precision or 4
-// float32 elements) where n is a multiple of that, else 4 elements.
-inline int cuda_row_vector(mx::Dtype dtype, int n) {
-  const int widest = 16 / static_cast<int>(mx::size_of(dtype));
-  return n % widest == 0 ? widest : 4;
+  return CudaRowLaunch{
+      .per_thread = per_thread, .grid = {cuda_checked_threads(rows * threads), 1, 1}, .block = {threads, 1, 1}};
 }
 
 // A kernel's source (or header) as MLX is handed it: without comments, indentation or blank lines, and with every

@@ -70,7 +70,7 @@ def as_function(name: str, body: str, defines: str, inputs: list[str], outputs: 
     params += [f"float* {n}" for n in outputs]
     bits = struct.unpack("<i", struct.pack("<f", EPS))[0]
     constants = {"PER_THREAD": WIDTH, "EPS_BITS": bits, "NEXT_EPS_BITS": bits, "D": 128, "Q_HEADS": 4,
-                 "KV_HEADS": 2, "TRADITIONAL": 0, "PAIRS": 2, "VEC": 4, "ROWS": 4}
+                 "KV_HEADS": 2, "TRADITIONAL": 0, "PAIRS": 2}
     lines = "".join(f"  constexpr int {k} = {v};\n" for k, v in constants.items())
     undefine = "".join(f"#undef {line.split()[1]}\n" for line in defines.splitlines())
     signature = f'extern "C" void {name}({", ".join(params)})'
