@@ -161,7 +161,7 @@ int Generator::next_json() {
   bool ahead = more && speculates_json() && json_refusals_ < kJsonGuessBelow;
   if (ahead) draw_json(mx::reshape(step(token), {-1}));
   int id = token.item<int>();
-  const bool refused = !json_->allows(id);
+  const bool refused = !json_->take(id);
   json_refusals_ = 0.75f * json_refusals_ + 0.25f * (refused ? 1.0f : 0.0f);
   if (refused) {
     if (ahead) {
@@ -171,10 +171,9 @@ int Generator::next_json() {
     sampler_.restore_history(std::move(history));
     token = sampler_.choose(logits, json_->mask());
     id = token.item<int>();
-    if (!json_->allows(id)) throw std::runtime_error("no token of the vocabulary can continue the JSON here");
+    if (!json_->take(id)) throw std::runtime_error("no token of the vocabulary can continue the JSON here");
     sampler_.remember(token);
   }
-  json_->accept(id);
   if (top_logprobs_ >= 0) logprobs_ = PendingLogprobs::of(logits, token, top_logprobs_).read();
   ++returned_;
   last_token_ = id;

@@ -32,9 +32,13 @@ bool JsonConstraint::allows(int token) const {
   return !bytes.empty() && grammar_.accepts(bytes);  // a token of no bytes would let the answer loop for ever
 }
 
-void JsonConstraint::accept(int token) {
+bool JsonConstraint::take(int token) {
   const auto bytes = vocabulary_.bytes(token);
-  if (bytes.empty() || !grammar_.feed(bytes)) {  // feed takes the bytes whole or not at all: no check first
+  return !bytes.empty() && grammar_.feed(bytes);  // feed takes the bytes whole or not at all: no check first
+}
+
+void JsonConstraint::accept(int token) {
+  if (!take(token)) {
     throw std::invalid_argument("token " + std::to_string(token) + " cannot continue the JSON here");
   }
 }

@@ -40,6 +40,9 @@ class JsonConstraint {
                  const JsonSchema& schema = JsonSchema::any_object());
 
   bool allows(int token) const;
+  // Takes the token if it is allowed (one walk of its bytes, where allows() then accept() would make two);
+  // otherwise changes nothing and returns false.
+  bool take(int token);
   // Takes an allowed token (std::invalid_argument otherwise).
   void accept(int token);
   // Float32 [vocab_size]: 0 where a token is allowed, -inf elsewhere.
