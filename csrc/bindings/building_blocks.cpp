@@ -194,6 +194,9 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core, then + bias, then residual + "
       "that; upsample_2x reads x upsampled 2x (nearest) first (nn/cpu_kernels.h).");
+  m.def(
+      "cpu_loops", [] { return std::string(cpu_loops_name()); },
+      "The vector loops the CPU kernels run here: 'baseline', 'avx2' or 'avx512' (MLXRUNNER_CPU_LOOPS caps it).");
 }
 
 // Attention (nn/attention).

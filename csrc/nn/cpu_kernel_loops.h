@@ -1,6 +1,7 @@
-// The vectorisable inner loops of nn/cpu_kernels.cpp, compiled twice from nn/cpu_kernel_loops.inc: for the
-// x86-64 baseline (or any other CPU) and, on x86-64, for AVX2 + FMA (nn/cpu_kernels_avx2.cpp: 8 floats a step,
-// fma in hardware). cpu_kernels.cpp picks one at run time.
+// The vectorisable inner loops of nn/cpu_kernels.cpp, compiled from nn/cpu_kernel_loops.inc: for the x86-64
+// baseline (or any other CPU) and, on x86-64, for AVX2 + FMA (nn/cpu_kernels_avx2.cpp: 8 floats a step, fma in
+// hardware) and for AVX-512 (nn/cpu_kernels_avx512.cpp: the convolution 16 floats a step, twice AVX2's multiply-adds
+// a cycle on CPUs with two 512-bit FMA units). cpu_kernels.cpp picks one at run time.
 #pragma once
 
 #include <cstddef>
@@ -10,9 +11,8 @@ namespace mlxr::cpu_loops {
 
 // Rows that group_max and group_sum take at a time.
 constexpr std::size_t kRowGroup = 8;
-// A convolution block: this many output pixels of one row x this many output channels, its sums in 12 AVX2
-// registers (6 x 2 x 8 floats).
-constexpr int kConvPixels = 6;
+// A convolution block: Loops::conv_pixels output pixels of one row x kConvOutputs output channels, its sums in 12
+// registers: 6 pixels x 2 x 8 floats with AVX2, 12 pixels x 16 floats with AVX-512.
 constexpr int kConvOutputs = 16;
 
 struct Loops {
@@ -31,12 +31,13 @@ struct Loops {
                    float inverse_n);
   void (*norm_group)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
                      float inverse_n);  // norm_row over kRowGroup rows
-  // kConvPixels x kConvOutputs outputs of a stride-1 convolution: rows[ky] is the zero-padded input row of tap row
+  // conv_pixels x kConvOutputs outputs of a stride-1 convolution: rows[ky] is the zero-padded input row of tap row
   // ky at the block's first pixel ([pixels, channels]), panel the weights of the block's outputs [kernel, kernel,
   // channels, kConvOutputs], out the block's first output (pixels out_stride apart). Only with AVX2 + FMA: nullptr
   // in the baseline loops, whose CPUs keep the im2col-and-sgemm convolution.
   void (*conv_block)(const float* const* rows, int kernel, int channels, const float* panel, float* out,
                      int out_stride);
+  int conv_pixels;  // the output pixels conv_block takes
   // One output of a packed affine product (4- or 8-bit): sum over the row's `groups` groups of `group_size` (a
   // multiple of 8) of scale * (q . x) + bias * x_sums[g]; w is the output's row of packed words.
   float (*affine_dot_4bit)(const std::uint32_t* w, const float* scales, const float* biases, const float* x,
@@ -48,6 +49,7 @@ struct Loops {
   void (*f16_widen)(const std::uint16_t* w, float* out, int k);
   // sum of a[i] b[i] over k, a multiple of 8.
   float (*dot)(const float* a, const float* b, int k);
+  const char* name;  // "baseline", "avx2" or "avx512"
 };
 
 namespace baseline {
@@ -57,6 +59,9 @@ extern const Loops loops;
 #if defined(__x86_64__) && !defined(_MSC_VER)
 #define MLXR_AVX2_LOOPS 1
 namespace avx2 {
+extern const Loops loops;
+}
+namespace avx512 {
 extern const Loops loops;
 }
 #endif

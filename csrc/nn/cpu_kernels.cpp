@@ -8,11 +8,14 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -118,18 +121,36 @@ void on_all_cores(size_t n, size_t elements_per_item, const Work& work) {
 }  // namespace
 
 namespace cpu_loops::baseline {
+#define MLXR_LOOPS_NAME "baseline"
 #include "nn/cpu_kernel_loops.inc"
+#undef MLXR_LOOPS_NAME
 }  // namespace cpu_loops::baseline
 
 namespace {
 
-// The loops for this machine: AVX2 + FMA where the CPU has both.
+// MLXRUNNER_CPU_LOOPS caps the loops taken: "baseline", "avx2" or "avx512" (the default: the best the CPU has). To
+// compare them on one machine, and to test the baseline's im2col convolution where the CPU has AVX2.
+int loops_level_allowed() {
+  const char* value = std::getenv("MLXRUNNER_CPU_LOOPS");
+  const std::string_view level = value ? value : "";
+  if (level.empty() || level == "avx512") return 2;
+  if (level == "avx2") return 1;
+  if (level == "baseline") return 0;
+  throw std::invalid_argument("MLXRUNNER_CPU_LOOPS: expected baseline, avx2 or avx512, got '" + std::string(level) +
+                              "'");
+}
+
+// The loops for this machine: AVX-512 where the CPU has it, else AVX2 + FMA where it has both.
 const cpu_loops::Loops& loops() {
   static const cpu_loops::Loops& chosen = []() -> const cpu_loops::Loops& {
+    [[maybe_unused]] const int allowed = loops_level_allowed();
 #ifdef MLXR_AVX2_LOOPS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return cpu_loops::avx2::loops;
+    const bool avx2 = allowed >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && allowed >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+      return cpu_loops::avx512::loops;
     }
+    if (avx2) return cpu_loops::avx2::loops;
 #endif
     return cpu_loops::baseline::loops;
   }();
@@ -538,22 +559,29 @@ void convolve_in_bands(const float* src, const float* weight, const float* bias,
   });
 }
 
-// The convolution without an im2col matrix (AVX2 + FMA, output channels a multiple of kConvOutputs): for each output
-// row the `kernel` input rows it reads, zero-padded (and upsampled) into a small buffer, then blocks of kConvPixels
-// pixels x kConvOutputs channels by cpu_loops' conv_block, the weights packed once per call into panels of
-// kConvOutputs channels. Rows split over the cores. On two Zen 4 cores 73-102 GMAC/s where the im2col bands and
-// OpenBLAS made 44-89, most gained on narrow and upsampled layers (benchmarks/README.md). Each output's
-// multiply-adds run in tap order, as sgemm's do within one block of the depth: the same bits up to a few hundred deep
-// products, MLX's within float32 rounding beyond.
-bool takes_direct_convolution(const ConvShape& s) {
-  return loops().conv_block != nullptr && s.out_channels % cpu_loops::kConvOutputs == 0;
+// The convolution without an im2col matrix (AVX2 + FMA or AVX-512): for each output row the `kernel` input rows it
+// reads, zero-padded (and upsampled) into a small buffer, then blocks of conv_pixels pixels x kConvOutputs channels
+// by cpu_loops' conv_block, the weights packed once per call into panels of kConvOutputs channels (the last panel
+// padded with zero weights: a VAE's 3-channel output layer computes 16 and keeps 3, 5x the multiply-adds, where the
+// im2col bands ran a 9 x C-deep sgemm 3 wide at 4 GMAC/s). Rows split over the cores. On two Zen 4 cores 73-102 GMAC/s
+// where the im2col bands and OpenBLAS made 44-89, most gained on narrow and upsampled layers (benchmarks/README.md).
+// Each output's multiply-adds run in tap order, as sgemm's do within one block of the depth: the same bits up to a few
+// hundred deep products, MLX's within float32 rounding beyond.
+bool takes_direct_convolution(const ConvShape&) {
+  return loops().conv_block != nullptr;
 }
 
-// The weight [O, k, k, C] as panels [O / kConvOutputs][k][k][C][kConvOutputs].
+// The output channels rounded up to whole panels.
+int panelled_outputs(const ConvShape& s) {
+  constexpr int width = cpu_loops::kConvOutputs;
+  return (s.out_channels + width - 1) / width * width;
+}
+
+// The weight [O, k, k, C] as panels [O' / kConvOutputs][k][k][C][kConvOutputs], O' = panelled_outputs (zeros past O).
 std::vector<float> convolution_panels(const float* weight, const ConvShape& s) {
   constexpr int width = cpu_loops::kConvOutputs;
   const size_t taps = size_t(s.kernel) * s.kernel, depth = taps * s.channels;
-  std::vector<float> panels(depth * s.out_channels);
+  std::vector<float> panels(depth * panelled_outputs(s), 0.0f);
   for (int o = 0; o < s.out_channels; ++o) {
     for (size_t k = 0; k < depth; ++k) panels[((o / width) * depth + k) * width + o % width] = weight[o * depth + k];
   }
@@ -565,39 +593,71 @@ void padded_row(const float* src, const ConvShape& s, size_t n, int y, int colum
   for (int col = 0; col < columns; ++col, to += s.channels) read_pixel(src, s, n, y, col - s.padding, to);
 }
 
+// The padded input rows a core's output rows read, `kernel` of them in a ring: consecutive output rows share all but
+// one, so each input row is copied once per core rather than `kernel` times.
+class PaddedRowRing {
+ public:
+  PaddedRowRing(const ConvShape& s, int columns)
+      : s_(s), columns_(columns), rows_(size_t(s.kernel) * columns * s.channels), held_(s.kernel, kNone) {}
+
+  // Input row `y` of image n (as padded_row reads it), copied in if the ring does not hold it already.
+  const float* row(size_t n, int y) {
+    const int slot = ((y % s_.kernel) + s_.kernel) % s_.kernel;
+    const int64_t key = int64_t(n) * (int64_t(s_.out_rows) + 2 * s_.kernel) + y + s_.kernel;
+    float* at = rows_.data() + size_t(slot) * columns_ * s_.channels;
+    if (held_[slot] != key) {
+      padded_row(src_, s_, n, y, columns_, at);
+      held_[slot] = key;
+    }
+    return at;
+  }
+  void read_from(const float* src) { src_ = src; }
+
+ private:
+  static constexpr int64_t kNone = -1;
+  const ConvShape& s_;
+  int columns_;
+  const float* src_ = nullptr;
+  std::vector<float> rows_;
+  std::vector<int64_t> held_;
+};
+
 void convolve_direct(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
                      const ConvShape& s) {
-  constexpr int block = cpu_loops::kConvPixels, width = cpu_loops::kConvOutputs;
+  const int block = loops().conv_pixels;
+  constexpr int width = cpu_loops::kConvOutputs;
   const auto panels = convolution_panels(weight, s);
   const size_t panel_size = size_t(s.kernel) * s.kernel * s.channels * width;
   const int blocks = (s.out_cols + block - 1) / block, row_pixels = blocks * block;
-  const int padded_columns = row_pixels + s.kernel - 1;
+  const int padded_columns = row_pixels + s.kernel - 1, row_stride = panelled_outputs(s);
+  // Blocks whose pixels all lie in the row store straight into the output when it has no padded channels; the rest
+  // go to a scratch row and are copied out.
+  const int direct_blocks = row_stride == s.out_channels ? s.out_cols / block : 0;
   // on_all_cores splits from kElementsPerThread elements on: counting 64 multiply-adds as one element, from about
   // two million multiply-adds (a 32 x 32 x 16 -> 16 convolution) on.
   const size_t row_macs = size_t(s.out_cols) * s.depth() * s.out_channels;
   on_all_cores(size_t(s.batch) * s.out_rows, row_macs / 64 + 1, [&](size_t begin, size_t end) {
-    std::vector<float> inputs(size_t(s.kernel) * padded_columns * s.channels), row(size_t(row_pixels) * s.out_channels);
-    std::vector<const float*> tap_rows(s.kernel);
+    PaddedRowRing ring(s, padded_columns);
+    ring.read_from(src);
+    std::vector<float> scratch(size_t(row_pixels) * row_stride);
+    std::vector<const float*> input_rows(s.kernel), tap_rows(s.kernel);
     for (size_t r = begin; r < end; ++r) {
-      const size_t n = r / s.out_rows;
+      const size_t n = r / s.out_rows, outputs = size_t(s.out_cols) * s.out_channels;
       const int oy = int(r % s.out_rows);
-      for (int ky = 0; ky < s.kernel; ++ky) {
-        padded_row(src, s, n, oy + ky - s.padding, padded_columns,
-                   inputs.data() + size_t(ky) * padded_columns * s.channels);
-      }
-      for (int o = 0; o < s.out_channels; o += width) {
+      float* out = dst + r * outputs;
+      for (int ky = 0; ky < s.kernel; ++ky) input_rows[ky] = ring.row(n, oy + ky - s.padding);
+      for (int o = 0; o < row_stride; o += width) {
         const float* panel = panels.data() + (o / width) * panel_size;
         for (int b = 0; b < blocks; ++b) {
-          for (int ky = 0; ky < s.kernel; ++ky) {
-            tap_rows[ky] = inputs.data() + (size_t(ky) * padded_columns + size_t(b) * block) * s.channels;
-          }
-          loops().conv_block(tap_rows.data(), s.kernel, s.channels, panel,
-                             row.data() + size_t(b) * block * s.out_channels + o, s.out_channels);
+          for (int ky = 0; ky < s.kernel; ++ky) tap_rows[ky] = input_rows[ky] + size_t(b) * block * s.channels;
+          float* to = b < direct_blocks ? out : scratch.data();
+          loops().conv_block(tap_rows.data(), s.kernel, s.channels, panel, to + size_t(b) * block * row_stride + o,
+                             row_stride);
         }
       }
-      const size_t outputs = size_t(s.out_cols) * s.out_channels;
-      float* out = dst + r * outputs;
-      std::copy_n(row.data(), outputs, out);
+      for (int x = direct_blocks * block; x < s.out_cols; ++x) {
+        std::copy_n(scratch.data() + size_t(x) * row_stride, s.out_channels, out + size_t(x) * s.out_channels);
+      }
       if (bias || residual)
         add_bias_residual(out, s.out_cols, s.out_channels, bias, residual ? residual + r * outputs : nullptr);
     }
@@ -1036,6 +1096,10 @@ mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std:
   for (auto& input : inputs) input = mx::contiguous(input);
   return mx::array(x.shape(), mx::float32, std::make_shared<CpuRowNorm>(mx::default_stream(mx::Device::cpu), eps),
                    std::move(inputs));
+}
+
+const char* cpu_loops_name() {
+  return loops().name;
 }
 
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras) {

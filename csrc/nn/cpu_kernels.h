@@ -71,6 +71,9 @@ struct CpuConvExtras {
 // im2col matrix; MLX's numbers within float32 rounding). Otherwise MLX's CPU convolution's numbers bit for bit (its
 // im2col matrix times the weight by cblas_sgemm; the bands keep the product's sums), in small bands instead of one
 // side buffer 9x the input built by one thread.
+// Which loops this process's CPU kernels run: "baseline", "avx2" or "avx512" (MLXRUNNER_CPU_LOOPS caps it).
+const char* cpu_loops_name();
+
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
 // x [..., K] float32 times the transpose of a packed affine weight [N, K * bits / 32] of 4 or 8 bits with float32

@@ -17,6 +17,8 @@
 #include "nn/erf_coefficients.h"
 
 namespace mlxr::cpu_loops::avx2 {
+#define MLXR_LOOPS_NAME "avx2"
 #include "nn/cpu_kernel_loops.inc"
+#undef MLXR_LOOPS_NAME
 }  // namespace mlxr::cpu_loops::avx2
 #endif

@@ -20,6 +20,7 @@
 | idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
 | reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
 | fused kernels on CPU  |                                 | MLXRUNNER_FUSE_ON_CPU (C++ reads)| off                |
+| CPU kernel loops cap  |                                 | MLXRUNNER_CPU_LOOPS (C++ reads)  | avx512 (the best)  |
 
 Boolean variables take 1/t/true/yes/on or 0/f/false/no/off (any case); values are trimmed of spaces
 and quotes, as Ollama's envconfig does; an empty variable counts as unset. A value that does not

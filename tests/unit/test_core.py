@@ -1,6 +1,9 @@
 """mlxrunner._core: mx.array in, mx.array out, and the building blocks against NumPy."""
 
 import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -157,18 +160,59 @@ def test_flux2_latent_layouts_name_a_bad_shape(call, message):
         call()
 
 
-@pytest.mark.parametrize("shape, out_channels, kernel, padding", [
+# Run in a subprocess: the loops are chosen once per process (MLXRUNNER_CPU_LOOPS caps them).
+CONVOLVE_UNDER_LOOPS = """
+import sys
+from mlxrunner import _core  # first: MLX's matmuls on OpenBLAS, as in this process
+import mlx.core as mx
+import numpy as np
+shape, out_channels, kernel, padding = eval(sys.argv[1])
+x = mx.random.normal(shape, key=mx.random.key(5))
+weight = mx.random.normal((out_channels, kernel, kernel, shape[3]), key=mx.random.key(6))
+np.save(sys.argv[2], np.asarray(_core.conv2d_cpu(x, weight, padding)))
+print(_core.cpu_loops())
+"""
+
+
+def convolve_under_loops(loops: str, case: tuple, tmp_path) -> tuple[np.ndarray, str]:
+    out = tmp_path / f"{loops}.npy"
+    env = {**os.environ, "MLXRUNNER_CPU_LOOPS": loops}
+    ran = subprocess.run([sys.executable, "-c", CONVOLVE_UNDER_LOOPS, repr(case), str(out)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    return np.load(out), ran.stdout.strip()
+
+
+@pytest.mark.parametrize("case", [
     ((2, 17, 9, 5), 7, 3, 1), ((1, 20, 20, 8), 7, 3, 0), ((1, 8, 8, 4), 3, 1, 0),  # one product, one thread
-    ((1, 64, 48, 32), 7, 3, 1), ((1, 96, 96, 64), 24, 3, 1), ((3, 33, 31, 19), 13, 3, 1),  # bands on every core
+    ((1, 64, 48, 32), 7, 3, 1), ((3, 33, 31, 19), 13, 3, 1),  # bands on every core
     ((1, 256, 256, 32), 3, 3, 1),  # the VAE's last convolution: 3 output channels, the most bands
 ])
-def test_the_cpu_convolution_is_mlxs_own_bit_for_bit(shape, out_channels, kernel, padding):
-    """Output channels not a multiple of 16 (or a CPU without AVX2): im2col and the sgemm MLX's own convolution makes,
-    in bands of rows on every core, exactly mx.conv2d's numbers, in one product or in bands."""
+def test_the_baseline_cpu_convolution_is_mlxs_own_bit_for_bit(case, tmp_path):
+    """A CPU without AVX2 (the baseline loops): im2col and the sgemm MLX's own convolution makes, in bands of rows on
+    every core, exactly mx.conv2d's numbers, in one product or in bands."""
+    ours, loops = convolve_under_loops("baseline", case, tmp_path)
+    assert loops == "baseline"
+    shape, out_channels, kernel, padding = case
     x = mx.random.normal(shape, key=mx.random.key(5))
     weight = mx.random.normal((out_channels, kernel, kernel, shape[3]), key=mx.random.key(6))
-    ours = _core.conv2d_cpu(x, weight, padding)
-    assert mx.array_equal(ours, mx.conv2d(x, weight, (1, 1), (padding, padding))).item()
+    np.testing.assert_array_equal(ours, np.asarray(mx.conv2d(x, weight, (1, 1), (padding, padding))))
+
+
+@pytest.mark.parametrize("case", [((1, 40, 52, 64), 32, 3, 1), ((1, 64, 64, 32), 3, 3, 1), ((2, 17, 13, 5), 7, 3, 1)])
+def test_the_avx2_and_avx512_convolutions_are_the_same_bits(case, tmp_path):
+    """The AVX-512 block (12 pixels x 16 outputs) sums each output in the AVX2 block's order: the same numbers. (On a
+    CPU without AVX-512 both runs take the AVX2 loops, and this holds trivially.)"""
+    avx2, avx2_loops = convolve_under_loops("avx2", case, tmp_path)
+    best, best_loops = convolve_under_loops("avx512", case, tmp_path)
+    assert avx2_loops in ("avx2", "baseline") and best_loops in ("avx512", avx2_loops)
+    np.testing.assert_array_equal(avx2, best)
+
+
+def test_a_bad_cpu_loops_setting_is_named():
+    ran = subprocess.run([sys.executable, "-c", "from mlxrunner import _core\n_core.cpu_loops()"],
+                         env={**os.environ, "MLXRUNNER_CPU_LOOPS": "sse9"}, capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0 and "MLXRUNNER_CPU_LOOPS: expected baseline, avx2 or avx512, got 'sse9'" in ran.stderr
 
 
 def within_float32_sums(ours: mx.array, theirs: mx.array) -> None:
@@ -182,10 +226,12 @@ def within_float32_sums(ours: mx.array, theirs: mx.array) -> None:
     ((1, 8, 8, 4), 16, 3, 1),  # one block row, on one thread
     ((2, 17, 13, 5), 32, 3, 1), ((1, 20, 23, 8), 16, 3, 0), ((1, 21, 19, 6), 16, 5, 2),  # rows not a multiple of 6
     ((1, 96, 96, 64), 64, 3, 1), ((1, 32, 40, 256), 128, 3, 1),  # deep: sgemm sums those in blocks of the depth
+    ((2, 17, 9, 5), 7, 3, 1), ((1, 8, 8, 4), 3, 1, 0), ((3, 33, 31, 19), 13, 3, 1), ((1, 96, 96, 64), 24, 3, 1),
+    ((1, 256, 256, 32), 3, 3, 1),  # output channels not a multiple of 16: the last panel padded; the VAE's last conv
 ])
 def test_the_direct_cpu_convolution_is_mlxs_within_float32_rounding(shape, out_channels, kernel, padding):
-    """Output channels a multiple of 16 on an AVX2 CPU: the direct convolution (no im2col, nn/cpu_kernels.cpp),
-    each output's multiply-adds in tap order as sgemm makes them within one block of the depth."""
+    """An AVX2 or AVX-512 CPU: the direct convolution (no im2col, nn/cpu_kernels.cpp), each output's multiply-adds
+    in tap order as sgemm makes them within one block of the depth."""
     x = mx.random.normal(shape, key=mx.random.key(5))
     weight = mx.random.normal((out_channels, kernel, kernel, shape[3]), key=mx.random.key(6))
     within_float32_sums(_core.conv2d_cpu(x, weight, padding), mx.conv2d(x, weight, (1, 1), (padding, padding)))
