@@ -2,6 +2,7 @@
 // is read (and fused projections built, nn/linear.h's FusedLinear) before the first request rather than during it.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "nn/linear.h"
@@ -19,8 +20,12 @@ struct WeightList {
   WeightList& add(const Linear& layer) { return add_all(layer.arrays()); }
   WeightList& add(const FusedLinear& layer) { return add_all(layer.arrays()); }
   WeightList& add(const RMSNorm& norm) { return add(norm.weight); }
-
- private:
+  // An optional layer, array or norm: added when present.
+  template <typename T>
+  WeightList& add(const std::optional<T>& maybe) {
+    return maybe ? add(*maybe) : *this;
+  }
+  // What a larger block's own arrays() hands over (an MLP, a mixture of experts, an embedding).
   WeightList& add_all(const std::vector<mx::array>& more) {
     arrays.insert(arrays.end(), more.begin(), more.end());
     return *this;

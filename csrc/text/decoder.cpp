@@ -9,6 +9,7 @@
 #include "nn/cuda_batch_attention.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
+#include "nn/weight_list.h"
 
 namespace mlxr {
 
@@ -421,26 +422,19 @@ bool Decoder::can_batch() const {
 }
 
 void Decoder::eval_weights() const {
+  // Layer by layer: each layer's separate checkpoint arrays can go once its fused projections are built.
   for (const auto& layer : layers_) {
-    std::vector<mx::array> arrays{layer.input_norm.weight, layer.post_attention_norm.weight};
-    for (const auto& part :
-         {layer.qkv_proj.arrays(), layer.o_proj.arrays(), layer.mla ? layer.mla->arrays() : std::vector<mx::array>{},
-          layer.moe ? layer.moe->arrays() : layer.mlp->arrays()}) {
-      arrays.insert(arrays.end(), part.begin(), part.end());
-    }
-    for (const auto& norm : {layer.q_norm, layer.k_norm, layer.pre_feedforward_norm, layer.post_feedforward_norm}) {
-      if (norm) arrays.push_back(norm->weight);
-    }
-    if (layer.sinks) arrays.push_back(*layer.sinks);
-    mx::eval(arrays);
+    WeightList weights;
+    weights.add(layer.input_norm).add(layer.post_attention_norm).add(layer.qkv_proj).add(layer.o_proj);
+    if (layer.mla) weights.add_all(layer.mla->arrays());
+    weights.add_all(layer.moe ? layer.moe->arrays() : layer.mlp->arrays());
+    weights.add(layer.q_norm).add(layer.k_norm).add(layer.pre_feedforward_norm).add(layer.post_feedforward_norm);
+    weights.add(layer.sinks);
+    mx::eval(weights.arrays);
   }
-  auto rest = embed_tokens_.arrays();
-  rest.push_back(norm_.weight);
-  if (lm_head_) {
-    auto head = lm_head_->arrays();
-    rest.insert(rest.end(), head.begin(), head.end());
-  }
-  mx::eval(rest);
+  WeightList rest;
+  rest.add_all(embed_tokens_.arrays()).add(norm_).add(lm_head_);
+  mx::eval(rest.arrays);
 }
 
 namespace {
