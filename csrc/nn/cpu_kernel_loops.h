@@ -49,6 +49,10 @@ struct Loops {
   void (*f16_widen)(const std::uint16_t* w, float* out, int k);
   // sum of a[i] b[i] over k, a multiple of 8.
   float (*dot)(const float* a, const float* b, int k);
+  // The largest of n floats (no NaN), in vector lanes: the same value as row_max, without its one-compare chain.
+  float (*wide_max)(const float* in, int n);
+  // out = MLX's exp(in - shift), returning the sum of out summed in vector lanes (not MLX's index order).
+  float (*exp_shifted_sum)(const float* in, float* out, int n, float shift);
   const char* name;  // "baseline", "avx2" or "avx512"
 };
 

@@ -693,14 +693,15 @@ BlasOperand as_matmul_passes(const float* m, int rows, int cols, int64_t row_str
 }
 
 struct AttentionScratch {
-  std::vector<float> scaled_q, scores, k_copy, v_copy;
+  std::vector<float> scaled_q, scores, k_copy, v_copy, out_rows, sums;
 };
 
 // softmax(scale q k^T) v for one query head, as MLX's CPU attention computes it (mlx/fast.cpp's fallback, its
 // products by cblas_sgemm as mx::matmul calls it): q times the scale first, the scores q k^T, the softmax of each
-// row (masked keys the lowest float), then the scores times v into out's rows (`out_row_stride` apart).
-void attend_one_head(const float* q, const float* k, const float* v, const bool* keep, float* out,
-                     int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
+// row (masked keys the lowest float), then the scores times v into out's rows (`out_row_stride` apart). The
+// baseline loops' attention: MLX's numbers bit for bit.
+void attend_one_head_as_mlx(const float* q, const float* k, const float* v, const bool* keep, float* out,
+                            int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
   const int queries = s.queries;
   scratch.scaled_q.resize(size_t(queries) * s.depth);
   scratch.scores.resize(size_t(queries) * s.keys);
@@ -717,6 +718,110 @@ void attend_one_head(const float* q, const float* k, const float* v, const bool*
   const auto values = as_matmul_passes(v, s.keys, s.value_depth, s.v_strides[2], s.v_strides[3], scratch.v_copy);
   cblas_sgemm(kRowMajor, kNoTrans, values.transposed ? kTrans : kNoTrans, queries, s.value_depth, s.keys, 1.0f, scores,
               s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));
+}
+
+int round_up_to(int n, int multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// `buffer` sized for n floats from a 64-byte boundary, zeroed: the block kernels' 16-float weight loads then never
+// straddle two cache lines (~8 % of their speed). Returns that first float.
+float* zeroed_cache_aligned(std::vector<float>& buffer, size_t n) {
+  buffer.assign(n + 16, 0.0f);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
+// exp(x - max(x)) over the first n of each of `count` rows (`stride` apart), in place, keys not kept (keep[j] false)
+// first set to the lowest float; sums[r] the row's sum of those: the softmax less its division, each row's max and
+// sum in vector lanes.
+void exp_rows(float* x, size_t count, int n, size_t stride, const bool* keep, float* sums) {
+  for (size_t r = 0; r < count; ++r) {
+    float* row = x + r * stride;
+    if (keep) {
+      for (int j = 0; j < n; ++j) row[j] = keep[j] ? row[j] : std::numeric_limits<float>::lowest();
+    }
+    sums[r] = loops().exp_shifted_sum(row, row, n, loops().wide_max(row, n));
+  }
+}
+
+// Query rows the direct attention takes at a time: their scores stay in the core's L2 cache from the product that
+// makes them to the product that reads them.
+constexpr int kAttentionQueryBand = 48;
+
+// The same attention where the loops have the convolution's block kernel (AVX2 or AVX-512), both products by it (a
+// 1 x 1 convolution): OpenBLAS spent most of a DiT head's time packing and blocking products this narrow (64 deep
+// for the scores, 64 wide for the output; ~60 GMAC/s on one core against ~100 for large ones), and a whole head's
+// scores left the cache (an 800-token head's are 2.5 MB). k goes once into panels of 16 keys [keys'/16][D][16] and
+// v into panels of 16 value columns [Dv'/16][keys'][16] (keys' and Dv' rounded up to 16, zeros past the end);
+// queries go in bands of kAttentionQueryBand rows whose scores are made, exponentiated (one pass for the max, one
+// for exp and the sum) and multiplied by v while in the cache, each output row divided by its sum at the end.
+// Each score sums its D products in order and each output its keys' in order: within float32 rounding of MLX's
+// numbers, not their bits (MLXRUNNER_CPU_LOOPS=baseline keeps MLX's path).
+void attend_one_head_direct(const float* q, const float* k, const float* v, const bool* keep, float* out,
+                            int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
+  constexpr int width = cpu_loops::kConvOutputs;
+  const int block = loops().conv_pixels, depth = s.depth;
+  const int keys = round_up_to(s.keys, width), values_width = round_up_to(s.value_depth, width);
+  const int band = round_up_to(std::min(s.queries, kAttentionQueryBand), block);
+  float* key_panels = zeroed_cache_aligned(scratch.k_copy, size_t(keys) * depth);
+  for (int j = 0; j < s.keys; ++j) {
+    for (int d = 0; d < depth; ++d) {
+      key_panels[(size_t(j / width) * depth + d) * width + j % width] = k[j * s.k_strides[2] + d * s.k_strides[3]];
+    }
+  }
+  float* value_panels = zeroed_cache_aligned(scratch.v_copy, size_t(values_width) * keys);
+  for (int j = 0; j < s.keys; ++j) {
+    for (int e = 0; e < s.value_depth; ++e) {
+      value_panels[(size_t(e / width) * keys + j) * width + e % width] = v[j * s.v_strides[2] + e * s.v_strides[3]];
+    }
+  }
+  scratch.scaled_q.assign(size_t(band) * depth, 0.0f);
+  scratch.scores.assign(size_t(band) * keys, 0.0f);
+  scratch.out_rows.resize(size_t(band) * values_width);
+  scratch.sums.resize(band);
+  float *scaled = scratch.scaled_q.data(), *scores = scratch.scores.data(), *rows_out = scratch.out_rows.data();
+  for (int first = 0; first < s.queries; first += band) {
+    const int count = std::min(band, s.queries - first), padded = round_up_to(count, block);
+    for (int i = 0; i < count; ++i) {
+      for (int d = 0; d < depth; ++d) {
+        scaled[size_t(i) * depth + d] = s.scale * q[(first + i) * s.q_strides[2] + d * s.q_strides[3]];
+      }
+    }
+    std::fill(scaled + size_t(count) * depth, scaled + size_t(padded) * depth, 0.0f);  // rows past the queries
+    for (int b = 0; b < padded; b += block) {
+      const float* queries_in = scaled + size_t(b) * depth;
+      for (int o = 0; o < keys; o += width) {
+        loops().conv_block(&queries_in, 1, depth, key_panels + size_t(o) * depth, scores + size_t(b) * keys + o, keys);
+      }
+    }
+    exp_rows(scores, count, s.keys, keys, keep, scratch.sums.data());
+    for (int i = 0; i < padded; ++i) {  // the padded keys' (and padded rows') weights: zero
+      std::fill(scores + size_t(i) * keys + (i < count ? s.keys : 0), scores + size_t(i + 1) * keys, 0.0f);
+    }
+    for (int b = 0; b < padded; b += block) {
+      const float* weights_in = scores + size_t(b) * keys;
+      for (int e = 0; e < values_width; e += width) {
+        loops().conv_block(&weights_in, 1, keys, value_panels + size_t(e) * keys,
+                           rows_out + size_t(b) * values_width + e, values_width);
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const float inverse = 1.0f / scratch.sums[i];
+      const float* row = rows_out + size_t(i) * values_width;
+      float* to = out + (first + i) * out_row_stride;
+      for (int e = 0; e < s.value_depth; ++e) to[e] = row[e] * inverse;
+    }
+  }
+}
+
+void attend_one_head(const float* q, const float* k, const float* v, const bool* keep, float* out,
+                     int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
+  if (loops().conv_block != nullptr) {
+    attend_one_head_direct(q, k, v, keep, out, out_row_stride, s, scratch);
+  } else {
+    attend_one_head_as_mlx(q, k, v, keep, out, out_row_stride, s, scratch);
+  }
 }
 
 // Every (batch, query head) on its own core's thread, one BLAS thread each: the scores stay in that core's cache
