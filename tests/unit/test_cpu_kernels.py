@@ -39,7 +39,7 @@ def same_bits(a, b) -> bool:
 def attention_matches_mlx(ours, theirs) -> bool:
     """Our CPU attention against MLX's. The baseline loops run MLX's own products and softmax: the same bits. The AVX2
     and AVX-512 loops run their block kernel (sums in another order, the softmax divided after the product): MLX's
-    numbers within float32 rounding. test_attention_under_the_baseline_loops runs these tests under the baseline."""
+    numbers within float32 rounding. test_attention_under_other_loops runs these tests under the other loops."""
     if _core.cpu_loops() == "baseline":
         return same_bits(ours, theirs)
     ours, theirs = np.asarray(ours), np.asarray(theirs)
@@ -279,12 +279,13 @@ def test_attention_at_any_key_length_is_mlxs_on_one_blas_thread(heads, length):
     assert attention_matches_mlx(ours, mlx_on_one_thread)
 
 
-def test_attention_under_the_baseline_loops():
-    """The attention tests above in a process held to the baseline loops (MLXRUNNER_CPU_LOOPS=baseline): there our
-    attention is MLX's numbers bit for bit, on a CPU with AVX2 or AVX-512 too."""
-    selected = "attention and not under_the_baseline_loops"
+@pytest.mark.parametrize("loops", ["baseline", "avx2"])
+def test_attention_under_other_loops(loops):
+    """The attention tests above in a process held to other loops (MLXRUNNER_CPU_LOOPS): the baseline's, where our
+    attention is MLX's numbers bit for bit, and AVX2's block kernel (6 query rows a block) on an AVX-512 CPU. On a CPU
+    without AVX2 the second run is the baseline's again."""
+    selected = "attention and not under_other_loops"
     ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
-                         env={**os.environ, "MLXRUNNER_CPU_LOOPS": "baseline"}, capture_output=True, text=True,
-                         timeout=600)
+                         env={**os.environ, "MLXRUNNER_CPU_LOOPS": loops}, capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]
     assert " passed" in ran.stdout and " failed" not in ran.stdout
