@@ -195,6 +195,27 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
       "The CPU's stride-1 conv2d (x NHWC float32, weight [O, k, k, I]) on every core, then + bias, then residual + "
       "that; upsample_2x reads x upsampled 2x (nearest) first (nn/cpu_kernels.h).");
   m.def(
+      "head_norm_rope_cpu",
+      [](const mx::array& x, std::optional<mx::array> norm_weight, float eps, const mx::array& cos,
+         const mx::array& sin) { return evaluated(head_norm_rope_cpu(x, norm_weight, eps, cos, sin)); },
+      "x"_a, "norm_weight"_a, "eps"_a, "cos"_a, "sin"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "A DiT's per-head RMSNorm (norm_weight None: none) then RoPE on (even, odd) pairs, x [B, T, H, D] float32 on the "
+      "CPU, cos and sin [1 or B, T, 1, D/2] (nn/cpu_kernels.h).");
+  m.def(
+      "scaled_rms_norm_cpu",
+      [](const mx::array& x, const mx::array& norm_weight, float eps, const mx::array& scale) {
+        return evaluated(scaled_rms_norm_cpu(x, norm_weight, eps, scale));
+      },
+      "x"_a, "norm_weight"_a, "eps"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "rms_norm(x) * scale, x [B, T, N] float32 on the CPU, scale [B, 1, N] (nn/cpu_kernels.h).");
+  m.def(
+      "gated_residual_cpu",
+      [](const mx::array& x, const mx::array& a, const mx::array& norm_weight, float eps, const mx::array& gate) {
+        return evaluated(gated_residual_cpu(x, a, norm_weight, eps, gate));
+      },
+      "x"_a, "a"_a, "norm_weight"_a, "eps"_a, "gate"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x + gate * rms_norm(a), x and a [B, T, N] float32 on the CPU, gate [B, 1, N] (nn/cpu_kernels.h).");
+  m.def(
       "cpu_loops", [] { return std::string(cpu_loops_name()); },
       "The vector loops the CPU kernels run here: 'baseline', 'avx2' or 'avx512' (MLXRUNNER_CPU_LOOPS caps it).");
 }

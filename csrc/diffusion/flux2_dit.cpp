@@ -6,6 +6,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cpu_kernels.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/slicing.h"
 #include "nn/weight_list.h"
@@ -100,11 +101,17 @@ mx::array swiglu(const mx::array& u) {
 }
 
 // Queries or keys [B, T, H, D]: per-head RMSNorm, then RoPE by the table rows [first, first + T). One kernel on
-// CUDA; nothing elsewhere (the callers then run MLX's operations over the whole joint sequence).
+// CUDA and on the CPU (float32); nothing elsewhere (the callers then run MLX's operations over the whole joint
+// sequence).
 std::optional<mx::array> fused_rotated_heads(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope,
                                              int first) {
   const int last = first + x.shape(1);
-  return cuda_head_norm_rope_pairs(x, norm, axis_slice(rope.cos, 1, first, last), axis_slice(rope.sin, 1, first, last));
+  auto cos = axis_slice(rope.cos, 1, first, last), sin = axis_slice(rope.sin, 1, first, last);
+  if (auto fused = cuda_head_norm_rope_pairs(x, norm, cos, sin)) return fused;
+  if (on_cpu_kernels(x) && norm.weight.dtype() == mx::float32 && cos.dtype() == mx::float32) {
+    return head_norm_rope_cpu(x, norm.weight, norm.eps, cos, sin);
+  }
+  return std::nullopt;
 }
 
 // The text's queries (or keys) then the image's, each normed by its own stream's norm, rotated over the joint

@@ -6,6 +6,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cpu_kernels.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/weight_list.h"
 
@@ -70,24 +71,41 @@ mx::array pad_rows(const mx::array& x, int length) {
   return mx::pad(x, {{0, 0}, {0, length - x.shape(1)}, {0, 0}});
 }
 
-// Per-head RMSNorm (when the block has one), then RoPE: [B, T, H, D] -> heads first. One kernel on CUDA.
+// Per-head RMSNorm (when the block has one), then RoPE: [B, T, H, D] -> heads first. One kernel on CUDA and on the
+// CPU (float32).
 mx::array rotated_heads(const mx::array& x, const std::optional<RMSNorm>& norm, const RopeTable& rope) {
   if (auto fused = cuda_head_norm_rope_pairs(x, norm, rope.cos, rope.sin)) return heads_first(*fused);
+  if (on_cpu_kernels(x) && (!norm || norm->weight.dtype() == mx::float32)) {
+    return heads_first(head_norm_rope_cpu(x, norm ? std::optional(norm->weight) : std::nullopt, norm ? norm->eps : 0.0f,
+                                          rope.cos, rope.sin));
+  }
   return heads_first(apply_rope_pairs(norm ? (*norm)(x) : x, rope));
 }
 
-// norm(x) * scale: a modulated block's input. One kernel on CUDA.
+// Whether the CPU's modulated-norm kernels take x with this norm and per-batch vector (float32 throughout).
+bool modulated_norm_on_cpu(const mx::array& x, const RMSNorm& norm, const mx::array& vector) {
+  return on_cpu_kernels(x) && x.ndim() == 3 && norm.weight.dtype() == mx::float32 && vector.dtype() == mx::float32 &&
+         vector.shape() == mx::Shape{x.shape(0), 1, x.shape(2)};
+}
+
+// norm(x) * scale: a modulated block's input. One kernel on CUDA and on the CPU.
 mx::array scaled_norm(const RMSNorm& norm, const mx::array& x, const mx::array& scale) {
   if (auto fused = cuda_scaled_rms_norm(x, norm, scale)) return *fused;
+  if (modulated_norm_on_cpu(x, norm, scale)) return scaled_rms_norm_cpu(x, norm.weight, norm.eps, scale);
   return mx::multiply(norm(x), scale);
 }
 
 // x + gate * a_norm(a), the sandwich-normed residual, and with `next` also next.norm of that sum times next.scale
-// (the FFN's modulated input). One kernel on CUDA.
+// (the FFN's modulated input). One kernel on CUDA; two on the CPU.
 std::pair<mx::array, std::optional<mx::array>> gated_residual(const mx::array& x, const mx::array& a,
                                                               const RMSNorm& a_norm, const mx::array& gate,
                                                               const std::optional<NextNorm>& next) {
   if (auto fused = cuda_gated_residual(x, a, a_norm, gate, next)) return *fused;
+  if (modulated_norm_on_cpu(x, a_norm, gate) && a.dtype() == mx::float32) {
+    auto h = gated_residual_cpu(x, a, a_norm.weight, a_norm.eps, gate);
+    if (!next) return {h, std::nullopt};
+    return {h, scaled_norm(next->norm, h, next->scale)};
+  }
   auto h = mx::add(x, mx::multiply(gate, a_norm(a)));
   if (!next) return {h, std::nullopt};
   return {h, mx::multiply(next->norm(h), next->scale)};

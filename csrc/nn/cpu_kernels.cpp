@@ -881,6 +881,118 @@ class CpuAttention : public CpuKernel {
   float scale_;
 };
 
+// RMSNorm of `rows` rows of n floats (n apart) into out, kRowGroup rows at a time where it can (norm_group: the same
+// bits as norm_row).
+void rms_norm_rows(const float* in, float* out, size_t rows, int n, const float* weight, float eps) {
+  const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
+  size_t r = 0;
+  for (; r + cpu_loops::kRowGroup <= rows; r += cpu_loops::kRowGroup)
+    loops().norm_group(in + r * n, out + r * n, n, weight, nullptr, eps, inverse_n);
+  for (; r < rows; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, nullptr, eps, inverse_n);
+}
+
+// head_norm_rope_cpu (nn/cpu_kernels.h). Inputs: x (its view: token rows `token_stride` apart), then the norm's
+// weight when there is one, cos, sin.
+class CpuHeadNormRope : public CpuKernel {
+ public:
+  CpuHeadNormRope(mx::Stream stream, float eps, bool normed) : CpuKernel(stream), eps_(eps), normed_(normed) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const auto& x = inputs[0];
+    const auto &cos = inputs[inputs.size() - 2], &sin = inputs.back();
+    const int batch = x.shape(0), tokens = x.shape(1), heads = x.shape(2), depth = x.shape(3);
+    const int64_t batch_stride = x.strides()[0], token_stride = x.strides()[1];
+    const bool table_per_batch = cos.shape(0) > 1;
+    const float* weight = normed_ ? inputs[1].data<float>() : nullptr;
+    dispatch(inputs, out,
+             [src = x.data<float>(), weight, cos = cos.data<float>(), sin = sin.data<float>(), dst = out.data<float>(),
+              batch, tokens, heads, depth, batch_stride, token_stride, table_per_batch, eps = eps_] {
+               const int half = depth / 2, row = heads * depth;
+               on_all_cores(size_t(batch) * tokens, row, [&](size_t begin, size_t end) {
+                 std::vector<float> normed(row);
+                 for (size_t bt = begin; bt < end; ++bt) {
+                   const size_t b = bt / tokens, t = bt % tokens;
+                   const float* in = src + b * batch_stride + t * token_stride;
+                   if (weight) {
+                     rms_norm_rows(in, normed.data(), heads, depth, weight, eps);
+                     in = normed.data();
+                   }
+                   const size_t table = ((table_per_batch ? b : 0) * tokens + t) * half;
+                   float* to = dst + bt * row;
+                   for (int h = 0; h < heads; ++h) {
+                     for (int i = 0; i < half; ++i) {
+                       const float x0 = in[h * depth + 2 * i], x1 = in[h * depth + 2 * i + 1];
+                       const float c = cos[table + i], s = sin[table + i];
+                       to[h * depth + 2 * i] = x0 * c + x1 * -s;
+                       to[h * depth + 2 * i + 1] = x0 * s + x1 * c;
+                     }
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuHeadNormRope)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuHeadNormRope&>(other);
+    return eps_ == o.eps_ && normed_ == o.normed_;
+  }
+
+ private:
+  float eps_;
+  bool normed_;
+};
+
+// scaled_rms_norm_cpu and gated_residual_cpu (nn/cpu_kernels.h): inputs x, [a,] the norm's weight, then the per-batch
+// vector (scale or gate) [B, 1, N]; rows of N.
+class CpuModulatedNorm : public CpuKernel {
+ public:
+  CpuModulatedNorm(mx::Stream stream, float eps, bool residual) : CpuKernel(stream), eps_(eps), residual_(residual) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const auto& x = inputs[0];
+    const int n = x.shape(-1), tokens = x.shape(1);
+    const float* normed_in = (residual_ ? inputs[1] : x).data<float>();
+    dispatch(inputs, out,
+             [x = x.data<float>(), normed_in, weight = inputs[inputs.size() - 2].data<float>(),
+              vector = inputs.back().data<float>(), dst = out.data<float>(), rows = x.size() / n, n, tokens, eps = eps_,
+              residual = residual_] {
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 constexpr size_t group = cpu_loops::kRowGroup;
+                 std::vector<float> normed(group * n);
+                 for (size_t first = begin; first < end; first += group) {
+                   const size_t count = std::min(group, end - first);
+                   rms_norm_rows(normed_in + first * n, normed.data(), count, n, weight, eps);
+                   for (size_t r = 0; r < count; ++r) {
+                     const size_t row = first + r;
+                     const float* v = vector + row / tokens * n;  // the row's batch element's scale or gate
+                     const float* in = normed.data() + r * n;
+                     float* to = dst + row * n;
+                     if (residual) {
+                       const float* base = x + row * n;
+                       for (int j = 0; j < n; ++j) to[j] = base[j] + v[j] * in[j];  // x + gate * norm(a)
+                     } else {
+                       for (int j = 0; j < n; ++j) to[j] = in[j] * v[j];  // norm(x) * scale
+                     }
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuModulatedNorm)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuModulatedNorm&>(other);
+    return eps_ == o.eps_ && residual_ == o.residual_;
+  }
+
+ private:
+  float eps_;
+  bool residual_;
+};
+
 class CpuConv2d : public CpuKernel {
  public:
   CpuConv2d(mx::Stream stream, int padding, bool has_bias, bool has_residual, bool upsample_2x)
@@ -1201,6 +1313,55 @@ mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std:
   for (auto& input : inputs) input = mx::contiguous(input);
   return mx::array(x.shape(), mx::float32, std::make_shared<CpuRowNorm>(mx::default_stream(mx::Device::cpu), eps),
                    std::move(inputs));
+}
+
+mx::array head_norm_rope_cpu(const mx::array& x, const std::optional<mx::array>& norm_weight, float eps,
+                             const mx::array& cos, const mx::array& sin) {
+  const int half = x.ndim() == 4 ? x.shape(3) / 2 : 0;
+  const bool table_fits = cos.ndim() == 4 && cos.shape() == sin.shape() && cos.dtype() == mx::float32 &&
+                          sin.dtype() == mx::float32 && (cos.shape(0) == 1 || cos.shape(0) == x.shape(0)) &&
+                          cos.shape(1) == x.shape(1) && cos.shape(2) == 1 && cos.shape(3) == half;
+  if (x.ndim() != 4 || x.shape(3) % 2 != 0 || !table_fits ||
+      (norm_weight && (norm_weight->dtype() != mx::float32 || norm_weight->size() != size_t(x.shape(3))))) {
+    throw std::invalid_argument("head_norm_rope_cpu: x [B, T, H, D] (D even), cos and sin [1 or B, T, 1, D/2] float32");
+  }
+  // Heads adjacent and each head's D contiguous: the fused projection's column view as it is; else a copy.
+  auto view = x.strides()[3] == 1 && x.strides()[2] == x.shape(3) ? x : mx::contiguous(x);
+  std::vector<mx::array> inputs{view};
+  if (norm_weight) inputs.push_back(*norm_weight);
+  inputs.push_back(mx::contiguous(cos));
+  inputs.push_back(mx::contiguous(sin));
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuHeadNormRope>(mx::default_stream(mx::Device::cpu), eps, norm_weight.has_value()),
+                   std::move(inputs));
+}
+
+namespace {
+
+mx::array modulated_norm_cpu(const mx::array& x, const std::optional<mx::array>& a, const mx::array& norm_weight,
+                             float eps, const mx::array& vector, const char* name) {
+  const bool fits = x.ndim() == 3 && (!a || a->shape() == x.shape()) && norm_weight.dtype() == mx::float32 &&
+                    norm_weight.size() == size_t(x.shape(2)) && vector.dtype() == mx::float32 &&
+                    vector.shape() == mx::Shape{x.shape(0), 1, x.shape(2)};
+  if (!fits) throw std::invalid_argument(std::string(name) + ": x [B, T, N], weight [N], the vector [B, 1, N] float32");
+  std::vector<mx::array> inputs{mx::contiguous(x)};
+  if (a) inputs.push_back(mx::contiguous(*a));
+  inputs.push_back(mx::contiguous(norm_weight));
+  inputs.push_back(mx::contiguous(vector));
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuModulatedNorm>(mx::default_stream(mx::Device::cpu), eps, a.has_value()),
+                   std::move(inputs));
+}
+
+}  // namespace
+
+mx::array scaled_rms_norm_cpu(const mx::array& x, const mx::array& norm_weight, float eps, const mx::array& scale) {
+  return modulated_norm_cpu(x, std::nullopt, norm_weight, eps, scale, "scaled_rms_norm_cpu");
+}
+
+mx::array gated_residual_cpu(const mx::array& x, const mx::array& a, const mx::array& norm_weight, float eps,
+                             const mx::array& gate) {
+  return modulated_norm_cpu(x, a, norm_weight, eps, gate, "gated_residual_cpu");
 }
 
 const char* cpu_loops_name() {

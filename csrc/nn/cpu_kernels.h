@@ -31,10 +31,12 @@ mx::array softmax_last_axis(const mx::array& x);
 mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_allowed);
 
 // softmax(scale q k^T) v for q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] float32 on the CPU (Hq a multiple of Hkv),
-// the keys that `keys_allowed` [1 or B, Lk] (bools) does not keep masked out: MLX's CPU attention (mlx/fast.cpp's
-// fallback with the products mx::matmul makes) computed head by head, each head on one core with one BLAS thread.
-// Bit for bit MLX's with OpenBLAS on one thread; with OpenBLAS on several, wherever its threaded driver blocks the
-// key axis as its one-thread driver does (every length tested up to 333 and the multiples of 32, not 500).
+// the keys that `keys_allowed` [1 or B, Lk] (bools) does not keep masked out, head by head, each head on one core.
+// With the AVX2 or AVX-512 loops both products run on the convolution's block kernel, in bands of queries: MLX's
+// numbers within float32 rounding. With the baseline loops, MLX's CPU attention (mlx/fast.cpp's fallback with the
+// products mx::matmul makes) with one BLAS thread a head: bit for bit MLX's with OpenBLAS on one thread; with
+// OpenBLAS on several, wherever its threaded driver blocks the key axis as its one-thread driver does (every length
+// tested up to 333 and the multiples of 32, not 500).
 // Returns the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] array.
 mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                         const std::optional<mx::array>& keys_allowed);
@@ -67,14 +69,27 @@ struct CpuConvExtras {
 };
 
 // A stride-1 convolution, x [N, H, W, C] float32 and a square weight [O, k, k, C] float32 -> [N, Ho, Wo, O] with
-// `padding` zeros on every side, on every core. O a multiple of 16 on an AVX2 + FMA CPU: a direct convolution (no
-// im2col matrix; MLX's numbers within float32 rounding). Otherwise MLX's CPU convolution's numbers bit for bit (its
-// im2col matrix times the weight by cblas_sgemm; the bands keep the product's sums), in small bands instead of one
-// side buffer 9x the input built by one thread.
+// `padding` zeros on every side, on every core. With the AVX2 or AVX-512 loops: a direct convolution (no im2col
+// matrix; MLX's numbers within float32 rounding). With the baseline loops, MLX's CPU convolution's numbers bit for
+// bit (its im2col matrix times the weight by cblas_sgemm; the bands keep the product's sums), in small bands instead
+// of one side buffer 9x the input built by one thread.
+mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
+
 // Which loops this process's CPU kernels run: "baseline", "avx2" or "avx512" (MLXRUNNER_CPU_LOOPS caps it).
 const char* cpu_loops_name();
 
-mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
+// The DiT blocks' row work on every core, one pass each, bit for bit the op-by-op graphs they replace (MLX runs
+// those element-wise ops on one thread, through strided broadcast views for RoPE); float32 on the CPU only.
+// RMSNorm over each head (when `norm_weight` is given) then RoPE on its (even, odd) pairs, x [B, T, H, D] with the
+// last axis contiguous and the heads adjacent (a fused projection's column range), cos and sin [1 or B, T, 1, D/2]:
+// out [B, T, H, D] row-contiguous, pair i of a head (x0 cos - x1 sin, x0 sin + x1 cos) as nn/rope.cpp's graph makes.
+mx::array head_norm_rope_cpu(const mx::array& x, const std::optional<mx::array>& norm_weight, float eps,
+                             const mx::array& cos, const mx::array& sin);
+// rms_norm(x) * scale, x [B, T, N], scale [B, 1, N].
+mx::array scaled_rms_norm_cpu(const mx::array& x, const mx::array& norm_weight, float eps, const mx::array& scale);
+// x + gate * rms_norm(a), x and a [B, T, N], gate [B, 1, N].
+mx::array gated_residual_cpu(const mx::array& x, const mx::array& a, const mx::array& norm_weight, float eps,
+                             const mx::array& gate);
 
 // x [..., K] float32 times the transpose of a packed affine weight [N, K * bits / 32] of 4 or 8 bits with float32
 // scales and biases [N, K / group_size] (group_size a multiple of 8), for the few rows of a decode step: MLX 0.32's

@@ -279,6 +279,48 @@ def test_attention_at_any_key_length_is_mlxs_on_one_blas_thread(heads, length):
     assert attention_matches_mlx(ours, mlx_on_one_thread)
 
 
+def rope_pairs_graph(x, cos, sin):
+    """nn/rope.cpp's graph on the CPU: each (even, odd) pair times stack(cos, sin) and stack(-sin, cos), added."""
+    b, t, h, d = x.shape
+    pairs = x.reshape(b, t, h, d // 2, 2)
+    x0, x1 = pairs[..., 0:1], pairs[..., 1:2]
+    with_x0, with_x1 = mx.stack([cos, sin], -1), mx.stack([-sin, cos], -1)
+    return (x0 * with_x0 + x1 * with_x1).reshape(b, t, h, d)
+
+
+@pytest.mark.parametrize("batch, tokens, heads, depth, table_rows, normed", [
+    (1, 37, 8, 64, 1, True), (2, 20, 3, 16, 2, True), (2, 9, 30, 128, 1, False), (1, 5, 1, 8, 1, True),
+])
+def test_head_norm_and_rope_is_the_graph_bit_for_bit(batch, tokens, heads, depth, table_rows, normed):
+    """The DiT's per-head RMSNorm then RoPE in one pass: the op-by-op graph's numbers, reading q (or k) as the column
+    view of a fused q|k|v projection's output it is."""
+    dim = heads * depth
+    fused = random((batch, tokens, 3 * dim), seed=40)
+    q = fused[..., dim:2 * dim].reshape(batch, tokens, heads, depth)  # k's columns: a strided view
+    table = (table_rows, tokens, 1, depth // 2)
+    cos, sin = random(table, seed=41), random(table, seed=42)
+    weight = random((depth,), seed=43) if normed else None
+    normed_q = mx.fast.rms_norm(q, weight, 1e-5) if normed else q
+    assert same_bits(_core.head_norm_rope_cpu(q, weight, 1e-5, cos, sin), rope_pairs_graph(normed_q, cos, sin))
+
+
+@pytest.mark.parametrize("batch, tokens, n", [(1, 288, 512), (2, 13, 40), (3, 1, 8)])
+def test_modulated_norms_are_the_graphs_bit_for_bit(batch, tokens, n):
+    """A modulated block's input norm(x) * scale and its residual x + gate * norm(a), one pass each on every core."""
+    x, a = random((batch, tokens, n), seed=44), random((batch, tokens, n), scale=3.0, seed=45)
+    weight, vector = random((n,), seed=46), random((batch, 1, n), seed=47)
+    assert same_bits(_core.scaled_rms_norm_cpu(x, weight, 1e-6, vector), mx.fast.rms_norm(x, weight, 1e-6) * vector)
+    assert same_bits(_core.gated_residual_cpu(x, a, weight, 1e-6, vector),
+                     x + vector * mx.fast.rms_norm(a, weight, 1e-6))
+
+
+def test_dit_row_kernels_name_a_bad_shape():
+    with pytest.raises(ValueError, match=r"x \[B, T, H, D\] \(D even\)"):
+        _core.head_norm_rope_cpu(mx.zeros((1, 4, 2, 7)), None, 1e-5, mx.zeros((1, 4, 1, 3)), mx.zeros((1, 4, 1, 3)))
+    with pytest.raises(ValueError, match=r"the vector \[B, 1, N\]"):
+        _core.scaled_rms_norm_cpu(mx.zeros((2, 3, 8)), mx.ones((8,)), 1e-6, mx.ones((1, 1, 8)))
+
+
 @pytest.mark.parametrize("loops", ["baseline", "avx2"])
 def test_attention_under_other_loops(loops):
     """The attention tests above in a process held to other loops (MLXRUNNER_CPU_LOOPS): the baseline's, where our
