@@ -216,6 +216,10 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
       "x"_a, "a"_a, "norm_weight"_a, "eps"_a, "gate"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x + gate * rms_norm(a), x and a [B, T, N] float32 on the CPU, gate [B, 1, N] (nn/cpu_kernels.h).");
   m.def(
+      "bias_add_cpu", [](const mx::array& y, const mx::array& bias) { return evaluated(bias_add_cpu(y, bias)); },
+      "y"_a, "bias"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "y + bias over y's last axis, float32 on the CPU, on every core (a Linear's bias; nn/cpu_kernels.h).");
+  m.def(
       "cpu_loops", [] { return std::string(cpu_loops_name()); },
       "The vector loops the CPU kernels run here: 'baseline', 'avx2' or 'avx512' (MLXRUNNER_CPU_LOOPS caps it).");
 }

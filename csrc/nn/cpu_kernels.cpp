@@ -790,8 +790,8 @@ void attend_one_head_direct(const float* q, const float* k, const float* v, cons
       std::fill(to + count, to + width, 0.0f);
     }
   }
-  scratch.scaled_q.assign(size_t(band) * depth, 0.0f);
-  scratch.scores.assign(size_t(band) * keys, 0.0f);
+  scratch.scaled_q.resize(size_t(band) * depth);  // every row written (or zeroed) in each band before it is read
+  scratch.scores.resize(size_t(band) * keys);
   scratch.out_rows.resize(size_t(band) * values_width);
   scratch.sums.resize(band);
   float *scaled = scratch.scaled_q.data(), *scores = scratch.scores.data(), *rows_out = scratch.out_rows.data();
@@ -1005,6 +1005,29 @@ class CpuModulatedNorm : public CpuKernel {
  private:
   float eps_;
   bool residual_;
+};
+
+// y + bias over y's last axis (bias_add_cpu): MLX's add, on every core.
+class CpuBiasAdd : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& y = inputs[0];
+    allocate_like(y, out);
+    const int n = y.shape(-1);
+    dispatch(inputs, out,
+             [y = y.data<float>(), bias = inputs[1].data<float>(), dst = out.data<float>(), n, rows = y.size() / n] {
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 for (size_t r = begin; r < end; ++r) {
+                   for (int j = 0; j < n; ++j) dst[r * n + j] = y[r * n + j] + bias[j];
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuBiasAdd)
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class CpuConv2d : public CpuKernel {
@@ -1376,6 +1399,13 @@ mx::array scaled_rms_norm_cpu(const mx::array& x, const mx::array& norm_weight, 
 mx::array gated_residual_cpu(const mx::array& x, const mx::array& a, const mx::array& norm_weight, float eps,
                              const mx::array& gate) {
   return modulated_norm_cpu(x, a, norm_weight, eps, gate, "gated_residual_cpu");
+}
+
+mx::array bias_add_cpu(const mx::array& y, const mx::array& bias) {
+  if (y.ndim() < 1 || bias.ndim() != 1 || bias.dtype() != mx::float32 || bias.shape(0) != y.shape(-1)) {
+    throw std::invalid_argument("bias_add_cpu: y [..., N] and bias [N], float32");
+  }
+  return run_kernel<CpuBiasAdd>({y, bias});
 }
 
 const char* cpu_loops_name() {

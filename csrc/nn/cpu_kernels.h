@@ -75,6 +75,9 @@ struct CpuConvExtras {
 // of one side buffer 9x the input built by one thread.
 mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, const CpuConvExtras& extras = {});
 
+// y + bias over y's last axis for on_cpu_kernels(y) (a Linear's bias): mx::add's numbers, on every core.
+mx::array bias_add_cpu(const mx::array& y, const mx::array& bias);
+
 // Which loops this process's CPU kernels run: "baseline", "avx2" or "avx512" (MLXRUNNER_CPU_LOOPS caps it).
 const char* cpu_loops_name();
 

@@ -189,7 +189,10 @@ Linear Linear::concat(const std::vector<Linear>& parts) {
 
 mx::array Linear::operator()(const mx::array& x) const {
   auto y = quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
-  return bias ? mx::add(y, *bias) : y;
+  if (!bias) return y;
+  // MLX adds on one CPU thread; ours on every core, the same numbers.
+  if (on_cpu_kernels(y) && bias->dtype() == mx::float32 && bias->ndim() == 1) return bias_add_cpu(y, *bias);
+  return mx::add(y, *bias);
 }
 
 mx::Dtype Linear::dtype() const {

@@ -314,6 +314,12 @@ def test_modulated_norms_are_the_graphs_bit_for_bit(batch, tokens, n):
                      x + vector * mx.fast.rms_norm(a, weight, 1e-6))
 
 
+@pytest.mark.parametrize("shape", [(32, 200, 384), (7, 1536), (1, 5)])
+def test_bias_add_is_mlxs_add_bit_for_bit(shape):
+    y, bias = random(shape, seed=48), random(shape[-1:], seed=49)
+    assert same_bits(_core.bias_add_cpu(y, bias), y + bias)
+
+
 def test_dit_row_kernels_name_a_bad_shape():
     with pytest.raises(ValueError, match=r"x \[B, T, H, D\] \(D even\)"):
         _core.head_norm_rope_cpu(mx.zeros((1, 4, 2, 7)), None, 1e-5, mx.zeros((1, 4, 1, 3)), mx.zeros((1, 4, 1, 3)))
