@@ -216,9 +216,21 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
       "x"_a, "a"_a, "norm_weight"_a, "eps"_a, "gate"_a, nb::call_guard<nb::gil_scoped_release>(),
       "x + gate * rms_norm(a), x and a [B, T, N] float32 on the CPU, gate [B, 1, N] (nn/cpu_kernels.h).");
   m.def(
-      "bias_add_cpu", [](const mx::array& y, const mx::array& bias) { return evaluated(bias_add_cpu(y, bias)); },
-      "y"_a, "bias"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "bias_add_cpu", [](const mx::array& y, const mx::array& bias) { return evaluated(bias_add_cpu(y, bias)); }, "y"_a,
+      "bias"_a, nb::call_guard<nb::gil_scoped_release>(),
       "y + bias over y's last axis, float32 on the CPU, on every core (a Linear's bias; nn/cpu_kernels.h).");
+  m.def(
+      "bias_gelu_cpu", [](const mx::array& y, const mx::array& bias) { return evaluated(bias_gelu_cpu(y, bias)); },
+      "y"_a, "bias"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "gelu(y + bias), float32 on the CPU, one pass on every core (an encoder's FFN; nn/cpu_kernels.h).");
+  m.def(
+      "bias_residual_layer_norm_cpu",
+      [](const mx::array& y, const mx::array& bias, const mx::array& residual, const mx::array& weight,
+         const mx::array& norm_bias,
+         float eps) { return evaluated(bias_residual_layer_norm_cpu(y, bias, residual, weight, norm_bias, eps)); },
+      "y"_a, "bias"_a, "residual"_a, "weight"_a, "norm_bias"_a, "eps"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "layer_norm((y + bias) + residual), float32 on the CPU, one pass on every core (an encoder's post-norm "
+      "residual; nn/cpu_kernels.h).");
   m.def(
       "cpu_loops", [] { return std::string(cpu_loops_name()); },
       "The vector loops the CPU kernels run here: 'baseline', 'avx2' or 'avx512' (MLXRUNNER_CPU_LOOPS caps it).");

@@ -5,6 +5,7 @@
 
 #include "nn/activation.h"
 #include "nn/attention.h"
+#include "nn/cpu_kernels.h"
 
 namespace mlxr {
 
@@ -67,12 +68,37 @@ BertEncoder::BertEncoder(const BertConfig& config, const WeightMap& weights)
   }
 }
 
+namespace {
+
+// Whether an encoder layer's epilogue (its product's bias, then GELU or the residual and LayerNorm) takes the CPU's
+// one-pass kernels: a float32 product with a float32 bias on the CPU.
+bool epilogue_on_cpu(const Linear& layer, const mx::array& x) {
+  return on_cpu_kernels(x) && layer.bias && layer.bias->dtype() == mx::float32 && layer.dtype() == mx::float32;
+}
+
+// norm(layer(h) + residual): BERT's post-norm residual. One pass after the product on the CPU.
+mx::array residual_norm(const Linear& layer, const mx::array& h, const mx::array& residual, const LayerNorm& norm) {
+  if (epilogue_on_cpu(layer, h) && norm.weight.dtype() == mx::float32 && norm.bias.dtype() == mx::float32) {
+    return bias_residual_layer_norm_cpu(layer.product(h), *layer.bias, residual, norm.weight, norm.bias, norm.eps);
+  }
+  return norm(mx::add(layer(h), residual));
+}
+
+}  // namespace
+
 mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const {
   const int heads = config_.num_attention_heads;
   auto q = heads_first(split_heads(layer.query(x), heads));
   auto k = heads_first(split_heads(layer.key(x), heads));
   auto v = heads_first(split_heads(layer.value(x), heads));
-  return layer.attention_out(merge_heads(mlxr::attention(q, k, v, key_mask)));
+  return merge_heads(mlxr::attention(q, k, v, key_mask));  // attention_out's input
+}
+
+mx::array BertEncoder::feed_forward_input(const BertLayer& layer, const mx::array& x) const {
+  if (config_.hidden_act == "gelu" && epilogue_on_cpu(layer.intermediate, x)) {
+    return bias_gelu_cpu(layer.intermediate.product(x), *layer.intermediate.bias);
+  }
+  return activation(config_.hidden_act, layer.intermediate(x));
 }
 
 mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& attention_mask,
@@ -94,9 +120,8 @@ mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& atte
 
   auto key_mask = padding_key_mask(attention_mask);
   for (const auto& layer : layers_) {
-    x = layer.attention_norm(mx::add(attention(layer, x, key_mask), x));
-    auto hidden = activation(config_.hidden_act, layer.intermediate(x));
-    x = layer.output_norm(mx::add(layer.output(hidden), x));
+    x = residual_norm(layer.attention_out, attention(layer, x, key_mask), x, layer.attention_norm);
+    x = residual_norm(layer.output, feed_forward_input(layer, x), x, layer.output_norm);
   }
   return x;
 }

@@ -55,7 +55,10 @@ class BertEncoder {
   mx::Dtype dtype() const { return word_embeddings_.weight.dtype(); }
 
  private:
+  // Self-attention's heads merged: the input of the layer's attention_out product.
   mx::array attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const;
+  // activation(intermediate(x)): the input of the layer's output product.
+  mx::array feed_forward_input(const BertLayer& layer, const mx::array& x) const;
 
   BertConfig config_;
   Embedding word_embeddings_, position_embeddings_, token_type_embeddings_;

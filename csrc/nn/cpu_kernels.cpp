@@ -965,7 +965,7 @@ class CpuModulatedNorm : public CpuKernel {
   CpuModulatedNorm(mx::Stream stream, float eps, bool residual) : CpuKernel(stream), eps_(eps), residual_(residual) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    allocate_like(inputs[0], out);  // x's buffer when the graph is done with x: each row is read before written
     const auto& x = inputs[0];
     const int n = x.shape(-1), tokens = x.shape(1);
     const float* normed_in = (residual_ ? inputs[1] : x).data<float>();
@@ -1028,6 +1028,63 @@ class CpuBiasAdd : public CpuKernel {
 
   DEFINE_NAME(CpuBiasAdd)
   bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+// What follows an encoder's product on its rows (inputs: the product y, its bias, then the rest):
+// kGelu: gelu(y + bias); kResidualNorm: layer_norm((y + bias) + residual) with its weight and bias. Each row's
+// sums go in the cache once, the bias, residual and activation in the same pass, the ops in MLX's order.
+class CpuProductEpilogue : public CpuKernel {
+ public:
+  enum Kind { kGelu, kResidualNorm };
+  CpuProductEpilogue(mx::Stream stream, Kind kind, float eps) : CpuKernel(stream), kind_(kind), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    allocate_like(inputs[0], out);  // y's buffer when the graph is done with y: each row is read before written
+    const auto& y = inputs[0];
+    const int n = y.shape(-1);
+    const bool norm = kind_ == kResidualNorm;
+    dispatch(inputs, out,
+             [y = y.data<float>(), bias = inputs[1].data<float>(), residual = norm ? inputs[2].data<float>() : nullptr,
+              weight = norm ? inputs[3].data<float>() : nullptr, norm_bias = norm ? inputs[4].data<float>() : nullptr,
+              dst = out.data<float>(), rows = y.size() / n, n, eps = eps_] {
+               const float inverse_n = static_cast<float>(1.0 / n);
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 constexpr size_t group = cpu_loops::kRowGroup;
+                 std::vector<float> sum(group * n);
+                 for (size_t first = begin; first < end; first += group) {
+                   const size_t count = std::min(group, end - first);
+                   for (size_t r = 0; r < count; ++r) {
+                     const float* in = y + (first + r) * n;
+                     float* to = sum.data() + r * n;
+                     for (int j = 0; j < n; ++j) to[j] = in[j] + bias[j];
+                     if (residual) {
+                       const float* add = residual + (first + r) * n;
+                       for (int j = 0; j < n; ++j) to[j] = to[j] + add[j];
+                     }
+                   }
+                   float* to = dst + first * n;
+                   if (!residual) {
+                     loops().gelu_range(sum.data(), to, count * n);
+                   } else if (count == group) {
+                     loops().norm_group(sum.data(), to, n, weight, norm_bias, eps, inverse_n);
+                   } else {
+                     for (size_t r = 0; r < count; ++r)
+                       loops().norm_row(sum.data() + r * n, to + r * n, n, weight, norm_bias, eps, inverse_n);
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuProductEpilogue)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuProductEpilogue&>(other);
+    return kind_ == o.kind_ && eps_ == o.eps_;
+  }
+
+ private:
+  Kind kind_;
+  float eps_;
 };
 
 class CpuConv2d : public CpuKernel {
@@ -1406,6 +1463,35 @@ mx::array bias_add_cpu(const mx::array& y, const mx::array& bias) {
     throw std::invalid_argument("bias_add_cpu: y [..., N] and bias [N], float32");
   }
   return run_kernel<CpuBiasAdd>({y, bias});
+}
+
+namespace {
+
+bool row_vector_of(const mx::array& v, const mx::array& y) {
+  return v.ndim() == 1 && v.dtype() == mx::float32 && v.shape(0) == y.shape(-1);
+}
+
+}  // namespace
+
+mx::array bias_gelu_cpu(const mx::array& y, const mx::array& bias) {
+  if (y.ndim() < 1 || !row_vector_of(bias, y)) throw std::invalid_argument("bias_gelu_cpu: y [..., N], bias [N]");
+  return mx::array(
+      y.shape(), mx::float32,
+      std::make_shared<CpuProductEpilogue>(mx::default_stream(mx::Device::cpu), CpuProductEpilogue::kGelu, 0.0f),
+      {mx::contiguous(y), mx::contiguous(bias)});
+}
+
+mx::array bias_residual_layer_norm_cpu(const mx::array& y, const mx::array& bias, const mx::array& residual,
+                                       const mx::array& weight, const mx::array& norm_bias, float eps) {
+  if (y.ndim() < 1 || residual.shape() != y.shape() || residual.dtype() != mx::float32 || !row_vector_of(bias, y) ||
+      !row_vector_of(weight, y) || !row_vector_of(norm_bias, y)) {
+    throw std::invalid_argument("bias_residual_layer_norm_cpu: y and residual [..., N], bias, weight, norm_bias [N]");
+  }
+  return mx::array(
+      y.shape(), mx::float32,
+      std::make_shared<CpuProductEpilogue>(mx::default_stream(mx::Device::cpu), CpuProductEpilogue::kResidualNorm, eps),
+      {mx::contiguous(y), mx::contiguous(bias), mx::contiguous(residual), mx::contiguous(weight),
+       mx::contiguous(norm_bias)});
 }
 
 const char* cpu_loops_name() {

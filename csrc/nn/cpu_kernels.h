@@ -78,6 +78,12 @@ mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, c
 // y + bias over y's last axis for on_cpu_kernels(y) (a Linear's bias): mx::add's numbers, on every core.
 mx::array bias_add_cpu(const mx::array& y, const mx::array& bias);
 
+// What follows an encoder's product y [..., N] (float32 on the CPU), in one pass on every core, the ops in MLX's
+// order (bit for bit): gelu(y + bias), and layer_norm((y + bias) + residual) with the norm's weight and bias.
+mx::array bias_gelu_cpu(const mx::array& y, const mx::array& bias);
+mx::array bias_residual_layer_norm_cpu(const mx::array& y, const mx::array& bias, const mx::array& residual,
+                                       const mx::array& weight, const mx::array& norm_bias, float eps);
+
 // Which loops this process's CPU kernels run: "baseline", "avx2" or "avx512" (MLXRUNNER_CPU_LOOPS caps it).
 const char* cpu_loops_name();
 

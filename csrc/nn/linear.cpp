@@ -187,8 +187,12 @@ Linear Linear::concat(const std::vector<Linear>& parts) {
   return out;
 }
 
+mx::array Linear::product(const mx::array& x) const {
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
+}
+
 mx::array Linear::operator()(const mx::array& x) const {
-  auto y = quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
+  auto y = product(x);
   if (!bias) return y;
   // MLX adds on one CPU thread; ours on every core, the same numbers.
   if (on_cpu_kernels(y) && bias->dtype() == mx::float32 && bias->ndim() == 1) return bias_add_cpu(y, *bias);

@@ -23,6 +23,8 @@ struct Linear {
   static Linear concat(const std::vector<Linear>& parts);
   static bool can_concat(const Linear& a, const Linear& b);
   mx::array operator()(const mx::array& x) const;
+  // The product alone, without the bias (for a caller that adds it in a later pass of its own).
+  mx::array product(const mx::array& x) const;
   int out_features() const { return weight.shape(0); }
   // The packing, or nullptr for a float weight (what nn/cuda_matvec's kernels take).
   const Quantized* packing() const { return quantized ? &*quantized : nullptr; }

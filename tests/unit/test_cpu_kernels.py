@@ -320,6 +320,17 @@ def test_bias_add_is_mlxs_add_bit_for_bit(shape):
     assert same_bits(_core.bias_add_cpu(y, bias), y + bias)
 
 
+@pytest.mark.parametrize("shape", [(32, 18, 384), (3, 7, 40), (1, 1, 8)])
+def test_encoder_epilogues_are_the_graphs_bit_for_bit(shape):
+    """After an encoder's product y: gelu(y + bias), and layer_norm((y + bias) + residual), one pass each."""
+    n = shape[-1]
+    y, residual = random(shape, scale=2.0, seed=50), random(shape, seed=51)
+    bias, weight, norm_bias = (random((n,), seed=seed) for seed in (52, 53, 54))
+    assert same_bits(_core.bias_gelu_cpu(y, bias), _core.gelu(y + bias))
+    assert same_bits(_core.bias_residual_layer_norm_cpu(y, bias, residual, weight, norm_bias, 1e-12),
+                     mx.fast.layer_norm((y + bias) + residual, weight, norm_bias, 1e-12))
+
+
 def test_dit_row_kernels_name_a_bad_shape():
     with pytest.raises(ValueError, match=r"x \[B, T, H, D\] \(D even\)"):
         _core.head_norm_rope_cpu(mx.zeros((1, 4, 2, 7)), None, 1e-5, mx.zeros((1, 4, 1, 3)), mx.zeros((1, 4, 1, 3)))
