@@ -22,9 +22,9 @@ namespace {
 BertLayer load_layer(const Weights& w, const BertConfig& c) {
   const int h = c.hidden_size;
   return BertLayer{
-      .query = Linear::load(w.sub("attention.self.query"), h, h),
-      .key = Linear::load(w.sub("attention.self.key"), h, h),
-      .value = Linear::load(w.sub("attention.self.value"), h, h),
+      .qkv = FusedLinear::fuse({Linear::load(w.sub("attention.self.query"), h, h),
+                                Linear::load(w.sub("attention.self.key"), h, h),
+                                Linear::load(w.sub("attention.self.value"), h, h)}),
       .attention_out = Linear::load(w.sub("attention.output.dense"), h, h),
       .attention_norm = LayerNorm::load(w.sub("attention.output.LayerNorm"), h, c.layer_norm_eps),
       .intermediate = Linear::load(w.sub("intermediate.dense"), h, c.intermediate_size),
@@ -87,10 +87,11 @@ mx::array residual_norm(const Linear& layer, const mx::array& h, const mx::array
 }  // namespace
 
 mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const {
-  const int heads = config_.num_attention_heads;
-  auto q = heads_first(split_heads(layer.query(x), heads));
-  auto k = heads_first(split_heads(layer.key(x), heads));
-  auto v = heads_first(split_heads(layer.value(x), heads));
+  const int heads = config_.num_attention_heads, h = config_.hidden_size;
+  auto qkv = layer.qkv.part_outputs(x, {h, h, h});  // column views of the one product, read in place
+  auto q = heads_first(split_heads(qkv[0], heads));
+  auto k = heads_first(split_heads(qkv[1], heads));
+  auto v = heads_first(split_heads(qkv[2], heads));
   return merge_heads(mlxr::attention(q, k, v, key_mask));  // attention_out's input
 }
 

@@ -29,7 +29,8 @@ struct BertConfig {
 };
 
 struct BertLayer {
-  Linear query, key, value, attention_out;
+  FusedLinear qkv;  // query | key | value: one product (each output column the same sum as its own layer's)
+  Linear attention_out;
   LayerNorm attention_norm;
   Linear intermediate, output;
   LayerNorm output_norm;
