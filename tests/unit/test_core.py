@@ -278,3 +278,18 @@ def test_the_cpu_convolutions_bias_residual_and_upsampling_are_mlxs_ops(shape, o
     upsampled = mx.broadcast_to(x.reshape(b, h, 1, w, 1, c), (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     within_float32_sums(_core.conv2d_cpu(x, weight, 1, bias=bias, upsample_2x=True),
                         mx.conv2d(upsampled, weight, (1, 1), (1, 1)) + bias)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS routing and its warning are Linux's (macOS: Accelerate)")
+def test_importing_mlx_first_warns_that_cpu_matmuls_stay_on_the_reference_blas():
+    def stderr_of(code: str, **env: str) -> str:
+        ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env})
+        assert ran.returncode == 0, ran.stderr
+        return ran.stderr
+
+    warned = stderr_of("import mlx.core\nimport mlxrunner\nassert mlxrunner.cpu_blas == 'reference'")
+    assert "RuntimeWarning: mlx.core was imported before mlxrunner" in warned and "import mlxrunner first" in warned
+    routed = stderr_of("import mlxrunner\nimport mlx.core\nassert mlxrunner.cpu_blas == 'openblas'")
+    assert "RuntimeWarning" not in routed
+    assert "RuntimeWarning" not in stderr_of("import mlx.core\nimport mlxrunner", MLXRUNNER_REFERENCE_BLAS="1")
