@@ -232,6 +232,21 @@ void bind_norms_rope_and_convolutions(nb::module_& m) {
       "layer_norm((y + bias) + residual), float32 on the CPU, one pass on every core (an encoder's post-norm "
       "residual; nn/cpu_kernels.h).");
   m.def(
+      "modulated_layer_norm_cpu",
+      [](const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale, float eps) {
+        return evaluated(modulated_layer_norm_cpu(x, shift, one_plus_scale, eps));
+      },
+      "x"_a, "shift"_a, "one_plus_scale"_a, "eps"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "one_plus_scale * layer_norm(x) + shift, x [B, T, N] float32 on the CPU, the vectors [B, 1, N] (FLUX.2's "
+      "modulation; nn/cpu_kernels.h).");
+  m.def(
+      "gated_sum_cpu",
+      [](const mx::array& x, const mx::array& y, const mx::array& gate) {
+        return evaluated(gated_sum_cpu(x, y, gate));
+      },
+      "x"_a, "y"_a, "gate"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x + gate * y, x and y [B, T, N] float32 on the CPU, gate [B, 1, N] (FLUX.2's residual; nn/cpu_kernels.h).");
+  m.def(
       "cpu_loops", [] { return std::string(cpu_loops_name()); },
       "The vector loops the CPU kernels run here: 'baseline', 'avx2' or 'avx512' (MLXRUNNER_CPU_LOOPS caps it).");
 }

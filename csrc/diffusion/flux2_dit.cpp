@@ -67,9 +67,18 @@ Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
                           .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
 }
 
-// LayerNorm without affine parameters (every norm of the blocks), then one_plus_scale * . + shift. One kernel on CUDA.
+// Whether the CPU's modulation kernels take x with these per-batch vectors [B, 1, N] (float32 throughout).
+bool modulation_on_cpu(const mx::array& x, const mx::array& a, const mx::array& b) {
+  const mx::Shape vector_shape{x.shape(0), 1, x.shape(-1)};
+  return on_cpu_kernels(x) && x.ndim() == 3 && a.dtype() == mx::float32 && b.dtype() == mx::float32 &&
+         a.shape() == vector_shape && b.shape() == vector_shape;
+}
+
+// LayerNorm without affine parameters (every norm of the blocks), then one_plus_scale * . + shift. One kernel on CUDA
+// and on the CPU.
 mx::array modulate_by(const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale, float eps) {
   if (auto fused = cuda_modulated_layer_norm(x, shift, one_plus_scale, eps)) return *fused;
+  if (modulation_on_cpu(x, shift, one_plus_scale)) return modulated_layer_norm_cpu(x, shift, one_plus_scale, eps);
   auto n = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps);
   return mx::add(mx::multiply(one_plus_scale, n), shift);
 }
@@ -83,14 +92,16 @@ mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& 
   return modulate_by(x, shift, one_plus(scale), eps);
 }
 
-// h = x + gate * y (a block's residual), and modulate(h, shift, scale): one kernel on CUDA.
+// h = x + gate * y (a block's residual), and modulate(h, shift, scale): one kernel on CUDA, two on the CPU.
 std::pair<mx::array, mx::array> residual_then_modulate(const mx::array& x, const mx::array& y, const mx::array& gate,
                                                        const mx::array& shift, const mx::array& scale, float eps) {
   auto one_plus_scale = one_plus(scale);
   if (auto fused = cuda_gated_residual_modulated_layer_norm(x, GatedTerm{y, gate}, shift, one_plus_scale, eps)) {
     return *fused;
   }
-  auto h = mx::add(x, mx::multiply(gate, y));
+  auto h = modulation_on_cpu(x, gate, shift) && y.shape() == x.shape() && y.dtype() == mx::float32
+               ? gated_sum_cpu(x, y, gate)
+               : mx::add(x, mx::multiply(gate, y));
   return {h, modulate_by(h, shift, one_plus_scale, eps)};
 }
 

@@ -1007,6 +1007,55 @@ class CpuModulatedNorm : public CpuKernel {
   bool residual_;
 };
 
+// FLUX.2's modulation rows (nn/cpu_kernels.h): kModulate: one_plus_scale * layer_norm(x) + shift (the norm without
+// affine parameters); kGatedSum: x + gate * y. Inputs: x, then (one_plus_scale, shift) or (y, gate), the vectors
+// [B, 1, N].
+class CpuLayerModulation : public CpuKernel {
+ public:
+  enum Kind { kModulate, kGatedSum };
+  CpuLayerModulation(mx::Stream stream, Kind kind, float eps) : CpuKernel(stream), kind_(kind), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    allocate_like(inputs[0], out);  // x's buffer when the graph is done with x: each row is read before written
+    const auto& x = inputs[0];
+    const int n = x.shape(-1), tokens = x.shape(1);
+    dispatch(inputs, out,
+             [x = x.data<float>(), first_in = inputs[1].data<float>(), second_in = inputs[2].data<float>(),
+              dst = out.data<float>(), rows = x.size() / n, n, tokens, kind = kind_, eps = eps_] {
+               const float inverse_n = static_cast<float>(1.0 / n);
+               // The norm without affine parameters as norm_row computes it with them: times 1 and plus 0 change
+               // no value (but the sign of a zero).
+               const std::vector<float> ones(n, 1.0f), zeros(n, 0.0f);
+               on_all_cores(rows, n, [&](size_t begin, size_t end) {
+                 std::vector<float> normed(n);
+                 for (size_t row = begin; row < end; ++row) {
+                   const size_t vector_at = row / tokens * n;  // the row's batch element's vectors
+                   const float* in = x + row * n;
+                   float* to = dst + row * n;
+                   if (kind == kGatedSum) {
+                     const float *y = first_in + row * n, *gate = second_in + vector_at;
+                     for (int j = 0; j < n; ++j) to[j] = in[j] + gate[j] * y[j];
+                   } else {
+                     loops().norm_row(in, normed.data(), n, ones.data(), zeros.data(), eps, inverse_n);
+                     const float *scale = first_in + vector_at, *shift = second_in + vector_at;
+                     for (int j = 0; j < n; ++j) to[j] = scale[j] * normed[j] + shift[j];
+                   }
+                 }
+               });
+             });
+  }
+
+  DEFINE_NAME(CpuLayerModulation)
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuLayerModulation&>(other);
+    return kind_ == o.kind_ && eps_ == o.eps_;
+  }
+
+ private:
+  Kind kind_;
+  float eps_;
+};
+
 // y + bias over y's last axis (bias_add_cpu): MLX's add, on every core.
 class CpuBiasAdd : public CpuKernel {
  public:
@@ -1492,6 +1541,32 @@ mx::array bias_residual_layer_norm_cpu(const mx::array& y, const mx::array& bias
       std::make_shared<CpuProductEpilogue>(mx::default_stream(mx::Device::cpu), CpuProductEpilogue::kResidualNorm, eps),
       {mx::contiguous(y), mx::contiguous(bias), mx::contiguous(residual), mx::contiguous(weight),
        mx::contiguous(norm_bias)});
+}
+
+namespace {
+
+mx::array layer_modulation_cpu(CpuLayerModulation::Kind kind, const mx::array& x, const mx::array& first,
+                               const mx::array& second, float eps, const char* name) {
+  const mx::Shape vector_shape{x.ndim() == 3 ? x.shape(0) : 0, 1, x.ndim() == 3 ? x.shape(2) : 0};
+  const bool fits =
+      x.ndim() == 3 && x.dtype() == mx::float32 && first.dtype() == mx::float32 && second.dtype() == mx::float32 &&
+      (kind == CpuLayerModulation::kGatedSum ? first.shape() == x.shape() : first.shape() == vector_shape) &&
+      second.shape() == vector_shape;
+  if (!fits) throw std::invalid_argument(std::string(name) + ": x [B, T, N] and the vectors [B, 1, N], float32");
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuLayerModulation>(mx::default_stream(mx::Device::cpu), kind, eps),
+                   {mx::contiguous(x), mx::contiguous(first), mx::contiguous(second)});
+}
+
+}  // namespace
+
+mx::array modulated_layer_norm_cpu(const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale,
+                                   float eps) {
+  return layer_modulation_cpu(CpuLayerModulation::kModulate, x, one_plus_scale, shift, eps, "modulated_layer_norm_cpu");
+}
+
+mx::array gated_sum_cpu(const mx::array& x, const mx::array& y, const mx::array& gate) {
+  return layer_modulation_cpu(CpuLayerModulation::kGatedSum, x, y, gate, 0.0f, "gated_sum_cpu");
 }
 
 const char* cpu_loops_name() {

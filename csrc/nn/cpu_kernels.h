@@ -78,6 +78,13 @@ mx::array conv2d_cpu(const mx::array& x, const mx::array& weight, int padding, c
 // y + bias over y's last axis for on_cpu_kernels(y) (a Linear's bias): mx::add's numbers, on every core.
 mx::array bias_add_cpu(const mx::array& y, const mx::array& bias);
 
+// FLUX.2's modulation on every core, one pass each, MLX's ops in their order: one_plus_scale * layer_norm(x) + shift
+// (the norm without affine parameters; bit for bit but for the sign of a zero) and x + gate * y; x and y [B, T, N],
+// the vectors [B, 1, N], float32 on the CPU.
+mx::array modulated_layer_norm_cpu(const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale,
+                                   float eps);
+mx::array gated_sum_cpu(const mx::array& x, const mx::array& y, const mx::array& gate);
+
 // What follows an encoder's product y [..., N] (float32 on the CPU), in one pass on every core, the ops in MLX's
 // order (bit for bit): gelu(y + bias), and layer_norm((y + bias) + residual) with the norm's weight and bias.
 mx::array bias_gelu_cpu(const mx::array& y, const mx::array& bias);

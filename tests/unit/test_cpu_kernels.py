@@ -331,6 +331,16 @@ def test_encoder_epilogues_are_the_graphs_bit_for_bit(shape):
                      mx.fast.layer_norm((y + bias) + residual, weight, norm_bias, 1e-12))
 
 
+@pytest.mark.parametrize("batch, tokens, n", [(1, 300, 256), (2, 13, 40)])
+def test_flux2_modulations_are_the_graphs_bit_for_bit(batch, tokens, n):
+    """FLUX.2's one_plus_scale * layer_norm(x) + shift (no affine parameters) and x + gate * y, one pass each."""
+    x, y = random((batch, tokens, n), seed=55), random((batch, tokens, n), seed=56)
+    shift, scale, gate = (random((batch, 1, n), seed=seed) for seed in (57, 58, 59))
+    normed = mx.fast.layer_norm(x, None, None, 1e-6)
+    assert same_bits(_core.modulated_layer_norm_cpu(x, shift, 1 + scale, 1e-6), (1 + scale) * normed + shift)
+    assert same_bits(_core.gated_sum_cpu(x, y, gate), x + gate * y)
+
+
 def test_dit_row_kernels_name_a_bad_shape():
     with pytest.raises(ValueError, match=r"x \[B, T, H, D\] \(D even\)"):
         _core.head_norm_rope_cpu(mx.zeros((1, 4, 2, 7)), None, 1e-5, mx.zeros((1, 4, 1, 3)), mx.zeros((1, 4, 1, 3)))
