@@ -11,8 +11,9 @@ namespace mlxr::cpu_loops {
 
 // Rows that group_max and group_sum take at a time.
 constexpr std::size_t kRowGroup = 8;
-// A convolution block: Loops::conv_pixels output pixels of one row x kConvOutputs output channels, its sums in 12
-// registers: 6 pixels x 2 x 8 floats with AVX2, 12 pixels x 16 floats with AVX-512.
+// A convolution block: Loops::conv_pixels output pixels of one row x conv_panels panels of kConvOutputs output
+// channels, its sums in registers: 6 pixels x 1 panel (2 x 8 floats each) with AVX2, 8 pixels x 2 panels (16 floats
+// each) with AVX-512.
 constexpr int kConvOutputs = 16;
 
 struct Loops {
@@ -31,13 +32,19 @@ struct Loops {
                    float inverse_n);
   void (*norm_group)(const float* in, float* out, int n, const float* weight, const float* bias, float eps,
                      float inverse_n);  // norm_row over kRowGroup rows
-  // conv_pixels x kConvOutputs outputs of a stride-1 convolution: rows[ky] is the zero-padded input row of tap row
-  // ky at the block's first pixel ([pixels, channels]), panel the weights of the block's outputs [kernel, kernel,
-  // channels, kConvOutputs], out the block's first output (pixels out_stride apart). Only with AVX2 + FMA: nullptr
-  // in the baseline loops, whose CPUs keep the im2col-and-sgemm convolution.
-  void (*conv_block)(const float* const* rows, int kernel, int channels, const float* panel, float* out,
-                     int out_stride);
+  // conv_pixels x (conv_panels x kConvOutputs) outputs of a stride-1 convolution: rows[ky] is the zero-padded input
+  // row of tap row ky at the block's first pixel ([pixels, channels]), panel the weights of the block's first 16
+  // outputs [kernel, kernel, channels, kConvOutputs] (the next panel's panel_stride floats on), out the block's first
+  // output (pixels out_stride apart). Only with AVX2 + FMA or AVX-512: nullptr in the baseline loops, whose CPUs keep
+  // the im2col-and-sgemm convolution.
+  void (*conv_block)(const float* const* rows, int kernel, int channels, const float* panel, std::size_t panel_stride,
+                     float* out, int out_stride);
+  // conv_block over one panel (the last 16 outputs where the panels are odd in number); conv_block itself where that
+  // takes one panel.
+  void (*conv_block_one_panel)(const float* const* rows, int kernel, int channels, const float* panel,
+                               std::size_t panel_stride, float* out, int out_stride);
   int conv_pixels;  // the output pixels conv_block takes
+  int conv_panels;  // the panels of kConvOutputs channels it takes
   // One output of a packed affine product (4- or 8-bit): sum over the row's `groups` groups of `group_size` (a
   // multiple of 8) of scale * (q . x) + bias * x_sums[g]; w is the output's row of packed words.
   float (*affine_dot_4bit)(const std::uint32_t* w, const float* scales, const float* biases, const float* x,

@@ -559,14 +559,26 @@ void convolve_in_bands(const float* src, const float* weight, const float* bias,
   });
 }
 
+int round_up_to(int n, int multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// `buffer` sized for n floats from a 64-byte boundary: the block kernels' 16-float weight loads then never straddle
+// two cache lines (~8 % of their speed). Returns that first float.
+float* cache_aligned(std::vector<float>& buffer, size_t n) {
+  buffer.resize(n + 16);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
 // The convolution without an im2col matrix (AVX2 + FMA or AVX-512): for each output row the `kernel` input rows it
-// reads, zero-padded (and upsampled) into a small buffer, then blocks of conv_pixels pixels x kConvOutputs channels
-// by cpu_loops' conv_block, the weights packed once per call into panels of kConvOutputs channels (the last panel
-// padded with zero weights: a VAE's 3-channel output layer computes 16 and keeps 3, 5x the multiply-adds, where the
-// im2col bands ran a 9 x C-deep sgemm 3 wide at 4 GMAC/s). Rows split over the cores. On two Zen 4 cores 73-102 GMAC/s
-// where the im2col bands and OpenBLAS made 44-89, most gained on narrow and upsampled layers (benchmarks/README.md).
-// Each output's multiply-adds run in tap order, as sgemm's do within one block of the depth: the same bits up to a few
-// hundred deep products, MLX's within float32 rounding beyond.
+// reads, zero-padded (and upsampled) into a small buffer, then blocks of conv_pixels pixels x conv_panels panels of
+// kConvOutputs channels by cpu_loops' conv_block, the weights packed once per call into panels of kConvOutputs
+// channels (the last ones padded with zero weights: a VAE's 3-channel output layer computes 16 or 32 and keeps 3,
+// where the im2col bands ran a 9 x C-deep sgemm 3 wide at 4 GMAC/s). Rows split over the cores. On two Zen 4 cores
+// 73-102 GMAC/s where the im2col bands and OpenBLAS made 44-89, most gained on narrow and upsampled layers
+// (benchmarks/README.md). Each output's multiply-adds run in tap order, as sgemm's do within one block of the depth:
+// the same bits up to a few hundred deep products, MLX's within float32 rounding beyond.
 bool takes_direct_convolution(const ConvShape&) {
   return loops().conv_block != nullptr;
 }
@@ -577,11 +589,21 @@ int panelled_outputs(const ConvShape& s) {
   return (s.out_channels + width - 1) / width * width;
 }
 
-// The weight [O, k, k, C] as panels [O' / kConvOutputs][k][k][C][kConvOutputs], O' = panelled_outputs (zeros past O).
-std::vector<float> convolution_panels(const float* weight, const ConvShape& s) {
+// conv_block over the panels from output `o` on: conv_panels of them, or the last one alone.
+void convolve_block(const float* const* rows, int kernel, int channels, const float* panel, size_t panel_stride,
+                    float* out, int out_stride, int outputs_left) {
+  const auto block =
+      outputs_left >= cpu_loops::kConvOutputs * loops().conv_panels ? loops().conv_block : loops().conv_block_one_panel;
+  block(rows, kernel, channels, panel, panel_stride, out, out_stride);
+}
+
+// The weight [O, k, k, C] as panels [O' / kConvOutputs][k][k][C][kConvOutputs], O' = panelled_outputs (zeros past O),
+// into `buffer` from a cache line's start; returns the first panel.
+const float* convolution_panels(const float* weight, const ConvShape& s, std::vector<float>& buffer) {
   constexpr int width = cpu_loops::kConvOutputs;
   const size_t taps = size_t(s.kernel) * s.kernel, depth = taps * s.channels;
-  std::vector<float> panels(depth * panelled_outputs(s), 0.0f);
+  float* panels = cache_aligned(buffer, depth * panelled_outputs(s));
+  std::fill(panels, panels + depth * panelled_outputs(s), 0.0f);
   for (int o = 0; o < s.out_channels; ++o) {
     for (size_t k = 0; k < depth; ++k) panels[((o / width) * depth + k) * width + o % width] = weight[o * depth + k];
   }
@@ -624,9 +646,10 @@ class PaddedRowRing {
 
 void convolve_direct(const float* src, const float* weight, const float* bias, const float* residual, float* dst,
                      const ConvShape& s) {
-  const int block = loops().conv_pixels;
+  const int block = loops().conv_pixels, block_outputs = cpu_loops::kConvOutputs * loops().conv_panels;
   constexpr int width = cpu_loops::kConvOutputs;
-  const auto panels = convolution_panels(weight, s);
+  std::vector<float> panel_buffer;
+  const float* panels = convolution_panels(weight, s, panel_buffer);
   const size_t panel_size = size_t(s.kernel) * s.kernel * s.channels * width;
   const int blocks = (s.out_cols + block - 1) / block, row_pixels = blocks * block;
   const int padded_columns = row_pixels + s.kernel - 1, row_stride = panelled_outputs(s);
@@ -646,13 +669,13 @@ void convolve_direct(const float* src, const float* weight, const float* bias, c
       const int oy = int(r % s.out_rows);
       float* out = dst + r * outputs;
       for (int ky = 0; ky < s.kernel; ++ky) input_rows[ky] = ring.row(n, oy + ky - s.padding);
-      for (int o = 0; o < row_stride; o += width) {
-        const float* panel = panels.data() + (o / width) * panel_size;
+      for (int o = 0; o < row_stride; o += block_outputs) {
+        const float* panel = panels + (o / width) * panel_size;
         for (int b = 0; b < blocks; ++b) {
           for (int ky = 0; ky < s.kernel; ++ky) tap_rows[ky] = input_rows[ky] + size_t(b) * block * s.channels;
           float* to = b < direct_blocks ? out : scratch.data();
-          loops().conv_block(tap_rows.data(), s.kernel, s.channels, panel, to + size_t(b) * block * row_stride + o,
-                             row_stride);
+          convolve_block(tap_rows.data(), s.kernel, s.channels, panel, panel_size,
+                         to + size_t(b) * block * row_stride + o, row_stride, row_stride - o);
         }
       }
       for (int x = direct_blocks * block; x < s.out_cols; ++x) {
@@ -720,18 +743,6 @@ void attend_one_head_as_mlx(const float* q, const float* k, const float* v, cons
               s.keys, values.data, values.ld, 0.0f, out, int(out_row_stride));
 }
 
-int round_up_to(int n, int multiple) {
-  return (n + multiple - 1) / multiple * multiple;
-}
-
-// `buffer` sized for n floats from a 64-byte boundary: the block kernels' 16-float weight loads then never straddle
-// two cache lines (~8 % of their speed). Returns that first float.
-float* cache_aligned(std::vector<float>& buffer, size_t n) {
-  buffer.resize(n + 16);
-  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
-}
-
 // exp(x - max(x)) over the first n of each of `count` rows (`stride` apart), in place, keys not kept (keep[j] false)
 // first set to the lowest float; sums[r] the row's sum of those: the softmax less its division, each row's max and
 // sum in vector lanes.
@@ -753,7 +764,8 @@ constexpr int kAttentionQueryBand = 48;
 // 1 x 1 convolution): OpenBLAS spent most of a DiT head's time packing and blocking products this narrow (64 deep
 // for the scores, 64 wide for the output; ~60 GMAC/s on one core against ~100 for large ones), and a whole head's
 // scores left the cache (an 800-token head's are 2.5 MB). k goes once into panels of 16 keys [keys'/16][D][16] and
-// v into panels of 16 value columns [Dv'/16][keys'][16] (keys' and Dv' rounded up to 16, zeros past the end);
+// v into panels of 16 value columns [Dv'/16][keys'][16] (keys' and Dv' rounded up to the block's 16 or 32 outputs,
+// zeros past the end);
 // queries go in bands of kAttentionQueryBand rows whose scores are made, exponentiated (one pass for the max, one
 // for exp and the sum) and multiplied by v while in the cache, each output row divided by its sum at the end.
 // Each score sums its D products in order and each output its keys' in order: within float32 rounding of MLX's
@@ -761,8 +773,8 @@ constexpr int kAttentionQueryBand = 48;
 void attend_one_head_direct(const float* q, const float* k, const float* v, const bool* keep, float* out,
                             int64_t out_row_stride, const AttentionShape& s, AttentionScratch& scratch) {
   constexpr int width = cpu_loops::kConvOutputs;
-  const int block = loops().conv_pixels, depth = s.depth;
-  const int keys = round_up_to(s.keys, width), values_width = round_up_to(s.value_depth, width);
+  const int block = loops().conv_pixels, block_outputs = width * loops().conv_panels, depth = s.depth;
+  const int keys = round_up_to(s.keys, block_outputs), values_width = round_up_to(s.value_depth, block_outputs);
   const int band = round_up_to(std::min(s.queries, kAttentionQueryBand), block);
   // Panels filled a 16-wide row at a time (a key's 16 values of one depth, or 16 value columns of one key), zeros past
   // the keys or the value columns.
@@ -805,8 +817,9 @@ void attend_one_head_direct(const float* q, const float* k, const float* v, cons
     std::fill(scaled + size_t(count) * depth, scaled + size_t(padded) * depth, 0.0f);  // rows past the queries
     for (int b = 0; b < padded; b += block) {
       const float* queries_in = scaled + size_t(b) * depth;
-      for (int o = 0; o < keys; o += width) {
-        loops().conv_block(&queries_in, 1, depth, key_panels + size_t(o) * depth, scores + size_t(b) * keys + o, keys);
+      for (int o = 0; o < keys; o += block_outputs) {
+        loops().conv_block(&queries_in, 1, depth, key_panels + size_t(o) * depth, size_t(width) * depth,
+                           scores + size_t(b) * keys + o, keys);
       }
     }
     exp_rows(scores, count, s.keys, keys, keep, scratch.sums.data());
@@ -815,8 +828,8 @@ void attend_one_head_direct(const float* q, const float* k, const float* v, cons
     }
     for (int b = 0; b < padded; b += block) {
       const float* weights_in = scores + size_t(b) * keys;
-      for (int e = 0; e < values_width; e += width) {
-        loops().conv_block(&weights_in, 1, keys, value_panels + size_t(e) * keys,
+      for (int e = 0; e < values_width; e += block_outputs) {
+        loops().conv_block(&weights_in, 1, keys, value_panels + size_t(e) * keys, size_t(width) * keys,
                            rows_out + size_t(b) * values_width + e, values_width);
       }
     }
