@@ -32,8 +32,9 @@ ZIMAGE = Path(__file__).parents[1] / "fixtures" / "zimage-tiny"
 BASE = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2, "seed": 7}
 # The cheapest good request: one step, no CFG, 32x32.
 GOOD = {"prompt": "still serving", "width": 32, "height": 32, "steps": 1, "guidance": 0, "seed": 1}
-# Long enough that finishing it would take many seconds (200 steps at 256x256, >= ~15 s here).
-LONG = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}
+# Long enough that finishing it would take many seconds (200 steps at 1024x1024, ~25 s here; at 512x512 a faster
+# build finished it within a shutdown's grace).
+LONG = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 200, "seed": 1}
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,9 @@ def test_llmserver_reads_health_as_its_integer_status(go_clients):
 
 
 def test_the_image_parent_reports_a_job_cut_by_shutdown_as_an_error(go_clients):
-    long_job = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}  # >= ~15 s here
+    # Longer than the SIGTERM below plus the shutdown's 3 s grace by far: ~25 s here (512x512 took 6.7 s once the CPU
+    # kernels had sped up, and finished within the grace).
+    long_job = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 200, "seed": 1}
     runner = Runner.start(str(ZIMAGE), timeout=120)
     try:
         client = subprocess.Popen([str(go_clients), "image-completion", str(runner.port), json.dumps(long_job)],

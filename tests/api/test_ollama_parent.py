@@ -23,7 +23,7 @@ from mlxrunner.launcher import Runner
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 QWEN3 = FIXTURES / "llm" / "qwen3-tiny"
 ZIMAGE = FIXTURES / "zimage-tiny"
-LONG_IMAGE = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}  # >= ~15 s here
+LONG_IMAGE = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 200, "seed": 1}  # ~25 s here
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 QWEN3 = FIXTURES / "llm" / "qwen3-tiny"
 ZIMAGE = FIXTURES / "zimage-tiny"
 # An image job that takes many seconds on a CPU (200 steps at 256x256); cheap to cancel.
-LONG_IMAGE = {"prompt": "a long job", "width": 512, "height": 512, "steps": 200, "seed": 1}
+LONG_IMAGE = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 200, "seed": 1}  # ~25 s here
 SMALL_IMAGE = {"prompt": "still serving", "width": 32, "height": 32, "steps": 1, "guidance": 0, "seed": 1}
 
 
