@@ -92,6 +92,14 @@ mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& 
   return modulate_by(x, shift, one_plus(scale), eps);
 }
 
+// x + gate * y: a block's gated residual. One pass on every core on the CPU.
+mx::array gated_add(const mx::array& x, const mx::array& y, const mx::array& gate) {
+  if (modulation_on_cpu(x, gate, gate) && y.shape() == x.shape() && y.dtype() == mx::float32) {
+    return gated_sum_cpu(x, y, gate);
+  }
+  return mx::add(x, mx::multiply(gate, y));
+}
+
 // h = x + gate * y (a block's residual), and modulate(h, shift, scale): one kernel on CUDA, two on the CPU.
 std::pair<mx::array, mx::array> residual_then_modulate(const mx::array& x, const mx::array& y, const mx::array& gate,
                                                        const mx::array& shift, const mx::array& scale, float eps) {
@@ -99,9 +107,7 @@ std::pair<mx::array, mx::array> residual_then_modulate(const mx::array& x, const
   if (auto fused = cuda_gated_residual_modulated_layer_norm(x, GatedTerm{y, gate}, shift, one_plus_scale, eps)) {
     return *fused;
   }
-  auto h = modulation_on_cpu(x, gate, shift) && y.shape() == x.shape() && y.dtype() == mx::float32
-               ? gated_sum_cpu(x, y, gate)
-               : mx::add(x, mx::multiply(gate, y));
+  auto h = gated_add(x, y, gate);
   return {h, modulate_by(h, shift, one_plus_scale, eps)};
 }
 
@@ -259,10 +265,10 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
   auto out_x = mx::slice(out, {0, text_len, 0}, {b, total, width});
 
   auto [x1, x1_modulated] = residual_then_modulate(x, block.to_out(out_x), mod_img[2], mod_img[3], mod_img[4], eps);
-  auto x2 = mx::add(x1, mx::multiply(mod_img[5], block.ff_out(swiglu(block.ff_in(x1_modulated)))));
+  auto x2 = gated_add(x1, block.ff_out(swiglu(block.ff_in(x1_modulated))), mod_img[5]);
 
   auto [c1, c1_modulated] = residual_then_modulate(c, block.to_add_out(out_c), mod_txt[2], mod_txt[3], mod_txt[4], eps);
-  auto c2 = mx::add(c1, mx::multiply(mod_txt[5], block.ff_context_out(swiglu(block.ff_context_in(c1_modulated)))));
+  auto c2 = gated_add(c1, block.ff_context_out(swiglu(block.ff_context_in(c1_modulated))), mod_txt[5]);
   return {x2, c2};
 }
 
@@ -279,7 +285,7 @@ mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx
   auto attn = attention(q, k, split_heads(parts[2], h));
   auto mlp = gated_silu_columns(p, 3 * d, 3 * d + m, m);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
-  return mx::add(hs, mx::multiply(mod[2], out));
+  return gated_add(hs, out, mod[2]);
 }
 
 mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,

@@ -765,9 +765,9 @@ constexpr int kAttentionQueryBand = 48;
 // for the scores, 64 wide for the output; ~60 GMAC/s on one core against ~100 for large ones), and a whole head's
 // scores left the cache (an 800-token head's are 2.5 MB). k goes once into panels of 16 keys [keys'/16][D][16] and
 // v into panels of 16 value columns [Dv'/16][keys'][16] (keys' and Dv' rounded up to the block's 16 or 32 outputs,
-// zeros past the end);
-// queries go in bands of kAttentionQueryBand rows whose scores are made, exponentiated (one pass for the max, one
-// for exp and the sum) and multiplied by v while in the cache, each output row divided by its sum at the end.
+// zeros past the end); queries go in bands of kAttentionQueryBand rows whose scores are made, exponentiated (one
+// pass for the max, one for exp and the sum) and multiplied by v while in the cache, each output row divided by its
+// sum at the end.
 // Each score sums its D products in order and each output its keys' in order: within float32 rounding of MLX's
 // numbers, not their bits (MLXRUNNER_CPU_LOOPS=baseline keeps MLX's path).
 void attend_one_head_direct(const float* q, const float* k, const float* v, const bool* keep, float* out,
