@@ -4,17 +4,7 @@
 #include "nn/cpu_kernel_loops.h"
 
 #ifdef MLXR_AVX2_LOOPS
-#include <immintrin.h>
-
-#include <array>
-#include <bit>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <utility>
-
-#include "nn/erf_coefficients.h"
+#include "nn/cpu_kernel_loops_includes.h"
 
 namespace mlxr::cpu_loops::avx512 {
 #define MLXR_LOOPS_NAME "avx512"
