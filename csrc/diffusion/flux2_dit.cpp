@@ -67,18 +67,13 @@ Flux2SingleBlock load_single(const Weights& w, const Flux2Config& c) {
                           .norm_k = RMSNorm::load(attn.sub("norm_k"), hd, c.eps)};
 }
 
-// Whether the CPU's modulation kernels take x with these per-batch vectors [B, 1, N] (float32 throughout).
-bool modulation_on_cpu(const mx::array& x, const mx::array& a, const mx::array& b) {
-  const mx::Shape vector_shape{x.shape(0), 1, x.shape(-1)};
-  return on_cpu_kernels(x) && x.ndim() == 3 && a.dtype() == mx::float32 && b.dtype() == mx::float32 &&
-         a.shape() == vector_shape && b.shape() == vector_shape;
-}
-
 // LayerNorm without affine parameters (every norm of the blocks), then one_plus_scale * . + shift. One kernel on CUDA
 // and on the CPU.
 mx::array modulate_by(const mx::array& x, const mx::array& shift, const mx::array& one_plus_scale, float eps) {
   if (auto fused = cuda_modulated_layer_norm(x, shift, one_plus_scale, eps)) return *fused;
-  if (modulation_on_cpu(x, shift, one_plus_scale)) return modulated_layer_norm_cpu(x, shift, one_plus_scale, eps);
+  if (cpu_modulation_vector(x, shift) && cpu_modulation_vector(x, one_plus_scale)) {
+    return modulated_layer_norm_cpu(x, shift, one_plus_scale, eps);
+  }
   auto n = mx::fast::layer_norm(x, std::nullopt, std::nullopt, eps);
   return mx::add(mx::multiply(one_plus_scale, n), shift);
 }
@@ -94,7 +89,7 @@ mx::array modulate(const mx::array& x, const mx::array& shift, const mx::array& 
 
 // x + gate * y: a block's gated residual. One pass on every core on the CPU.
 mx::array gated_add(const mx::array& x, const mx::array& y, const mx::array& gate) {
-  if (modulation_on_cpu(x, gate, gate) && y.shape() == x.shape() && y.dtype() == mx::float32) {
+  if (cpu_modulation_vector(x, gate) && y.shape() == x.shape() && y.dtype() == mx::float32) {
     return gated_sum_cpu(x, y, gate);
   }
   return mx::add(x, mx::multiply(gate, y));

@@ -84,8 +84,7 @@ mx::array rotated_heads(const mx::array& x, const std::optional<RMSNorm>& norm, 
 
 // Whether the CPU's modulated-norm kernels take x with this norm and per-batch vector (float32 throughout).
 bool modulated_norm_on_cpu(const mx::array& x, const RMSNorm& norm, const mx::array& vector) {
-  return on_cpu_kernels(x) && x.ndim() == 3 && norm.weight.dtype() == mx::float32 && vector.dtype() == mx::float32 &&
-         vector.shape() == mx::Shape{x.shape(0), 1, x.shape(2)};
+  return cpu_modulation_vector(x, vector) && norm.weight.dtype() == mx::float32;
 }
 
 // norm(x) * scale: a modulated block's input. One kernel on CUDA and on the CPU.

@@ -405,6 +405,17 @@ class CpuGroupNorm : public CpuKernel {
 };
 
 // LayerNorm (with a bias) or RMSNorm (without) over the last axis, rows over the cores.
+// LayerNorm (with `bias`) or RMSNorm (bias nullptr) of `rows` rows of n floats (n apart) into out, as
+// mx::fast::layer_norm / rms_norm compute them; kRowGroup rows at a time where it can (norm_group: the same bits as
+// norm_row).
+void norm_rows(const float* in, float* out, size_t rows, int n, const float* weight, const float* bias, float eps) {
+  const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
+  size_t r = 0;
+  for (; r + cpu_loops::kRowGroup <= rows; r += cpu_loops::kRowGroup)
+    loops().norm_group(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+  for (; r < rows; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+}
+
 class CpuRowNorm : public CpuKernel {
  public:
   CpuRowNorm(mx::Stream stream, float eps) : CpuKernel(stream), eps_(eps) {}
@@ -417,12 +428,8 @@ class CpuRowNorm : public CpuKernel {
     dispatch(inputs, out,
              [in = in.data<float>(), weight = inputs[1].data<float>(), bias, out = out.data<float>(), n,
               rows = in.size() / n, eps = eps_] {
-               const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
-                 size_t r = begin;
-                 for (; r + cpu_loops::kRowGroup <= end; r += cpu_loops::kRowGroup)
-                   loops().norm_group(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
-                 for (; r < end; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
+                 norm_rows(in + begin * n, out + begin * n, end - begin, n, weight, bias, eps);
                });
              });
   }
@@ -585,8 +592,7 @@ bool takes_direct_convolution(const ConvShape&) {
 
 // The output channels rounded up to whole panels.
 int panelled_outputs(const ConvShape& s) {
-  constexpr int width = cpu_loops::kConvOutputs;
-  return (s.out_channels + width - 1) / width * width;
+  return round_up_to(s.out_channels, cpu_loops::kConvOutputs);
 }
 
 // conv_block over the panels from output `o` on: conv_panels of them, or the last one alone.
@@ -602,8 +608,9 @@ void convolve_block(const float* const* rows, int kernel, int channels, const fl
 const float* convolution_panels(const float* weight, const ConvShape& s, std::vector<float>& buffer) {
   constexpr int width = cpu_loops::kConvOutputs;
   const size_t taps = size_t(s.kernel) * s.kernel, depth = taps * s.channels;
-  float* panels = cache_aligned(buffer, depth * panelled_outputs(s));
-  std::fill(panels, panels + depth * panelled_outputs(s), 0.0f);
+  const size_t size = depth * panelled_outputs(s);
+  float* panels = cache_aligned(buffer, size);
+  std::fill(panels, panels + size, 0.0f);
   for (int o = 0; o < s.out_channels; ++o) {
     for (size_t k = 0; k < depth; ++k) panels[((o / width) * depth + k) * width + o % width] = weight[o * depth + k];
   }
@@ -619,8 +626,8 @@ void padded_row(const float* src, const ConvShape& s, size_t n, int y, int colum
 // one, so each input row is copied once per core rather than `kernel` times.
 class PaddedRowRing {
  public:
-  PaddedRowRing(const ConvShape& s, int columns)
-      : s_(s), columns_(columns), rows_(size_t(s.kernel) * columns * s.channels), held_(s.kernel, kNone) {}
+  PaddedRowRing(const float* src, const ConvShape& s, int columns)
+      : src_(src), s_(s), columns_(columns), rows_(size_t(s.kernel) * columns * s.channels), held_(s.kernel, kNone) {}
 
   // Input row `y` of image n (as padded_row reads it), copied in if the ring does not hold it already.
   const float* row(size_t n, int y) {
@@ -633,13 +640,12 @@ class PaddedRowRing {
     }
     return at;
   }
-  void read_from(const float* src) { src_ = src; }
 
  private:
   static constexpr int64_t kNone = -1;
+  const float* src_;
   const ConvShape& s_;
   int columns_;
-  const float* src_ = nullptr;
   std::vector<float> rows_;
   std::vector<int64_t> held_;
 };
@@ -660,8 +666,7 @@ void convolve_direct(const float* src, const float* weight, const float* bias, c
   // two million multiply-adds (a 32 x 32 x 16 -> 16 convolution) on.
   const size_t row_macs = size_t(s.out_cols) * s.depth() * s.out_channels;
   on_all_cores(size_t(s.batch) * s.out_rows, row_macs / 64 + 1, [&](size_t begin, size_t end) {
-    PaddedRowRing ring(s, padded_columns);
-    ring.read_from(src);
+    PaddedRowRing ring(src, s, padded_columns);
     std::vector<float> scratch(size_t(row_pixels) * row_stride);
     std::vector<const float*> input_rows(s.kernel), tap_rows(s.kernel);
     for (size_t r = begin; r < end; ++r) {
@@ -908,16 +913,6 @@ class CpuAttention : public CpuKernel {
   float scale_;
 };
 
-// RMSNorm of `rows` rows of n floats (n apart) into out, kRowGroup rows at a time where it can (norm_group: the same
-// bits as norm_row).
-void rms_norm_rows(const float* in, float* out, size_t rows, int n, const float* weight, float eps) {
-  const float inverse_n = static_cast<float>(1.0 / n);  // MLX's mean: the sum times float(1 / n)
-  size_t r = 0;
-  for (; r + cpu_loops::kRowGroup <= rows; r += cpu_loops::kRowGroup)
-    loops().norm_group(in + r * n, out + r * n, n, weight, nullptr, eps, inverse_n);
-  for (; r < rows; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, nullptr, eps, inverse_n);
-}
-
 // head_norm_rope_cpu (nn/cpu_kernels.h). Inputs: x (its view: token rows `token_stride` apart), then the norm's
 // weight when there is one, cos, sin.
 class CpuHeadNormRope : public CpuKernel {
@@ -942,7 +937,7 @@ class CpuHeadNormRope : public CpuKernel {
                    const size_t b = bt / tokens, t = bt % tokens;
                    const float* in = src + b * batch_stride + t * token_stride;
                    if (weight) {
-                     rms_norm_rows(in, normed.data(), heads, depth, weight, eps);
+                     norm_rows(in, normed.data(), heads, depth, weight, nullptr, eps);
                      in = normed.data();
                    }
                    const size_t table = ((table_per_batch ? b : 0) * tokens + t) * half;
@@ -991,7 +986,7 @@ class CpuModulatedNorm : public CpuKernel {
                  std::vector<float> normed(group * n);
                  for (size_t first = begin; first < end; first += group) {
                    const size_t count = std::min(group, end - first);
-                   rms_norm_rows(normed_in + first * n, normed.data(), count, n, weight, eps);
+                   norm_rows(normed_in + first * n, normed.data(), count, n, weight, nullptr, eps);
                    for (size_t r = 0; r < count; ++r) {
                      const size_t row = first + r;
                      const float* v = vector + row / tokens * n;  // the row's batch element's scale or gate
@@ -1035,8 +1030,7 @@ class CpuLayerModulation : public CpuKernel {
     dispatch(inputs, out,
              [x = x.data<float>(), first_in = inputs[1].data<float>(), second_in = inputs[2].data<float>(),
               dst = out.data<float>(), rows = x.size() / n, n, tokens, kind = kind_, eps = eps_] {
-               const float inverse_n = static_cast<float>(1.0 / n);
-               // The norm without affine parameters as norm_row computes it with them: times 1 and plus 0 change
+               // The norm without affine parameters as norm_rows computes it with them: times 1 and plus 0 change
                // no value (but the sign of a zero).
                const std::vector<float> ones(n, 1.0f), zeros(n, 0.0f);
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
@@ -1049,7 +1043,7 @@ class CpuLayerModulation : public CpuKernel {
                      const float *y = first_in + row * n, *gate = second_in + vector_at;
                      for (int j = 0; j < n; ++j) to[j] = in[j] + gate[j] * y[j];
                    } else {
-                     loops().norm_row(in, normed.data(), n, ones.data(), zeros.data(), eps, inverse_n);
+                     norm_rows(in, normed.data(), 1, n, ones.data(), zeros.data(), eps);
                      const float *scale = first_in + vector_at, *shift = second_in + vector_at;
                      for (int j = 0; j < n; ++j) to[j] = scale[j] * normed[j] + shift[j];
                    }
@@ -1109,7 +1103,6 @@ class CpuProductEpilogue : public CpuKernel {
              [y = y.data<float>(), bias = inputs[1].data<float>(), residual = norm ? inputs[2].data<float>() : nullptr,
               weight = norm ? inputs[3].data<float>() : nullptr, norm_bias = norm ? inputs[4].data<float>() : nullptr,
               dst = out.data<float>(), rows = y.size() / n, n, eps = eps_] {
-               const float inverse_n = static_cast<float>(1.0 / n);
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
                  constexpr size_t group = cpu_loops::kRowGroup;
                  std::vector<float> sum(group * n);
@@ -1125,13 +1118,10 @@ class CpuProductEpilogue : public CpuKernel {
                      }
                    }
                    float* to = dst + first * n;
-                   if (!residual) {
-                     loops().gelu_range(sum.data(), to, count * n);
-                   } else if (count == group) {
-                     loops().norm_group(sum.data(), to, n, weight, norm_bias, eps, inverse_n);
+                   if (residual) {
+                     norm_rows(sum.data(), to, count, n, weight, norm_bias, eps);
                    } else {
-                     for (size_t r = 0; r < count; ++r)
-                       loops().norm_row(sum.data() + r * n, to + r * n, n, weight, norm_bias, eps, inverse_n);
+                     loops().gelu_range(sum.data(), to, count * n);
                    }
                  }
                });
@@ -1471,6 +1461,11 @@ mx::array layer_norm_cpu(const mx::array& x, const mx::array& weight, const std:
                    std::move(inputs));
 }
 
+bool cpu_modulation_vector(const mx::array& x, const mx::array& vector) {
+  return on_cpu_kernels(x) && x.ndim() == 3 && vector.dtype() == mx::float32 &&
+         vector.shape() == mx::Shape{x.shape(0), 1, x.shape(2)};
+}
+
 mx::array head_norm_rope_cpu(const mx::array& x, const std::optional<mx::array>& norm_weight, float eps,
                              const mx::array& cos, const mx::array& sin) {
   const int half = x.ndim() == 4 ? x.shape(3) / 2 : 0;
@@ -1520,20 +1515,20 @@ mx::array gated_residual_cpu(const mx::array& x, const mx::array& a, const mx::a
   return modulated_norm_cpu(x, a, norm_weight, eps, gate, "gated_residual_cpu");
 }
 
-mx::array bias_add_cpu(const mx::array& y, const mx::array& bias) {
-  if (y.ndim() < 1 || bias.ndim() != 1 || bias.dtype() != mx::float32 || bias.shape(0) != y.shape(-1)) {
-    throw std::invalid_argument("bias_add_cpu: y [..., N] and bias [N], float32");
-  }
-  return run_kernel<CpuBiasAdd>({y, bias});
-}
-
 namespace {
 
+// Whether v is a float32 vector of y's last size (a bias, a norm's weight).
 bool row_vector_of(const mx::array& v, const mx::array& y) {
   return v.ndim() == 1 && v.dtype() == mx::float32 && v.shape(0) == y.shape(-1);
 }
 
 }  // namespace
+
+mx::array bias_add_cpu(const mx::array& y, const mx::array& bias) {
+  if (y.ndim() < 1 || !row_vector_of(bias, y))
+    throw std::invalid_argument("bias_add_cpu: y [..., N] and bias [N], float32");
+  return run_kernel<CpuBiasAdd>({y, bias});
+}
 
 mx::array bias_gelu_cpu(const mx::array& y, const mx::array& bias) {
   if (y.ndim() < 1 || !row_vector_of(bias, y)) throw std::invalid_argument("bias_gelu_cpu: y [..., N], bias [N]");

@@ -96,6 +96,9 @@ const char* cpu_loops_name();
 
 // The DiT blocks' row work on every core, one pass each, bit for bit the op-by-op graphs they replace (MLX runs
 // those element-wise ops on one thread, through strided broadcast views for RoPE); float32 on the CPU only.
+// Whether the modulation kernels below take x with this per-batch vector (a scale, gate or shift): x [B, T, N]
+// float32 on the CPU, the vector float32 [B, 1, N].
+bool cpu_modulation_vector(const mx::array& x, const mx::array& vector);
 // RMSNorm over each head (when `norm_weight` is given) then RoPE on its (even, odd) pairs, x [B, T, H, D] with the
 // last axis contiguous and the heads adjacent (a fused projection's column range), cos and sin [1 or B, T, 1, D/2]:
 // out [B, T, H, D] row-contiguous, pair i of a head (x0 cos - x1 sin, x0 sin + x1 cos) as nn/rope.cpp's graph makes.
