@@ -286,6 +286,16 @@ void bind_attention(nb::module_& m) {
       "Attention over [B, H, L, D] with an optional mask as mx.fast.scaled_dot_product_attention takes it (bool: "
       "True attends; float: added to the scores): the encoders' and DiTs' attention. max_scores > 0: in bands of "
       "queries with about that many scores at a time (the VAE's attention).");
+  m.def(
+      "packed_attention_cpu",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const std::vector<int>& lengths,
+         std::optional<float> scale) {
+        if (!on_cpu_kernels(q)) throw std::invalid_argument("packed_attention_cpu takes float32 on the CPU");
+        return evaluated(packed_attention_cpu(q, k, v, scale_or_default(scale, q), lengths));
+      },
+      "q"_a, "k"_a, "v"_a, "lengths"_a, "scale"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+      "Attention over sequences packed back to back along the tokens of q [1, Hq, N, D], k and v [1, Hkv, N, D] "
+      "(`lengths` summing to N), each sequence attending to itself only (nn/cpu_kernels.h).");
 }
 
 // Our CUDA kernels called on their own, and their sources as MLX is handed them (nn/cuda_*).

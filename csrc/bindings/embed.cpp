@@ -1,6 +1,7 @@
 // Sentence embeddings: the BERT encoder, pooling and normalisation.
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "bindings/bindings.h"
 #include "bindings/config.h"
@@ -25,7 +26,16 @@ void bind_embed(nb::module_& m) {
           [](const BertEncoder& self, const mx::array& ids, const mx::array& mask, const std::string& pooling,
              bool normalize) { return evaluated(self.embed(ids, mask, pooling_from_name(pooling), normalize)); },
           "input_ids"_a, "attention_mask"_a, "pooling"_a = "mean", "normalize"_a = true,
-          nb::call_guard<nb::gil_scoped_release>(), "One float32 vector per input row: [B, H].");
+          nb::call_guard<nb::gil_scoped_release>(), "One float32 vector per input row: [B, H].")
+      .def(
+          "embed_sequences",
+          [](const BertEncoder& self, const std::vector<std::vector<int>>& sequences, const std::string& pooling,
+             bool normalize) {
+            return evaluated(self.embed_sequences(sequences, pooling_from_name(pooling), normalize));
+          },
+          "sequences"_a, "pooling"_a = "mean", "normalize"_a = true, nb::call_guard<nb::gil_scoped_release>(),
+          "One float32 vector per token id list (any lengths, no padding needed): [B, H]. On the CPU (float32) the "
+          "sequences run back to back without padding, each attending to itself.");
 
   m.def(
       "pool",

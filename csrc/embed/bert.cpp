@@ -86,13 +86,13 @@ mx::array residual_norm(const Linear& layer, const mx::array& h, const mx::array
 
 }  // namespace
 
-mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const mx::array& key_mask) const {
+mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const Attend& attend) const {
   const int heads = config_.num_attention_heads, h = config_.hidden_size;
   auto qkv = layer.qkv.part_outputs(x, {h, h, h});  // column views of the one product, read in place
   auto q = heads_first(split_heads(qkv[0], heads));
   auto k = heads_first(split_heads(qkv[1], heads));
   auto v = heads_first(split_heads(qkv[2], heads));
-  return merge_heads(mlxr::attention(q, k, v, key_mask));  // attention_out's input
+  return merge_heads(attend(q, k, v));  // attention_out's input
 }
 
 mx::array BertEncoder::feed_forward_input(const BertLayer& layer, const mx::array& x) const {
@@ -102,34 +102,95 @@ mx::array BertEncoder::feed_forward_input(const BertLayer& layer, const mx::arra
   return activation(config_.hidden_act, layer.intermediate(x));
 }
 
+mx::array BertEncoder::embed_tokens(const mx::array& ids, const mx::array& positions, const mx::array& types) const {
+  auto x = mx::add(mx::add(word_embeddings_(ids), position_embeddings_(positions)), token_type_embeddings_(types));
+  return embeddings_norm_(x);
+}
+
+mx::array BertEncoder::encode(mx::array x, const Attend& attend) const {
+  for (const auto& layer : layers_) {
+    x = residual_norm(layer.attention_out, attention(layer, x, attend), x, layer.attention_norm);
+    x = residual_norm(layer.output, feed_forward_input(layer, x), x, layer.output_norm);
+  }
+  return x;
+}
+
 mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& attention_mask,
                                const std::optional<mx::array>& token_type_ids) const {
   if (input_ids.ndim() != 2 || attention_mask.shape() != input_ids.shape()) {
     throw std::invalid_argument("input_ids and attention_mask must both be [batch, length]; got " +
                                 shape_string(input_ids.shape()) + " and " + shape_string(attention_mask.shape()));
   }
-  const int length = input_ids.shape(1);
-  if (length > config_.max_position_embeddings) {
-    throw std::invalid_argument("input of " + std::to_string(length) + " tokens is longer than the model's " +
-                                std::to_string(config_.max_position_embeddings) + " positions");
-  }
+  check_length(input_ids.shape(1));
   auto ids = mx::astype(input_ids, mx::int32);
   auto types = token_type_ids ? mx::astype(*token_type_ids, mx::int32) : mx::zeros_like(ids);
-  auto positions = mx::arange(length, mx::int32);
-  auto x = mx::add(mx::add(word_embeddings_(ids), position_embeddings_(positions)), token_type_embeddings_(types));
-  x = embeddings_norm_(x);
-
+  auto x = embed_tokens(ids, mx::arange(input_ids.shape(1), mx::int32), types);
   auto key_mask = padding_key_mask(attention_mask);
-  for (const auto& layer : layers_) {
-    x = residual_norm(layer.attention_out, attention(layer, x, key_mask), x, layer.attention_norm);
-    x = residual_norm(layer.output, feed_forward_input(layer, x), x, layer.output_norm);
-  }
-  return x;
+  return encode(x, [&](const mx::array& q, const mx::array& k, const mx::array& v) {
+    return mlxr::attention(q, k, v, key_mask);
+  });
 }
 
 mx::array BertEncoder::embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
                              bool normalize) const {
   auto pooled = pool(forward(input_ids, attention_mask), attention_mask, pooling);
+  return normalize ? l2_normalize(pooled) : pooled;
+}
+
+void BertEncoder::check_length(int length) const {
+  if (length > config_.max_position_embeddings) {
+    throw std::invalid_argument("input of " + std::to_string(length) + " tokens is longer than the model's " +
+                                std::to_string(config_.max_position_embeddings) + " positions");
+  }
+}
+
+mx::array BertEncoder::embed_sequences(const std::vector<std::vector<int>>& sequences, Pooling pooling,
+                                       bool normalize) const {
+  if (sequences.empty()) throw std::invalid_argument("embed_sequences needs at least one sequence");
+  int longest = 0;
+  for (const auto& sequence : sequences) {
+    if (sequence.empty()) throw std::invalid_argument("embed_sequences: every sequence needs at least one token");
+    longest = std::max(longest, int(sequence.size()));
+  }
+  check_length(longest);
+  if (on_cpu_kernels(word_embeddings_.weight)) return embed_packed(sequences, pooling, normalize);
+  const int batch = int(sequences.size());
+  std::vector<int> ids(size_t(batch) * longest, 0), mask(size_t(batch) * longest, 0);
+  for (int b = 0; b < batch; ++b) {
+    std::copy(sequences[b].begin(), sequences[b].end(), ids.begin() + size_t(b) * longest);
+    std::fill_n(mask.begin() + size_t(b) * longest, sequences[b].size(), 1);
+  }
+  return embed(mx::array(ids.begin(), {batch, longest}), mx::array(mask.begin(), {batch, longest}), pooling, normalize);
+}
+
+mx::array BertEncoder::embed_packed(const std::vector<std::vector<int>>& sequences, Pooling pooling,
+                                    bool normalize) const {
+  const int batch = int(sequences.size());
+  std::vector<int> ids, positions, lengths;
+  int longest = 0;
+  for (const auto& sequence : sequences) {
+    ids.insert(ids.end(), sequence.begin(), sequence.end());
+    for (int p = 0; p < int(sequence.size()); ++p) positions.push_back(p);
+    lengths.push_back(int(sequence.size()));
+    longest = std::max(longest, lengths.back());
+  }
+  const int tokens = int(ids.size());
+  auto row = [tokens](const std::vector<int>& v) { return mx::array(v.begin(), {1, tokens}); };
+  auto x = embed_tokens(row(ids), row(positions), mx::zeros({1, tokens}, mx::int32));
+  auto hidden = encode(x, [&](const mx::array& q, const mx::array& k, const mx::array& v) {
+    return packed_attention_cpu(q, k, v, scale_or_default(std::nullopt, q), lengths);
+  });
+  // Pooling reads [B, longest, H] under a mask: each sequence's rows gathered from the packed ones (the padding
+  // slots read the sequence's first row, which the mask then leaves out).
+  std::vector<int> rows(size_t(batch) * longest), mask(size_t(batch) * longest, 0);
+  for (int b = 0, first = 0; b < batch; first += lengths[b], ++b) {
+    for (int t = 0; t < longest; ++t) {
+      rows[size_t(b) * longest + t] = first + (t < lengths[b] ? t : 0);
+      mask[size_t(b) * longest + t] = t < lengths[b];
+    }
+  }
+  auto padded = mx::take(mx::squeeze(hidden, 0), mx::array(rows.begin(), {batch, longest}), 0);
+  auto pooled = pool(padded, mx::array(mask.begin(), {batch, longest}), pooling);
   return normalize ? l2_normalize(pooled) : pooled;
 }
 

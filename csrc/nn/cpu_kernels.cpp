@@ -878,9 +878,37 @@ void attend_heads(const float* q, const float* k, const float* v, const bool* ke
       });
 }
 
+// attend_heads over sequences packed along the token axis of a batch of one: sequence i is the tokens [starts[i],
+// starts[i + 1]), attending to itself only. Each (sequence, query head) is one task; the tasks go head by head, so
+// that each core's share holds long and short sequences alike.
+void attend_packed_heads(const float* q, const float* k, const float* v, float* out, const AttentionShape& s,
+                         const std::vector<int>& starts) {
+  const int repeats = s.heads / s.kv_heads, sequences = int(starts.size()) - 1;
+  size_t work = 0;  // all sequences' scores times their depth: on_all_cores' measure of the whole
+  for (int i = 0; i < sequences; ++i) work += size_t(starts[i + 1] - starts[i]) * (starts[i + 1] - starts[i]);
+  BlasOnCallingThread one_thread_each;
+  on_all_cores(size_t(sequences) * s.heads, work * (s.depth + s.value_depth) / std::max(sequences, 1),
+               [&](size_t begin, size_t end) {
+                 AttentionScratch scratch;
+                 for (size_t task = begin; task < end; ++task) {
+                   const int i = int(task % sequences), h = int(task / sequences), kv = h / repeats;
+                   AttentionShape one = s;
+                   one.queries = one.keys = starts[i + 1] - starts[i];
+                   const int64_t first = starts[i];
+                   attend_one_head(q + first * s.q_strides[2] + h * s.q_strides[1],
+                                   k + first * s.k_strides[2] + kv * s.k_strides[1],
+                                   v + first * s.v_strides[2] + kv * s.v_strides[1], nullptr,
+                                   out + size_t(first) * s.heads * s.value_depth + size_t(h) * s.value_depth,
+                                   int64_t(s.heads) * s.value_depth, one, scratch);
+                 }
+               });
+}
+
+// attention_cpu, or packed_attention_cpu where `sequence_starts` is not empty.
 class CpuAttention : public CpuKernel {
  public:
-  CpuAttention(mx::Stream stream, float scale) : CpuKernel(stream), scale_(scale) {}
+  CpuAttention(mx::Stream stream, float scale, std::vector<int> sequence_starts = {})
+      : CpuKernel(stream), scale_(scale), sequence_starts_(std::move(sequence_starts)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -901,16 +929,24 @@ class CpuAttention : public CpuKernel {
     const bool* keys_allowed = inputs.size() > 3 ? inputs[3].data<bool>() : nullptr;
     dispatch(inputs, out,
              [q = q.data<float>(), k = k.data<float>(), v = v.data<float>(), keys_allowed, dst = out.data<float>(),
-              shape] { attend_heads(q, k, v, keys_allowed, dst, shape); });
+              shape, starts = sequence_starts_] {
+               if (starts.empty()) {
+                 attend_heads(q, k, v, keys_allowed, dst, shape);
+               } else {
+                 attend_packed_heads(q, k, v, dst, shape, starts);
+               }
+             });
   }
 
   DEFINE_NAME(CpuAttention)
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const CpuAttention&>(other).scale_;
+    const auto& o = static_cast<const CpuAttention&>(other);
+    return scale_ == o.scale_ && sequence_starts_ == o.sequence_starts_;
   }
 
  private:
   float scale_;
+  std::vector<int> sequence_starts_;
 };
 
 // head_norm_rope_cpu (nn/cpu_kernels.h). Inputs: x (its view: token rows `token_stride` apart), then the norm's
@@ -1413,6 +1449,27 @@ mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array&
   // The output is [B, Lq, H, Dv], handed back as its [B, H, Lq, Dv] view.
   auto out = mx::array({q.shape(0), q.shape(2), q.shape(1), v.shape(3)}, mx::float32,
                        std::make_shared<CpuAttention>(mx::default_stream(mx::Device::cpu), scale), std::move(inputs));
+  return mx::transpose(out, {0, 2, 1, 3});
+}
+
+mx::array packed_attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                               const std::vector<int>& lengths) {
+  const bool shapes_fit = q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == 1 && k.shape(0) == 1 &&
+                          v.shape(0) == 1 && k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 &&
+                          v.shape(1) == k.shape(1) && k.shape(3) == q.shape(3) && k.shape(2) == q.shape(2) &&
+                          v.shape(2) == q.shape(2);
+  std::vector<int> starts{0};
+  for (int length : lengths) {
+    if (length <= 0) throw std::invalid_argument("packed_attention_cpu: every sequence needs at least one token");
+    starts.push_back(starts.back() + length);
+  }
+  if (!shapes_fit || starts.back() != q.shape(2)) {
+    throw std::invalid_argument(
+        "packed_attention_cpu: q [1, Hq, N, D], k and v [1, Hkv, N, D] (Hq a multiple of Hkv), lengths summing to N");
+  }
+  auto out = mx::array({1, q.shape(2), q.shape(1), v.shape(3)}, mx::float32,
+                       std::make_shared<CpuAttention>(mx::default_stream(mx::Device::cpu), scale, std::move(starts)),
+                       {q, k, v});
   return mx::transpose(out, {0, 2, 1, 3});
 }
 

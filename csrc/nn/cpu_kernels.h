@@ -11,6 +11,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include "mlx/mlx.h"
 
@@ -40,6 +41,11 @@ mx::array masked_softmax_last_axis(const mx::array& x, const mx::array& keys_all
 // Returns the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] array.
 mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                         const std::optional<mx::array>& keys_allowed);
+// attention_cpu over sequences packed one after another along the token axis, with no padding: q [1, Hq, N, D], k
+// and v [1, Hkv, N, D], `lengths` (each at least 1) summing to N; each sequence's queries attend to its own keys
+// only. Each (sequence, head) is one task on one core. Returns the [1, Hq, N, Dv] view of a [1, N, Hq, Dv] array.
+mx::array packed_attention_cpu(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                               const std::vector<int>& lengths);
 
 // gelu() (the erf form, with Eigen's rational erf) for on_cpu_kernels(x).
 mx::array gelu_erf_cpu(const mx::array& x);

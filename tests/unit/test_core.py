@@ -119,6 +119,28 @@ def test_bert_padding_does_not_change_the_result():
     np.testing.assert_allclose(np.array(batched)[0], np.array(alone)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_bert_sequences_without_padding_are_the_padded_batch(pooling, dtype):
+    """embed_sequences runs float32 sequences back to back without padding (each attending to itself) and pads the
+    others: either way each vector is the padded batch's."""
+    config = _tiny_config()
+    encoder = _core.BertEncoder(config, _tiny_bert_weights(config, dtype))
+    sequences = [[1, 5, 7, 2, 9, 3], [1, 9, 2], [4], [1, 8, 8, 8, 2]]
+    ids = np.zeros((4, 6), np.int32)
+    mask = np.zeros((4, 6), np.int32)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)], mask[row, :len(sequence)] = sequence, 1
+    padded = np.array(encoder.embed(mx.array(ids), mx.array(mask), pooling, True))
+    unpadded = np.array(encoder.embed_sequences(sequences, pooling, True))
+    tolerance = 1e-5 if dtype == mx.float32 else 1e-2
+    np.testing.assert_allclose(unpadded, padded, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="at least one token"):
+        encoder.embed_sequences([[1, 2], []], pooling, True)
+    with pytest.raises(ValueError, match="longer than the model's 12 positions"):
+        encoder.embed_sequences([list(range(13))], pooling, True)
+
+
 def test_bert_rejects_inputs_longer_than_its_positions():
     config = _tiny_config()
     encoder = _core.BertEncoder(config, _tiny_bert_weights(config))

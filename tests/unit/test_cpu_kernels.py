@@ -267,6 +267,33 @@ def test_attention_head_by_head_is_mlxs(batch, heads, kv_heads, length, depth, l
         assert attention_matches_mlx(_core.masked_attention(q, k, v, mask), sdpa(q, k, v, mask))
 
 
+@pytest.mark.parametrize("heads, kv_heads, lengths", [
+    (12, 12, [18, 18, 17, 16, 15, 14, 14, 13, 2]),  # MiniLM's heads over short sentences packed back to back
+    (4, 2, [300, 1, 49]),  # grouped heads, a one-token sequence, a sequence past a query band
+])
+def test_packed_attention_is_each_sequence_alone(heads, kv_heads, lengths):
+    """Sequences packed back to back (an encoder's batch without padding): each sequence's rows are its attention
+    alone, MLX's numbers for that sequence (bit for bit under the baseline loops)."""
+    tokens = sum(lengths)
+    q = heads_first_view(1, tokens, heads, 32, 40)
+    k, v = (heads_first_view(1, tokens, kv_heads, 32, seed) for seed in (41, 42))
+    packed = _core.packed_attention_cpu(q, k, v, lengths)
+    assert packed.shape == (1, heads, tokens, 32)
+    first = 0
+    for length in lengths:
+        part = slice(first, first + length)
+        alone = sdpa(*(x[:, :, part] for x in (q, k, v)), None)  # the same views: MLX copies them alike
+        assert attention_matches_mlx(packed[:, :, part], alone), f"sequence at {first} of {length} tokens"
+        first += length
+
+
+def test_packed_attention_refuses_lengths_that_do_not_cover_the_tokens():
+    q = random((1, 2, 10, 8))
+    for lengths in ([4, 5], [4, 7], [10, 0]):
+        with pytest.raises(ValueError, match="lengths summing to N|at least one token"):
+            _core.packed_attention_cpu(q, q, q, lengths)
+
+
 @pytest.mark.parametrize("heads, length", [(2, 500), (2, 333), (4, 257)])
 def test_attention_at_any_key_length_is_mlxs_on_one_blas_thread(heads, length):
     """Key lengths that OpenBLAS's threaded driver splits into other blocks than its one-thread driver (here 500 and

@@ -119,7 +119,6 @@ class BertEmbedder:
         bert = read_bert_config(config)
         self.pipeline = read_pipeline(source, bert)
         self.tokenizer = load_tokenizer(source)
-        self.pad_id = int(config.get("pad_token_id", 0) or 0)
         weights = backend.compute_weights(source.tensors(""))
         if progress:
             progress(0.5)
@@ -172,19 +171,9 @@ class BertEmbedder:
         for batch in length_batches([len(s) for s in ids]):
             if check_cancelled:
                 check_cancelled()
-            input_ids, mask = self._pad([ids[i] for i in batch])
-            out = self.encoder.embed(input_ids, mask, self.pipeline.pooling, normalize)
+            out = self.encoder.embed_sequences([ids[i] for i in batch], self.pipeline.pooling, normalize)
             vectors[batch] = np.array(out, copy=False)
         return EmbeddingResult(vectors, sum(len(s) for s in ids), truncated)
-
-    def _pad(self, seqs: list[list[int]]) -> tuple[mx.array, mx.array]:
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        return mx.array(ids), mx.array(mask)
 
 
 def length_batches(lengths: list[int]) -> list[list[int]]:
