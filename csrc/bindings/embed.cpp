@@ -35,7 +35,9 @@ void bind_embed(nb::module_& m) {
           },
           "sequences"_a, "pooling"_a = "mean", "normalize"_a = true, nb::call_guard<nb::gil_scoped_release>(),
           "One float32 vector per token id list (any lengths, no padding needed): [B, H]. On the CPU (float32) the "
-          "sequences run back to back without padding, each attending to itself.");
+          "sequences run back to back without padding, each attending to itself.")
+      .def_prop_ro("packs_sequences", &BertEncoder::packs_sequences,
+                   "Whether embed_sequences runs its sequences back to back, without padding, on this device.");
 
   m.def(
       "pool",

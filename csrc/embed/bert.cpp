@@ -153,7 +153,7 @@ mx::array BertEncoder::embed_sequences(const std::vector<std::vector<int>>& sequ
     longest = std::max(longest, int(sequence.size()));
   }
   check_length(longest);
-  if (on_cpu_kernels(word_embeddings_.weight)) return embed_packed(sequences, pooling, normalize);
+  if (packs_sequences()) return embed_packed(sequences, pooling, normalize);
   const int batch = int(sequences.size());
   std::vector<int> ids(size_t(batch) * longest, 0), mask(size_t(batch) * longest, 0);
   for (int b = 0; b < batch; ++b) {
@@ -161,6 +161,10 @@ mx::array BertEncoder::embed_sequences(const std::vector<std::vector<int>>& sequ
     std::fill_n(mask.begin() + size_t(b) * longest, sequences[b].size(), 1);
   }
   return embed(mx::array(ids.begin(), {batch, longest}), mx::array(mask.begin(), {batch, longest}), pooling, normalize);
+}
+
+bool BertEncoder::packs_sequences() const {
+  return on_cpu_kernels(word_embeddings_.weight);
 }
 
 mx::array BertEncoder::embed_packed(const std::vector<std::vector<int>>& sequences, Pooling pooling,

@@ -58,6 +58,8 @@ class BertEncoder {
   // product or norm spends work on padding (32 sentences of 13-18 tokens: 493 tokens where padding makes 576).
   // Elsewhere they are padded to the longest for embed().
   mx::array embed_sequences(const std::vector<std::vector<int>>& sequences, Pooling pooling, bool normalize) const;
+  // Whether embed_sequences runs its sequences back to back (no padding) on the current device.
+  bool packs_sequences() const;
 
   const BertConfig& config() const { return config_; }
   mx::Dtype dtype() const { return word_embeddings_.weight.dtype(); }

@@ -68,3 +68,26 @@ def test_over_length_input_without_truncation_is_refused(minilm_embedder, minilm
 def test_token_count_includes_special_tokens(minilm_embedder):
     result = minilm_embedder.embed(["hello world", ""])
     assert result.token_count == 4 + 2
+
+
+def test_batches_keep_the_token_budget_and_pad_only_similar_lengths():
+    from mlxrunner.embed.bert import MAX_BATCH, TOKENS_PER_BATCH, length_batches
+
+    lengths = [256, 10, 12, 200, 120, 9, 64, 64, 3, 128] * 7
+    for padded in (True, False):
+        batches = length_batches(lengths, padded=padded)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        for batch in batches:
+            longest = max(lengths[i] for i in batch)
+            assert len(batch) <= MAX_BATCH
+            assert (longest * len(batch) if padded else sum(lengths[i] for i in batch)) <= TOKENS_PER_BATCH
+            if padded:  # padding never more than the input itself
+                assert all(2 * lengths[i] >= longest for i in batch)
+    # Without padding, inputs of any lengths share a batch: fewer, fuller batches.
+    assert len(length_batches(lengths, padded=False)) < len(length_batches(lengths, padded=True))
+
+
+def test_the_cpu_runs_sequences_without_padding(minilm_embedder):
+    import mlx.core as mx
+
+    assert minilm_embedder.encoder.packs_sequences == (mx.default_device() == mx.cpu)

@@ -26,7 +26,8 @@ POOLING_KEYS = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
 }
-# Token budget per batch (batch size x padded length): bounds memory, and how long a cancel waits.
+# Token budget per batch (its tokens; padded: batch size x the longest length): bounds memory, and how long a cancel
+# waits.
 TOKENS_PER_BATCH = 2048
 MAX_BATCH = 64
 
@@ -168,7 +169,7 @@ class BertEmbedder:
         normalize = self.pipeline.normalize if normalize is None else normalize
         ids, truncated = self.encode_ids(texts, truncate)
         vectors = np.zeros((len(texts), self.dims), dtype=np.float32)
-        for batch in length_batches([len(s) for s in ids]):
+        for batch in length_batches([len(s) for s in ids], padded=not self.encoder.packs_sequences):
             if check_cancelled:
                 check_cancelled()
             out = self.encoder.embed_sequences([ids[i] for i in batch], self.pipeline.pooling, normalize)
@@ -176,18 +177,24 @@ class BertEmbedder:
         return EmbeddingResult(vectors, sum(len(s) for s in ids), truncated)
 
 
-def length_batches(lengths: list[int]) -> list[list[int]]:
-    """Group input indices into batches of similar length (less padding), within a token budget."""
+def length_batches(lengths: list[int], padded: bool = True) -> list[list[int]]:
+    """Group input indices into batches within a token budget, longest first. Padded batches (every input as long as
+    the batch's longest) take inputs of similar lengths; packed ones (the CPU's, without padding) count only their
+    tokens, so inputs of any lengths share a batch."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
+    tokens = 0  # the last batch's (padded: its longest length times its inputs)
     for index in order:
         if batches:
             current = batches[-1]
             longest = lengths[current[0]]  # inputs come longest first
-            fits = len(current) < MAX_BATCH and longest * (len(current) + 1) <= TOKENS_PER_BATCH
+            added = longest if padded else lengths[index]
+            fits = len(current) < MAX_BATCH and tokens + added <= TOKENS_PER_BATCH
             # Past half the longest length, padding would cost more than a separate batch.
-            if fits and 2 * lengths[index] >= longest:
+            if fits and (not padded or 2 * lengths[index] >= longest):
                 current.append(index)
+                tokens += added
                 continue
         batches.append([index])
+        tokens = lengths[index]
     return batches
