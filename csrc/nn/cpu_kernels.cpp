@@ -1070,18 +1070,27 @@ class CpuLayerModulation : public CpuKernel {
                // no value (but the sign of a zero).
                const std::vector<float> ones(n, 1.0f), zeros(n, 0.0f);
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
-                 std::vector<float> normed(n);
-                 for (size_t row = begin; row < end; ++row) {
-                   const size_t vector_at = row / tokens * n;  // the row's batch element's vectors
-                   const float* in = x + row * n;
-                   float* to = dst + row * n;
-                   if (kind == kGatedSum) {
-                     const float *y = first_in + row * n, *gate = second_in + vector_at;
+                 if (kind == kGatedSum) {
+                   for (size_t row = begin; row < end; ++row) {
+                     const float *in = x + row * n, *y = first_in + row * n;
+                     const float* gate = second_in + row / tokens * n;  // the row's batch element's vector
+                     float* to = dst + row * n;
                      for (int j = 0; j < n; ++j) to[j] = in[j] + gate[j] * y[j];
-                   } else {
-                     norm_rows(in, normed.data(), 1, n, ones.data(), zeros.data(), eps);
+                   }
+                   return;
+                 }
+                 // Normed kRowGroup rows at a time (norm_rows overlaps their sums' chains; the same bits as one by
+                 // one), then each row scaled and shifted by its batch element's vectors.
+                 std::vector<float> normed(cpu_loops::kRowGroup * n);
+                 for (size_t first = begin; first < end; first += cpu_loops::kRowGroup) {
+                   const size_t count = std::min(cpu_loops::kRowGroup, end - first);
+                   norm_rows(x + first * n, normed.data(), count, n, ones.data(), zeros.data(), eps);
+                   for (size_t i = 0; i < count; ++i) {
+                     const size_t vector_at = (first + i) / tokens * n;
                      const float *scale = first_in + vector_at, *shift = second_in + vector_at;
-                     for (int j = 0; j < n; ++j) to[j] = scale[j] * normed[j] + shift[j];
+                     const float* row = normed.data() + i * n;
+                     float* to = dst + (first + i) * n;
+                     for (int j = 0; j < n; ++j) to[j] = scale[j] * row[j] + shift[j];
                    }
                  }
                });
