@@ -23,7 +23,7 @@ PRELUDE = r"""
 using std::min;
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx;
-static Dim3 blockIdx;
+static Dim3 blockIdx, blockDim;
 struct uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 #define __device__
@@ -131,6 +131,30 @@ inline float __shfl_xor_sync(unsigned, float value, int mask) {
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 using std::cos;
 using std::sin;
+"""
+
+
+def block_launcher(params: str, args: str, blocks: str, threads: int | str) -> str:
+    """C++ of `extern "C" void run(params)`: `kernel(args)` on `blocks` blocks (a C++ expression, which may read the
+    parameters) of `threads` threads, one block after another, each thread a std::thread with its threadIdx (the
+    warps' meeting points and the block's barrier made for that many)."""
+    return f"""
+extern "C" void run({params}) {{
+  const int block_count = {blocks}, block_threads = {threads};
+  for (int warp = 0; warp < block_threads / 32; ++warp) warps_tiles[warp].meet = std::make_unique<std::barrier<>>(32);
+  block_barrier = std::make_unique<std::barrier<>>(block_threads);
+  blockDim.x = block_threads;
+  for (int block = 0; block < block_count; ++block) {{
+    blockIdx.x = block;
+    std::vector<std::thread> lanes;
+    for (int i = 0; i < block_threads; ++i)
+      lanes.emplace_back([=] {{
+        threadIdx.x = i;
+        kernel({args});
+      }});
+    for (auto& lane : lanes) lane.join();
+  }}
+}}
 """
 
 

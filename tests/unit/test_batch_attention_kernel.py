@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_batch_attention.cpp"
 THREADS = 128  # the launch's block (kThreads)
@@ -36,22 +36,8 @@ constexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, SCALE_BITS = 
 static void kernel({params}) {{
 {source}
 }}
-extern "C" void run(int blocks, {params}) {{
-  for (int w = 0; w < {THREADS // 32}; ++w) warps_tiles[w].meet = std::make_unique<std::barrier<>>(32);
-  block_barrier = std::make_unique<std::barrier<>>({THREADS});
-  for (int block = 0; block < blocks; ++block) {{
-    blockIdx.x = block;
-    std::vector<std::thread> lanes;
-    for (int i = 0; i < {THREADS}; ++i)
-      lanes.emplace_back([=] {{
-        threadIdx.x = i;
-        kernel({args});
-      }});
-    for (auto& lane : lanes) lane.join();
-  }}
-}}
 """
-    return compile_library(tmp_path, code)
+    return compile_library(tmp_path, code + block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
 
 
 CASES = [  # head dim, query heads, key/value heads, each row's position (keys 0..position), capacity

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "nn"
 TOLERANCE = {"float": 1e-5, "bf16": 1.6e-2}  # tests/gpu/test_dit_fusion.py's, per dtype
@@ -32,7 +32,6 @@ SWITCHES = {"NORM", "NEXT", "RESIDUAL"}  # the #if branches the host code picks 
 BF16_ARITHMETIC = r"""
 inline __nv_bfloat16 operator*(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) * float(b)); }
 inline __nv_bfloat16 operator+(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) + float(b)); }
-static Dim3 blockDim;
 """
 
 
@@ -64,26 +63,9 @@ def build(tmp_path: Path, kernel: str, inputs: dict[str, str], outputs: list[str
     # The kernels' #if switches as defines, their template arguments as constants (MLX's are template parameters).
     defines = "".join(f"#define {k} {v}\n" for k, v in constants.items() if k in SWITCHES)
     values = "".join(f"constexpr int {k} = {v};\n" for k, v in constants.items() if k not in SWITCHES)
-    code = PRELUDE + BF16_ARITHMETIC + f"using T = {element};\n{values}{defines}{helpers}\n" + f"""
-static void kernel({signature}) {{
-{body}
-}}
-extern "C" void run(int blocks, int threads, {signature}) {{
-  for (int w = 0; w < threads / 32; ++w) warps_tiles[w].meet = std::make_unique<std::barrier<>>(32);
-  block_barrier = std::make_unique<std::barrier<>>(threads);
-  blockDim.x = threads;
-  for (int block = 0; block < blocks; ++block) {{
-    blockIdx.x = block;
-    std::vector<std::thread> lanes;
-    for (int i = 0; i < threads; ++i)
-      lanes.emplace_back([=] {{
-        threadIdx.x = i;
-        kernel({args});
-      }});
-    for (auto& lane : lanes) lane.join();
-  }}
-}}
-"""
+    code = (PRELUDE + BF16_ARITHMETIC + f"using T = {element};\n{values}{defines}{helpers}\n" +
+            f"static void kernel({signature}) {{\n{body}\n}}\n" +
+            block_launcher(f"int blocks, int threads, {signature}", args, "blocks", "threads"))
     return compile_library(tmp_path, code)
 
 

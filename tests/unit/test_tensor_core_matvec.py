@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_matvec.cpp"
 
@@ -82,23 +82,8 @@ def build(tmp_path: Path, dtype: str, bits: int, group: int, rows: int, warps: i
     stage = int(re.search(r"constexpr int kMaxStagedElements = (\d+);", header).group(1))
     code = (PRELUDE + f"#define MLXR_NORMED {int(normed or bool(heads))}\n#define MLXR_HEADS {int(bool(heads))}\n" +
             f"#define MLXR_STAGE {stage}\n" +
-            helpers + f"\nusing T = {dtype};\n" + f"static void kernel({params}) {{\n" + lines + body + "\n}\n" + f"""
-extern "C" void run({params}) {{
-  const int blocks = {blocks};
-  for (int wi = 0; wi < {warps_a_block}; ++wi) warps_tiles[wi].meet = std::make_unique<std::barrier<>>(32);
-  block_barrier = std::make_unique<std::barrier<>>(32 * {warps_a_block});
-  for (int block = 0; block < blocks; ++block) {{
-    blockIdx.x = block;
-    std::vector<std::thread> lanes;
-    for (int i = 0; i < 32 * {warps_a_block}; ++i)
-      lanes.emplace_back([=] {{
-        threadIdx.x = i;
-        kernel({args});
-      }});
-    for (auto& lane : lanes) lane.join();
-  }}
-}}
-""")
+            helpers + f"\nusing T = {dtype};\n" + f"static void kernel({params}) {{\n" + lines + body + "\n}\n" +
+            block_launcher(params, args, blocks, 32 * warps_a_block))
     return compile_library(tmp_path, code)
 
 
