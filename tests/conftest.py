@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import mlxrunner  # noqa: F401  first, so MLX binds its CPU BLAS to OpenBLAS (see mlxrunner/__init__.py)
+# The suite runs the BLAS a default install has (OpenBLAS), in this process and the runners it starts, although the
+# test extra also installs MKL: tests/unit/test_cpu_blas.py runs MKL's route in processes of its own.
+os.environ.setdefault("MLXRUNNER_CPU_BLAS", "openblas")
+
+import mlxrunner  # noqa: E402, F401  first, so MLX binds its CPU BLAS to OpenBLAS (see mlxrunner/__init__.py)
 
 GOLDENS = Path(__file__).parent / "goldens"
 

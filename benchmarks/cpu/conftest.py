@@ -307,10 +307,10 @@ def _environment() -> dict[str, str]:
 
 
 def _blas_warning() -> list[str]:
-    if mlxrunner.cpu_blas == "openblas":
+    if mlxrunner.cpu_blas != "reference":
         return []
     return ["WARNING: MLX's CPU matmuls use the reference BLAS (mlxrunner imported after mlx.core, or "
-            "MLXRUNNER_REFERENCE_BLAS set): ours will be far slower than normal"]
+            "MLXRUNNER_CPU_BLAS=reference): ours will be far slower than normal"]
 
 
 def pytest_report_header(config):

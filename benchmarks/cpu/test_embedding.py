@@ -113,9 +113,9 @@ REFERENCE_BLAS_SCRIPT = textwrap.dedent("""
 
 
 def test_batch32_short_ours_reference_blas(ours, short_texts, tmp_path):
-    """Ours without the shim (MLXRUNNER_REFERENCE_BLAS=1), timed inside a `python -c` subprocess."""
+    """Ours without the shim (MLXRUNNER_CPU_BLAS=reference), timed inside a `python -c` subprocess."""
     out = tmp_path / "vectors.npy"
-    env = {**os.environ, "MLXRUNNER_REFERENCE_BLAS": "1"}
+    env = {**os.environ, "MLXRUNNER_CPU_BLAS": "reference"}
     proc = subprocess.run([sys.executable, "-c", REFERENCE_BLAS_SCRIPT, json.dumps(short_texts),
                            str(REFERENCE_BLAS_ROUNDS), str(out)],
                           capture_output=True, text=True, env=env, timeout=240)
@@ -125,7 +125,7 @@ def test_batch32_short_ours_reference_blas(ours, short_texts, tmp_path):
     times = sorted(report["times"])
     median = float(np.median(times))
     RESULTS.rows[(REFERENCE_BLAS_CASE, "ours")] = Record(median, N_SENTENCES, len(times),
-                                                      "subprocess, MLXRUNNER_REFERENCE_BLAS=1")
+                                                      "subprocess, MLXRUNNER_CPU_BLAS=reference")
     # Same network, different BLAS: the vectors must still agree with the OpenBLAS ones.
     check_agreement("batch32-short reference BLAS", np.load(out), ours.embed(short_texts).vectors)
 

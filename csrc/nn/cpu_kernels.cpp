@@ -443,16 +443,16 @@ class CpuRowNorm : public CpuKernel {
   float eps_;
 };
 
-// The BLAS that MLX's own matrix products call (OpenBLAS through mlxrunner's shim where it is loaded: a global
-// symbol wins over libmlx's reference BLAS, for this library as for libmlx).
+// The BLAS that MLX's own matrix products call (OpenBLAS or MKL through mlxrunner's shim where it is loaded: a
+// global symbol wins over libmlx's reference BLAS, for this library as for libmlx).
 extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
-// While this lives, OpenBLAS (scipy-openblas32, loaded by mlxrunner's shim) computes each product on the calling
-// thread: the convolution below runs one product per core itself. MLX's CPU stream, which runs this, is the only
-// BLAS caller, so switching the global count is safe (the shim does the same for small products). With another
-// BLAS there is nothing to switch.
+// While this lives, the BLAS behind mlxrunner's shim (OpenBLAS or MKL) computes each product on the calling thread:
+// the convolution below runs one product per core itself. MLX's CPU stream, which runs this, is the only BLAS
+// caller, so switching the global count is safe (the shim does the same for small products). Without the shim there
+// is nothing to switch.
 class BlasOnCallingThread {
  public:
   BlasOnCallingThread() {
@@ -472,8 +472,8 @@ class BlasOnCallingThread {
   static const ThreadsApi& threads_api() {
     static const ThreadsApi api = [] {
       ThreadsApi found;
-      found.get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "scipy_openblas_get_num_threads"));
-      found.set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "scipy_openblas_set_num_threads"));
+      found.get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "mlxrunner_blas_get_num_threads"));
+      found.set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "mlxrunner_blas_set_num_threads"));
       if (!found.get) found.set = nullptr;
       return found;
     }();

@@ -20,22 +20,23 @@ install_if_started_as_the_runner()
 __version__ = "0.1.0"
 
 
-def _route_mlx_cpu_blas_to_openblas() -> str:
-    """Load csrc/blas/openblas_shim.c's library globally, before mlx.core loads libmlx.
+def _route_mlx_cpu_blas() -> str:
+    """Load csrc/blas/cpu_blas_shim.c's library globally, before mlx.core loads libmlx; returns the BLAS in use.
 
     Linux's mlx[cpu] wheel links the reference BLAS (~40x slower sgemm on x86). With the shim
-    loaded RTLD_GLOBAL first, libmlx's cblas_* imports bind to OpenBLAS instead. This only works
+    loaded RTLD_GLOBAL first, libmlx's cblas_* imports bind to OpenBLAS instead, or to MKL where the
+    `mkl` package is installed (MLXRUNNER_CPU_BLAS: auto, mkl, openblas or reference). This only works
     if mlxrunner is imported before mlx.core; otherwise MLX keeps its reference BLAS (still correct).
-    Set MLXRUNNER_REFERENCE_BLAS=1 to keep the reference BLAS on purpose.
     """
-    from mlxrunner.settings import reference_blas_requested
+    from mlxrunner.settings import cpu_blas_requested
 
-    if sys.platform != "linux" or reference_blas_requested():
+    requested = cpu_blas_requested()
+    if sys.platform != "linux" or requested == "reference":
         return "reference"
     # Next to _core (found without importing it: _core itself loads libmlx).
     core = importlib.util.find_spec("mlxrunner._core")
-    shim = Path(core.origin).with_name("_openblas_shim.so") if core and core.origin else None
-    if "mlx.core" in sys.modules or shim is None or not shim.exists():
+    shim_path = Path(core.origin).with_name("_cpu_blas_shim.so") if core and core.origin else None
+    if "mlx.core" in sys.modules or shim_path is None or not shim_path.exists():
         return "reference"
     # OpenBLAS's idle workers spin for 2^28 cycles before sleeping. Between MLX's many small ops
     # they never sleep, and any other busy thread (the other core's work, the server's) then
@@ -44,19 +45,64 @@ def _route_mlx_cpu_blas_to_openblas() -> str:
     # machine is quiet. An explicit setting wins.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
-        ctypes.CDLL(str(shim), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+        shim = ctypes.CDLL(str(shim_path), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     except OSError:
         return "reference"
+    if requested in ("auto", "mkl") and _route_to_mkl(shim, required=requested == "mkl"):
+        return "mkl"
     return "openblas"
+
+
+def _route_to_mkl(shim: ctypes.CDLL, required: bool) -> bool:
+    """Have the shim serve MLX's products from MKL's runtime library, where the `mkl` package installed one.
+
+    MKL's products of the sizes a CPU image or embedding model runs are ~10-25 % faster than OpenBLAS's on x86
+    (benchmarks/README.md). A missing library is silent under "auto" and a warning under an explicit "mkl"."""
+    import warnings
+
+    library = _mkl_runtime_library()
+    if library is None:
+        if required:
+            warnings.warn("MLXRUNNER_CPU_BLAS=mkl, but the mkl package is not installed (pip install "
+                          "'mlxrunner[mkl]'): OpenBLAS serves MLX's CPU matmuls", RuntimeWarning, stacklevel=3)
+        return False
+    # MKL's OpenMP workers spin for 200 ms after each product by default: between MLX's many small ops they would
+    # hold the cores that our CPU kernels' threads need (as OpenBLAS's did, above). They sleep at once with
+    # KMP_BLOCKTIME=0, read when MKL starts its threads. An explicit setting wins.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    shim.mlxrunner_blas_error.restype = ctypes.c_char_p
+    if shim.mlxrunner_blas_use(str(library).encode()) != 0:
+        warnings.warn(f"MKL's {library} could not serve MLX's CPU matmuls "
+                      f"({shim.mlxrunner_blas_error().decode(errors='replace')}): OpenBLAS does", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    return True
+
+
+def _mkl_runtime_library() -> Path | None:
+    """libmkl_rt from the `mkl` package's files (pip puts it in the environment's lib/), or None."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.distribution("mkl").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith("libmkl_rt.so"):
+            path = Path(file.locate())
+            if path.exists():
+                return path
+    return None
 
 
 def _warn_when_mlx_came_first(route: str) -> None:
     """Say so when mlx.core was imported before mlxrunner on Linux and MLX computes on the CPU: its matmuls then
     keep the reference BLAS, and a CPU image or LLM runs many times slower (a small Z-Image step 0.07 -> 3.2 s)
     with nothing else to show why."""
-    from mlxrunner.settings import reference_blas_requested
+    from mlxrunner.settings import cpu_blas_requested
 
-    if route != "reference" or sys.platform != "linux" or reference_blas_requested() or "mlx.core" not in sys.modules:
+    if (route != "reference" or sys.platform != "linux" or cpu_blas_requested() == "reference"
+            or "mlx.core" not in sys.modules):
         return
     import mlx.core as mx
 
@@ -64,12 +110,12 @@ def _warn_when_mlx_came_first(route: str) -> None:
         import warnings
 
         warnings.warn("mlx.core was imported before mlxrunner, so MLX's CPU matmuls keep the reference BLAS (tens of "
-                      "times slower than OpenBLAS on x86): import mlxrunner first, or set MLXRUNNER_REFERENCE_BLAS=1 "
+                      "times slower than OpenBLAS on x86): import mlxrunner first, or set MLXRUNNER_CPU_BLAS=reference "
                       "to choose the reference BLAS and silence this", RuntimeWarning, stacklevel=3)
 
 
-#: Which BLAS serves MLX's CPU matmuls in this process: "openblas" or "reference".
-cpu_blas = _route_mlx_cpu_blas_to_openblas()
+#: Which BLAS serves MLX's CPU matmuls in this process: "mkl", "openblas" or "reference".
+cpu_blas = _route_mlx_cpu_blas()
 _warn_when_mlx_came_first(cpu_blas)
 
 

@@ -18,7 +18,7 @@
 | the web page at /     | --no-ui                         |                                  | served             |
 | body read timeout     | --read-timeout                  |                                  | 60 s               |
 | idle/header timeout   | --keepalive-timeout             |                                  | 60 s               |
-| reference CPU BLAS    |                                 | MLXRUNNER_REFERENCE_BLAS         | off (OpenBLAS)     |
+| CPU BLAS (Linux)      |                                 | MLXRUNNER_CPU_BLAS               | auto: MKL, OpenBLAS|
 | fused kernels on CPU  |                                 | MLXRUNNER_FUSE_ON_CPU (C++ reads)| off                |
 | CPU kernel loops cap  |                                 | MLXRUNNER_CPU_LOOPS (C++ reads)  | avx512 (the best)  |
 
@@ -52,7 +52,11 @@ ENV_DENOISE_QUEUE_DEPTH = "MLXRUNNER_DENOISE_QUEUE_DEPTH"
 ENV_CPU_DTYPE = "MLXRUNNER_CPU_DTYPE"
 CPU_DTYPES = ("float32", "stored")
 DEFAULT_CPU_DTYPE = "float32"
-ENV_REFERENCE_BLAS = "MLXRUNNER_REFERENCE_BLAS"
+ENV_CPU_BLAS = "MLXRUNNER_CPU_BLAS"
+# Which BLAS serves MLX's CPU matrix products on Linux: auto = MKL where the `mkl` package is installed (the
+# `mkl` extra), else OpenBLAS; "reference" keeps MLX's own netlib BLAS (tens of times slower).
+CPU_BLAS_CHOICES = ("auto", "mkl", "openblas", "reference")
+DEFAULT_CPU_BLAS = "auto"
 ENV_OLLAMA_DEBUG = "OLLAMA_DEBUG"
 ENV_OLLAMA_MODELS = "OLLAMA_MODELS"
 
@@ -164,11 +168,17 @@ def parse_port(text: str) -> int:
     return value
 
 
-def parse_cpu_dtype(text: str) -> str:
-    value = text.strip().lower()
-    if value not in CPU_DTYPES:
-        raise ValueError(f"expected {' or '.join(CPU_DTYPES)}, got {text!r}")
-    return value
+def parse_one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected {', '.join(choices[:-1])} or {choices[-1]}, got {text!r}")
+        return value
+
+    return parse
+
+
+parse_cpu_dtype = parse_one_of(CPU_DTYPES)
 
 
 parse_depth = parse_at_least(0)  # queue depths: 0 is allowed (no waiting requests, no queued blocks)
@@ -188,9 +198,9 @@ def env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T
         raise SettingsError(f"{name}: {exc}", from_flag=False) from None
 
 
-def reference_blas_requested(env: Mapping[str, str] = os.environ) -> bool:
-    """MLXRUNNER_REFERENCE_BLAS: keep MLX's reference CPU BLAS instead of routing it to OpenBLAS."""
-    return env_value(env, ENV_REFERENCE_BLAS, parse_bool) or False
+def cpu_blas_requested(env: Mapping[str, str] = os.environ) -> str:
+    """MLXRUNNER_CPU_BLAS: one of CPU_BLAS_CHOICES (mlxrunner/__init__.py routes MLX's products by it)."""
+    return env_value(env, ENV_CPU_BLAS, parse_one_of(CPU_BLAS_CHOICES)) or DEFAULT_CPU_BLAS
 
 
 def ollama_models_env(env: Mapping[str, str] = os.environ) -> str | None:

@@ -312,6 +312,7 @@ def test_importing_mlx_first_warns_that_cpu_matmuls_stay_on_the_reference_blas()
 
     warned = stderr_of("import mlx.core\nimport mlxrunner\nassert mlxrunner.cpu_blas == 'reference'")
     assert "RuntimeWarning: mlx.core was imported before mlxrunner" in warned and "import mlxrunner first" in warned
-    routed = stderr_of("import mlxrunner\nimport mlx.core\nassert mlxrunner.cpu_blas == 'openblas'")
+    routed = stderr_of("import mlxrunner\nimport mlx.core\nassert mlxrunner.cpu_blas == 'openblas'",
+                       MLXRUNNER_CPU_BLAS="openblas")
     assert "RuntimeWarning" not in routed
-    assert "RuntimeWarning" not in stderr_of("import mlx.core\nimport mlxrunner", MLXRUNNER_REFERENCE_BLAS="1")
+    assert "RuntimeWarning" not in stderr_of("import mlx.core\nimport mlxrunner", MLXRUNNER_CPU_BLAS="reference")

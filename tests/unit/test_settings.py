@@ -48,11 +48,11 @@ def test_each_environment_variable(env, field, value):
     assert getattr(resolve(MODEL, env=env), field) == value
 
 
-@pytest.mark.parametrize("value, expected", [("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False),
-                                             ("", False)])
-def test_the_reference_blas_switch(value, expected):
-    assert settings.reference_blas_requested({"MLXRUNNER_REFERENCE_BLAS": value}) is expected
-    assert settings.reference_blas_requested({}) is False
+@pytest.mark.parametrize("value, expected", [("mkl", "mkl"), (" OpenBLAS ", "openblas"), ("'reference'", "reference"),
+                                             ("auto", "auto"), ("", "auto")])
+def test_the_cpu_blas_choice(value, expected):
+    assert settings.cpu_blas_requested({"MLXRUNNER_CPU_BLAS": value}) == expected
+    assert settings.cpu_blas_requested({}) == "auto"
 
 
 def test_flags_win_over_their_environment_variables():
@@ -102,9 +102,9 @@ def test_a_bad_environment_variable_is_named(env, message):
     assert not info.value.from_flag
 
 
-def test_a_bad_reference_blas_value_is_named():
-    with pytest.raises(SettingsError, match="MLXRUNNER_REFERENCE_BLAS: expected a boolean"):
-        settings.reference_blas_requested({"MLXRUNNER_REFERENCE_BLAS": "maybe"})
+def test_a_bad_cpu_blas_value_is_named():
+    with pytest.raises(SettingsError, match="MLXRUNNER_CPU_BLAS: expected auto, mkl, openblas or reference"):
+        settings.cpu_blas_requested({"MLXRUNNER_CPU_BLAS": "blis"})
 
 
 @pytest.mark.parametrize("flags, message", [

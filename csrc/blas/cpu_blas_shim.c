@@ -1,0 +1,111 @@
+/* Route MLX's CPU matrix products to a fast BLAS: OpenBLAS, or Intel's MKL where it is installed.
+ *
+ * On Linux the mlx[cpu] wheel links the netlib *reference* BLAS: single-threaded, unblocked,
+ * about 2 GFLOP/s for sgemm on a laptop core. libmlx imports cblas_sgemm/dgemm/cgemm by their
+ * standard names. This tiny library defines those names and forwards them to the OpenBLAS of
+ * the scipy-openblas32 wheel (whose own symbols carry a scipy_ prefix, so they cannot stand in
+ * directly), or, once mlxrunner_blas_use() has opened it, to MKL's runtime library (the `mkl`
+ * wheel's libmkl_rt). mlxrunner loads this library with RTLD_GLOBAL before mlx.core loads libmlx,
+ * and the dynamic linker then binds libmlx's imports here: the global scope is searched before
+ * libmlx's own dependencies. Nothing in MLX changes; its results stay the same up to summation order.
+ */
+#include <dlfcn.h>
+#include <stdint.h>
+
+typedef int blasint;
+
+int scipy_openblas_get_num_threads(void);
+void scipy_openblas_set_num_threads(int);
+
+/* Products of fewer multiply-adds than this run on one thread. OpenBLAS splits every product above 64^3
+ * across its threads; for the many small ones of attention (BERT's scores: 288 products of 170 x 170 x 32
+ * per layer) waking and joining the threads costs more than the work, and when the other cores are busy
+ * it is catastrophic: 8.4 s against 76 ms for those scores on this 2-core VM with other processes running
+ * (benchmarks/README.md). Only MLX's CPU stream calls BLAS, so switching the global count is safe. Splitting
+ * a product over rows or columns does not change its sums, so the results are the same either way. */
+#define SINGLE_THREAD_BELOW_MACS (1 << 22)
+
+static int small_product(blasint m, blasint n, blasint k) {
+  return (int64_t)m * n * k < SINGLE_THREAD_BELOW_MACS;
+}
+
+/* MKL's entry points once mlxrunner_blas_use() found them (NULL: OpenBLAS serves). */
+typedef void (*sgemm_fn)(int, int, int, blasint, blasint, blasint, float, const float*, blasint, const float*, blasint,
+                         float, float*, blasint);
+typedef void (*dgemm_fn)(int, int, int, blasint, blasint, blasint, double, const double*, blasint, const double*,
+                         blasint, double, double*, blasint);
+typedef void (*cgemm_fn)(int, int, int, blasint, blasint, blasint, const void*, const void*, blasint, const void*,
+                         blasint, const void*, void*, blasint);
+static sgemm_fn mkl_sgemm;
+static dgemm_fn mkl_dgemm;
+static cgemm_fn mkl_cgemm;
+static int (*mkl_get_threads)(void);
+static void (*mkl_set_threads)(int);
+static const char* last_error = "";
+
+/* The serving BLAS's thread count: OpenBLAS's, or MKL's (both process-wide). Exported for _core, whose CPU kernels
+ * run one product per core themselves and hold the BLAS to one thread meanwhile. */
+__attribute__((visibility("default"))) int mlxrunner_blas_get_num_threads(void) {
+  return mkl_get_threads ? mkl_get_threads() : scipy_openblas_get_num_threads();
+}
+
+__attribute__((visibility("default"))) void mlxrunner_blas_set_num_threads(int threads) {
+  if (mkl_set_threads) {
+    mkl_set_threads(threads);
+  } else {
+    scipy_openblas_set_num_threads(threads);
+  }
+}
+
+#define FORWARD_GEMM(name, T, scalar_t)                                                                                \
+  void scipy_cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha, const T* a,      \
+                          blasint lda, const T* b, blasint ldb, scalar_t beta, T* c, blasint ldc);                     \
+  __attribute__((visibility("default"))) void cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, \
+                                                           scalar_t alpha, const T* a, blasint lda, const T* b,        \
+                                                           blasint ldb, scalar_t beta, T* c, blasint ldc) {            \
+    int threads = small_product(m, n, k) ? mlxrunner_blas_get_num_threads() : 1;                                       \
+    if (threads > 1) mlxrunner_blas_set_num_threads(1);                                                                \
+    if (mkl_##name) {                                                                                                  \
+      mkl_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                         \
+    } else {                                                                                                           \
+      scipy_cblas_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                 \
+    }                                                                                                                  \
+    if (threads > 1) mlxrunner_blas_set_num_threads(threads);                                                          \
+  }
+
+FORWARD_GEMM(sgemm, float, float)
+FORWARD_GEMM(dgemm, double, double)
+/* Complex gemm passes alpha/beta by pointer. */
+FORWARD_GEMM(cgemm, void, const void*)
+
+/* Serve the products from the BLAS library at `path` (MKL's libmkl_rt) from now on; called before mlx.core
+ * computes anything. Returns 0, or -1 (OpenBLAS still serving) where the library or one of its entry points is
+ * missing: mlxrunner_blas_error() then says why. */
+
+__attribute__((visibility("default"))) int mlxrunner_blas_use(const char* path) {
+  void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!library) {
+    last_error = dlerror();
+    return -1;
+  }
+  sgemm_fn sgemm = (sgemm_fn)dlsym(library, "cblas_sgemm");
+  dgemm_fn dgemm = (dgemm_fn)dlsym(library, "cblas_dgemm");
+  cgemm_fn cgemm = (cgemm_fn)dlsym(library, "cblas_cgemm");
+  int (*get_threads)(void) = (int (*)(void))dlsym(library, "MKL_Get_Max_Threads");
+  void (*set_threads)(int) = (void (*)(int))dlsym(library, "MKL_Set_Num_Threads");
+  if (!sgemm || !dgemm || !cgemm || !get_threads || !set_threads) {
+    last_error = "one of cblas_sgemm, cblas_dgemm, cblas_cgemm, MKL_Get_Max_Threads, MKL_Set_Num_Threads is missing";
+    dlclose(library);
+    return -1;
+  }
+  mkl_get_threads = get_threads;
+  mkl_set_threads = set_threads;
+  mkl_dgemm = dgemm;
+  mkl_cgemm = cgemm;
+  mkl_sgemm = sgemm;
+  return 0;
+}
+
+__attribute__((visibility("default"))) const char* mlxrunner_blas_error(void) {
+  return last_error;
+}

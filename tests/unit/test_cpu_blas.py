@@ -1,0 +1,94 @@
+"""Which BLAS serves MLX's CPU matrix products (mlxrunner/__init__.py, csrc/blas/cpu_blas_shim.c): OpenBLAS, or
+Intel's MKL where the `mkl` package is installed (the test extra installs it on x86-64 Linux).
+
+Each case runs in a fresh process, since the route is chosen when mlxrunner is imported, before MLX loads. The
+products are checked against NumPy's in float64 for every type the shim forwards (sgemm, dgemm, cgemm), at a size
+that runs on one thread and one that the BLAS splits over its threads; and under the baseline CPU loops, whose
+convolution and attention call the BLAS from every core at once with its threads held to one (through the shim's
+thread count), against MLX's own operations.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
+                                reason="the mkl package is for x86-64 Linux; elsewhere OpenBLAS (Linux) or "
+                                       "Accelerate (macOS) serves")
+
+PRODUCTS = textwrap.dedent("""
+    import mlxrunner, mlx.core as mx, numpy as np
+    print(mlxrunner.cpu_blas)
+    rng = np.random.default_rng(0)
+    for m, k, n in ((8, 8, 8), (300, 500, 400)):  # one thread (under 2^22 multiply-adds); the BLAS's threads
+        for dtype, mx_dtype, tolerance in ((np.float32, mx.float32, 1e-4), (np.float64, mx.float64, 1e-12),
+                                           (np.complex64, mx.complex64, 1e-4)):
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            if dtype == np.complex64:
+                a, b = a + 1j * rng.standard_normal((m, k)), b + 1j * rng.standard_normal((k, n))
+                a, b = a.astype(dtype), b.astype(dtype)
+            ours = np.array(mx.matmul(mx.array(a, dtype=mx_dtype), mx.array(b, dtype=mx_dtype)))
+            assert ours.dtype == dtype
+            want = a.astype(np.complex128) @ b.astype(np.complex128)
+            error = np.abs(ours - want).max() / np.abs(want).max()
+            assert error < tolerance, (m, k, n, dtype, error)
+    # MKL loads its computing libraries at its first product: they are in the process only where it computed.
+    computed_by_mkl = any("libmkl_core" in line for line in open("/proc/self/maps"))
+    assert computed_by_mkl == (mlxrunner.cpu_blas == "mkl"), computed_by_mkl
+    print("products ok")
+""")
+
+
+def run(code: str, **env: str) -> list[str]:
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    return ran.stdout.split()
+
+
+@pytest.mark.parametrize("requested, served", [("auto", "mkl"), ("mkl", "mkl"), ("openblas", "openblas")])
+def test_each_route_serves_the_products(requested, served):
+    assert run(PRODUCTS, MLXRUNNER_CPU_BLAS=requested) == [served, "products", "ok"]
+
+
+def test_mkl_serves_the_cpu_kernels_that_call_the_blas_from_every_core():
+    """The baseline loops' convolution (im2col bands, a product per core) and attention (a head per core, one BLAS
+    thread each) under MKL: MLX's own operations' numbers, as under OpenBLAS."""
+    code = textwrap.dedent("""
+        import mlxrunner, mlx.core as mx, numpy as np
+        from mlxrunner import _core
+        assert mlxrunner.cpu_blas == "mkl" and _core.cpu_loops() == "baseline"
+        rng = np.random.default_rng(1)
+        x = mx.array(rng.standard_normal((1, 64, 64, 32)).astype(np.float32))
+        w = mx.array(rng.standard_normal((32, 3, 3, 32)).astype(np.float32))
+        ours, theirs = np.array(_core.conv2d_cpu(x, w, 1)), np.array(mx.conv2d(x, w, 1, 1))
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), "convolution"
+        q, k, v = (mx.array(rng.standard_normal((1, 8, 200, 64)).astype(np.float32)) for _ in range(3))
+        ours = np.array(_core.masked_attention(q, k, v))
+        theirs = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125))
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), "attention"
+        print("kernels ok")
+    """)
+    assert run(code, MLXRUNNER_CPU_BLAS="mkl", MLXRUNNER_CPU_LOOPS="baseline") == ["kernels", "ok"]
+
+
+def test_a_library_that_cannot_serve_leaves_openblas_serving():
+    """The shim opens MKL's library by path: a path that does not load is an error it reports, and the products
+    stay OpenBLAS's."""
+    code = textwrap.dedent("""
+        import ctypes, importlib.util
+        from pathlib import Path
+        import mlxrunner
+        shim = ctypes.CDLL(str(Path(importlib.util.find_spec("mlxrunner._core").origin).with_name("_cpu_blas_shim.so")))
+        shim.mlxrunner_blas_error.restype = ctypes.c_char_p
+        assert shim.mlxrunner_blas_use(b"/nonexistent/libmkl_rt.so.3") == -1
+        assert b"/nonexistent/libmkl_rt.so.3" in shim.mlxrunner_blas_error()
+    """) + PRODUCTS
+    assert run(code, MLXRUNNER_CPU_BLAS="openblas") == ["openblas", "products", "ok"]
