@@ -43,9 +43,13 @@ class Backend:
     package: str | None  # the backend distribution on Linux (mlx-cuda-13, mlx-cpu), None on macOS
 
     def summary(self) -> str:
+        import mlxrunner
+
         memory = f" memory={self.memory_bytes / 2**30:.1f}GiB" if self.memory_bytes else ""
         package = f" package={self.package}" if self.package else ""
-        return f"backend={self.name} device={self.device!r}{memory} mlx={self.mlx_version}{package}"
+        # On the CPU, which BLAS serves MLX's matrix products (mlxrunner/__init__.py) sets their speed.
+        blas = f" cpu_blas={mlxrunner.cpu_blas}" if self.name == "cpu" else ""
+        return f"backend={self.name} device={self.device!r}{memory} mlx={self.mlx_version}{package}{blas}"
 
 
 def installed_backend_packages() -> list[str]:

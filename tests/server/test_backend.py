@@ -21,6 +21,10 @@ def test_detect_names_the_backend_mlx_computes_on():
     assert found.name == expected
     assert found.mlx_version == mx.__version__
     assert found.device and f"backend={expected}" in found.summary()
+    if expected == "cpu":  # which BLAS serves the CPU's products: the suite's (tests/conftest.py)
+        import mlxrunner
+
+        assert f"cpu_blas={mlxrunner.cpu_blas}" in found.summary()
     if sys.platform == "linux":
         assert found.package in backend.installed_backend_packages()
 
@@ -30,6 +34,8 @@ def test_runner_logs_the_backend_at_start_up():
         lines = list(runner.stderr_tail)
     line = next(line for line in lines if "backend=" in line)
     assert f"mlx={mx.__version__}" in line and re.search(r"backend=(cpu|cuda|metal) device=", line)
+    if "backend=cpu" in line and sys.platform == "linux":
+        assert "cpu_blas=openblas" in line  # the runner inherits the suite's MLXRUNNER_CPU_BLAS
 
 
 def shadow_mlx(root, message: str, packages: list[str]):
