@@ -7,13 +7,20 @@ Each case has an "ours" test and a "peer" test in the same pytest-benchmark grou
 gives sentences/s for both and the ratio ours/peer (>1: we are faster). See benchmarks/README.md.
 """
 
-# First, before anything imports mlx.core: mlxrunner loads its OpenBLAS shim RTLD_GLOBAL so MLX's
-# CPU matmuls bind to OpenBLAS rather than the reference BLAS of Linux's mlx[cpu] wheel.
-import mlxrunner  # noqa: I001  (must stay the first import)
+# The peers run in this process, and MKL's runtime (mlxrunner's `mkl` extra) there disturbs PyTorch's own MKL:
+# sentence-transformers one sentence at a time took 2x as long once ours had run a product on MKL. So ours runs on
+# OpenBLAS here unless MLXRUNNER_CPU_BLAS says otherwise (then the report's header warns); ours on MKL against a
+# peer in another process: benchmarks/README.md, "Without padding, and MKL".
+import os  # noqa: I001
+
+os.environ.setdefault("MLXRUNNER_CPU_BLAS", "openblas")
+
+# Then, before anything imports mlx.core: mlxrunner loads its BLAS shim RTLD_GLOBAL so MLX's CPU matmuls bind to
+# OpenBLAS rather than the reference BLAS of Linux's mlx[cpu] wheel.
+import mlxrunner  # noqa: E402, I001  (must come before mlx.core)
 
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 import time
@@ -307,6 +314,9 @@ def _environment() -> dict[str, str]:
 
 
 def _blas_warning() -> list[str]:
+    if mlxrunner.cpu_blas == "mkl":
+        return ["WARNING: ours on MKL, in the peer's process: MKL's runtime slows PyTorch's own (the peer's numbers "
+                "are not its own)"]
     if mlxrunner.cpu_blas != "reference":
         return []
     return ["WARNING: MLX's CPU matmuls use the reference BLAS (mlxrunner imported after mlx.core, or "
