@@ -7,10 +7,10 @@ Each case has an "ours" test and a "peer" test in the same pytest-benchmark grou
 gives sentences/s for both and the ratio ours/peer (>1: we are faster). See benchmarks/README.md.
 """
 
-# The peers run in this process, and MKL's runtime (mlxrunner's `mkl` extra) there disturbs PyTorch's own MKL:
-# sentence-transformers one sentence at a time took 2x as long once ours had run a product on MKL. So ours runs on
-# OpenBLAS here unless MLXRUNNER_CPU_BLAS says otherwise (then the report's header warns); ours on MKL against a
-# peer in another process: benchmarks/README.md, "Without padding, and MKL".
+# The peers run in this process, and MKL's runtime (mlxrunner's `mkl` extra) there slows PyTorch's own: diffusers'
+# small Klein edit 1.44 -> 1.72 s once ours had run on MKL. So ours runs on OpenBLAS here unless MLXRUNNER_CPU_BLAS
+# says otherwise (then the report's header warns); ours on MKL against an undisturbed peer: benchmarks/README.md,
+# "Without padding, and MKL".
 import os  # noqa: I001
 
 os.environ.setdefault("MLXRUNNER_CPU_BLAS", "openblas")
@@ -315,8 +315,8 @@ def _environment() -> dict[str, str]:
 
 def _blas_warning() -> list[str]:
     if mlxrunner.cpu_blas == "mkl":
-        return ["WARNING: ours on MKL, in the peer's process: MKL's runtime slows PyTorch's own (the peer's numbers "
-                "are not its own)"]
+        return ["WARNING: ours on MKL in the peer's process: MKL's runtime slows PyTorch's own there (diffusers "
+                "~20 %), so the peer's numbers are not its own"]
     if mlxrunner.cpu_blas != "reference":
         return []
     return ["WARNING: MLX's CPU matmuls use the reference BLAS (mlxrunner imported after mlx.core, or "

@@ -67,9 +67,11 @@ def _route_to_mkl(shim: ctypes.CDLL, required: bool) -> bool:
                           "'mlxrunner[mkl]'): OpenBLAS serves MLX's CPU matmuls", RuntimeWarning, stacklevel=3)
         return False
     # MKL's OpenMP workers spin for 200 ms after each product by default: between MLX's many small ops they would
-    # hold the cores that our CPU kernels' threads need (as OpenBLAS's did, above). They sleep at once with
-    # KMP_BLOCKTIME=0, read when MKL starts its threads. An explicit setting wins.
-    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    # hold the cores that our CPU kernels' threads need (as OpenBLAS's did, above; MiniLM's 32 long texts 735 ->
+    # 916 ms at 50 ms). Sleeping at once (0) costs a wake-up per product instead: one sentence at a time 30 % slower
+    # than at 10 ms, which is what we take (benchmarks/README.md). Read when MKL starts its threads; an explicit
+    # setting wins.
+    os.environ.setdefault("KMP_BLOCKTIME", "10")
     shim.mlxrunner_blas_error.restype = ctypes.c_char_p
     if shim.mlxrunner_blas_use(str(library).encode()) != 0:
         warnings.warn(f"MKL's {library} could not serve MLX's CPU matmuls "
