@@ -3,7 +3,8 @@ Intel's MKL where the `mkl` package is installed (the test extra installs it on 
 
 Each case runs in a fresh process, since the route is chosen when mlxrunner is imported, before MLX loads. The
 products are checked against NumPy's in float64 for every type the shim forwards (sgemm, dgemm, cgemm), at a size
-that runs on one thread and one that the BLAS splits over its threads; and under the baseline CPU loops, whose
+that runs on one thread and one that the BLAS splits over its threads, and matrix-vector products (an LLM decode
+step's, which OpenBLAS's route hands to sgemv) in every layout; and under the baseline CPU loops, whose
 convolution and attention call the BLAS from every core at once with its threads held to one (through the shim's
 thread count), against MLX's own operations.
 """
@@ -39,6 +40,17 @@ PRODUCTS = textwrap.dedent("""
             want = a.astype(np.complex128) @ b.astype(np.complex128)
             error = np.abs(ours - want).max() / np.abs(want).max()
             assert error < tolerance, (m, k, n, dtype, error)
+    # Matrix-vector products (one row or one column of output: OpenBLAS's go to its sgemv), each operand as itself
+    # and as the transposed view of its transpose (MLX then hands the BLAS the other layout).
+    for m, k, n in ((1, 1024, 3072), (1, 64, 48), (300, 256, 1), (1, 7, 1)):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        for left in (mx.array(a), mx.array(np.ascontiguousarray(a.T)).T):
+            for right in (mx.array(b), mx.array(np.ascontiguousarray(b.T)).T):
+                ours = np.array(mx.matmul(left, right))
+                error = np.abs(ours - want).max() / np.abs(want).max()
+                assert error < 1e-5, (m, k, n, error)
     # MKL loads its computing libraries at its first product: they are in the process only where it computed.
     computed_by_mkl = any("libmkl_core" in line for line in open("/proc/self/maps"))
     assert computed_by_mkl == (mlxrunner.cpu_blas == "mkl"), computed_by_mkl
