@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,31 @@ def test_mkl_serves_the_cpu_kernels_that_call_the_blas_from_every_core():
         print("kernels ok")
     """)
     assert run(code, MLXRUNNER_CPU_BLAS="mkl", MLXRUNNER_CPU_LOOPS="baseline") == ["kernels", "ok"]
+
+
+def test_minilm_on_mkl_matches_sentence_transformers():
+    """A whole model on MKL's route: MiniLM's vectors for the goldens' sentences (recorded with sentence-transformers)
+    in one batch, as tests/parity/test_embedding_parity.py holds them on OpenBLAS's."""
+    code = textwrap.dedent("""
+        import json, sys
+        import mlxrunner, numpy as np
+        from mlxrunner import store
+        from mlxrunner.embed.bert import BertEmbedder
+        assert mlxrunner.cpu_blas == "mkl"
+        goldens = json.load(open(sys.argv[1]))["sentences"]
+        vectors = BertEmbedder(store.resolve("all-minilm")).embed([g["text"] for g in goldens]).vectors
+        for g, v in zip(goldens, vectors):
+            want = np.array(g["embedding"])
+            cosine = float(v @ want / np.linalg.norm(v) / np.linalg.norm(want))
+            assert cosine >= 0.99999, (g["id"], cosine)
+        print(len(goldens), "vectors ok")
+    """)
+    goldens = Path(__file__).resolve().parents[1] / "goldens" / "minilm.json"
+    ran = subprocess.run([sys.executable, "-c", code, str(goldens)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MLXRUNNER_CPU_BLAS": "mkl"})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    count, *rest = ran.stdout.split()
+    assert int(count) >= 20 and rest == ["vectors", "ok"]
 
 
 def test_a_library_that_cannot_serve_leaves_openblas_serving():
