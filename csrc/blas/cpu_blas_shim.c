@@ -64,7 +64,7 @@ __attribute__((visibility("default"))) void mlxrunner_blas_set_num_threads(int t
   }
 }
 
-#define FORWARD_GEMM(name, T, scalar_t)                                                                                \
+#define FORWARD_GEMM(name, T, scalar_t, as_gemv)                                                                       \
   void scipy_cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha, const T* a,      \
                           blasint lda, const T* b, blasint ldb, scalar_t beta, T* c, blasint ldc);                     \
   __attribute__((visibility("default"))) void cblas_##name(int order, int ta, int tb, blasint m, blasint n, blasint k, \
@@ -74,7 +74,7 @@ __attribute__((visibility("default"))) void mlxrunner_blas_set_num_threads(int t
     if (threads > 1) mlxrunner_blas_set_num_threads(1);                                                                \
     if (mkl_##name) {                                                                                                  \
       mkl_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                         \
-    } else if (!openblas_##name##_as_gemv(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) {              \
+    } else if (!as_gemv(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) {                                \
       scipy_cblas_##name(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                 \
     }                                                                                                                  \
     if (threads > 1) mlxrunner_blas_set_num_threads(threads);                                                          \
@@ -114,23 +114,16 @@ static int openblas_sgemm_as_gemv(int order, int ta, int tb, blasint m, blasint 
   return 0;
 }
 
-/* The double and complex products keep OpenBLAS's gemm (MLX's models do not run them). */
-#define NOT_AS_GEMV(name, T, scalar_t)                                                                               \
-  static int openblas_##name##_as_gemv(int order, int ta, int tb, blasint m, blasint n, blasint k, scalar_t alpha,   \
-                                       const T* a, blasint lda, const T* b, blasint ldb, scalar_t beta, T* c,        \
-                                       blasint ldc) {                                                                \
-    (void)order, (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda, (void)b, (void)ldb; \
-    (void)beta, (void)c, (void)ldc;                                                                                  \
-    return 0;                                                                                                        \
-  }
+/* What the double and complex products take instead (MLX's models do not run them): OpenBLAS's gemm always. */
+static int keep_gemm(int order, ...) {
+  (void)order;
+  return 0;
+}
 
-NOT_AS_GEMV(dgemm, double, double)
-NOT_AS_GEMV(cgemm, void, const void*)
-
-FORWARD_GEMM(sgemm, float, float)
-FORWARD_GEMM(dgemm, double, double)
+FORWARD_GEMM(sgemm, float, float, openblas_sgemm_as_gemv)
+FORWARD_GEMM(dgemm, double, double, keep_gemm)
 /* Complex gemm passes alpha/beta by pointer. */
-FORWARD_GEMM(cgemm, void, const void*)
+FORWARD_GEMM(cgemm, void, const void*, keep_gemm)
 
 /* Serve the products from the BLAS library at `path` (MKL's libmkl_rt) from now on; called before mlx.core
  * computes anything. Returns 0, or -1 (OpenBLAS still serving) where the library or one of its entry points is

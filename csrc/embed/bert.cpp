@@ -84,6 +84,12 @@ mx::array residual_norm(const Linear& layer, const mx::array& h, const mx::array
   return norm(mx::add(layer(h), residual));
 }
 
+// One vector per input from hidden states [B, T, H] under their mask [B, T]: embed()'s and embed_packed()'s end.
+mx::array sentence_vectors(const mx::array& hidden, const mx::array& attention_mask, Pooling pooling, bool normalize) {
+  auto pooled = pool(hidden, attention_mask, pooling);
+  return normalize ? l2_normalize(pooled) : pooled;
+}
+
 }  // namespace
 
 mx::array BertEncoder::attention(const BertLayer& layer, const mx::array& x, const Attend& attend) const {
@@ -133,8 +139,7 @@ mx::array BertEncoder::forward(const mx::array& input_ids, const mx::array& atte
 
 mx::array BertEncoder::embed(const mx::array& input_ids, const mx::array& attention_mask, Pooling pooling,
                              bool normalize) const {
-  auto pooled = pool(forward(input_ids, attention_mask), attention_mask, pooling);
-  return normalize ? l2_normalize(pooled) : pooled;
+  return sentence_vectors(forward(input_ids, attention_mask), attention_mask, pooling, normalize);
 }
 
 void BertEncoder::check_length(int length) const {
@@ -194,8 +199,7 @@ mx::array BertEncoder::embed_packed(const std::vector<std::vector<int>>& sequenc
     }
   }
   auto padded = mx::take(mx::squeeze(hidden, 0), mx::array(rows.begin(), {batch, longest}), 0);
-  auto pooled = pool(padded, mx::array(mask.begin(), {batch, longest}), pooling);
-  return normalize ? l2_normalize(pooled) : pooled;
+  return sentence_vectors(padded, mx::array(mask.begin(), {batch, longest}), pooling, normalize);
 }
 
 mx::array pool(const mx::array& hidden, const mx::array& attention_mask, Pooling pooling) {

@@ -416,6 +416,20 @@ void norm_rows(const float* in, float* out, size_t rows, int n, const float* wei
   for (; r < rows; ++r) loops().norm_row(in + r * n, out + r * n, n, weight, bias, eps, inverse_n);
 }
 
+// Rows [begin, end) of `in` normed by norm_rows kRowGroup at a time into a small buffer (their sums' chains overlap;
+// the same bits as one by one), each normed row then handed to apply(row, normed): the modulations' pass, which
+// combines it with the row's own vectors.
+template <typename Apply>
+void for_each_normed_row(const float* in, size_t begin, size_t end, int n, const float* weight, const float* bias,
+                         float eps, const Apply& apply) {
+  std::vector<float> normed(cpu_loops::kRowGroup * n);
+  for (size_t first = begin; first < end; first += cpu_loops::kRowGroup) {
+    const size_t count = std::min(cpu_loops::kRowGroup, end - first);
+    norm_rows(in + first * n, normed.data(), count, n, weight, bias, eps);
+    for (size_t r = 0; r < count; ++r) apply(first + r, normed.data() + r * n);
+  }
+}
+
 class CpuRowNorm : public CpuKernel {
  public:
   CpuRowNorm(mx::Stream stream, float eps) : CpuKernel(stream), eps_(eps) {}
@@ -1018,24 +1032,16 @@ class CpuModulatedNorm : public CpuKernel {
               vector = inputs.back().data<float>(), dst = out.data<float>(), rows = x.size() / n, n, tokens, eps = eps_,
               residual = residual_] {
                on_all_cores(rows, n, [&](size_t begin, size_t end) {
-                 constexpr size_t group = cpu_loops::kRowGroup;
-                 std::vector<float> normed(group * n);
-                 for (size_t first = begin; first < end; first += group) {
-                   const size_t count = std::min(group, end - first);
-                   norm_rows(normed_in + first * n, normed.data(), count, n, weight, nullptr, eps);
-                   for (size_t r = 0; r < count; ++r) {
-                     const size_t row = first + r;
-                     const float* v = vector + row / tokens * n;  // the row's batch element's scale or gate
-                     const float* in = normed.data() + r * n;
-                     float* to = dst + row * n;
-                     if (residual) {
-                       const float* base = x + row * n;
-                       for (int j = 0; j < n; ++j) to[j] = base[j] + v[j] * in[j];  // x + gate * norm(a)
-                     } else {
-                       for (int j = 0; j < n; ++j) to[j] = in[j] * v[j];  // norm(x) * scale
-                     }
+                 for_each_normed_row(normed_in, begin, end, n, weight, nullptr, eps, [&](size_t row, const float* in) {
+                   const float* v = vector + row / tokens * n;  // the row's batch element's scale or gate
+                   float* to = dst + row * n;
+                   if (residual) {
+                     const float* base = x + row * n;
+                     for (int j = 0; j < n; ++j) to[j] = base[j] + v[j] * in[j];  // x + gate * norm(a)
+                   } else {
+                     for (int j = 0; j < n; ++j) to[j] = in[j] * v[j];  // norm(x) * scale
                    }
-                 }
+                 });
                });
              });
   }
@@ -1079,20 +1085,14 @@ class CpuLayerModulation : public CpuKernel {
                    }
                    return;
                  }
-                 // Normed kRowGroup rows at a time (norm_rows overlaps their sums' chains; the same bits as one by
-                 // one), then each row scaled and shifted by its batch element's vectors.
-                 std::vector<float> normed(cpu_loops::kRowGroup * n);
-                 for (size_t first = begin; first < end; first += cpu_loops::kRowGroup) {
-                   const size_t count = std::min(cpu_loops::kRowGroup, end - first);
-                   norm_rows(x + first * n, normed.data(), count, n, ones.data(), zeros.data(), eps);
-                   for (size_t i = 0; i < count; ++i) {
-                     const size_t vector_at = (first + i) / tokens * n;
-                     const float *scale = first_in + vector_at, *shift = second_in + vector_at;
-                     const float* row = normed.data() + i * n;
-                     float* to = dst + (first + i) * n;
-                     for (int j = 0; j < n; ++j) to[j] = scale[j] * row[j] + shift[j];
-                   }
-                 }
+                 // Each row scaled and shifted by its batch element's vectors.
+                 for_each_normed_row(x, begin, end, n, ones.data(), zeros.data(), eps,
+                                     [&](size_t row, const float* in) {
+                                       const size_t vector_at = row / tokens * n;
+                                       const float *scale = first_in + vector_at, *shift = second_in + vector_at;
+                                       float* to = dst + row * n;
+                                       for (int j = 0; j < n; ++j) to[j] = scale[j] * in[j] + shift[j];
+                                     });
                });
              });
   }
