@@ -38,8 +38,6 @@ CSRC = ROOT / "csrc" / "nn"
 WHEELS = {"nvrtc": "nvidia-cuda-nvrtc==13.0.*", "runtime": "nvidia-cuda-runtime==13.0.*", "mlx": "mlx-cuda-13==0.32.4"}
 CUDA_TYPE = {"bf16": "__nv_bfloat16", "float": "float", "int32": "int32_t"}
 MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
-MLX_ELEMENTWISE = ('#include "mlx/backend/cuda/device/binary_ops.cuh"\n'
-                   '#include "mlx/backend/cuda/device/unary_ops.cuh"\n')
 
 
 def kernel_string(path: str, name: str) -> str:
@@ -161,7 +159,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.mlx_source}: no mlx/backend/cuda/device/utils.cuh (an MLX source checkout?)")
     toolchain = unpacked_toolchain(args.cache)
     lib = toolchain / "nvidia" / "cu13" / "lib"
-    # NVRTC opens its builtins library by name when it compiles: from the same folder, through the loader's path.
+    # NVRTC dlopens its builtins library by name when it compiles: loaded here first, by path, that name finds it.
     ctypes.CDLL(str(next(lib.glob("libnvrtc-builtins.so.*"))), mode=ctypes.RTLD_GLOBAL)
     nvrtc = ctypes.CDLL(str(lib / "libnvrtc.so.13"))
     include_dirs = [args.mlx_source, toolchain / "mlx" / "include" / "cccl", toolchain / "nvidia" / "cu13" / "include"]
