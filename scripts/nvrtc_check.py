@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from functools import cache
 from pathlib import Path
 
 import mlxrunner  # noqa: F401  (binds MLX's CPU BLAS before mlx is imported)
@@ -40,6 +41,7 @@ CUDA_TYPE = {"bf16": "__nv_bfloat16", "float": "float", "int32": "int32_t"}
 MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
+@cache  # each is read and compacted once, whichever variants use it
 def kernel_string(path: str, name: str) -> str:
     found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', (CSRC / path).read_text(), re.S)
     if not found:

@@ -59,8 +59,9 @@ PRODUCTS = textwrap.dedent("""
 """)
 
 
-def run(code: str, **env: str) -> list[str]:
-    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+def run(code: str, *args: str, **env: str) -> list[str]:
+    """`code` in a fresh `python -c` with `args` and `env` added: its stdout's words (it must exit 0)."""
+    ran = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                          env={**os.environ, **env})
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     return ran.stdout.split()
@@ -110,10 +111,7 @@ def test_minilm_on_mkl_matches_sentence_transformers():
         print(len(goldens), "vectors ok")
     """)
     goldens = Path(__file__).resolve().parents[1] / "goldens" / "minilm.json"
-    ran = subprocess.run([sys.executable, "-c", code, str(goldens)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MLXRUNNER_CPU_BLAS": "mkl"})
-    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
-    count, *rest = ran.stdout.split()
+    count, *rest = run(code, str(goldens), MLXRUNNER_CPU_BLAS="mkl")
     assert int(count) >= 20 and rest == ["vectors", "ok"]
 
 
