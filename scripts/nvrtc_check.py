@@ -135,12 +135,16 @@ def unpacked_toolchain(cache: Path) -> Path:
     return out
 
 
-def compile_with_nvrtc(nvrtc: ctypes.CDLL, label: str, source: str, include_dirs: list[Path]) -> str | None:
-    """NVRTC's log if the source fails to compile for sm_90a, else None."""
+def compile_with_nvrtc(nvrtc: ctypes.CDLL, label: str, source: str, include_dirs: list[Path],
+                       resources: bool = False) -> str | None:
+    """NVRTC's log if the source fails to compile for sm_90a, else None. resources: print ptxas's line of registers,
+    barriers and shared memory (what bounds a kernel's occupancy), read without a GPU."""
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu", 0, None, None) != 0:
         raise SystemExit(f"{label}: nvrtcCreateProgram failed")
     options = [b"--device-as-default-execution-space", b"--gpu-architecture=sm_90a"]
+    if resources:
+        options.append(b"--ptxas-options=-v")
     options += [f"--include-path={d}".encode() for d in include_dirs]
     result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
@@ -148,6 +152,9 @@ def compile_with_nvrtc(nvrtc: ctypes.CDLL, label: str, source: str, include_dirs
     log = ctypes.create_string_buffer(size.value + 1)
     nvrtc.nvrtcGetProgramLog(program, log)
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    if result == 0 and resources:
+        usage = [line for line in log.value.decode().splitlines() if "Used" in line or "spill" in line]
+        print(f"{label}: " + "; ".join(line.split(":", 1)[-1].strip(" .") for line in usage))
     return None if result == 0 else log.value.decode(errors="replace")
 
 
@@ -155,6 +162,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mlx-source", required=True, type=Path, help="a checkout of MLX at the pinned version")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mlxrunner-nvrtc")
+    parser.add_argument("--resources", action="store_true", help="print each kernel's registers and shared memory")
     args = parser.parse_args(argv)
     device_headers = args.mlx_source / "mlx" / "backend" / "cuda" / "device"
     if not (device_headers / "utils.cuh").exists():
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
     include_dirs = [args.mlx_source, toolchain / "mlx" / "include" / "cccl", toolchain / "nvidia" / "cu13" / "include"]
     failed = 0
     for label, source in kernels():
-        log = compile_with_nvrtc(nvrtc, label, source, include_dirs)
+        log = compile_with_nvrtc(nvrtc, label, source, include_dirs, args.resources)
         print(("FAIL " if log else "ok   ") + label)
         if log:
             failed += 1

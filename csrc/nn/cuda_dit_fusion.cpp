@@ -41,55 +41,82 @@ constexpr const char* kHeadNormRopePairs = R"(
     }
     squares += x0[p] * x0[p] + x1[p] * x1[p];
   }
+  // The angles' cosines and sines (and the norm's weight) are loaded before the norm's shuffles, with x.
+  const long long table_b = cos_table_shape[0] == 1 ? 0 : b;
+  const float* cos_row = cos_table + table_b * cos_table_strides[0] + t * cos_table_strides[1];
+  const float* sin_row = sin_table + table_b * sin_table_strides[0] + t * sin_table_strides[1];
+  float c[PAIRS], s[PAIRS];
+#pragma unroll
+  for (int p = 0; p < PAIRS; ++p) {
+    const int i = lane + 32 * p;
+    c[p] = cos_row[i * cos_table_strides[3]];
+    s[p] = sin_row[i * sin_table_strides[3]];
+  }
 #if NORM
+  T w0[PAIRS], w1[PAIRS];
+#pragma unroll
+  for (int p = 0; p < PAIRS; ++p) {
+    const int i = lane + 32 * p;
+    w0[p] = weight[2 * i];
+    w1[p] = weight[2 * i + 1];
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
   const float normalizer = rsqrtf(squares / D + __int_as_float(EPS_BITS));
 #pragma unroll
   for (int p = 0; p < PAIRS; ++p) {
-    const int i = lane + 32 * p;
-    x0[p] = static_cast<float>(weight[2 * i] * static_cast<T>(x0[p] * normalizer));
-    x1[p] = static_cast<float>(weight[2 * i + 1] * static_cast<T>(x1[p] * normalizer));
+    x0[p] = static_cast<float>(w0[p] * static_cast<T>(x0[p] * normalizer));
+    x1[p] = static_cast<float>(w1[p] * static_cast<T>(x1[p] * normalizer));
   }
 #endif
-  const long long table_b = cos_table_shape[0] == 1 ? 0 : b;
-  const float* cos_row = cos_table + table_b * cos_table_strides[0] + t * cos_table_strides[1];
-  const float* sin_row = sin_table + table_b * sin_table_strides[0] + t * sin_table_strides[1];
   Pair* dst = reinterpret_cast<Pair*>(out + row * D);
 #pragma unroll
   for (int p = 0; p < PAIRS; ++p) {
     const int i = lane + 32 * p;
-    const float c = cos_row[i * cos_table_strides[3]], s = sin_row[i * sin_table_strides[3]];
-    dst[i] = Pair{static_cast<T>(x0[p] * c - x1[p] * s), static_cast<T>(x0[p] * s + x1[p] * c)};
+    dst[i] = Pair{static_cast<T>(x0[p] * c[p] - x1[p] * s[p]), static_cast<T>(x0[p] * s[p] + x1[p] * c[p])};
   }
 )";
 
 // Row kernels (kCudaRowHelpers). Each step rounds to T where MLX's operation would: the norm, the product with the
-// scale or gate, the sum. Per-sample vectors [B, 1, N] are row `sample` of N.
+// scale or gate, the sum. Per-sample vectors [B, 1, N] are row `sample` of N. Everything is loaded before the first
+// block_sum (kCudaRowHelpers says why).
 constexpr const char* kScaledRmsNorm = R"(
   const int n = weight_shape[0];
   const long long row = blockIdx.x;
   const size_t first = static_cast<size_t>(row) * n;
   float v[PER_THREAD];
-  const float normalizer = rsqrtf(block_sum(load_row(x + first, n, v)) / n + __int_as_float(EPS_BITS));
-  store_scaled_norm(out + first, v, n, normalizer, weight, scale + (row / x_shape[1]) * n);
+  T w[PER_THREAD], s[PER_THREAD];
+  const float squares = load_row(x + first, n, v);
+  load_row_vector(w, weight, 1, n);
+  load_row_vector(s, scale + (row / x_shape[1]) * n, 1, n);
+  const float normalizer = rsqrtf(block_sum(squares) / n + __int_as_float(EPS_BITS));
+  store_scaled_norm(out + first, v, n, normalizer, w, s);
 )";
 
+// h = x + gate * rms_norm(a), then (NEXT) next = rms_norm(h) * next_scale.
 constexpr const char* kGatedResidual = R"(
   const int n = a_weight_shape[0];
   const long long row = blockIdx.x;
   const long long sample = row / x_shape[1];
   const size_t first = static_cast<size_t>(row) * n;
-  float av[PER_THREAD], normed[PER_THREAD], hv[PER_THREAD];
-  const float a_normalizer = rsqrtf(block_sum(load_row(a + first, n, av)) / n + __int_as_float(EPS_BITS));
-  norm_row(normed, av, n, a_normalizer, a_weight);
-  store_residual(h + first, hv, x + first, gate + sample * n, 1, normed, n);
-  float squares = 0.f;
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) squares += hv[k] * hv[k];
+  float av[PER_THREAD], xv[PER_THREAD];
+  T a_w[PER_THREAD], g[PER_THREAD];
+  const float a_squares = load_row(a + first, n, av);
+  load_row(x + first, n, xv);
+  load_row_vector(g, gate + sample * n, 1, n);
+  load_row_vector(a_w, a_weight, 1, n);
 #if NEXT
-  const float h_normalizer = rsqrtf(block_sum(squares) / n + __int_as_float(NEXT_EPS_BITS));
-  store_scaled_norm(next + first, hv, n, h_normalizer, next_weight, next_scale + sample * n);
+  T next_w[PER_THREAD], next_s[PER_THREAD];
+  load_row_vector(next_w, next_weight, 1, n);
+  load_row_vector(next_s, next_scale + sample * n, 1, n);
+#endif
+  const float a_normalizer = rsqrtf(block_sum(a_squares) / n + __int_as_float(EPS_BITS));
+  float normed[PER_THREAD], hv[PER_THREAD];
+  norm_row(normed, av, n, a_normalizer, a_w);
+  const float h_squares = store_residual(h + first, hv, xv, g, normed, n);
+#if NEXT
+  const float h_normalizer = rsqrtf(block_sum(h_squares) / n + __int_as_float(NEXT_EPS_BITS));
+  store_scaled_norm(next + first, hv, n, h_normalizer, next_w, next_s);
 #endif
 )";
 
@@ -109,9 +136,12 @@ constexpr const char* kModulatedLayerNorm = R"(
   load_row_vector(shift_v, shift + sample * shift_strides[0], shift_strides[2], n);
   float v[PER_THREAD];
 #if RESIDUAL
-  float yv[PER_THREAD];
+  float yv[PER_THREAD], xv[PER_THREAD];
+  T g[PER_THREAD];
   load_row(y + first, n, yv);
-  store_residual(h + first, v, x + first, gate + sample * gate_strides[0], gate_strides[2], yv, n);
+  load_row(x + first, n, xv);
+  load_row_vector(g, gate + sample * gate_strides[0], gate_strides[2], n);
+  store_residual(h + first, v, xv, g, yv, n);
 #else
   load_row(x + first, n, v);
 #endif

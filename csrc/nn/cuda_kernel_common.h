@@ -39,7 +39,9 @@ __device__ inline float block_sum(float v) {
 // element held_index(k); PER_THREAD slots in registers. Every load comes before any store (a store may alias a
 // later load, so the compiler cannot move loads above it: a kernel that stored as it went was latency-bound, 14 us
 // for a 4,096-wide row on an H200), and quads rather than single elements: the Z-Image step's row kernels read and
-// wrote 0.9-1.4 TB/s element by element.
+// wrote 0.9-1.4 TB/s element by element. For the same reason a kernel loads everything it reads (the row, the
+// weights, the per-sample vectors) before its first reduction: loads issued after a block_sum wait behind its
+// barriers, one DRAM round trip per phase.
 inline constexpr const char* kCudaRowHelpers = R"(
 __device__ inline int held_index(int k) {
   return 4 * (threadIdx.x + (k >> 2) * blockDim.x) + (k & 3);
@@ -106,11 +108,11 @@ __device__ inline void load_row_vector(T (&out)[PER_THREAD], const T* vector, lo
 }
 
 // MLX's rms_norm of a held row: weight * (the row times the normalizer, rounded to T), in T; held as floats (exact).
+// The weight's elements are held too (load_row_vector), loaded before the row's reduction like everything a kernel
+// reads.
 template <int PER_THREAD, typename T>
 __device__ inline void norm_row(float (&out)[PER_THREAD], const float (&v)[PER_THREAD], int n, float normalizer,
-                                const T* weight) {
-  T w[PER_THREAD];
-  load_row_vector(w, weight, 1, n);
+                                const T (&w)[PER_THREAD]) {
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
     out[k] = held_index(k) < n ? static_cast<float>(w[k] * static_cast<T>(v[k] * normalizer)) : 0.f;
@@ -131,35 +133,34 @@ __device__ inline void store_held_row(T* row, const T (&v)[PER_THREAD], int n) {
   }
 }
 
-// The norm times a scale, in T, stored.
+// The norm times a scale, in T, stored; the weight and the scale held.
 template <int PER_THREAD, typename T>
 __device__ inline void store_scaled_norm(T* out, const float (&v)[PER_THREAD], int n, float normalizer,
-                                         const T* weight, const T* scale) {
+                                         const T (&w)[PER_THREAD], const T (&scale)[PER_THREAD]) {
   float normed[PER_THREAD];
-  norm_row(normed, v, n, normalizer, weight);
+  norm_row(normed, v, n, normalizer, w);
   T scaled[PER_THREAD];
-  load_row_vector(scaled, scale, 1, n);
 #pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) scaled[k] = static_cast<T>(normed[k]) * scaled[k];
+  for (int k = 0; k < PER_THREAD; ++k) scaled[k] = static_cast<T>(normed[k]) * scale[k];
   store_held_row(out, scaled, n);
 }
 
 // A residual, h = x + gate * term (the product and the sum in T, as MLX's multiply and add round them), for this
-// thread's elements: stored, and held in v (0 past the row's end). term holds T values as floats; the gate is read
-// every gate_step elements (a range of a wider modulation output).
+// thread's elements of x and the gate, held: stored, and held in v (0 past the row's end). term holds T values as
+// floats. Returns the sum of squares of v (the next norm's).
 template <int PER_THREAD, typename T>
-__device__ inline void store_residual(T* h, float (&v)[PER_THREAD], const T* x, const T* gate, long long gate_step,
-                                      const float (&term)[PER_THREAD], int n) {
-  T sum[PER_THREAD], g[PER_THREAD];
-  float xv[PER_THREAD];
-  load_row(x, n, xv);
-  load_row_vector(g, gate, gate_step, n);
+__device__ inline float store_residual(T* h, float (&v)[PER_THREAD], const float (&xv)[PER_THREAD],
+                                       const T (&g)[PER_THREAD], const float (&term)[PER_THREAD], int n) {
+  T sum[PER_THREAD];
+  float squares = 0.f;
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) {
     sum[k] = static_cast<T>(xv[k]) + g[k] * static_cast<T>(term[k]);
     v[k] = held_index(k) < n ? static_cast<float>(sum[k]) : 0.f;
+    squares += v[k] * v[k];
   }
   store_held_row(h, sum, n);
+  return squares;
 }
 )";
 
