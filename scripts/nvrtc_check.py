@@ -112,6 +112,20 @@ def kernels():
         yield f"rope_pairs/{dtype}", mlx_kernel_source(
             "mlxr_rope_pairs", "", kernel_string("rope.cpp", "kRopePairsCuda"),
             [("x", dtype), ("cos_table", "float"), ("sin_table", "float")], [("out", dtype)], {"DT": dtype})
+    # The widest row a Z-Image block has (3,840: 16 elements a thread), where registers bound the occupancy.
+    yield "gated_residual/next=1/bf16/16", mlx_kernel_source(
+        "mlxr_gated_residual", with_sum + "#define NEXT 1\n", kernel_string("cuda_dit_fusion.cpp", "kGatedResidual"),
+        [(name, "bf16") for name in ("x", "a", "a_weight", "gate", "next_weight", "next_scale")],
+        [("h", "bf16"), ("next", "bf16")], {"T": "bf16", "EPS_BITS": 1, "PER_THREAD": 16, "NEXT_EPS_BITS": 1})
+    for channels in (128, 512):  # the VAE's widest and narrowest images' channels
+        yield f"group_norm_sums/{channels}/bf16", mlx_kernel_source(
+            "mlxr_group_norm_sums", "", kernel_string("cuda_group_norm.cpp", "kGroupNormSums"), [("x", "bf16")],
+            [("sums", "float")], {"T": "bf16", "C": channels, "GROUPS": 32, "CHUNK_PIXELS": 65536 // channels})
+        for silu in (0, 1):
+            yield f"group_norm/silu={silu}/{channels}/bf16", mlx_kernel_source(
+                "mlxr_group_norm", f"#define SILU {silu}\n", kernel_string("cuda_group_norm.cpp", "kGroupNormApply"),
+                [("x", "bf16"), ("sums", "float"), ("weight", "bf16"), ("bias", "bf16")], [("out", "bf16")],
+                {"T": "bf16", "C": channels, "GROUPS": 32, "EPS_BITS": 1})
     yield "batch_decode_attention/bf16", mlx_kernel_source(
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],

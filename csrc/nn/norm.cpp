@@ -4,6 +4,7 @@
 #include <string>
 
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_group_norm.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/fusion.h"
 
@@ -94,6 +95,7 @@ mx::array GroupNorm::operator()(const mx::array& x, bool then_silu) const {
   static auto normalise = mx::compile(normalise_impl, /*shapeless=*/true);
   static auto normalise_silu = mx::compile(normalise_silu_impl, /*shapeless=*/true);
   if (on_cpu_kernels(x) && !fuse_elementwise()) return group_norm_cpu(x, weight, bias, groups, eps, then_silu);
+  if (auto fused = cuda_group_norm(x, *this, then_silu)) return *fused;
   const int b = x.shape(0), h = x.shape(1), wd = x.shape(2), c = x.shape(3);
   const int per_group = c / groups;
   const float count = static_cast<float>(h) * wd * per_group;
