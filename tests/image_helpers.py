@@ -1,4 +1,4 @@
-"""Helpers the image-generation tests share: numeric comparison, bf16 fixture copies, talking to a
+"""Helpers the image-generation tests share: numeric comparison, GroupNorm in float64, bf16 fixture copies, talking to a
 runner's image /completion stream, and where a tiled VAE pass lets a cancel land."""
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ from PIL import Image
 from mlxrunner import backend
 from mlxrunner.errors import Cancelled
 from mlxrunner.settings import DEFAULT_CPU_DTYPE
+
+
+def group_norm_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, eps: float,
+                       then_silu: bool = False) -> np.ndarray:
+    """PyTorch's GroupNorm in float64 (statistics per sample and group over the pixels and the group's channels, biased
+    variance) of x [B, H, W, C], then SiLU if then_silu."""
+    b, h, w, c = x.shape
+    grouped = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    y = ((grouped - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * weight + bias
+    return y / (1 + np.exp(-y)) if then_silu else y
 
 
 def rel_error(actual, expected) -> float:

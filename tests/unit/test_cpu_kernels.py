@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from image_helpers import group_norm_float64
 
 from mlxrunner import _core
 
@@ -152,16 +153,6 @@ def test_silu_is_x_times_mlx_sigmoid_bit_for_bit(shape):
 def test_silu_of_special_values_is_mlx_silu():
     x = mx.array(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 88.5, -88.5, 1e-30, -1e-30, 3.4e38], np.float32))
     assert np.array_equal(np.asarray(_core.silu(x)), np.asarray(x * mx.sigmoid(x)), equal_nan=True)
-
-
-def group_norm_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, eps: float) -> np.ndarray:
-    """PyTorch's GroupNorm in float64: statistics per sample and group over the pixels and the group's channels."""
-    b, h, w, c = x.shape
-    grouped = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
-    mean = grouped.mean(axis=(1, 3), keepdims=True)
-    var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-    normal = ((grouped - mean) / np.sqrt(var + eps)).reshape(b, h, w, c)
-    return normal * weight + bias
 
 
 def group_norm_mlx_ops(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float) -> mx.array:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
+from image_helpers import group_norm_float64
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_group_norm.cpp"
 THREADS = 256  # both kernels' block
@@ -61,15 +62,6 @@ def launch(lib, blocks: int, inputs: list[np.ndarray], output: np.ndarray) -> No
         held += [shape, strides]
         arguments += [ptr(array.ctypes.data), ptr(shape.ctypes.data), ptr(strides.ctypes.data)]
     lib.run(ctypes.c_int(blocks), ctypes.c_int(THREADS), *arguments, ptr(output.ctypes.data))
-
-
-def group_norm_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, silu: bool) -> np.ndarray:
-    b, h, w, c = x.shape
-    grouped = x.astype(np.float64).reshape(b, h * w, GROUPS, c // GROUPS)
-    mean = grouped.mean(axis=(1, 3), keepdims=True)
-    var = grouped.var(axis=(1, 3), keepdims=True)
-    y = ((grouped - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * weight + bias
-    return y / (1 + np.exp(-y)) if silu else y
 
 
 def run_group_norm(tmp_path: Path, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, silu: bool,
@@ -121,7 +113,7 @@ def assert_within_bf16_rounding(got: np.ndarray, want: np.ndarray) -> None:
 def test_group_norm_kernels_are_group_norm(tmp_path, silu, shape, chunk_pixels):
     x, weight, bias = inputs(shape, seed=shape[-1] + chunk_pixels)
     got = run_group_norm(tmp_path, x, weight, bias, 1e-6, silu, chunk_pixels)
-    assert_within_bf16_rounding(got, group_norm_float64(x, weight, bias, 1e-6, silu))
+    assert_within_bf16_rounding(got, group_norm_float64(x, weight, bias, GROUPS, 1e-6, silu))
 
 
 def test_a_mean_far_from_zero_keeps_its_variance(tmp_path):
