@@ -65,20 +65,20 @@ def launch(lib, blocks: int, inputs: list[np.ndarray], output: np.ndarray) -> No
 
 
 def run_group_norm(tmp_path: Path, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, silu: bool,
-                   chunk_pixels: int) -> np.ndarray:
+                   chunk_pixels: int, groups: int = GROUPS) -> np.ndarray:
     """cuda_group_norm's three steps on bfloat16 bits: sums kernel, the chunks' sums added, apply kernel."""
     b, h, w, c = x.shape
     pixels = h * w
     chunks = -(-pixels // chunk_pixels)
     x_bits = to_bf16_bits(x)
     sums_lib = build(tmp_path, "kGroupNormSums", [("x", "T")], ("sums", "float"),
-                     {"C": c, "GROUPS": GROUPS, "CHUNK_PIXELS": chunk_pixels})
-    chunk_sums = np.zeros((b, chunks, GROUPS, 2), np.float32)
+                     {"C": c, "GROUPS": groups, "CHUNK_PIXELS": chunk_pixels})
+    chunk_sums = np.zeros((b, chunks, groups, 2), np.float32)
     launch(sums_lib, b * chunks, [x_bits], chunk_sums)
     group_sums = np.ascontiguousarray(chunk_sums.sum(axis=1, dtype=np.float32))
     eps_bits = int(np.array(eps, np.float32).view(np.int32))
     apply_lib = build(tmp_path, "kGroupNormApply", [("x", "T"), ("sums", "float"), ("weight", "T"), ("bias", "T")],
-                      ("out", "T"), {"C": c, "GROUPS": GROUPS, "EPS_BITS": eps_bits}, silu)
+                      ("out", "T"), {"C": c, "GROUPS": groups, "EPS_BITS": eps_bits}, silu)
     out = np.zeros(x.shape, np.uint16)
     vectors = b * pixels * c // 8
     launch(apply_lib, -(-vectors // THREADS), [x_bits, group_sums, to_bf16_bits(weight), to_bf16_bits(bias)], out)
@@ -105,15 +105,17 @@ def assert_within_bf16_rounding(got: np.ndarray, want: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize(("shape", "chunk_pixels"), [
-    ((1, 6, 7, 128), 512),   # 4 channels a group: two groups in each thread's 8; one chunk
-    ((2, 5, 9, 128), 13),    # chunks that do not divide the 45 pixels, two images
-    ((1, 4, 4, 512), 5),     # 16 channels a group: a group over two threads
+@pytest.mark.parametrize(("shape", "groups", "chunk_pixels"), [
+    ((1, 6, 7, 128), 32, 512),  # 4 channels a group: two groups in each thread's 8; one chunk
+    ((2, 5, 9, 128), 32, 13),   # chunks that do not divide the 45 pixels, two images
+    ((1, 4, 4, 512), 32, 5),    # 16 channels a group: a group over two threads
+    ((1, 3, 5, 32), 32, 4),     # a channel a group (the tiny test VAEs' widths)
+    ((1, 5, 6, 16), 8, 7),      # two channels a group, two threads a pixel
 ])
-def test_group_norm_kernels_are_group_norm(tmp_path, silu, shape, chunk_pixels):
+def test_group_norm_kernels_are_group_norm(tmp_path, silu, shape, groups, chunk_pixels):
     x, weight, bias = inputs(shape, seed=shape[-1] + chunk_pixels)
-    got = run_group_norm(tmp_path, x, weight, bias, 1e-6, silu, chunk_pixels)
-    assert_within_bf16_rounding(got, group_norm_float64(x, weight, bias, GROUPS, 1e-6, silu))
+    got = run_group_norm(tmp_path, x, weight, bias, 1e-6, silu, chunk_pixels, groups)
+    assert_within_bf16_rounding(got, group_norm_float64(x, weight, bias, groups, 1e-6, silu))
 
 
 def test_a_mean_far_from_zero_keeps_its_variance(tmp_path):
