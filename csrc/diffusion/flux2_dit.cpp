@@ -137,10 +137,14 @@ mx::array joint_rotated(const mx::array& text, const RMSNorm& text_norm, const m
   return apply_rope_pairs(mx::concatenate({text_norm(text), image_norm(image)}, 1), rope);
 }
 
-// A stream's own queries or keys, normed and rotated over the whole table: [B, T, H, D].
-mx::array rotated(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope) {
-  if (auto fused = fused_rotated_heads(x, norm, rope, 0)) return *fused;
-  return apply_rope_pairs(norm(x), rope);
+// Queries or keys of the sequence's rows [first, first + T), normed and rotated by those rows of the table:
+// [B, T, H, D].
+mx::array rotated(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope, int first = 0) {
+  if (auto fused = fused_rotated_heads(x, norm, rope, first)) return *fused;
+  const int last = first + x.shape(1);
+  if (first == 0 && last == rope.cos.shape(1)) return apply_rope_pairs(norm(x), rope);
+  auto rows = [&](const mx::array& table) { return axis_slice(table, 1, first, last); };
+  return apply_rope_pairs(norm(x), Flux2Rope{rows(rope.cos), rows(rope.sin), rows(rope.with_x0), rows(rope.with_x1)});
 }
 
 }  // namespace
@@ -268,23 +272,28 @@ std::pair<mx::array, mx::array> Flux2Transformer::double_block(const Flux2Double
 }
 
 mx::array Flux2Transformer::single_block(const Flux2SingleBlock& block, const mx::array& hs,
-                                         const std::vector<mx::array>& mod, const Flux2Rope& rope) const {
+                                         const std::vector<mx::array>& mod, const Flux2Rope& rope,
+                                         std::optional<std::pair<int, int>> rows) const {
   const int h = config_.num_attention_heads, d = config_.dim();
   const int m = config_.mlp_hidden();
   auto n = modulate(hs, mod[0], mod[1], config_.eps);
   auto p = block.to_qkv_mlp(n);
   // [q | k | v | gate | up]: the MLP's two ranges read in place below
   auto parts = mx::split(p, mx::Shape{d, 2 * d, 3 * d}, -1);
-  auto q = rotated(split_heads(parts[0], h), block.norm_q, rope);
   auto k = rotated(split_heads(parts[1], h), block.norm_k, rope);
+  // The rows whose output is wanted: their queries, MLP, output projection and residual; every row's keys and values.
+  const int first = rows ? rows->first : 0;
+  auto out_rows = [&](const mx::array& a) { return rows ? axis_slice(a, 1, rows->first, rows->second) : a; };
+  auto q = rotated(split_heads(out_rows(parts[0]), h), block.norm_q, rope, first);
   auto attn = attention(q, k, split_heads(parts[2], h));
-  auto mlp = gated_silu_columns(p, 3 * d, 3 * d + m, m);
+  auto mlp = gated_silu_columns(out_rows(p), 3 * d, 3 * d + m, m);
   auto out = block.to_out(mx::concatenate({attn, mlp}, -1));
-  return gated_add(hs, out, mod[2]);
+  return gated_add(out_rows(hs), out, mod[2]);
 }
 
 mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep,
-                                    const Flux2Rope& rope, EvalQueue* queue, StepCacheBranch* cache) const {
+                                    const Flux2Rope& rope, EvalQueue* queue, StepCacheBranch* cache,
+                                    int output_tokens) const {
   const auto& c = config_;
   if (hidden.ndim() != 3 || hidden.shape(2) != c.in_channels) {
     throw std::invalid_argument("FLUX.2: image tokens must be [B, L, " + std::to_string(c.in_channels) + "], got " +
@@ -300,6 +309,11 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
                                 std::to_string(text_len) + " text and " + std::to_string(image_len) + " image tokens");
   }
   if (timestep.size() != static_cast<size_t>(b)) throw std::invalid_argument("FLUX.2: need one timestep per sample");
+  if (output_tokens > image_len) {
+    throw std::invalid_argument("FLUX.2: " + std::to_string(output_tokens) + " output tokens asked of " +
+                                std::to_string(image_len) + " image tokens");
+  }
+  const int kept = output_tokens < 0 ? image_len : output_tokens;
   const auto dt = dtype();
 
   auto temb = time_embedding(mx::reshape(timestep, {b}));
@@ -315,14 +329,15 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
     // hidden_states). The tail residual is taken on the image tokens only: the text ones are dropped.
     auto [head, head_ctx] = double_block(double_blocks_[0], x, ctx, mod_img, mod_txt, rope);
     if (queue) queue->push({head, head_ctx});
+    auto kept_head = axis_slice(head, 1, 0, kept);  // the tail residual of the rows the model returns
     if (cache->should_compute(mx::subtract(head, x))) {
-      y = blocks_from(1, head, head_ctx, mod_img, mod_txt, mod_single, rope, queue);
-      cache->remember(head, y);
+      y = blocks_from(1, head, head_ctx, mod_img, mod_txt, mod_single, rope, queue, kept);
+      cache->remember(kept_head, y);
     } else {
-      y = cache->reuse(head);
+      y = cache->reuse(kept_head);
     }
   } else {
-    y = blocks_from(0, x, ctx, mod_img, mod_txt, mod_single, rope, queue);
+    y = blocks_from(0, x, ctx, mod_img, mod_txt, mod_single, rope, queue, kept);
   }
 
   // AdaLayerNormContinuous: (scale, shift), scale first.
@@ -335,18 +350,22 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
 
 mx::array Flux2Transformer::blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
                                         const std::vector<mx::array>& mod_txt, const std::vector<mx::array>& mod_single,
-                                        const Flux2Rope& rope, EvalQueue* queue) const {
+                                        const Flux2Rope& rope, EvalQueue* queue, int kept) const {
   for (size_t i = first; i < double_blocks_.size(); ++i) {
     std::tie(x, ctx) = double_block(double_blocks_[i], x, ctx, mod_img, mod_txt, rope);
     if (queue) queue->push({x, ctx});
   }
-  const int b = x.shape(0), text_len = ctx.shape(1), image_len = x.shape(1), d = x.shape(2);
+  const int text_len = ctx.shape(1);
+  if (single_blocks_.empty()) return axis_slice(x, 1, 0, kept);
   auto hs = mx::concatenate({ctx, x}, 1);
-  for (const auto& block : single_blocks_) {
-    hs = single_block(block, hs, mod_single, rope);
+  for (size_t i = 0; i + 1 < single_blocks_.size(); ++i) {
+    hs = single_block(single_blocks_[i], hs, mod_single, rope);
     if (queue) queue->push({hs});
   }
-  return mx::slice(hs, {0, text_len, 0}, {b, text_len + image_len, d});
+  // The last block computes the kept image rows only: the text's and the references' outputs are dropped.
+  hs = single_block(single_blocks_.back(), hs, mod_single, rope, std::pair{text_len, text_len + kept});
+  if (queue) queue->push({hs});
+  return hs;
 }
 
 std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::array& latents,
@@ -385,12 +404,10 @@ std::optional<mx::array> flux2_denoise(const Flux2Transformer& model, const mx::
     t = mx::reshape(t, {1});
     auto input = mx::astype(x, dt);
     if (refs_in) input = mx::concatenate({input, *refs_in}, 1);
-    auto keep = [&](const mx::array& out) {
-      return mx::slice(out, {0, 0, 0}, {out.shape(0), noise_len, out.shape(2)});
-    };
-    auto v = keep(model.forward(input, prompt_in, t, rope, &queue, branch(0)));
+    // The noise tokens' velocities only (the references come after them).
+    auto v = model.forward(input, prompt_in, t, rope, &queue, branch(0), noise_len);
     if (cfg) {
-      auto v_neg = keep(model.forward(input, *negative_in, t, negative_rope, &queue, branch(1)));
+      auto v_neg = model.forward(input, *negative_in, t, negative_rope, &queue, branch(1), noise_len);
       v = mx::add(v_neg, mx::multiply(mx::array(guidance), mx::subtract(v, v_neg)));
     }
     return v;

@@ -81,11 +81,13 @@ class Flux2Transformer {
   // One evaluation. hidden [B, L, in_channels] (noise tokens then reference tokens), context
   // [B, T, joint_attention_dim], timestep [B] as the pipeline passes it (t / 1000, i.e. sigma; the
   // model scales it by 1000 in its own dtype), rope from rope_table(text ids ++ image ids).
-  // Returns the raw output for every image token, float32 [B, L, out_channels]. Pushes each block's
-  // output to `queue` if given (the denoising loop's; see EvalQueue). With `cache`, the first double
+  // Returns the raw output for the first `output_tokens` image tokens (-1: every one), float32
+  // [B, output_tokens, out_channels]: the denoiser asks for the noise tokens' only, and the last single block then
+  // computes no output for the text and reference tokens (their keys and values still enter its attention). Pushes
+  // each block's output to `queue` if given (the denoising loop's; see EvalQueue). With `cache`, the first double
   // block decides on its image-stream residual whether the other blocks run (StepCache).
   mx::array forward(const mx::array& hidden, const mx::array& context, const mx::array& timestep, const Flux2Rope& rope,
-                    EvalQueue* queue = nullptr, StepCacheBranch* cache = nullptr) const;
+                    EvalQueue* queue = nullptr, StepCacheBranch* cache = nullptr, int output_tokens = -1) const;
 
   const Flux2Config& config() const { return config_; }
   // Every weight it holds: evaluating them reads the checkpoint and builds the fused projections (load time).
@@ -98,14 +100,16 @@ class Flux2Transformer {
   std::pair<mx::array, mx::array> double_block(const Flux2DoubleBlock& block, const mx::array& x, const mx::array& c,
                                                const std::vector<mx::array>& mod_img,
                                                const std::vector<mx::array>& mod_txt, const Flux2Rope& rope) const;
+  // Every row of h in, every row out; or, given `rows` [first, last), only those rows' outputs (all rows' keys and
+  // values still attend).
   mx::array single_block(const Flux2SingleBlock& block, const mx::array& h, const std::vector<mx::array>& mod,
-                         const Flux2Rope& rope) const;
+                         const Flux2Rope& rope, std::optional<std::pair<int, int>> rows = std::nullopt) const;
   // Joint attention over q, k (normed and rotated) and v, each [B, T, H, D] -> [B, T, H * D].
   mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v) const;
-  // The blocks from double block `first` on -> the image tokens after the last single block.
+  // The blocks from double block `first` on -> the first `kept` image tokens after the last single block.
   mx::array blocks_from(size_t first, mx::array x, mx::array ctx, const std::vector<mx::array>& mod_img,
                         const std::vector<mx::array>& mod_txt, const std::vector<mx::array>& mod_single,
-                        const Flux2Rope& rope, EvalQueue* queue) const;
+                        const Flux2Rope& rope, EvalQueue* queue, int kept) const;
 
   Flux2Config config_;
   std::vector<std::vector<double>> inv_freq_;  // per axis, float64
