@@ -326,7 +326,7 @@ mx::array Flux2Transformer::forward(const mx::array& hidden, const mx::array& co
   mx::array y = x;
   if (cache && !double_blocks_.empty()) {
     // The first double block is the cache's head; its residual is the image stream's (diffusers'
-    // hidden_states). The tail residual is taken on the image tokens only: the text ones are dropped.
+    // hidden_states). The tail residual is taken on the kept image tokens only, the rows the last block computes.
     auto [head, head_ctx] = double_block(double_blocks_[0], x, ctx, mod_img, mod_txt, rope);
     if (queue) queue->push({head, head_ctx});
     auto kept_head = axis_slice(head, 1, 0, kept);  // the tail residual of the rows the model returns
