@@ -5,6 +5,7 @@ shuffles and the emulated mma.sync, bfloat16 is emulated bit for bit (round to n
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -157,6 +158,15 @@ extern "C" void run({params}) {{
 }}
 """
 
+
+def kernel_source(path: Path, name: str) -> str:
+    """The CUDA source held by `constexpr const char* name = R"(...)";` in the C++ file `path`, compacted as the host
+    code hands it to MLX (_core.compact_kernel_source)."""
+    from mlxrunner import _core
+
+    found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', path.read_text(), re.S)
+    assert found, f"{name} not in {path.name}"
+    return _core.compact_kernel_source(found.group(1))
 
 def compile_library(tmp_path: Path, code: str) -> ctypes.CDLL:
     """`code` built as a shared library by the host's C++ compiler (the one that builds _core)."""

@@ -10,12 +10,11 @@ What this cannot check, tests/gpu/test_measuring_switches.py does on CUDA: NVRTC
 from __future__ import annotations
 
 import ctypes
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_batch_attention.cpp"
 THREADS = 128  # the launch's block (kThreads)
@@ -23,10 +22,7 @@ THREADS = 128  # the launch's block (kThreads)
 
 
 def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float) -> ctypes.CDLL:
-    from mlxrunner import _core
-
-    body = re.search(r'constexpr const char\* kBatchAttentionSource = R"\((.*?)\)";', SOURCE.read_text(), re.S)
-    source = _core.compact_kernel_source(body.group(1))
+    source = kernel_source(SOURCE, "kBatchAttentionSource")
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
     params = "const T* q, const T* keys, const int* keys_shape, const T* values, const int* positions, T* out"
     args = "q, keys, keys_shape, values, positions, out"

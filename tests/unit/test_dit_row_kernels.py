@@ -14,13 +14,12 @@ this cannot check, tests/gpu/test_dit_fusion.py does on CUDA: NVRTC's view of th
 from __future__ import annotations
 
 import ctypes
-import re
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "nn"
 TOLERANCE = {"float": 1e-5, "bf16": 1.6e-2}  # tests/gpu/test_dit_fusion.py's, per dtype
@@ -35,23 +34,15 @@ inline __nv_bfloat16 operator+(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_b
 """
 
 
-def source_of(path: Path, name: str) -> str:
-    found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', path.read_text(), re.S)
-    assert found, f"{name} not in {path.name}"
-    return found.group(1)
-
-
 def build(tmp_path: Path, kernel: str, inputs: dict[str, str], outputs: list[str], constants: dict[str, int],
           dtype: str, with_helpers: bool) -> ctypes.CDLL:
     """`kernel` of cuda_dit_fusion.cpp as a host function run(blocks, threads, ...) taking, per input, its data, an
     int shape and a long long strides pointer (the names MLX gives them: x, x_shape, x_strides), then the outputs."""
-    from mlxrunner import _core
-
-    body = _core.compact_kernel_source(source_of(CSRC / "cuda_dit_fusion.cpp", kernel))
+    body = kernel_source(CSRC / "cuda_dit_fusion.cpp", kernel)
     helpers = ""
     if with_helpers:
         common = CSRC / "cuda_kernel_common.h"
-        helpers = _core.compact_kernel_source(source_of(common, "kCudaBlockSum") + source_of(common, "kCudaRowHelpers"))
+        helpers = kernel_source(common, "kCudaBlockSum") + kernel_source(common, "kCudaRowHelpers")
     element = "__nv_bfloat16" if dtype == "bf16" else "float"
     params = []
     for name, kind in inputs.items():

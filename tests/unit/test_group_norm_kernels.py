@@ -13,25 +13,16 @@ does on CUDA: NVRTC's view of the source, MLX's launch, the speed.
 from __future__ import annotations
 
 import ctypes
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, to_bf16_bits
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
 from image_helpers import group_norm_float64
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_group_norm.cpp"
 THREADS = 256  # both kernels' block
 GROUPS = 32  # the VAE's
-
-
-def kernel_source(name: str) -> str:
-    from mlxrunner import _core
-
-    found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', SOURCE.read_text(), re.S)
-    assert found, f"{name} not in {SOURCE.name}"
-    return _core.compact_kernel_source(found.group(1))
 
 
 def build(tmp_path: Path, name: str, inputs: list[tuple[str, str]], output: tuple[str, str],
@@ -47,7 +38,7 @@ def build(tmp_path: Path, name: str, inputs: list[tuple[str, str]], output: tupl
     args = ", ".join(p.split()[-1] for p in params)
     values = "".join(f"constexpr int {k} = {v};\n" for k, v in constants.items())
     code = (PRELUDE + "using T = __nv_bfloat16;\n" + values + f"#define SILU {int(silu)}\n" +
-            f"static void kernel({signature}) {{\n{kernel_source(name)}\n}}\n" +
+            f"static void kernel({signature}) {{\n{kernel_source(SOURCE, name)}\n}}\n" +
             block_launcher(f"int blocks, int threads, {signature}", args, "blocks", "threads"))
     return compile_library(tmp_path / name, code)
 
