@@ -142,7 +142,6 @@ mx::array joint_rotated(const mx::array& text, const RMSNorm& text_norm, const m
 mx::array rotated(const mx::array& x, const RMSNorm& norm, const Flux2Rope& rope, int first = 0) {
   if (auto fused = fused_rotated_heads(x, norm, rope, first)) return *fused;
   const int last = first + x.shape(1);
-  if (first == 0 && last == rope.cos.shape(1)) return apply_rope_pairs(norm(x), rope);
   auto rows = [&](const mx::array& table) { return axis_slice(table, 1, first, last); };
   return apply_rope_pairs(norm(x), Flux2Rope{rows(rope.cos), rows(rope.sin), rows(rope.with_x0), rows(rope.with_x1)});
 }
