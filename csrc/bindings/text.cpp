@@ -156,10 +156,12 @@ void bind_decoder(nb::module_& m) {
           "Float32 logits [T, V] for one prompt, prefilled in chunks.")
       .def(
           "hidden_states",
-          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask,
-             const std::vector<int>& layers) { return evaluated(self.hidden_states(tokens, mask, layers)); },
-          "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, nb::call_guard<nb::gil_scoped_release>(),
-          "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm.")
+          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask, const std::vector<int>& layers,
+             bool final_norm) { return evaluated(self.hidden_states(tokens, mask, layers, final_norm)); },
+          "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, "final_norm"_a = true,
+          nb::call_guard<nb::gil_scoped_release>(),
+          "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm "
+          "(final_norm=False: the last layer's raw output, for a decoder built with a checkpoint's first layers).")
       .def_prop_ro("can_batch", &Decoder::can_batch,
                    "Whether sequences decode together (BatchGenerator): no sliding-window or latent attention.")
       .def("eval_weights", &Decoder::eval_weights, nb::call_guard<nb::gil_scoped_release>(),

@@ -531,7 +531,7 @@ std::optional<int> right_padded_length(const mx::array& attention_mask) {
 }  // namespace
 
 std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
-                                              const std::vector<int>& layers) const {
+                                              const std::vector<int>& layers, bool final_norm) const {
   std::optional<mx::array> mask;
   if (attention_mask) mask = causal_padding_key_mask(*attention_mask);
   // On the CPU a right-padded prompt's attention is computed in its two unmasked parts (right_padded_attention).
@@ -565,7 +565,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   const int final_index = static_cast<int>(layers_.size());
   for (int i : layers) {
     // transformers' last hidden state is the final norm's output, the others are raw layer outputs.
-    picked.push_back(i == final_index ? norm_(all[i]) : all[i]);
+    picked.push_back(i == final_index && final_norm ? norm_(all[i]) : all[i]);
   }
   return picked;
 }

@@ -120,9 +120,11 @@ class Decoder {
   // Hidden states as transformers' output_hidden_states: index 0 the embeddings, index i the
   // output of the first i layers, and index num_hidden_layers the final norm's output; `layers`
   // picks which. `attention_mask` [B, T] (1 = token)
-  // masks padding keys on top of causal attention. No cache.
+  // masks padding keys on top of causal attention. No cache. final_norm = false: index num_hidden_layers is the
+  // last layer's raw output (a decoder built with only the first layers of a checkpoint, as a text encoder that
+  // reads an inner layer is).
   std::vector<mx::array> hidden_states(const mx::array& tokens, const std::optional<mx::array>& attention_mask,
-                                       const std::vector<int>& layers) const;
+                                       const std::vector<int>& layers, bool final_norm = true) const;
 
   // One cache per layer: a rotating one (text/kv_cache.h) on each sliding-window layer.
   std::vector<KVCache> make_cache() const;

@@ -53,15 +53,21 @@ def resolve(name: str, models_dir: str | None) -> store.ModelSource:
 def predicted_weight_bytes(source: store.ModelSource, detected: Detected, low_memory: bool) -> int:
     """The memory the weights will hold at once, from the files' headers: as stored for a float LLM; a quantized
     LLM's, an image or embedding model's as backend.compute_weights leaves them (bf16 doubled where the CPU upcasts
-    it: llm/model.py says why a float LLM is not); under low_memory an image model's text encoder or transformer,
-    whichever is larger, plus the rest."""
+    it: llm/model.py says why a float LLM is not; an image model's text encoder without the layers past the deepest
+    hidden state its pipeline reads); under low_memory an image model's text encoder or transformer, whichever is
+    larger, plus the rest."""
     if detected.mode is Mode.LLM:
         if source.quantization(""):
             return backend.computed_bytes(source.tensors(""))
         return source.total_tensor_bytes()
     if detected.mode is Mode.EMBEDDING:
         return backend.computed_bytes(source.tensors(""))
-    sizes = {c: backend.computed_bytes(source.tensors(c)) for c in ("text_encoder", "transformer", "vae")}
+    from mlxrunner.imagegen import pipeline_class
+    from mlxrunner.imagegen.text_encoder import encoder_tensors
+
+    text_encoder = encoder_tensors(source, pipeline_class(source, detected.architecture).text_hidden_states)
+    sizes = {"text_encoder": backend.computed_bytes(text_encoder),
+             **{c: backend.computed_bytes(source.tensors(c)) for c in ("transformer", "vae")}}
     if low_memory:
         return max(sizes["text_encoder"], sizes["transformer"]) + sizes["vae"]
     return sum(sizes.values())

@@ -18,7 +18,9 @@ from quant_helpers import dequantized_image_folder
 
 from mlxrunner import _core
 from mlxrunner.cli.quantize import main
-from mlxrunner.imagegen import load_pipeline
+from mlxrunner.detect import detect
+from mlxrunner.imagegen import load_pipeline, pipeline_class
+from mlxrunner.imagegen.text_encoder import encoder_tensors
 from mlxrunner.store import QuantParams, resolve
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -97,8 +99,17 @@ def held_bytes(folder: Path) -> int:
     return held
 
 
+def loaded_tensors(folder: Path, component: str) -> dict:
+    """The component's tensors that loading the pipeline reads: the text encoder's layers past the deepest hidden
+    state the model conditions on are left in the files."""
+    source = resolve(str(folder))
+    if component != "text_encoder":
+        return source.tensors(component)
+    return encoder_tensors(source, pipeline_class(source, detect(source).architecture).text_hidden_states)
+
+
 def weight_bytes(folder: Path) -> int:
-    return sum(v.nbytes for path in folder.glob("*/*.safetensors") for v in mx.load(str(path)).values())
+    return sum(v.nbytes for c in ("text_encoder", "transformer", "vae") for v in loaded_tensors(folder, c).values())
 
 
 def unpacked_on_cuda_bytes(folder: Path) -> int:
@@ -109,8 +120,10 @@ def unpacked_on_cuda_bytes(folder: Path) -> int:
         return 0
     source, extra = resolve(str(folder)), 0
     for component in ("transformer", "text_encoder"):
-        tensors = source.tensors(component)
+        tensors = loaded_tensors(folder, component)
         for name, params in source.quantization(component).items():
+            if name not in tensors:
+                continue
             packed = tensors[name]
             columns = packed.shape[-1] * 32 // params.bits
             if _core.cuda_runs_packed(columns, params.group_size):

@@ -61,7 +61,10 @@ def test_the_memory_check_counts_one_of_text_encoder_and_transformer_under_low_m
     normal = loader.predicted_weight_bytes(source, detected, low_memory=False)
     low = loader.predicted_weight_bytes(source, detected, low_memory=True)
     assert normal > low > 0
-    assert abs(normal - source.total_tensor_bytes()) < 0.01 * normal  # float32 fixture: no upcast
+    # Float32 fixture: no upcast. Z-Image reads its text encoder's hidden_states[-2]: its last layer is never loaded.
+    unread = sum(v.nbytes for name, v in source.tensors("text_encoder").items() if ".layers.3." in name)
+    assert unread > 0
+    assert abs(normal - (source.total_tensor_bytes() - unread)) < 0.01 * normal
     previous = mx.get_memory_limit()
     try:
         # Too little for both at once: the runner holds them in turn rather than refuse.

@@ -13,10 +13,8 @@ from mlxrunner.errors import Cancelled
 from mlxrunner.imagegen.pipeline import GeneratedImage, ImagePipeline
 
 
-def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,
-                   release_text_encoder: bool = False,
-                   denoise_queue_depth: int | None = None, low_memory: bool = False) -> ImagePipeline:
-    """The pipeline for a detected image model (detect.IMAGE_PIPELINES)."""
+def pipeline_class(source, architecture: str) -> type[ImagePipeline]:
+    """The pipeline class that serves a detected image model (detect.IMAGE_PIPELINES); nothing is loaded."""
     from mlxrunner.errors import ModelError
 
     if architecture in ("ZImagePipeline", "FluxPipeline"):
@@ -26,14 +24,20 @@ def build_pipeline(source, architecture: str, progress: Callable[[float], None] 
                              "labelled FluxPipeline, as Ollama writes them)")
         from mlxrunner.imagegen.zimage import ZImagePipeline
 
-        return ZImagePipeline(source, progress, release_text_encoder=release_text_encoder,
-                              denoise_queue_depth=denoise_queue_depth, low_memory=low_memory)
+        return ZImagePipeline
     if architecture == "Flux2KleinPipeline":
         from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline
 
-        return Flux2KleinPipeline(source, progress, release_text_encoder=release_text_encoder,
-                                  denoise_queue_depth=denoise_queue_depth, low_memory=low_memory)
+        return Flux2KleinPipeline
     raise ModelError(f"{architecture} is recognised but not served by this version of mlxrunner yet")
+
+
+def build_pipeline(source, architecture: str, progress: Callable[[float], None] | None = None,
+                   release_text_encoder: bool = False,
+                   denoise_queue_depth: int | None = None, low_memory: bool = False) -> ImagePipeline:
+    """The pipeline for a detected image model (detect.IMAGE_PIPELINES)."""
+    return pipeline_class(source, architecture)(source, progress, release_text_encoder=release_text_encoder,
+                                                denoise_queue_depth=denoise_queue_depth, low_memory=low_memory)
 
 
 def _is_zimage(source) -> bool:
@@ -59,4 +63,4 @@ def load_pipeline(name_or_path: str, models_dir: str | None = None, release_text
                           low_memory)
 
 
-__all__ = ["load_pipeline", "build_pipeline", "ImagePipeline", "GeneratedImage", "Cancelled"]
+__all__ = ["load_pipeline", "build_pipeline", "pipeline_class", "ImagePipeline", "GeneratedImage", "Cancelled"]

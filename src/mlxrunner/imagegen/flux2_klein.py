@@ -158,15 +158,13 @@ class Flux2KleinPipeline(ImagePipeline):
     distilled_defaults = {"steps": 4, "guidance": 1.0}
     base_defaults = {"steps": 50, "guidance": 4.0}  # diffusers' __call__ defaults
     cfg_guidance_above = 1.0  # diffusers' do_classifier_free_guidance
+    text_hidden_states = tuple(TEXT_LAYERS)
     latent_scale = SIZE_MULTIPLE  # the noise is patchified: one latent pixel per transformer token
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
                  denoise_queue_depth: int | None = None, low_memory: bool = False):
         progress = progress or (lambda p: None)
         super().__init__(source, release_text_encoder, low_memory, denoise_queue_depth)
-        if self.text_encoder.num_layers < max(TEXT_LAYERS):
-            raise ModelError(f"{source.location}: the text encoder has {self.text_encoder.num_layers} layers; "
-                             f"FLUX.2 Klein takes hidden states {TEXT_LAYERS}")
         self.pad_id = self._pad_id()
         progress(0.3)
         config = transformer_config(source.read_json("transformer/config.json"), source.location)
@@ -204,7 +202,7 @@ class Flux2KleinPipeline(ImagePipeline):
 
     def embed_ids(self, ids: list[int]) -> mx.array:
         """[512, 3 x hidden]: the ids right-padded to 512, hidden states TEXT_LAYERS concatenated."""
-        states = self.text_encoder.padded_hidden_states(ids, self.max_sequence_length, self.pad_id, TEXT_LAYERS)
+        states = self.text_encoder.padded_hidden_states(ids, self.max_sequence_length, self.pad_id)
         return mx.concatenate(states, axis=-1)
 
     def dynamic_shift_mu(self, image_tokens: int, steps: int) -> float:

@@ -225,6 +225,7 @@ class ImagePipeline(ABC):
     distilled_defaults: dict  # {"steps": ..., "guidance": ...} of the guidance-distilled models
     base_defaults: dict  # and of the undistilled (base) models
     cfg_guidance_above: float  # an undistilled model runs classifier-free guidance when guidance is above this
+    text_hidden_states: tuple[int, ...]  # the text encoder's hidden_states indices the model conditions on
 
     def __init__(self, source, release_text_encoder: bool = False, low_memory: bool = False,
                  denoise_queue_depth: int | None = None):
@@ -238,7 +239,7 @@ class ImagePipeline(ABC):
         self.release_text_encoder = release_text_encoder or low_memory
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
-        self.text_encoder = Qwen3TextEncoder(source)
+        self.text_encoder = Qwen3TextEncoder(source, self.text_hidden_states)
 
     def load_transformer(self, network: type, config) -> Any:
         """The `network` (a _core transformer class) built over transformer/'s weights, still unread (lazy);

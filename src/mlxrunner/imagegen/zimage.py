@@ -68,6 +68,8 @@ class ZImagePipeline(ImagePipeline):
     distilled_defaults = {"steps": 9, "guidance": 0.0}  # Turbo
     base_defaults = {"steps": 50, "guidance": 5.0}  # diffusers' __call__ defaults
     cfg_guidance_above = 0.0  # so 0 is off, and guidance g is a "CFG scale" of g + 1
+    # hidden_states[-2]: the output of the second-to-last layer (before the last layer and the final norm).
+    text_hidden_states = (-2,)
 
     def __init__(self, source, progress: Callable[[float], None] | None = None, release_text_encoder: bool = False,
                  denoise_queue_depth: int | None = None, low_memory: bool = False):
@@ -95,9 +97,8 @@ class ZImagePipeline(ImagePipeline):
         return "turbo" in f"{self.source.name} {self.source.location}".lower()
 
     def embed_ids(self, ids: list[int]) -> mx.array:
-        """[L, hidden]: hidden_states[-2], the output of the second-to-last layer (before the last
-        layer and the final norm)."""
-        return self.text_encoder.hidden_states(ids, [self.text_encoder.num_layers - 1])[0]
+        """[L, hidden]: the text encoder's hidden_states[-2]."""
+        return self.text_encoder.hidden_states(ids)[0]
 
     def dynamic_shift_mu(self, image_tokens: int, steps: int) -> float:
         return calculate_shift(image_tokens)
