@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from mlxrunner import _core
 from mlxrunner.imagegen import load_pipeline
-from mlxrunner.imagegen.flux2_klein import pack, position_ids, reference_pixels
+from mlxrunner.imagegen.flux2_klein import encoder_input, pack, position_ids, reference_crop, reference_pixels
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOLDENS = Path(__file__).parents[1] / "goldens" / "flux2_klein"
@@ -247,7 +247,7 @@ def test_vae_encode_path(pipes, golden):
     np.testing.assert_array_equal(np.round((pixels[0].transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8),
                                   golden["vae_encode/rgb_uint8"])
     np.testing.assert_array_equal(pixels, golden["vae_encode/pixels"])
-    tokens = pipe.vae.encode_tokens(pixels)
+    tokens = pipe.vae.encode_tokens(encoder_input(reference_crop(image)))
     assert rel_error(tokens, golden["vae_encode/packed"]) <= LATENTS_TOL
     _, ids = pipe.encode_images([image])
     np.testing.assert_array_equal(ids, golden["vae_encode/ids"][0])
