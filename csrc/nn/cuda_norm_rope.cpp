@@ -53,19 +53,21 @@ constexpr const char* kQkRope = R"(
                           : k_out + ((b_index * KV_HEADS + head - Q_HEADS) * tokens + t_index) * D;
   const int at1 = TRADITIONAL ? 2 * i : i;  // the pair's two elements
   const int at2 = TRADITIONAL ? 2 * i + 1 : i + half;
+  // Every load first, the angle's too: after the block-wide sum each would wait on its own round trip.
   float x1 = static_cast<float>(src[at1]);
   float x2 = static_cast<float>(src[at2]);
+  const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
+  const float theta = static_cast<float>(offsets[row] + static_cast<int>(t_index)) * inverse_frequencies[i];
 #if NORM
+  const T* w = head < Q_HEADS ? q_weight : k_weight;
+  const float w1 = static_cast<float>(w[at1]), w2 = static_cast<float>(w[at2]);
   const float eps = __int_as_float(EPS_BITS);
   const float normalizer = rsqrtf(block_sum(x1 * x1 + x2 * x2) / D + eps);
-  const T* w = head < Q_HEADS ? q_weight : k_weight;
-  x1 = static_cast<float>(w[at1]) * static_cast<float>(static_cast<T>(x1 * normalizer));
-  x2 = static_cast<float>(w[at2]) * static_cast<float>(static_cast<T>(x2 * normalizer));
+  x1 = w1 * static_cast<float>(static_cast<T>(x1 * normalizer));
+  x2 = w2 * static_cast<float>(static_cast<T>(x2 * normalizer));
   x1 = static_cast<float>(static_cast<T>(x1));  // the norm's output, in T, is what RoPE reads
   x2 = static_cast<float>(static_cast<T>(x2));
 #endif
-  const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
-  const float theta = static_cast<float>(offsets[row] + static_cast<int>(t_index)) * inverse_frequencies[i];
   const float c = cos(theta), s = sin(theta);
   dst[at1] = static_cast<T>(x1 * c - x2 * s);
   dst[at2] = static_cast<T>(x1 * s + x2 * c);
