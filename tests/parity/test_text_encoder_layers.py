@@ -87,6 +87,7 @@ def test_hidden_state_indices_count_from_the_end_as_transformers_does():
     assert resolved_indices([-2], 36) == [35]
     assert resolved_indices([9, 18, 27], 36) == [9, 18, 27]
     assert layers_read([-1], 36) == 36  # the final norm's output needs every layer
+    assert layers_read([0], 36) == 1  # the embeddings alone: still a decoder of one layer
     with pytest.raises(ValueError, match="has 20 layers"):
         layers_read([9, 18, 27], 20)
 

@@ -53,8 +53,8 @@ def resolved_indices(hidden_states: Sequence[int], num_layers: int) -> list[int]
 
 
 def layers_read(hidden_states: Sequence[int], num_layers: int) -> int:
-    """How many of the checkpoint's layers computing `hidden_states` runs."""
-    return max(resolved_indices(hidden_states, num_layers))
+    """How many of the checkpoint's layers computing `hidden_states` runs (at least one: a decoder has layers)."""
+    return max(1, *resolved_indices(hidden_states, num_layers))
 
 
 def read_tensors(source, component: str, kept_layers: int) -> dict:
@@ -87,9 +87,9 @@ class Qwen3TextEncoder:
         self.num_layers = self.config.num_hidden_layers  # the checkpoint's
         try:
             self.read = resolved_indices(hidden_states, self.num_layers)
+            self.kept_layers = layers_read(hidden_states, self.num_layers)
         except ValueError as exc:
             raise ModelError(f"{source.location}: {exc}") from None
-        self.kept_layers = max(self.read)
         if self.kept_layers < self.num_layers:
             for key in _PER_LAYER_KEYS:
                 if config.get(key) is not None:
