@@ -113,6 +113,8 @@ def reference_crop(image, name: str = "images[0]") -> np.ndarray:
 
 def encoder_input(crop: np.ndarray) -> mx.array:
     """reference_crop's pixels -> the VAE encoder's input: float32 [1, h, w, 3] in [-1, 1] (channels last)."""
+    if mx.default_device() == mx.cpu:  # numpy's gather: MLX's CPU take is ~7x slower (22 against 3 ms a megapixel)
+        return mx.array(np.take(PIXEL_VALUES, crop))[None]
     return mx.take(mx.array(PIXEL_VALUES), mx.array(crop))[None]
 
 
