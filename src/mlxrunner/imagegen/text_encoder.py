@@ -57,12 +57,15 @@ def layers_read(hidden_states: Sequence[int], num_layers: int) -> int:
     return max(1, *resolved_indices(hidden_states, num_layers))
 
 
+def in_kept_layers(name: str, kept_layers: int) -> bool:
+    """Whether a tensor (or quantization entry) is loaded: not one of a layer at or past `kept_layers`."""
+    match = _LAYER_INDEX.search(name)
+    return match is None or int(match.group(1)) < kept_layers
+
+
 def read_tensors(source, component: str, kept_layers: int) -> dict:
     """The component's tensors without those of layers at or past `kept_layers` (lazy: none is read)."""
-    def kept(name: str) -> bool:
-        match = _LAYER_INDEX.search(name)
-        return match is None or int(match.group(1)) < kept_layers
-    return {name: value for name, value in source.tensors(component).items() if kept(name)}
+    return {name: value for name, value in source.tensors(component).items() if in_kept_layers(name, kept_layers)}
 
 
 def encoder_tensors(source, hidden_states: Sequence[int], component: str = "text_encoder") -> dict:
@@ -116,7 +119,8 @@ class Qwen3TextEncoder:
         if self._decoder is not None:
             return
         weights = backend.compute_weights(read_tensors(self.source, self.component, self.kept_layers))
-        quantization = core_quantization(self.source.quantization(self.component))
+        quantization = core_quantization({name: spec for name, spec in self.source.quantization(self.component).items()
+                                          if in_kept_layers(name, self.kept_layers)})
         if "embed_tokens.weight" in weights:  # a bare Qwen3Model: names lack the "model." prefix
             weights = {f"model.{name}": value for name, value in weights.items()}
             quantization = {f"model.{name}": spec for name, spec in quantization.items()}
