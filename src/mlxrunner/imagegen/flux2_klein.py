@@ -281,9 +281,6 @@ class Flux2KleinPipeline(ImagePipeline):
                                    request.guidance, references, reference_ids, progress,
                                    self.denoise_queue_depth, check_cancelled, cache)
 
-    def decode_float(self, tokens: mx.array, width: int, height: int,
-                     check_cancelled: Callable[[], None] | None = None, tile: int | None = None
-                     ) -> tuple[mx.array, np.ndarray]:
-        """Final packed latents -> (the VAE input [1, C, H/8, W/8], float32 [H, W, 3] in [0, 1])."""
-        z = self.vae.denormalize(tokens, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
-        return z, self.vae.decode_float(z, tile=tile, check_cancelled=check_cancelled)
+    def decoder_input(self, tokens: mx.array, width: int, height: int) -> mx.array:
+        """Final packed latents -> the VAE input [1, C, H/8, W/8]: unpacked, BatchNorm-denormalised, unpatchified."""
+        return self.vae.denormalize(tokens, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
-from mlxrunner.imagegen.images import to_pil, to_uint8
+from mlxrunner.imagegen.images import to_pil
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
 from mlxrunner.imagegen.vae import decode_working_bytes, request_tile
 from mlxrunner.llm.model import core_quantization
@@ -329,9 +329,8 @@ class ImagePipeline(ABC):
         if final is None:
             raise Cancelled("cancelled by the progress callback")
         denoised, peaks["denoise"] = time.perf_counter(), backend.reset_peak_memory()
-        decoder_latents, image = self.decode_float(final, request.width, request.height, check_cancelled,
-                                                   request.decode_tile)
-        pixels = to_uint8(image)
+        decoder_latents, pixels = self.decode_pixels(final, request.width, request.height, check_cancelled,
+                                                     request.decode_tile)
         done, peaks["decode"] = time.perf_counter(), backend.reset_peak_memory()
         timings = phase_timings(started, encoded, denoised, done)
         log.info("image %dx%d, %d steps: %.2fs (encode %.2f, denoise %.2f, decode %.2f); peak memory GiB: "
@@ -471,9 +470,21 @@ class ImagePipeline(ABC):
         check_cancelled() runs between transformer blocks; `cache` is the run's step cache, if any."""
 
     @abstractmethod
+    def decoder_input(self, latents: mx.array, width: int, height: int) -> mx.array:
+        """The loop's final latents -> the VAE decoder's input [1, C, H/8, W/8] (float32)."""
+
     def decode_float(self, latents: mx.array, width: int, height: int,
                      check_cancelled: Callable[[], None] | None = None, tile: int | None = None
                      ) -> tuple[mx.array, np.ndarray]:
         """The loop's final latents -> (the VAE decoder's input, float32 [H, W, 3] in [0, 1]).
         check_cancelled() is called between the decoder's blocks and may raise to stop it; `tile` is the
         decode's in latents (None: by size, 0: one pass)."""
+        z = self.decoder_input(latents, width, height)
+        return z, self.vae.decode_float(z, tile=tile, check_cancelled=check_cancelled)
+
+    def decode_pixels(self, latents: mx.array, width: int, height: int,
+                      check_cancelled: Callable[[], None] | None = None, tile: int | None = None
+                      ) -> tuple[mx.array, np.ndarray]:
+        """As decode_float, the image as uint8 [H, W, 3] (Vae.decode: its bytes made on the device)."""
+        z = self.decoder_input(latents, width, height)
+        return z, self.vae.decode(z, tile=tile, check_cancelled=check_cancelled)

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from mlxrunner import _core
 from mlxrunner.errors import ModelError
@@ -110,8 +109,6 @@ class ZImagePipeline(ImagePipeline):
         return _core.zimage_denoise(self.transformer, latents, sigmas, conditioning.prompt, conditioning.negative,
                                     request.guidance, progress, self.denoise_queue_depth, check_cancelled, cache)
 
-    def decode_float(self, latents: mx.array, width: int, height: int,
-                     check_cancelled: Callable[[], None] | None = None, tile: int | None = None
-                     ) -> tuple[mx.array, np.ndarray]:
+    def decoder_input(self, latents: mx.array, width: int, height: int) -> mx.array:
         """The loop's latents are the decoder's input as they are."""
-        return latents, self.vae.decode_float(latents, tile=tile, check_cancelled=check_cancelled)
+        return latents
