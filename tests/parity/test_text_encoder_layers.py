@@ -18,7 +18,7 @@ import pytest
 from mlxrunner import loader
 from mlxrunner.detect import detect
 from mlxrunner.errors import ModelError
-from mlxrunner.imagegen import load_pipeline
+from mlxrunner.imagegen import load_pipeline, pipeline_class
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder, layers_read, resolved_indices
 from mlxrunner.store import resolve
 
@@ -67,7 +67,7 @@ def test_the_encoder_holds_and_the_loader_counts_only_the_layers_it_runs(fixture
     gc.collect()
     mx.clear_cache()
     before = mx.get_active_memory()
-    encoder = Qwen3TextEncoder(source, load_pipeline_class(source).text_hidden_states)
+    encoder = Qwen3TextEncoder(source, pipeline_class(source, detect(source).architecture).text_hidden_states)
     held = mx.get_active_memory() - before
     # Float32 fixtures (no upcast on the CPU); the fused q|k|v and gate|up projections hold what the separate ones did.
     assert abs(held - run) <= 0.02 * run, (held, run)
@@ -75,12 +75,6 @@ def test_the_encoder_holds_and_the_loader_counts_only_the_layers_it_runs(fixture
     predicted = loader.predicted_weight_bytes(source, detect(source), low_memory=False)
     others = sum(v.nbytes for c in ("transformer", "vae") for v in source.tensors(c).values())
     assert predicted == others + run
-
-
-def load_pipeline_class(source):
-    from mlxrunner.imagegen import pipeline_class
-
-    return pipeline_class(source, detect(source).architecture)
 
 
 def test_hidden_state_indices_count_from_the_end_as_transformers_does():
