@@ -1,5 +1,6 @@
-"""Helpers the image-generation tests share: numeric comparison, GroupNorm in float64, bf16 fixture copies, talking to a
-runner's image /completion stream, and where a tiled VAE pass lets a cancel land."""
+"""Helpers the image-generation tests share: numeric comparison, GroupNorm in float64, diffusers' image bytes and
+reference pixels, bf16 fixture copies, talking to a runner's image /completion stream, and where a tiled VAE pass lets
+a cancel land."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ def group_norm_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, grou
     var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
     y = ((grouped - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * weight + bias
     return y / (1 + np.exp(-y)) if then_silu else y
+
+
+def to_uint8(pixels) -> np.ndarray:
+    """diffusers' bytes of an image in [0, 1] (float, [H, W, 3]), made on the host: x 255 in float32, round half to
+    even (np.round), cast. The reference for the pipeline's, which are made on the device (vae.to_uint8_on_device)."""
+    return np.round(np.asarray(pixels, dtype=np.float32) * 255.0).astype(np.uint8)
+
+
+def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
+    """diffusers' preprocessed reference image: float32 [1, 3, h', w'] in [-1, 1] (the pipeline's crop and encoder
+    input, laid out as the goldens hold it)."""
+    from mlxrunner.imagegen.flux2_klein import encoder_input, reference_crop
+
+    return np.asarray(encoder_input(reference_crop(image, name))).transpose(0, 3, 1, 2)
 
 
 def rel_error(actual, expected) -> float:

@@ -16,11 +16,10 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
-from image_helpers import generate_with, pixels, png_of, post
+from image_helpers import generate_with, pixels, png_of, post, to_uint8
 from PIL import Image
 
 from mlxrunner.imagegen import load_pipeline
-from mlxrunner.imagegen.images import to_uint8
 from mlxrunner.launcher import Runner
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -18,13 +18,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import float32_tol
-from image_helpers import computing_as_stored, convert_folder_to_bf16, rel_error
+from image_helpers import computing_as_stored, convert_folder_to_bf16, reference_pixels, rel_error, to_uint8
 from PIL import Image
 from safetensors.numpy import load_file
 
 from mlxrunner import _core
 from mlxrunner.imagegen import load_pipeline
-from mlxrunner.imagegen.flux2_klein import encoder_input, pack, position_ids, reference_crop, reference_pixels
+from mlxrunner.imagegen.flux2_klein import encoder_input, pack, position_ids, reference_crop
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 GOLDENS = Path(__file__).parents[1] / "goldens" / "flux2_klein"
@@ -235,8 +235,6 @@ def test_vae_decode_path(pipes, golden, meta):
     z, image = pipe.decode_float(mx.array(golden["vae_decode/packed_latents"]), width, height)
     assert rel_error(z, golden["vae_decode/vae_input"]) <= 1e-6
     np.testing.assert_allclose(image, golden["vae_decode/image_float"], atol=float32_tol(2e-5, 2e-2))
-    from mlxrunner.imagegen.images import to_uint8
-
     assert np.abs(to_uint8(image).astype(int) - golden["vae_decode/image_uint8"].astype(int)).max() <= PIXEL_TOL
 
 

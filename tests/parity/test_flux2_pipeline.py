@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_helpers import reference_pixels
 from PIL import Image
 
 from mlxrunner.errors import ModelError
 from mlxrunner.imagegen import Cancelled, load_pipeline
-from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline, reference_pixels
+from mlxrunner.imagegen.flux2_klein import Flux2KleinPipeline
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DISTILLED = FIXTURES / "flux2-klein-tiny"

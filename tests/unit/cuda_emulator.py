@@ -168,6 +168,7 @@ def kernel_source(path: Path, name: str) -> str:
     assert found, f"{name} not in {path.name}"
     return _core.compact_kernel_source(found.group(1))
 
+
 def compile_library(tmp_path: Path, code: str) -> ctypes.CDLL:
     """`code` built as a shared library by the host's C++ compiler (the one that builds _core)."""
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """An image's bytes are made where its pixels are (vae.to_uint8_on_device): the same bytes as diffusers' host
-conversion (images.to_uint8: x 255 in float32, round half to even, cast) for every value a decode can give, ties
+conversion (image_helpers.to_uint8: x 255 in float32, round half to even, cast) for every value a decode can give, ties
 included. Runs on the default device: the CPU here, the GPU under tests/gpu's runs."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from image_helpers import to_uint8
 
-from mlxrunner.imagegen.images import to_uint8
 from mlxrunner.imagegen.vae import to_uint8_on_device
 
 

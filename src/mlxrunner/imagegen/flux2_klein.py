@@ -118,11 +118,6 @@ def encoder_input(crop: np.ndarray) -> mx.array:
     return mx.take(mx.array(PIXEL_VALUES), mx.array(crop))[None]
 
 
-def reference_pixels(image, name: str = "images[0]") -> np.ndarray:
-    """diffusers' preprocessed reference: float32 [1, 3, h', w'] in [-1, 1] (what the parity tests compare)."""
-    return np.asarray(encoder_input(reference_crop(image, name))).transpose(0, 3, 1, 2)
-
-
 class Flux2Vae(Vae):
     """AutoencoderKLFlux2: the AutoencoderKL decoder and encoder plus the BatchNorm statistics that
     (de)normalise the 2x2-patchified latents."""

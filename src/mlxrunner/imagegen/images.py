@@ -15,16 +15,6 @@ from mlxrunner.imagegen.png import encode_png
 T = TypeVar("T")
 
 
-def to_uint8(pixels) -> np.ndarray:
-    """VAE output in [-1, 1] (float, [H, W, 3], any float dtype already mapped to [0, 1]) -> uint8.
-
-    `pixels` are the clamped [0, 1] values; as diffusers' image processor does: x 255, round half
-    to even (np.round), cast.
-    """
-    array = np.asarray(pixels, dtype=np.float32)
-    return np.round(array * 255.0).astype(np.uint8)
-
-
 def to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 

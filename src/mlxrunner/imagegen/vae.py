@@ -112,8 +112,9 @@ def renamed_attention_weights(weights: dict) -> dict:
 
 
 def to_uint8_on_device(pixels: mx.array) -> np.ndarray:
-    """images.to_uint8 done by MLX where `pixels` are (a GPU's memory): the same bytes, as MLX's round is rint (half
-    to even) on every backend, as numpy's is, and x 255 is the same float32 product; only the bytes come back."""
+    """Clamped [0, 1] pixels -> uint8 as diffusers' image processor makes them (x 255 in float32, round half to even,
+    cast), done by MLX where `pixels` are (a GPU's memory): MLX's round is rint on every backend, as numpy's is, and
+    x 255 is the same float32 product, so the bytes are the same; only they come back to the host."""
     return np.asarray(mx.round(pixels.astype(mx.float32) * mx.array(255.0, mx.float32)).astype(mx.uint8))
 
 
@@ -138,7 +139,7 @@ class Vae:
     def decode(self, latents: mx.array, tile: int | None = None,
                check_cancelled: Callable[[], None] | None = None) -> np.ndarray:
         """Latents [1, C, h, w] (float32, as the denoiser leaves them) -> uint8 [8h, 8w, 3], as diffusers makes its
-        image's bytes from output_type="np" (images.to_uint8), done on the device (to_uint8_on_device): a quarter of
+        image's bytes from output_type="np", done on the device (to_uint8_on_device): a quarter of
         the bytes come back to the host, and the host makes no float passes over the image (~7 ms a 1024² image).
 
         `tile`: None decides by size (auto_tile), 0 never tiles, n > 0 tiles of n latents.
