@@ -104,6 +104,9 @@ class Flux2Transformer {
   // values still attend).
   mx::array single_block(const Flux2SingleBlock& block, const mx::array& h, const std::vector<mx::array>& mod,
                          const Flux2Rope& rope, std::optional<std::pair<int, int>> rows = std::nullopt) const;
+  // single_block's `rows` case, given the block's modulated input n: rows [first, end) of its output.
+  mx::array single_block_rows(const Flux2SingleBlock& block, const mx::array& h, const mx::array& n,
+                              const std::vector<mx::array>& mod, const Flux2Rope& rope, int first, int end) const;
   // Joint attention over q, k (normed and rotated) and v, each [B, T, H, D] -> [B, T, H * D].
   mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v) const;
   // The blocks from double block `first` on -> the first `kept` image tokens after the last single block.

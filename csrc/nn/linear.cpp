@@ -2,6 +2,7 @@
 
 #include "nn/cpu_kernels.h"
 #include "nn/cuda_matvec.h"
+#include "nn/slicing.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -183,6 +184,22 @@ Linear Linear::concat(const std::vector<Linear>& parts) {
     if (parts[0].quantized->biases) {
       out.quantized->biases = joined([](const Linear& l) { return *l.quantized->biases; });
     }
+  }
+  return out;
+}
+
+Linear Linear::outputs(int begin, int end) const {
+  if (begin < 0 || end > out_features() || begin >= end) {
+    throw std::invalid_argument("Linear::outputs: [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                ") is not a range of the layer's " + std::to_string(out_features()) + " outputs");
+  }
+  auto rows = [&](const mx::array& a) { return axis_slice(a, 0, begin, end); };
+  Linear out{.weight = rows(weight)};
+  if (bias) out.bias = rows(*bias);
+  if (quantized) {
+    out.quantized = *quantized;
+    out.quantized->scales = rows(quantized->scales);
+    if (quantized->biases) out.quantized->biases = rows(*quantized->biases);
   }
   return out;
 }

@@ -22,6 +22,10 @@ struct Linear {
   // (can_concat); the concatenation stays lazy until evaluated.
   static Linear concat(const std::vector<Linear>& parts);
   static bool can_concat(const Linear& a, const Linear& b);
+  // The same layer computing only its output features [begin, end): views of those rows of the weight (packed rows,
+  // scales and biases alike: groups run along a row) and of the bias, no copy. For a caller that needs some of a
+  // fused projection's columns for some rows only.
+  Linear outputs(int begin, int end) const;
   mx::array operator()(const mx::array& x) const;
   // The product alone, without the bias (for a caller that adds it in a later pass of its own).
   mx::array product(const mx::array& x) const;
