@@ -72,19 +72,25 @@ void bind_products(nb::module_& m) {
       "on CUDA a shape its kernels lack comes back dequantized, with scales None.");
   m.def(
       "linear",
-      [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias) {
-        return Linear{.weight = weight, .bias = bias}(x);
+      [](const mx::array& x, const mx::array& weight, std::optional<mx::array> bias,
+         std::optional<std::pair<int, int>> outputs) {
+        Linear layer{.weight = weight, .bias = bias};
+        return outputs ? layer.outputs(outputs->first, outputs->second)(x) : layer(x);
       },
-      "x"_a, "weight"_a, "bias"_a = nb::none(), "x @ weight.T + bias, weight stored [out, in] as in PyTorch.");
+      "x"_a, "weight"_a, "bias"_a = nb::none(), "outputs"_a = nb::none(),
+      "x @ weight.T + bias, weight stored [out, in] as in PyTorch; outputs=(begin, end): those output features only "
+      "(Linear::outputs).");
   m.def(
       "quantized_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
-         const QuantSpec& spec) {
+         const QuantSpec& spec, std::optional<std::pair<int, int>> outputs) {
         Linear layer{.weight = packed, .quantized = Quantized{.scales = scales, .biases = biases, .spec = spec}};
-        return evaluated(layer(x));
+        return evaluated(outputs ? layer.outputs(outputs->first, outputs->second)(x) : layer(x));
       },
-      "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec).");
+      "x"_a, "packed"_a, "scales"_a, "biases"_a, "spec"_a, "outputs"_a = nb::none(),
+      nb::call_guard<nb::gil_scoped_release>(),
+      "x @ W.T for W packed by mx.quantize (a Linear's product: on CUDA, a few rows take nn/cuda_matvec); "
+      "outputs=(begin, end): those output features only (Linear::outputs).");
   m.def(
       "quantized_gated_silu",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,
