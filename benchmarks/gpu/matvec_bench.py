@@ -1,6 +1,6 @@
 """Decode-sized 4/8-bit products on CUDA: MLX's quantized_matmul against our kernel (csrc/nn/cuda_matvec.cpp).
 
-    python -m benchmarks.gpu.matvec_bench --out FILE.json
+    python -m benchmarks.gpu.matvec_bench --out FILE.json [--half]
 
 For each weight of a Qwen3-4B- and a Llama-3-8B-shaped decode step (q|k|v, o, gate|up, down fused as our
 decoder holds them, and the vocabulary head; affine 4-bit, group 64, bfloat16 scales and activations): 20
@@ -13,12 +13,17 @@ Prints, per weight: microseconds and GB/s (packed bytes: weights + scales + bias
 error (max |Δ| / max |x W^T| against the float product of the dequantized weight). Then the time of one
 decode step's products (each weight times its layer count) per side, and the variant with the least time over
 both shapes (each shape's time relative to its best variant, summed). Writes FILE.json with every figure.
+
+--half: the same weights in bfloat16, one row: MLX's product (its matrix-vector kernel) against ours as the runner
+launches it under MLXRUNNER_HALF_MATVEC=1 (`_core.linear`; the script sets the switch before the first product), the
+question being whether a bf16 decode step's products reach more of the bandwidth through our kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -151,11 +156,49 @@ def dispatch_costs(links: int = 400) -> dict:
     return out
 
 
+def measure_half(n: int, k: int) -> dict:
+    from mlxrunner import _core
+
+    weight = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
+    inputs = [mx.random.normal((1, k)).astype(mx.bfloat16) for _ in range(20)]
+    mx.eval(weight, inputs)
+    want = inputs[0].astype(mx.float32) @ weight.astype(mx.float32).T
+    scale = mx.abs(want).max().item()
+
+    def figures(fn) -> dict:
+        seconds = best_seconds(fn, inputs)
+        error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / scale
+        return {"us": seconds * 1e6, "gb_s": weight.nbytes / seconds / 1e9, "error": error}
+
+    return {"mlx": figures(lambda x: x @ weight.T), "ours": figures(lambda x: _core.linear(x, weight))}
+
+
+def main_half(out: Path) -> int:
+    report: dict = {"products": [], "step_us": {}}
+    for model, shapes in SHAPES.items():
+        step: dict[str, float] = {}
+        for n, k, count in shapes:
+            figures = measure_half(n, k)
+            report["products"].append({"model": model, "n": n, "k": k, "bits": 16, "rows": 1, **figures})
+            show(model, n, k, 16, 1, figures)
+            for side, f in figures.items():
+                step[side] = step.get(side, 0.0) + count * f["us"]
+            mx.clear_cache()
+        report["step_us"][model] = step
+        print(f"{model} bf16: one decode step's products (us): " + ", ".join(f"{s} {t:.0f}" for s, t in step.items()))
+    out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dispatch-only", action="store_true", help="only the per-operation costs")
+    parser.add_argument("--half", action="store_true", help="bf16 weights: MLX's product against ours")
     args = parser.parse_args(argv)
+    if args.half:
+        os.environ["MLXRUNNER_HALF_MATVEC"] = "1"  # read once, at the first product
+        return main_half(args.out)
     report: dict = {"dispatch_us": dispatch_costs(), "products": [], "step_us": {}}
     if args.dispatch_only:
         args.out.write_text(json.dumps(report, indent=1))
