@@ -294,7 +294,7 @@ mx::array Flux2Transformer::single_block_rows(const Flux2SingleBlock& block, con
   const int h = config_.num_attention_heads, d = config_.dim();
   const int m = config_.mlp_hidden();
   // Every row's keys and values; the queries and the MLP (two thirds of the fused projection's columns) of the wanted
-  // rows only: in an edit, whose reference tokens are half the sequence, that is ~40 % of the block's products.
+  // rows only: in an edit, whose reference tokens are half the sequence, a third of the block's products are left out.
   auto kv = block.to_qkv_mlp.outputs(d, 3 * d)(n);
   auto wanted = axis_slice(n, 1, first, end);
   auto q = rotated(split_heads(block.to_qkv_mlp.outputs(0, d)(wanted), h), block.norm_q, rope, first);
