@@ -37,7 +37,7 @@ from mlxrunner import _core
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "nn"
 WHEELS = {"nvrtc": "nvidia-cuda-nvrtc==13.0.*", "runtime": "nvidia-cuda-runtime==13.0.*", "mlx": "mlx-cuda-13==0.32.4"}
-CUDA_TYPE = {"bf16": "__nv_bfloat16", "float": "float", "int32": "int32_t"}
+CUDA_TYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "float": "float", "int32": "int32_t"}
 MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
@@ -126,6 +126,12 @@ def kernels():
                 "mlxr_group_norm", f"#define SILU {silu}\n", kernel_string("cuda_group_norm.cpp", "kGroupNormApply"),
                 [("x", "bf16"), ("sums", "float"), ("weight", "bf16"), ("bias", "bf16")], [("out", "bf16")],
                 {"T": "bf16", "C": channels, "GROUPS": 32, "EPS_BITS": 1})
+    for dtype in ("bf16", "f16"):
+        for rows in (1, 4):
+            yield f"half_gemv/rows={rows}/{dtype}", mlx_kernel_source(
+                "mlxr_half_gemv", kernel_string("cuda_half_gemv.cpp", "kHalfGemvHelpers"),
+                kernel_string("cuda_half_gemv.cpp", "kHalfGemvSource"), [("x", dtype), ("w", dtype)],
+                [("out", dtype)], {"T": dtype, "ROWS": rows})
     yield "batch_decode_attention/bf16", mlx_kernel_source(
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],

@@ -14,9 +14,10 @@ error (max |Δ| / max |x W^T| against the float product of the dequantized weigh
 decode step's products (each weight times its layer count) per side, and the variant with the least time over
 both shapes (each shape's time relative to its best variant, summed). Writes FILE.json with every figure.
 
---half: the same weights in bfloat16, one row: MLX's product (its matrix-vector kernel) against ours as the runner
-launches it under MLXRUNNER_HALF_MATVEC=1 (`_core.linear`; the script sets the switch before the first product), the
-question being whether a bf16 decode step's products reach more of the bandwidth through our kernel.
+--half: the same weights in bfloat16, one row: MLX's product (its matrix-vector kernel) against ours, the tensor-core
+kernel as the runner launches it under MLXRUNNER_HALF_MATVEC=1 ("ours": `_core.linear`; the script sets the switch
+before the first product) and the CUDA-core kernel of nn/cuda_half_gemv.h ("gemv": `_core.half_gemv`, what
+MLXRUNNER_HALF_GEMV=1 runs), the question being whether a bf16 decode step's products reach more of the bandwidth.
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ def measure_half(n: int, k: int) -> dict:
         error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / scale
         return {"us": seconds * 1e6, "gb_s": weight.nbytes / seconds / 1e9, "error": error}
 
-    return {"mlx": figures(lambda x: x @ weight.T), "ours": figures(lambda x: _core.linear(x, weight))}
+    out = {"mlx": figures(lambda x: x @ weight.T), "ours": figures(lambda x: _core.linear(x, weight))}
+    if mx.cuda.is_available():  # elsewhere the kernel does not run (half_gemv gives None)
+        out["gemv"] = figures(lambda x: _core.half_gemv(x, weight))
+    return out
 
 
 def main_half(out: Path) -> int:

@@ -1,6 +1,7 @@
 #include "nn/linear.h"
 
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_half_gemv.h"
 #include "nn/cuda_matvec.h"
 #include "nn/slicing.h"
 
@@ -127,6 +128,9 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight) {
     return mx::astype(product, x.dtype());
   }
   if (auto y = cuda_matvec(x, weight, nullptr)) return *y;  // a decode step, under MLXRUNNER_HALF_MATVEC=1
+  if (half_gemv_switched_on()) {
+    if (auto y = cuda_half_gemv(x, weight)) return *y;  // a decode step, under MLXRUNNER_HALF_GEMV=1
+  }
   if (takes_grouped_product(x, weight)) return grouped_product(x, weight);
   return mx::matmul(x, mx::transpose(weight));
 }

@@ -1,0 +1,32 @@
+// A decode step's products with half-precision weights on CUDA: x W^T for one to four rows of x.
+//
+// A bf16 model's decode step is nothing but such products, so their bandwidth is the token rate. MLX 0.32.4 runs them
+// with its matrix-vector kernel (gemms/gemv.cu): a warp a weight row, 8-byte loads, one load a lane in flight. On an
+// H100 it streams the 8B step's weights at 2.2-2.6 TB/s where the card copies at 2.94 (benchmarks/README.md, session
+// 21: the small q|k|v and o weights are the slowest), which holds the bf16 8B decode at 83-84 % of the roofline.
+// This kernel gives a warp a weight row too, but loads 16 bytes a lane, four loads in flight before any arithmetic,
+// and multiplies each loaded chunk with every row of x (up to kMaxHalfGemvRows) so that a few concurrent sequences
+// read the weight once.
+//
+// A measuring switch until a GPU has timed it against MLX's: MLXRUNNER_HALF_GEMV=1 sends the decode products of
+// half-precision weights here (nn/linear.cpp); off unless set. benchmarks/gpu/matvec_bench.py --half times it kernel
+// by kernel (`_core.half_gemv`), benchmarks/gpu/llm_bench.py end to end under the switch.
+#pragma once
+
+#include <optional>
+
+#include "nn/weights.h"
+
+namespace mlxr {
+
+// The most rows of x one launch takes: each lane holds a float sum a row.
+constexpr int kMaxHalfGemvRows = 4;
+
+// x W^T for W [N, K] and x [..., K] in one half-precision dtype, K a multiple of 8, at most kMaxHalfGemvRows rows of
+// x: float sums rounded once to x's dtype. nullopt when not on CUDA or the case is not one of those.
+std::optional<mx::array> cuda_half_gemv(const mx::array& x, const mx::array& w);
+
+// Whether MLXRUNNER_HALF_GEMV=1 (read once): the Linear layers' float products then try cuda_half_gemv first.
+bool half_gemv_switched_on();
+
+}  // namespace mlxr
