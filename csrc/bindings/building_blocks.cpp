@@ -82,8 +82,8 @@ void bind_products(nb::module_& m) {
       "x @ weight.T + bias, weight stored [out, in] as in PyTorch; outputs=(begin, end): those output features only "
       "(Linear::outputs).");
   m.def(
-      "half_gemv",
-      [](const mx::array& x, const mx::array& weight) { return cuda_half_gemv(x, weight); }, "x"_a, "weight"_a,
+      "half_gemv", [](const mx::array& x, const mx::array& weight) { return cuda_half_gemv(x, weight); }, "x"_a,
+      "weight"_a,
       "x @ weight.T by nn/cuda_half_gemv's kernel (half-precision, 1-4 rows of x, K a multiple of 8), or None where "
       "it does not run (off CUDA, another case): what MLXRUNNER_HALF_GEMV=1 sends a decode step's products to.");
   m.def(
