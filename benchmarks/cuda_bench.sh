@@ -11,7 +11,9 @@
 # after start against the later ones, HTTP + PNG against the pipeline, peak memory per phase with and without
 # --low-memory; a few minutes, after the models exist), and switches (the C++ core's measuring switches, each on
 # against off in the same call: op_cost.py's rows, then the Qwen3-4B shape's bf16 decode with and without
-# MLXRUNNER_HALF_MATVEC, its 4-bit decode with and without MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
+# MLXRUNNER_HALF_MATVEC, matvec_bench --half (MLX's bf16 product against both of our kernels, weight by weight) and the
+# Llama-3-8B shape's bf16 decode with and without MLXRUNNER_HALF_GEMV, the 4B's 4-bit decode with and without
+# MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION; docs/settings.md says what each does).
 #
@@ -127,6 +129,10 @@ if has switches; then
   }
   switch_case MLXRUNNER_HALF_MATVEC 1 bf16-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --decode 64 --rounds 2
+  stamp "switches: matvec_bench --half"
+  timeout 120 python3 -m benchmarks.gpu.matvec_bench --half --out "$WORK/matvec-half.json" | tee "$OUT/matvec_half.txt"
+  switch_case MLXRUNNER_HALF_GEMV 1 bf16-8b-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
+    --only llama3-8b --decode 128 --rounds 2
   switch_case MLXRUNNER_KERNEL_SOURCES_BY_PATH 1 q4-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 64 --rounds 2
   switch_case MLXRUNNER_GROUPED_PRODUCT_ROWS 64 prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
