@@ -97,6 +97,14 @@ def best_seconds(fn, inputs: list[mx.array], rounds: int = 3) -> float:
     return best
 
 
+def figures(fn, inputs: list[mx.array], want: mx.array, nbytes: int) -> dict:
+    """One side's time for a product (best_seconds), its bandwidth over the weight's `nbytes`, and its error against
+    `want`, the float product of the first input (max |Δ| / max |want|)."""
+    seconds = best_seconds(fn, inputs)
+    error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / mx.abs(want).max().item()
+    return {"us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9, "error": error}
+
+
 def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
     weight = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
     packed, scales, biases = mx.quantize(weight, group_size=GROUP, bits=bits)
@@ -106,17 +114,10 @@ def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
     inputs = [mx.random.normal((rows, k)).astype(mx.bfloat16) for _ in range(20)]
     mx.eval(inputs)
     want = inputs[0].astype(mx.float32) @ exact.T
-    scale = mx.abs(want).max().item()
-
-    def figures(fn) -> dict:
-        seconds = best_seconds(fn, inputs)
-        error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / scale
-        return {"us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9, "error": error}
-
     out = {"mlx": figures(lambda x: mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=GROUP,
-                                                        bits=bits))}
+                                                        bits=bits), inputs, want, nbytes)}
     for name, fn in our_variants(bits, variants).items():
-        out[name] = figures(lambda x, fn=fn: fn(x, packed, scales, biases))
+        out[name] = figures(lambda x, fn=fn: fn(x, packed, scales, biases), inputs, want, nbytes)
     return out
 
 
@@ -164,17 +165,10 @@ def measure_half(n: int, k: int) -> dict:
     inputs = [mx.random.normal((1, k)).astype(mx.bfloat16) for _ in range(20)]
     mx.eval(weight, inputs)
     want = inputs[0].astype(mx.float32) @ weight.astype(mx.float32).T
-    scale = mx.abs(want).max().item()
-
-    def figures(fn) -> dict:
-        seconds = best_seconds(fn, inputs)
-        error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / scale
-        return {"us": seconds * 1e6, "gb_s": weight.nbytes / seconds / 1e9, "error": error}
-
-    out = {"mlx": figures(lambda x: x @ weight.T), "ours": figures(lambda x: _core.linear(x, weight))}
+    sides = {"mlx": lambda x: x @ weight.T, "ours": lambda x: _core.linear(x, weight)}
     if mx.cuda.is_available():  # elsewhere the kernel does not run (half_gemv gives None)
-        out["gemv"] = figures(lambda x: _core.half_gemv(x, weight))
-    return out
+        sides["gemv"] = lambda x: _core.half_gemv(x, weight)
+    return {name: figures(fn, inputs, want, weight.nbytes) for name, fn in sides.items()}
 
 
 def main_half(out: Path) -> int:

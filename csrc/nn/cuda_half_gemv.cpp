@@ -2,6 +2,7 @@
 
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -87,15 +88,13 @@ std::optional<mx::array> cuda_half_gemv(const mx::array& x, const mx::array& w) 
       x.shape(-1) != w.shape(1) || w.shape(1) % 8 != 0 || x.size() == 0) {
     return std::nullopt;
   }
-  const int rows = static_cast<int>(x.size() / x.shape(-1));
+  const int rows = static_cast<int>(rows_of(x));
   if (rows > kMaxHalfGemvRows) return std::nullopt;
   static auto kernel = cuda_kernel("mlxr_half_gemv", {"x", "w"}, {"out"}, kHalfGemvSource, kHalfGemvHelpers,
                                    /*ensure_row_contiguous=*/true);
   const int n = w.shape(0);
   const int blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  auto shape = x.shape();
-  shape.back() = n;
-  return kernel({x, w}, {shape}, {x.dtype()},
+  return kernel({x, w}, {output_shape(x, n)}, {x.dtype()},
                 {cuda_checked_threads(static_cast<long long>(blocks) * 32 * kWarpsPerBlock), 1, 1},
                 {32 * kWarpsPerBlock, 1, 1}, {{"T", x.dtype()}, {"ROWS", rows}}, std::nullopt, false, {})[0];
 }

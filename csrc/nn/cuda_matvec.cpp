@@ -6,6 +6,7 @@
 
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"
+#include "nn/slicing.h"
 
 namespace mlxr {
 
@@ -445,17 +446,6 @@ constexpr const char* kTensorCoreSource = R"(
   }
 #endif
 )";
-
-// x's leading dimensions flattened: [rows, K].
-int rows_of(const mx::array& x) {
-  return static_cast<int>(x.size() / x.shape(-1));
-}
-
-mx::Shape output_shape(const mx::array& x, int n) {
-  auto shape = x.shape();
-  shape.back() = n;
-  return shape;
-}
 
 // A block is one 16-row tile and W warps that split its rows' 64-byte segments, each issuing the loads of
 // kSegmentsPerPass segments before any arithmetic. W starts at kWarpsPerTile and doubles (up to kMaxWarpsPerTile)

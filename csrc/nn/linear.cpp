@@ -49,10 +49,6 @@ constexpr int64_t kCpuAffineKernelRows = 32;
 // BLAS product, whose copy costs about what 32 rows' worth of the kernel's multiply-adds do.
 constexpr int64_t kCpuHalfKernelRows = 32;
 
-int64_t rows_of(const mx::array& x) {
-  return static_cast<int64_t>(x.size()) / x.shape(-1);
-}
-
 // MLX 0.32.4's CUDA quantized_matmul for many rows is a tiled kernel far from cuBLAS's products: a quantized
 // Z-Image (4,128-row products) made its images 3x slower than the float model's on an H200 (2.83 s at 8 bits, 3.28 s
 // at 4 bits, 0.955 s in bf16). From this many rows on, CUDA also multiplies the dequantized weight (a transient
@@ -111,9 +107,7 @@ mx::array grouped_product(const mx::array& x, const mx::array& weight) {
   auto rows_as_batches = mx::reshape(x, {rows, 1, x.shape(-1)});
   auto one_weight = mx::expand_dims(mx::transpose(weight), 0);  // [1, in, out], read transposed in place
   auto product = mx::gather_mm(rows_as_batches, one_weight, std::nullopt, mx::zeros({rows}, mx::uint32), true);
-  auto shape = x.shape();
-  shape.back() = weight.shape(0);
-  return mx::reshape(product, shape);
+  return mx::reshape(product, output_shape(x, weight.shape(0)));
 }
 
 // x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A half-precision
