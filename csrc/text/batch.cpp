@@ -31,7 +31,7 @@ int BatchGenerator::add(const std::vector<int>& prompt, const SamplerOptions& op
     }
   }
   Sampler sampler(options, model_.config().vocab_size);
-  sampler.remember(mx::array(prompt.data(), {static_cast<int>(prompt.size())}, mx::int32));
+  sampler.remember(prompt);
   return push_row(std::move(cache), prompt.back(), std::move(sampler), top_logprobs);
 }
 

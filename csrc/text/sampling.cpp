@@ -22,6 +22,11 @@ bool Sampler::uses_penalties() const {
          (options_.repeat_penalty != 1.0f || options_.presence_penalty != 0.0f || options_.frequency_penalty != 0.0f);
 }
 
+void Sampler::remember(const std::vector<int>& tokens) {
+  if (!uses_penalties() || tokens.empty()) return;
+  remember(mx::array(tokens.data(), {static_cast<int>(tokens.size())}, mx::int32));
+}
+
 void Sampler::remember(const mx::array& tokens) {
   if (!uses_penalties()) return;
   auto flat = mx::astype(mx::flatten(tokens), mx::int32);

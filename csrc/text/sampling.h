@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "nn/config_fields.h"
 #include "nn/weights.h"
@@ -43,6 +44,10 @@ class Sampler {
 
   // Remember tokens for the penalties (the prompt, then each sampled token). Lazy arrays are fine.
   void remember(const mx::array& tokens);
+  // The same for token ids on the host (a prompt). Without penalties no array is made: on CUDA an array made from
+  // host memory is a fresh unified-memory buffer, an allocation and a synchronous copy before the request's first
+  // kernel, for a history nothing reads.
+  void remember(const std::vector<int>& tokens);
 
   // Logits [V] -> token id (a lazy int32 scalar); remembers it.
   mx::array sample(const mx::array& logits);
