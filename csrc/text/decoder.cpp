@@ -7,6 +7,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cuda_batch_attention.h"
+#include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
 #include "nn/weight_list.h"
@@ -318,13 +319,14 @@ mx::array Decoder::LayerInput::activate(const GatedMLP& mlp) {
 
 template <typename Offset>
 std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, LayerInput& input,
-                                                                 const Rope& rope, const Offset& offset) const {
+                                                                 const Rope& rope, const Offset& offset,
+                                                                 const std::optional<mx::array>& device_offset) const {
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   std::optional<HeadSplit> split;  // for the CUDA kernels that make the heads
   if (rope.fused() && running_on_cuda()) {
     std::optional<QkNorms> norms;
     if (layer.q_norm) norms = QkNorms{layer.q_norm->weight, layer.k_norm->weight, layer.q_norm->eps};
-    split = HeadSplit{hq, hkv, norms, *rope.fused(), offsets_array(offset)};
+    split = HeadSplit{hq, hkv, norms, *rope.fused(), device_offset ? *device_offset : offsets_array(offset)};
     if (auto heads = input.project_heads(layer.qkv_proj, *split)) return {heads->q, heads->k, heads->v};
   }
   auto projected = input.project(layer.qkv_proj);
@@ -347,9 +349,10 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
 }
 
 mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
-                             const std::optional<mx::array>& mask) const {
+                             const std::optional<mx::array>& mask,
+                             const std::optional<mx::array>& device_offset) const {
   if (layer.mla) return layer.o_proj((*layer.mla)(input.normed(), cache, offset, rope_, mask));
-  auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset);
+  auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset, device_offset);
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }
@@ -465,17 +468,25 @@ bool Decoder::paced(const mx::array& embedded) const {
   return packed_ && multiplies_dequantized(embedded);
 }
 
+std::optional<mx::array> Decoder::device_offset(int offset) const {
+  static const bool off = switched_off("MLXRUNNER_DEVICE_OFFSET");
+  if (off || !running_on_cuda() || !(rope_.fused() || sliding_rope_.fused())) return std::nullopt;
+  return mx::arange(offset, offset + 1, mx::int32);  // no input: its kernel writes device memory
+}
+
 mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache, bool last_only) const {
   if (cache.size() != layers_.size()) {
     throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
   }
   const int offset = cache[0].offset();
+  const auto positions = device_offset(offset);
   Residual x{embed(tokens)};
   LayerPacer pacer(paced(x.base));
   for (size_t i = 0; i < layers_.size(); ++i) {
-    x = layer_forward(layers_[i], x,
-                      [&](LayerInput& h) { return attention(layers_[i], h, &cache[i], offset, std::nullopt); });
+    x = layer_forward(layers_[i], x, [&](LayerInput& h) {
+      return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
+    });
     pacer.queued(x.arrays());
   }
   if (last_only) {

@@ -153,11 +153,18 @@ class Decoder {
   // Attention's queries, keys and values [B, heads, T, D] from the layer's input: projected, heads split, q/k norms
   // and RoPE (at `offset`, an int or a position per row) applied; on CUDA the norms and RoPE are one kernel
   // (nn/cuda_norm_rope.h).
+  // device_offset: `offset` as an int32 [1] made on the device, for the CUDA kernel (device_offset() below).
   template <typename Offset>
-  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, LayerInput& input,
-                                                          const Rope& rope, const Offset& offset) const;
+  std::tuple<mx::array, mx::array, mx::array> project_qkv(
+      const DecoderLayer& layer, LayerInput& input, const Rope& rope, const Offset& offset,
+      const std::optional<mx::array>& device_offset = std::nullopt) const;
   mx::array attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
-                      const std::optional<mx::array>& mask) const;
+                      const std::optional<mx::array>& mask,
+                      const std::optional<mx::array>& device_offset = std::nullopt) const;
+  // A forward's first position as the fused q/k kernel reads it, on CUDA: made by the device once a forward and read
+  // by every layer. An array made from a host int is a page of host memory there, which each layer's kernel would read
+  // across the bus. nullopt off CUDA, without the fused RoPE, or under MLXRUNNER_DEVICE_OFFSET=0 (to measure it).
+  std::optional<mx::array> device_offset(int offset) const;
   mx::array batch_attention(const DecoderLayer& layer, LayerInput& input, BatchKVCache& cache,
                             const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
   // attention() of one prompt right-padded after its first `real` tokens, under transformers' padding mask (causal,

@@ -1,0 +1,64 @@
+"""A forward's first position made by the device (Decoder::device_offset, csrc/text/decoder.h) on CUDA.
+
+The fused q/k norm + RoPE kernel reads the position from an array. Made from a host int, that array is a page of host
+memory on CUDA, read across the bus by every layer's kernel (6.1 us a kernel in the 8B decode profile of session 22,
+3.6 us with the position made by the device). The numbers must not change: the same kernel reads the same int. So a
+tiny Qwen3 (bf16, where the fused kernel runs) must give the same logits for prompts of 1 to 40 tokens, and the same
+greedy continuation over 24 decode steps (a new position each step), with MLXRUNNER_DEVICE_OFFSET=0 (the host array)
+as without it, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import ON_GPU
+
+ON_CUDA = ON_GPU and mx.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[2]
+QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+
+SCRIPT = r"""
+import json, sys
+import mlxrunner
+from mlxrunner.llm import load
+from mlxrunner.llm.answer import TokenLogprob
+from mlxrunner.request import Options
+
+model = load(sys.argv[1])
+logits = [model.logits(list(range(3, 3 + n))).tolist() for n in (1, 2, 9, 40)]
+ids = list(range(5, 35))
+options = Options(temperature=0.0, repeat_penalty=1.0, num_predict=24)
+items = list(model.stream(ids, options, top_logprobs=0))
+tokens = [[item.token.hex(), item.logprob] for item in items if isinstance(item, TokenLogprob)]
+print(json.dumps({"logits": logits, "tokens": tokens}))
+"""
+
+
+def run(folder: Path, offset_on_device: bool) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "MLXRUNNER_DEVICE_OFFSET"}
+    if not offset_on_device:
+        env["MLXRUNNER_DEVICE_OFFSET"] = "0"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the position is made by the device on CUDA only")
+def test_the_device_made_position_gives_the_same_logits_and_tokens(tmp_path):
+    folder = tmp_path / "qwen3-tiny-bf16"
+    shutil.copytree(QWEN3, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    on_device, on_host = run(folder, True), run(folder, False)
+    assert len(on_device["tokens"]) == 24
+    assert on_device == on_host
