@@ -4,10 +4,11 @@
 
 For each weight of a Qwen3-4B- and a Llama-3-8B-shaped decode step (q|k|v, o, gate|up, down fused as our
 decoder holds them, and the vocabulary head; affine 4-bit, group 64, bfloat16 scales and activations): 20
-products of one row with that weight in one evaluation, best of 3 rounds, for MLX and for our tensor-core kernel
-("ours": the (warps per 16-row tile W, segments per pass U) the runner launches for that weight, then at every W
-in 2, 4, 8, 16 and U in 1, 2); gate|up also at 4, 7, 8 and 16 rows, and at 8 bits. The kernel's source is read from
-csrc/nn/cuda_matvec.cpp, so this times what the runner runs.
+products of one row with that weight in one evaluation, rotating through copies of the weight that together pass
+the GPU's L2 (so that each product reads its weight from memory, as a decode step does), best of 3 rounds, for MLX
+and for our tensor-core kernel ("ours": the (warps per 16-row tile W, segments per pass U) the runner launches for
+that weight, then at every W in 2, 4, 8, 16 and U in 1, 2); gate|up also at 4, 7, 8 and 16 rows, and at 8 bits.
+The kernel's source is read from csrc/nn/cuda_matvec.cpp, so this times what the runner runs.
 
 Prints, per weight: microseconds and GB/s (packed bytes: weights + scales + biases, over the time) and the
 error (max |Δ| / max |x W^T| against the float product of the dequantized weight). Then the time of one
@@ -85,7 +86,7 @@ def shipped_warps(packed: mx.array) -> int:
     return _core.matvec_warps_per_tile(packed.shape[0], packed.shape[1])
 
 
-def best_seconds(fn, inputs: list[mx.array], rounds: int = 3) -> float:
+def best_seconds(fn, inputs: list, rounds: int = 3) -> float:
     mx.eval([fn(x) for x in inputs[:2]])
     mx.synchronize()
     best = float("inf")
@@ -97,12 +98,29 @@ def best_seconds(fn, inputs: list[mx.array], rounds: int = 3) -> float:
     return best
 
 
-def figures(fn, inputs: list[mx.array], want: mx.array, nbytes: int) -> dict:
-    """One side's time for a product (best_seconds), its bandwidth over the weight's `nbytes`, and its error against
-    `want`, the float product of the first input (max |Δ| / max |want|)."""
+def figures(fn, inputs: list, want: mx.array, nbytes: int) -> dict:
+    """One side's time for a product (best_seconds over fn(input) for each input), its bandwidth over the weight's
+    `nbytes`, and its error against `want`, the float product of the first input (max |Δ| / max |want|)."""
     seconds = best_seconds(fn, inputs)
     error = mx.abs(fn(inputs[0]).astype(mx.float32) - want).max().item() / mx.abs(want).max().item()
     return {"us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9, "error": error}
+
+
+# Bytes of weight copies a timed product rotates through: well past an H100's or H200's 50 MB L2, so that each product
+# reads its weight from memory, as a decode step does (each weight once a step). Timing one weight over and over let
+# the smaller weights come from L2 (session 22: 4096 x 4096 bf16 ran at 2.5 TB/s here where a real step gives 2.1).
+ROTATION_BYTES = 512 << 20
+PRODUCTS = 20  # products a round
+
+
+def copies(arrays: list[mx.array]) -> list[list[mx.array]]:
+    """Copies of `arrays` (one weight's tensors), as many as fill ROTATION_BYTES (at least 1, at most PRODUCTS); the
+    first is `arrays` itself."""
+    nbytes = sum(a.nbytes for a in arrays)
+    count = max(1, min(PRODUCTS, -(-ROTATION_BYTES // nbytes)))
+    out = [arrays] + [[a * 1 for a in arrays] for _ in range(count - 1)]
+    mx.eval(out)
+    return out
 
 
 def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
@@ -111,13 +129,19 @@ def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
     exact = mx.dequantize(packed, scales, biases, group_size=GROUP, bits=bits).astype(mx.float32)
     mx.eval(packed, scales, biases, exact)
     nbytes = packed.nbytes + scales.nbytes + biases.nbytes
-    inputs = [mx.random.normal((rows, k)).astype(mx.bfloat16) for _ in range(20)]
-    mx.eval(inputs)
-    want = inputs[0].astype(mx.float32) @ exact.T
-    out = {"mlx": figures(lambda x: mx.quantized_matmul(x, packed, scales, biases, transpose=True, group_size=GROUP,
+    held = copies([packed, scales, biases])
+    xs = [mx.random.normal((rows, k)).astype(mx.bfloat16) for _ in range(PRODUCTS)]
+    mx.eval(xs)
+    inputs = list(range(PRODUCTS))  # product i: xs[i] with the weight's copy i % len(held)
+
+    def weight_of(i: int) -> list[mx.array]:
+        return held[i % len(held)]
+
+    want = xs[0].astype(mx.float32) @ exact.T
+    out = {"mlx": figures(lambda i: mx.quantized_matmul(xs[i], *weight_of(i), transpose=True, group_size=GROUP,
                                                         bits=bits), inputs, want, nbytes)}
     for name, fn in our_variants(bits, variants).items():
-        out[name] = figures(lambda x, fn=fn: fn(x, packed, scales, biases), inputs, want, nbytes)
+        out[name] = figures(lambda i, fn=fn: fn(xs[i], *weight_of(i)), inputs, want, nbytes)
     return out
 
 
@@ -162,12 +186,14 @@ def measure_half(n: int, k: int) -> dict:
     from mlxrunner import _core
 
     weight = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
-    inputs = [mx.random.normal((1, k)).astype(mx.bfloat16) for _ in range(20)]
-    mx.eval(weight, inputs)
-    want = inputs[0].astype(mx.float32) @ weight.astype(mx.float32).T
-    sides = {"mlx": lambda x: x @ weight.T, "ours": lambda x: _core.linear(x, weight)}
+    xs = [mx.random.normal((1, k)).astype(mx.bfloat16) for _ in range(PRODUCTS)]
+    mx.eval(weight, xs)
+    held = [w for (w,) in copies([weight])]
+    inputs = list(range(PRODUCTS))  # product i: xs[i] with the weight's copy i % len(held)
+    want = xs[0].astype(mx.float32) @ weight.astype(mx.float32).T
+    sides = {"mlx": lambda i: xs[i] @ held[i % len(held)].T, "ours": lambda i: _core.linear(xs[i], held[i % len(held)])}
     if mx.cuda.is_available():  # elsewhere the kernel does not run (half_gemv gives None)
-        sides["gemv"] = lambda x: _core.half_gemv(x, weight)
+        sides["gemv"] = lambda i: _core.half_gemv(xs[i], held[i % len(held)])
     return {name: figures(fn, inputs, want, weight.nbytes) for name, fn in sides.items()}
 
 

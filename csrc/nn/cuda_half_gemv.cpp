@@ -33,9 +33,9 @@ __device__ inline void accumulate(float& sum, const Chunk<T>& w, const Chunk<T>&
 }
 )";
 
-// A warp a weight row n; lane l takes the row's chunks l, l + 32, ..., four at a time, every load of the four before
-// any arithmetic (so that each lane has 64 bytes in flight), and multiplies each with the same chunk of every row of
-// x (ROWS of them, read from L1/L2: x is a few KB). The lanes' sums meet by shuffles; lane 0 writes out[r][n]. A warp
+// A warp a weight row n; lane l takes the row's chunks l, l + 32, ..., four at a time, every load of the four (and of
+// the same chunks of every row of x: ROWS of them, from L1/L2, x is a few KB) before any arithmetic, so that each lane
+// has 64 bytes of weight in flight and no x load waits behind the weight's; then multiplies. The lanes' sums meet by shuffles; lane 0 writes out[r][n]. A warp
 // past the last row leaves whole, before the shuffles.
 constexpr const char* kHalfGemvSource = R"(
   constexpr int kInFlight = 4;
@@ -51,12 +51,17 @@ constexpr const char* kHalfGemvSource = R"(
   int c = lane;
   for (; c + 32 * (kInFlight - 1) < chunks; c += 32 * kInFlight) {
     Chunk<T> loaded[kInFlight];
+    Chunk<T> xs[kInFlight][ROWS];
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) loaded[u] = load_chunk(row, c + 32 * u);
+    for (int u = 0; u < kInFlight; ++u) {
+      loaded[u] = load_chunk(row, c + 32 * u);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) xs[u][r] = load_chunk(x + r * K, c + 32 * u);
+    }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) accumulate(sum[r], loaded[u], load_chunk(x + r * K, c + 32 * u));
+      for (int r = 0; r < ROWS; ++r) accumulate(sum[r], loaded[u], xs[u][r]);
     }
   }
   for (; c < chunks; c += 32) {

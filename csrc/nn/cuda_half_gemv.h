@@ -8,9 +8,12 @@
 // and multiplies each loaded chunk with every row of x (up to kMaxHalfGemvRows) so that a few concurrent sequences
 // read the weight once.
 //
-// A measuring switch until a GPU has timed it against MLX's: MLXRUNNER_HALF_GEMV=1 sends the decode products of
-// half-precision weights here (nn/linear.cpp); off unless set. benchmarks/gpu/matvec_bench.py --half times it kernel
-// by kernel (`_core.half_gemv`), benchmarks/gpu/llm_bench.py end to end under the switch.
+// A measuring switch: MLXRUNNER_HALF_GEMV=1 sends the decode products of half-precision weights here (nn/linear.cpp);
+// off unless set. Timed in session 22 (H100, benchmarks/README.md): `matvec_bench --half` has it faster than MLX's at
+// most of the 8B's weights (the step's products 5.37 against 5.85 ms), but that bench reads one weight over and over,
+// and the smaller weights then come from the 50 MB L2. Inside a real decode step, where each weight comes from memory,
+// the profile has MLX's kernel sum to 5.02 ms a token and this one to 5.29, and llm_bench's 8B decode falls from 163 to
+// 156 tok/s with every product here, to 158 with only the long rows' (K >= 12,288). So it stays off.
 #pragma once
 
 #include <optional>
