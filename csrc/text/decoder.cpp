@@ -561,6 +561,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   if (last > static_cast<int>(layers_.size()) || *std::min_element(layers.begin(), layers.end()) < 0) {
     throw std::invalid_argument("hidden state index out of range 0.." + std::to_string(layers_.size()));
   }
+  const auto positions = device_offset(0);
   std::vector<mx::array> all{embed(tokens)};
   LayerPacer pacer(paced(all.back()));
   for (int i = 0; i < last; ++i) {
@@ -568,7 +569,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
     const bool split = real && layers_[i].window == 0 && !layers_[i].mla;
     all.push_back(layer_forward(layers_[i], Residual{all.back()}, [&](LayerInput& h) {
                     return split ? right_padded_attention(layers_[i], h, *real)
-                                 : attention(layers_[i], h, nullptr, 0, mask_i);
+                                 : attention(layers_[i], h, nullptr, 0, mask_i, positions);
                   }).sum());
     pacer.queued({all.back()});
   }
