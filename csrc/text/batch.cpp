@@ -73,6 +73,22 @@ mx::array BatchGenerator::sample(const mx::array& logits) {
   return mx::concatenate(tokens, 0);
 }
 
+// The step's positions as the array every layer's kernels read (RoPE, the cache writes, attention). When the rows are
+// the last step's, each one further, it is the last step's array + 1, made on the device: an array made from host
+// data is unified memory on CUDA, whose pages the GPU faults in at the step's first read, and the host writes the next
+// step's back (the prompt cache's profile, benchmarks/README.md session 22). Rows joining or leaving make it afresh.
+mx::array BatchGenerator::positions_array(const std::vector<int>& positions) {
+  bool each_one_further = last_positions_array_ && last_positions_.size() == positions.size();
+  for (size_t i = 0; each_one_further && i < positions.size(); ++i) {
+    each_one_further = positions[i] == last_positions_[i] + 1;
+  }
+  last_positions_array_ = each_one_further
+                              ? mx::add(*last_positions_array_, mx::array(1, mx::int32))
+                              : mx::array(positions.data(), {static_cast<int>(positions.size())}, mx::int32);
+  last_positions_ = positions;
+  return *last_positions_array_;
+}
+
 std::vector<std::pair<int, int>> BatchGenerator::step() {
   if (rows_.empty()) return {};
   const int b = size();
@@ -98,7 +114,7 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
   // masked attention is not its fused one-query kernel).
   const auto [shortest, longest] = std::minmax_element(positions.begin(), positions.end());
   const int visible = *longest + 1;
-  auto at = mx::array(positions.data(), {b}, mx::int32);
+  auto at = positions_array(positions);
   std::optional<mx::array> mask;
   if (*shortest != *longest) {
     mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});

@@ -63,11 +63,15 @@ class BatchGenerator {
   const Row& find(int id) const;
   int index_of(int id) const;
   mx::array sample(const mx::array& logits);  // [B, V] -> int32 [B]; sets rows' pending_logprobs
+  mx::array positions_array(const std::vector<int>& positions);
 
   const Decoder& model_;
   std::vector<BatchKVCache> cache_;   // a layer each
   std::vector<Row> rows_;             // in batch order: the rows with computed tokens first
   std::optional<mx::array> pending_;  // int32: the next token of each computed row, not yet read
+  // The last step's positions, on the host and as the array its kernels read (positions_array).
+  std::vector<int> last_positions_;
+  std::optional<mx::array> last_positions_array_;
   int next_id_ = 0;
 };
 
