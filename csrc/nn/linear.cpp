@@ -113,7 +113,7 @@ mx::array grouped_product(const mx::array& x, const mx::array& weight) {
 // x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A half-precision
 // W on the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7
 // tokens a second): a few rows take our kernel (half_matvec_cpu), more multiply a transient float32 copy through BLAS.
-mx::array float_matmul(const mx::array& x, const mx::array& weight) {
+mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& transposed) {
   if (half_precision(weight.dtype()) && mx::default_device() == mx::Device::cpu) {
     if (rows_of(x) < kCpuHalfKernelRows) {
       if (auto y = half_matvec_cpu(x, weight)) return *y;
@@ -126,7 +126,18 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight) {
     if (auto y = cuda_half_gemv(x, weight)) return *y;  // a decode step, under MLXRUNNER_HALF_GEMV=1
   }
   if (takes_grouped_product(x, weight)) return grouped_product(x, weight);
-  return mx::matmul(x, mx::transpose(weight));
+  return mx::matmul(x, transposed ? *transposed : mx::transpose(weight));
+}
+
+// `transposed` if it is still the [in, out] view of `weight`'s buffer (both evaluated); nullopt otherwise, and while
+// either is lazy (before the model's weights are evaluated).
+std::optional<mx::array> view_of(const std::optional<mx::array>& transposed, const mx::array& weight) {
+  if (!transposed || !transposed->is_available() || !weight.is_available() || weight.ndim() != 2 ||
+      transposed->ndim() != 2 || transposed->shape(0) != weight.shape(1) || transposed->shape(1) != weight.shape(0)) {
+    return std::nullopt;
+  }
+  if (transposed->data<char>() != weight.data<char>()) return std::nullopt;
+  return transposed;
 }
 
 std::vector<mx::array> with_companions(const mx::array& weight, const std::optional<Quantized>& q) {
@@ -148,9 +159,11 @@ bool multiplies_dequantized(const mx::array& x) {
 
 Linear Linear::load(const Weights& w, int in_features, int out_features, bool with_bias) {
   auto matrix = w.matrix("weight", out_features, in_features);
-  return Linear{.weight = matrix.weight,
-                .bias = with_bias ? std::optional<mx::array>(w.get("bias", {out_features})) : std::nullopt,
-                .quantized = matrix.quantized};
+  Linear out{.weight = matrix.weight,
+             .bias = with_bias ? std::optional<mx::array>(w.get("bias", {out_features})) : std::nullopt,
+             .quantized = matrix.quantized};
+  if (!out.quantized) out.transposed = mx::transpose(out.weight);
+  return out;
 }
 
 bool Linear::can_concat(const Linear& a, const Linear& b) {
@@ -182,6 +195,8 @@ Linear Linear::concat(const std::vector<Linear>& parts) {
     if (parts[0].quantized->biases) {
       out.quantized->biases = joined([](const Linear& l) { return *l.quantized->biases; });
     }
+  } else {
+    out.transposed = mx::transpose(out.weight);
   }
   return out;
 }
@@ -203,7 +218,12 @@ Linear Linear::outputs(int begin, int end) const {
 }
 
 mx::array Linear::product(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, view_of(transposed, weight));
+}
+
+mx::array Linear::transposed_weight() const {
+  auto view = view_of(transposed, weight);
+  return view ? *view : mx::transpose(weight);
 }
 
 mx::array Linear::operator()(const mx::array& x) const {
@@ -222,6 +242,7 @@ mx::Dtype Linear::dtype() const {
 std::vector<mx::array> Linear::arrays() const {
   auto out = with_companions(weight, quantized);
   if (bias) out.push_back(*bias);
+  if (transposed) out.push_back(*transposed);  // a view: evaluating it takes no memory
   return out;
 }
 
@@ -314,7 +335,7 @@ mx::array Embedding::operator()(const mx::array& ids) const {
 }
 
 mx::array Embedding::as_linear(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight);
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, std::nullopt);
 }
 
 std::vector<mx::array> Embedding::arrays() const {
