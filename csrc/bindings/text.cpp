@@ -33,7 +33,8 @@ void bind_sampling(nb::module_& m) {
 
   nb::class_<Sampler>(m, "Sampler", "Logits -> token with penalties, temperature, top-k/p, min-p, seed.")
       .def(nb::init<const SamplerOptions&, int>(), "options"_a, "vocab_size"_a)
-      .def("remember", nb::overload_cast<const mx::array&>(&Sampler::remember), "tokens"_a, "Add tokens to the penalty history.")
+      .def("remember", nb::overload_cast<const mx::array&>(&Sampler::remember), "tokens"_a,
+           "Add tokens to the penalty history.")
       .def(
           "sample", [](Sampler& self, const mx::array& logits) { return host_item<int>(self.sample(logits)); },
           "logits"_a, nb::call_guard<nb::gil_scoped_release>(), "Logits [V] -> token id.")

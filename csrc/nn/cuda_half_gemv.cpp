@@ -35,8 +35,8 @@ __device__ inline void accumulate(float& sum, const Chunk<T>& w, const Chunk<T>&
 
 // A warp a weight row n; lane l takes the row's chunks l, l + 32, ..., four at a time, every load of the four (and of
 // the same chunks of every row of x: ROWS of them, from L1/L2, x is a few KB) before any arithmetic, so that each lane
-// has 64 bytes of weight in flight and no x load waits behind the weight's; then multiplies. The lanes' sums meet by shuffles; lane 0 writes out[r][n]. A warp
-// past the last row leaves whole, before the shuffles.
+// has 64 bytes of weight in flight and no x load waits behind the weight's; then multiplies. The lanes' sums meet by
+// shuffles; lane 0 writes out[r][n]. A warp past the last row leaves whole, before the shuffles.
 constexpr const char* kHalfGemvSource = R"(
   constexpr int kInFlight = 4;
   const int lane = threadIdx.x & 31;

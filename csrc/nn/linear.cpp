@@ -221,11 +221,6 @@ mx::array Linear::product(const mx::array& x) const {
   return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, view_of(transposed, weight));
 }
 
-mx::array Linear::transposed_weight() const {
-  auto view = view_of(transposed, weight);
-  return view ? *view : mx::transpose(weight);
-}
-
 mx::array Linear::operator()(const mx::array& x) const {
   auto y = product(x);
   if (!bias) return y;

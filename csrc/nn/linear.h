@@ -17,8 +17,8 @@ struct Linear {
   std::optional<Quantized> quantized;
   // A float weight's [in, out] view (the same buffer), made once by load() and concat(): a product then adds no
   // transpose to each forward, where even a view is an MLX operation the host builds and evaluates (~5 µs on this
-  // VM's CPU; a bf16 decode step has ~145 of them). Used only while it is still a view of `weight`
-  // (transposed_weight()); a Linear built another way transposes at each product, as before.
+  // VM's CPU; a bf16 decode step has ~145 of them). Used only while it is still a view of `weight` (product());
+  // a Linear built another way transposes at each product, as before.
   std::optional<mx::array> transposed;
 
   static Linear load(const Weights& w, int in_features, int out_features, bool with_bias = true);
@@ -42,8 +42,6 @@ struct Linear {
   mx::Dtype dtype() const;
   // Every array it holds (to evaluate them).
   std::vector<mx::array> arrays() const;
-  // W^T [in, out] for a float weight: `transposed` while it views `weight`'s buffer, else a transpose made now.
-  mx::array transposed_weight() const;
 };
 
 // Whether a packed weight's product with x multiplies a transient dequantized copy of the weight (many rows: a
