@@ -309,7 +309,9 @@ std::vector<mx::array> FusedLinear::arrays() const {
 
 Embedding Embedding::load(const Weights& w, int num_embeddings, int dims) {
   auto matrix = w.matrix("weight", num_embeddings, dims);
-  return Embedding{.weight = matrix.weight, .quantized = matrix.quantized};
+  Embedding out{.weight = matrix.weight, .quantized = matrix.quantized};
+  if (!out.quantized) out.transposed = mx::transpose(out.weight);
+  return out;
 }
 
 mx::array Embedding::operator()(const mx::array& ids) const {
@@ -330,11 +332,13 @@ mx::array Embedding::operator()(const mx::array& ids) const {
 }
 
 mx::array Embedding::as_linear(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, std::nullopt);
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, view_of(transposed, weight));
 }
 
 std::vector<mx::array> Embedding::arrays() const {
-  return with_companions(weight, quantized);
+  auto out = with_companions(weight, quantized);
+  if (transposed) out.push_back(*transposed);  // a view: evaluating it takes no memory
+  return out;
 }
 
 }  // namespace mlxr

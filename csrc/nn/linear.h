@@ -73,6 +73,7 @@ struct FusedLinear {
 struct Embedding {
   mx::array weight;
   std::optional<Quantized> quantized;
+  std::optional<mx::array> transposed;  // a float table's [dims, num_embeddings] view, for as_linear (Linear's)
 
   static Embedding load(const Weights& w, int num_embeddings, int dims);
   mx::array operator()(const mx::array& ids) const;
