@@ -28,6 +28,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -107,20 +108,21 @@ def figures(fn, inputs: list, want: mx.array, nbytes: int) -> dict:
 
 
 # Bytes of weight copies a timed product rotates through: well past an H100's or H200's 50 MB L2, so that each product
-# reads its weight from memory, as a decode step does (each weight once a step). Timing one weight over and over let
-# the smaller weights come from L2 (session 22: 4096 x 4096 bf16 ran at 2.5 TB/s here where a real step gives 2.1).
+# reads its weight from memory, as a decode step does (each weight once a step). Timing one weight over and over let it
+# come partly from L2 (session 22, H100: our bf16 kernel ran the 8B's 117 MB down projection at 3.55 TB/s, above the
+# card's 2.94 TB/s copy rate; 2.6 TB/s rotated, 2.7 inside a real decode step).
 ROTATION_BYTES = 512 << 20
-PRODUCTS = 20  # products a round
+PRODUCTS = 20  # products a round; product i multiplies input i with the weight's copy i % copies
 
 
-def copies(arrays: list[mx.array]) -> list[list[mx.array]]:
-    """Copies of `arrays` (one weight's tensors), as many as fill ROTATION_BYTES (at least 1, at most PRODUCTS); the
-    first is `arrays` itself."""
+def rotation(arrays: list[mx.array]) -> Callable[[int], list[mx.array]]:
+    """Product i's copy of `arrays` (one weight's tensors): as many copies as fill ROTATION_BYTES (at least 1, at most
+    PRODUCTS), the first `arrays` itself."""
     nbytes = sum(a.nbytes for a in arrays)
     count = max(1, min(PRODUCTS, -(-ROTATION_BYTES // nbytes)))
-    out = [arrays] + [[a * 1 for a in arrays] for _ in range(count - 1)]
-    mx.eval(out)
-    return out
+    held = [arrays] + [[a * 1 for a in arrays] for _ in range(count - 1)]
+    mx.eval(held)
+    return lambda i: held[i % count]
 
 
 def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
@@ -129,14 +131,10 @@ def measure(n: int, k: int, bits: int, rows: int, variants=TC_VARIANTS) -> dict:
     exact = mx.dequantize(packed, scales, biases, group_size=GROUP, bits=bits).astype(mx.float32)
     mx.eval(packed, scales, biases, exact)
     nbytes = packed.nbytes + scales.nbytes + biases.nbytes
-    held = copies([packed, scales, biases])
+    weight_of = rotation([packed, scales, biases])
     xs = [mx.random.normal((rows, k)).astype(mx.bfloat16) for _ in range(PRODUCTS)]
     mx.eval(xs)
-    inputs = list(range(PRODUCTS))  # product i: xs[i] with the weight's copy i % len(held)
-
-    def weight_of(i: int) -> list[mx.array]:
-        return held[i % len(held)]
-
+    inputs = list(range(PRODUCTS))
     want = xs[0].astype(mx.float32) @ exact.T
     out = {"mlx": figures(lambda i: mx.quantized_matmul(xs[i], *weight_of(i), transpose=True, group_size=GROUP,
                                                         bits=bits), inputs, want, nbytes)}
@@ -188,12 +186,12 @@ def measure_half(n: int, k: int) -> dict:
     weight = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
     xs = [mx.random.normal((1, k)).astype(mx.bfloat16) for _ in range(PRODUCTS)]
     mx.eval(weight, xs)
-    held = [w for (w,) in copies([weight])]
-    inputs = list(range(PRODUCTS))  # product i: xs[i] with the weight's copy i % len(held)
+    copy_of = rotation([weight])
+    inputs = list(range(PRODUCTS))
     want = xs[0].astype(mx.float32) @ weight.astype(mx.float32).T
-    sides = {"mlx": lambda i: xs[i] @ held[i % len(held)].T, "ours": lambda i: _core.linear(xs[i], held[i % len(held)])}
+    sides = {"mlx": lambda i: xs[i] @ copy_of(i)[0].T, "ours": lambda i: _core.linear(xs[i], copy_of(i)[0])}
     if mx.cuda.is_available():  # elsewhere the kernel does not run (half_gemv gives None)
-        sides["gemv"] = lambda i: _core.half_gemv(xs[i], held[i % len(held)])
+        sides["gemv"] = lambda i: _core.half_gemv(xs[i], copy_of(i)[0])
     return {name: figures(fn, inputs, want, weight.nbytes) for name, fn in sides.items()}
 
 

@@ -10,10 +10,11 @@
 //
 // A measuring switch: MLXRUNNER_HALF_GEMV=1 sends the decode products of half-precision weights here (nn/linear.cpp);
 // off unless set. Timed in session 22 (H100, benchmarks/README.md): `matvec_bench --half` has it faster than MLX's at
-// most of the 8B's weights (the step's products 5.37 against 5.85 ms), but that bench reads one weight over and over,
-// and the smaller weights then come from the 50 MB L2. Inside a real decode step, where each weight comes from memory,
-// the profile has MLX's kernel sum to 5.02 ms a token and this one to 5.29, and llm_bench's 8B decode falls from 163 to
-// 156 tok/s with every product here, to 158 with only the long rows' (K >= 12,288). So it stays off.
+// most of the 8B's weights (the step's products 5.37 against 5.85 ms), but that bench read one weight over and over,
+// which then came partly from the 50 MB L2 (this kernel ran the 117 MB down projection at 3.55 TB/s, above the card's
+// copy rate). Inside a real decode step the profile has this kernel slower at every weight (q|k|v 19.0 against 17.9 us,
+// o 13.9 / 12.7, gate|up 77.2 / 75.7, down 43.4 / 40.0; 5.29 against 5.02 ms a token), and llm_bench's 8B decode falls
+// from 163 to 156 tok/s with every product here, to 158 with only the long rows' (K >= 12,288). So it stays off.
 #pragma once
 
 #include <optional>
