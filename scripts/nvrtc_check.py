@@ -99,7 +99,7 @@ def kernels():
                 kernel_string("cuda_dit_fusion.cpp", "kHeadNormRopePairs"), inputs, [("out", dtype)],
                 {"T": dtype, "D": 128, "PAIRS": 2} | ({"EPS_BITS": 1} if norm else {}))
         yield f"add_rms_norm/{dtype}", mlx_kernel_source(
-            "mlxr_add_rms_norm", block_sum, kernel_string("cuda_norm_rope.cpp", "kAddRmsNorm"),
+            "mlxr_add_rms_norm", with_sum, kernel_string("cuda_norm_rope.cpp", "kAddRmsNorm"),
             [("x", dtype), ("delta", dtype), ("weight", dtype)], [("added", dtype), ("normed", dtype)], row)
         for norm in (0, 1):
             inputs = [("qkv", dtype)] + ([("q_weight", dtype), ("k_weight", dtype)] if norm else [])

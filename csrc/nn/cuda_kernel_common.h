@@ -2,6 +2,7 @@
 // sources (a block-wide sum, row loads and stores), and the host-side checks and launch shapes of row kernels.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
@@ -209,6 +210,20 @@ inline std::optional<CudaRowLaunch> cuda_row_launch(long long rows, int n, bool 
   const int threads = n <= 256 * kCudaMaxPerThread ? 256 : 1024;
   const int quantum = in_quads ? 4 : 1;  // a thread holds whole quads
   const int per_thread = (n + threads * quantum - 1) / (threads * quantum) * quantum;
+  if (per_thread > kCudaMaxPerThread) return std::nullopt;
+  return CudaRowLaunch{
+      .per_thread = per_thread, .grid = {cuda_checked_threads(rows * threads), 1, 1}, .block = {threads, 1, 1}};
+}
+
+// A kCudaRowHelpers kernel's launch with a thread per quad of the row (up to 1,024 threads, then more quads a
+// thread): for kernels that run on few rows, a decode step's, where a block's latency is the kernel's time and more
+// threads put more loads in flight at once. nullopt where n is not a multiple of 4 or a row would need more than
+// kCudaMaxPerThread elements a thread.
+inline std::optional<CudaRowLaunch> cuda_quad_row_launch(long long rows, int n) {
+  if (n % 4 != 0) return std::nullopt;
+  const int quads = n / 4;
+  const int threads = std::min(1024, (quads + 31) / 32 * 32);
+  const int per_thread = (quads + threads - 1) / threads * 4;
   if (per_thread > kCudaMaxPerThread) return std::nullopt;
   return CudaRowLaunch{
       .per_thread = per_thread, .grid = {cuda_checked_threads(rows * threads), 1, 1}, .block = {threads, 1, 1}};

@@ -7,12 +7,41 @@ namespace mlxr {
 
 namespace {
 
-// One block per row; thread t holds elements t, t + blockDim.x, ... (PER_THREAD of them) in registers. All loads
-// come first: a loop that stored each sum before loading the next pair was latency-bound (the compiler may not move
-// a load above a store that could alias it): 14 us for a 4,096-wide row on an H200, MLX's norm alone ~3 us.
-// MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean + eps), rounded to T, by the
-// weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are ints).
+// One block per row, a thread per quad of the row where it fits (kCudaRowHelpers: 8-byte loads of bfloat16, every
+// load before the block-wide sum). MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean +
+// eps), rounded to T, by the weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are
+// ints). A decode step runs it twice a layer on one row, so its latency is what counts: the first version (one
+// element a load, 256 threads) took 4.5 us a row of 4,096 in an 8B step on an H100.
 constexpr const char* kAddRmsNorm = R"(
+  const float eps = __int_as_float(EPS_BITS);
+  const int n = weight_shape[0];
+  const size_t first = static_cast<size_t>(blockIdx.x) * n;
+  float xv[PER_THREAD], dv[PER_THREAD];
+  T w[PER_THREAD];
+  load_row(x + first, n, xv);
+  load_row(delta + first, n, dv);
+  load_row_vector(w, weight, 1, n);
+  float h[PER_THREAD];
+  T sum[PER_THREAD];
+  float squares = 0.f;
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) {
+    sum[k] = static_cast<T>(xv[k] + dv[k]);
+    h[k] = held_index(k) < n ? static_cast<float>(sum[k]) : 0.f;
+    squares += h[k] * h[k];
+  }
+  const float normalizer = rsqrtf(block_sum(squares) / n + eps);
+  store_held_row(added + first, sum, n);
+  float normed_values[PER_THREAD];
+  norm_row(normed_values, h, n, normalizer, w);
+  T out[PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) out[k] = static_cast<T>(normed_values[k]);
+  store_held_row(normed + first, out, n);
+)";
+
+// MEASURING (session 23): the previous add + norm, element by element, under MLXRUNNER_ADD_NORM_QUADS=0.
+constexpr const char* kAddRmsNormElementwise = R"(
   const float eps = __int_as_float(EPS_BITS);
   const int n = weight_shape[0];
   const size_t first = static_cast<size_t>(blockIdx.x) * n;
@@ -83,9 +112,20 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
     return std::nullopt;
   }
   static auto kernel = cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"}, kAddRmsNorm,
-                                   kCudaBlockSum, /*ensure_row_contiguous=*/true);
+                                   std::string(kCudaBlockSum) + kCudaRowHelpers, /*ensure_row_contiguous=*/true);
   const int n = x.shape(-1);
-  const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
+  static const bool elementwise = switched_off("MLXRUNNER_ADD_NORM_QUADS");
+  if (elementwise) {
+    static auto old = cuda_kernel("mlxr_add_rms_norm_elementwise", {"x", "delta", "weight"}, {"added", "normed"},
+                                  kAddRmsNormElementwise, kCudaBlockSum, true);
+    const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
+    if (!launch) return std::nullopt;
+    auto out = old({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,
+                   {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}},
+                   std::nullopt, false, {});
+    return std::pair{out[0], out[1]};
+  }
+  const auto launch = cuda_quad_row_launch(static_cast<long long>(x.size()) / n, n);
   if (!launch) return std::nullopt;
   auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,
                     {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}},

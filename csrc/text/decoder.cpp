@@ -442,25 +442,51 @@ void Decoder::eval_weights() const {
 
 namespace {
 
-// A packed model's many-row products multiply dequantized copies of its weights (nn/linear.cpp). In one lazy graph,
-// every layer's copy can be alive at once where the host queues work far ahead of the device: on an H200 a 4-bit
-// Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights, near the bf16 model's size (mlx-lm's:
-// 3.7 GB). A paced forward queues each layer's output and then waits for the one before, so at most two layers'
-// copies are in flight; the device still has the next layer queued while the host waits.
+// How a forward's layers reach the device while the host builds the rest of it.
+// - Paced: a packed model's many-row products multiply dequantized copies of its weights (nn/linear.cpp). In one
+//   lazy graph, every layer's copy can be alive at once where the host queues work far ahead of the device: on an
+//   H200 a 4-bit Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights, near the bf16 model's
+//   size (mlx-lm's: 3.7 GB). A paced forward queues each layer's output and then waits for the one before, so at most
+//   two layers' copies are in flight; the device still has the next layer queued while the host waits.
+// - Early: a forward the caller waits for (a request's prefill, a text encoder's prompt) on a GPU queues every
+//   kEarlyDispatchLayers layers as they are built, so that the device starts on the first layers while the host
+//   builds the rest; built whole and then evaluated, the device waited for the whole graph to be built first. A
+//   decode step needs none of this: the generator builds step n + 1 while the device runs step n.
+// - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:
-  explicit LayerPacer(bool active) : active_(active) {}
+  enum class Mode { kAtEnd, kEarly, kPaced };
+  explicit LayerPacer(Mode mode) : mode_(mode) {}
   void queued(std::vector<mx::array> outputs) {
-    if (!active_) return;
+    ++layers_;
+    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
+    if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
     if (previous_) mx::eval(*previous_);
     previous_ = std::move(outputs);
   }
 
+  // Layers a queued piece holds; MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch off (to measure it).
+  static int early_dispatch_layers() {
+    static const int layers = [] {
+      const char* value = std::getenv("MLXRUNNER_EARLY_DISPATCH");
+      return value ? std::max(0, std::atoi(value)) : kEarlyDispatchLayers;
+    }();
+    return layers;
+  }
+
  private:
-  bool active_;
+  static constexpr int kEarlyDispatchLayers = 4;
+  Mode mode_;
+  int layers_ = 0;
   std::optional<std::vector<mx::array>> previous_;
 };
+
+LayerPacer::Mode pacing(bool paced, bool waited_for) {
+  if (paced) return LayerPacer::Mode::kPaced;
+  const bool early = waited_for && mx::default_device() == mx::Device::gpu && LayerPacer::early_dispatch_layers() > 0;
+  return early ? LayerPacer::Mode::kEarly : LayerPacer::Mode::kAtEnd;
+}
 
 }  // namespace
 
@@ -482,7 +508,8 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
   const int offset = cache[0].offset();
   const auto positions = device_offset(offset);
   Residual x{embed(tokens)};
-  LayerPacer pacer(paced(x.base));
+  // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
+  LayerPacer pacer(pacing(paced(x.base), last_only || tokens.shape(1) > 1));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
@@ -563,7 +590,7 @@ std::vector<mx::array> Decoder::hidden_states(const mx::array& tokens, const std
   }
   const auto positions = device_offset(0);
   std::vector<mx::array> all{embed(tokens)};
-  LayerPacer pacer(paced(all.back()));
+  LayerPacer pacer(pacing(paced(all.back()), /*waited_for=*/true));
   for (int i = 0; i < last; ++i) {
     auto mask_i = window_mask(layers_[i].window);
     const bool split = real && layers_[i].window == 0 && !layers_[i].mla;
