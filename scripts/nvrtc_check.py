@@ -136,6 +136,16 @@ def kernels():
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],
         {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
+    for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8)):
+        yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
+            "mlxr_decode_attention_parts", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts"),
+            [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32")],
+            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
+            {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
+    yield "decode_attention_merge/bf16", mlx_kernel_source(
+        "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
+        [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],
+        {"T": "bf16", "D": 128})
 
 
 def unpacked_toolchain(cache: Path) -> Path:

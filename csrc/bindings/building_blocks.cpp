@@ -13,6 +13,7 @@
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
 #include "nn/cuda_batch_attention.h"
+#include "nn/cuda_decode_attention.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
@@ -339,6 +340,18 @@ void bind_cuda_kernels(nb::module_& m) {
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
       "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
+  m.def(
+      "cuda_decode_attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
+         const mx::array& position, int length, float scale) -> std::optional<mx::array> {
+        if (!cuda_decode_attention_applies(q, k, v)) return std::nullopt;
+        return evaluated(cuda_decode_attention(q, k, v, keys, values, position, length, scale));
+      },
+      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "A decode step's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, 1, D] into slot "
+      "position[0] of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns softmax(q k^T scale) v over "
+      "slots 0..length - 1 as [1, 1, q_heads D]; None off CUDA or where the kernel does not apply.");
   m.def(
       "cuda_quantized_normed_qkv_heads",
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,

@@ -123,6 +123,9 @@ void bind_kv_cache(nb::module_& m) {
       .def_prop_ro("window", &KVCache::window)
       .def_prop_ro("held", &KVCache::held)
       .def_prop_ro("nbytes", &KVCache::nbytes)
+      .def_prop_ro("writes_in_place", &KVCache::writes_in_place,
+                   "Whether a decode step's kernel may write its position into the buffers in place (no copy shares "
+                   "them).")
       .def("can_trim_to", &KVCache::can_trim_to, "length"_a)
       .def("trim_to", &KVCache::trim_to, "length"_a)
       .def("copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");

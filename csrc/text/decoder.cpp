@@ -7,6 +7,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cuda_batch_attention.h"
+#include "nn/cuda_decode_attention.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
@@ -353,6 +354,13 @@ mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCac
                              const std::optional<mx::array>& device_offset) const {
   if (layer.mla) return layer.o_proj((*layer.mla)(input.normed(), cache, offset, rope_, mask));
   auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset, device_offset);
+  if (cache && !mask && !layer.sinks && cache->writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
+    // A decode step on CUDA: the kernel writes the step's key and value into the cache's buffers itself.
+    auto [keys, values] = cache->reserve_one(k);
+    const auto position = device_offset ? *device_offset : mx::array({offset}, mx::int32);
+    return layer.o_proj(cuda_decode_attention(q, k, v, keys, values, position, offset + 1,
+                                              scale_or_default(attention_scale_, q)));
+  }
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);
   }

@@ -47,6 +47,29 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& keys,
   return keys.shape(2) == 1 ? write_one_rotating(keys, values) : append_chunk_rotating(keys, values);
 }
 
+KVCache::KVCache(const KVCache& other)
+    : window_(other.window_),
+      keys_(other.keys_),
+      values_(other.values_),
+      offset_(other.offset_),
+      held_(other.held_),
+      next_slot_(other.next_slot_),
+      shared_(true) {
+  other.shared_ = true;
+}
+
+KVCache& KVCache::operator=(const KVCache& other) {
+  if (this == &other) return *this;
+  window_ = other.window_;
+  keys_ = other.keys_;
+  values_ = other.values_;
+  offset_ = other.offset_;
+  held_ = other.held_;
+  next_slot_ = other.next_slot_;
+  shared_ = other.shared_ = true;
+  return *this;
+}
+
 std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, const mx::array& values) {
   const int end = offset_ + keys.shape(2);
   if (!keys_ || end > keys_->shape(2)) {
@@ -55,8 +78,20 @@ std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, cons
   }
   keys_ = written(*keys_, keys, offset_);
   values_ = written(*values_, values, offset_);
+  shared_ = false;  // new arrays: MLX wrote in place only if nothing else held the old ones
   offset_ = held_ = end;
   return {positions(*keys_, 0, end), positions(*values_, 0, end)};
+}
+
+std::pair<mx::array, mx::array> KVCache::reserve_one(const mx::array& like) {
+  if (!writes_in_place()) throw std::logic_error("this cache may not be written in place");
+  const int end = offset_ + 1;
+  if (end > keys_->shape(2)) {
+    keys_ = grown(keys_, offset_, like, whole_steps(end));
+    values_ = grown(values_, offset_, like, whole_steps(end));
+  }
+  offset_ = held_ = end;
+  return {*keys_, *values_};
 }
 
 // Several positions at once (a prefill chunk): the last W - 1 held positions, which the chunk's first

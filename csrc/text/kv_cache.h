@@ -12,7 +12,9 @@
 // implements: offset() (positions seen), trim(n) (forget the last n, or say it cannot), nbytes() (memory
 // held), and copies that are independent of each other. Copying a cache is a snapshot: its arrays are
 // immutable MLX arrays that updates replace, never modify (MLX writes in place only into a buffer nothing
-// else holds, so a copy kept by the prompt cache is never overwritten by a running request).
+// else holds, so a copy kept by the prompt cache is never overwritten by a running request). The one exception,
+// a decode step's kernel that writes its position into the buffers itself (reserve_one), is taken only while no
+// copy shares them (writes_in_place).
 #pragma once
 
 #include <cstddef>
@@ -59,6 +61,21 @@ class KVCache {
   // A full cache holding these keys/values [1, H, L, D] as its L positions, in a buffer of its own.
   static KVCache holding(const mx::array& keys, const mx::array& values);
 
+  // Whether a decode step's kernel may write this cache's next position into its buffers in place
+  // (nn/cuda_decode_attention.h): a full cache with buffers, of which no copy has been made since they were last
+  // replaced (a copy shares them: writing one would change the other, where MLX's own updates leave a snapshot alone).
+  bool writes_in_place() const { return window_ == 0 && keys_ && !shared_; }
+  // The buffers [1, H, capacity, D] with room for one more position, which the caller's kernel writes in place
+  // (writes_in_place() must hold); the cache now holds that position. `like`: the step's keys [1, H, 1, D].
+  std::pair<mx::array, mx::array> reserve_one(const mx::array& like);
+
+  // Copies are snapshots that share the buffers until one side replaces them: both sides stop writing in place.
+  KVCache(const KVCache& other);
+  KVCache& operator=(const KVCache& other);
+  KVCache(KVCache&&) noexcept = default;
+  KVCache& operator=(KVCache&&) noexcept = default;
+  ~KVCache() = default;
+
  private:
   std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);
   std::pair<mx::array, mx::array> append_chunk_rotating(const mx::array& keys, const mx::array& values);
@@ -70,6 +87,8 @@ class KVCache {
   int held_ = 0;
   // Rotating cache: the buffer slot the next single position is written to (buffer order, not position).
   int next_slot_ = 0;
+  // Whether a copy may share keys_ / values_ (set on both sides by a copy, cleared when they are replaced).
+  mutable bool shared_ = false;
 };
 
 // One layer's caches of B sequences decoded together (text/batch.h), one batch row each. Each row keeps

@@ -24,7 +24,7 @@ PRELUDE = r"""
 using std::min;
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx;
-static Dim3 blockIdx, blockDim;
+static Dim3 blockIdx, blockDim, gridDim;
 struct uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 #define __device__
@@ -145,6 +145,7 @@ extern "C" void run({params}) {{
   for (int warp = 0; warp < block_threads / 32; ++warp) warps_tiles[warp].meet = std::make_unique<std::barrier<>>(32);
   block_barrier = std::make_unique<std::barrier<>>(block_threads);
   blockDim.x = block_threads;
+  gridDim.x = block_count;
   for (int block = 0; block < block_count; ++block) {{
     blockIdx.x = block;
     std::vector<std::thread> lanes;

@@ -101,3 +101,19 @@ def test_trimming_nothing_leaves_a_wrapped_rotating_cache_as_it_was():
     assert cache.can_trim_to(46) and not cache.can_trim_to(45)
     cache.trim_to(46)
     assert append(cache, 46, 12) == list(range(39, 58))
+
+
+def test_a_copy_stops_both_sides_writing_in_place_until_their_buffers_are_replaced():
+    """A decode step on CUDA writes its position into the cache's buffers itself (nn/cuda_decode_attention.h), which
+    must never reach a snapshot: only a full cache whose buffers no copy shares may be written so."""
+    assert not _core.KVCache().writes_in_place  # no buffers yet
+    assert not _core.KVCache(8).writes_in_place  # rotating caches never
+    cache = _core.KVCache()
+    append(cache, 0, 3)
+    assert cache.writes_in_place
+    kept = cache.copy()
+    assert not cache.writes_in_place and not kept.writes_in_place
+    append(cache, 3, 1)  # an update through MLX: new buffers for this side
+    assert cache.writes_in_place and not kept.writes_in_place
+    assert append(kept, 3, 2) == list(range(5))  # the snapshot still holds its own positions 0..2
+    assert kept.writes_in_place

@@ -1,0 +1,115 @@
+"""The decode attention kernels (csrc/nn/cuda_decode_attention.cpp), run on this machine's CPU.
+
+Their sources, as MLX receives them (compacted), are compiled as host C++ with every thread of a block a std::thread
+(tests/unit/cuda_emulator.py). Checked against numpy's softmax(q k^T scale) v over keys 0..position, where the key and
+value at `position` are the step's own (k and v, read through their strides, as the decoder's values are a strided
+view of the q|k|v product): the slot holds garbage before the kernel runs, which must write the step's key and value
+there and touch no other slot. Splits from one to many (their parts merged by the second kernel), grouped queries,
+splits with fewer keys than the warps. What this cannot check, tests/gpu/test_decode_attention.py does on CUDA: NVRTC's
+view of the sources, the real warps, and a decoder's greedy tokens with it on and off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_decode_attention.cpp"
+THREADS = 128  # the parts kernel's block (kThreads)
+KEYS_PER_SPLIT, MOST_SPLITS = 64, 64  # as the host code chooses the splits
+
+
+def splits_for(length: int) -> int:
+    wanted = min(max(-(-length // KEYS_PER_SPLIT), 1), MOST_SPLITS)
+    chunk = -(-length // wanted)
+    return -(-length // chunk)
+
+
+def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
+    constants = f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
+    parts_params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
+                    "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
+                    "const int* position, float* part_acc, float* part_max, float* part_sum")
+    parts_args = ("q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, part_max, "
+                  "part_sum")
+    merge_params = ("const float* part_acc, const float* part_max, const int* part_max_shape, const float* part_sum, "
+                    "T* out")
+    merge_args = "part_acc, part_max, part_max_shape, part_sum, out"
+    parts = PRELUDE + constants + f"constexpr int SCALE_BITS = {scale_bits};\n" + (
+        f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
+    merge_body = kernel_source(SOURCE, "kDecodeAttentionMerge")
+    merge = PRELUDE + constants + f"static void kernel({merge_params}) {{\n{merge_body}\n}}\n"
+    return (compile_library(tmp_path / "parts", parts + block_launcher(f"int blocks, {parts_params}", parts_args,
+                                                                       "blocks", THREADS)),
+            compile_library(tmp_path / "merge", merge + block_launcher(f"int blocks, {merge_params}", merge_args,
+                                                                       "blocks", d)))
+
+
+def element_strides(a: np.ndarray) -> np.ndarray:
+    return np.array([s // a.itemsize for s in a.strides], np.int64)
+
+
+CASES = [  # head dim, query heads, key/value heads, position (the step's slot), capacity
+    (128, 4, 1, 0, 256),      # the first position: one key, one split, three warps with nothing to do
+    (64, 8, 4, 37, 64),       # one split of 38 keys: warps with a partial run
+    (128, 32, 8, 300, 512),   # 5 splits, four query heads a key head (Llama 3 8B's grouping)
+    (64, 16, 8, 1023, 1024),  # 16 splits, the buffer's last slot
+]
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity", CASES)
+def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity):
+    rng = np.random.default_rng(d + q_heads + position)
+    scale = 1 / np.sqrt(d)
+    q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
+    # k heads-first as the RoPE kernel writes it; v a strided view of a [1, 1, heads, D] projection, as the decoder's
+    k = to_bf16_bits(rng.standard_normal((1, kv_heads, 1, d)) * 2)
+    v_projection = to_bf16_bits(rng.standard_normal((1, 1, 3 * kv_heads, d)))
+    v = v_projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
+    keys = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)) * 2)
+    values = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)))
+    keys_before, values_before = keys.copy(), values.copy()
+    length = position + 1
+    splits = splits_for(length)
+    part_acc = np.zeros((q_heads, splits, d), np.float32)
+    part_max = np.zeros((q_heads, splits), np.float32)
+    part_sum = np.zeros((q_heads, splits), np.float32)
+    out = np.zeros((1, 1, q_heads * d), np.uint16)
+    keys_shape = np.array(keys.shape, np.int32)
+    part_max_shape = np.array(part_max.shape, np.int32)
+    at = np.array([position], np.int32)
+    strides = [element_strides(a) for a in (q, k, v)]
+    parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
+    ptr = ctypes.c_void_p
+    # v's pointer is its first element inside the projection, as MLX hands a view's data over
+    v_first = v_projection.ctypes.data + kv_heads * d * v_projection.itemsize
+    parts.run(ctypes.c_int(kv_heads * splits),
+              *[ptr(x) for x in (q.ctypes.data, strides[0].ctypes.data, k.ctypes.data, strides[1].ctypes.data, v_first,
+                                 strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data,
+                                 at.ctypes.data, part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data)])
+    merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum, out)])
+
+    # The step's slot now holds its key and value; every other slot is as it was.
+    np.testing.assert_array_equal(keys[0, :, position], k[0, :, 0])
+    np.testing.assert_array_equal(values[0, :, position], v[0, :, 0])
+    others = np.arange(capacity) != position
+    np.testing.assert_array_equal(keys[:, :, others], keys_before[:, :, others])
+    np.testing.assert_array_equal(values[:, :, others], values_before[:, :, others])
+
+    got = from_bf16_bits(out).reshape(q_heads, d)
+    group = q_heads // kv_heads
+    for h in range(q_heads):
+        key_list = from_bf16_bits(keys[0, h // group, :length]).astype(np.float64)
+        value_list = from_bf16_bits(values[0, h // group, :length]).astype(np.float64)
+        query = np.float32(scale) * from_bf16_bits(q[0, h, 0]).astype(np.float64)
+        scores = key_list @ query
+        weights = np.exp(scores - scores.max())
+        want = (weights / weights.sum()) @ value_list
+        # float sums in another order, then one rounding to bfloat16
+        np.testing.assert_allclose(got[h], want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max() + 1e-6)
+    assert np.abs(got).max() > 0.05  # a real signal
