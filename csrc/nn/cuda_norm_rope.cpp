@@ -11,7 +11,8 @@ namespace {
 // load before the block-wide sum). MLX's add rounds x + delta to T; its rms_norm multiplies the float x * rsqrt(mean +
 // eps), rounded to T, by the weight in T: the same here. EPS_BITS: eps as a float's bits (template arguments are
 // ints). A decode step runs it twice a layer on one row, so its latency is what counts: the first version (one
-// element a load, 256 threads) took 4.5 us a row of 4,096 in an 8B step on an H100.
+// element a load, 256 threads) took 4.5 us a row of 4,096 in an 8B step on an H100, this one 3.4 (8B bf16 decode
+// 154.6 -> 157.3-158.2 tok/s on one machine, session 23).
 constexpr const char* kAddRmsNorm = R"(
   const float eps = __int_as_float(EPS_BITS);
   const int n = weight_shape[0];
@@ -38,34 +39,6 @@ constexpr const char* kAddRmsNorm = R"(
 #pragma unroll
   for (int k = 0; k < PER_THREAD; ++k) out[k] = static_cast<T>(normed_values[k]);
   store_held_row(normed + first, out, n);
-)";
-
-// MEASURING (session 23): the previous add + norm, element by element, under MLXRUNNER_ADD_NORM_QUADS=0.
-constexpr const char* kAddRmsNormElementwise = R"(
-  const float eps = __int_as_float(EPS_BITS);
-  const int n = weight_shape[0];
-  const size_t first = static_cast<size_t>(blockIdx.x) * n;
-  float h[PER_THREAD];
-  float w[PER_THREAD];
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    h[k] = j < n ? static_cast<float>(static_cast<T>(static_cast<float>(x[first + j]) + static_cast<float>(delta[first + j])))
-                 : 0.f;
-    w[k] = j < n ? static_cast<float>(weight[j]) : 0.f;
-  }
-  float squares = 0.f;
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) squares += h[k] * h[k];
-  const float normalizer = rsqrtf(block_sum(squares) / n + eps);
-#pragma unroll
-  for (int k = 0; k < PER_THREAD; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < n) {
-      added[first + j] = static_cast<T>(h[k]);
-      normed[first + j] = static_cast<T>(w[k] * static_cast<float>(static_cast<T>(h[k] * normalizer)));
-    }
-  }
 )";
 
 // One block per (token, head) of q and k, a thread per rotated pair. Heads below Q_HEADS are queries. Written
@@ -114,17 +87,6 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   static auto kernel = cuda_kernel("mlxr_add_rms_norm", {"x", "delta", "weight"}, {"added", "normed"}, kAddRmsNorm,
                                    std::string(kCudaBlockSum) + kCudaRowHelpers, /*ensure_row_contiguous=*/true);
   const int n = x.shape(-1);
-  static const bool elementwise = switched_off("MLXRUNNER_ADD_NORM_QUADS");
-  if (elementwise) {
-    static auto old = cuda_kernel("mlxr_add_rms_norm_elementwise", {"x", "delta", "weight"}, {"added", "normed"},
-                                  kAddRmsNormElementwise, kCudaBlockSum, true);
-    const auto launch = cuda_row_launch(static_cast<long long>(x.size()) / n, n);
-    if (!launch) return std::nullopt;
-    auto out = old({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,
-                   {{"T", x.dtype()}, {"EPS_BITS", cuda_float_bits(eps)}, {"PER_THREAD", launch->per_thread}},
-                   std::nullopt, false, {});
-    return std::pair{out[0], out[1]};
-  }
   const auto launch = cuda_quad_row_launch(static_cast<long long>(x.size()) / n, n);
   if (!launch) return std::nullopt;
   auto out = kernel({x, delta, weight}, {x.shape(), x.shape()}, {x.dtype(), x.dtype()}, launch->grid, launch->block,

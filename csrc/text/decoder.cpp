@@ -459,7 +459,9 @@ namespace {
 // - Early: a forward the caller waits for (a request's prefill, a text encoder's prompt) on a GPU queues every
 //   kEarlyDispatchLayers layers as they are built, so that the device starts on the first layers while the host
 //   builds the rest; built whole and then evaluated, the device waited for the whole graph to be built first. A
-//   decode step needs none of this: the generator builds step n + 1 while the device runs step n.
+//   decode step needs none of this: the generator builds step n + 1 while the device runs step n. Measured on an
+//   H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape): 9.99 ms queued at the end, 9.35
+//   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer.
 // - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:
@@ -484,7 +486,7 @@ class LayerPacer {
   }
 
  private:
-  static constexpr int kEarlyDispatchLayers = 4;
+  static constexpr int kEarlyDispatchLayers = 1;
   Mode mode_;
   int layers_ = 0;
   std::optional<std::vector<mx::array>> previous_;
