@@ -70,23 +70,51 @@ constexpr const char* kDecodeAttentionParts = R"(
         value[u][i] = j >= end ? 0.f : j == at ? new_value[i] : static_cast<float>(values[slot + i]);
       }
     }
+    // The run's scores for every query head: their warp sums as independent shuffle chains, then one online-softmax
+    // update a head for the whole run (one rescale, where a key at a time chained an update per key).
+    float score[kUnroll][G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (first + u >= end) break;
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        float score = 0.f;
+        float partial = 0.f;
 #pragma unroll
-        for (int i = 0; i < kPer; ++i) score += query[g][i] * key[u][i];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) score += __shfl_xor_sync(0xffffffffu, score, o);
-        const float new_max = fmaxf(running_max[g], score);
-        const float rescale = expf(running_max[g] - new_max), weight = expf(score - new_max);
-        sum[g] = sum[g] * rescale + weight;
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) acc[g][i] = acc[g][i] * rescale + weight * value[u][i];
-        running_max[g] = new_max;
+        for (int i = 0; i < kPer; ++i) partial += query[g][i] * key[u][i];
+        score[u][g] = partial;
       }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) score[u][g] += __shfl_xor_sync(0xffffffffu, score[u][g], o);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float top = running_max[g];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (first + u < end) top = fmaxf(top, score[u][g]);
+      }
+      const float rescale = expf(running_max[g] - top);  // 0 at the first run (running_max -inf, top finite)
+      float weight[kUnroll];
+      float run_sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        weight[u] = first + u < end ? expf(score[u][g] - top) : 0.f;
+        run_sum += weight[u];
+      }
+      sum[g] = sum[g] * rescale + run_sum;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        float weighted = 0.f;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) weighted += weight[u] * value[u][i];
+        acc[g][i] = acc[g][i] * rescale + weighted;
+      }
+      running_max[g] = top;
     }
   }
   __shared__ float warp_max[kWarps][G], warp_sum[kWarps][G], warp_acc[kWarps][G][D];
