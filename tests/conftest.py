@@ -87,6 +87,31 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60, stdin: str
                           env={**os.environ, **(env or {})}, timeout=timeout, input=stdin or "")
 
 
+def bf16_model_copy(folder: Path, destination: Path) -> Path:
+    """`folder` (a tiny LLM fixture) copied to `destination` with its weights cast to bfloat16: on CUDA the fused decode
+    kernels take half-precision models only."""
+    import mlx.core as mx
+
+    shutil.copytree(folder, destination)
+    weights = mx.load(str(destination / "model.safetensors"))
+    mx.save_safetensors(str(destination / "model.safetensors"),
+                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    return destination
+
+
+def run_script_json(script: str, *args: str, switch: str, off: bool = False, timeout: float = 600):
+    """`python -c script ARGS` in the repository with the environment variable `switch` unset (its default: on) or
+    "0" (off): the JSON its last line of output prints. For comparing a kernel with its switch on and off, each read
+    once per process."""
+    env = {key: value for key, value in os.environ.items() if key != switch}
+    if off:
+        env[switch] = "0"
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def cosine(a, b) -> float:
     import numpy as np
 

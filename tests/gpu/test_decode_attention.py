@@ -10,17 +10,12 @@ Off CUDA the binding declines (None), and the decoder runs MLX's operations (the
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ON_GPU
+from conftest import ON_GPU, bf16_model_copy, run_script_json
 
 from mlxrunner import _core
 
@@ -90,24 +85,11 @@ print(json.dumps(runs))
 """
 
 
-def run(folder: Path, in_place: bool) -> list:
-    env = {key: value for key, value in os.environ.items() if key != "MLXRUNNER_DECODE_ATTENTION"}
-    if not in_place:
-        env["MLXRUNNER_DECODE_ATTENTION"] = "0"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not ON_CUDA, reason="the in-place decode attention runs on CUDA only")
 def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_path):
-    folder = tmp_path / "qwen3-tiny-bf16"
-    shutil.copytree(QWEN3, folder)
-    weights = mx.load(str(folder / "model.safetensors"))
-    mx.save_safetensors(str(folder / "model.safetensors"),
-                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
-    in_place, mlx_ops = run(folder, True), run(folder, False)
+    folder = str(bf16_model_copy(QWEN3, tmp_path / "qwen3-tiny-bf16"))
+    in_place = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DECODE_ATTENTION")
+    mlx_ops = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DECODE_ATTENTION", off=True)
     tokens = [[token for token, _ in r] for r in in_place]
     assert len(tokens[0]) == 40
     assert tokens[0] == tokens[1] == tokens[2]  # a kept cache was not written by a later request

@@ -10,16 +10,11 @@ as without it, bit for bit.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import ON_GPU
+from conftest import ON_GPU, bf16_model_copy, run_script_json
 
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,23 +37,10 @@ print(json.dumps({"logits": logits, "tokens": tokens}))
 """
 
 
-def run(folder: Path, offset_on_device: bool) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "MLXRUNNER_DEVICE_OFFSET"}
-    if not offset_on_device:
-        env["MLXRUNNER_DEVICE_OFFSET"] = "0"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not ON_CUDA, reason="the position is made by the device on CUDA only")
 def test_the_device_made_position_gives_the_same_logits_and_tokens(tmp_path):
-    folder = tmp_path / "qwen3-tiny-bf16"
-    shutil.copytree(QWEN3, folder)
-    weights = mx.load(str(folder / "model.safetensors"))
-    mx.save_safetensors(str(folder / "model.safetensors"),
-                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
-    on_device, on_host = run(folder, True), run(folder, False)
+    folder = str(bf16_model_copy(QWEN3, tmp_path / "qwen3-tiny-bf16"))
+    on_device = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DEVICE_OFFSET")
+    on_host = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DEVICE_OFFSET", off=True)
     assert len(on_device["tokens"]) == 24
     assert on_device == on_host
