@@ -1,6 +1,7 @@
 #include "nn/cuda_decode_attention.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"

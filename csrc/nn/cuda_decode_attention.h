@@ -8,7 +8,7 @@
 // itself: safe because nothing reads that slot before this step (the previous step saw positions below it) and the
 // kernel's own blocks take the step's key and value from k and v, never from the slot. It then computes softmax(q k^T
 // scale) v over positions 0..position, split over the keys so that a short context still fills the GPU (MLX's one-query
-// kernel gave each head one block), and a second kernel merges the splits. A layer's decode attention is then two
+// kernel gives each query head one block up to 1,024 keys, 32 past that), and a second kernel merges the splits. A layer's decode attention is then two
 // operations where it was five (two updates, two slices, the attention).
 //
 // The caller (Decoder::attention) takes this path only for a cache that may be written in place
