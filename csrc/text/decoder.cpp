@@ -461,7 +461,8 @@ namespace {
 //   builds the rest; built whole and then evaluated, the device waited for the whole graph to be built first. A
 //   decode step needs none of this: the generator builds step n + 1 while the device runs step n. Measured on an
 //   H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape): 9.99 ms queued at the end, 9.35
-//   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer.
+//   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer. Not on the CPU: there (this 2-core VM, tiny Qwen3) it
+//   slowed a 3,000-token prefill from ~70 to ~113 ms, the layers' kernels and the host's building sharing the cores.
 // - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:
