@@ -15,7 +15,8 @@
 # Llama-3-8B shape's bf16 decode with and without MLXRUNNER_HALF_GEMV, the 4B's 4-bit decode with and without
 # MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
-# MLXRUNNER_BATCH_ATTENTION; docs/settings.md says what each does).
+# MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
+# without MLXRUNNER_DECODE_ATTENTION; docs/settings.md says what each does).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
 # show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
@@ -140,6 +141,15 @@ if has switches; then
   # The batch attention kernel is on by default since session 14: here "on" sets the switch to 0 (the kernel off).
   switch_case MLXRUNNER_BATCH_ATTENTION 0 streams python3 -m benchmarks.gpu.batch_bench --models-dir "$MODELS" \
     --only qwen3-4b --streams 1,16 --tokens 64
+  # The in-place decode attention is on by default since session 23: "on" sets the switch to 0 (MLX's slice updates
+  # and attention). At the bench's 1,024-token prompt, at 8,192 (the whole-buffer copies it removes grow with the
+  # context), and on the host-bound 4-bit step.
+  for prompt in 1024 8192; do
+    switch_case MLXRUNNER_DECODE_ATTENTION 0 in-place-8b-$prompt python3 -m benchmarks.gpu.llm_bench \
+      --models-dir "$MODELS" --only llama3-8b --prompt $prompt --decode 128 --rounds 2
+  done
+  switch_case MLXRUNNER_DECODE_ATTENTION 0 in-place-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
+    --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
 fi
 
 if has report; then
