@@ -47,29 +47,6 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& keys,
   return keys.shape(2) == 1 ? write_one_rotating(keys, values) : append_chunk_rotating(keys, values);
 }
 
-KVCache::KVCache(const KVCache& other)
-    : window_(other.window_),
-      keys_(other.keys_),
-      values_(other.values_),
-      offset_(other.offset_),
-      held_(other.held_),
-      next_slot_(other.next_slot_),
-      shared_(true) {
-  other.shared_ = true;
-}
-
-KVCache& KVCache::operator=(const KVCache& other) {
-  if (this == &other) return *this;
-  window_ = other.window_;
-  keys_ = other.keys_;
-  values_ = other.values_;
-  offset_ = other.offset_;
-  held_ = other.held_;
-  next_slot_ = other.next_slot_;
-  shared_ = other.shared_ = true;
-  return *this;
-}
-
 std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, const mx::array& values) {
   const int end = offset_ + keys.shape(2);
   if (!keys_ || end > keys_->shape(2)) {
@@ -78,7 +55,7 @@ std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, cons
   }
   keys_ = written(*keys_, keys, offset_);
   values_ = written(*values_, values, offset_);
-  shared_ = false;  // new arrays: MLX wrote in place only if nothing else held the old ones
+  shared_.clear();  // new arrays: MLX wrote in place only if nothing else held the old ones
   offset_ = held_ = end;
   return {positions(*keys_, 0, end), positions(*values_, 0, end)};
 }

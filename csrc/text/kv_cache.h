@@ -69,13 +69,6 @@ class KVCache {
   // (writes_in_place() must hold); the cache now holds that position. `like`: the step's keys [1, H, 1, D].
   std::pair<mx::array, mx::array> reserve_one(const mx::array& like);
 
-  // Copies are snapshots that share the buffers until one side replaces them: both sides stop writing in place.
-  KVCache(const KVCache& other);
-  KVCache& operator=(const KVCache& other);
-  KVCache(KVCache&&) noexcept = default;
-  KVCache& operator=(KVCache&&) noexcept = default;
-  ~KVCache() = default;
-
  private:
   std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);
   std::pair<mx::array, mx::array> append_chunk_rotating(const mx::array& keys, const mx::array& values);
@@ -87,8 +80,25 @@ class KVCache {
   int held_ = 0;
   // Rotating cache: the buffer slot the next single position is written to (buffer order, not position).
   int next_slot_ = 0;
-  // Whether a copy may share keys_ / values_ (set on both sides by a copy, cleared when they are replaced).
-  mutable bool shared_ = false;
+  // Whether a copy may share keys_ / values_: a copy (the cache's own copy constructor or assignment) sets it on both
+  // sides, replacing the buffers clears it.
+  class CopyMark {
+   public:
+    CopyMark() = default;
+    CopyMark(const CopyMark& other) : set_(true) { other.set_ = true; }
+    CopyMark& operator=(const CopyMark& other) {
+      set_ = other.set_ = true;
+      return *this;
+    }
+    CopyMark(CopyMark&&) noexcept = default;
+    CopyMark& operator=(CopyMark&&) noexcept = default;
+    explicit operator bool() const { return set_; }
+    void clear() { set_ = false; }
+
+   private:
+    mutable bool set_ = false;
+  };
+  CopyMark shared_;
 };
 
 // One layer's caches of B sequences decoded together (text/batch.h), one batch row each. Each row keeps
