@@ -186,6 +186,13 @@ inline bool switched_on(const char* name) {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
+// The number the environment variable `name` holds, or `unset` where it is not set: the switches that tune a count
+// (MLXRUNNER_GROUPED_PRODUCT_ROWS, MLXRUNNER_EARLY_DISPATCH). Read once, into a static, too.
+inline long long switch_number(const char* name, long long unset) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? unset : std::atoll(value);
+}
+
 // A float as the int of its bits (template arguments are ints).
 inline int cuda_float_bits(float value) {
   return std::bit_cast<int>(value);

@@ -2,6 +2,7 @@
 
 #include "nn/cpu_kernels.h"
 #include "nn/cuda_half_gemv.h"
+#include "nn/cuda_kernel_common.h"
 #include "nn/cuda_matvec.h"
 #include "nn/slicing.h"
 
@@ -90,10 +91,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
 // way: a switch for measuring it against cuBLAS end to end (benchmarks/gpu/op_cost.py times one product), off unless
 // set.
 int64_t grouped_product_rows() {
-  static const int64_t rows = [] {
-    const char* value = std::getenv("MLXRUNNER_GROUPED_PRODUCT_ROWS");
-    return value == nullptr ? int64_t{0} : static_cast<int64_t>(std::atoll(value));
-  }();
+  static const int64_t rows = switch_number("MLXRUNNER_GROUPED_PRODUCT_ROWS", 0);
   return rows;
 }
 

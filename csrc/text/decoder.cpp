@@ -357,7 +357,7 @@ mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCac
   if (cache && !mask && !layer.sinks && cache->writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
     // A decode step on CUDA: the kernel writes the step's key and value into the cache's buffers itself.
     auto [keys, values] = cache->reserve_one(k);
-    const auto position = device_offset ? *device_offset : mx::array({offset}, mx::int32);
+    const auto position = device_offset ? *device_offset : offsets_array(offset);
     return layer.o_proj(cuda_decode_attention(q, k, v, keys, values, position, offset + 1,
                                               scale_or_default(attention_scale_, q)));
   }
@@ -479,10 +479,8 @@ class LayerPacer {
 
   // Layers a queued piece holds; MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch off (to measure it).
   static int early_dispatch_layers() {
-    static const int layers = [] {
-      const char* value = std::getenv("MLXRUNNER_EARLY_DISPATCH");
-      return value ? std::max(0, std::atoi(value)) : kEarlyDispatchLayers;
-    }();
+    static const int layers =
+        static_cast<int>(std::max(0LL, switch_number("MLXRUNNER_EARLY_DISPATCH", kEarlyDispatchLayers)));
     return layers;
   }
 
