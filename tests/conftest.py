@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -99,13 +100,13 @@ def bf16_model_copy(folder: Path, destination: Path) -> Path:
     return destination
 
 
-def run_script_json(script: str, *args: str, switch: str, off: bool = False, timeout: float = 600):
-    """`python -c script ARGS` in the repository with the environment variable `switch` unset (its default: on) or
-    "0" (off): the JSON its last line of output prints. For comparing a kernel with its switch on and off, each read
-    once per process."""
-    env = {key: value for key, value in os.environ.items() if key != switch}
-    if off:
-        env[switch] = "0"
+def run_script_json(script: str, *args: str, unset: Collection[str] = (), environment: dict[str, str] | None = None,
+                    timeout: float = 600):
+    """`python -c script ARGS` in the repository, with the environment variables `unset` removed and then `environment`
+    set: the JSON its last line of output prints. For comparing the C++ core's switches on and off, each read once per
+    process."""
+    env = {key: value for key, value in os.environ.items() if key not in unset}
+    env.update(environment or {})
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,6 +22,7 @@ from mlxrunner import _core
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 
 
 def inputs(d, q_heads, kv_heads, capacity, seed):
@@ -88,8 +89,8 @@ print(json.dumps(runs))
 @pytest.mark.skipif(not ON_CUDA, reason="the in-place decode attention runs on CUDA only")
 def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_path):
     folder = str(bf16_model_copy(QWEN3, tmp_path / "qwen3-tiny-bf16"))
-    in_place = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DECODE_ATTENTION")
-    mlx_ops = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DECODE_ATTENTION", off=True)
+    in_place = run_script_json(SCRIPT, folder, unset=[SWITCH])
+    mlx_ops = run_script_json(SCRIPT, folder, unset=[SWITCH], environment={SWITCH: "0"})
     tokens = [[token for token, _ in r] for r in in_place]
     assert len(tokens[0]) == 40
     assert tokens[0] == tokens[1] == tokens[2]  # a kept cache was not written by a later request

@@ -19,6 +19,7 @@ from conftest import ON_GPU, bf16_model_copy, run_script_json
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+SWITCH = "MLXRUNNER_DEVICE_OFFSET"
 
 SCRIPT = r"""
 import json, sys
@@ -40,7 +41,7 @@ print(json.dumps({"logits": logits, "tokens": tokens}))
 @pytest.mark.skipif(not ON_CUDA, reason="the position is made by the device on CUDA only")
 def test_the_device_made_position_gives_the_same_logits_and_tokens(tmp_path):
     folder = str(bf16_model_copy(QWEN3, tmp_path / "qwen3-tiny-bf16"))
-    on_device = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DEVICE_OFFSET")
-    on_host = run_script_json(SCRIPT, folder, switch="MLXRUNNER_DEVICE_OFFSET", off=True)
+    on_device = run_script_json(SCRIPT, folder, unset=[SWITCH])
+    on_host = run_script_json(SCRIPT, folder, unset=[SWITCH], environment={SWITCH: "0"})
     assert len(on_device["tokens"]) == 24
     assert on_device == on_host

@@ -17,17 +17,12 @@ another order.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ON_GPU
+from conftest import ON_GPU, bf16_model_copy, run_script_json
 
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,23 +59,14 @@ print(json.dumps({"logits": [model.logits(list(range(3, 3 + n))).tolist() for n 
 
 
 def run(script: str, *args: str, switch: tuple[str, str] | None) -> dict:
-    env = {key: value for key, value in os.environ.items() if key not in dict(SWITCHES)}
-    if switch is not None:
-        env[switch[0]] = switch[1]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The script with every measuring switch unset, then `switch` (name, value) set."""
+    return run_script_json(script, *args, unset=dict(SWITCHES), environment=dict([switch]) if switch else None)
 
 
 @pytest.fixture(scope="module")
 def bf16_qwen3(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("switches") / "qwen3-tiny-bf16"  # float32 products would take cuBLAS anyway
-    shutil.copytree(QWEN3, folder)
-    weights = mx.load(str(folder / "model.safetensors"))
-    mx.save_safetensors(str(folder / "model.safetensors"),
-                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
-    return folder
+    # float32 products would take cuBLAS anyway
+    return bf16_model_copy(QWEN3, tmp_path_factory.mktemp("switches") / "qwen3-tiny-bf16")
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
