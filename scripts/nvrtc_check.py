@@ -142,6 +142,15 @@ def kernels():
             [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32")],
             [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
             {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
+    chunk_helpers = kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers")
+    for dtype in ("bf16", "f16"):
+        for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):
+            yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(
+                "mlxr_chunk_attention_parts", chunk_helpers,
+                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts"),
+                [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32")],
+                [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
+                {"T": dtype, "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
     yield "decode_attention_merge/bf16", mlx_kernel_source(
         "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],

@@ -100,6 +100,36 @@ def bf16_model_copy(folder: Path, destination: Path) -> Path:
     return destination
 
 
+def wide_head_model_copy(folder: Path, destination: Path, head_dim: int = 64, seed: int = 0) -> Path:
+    """`folder` (a tiny Qwen3 or Llama fixture, head dim 16) copied to `destination` in bfloat16 with its heads widened
+    to `head_dim`: the attention's projections (and Qwen3's q/k norms) drawn anew, seeded, at the fixture's scale, every
+    other weight kept. On CUDA the attention kernels that write the cache in place take head dims 64 and 128 only, so a
+    decoder test of them needs such a model; a GPU test compares our own paths on it, switch on against off."""
+    import mlx.core as mx
+
+    shutil.copytree(folder, destination)
+    config = json.loads((destination / "config.json").read_text())
+    hidden, q_heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", q_heads)
+    config["head_dim"] = head_dim
+    (destination / "config.json").write_text(json.dumps(config, indent=2))
+    weights = mx.load(str(destination / "model.safetensors"))
+    key = mx.random.key(seed)
+    shapes = {"q_proj": (q_heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+              "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, q_heads * head_dim)}
+    for name in list(weights):
+        part = name.split(".")[-2]
+        if part in shapes:
+            key, draw = mx.random.split(key)
+            weights[name] = 0.3 * (hidden / shapes[part][1]) ** 0.5 * mx.random.normal(shapes[part], key=draw)
+        elif part in ("q_norm", "k_norm"):
+            key, draw = mx.random.split(key)
+            weights[name] = 1 + 0.05 * mx.random.normal((head_dim,), key=draw)
+    mx.save_safetensors(str(destination / "model.safetensors"),
+                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    return destination
+
+
 def run_script_json(script: str, *args: str, unset: Collection[str] = (), environment: dict[str, str] | None = None,
                     timeout: float = 600):
     """`python -c script ARGS` in the repository, with the environment variables `unset` removed and then `environment`

@@ -124,8 +124,13 @@ void bind_kv_cache(nb::module_& m) {
       .def_prop_ro("held", &KVCache::held)
       .def_prop_ro("nbytes", &KVCache::nbytes)
       .def_prop_ro("writes_in_place", &KVCache::writes_in_place,
-                   "Whether a decode step's kernel may write its position into the buffers in place (no copy shares "
-                   "them).")
+                   "Whether the CUDA attention kernels may write new positions into the buffers in place (no copy "
+                   "shares them).")
+      .def("reserve", &KVCache::reserve, "count"_a, "like"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "The [keys, values] buffers with room for `count` more positions, which the cache now holds and a kernel "
+           "writes in place (writes_in_place must hold; like: the new keys [1, H, count, D]).")
+      .def("append_buffers", &KVCache::append_buffers, "keys"_a, "values"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "Append [1, H, T, D] keys/values (MLX's update) and return the whole [keys, values] buffers.")
       .def("can_trim_to", &KVCache::can_trim_to, "length"_a)
       .def("trim_to", &KVCache::trim_to, "length"_a)
       .def("copy", [](const KVCache& self) { return KVCache(self); }, "A snapshot that later updates leave alone.");

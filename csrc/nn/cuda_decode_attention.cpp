@@ -149,7 +149,8 @@ constexpr const char* kDecodeAttentionParts = R"(
   }
 )";
 
-// One block a query head, a thread an element: the splits' parts rescaled to the largest maximum and summed.
+// One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
+// a thread an element: the splits' parts rescaled to the largest maximum and summed, stored as [tokens, Q_HEADS D].
 constexpr const char* kDecodeAttentionMerge = R"(
   const int head = blockIdx.x, d = threadIdx.x;
   const int splits = part_max_shape[1];
@@ -165,9 +166,228 @@ constexpr const char* kDecodeAttentionMerge = R"(
   out[head * D + d] = static_cast<T>(weighted / total);
 )";
 
-constexpr int kThreads = 128;        // kWarps in the source, 32 lanes each
+// A chunk of several new tokens (a prompt's rest after the prompt cache, a chat's next turn) on tensor cores. One block
+// a (key/value head, tile of 64 query rows, split of the keys), 4 warps of 16 query rows each; a key head's query rows
+// are its G query heads at each of the chunk's tokens, row r = token r / G of head kv_head G + r % G, so that every
+// key is read once for all the heads that share it. Keys and values come through shared memory 64 at a time (values
+// transposed, so that both products read pairs of consecutive elements); a warp computes its rows' scores with
+// mma.sync m16n8k16 (q from registers, k from shared memory), keeps an online softmax in base 2 in the layout the
+// mma gives it (lane: rows group and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to
+// the second product as they lie (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash
+// attention does) and sums p v in float. Token t sees positions up to offset + t. The chunk's own keys and values
+// (positions offset ..) are read from k and v, never from the slots, which the blocks of split 0 and query tile 0 write
+// (nothing else reads them: the same argument as the decode step's). A split's part as the decode kernel's: the
+// rows' largest score (natural units), the sum of exp(score - that) and the weighted values.
+constexpr const char* kChunkAttentionHelpers = R"(
+namespace mlxr_chunk {
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Two floats rounded to T, as the 32-bit register pair an mma operand takes.
+__device__ __forceinline__ unsigned pair_bits(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&p);
+}
+__device__ __forceinline__ unsigned pair_bits(float lo, float hi, __half) {
+  const __half2 p = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&p);
+}
+template <typename T>
+__device__ __forceinline__ unsigned two_at(const T* p) {
+  return *reinterpret_cast<const unsigned*>(p);
+}
+}  // namespace mlxr_chunk
+)";
+
+constexpr const char* kChunkAttentionParts = R"(
+  using namespace mlxr_chunk;
+  constexpr int kWarps = 4;
+  constexpr int kRows = 16 * kWarps;
+  constexpr int kKeys = 64;
+  constexpr int kPad = 8;
+  constexpr int G = Q_HEADS / KV_HEADS;
+  const float neg_inf = -__int_as_float(0x7f800000);
+  const int queries = q_shape[2];
+  const int rows = G * queries;
+  const int query_tiles = (rows + kRows - 1) / kRows;
+  const int splits = gridDim.x / (KV_HEADS * query_tiles);
+  const int split = blockIdx.x % splits;
+  const int query_tile = (blockIdx.x / splits) % query_tiles;
+  const int kv_head = blockIdx.x / (splits * query_tiles);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = lane >> 2, quad = lane & 3;
+  const int capacity = keys_shape[2];
+  const int offset = position[0];
+  const int length = offset + queries;
+  const int chunk = ((length + splits - 1) / splits + kKeys - 1) / kKeys * kKeys;
+  const int begin = split * chunk;
+  const int last_row = min(rows, (query_tile + 1) * kRows) - 1;
+  const int end = min(min(length, begin + chunk), offset + last_row / G + 1);
+  const float scale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;
+  const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
+  if (split == 0 && query_tile == 0) {
+    T* key_slots = const_cast<T*>(keys);
+    T* value_slots = const_cast<T*>(values);
+    for (int e = threadIdx.x; e < queries * D; e += blockDim.x) {
+      const int t = e / D, d = e % D;
+      const size_t slot = head_first + static_cast<size_t>(offset + t) * D + d;
+      key_slots[slot] = k[kv_head * k_strides[1] + t * k_strides[2] + d * k_strides[3]];
+      value_slots[slot] = v[kv_head * v_strides[1] + t * v_strides[2] + d * v_strides[3]];
+    }
+  }
+  const int row_lo = query_tile * kRows + warp * 16 + group, row_hi = row_lo + 8;
+  const int seen_lo = offset + row_lo / G, seen_hi = offset + row_hi / G;
+  auto query_at = [&](int row, int d) -> float {
+    if (row >= rows) return 0.f;
+    return static_cast<float>(q[(kv_head * G + row % G) * q_strides[1] + (row / G) * q_strides[2] + d * q_strides[3]]);
+  };
+  unsigned query[D / 16][4];
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    const int d = 16 * s + 2 * quad;
+    query[s][0] = pair_bits(query_at(row_lo, d), query_at(row_lo, d + 1), T{});
+    query[s][1] = pair_bits(query_at(row_hi, d), query_at(row_hi, d + 1), T{});
+    query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
+    query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
+  }
+  __shared__ __align__(16) T key_tile[kKeys][D + kPad];
+  __shared__ __align__(16) T value_tile[D][kKeys + kPad];
+  float max_lo = neg_inf, max_hi = neg_inf, sum_lo = 0.f, sum_hi = 0.f;
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int tile = begin; tile < end; tile += kKeys) {
+    __syncthreads();
+    // Thread c takes 8 consecutive elements of key slot c % 64: a warp's lanes take 32 consecutive keys, so that the
+    // transposed values' 2-byte stores fall in different banks (lanes a row apart hit one bank 16 times over).
+    for (int c = threadIdx.x; c < kKeys * (D / 8); c += blockDim.x) {
+      const int slot = c % kKeys, e = (c / kKeys) * 8;
+      const int j = tile + slot;
+      uint4 key_word, value_word;
+      if (j < offset) {
+        const size_t at = head_first + static_cast<size_t>(j) * D + e;
+        key_word = *reinterpret_cast<const uint4*>(keys + at);
+        value_word = *reinterpret_cast<const uint4*>(values + at);
+      } else {
+        const int t = j - offset;
+        T* key8 = reinterpret_cast<T*>(&key_word);
+        T* value8 = reinterpret_cast<T*>(&value_word);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          key8[i] = j < end ? k[kv_head * k_strides[1] + t * k_strides[2] + (e + i) * k_strides[3]] : T(0.f);
+          value8[i] = j < end ? v[kv_head * v_strides[1] + t * v_strides[2] + (e + i) * v_strides[3]] : T(0.f);
+        }
+      }
+      *reinterpret_cast<uint4*>(&key_tile[slot][e]) = key_word;
+      const T* value8 = reinterpret_cast<const T*>(&value_word);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) value_tile[e + i][slot] = value8[i];
+    }
+    __syncthreads();
+    float score[kKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+      score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
+#pragma unroll
+      for (int s = 0; s < D / 16; ++s) {
+        const unsigned b[2] = {two_at(&key_tile[8 * n + group][16 * s + 2 * quad]),
+                               two_at(&key_tile[8 * n + group][16 * s + 8 + 2 * quad])};
+        mma(score[n], query[s], b, T{});
+      }
+    }
+    float top_lo = max_lo, top_hi = max_hi;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = tile + 8 * n + 2 * quad + (i & 1);
+        const bool seen = j < end && j <= (i < 2 ? seen_lo : seen_hi);
+        score[n][i] = seen ? score[n][i] * scale : neg_inf;
+      }
+      top_lo = fmaxf(top_lo, fmaxf(score[n][0], score[n][1]));
+      top_hi = fmaxf(top_hi, fmaxf(score[n][2], score[n][3]));
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      top_lo = fmaxf(top_lo, __shfl_xor_sync(0xffffffffu, top_lo, o));
+      top_hi = fmaxf(top_hi, __shfl_xor_sync(0xffffffffu, top_hi, o));
+    }
+    // A row that has seen no key yet keeps 0 as its reference, so that -inf - -inf never makes a NaN.
+    const float ref_lo = top_lo == neg_inf ? 0.f : top_lo, ref_hi = top_hi == neg_inf ? 0.f : top_hi;
+    const float rescale_lo = exp2f(max_lo - ref_lo), rescale_hi = exp2f(max_hi - ref_hi);
+    max_lo = top_lo;
+    max_hi = top_hi;
+    float tile_sum_lo = 0.f, tile_sum_hi = 0.f;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+      score[n][0] = exp2f(score[n][0] - ref_lo);
+      score[n][1] = exp2f(score[n][1] - ref_lo);
+      score[n][2] = exp2f(score[n][2] - ref_hi);
+      score[n][3] = exp2f(score[n][3] - ref_hi);
+      tile_sum_lo += score[n][0] + score[n][1];
+      tile_sum_hi += score[n][2] + score[n][3];
+    }
+    sum_lo = sum_lo * rescale_lo + tile_sum_lo;
+    sum_hi = sum_hi * rescale_hi + tile_sum_hi;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][0] *= rescale_lo;
+      acc[n][1] *= rescale_lo;
+      acc[n][2] *= rescale_hi;
+      acc[n][3] *= rescale_hi;
+    }
+#pragma unroll
+    for (int s = 0; s < kKeys / 16; ++s) {
+      const unsigned p[4] = {pair_bits(score[2 * s][0], score[2 * s][1], T{}),
+                             pair_bits(score[2 * s][2], score[2 * s][3], T{}),
+                             pair_bits(score[2 * s + 1][0], score[2 * s + 1][1], T{}),
+                             pair_bits(score[2 * s + 1][2], score[2 * s + 1][3], T{})};
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const unsigned b[2] = {two_at(&value_tile[8 * n + group][16 * s + 2 * quad]),
+                               two_at(&value_tile[8 * n + group][16 * s + 8 + 2 * quad])};
+        mma(acc[n], p, b, T{});
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, o);
+    sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, o);
+  }
+  const float ln2 = 0.6931471805599453f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = half == 0 ? row_lo : row_hi;
+    if (row >= rows) continue;
+    const int part = ((row / G) * Q_HEADS + kv_head * G + row % G) * splits + split;
+    const float top = half == 0 ? max_lo : max_hi;
+    if (quad == 0) {
+      part_max[part] = top == neg_inf ? neg_inf : top * ln2;
+      part_sum[part] = half == 0 ? sum_lo : sum_hi;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      part_acc[static_cast<size_t>(part) * D + 8 * n + 2 * quad] = acc[n][2 * half];
+      part_acc[static_cast<size_t>(part) * D + 8 * n + 2 * quad + 1] = acc[n][2 * half + 1];
+    }
+  }
+)";
+
+constexpr int kThreads = 128;        // kWarps in the source, 32 lanes each (both parts kernels)
 constexpr int kKeysPerSplit = 64;    // at least, so that a split's warps each have a run or more of keys
 constexpr int kMostSplits = 64;      // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
+constexpr int kChunkRows = 64;       // query rows a block of the chunk kernel (kRows)
+constexpr int kChunkKeys = 64;       // keys a tile of the chunk kernel (kKeys)
+constexpr int kChunkBlocks = 256;    // blocks the chunk kernel's splits aim at: two an SM of an H100 (132 SMs)
+constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
 // Splits of `length` keys into runs of equal size where each split gets at least one key.
 int splits_for(int length) {
@@ -176,29 +396,56 @@ int splits_for(int length) {
   return (length + chunk - 1) / chunk;
 }
 
+// The chunk kernel's splits of `length` keys for `blocks_a_split` blocks each: enough for ~kChunkBlocks blocks, at
+// most one a tile of keys.
+int chunk_splits_for(int length, int blocks_a_split) {
+  const int tiles = (length + kChunkKeys - 1) / kChunkKeys;
+  const int wanted = std::clamp((kChunkBlocks + blocks_a_split - 1) / blocks_a_split, 1, tiles);
+  const int chunk = ((length + wanted - 1) / wanted + kChunkKeys - 1) / kChunkKeys * kChunkKeys;
+  return (length + chunk - 1) / chunk;
+}
+
+// What both kernels take of q, k and v: one sequence on CUDA, D 64 or 128, query heads a multiple of the key heads,
+// one half-precision dtype, k and v alike.
+bool cache_attention_shapes(const mx::array& q, const mx::array& k, const mx::array& v) {
+  if (!running_on_cuda() || q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape()) return false;
+  const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
+  return q.shape(0) == 1 && k.shape(0) == 1 && k.shape(2) == q.shape(2) && k.shape(3) == d && (d == 64 || d == 128) &&
+         kv_heads > 0 && q_heads % kv_heads == 0 && half_precision(q.dtype()) && k.dtype() == q.dtype() &&
+         v.dtype() == q.dtype();
+}
+
+void check_cache_buffers(const mx::array& q, const mx::array& keys, const mx::array& values, const mx::array& position,
+                         int length) {
+  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(3) != q.shape(3) ||
+      keys.shape(2) < length || keys.dtype() != q.dtype() || values.dtype() != q.dtype() || position.size() != 1 ||
+      position.dtype() != mx::int32 || !keys.flags().row_contiguous || !values.flags().row_contiguous) {
+    throw std::invalid_argument("cache attention: the cache's buffers or the position do not fit the query");
+  }
+}
+
+// The splits' parts merged: [1, tokens, q_heads D], a row per (token, query head).
+mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, int d, mx::Dtype dtype) {
+  static const auto merge = cuda_kernel("mlxr_decode_attention_merge", {"part_acc", "part_max", "part_sum"}, {"out"},
+                                        kDecodeAttentionMerge, "", true);
+  return merge(parts, {{1, tokens, q_heads * d}}, {dtype}, {cuda_checked_threads(static_cast<long long>(tokens) * q_heads * d), 1, 1},
+               {d, 1, 1}, {{"T", dtype}, {"D", d}}, std::nullopt, false, {})[0];
+}
+
 }  // namespace
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
   static const bool off = switched_off("MLXRUNNER_DECODE_ATTENTION");
-  if (off || !running_on_cuda() || q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape()) return false;
-  const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
-  return q.shape(0) == 1 && q.shape(2) == 1 && k.shape(0) == 1 && k.shape(2) == 1 && k.shape(3) == d &&
-         (d == 64 || d == 128) && kv_heads > 0 && q_heads % kv_heads == 0 && q_heads / kv_heads <= 8 &&
-         half_precision(q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+  return !off && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
                                 const mx::array& values, const mx::array& position, int length, float scale) {
   const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
-  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(1) != kv_heads || keys.shape(3) != d ||
-      keys.shape(2) < length || keys.dtype() != q.dtype() || values.dtype() != q.dtype() || position.size() != 1 ||
-      position.dtype() != mx::int32) {
-    throw std::invalid_argument("decode attention: the cache's buffers or the position do not fit the query");
-  }
+  check_cache_buffers(q, keys, values, position, length);
+  if (keys.shape(1) != kv_heads) throw std::invalid_argument("decode attention: the cache's heads do not fit k");
   static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false);
-  static const auto merge = cuda_kernel("mlxr_decode_attention_merge", {"part_acc", "part_max", "part_sum"}, {"out"},
-                                        kDecodeAttentionMerge, "", true);
   const int splits = splits_for(length);
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
@@ -206,9 +453,34 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
                            {mx::float32, mx::float32, mx::float32},
                            {cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads), 1, 1},
                            {kThreads, 1, 1}, args, std::nullopt, false, {});
-  auto out = merge(split_parts, {{1, 1, q_heads * d}}, {q.dtype()}, {q_heads * d, 1, 1}, {d, 1, 1},
-                   {{"T", q.dtype()}, {"D", d}}, std::nullopt, false, {});
-  return out[0];
+  return merged(split_parts, 1, q_heads, d, q.dtype());
+}
+
+bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
+  static const bool off = switched_off("MLXRUNNER_CHUNK_ATTENTION");
+  return !off && cache_attention_shapes(q, k, v) && q.shape(2) >= 2 && q.shape(2) <= kMostChunkTokens;
+}
+
+mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
+                               const mx::array& values, const mx::array& position, int length, float scale) {
+  const int q_heads = q.shape(1), kv_heads = k.shape(1), tokens = q.shape(2), d = q.shape(3);
+  check_cache_buffers(q, keys, values, position, length);
+  if (keys.shape(1) != kv_heads || length < tokens) {
+    throw std::invalid_argument("chunk attention: the cache's heads or length do not fit k");
+  }
+  static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
+                                        kChunkAttentionHelpers, false);
+  const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
+  const int splits = chunk_splits_for(length, kv_heads * query_tiles);
+  const int rows = tokens * q_heads;
+  const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
+      {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
+  auto split_parts = parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
+                           {mx::float32, mx::float32, mx::float32},
+                           {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
+                           {kThreads, 1, 1}, args, std::nullopt, false, {});
+  return merged(split_parts, tokens, q_heads, d, q.dtype());
 }
 
 }  // namespace mlxr

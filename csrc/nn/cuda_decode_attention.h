@@ -1,4 +1,5 @@
-// One sequence's decode step attention on CUDA, writing the step's key and value into the cache in place.
+// One sequence's attention over its cache on CUDA, writing the new keys and values into the cache in place: a decode
+// step's (one token), and a short chunk's (a prompt's rest after the prompt cache, a chat's next turn: 2 to 128 tokens).
 //
 // MLX arrays are immutable: a cache update is a slice_update, which writes in place only into a buffer nothing else
 // holds. While decoding, the generator dispatches step n + 1 before step n has run (text/generate.cpp), and MLX keeps
@@ -11,8 +12,17 @@
 // kernel gives each query head one block up to 1,024 keys, 32 past that), and a second kernel merges the splits. A layer's decode attention is then two
 // operations where it was five (two updates, two slices, the attention).
 //
-// The caller (Decoder::attention) takes this path only for a cache that may be written in place
-// (KVCache::writes_in_place: no copy of it shares its buffers); MLXRUNNER_DECODE_ATTENTION=0 turns it off.
+// A chunk of T tokens is the same in shape: its T keys and values written in place, then causal attention of its
+// queries over positions 0 .. offset + T - 1, on tensor cores (a block a key head's 64 query rows and a split of the
+// keys; MLX's attention is cuDNN's, whose blocks each take one query head's 64 rows and every key: 32 blocks for a
+// 64-token chunk of a Qwen3-4B, on a GPU of 132 SMs), the splits merged by the same second kernel. A chunk's
+// attention is then two operations where it was eight (two updates, two slices, the attention, the heads' transpose,
+// reshape and the copy the output projection needs).
+//
+// The caller (Decoder::attention) takes the decode path only for a cache that may be written in place
+// (KVCache::writes_in_place: no copy of it shares its buffers); a chunk also takes a cache whose buffers a copy shares,
+// after MLX has written the chunk into a copy of them (KVCache::append_buffers). MLXRUNNER_DECODE_ATTENTION=0 turns the
+// decode kernel off, MLXRUNNER_CHUNK_ATTENTION=0 the chunk kernel.
 #pragma once
 
 #include <optional>
@@ -31,5 +41,15 @@ bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const
 // host's copy of position + 1 (it sets how the keys are split).
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
                                 const mx::array& values, const mx::array& position, int length, float scale);
+
+// Whether the chunk kernel takes these q [1, q_heads, T, D], k and v [1, kv_heads, T, D] (any strides): CUDA, 2 <= T
+// <= 128, D 64 or 128, q_heads a multiple of kv_heads, one half-precision dtype; and the switch on.
+bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
+
+// Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
+// (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
+// over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.
+mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
+                               const mx::array& values, const mx::array& position, int length, float scale);
 
 }  // namespace mlxr

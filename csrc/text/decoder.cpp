@@ -349,17 +349,34 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   return {rope(q, offset), rope(k, offset), v};
 }
 
+// One sequence's attention on CUDA by the kernels that write the new keys and values into a full cache's buffers
+// themselves (nn/cuda_decode_attention.h): a decode step where the buffers are this cache's alone, and a short chunk
+// (the rest of a prompt after the prompt cache, a chat's next turn), whose keys MLX writes first where a copy shares
+// the buffers. [1, T, q_heads D], or nullopt where neither applies.
+std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v,
+                                                     KVCache& cache, int offset,
+                                                     const std::optional<mx::array>& device_offset) const {
+  const int tokens = q.shape(2);
+  const float scale = scale_or_default(attention_scale_, q);
+  const auto position = [&] { return device_offset ? *device_offset : offsets_array(offset); };
+  if (cache.writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
+    auto [keys, values] = cache.reserve(1, k);
+    return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale);
+  }
+  if (cuda_chunk_attention_applies(q, k, v)) {
+    auto [keys, values] = cache.writes_in_place() ? cache.reserve(tokens, k) : cache.append_buffers(k, v);
+    return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale);
+  }
+  return std::nullopt;
+}
+
 mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
                              const std::optional<mx::array>& mask,
                              const std::optional<mx::array>& device_offset) const {
   if (layer.mla) return layer.o_proj((*layer.mla)(input.normed(), cache, offset, rope_, mask));
   auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset, device_offset);
-  if (cache && !mask && !layer.sinks && cache->writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
-    // A decode step on CUDA: the kernel writes the step's key and value into the cache's buffers itself.
-    auto [keys, values] = cache->reserve_one(k);
-    const auto position = device_offset ? *device_offset : offsets_array(offset);
-    return layer.o_proj(cuda_decode_attention(q, k, v, keys, values, position, offset + 1,
-                                              scale_or_default(attention_scale_, q)));
+  if (cache && !mask && !layer.sinks && cache->window() == 0) {
+    if (auto attended = attention_in_cache(q, k, v, *cache, offset, device_offset)) return layer.o_proj(*attended);
   }
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);

@@ -161,6 +161,8 @@ class Decoder {
   mx::array attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask,
                       const std::optional<mx::array>& device_offset = std::nullopt) const;
+  std::optional<mx::array> attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v, KVCache& cache,
+                                              int offset, const std::optional<mx::array>& device_offset) const;
   // A forward's first position as the fused q/k kernel reads it, on CUDA: made by the device once a forward and read
   // by every layer. An array made from a host int is a page of host memory there, which each layer's kernel would read
   // across the bus. nullopt off CUDA, without the fused RoPE, or under MLXRUNNER_DEVICE_OFFSET=0 (to measure it).

@@ -60,14 +60,20 @@ std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, cons
   return {positions(*keys_, 0, end), positions(*values_, 0, end)};
 }
 
-std::pair<mx::array, mx::array> KVCache::reserve_one(const mx::array& like) {
+std::pair<mx::array, mx::array> KVCache::reserve(int count, const mx::array& like) {
   if (!writes_in_place()) throw std::logic_error("this cache may not be written in place");
-  const int end = offset_ + 1;
-  if (end > keys_->shape(2)) {
+  const int end = offset_ + count;
+  if (!keys_ || end > keys_->shape(2)) {
     keys_ = grown(keys_, offset_, like, whole_steps(end));
     values_ = grown(values_, offset_, like, whole_steps(end));
   }
   offset_ = held_ = end;
+  return {*keys_, *values_};
+}
+
+std::pair<mx::array, mx::array> KVCache::append_buffers(const mx::array& keys, const mx::array& values) {
+  if (window_ != 0) throw std::logic_error("a rotating cache's buffers are not in position order");
+  append_full(keys, values);
   return {*keys_, *values_};
 }
 

@@ -13,7 +13,7 @@
 // held), and copies that are independent of each other. Copying a cache is a snapshot: its arrays are
 // immutable MLX arrays that updates replace, never modify (MLX writes in place only into a buffer nothing
 // else holds, so a copy kept by the prompt cache is never overwritten by a running request). The one exception,
-// a decode step's kernel that writes its position into the buffers itself (reserve_one), is taken only while no
+// the CUDA attention kernels that write new positions into the buffers themselves (reserve), is taken only while no
 // copy shares them (writes_in_place).
 #pragma once
 
@@ -61,13 +61,17 @@ class KVCache {
   // A full cache holding these keys/values [1, H, L, D] as its L positions, in a buffer of its own.
   static KVCache holding(const mx::array& keys, const mx::array& values);
 
-  // Whether a decode step's kernel may write this cache's next position into its buffers in place
-  // (nn/cuda_decode_attention.h): a full cache with buffers, of which no copy has been made since they were last
-  // replaced (a copy shares them: writing one would change the other, where MLX's own updates leave a snapshot alone).
-  bool writes_in_place() const { return window_ == 0 && keys_ && !shared_; }
-  // The buffers [1, H, capacity, D] with room for one more position, which the caller's kernel writes in place
-  // (writes_in_place() must hold); the cache now holds that position. `like`: the step's keys [1, H, 1, D].
-  std::pair<mx::array, mx::array> reserve_one(const mx::array& like);
+  // Whether a kernel may write this cache's next positions into its buffers in place (nn/cuda_decode_attention.h): a
+  // full cache of which no copy has been made since its buffers were last replaced (a copy shares them: writing one
+  // would change the other, where MLX's own updates leave a snapshot alone). A cache with no buffers yet may: reserve
+  // makes them.
+  bool writes_in_place() const { return window_ == 0 && !shared_; }
+  // The buffers [1, H, capacity, D] with room for `count` more positions, which the caller's kernel writes in place
+  // (writes_in_place() must hold); the cache now holds them. `like`: the new keys [1, H, count, D].
+  std::pair<mx::array, mx::array> reserve(int count, const mx::array& like);
+  // A full cache's update_and_fetch (MLX writes the keys/values, into a copy of buffers a copy shares), returning the
+  // whole buffers [1, H, capacity, D]: for a kernel that reads the cache's buffers and writes the same positions again.
+  std::pair<mx::array, mx::array> append_buffers(const mx::array& keys, const mx::array& values);
 
  private:
   std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);

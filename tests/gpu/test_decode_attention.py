@@ -1,10 +1,12 @@
-"""A decode step's attention that writes its key and value into the cache in place (csrc/nn/cuda_decode_attention.h).
+"""The attention kernels that write new keys and values into the cache in place (csrc/nn/cuda_decode_attention.h): a
+decode step's, and a chunk's of 2 to 128 tokens (on tensor cores).
 
-On CUDA the decoder's single-sequence decode steps take it (KVCache::writes_in_place): the kernel must give MLX's
-attention to the rounding of a float sum in another order, write exactly the step's key and value into the step's slot
-and nothing else, and a decoder must give the same greedy tokens with it as with MLX's slice updates and attention
-(MLXRUNNER_DECODE_ATTENTION=0). The in-place write must not reach a cache the prompt cache keeps: the same prompt sent
-three times (the later requests resume from a copy of the first one's cache) gives the same tokens each time.
+On CUDA the decoder's single-sequence forwards take them (KVCache::writes_in_place, append_buffers): each kernel must
+give MLX's attention to the rounding of its sums, write exactly the new keys and values into their slots and nothing
+else, and a decoder must give the same greedy tokens with them as with MLX's slice updates and attention
+(MLXRUNNER_DECODE_ATTENTION=0, MLXRUNNER_CHUNK_ATTENTION=0). The in-place writes must not reach a cache the prompt
+cache keeps: the same prompt sent three times (the later requests resume from a copy of the first one's cache) gives the
+same tokens each time, and a follow-up resumes from a copy too.
 Off CUDA the binding declines (None), and the decoder runs MLX's operations (the CPU parity tests).
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ON_GPU, bf16_model_copy, run_script_json
+from conftest import ON_GPU, run_script_json, wide_head_model_copy
 
 from mlxrunner import _core
 
@@ -23,6 +25,7 @@ ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCH = "MLXRUNNER_DECODE_ATTENTION"
+CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 
 
 def inputs(d, q_heads, kv_heads, capacity, seed):
@@ -69,6 +72,58 @@ def test_the_binding_declines_off_cuda():
     assert _core.cuda_decode_attention(q, k, v, keys, values, mx.array([3], mx.int32), 4, 0.125) is None
 
 
+def chunk_inputs(d, q_heads, kv_heads, tokens, capacity, seed):
+    key = mx.random.key(seed)
+    kq, kk, kv, kc, kw = mx.random.split(key, 5)
+    q = mx.random.normal((1, tokens, q_heads, d), key=kq).astype(mx.bfloat16).transpose(0, 2, 1, 3)
+    k = (2 * mx.random.normal((1, kv_heads, tokens, d), key=kk)).astype(mx.bfloat16)
+    projection = mx.random.normal((1, tokens, 3 * kv_heads, d), key=kv).astype(mx.bfloat16)
+    v = projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
+    keys = (2 * mx.random.normal((1, kv_heads, capacity, d), key=kc)).astype(mx.bfloat16)
+    values = mx.random.normal((1, kv_heads, capacity, d), key=kw).astype(mx.bfloat16)
+    mx.eval(q, k, v, keys, values)
+    return q, k, v, keys, values
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity", [
+    (128, 32, 8, 64, 3000, 3072),   # the prompt cache bench's follow-up on a Qwen3-4B
+    (128, 32, 8, 2, 0, 256),        # a fresh cache, two tokens
+    (64, 16, 8, 37, 300, 512),
+    (128, 64, 8, 128, 1000, 1280),  # 8 queries a key head (a 70B's grouping), the longest chunk the kernel takes
+])
+def test_the_chunk_kernel_is_mlx_causal_attention_over_the_written_cache(d, q_heads, kv_heads, tokens, offset,
+                                                                         capacity):
+    q, k, v, keys, values = chunk_inputs(d, q_heads, kv_heads, tokens, capacity, offset + tokens)
+    before_keys, before_values = np.array(keys.astype(mx.float32)), np.array(values.astype(mx.float32))
+    scale = d ** -0.5
+    length = offset + tokens
+    out = _core.cuda_chunk_attention(q, k, v, keys, values, mx.array([offset], mx.int32), length, scale)
+    assert out is not None and out.shape == (1, tokens, q_heads * d) and out.dtype == mx.bfloat16
+    after_keys, after_values = np.array(keys.astype(mx.float32)), np.array(values.astype(mx.float32))
+    np.testing.assert_array_equal(after_keys[0, :, offset:length], np.array(k.astype(mx.float32))[0])
+    np.testing.assert_array_equal(after_values[0, :, offset:length], np.array(v.astype(mx.float32))[0])
+    others = np.ones(capacity, bool)
+    others[offset:length] = False
+    np.testing.assert_array_equal(after_keys[:, :, others], before_keys[:, :, others])
+    np.testing.assert_array_equal(after_values[:, :, others], before_values[:, :, others])
+    seen_keys = mx.array(after_keys[:, :, :length]).astype(mx.bfloat16)
+    seen_values = mx.array(after_values[:, :, :length]).astype(mx.bfloat16)
+    # token t at position offset + t sees positions 0 .. offset + t
+    mask = mx.arange(length)[None, :] <= (offset + mx.arange(tokens))[:, None]
+    expected = mx.fast.scaled_dot_product_attention(q, seen_keys, seen_values, scale=scale, mask=mask)
+    expected = np.array(expected.transpose(0, 2, 1, 3).reshape(1, tokens, -1).astype(mx.float32))
+    got = np.array(out.astype(mx.float32))
+    # the probabilities rounded to bfloat16 for the second product (as flash attention does, cuDNN's among them)
+    assert np.max(np.abs(got - expected)) <= 2 ** -6 * max(np.max(np.abs(expected)), 1e-3)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
+def test_the_chunk_binding_declines_off_cuda():
+    q, k, v, keys, values = chunk_inputs(64, 4, 2, 5, 64, 0)
+    assert _core.cuda_chunk_attention(q, k, v, keys, values, mx.array([3], mx.int32), 8, 0.125) is None
+
+
 SCRIPT = r"""
 import json, sys
 import mlxrunner
@@ -78,22 +133,38 @@ from mlxrunner.request import Options
 
 model = load(sys.argv[1])
 options = Options(temperature=0.0, repeat_penalty=1.0, num_predict=40)
+prompt = list(range(5, 35))
+follow_up = prompt + list(range(300, 320))
 runs = []
-for _ in range(3):  # the second and third resume from copies of the first request's cache
-    items = list(model.stream(list(range(5, 35)), options, top_logprobs=0))
-    runs.append([[item.token.hex(), item.logprob] for item in items if isinstance(item, TokenLogprob)])
+# A 30-token prompt (a chunk on a fresh cache), twice more (those resume from a copy of the first request's cache: a
+# one-token forward), then it + a 20-token follow-up (a chunk on a copy of a kept cache, then decode steps).
+for ids in (prompt, prompt, prompt, follow_up):
+    items = list(model.stream(ids, options, top_logprobs=2))
+    runs.append([[item.token.hex(), item.logprob, [[t.hex(), p] for t, p in item.top]]
+                 for item in items if isinstance(item, TokenLogprob)])
 print(json.dumps(runs))
 """
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the in-place decode attention runs on CUDA only")
+def same_greedy_tokens(a, b, tie=0.02):
+    """Two greedy runs' tokens are the same up to the end, or up to a step where the two best tokens were within `tie`
+    of each other (in both runs): there a rounding of the attention's sums may pick either."""
+    for (token_a, logprob_a, top_a), (token_b, logprob_b, top_b) in zip(a, b):
+        if token_a != token_b:
+            assert abs(top_a[0][1] - top_a[1][1]) < tie and abs(top_b[0][1] - top_b[1][1]) < tie
+            return
+        assert abs(logprob_a - logprob_b) < 0.05  # log-probabilities: the same to the rounding of the sums
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
 def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_path):
-    folder = str(bf16_model_copy(QWEN3, tmp_path / "qwen3-tiny-bf16"))
-    in_place = run_script_json(SCRIPT, folder, unset=[SWITCH])
-    mlx_ops = run_script_json(SCRIPT, folder, unset=[SWITCH], environment={SWITCH: "0"})
-    tokens = [[token for token, _ in r] for r in in_place]
-    assert len(tokens[0]) == 40
+    # head dim 64: the kernels take 64 and 128, the fixture has 16
+    folder = str(wide_head_model_copy(QWEN3, tmp_path / "qwen3-tiny-wide", head_dim=64))
+    switches = [SWITCH, CHUNK_SWITCH]
+    in_place = run_script_json(SCRIPT, folder, unset=switches)
+    mlx_ops = run_script_json(SCRIPT, folder, unset=switches, environment={SWITCH: "0", CHUNK_SWITCH: "0"})
+    assert all(len(run) == 40 for run in in_place)
+    tokens = [[token for token, _, _ in run] for run in in_place]
     assert tokens[0] == tokens[1] == tokens[2]  # a kept cache was not written by a later request
-    assert tokens[0] == [token for token, _ in mlx_ops[0]]
-    for (_, a), (_, b) in zip(in_place[0], mlx_ops[0]):
-        assert abs(a - b) < 0.05  # log-probabilities: the same to the rounding of the attention's sums
+    for ours, theirs in zip(in_place, mlx_ops):
+        same_greedy_tokens(ours, theirs)

@@ -113,3 +113,111 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
         # float sums in another order, then one rounding to bfloat16
         np.testing.assert_allclose(got[h], want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max() + 1e-6)
     assert np.abs(got).max() > 0.05  # a real signal
+
+
+# --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
+
+HOST_MMA = r"""
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
+  emulated_mma<__nv_bfloat16>(d, a, b);
+}
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
+  emulated_mma<__half>(d, a, b);
+}
+"""
+CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 256  # kChunkRows, kChunkKeys, kChunkBlocks
+
+
+def chunk_splits_for(length: int, blocks_a_split: int) -> int:
+    """As the host code chooses the chunk kernel's splits (chunk_splits_for)."""
+    tiles = -(-length // CHUNK_KEYS)
+    wanted = min(max(-(-CHUNK_BLOCKS // blocks_a_split), 1), tiles)
+    chunk = -(-(-(-length // wanted)) // CHUNK_KEYS) * CHUNK_KEYS
+    return -(-length // chunk)
+
+
+def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+    """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
+    values, position, part_acc, part_max, part_sum); its helpers' two asm mma functions give way to the emulation."""
+    import re
+
+    helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
+    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n(?=__device__)", "", helpers, flags=re.S)
+    assert count == 2, "the helpers' two mma functions were not found"
+    helpers = helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_MMA, 1)
+    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
+    constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, "
+                 f"SCALE_BITS = {scale_bits};\n")
+    params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
+              "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
+              "const int* position, float* part_acc, float* part_max, float* part_sum")
+    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, part_max, "
+            "part_sum")
+    code = (PRELUDE + helpers + constants +
+            f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts')}\n}}\n" +
+            block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
+    return compile_library(tmp_path / "chunk", code)
+
+
+CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits
+    (64, 4, 2, 5, 0, 256, None),      # a fresh cache: 10 rows, most of a warp's 16 empty; the host's splits (1)
+    (128, 8, 2, 20, 37, 128, 3),      # 4 queries a key head: 80 rows over two query tiles; 3 splits of one tile each
+    (64, 16, 8, 7, 300, 512, None),   # 8 key heads, the host's splits (5 of 64 keys)
+    (64, 2, 2, 64, 100, 256, 2),      # one query a key head: 64 rows, one tile; the last split past some rows' keys
+]
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity, splits", CHUNK_CASES)
+def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d, q_heads, kv_heads, tokens, offset,
+                                                                    capacity, splits):
+    rng = np.random.default_rng(d + q_heads + tokens + offset)
+    scale = 1 / np.sqrt(d)
+    length = offset + tokens
+    group = q_heads // kv_heads
+    query_tiles = -(-(group * tokens) // CHUNK_ROWS)
+    splits = splits or chunk_splits_for(length, kv_heads * query_tiles)
+    # q a heads-first view of a tokens-first array; v a strided view of a [1, T, 3 kv_heads, D] projection
+    q = to_bf16_bits(rng.standard_normal((1, tokens, q_heads, d))).transpose(0, 2, 1, 3)
+    k = to_bf16_bits(rng.standard_normal((1, kv_heads, tokens, d)) * 2)
+    v_projection = to_bf16_bits(rng.standard_normal((1, tokens, 3 * kv_heads, d)))
+    v = v_projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
+    keys = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)) * 2)
+    values = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)))
+    keys_before, values_before = keys.copy(), values.copy()
+    rows = tokens * q_heads
+    part_acc = np.zeros((rows, splits, d), np.float32)
+    part_max = np.zeros((rows, splits), np.float32)
+    part_sum = np.zeros((rows, splits), np.float32)
+    out = np.zeros((1, tokens, q_heads * d), np.uint16)
+    ptr = ctypes.c_void_p
+    arrays = [q, np.array(q.shape, np.int32), element_strides(q), k, element_strides(k), v, element_strides(v), keys,
+              np.array(keys.shape, np.int32), values, np.array([offset], np.int32), part_acc, part_max, part_sum]
+    build_chunk(tmp_path, d, q_heads, kv_heads, scale).run(ctypes.c_int(kv_heads * query_tiles * splits),
+                                                           *[ptr(a.ctypes.data) for a in arrays])
+    _, merge = build(tmp_path, d, q_heads, kv_heads, scale)
+    merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, np.array(part_max.shape, np.int32),
+                                                                  part_sum, out)])
+
+    # The chunk's slots now hold its keys and values; every other slot is as it was.
+    new = slice(offset, length)
+    np.testing.assert_array_equal(keys[0, :, new], k[0])
+    np.testing.assert_array_equal(values[0, :, new], v[0])
+    others = np.ones(capacity, bool)
+    others[new] = False
+    np.testing.assert_array_equal(keys[:, :, others], keys_before[:, :, others])
+    np.testing.assert_array_equal(values[:, :, others], values_before[:, :, others])
+
+    got = from_bf16_bits(out).reshape(tokens, q_heads, d)
+    for t in range(tokens):
+        for h in range(q_heads):
+            seen = offset + t + 1  # token t sits at position offset + t and sees it and every position before
+            key_list = from_bf16_bits(keys[0, h // group, :seen]).astype(np.float64)
+            value_list = from_bf16_bits(values[0, h // group, :seen]).astype(np.float64)
+            scores = key_list @ from_bf16_bits(q[0, h, t]).astype(np.float64) * np.float32(scale)
+            weights = np.exp(scores - scores.max())
+            want = (weights / weights.sum()) @ value_list
+            # the probabilities rounded to bfloat16 for the second product (as flash attention does), float sums in
+            # another order, then one rounding to bfloat16
+            np.testing.assert_allclose(got[t, h], want, rtol=2 ** -6, atol=2 ** -6 * np.abs(want).max() + 1e-6,
+                                       err_msg=f"token {t}, head {h}")
+    assert np.abs(got).max() > 0.05  # a real signal

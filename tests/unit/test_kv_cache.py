@@ -104,9 +104,9 @@ def test_trimming_nothing_leaves_a_wrapped_rotating_cache_as_it_was():
 
 
 def test_a_copy_stops_both_sides_writing_in_place_until_their_buffers_are_replaced():
-    """A decode step on CUDA writes its position into the cache's buffers itself (nn/cuda_decode_attention.h), which
-    must never reach a snapshot: only a full cache whose buffers no copy shares may be written so."""
-    assert not _core.KVCache().writes_in_place  # no buffers yet
+    """The CUDA attention kernels write new positions into the cache's buffers themselves (nn/cuda_decode_attention.h),
+    which must never reach a snapshot: only a full cache whose buffers no copy shares may be written so."""
+    assert _core.KVCache().writes_in_place  # no buffers yet: reserve makes them
     assert not _core.KVCache(8).writes_in_place  # rotating caches never
     cache = _core.KVCache()
     append(cache, 0, 3)
@@ -117,3 +117,25 @@ def test_a_copy_stops_both_sides_writing_in_place_until_their_buffers_are_replac
     assert cache.writes_in_place and not kept.writes_in_place
     assert append(kept, 3, 2) == list(range(5))  # the snapshot still holds its own positions 0..2
     assert kept.writes_in_place
+
+
+def test_reserve_makes_room_for_the_kernel_and_keeps_the_held_positions():
+    """What Decoder::attention hands the in-place kernels: the whole buffers, with room for the new positions (grown in
+    steps of 256, the held positions carried over), the cache's offset moved past them."""
+    cache = _core.KVCache()
+    like = mx.zeros((1, HEADS, 3, DIM))
+    keys, values = cache.reserve(3, like)
+    assert keys.shape == values.shape == (1, HEADS, 256, DIM) and cache.offset == 3
+    append(cache, 3, 250)  # MLX's update: positions 3..252 (0..2 hold what the kernel would have written)
+    keys, _ = cache.reserve(10, like)
+    assert keys.shape == (1, HEADS, 512, DIM) and cache.offset == 263
+    assert held_positions(keys)[3:253] == list(range(3, 253))
+    kept = cache.copy()
+    with pytest.raises(Exception, match="in place"):
+        cache.reserve(1, like)
+    keys, values = cache.append_buffers(mx.array(positions(263, 2)), mx.array(-positions(263, 2)))
+    assert keys.shape == (1, HEADS, 512, DIM) and cache.offset == 265 and kept.offset == 263
+    assert held_positions(keys)[253:265] == [0] * 10 + [263, 264]  # the reserved slots as nothing wrote them
+    assert cache.writes_in_place and not kept.writes_in_place
+    with pytest.raises(Exception, match="rotating"):
+        _core.KVCache(8).append_buffers(mx.array(positions(0, 2)), mx.array(positions(0, 2)))
