@@ -175,7 +175,7 @@ constexpr const char* kDecodeAttentionMerge = R"(
 // mma gives it (lane: rows group and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to
 // the second product as they lie (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash
 // attention does) and sums p v in float. Token t sees positions up to offset + t. The chunk's own keys and values
-// (positions offset ..) are read from k and v, never from the slots, which the blocks of split 0 and query tile 0 write
+// (positions offset ..) are read from k and v, never from the slots, which the key head's blocks write, a share each
 // (nothing else reads them: the same argument as the decode step's). A split's part as the decode kernel's: the
 // rows' largest score (natural units), the sum of exp(score - that) and the weighted values.
 constexpr const char* kChunkAttentionHelpers = R"(
@@ -232,14 +232,20 @@ constexpr const char* kChunkAttentionParts = R"(
   const int end = min(min(length, begin + chunk), offset + last_row / G + 1);
   const float scale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
-  if (split == 0 && query_tile == 0) {
+  {
+    // The chunk's keys and values into their slots, shared among the key head's blocks (one block writing them all
+    // took ~64 rounds of loads then stores, each waiting on the last: the whole kernel's time at a 64-token chunk).
     T* key_slots = const_cast<T*>(keys);
     T* value_slots = const_cast<T*>(values);
-    for (int e = threadIdx.x; e < queries * D; e += blockDim.x) {
+    const int head_blocks = query_tiles * splits;
+    for (int e = (query_tile * splits + split) * blockDim.x + threadIdx.x; e < queries * D;
+         e += head_blocks * blockDim.x) {
       const int t = e / D, d = e % D;
       const size_t slot = head_first + static_cast<size_t>(offset + t) * D + d;
-      key_slots[slot] = k[kv_head * k_strides[1] + t * k_strides[2] + d * k_strides[3]];
-      value_slots[slot] = v[kv_head * v_strides[1] + t * v_strides[2] + d * v_strides[3]];
+      const T key = k[kv_head * k_strides[1] + t * k_strides[2] + d * k_strides[3]];
+      const T value = v[kv_head * v_strides[1] + t * v_strides[2] + d * v_strides[3]];
+      key_slots[slot] = key;
+      value_slots[slot] = value;
     }
   }
   const int row_lo = query_tile * kRows + warp * 16 + group, row_hi = row_lo + 8;
@@ -266,8 +272,11 @@ constexpr const char* kChunkAttentionParts = R"(
   for (int tile = begin; tile < end; tile += kKeys) {
     __syncthreads();
     // Thread c takes 8 consecutive elements of key slot c % 64: a warp's lanes take 32 consecutive keys, so that the
-    // transposed values' 2-byte stores fall in different banks (lanes a row apart hit one bank 16 times over).
-    for (int c = threadIdx.x; c < kKeys * (D / 8); c += blockDim.x) {
+    // transposed values' 2-byte stores fall in different banks (lanes a row apart hit one bank 16 times over). A fixed
+    // count of rounds, unrolled, so that the compiler can issue every round's loads before the stores.
+#pragma unroll
+    for (int round = 0; round < kKeys * (D / 8) / (32 * kWarps); ++round) {
+      const int c = round * 32 * kWarps + threadIdx.x;
       const int slot = c % kKeys, e = (c / kKeys) * 8;
       const int j = tile + slot;
       uint4 key_word, value_word;
