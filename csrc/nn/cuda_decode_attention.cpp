@@ -169,8 +169,8 @@ constexpr const char* kDecodeAttentionMerge = R"(
 // A chunk of several new tokens (a prompt's rest after the prompt cache, a chat's next turn) on tensor cores. One block
 // a (key/value head, tile of 64 query rows, split of the keys), 4 warps of 16 query rows each; a key head's query rows
 // are its G query heads at each of the chunk's tokens, row r = token r / G of head kv_head G + r % G, so that every
-// key is read once for all the heads that share it. Keys and values come through shared memory 64 at a time (values
-// transposed, so that both products read pairs of consecutive elements); a warp computes its rows' scores with
+// key is read once for all the heads that share it. Keys and values come through shared memory 64 at a time, copied
+// asynchronously (the second product's pairs, along the keys, read from two rows); a warp computes its rows' scores with
 // mma.sync m16n8k16 (q from registers, k from shared memory), keeps an online softmax in base 2 in the layout the
 // mma gives it (lane: rows group and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to
 // the second product as they lie (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash
@@ -202,6 +202,19 @@ __device__ __forceinline__ unsigned pair_bits(float lo, float hi, __half) {
 template <typename T>
 __device__ __forceinline__ unsigned two_at(const T* p) {
   return *reinterpret_cast<const unsigned*>(p);
+}
+// Two T values as a register pair, lo in the low half.
+template <typename T>
+__device__ __forceinline__ unsigned pair_of(T lo, T hi) {
+  return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&lo)) |
+         (static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+}
+__device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
+}
+__device__ __forceinline__ void wait_async_copies() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
 }
 }  // namespace mlxr_chunk
 )";
@@ -264,41 +277,34 @@ constexpr const char* kChunkAttentionParts = R"(
     query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
   }
   __shared__ __align__(16) T key_tile[kKeys][D + kPad];
-  __shared__ __align__(16) T value_tile[D][kKeys + kPad];
+  __shared__ __align__(16) T value_tile[kKeys][D + kPad];
   float max_lo = neg_inf, max_hi = neg_inf, sum_lo = 0.f, sum_hi = 0.f;
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   for (int tile = begin; tile < end; tile += kKeys) {
     __syncthreads();
-    // Thread c takes 8 consecutive elements of key slot c % 64: a warp's lanes take 32 consecutive keys, so that the
-    // transposed values' 2-byte stores fall in different banks (lanes a row apart hit one bank 16 times over). A fixed
-    // count of rounds, unrolled, so that the compiler can issue every round's loads before the stores.
-#pragma unroll
-    for (int round = 0; round < kKeys * (D / 8) / (32 * kWarps); ++round) {
-      const int c = round * 32 * kWarps + threadIdx.x;
-      const int slot = c % kKeys, e = (c / kKeys) * 8;
+    // The cache's keys and values copied to shared memory asynchronously (cp.async: every copy in flight at once; plain
+    // loads then stores waited a round trip each, as the compiler cannot move a load through a pointer that may be
+    // shared memory past a store to shared memory), lanes along a row; the chunk's own from k and v; zeros past the
+    // last key any row of the block sees (a value is multiplied by its probability, 0 there, and must not be a NaN).
+    for (int c = threadIdx.x; c < kKeys * (D / 8); c += blockDim.x) {
+      const int slot = c / (D / 8), e = (c % (D / 8)) * 8;
       const int j = tile + slot;
-      uint4 key_word, value_word;
       if (j < offset) {
         const size_t at = head_first + static_cast<size_t>(j) * D + e;
-        key_word = *reinterpret_cast<const uint4*>(keys + at);
-        value_word = *reinterpret_cast<const uint4*>(values + at);
+        copy_16_async(&key_tile[slot][e], keys + at);
+        copy_16_async(&value_tile[slot][e], values + at);
       } else {
         const int t = j - offset;
-        T* key8 = reinterpret_cast<T*>(&key_word);
-        T* value8 = reinterpret_cast<T*>(&value_word);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          key8[i] = j < end ? k[kv_head * k_strides[1] + t * k_strides[2] + (e + i) * k_strides[3]] : T(0.f);
-          value8[i] = j < end ? v[kv_head * v_strides[1] + t * v_strides[2] + (e + i) * v_strides[3]] : T(0.f);
+          key_tile[slot][e + i] = j < end ? k[kv_head * k_strides[1] + t * k_strides[2] + (e + i) * k_strides[3]] : T(0.f);
+          value_tile[slot][e + i] = j < end ? v[kv_head * v_strides[1] + t * v_strides[2] + (e + i) * v_strides[3]] : T(0.f);
         }
       }
-      *reinterpret_cast<uint4*>(&key_tile[slot][e]) = key_word;
-      const T* value8 = reinterpret_cast<const T*>(&value_word);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) value_tile[e + i][slot] = value8[i];
     }
+    wait_async_copies();
     __syncthreads();
     float score[kKeys / 8][4];
 #pragma unroll
@@ -360,8 +366,10 @@ constexpr const char* kChunkAttentionParts = R"(
                              pair_bits(score[2 * s + 1][2], score[2 * s + 1][3], T{})};
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
-        const unsigned b[2] = {two_at(&value_tile[8 * n + group][16 * s + 2 * quad]),
-                               two_at(&value_tile[8 * n + group][16 * s + 8 + 2 * quad])};
+        // B's pairs run along the keys: two rows of the values, one element each.
+        const T* column = &value_tile[16 * s + 2 * quad][8 * n + group];
+        const unsigned b[2] = {pair_of(column[0], column[D + kPad]),
+                               pair_of(column[8 * (D + kPad)], column[9 * (D + kPad)])};
         mma(acc[n], p, b, T{});
       }
     }
@@ -395,7 +403,7 @@ constexpr int kKeysPerSplit = 64;    // at least, so that a split's warps each h
 constexpr int kMostSplits = 64;      // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
 constexpr int kChunkRows = 64;       // query rows a block of the chunk kernel (kRows)
 constexpr int kChunkKeys = 64;       // keys a tile of the chunk kernel (kKeys)
-constexpr int kChunkBlocks = 256;    // blocks the chunk kernel's splits aim at: two an SM of an H100 (132 SMs)
+constexpr int kChunkBlocks = 384;    // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
 // Splits of `length` keys into runs of equal size where each split gets at least one key.

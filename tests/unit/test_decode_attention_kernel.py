@@ -124,8 +124,11 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
   emulated_mma<__half>(d, a, b);
 }
+// cp.async as a plain copy (the block's barrier after the wait is what orders it on the GPU as here)
+__device__ __forceinline__ void copy_16_async(void* shared, const void* global) { std::memcpy(shared, global, 16); }
+__device__ __forceinline__ void wait_async_copies() {}
 """
-CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 256  # kChunkRows, kChunkKeys, kChunkBlocks
+CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 384  # kChunkRows, kChunkKeys, kChunkBlocks
 
 
 def chunk_splits_for(length: int, blocks_a_split: int) -> int:
@@ -138,12 +141,13 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
 
 def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
-    values, position, part_acc, part_max, part_sum); its helpers' two asm mma functions give way to the emulation."""
+    values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to emulations."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
-    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n(?=__device__)", "", helpers, flags=re.S)
-    assert count == 2, "the helpers' two mma functions were not found"
+    helpers, count = re.subn(r"__device__ __forceinline__ void (mma|copy_16_async|wait_async_copies)\(.*?\n}\n", "",
+                             helpers, flags=re.S)
+    assert count == 4, "the helpers' two mma functions and two asynchronous copy functions were not found"
     helpers = helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_MMA, 1)
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
     constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, "
