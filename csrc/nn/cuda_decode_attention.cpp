@@ -474,8 +474,12 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
 }
 
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
-  static const bool off = switched_off("MLXRUNNER_CHUNK_ATTENTION");
-  return !off && cache_attention_shapes(q, k, v) && q.shape(2) >= 2 && q.shape(2) <= kMostChunkTokens;
+  return cache_attention_shapes(q, k, v) && q.shape(2) >= 2 && q.shape(2) <= kMostChunkTokens;
+}
+
+bool chunk_attention_switched_on() {
+  static const bool on = switched_on("MLXRUNNER_CHUNK_ATTENTION");
+  return on;
 }
 
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,

@@ -350,9 +350,9 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
 }
 
 // One sequence's attention on CUDA by the kernels that write the new keys and values into a full cache's buffers
-// themselves (nn/cuda_decode_attention.h): a decode step where the buffers are this cache's alone, and a short chunk
-// (the rest of a prompt after the prompt cache, a chat's next turn), whose keys MLX writes first where a copy shares
-// the buffers. [1, T, q_heads D], or nullopt where neither applies.
+// themselves (nn/cuda_decode_attention.h): a decode step where the buffers are this cache's alone, and, under
+// MLXRUNNER_CHUNK_ATTENTION=1, a short chunk (the rest of a prompt after the prompt cache, a chat's next turn), whose
+// keys MLX writes first where a copy shares the buffers. [1, T, q_heads D], or nullopt where neither applies.
 std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v,
                                                      KVCache& cache, int offset,
                                                      const std::optional<mx::array>& device_offset) const {
@@ -363,7 +363,7 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
     auto [keys, values] = cache.reserve(1, k);
     return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale);
   }
-  if (cuda_chunk_attention_applies(q, k, v)) {
+  if (chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v)) {
     auto [keys, values] = cache.writes_in_place() ? cache.reserve(tokens, k) : cache.append_buffers(k, v);
     return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale);
   }
