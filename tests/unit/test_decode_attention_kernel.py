@@ -133,15 +133,18 @@ CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 384  # kChunkRows, kChunkKeys, kC
 
 def chunk_splits_for(length: int, blocks_a_split: int) -> int:
     """As the host code chooses the chunk kernel's splits (chunk_splits_for)."""
-    tiles = -(-length // CHUNK_KEYS)
-    wanted = min(max(-(-CHUNK_BLOCKS // blocks_a_split), 1), tiles)
-    chunk = -(-(-(-length // wanted)) // CHUNK_KEYS) * CHUNK_KEYS
-    return -(-length // chunk)
+    def ceil_div(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
+    wanted = min(max(ceil_div(CHUNK_BLOCKS, blocks_a_split), 1), ceil_div(length, CHUNK_KEYS))
+    chunk = ceil_div(ceil_div(length, wanted), CHUNK_KEYS) * CHUNK_KEYS
+    return ceil_div(length, chunk)
 
 
 def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
-    values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to emulations."""
+    values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
+    emulations."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
@@ -155,8 +158,8 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
               "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
               "const int* position, float* part_acc, float* part_max, float* part_sum")
-    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, part_max, "
-            "part_sum")
+    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, "
+            "part_max, part_sum")
     code = (PRELUDE + helpers + constants +
             f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts')}\n}}\n" +
             block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
