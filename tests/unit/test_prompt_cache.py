@@ -12,7 +12,7 @@ import pytest
 from mlxrunner import _core
 from mlxrunner.llm import load
 from mlxrunner.llm.model import sampler_options
-from mlxrunner.llm.prompt_cache import PromptCache
+from mlxrunner.llm.prompt_cache import HAND_OVER_TAIL, PromptCache
 from mlxrunner.request import Options
 
 QWEN3 = Path(__file__).parents[1] / "fixtures" / "llm" / "qwen3-tiny"
@@ -58,11 +58,26 @@ def test_a_partial_match_is_trimmed_to_the_shared_prefix(model):
     cache = PromptCache(1 << 30)
     tokens, caches = stored(model, ids(40))
     cache.insert(tokens, caches)
-    hit, reused = cache.fetch(tokens[:25] + [1, 2, 3])
-    assert reused == 25 and hit.length == 25
+    shared = len(tokens) - HAND_OVER_TAIL - 1  # a tail of the stored sequence too long to give up
+    hit, reused = cache.fetch(tokens[:shared] + [1, 2, 3])
+    assert reused == shared and hit.length == shared
     # The entry itself keeps all its positions: the hit was a copy.
     again, reused_again = cache.fetch(tokens + [5])
     assert reused_again == len(tokens) and again.length == len(tokens)
+
+
+def test_a_match_but_for_a_short_tail_is_handed_over_trimmed(model):
+    """A stored sequence the prompt extends but for at most HAND_OVER_TAIL positions (the token generated after a
+    reply that the client did not send back) leaves the cache for the request, trimmed: no copy."""
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    cache.insert(tokens, caches)
+    shared = len(tokens) - HAND_OVER_TAIL
+    hit, reused = cache.fetch(tokens[:shared] + [1, 2, 3])
+    assert reused == shared and hit.length == shared and len(cache) == 0
+    # What it gives is what a cold prefill gives.
+    follow_up = tokens[:shared] + [1, 2, 3]
+    assert run(model, follow_up, 6, hit)[0] == run(model, follow_up, 6)[0]
 
 
 def test_the_last_prompt_token_never_comes_from_the_cache(model):
@@ -103,7 +118,7 @@ def test_a_sequence_that_extends_a_stored_one_replaces_it(model):
 
 
 def test_eviction_keeps_the_bytes_under_the_cap_dropping_the_least_recently_used(model):
-    sequences = [stored(model, ids(30, salt=s)) for s in (1, 2, 3)]
+    sequences = [stored(model, ids(60, salt=s)) for s in (1, 2, 3)]  # 64 positions: a 20-token hit leaves a long tail
     each = sequences[0][1].nbytes
     assert all(c.nbytes == each for _, c in sequences)
     cache = PromptCache(2 * each)
@@ -113,7 +128,7 @@ def test_eviction_keeps_the_bytes_under_the_cap_dropping_the_least_recently_used
     cache.insert(*sequences[2])
     assert len(cache) == 2 and cache.nbytes == 2 * each <= cache.max_bytes
     assert cache.fetch(sequences[1][0] + [1]) == (None, 0)
-    assert cache.fetch(sequences[0][0] + [1])[1] == 34 and cache.fetch(sequences[2][0] + [1])[1] == 34
+    assert cache.fetch(sequences[0][0] + [1])[1] == 64 and cache.fetch(sequences[2][0] + [1])[1] == 64
 
 
 def test_a_sequence_larger_than_the_cap_is_not_kept(model):
@@ -139,7 +154,7 @@ def test_a_running_request_never_changes_a_stored_sequence(model):
     cache = PromptCache(1 << 30)
     tokens, caches = stored(model, ids(40))
     cache.insert(tokens, caches)
-    follow_up = tokens[:20] + ids(30, salt=9)
+    follow_up = tokens[:8] + ids(30, salt=9)  # leaves a tail longer than HAND_OVER_TAIL: the hit is a copy
     hit, _ = cache.fetch(follow_up)
     written, _ = run(model, follow_up, 8, hit)  # writes positions 20.. of its copy
     # The entry still holds the first sequence: the same request gives the same tokens again.
@@ -156,9 +171,10 @@ def test_the_generator_refuses_a_start_cache_that_leaves_no_prompt_token_to_run(
 
 def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model):
     """A chat's next turn takes the stored sequence itself (it leaves the cache; the turn's own sequence replaces it
-    when done), so its follow-up writes into the stored buffers: no layer's buffer is copied. A sequence shared only
-    in part stays stored, and the request's copy pays a copy of each buffer at its first write. (1,000 positions:
-    buffers that dwarf a 3-token forward's activations.)"""
+    when done), so its follow-up writes into the stored buffers: no layer's buffer is copied; so does a prompt that
+    leaves a short tail of it unshared (trimmed). A sequence shared only in part, with a long tail, stays stored, and
+    the request's copy pays a copy of each buffer at its first write. (1,000 positions: buffers that dwarf a 3-token
+    forward's activations.)"""
     cache = PromptCache(1 << 30)
     tokens, caches = stored(model, ids(1000))
     nbytes = caches.nbytes
@@ -180,10 +196,13 @@ def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model
     handed_over = follow_up_peak(tokens + [7, 8, 9])
     assert len(cache) == 0
     cache.insert(*stored(model, ids(1000)))
+    trimmed = follow_up_peak(ids(1000) + [7, 8, 9])  # the stored sequence's 4 generated tokens not sent back
+    assert len(cache) == 0
+    cache.insert(*stored(model, ids(1000)))
     copied = follow_up_peak(ids(750) + [7, 8, 9])  # shares 750 of the stored sequence's positions
     assert len(cache) == 1
     assert copied >= nbytes  # every layer's buffers copied at the first write
-    assert handed_over < nbytes / 4
+    assert handed_over < nbytes / 4 and trimmed < nbytes / 4
 
 
 def test_a_chat_turn_through_stream_writes_the_stored_buffers_in_place(model):

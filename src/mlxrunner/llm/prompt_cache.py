@@ -4,11 +4,16 @@ Each entry is one whole sequence (a prompt and the tokens generated after it) wi
 that hold it, as mlx-lm's server keeps them (`LRUPromptCache`). A new prompt takes the entry with the longest
 common prefix; the generator then prefills only the rest. The prompt's last token is never taken from the cache:
 it must run through the network to give the logits of the first new token. An entry the prompt extends (a chat's
-next turn) is handed over and leaves the cache: the request's own sequence replaces it when it is done, and MLX
-then writes the follow-up into the entry's buffers in place. An entry shared only in part is copied (array
-handles: MLX arrays are immutable) and trimmed; the copy's first write into each buffer copies that buffer, as a
-write into an array something else holds must (~0.8 ms of an H200 for 3,000 tokens of a Qwen3-4B). mlx-lm's
-server does the same: it pops a shorter cached sequence and deep-copies a longer one.
+next turn), or extends but for a short tail (at most HAND_OVER_TAIL positions past the shared prefix: the token
+generated after a reply that the client did not send back, a reply's last tokens that the next prompt's template
+writes otherwise), is handed over: it leaves the cache, is trimmed to the shared prefix, and MLX then writes the
+follow-up into its buffers in place; the request's own sequence replaces it when it is done. Any other entry shared
+only in part is copied (array handles: MLX arrays are immutable) and trimmed; the copy's first write into each
+buffer copies that buffer, as a write into an array something else holds must (~0.8 ms of an H200 for 3,000 tokens
+of a Qwen3-4B, growing with the context). mlx-lm's server pops a shorter cached sequence and deep-copies a longer
+one; llama.cpp's server trims its slot's cache to the shared prefix and never copies. Here a long tail is worth
+the copy (a conversation the user may branch back to), a short one is not: recomputing a few positions, should a
+later prompt want them, costs less than copying the whole conversation's buffers at every such turn.
 
 Entries are evicted least recently used first once their bytes pass the cap. A stored sequence that a new one
 extends is dropped (the new one's cache, trimmed, serves it too), so one conversation holds one entry.
@@ -35,6 +40,10 @@ from typing import Protocol, Sequence
 import numpy as np
 
 log = logging.getLogger("mlxrunner")
+
+# The most positions a stored sequence may hold past the prefix a prompt shares with it and still be handed over
+# (trimmed, no copy) rather than copied; see the module's docstring.
+HAND_OVER_TAIL = 32
 
 
 class LayerCaches(Protocol):
@@ -103,7 +112,8 @@ class PromptCache:
     def fetch(self, prompt: Sequence[int]) -> tuple[LayerCaches | None, int]:
         """Caches holding the longest prefix of `prompt` found (never its last token), and that prefix's
         length; (None, 0) when nothing matches. The caches are the caller's own: a stored sequence the prompt
-        extends leaves the cache (the caller's finished sequence takes its place), any other is copied."""
+        extends, but for at most HAND_OVER_TAIL positions, leaves the cache trimmed (the caller's finished sequence
+        takes its place), any other is copied."""
         self._insert_given_back()
         ids = np.asarray(prompt, np.int32)
         usable = len(ids) - 1
@@ -114,7 +124,7 @@ class PromptCache:
             if reused == 0:
                 break
             entry = self._entries[key]
-            if reused == len(entry.tokens):
+            if len(entry.tokens) - reused <= HAND_OVER_TAIL and entry.caches.trim(len(entry.tokens) - reused):
                 self._remove(key)
                 return entry.caches, reused
             caches = entry.caches.copy()
