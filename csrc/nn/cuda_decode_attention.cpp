@@ -209,6 +209,11 @@ __device__ __forceinline__ unsigned pair_of(T lo, T hi) {
   return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&lo)) |
          (static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
 }
+// Whether 8 elements of T from p may move as one 16-byte word: consecutive (unit stride) and aligned.
+template <typename T>
+__device__ __forceinline__ bool whole_word(const T* p, long long stride) {
+  return stride == 1 && (reinterpret_cast<unsigned long long>(p) & 15) == 0;
+}
 __device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
   const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
@@ -246,19 +251,37 @@ constexpr const char* kChunkAttentionParts = R"(
   const float scale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
   {
-    // The chunk's keys and values into their slots, shared among the key head's blocks (one block writing them all
-    // took ~64 rounds of loads then stores, each waiting on the last: the whole kernel's time at a 64-token chunk).
+    // The chunk's keys and values into their slots, 8 elements a thread, shared among the key head's blocks (one
+    // block writing them all, element by element, waited a round trip per element: a load through a pointer that may
+    // alias the store before it cannot move above it).
     T* key_slots = const_cast<T*>(keys);
     T* value_slots = const_cast<T*>(values);
     const int head_blocks = query_tiles * splits;
-    for (int e = (query_tile * splits + split) * blockDim.x + threadIdx.x; e < queries * D;
-         e += head_blocks * blockDim.x) {
-      const int t = e / D, d = e % D;
-      const size_t slot = head_first + static_cast<size_t>(offset + t) * D + d;
-      const T key = k[kv_head * k_strides[1] + t * k_strides[2] + d * k_strides[3]];
-      const T value = v[kv_head * v_strides[1] + t * v_strides[2] + d * v_strides[3]];
-      key_slots[slot] = key;
-      value_slots[slot] = value;
+    for (int c = (query_tile * splits + split) * blockDim.x + threadIdx.x; c < queries * (D / 8);
+         c += head_blocks * blockDim.x) {
+      const int t = c / (D / 8), e = (c % (D / 8)) * 8;
+      const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
+      const T* value_from = v + kv_head * v_strides[1] + t * v_strides[2] + e * v_strides[3];
+      T* key_to = key_slots + head_first + static_cast<size_t>(offset + t) * D + e;
+      T* value_to = value_slots + head_first + static_cast<size_t>(offset + t) * D + e;
+      if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
+        const uint4 key_word = *reinterpret_cast<const uint4*>(key_from);
+        const uint4 value_word = *reinterpret_cast<const uint4*>(value_from);
+        *reinterpret_cast<uint4*>(key_to) = key_word;
+        *reinterpret_cast<uint4*>(value_to) = value_word;
+      } else {
+        T key8[8], value8[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          key8[i] = key_from[i * k_strides[3]];
+          value8[i] = value_from[i * v_strides[3]];
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          key_to[i] = key8[i];
+          value_to[i] = value8[i];
+        }
+      }
     }
   }
   const int row_lo = query_tile * kRows + warp * 16 + group, row_hi = row_lo + 8;
@@ -295,13 +318,29 @@ constexpr const char* kChunkAttentionParts = R"(
         const size_t at = head_first + static_cast<size_t>(j) * D + e;
         copy_16_async(&key_tile[slot][e], keys + at);
         copy_16_async(&value_tile[slot][e], values + at);
-      } else {
+      } else if (j < end) {
         const int t = j - offset;
+        const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
+        const T* value_from = v + kv_head * v_strides[1] + t * v_strides[2] + e * v_strides[3];
+        if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
+          copy_16_async(&key_tile[slot][e], key_from);
+          copy_16_async(&value_tile[slot][e], value_from);
+        } else {  // every load before the first store, for the reason the slots' writing gives
+          T key8[8], value8[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          key_tile[slot][e + i] = j < end ? k[kv_head * k_strides[1] + t * k_strides[2] + (e + i) * k_strides[3]] : T(0.f);
-          value_tile[slot][e + i] = j < end ? v[kv_head * v_strides[1] + t * v_strides[2] + (e + i) * v_strides[3]] : T(0.f);
+          for (int i = 0; i < 8; ++i) {
+            key8[i] = key_from[i * k_strides[3]];
+            value8[i] = value_from[i * v_strides[3]];
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            key_tile[slot][e + i] = key8[i];
+            value_tile[slot][e + i] = value8[i];
+          }
         }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) key_tile[slot][e + i] = value_tile[slot][e + i] = T(0.f);
       }
     }
     wait_async_copies();

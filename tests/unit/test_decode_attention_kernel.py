@@ -166,17 +166,18 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     return compile_library(tmp_path / "chunk", code)
 
 
-CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits
-    (64, 4, 2, 5, 0, 256, None),      # a fresh cache: 10 rows, most of a warp's 16 empty; the host's splits (1)
-    (128, 8, 2, 20, 37, 128, 3),      # 4 queries a key head: 80 rows over two query tiles; 3 splits of one tile each
-    (64, 16, 8, 7, 300, 512, None),   # 8 key heads, the host's splits (5 of 64 keys)
-    (64, 2, 2, 64, 100, 256, 2),      # one query a key head: 64 rows, one tile; the last split past some rows' keys
+CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits,
+    # k's elements along the head dim consecutive (as the RoPE kernel writes them: moved 16 bytes at a time) or not
+    (64, 4, 2, 5, 0, 256, None, True),      # a fresh cache: 10 rows, most of a warp's 16 empty; the host's splits (1)
+    (128, 8, 2, 20, 37, 128, 3, True),      # 4 queries a key head: 80 rows over two query tiles; 3 one-tile splits
+    (64, 16, 8, 7, 300, 512, None, False),  # 8 key heads, the host's splits (5 of 64 keys); k element by element
+    (64, 2, 2, 64, 100, 256, 2, True),      # one query a key head: 64 rows, one tile; the last split past some rows
 ]
 
 
-@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity, splits", CHUNK_CASES)
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity, splits, k_rows", CHUNK_CASES)
 def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d, q_heads, kv_heads, tokens, offset,
-                                                                    capacity, splits):
+                                                                    capacity, splits, k_rows):
     rng = np.random.default_rng(d + q_heads + tokens + offset)
     scale = 1 / np.sqrt(d)
     length = offset + tokens
@@ -186,6 +187,8 @@ def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d,
     # q a heads-first view of a tokens-first array; v a strided view of a [1, T, 3 kv_heads, D] projection
     q = to_bf16_bits(rng.standard_normal((1, tokens, q_heads, d))).transpose(0, 2, 1, 3)
     k = to_bf16_bits(rng.standard_normal((1, kv_heads, tokens, d)) * 2)
+    if not k_rows:  # the same values held head dim first: a view whose head-dim stride is `tokens`
+        k = np.ascontiguousarray(k.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     v_projection = to_bf16_bits(rng.standard_normal((1, tokens, 3 * kv_heads, d)))
     v = v_projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
     keys = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)) * 2)
