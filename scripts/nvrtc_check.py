@@ -37,16 +37,16 @@ from mlxrunner import _core
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "nn"
 WHEELS = {"nvrtc": "nvidia-cuda-nvrtc==13.0.*", "runtime": "nvidia-cuda-runtime==13.0.*", "mlx": "mlx-cuda-13==0.32.4"}
-CUDA_TYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "float": "float", "int32": "int32_t"}
+CUDA_TYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "float": "float", "int32": "int32_t", "uint32": "uint32_t"}
 MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
 @cache  # each is read and compacted once, whichever variants use it
-def kernel_string(path: str, name: str) -> str:
+def kernel_string(path: str, name: str, switches: tuple[tuple[str, bool], ...] = ()) -> str:
     found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', (CSRC / path).read_text(), re.S)
     if not found:
         raise SystemExit(f"{name} is not in csrc/nn/{path}")
-    return _core.compact_kernel_source(found.group(1))
+    return _core.compact_kernel_source(found.group(1), dict(switches))
 
 
 def mlx_kernel_source(name: str, header: str, body: str, inputs: list, outputs: list, constants: dict) -> str:
@@ -142,6 +142,13 @@ def kernels():
             [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32")],
             [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
             {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
+    yield "decode_attention_fused/128/32x8", mlx_kernel_source(
+        "mlxr_decode_attention_fused", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
+                                                         (("MLXR_MERGE_IN_PARTS", True),)),
+        [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
+         ("counters", "uint32")],
+        [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float"), ("out", "bf16")],
+        {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
     chunk_helpers = kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers")
     for dtype in ("bf16", "f16"):
         for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):

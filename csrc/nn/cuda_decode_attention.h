@@ -46,6 +46,10 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
 // Whether the chunk kernel takes these q [1, q_heads, T, D], k and v [1, kv_heads, T, D] (any strides): CUDA, 2 <= T
 // <= 128, D 64 or 128, q_heads a multiple of kv_heads, one half-precision dtype.
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
+// The decode step's splits merged inside its one kernel, by the last of each key head's blocks to finish (one MLX
+// operation a layer where the separate merge makes two: the 4-bit decode step is bound by MLX's host time per
+// operation): MLXRUNNER_MERGE_IN_PARTS=1, a measuring switch until a GPU has timed it.
+bool merge_in_parts_switched_on();
 // Whether the decoder takes the chunk kernel: MLXRUNNER_CHUNK_ATTENTION=1, a measuring switch (off: on an H100 its
 // 64-token chunk over 3,064 keys took 46 us a layer against cuDNN's 42, and the prompt cache's follow-up was no faster).
 bool chunk_attention_switched_on();

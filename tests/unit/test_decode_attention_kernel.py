@@ -62,8 +62,28 @@ CASES = [  # head dim, query heads, key/value heads, position (the step's slot),
 ]
 
 
+def build_fused(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+    """The parts kernel's MLXR_MERGE_IN_PARTS variant (MLXRUNNER_MERGE_IN_PARTS=1): run(blocks, q, q_strides, k,
+    k_strides, v, v_strides, keys, keys_shape, values, position, counters, part_acc, part_max, part_sum, out)."""
+    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
+    constants = (f"#define MLXR_MERGE_IN_PARTS 1\nusing T = __nv_bfloat16;\n"
+                 f"constexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, SCALE_BITS = {scale_bits};\n")
+    params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
+              "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, const int* position, "
+              "const uint32_t* counters, float* part_acc, float* part_max, float* part_sum, T* out")
+    args = ("q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, counters, part_acc, "
+            "part_max, part_sum, out")
+    body = kernel_source(SOURCE, "kDecodeAttentionParts")
+    code = (PRELUDE + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
+            block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
+    return compile_library(tmp_path / "fused", code)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["merge-kernel", "merged-in-parts"])
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity", CASES)
-def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity):
+def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity, fused):
+    """Both ways to merge the splits: the second kernel, or the last block of each key head in the first
+    (MLXRUNNER_MERGE_IN_PARTS=1), which must also leave its count of finished blocks zero for the next launch."""
     rng = np.random.default_rng(d + q_heads + position)
     scale = 1 / np.sqrt(d)
     q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
@@ -84,15 +104,24 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     part_max_shape = np.array(part_max.shape, np.int32)
     at = np.array([position], np.int32)
     strides = [element_strides(a) for a in (q, k, v)]
-    parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
     ptr = ctypes.c_void_p
     # v's pointer is its first element inside the projection, as MLX hands a view's data over
     v_first = v_projection.ctypes.data + kv_heads * d * v_projection.itemsize
-    parts.run(ctypes.c_int(kv_heads * splits),
-              *[ptr(x) for x in (q.ctypes.data, strides[0].ctypes.data, k.ctypes.data, strides[1].ctypes.data, v_first,
-                                 strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data,
-                                 at.ctypes.data, part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data)])
-    merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum, out)])
+    inputs = [q.ctypes.data, strides[0].ctypes.data, k.ctypes.data, strides[1].ctypes.data, v_first,
+              strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data, at.ctypes.data]
+    parts_out = [part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data]
+    if fused:
+        counters = np.zeros(kv_heads + 1, np.uint32)
+        counters[kv_heads] = 7  # past the key heads: not the kernel's
+        fused_args = inputs + [counters.ctypes.data] + parts_out + [out.ctypes.data]
+        build_fused(tmp_path, d, q_heads, kv_heads, scale).run(ctypes.c_int(kv_heads * splits),
+                                                               *[ptr(x) for x in fused_args])
+        assert counters.tolist() == [0] * kv_heads + [7]
+    else:
+        parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
+        parts.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
+        merged = (part_acc, part_max, part_max_shape, part_sum, out)
+        merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in merged])
 
     # The step's slot now holds its key and value; every other slot is as it was.
     np.testing.assert_array_equal(keys[0, :, position], k[0, :, 0])
