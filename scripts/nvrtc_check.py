@@ -14,10 +14,11 @@ Each kernel is built as MLX's `fast::cuda_kernel` builds it (`backend/cuda/custo
 ours, then a `__global__` function in `mlx::core::cu` taking each input's pointer (and its shape, strides and ndim
 where the source names them), the outputs' pointers, and the template arguments as constants in its body. The
 template arguments and dtypes below are those the host code passes (csrc/nn/cuda_dit_fusion.cpp, cuda_norm_rope.cpp,
-rope.cpp, cuda_batch_attention.cpp), for bfloat16 and float32 inputs where the kernel takes both; the decode
-product's many variants (cuda_matvec.cpp) are not listed yet. Whether a kernel computes the right numbers is for the
-emulated-warp tests (tests/unit/test_dit_row_kernels.py, test_batch_attention_kernel.py, ...) and the GPU tests; this
-checks only that NVRTC takes every variant. Exit status 1 if any does not compile.
+rope.cpp, cuda_batch_attention.cpp, cuda_decode_attention.cpp), for bfloat16 and float32 inputs where the kernel
+takes both; of the decode product's many variants (cuda_matvec.cpp) only the plain one is listed yet. Whether a kernel
+computes the right numbers is for the emulated-warp tests (tests/unit/test_dit_row_kernels.py,
+test_batch_attention_kernel.py, ...) and the GPU tests; this checks only that NVRTC takes every variant. Exit status 1
+if any does not compile.
 """
 
 from __future__ import annotations
@@ -149,7 +150,16 @@ def kernels():
          ("counters", "uint32")],
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float"), ("out", "bf16")],
         {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
-    chunk_helpers = kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers")
+    # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
+    for bits in (4, 16):
+        yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(
+            "mlxr_qmv_tc", "#define MLXR_STAGE 0\n" + kernel_string("cuda_kernel_common.h", "kCudaMma") +
+            kernel_string("cuda_matvec.cpp", "kTensorCoreHelpers"),
+            kernel_string("cuda_matvec.cpp", "kTensorCoreSource", (("MLXR_NORMED", False), ("MLXR_HEADS", False))),
+            [("x", "bf16"), ("w", "uint32"), ("scales", "bf16"), ("biases", "bf16")], [("out", "bf16")],
+            {"T": "bf16", "BITS": bits, "GROUP": 64, "XT": 1, "W": 4, "U": 2, "GATED": False})
+    chunk_helpers = (kernel_string("cuda_kernel_common.h", "kCudaMma") +
+                     kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers"))
     for dtype in ("bf16", "f16"):
         for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(

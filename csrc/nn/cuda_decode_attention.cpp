@@ -210,16 +210,6 @@ constexpr const char* kDecodeAttentionMerge = R"(
 // rows' largest score (natural units), the sum of exp(score - that) and the weighted values.
 constexpr const char* kChunkAttentionHelpers = R"(
 namespace mlxr_chunk {
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 // Two floats rounded to T, as the 32-bit register pair an mma operand takes.
 __device__ __forceinline__ unsigned pair_bits(float lo, float hi, __nv_bfloat16) {
   const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
@@ -238,6 +228,13 @@ template <typename T>
 __device__ __forceinline__ unsigned pair_of(T lo, T hi) {
   return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&lo)) |
          (static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+}
+// Elements from[0], from[stride], ... from[7 stride], every load issued before the caller's first store (a load
+// through a pointer that may alias a store before it cannot move above it: each would wait a round trip).
+template <typename T>
+__device__ __forceinline__ void gather8(T (&out)[8], const T* from, long long stride) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = from[i * stride];
 }
 // Whether 8 elements of T from p may move as one 16-byte word: consecutive (unit stride) and aligned.
 template <typename T>
@@ -282,8 +279,7 @@ constexpr const char* kChunkAttentionParts = R"(
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
   {
     // The chunk's keys and values into their slots, 8 elements a thread, shared among the key head's blocks (one
-    // block writing them all, element by element, waited a round trip per element: a load through a pointer that may
-    // alias the store before it cannot move above it).
+    // block writing them all, element by element, waited a round trip per element: see gather8).
     T* key_slots = const_cast<T*>(keys);
     T* value_slots = const_cast<T*>(values);
     const int head_blocks = query_tiles * splits;
@@ -301,11 +297,8 @@ constexpr const char* kChunkAttentionParts = R"(
         *reinterpret_cast<uint4*>(value_to) = value_word;
       } else {
         T key8[8], value8[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          key8[i] = key_from[i * k_strides[3]];
-          value8[i] = value_from[i * v_strides[3]];
-        }
+        gather8(key8, key_from, k_strides[3]);
+        gather8(value8, value_from, v_strides[3]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           key_to[i] = key8[i];
@@ -355,13 +348,10 @@ constexpr const char* kChunkAttentionParts = R"(
         if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
           copy_16_async(&key_tile[slot][e], key_from);
           copy_16_async(&value_tile[slot][e], value_from);
-        } else {  // every load before the first store, for the reason the slots' writing gives
+        } else {
           T key8[8], value8[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            key8[i] = key_from[i * k_strides[3]];
-            value8[i] = value_from[i * v_strides[3]];
-          }
+          gather8(key8, key_from, k_strides[3]);
+          gather8(value8, value_from, v_strides[3]);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             key_tile[slot][e + i] = key8[i];
@@ -589,7 +579,7 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
   }
   static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
-                                        kChunkAttentionHelpers, false);
+                                        std::string(kCudaMma) + kChunkAttentionHelpers, false);
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;

@@ -35,6 +35,23 @@ __device__ inline float block_sum(float v) {
 }
 )";
 
+// The tensor-core product our kernels use (nn/cuda_matvec, nn/cuda_decode_attention): mma.sync m16n8k16 with float
+// sums, d += a b for a 16 x 16 tile a (row-major, 4 registers of pairs) and a 16 x 8 tile b (2 registers), the
+// overload picked by the half type of the last argument. Which lane holds which elements is PTX's fragment layout
+// (tests/unit/cuda_emulator.py emulates it).
+inline constexpr const char* kCudaMma = R"(
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+)";
+
 // Row kernels: one block per row of n (a multiple of 4), thread t holding the row's elements in quads of 4
 // consecutive ones (one 8-byte load of bfloat16): its quad q is elements 4 (t + q blockDim.x) .. + 3, its held slot k
 // element held_index(k); PER_THREAD slots in registers. Every load comes before any store (a store may alias a

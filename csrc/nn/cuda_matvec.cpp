@@ -45,18 +45,6 @@ __device__ __forceinline__ To bits_as(From from) {
   return *reinterpret_cast<const To*>(&from);
 }
 
-// d += a b for a 16 x 16 tile a (row-major, 4 registers of pairs) and a 16 x 8 tile b (2 registers), float sums.
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __nv_bfloat16) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Two 4-bit weights, one in the low nibble of each 16-bit half of bits, as the pair scale * q + bias.
 template <typename T>
 __device__ __forceinline__ unsigned nibble_pair(unsigned bits, typename Pair<T>::type scale, typename Pair<T>::type bias) {
@@ -547,7 +535,7 @@ mx::fast::CustomKernelFunction product_kernel(const std::string& name, const std
                                               const std::vector<std::string>& outputs, bool normed, bool heads,
                                               int stage = 0) {
   const std::string header =
-      "#define MLXR_STAGE " + std::to_string(stage) + "\n" + kTensorCoreHelpers + (heads ? kHeadsHelpers : "");
+      "#define MLXR_STAGE " + std::to_string(stage) + "\n" + kCudaMma + kTensorCoreHelpers + (heads ? kHeadsHelpers : "");
   return cuda_kernel(name, inputs, outputs, kTensorCoreSource, header, true,
                      {{"MLXR_NORMED", normed}, {"MLXR_HEADS", heads}});
 }

@@ -29,13 +29,14 @@ SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 
 
-def inputs(d, q_heads, kv_heads, capacity, seed):
+def inputs(d, q_heads, kv_heads, capacity, seed, tokens=1):
+    """q [1, q_heads, tokens, D] (a heads-first view of a tokens-first array), k and v [1, kv_heads, tokens, D] (v a
+    strided view, as the decoder's values are of the q|k|v product), and a cache's buffers of `capacity` positions."""
     key = mx.random.key(seed)
     kq, kk, kv, kc, kw = mx.random.split(key, 5)
-    q = mx.random.normal((1, q_heads, 1, d), key=kq).astype(mx.bfloat16)
-    k = (2 * mx.random.normal((1, kv_heads, 1, d), key=kk)).astype(mx.bfloat16)
-    # v a strided view, as the decoder's values are of the q|k|v product
-    projection = mx.random.normal((1, 1, 3 * kv_heads, d), key=kv).astype(mx.bfloat16)
+    q = mx.random.normal((1, tokens, q_heads, d), key=kq).astype(mx.bfloat16).transpose(0, 2, 1, 3)
+    k = (2 * mx.random.normal((1, kv_heads, tokens, d), key=kk)).astype(mx.bfloat16)
+    projection = mx.random.normal((1, tokens, 3 * kv_heads, d), key=kv).astype(mx.bfloat16)
     v = projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
     keys = (2 * mx.random.normal((1, kv_heads, capacity, d), key=kc)).astype(mx.bfloat16)
     values = mx.random.normal((1, kv_heads, capacity, d), key=kw).astype(mx.bfloat16)
@@ -109,19 +110,6 @@ def test_the_binding_declines_off_cuda():
     assert _core.cuda_decode_attention(q, k, v, keys, values, mx.array([3], mx.int32), 4, 0.125) is None
 
 
-def chunk_inputs(d, q_heads, kv_heads, tokens, capacity, seed):
-    key = mx.random.key(seed)
-    kq, kk, kv, kc, kw = mx.random.split(key, 5)
-    q = mx.random.normal((1, tokens, q_heads, d), key=kq).astype(mx.bfloat16).transpose(0, 2, 1, 3)
-    k = (2 * mx.random.normal((1, kv_heads, tokens, d), key=kk)).astype(mx.bfloat16)
-    projection = mx.random.normal((1, tokens, 3 * kv_heads, d), key=kv).astype(mx.bfloat16)
-    v = projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
-    keys = (2 * mx.random.normal((1, kv_heads, capacity, d), key=kc)).astype(mx.bfloat16)
-    values = mx.random.normal((1, kv_heads, capacity, d), key=kw).astype(mx.bfloat16)
-    mx.eval(q, k, v, keys, values)
-    return q, k, v, keys, values
-
-
 @pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
 @pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity", [
     (128, 32, 8, 64, 3000, 3072),   # the prompt cache bench's follow-up on a Qwen3-4B
@@ -131,7 +119,7 @@ def chunk_inputs(d, q_heads, kv_heads, tokens, capacity, seed):
 ])
 def test_the_chunk_kernel_is_mlx_causal_attention_over_the_written_cache(d, q_heads, kv_heads, tokens, offset,
                                                                          capacity):
-    q, k, v, keys, values = chunk_inputs(d, q_heads, kv_heads, tokens, capacity, offset + tokens)
+    q, k, v, keys, values = inputs(d, q_heads, kv_heads, capacity, offset + tokens, tokens)
     before_keys, before_values = np.array(keys.astype(mx.float32)), np.array(values.astype(mx.float32))
     scale = d ** -0.5
     length = offset + tokens
@@ -157,7 +145,7 @@ def test_the_chunk_kernel_is_mlx_causal_attention_over_the_written_cache(d, q_he
 
 @pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
 def test_the_chunk_binding_declines_off_cuda():
-    q, k, v, keys, values = chunk_inputs(64, 4, 2, 5, 64, 0)
+    q, k, v, keys, values = inputs(64, 4, 2, 64, 0, tokens=5)
     assert _core.cuda_chunk_attention(q, k, v, keys, values, mx.array([3], mx.int32), 8, 0.125) is None
 
 

@@ -29,23 +29,29 @@ def splits_for(length: int) -> int:
     return -(-length // chunk)
 
 
-def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, merge_in_parts: bool = False):
+    """The parts kernel as a library, run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values,
+    position, [counters,] part_acc, part_max, part_sum[, out]), with its MLXR_MERGE_IN_PARTS variant's counts and
+    output where `merge_in_parts` (MLXRUNNER_MERGE_IN_PARTS=1); and the merge kernel, run(blocks, part_acc, part_max,
+    part_max_shape, part_sum, out)."""
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
     constants = f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
+    counters, out = (("const uint32_t* counters, ", ", T* out") if merge_in_parts else ("", ""))
     parts_params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
                     "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-                    "const int* position, float* part_acc, float* part_max, float* part_sum")
-    parts_args = ("q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, part_max, "
-                  "part_sum")
+                    f"const int* position, {counters}float* part_acc, float* part_max, float* part_sum{out}")
+    parts_args = ", ".join(param.split()[-1].lstrip("*") for param in parts_params.split(", "))
     merge_params = ("const float* part_acc, const float* part_max, const int* part_max_shape, const float* part_sum, "
                     "T* out")
     merge_args = "part_acc, part_max, part_max_shape, part_sum, out"
-    parts = PRELUDE + constants + f"constexpr int SCALE_BITS = {scale_bits};\n" + (
-        f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
+    parts = (PRELUDE + f"#define MLXR_MERGE_IN_PARTS {int(merge_in_parts)}\n" + constants +
+             f"constexpr int SCALE_BITS = {scale_bits};\n" +
+             f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
     merge_body = kernel_source(SOURCE, "kDecodeAttentionMerge")
     merge = PRELUDE + constants + f"static void kernel({merge_params}) {{\n{merge_body}\n}}\n"
-    return (compile_library(tmp_path / "parts", parts + block_launcher(f"int blocks, {parts_params}", parts_args,
-                                                                       "blocks", THREADS)),
+    name = "fused" if merge_in_parts else "parts"
+    return (compile_library(tmp_path / name, parts + block_launcher(f"int blocks, {parts_params}", parts_args,
+                                                                     "blocks", THREADS)),
             compile_library(tmp_path / "merge", merge + block_launcher(f"int blocks, {merge_params}", merge_args,
                                                                        "blocks", d)))
 
@@ -60,23 +66,6 @@ CASES = [  # head dim, query heads, key/value heads, position (the step's slot),
     (128, 32, 8, 300, 512),   # 5 splits, four query heads a key head (Llama 3 8B's grouping)
     (64, 16, 8, 1023, 1024),  # 16 splits, the buffer's last slot
 ]
-
-
-def build_fused(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
-    """The parts kernel's MLXR_MERGE_IN_PARTS variant (MLXRUNNER_MERGE_IN_PARTS=1): run(blocks, q, q_strides, k,
-    k_strides, v, v_strides, keys, keys_shape, values, position, counters, part_acc, part_max, part_sum, out)."""
-    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
-    constants = (f"#define MLXR_MERGE_IN_PARTS 1\nusing T = __nv_bfloat16;\n"
-                 f"constexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, SCALE_BITS = {scale_bits};\n")
-    params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
-              "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, const int* position, "
-              "const uint32_t* counters, float* part_acc, float* part_max, float* part_sum, T* out")
-    args = ("q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, counters, part_acc, "
-            "part_max, part_sum, out")
-    body = kernel_source(SOURCE, "kDecodeAttentionParts")
-    code = (PRELUDE + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
-            block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
-    return compile_library(tmp_path / "fused", code)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["merge-kernel", "merged-in-parts"])
@@ -113,9 +102,9 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     if fused:
         counters = np.zeros(kv_heads + 1, np.uint32)
         counters[kv_heads] = 7  # past the key heads: not the kernel's
-        fused_args = inputs + [counters.ctypes.data] + parts_out + [out.ctypes.data]
-        build_fused(tmp_path, d, q_heads, kv_heads, scale).run(ctypes.c_int(kv_heads * splits),
-                                                               *[ptr(x) for x in fused_args])
+        fused, _ = build(tmp_path, d, q_heads, kv_heads, scale, merge_in_parts=True)
+        fused.run(ctypes.c_int(kv_heads * splits),
+                  *[ptr(x) for x in inputs + [counters.ctypes.data] + parts_out + [out.ctypes.data]])
         assert counters.tolist() == [0] * kv_heads + [7]
     else:
         parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
@@ -153,6 +142,8 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], __half) {
   emulated_mma<__half>(d, a, b);
 }
+"""
+HOST_COPIES = r"""
 // cp.async as a plain copy (the block's barrier after the wait is what orders it on the GPU as here)
 __device__ __forceinline__ void copy_16_async(void* shared, const void* global) { std::memcpy(shared, global, 16); }
 __device__ __forceinline__ void wait_async_copies() {}
@@ -177,10 +168,11 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
-    helpers, count = re.subn(r"__device__ __forceinline__ void (mma|copy_16_async|wait_async_copies)\(.*?\n}\n", "",
+    helpers, count = re.subn(r"__device__ __forceinline__ void (copy_16_async|wait_async_copies)\(.*?\n}\n", "",
                              helpers, flags=re.S)
-    assert count == 4, "the helpers' two mma functions and two asynchronous copy functions were not found"
-    helpers = helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_MMA, 1)
+    assert count == 2, "the helpers' two asynchronous copy functions were not found"
+    # the emulated mma in place of the asm one the host code puts before the helpers (kCudaMma)
+    helpers = HOST_MMA + helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_COPIES, 1)
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
     constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, "
                  f"SCALE_BITS = {scale_bits};\n")

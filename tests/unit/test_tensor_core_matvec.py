@@ -39,12 +39,8 @@ def kernel_parts(normed: bool = False, heads: bool = False) -> tuple[str, str]:
     switches = {"MLXR_NORMED": normed, "MLXR_HEADS": heads}
     sources = {name: _core.compact_kernel_source(source, switches)
                for name, source in re.findall(r'constexpr const char\* (\w+) = R"\((.*?)\)";', text, re.S)}
-    helpers = sources["kTensorCoreHelpers"]
-    # The two asm mma functions give way to the emulation.
-    helpers, count = re.subn(r"__device__ __forceinline__ void mma\(.*?\n}\n"
-                             r"(?=__device__ __forceinline__ void mma|template)", "", helpers, flags=re.S)
-    assert count == 2, "the helpers' two mma functions were not found"
-    helpers = helpers.replace("namespace mlxr_tc {", "namespace mlxr_tc {\n" + HOST_MMA, 1)
+    # The emulated mma in place of the asm one the host code puts before the helpers (kCudaMma).
+    helpers = HOST_MMA + sources["kTensorCoreHelpers"]
     # MLX's device headers give way to the prelude's functors.
     helpers, count = re.subn(r'#include "mlx/backend/cuda/device/\w+\.cuh"\n', "", helpers)
     assert count == 2, "the helpers' two MLX includes were not found"
