@@ -340,27 +340,30 @@ void bind_cuda_kernels(nb::module_& m) {
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
       "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
-  m.def(
-      "cuda_decode_attention",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length, float scale) -> std::optional<mx::array> {
-        if (!cuda_decode_attention_applies(q, k, v)) return std::nullopt;
-        return evaluated(cuda_decode_attention(q, k, v, keys, values, position, length, scale));
-      },
-      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a,
-      nb::call_guard<nb::gil_scoped_release>(),
+  // The two attention kernels that write the cache in place share their arguments: (q, k, v, keys, values, position,
+  // length, scale) -> the attention, or None where the kernel does not apply.
+  using CacheAttention = mx::array (*)(const mx::array&, const mx::array&, const mx::array&, const mx::array&,
+                                       const mx::array&, const mx::array&, int, float);
+  using Applies = bool (*)(const mx::array&, const mx::array&, const mx::array&);
+  auto bind_cache_attention = [&m](const char* name, Applies applies, CacheAttention attention, const char* doc) {
+    m.def(
+        name,
+        [applies, attention](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
+                             const mx::array& values, const mx::array& position, int length,
+                             float scale) -> std::optional<mx::array> {
+          if (!applies(q, k, v)) return std::nullopt;
+          return evaluated(attention(q, k, v, keys, values, position, length, scale));
+        },
+        "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a,
+        nb::call_guard<nb::gil_scoped_release>(), doc);
+  };
+  bind_cache_attention(
+      "cuda_decode_attention", cuda_decode_attention_applies, cuda_decode_attention,
       "A decode step's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, 1, D] into slot "
       "position[0] of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns softmax(q k^T scale) v over "
       "slots 0..length - 1 as [1, 1, q_heads D]; None off CUDA or where the kernel does not apply.");
-  m.def(
-      "cuda_chunk_attention",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length, float scale) -> std::optional<mx::array> {
-        if (!cuda_chunk_attention_applies(q, k, v)) return std::nullopt;
-        return evaluated(cuda_chunk_attention(q, k, v, keys, values, position, length, scale));
-      },
-      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a,
-      nb::call_guard<nb::gil_scoped_release>(),
+  bind_cache_attention(
+      "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,
       "A chunk's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, T, D] into slots "
       "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the causal "
       "attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, q_heads D]; "

@@ -229,12 +229,23 @@ __device__ __forceinline__ unsigned pair_of(T lo, T hi) {
   return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&lo)) |
          (static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
 }
-// Elements from[0], from[stride], ... from[7 stride], every load issued before the caller's first store (a load
-// through a pointer that may alias a store before it cannot move above it: each would wait a round trip).
+// 8 elements of a key and of a value, each read every `stride` elements, to 8 consecutive ones at key_to and value_to:
+// every load before the first store (a load through a pointer that may alias a store before it cannot move above it,
+// so loads and stores in turn would each wait a round trip).
 template <typename T>
-__device__ __forceinline__ void gather8(T (&out)[8], const T* from, long long stride) {
+__device__ __forceinline__ void move8_pair(T* key_to, T* value_to, const T* key_from, long long key_stride,
+                                           const T* value_from, long long value_stride) {
+  T key8[8], value8[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = from[i * stride];
+  for (int i = 0; i < 8; ++i) {
+    key8[i] = key_from[i * key_stride];
+    value8[i] = value_from[i * value_stride];
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    key_to[i] = key8[i];
+    value_to[i] = value8[i];
+  }
 }
 // Whether 8 elements of T from p may move as one 16-byte word: consecutive (unit stride) and aligned.
 template <typename T>
@@ -279,7 +290,7 @@ constexpr const char* kChunkAttentionParts = R"(
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
   {
     // The chunk's keys and values into their slots, 8 elements a thread, shared among the key head's blocks (one
-    // block writing them all, element by element, waited a round trip per element: see gather8).
+    // block writing them all, element by element, waited a round trip per element: see move8_pair).
     T* key_slots = const_cast<T*>(keys);
     T* value_slots = const_cast<T*>(values);
     const int head_blocks = query_tiles * splits;
@@ -296,14 +307,7 @@ constexpr const char* kChunkAttentionParts = R"(
         *reinterpret_cast<uint4*>(key_to) = key_word;
         *reinterpret_cast<uint4*>(value_to) = value_word;
       } else {
-        T key8[8], value8[8];
-        gather8(key8, key_from, k_strides[3]);
-        gather8(value8, value_from, v_strides[3]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          key_to[i] = key8[i];
-          value_to[i] = value8[i];
-        }
+        move8_pair(key_to, value_to, key_from, k_strides[3], value_from, v_strides[3]);
       }
     }
   }
@@ -349,14 +353,7 @@ constexpr const char* kChunkAttentionParts = R"(
           copy_16_async(&key_tile[slot][e], key_from);
           copy_16_async(&value_tile[slot][e], value_from);
         } else {
-          T key8[8], value8[8];
-          gather8(key8, key_from, k_strides[3]);
-          gather8(value8, value_from, v_strides[3]);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            key_tile[slot][e + i] = key8[i];
-            value_tile[slot][e + i] = value8[i];
-          }
+          move8_pair(&key_tile[slot][e], &value_tile[slot][e], key_from, k_strides[3], value_from, v_strides[3]);
         }
       } else {
 #pragma unroll
