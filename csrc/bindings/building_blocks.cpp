@@ -365,8 +365,9 @@ void bind_cuda_kernels(nb::module_& m) {
   bind_cache_attention(
       "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,
       "A chunk's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, T, D] into slots "
-      "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the causal "
-      "attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, q_heads D]; "
+      "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the "
+      "causal attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, "
+      "q_heads D]; "
       "None off CUDA or where the kernel does not apply (2 <= T <= 128); the decoder takes it only under "
       "MLXRUNNER_CHUNK_ATTENTION=1, this binding whatever the switch.");
   m.def(

@@ -200,8 +200,8 @@ constexpr const char* kDecodeAttentionMerge = R"(
 // a (key/value head, tile of 64 query rows, split of the keys), 4 warps of 16 query rows each; a key head's query rows
 // are its G query heads at each of the chunk's tokens, row r = token r / G of head kv_head G + r % G, so that every
 // key is read once for all the heads that share it. Keys and values come through shared memory 64 at a time, copied
-// asynchronously (the second product's pairs, along the keys, read from two rows); a warp computes its rows' scores with
-// mma.sync m16n8k16 (q from registers, k from shared memory), keeps an online softmax in base 2 in the layout the
+// asynchronously (the second product's pairs, along the keys, read from two rows); a warp computes its rows' scores
+// with mma.sync m16n8k16 (q from registers, k from shared memory), keeps an online softmax in base 2 in the layout the
 // mma gives it (lane: rows group and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to
 // the second product as they lie (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash
 // attention does) and sums p v in float. Token t sees positions up to offset + t. The chunk's own keys and values
@@ -454,12 +454,12 @@ constexpr const char* kChunkAttentionParts = R"(
   }
 )";
 
-constexpr int kThreads = 128;        // kWarps in the source, 32 lanes each (both parts kernels)
-constexpr int kKeysPerSplit = 64;    // at least, so that a split's warps each have a run or more of keys
-constexpr int kMostSplits = 64;      // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
-constexpr int kChunkRows = 64;       // query rows a block of the chunk kernel (kRows)
-constexpr int kChunkKeys = 64;       // keys a tile of the chunk kernel (kKeys)
-constexpr int kChunkBlocks = 384;    // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
+constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
+constexpr int kKeysPerSplit = 64;      // at least, so that a split's warps each have a run or more of keys
+constexpr int kMostSplits = 64;        // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
+constexpr int kChunkRows = 64;         // query rows a block of the chunk kernel (kRows)
+constexpr int kChunkKeys = 64;         // keys a tile of the chunk kernel (kKeys)
+constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
 // Splits of `length` keys into runs of equal size where each split gets at least one key.
@@ -501,8 +501,9 @@ void check_cache_buffers(const mx::array& q, const mx::array& keys, const mx::ar
 mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, int d, mx::Dtype dtype) {
   static const auto merge = cuda_kernel("mlxr_decode_attention_merge", {"part_acc", "part_max", "part_sum"}, {"out"},
                                         kDecodeAttentionMerge, "", true);
-  return merge(parts, {{1, tokens, q_heads * d}}, {dtype}, {cuda_checked_threads(static_cast<long long>(tokens) * q_heads * d), 1, 1},
-               {d, 1, 1}, {{"T", dtype}, {"D", d}}, std::nullopt, false, {})[0];
+  return merge(parts, {{1, tokens, q_heads * d}}, {dtype},
+               {cuda_checked_threads(static_cast<long long>(tokens) * q_heads * d), 1, 1}, {d, 1, 1},
+               {{"T", dtype}, {"D", d}}, std::nullopt, false, {})[0];
 }
 
 constexpr int kMostCounters = 1024;  // key heads the fused decode kernel counts blocks for
@@ -540,7 +541,8 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
-  const std::tuple<int, int, int> grid{cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads), 1, 1};
+  const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
+  const std::tuple<int, int, int> grid{threads, 1, 1};
   if (merge_in_parts_switched_on()) {
     static const auto fused = cuda_kernel(
         "mlxr_decode_attention_fused", {"q", "k", "v", "keys", "values", "position", "counters"},
@@ -550,11 +552,12 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
                  {mx::float32, mx::float32, mx::float32, q.dtype()}, grid, {kThreads, 1, 1}, args, std::nullopt, false,
                  {})[3];
   }
-  static const auto parts =
-      cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGE_IN_PARTS", false}});
-  auto split_parts = parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
-                           {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
+  static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
+                                        {{"MLXR_MERGE_IN_PARTS", false}});
+  auto split_parts =
+      parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
+            {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
   return merged(split_parts, 1, q_heads, d, q.dtype());
 }
 
@@ -582,10 +585,11 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
   const int rows = tokens * q_heads;
   const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
-  auto split_parts = parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
-                           {mx::float32, mx::float32, mx::float32},
-                           {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
-                           {kThreads, 1, 1}, args, std::nullopt, false, {});
+  auto split_parts =
+      parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
+            {mx::float32, mx::float32, mx::float32},
+            {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
+            {kThreads, 1, 1}, args, std::nullopt, false, {});
   return merged(split_parts, tokens, q_heads, d, q.dtype());
 }
 

@@ -1,5 +1,6 @@
 // One sequence's attention over its cache on CUDA, writing the new keys and values into the cache in place: a decode
-// step's (one token), and a short chunk's (a prompt's rest after the prompt cache, a chat's next turn: 2 to 128 tokens).
+// step's (one token), and a short chunk's (a prompt's rest after the prompt cache, a chat's next turn: 2 to 128
+// tokens).
 //
 // MLX arrays are immutable: a cache update is a slice_update, which writes in place only into a buffer nothing else
 // holds. While decoding, the generator dispatches step n + 1 before step n has run (text/generate.cpp), and MLX keeps
@@ -8,9 +9,10 @@
 // beside its two small writes a layer. This kernel takes the cache's buffers as inputs and writes position `position`
 // itself: safe because nothing reads that slot before this step (the previous step saw positions below it) and the
 // kernel's own blocks take the step's key and value from k and v, never from the slot. It then computes softmax(q k^T
-// scale) v over positions 0..position, split over the keys so that a short context still fills the GPU (MLX's one-query
-// kernel gives each query head one block up to 1,024 keys, 32 past that), and a second kernel merges the splits. A layer's decode attention is then two
-// operations where it was five (two updates, two slices, the attention).
+// scale) v over positions 0..position, split over the keys so that a short context still fills the GPU (MLX's
+// one-query kernel gives each query head one block up to 1,024 keys, 32 past that), and a second kernel merges the
+// splits (or, under MLXRUNNER_MERGE_IN_PARTS=1, the last block of each key head to finish). A layer's decode attention
+// is then two operations (one) where it was five (two updates, two slices, the attention).
 //
 // A chunk of T tokens is the same in shape: its T keys and values written in place, then causal attention of its
 // queries over positions 0 .. offset + T - 1, on tensor cores (a block a key head's 64 query rows and a split of the
@@ -36,6 +38,11 @@ namespace mlxr {
 // or 128, q_heads a multiple of kv_heads (at most 8 queries a key head), one half-precision dtype; and the switch on.
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
 
+// Whether the decode step's splits are merged inside its one kernel, by the last of each key head's blocks to finish
+// (one MLX operation a layer where the separate merge makes two: the 4-bit decode step is bound by MLX's host time per
+// operation): MLXRUNNER_MERGE_IN_PARTS=1, a measuring switch until a GPU has timed it.
+bool merge_in_parts_switched_on();
+
 // Writes k and v at slot `position` (int32 [1], on the device: its value is length - 1) of keys and values [1,
 // kv_heads, capacity, D] (row-contiguous buffers, capacity >= length), in place, and returns the attention of q over
 // slots 0..length - 1 as [1, 1, q_heads D], the heads merged as the output projection reads them. `length` is the
@@ -46,12 +53,9 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
 // Whether the chunk kernel takes these q [1, q_heads, T, D], k and v [1, kv_heads, T, D] (any strides): CUDA, 2 <= T
 // <= 128, D 64 or 128, q_heads a multiple of kv_heads, one half-precision dtype.
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
-// The decode step's splits merged inside its one kernel, by the last of each key head's blocks to finish (one MLX
-// operation a layer where the separate merge makes two: the 4-bit decode step is bound by MLX's host time per
-// operation): MLXRUNNER_MERGE_IN_PARTS=1, a measuring switch until a GPU has timed it.
-bool merge_in_parts_switched_on();
 // Whether the decoder takes the chunk kernel: MLXRUNNER_CHUNK_ATTENTION=1, a measuring switch (off: on an H100 its
-// 64-token chunk over 3,064 keys took 46 us a layer against cuDNN's 42, and the prompt cache's follow-up was no faster).
+// third version took 46 us a layer for a 64-token chunk over 3,064 keys against cuDNN's 42, and the prompt cache's
+// follow-up was no faster; the fourth is not yet timed).
 bool chunk_attention_switched_on();
 
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]

@@ -534,8 +534,8 @@ std::optional<int> stage_for(const mx::array& x) {
 mx::fast::CustomKernelFunction product_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                               const std::vector<std::string>& outputs, bool normed, bool heads,
                                               int stage = 0) {
-  const std::string header =
-      "#define MLXR_STAGE " + std::to_string(stage) + "\n" + kCudaMma + kTensorCoreHelpers + (heads ? kHeadsHelpers : "");
+  const std::string header = "#define MLXR_STAGE " + std::to_string(stage) + "\n" + kCudaMma + kTensorCoreHelpers +
+                             (heads ? kHeadsHelpers : "");
   return cuda_kernel(name, inputs, outputs, kTensorCoreSource, header, true,
                      {{"MLXR_NORMED", normed}, {"MLXR_HEADS", heads}});
 }
