@@ -252,6 +252,8 @@ template <typename T>
 __device__ __forceinline__ bool whole_word(const T* p, long long stride) {
   return stride == 1 && (reinterpret_cast<unsigned long long>(p) & 15) == 0;
 }
+// 16 bytes from global to shared memory without passing through registers (cp.async); wait_async_copies waits for
+// every copy this thread started (a block's barrier after it, for every thread's).
 __device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
   const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
