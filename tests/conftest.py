@@ -94,10 +94,16 @@ def bf16_model_copy(folder: Path, destination: Path) -> Path:
     import mlx.core as mx
 
     shutil.copytree(folder, destination)
-    weights = mx.load(str(destination / "model.safetensors"))
-    mx.save_safetensors(str(destination / "model.safetensors"),
-                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    save_bf16_weights(destination, mx.load(str(destination / "model.safetensors")))
     return destination
+
+
+def save_bf16_weights(folder: Path, weights: dict) -> None:
+    """`weights` cast to bfloat16, as the model.safetensors of `folder`."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
 
 
 def wide_head_model_copy(folder: Path, destination: Path, head_dim: int = 64, seed: int = 0) -> Path:
@@ -125,8 +131,7 @@ def wide_head_model_copy(folder: Path, destination: Path, head_dim: int = 64, se
         elif part in ("q_norm", "k_norm"):
             key, draw = mx.random.split(key)
             weights[name] = 1 + 0.05 * mx.random.normal((head_dim,), key=draw)
-    mx.save_safetensors(str(destination / "model.safetensors"),
-                        {name: value.astype(mx.bfloat16) for name, value in weights.items()}, metadata={"format": "pt"})
+    save_bf16_weights(destination, weights)
     return destination
 
 
@@ -141,6 +146,18 @@ def run_script_json(script: str, *args: str, unset: Collection[str] = (), enviro
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_same_greedy_tokens(a, b, tie: float = 0.02, logprob_tolerance: float = 0.05) -> None:
+    """Two greedy runs, each a list of (token, its best tokens [(token, logprob), ...] best first), give the same tokens
+    up to the end, or up to a step where the two best were within `tie` of each other in both runs (where two ways of
+    rounding the same sums may pick either); up to there the best log-probabilities agree within `logprob_tolerance`.
+    For comparing two GPU kernels of the same attention (their float sums in different orders)."""
+    for (token_a, top_a), (token_b, top_b) in zip(a, b):
+        if token_a != token_b:
+            assert abs(top_a[0][1] - top_a[1][1]) < tie and abs(top_b[0][1] - top_b[1][1]) < tie
+            return
+        assert abs(top_a[0][1] - top_b[0][1]) < logprob_tolerance
 
 
 def cosine(a, b) -> float:
