@@ -490,13 +490,26 @@ bool cache_attention_shapes(const mx::array& q, const mx::array& k, const mx::ar
          v.dtype() == q.dtype();
 }
 
-void check_cache_buffers(const mx::array& q, const mx::array& keys, const mx::array& values, const mx::array& position,
-                         int length) {
-  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(3) != q.shape(3) ||
-      keys.shape(2) < length || keys.dtype() != q.dtype() || values.dtype() != q.dtype() || position.size() != 1 ||
-      position.dtype() != mx::int32 || !keys.flags().row_contiguous || !values.flags().row_contiguous) {
+// The cache's buffers [1, kv_heads, capacity >= length, D], row-contiguous, in q's dtype, for k's heads; the position
+// one int32; length at least k's tokens.
+void check_cache_buffers(const mx::array& q, const mx::array& k, const mx::array& keys, const mx::array& values,
+                         const mx::array& position, int length) {
+  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(1) != k.shape(1) ||
+      keys.shape(3) != q.shape(3) || keys.shape(2) < length || length < k.shape(2) || keys.dtype() != q.dtype() ||
+      values.dtype() != q.dtype() || position.size() != 1 || position.dtype() != mx::int32 ||
+      !keys.flags().row_contiguous || !values.flags().row_contiguous) {
     throw std::invalid_argument("cache attention: the cache's buffers or the position do not fit the query");
   }
+}
+
+// Both parts kernels' template arguments.
+std::vector<std::pair<std::string, mx::fast::TemplateArg>> kernel_args(const mx::array& q, const mx::array& k,
+                                                                       float scale) {
+  return {{"T", q.dtype()},
+          {"D", q.shape(3)},
+          {"Q_HEADS", q.shape(1)},
+          {"KV_HEADS", k.shape(1)},
+          {"SCALE_BITS", cuda_float_bits(scale)}};
 }
 
 // The splits' parts merged: [1, tokens, q_heads D], a row per (token, query head).
@@ -537,11 +550,9 @@ bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
                                 const mx::array& values, const mx::array& position, int length, float scale) {
   const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
-  check_cache_buffers(q, keys, values, position, length);
-  if (keys.shape(1) != kv_heads) throw std::invalid_argument("decode attention: the cache's heads do not fit k");
+  check_cache_buffers(q, k, keys, values, position, length);
   const int splits = splits_for(length);
-  const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
+  const auto args = kernel_args(q, k, scale);
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
@@ -575,23 +586,18 @@ bool chunk_attention_switched_on() {
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
                                const mx::array& values, const mx::array& position, int length, float scale) {
   const int q_heads = q.shape(1), kv_heads = k.shape(1), tokens = q.shape(2), d = q.shape(3);
-  check_cache_buffers(q, keys, values, position, length);
-  if (keys.shape(1) != kv_heads || length < tokens) {
-    throw std::invalid_argument("chunk attention: the cache's heads or length do not fit k");
-  }
+  check_cache_buffers(q, k, keys, values, position, length);
   static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
                                         std::string(kCudaMma) + kChunkAttentionHelpers, false);
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;
-  const std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
-      {"T", q.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
   auto split_parts =
       parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
             {mx::float32, mx::float32, mx::float32},
             {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
-            {kThreads, 1, 1}, args, std::nullopt, false, {});
+            {kThreads, 1, 1}, kernel_args(q, k, scale), std::nullopt, false, {});
   return merged(split_parts, tokens, q_heads, d, q.dtype());
 }
 
