@@ -71,10 +71,10 @@ def test_the_kernel_is_mlx_attention_over_the_written_cache(d, q_heads, kv_heads
 MERGE_SWITCH = "MLXRUNNER_MERGE_IN_PARTS"
 MERGED_IN_PARTS = r"""
 import json, sys
-sys.path.insert(0, "tests/gpu")
+sys.path[:0] = ["tests", "tests/gpu"]  # the test module imports conftest
+from mlxrunner import _core  # first: it binds MLX's CPU BLAS
 import mlx.core as mx
 import numpy as np
-from mlxrunner import _core
 from test_decode_attention import inputs
 
 errors = []
