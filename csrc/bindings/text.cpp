@@ -20,6 +20,16 @@ namespace mlxr::bindings {
 
 namespace {
 
+// A Python SequenceCache's layers moved out, leaving it empty. Copied instead, the generator's caches and the
+// Python object's would share buffers, so neither could be written in place (KVCache::writes_in_place) though
+// the Python side never writes: the prompt cache hands a sequence over whole.
+std::optional<SequenceCache> taken(SequenceCache* cache) {
+  if (!cache) return std::nullopt;
+  SequenceCache moved{std::move(cache->layers)};
+  cache->layers.clear();
+  return moved;
+}
+
 std::optional<nb::tuple> logprobs_tuple(const std::optional<TokenLogprobs>& lp) {
   if (!lp) return std::nullopt;
   nb::list top;
@@ -165,7 +175,8 @@ void bind_decoder(nb::module_& m) {
           "Float32 logits [T, V] for one prompt, prefilled in chunks.")
       .def(
           "hidden_states",
-          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask, const std::vector<int>& layers,
+          [](const Decoder& self, const mx::array& tokens, std::optional<mx::array> mask,
+             const std::vector<int>& layers,
              bool final_norm) { return evaluated(self.hidden_states(tokens, mask, layers, final_norm)); },
           "tokens"_a, "attention_mask"_a = nb::none(), "layers"_a, "final_norm"_a = true,
           nb::call_guard<nb::gil_scoped_release>(),
@@ -181,23 +192,34 @@ void bind_decoder(nb::module_& m) {
                             "One sequence's key/value caches, a layer each (what the prompt cache keeps).")
       .def_prop_ro("length", &SequenceCache::length, "Positions held.")
       .def_prop_ro("nbytes", &SequenceCache::nbytes, "Bytes its buffers hold.")
+      .def("can_trim", &SequenceCache::can_trim, "n"_a, "Whether trim(n) would succeed.")
       .def("trim", &SequenceCache::trim, "n"_a,
            "Forget the last n positions in every layer; False (and unchanged) if a layer cannot.")
+      .def_prop_ro("writes_in_place", &SequenceCache::writes_in_place,
+                   "Whether no copy shares its buffers (the CUDA attention kernels then write its next positions "
+                   "in place).")
       .def(
           "copy", [](const SequenceCache& self) { return SequenceCache(self); },
           "An independent copy (cheap: the arrays are shared until one side writes).");
 
   nb::class_<Generator>(m, "Generator", "Prefill then pipelined decode; iterate to get token ids.")
-      .def(nb::init<const Decoder&, const std::vector<int>&, const SamplerOptions&, int, int,
-                    std::optional<SequenceCache>, int, const TokenVocabulary*, const JsonSchema*,
-                    std::optional<mx::array>>(),
-           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1, "cache"_a = nb::none(),
-           "max_tokens"_a = -1, "json"_a.none() = nb::none(), "json_schema"_a.none() = nb::none(),
-           "logit_bias"_a = nb::none(), nb::keep_alive<1, 2>(), nb::keep_alive<1, 9>(), nb::keep_alive<1, 10>(),
-           "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
-           "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
-           "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow. logit_bias: "
-           "float32 [V] added to every draw's logits.")
+      .def(
+          "__init__",
+          [](Generator* self, const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
+             int prefill_chunk, int top_logprobs, SequenceCache* cache, int max_tokens, const TokenVocabulary* json,
+             const JsonSchema* json_schema, std::optional<mx::array> logit_bias) {
+            new (self) Generator(model, prompt, options, prefill_chunk, top_logprobs, taken(cache), max_tokens, json,
+                                 json_schema, std::move(logit_bias));
+          },
+          "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
+          "cache"_a.none() = nb::none(), "max_tokens"_a = -1, "json"_a.none() = nb::none(),
+          "json_schema"_a.none() = nb::none(), "logit_bias"_a = nb::none(), nb::keep_alive<1, 2>(),
+          nb::keep_alive<1, 9>(), nb::keep_alive<1, 10>(),
+          "max_tokens: the answer's budget (-1: none); no step is dispatched past its last token, so the caches "
+          "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
+          "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow. logit_bias: "
+          "float32 [V] added to every draw's logits. cache: caches holding the prompt's first tokens (the prompt "
+          "cache's), taken: the object is left empty.")
       .def_prop_ro("json_complete", &Generator::json_complete)
       .def("__iter__", [](nb::handle self) { return self; })
       .def(
@@ -225,9 +247,13 @@ void bind_batch(nb::module_& m) {
   nb::class_<BatchGenerator>(m, "BatchGenerator",
                              "Several sequences decoded together, one forward per step (csrc/text/batch.h).")
       .def(nb::init<const Decoder&>(), "model"_a, nb::keep_alive<1, 2>())
-      .def("add", &BatchGenerator::add, "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a,
-           nb::call_guard<nb::gil_scoped_release>(),
-           "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill). Returns its id.")
+      .def(
+          "add",
+          [](BatchGenerator& self, const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs,
+             SequenceCache& cache) { return self.add(prompt, options, top_logprobs, *taken(&cache)); },
+          "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill), taken: the object "
+          "is left empty. Returns its id.")
       .def("join", &BatchGenerator::join, "generator"_a, nb::call_guard<nb::gil_scoped_release>(),
            "A sequence joins after its Generator (max_tokens=1) returned its first token, computed as a lone run "
            "computes it; the generator is finished. Returns its id; its second token comes from the second step.")

@@ -252,13 +252,20 @@ std::vector<mx::array> BatchKVCache::state() const {
   return {*keys_, *values_};
 }
 
+bool SequenceCache::can_trim(int n) const {
+  return std::all_of(layers.begin(), layers.end(),
+                     [n](const KVCache& layer) { return n >= 0 && layer.can_trim_to(layer.offset() - n); });
+}
+
 bool SequenceCache::trim(int n) {
-  auto trimmed = layers;
-  for (auto& layer : trimmed) {
-    if (!layer.trim(n)) return false;
-  }
-  layers = std::move(trimmed);
+  // Checked first, then trimmed in place: trimming a copy and keeping it would mark every layer shared.
+  if (!can_trim(n)) return false;
+  for (auto& layer : layers) layer.trim_to(layer.offset() - n);
   return true;
+}
+
+bool SequenceCache::writes_in_place() const {
+  return std::all_of(layers.begin(), layers.end(), [](const KVCache& layer) { return layer.writes_in_place(); });
 }
 
 size_t SequenceCache::nbytes() const {

@@ -144,8 +144,13 @@ struct SequenceCache {
 
   // Positions held (every layer holds as many).
   int length() const { return layers.empty() ? 0 : layers[0].offset(); }
-  // Forget the last n positions in every layer, or in none (false) if one of them cannot.
+  // Whether every layer can forget its last n positions.
+  bool can_trim(int n) const;
+  // Forget the last n positions in every layer, or in none (false) if one of them cannot. In place: no layer is
+  // copied, so a cache whose buffers are its own stays free to be written in place (KVCache::writes_in_place).
   bool trim(int n);
+  // Whether every layer may be written in place (KVCache::writes_in_place): no copy shares its buffers.
+  bool writes_in_place() const;
   size_t nbytes() const;
 };
 

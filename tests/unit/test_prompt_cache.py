@@ -181,25 +181,31 @@ def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model
     cache.insert(tokens, caches)
     del caches
 
-    def follow_up_peak(prompt: list[int]) -> int:
+    def follow_up_peak(prompt: list[int], alone: bool) -> int:
         hit, reused = cache.fetch(prompt)
         assert reused > 0
+        # What decides, on CUDA, whether the attention kernels write the follow-up's keys into the buffers
+        # themselves (KVCache::writes_in_place): no copy may share them, the trim included.
+        assert hit.writes_in_place == alone
         generator = _core.Generator(model.decoder, prompt, sampler_options(GREEDY), 512, -1, hit)
-        del hit  # as LanguageModel.stream does: the generator the caches' only holder
+        assert hit.length == 0  # the generator took the caches: it is their only holder
         mx.synchronize()
         before = mx.get_active_memory()
         mx.reset_peak_memory()
         next(generator)
         mx.synchronize()
+        # Its own buffers after the step either way: a copy's first write replaced them (MLX copied).
+        assert generator.take_cache().writes_in_place
         return mx.get_peak_memory() - before
 
-    handed_over = follow_up_peak(tokens + [7, 8, 9])
+    handed_over = follow_up_peak(tokens + [7, 8, 9], alone=True)
     assert len(cache) == 0
     cache.insert(*stored(model, ids(1000)))
-    trimmed = follow_up_peak(ids(1000) + [7, 8, 9])  # the stored sequence's 4 generated tokens not sent back
+    # the stored sequence's 4 generated tokens not sent back
+    trimmed = follow_up_peak(ids(1000) + [7, 8, 9], alone=True)
     assert len(cache) == 0
     cache.insert(*stored(model, ids(1000)))
-    copied = follow_up_peak(ids(750) + [7, 8, 9])  # shares 750 of the stored sequence's positions
+    copied = follow_up_peak(ids(750) + [7, 8, 9], alone=False)  # shares 750 of the stored sequence's positions
     assert len(cache) == 1
     assert copied >= nbytes  # every layer's buffers copied at the first write
     assert handed_over < nbytes / 4 and trimmed < nbytes / 4
@@ -219,6 +225,23 @@ def test_a_chat_turn_through_stream_writes_the_stored_buffers_in_place(model):
     assert out[-1].prompt_cache_count == len(stored_tokens)
     assert mx.get_peak_memory() - before < nbytes / 4
     model.prompt_cache.clear()
+
+
+def test_the_stored_sequences_checks_leave_it_free_to_be_written_in_place(model):
+    """insert() asks whether a stored sequence covers the new one or the new one covers it, by trimming in
+    thought (can_trim): a trial trim on a copy would leave both sides marked as sharing their buffers, and the
+    sequence handed over later would never be written in place on CUDA."""
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(40))
+    cache.insert(tokens, caches)
+    _, prefix_caches = run(model, tokens[:30], 1)
+    assert prefix_caches.trim(1) and prefix_caches.writes_in_place
+    cache.insert(tokens[:30], prefix_caches)  # covered by the first: not kept
+    longer, longer_caches = stored(model, tokens + [5])  # covers the first: replaces it
+    cache.insert(longer, longer_caches)
+    assert cache.sequences() == [longer]
+    hit, reused = cache.fetch(longer + [6])
+    assert reused == len(longer) and hit.writes_in_place
 
 
 def test_a_sequence_given_back_from_another_thread_goes_in_at_the_owners_next_call(model):

@@ -165,7 +165,6 @@ class BatchScheduler:
                 # max_tokens 1: the generator gives the first token and dispatches nothing after it (_prefill).
                 request.generator = _core.Generator(self.decoder, ids, request.options, self.prefill_chunk,
                                                     request.top_logprobs, cached, 1, logit_bias=request.logit_bias)
-                del cached  # the generator's alone (LanguageModel.stream says why)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
                 request.items.put(exc)
                 continue

@@ -216,9 +216,8 @@ class LanguageModel:
                                     -1 if top_logprobs is None else top_logprobs, cached, answer.budget,
                                     self.json_vocabulary if json_output else None,
                                     core_schema(json_schema) if json_schema is not None else None, logit_bias)
-        # The generator holds the caches now. Another holder would make MLX copy each buffer at its first write,
-        # where a sequence handed over by the prompt cache is written in place.
-        del cached
+        # The generator took the caches (`cached` is left empty): a second holder would stop the CUDA kernels
+        # writing a handed-over sequence's next positions in place, and make MLX copy each buffer at its first write.
         try:
             # The prefill, a chunk per call so that a cancel lands between chunks, up to the last chunk: the first
             # next() runs that with the last token in one forward.

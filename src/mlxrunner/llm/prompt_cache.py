@@ -26,8 +26,9 @@ trie also shares one copy of a common prefix between branches through snapshots;
 sequence per entry, which is simpler and enough for chat and agent loops, where a conversation extends (and so
 replaces) its own entry.
 
-The layer caches must offer what `_core.SequenceCache` offers (csrc/text/kv_cache.h): `length`, `trim(n)`
-(False when a layer cannot forget positions, as a sliding window that has wrapped), `nbytes`, `copy()`.
+The layer caches must offer what `_core.SequenceCache` offers (csrc/text/kv_cache.h): `length`, `can_trim(n)`,
+`trim(n)` (False when a layer cannot forget positions, as a sliding window that has wrapped; in place, so a sequence
+handed over stays free to be written in place), `nbytes`, `copy()`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class LayerCaches(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+    def can_trim(self, n: int) -> bool: ...
 
     def trim(self, n: int) -> bool: ...
 
@@ -148,10 +151,10 @@ class PromptCache:
         ids = np.asarray(tokens, np.int32)
         for key, entry in list(self._entries.items()):
             shared = common_prefix(entry.tokens, ids)
-            if shared == len(ids) and entry.caches.copy().trim(len(entry.tokens) - shared):
+            if shared == len(ids) and entry.caches.can_trim(len(entry.tokens) - shared):
                 self._entries.move_to_end(key)  # a stored sequence already covers this one
                 return
-            if shared == len(entry.tokens) and caches.copy().trim(len(ids) - shared):
+            if shared == len(entry.tokens) and caches.can_trim(len(ids) - shared):
                 self._remove(key)  # this one covers the stored one
         entry = _Entry(ids, caches, caches.nbytes)
         self._entries[ids.tobytes()] = entry
