@@ -16,8 +16,7 @@
 # MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
-# without MLXRUNNER_DECODE_ATTENTION, the 4B's 4-bit decode with and without MLXRUNNER_MERGE_IN_PARTS=1, the prompt
-# cache's follow-up with and without MLXRUNNER_CHUNK_ATTENTION=1;
+# without MLXRUNNER_DECODE_ATTENTION, the prompt cache's follow-up with and without MLXRUNNER_CHUNK_ATTENTION=1;
 # docs/settings.md says what each does).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
@@ -151,9 +150,6 @@ if has switches; then
       --models-dir "$MODELS" --only llama3-8b --prompt $prompt --decode 128 --rounds 2
   done
   switch_case MLXRUNNER_DECODE_ATTENTION 0 in-place-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
-    --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
-  # The decode kernel merging its own splits (one operation a layer fewer) on the host-bound 4-bit step, session 24.
-  switch_case MLXRUNNER_MERGE_IN_PARTS 1 merge-in-parts-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
   # The chunk kernel (a forward of 2-128 tokens over the cache, in place) is a measuring switch since session 24.
   switch_case MLXRUNNER_CHUNK_ATTENTION 1 chunk-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \

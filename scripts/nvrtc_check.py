@@ -143,13 +143,6 @@ def kernels():
             [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32")],
             [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
             {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
-    yield "decode_attention_fused/128/32x8", mlx_kernel_source(
-        "mlxr_decode_attention_fused", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
-                                                         (("MLXR_MERGE_IN_PARTS", True),)),
-        [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
-         ("counters", "uint32")],
-        [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float"), ("out", "bf16")],
-        {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):
         yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(

@@ -147,36 +147,6 @@ constexpr const char* kDecodeAttentionParts = R"(
       part_sum[part] = total;
     }
   }
-#if MLXR_MERGE_IN_PARTS
-  // The last of the key head's blocks to finish merges the splits' parts (CUDA's threadFenceReduction pattern): every
-  // thread makes its part writes visible device-wide before the block counts itself done, and the block that counts
-  // last reads every block's parts from L2. It then zeroes the count for the next launch (which starts after this one
-  // ends: one stream).
-  __shared__ bool merges;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* done = const_cast<unsigned*>(counters) + kv_head;
-    merges = atomicAdd(done, 1u) == static_cast<unsigned>(splits - 1);
-  }
-  __syncthreads();
-  if (merges) {
-    __threadfence();
-    for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
-      const int head = kv_head * G + e / D, d = e % D;
-      float top = neg_inf;
-      for (int s = 0; s < splits; ++s) top = fmaxf(top, __ldcg(&part_max[head * splits + s]));
-      float total = 0.f, weighted = 0.f;
-      for (int s = 0; s < splits; ++s) {
-        const float rescale = expf(__ldcg(&part_max[head * splits + s]) - top);
-        total += rescale * __ldcg(&part_sum[head * splits + s]);
-        weighted += rescale * __ldcg(&part_acc[static_cast<size_t>(head * splits + s) * D + d]);
-      }
-      out[head * D + d] = static_cast<T>(weighted / total);
-    }
-    if (threadIdx.x == 0) const_cast<unsigned*>(counters)[kv_head] = 0;
-  }
-#endif
 )";
 
 // One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
@@ -521,26 +491,7 @@ mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, i
                {{"T", dtype}, {"D", d}}, std::nullopt, false, {})[0];
 }
 
-constexpr int kMostCounters = 1024;  // key heads the fused decode kernel counts blocks for
-
-// The fused decode kernel's per-key-head counts of finished blocks: zeros made once and kept (never freed: a static
-// array would be destroyed after MLX's allocator at exit); every launch leaves them zero again.
-mx::array merge_counters(int kv_heads) {
-  if (kv_heads > kMostCounters) throw std::invalid_argument("decode attention: too many key heads to count");
-  static auto* counters = [] {
-    auto* made = new mx::array(mx::zeros({kMostCounters}, mx::uint32));
-    mx::eval(*made);
-    return made;
-  }();
-  return *counters;
-}
-
 }  // namespace
-
-bool merge_in_parts_switched_on() {
-  static const bool on = switched_on("MLXRUNNER_MERGE_IN_PARTS");
-  return on;
-}
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
   static const bool off = switched_off("MLXRUNNER_DECODE_ATTENTION");
@@ -556,18 +507,8 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
-  if (merge_in_parts_switched_on()) {
-    static const auto fused = cuda_kernel(
-        "mlxr_decode_attention_fused", {"q", "k", "v", "keys", "values", "position", "counters"},
-        {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGE_IN_PARTS", true}});
-    return fused({q, k, v, keys, values, position, merge_counters(kv_heads)},
-                 {acc_shape, part_shape, part_shape, {1, 1, q_heads * d}},
-                 {mx::float32, mx::float32, mx::float32, q.dtype()}, grid, {kThreads, 1, 1}, args, std::nullopt, false,
-                 {})[3];
-  }
   static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
-                                        {{"MLXR_MERGE_IN_PARTS", false}});
+                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false);
   auto split_parts =
       parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
             {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});

@@ -11,8 +11,7 @@
 // kernel's own blocks take the step's key and value from k and v, never from the slot. It then computes softmax(q k^T
 // scale) v over positions 0..position, split over the keys so that a short context still fills the GPU (MLX's
 // one-query kernel gives each query head one block up to 1,024 keys, 32 past that), and a second kernel merges the
-// splits (or, under MLXRUNNER_MERGE_IN_PARTS=1, the last block of each key head to finish). A layer's decode attention
-// is then two operations (one) where it was five (two updates, two slices, the attention).
+// splits. A layer's decode attention is then two operations where it was five (two updates, two slices, the attention).
 //
 // A chunk of T tokens is the same in shape: its T keys and values written in place, then causal attention of its
 // queries over positions 0 .. offset + T - 1, on tensor cores (a block a key head's 64 query rows and a split of the
@@ -37,11 +36,6 @@ namespace mlxr {
 // Whether the kernels below take these q [1, q_heads, 1, D], k and v [1, kv_heads, 1, D] (any strides): CUDA, D 64
 // or 128, q_heads a multiple of kv_heads (at most 8 queries a key head), one half-precision dtype; and the switch on.
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
-
-// Whether the decode step's splits are merged inside its one kernel, by the last of each key head's blocks to finish
-// (one MLX operation a layer where the separate merge makes two: the 4-bit decode step is bound by MLX's host time per
-// operation): MLXRUNNER_MERGE_IN_PARTS=1, a measuring switch until a GPU has timed it.
-bool merge_in_parts_switched_on();
 
 // Writes k and v at slot `position` (int32 [1], on the device: its value is length - 1) of keys and values [1,
 // kv_heads, capacity, D] (row-contiguous buffers, capacity >= length), in place, and returns the attention of q over

@@ -68,42 +68,6 @@ def test_the_kernel_is_mlx_attention_over_the_written_cache(d, q_heads, kv_heads
     assert np.max(np.abs(got - expected)) <= 2 ** -7 * max(np.max(np.abs(expected)), 1e-3) * 2
 
 
-MERGE_SWITCH = "MLXRUNNER_MERGE_IN_PARTS"
-MERGED_IN_PARTS = r"""
-import json, sys
-sys.path[:0] = ["tests", "tests/gpu"]  # the test module imports conftest
-from mlxrunner import _core  # first: it binds MLX's CPU BLAS
-import mlx.core as mx
-import numpy as np
-from test_decode_attention import inputs
-
-errors = []
-for d, q_heads, kv_heads, position, capacity in json.loads(sys.argv[1]):
-    q, k, v, keys, values = inputs(d, q_heads, kv_heads, capacity, position + d)
-    seen_keys = mx.concatenate([keys[:, :, :position], k], axis=2)
-    seen_values = mx.concatenate([values[:, :, :position], v], axis=2)
-    expected = mx.fast.scaled_dot_product_attention(q, seen_keys, seen_values, scale=d ** -0.5)
-    expected = np.array(expected.transpose(0, 2, 1, 3).reshape(1, 1, -1).astype(mx.float32))
-    for _ in range(3):  # each launch must leave the key heads' counts at zero for the next
-        out = _core.cuda_decode_attention(q, k, v, keys, values, mx.array([position], mx.int32), position + 1,
-                                          d ** -0.5)
-        got = np.array(out.astype(mx.float32))
-        errors.append(float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-3)))
-print(json.dumps(errors))
-"""
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
-def test_the_splits_merged_in_the_kernel_give_mlx_attention_launch_after_launch():
-    """MLXRUNNER_MERGE_IN_PARTS=1: the last block of each key head to finish merges the splits (read once per process,
-    so in a subprocess), over the CPU emulator's reach: the blocks' real concurrency and the counts' reset."""
-    import json
-
-    cases = [(128, 32, 8, 0, 256), (128, 32, 8, 1087, 1280), (64, 16, 8, 300, 512), (128, 8, 8, 4096, 4352)]
-    errors = run_script_json(MERGED_IN_PARTS, json.dumps(cases), environment={MERGE_SWITCH: "1"})
-    assert len(errors) == 3 * len(cases) and max(errors) <= 2 ** -6
-
-
 @pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
 def test_the_binding_declines_off_cuda():
     q, k, v, keys, values = inputs(64, 4, 2, 64, 0)
@@ -175,9 +139,9 @@ print(json.dumps(runs))
 def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_path):
     # head dim 64: the kernels take 64 and 128, the fixture has 16
     folder = str(wide_head_model_copy(QWEN3, tmp_path / "qwen3-tiny-wide", head_dim=64))
-    switches = [SWITCH, CHUNK_SWITCH, MERGE_SWITCH]
-    # the chunk kernel and the merge in the decode kernel are opt-in
-    in_place = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_SWITCH: "1", MERGE_SWITCH: "1"})
+    switches = [SWITCH, CHUNK_SWITCH]
+    # the chunk kernel is opt-in
+    in_place = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_SWITCH: "1"})
     mlx_ops = run_script_json(SCRIPT, folder, unset=switches, environment={SWITCH: "0"})
     assert all(len(run) == 40 for run in in_place)
     tokens = [[token for token, _ in run] for run in in_place]

@@ -130,14 +130,6 @@ inline float __shfl_xor_sync(unsigned, float value, int mask) {
   return partner;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
-// Device-wide ordering is moot where blocks run one after another; the atomic is one thread's, the L2 load a load.
-inline void __threadfence() {}
-inline unsigned atomicAdd(unsigned* address, unsigned value) {
-  const unsigned old = *address;
-  *address += value;
-  return old;
-}
-inline float __ldcg(const float* address) { return *address; }
 using std::cos;
 using std::sin;
 """

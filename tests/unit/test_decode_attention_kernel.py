@@ -29,28 +29,25 @@ def splits_for(length: int) -> int:
     return -(-length // chunk)
 
 
-def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, merge_in_parts: bool = False):
+def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The parts kernel as a library, run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values,
-    position, [counters,] part_acc, part_max, part_sum[, out]), with its MLXR_MERGE_IN_PARTS variant's counts and
-    output where `merge_in_parts` (MLXRUNNER_MERGE_IN_PARTS=1); and the merge kernel, run(blocks, part_acc, part_max,
-    part_max_shape, part_sum, out)."""
+    position, part_acc, part_max, part_sum), and the merge kernel, run(blocks, part_acc, part_max, part_max_shape,
+    part_sum, out)."""
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
     constants = f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
-    counters, out = (("const uint32_t* counters, ", ", T* out") if merge_in_parts else ("", ""))
     parts_params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
                     "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-                    f"const int* position, {counters}float* part_acc, float* part_max, float* part_sum{out}")
+                    "const int* position, float* part_acc, float* part_max, float* part_sum")
     parts_args = ", ".join(param.split()[-1].lstrip("*") for param in parts_params.split(", "))
     merge_params = ("const float* part_acc, const float* part_max, const int* part_max_shape, const float* part_sum, "
                     "T* out")
     merge_args = "part_acc, part_max, part_max_shape, part_sum, out"
-    parts = (PRELUDE + f"#define MLXR_MERGE_IN_PARTS {int(merge_in_parts)}\n" + constants +
+    parts = (PRELUDE + constants +
              f"constexpr int SCALE_BITS = {scale_bits};\n" +
              f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
     merge_body = kernel_source(SOURCE, "kDecodeAttentionMerge")
     merge = PRELUDE + constants + f"static void kernel({merge_params}) {{\n{merge_body}\n}}\n"
-    name = "fused" if merge_in_parts else "parts"
-    return (compile_library(tmp_path / name, parts + block_launcher(f"int blocks, {parts_params}", parts_args,
+    return (compile_library(tmp_path / "parts", parts + block_launcher(f"int blocks, {parts_params}", parts_args,
                                                                      "blocks", THREADS)),
             compile_library(tmp_path / "merge", merge + block_launcher(f"int blocks, {merge_params}", merge_args,
                                                                        "blocks", d)))
@@ -68,11 +65,8 @@ CASES = [  # head dim, query heads, key/value heads, position (the step's slot),
 ]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["merge-kernel", "merged-in-parts"])
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity", CASES)
-def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity, fused):
-    """Both ways to merge the splits: the second kernel, or the last block of each key head in the first
-    (MLXRUNNER_MERGE_IN_PARTS=1), which must also leave its count of finished blocks zero for the next launch."""
+def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity):
     rng = np.random.default_rng(d + q_heads + position)
     scale = 1 / np.sqrt(d)
     q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
@@ -99,18 +93,10 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     inputs = [q.ctypes.data, strides[0].ctypes.data, k.ctypes.data, strides[1].ctypes.data, v_first,
               strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data, at.ctypes.data]
     parts_out = [part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data]
-    if fused:
-        counters = np.zeros(kv_heads + 1, np.uint32)
-        counters[kv_heads] = 7  # past the key heads: not the kernel's
-        fused, _ = build(tmp_path, d, q_heads, kv_heads, scale, merge_in_parts=True)
-        fused.run(ctypes.c_int(kv_heads * splits),
-                  *[ptr(x) for x in inputs + [counters.ctypes.data] + parts_out + [out.ctypes.data]])
-        assert counters.tolist() == [0] * kv_heads + [7]
-    else:
-        parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
-        parts.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
-        merged = (part_acc, part_max, part_max_shape, part_sum, out)
-        merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in merged])
+    parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
+    parts.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
+    merged = (part_acc, part_max, part_max_shape, part_sum, out)
+    merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in merged])
 
     # The step's slot now holds its key and value; every other slot is as it was.
     np.testing.assert_array_equal(keys[0, :, position], k[0, :, 0])
