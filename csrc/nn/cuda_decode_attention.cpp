@@ -441,11 +441,13 @@ int splits_for(int length) {
   return (length + chunk - 1) / chunk;
 }
 
-// The chunk kernel's splits of `length` keys for `blocks_a_split` blocks each: enough for ~kChunkBlocks blocks, at
-// most one a tile of keys.
+// The chunk kernel's splits of `length` keys for `blocks_a_split` blocks each: enough for ~kChunkBlocks blocks
+// (MLXRUNNER_CHUNK_BLOCKS=N, a measuring switch, sets N: benchmarks/gpu/chunk_attention_bench.py sweeps it), at most
+// one a tile of keys.
 int chunk_splits_for(int length, int blocks_a_split) {
+  static const int blocks = static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_CHUNK_BLOCKS", kChunkBlocks)));
   const int tiles = (length + kChunkKeys - 1) / kChunkKeys;
-  const int wanted = std::clamp((kChunkBlocks + blocks_a_split - 1) / blocks_a_split, 1, tiles);
+  const int wanted = std::clamp((blocks + blocks_a_split - 1) / blocks_a_split, 1, tiles);
   const int chunk = ((length + wanted - 1) / wanted + kChunkKeys - 1) / kChunkKeys * kChunkKeys;
   return (length + chunk - 1) / chunk;
 }
