@@ -169,15 +169,16 @@ constexpr const char* kDecodeAttentionMerge = R"(
 // A chunk of several new tokens (a prompt's rest after the prompt cache, a chat's next turn) on tensor cores. One block
 // a (key/value head, tile of 64 query rows, split of the keys), 4 warps of 16 query rows each; a key head's query rows
 // are its G query heads at each of the chunk's tokens, row r = token r / G of head kv_head G + r % G, so that every
-// key is read once for all the heads that share it. Keys and values come through shared memory 64 at a time, copied
-// asynchronously (the second product's pairs, along the keys, read from two rows); a warp computes its rows' scores
-// with mma.sync m16n8k16 (q from registers, k from shared memory), keeps an online softmax in base 2 in the layout the
-// mma gives it (lane: rows group and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to
-// the second product as they lie (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash
-// attention does) and sums p v in float. Token t sees positions up to offset + t. The chunk's own keys and values
-// (positions offset ..) are read from k and v, never from the slots, which the key head's blocks write, a share each
-// (nothing else reads them: the same argument as the decode step's). A split's part as the decode kernel's: the
-// rows' largest score (natural units), the sum of exp(score - that) and the weighted values.
+// key is read once for all the heads that share it. Keys and values come through shared memory 32 at a time in two
+// stages (the next stage's copies in flight, cp.async, while the block computes on this one; the second product's
+// pairs, along the keys, read by ldmatrix .trans); a warp computes its rows' scores with mma.sync m16n8k16 (q from
+// registers, k from shared memory), keeps an online softmax in base 2 in the layout the mma gives it (lane: rows group
+// and group + 8, key columns 2 quad, 2 quad + 1 of each 8), hands its probabilities to the second product as they lie
+// (the score tile of 16 keys is the A tile of the next mma, rounded to T, as flash attention does) and sums p v in
+// float. Token t sees positions up to offset + t. The chunk's own keys and values (positions offset ..) are read from k
+// and v, never from the slots, which the key head's blocks write, a share each (nothing else reads them: the same
+// argument as the decode step's). A split's part as the decode kernel's: the rows' largest score (natural units), the
+// sum of exp(score - that) and the weighted values.
 constexpr const char* kChunkAttentionHelpers = R"(
 namespace mlxr_chunk {
 // Two floats rounded to T, as the 32-bit register pair an mma operand takes.
@@ -192,12 +193,6 @@ __device__ __forceinline__ unsigned pair_bits(float lo, float hi, __half) {
 template <typename T>
 __device__ __forceinline__ unsigned two_at(const T* p) {
   return *reinterpret_cast<const unsigned*>(p);
-}
-// Two T values as a register pair, lo in the low half.
-template <typename T>
-__device__ __forceinline__ unsigned pair_of(T lo, T hi) {
-  return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&lo)) |
-         (static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
 }
 // 8 elements of a key and of a value, each read every `stride` elements, to 8 consecutive ones at key_to and value_to:
 // every load before the first store (a load through a pointer that may alias a store before it cannot move above it,
@@ -228,8 +223,24 @@ __device__ __forceinline__ void copy_16_async(void* shared, const void* global) 
   const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
 }
+// The copies this thread started since the last commit, as one group; wait_async_copies<N> waits until at most N of
+// its groups are still in flight (a block's barrier after it, for every thread's).
+__device__ __forceinline__ void commit_async_copies() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
 __device__ __forceinline__ void wait_async_copies() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// Four 8 x 8 tiles of 2-byte elements from shared memory, transposed (ldmatrix .trans): lanes 8 m .. 8 m + 7 give the
+// addresses of tile m's rows, 16 bytes each, and lane l receives, in register m, tile m's elements (2 (l % 4), l / 4)
+// and (2 (l % 4) + 1, l / 4): an mma B operand whose pairs run down a column, read in one instruction where two
+// 2-byte loads a register did.
+__device__ __forceinline__ void load_tiles_transposed(unsigned (&r)[4], const void* row) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(at));
 }
 }  // namespace mlxr_chunk
 )";
@@ -238,7 +249,8 @@ constexpr const char* kChunkAttentionParts = R"(
   using namespace mlxr_chunk;
   constexpr int kWarps = 4;
   constexpr int kRows = 16 * kWarps;
-  constexpr int kKeys = 64;
+  constexpr int kKeys = 32;       // keys a stage
+  constexpr int kSplitKeys = 64;  // a split's keys are a multiple of this (the host's kChunkKeys)
   constexpr int kPad = 8;
   constexpr int G = Q_HEADS / KV_HEADS;
   const float neg_inf = -__int_as_float(0x7f800000);
@@ -254,7 +266,7 @@ constexpr const char* kChunkAttentionParts = R"(
   const int capacity = keys_shape[2];
   const int offset = position[0];
   const int length = offset + queries;
-  const int chunk = ((length + splits - 1) / splits + kKeys - 1) / kKeys * kKeys;
+  const int chunk = ((length + splits - 1) / splits + kSplitKeys - 1) / kSplitKeys * kSplitKeys;
   const int begin = split * chunk;
   const int last_row = min(rows, (query_tile + 1) * kRows) - 1;
   const int end = min(min(length, begin + chunk), offset + last_row / G + 1);
@@ -298,41 +310,54 @@ constexpr const char* kChunkAttentionParts = R"(
     query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
     query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
   }
-  __shared__ __align__(16) T key_tile[kKeys][D + kPad];
-  __shared__ __align__(16) T value_tile[kKeys][D + kPad];
-  float max_lo = neg_inf, max_hi = neg_inf, sum_lo = 0.f, sum_hi = 0.f;
-  float acc[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  for (int tile = begin; tile < end; tile += kKeys) {
-    __syncthreads();
-    // The cache's keys and values copied to shared memory asynchronously (cp.async: every copy in flight at once; plain
-    // loads then stores waited a round trip each, as the compiler cannot move a load through a pointer that may be
-    // shared memory past a store to shared memory), lanes along a row; the chunk's own from k and v; zeros past the
-    // last key any row of the block sees (a value is multiplied by its probability, 0 there, and must not be a NaN).
+  // Two stages of kKeys keys and values in shared memory: the copies of the next stage fly while the block computes on
+  // this one (a single stage made every block wait for each tile's copies before computing on it).
+  __shared__ __align__(16) T key_tile[2][kKeys][D + kPad];
+  __shared__ __align__(16) T value_tile[2][kKeys][D + kPad];
+  // The kKeys keys and values from `tile` into `stage`: the cache's copied asynchronously (cp.async: every copy in
+  // flight at once; plain loads then stores waited a round trip each, as the compiler cannot move a load through a
+  // pointer that may be shared memory past a store to shared memory), lanes along a row; the chunk's own from k and v;
+  // zeros past the last key any row of the block sees (a value is multiplied by its probability, 0 there, and must not
+  // be a NaN). One group of copies a stage.
+  auto load_stage = [&](int stage, int tile) {
     for (int c = threadIdx.x; c < kKeys * (D / 8); c += blockDim.x) {
       const int slot = c / (D / 8), e = (c % (D / 8)) * 8;
       const int j = tile + slot;
       if (j < offset) {
         const size_t at = head_first + static_cast<size_t>(j) * D + e;
-        copy_16_async(&key_tile[slot][e], keys + at);
-        copy_16_async(&value_tile[slot][e], values + at);
+        copy_16_async(&key_tile[stage][slot][e], keys + at);
+        copy_16_async(&value_tile[stage][slot][e], values + at);
       } else if (j < end) {
         const int t = j - offset;
         const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
         const T* value_from = v + kv_head * v_strides[1] + t * v_strides[2] + e * v_strides[3];
         if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
-          copy_16_async(&key_tile[slot][e], key_from);
-          copy_16_async(&value_tile[slot][e], value_from);
+          copy_16_async(&key_tile[stage][slot][e], key_from);
+          copy_16_async(&value_tile[stage][slot][e], value_from);
         } else {
-          move8_pair(&key_tile[slot][e], &value_tile[slot][e], key_from, k_strides[3], value_from, v_strides[3]);
+          move8_pair(&key_tile[stage][slot][e], &value_tile[stage][slot][e], key_from, k_strides[3], value_from, v_strides[3]);
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) key_tile[slot][e + i] = value_tile[slot][e + i] = T(0.f);
+        for (int i = 0; i < 8; ++i) key_tile[stage][slot][e + i] = value_tile[stage][slot][e + i] = T(0.f);
       }
     }
-    wait_async_copies();
+    commit_async_copies();
+  };
+  float max_lo = neg_inf, max_hi = neg_inf, sum_lo = 0.f, sum_hi = 0.f;
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  if (begin < end) load_stage(0, begin);
+  for (int tile = begin, stage = 0; tile < end; tile += kKeys, stage ^= 1) {
+    // The next stage's copies start (into the buffer every warp finished with at the last barrier), then this one's
+    // are waited for.
+    if (tile + kKeys < end) {
+      load_stage(stage ^ 1, tile + kKeys);
+      wait_async_copies<1>();
+    } else {
+      wait_async_copies<0>();
+    }
     __syncthreads();
     float score[kKeys / 8][4];
 #pragma unroll
@@ -340,8 +365,8 @@ constexpr const char* kChunkAttentionParts = R"(
       score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
 #pragma unroll
       for (int s = 0; s < D / 16; ++s) {
-        const unsigned b[2] = {two_at(&key_tile[8 * n + group][16 * s + 2 * quad]),
-                               two_at(&key_tile[8 * n + group][16 * s + 8 + 2 * quad])};
+        const unsigned b[2] = {two_at(&key_tile[stage][8 * n + group][16 * s + 2 * quad]),
+                               two_at(&key_tile[stage][8 * n + group][16 * s + 8 + 2 * quad])};
         mma(score[n], query[s], b, T{});
       }
     }
@@ -393,14 +418,17 @@ constexpr const char* kChunkAttentionParts = R"(
                              pair_bits(score[2 * s + 1][0], score[2 * s + 1][1], T{}),
                              pair_bits(score[2 * s + 1][2], score[2 * s + 1][3], T{})};
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        // B's pairs run along the keys: two rows of the values, one element each.
-        const T* column = &value_tile[16 * s + 2 * quad][8 * n + group];
-        const unsigned b[2] = {pair_of(column[0], column[D + kPad]),
-                               pair_of(column[8 * (D + kPad)], column[9 * (D + kPad)])};
-        mma(acc[n], p, b, T{});
+      for (int n = 0; n < D / 8; n += 2) {
+        // B's pairs run along the keys: four 8 x 8 tiles, keys 16 s .. + 7 and + 8 .. + 15 of columns 8 n .. + 7 and
+        // 8 n + 8 .. + 15, transposed (lane l gives the row of key 16 s + l % 16 at column 8 n + 8 (l / 16)).
+        unsigned b[4];
+        load_tiles_transposed(b, &value_tile[stage][16 * s + (lane & 15)][8 * n + 8 * (lane >> 4)]);
+        const unsigned b_this[2] = {b[0], b[1]}, b_next[2] = {b[2], b[3]};
+        mma(acc[n], p, b_this, T{});
+        mma(acc[n + 1], p, b_next, T{});
       }
     }
+    __syncthreads();  // every warp is done with this stage before the next round's copies overwrite it
   }
 #pragma unroll
   for (int o = 1; o < 4; o <<= 1) {

@@ -132,7 +132,23 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 HOST_COPIES = r"""
 // cp.async as a plain copy (the block's barrier after the wait is what orders it on the GPU as here)
 __device__ __forceinline__ void copy_16_async(void* shared, const void* global) { std::memcpy(shared, global, 16); }
+__device__ __forceinline__ void commit_async_copies() {}
+template <int N>
 __device__ __forceinline__ void wait_async_copies() {}
+// ldmatrix .x4 .trans: the warp's 32 row addresses meet, then each lane takes its pairs (PTX's fragment layout)
+static const void* matrix_rows[32][32];
+__device__ __forceinline__ void load_tiles_transposed(unsigned (&r)[4], const void* row) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  matrix_rows[warp][lane] = row;
+  warps_tiles[warp].meet->arrive_and_wait();
+  const int pair = lane & 3, column = lane >> 2;
+  for (int m = 0; m < 4; ++m) {
+    const auto* lo = static_cast<const uint16_t*>(matrix_rows[warp][8 * m + 2 * pair]);
+    const auto* hi = static_cast<const uint16_t*>(matrix_rows[warp][8 * m + 2 * pair + 1]);
+    r[m] = lo[column] | (static_cast<unsigned>(hi[column]) << 16);
+  }
+  warps_tiles[warp].meet->arrive_and_wait();
+}
 """
 CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 384  # kChunkRows, kChunkKeys, kChunkBlocks
 
@@ -150,13 +166,14 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
 def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
     values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
-    emulations."""
+    emulations (ldmatrix's a warp's meeting, as the mma's)."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
-    helpers, count = re.subn(r"__device__ __forceinline__ void (copy_16_async|wait_async_copies)\(.*?\n}\n", "",
-                             helpers, flags=re.S)
-    assert count == 2, "the helpers' two asynchronous copy functions were not found"
+    helpers, count = re.subn(r"(template <int N>\n)?__device__ __forceinline__ void "
+                             r"(copy_16_async|commit_async_copies|wait_async_copies|load_tiles_transposed)\(.*?\n}\n",
+                             "", helpers, flags=re.S)
+    assert count == 4, "the helpers' asynchronous copy and ldmatrix functions were not found"
     # the emulated mma in place of the asm one the host code puts before the helpers (kCudaMma)
     helpers = HOST_MMA + helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_COPIES, 1)
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
