@@ -208,8 +208,14 @@ void bind_decoder(nb::module_& m) {
           [](Generator* self, const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
              int prefill_chunk, int top_logprobs, SequenceCache* cache, int max_tokens, const TokenVocabulary* json,
              const JsonSchema* json_schema, std::optional<mx::array> logit_bias) {
-            new (self) Generator(model, prompt, options, prefill_chunk, top_logprobs, taken(cache), max_tokens, json,
-                                 json_schema, std::move(logit_bias));
+            auto start = taken(cache);
+            try {
+              new (self) Generator(model, prompt, options, prefill_chunk, top_logprobs, std::move(start), max_tokens,
+                                   json, json_schema, std::move(logit_bias));
+            } catch (...) {
+              if (start) cache->layers = std::move(start->layers);  // refused: the caches go back to the caller
+              throw;
+            }
           },
           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
           "cache"_a.none() = nb::none(), "max_tokens"_a = -1, "json"_a.none() = nb::none(),
@@ -219,7 +225,7 @@ void bind_decoder(nb::module_& m) {
           "then hold every returned token but the last. json: a TokenVocabulary: the answer is held to one JSON "
           "object (json_complete says when it is whole); json_schema: a JsonSchema it must follow. logit_bias: "
           "float32 [V] added to every draw's logits. cache: caches holding the prompt's first tokens (the prompt "
-          "cache's), taken: the object is left empty.")
+          "cache's), taken: the object is left empty (whole again if the generator refuses its arguments).")
       .def_prop_ro("json_complete", &Generator::json_complete)
       .def("__iter__", [](nb::handle self) { return self; })
       .def(

@@ -23,23 +23,25 @@ void eval_cache(const std::vector<KVCache>& cache) {
 }  // namespace
 
 Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache> start, int max_tokens,
+                     int prefill_chunk, int top_logprobs, std::optional<SequenceCache>&& start, int max_tokens,
                      const TokenVocabulary* json, const JsonSchema* json_schema, std::optional<mx::array> logit_bias)
     : model_(model),
       prompt_(prompt),
-      cache_(start ? std::move(start->layers) : model.make_cache()),
+      cache_(start ? std::vector<KVCache>{} : model.make_cache()),
       sampler_(options, model.config().vocab_size),
       prefill_chunk_(prefill_chunk),
       top_logprobs_(top_logprobs),
       max_tokens_(max_tokens) {
   if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
   if (prefill_chunk_ <= 0) throw std::invalid_argument("prefill_chunk must be positive");
-  if (static_cast<int>(cache_.size()) != model.config().num_hidden_layers) {
-    throw std::invalid_argument("the start cache has " + std::to_string(cache_.size()) + " layers, the model " +
+  const size_t layers = start ? start->layers.size() : cache_.size();
+  if (static_cast<int>(layers) != model.config().num_hidden_layers) {
+    throw std::invalid_argument("the start cache has " + std::to_string(layers) + " layers, the model " +
                                 std::to_string(model.config().num_hidden_layers));
   }
-  if (position() >= static_cast<int>(prompt_.size())) {
-    throw std::invalid_argument("the start cache holds " + std::to_string(position()) +
+  const int held = start ? start->length() : 0;
+  if (held >= static_cast<int>(prompt_.size())) {
+    throw std::invalid_argument("the start cache holds " + std::to_string(held) +
                                 " positions; it must hold fewer than the prompt's " + std::to_string(prompt_.size()));
   }
   for (int t : prompt_) {
@@ -50,6 +52,7 @@ Generator::Generator(const Decoder& model, const std::vector<int>& prompt, const
   if (logit_bias) sampler_.set_bias(*logit_bias);
   if (json_schema && !json) throw std::invalid_argument("a JSON schema needs the vocabulary (json)");
   if (json) json_.emplace(*json, model.config().vocab_size, json_schema ? *json_schema : JsonSchema::any_object());
+  if (start) cache_ = std::move(start->layers);  // last: a refusal above leaves the caller's caches whole
 }
 
 mx::array Generator::step(const mx::array& token) {

@@ -37,7 +37,8 @@ class Generator {
  public:
   // top_logprobs: -1 = no log-probabilities; k >= 0 = each token's, and its k most likely alternatives.
   // start: caches that already hold the prompt's first start->length() tokens (fewer than all of them: the
-  // last one must run to give logits), from the prompt cache; the prefill begins after them.
+  // last one must run to give logits), from the prompt cache; the prefill begins after them. Taken (moved from) only
+  // once every argument has been checked: a generator that refuses its arguments leaves start as it was.
   // max_tokens: the answer's budget (-1: none). next() dispatches no step past the budget's last token (a
   // forward pass whose token nobody reads), so the caches then hold every returned token but the last.
   // logit_bias: [V] added to every draw's logits (OpenAI's logit_bias).
@@ -45,7 +46,7 @@ class Generator {
   // kept alive by the caller). Such a generator decodes ahead on the guess that each draw is allowed, and takes
   // the step back when it is not (next_json).
   Generator(const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
-            int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache> start = std::nullopt,
+            int prefill_chunk = 512, int top_logprobs = -1, std::optional<SequenceCache>&& start = std::nullopt,
             int max_tokens = -1, const TokenVocabulary* json = nullptr, const JsonSchema* json_schema = nullptr,
             std::optional<mx::array> logit_bias = std::nullopt);
 

@@ -169,6 +169,17 @@ def test_the_generator_refuses_a_start_cache_that_leaves_no_prompt_token_to_run(
         _core.Generator(model.decoder, tokens, sampler_options(GREEDY), 512, -1, caches)
 
 
+def test_a_generator_that_refuses_its_prompt_leaves_the_start_caches_with_the_caller(model):
+    """The generator takes the caches only once every argument has passed its checks: a bad token id must not lose
+    the conversation the prompt cache handed over."""
+    tokens, caches = stored(model, ids(20))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _core.Generator(model.decoder, tokens + [10 ** 6], sampler_options(GREEDY), 512, -1, caches)
+    assert caches.length == len(tokens) and caches.writes_in_place
+    follow_up = tokens + [7, 8]
+    assert run(model, follow_up, 4, caches)[0] == run(model, follow_up, 4)[0]
+
+
 def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model):
     """A chat's next turn takes the stored sequence itself (it leaves the cache; the turn's own sequence replaces it
     when done), so its follow-up writes into the stored buffers: no layer's buffer is copied; so does a prompt that
