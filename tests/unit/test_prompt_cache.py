@@ -180,6 +180,63 @@ def test_a_generator_that_refuses_its_prompt_leaves_the_start_caches_with_the_ca
     assert run(model, follow_up, 4, caches)[0] == run(model, follow_up, 4)[0]
 
 
+def test_a_request_refused_after_a_hand_over_gives_the_conversation_back(model):
+    """Through LanguageModel.stream: the follow-up of a stored conversation with a token id the model lacks is
+    refused, and the conversation (handed over to it) is back in the cache, whole but for its unshared tail."""
+    model.prompt_cache.clear()
+    greedy = Options(temperature=0.0, repeat_penalty=1.0, num_predict=2)
+    list(model.stream(ids(40), greedy))
+    (stored_tokens,) = model.prompt_cache.sequences()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        list(model.stream(stored_tokens + [10 ** 6], greedy))
+    assert model.prompt_cache.sequences() == [stored_tokens]
+    out = list(model.stream(stored_tokens + [7], greedy))
+    assert out[-1].prompt_cache_count == len(stored_tokens)
+    model.prompt_cache.clear()
+
+
+def test_a_batched_request_refused_after_a_hand_over_gives_the_conversation_back(model):
+    """The same through the batch scheduler (requests as the server runs them: jobs of the worker, members of the
+    model's batch), where the generator is made on the batch's thread."""
+    import asyncio
+
+    from mlxrunner.worker import Worker
+
+    greedy = Options(temperature=0.0, repeat_penalty=1.0, num_predict=2)
+
+    async def main():
+        worker = Worker()
+        try:
+            def job(prompt):
+                return lambda ctx: list(model.stream(prompt, greedy))
+
+            await worker.submit("first", job(ids(40)), batch=model.batch).wait()
+            (stored_tokens,) = model.prompt_cache.sequences()
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                await worker.submit("refused", job(stored_tokens + [10 ** 6]), batch=model.batch).wait()
+            assert model.prompt_cache.sequences() == [stored_tokens]
+            out = await worker.submit("next", job(stored_tokens + [7]), batch=model.batch).wait()
+            assert out[-1].prompt_cache_count == len(stored_tokens)
+        finally:
+            worker.stop()
+
+    model.prompt_cache.clear()
+    asyncio.run(main())
+    model.prompt_cache.clear()
+
+
+def test_take_back_keeps_whole_caches_only(model):
+    cache = PromptCache(1 << 30)
+    tokens, caches = stored(model, ids(20))
+    cache.take_back(tokens + [1, 2], caches)  # a request's prompt; the caches hold its first 24 tokens
+    assert cache.sequences() == [tokens]
+    _core.Generator(model.decoder, tokens + [3], sampler_options(GREEDY), 512, -1, caches)  # takes them
+    cache.clear()
+    cache.take_back(tokens + [3], caches)
+    cache.take_back(tokens, None)
+    assert len(cache) == 0
+
+
 def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model):
     """A chat's next turn takes the stored sequence itself (it leaves the cache; the turn's own sequence replaces it
     when done), so its follow-up writes into the stored buffers: no layer's buffer is copied; so does a prompt that

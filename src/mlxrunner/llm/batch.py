@@ -160,12 +160,14 @@ class BatchScheduler:
             new, self._inbox = list(self._inbox), collections.deque()
         for request in new:
             ids = request.answer.ids
+            cached = None
             try:
                 cached, request.answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
                 # max_tokens 1: the generator gives the first token and dispatches nothing after it (_prefill).
                 request.generator = _core.Generator(self.decoder, ids, request.options, self.prefill_chunk,
                                                     request.top_logprobs, cached, 1, logit_bias=request.logit_bias)
             except Exception as exc:  # noqa: BLE001 - the request's error, raised on its own thread
+                self.prompt_cache.take_back(ids, cached)
                 request.items.put(exc)
                 continue
             self._prefilling.append(request)

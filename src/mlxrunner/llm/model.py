@@ -212,10 +212,14 @@ class LanguageModel:
             return
         ids = answer.ids
         cached, answer.result.prompt_cache_count = self.prompt_cache.fetch(ids)
-        generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
-                                    -1 if top_logprobs is None else top_logprobs, cached, answer.budget,
-                                    self.json_vocabulary if json_output else None,
-                                    core_schema(json_schema) if json_schema is not None else None, logit_bias)
+        try:
+            generator = _core.Generator(self.decoder, ids, sampler_options(options), PREFILL_CHUNK,
+                                        -1 if top_logprobs is None else top_logprobs, cached, answer.budget,
+                                        self.json_vocabulary if json_output else None,
+                                        core_schema(json_schema) if json_schema is not None else None, logit_bias)
+        except Exception:
+            self.prompt_cache.take_back(ids, cached)
+            raise
         # The generator took the caches (`cached` is left empty): a second holder would stop the CUDA kernels
         # writing a handed-over sequence's next positions in place, and make MLX copy each buffer at its first write.
         try:

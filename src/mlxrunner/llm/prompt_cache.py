@@ -141,6 +141,13 @@ class PromptCache:
         got, then every token generated: the next turn of a chat starts with them)."""
         self.insert(tokens[:held], caches)
 
+    def take_back(self, prompt: Sequence[int], caches: LayerCaches | None) -> None:
+        """The caches fetch(prompt) gave a request that never started (its generator refused its arguments, as a
+        token id outside the vocabulary, and left them whole): they go back, so a bad request does not lose the
+        conversation a hand-over took out of the cache. Emptied caches (a generator took them) are not kept."""
+        if caches is not None and caches.length:
+            self.insert(prompt[: caches.length], caches)
+
     def insert(self, tokens: Sequence[int], caches: LayerCaches) -> None:
         """Keep `caches`, which hold exactly `tokens`, then evict down to the cap."""
         if caches.length != len(tokens):
