@@ -295,21 +295,6 @@ constexpr const char* kChunkAttentionParts = R"(
       }
     }
   }
-  const int row_lo = query_tile * kRows + warp * 16 + group, row_hi = row_lo + 8;
-  const int seen_lo = offset + row_lo / G, seen_hi = offset + row_hi / G;
-  auto query_at = [&](int row, int d) -> float {
-    if (row >= rows) return 0.f;
-    return static_cast<float>(q[(kv_head * G + row % G) * q_strides[1] + (row / G) * q_strides[2] + d * q_strides[3]]);
-  };
-  unsigned query[D / 16][4];
-#pragma unroll
-  for (int s = 0; s < D / 16; ++s) {
-    const int d = 16 * s + 2 * quad;
-    query[s][0] = pair_bits(query_at(row_lo, d), query_at(row_lo, d + 1), T{});
-    query[s][1] = pair_bits(query_at(row_hi, d), query_at(row_hi, d + 1), T{});
-    query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
-    query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
-  }
   // Two stages of kKeys keys and values in shared memory: the copies of the next stage fly while the block computes on
   // this one (a single stage made every block wait for each tile's copies before computing on it).
   __shared__ __align__(16) T key_tile[2][kKeys][D + kPad];
@@ -348,7 +333,22 @@ constexpr const char* kChunkAttentionParts = R"(
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  if (begin < end) load_stage(0, begin);
+  if (begin < end) load_stage(0, begin);  // in flight while the queries load
+  const int row_lo = query_tile * kRows + warp * 16 + group, row_hi = row_lo + 8;
+  const int seen_lo = offset + row_lo / G, seen_hi = offset + row_hi / G;
+  auto query_at = [&](int row, int d) -> float {
+    if (row >= rows) return 0.f;
+    return static_cast<float>(q[(kv_head * G + row % G) * q_strides[1] + (row / G) * q_strides[2] + d * q_strides[3]]);
+  };
+  unsigned query[D / 16][4];
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    const int d = 16 * s + 2 * quad;
+    query[s][0] = pair_bits(query_at(row_lo, d), query_at(row_lo, d + 1), T{});
+    query[s][1] = pair_bits(query_at(row_hi, d), query_at(row_hi, d + 1), T{});
+    query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
+    query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
+  }
   for (int tile = begin, stage = 0; tile < end; tile += kKeys, stage ^= 1) {
     // The next stage's copies start (into the buffer every warp finished with at the last barrier), then this one's
     // are waited for.
