@@ -55,47 +55,47 @@ def per_call_us(summary: dict, calls: int, needle: str | None = None) -> float:
     return total_ms * 1000 / calls
 
 
+def time_case(mx, _core, profiler, side: str, tokens: int, offset: int, calls: int) -> dict:
+    """One shape on one side: `calls` calls in one evaluation, profiled; µs a call."""
+    q, k, v, keys, values = inputs(mx, tokens, offset)
+    length, scale = offset + tokens, HEAD_DIM ** -0.5
+    position = mx.array([offset], mx.int32)
+
+    def one():
+        if side == "ours":
+            return _core.cuda_chunk_attention(q, k, v, keys, values, position, length, scale)
+        return mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], scale=scale,
+                                                    mask="causal")
+
+    def many():
+        mx.eval([one() for _ in range(calls)])
+        mx.synchronize()
+
+    many()  # compiles and warms
+    summary = profiler.run(f"{side}-{tokens}-{offset}", many, per=calls)
+    row = {"tokens": tokens, "offset": offset, "all_us": per_call_us(summary, calls),
+           "kernels_a_call": summary["kernels"] / calls, "top": summary["top"][:4]}
+    if side == "ours":
+        row["parts_us"] = per_call_us(summary, calls, "chunk_attention_parts")
+        row["merge_us"] = per_call_us(summary, calls, "decode_attention_merge")
+    return row
+
+
 def child(side: str, calls: int) -> dict:
     """One process: every case on one side ("ours" under this process's MLXRUNNER_CHUNK_BLOCKS, or "mlx")."""
-    import mlxrunner  # noqa: F401  first: it binds MLX's CPU BLAS
+    import mlxrunner  # noqa: F401, I001  (before mlx.core, as the other benchmarks do)
     import mlx.core as mx
 
-    from mlxrunner import _core
     from benchmarks.gpu.profile import KernelProfiler
+    from mlxrunner import _core
 
+    blocks = os.environ.get("MLXRUNNER_CHUNK_BLOCKS")
     if not mx.cuda.is_available():
-        return {"side": side, "blocks": os.environ.get("MLXRUNNER_CHUNK_BLOCKS"),
-                "error": "not on CUDA: the chunk kernel runs on CUDA only"}
-    rows = []
+        return {"side": side, "blocks": blocks, "error": "not on CUDA: the chunk kernel runs on CUDA only"}
     with tempfile.TemporaryDirectory(prefix="chunk-bench-") as tmp:
         profiler = KernelProfiler(Path(tmp))
-        for tokens, offset in CASES:
-            q, k, v, keys, values = inputs(mx, tokens, offset)
-            length, scale = offset + tokens, HEAD_DIM ** -0.5
-            position = mx.array([offset], mx.int32)
-
-            def ours():
-                return _core.cuda_chunk_attention(q, k, v, keys, values, position, length, scale)
-
-            def mlx_path():
-                return mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length],
-                                                            scale=scale, mask="causal")
-
-            one = ours if side == "ours" else mlx_path
-
-            def many():
-                mx.eval([one() for _ in range(calls)])
-                mx.synchronize()
-
-            many()  # compiles and warms
-            summary = profiler.run(f"{side}-{tokens}-{offset}", many, per=calls)
-            row = {"tokens": tokens, "offset": offset, "all_us": per_call_us(summary, calls),
-                   "kernels_a_call": summary["kernels"] / calls, "top": summary["top"][:4]}
-            if side == "ours":
-                row["parts_us"] = per_call_us(summary, calls, "chunk_attention_parts")
-                row["merge_us"] = per_call_us(summary, calls, "decode_attention_merge")
-            rows.append(row)
-    return {"side": side, "blocks": os.environ.get("MLXRUNNER_CHUNK_BLOCKS"), "rows": rows}
+        rows = [time_case(mx, _core, profiler, side, tokens, offset, calls) for tokens, offset in CASES]
+    return {"side": side, "blocks": blocks, "rows": rows}
 
 
 def run_child(side: str, calls: int, blocks: str | None) -> dict:
