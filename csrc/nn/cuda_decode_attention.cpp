@@ -458,7 +458,7 @@ constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (b
 constexpr int kKeysPerSplit = 64;      // at least, so that a split's warps each have a run or more of keys
 constexpr int kMostSplits = 64;        // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
 constexpr int kChunkRows = 64;         // query rows a block of the chunk kernel (kRows)
-constexpr int kChunkKeys = 64;         // keys a tile of the chunk kernel (kKeys)
+constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a multiple of this (kSplitKeys)
 constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
@@ -471,7 +471,7 @@ int splits_for(int length) {
 
 // The chunk kernel's splits of `length` keys for `blocks_a_split` blocks each: enough for ~kChunkBlocks blocks
 // (MLXRUNNER_CHUNK_BLOCKS=N, a measuring switch, sets N: benchmarks/gpu/chunk_attention_bench.py sweeps it), at most
-// one a tile of keys.
+// one a kChunkKeys keys.
 int chunk_splits_for(int length, int blocks_a_split) {
   static const int blocks = static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_CHUNK_BLOCKS", kChunkBlocks)));
   const int tiles = (length + kChunkKeys - 1) / kChunkKeys;

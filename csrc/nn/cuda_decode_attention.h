@@ -48,8 +48,8 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
 // <= 128, D 64 or 128, q_heads a multiple of kv_heads, one half-precision dtype.
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
 // Whether the decoder takes the chunk kernel: MLXRUNNER_CHUNK_ATTENTION=1, a measuring switch (off: on an H100 its
-// third version took 46 us a layer for a 64-token chunk over 3,064 keys against cuDNN's 42, and the prompt cache's
-// follow-up was no faster; the fourth is not yet timed).
+// fourth version took 44 us a layer for a 64-token chunk over 3,064 keys against cuDNN's 42, and the prompt cache's
+// follow-up took the same time either way; the fifth is not yet timed).
 bool chunk_attention_switched_on();
 
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]

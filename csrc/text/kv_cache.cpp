@@ -145,8 +145,12 @@ void KVCache::trim_to(int length) {
   offset_ = held_ = next_slot_ = length;
 }
 
+bool KVCache::can_trim(int n) const {
+  return n >= 0 && can_trim_to(offset_ - n);
+}
+
 bool KVCache::trim(int n) {
-  if (n < 0 || !can_trim_to(offset_ - n)) return false;
+  if (!can_trim(n)) return false;
   trim_to(offset_ - n);
   return true;
 }
@@ -253,14 +257,13 @@ std::vector<mx::array> BatchKVCache::state() const {
 }
 
 bool SequenceCache::can_trim(int n) const {
-  return std::all_of(layers.begin(), layers.end(),
-                     [n](const KVCache& layer) { return n >= 0 && layer.can_trim_to(layer.offset() - n); });
+  return std::all_of(layers.begin(), layers.end(), [n](const KVCache& layer) { return layer.can_trim(n); });
 }
 
 bool SequenceCache::trim(int n) {
   // Checked first, then trimmed in place: trimming a copy and keeping it would mark every layer shared.
   if (!can_trim(n)) return false;
-  for (auto& layer : layers) layer.trim_to(layer.offset() - n);
+  for (auto& layer : layers) layer.trim(n);
   return true;
 }
 

@@ -54,6 +54,8 @@ class KVCache {
   bool can_trim_to(int length) const;
   // Forget every position from `length` on (0 <= length <= offset(); can_trim_to(length) must hold).
   void trim_to(int length);
+  // Whether trim(n) can forget the last n positions: n in 0..offset() and can_trim_to allows it.
+  bool can_trim(int n) const;
   // Forget the last n positions; false, and unchanged, if n is not in 0..offset() or the cache cannot
   // (a rotating cache that has evicted a position).
   bool trim(int n);

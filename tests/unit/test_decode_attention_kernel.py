@@ -150,7 +150,7 @@ __device__ __forceinline__ void load_tiles_transposed(unsigned (&r)[4], const vo
   warps_tiles[warp].meet->arrive_and_wait();
 }
 """
-CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 384  # kChunkRows, kChunkKeys, kChunkBlocks
+CHUNK_ROWS, CHUNK_KEYS, CHUNK_BLOCKS = 64, 64, 384  # kChunkRows, kChunkKeys (a split's multiple), kChunkBlocks
 
 
 def chunk_splits_for(length: int, blocks_a_split: int) -> int:
