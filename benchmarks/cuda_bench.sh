@@ -16,7 +16,7 @@
 # MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
-# without MLXRUNNER_DECODE_ATTENTION, the prompt cache's follow-up with and without MLXRUNNER_CHUNK_ATTENTION=1, and
+# without MLXRUNNER_DECODE_ATTENTION, the prompt cache's follow-up with and without MLXRUNNER_CHUNK_ATTENTION=0, and
 # benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS; docs/settings.md says what each
 # does).
 #
@@ -152,8 +152,8 @@ if has switches; then
   done
   switch_case MLXRUNNER_DECODE_ATTENTION 0 in-place-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
-  # The chunk kernel (a forward of 2-128 tokens over the cache, in place) is a measuring switch since session 24.
-  switch_case MLXRUNNER_CHUNK_ATTENTION 1 chunk-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
+  # The chunk kernel (a forward of 2-128 tokens over the cache, in place): on by default since session 26.
+  switch_case MLXRUNNER_CHUNK_ATTENTION 0 chunk-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
     --models-dir "$MODELS" --only qwen3-4b --rounds 5
   # The chunk kernel alone against cuDNN's attention, kernel by kernel, over MLXRUNNER_CHUNK_BLOCKS (session 25).
   stamp "switches: chunk_attention_bench"

@@ -105,7 +105,7 @@ def kernels():
         for norm in (0, 1):
             inputs = [("qkv", dtype)] + ([("q_weight", dtype), ("k_weight", dtype)] if norm else [])
             yield f"qk_norm_rope/norm={norm}/{dtype}", mlx_kernel_source(
-                "mlxr_qk_norm_rope", block_sum + f"#define NORM {norm}\n",
+                "mlxr_qk_norm_rope", f"#define NORM {norm}\n",
                 kernel_string("cuda_norm_rope.cpp", "kQkRope"),
                 inputs + [("inverse_frequencies", "float"), ("offsets", "int32")], [("q_out", dtype), ("k_out", dtype)],
                 {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "TRADITIONAL": False} |
@@ -118,6 +118,9 @@ def kernels():
         "mlxr_gated_residual", with_sum + "#define NEXT 1\n", kernel_string("cuda_dit_fusion.cpp", "kGatedResidual"),
         [(name, "bf16") for name in ("x", "a", "a_weight", "gate", "next_weight", "next_scale")],
         [("h", "bf16"), ("next", "bf16")], {"T": "bf16", "EPS_BITS": 1, "PER_THREAD": 16, "NEXT_EPS_BITS": 1})
+    for dtype in ("bf16", "f16", "float"):
+        yield f"argmax/{dtype}", mlx_kernel_source("mlxr_argmax", "", kernel_string("cuda_argmax.cpp", "kArgmax"),
+                                                   [("z", dtype)], [("out", "int32")], {"T": dtype})
     for channels in (128, 512):  # the VAE's widest and narrowest images' channels
         yield f"group_norm_sums/{channels}/bf16", mlx_kernel_source(
             "mlxr_group_norm_sums", "", kernel_string("cuda_group_norm.cpp", "kGroupNormSums"), [("x", "bf16")],

@@ -12,6 +12,7 @@
 #include "nn/activation.h"
 #include "nn/attention.h"
 #include "nn/cpu_kernels.h"
+#include "nn/cuda_argmax.h"
 #include "nn/cuda_batch_attention.h"
 #include "nn/cuda_decode_attention.h"
 #include "nn/cuda_dit_fusion.h"
@@ -325,6 +326,16 @@ void bind_cuda_kernels(nb::module_& m) {
         "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
         "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");
   m.def(
+      "cuda_argmax",
+      [](const mx::array& z) -> std::optional<mx::array> {
+        auto out = cuda_argmax(z);
+        if (!out) return std::nullopt;
+        return evaluated(*out);
+      },
+      "z"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "Greedy sampling's argmax on CUDA (nn/cuda_argmax.h): the first index of the largest value of z [V] (an int32 "
+      "scalar) or of each row of z [rows, V] (int32 [rows]), as mx.argmax; None off CUDA.");
+  m.def(
       "cuda_qk_norm_rope",
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
          std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
@@ -368,8 +379,8 @@ void bind_cuda_kernels(nb::module_& m) {
       "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the "
       "causal attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, "
       "q_heads D]; "
-      "None off CUDA or where the kernel does not apply (2 <= T <= 128); the decoder takes it only under "
-      "MLXRUNNER_CHUNK_ATTENTION=1, this binding whatever the switch.");
+      "None off CUDA or where the kernel does not apply (2 <= T <= 128); the decoder takes it unless "
+      "MLXRUNNER_CHUNK_ATTENTION=0, this binding whatever the switch.");
   m.def(
       "cuda_quantized_normed_qkv_heads",
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,

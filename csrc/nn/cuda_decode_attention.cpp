@@ -340,14 +340,32 @@ constexpr const char* kChunkAttentionParts = R"(
     if (row >= rows) return 0.f;
     return static_cast<float>(q[(kv_head * G + row % G) * q_strides[1] + (row / G) * q_strides[2] + d * q_strides[3]]);
   };
+  // The rows' pairs (d, d + 1) as the mma's A tile wants them: one 4-byte word each where a row's elements are
+  // consecutive and the pairs aligned (the decoder's q, a view of the projection's rows), all 32 loads before the
+  // first use; element by element otherwise. The word loads took a 64-token chunk's kernel from 37.5 to 33.0 us on an
+  // H100 (benchmarks/gpu/chunk_kernel_probe.py): 64 two-byte loads and conversions had cost ~11,000 cycles a block.
   unsigned query[D / 16][4];
+  const T* q_lo = q + (kv_head * G + row_lo % G) * q_strides[1] + (row_lo / G) * q_strides[2] + 2 * quad;
+  const T* q_hi = q + (kv_head * G + row_hi % G) * q_strides[1] + (row_hi / G) * q_strides[2] + 2 * quad;
+  const bool pairs_aligned = (reinterpret_cast<unsigned long long>(q) & 3) == 0 && ((q_strides[1] | q_strides[2]) & 1) == 0;
+  if (q_strides[3] == 1 && pairs_aligned) {
+    const bool lo_in = row_lo < rows, hi_in = row_hi < rows;
 #pragma unroll
-  for (int s = 0; s < D / 16; ++s) {
-    const int d = 16 * s + 2 * quad;
-    query[s][0] = pair_bits(query_at(row_lo, d), query_at(row_lo, d + 1), T{});
-    query[s][1] = pair_bits(query_at(row_hi, d), query_at(row_hi, d + 1), T{});
-    query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
-    query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
+    for (int s = 0; s < D / 16; ++s) {
+      query[s][0] = lo_in ? two_at(q_lo + 16 * s) : 0u;
+      query[s][1] = hi_in ? two_at(q_hi + 16 * s) : 0u;
+      query[s][2] = lo_in ? two_at(q_lo + 16 * s + 8) : 0u;
+      query[s][3] = hi_in ? two_at(q_hi + 16 * s + 8) : 0u;
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < D / 16; ++s) {
+      const int d = 16 * s + 2 * quad;
+      query[s][0] = pair_bits(query_at(row_lo, d), query_at(row_lo, d + 1), T{});
+      query[s][1] = pair_bits(query_at(row_hi, d), query_at(row_hi, d + 1), T{});
+      query[s][2] = pair_bits(query_at(row_lo, d + 8), query_at(row_lo, d + 9), T{});
+      query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
+    }
   }
   for (int tile = begin, stage = 0; tile < end; tile += kKeys, stage ^= 1) {
     // The next stage's copies start (into the buffer every warp finished with at the last barrier), then this one's
@@ -550,8 +568,8 @@ bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const 
 }
 
 bool chunk_attention_switched_on() {
-  static const bool on = switched_on("MLXRUNNER_CHUNK_ATTENTION");
-  return on;
+  static const bool off = switched_off("MLXRUNNER_CHUNK_ATTENTION");
+  return !off;
 }
 
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,

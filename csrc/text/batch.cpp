@@ -56,7 +56,7 @@ int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sample
 
 mx::array BatchGenerator::sample(const mx::array& logits) {
   const int b = logits.shape(0);
-  auto best = mx::astype(mx::argmax(logits, -1), mx::int32);
+  auto best = greedy_tokens(logits);
   if (std::all_of(rows_.begin(), rows_.end(), [](const Row& r) { return r.plain_greedy; })) return best;
   std::vector<mx::array> tokens;
   for (int i = 0; i < b; ++i) {

@@ -350,8 +350,8 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
 }
 
 // One sequence's attention on CUDA by the kernels that write the new keys and values into a full cache's buffers
-// themselves (nn/cuda_decode_attention.h): a decode step where the buffers are this cache's alone, and, under
-// MLXRUNNER_CHUNK_ATTENTION=1, a short chunk (the rest of a prompt after the prompt cache, a chat's next turn), whose
+// themselves (nn/cuda_decode_attention.h): a decode step where the buffers are this cache's alone, and (unless
+// MLXRUNNER_CHUNK_ATTENTION=0) a short chunk (the rest of a prompt after the prompt cache, a chat's next turn), whose
 // keys MLX writes first where a copy shares the buffers. [1, T, q_heads D], or nullopt where neither applies.
 std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v,
                                                      KVCache& cache, int offset,

@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "nn/cuda_argmax.h"
+
 namespace mlxr {
 
 uint64_t splitmix64(uint64_t seed, uint64_t counter) {
@@ -56,6 +58,11 @@ mx::array Sampler::penalized(const mx::array& logits) const {
     z = mx::scatter_add_axis(z, h, minus, 0);  // once per occurrence
   }
   return z;
+}
+
+mx::array greedy_tokens(const mx::array& z) {
+  if (auto tokens = cuda_argmax(z)) return *tokens;
+  return mx::astype(mx::argmax(z, -1), mx::int32);
 }
 
 mx::array Sampler::probabilities(const mx::array& logits) const {
@@ -123,8 +130,7 @@ mx::array Sampler::choose(const mx::array& logits, const std::optional<mx::array
   auto z = penalized(logits);
   if (bias_) z = mx::add(mx::astype(z, mx::float32), *bias_);
   if (bias) z = mx::add(mx::astype(z, mx::float32), *bias);
-  mx::array token = greedy() ? mx::argmax(z, 0) : draw(distribution(z));
-  return mx::astype(token, mx::int32);
+  return greedy() ? greedy_tokens(z) : mx::astype(draw(distribution(z)), mx::int32);
 }
 
 }  // namespace mlxr

@@ -38,6 +38,10 @@ struct SamplerOptions {
 
 uint64_t splitmix64(uint64_t seed, uint64_t counter);
 
+// The greedy token(s) as int32: argmax of z [V] (a scalar) or of each row of z [rows, V]. On CUDA one kernel of ours
+// (nn/cuda_argmax.h: MLX's argmax is a single block's slow scan plus a cast); elsewhere MLX's argmax, cast.
+mx::array greedy_tokens(const mx::array& z);
+
 class Sampler {
  public:
   Sampler(const SamplerOptions& options, int vocab_size);

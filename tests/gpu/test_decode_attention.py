@@ -4,8 +4,7 @@ decode step's, and a chunk's of 2 to 128 tokens (on tensor cores).
 On CUDA the decoder's single-sequence forwards take them (KVCache::writes_in_place, append_buffers): each kernel must
 give MLX's attention to the rounding of its sums, write exactly the new keys and values into their slots and nothing
 else, and a decoder must give the same greedy tokens with them as with MLX's slice updates and attention
-(MLXRUNNER_DECODE_ATTENTION=0; the chunk kernel is the decoder's only under MLXRUNNER_CHUNK_ATTENTION=1, a measuring
-switch). The in-place writes must not reach a cache the prompt
+(MLXRUNNER_DECODE_ATTENTION=0 and MLXRUNNER_CHUNK_ATTENTION=0). The in-place writes must not reach a cache the prompt
 cache keeps: the same prompt sent three times (the later requests resume from a copy of the first one's cache) gives the
 same tokens each time, and a follow-up resumes from a copy too.
 Off CUDA the binding declines (None), and the decoder runs MLX's operations (the CPU parity tests).
@@ -140,9 +139,8 @@ def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_p
     # head dim 64: the kernels take 64 and 128, the fixture has 16
     folder = str(wide_head_model_copy(QWEN3, tmp_path / "qwen3-tiny-wide", head_dim=64))
     switches = [SWITCH, CHUNK_SWITCH]
-    # the chunk kernel is opt-in
-    in_place = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_SWITCH: "1"})
-    mlx_ops = run_script_json(SCRIPT, folder, unset=switches, environment={SWITCH: "0"})
+    in_place = run_script_json(SCRIPT, folder, unset=switches)  # both kernels are on by default
+    mlx_ops = run_script_json(SCRIPT, folder, unset=switches, environment={SWITCH: "0", CHUNK_SWITCH: "0"})
     assert all(len(run) == 40 for run in in_place)
     tokens = [[token for token, _ in run] for run in in_place]
     assert tokens[0] == tokens[1] == tokens[2]  # a kept cache was not written by a later request

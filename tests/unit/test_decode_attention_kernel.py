@@ -191,10 +191,11 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
 
 
 CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits,
-    # k's elements along the head dim consecutive (as the RoPE kernel writes them: moved 16 bytes at a time) or not
+    # q's and k's elements along the head dim consecutive (as the RoPE kernel writes them: k moved 16 bytes at a time,
+    # q's pairs read as 4-byte words) or not
     (64, 4, 2, 5, 0, 256, None, True),      # a fresh cache: 10 rows, most of a warp's 16 empty; the host's splits (1)
     (128, 8, 2, 20, 37, 128, 3, True),      # 4 queries a key head: 80 rows over two query tiles; 3 one-tile splits
-    (64, 16, 8, 7, 300, 512, None, False),  # 8 key heads, the host's splits (5 of 64 keys); k element by element
+    (64, 16, 8, 7, 300, 512, None, False),  # 8 key heads, the host's splits (5 of 64 keys); q, k element by element
     (64, 2, 2, 64, 100, 256, 2, True),      # one query a key head: 64 rows, one tile; the last split past some rows
 ]
 
@@ -211,8 +212,9 @@ def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d,
     # q a heads-first view of a tokens-first array; v a strided view of a [1, T, 3 kv_heads, D] projection
     q = to_bf16_bits(rng.standard_normal((1, tokens, q_heads, d))).transpose(0, 2, 1, 3)
     k = to_bf16_bits(rng.standard_normal((1, kv_heads, tokens, d)) * 2)
-    if not k_rows:  # the same values held head dim first: a view whose head-dim stride is `tokens`
+    if not k_rows:  # the same values held head dim first: views whose head-dim stride is not 1 (q's read elementwise)
         k = np.ascontiguousarray(k.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+        q = np.ascontiguousarray(q.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     v_projection = to_bf16_bits(rng.standard_normal((1, tokens, 3 * kv_heads, d)))
     v = v_projection[:, :, kv_heads : 2 * kv_heads].transpose(0, 2, 1, 3)
     keys = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)) * 2)

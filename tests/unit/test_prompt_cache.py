@@ -279,7 +279,9 @@ def test_a_sequence_the_prompt_extends_is_handed_over_and_written_in_place(model
     copied = follow_up_peak(ids(750) + [7, 8, 9], alone=False)  # shares 750 of the stored sequence's positions
     assert len(cache) == 1
     assert copied >= nbytes  # every layer's buffers copied at the first write
-    assert handed_over < nbytes / 4 and trimmed < nbytes / 4
+    # Half the buffers' bytes: the forward's own arrays, which on CUDA MLX's allocator rounds up (152,176 bytes on an
+    # H100 against 524,288 of buffers), far below the copy's
+    assert handed_over < nbytes / 2 and trimmed < nbytes / 2
 
 
 def test_a_chat_turn_through_stream_writes_the_stored_buffers_in_place(model):
