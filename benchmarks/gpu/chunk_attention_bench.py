@@ -2,11 +2,11 @@
 csrc/nn/cuda_decode_attention.h) against MLX's path (cuDNN's attention over the cache's first `length` slots, as the
 decoder runs it with the kernel off), on the Qwen3-4B's heads (32 query heads, 8 key heads, 128 wide, bf16).
 
-The prompt cache's follow-up (64 tokens after 3,000 cached) spends ~1.5 ms of its ~7.5 ms in this attention on an
-H100 (benchmarks/README.md, "Session 25"); the goal of issue 19 (the follow-up ≤ 0.1 of the first request) wants it
-near 14-25 µs a layer. This script times the kernels alone (torch.profiler's CUPTI kernel times, N calls in one
-evaluation, per call) for a few chunk lengths and contexts, and sweeps how many blocks the chunk kernel's splits aim
-at (MLXRUNNER_CHUNK_BLOCKS, read once per process: a child process per setting).
+The prompt cache's follow-up (64 tokens after 3,000 cached) spent ~1.5 ms of its ~7.5 ms in this attention on an
+H100 (benchmarks/README.md, "Session 25"; ~1.1 ms after session 26). This script times the kernels alone
+(torch.profiler's CUPTI kernel times, N calls, one evaluation each, per call) for a few chunk lengths and contexts,
+and sweeps how many blocks the chunk kernel's splits aim at (MLXRUNNER_CHUNK_BLOCKS, read once per process: a child
+process per setting). benchmarks/gpu/chunk_kernel_probe.py times variants of the kernel's source and its phases.
 
     python -m benchmarks.gpu.chunk_attention_bench --out OUT [--blocks 132,264,384,768] [--calls 20]
 
@@ -56,10 +56,11 @@ def per_call_us(summary: dict, calls: int, needle: str | None = None) -> float:
 
 
 def time_case(mx, _core, profiler, side: str, tokens: int, offset: int, calls: int) -> dict:
-    """One shape on one side: `calls` calls in one evaluation, profiled; µs a call."""
+    """One shape on one side: `calls` calls, each evaluated on its own, profiled; µs a call."""
     q, k, v, keys, values = inputs(mx, tokens, offset)
     length, scale = offset + tokens, HEAD_DIM ** -0.5
-    position = mx.array([offset], mx.int32)
+    # made by the device, as the decoder's (Decoder::device_offset): host-made arrays are slow for kernels to read
+    position = mx.arange(offset, offset + 1, dtype=mx.int32)
 
     def one():
         if side == "ours":
@@ -68,7 +69,10 @@ def time_case(mx, _core, profiler, side: str, tokens: int, offset: int, calls: i
                                                     mask="causal")
 
     def many():
-        mx.eval([one() for _ in range(calls)])
+        # One evaluation a call: calls in one evaluation are independent nodes of MLX's CUDA graph, which may run
+        # together, each kernel's time then including the others'.
+        for _ in range(calls):
+            mx.eval(one())
         mx.synchronize()
 
     many()  # compiles and warms
