@@ -25,8 +25,10 @@ import struct
 import tempfile
 from pathlib import Path
 
+# the same shapes and inputs as chunk_attention_bench (Qwen3-4B's heads)
+from benchmarks.gpu.chunk_attention_bench import HEAD_DIM, KV_HEADS, Q_HEADS, inputs
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "nn"
-Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CASES = [(64, 3000), (16, 3000), (64, 8000)]
 
 
@@ -115,20 +117,6 @@ VARIANTS = {
     "w8k32s3": restaged(32, 3, 8),
     "w8k64s2": restaged(64, 2, 8),
 }
-
-
-def inputs(mx, tokens: int, offset: int):
-    key = mx.random.key(tokens * 100_003 + offset)
-    kq, kk, kv, kc, kw = mx.random.split(key, 5)
-    capacity = (offset + tokens + 255) // 256 * 256
-    q = mx.random.normal((1, tokens, Q_HEADS, HEAD_DIM), key=kq).astype(mx.bfloat16).transpose(0, 2, 1, 3)
-    k = mx.random.normal((1, KV_HEADS, tokens, HEAD_DIM), key=kk).astype(mx.bfloat16)
-    projection = mx.random.normal((1, tokens, 3 * KV_HEADS, HEAD_DIM), key=kv).astype(mx.bfloat16)
-    v = projection[:, :, KV_HEADS: 2 * KV_HEADS].transpose(0, 2, 1, 3)
-    keys = mx.random.normal((1, KV_HEADS, capacity, HEAD_DIM), key=kc).astype(mx.bfloat16)
-    values = mx.random.normal((1, KV_HEADS, capacity, HEAD_DIM), key=kw).astype(mx.bfloat16)
-    mx.eval(q, k, v, keys, values)
-    return q, k, v, keys, values
 
 
 def merged(mx, acc, top, total):
