@@ -160,14 +160,14 @@ extern "C" void run({params}) {{
 """
 
 
-def kernel_source(path: Path, name: str) -> str:
+def kernel_source(path: Path, name: str, switches: dict[str, bool] | None = None) -> str:
     """The CUDA source held by `constexpr const char* name = R"(...)";` in the C++ file `path`, compacted as the host
-    code hands it to MLX (_core.compact_kernel_source)."""
+    code hands it to MLX (_core.compact_kernel_source, its `#if` switches resolved as given)."""
     from mlxrunner import _core
 
     found = re.search(rf'constexpr const char\* {name} = R"\((.*?)\)";', path.read_text(), re.S)
     assert found, f"{name} not in {path.name}"
-    return _core.compact_kernel_source(found.group(1))
+    return _core.compact_kernel_source(found.group(1), switches or {})
 
 
 def compile_library(tmp_path: Path, code: str) -> ctypes.CDLL:
