@@ -129,8 +129,14 @@ inline float __shfl_xor_sync(unsigned, float value, int mask) {
   warps_tiles[warp].meet->arrive_and_wait();
   return partner;
 }
+inline int __shfl_xor_sync(unsigned all, int value, int mask) {  // the same exchange, the int's bits carried
+  float carried; std::memcpy(&carried, &value, 4);
+  carried = __shfl_xor_sync(all, carried, mask);
+  int out; std::memcpy(&out, &carried, 4); return out;
+}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 using std::cos;
+using std::isnan;
 using std::sin;
 """
 
