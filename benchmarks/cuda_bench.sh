@@ -17,9 +17,9 @@
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
 # without MLXRUNNER_DECODE_ATTENTION and MLXRUNNER_CUDA_ARGMAX=0, the prompt cache's follow-up with and without
-# MLXRUNNER_CHUNK_ATTENTION=0 and with MLXRUNNER_CHUNK_MERGE=1 or MLXRUNNER_VALUE_HEADS=1 (that one on the 4B's
-# bf16 decode too), benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS and
-# chunk_kernel_probe.py's phases; docs/settings.md says what each does).
+# MLXRUNNER_CHUNK_ATTENTION=0 and with MLXRUNNER_VALUE_HEADS=1 (on the 4B's bf16 decode too),
+# benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS and chunk_kernel_probe.py's phases;
+# docs/settings.md says what each does).
 #
 # Expects MLX's CUDA wheels installed in $SITE (default /root/site; docs/gpu.md and scripts/device_payload.sh
 # show how on a machine without a package registry) and torch + diffusers importable (the peers). Env: MODELS (model folders, ~46 GB;
@@ -158,9 +158,6 @@ if has switches; then
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
   # The chunk kernel (a forward of 2-128 tokens over the cache, in place): on by default since session 26.
   switch_case MLXRUNNER_CHUNK_ATTENTION 0 chunk-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
-    --models-dir "$MODELS" --only qwen3-4b --rounds 5
-  # The chunk kernel merging its own splits (session 26, a measuring switch): one operation a layer fewer.
-  switch_case MLXRUNNER_CHUNK_MERGE 1 chunk-merge-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
     --models-dir "$MODELS" --only qwen3-4b --rounds 5
   # The q/k kernel copying the value heads out too (session 26, a measuring switch): three operations a layer fewer.
   switch_case MLXRUNNER_VALUE_HEADS 1 value-heads-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \

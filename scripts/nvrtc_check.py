@@ -162,18 +162,10 @@ def kernels():
         for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(
                 "mlxr_chunk_attention_parts", chunk_helpers,
-                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts", (("MERGE", False),)),
+                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts"),
                 [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32")],
                 [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
                 {"T": dtype, "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
-        # the variant that merges its splits itself (MLXRUNNER_CHUNK_MERGE)
-        yield f"chunk_attention_merged/128/32x8/{dtype}", mlx_kernel_source(
-            "mlxr_chunk_attention_merged", chunk_helpers,
-            kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts", (("MERGE", True),)),
-            [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32"),
-             ("tickets", "int32")],
-            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float"), ("out", dtype)],
-            {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
     yield "decode_attention_merge/bf16", mlx_kernel_source(
         "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],

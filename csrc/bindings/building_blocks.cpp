@@ -391,30 +391,13 @@ void bind_cuda_kernels(nb::module_& m) {
       "position[0] of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns softmax(q k^T scale) v over "
       "slots 0..length - 1 as [1, 1, q_heads D]; None off CUDA or where the kernel does not apply.");
   bind_cache_attention(
-      "cuda_chunk_attention", cuda_chunk_attention_applies,
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length,
-         float scale) { return cuda_chunk_attention(q, k, v, keys, values, position, length, scale); },
+      "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,
       "A chunk's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, T, D] into slots "
       "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the "
       "causal attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, "
       "q_heads D]; "
       "None off CUDA or where the kernel does not apply (2 <= T <= 128); the decoder takes it unless "
       "MLXRUNNER_CHUNK_ATTENTION=0, this binding whatever the switch.");
-  m.def(
-      "cuda_chunk_attention_merged",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length, float scale, const mx::array& tickets) -> std::optional<mx::array> {
-        if (!cuda_chunk_attention_applies(q, k, v)) return std::nullopt;
-        return evaluated(cuda_chunk_attention(q, k, v, keys, values, position, length, scale, tickets));
-      },
-      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a, "tickets"_a,
-      nb::call_guard<nb::gil_scoped_release>(),
-      "cuda_chunk_attention's variant that merges its splits itself (the decoder's under MLXRUNNER_CHUNK_MERGE=1): "
-      "tickets int32 [chunk_tickets_needed] or more, all zero, which it leaves zero; None where the kernel does not "
-      "apply.");
-  m.def("chunk_tickets_needed", &chunk_tickets_needed, "q"_a, "k"_a,
-        "How many tickets cuda_chunk_attention_merged takes for q [1, q_heads, T, D] and k [1, kv_heads, T, D].");
   m.def(
       "cuda_quantized_normed_qkv_heads",
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,

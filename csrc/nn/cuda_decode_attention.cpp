@@ -470,36 +470,6 @@ constexpr const char* kChunkAttentionParts = R"(
       part_acc[static_cast<size_t>(part) * D + 8 * n + 2 * quad + 1] = acc[n][2 * half + 1];
     }
   }
-#if MERGE
-  // The last of the query tile's split blocks to finish merges their parts into `out`, as kDecodeAttentionMerge does
-  // (the same arithmetic): one operation where the merge kernel made two. A block's parts are visible to the others
-  // once its fence is passed; tickets (a counter a (key head, query tile), zero when the kernel starts) are set back
-  // to zero by the block that merges, ready for the next launch on the same cache.
-  __threadfence();
-  __syncthreads();
-  __shared__ int finished_before;
-  int* ticket = const_cast<int*>(tickets) + kv_head * query_tiles + query_tile;
-  if (threadIdx.x == 0) finished_before = atomicAdd(ticket, 1);
-  __syncthreads();
-  if (finished_before != splits - 1) return;
-  __threadfence();
-  if (threadIdx.x == 0) *ticket = 0;
-  for (int i = threadIdx.x; i < kRows * D; i += blockDim.x) {
-    const int row = query_tile * kRows + i / D, d = i % D;
-    if (row >= rows) break;  // i / D only grows
-    const int head_row = (row / G) * Q_HEADS + kv_head * G + row % G;  // token row / G's query head
-    const int first = head_row * splits;
-    float top = neg_inf;
-    for (int s = 0; s < splits; ++s) top = fmaxf(top, __ldcg(part_max + first + s));
-    float total = 0.f, weighted = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float rescale = expf(__ldcg(part_max + first + s) - top);
-      total += rescale * __ldcg(part_sum + first + s);
-      weighted += rescale * __ldcg(part_acc + static_cast<size_t>(first + s) * D + d);
-    }
-    out[static_cast<size_t>(head_row) * D + d] = static_cast<T>(weighted / total);
-  }
-#endif
 )";
 
 constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
@@ -602,48 +572,21 @@ bool chunk_attention_switched_on() {
   return !off;
 }
 
-int chunk_tickets_needed(const mx::array& q, const mx::array& k) {
-  return k.shape(1) * ((q.shape(1) / k.shape(1) * q.shape(2) + kChunkRows - 1) / kChunkRows);
-}
-
-bool chunk_merge_switched_on() {
-  static const bool on = switched_on("MLXRUNNER_CHUNK_MERGE");
-  return on;
-}
-
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                               const mx::array& values, const mx::array& position, int length, float scale,
-                               const std::optional<mx::array>& tickets) {
+                               const mx::array& values, const mx::array& position, int length, float scale) {
   const int q_heads = q.shape(1), kv_heads = k.shape(1), tokens = q.shape(2), d = q.shape(3);
   check_cache_buffers(q, k, keys, values, position, length);
+  static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
+                                        std::string(kCudaMma) + kChunkAttentionHelpers, false);
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;
-  const std::tuple<int, int, int> grid{
-      cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1};
-  const std::vector<mx::Shape> part_shapes{{rows, splits, d}, {rows, splits}, {rows, splits}};
-  const std::vector<mx::Dtype> part_dtypes{mx::float32, mx::float32, mx::float32};
-  const std::string header = std::string(kCudaMma) + kChunkAttentionHelpers;
-  if (tickets) {
-    if (tickets->dtype() != mx::int32 || tickets->ndim() != 1 || tickets->size() < chunk_tickets_needed(q, k)) {
-      throw std::invalid_argument("chunk attention: tickets must be int32 [" +
-                                  std::to_string(chunk_tickets_needed(q, k)) + "] or more");
-    }
-    static const auto merging = cuda_kernel(
-        "mlxr_chunk_attention_merged", {"q", "k", "v", "keys", "values", "position", "tickets"},
-        {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, header, false, {{"MERGE", true}});
-    auto shapes = part_shapes;
-    shapes.push_back({1, tokens, q_heads * d});
-    auto dtypes = part_dtypes;
-    dtypes.push_back(q.dtype());
-    return merging({q, k, v, keys, values, position, *tickets}, shapes, dtypes, grid, {kThreads, 1, 1},
-                   kernel_args(q, k, scale), std::nullopt, false, {})[3];
-  }
-  static const auto parts =
-      cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                  {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, header, false, {{"MERGE", false}});
-  auto split_parts = parts({q, k, v, keys, values, position}, part_shapes, part_dtypes, grid, {kThreads, 1, 1},
-                           kernel_args(q, k, scale), std::nullopt, false, {});
+  auto split_parts =
+      parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
+            {mx::float32, mx::float32, mx::float32},
+            {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
+            {kThreads, 1, 1}, kernel_args(q, k, scale), std::nullopt, false, {});
   return merged(split_parts, tokens, q_heads, d, q.dtype());
 }
 

@@ -53,16 +53,8 @@ bool chunk_attention_switched_on();
 
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
-// over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T. With `tickets`
-// (int32, at least chunk_tickets_needed(q, k), all zero; left zero), the kernel merges its splits itself: one
-// operation for the host to build where the merge kernel made two.
+// over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                               const mx::array& values, const mx::array& position, int length, float scale,
-                               const std::optional<mx::array>& tickets = std::nullopt);
-// The counters the chunk kernel's merging variant takes: one a (key head, tile of query rows).
-int chunk_tickets_needed(const mx::array& q, const mx::array& k);
-// Whether the decoder gives the chunk kernel its cache's tickets: MLXRUNNER_CHUNK_MERGE=1, a measuring switch (the
-// prompt cache's follow-up is bound by the host's operations between layers, session 26; not yet timed on a GPU).
-bool chunk_merge_switched_on();
+                               const mx::array& values, const mx::array& position, int length, float scale);
 
 }  // namespace mlxr

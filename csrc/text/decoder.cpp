@@ -368,9 +368,7 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
   }
   if (chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v)) {
     auto [keys, values] = cache.writes_in_place() ? cache.reserve(tokens, k) : cache.append_buffers(k, v);
-    std::optional<mx::array> tickets;
-    if (chunk_merge_switched_on()) tickets = cache.chunk_tickets(chunk_tickets_needed(q, k));
-    return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale, tickets);
+    return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale);
   }
   return std::nullopt;
 }

@@ -74,13 +74,7 @@ std::pair<mx::array, mx::array> KVCache::reserve(int count, const mx::array& lik
 std::pair<mx::array, mx::array> KVCache::append_buffers(const mx::array& keys, const mx::array& values) {
   if (window_ != 0) throw std::logic_error("a rotating cache's buffers are not in position order");
   append_full(keys, values);
-  tickets_.reset();
   return {*keys_, *values_};
-}
-
-mx::array KVCache::chunk_tickets(int count) {
-  if (!tickets_ || tickets_->size() < static_cast<size_t>(count)) tickets_ = mx::zeros({count}, mx::int32);
-  return *tickets_;
 }
 
 // Several positions at once (a prefill chunk): the last W - 1 held positions, which the chunk's first

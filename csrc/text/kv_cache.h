@@ -74,10 +74,6 @@ class KVCache {
   // A full cache's update_and_fetch (MLX writes the keys/values, into a copy of buffers a copy shares), returning the
   // whole buffers [1, H, capacity, D]: for a kernel that reads the cache's buffers and writes the same positions again.
   std::pair<mx::array, mx::array> append_buffers(const mx::array& keys, const mx::array& values);
-  // The chunk kernel's merge counters for this layer (MLXRUNNER_CHUNK_MERGE, nn/cuda_decode_attention.h): int32 zeros,
-  // at least `count`, made once and kept with the buffers (the kernel leaves them zero). They go with the buffers: a
-  // cache whose buffers MLX copies (append_buffers) makes new ones, so two sequences never count on the same ones.
-  mx::array chunk_tickets(int count);
 
  private:
   std::pair<mx::array, mx::array> append_full(const mx::array& keys, const mx::array& values);
@@ -86,7 +82,6 @@ class KVCache {
 
   int window_;
   std::optional<mx::array> keys_, values_;
-  std::optional<mx::array> tickets_;
   int offset_ = 0;
   int held_ = 0;
   // Rotating cache: the buffer slot the next single position is written to (buffer order, not position).

@@ -4,11 +4,10 @@ decode step's, and a chunk's of 2 to 128 tokens (on tensor cores).
 On CUDA the decoder's single-sequence forwards take them (KVCache::writes_in_place, append_buffers): each kernel must
 give MLX's attention to the rounding of its sums, write exactly the new keys and values into their slots and nothing
 else, and a decoder must give the same greedy tokens with them as with MLX's slice updates and attention
-(MLXRUNNER_DECODE_ATTENTION=0 and MLXRUNNER_CHUNK_ATTENTION=0); the chunk kernel's variant that merges its own splits
-(MLXRUNNER_CHUNK_MERGE=1) must give the merge kernel's bits, and so must the value heads copied out by the q/k kernel
-(MLXRUNNER_VALUE_HEADS=1). The in-place writes must not reach a cache the prompt
-cache keeps: the same prompt sent three times (the later requests resume from a copy of the first one's cache) gives the
-same tokens each time, and a follow-up resumes from a copy too.
+(MLXRUNNER_DECODE_ATTENTION=0 and MLXRUNNER_CHUNK_ATTENTION=0); the value heads copied out by the q/k kernel
+(MLXRUNNER_VALUE_HEADS=1) must give the same bits as MLX's views of them. The in-place writes must not reach a cache
+the prompt cache keeps: the same prompt sent three times (the later requests resume from a copy of the first one's
+cache) gives the same tokens each time, and a follow-up resumes from a copy too.
 Off CUDA the binding declines (None), and the decoder runs MLX's operations (the CPU parity tests).
 """
 
@@ -28,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
-MERGE_SWITCH = "MLXRUNNER_CHUNK_MERGE"
 VALUE_SWITCH = "MLXRUNNER_VALUE_HEADS"
 
 
@@ -114,27 +112,6 @@ def test_the_chunk_kernel_is_mlx_causal_attention_over_the_written_cache(d, q_he
 def test_the_chunk_binding_declines_off_cuda():
     q, k, v, keys, values = inputs(64, 4, 2, 64, 0, tokens=5)
     assert _core.cuda_chunk_attention(q, k, v, keys, values, mx.array([3], mx.int32), 8, 0.125) is None
-    tickets = mx.zeros((_core.chunk_tickets_needed(q, k),), mx.int32)
-    assert _core.cuda_chunk_attention_merged(q, k, v, keys, values, mx.array([3], mx.int32), 8, 0.125, tickets) is None
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
-@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, capacity", [
-    (128, 32, 8, 64, 3000, 3072),  # 4 query tiles a key head, ~12 splits each
-    (64, 16, 8, 37, 300, 512),
-])
-def test_the_merging_chunk_kernel_gives_the_two_kernels_output(d, q_heads, kv_heads, tokens, offset, capacity):
-    """MLXRUNNER_CHUNK_MERGE's variant (the last block of a query tile merges the splits) against the parts + merge
-    kernels: the same arithmetic, so the same bits; its tickets zero after each launch, so two in a row on one set
-    agree too."""
-    q, k, v, keys, values = inputs(d, q_heads, kv_heads, capacity, offset + tokens, tokens)
-    position, length, scale = mx.arange(offset, offset + 1, dtype=mx.int32), offset + tokens, d ** -0.5
-    two_kernels = _core.cuda_chunk_attention(q, k, v, keys, values, position, length, scale)
-    tickets = mx.zeros((_core.chunk_tickets_needed(q, k),), mx.int32)
-    for _ in range(2):
-        one_kernel = _core.cuda_chunk_attention_merged(q, k, v, keys, values, position, length, scale, tickets)
-        assert mx.array_equal(one_kernel, two_kernels)
-        assert not mx.any(tickets).item()
 
 
 SCRIPT = r"""
@@ -163,15 +140,13 @@ print(json.dumps(runs))
 def test_a_decoder_gives_the_same_tokens_and_keeps_the_prompt_cache_intact(tmp_path):
     # head dim 64: the kernels take 64 and 128, the fixture has 16
     folder = str(wide_head_model_copy(QWEN3, tmp_path / "qwen3-tiny-wide", head_dim=64))
-    switches = [SWITCH, CHUNK_SWITCH, MERGE_SWITCH, VALUE_SWITCH]
+    switches = [SWITCH, CHUNK_SWITCH, VALUE_SWITCH]
     in_place = run_script_json(SCRIPT, folder, unset=switches)  # both kernels are on by default
-    merged_in_kernel = run_script_json(SCRIPT, folder, unset=switches, environment={MERGE_SWITCH: "1"})
     value_heads = run_script_json(SCRIPT, folder, unset=switches, environment={VALUE_SWITCH: "1"})
     mlx_ops = run_script_json(SCRIPT, folder, unset=switches, environment={SWITCH: "0", CHUNK_SWITCH: "0"})
     assert all(len(run) == 40 for run in in_place)
     tokens = [[token for token, _ in run] for run in in_place]
     assert tokens[0] == tokens[1] == tokens[2]  # a kept cache was not written by a later request
-    assert merged_in_kernel == in_place  # the merging variant's arithmetic is the merge kernel's
     assert value_heads == in_place  # the value heads copied by the q/k kernel are the same values
     for ours, theirs in zip(in_place, mlx_ops):
         assert_same_greedy_tokens(ours, theirs)

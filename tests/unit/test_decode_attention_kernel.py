@@ -163,19 +163,10 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
     return ceil_div(length, chunk)
 
 
-# The merging variant's fence, ticket and cache-global loads, for blocks that run one after another.
-HOST_MERGE = r"""
-inline void __threadfence() {}
-inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }
-inline float __ldcg(const float* p) { return *p; }
-"""
-
-
-def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, merge: bool = False):
+def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
-    values, position, part_acc, part_max, part_sum), and with `merge` its variant that merges its splits itself
-    (MLXRUNNER_CHUNK_MERGE): run(..., position, tickets, part_acc, part_max, part_sum, out); its helpers' asm functions
-    (mma, cp.async) give way to emulations (ldmatrix's a warp's meeting, as the mma's)."""
+    values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
+    emulations (ldmatrix's a warp's meeting, as the mma's)."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
@@ -190,15 +181,13 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
                  f"SCALE_BITS = {scale_bits};\n")
     params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
               "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-              "const int* position, " + ("const int* tickets, " if merge else "") +
-              "float* part_acc, float* part_max, float* part_sum" + (", T* out" if merge else ""))
-    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, " +
-            ("tickets, " if merge else "") + "part_acc, part_max, part_sum" + (", out" if merge else ""))
-    body = kernel_source(SOURCE, "kChunkAttentionParts", {"MERGE": merge})
-    code = (PRELUDE + (HOST_MERGE if merge else "") + helpers + constants +
-            f"static void kernel({params}) {{\n{body}\n}}\n" +
+              "const int* position, float* part_acc, float* part_max, float* part_sum")
+    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, "
+            "part_max, part_sum")
+    code = (PRELUDE + helpers + constants +
+            f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts')}\n}}\n" +
             block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
-    return compile_library(tmp_path / ("chunk-merge" if merge else "chunk"), code)
+    return compile_library(tmp_path / "chunk", code)
 
 
 CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits,
@@ -268,53 +257,3 @@ def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d,
             np.testing.assert_allclose(got[t, h], want, rtol=2 ** -6, atol=2 ** -6 * np.abs(want).max() + 1e-6,
                                        err_msg=f"token {t}, head {h}")
     assert np.abs(got).max() > 0.05  # a real signal
-
-
-@pytest.mark.parametrize("case", [CHUNK_CASES[1], CHUNK_CASES[2]])
-def test_the_merging_variant_gives_the_merge_kernels_output_and_leaves_its_tickets_zero(tmp_path, case):
-    """MLXRUNNER_CHUNK_MERGE's variant: the last block of each (key head, query tile) merges the splits' parts itself,
-    with the merge kernel's arithmetic, so its output equals the two kernels' bit for bit; its tickets (a counter a
-    (key head, query tile)) are zero again after it, ready for the cache's next chunk. Cases with several query
-    tiles and several splits."""
-    d, q_heads, kv_heads, tokens, offset, capacity, splits, _ = case
-    rng = np.random.default_rng(7 + tokens)
-    scale = 1 / np.sqrt(d)
-    length = offset + tokens
-    query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
-    splits = splits or chunk_splits_for(length, kv_heads * query_tiles)
-    q = to_bf16_bits(rng.standard_normal((1, tokens, q_heads, d))).transpose(0, 2, 1, 3)
-    k = to_bf16_bits(rng.standard_normal((1, kv_heads, tokens, d)))
-    v = to_bf16_bits(rng.standard_normal((1, kv_heads, tokens, d)))
-    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
-    rows = tokens * q_heads
-    ptr = ctypes.c_void_p
-    blocks = ctypes.c_int(kv_heads * query_tiles * splits)
-
-    def parts():
-        return [np.zeros((rows, splits, d), np.float32), np.zeros((rows, splits), np.float32),
-                np.zeros((rows, splits), np.float32)]
-
-    def inputs(keys, values):
-        return [q, np.array(q.shape, np.int32), element_strides(q), k, element_strides(k), v, element_strides(v), keys,
-                np.array(keys.shape, np.int32), values, np.array([offset], np.int32)]
-
-    two_kernels = np.zeros((1, tokens, q_heads * d), np.uint16)
-    keys, values = cache[0].copy(), cache[1].copy()
-    split_parts = parts()
-    build_chunk(tmp_path, d, q_heads, kv_heads, scale).run(blocks, *[ptr(a.ctypes.data)
-                                                                     for a in inputs(keys, values) + split_parts])
-    _, merge = build(tmp_path, d, q_heads, kv_heads, scale)
-    merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (split_parts[0], split_parts[1],
-                                                                  np.array(split_parts[1].shape, np.int32),
-                                                                  split_parts[2], two_kernels)])
-
-    one_kernel = np.zeros((1, tokens, q_heads * d), np.uint16)
-    keys, values = cache[0].copy(), cache[1].copy()
-    tickets = np.zeros(kv_heads * query_tiles + 3, np.int32)  # more than needed, as a cache's may be
-    arrays = inputs(keys, values) + [tickets] + parts() + [one_kernel]
-    build_chunk(tmp_path, d, q_heads, kv_heads, scale, merge=True).run(blocks, *[ptr(a.ctypes.data) for a in arrays])
-
-    np.testing.assert_array_equal(one_kernel, two_kernels)
-    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
-    np.testing.assert_array_equal(tickets, 0)
-    np.testing.assert_array_equal(keys[0, :, offset:length], k[0])  # the slots written as before
