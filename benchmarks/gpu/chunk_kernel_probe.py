@@ -40,10 +40,16 @@ def source_constants() -> dict[str, str]:
     return found
 
 
-def patched(text: str, anchor: str, insert: str, before: bool = True) -> str:
-    if text.count(anchor) != 1:
-        raise ValueError(f"anchor not found once: {anchor!r}")
-    return text.replace(anchor, insert + anchor if before else anchor + insert)
+def replaced(text: str, old: str, new: str) -> str:
+    """`old`, which must occur exactly once (a source that changed under a patch fails loudly), replaced by `new`."""
+    if text.count(old) != 1:
+        raise ValueError(f"not found once in the kernel's source: {old!r}")
+    return text.replace(old, new)
+
+
+def patched(text: str, anchor: str, insert: str) -> str:
+    """`insert` put before `anchor`."""
+    return replaced(text, anchor, insert + anchor)
 
 
 STAMP = "if (threadIdx.x == 0) stamp_cycles[{slot}] = clock64();\n"
@@ -77,31 +83,31 @@ def restaged(keys: int, stages: int, warps: int):
     static shared memory) and `warps` warps of 16 query rows a block."""
 
     def patch(body: str) -> str:
-        body = patched(body, "  constexpr int kWarps = 4;\n", "").replace(
-            "  constexpr int kWarps = 4;\n", f"  constexpr int kWarps = {warps};\n")
-        body = body.replace("  constexpr int kKeys = 32;       // keys a stage\n",
-                            f"  constexpr int kKeys = {keys};\n  constexpr int kStages = {stages};\n")
-        body = body.replace(
+        body = replaced(body, "  constexpr int kWarps = 4;\n", f"  constexpr int kWarps = {warps};\n")
+        body = replaced(body, "  constexpr int kKeys = 32;       // keys a stage\n",
+                        f"  constexpr int kKeys = {keys};\n  constexpr int kStages = {stages};\n")
+        body = replaced(
+            body,
             "  __shared__ __align__(16) T key_tile[2][kKeys][D + kPad];\n"
             "  __shared__ __align__(16) T value_tile[2][kKeys][D + kPad];\n",
             "  extern __shared__ __align__(16) unsigned char dynamic_shared[];\n"
             "  auto key_tile = reinterpret_cast<T (*)[kKeys][D + kPad]>(dynamic_shared);\n"
             "  auto value_tile = reinterpret_cast<T (*)[kKeys][D + kPad]>(dynamic_shared + "
             "kStages * kKeys * (D + kPad) * sizeof(T));\n")
-        body = body.replace(
+        body = replaced(
+            body,
             "  if (begin < end) load_stage(0, begin);  // in flight while the queries load\n",
             "  for (int s = 0; s < kStages - 1; ++s) {\n"
             "    if (begin + s * kKeys < end) load_stage(s, begin + s * kKeys); else commit_async_copies();\n"
             "  }\n")
         head = body[body.index("  for (int tile = begin, stage = 0;"):body.index("    float score[kKeys / 8][4];")]
-        body = body.replace(head,
+        body = replaced(
+            body, head,
             "  for (int tile = begin, stage = 0; tile < end; tile += kKeys, stage = (stage + 1) % kStages) {\n"
             "    const int ahead = tile + (kStages - 1) * kKeys;\n"
             "    if (ahead < end) load_stage((stage + kStages - 1) % kStages, ahead); else commit_async_copies();\n"
             "    wait_async_copies<kStages - 1>();\n"
             "    __syncthreads();\n")
-        for needle in ("kStages * kKeys", "wait_async_copies<kStages - 1>", f"kWarps = {warps}"):
-            assert needle in body, needle
         return body
 
     return patch, 2 * stages * keys * (HEAD_DIM + 8) * 2, warps

@@ -48,7 +48,7 @@ constexpr const char* kAddRmsNorm = R"(
 // reorder them). Every load (the pairs, their angles' frequencies, the norm's weights) comes before the head's sum of
 // squares, which meets by shuffles alone. The first version, a block a head and a thread a pair, summed through
 // block_sum's two barriers: on an H100 it took 6.4 us for a decode step's 40 heads (this one 4.0) and 76.6 us for a
-// 3,000-token prompt's (44.0) (benchmarks/gpu/chunk_kernel_probe.py --rope, session 26).
+// 3,000-token prompt's (44.0) (benchmarks/README.md, "Session 26": the two sources timed in one call).
 constexpr int kQkHeadsABlock = 4;
 constexpr const char* kQkRope = R"(
   constexpr int kPairs = D / 64;

@@ -50,7 +50,8 @@ KERNELS = {
     "modulated_layer_norm": ("kModulatedLayerNorm", "#define RESIDUAL 0", ["x", "one_plus_scale", "shift"], ["out"]),
     "gated_residual_modulated_layer_norm": ("kModulatedLayerNorm", "#define RESIDUAL 1",
                                             ["x", "y", "gate", "one_plus_scale", "shift"], ["h", "out"]),
-    # A block's threads share these two through block_sum: compiled here, run on CUDA only.
+    # Compiled here only: head_norm_rope's threads share a block_sum, qk_norm_rope's lanes a warp's shuffles (it runs
+    # on emulated warps in tests/unit/test_small_cuda_kernels.py).
     "head_norm_rope": ("kHeadNormRopePairs", "#define NORM 1", ["x", "weight", "cos_table", "sin_table"], ["out"]),
     "qk_norm_rope": ("kQkRope", "#define NORM 1", ["qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"],
                      ["q_out", "k_out"]),
