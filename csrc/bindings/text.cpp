@@ -256,10 +256,18 @@ void bind_batch(nb::module_& m) {
       .def(
           "add",
           [](BatchGenerator& self, const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs,
-             SequenceCache& cache) { return self.add(prompt, options, top_logprobs, *taken(&cache)); },
+             SequenceCache& cache) {
+            auto start = taken(&cache);
+            try {
+              return self.add(prompt, options, top_logprobs, *start);
+            } catch (...) {
+              cache.layers = std::move(start->layers);  // refused: the caches go back to the caller
+              throw;
+            }
+          },
           "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a, nb::call_guard<nb::gil_scoped_release>(),
           "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill), taken: the object "
-          "is left empty. Returns its id.")
+          "is left empty (whole again if add refuses its arguments). Returns its id.")
       .def("join", &BatchGenerator::join, "generator"_a, nb::call_guard<nb::gil_scoped_release>(),
            "A sequence joins after its Generator (max_tokens=1) returned its first token, computed as a lone run "
            "computes it; the generator is finished. Returns its id; its second token comes from the second step.")

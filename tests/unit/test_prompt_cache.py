@@ -11,6 +11,7 @@ import pytest
 
 from mlxrunner import _core
 from mlxrunner.llm import load
+from mlxrunner.llm.batch import prefilled
 from mlxrunner.llm.model import sampler_options
 from mlxrunner.llm.prompt_cache import HAND_OVER_TAIL, PromptCache
 from mlxrunner.request import Options
@@ -178,6 +179,29 @@ def test_a_generator_that_refuses_its_prompt_leaves_the_start_caches_with_the_ca
     assert caches.length == len(tokens) and caches.writes_in_place
     follow_up = tokens + [7, 8]
     assert run(model, follow_up, 4, caches)[0] == run(model, follow_up, 4)[0]
+
+
+def test_a_batch_that_refuses_a_row_leaves_its_caches_with_the_caller(model):
+    """BatchGenerator.add takes a prefilled row's caches as the Generator does: refused (a token id the model
+    lacks), they are whole again in the caller's object, and an add with them then decodes as one with fresh caches."""
+    prompt = ids(12)
+    caches = prefilled(model.decoder, prompt, sampler_options(GREEDY), 512)
+    batch = _core.BatchGenerator(model.decoder)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        batch.add(prompt[:-1] + [10 ** 6], sampler_options(GREEDY), -1, caches)
+    assert caches.length == len(prompt) - 1 and len(batch) == 0
+    assert batched_tokens(model, prompt, caches) == batched_tokens(
+        model, prompt, prefilled(model.decoder, prompt, sampler_options(GREEDY), 512))
+    assert caches.length == 0  # taken by the add that succeeded
+
+
+def batched_tokens(model, prompt: list[int], caches, n: int = 4) -> list[int]:
+    batch = _core.BatchGenerator(model.decoder)
+    row = batch.add(prompt, sampler_options(GREEDY), -1, caches)
+    tokens: list[int] = []
+    while len(tokens) < n:
+        tokens += [token for row_id, token in batch.step() if row_id == row]
+    return tokens
 
 
 def test_a_request_refused_after_a_hand_over_gives_the_conversation_back(model):
