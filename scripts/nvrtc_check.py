@@ -103,15 +103,13 @@ def kernels():
             "mlxr_add_rms_norm", with_sum, kernel_string("cuda_norm_rope.cpp", "kAddRmsNorm"),
             [("x", dtype), ("delta", dtype), ("weight", dtype)], [("added", dtype), ("normed", dtype)], row)
         for norm in (0, 1):
-            for values in (False, True):  # the value heads copied out too (MLXRUNNER_VALUE_HEADS)
-                inputs = [("qkv", dtype)] + ([("q_weight", dtype), ("k_weight", dtype)] if norm else [])
-                yield f"qk_norm_rope/norm={norm}/values={int(values)}/{dtype}", mlx_kernel_source(
-                    "mlxr_qk_norm_rope", f"#define NORM {norm}\n",
-                    kernel_string("cuda_norm_rope.cpp", "kQkRope", (("VALUES", values),)),
-                    inputs + [("inverse_frequencies", "float"), ("offsets", "int32")],
-                    [("q_out", dtype), ("k_out", dtype)] + ([("v_out", dtype)] if values else []),
-                    {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "TRADITIONAL": False} |
-                    ({"EPS_BITS": 1} if norm else {}))
+            inputs = [("qkv", dtype)] + ([("q_weight", dtype), ("k_weight", dtype)] if norm else [])
+            yield f"qk_norm_rope/norm={norm}/{dtype}", mlx_kernel_source(
+                "mlxr_qk_norm_rope", f"#define NORM {norm}\n",
+                kernel_string("cuda_norm_rope.cpp", "kQkRope"),
+                inputs + [("inverse_frequencies", "float"), ("offsets", "int32")], [("q_out", dtype), ("k_out", dtype)],
+                {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "TRADITIONAL": False} |
+                ({"EPS_BITS": 1} if norm else {}))
         yield f"rope_pairs/{dtype}", mlx_kernel_source(
             "mlxr_rope_pairs", "", kernel_string("rope.cpp", "kRopePairsCuda"),
             [("x", dtype), ("cos_table", "float"), ("sin_table", "float")], [("out", dtype)], {"DT": dtype})

@@ -351,23 +351,6 @@ void bind_cuda_kernels(nb::module_& m) {
       "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
       "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
-  m.def(
-      "cuda_qkv_heads",
-      [](const mx::array& projected, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
-         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
-         float eps) -> std::optional<std::tuple<mx::array, mx::array, mx::array>> {
-        auto treatment = qk_treatment(config, projected.shape(-1) / (q_heads + 2 * kv_heads), q_weight, k_weight, eps);
-        if (!treatment) return std::nullopt;
-        auto out = cuda_qkv_heads(projected, q_heads, kv_heads, treatment->second, treatment->first, offsets);
-        if (!out) return std::nullopt;
-        auto [q, k, v] = *out;
-        return std::tuple{evaluated(q), evaluated(k), evaluated(v)};
-      },
-      "projected"_a, "q_heads"_a, "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(),
-      "k_weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
-      "cuda_qk_norm_rope from the projection [B, T, (q_heads + 2 kv_heads) D] itself, the value heads copied out too "
-      "(the decoder's under MLXRUNNER_VALUE_HEADS=1): (q, k, v [B, kv_heads, T, D]); None off CUDA or where the "
-      "kernel does not apply.");
   // The two attention kernels that write the cache in place share their arguments: (q, k, v, keys, values, position,
   // length, scale) -> the attention, or None where the kernel does not apply.
   using CacheAttention = mx::array (*)(const mx::array&, const mx::array&, const mx::array&, const mx::array&,

@@ -1,7 +1,5 @@
 #include "nn/cuda_norm_rope.h"
 
-#include <array>
-
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"
 
@@ -52,31 +50,15 @@ constexpr const char* kAddRmsNorm = R"(
 constexpr int kQkHeadsABlock = 4;
 constexpr const char* kQkRope = R"(
   constexpr int kPairs = D / 64;
-#if VALUES
-  constexpr int kHeads = Q_HEADS + 2 * KV_HEADS;  // the value heads too, copied heads first
-#else
-  constexpr int kHeads = Q_HEADS + KV_HEADS;
-#endif
   const int half = D / 2;
   const int lane = threadIdx.x & 31;
   const long long item = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int tokens = qkv_shape[1];
-  if (item >= static_cast<long long>(qkv_shape[0]) * tokens * kHeads) return;
-  const int head = item % kHeads;
-  const long long token = item / kHeads;  // b * T + t
+  if (item >= static_cast<long long>(qkv_shape[0]) * tokens * (Q_HEADS + KV_HEADS)) return;
+  const int head = item % (Q_HEADS + KV_HEADS);
+  const long long token = item / (Q_HEADS + KV_HEADS);  // b * T + t
   const long long b_index = token / tokens, t_index = token % tokens;
   const T* src = qkv + (token * (Q_HEADS + 2 * KV_HEADS) + head) * D;
-#if VALUES
-  if (head >= Q_HEADS + KV_HEADS) {
-    T* to = v_out + ((b_index * KV_HEADS + head - Q_HEADS - KV_HEADS) * tokens + t_index) * D;
-    T held[D / 32];
-#pragma unroll
-    for (int i = 0; i < D / 32; ++i) held[i] = src[lane + 32 * i];
-#pragma unroll
-    for (int i = 0; i < D / 32; ++i) to[lane + 32 * i] = held[i];
-    return;
-  }
-#endif
   T* dst = head < Q_HEADS ? q_out + ((b_index * Q_HEADS + head) * tokens + t_index) * D
                           : k_out + ((b_index * KV_HEADS + head - Q_HEADS) * tokens + t_index) * D;
   const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
@@ -141,84 +123,45 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   return std::pair{out[0], out[1]};
 }
 
-namespace {
-
-// The q/k kernel on qkv [B, T, q_heads + 2 kv_heads, D] or the projection [B, T, (q_heads + 2 kv_heads) D] (the same
-// bytes): (q, k), and v too when `values`; nullopt where it does not apply.
-std::optional<std::vector<mx::array>> qk_heads(const mx::array& qkv, int q_heads, int kv_heads,
-                                               const std::optional<QkNorms>& norms, const FusedRope& rope,
-                                               const mx::array& offsets, bool values) {
-  if (!running_on_cuda() || (qkv.ndim() != 4 && qkv.ndim() != 3) || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
-  const int heads_a_token = q_heads + 2 * kv_heads;
-  const int d = static_cast<int>(rope.inverse_frequencies.size()) * 2;
-  const bool split = qkv.ndim() == 4 ? qkv.shape(2) == heads_a_token && qkv.shape(3) == d
-                                     : qkv.shape(2) == static_cast<long long>(heads_a_token) * d;
+std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
+                                                                 const std::optional<QkNorms>& norms,
+                                                                 const FusedRope& rope, const mx::array& offsets) {
+  if (!running_on_cuda() || qkv.ndim() != 4 || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
+  const int d = qkv.shape(3);
   // A lane per D / 64 pairs, held in registers: heads of 64 to 512 dimensions in steps of 64 (Llama, Qwen3, Gemma:
   // 64-256).
-  if (!split || d % 64 != 0 || d > 512) return std::nullopt;
+  if (d % 64 != 0 || d > 512 || qkv.shape(2) != q_heads + 2 * kv_heads || rope.inverse_frequencies.size() != d / 2) {
+    return std::nullopt;
+  }
   if (norms && (norms->q_weight.dtype() != qkv.dtype() || norms->k_weight.dtype() != qkv.dtype() ||
                 norms->q_weight.size() != d || norms->k_weight.size() != d)) {
     return std::nullopt;
   }
-  // [NORM][VALUES]
-  static const std::array<std::array<mx::fast::CustomKernelFunction, 2>, 2> kernels = [] {
-    auto make = [](bool norm, bool values) {
-      std::vector<std::string> inputs{"qkv"};
-      if (norm) inputs.insert(inputs.end(), {"q_weight", "k_weight"});
-      inputs.insert(inputs.end(), {"inverse_frequencies", "offsets"});
-      std::vector<std::string> outputs{"q_out", "k_out"};
-      if (values) outputs.push_back("v_out");
-      const std::string name = std::string(norm ? "mlxr_qk_norm_rope" : "mlxr_qk_rope") + (values ? "_v" : "");
-      return cuda_kernel(name, inputs, outputs, kQkRope, "", true, {{"NORM", norm}, {"VALUES", values}});
-    };
-    return std::array<std::array<mx::fast::CustomKernelFunction, 2>, 2>{
-        {{make(false, false), make(false, true)}, {make(true, false), make(true, true)}}};
-  }();
+  static auto with_norms =
+      cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
+                  {"q_out", "k_out"}, kQkRope, "#define NORM 1\n", true);
+  static auto without_norms = cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"},
+                                          kQkRope, "#define NORM 0\n", true);
   const int b = qkv.shape(0), t = qkv.shape(1);
-  std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
-  if (values) shapes.push_back({b, kv_heads, t, d});
-  const std::vector<mx::Dtype> dtypes(shapes.size(), qkv.dtype());
-  const long long heads = static_cast<long long>(b) * t * (q_heads + kv_heads + (values ? kv_heads : 0));
+  const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
+  const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};
+  const long long heads = static_cast<long long>(b) * t * (q_heads + kv_heads);
   const std::tuple<int, int, int> grid{
       cuda_checked_threads((heads + kQkHeadsABlock - 1) / kQkHeadsABlock * kQkHeadsABlock * 32), 1, 1};
   const std::tuple<int, int, int> block{kQkHeadsABlock * 32, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
   auto position_offsets = mx::astype(offsets, mx::int32);
-  std::vector<mx::array> inputs{qkv};
+  std::vector<mx::array> out;
   if (norms) {
     args.emplace_back("EPS_BITS", cuda_float_bits(norms->eps));
-    inputs.insert(inputs.end(), {norms->q_weight, norms->k_weight});
+    out = with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, shapes,
+                     dtypes, grid, block, args, std::nullopt, false, {});
+  } else {
+    out = without_norms({qkv, rope.inverse_frequencies, position_offsets}, shapes, dtypes, grid, block, args,
+                        std::nullopt, false, {});
   }
-  inputs.insert(inputs.end(), {rope.inverse_frequencies, position_offsets});
-  return kernels[norms ? 1 : 0][values ? 1 : 0](inputs, shapes, dtypes, grid, block, args, std::nullopt, false, {});
-}
-
-}  // namespace
-
-std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
-                                                                 const std::optional<QkNorms>& norms,
-                                                                 const FusedRope& rope, const mx::array& offsets) {
-  if (qkv.ndim() != 4) return std::nullopt;
-  auto out = qk_heads(qkv, q_heads, kv_heads, norms, rope, offsets, /*values=*/false);
-  if (!out) return std::nullopt;
-  return std::pair{(*out)[0], (*out)[1]};
-}
-
-std::optional<std::tuple<mx::array, mx::array, mx::array>> cuda_qkv_heads(const mx::array& projected, int q_heads,
-                                                                          int kv_heads,
-                                                                          const std::optional<QkNorms>& norms,
-                                                                          const FusedRope& rope,
-                                                                          const mx::array& offsets) {
-  if (projected.ndim() != 3) return std::nullopt;
-  auto out = qk_heads(projected, q_heads, kv_heads, norms, rope, offsets, /*values=*/true);
-  if (!out) return std::nullopt;
-  return std::tuple{(*out)[0], (*out)[1], (*out)[2]};
-}
-
-bool value_heads_switched_on() {
-  static const bool on = switched_on("MLXRUNNER_VALUE_HEADS");
-  return on;
+  return std::pair{out[0], out[1]};
 }
 
 }  // namespace mlxr

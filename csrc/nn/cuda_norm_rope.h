@@ -12,7 +12,6 @@
 #pragma once
 
 #include <optional>
-#include <tuple>
 #include <utility>
 
 #include "nn/weights.h"
@@ -42,15 +41,5 @@ struct QkNorms {
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
                                                                  const std::optional<QkNorms>& norms,
                                                                  const FusedRope& rope, const mx::array& offsets);
-
-// The same from the projection itself, [B, T, (q_heads + 2 kv_heads) D], and the value heads copied out too: (q, k,
-// v [B, kv_heads, T, D]), one operation where MLX's reshape, slice and transpose of the value heads made three more
-// for the host to build (MLXRUNNER_VALUE_HEADS=1, a measuring switch; not yet timed on a GPU).
-std::optional<std::tuple<mx::array, mx::array, mx::array>> cuda_qkv_heads(const mx::array& projected, int q_heads,
-                                                                          int kv_heads,
-                                                                          const std::optional<QkNorms>& norms,
-                                                                          const FusedRope& rope,
-                                                                          const mx::array& offsets);
-bool value_heads_switched_on();
 
 }  // namespace mlxr

@@ -331,9 +331,6 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
     if (auto heads = input.project_heads(layer.qkv_proj, *split)) return {heads->q, heads->k, heads->v};
   }
   auto projected = input.project(layer.qkv_proj);
-  if (split && value_heads_switched_on()) {
-    if (auto heads = cuda_qkv_heads(projected, hq, hkv, split->norms, split->rope, split->offsets)) return *heads;
-  }
   const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
   auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});

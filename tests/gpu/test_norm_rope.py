@@ -121,24 +121,3 @@ def test_qk_norm_rope_declines_what_it_does_not_do(d, rope_type):
     config = _core.RopeConfig.from_dict(scaling)
     qkv = mx.zeros((1, 1, 6, d), dtype=mx.bfloat16)
     assert _core.cuda_qk_norm_rope(qkv, 4, 1, config, mx.array([5], dtype=mx.int32)) is None
-
-
-@pytest.mark.parametrize(("q_heads", "kv_heads", "d", "with_norms", "traditional", "rope_type"), CASES[:2])
-def test_the_value_heads_variant_is_the_q_k_kernel_plus_the_value_heads(q_heads, kv_heads, d, with_norms, traditional,
-                                                                         rope_type):
-    """MLXRUNNER_VALUE_HEADS: `cuda_qkv_heads` on the projection [B, T, (q + 2 kv) D] gives cuda_qk_norm_rope's q and k
-    bit for bit (the same kernel) and the value heads, heads first, exactly; off CUDA it declines."""
-    config = _core.RopeConfig.from_dict({"rope_theta": 1_000_000.0, "traditional": traditional,
-                                         "rope_type": rope_type, **({"factor": 8.0} if rope_type == "llama3" else {})})
-    keys = mx.random.split(mx.random.key(d), 3)
-    qkv = mx.random.normal((2, 7, q_heads + 2 * kv_heads, d), key=keys[0]).astype(mx.bfloat16)
-    norms = [(1 + 0.1 * mx.random.normal((d,), key=k)).astype(mx.bfloat16) for k in keys[1:]] if with_norms else []
-    offsets = mx.array([40, 3], dtype=mx.int32)
-    got = _core.cuda_qkv_heads(qkv.reshape(2, 7, -1), q_heads, kv_heads, config, offsets, *norms)
-    if not ON_CUDA:
-        assert got is None
-        return
-    q, k, v = got
-    q_alone, k_alone = _core.cuda_qk_norm_rope(qkv, q_heads, kv_heads, config, offsets, *norms)
-    assert mx.array_equal(q, q_alone) and mx.array_equal(k, k_alone)
-    assert mx.array_equal(v, qkv[:, :, q_heads + kv_heads:].transpose(0, 2, 1, 3))

@@ -2,8 +2,7 @@
 block a std::thread, a warp's lanes meeting for their shuffles), against numpy:
 
 - the q/k norm + RoPE (csrc/nn/cuda_norm_rope.cpp, kQkRope: a warp a head, its sum of squares by shuffles), with and
-  without Qwen3's per-head norms, for every head of q and k at positions offset + t, written heads first, and its
-  variant that reads the projection itself and copies the value heads out too (MLXRUNNER_VALUE_HEADS);
+  without Qwen3's per-head norms, for every head of q and k at positions offset + t, written heads first;
 - greedy sampling's argmax (csrc/nn/cuda_argmax.cpp, kArgmax: a block a row, 16-byte words and the elements around
   them, the warps' and the block's bests), against numpy's argmax, NaN counting as the largest, ties to the first.
 
@@ -26,22 +25,17 @@ HEADS_A_BLOCK = 4  # kQkHeadsABlock
 EPS = 1e-6
 
 
-def build_rope(tmp_path: Path, norm: bool, values: bool = False):
-    """kQkRope as a library: run(blocks, qkv, qkv_shape, q_weight, k_weight, inverse_frequencies, offsets,
-    offsets_shape, q_out, k_out[, v_out]); with `values` the variant that copies the value heads out too
-    (MLXRUNNER_VALUE_HEADS)."""
+def build_rope(tmp_path: Path, norm: bool):
     eps_bits = int(np.array(EPS, np.float32).view(np.int32))
     constants = (f"using T = float;\nconstexpr int D = {D}, Q_HEADS = {Q_HEADS}, KV_HEADS = {KV_HEADS}, "
                  f"TRADITIONAL = 0, EPS_BITS = {eps_bits};\n")
     params = ("const T* qkv, const int* qkv_shape, const T* q_weight, const T* k_weight, "
-              "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out" +
-              (", T* v_out" if values else ""))
-    args = ("qkv, qkv_shape, q_weight, k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out" +
-            (", v_out" if values else ""))
-    body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm, "VALUES": values})
+              "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
+    args = "qkv, qkv_shape, q_weight, k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out"
+    body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
     code = (PRELUDE + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
             block_launcher(f"int blocks, {params}", args, "blocks", HEADS_A_BLOCK * 32))
-    return compile_library(tmp_path / f"rope-{int(norm)}-{int(values)}", code)
+    return compile_library(tmp_path / f"rope-{int(norm)}", code)
 
 
 def rope_reference(qkv, q_weight, k_weight, frequencies, offsets, norm: bool):
@@ -78,30 +72,6 @@ def test_qk_rope_is_the_heads_norms_then_their_rotations(tmp_path, norm, batch, 
     want = rope_reference(qkv, q_weight, k_weight, frequencies, offsets, norm)
     np.testing.assert_allclose(q_out, want[:, :Q_HEADS], rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(k_out, want[:, Q_HEADS:], rtol=2e-5, atol=2e-4)
-
-
-@pytest.mark.parametrize("norm", [True, False])
-def test_the_value_heads_variant_also_copies_the_value_heads_out_of_the_projection(tmp_path, norm):
-    """MLXRUNNER_VALUE_HEADS: the kernel reads the projection [B, T, (Q + 2 KV) D] itself and writes q and k as above
-    and the value heads, untouched, heads first."""
-    batch, tokens = 2, 3
-    rng = np.random.default_rng(11 + norm)
-    qkv = (3 * rng.standard_normal((batch, tokens, Q_HEADS + 2 * KV_HEADS, D))).astype(np.float32)
-    projected = qkv.reshape(batch, tokens, -1)
-    q_weight = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
-    k_weight = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
-    frequencies = (1.0 / 10000.0 ** (np.arange(0, D, 2) / D)).astype(np.float32)
-    offsets = np.array([5], np.int32)
-    outs = [np.zeros((batch, heads, tokens, D), np.float32) for heads in (Q_HEADS, KV_HEADS, KV_HEADS)]
-    blocks = -(-batch * tokens * (Q_HEADS + 2 * KV_HEADS) // HEADS_A_BLOCK)
-    ptr = ctypes.c_void_p
-    arrays = [projected, np.array(projected.shape, np.int32), q_weight, k_weight, frequencies, offsets,
-              np.array(offsets.shape, np.int32), *outs]
-    build_rope(tmp_path, norm, values=True).run(ctypes.c_int(blocks), *[ptr(a.ctypes.data) for a in arrays])
-    want = rope_reference(qkv, q_weight, k_weight, frequencies, offsets, norm)
-    np.testing.assert_allclose(outs[0], want[:, :Q_HEADS], rtol=2e-5, atol=2e-4)
-    np.testing.assert_allclose(outs[1], want[:, Q_HEADS:], rtol=2e-5, atol=2e-4)
-    np.testing.assert_array_equal(outs[2], qkv[:, :, Q_HEADS + KV_HEADS:].transpose(0, 2, 1, 3))
 
 
 ARGMAX_THREADS = 1024  # kArgmaxThreads
