@@ -136,6 +136,13 @@ def kernels():
                 "mlxr_half_gemv", kernel_string("cuda_half_gemv.cpp", "kHalfGemvHelpers"),
                 kernel_string("cuda_half_gemv.cpp", "kHalfGemvSource"), [("x", dtype), ("w", dtype)],
                 [("out", dtype)], {"T": dtype, "ROWS": rows})
+    rows_helpers = (kernel_string("cuda_kernel_common.h", "kCudaMma") +
+                    kernel_string("cuda_rows_product.cpp", "kRowsProductHelpers"))
+    for dtype in ("bf16", "f16"):
+        yield f"rows_product/{dtype}", mlx_kernel_source(
+            "mlxr_rows_product", rows_helpers, kernel_string("cuda_rows_product.cpp", "kRowsProductSource"),
+            [("x", dtype), ("w", dtype), ("counters", "int32")], [("out", dtype), ("partials", "float")],
+            {"T": dtype})
     yield "batch_decode_attention/bf16", mlx_kernel_source(
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],

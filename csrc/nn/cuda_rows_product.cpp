@@ -1,0 +1,206 @@
+#include "nn/cuda_rows_product.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "mlx/fast.h"
+#include "nn/cuda_kernel_common.h"
+#include "nn/slicing.h"
+
+namespace mlxr {
+
+namespace {
+
+// A stage's 16-byte pieces go from global to shared memory by cp.async where both operands are 16-byte aligned (a
+// weight's rows are; a view of x may not be), element by element otherwise; a stage's copies are one group, and
+// wait_for_stages<N> leaves at most N groups in flight (a block's barrier after it, for every thread's copies).
+constexpr const char* kRowsProductHelpers = R"(
+namespace mlxr_rows {
+template <typename T>
+__device__ __forceinline__ void stage_piece(T* shared, const T* global, bool aligned) {
+  if (aligned) {
+    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) shared[e] = global[e];
+  }
+}
+__device__ __forceinline__ void end_stage() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wait_for_stages() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+}  // namespace mlxr_rows
+)";
+
+// out [rows, N] = x [rows, K] W^T, W [N, K]. Block b takes weight tile b % tiles (64 rows: warp w its rows 16 w ..
+// 16 w + 15, the A tile of mma.sync m16n8k16) and K split b / tiles; x's rows are the B tiles (8 a tile, up to 8).
+// Staged rows hold 40 elements (80 bytes), so the fragments' 4-byte reads (lane: row g = lane / 4, pair t = lane % 4)
+// fall in 32 different banks. A warp's sums d_i are (weight row g + 8 (i / 2), x row 2 t + (i % 2)) of its tile.
+// Split blocks write float partials [split, rows, N], then count themselves in `counters` (one int a tile, zero
+// between launches); the last to arrive sums the splits in split order, writes out and sets the count back to zero.
+constexpr const char* kRowsProductSource = R"(
+  using namespace mlxr_rows;
+  constexpr int kTile = 64, kStep = 32, kStages = 4, kRow = kStep + 8;
+  __shared__ __align__(16) T xs[kStages][64][kRow];
+  __shared__ __align__(16) T ws[kStages][kTile][kRow];
+  __shared__ int arrived;
+  const int N = w_shape[0], K = w_shape[1];
+  long long row_count = 1;
+  for (int i = 0; i + 1 < x_ndim; ++i) row_count *= x_shape[i];
+  const int rows = static_cast<int>(row_count);
+  const int tiles = N / kTile, splits = gridDim.x / tiles;  // the host launches tiles x splits blocks
+  const int tile = blockIdx.x % tiles, split = blockIdx.x / tiles;
+  const int steps = K / kStep, per_split = (steps + splits - 1) / splits;
+  const int first = split * per_split, last = min(steps, first + per_split);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool aligned = ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(w)) & 15) == 0;
+  const T* w_tile = w + static_cast<long long>(tile) * kTile * K;
+  auto stage_in = [&](int step, int stage) {
+    for (int p = threadIdx.x; p < 64 * 4; p += 128) {  // 64 rows of 4 pieces of 8 elements, of x and of W
+      const int row = p >> 2, piece = p & 3;
+      const long long k = static_cast<long long>(step) * kStep + piece * 8;
+      if (row < rows) stage_piece(&xs[stage][row][piece * 8], x + row * static_cast<long long>(K) + k, aligned);
+      stage_piece(&ws[stage][row][piece * 8], w_tile + row * static_cast<long long>(K) + k, aligned);
+    }
+    end_stage();
+  };
+  const int active = (rows + 7) / 8;
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+  }
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (first + s < last) stage_in(first + s, s);
+    else end_stage();
+  }
+  for (int step = first; step < last; ++step) {
+    wait_for_stages<kStages - 2>();
+    __syncthreads();  // this step's stage is in, and every warp is done with the stage the next copies go to
+    const int ahead = step + kStages - 1;
+    if (ahead < last) stage_in(ahead, (ahead - first) % kStages);
+    else end_stage();
+    const int stage = (step - first) % kStages;
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += 16) {
+      const T* a_at = &ws[stage][16 * warp + g][kk + 2 * t];
+      const unsigned a[4] = {*reinterpret_cast<const unsigned*>(a_at), *reinterpret_cast<const unsigned*>(a_at + 8 * kRow),
+                             *reinterpret_cast<const unsigned*>(a_at + 8),
+                             *reinterpret_cast<const unsigned*>(a_at + 8 * kRow + 8)};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j < active) {
+          const T* b_at = &xs[stage][8 * j + g][kk + 2 * t];
+          const unsigned b[2] = {*reinterpret_cast<const unsigned*>(b_at), *reinterpret_cast<const unsigned*>(b_at + 8)};
+          mma(acc[j], a, b, T{});
+        }
+      }
+    }
+  }
+  const int n_first = tile * kTile + 16 * warp + g;
+  if (splits == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = 8 * j + 2 * t + (i & 1);
+        if (j < active && r < rows) out[static_cast<long long>(r) * N + n_first + 8 * (i >> 1)] = static_cast<T>(acc[j][i]);
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 8 * j + 2 * t + (i & 1);
+      if (j < active && r < rows) {
+        partials[(static_cast<long long>(split) * rows + r) * N + n_first + 8 * (i >> 1)] = acc[j][i];
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  int* count = const_cast<int*>(counters) + tile;
+  if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
+  __syncthreads();
+  if (arrived != splits - 1) return;
+  __threadfence();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 8 * j + 2 * t + (i & 1);
+      if (j < active && r < rows) {
+        const long long at = static_cast<long long>(r) * N + n_first + 8 * (i >> 1);
+        float sum = 0.f;
+        for (int s = 0; s < splits; ++s) sum += __ldcg(partials + static_cast<long long>(s) * rows * N + at);
+        out[at] = static_cast<T>(sum);
+      }
+    }
+  }
+  if (threadIdx.x == 0) *count = 0;
+)";
+
+constexpr int kTileRows = 64;       // weight rows a block (kTile)
+constexpr int kStepColumns = 32;    // columns a pipeline stage (kStep)
+constexpr int kBlocksWanted = 264;  // two blocks an SM of an H100 (132 SMs)
+constexpr int kMinStepsASplit = 8;  // a split's pipeline still fills its four stages twice
+constexpr int kThreads = 128;       // four warps
+
+// One int a tile of weight `w`, zero between launches (each tile's last block sets its count back), kept for the
+// process. One set a weight, found by its buffer (a model's weights are evaluated at load; the buffer's handle, not
+// its data pointer, which on CUDA would move it to unified memory): two products that share no data (multi-head
+// latent attention's q and kv projections of one input) may run at once in one CUDA graph. Made from host data, so
+// that they are a real buffer (MLX's zeros is a broadcast scalar, which the kernel's row-contiguous inputs would copy
+// at every call).
+const mx::array& tile_counters(const mx::array& w, int tiles) {
+  static std::mutex guard;
+  static std::map<std::uintptr_t, mx::array> made;
+  std::lock_guard lock(guard);
+  const auto key = w.is_available() ? reinterpret_cast<std::uintptr_t>(w.buffer().ptr()) : w.id();
+  auto found = made.find(key);
+  if (found == made.end() || found->second.size() != static_cast<size_t>(tiles)) {
+    const std::vector<int32_t> zeros(tiles, 0);
+    auto counters = mx::array(zeros.begin(), {tiles}, mx::int32);
+    mx::eval(counters);
+    found = made.insert_or_assign(key, std::move(counters)).first;
+  }
+  return found->second;
+}
+
+}  // namespace
+
+bool rows_product_switched_on() {
+  static const bool on = switched_on("MLXRUNNER_ROWS_PRODUCT");
+  return on;
+}
+
+int rows_product_splits(int n, int k) {
+  const int tiles = n / kTileRows, steps = k / kStepColumns;
+  const int wanted = (kBlocksWanted + tiles - 1) / tiles;
+  return std::clamp(wanted, 1, std::max(1, steps / kMinStepsASplit));
+}
+
+std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& w) {
+  if (!running_on_cuda() || !half_precision(x.dtype()) || w.dtype() != x.dtype() || w.ndim() != 2 || x.ndim() < 1 ||
+      x.shape(-1) != w.shape(1) || w.shape(0) % kTileRows != 0 || w.shape(1) % kStepColumns != 0) {
+    return std::nullopt;
+  }
+  const int64_t rows = rows_of(x);
+  if (rows < 2 || rows > kMaxRowsProductRows) return std::nullopt;
+  static auto kernel = cuda_kernel("mlxr_rows_product", {"x", "w", "counters"}, {"out", "partials"}, kRowsProductSource,
+                                   std::string(kCudaMma) + kRowsProductHelpers,
+                                   /*ensure_row_contiguous=*/true);
+  const int n = w.shape(0), tiles = n / kTileRows, splits = rows_product_splits(n, w.shape(1));
+  const mx::Shape partials = splits > 1 ? mx::Shape{splits, static_cast<int>(rows), n} : mx::Shape{1};
+  return kernel({x, w, tile_counters(w, tiles)}, {output_shape(x, n), partials}, {x.dtype(), mx::float32},
+                {cuda_checked_threads(static_cast<long long>(tiles) * splits * kThreads), 1, 1}, {kThreads, 1, 1},
+                {{"T", x.dtype()}}, std::nullopt, false, {})[0];
+}
+
+}  // namespace mlxr
