@@ -102,27 +102,23 @@ constexpr const char* kRowsProductSource = R"(
     }
   }
   const int n_first = tile * kTile + 16 * warp + g;
-  if (splits == 1) {
+  // Each sum this thread holds: f(its offset in out [rows, N], its value).
+  auto each_sum = [&](auto&& f) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = 8 * j + 2 * t + (i & 1);
-        if (j < active && r < rows) out[static_cast<long long>(r) * N + n_first + 8 * (i >> 1)] = static_cast<T>(acc[j][i]);
+        if (j < active && r < rows) f(static_cast<long long>(r) * N + n_first + 8 * (i >> 1), acc[j][i]);
       }
     }
+  };
+  if (splits == 1) {
+    each_sum([&](long long at, float sum) { out[at] = static_cast<T>(sum); });
     return;
   }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = 8 * j + 2 * t + (i & 1);
-      if (j < active && r < rows) {
-        partials[(static_cast<long long>(split) * rows + r) * N + n_first + 8 * (i >> 1)] = acc[j][i];
-      }
-    }
-  }
+  float* part = partials + static_cast<long long>(split) * rows * N;
+  each_sum([&](long long at, float sum) { part[at] = sum; });
   __threadfence();
   __syncthreads();
   int* count = const_cast<int*>(counters) + tile;
@@ -130,19 +126,11 @@ constexpr const char* kRowsProductSource = R"(
   __syncthreads();
   if (arrived != splits - 1) return;
   __threadfence();
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = 8 * j + 2 * t + (i & 1);
-      if (j < active && r < rows) {
-        const long long at = static_cast<long long>(r) * N + n_first + 8 * (i >> 1);
-        float sum = 0.f;
-        for (int s = 0; s < splits; ++s) sum += __ldcg(partials + static_cast<long long>(s) * rows * N + at);
-        out[at] = static_cast<T>(sum);
-      }
-    }
-  }
+  each_sum([&](long long at, float) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += __ldcg(partials + static_cast<long long>(s) * rows * N + at);
+    out[at] = static_cast<T>(sum);
+  });
   if (threadIdx.x == 0) *count = 0;
 )";
 
