@@ -136,7 +136,7 @@ constexpr const char* kRowsProductSource = R"(
 
 constexpr int kTileRows = 64;       // weight rows a block (kTile)
 constexpr int kStepColumns = 32;    // columns a pipeline stage (kStep)
-constexpr int kBlocksWanted = 264;  // two blocks an SM of an H100 (132 SMs)
+constexpr int kBlocksWanted = 264;  // two blocks an SM of an H100 (132 SMs); MLXRUNNER_ROWS_PRODUCT_BLOCKS sets it
 constexpr int kMinStepsASplit = 8;  // a split's pipeline still fills its four stages twice
 constexpr int kThreads = 128;       // four warps
 
@@ -170,7 +170,9 @@ bool rows_product_switched_on() {
 
 int rows_product_splits(int n, int k) {
   const int tiles = n / kTileRows, steps = k / kStepColumns;
-  const int wanted = (kBlocksWanted + tiles - 1) / tiles;
+  static const int blocks =
+      static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_ROWS_PRODUCT_BLOCKS", kBlocksWanted)));
+  const int wanted = (blocks + tiles - 1) / tiles;
   return std::clamp(wanted, 1, std::max(1, steps / kMinStepsASplit));
 }
 

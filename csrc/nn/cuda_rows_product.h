@@ -28,7 +28,8 @@ constexpr int kMaxRowsProductRows = 64;
 // 64 and K of 32: float sums rounded once to x's dtype. nullopt when not on CUDA or the case is not one of those.
 std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& w);
 
-// The K splits the kernel takes for a weight of n rows and k columns (1: none), aiming at two blocks an SM of an H100.
+// The K splits the kernel takes for a weight of n rows and k columns (1: none), aiming at two blocks an SM of an H100
+// (MLXRUNNER_ROWS_PRODUCT_BLOCKS=N, a measuring switch, aims at N blocks; benchmarks/gpu/rows_product_bench.py).
 int rows_product_splits(int n, int k);
 
 // Whether MLXRUNNER_ROWS_PRODUCT=1 (read once): the Linear layers' float products then try cuda_rows_product first.

@@ -12,6 +12,7 @@ What this cannot check, NVRTC's view of the source and the speed, scripts/nvrtc_
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,18 @@ def test_the_host_splits_k_where_the_weight_has_few_tiles():
     assert _core.rows_product_splits(6144, 2560) == 3  # 96 tiles
     assert _core.rows_product_splits(2560, 9728) == 7  # 40 tiles, 304 steps
     assert _core.rows_product_splits(64, 64) == 1  # two steps: too few to split
+
+
+def test_the_blocks_switch_sets_the_splits_aim():
+    """MLXRUNNER_ROWS_PRODUCT_BLOCKS (read once, so in a fresh process): 132 blocks over the 4B's down projection's
+    40 tiles is 4 splits where the default's 264 is 7."""
+    import subprocess
+    import sys
+
+    script = "from mlxrunner import _core; print(_core.rows_product_splits(2560, 9728))"
+    env = {**os.environ, "MLXRUNNER_ROWS_PRODUCT_BLOCKS": "132"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"
 
 
 def test_the_binding_declines_off_cuda_and_outside_its_shapes():
