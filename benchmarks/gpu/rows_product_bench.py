@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks.gpu.side_children import run_sides
 
 SHAPES = [  # (model, weight, N, K)
     ("qwen3-4b", "q|k|v", 6144, 2560), ("qwen3-4b", "o", 2560, 4096), ("qwen3-4b", "gate|up", 19456, 2560),
@@ -77,18 +78,6 @@ def child(side: str, rows_list: list[int], calls: int) -> dict:
     return {"side": side, "blocks": blocks, "rows": rows}
 
 
-def run_child(side: str, rows: str, calls: int, blocks: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("MLXRUNNER_ROWS_PRODUCT_BLOCKS", None)
-    if blocks is not None:
-        env["MLXRUNNER_ROWS_PRODUCT_BLOCKS"] = blocks
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.rows_product_bench", "--child", side, "--rows", rows,
-                           "--calls", str(calls)], env=env, capture_output=True, text=True, timeout=400)
-    if proc.returncode != 0:
-        return {"side": side, "blocks": blocks, "error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def markdown(results: list[dict]) -> str:
     lines = ["| side | blocks aimed at | rows | model | weight | µs a call | TB/s | splits | gap |",
              "|---|---|---:|---|---|---:|---:|---:|---:|"]
@@ -121,12 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    results = [run_child("mlx", args.rows, args.calls, None)]
-    results += [run_child("ours", args.rows, args.calls, blocks) for blocks in args.blocks.split(",") if blocks]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rows_product.json").write_text(json.dumps(results, indent=1))
-    print(markdown(results))
-    return 0 if all("error" not in r for r in results) else 1
+    return run_sides("benchmarks.gpu.rows_product_bench", ["--rows", args.rows, "--calls", str(args.calls)],
+                     "MLXRUNNER_ROWS_PRODUCT_BLOCKS", args.blocks, args.out, "rows_product", markdown)
 
 
 if __name__ == "__main__":
