@@ -1,5 +1,5 @@
 // A short chunk's products with half-precision weights on CUDA: x W^T for 2 to 64 rows of x (the rest of a prompt
-// after the prompt cache, a chat's next turn, a batch of 9-64 sequences).
+// after the prompt cache, a chat's next turn, a batch of 2 to 64 sequences).
 //
 // MLX 0.32 runs these through cuBLAS, planning every call anew (descriptors, a heuristic query) and capturing its
 // launch into a graph of its own: in session 27's op_cost run on an H100 a 64-row product cost the host ~10 us more
