@@ -136,8 +136,10 @@ def kernels():
                 "mlxr_half_gemv", kernel_string("cuda_half_gemv.cpp", "kHalfGemvHelpers"),
                 kernel_string("cuda_half_gemv.cpp", "kHalfGemvSource"), [("x", dtype), ("w", dtype)],
                 [("out", dtype)], {"T": dtype, "ROWS": rows})
-    rows_helpers = (kernel_string("cuda_kernel_common.h", "kCudaMma") +
-                    kernel_string("cuda_rows_product.cpp", "kRowsProductHelpers"))
+    # the tensor-core kernels' shared snippets: mma.sync and the asynchronous copies
+    mma_and_copies = kernel_string("cuda_kernel_common.h", "kCudaMma") + kernel_string("cuda_kernel_common.h",
+                                                                                        "kCudaAsyncCopies")
+    rows_helpers = mma_and_copies + kernel_string("cuda_rows_product.cpp", "kRowsProductHelpers")
     for dtype in ("bf16", "f16"):
         yield f"rows_product/{dtype}", mlx_kernel_source(
             "mlxr_rows_product", rows_helpers, kernel_string("cuda_rows_product.cpp", "kRowsProductSource"),
@@ -161,8 +163,7 @@ def kernels():
             kernel_string("cuda_matvec.cpp", "kTensorCoreSource", (("MLXR_NORMED", False), ("MLXR_HEADS", False))),
             [("x", "bf16"), ("w", "uint32"), ("scales", "bf16"), ("biases", "bf16")], [("out", "bf16")],
             {"T": "bf16", "BITS": bits, "GROUP": 64, "XT": 1, "W": 4, "U": 2, "GATED": False})
-    chunk_helpers = (kernel_string("cuda_kernel_common.h", "kCudaMma") +
-                     kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers"))
+    chunk_helpers = mma_and_copies + kernel_string("cuda_decode_attention.cpp", "kChunkAttentionHelpers")
     for dtype in ("bf16", "f16"):
         for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(

@@ -144,7 +144,7 @@ class Runner:
             if self.phases:
                 body = with_phases(body)
                 outputs.append("stamps")
-            header = self.consts["kCudaMma"] + self.consts["kChunkAttentionHelpers"]
+            header = self.consts["kCudaMma"] + self.consts["kCudaAsyncCopies"] + self.consts["kChunkAttentionHelpers"]
             name = f"probe_{variant}" + ("_phases" if self.phases else "")
             self.kernels[variant] = (self.mx.fast.cuda_kernel(name, ["q", "k", "v", "keys", "values", "position"],
                                                               outputs, body, header, False, smem), smem)

@@ -217,21 +217,6 @@ template <typename T>
 __device__ __forceinline__ bool whole_word(const T* p, long long stride) {
   return stride == 1 && (reinterpret_cast<unsigned long long>(p) & 15) == 0;
 }
-// 16 bytes from global to shared memory without passing through registers (cp.async); wait_async_copies waits for
-// every copy this thread started (a block's barrier after it, for every thread's).
-__device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
-  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
-}
-// The copies this thread started since the last commit, as one group; wait_async_copies<N> waits until at most N of
-// its groups are still in flight (a block's barrier after it, for every thread's).
-__device__ __forceinline__ void commit_async_copies() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wait_async_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 // Four 8 x 8 tiles of 2-byte elements from shared memory, transposed (ldmatrix .trans): lanes 8 m .. 8 m + 7 give the
 // addresses of tile m's rows, 16 bytes each, and lane l receives, in register m, tile m's elements (2 (l % 4), l / 4)
 // and (2 (l % 4) + 1, l / 4): an mma B operand whose pairs run down a column, read in one instruction where two
@@ -578,7 +563,7 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
   check_cache_buffers(q, k, keys, values, position, length);
   static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
-                                        std::string(kCudaMma) + kChunkAttentionHelpers, false);
+                                        std::string(kCudaMma) + kCudaAsyncCopies + kChunkAttentionHelpers, false);
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;

@@ -52,6 +52,26 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 }
 )";
 
+// Asynchronous copies from global to shared memory (nn/cuda_decode_attention's chunk kernel, nn/cuda_rows_product):
+// a stage's copies start, the block computes on the stage before, then waits for them.
+inline constexpr const char* kCudaAsyncCopies = R"(
+// 16 bytes from global to shared memory without passing through registers (cp.async); wait_async_copies waits for
+// every copy this thread started (a block's barrier after it, for every thread's).
+__device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
+}
+// The copies this thread started since the last commit, as one group; wait_async_copies<N> waits until at most N of
+// its groups are still in flight (a block's barrier after it, for every thread's).
+__device__ __forceinline__ void commit_async_copies() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wait_async_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+)";
+
 // Row kernels: one block per row of n (a multiple of 4), thread t holding the row's elements in quads of 4
 // consecutive ones (one 8-byte load of bfloat16): its quad q is elements 4 (t + q blockDim.x) .. + 3, its held slot k
 // element held_index(k); PER_THREAD slots in registers. Every load comes before any store (a store may alias a

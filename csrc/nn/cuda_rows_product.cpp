@@ -14,24 +14,19 @@ namespace mlxr {
 
 namespace {
 
-// A stage's 16-byte pieces go from global to shared memory by cp.async where both operands are 16-byte aligned (a
-// weight's rows are; a view of x may not be), element by element otherwise; a stage's copies are one group, and
-// wait_for_stages<N> leaves at most N groups in flight (a block's barrier after it, for every thread's copies).
+// A stage's 16-byte pieces go from global to shared memory by cp.async (kCudaAsyncCopies) where both operands are
+// 16-byte aligned (a weight's rows are; a view of x may not be), element by element otherwise.
 constexpr const char* kRowsProductHelpers = R"(
 namespace mlxr_rows {
 template <typename T>
 __device__ __forceinline__ void stage_piece(T* shared, const T* global, bool aligned) {
   if (aligned) {
-    const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(global));
+    copy_16_async(shared, global);
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) shared[e] = global[e];
   }
 }
-__device__ __forceinline__ void end_stage() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wait_for_stages() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 }  // namespace mlxr_rows
 )";
 
@@ -65,7 +60,7 @@ constexpr const char* kRowsProductSource = R"(
       if (row < rows) stage_piece(&xs[stage][row][piece * 8], x + row * static_cast<long long>(K) + k, aligned);
       stage_piece(&ws[stage][row][piece * 8], w_tile + row * static_cast<long long>(K) + k, aligned);
     }
-    end_stage();
+    commit_async_copies();
   };
   const int active = (rows + 7) / 8;
   float acc[8][4];
@@ -76,14 +71,14 @@ constexpr const char* kRowsProductSource = R"(
   }
   for (int s = 0; s < kStages - 1; ++s) {
     if (first + s < last) stage_in(first + s, s);
-    else end_stage();
+    else commit_async_copies();
   }
   for (int step = first; step < last; ++step) {
-    wait_for_stages<kStages - 2>();
+    wait_async_copies<kStages - 2>();
     __syncthreads();  // this step's stage is in, and every warp is done with the stage the next copies go to
     const int ahead = step + kStages - 1;
     if (ahead < last) stage_in(ahead, (ahead - first) % kStages);
-    else end_stage();
+    else commit_async_copies();
     const int stage = (step - first) % kStages;
 #pragma unroll
     for (int kk = 0; kk < kStep; kk += 16) {
@@ -184,7 +179,7 @@ std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& 
   const int64_t rows = rows_of(x);
   if (rows < 2 || rows > kMaxRowsProductRows) return std::nullopt;
   static auto kernel = cuda_kernel("mlxr_rows_product", {"x", "w", "counters"}, {"out", "partials"}, kRowsProductSource,
-                                   std::string(kCudaMma) + kRowsProductHelpers,
+                                   std::string(kCudaMma) + kCudaAsyncCopies + kRowsProductHelpers,
                                    /*ensure_row_contiguous=*/true);
   const int n = w.shape(0), tiles = n / kTileRows, splits = rows_product_splits(n, w.shape(1));
   const mx::Shape partials = splits > 1 ? mx::Shape{splits, static_cast<int>(rows), n} : mx::Shape{1};

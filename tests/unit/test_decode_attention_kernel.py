@@ -170,10 +170,13 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
-    helpers, count = re.subn(r"(template <int N>\n)?__device__ __forceinline__ void "
-                             r"(copy_16_async|commit_async_copies|wait_async_copies|load_tiles_transposed)\(.*?\n}\n",
-                             "", helpers, flags=re.S)
-    assert count == 4, "the helpers' asynchronous copy and ldmatrix functions were not found"
+    # its asynchronous copies come from kCudaAsyncCopies, which the host code puts before the helpers (as kCudaMma):
+    # HOST_COPIES emulates those three
+    common = kernel_source(SOURCE.parent / "cuda_kernel_common.h", "kCudaAsyncCopies")
+    assert all(name in common for name in ("copy_16_async", "commit_async_copies", "wait_async_copies"))
+    helpers, count = re.subn(r"__device__ __forceinline__ void load_tiles_transposed\(.*?\n}\n", "", helpers,
+                             flags=re.S)
+    assert count == 1, "the helpers' ldmatrix function was not found"
     # the emulated mma in place of the asm one the host code puts before the helpers (kCudaMma)
     helpers = HOST_MMA + helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_COPIES, 1)
     scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))

@@ -18,21 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
-from test_decode_attention_kernel import HOST_MMA
+from test_decode_attention_kernel import HOST_COPIES, HOST_MMA
 
 from mlxrunner import _core
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_rows_product.cpp"
 THREADS = 128  # kThreads
 TILE = 64  # kTileRows
-HOST_HELPERS = r"""
-namespace mlxr_rows {  // cp.async as a plain copy (the block's barrier after the wait orders it on the GPU as here)
-template <typename T>
-void stage_piece(T* shared, const T* global, bool) { for (int e = 0; e < 8; ++e) shared[e] = global[e]; }
-inline void end_stage() {}
-template <int N>
-void wait_for_stages() {}
-}  // namespace mlxr_rows
+HOST_ATOMICS = r"""
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // blocks run one at a time here
 inline void __threadfence() {}
 inline float __ldcg(const float* p) { return *p; }
@@ -40,11 +33,11 @@ inline float __ldcg(const float* p) { return *p; }
 
 
 def build(tmp_path: Path) -> ctypes.CDLL:
+    # kCudaAsyncCopies (before the helpers on the GPU) as HOST_COPIES' plain copies
     helpers = kernel_source(SOURCE, "kRowsProductHelpers")
-    assert "namespace mlxr_rows" in helpers and "cp.async" in helpers
     params = ("const T* x, const int* x_shape, int x_ndim, const T* w, const int* w_shape, const int* counters, "
               "T* out, float* partials")
-    code = (PRELUDE + HOST_MMA + HOST_HELPERS + "using T = __nv_bfloat16;\n" +
+    code = (PRELUDE + HOST_MMA + HOST_COPIES + HOST_ATOMICS + helpers + "using T = __nv_bfloat16;\n" +
             f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kRowsProductSource')}\n}}\n" +
             block_launcher(f"int blocks, {params}", "x, x_shape, x_ndim, w, w_shape, counters, out, partials",
                            "blocks", THREADS))
