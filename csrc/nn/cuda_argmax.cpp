@@ -51,12 +51,15 @@ constexpr const char* kArgmax = R"(
     }
   }
   for (int i = head + words * kPerWord + threadIdx.x; i < n; i += blockDim.x) offer(static_cast<float>(row[i]), i);
+  auto meet_in_warp = [&] {  // every lane ends with its warp's best
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, best, o);
-    const int other_at = __shfl_xor_sync(0xffffffffu, index, o);
-    offer(other, other_at);
-  }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, o);
+      const int other_at = __shfl_xor_sync(0xffffffffu, index, o);
+      offer(other, other_at);
+    }
+  };
+  meet_in_warp();
   __shared__ float warp_best[32];
   __shared__ int warp_index[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -72,12 +75,7 @@ constexpr const char* kArgmax = R"(
       best = warp_best[lane];
       index = warp_index[lane];
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, best, o);
-      const int other_at = __shfl_xor_sync(0xffffffffu, index, o);
-      offer(other, other_at);
-    }
+    meet_in_warp();
     if (lane == 0) out[blockIdx.x] = index >= n ? 0 : index;
   }
 )";
