@@ -30,6 +30,20 @@ std::optional<SequenceCache> taken(SequenceCache* cache) {
   return moved;
 }
 
+// use(the caches taken from `cache`, nullopt without one); if it throws (an argument refused), the caches go back to
+// the caller's object first, so a refused request loses no conversation. `use` must move from them only once nothing
+// can refuse any more.
+template <typename Use>
+decltype(auto) with_taken(SequenceCache* cache, Use&& use) {
+  auto start = taken(cache);
+  try {
+    return use(start);
+  } catch (...) {
+    if (start) cache->layers = std::move(start->layers);
+    throw;
+  }
+}
+
 std::optional<nb::tuple> logprobs_tuple(const std::optional<TokenLogprobs>& lp) {
   if (!lp) return std::nullopt;
   nb::list top;
@@ -208,14 +222,10 @@ void bind_decoder(nb::module_& m) {
           [](Generator* self, const Decoder& model, const std::vector<int>& prompt, const SamplerOptions& options,
              int prefill_chunk, int top_logprobs, SequenceCache* cache, int max_tokens, const TokenVocabulary* json,
              const JsonSchema* json_schema, std::optional<mx::array> logit_bias) {
-            auto start = taken(cache);
-            try {
+            with_taken(cache, [&](std::optional<SequenceCache>& start) {
               new (self) Generator(model, prompt, options, prefill_chunk, top_logprobs, std::move(start), max_tokens,
                                    json, json_schema, std::move(logit_bias));
-            } catch (...) {
-              if (start) cache->layers = std::move(start->layers);  // refused: the caches go back to the caller
-              throw;
-            }
+            });
           },
           "model"_a, "prompt"_a, "options"_a, "prefill_chunk"_a = 512, "top_logprobs"_a = -1,
           "cache"_a.none() = nb::none(), "max_tokens"_a = -1, "json"_a.none() = nb::none(),
@@ -257,13 +267,9 @@ void bind_batch(nb::module_& m) {
           "add",
           [](BatchGenerator& self, const std::vector<int>& prompt, const SamplerOptions& options, int top_logprobs,
              SequenceCache& cache) {
-            auto start = taken(&cache);
-            try {
+            return with_taken(&cache, [&](std::optional<SequenceCache>& start) {
               return self.add(prompt, options, top_logprobs, *start);
-            } catch (...) {
-              cache.layers = std::move(start->layers);  // refused: the caches go back to the caller
-              throw;
-            }
+            });
           },
           "prompt"_a, "options"_a, "top_logprobs"_a, "cache"_a, nb::call_guard<nb::gil_scoped_release>(),
           "A sequence joins; `cache` holds its prompt but the last token (a Generator's prefill), taken: the object "
