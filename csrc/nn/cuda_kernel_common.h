@@ -289,10 +289,12 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
 
 // mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both), and
-// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included).
+// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included). dynamic_shared_bytes:
+// the `extern __shared__` array's size at every launch (over 48 KB, MLX raises the kernel's limit when it loads it).
 mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                            const std::vector<std::string>& outputs, std::string_view source,
                                            std::string_view header = "", bool ensure_row_contiguous = true,
-                                           const std::map<std::string, bool>& switches = {});
+                                           const std::map<std::string, bool>& switches = {},
+                                           int dynamic_shared_bytes = 0);
 
 }  // namespace mlxr

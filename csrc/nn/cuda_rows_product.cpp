@@ -30,22 +30,27 @@ __device__ __forceinline__ void stage_piece(T* shared, const T* global, bool ali
 }  // namespace mlxr_rows
 )";
 
-// out [rows, N] = x [rows, K] W^T, W [N, K]. Block b takes weight tile b % tiles (64 rows: warp w its rows 16 w ..
-// 16 w + 15, the A tile of mma.sync m16n8k16) and K split b / tiles; x's rows are the B tiles (8 a tile, up to 8).
-// Staged rows hold 40 elements (80 bytes), so the fragments' 4-byte reads (lane: row g = lane / 4, pair t = lane % 4)
-// fall in 32 different banks. A warp's sums d_i are (weight row g + 8 (i / 2), x row 2 t + (i % 2)) of its tile.
-// Split blocks write float partials [split, rows, N], then count themselves in `counters` (one int a tile, zero
-// between launches); the last to arrive sums the splits in split order, writes out and sets the count back to zero.
+// out [rows, N] = x [rows, K] W^T. Block b takes weight tile b % tiles (64 rows: warp w its rows 16 w .. 16 w + 15,
+// the A tile of mma.sync m16n8k16) and K split b / tiles; x's rows are the B tiles (8 a tile, up to 8). The stages
+// live in dynamic shared memory (the host sizes it: kStages x (64 weight rows + x's rows rounded up to 8) rows of kRow
+// elements), so that a stage can be 64 columns deep: a block then has three 8 KB weight stages in flight, where a
+// 48 KB static stage set held 4 KB ones and the card's memory went a third idle (session 28: 0.5-1.7 TB/s against
+// cuBLAS's 1.7-2.8). Staged rows hold 72 elements (144 bytes), so the fragments' 4-byte reads (lane: row g = lane / 4,
+// pair t = lane % 4) fall in 32 different banks. A warp's sums d_i are (weight row g + 8 (i / 2), x row 2 t + (i % 2))
+// of its tile. Split blocks write float partials [split, rows, N], then count themselves in `counters` (one int a
+// tile, zero between launches); the last to arrive sums the splits in split order, writes out and sets the count back
+// to zero.
 constexpr const char* kRowsProductSource = R"(
   using namespace mlxr_rows;
-  constexpr int kTile = 64, kStep = 32, kStages = 4, kRow = kStep + 8;
-  __shared__ __align__(16) T xs[kStages][64][kRow];
-  __shared__ __align__(16) T ws[kStages][kTile][kRow];
+  constexpr int kTile = 64, kStep = 64, kStages = 4, kRow = kStep + 8, kPieces = kStep / 8;
+  extern __shared__ __align__(16) unsigned char rows_shared[];
   __shared__ int arrived;
   const int N = w_shape[0], K = w_shape[1];
   long long row_count = 1;
   for (int i = 0; i + 1 < x_ndim; ++i) row_count *= x_shape[i];
-  const int rows = static_cast<int>(row_count);
+  const int rows = static_cast<int>(row_count);  // 8 (XT - 1) < rows <= 8 XT
+  T* const ws = reinterpret_cast<T*>(rows_shared);  // [kStages][kTile][kRow], then x's [kStages][8 XT][kRow]
+  T* const xs = ws + kStages * kTile * kRow;
   const int tiles = N / kTile, splits = gridDim.x / tiles;  // the host launches tiles x splits blocks
   const int tile = blockIdx.x % tiles, split = blockIdx.x / tiles;
   const int steps = K / kStep, per_split = (steps + splits - 1) / splits;
@@ -54,18 +59,22 @@ constexpr const char* kRowsProductSource = R"(
   const bool aligned = ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(w)) & 15) == 0;
   const T* w_tile = w + static_cast<long long>(tile) * kTile * K;
   auto stage_in = [&](int step, int stage) {
-    for (int p = threadIdx.x; p < 64 * 4; p += 128) {  // 64 rows of 4 pieces of 8 elements, of x and of W
-      const int row = p >> 2, piece = p & 3;
-      const long long k = static_cast<long long>(step) * kStep + piece * 8;
-      if (row < rows) stage_piece(&xs[stage][row][piece * 8], x + row * static_cast<long long>(K) + k, aligned);
-      stage_piece(&ws[stage][row][piece * 8], w_tile + row * static_cast<long long>(K) + k, aligned);
+    const long long k = static_cast<long long>(step) * kStep;
+    T* w_stage = ws + stage * kTile * kRow;
+    T* x_stage = xs + stage * 8 * XT * kRow;
+    for (int p = threadIdx.x; p < kTile * kPieces; p += blockDim.x) {
+      const int row = p / kPieces, piece = p % kPieces;
+      stage_piece(w_stage + row * kRow + piece * 8, w_tile + row * static_cast<long long>(K) + k + piece * 8, aligned);
+    }
+    for (int p = threadIdx.x; p < rows * kPieces; p += blockDim.x) {
+      const int row = p / kPieces, piece = p % kPieces;
+      stage_piece(x_stage + row * kRow + piece * 8, x + row * static_cast<long long>(K) + k + piece * 8, aligned);
     }
     commit_async_copies();
   };
-  const int active = (rows + 7) / 8;
-  float acc[8][4];
+  float acc[XT][4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < XT; ++j) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
   }
@@ -80,19 +89,20 @@ constexpr const char* kRowsProductSource = R"(
     if (ahead < last) stage_in(ahead, (ahead - first) % kStages);
     else commit_async_copies();
     const int stage = (step - first) % kStages;
+    const T* w_stage = ws + stage * kTile * kRow;
+    const T* x_stage = xs + stage * 8 * XT * kRow;
 #pragma unroll
     for (int kk = 0; kk < kStep; kk += 16) {
-      const T* a_at = &ws[stage][16 * warp + g][kk + 2 * t];
+      const T* a_at = w_stage + (16 * warp + g) * kRow + kk + 2 * t;
       const unsigned a[4] = {*reinterpret_cast<const unsigned*>(a_at), *reinterpret_cast<const unsigned*>(a_at + 8 * kRow),
                              *reinterpret_cast<const unsigned*>(a_at + 8),
                              *reinterpret_cast<const unsigned*>(a_at + 8 * kRow + 8)};
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (j < active) {
-          const T* b_at = &xs[stage][8 * j + g][kk + 2 * t];
-          const unsigned b[2] = {*reinterpret_cast<const unsigned*>(b_at), *reinterpret_cast<const unsigned*>(b_at + 8)};
-          mma(acc[j], a, b, T{});
-        }
+      for (int j = 0; j < XT; ++j) {
+        // rows of x past `rows` in the last tile: their stage rows hold whatever was there; their sums are not kept
+        const T* b_at = x_stage + (8 * j + g) * kRow + kk + 2 * t;
+        const unsigned b[2] = {*reinterpret_cast<const unsigned*>(b_at), *reinterpret_cast<const unsigned*>(b_at + 8)};
+        mma(acc[j], a, b, T{});
       }
     }
   }
@@ -100,11 +110,11 @@ constexpr const char* kRowsProductSource = R"(
   // Each sum this thread holds: f(its offset in out [rows, N], its value).
   auto each_sum = [&](auto&& f) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < XT; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = 8 * j + 2 * t + (i & 1);
-        if (j < active && r < rows) f(static_cast<long long>(r) * N + n_first + 8 * (i >> 1), acc[j][i]);
+        if (r < rows) f(static_cast<long long>(r) * N + n_first + 8 * (i >> 1), acc[j][i]);
       }
     }
   };
@@ -121,18 +131,23 @@ constexpr const char* kRowsProductSource = R"(
   __syncthreads();
   if (arrived != splits - 1) return;
   __threadfence();
-  each_sum([&](long long at, float) {
+  // The tile's rows x 64 outputs, a thread a column of consecutive threads (the partials' reads coalesce), the splits
+  // summed in order.
+  for (int o = threadIdx.x; o < rows * kTile; o += blockDim.x) {
+    const long long at = static_cast<long long>(o / kTile) * N + tile * kTile + o % kTile;
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) sum += __ldcg(partials + static_cast<long long>(s) * rows * N + at);
     out[at] = static_cast<T>(sum);
-  });
+  }
   if (threadIdx.x == 0) *count = 0;
 )";
 
-constexpr int kTileRows = 64;       // weight rows a block (kTile)
-constexpr int kStepColumns = 32;    // columns a pipeline stage (kStep)
+constexpr int kTileRows = 64;                 // weight rows a block (kTile)
+constexpr int kStepColumns = 64;              // columns a pipeline stage (kStep)
+constexpr int kStages = 4;                    // pipeline stages (kStages)
+constexpr int kStagedRow = kStepColumns + 8;  // elements a staged row holds (kRow)
 constexpr int kBlocksWanted = 264;  // two blocks an SM of an H100 (132 SMs); MLXRUNNER_ROWS_PRODUCT_BLOCKS sets it
-constexpr int kMinStepsASplit = 8;  // a split's pipeline still fills its four stages twice
+constexpr int kMinStepsASplit = 4;  // a split's pipeline still fills its four stages
 constexpr int kThreads = 128;       // four warps
 
 // One int a tile of weight `w`, zero between launches (each tile's last block sets its count back), kept for the
@@ -154,6 +169,22 @@ const mx::array& tile_counters(const mx::array& w, int tiles) {
     found = made.insert_or_assign(key, std::move(counters)).first;
   }
   return found->second;
+}
+
+// The kernel for x_tiles 8-row tiles of x (XT): its stages' shared memory sized for them, so that a few rows leave
+// room for more blocks an SM. Each XT is its own source (a template argument), so MLX loads each with its own limit.
+const mx::fast::CustomKernelFunction& rows_product_kernel(int x_tiles) {
+  static const auto kernels = [] {
+    std::vector<mx::fast::CustomKernelFunction> made;
+    for (int xt = 1; xt <= kMaxRowsProductRows / 8; ++xt) {
+      const int shared_bytes = kStages * (kTileRows + 8 * xt) * kStagedRow * 2;  // half-precision elements
+      made.push_back(cuda_kernel("mlxr_rows_product", {"x", "w", "counters"}, {"out", "partials"}, kRowsProductSource,
+                                 std::string(kCudaMma) + kCudaAsyncCopies + kRowsProductHelpers,
+                                 /*ensure_row_contiguous=*/true, {}, shared_bytes));
+    }
+    return made;
+  }();
+  return kernels[x_tiles - 1];
 }
 
 }  // namespace
@@ -178,14 +209,13 @@ std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& 
   }
   const int64_t rows = rows_of(x);
   if (rows < 2 || rows > kMaxRowsProductRows) return std::nullopt;
-  static auto kernel = cuda_kernel("mlxr_rows_product", {"x", "w", "counters"}, {"out", "partials"}, kRowsProductSource,
-                                   std::string(kCudaMma) + kCudaAsyncCopies + kRowsProductHelpers,
-                                   /*ensure_row_contiguous=*/true);
   const int n = w.shape(0), tiles = n / kTileRows, splits = rows_product_splits(n, w.shape(1));
+  const int x_tiles = static_cast<int>((rows + 7) / 8);
   const mx::Shape partials = splits > 1 ? mx::Shape{splits, static_cast<int>(rows), n} : mx::Shape{1};
-  return kernel({x, w, tile_counters(w, tiles)}, {output_shape(x, n), partials}, {x.dtype(), mx::float32},
-                {cuda_checked_threads(static_cast<long long>(tiles) * splits * kThreads), 1, 1}, {kThreads, 1, 1},
-                {{"T", x.dtype()}}, std::nullopt, false, {})[0];
+  return rows_product_kernel(x_tiles)(
+      {x, w, tile_counters(w, tiles)}, {output_shape(x, n), partials}, {x.dtype(), mx::float32},
+      {cuda_checked_threads(static_cast<long long>(tiles) * splits * kThreads), 1, 1}, {kThreads, 1, 1},
+      {{"T", x.dtype()}, {"XT", x_tiles}}, std::nullopt, false, {})[0];
 }
 
 }  // namespace mlxr

@@ -6,13 +6,13 @@
 // than a plain operation, and in the prompt cache's follow-up (a Qwen3-4B shape, 64 tokens) cuBLAS's four products a
 // layer read their weights at 1.8-2.5 TB/s where the card copies at ~2.9 (3.47 of the request's 5.61 ms of kernels).
 // This kernel is one custom kernel launch a product: a block takes 64 weight rows (16 a warp, mma.sync m16n8k16 with
-// the weight as the A tile and up to eight 8-row tiles of x as B) through a four-stage cp.async pipeline of 32-column
-// steps; where the weight has too few 64-row tiles to fill the card, the blocks split K and the last block of a tile
+// the weight as the A tile and up to eight 8-row tiles of x as B) through a four-stage cp.async pipeline of 64-column
+// steps in dynamic shared memory; where the weight has too few 64-row tiles to fill the card, the blocks split K and the last block of a tile
 // to finish sums the splits' float partials in split order (the same bits whichever block finishes last).
 //
 // A measuring switch: MLXRUNNER_ROWS_PRODUCT=1 sends the float products of 2-64 rows here (nn/linear.cpp); off unless
-// set. Prepared in session 27 after the device time was spent: checked on the CPU's emulated warps and by NVRTC, not
-// yet run on a GPU.
+// set. Session 28's first GPU run (32-column steps in 40 KB of static shared memory) read weights at 0.5-1.7 TB/s
+// where cuBLAS read 1.7-2.8: too few bytes in flight; hence the deeper stages.
 #pragma once
 
 #include <optional>
@@ -25,7 +25,7 @@ namespace mlxr {
 constexpr int kMaxRowsProductRows = 64;
 
 // x W^T for W [N, K] and x [..., K] in one half-precision dtype, 2 to kMaxRowsProductRows rows of x, N a multiple of
-// 64 and K of 32: float sums rounded once to x's dtype. nullopt when not on CUDA or the case is not one of those.
+// 64 and K of 64: float sums rounded once to x's dtype. nullopt when not on CUDA or the case is not one of those.
 std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& w);
 
 // The K splits the kernel takes for a weight of n rows and k columns (1: none), aiming at two blocks an SM of an H100

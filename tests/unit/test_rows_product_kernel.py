@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from mlxrunner import _core
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_rows_product.cpp"
 THREADS = 128  # kThreads
 TILE = 64  # kTileRows
+STEP = 64  # kStepColumns
+STAGES = 4  # kStages
 HOST_ATOMICS = r"""
 inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // blocks run one at a time here
 inline void __threadfence() {}
@@ -32,13 +35,19 @@ inline float __ldcg(const float* p) { return *p; }
 """
 
 
-def build(tmp_path: Path) -> ctypes.CDLL:
-    # kCudaAsyncCopies (before the helpers on the GPU) as HOST_COPIES' plain copies
+def build(tmp_path: Path, x_tiles: int) -> ctypes.CDLL:
+    # kCudaAsyncCopies (before the helpers on the GPU) as HOST_COPIES' plain copies; XT, a template argument on the GPU,
+    # as the constant MLX declares; the stages' dynamic shared memory as a static array of the size the host asks for.
     helpers = kernel_source(SOURCE, "kRowsProductHelpers")
+    body = kernel_source(SOURCE, "kRowsProductSource")
+    shared = re.search(r"extern __shared__ __align__\(16\) unsigned char rows_shared\[\];", body)
+    assert shared, "the kernel's dynamic shared memory declaration moved"
+    size = STAGES * (TILE + 8 * x_tiles) * (STEP + 8) * 2
+    body = body.replace(shared.group(0), f"static __align__(16) unsigned char rows_shared[{size}];")
     params = ("const T* x, const int* x_shape, int x_ndim, const T* w, const int* w_shape, const int* counters, "
               "T* out, float* partials")
     code = (PRELUDE + HOST_MMA + HOST_COPIES + HOST_ATOMICS + helpers + "using T = __nv_bfloat16;\n" +
-            f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kRowsProductSource')}\n}}\n" +
+            f"static void kernel({params}) {{\nconstexpr int XT = {x_tiles};\n{body}\n}}\n" +
             block_launcher(f"int blocks, {params}", "x, x_shape, x_ndim, w, w_shape, counters, out, partials",
                            "blocks", THREADS))
     return compile_library(tmp_path / "rows_product", code)
@@ -49,11 +58,11 @@ def pointer(a: np.ndarray, offset: int = 0):
 
 
 CASES = [  # rows of x, weight rows N, columns K, K splits, x one element off 16-byte alignment
-    (64, 128, 256, 1, False),  # all eight 8-row tiles, two weight tiles, one split
-    (37, 64, 512, 3, False),   # a part-empty tile of x; 16 steps split 6, 6, 4
-    (2, 192, 96, 2, False),    # the fewest rows; 3 steps split 2, 1
-    (9, 64, 64, 4, False),     # 2 steps over 4 splits: the last two have none and write zeros
-    (12, 128, 128, 1, True),   # x not 16-byte aligned: staged element by element
+    (64, 128, 512, 1, False),  # all eight 8-row tiles, two weight tiles, one split
+    (37, 64, 512, 3, False),   # a part-empty tile of x; 8 steps split 3, 3, 2
+    (2, 192, 128, 2, False),   # the fewest rows; 2 steps split 1, 1
+    (9, 64, 128, 4, False),    # 2 steps over 4 splits: the last two have none and write zeros
+    (12, 128, 192, 1, True),   # x not 16-byte aligned: staged element by element
 ]
 
 
@@ -69,7 +78,7 @@ def test_the_kernel_is_x_times_w_transposed(tmp_path, rows, n, k, splits, offset
     counters = np.zeros(tiles, np.int32)
     out = np.zeros((rows, n), np.uint16)
     partials = np.zeros(max(splits, 1) * rows * n if splits > 1 else 1, np.float32)
-    lib = build(tmp_path)
+    lib = build(tmp_path, (rows + 7) // 8)
     lib.run(ctypes.c_int(tiles * splits), pointer(x_buffer, shift), np.array([rows, k], np.int32).ctypes.data_as(
         ctypes.c_void_p), ctypes.c_int(2), pointer(w), np.array([n, k], np.int32).ctypes.data_as(ctypes.c_void_p),
         pointer(counters), pointer(out), pointer(partials))
@@ -85,8 +94,8 @@ def test_the_kernel_is_x_times_w_transposed(tmp_path, rows, n, k, splits, offset
 def test_the_host_splits_k_where_the_weight_has_few_tiles():
     assert _core.rows_product_splits(19456, 2560) == 1  # 304 tiles fill an H100 twice
     assert _core.rows_product_splits(6144, 2560) == 3  # 96 tiles
-    assert _core.rows_product_splits(2560, 9728) == 7  # 40 tiles, 304 steps
-    assert _core.rows_product_splits(64, 64) == 1  # two steps: too few to split
+    assert _core.rows_product_splits(2560, 9728) == 7  # 40 tiles, 152 steps
+    assert _core.rows_product_splits(64, 128) == 1  # two steps: too few to split
 
 
 def test_the_blocks_switch_sets_the_splits_aim():
