@@ -17,8 +17,7 @@
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
 # without MLXRUNNER_DECODE_ATTENTION and MLXRUNNER_CUDA_ARGMAX=0, the prompt cache's follow-up with and without
-# MLXRUNNER_CHUNK_ATTENTION=0 and with MLXRUNNER_ROWS_PRODUCT=1 (benchmarks/gpu/rows_product_bench.py's kernel
-# times over MLXRUNNER_ROWS_PRODUCT_BLOCKS first),
+# MLXRUNNER_CHUNK_ATTENTION=0,
 # benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS and chunk_kernel_probe.py's phases;
 # docs/settings.md says what each does).
 #
@@ -159,12 +158,6 @@ if has switches; then
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
   # The chunk kernel (a forward of 2-128 tokens over the cache, in place): on by default since session 26.
   switch_case MLXRUNNER_CHUNK_ATTENTION 0 chunk-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
-    --models-dir "$MODELS" --only qwen3-4b --rounds 5
-  # Our short chunk's product kernel in place of cuBLAS (session 27, a measuring switch): kernel by kernel at the 4B's
-  # and the 8B's weights over MLXRUNNER_ROWS_PRODUCT_BLOCKS, then the prompt cache's follow-up with it off and on.
-  stamp "switches: rows_product_bench"
-  timeout 240 python3 -m benchmarks.gpu.rows_product_bench --out "$WORK/rows-product" | tee "$OUT/rows_product.md"
-  switch_case MLXRUNNER_ROWS_PRODUCT 1 rows-product-prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
     --models-dir "$MODELS" --only qwen3-4b --rounds 5
   # The chunk kernel alone against cuDNN's attention, kernel by kernel, over MLXRUNNER_CHUNK_BLOCKS (session 25).
   stamp "switches: chunk_attention_bench"

@@ -139,12 +139,6 @@ def kernels():
     # the tensor-core kernels' shared snippets: mma.sync and the asynchronous copies
     mma_and_copies = kernel_string("cuda_kernel_common.h", "kCudaMma") + kernel_string("cuda_kernel_common.h",
                                                                                         "kCudaAsyncCopies")
-    rows_helpers = mma_and_copies + kernel_string("cuda_rows_product.cpp", "kRowsProductHelpers")
-    for dtype, x_tiles in (("bf16", 1), ("bf16", 8), ("f16", 2)):
-        yield f"rows_product/{dtype}/xt{x_tiles}", mlx_kernel_source(
-            "mlxr_rows_product", rows_helpers, kernel_string("cuda_rows_product.cpp", "kRowsProductSource"),
-            [("x", dtype), ("w", dtype), ("counters", "int32")], [("out", dtype), ("partials", "float")],
-            {"T": dtype, "XT": x_tiles})
     yield "batch_decode_attention/bf16", mlx_kernel_source(
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],

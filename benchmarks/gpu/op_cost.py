@@ -8,9 +8,9 @@ Element-wise operations, MLX's fused RMSNorm, a custom CUDA kernel whose source 
 20 KB one with its body in a file the source #includes by absolute path (does NVRTC take it; what is left), a
 64-row bfloat16 product (cuBLAS, which MLX plans anew at every call: a heuristic query and a stream capture) beside
 the same product as `gather_mm` with one weight (each row a batch of one, all of them sorted on that weight: MLX
-runs them as one CUTLASS grouped GEMM, without cuBLAS) and as our short chunk's kernel (`_core.rows_product`,
-MLXRUNNER_ROWS_PRODUCT), at a small and at the 4B's gate|up shape, and a 64-row 4-bit product. The small arrays
-make the GPU's own time ~1-2 us an operation, so the rest is the host's. Prints one line per kind.
+runs them as one CUTLASS grouped GEMM, without cuBLAS), at a small and at the 4B's gate|up shape, and a 64-row
+4-bit product. The small arrays make the GPU's own time ~1-2 us an operation, so the rest is the host's. Prints one
+line per kind.
 """
 
 # ruff: noqa: I001
@@ -92,15 +92,6 @@ def products(rows: int, dtype: mx.Dtype = mx.bfloat16, timed: bool = True) -> No
         # Each step feeds the product's first 2,560 columns back, scaled, so the chain stays [rows, 2560].
         measure(f"{rows} x 2560 @ 2560 x {n} matmul", lambda y, w=w: (y @ w.T)[:, :2560] * 0.5, x, chain=400)
         measure(f"{rows} x 2560 @ 2560 x {n} gather_mm", lambda y, g=grouped: g(y)[:, :2560] * 0.5, x, chain=400)
-        if rows <= 64:  # our short chunk's kernel (MLXRUNNER_ROWS_PRODUCT), checked against matmul first
-            from mlxrunner import _core
-
-            ours = _core.rows_product(x, w)
-            if ours is not None:
-                gap = mx.abs((x @ w.T).astype(mx.float32) - ours.astype(mx.float32)).max().item()
-                print(f"{rows} x 2560 @ 2560 x {n}: matmul and rows_product differ by at most {gap:g}", flush=True)
-                measure(f"{rows} x 2560 @ 2560 x {n} rows_product",
-                        lambda y, w=w: _core.rows_product(y, w)[:, :2560] * 0.5, x, chain=400)
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Kernel benchmarks whose sides run in child processes: MLX's side once, ours once per setting of a measuring switch
-(read once by the C++ core, so a setting needs a fresh process). Used by chunk_attention_bench and
-rows_product_bench: each runs `python -m MODULE --child SIDE ...` and prints one JSON line."""
+(read once by the C++ core, so a setting needs a fresh process). Used by chunk_attention_bench: each side runs
+`python -m MODULE --child SIDE ...` and prints one JSON line."""
 
 from __future__ import annotations
 

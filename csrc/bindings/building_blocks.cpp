@@ -19,7 +19,6 @@
 #include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
-#include "nn/cuda_rows_product.h"
 #include "nn/linear.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
@@ -89,14 +88,6 @@ void bind_products(nb::module_& m) {
       "weight"_a,
       "x @ weight.T by nn/cuda_half_gemv's kernel (half-precision, 1-4 rows of x, K a multiple of 8), or None where "
       "it does not run (off CUDA, another case): what MLXRUNNER_HALF_GEMV=1 sends a decode step's products to.");
-  m.def(
-      "rows_product", [](const mx::array& x, const mx::array& weight) { return cuda_rows_product(x, weight); }, "x"_a,
-      "weight"_a,
-      "x @ weight.T by nn/cuda_rows_product's kernel (half-precision, 2-64 rows of x, weight rows a multiple of 64, "
-      "columns of 32), or None where it does not run (off CUDA, another case): what MLXRUNNER_ROWS_PRODUCT=1 sends a "
-      "short chunk's products to.");
-  m.def("rows_product_splits", &rows_product_splits, "rows"_a, "columns"_a,
-        "The K splits nn/cuda_rows_product's kernel takes for a weight [rows, columns] (1: none).");
   m.def(
       "quantized_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,

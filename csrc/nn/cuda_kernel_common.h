@@ -52,7 +52,7 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
 }
 )";
 
-// Asynchronous copies from global to shared memory (nn/cuda_decode_attention's chunk kernel, nn/cuda_rows_product):
+// Asynchronous copies from global to shared memory (nn/cuda_decode_attention's chunk kernel):
 // a stage's copies start, the block computes on the stage before, then waits for them.
 inline constexpr const char* kCudaAsyncCopies = R"(
 // 16 bytes from global to shared memory without passing through registers (cp.async); wait_async_copies waits for
@@ -289,12 +289,10 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
 
 // mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both), and
-// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included). dynamic_shared_bytes:
-// the `extern __shared__` array's size at every launch (over 48 KB, MLX raises the kernel's limit when it loads it).
+// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included).
 mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                            const std::vector<std::string>& outputs, std::string_view source,
                                            std::string_view header = "", bool ensure_row_contiguous = true,
-                                           const std::map<std::string, bool>& switches = {},
-                                           int dynamic_shared_bytes = 0);
+                                           const std::map<std::string, bool>& switches = {});
 
 }  // namespace mlxr

@@ -4,7 +4,6 @@
 #include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_matvec.h"
-#include "nn/cuda_rows_product.h"
 #include "nn/slicing.h"
 
 #include <algorithm>
@@ -123,9 +122,6 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::o
   if (auto y = cuda_matvec(x, weight, nullptr)) return *y;  // a decode step, under MLXRUNNER_HALF_MATVEC=1
   if (half_gemv_switched_on()) {
     if (auto y = cuda_half_gemv(x, weight)) return *y;  // a decode step, under MLXRUNNER_HALF_GEMV=1
-  }
-  if (rows_product_switched_on()) {
-    if (auto y = cuda_rows_product(x, weight)) return *y;  // a short chunk, under MLXRUNNER_ROWS_PRODUCT=1
   }
   if (takes_grouped_product(x, weight)) return grouped_product(x, weight);
   return mx::matmul(x, transposed ? *transposed : mx::transpose(weight));

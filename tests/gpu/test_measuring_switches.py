@@ -8,8 +8,6 @@
   (nn/cuda_kernel_common.h).
 - MLXRUNNER_HALF_GEMV=1: half-precision weights' decode products (1 to 4 rows) through our CUDA-core kernel of
   16-byte loads (nn/cuda_half_gemv.h).
-- MLXRUNNER_ROWS_PRODUCT=1: half-precision weights' products of 2 to 64 rows through our tensor-core kernel, K split
-  across blocks where the weight has few 64-row tiles (nn/cuda_rows_product.h).
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -30,7 +28,7 @@ ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCHES = [("MLXRUNNER_GROUPED_PRODUCT_ROWS", "64"), ("MLXRUNNER_HALF_MATVEC", "1"),
-            ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"), ("MLXRUNNER_HALF_GEMV", "1"), ("MLXRUNNER_ROWS_PRODUCT", "1")]
+            ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"), ("MLXRUNNER_HALF_GEMV", "1")]
 
 PRODUCTS = r"""
 import json
@@ -101,21 +99,3 @@ def test_the_half_gemv_kernel_runs_and_gives_the_product(rows, n, k, dtype):
     want = x.astype(mx.float32) @ w.astype(mx.float32).T
     assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < 1e-2
     assert _core.half_gemv(mx.zeros((5, k), dtype), w) is None  # more rows than the kernel takes
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on CUDA only")
-@pytest.mark.parametrize("rows", [2, 13, 64])
-@pytest.mark.parametrize(("n", "k"), [(6144, 2560), (2560, 9728), (19456, 2560), (2560, 4096)])  # Qwen3-4B's
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_the_rows_product_kernel_runs_and_gives_the_product(rows, n, k, dtype):
-    """Each shape twice: a split product's tile counters must be back at zero for the next launch to sum its splits."""
-    from mlxrunner import _core
-
-    w = (mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.02).astype(dtype)
-    x = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dtype)
-    want = x.astype(mx.float32) @ w.astype(mx.float32).T
-    for _ in range(2):
-        got = _core.rows_product(x, w)
-        assert got is not None and got.shape == (rows, n) and got.dtype == dtype
-        assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < 1e-2
-    assert _core.rows_product(mx.zeros((65, k), dtype), w) is None  # more rows than the kernel takes
