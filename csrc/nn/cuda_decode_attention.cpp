@@ -458,16 +458,21 @@ constexpr const char* kChunkAttentionParts = R"(
 )";
 
 constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
-constexpr int kKeysPerSplit = 64;      // at least, so that a split's warps each have a run or more of keys
+constexpr int kKeysPerSplit = 64;      // at least, so that a split's warps each have a run or more of keys; the
+                                       // measuring switch MLXRUNNER_DECODE_SPLIT_KEYS sets it
 constexpr int kMostSplits = 64;        // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
 constexpr int kChunkRows = 64;         // query rows a block of the chunk kernel (kRows)
 constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a multiple of this (kSplitKeys)
 constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
-// Splits of `length` keys into runs of equal size where each split gets at least one key.
+// Splits of `length` keys into runs of equal size where each split gets at least one key. Fewer keys a split, more
+// blocks: session 28's 8B profile had this kernel at 13.5 us a layer at ~150 keys (8 key heads x 3 splits = 24
+// blocks, each warp a few dependent trips to memory) against MLX's 8.2; MLXRUNNER_DECODE_SPLIT_KEYS times others.
 int splits_for(int length) {
-  const int wanted = std::clamp((length + kKeysPerSplit - 1) / kKeysPerSplit, 1, kMostSplits);
+  static const int keys_per_split =
+      static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_DECODE_SPLIT_KEYS", kKeysPerSplit)));
+  const int wanted = std::clamp((length + keys_per_split - 1) / keys_per_split, 1, kMostSplits);
   const int chunk = (length + wanted - 1) / wanted;
   return (length + chunk - 1) / chunk;
 }

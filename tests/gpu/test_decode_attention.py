@@ -67,6 +67,39 @@ def test_the_kernel_is_mlx_attention_over_the_written_cache(d, q_heads, kv_heads
     assert np.max(np.abs(got - expected)) <= 2 ** -7 * max(np.max(np.abs(expected)), 1e-3) * 2
 
 
+SPLIT_KEYS_SCRIPT = r"""
+import json
+import mlxrunner
+import mlx.core as mx
+from mlxrunner import _core
+
+gaps = []
+for d, q_heads, kv_heads, position, capacity in ((128, 32, 8, 150, 256), (128, 32, 8, 1087, 1280)):
+    kq, kk, kv, kc, kw = mx.random.split(mx.random.key(position), 5)
+    q = mx.random.normal((1, q_heads, 1, d), key=kq).astype(mx.bfloat16)
+    k = (2 * mx.random.normal((1, kv_heads, 1, d), key=kk)).astype(mx.bfloat16)
+    v = mx.random.normal((1, kv_heads, 1, d), key=kv).astype(mx.bfloat16)
+    keys = (2 * mx.random.normal((1, kv_heads, capacity, d), key=kc)).astype(mx.bfloat16)
+    values = mx.random.normal((1, kv_heads, capacity, d), key=kw).astype(mx.bfloat16)
+    mx.eval(q, k, v, keys, values)
+    scale = d ** -0.5
+    expected = mx.fast.scaled_dot_product_attention(q, mx.concatenate([keys[:, :, :position], k], axis=2),
+                                                    mx.concatenate([values[:, :, :position], v], axis=2), scale=scale)
+    expected = expected.transpose(0, 2, 1, 3).reshape(1, 1, -1).astype(mx.float32)
+    out = _core.cuda_decode_attention(q, k, v, keys, values, mx.array([position], mx.int32), position + 1, scale)
+    gaps.append((mx.abs(out.astype(mx.float32) - expected).max() / mx.abs(expected).max()).item())
+print(json.dumps(gaps))
+"""
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+def test_the_kernel_is_mlx_attention_with_fewer_keys_a_split():
+    """MLXRUNNER_DECODE_SPLIT_KEYS=16 (a measuring switch, read once: a fresh process): 10 and 64 splits of the keys
+    (the second at the cap), each step's attention MLX's to the rounding of its sums."""
+    gaps = run_script_json(SPLIT_KEYS_SCRIPT, environment={"MLXRUNNER_DECODE_SPLIT_KEYS": "16"})
+    assert len(gaps) == 2 and all(gap <= 2 ** -6 for gap in gaps), gaps
+
+
 @pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
 def test_the_binding_declines_off_cuda():
     q, k, v, keys, values = inputs(64, 4, 2, 64, 0)

@@ -23,8 +23,9 @@ THREADS = 128  # the parts kernel's block (kThreads)
 KEYS_PER_SPLIT, MOST_SPLITS = 64, 64  # as the host code chooses the splits
 
 
-def splits_for(length: int) -> int:
-    wanted = min(max(-(-length // KEYS_PER_SPLIT), 1), MOST_SPLITS)
+def splits_for(length: int, keys_per_split: int = KEYS_PER_SPLIT) -> int:
+    """As the host code (splits_for; keys_per_split: MLXRUNNER_DECODE_SPLIT_KEYS)."""
+    wanted = min(max(-(-length // keys_per_split), 1), MOST_SPLITS)
     chunk = -(-length // wanted)
     return -(-length // chunk)
 
@@ -57,16 +58,18 @@ def element_strides(a: np.ndarray) -> np.ndarray:
     return np.array([s // a.itemsize for s in a.strides], np.int64)
 
 
-CASES = [  # head dim, query heads, key/value heads, position (the step's slot), capacity
-    (128, 4, 1, 0, 256),      # the first position: one key, one split, three warps with nothing to do
-    (64, 8, 4, 37, 64),       # one split of 38 keys: warps with a partial run
-    (128, 32, 8, 300, 512),   # 5 splits, four query heads a key head (Llama 3 8B's grouping)
-    (64, 16, 8, 1023, 1024),  # 16 splits, the buffer's last slot
+CASES = [  # head dim, query heads, key/value heads, position (the step's slot), capacity, keys a split at least
+    (128, 4, 1, 0, 256, 64),      # the first position: one key, one split, three warps with nothing to do
+    (64, 8, 4, 37, 64, 64),       # one split of 38 keys: warps with a partial run
+    (128, 32, 8, 300, 512, 64),   # 5 splits, four query heads a key head (Llama 3 8B's grouping)
+    (64, 16, 8, 1023, 1024, 64),  # 16 splits, the buffer's last slot
+    (128, 32, 8, 150, 256, 16),   # MLXRUNNER_DECODE_SPLIT_KEYS=16: 10 splits of 16 keys, warps with none
 ]
 
 
-@pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity", CASES)
-def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity):
+@pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity, keys_per_split", CASES)
+def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity,
+                                                           keys_per_split):
     rng = np.random.default_rng(d + q_heads + position)
     scale = 1 / np.sqrt(d)
     q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
@@ -78,7 +81,7 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     values = to_bf16_bits(rng.standard_normal((1, kv_heads, capacity, d)))
     keys_before, values_before = keys.copy(), values.copy()
     length = position + 1
-    splits = splits_for(length)
+    splits = splits_for(length, keys_per_split)
     part_acc = np.zeros((q_heads, splits, d), np.float32)
     part_max = np.zeros((q_heads, splits), np.float32)
     part_sum = np.zeros((q_heads, splits), np.float32)
