@@ -143,12 +143,20 @@ def kernels():
         "mlxr_batch_decode_attention", "", kernel_string("cuda_batch_attention.cpp", "kBatchAttentionSource"),
         [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("positions", "int32")], [("out", "bf16")],
         {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1})
+    step_inputs = [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"),
+                   ("position", "int32")]
+    step_parts = [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")]
     for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8)):
+        constants = {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1}
         yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
-            "mlxr_decode_attention_parts", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts"),
-            [("q", "bf16"), ("k", "bf16"), ("v", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32")],
-            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
-            {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
+            "mlxr_decode_attention_parts", "",
+            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", (("MLXR_MERGED", False),)),
+            step_inputs, step_parts, constants)
+        # MLXRUNNER_DECODE_MERGED=1: the last split block of a key head merges
+        yield f"decode_attention_merging/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
+            "mlxr_decode_attention_merging", "",
+            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", (("MLXR_MERGED", True),)),
+            step_inputs + [("counters", "int32")], [("out", "bf16")] + step_parts, constants)
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):
         yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(

@@ -1,7 +1,9 @@
 #include "nn/cuda_decode_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
+#include <vector>
 
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"
@@ -147,6 +149,30 @@ constexpr const char* kDecodeAttentionParts = R"(
       part_sum[part] = total;
     }
   }
+#if MLXR_MERGED
+  // The key head's last split block to finish merges its G query heads' parts as kDecodeAttentionMerge does (the same
+  // sums in the same order), reading them from L2 (other blocks wrote them), and sets the head's count back to zero.
+  __shared__ int arrived;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(const_cast<int*>(counters) + kv_head, 1);
+  __syncthreads();
+  if (arrived != splits - 1) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
+    const int head = kv_head * G + e / D, d = e % D;
+    float top = neg_inf;
+    for (int s = 0; s < splits; ++s) top = fmaxf(top, __ldcg(part_max + head * splits + s));
+    float total = 0.f, weighted = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float rescale = expf(__ldcg(part_max + head * splits + s) - top);
+      total += rescale * __ldcg(part_sum + head * splits + s);
+      weighted += rescale * __ldcg(part_acc + static_cast<size_t>(head * splits + s) * D + d);
+    }
+    out[head * D + d] = static_cast<T>(weighted / total);
+  }
+  if (threadIdx.x == 0) const_cast<int*>(counters)[kv_head] = 0;
+#endif
 )";
 
 // One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
@@ -457,14 +483,16 @@ constexpr const char* kChunkAttentionParts = R"(
   }
 )";
 
-constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
-constexpr int kKeysPerSplit = 64;      // at least, so that a split's warps each have a run or more of keys; the
-                                       // measuring switch MLXRUNNER_DECODE_SPLIT_KEYS sets it
-constexpr int kMostSplits = 64;        // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
-constexpr int kChunkRows = 64;         // query rows a block of the chunk kernel (kRows)
-constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a multiple of this (kSplitKeys)
-constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
-constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
+constexpr int kThreads = 128;           // kWarps in the source, 32 lanes each (both parts kernels)
+constexpr int kKeysPerSplit = 64;       // at least, so that a split's warps each have a run or more of keys; the
+                                        // measuring switch MLXRUNNER_DECODE_SPLIT_KEYS sets it
+constexpr int kMostSplits = 64;         // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
+constexpr int kChunkRows = 64;          // query rows a block of the chunk kernel (kRows)
+constexpr int kChunkKeys = 64;          // a chunk kernel split's keys are a multiple of this (kSplitKeys)
+constexpr int kChunkBlocks = 384;       // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
+constexpr int kMostChunkTokens = 128;   // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
+constexpr int kCounterSlots = 64;       // sets of counts the merged decode kernel's launches take in turn
+constexpr int kMostCounterHeads = 128;  // key heads a set of counts holds
 
 // Splits of `length` keys into runs of equal size where each split gets at least one key. Fewer keys a split, more
 // blocks: session 28's 8B profile had this kernel at 13.5 us a layer at ~150 keys (8 key heads x 3 splits = 24
@@ -520,6 +548,30 @@ std::vector<std::pair<std::string, mx::fast::TemplateArg>> kernel_args(const mx:
           {"SCALE_BITS", cuda_float_bits(scale)}};
 }
 
+// Zeroed ints for the merged decode kernel's count of finished splits, one a key head: kCounterSlots views of one
+// buffer, handed out in turn, so that two launches in flight at once (independent nodes of one CUDA graph) do not
+// share counts; each launch's last blocks set theirs back to zero. Made on the device (an array made from host data
+// is host memory on CUDA: every atomic would cross the bus).
+const mx::array& counter_slot() {
+  static const std::vector<mx::array> slots = [] {
+    const int size = kCounterSlots * kMostCounterHeads;
+    const auto all = mx::multiply(mx::arange(size, mx::int32), mx::array(0, mx::int32));
+    std::vector<mx::array> made;
+    for (int i = 0; i < kCounterSlots; ++i) {
+      made.push_back(mx::slice(all, {i * kMostCounterHeads}, {(i + 1) * kMostCounterHeads}));
+    }
+    mx::eval(made);
+    return made;
+  }();
+  static std::atomic<unsigned> next{0};
+  return slots[next.fetch_add(1, std::memory_order_relaxed) % kCounterSlots];
+}
+
+bool merged_in_parts_kernel() {
+  static const bool on = switched_on("MLXRUNNER_DECODE_MERGED");
+  return on;
+}
+
 // The splits' parts merged: [1, tokens, q_heads D], a row per (token, query head).
 mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, int d, mx::Dtype dtype) {
   static const auto merge = cuda_kernel("mlxr_decode_attention_merge", {"part_acc", "part_max", "part_sum"}, {"out"},
@@ -545,8 +597,18 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
-  static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false);
+  if (merged_in_parts_kernel() && kv_heads <= kMostCounterHeads) {
+    // MLXRUNNER_DECODE_MERGED=1: the last split block of each key head merges (one launch a layer fewer)
+    static const auto merging = cuda_kernel(
+        "mlxr_decode_attention_merging", {"q", "k", "v", "keys", "values", "position", "counters"},
+        {"out", "part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGED", true}});
+    return merging(
+        {q, k, v, keys, values, position, counter_slot()}, {{1, 1, q_heads * d}, acc_shape, part_shape, part_shape},
+        {q.dtype(), mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {})[0];
+  }
+  static const auto parts =
+      cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGED", false}});
   auto split_parts =
       parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
             {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});

@@ -67,13 +67,14 @@ def test_the_kernel_is_mlx_attention_over_the_written_cache(d, q_heads, kv_heads
     assert np.max(np.abs(got - expected)) <= 2 ** -7 * max(np.max(np.abs(expected)), 1e-3) * 2
 
 
-SPLIT_KEYS_SCRIPT = r"""
-import json
+STEP_SCRIPT = r"""
+import json, sys
 import mlxrunner
 import mlx.core as mx
 from mlxrunner import _core
 
-gaps = []
+rounds = int(sys.argv[1])  # the same steps again: a kernel's counts must be back at zero for the next launch
+gaps, outs = [], []
 for d, q_heads, kv_heads, position, capacity in ((128, 32, 8, 150, 256), (128, 32, 8, 1087, 1280)):
     kq, kk, kv, kc, kw = mx.random.split(mx.random.key(position), 5)
     q = mx.random.normal((1, q_heads, 1, d), key=kq).astype(mx.bfloat16)
@@ -86,9 +87,15 @@ for d, q_heads, kv_heads, position, capacity in ((128, 32, 8, 150, 256), (128, 3
     expected = mx.fast.scaled_dot_product_attention(q, mx.concatenate([keys[:, :, :position], k], axis=2),
                                                     mx.concatenate([values[:, :, :position], v], axis=2), scale=scale)
     expected = expected.transpose(0, 2, 1, 3).reshape(1, 1, -1).astype(mx.float32)
-    out = _core.cuda_decode_attention(q, k, v, keys, values, mx.array([position], mx.int32), position + 1, scale)
-    gaps.append((mx.abs(out.astype(mx.float32) - expected).max() / mx.abs(expected).max()).item())
-print(json.dumps(gaps))
+    mx.eval(expected)
+    got = []
+    for _ in range(rounds):
+        out = _core.cuda_decode_attention(q, k, v, keys, values, mx.array([position], mx.int32), position + 1, scale)
+        got.append(out.astype(mx.float32).reshape(-1).tolist())
+    assert all(again == got[0] for again in got), "a later launch of the same step differs"
+    gaps.append((mx.abs(mx.array(got[0]) - expected.reshape(-1)).max() / mx.abs(expected).max()).item())
+    outs.append(got[0])
+print(json.dumps([gaps, outs]))
 """
 
 
@@ -96,8 +103,21 @@ print(json.dumps(gaps))
 def test_the_kernel_is_mlx_attention_with_fewer_keys_a_split():
     """MLXRUNNER_DECODE_SPLIT_KEYS=16 (a measuring switch, read once: a fresh process): 10 and 64 splits of the keys
     (the second at the cap), each step's attention MLX's to the rounding of its sums."""
-    gaps = run_script_json(SPLIT_KEYS_SCRIPT, environment={"MLXRUNNER_DECODE_SPLIT_KEYS": "16"})
+    gaps, _ = run_script_json(STEP_SCRIPT, "1", environment={"MLXRUNNER_DECODE_SPLIT_KEYS": "16"})
     assert len(gaps) == 2 and all(gap <= 2 ** -6 for gap in gaps), gaps
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+@pytest.mark.parametrize("split_keys", ["64", "16"])
+def test_the_merging_kernel_gives_the_two_kernels_bits(split_keys):
+    """MLXRUNNER_DECODE_MERGED=1 (a measuring switch: the last split block of each key head merges, one launch a layer
+    fewer): bit for bit what the parts and merge kernels give, at 3 and 17 splits (10 and 64 with 16 keys a split),
+    three launches of each step alike (its counts back at zero after each)."""
+    environment = {"MLXRUNNER_DECODE_SPLIT_KEYS": split_keys}
+    _, two_kernels = run_script_json(STEP_SCRIPT, "1", environment=environment, unset=["MLXRUNNER_DECODE_MERGED"])
+    gaps, merged = run_script_json(STEP_SCRIPT, "3", environment={**environment, "MLXRUNNER_DECODE_MERGED": "1"})
+    assert all(gap <= 2 ** -6 for gap in gaps), gaps
+    assert merged == two_kernels
 
 
 @pytest.mark.skipif(ON_CUDA, reason="off CUDA only")

@@ -5,7 +5,8 @@ Their sources, as MLX receives them (compacted), are compiled as host C++ with e
 value at `position` are the step's own (k and v, read through their strides, as the decoder's values are a strided
 view of the q|k|v product): the slot holds garbage before the kernel runs, which must write the step's key and value
 there and touch no other slot. Splits from one to many (their parts merged by the second kernel), grouped queries,
-splits with fewer keys than the warps. What this cannot check, tests/gpu/test_decode_attention.py does on CUDA: NVRTC's
+splits with fewer keys than the warps; and the kernel that merges in its last split blocks (MLXRUNNER_DECODE_MERGED=1)
+against the two kernels' bits. What this cannot check, tests/gpu/test_decode_attention.py does on CUDA: NVRTC's
 view of the sources, the real warps, and a decoder's greedy tokens with it on and off.
 """
 
@@ -54,6 +55,30 @@ def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
                                                                        "blocks", d)))
 
 
+HOST_ATOMICS = r"""
+inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // blocks run one at a time here
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
+"""
+
+
+def build_merging(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+    """The parts kernel with its merge (MLXRUNNER_DECODE_MERGED=1: the last split block of a key head merges),
+    run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, counters, out, part_acc,
+    part_max, part_sum)."""
+    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
+    constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
+                 f"constexpr int SCALE_BITS = {scale_bits};\n")
+    params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
+              "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
+              "const int* position, const int* counters, T* out, float* part_acc, float* part_max, float* part_sum")
+    args = ", ".join(param.split()[-1].lstrip("*") for param in params.split(", "))
+    body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_MERGED": True})
+    code = PRELUDE + HOST_ATOMICS + constants + f"static void kernel({params}) {{\n{body}\n}}\n"
+    return compile_library(tmp_path / "merging", code + block_launcher(f"int blocks, {params}", args, "blocks",
+                                                                       THREADS))
+
+
 def element_strides(a: np.ndarray) -> np.ndarray:
     return np.array([s // a.itemsize for s in a.strides], np.int64)
 
@@ -67,9 +92,12 @@ CASES = [  # head dim, query heads, key/value heads, position (the step's slot),
 ]
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["two kernels", "merged"])
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity, keys_per_split", CASES)
 def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity,
-                                                           keys_per_split):
+                                                           keys_per_split, merged):
+    """Merged (MLXRUNNER_DECODE_MERGED=1), one kernel whose last split block of each key head merges: the same
+    attention, the same bits as the two kernels', and its counts back at zero."""
     rng = np.random.default_rng(d + q_heads + position)
     scale = 1 / np.sqrt(d)
     q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
@@ -98,8 +126,15 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     parts_out = [part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data]
     parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
     parts.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
-    merged = (part_acc, part_max, part_max_shape, part_sum, out)
-    merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in merged])
+    merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum, out)])
+    if merged:
+        two_kernels, out = out, np.zeros_like(out)
+        counters = np.zeros(kv_heads, np.int32)
+        merging = build_merging(tmp_path, d, q_heads, kv_heads, scale)
+        merging.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + [counters.ctypes.data, out.ctypes.data]
+                                                       + parts_out])
+        np.testing.assert_array_equal(out, two_kernels)
+        assert np.all(counters == 0)
 
     # The step's slot now holds its key and value; every other slot is as it was.
     np.testing.assert_array_equal(keys[0, :, position], k[0, :, 0])
