@@ -31,21 +31,35 @@ def splits_for(length: int, keys_per_split: int = KEYS_PER_SPLIT) -> int:
     return -(-length // chunk)
 
 
+# The decode step's inputs and its parts, as the kernels' parameters (MLX passes each input's strides or shape where
+# the source reads them).
+STEP_INPUTS = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
+               "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, const int* position")
+STEP_PARTS = "float* part_acc, float* part_max, float* part_sum"
+
+
+def constants_of(d: int, q_heads: int, kv_heads: int, scale: float) -> str:
+    """The template arguments MLX declares: T, D, Q_HEADS, KV_HEADS and SCALE_BITS (the scale's float bits)."""
+    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
+    return (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, "
+            f"SCALE_BITS = {scale_bits};\n")
+
+
+def names(params: str) -> str:
+    return ", ".join(param.split()[-1].lstrip("*") for param in params.split(", "))
+
+
 def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The parts kernel as a library, run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values,
     position, part_acc, part_max, part_sum), and the merge kernel, run(blocks, part_acc, part_max, part_max_shape,
     part_sum, out)."""
-    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
-    constants = f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
-    parts_params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
-                    "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-                    "const int* position, float* part_acc, float* part_max, float* part_sum")
-    parts_args = ", ".join(param.split()[-1].lstrip("*") for param in parts_params.split(", "))
+    constants = constants_of(d, q_heads, kv_heads, scale)
+    parts_params = f"{STEP_INPUTS}, {STEP_PARTS}"
+    parts_args = names(parts_params)
     merge_params = ("const float* part_acc, const float* part_max, const int* part_max_shape, const float* part_sum, "
                     "T* out")
-    merge_args = "part_acc, part_max, part_max_shape, part_sum, out"
+    merge_args = names(merge_params)
     parts = (PRELUDE + constants +
-             f"constexpr int SCALE_BITS = {scale_bits};\n" +
              f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
     merge_body = kernel_source(SOURCE, "kDecodeAttentionMerge")
     merge = PRELUDE + constants + f"static void kernel({merge_params}) {{\n{merge_body}\n}}\n"
@@ -66,17 +80,12 @@ def build_merging(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: fl
     """The parts kernel with its merge (MLXRUNNER_DECODE_MERGED=1: the last split block of a key head merges),
     run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, counters, out, part_acc,
     part_max, part_sum)."""
-    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
-    constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads};\n"
-                 f"constexpr int SCALE_BITS = {scale_bits};\n")
-    params = ("const T* q, const long long* q_strides, const T* k, const long long* k_strides, const T* v, "
-              "const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-              "const int* position, const int* counters, T* out, float* part_acc, float* part_max, float* part_sum")
-    args = ", ".join(param.split()[-1].lstrip("*") for param in params.split(", "))
+    params = f"{STEP_INPUTS}, const int* counters, T* out, {STEP_PARTS}"
     body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_MERGED": True})
-    code = PRELUDE + HOST_ATOMICS + constants + f"static void kernel({params}) {{\n{body}\n}}\n"
-    return compile_library(tmp_path / "merging", code + block_launcher(f"int blocks, {params}", args, "blocks",
-                                                                       THREADS))
+    code = (PRELUDE + HOST_ATOMICS + constants_of(d, q_heads, kv_heads, scale) +
+            f"static void kernel({params}) {{\n{body}\n}}\n")
+    return compile_library(tmp_path / "merging", code + block_launcher(f"int blocks, {params}", names(params),
+                                                                       "blocks", THREADS))
 
 
 def element_strides(a: np.ndarray) -> np.ndarray:
@@ -217,9 +226,7 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     assert count == 1, "the helpers' ldmatrix function was not found"
     # the emulated mma in place of the asm one the host code puts before the helpers (kCudaMma)
     helpers = HOST_MMA + helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_COPIES, 1)
-    scale_bits = int(np.array(scale, dtype=np.float32).view(np.int32))
-    constants = (f"using T = __nv_bfloat16;\nconstexpr int D = {d}, Q_HEADS = {q_heads}, KV_HEADS = {kv_heads}, "
-                 f"SCALE_BITS = {scale_bits};\n")
+    constants = constants_of(d, q_heads, kv_heads, scale)
     params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
               "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
               "const int* position, float* part_acc, float* part_max, float* part_sum")
