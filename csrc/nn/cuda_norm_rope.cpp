@@ -151,16 +151,13 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   const std::tuple<int, int, int> block{kQkHeadsABlock * 32, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
-  auto position_offsets = mx::astype(offsets, mx::int32);
-  std::vector<mx::array> out;
+  std::vector<mx::array> inputs{qkv};
   if (norms) {
     args.emplace_back("EPS_BITS", cuda_float_bits(norms->eps));
-    out = with_norms({qkv, norms->q_weight, norms->k_weight, rope.inverse_frequencies, position_offsets}, shapes,
-                     dtypes, grid, block, args, std::nullopt, false, {});
-  } else {
-    out = without_norms({qkv, rope.inverse_frequencies, position_offsets}, shapes, dtypes, grid, block, args,
-                        std::nullopt, false, {});
+    inputs.insert(inputs.end(), {norms->q_weight, norms->k_weight});
   }
+  inputs.insert(inputs.end(), {rope.inverse_frequencies, mx::astype(offsets, mx::int32)});
+  auto out = (norms ? with_norms : without_norms)(inputs, shapes, dtypes, grid, block, args, std::nullopt, false, {});
   return std::pair{out[0], out[1]};
 }
 
