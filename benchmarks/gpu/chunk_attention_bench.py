@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-from benchmarks.gpu.side_children import run_sides
 
 CASES = [(64, 3000), (16, 3000), (128, 3000), (64, 1000), (64, 8000)]  # (chunk tokens, cached positions)
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -103,6 +102,18 @@ def child(side: str, calls: int) -> dict:
     return {"side": side, "blocks": blocks, "rows": rows}
 
 
+def run_child(side: str, calls: int, blocks: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("MLXRUNNER_CHUNK_BLOCKS", None)
+    if blocks is not None:
+        env["MLXRUNNER_CHUNK_BLOCKS"] = blocks
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.chunk_attention_bench", "--child", side,
+                           "--calls", str(calls)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {"side": side, "blocks": blocks, "error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| side | blocks aimed at | " + " | ".join(f"{t} tokens after {o}" for t, o in CASES) + " |",
              "|---|---|" + "---:|" * len(CASES)]
@@ -134,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    return run_sides("benchmarks.gpu.chunk_attention_bench", ["--calls", str(args.calls)], "MLXRUNNER_CHUNK_BLOCKS",
-                     args.blocks, args.out, "chunk_attention", markdown)
+    results = [run_child("mlx", args.calls, None)]
+    results += [run_child("ours", args.calls, blocks) for blocks in args.blocks.split(",") if blocks]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "chunk_attention.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+    return 0 if all("error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":
