@@ -8,9 +8,9 @@ Element-wise operations, MLX's fused RMSNorm, a custom CUDA kernel whose source 
 20 KB one with its body in a file the source #includes by absolute path (does NVRTC take it; what is left), a
 64-row bfloat16 product (cuBLAS, which MLX plans anew at every call: a heuristic query and a stream capture) beside
 the same product as `gather_mm` with one weight (each row a batch of one, all of them sorted on that weight: MLX
-runs them as one CUTLASS grouped GEMM, without cuBLAS), at a small and at the 4B's gate|up shape, and a 64-row
-4-bit product. The small arrays make the GPU's own time ~1-2 us an operation, so the rest is the host's. Prints one
-line per kind.
+runs them as one CUTLASS grouped GEMM, without cuBLAS), at a small and at the 4B's gate|up shape, and a 64-row 4-bit
+product. The small arrays make the GPU's own time ~1-2 us an operation, so the rest is the host's. Prints one line
+per kind.
 """
 
 # ruff: noqa: I001
