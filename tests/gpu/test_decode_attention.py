@@ -69,20 +69,16 @@ def test_the_kernel_is_mlx_attention_over_the_written_cache(d, q_heads, kv_heads
 
 STEP_SCRIPT = r"""
 import json, sys
+sys.path[:0] = ["tests", "tests/gpu"]  # run from the repository: this module's inputs()
 import mlxrunner
 import mlx.core as mx
 from mlxrunner import _core
+from test_decode_attention import inputs
 
 rounds = int(sys.argv[1])  # the same steps again: a kernel's counts must be back at zero for the next launch
 gaps, outs = [], []
 for d, q_heads, kv_heads, position, capacity in ((128, 32, 8, 150, 256), (128, 32, 8, 1087, 1280)):
-    kq, kk, kv, kc, kw = mx.random.split(mx.random.key(position), 5)
-    q = mx.random.normal((1, q_heads, 1, d), key=kq).astype(mx.bfloat16)
-    k = (2 * mx.random.normal((1, kv_heads, 1, d), key=kk)).astype(mx.bfloat16)
-    v = mx.random.normal((1, kv_heads, 1, d), key=kv).astype(mx.bfloat16)
-    keys = (2 * mx.random.normal((1, kv_heads, capacity, d), key=kc)).astype(mx.bfloat16)
-    values = mx.random.normal((1, kv_heads, capacity, d), key=kw).astype(mx.bfloat16)
-    mx.eval(q, k, v, keys, values)
+    q, k, v, keys, values = inputs(d, q_heads, kv_heads, capacity, position + d)
     scale = d ** -0.5
     expected = mx.fast.scaled_dot_product_attention(q, mx.concatenate([keys[:, :, :position], k], axis=2),
                                                     mx.concatenate([values[:, :, :position], v], axis=2), scale=scale)
