@@ -17,7 +17,7 @@
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
 # without MLXRUNNER_DECODE_ATTENTION and MLXRUNNER_CUDA_ARGMAX=0, the 8B's bf16 decode (128- and 1,024-token prompts)
-# with and without MLXRUNNER_DECODE_SPLIT_KEYS=16 and MLXRUNNER_DECODE_MERGED=1, the prompt cache's follow-up with and
+# with and without MLXRUNNER_DECODE_SPLIT_KEYS=64, the prompt cache's follow-up with and
 # without MLXRUNNER_CHUNK_ATTENTION=0,
 # benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS and chunk_kernel_probe.py's phases;
 # docs/settings.md says what each does).
@@ -154,14 +154,10 @@ if has switches; then
   done
   switch_case MLXRUNNER_DECODE_ATTENTION 0 in-place-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2
-  # The decode attention's keys a split, 64 by default, at 16 (session 28, a measuring switch: more blocks where the
-  # 8B's profile found the kernel slower than MLX's at a short context); the 8B's bf16 decode at 128 and 1,024 tokens.
-  # MLXRUNNER_DECODE_MERGED=1 (session 28, a measuring switch): the last split block of each key head merges, one
-  # launch a layer fewer.
+  # The decode attention's keys a split, 16 by default since session 29, at the 64 it was (a measuring switch: fewer
+  # blocks); the 8B's bf16 decode at 128 and 1,024 tokens.
   for prompt in 128 1024; do
-    switch_case MLXRUNNER_DECODE_SPLIT_KEYS 16 split-keys-8b-$prompt python3 -m benchmarks.gpu.llm_bench \
-      --models-dir "$MODELS" --only llama3-8b --prompt $prompt --decode 128 --rounds 2
-    switch_case MLXRUNNER_DECODE_MERGED 1 merged-8b-$prompt python3 -m benchmarks.gpu.llm_bench \
+    switch_case MLXRUNNER_DECODE_SPLIT_KEYS 64 split-keys-8b-$prompt python3 -m benchmarks.gpu.llm_bench \
       --models-dir "$MODELS" --only llama3-8b --prompt $prompt --decode 128 --rounds 2
   done
   # Greedy sampling's argmax kernel (session 26), on the 4B's 4-bit decode.

@@ -150,13 +150,7 @@ def kernels():
         constants = {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1}
         yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
             "mlxr_decode_attention_parts", "",
-            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", (("MLXR_MERGED", False),)),
-            step_inputs, step_parts, constants)
-        # MLXRUNNER_DECODE_MERGED=1: the last split block of a key head merges
-        yield f"decode_attention_merging/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
-            "mlxr_decode_attention_merging", "",
-            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", (("MLXR_MERGED", True),)),
-            step_inputs + [("counters", "int32")], [("out", "bf16")] + step_parts, constants)
+            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts"), step_inputs, step_parts, constants)
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):
         yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(

@@ -1,7 +1,6 @@
 #include "nn/cuda_decode_attention.h"
 
 #include <algorithm>
-#include <atomic>
 #include <stdexcept>
 #include <vector>
 
@@ -149,45 +148,44 @@ constexpr const char* kDecodeAttentionParts = R"(
       part_sum[part] = total;
     }
   }
-#if MLXR_MERGED
-  // The key head's last split block to finish merges its G query heads' parts as kDecodeAttentionMerge does (the same
-  // sums in the same order), reading them from L2 (other blocks wrote them), and sets the head's count back to zero.
-  __shared__ int arrived;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) arrived = atomicAdd(const_cast<int*>(counters) + kv_head, 1);
-  __syncthreads();
-  if (arrived != splits - 1) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
-    const int head = kv_head * G + e / D, d = e % D;
-    float top = neg_inf;
-    for (int s = 0; s < splits; ++s) top = fmaxf(top, __ldcg(part_max + head * splits + s));
-    float total = 0.f, weighted = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float rescale = expf(__ldcg(part_max + head * splits + s) - top);
-      total += rescale * __ldcg(part_sum + head * splits + s);
-      weighted += rescale * __ldcg(part_acc + static_cast<size_t>(head * splits + s) * D + d);
-    }
-    out[head * D + d] = static_cast<T>(weighted / total);
-  }
-  if (threadIdx.x == 0) const_cast<int*>(counters)[kv_head] = 0;
-#endif
 )";
 
 // One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
 // a thread an element: the splits' parts rescaled to the largest maximum and summed, stored as [tokens, Q_HEADS D].
+// The splits' maxima and sums come through shared memory kStage at a time, each stage loaded by the block's threads
+// together; each thread then sums its element's parts, eight loads issued at once. (A loop reading the parts
+// straight from memory waited a round trip a split: 4.0 us a layer at the 8B's 10 splits, session 29's profile.) With
+// one stage (64 splits or fewer: every decode step) the sums are those of a loop over all splits from the largest
+// maximum; more stages rescale what the earlier ones summed to the later maxima, as an online softmax does.
 constexpr const char* kDecodeAttentionMerge = R"(
+  constexpr int kStage = 64;
   const int head = blockIdx.x, d = threadIdx.x;
   const int splits = part_max_shape[1];
   const float neg_inf = -__int_as_float(0x7f800000);
-  float top = neg_inf;
-  for (int s = 0; s < splits; ++s) top = fmaxf(top, part_max[head * splits + s]);
-  float total = 0.f, weighted = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float rescale = expf(part_max[head * splits + s] - top);
-    total += rescale * part_sum[head * splits + s];
-    weighted += rescale * part_acc[static_cast<size_t>(head * splits + s) * D + d];
+  __shared__ float stage_max[kStage], stage_sum[kStage];
+  float top = neg_inf, total = 0.f, weighted = 0.f;
+  for (int first = 0; first < splits; first += kStage) {
+    const int count = min(kStage, splits - first);
+    __syncthreads();  // every thread is done with the last stage
+    for (int s = d; s < count; s += D) {
+      stage_max[s] = part_max[head * splits + first + s];
+      stage_sum[s] = part_sum[head * splits + first + s];
+    }
+    __syncthreads();
+    float stage_top = top;
+    for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, stage_max[s]);
+    if (stage_top == neg_inf) continue;  // no split so far saw a key (a chunk row's splits past its position)
+    const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
+    total *= carried;
+    weighted *= carried;
+    const float* acc = part_acc + (static_cast<size_t>(head) * splits + first) * D + d;
+#pragma unroll 8
+    for (int s = 0; s < count; ++s) {
+      const float rescale = expf(stage_max[s] - stage_top);
+      total += rescale * stage_sum[s];
+      weighted += rescale * acc[static_cast<size_t>(s) * D];
+    }
+    top = stage_top;
   }
   out[head * D + d] = static_cast<T>(weighted / total);
 )";
@@ -483,20 +481,19 @@ constexpr const char* kChunkAttentionParts = R"(
   }
 )";
 
-constexpr int kThreads = 128;           // kWarps in the source, 32 lanes each (both parts kernels)
-constexpr int kKeysPerSplit = 64;       // at least, so that a split's warps each have a run or more of keys; the
-                                        // measuring switch MLXRUNNER_DECODE_SPLIT_KEYS sets it
-constexpr int kMostSplits = 64;         // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
-constexpr int kChunkRows = 64;          // query rows a block of the chunk kernel (kRows)
-constexpr int kChunkKeys = 64;          // a chunk kernel split's keys are a multiple of this (kSplitKeys)
-constexpr int kChunkBlocks = 384;       // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
-constexpr int kMostChunkTokens = 128;   // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
-constexpr int kCounterSlots = 64;       // sets of counts the merged decode kernel's launches take in turn
-constexpr int kMostCounterHeads = 128;  // key heads a set of counts holds
+constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
+constexpr int kKeysPerSplit = 16;      // at least: a run of kUnroll keys for each of the kWarps warps (the
+                                       // measuring switch MLXRUNNER_DECODE_SPLIT_KEYS sets it; session 29)
+constexpr int kMostSplits = 64;        // 8 key heads x 64: ~4 blocks an SM of an H100 at long contexts
+constexpr int kChunkRows = 64;         // query rows a block of the chunk kernel (kRows)
+constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a multiple of this (kSplitKeys)
+constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
+constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
 // Splits of `length` keys into runs of equal size where each split gets at least one key. Fewer keys a split, more
-// blocks: session 28's 8B profile had this kernel at 13.5 us a layer at ~150 keys (8 key heads x 3 splits = 24
-// blocks, each warp a few dependent trips to memory) against MLX's 8.2; MLXRUNNER_DECODE_SPLIT_KEYS times others.
+// blocks: at 64 keys a split the 8B's ~150 keys made 8 key heads x 3 splits = 24 blocks, each warp a few dependent
+// trips to memory, 13.5 us a layer against MLX's 8.2 (session 28's profile); at 16, 80 blocks took 8.0 us and the
+// decode step ~4 % less time (session 29, H100). MLXRUNNER_DECODE_SPLIT_KEYS times others.
 int splits_for(int length) {
   static const int keys_per_split =
       static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_DECODE_SPLIT_KEYS", kKeysPerSplit)));
@@ -548,30 +545,6 @@ std::vector<std::pair<std::string, mx::fast::TemplateArg>> kernel_args(const mx:
           {"SCALE_BITS", cuda_float_bits(scale)}};
 }
 
-// Zeroed ints for the merged decode kernel's count of finished splits, one a key head: kCounterSlots views of one
-// buffer, handed out in turn, so that two launches in flight at once (independent nodes of one CUDA graph) do not
-// share counts; each launch's last blocks set theirs back to zero. Made on the device (an array made from host data
-// is host memory on CUDA: every atomic would cross the bus).
-const mx::array& counter_slot() {
-  static const std::vector<mx::array> slots = [] {
-    const int size = kCounterSlots * kMostCounterHeads;
-    const auto all = mx::multiply(mx::arange(size, mx::int32), mx::array(0, mx::int32));
-    std::vector<mx::array> made;
-    for (int i = 0; i < kCounterSlots; ++i) {
-      made.push_back(mx::slice(all, {i * kMostCounterHeads}, {(i + 1) * kMostCounterHeads}));
-    }
-    mx::eval(made);
-    return made;
-  }();
-  static std::atomic<unsigned> next{0};
-  return slots[next.fetch_add(1, std::memory_order_relaxed) % kCounterSlots];
-}
-
-bool merged_in_parts_kernel() {
-  static const bool on = switched_on("MLXRUNNER_DECODE_MERGED");
-  return on;
-}
-
 // The splits' parts merged: [1, tokens, q_heads D], a row per (token, query head).
 mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, int d, mx::Dtype dtype) {
   static const auto merge = cuda_kernel("mlxr_decode_attention_merge", {"part_acc", "part_max", "part_sum"}, {"out"},
@@ -597,18 +570,8 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
-  if (merged_in_parts_kernel() && kv_heads <= kMostCounterHeads) {
-    // MLXRUNNER_DECODE_MERGED=1: the last split block of each key head merges (one launch a layer fewer)
-    static const auto merging = cuda_kernel(
-        "mlxr_decode_attention_merging", {"q", "k", "v", "keys", "values", "position", "counters"},
-        {"out", "part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGED", true}});
-    return merging(
-        {q, k, v, keys, values, position, counter_slot()}, {{1, 1, q_heads * d}, acc_shape, part_shape, part_shape},
-        {q.dtype(), mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {})[0];
-  }
-  static const auto parts =
-      cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false, {{"MLXR_MERGED", false}});
+  static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false);
   auto split_parts =
       parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
             {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});

@@ -5,9 +5,9 @@ Their sources, as MLX receives them (compacted), are compiled as host C++ with e
 value at `position` are the step's own (k and v, read through their strides, as the decoder's values are a strided
 view of the q|k|v product): the slot holds garbage before the kernel runs, which must write the step's key and value
 there and touch no other slot. Splits from one to many (their parts merged by the second kernel), grouped queries,
-splits with fewer keys than the warps; and the kernel that merges in its last split blocks (MLXRUNNER_DECODE_MERGED=1)
-against the two kernels' bits. What this cannot check, tests/gpu/test_decode_attention.py does on CUDA: NVRTC's
-view of the sources, the real warps, and a decoder's greedy tokens with it on and off.
+splits with fewer keys than the warps; the merge kernel alone over more splits than one of its stages holds. What this
+cannot check, tests/gpu/test_decode_attention.py does on CUDA: NVRTC's view of the sources, the real warps, and a
+decoder's greedy tokens with it on and off.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bi
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_decode_attention.cpp"
 THREADS = 128  # the parts kernel's block (kThreads)
-KEYS_PER_SPLIT, MOST_SPLITS = 64, 64  # as the host code chooses the splits
+KEYS_PER_SPLIT, MOST_SPLITS = 16, 64  # as the host code chooses the splits (kKeysPerSplit, kMostSplits)
 
 
 def splits_for(length: int, keys_per_split: int = KEYS_PER_SPLIT) -> int:
@@ -69,44 +69,22 @@ def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
                                                                        "blocks", d)))
 
 
-HOST_ATOMICS = r"""
-inline int atomicAdd(int* p, int v) { const int old = *p; *p += v; return old; }  // blocks run one at a time here
-inline void __threadfence() {}
-inline float __ldcg(const float* p) { return *p; }
-"""
-
-
-def build_merging(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
-    """The parts kernel with its merge (MLXRUNNER_DECODE_MERGED=1: the last split block of a key head merges),
-    run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, counters, out, part_acc,
-    part_max, part_sum)."""
-    params = f"{STEP_INPUTS}, const int* counters, T* out, {STEP_PARTS}"
-    body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_MERGED": True})
-    code = (PRELUDE + HOST_ATOMICS + constants_of(d, q_heads, kv_heads, scale) +
-            f"static void kernel({params}) {{\n{body}\n}}\n")
-    return compile_library(tmp_path / "merging", code + block_launcher(f"int blocks, {params}", names(params),
-                                                                       "blocks", THREADS))
-
-
 def element_strides(a: np.ndarray) -> np.ndarray:
     return np.array([s // a.itemsize for s in a.strides], np.int64)
 
 
 CASES = [  # head dim, query heads, key/value heads, position (the step's slot), capacity, keys a split at least
-    (128, 4, 1, 0, 256, 64),      # the first position: one key, one split, three warps with nothing to do
-    (64, 8, 4, 37, 64, 64),       # one split of 38 keys: warps with a partial run
+    (128, 4, 1, 0, 256, 16),      # the first position: one key, one split, three warps with nothing to do
+    (64, 8, 4, 37, 64, 64),       # MLXRUNNER_DECODE_SPLIT_KEYS=64: one split of 38 keys, warps with a partial run
     (128, 32, 8, 300, 512, 64),   # 5 splits, four query heads a key head (Llama 3 8B's grouping)
-    (64, 16, 8, 1023, 1024, 64),  # 16 splits, the buffer's last slot
-    (128, 32, 8, 150, 256, 16),   # MLXRUNNER_DECODE_SPLIT_KEYS=16: 10 splits of 16 keys, warps with none
+    (64, 16, 8, 1023, 1024, 16),  # the most splits (64), the buffer's last slot
+    (128, 32, 8, 150, 256, 16),   # 10 splits of 15 keys: one run a warp, the last short
 ]
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["two kernels", "merged"])
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, capacity, keys_per_split", CASES)
 def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, kv_heads, position, capacity,
-                                                           keys_per_split, merged):
-    """Merged (MLXRUNNER_DECODE_MERGED=1), one kernel whose last split block of each key head merges: the same
-    attention, the same bits as the two kernels', and its counts back at zero."""
+                                                           keys_per_split):
     rng = np.random.default_rng(d + q_heads + position)
     scale = 1 / np.sqrt(d)
     q = to_bf16_bits(rng.standard_normal((1, q_heads, 1, d)))
@@ -136,15 +114,6 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
     parts, merge = build(tmp_path, d, q_heads, kv_heads, scale)
     parts.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
     merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum, out)])
-    if merged:
-        two_kernels, out = out, np.zeros_like(out)
-        counters = np.zeros(kv_heads, np.int32)
-        merging = build_merging(tmp_path, d, q_heads, kv_heads, scale)
-        merging.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + [counters.ctypes.data, out.ctypes.data]
-                                                       + parts_out])
-        np.testing.assert_array_equal(out, two_kernels)
-        assert np.all(counters == 0)
-
     # The step's slot now holds its key and value; every other slot is as it was.
     np.testing.assert_array_equal(keys[0, :, position], k[0, :, 0])
     np.testing.assert_array_equal(values[0, :, position], v[0, :, 0])
@@ -164,6 +133,29 @@ def test_the_step_attends_to_its_keys_and_writes_its_slot(tmp_path, d, q_heads, 
         # float sums in another order, then one rounding to bfloat16
         np.testing.assert_allclose(got[h], want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max() + 1e-6)
     assert np.abs(got).max() > 0.05  # a real signal
+
+
+@pytest.mark.parametrize("splits", [7, 64, 150])
+def test_the_merge_rescales_every_split_to_the_largest_maximum(tmp_path, splits):
+    """The merge kernel alone: one stage of its shared maxima (7, 64 splits) or three (150, as a chunk's splits of a
+    long cache may be), rows whose first splits saw no key (-inf maxima, as a chunk row's splits past its position),
+    including a whole first stage of them, against numpy's softmax merge."""
+    rng = np.random.default_rng(splits)
+    d, rows = 64, 4
+    part_max = rng.normal(0, 4, (rows, splits)).astype(np.float32)
+    part_max[1, : splits // 2] = -np.inf
+    part_max[2, : max(splits - 3, 1)] = -np.inf  # with 150 splits: two whole stages unseen
+    part_sum = np.where(np.isinf(part_max), 0, rng.uniform(0.5, 20, (rows, splits))).astype(np.float32)
+    part_acc = (rng.standard_normal((rows, splits, d)) * part_sum[..., None]).astype(np.float32)
+    out = np.zeros((1, rows, d), np.uint16)
+    _, merge = build(tmp_path, d, rows, 1, 1.0)
+    merge.run(ctypes.c_int(rows), *[ctypes.c_void_p(a.ctypes.data) for a in
+                                    (part_acc, part_max, np.array(part_max.shape, np.int32), part_sum, out)])
+    got = from_bf16_bits(out).reshape(rows, d)
+    weight = np.exp(part_max.astype(np.float64) - part_max.max(axis=1, keepdims=True))
+    want = (weight[..., None] * part_acc).sum(axis=1) / (weight * part_sum).sum(axis=1, keepdims=True)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
 
 
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
