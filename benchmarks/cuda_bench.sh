@@ -17,8 +17,8 @@
 # follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
 # without MLXRUNNER_DECODE_ATTENTION and MLXRUNNER_CUDA_ARGMAX=0, the 8B's bf16 decode (128- and 1,024-token prompts)
-# with and without MLXRUNNER_DECODE_SPLIT_KEYS=64, the prompt cache's follow-up with and
-# without MLXRUNNER_CHUNK_ATTENTION=0,
+# with and without MLXRUNNER_DECODE_SPLIT_KEYS=64 and (128 tokens) MLXRUNNER_DECODE_ROPE=0, the prompt cache's follow-up
+# with and without MLXRUNNER_CHUNK_ATTENTION=0,
 # benchmarks/gpu/chunk_attention_bench.py's kernel times over MLXRUNNER_CHUNK_BLOCKS and chunk_kernel_probe.py's phases;
 # docs/settings.md says what each does).
 #
@@ -160,6 +160,10 @@ if has switches; then
     switch_case MLXRUNNER_DECODE_SPLIT_KEYS 64 split-keys-8b-$prompt python3 -m benchmarks.gpu.llm_bench \
       --models-dir "$MODELS" --only llama3-8b --prompt $prompt --decode 128 --rounds 2
   done
+  # The decode kernel making the q/k norms and RoPE itself is on by default since session 29: "on" sets the switch
+  # to 0 (the q/k kernel first).
+  switch_case MLXRUNNER_DECODE_ROPE 0 rope-8b python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
+    --only llama3-8b --prompt 128 --decode 128 --rounds 2
   # Greedy sampling's argmax kernel (session 26), on the 4B's 4-bit decode.
   switch_case MLXRUNNER_CUDA_ARGMAX 0 argmax-q4 python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 128 --rounds 2

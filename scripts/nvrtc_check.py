@@ -105,8 +105,8 @@ def kernels():
         for norm in (0, 1):
             inputs = [("qkv", dtype)] + ([("q_weight", dtype), ("k_weight", dtype)] if norm else [])
             yield f"qk_norm_rope/norm={norm}/{dtype}", mlx_kernel_source(
-                "mlxr_qk_norm_rope", f"#define NORM {norm}\n",
-                kernel_string("cuda_norm_rope.cpp", "kQkRope"),
+                "mlxr_qk_norm_rope", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                kernel_string("cuda_norm_rope.cpp", "kQkRope", (("NORM", bool(norm)),)),
                 inputs + [("inverse_frequencies", "float"), ("offsets", "int32")], [("q_out", dtype), ("k_out", dtype)],
                 {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "TRADITIONAL": False} |
                 ({"EPS_BITS": 1} if norm else {}))
@@ -150,7 +150,17 @@ def kernels():
         constants = {"T": "bf16", "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1}
         yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
             "mlxr_decode_attention_parts", "",
-            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts"), step_inputs, step_parts, constants)
+            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
+                          (("MLXR_ROPE", False), ("MLXR_NORM", False))), step_inputs, step_parts, constants)
+        # the variants that make the q/k norms and RoPE from the projected heads themselves
+        for norm in (False, True):
+            norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+            yield f"decode_attention_roped/norm={int(norm)}/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
+                "mlxr_decode_attention_roped", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
+                              (("MLXR_ROPE", True), ("MLXR_NORM", norm))),
+                step_inputs + [("inverse_frequencies", "float")] + norms, step_parts,
+                constants | {"TRADITIONAL": False} | ({"EPS_BITS": 1} if norm else {}))
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):
         yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(

@@ -369,10 +369,29 @@ void bind_cuda_kernels(nb::module_& m) {
         nb::call_guard<nb::gil_scoped_release>(), doc);
   };
   bind_cache_attention(
-      "cuda_decode_attention", cuda_decode_attention_applies, cuda_decode_attention,
+      "cuda_decode_attention", cuda_decode_attention_applies,
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
+         const mx::array& position, int length,
+         float scale) { return cuda_decode_attention(q, k, v, keys, values, position, length, scale); },
       "A decode step's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, 1, D] into slot "
       "position[0] of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns softmax(q k^T scale) v over "
       "slots 0..length - 1 as [1, 1, q_heads D]; None off CUDA or where the kernel does not apply.");
+  m.def(
+      "cuda_decode_attention_roped",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
+         const mx::array& position, int length, float scale, const RopeConfig& config,
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
+        auto treatment = qk_treatment(config, q.shape(-1), q_weight, k_weight, eps);
+        if (!treatment || !cuda_decode_attention_applies(q, k, v)) return std::nullopt;
+        const DecodeRope rope{treatment->first, treatment->second};
+        if (!cuda_decode_attention_ropes(q, rope)) return std::nullopt;
+        return evaluated(cuda_decode_attention(q, k, v, keys, values, position, length, scale, rope));
+      },
+      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a, "config"_a,
+      "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
+      "cuda_decode_attention with q and k as projected: the kernel makes their per-head RMSNorms (when weights are "
+      "given) and RoPE at position[0] itself, as cuda_qk_norm_rope does, and writes the rotated key into the cache; "
+      "None off CUDA or where the kernel does not apply (nn/cuda_decode_attention.h).");
   bind_cache_attention(
       "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,
       "A chunk's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, T, D] into slots "

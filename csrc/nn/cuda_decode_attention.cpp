@@ -6,6 +6,7 @@
 
 #include "mlx/fast.h"
 #include "nn/cuda_kernel_common.h"
+#include "nn/cuda_norm_rope.h"
 
 namespace mlxr {
 
@@ -17,7 +18,8 @@ namespace {
 // every kWarps-th run of the split; each warp keeps an online softmax per query head, and the warps meet in shared
 // memory. A split's part: its largest score, the sum of exp(score - that) and the weighted values, in float.
 // The block of split 0, warp 0, writes the step's key and value into the cache (slot `position`); every block reads
-// that position's key and value from k and v instead, so no block waits on the write.
+// that position's key and value from k and v instead, so no block waits on the write. With MLXR_ROPE, q and k come
+// as projected and each block makes their norms and RoPE itself (one launch a layer fewer than the q/k kernel first).
 constexpr const char* kDecodeAttentionParts = R"(
   constexpr int kWarps = 4;
   constexpr int kUnroll = 4;
@@ -33,14 +35,40 @@ constexpr const char* kDecodeAttentionParts = R"(
   const int chunk = (length + splits - 1) / splits;
   const int begin = split * chunk, end = min(length, begin + chunk);
   const float scale = __int_as_float(SCALE_BITS);
+#if MLXR_ROPE
+  // q and k as projected: the block's G query heads and its key head normed (MLXR_NORM) and rotated here, a warp a
+  // head, as the q/k kernel makes them (norm_rope_head: the same bits), into shared memory, then read in this
+  // kernel's layout. Each block of the key head makes the same key; split 0's writes it to the cache.
+  __shared__ T roped[G + 1][D];
+  for (int h = warp; h <= G; h += kWarps) {
+    const bool is_key = h == G;
+    const T* src = is_key ? k + kv_head * k_strides[1] : q + (kv_head * G + h) * q_strides[1];
+    const long long stride = is_key ? k_strides[3] : q_strides[3];
+#if MLXR_NORM
+    mlxr_rope::norm_rope_head<T, D, TRADITIONAL, true>(src, stride, is_key ? k_weight : q_weight,
+                                                       __int_as_float(EPS_BITS), inverse_frequencies, static_cast<float>(at),
+                                                       roped[h]);
+#else
+    mlxr_rope::norm_rope_head<T, D, TRADITIONAL, false>(src, stride, nullptr, 0.f, inverse_frequencies,
+                                                        static_cast<float>(at), roped[h]);
+#endif
+  }
+  __syncthreads();
+#endif
   float new_key[kPer], new_value[kPer], query[G][kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = lane * kPer + i;
+#if MLXR_ROPE
+    new_key[i] = static_cast<float>(roped[G][e]);
+#pragma unroll
+    for (int g = 0; g < G; ++g) query[g][i] = scale * static_cast<float>(roped[g][e]);
+#else
     new_key[i] = static_cast<float>(k[kv_head * k_strides[1] + e * k_strides[3]]);
-    new_value[i] = static_cast<float>(v[kv_head * v_strides[1] + e * v_strides[3]]);
 #pragma unroll
     for (int g = 0; g < G; ++g) query[g][i] = scale * static_cast<float>(q[(kv_head * G + g) * q_strides[1] + e * q_strides[3]]);
+#endif
+    new_value[i] = static_cast<float>(v[kv_head * v_strides[1] + e * v_strides[3]]);
   }
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D + lane * kPer;
   if (split == 0 && warp == 0) {
@@ -561,20 +589,55 @@ bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const
   return !off && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
 }
 
+bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
+  static const bool off = switched_off("MLXRUNNER_DECODE_ROPE");
+  const int d = q.shape(-1);
+  const auto fits = [&](const mx::array& weight) { return weight.dtype() == q.dtype() && weight.size() == d; };
+  return !off && rope.rope.inverse_frequencies.dtype() == mx::float32 &&
+         rope.rope.inverse_frequencies.size() == d / 2 &&
+         (!rope.norms || (fits(rope.norms->q_weight) && fits(rope.norms->k_weight)));
+}
+
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                                const mx::array& values, const mx::array& position, int length, float scale) {
+                                const mx::array& values, const mx::array& position, int length, float scale,
+                                const std::optional<DecodeRope>& rope) {
   const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
   check_cache_buffers(q, k, keys, values, position, length);
+  if (rope && !cuda_decode_attention_ropes(q, *rope)) {
+    throw std::invalid_argument("cuda_decode_attention: the RoPE or the q/k norms do not fit the query");
+  }
   const int splits = splits_for(length);
-  const auto args = kernel_args(q, k, scale);
+  auto args = kernel_args(q, k, scale);
   const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
+  std::vector<mx::array> inputs{q, k, v, keys, values, position};
   static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false);
-  auto split_parts =
-      parts({q, k, v, keys, values, position}, {acc_shape, part_shape, part_shape},
-            {mx::float32, mx::float32, mx::float32}, grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
+                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
+                                        {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
+  // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves from the projected heads.
+  static const auto roped =
+      cuda_kernel("mlxr_decode_attention_roped", {"q", "k", "v", "keys", "values", "position", "inverse_frequencies"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
+  static const auto roped_normed =
+      cuda_kernel("mlxr_decode_attention_roped_normed",
+                  {"q", "k", "v", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+  const auto* kernel = &parts;
+  if (rope) {
+    inputs.push_back(rope->rope.inverse_frequencies);
+    args.emplace_back("TRADITIONAL", rope->rope.traditional);
+    kernel = &roped;
+    if (rope->norms) {
+      inputs.insert(inputs.end(), {rope->norms->q_weight, rope->norms->k_weight});
+      args.emplace_back("EPS_BITS", cuda_float_bits(rope->norms->eps));
+      kernel = &roped_normed;
+    }
+  }
+  auto split_parts = (*kernel)(inputs, {acc_shape, part_shape, part_shape}, {mx::float32, mx::float32, mx::float32},
+                               grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
   return merged(split_parts, 1, q_heads, d, q.dtype());
 }
 

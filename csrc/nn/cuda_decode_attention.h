@@ -28,6 +28,7 @@
 
 #include <optional>
 
+#include "nn/cuda_norm_rope.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -36,12 +37,24 @@ namespace mlxr {
 // or 128, q_heads a multiple of kv_heads (at most 8 queries a key head), one half-precision dtype; and the switch on.
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
 
+// The q/k norms (absent for Llama) and RoPE that the decode kernel can make itself from q and k as projected, one
+// launch a layer fewer than the q/k kernel (cuda_qk_norm_rope) before it, the same bits.
+struct DecodeRope {
+  FusedRope rope;
+  std::optional<QkNorms> norms;
+};
+// Whether the decode kernel makes them for this q: its RoPE's frequencies D / 2 float32s, the norms' weights D of q's
+// dtype; unless MLXRUNNER_DECODE_ROPE=0.
+bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope);
+
 // Writes k and v at slot `position` (int32 [1], on the device: its value is length - 1) of keys and values [1,
 // kv_heads, capacity, D] (row-contiguous buffers, capacity >= length), in place, and returns the attention of q over
 // slots 0..length - 1 as [1, 1, q_heads D], the heads merged as the output projection reads them. `length` is the
-// host's copy of position + 1 (it sets how the keys are split).
+// host's copy of position + 1 (it sets how the keys are split). With `rope`, q and k are the heads as projected, and
+// the kernel makes their norms and RoPE at `position` (cuda_decode_attention_ropes must hold) before the cache gets k.
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                                const mx::array& values, const mx::array& position, int length, float scale);
+                                const mx::array& values, const mx::array& position, int length, float scale,
+                                const std::optional<DecodeRope>& rope = std::nullopt);
 
 // Whether the chunk kernel takes these q [1, q_heads, T, D], k and v [1, kv_heads, T, D] (any strides): CUDA, 2 <= T
 // <= 128, D 64 or 128, q_heads a multiple of kv_heads, one half-precision dtype.

@@ -41,17 +41,14 @@ constexpr const char* kAddRmsNorm = R"(
   store_held_row(normed + first, out, n);
 )";
 
-// A warp per (token, head) of q and k, kQkHeadsABlock heads a block, each lane holding D / 64 rotated pairs; heads
-// below Q_HEADS are queries. Written heads first ([B, heads, T, D], as attention and the cache take them: no copy to
-// reorder them). Every load (the pairs, their angles' frequencies, the norm's weights) comes before the head's sum of
-// squares, which meets by shuffles alone. The first version, a block a head and a thread a pair, summed through
-// block_sum's two barriers: on an H100 it took 6.4 us for a decode step's 40 heads (this one 4.0) and 76.6 us for a
-// 3,000-token prompt's (44.0) (benchmarks/README.md, "Session 26": the two sources timed in one call).
+// A warp per (token, head) of q and k, kQkHeadsABlock heads a block, each lane holding D / 64 rotated pairs
+// (kCudaHeadNormRope's norm_rope_head); heads below Q_HEADS are queries. Written heads first ([B, heads, T, D], as
+// attention and the cache take them: no copy to reorder them). The first version, a block a head and a thread a pair,
+// summed through block_sum's two barriers: on an H100 it took 6.4 us for a decode step's 40 heads (this one 4.0)
+// and 76.6 us for a 3,000-token prompt's (44.0) (benchmarks/README.md, "Session 26": the two sources timed in one
+// call).
 constexpr int kQkHeadsABlock = 4;
 constexpr const char* kQkRope = R"(
-  constexpr int kPairs = D / 64;
-  const int half = D / 2;
-  const int lane = threadIdx.x & 31;
   const long long item = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int tokens = qkv_shape[1];
   if (item >= static_cast<long long>(qkv_shape[0]) * tokens * (Q_HEADS + KV_HEADS)) return;
@@ -63,44 +60,12 @@ constexpr const char* kQkRope = R"(
                           : k_out + ((b_index * KV_HEADS + head - Q_HEADS) * tokens + t_index) * D;
   const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
   const float position = static_cast<float>(offsets[row] + static_cast<int>(t_index));
-  float x1[kPairs], x2[kPairs], theta[kPairs];
 #if NORM
-  const T* w = head < Q_HEADS ? q_weight : k_weight;
-  float w1[kPairs], w2[kPairs];
+  mlxr_rope::norm_rope_head<T, D, TRADITIONAL, true>(src, 1, head < Q_HEADS ? q_weight : k_weight, __int_as_float(EPS_BITS),
+                                                     inverse_frequencies, position, dst);
+#else
+  mlxr_rope::norm_rope_head<T, D, TRADITIONAL, false>(src, 1, nullptr, 0.f, inverse_frequencies, position, dst);
 #endif
-#pragma unroll
-  for (int p = 0; p < kPairs; ++p) {
-    const int i = lane + 32 * p;
-    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + half;
-    x1[p] = static_cast<float>(src[at1]);
-    x2[p] = static_cast<float>(src[at2]);
-    theta[p] = position * inverse_frequencies[i];
-#if NORM
-    w1[p] = static_cast<float>(w[at1]);
-    w2[p] = static_cast<float>(w[at2]);
-#endif
-  }
-#if NORM
-  float squares = 0.f;
-#pragma unroll
-  for (int p = 0; p < kPairs; ++p) squares += x1[p] * x1[p] + x2[p] * x2[p];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
-  const float normalizer = rsqrtf(squares / D + __int_as_float(EPS_BITS));
-#pragma unroll
-  for (int p = 0; p < kPairs; ++p) {
-    x1[p] = static_cast<float>(static_cast<T>(w1[p] * static_cast<float>(static_cast<T>(x1[p] * normalizer))));
-    x2[p] = static_cast<float>(static_cast<T>(w2[p] * static_cast<float>(static_cast<T>(x2[p] * normalizer))));
-  }
-#endif
-#pragma unroll
-  for (int p = 0; p < kPairs; ++p) {
-    const int i = lane + 32 * p;
-    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + half;
-    const float c = cos(theta[p]), s = sin(theta[p]);
-    dst[at1] = static_cast<T>(x1[p] * c - x2[p] * s);
-    dst[at2] = static_cast<T>(x1[p] * s + x2[p] * c);
-  }
 )";
 
 }  // namespace
@@ -139,9 +104,9 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   }
   static auto with_norms =
       cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-                  {"q_out", "k_out"}, kQkRope, "#define NORM 1\n", true);
+                  {"q_out", "k_out"}, kQkRope, kCudaHeadNormRope, true, {{"NORM", true}});
   static auto without_norms = cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"},
-                                          kQkRope, "#define NORM 0\n", true);
+                                          kQkRope, kCudaHeadNormRope, true, {{"NORM", false}});
   const int b = qkv.shape(0), t = qkv.shape(1);
   const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
   const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};

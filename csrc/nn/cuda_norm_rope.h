@@ -38,6 +38,58 @@ struct QkNorms {
   mx::array q_weight, k_weight;
   float eps;
 };
+// One head's per-head RMSNorm (NORM) and RoPE, made by one warp, as a device function in the kernels' header: the q/k
+// kernel's (cuda_qk_norm_rope) and the decode attention kernel's that makes them itself (cuda_decode_attention with a
+// DecodeRope), so that both give the same bits. Lane l holds the pairs i = l + 32 p, p < D / 64 (halves (i, i + D / 2),
+// or (2 i, 2 i + 1) with TRADITIONAL), src's elements `stride` apart; every load (the pairs, their angles' frequencies,
+// the norm's weights) comes before the sum of squares, which meets by shuffles alone. The normed value is rounded to T,
+// multiplied by the weight and rounded again (MLX's rms_norm), the rotation in float and rounded once into dst.
+inline constexpr const char* kCudaHeadNormRope = R"(
+namespace mlxr_rope {
+template <typename T, int D, bool TRADITIONAL, bool NORM>
+__device__ __forceinline__ void norm_rope_head(const T* src, long long stride, const T* weight, float eps,
+                                               const float* inverse_frequencies, float position, T* dst) {
+  constexpr int kPairs = D / 64;
+  constexpr int half = D / 2;
+  const int lane = threadIdx.x & 31;
+  float x1[kPairs], x2[kPairs], theta[kPairs], w1[kPairs], w2[kPairs];
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int i = lane + 32 * p;
+    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + half;
+    x1[p] = static_cast<float>(src[at1 * stride]);
+    x2[p] = static_cast<float>(src[at2 * stride]);
+    theta[p] = position * inverse_frequencies[i];
+    if (NORM) {
+      w1[p] = static_cast<float>(weight[at1]);
+      w2[p] = static_cast<float>(weight[at2]);
+    }
+  }
+  if (NORM) {
+    float squares = 0.f;
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) squares += x1[p] * x1[p] + x2[p] * x2[p];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
+    const float normalizer = rsqrtf(squares / D + eps);
+#pragma unroll
+    for (int p = 0; p < kPairs; ++p) {
+      x1[p] = static_cast<float>(static_cast<T>(w1[p] * static_cast<float>(static_cast<T>(x1[p] * normalizer))));
+      x2[p] = static_cast<float>(static_cast<T>(w2[p] * static_cast<float>(static_cast<T>(x2[p] * normalizer))));
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const int i = lane + 32 * p;
+    const int at1 = TRADITIONAL ? 2 * i : i, at2 = TRADITIONAL ? 2 * i + 1 : i + half;
+    const float c = cos(theta[p]), s = sin(theta[p]);
+    dst[at1] = static_cast<T>(x1[p] * c - x2[p] * s);
+    dst[at2] = static_cast<T>(x1[p] * s + x2[p] * c);
+  }
+}
+}  // namespace mlxr_rope
+)";
+
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
                                                                  const std::optional<QkNorms>& norms,
                                                                  const FusedRope& rope, const mx::array& offsets);

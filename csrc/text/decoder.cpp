@@ -321,7 +321,8 @@ mx::array Decoder::LayerInput::activate(const GatedMLP& mlp) {
 template <typename Offset>
 std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLayer& layer, LayerInput& input,
                                                                  const Rope& rope, const Offset& offset,
-                                                                 const std::optional<mx::array>& device_offset) const {
+                                                                 const std::optional<mx::array>& device_offset,
+                                                                 std::optional<DecodeRope>* rope_in_attention) const {
   const int hq = config_.num_attention_heads, hkv = config_.kv_heads();
   std::optional<HeadSplit> split;  // for the CUDA kernels that make the heads
   if (rope.fused() && running_on_cuda()) {
@@ -335,6 +336,15 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
   auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});
   auto v = head_range(qkv, hq + hkv, hkv);
+  if (split && rope_in_attention) {
+    // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
+    auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv);
+    DecodeRope in_kernel{split->rope, split->norms};
+    if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
+      *rope_in_attention = std::move(in_kernel);
+      return {q, k, v};
+    }
+  }
   if (split) {
     if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, split->norms, split->rope, split->offsets)) {
       return {qk->first, qk->second, v};
@@ -355,14 +365,16 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
 // keys MLX writes first where a copy shares the buffers. [1, T, q_heads D], or nullopt where neither applies.
 std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v,
                                                      KVCache& cache, int offset,
-                                                     const std::optional<mx::array>& device_offset) const {
+                                                     const std::optional<mx::array>& device_offset,
+                                                     const std::optional<DecodeRope>& rope) const {
   const int tokens = q.shape(2);
   const float scale = scale_or_default(attention_scale_, q);
   const auto position = [&] { return device_offset ? *device_offset : offsets_array(offset); };
   if (cache.writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
     auto [keys, values] = cache.reserve(1, k);
-    return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale);
+    return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale, rope);
   }
+  if (rope) throw std::logic_error("attention_in_cache: q and k without their RoPE, and no decode kernel to make it");
   if (chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v)) {
     auto [keys, values] = cache.writes_in_place() ? cache.reserve(tokens, k) : cache.append_buffers(k, v);
     return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale);
@@ -374,9 +386,15 @@ mx::array Decoder::attention(const DecoderLayer& layer, LayerInput& input, KVCac
                              const std::optional<mx::array>& mask,
                              const std::optional<mx::array>& device_offset) const {
   if (layer.mla) return layer.o_proj((*layer.mla)(input.normed(), cache, offset, rope_, mask));
-  auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset, device_offset);
-  if (cache && !mask && !layer.sinks && cache->window() == 0) {
-    if (auto attended = attention_in_cache(q, k, v, *cache, offset, device_offset)) return layer.o_proj(*attended);
+  const bool in_cache = cache && !mask && !layer.sinks && cache->window() == 0;
+  // Where the decode kernel will write this cache in place, it may make the q/k norms and RoPE too.
+  std::optional<DecodeRope> rope_in_attention;
+  auto [q, k, v] = project_qkv(layer, input, layer.window > 0 ? sliding_rope_ : rope_, offset, device_offset,
+                               in_cache && cache->writes_in_place() ? &rope_in_attention : nullptr);
+  if (in_cache) {
+    if (auto attended = attention_in_cache(q, k, v, *cache, offset, device_offset, rope_in_attention)) {
+      return layer.o_proj(*attended);
+    }
   }
   if (cache) {
     std::tie(k, v) = cache->update_and_fetch(k, v);

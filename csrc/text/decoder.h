@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "nn/config_fields.h"
+#include "nn/cuda_decode_attention.h"
 #include "nn/linear.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
@@ -154,15 +155,19 @@ class Decoder {
   // and RoPE (at `offset`, an int or a position per row) applied; on CUDA the norms and RoPE are one kernel
   // (nn/cuda_norm_rope.h).
   // device_offset: `offset` as an int32 [1] made on the device, for the CUDA kernel (device_offset() below).
+  // rope_in_attention: given for a step whose cache the decode kernel may write in place; where that kernel takes the
+  // step and can make the norms and RoPE itself, q and k are returned as projected and *rope_in_attention says how.
   template <typename Offset>
-  std::tuple<mx::array, mx::array, mx::array> project_qkv(
-      const DecoderLayer& layer, LayerInput& input, const Rope& rope, const Offset& offset,
-      const std::optional<mx::array>& device_offset = std::nullopt) const;
+  std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, LayerInput& input,
+                                                          const Rope& rope, const Offset& offset,
+                                                          const std::optional<mx::array>& device_offset = std::nullopt,
+                                                          std::optional<DecodeRope>* rope_in_attention = nullptr) const;
   mx::array attention(const DecoderLayer& layer, LayerInput& input, KVCache* cache, int offset,
                       const std::optional<mx::array>& mask,
                       const std::optional<mx::array>& device_offset = std::nullopt) const;
-  std::optional<mx::array> attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v, KVCache& cache,
-                                              int offset, const std::optional<mx::array>& device_offset) const;
+  std::optional<mx::array> attention_in_cache(const mx::array& q, const mx::array& k, const mx::array& v,
+                                              KVCache& cache, int offset, const std::optional<mx::array>& device_offset,
+                                              const std::optional<DecodeRope>& rope = std::nullopt) const;
   // A forward's first position as the fused q/k kernel reads it, on CUDA: made by the device once a forward and read
   // by every layer. An array made from a host int is a page of host memory there, which each layer's kernel would read
   // across the bus. nullopt off CUDA, without the fused RoPE, or under MLXRUNNER_DEVICE_OFFSET=0 (to measure it).

@@ -24,8 +24,10 @@ from mlxrunner import _core
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+LLAMA3 = ROOT / "tests" / "fixtures" / "llm" / "llama3-tiny"
 SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
+ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
 
 
 def inputs(d, q_heads, kv_heads, capacity, seed, tokens=1):
@@ -107,10 +109,55 @@ def test_the_kernel_is_mlx_attention_at_any_split_size(split_keys):
     assert len(gaps) == 2 and all(gap <= 2 ** -6 for gap in gaps), gaps
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+@pytest.mark.parametrize("norm", [False, True], ids=["RoPE (Llama)", "q/k norms and RoPE (Qwen3)"])
+@pytest.mark.parametrize("traditional", [False, True])
+def test_the_kernel_that_ropes_gives_the_qk_kernel_then_the_plain_kernels_bits(norm, traditional):
+    """q and k as projected (views of one q|k|v row): the decode kernel that makes their norms and RoPE itself writes
+    the same key into the cache and gives the same attention, bit for bit, as the q/k kernel and then the kernel that
+    takes them rotated (the decoder with MLXRUNNER_DECODE_ROPE=0)."""
+    d, q_heads, kv_heads, position, capacity = 128, 32, 8, 150, 256
+    key = mx.random.key(position)
+    qkv = (3 * mx.random.normal((1, 1, q_heads + 2 * kv_heads, d), key=key)).astype(mx.bfloat16)
+    q_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(1))).astype(mx.bfloat16) if norm else None
+    k_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(2))).astype(mx.bfloat16) if norm else None
+    config = _core.RopeConfig.from_dict({"rope_theta": 500000.0, "traditional": traditional})
+    position_array = mx.array([position], mx.int32)
+    heads = qkv.transpose(0, 2, 1, 3)
+    q_raw, k_raw, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    _, _, _, keys, values = inputs(d, q_heads, kv_heads, capacity, 7)
+    _, _, _, keys_two, values_two = inputs(d, q_heads, kv_heads, capacity, 7)  # the same, in buffers of their own
+    mx.eval(keys, values, keys_two, values_two)
+    q, k = _core.cuda_qk_norm_rope(qkv, q_heads, kv_heads, config, position_array, q_weight, k_weight)
+    two_kernels = _core.cuda_decode_attention(q, k, v, keys_two, values_two, position_array, position + 1, d ** -0.5)
+    roped = _core.cuda_decode_attention_roped(q_raw, k_raw, v, keys, values, position_array, position + 1, d ** -0.5,
+                                              config, q_weight, k_weight)
+    assert roped is not None
+    assert mx.array_equal(keys[:, :, position], k[:, :, 0]).item()
+    assert mx.array_equal(keys, keys_two).item() and mx.array_equal(values, values_two).item()
+    assert mx.array_equal(roped, two_kernels).item()
+    assert not mx.array_equal(k, k_raw).item()  # the rotation did something
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
+@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
+def test_a_decoder_gives_the_same_bits_whether_the_decode_kernel_ropes_or_not(tmp_path, fixture, head_dim):
+    """The decoder's decode steps with the attention kernel making the q/k norms and RoPE (the default) and with the
+    q/k kernel making them first (MLXRUNNER_DECODE_ROPE=0): the same tokens and the same log-probabilities."""
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    in_kernel = run_script_json(SCRIPT, folder, unset=[ROPE_SWITCH, SWITCH, CHUNK_SWITCH])
+    separate = run_script_json(SCRIPT, folder, unset=[SWITCH, CHUNK_SWITCH], environment={ROPE_SWITCH: "0"})
+    assert [len(run) for run in in_kernel] == [len(run) for run in separate]
+    assert in_kernel == separate
+    assert sum(len(run) for run in in_kernel) >= 40  # decode steps ran (a run ends early where the model says stop)
+
+
 @pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
 def test_the_binding_declines_off_cuda():
     q, k, v, keys, values = inputs(64, 4, 2, 64, 0)
     assert _core.cuda_decode_attention(q, k, v, keys, values, mx.array([3], mx.int32), 4, 0.125) is None
+    config = _core.RopeConfig.from_dict({"rope_theta": 10000.0})
+    assert _core.cuda_decode_attention_roped(q, k, v, keys, values, mx.array([3], mx.int32), 4, 0.125, config) is None
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "nn"
-SOURCES = ["cuda_kernel_common.h", "cuda_norm_rope.cpp", "cuda_dit_fusion.cpp"]
+SOURCES = ["cuda_kernel_common.h", "cuda_norm_rope.h", "cuda_norm_rope.cpp", "cuda_dit_fusion.cpp"]
 WIDTH = 100  # a row: not a multiple of anything the kernels tile by
 EPS = 1e-5
 
@@ -33,6 +33,7 @@ PRELUDE = r"""
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 static Dim3 threadIdx, blockIdx, blockDim;
 #define __device__
+#define __forceinline__ inline
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 inline float block_sum(float v) { return v; }
@@ -83,7 +84,7 @@ def kernels(tmp_path_factory):
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     assert compiler, "no C++ compiler: building _core needs one too"
     sources = kernel_sources()
-    code = PRELUDE + sources["kCudaRowHelpers"]
+    code = PRELUDE + sources["kCudaRowHelpers"] + sources["kCudaHeadNormRope"]
     code += "".join(as_function(name, sources[const], defines, ins, outs)
                     for name, (const, defines, ins, outs) in KERNELS.items())
     folder = tmp_path_factory.mktemp("kernels")

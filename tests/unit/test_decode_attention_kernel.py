@@ -49,6 +49,9 @@ def names(params: str) -> str:
     return ", ".join(param.split()[-1].lstrip("*") for param in params.split(", "))
 
 
+PLAIN = {"MLXR_ROPE": False, "MLXR_NORM": False}  # the parts kernel's switches: q and k come rotated
+
+
 def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
     """The parts kernel as a library, run(blocks, q, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values,
     position, part_acc, part_max, part_sum), and the merge kernel, run(blocks, part_acc, part_max, part_max_shape,
@@ -60,7 +63,7 @@ def build(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
                     "T* out")
     merge_args = names(merge_params)
     parts = (PRELUDE + constants +
-             f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts')}\n}}\n")
+             f"static void kernel({parts_params}) {{\n{kernel_source(SOURCE, 'kDecodeAttentionParts', PLAIN)}\n}}\n")
     merge_body = kernel_source(SOURCE, "kDecodeAttentionMerge")
     merge = PRELUDE + constants + f"static void kernel({merge_params}) {{\n{merge_body}\n}}\n"
     return (compile_library(tmp_path / "parts", parts + block_launcher(f"int blocks, {parts_params}", parts_args,
@@ -149,13 +152,113 @@ def test_the_merge_rescales_every_split_to_the_largest_maximum(tmp_path, splits)
     part_acc = (rng.standard_normal((rows, splits, d)) * part_sum[..., None]).astype(np.float32)
     out = np.zeros((1, rows, d), np.uint16)
     _, merge = build(tmp_path, d, rows, 1, 1.0)
+    part_max_shape = np.array(part_max.shape, np.int32)  # held while the kernel runs
     merge.run(ctypes.c_int(rows), *[ctypes.c_void_p(a.ctypes.data) for a in
-                                    (part_acc, part_max, np.array(part_max.shape, np.int32), part_sum, out)])
+                                    (part_acc, part_max, part_max_shape, part_sum, out)])
     got = from_bf16_bits(out).reshape(rows, d)
     weight = np.exp(part_max.astype(np.float64) - part_max.max(axis=1, keepdims=True))
     want = (weight[..., None] * part_acc).sum(axis=1) / (weight * part_sum).sum(axis=1, keepdims=True)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
+
+
+# --- the parts kernel that makes the q/k norms and RoPE itself (MLXR_ROPE), against the q/k kernel then the parts ---
+
+NN = SOURCE.parent
+EPS = 1e-6
+
+
+def rope_constants(traditional: bool) -> str:
+    eps_bits = int(np.array(EPS, np.float32).view(np.int32))
+    return f"constexpr bool TRADITIONAL = {str(traditional).lower()};\nconstexpr int EPS_BITS = {eps_bits};\n"
+
+
+def build_qk_rope(tmp_path: Path, d: int, q_heads: int, kv_heads: int, norm: bool, traditional: bool):
+    """The q/k kernel (cuda_norm_rope.cpp, kQkRope) in bfloat16: run(blocks, qkv, qkv_shape, q_weight, k_weight,
+    inverse_frequencies, offsets, offsets_shape, q_out, k_out), 4 heads a block."""
+    params = ("const T* qkv, const int* qkv_shape, const T* q_weight, const T* k_weight, "
+              "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
+    body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
+    code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
+            constants_of(d, q_heads, kv_heads, 1.0) + rope_constants(traditional) +
+            f"static void kernel({params}) {{\n{body}\n}}\n")
+    return compile_library(tmp_path / f"qk-{int(norm)}{int(traditional)}",
+                           code + block_launcher(f"int blocks, {params}", names(params), "blocks", 4 * 32))
+
+
+def build_roped_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
+                      traditional: bool):
+    """The parts kernel with MLXR_ROPE (and MLXR_NORM): run(blocks, <the step's inputs>, inverse_frequencies,
+    q_weight, k_weight, <its parts>)."""
+    params = f"{STEP_INPUTS}, const float* inverse_frequencies, const T* q_weight, const T* k_weight, {STEP_PARTS}"
+    body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_ROPE": True, "MLXR_NORM": norm})
+    code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
+            constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
+            f"static void kernel({params}) {{\n{body}\n}}\n")
+    return compile_library(tmp_path / f"roped-{int(norm)}{int(traditional)}",
+                           code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
+    (128, 32, 8, 150, False, False),  # Llama 3 8B's heads: RoPE alone, 10 splits
+    (128, 16, 8, 300, True, False),   # Qwen3's per-head norms, then RoPE
+    (64, 8, 4, 37, True, True),       # interleaved pairs, one split
+])
+def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
+                                                                          norm, traditional):
+    """q and k as projected (strided views of one q|k|v row): the kernel that norms and rotates them itself writes the
+    same key into the cache and gives the same attention, bit for bit, as the q/k kernel followed by the parts kernel
+    (and the same merge)."""
+    rng = np.random.default_rng(d + position)
+    scale = 1 / np.sqrt(d)
+    capacity = position + 9
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    at = np.array([position], np.int32)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
+    q_raw, k_raw, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    splits = splits_for(position + 1)
+    ptr = ctypes.c_void_p
+
+    def attend(q, k, roped: bool):
+        keys, values = cache[0].copy(), cache[1].copy()
+        part_acc = np.zeros((q_heads, splits, d), np.float32)
+        part_max = np.zeros((q_heads, splits), np.float32)
+        part_sum = np.zeros((q_heads, splits), np.float32)
+        out = np.zeros((1, 1, q_heads * d), np.uint16)
+        strides = [element_strides(a) for a in (q, k, v)]
+        keys_shape, part_max_shape = np.array(keys.shape, np.int32), np.array(part_max.shape, np.int32)
+        first = [a.__array_interface__["data"][0] for a in (q, k, v)]  # a view's first element, as MLX hands it over
+        inputs = [first[0], strides[0].ctypes.data, first[1], strides[1].ctypes.data, first[2], strides[2].ctypes.data,
+                  keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data, at.ctypes.data]
+        parts_out = [part_acc.ctypes.data, part_max.ctypes.data, part_sum.ctypes.data]
+        plain, merge = build(tmp_path / "plain", d, q_heads, kv_heads, scale)
+        if roped:
+            kernel = build_roped_parts(tmp_path, d, q_heads, kv_heads, scale, norm, traditional)
+            extra = [frequencies.ctypes.data, q_weight.ctypes.data, k_weight.ctypes.data]
+            kernel.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + extra + parts_out])
+        else:
+            plain.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + parts_out])
+        merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum,
+                                                                         out)])
+        return out, keys, values
+
+    q_out = np.zeros((1, q_heads, 1, d), np.uint16)
+    k_out = np.zeros((1, kv_heads, 1, d), np.uint16)
+    arrays = [qkv, np.array(qkv.shape, np.int32), q_weight, k_weight, frequencies, at, np.array([1], np.int32), q_out,
+              k_out]  # held by the list while the kernel runs
+    build_qk_rope(tmp_path, d, q_heads, kv_heads, norm, traditional).run(
+        ctypes.c_int(-(-(q_heads + kv_heads) // 4)), *[ptr(a.ctypes.data) for a in arrays])
+    two_kernels, keys_two, values_two = attend(q_out, k_out, roped=False)
+    roped, keys_roped, values_roped = attend(q_raw, k_raw, roped=True)
+    np.testing.assert_array_equal(keys_roped[0, :, position], k_out[0, :, 0])
+    np.testing.assert_array_equal(keys_roped, keys_two)
+    np.testing.assert_array_equal(values_roped, values_two)
+    np.testing.assert_array_equal(roped, two_kernels)
+    assert not np.array_equal(k_out[0, :, 0], k_raw[0, :, 0])  # the rotation did something
 
 
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
@@ -271,8 +374,8 @@ def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d,
     build_chunk(tmp_path, d, q_heads, kv_heads, scale).run(ctypes.c_int(kv_heads * query_tiles * splits),
                                                            *[ptr(a.ctypes.data) for a in arrays])
     _, merge = build(tmp_path, d, q_heads, kv_heads, scale)
-    merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, np.array(part_max.shape, np.int32),
-                                                                  part_sum, out)])
+    part_max_shape = np.array(part_max.shape, np.int32)  # held while the kernel runs
+    merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum, out)])
 
     # The chunk's slots now hold its keys and values; every other slot is as it was.
     new = slice(offset, length)

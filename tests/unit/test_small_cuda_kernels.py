@@ -33,7 +33,8 @@ def build_rope(tmp_path: Path, norm: bool):
               "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
     args = "qkv, qkv_shape, q_weight, k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out"
     body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
-    code = (PRELUDE + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
+    helper = kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")  # norm_rope_head, which the kernel calls
+    code = (PRELUDE + helper + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
             block_launcher(f"int blocks, {params}", args, "blocks", HEADS_A_BLOCK * 32))
     return compile_library(tmp_path / f"rope-{int(norm)}", code)
 
