@@ -102,8 +102,7 @@ print(json.dumps([gaps, outs]))
 def test_the_kernel_is_mlx_attention_at_any_split_size(split_keys):
     """The default 16 keys a split (10 and 64 splits of the steps' keys, the second at the cap) and
     MLXRUNNER_DECODE_SPLIT_KEYS=64 (a measuring switch, read once: a fresh process; 3 and 17 splits): each step's
-    attention MLX's to the rounding of its sums, and two launches of a step the same bits (the merge's stages are
-    the same at every launch)."""
+    attention MLX's to the rounding of its sums, and two launches of a step the same bits."""
     environment = {"MLXRUNNER_DECODE_SPLIT_KEYS": split_keys} if split_keys else {}
     gaps, _ = run_script_json(STEP_SCRIPT, "2", environment=environment, unset=["MLXRUNNER_DECODE_SPLIT_KEYS"])
     assert len(gaps) == 2 and all(gap <= 2 ** -6 for gap in gaps), gaps
