@@ -591,11 +591,8 @@ bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const
 
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
   static const bool off = switched_off("MLXRUNNER_DECODE_ROPE");
-  const int d = q.shape(-1);
-  const auto fits = [&](const mx::array& weight) { return weight.dtype() == q.dtype() && weight.size() == d; };
   return !off && rope.rope.inverse_frequencies.dtype() == mx::float32 &&
-         rope.rope.inverse_frequencies.size() == d / 2 &&
-         (!rope.norms || (fits(rope.norms->q_weight) && fits(rope.norms->k_weight)));
+         head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,

@@ -88,20 +88,19 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
   return std::pair{out[0], out[1]};
 }
 
+bool head_norm_rope_fits(int d, mx::Dtype dtype, const FusedRope& rope, const std::optional<QkNorms>& norms) {
+  // Heads of 64 to 512 dimensions in steps of 64 (Llama, Qwen3, Gemma: 64-256).
+  const auto fits = [&](const mx::array& weight) { return weight.dtype() == dtype && weight.size() == d; };
+  return d % 64 == 0 && d <= 512 && rope.inverse_frequencies.size() == d / 2 &&
+         (!norms || (fits(norms->q_weight) && fits(norms->k_weight)));
+}
+
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
                                                                  const std::optional<QkNorms>& norms,
                                                                  const FusedRope& rope, const mx::array& offsets) {
   if (!running_on_cuda() || qkv.ndim() != 4 || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
   const int d = qkv.shape(3);
-  // A lane per D / 64 pairs, held in registers: heads of 64 to 512 dimensions in steps of 64 (Llama, Qwen3, Gemma:
-  // 64-256).
-  if (d % 64 != 0 || d > 512 || qkv.shape(2) != q_heads + 2 * kv_heads || rope.inverse_frequencies.size() != d / 2) {
-    return std::nullopt;
-  }
-  if (norms && (norms->q_weight.dtype() != qkv.dtype() || norms->k_weight.dtype() != qkv.dtype() ||
-                norms->q_weight.size() != d || norms->k_weight.size() != d)) {
-    return std::nullopt;
-  }
+  if (qkv.shape(2) != q_heads + 2 * kv_heads || !head_norm_rope_fits(d, qkv.dtype(), rope, norms)) return std::nullopt;
   static auto with_norms =
       cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
                   {"q_out", "k_out"}, kQkRope, kCudaHeadNormRope, true, {{"NORM", true}});
