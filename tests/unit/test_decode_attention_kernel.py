@@ -17,9 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, block_launcher, compile_library, from_bf16_bits, kernel_source, to_bf16_bits
+from cuda_emulator import (
+    NN,
+    PRELUDE,
+    block_launcher,
+    build_qk_rope,
+    compile_library,
+    from_bf16_bits,
+    kernel_source,
+    to_bf16_bits,
+)
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nn" / "cuda_decode_attention.cpp"
+SOURCE = NN / "cuda_decode_attention.cpp"
 THREADS = 128  # the parts kernel's block (kThreads)
 KEYS_PER_SPLIT, MOST_SPLITS = 16, 64  # as the host code chooses the splits (kKeysPerSplit, kMostSplits)
 
@@ -164,26 +173,12 @@ def test_the_merge_rescales_every_split_to_the_largest_maximum(tmp_path, splits)
 
 # --- the parts kernel that makes the q/k norms and RoPE itself (MLXR_ROPE), against the q/k kernel then the parts ---
 
-NN = SOURCE.parent
 EPS = 1e-6
 
 
 def rope_constants(traditional: bool) -> str:
     eps_bits = int(np.array(EPS, np.float32).view(np.int32))
     return f"constexpr bool TRADITIONAL = {str(traditional).lower()};\nconstexpr int EPS_BITS = {eps_bits};\n"
-
-
-def build_qk_rope(tmp_path: Path, d: int, q_heads: int, kv_heads: int, norm: bool, traditional: bool):
-    """The q/k kernel (cuda_norm_rope.cpp, kQkRope) in bfloat16: run(blocks, qkv, qkv_shape, q_weight, k_weight,
-    inverse_frequencies, offsets, offsets_shape, q_out, k_out), 4 heads a block."""
-    params = ("const T* qkv, const int* qkv_shape, const T* q_weight, const T* k_weight, "
-              "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
-    body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
-    code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
-            constants_of(d, q_heads, kv_heads, 1.0) + rope_constants(traditional) +
-            f"static void kernel({params}) {{\n{body}\n}}\n")
-    return compile_library(tmp_path / f"qk-{int(norm)}{int(traditional)}",
-                           code + block_launcher(f"int blocks, {params}", names(params), "blocks", 4 * 32))
 
 
 def build_roped_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
@@ -250,7 +245,8 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     k_out = np.zeros((1, kv_heads, 1, d), np.uint16)
     arrays = [qkv, np.array(qkv.shape, np.int32), q_weight, k_weight, frequencies, at, np.array([1], np.int32), q_out,
               k_out]  # held by the list while the kernel runs
-    build_qk_rope(tmp_path, d, q_heads, kv_heads, norm, traditional).run(
+    qk_constants = constants_of(d, q_heads, kv_heads, 1.0) + rope_constants(traditional)
+    build_qk_rope(tmp_path / f"qk-{int(norm)}{int(traditional)}", qk_constants, norm).run(
         ctypes.c_int(-(-(q_heads + kv_heads) // 4)), *[ptr(a.ctypes.data) for a in arrays])
     two_kernels, keys_two, values_two = attend(q_out, k_out, roped=False)
     roped, keys_roped, values_roped = attend(q_raw, k_raw, roped=True)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_emulator import PRELUDE, block_launcher, compile_library, kernel_source
+from cuda_emulator import NN, PRELUDE, block_launcher, build_qk_rope, compile_library, kernel_source
 
-NN = Path(__file__).resolve().parents[2] / "csrc" / "nn"
 Q_HEADS, KV_HEADS, D = 4, 2, 128
 HEADS_A_BLOCK = 4  # kQkHeadsABlock
 EPS = 1e-6
@@ -29,14 +28,7 @@ def build_rope(tmp_path: Path, norm: bool):
     eps_bits = int(np.array(EPS, np.float32).view(np.int32))
     constants = (f"using T = float;\nconstexpr int D = {D}, Q_HEADS = {Q_HEADS}, KV_HEADS = {KV_HEADS}, "
                  f"TRADITIONAL = 0, EPS_BITS = {eps_bits};\n")
-    params = ("const T* qkv, const int* qkv_shape, const T* q_weight, const T* k_weight, "
-              "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
-    args = "qkv, qkv_shape, q_weight, k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out"
-    body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
-    helper = kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")  # norm_rope_head, which the kernel calls
-    code = (PRELUDE + helper + constants + f"static void kernel({params}) {{\n{body}\n}}\n" +
-            block_launcher(f"int blocks, {params}", args, "blocks", HEADS_A_BLOCK * 32))
-    return compile_library(tmp_path / f"rope-{int(norm)}", code)
+    return build_qk_rope(tmp_path / f"rope-{int(norm)}", constants, norm)
 
 
 def rope_reference(qkv, q_weight, k_weight, frequencies, offsets, norm: bool):
