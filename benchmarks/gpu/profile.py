@@ -219,6 +219,52 @@ def summarize(kernels: list[dict], wall_s: float | None, per: int = 1, memops: l
     return out
 
 
+REGION_MARK = "mlxr-region"  # the profiled callable's span on the trace's clock
+HOST_LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+IDLE_SHOWN = 10
+
+
+def idle_timeline(trace, kernels: list[dict]) -> dict:
+    """Where a region's device sits idle: before its first kernel (the host building and queuing the first work),
+    after its last (reading results back, the host's bookkeeping), and between kernels (the largest gaps, with the
+    kernels either side and whether a launch from the host came just before the later one: the device waited on the
+    host). Host launches are CUPTI's runtime/driver API events in the same trace (µs on the same clock)."""
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    region = next((e for e in events or [] if isinstance(e, dict) and e.get("name") == REGION_MARK
+                   and e.get("ph") == "X"), None)
+    timed = sorted((k for k in kernels if k.get("ts") is not None), key=lambda k: k["ts"])
+    if region is None or not timed:
+        return {"note": "no region mark or no timed kernels"}
+    begin, end = float(region["ts"]), float(region["ts"]) + float(region.get("dur", 0.0))
+    launches = sorted(float(e["ts"]) + float(e.get("dur", 0.0)) for e in events
+                      if isinstance(e, dict) and e.get("ph") == "X" and str(e.get("name", "")) in HOST_LAUNCHES)
+    api: dict[str, list[float]] = {}
+    for e in events:
+        if isinstance(e, dict) and e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("cuda_runtime",
+                                                                                               "cuda_driver"):
+            entry = api.setdefault(str(e.get("name")), [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(e.get("dur", 0.0))
+    gaps, covered = [], timed[0]["ts"] + timed[0]["dur"]
+    for before, after in zip(timed, timed[1:]):
+        if after["ts"] > covered:
+            launched = [t for t in launches if t <= after["ts"]]
+            waited = bool(launched) and launched[-1] > covered  # the launch came after the device went idle
+            gaps.append({"us": after["ts"] - covered, "before": before["name"][:60], "after": after["name"][:60],
+                         "at_us": covered - begin, "waited_on_host": waited})
+        covered = max(covered, after["ts"] + after["dur"])
+    idle = sum(g["us"] for g in gaps)
+    return {
+        "region_us": end - begin, "lead_us": timed[0]["ts"] - begin, "tail_us": end - covered,
+        "interior_idle_us": idle, "interior_gaps": len(gaps),
+        "interior_idle_waiting_on_host_us": sum(g["us"] for g in gaps if g["waited_on_host"]),
+        "gaps_over_5us": sum(1 for g in gaps if g["us"] > 5),
+        "largest_gaps": sorted(gaps, key=lambda g: -g["us"])[:IDLE_SHOWN],
+        "host_api": {name: {"count": c, "ms": us / 1000} for name, (c, us) in
+                     sorted(api.items(), key=lambda item: -item[1][1])[:IDLE_SHOWN]},
+    }
+
+
 class KernelProfiler:
     """torch.profiler around a callable; the chrome trace goes to a temp dir and is parsed."""
 
@@ -231,30 +277,32 @@ class KernelProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            started = time.perf_counter()
-            fn()  # ends with a device sync
-            wall = time.perf_counter() - started
+            with torch.profiler.record_function(REGION_MARK):
+                started = time.perf_counter()
+                fn()  # ends with a device sync
+                wall = time.perf_counter() - started
         path = self.tmp / (re.sub(r"[^A-Za-z0-9._-]+", "_", label) + ".json")
         prof.export_chrome_trace(str(path))
         self.traces.append(path)
-        kernels, memops = kernels_from_trace(json.loads(path.read_text()))
+        trace = json.loads(path.read_text())
+        kernels, memops = kernels_from_trace(trace)
         out = summarize(kernels, wall, per, memops, empty_note)
+        out["timeline"] = idle_timeline(trace, kernels)
         out["trace_bytes"] = path.stat().st_size
         out["torch"] = torch.__version__
         return out
 
-    def keep_smallest(self, out_dir: Path) -> str | None:
-        """Gzip the smallest trace into OUT if it is small (the others are too big to keep)."""
-        existing = [p for p in self.traces if p.exists()]
-        if not existing:
-            return None
-        smallest = min(existing, key=lambda p: p.stat().st_size)
-        data = gzip.compress(smallest.read_bytes())
-        if len(data) >= KEEP_TRACE_BYTES:
-            return None
-        target = out_dir / (smallest.name + ".gz")
-        target.write_bytes(data)
-        return target.name
+    def keep_smallest(self, out_dir: Path, every: bool = False) -> str | None:
+        """Gzip the smallest trace into OUT if it is small (the others are too big to keep); `every`: each trace
+        that is small. The names kept, comma-separated."""
+        existing = sorted((p for p in self.traces if p.exists()), key=lambda p: p.stat().st_size)
+        kept = []
+        for path in existing if every else existing[:1]:
+            data = gzip.compress(path.read_bytes())
+            if len(data) < KEEP_TRACE_BYTES:
+                (out_dir / (path.name + ".gz")).write_bytes(data)
+                kept.append(path.name + ".gz")
+        return ", ".join(kept) or None
 
 
 # --- Nsight Compute fallback -------------------------------------------------------------------------
@@ -548,6 +596,10 @@ def case_pcache(mx, args, report: dict, profiler: KernelProfiler, save, deadline
     log("[pcache] " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians.items()))
     after_first()
     section["profile"] = profiler.run("pcache-second", lambda: ours.request(second), per=1)
+    ours.clear()  # the same 64 tokens as a fresh prompt: the second request less its attention over cached keys
+    section["profile_fresh_follow_up"] = profiler.run("pcache-fresh", lambda: ours.request(second[-PCACHE_FOLLOW_UP:]))
+    ours.clear()
+    section["profile_one_token"] = profiler.run("pcache-one", lambda: ours.request(prompt(1, salt=3)))
     save()
 
 
@@ -1005,6 +1057,8 @@ def parse_args(argv):
     parser.add_argument("--vae-latent", type=int, default=128, help="latent height = width (128: a 1024² image)")
     parser.add_argument("--denoise-steps", type=int, default=2, help="denoising steps profiled per side")
     parser.add_argument("--denoise-size", type=int, default=1024, help="image side of the denoise case")
+    parser.add_argument("--keep-traces", action="store_true",
+                        help="keep every region's chrome trace under 5 MB (gzipped in OUT), not only the smallest")
     parser.add_argument("--budget-s", type=float, default=560,
                         help="skip sections that would start past this many seconds (the device's limit is 600)")
     # internal modes (this script as its own child)
@@ -1086,7 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{case}] ERROR\n{report['errors'][case]}")
             save()
         try:
-            report["kept_trace"] = profiler.keep_smallest(args.out)
+            report["kept_trace"] = profiler.keep_smallest(args.out, every=args.keep_traces)
         except Exception:  # noqa: BLE001
             report["errors"]["keep trace"] = error_text()
     finally:
