@@ -41,7 +41,10 @@ Cases (run in the order llm, vae, denoise, sweep; the sweep is the longest):
 2b. pcache: the prompt cache's second request on the Qwen3-4B shape (bf16), ours only: a 3,000-token prompt,
    then it + 64 tokens, one greedy token each (benchmarks/prompt_cache_sides.py's `Ours`), beside the same 64
    tokens as a fresh prompt, a 1-token prompt and the whole 3,064 tokens again (all cached); medians of 5 after a
-   warm-up of each; then the second request profiled: whether its time is kernels or the host between them.
+   warm-up of each; then the second request profiled: whether its time is kernels or the host between them; then the
+   fresh follow-up and the 1-token prompt profiled. Every profiled region also reports its timeline (`idle_timeline`):
+   the device idle before the first kernel, after the last and between kernels (the largest gaps, and how much of it
+   came after the device went idle and before the host's next launch: time the device waited on the host).
 3. denoise: the Z-Image denoiser's kernels per step and each image phase's peak memory, ours and
    diffusers' (benchmarks/gpu/profile_image.py says how).
 4. sweep: MLX reads MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph before it is
