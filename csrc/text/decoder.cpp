@@ -511,12 +511,6 @@ class LayerPacer {
     if (previous_) mx::eval(*previous_);
     previous_ = std::move(outputs);
   }
-  // A layer's attention output, queued at once when early dispatch is on at every layer and the measuring switch
-  // MLXRUNNER_DISPATCH_ATTENTION=1 asks for half layers.
-  void queued_attention(const mx::array& attended) const {
-    static const bool halves = switched_on("MLXRUNNER_DISPATCH_ATTENTION");
-    if (halves && mode_ == Mode::kEarly && early_dispatch_layers() == 1) mx::async_eval(attended);
-  }
 
   // Layers a queued piece holds; MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch off (to measure it).
   static int early_dispatch_layers() {
@@ -562,9 +556,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
   LayerPacer pacer(pacing(paced(x.base), last_only || tokens.shape(1) > 1));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
-      auto attended = attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
-      pacer.queued_attention(attended);
-      return attended;
+      return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
     });
     pacer.queued(x.arrays());
   }
