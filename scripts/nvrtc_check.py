@@ -38,8 +38,7 @@ from mlxrunner import _core
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "nn"
 WHEELS = {"nvrtc": "nvidia-cuda-nvrtc==13.0.*", "runtime": "nvidia-cuda-runtime==13.0.*", "mlx": "mlx-cuda-13==0.32.4"}
-CUDA_TYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "float": "float", "int32": "int32_t", "uint32": "uint32_t",
-             "int64": "int64_t"}
+CUDA_TYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "float": "float", "int32": "int32_t", "uint32": "uint32_t"}
 MLX_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
@@ -122,10 +121,6 @@ def kernels():
     for dtype in ("bf16", "f16", "float"):
         yield f"argmax/{dtype}", mlx_kernel_source("mlxr_argmax", "", kernel_string("cuda_argmax.cpp", "kArgmax"),
                                                    [("z", dtype)], [("out", "int32")], {"T": dtype})
-    for dtype in ("int32", "int64"):
-        yield f"device_ids/{dtype}", mlx_kernel_source("mlxr_device_ids", "", kernel_string("cuda_device_ids.cpp",
-                                                                                           "kDeviceIds"),
-                                                       [("ids", dtype)], [("out", dtype)], {"T": dtype})
     for channels in (128, 512):  # the VAE's widest and narrowest images' channels
         yield f"group_norm_sums/{channels}/bf16", mlx_kernel_source(
             "mlxr_group_norm_sums", "", kernel_string("cuda_group_norm.cpp", "kGroupNormSums"), [("x", "bf16")],

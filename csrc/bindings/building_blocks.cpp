@@ -15,7 +15,6 @@
 #include "nn/cuda_argmax.h"
 #include "nn/cuda_batch_attention.h"
 #include "nn/cuda_decode_attention.h"
-#include "nn/cuda_device_ids.h"
 #include "nn/cuda_dit_fusion.h"
 #include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
@@ -336,16 +335,6 @@ void bind_cuda_kernels(nb::module_& m) {
       "z"_a, nb::call_guard<nb::gil_scoped_release>(),
       "Greedy sampling's argmax on CUDA (nn/cuda_argmax.h): the first index of the largest value of z [V] (an int32 "
       "scalar) or of each row of z [rows, V] (int32 [rows]), as mx.argmax; None off CUDA.");
-  m.def(
-      "cuda_ids_on_device",
-      [](const mx::array& ids) -> std::optional<mx::array> {
-        auto out = cuda_ids_on_device(ids);
-        if (!out) return std::nullopt;
-        return evaluated(*out);
-      },
-      "ids"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "Host-made token ids copied by a kernel into device memory before an embedding gathers them "
-      "(nn/cuda_device_ids.h): the same values, shape and dtype; None off CUDA or for a single id.");
   m.def(
       "cuda_qk_norm_rope",
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,

@@ -1,7 +1,6 @@
 #include "nn/linear.h"
 
 #include "nn/cpu_kernels.h"
-#include "nn/cuda_device_ids.h"
 #include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_matvec.h"
@@ -313,9 +312,7 @@ Embedding Embedding::load(const Weights& w, int num_embeddings, int dims) {
   return out;
 }
 
-mx::array Embedding::operator()(const mx::array& given_ids) const {
-  // Ids made on the host are read by the gathers below from device memory (nn/cuda_device_ids.h).
-  const auto ids = cuda_ids_on_device(given_ids).value_or(given_ids);
+mx::array Embedding::operator()(const mx::array& ids) const {
   auto rows = mx::take(weight, ids, 0);
   if (!quantized) return rows;
   // Gather the packed rows first and dequantize only those (mlx.nn.QuantizedEmbedding does the same,

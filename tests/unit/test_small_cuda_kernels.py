@@ -1,15 +1,13 @@
-"""Three small CUDA kernels of the decode step and the prefill, run on this machine's CPU (tests/unit/cuda_emulator.py:
-every thread of a block a std::thread, a warp's lanes meeting for their shuffles), against numpy:
+"""Two small CUDA kernels of the decode step, run on this machine's CPU (tests/unit/cuda_emulator.py: every thread of a
+block a std::thread, a warp's lanes meeting for their shuffles), against numpy:
 
 - the q/k norm + RoPE (csrc/nn/cuda_norm_rope.cpp, kQkRope: a warp a head, its sum of squares by shuffles), with and
   without Qwen3's per-head norms, for every head of q and k at positions offset + t, written heads first;
 - greedy sampling's argmax (csrc/nn/cuda_argmax.cpp, kArgmax: a block a row, 16-byte words and the elements around
-  them, the warps' and the block's bests), against numpy's argmax, NaN counting as the largest, ties to the first;
-- the copy of host-made ids into device memory (csrc/nn/cuda_device_ids.cpp, kDeviceIds: a thread an id), every id
-  once and nothing past the last.
+  them, the warps' and the block's bests), against numpy's argmax, NaN counting as the largest, ties to the first.
 
 What this cannot check (the real warps, NVRTC, half-precision rounding on the device) tests/gpu/test_norm_rope.py and
-tests/gpu/test_argmax.py and tests/gpu/test_device_ids.py do on CUDA.
+tests/gpu/test_argmax.py do on CUDA.
 """
 
 from __future__ import annotations
@@ -105,21 +103,3 @@ def test_argmax_is_numpys_over_words_edges_ties_and_nans(tmp_path):
                                ctypes.c_int(2), ptr(out.ctypes.data))
     assert out.tolist() == [numpy_argmax(row) for row in rows]
     assert out.tolist()[:6] == [17, 0, width - 1, 0, 12_345, 0]
-
-
-DEVICE_IDS_THREADS = 256  # kDeviceIdsThreads
-
-
-def test_device_ids_copy_every_id_once_and_nothing_past_the_last(tmp_path):
-    params = "const T* ids, const int* ids_shape, int ids_ndim, T* out"
-    code = (PRELUDE + "using T = int;\n" +
-            f"static void kernel({params}) {{\n{kernel_source(NN / 'cuda_device_ids.cpp', 'kDeviceIds')}\n}}\n" +
-            block_launcher(f"int blocks, {params}", "ids, ids_shape, ids_ndim, out", "blocks", DEVICE_IDS_THREADS))
-    library = compile_library(tmp_path / "device_ids", code)
-    ids = np.random.default_rng(1).integers(0, 151_936, size=(3, 100)).astype(np.int32)  # 300: two blocks, a part
-    out = np.full(ids.size + 7, -1, np.int32)  # past the last id must stay untouched
-    shape = np.array(ids.shape, np.int32)
-    ptr = ctypes.c_void_p
-    library.run(ctypes.c_int(2), ptr(ids.ctypes.data), ptr(shape.ctypes.data), ctypes.c_int(2), ptr(out.ctypes.data))
-    assert out[: ids.size].tolist() == ids.ravel().tolist()
-    assert out[ids.size:].tolist() == [-1] * 7
