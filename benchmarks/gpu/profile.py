@@ -4,7 +4,7 @@ memory.
 
     python -m benchmarks.gpu.profile --models-dir DIR --out OUTDIR [--cases llm,pcache,batch,vae,denoise,sweep] \\
         [--llm-models qwen3-0.6b,qwen3-4b,llama3-8b] [--tokens 32] [--sweep-models qwen3-0.6b,qwen3-4b] \\
-        [--vae-latent 128] [--denoise-steps 2] [--denoise-size 1024] [--budget-s 560]
+        [--vae-latent 128] [--denoise-steps 2] [--denoise-size 1024] [--budget-s 560] [--keep-traces]
 
 Kernels are captured with torch's profiler (Kineto over CUPTI): CUPTI's activity tracing records
 every kernel the process launches, MLX's included, also the kernel nodes of the CUDA graphs MLX's
@@ -295,7 +295,7 @@ class KernelProfiler:
         out["torch"] = torch.__version__
         return out
 
-    def keep_smallest(self, out_dir: Path, every: bool = False) -> str | None:
+    def keep_small_traces(self, out_dir: Path, every: bool = False) -> str | None:
         """Gzip the smallest trace into OUT if it is small (the others are too big to keep); `every`: each trace
         that is small. The names kept, comma-separated."""
         existing = sorted((p for p in self.traces if p.exists()), key=lambda p: p.stat().st_size)
@@ -1143,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{case}] ERROR\n{report['errors'][case]}")
             save()
         try:
-            report["kept_trace"] = profiler.keep_smallest(args.out, every=args.keep_traces)
+            report["kept_trace"] = profiler.keep_small_traces(args.out, every=args.keep_traces)
         except Exception:  # noqa: BLE001
             report["errors"]["keep trace"] = error_text()
     finally:
