@@ -42,7 +42,7 @@ def test_low_memory_draws_the_same_image_with_less_memory_in_every_phase(model):
     normal_loaded, normal = load_and_run(FIXTURES / model, low_memory=False)
     low_loaded, low = load_and_run(FIXTURES / model, low_memory=True)
     assert low_loaded < normal_loaded  # only the text encoder (and the VAE) is read at load
-    for n, lo in zip(normal, low):  # the second run reads both networks again from their files
+    for n, lo in zip(normal, low):  # the second run reads the transformer again (the prompt's embedding is kept)
         assert np.array_equal(np.asarray(n.image), np.asarray(lo.image))
         assert set(lo.peak_memory) == {"encode", "denoise", "decode"}
     # Each phase's lower peak of the two runs: one run's denoise phase may hold ~2 MB more, as much as the tiny text

@@ -23,6 +23,7 @@ from PIL import Image
 from mlxrunner import _core, backend
 from mlxrunner.errors import Cancelled, ModelError, RequestError
 from mlxrunner.imagegen.images import to_pil
+from mlxrunner.imagegen.prompt_embeddings import PromptEmbeddings
 from mlxrunner.imagegen.text_encoder import Qwen3TextEncoder
 from mlxrunner.imagegen.vae import decode_working_bytes, request_tile
 from mlxrunner.llm.model import core_quantization
@@ -231,8 +232,9 @@ class ImagePipeline(ABC):
                  denoise_queue_depth: int | None = None):
         """What loading any model starts with: distilled or not, the Qwen3 text encoder. `low_memory` holds
         the text encoder and the transformer in turn, never both: each request loads the text encoder, encodes,
-        frees it, reads the transformer, denoises and frees it before the VAE decodes (both are read again from
-        their files on the next request). `denoise_queue_depth`: None takes the mode's default."""
+        frees it, reads the transformer, denoises and frees it before the VAE decodes (the next request reads the
+        transformer again from its files, and the text encoder unless its prompts' embeddings are kept:
+        `prompt_embeddings`). `denoise_queue_depth`: None takes the mode's default."""
         self.source = source
         self.low_memory = low_memory
         self.denoise_queue_depth = denoise_queue_depth_for(denoise_queue_depth, low_memory)
@@ -240,6 +242,7 @@ class ImagePipeline(ABC):
         self.distilled = self.is_distilled(source.read_json("model_index.json"))
         self.defaults = self.distilled_defaults if self.distilled else self.base_defaults
         self.text_encoder = Qwen3TextEncoder(source, self.text_hidden_states)
+        self.prompt_embeddings = PromptEmbeddings()
 
     def load_transformer(self, network: type, config) -> Any:
         """The `network` (a _core transformer class) built over transformer/'s weights, still unread (lazy);
@@ -406,12 +409,13 @@ class ImagePipeline(ABC):
         return self.text_encoder.tokenize(self.prompt_template.format(prompt or ""), self.max_sequence_length)
 
     def embed_prompt(self, prompt: str | None) -> tuple[mx.array, bool]:
-        """The prompt's embedding (lazy, one prompt: no batch dimension) and whether the prompt was cut."""
+        """The prompt's embedding (evaluated, one prompt: no batch dimension) and whether the prompt was cut; a prompt
+        encoded recently takes its kept embedding (imagegen/prompt_embeddings.py) without running the text encoder."""
         ids, truncated = self.prompt_ids(prompt)
         if truncated:
             log.warning("prompt longer than %d tokens (with its template): the rest is cut off",
                         self.max_sequence_length)
-        return self.embed_ids(ids), truncated
+        return self.prompt_embeddings.get_or_make(ids, self.embed_ids), truncated
 
     def encode_prompt(self, prompt: str | None) -> np.ndarray:
         """The prompt's embedding (float32 copy), for parity checks."""
@@ -423,7 +427,6 @@ class ImagePipeline(ABC):
         between the VAE encoder's blocks and tiles); and whether the prompt was cut."""
         positive, truncated = self.embed_prompt(prompt)
         negative = self.embed_prompt(negative_prompt or "")[0] if request.cfg else None
-        mx.eval(positive, *([negative] if negative is not None else []))
         if self.release_text_encoder:  # its memory is free before the VAE encodes the references
             self.text_encoder.release()
         references = (self.encode_references(request.references, request.vae_tile, check_cancelled)
