@@ -66,6 +66,8 @@ class Sides:
         self.peer.set_progress_bar_config(disable=True)
 
     def run_ours(self, width: int, height: int, steps: int):
+        # Each image encodes its prompt, as the peer's does (a kept embedding would skip it).
+        self.ours.prompt_embeddings.clear()
         start = time.perf_counter()
         result = self.ours.run(PROMPT, width=width, height=height, steps=steps, guidance=0.0,
                                latents=zimage_models.initial_latents(width, height))

@@ -62,6 +62,8 @@ def run_ours(args, references) -> dict:
         kwargs["guidance"] = 0.0
 
     def one():
+        # Each image encodes its prompt, as the peer's does (a kept embedding would skip it).
+        pipe.prompt_embeddings.clear()
         mx.synchronize()
         t0 = time.perf_counter()
         result = pipe.run(PROMPT, **kwargs)

@@ -126,6 +126,7 @@ def cache_ab(mx, pipe, noise, rounds: int = 3) -> dict:
     def one(variant: str) -> dict:
         if variant == "released_before":
             mx.clear_cache()
+        pipe.prompt_embeddings.clear()  # each image encodes its prompt, as diffusers' does
         mx.synchronize()
         started = time.perf_counter()
         result = pipe.run(PROMPT, width=size, height=size, steps=MEMORY_STEPS, guidance=0.0, latents=latents)
