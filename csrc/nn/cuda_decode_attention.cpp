@@ -591,8 +591,7 @@ bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const
 
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
   static const bool off = switched_off("MLXRUNNER_DECODE_ROPE");
-  return !off && rope.rope.inverse_frequencies.dtype() == mx::float32 &&
-         head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
+  return !off && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,

@@ -43,8 +43,8 @@ struct DecodeRope {
   FusedRope rope;
   std::optional<QkNorms> norms;
 };
-// Whether the decode kernel makes them for this q: float32 frequencies that head_norm_rope_fits (nn/cuda_norm_rope.h)
-// takes with these norms; unless MLXRUNNER_DECODE_ROPE=0.
+// Whether the decode kernel makes them for this q: head_norm_rope_fits (nn/cuda_norm_rope.h) takes its heads with this
+// RoPE and these norms; unless MLXRUNNER_DECODE_ROPE=0.
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope);
 
 // Writes k and v at slot `position` (int32 [1], on the device: its value is length - 1) of keys and values [1,

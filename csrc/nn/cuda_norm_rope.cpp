@@ -91,8 +91,8 @@ std::optional<std::pair<mx::array, mx::array>> cuda_add_rms_norm(const mx::array
 bool head_norm_rope_fits(int d, mx::Dtype dtype, const FusedRope& rope, const std::optional<QkNorms>& norms) {
   // Heads of 64 to 512 dimensions in steps of 64 (Llama, Qwen3, Gemma: 64-256).
   const auto fits = [&](const mx::array& weight) { return weight.dtype() == dtype && weight.size() == d; };
-  return d % 64 == 0 && d <= 512 && rope.inverse_frequencies.size() == d / 2 &&
-         (!norms || (fits(norms->q_weight) && fits(norms->k_weight)));
+  return d % 64 == 0 && d <= 512 && rope.inverse_frequencies.dtype() == mx::float32 &&
+         rope.inverse_frequencies.size() == d / 2 && (!norms || (fits(norms->q_weight) && fits(norms->k_weight)));
 }
 
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,

@@ -91,8 +91,8 @@ __device__ __forceinline__ void norm_rope_head(const T* src, long long stride, c
 )";
 
 // Whether norm_rope_head takes heads of `d` elements of `dtype` with this RoPE and these norms: d a multiple of 64 up
-// to 512 (a lane holds d / 64 pairs in registers), d / 2 frequencies, norm weights of d elements of dtype. Both kernels
-// that call it ask this.
+// to 512 (a lane holds d / 64 pairs in registers), d / 2 float32 frequencies (it reads them as float), norm weights
+// of d elements of dtype. Both kernels that call it ask this.
 bool head_norm_rope_fits(int d, mx::Dtype dtype, const FusedRope& rope, const std::optional<QkNorms>& norms);
 
 std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
