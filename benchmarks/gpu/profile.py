@@ -66,6 +66,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import argparse  # noqa: E402
+import bisect  # noqa: E402
 import csv  # noqa: E402
 import ctypes  # noqa: E402
 import gc  # noqa: E402
@@ -251,8 +252,8 @@ def idle_timeline(trace, kernels: list[dict]) -> dict:
     gaps, covered = [], timed[0]["ts"] + timed[0]["dur"]
     for before, after in zip(timed, timed[1:]):
         if after["ts"] > covered:
-            launched = [t for t in launches if t <= after["ts"]]
-            waited = bool(launched) and launched[-1] > covered  # the launch came after the device went idle
+            last = bisect.bisect_right(launches, after["ts"])  # the host's launches that ended before this kernel
+            waited = last > 0 and launches[last - 1] > covered  # the latest came after the device went idle
             gaps.append({"us": after["ts"] - covered, "before": before["name"][:60], "after": after["name"][:60],
                          "at_us": covered - begin, "waited_on_host": waited})
         covered = max(covered, after["ts"] + after["dur"])
