@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlxrunner.imagegen.prompt_embeddings import PROMPT_EMBEDDINGS_KEPT, PromptEmbeddings
 
@@ -51,10 +52,8 @@ def test_a_failed_encoding_keeps_nothing_and_clear_empties():
     def failing(ids):
         raise RuntimeError("the encoder failed")
 
-    try:
+    with pytest.raises(RuntimeError, match="the encoder failed"):
         kept.get_or_make([1, 2], failing)
-    except RuntimeError:
-        pass
     assert len(kept) == 0
     kept.get_or_make([1, 2], Encoder())
     kept.clear()
