@@ -12,6 +12,7 @@
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
 #include "nn/weight_list.h"
+#include "text/eval_worker.h"
 
 namespace mlxr {
 
@@ -502,10 +503,17 @@ namespace {
 class LayerPacer {
  public:
   enum class Mode { kAtEnd, kEarly, kPaced };
-  explicit LayerPacer(Mode mode) : mode_(mode) {}
+  explicit LayerPacer(Mode mode, EvalWorker::Session* worker = nullptr) : mode_(mode), worker_(worker) {}
   void queued(std::vector<mx::array> outputs) {
     ++layers_;
-    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
+    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) {
+      if (worker_) {
+        worker_->queue(std::move(outputs));
+      } else {
+        mx::async_eval(outputs);
+      }
+      return;
+    }
     if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
     if (previous_) mx::eval(*previous_);
@@ -522,6 +530,7 @@ class LayerPacer {
  private:
   static constexpr int kEarlyDispatchLayers = 1;
   Mode mode_;
+  EvalWorker::Session* worker_;
   int layers_ = 0;
   std::optional<std::vector<mx::array>> previous_;
 };
@@ -533,6 +542,12 @@ LayerPacer::Mode pacing(bool paced, bool waited_for) {
 }
 
 }  // namespace
+
+bool Decoder::uses_eval_worker(bool waited_for) const {
+  if (packed_ || !waited_for) return false;  // a packed model's prefill is paced: it waits layer by layer anyway
+  const int switched = EvalWorker::switched_on();
+  return switched == 2 || (switched == 1 && pacing(false, waited_for) == LayerPacer::Mode::kEarly);
+}
 
 bool Decoder::paced(const mx::array& embedded) const {
   return packed_ && multiplies_dequantized(embedded);
@@ -549,11 +564,14 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
     throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
   }
+  // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
+  const bool waited_for = last_only || tokens.shape(1) > 1;
+  std::optional<EvalWorker::Session> worker;
+  if (uses_eval_worker(waited_for)) worker.emplace(EvalWorker::instance());
   const int offset = cache[0].offset();
   const auto positions = device_offset(offset);
   Residual x{embed(tokens)};
-  // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
-  LayerPacer pacer(pacing(paced(x.base), last_only || tokens.shape(1) > 1));
+  LayerPacer pacer(worker ? LayerPacer::Mode::kEarly : pacing(paced(x.base), waited_for), worker ? &*worker : nullptr);
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
@@ -565,7 +583,9 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
     auto last = [t](const mx::array& a) { return axis_slice(a, 1, t - 1, t); };
     x = Residual{last(x.base), x.delta ? std::optional{last(*x.delta)} : std::nullopt};
   }
-  return logits(x);
+  auto out = logits(x);          // built while the worker encodes the last layers
+  if (worker) worker->finish();  // the caller evaluates the logits on the worker's stream, which must be idle
+  return out;
 }
 
 mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, int visible,
