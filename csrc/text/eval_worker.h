@@ -7,6 +7,10 @@
 // new_thread_unsafe_stream can be encoded from any thread, one at a time. The forward builds its layers on such a
 // stream (EvalWorker::Scope), the worker encodes them, and the forward drains the worker before anything else is
 // evaluated on that stream.
+//
+// Off by default: timed on an H100 (session 31), the prompt cache follow-up's forward returned at ~6 ms instead of 8.2,
+// but sampling its logits on the caller's own stream then cost a fence between the streams, and the request was not
+// faster (benchmarks/README.md "Session 31").
 #pragma once
 
 #include <atomic>
