@@ -499,6 +499,8 @@ namespace {
 //   H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape): 9.99 ms queued at the end, 9.35
 //   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer. Not on the CPU: there (this 2-core VM, tiny Qwen3) it
 //   slowed a 3,000-token prefill from ~70 to ~113 ms, the layers' kernels and the host's building sharing the cores.
+//   With MLXRUNNER_EVAL_THREAD=1 the queued layers go to a worker thread that encodes them while this thread builds
+//   the next (text/eval_worker.h; off: timed in session 31, not faster end to end).
 // - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:

@@ -5,7 +5,7 @@
 //
 // MLX 0.32 gives each thread its own default stream, and a thread can encode only its own streams; a stream made by
 // new_thread_unsafe_stream can be encoded from any thread, one at a time. The forward builds its layers on such a
-// stream (EvalWorker::Scope), the worker encodes them, and the forward drains the worker before anything else is
+// stream (EvalWorker::Session), the worker encodes them, and the forward drains the worker before anything else is
 // evaluated on that stream.
 //
 // Off by default: timed on an H100 (session 31), the prompt cache follow-up's forward returned at ~6 ms instead of 8.2,
@@ -30,7 +30,7 @@ namespace mx = mlx::core;
 
 class EvalWorker {
  public:
-  // The process's worker, started at first use (a GPU must be the default device).
+  // The process's worker, started at first use, its stream on the default device of that moment.
   static EvalWorker& instance();
   // MLXRUNNER_EVAL_THREAD=1 turns it on for a GPU's waited-for forwards, 2 for every waited-for forward, the CPU's
   // too (to test it here); a measuring switch while its gain is timed.
