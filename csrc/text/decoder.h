@@ -149,6 +149,9 @@ class Decoder {
   void eval_weights() const;
   const DecoderConfig& config() const { return config_; }
 
+  // Whether a waited-for forward hands its layers to the eval worker (text/eval_worker.h): MLXRUNNER_EVAL_THREAD.
+  bool uses_eval_worker(bool waited_for) const;
+
  private:
   class LayerInput;
   // Attention's queries, keys and values [B, heads, T, D] from the layer's input: projected, heads split, q/k norms
@@ -219,8 +222,6 @@ class Decoder {
   using Attend = std::function<mx::array(LayerInput&)>;
   Residual layer_forward(const DecoderLayer& layer, const Residual& x, const Attend& attend) const;
   mx::array logits(const Residual& x) const;
-  // Whether a waited-for forward hands its layers to the eval worker (text/eval_worker.h): MLXRUNNER_EVAL_THREAD.
-  bool uses_eval_worker(bool waited_for) const;
   // Whether a forward over `embedded` evaluates layer by layer (LayerPacer in decoder.cpp): a packed model's many-row
   // products multiply dequantized copies of its weights.
   bool paced(const mx::array& embedded) const;

@@ -22,7 +22,7 @@ EvalWorker& EvalWorker::instance() {
 EvalWorker::EvalWorker() : stream_(mx::new_thread_unsafe_stream(mx::default_device())), thread_([this] { run(); }) {}
 
 EvalWorker::Session::Session(EvalWorker& worker)
-    : worker_(worker), previous_(mx::default_stream(worker.stream_.device)) {
+    : worker_(worker), lease_(worker.lease_mutex_), previous_(mx::default_stream(worker.stream_.device)) {
   mx::set_default_stream(worker.stream_);
 }
 
@@ -42,6 +42,15 @@ EvalWorker::Session::~Session() {
     } catch (...) {  // the forward is already failing: its own exception is the one that goes on
     }
   }
+  mx::set_default_stream(previous_);
+}
+
+EvalWorker::StreamLease::StreamLease(EvalWorker& worker)
+    : lease_(worker.lease_mutex_), previous_(mx::default_stream(worker.stream_.device)) {
+  mx::set_default_stream(worker.stream_);
+}
+
+EvalWorker::StreamLease::~StreamLease() {
   mx::set_default_stream(previous_);
 }
 

@@ -10,7 +10,8 @@
 //
 // Off by default: timed on an H100 (session 31), the prompt cache follow-up's forward returned at ~6 ms instead of 8.2,
 // but sampling its logits on the caller's own stream then cost a fence between the streams, and the request was not
-// faster (benchmarks/README.md "Session 31").
+// faster (benchmarks/README.md "Session 31"). StreamLease, which keeps the generator's own work on the worker's
+// stream, came after that timing.
 #pragma once
 
 #include <atomic>
@@ -52,8 +53,25 @@ class EvalWorker {
 
    private:
     EvalWorker& worker_;
+    std::unique_lock<std::recursive_mutex> lease_;
     mx::Stream previous_;
     bool finished_ = false;
+  };
+
+  // A generator's work between its forwards (sampling, decode steps) on the worker's stream too, so that the logits
+  // a forward made there are sampled without a fence between two streams. While it lives the calling thread builds
+  // and evaluates on that stream, which it holds against other threads (the stream is not thread-safe); a Session
+  // inside it, on the same thread, lends the stream to the worker.
+  class StreamLease {
+   public:
+    explicit StreamLease(EvalWorker& worker);
+    ~StreamLease();
+    StreamLease(const StreamLease&) = delete;
+    StreamLease& operator=(const StreamLease&) = delete;
+
+   private:
+    std::unique_lock<std::recursive_mutex> lease_;
+    mx::Stream previous_;
   };
 
  private:
@@ -67,6 +85,7 @@ class EvalWorker {
   static constexpr std::chrono::microseconds kSpin{2000};
 
   mx::Stream stream_;
+  std::recursive_mutex lease_mutex_;  // held by the thread that builds on stream_ (Session, StreamLease)
   std::atomic<long long> queued_{0};  // arrays ever queued: what the spinning worker watches
   std::mutex mutex_;
   std::condition_variable work_, idle_;
