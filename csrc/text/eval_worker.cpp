@@ -21,11 +21,6 @@ EvalWorker& EvalWorker::instance() {
 
 EvalWorker::EvalWorker() : stream_(mx::new_thread_unsafe_stream(mx::default_device())), thread_([this] { run(); }) {}
 
-EvalWorker::Session::Session(EvalWorker& worker)
-    : worker_(worker), lease_(worker.lease_mutex_), previous_(mx::default_stream(worker.stream_.device)) {
-  mx::set_default_stream(worker.stream_);
-}
-
 void EvalWorker::Session::queue(std::vector<mx::array> outputs) {
   worker_.queue(std::move(outputs));
 }
@@ -42,7 +37,6 @@ EvalWorker::Session::~Session() {
     } catch (...) {  // the forward is already failing: its own exception is the one that goes on
     }
   }
-  mx::set_default_stream(previous_);
 }
 
 EvalWorker::StreamLease::StreamLease(EvalWorker& worker)

@@ -37,31 +37,10 @@ class EvalWorker {
   // too (to test it here); a measuring switch while its gain is timed.
   static int switched_on();
 
-  // One forward's use of the worker: while it lives, the calling thread builds on the worker's thread-unsafe stream
-  // (its default GPU stream) and queues what the worker encodes. finish() waits for the worker and rethrows its
-  // error; a Session left by an exception waits too, so nothing else meets the worker on that stream.
-  class Session {
-   public:
-    explicit Session(EvalWorker& worker);
-    ~Session();
-    Session(const Session&) = delete;
-    Session& operator=(const Session&) = delete;
-
-    // Encode `outputs` on the worker, after everything queued before.
-    void queue(std::vector<mx::array> outputs);
-    void finish();
-
-   private:
-    EvalWorker& worker_;
-    std::unique_lock<std::recursive_mutex> lease_;
-    mx::Stream previous_;
-    bool finished_ = false;
-  };
-
-  // A generator's work between its forwards (sampling, decode steps) on the worker's stream too, so that the logits
-  // a forward made there are sampled without a fence between two streams. While it lives the calling thread builds
-  // and evaluates on that stream, which it holds against other threads (the stream is not thread-safe); a Session
-  // inside it, on the same thread, lends the stream to the worker.
+  // The calling thread builds and evaluates on the worker's stream while this lives, holding it against other threads
+  // (the stream is not thread-safe). A generator's work between its forwards (sampling, decode steps) takes one, so
+  // that the logits a forward made there are sampled without a fence between two streams; a Session inside it, on
+  // the same thread, lends the stream to the worker.
   class StreamLease {
    public:
     explicit StreamLease(EvalWorker& worker);
@@ -72,6 +51,26 @@ class EvalWorker {
    private:
     std::unique_lock<std::recursive_mutex> lease_;
     mx::Stream previous_;
+  };
+
+  // One forward's use of the worker: the stream leased to the calling thread, which builds on it and queues what the
+  // worker encodes. finish() waits for the worker and rethrows its error; a Session left by an exception waits too,
+  // so nothing else meets the worker on that stream.
+  class Session {
+   public:
+    explicit Session(EvalWorker& worker) : worker_(worker), lease_(worker) {}
+    ~Session();
+    Session(const Session&) = delete;
+    Session& operator=(const Session&) = delete;
+
+    // Encode `outputs` on the worker, after everything queued before.
+    void queue(std::vector<mx::array> outputs);
+    void finish();
+
+   private:
+    EvalWorker& worker_;
+    StreamLease lease_;  // released after the destructor has drained the worker
+    bool finished_ = false;
   };
 
  private:
@@ -85,7 +84,7 @@ class EvalWorker {
   static constexpr std::chrono::microseconds kSpin{2000};
 
   mx::Stream stream_;
-  std::recursive_mutex lease_mutex_;  // held by the thread that builds on stream_ (Session, StreamLease)
+  std::recursive_mutex lease_mutex_;  // held by the thread that builds on stream_ (StreamLease)
   std::atomic<long long> queued_{0};  // arrays ever queued: what the spinning worker watches
   std::mutex mutex_;
   std::condition_variable work_, idle_;
