@@ -252,7 +252,7 @@ class LanguageModel:
             # cache may not be touched, so the sequence goes back through its queue. It may hold the sequence this
             # request took from the cache: dropped with the stream, a conversation would lose it.
             held = generator.position
-            self.prompt_cache.give_back((ids + answer.generated)[:held], generator.take_cache())
+            self.prompt_cache.give_back(_sequence(prompt_tokens, answer.generated)[:held], generator.take_cache())
             raise
         self.prompt_cache.keep(_sequence(prompt_tokens, answer.generated), generator.position, generator.take_cache())
         yield from answer.finish()
