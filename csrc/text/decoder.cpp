@@ -12,7 +12,6 @@
 #include "nn/cuda_norm_rope.h"
 #include "nn/slicing.h"
 #include "nn/weight_list.h"
-#include "text/eval_worker.h"
 
 namespace mlxr {
 
@@ -499,21 +498,17 @@ namespace {
 //   H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape): 9.99 ms queued at the end, 9.35
 //   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer. Not on the CPU: there (this 2-core VM, tiny Qwen3) it
 //   slowed a 3,000-token prefill from ~70 to ~113 ms, the layers' kernels and the host's building sharing the cores.
-//   With MLXRUNNER_EVAL_THREAD=1 the queued layers go to a worker thread that encodes them while this thread builds
-//   the next (text/eval_worker.h; off: timed in session 31, not faster end to end).
+//   A worker thread that encoded each queued layer while this thread built the next was timed on an H100 in sessions
+//   31 and 32 and removed: the forward returned ~2 ms sooner, the request did not (benchmarks/README.md).
 // - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:
   enum class Mode { kAtEnd, kEarly, kPaced };
-  explicit LayerPacer(Mode mode, EvalWorker::Session* worker = nullptr) : mode_(mode), worker_(worker) {}
+  explicit LayerPacer(Mode mode) : mode_(mode) {}
   void queued(std::vector<mx::array> outputs) {
     ++layers_;
     if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) {
-      if (worker_) {
-        worker_->queue(std::move(outputs));
-      } else {
-        mx::async_eval(outputs);
-      }
+      mx::async_eval(outputs);
       return;
     }
     if (mode_ != Mode::kPaced) return;
@@ -532,7 +527,6 @@ class LayerPacer {
  private:
   static constexpr int kEarlyDispatchLayers = 1;
   Mode mode_;
-  EvalWorker::Session* worker_;
   int layers_ = 0;
   std::optional<std::vector<mx::array>> previous_;
 };
@@ -544,12 +538,6 @@ LayerPacer::Mode pacing(bool paced, bool waited_for) {
 }
 
 }  // namespace
-
-bool Decoder::uses_eval_worker(bool waited_for) const {
-  if (packed_ || !waited_for) return false;  // a packed model's prefill is paced: it waits layer by layer anyway
-  const int switched = EvalWorker::switched_on();
-  return switched == 2 || (switched == 1 && pacing(false, waited_for) == LayerPacer::Mode::kEarly);
-}
 
 bool Decoder::paced(const mx::array& embedded) const {
   return packed_ && multiplies_dequantized(embedded);
@@ -568,12 +556,10 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
   }
   // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
   const bool waited_for = last_only || tokens.shape(1) > 1;
-  std::optional<EvalWorker::Session> worker;
-  if (uses_eval_worker(waited_for)) worker.emplace(EvalWorker::instance());
   const int offset = cache[0].offset();
   const auto positions = device_offset(offset);
   Residual x{embed(tokens)};
-  LayerPacer pacer(worker ? LayerPacer::Mode::kEarly : pacing(paced(x.base), waited_for), worker ? &*worker : nullptr);
+  LayerPacer pacer(pacing(paced(x.base), waited_for));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
@@ -585,9 +571,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
     auto last = [t](const mx::array& a) { return axis_slice(a, 1, t - 1, t); };
     x = Residual{last(x.base), x.delta ? std::optional{last(*x.delta)} : std::nullopt};
   }
-  auto out = logits(x);          // built while the worker encodes the last layers
-  if (worker) worker->finish();  // the caller evaluates the logits on the worker's stream, which must be idle
-  return out;
+  return logits(x);
 }
 
 mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, int visible,

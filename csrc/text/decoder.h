@@ -149,9 +149,6 @@ class Decoder {
   void eval_weights() const;
   const DecoderConfig& config() const { return config_; }
 
-  // Whether a waited-for forward hands its layers to the eval worker (text/eval_worker.h): MLXRUNNER_EVAL_THREAD.
-  bool uses_eval_worker(bool waited_for) const;
-
  private:
   class LayerInput;
   // Attention's queries, keys and values [B, heads, T, D] from the layer's input: projected, heads split, q/k norms

@@ -100,14 +100,7 @@ TokenLogprobs PendingLogprobs::read() const {
   return out;
 }
 
-// Where the decoder's forwards use the eval worker, the generator's own work runs on its stream too.
-std::optional<EvalWorker::StreamLease> Generator::on_worker_stream() const {
-  if (!model_.uses_eval_worker(/*waited_for=*/true)) return std::nullopt;
-  return std::optional<EvalWorker::StreamLease>(std::in_place, EvalWorker::instance());
-}
-
 int Generator::prefill_chunk() {
-  const auto lease = on_worker_stream();
   // All but the last prompt token fill the cache in chunks; evaluating each chunk bounds the graph and the
   // memory. The chunk's temporaries stay in MLX's buffer cache, where the next chunk and the decode steps take
   // them again (the runner gives the cache back once it is idle, cli/serve.py). Clearing it here, as mlx-lm
@@ -136,7 +129,6 @@ mx::array Generator::first_logits() {
 int Generator::next() {
   if (cache_taken_) throw std::logic_error("the generator's cache was taken: it is finished");
   if (exhausted()) throw std::logic_error("the generator has returned its max_tokens tokens");
-  const auto lease = on_worker_stream();
   if (json_) return next_json();
   if (returned_ == 0) sample(first_logits());
   auto current = *pending_;

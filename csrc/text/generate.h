@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "text/decoder.h"
-#include "text/eval_worker.h"
 #include "text/sampling.h"
 #include "text/token_constraint.h"
 
@@ -91,7 +90,6 @@ class Generator {
   int position() const { return cache_.empty() ? 0 : cache_[0].offset(); }
 
  private:
-  std::optional<EvalWorker::StreamLease> on_worker_stream() const;
   mx::array step(const mx::array& token);
   mx::array first_logits();                 // the rest of the prompt, its last row's logits
   void sample(const mx::array& logits);     // sets pending_ (and pending_logprobs_)
