@@ -336,21 +336,23 @@ void bind_cuda_kernels(nb::module_& m) {
       "Greedy sampling's argmax on CUDA (nn/cuda_argmax.h): the first index of the largest value of z [V] (an int32 "
       "scalar) or of each row of z [rows, V] (int32 [rows]), as mx.argmax; None off CUDA.");
   m.def(
-      "cuda_qk_norm_rope",
+      "cuda_qkv_heads",
       [](const mx::array& qkv, int q_heads, int kv_heads, const RopeConfig& config, const mx::array& offsets,
          std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
-         float eps) -> std::optional<std::pair<mx::array, mx::array>> {
-        auto treatment = qk_treatment(config, qkv.shape(-1), q_weight, k_weight, eps);
+         float eps) -> std::optional<std::tuple<mx::array, mx::array, mx::array>> {
+        const int head_dim = qkv.ndim() == 3 ? qkv.shape(-1) / (q_heads + 2 * kv_heads) : qkv.shape(-1);
+        auto treatment = qk_treatment(config, head_dim, q_weight, k_weight, eps);
         if (!treatment) return std::nullopt;
-        auto out = cuda_qk_norm_rope(qkv, q_heads, kv_heads, treatment->second, treatment->first, offsets);
+        auto out = cuda_qkv_heads(qkv, q_heads, kv_heads, treatment->second, treatment->first, offsets);
         if (!out) return std::nullopt;
-        return std::pair{evaluated(out->first), evaluated(out->second)};
+        return std::tuple{evaluated(out->q), evaluated(out->k), evaluated(out->v)};
       },
       "qkv"_a, "q_heads"_a, "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(), "k_weight"_a = nb::none(),
       "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
-      "The decoder's fused q/k kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
-      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] -> (q [B, q_heads, T, D], k [B, kv_heads, "
-      "T, D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
+      "The decoder's fused q|k|v kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
+      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D], and its value heads copied -> (q [B, "
+      "q_heads, T, D], k [B, kv_heads, T, D], v [B, kv_heads, T, D]); None off CUDA or where the kernel does not apply "
+      "(nn/cuda_norm_rope.h).");
   // The two attention kernels that write the cache in place share their arguments: (q, k, v, keys, values, position,
   // length, scale) -> the attention, or None where the kernel does not apply.
   using CacheAttention = mx::array (*)(const mx::array&, const mx::array&, const mx::array&, const mx::array&,
@@ -390,7 +392,7 @@ void bind_cuda_kernels(nb::module_& m) {
       "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a, "config"_a,
       "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "cuda_decode_attention with q and k as projected: the kernel makes their per-head RMSNorms (when weights are "
-      "given) and RoPE at position[0] itself, as cuda_qk_norm_rope does, and writes the rotated key into the cache; "
+      "given) and RoPE at position[0] itself, as cuda_qkv_heads does, and writes the rotated key into the cache; "
       "None off CUDA or where the kernel does not apply (nn/cuda_decode_attention.h).");
   bind_cache_attention(
       "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,

@@ -38,7 +38,7 @@ namespace mlxr {
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v);
 
 // The q/k norms (absent for Llama) and RoPE that the decode kernel can make itself from q and k as projected, one
-// launch a layer fewer than the q/k kernel (cuda_qk_norm_rope) before it, the same bits.
+// launch a layer fewer than the q/k kernel (cuda_qkv_heads) before it, the same bits.
 struct DecodeRope {
   FusedRope rope;
   std::optional<QkNorms> norms;

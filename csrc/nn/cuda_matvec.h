@@ -72,7 +72,7 @@ struct QkvHeads {
 };
 
 // The normed product above with a q|k|v projection W [(q_heads + 2 kv_heads) D, K], its heads then given their q/k
-// norms and RoPE as cuda_qk_norm_rope gives them: the add-and-norm, the product and the q/k kernel in one (a decode
+// norms and RoPE as cuda_qkv_heads gives them: the add-and-norm, the product and the q/k kernel in one (a decode
 // step's three operations before attention). x [B, T, K] with B T <= kMaxMatvecRows; heads of up to 128 dimensions
 // (a multiple of 16); the cases of cuda_normed_matvec otherwise.
 std::optional<QkvHeads> cuda_normed_qkv_heads(const NormInput& input, const mx::array& w, const Quantized* q,

@@ -41,21 +41,27 @@ constexpr const char* kAddRmsNorm = R"(
   store_held_row(normed + first, out, n);
 )";
 
-// A warp per (token, head) of q and k, kQkHeadsABlock heads a block, each lane holding D / 64 rotated pairs
-// (kCudaHeadNormRope's norm_rope_head); heads below Q_HEADS are queries. Written heads first ([B, heads, T, D], as
-// attention and the cache take them: no copy to reorder them). The first version, a block a head and a thread a pair,
-// summed through block_sum's two barriers: on an H100 it took 6.4 us for a decode step's 40 heads (this one 4.0)
-// and 76.6 us for a 3,000-token prompt's (44.0) (benchmarks/README.md, "Session 26": the two sources timed in one
-// call).
+// A warp per (token, head) of q, k and v, kQkHeadsABlock heads a block, each lane holding D / 64 rotated pairs
+// (kCudaHeadNormRope's norm_rope_head); heads below Q_HEADS are queries, the last KV_HEADS values (copied, so that
+// attention reads them without MLX's slice and transpose, two operations a layer on the host). Written heads first ([B,
+// heads, T, D], as attention and the cache take them: no copy to reorder them). The first version, a block a head and a
+// thread a pair, summed through block_sum's two barriers: on an H100 it took 6.4 us for a decode step's 40 heads (this
+// one 4.0) and 76.6 us for a 3,000-token prompt's (44.0) (benchmarks/README.md, "Session 26": the two sources timed in
+// one call).
 constexpr int kQkHeadsABlock = 4;
 constexpr const char* kQkRope = R"(
   const long long item = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int tokens = qkv_shape[1];
-  if (item >= static_cast<long long>(qkv_shape[0]) * tokens * (Q_HEADS + KV_HEADS)) return;
-  const int head = item % (Q_HEADS + KV_HEADS);
-  const long long token = item / (Q_HEADS + KV_HEADS);  // b * T + t
+  if (item >= static_cast<long long>(qkv_shape[0]) * tokens * (Q_HEADS + 2 * KV_HEADS)) return;
+  const int head = item % (Q_HEADS + 2 * KV_HEADS);
+  const long long token = item / (Q_HEADS + 2 * KV_HEADS);  // b * T + t
   const long long b_index = token / tokens, t_index = token % tokens;
   const T* src = qkv + (token * (Q_HEADS + 2 * KV_HEADS) + head) * D;
+  if (head >= Q_HEADS + KV_HEADS) {  // a value head: copied as it is
+    T* v_dst = v_out + ((b_index * KV_HEADS + head - Q_HEADS - KV_HEADS) * tokens + t_index) * D;
+    for (int j = threadIdx.x & 31; j < D; j += 32) v_dst[j] = src[j];
+    return;
+  }
   T* dst = head < Q_HEADS ? q_out + ((b_index * Q_HEADS + head) * tokens + t_index) * D
                           : k_out + ((b_index * KV_HEADS + head - Q_HEADS) * tokens + t_index) * D;
   const int row = offsets_shape[0] == 1 ? 0 : static_cast<int>(b_index);
@@ -66,6 +72,27 @@ constexpr const char* kQkRope = R"(
 #else
   mlxr_rope::norm_rope_head<T, D, TRADITIONAL, false>(src, 1, nullptr, 0.f, inverse_frequencies, position, dst);
 #endif
+)";
+
+// silu(gate) * up for columns [GATE_AT, GATE_AT + width) and [UP_AT, UP_AT + width) of each row of `fused` (a fused
+// gate|up projection's output; WIDTH: width), a thread an output: what MLX ran as two slices and a compiled kernel,
+// three operations the host encodes, here one. The arithmetic is that compiled kernel's: MLX's own functors in T, each
+// result rounded to T, so the bits are the same.
+constexpr const char* kGatedSiluHelpers = R"(
+#include "mlx/backend/cuda/device/binary_ops.cuh"
+#include "mlx/backend/cuda/device/unary_ops.cuh"
+)";
+constexpr const char* kGatedSiluColumns = R"(
+  using mlx::core::cu::Multiply;
+  long long rows = 1;
+  for (int i = 0; i + 1 < fused_ndim; ++i) rows *= fused_shape[i];
+  const long long index = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= rows * WIDTH) return;
+  const long long row = index / WIDTH;
+  const int column = index % WIDTH;
+  const T* in = fused + row * fused_shape[fused_ndim - 1];
+  const T gate = in[GATE_AT + column];
+  out[index] = Multiply{}(Multiply{}(gate, mlx::core::cu::Sigmoid{}(gate)), in[UP_AT + column]);
 )";
 
 }  // namespace
@@ -95,23 +122,27 @@ bool head_norm_rope_fits(int d, mx::Dtype dtype, const FusedRope& rope, const st
          rope.inverse_frequencies.size() == d / 2 && (!norms || (fits(norms->q_weight) && fits(norms->k_weight)));
 }
 
-std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
-                                                                 const std::optional<QkNorms>& norms,
-                                                                 const FusedRope& rope, const mx::array& offsets) {
-  if (!running_on_cuda() || qkv.ndim() != 4 || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
-  const int d = qkv.shape(3);
-  if (qkv.shape(2) != q_heads + 2 * kv_heads || !head_norm_rope_fits(d, qkv.dtype(), rope, norms)) return std::nullopt;
+std::optional<HeadsFirst> cuda_qkv_heads(const mx::array& qkv, int q_heads, int kv_heads,
+                                         const std::optional<QkNorms>& norms, const FusedRope& rope,
+                                         const mx::array& offsets) {
+  if (!running_on_cuda() || (qkv.ndim() != 3 && qkv.ndim() != 4) || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
+  const int heads = q_heads + 2 * kv_heads;
+  if (qkv.ndim() == 4 && qkv.shape(2) != heads) return std::nullopt;
+  if (qkv.shape(-1) % (qkv.ndim() == 4 ? 1 : heads) != 0) return std::nullopt;
+  const int d = qkv.ndim() == 4 ? qkv.shape(3) : qkv.shape(2) / heads;
+  if (!head_norm_rope_fits(d, qkv.dtype(), rope, norms)) return std::nullopt;
   static auto with_norms =
       cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
-                  {"q_out", "k_out"}, kQkRope, kCudaHeadNormRope, true, {{"NORM", true}});
-  static auto without_norms = cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out"},
-                                          kQkRope, kCudaHeadNormRope, true, {{"NORM", false}});
+                  {"q_out", "k_out", "v_out"}, kQkRope, kCudaHeadNormRope, true, {{"NORM", true}});
+  static auto without_norms =
+      cuda_kernel("mlxr_qk_rope", {"qkv", "inverse_frequencies", "offsets"}, {"q_out", "k_out", "v_out"}, kQkRope,
+                  kCudaHeadNormRope, true, {{"NORM", false}});
   const int b = qkv.shape(0), t = qkv.shape(1);
-  const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}};
-  const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype()};
-  const long long heads = static_cast<long long>(b) * t * (q_heads + kv_heads);
+  const std::vector<mx::Shape> shapes{{b, q_heads, t, d}, {b, kv_heads, t, d}, {b, kv_heads, t, d}};
+  const std::vector<mx::Dtype> dtypes{qkv.dtype(), qkv.dtype(), qkv.dtype()};
+  const long long items = static_cast<long long>(b) * t * heads;
   const std::tuple<int, int, int> grid{
-      cuda_checked_threads((heads + kQkHeadsABlock - 1) / kQkHeadsABlock * kQkHeadsABlock * 32), 1, 1};
+      cuda_checked_threads((items + kQkHeadsABlock - 1) / kQkHeadsABlock * kQkHeadsABlock * 32), 1, 1};
   const std::tuple<int, int, int> block{kQkHeadsABlock * 32, 1, 1};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{
       {"T", qkv.dtype()}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"TRADITIONAL", rope.traditional}};
@@ -122,7 +153,22 @@ std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array
   }
   inputs.insert(inputs.end(), {rope.inverse_frequencies, mx::astype(offsets, mx::int32)});
   auto out = (norms ? with_norms : without_norms)(inputs, shapes, dtypes, grid, block, args, std::nullopt, false, {});
-  return std::pair{out[0], out[1]};
+  return HeadsFirst{out[0], out[1], out[2]};
+}
+
+std::optional<mx::array> cuda_gated_silu_columns(const mx::array& fused, int gate_at, int up_at, int width) {
+  if (!running_on_cuda() || !cuda_float_dtype(fused.dtype()) || fused.ndim() < 1 || width <= 0 || gate_at < 0 ||
+      up_at < 0 || gate_at + width > fused.shape(-1) || up_at + width > fused.shape(-1)) {
+    return std::nullopt;
+  }
+  static auto kernel = cuda_kernel("mlxr_gated_silu_columns", {"fused"}, {"out"}, kGatedSiluColumns, kGatedSiluHelpers,
+                                   /*ensure_row_contiguous=*/true);
+  auto shape = fused.shape();
+  shape.back() = width;
+  const long long rows = static_cast<long long>(fused.size()) / fused.shape(-1);
+  return kernel({fused}, {shape}, {fused.dtype()}, {cuda_checked_threads((rows * width + 255) / 256 * 256), 1, 1},
+                {256, 1, 1}, {{"T", fused.dtype()}, {"WIDTH", width}, {"GATE_AT", gate_at}, {"UP_AT", up_at}},
+                std::nullopt, false, {})[0];
 }
 
 }  // namespace mlxr

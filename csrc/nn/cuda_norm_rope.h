@@ -31,15 +31,13 @@ struct FusedRope {
   bool traditional;
 };
 
-// Per-head RMSNorms on the query and key heads (absent together, or both given with eps), then RoPE at position
-// offsets[b] + t, for qkv [B, T, q_heads + 2 kv_heads, D] (the fused projection's output, heads split): returns
-// (q [B, q_heads, T, D], k [B, kv_heads, T, D]), heads first as attention takes them. offsets: int32 [B] or [1].
+// Per-head RMSNorms on the query and key heads (cuda_qkv_heads, below): their weights and eps.
 struct QkNorms {
   mx::array q_weight, k_weight;
   float eps;
 };
 // One head's per-head RMSNorm (NORM) and RoPE, made by one warp, as a device function in the kernels' header: the q/k
-// kernel's (cuda_qk_norm_rope) and the decode attention kernel's that makes them itself (cuda_decode_attention with a
+// kernel's (cuda_qkv_heads) and the decode attention kernel's that makes them itself (cuda_decode_attention with a
 // DecodeRope), so that both give the same bits. Lane l holds the pairs i = l + 32 p, p < D / 64 (halves (i, i + D / 2),
 // or (2 i, 2 i + 1) with TRADITIONAL), src's elements `stride` apart; every load (the pairs, their angles' frequencies,
 // the norm's weights) comes before the sum of squares, which meets by shuffles alone. The normed value is rounded to T,
@@ -95,8 +93,22 @@ __device__ __forceinline__ void norm_rope_head(const T* src, long long stride, c
 // of d elements of dtype. Both kernels that call it ask this.
 bool head_norm_rope_fits(int d, mx::Dtype dtype, const FusedRope& rope, const std::optional<QkNorms>& norms);
 
-std::optional<std::pair<mx::array, mx::array>> cuda_qk_norm_rope(const mx::array& qkv, int q_heads, int kv_heads,
-                                                                 const std::optional<QkNorms>& norms,
-                                                                 const FusedRope& rope, const mx::array& offsets);
+// The query, key and value heads of a fused q|k|v projection's output, heads first ([B, heads, T, D]) and contiguous.
+struct HeadsFirst {
+  mx::array q, k, v;
+};
+
+// The per-head norms and RoPE of the query and key heads (QkNorms above: absent, or both given with eps; RoPE at
+// position offsets[b] + t, offsets int32 [B] or [1]) and the value heads copied, from qkv [B, T, q_heads + 2 kv_heads,
+// D] or the projection's output itself, [B, T, (q_heads + 2 kv_heads) D]: one kernel where MLX took a reshape, the q/k
+// kernel, and a slice and a transpose for the values.
+std::optional<HeadsFirst> cuda_qkv_heads(const mx::array& qkv, int q_heads, int kv_heads,
+                                         const std::optional<QkNorms>& norms, const FusedRope& rope,
+                                         const mx::array& offsets);
+
+// silu(gate) * up, gate and up the columns [gate_at, gate_at + width) and [up_at, up_at + width) of fused [..., W]
+// (a gate|up projection's output): [..., width], the bits of gated_silu of the two column slices (nn/activation.h),
+// in one kernel.
+std::optional<mx::array> cuda_gated_silu_columns(const mx::array& fused, int gate_at, int up_at, int width);
 
 }  // namespace mlxr

@@ -334,11 +334,11 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   auto projected = input.project(layer.qkv_proj);
   const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
-  auto qkv = mx::reshape(projected, {b, t, hq + 2 * hkv, d});
-  auto v = head_range(qkv, hq + hkv, hkv);
-  if (split && rope_in_attention) {
+  const auto split_heads = [&] { return mx::reshape(projected, {b, t, hq + 2 * hkv, d}); };
+  if (split && rope_in_attention && t == 1) {
     // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
-    auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv);
+    auto qkv = split_heads();
+    auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv), v = head_range(qkv, hq + hkv, hkv);
     DecodeRope in_kernel{split->rope, split->norms};
     if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
       *rope_in_attention = std::move(in_kernel);
@@ -346,10 +346,12 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
     }
   }
   if (split) {
-    if (auto qk = cuda_qk_norm_rope(qkv, hq, hkv, split->norms, split->rope, split->offsets)) {
-      return {qk->first, qk->second, v};
+    if (auto heads = cuda_qkv_heads(projected, hq, hkv, split->norms, split->rope, split->offsets)) {
+      return {heads->q, heads->k, heads->v};
     }
   }
+  auto qkv = split_heads();
+  auto v = head_range(qkv, hq + hkv, hkv);
   auto q = head_range(qkv, 0, hq);
   auto k = head_range(qkv, hq, hkv);
   if (layer.q_norm) {

@@ -127,7 +127,7 @@ def test_the_kernel_that_ropes_gives_the_qk_kernel_then_the_plain_kernels_bits(n
     _, _, _, keys, values = inputs(d, q_heads, kv_heads, capacity, 7)
     _, _, _, keys_two, values_two = inputs(d, q_heads, kv_heads, capacity, 7)  # the same, in buffers of their own
     mx.eval(keys, values, keys_two, values_two)
-    q, k = _core.cuda_qk_norm_rope(qkv, q_heads, kv_heads, config, position_array, q_weight, k_weight)
+    q, k, _ = _core.cuda_qkv_heads(qkv, q_heads, kv_heads, config, position_array, q_weight, k_weight)
     two_kernels = _core.cuda_decode_attention(q, k, v, keys_two, values_two, position_array, position + 1, d ** -0.5)
     roped = _core.cuda_decode_attention_roped(q_raw, k_raw, v, keys, values, position_array, position + 1, d ** -0.5,
                                               config, q_weight, k_weight)

@@ -2,10 +2,13 @@
 
 - The residual add + RMSNorm (`_core.add_rms_norm`): on CUDA one kernel of ours, elsewhere MLX's add and rms_norm;
   both must give MLX's x + delta exactly and its rms_norm of that to the dtype's rounding.
-- The queries' and keys' per-head RMSNorms + RoPE (`_core.cuda_qk_norm_rope`), read from the fused q|k|v
-  projection, written heads first: on CUDA it must match mx.fast.rms_norm and mx.fast.rope head by head, for
-  Qwen3's norms and Llama's bare heads, half-split and interleaved pairs, Llama 3's frequency scaling, head sizes
-  64-256, one offset or one per row; off CUDA it declines (None), and so does CUDA where the kernel does not apply.
+- The queries' and keys' per-head RMSNorms + RoPE and the value heads (`_core.cuda_qkv_heads`), read from the fused
+  q|k|v projection (split into heads or as the product gives it), written heads first: on CUDA q and k must match
+  mx.fast.rms_norm and mx.fast.rope head by head, for Qwen3's norms and Llama's bare heads, half-split and interleaved
+  pairs, Llama 3's frequency scaling, head sizes 64-256, one offset or one per row, and v must be the value heads'
+  bits; off CUDA it declines (None), and so does CUDA where the kernel does not apply.
+- silu(gate) * up of a fused gate|up product's columns (`_core.gated_silu_columns`): on CUDA one kernel of ours,
+  which must give the bits of MLX's compiled gated SiLU of the two column slices.
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ CASES = [
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "d", "with_norms", "traditional", "rope_type"), CASES)
 @pytest.mark.parametrize(("batch", "tokens", "offsets"), [(1, 1, [517]), (3, 1, [3, 900, 41]), (2, 9, [0])])
-def test_qk_norm_rope_matches_mlx(dtype, q_heads, kv_heads, d, with_norms, traditional, rope_type, batch, tokens,
-                                  offsets):
+@pytest.mark.parametrize("as_product", [False, True])
+def test_qkv_heads_match_mlx(dtype, q_heads, kv_heads, d, with_norms, traditional, rope_type, batch, tokens, offsets,
+                             as_product):
     theta = 1_000_000.0 if rope_type == "default" else 500_000.0
     config = _core.RopeConfig.from_dict({"rope_theta": theta, "traditional": traditional, "rope_type": rope_type,
                                          **({"factor": 8.0} if rope_type == "llama3" else {})})
@@ -99,13 +103,17 @@ def test_qk_norm_rope_matches_mlx(dtype, q_heads, kv_heads, d, with_norms, tradi
     if with_norms:
         norms = tuple((1 + 0.1 * mx.random.normal((d,), key=k)).astype(dtype) for k in keys[1:])
     offsets = mx.array(offsets, dtype=mx.int32)
-    got = _core.cuda_qk_norm_rope(qkv, q_heads, kv_heads, config, offsets, *(norms or (None, None)), eps=1e-6)
+    # The heads split ([B, T, heads, D]) or the product's own rows ([B, T, heads * D]): the same kernel.
+    given = qkv.reshape(batch, tokens, -1) if as_product else qkv
+    got = _core.cuda_qkv_heads(given, q_heads, kv_heads, config, offsets, *(norms or (None, None)), eps=1e-6)
     if not ON_CUDA:
         assert got is None
         return
     freqs = llama3_periods(d, theta) if rope_type == "llama3" else None
     expected = composed(qkv, q_heads, kv_heads, offsets, theta, traditional, norms, freqs).transpose(0, 2, 1, 3)
-    q, k = got
+    q, k, v = got
+    assert v.shape == (batch, kv_heads, tokens, d) and v.dtype == dtype
+    assert mx.array_equal(v, qkv[:, :, q_heads + kv_heads :].transpose(0, 2, 1, 3)).item()
     assert q.shape == (batch, q_heads, tokens, d) and k.shape == (batch, kv_heads, tokens, d)
     assert q.dtype == k.dtype == dtype
     got = mx.concatenate([q, k], axis=1)
@@ -120,4 +128,16 @@ def test_qk_norm_rope_declines_what_it_does_not_do(d, rope_type):
     scaling = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 4096}
     config = _core.RopeConfig.from_dict(scaling)
     qkv = mx.zeros((1, 1, 6, d), dtype=mx.bfloat16)
-    assert _core.cuda_qk_norm_rope(qkv, 4, 1, config, mx.array([5], dtype=mx.int32)) is None
+    assert _core.cuda_qkv_heads(qkv, 4, 1, config, mx.array([5], dtype=mx.int32)) is None
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize(("shape", "gate_at", "up_at", "width"),
+                         [((64, 19456), 0, 9728, 9728), ((2, 7, 300), 0, 150, 150), ((5, 96), 40, 3, 37)])
+def test_gated_silu_columns_is_mlx_compiled_gated_silu(dtype, shape, gate_at, up_at, width):
+    fused = (4 * mx.random.normal(shape, key=mx.random.key(width))).astype(dtype)
+    got = _core.gated_silu_columns(fused, gate_at, up_at, width)
+    gate, up = fused[..., gate_at : gate_at + width], fused[..., up_at : up_at + width]
+    assert got.shape == (*shape[:-1], width) and got.dtype == dtype
+    assert mx.array_equal(got, _core.gated_silu(gate, up)).item()
+    assert mx.array_equal(got, gate * mx.sigmoid(gate) * up).item()

@@ -238,7 +238,7 @@ def test_a_packed_qkv_kernel_gives_the_heads_of_the_normed_product_and_the_qk_ke
         assert got is None
         return
     total, product, _ = _core.quantized_normed_product(x, delta, weight, 1e-6, packed, scales, biases, spec, False)
-    want_q, want_k = _core.cuda_qk_norm_rope(product.reshape(batch, tokens, heads, head_dim), q_heads, kv_heads,
+    want_q, want_k, _ = _core.cuda_qkv_heads(product.reshape(batch, tokens, heads, head_dim), q_heads, kv_heads,
                                              config, offsets, *norms)
     want_v = product.reshape(batch, tokens, heads, head_dim)[:, :, q_heads + kv_heads:].transpose(0, 2, 1, 3)
     got_total, q, k, v = (np.array(a.astype(mx.float32)) for a in got)
