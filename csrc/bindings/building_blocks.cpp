@@ -350,7 +350,8 @@ void bind_cuda_kernels(nb::module_& m) {
       "qkv"_a, "q_heads"_a, "kv_heads"_a, "config"_a, "offsets"_a, "q_weight"_a = nb::none(), "k_weight"_a = nb::none(),
       "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "The decoder's fused q|k|v kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
-      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D], and its value heads copied -> (q [B, "
+      "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] (or the product's [B, T, (q_heads + 2 "
+      "kv_heads) D]), and its value heads copied -> (q [B, "
       "q_heads, T, D], k [B, kv_heads, T, D], v [B, kv_heads, T, D]); None off CUDA or where the kernel does not apply "
       "(nn/cuda_norm_rope.h).");
   // The two attention kernels that write the cache in place share their arguments: (q, k, v, keys, values, position,

@@ -127,9 +127,9 @@ std::optional<HeadsFirst> cuda_qkv_heads(const mx::array& qkv, int q_heads, int 
                                          const mx::array& offsets) {
   if (!running_on_cuda() || (qkv.ndim() != 3 && qkv.ndim() != 4) || !cuda_float_dtype(qkv.dtype())) return std::nullopt;
   const int heads = q_heads + 2 * kv_heads;
-  if (qkv.ndim() == 4 && qkv.shape(2) != heads) return std::nullopt;
-  if (qkv.shape(-1) % (qkv.ndim() == 4 ? 1 : heads) != 0) return std::nullopt;
-  const int d = qkv.ndim() == 4 ? qkv.shape(3) : qkv.shape(2) / heads;
+  const bool split = qkv.ndim() == 4;  // [B, T, heads, D]; else the product's [B, T, heads * D]
+  if (split ? qkv.shape(2) != heads : qkv.shape(2) % heads != 0) return std::nullopt;
+  const int d = split ? qkv.shape(3) : qkv.shape(2) / heads;
   if (!head_norm_rope_fits(d, qkv.dtype(), rope, norms)) return std::nullopt;
   static auto with_norms =
       cuda_kernel("mlxr_qk_norm_rope", {"qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"},
@@ -157,8 +157,8 @@ std::optional<HeadsFirst> cuda_qkv_heads(const mx::array& qkv, int q_heads, int 
 }
 
 std::optional<mx::array> cuda_gated_silu_columns(const mx::array& fused, int gate_at, int up_at, int width) {
-  if (!running_on_cuda() || !cuda_float_dtype(fused.dtype()) || fused.ndim() < 1 || width <= 0 || gate_at < 0 ||
-      up_at < 0 || gate_at + width > fused.shape(-1) || up_at + width > fused.shape(-1)) {
+  if (!running_on_cuda() || !cuda_float_dtype(fused.dtype()) || fused.ndim() < 1 || fused.size() == 0 || width <= 0 ||
+      gate_at < 0 || up_at < 0 || gate_at + width > fused.shape(-1) || up_at + width > fused.shape(-1)) {
     return std::nullopt;
   }
   static auto kernel = cuda_kernel("mlxr_gated_silu_columns", {"fused"}, {"out"}, kGatedSiluColumns, kGatedSiluHelpers,

@@ -333,7 +333,8 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   }
   auto projected = input.project(layer.qkv_proj);
   const int b = projected.shape(0), t = projected.shape(1), d = config_.head_size();
-  // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges.
+  // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges. CUDA's q|k|v
+  // kernel reads the product as it is and writes all three heads first: no reshape or views to encode.
   const auto split_heads = [&] { return mx::reshape(projected, {b, t, hq + 2 * hkv, d}); };
   if (split && rope_in_attention && t == 1) {
     // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
