@@ -191,13 +191,15 @@ def compile_library(tmp_path: Path, code: str) -> ctypes.CDLL:
 
 NN = Path(__file__).resolve().parents[2] / "csrc" / "nn"
 QK_ROPE_PARAMS = ("const T* qkv, const int* qkv_shape, const T* q_weight, const T* k_weight, "
-                  "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out")
+                  "const float* inverse_frequencies, const int* offsets, const int* offsets_shape, T* q_out, T* k_out, "
+                  "T* v_out")
 
 
 def build_qk_rope(tmp_path: Path, constants: str, norm: bool) -> ctypes.CDLL:
     """The q/k kernel (csrc/nn/cuda_norm_rope.cpp, kQkRope) after the device function it calls (kCudaHeadNormRope) and
     `constants` (T, D, Q_HEADS, KV_HEADS, TRADITIONAL, EPS_BITS), as a library: run(blocks, qkv, qkv_shape, q_weight,
-    k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out), 4 warps a block (kQkHeadsABlock)."""
+    k_weight, inverse_frequencies, offsets, offsets_shape, q_out, k_out, v_out), 4 warps a block (kQkHeadsABlock), a
+    warp a query, key or value head."""
     body = kernel_source(NN / "cuda_norm_rope.cpp", "kQkRope", {"NORM": norm})
     code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") + constants +
             f"static void kernel({QK_ROPE_PARAMS}) {{\n{body}\n}}\n")

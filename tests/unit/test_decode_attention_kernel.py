@@ -243,11 +243,13 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
 
     q_out = np.zeros((1, q_heads, 1, d), np.uint16)
     k_out = np.zeros((1, kv_heads, 1, d), np.uint16)
+    v_out = np.zeros((1, kv_heads, 1, d), np.uint16)
     arrays = [qkv, np.array(qkv.shape, np.int32), q_weight, k_weight, frequencies, at, np.array([1], np.int32), q_out,
-              k_out]  # held by the list while the kernel runs
+              k_out, v_out]  # held by the list while the kernel runs
     qk_constants = constants_of(d, q_heads, kv_heads, 1.0) + rope_constants(traditional)
     build_qk_rope(tmp_path / f"qk-{int(norm)}{int(traditional)}", qk_constants, norm).run(
-        ctypes.c_int(-(-(q_heads + kv_heads) // 4)), *[ptr(a.ctypes.data) for a in arrays])
+        ctypes.c_int(-(-(q_heads + 2 * kv_heads) // 4)), *[ptr(a.ctypes.data) for a in arrays])
+    np.testing.assert_array_equal(v_out, v)  # the value heads, copied heads first
     two_kernels, keys_two, values_two = attend(q_out, k_out, roped=False)
     roped, keys_roped, values_roped = attend(q_raw, k_raw, roped=True)
     np.testing.assert_array_equal(keys_roped[0, :, position], k_out[0, :, 0])

@@ -56,15 +56,18 @@ def test_qk_rope_is_the_heads_norms_then_their_rotations(tmp_path, norm, batch, 
     offsets = np.array(offsets, np.int32)
     q_out = np.zeros((batch, Q_HEADS, tokens, D), np.float32)
     k_out = np.zeros((batch, KV_HEADS, tokens, D), np.float32)
-    heads = batch * tokens * (Q_HEADS + KV_HEADS)
+    v_out = np.zeros((batch, KV_HEADS, tokens, D), np.float32)
+    heads = batch * tokens * (Q_HEADS + 2 * KV_HEADS)
     blocks = -(-heads // HEADS_A_BLOCK) + 1  # one block more than needed: its warps must leave without writing
     ptr = ctypes.c_void_p
     arrays = [qkv, np.array(qkv.shape, np.int32), q_weight, k_weight, frequencies, offsets,
-              np.array(offsets.shape, np.int32), q_out, k_out]
+              np.array(offsets.shape, np.int32), q_out, k_out, v_out]
     build_rope(tmp_path, norm).run(ctypes.c_int(blocks), *[ptr(a.ctypes.data) for a in arrays])
     want = rope_reference(qkv, q_weight, k_weight, frequencies, offsets, norm)
     np.testing.assert_allclose(q_out, want[:, :Q_HEADS], rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(k_out, want[:, Q_HEADS:], rtol=2e-5, atol=2e-4)
+    # The value heads, copied heads first: the same bits.
+    np.testing.assert_array_equal(v_out, qkv[:, :, Q_HEADS + KV_HEADS :].transpose(0, 2, 1, 3))
 
 
 ARGMAX_THREADS = 1024  # kArgmaxThreads
