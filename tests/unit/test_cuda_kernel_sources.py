@@ -55,7 +55,7 @@ KERNELS = {
     # on emulated warps in tests/unit/test_small_cuda_kernels.py).
     "head_norm_rope": ("kHeadNormRopePairs", "#define NORM 1", ["x", "weight", "cos_table", "sin_table"], ["out"]),
     "qk_norm_rope": ("kQkRope", "#define NORM 1", ["qkv", "q_weight", "k_weight", "inverse_frequencies", "offsets"],
-                     ["q_out", "k_out"]),
+                     ["q_out", "k_out", "v_out"]),
 }
 
 
