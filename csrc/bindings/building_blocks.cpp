@@ -351,9 +351,8 @@ void bind_cuda_kernels(nb::module_& m) {
       "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "The decoder's fused q|k|v kernel on CUDA: per-head RMSNorms (when weights are given) and RoPE at offsets[b] + t "
       "of the query and key heads of qkv [B, T, q_heads + 2 kv_heads, D] (or the product's [B, T, (q_heads + 2 "
-      "kv_heads) D]), and its value heads copied -> (q [B, "
-      "q_heads, T, D], k [B, kv_heads, T, D], v [B, kv_heads, T, D]); None off CUDA or where the kernel does not apply "
-      "(nn/cuda_norm_rope.h).");
+      "kv_heads) D]), and its value heads copied -> (q [B, q_heads, T, D], k [B, kv_heads, T, D], v [B, kv_heads, T, "
+      "D]); None off CUDA or where the kernel does not apply (nn/cuda_norm_rope.h).");
   // The two attention kernels that write the cache in place share their arguments: (q, k, v, keys, values, position,
   // length, scale) -> the attention, or None where the kernel does not apply.
   using CacheAttention = mx::array (*)(const mx::array&, const mx::array&, const mx::array&, const mx::array&,

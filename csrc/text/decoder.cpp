@@ -510,10 +510,7 @@ class LayerPacer {
   explicit LayerPacer(Mode mode) : mode_(mode) {}
   void queued(std::vector<mx::array> outputs) {
     ++layers_;
-    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) {
-      mx::async_eval(outputs);
-      return;
-    }
+    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
     if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
     if (previous_) mx::eval(*previous_);
@@ -557,12 +554,11 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
     throw std::invalid_argument("cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
   }
-  // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
-  const bool waited_for = last_only || tokens.shape(1) > 1;
   const int offset = cache[0].offset();
   const auto positions = device_offset(offset);
   Residual x{embed(tokens)};
-  LayerPacer pacer(pacing(paced(x.base), waited_for));
+  // A prefill's forward (many rows, or the last token that gives a request's first logits) is waited for.
+  LayerPacer pacer(pacing(paced(x.base), last_only || tokens.shape(1) > 1));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
