@@ -11,10 +11,9 @@
 # after start against the later ones, HTTP + PNG against the pipeline, peak memory per phase with and without
 # --low-memory; a few minutes, after the models exist), and switches (the C++ core's measuring switches, each on
 # against off in the same call: op_cost.py's rows, then the Qwen3-4B shape's bf16 decode with and without
-# MLXRUNNER_HALF_MATVEC, matvec_bench --half (MLX's bf16 product against both of our kernels, weight by weight) and the
-# Llama-3-8B shape's bf16 decode with and without MLXRUNNER_HALF_GEMV, the 4B's 4-bit decode with and without
-# MLXRUNNER_KERNEL_SOURCES_BY_PATH, and the prompt cache's
-# follow-up with and without MLXRUNNER_GROUPED_PRODUCT_ROWS=64, 16 concurrent streams with and without
+# MLXRUNNER_HALF_MATVEC, matvec_bench --half (MLX's bf16 product against our kernel, weight by weight), the 4B's 4-bit
+# decode with and without
+# MLXRUNNER_KERNEL_SOURCES_BY_PATH, 16 concurrent streams with and without
 # MLXRUNNER_BATCH_ATTENTION, the 8B's bf16 decode (1,024- and 8,192-token prompts) and the 4B's 4-bit decode with and
 # without MLXRUNNER_DECODE_ATTENTION and MLXRUNNER_CUDA_ARGMAX=0, the 8B's bf16 decode (128- and 1,024-token prompts)
 # with and without MLXRUNNER_DECODE_SPLIT_KEYS=64 and (128 tokens) MLXRUNNER_DECODE_ROPE=0, the prompt cache's follow-up
@@ -136,12 +135,8 @@ if has switches; then
     --only qwen3-4b --decode 64 --rounds 2
   stamp "switches: matvec_bench --half"
   timeout 120 python3 -m benchmarks.gpu.matvec_bench --half --out "$WORK/matvec-half.json" | tee "$OUT/matvec_half.txt"
-  switch_case MLXRUNNER_HALF_GEMV 1 bf16-8b-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
-    --only llama3-8b --decode 128 --rounds 2
   switch_case MLXRUNNER_KERNEL_SOURCES_BY_PATH 1 q4-decode python3 -m benchmarks.gpu.llm_bench --models-dir "$MODELS" \
     --only qwen3-4b --quantize 4 --quantized-only --decode 64 --rounds 2
-  switch_case MLXRUNNER_GROUPED_PRODUCT_ROWS 64 prompt-cache python3 -m benchmarks.gpu.prompt_cache_bench \
-    --models-dir "$MODELS" --only qwen3-4b --rounds 3
   # The batch attention kernel is on by default since session 14: here "on" sets the switch to 0 (the kernel off).
   switch_case MLXRUNNER_BATCH_ATTENTION 0 streams python3 -m benchmarks.gpu.batch_bench --models-dir "$MODELS" \
     --only qwen3-4b --streams 1,16 --tokens 64

@@ -130,12 +130,6 @@ def kernels():
                 "mlxr_group_norm", f"#define SILU {silu}\n", kernel_string("cuda_group_norm.cpp", "kGroupNormApply"),
                 [("x", "bf16"), ("sums", "float"), ("weight", "bf16"), ("bias", "bf16")], [("out", "bf16")],
                 {"T": "bf16", "C": channels, "GROUPS": 32, "EPS_BITS": 1})
-    for dtype in ("bf16", "f16"):
-        for rows in (1, 4):
-            yield f"half_gemv/rows={rows}/{dtype}", mlx_kernel_source(
-                "mlxr_half_gemv", kernel_string("cuda_half_gemv.cpp", "kHalfGemvHelpers"),
-                kernel_string("cuda_half_gemv.cpp", "kHalfGemvSource"), [("x", dtype), ("w", dtype)],
-                [("out", dtype)], {"T": dtype, "ROWS": rows})
     # the tensor-core kernels' shared snippets: mma.sync and the asynchronous copies
     mma_and_copies = kernel_string("cuda_kernel_common.h", "kCudaMma") + kernel_string("cuda_kernel_common.h",
                                                                                         "kCudaAsyncCopies")

@@ -17,8 +17,7 @@ both shapes (each shape's time relative to its best variant, summed). Writes FIL
 
 --half: the same weights in bfloat16, one row: MLX's product (its matrix-vector kernel) against ours, the tensor-core
 kernel as the runner launches it under MLXRUNNER_HALF_MATVEC=1 ("ours": `_core.linear`; the script sets the switch
-before the first product) and the CUDA-core kernel of nn/cuda_half_gemv.h ("gemv": `_core.half_gemv`, what
-MLXRUNNER_HALF_GEMV=1 runs), the question being whether a bf16 decode step's products reach more of the bandwidth.
+before the first product), the question being whether a bf16 decode step's products reach more of the bandwidth.
 """
 
 from __future__ import annotations
@@ -190,8 +189,6 @@ def measure_half(n: int, k: int) -> dict:
     inputs = list(range(PRODUCTS))
     want = xs[0].astype(mx.float32) @ weight.astype(mx.float32).T
     sides = {"mlx": lambda i: xs[i] @ copy_of(i)[0].T, "ours": lambda i: _core.linear(xs[i], copy_of(i)[0])}
-    if mx.cuda.is_available():  # elsewhere the kernel does not run (half_gemv gives None)
-        sides["gemv"] = lambda i: _core.half_gemv(xs[i], copy_of(i)[0])
     return {name: figures(fn, inputs, want, weight.nbytes) for name, fn in sides.items()}
 
 

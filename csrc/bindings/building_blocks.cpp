@@ -16,7 +16,6 @@
 #include "nn/cuda_batch_attention.h"
 #include "nn/cuda_decode_attention.h"
 #include "nn/cuda_dit_fusion.h"
-#include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
@@ -83,11 +82,6 @@ void bind_products(nb::module_& m) {
       "x"_a, "weight"_a, "bias"_a = nb::none(), "outputs"_a = nb::none(),
       "x @ weight.T + bias, weight stored [out, in] as in PyTorch; outputs=(begin, end): those output features only "
       "(Linear::outputs).");
-  m.def(
-      "half_gemv", [](const mx::array& x, const mx::array& weight) { return cuda_half_gemv(x, weight); }, "x"_a,
-      "weight"_a,
-      "x @ weight.T by nn/cuda_half_gemv's kernel (half-precision, 1-4 rows of x, K a multiple of 8), or None where "
-      "it does not run (off CUDA, another case): what MLXRUNNER_HALF_GEMV=1 sends a decode step's products to.");
   m.def(
       "quantized_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,

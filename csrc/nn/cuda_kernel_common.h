@@ -224,7 +224,7 @@ inline bool switched_on(const char* name) {
 }
 
 // The number the environment variable `name` holds, or `unset` where it is not set: the switches that tune a count
-// (MLXRUNNER_GROUPED_PRODUCT_ROWS, MLXRUNNER_EARLY_DISPATCH). Read once, into a static, too.
+// (MLXRUNNER_EARLY_DISPATCH, MLXRUNNER_CHUNK_BLOCKS). Read once, into a static, too.
 inline long long switch_number(const char* name, long long unset) {
   const char* value = std::getenv(name);
   return value == nullptr ? unset : std::atoll(value);

@@ -1,7 +1,6 @@
 #include "nn/linear.h"
 
 #include "nn/cpu_kernels.h"
-#include "nn/cuda_half_gemv.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_matvec.h"
 #include "nn/slicing.h"
@@ -84,30 +83,6 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
   return scaled(mx::quantized_matmul(x, packed, q.scales, q.biases, true, spec.group_size, spec.bits, spec.mode), q);
 }
 
-// MLX 0.32 plans every cuBLAS product anew (a heuristic query and a stream capture at each call: tens of microseconds
-// of host time), which a forward of a few dozen rows, such as a prompt cache hit's follow-up, pays ~150 times on the
-// host. gather_mm on one weight, every row a batch of one sorted on it, runs the same product as one CUTLASS grouped
-// GEMM without cuBLAS. MLXRUNNER_GROUPED_PRODUCT_ROWS=N sends half-precision products of 2 to N rows on CUDA that
-// way: a switch for measuring it against cuBLAS end to end (benchmarks/gpu/op_cost.py times one product), off unless
-// set.
-int64_t grouped_product_rows() {
-  static const int64_t rows = switch_number("MLXRUNNER_GROUPED_PRODUCT_ROWS", 0);
-  return rows;
-}
-
-bool takes_grouped_product(const mx::array& x, const mx::array& weight) {
-  const int64_t rows = rows_of(x);
-  return rows >= 2 && rows <= grouped_product_rows() && half_precision(weight.dtype()) && running_on_cuda();
-}
-
-mx::array grouped_product(const mx::array& x, const mx::array& weight) {
-  const int rows = static_cast<int>(rows_of(x));
-  auto rows_as_batches = mx::reshape(x, {rows, 1, x.shape(-1)});
-  auto one_weight = mx::expand_dims(mx::transpose(weight), 0);  // [1, in, out], read transposed in place
-  auto product = mx::gather_mm(rows_as_batches, one_weight, std::nullopt, mx::zeros({rows}, mx::uint32), true);
-  return mx::reshape(product, output_shape(x, weight.shape(0)));
-}
-
 // x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A half-precision
 // W on the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7
 // tokens a second): a few rows take our kernel (half_matvec_cpu), more multiply a transient float32 copy through BLAS.
@@ -120,10 +95,6 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::o
     return mx::astype(product, x.dtype());
   }
   if (auto y = cuda_matvec(x, weight, nullptr)) return *y;  // a decode step, under MLXRUNNER_HALF_MATVEC=1
-  if (half_gemv_switched_on()) {
-    if (auto y = cuda_half_gemv(x, weight)) return *y;  // a decode step, under MLXRUNNER_HALF_GEMV=1
-  }
-  if (takes_grouped_product(x, weight)) return grouped_product(x, weight);
   return mx::matmul(x, transposed ? *transposed : mx::transpose(weight));
 }
 

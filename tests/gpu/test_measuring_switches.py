@@ -1,13 +1,9 @@
 """The measuring switches of the C++ core, each switched on in a subprocess on CUDA (elsewhere they change nothing):
 
-- MLXRUNNER_GROUPED_PRODUCT_ROWS=N: half-precision products of 2 to N rows as gather_mm on one weight (a CUTLASS
-  grouped GEMM) instead of cuBLAS (nn/linear.cpp);
 - MLXRUNNER_HALF_MATVEC=1: half-precision weights' decode products (1 to 8 rows) through our tensor-core kernel, with
   its fused norms, RoPE and gated SiLU (nn/cuda_matvec.h);
 - MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: our kernels' sources handed to MLX as one #include line
   (nn/cuda_kernel_common.h).
-- MLXRUNNER_HALF_GEMV=1: half-precision weights' decode products (1 to 4 rows) through our CUDA-core kernel of
-  16-byte loads (nn/cuda_half_gemv.h).
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -27,8 +23,7 @@ from conftest import ON_GPU, bf16_model_copy, run_script_json
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
-SWITCHES = [("MLXRUNNER_GROUPED_PRODUCT_ROWS", "64"), ("MLXRUNNER_HALF_MATVEC", "1"),
-            ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"), ("MLXRUNNER_HALF_GEMV", "1")]
+SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1")]
 
 PRODUCTS = r"""
 import json
@@ -83,19 +78,3 @@ def test_a_models_logits_do_not_change_under_the_switch(switch, bf16_qwen3):
         got, want = np.array(got), np.array(want)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 0.1 + 1e-2 * np.abs(want).max()  # conftest's bf16 logits tolerance on CUDA
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on CUDA only")
-@pytest.mark.parametrize("rows", [1, 3, 4])
-@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (37, 264)])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_the_half_gemv_kernel_runs_and_gives_the_product(rows, n, k, dtype):
-    from mlxrunner import _core
-
-    w = (mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.02).astype(dtype)
-    x = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dtype)
-    got = _core.half_gemv(x, w)
-    assert got is not None and got.shape == (rows, n) and got.dtype == dtype
-    want = x.astype(mx.float32) @ w.astype(mx.float32).T
-    assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < 1e-2
-    assert _core.half_gemv(mx.zeros((5, k), dtype), w) is None  # more rows than the kernel takes
