@@ -4,6 +4,9 @@
 // boundary with its caches. Each row samples with its own options (penalties, seed and draw count); the
 // rows that sample greedily without penalties share one argmax.
 //
+// Rows join and leave between steps; the next step changes the batch's buffers for all of them at once
+// (regroup), so a burst of N requests arriving or finishing together costs one copy of the batch, not N.
+//
 // Like Generator, each step() dispatches the next forward before it reads the tokens of the last one,
 // so the device computes step n+1 while the host streams step n. Only models whose every layer keeps a
 // standard key/value cache batch (Decoder::can_batch); the others run one sequence at a time.
@@ -54,12 +57,15 @@ class BatchGenerator {
     Sampler sampler;
     bool plain_greedy;  // argmax without penalties or logprobs: sampled with the others in one argmax
     int top_logprobs;
-    bool computed = false;  // whether pending_ holds its next token (false until its first step)
+    bool computed = false;                 // whether pending_ holds its next token (false until its first step)
+    int slot = -1;                         // its row in the batch's buffers, once it is in them
+    std::optional<SequenceCache> joining;  // its caches until the next step puts them in the buffers (regroup)
     std::optional<PendingLogprobs> pending_logprobs;
     std::optional<TokenLogprobs> logprobs;
   };
 
   int push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs);
+  void regroup();
   const Row& find(int id) const;
   int index_of(int id) const;
   mx::array sample(const mx::array& logits);  // [B, V] -> int32 [B]; sets rows' pending_logprobs
@@ -68,6 +74,7 @@ class BatchGenerator {
   const Decoder& model_;
   std::vector<BatchKVCache> cache_;   // a layer each
   std::vector<Row> rows_;             // in batch order: the rows with computed tokens first
+  int buffered_ = 0;                  // rows the buffers hold (rows that left since the last step included)
   std::optional<mx::array> pending_;  // int32: the next token of each computed row, not yet read
   // The last step's positions, on the host and as the array its kernels read (positions_array).
   std::vector<int> last_positions_;

@@ -184,45 +184,35 @@ void BatchKVCache::resize(int capacity) {
   values_ = with_capacity(*values_, capacity);
 }
 
-void BatchKVCache::add(const KVCache& row) {
-  auto state = row.state();
-  if (state.empty()) {  // an empty row: zeros, or nothing until the first write shows the shape
-    if (keys_) {
-      auto zero_row = mx::zeros({1, keys_->shape(1), keys_->shape(2), keys_->shape(3)}, keys_->dtype());
-      keys_ = mx::concatenate({*keys_, zero_row}, 0);
-      values_ = mx::concatenate({*values_, zero_row}, 0);
+void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const KVCache*>& joining, int longest) {
+  rows_ = static_cast<int>(kept.size() + joining.size());
+  const int capacity = whole_steps(longest + 1);
+  // One buffer (keys: 0, values: 1) of the new rows: the kept rows (taken only when some left), then each joining
+  // row's positions; rows that hold no positions yet are zeros. Unset while no row has shown the shape.
+  auto regrouped = [&](const std::optional<mx::array>& buffer, int which) -> std::optional<mx::array> {
+    std::optional<mx::array> like = buffer;
+    for (const KVCache* row : joining) {
+      if (!like && row->offset() > 0) like = row->state()[which];
     }
-    ++rows_;
-    return;
-  }
-  const int length = row.offset();
-  auto keys = positions(state[0], 0, length), values = positions(state[1], 0, length);
-  const int capacity = std::max(keys_ ? keys_->shape(2) : 0, whole_steps(length + 1));
-  if (keys_) {
-    resize(capacity);
-  } else if (rows_ > 0) {  // the rows so far were all empty
-    keys_ = mx::zeros({rows_, keys.shape(1), capacity, keys.shape(3)}, keys.dtype());
-    values_ = mx::zeros({rows_, values.shape(1), capacity, values.shape(3)}, values.dtype());
-  }
-  keys = with_capacity(keys, capacity);
-  values = with_capacity(values, capacity);
-  keys_ = keys_ ? mx::concatenate({*keys_, keys}, 0) : keys;
-  values_ = values_ ? mx::concatenate({*values_, values}, 0) : values;
-  ++rows_;
-}
-
-void BatchKVCache::keep(const std::vector<int>& rows, int longest) {
-  rows_ = static_cast<int>(rows.size());
-  if (rows_ == 0) {
-    keys_.reset();
-    values_.reset();
-    return;
-  }
-  if (!keys_) return;
-  auto index = mx::array(rows.data(), {rows_}, mx::int32);
-  keys_ = mx::take(*keys_, index, 0);
-  values_ = mx::take(*values_, index, 0);
-  if (whole_steps(longest + 1) < keys_->shape(2)) resize(whole_steps(longest + 1));
+    if (!like || rows_ == 0) return std::nullopt;
+    auto zero_rows = [&](int n) { return mx::zeros({n, like->shape(1), capacity, like->shape(3)}, like->dtype()); };
+    std::vector<mx::array> parts;
+    if (!kept.empty() && !buffer) parts.push_back(zero_rows(static_cast<int>(kept.size())));
+    if (!kept.empty() && buffer) {
+      bool all = static_cast<int>(kept.size()) == buffer->shape(0);
+      for (int i = 0; all && i < static_cast<int>(kept.size()); ++i) all = kept[i] == i;
+      auto rows =
+          all ? *buffer : mx::take(*buffer, mx::array(kept.data(), {static_cast<int>(kept.size())}, mx::int32), 0);
+      parts.push_back(with_capacity(rows, capacity));
+    }
+    for (const KVCache* row : joining) {
+      parts.push_back(row->offset() == 0 ? zero_rows(1)
+                                         : with_capacity(positions(row->state()[which], 0, row->offset()), capacity));
+    }
+    return parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
+  };
+  keys_ = regrouped(keys_, 0);
+  values_ = regrouped(values_, 1);
 }
 
 std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(const mx::array& keys, const mx::array& values,

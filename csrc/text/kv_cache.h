@@ -114,11 +114,10 @@ class KVCache {
 // the end and leave from anywhere; only full (window 0) caches batch.
 class BatchKVCache {
  public:
-  // A sequence joins as the last row, with the positions `row` holds.
-  void add(const KVCache& row);
-  // Keep only these rows, in this order; `longest`: the most positions one of them holds (the buffers
-  // shrink to what that needs).
-  void keep(const std::vector<int>& rows, int longest);
+  // The rows change in one copy of each buffer: rows `kept` of the buffers stay, in this order, then `joining`
+  // come in as the last rows with the positions each holds; `longest`: the most positions a row holds after the
+  // change (the buffers grow or shrink to what that needs). A joining cache with no positions is a row of zeros.
+  void regroup(const std::vector<int>& kept, const std::vector<const KVCache*>& joining, int longest);
   // Write keys/values [B, H, 1, D] at each row's position (int32 [B]); return the first `visible` slots
   // of every row, [B, H, visible, D] (visible: the longest row's length after the write).
   std::pair<mx::array, mx::array> update_and_fetch(const mx::array& keys, const mx::array& values,

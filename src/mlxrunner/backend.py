@@ -151,20 +151,25 @@ def reset_peak_memory() -> int:
     return peak
 
 
-@contextmanager
-def cache_limit(limit: int) -> Iterator[None]:
-    """MLX's buffer cache held to at most `limit` bytes while the block runs (never raised: MLX keeps 32 MiB on
-    the CPU, the memory limit on a GPU), then given its previous limit back. Lowering the limit frees the cached
-    buffers above it, so what an earlier, larger job left cached is let go as this one starts, instead of
-    sitting beside its arrays."""
+def lower_cache_limit(limit: int) -> int:
+    """MLX's buffer cache held to at most `limit` bytes from now on (never raised: MLX keeps 32 MiB on the CPU, its
+    memory limit on a GPU); lowering it frees the cached buffers above it. Returns the limit it had."""
     mx = import_mlx()
     previous = mx.set_cache_limit(limit)
     if previous < limit:
         mx.set_cache_limit(previous)
+    return previous
+
+
+@contextmanager
+def cache_limit(limit: int) -> Iterator[None]:
+    """lower_cache_limit while the block runs, then the previous limit back: what an earlier, larger job left cached
+    is let go as this one starts, instead of sitting beside its arrays."""
+    previous = lower_cache_limit(limit)
     try:
         yield
     finally:
-        mx.set_cache_limit(previous)
+        import_mlx().set_cache_limit(previous)
 
 
 def peak_memory() -> int:

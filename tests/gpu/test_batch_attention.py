@@ -96,3 +96,25 @@ def test_a_batch_of_rows_of_different_lengths_decodes_as_each_row_alone(tmp_path
     for batched, alone in zip(result["batched"], result["alone"]):
         assert len(batched) == len(alone) == 24
         assert_same_greedy_tokens(batched, alone)
+
+
+CACHE_LIMIT_AFTER_LOAD = """
+import json, sys
+import mlx.core as mx
+from mlxrunner import store
+from mlxrunner.llm.model import LanguageModel
+default = mx.set_cache_limit(mx.set_cache_limit(0))
+model = LanguageModel(store.resolve(sys.argv[1]))
+print(json.dumps({"default": default, "after_load": mx.set_cache_limit(0)}))
+"""
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the bound is set on a GPU only (the CPU's MLX cache keeps 32 MiB)")
+def test_a_language_model_holds_mlx_cache_to_its_bound_on_a_gpu():
+    """An LLM on a GPU lowers MLX's buffer cache from its default (the memory limit) to GPU_CACHE_BYTES: a cache grown
+    toward the limit pushed the weights off an H100 under 64 concurrent streams (llm/model.py says how)."""
+    from mlxrunner.llm.model import GPU_CACHE_BYTES
+
+    result = run_script_json(CACHE_LIMIT_AFTER_LOAD, str(QWEN3))
+    assert result["default"] > GPU_CACHE_BYTES
+    assert result["after_load"] == GPU_CACHE_BYTES

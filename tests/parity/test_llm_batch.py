@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import ON_GPU
 
@@ -172,6 +173,42 @@ def test_a_generator_joins_once_after_its_first_token(case):
         out += [token for _, token in batch.step()]
     assert out == lone(model.decoder, Row(prompt, GREEDY, 6))[0]
     assert batch.position(row) == len(prompt) + 6
+
+def test_bursts_of_rows_joining_and_leaving_together(case):
+    """Rows join and leave between steps; the next step changes the batch's buffers for all of them at once
+    (BatchGenerator::regroup). Four rows join before one step, three more before another while two leave, the batch
+    empties and fills again, and a row that leaves before any step gives back its caches as they came: every row's
+    tokens are its lone run's, and nothing stays held once the batch is empty."""
+    _, model = case
+    mx.synchronize()
+    held_before = mx.get_active_memory()
+    prompts = random_prompts(model.core_config.vocab_size, [5, 17, 2, 40, 9, 23, 11, 30, 3, 14], seed=11)
+    rows = [Row(prompts[i], GREEDY, tokens, join_at=join_at)
+            for i, (tokens, join_at) in enumerate([(6, 0), (6, 0), (9, 0), (12, 0), (4, 3), (7, 3), (7, 3),
+                                                   (5, 30), (8, 30), (3, 31)])]
+    run_batch(model.decoder, rows)
+    for i, row in enumerate(rows):
+        assert row.out == lone(model.decoder, row)[0], i
+        assert row.cache.length == len(row.prompt) + row.tokens, i
+
+    batch = _core.BatchGenerator(model.decoder)
+    staying, leaving = Row(prompts[0], GREEDY, 5), Row(prompts[3], GREEDY, 5)
+    staying_id = batch.join(started(model.decoder, staying))
+    generator = started(model.decoder, leaving)
+    handed = generator.position
+    cache = batch.remove(batch.join(generator))  # before any step: its caches as the generator left them
+    assert cache.length == handed == len(leaving.prompt)
+    resumed = _core.Generator(model.decoder, leaving.prompt + leaving.out, sampler_options(GREEDY), 512, -1, cache)
+    assert leaving.out + [next(resumed) for _ in range(4)] == lone(model.decoder, leaving)[0]
+    while len(staying.out) < staying.tokens:
+        staying.out += [token for _, token in batch.step()]
+    assert staying.out == lone(model.decoder, staying)[0]
+    del cache, resumed, generator
+    batch.remove(staying_id)
+    del batch, rows
+    mx.synchronize()
+    assert mx.get_active_memory() <= held_before + 2**20
+
 
 def test_the_warm_up_leaves_nothing_behind(case):
     """What a GPU runs at load (LanguageModel._warm_up_gpu_kernels, any device can run it): prompts of 2 to 9

@@ -33,6 +33,12 @@ from mlxrunner.text.json_schema import CompiledSchema
 from mlxrunner.text.tokenizer import TextTokenizer
 
 PREFILL_CHUNK = 512
+# MLX's buffer cache on a GPU, at most. MLX's own bound is its memory limit (95 % of the device), which a serving LLM
+# reaches from buffers of sizes that never come back (a batch's key/value buffers at each batch size it passes
+# through, a sequence's as they grow): on an H100 80GB, 64 concurrent streams of a 4B model left ~70 GB cached, the
+# weights (managed memory) were pushed off the device, and each step read them back over PCIe: 0.75 s a step instead
+# of 10 ms (benchmarks/README.md, session 34). What a decode step and a prefill chunk free and take again fits here.
+GPU_CACHE_BYTES = 1 << 30
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,7 @@ class LanguageModel:
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.batch = self._batch_scheduler(max_batch)
         if mx.default_device() == mx.gpu:
+            backend.lower_cache_limit(GPU_CACHE_BYTES)
             self._warm_up_gpu_kernels()
 
     def _batch_scheduler(self, max_batch: int | None) -> BatchScheduler | None:
