@@ -57,8 +57,9 @@ int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sample
 // The rows that joined or left since the last step change the buffers here, one copy of each layer's buffers for all
 // of them. Joined and left one at a time, 60 requests arriving (or finishing) together copied the whole batch 60
 // times, and MLX's buffer cache kept a buffer of every batch size on the way (it reuses a buffer for a request of
-// nearly its size only): on an H100 80GB, 64 streams of a 4B model left ~70 GB cached, which pushed the weights
-// (managed memory) out to the host, and each step then read them back over PCIe (0.75 s a step; session 34).
+// nearly its size only): on an H100 80GB, 64 streams of a 4B model passed through buffers of ~75 GB in all, and
+// every step after such a burst took 0.75 s instead of 10 ms, as if reading the weights (managed memory) over PCIe
+// (benchmarks/README.md, session 34).
 void BatchGenerator::regroup() {
   std::vector<int> kept;
   std::vector<const SequenceCache*> joining;

@@ -103,7 +103,8 @@ import json, sys
 import mlx.core as mx
 from mlxrunner import store
 from mlxrunner.llm.model import LanguageModel
-default = mx.set_cache_limit(mx.set_cache_limit(0))
+default = mx.set_cache_limit(0)
+mx.set_cache_limit(default)
 model = LanguageModel(store.resolve(sys.argv[1]))
 print(json.dumps({"default": default, "after_load": mx.set_cache_limit(0)}))
 """

@@ -35,9 +35,10 @@ from mlxrunner.text.tokenizer import TextTokenizer
 PREFILL_CHUNK = 512
 # MLX's buffer cache on a GPU, at most. MLX's own bound is its memory limit (95 % of the device), which a serving LLM
 # reaches from buffers of sizes that never come back (a batch's key/value buffers at each batch size it passes
-# through, a sequence's as they grow): on an H100 80GB, 64 concurrent streams of a 4B model left ~70 GB cached, the
-# weights (managed memory) were pushed off the device, and each step read them back over PCIe: 0.75 s a step instead
-# of 10 ms (benchmarks/README.md, session 34). What a decode step and a prefill chunk free and take again fits here.
+# through, a sequence's as they grow). A full device then has the driver move managed memory, where MLX keeps the
+# weights, to the host: on an H100 80GB, 64 concurrent streams of a 4B model ran at 0.75 s a step instead of 10 ms
+# (benchmarks/README.md, session 34; with the batch's regroup alone its cache still reached 14.5 GB in four rounds).
+# What a decode step and a prefill chunk free and take again fits here.
 GPU_CACHE_BYTES = 1 << 30
 
 log = logging.getLogger(__name__)
