@@ -176,16 +176,16 @@ def test_a_generator_joins_once_after_its_first_token(case):
 
 def test_bursts_of_rows_joining_and_leaving_together(case):
     """Rows join and leave between steps; the next step changes the batch's buffers for all of them at once
-    (BatchGenerator::regroup). Four rows join before one step, three more before another while two leave, the batch
-    empties and fills again, and a row that leaves before any step gives back its caches as they came: every row's
-    tokens are its lone run's, and nothing stays held once the batch is empty."""
+    (BatchGenerator::regroup). Four rows join before one step, three more before another, one right after two left,
+    the batch empties and fills again, and a row that leaves before any step gives back its caches as they came:
+    every row's tokens are its lone run's, and nothing stays held once the batch is empty."""
     _, model = case
     mx.synchronize()
     held_before = mx.get_active_memory()
     prompts = random_prompts(model.core_config.vocab_size, [5, 17, 2, 40, 9, 23, 11, 30, 3, 14], seed=11)
     rows = [Row(prompts[i], GREEDY, tokens, join_at=join_at)
             for i, (tokens, join_at) in enumerate([(6, 0), (6, 0), (9, 0), (12, 0), (4, 3), (7, 3), (7, 3),
-                                                   (5, 30), (8, 30), (3, 31)])]
+                                                   (5, 30), (8, 30), (3, 6)])]
     run_batch(model.decoder, rows)
     for i, row in enumerate(rows):
         assert row.out == lone(model.decoder, row)[0], i
