@@ -205,9 +205,11 @@ void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const
           all ? *buffer : mx::take(*buffer, mx::array(kept.data(), {static_cast<int>(kept.size())}, mx::int32), 0);
       parts.push_back(with_capacity(rows, capacity));
     }
+    // A joining row's whole buffer, cut or padded only where its capacity is not the batch's: its slots past its
+    // positions (zeros, or what a trim left) stay out of its attention, as the batch's padding does. (Cutting each
+    // row to its positions first cost three operations a row and a buffer: ~13,000 for 61 rows of a 36-layer model.)
     for (const KVCache* row : joining) {
-      parts.push_back(row->offset() == 0 ? zero_rows(1)
-                                         : with_capacity(positions(row->state()[which], 0, row->offset()), capacity));
+      parts.push_back(row->offset() == 0 ? zero_rows(1) : with_capacity(row->state()[which], capacity));
     }
     return parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
   };
