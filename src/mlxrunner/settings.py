@@ -64,7 +64,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_QUEUE_DEPTH = 16
 # LLM requests decoded together (llm/batch.py), per backend. A decode step reads the weights once for all its
 # rows: on the 2-core test VM a step of 8 rows of a 0.6B model took what a step of 4 did; on an H100, 16 streams
-# of the Qwen3-4B shape gave 8.5x one stream's tokens a second, 64 streams 19.6x (benchmarks/README.md, session 34).
+# of the Qwen3-4B shape gave 9.1x one stream's tokens a second, 64 streams 22.3x (benchmarks/README.md, session 34).
 DEFAULT_MAX_BATCH = {"cpu": 8, "gpu": 16}
 DEFAULT_MAX_BODY_MB = 64
 DEFAULT_READ_TIMEOUT_S = 60  # a request body that has not all arrived by then gets 408
