@@ -188,7 +188,7 @@ void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const
   rows_ = static_cast<int>(kept.size() + joining.size());
   const int capacity = whole_steps(longest + 1);
   // One buffer (keys: 0, values: 1) of the new rows: the kept rows (taken only when some left), then each joining
-  // row's positions; rows that hold no positions yet are zeros. Unset while no row has shown the shape.
+  // row's buffer; rows that hold no positions yet are zeros. Unset while no row has shown the shape.
   auto regrouped = [&](const std::optional<mx::array>& buffer, int which) -> std::optional<mx::array> {
     std::optional<mx::array> like = buffer;
     for (const KVCache* row : joining) {

@@ -112,8 +112,8 @@ print(json.dumps({"default": default, "after_load": mx.set_cache_limit(0)}))
 
 @pytest.mark.skipif(not ON_GPU, reason="the bound is set on a GPU only (the CPU's MLX cache keeps 32 MiB)")
 def test_a_language_model_holds_mlx_cache_to_its_bound_on_a_gpu():
-    """An LLM on a GPU lowers MLX's buffer cache from its default (the memory limit) to GPU_CACHE_BYTES: a cache grown
-    toward the limit pushed the weights off an H100 under 64 concurrent streams (llm/model.py says how)."""
+    """An LLM on a GPU lowers MLX's buffer cache from its default (the memory limit) to GPU_CACHE_BYTES: a cache let
+    grow toward the limit is how 64 concurrent streams on an H100 slowed to 0.75 s a step (llm/model.py says more)."""
     from mlxrunner.llm.model import GPU_CACHE_BYTES
 
     result = run_script_json(CACHE_LIMIT_AFTER_LOAD, str(QWEN3))
