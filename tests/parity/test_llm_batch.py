@@ -14,6 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from conftest import ON_GPU
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlxrunner import _core, store
 from mlxrunner.llm import load
@@ -208,6 +210,28 @@ def test_bursts_of_rows_joining_and_leaving_together(case):
     del batch, rows
     mx.synchronize()
     assert mx.get_active_memory() <= held_before + 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    return LanguageModel(store.resolve(str(ROOT / "fixtures" / "llm" / "qwen3-tiny")), max_batch=8).decoder
+
+
+ROWS = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(0, 8)), min_size=1, max_size=8)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=ROWS, seed=st.integers(0, 2**16))
+def test_any_pattern_of_joins_and_leaves_keeps_each_rows_lone_tokens(tiny_decoder, rows, seed):
+    """Rows of any prompt length join at any step and leave as soon as they have their tokens, so that joins, leaves
+    and both at once land between steps in every combination, the batch emptying and filling again: each row's greedy
+    tokens are its lone run's, and the caches it leaves with hold its prompt and every token."""
+    prompts = random_prompts(tiny_decoder.config.vocab_size, [n for n, _, _ in rows], seed=seed)
+    batch_rows = [Row(p, GREEDY, tokens, join_at=join_at) for p, (_, tokens, join_at) in zip(prompts, rows)]
+    run_batch(tiny_decoder, batch_rows)
+    for row in batch_rows:
+        assert row.out == lone(tiny_decoder, row)[0]
+        assert row.cache.length == len(row.prompt) + row.tokens
 
 
 def test_the_warm_up_leaves_nothing_behind(case):
