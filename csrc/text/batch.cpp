@@ -6,10 +6,14 @@
 
 namespace mlxr {
 
-BatchGenerator::BatchGenerator(const Decoder& model)
-    : model_(model), cache_(static_cast<size_t>(model.config().num_hidden_layers)) {
-  if (!model.can_batch()) {
-    throw std::invalid_argument("this model has sliding-window or latent attention layers, which do not batch");
+BatchGenerator::BatchGenerator(const Decoder& model) : model_(model) {
+  if (!model.can_batch()) throw std::invalid_argument("this model has latent attention layers, which do not batch");
+  for (int i = 0; i < model.config().num_hidden_layers; ++i) {
+    cache_.emplace_back(model.config().window(i));
+    if (cache_.back().window() > 0 && window_layer_ < 0) {
+      window_ = cache_.back().window();
+      window_layer_ = i;
+    }
   }
 }
 
@@ -44,12 +48,15 @@ int BatchGenerator::join(Generator& generator) {
 
 int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs) {
   const bool plain = sampler.greedy() && !sampler.uses_penalties() && !sampler.biased() && top_logprobs < 0;
+  Rotation rotation;
+  if (window_ > 0) rotation = BatchKVCache::joining_rotation(cache.layers[window_layer_], window_);
   rows_.push_back(Row{.id = next_id_,
                       .length = cache.length(),
                       .next_input = next_input,
                       .sampler = std::move(sampler),
                       .plain_greedy = plain,
                       .top_logprobs = top_logprobs,
+                      .rotation = rotation,
                       .joining = std::move(cache)});
   return next_id_++;
 }
@@ -63,9 +70,10 @@ int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sample
 void BatchGenerator::regroup() {
   std::vector<int> kept;
   std::vector<const SequenceCache*> joining;
-  int longest = 0;
+  int longest = 0, most_held = 0;
   for (const Row& row : rows_) {
     longest = std::max(longest, row.length);
+    most_held = std::max(most_held, row.rotation.held);
     if (row.joining) {
       joining.push_back(&*row.joining);
     } else {
@@ -76,7 +84,7 @@ void BatchGenerator::regroup() {
   for (size_t i = 0; i < cache_.size(); ++i) {
     std::vector<const KVCache*> layer;
     for (const SequenceCache* cache : joining) layer.push_back(&cache->layers[i]);
-    cache_[i].regroup(kept, layer, longest);
+    cache_[i].regroup(kept, layer, cache_[i].window() > 0 ? most_held : longest);
   }
   for (int i = 0; i < size(); ++i) {
     rows_[i].slot = i;
@@ -151,7 +159,9 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
   if (*shortest != *longest) {
     mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});
   }
-  auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, visible, mask, cache_);
+  std::optional<Decoder::WindowStep> window;
+  if (window_ > 0) window = window_step();
+  auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, visible, mask, cache_, window);
   // The logprobs of the tokens fed now (computed by the last step), read once this step is dispatched.
   std::vector<std::optional<PendingLogprobs>> fed_logprobs;
   for (Row& row : rows_) fed_logprobs.push_back(std::exchange(row.pending_logprobs, std::nullopt));
@@ -178,6 +188,29 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
   return out;
 }
 
+// Each row's new position goes where its rotating caches would put it alone (KVCache::write_one_rotating): the next
+// slot, back to 0 once all W are in use, and the row then sees the slots it holds.
+Decoder::WindowStep BatchGenerator::window_step() {
+  std::vector<int> slots, last_slots;
+  int most = 0, fewest = window_;
+  for (Row& row : rows_) {
+    const int slot = row.rotation.next_slot == window_ ? 0 : row.rotation.next_slot;
+    if (slot == row.rotation.held) ++row.rotation.held;
+    row.rotation.next_slot = slot + 1;
+    slots.push_back(slot);
+    last_slots.push_back(row.rotation.held - 1);
+    most = std::max(most, row.rotation.held);
+    fewest = std::min(fewest, row.rotation.held);
+  }
+  const int b = size();
+  auto last = mx::array(last_slots.data(), {b}, mx::int32);
+  std::optional<mx::array> mask;
+  if (fewest != most) {
+    mask = mx::reshape(mx::less_equal(mx::arange(most, mx::int32), mx::reshape(last, {b, 1})), {b, 1, 1, most});
+  }
+  return {.slots = mx::array(slots.data(), {b}, mx::int32), .last_slots = last, .visible = most, .mask = mask};
+}
+
 SequenceCache BatchGenerator::remove(int id) {
   const int index = index_of(id);
   Row& leaving = rows_[index];
@@ -185,7 +218,7 @@ SequenceCache BatchGenerator::remove(int id) {
   if (leaving.joining) {  // it never reached the buffers: its caches as they came
     taken = std::move(*leaving.joining);
   } else {
-    for (auto& layer : cache_) taken.layers.push_back(layer.row(leaving.slot, leaving.length));
+    for (auto& layer : cache_) taken.layers.push_back(layer.row(leaving.slot, leaving.length, leaving.rotation));
     std::vector<mx::array> state;
     for (const auto& layer : taken.layers) {
       for (auto& a : layer.state()) state.push_back(a);

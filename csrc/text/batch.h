@@ -8,8 +8,9 @@
 // (regroup), so a burst of N requests arriving or finishing together costs one copy of the batch, not N.
 //
 // Like Generator, each step() dispatches the next forward before it reads the tokens of the last one,
-// so the device computes step n+1 while the host streams step n. Only models whose every layer keeps a
-// standard key/value cache batch (Decoder::can_batch); the others run one sequence at a time.
+// so the device computes step n+1 while the host streams step n. Sliding-window layers batch with each row's
+// rotating layout (BatchKVCache); models with latent attention (MLA) do not (Decoder::can_batch) and run one
+// sequence at a time.
 #pragma once
 
 #include <optional>
@@ -59,6 +60,7 @@ class BatchGenerator {
     int top_logprobs;
     bool computed = false;                 // whether pending_ holds its next token (false until its first step)
     int slot = -1;                         // its row in the batch's buffers, once it is in them
+    Rotation rotation;                     // where its sliding-window layers hold its positions (window_ > 0)
     std::optional<SequenceCache> joining;  // its caches until the next step puts them in the buffers (regroup)
     std::optional<PendingLogprobs> pending_logprobs;
     std::optional<TokenLogprobs> logprobs;
@@ -70,9 +72,12 @@ class BatchGenerator {
   int index_of(int id) const;
   mx::array sample(const mx::array& logits);  // [B, V] -> int32 [B]; sets rows' pending_logprobs
   mx::array positions_array(const std::vector<int>& positions);
+  Decoder::WindowStep window_step();  // advances every row's rotation by the step's position
 
   const Decoder& model_;
   std::vector<BatchKVCache> cache_;   // a layer each
+  int window_ = 0;                    // the model's sliding window (its rotating layers'), 0 if it has none
+  int window_layer_ = -1;             // one such layer (every one holds a sequence's positions alike)
   std::vector<Row> rows_;             // in batch order: the rows with computed tokens first
   int buffered_ = 0;                  // rows the buffers hold (rows that left since the last step included)
   std::optional<mx::array> pending_;  // int32: the next token of each computed row, not yet read

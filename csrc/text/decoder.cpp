@@ -422,17 +422,22 @@ mx::array Decoder::right_padded_attention(const DecoderLayer& layer, LayerInput&
 }
 
 mx::array Decoder::batch_attention(const DecoderLayer& layer, LayerInput& input, BatchKVCache& cache,
-                                   const mx::array& positions, int visible,
-                                   const std::optional<mx::array>& mask) const {
-  auto [q, k, v] = project_qkv(layer, input, rope_, positions);
-  std::tie(k, v) = cache.update_and_fetch(k, v, positions, visible);
-  if (mask && batch_attention_switched_on()) {  // rows of different lengths: MLX's fused attention takes no mask
-    if (auto out = cuda_batch_decode_attention(q, cache.keys(), cache.values(), positions,
+                                   const mx::array& positions, int visible, const std::optional<mx::array>& mask,
+                                   const std::optional<WindowStep>& window) const {
+  // A sliding-window layer writes each row at its rotation's slot and sees the slots it holds (forward_batch).
+  const bool slides = layer.window > 0;
+  if (slides && !window) throw std::logic_error("a batch step of a sliding-window model without its WindowStep");
+  auto [q, k, v] = project_qkv(layer, input, slides ? sliding_rope_ : rope_, positions);
+  const auto& seen = slides ? window->mask : mask;
+  std::tie(k, v) = cache.update_and_fetch(k, v, slides ? window->slots : positions, slides ? window->visible : visible);
+  // Rows holding different numbers of slots: MLX's fused attention takes no mask, the kernel no sinks.
+  if (seen && !layer.sinks && batch_attention_switched_on()) {
+    if (auto out = cuda_batch_decode_attention(q, cache.keys(), cache.values(), slides ? window->last_slots : positions,
                                                scale_or_default(attention_scale_, q))) {
       return layer.o_proj(*out);
     }
   }
-  return layer.o_proj(merge_heads(mlxr::attention(q, k, v, mask, attention_scale_)));
+  return layer.o_proj(merge_heads(mlxr::attention(q, k, v, seen, attention_scale_, layer.sinks)));
 }
 
 mx::array Decoder::mlp(const DecoderLayer& layer, LayerInput& input) const {
@@ -467,7 +472,7 @@ std::vector<KVCache> Decoder::make_cache() const {
 }
 
 bool Decoder::can_batch() const {
-  return std::all_of(layers_.begin(), layers_.end(), [](const DecoderLayer& l) { return !l.mla && l.window == 0; });
+  return std::none_of(layers_.begin(), layers_.end(), [](const DecoderLayer& l) { return l.mla.has_value(); });
 }
 
 void Decoder::eval_weights() const {
@@ -574,8 +579,9 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
 }
 
 mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& positions, int visible,
-                                 const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache) const {
-  if (!can_batch()) throw std::logic_error("this model has sliding-window or latent attention: it cannot batch");
+                                 const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache,
+                                 const std::optional<WindowStep>& window) const {
+  if (!can_batch()) throw std::logic_error("this model has latent attention layers: it cannot batch");
   if (cache.size() != layers_.size()) {
     throw std::invalid_argument("batch cache has " + std::to_string(cache.size()) + " layers, the model " +
                                 std::to_string(layers_.size()));
@@ -583,7 +589,7 @@ mx::array Decoder::forward_batch(const mx::array& tokens, const mx::array& posit
   Residual x{embed(tokens)};
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
-      return batch_attention(layers_[i], h, cache[i], positions, visible, mask);
+      return batch_attention(layers_[i], h, cache[i], positions, visible, mask, window);
     });
   }
   return logits(x);

@@ -130,17 +130,29 @@ class Decoder {
   // One cache per layer: a rotating one (text/kv_cache.h) on each sliding-window layer.
   std::vector<KVCache> make_cache() const;
 
-  // Whether forward_batch can run this model: every layer keeps a standard key/value cache (no sliding
-  // window, no latent attention). The others decode one sequence at a time.
+  // Whether forward_batch can run this model: no layer keeps a latent (MLA) cache. Those models decode one sequence
+  // at a time.
   bool can_batch() const;
 
+  // A batch step's sliding-window layers (BatchKVCache's rotating rows): each row's slot for its new position
+  // (int32 [B]), the last slot it then sees (int32 [B]), the most slots a row then holds, and the mask [B, 1, 1,
+  // visible] of each row's own slots (none when every row holds as many).
+  struct WindowStep {
+    mx::array slots;
+    mx::array last_slots;
+    int visible;
+    std::optional<mx::array> mask;
+  };
+
   // One decode step of B sequences of different lengths: logits [B, 1, V] for tokens [B, 1]. Row b's new
-  // token sits at position positions[b] (int32 [B], also its RoPE offset); each layer's BatchKVCache
+  // token sits at position positions[b] (int32 [B], also its RoPE offset); each full layer's BatchKVCache
   // (text/kv_cache.h) writes its keys there and returns the first `visible` keys of every row (the longest
   // row's), which `mask` ([B, 1, 1, visible], true = a key of that row) cuts to the row's own; no mask when
-  // every row sees all of them (rows of one length).
+  // every row sees all of them (rows of one length). Sliding-window layers write and see as `window` says (set
+  // when the model has such layers).
   mx::array forward_batch(const mx::array& tokens, const mx::array& positions, int visible,
-                          const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache) const;
+                          const std::optional<mx::array>& mask, std::vector<BatchKVCache>& cache,
+                          const std::optional<WindowStep>& window = std::nullopt) const;
 
   // Reads every weight now, one layer at a time. The fused projections are lazy concatenations
   // of the checkpoint's arrays; once the caller has dropped its own references to those, this
@@ -173,7 +185,8 @@ class Decoder {
   // across the bus. nullopt off CUDA, without the fused RoPE, or under MLXRUNNER_DEVICE_OFFSET=0 (to measure it).
   std::optional<mx::array> device_offset(int offset) const;
   mx::array batch_attention(const DecoderLayer& layer, LayerInput& input, BatchKVCache& cache,
-                            const mx::array& positions, int visible, const std::optional<mx::array>& mask) const;
+                            const mx::array& positions, int visible, const std::optional<mx::array>& mask,
+                            const std::optional<WindowStep>& window) const;
   // attention() of one prompt right-padded after its first `real` tokens, under transformers' padding mask (causal,
   // pad keys unseen), as the two parts that mask leaves: the real tokens attending to each other causally, the pads
   // attending to every real token. A text encoder's 24 tokens padded to 512 then make 24 x 24 and 488 x 24 scores

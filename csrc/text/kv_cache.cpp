@@ -166,6 +166,20 @@ KVCache KVCache::holding(const mx::array& keys, const mx::array& values) {
   return cache;
 }
 
+KVCache KVCache::rotating_holding(const mx::array& keys, const mx::array& values, int window, int offset,
+                                  int next_slot) {
+  KVCache cache(window);
+  const int held = keys.shape(2);
+  if (held == 0) return cache;
+  const int capacity = std::min(whole_steps(held), window);
+  cache.keys_ = written(grown(std::nullopt, 0, keys, capacity), keys, 0);
+  cache.values_ = written(grown(std::nullopt, 0, values, capacity), values, 0);
+  cache.offset_ = offset;
+  cache.held_ = held;
+  cache.next_slot_ = next_slot;
+  return cache;
+}
+
 namespace {
 
 // `buffer` [B, H, L, D] with L made `capacity`: cut, or padded with zeros.
@@ -184,9 +198,18 @@ void BatchKVCache::resize(int capacity) {
   values_ = with_capacity(*values_, capacity);
 }
 
+int BatchKVCache::capacity_for(int slots) const {
+  return window_ > 0 ? std::min(whole_steps(slots), window_) : whole_steps(slots);
+}
+
+Rotation BatchKVCache::joining_rotation(const KVCache& cache, int window) {
+  if (cache.held() > window) return {.held = window, .next_slot = window};
+  return {.held = cache.held(), .next_slot = cache.next_slot()};
+}
+
 void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const KVCache*>& joining, int longest) {
   rows_ = static_cast<int>(kept.size() + joining.size());
-  const int capacity = whole_steps(longest + 1);
+  const int capacity = capacity_for(longest + 1);
   // One buffer (keys: 0, values: 1) of the new rows: the kept rows (taken only when some left), then each joining
   // row's buffer; rows that hold no positions yet are zeros. Unset while no row has shown the shape.
   auto regrouped = [&](const std::optional<mx::array>& buffer, int which) -> std::optional<mx::array> {
@@ -209,7 +232,13 @@ void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const
     // positions (zeros, or what a trim left) stay out of its attention, as the batch's padding does. (Cutting each
     // row to its positions first cost three operations a row and a buffer: ~13,000 for 61 rows of a 36-layer model.)
     for (const KVCache* row : joining) {
-      parts.push_back(row->offset() == 0 ? zero_rows(1) : with_capacity(row->state()[which], capacity));
+      if (row->offset() == 0) {
+        parts.push_back(zero_rows(1));
+        continue;
+      }
+      auto slots = row->state()[which];
+      if (window_ > 0 && row->held() > window_) slots = positions(slots, row->held() - window_, row->held());
+      parts.push_back(with_capacity(slots, capacity));
     }
     return parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
   };
@@ -218,28 +247,30 @@ void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const
 }
 
 std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(const mx::array& keys, const mx::array& values,
-                                                               const mx::array& positions_, int visible) {
+                                                               const mx::array& slots, int visible) {
   if (keys.shape(0) != rows_) {
     throw std::invalid_argument("batch cache of " + std::to_string(rows_) + " rows got keys for " +
                                 std::to_string(keys.shape(0)));
   }
   if (!keys_) {
-    keys_ = mx::zeros({rows_, keys.shape(1), whole_steps(visible), keys.shape(3)}, keys.dtype());
-    values_ = mx::zeros({rows_, values.shape(1), whole_steps(visible), values.shape(3)}, values.dtype());
+    keys_ = mx::zeros({rows_, keys.shape(1), capacity_for(visible), keys.shape(3)}, keys.dtype());
+    values_ = mx::zeros({rows_, values.shape(1), capacity_for(visible), values.shape(3)}, values.dtype());
   } else if (visible > keys_->shape(2)) {
-    resize(whole_steps(visible));
+    resize(capacity_for(visible));
   }
-  auto at = mx::broadcast_to(mx::reshape(positions_, {rows_, 1, 1, 1}), keys.shape());
+  auto at = mx::broadcast_to(mx::reshape(slots, {rows_, 1, 1, 1}), keys.shape());
   keys_ = mx::put_along_axis(*keys_, at, keys, 2);
   values_ = mx::put_along_axis(*values_, at, values, 2);
   return {positions(*keys_, 0, visible), positions(*values_, 0, visible)};
 }
 
-KVCache BatchKVCache::row(int index, int length) const {
-  if (!keys_ || length == 0) return KVCache();
+KVCache BatchKVCache::row(int index, int length, const Rotation& rotation) const {
+  const int held = window_ > 0 ? rotation.held : length;
+  if (!keys_ || held == 0) return KVCache(window_);
   auto cut = [&](const mx::array& buffer) {
-    return mx::slice(buffer, mx::Shape{index, 0, 0, 0}, mx::Shape{index + 1, buffer.shape(1), length, buffer.shape(3)});
+    return mx::slice(buffer, mx::Shape{index, 0, 0, 0}, mx::Shape{index + 1, buffer.shape(1), held, buffer.shape(3)});
   };
+  if (window_ > 0) return KVCache::rotating_holding(cut(*keys_), cut(*values_), window_, length, rotation.next_slot);
   return KVCache::holding(cut(*keys_), cut(*values_));
 }
 

@@ -62,6 +62,12 @@ class KVCache {
 
   // A full cache holding these keys/values [1, H, L, D] as its L positions, in a buffer of its own.
   static KVCache holding(const mx::array& keys, const mx::array& values);
+  // A rotating cache (window W) that has seen `offset` positions and holds these keys/values [1, H, held, D] in its
+  // slot order, its next position going to slot `next_slot`, in buffers of its own.
+  static KVCache rotating_holding(const mx::array& keys, const mx::array& values, int window, int offset,
+                                  int next_slot);
+  // A rotating cache's slots: how many hold positions, and the slot the next position goes to.
+  int next_slot() const { return next_slot_; }
 
   // Whether a kernel may write this cache's next positions into its buffers in place (nn/cuda_decode_attention.h): a
   // full cache of which no copy has been made since its buffers were last replaced (a copy shares them: writing one
@@ -107,23 +113,38 @@ class KVCache {
   CopyMark shared_;
 };
 
+// Where one sequence's sliding-window layers hold its positions, as their rotating caches lay them out: `held` slots
+// in use (at most the window W), the next position going to slot `next_slot` (W wraps to 0).
+struct Rotation {
+  int held = 0;
+  int next_slot = 0;
+};
+
 // One layer's caches of B sequences decoded together (text/batch.h), one batch row each. Each row keeps
-// its positions from slot 0 on, as its own cache would (right padding, where mlx-lm's batch cache pads on
-// the left): a row's keys sit in the same slots as when it decodes alone, and the slots past its length
-// are masked out, so its attention sums the same terms in the same order, plus exact zeros. Rows join at
-// the end and leave from anywhere; only full (window 0) caches batch.
+// its positions in the slots its own cache would (right padding, where mlx-lm's batch cache pads on the left):
+// a full layer's position p in slot p, a sliding-window layer's where its rotating cache puts it (Rotation, the
+// row's own). The slots past what a row holds are masked out, so its attention sums the same terms in the same
+// order as alone, plus exact zeros. Rows join at the end and leave from anywhere.
 class BatchKVCache {
  public:
+  // window 0: a full layer; W > 0: a sliding-window layer, each row in at most W slots.
+  explicit BatchKVCache(int window = 0) : window_(window) {}
+  int window() const { return window_; }
+  // The rotation a sequence's rotating cache of this window continues with in the batch: after a chunk the cache
+  // holds up to W - 1 + T positions in order, of which its next write keeps the last W (KVCache::write_one_rotating),
+  // as regroup does.
+  static Rotation joining_rotation(const KVCache& cache, int window);
   // The rows change in one copy of each buffer: rows `kept` of the buffers stay, in this order, then `joining`
-  // come in as the last rows with the positions each holds; `longest`: the most positions a row holds after the
-  // change (the buffers grow or shrink to what that needs). A joining cache with no positions is a row of zeros.
+  // come in as the last rows with the positions each holds; `longest`: the most slots a row holds after the change
+  // (the buffers grow or shrink to what that needs). A joining cache with no positions is a row of zeros.
   void regroup(const std::vector<int>& kept, const std::vector<const KVCache*>& joining, int longest);
-  // Write keys/values [B, H, 1, D] at each row's position (int32 [B]); return the first `visible` slots
-  // of every row, [B, H, visible, D] (visible: the longest row's length after the write).
+  // Write keys/values [B, H, 1, D] at each row's slot (int32 [B]: its position, or its rotation's next slot); return
+  // the first `visible` slots of every row, [B, H, visible, D] (visible: the most slots a row holds after the write).
   std::pair<mx::array, mx::array> update_and_fetch(const mx::array& keys, const mx::array& values,
-                                                   const mx::array& positions, int visible);
-  // Row `index`'s first `length` positions as a lone cache.
-  KVCache row(int index, int length) const;
+                                                   const mx::array& slots, int visible);
+  // Row `index` as a lone cache that has seen `length` positions: a full one, or a rotating one holding the row's
+  // rotation's slots.
+  KVCache row(int index, int length, const Rotation& rotation) const;
   // The whole buffers [B, H, capacity, D], as the last update_and_fetch left them (for a kernel that reads each
   // row's own positions, nn/cuda_batch_attention.h).
   const mx::array& keys() const { return *keys_; }
@@ -133,7 +154,9 @@ class BatchKVCache {
 
  private:
   void resize(int capacity);
+  int capacity_for(int slots) const;  // whole kSteps, and never more than a sliding window's W
 
+  int window_;
   std::optional<mx::array> keys_, values_;  // [B, H, capacity, D]; unset while every row is empty
   int rows_ = 0;
 };

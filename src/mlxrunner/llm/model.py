@@ -133,8 +133,7 @@ class LanguageModel:
         if max_batch <= 1:
             return None
         if not self.decoder.can_batch:
-            log.info("this model has sliding-window or latent attention layers, which do not batch: its requests "
-                     "run one at a time")
+            log.info("this model has latent attention layers, which do not batch: its requests run one at a time")
             return None
         return BatchScheduler(self.decoder, self.prompt_cache, max_batch, PREFILL_CHUNK)
 
