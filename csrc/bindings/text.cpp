@@ -196,8 +196,9 @@ void bind_decoder(nb::module_& m) {
           nb::call_guard<nb::gil_scoped_release>(),
           "Hidden states as transformers numbers them: 0 = embeddings, i = after i layers, last = final norm "
           "(final_norm=False: the last layer's raw output, for a decoder built with a checkpoint's first layers).")
-      .def_prop_ro("can_batch", &Decoder::can_batch,
-                   "Whether sequences decode together (BatchGenerator): no latent attention (MLA) layer.")
+      .def_prop_ro(
+          "can_batch", &Decoder::can_batch,
+          "Whether sequences decode together (BatchGenerator): no latent attention (MLA) or attention-sink layer.")
       .def("eval_weights", &Decoder::eval_weights, nb::call_guard<nb::gil_scoped_release>(),
            "Read every weight now, a layer at a time (drop your own references to the weight dict first: "
            "the fused projections then free the checkpoint's separate arrays as they go).");

@@ -7,7 +7,9 @@
 namespace mlxr {
 
 BatchGenerator::BatchGenerator(const Decoder& model) : model_(model) {
-  if (!model.can_batch()) throw std::invalid_argument("this model has latent attention layers, which do not batch");
+  if (!model.can_batch()) {
+    throw std::invalid_argument("this model has latent attention or attention-sink layers, which do not batch");
+  }
   for (int i = 0; i < model.config().num_hidden_layers; ++i) {
     cache_.emplace_back(model.config().window(i));
     if (cache_.back().window() > 0 && window_layer_ < 0) {

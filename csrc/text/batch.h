@@ -9,8 +9,8 @@
 //
 // Like Generator, each step() dispatches the next forward before it reads the tokens of the last one,
 // so the device computes step n+1 while the host streams step n. Sliding-window layers batch with each row's
-// rotating layout (BatchKVCache); models with latent attention (MLA) do not (Decoder::can_batch) and run one
-// sequence at a time.
+// rotating layout (BatchKVCache); models with latent attention (MLA) or attention sinks do not (Decoder::can_batch)
+// and run one sequence at a time.
 #pragma once
 
 #include <optional>

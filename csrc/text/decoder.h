@@ -130,8 +130,8 @@ class Decoder {
   // One cache per layer: a rotating one (text/kv_cache.h) on each sliding-window layer.
   std::vector<KVCache> make_cache() const;
 
-  // Whether forward_batch can run this model: no layer keeps a latent (MLA) cache. Those models decode one sequence
-  // at a time.
+  // Whether forward_batch can run this model: no layer keeps a latent (MLA) cache or has attention sinks (GPT-OSS).
+  // Those models decode one sequence at a time.
   bool can_batch() const;
 
   // A batch step's sliding-window layers (BatchKVCache's rotating rows): each row's slot for its new position

@@ -15,8 +15,8 @@ thread, which calls `step()` while such jobs live. A step:
 
 Each row samples with its own options and seed and sees only its own keys, so its tokens are the ones it
 would get alone (BatchKVCache in csrc/text/kv_cache.h says why the arithmetic is the same; a sliding-window layer's
-rows keep their rotating caches' layouts). Models with latent attention (MLA) do not batch
-(`_core.Decoder.can_batch`): their requests run one at a time as before.
+rows keep their rotating caches' layouts). Models with latent attention (MLA) or attention sinks (GPT-OSS) do not
+batch (`_core.Decoder.can_batch`): their requests run one at a time as before.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ class LanguageModel:
         if max_batch <= 1:
             return None
         if not self.decoder.can_batch:
-            log.info("this model has latent attention layers, which do not batch: its requests run one at a time")
+            log.info("this model has latent attention or attention-sink layers, which do not batch: its requests run "
+                     "one at a time")
             return None
         return BatchScheduler(self.decoder, self.prompt_cache, max_batch, PREFILL_CHUNK)
 
