@@ -20,6 +20,7 @@ import mlxrunner  # noqa: F401, I001  (before mlx.core: routes MLX's CPU BLAS to
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
+GEMMA3_TINY = ROOT / "tests" / "fixtures" / "llm" / "gemma3-tiny"
 CACHE = Path.home() / ".cache" / "mlxrunner-bench"
 
 QWEN3_06B = {

@@ -1,6 +1,6 @@
 """Batched decoding on the CPU: the aggregate throughput of 1, 4 and 8 concurrent streams against one real runner
-subprocess, against our own single stream (and, on the tiny model at 8 streams, the runner decoding one request at a
-time).
+subprocess, against our own single stream (and, on the tiny models at 8 streams, the runner decoding one request at a
+time): the tiny Qwen3, the tiny Gemma 3 (sliding-window layers) and a 0.6B Qwen3.
 
     python -m pytest benchmarks/cpu/test_batch.py -q      # ~5 minutes on 2 cores (the 0.6B model built once)
 
@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from benchmarks.batch_serving import Server, prompts
-from benchmarks.cpu.llm_models import TINY, qwen3_06b
+from benchmarks.cpu.llm_models import GEMMA3_TINY, TINY, qwen3_06b
 
 STREAMS = [1, 4, 8]
 
@@ -32,7 +32,9 @@ class Case:
 
 
 # The 0.6B model is kept short: each request's ~30-token prompt is prefilled on its own before it joins.
-CASES = {"tiny": Case(lambda: TINY, 64, 5, 1), "qwen3-0.6b-f32": Case(lambda: qwen3_06b("float32"), 8, 1, 1)}
+# gemma3-tiny: sliding-window layers (window 8, every other layer), which batch in their rotating layouts.
+CASES = {"tiny": Case(lambda: TINY, 64, 5, 1), "gemma3-tiny": Case(lambda: GEMMA3_TINY, 64, 5, 1),
+         "qwen3-0.6b-f32": Case(lambda: qwen3_06b("float32"), 8, 1, 1)}
 MODES = {"batched": None, "one at a time": 1}  # --max-batch
 
 _servers: dict[tuple[str, str], Server] = {}
@@ -68,8 +70,9 @@ def test_batched(benchmark, case, streams):
     run(benchmark, case, "batched", streams)
 
 
-def test_one_at_a_time(benchmark):
-    run(benchmark, "tiny", "one at a time", max(STREAMS))
+@pytest.mark.parametrize("case", ["tiny", "gemma3-tiny"])
+def test_one_at_a_time(benchmark, case):
+    run(benchmark, case, "one at a time", max(STREAMS))
 
 
 def run(benchmark, case: str, mode: str, streams: int) -> None:
