@@ -51,7 +51,7 @@ int BatchGenerator::join(Generator& generator) {
 int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs) {
   const bool plain = sampler.greedy() && !sampler.uses_penalties() && !sampler.biased() && top_logprobs < 0;
   Rotation rotation;
-  if (window_ > 0) rotation = BatchKVCache::joining_rotation(cache.layers[window_layer_], window_);
+  if (window_ > 0) rotation = cache_[window_layer_].joining_rotation(cache.layers[window_layer_]);
   rows_.push_back(Row{.id = next_id_,
                       .length = cache.length(),
                       .next_input = next_input,

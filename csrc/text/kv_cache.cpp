@@ -29,6 +29,11 @@ int whole_steps(int needed) {
   return ((needed + KVCache::kStep - 1) / KVCache::kStep) * KVCache::kStep;
 }
 
+// Room for `slots` positions: whole kSteps, and never more than a sliding window's W (window 0: no bound).
+int capacity_for(int slots, int window) {
+  return window > 0 ? std::min(whole_steps(slots), window) : whole_steps(slots);
+}
+
 mx::array written(const mx::array& buffer, const mx::array& part, int at) {
   return mx::slice_update(buffer, part, mx::Shape{0, 0, at, 0},
                           mx::Shape{part.shape(0), part.shape(1), at + part.shape(2), part.shape(3)});
@@ -99,15 +104,15 @@ std::pair<mx::array, mx::array> KVCache::append_chunk_rotating(const mx::array& 
 std::pair<mx::array, mx::array> KVCache::write_one_rotating(const mx::array& keys, const mx::array& values) {
   const bool in_order = next_slot_ == held_;
   if (!keys_) {
-    keys_ = grown(std::nullopt, 0, keys, std::min(kStep, window_));
-    values_ = grown(std::nullopt, 0, values, std::min(kStep, window_));
+    keys_ = grown(std::nullopt, 0, keys, capacity_for(1, window_));
+    values_ = grown(std::nullopt, 0, values, capacity_for(1, window_));
   } else if (in_order && held_ > window_) {  // after a chunk: only the last W can still be seen
     keys_ = positions(*keys_, held_ - window_, held_);
     values_ = positions(*values_, held_ - window_, held_);
     held_ = next_slot_ = window_;
   } else if (in_order && held_ < window_ && held_ == keys_->shape(2)) {
-    keys_ = grown(keys_, held_, keys, std::min(whole_steps(held_ + 1), window_));
-    values_ = grown(values_, held_, values, std::min(whole_steps(held_ + 1), window_));
+    keys_ = grown(keys_, held_, keys, capacity_for(held_ + 1, window_));
+    values_ = grown(values_, held_, values, capacity_for(held_ + 1, window_));
   }
   if (next_slot_ == window_) next_slot_ = 0;  // full: the oldest position's slot
   keys_ = written(*keys_, keys, next_slot_);
@@ -156,14 +161,8 @@ bool KVCache::trim(int n) {
 }
 
 KVCache KVCache::holding(const mx::array& keys, const mx::array& values) {
-  KVCache cache;
   const int length = keys.shape(2);
-  if (length == 0) return cache;
-  // Written into fresh buffers: a slice would keep the whole array it was cut from alive.
-  cache.keys_ = written(grown(std::nullopt, 0, keys, whole_steps(length)), keys, 0);
-  cache.values_ = written(grown(std::nullopt, 0, values, whole_steps(length)), values, 0);
-  cache.offset_ = cache.held_ = cache.next_slot_ = length;
-  return cache;
+  return rotating_holding(keys, values, 0, length, length);
 }
 
 KVCache KVCache::rotating_holding(const mx::array& keys, const mx::array& values, int window, int offset,
@@ -171,7 +170,8 @@ KVCache KVCache::rotating_holding(const mx::array& keys, const mx::array& values
   KVCache cache(window);
   const int held = keys.shape(2);
   if (held == 0) return cache;
-  const int capacity = std::min(whole_steps(held), window);
+  const int capacity = capacity_for(held, window);
+  // Written into fresh buffers: a slice would keep the whole array it was cut from alive.
   cache.keys_ = written(grown(std::nullopt, 0, keys, capacity), keys, 0);
   cache.values_ = written(grown(std::nullopt, 0, values, capacity), values, 0);
   cache.offset_ = offset;
@@ -198,18 +198,14 @@ void BatchKVCache::resize(int capacity) {
   values_ = with_capacity(*values_, capacity);
 }
 
-int BatchKVCache::capacity_for(int slots) const {
-  return window_ > 0 ? std::min(whole_steps(slots), window_) : whole_steps(slots);
-}
-
-Rotation BatchKVCache::joining_rotation(const KVCache& cache, int window) {
-  if (cache.held() > window) return {.held = window, .next_slot = window};
+Rotation BatchKVCache::joining_rotation(const KVCache& cache) const {
+  if (cache.held() > window_) return {.held = window_, .next_slot = window_};
   return {.held = cache.held(), .next_slot = cache.next_slot()};
 }
 
 void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const KVCache*>& joining, int longest) {
   rows_ = static_cast<int>(kept.size() + joining.size());
-  const int capacity = capacity_for(longest + 1);
+  const int capacity = capacity_for(longest + 1, window_);
   // One buffer (keys: 0, values: 1) of the new rows: the kept rows (taken only when some left), then each joining
   // row's buffer; rows that hold no positions yet are zeros. Unset while no row has shown the shape.
   auto regrouped = [&](const std::optional<mx::array>& buffer, int which) -> std::optional<mx::array> {
@@ -237,7 +233,10 @@ void BatchKVCache::regroup(const std::vector<int>& kept, const std::vector<const
         continue;
       }
       auto slots = row->state()[which];
-      if (window_ > 0 && row->held() > window_) slots = positions(slots, row->held() - window_, row->held());
+      if (window_ > 0) {  // the slots it continues with (joining_rotation): its last W after a chunk
+        const int kept_slots = joining_rotation(*row).held;
+        if (kept_slots < row->held()) slots = positions(slots, row->held() - kept_slots, row->held());
+      }
       parts.push_back(with_capacity(slots, capacity));
     }
     return parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0);
@@ -253,10 +252,10 @@ std::pair<mx::array, mx::array> BatchKVCache::update_and_fetch(const mx::array& 
                                 std::to_string(keys.shape(0)));
   }
   if (!keys_) {
-    keys_ = mx::zeros({rows_, keys.shape(1), capacity_for(visible), keys.shape(3)}, keys.dtype());
-    values_ = mx::zeros({rows_, values.shape(1), capacity_for(visible), values.shape(3)}, values.dtype());
+    keys_ = mx::zeros({rows_, keys.shape(1), capacity_for(visible, window_), keys.shape(3)}, keys.dtype());
+    values_ = mx::zeros({rows_, values.shape(1), capacity_for(visible, window_), values.shape(3)}, values.dtype());
   } else if (visible > keys_->shape(2)) {
-    resize(capacity_for(visible));
+    resize(capacity_for(visible, window_));
   }
   auto at = mx::broadcast_to(mx::reshape(slots, {rows_, 1, 1, 1}), keys.shape());
   keys_ = mx::put_along_axis(*keys_, at, keys, 2);

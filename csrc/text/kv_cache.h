@@ -62,11 +62,11 @@ class KVCache {
 
   // A full cache holding these keys/values [1, H, L, D] as its L positions, in a buffer of its own.
   static KVCache holding(const mx::array& keys, const mx::array& values);
-  // A rotating cache (window W) that has seen `offset` positions and holds these keys/values [1, H, held, D] in its
-  // slot order, its next position going to slot `next_slot`, in buffers of its own.
+  // A rotating cache (window W; 0: a full one, as holding) that has seen `offset` positions and holds these
+  // keys/values [1, H, held, D] in its slot order, its next position going to slot `next_slot`, in buffers of its own.
   static KVCache rotating_holding(const mx::array& keys, const mx::array& values, int window, int offset,
                                   int next_slot);
-  // A rotating cache's slots: how many hold positions, and the slot the next position goes to.
+  // The slot a rotating cache's next single position goes to (W: slot 0, once all W hold positions).
   int next_slot() const { return next_slot_; }
 
   // Whether a kernel may write this cache's next positions into its buffers in place (nn/cuda_decode_attention.h): a
@@ -130,10 +130,10 @@ class BatchKVCache {
   // window 0: a full layer; W > 0: a sliding-window layer, each row in at most W slots.
   explicit BatchKVCache(int window = 0) : window_(window) {}
   int window() const { return window_; }
-  // The rotation a sequence's rotating cache of this window continues with in the batch: after a chunk the cache
-  // holds up to W - 1 + T positions in order, of which its next write keeps the last W (KVCache::write_one_rotating),
-  // as regroup does.
-  static Rotation joining_rotation(const KVCache& cache, int window);
+  // The rotation a sequence's rotating cache continues with in this (sliding-window) layer: after a chunk the cache
+  // holds up to W - 1 + T positions in order, of which its next write keeps the last W (KVCache::write_one_rotating);
+  // regroup keeps those same slots.
+  Rotation joining_rotation(const KVCache& cache) const;
   // The rows change in one copy of each buffer: rows `kept` of the buffers stay, in this order, then `joining`
   // come in as the last rows with the positions each holds; `longest`: the most slots a row holds after the change
   // (the buffers grow or shrink to what that needs). A joining cache with no positions is a row of zeros.
@@ -154,7 +154,6 @@ class BatchKVCache {
 
  private:
   void resize(int capacity);
-  int capacity_for(int slots) const;  // whole kSteps, and never more than a sliding window's W
 
   int window_;
   std::optional<mx::array> keys_, values_;  // [B, H, capacity, D]; unset while every row is empty
