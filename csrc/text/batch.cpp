@@ -12,10 +12,7 @@ BatchGenerator::BatchGenerator(const Decoder& model) : model_(model) {
   }
   for (int i = 0; i < model.config().num_hidden_layers; ++i) {
     cache_.emplace_back(model.config().window(i));
-    if (cache_.back().window() > 0 && window_layer_ < 0) {
-      window_ = cache_.back().window();
-      window_layer_ = i;
-    }
+    if (cache_.back().window() > 0 && window_layer_ < 0) window_layer_ = i;
   }
 }
 
@@ -51,7 +48,7 @@ int BatchGenerator::join(Generator& generator) {
 int BatchGenerator::push_row(SequenceCache cache, int next_input, Sampler sampler, int top_logprobs) {
   const bool plain = sampler.greedy() && !sampler.uses_penalties() && !sampler.biased() && top_logprobs < 0;
   Rotation rotation;
-  if (window_ > 0) rotation = cache_[window_layer_].joining_rotation(cache.layers[window_layer_]);
+  if (window_layer_ >= 0) rotation = cache_[window_layer_].joining_rotation(cache.layers[window_layer_]);
   rows_.push_back(Row{.id = next_id_,
                       .length = cache.length(),
                       .next_input = next_input,
@@ -162,7 +159,7 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
     mask = mx::reshape(mx::less_equal(mx::arange(visible, mx::int32), mx::reshape(at, {b, 1})), {b, 1, 1, visible});
   }
   std::optional<Decoder::WindowStep> window;
-  if (window_ > 0) window = window_step();
+  if (window_layer_ >= 0) window = window_step();
   auto logits = model_.forward_batch(mx::reshape(fed, {b, 1}), at, visible, mask, cache_, window);
   // The logprobs of the tokens fed now (computed by the last step), read once this step is dispatched.
   std::vector<std::optional<PendingLogprobs>> fed_logprobs;
@@ -194,9 +191,10 @@ std::vector<std::pair<int, int>> BatchGenerator::step() {
 // slot, back to 0 once all W are in use, and the row then sees the slots it holds.
 Decoder::WindowStep BatchGenerator::window_step() {
   std::vector<int> slots, last_slots;
-  int most = 0, fewest = window_;
+  const int w = cache_[window_layer_].window();
+  int most = 0, fewest = w;
   for (Row& row : rows_) {
-    const int slot = row.rotation.next_slot == window_ ? 0 : row.rotation.next_slot;
+    const int slot = row.rotation.next_slot == w ? 0 : row.rotation.next_slot;
     if (slot == row.rotation.held) ++row.rotation.held;
     row.rotation.next_slot = slot + 1;
     slots.push_back(slot);

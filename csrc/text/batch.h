@@ -60,7 +60,7 @@ class BatchGenerator {
     int top_logprobs;
     bool computed = false;                 // whether pending_ holds its next token (false until its first step)
     int slot = -1;                         // its row in the batch's buffers, once it is in them
-    Rotation rotation;                     // where its sliding-window layers hold its positions (window_ > 0)
+    Rotation rotation;                     // where its sliding-window layers hold its positions (if the model has any)
     std::optional<SequenceCache> joining;  // its caches until the next step puts them in the buffers (regroup)
     std::optional<PendingLogprobs> pending_logprobs;
     std::optional<TokenLogprobs> logprobs;
@@ -76,8 +76,7 @@ class BatchGenerator {
 
   const Decoder& model_;
   std::vector<BatchKVCache> cache_;   // a layer each
-  int window_ = 0;                    // the model's sliding window (its rotating layers'), 0 if it has none
-  int window_layer_ = -1;             // one such layer (every one holds a sequence's positions alike)
+  int window_layer_ = -1;             // a sliding-window layer, if any (every one holds a sequence's positions alike)
   std::vector<Row> rows_;             // in batch order: the rows with computed tokens first
   int buffered_ = 0;                  // rows the buffers hold (rows that left since the last step included)
   std::optional<mx::array> pending_;  // int32: the next token of each computed row, not yet read
