@@ -1,6 +1,7 @@
 #include "text/decoder.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <stdexcept>
 
@@ -497,6 +498,42 @@ void Decoder::eval_weights() const {
 
 namespace {
 
+// Two measuring switches (benchmarks/gpu/follow_up_slack.py): a known extra time for each layer of a waited-for forward
+// on the GPU, on the host, to see which of them sets the pace of a prompt cache's follow-up (its time grows by the
+// extra time of the side that does, by less where that side waits for the other). Both off unless set.
+// - MLXRUNNER_PROBE_HOST_DELAY_US=D: the host spins D µs before queuing each layer.
+// - MLXRUNNER_PROBE_GPU_SPIN_NS=S (S >= 0): after each layer a kernel copies the hidden state, one thread of each block
+//   holding it S ns longer by the GPU's clock; S = 0 is the control (the same operation for the host, no wait).
+void probe_host_delay() {
+  static const long long delay_us = switch_number("MLXRUNNER_PROBE_HOST_DELAY_US", 0);
+  if (delay_us <= 0) return;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(delay_us);
+  while (std::chrono::steady_clock::now() < until) {
+  }
+}
+
+mx::array probe_gpu_spin(const mx::array& x) {
+  static const long long spin_ns = switch_number("MLXRUNNER_PROBE_GPU_SPIN_NS", -1);
+  if (spin_ns < 0 || !running_on_cuda()) return x;
+  static const auto kernel = mx::fast::cuda_kernel("mlxr_probe_gpu_spin", {"x"}, {"out"}, R"(
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  size_t n = 1;
+  for (int d = 0; d < x_ndim; ++d) n *= x_shape[d];
+  if (i < n) out[i] = x[i];
+  if (threadIdx.x == 0) {
+    do {
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < SPIN_NS);
+  }
+)",
+                                                   "", true);
+  const int threads = static_cast<int>((x.size() + 255) / 256 * 256);
+  return kernel({x}, {x.shape()}, {x.dtype()}, {threads, 1, 1}, {256, 1, 1},
+                {{"SPIN_NS", static_cast<int>(std::min(spin_ns, 1000000000LL))}}, std::nullopt, false, {})[0];
+}
+
 // How a forward's layers reach the device while the host builds the rest of it.
 // - Paced: a packed model's many-row products multiply dequantized copies of its weights (nn/linear.cpp). In one
 //   lazy graph, every layer's copy can be alive at once where the host queues work far ahead of the device: on an
@@ -517,8 +554,10 @@ class LayerPacer {
  public:
   enum class Mode { kAtEnd, kEarly, kPaced };
   explicit LayerPacer(Mode mode) : mode_(mode) {}
+  bool early() const { return mode_ == Mode::kEarly; }
   void queued(std::vector<mx::array> outputs) {
     ++layers_;
+    if (mode_ == Mode::kEarly) probe_host_delay();
     if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
     if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
@@ -572,6 +611,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
       return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
     });
+    if (pacer.early()) x.base = probe_gpu_spin(x.base);
     pacer.queued(x.arrays());
   }
   if (last_only) {

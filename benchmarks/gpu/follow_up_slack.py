@@ -1,0 +1,146 @@
+"""Which side sets the pace of the prompt cache's follow-up on a GPU, the host or the device? Time it with a known
+extra cost added to one side at a time.
+
+    python -m benchmarks.gpu.follow_up_slack --models-dir DIR --out FILE.json [--only qwen3-4b | --folder PATH]
+        [--rounds 5] [--repeats 2] [--host-delay-us 40] [--gpu-spin-us 20] [--env NAME=VALUE ...]
+
+The follow-up is prompt_cache_bench's second request (a 3,000-token prompt, then it + 64 tokens, one greedy token;
+ours only, `LanguageModel.stream`). Each setting runs in a fresh process, the list of settings `--repeats` times in
+turn so that the machine's drift spreads over all of them:
+- base: as shipped;
+- host delay: MLXRUNNER_PROBE_HOST_DELAY_US=D, the host spins D µs before queuing each layer of a waited-for forward;
+- GPU spin: MLXRUNNER_PROBE_GPU_SPIN_NS=S, after each layer a kernel copies the hidden state and holds each block
+  S ns longer; against its control, the same kernel with S = 0 (one operation more for the host in both).
+Reported per setting: the median over its processes of the median second request (ms), and two sensitivities:
+host = (delay - base) / (layers x D) and GPU = (spin - control) / (layers x S). A side whose extra time shows whole
+(~1) sets the pace; one whose extra time vanishes (~0) waits for the other, by about that much a layer.
+`--env NAME=VALUE` adds a setting of its own (a switch under test), timed against base the same way.
+
+Writes the JSON and prints a markdown table. On a CPU the probes do nothing (the forward is not queued layer by
+layer there): a run only checks that the script works.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PROMPT_TOKENS, FOLLOW_UP_TOKENS = 3000, 64
+
+
+def child(folder: str, rounds: int) -> dict:
+    """One process's figures: the median first and second request (ms) over `rounds` rounds on an emptied cache."""
+    import mlxrunner  # noqa: F401, I001  (before mlx.core, as the other benchmarks do)
+
+    from benchmarks.prompt_cache_sides import Ours, prompt
+
+    ours = Ours(Path(folder))
+    first_ids = prompt(PROMPT_TOKENS)
+    second_ids = first_ids + prompt(FOLLOW_UP_TOKENS, salt=7)
+    ours.request(first_ids)
+    ours.request(second_ids)  # warm-up of both shapes
+    firsts, seconds = [], []
+    for _ in range(rounds):
+        ours.clear()
+        first, _, cached = ours.request(first_ids)
+        assert cached == 0, cached
+        second, _, cached = ours.request(second_ids)
+        assert cached == PROMPT_TOKENS, cached
+        firsts.append(first * 1e3)
+        seconds.append(second * 1e3)
+    return {"first_ms": statistics.median(firsts), "second_ms": statistics.median(seconds)}
+
+
+def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str]) -> dict[str, dict[str, str]]:
+    out = {
+        "base": {},
+        f"host delay {host_delay_us} us": {"MLXRUNNER_PROBE_HOST_DELAY_US": str(host_delay_us)},
+        "GPU spin control (0)": {"MLXRUNNER_PROBE_GPU_SPIN_NS": "0"},
+        f"GPU spin {gpu_spin_us} us": {"MLXRUNNER_PROBE_GPU_SPIN_NS": str(gpu_spin_us * 1000)},
+    }
+    for assignment in extra:
+        name, _, value = assignment.partition("=")
+        out[assignment] = {name: value}
+    return out
+
+
+def run_setting(folder: Path, rounds: int, env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu.follow_up_slack", "--child", str(folder),
+                           "--rounds", str(rounds)], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def layers_of(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "mlxrunner-bench")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", default="qwen3-4b")
+    parser.add_argument("--folder", type=Path, help="an existing model folder instead of a built shape")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--host-delay-us", type=int, default=40)
+    parser.add_argument("--gpu-spin-us", type=int, default=20)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE: a setting of its own against base")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.rounds)), flush=True)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    folder = args.folder
+    report: dict = {"settings": {"rounds": args.rounds, "repeats": args.repeats, "host_delay_us": args.host_delay_us,
+                                 "gpu_spin_us": args.gpu_spin_us}}
+    if folder is None:
+        from benchmarks.gpu.llm_bench import build
+
+        folder = args.models_dir / args.only
+        report["build"] = build(args.only, folder)
+    runs: dict[str, list[dict]] = {}
+    chosen = settings(args.host_delay_us, args.gpu_spin_us, args.env)
+    for _ in range(args.repeats):
+        for name, env in chosen.items():
+            row = run_setting(folder, args.rounds, env)
+            runs.setdefault(name, []).append(row)
+            print(name, json.dumps(row), flush=True)
+    second = {name: statistics.median(r["second_ms"] for r in rows if "second_ms" in r)
+              for name, rows in runs.items() if any("second_ms" in r for r in rows)}
+    layers = layers_of(folder)
+    report.update(model=str(folder), layers=layers, runs=runs, second_ms=second)
+    base, control = second.get("base"), second.get("GPU spin control (0)")
+    delayed, spun = second.get(f"host delay {args.host_delay_us} us"), second.get(f"GPU spin {args.gpu_spin_us} us")
+    if base and delayed:
+        report["host_sensitivity"] = (delayed - base) * 1e3 / (layers * args.host_delay_us)
+    if control and spun:
+        report["gpu_sensitivity"] = (spun - control) * 1e3 / (layers * args.gpu_spin_us)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nthe follow-up's second request, {folder.name}, {layers} layers\n")
+    print("| setting | second request ms (median of processes) |")
+    print("|---|---:|")
+    for name, ms in second.items():
+        print(f"| {name} | {ms:.2f} |")
+    for side in ("host", "gpu"):
+        if f"{side}_sensitivity" in report:
+            print(f"\n{side} sensitivity: {report[f'{side}_sensitivity']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
