@@ -16,6 +16,7 @@
 #include "nn/cuda_batch_attention.h"
 #include "nn/cuda_decode_attention.h"
 #include "nn/cuda_dit_fusion.h"
+#include "nn/cuda_host_ints.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
 #include "nn/linear.h"
@@ -319,6 +320,19 @@ void bind_cuda_kernels(nb::module_& m) {
   m.def("kernel_source_included", &kernel_source_included, "source"_a, "inputs"_a = std::vector<std::string>{},
         "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
         "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");
+  m.def(
+      "cuda_int32_from_host",
+      [](const std::vector<int>& values) -> std::optional<mx::array> {
+        auto out = cuda_int32_from_host(values);
+        if (!out) return std::nullopt;
+        return evaluated(*out);
+      },
+      "values"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "values as an int32 array [1, n] in device memory, written by a kernel whose parameters carry them "
+      "(nn/cuda_host_ints.h: how a prompt's tokens reach the GPU); None off CUDA or for n outside 1..512 "
+      "(kMostHostInts).");
+  m.def("host_ints_ptx", &host_ints_ptx, "capacity"_a,
+        "The PTX of the kernel cuda_int32_from_host launches for up to `capacity` values (nn/cuda_host_ints.h).");
   m.def(
       "cuda_argmax",
       [](const mx::array& z) -> std::optional<mx::array> {

@@ -2,14 +2,23 @@
 
 #include <algorithm>
 #include <numeric>
+#include <span>
 #include <stdexcept>
+
+#include "nn/cuda_host_ints.h"
 
 namespace mlxr {
 
 namespace {
 
+// tokens[begin, end) as [1, end - begin]; on CUDA, under MLXRUNNER_HOST_INTS_BY_KERNEL=1, written by a kernel instead
+// of read from managed memory by the GPU (nn/cuda_host_ints.h).
 mx::array as_batch(const std::vector<int>& tokens, size_t begin, size_t end) {
-  return mx::array(tokens.data() + begin, {1, static_cast<int>(end - begin)}, mx::int32);
+  const std::span<const int> batch(tokens.data() + begin, end - begin);
+  if (host_ints_by_kernel_switched_on()) {
+    if (auto on_device = cuda_int32_from_host(batch)) return *on_device;
+  }
+  return mx::array(batch.data(), {1, static_cast<int>(batch.size())}, mx::int32);
 }
 
 void eval_cache(const std::vector<KVCache>& cache) {
