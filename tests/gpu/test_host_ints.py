@@ -3,8 +3,8 @@
 On CUDA `_core.cuda_int32_from_host` must give back exactly the ints it was handed, as int32 [1, n], for every n from
 1 to 512 across the three kernels' capacities (16, 64, 512) and their edges, any int32 (negative, the extremes), and
 decline (None) for n = 0 and n > 512, where the decoder keeps MLX's array from host memory. Off CUDA it declines for
-every n. The decoder's greedy texts with it (every prompt chunk goes through it on CUDA) are checked by the parity
-tests' GPU runs. The PTX's shape is checked on any machine.
+every n. A model's logits with it (MLXRUNNER_HOST_INTS_BY_KERNEL=1: every prompt chunk goes through it) are checked
+against the plain build by tests/gpu/test_measuring_switches.py. The PTX's shape is checked on any machine.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 - MLXRUNNER_HALF_MATVEC=1: half-precision weights' decode products (1 to 8 rows) through our tensor-core kernel, with
   its fused norms, RoPE and gated SiLU (nn/cuda_matvec.h);
 - MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: our kernels' sources handed to MLX as one #include line
-  (nn/cuda_kernel_common.h).
+  (nn/cuda_kernel_common.h);
+- MLXRUNNER_HOST_INTS_BY_KERNEL=1: a prompt's tokens written to device memory by a kernel whose parameters carry them
+  (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array.
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -23,7 +25,8 @@ from conftest import ON_GPU, bf16_model_copy, run_script_json
 ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
-SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1")]
+SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"),
+            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1")]
 
 PRODUCTS = r"""
 import json
