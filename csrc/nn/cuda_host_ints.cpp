@@ -1,5 +1,7 @@
 #include "nn/cuda_host_ints.h"
 
+#include <iterator>
+#include <stdexcept>
 #include <vector>
 
 #include "mlx/fast.h"
