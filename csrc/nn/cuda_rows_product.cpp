@@ -221,7 +221,8 @@ constexpr const char* kRowsProductSource = R"(
 // and o (10.5 M), not its down (24.9 M) or gate|up.
 constexpr long long kSmallWeightElements = 16LL * 1024 * 1024;
 
-bool kernel_takes(const mx::array& x, const mx::array& w, bool gated) {
+// Whether the kernel takes this product (the gated variant takes the same cases: its tiles are 64 gate and 64 up rows).
+bool kernel_takes(const mx::array& x, const mx::array& w) {
   if (!running_on_cuda() || !half_precision(x.dtype()) || w.dtype() != x.dtype() || w.ndim() != 2 ||
       !w.flags().row_contiguous || !w.is_available() || x.ndim() < 1) {
     return false;
@@ -293,12 +294,12 @@ bool rows_product_switched_on(const mx::array& w, bool gated) {
 }
 
 std::optional<mx::array> cuda_rows_product(const mx::array& x, const mx::array& w, RowsProductCounters& counters) {
-  if (!kernel_takes(x, w, /*gated=*/false)) return std::nullopt;
+  if (!kernel_takes(x, w)) return std::nullopt;
   return product(x, w, /*gated=*/false, counters);
 }
 
 std::optional<mx::array> cuda_rows_swiglu(const mx::array& x, const mx::array& w, RowsProductCounters& counters) {
-  if (!kernel_takes(x, w, /*gated=*/true)) return std::nullopt;
+  if (!kernel_takes(x, w)) return std::nullopt;
   return product(x, w, /*gated=*/true, counters);
 }
 

@@ -557,8 +557,10 @@ class LayerPacer {
   bool early() const { return mode_ == Mode::kEarly; }
   void queued(std::vector<mx::array> outputs) {
     ++layers_;
-    if (mode_ == Mode::kEarly) probe_host_delay();
-    if (mode_ == Mode::kEarly && layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
+    if (early()) {
+      probe_host_delay();
+      if (layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
+    }
     if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
     if (previous_) mx::eval(*previous_);
