@@ -60,13 +60,12 @@ def child(folder: str, rounds: int) -> dict:
     return {"first_ms": statistics.median(firsts), "second_ms": statistics.median(seconds)}
 
 
-def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str]) -> dict[str, dict[str, str]]:
-    out = {
-        "base": {},
-        f"host delay {host_delay_us} us": {"MLXRUNNER_PROBE_HOST_DELAY_US": str(host_delay_us)},
-        "GPU spin control (0)": {"MLXRUNNER_PROBE_GPU_SPIN_NS": "0"},
-        f"GPU spin {gpu_spin_us} us": {"MLXRUNNER_PROBE_GPU_SPIN_NS": str(gpu_spin_us * 1000)},
-    }
+def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str], probes: bool = True) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {"base": {}}
+    if probes:
+        out[f"host delay {host_delay_us} us"] = {"MLXRUNNER_PROBE_HOST_DELAY_US": str(host_delay_us)}
+        out["GPU spin control (0)"] = {"MLXRUNNER_PROBE_GPU_SPIN_NS": "0"}
+        out[f"GPU spin {gpu_spin_us} us"] = {"MLXRUNNER_PROBE_GPU_SPIN_NS": str(gpu_spin_us * 1000)}
     for assignment in extra:
         name, _, value = assignment.partition("=")
         out[assignment] = {name: value}
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-delay-us", type=int, default=40)
     parser.add_argument("--gpu-spin-us", type=int, default=20)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE: a setting of its own against base")
+    parser.add_argument("--no-probes", action="store_true", help="base and the --env settings only")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.rounds)), flush=True)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.models_dir / args.only
         report["build"] = build(args.only, folder)
     runs: dict[str, list[dict]] = {}
-    chosen = settings(args.host_delay_us, args.gpu_spin_us, args.env)
+    chosen = settings(args.host_delay_us, args.gpu_spin_us, args.env, probes=not args.no_probes)
     for _ in range(args.repeats):
         for name, env in chosen.items():
             row = run_setting(folder, args.rounds, env)
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             print(name, json.dumps(row), flush=True)
     second = {name: statistics.median(r["second_ms"] for r in rows if "second_ms" in r)
               for name, rows in runs.items() if any("second_ms" in r for r in rows)}
+    first = {name: statistics.median(r["first_ms"] for r in rows if "first_ms" in r)
+             for name, rows in runs.items() if any("first_ms" in r for r in rows)}
     layers = layers_of(folder)
-    report.update(model=str(folder), layers=layers, runs=runs, second_ms=second)
+    report.update(model=str(folder), layers=layers, runs=runs, first_ms=first, second_ms=second)
     base, control = second.get("base"), second.get("GPU spin control (0)")
     delayed, spun = second.get(f"host delay {args.host_delay_us} us"), second.get(f"GPU spin {args.gpu_spin_us} us")
     if base and delayed:
@@ -132,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nthe follow-up's second request, {folder.name}, {layers} layers\n")
-    print("| setting | second request ms (median of processes) |")
-    print("|---|---:|")
+    print("| setting | first request ms | second request ms | second / first |")
+    print("|---|---:|---:|---:|")
     for name, ms in second.items():
-        print(f"| {name} | {ms:.2f} |")
+        print(f"| {name} | {first[name]:.2f} | {ms:.2f} | {ms / first[name]:.3f} |")
     for side in ("host", "gpu"):
         if f"{side}_sensitivity" in report:
             print(f"\n{side} sensitivity: {report[f'{side}_sensitivity']:.2f}")
