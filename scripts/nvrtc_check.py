@@ -107,7 +107,8 @@ def kernels():
             yield f"qk_norm_rope/norm={norm}/{dtype}", mlx_kernel_source(
                 "mlxr_qk_norm_rope", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
                 kernel_string("cuda_norm_rope.cpp", "kQkRope", (("NORM", bool(norm)),)),
-                inputs + [("inverse_frequencies", "float"), ("offsets", "int32")], [("q_out", dtype), ("k_out", dtype)],
+                inputs + [("inverse_frequencies", "float"), ("offsets", "int32")], [("q_out", dtype), ("k_out", dtype),
+                                                                               ("v_out", dtype)],
                 {"T": dtype, "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "TRADITIONAL": False} |
                 ({"EPS_BITS": 1} if norm else {}))
         yield f"rope_pairs/{dtype}", mlx_kernel_source(
