@@ -425,33 +425,13 @@ void bind_cuda_kernels(nb::module_& m) {
       "given) and RoPE at position[0] itself, as cuda_qkv_heads does, and writes the rotated key into the cache; "
       "None off CUDA or where the kernel does not apply (nn/cuda_decode_attention.h).");
   bind_cache_attention(
-      "cuda_chunk_attention", cuda_chunk_attention_applies,
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length,
-         float scale) { return cuda_chunk_attention(q, k, v, keys, values, position, length, scale); },
+      "cuda_chunk_attention", cuda_chunk_attention_applies, cuda_chunk_attention,
       "A chunk's attention on CUDA (nn/cuda_decode_attention.h): writes k and v [1, kv_heads, T, D] into slots "
       "position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D] IN PLACE, and returns the "
       "causal attention of q [1, q_heads, T, D] (token t at position[0] + t) over slots 0..length - 1 as [1, T, "
       "q_heads D]; "
       "None off CUDA or where the kernel does not apply (2 <= T <= 128); the decoder takes it unless "
       "MLXRUNNER_CHUNK_ATTENTION=0, this binding whatever the switch.");
-  m.def(
-      "cuda_chunk_attention_roped",
-      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys, const mx::array& values,
-         const mx::array& position, int length, float scale, const RopeConfig& config,
-         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
-        auto treatment = qk_treatment(config, q.shape(-1), q_weight, k_weight, eps);
-        if (!treatment || !cuda_chunk_attention_applies(q, k, v)) return std::nullopt;
-        const DecodeRope rope{treatment->first, treatment->second};
-        if (!head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms)) return std::nullopt;
-        return evaluated(cuda_chunk_attention(q, k, v, keys, values, position, length, scale, rope));
-      },
-      "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a, "config"_a,
-      "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
-      "cuda_chunk_attention with q and k as projected: the kernel makes their per-head RMSNorms (when weights are "
-      "given) and RoPE (token t at position[0] + t) itself, as cuda_qkv_heads does, and writes the rotated keys into "
-      "the cache; None off CUDA or where the kernel does not apply; the decoder takes it under "
-      "MLXRUNNER_CHUNK_ROPE=1, this binding whatever the switch (nn/cuda_decode_attention.h).");
   m.def(
       "cuda_quantized_normed_qkv_heads",
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,

@@ -64,18 +64,10 @@ bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const 
 // follow-up 7.2 ms where MLX's slice updates and cuDNN took 7.5-7.8.
 bool chunk_attention_switched_on();
 
-// Whether the chunk kernel makes the q/k norms and RoPE for this q (head_norm_rope_fits), as the decode kernel does:
-// only under the measuring switch MLXRUNNER_CHUNK_ROPE=1 until it is timed (one host operation a layer fewer, the q/k
-// kernel's, against the chunk kernel's blocks each making their rows' and keys' rotations).
-bool cuda_chunk_attention_ropes(const mx::array& q, const DecodeRope& rope);
-
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
-// over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T. With `rope`, q and k
-// are the heads as projected, and the kernel makes their norms and RoPE (token t at position[0] + t) itself, the q/k
-// kernel's bits, before the cache gets k.
+// over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                               const mx::array& values, const mx::array& position, int length, float scale,
-                               const std::optional<DecodeRope>& rope = std::nullopt);
+                               const mx::array& values, const mx::array& position, int length, float scale);
 
 }  // namespace mlxr

@@ -337,17 +337,12 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges. CUDA's q|k|v
   // kernel reads the product as it is and writes all three heads first: no reshape or views to encode.
   const auto split_heads = [&] { return mx::reshape(projected, {b, t, hq + 2 * hkv, d}); };
-  if (split && rope_in_attention) {
-    // A decode step or a short chunk the attention kernels take: they make the norms and RoPE themselves (one launch
-    // fewer; the chunk kernel's under MLXRUNNER_CHUNK_ROPE=1).
+  if (split && rope_in_attention && t == 1) {
+    // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
     auto qkv = split_heads();
     auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv), v = head_range(qkv, hq + hkv, hkv);
     DecodeRope in_kernel{split->rope, split->norms};
-    const bool ropes =
-        t == 1 ? cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)
-               : chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v) &&
-                     cuda_chunk_attention_ropes(q, in_kernel);
-    if (ropes) {
+    if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
       *rope_in_attention = std::move(in_kernel);
       return {q, k, v};
     }
@@ -383,13 +378,11 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
     auto [keys, values] = cache.reserve(1, k);
     return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale, rope);
   }
-  // A chunk whose k is not yet rotated must be written by the kernel: MLX's copy into shared buffers would store it
-  // as projected.
-  if (chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v) && (!rope || cache.writes_in_place())) {
+  if (rope) throw std::logic_error("attention_in_cache: q and k without their RoPE, and no decode kernel to make it");
+  if (chunk_attention_switched_on() && cuda_chunk_attention_applies(q, k, v)) {
     auto [keys, values] = cache.writes_in_place() ? cache.reserve(tokens, k) : cache.append_buffers(k, v);
-    return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale, rope);
+    return cuda_chunk_attention(q, k, v, keys, values, position(), offset + tokens, scale);
   }
-  if (rope) throw std::logic_error("attention_in_cache: q and k without their RoPE, and no kernel to make it");
   return std::nullopt;
 }
 
