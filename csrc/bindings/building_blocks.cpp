@@ -19,7 +19,6 @@
 #include "nn/cuda_host_ints.h"
 #include "nn/cuda_kernel_common.h"
 #include "nn/cuda_norm_rope.h"
-#include "nn/cuda_rows_product.h"
 #include "nn/linear.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
@@ -121,27 +120,6 @@ void bind_products(nb::module_& m) {
       "(x + delta, the product of RMSNorm(x + delta) with W packed by mx.quantize; gated: silu(gate) * up of W = "
       "[G; U]), and whether one kernel made both (a decoder layer's projection in a decode step on CUDA, "
       "nn/cuda_matvec); no delta: x and the product of RMSNorm(x).");
-  m.def(
-      "cuda_rows_products",
-      [](const std::vector<mx::array>& xs, const std::vector<mx::array>& ws,
-         bool gated) -> std::optional<std::vector<mx::array>> {
-        if (xs.size() != ws.size()) throw std::invalid_argument("cuda_rows_products: as many xs as ws");
-        std::map<const void*, RowsProductCounters> counters;  // one per weight, as a Linear holds them
-        std::vector<mx::array> out;
-        for (size_t i = 0; i < xs.size(); ++i) {
-          auto& mine = counters[ws[i].data<void>()];
-          auto y = gated ? cuda_rows_swiglu(xs[i], ws[i], mine) : cuda_rows_product(xs[i], ws[i], mine);
-          if (!y) return std::nullopt;
-          out.push_back(*y);
-        }
-        mx::eval(out);
-        return out;
-      },
-      "xs"_a, "ws"_a, "gated"_a = false, nb::call_guard<nb::gil_scoped_release>(),
-      "xs[i] @ ws[i].T by the short-chunk product kernel (nn/cuda_rows_product.h: 9-64 rows of x, W evaluated, in x's "
-      "half-precision dtype), built lazily and evaluated together, a weight's products sharing its counters as a "
-      "Linear's do; gated: silu(x G^T) * (x U^T) for W = [G; U]. None off CUDA or where the kernel does not apply "
-      "(the decoder takes it only under the measuring switch MLXRUNNER_ROWS_PRODUCT).");
   m.def(
       "quantized_switch_linear",
       [](const mx::array& x, const mx::array& packed, const mx::array& scales, std::optional<mx::array> biases,

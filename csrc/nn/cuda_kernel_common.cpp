@@ -141,14 +141,14 @@ std::string kernel_source_included(const std::string& source, const std::vector<
 mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                            const std::vector<std::string>& outputs, std::string_view source,
                                            std::string_view header, bool ensure_row_contiguous,
-                                           const std::map<std::string, bool>& switches, int shared_memory) {
+                                           const std::map<std::string, bool>& switches) {
   auto body = compact_kernel_source(source, switches);
   auto head = compact_kernel_source(header, switches);
   if (kernel_sources_by_path()) {
     body = kernel_source_included(body, inputs);
     if (!head.empty()) head = kernel_source_included(head);
   }
-  return mx::fast::cuda_kernel(name, inputs, outputs, body, head, ensure_row_contiguous, shared_memory);
+  return mx::fast::cuda_kernel(name, inputs, outputs, body, head, ensure_row_contiguous);
 }
 
 }  // namespace mlxr

@@ -289,11 +289,10 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
 
 // mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both), and
-// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included). `shared_memory`: the
-// bytes of the kernel's `extern __shared__` array (MLX lifts CUDA's 48 KB default where it is more).
+// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included).
 mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                            const std::vector<std::string>& outputs, std::string_view source,
                                            std::string_view header = "", bool ensure_row_contiguous = true,
-                                           const std::map<std::string, bool>& switches = {}, int shared_memory = 0);
+                                           const std::map<std::string, bool>& switches = {});
 
 }  // namespace mlxr

@@ -86,10 +86,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& packed, const Qu
 // x W^T for a float W [out, in]: transpose is a view, matmul reads W with swapped strides (no copy). A half-precision
 // W on the CPU, where MLX has no BLAS path for it (a 300 MB bf16 model's 512-token prefill took 24 s, its decode 7
 // tokens a second): a few rows take our kernel (half_matvec_cpu), more multiply a transient float32 copy through BLAS.
-// On CUDA a short chunk's 9-64 rows may take ours (nn/cuda_rows_product.h, a measuring switch: cuBLAS's call costs the
-// host more).
-mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& transposed,
-                       RowsProductCounters& counters) {
+mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& transposed) {
   if (half_precision(weight.dtype()) && mx::default_device() == mx::Device::cpu) {
     if (rows_of(x) < kCpuHalfKernelRows) {
       if (auto y = half_matvec_cpu(x, weight)) return *y;
@@ -98,9 +95,6 @@ mx::array float_matmul(const mx::array& x, const mx::array& weight, const std::o
     return mx::astype(product, x.dtype());
   }
   if (auto y = cuda_matvec(x, weight, nullptr)) return *y;  // a decode step, under MLXRUNNER_HALF_MATVEC=1
-  if (rows_product_switched_on(weight, /*gated=*/false)) {
-    if (auto y = cuda_rows_product(x, weight, counters)) return *y;
-  }
   return mx::matmul(x, transposed ? *transposed : mx::transpose(weight));
 }
 
@@ -193,8 +187,7 @@ Linear Linear::outputs(int begin, int end) const {
 }
 
 mx::array Linear::product(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized)
-                   : float_matmul(x, weight, view_of(transposed, weight), *split_counters);
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, view_of(transposed, weight));
 }
 
 mx::array Linear::operator()(const mx::array& x) const {
@@ -308,8 +301,7 @@ mx::array Embedding::operator()(const mx::array& ids) const {
 }
 
 mx::array Embedding::as_linear(const mx::array& x) const {
-  return quantized ? quantized_matmul(x, weight, *quantized)
-                   : float_matmul(x, weight, view_of(transposed, weight), *split_counters);
+  return quantized ? quantized_matmul(x, weight, *quantized) : float_matmul(x, weight, view_of(transposed, weight));
 }
 
 std::vector<mx::array> Embedding::arrays() const {

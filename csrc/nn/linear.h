@@ -5,10 +5,7 @@
 // mx::quantized_matmul, an Embedding dequantizes only the rows it looks up.
 #pragma once
 
-#include <memory>
-
 #include "nn/cuda_matvec.h"
-#include "nn/cuda_rows_product.h"
 #include "nn/weights.h"
 
 namespace mlxr {
@@ -23,8 +20,6 @@ struct Linear {
   // VM's CPU; a bf16 decode step has ~145 of them). Used only while it is still a view of `weight` (product());
   // a Linear built another way transposes at each product, as before.
   std::optional<mx::array> transposed;
-  // What the short-chunk product kernel hands from one of this weight's products to the next (nn/cuda_rows_product.h).
-  std::shared_ptr<RowsProductCounters> split_counters = std::make_shared<RowsProductCounters>();
 
   static Linear load(const Weights& w, int in_features, int out_features, bool with_bias = true);
   // One layer computing `parts` side by side (outputs concatenated in order): one matmul instead
@@ -79,7 +74,6 @@ struct Embedding {
   mx::array weight;
   std::optional<Quantized> quantized;
   std::optional<mx::array> transposed;  // a float table's [dims, num_embeddings] view, for as_linear (Linear's)
-  std::shared_ptr<RowsProductCounters> split_counters = std::make_shared<RowsProductCounters>();  // as Linear's
 
   static Embedding load(const Weights& w, int num_embeddings, int dims);
   mx::array operator()(const mx::array& ids) const;

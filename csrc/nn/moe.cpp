@@ -6,7 +6,6 @@
 #include "nn/activation.h"
 #include "nn/cpu_kernels.h"
 #include "nn/cuda_matvec.h"
-#include "nn/cuda_rows_product.h"
 #include "nn/slicing.h"
 
 namespace mlxr {
@@ -168,9 +167,6 @@ mx::array GatedMLP::operator()(const mx::array& x) const {
 mx::array GatedMLP::activated(const mx::array& x) const {
   if (const auto* gate_up = silu_gate_up_alone()) {
     if (auto fused = cuda_swiglu_matvec(x, gate_up->weight, gate_up->packing())) return *fused;
-    if (!gate_up->quantized && rows_product_switched_on(gate_up->weight, /*gated=*/true)) {
-      if (auto fused = cuda_rows_swiglu(x, gate_up->weight, *gate_up->split_counters)) return *fused;
-    }
   }
   auto gate_up = gate_up_proj(x);  // [..., 2 F]: gate | up
   if (activation == "silu") return gated_silu_columns(gate_up, 0, intermediate_size, intermediate_size);

@@ -5,9 +5,7 @@
 - MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: our kernels' sources handed to MLX as one #include line
   (nn/cuda_kernel_common.h);
 - MLXRUNNER_HOST_INTS_BY_KERNEL=1: a prompt's tokens written to device memory by a kernel whose parameters carry them
-  (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array;
-- MLXRUNNER_ROWS_PRODUCT=1 and =small: a short chunk's products (9 to 64 rows), all of them or those of the small
-  weights (a layer's q|k|v and o), through our kernel instead of MLX's (cuBLAS) (nn/cuda_rows_product.h).
+  (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array.
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -28,8 +26,7 @@ ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"),
-            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_ROWS_PRODUCT", "1"),
-            ("MLXRUNNER_ROWS_PRODUCT", "small")]
+            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1")]
 
 PRODUCTS = r"""
 import json
@@ -71,13 +68,13 @@ def bf16_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
-@pytest.mark.parametrize("switch", SWITCHES, ids=[f"{name}={value}" for name, value in SWITCHES])
+@pytest.mark.parametrize("switch", SWITCHES, ids=[name for name, _ in SWITCHES])
 def test_products_under_the_switch_are_the_products(switch):
     assert run(PRODUCTS, switch=switch)["worst"] < 1e-2  # bfloat16 outputs, float32 sums on both sides
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
-@pytest.mark.parametrize("switch", SWITCHES, ids=[f"{name}={value}" for name, value in SWITCHES])
+@pytest.mark.parametrize("switch", SWITCHES, ids=[name for name, _ in SWITCHES])
 def test_a_models_logits_do_not_change_under_the_switch(switch, bf16_qwen3):
     switched, plain = run(MODEL, str(bf16_qwen3), switch=switch), run(MODEL, str(bf16_qwen3), switch=None)
     for got, want in zip(switched["logits"], plain["logits"]):
