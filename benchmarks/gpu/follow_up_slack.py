@@ -2,7 +2,7 @@
 extra cost added to one side at a time.
 
     python -m benchmarks.gpu.follow_up_slack --models-dir DIR --out FILE.json [--only qwen3-4b | --folder PATH]
-        [--rounds 5] [--repeats 2] [--host-delay-us 40] [--gpu-spin-us 20] [--env NAME=VALUE ...]
+        [--rounds 5] [--repeats 2] [--host-delay-us 40] [--gpu-spin-us 20] [--env NAME=VALUE ...] [--no-probes]
 
 The follow-up is prompt_cache_bench's second request (a 3,000-token prompt, then it + 64 tokens, one greedy token;
 ours only, `LanguageModel.stream`). Each setting runs in a fresh process, the list of settings `--repeats` times in
@@ -14,7 +14,9 @@ turn so that the machine's drift spreads over all of them:
 Reported per setting: the median over its processes of the median second request (ms), and two sensitivities:
 host = (delay - base) / (layers x D) and GPU = (spin - control) / (layers x S). A side whose extra time shows whole
 (~1) sets the pace; one whose extra time vanishes (~0) waits for the other, by about that much a layer.
-`--env NAME=VALUE` adds a setting of its own (a switch under test), timed against base the same way.
+`--env NAME=VALUE` adds a setting of its own (a switch under test), timed against base the same way; `--no-probes`
+leaves out the three probe settings (a switch against base alone). The table also gives each setting's median first
+request and the ratio of the two medians.
 
 Writes the JSON and prints a markdown table. On a CPU the probes do nothing (the forward is not queued layer by
 layer there): a run only checks that the script works.
