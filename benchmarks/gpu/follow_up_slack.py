@@ -3,6 +3,7 @@ extra cost added to one side at a time.
 
     python -m benchmarks.gpu.follow_up_slack --models-dir DIR --out FILE.json [--only qwen3-4b | --folder PATH]
         [--rounds 5] [--repeats 2] [--host-delay-us 40] [--gpu-spin-us 20] [--env NAME=VALUE ...] [--no-probes]
+        [--same-process]
 
 The follow-up is prompt_cache_bench's second request (a 3,000-token prompt, then it + 64 tokens, one greedy token;
 ours only, `LanguageModel.stream`). Each setting runs in a fresh process, the list of settings `--repeats` times in
@@ -16,7 +17,10 @@ host = (delay - base) / (layers x D) and GPU = (spin - control) / (layers x S). 
 (~1) sets the pace; one whose extra time vanishes (~0) waits for the other, by about that much a layer.
 `--env NAME=VALUE` adds a setting of its own (a switch under test), timed against base the same way; `--no-probes`
 leaves out the three probe settings (a switch against base alone). The table also gives each setting's median first
-request and the ratio of the two medians.
+request and the ratio of the two medians. `--same-process` runs every setting in each of `--repeats` processes instead,
+in turn each round, the core's switches read again at each change (`_core.reread_switches`): the scatter between
+processes on one GPU (±1 ms in session 37) is larger than one operation a layer, and this takes it out of the
+comparison (a switch whose choice a kernel keeps from its first build does not change in-process).
 
 Writes the JSON and prints a markdown table. On a CPU the probes do nothing (the forward is not queued layer by
 layer there): a run only checks that the script works.
@@ -39,27 +43,55 @@ from pathlib import Path  # noqa: E402
 PROMPT_TOKENS, FOLLOW_UP_TOKENS = 3000, 64
 
 
-def child(folder: str, rounds: int) -> dict:
-    """One process's figures: the median first and second request (ms) over `rounds` rounds on an emptied cache."""
+def one_round(ours, first_ids: list[int], second_ids: list[int]) -> tuple[float, float]:
+    """The first and the second request on an emptied cache, ms."""
+    ours.clear()
+    first, _, cached = ours.request(first_ids)
+    assert cached == 0, cached
+    second, _, cached = ours.request(second_ids)
+    assert cached == PROMPT_TOKENS, cached
+    return first * 1e3, second * 1e3
+
+
+def child(folder: str, rounds: int, same_process: dict[str, dict[str, str]] | None = None) -> dict:
+    """One process's figures: the median first and second request (ms) over `rounds` rounds on an emptied cache.
+
+    same_process: {setting: {NAME: VALUE}}: every setting in this process instead, in turn each round (the order
+    reversed every other round), the core's switches read again at each change (`_core.reread_switches`); a variable a
+    setting does not name is as the process found it. Returns {setting: figures} then."""
     import mlxrunner  # noqa: F401, I001  (before mlx.core, as the other benchmarks do)
 
     from benchmarks.prompt_cache_sides import Ours, prompt
+    from mlxrunner import _core
 
     ours = Ours(Path(folder))
     first_ids = prompt(PROMPT_TOKENS)
     second_ids = first_ids + prompt(FOLLOW_UP_TOKENS, salt=7)
-    ours.request(first_ids)
-    ours.request(second_ids)  # warm-up of both shapes
-    firsts, seconds = [], []
-    for _ in range(rounds):
-        ours.clear()
-        first, _, cached = ours.request(first_ids)
-        assert cached == 0, cached
-        second, _, cached = ours.request(second_ids)
-        assert cached == PROMPT_TOKENS, cached
-        firsts.append(first * 1e3)
-        seconds.append(second * 1e3)
-    return {"first_ms": statistics.median(firsts), "second_ms": statistics.median(seconds)}
+    chosen = same_process or {"": {}}
+    names = sorted({name for env in chosen.values() for name in env})
+    found = {name: os.environ.get(name) for name in names}
+
+    def switch_to(setting: str) -> None:
+        for name in names:
+            value = chosen[setting].get(name, found[name])
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _core.reread_switches()
+
+    for setting in chosen:  # warm-up of both shapes, and of each setting's kernels
+        switch_to(setting)
+        ours.request(first_ids)
+        ours.request(second_ids)
+    times: dict[str, list[tuple[float, float]]] = {setting: [] for setting in chosen}
+    for r in range(rounds):
+        for setting in list(chosen) if r % 2 == 0 else list(chosen)[::-1]:
+            switch_to(setting)
+            times[setting].append(one_round(ours, first_ids, second_ids))
+    figures = {setting: {"first_ms": statistics.median(f for f, _ in rows),
+                         "second_ms": statistics.median(s for _, s in rows)} for setting, rows in times.items()}
+    return figures if same_process else figures[""]
 
 
 def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str], probes: bool = True) -> dict[str, dict[str, str]]:
@@ -74,10 +106,11 @@ def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str], probes: boo
     return out
 
 
-def run_setting(folder: Path, rounds: int, env: dict[str, str]) -> dict:
+def run_setting(folder: Path, rounds: int, env: dict[str, str], same_process: dict | None = None) -> dict:
+    extra = ["--same-process-settings", json.dumps(same_process)] if same_process else []
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu.follow_up_slack", "--child", str(folder),
-                           "--rounds", str(rounds)], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=600)
+                           "--rounds", str(rounds), *extra], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout)[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-spin-us", type=int, default=20)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE: a setting of its own against base")
     parser.add_argument("--no-probes", action="store_true", help="base and the --env settings only")
+    parser.add_argument("--same-process", action="store_true",
+                        help="every setting in each process, in turn each round (--repeats processes)")
+    parser.add_argument("--same-process-settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.rounds)), flush=True)
+        same = json.loads(args.same_process_settings) if args.same_process_settings else None
+        print(json.dumps(child(args.child, args.rounds, same)), flush=True)
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -117,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {}
     chosen = settings(args.host_delay_us, args.gpu_spin_us, args.env, probes=not args.no_probes)
     for _ in range(args.repeats):
+        if args.same_process:
+            rows = run_setting(folder, args.rounds, {}, same_process=chosen)
+            for name in chosen:
+                runs.setdefault(name, []).append(rows.get(name, rows))
+            print("process", json.dumps(rows), flush=True)
+            continue
         for name, env in chosen.items():
             row = run_setting(folder, args.rounds, env)
             runs.setdefault(name, []).append(row)
@@ -140,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for name, ms in second.items():
         print(f"| {name} | {first[name]:.2f} | {ms:.2f} | {ms / first[name]:.3f} |")
+    if args.same_process and "base" in runs:
+        # Within each process, each setting's second request against base's: the comparison this mode is for.
+        paired = {name: statistics.median(row["second_ms"] - base_row["second_ms"]
+                                          for row, base_row in zip(rows, runs["base"], strict=True))
+                  for name, rows in runs.items() if name != "base"}
+        report["paired_second_ms"] = paired
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        for name, ms in paired.items():
+            print(f"\n{name}: {ms:+.2f} ms against base in the same process (median over {args.repeats} processes)")
     for side in ("host", "gpu"):
         if f"{side}_sensitivity" in report:
             print(f"\n{side} sensitivity: {report[f'{side}_sensitivity']:.2f}")

@@ -1,5 +1,9 @@
 // Building blocks bound on their own, to check them against NumPy; and QuantSpec, which every network
 // that runs packed weights takes (nn/weights.h).
+#include <map>
+#include <memory>
+#include <mutex>
+
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
@@ -317,6 +321,24 @@ void bind_cuda_kernels(nb::module_& m) {
       "source"_a, "switches"_a = std::map<std::string, bool>{},
       "A CUDA kernel's source as our kernels hand it to MLX: comments, indentation and blank lines gone, the "
       "`#if NAME` branches of the given switches resolved.");
+  m.def("reread_switches", &reread_switches,
+        "Make every MLXRUNNER_* switch of the C++ core read its environment variable again at its next use (each is "
+        "read once and kept otherwise): a benchmark can then time two settings in one process. Where a caller keeps "
+        "what a switch chose (a kernel built once), the change reaches only what is built after it.");
+  m.def(
+      "switch_value",
+      [](const std::string& name, long long unset) {
+        // One EnvSwitch a name, kept for the process as the core's own are.
+        static std::mutex mutex;
+        static std::map<std::string, std::unique_ptr<EnvSwitch>> switches;
+        std::lock_guard<std::mutex> lock(mutex);
+        auto& held = switches[name];
+        if (!held) held = std::make_unique<EnvSwitch>(switches.find(name)->first.c_str(), unset);
+        return held->number();
+      },
+      "name"_a, "unset"_a = 0,
+      "The number an environment switch of this name holds as the C++ core's switches read it (read at the first "
+      "call and kept until reread_switches(); `unset` where it is not set): what a benchmark's process runs under.");
   m.def("kernel_source_included", &kernel_source_included, "source"_a, "inputs"_a = std::vector<std::string>{},
         "What our kernels hand MLX under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1: the line that #includes `source` from a "
         "file of this process's own, after a mention of each input's shape, strides and ndim that it uses.");

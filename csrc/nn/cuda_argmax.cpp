@@ -85,9 +85,9 @@ constexpr int kArgmaxThreads = 1024;
 }  // namespace
 
 std::optional<mx::array> cuda_argmax(const mx::array& z) {
-  static const bool off = switched_off("MLXRUNNER_CUDA_ARGMAX");
-  if (off || !running_on_cuda() || (z.ndim() != 1 && z.ndim() != 2) || !cuda_float_dtype(z.dtype()) || z.size() == 0 ||
-      z.shape(-1) > std::numeric_limits<int>::max() / 2) {
+  static EnvSwitch cuda_argmax_switch("MLXRUNNER_CUDA_ARGMAX");
+  if (cuda_argmax_switch.off() || !running_on_cuda() || (z.ndim() != 1 && z.ndim() != 2) ||
+      !cuda_float_dtype(z.dtype()) || z.size() == 0 || z.shape(-1) > std::numeric_limits<int>::max() / 2) {
     return std::nullopt;
   }
   static const auto kernel = cuda_kernel("mlxr_argmax", {"z"}, {"out"}, kArgmax, "", /*ensure_row_contiguous=*/true);

@@ -74,8 +74,8 @@ constexpr int kThreads = 128;  // kWarps in the source, 32 lanes each
 // On unless MLXRUNNER_BATCH_ATTENTION=0: on the H200 (session 14, benchmarks/README.md) 16 concurrent 4B streams
 // went from 1,303 to 1,592 tok/s with it, batched greedy text equal to each request's alone.
 bool batch_attention_switched_on() {
-  static const bool on = !switched_off("MLXRUNNER_BATCH_ATTENTION");
-  return on;
+  static EnvSwitch batch_attention("MLXRUNNER_BATCH_ATTENTION");
+  return !batch_attention.off();
 }
 
 std::optional<mx::array> cuda_batch_decode_attention(const mx::array& q, const mx::array& keys, const mx::array& values,

@@ -523,8 +523,8 @@ constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) tak
 // trips to memory, 13.5 us a layer against MLX's 8.2 (session 28's profile); at 16, 80 blocks took 8.0 us and the
 // decode step ~4 % less time (session 29, H100). MLXRUNNER_DECODE_SPLIT_KEYS times others.
 int splits_for(int length) {
-  static const int keys_per_split =
-      static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_DECODE_SPLIT_KEYS", kKeysPerSplit)));
+  static EnvSwitch split_keys("MLXRUNNER_DECODE_SPLIT_KEYS", kKeysPerSplit);
+  const int keys_per_split = static_cast<int>(std::max(1LL, split_keys.number()));
   const int wanted = std::clamp((length + keys_per_split - 1) / keys_per_split, 1, kMostSplits);
   const int chunk = (length + wanted - 1) / wanted;
   return (length + chunk - 1) / chunk;
@@ -534,7 +534,8 @@ int splits_for(int length) {
 // (MLXRUNNER_CHUNK_BLOCKS=N, a measuring switch, sets N: benchmarks/gpu/chunk_attention_bench.py sweeps it), at most
 // one a kChunkKeys keys.
 int chunk_splits_for(int length, int blocks_a_split) {
-  static const int blocks = static_cast<int>(std::max(1LL, switch_number("MLXRUNNER_CHUNK_BLOCKS", kChunkBlocks)));
+  static EnvSwitch chunk_blocks("MLXRUNNER_CHUNK_BLOCKS", kChunkBlocks);
+  const int blocks = static_cast<int>(std::max(1LL, chunk_blocks.number()));
   const int tiles = (length + kChunkKeys - 1) / kChunkKeys;
   const int wanted = std::clamp((blocks + blocks_a_split - 1) / blocks_a_split, 1, tiles);
   const int chunk = ((length + wanted - 1) / wanted + kChunkKeys - 1) / kChunkKeys * kChunkKeys;
@@ -585,13 +586,13 @@ mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, i
 }  // namespace
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
-  static const bool off = switched_off("MLXRUNNER_DECODE_ATTENTION");
-  return !off && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
+  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
+  return !decode_attention.off() && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
 }
 
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
-  static const bool off = switched_off("MLXRUNNER_DECODE_ROPE");
-  return !off && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
+  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
+  return !decode_rope.off() && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
@@ -642,8 +643,8 @@ bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const 
 }
 
 bool chunk_attention_switched_on() {
-  static const bool off = switched_off("MLXRUNNER_CHUNK_ATTENTION");
-  return !off;
+  static EnvSwitch chunk_attention("MLXRUNNER_CHUNK_ATTENTION");
+  return !chunk_attention.off();
 }
 
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,

@@ -168,8 +168,8 @@ constexpr const char* kModulatedLayerNorm = R"(
 // MLXRUNNER_DIT_FUSION=0 turns these kernels off (MLX's operations run instead): a switch for measuring what they
 // gain, in the same process setup, and a way around them should a driver's compiler reject one.
 bool fusion_on_cuda() {
-  static const bool off = switched_off("MLXRUNNER_DIT_FUSION");
-  return !off && running_on_cuda();
+  static EnvSwitch dit_fusion("MLXRUNNER_DIT_FUSION");
+  return !dit_fusion.off() && running_on_cuda();
 }
 
 // x [B, T, N] of a float dtype, weights [N] and per-sample [B, 1, N] vectors of the same dtype.

@@ -132,8 +132,8 @@ constexpr const char* kGroupNormApply = R"(
 )";
 
 bool vae_fusion_on_cuda() {
-  static const bool off = switched_off("MLXRUNNER_VAE_FUSION");
-  return !off && running_on_cuda();
+  static EnvSwitch vae_fusion("MLXRUNNER_VAE_FUSION");
+  return !vae_fusion.off() && running_on_cuda();
 }
 
 }  // namespace

@@ -68,8 +68,8 @@ std::optional<mx::array> cuda_int32_from_host(std::span<const int> values) {
 }
 
 bool host_ints_by_kernel_switched_on() {
-  static const bool on = switched_on("MLXRUNNER_HOST_INTS_BY_KERNEL");
-  return on;
+  static EnvSwitch by_kernel("MLXRUNNER_HOST_INTS_BY_KERNEL");
+  return by_kernel.on();
 }
 
 }  // namespace mlxr

@@ -90,8 +90,8 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 namespace {
 
 bool kernel_sources_by_path() {
-  static const bool on = switched_on("MLXRUNNER_KERNEL_SOURCES_BY_PATH");
-  return on;
+  static EnvSwitch by_path("MLXRUNNER_KERNEL_SOURCES_BY_PATH");
+  return by_path.on();
 }
 
 // A directory of this process's own, made once: no other user can change the files NVRTC reads from it. MLX compiles

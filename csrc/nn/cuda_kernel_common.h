@@ -3,11 +3,13 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -210,25 +212,67 @@ inline bool cuda_float_dtype(mx::Dtype dtype) {
 }
 
 // Whether the environment variable `name` is "0": the switches that turn a fused kernel off, to measure what it
-// gains (MLXRUNNER_DIT_FUSION, MLXRUNNER_QKV_HEADS, MLXRUNNER_BATCH_ATTENTION). Callers read it once, into a static.
+// gains (MLXRUNNER_DIT_FUSION, MLXRUNNER_QKV_HEADS, MLXRUNNER_BATCH_ATTENTION). Callers keep it in an EnvSwitch.
 inline bool switched_off(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "0") == 0;
 }
 
 // Whether it is "1": the measuring switches that turn a way not yet proven on a GPU on (MLXRUNNER_HALF_MATVEC,
-// MLXRUNNER_KERNEL_SOURCES_BY_PATH: both measured slower on the H200 in session 14). Read once, into a static, too.
+// MLXRUNNER_KERNEL_SOURCES_BY_PATH: both measured slower on the H200 in session 14). Kept in an EnvSwitch, too.
 inline bool switched_on(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
 // The number the environment variable `name` holds, or `unset` where it is not set: the switches that tune a count
-// (MLXRUNNER_EARLY_DISPATCH, MLXRUNNER_CHUNK_BLOCKS). Read once, into a static, too.
+// (MLXRUNNER_EARLY_DISPATCH, MLXRUNNER_CHUNK_BLOCKS). Kept in an EnvSwitch, too.
 inline long long switch_number(const char* name, long long unset) {
   const char* value = std::getenv(name);
   return value == nullptr ? unset : std::atoll(value);
 }
+
+// How many times reread_switches() has run: an EnvSwitch that read its variable before the last call reads it again.
+inline std::atomic<int> switches_generation{0};
+
+// Makes every EnvSwitch read its environment variable again at its next use, so that a benchmark can time two
+// settings of a switch in one process (the binding `reread_switches`; benchmarks/gpu/follow_up_slack.py
+// --same-process): the scatter between processes on one GPU is larger than what one operation a layer changes. Where a
+// caller keeps what a switch chose (a kernel object built once), the change reaches only what is built after it.
+inline void reread_switches() {
+  switches_generation.fetch_add(1, std::memory_order_acq_rel);
+}
+
+// One environment switch, read at its first use and kept until reread_switches(): off() where it is "0", on() where it
+// is "1", number() its value as a number (`unset` where it is not set). Call sites hold it in a function's static.
+class EnvSwitch {
+ public:
+  EnvSwitch(const char* name, long long unset) : name_(name), unset_(unset) {}
+  explicit EnvSwitch(const char* name) : EnvSwitch(name, 0) {}
+  bool off() { return refreshed().off_.load(std::memory_order_relaxed); }
+  bool on() { return refreshed().on_.load(std::memory_order_relaxed); }
+  long long number() { return refreshed().number_.load(std::memory_order_relaxed); }
+
+ private:
+  EnvSwitch& refreshed() {
+    const int now = switches_generation.load(std::memory_order_acquire);
+    if (seen_.load(std::memory_order_acquire) == now) return *this;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (seen_.load(std::memory_order_relaxed) != now) {
+      off_.store(switched_off(name_), std::memory_order_relaxed);
+      on_.store(switched_on(name_), std::memory_order_relaxed);
+      number_.store(switch_number(name_, unset_), std::memory_order_relaxed);
+      seen_.store(now, std::memory_order_release);
+    }
+    return *this;
+  }
+  const char* name_;
+  long long unset_;
+  std::mutex mutex_;
+  std::atomic<int> seen_{-1};
+  std::atomic<bool> off_{false}, on_{false};
+  std::atomic<long long> number_{0};
+};
 
 // A float as the int of its bits (template arguments are ints).
 inline int cuda_float_bits(float value) {

@@ -462,8 +462,8 @@ using TemplateArgs = std::vector<std::pair<std::string, mx::fast::TemplateArg>>;
 // fused norms, RoPE and gated SiLU: a measuring switch, off unless set, since MLX's own products of such weights
 // already stream at the copy bandwidth and only a GPU can tell whether the fusions win.
 bool half_kernels_on() {
-  static const bool on = switched_on("MLXRUNNER_HALF_MATVEC");
-  return on;
+  static EnvSwitch half_matvec("MLXRUNNER_HALF_MATVEC");
+  return half_matvec.on();
 }
 
 // The uint32 words of one of the weight's rows: packed (q: its packing), or pairs of a half-precision weight.
@@ -631,8 +631,8 @@ std::optional<std::pair<mx::array, mx::array>> cuda_normed_matvec(const NormInpu
 // MLXRUNNER_QKV_HEADS=0 turns the heads variant off (the normed product and the q/k kernel run instead): a switch for
 // measuring what it gains.
 bool heads_kernel_on() {
-  static const bool off = switched_off("MLXRUNNER_QKV_HEADS");
-  return !off;
+  static EnvSwitch qkv_heads("MLXRUNNER_QKV_HEADS");
+  return !qkv_heads.off();
 }
 
 std::optional<QkvHeads> cuda_normed_qkv_heads(const NormInput& input, const mx::array& packed, const Quantized* q,

@@ -505,7 +505,8 @@ namespace {
 // - MLXRUNNER_PROBE_GPU_SPIN_NS=S (S >= 0): after each layer a kernel copies the hidden state, one thread of each block
 //   holding it S ns longer by the GPU's clock; S = 0 is the control (the same operation for the host, no wait).
 void probe_host_delay() {
-  static const long long delay_us = switch_number("MLXRUNNER_PROBE_HOST_DELAY_US", 0);
+  static EnvSwitch host_delay("MLXRUNNER_PROBE_HOST_DELAY_US", 0);
+  const long long delay_us = host_delay.number();
   if (delay_us <= 0) return;
   const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(delay_us);
   while (std::chrono::steady_clock::now() < until) {
@@ -513,7 +514,8 @@ void probe_host_delay() {
 }
 
 mx::array probe_gpu_spin(const mx::array& x) {
-  static const long long spin_ns = switch_number("MLXRUNNER_PROBE_GPU_SPIN_NS", -1);
+  static EnvSwitch gpu_spin("MLXRUNNER_PROBE_GPU_SPIN_NS", -1);
+  const long long spin_ns = gpu_spin.number();
   if (spin_ns < 0 || !running_on_cuda()) return x;
   static const auto kernel = mx::fast::cuda_kernel("mlxr_probe_gpu_spin", {"x"}, {"out"}, R"(
   unsigned long long start, now;
@@ -569,9 +571,8 @@ class LayerPacer {
 
   // Layers a queued piece holds; MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch off (to measure it).
   static int early_dispatch_layers() {
-    static const int layers =
-        static_cast<int>(std::max(0LL, switch_number("MLXRUNNER_EARLY_DISPATCH", kEarlyDispatchLayers)));
-    return layers;
+    static EnvSwitch early_dispatch("MLXRUNNER_EARLY_DISPATCH", kEarlyDispatchLayers);
+    return static_cast<int>(std::max(0LL, early_dispatch.number()));
   }
 
  private:
@@ -594,8 +595,8 @@ bool Decoder::paced(const mx::array& embedded) const {
 }
 
 std::optional<mx::array> Decoder::device_offset(int offset) const {
-  static const bool off = switched_off("MLXRUNNER_DEVICE_OFFSET");
-  if (off || !running_on_cuda() || !(rope_.fused() || sliding_rope_.fused())) return std::nullopt;
+  static EnvSwitch device_offsets("MLXRUNNER_DEVICE_OFFSET");
+  if (device_offsets.off() || !running_on_cuda() || !(rope_.fused() || sliding_rope_.fused())) return std::nullopt;
   return mx::arange(offset, offset + 1, mx::int32);  // no input: its kernel writes device memory
 }
 
