@@ -91,6 +91,9 @@ def child(folder: str, rounds: int, same_process: dict[str, dict[str, str]] | No
             times[setting].append(one_round(ours, first_ids, second_ids))
     figures = {setting: {"first_ms": statistics.median(f for f, _ in rows),
                          "second_ms": statistics.median(s for _, s in rows)} for setting, rows in times.items()}
+    for setting in chosen:  # what the core read under each setting (-1: unset), the check that a change took
+        switch_to(setting)
+        figures[setting]["switches"] = {name: _core.switch_value(name, -1) for name in names}
     return figures if same_process else figures[""]
 
 

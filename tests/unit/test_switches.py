@@ -1,8 +1,8 @@
 """The C++ core's environment switches (csrc/nn/cuda_kernel_common.h, EnvSwitch): each is read at its first use and
 kept, so a forward never pays for the environment, until `_core.reread_switches()` makes every one read its variable
 again: what lets a benchmark time two settings of a switch in one process (benchmarks/gpu/follow_up_slack.py
---same-process). `_core.switch_value` reads a name the way the core's own switches do. Each case runs in a fresh
-interpreter, so that no other test's reads are kept."""
+--same-process, run here on the tiny Qwen3). `_core.switch_value` reads a name the way the core's own switches do.
+Each case runs in a fresh interpreter, so that no other test's reads are kept."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, os
@@ -63,3 +66,22 @@ print(json.dumps({"same": first == second, "early": _core.switch_value("MLXRUNNE
     done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"same": True, "early": 0}
+
+
+def test_the_same_process_benchmark_changes_the_switch_between_its_settings(tmp_path):
+    """benchmarks/gpu/follow_up_slack.py --same-process: one process times base and a setting in turn, and the core
+    reads the setting's value under it and the process's own (here unset) under base."""
+    out = tmp_path / "slack.json"
+    env = {k: v for k, v in os.environ.items() if k != "MLXRUNNER_EARLY_DISPATCH"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu.follow_up_slack", "--folder",
+                           str(ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"), "--out", str(out), "--rounds", "1",
+                           "--repeats", "1", "--no-probes", "--same-process", "--env", "MLXRUNNER_EARLY_DISPATCH=0"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    base, switched = report["runs"]["base"][0], report["runs"]["MLXRUNNER_EARLY_DISPATCH=0"][0]
+    assert base["switches"] == {"MLXRUNNER_EARLY_DISPATCH": -1}
+    assert switched["switches"] == {"MLXRUNNER_EARLY_DISPATCH": 0}
+    assert base["second_ms"] > 0 and switched["second_ms"] > 0
+    assert set(report["paired_second_ms"]) == {"MLXRUNNER_EARLY_DISPATCH=0"}
