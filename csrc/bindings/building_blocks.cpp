@@ -332,9 +332,9 @@ void bind_cuda_kernels(nb::module_& m) {
         static std::mutex mutex;
         static std::map<std::string, std::unique_ptr<EnvSwitch>> switches;
         std::lock_guard<std::mutex> lock(mutex);
-        auto& held = switches[name];
-        if (!held) held = std::make_unique<EnvSwitch>(switches.find(name)->first.c_str(), unset);
-        return held->number();
+        auto [at, added] = switches.try_emplace(name);
+        if (added) at->second = std::make_unique<EnvSwitch>(at->first.c_str(), unset);  // named by the map's key
+        return at->second->number();
       },
       "name"_a, "unset"_a = 0,
       "The number an environment switch of this name holds as the C++ core's switches read it (read at the first "
