@@ -103,9 +103,8 @@ def settings(host_delay_us: int, gpu_spin_us: int, extra: list[str], probes: boo
         out[f"host delay {host_delay_us} us"] = {"MLXRUNNER_PROBE_HOST_DELAY_US": str(host_delay_us)}
         out["GPU spin control (0)"] = {"MLXRUNNER_PROBE_GPU_SPIN_NS": "0"}
         out[f"GPU spin {gpu_spin_us} us"] = {"MLXRUNNER_PROBE_GPU_SPIN_NS": str(gpu_spin_us * 1000)}
-    for assignment in extra:
-        name, _, value = assignment.partition("=")
-        out[assignment] = {name: value}
+    for setting in extra:  # NAME=VALUE, or several joined by commas (switches timed together)
+        out[setting] = dict(assignment.partition("=")[::2] for assignment in setting.split(","))
     return out
 
 
@@ -134,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--host-delay-us", type=int, default=40)
     parser.add_argument("--gpu-spin-us", type=int, default=20)
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE: a setting of its own against base")
+    parser.add_argument("--env", action="append", default=[],
+                        help="NAME=VALUE[,NAME=VALUE...]: a setting of its own against base")
     parser.add_argument("--no-probes", action="store_true", help="base and the --env settings only")
     parser.add_argument("--same-process", action="store_true",
                         help="every setting in each process, in turn each round (--repeats processes)")

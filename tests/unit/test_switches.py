@@ -70,18 +70,21 @@ print(json.dumps({"same": first == second, "early": _core.switch_value("MLXRUNNE
 
 def test_the_same_process_benchmark_changes_the_switch_between_its_settings(tmp_path):
     """benchmarks/gpu/follow_up_slack.py --same-process: one process times base and a setting in turn, and the core
-    reads the setting's value under it and the process's own (here unset) under base."""
+    reads the setting's values under it (two switches set together, NAME=VALUE,NAME=VALUE) and the process's own (here
+    unset) under base."""
     out = tmp_path / "slack.json"
-    env = {k: v for k, v in os.environ.items() if k != "MLXRUNNER_EARLY_DISPATCH"}
+    names = ("MLXRUNNER_EARLY_DISPATCH", "MLXRUNNER_CHUNK_BLOCKS")
+    setting = "MLXRUNNER_EARLY_DISPATCH=0,MLXRUNNER_CHUNK_BLOCKS=7"
+    env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu.follow_up_slack", "--folder",
                            str(ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"), "--out", str(out), "--rounds", "1",
-                           "--repeats", "1", "--no-probes", "--same-process", "--env", "MLXRUNNER_EARLY_DISPATCH=0"],
+                           "--repeats", "1", "--no-probes", "--same-process", "--env", setting],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    base, switched = report["runs"]["base"][0], report["runs"]["MLXRUNNER_EARLY_DISPATCH=0"][0]
-    assert base["switches"] == {"MLXRUNNER_EARLY_DISPATCH": -1}
-    assert switched["switches"] == {"MLXRUNNER_EARLY_DISPATCH": 0}
+    base, switched = report["runs"]["base"][0], report["runs"][setting][0]
+    assert base["switches"] == {"MLXRUNNER_EARLY_DISPATCH": -1, "MLXRUNNER_CHUNK_BLOCKS": -1}
+    assert switched["switches"] == {"MLXRUNNER_EARLY_DISPATCH": 0, "MLXRUNNER_CHUNK_BLOCKS": 7}
     assert base["second_ms"] > 0 and switched["second_ms"] > 0
-    assert set(report["paired_second_ms"]) == {"MLXRUNNER_EARLY_DISPATCH=0"}
+    assert set(report["paired_second_ms"]) == {setting}
