@@ -542,15 +542,16 @@ mx::array probe_gpu_spin(const mx::array& x) {
 //   H200 a 4-bit Llama-3-8B's 1,024-token prefill peaked 14.5 GB above its 4.5 GB of weights, near the bf16 model's
 //   size (mlx-lm's: 3.7 GB). A paced forward queues each layer's output and then waits for the one before, so at most
 //   two layers' copies are in flight; the device still has the next layer queued while the host waits.
-// - Early: a forward the caller waits for (a request's prefill, a text encoder's prompt) on a GPU queues every
-//   kEarlyDispatchLayers layers as they are built, so that the device starts on the first layers while the host
-//   builds the rest; built whole and then evaluated, the device waited for the whole graph to be built first. A
-//   decode step needs none of this: the generator builds step n + 1 while the device runs step n. Measured on an
-//   H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape): 9.99 ms queued at the end, 9.35
-//   every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer. Not on the CPU: there (this 2-core VM, tiny Qwen3) it
-//   slowed a 3,000-token prefill from ~70 to ~113 ms, the layers' kernels and the host's building sharing the cores.
-//   A worker thread that encoded each queued layer while this thread built the next was timed on an H100 in sessions
-//   31 and 32 and removed: the forward returned ~2 ms sooner, the request did not (benchmarks/README.md).
+// - Early: a forward the caller waits for (a request's prefill, a text encoder's prompt) on a GPU queues its first
+//   layer, then every kEarlyDispatchLayers layers, as they are built, so that the device starts on the first layers
+//   while the host builds the rest; built whole and then evaluated, the device waited for the whole graph to be built
+//   first. A decode step needs none of this: the generator builds step n + 1 while the device runs step n. Measured on
+//   an H100 (session 23, the prompt cache's 64-token follow-up on a Qwen3-4B shape; the pieces then counted from the
+//   forward's start): 9.99 ms queued at the end, 9.35 every 8 layers, 8.19 every 4, 7.74 every 2, 7.38 every layer.
+//   Not on the CPU: there (this 2-core VM, tiny Qwen3) it slowed a 3,000-token prefill from ~70 to ~113 ms, the
+//   layers' kernels and the host's building sharing the cores. A worker thread that encoded each queued layer while
+//   this thread built the next was timed on an H100 in sessions 31 and 32 and removed: the forward returned ~2 ms
+//   sooner, the request did not (benchmarks/README.md).
 // - At the end: nothing queued before the caller evaluates the forward's output (decode steps, the CPU).
 class LayerPacer {
  public:
@@ -561,7 +562,8 @@ class LayerPacer {
     ++layers_;
     if (early()) {
       probe_host_delay();
-      if (layers_ % early_dispatch_layers() == 0) mx::async_eval(outputs);
+      // The first layer alone, so that the device starts as soon as it can; then every N.
+      if ((layers_ - 1) % early_dispatch_layers() == 0) mx::async_eval(outputs);
     }
     if (mode_ != Mode::kPaced) return;
     mx::async_eval(outputs);
@@ -569,7 +571,10 @@ class LayerPacer {
     previous_ = std::move(outputs);
   }
 
-  // Layers a queued piece holds; MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch off (to measure it).
+  // Layers a queued piece holds after the first layer's: MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch
+  // off (to measure it). Each piece is a commit of MLX's (its CUDA graph's update and launch, a completion handler):
+  // ~17 % of the follow-up's host time at N = 1 in session 38's profile (benchmarks/gpu/host_profile.py), where the
+  // host sets the pace; fewer commits cost the device only the wait for a longer last piece (not yet timed).
   static int early_dispatch_layers() {
     static EnvSwitch early_dispatch("MLXRUNNER_EARLY_DISPATCH", kEarlyDispatchLayers);
     return static_cast<int>(std::max(0LL, early_dispatch.number()));
