@@ -169,10 +169,23 @@ def kernels():
         for d, q_heads, kv_heads in ((128, 32, 8), (128, 64, 8), (64, 16, 8), (128, 16, 16)):
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(
                 "mlxr_chunk_attention_parts", chunk_helpers,
-                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts"),
+                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
+                              (("MLXR_ROPE", False), ("MLXR_NORM", False))),
                 [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32")],
                 [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
                 {"T": dtype, "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
+    # The chunk kernel's variants that read the q|k|v product and make the q/k norms and RoPE (MLXRUNNER_CHUNK_ROPE=1).
+    for norm in (False, True):
+        norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+        yield f"chunk_attention_roped/norm={int(norm)}/128/32x8", mlx_kernel_source(
+            "mlxr_chunk_attention_roped", chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+            kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
+                          (("MLXR_ROPE", True), ("MLXR_NORM", norm))),
+            [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
+             ("inverse_frequencies", "float")] + norms,
+            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
+            {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1, "TRADITIONAL": False}
+            | ({"EPS_BITS": 1} if norm else {}))
     yield "decode_attention_merge/bf16", mlx_kernel_source(
         "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],

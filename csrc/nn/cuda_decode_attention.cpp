@@ -291,7 +291,20 @@ constexpr const char* kChunkAttentionParts = R"(
   constexpr int kPad = 8;
   constexpr int G = Q_HEADS / KV_HEADS;
   const float neg_inf = -__int_as_float(0x7f800000);
+#if MLXR_ROPE
+  // q, k and v as projected: the q|k|v product itself, [1, T, (Q_HEADS + 2 KV_HEADS) D], head h of token t at
+  // t (Q_HEADS + 2 KV_HEADS) D + h D, q's heads first, then k's, then v's. Read in place, so that the host builds no
+  // views of it (a reshape, three slices and three transposes a layer, each an array for MLX to build and evaluate).
+  const int queries = qkv_shape[1];
+  const T* q = qkv;
+  const T* k = qkv + Q_HEADS * D;
+  const T* v = qkv + (Q_HEADS + KV_HEADS) * D;
+  const long long q_strides[4] = {0, D, (Q_HEADS + 2 * KV_HEADS) * D, 1};
+  const long long (&k_strides)[4] = q_strides;
+  const long long (&v_strides)[4] = q_strides;
+#else
   const int queries = q_shape[2];
+#endif
   const int rows = G * queries;
   const int query_tiles = (rows + kRows - 1) / kRows;
   const int splits = gridDim.x / (KV_HEADS * query_tiles);
@@ -309,19 +322,51 @@ constexpr const char* kChunkAttentionParts = R"(
   const int end = min(min(length, begin + chunk), offset + last_row / G + 1);
   const float scale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;
   const size_t head_first = static_cast<size_t>(kv_head) * capacity * D;
+#if MLXR_ROPE
+  // q and k as projected: a head's row normed (MLXR_NORM) and rotated at its position by one warp, as the q/k kernel
+  // makes it (norm_rope_head: the same bits), into dst.
+  auto rope_head = [&](const T* src, long long stride, bool is_key, int at, T* dst) {
+#if MLXR_NORM
+    mlxr_rope::norm_rope_head<T, D, TRADITIONAL, true>(src, stride, is_key ? k_weight : q_weight,
+                                                       __int_as_float(EPS_BITS), inverse_frequencies,
+                                                       static_cast<float>(at), dst);
+#else
+    mlxr_rope::norm_rope_head<T, D, TRADITIONAL, false>(src, stride, nullptr, 0.f, inverse_frequencies,
+                                                        static_cast<float>(at), dst);
+#endif
+  };
+#endif
   {
     // The chunk's keys and values into their slots, 8 elements a thread, shared among the key head's blocks (one
     // block writing them all, element by element, waited a round trip per element: see move8_pair).
     T* key_slots = const_cast<T*>(keys);
     T* value_slots = const_cast<T*>(values);
     const int head_blocks = query_tiles * splits;
+#if MLXR_ROPE
+    // The keys normed and rotated, a warp a token, shared among the key head's blocks' warps; the values below.
+    for (int t = (query_tile * splits + split) * kWarps + warp; t < queries; t += head_blocks * kWarps) {
+      rope_head(k + kv_head * k_strides[1] + t * k_strides[2], k_strides[3], true, offset + t,
+                key_slots + head_first + static_cast<size_t>(offset + t) * D);
+    }
+#endif
     for (int c = (query_tile * splits + split) * blockDim.x + threadIdx.x; c < queries * (D / 8);
          c += head_blocks * blockDim.x) {
       const int t = c / (D / 8), e = (c % (D / 8)) * 8;
-      const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
       const T* value_from = v + kv_head * v_strides[1] + t * v_strides[2] + e * v_strides[3];
-      T* key_to = key_slots + head_first + static_cast<size_t>(offset + t) * D + e;
       T* value_to = value_slots + head_first + static_cast<size_t>(offset + t) * D + e;
+#if MLXR_ROPE
+      if (whole_word(value_from, v_strides[3])) {
+        *reinterpret_cast<uint4*>(value_to) = *reinterpret_cast<const uint4*>(value_from);
+      } else {
+        T value8[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) value8[i] = value_from[i * v_strides[3]];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) value_to[i] = value8[i];
+      }
+#else
+      const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
+      T* key_to = key_slots + head_first + static_cast<size_t>(offset + t) * D + e;
       if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
         const uint4 key_word = *reinterpret_cast<const uint4*>(key_from);
         const uint4 value_word = *reinterpret_cast<const uint4*>(value_from);
@@ -330,6 +375,7 @@ constexpr const char* kChunkAttentionParts = R"(
       } else {
         move8_pair(key_to, value_to, key_from, k_strides[3], value_from, v_strides[3]);
       }
+#endif
     }
   }
   // Two stages of kKeys keys and values in shared memory: the copies of the next stage fly while the block computes on
@@ -351,19 +397,37 @@ constexpr const char* kChunkAttentionParts = R"(
         copy_16_async(&value_tile[stage][slot][e], values + at);
       } else if (j < end) {
         const int t = j - offset;
-        const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
         const T* value_from = v + kv_head * v_strides[1] + t * v_strides[2] + e * v_strides[3];
+#if MLXR_ROPE
+        if (whole_word(value_from, v_strides[3])) {
+          copy_16_async(&value_tile[stage][slot][e], value_from);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) value_tile[stage][slot][e + i] = value_from[i * v_strides[3]];
+        }
+#else
+        const T* key_from = k + kv_head * k_strides[1] + t * k_strides[2] + e * k_strides[3];
         if (whole_word(key_from, k_strides[3]) && whole_word(value_from, v_strides[3])) {
           copy_16_async(&key_tile[stage][slot][e], key_from);
           copy_16_async(&value_tile[stage][slot][e], value_from);
         } else {
           move8_pair(&key_tile[stage][slot][e], &value_tile[stage][slot][e], key_from, k_strides[3], value_from, v_strides[3]);
         }
+#endif
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) key_tile[stage][slot][e + i] = value_tile[stage][slot][e + i] = T(0.f);
       }
     }
+#if MLXR_ROPE
+    // The chunk's own keys of this stage normed and rotated from k, a warp a key (its readers wait at the barrier
+    // after the copies, as for the copied keys).
+    for (int slot = warp; slot < kKeys; slot += kWarps) {
+      const int j = tile + slot;
+      if (j < offset || j >= end) continue;
+      rope_head(k + kv_head * k_strides[1] + (j - offset) * k_strides[2], k_strides[3], true, j, &key_tile[stage][slot][0]);
+    }
+#endif
     commit_async_copies();
   };
   float max_lo = neg_inf, max_hi = neg_inf, sum_lo = 0.f, sum_hi = 0.f;
@@ -382,18 +446,36 @@ constexpr const char* kChunkAttentionParts = R"(
   // first use; element by element otherwise. The word loads took a 64-token chunk's kernel from 37.5 to 33.0 us on an
   // H100 (benchmarks/gpu/chunk_kernel_probe.py): 64 two-byte loads and conversions had cost ~11,000 cycles a block.
   unsigned query[D / 16][4];
+  const bool lo_in = row_lo < rows, hi_in = row_hi < rows;
+  // The rows' pairs from lo's and hi's rows, one 4-byte word each (a row's elements consecutive, the pairs aligned).
+  auto query_words = [&](const T* lo, const T* hi) {
+#pragma unroll
+    for (int s = 0; s < D / 16; ++s) {
+      query[s][0] = lo_in ? two_at(lo + 16 * s) : 0u;
+      query[s][1] = hi_in ? two_at(hi + 16 * s) : 0u;
+      query[s][2] = lo_in ? two_at(lo + 16 * s + 8) : 0u;
+      query[s][3] = hi_in ? two_at(hi + 16 * s + 8) : 0u;
+    }
+  };
+#if MLXR_ROPE
+  // The warp's 16 query rows normed and rotated into shared memory, D elements a row: stage 1's tiles, which no copy
+  // fills before the loop's first round (after the second barrier here).
+  T* roped_rows = (warp < 2 ? &key_tile[1][0][0] : &value_tile[1][0][0]) + (warp & 1) * 16 * D;
+  for (int i = 0; i < 16; ++i) {
+    const int row = query_tile * kRows + warp * 16 + i;
+    if (row >= rows) break;
+    rope_head(q + (kv_head * G + row % G) * q_strides[1] + (row / G) * q_strides[2], q_strides[3], false,
+              offset + row / G, roped_rows + i * D);
+  }
+  __syncthreads();
+  query_words(roped_rows + group * D + 2 * quad, roped_rows + (group + 8) * D + 2 * quad);
+  __syncthreads();
+#else
   const T* q_lo = q + (kv_head * G + row_lo % G) * q_strides[1] + (row_lo / G) * q_strides[2] + 2 * quad;
   const T* q_hi = q + (kv_head * G + row_hi % G) * q_strides[1] + (row_hi / G) * q_strides[2] + 2 * quad;
   const bool pairs_aligned = (reinterpret_cast<unsigned long long>(q) & 3) == 0 && ((q_strides[1] | q_strides[2]) & 1) == 0;
   if (q_strides[3] == 1 && pairs_aligned) {
-    const bool lo_in = row_lo < rows, hi_in = row_hi < rows;
-#pragma unroll
-    for (int s = 0; s < D / 16; ++s) {
-      query[s][0] = lo_in ? two_at(q_lo + 16 * s) : 0u;
-      query[s][1] = hi_in ? two_at(q_hi + 16 * s) : 0u;
-      query[s][2] = lo_in ? two_at(q_lo + 16 * s + 8) : 0u;
-      query[s][3] = hi_in ? two_at(q_hi + 16 * s + 8) : 0u;
-    }
+    query_words(q_lo, q_hi);
   } else {
 #pragma unroll
     for (int s = 0; s < D / 16; ++s) {
@@ -404,6 +486,7 @@ constexpr const char* kChunkAttentionParts = R"(
       query[s][3] = pair_bits(query_at(row_hi, d + 8), query_at(row_hi, d + 9), T{});
     }
   }
+#endif
   for (int tile = begin, stage = 0; tile < end; tile += kKeys, stage ^= 1) {
     // The next stage's copies start (into the buffer every warp finished with at the last barrier), then this one's
     // are waited for.
@@ -647,22 +730,95 @@ bool chunk_attention_switched_on() {
   return !chunk_attention.off();
 }
 
-mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
-                               const mx::array& values, const mx::array& position, int length, float scale) {
-  const int q_heads = q.shape(1), kv_heads = k.shape(1), tokens = q.shape(2), d = q.shape(3);
-  check_cache_buffers(q, k, keys, values, position, length);
-  static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                                        {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts,
-                                        std::string(kCudaMma) + kCudaAsyncCopies + kChunkAttentionHelpers, false);
+namespace {
+
+// The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D].
+mx::array chunk_attention(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
+                          std::vector<std::pair<std::string, mx::fast::TemplateArg>> args, int q_heads, int kv_heads,
+                          int tokens, int d, mx::Dtype dtype, int length) {
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;
   auto split_parts =
-      parts({q, k, v, keys, values, position}, {{rows, splits, d}, {rows, splits}, {rows, splits}},
-            {mx::float32, mx::float32, mx::float32},
-            {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
-            {kThreads, 1, 1}, kernel_args(q, k, scale), std::nullopt, false, {});
-  return merged(split_parts, tokens, q_heads, d, q.dtype());
+      kernel(inputs, {{rows, splits, d}, {rows, splits}, {rows, splits}}, {mx::float32, mx::float32, mx::float32},
+             {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
+             {kThreads, 1, 1}, args, std::nullopt, false, {});
+  return merged(split_parts, tokens, q_heads, d, dtype);
+}
+
+const std::string& chunk_header() {
+  static const std::string header = std::string(kCudaMma) + kCudaAsyncCopies + kChunkAttentionHelpers;
+  return header;
+}
+
+}  // namespace
+
+bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
+  static EnvSwitch chunk_rope("MLXRUNNER_CHUNK_ROPE");
+  return chunk_rope.on() && cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope);
+}
+
+bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
+  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || kv_heads <= 0 ||
+      q_heads % kv_heads != 0 || !qkv.flags().row_contiguous || !half_precision(qkv.dtype())) {
+    return false;
+  }
+  const int tokens = qkv.shape(1), width = qkv.shape(2), heads = q_heads + 2 * kv_heads;
+  if (width % heads != 0) return false;
+  const int d = width / heads;
+  return (d == 64 || d == 128) && tokens >= 2 && tokens <= kMostChunkTokens &&
+         head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
+}
+
+mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
+                               const mx::array& values, const mx::array& position, int length, float scale) {
+  check_cache_buffers(q, k, keys, values, position, length);
+  static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, chunk_header(),
+                                        false, {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
+  return chunk_attention(parts, {q, k, v, keys, values, position}, kernel_args(q, k, scale), q.shape(1), k.shape(1),
+                         q.shape(2), q.shape(3), q.dtype(), length);
+}
+
+mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
+                                            const mx::array& values, const mx::array& position, int length,
+                                            float scale, const DecodeRope& rope) {
+  if (!cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope)) {
+    throw std::invalid_argument("cuda_chunk_attention_from_product: the product, its RoPE or its q/k norms do not fit "
+                                "the kernel");
+  }
+  const int tokens = qkv.shape(1), d = qkv.shape(2) / (q_heads + 2 * kv_heads);
+  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(1) != kv_heads ||
+      keys.shape(3) != d || keys.shape(2) < length || length < tokens || keys.dtype() != qkv.dtype() ||
+      values.dtype() != qkv.dtype() || position.size() != 1 || position.dtype() != mx::int32 ||
+      !keys.flags().row_contiguous || !values.flags().row_contiguous) {
+    throw std::invalid_argument("cuda_chunk_attention_from_product: the cache's buffers or the position do not fit");
+  }
+  // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves, reading the heads from the product.
+  static const std::string roped_header = chunk_header() + kCudaHeadNormRope;
+  static const auto roped = cuda_kernel(
+      "mlxr_chunk_attention_roped", {"qkv", "keys", "values", "position", "inverse_frequencies"},
+      {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
+      {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
+  static const auto roped_normed = cuda_kernel(
+      "mlxr_chunk_attention_roped_normed", {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight",
+                                           "k_weight"},
+      {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
+      {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
+                                                                   {"D", d},
+                                                                   {"Q_HEADS", q_heads},
+                                                                   {"KV_HEADS", kv_heads},
+                                                                   {"SCALE_BITS", cuda_float_bits(scale)},
+                                                                   {"TRADITIONAL", rope.rope.traditional}};
+  const auto* kernel = &roped;
+  if (rope.norms) {
+    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
+    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
+    kernel = &roped_normed;
+  }
+  return chunk_attention(*kernel, inputs, std::move(args), q_heads, kv_heads, tokens, d, qkv.dtype(), length);
 }
 
 }  // namespace mlxr

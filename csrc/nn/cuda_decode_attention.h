@@ -64,10 +64,25 @@ bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const 
 // follow-up 7.2 ms where MLX's slice updates and cuDNN took 7.5-7.8.
 bool chunk_attention_switched_on();
 
+// Whether the chunk kernel takes this chunk straight from its q|k|v product [1, T, (q_heads + 2 kv_heads) D]
+// (row-contiguous, 2 <= T <= 128, the heads as cuda_chunk_attention_applies takes them) and makes the q/k norms and
+// RoPE itself (head_norm_rope_fits): only under the measuring switch MLXRUNNER_CHUNK_ROPE=1 until it is timed. It
+// takes one operation a layer from the host, the q/k kernel's, and builds no views of the product.
+bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
+// The same but for the switch: what cuda_chunk_attention_from_product takes.
+bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
+
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
 // over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
                                const mx::array& values, const mx::array& position, int length, float scale);
+
+// The same from the q|k|v product as projected (cuda_chunk_attention_ropes): each block reads its heads from the
+// product in place and makes the q/k norms and RoPE (token t at position[0] + t) itself, the q/k kernel's bits, before
+// the cache gets k.
+mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
+                                            const mx::array& values, const mx::array& position, int length,
+                                            float scale, const DecodeRope& rope);
 
 }  // namespace mlxr

@@ -337,14 +337,23 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   // [B, T, (hq + 2 hkv) D] -> heads [B, T, hq + 2 hkv, D]; q, k, v are views of their head ranges. CUDA's q|k|v
   // kernel reads the product as it is and writes all three heads first: no reshape or views to encode.
   const auto split_heads = [&] { return mx::reshape(projected, {b, t, hq + 2 * hkv, d}); };
-  if (split && rope_in_attention && t == 1) {
-    // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
-    auto qkv = split_heads();
-    auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv), v = head_range(qkv, hq + hkv, hkv);
+  if (split && rope_in_attention) {
     DecodeRope in_kernel{split->rope, split->norms};
-    if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
-      *rope_in_attention = std::move(in_kernel);
-      return {q, k, v};
+    if (t > 1) {
+      // A short chunk the chunk kernel takes from the product itself (MLXRUNNER_CHUNK_ROPE=1): it reads each head in
+      // place and makes the norms and RoPE (one operation fewer, and no views to build). q, k and v are the product.
+      if (chunk_attention_switched_on() && cuda_chunk_attention_ropes(projected, hq, hkv, in_kernel)) {
+        *rope_in_attention = std::move(in_kernel);
+        return {projected, projected, projected};
+      }
+    } else {
+      // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
+      auto qkv = split_heads();
+      auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv), v = head_range(qkv, hq + hkv, hkv);
+      if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
+        *rope_in_attention = std::move(in_kernel);
+        return {q, k, v};
+      }
     }
   }
   if (split) {
@@ -371,9 +380,15 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
                                                      KVCache& cache, int offset,
                                                      const std::optional<mx::array>& device_offset,
                                                      const std::optional<DecodeRope>& rope) const {
-  const int tokens = q.shape(2);
-  const float scale = scale_or_default(attention_scale_, q);
   const auto position = [&] { return device_offset ? *device_offset : offsets_array(offset); };
+  if (rope && q.ndim() == 3) {  // a chunk's q|k|v product (project_qkv): the chunk kernel reads its heads in place
+    const int hq = config_.num_attention_heads, hkv = config_.kv_heads(), d = config_.head_size(), tokens = q.shape(1);
+    const float scale = attention_scale_.value_or(1.0f / std::sqrt(static_cast<float>(d)));
+    auto [keys, values] = cache.reserve(tokens, hkv, d, q.dtype());
+    return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope);
+  }
+  const float scale = scale_or_default(attention_scale_, q);
+  const int tokens = q.shape(2);
   if (cache.writes_in_place() && cuda_decode_attention_applies(q, k, v)) {
     auto [keys, values] = cache.reserve(1, k);
     return cuda_decode_attention(q, k, v, keys, values, position(), offset + 1, scale, rope);

@@ -16,13 +16,18 @@ mx::array positions(const mx::array& buffer, int begin, int end) {
 }
 
 // A buffer with room for `capacity` positions holding `old`'s first `keep`.
-mx::array grown(const std::optional<mx::array>& old, int keep, const mx::array& like, int capacity) {
-  auto buffer = mx::zeros({like.shape(0), like.shape(1), capacity, like.shape(3)}, like.dtype());
+// A buffer [batch, heads, capacity, dim] of `dtype`, holding old's first `keep` positions.
+mx::array grown(const std::optional<mx::array>& old, int keep, int batch, int heads, int dim, mx::Dtype dtype,
+                int capacity) {
+  auto buffer = mx::zeros({batch, heads, capacity, dim}, dtype);
   if (old && keep > 0) {
-    buffer = mx::slice_update(buffer, positions(*old, 0, keep), mx::Shape{0, 0, 0, 0},
-                              mx::Shape{like.shape(0), like.shape(1), keep, like.shape(3)});
+    buffer = mx::slice_update(buffer, positions(*old, 0, keep), mx::Shape{0, 0, 0, 0}, mx::Shape{batch, heads, keep, dim});
   }
   return buffer;
+}
+
+mx::array grown(const std::optional<mx::array>& old, int keep, const mx::array& like, int capacity) {
+  return grown(old, keep, like.shape(0), like.shape(1), like.shape(3), like.dtype(), capacity);
 }
 
 int whole_steps(int needed) {
@@ -66,11 +71,15 @@ std::pair<mx::array, mx::array> KVCache::append_full(const mx::array& keys, cons
 }
 
 std::pair<mx::array, mx::array> KVCache::reserve(int count, const mx::array& like) {
+  return reserve(count, like.shape(1), like.shape(3), like.dtype());
+}
+
+std::pair<mx::array, mx::array> KVCache::reserve(int count, int heads, int dim, mx::Dtype dtype) {
   if (!writes_in_place()) throw std::logic_error("this cache may not be written in place");
   const int end = offset_ + count;
   if (!keys_ || end > keys_->shape(2)) {
-    keys_ = grown(keys_, offset_, like, whole_steps(end));
-    values_ = grown(values_, offset_, like, whole_steps(end));
+    keys_ = grown(keys_, offset_, 1, heads, dim, dtype, whole_steps(end));
+    values_ = grown(values_, offset_, 1, heads, dim, dtype, whole_steps(end));
   }
   offset_ = held_ = end;
   return {*keys_, *values_};

@@ -77,6 +77,8 @@ class KVCache {
   // The buffers [1, H, capacity, D] with room for `count` more positions, which the caller's kernel writes in place
   // (writes_in_place() must hold); the cache now holds them. `like`: the new keys [1, H, count, D].
   std::pair<mx::array, mx::array> reserve(int count, const mx::array& like);
+  // The same for `heads` heads of `dim` in `dtype` (a kernel that reads the new keys from a q|k|v product).
+  std::pair<mx::array, mx::array> reserve(int count, int heads, int dim, mx::Dtype dtype);
   // A full cache's update_and_fetch (MLX writes the keys/values, into a copy of buffers a copy shares), returning the
   // whole buffers [1, H, capacity, D]: for a kernel that reads the cache's buffers and writes the same positions again.
   std::pair<mx::array, mx::array> append_buffers(const mx::array& keys, const mx::array& values);

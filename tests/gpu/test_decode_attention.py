@@ -28,6 +28,7 @@ LLAMA3 = ROOT / "tests" / "fixtures" / "llm" / "llama3-tiny"
 SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
+CHUNK_ROPE_SWITCH = "MLXRUNNER_CHUNK_ROPE"
 
 
 def inputs(d, q_heads, kv_heads, capacity, seed, tokens=1):
@@ -196,6 +197,59 @@ def test_the_chunk_kernel_is_mlx_causal_attention_over_the_written_cache(d, q_he
 def test_the_chunk_binding_declines_off_cuda():
     q, k, v, keys, values = inputs(64, 4, 2, 64, 0, tokens=5)
     assert _core.cuda_chunk_attention(q, k, v, keys, values, mx.array([3], mx.int32), 8, 0.125) is None
+    config = _core.RopeConfig.from_dict({"rope_theta": 10000.0})
+    qkv = mx.zeros((1, 5, 8 * 64), mx.bfloat16)
+    assert _core.cuda_chunk_attention_from_product(qkv, 4, 2, keys, values, mx.array([3], mx.int32), 8, 0.125,
+                                                   config) is None
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+@pytest.mark.parametrize("norm", [False, True], ids=["RoPE (Llama)", "q/k norms and RoPE (Qwen3)"])
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("tokens, offset", [(64, 3000), (9, 0)])
+def test_the_chunk_kernel_that_ropes_gives_the_qk_kernel_then_the_plain_kernels_bits(norm, traditional, tokens,
+                                                                                     offset):
+    """The q|k|v product as projected: the chunk kernel that reads its heads in place and makes the q/k norms and RoPE
+    itself (MLXRUNNER_CHUNK_ROPE=1 in the decoder) writes the same keys and values into the cache and gives the same
+    attention, bit for bit, as the q/k kernel and then the plain chunk kernel."""
+    d, q_heads, kv_heads = 128, 32, 8
+    capacity = offset + tokens + 8
+    qkv = (3 * mx.random.normal((1, tokens, q_heads + 2 * kv_heads, d), key=mx.random.key(tokens))).astype(mx.bfloat16)
+    q_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(1))).astype(mx.bfloat16) if norm else None
+    k_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(2))).astype(mx.bfloat16) if norm else None
+    config = _core.RopeConfig.from_dict({"rope_theta": 500000.0, "traditional": traditional})
+    position = mx.array([offset], mx.int32)
+    heads = qkv.transpose(0, 2, 1, 3)
+    k_raw, v = heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+    _, _, _, keys, values = inputs(d, q_heads, kv_heads, capacity, 7)
+    _, _, _, keys_two, values_two = inputs(d, q_heads, kv_heads, capacity, 7)  # the same, in buffers of their own
+    mx.eval(keys, values, keys_two, values_two)
+    q, k, _ = _core.cuda_qkv_heads(qkv, q_heads, kv_heads, config, position, q_weight, k_weight)
+    length, scale = offset + tokens, d ** -0.5
+    two_kernels = _core.cuda_chunk_attention(q, k, v, keys_two, values_two, position, length, scale)
+    product = qkv.reshape(1, tokens, (q_heads + 2 * kv_heads) * d)
+    roped = _core.cuda_chunk_attention_from_product(product, q_heads, kv_heads, keys, values, position, length, scale,
+                                                    config, q_weight, k_weight)
+    assert roped is not None
+    assert mx.array_equal(keys[:, :, offset:length], k).item()
+    assert mx.array_equal(keys, keys_two).item() and mx.array_equal(values, values_two).item()
+    assert mx.array_equal(roped, two_kernels).item()
+    assert not mx.array_equal(k, k_raw).item()  # the rotation did something
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
+@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
+def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_ropes_or_not(tmp_path, fixture, head_dim):
+    """The decoder's chunks (a fresh prompt, a follow-up on a kept cache) with the chunk kernel making the q/k norms
+    and RoPE (MLXRUNNER_CHUNK_ROPE=1) and with the q/k kernel making them first (the default): the same tokens and
+    the same log-probabilities."""
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH]
+    in_kernel = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_ROPE_SWITCH: "1"})
+    separate = run_script_json(SCRIPT, folder, unset=switches)
+    assert [len(run) for run in in_kernel] == [len(run) for run in separate]
+    assert in_kernel == separate
+    assert sum(len(run) for run in in_kernel) >= 40
 
 
 SCRIPT = r"""

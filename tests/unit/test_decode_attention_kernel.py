@@ -303,10 +303,13 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
     return ceil_div(length, chunk)
 
 
-def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float):
+def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float,
+                rope: tuple[bool, bool] | None = None):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
     values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
-    emulations (ldmatrix's a warp's meeting, as the mma's)."""
+    emulations (ldmatrix's a warp's meeting, as the mma's). With rope = (norm, traditional), the variant that reads
+    the heads from the q|k|v product itself and makes the q/k norms and RoPE (MLXR_ROPE): run(blocks, qkv, qkv_shape,
+    keys, keys_shape, values, position, inverse_frequencies, q_weight, k_weight, part_acc, part_max, part_sum)."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
@@ -320,15 +323,23 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     # the emulated mma in place of the asm one the host code puts before the helpers (kCudaMma)
     helpers = HOST_MMA + helpers.replace("namespace mlxr_chunk {", "namespace mlxr_chunk {\n" + HOST_COPIES, 1)
     constants = constants_of(d, q_heads, kv_heads, scale)
-    params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
-              "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
-              "const int* position, float* part_acc, float* part_max, float* part_sum")
-    args = ("q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape, values, position, part_acc, "
-            "part_max, part_sum")
+    if rope:
+        params = ("const T* qkv, const int* qkv_shape, const T* keys, const int* keys_shape, const T* values, "
+                  "const int* position, const float* inverse_frequencies, const T* q_weight, const T* k_weight, "
+                  "float* part_acc, float* part_max, float* part_sum")
+    else:
+        params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
+                  "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
+                  "const int* position, float* part_acc, float* part_max, float* part_sum")
+    switches = {"MLXR_ROPE": rope is not None, "MLXR_NORM": bool(rope and rope[0])}
+    if rope:
+        helpers += kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
+        constants += rope_constants(rope[1])
     code = (PRELUDE + helpers + constants +
-            f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts')}\n}}\n" +
-            block_launcher(f"int blocks, {params}", args, "blocks", THREADS))
-    return compile_library(tmp_path / "chunk", code)
+            f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts', switches)}\n}}\n" +
+            block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
+    name = "chunk" if rope is None else f"chunk-roped-{int(rope[0])}{int(rope[1])}"
+    return compile_library(tmp_path / name, code)
 
 
 CHUNK_CASES = [  # head dim, query heads, key/value heads, tokens, offset (positions already held), capacity, splits,
@@ -398,3 +409,72 @@ def test_a_chunk_attends_causally_to_the_cache_and_writes_its_slots(tmp_path, d,
             np.testing.assert_allclose(got[t, h], want, rtol=2 ** -6, atol=2 ** -6 * np.abs(want).max() + 1e-6,
                                        err_msg=f"token {t}, head {h}")
     assert np.abs(got).max() > 0.05  # a real signal
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, norm, traditional", [
+    (128, 8, 2, 24, 100, True, False),  # Qwen3's per-head norms then RoPE; 96 query rows over two tiles
+    (128, 4, 4, 9, 300, False, False),  # Llama's RoPE alone, one query a key head, the host's splits (several)
+    (64, 8, 4, 7, 0, True, True),       # interleaved pairs, a fresh cache
+])
+def test_the_roped_chunk_kernel_gives_the_qk_kernel_then_the_chunk_kernels_bits(tmp_path, d, q_heads, kv_heads,
+                                                                                tokens, offset, norm, traditional):
+    """The q|k|v product as projected: the chunk kernel that reads its heads in place and norms and rotates q and k
+    itself writes the same keys and values into the cache and gives the same attention, bit for bit, as the q/k kernel
+    followed by the chunk kernel (and the same merge)."""
+    rng = np.random.default_rng(d + tokens + offset)
+    scale = 1 / np.sqrt(d)
+    length = offset + tokens
+    capacity = length + 5
+    heads = q_heads + 2 * kv_heads
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, tokens, heads, d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    at = np.array([offset], np.int32)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, T, D] views of the rows, as the decoder's head_range
+    k_raw, v = heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
+    splits = chunk_splits_for(length, kv_heads * query_tiles)
+    rows = tokens * q_heads
+    ptr = ctypes.c_void_p
+    _, merge = build(tmp_path / "merge", d, q_heads, kv_heads, scale)
+
+    def attend(q, k, rope):
+        """The plain kernel over q and k (v the product's view), or with rope the product's kernel (q and k unused)."""
+        keys, values = cache[0].copy(), cache[1].copy()
+        part_acc = np.zeros((rows, splits, d), np.float32)
+        part_max = np.zeros((rows, splits), np.float32)
+        part_sum = np.zeros((rows, splits), np.float32)
+        out = np.zeros((1, tokens, q_heads * d), np.uint16)
+        if rope:
+            product = np.ascontiguousarray(qkv).reshape(1, tokens, heads * d)  # the projection's rows as they are
+            arrays = [product, np.array(product.shape, np.int32), keys, np.array(keys.shape, np.int32), values, at,
+                      frequencies, q_weight, k_weight]
+        else:
+            arrays = [q, np.array(q.shape, np.int32), element_strides(q), k, element_strides(k), v, element_strides(v),
+                      keys, np.array(keys.shape, np.int32), values, at]
+        arrays += [part_acc, part_max, part_sum]
+        build_chunk(tmp_path, d, q_heads, kv_heads, scale, rope).run(ctypes.c_int(kv_heads * query_tiles * splits),
+                                                                     *[ptr(a.ctypes.data) for a in arrays])
+        part_max_shape = np.array(part_max.shape, np.int32)
+        merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape, part_sum,
+                                                                      out)])
+        return out, keys, values
+
+    q_out = np.zeros((1, q_heads, tokens, d), np.uint16)
+    k_out = np.zeros((1, kv_heads, tokens, d), np.uint16)
+    v_out = np.zeros((1, kv_heads, tokens, d), np.uint16)
+    arrays = [qkv, np.array(qkv.shape, np.int32), q_weight, k_weight, frequencies, at, np.array([1], np.int32), q_out,
+              k_out, v_out]  # held by the list while the kernel runs
+    qk_constants = constants_of(d, q_heads, kv_heads, 1.0) + rope_constants(traditional)
+    build_qk_rope(tmp_path / f"qk-{int(norm)}{int(traditional)}", qk_constants, norm).run(
+        ctypes.c_int(-(-(tokens * heads) // 4)), *[ptr(a.ctypes.data) for a in arrays])
+    two_kernels, keys_two, values_two = attend(q_out, k_out, None)
+    roped, keys_roped, values_roped = attend(None, None, (norm, traditional))
+    np.testing.assert_array_equal(keys_roped[0, :, offset:length], k_out[0])
+    np.testing.assert_array_equal(keys_roped, keys_two)
+    np.testing.assert_array_equal(values_roped, values_two)
+    np.testing.assert_array_equal(roped, two_kernels)
+    assert not np.array_equal(k_out, k_raw)  # the rotation did something
+    assert np.abs(from_bf16_bits(roped)).max() > 0.05  # a real signal
