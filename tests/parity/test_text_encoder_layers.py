@@ -70,7 +70,11 @@ def test_the_encoder_holds_and_the_loader_counts_only_the_layers_it_runs(fixture
     encoder = Qwen3TextEncoder(source, pipeline_class(source, detect(source).architecture).text_hidden_states)
     held = mx.get_active_memory() - before
     # Float32 fixtures (no upcast on the CPU); the fused q|k|v and gate|up projections hold what the separate ones did.
-    assert abs(held - run) <= 0.02 * run, (held, run)
+    # Above that the tiny encoder holds a few kilobytes of small arrays of its own (6 KB alone on the 2-core VM, 18 KB
+    # once in a whole suite's process), so the bound above is half a dropped layer's bytes (or a tenth of what it
+    # runs, the smaller): loading one layer it does not run would break it, loading only those it runs does not.
+    dropped = sum(v.nbytes for v in tensors.values()) - run
+    assert run - 0.02 * run <= held <= run + min(0.5 * dropped / (layers - kept), 0.1 * run), (held, run, dropped)
     del encoder
     predicted = loader.predicted_weight_bytes(source, detect(source), low_memory=False)
     others = sum(v.nbytes for c in ("transformer", "vae") for v in source.tensors(c).values())
