@@ -436,8 +436,7 @@ void bind_cuda_kernels(nb::module_& m) {
       "cuda_chunk_attention_from_product",
       [](const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys, const mx::array& values,
          const mx::array& position, int length, float scale, const RopeConfig& config,
-         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight,
-         float eps) -> std::optional<mx::array> {
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
         if (qkv.ndim() != 3 || q_heads + 2 * kv_heads <= 0 || qkv.shape(2) % (q_heads + 2 * kv_heads) != 0) {
           return std::nullopt;
         }

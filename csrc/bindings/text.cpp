@@ -150,7 +150,8 @@ void bind_kv_cache(nb::module_& m) {
       .def_prop_ro("writes_in_place", &KVCache::writes_in_place,
                    "Whether the CUDA attention kernels may write new positions into the buffers in place (no copy "
                    "shares them).")
-      .def("reserve", nb::overload_cast<int, const mx::array&>(&KVCache::reserve), "count"_a, "like"_a, nb::call_guard<nb::gil_scoped_release>(),
+      .def("reserve", nb::overload_cast<int, const mx::array&>(&KVCache::reserve), "count"_a, "like"_a,
+           nb::call_guard<nb::gil_scoped_release>(),
            "The [keys, values] buffers with room for `count` more positions, which the cache now holds and a kernel "
            "writes in place (writes_in_place must hold; like: the new keys [1, H, count, D]).")
       .def("append_buffers", &KVCache::append_buffers, "keys"_a, "values"_a, nb::call_guard<nb::gil_scoped_release>(),

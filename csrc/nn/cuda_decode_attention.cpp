@@ -635,16 +635,22 @@ bool cache_attention_shapes(const mx::array& q, const mx::array& k, const mx::ar
          v.dtype() == q.dtype();
 }
 
-// The cache's buffers [1, kv_heads, capacity >= length, D], row-contiguous, in q's dtype, for k's heads; the position
-// one int32; length at least k's tokens.
-void check_cache_buffers(const mx::array& q, const mx::array& k, const mx::array& keys, const mx::array& values,
-                         const mx::array& position, int length) {
-  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(1) != k.shape(1) ||
-      keys.shape(3) != q.shape(3) || keys.shape(2) < length || length < k.shape(2) || keys.dtype() != q.dtype() ||
-      values.dtype() != q.dtype() || position.size() != 1 || position.dtype() != mx::int32 ||
+// The cache's buffers [1, kv_heads, capacity >= length, D], row-contiguous, in dtype; the position one int32; length at
+// least the new tokens.
+void check_cache_buffers(int kv_heads, int d, mx::Dtype dtype, int tokens, const mx::array& keys,
+                         const mx::array& values, const mx::array& position, int length) {
+  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(1) != kv_heads ||
+      keys.shape(3) != d || keys.shape(2) < length || length < tokens || keys.dtype() != dtype ||
+      values.dtype() != dtype || position.size() != 1 || position.dtype() != mx::int32 ||
       !keys.flags().row_contiguous || !values.flags().row_contiguous) {
     throw std::invalid_argument("cache attention: the cache's buffers or the position do not fit the query");
   }
+}
+
+// The same for k's heads and tokens in q's dtype.
+void check_cache_buffers(const mx::array& q, const mx::array& k, const mx::array& keys, const mx::array& values,
+                         const mx::array& position, int length) {
+  check_cache_buffers(k.shape(1), q.shape(3), q.dtype(), k.shape(2), keys, values, position, length);
 }
 
 // Both parts kernels' template arguments.
@@ -759,8 +765,8 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 }
 
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || kv_heads <= 0 ||
-      q_heads % kv_heads != 0 || !qkv.flags().row_contiguous || !half_precision(qkv.dtype())) {
+  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || kv_heads <= 0 || q_heads % kv_heads != 0 ||
+      !qkv.flags().row_contiguous || !half_precision(qkv.dtype())) {
     return false;
   }
   const int tokens = qkv.shape(1), width = qkv.shape(2), heads = q_heads + 2 * kv_heads;
@@ -781,37 +787,33 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
 }
 
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
-                                            const mx::array& values, const mx::array& position, int length,
-                                            float scale, const DecodeRope& rope) {
+                                            const mx::array& values, const mx::array& position, int length, float scale,
+                                            const DecodeRope& rope) {
   if (!cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope)) {
-    throw std::invalid_argument("cuda_chunk_attention_from_product: the product, its RoPE or its q/k norms do not fit "
-                                "the kernel");
+    throw std::invalid_argument(
+        "cuda_chunk_attention_from_product: the product, its RoPE or its q/k norms do not fit "
+        "the kernel");
   }
   const int tokens = qkv.shape(1), d = qkv.shape(2) / (q_heads + 2 * kv_heads);
-  if (keys.shape() != values.shape() || keys.ndim() != 4 || keys.shape(0) != 1 || keys.shape(1) != kv_heads ||
-      keys.shape(3) != d || keys.shape(2) < length || length < tokens || keys.dtype() != qkv.dtype() ||
-      values.dtype() != qkv.dtype() || position.size() != 1 || position.dtype() != mx::int32 ||
-      !keys.flags().row_contiguous || !values.flags().row_contiguous) {
-    throw std::invalid_argument("cuda_chunk_attention_from_product: the cache's buffers or the position do not fit");
-  }
+  check_cache_buffers(kv_heads, d, qkv.dtype(), tokens, keys, values, position, length);
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves, reading the heads from the product.
   static const std::string roped_header = chunk_header() + kCudaHeadNormRope;
-  static const auto roped = cuda_kernel(
-      "mlxr_chunk_attention_roped", {"qkv", "keys", "values", "position", "inverse_frequencies"},
-      {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-      {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
-  static const auto roped_normed = cuda_kernel(
-      "mlxr_chunk_attention_roped_normed", {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight",
-                                           "k_weight"},
-      {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-      {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+  static const auto roped =
+      cuda_kernel("mlxr_chunk_attention_roped", {"qkv", "keys", "values", "position", "inverse_frequencies"},
+                  {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
+  static const auto roped_normed =
+      cuda_kernel("mlxr_chunk_attention_roped_normed",
+                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
+                  {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
-                                                                   {"D", d},
-                                                                   {"Q_HEADS", q_heads},
-                                                                   {"KV_HEADS", kv_heads},
-                                                                   {"SCALE_BITS", cuda_float_bits(scale)},
-                                                                   {"TRADITIONAL", rope.rope.traditional}};
+                                                                  {"D", d},
+                                                                  {"Q_HEADS", q_heads},
+                                                                  {"KV_HEADS", kv_heads},
+                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
+                                                                  {"TRADITIONAL", rope.rope.traditional}};
   const auto* kernel = &roped;
   if (rope.norms) {
     inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});

@@ -82,7 +82,7 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
 // product in place and makes the q/k norms and RoPE (token t at position[0] + t) itself, the q/k kernel's bits, before
 // the cache gets k.
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
-                                            const mx::array& values, const mx::array& position, int length,
-                                            float scale, const DecodeRope& rope);
+                                            const mx::array& values, const mx::array& position, int length, float scale,
+                                            const DecodeRope& rope);
 
 }  // namespace mlxr

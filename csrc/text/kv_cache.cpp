@@ -21,7 +21,8 @@ mx::array grown(const std::optional<mx::array>& old, int keep, int batch, int he
                 int capacity) {
   auto buffer = mx::zeros({batch, heads, capacity, dim}, dtype);
   if (old && keep > 0) {
-    buffer = mx::slice_update(buffer, positions(*old, 0, keep), mx::Shape{0, 0, 0, 0}, mx::Shape{batch, heads, keep, dim});
+    buffer =
+        mx::slice_update(buffer, positions(*old, 0, keep), mx::Shape{0, 0, 0, 0}, mx::Shape{batch, heads, keep, dim});
   }
   return buffer;
 }
