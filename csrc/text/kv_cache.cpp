@@ -15,8 +15,7 @@ mx::array positions(const mx::array& buffer, int begin, int end) {
   return axis_slice(buffer, 2, begin, end);
 }
 
-// A buffer with room for `capacity` positions holding `old`'s first `keep`.
-// A buffer [batch, heads, capacity, dim] of `dtype`, holding old's first `keep` positions.
+// A buffer [batch, heads, capacity, dim] of `dtype` holding `old`'s first `keep` positions.
 mx::array grown(const std::optional<mx::array>& old, int keep, int batch, int heads, int dim, mx::Dtype dtype,
                 int capacity) {
   auto buffer = mx::zeros({batch, heads, capacity, dim}, dtype);
@@ -27,6 +26,7 @@ mx::array grown(const std::optional<mx::array>& old, int keep, int batch, int he
   return buffer;
 }
 
+// The same with like's batch, heads, dim and dtype.
 mx::array grown(const std::optional<mx::array>& old, int keep, const mx::array& like, int capacity) {
   return grown(old, keep, like.shape(0), like.shape(1), like.shape(3), like.dtype(), capacity);
 }
