@@ -10,8 +10,12 @@
 
 namespace mlxr {
 
+float scale_or_default(std::optional<float> scale, int head_dim) {
+  return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+}
+
 float scale_or_default(std::optional<float> scale, const mx::array& q) {
-  return scale ? *scale : 1.0f / std::sqrt(static_cast<float>(q.shape(-1)));
+  return scale_or_default(scale, q.shape(-1));
 }
 
 namespace {

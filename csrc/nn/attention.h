@@ -29,7 +29,9 @@ mx::array heads_first(const mx::array& x);
 // [B, heads, L, D] -> [B, L, heads * D].
 mx::array merge_heads(const mx::array& x);
 
-// The attention scale: `scale` if given, else 1 / sqrt(D) of q [..., D].
+// The attention scale: `scale` if given, else 1 / sqrt(head_dim).
+float scale_or_default(std::optional<float> scale, int head_dim);
+// The same for q [..., D]: head_dim D.
 float scale_or_default(std::optional<float> scale, const mx::array& q);
 
 // softmax(q k^T * scale) v over q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq a multiple of Hkv: MLX

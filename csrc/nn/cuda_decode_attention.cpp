@@ -625,14 +625,21 @@ int chunk_splits_for(int length, int blocks_a_split) {
   return (length + chunk - 1) / chunk;
 }
 
-// What both kernels take of q, k and v: one sequence on CUDA, D 64 or 128, query heads a multiple of the key heads,
-// one half-precision dtype, k and v alike.
+// The heads every kernel here takes: D 64 or 128, query heads a multiple of the key heads, a half-precision dtype.
+bool heads_fit(int q_heads, int kv_heads, int d, mx::Dtype dtype) {
+  return (d == 64 || d == 128) && kv_heads > 0 && q_heads % kv_heads == 0 && half_precision(dtype);
+}
+
+// What both kernels take of q, k and v: one sequence on CUDA, its heads as heads_fit takes them, k and v alike.
 bool cache_attention_shapes(const mx::array& q, const mx::array& k, const mx::array& v) {
   if (!running_on_cuda() || q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape()) return false;
-  const int q_heads = q.shape(1), kv_heads = k.shape(1), d = q.shape(3);
-  return q.shape(0) == 1 && k.shape(0) == 1 && k.shape(2) == q.shape(2) && k.shape(3) == d && (d == 64 || d == 128) &&
-         kv_heads > 0 && q_heads % kv_heads == 0 && half_precision(q.dtype()) && k.dtype() == q.dtype() &&
-         v.dtype() == q.dtype();
+  return q.shape(0) == 1 && k.shape(0) == 1 && k.shape(2) == q.shape(2) && k.shape(3) == q.shape(3) &&
+         heads_fit(q.shape(1), k.shape(1), q.shape(3), q.dtype()) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+}
+
+// A chunk's tokens the chunk kernel takes: 2 to kMostChunkTokens.
+bool chunk_tokens_fit(int tokens) {
+  return tokens >= 2 && tokens <= kMostChunkTokens;
 }
 
 // The cache's buffers [1, kv_heads, capacity >= length, D], row-contiguous, in dtype; the position one int32; length at
@@ -728,7 +735,7 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
 }
 
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
-  return cache_attention_shapes(q, k, v) && q.shape(2) >= 2 && q.shape(2) <= kMostChunkTokens;
+  return cache_attention_shapes(q, k, v) && chunk_tokens_fit(q.shape(2));
 }
 
 bool chunk_attention_switched_on() {
@@ -765,14 +772,13 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 }
 
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || kv_heads <= 0 || q_heads % kv_heads != 0 ||
-      !qkv.flags().row_contiguous || !half_precision(qkv.dtype())) {
+  const int heads = q_heads + 2 * kv_heads;
+  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
+      !qkv.flags().row_contiguous) {
     return false;
   }
-  const int tokens = qkv.shape(1), width = qkv.shape(2), heads = q_heads + 2 * kv_heads;
-  if (width % heads != 0) return false;
-  const int d = width / heads;
-  return (d == 64 || d == 128) && tokens >= 2 && tokens <= kMostChunkTokens &&
+  const int d = qkv.shape(2) / heads;
+  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && chunk_tokens_fit(qkv.shape(1)) &&
          head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
 }
 

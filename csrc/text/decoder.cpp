@@ -383,7 +383,7 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
   const auto position = [&] { return device_offset ? *device_offset : offsets_array(offset); };
   if (rope && q.ndim() == 3) {  // a chunk's q|k|v product (project_qkv): the chunk kernel reads its heads in place
     const int hq = config_.num_attention_heads, hkv = config_.kv_heads(), d = config_.head_size(), tokens = q.shape(1);
-    const float scale = attention_scale_.value_or(1.0f / std::sqrt(static_cast<float>(d)));
+    const float scale = scale_or_default(attention_scale_, d);
     auto [keys, values] = cache.reserve(tokens, hkv, d, q.dtype());
     return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope);
   }
