@@ -29,7 +29,6 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -68,19 +67,12 @@ def summarize(stacks: str) -> dict:
             "shares": {name: counts[name] / total if total else 0.0 for name, _ in BUCKETS}}
 
 
-def follow_up_request(model, prompt_ids: list[int], second_ids: list[int]) -> float:
-    """One follow-up (s), the stored sequence trimmed back to the prompt after it."""
-    import mlx.core as mx
-
-    from mlxrunner.request import Options
-
-    started = time.perf_counter()
-    items = list(model.stream(second_ids, Options(temperature=0.0, repeat_penalty=1.0, num_predict=1),
-                              top_logprobs=0))
-    mx.synchronize()
-    seconds = time.perf_counter() - started
-    assert items[-1].prompt_cache_count == len(prompt_ids), items[-1].prompt_cache_count
-    cache = model.prompt_cache
+def follow_up_request(ours, prompt_ids: list[int], second_ids: list[int]) -> float:
+    """One follow-up as the benchmark times it (`Ours.request`, s), the stored sequence trimmed back to the prompt
+    after it."""
+    seconds, _, cached = ours.request(second_ids)
+    assert cached == len(prompt_ids), cached
+    cache = ours.model.prompt_cache
     stored = cache.sequences()[-1]  # the follow-up's sequence: a prompt one longer takes it whole (a hand-over)
     caches, reused = cache.fetch(stored + [0])
     assert reused == len(stored), reused
@@ -102,14 +94,14 @@ def profile(folder: Path, seconds: float, rate: int, stacks_out: Path | None) ->
     second_ids = prompt_ids + prompt(FOLLOW_UP_TOKENS, salt=7)
     ours.clear()
     ours.request(prompt_ids)
-    warm = [follow_up_request(ours.model, prompt_ids, second_ids) for _ in range(10)]
+    warm = [follow_up_request(ours, prompt_ids, second_ids) for _ in range(10)]
     raw = stacks_out or Path(tempfile.mkstemp(suffix=".txt")[1])
     sampler = subprocess.Popen([spy, "record", "--native", "--idle", "-r", str(rate), "-f", "raw",
                                 "--pid", str(os.getpid()), "--duration", str(int(seconds)), "-o", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     profiled = []
     while sampler.poll() is None:
-        profiled.append(follow_up_request(ours.model, prompt_ids, second_ids))
+        profiled.append(follow_up_request(ours, prompt_ids, second_ids))
     if sampler.returncode != 0:
         raise SystemExit(f"py-spy failed: {sampler.stderr.read()[-2000:]}")
     out = summarize(raw.read_text())
