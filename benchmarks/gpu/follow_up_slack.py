@@ -20,7 +20,10 @@ leaves out the three probe settings (a switch against base alone). The table als
 request and the ratio of the two medians. `--same-process` runs every setting in each of `--repeats` processes instead,
 in turn each round, the core's switches read again at each change (`_core.reread_switches`): the scatter between
 processes on one GPU (±1 ms in session 37) is larger than one operation a layer, and this takes it out of the
-comparison (a switch whose choice a kernel keeps from its first build does not change in-process).
+comparison (a switch whose choice a kernel keeps from its first build does not change in-process). Its figure for
+each setting pairs the setting's second request with base's of the same round, pooled over the processes: the median
+difference, its quartiles, and how many rounds the setting won. Pin the processes to a few cores of the GPU's own
+NUMA node (`taskset -c`, the cores `nvidia-smi topo -m` names) to take the host's placement out of the scatter.
 
 Writes the JSON and prints a markdown table. On a CPU the probes do nothing (the forward is not queued layer by
 layer there): a run only checks that the script works.
@@ -90,7 +93,8 @@ def child(folder: str, rounds: int, same_process: dict[str, dict[str, str]] | No
             switch_to(setting)
             times[setting].append(one_round(ours, first_ids, second_ids))
     figures = {setting: {"first_ms": statistics.median(f for f, _ in rows),
-                         "second_ms": statistics.median(s for _, s in rows)} for setting, rows in times.items()}
+                         "second_ms": statistics.median(s for _, s in rows),
+                         "second_rounds_ms": [s for _, s in rows]} for setting, rows in times.items()}
     for setting in chosen:  # what the core read under each setting (-1: unset), the check that a change took
         switch_to(setting)
         figures[setting]["switches"] = {name: _core.switch_value(name, -1) for name in names}
@@ -116,6 +120,27 @@ def run_setting(folder: Path, rounds: int, env: dict[str, str], same_process: di
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout)[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def paired_rounds(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each setting's second request against base's of the same round in the same process (the two ran next to each
+    other, so the machine's drift between rounds and between processes cancels), pooled over the processes: the
+    median difference (ms), its quartiles, and in how many rounds the setting was the faster. A process that failed
+    (its row holds "error") is left out."""
+    out = {}
+    for name, rows in runs.items():
+        if name == "base":
+            continue
+        differences = [mine - base for row, base_row in zip(rows, runs["base"], strict=True)
+                       if "second_rounds_ms" in row and "second_rounds_ms" in base_row
+                       for mine, base in zip(row["second_rounds_ms"], base_row["second_rounds_ms"], strict=True)]
+        if not differences:
+            continue
+        quartiles = statistics.quantiles(differences, n=4) if len(differences) > 1 else [differences[0]] * 3
+        out[name] = {"median": statistics.median(differences), "quartiles": [quartiles[0], quartiles[2]],
+                     "faster": sum(d < 0 for d in differences), "rounds": len(differences),
+                     "processes": sum("second_rounds_ms" in row for row in rows)}
+    return out
 
 
 def layers_of(folder: Path) -> int:
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         if args.same_process:
             rows = run_setting(folder, args.rounds, {}, same_process=chosen)
-            for name in chosen:
+            for name in chosen:  # a failed process's error stands in every setting's row
                 runs.setdefault(name, []).append(rows.get(name, rows))
             print("process", json.dumps(rows), flush=True)
             continue
@@ -180,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if control and spun:
         report["gpu_sensitivity"] = (spun - control) * 1e3 / (layers * args.gpu_spin_us)
     if args.same_process and "base" in runs:
-        # Within each process, each setting's second request against base's: the comparison this mode is for.
-        report["paired_second_ms"] = {
-            name: statistics.median(row["second_ms"] - base_row["second_ms"]
-                                    for row, base_row in zip(rows, runs["base"], strict=True))
-            for name, rows in runs.items() if name != "base"}
+        report["paired_second_ms"] = paired_rounds(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nthe follow-up's second request, {folder.name}, {layers} layers\n")
@@ -192,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for name, ms in second.items():
         print(f"| {name} | {first[name]:.2f} | {ms:.2f} | {ms / first[name]:.3f} |")
-    for name, ms in report.get("paired_second_ms", {}).items():
-        print(f"\n{name}: {ms:+.2f} ms against base in the same process (median over {args.repeats} processes)")
+    for name, pair in report.get("paired_second_ms", {}).items():
+        low, high = pair["quartiles"]
+        print(f"\n{name}: {pair['median']:+.2f} ms against base in the same round (quartiles {low:+.2f} / {high:+.2f};"
+              f" faster in {pair['faster']} of {pair['rounds']} rounds, {pair['processes']} processes)")
     for side in ("host", "gpu"):
         if f"{side}_sensitivity" in report:
             print(f"\n{side} sensitivity: {report[f'{side}_sensitivity']:.2f}")

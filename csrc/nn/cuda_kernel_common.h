@@ -333,7 +333,8 @@ std::string compact_kernel_source(std::string_view source, const std::map<std::s
 std::string kernel_source_included(const std::string& source, const std::vector<std::string>& inputs = {});
 
 // mx::fast::cuda_kernel with its source and header compacted (compact_kernel_source, the same switches for both), and
-// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included).
+// both #included from files under MLXRUNNER_KERNEL_SOURCES_BY_PATH=1 (kernel_source_included): the switch is looked at
+// on each call, so the kernels kept in statics follow reread_switches.
 mx::fast::CustomKernelFunction cuda_kernel(const std::string& name, const std::vector<std::string>& inputs,
                                            const std::vector<std::string>& outputs, std::string_view source,
                                            std::string_view header = "", bool ensure_row_contiguous = true,

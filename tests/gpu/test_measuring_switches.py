@@ -7,7 +7,8 @@
 - MLXRUNNER_HOST_INTS_BY_KERNEL=1: a prompt's tokens written to device memory by a kernel whose parameters carry them
   (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array;
 - MLXRUNNER_EARLY_DISPATCH=3: a waited-for forward queued to the device after its first layer, then every 3 layers
-  (text/decoder.cpp's LayerPacer), instead of after every layer.
+  (text/decoder.cpp's LayerPacer), instead of after every layer;
+- MLXRUNNER_EARLY_DISPATCH_ATTENTION=1: each layer's attention output queued too, two pieces a layer.
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -28,7 +29,8 @@ ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"),
-            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_EARLY_DISPATCH", "3")]
+            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_EARLY_DISPATCH", "3"),
+            ("MLXRUNNER_EARLY_DISPATCH_ATTENTION", "1")]
 
 PRODUCTS = r"""
 import json
@@ -83,3 +85,33 @@ def test_a_models_logits_do_not_change_under_the_switch(switch, bf16_qwen3):
         got, want = np.array(got), np.array(want)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 0.1 + 1e-2 * np.abs(want).max()  # conftest's bf16 logits tolerance on CUDA
+
+
+SOURCES_IN_ONE_PROCESS = r"""
+import glob, json, os, sys, tempfile
+import mlxrunner
+from mlxrunner import _core
+from mlxrunner.llm import load
+
+model = load(sys.argv[1])
+ids = list(range(3, 43))
+pattern = os.path.join(tempfile.gettempdir(), "mlxrunner-kernels-*", "*.cuh")
+seen, files = {}, []
+for setting in ("0", "1", "0"):
+    os.environ["MLXRUNNER_KERNEL_SOURCES_BY_PATH"] = setting
+    _core.reread_switches()
+    seen.setdefault(setting, []).append(model.logits(ids).tolist())
+    files.append(set(glob.glob(pattern)))
+print(json.dumps({"logits": seen, "included_files": len(files[1] - files[0])}))
+"""
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the switches act on CUDA only")
+def test_the_kernel_sources_switch_takes_effect_within_a_process(bf16_qwen3):
+    """Our kernels choose their form (the source, or one #include line of it) at each call, so a benchmark can time
+    both in one process (follow_up_slack.py --same-process): the same kernels, the same bits either way, and the
+    included form's files written when it is turned on."""
+    got = run(SOURCES_IN_ONE_PROCESS, str(bf16_qwen3), switch=None)
+    plain, included = got["logits"]["0"], got["logits"]["1"]
+    assert plain[0] == plain[1] == included[0]
+    assert got["included_files"] > 0

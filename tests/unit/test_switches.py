@@ -88,3 +88,21 @@ def test_the_same_process_benchmark_changes_the_switch_between_its_settings(tmp_
     assert switched["switches"] == {"MLXRUNNER_EARLY_DISPATCH": 0, "MLXRUNNER_CHUNK_BLOCKS": 7}
     assert base["second_ms"] > 0 and switched["second_ms"] > 0
     assert set(report["paired_second_ms"]) == {setting}
+    paired = report["paired_second_ms"][setting]
+    # One process of one round: the one difference is the setting's second request minus base's.
+    assert paired["rounds"] == 1 and paired["processes"] == 1
+    assert paired["median"] == switched["second_rounds_ms"][0] - base["second_rounds_ms"][0]
+    assert paired["faster"] == (paired["median"] < 0)
+
+
+def test_the_pairing_compares_rounds_within_a_process_and_leaves_out_a_failed_one():
+    """follow_up_slack.paired_rounds: round r of a setting against round r of base in the same process, pooled over the
+    processes; a process that failed (its row an error) neither counts nor breaks the pairing."""
+    from benchmarks.gpu.follow_up_slack import paired_rounds
+
+    runs = {"base": [{"second_rounds_ms": [10.0, 20.0]}, {"error": "crashed"}, {"second_rounds_ms": [5.0, 5.0]}],
+            "A=1": [{"second_rounds_ms": [9.0, 21.0]}, {"error": "crashed"}, {"second_rounds_ms": [4.0, 4.5]}]}
+    paired = paired_rounds(runs)["A=1"]
+    assert paired["rounds"] == 4 and paired["processes"] == 2
+    assert paired["faster"] == 3  # -1, +1, -1, -0.5
+    assert paired["median"] == -0.75
