@@ -452,7 +452,7 @@ void bind_cuda_kernels(nb::module_& m) {
       "cuda_chunk_attention from the q|k|v product [1, T, (q_heads + 2 kv_heads) D] as projected: the kernel reads "
       "each head in place, makes the q/k per-head RMSNorms (when weights are given) and RoPE (token t at position[0] + "
       "t) itself, as cuda_qkv_heads does, and writes the rotated keys and the values into the cache; None off CUDA or "
-      "where the kernel does not apply; the decoder takes it under MLXRUNNER_CHUNK_ROPE=1, this binding whatever the "
+      "where the kernel does not apply; the decoder takes it unless MLXRUNNER_CHUNK_ROPE=0, this binding whatever the "
       "switch (nn/cuda_decode_attention.h).");
   m.def(
       "cuda_quantized_normed_qkv_heads",

@@ -768,7 +768,7 @@ const std::string& chunk_header() {
 
 bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
   static EnvSwitch chunk_rope("MLXRUNNER_CHUNK_ROPE");
-  return chunk_rope.on() && cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope);
+  return !chunk_rope.off() && cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope);
 }
 
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {

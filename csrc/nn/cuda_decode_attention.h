@@ -66,8 +66,9 @@ bool chunk_attention_switched_on();
 
 // Whether the chunk kernel takes this chunk straight from its q|k|v product [1, T, (q_heads + 2 kv_heads) D]
 // (row-contiguous, 2 <= T <= 128, the heads as cuda_chunk_attention_applies takes them) and makes the q/k norms and
-// RoPE itself (head_norm_rope_fits): only under the measuring switch MLXRUNNER_CHUNK_ROPE=1 until it is timed. It
-// takes one operation a layer from the host, the q/k kernel's, and builds no views of the product.
+// RoPE itself (head_norm_rope_fits), unless MLXRUNNER_CHUNK_ROPE=0. It takes one operation a layer from the host, the
+// q/k kernel's, and builds no views of the product: on an H100 (session 39, the prompt cache's follow-up, each round
+// paired with one without it in the same process) 0.87 ms less a follow-up, faster in 26 of 30 rounds.
 bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
 // The same but for the switch: what cuda_chunk_attention_from_product takes.
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);

@@ -340,8 +340,9 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
   if (split && rope_in_attention) {
     DecodeRope in_kernel{split->rope, split->norms};
     if (t > 1) {
-      // A short chunk the chunk kernel takes from the product itself (MLXRUNNER_CHUNK_ROPE=1): it reads each head in
-      // place and makes the norms and RoPE (one operation fewer, and no views to build). q, k and v are the product.
+      // A short chunk the chunk kernel takes from the product itself (unless MLXRUNNER_CHUNK_ROPE=0): it reads each
+      // head in place and makes the norms and RoPE (one operation fewer, and no views to build). q, k and v are the
+      // product.
       if (chunk_attention_switched_on() && cuda_chunk_attention_ropes(projected, hq, hkv, in_kernel)) {
         *rope_in_attention = std::move(in_kernel);
         return {projected, projected, projected};
@@ -589,8 +590,8 @@ class LayerPacer {
   // A layer's attention output, built: under MLXRUNNER_EARLY_DISPATCH_ATTENTION=1 (a measuring switch, off) an early
   // forward queues it as a piece of its own, two pieces a layer. Session 23's fewer-layer pieces were each faster
   // (every 8 layers 9.35 ms, every 4 8.19, every 2 7.74, every layer 7.38) and session 39's every 2 and 3 after the
-  // first slower than every layer, by more than their longer last piece explains: whether half a layer goes on is for
-  // the GPU to show.
+  // first slower than every layer, by more than their longer last piece explains. Half a layer did not go on: +0.36 ms
+  // a follow-up on an H100 (session 39, paired with every layer in one process; faster in 12 of 30 rounds).
   void queued_attention(const mx::array& attended) {
     static EnvSwitch half_layers("MLXRUNNER_EARLY_DISPATCH_ATTENTION");
     if (early() && early_dispatch_layers() == 1 && half_layers.on()) mx::async_eval(attended);

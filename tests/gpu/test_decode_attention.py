@@ -216,7 +216,7 @@ def test_the_chunk_binding_declines_off_cuda():
 def test_the_chunk_kernel_that_ropes_gives_the_qk_kernel_then_the_plain_kernels_bits(norm, traditional, tokens,
                                                                                      offset):
     """The q|k|v product as projected: the chunk kernel that reads its heads in place and makes the q/k norms and RoPE
-    itself (MLXRUNNER_CHUNK_ROPE=1 in the decoder) writes the same keys and values into the cache and gives the same
+    itself (the decoder's default) writes the same keys and values into the cache and gives the same
     attention, bit for bit, as the q/k kernel and then the plain chunk kernel."""
     d, q_heads, kv_heads = 128, 32, 8
     capacity = offset + tokens + 8
@@ -245,12 +245,12 @@ def test_the_chunk_kernel_that_ropes_gives_the_qk_kernel_then_the_plain_kernels_
 @pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
 def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_ropes_or_not(tmp_path, fixture, head_dim):
     """The decoder's chunks (a fresh prompt, a follow-up on a kept cache) with the chunk kernel making the q/k norms
-    and RoPE (MLXRUNNER_CHUNK_ROPE=1) and with the q/k kernel making them first (the default): the same tokens and
-    the same log-probabilities."""
+    and RoPE (the default) and with the q/k kernel making them first (MLXRUNNER_CHUNK_ROPE=0): the same tokens and the
+    same log-probabilities."""
     folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
     switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH]
-    in_kernel = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_ROPE_SWITCH: "1"})
-    separate = run_script_json(SCRIPT, folder, unset=switches)
+    in_kernel = run_script_json(SCRIPT, folder, unset=switches)
+    separate = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_ROPE_SWITCH: "0"})
     assert [len(run) for run in in_kernel] == [len(run) for run in separate]
     assert in_kernel == separate
     assert sum(len(run) for run in in_kernel) >= 40
