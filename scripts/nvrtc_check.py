@@ -170,22 +170,25 @@ def kernels():
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(
                 "mlxr_chunk_attention_parts", chunk_helpers,
                 kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
-                              (("MLXR_ROPE", False), ("MLXR_NORM", False))),
+                              (("MLXR_ROPE", False), ("MLXR_NORM", False), ("MLXR_MERGE", False))),
                 [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32")],
                 [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
                 {"T": dtype, "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
-    # The chunk kernel's variants that read the q|k|v product and make the q/k norms and RoPE (MLXRUNNER_CHUNK_ROPE=1).
+    # The chunk kernel's variants that read the q|k|v product and make the q/k norms and RoPE (the default), and those
+    # that also merge their own splits (MLXRUNNER_CHUNK_MERGE=1: the tickets an input, the merged rows an output).
     for norm in (False, True):
-        norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
-        yield f"chunk_attention_roped/norm={int(norm)}/128/32x8", mlx_kernel_source(
-            "mlxr_chunk_attention_roped", chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
-            kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
-                          (("MLXR_ROPE", True), ("MLXR_NORM", norm))),
-            [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
-             ("inverse_frequencies", "float")] + norms,
-            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
-            {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1, "TRADITIONAL": False}
-            | ({"EPS_BITS": 1} if norm else {}))
+        for merge in (False, True):
+            norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+            yield f"chunk_attention_roped/norm={int(norm)}/merge={int(merge)}/128/32x8", mlx_kernel_source(
+                "mlxr_chunk_attention_roped", chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
+                              (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_MERGE", merge))),
+                [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
+                 ("inverse_frequencies", "float")] + norms + ([("tickets", "int32")] if merge else []),
+                [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")]
+                + ([("out", "bf16")] if merge else []),
+                {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1, "TRADITIONAL": False}
+                | ({"EPS_BITS": 1} if norm else {}))
     yield "decode_attention_merge/bf16", mlx_kernel_source(
         "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],

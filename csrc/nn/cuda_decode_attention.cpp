@@ -590,6 +590,49 @@ constexpr const char* kChunkAttentionParts = R"(
       part_acc[static_cast<size_t>(part) * D + 8 * n + 2 * quad + 1] = acc[n][2 * half + 1];
     }
   }
+#if MLXR_MERGE
+  // The last of this (key head, query tile)'s blocks to finish merges the tile's rows' splits into out
+  // [1, T, Q_HEADS D] with the merge kernel's arithmetic in its order (kDecodeAttentionMerge: the same bits), so that
+  // a layer's attention is one operation for the host to build and encode where the parts and the merge made two.
+  // tickets: one counter a (key head, query tile), zero before the kernel and again after it (the last block resets
+  // its own); the cache's own (KVCache::tickets), as its buffers are, so no other sequence's kernel counts on it.
+  __shared__ unsigned arrived;
+  __threadfence();  // this block's parts are seen by the last block before its ticket is
+  __syncthreads();
+  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + blockIdx.x / splits;
+  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
+  __syncthreads();
+  if (arrived != static_cast<unsigned>(splits - 1)) return;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0u;
+  const int first_row = query_tile * kRows, tile_rows = min(rows, first_row + kRows) - first_row;
+  for (int i = threadIdx.x; i < tile_rows * D; i += blockDim.x) {
+    const int row = first_row + i / D, d = i % D;
+    const int part_row = (row / G) * Q_HEADS + kv_head * G + row % G;
+    // The other blocks' parts through L2 (__ldcg), never a line this SM's L1 may hold from before they were written.
+    const float* row_max = part_max + static_cast<size_t>(part_row) * splits;
+    const float* row_sum = part_sum + static_cast<size_t>(part_row) * splits;
+    const float* row_acc = part_acc + static_cast<size_t>(part_row) * splits * D + d;
+    float top = neg_inf, total = 0.f, weighted = 0.f;
+    for (int first = 0; first < splits; first += 64) {  // the merge kernel's stages (kStage)
+      const int count = min(64, splits - first);
+      float stage_top = top;
+      for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(row_max + first + s));
+      if (stage_top == neg_inf) continue;
+      const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
+      total *= carried;
+      weighted *= carried;
+#pragma unroll 8
+      for (int s = 0; s < count; ++s) {
+        const float rescale = expf(__ldcg(row_max + first + s) - stage_top);
+        total += rescale * __ldcg(row_sum + first + s);
+        weighted += rescale * __ldcg(row_acc + static_cast<size_t>(first + s) * D);
+      }
+      top = stage_top;
+    }
+    out[static_cast<size_t>(part_row) * D + d] = static_cast<T>(weighted / total);
+  }
+#endif
 )";
 
 constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
@@ -745,17 +788,31 @@ bool chunk_attention_switched_on() {
 
 namespace {
 
-// The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D].
+// The chunk kernel's blocks that share a (key head, query tile): its splits of the keys.
+int chunk_query_tiles(int q_heads, int kv_heads, int tokens) {
+  return (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
+}
+
+// The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D]. `merges`: the
+// kernel is a variant that merges its own splits (MLXR_MERGE, its last input the tickets) and gives the merged rows as
+// its fourth output; otherwise the merge kernel follows.
 mx::array chunk_attention(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
                           std::vector<std::pair<std::string, mx::fast::TemplateArg>> args, int q_heads, int kv_heads,
-                          int tokens, int d, mx::Dtype dtype, int length) {
-  const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
+                          int tokens, int d, mx::Dtype dtype, int length, bool merges = false) {
+  const int query_tiles = chunk_query_tiles(q_heads, kv_heads, tokens);
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   const int rows = tokens * q_heads;
+  std::vector<mx::Shape> shapes{{rows, splits, d}, {rows, splits}, {rows, splits}};
+  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
+  if (merges) {
+    shapes.push_back({1, tokens, q_heads * d});
+    dtypes.push_back(dtype);
+  }
   auto split_parts =
-      kernel(inputs, {{rows, splits, d}, {rows, splits}, {rows, splits}}, {mx::float32, mx::float32, mx::float32},
+      kernel(inputs, shapes, dtypes,
              {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
              {kThreads, 1, 1}, args, std::nullopt, false, {});
+  if (merges) return split_parts[3];
   return merged(split_parts, tokens, q_heads, d, dtype);
 }
 
@@ -765,6 +822,11 @@ const std::string& chunk_header() {
 }
 
 }  // namespace
+
+bool cuda_chunk_merges_in_kernel() {
+  static EnvSwitch in_kernel("MLXRUNNER_CHUNK_MERGE");
+  return in_kernel.on();
+}
 
 bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
   static EnvSwitch chunk_rope("MLXRUNNER_CHUNK_ROPE");
@@ -787,14 +849,14 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
   check_cache_buffers(q, k, keys, values, position, length);
   static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, chunk_header(),
-                                        false, {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
+                                        false, {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_MERGE", false}});
   return chunk_attention(parts, {q, k, v, keys, values, position}, kernel_args(q, k, scale), q.shape(1), k.shape(1),
                          q.shape(2), q.shape(3), q.dtype(), length);
 }
 
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                             const mx::array& values, const mx::array& position, int length, float scale,
-                                            const DecodeRope& rope) {
+                                            const DecodeRope& rope, const std::optional<mx::array>& tickets) {
   if (!cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope)) {
     throw std::invalid_argument(
         "cuda_chunk_attention_from_product: the product, its RoPE or its q/k norms do not fit "
@@ -802,17 +864,32 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
   }
   const int tokens = qkv.shape(1), d = qkv.shape(2) / (q_heads + 2 * kv_heads);
   check_cache_buffers(kv_heads, d, qkv.dtype(), tokens, keys, values, position, length);
+  if (tickets && (tickets->dtype() != mx::int32 || tickets->ndim() != 1 ||
+                  tickets->size() < static_cast<size_t>(kv_heads) * chunk_query_tiles(q_heads, kv_heads, tokens))) {
+    throw std::invalid_argument(
+        "cuda_chunk_attention_from_product: the tickets are not int32 [at least key heads x query tiles]");
+  }
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves, reading the heads from the product.
   static const std::string roped_header = chunk_header() + kCudaHeadNormRope;
   static const auto roped =
       cuda_kernel("mlxr_chunk_attention_roped", {"qkv", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_MERGE", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_chunk_attention_roped_normed",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", false}});
+  // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
+  static const auto roped_merged = cuda_kernel(
+      "mlxr_chunk_attention_roped_merged", {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
+      {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, roped_header, false,
+      {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_MERGE", true}});
+  static const auto roped_normed_merged =
+      cuda_kernel("mlxr_chunk_attention_roped_normed_merged",
+                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
+                  {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, roped_header, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", true}});
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
                                                                   {"D", d},
@@ -820,13 +897,15 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
                                                                   {"KV_HEADS", kv_heads},
                                                                   {"SCALE_BITS", cuda_float_bits(scale)},
                                                                   {"TRADITIONAL", rope.rope.traditional}};
-  const auto* kernel = &roped;
+  const auto* kernel = tickets ? &roped_merged : &roped;
   if (rope.norms) {
     inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
     args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-    kernel = &roped_normed;
+    kernel = tickets ? &roped_normed_merged : &roped_normed;
   }
-  return chunk_attention(*kernel, inputs, std::move(args), q_heads, kv_heads, tokens, d, qkv.dtype(), length);
+  if (tickets) inputs.push_back(*tickets);
+  return chunk_attention(*kernel, inputs, std::move(args), q_heads, kv_heads, tokens, d, qkv.dtype(), length,
+                         tickets.has_value());
 }
 
 }  // namespace mlxr

@@ -81,9 +81,17 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
 
 // The same from the q|k|v product as projected (cuda_chunk_attention_ropes): each block reads its heads from the
 // product in place and makes the q/k norms and RoPE (token t at position[0] + t) itself, the q/k kernel's bits, before
-// the cache gets k.
+// the cache gets k. With `tickets` (int32, one counter a block group: at least kv_heads x ceil(T q_heads / kv_heads /
+// 64), all zero, and zero again after the kernel; the cache's own, KVCache::tickets) the kernel merges its own splits,
+// the last block of each group taking the merge kernel's work: one operation where there were two, the same bits.
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                             const mx::array& values, const mx::array& position, int length, float scale,
-                                            const DecodeRope& rope);
+                                            const DecodeRope& rope,
+                                            const std::optional<mx::array>& tickets = std::nullopt);
+
+// Whether a chunk's attention from the product merges its splits in the kernel (MLXRUNNER_CHUNK_MERGE=1, a measuring
+// switch, off): the merge kernel's operation a layer fewer for the host, which session 39 measured worth ~0.9 ms a
+// prompt-cache follow-up for the q/k kernel's; off until a GPU run times it.
+bool cuda_chunk_merges_in_kernel();
 
 }  // namespace mlxr

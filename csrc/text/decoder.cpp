@@ -386,7 +386,10 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
     const int hq = config_.num_attention_heads, hkv = config_.kv_heads(), d = config_.head_size(), tokens = q.shape(1);
     const float scale = scale_or_default(attention_scale_, d);
     auto [keys, values] = cache.reserve(tokens, hkv, d, q.dtype());
-    return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope);
+    std::optional<mx::array> tickets;  // the kernel merges its own splits (MLXRUNNER_CHUNK_MERGE=1)
+    if (cuda_chunk_merges_in_kernel()) tickets = cache.tickets();
+    return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope,
+                                             tickets);
   }
   const float scale = scale_or_default(attention_scale_, q);
   const int tokens = q.shape(2);

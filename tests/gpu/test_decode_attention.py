@@ -29,6 +29,7 @@ SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
 CHUNK_ROPE_SWITCH = "MLXRUNNER_CHUNK_ROPE"
+CHUNK_MERGE_SWITCH = "MLXRUNNER_CHUNK_MERGE"
 
 
 def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
@@ -254,6 +255,57 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_ropes_or_not(tmp
     assert [len(run) for run in in_kernel] == [len(run) for run in separate]
     assert in_kernel == separate
     assert sum(len(run) for run in in_kernel) >= 40
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
+@pytest.mark.parametrize("norm", [False, True], ids=["RoPE (Llama)", "q/k norms and RoPE (Qwen3)"])
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset", [
+    (128, 32, 8, 64, 3000),  # the prompt cache bench's follow-up on a Qwen3-4B: 32 block groups of 12 splits
+    (128, 32, 8, 9, 0),      # a fresh cache: one split a group, its block the last
+    (64, 2, 1, 2, 5000),     # one group of many splits (two of the merge's stages)
+    (128, 64, 8, 128, 1000),  # the longest chunk, 8 queries a key head: 16 tiles a key head
+])
+def test_the_chunk_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(norm, d, q_heads, kv_heads, tokens,
+                                                                              offset):
+    """With tickets (MLXRUNNER_CHUNK_MERGE=1 in the decoder) the last block of each group merges the splits itself:
+    the same keys and values in the cache and the same attention, bit for bit, as the merge kernel after the parts;
+    the tickets are all zero again after it, twice running (the second call counts on the first's reset)."""
+    capacity = offset + tokens + 8
+    qkv = (3 * mx.random.normal((1, tokens, (q_heads + 2 * kv_heads) * d), key=mx.random.key(tokens))).astype(
+        mx.bfloat16)
+    q_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(1))).astype(mx.bfloat16) if norm else None
+    k_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(2))).astype(mx.bfloat16) if norm else None
+    config = _core.RopeConfig.from_dict({"rope_theta": 1000000.0})
+    position = mx.array([offset], mx.int32)
+    length, scale = offset + tokens, d ** -0.5
+    tickets = mx.array(np.zeros(256, np.int32))
+    for _ in range(2):
+        _, _, _, keys, values = inputs(d, q_heads, kv_heads, capacity, 7)
+        _, _, _, keys_two, values_two = inputs(d, q_heads, kv_heads, capacity, 7)  # the same, in buffers of their own
+        mx.eval(keys, values, keys_two, values_two, tickets)
+        merged = _core.cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys, values, position, length, scale,
+                                                         config, q_weight, k_weight, tickets=tickets)
+        two_kernels = _core.cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys_two, values_two, position,
+                                                              length, scale, config, q_weight, k_weight)
+        assert merged is not None and two_kernels is not None
+        assert mx.array_equal(merged, two_kernels).item()
+        assert mx.array_equal(keys, keys_two).item() and mx.array_equal(values, values_two).item()
+        assert not np.array(tickets).any()
+    assert float(mx.abs(merged.astype(mx.float32)).max()) > 0.05  # a real signal
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
+@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
+def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_merges_or_not(tmp_path, fixture, head_dim):
+    """The decoder's chunks with the chunk kernel merging its own splits (MLXRUNNER_CHUNK_MERGE=1, each layer's cache
+    its tickets) and with the merge kernel after it (the default): the same tokens and log-probabilities, and a kept
+    cache not written by a later request."""
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, CHUNK_MERGE_SWITCH]
+    merged = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_MERGE_SWITCH: "1"})
+    separate = run_script_json(SCRIPT, folder, unset=switches)
+    assert merged == separate
+    assert sum(len(run) for run in merged) >= 40
 
 
 SCRIPT = r"""

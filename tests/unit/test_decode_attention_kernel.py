@@ -304,12 +304,14 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
 
 
 def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float,
-                rope: tuple[bool, bool] | None = None):
+                rope: tuple[bool, bool] | None = None, merge: bool = False):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
     values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
     emulations (ldmatrix's a warp's meeting, as the mma's). With rope = (norm, traditional), the variant that reads
     the heads from the q|k|v product itself and makes the q/k norms and RoPE (MLXR_ROPE): run(blocks, qkv, qkv_shape,
-    keys, keys_shape, values, position, inverse_frequencies, q_weight, k_weight, part_acc, part_max, part_sum)."""
+    keys, keys_shape, values, position, inverse_frequencies, q_weight, k_weight, part_acc, part_max, part_sum). With
+    merge (a roped variant only), the one that merges its own splits (MLXR_MERGE): tickets after k_weight, out [1, T,
+    q_heads D] after part_sum."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
@@ -326,19 +328,20 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     if rope:
         params = ("const T* qkv, const int* qkv_shape, const T* keys, const int* keys_shape, const T* values, "
                   "const int* position, const float* inverse_frequencies, const T* q_weight, const T* k_weight, "
-                  "float* part_acc, float* part_max, float* part_sum")
+                  + ("const int* tickets, " if merge else "") +
+                  "float* part_acc, float* part_max, float* part_sum" + (", T* out" if merge else ""))
     else:
         params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
                   "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
                   "const int* position, float* part_acc, float* part_max, float* part_sum")
-    switches = {"MLXR_ROPE": rope is not None, "MLXR_NORM": bool(rope and rope[0])}
+    switches = {"MLXR_ROPE": rope is not None, "MLXR_NORM": bool(rope and rope[0]), "MLXR_MERGE": merge}
     if rope:
         helpers += kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
         constants += rope_constants(rope[1])
     code = (PRELUDE + helpers + constants +
             f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts', switches)}\n}}\n" +
             block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
-    name = "chunk" if rope is None else f"chunk-roped-{int(rope[0])}{int(rope[1])}"
+    name = "chunk" if rope is None else f"chunk-roped-{int(rope[0])}{int(rope[1])}{'-merged' if merge else ''}"
     return compile_library(tmp_path / name, code)
 
 
@@ -478,3 +481,59 @@ def test_the_roped_chunk_kernel_gives_the_qk_kernel_then_the_chunk_kernels_bits(
     np.testing.assert_array_equal(roped, two_kernels)
     assert not np.array_equal(k_out, k_raw)  # the rotation did something
     assert np.abs(from_bf16_bits(roped)).max() > 0.05  # a real signal
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, norm, traditional", [
+    (128, 8, 2, 24, 100, True, False),  # two query tiles a key head (96 rows), two splits
+    (64, 8, 4, 7, 1000, True, True),    # one tile a key head, the host's 16 splits over 1,007 keys
+    (128, 4, 4, 40, 0, False, False),   # a fresh cache: one split, whose one block is the last
+    (64, 1, 1, 2, 4200, False, False),  # 66 splits: the merge's two stages of 64, the second's maximum carried over
+])
+def test_the_chunk_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tmp_path, d, q_heads, kv_heads, tokens,
+                                                                              offset, norm, traditional):
+    """MLXR_MERGE: the last block of each (key head, query tile) merges the tile's rows itself, where the merge kernel
+    followed: the same keys and values in the cache, the same attention bit for bit, and every ticket zero again."""
+    rng = np.random.default_rng(d + tokens + offset + 1)
+    scale = 1 / np.sqrt(d)
+    length = offset + tokens
+    capacity = length + 3
+    heads = q_heads + 2 * kv_heads
+    product = to_bf16_bits(3 * rng.standard_normal((1, tokens, heads * d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    at = np.array([offset], np.int32)
+    cache = rng.standard_normal((2, 1, kv_heads, capacity, d))
+    cache[0, :, :, 64 * 64:] *= 6  # keys past the first stage's 64 splits score highest: its maximum is carried over
+    cache = to_bf16_bits(cache)
+    query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
+    splits = chunk_splits_for(length, kv_heads * query_tiles)
+    rows = tokens * q_heads
+    ptr = ctypes.c_void_p
+    _, merge = build(tmp_path / "merge", d, q_heads, kv_heads, scale)
+
+    def attend(merged_in_kernel: bool):
+        keys, values = cache[0].copy(), cache[1].copy()
+        part_acc = np.zeros((rows, splits, d), np.float32)
+        part_max = np.zeros((rows, splits), np.float32)
+        part_sum = np.zeros((rows, splits), np.float32)
+        out = np.zeros((1, tokens, q_heads * d), np.uint16)
+        tickets = np.zeros(256, np.int32)
+        arrays = [product, np.array(product.shape, np.int32), keys, np.array(keys.shape, np.int32), values, at,
+                  frequencies, q_weight, k_weight]
+        arrays += [tickets, part_acc, part_max, part_sum, out] if merged_in_kernel else [part_acc, part_max, part_sum]
+        build_chunk(tmp_path, d, q_heads, kv_heads, scale, (norm, traditional), merged_in_kernel).run(
+            ctypes.c_int(kv_heads * query_tiles * splits), *[ptr(a.ctypes.data) for a in arrays])
+        if not merged_in_kernel:
+            part_max_shape = np.array(part_max.shape, np.int32)
+            merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape,
+                                                                          part_sum, out)])
+        return out, keys, values, tickets
+
+    two_kernels, keys_two, values_two, _ = attend(False)
+    one_kernel, keys_one, values_one, tickets = attend(True)
+    np.testing.assert_array_equal(keys_one, keys_two)
+    np.testing.assert_array_equal(values_one, values_two)
+    np.testing.assert_array_equal(one_kernel, two_kernels)
+    assert not tickets.any()  # ready for the next kernel
+    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
