@@ -35,6 +35,17 @@ constexpr const char* kDecodeAttentionParts = R"(
   const int chunk = (length + splits - 1) / splits;
   const int begin = split * chunk, end = min(length, begin + chunk);
   const float scale = __int_as_float(SCALE_BITS);
+#if MLXR_PRODUCT
+  // q, k and v as projected: the q|k|v product itself, [1, 1, (Q_HEADS + 2 KV_HEADS) D], q's heads first, then k's,
+  // then v's. Read in place, so that the host builds no views of it (a reshape, three slices and three transposes a
+  // layer, each an array for MLX to build and evaluate).
+  const T* q = qkv;
+  const T* k = qkv + Q_HEADS * D;
+  const T* v = qkv + (Q_HEADS + KV_HEADS) * D;
+  const long long q_strides[4] = {0, D, 0, 1};
+  const long long (&k_strides)[4] = q_strides;
+  const long long (&v_strides)[4] = q_strides;
+#endif
 #if MLXR_ROPE
   // q and k as projected: the block's G query heads and its key head normed (MLXR_NORM) and rotated here, a warp a
   // head, as the q/k kernel makes them (norm_rope_head: the same bits), into shared memory, then read in this
@@ -750,17 +761,17 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   std::vector<mx::array> inputs{q, k, v, keys, values, position};
   static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
-                                        {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
+                                        {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}});
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves from the projected heads.
   static const auto roped =
       cuda_kernel("mlxr_decode_attention_roped", {"q", "k", "v", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_decode_attention_roped_normed",
                   {"q", "k", "v", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", false}});
   const auto* kernel = &parts;
   if (rope) {
     inputs.push_back(rope->rope.inverse_frequencies);
@@ -775,6 +786,64 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   auto split_parts = (*kernel)(inputs, {acc_shape, part_shape, part_shape}, {mx::float32, mx::float32, mx::float32},
                                grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
   return merged(split_parts, 1, q_heads, d, q.dtype());
+}
+
+bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
+  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
+  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
+  const int heads = q_heads + 2 * kv_heads;
+  if (decode_attention.off() || decode_rope.off() || !running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 ||
+      qkv.shape(1) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 || !qkv.flags().row_contiguous) {
+    return false;
+  }
+  const int d = qkv.shape(2) / heads;
+  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && q_heads / kv_heads <= 8 &&
+         head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
+}
+
+bool cuda_decode_reads_product() {
+  static EnvSwitch from_product("MLXRUNNER_DECODE_PRODUCT");
+  return from_product.on();
+}
+
+mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
+                                             const mx::array& values, const mx::array& position, int length,
+                                             float scale, const DecodeRope& rope) {
+  if (!cuda_decode_product_fits(qkv, q_heads, kv_heads, rope)) {
+    throw std::invalid_argument(
+        "cuda_decode_attention_from_product: the product, its RoPE or its q/k norms do not fit the kernel");
+  }
+  const int d = qkv.shape(2) / (q_heads + 2 * kv_heads);
+  check_cache_buffers(kv_heads, d, qkv.dtype(), 1, keys, values, position, length);
+  // The roped variants of the step's kernel, reading q, k and v from the product (MLXR_PRODUCT).
+  static const auto roped =
+      cuda_kernel("mlxr_decode_attention_roped_product", {"qkv", "keys", "values", "position", "inverse_frequencies"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}});
+  static const auto roped_normed =
+      cuda_kernel("mlxr_decode_attention_roped_normed_product",
+                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}});
+  const int splits = splits_for(length);
+  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
+                                                                  {"D", d},
+                                                                  {"Q_HEADS", q_heads},
+                                                                  {"KV_HEADS", kv_heads},
+                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
+                                                                  {"TRADITIONAL", rope.rope.traditional}};
+  const auto* kernel = &roped;
+  if (rope.norms) {
+    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
+    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
+    kernel = &roped_normed;
+  }
+  const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
+  const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
+  auto split_parts = (*kernel)(inputs, {acc_shape, part_shape, part_shape}, {mx::float32, mx::float32, mx::float32},
+                               {threads, 1, 1}, {kThreads, 1, 1}, args, std::nullopt, false, {});
+  return merged(split_parts, 1, q_heads, d, qkv.dtype());
 }
 
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {

@@ -73,6 +73,19 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 // The same but for the switch: what cuda_chunk_attention_from_product takes.
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
 
+// Whether the decode step's kernel can take this step straight from its q|k|v product [1, 1, (q_heads + 2 kv_heads) D]
+// (row-contiguous, the heads as cuda_decode_attention_applies takes them) and make the q/k norms and RoPE itself
+// (cuda_decode_attention_ropes), both kernels' switches on.
+bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
+// Whether the decoder gives the step's kernel the product itself (MLXRUNNER_DECODE_PRODUCT=1, a measuring switch, off):
+// the host then builds no views of it, a reshape, three slices and three transposes a layer, as a short chunk's kernel
+// does (MLXRUNNER_CHUNK_ROPE); off until a GPU run times it.
+bool cuda_decode_reads_product();
+// cuda_decode_attention with its RoPE (and q/k norms) from the product (cuda_decode_product_fits): the same bits.
+mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
+                                             const mx::array& values, const mx::array& position, int length,
+                                             float scale, const DecodeRope& rope);
+
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
 // over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.

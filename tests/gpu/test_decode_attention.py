@@ -30,6 +30,7 @@ CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
 CHUNK_ROPE_SWITCH = "MLXRUNNER_CHUNK_ROPE"
 CHUNK_MERGE_SWITCH = "MLXRUNNER_CHUNK_MERGE"
+DECODE_PRODUCT_SWITCH = "MLXRUNNER_DECODE_PRODUCT"
 
 
 def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
@@ -306,6 +307,24 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_merges_or_not(tm
     separate = run_script_json(SCRIPT, folder, unset=switches)
     assert merged == separate
     assert sum(len(run) for run in merged) >= 40
+
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
+@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
+def test_a_decoder_gives_the_same_bits_whether_the_step_kernel_reads_the_product_or_views(tmp_path, fixture,
+                                                                                          head_dim):
+    """The decode steps with the step kernel reading q, k and v from the q|k|v product itself
+    (MLXRUNNER_DECODE_PRODUCT=1) and from views of its heads (the default): the same tokens and log-probabilities
+    (the same kernel arithmetic), and a kept cache not written by a later request."""
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, DECODE_PRODUCT_SWITCH]
+    from_product = run_script_json(SCRIPT, folder, unset=switches, environment={DECODE_PRODUCT_SWITCH: "1"})
+    from_views = run_script_json(SCRIPT, folder, unset=switches)
+    assert from_product == from_views
+    tokens = [[token for token, _ in run] for run in from_product]
+    assert tokens[0] == tokens[1] == tokens[2]
+    assert sum(len(run) for run in from_product) >= 40
 
 
 SCRIPT = r"""

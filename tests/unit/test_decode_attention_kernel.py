@@ -259,6 +259,72 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     assert not np.array_equal(k_out[0, :, 0], k_raw[0, :, 0])  # the rotation did something
 
 
+def build_product_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
+                        traditional: bool):
+    """The roped parts kernel that reads q, k and v from the q|k|v product itself (MLXR_PRODUCT): run(blocks, qkv, keys,
+    keys_shape, values, position, inverse_frequencies, q_weight, k_weight, <its parts>)."""
+    params = ("const T* qkv, const T* keys, const int* keys_shape, const T* values, const int* position, "
+              f"const float* inverse_frequencies, const T* q_weight, const T* k_weight, {STEP_PARTS}")
+    body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_ROPE": True, "MLXR_NORM": norm, "MLXR_PRODUCT": True})
+    code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
+            constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
+            f"static void kernel({params}) {{\n{body}\n}}\n")
+    return compile_library(tmp_path / f"product-{int(norm)}{int(traditional)}",
+                           code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
+    (128, 16, 8, 300, True, False),  # Qwen3's per-head norms, then RoPE; 19 splits
+    (64, 8, 4, 37, False, True),     # RoPE alone, interleaved pairs, one split
+])
+def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
+                                                                          norm, traditional):
+    """MLXR_PRODUCT: the roped step kernel handed the q|k|v product [1, 1, (q_heads + 2 kv_heads) D] itself reads each
+    head in place, and writes the same key and value into the cache and the same parts, bit for bit, as the same
+    kernel handed views of the product's heads (what the decoder builds without MLXRUNNER_DECODE_PRODUCT=1)."""
+    rng = np.random.default_rng(d + position + 2)
+    scale = 1 / np.sqrt(d)
+    capacity = position + 4
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    at = np.array([position], np.int32)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
+    q, k, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    splits = splits_for(position + 1)
+    ptr = ctypes.c_void_p
+
+    def attend(from_product: bool):
+        keys, values = cache[0].copy(), cache[1].copy()
+        parts = [np.zeros((q_heads, splits, d), np.float32), np.zeros((q_heads, splits), np.float32),
+                 np.zeros((q_heads, splits), np.float32)]
+        keys_shape = np.array(keys.shape, np.int32)
+        rope = [frequencies.ctypes.data, q_weight.ctypes.data, k_weight.ctypes.data]
+        if from_product:
+            kernel = build_product_parts(tmp_path, d, q_heads, kv_heads, scale, norm, traditional)
+            inputs = [qkv.ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data, at.ctypes.data]
+        else:
+            kernel = build_roped_parts(tmp_path, d, q_heads, kv_heads, scale, norm, traditional)
+            strides = [element_strides(a) for a in (q, k, v)]
+            first = [a.__array_interface__["data"][0] for a in (q, k, v)]  # a view's first element, as MLX gives it
+            inputs = [first[0], strides[0].ctypes.data, first[1], strides[1].ctypes.data, first[2],
+                      strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data,
+                      at.ctypes.data]
+        kernel.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + rope + [a.ctypes.data for a in parts]])
+        return parts, keys, values
+
+    views, keys_views, values_views = attend(False)
+    product, keys_product, values_product = attend(True)
+    np.testing.assert_array_equal(keys_product, keys_views)
+    np.testing.assert_array_equal(values_product, values_views)
+    np.testing.assert_array_equal(values_product[0, :, position], v[0, :, 0])  # the step's value, in its slot
+    for got, want in zip(product, views):
+        np.testing.assert_array_equal(got, want)
+    assert np.abs(product[0]).max() > 0.05  # a real signal
+
+
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
 
 HOST_MMA = r"""
