@@ -146,20 +146,24 @@ def kernels():
         yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
             "mlxr_decode_attention_parts", "",
             kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
-                          (("MLXR_ROPE", False), ("MLXR_NORM", False), ("MLXR_PRODUCT", False))), step_inputs,
+                          (("MLXR_ROPE", False), ("MLXR_NORM", False), ("MLXR_PRODUCT", False), ("MLXR_MERGE", False))),
+            step_inputs,
             step_parts, constants)
         # the variants that make the q/k norms and RoPE from the projected heads themselves, from views of the heads
         # or from the q|k|v product itself (MLXRUNNER_DECODE_PRODUCT=1)
+        # (MLXRUNNER_DECODE_PRODUCT=1), and from the product merging their own splits (MLXRUNNER_DECODE_MERGE=1)
         for norm in (False, True):
-            for product in (False, True):
+            for product, merge in ((False, False), (True, False), (True, True)):
                 norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
-                inputs = [("qkv", "bf16")] + step_inputs[3:] if product else step_inputs
-                yield (f"decode_attention_roped/norm={int(norm)}/product={int(product)}/{d}/{q_heads}x{kv_heads}",
-                       mlx_kernel_source(
+                inputs = ([("qkv", "bf16")] + step_inputs[3:] if product else step_inputs) + [
+                    ("inverse_frequencies", "float")] + norms + ([("tickets", "int32")] if merge else [])
+                switches = (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_PRODUCT", product), ("MLXR_MERGE", merge))
+                yield (f"decode_attention_roped/norm={int(norm)}/product={int(product)}/merge={int(merge)}/{d}/"
+                       f"{q_heads}x{kv_heads}", mlx_kernel_source(
                            "mlxr_decode_attention_roped", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
-                           kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
-                                         (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_PRODUCT", product))),
-                           inputs + [("inverse_frequencies", "float")] + norms, step_parts,
+                           kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", switches),
+                           inputs,
+                           step_parts + ([("out", "bf16")] if merge else []),
                            constants | {"TRADITIONAL": False} | ({"EPS_BITS": 1} if norm else {})))
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):

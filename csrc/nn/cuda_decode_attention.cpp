@@ -187,6 +187,46 @@ constexpr const char* kDecodeAttentionParts = R"(
       part_sum[part] = total;
     }
   }
+#if MLXR_MERGE
+  // The last of this key head's blocks to finish merges its G query heads' splits into out [1, 1, Q_HEADS D] with the
+  // merge kernel's arithmetic in its order (kDecodeAttentionMerge: the same bits): one operation a layer where the
+  // parts and the merge made two. tickets: a counter a key head, zero before the kernel and again after it (the last
+  // block resets its own); the cache's own (KVCache::tickets), as its buffers are.
+  __shared__ unsigned arrived;
+  __threadfence();  // this block's parts are seen by the last block before its ticket is
+  __syncthreads();
+  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + kv_head;
+  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
+  __syncthreads();
+  if (arrived != static_cast<unsigned>(splits - 1)) return;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0u;
+  for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
+    const int head = kv_head * G + e / D, d = e % D;
+    // The other blocks' parts through L2 (__ldcg), never a line this SM's L1 may hold from before they were written.
+    const float* head_max = part_max + static_cast<size_t>(head) * splits;
+    const float* head_sum = part_sum + static_cast<size_t>(head) * splits;
+    const float* head_acc = part_acc + static_cast<size_t>(head) * splits * D + d;
+    float top = neg_inf, total = 0.f, weighted = 0.f;
+    for (int first = 0; first < splits; first += 64) {  // the merge kernel's stages (kStage)
+      const int count = min(64, splits - first);
+      float stage_top = top;
+      for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(head_max + first + s));
+      if (stage_top == neg_inf) continue;
+      const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
+      total *= carried;
+      weighted *= carried;
+#pragma unroll 8
+      for (int s = 0; s < count; ++s) {
+        const float rescale = expf(__ldcg(head_max + first + s) - stage_top);
+        total += rescale * __ldcg(head_sum + first + s);
+        weighted += rescale * __ldcg(head_acc + static_cast<size_t>(first + s) * D);
+      }
+      top = stage_top;
+    }
+    out[head * D + d] = static_cast<T>(weighted / total);
+  }
+#endif
 )";
 
 // One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
@@ -759,19 +799,20 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
   const std::tuple<int, int, int> grid{threads, 1, 1};
   std::vector<mx::array> inputs{q, k, v, keys, values, position};
-  static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
-                                        {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}});
+  static const auto parts =
+      cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
+                  {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves from the projected heads.
   static const auto roped =
       cuda_kernel("mlxr_decode_attention_roped", {"q", "k", "v", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_decode_attention_roped_normed",
                   {"q", "k", "v", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
   const auto* kernel = &parts;
   if (rope) {
     inputs.push_back(rope->rope.inverse_frequencies);
@@ -806,25 +847,46 @@ bool cuda_decode_reads_product() {
   return from_product.on();
 }
 
+bool cuda_decode_merges_in_kernel() {
+  static EnvSwitch in_kernel("MLXRUNNER_DECODE_MERGE");
+  return in_kernel.on();
+}
+
 mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                              const mx::array& values, const mx::array& position, int length,
-                                             float scale, const DecodeRope& rope) {
+                                             float scale, const DecodeRope& rope,
+                                             const std::optional<mx::array>& tickets) {
   if (!cuda_decode_product_fits(qkv, q_heads, kv_heads, rope)) {
     throw std::invalid_argument(
         "cuda_decode_attention_from_product: the product, its RoPE or its q/k norms do not fit the kernel");
   }
   const int d = qkv.shape(2) / (q_heads + 2 * kv_heads);
   check_cache_buffers(kv_heads, d, qkv.dtype(), 1, keys, values, position, length);
+  if (tickets &&
+      (tickets->dtype() != mx::int32 || tickets->ndim() != 1 || tickets->size() < static_cast<size_t>(kv_heads))) {
+    throw std::invalid_argument("cuda_decode_attention_from_product: the tickets are not int32 [at least key heads]");
+  }
   // The roped variants of the step's kernel, reading q, k and v from the product (MLXR_PRODUCT).
   static const auto roped =
       cuda_kernel("mlxr_decode_attention_roped_product", {"qkv", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_decode_attention_roped_normed_product",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", false}});
+  // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
+  static const auto roped_merged =
+      cuda_kernel("mlxr_decode_attention_roped_product_merged",
+                  {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
+                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
+  static const auto roped_normed_merged =
+      cuda_kernel("mlxr_decode_attention_roped_normed_product_merged",
+                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
+                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
   const int splits = splits_for(length);
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
@@ -833,16 +895,23 @@ mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, 
                                                                   {"KV_HEADS", kv_heads},
                                                                   {"SCALE_BITS", cuda_float_bits(scale)},
                                                                   {"TRADITIONAL", rope.rope.traditional}};
-  const auto* kernel = &roped;
+  const auto* kernel = tickets ? &roped_merged : &roped;
   if (rope.norms) {
     inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
     args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-    kernel = &roped_normed;
+    kernel = tickets ? &roped_normed_merged : &roped_normed;
   }
-  const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
+  std::vector<mx::Shape> shapes{{q_heads, splits, d}, {q_heads, splits}, {q_heads, splits}};
+  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
+  if (tickets) {
+    inputs.push_back(*tickets);
+    shapes.push_back({1, 1, q_heads * d});
+    dtypes.push_back(qkv.dtype());
+  }
   const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
-  auto split_parts = (*kernel)(inputs, {acc_shape, part_shape, part_shape}, {mx::float32, mx::float32, mx::float32},
-                               {threads, 1, 1}, {kThreads, 1, 1}, args, std::nullopt, false, {});
+  auto split_parts =
+      (*kernel)(inputs, shapes, dtypes, {threads, 1, 1}, {kThreads, 1, 1}, args, std::nullopt, false, {});
+  if (tickets) return split_parts[3];
   return merged(split_parts, 1, q_heads, d, qkv.dtype());
 }
 

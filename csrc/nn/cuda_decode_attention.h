@@ -81,10 +81,16 @@ bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, c
 // the host then builds no views of it, a reshape, three slices and three transposes a layer, as a short chunk's kernel
 // does (MLXRUNNER_CHUNK_ROPE); off until a GPU run times it.
 bool cuda_decode_reads_product();
-// cuda_decode_attention with its RoPE (and q/k norms) from the product (cuda_decode_product_fits): the same bits.
+// cuda_decode_attention with its RoPE (and q/k norms) from the product (cuda_decode_product_fits): the same bits. With
+// `tickets` (int32, at least one a key head, all zero, and zero again after the kernel; the cache's own,
+// KVCache::tickets) the kernel merges its own splits, the last block of each key head taking the merge kernel's work.
 mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                              const mx::array& values, const mx::array& position, int length,
-                                             float scale, const DecodeRope& rope);
+                                             float scale, const DecodeRope& rope,
+                                             const std::optional<mx::array>& tickets = std::nullopt);
+// Whether a decode step's kernel from the product merges its own splits (MLXRUNNER_DECODE_MERGE=1, with
+// MLXRUNNER_DECODE_PRODUCT=1; a measuring switch, off): the merge kernel's operation a layer fewer.
+bool cuda_decode_merges_in_kernel();
 
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)

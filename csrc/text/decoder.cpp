@@ -391,8 +391,11 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
     const int hq = config_.num_attention_heads, hkv = config_.kv_heads(), d = config_.head_size(), tokens = q.shape(1);
     const float scale = scale_or_default(attention_scale_, d);
     auto [keys, values] = cache.reserve(tokens, hkv, d, q.dtype());
-    if (tokens == 1) {  // a decode step's (MLXRUNNER_DECODE_PRODUCT=1)
-      return cuda_decode_attention_from_product(q, hq, hkv, keys, values, position(), offset + 1, scale, *rope);
+    if (tokens == 1) {                   // a decode step's (MLXRUNNER_DECODE_PRODUCT=1)
+      std::optional<mx::array> tickets;  // the kernel merges its own splits (MLXRUNNER_DECODE_MERGE=1)
+      if (cuda_decode_merges_in_kernel()) tickets = cache.tickets();
+      return cuda_decode_attention_from_product(q, hq, hkv, keys, values, position(), offset + 1, scale, *rope,
+                                                tickets);
     }
     std::optional<mx::array> tickets;  // the kernel merges its own splits (MLXRUNNER_CHUNK_MERGE=1)
     if (cuda_chunk_merges_in_kernel()) tickets = cache.tickets();

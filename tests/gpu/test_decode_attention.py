@@ -31,6 +31,7 @@ ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
 CHUNK_ROPE_SWITCH = "MLXRUNNER_CHUNK_ROPE"
 CHUNK_MERGE_SWITCH = "MLXRUNNER_CHUNK_MERGE"
 DECODE_PRODUCT_SWITCH = "MLXRUNNER_DECODE_PRODUCT"
+DECODE_MERGE_SWITCH = "MLXRUNNER_DECODE_MERGE"
 
 
 def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
@@ -315,13 +316,17 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_merges_or_not(tm
 def test_a_decoder_gives_the_same_bits_whether_the_step_kernel_reads_the_product_or_views(tmp_path, fixture,
                                                                                           head_dim):
     """The decode steps with the step kernel reading q, k and v from the q|k|v product itself
-    (MLXRUNNER_DECODE_PRODUCT=1) and from views of its heads (the default): the same tokens and log-probabilities
-    (the same kernel arithmetic), and a kept cache not written by a later request."""
+    (MLXRUNNER_DECODE_PRODUCT=1, and with MLXRUNNER_DECODE_MERGE=1 merging its own splits) and from views of its heads
+    (the default): the same tokens and log-probabilities (the same kernel arithmetic), and a kept cache not written by
+    a later request."""
     folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
-    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, DECODE_PRODUCT_SWITCH]
+    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, DECODE_PRODUCT_SWITCH, DECODE_MERGE_SWITCH]
     from_product = run_script_json(SCRIPT, folder, unset=switches, environment={DECODE_PRODUCT_SWITCH: "1"})
     from_views = run_script_json(SCRIPT, folder, unset=switches)
-    assert from_product == from_views
+    # and merging its own splits (MLXRUNNER_DECODE_MERGE=1): the same bits again
+    merged = run_script_json(SCRIPT, folder, unset=switches,
+                             environment={DECODE_PRODUCT_SWITCH: "1", DECODE_MERGE_SWITCH: "1"})
+    assert from_product == from_views == merged
     tokens = [[token for token, _ in run] for run in from_product]
     assert tokens[0] == tokens[1] == tokens[2]
     assert sum(len(run) for run in from_product) >= 40

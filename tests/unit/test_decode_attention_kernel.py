@@ -260,22 +260,25 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
 
 
 def build_product_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
-                        traditional: bool):
+                        traditional: bool, merge: bool = False):
     """The roped parts kernel that reads q, k and v from the q|k|v product itself (MLXR_PRODUCT): run(blocks, qkv, keys,
-    keys_shape, values, position, inverse_frequencies, q_weight, k_weight, <its parts>)."""
+    keys_shape, values, position, inverse_frequencies, q_weight, k_weight, <its parts>). With merge, the one that
+    merges its own splits (MLXR_MERGE): tickets after k_weight, out [1, 1, q_heads D] after the parts."""
     params = ("const T* qkv, const T* keys, const int* keys_shape, const T* values, const int* position, "
-              f"const float* inverse_frequencies, const T* q_weight, const T* k_weight, {STEP_PARTS}")
-    body = kernel_source(SOURCE, "kDecodeAttentionParts", {"MLXR_ROPE": True, "MLXR_NORM": norm, "MLXR_PRODUCT": True})
+              "const float* inverse_frequencies, const T* q_weight, const T* k_weight, "
+              + ("const int* tickets, " if merge else "") + STEP_PARTS + (", T* out" if merge else ""))
+    body = kernel_source(SOURCE, "kDecodeAttentionParts",
+                         {"MLXR_ROPE": True, "MLXR_NORM": norm, "MLXR_PRODUCT": True, "MLXR_MERGE": merge})
     code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
             constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
             f"static void kernel({params}) {{\n{body}\n}}\n")
-    return compile_library(tmp_path / f"product-{int(norm)}{int(traditional)}",
+    return compile_library(tmp_path / f"product-{int(norm)}{int(traditional)}{'-merged' if merge else ''}",
                            code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
 
 
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
-    (128, 16, 8, 300, True, False),  # Qwen3's per-head norms, then RoPE; 19 splits
-    (64, 8, 4, 37, False, True),     # RoPE alone, interleaved pairs, one split
+    (128, 8, 4, 120, True, False),  # Qwen3's per-head norms, then RoPE; 8 splits
+    (64, 8, 4, 37, False, True),    # RoPE alone, interleaved pairs, one split
 ])
 def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
                                                                           norm, traditional):
@@ -323,6 +326,53 @@ def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_pa
     for got, want in zip(product, views):
         np.testing.assert_array_equal(got, want)
     assert np.abs(product[0]).max() > 0.05  # a real signal
+
+
+
+@pytest.mark.parametrize("d, q_heads, kv_heads, position, norm", [
+    (128, 8, 4, 120, True),   # 8 splits a key head, Qwen3's per-head norms
+    (64, 8, 2, 2000, False),  # the most splits (64): one whole stage of the merge
+    (64, 4, 4, 0, False),     # the first position: one split, whose block is the last
+])
+def test_the_step_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
+                                                                             norm):
+    """MLXR_MERGE on the step kernel from the product: the last block of each key head merges its query heads' splits
+    itself, where the merge kernel followed: the same cache and the same attention bit for bit, the tickets zero."""
+    rng = np.random.default_rng(d + position + 3)
+    scale = 1 / np.sqrt(d)
+    capacity = position + 2
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, (q_heads + 2 * kv_heads) * d)))
+    weights = [to_bf16_bits(1 + 0.1 * rng.standard_normal(d)) for _ in range(2)]
+    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    at = np.array([position], np.int32)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    splits = splits_for(position + 1)
+    ptr = ctypes.c_void_p
+    _, merge = build(tmp_path / "merge", d, q_heads, kv_heads, scale)
+
+    def attend(merged_in_kernel: bool):
+        keys, values = cache[0].copy(), cache[1].copy()
+        parts = [np.zeros((q_heads, splits, d), np.float32), np.zeros((q_heads, splits), np.float32),
+                 np.zeros((q_heads, splits), np.float32)]
+        out = np.zeros((1, 1, q_heads * d), np.uint16)
+        tickets = np.zeros(256, np.int32)
+        arrays = [qkv, keys, np.array(keys.shape, np.int32), values, at, frequencies, *weights]
+        arrays += [tickets, *parts, out] if merged_in_kernel else parts
+        build_product_parts(tmp_path, d, q_heads, kv_heads, scale, norm, False, merged_in_kernel).run(
+            ctypes.c_int(kv_heads * splits), *[ptr(a.ctypes.data) for a in arrays])
+        if not merged_in_kernel:
+            part_max_shape = np.array(parts[1].shape, np.int32)
+            merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (parts[0], parts[1], part_max_shape,
+                                                                             parts[2], out)])
+        return out, keys, values, tickets
+
+    two_kernels, keys_two, values_two, _ = attend(False)
+    one_kernel, keys_one, values_one, tickets = attend(True)
+    np.testing.assert_array_equal(keys_one, keys_two)
+    np.testing.assert_array_equal(values_one, values_two)
+    np.testing.assert_array_equal(one_kernel, two_kernels)
+    assert not tickets.any()
+    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
 
 
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
