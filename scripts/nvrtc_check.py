@@ -158,9 +158,11 @@ def kernels():
                 inputs = ([("qkv", "bf16")] + step_inputs[3:] if product else step_inputs) + [
                     ("inverse_frequencies", "float")] + norms + ([("tickets", "int32")] if merge else [])
                 switches = (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_PRODUCT", product), ("MLXR_MERGE", merge))
+                header = kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope")
+                header += kernel_string("cuda_decode_attention.cpp", "kMergeInKernel") if merge else ""
                 yield (f"decode_attention_roped/norm={int(norm)}/product={int(product)}/merge={int(merge)}/{d}/"
                        f"{q_heads}x{kv_heads}", mlx_kernel_source(
-                           "mlxr_decode_attention_roped", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                           "mlxr_decode_attention_roped", header,
                            kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", switches),
                            inputs,
                            step_parts + ([("out", "bf16")] if merge else []),
@@ -188,8 +190,10 @@ def kernels():
     for norm in (False, True):
         for merge in (False, True):
             norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+            header = chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope")
+            header += kernel_string("cuda_decode_attention.cpp", "kMergeInKernel") if merge else ""
             yield f"chunk_attention_roped/norm={int(norm)}/merge={int(merge)}/128/32x8", mlx_kernel_source(
-                "mlxr_chunk_attention_roped", chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                "mlxr_chunk_attention_roped", header,
                 kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
                               (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_MERGE", merge))),
                 [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),

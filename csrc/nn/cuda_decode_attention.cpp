@@ -188,43 +188,14 @@ constexpr const char* kDecodeAttentionParts = R"(
     }
   }
 #if MLXR_MERGE
-  // The last of this key head's blocks to finish merges its G query heads' splits into out [1, 1, Q_HEADS D] with the
-  // merge kernel's arithmetic in its order (kDecodeAttentionMerge: the same bits): one operation a layer where the
-  // parts and the merge made two. tickets: a counter a key head, zero before the kernel and again after it (the last
-  // block resets its own); the cache's own (KVCache::tickets), as its buffers are.
-  __shared__ unsigned arrived;
-  __threadfence();  // this block's parts are seen by the last block before its ticket is
-  __syncthreads();
-  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + kv_head;
-  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
-  __syncthreads();
-  if (arrived != static_cast<unsigned>(splits - 1)) return;
-  __threadfence();
-  if (threadIdx.x == 0) *counter = 0u;
+  // The last of this key head's blocks to finish merges its G query heads' splits into out [1, 1, Q_HEADS D]
+  // (mlxr_merge: the merge kernel's bits): one operation a layer where the parts and the merge made two. A counter a key
+  // head in tickets.
+  if (!mlxr_merge::last_to_arrive(tickets, kv_head, splits)) return;
   for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
-    const int head = kv_head * G + e / D, d = e % D;
-    // The other blocks' parts through L2 (__ldcg), never a line this SM's L1 may hold from before they were written.
-    const float* head_max = part_max + static_cast<size_t>(head) * splits;
-    const float* head_sum = part_sum + static_cast<size_t>(head) * splits;
-    const float* head_acc = part_acc + static_cast<size_t>(head) * splits * D + d;
-    float top = neg_inf, total = 0.f, weighted = 0.f;
-    for (int first = 0; first < splits; first += 64) {  // the merge kernel's stages (kStage)
-      const int count = min(64, splits - first);
-      float stage_top = top;
-      for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(head_max + first + s));
-      if (stage_top == neg_inf) continue;
-      const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
-      total *= carried;
-      weighted *= carried;
-#pragma unroll 8
-      for (int s = 0; s < count; ++s) {
-        const float rescale = expf(__ldcg(head_max + first + s) - stage_top);
-        total += rescale * __ldcg(head_sum + first + s);
-        weighted += rescale * __ldcg(head_acc + static_cast<size_t>(first + s) * D);
-      }
-      top = stage_top;
-    }
-    out[head * D + d] = static_cast<T>(weighted / total);
+    const size_t head = kv_head * G + e / D;
+    const int d = e % D;
+    out[head * D + d] = static_cast<T>(mlxr_merge::merged<D>(part_acc, part_max, part_sum, head, splits, d));
   }
 #endif
 )";
@@ -267,6 +238,57 @@ constexpr const char* kDecodeAttentionMerge = R"(
     top = stage_top;
   }
   out[head * D + d] = static_cast<T>(weighted / total);
+)";
+
+// What a parts kernel that merges its own splits (MLXR_MERGE) adds: the last of a group's blocks to finish (counted by
+// tickets: one counter a group, zero before the kernel and again after it, the last block resetting its own; the
+// cache's own, KVCache::tickets, as its buffers are) merges the group's rows with the merge kernel's arithmetic in its
+// order (kDecodeAttentionMerge: the same bits), reading the other blocks' parts through L2 (__ldcg), never a line this
+// SM's L1 may hold from before they were written.
+constexpr const char* kMergeInKernel = R"(
+namespace mlxr_merge {
+// Whether this block is the last of group `group`'s `blocks` to get here: every thread of the block calls it after
+// writing its parts, and the block goes on to merge only if so.
+__device__ __forceinline__ bool last_to_arrive(const int* tickets, int group, int blocks) {
+  __shared__ unsigned arrived;
+  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + group;
+  __threadfence();  // this block's parts are seen by the last block before its ticket is
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
+  __syncthreads();
+  if (arrived != static_cast<unsigned>(blocks - 1)) return false;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0u;
+  return true;
+}
+// Element d of row `row`'s splits merged, in the merge kernel's stages of 64.
+template <int D>
+__device__ __forceinline__ float merged(const float* part_acc, const float* part_max, const float* part_sum, size_t row,
+                                        int splits, int d) {
+  const float neg_inf = -__int_as_float(0x7f800000);
+  const float* row_max = part_max + row * splits;
+  const float* row_sum = part_sum + row * splits;
+  const float* row_acc = part_acc + row * splits * D + d;
+  float top = neg_inf, total = 0.f, weighted = 0.f;
+  for (int first = 0; first < splits; first += 64) {
+    const int count = min(64, splits - first);
+    float stage_top = top;
+    for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(row_max + first + s));
+    if (stage_top == neg_inf) continue;
+    const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
+    total *= carried;
+    weighted *= carried;
+#pragma unroll 8
+    for (int s = 0; s < count; ++s) {
+      const float rescale = expf(__ldcg(row_max + first + s) - stage_top);
+      total += rescale * __ldcg(row_sum + first + s);
+      weighted += rescale * __ldcg(row_acc + static_cast<size_t>(first + s) * D);
+    }
+    top = stage_top;
+  }
+  return weighted / total;
+}
+}  // namespace mlxr_merge
 )";
 
 // A chunk of several new tokens (a prompt's rest after the prompt cache, a chat's next turn) on tensor cores. One block
@@ -643,45 +665,14 @@ constexpr const char* kChunkAttentionParts = R"(
   }
 #if MLXR_MERGE
   // The last of this (key head, query tile)'s blocks to finish merges the tile's rows' splits into out
-  // [1, T, Q_HEADS D] with the merge kernel's arithmetic in its order (kDecodeAttentionMerge: the same bits), so that
-  // a layer's attention is one operation for the host to build and encode where the parts and the merge made two.
-  // tickets: one counter a (key head, query tile), zero before the kernel and again after it (the last block resets
-  // its own); the cache's own (KVCache::tickets), as its buffers are, so no other sequence's kernel counts on it.
-  __shared__ unsigned arrived;
-  __threadfence();  // this block's parts are seen by the last block before its ticket is
-  __syncthreads();
-  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + blockIdx.x / splits;
-  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
-  __syncthreads();
-  if (arrived != static_cast<unsigned>(splits - 1)) return;
-  __threadfence();
-  if (threadIdx.x == 0) *counter = 0u;
+  // [1, T, Q_HEADS D] (mlxr_merge: the merge kernel's bits), so that a layer's attention is one operation for the host
+  // to build and encode where the parts and the merge made two. A counter a (key head, query tile) in tickets.
+  if (!mlxr_merge::last_to_arrive(tickets, blockIdx.x / splits, splits)) return;
   const int first_row = query_tile * kRows, tile_rows = min(rows, first_row + kRows) - first_row;
   for (int i = threadIdx.x; i < tile_rows * D; i += blockDim.x) {
     const int row = first_row + i / D, d = i % D;
-    const int part_row = (row / G) * Q_HEADS + kv_head * G + row % G;
-    // The other blocks' parts through L2 (__ldcg), never a line this SM's L1 may hold from before they were written.
-    const float* row_max = part_max + static_cast<size_t>(part_row) * splits;
-    const float* row_sum = part_sum + static_cast<size_t>(part_row) * splits;
-    const float* row_acc = part_acc + static_cast<size_t>(part_row) * splits * D + d;
-    float top = neg_inf, total = 0.f, weighted = 0.f;
-    for (int first = 0; first < splits; first += 64) {  // the merge kernel's stages (kStage)
-      const int count = min(64, splits - first);
-      float stage_top = top;
-      for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(row_max + first + s));
-      if (stage_top == neg_inf) continue;
-      const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
-      total *= carried;
-      weighted *= carried;
-#pragma unroll 8
-      for (int s = 0; s < count; ++s) {
-        const float rescale = expf(__ldcg(row_max + first + s) - stage_top);
-        total += rescale * __ldcg(row_sum + first + s);
-        weighted += rescale * __ldcg(row_acc + static_cast<size_t>(first + s) * D);
-      }
-      top = stage_top;
-    }
-    out[static_cast<size_t>(part_row) * D + d] = static_cast<T>(weighted / total);
+    const size_t part_row = (row / G) * Q_HEADS + kv_head * G + row % G;
+    out[part_row * D + d] = static_cast<T>(mlxr_merge::merged<D>(part_acc, part_max, part_sum, part_row, splits, d));
   }
 #endif
 )";
@@ -877,15 +868,16 @@ mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, 
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", false}});
   // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
+  static const std::string merging_header = std::string(kCudaHeadNormRope) + kMergeInKernel;
   static const auto roped_merged =
       cuda_kernel("mlxr_decode_attention_roped_product_merged",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, merging_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
   static const auto roped_normed_merged =
       cuda_kernel("mlxr_decode_attention_roped_normed_product_merged",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
+                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, merging_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
   const int splits = splits_for(length);
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
@@ -1019,14 +1011,15 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", false}});
   // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
+  static const std::string merging_header = roped_header + kMergeInKernel;
   static const auto roped_merged = cuda_kernel(
       "mlxr_chunk_attention_roped_merged", {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
-      {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, roped_header, false,
+      {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, merging_header, false,
       {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_MERGE", true}});
   static const auto roped_normed_merged =
       cuda_kernel("mlxr_chunk_attention_roped_normed_merged",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, roped_header, false,
+                  {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, merging_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", true}});
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},

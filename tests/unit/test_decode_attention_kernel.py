@@ -269,8 +269,10 @@ def build_product_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, sca
               + ("const int* tickets, " if merge else "") + STEP_PARTS + (", T* out" if merge else ""))
     body = kernel_source(SOURCE, "kDecodeAttentionParts",
                          {"MLXR_ROPE": True, "MLXR_NORM": norm, "MLXR_PRODUCT": True, "MLXR_MERGE": merge})
-    code = (PRELUDE + kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope") +
-            constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
+    header = kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
+    if merge:
+        header += kernel_source(SOURCE, "kMergeInKernel")
+    code = (PRELUDE + header + constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
             f"static void kernel({params}) {{\n{body}\n}}\n")
     return compile_library(tmp_path / f"product-{int(norm)}{int(traditional)}{'-merged' if merge else ''}",
                            code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
@@ -454,6 +456,8 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     if rope:
         helpers += kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
         constants += rope_constants(rope[1])
+    if merge:
+        helpers += kernel_source(SOURCE, "kMergeInKernel")
     code = (PRELUDE + helpers + constants +
             f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts', switches)}\n}}\n" +
             block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
