@@ -686,6 +686,27 @@ constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a mult
 constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
+// A roped kernel's inputs and template arguments from the q|k|v product (the step's and the chunk's product forms): the
+// product, the cache's buffers, the position, RoPE's frequencies, the q/k norms' weights where there are norms, then
+// the tickets where the kernel merges its own splits.
+std::pair<std::vector<mx::array>, std::vector<std::pair<std::string, mx::fast::TemplateArg>>> product_launch(
+    const mx::array& qkv, int q_heads, int kv_heads, int d, const mx::array& keys, const mx::array& values,
+    const mx::array& position, float scale, const DecodeRope& rope, const std::optional<mx::array>& tickets) {
+  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
+                                                                  {"D", d},
+                                                                  {"Q_HEADS", q_heads},
+                                                                  {"KV_HEADS", kv_heads},
+                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
+                                                                  {"TRADITIONAL", rope.rope.traditional}};
+  if (rope.norms) {
+    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
+    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
+  }
+  if (tickets) inputs.push_back(*tickets);
+  return {std::move(inputs), std::move(args)};
+}
+
 // Splits of `length` keys into runs of equal size where each split gets at least one key. Fewer keys a split, more
 // blocks: at 64 keys a split the 8B's ~150 keys made 8 key heads x 3 splits = 24 blocks, each warp a few dependent
 // trips to memory, 13.5 us a layer against MLX's 8.2 (session 28's profile); at 16, 80 blocks took 8.0 us and the
@@ -880,23 +901,12 @@ mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, 
                   {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, merging_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
   const int splits = splits_for(length);
-  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
-                                                                  {"D", d},
-                                                                  {"Q_HEADS", q_heads},
-                                                                  {"KV_HEADS", kv_heads},
-                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
-                                                                  {"TRADITIONAL", rope.rope.traditional}};
-  const auto* kernel = tickets ? &roped_merged : &roped;
-  if (rope.norms) {
-    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
-    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-    kernel = tickets ? &roped_normed_merged : &roped_normed;
-  }
+  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
+  const auto* kernel =
+      rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
   std::vector<mx::Shape> shapes{{q_heads, splits, d}, {q_heads, splits}, {q_heads, splits}};
   std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
   if (tickets) {
-    inputs.push_back(*tickets);
     shapes.push_back({1, 1, q_heads * d});
     dtypes.push_back(qkv.dtype());
   }
@@ -1021,20 +1031,9 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
                   {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, merging_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", true}});
-  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
-                                                                  {"D", d},
-                                                                  {"Q_HEADS", q_heads},
-                                                                  {"KV_HEADS", kv_heads},
-                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
-                                                                  {"TRADITIONAL", rope.rope.traditional}};
-  const auto* kernel = tickets ? &roped_merged : &roped;
-  if (rope.norms) {
-    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
-    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-    kernel = tickets ? &roped_normed_merged : &roped_normed;
-  }
-  if (tickets) inputs.push_back(*tickets);
+  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
+  const auto* kernel =
+      rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
   return chunk_attention(*kernel, inputs, std::move(args), q_heads, kv_heads, tokens, d, qkv.dtype(), length,
                          tickets.has_value());
 }

@@ -194,6 +194,18 @@ def build_roped_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale
                            code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
 
 
+def projected_step(rng: np.random.Generator, d: int, q_heads: int, kv_heads: int, capacity: int, theta: float):
+    """A decode step's q|k|v row [1, 1, heads, D] as projected, the q/k norms' weights, RoPE's inverse frequencies
+    (base theta) and a cache's keys and values [2, 1, kv_heads, capacity, D]; bfloat16 as bits, the frequencies
+    float."""
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / theta ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    return qkv, q_weight, k_weight, frequencies, cache
+
+
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
     (128, 32, 8, 150, False, False),  # Llama 3 8B's heads: RoPE alone, 10 splits
     (128, 16, 8, 300, True, False),   # Qwen3's per-head norms, then RoPE
@@ -204,15 +216,10 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     """q and k as projected (strided views of one q|k|v row): the kernel that norms and rotates them itself writes the
     same key into the cache and gives the same attention, bit for bit, as the q/k kernel followed by the parts kernel
     (and the same merge)."""
-    rng = np.random.default_rng(d + position)
     scale = 1 / np.sqrt(d)
-    capacity = position + 9
-    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
-    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position), d, q_heads,
+                                                                 kv_heads, position + 9, 500000.0)
     at = np.array([position], np.int32)
-    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
     heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
     q_raw, k_raw, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
     splits = splits_for(position + 1)
@@ -259,6 +266,19 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     assert not np.array_equal(k_out[0, :, 0], k_raw[0, :, 0])  # the rotation did something
 
 
+def assert_merging_gives_the_merge_kernels_bits(attend) -> None:
+    """attend(merged_in_kernel) -> (out, keys, values, tickets): the kernel that merges its own splits (MLXR_MERGE)
+    against the parts kernel then the merge kernel: the same cache and attention bit for bit, every ticket zero again
+    (ready for the next kernel), and a real signal."""
+    two_kernels, keys_two, values_two, _ = attend(False)
+    one_kernel, keys_one, values_one, tickets = attend(True)
+    np.testing.assert_array_equal(keys_one, keys_two)
+    np.testing.assert_array_equal(values_one, values_two)
+    np.testing.assert_array_equal(one_kernel, two_kernels)
+    assert not tickets.any()
+    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
+
+
 def build_product_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
                         traditional: bool, merge: bool = False):
     """The roped parts kernel that reads q, k and v from the q|k|v product itself (MLXR_PRODUCT): run(blocks, qkv, keys,
@@ -287,15 +307,10 @@ def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_pa
     """MLXR_PRODUCT: the roped step kernel handed the q|k|v product [1, 1, (q_heads + 2 kv_heads) D] itself reads each
     head in place, and writes the same key and value into the cache and the same parts, bit for bit, as the same
     kernel handed views of the product's heads (what the decoder builds without MLXRUNNER_DECODE_PRODUCT=1)."""
-    rng = np.random.default_rng(d + position + 2)
     scale = 1 / np.sqrt(d)
-    capacity = position + 4
-    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
-    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position + 2), d, q_heads,
+                                                                 kv_heads, position + 4, 10000.0)
     at = np.array([position], np.int32)
-    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
     heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
     q, k, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
     splits = splits_for(position + 1)
@@ -368,13 +383,7 @@ def test_the_step_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tmp
                                                                              parts[2], out)])
         return out, keys, values, tickets
 
-    two_kernels, keys_two, values_two, _ = attend(False)
-    one_kernel, keys_one, values_one, tickets = attend(True)
-    np.testing.assert_array_equal(keys_one, keys_two)
-    np.testing.assert_array_equal(values_one, values_two)
-    np.testing.assert_array_equal(one_kernel, two_kernels)
-    assert not tickets.any()
-    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
+    assert_merging_gives_the_merge_kernels_bits(attend)
 
 
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
@@ -650,10 +659,4 @@ def test_the_chunk_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tm
                                                                           part_sum, out)])
         return out, keys, values, tickets
 
-    two_kernels, keys_two, values_two, _ = attend(False)
-    one_kernel, keys_one, values_one, tickets = attend(True)
-    np.testing.assert_array_equal(keys_one, keys_two)
-    np.testing.assert_array_equal(values_one, values_two)
-    np.testing.assert_array_equal(one_kernel, two_kernels)
-    assert not tickets.any()  # ready for the next kernel
-    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
+    assert_merging_gives_the_merge_kernels_bits(attend)
