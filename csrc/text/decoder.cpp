@@ -601,20 +601,11 @@ class LayerPacer {
     previous_ = std::move(outputs);
   }
 
-  // A layer's attention output, built: under MLXRUNNER_EARLY_DISPATCH_ATTENTION=1 (a measuring switch, off) an early
-  // forward queues it as a piece of its own, two pieces a layer. Session 23's fewer-layer pieces were each faster
-  // (every 8 layers 9.35 ms, every 4 8.19, every 2 7.74, every layer 7.38) and session 39's every 2 and 3 after the
-  // first slower than every layer, by more than their longer last piece explains. Half a layer did not go on: +0.36 ms
-  // a follow-up on an H100 (session 39, paired with every layer in one process; faster in 12 of 30 rounds).
-  void queued_attention(const mx::array& attended) {
-    static EnvSwitch half_layers("MLXRUNNER_EARLY_DISPATCH_ATTENTION");
-    if (early() && early_dispatch_layers() == 1 && half_layers.on()) mx::async_eval(attended);
-  }
-
   // Layers a queued piece holds after the first layer's: MLXRUNNER_EARLY_DISPATCH=N sets it, 0 turns early dispatch
   // off (to measure it). Each piece is a commit of MLX's (its CUDA graph's update and launch, a completion handler):
   // ~17 % of the follow-up's host time at N = 1 in session 38's profile (benchmarks/gpu/host_profile.py). Fewer
-  // commits were slower all the same (session 39, H100, paired in one process: N = 2 +1.1 ms, N = 3 +2.5).
+  // commits were slower all the same (session 39, H100, paired in one process: N = 2 +1.1 ms, N = 3 +2.5), and so was
+  // queuing each layer's attention output as a piece of its own (+0.36 ms; the switch that did it is gone).
   static int early_dispatch_layers() {
     static EnvSwitch early_dispatch("MLXRUNNER_EARLY_DISPATCH", kEarlyDispatchLayers);
     return static_cast<int>(std::max(0LL, early_dispatch.number()));
@@ -657,9 +648,7 @@ mx::array Decoder::forward(const mx::array& tokens, std::vector<KVCache>& cache,
   LayerPacer pacer(pacing(paced(x.base), last_only || tokens.shape(1) > 1));
   for (size_t i = 0; i < layers_.size(); ++i) {
     x = layer_forward(layers_[i], x, [&](LayerInput& h) {
-      auto attended = attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
-      pacer.queued_attention(attended);
-      return attended;
+      return attention(layers_[i], h, &cache[i], offset, std::nullopt, positions);
     });
     if (pacer.early()) x.base = probe_gpu_spin(x.base);
     pacer.queued(x.arrays());

@@ -8,7 +8,6 @@
   (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array;
 - MLXRUNNER_EARLY_DISPATCH=3: a waited-for forward queued to the device after its first layer, then every 3 layers
   (text/decoder.cpp's LayerPacer), instead of after every layer;
-- MLXRUNNER_EARLY_DISPATCH_ATTENTION=1: each layer's attention output queued too, two pieces a layer;
 - MLXRUNNER_CHUNK_MERGE=1: a short chunk's attention kernel merges its own splits (nn/cuda_decode_attention.h);
 - MLXRUNNER_DECODE_PRODUCT=1: a decode step's attention kernel reads q, k and v from the q|k|v product itself;
 - MLXRUNNER_DECODE_MERGE=1: that kernel merges its own splits (alone it changes nothing: it needs the product's).
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"),
             ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_EARLY_DISPATCH", "3"),
-            ("MLXRUNNER_EARLY_DISPATCH_ATTENTION", "1"), ("MLXRUNNER_CHUNK_MERGE", "1"),
+            ("MLXRUNNER_CHUNK_MERGE", "1"),
             ("MLXRUNNER_DECODE_PRODUCT", "1"), ("MLXRUNNER_DECODE_MERGE", "1")]
 
 PRODUCTS = r"""
