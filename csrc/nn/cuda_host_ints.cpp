@@ -2,6 +2,8 @@
 
 #include <iterator>
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "mlx/fast.h"
@@ -15,23 +17,17 @@ namespace {
 // kernel stores the first n only). PTX for a given capacity never changes, so each is built and compiled once.
 constexpr int kCapacities[] = {16, 64, kMostHostInts};
 
-int capacity_for(int n) {
-  for (int capacity : kCapacities) {
-    if (n <= capacity) return capacity;
-  }
-  return 0;
-}
-
-const std::string& ptx_for(int capacity) {
+// The kernel for n values (1 <= n <= kMostHostInts): the smallest capacity that holds them, and its PTX.
+std::pair<int, const std::string&> kernel_for(int n) {
   static const std::vector<std::string> sources = [] {
     std::vector<std::string> out;
     for (int capacity : kCapacities) out.push_back(host_ints_ptx(capacity));
     return out;
   }();
   for (size_t i = 0; i < std::size(kCapacities); ++i) {
-    if (kCapacities[i] == capacity) return sources[i];
+    if (n <= kCapacities[i]) return {kCapacities[i], sources[i]};
   }
-  throw std::logic_error("host_ints: no kernel for this capacity");
+  throw std::logic_error("host_ints: no kernel holds " + std::to_string(n) + " values");
 }
 
 }  // namespace
@@ -58,13 +54,13 @@ std::string host_ints_ptx(int capacity) {
 std::optional<mx::array> cuda_int32_from_host(std::span<const int> values) {
   const int n = static_cast<int>(values.size());
   if (!running_on_cuda() || n < 1 || n > kMostHostInts) return std::nullopt;
-  const int capacity = capacity_for(n);
+  const auto [capacity, ptx] = kernel_for(n);
   std::vector<mx::fast::ScalarArg> scalars;
   scalars.reserve(capacity + 1);
   scalars.emplace_back(n);
   for (int k = 0; k < capacity; ++k) scalars.emplace_back(k < n ? values[k] : 0);
-  return mx::fast::precompiled_cuda_kernel("mlxr_host_ints_" + std::to_string(capacity), ptx_for(capacity), {},
-                                           {{1, n}}, {mx::int32}, scalars, {1, 1, 1}, {1, 1, 1})[0];
+  return mx::fast::precompiled_cuda_kernel("mlxr_host_ints_" + std::to_string(capacity), ptx, {}, {{1, n}}, {mx::int32},
+                                           scalars, {1, 1, 1}, {1, 1, 1})[0];
 }
 
 bool host_ints_by_kernel_switched_on() {

@@ -547,7 +547,7 @@ mx::array probe_gpu_spin(const mx::array& x) {
   static EnvSwitch gpu_spin("MLXRUNNER_PROBE_GPU_SPIN_NS", -1);
   const long long spin_ns = gpu_spin.number();
   if (spin_ns < 0 || !running_on_cuda()) return x;
-  static const auto kernel = mx::fast::cuda_kernel("mlxr_probe_gpu_spin", {"x"}, {"out"}, R"(
+  static const auto kernel = cuda_kernel("mlxr_probe_gpu_spin", {"x"}, {"out"}, R"(
   unsigned long long start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -560,7 +560,7 @@ mx::array probe_gpu_spin(const mx::array& x) {
     } while (now - start < SPIN_NS);
   }
 )",
-                                                   "", true);
+                                         "", true);
   const int threads = static_cast<int>((x.size() + 255) / 256 * 256);
   return kernel({x}, {x.shape()}, {x.dtype()}, {threads, 1, 1}, {256, 1, 1},
                 {{"SPIN_NS", static_cast<int>(std::min(spin_ns, 1000000000LL))}}, std::nullopt, false, {})[0];
