@@ -785,16 +785,62 @@ mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, i
                {{"T", dtype}, {"D", d}}, std::nullopt, false, {})[0];
 }
 
+// A parts kernel's splits over `blocks` blocks of kThreads (its part rows: token t's query head h at t q_heads + h),
+// merged into [1, tokens, q_heads D]: by the kernel itself where it merges its own splits (`merges`, MLXR_MERGE: its
+// fourth output), else by the merge kernel after it.
+mx::array attended(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
+                   const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int tokens, int q_heads,
+                   int d, mx::Dtype dtype, int splits, long long blocks, bool merges) {
+  const int rows = tokens * q_heads;
+  std::vector<mx::Shape> shapes{{rows, splits, d}, {rows, splits}, {rows, splits}};
+  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
+  if (merges) {
+    shapes.push_back({1, tokens, q_heads * d});
+    dtypes.push_back(dtype);
+  }
+  auto split_parts = kernel(inputs, shapes, dtypes, {cuda_checked_threads(blocks * kThreads), 1, 1}, {kThreads, 1, 1},
+                            args, std::nullopt, false, {});
+  if (merges) return split_parts[3];
+  return merged(split_parts, tokens, q_heads, d, dtype);
+}
+
+// The tickets of a kernel that merges its own splits: int32 [at least `groups`] (cuda_*_attention_from_product).
+void check_tickets(const std::optional<mx::array>& tickets, size_t groups, const std::string& who) {
+  if (tickets && (tickets->dtype() != mx::int32 || tickets->ndim() != 1 || tickets->size() < groups)) {
+    throw std::invalid_argument(who + ": the tickets are not int32 [at least one a block group]");
+  }
+}
+
+// What both kernels' product forms take: the q|k|v product [1, T, (q_heads + 2 kv_heads) D] of one sequence on CUDA,
+// row-contiguous, its heads as heads_fit takes them, and a RoPE (and q/k norms) the kernels make (head_norm_rope_fits).
+bool product_heads_fit(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
+  const int heads = q_heads + 2 * kv_heads;
+  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
+      !qkv.flags().row_contiguous) {
+    return false;
+  }
+  const int d = qkv.shape(2) / heads;
+  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
+}
+
+// MLXRUNNER_DECODE_ATTENTION=0 and MLXRUNNER_DECODE_ROPE=0, read where the step's kernel is chosen, views or product.
+bool decode_attention_off() {
+  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
+  return decode_attention.off();
+}
+bool decode_rope_off() {
+  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
+  return decode_rope.off();
+}
+
 }  // namespace
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
-  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
-  return !decode_attention.off() && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
+  return !decode_attention_off() && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
 }
 
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
-  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
-  return !decode_rope.off() && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
+  return !decode_rope_off() && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
@@ -807,9 +853,6 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   }
   const int splits = splits_for(length);
   auto args = kernel_args(q, k, scale);
-  const mx::Shape acc_shape{q_heads, splits, d}, part_shape{q_heads, splits};
-  const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
-  const std::tuple<int, int, int> grid{threads, 1, 1};
   std::vector<mx::array> inputs{q, k, v, keys, values, position};
   static const auto parts =
       cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
@@ -836,22 +879,13 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
       kernel = &roped_normed;
     }
   }
-  auto split_parts = (*kernel)(inputs, {acc_shape, part_shape, part_shape}, {mx::float32, mx::float32, mx::float32},
-                               grid, {kThreads, 1, 1}, args, std::nullopt, false, {});
-  return merged(split_parts, 1, q_heads, d, q.dtype());
+  return attended(*kernel, inputs, args, 1, q_heads, d, q.dtype(), splits, static_cast<long long>(kv_heads) * splits,
+                  false);
 }
 
 bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
-  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
-  const int heads = q_heads + 2 * kv_heads;
-  if (decode_attention.off() || decode_rope.off() || !running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 ||
-      qkv.shape(1) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 || !qkv.flags().row_contiguous) {
-    return false;
-  }
-  const int d = qkv.shape(2) / heads;
-  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && q_heads / kv_heads <= 8 &&
-         head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
+  return !decode_attention_off() && !decode_rope_off() && product_heads_fit(qkv, q_heads, kv_heads, rope) &&
+         qkv.shape(1) == 1 && q_heads / kv_heads <= 8;
 }
 
 bool cuda_decode_reads_product() {
@@ -874,10 +908,7 @@ mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, 
   }
   const int d = qkv.shape(2) / (q_heads + 2 * kv_heads);
   check_cache_buffers(kv_heads, d, qkv.dtype(), 1, keys, values, position, length);
-  if (tickets &&
-      (tickets->dtype() != mx::int32 || tickets->ndim() != 1 || tickets->size() < static_cast<size_t>(kv_heads))) {
-    throw std::invalid_argument("cuda_decode_attention_from_product: the tickets are not int32 [at least key heads]");
-  }
+  check_tickets(tickets, kv_heads, "cuda_decode_attention_from_product");
   // The roped variants of the step's kernel, reading q, k and v from the product (MLXR_PRODUCT).
   static const auto roped =
       cuda_kernel("mlxr_decode_attention_roped_product", {"qkv", "keys", "values", "position", "inverse_frequencies"},
@@ -904,17 +935,8 @@ mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, 
   auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
   const auto* kernel =
       rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
-  std::vector<mx::Shape> shapes{{q_heads, splits, d}, {q_heads, splits}, {q_heads, splits}};
-  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
-  if (tickets) {
-    shapes.push_back({1, 1, q_heads * d});
-    dtypes.push_back(qkv.dtype());
-  }
-  const int threads = cuda_checked_threads(static_cast<long long>(kv_heads) * splits * kThreads);
-  auto split_parts =
-      (*kernel)(inputs, shapes, dtypes, {threads, 1, 1}, {kThreads, 1, 1}, args, std::nullopt, false, {});
-  if (tickets) return split_parts[3];
-  return merged(split_parts, 1, q_heads, d, qkv.dtype());
+  return attended(*kernel, inputs, args, 1, q_heads, d, qkv.dtype(), splits, static_cast<long long>(kv_heads) * splits,
+                  tickets.has_value());
 }
 
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
@@ -937,23 +959,12 @@ int chunk_query_tiles(int q_heads, int kv_heads, int tokens) {
 // kernel is a variant that merges its own splits (MLXR_MERGE, its last input the tickets) and gives the merged rows as
 // its fourth output; otherwise the merge kernel follows.
 mx::array chunk_attention(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
-                          std::vector<std::pair<std::string, mx::fast::TemplateArg>> args, int q_heads, int kv_heads,
-                          int tokens, int d, mx::Dtype dtype, int length, bool merges = false) {
+                          const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int q_heads,
+                          int kv_heads, int tokens, int d, mx::Dtype dtype, int length, bool merges = false) {
   const int query_tiles = chunk_query_tiles(q_heads, kv_heads, tokens);
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
-  const int rows = tokens * q_heads;
-  std::vector<mx::Shape> shapes{{rows, splits, d}, {rows, splits}, {rows, splits}};
-  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
-  if (merges) {
-    shapes.push_back({1, tokens, q_heads * d});
-    dtypes.push_back(dtype);
-  }
-  auto split_parts =
-      kernel(inputs, shapes, dtypes,
-             {cuda_checked_threads(static_cast<long long>(kv_heads) * query_tiles * splits * kThreads), 1, 1},
-             {kThreads, 1, 1}, args, std::nullopt, false, {});
-  if (merges) return split_parts[3];
-  return merged(split_parts, tokens, q_heads, d, dtype);
+  return attended(kernel, inputs, args, tokens, q_heads, d, dtype, splits,
+                  static_cast<long long>(kv_heads) * query_tiles * splits, merges);
 }
 
 const std::string& chunk_header() {
@@ -974,14 +985,7 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 }
 
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  const int heads = q_heads + 2 * kv_heads;
-  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
-      !qkv.flags().row_contiguous) {
-    return false;
-  }
-  const int d = qkv.shape(2) / heads;
-  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && chunk_tokens_fit(qkv.shape(1)) &&
-         head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
+  return product_heads_fit(qkv, q_heads, kv_heads, rope) && chunk_tokens_fit(qkv.shape(1));
 }
 
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
@@ -1004,11 +1008,8 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
   }
   const int tokens = qkv.shape(1), d = qkv.shape(2) / (q_heads + 2 * kv_heads);
   check_cache_buffers(kv_heads, d, qkv.dtype(), tokens, keys, values, position, length);
-  if (tickets && (tickets->dtype() != mx::int32 || tickets->ndim() != 1 ||
-                  tickets->size() < static_cast<size_t>(kv_heads) * chunk_query_tiles(q_heads, kv_heads, tokens))) {
-    throw std::invalid_argument(
-        "cuda_chunk_attention_from_product: the tickets are not int32 [at least key heads x query tiles]");
-  }
+  check_tickets(tickets, static_cast<size_t>(kv_heads) * chunk_query_tiles(q_heads, kv_heads, tokens),
+                "cuda_chunk_attention_from_product");
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves, reading the heads from the product.
   static const std::string roped_header = chunk_header() + kCudaHeadNormRope;
   static const auto roped =
@@ -1034,8 +1035,7 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
   auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
   const auto* kernel =
       rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
-  return chunk_attention(*kernel, inputs, std::move(args), q_heads, kv_heads, tokens, d, qkv.dtype(), length,
-                         tickets.has_value());
+  return chunk_attention(*kernel, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(), length, tickets.has_value());
 }
 
 }  // namespace mlxr
