@@ -42,6 +42,24 @@ def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
     assert not mx.array_equal(k, k_raw).item()  # the rotation did something
 
 
+# The attention kernels' switches a decoder comparison unsets before setting its own (same_decoder_runs).
+DECODER_SWITCHES = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, CHUNK_MERGE_SWITCH, DECODE_PRODUCT_SWITCH,
+                    DECODE_MERGE_SWITCH]
+
+
+def same_decoder_runs(tmp_path, fixture, head_dim, *environments):
+    """SCRIPT's runs on a copy of `fixture` with heads of `head_dim`, once per environment (every attention switch
+    unset, then the environment's set): the same tokens and log-probabilities under each, at least 40 tokens in all.
+    Returns the runs."""
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    first, *others = [run_script_json(SCRIPT, folder, unset=DECODER_SWITCHES, environment=environment)
+                      for environment in environments]
+    for other in others:
+        assert other == first
+    assert sum(len(run) for run in first) >= 40
+    return first
+
+
 def inputs(d, q_heads, kv_heads, capacity, seed, tokens=1):
     """q [1, q_heads, tokens, D] (a heads-first view of a tokens-first array), k and v [1, kv_heads, tokens, D] (v a
     strided view, as the decoder's values are of the q|k|v product), and a cache's buffers of `capacity` positions."""
@@ -250,13 +268,7 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_ropes_or_not(tmp
     """The decoder's chunks (a fresh prompt, a follow-up on a kept cache) with the chunk kernel making the q/k norms
     and RoPE (the default) and with the q/k kernel making them first (MLXRUNNER_CHUNK_ROPE=0): the same tokens and the
     same log-probabilities."""
-    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
-    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH]
-    in_kernel = run_script_json(SCRIPT, folder, unset=switches)
-    separate = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_ROPE_SWITCH: "0"})
-    assert [len(run) for run in in_kernel] == [len(run) for run in separate]
-    assert in_kernel == separate
-    assert sum(len(run) for run in in_kernel) >= 40
+    same_decoder_runs(tmp_path, fixture, head_dim, {}, {CHUNK_ROPE_SWITCH: "0"})
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
@@ -302,13 +314,7 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_merges_or_not(tm
     """The decoder's chunks with the chunk kernel merging its own splits (MLXRUNNER_CHUNK_MERGE=1, each layer's cache
     its tickets) and with the merge kernel after it (the default): the same tokens and log-probabilities, and a kept
     cache not written by a later request."""
-    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
-    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, CHUNK_MERGE_SWITCH]
-    merged = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_MERGE_SWITCH: "1"})
-    separate = run_script_json(SCRIPT, folder, unset=switches)
-    assert merged == separate
-    assert sum(len(run) for run in merged) >= 40
-
+    same_decoder_runs(tmp_path, fixture, head_dim, {CHUNK_MERGE_SWITCH: "1"}, {})
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
@@ -319,17 +325,10 @@ def test_a_decoder_gives_the_same_bits_whether_the_step_kernel_reads_the_product
     (MLXRUNNER_DECODE_PRODUCT=1, and with MLXRUNNER_DECODE_MERGE=1 merging its own splits) and from views of its heads
     (the default): the same tokens and log-probabilities (the same kernel arithmetic), and a kept cache not written by
     a later request."""
-    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
-    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, DECODE_PRODUCT_SWITCH, DECODE_MERGE_SWITCH]
-    from_product = run_script_json(SCRIPT, folder, unset=switches, environment={DECODE_PRODUCT_SWITCH: "1"})
-    from_views = run_script_json(SCRIPT, folder, unset=switches)
-    # and merging its own splits (MLXRUNNER_DECODE_MERGE=1): the same bits again
-    merged = run_script_json(SCRIPT, folder, unset=switches,
-                             environment={DECODE_PRODUCT_SWITCH: "1", DECODE_MERGE_SWITCH: "1"})
-    assert from_product == from_views == merged
-    tokens = [[token for token, _ in run] for run in from_product]
+    runs = same_decoder_runs(tmp_path, fixture, head_dim, {DECODE_PRODUCT_SWITCH: "1"}, {},
+                             {DECODE_PRODUCT_SWITCH: "1", DECODE_MERGE_SWITCH: "1"})
+    tokens = [[token for token, _ in run] for run in runs]
     assert tokens[0] == tokens[1] == tokens[2]
-    assert sum(len(run) for run in from_product) >= 40
 
 
 SCRIPT = r"""

@@ -194,6 +194,13 @@ def build_roped_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale
                            code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
 
 
+def head_views(qkv: np.ndarray, q_heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k and v of a q|k|v product [1, T, heads, D] as [1, heads, T, D] views of its rows, as the decoder's
+    head_range makes them."""
+    heads_first = qkv.transpose(0, 2, 1, 3)
+    return heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+
+
 def projected_step(rng: np.random.Generator, d: int, q_heads: int, kv_heads: int, capacity: int, theta: float):
     """A decode step's q|k|v row [1, 1, heads, D] as projected, the q/k norms' weights, RoPE's inverse frequencies
     (base theta) and a cache's keys and values [2, 1, kv_heads, capacity, D]; bfloat16 as bits, the frequencies
@@ -220,8 +227,7 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position), d, q_heads,
                                                                  kv_heads, position + 9, 500000.0)
     at = np.array([position], np.int32)
-    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
-    q_raw, k_raw, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    q_raw, k_raw, v = head_views(qkv, q_heads, kv_heads)
     splits = splits_for(position + 1)
     ptr = ctypes.c_void_p
 
@@ -311,8 +317,7 @@ def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_pa
     qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position + 2), d, q_heads,
                                                                  kv_heads, position + 4, 10000.0)
     at = np.array([position], np.int32)
-    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
-    q, k, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    q, k, v = head_views(qkv, q_heads, kv_heads)
     splits = splits_for(position + 1)
     ptr = ctypes.c_void_p
 
@@ -564,8 +569,7 @@ def test_the_roped_chunk_kernel_gives_the_qk_kernel_then_the_chunk_kernels_bits(
     frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
     at = np.array([offset], np.int32)
     cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
-    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, T, D] views of the rows, as the decoder's head_range
-    k_raw, v = heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
+    _, k_raw, v = head_views(qkv, q_heads, kv_heads)
     query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
     splits = chunk_splits_for(length, kv_heads * query_tiles)
     rows = tokens * q_heads
