@@ -146,27 +146,16 @@ def kernels():
         yield f"decode_attention_parts/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
             "mlxr_decode_attention_parts", "",
             kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
-                          (("MLXR_ROPE", False), ("MLXR_NORM", False), ("MLXR_PRODUCT", False), ("MLXR_MERGE", False))),
-            step_inputs,
-            step_parts, constants)
-        # the variants that make the q/k norms and RoPE from the projected heads themselves, from views of the heads
-        # or from the q|k|v product itself (MLXRUNNER_DECODE_PRODUCT=1)
-        # (MLXRUNNER_DECODE_PRODUCT=1), and from the product merging their own splits (MLXRUNNER_DECODE_MERGE=1)
+                          (("MLXR_ROPE", False), ("MLXR_NORM", False))), step_inputs, step_parts, constants)
+        # the variants that make the q/k norms and RoPE from the projected heads themselves
         for norm in (False, True):
-            for product, merge in ((False, False), (True, False), (True, True)):
-                norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
-                inputs = ([("qkv", "bf16")] + step_inputs[3:] if product else step_inputs) + [
-                    ("inverse_frequencies", "float")] + norms + ([("tickets", "int32")] if merge else [])
-                switches = (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_PRODUCT", product), ("MLXR_MERGE", merge))
-                header = kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope")
-                header += kernel_string("cuda_decode_attention.cpp", "kMergeInKernel") if merge else ""
-                yield (f"decode_attention_roped/norm={int(norm)}/product={int(product)}/merge={int(merge)}/{d}/"
-                       f"{q_heads}x{kv_heads}", mlx_kernel_source(
-                           "mlxr_decode_attention_roped", header,
-                           kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts", switches),
-                           inputs,
-                           step_parts + ([("out", "bf16")] if merge else []),
-                           constants | {"TRADITIONAL": False} | ({"EPS_BITS": 1} if norm else {})))
+            norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+            yield f"decode_attention_roped/norm={int(norm)}/{d}/{q_heads}x{kv_heads}", mlx_kernel_source(
+                "mlxr_decode_attention_roped", kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+                kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionParts",
+                              (("MLXR_ROPE", True), ("MLXR_NORM", norm))),
+                step_inputs + [("inverse_frequencies", "float")] + norms, step_parts,
+                constants | {"TRADITIONAL": False} | ({"EPS_BITS": 1} if norm else {}))
     # The decode product's plain variant (its normed and heads variants are not listed yet), 4-bit and 16-bit weights.
     for bits in (4, 16):
         yield f"qmv_tc/bits={bits}/bf16", mlx_kernel_source(
@@ -181,27 +170,22 @@ def kernels():
             yield f"chunk_attention_parts/{d}/{q_heads}x{kv_heads}/{dtype}", mlx_kernel_source(
                 "mlxr_chunk_attention_parts", chunk_helpers,
                 kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
-                              (("MLXR_ROPE", False), ("MLXR_NORM", False), ("MLXR_MERGE", False))),
+                              (("MLXR_ROPE", False), ("MLXR_NORM", False))),
                 [("q", dtype), ("k", dtype), ("v", dtype), ("keys", dtype), ("values", dtype), ("position", "int32")],
                 [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
                 {"T": dtype, "D": d, "Q_HEADS": q_heads, "KV_HEADS": kv_heads, "SCALE_BITS": 1})
-    # The chunk kernel's variants that read the q|k|v product and make the q/k norms and RoPE (the default), and those
-    # that also merge their own splits (MLXRUNNER_CHUNK_MERGE=1: the tickets an input, the merged rows an output).
+    # The chunk kernel's variants that read the q|k|v product and make the q/k norms and RoPE (the default).
     for norm in (False, True):
-        for merge in (False, True):
-            norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
-            header = chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope")
-            header += kernel_string("cuda_decode_attention.cpp", "kMergeInKernel") if merge else ""
-            yield f"chunk_attention_roped/norm={int(norm)}/merge={int(merge)}/128/32x8", mlx_kernel_source(
-                "mlxr_chunk_attention_roped", header,
-                kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
-                              (("MLXR_ROPE", True), ("MLXR_NORM", norm), ("MLXR_MERGE", merge))),
-                [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
-                 ("inverse_frequencies", "float")] + norms + ([("tickets", "int32")] if merge else []),
-                [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")]
-                + ([("out", "bf16")] if merge else []),
-                {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1, "TRADITIONAL": False}
-                | ({"EPS_BITS": 1} if norm else {}))
+        norms = [("q_weight", "bf16"), ("k_weight", "bf16")] if norm else []
+        yield f"chunk_attention_roped/norm={int(norm)}/128/32x8", mlx_kernel_source(
+            "mlxr_chunk_attention_roped", chunk_helpers + kernel_string("cuda_norm_rope.h", "kCudaHeadNormRope"),
+            kernel_string("cuda_decode_attention.cpp", "kChunkAttentionParts",
+                          (("MLXR_ROPE", True), ("MLXR_NORM", norm))),
+            [("qkv", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("position", "int32"),
+             ("inverse_frequencies", "float")] + norms,
+            [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")],
+            {"T": "bf16", "D": 128, "Q_HEADS": 32, "KV_HEADS": 8, "SCALE_BITS": 1, "TRADITIONAL": False}
+            | ({"EPS_BITS": 1} if norm else {}))
     yield "decode_attention_merge/bf16", mlx_kernel_source(
         "mlxr_decode_attention_merge", "", kernel_string("cuda_decode_attention.cpp", "kDecodeAttentionMerge"),
         [("part_acc", "float"), ("part_max", "float"), ("part_sum", "float")], [("out", "bf16")],

@@ -436,8 +436,7 @@ void bind_cuda_kernels(nb::module_& m) {
       "cuda_chunk_attention_from_product",
       [](const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys, const mx::array& values,
          const mx::array& position, int length, float scale, const RopeConfig& config,
-         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps,
-         std::optional<mx::array> tickets) -> std::optional<mx::array> {
+         std::optional<mx::array> q_weight, std::optional<mx::array> k_weight, float eps) -> std::optional<mx::array> {
         if (qkv.ndim() != 3 || q_heads + 2 * kv_heads <= 0 || qkv.shape(2) % (q_heads + 2 * kv_heads) != 0) {
           return std::nullopt;
         }
@@ -445,19 +444,16 @@ void bind_cuda_kernels(nb::module_& m) {
         if (!treatment) return std::nullopt;
         const DecodeRope rope{treatment->first, treatment->second};
         if (!cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope)) return std::nullopt;
-        return evaluated(cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys, values, position, length,
-                                                           scale, rope, tickets));
+        return evaluated(
+            cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys, values, position, length, scale, rope));
       },
       "qkv"_a, "q_heads"_a, "kv_heads"_a, "keys"_a, "values"_a, "position"_a, "length"_a, "scale"_a, "config"_a,
-      "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "eps"_a = 1e-6f, "tickets"_a = nb::none(),
-      nb::call_guard<nb::gil_scoped_release>(),
+      "q_weight"_a = nb::none(), "k_weight"_a = nb::none(), "eps"_a = 1e-6f, nb::call_guard<nb::gil_scoped_release>(),
       "cuda_chunk_attention from the q|k|v product [1, T, (q_heads + 2 kv_heads) D] as projected: the kernel reads "
       "each head in place, makes the q/k per-head RMSNorms (when weights are given) and RoPE (token t at position[0] + "
       "t) itself, as cuda_qkv_heads does, and writes the rotated keys and the values into the cache; None off CUDA or "
       "where the kernel does not apply; the decoder takes it unless MLXRUNNER_CHUNK_ROPE=0, this binding whatever the "
-      "switch (nn/cuda_decode_attention.h). tickets: an int32 array of zeros (at least key heads x query tiles of 64 "
-      "rows), which makes the kernel merge its own splits (MLXRUNNER_CHUNK_MERGE=1 in the decoder) and leaves them "
-      "zero.");
+      "switch (nn/cuda_decode_attention.h).");
   m.def(
       "cuda_quantized_normed_qkv_heads",
       [](const mx::array& x, std::optional<mx::array> delta, const mx::array& norm_weight, float eps,

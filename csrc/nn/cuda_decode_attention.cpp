@@ -35,17 +35,6 @@ constexpr const char* kDecodeAttentionParts = R"(
   const int chunk = (length + splits - 1) / splits;
   const int begin = split * chunk, end = min(length, begin + chunk);
   const float scale = __int_as_float(SCALE_BITS);
-#if MLXR_PRODUCT
-  // q, k and v as projected: the q|k|v product itself, [1, 1, (Q_HEADS + 2 KV_HEADS) D], q's heads first, then k's,
-  // then v's. Read in place, so that the host builds no views of it (a reshape, three slices and three transposes a
-  // layer, each an array for MLX to build and evaluate).
-  const T* q = qkv;
-  const T* k = qkv + Q_HEADS * D;
-  const T* v = qkv + (Q_HEADS + KV_HEADS) * D;
-  const long long q_strides[4] = {0, D, 0, 1};
-  const long long (&k_strides)[4] = q_strides;
-  const long long (&v_strides)[4] = q_strides;
-#endif
 #if MLXR_ROPE
   // q and k as projected: the block's G query heads and its key head normed (MLXR_NORM) and rotated here, a warp a
   // head, as the q/k kernel makes them (norm_rope_head: the same bits), into shared memory, then read in this
@@ -187,17 +176,6 @@ constexpr const char* kDecodeAttentionParts = R"(
       part_sum[part] = total;
     }
   }
-#if MLXR_MERGE
-  // The last of this key head's blocks to finish merges its G query heads' splits into out [1, 1, Q_HEADS D]
-  // (mlxr_merge: the merge kernel's bits): one operation a layer where the parts and the merge made two. A counter a key
-  // head in tickets.
-  if (!mlxr_merge::last_to_arrive(tickets, kv_head, splits)) return;
-  for (int e = threadIdx.x; e < G * D; e += 32 * kWarps) {
-    const size_t head = kv_head * G + e / D;
-    const int d = e % D;
-    out[head * D + d] = static_cast<T>(mlxr_merge::merged<D>(part_acc, part_max, part_sum, head, splits, d));
-  }
-#endif
 )";
 
 // One block a row (a token's query head: the decode step's one token, or token t of a chunk, row t Q_HEADS + head),
@@ -238,57 +216,6 @@ constexpr const char* kDecodeAttentionMerge = R"(
     top = stage_top;
   }
   out[head * D + d] = static_cast<T>(weighted / total);
-)";
-
-// What a parts kernel that merges its own splits (MLXR_MERGE) adds: the last of a group's blocks to finish (counted by
-// tickets: one counter a group, zero before the kernel and again after it, the last block resetting its own; the
-// cache's own, KVCache::tickets, as its buffers are) merges the group's rows with the merge kernel's arithmetic in its
-// order (kDecodeAttentionMerge: the same bits), reading the other blocks' parts through L2 (__ldcg), never a line this
-// SM's L1 may hold from before they were written.
-constexpr const char* kMergeInKernel = R"(
-namespace mlxr_merge {
-// Whether this block is the last of group `group`'s `blocks` to get here: every thread of the block calls it after
-// writing its parts, and the block goes on to merge only if so.
-__device__ __forceinline__ bool last_to_arrive(const int* tickets, int group, int blocks) {
-  __shared__ unsigned arrived;
-  unsigned* counter = reinterpret_cast<unsigned*>(const_cast<int*>(tickets)) + group;
-  __threadfence();  // this block's parts are seen by the last block before its ticket is
-  __syncthreads();
-  if (threadIdx.x == 0) arrived = atomicAdd(counter, 1u);
-  __syncthreads();
-  if (arrived != static_cast<unsigned>(blocks - 1)) return false;
-  __threadfence();
-  if (threadIdx.x == 0) *counter = 0u;
-  return true;
-}
-// Element d of row `row`'s splits merged, in the merge kernel's stages of 64.
-template <int D>
-__device__ __forceinline__ float merged(const float* part_acc, const float* part_max, const float* part_sum, size_t row,
-                                        int splits, int d) {
-  const float neg_inf = -__int_as_float(0x7f800000);
-  const float* row_max = part_max + row * splits;
-  const float* row_sum = part_sum + row * splits;
-  const float* row_acc = part_acc + row * splits * D + d;
-  float top = neg_inf, total = 0.f, weighted = 0.f;
-  for (int first = 0; first < splits; first += 64) {
-    const int count = min(64, splits - first);
-    float stage_top = top;
-    for (int s = 0; s < count; ++s) stage_top = fmaxf(stage_top, __ldcg(row_max + first + s));
-    if (stage_top == neg_inf) continue;
-    const float carried = top == neg_inf ? 0.f : expf(top - stage_top);
-    total *= carried;
-    weighted *= carried;
-#pragma unroll 8
-    for (int s = 0; s < count; ++s) {
-      const float rescale = expf(__ldcg(row_max + first + s) - stage_top);
-      total += rescale * __ldcg(row_sum + first + s);
-      weighted += rescale * __ldcg(row_acc + static_cast<size_t>(first + s) * D);
-    }
-    top = stage_top;
-  }
-  return weighted / total;
-}
-}  // namespace mlxr_merge
 )";
 
 // A chunk of several new tokens (a prompt's rest after the prompt cache, a chat's next turn) on tensor cores. One block
@@ -663,18 +590,6 @@ constexpr const char* kChunkAttentionParts = R"(
       part_acc[static_cast<size_t>(part) * D + 8 * n + 2 * quad + 1] = acc[n][2 * half + 1];
     }
   }
-#if MLXR_MERGE
-  // The last of this (key head, query tile)'s blocks to finish merges the tile's rows' splits into out
-  // [1, T, Q_HEADS D] (mlxr_merge: the merge kernel's bits), so that a layer's attention is one operation for the host
-  // to build and encode where the parts and the merge made two. A counter a (key head, query tile) in tickets.
-  if (!mlxr_merge::last_to_arrive(tickets, blockIdx.x / splits, splits)) return;
-  const int first_row = query_tile * kRows, tile_rows = min(rows, first_row + kRows) - first_row;
-  for (int i = threadIdx.x; i < tile_rows * D; i += blockDim.x) {
-    const int row = first_row + i / D, d = i % D;
-    const size_t part_row = (row / G) * Q_HEADS + kv_head * G + row % G;
-    out[part_row * D + d] = static_cast<T>(mlxr_merge::merged<D>(part_acc, part_max, part_sum, part_row, splits, d));
-  }
-#endif
 )";
 
 constexpr int kThreads = 128;          // kWarps in the source, 32 lanes each (both parts kernels)
@@ -686,12 +601,11 @@ constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a mult
 constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
-// A roped kernel's inputs and template arguments from the q|k|v product (the step's and the chunk's product forms): the
-// product, the cache's buffers, the position, RoPE's frequencies, the q/k norms' weights where there are norms, then
-// the tickets where the kernel merges its own splits.
+// The roped chunk kernel's inputs and template arguments from the q|k|v product: the product, the cache's buffers, the
+// position, RoPE's frequencies, then the q/k norms' weights where there are norms.
 std::pair<std::vector<mx::array>, std::vector<std::pair<std::string, mx::fast::TemplateArg>>> product_launch(
     const mx::array& qkv, int q_heads, int kv_heads, int d, const mx::array& keys, const mx::array& values,
-    const mx::array& position, float scale, const DecodeRope& rope, const std::optional<mx::array>& tickets) {
+    const mx::array& position, float scale, const DecodeRope& rope) {
   std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
   std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
                                                                   {"D", d},
@@ -703,7 +617,6 @@ std::pair<std::vector<mx::array>, std::vector<std::pair<std::string, mx::fast::T
     inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
     args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
   }
-  if (tickets) inputs.push_back(*tickets);
   return {std::move(inputs), std::move(args)};
 }
 
@@ -786,33 +699,20 @@ mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, i
 }
 
 // A parts kernel's splits over `blocks` blocks of kThreads (its part rows: token t's query head h at t q_heads + h),
-// merged into [1, tokens, q_heads D]: by the kernel itself where it merges its own splits (`merges`, MLXR_MERGE: its
-// fourth output), else by the merge kernel after it.
+// merged into [1, tokens, q_heads D] by the merge kernel after it.
 mx::array attended(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
                    const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int tokens, int q_heads,
-                   int d, mx::Dtype dtype, int splits, long long blocks, bool merges) {
+                   int d, mx::Dtype dtype, int splits, long long blocks) {
   const int rows = tokens * q_heads;
-  std::vector<mx::Shape> shapes{{rows, splits, d}, {rows, splits}, {rows, splits}};
-  std::vector<mx::Dtype> dtypes{mx::float32, mx::float32, mx::float32};
-  if (merges) {
-    shapes.push_back({1, tokens, q_heads * d});
-    dtypes.push_back(dtype);
-  }
-  auto split_parts = kernel(inputs, shapes, dtypes, {cuda_checked_threads(blocks * kThreads), 1, 1}, {kThreads, 1, 1},
-                            args, std::nullopt, false, {});
-  if (merges) return split_parts[3];
+  auto split_parts =
+      kernel(inputs, {{rows, splits, d}, {rows, splits}, {rows, splits}}, {mx::float32, mx::float32, mx::float32},
+             {cuda_checked_threads(blocks * kThreads), 1, 1}, {kThreads, 1, 1}, args, std::nullopt, false, {});
   return merged(split_parts, tokens, q_heads, d, dtype);
 }
 
-// The tickets of a kernel that merges its own splits: int32 [at least `groups`] (cuda_*_attention_from_product).
-void check_tickets(const std::optional<mx::array>& tickets, size_t groups, const std::string& who) {
-  if (tickets && (tickets->dtype() != mx::int32 || tickets->ndim() != 1 || tickets->size() < groups)) {
-    throw std::invalid_argument(who + ": the tickets are not int32 [at least one a block group]");
-  }
-}
-
-// What both kernels' product forms take: the q|k|v product [1, T, (q_heads + 2 kv_heads) D] of one sequence on CUDA,
-// row-contiguous, its heads as heads_fit takes them, and a RoPE (and q/k norms) the kernels make (head_norm_rope_fits).
+// What the chunk kernel's product form takes: the q|k|v product [1, T, (q_heads + 2 kv_heads) D] of one sequence on
+// CUDA, row-contiguous, its heads as heads_fit takes them, and a RoPE (and q/k norms) the kernel makes
+// (head_norm_rope_fits).
 bool product_heads_fit(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
   const int heads = q_heads + 2 * kv_heads;
   if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
@@ -823,24 +723,16 @@ bool product_heads_fit(const mx::array& qkv, int q_heads, int kv_heads, const De
   return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
 }
 
-// MLXRUNNER_DECODE_ATTENTION=0 and MLXRUNNER_DECODE_ROPE=0, read where the step's kernel is chosen, views or product.
-bool decode_attention_off() {
-  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
-  return decode_attention.off();
-}
-bool decode_rope_off() {
-  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
-  return decode_rope.off();
-}
-
 }  // namespace
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
-  return !decode_attention_off() && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
+  static EnvSwitch decode_attention("MLXRUNNER_DECODE_ATTENTION");
+  return !decode_attention.off() && cache_attention_shapes(q, k, v) && q.shape(2) == 1 && q.shape(1) / k.shape(1) <= 8;
 }
 
 bool cuda_decode_attention_ropes(const mx::array& q, const DecodeRope& rope) {
-  return !decode_rope_off() && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
+  static EnvSwitch decode_rope("MLXRUNNER_DECODE_ROPE");
+  return !decode_rope.off() && head_norm_rope_fits(q.shape(-1), q.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
@@ -854,20 +746,19 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
   const int splits = splits_for(length);
   auto args = kernel_args(q, k, scale);
   std::vector<mx::array> inputs{q, k, v, keys, values, position};
-  static const auto parts =
-      cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
-                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
-                  {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
+  static const auto parts = cuda_kernel("mlxr_decode_attention_parts", {"q", "k", "v", "keys", "values", "position"},
+                                        {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, "", false,
+                                        {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves from the projected heads.
   static const auto roped =
       cuda_kernel("mlxr_decode_attention_roped", {"q", "k", "v", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_decode_attention_roped_normed",
                   {"q", "k", "v", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", false}, {"MLXR_MERGE", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
   const auto* kernel = &parts;
   if (rope) {
     inputs.push_back(rope->rope.inverse_frequencies);
@@ -879,64 +770,7 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
       kernel = &roped_normed;
     }
   }
-  return attended(*kernel, inputs, args, 1, q_heads, d, q.dtype(), splits, static_cast<long long>(kv_heads) * splits,
-                  false);
-}
-
-bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  return !decode_attention_off() && !decode_rope_off() && product_heads_fit(qkv, q_heads, kv_heads, rope) &&
-         qkv.shape(1) == 1 && q_heads / kv_heads <= 8;
-}
-
-bool cuda_decode_reads_product() {
-  static EnvSwitch from_product("MLXRUNNER_DECODE_PRODUCT");
-  return from_product.on();
-}
-
-bool cuda_decode_merges_in_kernel() {
-  static EnvSwitch in_kernel("MLXRUNNER_DECODE_MERGE");
-  return in_kernel.on();
-}
-
-mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
-                                             const mx::array& values, const mx::array& position, int length,
-                                             float scale, const DecodeRope& rope,
-                                             const std::optional<mx::array>& tickets) {
-  if (!cuda_decode_product_fits(qkv, q_heads, kv_heads, rope)) {
-    throw std::invalid_argument(
-        "cuda_decode_attention_from_product: the product, its RoPE or its q/k norms do not fit the kernel");
-  }
-  const int d = qkv.shape(2) / (q_heads + 2 * kv_heads);
-  check_cache_buffers(kv_heads, d, qkv.dtype(), 1, keys, values, position, length);
-  check_tickets(tickets, kv_heads, "cuda_decode_attention_from_product");
-  // The roped variants of the step's kernel, reading q, k and v from the product (MLXR_PRODUCT).
-  static const auto roped =
-      cuda_kernel("mlxr_decode_attention_roped_product", {"qkv", "keys", "values", "position", "inverse_frequencies"},
-                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", false}});
-  static const auto roped_normed =
-      cuda_kernel("mlxr_decode_attention_roped_normed_product",
-                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
-                  {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", false}});
-  // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
-  static const std::string merging_header = std::string(kCudaHeadNormRope) + kMergeInKernel;
-  static const auto roped_merged =
-      cuda_kernel("mlxr_decode_attention_roped_product_merged",
-                  {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, merging_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
-  static const auto roped_normed_merged =
-      cuda_kernel("mlxr_decode_attention_roped_normed_product_merged",
-                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kDecodeAttentionParts, merging_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_PRODUCT", true}, {"MLXR_MERGE", true}});
-  const int splits = splits_for(length);
-  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
-  const auto* kernel =
-      rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
-  return attended(*kernel, inputs, args, 1, q_heads, d, qkv.dtype(), splits, static_cast<long long>(kv_heads) * splits,
-                  tickets.has_value());
+  return attended(*kernel, inputs, args, 1, q_heads, d, q.dtype(), splits, static_cast<long long>(kv_heads) * splits);
 }
 
 bool cuda_chunk_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
@@ -950,21 +784,14 @@ bool chunk_attention_switched_on() {
 
 namespace {
 
-// The chunk kernel's blocks that share a (key head, query tile): its splits of the keys.
-int chunk_query_tiles(int q_heads, int kv_heads, int tokens) {
-  return (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
-}
-
-// The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D]. `merges`: the
-// kernel is a variant that merges its own splits (MLXR_MERGE, its last input the tickets) and gives the merged rows as
-// its fourth output; otherwise the merge kernel follows.
+// The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D].
 mx::array chunk_attention(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
                           const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int q_heads,
-                          int kv_heads, int tokens, int d, mx::Dtype dtype, int length, bool merges = false) {
-  const int query_tiles = chunk_query_tiles(q_heads, kv_heads, tokens);
+                          int kv_heads, int tokens, int d, mx::Dtype dtype, int length) {
+  const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   return attended(kernel, inputs, args, tokens, q_heads, d, dtype, splits,
-                  static_cast<long long>(kv_heads) * query_tiles * splits, merges);
+                  static_cast<long long>(kv_heads) * query_tiles * splits);
 }
 
 const std::string& chunk_header() {
@@ -973,11 +800,6 @@ const std::string& chunk_header() {
 }
 
 }  // namespace
-
-bool cuda_chunk_merges_in_kernel() {
-  static EnvSwitch in_kernel("MLXRUNNER_CHUNK_MERGE");
-  return in_kernel.on();
-}
 
 bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
   static EnvSwitch chunk_rope("MLXRUNNER_CHUNK_ROPE");
@@ -993,14 +815,14 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
   check_cache_buffers(q, k, keys, values, position, length);
   static const auto parts = cuda_kernel("mlxr_chunk_attention_parts", {"q", "k", "v", "keys", "values", "position"},
                                         {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, chunk_header(),
-                                        false, {{"MLXR_ROPE", false}, {"MLXR_NORM", false}, {"MLXR_MERGE", false}});
+                                        false, {{"MLXR_ROPE", false}, {"MLXR_NORM", false}});
   return chunk_attention(parts, {q, k, v, keys, values, position}, kernel_args(q, k, scale), q.shape(1), k.shape(1),
                          q.shape(2), q.shape(3), q.dtype(), length);
 }
 
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                             const mx::array& values, const mx::array& position, int length, float scale,
-                                            const DecodeRope& rope, const std::optional<mx::array>& tickets) {
+                                            const DecodeRope& rope) {
   if (!cuda_chunk_product_fits(qkv, q_heads, kv_heads, rope)) {
     throw std::invalid_argument(
         "cuda_chunk_attention_from_product: the product, its RoPE or its q/k norms do not fit "
@@ -1008,34 +830,20 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
   }
   const int tokens = qkv.shape(1), d = qkv.shape(2) / (q_heads + 2 * kv_heads);
   check_cache_buffers(kv_heads, d, qkv.dtype(), tokens, keys, values, position, length);
-  check_tickets(tickets, static_cast<size_t>(kv_heads) * chunk_query_tiles(q_heads, kv_heads, tokens),
-                "cuda_chunk_attention_from_product");
   // The variants that make the q/k norms (Qwen3, Gemma 3) and RoPE themselves, reading the heads from the product.
   static const std::string roped_header = chunk_header() + kCudaHeadNormRope;
   static const auto roped =
       cuda_kernel("mlxr_chunk_attention_roped", {"qkv", "keys", "values", "position", "inverse_frequencies"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_MERGE", false}});
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", false}});
   static const auto roped_normed =
       cuda_kernel("mlxr_chunk_attention_roped_normed",
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", false}});
-  // The same, merging their own splits (MLXR_MERGE: the tickets their last input, the merged rows their fourth output).
-  static const std::string merging_header = roped_header + kMergeInKernel;
-  static const auto roped_merged = cuda_kernel(
-      "mlxr_chunk_attention_roped_merged", {"qkv", "keys", "values", "position", "inverse_frequencies", "tickets"},
-      {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, merging_header, false,
-      {{"MLXR_ROPE", true}, {"MLXR_NORM", false}, {"MLXR_MERGE", true}});
-  static const auto roped_normed_merged =
-      cuda_kernel("mlxr_chunk_attention_roped_normed_merged",
-                  {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight", "tickets"},
-                  {"part_acc", "part_max", "part_sum", "out"}, kChunkAttentionParts, merging_header, false,
-                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}, {"MLXR_MERGE", true}});
-  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope, tickets);
-  const auto* kernel =
-      rope.norms ? (tickets ? &roped_normed_merged : &roped_normed) : (tickets ? &roped_merged : &roped);
-  return chunk_attention(*kernel, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(), length, tickets.has_value());
+                  {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
+  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope);
+  return chunk_attention(rope.norms ? roped_normed : roped, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(),
+                         length);
 }
 
 }  // namespace mlxr

@@ -73,25 +73,6 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 // The same but for the switch: what cuda_chunk_attention_from_product takes.
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
 
-// Whether the decode step's kernel can take this step straight from its q|k|v product [1, 1, (q_heads + 2 kv_heads) D]
-// (row-contiguous, the heads as cuda_decode_attention_applies takes them) and make the q/k norms and RoPE itself
-// (cuda_decode_attention_ropes), both kernels' switches on.
-bool cuda_decode_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope);
-// Whether the decoder gives the step's kernel the product itself (MLXRUNNER_DECODE_PRODUCT=1, a measuring switch, off):
-// the host then builds no views of it, a reshape, three slices and three transposes a layer, as a short chunk's kernel
-// does (MLXRUNNER_CHUNK_ROPE); off until a GPU run times it.
-bool cuda_decode_reads_product();
-// cuda_decode_attention with its RoPE (and q/k norms) from the product (cuda_decode_product_fits): the same bits. With
-// `tickets` (int32, at least one a key head, all zero, and zero again after the kernel; the cache's own,
-// KVCache::tickets) the kernel merges its own splits, the last block of each key head taking the merge kernel's work.
-mx::array cuda_decode_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
-                                             const mx::array& values, const mx::array& position, int length,
-                                             float scale, const DecodeRope& rope,
-                                             const std::optional<mx::array>& tickets = std::nullopt);
-// Whether a decode step's kernel from the product merges its own splits (MLXRUNNER_DECODE_MERGE=1, with
-// MLXRUNNER_DECODE_PRODUCT=1; a measuring switch, off): the merge kernel's operation a layer fewer.
-bool cuda_decode_merges_in_kernel();
-
 // Writes k and v at slots position[0] .. position[0] + T - 1 of keys and values [1, kv_heads, capacity, D]
 // (row-contiguous, capacity >= length), in place, and returns the causal attention of q (token t at position[0] + t)
 // over slots 0 .. length - 1 as [1, T, q_heads D]. `length` is the host's copy of position[0] + T.
@@ -100,17 +81,13 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
 
 // The same from the q|k|v product as projected (cuda_chunk_attention_ropes): each block reads its heads from the
 // product in place and makes the q/k norms and RoPE (token t at position[0] + t) itself, the q/k kernel's bits, before
-// the cache gets k. With `tickets` (int32, one counter a block group: at least kv_heads x ceil(T q_heads / kv_heads /
-// 64), all zero, and zero again after the kernel; the cache's own, KVCache::tickets) the kernel merges its own splits,
-// the last block of each group taking the merge kernel's work: one operation where there were two, the same bits.
+// the cache gets k. The step's kernel takes its q, k and v as views of the product instead: its q|k|v product form
+// (MLXRUNNER_DECODE_PRODUCT, session 39) timed no faster on an H100 (session 40: 250 against 241 tok/s at 4B, within
+// that window's scatter) and was removed, as were both kernels' merging their own splits (MLXRUNNER_CHUNK_MERGE,
+// MLXRUNNER_DECODE_MERGE: the last block of a group doing the merge kernel's work alone, a serial tail; +5.0 ms a
+// follow-up, and 208 against 248 tok/s).
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                             const mx::array& values, const mx::array& position, int length, float scale,
-                                            const DecodeRope& rope,
-                                            const std::optional<mx::array>& tickets = std::nullopt);
-
-// Whether a chunk's attention from the product merges its splits in the kernel (MLXRUNNER_CHUNK_MERGE=1, a measuring
-// switch, off): the merge kernel's operation a layer fewer for the host, which session 39 measured worth ~0.9 ms a
-// prompt-cache follow-up for the q/k kernel's; off until a GPU run times it.
-bool cuda_chunk_merges_in_kernel();
+                                            const DecodeRope& rope);
 
 }  // namespace mlxr

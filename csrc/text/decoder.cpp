@@ -348,12 +348,7 @@ std::tuple<mx::array, mx::array, mx::array> Decoder::project_qkv(const DecoderLa
         return {projected, projected, projected};
       }
     } else {
-      // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer), and under
-      // MLXRUNNER_DECODE_PRODUCT=1 reads each head from the product in place (no views to build).
-      if (cuda_decode_reads_product() && cuda_decode_product_fits(projected, hq, hkv, in_kernel)) {
-        *rope_in_attention = std::move(in_kernel);
-        return {projected, projected, projected};
-      }
+      // A decode step the attention kernel takes: it makes the norms and RoPE itself (one launch fewer).
       auto qkv = split_heads();
       auto q = head_range(qkv, 0, hq), k = head_range(qkv, hq, hkv), v = head_range(qkv, hq + hkv, hkv);
       if (cuda_decode_attention_applies(q, k, v) && cuda_decode_attention_ropes(q, in_kernel)) {
@@ -387,20 +382,11 @@ std::optional<mx::array> Decoder::attention_in_cache(const mx::array& q, const m
                                                      const std::optional<mx::array>& device_offset,
                                                      const std::optional<DecodeRope>& rope) const {
   const auto position = [&] { return device_offset ? *device_offset : offsets_array(offset); };
-  if (rope && q.ndim() == 3) {  // the q|k|v product (project_qkv): the kernel reads its heads in place
+  if (rope && q.ndim() == 3) {  // a chunk's q|k|v product (project_qkv): the chunk kernel reads its heads in place
     const int hq = config_.num_attention_heads, hkv = config_.kv_heads(), d = config_.head_size(), tokens = q.shape(1);
     const float scale = scale_or_default(attention_scale_, d);
     auto [keys, values] = cache.reserve(tokens, hkv, d, q.dtype());
-    if (tokens == 1) {                   // a decode step's (MLXRUNNER_DECODE_PRODUCT=1)
-      std::optional<mx::array> tickets;  // the kernel merges its own splits (MLXRUNNER_DECODE_MERGE=1)
-      if (cuda_decode_merges_in_kernel()) tickets = cache.tickets();
-      return cuda_decode_attention_from_product(q, hq, hkv, keys, values, position(), offset + 1, scale, *rope,
-                                                tickets);
-    }
-    std::optional<mx::array> tickets;  // the kernel merges its own splits (MLXRUNNER_CHUNK_MERGE=1)
-    if (cuda_chunk_merges_in_kernel()) tickets = cache.tickets();
-    return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope,
-                                             tickets);
+    return cuda_chunk_attention_from_product(q, hq, hkv, keys, values, position(), offset + tokens, scale, *rope);
   }
   const float scale = scale_or_default(attention_scale_, q);
   const int tokens = q.shape(2);

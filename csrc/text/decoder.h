@@ -169,9 +169,8 @@ class Decoder {
   // device_offset: `offset` as an int32 [1] made on the device, for the CUDA kernel (device_offset() below).
   // rope_in_attention: given where the cache may be written in place; where an attention kernel takes the step and can
   // make the norms and RoPE itself, *rope_in_attention says how, and for a decode step q and k are returned as
-  // projected (views of the product's heads), for a short chunk (unless MLXRUNNER_CHUNK_ROPE=0) and under
-  // MLXRUNNER_DECODE_PRODUCT=1 for a decode step, q, k and v are all the q|k|v product [1, T, (q_heads + 2 kv_heads) D]
-  // itself, which the kernel reads in place.
+  // projected (views of the product's heads), for a short chunk (unless MLXRUNNER_CHUNK_ROPE=0) q, k and v are all the
+  // q|k|v product [1, T, (q_heads + 2 kv_heads) D] itself, which the chunk kernel reads in place.
   template <typename Offset>
   std::tuple<mx::array, mx::array, mx::array> project_qkv(const DecoderLayer& layer, LayerInput& input,
                                                           const Rope& rope, const Offset& offset,

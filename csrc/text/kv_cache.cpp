@@ -86,17 +86,6 @@ std::pair<mx::array, mx::array> KVCache::reserve(int count, int heads, int dim, 
   return {*keys_, *values_};
 }
 
-const mx::array& KVCache::tickets() {
-  if (!writes_in_place()) throw std::logic_error("this cache may not be written in place");
-  if (!tickets_.array) {
-    // From host memory, not mx::zeros (a broadcast scalar: one element behind every index), so the kernel has a
-    // counter at each index to write.
-    const std::vector<int32_t> zeros(kTickets, 0);
-    tickets_.array = mx::array(zeros.begin(), {kTickets}, mx::int32);
-  }
-  return *tickets_.array;
-}
-
 std::pair<mx::array, mx::array> KVCache::append_buffers(const mx::array& keys, const mx::array& values) {
   if (window_ != 0) throw std::logic_error("a rotating cache's buffers are not in position order");
   append_full(keys, values);

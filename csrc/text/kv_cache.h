@@ -79,12 +79,6 @@ class KVCache {
   std::pair<mx::array, mx::array> reserve(int count, const mx::array& like);
   // The same for `heads` heads of `dim` in `dtype` (a kernel that reads the new keys from a q|k|v product).
   std::pair<mx::array, mx::array> reserve(int count, int heads, int dim, mx::Dtype dtype);
-  // Counters for a kernel that writes this cache in place and merges its own splits (nn/cuda_decode_attention.h,
-  // cuda_chunk_attention_from_product's tickets): int32 [kTickets], all zero between kernels. This cache's own, never a
-  // copy's (a copy starts without), so that no other sequence's kernel counts on them; made at the first call.
-  // writes_in_place() must hold.
-  static constexpr int kTickets = 256;
-  const mx::array& tickets();
   // A full cache's update_and_fetch (MLX writes the keys/values, into a copy of buffers a copy shares), returning the
   // whole buffers [1, H, capacity, D]: for a kernel that reads the cache's buffers and writes the same positions again.
   std::pair<mx::array, mx::array> append_buffers(const mx::array& keys, const mx::array& values);
@@ -119,20 +113,6 @@ class KVCache {
     mutable bool set_ = false;
   };
   CopyMark shared_;
-  // tickets(): kept by this cache alone; a copy (constructor or assignment) starts without and makes its own.
-  class OwnTickets {
-   public:
-    OwnTickets() = default;
-    OwnTickets(const OwnTickets&) {}
-    OwnTickets& operator=(const OwnTickets&) {
-      array.reset();
-      return *this;
-    }
-    OwnTickets(OwnTickets&&) noexcept = default;
-    OwnTickets& operator=(OwnTickets&&) noexcept = default;
-    std::optional<mx::array> array;
-  };
-  OwnTickets tickets_;
 };
 
 // Where one sequence's sliding-window layers hold its positions, as their rotating caches lay them out: `held` slots

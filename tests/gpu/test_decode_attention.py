@@ -29,9 +29,6 @@ SWITCH = "MLXRUNNER_DECODE_ATTENTION"
 CHUNK_SWITCH = "MLXRUNNER_CHUNK_ATTENTION"
 ROPE_SWITCH = "MLXRUNNER_DECODE_ROPE"
 CHUNK_ROPE_SWITCH = "MLXRUNNER_CHUNK_ROPE"
-CHUNK_MERGE_SWITCH = "MLXRUNNER_CHUNK_MERGE"
-DECODE_PRODUCT_SWITCH = "MLXRUNNER_DECODE_PRODUCT"
-DECODE_MERGE_SWITCH = "MLXRUNNER_DECODE_MERGE"
 
 
 def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
@@ -40,24 +37,6 @@ def assert_same_bits(roped, two_kernels, cache, cache_two, k, k_raw):
     assert mx.array_equal(cache[0], cache_two[0]).item() and mx.array_equal(cache[1], cache_two[1]).item()
     assert mx.array_equal(roped, two_kernels).item()
     assert not mx.array_equal(k, k_raw).item()  # the rotation did something
-
-
-# The attention kernels' switches a decoder comparison unsets before setting its own (same_decoder_runs).
-DECODER_SWITCHES = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH, CHUNK_MERGE_SWITCH, DECODE_PRODUCT_SWITCH,
-                    DECODE_MERGE_SWITCH]
-
-
-def same_decoder_runs(tmp_path, fixture, head_dim, *environments):
-    """SCRIPT's runs on a copy of `fixture` with heads of `head_dim`, once per environment (every attention switch
-    unset, then the environment's set): the same tokens and log-probabilities under each, at least 40 tokens in all.
-    Returns the runs."""
-    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
-    first, *others = [run_script_json(SCRIPT, folder, unset=DECODER_SWITCHES, environment=environment)
-                      for environment in environments]
-    for other in others:
-        assert other == first
-    assert sum(len(run) for run in first) >= 40
-    return first
 
 
 def inputs(d, q_heads, kv_heads, capacity, seed, tokens=1):
@@ -268,67 +247,13 @@ def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_ropes_or_not(tmp
     """The decoder's chunks (a fresh prompt, a follow-up on a kept cache) with the chunk kernel making the q/k norms
     and RoPE (the default) and with the q/k kernel making them first (MLXRUNNER_CHUNK_ROPE=0): the same tokens and the
     same log-probabilities."""
-    same_decoder_runs(tmp_path, fixture, head_dim, {}, {CHUNK_ROPE_SWITCH: "0"})
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="a CUDA kernel")
-@pytest.mark.parametrize("norm", [False, True], ids=["RoPE (Llama)", "q/k norms and RoPE (Qwen3)"])
-@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset", [
-    (128, 32, 8, 64, 3000),  # the prompt cache bench's follow-up on a Qwen3-4B: 32 block groups of 12 splits
-    (128, 32, 8, 9, 0),      # a fresh cache: one split a group, its block the last
-    (64, 2, 1, 2, 5000),     # one group of many splits (two of the merge's stages)
-    (128, 64, 8, 128, 1000),  # the longest chunk, 8 queries a key head: 16 tiles a key head
-])
-def test_the_chunk_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(norm, d, q_heads, kv_heads, tokens,
-                                                                              offset):
-    """With tickets (MLXRUNNER_CHUNK_MERGE=1 in the decoder) the last block of each group merges the splits itself:
-    the same keys and values in the cache and the same attention, bit for bit, as the merge kernel after the parts;
-    the tickets are all zero again after it, twice running (the second call counts on the first's reset)."""
-    capacity = offset + tokens + 8
-    qkv = (3 * mx.random.normal((1, tokens, (q_heads + 2 * kv_heads) * d), key=mx.random.key(tokens))).astype(
-        mx.bfloat16)
-    q_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(1))).astype(mx.bfloat16) if norm else None
-    k_weight = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(2))).astype(mx.bfloat16) if norm else None
-    config = _core.RopeConfig.from_dict({"rope_theta": 1000000.0})
-    position = mx.array([offset], mx.int32)
-    length, scale = offset + tokens, d ** -0.5
-    tickets = mx.array(np.zeros(256, np.int32))
-    for _ in range(2):
-        _, _, _, keys, values = inputs(d, q_heads, kv_heads, capacity, 7)
-        _, _, _, keys_two, values_two = inputs(d, q_heads, kv_heads, capacity, 7)  # the same, in buffers of their own
-        mx.eval(keys, values, keys_two, values_two, tickets)
-        merged = _core.cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys, values, position, length, scale,
-                                                         config, q_weight, k_weight, tickets=tickets)
-        two_kernels = _core.cuda_chunk_attention_from_product(qkv, q_heads, kv_heads, keys_two, values_two, position,
-                                                              length, scale, config, q_weight, k_weight)
-        assert merged is not None and two_kernels is not None
-        assert mx.array_equal(merged, two_kernels).item()
-        assert mx.array_equal(keys, keys_two).item() and mx.array_equal(values, values_two).item()
-        assert not np.array(tickets).any()
-    assert float(mx.abs(merged.astype(mx.float32)).max()) > 0.05  # a real signal
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
-@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
-def test_a_decoder_gives_the_same_bits_whether_the_chunk_kernel_merges_or_not(tmp_path, fixture, head_dim):
-    """The decoder's chunks with the chunk kernel merging its own splits (MLXRUNNER_CHUNK_MERGE=1, each layer's cache
-    its tickets) and with the merge kernel after it (the default): the same tokens and log-probabilities, and a kept
-    cache not written by a later request."""
-    same_decoder_runs(tmp_path, fixture, head_dim, {CHUNK_MERGE_SWITCH: "1"}, {})
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the in-place attention kernels run on CUDA only")
-@pytest.mark.parametrize("fixture, head_dim", [(QWEN3, 64), (LLAMA3, 128)], ids=["qwen3 (q/k norms)", "llama3"])
-def test_a_decoder_gives_the_same_bits_whether_the_step_kernel_reads_the_product_or_views(tmp_path, fixture,
-                                                                                          head_dim):
-    """The decode steps with the step kernel reading q, k and v from the q|k|v product itself
-    (MLXRUNNER_DECODE_PRODUCT=1, and with MLXRUNNER_DECODE_MERGE=1 merging its own splits) and from views of its heads
-    (the default): the same tokens and log-probabilities (the same kernel arithmetic), and a kept cache not written by
-    a later request."""
-    runs = same_decoder_runs(tmp_path, fixture, head_dim, {DECODE_PRODUCT_SWITCH: "1"}, {},
-                             {DECODE_PRODUCT_SWITCH: "1", DECODE_MERGE_SWITCH: "1"})
-    tokens = [[token for token, _ in run] for run in runs]
-    assert tokens[0] == tokens[1] == tokens[2]
+    folder = str(wide_head_model_copy(fixture, tmp_path / "wide", head_dim=head_dim))
+    switches = [ROPE_SWITCH, SWITCH, CHUNK_SWITCH, CHUNK_ROPE_SWITCH]
+    in_kernel = run_script_json(SCRIPT, folder, unset=switches)
+    separate = run_script_json(SCRIPT, folder, unset=switches, environment={CHUNK_ROPE_SWITCH: "0"})
+    assert [len(run) for run in in_kernel] == [len(run) for run in separate]
+    assert in_kernel == separate
+    assert sum(len(run) for run in in_kernel) >= 40
 
 
 SCRIPT = r"""

@@ -7,10 +7,7 @@
 - MLXRUNNER_HOST_INTS_BY_KERNEL=1: a prompt's tokens written to device memory by a kernel whose parameters carry them
   (nn/cuda_host_ints.h) instead of read by the GPU from MLX's managed array;
 - MLXRUNNER_EARLY_DISPATCH=3: a waited-for forward queued to the device after its first layer, then every 3 layers
-  (text/decoder.cpp's LayerPacer), instead of after every layer;
-- MLXRUNNER_CHUNK_MERGE=1: a short chunk's attention kernel merges its own splits (nn/cuda_decode_attention.h);
-- MLXRUNNER_DECODE_PRODUCT=1: a decode step's attention kernel reads q, k and v from the q|k|v product itself;
-- MLXRUNNER_DECODE_MERGE=1: that kernel merges its own splits (alone it changes nothing: it needs the product's).
+  (text/decoder.cpp's LayerPacer), instead of after every layer.
 
 Under each, a Linear's product of 1 to 64 rows, and of a batch of sequences, must be x @ W.T to bfloat16 precision,
 and a bfloat16 copy of the tiny Qwen3 must give prompts' logits (2, 5, 9 and 40 tokens: one forward each, so the
@@ -31,9 +28,7 @@ ON_CUDA = ON_GPU and mx.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3 = ROOT / "tests" / "fixtures" / "llm" / "qwen3-tiny"
 SWITCHES = [("MLXRUNNER_HALF_MATVEC", "1"), ("MLXRUNNER_KERNEL_SOURCES_BY_PATH", "1"),
-            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_EARLY_DISPATCH", "3"),
-            ("MLXRUNNER_CHUNK_MERGE", "1"),
-            ("MLXRUNNER_DECODE_PRODUCT", "1"), ("MLXRUNNER_DECODE_MERGE", "1")]
+            ("MLXRUNNER_HOST_INTS_BY_KERNEL", "1"), ("MLXRUNNER_EARLY_DISPATCH", "3")]
 
 PRODUCTS = r"""
 import json

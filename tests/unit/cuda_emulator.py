@@ -14,7 +14,6 @@ import numpy as np
 
 PRELUDE = r"""
 #include <algorithm>
-#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -34,11 +33,6 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 #define __align__(n) __attribute__((aligned(n)))
 static std::unique_ptr<std::barrier<>> block_barrier;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-// Device-wide atomics and fences (blocks here run one after another, the threads of one as std::threads), and a load
-// that bypasses L1 (one memory here).
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-template <typename X> inline X __ldcg(const X* p) { return *p; }
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t both = (static_cast<uint64_t>(y) << 32) | x;

@@ -194,25 +194,6 @@ def build_roped_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale
                            code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
 
 
-def head_views(qkv: np.ndarray, q_heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """q, k and v of a q|k|v product [1, T, heads, D] as [1, heads, T, D] views of its rows, as the decoder's
-    head_range makes them."""
-    heads_first = qkv.transpose(0, 2, 1, 3)
-    return heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
-
-
-def projected_step(rng: np.random.Generator, d: int, q_heads: int, kv_heads: int, capacity: int, theta: float):
-    """A decode step's q|k|v row [1, 1, heads, D] as projected, the q/k norms' weights, RoPE's inverse frequencies
-    (base theta) and a cache's keys and values [2, 1, kv_heads, capacity, D]; bfloat16 as bits, the frequencies
-    float."""
-    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
-    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    frequencies = (1.0 / theta ** (np.arange(0, d, 2) / d)).astype(np.float32)
-    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
-    return qkv, q_weight, k_weight, frequencies, cache
-
-
 @pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
     (128, 32, 8, 150, False, False),  # Llama 3 8B's heads: RoPE alone, 10 splits
     (128, 16, 8, 300, True, False),   # Qwen3's per-head norms, then RoPE
@@ -223,11 +204,17 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     """q and k as projected (strided views of one q|k|v row): the kernel that norms and rotates them itself writes the
     same key into the cache and gives the same attention, bit for bit, as the q/k kernel followed by the parts kernel
     (and the same merge)."""
+    rng = np.random.default_rng(d + position)
     scale = 1 / np.sqrt(d)
-    qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position), d, q_heads,
-                                                                 kv_heads, position + 9, 500000.0)
+    capacity = position + 9
+    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, q_heads + 2 * kv_heads, d)))
+    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
+    frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
     at = np.array([position], np.int32)
-    q_raw, k_raw, v = head_views(qkv, q_heads, kv_heads)
+    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
+    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, 1, D] views of the row, as the decoder's head_range
+    q_raw, k_raw, v = heads_first[:, :q_heads], heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
     splits = splits_for(position + 1)
     ptr = ctypes.c_void_p
 
@@ -270,125 +257,6 @@ def test_the_roped_kernel_gives_the_qk_kernel_then_the_parts_kernels_bits(tmp_pa
     np.testing.assert_array_equal(values_roped, values_two)
     np.testing.assert_array_equal(roped, two_kernels)
     assert not np.array_equal(k_out[0, :, 0], k_raw[0, :, 0])  # the rotation did something
-
-
-def assert_merging_gives_the_merge_kernels_bits(attend) -> None:
-    """attend(merged_in_kernel) -> (out, keys, values, tickets): the kernel that merges its own splits (MLXR_MERGE)
-    against the parts kernel then the merge kernel: the same cache and attention bit for bit, every ticket zero again
-    (ready for the next kernel), and a real signal."""
-    two_kernels, keys_two, values_two, _ = attend(False)
-    one_kernel, keys_one, values_one, tickets = attend(True)
-    np.testing.assert_array_equal(keys_one, keys_two)
-    np.testing.assert_array_equal(values_one, values_two)
-    np.testing.assert_array_equal(one_kernel, two_kernels)
-    assert not tickets.any()
-    assert np.abs(from_bf16_bits(one_kernel)).max() > 0.05  # a real signal
-
-
-def build_product_parts(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float, norm: bool,
-                        traditional: bool, merge: bool = False):
-    """The roped parts kernel that reads q, k and v from the q|k|v product itself (MLXR_PRODUCT): run(blocks, qkv, keys,
-    keys_shape, values, position, inverse_frequencies, q_weight, k_weight, <its parts>). With merge, the one that
-    merges its own splits (MLXR_MERGE): tickets after k_weight, out [1, 1, q_heads D] after the parts."""
-    params = ("const T* qkv, const T* keys, const int* keys_shape, const T* values, const int* position, "
-              "const float* inverse_frequencies, const T* q_weight, const T* k_weight, "
-              + ("const int* tickets, " if merge else "") + STEP_PARTS + (", T* out" if merge else ""))
-    body = kernel_source(SOURCE, "kDecodeAttentionParts",
-                         {"MLXR_ROPE": True, "MLXR_NORM": norm, "MLXR_PRODUCT": True, "MLXR_MERGE": merge})
-    header = kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
-    if merge:
-        header += kernel_source(SOURCE, "kMergeInKernel")
-    code = (PRELUDE + header + constants_of(d, q_heads, kv_heads, scale) + rope_constants(traditional) +
-            f"static void kernel({params}) {{\n{body}\n}}\n")
-    return compile_library(tmp_path / f"product-{int(norm)}{int(traditional)}{'-merged' if merge else ''}",
-                           code + block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
-
-
-@pytest.mark.parametrize("d, q_heads, kv_heads, position, norm, traditional", [
-    (128, 8, 4, 120, True, False),  # Qwen3's per-head norms, then RoPE; 8 splits
-    (64, 8, 4, 37, False, True),    # RoPE alone, interleaved pairs, one split
-])
-def test_the_step_kernel_reading_the_product_gives_the_views_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
-                                                                          norm, traditional):
-    """MLXR_PRODUCT: the roped step kernel handed the q|k|v product [1, 1, (q_heads + 2 kv_heads) D] itself reads each
-    head in place, and writes the same key and value into the cache and the same parts, bit for bit, as the same
-    kernel handed views of the product's heads (what the decoder builds without MLXRUNNER_DECODE_PRODUCT=1)."""
-    scale = 1 / np.sqrt(d)
-    qkv, q_weight, k_weight, frequencies, cache = projected_step(np.random.default_rng(d + position + 2), d, q_heads,
-                                                                 kv_heads, position + 4, 10000.0)
-    at = np.array([position], np.int32)
-    q, k, v = head_views(qkv, q_heads, kv_heads)
-    splits = splits_for(position + 1)
-    ptr = ctypes.c_void_p
-
-    def attend(from_product: bool):
-        keys, values = cache[0].copy(), cache[1].copy()
-        parts = [np.zeros((q_heads, splits, d), np.float32), np.zeros((q_heads, splits), np.float32),
-                 np.zeros((q_heads, splits), np.float32)]
-        keys_shape = np.array(keys.shape, np.int32)
-        rope = [frequencies.ctypes.data, q_weight.ctypes.data, k_weight.ctypes.data]
-        if from_product:
-            kernel = build_product_parts(tmp_path, d, q_heads, kv_heads, scale, norm, traditional)
-            inputs = [qkv.ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data, at.ctypes.data]
-        else:
-            kernel = build_roped_parts(tmp_path, d, q_heads, kv_heads, scale, norm, traditional)
-            strides = [element_strides(a) for a in (q, k, v)]
-            first = [a.__array_interface__["data"][0] for a in (q, k, v)]  # a view's first element, as MLX gives it
-            inputs = [first[0], strides[0].ctypes.data, first[1], strides[1].ctypes.data, first[2],
-                      strides[2].ctypes.data, keys.ctypes.data, keys_shape.ctypes.data, values.ctypes.data,
-                      at.ctypes.data]
-        kernel.run(ctypes.c_int(kv_heads * splits), *[ptr(x) for x in inputs + rope + [a.ctypes.data for a in parts]])
-        return parts, keys, values
-
-    views, keys_views, values_views = attend(False)
-    product, keys_product, values_product = attend(True)
-    np.testing.assert_array_equal(keys_product, keys_views)
-    np.testing.assert_array_equal(values_product, values_views)
-    np.testing.assert_array_equal(values_product[0, :, position], v[0, :, 0])  # the step's value, in its slot
-    for got, want in zip(product, views):
-        np.testing.assert_array_equal(got, want)
-    assert np.abs(product[0]).max() > 0.05  # a real signal
-
-
-
-@pytest.mark.parametrize("d, q_heads, kv_heads, position, norm", [
-    (128, 8, 4, 120, True),   # 8 splits a key head, Qwen3's per-head norms
-    (64, 8, 2, 2000, False),  # the most splits (64): one whole stage of the merge
-    (64, 4, 4, 0, False),     # the first position: one split, whose block is the last
-])
-def test_the_step_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tmp_path, d, q_heads, kv_heads, position,
-                                                                             norm):
-    """MLXR_MERGE on the step kernel from the product: the last block of each key head merges its query heads' splits
-    itself, where the merge kernel followed: the same cache and the same attention bit for bit, the tickets zero."""
-    rng = np.random.default_rng(d + position + 3)
-    scale = 1 / np.sqrt(d)
-    capacity = position + 2
-    qkv = to_bf16_bits(3 * rng.standard_normal((1, 1, (q_heads + 2 * kv_heads) * d)))
-    weights = [to_bf16_bits(1 + 0.1 * rng.standard_normal(d)) for _ in range(2)]
-    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
-    at = np.array([position], np.int32)
-    cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
-    splits = splits_for(position + 1)
-    ptr = ctypes.c_void_p
-    _, merge = build(tmp_path / "merge", d, q_heads, kv_heads, scale)
-
-    def attend(merged_in_kernel: bool):
-        keys, values = cache[0].copy(), cache[1].copy()
-        parts = [np.zeros((q_heads, splits, d), np.float32), np.zeros((q_heads, splits), np.float32),
-                 np.zeros((q_heads, splits), np.float32)]
-        out = np.zeros((1, 1, q_heads * d), np.uint16)
-        tickets = np.zeros(256, np.int32)
-        arrays = [qkv, keys, np.array(keys.shape, np.int32), values, at, frequencies, *weights]
-        arrays += [tickets, *parts, out] if merged_in_kernel else parts
-        build_product_parts(tmp_path, d, q_heads, kv_heads, scale, norm, False, merged_in_kernel).run(
-            ctypes.c_int(kv_heads * splits), *[ptr(a.ctypes.data) for a in arrays])
-        if not merged_in_kernel:
-            part_max_shape = np.array(parts[1].shape, np.int32)
-            merge.run(ctypes.c_int(q_heads), *[ptr(a.ctypes.data) for a in (parts[0], parts[1], part_max_shape,
-                                                                             parts[2], out)])
-        return out, keys, values, tickets
-
-    assert_merging_gives_the_merge_kernels_bits(attend)
 
 
 # --- the chunk kernel (kChunkAttentionParts): several new tokens at once, on emulated tensor cores -------------------
@@ -436,14 +304,12 @@ def chunk_splits_for(length: int, blocks_a_split: int) -> int:
 
 
 def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: float,
-                rope: tuple[bool, bool] | None = None, merge: bool = False):
+                rope: tuple[bool, bool] | None = None):
     """The chunk kernel as a library: run(blocks, q, q_shape, q_strides, k, k_strides, v, v_strides, keys, keys_shape,
     values, position, part_acc, part_max, part_sum); its helpers' asm functions (mma, cp.async) give way to
     emulations (ldmatrix's a warp's meeting, as the mma's). With rope = (norm, traditional), the variant that reads
     the heads from the q|k|v product itself and makes the q/k norms and RoPE (MLXR_ROPE): run(blocks, qkv, qkv_shape,
-    keys, keys_shape, values, position, inverse_frequencies, q_weight, k_weight, part_acc, part_max, part_sum). With
-    merge (a roped variant only), the one that merges its own splits (MLXR_MERGE): tickets after k_weight, out [1, T,
-    q_heads D] after part_sum."""
+    keys, keys_shape, values, position, inverse_frequencies, q_weight, k_weight, part_acc, part_max, part_sum)."""
     import re
 
     helpers = kernel_source(SOURCE, "kChunkAttentionHelpers")
@@ -460,22 +326,19 @@ def build_chunk(tmp_path: Path, d: int, q_heads: int, kv_heads: int, scale: floa
     if rope:
         params = ("const T* qkv, const int* qkv_shape, const T* keys, const int* keys_shape, const T* values, "
                   "const int* position, const float* inverse_frequencies, const T* q_weight, const T* k_weight, "
-                  + ("const int* tickets, " if merge else "") +
-                  "float* part_acc, float* part_max, float* part_sum" + (", T* out" if merge else ""))
+                  "float* part_acc, float* part_max, float* part_sum")
     else:
         params = ("const T* q, const int* q_shape, const long long* q_strides, const T* k, const long long* k_strides, "
                   "const T* v, const long long* v_strides, const T* keys, const int* keys_shape, const T* values, "
                   "const int* position, float* part_acc, float* part_max, float* part_sum")
-    switches = {"MLXR_ROPE": rope is not None, "MLXR_NORM": bool(rope and rope[0]), "MLXR_MERGE": merge}
+    switches = {"MLXR_ROPE": rope is not None, "MLXR_NORM": bool(rope and rope[0])}
     if rope:
         helpers += kernel_source(NN / "cuda_norm_rope.h", "kCudaHeadNormRope")
         constants += rope_constants(rope[1])
-    if merge:
-        helpers += kernel_source(SOURCE, "kMergeInKernel")
     code = (PRELUDE + helpers + constants +
             f"static void kernel({params}) {{\n{kernel_source(SOURCE, 'kChunkAttentionParts', switches)}\n}}\n" +
             block_launcher(f"int blocks, {params}", names(params), "blocks", THREADS))
-    name = "chunk" if rope is None else f"chunk-roped-{int(rope[0])}{int(rope[1])}{'-merged' if merge else ''}"
+    name = "chunk" if rope is None else f"chunk-roped-{int(rope[0])}{int(rope[1])}"
     return compile_library(tmp_path / name, code)
 
 
@@ -569,7 +432,8 @@ def test_the_roped_chunk_kernel_gives_the_qk_kernel_then_the_chunk_kernels_bits(
     frequencies = (1.0 / 500000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
     at = np.array([offset], np.int32)
     cache = to_bf16_bits(rng.standard_normal((2, 1, kv_heads, capacity, d)))
-    _, k_raw, v = head_views(qkv, q_heads, kv_heads)
+    heads_first = qkv.transpose(0, 2, 1, 3)  # [1, heads, T, D] views of the rows, as the decoder's head_range
+    k_raw, v = heads_first[:, q_heads:q_heads + kv_heads], heads_first[:, -kv_heads:]
     query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
     splits = chunk_splits_for(length, kv_heads * query_tiles)
     rows = tokens * q_heads
@@ -614,53 +478,3 @@ def test_the_roped_chunk_kernel_gives_the_qk_kernel_then_the_chunk_kernels_bits(
     np.testing.assert_array_equal(roped, two_kernels)
     assert not np.array_equal(k_out, k_raw)  # the rotation did something
     assert np.abs(from_bf16_bits(roped)).max() > 0.05  # a real signal
-
-
-@pytest.mark.parametrize("d, q_heads, kv_heads, tokens, offset, norm, traditional", [
-    (128, 8, 2, 24, 100, True, False),  # two query tiles a key head (96 rows), two splits
-    (64, 8, 4, 7, 1000, True, True),    # one tile a key head, the host's 16 splits over 1,007 keys
-    (128, 4, 4, 40, 0, False, False),   # a fresh cache: one split, whose one block is the last
-    (64, 1, 1, 2, 4200, False, False),  # 66 splits: the merge's two stages of 64, the second's maximum carried over
-])
-def test_the_chunk_kernel_that_merges_its_splits_gives_the_merge_kernels_bits(tmp_path, d, q_heads, kv_heads, tokens,
-                                                                              offset, norm, traditional):
-    """MLXR_MERGE: the last block of each (key head, query tile) merges the tile's rows itself, where the merge kernel
-    followed: the same keys and values in the cache, the same attention bit for bit, and every ticket zero again."""
-    rng = np.random.default_rng(d + tokens + offset + 1)
-    scale = 1 / np.sqrt(d)
-    length = offset + tokens
-    capacity = length + 3
-    heads = q_heads + 2 * kv_heads
-    product = to_bf16_bits(3 * rng.standard_normal((1, tokens, heads * d)))
-    q_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    k_weight = to_bf16_bits(1 + 0.1 * rng.standard_normal(d))
-    frequencies = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
-    at = np.array([offset], np.int32)
-    cache = rng.standard_normal((2, 1, kv_heads, capacity, d))
-    cache[0, :, :, 64 * 64:] *= 6  # keys past the first stage's 64 splits score highest: its maximum is carried over
-    cache = to_bf16_bits(cache)
-    query_tiles = -(-(q_heads // kv_heads * tokens) // CHUNK_ROWS)
-    splits = chunk_splits_for(length, kv_heads * query_tiles)
-    rows = tokens * q_heads
-    ptr = ctypes.c_void_p
-    _, merge = build(tmp_path / "merge", d, q_heads, kv_heads, scale)
-
-    def attend(merged_in_kernel: bool):
-        keys, values = cache[0].copy(), cache[1].copy()
-        part_acc = np.zeros((rows, splits, d), np.float32)
-        part_max = np.zeros((rows, splits), np.float32)
-        part_sum = np.zeros((rows, splits), np.float32)
-        out = np.zeros((1, tokens, q_heads * d), np.uint16)
-        tickets = np.zeros(256, np.int32)
-        arrays = [product, np.array(product.shape, np.int32), keys, np.array(keys.shape, np.int32), values, at,
-                  frequencies, q_weight, k_weight]
-        arrays += [tickets, part_acc, part_max, part_sum, out] if merged_in_kernel else [part_acc, part_max, part_sum]
-        build_chunk(tmp_path, d, q_heads, kv_heads, scale, (norm, traditional), merged_in_kernel).run(
-            ctypes.c_int(kv_heads * query_tiles * splits), *[ptr(a.ctypes.data) for a in arrays])
-        if not merged_in_kernel:
-            part_max_shape = np.array(part_max.shape, np.int32)
-            merge.run(ctypes.c_int(rows), *[ptr(a.ctypes.data) for a in (part_acc, part_max, part_max_shape,
-                                                                          part_sum, out)])
-        return out, keys, values, tickets
-
-    assert_merging_gives_the_merge_kernels_bits(attend)
