@@ -82,10 +82,10 @@ mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx:
 // The same from the q|k|v product as projected (cuda_chunk_attention_ropes): each block reads its heads from the
 // product in place and makes the q/k norms and RoPE (token t at position[0] + t) itself, the q/k kernel's bits, before
 // the cache gets k. The step's kernel takes its q, k and v as views of the product instead: its q|k|v product form
-// (MLXRUNNER_DECODE_PRODUCT, session 39) timed no faster on an H100 (session 40: 250 against 241 tok/s at 4B, within
-// that window's scatter) and was removed, as were both kernels' merging their own splits (MLXRUNNER_CHUNK_MERGE,
-// MLXRUNNER_DECODE_MERGE: the last block of a group doing the merge kernel's work alone, a serial tail; +5.0 ms a
-// follow-up, and 208 against 248 tok/s).
+// (MLXRUNNER_DECODE_PRODUCT, session 39) timed no faster on an H100 (session 40, best rounds: 250.6 against 241.4 tok/s
+// at 4B, within that machine's drift) and was removed, as were both kernels' merging their own splits, the last block
+// of a group doing the merge kernel's work, counted by tickets (MLXRUNNER_CHUNK_MERGE: +5.0 ms a prompt-cache
+// follow-up; MLXRUNNER_DECODE_MERGE: 209.4 tok/s against the product form's 250.6; benchmarks/README.md, Session 40).
 mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, int kv_heads, const mx::array& keys,
                                             const mx::array& values, const mx::array& position, int length, float scale,
                                             const DecodeRope& rope);
