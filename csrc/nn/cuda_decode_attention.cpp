@@ -601,25 +601,6 @@ constexpr int kChunkKeys = 64;         // a chunk kernel split's keys are a mult
 constexpr int kChunkBlocks = 384;      // blocks the chunk kernel's splits aim at: three an SM of an H100 (132 SMs)
 constexpr int kMostChunkTokens = 128;  // longer chunks (a prompt's prefill) take MLX's attention (cuDNN's)
 
-// The roped chunk kernel's inputs and template arguments from the q|k|v product: the product, the cache's buffers, the
-// position, RoPE's frequencies, then the q/k norms' weights where there are norms.
-std::pair<std::vector<mx::array>, std::vector<std::pair<std::string, mx::fast::TemplateArg>>> product_launch(
-    const mx::array& qkv, int q_heads, int kv_heads, int d, const mx::array& keys, const mx::array& values,
-    const mx::array& position, float scale, const DecodeRope& rope) {
-  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
-                                                                  {"D", d},
-                                                                  {"Q_HEADS", q_heads},
-                                                                  {"KV_HEADS", kv_heads},
-                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
-                                                                  {"TRADITIONAL", rope.rope.traditional}};
-  if (rope.norms) {
-    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
-    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-  }
-  return {std::move(inputs), std::move(args)};
-}
-
 // Splits of `length` keys into runs of equal size where each split gets at least one key. Fewer keys a split, more
 // blocks: at 64 keys a split the 8B's ~150 keys made 8 key heads x 3 splits = 24 blocks, each warp a few dependent
 // trips to memory, 13.5 us a layer against MLX's 8.2 (session 28's profile); at 16, 80 blocks took 8.0 us and the
@@ -710,19 +691,6 @@ mx::array attended(const mx::fast::CustomKernelFunction& kernel, const std::vect
   return merged(split_parts, tokens, q_heads, d, dtype);
 }
 
-// What the chunk kernel's product form takes: the q|k|v product [1, T, (q_heads + 2 kv_heads) D] of one sequence on
-// CUDA, row-contiguous, its heads as heads_fit takes them, and a RoPE (and q/k norms) the kernel makes
-// (head_norm_rope_fits).
-bool product_heads_fit(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  const int heads = q_heads + 2 * kv_heads;
-  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
-      !qkv.flags().row_contiguous) {
-    return false;
-  }
-  const int d = qkv.shape(2) / heads;
-  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
-}
-
 }  // namespace
 
 bool cuda_decode_attention_applies(const mx::array& q, const mx::array& k, const mx::array& v) {
@@ -807,7 +775,14 @@ bool cuda_chunk_attention_ropes(const mx::array& qkv, int q_heads, int kv_heads,
 }
 
 bool cuda_chunk_product_fits(const mx::array& qkv, int q_heads, int kv_heads, const DecodeRope& rope) {
-  return product_heads_fit(qkv, q_heads, kv_heads, rope) && chunk_tokens_fit(qkv.shape(1));
+  const int heads = q_heads + 2 * kv_heads;
+  if (!running_on_cuda() || qkv.ndim() != 3 || qkv.shape(0) != 1 || heads <= 0 || qkv.shape(2) % heads != 0 ||
+      !qkv.flags().row_contiguous) {
+    return false;
+  }
+  const int d = qkv.shape(2) / heads;
+  return heads_fit(q_heads, kv_heads, d, qkv.dtype()) && chunk_tokens_fit(qkv.shape(1)) &&
+         head_norm_rope_fits(d, qkv.dtype(), rope.rope, rope.norms);
 }
 
 mx::array cuda_chunk_attention(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& keys,
@@ -841,9 +816,20 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
-  auto [inputs, args] = product_launch(qkv, q_heads, kv_heads, d, keys, values, position, scale, rope);
-  return chunk_attention(rope.norms ? roped_normed : roped, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(),
-                         length);
+  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
+                                                                  {"D", d},
+                                                                  {"Q_HEADS", q_heads},
+                                                                  {"KV_HEADS", kv_heads},
+                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
+                                                                  {"TRADITIONAL", rope.rope.traditional}};
+  const auto* kernel = &roped;
+  if (rope.norms) {
+    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
+    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
+    kernel = &roped_normed;
+  }
+  return chunk_attention(*kernel, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(), length);
 }
 
 }  // namespace mlxr
