@@ -22,8 +22,8 @@ in turn each round, the core's switches read again at each change (`_core.reread
 processes on one GPU (±1 ms in session 37) is larger than one operation a layer, and this takes it out of the
 comparison (a switch whose choice a kernel keeps from its first build does not change in-process). Its figure for
 each setting pairs the setting's second request with base's of the same round, pooled over the processes: the median
-difference, its quartiles, and how many rounds the setting won. Pin the processes to a few cores of the GPU's own
-NUMA node (`taskset -c`, the cores `nvidia-smi topo -m` names) to take the host's placement out of the scatter.
+difference, its quartiles, and how many rounds the setting won. (Pinning the processes to a few cores, `taskset -c`,
+made no quieter measure in session 39: the first request slowed from 67-79 ms to 88.)
 
 Writes the JSON and prints a markdown table. On a CPU the probes do nothing (the forward is not queued layer by
 layer there): a run only checks that the script works.
