@@ -385,8 +385,22 @@ def versions(mx) -> dict:
     return out
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count: a host-bound figure (the prompt cache's follow-up) moves with it between
+    machines of the same GPU (sessions 36-40's H100s)."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def device(mx) -> dict:
-    out = {"default_device": str(mx.default_device())}
+    out = {"default_device": str(mx.default_device()), "host_cpu": host_cpu()}
     if hasattr(mx, "device_info"):
         try:
             out["device_info"] = mx.device_info()

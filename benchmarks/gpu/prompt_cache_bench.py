@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nprompt cache, {folder.name}: {args.prompt}-token prompt, then it + {args.follow_up} "
-          f"({report['device'].get('nvidia_smi', report['device']['default_device'])})\n")
+          f"({report['device'].get('nvidia_smi', report['device']['default_device'])}; "
+          f"host {report['device']['host_cpu']})\n")
     print("| side | first request ms | second request ms | second / first | best / best |")
     print("|---|---:|---:|---:|---:|")
     for name, row in report["sides"].items():
