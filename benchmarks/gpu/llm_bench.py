@@ -386,17 +386,19 @@ def versions(mx) -> dict:
 
 
 def host_cpu() -> str:
-    """The host's CPU model and core count: a host-bound figure (the prompt cache's follow-up) moves with it between
-    machines of the same GPU (sessions 36-40's H100s)."""
-    model = platform.processor() or "unknown CPU"
+    """The host's CPU model, core count and clock as Linux reports it: a host-bound figure (the prompt cache's
+    follow-up) moves with the host between machines of the same GPU (sessions 36-41's H100s). A virtual machine may
+    name its CPU only "Intel(R) Xeon(R) Processor"; its clock then still tells hosts apart."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    clock = f", {float(fields['cpu MHz']):.0f} MHz" if fields.get("cpu MHz") else ""
+    return f"{model}, {os.cpu_count()} cores{clock}"
 
 
 def device(mx) -> dict:
