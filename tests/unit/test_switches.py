@@ -2,7 +2,8 @@
 kept, so a forward never pays for the environment, until `_core.reread_switches()` makes every one read its variable
 again: what lets a benchmark time two settings of a switch in one process (benchmarks/gpu/follow_up_slack.py
 --same-process, run here on the tiny Qwen3). `_core.switch_value` reads a name the way the core's own switches do.
-Each case runs in a fresh interpreter, so that no other test's reads are kept."""
+Each case runs in a fresh interpreter, so that no other test's reads are kept. Last, every switch the code reads has
+its row in docs/settings.md."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def environment_names_read(folder: Path, suffixes: tuple[str, ...]) -> set[str]:
     names = set()
     for path in folder.rglob("*"):
         if path.suffix in suffixes:
-            names |= set(re.findall(r'"(MLXRUNNER_[A-Z0-9_]+)"', path.read_text(encoding="utf-8")))
+            names |= set(re.findall(r"""["'](MLXRUNNER_[A-Z0-9_]+)["']""", path.read_text(encoding="utf-8")))
     return names
 
 
