@@ -660,14 +660,28 @@ void check_cache_buffers(const mx::array& q, const mx::array& k, const mx::array
   check_cache_buffers(k.shape(1), q.shape(3), q.dtype(), k.shape(2), keys, values, position, length);
 }
 
+using KernelArgs = std::vector<std::pair<std::string, mx::fast::TemplateArg>>;
+
 // Both parts kernels' template arguments.
-std::vector<std::pair<std::string, mx::fast::TemplateArg>> kernel_args(const mx::array& q, const mx::array& k,
-                                                                       float scale) {
-  return {{"T", q.dtype()},
-          {"D", q.shape(3)},
-          {"Q_HEADS", q.shape(1)},
-          {"KV_HEADS", k.shape(1)},
-          {"SCALE_BITS", cuda_float_bits(scale)}};
+KernelArgs kernel_args(mx::Dtype dtype, int d, int q_heads, int kv_heads, float scale) {
+  return {{"T", dtype}, {"D", d}, {"Q_HEADS", q_heads}, {"KV_HEADS", kv_heads}, {"SCALE_BITS", cuda_float_bits(scale)}};
+}
+
+// The same for q and k as heads [B, heads, T, D].
+KernelArgs kernel_args(const mx::array& q, const mx::array& k, float scale) {
+  return kernel_args(q.dtype(), q.shape(3), q.shape(1), k.shape(1), scale);
+}
+
+// What a roped variant (MLXR_ROPE: the kernel makes the q/k norms and RoPE) takes after the plain kernel's inputs and
+// template arguments, in both parts kernels: RoPE's frequencies, then the q/k norms' weights where there are norms.
+// Returns whether there are norms (then the MLXR_NORM variant is the one to launch).
+bool add_rope(const DecodeRope& rope, std::vector<mx::array>& inputs, KernelArgs& args) {
+  inputs.push_back(rope.rope.inverse_frequencies);
+  args.emplace_back("TRADITIONAL", rope.rope.traditional);
+  if (!rope.norms) return false;
+  inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
+  args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
+  return true;
 }
 
 // The splits' parts merged: [1, tokens, q_heads D], a row per (token, query head).
@@ -682,8 +696,8 @@ mx::array merged(const std::vector<mx::array>& parts, int tokens, int q_heads, i
 // A parts kernel's splits over `blocks` blocks of kThreads (its part rows: token t's query head h at t q_heads + h),
 // merged into [1, tokens, q_heads D] by the merge kernel after it.
 mx::array attended(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
-                   const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int tokens, int q_heads,
-                   int d, mx::Dtype dtype, int splits, long long blocks) {
+                   const KernelArgs& args, int tokens, int q_heads, int d, mx::Dtype dtype, int splits,
+                   long long blocks) {
   const int rows = tokens * q_heads;
   auto split_parts =
       kernel(inputs, {{rows, splits, d}, {rows, splits}, {rows, splits}}, {mx::float32, mx::float32, mx::float32},
@@ -728,16 +742,7 @@ mx::array cuda_decode_attention(const mx::array& q, const mx::array& k, const mx
                   {"part_acc", "part_max", "part_sum"}, kDecodeAttentionParts, kCudaHeadNormRope, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
   const auto* kernel = &parts;
-  if (rope) {
-    inputs.push_back(rope->rope.inverse_frequencies);
-    args.emplace_back("TRADITIONAL", rope->rope.traditional);
-    kernel = &roped;
-    if (rope->norms) {
-      inputs.insert(inputs.end(), {rope->norms->q_weight, rope->norms->k_weight});
-      args.emplace_back("EPS_BITS", cuda_float_bits(rope->norms->eps));
-      kernel = &roped_normed;
-    }
-  }
+  if (rope) kernel = add_rope(*rope, inputs, args) ? &roped_normed : &roped;
   return attended(*kernel, inputs, args, 1, q_heads, d, q.dtype(), splits, static_cast<long long>(kv_heads) * splits);
 }
 
@@ -754,8 +759,8 @@ namespace {
 
 // The chunk kernel's parts over `length` keys for `tokens` query tokens, merged: [1, tokens, q_heads D].
 mx::array chunk_attention(const mx::fast::CustomKernelFunction& kernel, const std::vector<mx::array>& inputs,
-                          const std::vector<std::pair<std::string, mx::fast::TemplateArg>>& args, int q_heads,
-                          int kv_heads, int tokens, int d, mx::Dtype dtype, int length) {
+                          const KernelArgs& args, int q_heads, int kv_heads, int tokens, int d, mx::Dtype dtype,
+                          int length) {
   const int query_tiles = (q_heads / kv_heads * tokens + kChunkRows - 1) / kChunkRows;
   const int splits = chunk_splits_for(length, kv_heads * query_tiles);
   return attended(kernel, inputs, args, tokens, q_heads, d, dtype, splits,
@@ -816,19 +821,9 @@ mx::array cuda_chunk_attention_from_product(const mx::array& qkv, int q_heads, i
                   {"qkv", "keys", "values", "position", "inverse_frequencies", "q_weight", "k_weight"},
                   {"part_acc", "part_max", "part_sum"}, kChunkAttentionParts, roped_header, false,
                   {{"MLXR_ROPE", true}, {"MLXR_NORM", true}});
-  std::vector<mx::array> inputs{qkv, keys, values, position, rope.rope.inverse_frequencies};
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args{{"T", qkv.dtype()},
-                                                                  {"D", d},
-                                                                  {"Q_HEADS", q_heads},
-                                                                  {"KV_HEADS", kv_heads},
-                                                                  {"SCALE_BITS", cuda_float_bits(scale)},
-                                                                  {"TRADITIONAL", rope.rope.traditional}};
-  const auto* kernel = &roped;
-  if (rope.norms) {
-    inputs.insert(inputs.end(), {rope.norms->q_weight, rope.norms->k_weight});
-    args.emplace_back("EPS_BITS", cuda_float_bits(rope.norms->eps));
-    kernel = &roped_normed;
-  }
+  std::vector<mx::array> inputs{qkv, keys, values, position};
+  auto args = kernel_args(qkv.dtype(), d, q_heads, kv_heads, scale);
+  const auto* kernel = add_rope(rope, inputs, args) ? &roped_normed : &roped;
   return chunk_attention(*kernel, inputs, args, q_heads, kv_heads, tokens, d, qkv.dtype(), length);
 }
 
