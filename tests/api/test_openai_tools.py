@@ -1,31 +1,20 @@
 """Tool calls and reasoning on /v1/chat/completions, from the real `openai` client over real HTTP.
 
 The tiny fixture models are random and never write `<think>` or `<tool_call>`, so here the runner's real app
-(RunnerApp, Worker, routes) serves a scripted LLM: Qwen3's real chat template, and an answer written in advance,
+serves a scripted LLM (tests/scripted_llm.py): Qwen3's real chat template, and an answer written in advance,
 handed out in small pieces so that tags are split across chunks as a model splits them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-from aiohttp import web
+from scripted_llm import QWEN3_CHAT, ScriptedApps
 
-from mlxrunner.detect import Detected, Mode
-from mlxrunner.http.app import RunnerApp
-from mlxrunner.http.server import RunnerState
-from mlxrunner.llm.answer import Completion
-from mlxrunner.models import LoadedModel
 from mlxrunner.text.chat_template import ChatTemplate
-from mlxrunner.worker import Worker
 
-QWEN3_CHAT = Path(__file__).parents[1] / "fixtures" / "chat" / "qwen3"
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
@@ -33,87 +22,12 @@ THINK_THEN_CALL = ('<think>\nThe user wants the weather.\n</think>\n\n<tool_call
                    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
 
 
-class ScriptedLLM:
-    """A TextModel that answers every prompt with `answer`, three characters at a time; it records the prompt."""
-
-    dims = 4
-    context_length = 4096
-    batch = None  # its requests run one at a time
-
-    def __init__(self, answer: str, error: Exception | None = None):
-        self.answer = answer
-        self.error = error  # raised after the answer's text, as a model that fails midway
-        self.chat_template = ChatTemplate.from_folder(QWEN3_CHAT)
-        self.prompts: list[str] = []
-
-    def tokenize(self, text: str) -> list[int]:
-        self.prompts.append(text)
-        return list(range(len(text.split())))
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.tokenize(text)
-
-    def detokenize(self, ids: list[int]) -> str:
-        return ""
-
-    def embed(self, texts, normalize=None, truncate=True, check_cancelled=None):
-        raise NotImplementedError
-
-    def stream(self, prompt, options=None, check_cancelled=None, stop_token_ids=(),
-               top_logprobs=None, json_output=False, json_schema=None) -> Iterator[str | Completion]:
-        pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
-        yield from pieces
-        if self.error is not None:
-            raise self.error
-        yield Completion(done_reason="stop", stop_reason="eos:0", prompt_eval_count=len(prompt),
-                         eval_count=len(pieces))
-
-    def generate(self, prompt, **options):
-        raise NotImplementedError
-
-
-class AppThread:
-    """The runner's app on 127.0.0.1 in a thread of its own, serving `model`."""
-
-    def __init__(self, model):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(model), self.loop).result(30)
-
-    async def _start(self, model) -> int:
-        loaded = LoadedModel("scripted", Detected(Mode.LLM, "Qwen3ForCausalLM"), model, 0.0)
-        self.worker = Worker()
-        self.state = RunnerState("scripted", status="ok", loaded=loaded)
-        self.app_runner = web.AppRunner(RunnerApp(self.state, self.worker).app())
-        await self.app_runner.setup()
-        site = web.TCPSite(self.app_runner, "127.0.0.1", 0)
-        await site.start()
-        return self.app_runner.addresses[0][1]
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.app_runner.cleanup(), self.loop).result(30)
-        self.worker.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-
 @pytest.fixture
 def serve():
     """start(answer, error=None) -> (client, model); `started` holds the apps (their `state`), closed at the end."""
-    started: list[AppThread] = []
-
-    def start(answer: str, error: Exception | None = None) -> tuple[openai.OpenAI, ScriptedLLM]:
-        model = ScriptedLLM(answer, error)
-        started.append(AppThread(model))
-        return started[-1].client(), model
-
-    yield start, started
-    for app in started:
-        app.close()
+    scripted = ScriptedApps()
+    yield scripted.start, scripted.apps
+    scripted.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlxrunner.errors import RequestError
-from mlxrunner.http import mlx_engine, openai_types, protocol
+from mlxrunner.http import mlx_engine, openai_response_types, openai_types, protocol
 from mlxrunner.request import Limits
 
 LIMITS = Limits()
@@ -27,7 +27,10 @@ FIELDS = ["prompt", "content", "input", "tokens", "options", "images", "width", 
           "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "stream",
           "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "size", "response_format",
           "guidance_scale", "output_format", "output_compression", "background", "format", "grammar", "logit_bias",
-          "Prompt", "Options", "Logprobs", "TopLogprobs"]
+          "Prompt", "Options", "Logprobs", "TopLogprobs",
+          # the Responses API's
+          "instructions", "max_output_tokens", "text", "include", "previous_response_id", "store", "metadata",
+          "parallel_tool_calls"]
 OPTION_FIELDS = ["num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty", "seed", "stop"]
 bodies = st.fixed_dictionaries({}, optional={name: json_values for name in FIELDS}).flatmap(
@@ -44,6 +47,7 @@ PARSERS = {
     "/v1/chat/completions": lambda body: openai_types.parse_chat(body, LIMITS),
     "/v1/completions": lambda body: openai_types.parse_text_completion(body, LIMITS),
     "/v1/images/generations": lambda body: openai_types.parse_image_request(body, LIMITS),
+    "/v1/responses": lambda body: openai_response_types.parse_responses(body, LIMITS),
     "--mlx-engine /completion": lambda body: mlx_engine.parse_request(body, LIMITS),
 }
 
@@ -60,6 +64,25 @@ def parses_or_refuses(parse, body) -> None:
 @given(body=bodies)
 def test_every_parser_returns_a_request_or_a_request_error(route, body):
     parses_or_refuses(PARSERS[route], body)
+
+
+# The Responses API's input items: known and unknown types, with any of their fields, of any value.
+content_parts = st.lists(st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["input_text", "output_text", "refusal", "input_image", "reasoning_text"]) | json_values,
+    "text": json_values, "refusal": json_values}), max_size=3)
+response_items = st.lists(st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference",
+                             "web_search_call"]) | json_values,
+    "role": st.sampled_from(["user", "assistant", "system", "developer"]) | json_values,
+    "content": content_parts | json_values, "summary": content_parts | json_values,
+    "output": content_parts | json_values, "call_id": json_values, "name": json_values,
+    "arguments": json_values}), max_size=5)
+
+
+@FUZZ
+@given(items=response_items, body=bodies)
+def test_any_responses_input_is_a_conversation_or_a_request_error(items, body):
+    parses_or_refuses(PARSERS["/v1/responses"], {**body, "input": items})
 
 
 @FUZZ

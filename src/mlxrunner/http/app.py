@@ -39,7 +39,7 @@ PROTOCOLS = ((ollama.routes, ollama.error_response), (openai.routes, openai_erro
 ROUTES_BY_MODE = {
     Mode.EMBEDDING: {"/embedding", "/v1/embeddings", "/tokenize", "/detokenize"},
     Mode.LLM: {"/completion", "/embedding", "/v1/embeddings", "/tokenize", "/detokenize", "/v1/chat/completions",
-               "/v1/completions"},
+               "/v1/responses", "/v1/completions"},
     Mode.IMAGEGEN: {"/completion", "/v1/images/generations", "/v1/images/edits"},
 }
 
@@ -87,6 +87,8 @@ class RunnerApp(Server):
                 self._error_responses[path] = error_response
         for path, handler in openai.get_routes(self).items():
             app.router.add_get(path, handler)
+        for path, handler in openai.delete_routes(self).items():
+            app.router.add_delete(path, handler)
         if self.serves_ui:
             ui.register(app)
         return app

@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: which there are, the model list and embeddings.
 
-Chat and completions live in openai_chat.py, images in openai_images.py, how they all answer (errors, streams)
-in openai_replies.py; the wire types in openai_types.py. The contract is docs/protocol.md.
+Chat and completions live in openai_chat.py, the Responses API in openai_responses.py, images in
+openai_images.py, how they all answer (errors, streams) in openai_replies.py; the wire types in openai_types.py
+(and openai_response_types.py). The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlxrunner.errors import RequestError
 from mlxrunner.http.openai_chat import ChatRoutes
 from mlxrunner.http.openai_images import ImageRoutes
 from mlxrunner.http.openai_replies import loaded_model
+from mlxrunner.http.openai_responses import response_routes
 from mlxrunner.http.openai_types import ModelCard, OpenAIEmbeddingResponse, parse_openai_embedding
 
 if TYPE_CHECKING:
@@ -27,14 +29,19 @@ def routes(server: Server) -> dict[str, Handler]:
     """The POST routes."""
     chat, images, own = ChatRoutes(server), ImageRoutes(server), OpenAIRoutes(server)
     return {"/v1/embeddings": own.embeddings, "/v1/chat/completions": chat.chat_completions,
-            "/v1/completions": chat.completions, "/v1/images/generations": images.generations,
-            "/v1/images/edits": images.edits}
+            "/v1/responses": response_routes(server).create, "/v1/completions": chat.completions,
+            "/v1/images/generations": images.generations, "/v1/images/edits": images.edits}
 
 
 def get_routes(server: Server) -> dict[str, Handler]:
     handlers = OpenAIRoutes(server)
     # `.+`: the openai client sends a "/" in an id as %2F, which aiohttp has decoded by the time it routes.
-    return {"/v1/models": handlers.list_models, "/v1/models/{model_id:.+}": handlers.retrieve_model}
+    return {"/v1/models": handlers.list_models, "/v1/models/{model_id:.+}": handlers.retrieve_model,
+            "/v1/responses/{response_id}": response_routes(server).retrieve}
+
+
+def delete_routes(server: Server) -> dict[str, Handler]:
+    return {"/v1/responses/{response_id}": response_routes(server).delete}
 
 
 class OpenAIRoutes:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # The OpenAI routes each mode answers, so a request on the wrong one can say where to go.
 ROUTES_FOR_MODE = {
-    Mode.LLM: "/v1/chat/completions, /v1/completions or /v1/embeddings",
+    Mode.LLM: "/v1/chat/completions, /v1/responses, /v1/completions or /v1/embeddings",
     Mode.EMBEDDING: "/v1/embeddings",
     Mode.IMAGEGEN: "/v1/images/generations (or /v1/images/edits for a model that edits)",
 }
@@ -60,12 +60,16 @@ def sse_event(obj: dict) -> bytes:
 
 
 async def stream_events(server: Server, request: web.Request, name: str,
-                        fn: Callable[[JobContext], list[Message]]) -> web.StreamResponse:
+                        fn: Callable[[JobContext], list[Message]], *, frame: Callable[[dict], bytes] = sse_event,
+                        done: bytes | None = b"data: [DONE]\n\n",
+                        error_events: Callable[[HttpError], list[dict]] = lambda error: [error_json(error)],
+                        ) -> web.StreamResponse:
     """Run a job whose events (Messages) become server-sent events; its result is the last ones.
 
     As in Server.stream, headers go with the first event, so a job that fails before producing anything
-    (a prompt too long) gets a proper HTTP error. After that an error is one `data: {"error": {...}}` event,
-    which the openai client raises as APIError. A good stream ends with `data: [DONE]`.
+    (a prompt too long) gets a proper HTTP error. After that an error is `error_events` (chat and completions: one
+    `data: {"error": {...}}` event, which the openai client raises as APIError). A good stream ends with `done`
+    (chat and completions: `data: [DONE]`; the Responses API sends none). `frame` writes an event as SSE.
     """
     job = server.submit(name, fn)
     response: web.StreamResponse | None = None
@@ -79,16 +83,18 @@ async def stream_events(server: Server, request: web.Request, name: str,
 
     try:
         async for message in job.events():
-            await send(sse_event(message.to_json()))
+            await send(frame(message.to_json()))
     except (asyncio.CancelledError, ConnectionResetError):
         job.cancel("client disconnected")
         raise
     if job.error is None:
         for message in job.result:
-            await send(sse_event(message.to_json()))
-        await send(b"data: [DONE]\n\n")
+            await send(frame(message.to_json()))
+        if done:
+            await send(done)
     elif response is None:
         raise job.error
     else:
-        await send(sse_event(error_json(describe_error(job.error, request))))
+        for event in error_events(describe_error(job.error, request)):
+            await send(frame(event))
     return response
