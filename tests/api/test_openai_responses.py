@@ -175,6 +175,7 @@ def test_text_format_json_schema_holds_the_answer_to_the_schema(client):
     ({"input": "hi", "temperature": "hot"}, "temperature", "number"),
     ({"input": "hi", "background": True}, "background", "background"),
     ({"input": "hi", "instructions": 7}, "instructions", "string"),
+    ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort", "extreme"),
 ])
 def test_bad_requests_are_400s_naming_the_field(client, fields, param, words):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -246,6 +247,17 @@ def test_a_function_call_answered_by_previous_response_id(scripted):
     assert prompt.index("Weather in Paris?") < prompt.index(
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>') < prompt.index(
         "<tool_response>\nsunny\n</tool_response>")
+
+
+def test_reasoning_effort_none_turns_thinking_off_in_the_template(scripted):
+    client, model = scripted("Hi.")
+    answer = client.responses.create(model="m", input="Hello", reasoning={"effort": "none"})
+    assert model.prompts[-1].endswith("<think>\n\n</think>\n\n") and answer.reasoning.effort == "none"
+    client.responses.create(model="m", input="Hello", reasoning={"effort": "low"})
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n")  # Qwen3's template thinks unless told not to
+    client.responses.create(model="m", input="Hello", reasoning={"effort": "none"},
+                            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n")  # the request's own kwargs win
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])

@@ -30,7 +30,7 @@ FIELDS = ["prompt", "content", "input", "tokens", "options", "images", "width", 
           "Prompt", "Options", "Logprobs", "TopLogprobs",
           # the Responses API's
           "instructions", "max_output_tokens", "text", "include", "previous_response_id", "store", "metadata",
-          "parallel_tool_calls"]
+          "parallel_tool_calls", "reasoning", "truncation"]
 OPTION_FIELDS = ["num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty", "seed", "stop"]
 bodies = st.fixed_dictionaries({}, optional={name: json_values for name in FIELDS}).flatmap(

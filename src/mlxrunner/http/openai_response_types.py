@@ -64,7 +64,7 @@ def checked_text(value: Any, name: str) -> str:
 
 
 def parts_text(content: Any, where: str) -> str:
-    """A message's content, a string or text parts, as one text (parts joined by a blank line)."""
+    """A message's content, a string or text parts, as one text (parts joined by a newline, as chat's are)."""
     if isinstance(content, str):
         return checked_text(content, where)
     if not isinstance(content, list):
@@ -82,7 +82,7 @@ def parts_text(content: Any, where: str) -> str:
                                f"{kind!r}" if kind is not None else f'field "{at}" must be an object with a "type"',
                                field=at)
         texts.append(checked_text(part.get(TEXT_PARTS[kind]), f"{at}.{TEXT_PARTS[kind]}"))
-    return "\n\n".join(texts)
+    return "\n".join(texts)
 
 
 class Conversation:
@@ -232,6 +232,28 @@ def chat_response_format(text: Any) -> Any:
     return fmt
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def reasoning_effort(value: Any) -> str | None:
+    """`reasoning.effort`, checked; None when not given."""
+    if value is None:
+        return None
+    effort = value.get("effort") if isinstance(value, dict) else value
+    if not isinstance(value, dict) or effort is not None and effort not in REASONING_EFFORTS:
+        raise RequestError(f'field "reasoning.effort" must be one of {", ".join(REASONING_EFFORTS)}, got '
+                           f"{effort if isinstance(value, dict) else json_type(value)!r}", field="reasoning.effort")
+    return effort
+
+
+def effort_template_kwargs(effort: str | None) -> dict:
+    """What a reasoning effort tells the chat template: `reasoning_effort` for the templates that read it (GPT-OSS's),
+    and for "none" `enable_thinking: false` (Qwen3's switch); a template ignores variables it does not read."""
+    if effort is None:
+        return {}
+    return {"reasoning_effort": effort, **({"enable_thinking": False} if effort == "none" else {})}
+
+
 def parse_responses(body: dict, limits: Limits, history: list[dict] = ()) -> ResponsesRequest:
     """history: the conversation previous_response_id names (chat messages; this request's input follows it)."""
     if body.get("background"):
@@ -260,6 +282,8 @@ def parse_responses(body: dict, limits: Limits, history: list[dict] = ()) -> Res
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict):
         raise RequestError('field "chat_template_kwargs" must be an object', field="chat_template_kwargs")
+    effort = reasoning_effort(body.get("reasoning"))
+    template_kwargs = {**effort_template_kwargs(effort), **template_kwargs}  # what the request's kwargs say wins
     stream = bool(bool_field(body, "stream", False))
     instructions = body.get("instructions")
     if instructions is not None:
@@ -276,7 +300,7 @@ def parse_responses(body: dict, limits: Limits, history: list[dict] = ()) -> Res
             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
             "text": body.get("text") or {"format": {"type": "text"}}, "top_logprobs": top_logprobs or 0,
             "parallel_tool_calls": bool_field(body, "parallel_tool_calls", True), "metadata": metadata or {},
-            "user": body.get("user"), "truncation": "disabled", "reasoning": {"effort": None, "summary": None}}
+            "user": body.get("user"), "truncation": "disabled", "reasoning": {"effort": effort, "summary": None}}
     return ResponsesRequest(chat=chat, conversation=conversation.messages, instructions=instructions,
                             previous_response_id=str_field(body, "previous_response_id"),
                             store=bool(bool_field(body, "store", True)), stream=stream, echo=echo)
