@@ -9,6 +9,7 @@ for what a random model never writes: reasoning, function calls and their output
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -155,6 +156,18 @@ def test_text_format_json_schema_holds_the_answer_to_the_schema(client):
     assert set(value) == {"city", "days"} and isinstance(value["city"], str) and isinstance(value["days"], int)
 
 
+def test_the_clients_parse_reads_a_pydantic_model_back(client):
+    from pydantic import BaseModel, Field
+
+    class Trip(BaseModel):
+        city: str = Field(max_length=12)  # the random model would write on until the token budget
+        days: int
+
+    answer = client.responses.parse(model="m", input="Plan a trip", max_output_tokens=200, text_format=Trip)
+    assert isinstance(answer.output_parsed, Trip) and answer.output_parsed == Trip.model_validate_json(
+        answer.output_text)
+
+
 @pytest.mark.parametrize("fields, param, words", [
     ({}, "input", "must be a string or a non-empty array"),
     ({"input": []}, "input", "an empty array"),
@@ -171,6 +184,7 @@ def test_text_format_json_schema_holds_the_answer_to_the_schema(client):
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      "text.format", "text.format"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "xml"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "json_schema": {}}}}, "text.format", '"schema"'),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
     ({"input": "hi", "temperature": "hot"}, "temperature", "number"),
     ({"input": "hi", "background": True}, "background", "background"),
@@ -186,9 +200,32 @@ def test_bad_requests_are_400s_naming_the_field(client, fields, param, words):
     assert caught.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_is_a_400_before_any_event(client, stream):
+    # The tiny Qwen3's context is 4,096 tokens; a streamed request's first event waits for the prompt to be taken.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="m", input="hello " * 5000, stream=stream)
+    assert "context" in caught.value.message
+
+
 def test_the_runner_still_serves_after_bad_requests(client):
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="m", input=[{"role": "robot", "content": "hi"}])
+    assert greedy(client, input="Hello there", max_output_tokens=2).status in ("completed", "incomplete")
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_job(client, runner):
+    def cancelled() -> int:
+        return sum("(chat) cancelled: client disconnected" in line for line in list(runner.stderr_tail))
+
+    before = cancelled()
+    stream = greedy(client, input="Hello there", max_output_tokens=4000, stream=True)
+    next(e for e in stream if e.type == "response.output_text.delta")
+    stream.close()
+    deadline = time.monotonic() + 30
+    while cancelled() == before:
+        assert time.monotonic() < deadline, list(runner.stderr_tail)[-5:]
+        time.sleep(0.05)
     assert greedy(client, input="Hello there", max_output_tokens=2).status in ("completed", "incomplete")
 
 

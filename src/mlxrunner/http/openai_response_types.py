@@ -228,6 +228,9 @@ def chat_response_format(text: Any) -> Any:
         raise RequestError(f'field "text" must be an object, got {json_type(text)}', field="text")
     fmt = text.get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise RequestError('field "text.format": "json_schema" needs {"type": "json_schema", "name": ..., '
+                               '"schema": {...}}', field="text.format")
         return {"type": "json_schema", "json_schema": {k: fmt.get(k) for k in ("name", "schema", "strict")}}
     return fmt
 
