@@ -181,6 +181,8 @@ def test_the_clients_parse_reads_a_pydantic_model_back(client):
     ({"input": "hi", "tool_choice": "required"}, "tool_choice", "offers no tools"),
     ({"input": "hi", "tools": [FUNCTION_TOOL], "tool_choice": {"type": "function", "name": "get_time"}},
      "tool_choice", "get_time"),
+    ({"input": "hi", "tools": [FUNCTION_TOOL], "tool_choice": {"type": "allowed_tools", "tools": []}},
+     "tool_choice", '{"type": "function", "name": ...}'),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      "text.format", "text.format"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "xml"),
@@ -272,6 +274,19 @@ def test_function_call_outputs_go_back_to_the_template(scripted):
     assert answer.output_text == "It is sunny."
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in model.prompts[-1]
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in model.prompts[-1]
+
+
+def test_reasoning_items_go_back_to_the_template_with_their_turn(scripted):
+    client, model = scripted("It is sunny.")
+    client.responses.create(model="m", tools=[FUNCTION_TOOL], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},  # nothing to show
+        {"type": "reasoning", "id": "rs_2", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "I should look it up."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}])
+    # Qwen3's template shows the reasoning of the turn after the last user message, before that turn's call.
+    assert "<|im_start|>assistant\n<think>\nI should look it up.\n</think>\n\n<tool_call>" in model.prompts[-1]
 
 
 def test_a_function_call_answered_by_previous_response_id(scripted):

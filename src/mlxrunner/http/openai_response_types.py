@@ -121,7 +121,9 @@ class Conversation:
             self.messages.append({"role": "tool", "tool_call_id": checked_text(item.get("call_id"), f"{where}.call_id"),
                                   "content": parts_text(item.get("output"), f"{where}.output")})
         elif kind == "reasoning":
-            self.add_reasoning(reasoning_text(item, where))
+            text = reasoning_text(item, where)
+            if text:  # a reasoning item may carry only encrypted_content: nothing a template can show
+                self.add_reasoning(text)
         elif kind == "item_reference":
             raise RequestError(f'field "{where}": item references are not supported; send the item itself, or the '
                                "response it belongs to as previous_response_id", field=where)
@@ -214,10 +216,13 @@ def function_tools(value: Any) -> list[dict] | None:
 
 
 def chat_tool_choice(value: Any) -> Any:
-    """The Responses API's {"type": "function", "name"} in the chat form; the strings are the same."""
-    if isinstance(value, dict) and value.get("type") == "function" and "function" not in value:
-        return {"type": "function", "function": {"name": value.get("name")}}
-    return value
+    """`tool_choice` in the chat form: the strings are the same, {"type": "function", "name"} nests its name."""
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+        return {"type": "function", "function": {"name": value["name"]}}
+    raise RequestError('field "tool_choice" must be "auto", "none", "required" or {"type": "function", "name": ...}',
+                       field="tool_choice")
 
 
 def chat_response_format(text: Any) -> Any:
