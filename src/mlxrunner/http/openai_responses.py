@@ -253,8 +253,8 @@ class ResponseRun(Chat):
     """One /v1/responses request's generation, as a worker job: the whole response, or its stream events."""
 
     def __init__(self, model: TextModel, req: ResponsesRequest, prompt: str, model_name: str, stored: StoredResponses):
-        super().__init__(model, req.chat, prompt, model_name)
-        self.request = req
+        super().__init__(model, req.chat, prompt, model_name)  # self.req: the request as a chat
+        self.responses_req = req
         self.response = ResponseObject(item_id("resp"), model_name, req)
         self.stored = stored
         self.sequence = 0  # the next stream event's sequence_number
@@ -293,8 +293,8 @@ class ResponseRun(Chat):
         response.incomplete_reason = "max_output_tokens" if cut else None
         response.usage = ResponseUsage(completion.prompt_eval_count, completion.eval_count,
                                        completion.prompt_cache_count, self._reasoning_tokens(completion))
-        if self.request.store:
-            conversation = Conversation(self.request.conversation)
+        if self.responses_req.store:
+            conversation = Conversation(self.responses_req.conversation)
             conversation.add_output(response.output)
             self.stored.save(response.to_json(), conversation.messages)
 
