@@ -127,6 +127,28 @@ def test_a_stored_response_is_retrieved_continued_and_deleted(client):
     assert caught.value.body["param"] == "previous_response_id" and answer.id in caught.value.message
 
 
+def test_a_stored_responses_input_items_are_listed_a_page_at_a_time(client):
+    items = [{"role": "developer", "content": INSTRUCTIONS}, {"role": "user", "content": "Hello there"},
+             {"role": "assistant", "content": "Hi."}, {"role": "user", "content": [{"type": "input_text",
+                                                                                  "text": "And then?"}]}]
+    answer = greedy(client, input=items, max_output_tokens=2)
+    listed = list(client.responses.input_items.list(answer.id, order="asc", limit=3))  # the client pages on
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in listed] == [
+        ("developer", "input_text", INSTRUCTIONS), ("user", "input_text", "Hello there"),
+        ("assistant", "output_text", "Hi."), ("user", "input_text", "And then?")]
+    assert all(i.type == "message" and i.id.startswith("msg_") for i in listed)
+    page = client.responses.input_items.list(answer.id, limit=2)  # newest first by default
+    assert [i.id for i in page.data] == [i.id for i in listed[::-1][:2]] and page.has_more
+    (only,) = client.responses.input_items.list(greedy(client, input="Hi", max_output_tokens=1).id).data
+    assert only.role == "user" and only.content[0].text == "Hi"
+    for query, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_nope"}, "after")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.input_items.list(answer.id, extra_query=query)
+        assert caught.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nope")
+
+
 def test_store_false_keeps_nothing(client):
     answer = greedy(client, input="Hello there", max_output_tokens=3, store=False)
     assert answer.store is False

@@ -37,7 +37,8 @@ def get_routes(server: Server) -> dict[str, Handler]:
     handlers = OpenAIRoutes(server)
     # `.+`: the openai client sends a "/" in an id as %2F, which aiohttp has decoded by the time it routes.
     return {"/v1/models": handlers.list_models, "/v1/models/{model_id:.+}": handlers.retrieve_model,
-            "/v1/responses/{response_id}": response_routes(server).retrieve}
+            "/v1/responses/{response_id}": response_routes(server).retrieve,
+            "/v1/responses/{response_id}/input_items": response_routes(server).list_input_items}
 
 
 def delete_routes(server: Server) -> dict[str, Handler]:

@@ -183,6 +183,7 @@ def reasoning_text(item: dict, where: str) -> str:
 class ResponsesRequest:
     chat: ChatRequest  # its messages: the instructions (a system message), then `conversation`
     conversation: list[dict]  # the earlier responses' conversation (previous_response_id), then this input
+    input_items: list[dict]  # this request's input as items (a string input is one user message)
     instructions: str | None
     previous_response_id: str | None
     store: bool
@@ -309,9 +310,24 @@ def parse_responses(body: dict, limits: Limits, history: list[dict] = ()) -> Res
             "text": body.get("text") or {"format": {"type": "text"}}, "top_logprobs": top_logprobs or 0,
             "parallel_tool_calls": bool_field(body, "parallel_tool_calls", True), "metadata": metadata or {},
             "user": body.get("user"), "truncation": "disabled", "reasoning": {"effort": effort, "summary": None}}
-    return ResponsesRequest(chat=chat, conversation=conversation.messages, instructions=instructions,
+    return ResponsesRequest(chat=chat, conversation=conversation.messages, input_items=input_items(body["input"]),
+                            instructions=instructions,
                             previous_response_id=str_field(body, "previous_response_id"),
                             store=bool(bool_field(body, "store", True)), stream=stream, echo=echo)
+
+
+def input_items(value: str | list[dict]) -> list[dict]:
+    """A (checked) `input` as the items GET /v1/responses/{id}/input_items lists: a string is one user message, and
+    a message's string content one text part, as OpenAI lists them (their ids are given when they are stored)."""
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    listed = []
+    for item in items:
+        item = {"type": "message", **item} if "type" not in item else dict(item)
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        listed.append(item)
+    return listed
 
 
 # --- the answer ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""POST /v1/responses, GET and DELETE /v1/responses/{id}: OpenAI's Responses API for an LLM.
+"""POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: OpenAI's Responses
+API for an LLM.
 
 A request becomes a chat (openai_response_types.py) and runs as /v1/chat/completions' does (openai_chat.Chat: the
 model's chat template, its stop tokens, the same output parser), so the same request greedy gives the same text on
@@ -19,6 +20,7 @@ import json
 import secrets
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 from weakref import WeakKeyDictionary
 
@@ -59,36 +61,53 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
 
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+@dataclass(frozen=True)
+class Stored:
+    response: dict
+    conversation: list[dict]  # chat messages: the earlier turns, this input, this output (the instructions not)
+    input_items: list[dict]  # this request's input, each item with an id
+
+
 class StoredResponses:
-    """The last MAX_STORED_RESPONSES stored responses, each with the conversation it ended (chat messages, its own
-    output included, the instructions not). Written by the worker thread, read by the server's."""
+    """The last MAX_STORED_RESPONSES stored responses, each with the conversation it ended and its input items.
+    Written by the worker thread, read by the server's."""
 
     def __init__(self, most: int = MAX_STORED_RESPONSES):
         self.most = most
-        self._kept: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._kept: OrderedDict[str, Stored] = OrderedDict()
         self._lock = threading.Lock()
 
-    def save(self, response: dict, conversation: list[dict]) -> None:
+    def save(self, response: dict, conversation: list[dict], items: list[dict]) -> None:
+        items = [item if "id" in item else {"id": item_id(ITEM_ID_PREFIXES[item["type"]]), **item} for item in items]
         with self._lock:
-            self._kept[response["id"]] = (response, conversation)
+            self._kept[response["id"]] = Stored(response, conversation, items)
             while len(self._kept) > self.most:
                 self._kept.popitem(last=False)
 
-    def response(self, response_id: str) -> dict | None:
+    def _get(self, response_id: str) -> Stored | None:
         with self._lock:
-            kept = self._kept.get(response_id)
-        return kept[0] if kept else None
+            return self._kept.get(response_id)
+
+    def response(self, response_id: str) -> dict | None:
+        kept = self._get(response_id)
+        return kept.response if kept else None
+
+    def input_items(self, response_id: str) -> list[dict] | None:
+        kept = self._get(response_id)
+        return kept.input_items if kept else None
 
     def conversation(self, response_id: str) -> list[dict]:
         """A copy of the stored conversation (the next request adds to its last turn); a 404 naming
         previous_response_id if it is not kept."""
-        with self._lock:
-            kept = self._kept.get(response_id)
+        kept = self._get(response_id)
         if kept is None:
             raise RequestError(f"previous response {response_id!r} not found: it was not stored (store: false), or "
                                f"is older than the last {self.most} this runner keeps", status=404,
                                field="previous_response_id")
-        return copy.deepcopy(kept[1])
+        return copy.deepcopy(kept.conversation)
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
@@ -136,11 +155,40 @@ class ResponseRoutes:
             raise RequestError(f"response {response_id!r} not found", status=404, field="response_id")
         return web.json_response(response)
 
+    async def list_input_items(self, request: web.Request) -> web.Response:
+        """A stored response's input items, a page at a time: `limit` (1-100, 20), `order` (desc, the newest first,
+        or asc), `after` (the last id of the page before)."""
+        response_id = request.match_info["response_id"]
+        items = self.stored.input_items(response_id)
+        if items is None:
+            raise RequestError(f"response {response_id!r} not found", status=404, field="response_id")
+        limit, order, after = page_query(request.query)
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise RequestError(f'field "after": {after!r} is not an input item of {response_id!r}', field="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
     async def delete(self, request: web.Request) -> web.Response:
         response_id = request.match_info["response_id"]
         if not self.stored.delete(response_id):
             raise RequestError(f"response {response_id!r} not found", status=404, field="response_id")
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+def page_query(query) -> tuple[int, str, str | None]:
+    """(limit, order, after) from a list route's query string; a 400 naming the parameter."""
+    limit = query.get("limit", "20")
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+        raise RequestError(f'field "limit" must be a whole number from 1 to 100, got {limit!r}', field="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise RequestError(f'field "order" must be "asc" or "desc", got {order!r}', field="order")
+    return int(limit), order, query.get("after")
 
 
 def event_frame(event: dict) -> bytes:
@@ -296,7 +344,7 @@ class ResponseRun(Chat):
         if self.responses_req.store:
             conversation = Conversation(self.responses_req.conversation)
             conversation.add_output(response.output)
-            self.stored.save(response.to_json(), conversation.messages)
+            self.stored.save(response.to_json(), conversation.messages, self.responses_req.input_items)
 
     def _reasoning_tokens(self, completion: Completion) -> int:
         """How many of the answer's tokens its reasoning took: the reasoning's text tokenized again."""
