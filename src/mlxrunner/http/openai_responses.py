@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from mlxrunner.models import TextModel
     from mlxrunner.worker import JobContext
 
+# Each stored response holds a copy of its whole conversation's text: a bound on what a long-running runner keeps
+# for clients that never delete theirs.
 MAX_STORED_RESPONSES = 256
 
 
