@@ -101,20 +101,21 @@ def forced_call_opening(model: TextModel, model_name: str) -> str:
     return "<tool_call>\n"
 
 
-def render_chat(model: TextModel, model_name: str, req: ChatRequest) -> str:
-    """The prompt the model's chat template makes of the request; a 400 when it cannot."""
+def render_chat(model: TextModel, model_name: str, req: ChatRequest, field: str = "messages") -> str:
+    """The prompt the model's chat template makes of the request; a 400 naming `field` (what the request calls its
+    messages: the Responses API's `input`) when it cannot."""
     if model.chat_template is None:
         raise RequestError(f"{model_name} has no chat template (it is a base model, or its chat_template is "
                            "missing), so chat messages cannot be made into a prompt: use /v1/completions with a "
-                           "prompt", field="messages")
+                           "prompt", field=field)
     try:
         return model.chat_template.render(req.messages, tools=req.tools, **req.template_kwargs)
     except InvalidMessages as exc:
-        raise RequestError(f'field "messages": {exc}', field="messages") from None
+        raise RequestError(f'field "{field}": {exc}', field=field) from None
     except TemplateError as exc:
-        raise RequestError(f"the model's chat template refused these messages: {exc}", field="messages") from None
+        raise RequestError(f"the model's chat template refused these messages: {exc}", field=field) from None
     except NoChatTemplate as exc:
-        raise RequestError(str(exc), field="messages") from None
+        raise RequestError(str(exc), field=field) from None
 
 
 class Chat:

@@ -6,14 +6,14 @@ and function call outputs. They become chat messages for the model's chat templa
 turn, several items in the Responses API (its reasoning, its text, each function call), is one chat message, as
 chat templates expect. Function tools, `tool_choice` and `text.format` map onto what the chat route already does
 (openai_types.py: the tools reach the template, a forced call or a JSON answer is held to its schema), and every
-error names the Responses API's field, not the chat route's. The contract is docs/protocol.md.
+error names the Responses API's field, not the chat route's (the chat code is told the name: `text.format`,
+`input`). The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mlxrunner.errors import RequestError
 from mlxrunner.http.openai_types import (
@@ -37,21 +37,7 @@ if TYPE_CHECKING:
 TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 NOT_TEXT_PARTS = ("input_image", "input_file", "input_audio")
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-# The chat route's fields that the Responses API names otherwise, for the errors the chat code raises.
-RENAMED_FIELDS = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-
-
-@contextmanager
-def responses_field_names() -> Iterator[None]:
-    """Re-raise the chat code's RequestErrors with the Responses API's field names (`messages` is `input`, ...)."""
-    try:
-        yield
-    except RequestError as exc:
-        message = str(exc)
-        for chat_name, name in RENAMED_FIELDS.items():
-            message = message.replace(f'field "{chat_name}"', f'field "{name}"')
-        raise RequestError(message, status=exc.status, field=RENAMED_FIELDS.get(exc.field, exc.field)) from None
 
 
 def checked_text(value: Any, name: str) -> str:
@@ -74,10 +60,9 @@ def parts_text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        kind = kind if isinstance(kind, str) or kind is None else repr(kind)
         if kind in NOT_TEXT_PARTS:
             raise RequestError(f'field "{at}": this runner\'s language models read text only, not {kind}', field=at)
-        if kind not in TEXT_PARTS:
+        if not isinstance(kind, str) or kind not in TEXT_PARTS:
             raise RequestError(f'field "{at}" must be a text part ({", ".join(sorted(TEXT_PARTS))}), got '
                                f"{kind!r}" if kind is not None else f'field "{at}" must be an object with a "type"',
                                field=at)
@@ -274,11 +259,11 @@ def parse_responses(body: dict, limits: Limits, history: list[dict] = ()) -> Res
     conversation = Conversation(history)
     conversation.add_items(body.get("input"))
     tools = function_tools(body.get("tools"))
-    with responses_field_names():
-        forced_tools = parse_tool_choice(chat_tool_choice(body.get("tool_choice")), tools)
-        json_output, json_schema = parse_response_format(chat_response_format(body.get("text")))
-        max_tokens = int_field(body, "max_output_tokens", 1, limits.max_num_predict)
-        options = parse_sampling({**body, "max_tokens": None, "max_completion_tokens": max_tokens}, limits)
+    forced_tools = parse_tool_choice(chat_tool_choice(body.get("tool_choice")), tools)
+    json_output, json_schema = parse_response_format(chat_response_format(body.get("text")), field="text.format")
+    max_tokens = int_field(body, "max_output_tokens", 1, limits.max_num_predict)
+    # Checked above, so the chat route's own reading of it cannot fail under its name.
+    options = parse_sampling({**body, "max_tokens": None, "max_completion_tokens": max_tokens}, limits)
     if body.get("tool_choice") == "none" or not tools:
         tools = None
     if forced_tools is not None:

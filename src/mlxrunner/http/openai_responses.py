@@ -16,7 +16,6 @@ over, as OpenAI does), and the prompt cache makes such a turn's prefill only the
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 import threading
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from aiohttp import web
 
 from mlxrunner.errors import RequestError
 from mlxrunner.http.openai_chat import Chat, forced_call_opening, render_chat
-from mlxrunner.http.openai_replies import loaded_model, stream_events
+from mlxrunner.http.openai_replies import loaded_model, sse_event, stream_events
 from mlxrunner.http.openai_response_types import (
     Conversation,
     ResponseObject,
@@ -39,7 +38,6 @@ from mlxrunner.http.openai_response_types import (
     output_text_part,
     parse_responses,
     reasoning_item,
-    responses_field_names,
     token_logprobs,
 )
 from mlxrunner.http.server import JSON_COMPLETION_JOB
@@ -138,10 +136,9 @@ class ResponseRoutes:
         previous = str_field(body, "previous_response_id")
         history = self.stored.conversation(previous) if previous else []
         req = parse_responses(body, self.server.limits, history)
-        with responses_field_names():
-            prompt = render_chat(model, loaded.name, req.chat)
-            if req.chat.forced_tools is not None:
-                prompt += forced_call_opening(model, loaded.name)
+        prompt = render_chat(model, loaded.name, req.chat, field="input")
+        if req.chat.forced_tools is not None:
+            prompt += forced_call_opening(model, loaded.name)
         run = ResponseRun(model, req, prompt, loaded.name, self.stored)
         job_name = JSON_COMPLETION_JOB if req.chat.json_output else "chat"
         if req.stream:
@@ -194,9 +191,8 @@ def page_query(query) -> tuple[int, str, str | None]:
 
 
 def event_frame(event: dict) -> bytes:
-    """A Responses stream event: its type as the SSE event name, the event as its data."""
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+    """A Responses stream event: its type as the SSE event name, then the event as chat's `data:` line."""
+    return f"event: {event['type']}\n".encode() + sse_event(event)
 
 
 class ResponseEvent:

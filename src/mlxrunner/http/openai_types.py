@@ -175,29 +175,30 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
 # --- POST /v1/chat/completions -----------------------------------------------------------------------
 
 
-def parse_response_format(value: Any) -> tuple[bool, CompiledSchema | None]:
+def parse_response_format(value: Any, field: str = "response_format") -> tuple[bool, CompiledSchema | None]:
     """(whether the answer is held to one JSON object, the schema it follows): `json_object` (OpenAI's JSON mode)
-    holds it to any object, `json_schema` to one the schema allows; `text` (or none) leaves it free."""
+    holds it to any object, `json_schema` to one the schema allows; `text` (or none) leaves it free. `field`: what
+    the request calls it (the Responses API: `text.format`), for the errors."""
     if value is None:
         return False, None
     kind = value.get("type") if isinstance(value, dict) else None
     if not isinstance(kind, str):
         got = "an object without one" if isinstance(value, dict) else json_type(value)
-        raise RequestError(f'field "response_format" must be an object with a "type" string, got {got}',
-                           field="response_format")
+        raise RequestError(f'field "{field}" must be an object with a "type" string, got {got}',
+                           field=field)
     if kind in ("text", "json_object"):
         return kind == "json_object", None
     if kind != "json_schema":
-        raise RequestError(f'field "response_format" type must be "text", "json_object" or "json_schema", got '
-                           f"{kind!r}", field="response_format")
+        raise RequestError(f'field "{field}" type must be "text", "json_object" or "json_schema", got '
+                           f"{kind!r}", field=field)
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise RequestError('field "response_format": "json_schema" needs {"name": ..., "schema": {...}}',
-                           field="response_format")
+        raise RequestError(f'field "{field}": "json_schema" needs {{"name": ..., "schema": {{...}}}}',
+                           field=field)
     try:
         return True, compile_schema(spec["schema"])
     except SchemaError as exc:
-        raise RequestError(f'field "response_format": {exc}', field="response_format") from None
+        raise RequestError(f'field "{field}": {exc}', field=field) from None
 
 
 @dataclass(frozen=True)
